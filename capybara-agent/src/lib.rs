@@ -1,0 +1,1 @@
+//! The Capybara agent library (skeleton).

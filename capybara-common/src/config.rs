@@ -1,0 +1,27 @@
+//! The runtime configuration map: one entry, written by the agent, read once per packet.
+
+use crate::pod;
+
+/// Peers have IPv4 allowed-IP ranges (not only /32 host routes): consult the IPv4 LPM trie.
+pub const CONFIG_F_PEER_V4_RANGES: u32 = 1 << 0;
+/// Peers have IPv6 allowed-IP ranges (not only /128 host routes): consult the IPv6 LPM trie.
+pub const CONFIG_F_PEER_V6_RANGES: u32 = 1 << 1;
+/// Drop tunnel-device packets of no known peer instead of passing them (always counted).
+pub const CONFIG_F_DROP_UNKNOWN_PEER: u32 = 1 << 2;
+
+/// The single entry of [`crate::maps::CONFIG`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Active generation (0 or 1) of the source blocklists (XDP guard).
+    pub src_generation: u32,
+    /// Active generation (0 or 1) of the destination blocklists (tunnel device).
+    pub dst_generation: u32,
+    /// `CONFIG_F_*` bits.
+    pub flags: u32,
+    /// Layout version of the pinned maps ([`crate::LAYOUT_VERSION`]); written by the agent.
+    pub layout_version: u32,
+}
+const _: () = assert!(core::mem::size_of::<Config>() == 16);
+
+pod!(Config);

@@ -1,0 +1,87 @@
+//! Global verdict counters: a per-CPU array of [`Counter`] indexed by the named constants below.
+//!
+//! Every verdict any program returns increments exactly one of these, so a drop can always be
+//! seen. Drops are additionally counted by reason at `DROPS_BASE + reason`.
+
+use crate::{drop::DROP_REASON_SLOTS, pod};
+
+/// Packets and bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    /// Packets.
+    pub packets: u64,
+    /// Bytes (IP packet length on the tunnel device; frame length on the uplink).
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+pod!(Counter);
+
+impl Counter {
+    /// Adds `other` (used when summing per-CPU values).
+    pub fn add(&mut self, other: &Counter) {
+        self.packets = self.packets.wrapping_add(other.packets);
+        self.bytes = self.bytes.wrapping_add(other.bytes);
+    }
+}
+
+// XDP guard (uplink).
+/// Passed: not UDP to a guarded port (other protocols, other ports, ARP, …).
+pub const XDP_PASS_UNGUARDED: u32 = 0;
+/// Passed: UDP to a guarded port whose source is in no list.
+pub const XDP_PASS_CLEAN: u32 = 1;
+/// Dropped: source in a source blocklist.
+pub const XDP_DROP_BLOCKLIST: u32 = 2;
+/// Passed: too short or inconsistent to parse (the stack drops it; we never read past the end).
+pub const XDP_PASS_MALFORMED: u32 = 3;
+/// Passed: a non-first IP fragment (no UDP header to inspect).
+pub const XDP_PASS_FRAGMENT: u32 = 4;
+
+// Tunnel device, ingress (from peers).
+/// Passed and counted to a known peer.
+pub const TC_IN_PASS: u32 = 8;
+/// Source matches no peer's allowed IPs (passed unless `CONFIG_F_DROP_UNKNOWN_PEER`).
+pub const TC_IN_UNKNOWN_PEER: u32 = 9;
+/// Dropped: destination in a destination blocklist.
+pub const TC_IN_DROP_BLOCKLIST: u32 = 10;
+/// Not IPv4/IPv6 or truncated (passed, counted).
+pub const TC_IN_MALFORMED: u32 = 11;
+/// Dropped: unknown peer and `CONFIG_F_DROP_UNKNOWN_PEER`.
+pub const TC_IN_DROP_UNKNOWN: u32 = 12;
+
+// Tunnel device, egress (to peers).
+/// Passed and counted to a known peer.
+pub const TC_OUT_PASS: u32 = 16;
+/// Destination matches no peer's allowed IPs (passed unless `CONFIG_F_DROP_UNKNOWN_PEER`).
+pub const TC_OUT_UNKNOWN_PEER: u32 = 17;
+/// Dropped: source (the other end) in a destination blocklist.
+pub const TC_OUT_DROP_BLOCKLIST: u32 = 18;
+/// Not IPv4/IPv6 or truncated (passed, counted).
+pub const TC_OUT_MALFORMED: u32 = 19;
+/// Dropped: unknown peer and `CONFIG_F_DROP_UNKNOWN_PEER`.
+pub const TC_OUT_DROP_UNKNOWN: u32 = 20;
+
+/// Drops by reason: index `DROPS_BASE + DropReason as u32`.
+pub const DROPS_BASE: u32 = 32;
+
+/// Size of the counters array.
+pub const COUNTER_SLOTS: u32 = DROPS_BASE + DROP_REASON_SLOTS as u32;
+
+/// Names of the verdict counters, for the CLI and metrics (drops by reason use `DropReason::name`).
+pub const COUNTER_NAMES: [(u32, &str); 15] = [
+    (XDP_PASS_UNGUARDED, "xdp_pass_unguarded"),
+    (XDP_PASS_CLEAN, "xdp_pass_clean"),
+    (XDP_DROP_BLOCKLIST, "xdp_drop_blocklist"),
+    (XDP_PASS_MALFORMED, "xdp_pass_malformed"),
+    (XDP_PASS_FRAGMENT, "xdp_pass_fragment"),
+    (TC_IN_PASS, "tc_in_pass"),
+    (TC_IN_UNKNOWN_PEER, "tc_in_unknown_peer"),
+    (TC_IN_DROP_BLOCKLIST, "tc_in_drop_blocklist"),
+    (TC_IN_MALFORMED, "tc_in_malformed"),
+    (TC_IN_DROP_UNKNOWN, "tc_in_drop_unknown"),
+    (TC_OUT_PASS, "tc_out_pass"),
+    (TC_OUT_UNKNOWN_PEER, "tc_out_unknown_peer"),
+    (TC_OUT_DROP_BLOCKLIST, "tc_out_drop_blocklist"),
+    (TC_OUT_MALFORMED, "tc_out_malformed"),
+    (TC_OUT_DROP_UNKNOWN, "tc_out_drop_unknown"),
+];
