@@ -1,1 +1,2 @@
-//! The Capybara agent library (skeleton).
+//! The Capybara agent library.
+pub mod dataplane;

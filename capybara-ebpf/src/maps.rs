@@ -1,0 +1,65 @@
+//! Every map the programs use, declared once. Names, sizes and layouts come from
+//! `capybara_common` (see `capybara_common::maps` for sizing and memory). All maps are pinned by
+//! name so the agent re-uses them across restarts: counters never reset, enforcement never lapses.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, PerCpuArray},
+};
+use capybara_common::{
+    blocklist::{ListId, MAX_LISTS, V4_DIR_ENTRIES, V4_LONG_MAX, V4LongKey, V6_MAX, V6KeyData},
+    config::Config,
+    counters::{COUNTER_SLOTS, Counter},
+    peer::{MAX_PEER_ADDRS, MAX_PEERS, PeerId, PeerInfo, PeerStats, PeerV4LpmData, PeerV6LpmData},
+};
+
+#[map(name = "CAPY_CONFIG")]
+pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+#[map(name = "CAPY_COUNTERS")]
+pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
+
+#[map(name = "CAPY_LIST_HITS")]
+pub static LIST_HITS: PerCpuArray<Counter> = PerCpuArray::pinned(MAX_LISTS, 0);
+
+#[map(name = "CAPY_PEERS")]
+pub static PEERS: Array<PeerInfo> = Array::pinned(MAX_PEERS, 0);
+
+#[map(name = "CAPY_PEER_STATS")]
+pub static PEER_STATS: PerCpuArray<PeerStats> = PerCpuArray::pinned(MAX_PEERS, 0);
+
+#[map(name = "CAPY_PEER_V4")]
+pub static PEER_V4: HashMap<u32, PeerId> = HashMap::pinned(MAX_PEER_ADDRS, 0);
+
+#[map(name = "CAPY_PEER_V6")]
+pub static PEER_V6: HashMap<[u8; 16], PeerId> = HashMap::pinned(MAX_PEER_ADDRS, 0);
+
+#[map(name = "CAPY_PEER_V4L")]
+pub static PEER_V4_LPM: LpmTrie<PeerV4LpmData, PeerId> =
+    LpmTrie::pinned(MAX_PEER_ADDRS, BPF_F_NO_PREALLOC);
+
+#[map(name = "CAPY_PEER_V6L")]
+pub static PEER_V6_LPM: LpmTrie<PeerV6LpmData, PeerId> =
+    LpmTrie::pinned(MAX_PEER_ADDRS, BPF_F_NO_PREALLOC);
+
+#[map(name = "CAPY_SRC_V4DIR")]
+pub static SRC_V4_DIR: Array<u32> = Array::pinned(V4_DIR_ENTRIES, BPF_F_MMAPABLE);
+
+#[map(name = "CAPY_SRC_V4LNG")]
+pub static SRC_V4_LONG: HashMap<V4LongKey, ListId> = HashMap::pinned(V4_LONG_MAX, 0);
+
+#[map(name = "CAPY_SRC_V6")]
+pub static SRC_V6: LpmTrie<V6KeyData, ListId> = LpmTrie::pinned(V6_MAX, BPF_F_NO_PREALLOC);
+
+#[map(name = "CAPY_DST_V4DIR")]
+pub static DST_V4_DIR: Array<u32> = Array::pinned(V4_DIR_ENTRIES, BPF_F_MMAPABLE);
+
+#[map(name = "CAPY_DST_V4LNG")]
+pub static DST_V4_LONG: HashMap<V4LongKey, ListId> = HashMap::pinned(V4_LONG_MAX, 0);
+
+#[map(name = "CAPY_DST_V6")]
+pub static DST_V6: LpmTrie<V6KeyData, ListId> = LpmTrie::pinned(V6_MAX, BPF_F_NO_PREALLOC);
+
+#[map(name = "CAPY_GUARD_PORT")]
+pub static GUARD_PORTS: Array<u32> = Array::pinned(65_536, 0);
