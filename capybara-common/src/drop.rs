@@ -32,10 +32,13 @@ pub enum DropReason {
     GateOutsideWindow = 10,
     /// Held at the admission gate: the user's concurrent-device limit is reached.
     GateDeviceLimit = 11,
+    /// A tunnel-device packet whose peer end matches no peer's allowed IPs, dropped because
+    /// `CONFIG_F_DROP_UNKNOWN_PEER` is set.
+    UnknownPeer = 12,
 }
 
 /// Number of defined reasons.
-pub const DROP_REASON_COUNT: usize = 12;
+pub const DROP_REASON_COUNT: usize = 13;
 
 /// Slots reserved for reasons in counter arrays (room to append reasons without a layout change).
 pub const DROP_REASON_SLOTS: usize = 16;
@@ -57,6 +60,7 @@ impl DropReason {
         DropReason::GateOverQuota,
         DropReason::GateOutsideWindow,
         DropReason::GateDeviceLimit,
+        DropReason::UnknownPeer,
     ];
 
     /// The reason with discriminant `v`, if any.
@@ -83,6 +87,7 @@ impl DropReason {
             DropReason::GateOverQuota => "gate-over-quota",
             DropReason::GateOutsideWindow => "gate-outside-window",
             DropReason::GateDeviceLimit => "gate-device-limit",
+            DropReason::UnknownPeer => "unknown-peer",
         }
     }
 }
