@@ -1,2 +1,3 @@
 //! The Capybara agent library.
 pub mod dataplane;
+pub mod store;

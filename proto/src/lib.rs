@@ -1,1 +1,8 @@
-//! Generated API types (skeleton).
+//! The Capybara API, generated at build time from `proto/capybara/v1/*.proto` — the one source of
+//! every API shape. Only the agent's `api` module converts between these and domain types.
+
+/// `capybara.v1`.
+pub mod v1 {
+    #![allow(clippy::all, clippy::pedantic, reason = "generated code: its shape is prost's, not ours")]
+    tonic::include_proto!("capybara.v1");
+}

@@ -1,0 +1,14 @@
+//! Generates the API types and tonic services from `capybara/v1/*.proto` (the one way the
+//! generated code is produced; nothing generated is committed).
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = std::path::Path::new("capybara/v1");
+    let mut protos: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "proto"))
+        .collect();
+    protos.sort();
+    println!("cargo:rerun-if-changed=capybara");
+    tonic_prost_build::configure().compile_protos(&protos, &[std::path::PathBuf::from(".")])?;
+    Ok(())
+}
