@@ -3,6 +3,10 @@
 
 /// `capybara.v1`.
 pub mod v1 {
-    #![allow(clippy::all, clippy::pedantic, reason = "generated code: its shape is prost's, not ours")]
+    #![allow(
+        clippy::all,
+        clippy::pedantic,
+        reason = "generated code: its shape is prost's, not ours"
+    )]
     tonic::include_proto!("capybara.v1");
 }
