@@ -15,9 +15,15 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
-    let root_dir =
-        manifest_dir.join("../capybara-ebpf").canonicalize().context("capybara-ebpf dir")?;
+    let root_dir = manifest_dir
+        .join("../capybara-ebpf")
+        .canonicalize()
+        .context("capybara-ebpf dir")?;
     let root_dir = root_dir.to_str().context("non-UTF-8 path")?;
-    let ebpf = Package { name: "capybara-ebpf", root_dir, ..Default::default() };
+    let ebpf = Package {
+        name: "capybara-ebpf",
+        root_dir,
+        ..Default::default()
+    };
     aya_build::build_ebpf([ebpf], Toolchain::default())
 }

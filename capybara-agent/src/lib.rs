@@ -1,4 +1,4 @@
 //! The Capybara agent library.
+pub mod api;
 pub mod dataplane;
 pub mod store;
-pub mod api;
