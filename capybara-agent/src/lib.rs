@@ -1,4 +1,5 @@
 //! The Capybara agent library.
 pub mod api;
 pub mod dataplane;
+pub mod geo;
 pub mod store;
