@@ -1,0 +1,112 @@
+//! The TUN device: raw IPv4/IPv6 packets, no Ethernet header, no packet-information prefix.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+/// How to create the tunnel device.
+#[derive(Clone, Debug)]
+pub struct TunnelDeviceConfig {
+    /// Interface name (at most 15 bytes), e.g. `capy0`.
+    pub name: String,
+    /// The server's own inner IPv4 address and prefix length (e.g. 10.99.0.1/24).
+    pub ipv4: Option<(Ipv4Addr, u8)>,
+    /// The server's own inner IPv6 address and prefix length (e.g. fd99::1/64).
+    pub ipv6: Option<(Ipv6Addr, u8)>,
+    /// MTU; WireGuard's default 1420 leaves room for its 80-byte overhead on IPv6 uplinks.
+    pub mtu: u16,
+}
+
+/// Errors creating the tunnel device.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// The interface name is empty, too long or has characters the kernel refuses.
+    #[error("tunnel name {name:?} is invalid: 1–15 characters of [A-Za-z0-9_.-]")]
+    InvalidName {
+        /// The name given.
+        name: String,
+    },
+    /// The kernel refused to create or configure the device.
+    #[error("cannot create tunnel device {name}")]
+    Create {
+        /// The interface name.
+        name: String,
+        /// The error from the TUN driver or netlink.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// An open TUN device; the device exists as long as this value does.
+pub struct TunnelDevice {
+    name: String,
+    device: tun_rs::AsyncDevice,
+}
+
+impl std::fmt::Debug for TunnelDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelDevice")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether `name` is an interface name the kernel accepts.
+pub fn valid_ifname(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
+impl TunnelDevice {
+    /// Creates the device, assigns its addresses and brings it up. Must run inside a tokio
+    /// runtime (the device is registered with the reactor).
+    pub fn create(cfg: &TunnelDeviceConfig) -> Result<TunnelDevice, TunnelError> {
+        if !valid_ifname(&cfg.name) {
+            return Err(TunnelError::InvalidName {
+                name: cfg.name.clone(),
+            });
+        }
+        let mut builder = tun_rs::DeviceBuilder::new().name(&cfg.name).mtu(cfg.mtu);
+        if let Some((addr, len)) = cfg.ipv4 {
+            builder = builder.ipv4(addr, len, None);
+        }
+        if let Some((addr, len)) = cfg.ipv6 {
+            builder = builder.ipv6(addr, len);
+        }
+        let device = builder
+            .build_async()
+            .map_err(|source| TunnelError::Create {
+                name: cfg.name.clone(),
+                source,
+            })?;
+        Ok(TunnelDevice {
+            name: cfg.name.clone(),
+            device,
+        })
+    }
+
+    /// The interface name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Reads one packet into `buf`, returning its length.
+    pub async fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.device.recv(buf).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_ifname;
+
+    #[test]
+    fn interface_names_follow_the_kernel_rules() {
+        assert!(valid_ifname("capy0"));
+        assert!(valid_ifname("a.b-c_d"));
+        assert!(!valid_ifname(""));
+        assert!(!valid_ifname("sixteen-chars-xx"));
+        assert!(!valid_ifname("has space"));
+        assert!(!valid_ifname("slash/no"));
+    }
+}
