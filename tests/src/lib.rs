@@ -1,1 +1,9 @@
 //! Test support (skeleton).
+
+pub mod netns;
+pub mod traffic;
+pub mod tunwire;
+
+// BPF_PROG_TEST_RUN fixtures (packet builders and the loaded-object fixture).
+pub mod bpf;
+pub mod packets;
