@@ -1,0 +1,84 @@
+//! Every filesystem path the agent uses, and the mode each is created with, in one place.
+//!
+//! | what | default | mode |
+//! |---|---|---|
+//! | bpffs directory (pinned maps) | `/sys/fs/bpf/capybara` | `0700` ([`BPFFS_DIR_MODE`]) |
+//! | pinned map | `<bpffs>/<MAP_NAME>` (names from `capybara_common::maps`) | `0600` (kernel default for pins) |
+//! | pinned links | `<bpffs>/links/<prog>_<ifname>` | dir `0700`, pins `0600` |
+//! | data directory (store) | `/var/lib/capybara` | `0700` ([`DATA_DIR_MODE`]) |
+//! | control socket | `/run/capybara/agent.sock` | `0660` ([`SOCKET_MODE`]), dir `0750` |
+//! | server private key | `<data>/server.key` | `0600` ([`KEY_FILE_MODE`]) |
+//!
+//! Removing the bpffs directory (`rm -rf /sys/fs/bpf/capybara`) detaches the programs (their links
+//! are pinned there) and resets every kernel counter: it is the documented way to reset the
+//! dataplane, e.g. after a layout-version change.
+
+use std::path::{Path, PathBuf};
+
+/// Default bpffs directory holding the pinned maps and links.
+pub const BPFFS_DIR: &str = "/sys/fs/bpf/capybara";
+/// Mode of the bpffs directory and of its `links` subdirectory: only root reads the maps.
+pub const BPFFS_DIR_MODE: u32 = 0o700;
+/// Name of the subdirectory of the bpffs directory that holds pinned links.
+pub const LINKS_SUBDIR: &str = "links";
+
+/// Default data directory (the store lives under it).
+pub const DATA_DIR: &str = "/var/lib/capybara";
+/// Mode of the data directory: it holds secrets (server key, encrypted TOTP secrets).
+pub const DATA_DIR_MODE: u32 = 0o700;
+
+/// Directory of the control socket.
+pub const SOCKET_DIR: &str = "/run/capybara";
+/// Mode of the socket directory.
+pub const SOCKET_DIR_MODE: u32 = 0o750;
+/// Default control socket path (the CLI talks to the agent through it).
+pub const SOCKET_PATH: &str = "/run/capybara/agent.sock";
+/// Mode of the control socket: root and the socket's group.
+pub const SOCKET_MODE: u32 = 0o660;
+
+/// File name of the server's WireGuard private key inside the data directory.
+pub const KEY_FILE_NAME: &str = "server.key";
+/// Mode of the server key file.
+pub const KEY_FILE_MODE: u32 = 0o600;
+
+/// Path of the pinned map `name` under the bpffs directory `bpffs`.
+pub fn map_pin(bpffs: &Path, name: &str) -> PathBuf {
+    bpffs.join(name)
+}
+
+/// Directory of pinned links under the bpffs directory `bpffs`.
+pub fn links_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join(LINKS_SUBDIR)
+}
+
+/// Path of the pinned link of program `prog` attached to interface `ifname`.
+pub fn link_pin(bpffs: &Path, prog: &str, ifname: &str) -> PathBuf {
+    links_dir(bpffs).join(format!("{prog}_{ifname}"))
+}
+
+/// Path of the server key file under the data directory `data_dir`.
+pub fn key_file(data_dir: &Path) -> PathBuf {
+    data_dir.join(KEY_FILE_NAME)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_live_under_the_bpffs_dir() {
+        let d = Path::new(BPFFS_DIR);
+        assert_eq!(
+            map_pin(d, "CAPY_CONFIG"),
+            Path::new("/sys/fs/bpf/capybara/CAPY_CONFIG")
+        );
+        assert_eq!(
+            link_pin(d, "xdp_guard", "eth0"),
+            Path::new("/sys/fs/bpf/capybara/links/xdp_guard_eth0")
+        );
+        assert_eq!(
+            key_file(Path::new(DATA_DIR)),
+            Path::new("/var/lib/capybara/server.key")
+        );
+    }
+}
