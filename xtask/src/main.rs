@@ -1,1 +1,59 @@
-fn main() {}
+//! `cargo xtask`: the one entry point for developers and CI (the alias lives in
+//! `.cargo/config.toml`).
+//!
+//! ```text
+//! cargo xtask setup   install what a fresh Debian 12 machine lacks (idempotent)
+//! cargo xtask test    setup, then fmt, clippy (host, eBPF), unit, BPF_PROG_TEST_RUN, end-to-end
+//! cargo xtask run     setup, build, start the agent (in a namespace of its own by default)
+//! cargo xtask bench   setup, build, run `capybara-bench`, print a table, copy the JSON
+//! ```
+//!
+//! Layout: one module per subcommand, each with its clap `Args` and a `run` function:
+//! - `setup`: Debian packages, nightly `rust-src`, bpf-linker against nightly's libLLVM,
+//!   boringtun-cli, bpffs. Everything is checked before anything is done.
+//! - `test`: the test pipeline, stage by stage, stopping at the first failure.
+//! - `run`: network namespace + veth pair, the agent in the foreground, signal forwarding,
+//!   cleanup.
+//! - `bench`: the benchmark binary and its `{"benchmarks":[…]}` JSON.
+//! - `exec`: shared plumbing: every external command goes through it, is echoed as
+//!   `$ program args…` before it runs, and gets `PATH` with `<cache>/tools/bin` in front.
+//!   Paths (workspace root, cache dir, target dir) live there too.
+mod bench;
+mod exec;
+mod run;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+/// Capybara's developer tasks.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what this machine lacks: Debian packages, nightly rust-src, bpf-linker,
+    /// boringtun-cli; mount bpffs. A second run does nothing.
+    Setup(setup::Args),
+    /// Run setup, then fmt, clippy, unit tests, BPF_PROG_TEST_RUN tests and the privileged
+    /// end-to-end tests, stopping at the first failure.
+    Test(test::Args),
+    /// Run setup, build the agent and start it in the foreground (Ctrl-C stops it).
+    Run(run::Args),
+    /// Build in release and run the benchmarks; print a table and optionally save the JSON.
+    Bench(bench::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Setup(args) => setup::run(&args),
+        Command::Test(args) => test::run(&args),
+        Command::Run(args) => run::run(&args),
+        Command::Bench(args) => bench::run(&args),
+    }
+}
