@@ -40,6 +40,10 @@ pub struct Args {
     /// The agent's data dir (its RocksDB store and keys).
     #[arg(long, value_name = "DIR", default_value = "/var/lib/capybara-run")]
     data_dir: PathBuf,
+    /// The agent's bpffs directory (pinned maps and links); its own, so a run never shares
+    /// maps with an agent installed on this machine.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/capybara-run")]
+    bpffs: PathBuf,
     /// Name of the WireGuard tunnel device the agent creates.
     #[arg(long, value_name = "NAME", default_value = "capy0")]
     tunnel: String,
@@ -88,6 +92,8 @@ pub fn run(args: &Args) -> Result<()> {
             args.listen_port.to_string(),
             "--data-dir".to_owned(),
             args.data_dir.display().to_string(),
+            "--bpffs".to_owned(),
+            args.bpffs.display().to_string(),
         ];
         argv.extend(args.agent_args.iter().cloned());
         argv
