@@ -1,0 +1,304 @@
+//! Packet parsing: the one bounds-checked read helper and the Ethernet / IPv4 / IPv6 / UDP steps.
+//!
+//! Every byte a program reads from a packet goes through [`Packet::read`], which checks the
+//! read against the packet end *before* forming the reference, in the form the verifier
+//! understands (`start + off + size > end` → error). Offsets are additionally capped at
+//! [`MAX_HEADER_OFFSET`], so even offsets computed from packet contents (IHL, IPv6 extension
+//! header lengths) have a known upper bound. A failed read is [`Malformed`]: the caller counts
+//! the packet as malformed and passes it; nothing is ever read out of bounds and nothing panics.
+//!
+//! Header structs are `#[repr(C)]` byte arrays (alignment 1): multi-byte fields are read with
+//! `from_be_bytes`, so there are no unaligned loads and no endianness surprises.
+
+use core::mem::size_of;
+
+/// A truncated or inconsistent packet (the only error of the parsing steps).
+#[derive(Clone, Copy, Debug)]
+pub struct Malformed;
+
+/// Headers deeper than this many bytes into the packet are not inspected (treated as
+/// [`Malformed`]). Bounds every computed offset for the verifier.
+pub const MAX_HEADER_OFFSET: usize = 1024;
+
+/// EtherType IPv4.
+pub const ETH_P_IP: u16 = 0x0800;
+/// EtherType IPv6.
+pub const ETH_P_IPV6: u16 = 0x86dd;
+/// EtherType 802.1Q VLAN tag.
+pub const ETH_P_8021Q: u16 = 0x8100;
+/// EtherType 802.1ad (QinQ outer) VLAN tag.
+pub const ETH_P_8021AD: u16 = 0x88a8;
+
+/// IP protocol number of UDP.
+pub const IPPROTO_UDP: u8 = 17;
+/// IPv6 extension headers the guard skips.
+const IPV6_HOPOPTS: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DSTOPTS: u8 = 60;
+/// How many IPv6 extension headers are skipped at most (bounded loop).
+pub const MAX_IPV6_EXT_HEADERS: usize = 4;
+
+/// The readable bytes of one packet, `[start, end)` as the program's context gives them.
+pub struct Packet {
+    start: usize,
+    end: usize,
+}
+
+impl Packet {
+    /// The packet between the context's `data` and `data_end`.
+    #[inline(always)]
+    pub fn new(start: usize, end: usize) -> Self {
+        Packet { start, end }
+    }
+
+    /// Length of the readable bytes.
+    #[inline(always)]
+    pub fn len(&self) -> usize {
+        self.end.saturating_sub(self.start)
+    }
+
+    /// Reads a `T` (a header made of byte arrays) at `off`, or [`Malformed`] if any of its bytes
+    /// lies past the end of the packet or `off` exceeds [`MAX_HEADER_OFFSET`].
+    #[inline(always)]
+    pub fn read<T: Copy>(&self, off: usize) -> Result<T, Malformed> {
+        if off > MAX_HEADER_OFFSET {
+            return Err(Malformed);
+        }
+        let at = self.start + off;
+        if at + size_of::<T>() > self.end {
+            return Err(Malformed);
+        }
+        // SAFETY: `[at, at + size_of::<T>())` lies inside `[start, end)`, the packet memory the
+        // kernel gave this program (checked just above, in the form the verifier tracks). `T`
+        // is a plain byte-array header (alignment 1, every bit pattern valid); the read is
+        // unaligned-safe.
+        Ok(unsafe { (at as *const T).read_unaligned() })
+    }
+}
+
+/// Ethernet header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    pub ethertype: [u8; 2],
+}
+
+/// 802.1Q / 802.1ad tag (after the outer EtherType).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct VlanHdr {
+    pub tci: [u8; 2],
+    pub ethertype: [u8; 2],
+}
+
+/// IPv4 header without options.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub total_len: [u8; 2],
+    pub id: [u8; 2],
+    pub frag_off: [u8; 2],
+    pub ttl: u8,
+    pub protocol: u8,
+    pub check: [u8; 2],
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+}
+
+/// IPv6 fixed header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv6Hdr {
+    pub version_class_flow: [u8; 4],
+    pub payload_len: [u8; 2],
+    pub next_header: u8,
+    pub hop_limit: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+/// The first 8 bytes of an IPv6 extension header (every one is at least 8 bytes long). For the
+/// fragment header, `rest[0..2]` is the fragment offset field.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv6ExtHdr {
+    pub next_header: u8,
+    pub len: u8,
+    pub rest: [u8; 6],
+}
+
+/// UDP header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct UdpHdr {
+    pub src_port: [u8; 2],
+    pub dst_port: [u8; 2],
+    pub len: [u8; 2],
+    pub check: [u8; 2],
+}
+
+/// Size of the IPv4 header without options.
+pub const IPV4_HDR_LEN: usize = size_of::<Ipv4Hdr>();
+/// Size of the IPv6 fixed header.
+pub const IPV6_HDR_LEN: usize = size_of::<Ipv6Hdr>();
+const ETH_HDR_LEN: usize = size_of::<EthHdr>();
+const VLAN_HDR_LEN: usize = size_of::<VlanHdr>();
+
+/// The two ends of an IP packet: IPv4 as host-order `u32`, IPv6 as octets.
+#[derive(Clone, Copy)]
+pub enum Addrs {
+    V4 { src: u32, dst: u32 },
+    V6 { src: [u8; 16], dst: [u8; 16] },
+}
+
+/// What the XDP guard needs from the IP layer.
+pub struct Upper {
+    /// Source address (the guard's only lookup key).
+    pub src: Src,
+    /// Upper-layer protocol (after IPv6 extension headers).
+    pub protocol: u8,
+    /// Offset of the upper-layer header.
+    pub l4_off: usize,
+    /// A fragment other than the first: there is no upper-layer header to read.
+    pub later_fragment: bool,
+}
+
+/// A source address.
+#[derive(Clone, Copy)]
+pub enum Src {
+    V4(u32),
+    V6([u8; 16]),
+}
+
+/// Parses the Ethernet header and at most one VLAN tag: returns the EtherType of the payload
+/// and its offset.
+#[inline(always)]
+pub fn ethernet(pkt: &Packet) -> Result<(u16, usize), Malformed> {
+    let eth: EthHdr = pkt.read(0)?;
+    let ethertype = u16::from_be_bytes(eth.ethertype);
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        let tag: VlanHdr = pkt.read(ETH_HDR_LEN)?;
+        return Ok((
+            u16::from_be_bytes(tag.ethertype),
+            ETH_HDR_LEN + VLAN_HDR_LEN,
+        ));
+    }
+    Ok((ethertype, ETH_HDR_LEN))
+}
+
+/// Both addresses of the IP packet at `off`, IPv4 or IPv6 by the version nibble (the tunnel
+/// device carries raw IP packets). The fixed header must be complete.
+#[inline(always)]
+pub fn ip_addrs(pkt: &Packet, off: usize) -> Result<Addrs, Malformed> {
+    let first: u8 = pkt.read(off)?;
+    match first >> 4 {
+        4 => {
+            let ip: Ipv4Hdr = pkt.read(off)?;
+            if ip.version_ihl & 0x0f < 5 {
+                return Err(Malformed);
+            }
+            Ok(Addrs::V4 {
+                src: u32::from_be_bytes(ip.src),
+                dst: u32::from_be_bytes(ip.dst),
+            })
+        }
+        6 => {
+            let ip: Ipv6Hdr = pkt.read(off)?;
+            Ok(Addrs::V6 {
+                src: ip.src,
+                dst: ip.dst,
+            })
+        }
+        _ => Err(Malformed),
+    }
+}
+
+/// The IPv4 header at `off`: source, protocol, where the payload starts, and whether this is a
+/// non-first fragment. Checks version and IHL; the options (if any) must be present.
+#[inline(always)]
+pub fn ipv4(pkt: &Packet, off: usize) -> Result<Upper, Malformed> {
+    let ip: Ipv4Hdr = pkt.read(off)?;
+    let ihl = (ip.version_ihl & 0x0f) as usize;
+    if ip.version_ihl >> 4 != 4 || ihl < 5 {
+        return Err(Malformed);
+    }
+    let hlen = ihl * 4;
+    // Options, if any, must be in the packet too.
+    if hlen > IPV4_HDR_LEN {
+        let _: u8 = pkt.read(off + hlen - 1)?;
+    }
+    let frag_offset = u16::from_be_bytes(ip.frag_off) & 0x1fff;
+    Ok(Upper {
+        src: Src::V4(u32::from_be_bytes(ip.src)),
+        protocol: ip.protocol,
+        l4_off: off + hlen,
+        later_fragment: frag_offset != 0,
+    })
+}
+
+/// The IPv6 header at `off` and up to [`MAX_IPV6_EXT_HEADERS`] extension headers (hop-by-hop,
+/// routing, destination options, fragment). More extension headers than that, or a truncated
+/// one, is [`Malformed`]. A fragment header with a non-zero offset ends the walk: the rest is
+/// not the upper-layer header.
+#[inline(always)]
+pub fn ipv6(pkt: &Packet, off: usize) -> Result<Upper, Malformed> {
+    let ip: Ipv6Hdr = pkt.read(off)?;
+    if ip.version_class_flow[0] >> 4 != 6 {
+        return Err(Malformed);
+    }
+    let src = Src::V6(ip.src);
+    let mut next = ip.next_header;
+    let mut at = off + IPV6_HDR_LEN;
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        match next {
+            IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
+                let ext: Ipv6ExtHdr = pkt.read(at)?;
+                next = ext.next_header;
+                at += (ext.len as usize + 1) * 8;
+            }
+            IPV6_FRAGMENT => {
+                let ext: Ipv6ExtHdr = pkt.read(at)?;
+                next = ext.next_header;
+                at += size_of::<Ipv6ExtHdr>();
+                let frag_offset = u16::from_be_bytes([ext.rest[0], ext.rest[1]]) >> 3;
+                if frag_offset != 0 {
+                    return Ok(Upper {
+                        src,
+                        protocol: next,
+                        l4_off: at,
+                        later_fragment: true,
+                    });
+                }
+            }
+            _ => {
+                return Ok(Upper {
+                    src,
+                    protocol: next,
+                    l4_off: at,
+                    later_fragment: false,
+                });
+            }
+        }
+    }
+    match next {
+        IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_FRAGMENT => Err(Malformed),
+        _ => Ok(Upper {
+            src,
+            protocol: next,
+            l4_off: at,
+            later_fragment: false,
+        }),
+    }
+}
+
+/// The destination port of the (complete) UDP header at `off`.
+#[inline(always)]
+pub fn udp_dst_port(pkt: &Packet, off: usize) -> Result<u16, Malformed> {
+    let udp: UdpHdr = pkt.read(off)?;
+    Ok(u16::from_be_bytes(udp.dst_port))
+}

@@ -1,0 +1,25 @@
+//! `tc_ingress`, on the tunnel device's ingress: packets *from* peers (boringtun decrypted them
+//! and wrote them into the TUN). The peer is the packet's **source**; the destination is checked
+//! against the destination blocklists; passed packets are counted in the peer's `rx_*`.
+//! The pipeline itself is shared with `tc_egress`: see [`crate::tunnel`].
+
+use aya_ebpf::{macros::classifier, programs::TcContext};
+use capybara_common::counters::{
+    TC_IN_DROP_BLOCKLIST, TC_IN_DROP_UNKNOWN, TC_IN_MALFORMED, TC_IN_PASS, TC_IN_UNKNOWN_PEER,
+};
+
+use crate::tunnel::{self, Direction};
+
+const INGRESS: Direction = Direction {
+    peer_is_source: true,
+    pass: TC_IN_PASS,
+    unknown_peer: TC_IN_UNKNOWN_PEER,
+    drop_blocklist: TC_IN_DROP_BLOCKLIST,
+    malformed: TC_IN_MALFORMED,
+    drop_unknown: TC_IN_DROP_UNKNOWN,
+};
+
+#[classifier]
+pub fn tc_ingress(ctx: TcContext) -> i32 {
+    tunnel::run(&ctx, &INGRESS)
+}

@@ -1,0 +1,158 @@
+//! The pipeline shared by `tc_ingress` and `tc_egress` on the tunnel device.
+//!
+//! The tunnel device is a TUN: packets are raw IPv4/IPv6, no link-layer header, so the IP
+//! version comes from the first nibble. The two directions differ only in which address is the
+//! peer and which counters they use ([`Direction`]):
+//!
+//! | | peer end | other end (destination blocklists) | per-peer counters |
+//! |---|---|---|---|
+//! | ingress (from peers) | source | destination | `rx_*` |
+//! | egress (to peers) | destination | source | `tx_*` |
+//!
+//! Steps: parse the addresses → attribute the peer → destination-blocklist check on the other
+//! end → count. Outcomes, each counted in exactly one `TC_*` slot:
+//!
+//! | case | verdict | counters |
+//! |---|---|---|
+//! | other end in list `n` (known or unknown peer) | shot | `TC_*_DROP_BLOCKLIST`, `DROPS_BASE + DestinationBlocklist`, `LIST_HITS[n]`, the peer's `drops[DestinationBlocklist]` if known |
+//! | known peer | ok | `TC_*_PASS`, the peer's `rx_*`/`tx_*` |
+//! | unknown peer | ok | `TC_*_UNKNOWN_PEER` |
+//! | unknown peer, `CONFIG_F_DROP_UNKNOWN_PEER` | shot | `TC_*_DROP_UNKNOWN`, `DROPS_BASE + UnknownPeer` |
+//! | not IPv4/IPv6, truncated | ok | `TC_*_MALFORMED` |
+//!
+//! Bytes are the IP packet length (`skb->len` minus [`TUNNEL_L2_HLEN`], which is 0 on a TUN).
+
+use aya_ebpf::{
+    Global,
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    programs::TcContext,
+};
+use capybara_common::{config::CONFIG_F_DROP_UNKNOWN_PEER, drop::DropReason, peer::PeerStats};
+
+use crate::{
+    counters::{count, count_drop, count_list_hit},
+    lookup::{DESTINATION, config, peer_v4, peer_v6},
+    maps::PEER_STATS,
+    parse::{self, Addrs, IPV6_HDR_LEN, Malformed, Packet},
+};
+
+/// Bytes of link-layer header before the IP header on the tunnel device. 0 for the TUN device
+/// Capybara attaches to (the default, never changed in production). `BPF_PROG_TEST_RUN` always
+/// hands `sched_cls` programs a 14-byte Ethernet header before the data, so the tests override
+/// it with 14 through `EbpfLoader::override_global`; a value above 64 is treated as 0.
+#[unsafe(no_mangle)]
+static TUNNEL_L2_HLEN: Global<u32> = Global::new(0);
+
+const MAX_L2_HLEN: u32 = 64;
+
+/// What distinguishes the two directions.
+pub struct Direction {
+    /// Ingress: the peer is the packet's source (and counted in `rx_*`). Egress: its destination
+    /// (counted in `tx_*`).
+    pub peer_is_source: bool,
+    pub pass: u32,
+    pub unknown_peer: u32,
+    pub drop_blocklist: u32,
+    pub malformed: u32,
+    pub drop_unknown: u32,
+}
+
+/// Runs the pipeline for one packet and returns the TC verdict.
+#[inline(always)]
+pub fn run(ctx: &TcContext, dir: &Direction) -> i32 {
+    let l2 = match TUNNEL_L2_HLEN.load() {
+        n if n <= MAX_L2_HLEN => n,
+        _ => 0,
+    };
+    let bytes = ctx.len().saturating_sub(l2) as u64;
+    match try_tunnel(ctx, dir, l2 as usize, bytes) {
+        Ok(verdict) => verdict,
+        Err(Malformed) => {
+            count(dir.malformed, bytes);
+            TC_ACT_OK as i32
+        }
+    }
+}
+
+#[inline(always)]
+fn try_tunnel(ctx: &TcContext, dir: &Direction, l2: usize, bytes: u64) -> Result<i32, Malformed> {
+    // Headers must be in the linear part for direct access. TUN skbs practically always are;
+    // pull them in if not (this invalidates earlier packet pointers, so it comes first).
+    let want = (ctx.len() as usize).min(l2 + IPV6_HDR_LEN);
+    if ctx.data_end().saturating_sub(ctx.data()) < want {
+        let _ = ctx.pull_data(want as u32);
+    }
+    let pkt = Packet::new(ctx.data(), ctx.data_end());
+    let addrs = parse::ip_addrs(&pkt, l2)?;
+
+    let cfg = config();
+    let (peer, list) = match addrs {
+        Addrs::V4 { src, dst } => {
+            let (peer_end, other_end) = if dir.peer_is_source {
+                (src, dst)
+            } else {
+                (dst, src)
+            };
+            (
+                peer_v4(peer_end, cfg.flags),
+                DESTINATION.v4(cfg.dst_generation, other_end),
+            )
+        }
+        Addrs::V6 { src, dst } => {
+            let (peer_end, other_end) = if dir.peer_is_source {
+                (&src, &dst)
+            } else {
+                (&dst, &src)
+            };
+            (
+                peer_v6(peer_end, cfg.flags),
+                DESTINATION.v6(cfg.dst_generation, other_end),
+            )
+        }
+    };
+    let stats = match peer {
+        Some(id) => PEER_STATS.get_ptr_mut(id),
+        None => None,
+    };
+
+    if list != 0 {
+        count_drop(
+            dir.drop_blocklist,
+            DropReason::DestinationBlocklist,
+            bytes,
+            stats,
+        );
+        count_list_hit(list, bytes);
+        return Ok(TC_ACT_SHOT as i32);
+    }
+    match stats {
+        Some(s) => {
+            count_peer(s, dir.peer_is_source, bytes);
+            count(dir.pass, bytes);
+            Ok(TC_ACT_OK as i32)
+        }
+        None if cfg.flags & CONFIG_F_DROP_UNKNOWN_PEER != 0 => {
+            count_drop(dir.drop_unknown, DropReason::UnknownPeer, bytes, None);
+            Ok(TC_ACT_SHOT as i32)
+        }
+        None => {
+            count(dir.unknown_peer, bytes);
+            Ok(TC_ACT_OK as i32)
+        }
+    }
+}
+
+#[inline(always)]
+fn count_peer(s: *mut PeerStats, rx: bool, bytes: u64) {
+    // SAFETY: `s` comes from a successful per-CPU array lookup of `PEER_STATS`: this CPU's
+    // value, valid for the program run and not shared with other CPUs.
+    unsafe {
+        if rx {
+            (*s).rx_packets = (*s).rx_packets.wrapping_add(1);
+            (*s).rx_bytes = (*s).rx_bytes.wrapping_add(bytes);
+        } else {
+            (*s).tx_packets = (*s).tx_packets.wrapping_add(1);
+            (*s).tx_bytes = (*s).tx_bytes.wrapping_add(bytes);
+        }
+    }
+}

@@ -1,0 +1,1359 @@
+//! BPF_PROG_TEST_RUN tests of the kernel programs (root and bpffs required).
+//!
+//! The core is two tables (`xdp_cases`, `tc_cases`) of {name, packet builder, map setup,
+//! expected verdict, expected counter deltas}. Each case gets a freshly loaded object with
+//! private pinned maps, runs one packet, and then checks the verdict and *every* counter it
+//! could have touched:
+//!
+//! - all `COUNTERS` slots: exactly the listed slots moved, by one packet and the packet's
+//!   length (frame length on the uplink, IP length on the tunnel device); every other slot is
+//!   unchanged — so "every verdict increments exactly one verdict slot" is checked each time;
+//! - `LIST_HITS` for list ids 0..16: only the expected list moved;
+//! - `PEER_STATS` for peer ids 0..16: only the expected peer moved, in the expected field.
+//!
+//! Scenarios that need several packets on one fixture (exact per-peer byte counts, generation
+//! flips, truncation sweeps over every prefix length) are separate tests below the tables.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use capybara_common::{
+    blocklist::{ListId, dir_entry},
+    config::{
+        CONFIG_F_DROP_UNKNOWN_PEER, CONFIG_F_PEER_V4_RANGES, CONFIG_F_PEER_V6_RANGES, Config,
+    },
+    counters::*,
+    drop::DropReason,
+    peer::{PeerId, PeerStats},
+};
+use capybara_tests::{
+    bpf::{Fixture, Lists, Tc},
+    packets::{self, Ext, ethertype},
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+
+/// The guarded WireGuard port.
+const WG_PORT: u16 = 51820;
+/// The server's uplink address.
+const SERVER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const SERVER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+
+/// Peer 1: IPv4 host route 10.8.0.2/32 and IPv6 host route fd00::2/128.
+const PEER1: PeerId = 1;
+const PEER1_V4: Ipv4Addr = Ipv4Addr::new(10, 8, 0, 2);
+const PEER1_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
+/// Peer 2: IPv4 range 10.9.0.0/16.
+const PEER2: PeerId = 2;
+const PEER2_NET: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 0);
+const PEER2_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 3, 4);
+/// Peer 3: IPv6 range fd01::/64.
+const PEER3: PeerId = 3;
+const PEER3_NET: Ipv6Addr = Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0, 0);
+const PEER3_V6: Ipv6Addr = Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0xab, 0xcd);
+/// An address of no peer (inside the tunnel's address space).
+const STRANGER_V4: Ipv4Addr = Ipv4Addr::new(10, 7, 7, 7);
+const STRANGER_V6: Ipv6Addr = Ipv6Addr::new(0xfd02, 0, 0, 0, 0, 0, 0, 9);
+
+/// An internet host in no list.
+const CLEAN: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+const CLEAN6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc1ea, 0, 0, 0, 0, 1);
+/// A /24 in list `LIST_NET`.
+const BLOCKED: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
+const LIST_NET: ListId = 5;
+/// A /32 (203.0.113.77) in list `LIST_HOST`.
+const LIST_HOST: ListId = 6;
+const IN_HOST: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 77);
+/// A /25 (203.0.113.128/25) in list `LIST_25`.
+const LIST_25: ListId = 7;
+const IN_25: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 200);
+/// An allow hole (list 0) 203.0.113.16/28 inside the blocked /24.
+const HOLE_NET: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 16);
+const IN_HOLE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
+/// An IPv6 /48 in list `LIST_V6`.
+const BLOCKED6_NET: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xbad, 0, 0, 0, 0, 0);
+const BLOCKED6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xbad, 0, 0, 0, 0, 1);
+const LIST_V6: ListId = 9;
+
+/// Bit of a DIR entry's long-prefix mask for prefix length `len`.
+const fn len_bit(len: u8) -> u8 {
+    1 << (len - 25)
+}
+
+// ---- expectations ----
+
+#[derive(Clone, Copy, Debug)]
+enum Prog {
+    Xdp,
+    In,
+    Out,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PeerDelta {
+    Rx,
+    Tx,
+    Drop(DropReason),
+}
+
+struct Case {
+    name: &'static str,
+    prog: Prog,
+    /// Ethernet frame for XDP, raw IP packet for the tunnel device.
+    packet: fn() -> Vec<u8>,
+    setup: fn(&mut Fixture),
+    verdict: u32,
+    /// `COUNTERS` slots that count this packet (once, with its length); all others stay.
+    counters: Vec<u32>,
+    list_hit: Option<ListId>,
+    peer: Option<(PeerId, PeerDelta)>,
+}
+
+fn drop_slot(r: DropReason) -> u32 {
+    DROPS_BASE + r as u32
+}
+
+fn name_of(slot: u32) -> String {
+    COUNTER_NAMES
+        .iter()
+        .find(|(s, _)| *s == slot)
+        .map(|(_, n)| (*n).to_owned())
+        .or_else(|| {
+            slot.checked_sub(DROPS_BASE)
+                .and_then(DropReason::from_u32)
+                .map(|r| format!("drops[{}]", r.name()))
+        })
+        .unwrap_or_else(|| format!("slot {slot}"))
+}
+
+/// Everything a packet could have changed.
+struct Snapshot {
+    counters: Vec<Counter>,
+    lists: Vec<Counter>,
+    peers: Vec<PeerStats>,
+}
+
+const WATCHED_IDS: u32 = 16;
+
+fn snapshot(f: &mut Fixture) -> Snapshot {
+    Snapshot {
+        counters: f.counters(),
+        lists: (0..WATCHED_IDS).map(|i| f.list_hits(i)).collect(),
+        peers: (0..WATCHED_IDS).map(|i| f.peer_stats(i)).collect(),
+    }
+}
+
+fn sub(a: &Counter, b: &Counter) -> Counter {
+    Counter {
+        packets: a.packets - b.packets,
+        bytes: a.bytes - b.bytes,
+    }
+}
+
+/// Checks the change from `before` to `after` for one packet of `len` counted bytes; returns
+/// the mismatches.
+fn check_deltas(
+    before: &Snapshot,
+    after: &Snapshot,
+    len: u64,
+    counters: &[u32],
+    list_hit: Option<ListId>,
+    peer: Option<(PeerId, PeerDelta)>,
+) -> Vec<String> {
+    let mut errors = Vec::new();
+    let one = Counter {
+        packets: 1,
+        bytes: len,
+    };
+    for (slot, (b, a)) in before.counters.iter().zip(&after.counters).enumerate() {
+        let slot = slot as u32;
+        let want = if counters.contains(&slot) {
+            one
+        } else {
+            Counter::default()
+        };
+        let got = sub(a, b);
+        if got != want {
+            errors.push(format!(
+                "COUNTERS {}: got {got:?}, want {want:?}",
+                name_of(slot)
+            ));
+        }
+    }
+    for (id, (b, a)) in before.lists.iter().zip(&after.lists).enumerate() {
+        let id = id as u32;
+        let want = if list_hit == Some(id) {
+            one
+        } else {
+            Counter::default()
+        };
+        let got = sub(a, b);
+        if got != want {
+            errors.push(format!("LIST_HITS[{id}]: got {got:?}, want {want:?}"));
+        }
+    }
+    for (id, (b, a)) in before.peers.iter().zip(&after.peers).enumerate() {
+        let id = id as u32;
+        let mut want = PeerStats::default();
+        match peer {
+            Some((p, PeerDelta::Rx)) if p == id => {
+                want.rx_packets = 1;
+                want.rx_bytes = len;
+            }
+            Some((p, PeerDelta::Tx)) if p == id => {
+                want.tx_packets = 1;
+                want.tx_bytes = len;
+            }
+            Some((p, PeerDelta::Drop(r))) if p == id => want.drops[r as usize] = 1,
+            _ => {}
+        }
+        let mut got = *a;
+        got.rx_packets -= b.rx_packets;
+        got.rx_bytes -= b.rx_bytes;
+        got.tx_packets -= b.tx_packets;
+        got.tx_bytes -= b.tx_bytes;
+        for (g, bb) in got.drops.iter_mut().zip(b.drops) {
+            *g -= bb;
+        }
+        if got != want {
+            errors.push(format!("PEER_STATS[{id}]: got {got:?}, want {want:?}"));
+        }
+    }
+    errors
+}
+
+fn run(f: &mut Fixture, prog: Prog, packet: &[u8]) -> u32 {
+    match prog {
+        Prog::Xdp => f.run_xdp(packet),
+        Prog::In => f.run_tc(Tc::Ingress, packet),
+        Prog::Out => f.run_tc(Tc::Egress, packet),
+    }
+}
+
+fn run_table(cases: Vec<Case>) {
+    let mut failures = Vec::new();
+    let total = cases.len();
+    for case in cases {
+        let mut f = Fixture::load();
+        (case.setup)(&mut f);
+        let packet = (case.packet)();
+        let before = snapshot(&mut f);
+        let verdict = run(&mut f, case.prog, &packet);
+        let after = snapshot(&mut f);
+        let mut errors = check_deltas(
+            &before,
+            &after,
+            packet.len() as u64,
+            &case.counters,
+            case.list_hit,
+            case.peer,
+        );
+        if verdict != case.verdict {
+            errors.insert(0, format!("verdict {verdict}, want {}", case.verdict));
+        }
+        if errors.is_empty() {
+            eprintln!("ok   {} ({:?})", case.name, case.prog);
+        } else {
+            eprintln!("FAIL {} ({:?})", case.name, case.prog);
+            failures.push(format!("{}:\n    {}", case.name, errors.join("\n    ")));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {total} cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+// ---- setups ----
+
+fn config(f: &mut Fixture, src_generation: u32, dst_generation: u32, flags: u32) {
+    f.set_config(Config {
+        src_generation,
+        dst_generation,
+        flags,
+        layout_version: 1,
+    });
+}
+
+/// The guarded port, every peer, ranges enabled.
+fn base(f: &mut Fixture) {
+    f.guard_port(WG_PORT);
+    f.peer_v4(PEER1_V4, PEER1);
+    f.peer_v6(PEER1_V6, PEER1);
+    f.peer_v4_range(PEER2_NET, 16, PEER2);
+    f.peer_v6_range(PEER3_NET, 64, PEER3);
+    config(f, 0, 0, CONFIG_F_PEER_V4_RANGES | CONFIG_F_PEER_V6_RANGES);
+}
+
+/// Like [`base`] without the range flags: the tries hold ranges but must not be consulted.
+fn base_no_range_flags(f: &mut Fixture) {
+    base(f);
+    config(f, 0, 0, 0);
+}
+
+/// `base` plus `CONFIG_F_DROP_UNKNOWN_PEER`.
+fn base_drop_unknown(f: &mut Fixture) {
+    base(f);
+    config(
+        f,
+        0,
+        0,
+        CONFIG_F_PEER_V4_RANGES | CONFIG_F_PEER_V6_RANGES | CONFIG_F_DROP_UNKNOWN_PEER,
+    );
+}
+
+/// The lists of generation `generation` of `lists`: the /24 of `BLOCKED` in `LIST_NET` with a
+/// /32 (`LIST_HOST`), a /25 (`LIST_25`) and an allow hole /28 (list 0) under it, and the IPv6
+/// /48 in `LIST_V6`.
+fn lists(f: &mut Fixture, lists: Lists, generation: u8) {
+    f.dir_entry(
+        lists,
+        u32::from(generation),
+        BLOCKED,
+        dir_entry(LIST_NET, len_bit(32) | len_bit(28) | len_bit(25)),
+    );
+    f.v4_long(lists, generation, IN_HOST, 32, LIST_HOST);
+    f.v4_long(lists, generation, IN_25, 25, LIST_25);
+    f.v4_long(lists, generation, HOLE_NET, 28, 0);
+    f.v6_prefix(lists, generation, BLOCKED6_NET, 48, LIST_V6);
+}
+
+fn src_lists(f: &mut Fixture) {
+    base(f);
+    lists(f, Lists::Source, 0);
+}
+
+fn src_lists_gen1_inactive(f: &mut Fixture) {
+    base(f);
+    lists(f, Lists::Source, 1);
+}
+
+fn src_lists_gen1_active(f: &mut Fixture) {
+    base(f);
+    lists(f, Lists::Source, 1);
+    config(f, 1, 0, CONFIG_F_PEER_V4_RANGES | CONFIG_F_PEER_V6_RANGES);
+}
+
+fn dst_lists(f: &mut Fixture) {
+    base(f);
+    lists(f, Lists::Destination, 0);
+}
+
+fn dst_lists_drop_unknown(f: &mut Fixture) {
+    base_drop_unknown(f);
+    lists(f, Lists::Destination, 0);
+}
+
+fn dst_lists_gen1_inactive(f: &mut Fixture) {
+    base(f);
+    lists(f, Lists::Destination, 1);
+}
+
+fn dst_lists_gen1_active(f: &mut Fixture) {
+    base(f);
+    lists(f, Lists::Destination, 1);
+    config(f, 0, 1, CONFIG_F_PEER_V4_RANGES | CONFIG_F_PEER_V6_RANGES);
+}
+
+/// The peer's own address in the destination lists (to prove which end is checked).
+fn peer1_in_dst_list(f: &mut Fixture) {
+    base(f);
+    f.dir_entry(Lists::Destination, 0, PEER1_V4, dir_entry(LIST_NET, 0));
+}
+
+/// A /32 in the long-prefix hash whose length the DIR entry's mask does *not* name.
+fn long_without_mask_bit(f: &mut Fixture) {
+    base(f);
+    f.dir_entry(Lists::Source, 0, BLOCKED, dir_entry(0, len_bit(25)));
+    f.v4_long(Lists::Source, 0, BLOCKED, 32, LIST_HOST);
+}
+
+/// Overlapping /32 and /25 for the same address: the longer one wins.
+fn overlapping_long(f: &mut Fixture) {
+    base(f);
+    f.dir_entry(
+        Lists::Source,
+        0,
+        IN_25,
+        dir_entry(LIST_NET, len_bit(32) | len_bit(25)),
+    );
+    f.v4_long(Lists::Source, 0, IN_25, 25, LIST_25);
+    f.v4_long(Lists::Source, 0, IN_25, 32, LIST_HOST);
+}
+
+// ---- packets ----
+
+fn wg4(src: Ipv4Addr) -> Vec<u8> {
+    packets::udp4(src, SERVER, 40000, WG_PORT, 148)
+}
+
+fn wg6(src: Ipv6Addr) -> Vec<u8> {
+    packets::udp6(src, SERVER6, 40000, WG_PORT, 148)
+}
+
+// ---- the XDP table ----
+
+fn xdp_case(
+    name: &'static str,
+    packet: fn() -> Vec<u8>,
+    setup: fn(&mut Fixture),
+    verdict: u32,
+    counters: Vec<u32>,
+    list_hit: Option<ListId>,
+) -> Case {
+    Case {
+        name,
+        prog: Prog::Xdp,
+        packet,
+        setup,
+        verdict,
+        counters,
+        list_hit,
+        peer: None,
+    }
+}
+
+fn xdp_cases() -> Vec<Case> {
+    let drop = |list: ListId| {
+        (
+            XDP_DROP,
+            vec![XDP_DROP_BLOCKLIST, drop_slot(DropReason::SourceBlocklist)],
+            Some(list),
+        )
+    };
+    let clean = (XDP_PASS, vec![XDP_PASS_CLEAN], None);
+    let unguarded = (XDP_PASS, vec![XDP_PASS_UNGUARDED], None);
+    let malformed = (XDP_PASS, vec![XDP_PASS_MALFORMED], None);
+    let fragment = (XDP_PASS, vec![XDP_PASS_FRAGMENT], None);
+    type Expect = (u32, Vec<u32>, Option<ListId>);
+    let c = |name: &'static str,
+             packet: fn() -> Vec<u8>,
+             setup: fn(&mut Fixture),
+             (verdict, counters, list): Expect| {
+        xdp_case(name, packet, setup, verdict, counters, list)
+    };
+    vec![
+        c(
+            "clean v4 source passes",
+            || packets::eth_ip(&wg4(CLEAN)),
+            src_lists,
+            clean.clone(),
+        ),
+        c(
+            "clean v6 source passes",
+            || packets::eth_ip(&wg6(CLEAN6)),
+            src_lists,
+            clean.clone(),
+        ),
+        c(
+            "v4 source in a /24 (DIR entry) dropped",
+            || packets::eth_ip(&wg4(BLOCKED)),
+            src_lists,
+            drop(LIST_NET),
+        ),
+        c(
+            "v4 source in a /32 (long prefix) dropped",
+            || packets::eth_ip(&wg4(IN_HOST)),
+            src_lists,
+            drop(LIST_HOST),
+        ),
+        c(
+            "v4 source in a /25 (long prefix) dropped",
+            || packets::eth_ip(&wg4(IN_25)),
+            src_lists,
+            drop(LIST_25),
+        ),
+        c(
+            "v4 allow hole (list 0) inside a blocked /24 passes",
+            || packets::eth_ip(&wg4(IN_HOLE)),
+            src_lists,
+            clean.clone(),
+        ),
+        c(
+            "long prefix whose length is not in the mask is not probed",
+            || packets::eth_ip(&wg4(BLOCKED)),
+            long_without_mask_bit,
+            clean.clone(),
+        ),
+        c(
+            "overlapping long prefixes: longest first",
+            || packets::eth_ip(&wg4(IN_25)),
+            overlapping_long,
+            drop(LIST_HOST),
+        ),
+        c(
+            "v6 source in a /48 dropped",
+            || packets::eth_ip(&wg6(BLOCKED6)),
+            src_lists,
+            drop(LIST_V6),
+        ),
+        c(
+            "v4 lists of the inactive generation have no effect",
+            || packets::eth_ip(&wg4(BLOCKED)),
+            src_lists_gen1_inactive,
+            clean.clone(),
+        ),
+        c(
+            "v4 long prefix of the inactive generation has no effect",
+            || packets::eth_ip(&wg4(IN_HOST)),
+            src_lists_gen1_inactive,
+            clean.clone(),
+        ),
+        c(
+            "v6 lists of the inactive generation have no effect",
+            || packets::eth_ip(&wg6(BLOCKED6)),
+            src_lists_gen1_inactive,
+            clean.clone(),
+        ),
+        c(
+            "v4 lists of generation 1 live when active",
+            || packets::eth_ip(&wg4(IN_HOST)),
+            src_lists_gen1_active,
+            drop(LIST_HOST),
+        ),
+        c(
+            "v6 lists of generation 1 live when active",
+            || packets::eth_ip(&wg6(BLOCKED6)),
+            src_lists_gen1_active,
+            drop(LIST_V6),
+        ),
+        c(
+            "source lists do not act on the tunnel side's lists",
+            || packets::eth_ip(&wg4(BLOCKED)),
+            dst_lists,
+            clean.clone(),
+        ),
+        c(
+            "blocked source to an unguarded UDP port passes",
+            || packets::eth_ip(&packets::udp4(BLOCKED, SERVER, 53, 40000, 40)),
+            src_lists,
+            unguarded.clone(),
+        ),
+        c(
+            "blocked v6 source to an unguarded UDP port passes",
+            || packets::eth_ip(&packets::udp6(BLOCKED6, SERVER6, 443, 40000, 40)),
+            src_lists,
+            unguarded.clone(),
+        ),
+        c(
+            "blocked source, TCP to the WireGuard port passes",
+            || packets::eth_ip(&packets::tcp4(BLOCKED, SERVER, 443, WG_PORT, 0)),
+            src_lists,
+            unguarded.clone(),
+        ),
+        c(
+            "blocked source, ICMP passes",
+            || packets::eth_ip(&packets::icmp4(BLOCKED, SERVER, 56)),
+            src_lists,
+            unguarded.clone(),
+        ),
+        c(
+            "blocked v6 source, ICMPv6 passes",
+            || packets::eth_ip(&packets::icmp6(BLOCKED6, SERVER6, 56)),
+            src_lists,
+            unguarded.clone(),
+        ),
+        c(
+            "blocked v6 source, TCP passes",
+            || packets::eth_ip(&packets::tcp6(BLOCKED6, SERVER6, 443, WG_PORT, 10)),
+            src_lists,
+            unguarded.clone(),
+        ),
+        c(
+            "ARP passes",
+            || packets::eth(ethertype::ARP, &[0u8; 28]),
+            src_lists,
+            unguarded.clone(),
+        ),
+        c(
+            "no guarded port configured: blocked source passes",
+            || packets::eth_ip(&wg4(BLOCKED)),
+            |f| lists(f, Lists::Source, 0),
+            unguarded.clone(),
+        ),
+        c(
+            "802.1Q tagged blocked source dropped",
+            || packets::eth_vlan_ip(ethertype::VLAN, 42, &wg4(BLOCKED)),
+            src_lists,
+            drop(LIST_NET),
+        ),
+        c(
+            "802.1ad tagged blocked v6 source dropped",
+            || packets::eth_vlan_ip(ethertype::QINQ, 42, &wg6(BLOCKED6)),
+            src_lists,
+            drop(LIST_V6),
+        ),
+        c(
+            "802.1Q tagged clean source passes",
+            || packets::eth_vlan_ip(ethertype::VLAN, 7, &wg4(CLEAN)),
+            src_lists,
+            clean.clone(),
+        ),
+        c(
+            "v4 with options: blocked source dropped",
+            || packets::eth_ip(&v4_with_options(BLOCKED, 8)),
+            src_lists,
+            drop(LIST_NET),
+        ),
+        c(
+            "v4 non-first fragment of a blocked source passes",
+            || packets::eth_ip(&v4_fragment(BLOCKED, 100, false)),
+            src_lists,
+            fragment.clone(),
+        ),
+        c(
+            "v4 first fragment of a blocked source dropped",
+            || packets::eth_ip(&v4_fragment(BLOCKED, 0, true)),
+            src_lists,
+            drop(LIST_NET),
+        ),
+        c(
+            "v6 non-first fragment of a blocked source passes",
+            || {
+                packets::eth_ip(&v6_ext(
+                    BLOCKED6,
+                    &[Ext::Fragment {
+                        offset_8: 10,
+                        more: false,
+                    }],
+                ))
+            },
+            src_lists,
+            fragment.clone(),
+        ),
+        c(
+            "v6 first fragment of a blocked source dropped",
+            || {
+                packets::eth_ip(&v6_ext(
+                    BLOCKED6,
+                    &[Ext::Fragment {
+                        offset_8: 0,
+                        more: true,
+                    }],
+                ))
+            },
+            src_lists,
+            drop(LIST_V6),
+        ),
+        c(
+            "v6 with 4 extension headers: blocked source dropped",
+            || packets::eth_ip(&v6_ext(BLOCKED6, &FOUR_EXTS)),
+            src_lists,
+            drop(LIST_V6),
+        ),
+        c(
+            "v6 with 4 extension headers: clean source passes",
+            || packets::eth_ip(&v6_ext(CLEAN6, &FOUR_EXTS)),
+            src_lists,
+            clean.clone(),
+        ),
+        c(
+            "v6 with 5 extension headers is malformed",
+            || packets::eth_ip(&v6_ext(BLOCKED6, &FIVE_EXTS)),
+            src_lists,
+            malformed.clone(),
+        ),
+        c(
+            "IPv4 EtherType without an IP header is malformed",
+            || packets::eth(ethertype::IPV4, &[]),
+            src_lists,
+            malformed.clone(),
+        ),
+        c(
+            "v4 IHL 4 is malformed",
+            || packets::eth_ip(&set_byte(wg4(BLOCKED), 0, 0x44)),
+            src_lists,
+            malformed.clone(),
+        ),
+        c(
+            "v4 EtherType with version 6 is malformed",
+            || packets::eth(ethertype::IPV4, &wg6(BLOCKED6)),
+            src_lists,
+            malformed.clone(),
+        ),
+        c(
+            "v4 IHL beyond the packet is malformed",
+            || packets::eth_ip(&set_byte(packets::truncated(&wg4(BLOCKED), 24), 0, 0x4f)),
+            src_lists,
+            malformed.clone(),
+        ),
+    ]
+}
+
+const FOUR_EXTS: [Ext; 4] = [
+    Ext::HopByHop { extra_8: 1 },
+    Ext::Routing,
+    Ext::DestOpts { extra_8: 0 },
+    Ext::Fragment {
+        offset_8: 0,
+        more: true,
+    },
+];
+const FIVE_EXTS: [Ext; 5] = [
+    Ext::HopByHop { extra_8: 0 },
+    Ext::Routing,
+    Ext::DestOpts { extra_8: 0 },
+    Ext::Routing,
+    Ext::DestOpts { extra_8: 2 },
+];
+
+fn set_byte(mut p: Vec<u8>, at: usize, v: u8) -> Vec<u8> {
+    p[at] = v;
+    p
+}
+
+fn v4_with_options(src: Ipv4Addr, opt_len: usize) -> Vec<u8> {
+    // UDP to the WireGuard port behind `opt_len` bytes of NOP options.
+    let inner = wg4(src);
+    packets::ipv4_with_options(
+        src,
+        SERVER,
+        packets::proto::UDP,
+        &vec![1u8; opt_len],
+        &inner[20..],
+    )
+}
+
+fn v4_fragment(src: Ipv4Addr, offset_8: u16, more: bool) -> Vec<u8> {
+    let mut p = wg4(src);
+    packets::set_ipv4_fragment(&mut p, offset_8, more);
+    p
+}
+
+fn v6_ext(src: Ipv6Addr, exts: &[Ext]) -> Vec<u8> {
+    packets::udp6_with_ext(src, SERVER6, 40000, WG_PORT, 100, exts)
+}
+
+#[test]
+fn xdp_guard_table() {
+    run_table(xdp_cases());
+}
+
+// ---- the tunnel-device table ----
+
+fn tc_cases() -> Vec<Case> {
+    type Expect = (u32, Vec<u32>, Option<ListId>, Option<(PeerId, PeerDelta)>);
+    let pass_in = |peer: PeerId| {
+        (
+            TC_ACT_OK,
+            vec![TC_IN_PASS],
+            None,
+            Some((peer, PeerDelta::Rx)),
+        )
+    };
+    let pass_out = |peer: PeerId| {
+        (
+            TC_ACT_OK,
+            vec![TC_OUT_PASS],
+            None,
+            Some((peer, PeerDelta::Tx)),
+        )
+    };
+    let unknown_in = (TC_ACT_OK, vec![TC_IN_UNKNOWN_PEER], None, None);
+    let unknown_out = (TC_ACT_OK, vec![TC_OUT_UNKNOWN_PEER], None, None);
+    let dest = DropReason::DestinationBlocklist;
+    let blocked_in = |list: ListId, peer: Option<PeerId>| -> Expect {
+        (
+            TC_ACT_SHOT,
+            vec![TC_IN_DROP_BLOCKLIST, drop_slot(dest)],
+            Some(list),
+            peer.map(|p| (p, PeerDelta::Drop(dest))),
+        )
+    };
+    let blocked_out = |list: ListId, peer: Option<PeerId>| -> Expect {
+        (
+            TC_ACT_SHOT,
+            vec![TC_OUT_DROP_BLOCKLIST, drop_slot(dest)],
+            Some(list),
+            peer.map(|p| (p, PeerDelta::Drop(dest))),
+        )
+    };
+    let malformed_in = (TC_ACT_OK, vec![TC_IN_MALFORMED], None, None);
+    let malformed_out = (TC_ACT_OK, vec![TC_OUT_MALFORMED], None, None);
+    let c = |name: &'static str,
+             prog: Prog,
+             packet: fn() -> Vec<u8>,
+             setup: fn(&mut Fixture),
+             (verdict, counters, list_hit, peer): Expect| Case {
+        name,
+        prog,
+        packet,
+        setup,
+        verdict,
+        counters,
+        list_hit,
+        peer,
+    };
+    use Prog::{In, Out};
+    vec![
+        // Attribution.
+        c(
+            "v4 host route: ingress by source",
+            In,
+            || packets::udp4(PEER1_V4, CLEAN, 4000, 53, 60),
+            base,
+            pass_in(PEER1),
+        ),
+        c(
+            "v4 host route: egress by destination",
+            Out,
+            || packets::udp4(CLEAN, PEER1_V4, 53, 4000, 60),
+            base,
+            pass_out(PEER1),
+        ),
+        c(
+            "ingress is not attributed by destination",
+            In,
+            || packets::udp4(CLEAN, PEER1_V4, 53, 4000, 60),
+            base,
+            unknown_in.clone(),
+        ),
+        c(
+            "egress is not attributed by source",
+            Out,
+            || packets::udp4(PEER1_V4, CLEAN, 4000, 53, 60),
+            base,
+            unknown_out.clone(),
+        ),
+        c(
+            "v4 range via LPM: ingress",
+            In,
+            || packets::tcp4(PEER2_V4, CLEAN, 4000, 443, 100),
+            base,
+            pass_in(PEER2),
+        ),
+        c(
+            "v4 range via LPM: egress",
+            Out,
+            || packets::tcp4(CLEAN, PEER2_V4, 443, 4000, 1000),
+            base,
+            pass_out(PEER2),
+        ),
+        c(
+            "v4 range ignored without CONFIG_F_PEER_V4_RANGES",
+            In,
+            || packets::tcp4(PEER2_V4, CLEAN, 4000, 443, 100),
+            base_no_range_flags,
+            unknown_in.clone(),
+        ),
+        c(
+            "v4 host route works without range flags",
+            In,
+            || packets::icmp4(PEER1_V4, CLEAN, 56),
+            base_no_range_flags,
+            pass_in(PEER1),
+        ),
+        c(
+            "v6 host route: ingress by source",
+            In,
+            || packets::udp6(PEER1_V6, CLEAN6, 4000, 53, 60),
+            base,
+            pass_in(PEER1),
+        ),
+        c(
+            "v6 host route: egress by destination",
+            Out,
+            || packets::icmp6(CLEAN6, PEER1_V6, 56),
+            base,
+            pass_out(PEER1),
+        ),
+        c(
+            "v6 range via LPM: ingress",
+            In,
+            || packets::tcp6(PEER3_V6, CLEAN6, 4000, 443, 10),
+            base,
+            pass_in(PEER3),
+        ),
+        c(
+            "v6 range via LPM: egress",
+            Out,
+            || packets::udp6(CLEAN6, PEER3_V6, 443, 4000, 1200),
+            base,
+            pass_out(PEER3),
+        ),
+        c(
+            "v6 range ignored without CONFIG_F_PEER_V6_RANGES",
+            Out,
+            || packets::udp6(CLEAN6, PEER3_V6, 443, 4000, 1200),
+            base_no_range_flags,
+            unknown_out.clone(),
+        ),
+        // Unknown peers.
+        c(
+            "unknown v4 peer counted and passed (ingress)",
+            In,
+            || packets::udp4(STRANGER_V4, CLEAN, 1, 2, 10),
+            base,
+            unknown_in.clone(),
+        ),
+        c(
+            "unknown v6 peer counted and passed (egress)",
+            Out,
+            || packets::udp6(CLEAN6, STRANGER_V6, 1, 2, 10),
+            base,
+            unknown_out.clone(),
+        ),
+        c(
+            "unknown peer dropped with CONFIG_F_DROP_UNKNOWN_PEER (ingress)",
+            In,
+            || packets::udp4(STRANGER_V4, CLEAN, 1, 2, 10),
+            base_drop_unknown,
+            (
+                TC_ACT_SHOT,
+                vec![TC_IN_DROP_UNKNOWN, drop_slot(DropReason::UnknownPeer)],
+                None,
+                None,
+            ),
+        ),
+        c(
+            "unknown peer dropped with CONFIG_F_DROP_UNKNOWN_PEER (egress)",
+            Out,
+            || packets::udp6(CLEAN6, STRANGER_V6, 1, 2, 10),
+            base_drop_unknown,
+            (
+                TC_ACT_SHOT,
+                vec![TC_OUT_DROP_UNKNOWN, drop_slot(DropReason::UnknownPeer)],
+                None,
+                None,
+            ),
+        ),
+        c(
+            "known peer still passes with CONFIG_F_DROP_UNKNOWN_PEER",
+            In,
+            || packets::udp4(PEER1_V4, CLEAN, 1, 2, 10),
+            base_drop_unknown,
+            pass_in(PEER1),
+        ),
+        // Destination blocklists.
+        c(
+            "ingress: destination in a /24 dropped",
+            In,
+            || packets::udp4(PEER1_V4, BLOCKED, 4000, 53, 60),
+            dst_lists,
+            blocked_in(LIST_NET, Some(PEER1)),
+        ),
+        c(
+            "egress: source in a /24 dropped",
+            Out,
+            || packets::udp4(BLOCKED, PEER1_V4, 53, 4000, 60),
+            dst_lists,
+            blocked_out(LIST_NET, Some(PEER1)),
+        ),
+        c(
+            "ingress: destination in a /32 dropped",
+            In,
+            || packets::tcp4(PEER2_V4, IN_HOST, 4000, 443, 0),
+            dst_lists,
+            blocked_in(LIST_HOST, Some(PEER2)),
+        ),
+        c(
+            "egress: source in a /25 dropped",
+            Out,
+            || packets::tcp4(IN_25, PEER2_V4, 443, 4000, 0),
+            dst_lists,
+            blocked_out(LIST_25, Some(PEER2)),
+        ),
+        c(
+            "ingress: allow hole inside a blocked /24 passes",
+            In,
+            || packets::udp4(PEER1_V4, IN_HOLE, 4000, 53, 60),
+            dst_lists,
+            pass_in(PEER1),
+        ),
+        c(
+            "ingress: v6 destination in a /48 dropped",
+            In,
+            || packets::udp6(PEER1_V6, BLOCKED6, 4000, 53, 60),
+            dst_lists,
+            blocked_in(LIST_V6, Some(PEER1)),
+        ),
+        c(
+            "egress: v6 source in a /48 dropped",
+            Out,
+            || packets::tcp6(BLOCKED6, PEER3_V6, 443, 4000, 0),
+            dst_lists,
+            blocked_out(LIST_V6, Some(PEER3)),
+        ),
+        c(
+            "ingress checks the destination, not the peer's source",
+            In,
+            || packets::udp4(PEER1_V4, CLEAN, 1, 2, 3),
+            peer1_in_dst_list,
+            pass_in(PEER1),
+        ),
+        c(
+            "egress checks the source, not the peer's destination",
+            Out,
+            || packets::udp4(CLEAN, PEER1_V4, 1, 2, 3),
+            peer1_in_dst_list,
+            pass_out(PEER1),
+        ),
+        c(
+            "unknown peer: blocked destination still dropped (ingress)",
+            In,
+            || packets::udp4(STRANGER_V4, BLOCKED, 1, 2, 3),
+            dst_lists,
+            blocked_in(LIST_NET, None),
+        ),
+        c(
+            "unknown peer: blocked source still dropped (egress)",
+            Out,
+            || packets::udp6(BLOCKED6, STRANGER_V6, 1, 2, 3),
+            dst_lists_drop_unknown,
+            blocked_out(LIST_V6, None),
+        ),
+        c(
+            "destination lists of the inactive generation have no effect",
+            In,
+            || packets::udp4(PEER1_V4, IN_HOST, 1, 2, 3),
+            dst_lists_gen1_inactive,
+            pass_in(PEER1),
+        ),
+        c(
+            "v6 destination lists of the inactive generation have no effect",
+            Out,
+            || packets::udp6(BLOCKED6, PEER1_V6, 1, 2, 3),
+            dst_lists_gen1_inactive,
+            pass_out(PEER1),
+        ),
+        c(
+            "destination lists of generation 1 live when active",
+            In,
+            || packets::udp4(PEER1_V4, IN_HOST, 1, 2, 3),
+            dst_lists_gen1_active,
+            blocked_in(LIST_HOST, Some(PEER1)),
+        ),
+        c(
+            "source lists do not act on the tunnel device",
+            In,
+            || packets::udp4(PEER1_V4, BLOCKED, 1, 2, 3),
+            src_lists,
+            pass_in(PEER1),
+        ),
+        // Malformed.
+        c(
+            "empty packet is malformed (ingress)",
+            In,
+            Vec::new,
+            base,
+            malformed_in.clone(),
+        ),
+        c(
+            "empty packet is malformed (egress)",
+            Out,
+            Vec::new,
+            base,
+            malformed_out.clone(),
+        ),
+        c(
+            "version 5 is malformed",
+            In,
+            || set_byte(packets::udp4(PEER1_V4, CLEAN, 1, 2, 3), 0, 0x55),
+            base,
+            malformed_in.clone(),
+        ),
+        c(
+            "v4 IHL 4 is malformed",
+            Out,
+            || set_byte(packets::udp4(CLEAN, PEER1_V4, 1, 2, 3), 0, 0x44),
+            base,
+            malformed_out.clone(),
+        ),
+        c(
+            "v4 header cut at 19 bytes is malformed",
+            In,
+            || packets::truncated(&packets::udp4(PEER1_V4, CLEAN, 1, 2, 3), 19),
+            base,
+            malformed_in.clone(),
+        ),
+        c(
+            "v6 header cut at 39 bytes is malformed",
+            Out,
+            || packets::truncated(&packets::udp6(CLEAN6, PEER1_V6, 1, 2, 3), 39),
+            base,
+            malformed_out.clone(),
+        ),
+        c(
+            "v4 header alone (20 bytes) is attributed",
+            In,
+            || packets::truncated(&packets::udp4(PEER1_V4, CLEAN, 1, 2, 3), 20),
+            base,
+            pass_in(PEER1),
+        ),
+    ]
+}
+
+#[test]
+fn tunnel_device_table() {
+    run_table(tc_cases());
+}
+
+// ---- scenarios ----
+
+/// All three programs pass the verifier (the fixture loads each one).
+#[test]
+fn programs_pass_the_verifier() {
+    let mut f = Fixture::load();
+    for name in ["xdp_guard", "tc_ingress", "tc_egress"] {
+        let prog = f
+            .ebpf()
+            .program(name)
+            .unwrap_or_else(|| panic!("{name} missing"));
+        assert!(prog.fd().is_ok(), "{name} is not loaded");
+    }
+}
+
+/// Many packets of different sizes, both directions, IPv4 and IPv6 for one peer: the per-peer
+/// and global byte counts are exactly the IP lengths sent.
+#[test]
+fn per_peer_bytes_and_packets_are_exact() {
+    let mut f = Fixture::load();
+    base(&mut f);
+    let (mut rx_bytes, mut tx_bytes) = (0u64, 0u64);
+    let sizes = [0usize, 1, 17, 100, 512, 1200, 1380];
+    for (i, &n) in sizes.iter().enumerate() {
+        let ins = [
+            packets::udp4(PEER1_V4, CLEAN, 4000, 53, n),
+            packets::tcp6(PEER1_V6, CLEAN6, 4000, 443, n + i),
+        ];
+        for p in &ins {
+            assert_eq!(f.run_tc(Tc::Ingress, p), TC_ACT_OK);
+            rx_bytes += p.len() as u64;
+        }
+        let out = packets::icmp4(CLEAN, PEER1_V4, n * 2);
+        assert_eq!(f.run_tc(Tc::Egress, &out), TC_ACT_OK);
+        tx_bytes += out.len() as u64;
+    }
+    // Other peers' traffic does not leak into peer 1.
+    assert_eq!(
+        f.run_tc(Tc::Ingress, &packets::udp4(PEER2_V4, CLEAN, 1, 2, 999)),
+        TC_ACT_OK
+    );
+
+    let s = f.peer_stats(PEER1);
+    let n = sizes.len() as u64;
+    assert_eq!(
+        (s.rx_packets, s.rx_bytes, s.tx_packets, s.tx_bytes),
+        (2 * n, rx_bytes, n, tx_bytes),
+        "peer 1 stats {s:?}"
+    );
+    assert_eq!(s.drops, [0; 16]);
+    let c = f.counters();
+    assert_eq!(c[TC_IN_PASS as usize].packets, 2 * n + 1);
+    assert_eq!(c[TC_IN_PASS as usize].bytes, rx_bytes + 20 + 8 + 999);
+    assert_eq!(
+        c[TC_OUT_PASS as usize],
+        Counter {
+            packets: n,
+            bytes: tx_bytes
+        }
+    );
+    let s2 = f.peer_stats(PEER2);
+    assert_eq!(
+        (s2.rx_packets, s2.rx_bytes, s2.tx_packets),
+        (1, 20 + 8 + 999, 0)
+    );
+}
+
+/// Lists written into the inactive generation have no effect until CONFIG flips, and flipping
+/// back retires them — for the source lists (XDP) and the destination lists (tunnel device).
+#[test]
+fn generation_flip_makes_lists_live_and_retires_them() {
+    let mut f = Fixture::load();
+    base(&mut f);
+    lists(&mut f, Lists::Source, 1);
+    lists(&mut f, Lists::Destination, 1);
+    let flags = CONFIG_F_PEER_V4_RANGES | CONFIG_F_PEER_V6_RANGES;
+    let up4 = packets::eth_ip(&wg4(IN_HOST));
+    let up6 = packets::eth_ip(&wg6(BLOCKED6));
+    let tun4 = packets::udp4(PEER1_V4, BLOCKED, 1, 2, 3);
+    let tun6 = packets::udp6(BLOCKED6, PEER1_V6, 1, 2, 3);
+    let verdicts = |f: &mut Fixture| {
+        [
+            f.run_xdp(&up4),
+            f.run_xdp(&up6),
+            f.run_tc(Tc::Ingress, &tun4),
+            f.run_tc(Tc::Egress, &tun6),
+        ]
+    };
+    let pass = [XDP_PASS, XDP_PASS, TC_ACT_OK, TC_ACT_OK];
+    assert_eq!(
+        verdicts(&mut f),
+        pass,
+        "generation 0 active: generation 1 lists must not act"
+    );
+    config(&mut f, 1, 0, flags);
+    assert_eq!(
+        verdicts(&mut f),
+        [XDP_DROP, XDP_DROP, TC_ACT_OK, TC_ACT_OK],
+        "source flipped"
+    );
+    config(&mut f, 1, 1, flags);
+    assert_eq!(
+        verdicts(&mut f),
+        [XDP_DROP, XDP_DROP, TC_ACT_SHOT, TC_ACT_SHOT],
+        "both flipped"
+    );
+    config(&mut f, 0, 0, flags);
+    assert_eq!(verdicts(&mut f), pass, "flipped back");
+    // Dropped while live: up4 twice (LIST_HOST), up6 twice and tun6 once (LIST_V6), tun4 once.
+    assert_eq!(f.list_hits(LIST_HOST).packets, 2);
+    assert_eq!(f.list_hits(LIST_V6).packets, 3);
+    assert_eq!(f.list_hits(LIST_NET).packets, 1);
+    assert_eq!(
+        f.peer_stats(PEER1).drops[DropReason::DestinationBlocklist as usize],
+        2
+    );
+}
+
+/// Runs every prefix of `full` through `prog`: prefixes shorter than `needed` must pass as
+/// malformed; longer ones must give `verdict` and count in `slot`.
+fn sweep(
+    f: &mut Fixture,
+    prog: Prog,
+    full: &[u8],
+    needed: usize,
+    verdict: u32,
+    slot: u32,
+    malformed: u32,
+) {
+    let pass = match prog {
+        Prog::Xdp => XDP_PASS,
+        Prog::In | Prog::Out => TC_ACT_OK,
+    };
+    // The kernel refuses XDP test frames below an Ethernet header.
+    let shortest = match prog {
+        Prog::Xdp => 14,
+        Prog::In | Prog::Out => 0,
+    };
+    for len in shortest..=full.len() {
+        let p = packets::truncated(full, len);
+        let before = f.counters();
+        let got = run(f, prog, &p);
+        let after = f.counters();
+        let (want_verdict, want_slot) = if len < needed {
+            (pass, malformed)
+        } else {
+            (verdict, slot)
+        };
+        assert_eq!(
+            got,
+            want_verdict,
+            "{prog:?}: prefix of {len} of {} bytes",
+            full.len()
+        );
+        let moved: Vec<u32> = (0..DROPS_BASE)
+            .filter(|&i| after[i as usize] != before[i as usize])
+            .collect();
+        let want = Counter {
+            packets: 1,
+            bytes: len as u64,
+        };
+        assert!(
+            moved == [want_slot]
+                && sub(&after[want_slot as usize], &before[want_slot as usize]) == want,
+            "{prog:?}: prefix of {len} bytes counted in {:?}, want {} += {want:?}",
+            moved.iter().map(|&i| name_of(i)).collect::<Vec<_>>(),
+            name_of(want_slot)
+        );
+    }
+}
+
+/// Every truncation of uplink frames (from the 14-byte minimum the kernel accepts) — inside
+/// the VLAN tag, IPv4 (with options),
+/// IPv6, each IPv6 extension header, UDP — passes as malformed; once the UDP header is
+/// complete the blocked source is dropped.
+#[test]
+fn xdp_truncated_at_every_header_boundary() {
+    let mut f = Fixture::load();
+    src_lists(&mut f);
+    let drop = XDP_DROP;
+    let frames: Vec<(&str, Vec<u8>, usize)> = vec![
+        ("v4", packets::eth_ip(&wg4(BLOCKED)), 14 + 20 + 8),
+        (
+            "v4 + 8 bytes of options",
+            packets::eth_ip(&v4_with_options(BLOCKED, 8)),
+            14 + 28 + 8,
+        ),
+        (
+            "802.1Q v4",
+            packets::eth_vlan_ip(ethertype::VLAN, 5, &wg4(BLOCKED)),
+            18 + 20 + 8,
+        ),
+        ("v6", packets::eth_ip(&wg6(BLOCKED6)), 14 + 40 + 8),
+        (
+            "802.1ad v6",
+            packets::eth_vlan_ip(ethertype::QINQ, 5, &wg6(BLOCKED6)),
+            18 + 40 + 8,
+        ),
+        (
+            "v6 + 4 extension headers",
+            packets::eth_ip(&v6_ext(BLOCKED6, &FOUR_EXTS)),
+            14 + 40 + 16 + 8 + 8 + 8 + 8,
+        ),
+    ];
+    for (name, frame, needed) in frames {
+        eprintln!(
+            "sweeping {name}: {} bytes, UDP header complete at {needed}",
+            frame.len()
+        );
+        sweep(
+            &mut f,
+            Prog::Xdp,
+            &frame,
+            needed,
+            drop,
+            XDP_DROP_BLOCKLIST,
+            XDP_PASS_MALFORMED,
+        );
+    }
+}
+
+/// Every truncation of tunnel packets inside the fixed IPv4/IPv6 header passes as malformed;
+/// from the complete fixed header on, the packet is attributed (and counted at its length).
+#[test]
+fn tc_truncated_at_every_header_boundary() {
+    let mut f = Fixture::load();
+    dst_lists(&mut f);
+    let cases: Vec<(Prog, Vec<u8>, usize, u32, u32, u32)> = vec![
+        (
+            Prog::In,
+            packets::udp4(PEER1_V4, CLEAN, 1, 2, 30),
+            20,
+            TC_ACT_OK,
+            TC_IN_PASS,
+            TC_IN_MALFORMED,
+        ),
+        (
+            Prog::Out,
+            packets::udp6(CLEAN6, PEER1_V6, 1, 2, 30),
+            40,
+            TC_ACT_OK,
+            TC_OUT_PASS,
+            TC_OUT_MALFORMED,
+        ),
+        (
+            Prog::In,
+            packets::udp6(PEER1_V6, BLOCKED6, 1, 2, 30),
+            40,
+            TC_ACT_SHOT,
+            TC_IN_DROP_BLOCKLIST,
+            TC_IN_MALFORMED,
+        ),
+        (
+            Prog::Out,
+            packets::tcp4(BLOCKED, PEER1_V4, 1, 2, 30),
+            20,
+            TC_ACT_SHOT,
+            TC_OUT_DROP_BLOCKLIST,
+            TC_OUT_MALFORMED,
+        ),
+    ];
+    for (prog, p, needed, verdict, slot, malformed) in cases {
+        sweep(&mut f, prog, &p, needed, verdict, slot, malformed);
+    }
+}
