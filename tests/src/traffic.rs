@@ -8,6 +8,7 @@
 use std::{
     io::{ErrorKind, Read, Write},
     net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -16,7 +17,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nix::sys::socket::{setsockopt, sockopt};
+use nix::sys::{
+    socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt, socket,
+        sockopt,
+    },
+    time::TimeVal,
+};
 
 use crate::netns::NetNs;
 
@@ -256,6 +263,27 @@ pub fn tcp_transfer(
     server_sends: u64,
     timeout: Duration,
 ) -> TcpResult {
+    tcp_transfer_from(
+        server,
+        addr,
+        client,
+        None,
+        client_sends,
+        server_sends,
+        timeout,
+    )
+}
+
+/// [`tcp_transfer`] with the client's socket bound to source address `client_src` first.
+pub fn tcp_transfer_from(
+    server: &NetNs,
+    addr: SocketAddr,
+    client: &NetNs,
+    client_src: Option<IpAddr>,
+    client_sends: u64,
+    server_sends: u64,
+    timeout: Duration,
+) -> TcpResult {
     let listener =
         server.run(|| TcpListener::bind(addr).unwrap_or_else(|e| panic!("TCP bind {addr}: {e}")));
     let addr = listener.local_addr().unwrap();
@@ -275,8 +303,7 @@ pub fn tcp_transfer(
         exchange(stream, server_sends, timeout)
     });
     let client_received = client.run(|| {
-        let stream = TcpStream::connect_timeout(&addr, timeout)
-            .unwrap_or_else(|e| panic!("TCP connect to {addr}: {e}"));
+        let stream = connect_from(client_src, addr, timeout);
         exchange(stream, client_sends, timeout)
     });
     let server_received = match server_thread.join() {
@@ -287,6 +314,32 @@ pub fn tcp_transfer(
         server_received,
         client_received,
     }
+}
+
+/// Connects to `addr` from source address `src` (any when `None`), giving up after `timeout`.
+fn connect_from(src: Option<IpAddr>, addr: SocketAddr, timeout: Duration) -> TcpStream {
+    let Some(src) = src else {
+        return TcpStream::connect_timeout(&addr, timeout)
+            .unwrap_or_else(|e| panic!("TCP connect to {addr}: {e}"));
+    };
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+        .unwrap_or_else(|e| panic!("TCP socket: {e}"));
+    // Linux bounds a blocking connect by the send timeout.
+    let tv = TimeVal::new(timeout.as_secs() as i64, timeout.subsec_micros() as i64);
+    setsockopt(&fd, sockopt::SendTimeout, &tv).expect("SO_SNDTIMEO");
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrStorage::from(SocketAddr::new(src, 0)),
+    )
+    .unwrap_or_else(|e| panic!("TCP bind {src}: {e}"));
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(addr))
+        .unwrap_or_else(|e| panic!("TCP connect {src} → {addr}: {e}"));
+    TcpStream::from(fd)
 }
 
 /// Sends `send` bytes on one thread while reading to EOF on another; returns the bytes read.

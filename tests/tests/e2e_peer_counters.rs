@@ -1,0 +1,209 @@
+//! Per-peer byte and packet counters on the tunnel device are exact.
+//!
+//! The TC programs are attached to the server's TUN device of a [`TunWire`]; the peer's inner
+//! addresses are its allowed IPs. UDP: N datagrams of S payload bytes are N × (S + 28) bytes of
+//! IPv4 (N × (S + 48) of IPv6) in each direction. TCP: the peer's counters equal what the TUN
+//! device itself counted — the same packets — minus what the programs attributed to no peer
+//! (the kernel's own MLD reports), which is read from the global counters so the identity is
+//! exact, not approximate.
+
+mod e2e_support;
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use capybara_agent::{dataplane::Dataplane, net::Cidr};
+use capybara_common::{
+    counters::{TC_IN_MALFORMED, TC_IN_UNKNOWN_PEER, TC_OUT_MALFORMED, TC_OUT_UNKNOWN_PEER},
+    peer::PeerStats,
+};
+use capybara_tests::{
+    netns::{BpffsDir, NetNs},
+    traffic::{IfCounters, UdpSink, send_udp, tcp_transfer, udp_overhead},
+    tunwire::TunWire,
+};
+use e2e_support::{WAIT, attach_tc, open_dataplane};
+
+const PEER: u32 = 7;
+
+/// Sets up namespaces, the wire, the dataplane attached to the server's device and one peer
+/// whose allowed IPs are the peer device's IPv4 and IPv6 addresses.
+struct Setup {
+    dp: Dataplane,
+    wire: TunWire,
+    b: NetNs,
+    a: NetNs,
+    _pins: BpffsDir,
+}
+
+fn setup(net: u8) -> Setup {
+    let pins = BpffsDir::new();
+    let a = NetNs::new("a");
+    let b = NetNs::new("b");
+    let wire = TunWire::new(&a, &b, net);
+    let mut dp = open_dataplane(&pins);
+    attach_tc(&mut dp, &a, &wire.a.ifname);
+    dp.add_peer(
+        PEER,
+        &[
+            Cidr::host(IpAddr::V4(wire.b.v4)),
+            Cidr::host(IpAddr::V6(wire.b.v6)),
+        ],
+    )
+    .expect("add peer");
+    Setup {
+        dp,
+        wire,
+        b,
+        a,
+        _pins: pins,
+    }
+}
+
+fn peer(dp: &Dataplane) -> PeerStats {
+    dp.peer_stats(PEER).expect("read peer stats")
+}
+
+fn delta(after: &PeerStats, before: &PeerStats) -> PeerStats {
+    PeerStats {
+        rx_packets: after.rx_packets - before.rx_packets,
+        rx_bytes: after.rx_bytes - before.rx_bytes,
+        tx_packets: after.tx_packets - before.tx_packets,
+        tx_bytes: after.tx_bytes - before.tx_bytes,
+        drops: std::array::from_fn(|i| after.drops[i] - before.drops[i]),
+    }
+}
+
+/// UDP both ways to `server`/from `client` addresses: exact counts from the datagrams sent.
+fn udp_both_ways(s: &Setup, server: IpAddr, client: IpAddr) {
+    let (n, size) = (400u64, 1000usize);
+
+    let sink = UdpSink::start(&s.a, SocketAddr::new(server, 0));
+    let before = peer(&s.dp);
+    let if_before = IfCounters::read(&s.a, &s.wire.a.ifname);
+    send_udp(&s.b, Some(client), sink.addr(), n, size);
+    assert_eq!(
+        sink.wait_for(n, WAIT),
+        n,
+        "UDP peer → server ({client} → {server}) lost datagrams"
+    );
+    let d = delta(&peer(&s.dp), &before);
+    let ifd = IfCounters::read(&s.a, &s.wire.a.ifname).since(&if_before);
+    let expect_bytes = n * (size as u64 + udp_overhead(&sink.addr()));
+    assert_eq!(
+        d.rx_packets, n,
+        "peer rx packets, {client} → {server}: {d:?}"
+    );
+    assert_eq!(
+        d.rx_bytes, expect_bytes,
+        "peer rx bytes, {client} → {server}: {d:?}"
+    );
+    assert_eq!(d.tx_packets, 0, "nothing was sent to the peer: {d:?}");
+    assert_eq!(
+        ifd.rx_bytes, expect_bytes,
+        "the device saw other bytes: {ifd:?}"
+    );
+
+    let back = UdpSink::start(&s.b, SocketAddr::new(client, 0));
+    let before = peer(&s.dp);
+    send_udp(&s.a, Some(server), back.addr(), n, size);
+    assert_eq!(
+        back.wait_for(n, WAIT),
+        n,
+        "UDP server → peer ({server} → {client}) lost datagrams"
+    );
+    let d = delta(&peer(&s.dp), &before);
+    assert_eq!(
+        d.tx_packets, n,
+        "peer tx packets, {server} → {client}: {d:?}"
+    );
+    assert_eq!(
+        d.tx_bytes, expect_bytes,
+        "peer tx bytes, {server} → {client}: {d:?}"
+    );
+    assert_eq!(d.rx_packets, 0, "nothing came from the peer: {d:?}");
+    assert_eq!(d.drops, [0; 16], "no drops expected: {d:?}");
+}
+
+/// A TCP transfer both ways: the peer's counters equal the device's own counters minus what
+/// the programs counted as no peer's.
+fn tcp_both_ways(s: &Setup, server: IpAddr) {
+    let (up, down) = (4_000_000u64, 1_500_000u64);
+    let quiet = Duration::from_millis(300);
+    let if_before = IfCounters::settled(&s.a, &s.wire.a.ifname, quiet, WAIT);
+    let before = peer(&s.dp);
+    let g_before = s.dp.counters().expect("read counters");
+
+    let r = tcp_transfer(
+        &s.a,
+        SocketAddr::new(server, 0),
+        &s.b,
+        up,
+        down,
+        Duration::from_secs(15),
+    );
+    assert_eq!((r.server_received, r.client_received), (up, down));
+
+    let ifd = IfCounters::settled(&s.a, &s.wire.a.ifname, quiet, WAIT).since(&if_before);
+    let d = delta(&peer(&s.dp), &before);
+    let g = s.dp.counters().expect("read counters");
+    let other = |slots: [u32; 2]| {
+        slots.iter().fold((0u64, 0u64), |(p, b), &slot| {
+            let (x, y) = (g.get(slot), g_before.get(slot));
+            (p + x.packets - y.packets, b + x.bytes - y.bytes)
+        })
+    };
+    let (in_other_p, in_other_b) = other([TC_IN_UNKNOWN_PEER, TC_IN_MALFORMED]);
+    let (out_other_p, out_other_b) = other([TC_OUT_UNKNOWN_PEER, TC_OUT_MALFORMED]);
+    let ctx = format!(
+        "TCP via {server}: peer {d:?}, device {ifd:?}, not the peer's: in {in_other_p} pkts \
+         {in_other_b} B, out {out_other_p} pkts {out_other_b} B"
+    );
+    assert_eq!(ifd.tx_dropped, 0, "the device dropped packets: {ctx}");
+    assert!(
+        d.rx_bytes > up && d.tx_bytes > down,
+        "counters below the payload: {ctx}"
+    );
+    assert_eq!(
+        d.rx_packets,
+        ifd.rx_packets - in_other_p,
+        "rx packets: {ctx}"
+    );
+    assert_eq!(d.rx_bytes, ifd.rx_bytes - in_other_b, "rx bytes: {ctx}");
+    assert_eq!(
+        d.tx_packets,
+        ifd.tx_packets - out_other_p,
+        "tx packets: {ctx}"
+    );
+    assert_eq!(d.tx_bytes, ifd.tx_bytes - out_other_b, "tx bytes: {ctx}");
+    assert!(
+        in_other_p + out_other_p <= 16,
+        "unexpected amount of traffic of no peer during the transfer: {ctx}"
+    );
+}
+
+#[test]
+fn udp_ipv4_counts_exact_bytes_both_ways() {
+    let s = setup(41);
+    udp_both_ways(&s, IpAddr::V4(s.wire.a.v4), IpAddr::V4(s.wire.b.v4));
+}
+
+#[test]
+fn udp_ipv6_counts_exact_bytes_both_ways() {
+    let s = setup(42);
+    udp_both_ways(&s, IpAddr::V6(s.wire.a.v6), IpAddr::V6(s.wire.b.v6));
+}
+
+#[test]
+fn tcp_ipv4_counters_match_the_device() {
+    let s = setup(43);
+    tcp_both_ways(&s, IpAddr::V4(s.wire.a.v4));
+}
+
+#[test]
+fn tcp_ipv6_counters_match_the_device() {
+    let s = setup(44);
+    tcp_both_ways(&s, IpAddr::V6(s.wire.a.v6));
+}
