@@ -1,1 +1,114 @@
-fn main() {}
+//! `capybara-agent`: the Capybara daemon. Parses flags, installs the signal handlers and runs
+//! `capybara_agent::daemon::run` until SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use capybara_agent::{
+    daemon::{self, AgentConfig},
+    paths,
+};
+use clap::Parser;
+
+/// The Capybara WireGuard server agent.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Uplink interface for the XDP guard (the interface clients reach the server on).
+    #[arg(long)]
+    uplink: Option<String>,
+    /// Name of the tunnel device the agent creates.
+    #[arg(long, default_value = "capy0")]
+    tunnel: String,
+    /// The server's inner IPv4 address on the tunnel, with prefix length.
+    #[arg(long, default_value = "10.99.0.1/24")]
+    tunnel_ipv4: String,
+    /// The server's inner IPv6 address on the tunnel, with prefix length.
+    #[arg(long, default_value = "fd99::1/64")]
+    tunnel_ipv6: String,
+    /// WireGuard UDP listen port.
+    #[arg(long, default_value_t = 51820)]
+    listen_port: u16,
+    /// Data directory (the embedded store lives under it).
+    #[arg(long, default_value = paths::DATA_DIR)]
+    data_dir: PathBuf,
+    /// bpffs directory for pinned maps and links.
+    #[arg(long = "bpffs", default_value = paths::BPFFS_DIR)]
+    bpffs_dir: PathBuf,
+    /// Run in the named network namespace (`/run/netns/NAME`) while keeping the host's mount
+    /// namespace, so the pins stay on the host's bpffs (`ip netns exec` would mount a new one).
+    #[arg(long)]
+    netns: Option<String>,
+    /// Detach the kernel programs on exit instead of leaving them enforcing.
+    #[arg(long)]
+    detach_on_exit: bool,
+}
+
+/// An interface address `a.b.c.d/len`: the host part may be set (it is the server's address).
+fn iface_addr(field: &str, s: &str) -> anyhow::Result<ipnet::IpNet> {
+    s.parse()
+        .with_context(|| format!("--{field}: {s:?} is not ADDRESS/PREFIX_LEN"))
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    if let Some(name) = &args.netns {
+        // Before the runtime starts: setns(2) moves only the calling thread, and every thread
+        // spawned afterwards inherits it.
+        let path = PathBuf::from("/run/netns").join(name);
+        let ns = std::fs::File::open(&path)
+            .with_context(|| format!("--netns: cannot open {}", path.display()))?;
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("--netns: cannot enter {}", path.display()))?;
+    }
+    let ipnet::IpNet::V4(v4) = iface_addr("tunnel-ipv4", &args.tunnel_ipv4)? else {
+        anyhow::bail!(
+            "--tunnel-ipv4: {:?} is not an IPv4 address",
+            args.tunnel_ipv4
+        );
+    };
+    let ipnet::IpNet::V6(v6) = iface_addr("tunnel-ipv6", &args.tunnel_ipv6)? else {
+        anyhow::bail!(
+            "--tunnel-ipv6: {:?} is not an IPv6 address",
+            args.tunnel_ipv6
+        );
+    };
+    let config = AgentConfig {
+        uplink: args.uplink,
+        tunnel: args.tunnel,
+        tunnel_ipv4: (v4.addr(), v4.prefix_len()),
+        tunnel_ipv6: (v6.addr(), v6.prefix_len()),
+        listen_port: args.listen_port,
+        data_dir: args.data_dir,
+        bpffs_dir: args.bpffs_dir,
+        detach_on_exit: args.detach_on_exit,
+    };
+    let runtime = tokio::runtime::Runtime::new().context("tokio runtime")?;
+    runtime.block_on(async move {
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("install SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+                _ = term.recv() => tracing::info!("SIGTERM"),
+            }
+        };
+        daemon::run(config, shutdown, |r| {
+            tracing::info!(
+                tunnel = %r.tunnel,
+                uplink = r.uplink.as_deref().unwrap_or("-"),
+                port = r.listen_port,
+                "capybara-agent ready"
+            );
+        })
+        .await
+    })?;
+    Ok(())
+}

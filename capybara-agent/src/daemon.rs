@@ -1,0 +1,132 @@
+//! The daemon: wires the store, the dataplane and the tunnel together and runs until shutdown.
+//!
+//! `run(config, shutdown)` takes its dependencies as arguments, so tests start a real agent
+//! in-process; the binary only parses flags and installs the signal handler.
+//!
+//! Start-up order (each step logged):
+//! 1. open the store (data dir, mode 0700);
+//! 2. open the dataplane: load the programs, re-use the pinned maps (counters continue);
+//! 3. restore the named blocklists from the store — written to the kernel only when the pinned
+//!    generation does not already hold them, so a restart never opens a gap;
+//! 4. create the tunnel device and attach the TC programs to it;
+//! 5. attach the XDP guard to the uplink (swapping the program inside the pinned link if a
+//!    previous agent left one) and guard the WireGuard listen port.
+//!
+//! Shutdown leaves the programs enforcing (pinned links) unless `detach_on_exit` is set.
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
+
+use crate::{
+    blocklist::RegistrySnapshot,
+    dataplane::{Dataplane, DataplaneConfig, DataplaneError},
+    store::{Cf, Store, StoreError},
+    tunnel::{TunnelDevice, TunnelDeviceConfig, TunnelError},
+};
+
+/// Store key of the blocklist registry snapshot in [`Cf::Blocklists`].
+pub const BLOCKLISTS_KEY: &str = "registry";
+
+/// Everything the daemon needs to start.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Uplink interface for the XDP guard; `None` runs without a guard (logged).
+    pub uplink: Option<String>,
+    /// Tunnel device name.
+    pub tunnel: String,
+    /// The server's inner IPv4 address on the tunnel.
+    pub tunnel_ipv4: (Ipv4Addr, u8),
+    /// The server's inner IPv6 address on the tunnel.
+    pub tunnel_ipv6: (Ipv6Addr, u8),
+    /// WireGuard UDP listen port (guarded by the XDP program).
+    pub listen_port: u16,
+    /// Data directory (the store lives under it).
+    pub data_dir: PathBuf,
+    /// bpffs directory for pinned maps and links.
+    pub bpffs_dir: PathBuf,
+    /// Detach the programs on shutdown instead of leaving them enforcing.
+    pub detach_on_exit: bool,
+}
+
+/// Why the daemon could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The dataplane failed.
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    /// The tunnel device failed.
+    #[error(transparent)]
+    Tunnel(#[from] TunnelError),
+}
+
+/// What the daemon set up, reported once it is running.
+#[derive(Clone, Debug)]
+pub struct Running {
+    /// Tunnel device name.
+    pub tunnel: String,
+    /// Uplink with the guard, if any.
+    pub uplink: Option<String>,
+    /// Guarded UDP port.
+    pub listen_port: u16,
+}
+
+/// Runs the agent until `shutdown` resolves. `on_ready` is called once everything is attached.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+    on_ready: impl FnOnce(&Running),
+) -> Result<(), DaemonError> {
+    let store = Store::open(&config.data_dir)?;
+    tracing::info!(path = %store.path().display(), "store open");
+
+    let mut dataplane = Dataplane::open(DataplaneConfig {
+        bpffs_dir: config.bpffs_dir.clone(),
+        ..DataplaneConfig::default()
+    })?;
+    tracing::info!(bpffs = %config.bpffs_dir.display(), "dataplane loaded, maps pinned");
+
+    let snapshot: RegistrySnapshot = store
+        .get(Cf::Blocklists, BLOCKLISTS_KEY)?
+        .unwrap_or_default();
+    let report = dataplane.restore_lists(&snapshot)?;
+    tracing::info!(
+        lists = snapshot.lists.len(),
+        ?report,
+        "blocklists restored from the store"
+    );
+
+    let tunnel = TunnelDevice::create(&TunnelDeviceConfig {
+        name: config.tunnel.clone(),
+        ipv4: Some(config.tunnel_ipv4),
+        ipv6: Some(config.tunnel_ipv6),
+        mtu: 1420,
+    })?;
+    for a in dataplane.attach_tc(tunnel.name())? {
+        tracing::info!(prog = a.prog, ifname = %a.ifname, how = ?a.how, pin = %a.pin.display(), "attached");
+    }
+
+    dataplane.set_guard_ports(&[config.listen_port])?;
+    match &config.uplink {
+        Some(uplink) => {
+            let a = dataplane.attach_xdp(uplink)?;
+            tracing::info!(prog = a.prog, ifname = %a.ifname, how = ?a.how, pin = %a.pin.display(), "attached");
+        }
+        None => tracing::warn!("no --uplink: running without the XDP guard"),
+    }
+
+    on_ready(&Running {
+        tunnel: tunnel.name().to_owned(),
+        uplink: config.uplink.clone(),
+        listen_port: config.listen_port,
+    });
+    shutdown.await;
+    tracing::info!(detach = config.detach_on_exit, "shutting down");
+    dataplane.shutdown(config.detach_on_exit)?;
+    drop(tunnel);
+    Ok(())
+}
