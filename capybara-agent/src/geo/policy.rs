@@ -126,7 +126,7 @@ pub fn list_name(country: CountryCode) -> String {
     format!("geo:{country}")
 }
 
-/// Block mode: one named list per country, `(“geo:XX”, IPv4 nets, IPv6 nets)`, in country
+/// Block mode: one named list per country, `("geo:XX", IPv4 nets, IPv6 nets)`, in country
 /// order, duplicates removed. A country the database has no networks for still gets its
 /// (empty) list, so the configuration and what is enforced stay the same shape.
 pub fn block_lists(
