@@ -69,7 +69,7 @@ pub fn run(ctx: &TcContext, dir: &Direction) -> i32 {
         Ok(verdict) => verdict,
         Err(Malformed) => {
             count(dir.malformed, bytes);
-            TC_ACT_OK as i32
+            TC_ACT_OK
         }
     }
 }
@@ -123,21 +123,21 @@ fn try_tunnel(ctx: &TcContext, dir: &Direction, l2: usize, bytes: u64) -> Result
             stats,
         );
         count_list_hit(list, bytes);
-        return Ok(TC_ACT_SHOT as i32);
+        return Ok(TC_ACT_SHOT);
     }
     match stats {
         Some(s) => {
             count_peer(s, dir.peer_is_source, bytes);
             count(dir.pass, bytes);
-            Ok(TC_ACT_OK as i32)
+            Ok(TC_ACT_OK)
         }
         None if cfg.flags & CONFIG_F_DROP_UNKNOWN_PEER != 0 => {
             count_drop(dir.drop_unknown, DropReason::UnknownPeer, bytes, None);
-            Ok(TC_ACT_SHOT as i32)
+            Ok(TC_ACT_SHOT)
         }
         None => {
             count(dir.unknown_peer, bytes);
-            Ok(TC_ACT_OK as i32)
+            Ok(TC_ACT_OK)
         }
     }
 }
