@@ -1,5 +1,8 @@
 //! The Capybara agent library.
 pub mod api;
+pub mod blocklist;
 pub mod dataplane;
 pub mod geo;
+pub mod net;
+pub mod paths;
 pub mod store;

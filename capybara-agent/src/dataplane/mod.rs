@@ -1,2 +1,458 @@
 //! The dataplane: the only code that touches aya and bpf(2).
+//!
+//! [`Dataplane::open`] loads the kernel object ([`object::OBJECT`]) with every map pinned by name
+//! under the bpffs directory (default [`crate::paths::BPFFS_DIR`]). Pins that already exist are
+//! **re-used**, so counters, peers and blocklists survive an agent restart; `CONFIG[0]
+//! .layout_version` guards against re-using pins written with another layout
+//! ([`DataplaneError::LayoutMismatch`] says how to reset).
+//!
+//! - [`attach`]: XDP guard on the uplink, TC ingress/egress (TCX links) on the tunnel device; links
+//!   are pinned under `<bpffs>/links/` so the programs keep enforcing while the agent is down, and
+//!   a restart swaps the new program into the existing link atomically (`BPF_LINK_UPDATE`).
+//! - [`peers`]: peers' allowed IPs → dense peer ids; per-peer counters.
+//! - [`stats`]: global verdict counters, per-list hits.
+//! - [`lists`]: named blocklists compiled (see [`crate::blocklist`]) and written as generations.
+//! - [`sys`]: the raw syscalls aya lacks (batch map operations, mmap of the DIR tables, RCU grace
+//!   period); every other `unsafe` in the agent's dataplane is in aya.
+//!
+//! A `Dataplane` is used from one task at a time (`&mut self` for every write); the service layer
+//! puts it behind a mutex.
+
+pub mod attach;
+pub mod lists;
 pub mod object;
+pub mod peers;
+pub mod stats;
+pub mod sys;
+
+use std::{
+    io,
+    os::fd::{AsFd as _, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, Map, MapData, MapError},
+    programs::ProgramError,
+};
+use capybara_common::{LAYOUT_VERSION, config::Config, maps as names, peer::PeerId};
+
+pub use attach::{AttachHow, Attachment};
+pub use lists::{ListUpdate, RestoreReport};
+pub use stats::GlobalCounters;
+
+use crate::{blocklist::BlocklistError, net::Cidr, paths};
+
+/// How to open the dataplane.
+#[derive(Debug, Clone)]
+pub struct DataplaneConfig {
+    /// bpffs directory for the pinned maps and links (default [`paths::BPFFS_DIR`]).
+    pub bpffs_dir: PathBuf,
+    /// Layer-2 header length on the tunnel device: 0 on a TUN (the default); 14 when the TC
+    /// programs are attached to an Ethernet device (tests on veth).
+    pub tunnel_l2_hlen: u32,
+}
+
+impl Default for DataplaneConfig {
+    fn default() -> Self {
+        DataplaneConfig {
+            bpffs_dir: PathBuf::from(paths::BPFFS_DIR),
+            tunnel_l2_hlen: 0,
+        }
+    }
+}
+
+/// Errors of the dataplane. Each names the map, program, interface or path concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    /// The agent was built with `AYA_BUILD_SKIP=1`: there is no kernel object to load.
+    #[error("no kernel object embedded (built with AYA_BUILD_SKIP=1); rebuild without it")]
+    NoObject,
+    /// The bpffs directory (or its links subdirectory) cannot be created.
+    #[error("cannot create {path}: {source}")]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The directory is not on a bpffs mount.
+    #[error("{path} is not on a bpf filesystem (mount one: mount -t bpf bpf /sys/fs/bpf)")]
+    NotBpffs {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// The pinned maps were written by an agent with another map layout.
+    #[error(
+        "the maps pinned in {dir} have layout version {found}, this agent uses {expected}; to \
+         reset the dataplane (this detaches the programs and zeroes every kernel counter), \
+         remove the directory: rm -rf {dir}"
+    )]
+    LayoutMismatch {
+        /// The bpffs directory.
+        dir: PathBuf,
+        /// The layout version found in the pinned `CAPY_CONFIG`.
+        found: u32,
+        /// [`LAYOUT_VERSION`].
+        expected: u32,
+    },
+    /// Loading the object (creating or re-using maps) failed.
+    #[error("cannot load the kernel object with maps pinned in {dir}: {source}")]
+    Load {
+        /// The bpffs directory.
+        dir: PathBuf,
+        /// aya's error.
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    /// A map the agent needs is missing from the object or has an unexpected type.
+    #[error("map {map} is missing from the kernel object or has the wrong type")]
+    MapMissing {
+        /// The map's name.
+        map: &'static str,
+    },
+    /// A map operation failed.
+    #[error("{op} on map {map} failed: {source}")]
+    Map {
+        /// The map's name.
+        map: &'static str,
+        /// What was being done.
+        op: &'static str,
+        /// aya's error.
+        #[source]
+        source: Box<MapError>,
+    },
+    /// A raw map syscall (batch operation, mmap) failed.
+    #[error("{op} on map {map} failed: {source}")]
+    Syscall {
+        /// The map's name.
+        map: &'static str,
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A program is missing from the object or has an unexpected type.
+    #[error("program {prog} is missing from the kernel object or has the wrong type")]
+    ProgramMissing {
+        /// The program's name.
+        prog: &'static str,
+    },
+    /// Loading (verifying) a program or attaching it failed.
+    #[error("{op} {prog} on {ifname:?} failed: {source}")]
+    Program {
+        /// The program's name.
+        prog: &'static str,
+        /// The interface ("" when not attaching).
+        ifname: String,
+        /// What was being done.
+        op: &'static str,
+        /// aya's error.
+        #[source]
+        source: Box<ProgramError>,
+    },
+    /// Pinning, opening or removing a link pin failed.
+    #[error("{op} link pin {path} failed: {source}")]
+    LinkPin {
+        /// The pin path.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The interface does not exist (in the agent's network namespace).
+    #[error("no network interface named {ifname:?}")]
+    UnknownInterface {
+        /// The name given.
+        ifname: String,
+    },
+    /// A peer id beyond the peer table.
+    #[error("peer id {id} is out of range (the peer table holds ids 0..{max})")]
+    PeerIdOutOfRange {
+        /// The id given.
+        id: PeerId,
+        /// The table size.
+        max: u32,
+    },
+    /// No active peer with this id.
+    #[error("no peer with id {id}")]
+    UnknownPeer {
+        /// The id given.
+        id: PeerId,
+    },
+    /// The peer id is already in use (use update).
+    #[error("peer id {id} is already in use")]
+    PeerExists {
+        /// The id given.
+        id: PeerId,
+    },
+    /// An allowed IP is already another peer's.
+    #[error("allowed IP {cidr} of peer {id} already belongs to peer {owner}")]
+    AddressInUse {
+        /// The conflicting allowed IP.
+        cidr: Cidr,
+        /// The peer being changed.
+        id: PeerId,
+        /// The peer that has it.
+        owner: PeerId,
+    },
+    /// A blocklist operation was refused (bad input or capacity); nothing was written.
+    #[error(transparent)]
+    Blocklist(#[from] BlocklistError),
+}
+
+/// Result alias of this module.
+pub type Result<T, E = DataplaneError> = std::result::Result<T, E>;
+
+fn map_err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |e| DataplaneError::Map {
+        map,
+        op,
+        source: Box::new(e),
+    }
+}
+
+fn sys_err(map: &'static str, op: &'static str) -> impl FnOnce(io::Error) -> DataplaneError {
+    move |source| DataplaneError::Syscall { map, op, source }
+}
+
+/// A map taken out of the object with a duplicate of its fd for raw syscalls.
+struct Owned<T> {
+    map: T,
+    fd: OwnedFd,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<Owned<T>>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let m = ebpf
+        .take_map(name)
+        .ok_or(DataplaneError::MapMissing { map: name })?;
+    let data: &MapData = match &m {
+        Map::Array(d) | Map::PerCpuArray(d) | Map::HashMap(d) | Map::LpmTrie(d) => d,
+        _ => return Err(DataplaneError::MapMissing { map: name }),
+    };
+    let fd = data
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(sys_err(name, "dup fd"))?;
+    let map = T::try_from(m).map_err(|_| DataplaneError::MapMissing { map: name })?;
+    Ok(Owned { map, fd })
+}
+
+/// The loaded dataplane: the object, its pinned maps, and the agent's mirror of their contents.
+pub struct Dataplane {
+    /// How it was opened.
+    config: DataplaneConfig,
+    /// The loaded object (programs; maps have been taken out).
+    ebpf: Ebpf,
+    /// `CAPY_CONFIG`, and the agent's copy of its one entry (the only writer is this struct).
+    config_map: Owned<Array<MapData, Config>>,
+    cfg: Config,
+    /// Peer maps and the mirror of peers' allowed IPs.
+    peers: peers::PeerMaps,
+    /// Counters.
+    stats: stats::StatMaps,
+    /// Blocklists of both directions.
+    lists: lists::ListMaps,
+    /// Guarded UDP ports.
+    guard_ports: Owned<Array<MapData, u32>>,
+    /// Links this process attached or took over.
+    links: Vec<attach::HeldLink>,
+}
+
+impl std::fmt::Debug for Dataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dataplane")
+            .field("bpffs_dir", &self.config.bpffs_dir)
+            .field("config", &self.cfg)
+            .field("links", &self.links.len())
+            .finish()
+    }
+}
+
+/// `statfs` magic of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+fn ensure_bpffs_dir(path: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    for p in [path.to_path_buf(), paths::links_dir(path)] {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(paths::BPFFS_DIR_MODE)
+            .create(&p)
+            .map_err(|source| DataplaneError::CreateDir {
+                path: p.clone(),
+                source,
+            })?;
+    }
+    match nix::sys::statfs::statfs(path) {
+        Ok(s) if s.filesystem_type().0 as i64 == BPF_FS_MAGIC => Ok(()),
+        _ => Err(DataplaneError::NotBpffs {
+            path: path.to_path_buf(),
+        }),
+    }
+}
+
+/// Reads the layout version of an existing pinned `CAPY_CONFIG`, if there is one.
+fn pinned_layout_version(dir: &Path) -> Result<Option<u32>> {
+    let pin = paths::map_pin(dir, names::CONFIG);
+    if !pin.exists() {
+        return Ok(None);
+    }
+    let data = MapData::from_pin(&pin).map_err(map_err(names::CONFIG, "open pin"))?;
+    let arr: Array<MapData, Config> =
+        Array::try_from(Map::Array(data)).map_err(map_err(names::CONFIG, "open pin"))?;
+    let c = arr.get(&0, 0).map_err(map_err(names::CONFIG, "read"))?;
+    Ok(Some(c.layout_version))
+}
+
+impl Dataplane {
+    /// Loads the kernel object, creating or re-using the maps pinned in `config.bpffs_dir`.
+    /// Programs are loaded (verified) when attached.
+    pub fn open(config: DataplaneConfig) -> Result<Dataplane> {
+        if object::OBJECT.is_empty() {
+            return Err(DataplaneError::NoObject);
+        }
+        let dir = config.bpffs_dir.clone();
+        ensure_bpffs_dir(&dir)?;
+        let reused = match pinned_layout_version(&dir)? {
+            Some(v) if v != 0 && v != LAYOUT_VERSION => {
+                return Err(DataplaneError::LayoutMismatch {
+                    dir,
+                    found: v,
+                    expected: LAYOUT_VERSION,
+                });
+            }
+            Some(_) => true,
+            None => false,
+        };
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&dir)
+            .override_global("TUNNEL_L2_HLEN", &config.tunnel_l2_hlen, false)
+            .load(object::OBJECT)
+            .map_err(|e| DataplaneError::Load {
+                dir: dir.clone(),
+                source: Box::new(e),
+            })?;
+
+        let mut config_map: Owned<Array<MapData, Config>> = take(&mut ebpf, names::CONFIG)?;
+        let mut cfg = config_map
+            .map
+            .get(&0, 0)
+            .map_err(map_err(names::CONFIG, "read"))?;
+        if cfg.layout_version != LAYOUT_VERSION {
+            cfg.layout_version = LAYOUT_VERSION;
+            config_map
+                .map
+                .set(0, cfg, 0)
+                .map_err(map_err(names::CONFIG, "write"))?;
+        }
+        let peers = peers::PeerMaps::open(&mut ebpf)?;
+        let stats = stats::StatMaps::open(&mut ebpf)?;
+        let lists = lists::ListMaps::open(&mut ebpf)?;
+        let guard_ports = take(&mut ebpf, names::GUARD_PORTS)?;
+        tracing::info!(
+            dir = %dir.display(),
+            reused,
+            peers = peers.count(),
+            src_generation = cfg.src_generation,
+            dst_generation = cfg.dst_generation,
+            "dataplane maps {}",
+            if reused { "re-used from pins" } else { "created and pinned" }
+        );
+        Ok(Dataplane {
+            config,
+            ebpf,
+            config_map,
+            cfg,
+            peers,
+            stats,
+            lists,
+            guard_ports,
+            links: Vec::new(),
+        })
+    }
+
+    /// The bpffs directory of the pinned maps and links.
+    pub fn bpffs_dir(&self) -> &Path {
+        &self.config.bpffs_dir
+    }
+
+    /// The runtime configuration entry as last written.
+    pub fn runtime_config(&self) -> Config {
+        self.cfg
+    }
+
+    fn write_config(&mut self, cfg: Config) -> Result<()> {
+        self.config_map
+            .map
+            .set(0, cfg, 0)
+            .map_err(map_err(names::CONFIG, "write"))?;
+        self.cfg = cfg;
+        Ok(())
+    }
+
+    /// Sets or clears `CONFIG_F_DROP_UNKNOWN_PEER`.
+    pub fn set_drop_unknown_peer(&mut self, drop: bool) -> Result<()> {
+        let mut c = self.cfg;
+        if drop {
+            c.flags |= capybara_common::config::CONFIG_F_DROP_UNKNOWN_PEER;
+        } else {
+            c.flags &= !capybara_common::config::CONFIG_F_DROP_UNKNOWN_PEER;
+        }
+        self.write_config(c)
+    }
+
+    /// Sets the UDP ports the XDP guard inspects (all others pass unguarded): one batch write of
+    /// the whole 65 536-entry table.
+    pub fn set_guard_ports(&mut self, ports: &[u16]) -> Result<()> {
+        let keys: Vec<u32> = (0..65_536).collect();
+        let mut values = vec![0u32; 65_536];
+        for &p in ports {
+            values[p as usize] = 1;
+        }
+        match sys::update_batch(self.guard_ports.fd.as_fd(), &keys, &values) {
+            Ok(()) => {}
+            Err((_, e)) if sys::is_unsupported(&e) => {
+                for (k, v) in keys.iter().zip(&values) {
+                    self.guard_ports
+                        .map
+                        .set(*k, v, 0)
+                        .map_err(map_err(names::GUARD_PORTS, "write"))?;
+                }
+            }
+            Err((_, e)) => return Err(sys_err(names::GUARD_PORTS, "batch update")(e)),
+        }
+        tracing::info!(?ports, "guard ports set");
+        Ok(())
+    }
+
+    /// The guarded UDP ports.
+    pub fn guard_ports(&self) -> Result<Vec<u16>> {
+        let all: Vec<(u32, u32)> = sys::dump_hash(self.guard_ports.fd.as_fd())
+            .map_err(sys_err(names::GUARD_PORTS, "batch lookup"))?;
+        Ok(all
+            .into_iter()
+            .filter(|&(_, v)| v != 0)
+            .map(|(k, _)| k as u16)
+            .collect())
+    }
+
+    /// Leaves the programs enforcing (links stay pinned) or detaches them, then closes.
+    pub fn shutdown(mut self, detach: bool) -> Result<()> {
+        if detach {
+            self.detach()?;
+        } else {
+            tracing::info!(dir = %self.config.bpffs_dir.display(), "leaving programs attached (pinned links)");
+        }
+        Ok(())
+    }
+}

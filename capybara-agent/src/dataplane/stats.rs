@@ -1,0 +1,130 @@
+//! Counters: global verdict counters (`CAPY_COUNTERS`, indexed by `capybara_common::counters`
+//! constants), per-list hits (`CAPY_LIST_HITS`, indexed by list id) and per-peer counters
+//! (`CAPY_PEER_STATS`). All are per-CPU arrays: the kernel increments its CPU's slot without
+//! atomics, the agent sums the CPUs when it reads (exact).
+
+use aya::{
+    Ebpf,
+    maps::{MapData, PerCpuArray, PerCpuValues},
+    util::nr_cpus,
+};
+use capybara_common::{
+    blocklist::{ListId, MAX_LISTS},
+    counters::{COUNTER_NAMES, COUNTER_SLOTS, Counter},
+    maps as names,
+    peer::{MAX_PEERS, PeerId, PeerStats},
+};
+
+use super::{Dataplane, DataplaneError, Owned, Result, map_err, take};
+
+/// The counter maps.
+pub(super) struct StatMaps {
+    pub(super) counters: Owned<PerCpuArray<MapData, Counter>>,
+    pub(super) list_hits: Owned<PerCpuArray<MapData, Counter>>,
+    pub(super) peer_stats: Owned<PerCpuArray<MapData, PeerStats>>,
+}
+
+impl StatMaps {
+    pub(super) fn open(ebpf: &mut Ebpf) -> Result<StatMaps> {
+        Ok(StatMaps {
+            counters: take(ebpf, names::COUNTERS)?,
+            list_hits: take(ebpf, names::LIST_HITS)?,
+            peer_stats: take(ebpf, names::PEER_STATS)?,
+        })
+    }
+}
+
+/// Number of possible CPUs (the length of a per-CPU value).
+fn ncpus(map: &'static str) -> Result<usize> {
+    nr_cpus().map_err(|(_, source)| DataplaneError::Syscall {
+        map,
+        op: "count possible CPUs",
+        source,
+    })
+}
+
+/// Zeroes slot `index` of a per-CPU array on every CPU.
+pub(super) fn zero_slot<V: aya::Pod + Default>(
+    map: &mut PerCpuArray<MapData, V>,
+    name: &'static str,
+    index: u32,
+) -> Result<()> {
+    let zeros = PerCpuValues::try_from(vec![V::default(); ncpus(name)?]).map_err(|e| {
+        DataplaneError::Syscall {
+            map: name,
+            op: "build per-CPU zeros",
+            source: e,
+        }
+    })?;
+    map.set(index, zeros, 0).map_err(map_err(name, "zero slot"))
+}
+
+/// Sums of the global verdict counters, one per slot (`COUNTER_SLOTS`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GlobalCounters {
+    /// Indexed by the `capybara_common::counters` constants (drops by reason at
+    /// `DROPS_BASE + reason`).
+    pub slots: Vec<Counter>,
+}
+
+impl GlobalCounters {
+    /// The counter at `slot` (zero if out of range).
+    pub fn get(&self, slot: u32) -> Counter {
+        self.slots.get(slot as usize).copied().unwrap_or_default()
+    }
+
+    /// Named verdict counters, for metrics and the CLI.
+    pub fn named(&self) -> impl Iterator<Item = (&'static str, Counter)> + '_ {
+        COUNTER_NAMES
+            .iter()
+            .map(|&(slot, name)| (name, self.get(slot)))
+    }
+}
+
+impl Dataplane {
+    /// The global verdict counters, summed over CPUs.
+    pub fn counters(&self) -> Result<GlobalCounters> {
+        let m = &self.stats.counters.map;
+        let slots = (0..COUNTER_SLOTS)
+            .map(|i| {
+                let v = m.get(&i, 0).map_err(map_err(names::COUNTERS, "read"))?;
+                let mut sum = Counter::default();
+                v.iter().for_each(|c| sum.add(c));
+                Ok(sum)
+            })
+            .collect::<Result<_>>()?;
+        Ok(GlobalCounters { slots })
+    }
+
+    /// Hits of list `id` (packets and bytes dropped because of it), summed over CPUs.
+    pub fn list_hits(&self, id: ListId) -> Result<Counter> {
+        if id >= MAX_LISTS {
+            return Ok(Counter::default());
+        }
+        let v = self
+            .stats
+            .list_hits
+            .map
+            .get(&id, 0)
+            .map_err(map_err(names::LIST_HITS, "read"))?;
+        let mut sum = Counter::default();
+        v.iter().for_each(|c| sum.add(c));
+        Ok(sum)
+    }
+
+    /// Counters of peer `id`, summed over CPUs.
+    pub fn peer_stats(&self, id: PeerId) -> Result<PeerStats> {
+        if id >= MAX_PEERS {
+            return Err(DataplaneError::PeerIdOutOfRange { id, max: MAX_PEERS });
+        }
+        let v = self
+            .stats
+            .peer_stats
+            .map
+            .get(&id, 0)
+            .map_err(map_err(names::PEER_STATS, "read"))?;
+        let mut sum = PeerStats::default();
+        v.iter().for_each(|s| sum.add(s));
+        Ok(sum)
+    }
+}

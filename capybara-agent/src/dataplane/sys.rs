@@ -1,0 +1,220 @@
+//! Raw bpf(2), mmap(2) and membarrier(2) calls that aya 0.14 does not offer: batch updates,
+//! deletes and lookups, the memory mapping of `BPF_F_MMAPABLE` arrays, and an RCU grace period.
+//! Every `unsafe` block of the agent's dataplane that is not in aya lives here.
+
+use std::{
+    io,
+    os::fd::{AsRawFd, BorrowedFd},
+    ptr::NonNull,
+};
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// Elements per batch syscall: large enough to amortise the call, small enough that an error
+/// report (`count` = elements done) stays cheap to act on.
+const BATCH_CHUNK: usize = 65_536;
+
+/// The `batch` member of `union bpf_attr` (uapi `linux/bpf.h`), the only one these calls use.
+/// The kernel zero-fills the rest of the union when given this smaller size.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Issues one batch command; returns the number of elements processed (also on error, as the
+/// kernel reports it) and the error, if any.
+fn batch_call(cmd: libc::c_long, attr: &mut BatchAttr) -> (u32, Option<io::Error>) {
+    // SAFETY: `attr` is a valid, initialised `BatchAttr` whose pointers (set by the callers)
+    // reference live buffers of at least `count` keys/values of the map's sizes; the kernel reads
+    // at most `size_of::<BatchAttr>()` bytes of it and writes back `count`.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>() as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        (attr.count, Some(io::Error::last_os_error()))
+    } else {
+        (attr.count, None)
+    }
+}
+
+/// True if `e` means "this map type has no batch operation" (fall back to single elements).
+pub fn is_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(524 /* ENOTSUPP */)
+    )
+}
+
+/// `BPF_MAP_UPDATE_BATCH`: writes `keys[i] → values[i]` for all `i`. On error, returns the
+/// number of elements written before it.
+pub fn update_batch<K: Copy, V: Copy>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), (usize, io::Error)> {
+    assert_eq!(keys.len(), values.len());
+    let mut done = 0;
+    for (k, v) in keys.chunks(BATCH_CHUNK).zip(values.chunks(BATCH_CHUNK)) {
+        let mut attr = BatchAttr {
+            keys: k.as_ptr() as u64,
+            values: v.as_ptr() as u64,
+            count: k.len() as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        match batch_call(BPF_MAP_UPDATE_BATCH, &mut attr) {
+            (_, None) => done += k.len(),
+            (n, Some(e)) => return Err((done + n as usize, e)),
+        }
+    }
+    Ok(())
+}
+
+/// `BPF_MAP_DELETE_BATCH`: deletes `keys`. On error, returns the number deleted before it.
+pub fn delete_batch<K: Copy>(map: BorrowedFd<'_>, keys: &[K]) -> Result<(), (usize, io::Error)> {
+    let mut done = 0;
+    for k in keys.chunks(BATCH_CHUNK) {
+        let mut attr = BatchAttr {
+            keys: k.as_ptr() as u64,
+            count: k.len() as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        match batch_call(BPF_MAP_DELETE_BATCH, &mut attr) {
+            (_, None) => done += k.len(),
+            (n, Some(e)) => return Err((done + n as usize, e)),
+        }
+    }
+    Ok(())
+}
+
+/// `BPF_MAP_LOOKUP_BATCH` over a whole hash map: every key and value. `K` and `V` must be the
+/// map's key and value types (plain old data).
+pub fn dump_hash<K: Copy + Default, V: Copy + Default>(
+    map: BorrowedFd<'_>,
+) -> io::Result<Vec<(K, V)>> {
+    const CHUNK: usize = 8192;
+    let mut out = Vec::new();
+    let mut keys = vec![K::default(); CHUNK];
+    let mut values = vec![V::default(); CHUNK];
+    // Batch tokens: a u32 bucket index for hash maps; 64 bytes leave room for any token.
+    let mut token_in = [0u8; 64];
+    let mut token_out = [0u8; 64];
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                token_in.as_mut_ptr() as u64
+            },
+            out_batch: token_out.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: CHUNK as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        let (n, err) = batch_call(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        out.extend(
+            keys[..n as usize]
+                .iter()
+                .copied()
+                .zip(values[..n as usize].iter().copied()),
+        );
+        match err {
+            None => {}
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Some(e) => return Err(e),
+        }
+        token_in = token_out;
+        first = false;
+    }
+}
+
+/// A shared read-write mapping of a `BPF_F_MMAPABLE` array map's values.
+#[derive(Debug)]
+pub struct MmapArray {
+    ptr: NonNull<u32>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value; access goes through `&self` /
+// `&mut self` like a `Vec<u32>` (the kernel programs read it concurrently, which is the point:
+// the agent only ever writes the generation they are not reading).
+unsafe impl Send for MmapArray {}
+// SAFETY: as above; shared references only read.
+unsafe impl Sync for MmapArray {}
+
+impl MmapArray {
+    /// Maps `entries` `u32` values of the array map `map` (which must be `BPF_F_MMAPABLE`).
+    pub fn new(map: BorrowedFd<'_>, entries: usize) -> io::Result<MmapArray> {
+        let len = entries * std::mem::size_of::<u32>();
+        // SAFETY: a fresh shared mapping of a file descriptor we borrow for the call; the kernel
+        // checks the length against the map's size and its mmapable flag.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr =
+            NonNull::new(p.cast::<u32>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(MmapArray { ptr, len: entries })
+    }
+
+    /// The mapped values.
+    pub fn as_slice(&self) -> &[u32] {
+        // SAFETY: `ptr` is a live mapping of `len` u32s (page-aligned) for the lifetime of self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The mapped values, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [u32] {
+        // SAFETY: as in `as_slice`; `&mut self` makes this the only userspace reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for MmapArray {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the region `new` mapped; no slice borrowed from it outlives
+        // `self`.
+        let _ = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len * 4) };
+    }
+}
+
+/// Waits for an RCU grace period (`membarrier(MEMBARRIER_CMD_GLOBAL)` calls `synchronize_rcu()`):
+/// afterwards, no XDP/TC program run that started before the call is still running. Used between
+/// flipping a generation and deleting the old one's entries. Falls back to a 10 ms sleep where
+/// the command is unavailable (`nohz_full` kernels).
+pub fn rcu_grace_period() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: membarrier takes no pointers; it only blocks until the grace period ends.
+    let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if r != 0 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}

@@ -1,0 +1,430 @@
+//! Privileged tests of the agent's dataplane module against the real kernel: pins re-used across
+//! opens, attach/re-attach/detach in a network namespace, blocklist generations, and "bad input
+//! changes nothing". Each test uses its own bpffs directory (removed on drop, also on panic) and
+//! its own namespaces. Run as root: `cargo test -p capybara-tests --test dataplane`; the 1M-prefix
+//! timing is meaningful in a release build (`--release`).
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
+    time::Instant,
+};
+
+use aya::maps::{Array, Map, MapData, PerCpuArray, PerCpuValues};
+use capybara_agent::{
+    blocklist::{
+        BlocklistError, Direction, ListName, RegistrySnapshot, sample::random_v4_prefixes,
+    },
+    dataplane::{AttachHow, Dataplane, DataplaneConfig, DataplaneError, lists::Restored},
+    net::Cidr,
+};
+use capybara_common::{
+    LAYOUT_VERSION,
+    blocklist::V4_DIR_ENTRIES_PER_GEN,
+    config::{CONFIG_F_PEER_V4_RANGES, CONFIG_F_PEER_V6_RANGES, Config},
+    counters::{Counter, XDP_PASS_CLEAN},
+    maps as names,
+};
+use capybara_tests::netns::{BpffsDir, NetNs, VethPair};
+
+fn open(dir: &Path) -> Dataplane {
+    Dataplane::open(DataplaneConfig {
+        bpffs_dir: dir.to_path_buf(),
+        tunnel_l2_hlen: 14,
+    })
+    .unwrap_or_else(|e| panic!("opening the dataplane in {}: {e}", dir.display()))
+}
+
+fn cidrs(s: &[&str]) -> Vec<Cidr> {
+    s.iter()
+        .map(|c| c.parse().unwrap_or_else(|e| panic!("{e}")))
+        .collect()
+}
+
+fn name(s: &str) -> ListName {
+    ListName::parse(s).unwrap()
+}
+
+fn v4(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn reopen_reuses_pins_and_counters_survive() {
+    let dir = BpffsDir::new();
+    let dp = open(dir.path());
+    for m in names::ALL {
+        assert!(dir.path().join(m).exists(), "map {m} pinned");
+    }
+    assert_eq!(dp.runtime_config().layout_version, LAYOUT_VERSION);
+    drop(dp);
+
+    // Write a counter the way the kernel would, through the pin.
+    let ncpu = aya::util::nr_cpus().unwrap();
+    {
+        let md = MapData::from_pin(dir.path().join(names::COUNTERS)).unwrap();
+        let mut arr: PerCpuArray<MapData, Counter> =
+            PerCpuArray::try_from(Map::PerCpuArray(md)).unwrap();
+        let v = PerCpuValues::try_from(vec![
+            Counter {
+                packets: 3,
+                bytes: 300
+            };
+            ncpu
+        ])
+        .unwrap();
+        arr.set(XDP_PASS_CLEAN, v, 0).unwrap();
+    }
+    let mut dp = open(dir.path());
+    let c = dp.counters().unwrap().get(XDP_PASS_CLEAN);
+    assert_eq!(
+        c,
+        Counter {
+            packets: 3 * ncpu as u64,
+            bytes: 300 * ncpu as u64
+        }
+    );
+
+    // Peers and list contents survive a reopen too (the agent rebuilds its mirror from the maps).
+    dp.set_peer(5, &cidrs(&["10.7.0.2/32", "fd00:7::2/128", "10.99.0.0/16"]))
+        .unwrap();
+    assert_eq!(
+        dp.runtime_config().flags & CONFIG_F_PEER_V4_RANGES,
+        CONFIG_F_PEER_V4_RANGES
+    );
+    dp.list_replace(
+        Direction::Source,
+        &name("manual"),
+        &cidrs(&["192.0.2.0/24", "198.51.100.7"]),
+    )
+    .unwrap();
+    let snap = dp.list_snapshot();
+    drop(dp);
+    let mut dp = open(dir.path());
+    assert_eq!(
+        dp.counters().unwrap().get(XDP_PASS_CLEAN).packets,
+        3 * ncpu as u64
+    );
+    assert_eq!(
+        dp.peers().get(&5).unwrap(),
+        &cidrs(&["10.7.0.2/32", "10.99.0.0/16", "fd00:7::2/128"])
+    );
+    // The restored registry matches what the kernel holds: nothing rewritten.
+    let before = dp.read_kernel_lists(Direction::Source).unwrap();
+    let r = dp.restore_lists(&snap).unwrap();
+    assert_eq!(
+        (r.source, r.destination),
+        (Restored::Unchanged, Restored::Unchanged)
+    );
+    assert_eq!(dp.read_kernel_lists(Direction::Source).unwrap(), before);
+    assert_eq!(
+        dp.lookup_v4(Direction::Source, v4("198.51.100.7")).unwrap(),
+        1
+    );
+    // A different snapshot is written.
+    let r = dp.restore_lists(&RegistrySnapshot::default()).unwrap();
+    assert_eq!(r.source, Restored::Rewritten);
+    assert_eq!(
+        dp.lookup_v4(Direction::Source, v4("198.51.100.7")).unwrap(),
+        0
+    );
+
+    // A re-used peer id starts at zero; removing a peer clears the range flag.
+    dp.remove_peer(5).unwrap();
+    assert_eq!(
+        dp.runtime_config().flags & (CONFIG_F_PEER_V4_RANGES | CONFIG_F_PEER_V6_RANGES),
+        0
+    );
+    assert!(dp.peers().is_empty());
+}
+
+#[test]
+fn pins_of_another_layout_are_refused_with_a_reset_hint() {
+    let dir = BpffsDir::new();
+    drop(open(dir.path()));
+    {
+        let md = MapData::from_pin(dir.path().join(names::CONFIG)).unwrap();
+        let mut arr: Array<MapData, Config> = Array::try_from(Map::Array(md)).unwrap();
+        arr.set(
+            0,
+            Config {
+                layout_version: LAYOUT_VERSION + 1,
+                ..Config::default()
+            },
+            0,
+        )
+        .unwrap();
+    }
+    let e = Dataplane::open(DataplaneConfig {
+        bpffs_dir: dir.path().into(),
+        tunnel_l2_hlen: 0,
+    })
+    .unwrap_err();
+    assert!(
+        matches!(e, DataplaneError::LayoutMismatch { found, .. } if found == LAYOUT_VERSION + 1)
+    );
+    assert!(e.to_string().contains("rm -rf"), "{e}");
+}
+
+fn xdp_attached(ns: &NetNs, ifname: &str) -> bool {
+    ns.exec(&["ip", "-d", "link", "show", "dev", ifname])
+        .contains("prog/xdp")
+}
+
+#[test]
+fn attach_in_a_namespace_survives_the_agent_and_reattach_replaces_in_place() {
+    let dir = BpffsDir::new();
+    let up = NetNs::new("u");
+    let peer = NetNs::new("p");
+    let veth = VethPair::new(&up, &peer, 61);
+    let tun = VethPair::new(&up, &peer, 62);
+    let (uplink, tundev) = (veth.a.ifname.clone(), tun.a.ifname.clone());
+
+    let mut dp = open(dir.path());
+    let (x, t) = up.run(|| {
+        (
+            dp.attach_xdp(&uplink).unwrap(),
+            dp.attach_tc(&tundev).unwrap(),
+        )
+    });
+    assert_eq!(x.how, AttachHow::XdpDriver, "veth has native XDP");
+    assert!(t.iter().all(|a| a.how == AttachHow::Tcx));
+    for a in std::iter::once(&x).chain(&t) {
+        assert!(a.pin.exists(), "{} pinned", a.pin.display());
+    }
+    assert!(xdp_attached(&up, &uplink));
+    dp.shutdown(false).unwrap();
+    // The agent is gone; the programs keep enforcing.
+    assert!(xdp_attached(&up, &uplink));
+
+    // A new agent swaps its programs into the same links.
+    let mut dp = open(dir.path());
+    let (x2, t2) = up.run(|| {
+        (
+            dp.attach_xdp(&uplink).unwrap(),
+            dp.attach_tc(&tundev).unwrap(),
+        )
+    });
+    assert_eq!(x2.how, AttachHow::Replaced);
+    assert!(t2.iter().all(|a| a.how == AttachHow::Replaced), "{t2:?}");
+    assert_eq!(x2.pin, x.pin);
+    assert!(xdp_attached(&up, &uplink));
+
+    // Loopback has no native XDP: SKB mode.
+    let d = up.run(|| dp.attach_xdp("lo").unwrap());
+    assert_eq!(d.how, AttachHow::XdpSkb);
+    assert!(xdp_attached(&up, "lo"));
+
+    // Unknown interfaces are named.
+    let e = up.run(|| dp.attach_xdp("nosuchif0").unwrap_err());
+    assert!(
+        matches!(&e, DataplaneError::UnknownInterface { ifname } if ifname == "nosuchif0"),
+        "{e}"
+    );
+
+    let removed = dp.detach().unwrap();
+    assert_eq!(removed.len(), 4, "{removed:?}");
+    assert!(!xdp_attached(&up, &uplink));
+    assert!(dp.pinned_links().unwrap().is_empty());
+    // Re-attaching after a detach makes a new link (the stale pin is gone).
+    let x3 = up.run(|| dp.attach_xdp(&uplink).unwrap());
+    assert_eq!(x3.how, AttachHow::XdpDriver);
+    dp.detach().unwrap();
+}
+
+#[test]
+fn replace_writes_the_inactive_generation_then_flips() {
+    let dir = BpffsDir::new();
+    let mut dp = open(dir.path());
+    let src = Direction::Source;
+    let g0 = dp.runtime_config().src_generation;
+
+    dp.list_replace(
+        src,
+        &name("geo:CN"),
+        &cidrs(&["1.0.0.0/8", "2001:db8::/32"]),
+    )
+    .unwrap();
+    let manual = dp
+        .list_replace(
+            src,
+            &name("manual"),
+            &cidrs(&["1.2.3.0/24", "1.2.4.128/25", "5.6.7.8", "2001:db8:1::/48"]),
+        )
+        .unwrap();
+    dp.list_replace(
+        src,
+        &name("allow"),
+        &cidrs(&["1.2.3.4", "2001:db8:1:1::/64"]),
+    )
+    .unwrap();
+    let geo = dp.list_id(src, &name("geo:CN")).unwrap();
+    assert_eq!(manual.id, dp.list_id(src, &name("manual")).unwrap());
+    assert_ne!(geo, manual.id);
+    // Three writes: the generation flipped three times.
+    let g = dp.runtime_config().src_generation;
+    assert_eq!(g, g0 ^ 1);
+
+    for (a, want) in [
+        ("1.9.9.9", geo),
+        ("1.2.3.5", manual.id),
+        ("1.2.3.4", 0),
+        ("1.2.4.200", manual.id),
+        ("1.2.4.100", geo),
+        ("5.6.7.8", manual.id),
+        ("5.6.7.9", 0),
+        ("2.0.0.0", 0),
+    ] {
+        assert_eq!(dp.lookup_v4(src, v4(a)).unwrap(), want, "{a}");
+    }
+    for (a, want) in [
+        ("2001:db8::1", geo),
+        ("2001:db8:1:2::1", manual.id),
+        ("2001:db8:1:1::1", 0),
+        ("2001:db9::1", 0),
+    ] {
+        assert_eq!(
+            dp.lookup_v6(src, a.parse::<Ipv6Addr>().unwrap()).unwrap(),
+            want,
+            "{a}"
+        );
+    }
+    // Only the active generation holds long and IPv6 entries; destination lists are untouched.
+    let k = dp.read_kernel_lists(src).unwrap();
+    assert!(
+        !k.long.is_empty() && k.long.iter().all(|e| u32::from(e.0) == g),
+        "{:?}",
+        k.long
+    );
+    assert!(!k.v6.is_empty() && k.v6.iter().all(|e| u32::from(e.0[4]) == g));
+    let active = &k.dir[(g as usize) << 24..][..V4_DIR_ENTRIES_PER_GEN as usize];
+    assert_eq!(
+        active[0x010203] & 0xffff,
+        0,
+        "the /24 with the allow hole defaults to pass"
+    );
+    let dst = dp.read_kernel_lists(Direction::Destination).unwrap();
+    assert!(dst.long.is_empty() && dst.v6.is_empty() && dst.dir.iter().all(|&e| e == 0));
+
+    // Remove and delete.
+    dp.list_remove(src, &name("manual"), &cidrs(&["5.6.7.8"]))
+        .unwrap();
+    assert_eq!(dp.lookup_v4(src, v4("5.6.7.8")).unwrap(), 0);
+    dp.list_delete(src, &name("geo:CN")).unwrap();
+    assert_eq!(dp.lookup_v4(src, v4("1.9.9.9")).unwrap(), 0);
+    assert_eq!(dp.lookup_v4(src, v4("1.2.3.5")).unwrap(), manual.id);
+    // Destination lists are separate.
+    let d = dp
+        .list_add(
+            Direction::Destination,
+            &name("manual"),
+            &cidrs(&["9.9.9.9"]),
+        )
+        .unwrap();
+    assert_ne!(d.id, manual.id);
+    assert_eq!(
+        dp.lookup_v4(Direction::Destination, v4("9.9.9.9")).unwrap(),
+        d.id
+    );
+    assert_eq!(dp.lookup_v4(src, v4("9.9.9.9")).unwrap(), 0);
+}
+
+#[test]
+fn bad_input_leaves_the_maps_byte_identical() {
+    let dir = BpffsDir::new();
+    let mut dp = open(dir.path());
+    let src = Direction::Source;
+    dp.list_replace(
+        src,
+        &name("manual"),
+        &cidrs(&["10.0.0.0/8", "10.1.1.1", "2001:db8::/32"]),
+    )
+    .unwrap();
+    dp.set_peer(1, &cidrs(&["10.8.0.2/32"])).unwrap();
+    let before = [
+        dp.read_kernel_lists(src).unwrap(),
+        dp.read_kernel_lists(Direction::Destination).unwrap(),
+    ];
+    let peers = dp.peers();
+    let registry = dp.list_snapshot();
+
+    // Unknown list.
+    let e = dp
+        .list_remove(src, &name("tor"), &cidrs(&["1.1.1.1"]))
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            DataplaneError::Blocklist(BlocklistError::UnknownList { .. })
+        ),
+        "{e}"
+    );
+    // More long prefixes than a generation holds: refused after compiling, before writing.
+    let too_many: Vec<Cidr> = (0..1_100_000u32)
+        .map(|i| Cidr::v4(Ipv4Addr::from(0x2000_0000 + i * 2), 32).unwrap())
+        .collect();
+    let e = dp.list_replace(src, &name("auto"), &too_many).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            DataplaneError::Blocklist(BlocklistError::TooManyV4LongPrefixes { .. })
+        ),
+        "{e}"
+    );
+    // An inconsistent snapshot.
+    let mut bad = registry.clone();
+    bad.lists.push(bad.lists[0].clone());
+    assert!(dp.restore_lists(&bad).is_err());
+    // A peer taking another peer's address.
+    let e = dp
+        .set_peer(2, &cidrs(&["10.8.0.3/32", "10.8.0.2/32"]))
+        .unwrap_err();
+    assert!(
+        matches!(e, DataplaneError::AddressInUse { owner: 1, .. }),
+        "{e}"
+    );
+    let e = dp.set_peer(1 << 20, &[]).unwrap_err();
+    assert!(matches!(e, DataplaneError::PeerIdOutOfRange { .. }), "{e}");
+
+    let after = [
+        dp.read_kernel_lists(src).unwrap(),
+        dp.read_kernel_lists(Direction::Destination).unwrap(),
+    ];
+    assert!(
+        before == after,
+        "blocklist maps changed after refused operations"
+    );
+    assert_eq!(dp.peers(), peers);
+    assert_eq!(dp.list_snapshot(), registry);
+    assert!(dp.list_id(src, &name("auto")).is_none());
+}
+
+#[test]
+fn list_replace_1m() {
+    let dir = BpffsDir::new();
+    let mut dp = open(dir.path());
+    let list = random_v4_prefixes(42, 1_000_000);
+    let other = random_v4_prefixes(7, 1_000_000);
+    // Warm up: the first write also faults in the DIR mapping.
+    dp.list_replace(Direction::Source, &name("geo:XX"), &other)
+        .unwrap();
+    let start = Instant::now();
+    let u = dp
+        .list_replace(Direction::Source, &name("geo:XX"), &list)
+        .unwrap();
+    let total = start.elapsed().as_secs_f64() * 1000.0;
+    println!(
+        "list_replace_1m_ms = {total:.0} (v4_long = {}, timings = {:?})",
+        u.v4_long, u.timings
+    );
+    // The old generation's entries are gone, the new one's are all there.
+    let k = dp.read_kernel_lists(Direction::Source).unwrap();
+    assert_eq!(k.long.len(), u.v4_long);
+    // Spot-check against the list: every sampled prefix's first address is blocked.
+    for c in list.iter().step_by(997) {
+        let std::net::IpAddr::V4(a) = c.addr() else {
+            unreachable!()
+        };
+        assert_eq!(dp.lookup_v4(Direction::Source, a).unwrap(), u.id, "{c}");
+    }
+}
