@@ -1,11 +1,12 @@
 //! Running external commands, and the paths xtask works with.
 //!
 //! Every command is built with [`cmd`] (which puts `<cache>/tools/bin` first on the child's
-//! `PATH`, so bpf-linker and boringtun-cli are found) and started through [`run`], [`output`]
-//! or [`spawn`], which echo it as `$ program args…` on stderr first.
+//! `PATH`, so bpf-linker and boringtun-cli are found) and started through [`run`], [`status`] or
+//! [`output`], which echo it as `$ program args…` on stderr first (`run` of `cargo xtask run`
+//! echoes the agent itself before it spawns it).
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::sync::OnceLock;
 
 use anyhow::{Context as _, Result, bail};
@@ -101,14 +102,6 @@ pub fn output_unchecked(command: &mut Command) -> Result<Output> {
         .with_context(|| format!("cannot start `{}`", display(command)))
 }
 
-/// Echo `command` and start it with inherited stdio.
-pub fn spawn(command: &mut Command) -> Result<Child> {
-    echo(command);
-    command
-        .spawn()
-        .with_context(|| format!("cannot start `{}`", display(command)))
-}
-
 /// Fail with the command line if `status` is not success.
 pub fn check(command: &Command, status: ExitStatus) -> Result<()> {
     if !status.success() {
@@ -119,18 +112,25 @@ pub fn check(command: &Command, status: ExitStatus) -> Result<()> {
 
 /// Print `$ command` on stderr, the way a shell transcript would show it.
 pub fn echo(command: &Command) {
-    eprintln!("$ {}", display(command));
+    say(format_args!("$ {}", display(command)));
+}
+
+/// A line on stderr that never panics (unlike `eprintln!`), so cleanup code can report even
+/// when stderr is a closed pipe.
+pub fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
 /// The command as a shell would read it: `cd DIR && ENV=v program args…` (the working
 /// directory only when it is not the workspace root; `PATH` is not shown).
 pub fn display(command: &Command) -> String {
     let mut words = Vec::new();
-    if let Some(dir) = command.get_current_dir() {
-        if dir != workspace_root() {
-            let shown = dir.strip_prefix(workspace_root()).unwrap_or(dir);
-            words.push(format!("cd {} &&", quote(shown.as_os_str())));
-        }
+    if let Some(dir) = command.get_current_dir()
+        && dir != workspace_root()
+    {
+        let shown = dir.strip_prefix(workspace_root()).unwrap_or(dir);
+        words.push(format!("cd {} &&", quote(shown.as_os_str())));
     }
     for (key, value) in command.get_envs() {
         if key == "PATH" {

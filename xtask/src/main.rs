@@ -24,6 +24,8 @@ mod run;
 mod setup;
 mod test;
 
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 
 /// Capybara's developer tasks.
@@ -48,12 +50,24 @@ enum Command {
     Bench(bench::Args),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let result = match cli.command {
         Command::Setup(args) => setup::run(&args),
         Command::Test(args) => test::run(&args),
         Command::Run(args) => run::run(&args),
         Command::Bench(args) => bench::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // The chain of contexts on one line each, without a backtrace: xtask's errors say
+            // which command failed, which is what the reader needs.
+            exec::say(format_args!("error: {err}"));
+            for cause in err.chain().skip(1) {
+                exec::say(format_args!("  caused by: {cause}"));
+            }
+            ExitCode::FAILURE
+        }
     }
 }

@@ -12,11 +12,9 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context as _, Result, bail};
-use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use crate::exec::{self, cmd};
@@ -50,6 +48,9 @@ pub struct Args {
     /// UDP port the agent listens on for WireGuard.
     #[arg(long, value_name = "PORT", default_value_t = 51820)]
     listen_port: u16,
+    /// Run this agent binary instead of building `capybara-agent` (e.g. a release artifact).
+    #[arg(long, value_name = "PATH")]
+    agent_bin: Option<PathBuf>,
     /// Do not run `cargo xtask setup` first.
     #[arg(long)]
     no_setup: bool,
@@ -63,26 +64,40 @@ pub fn run(args: &Args) -> Result<()> {
     if !exec::is_root() {
         bail!("`cargo xtask run` needs root: the agent loads BPF programs and creates devices");
     }
-    if let Some(uplink) = &args.uplink {
-        if !Path::new("/sys/class/net").join(uplink).exists() {
-            bail!("--uplink {uplink}: no such interface on this host (see `ip link`)");
-        }
+    if let Some(uplink) = &args.uplink
+        && !Path::new("/sys/class/net").join(uplink).exists()
+    {
+        bail!("--uplink {uplink}: no such interface on this host (see `ip link`)");
     }
     if !args.no_setup {
         setup::run(&setup::Args {})?;
     }
-    exec::run(cmd("cargo").args(["build", "--release", "-p", AGENT, "--bin", AGENT]))?;
-    let agent = exec::target_dir()?.join("release").join(AGENT);
+    let agent = match &args.agent_bin {
+        Some(path) => path.clone(),
+        None => {
+            exec::run(cmd("cargo").args(["build", "--release", "-p", AGENT, "--bin", AGENT]))?;
+            exec::target_dir()?.join("release").join(AGENT)
+        }
+    };
     if !agent.is_file() {
-        bail!("{} was not built", agent.display());
+        bail!("agent binary {} does not exist", agent.display());
     }
 
-    // Blocked from here on in xtask's threads, so a Ctrl-C can only be forwarded, never kill
-    // xtask before it has cleaned up. Children get an empty mask from std::process.
-    let signals = forwarded_signals();
-    signals.thread_block().context("block SIGINT/SIGTERM")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the tokio runtime")?;
+    runtime.block_on(start(args, &agent))
+}
 
-    let agent_args = |uplink: &str| {
+/// Create the namespace if needed and supervise the agent; the namespace is removed when this
+/// returns, whatever happened.
+async fn start(args: &Args, agent: &Path) -> Result<()> {
+    // Listening from here on: a Ctrl-C can only be forwarded to the agent, never kill xtask
+    // before it has cleaned up. (Handlers, unlike a blocked mask, are not inherited by children.)
+    let mut signals = Signals::listen()?;
+
+    let agent_args = |uplink: &str, netns: Option<&str>| {
         let mut argv = vec![
             "--uplink".to_owned(),
             uplink.to_owned(),
@@ -95,6 +110,9 @@ pub fn run(args: &Args) -> Result<()> {
             "--bpffs".to_owned(),
             args.bpffs.display().to_string(),
         ];
+        if let Some(netns) = netns {
+            argv.extend(["--netns".to_owned(), netns.to_owned()]);
+        }
         argv.extend(args.agent_args.iter().cloned());
         argv
     };
@@ -106,9 +124,9 @@ pub fn run(args: &Args) -> Result<()> {
                  {uplink}, UDP port {}",
                 args.listen_port
             );
-            let mut command = cmd(&agent);
-            command.args(agent_args(uplink));
-            supervise(&mut command, signals)?
+            let mut command = cmd(agent);
+            command.args(agent_args(uplink, None));
+            supervise(command, &mut signals).await?
         }
         None => {
             let netns = Netns::create()?;
@@ -121,10 +139,9 @@ pub fn run(args: &Args) -> Result<()> {
             command
                 .arg(format!("--net=/run/netns/{NETNS}"))
                 .arg("--")
-                .arg(&agent)
-                .args(agent_args(UPLINK_VETH))
-                .args(["--netns", NETNS]);
-            let status = supervise(&mut command, signals);
+                .arg(agent)
+                .args(agent_args(UPLINK_VETH, Some(NETNS)));
+            let status = supervise(command, &mut signals).await;
             drop(netns);
             status?
         }
@@ -136,49 +153,75 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// The signals `run` forwards to the agent.
-fn forwarded_signals() -> SigSet {
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGINT);
-    set.add(Signal::SIGTERM);
-    set
+/// SIGINT and SIGTERM, caught by xtask to be forwarded to the agent.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn listen() -> Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt()).context("listen for SIGINT")?,
+            terminate: signal(SignalKind::terminate()).context("listen for SIGTERM")?,
+        })
+    }
+
+    /// The next SIGINT or SIGTERM.
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.interrupt.recv() => Signal::SIGINT,
+            _ = self.terminate.recv() => Signal::SIGTERM,
+        }
+    }
 }
 
 /// Start `command` in its own process group (so a terminal's Ctrl-C reaches it once, through
-/// xtask), forward SIGINT/SIGTERM to it until it exits, and return its exit status. An agent
-/// that exits because of the signal xtask forwarded counts as a clean stop.
-fn supervise(command: &mut std::process::Command, signals: SigSet) -> Result<ExitStatus> {
+/// xtask), forward SIGINT/SIGTERM to it until it exits (a second one sends SIGKILL), and return
+/// its exit status. An agent that exits because of the signal xtask forwarded counts as a clean
+/// stop.
+async fn supervise(
+    mut command: std::process::Command,
+    signals: &mut Signals,
+) -> Result<ExitStatus> {
     use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
 
     command.process_group(0);
-    let mut child = exec::spawn(command)?;
-    let pid = Pid::from_raw(i32::try_from(child.id()).context("child pid out of range")?);
-    let exited = Arc::new(AtomicBool::new(false));
-    let forwarded = Arc::new(AtomicBool::new(false));
-    {
-        let (exited, forwarded) = (Arc::clone(&exited), Arc::clone(&forwarded));
-        std::thread::spawn(move || {
-            while let Ok(signal) = signals.wait() {
-                if exited.load(Ordering::SeqCst) {
-                    continue;
-                }
-                let signal = if forwarded.swap(true, Ordering::SeqCst) {
-                    eprintln!("run: {signal} again: killing {AGENT} (pid {pid})");
-                    Signal::SIGKILL
-                } else {
-                    eprintln!("run: forwarding {signal} to {AGENT} (pid {pid}), waiting for it");
-                    signal
-                };
-                // The child is not reaped before `exited` is set, so the pid is still ours.
-                let _ = nix::sys::signal::kill(pid, signal);
-            }
-        });
-    }
-    let status = child.wait().context("wait for the agent");
-    exited.store(true, Ordering::SeqCst);
-    let status = status?;
-    let by_our_signal = forwarded.load(Ordering::SeqCst)
-        && matches!(status.signal(), Some(s) if s == Signal::SIGINT as i32 || s == Signal::SIGTERM as i32);
+    exec::echo(&command);
+    let shown = exec::display(&command);
+    let mut child = tokio::process::Command::from(command)
+        .spawn()
+        .with_context(|| format!("cannot start `{shown}`"))?;
+    let pid = child.id().context("agent pid")?;
+    let pid = Pid::from_raw(i32::try_from(pid).context("agent pid out of range")?);
+    let mut forwarded = None;
+    let status = loop {
+        let signal = tokio::select! {
+            status = child.wait() => break status.context("wait for the agent")?,
+            signal = signals.next() => signal,
+        };
+        let send = if forwarded.is_some() {
+            exec::say(format_args!(
+                "run: {signal} again: killing {AGENT} (pid {pid})"
+            ));
+            Signal::SIGKILL
+        } else {
+            exec::say(format_args!(
+                "run: forwarding {signal} to {AGENT} (pid {pid}), waiting for it"
+            ));
+            signal
+        };
+        forwarded = Some(send);
+        // Not reaped until `wait` returns, so the pid is still the agent's.
+        if let Err(errno) = nix::sys::signal::kill(pid, send) {
+            exec::say(format_args!("run: kill {pid}: {errno}"));
+        }
+    };
+    let by_our_signal = matches!(
+        (forwarded, status.signal()),
+        (Some(sent), Some(got)) if sent as i32 == got && sent != Signal::SIGKILL
+    );
     Ok(if by_our_signal {
         ExitStatus::from_raw(0)
     } else {
@@ -198,23 +241,7 @@ impl Netns {
     /// Create [`NETNS`] and the veth pair on a free /30, removing a stale namespace of a run
     /// that was killed before it could clean up.
     fn create() -> Result<Self> {
-        if Path::new("/run/netns").join(NETNS).exists() {
-            let out = exec::output(cmd("ip").args(["netns", "pids", NETNS]))?;
-            if !out.stdout.trim_ascii().is_empty() {
-                bail!(
-                    "network namespace {NETNS} is in use (another `cargo xtask run`?): pids {}",
-                    String::from_utf8_lossy(&out.stdout)
-                        .split_whitespace()
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                );
-            }
-            eprintln!("run: removing namespace {NETNS} left over by an earlier run");
-            exec::run(cmd("ip").args(["netns", "del", NETNS]))?;
-        }
-        if Path::new("/sys/class/net").join(HOST_VETH).exists() {
-            bail!("interface {HOST_VETH} already exists on the host; not touching it");
-        }
+        remove_stale()?;
         let net = free_slash30()?;
         let host_addr = Ipv4Addr::from(u32::from(net) + 1);
         let agent_addr = Ipv4Addr::from(u32::from(net) + 2);
@@ -254,17 +281,52 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        // Deleting the namespace destroys the veth end inside it and with it the host end.
+        // Deleting one end of the pair deletes both, synchronously; the namespace goes after.
+        if Path::new("/sys/class/net").join(HOST_VETH).exists()
+            && let Err(err) = exec::run(cmd("ip").args(["link", "del", HOST_VETH]))
+        {
+            exec::say(format_args!("run: cleanup: {err:#}"));
+        }
         if let Err(err) = exec::run(cmd("ip").args(["netns", "del", NETNS])) {
-            eprintln!("run: cleanup: {err:#}");
+            exec::say(format_args!("run: cleanup: {err:#}"));
         }
-        if Path::new("/sys/class/net").join(HOST_VETH).exists() {
-            if let Err(err) = exec::run(cmd("ip").args(["link", "del", HOST_VETH])) {
-                eprintln!("run: cleanup: {err:#}");
-            }
-        }
-        eprintln!("run: removed namespace {NETNS} and veth {HOST_VETH}/{UPLINK_VETH}");
+        exec::say(format_args!(
+            "run: removed namespace {NETNS} and veth {HOST_VETH}/{UPLINK_VETH}"
+        ));
     }
+}
+
+/// Remove the namespace and veth pair of an earlier run that was killed before it could clean
+/// up; fail if that run is still going or if `capy-host` is not ours.
+fn remove_stale() -> Result<()> {
+    let netns_exists = Path::new("/run/netns").join(NETNS).exists();
+    if netns_exists {
+        let out = exec::output(cmd("ip").args(["netns", "pids", NETNS]))?;
+        let pids = String::from_utf8_lossy(&out.stdout);
+        let pids: Vec<&str> = pids.split_whitespace().collect();
+        if !pids.is_empty() {
+            bail!(
+                "network namespace {NETNS} is in use (another `cargo xtask run`?): pids {}",
+                pids.join(" ")
+            );
+        }
+    }
+    if Path::new("/sys/class/net").join(HOST_VETH).exists() {
+        let out = exec::output(cmd("ip").args(["-o", "link", "show", "dev", HOST_VETH]))?;
+        let ours = String::from_utf8_lossy(&out.stdout).contains(&format!("link-netns {NETNS}"));
+        if !ours {
+            bail!(
+                "interface {HOST_VETH} already exists on the host and is not ours; not touching it"
+            );
+        }
+        eprintln!("run: removing veth {HOST_VETH} left over by an earlier run");
+        exec::run(cmd("ip").args(["link", "del", HOST_VETH]))?;
+    }
+    if netns_exists {
+        eprintln!("run: removing namespace {NETNS} left over by an earlier run");
+        exec::run(cmd("ip").args(["netns", "del", NETNS]))?;
+    }
+    Ok(())
 }
 
 /// An IPv4 network `addr/len`.
