@@ -1,8 +1,10 @@
 //! The Capybara agent library.
 pub mod api;
 pub mod blocklist;
+pub mod daemon;
 pub mod dataplane;
 pub mod geo;
 pub mod net;
 pub mod paths;
 pub mod store;
+pub mod tunnel;

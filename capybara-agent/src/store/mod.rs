@@ -132,7 +132,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -163,15 +165,21 @@ impl Batch {
 impl Store {
     /// Opens (creating if needed) the store in `data_dir/store`; `data_dir` is made mode 0700.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
-        ensure_private_dir(data_dir)
-            .map_err(|source| StoreError::DataDir { path: data_dir.to_owned(), source })?;
+        ensure_private_dir(data_dir).map_err(|source| StoreError::DataDir {
+            path: data_dir.to_owned(),
+            source,
+        })?;
         let path = data_dir.join(STORE_SUBDIR);
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        let cfs = Cf::ALL.iter().map(|cf| ColumnFamilyDescriptor::new(cf.name(), Options::default()));
-        let db = DB::open_cf_descriptors(&opts, &path, cfs)
-            .map_err(|source| StoreError::Open { path: path.clone(), source })?;
+        let cfs = Cf::ALL
+            .iter()
+            .map(|cf| ColumnFamilyDescriptor::new(cf.name(), Options::default()));
+        let db = DB::open_cf_descriptors(&opts, &path, cfs).map_err(|source| StoreError::Open {
+            path: path.clone(),
+            source,
+        })?;
         let store = Store { db, path };
         store.check_schemas()?;
         Ok(store)
@@ -199,17 +207,22 @@ impl Store {
 
     fn handle(&self, cf: Cf) -> &rocksdb::ColumnFamily {
         // Every family in `Cf::ALL` is created by `open`.
-        self.db.cf_handle(cf.name()).expect("column family created at open")
+        self.db
+            .cf_handle(cf.name())
+            .expect("column family created at open")
     }
 
     /// Reads the value under `key` in `cf`.
     pub fn get<T: DeserializeOwned>(&self, cf: Cf, key: &str) -> Result<Option<T>, StoreError> {
-        let raw = self.db.get_pinned_cf(self.handle(cf), key).map_err(|source| StoreError::Io {
-            op: "get",
-            cf: cf.name(),
-            key: key.to_owned(),
-            source,
-        })?;
+        let raw = self
+            .db
+            .get_pinned_cf(self.handle(cf), key)
+            .map_err(|source| StoreError::Io {
+                op: "get",
+                cf: cf.name(),
+                key: key.to_owned(),
+                source,
+            })?;
         raw.map(|bytes| {
             serde_json::from_slice(&bytes).map_err(|source| StoreError::Decode {
                 cf: cf.name(),
@@ -273,7 +286,10 @@ mod tests {
             store.commit(b).unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.get::<Vec<u32>>(Cf::Blocklists, "a").unwrap(), Some(vec![1, 2]));
+        assert_eq!(
+            store.get::<Vec<u32>>(Cf::Blocklists, "a").unwrap(),
+            Some(vec![1, 2])
+        );
         assert_eq!(store.get::<String>(Cf::Blocklists, "b").unwrap(), None);
     }
 
@@ -285,7 +301,14 @@ mod tests {
             store.put(Cf::Meta, "schema/blocklists", &99u32).unwrap();
         }
         let err = Store::open(dir.path()).unwrap_err();
-        assert!(matches!(err, StoreError::SchemaTooNew { cf: "blocklists", found: 99, .. }));
+        assert!(matches!(
+            err,
+            StoreError::SchemaTooNew {
+                cf: "blocklists",
+                found: 99,
+                ..
+            }
+        ));
     }
 
     #[test]
