@@ -1,0 +1,298 @@
+//! The real `capybara-agent` killed with SIGKILL and started again: kernel counters are intact
+//! (not reset) and enforcement never lapsed while it was down.
+//!
+//! The agent runs in the server namespace (`--netns`, so its pins stay on the host's bpffs) with
+//! the server's veth end as its uplink (XDP guard on the WireGuard port) and its own tunnel
+//! device. The test prepares what an admin would have configured before: a peer in the pinned
+//! peer table and a `manual` source list holding a blocked client address, saved in the agent's
+//! store as the agent itself saves it. Traffic:
+//! - UDP from the server to the peer's inner address leaves through the agent's tunnel device
+//!   (TC egress): the peer's `tx_*` counters count it exactly;
+//! - UDP from a blocked client source to the WireGuard port is dropped by the XDP guard.
+
+mod e2e_support;
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use capybara_agent::{
+    blocklist::Direction,
+    daemon::BLOCKLISTS_KEY,
+    dataplane::Dataplane,
+    net::Cidr,
+    store::{Cf, Store},
+};
+use capybara_common::{
+    counters::{Counter, XDP_DROP_BLOCKLIST},
+    peer::PeerStats,
+};
+use capybara_tests::{
+    netns::{BpffsDir, NetNs, VethPair, unique_name},
+    traffic::{UDP4_OVERHEAD, UdpSink, send_udp},
+};
+use e2e_support::{WAIT, list, list_id, open_dataplane};
+use nix::sys::signal::Signal;
+
+const PEER: u32 = 5;
+const PORT: u16 = 51820;
+const N: u64 = 100;
+const SIZE: usize = 200;
+
+/// Builds the agent binary (a no-op when it is up to date) and returns its path, next to this
+/// test's executable in the same target directory and profile.
+fn agent_binary() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<this test> → target/<profile>
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let target_dir = profile_dir.parent().expect("target dir");
+    let mut cmd = Command::new(&cargo);
+    cmd.args([
+        "build",
+        "--quiet",
+        "-p",
+        "capybara-agent",
+        "--bin",
+        "capybara-agent",
+    ])
+    .arg("--manifest-path")
+    .arg(&manifest)
+    .env("CARGO_TARGET_DIR", target_dir);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {cargo} to build capybara-agent: {e}"));
+    assert!(status.success(), "building capybara-agent failed: {status}");
+    let bin = profile_dir.join("capybara-agent");
+    assert!(bin.exists(), "{} missing after the build", bin.display());
+    bin
+}
+
+/// One running agent process; its pid is owned by the namespace guard (killed on drop).
+struct Agent {
+    pid: u32,
+    log: PathBuf,
+}
+
+fn start_agent(
+    bin: &Path,
+    ns: &NetNs,
+    uplink: &str,
+    tunnel: &str,
+    data: &Path,
+    pins: &Path,
+    run: u32,
+) -> Agent {
+    let log = data.parent().unwrap().join(format!("agent-{run}.log"));
+    let out = std::fs::File::create(&log).expect("agent log");
+    let child = Command::new(bin)
+        .args(["--netns", ns.name(), "--uplink", uplink, "--tunnel", tunnel])
+        .args([
+            "--tunnel-ipv4",
+            "10.81.0.1/24",
+            "--tunnel-ipv6",
+            "fd00:81::1/64",
+        ])
+        .args(["--listen-port", &PORT.to_string()])
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--bpffs")
+        .arg(pins)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+    let pid = ns.adopt(child);
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("capybara-agent ready") {
+            return Agent { pid, log };
+        }
+        assert!(
+            ns.is_running(pid),
+            "capybara-agent (run {run}) exited before it was ready:\n{text}"
+        );
+        assert!(
+            Instant::now() < end,
+            "capybara-agent (run {run}) not ready after 20 s:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn peer(dp: &Dataplane) -> PeerStats {
+    dp.peer_stats(PEER).expect("read peer stats")
+}
+
+struct Enforcement {
+    drops: Counter,
+    hits: Counter,
+}
+
+fn enforcement(dp: &Dataplane, id: u32) -> Enforcement {
+    Enforcement {
+        drops: dp.counters().expect("counters").get(XDP_DROP_BLOCKLIST),
+        hits: dp.list_hits(id).expect("list hits"),
+    }
+}
+
+/// Blocked client → WireGuard port: nothing arrives, exactly N counted as dropped and as hits.
+fn assert_blocked(dp: &Dataplane, id: u32, a: &NetNs, b: &NetNs, server: Ipv4Addr, when: &str) {
+    let before = enforcement(dp, id);
+    let sink = UdpSink::start(a, SocketAddr::new(IpAddr::V4(server), PORT));
+    send_udp(b, Some(IpAddr::from(BLOCKED)), sink.addr(), N, SIZE);
+    let got = sink.settle(Duration::from_millis(300), WAIT);
+    drop(sink);
+    assert_eq!(got, 0, "blocked datagrams arrived {when}");
+    let after = enforcement(dp, id);
+    let frame = SIZE as u64 + UDP4_OVERHEAD + 14;
+    assert_eq!(
+        (
+            after.drops.packets - before.drops.packets,
+            after.drops.bytes - before.drops.bytes
+        ),
+        (N, N * frame),
+        "xdp_drop_blocklist {when}"
+    );
+    assert_eq!(
+        (
+            after.hits.packets - before.hits.packets,
+            after.hits.bytes - before.hits.bytes
+        ),
+        (N, N * frame),
+        "list hits {when}"
+    );
+}
+
+/// Server → peer through the agent's tunnel device: the peer's tx counters grow by exactly N.
+fn assert_tunnel_counted(dp: &Dataplane, a: &NetNs, when: &str) {
+    let before = peer(dp);
+    send_udp(
+        a,
+        None,
+        SocketAddr::new(IpAddr::from(PEER_ADDR), 9),
+        N,
+        SIZE,
+    );
+    // The datagrams are counted by TC egress synchronously with the send.
+    let after = peer(dp);
+    assert_eq!(
+        after.tx_packets - before.tx_packets,
+        N,
+        "peer tx packets {when}"
+    );
+    assert_eq!(
+        after.tx_bytes - before.tx_bytes,
+        N * (SIZE as u64 + UDP4_OVERHEAD),
+        "peer tx bytes {when}"
+    );
+}
+
+const BLOCKED: Ipv4Addr = Ipv4Addr::new(10, 82, 0, 99);
+const PEER_ADDR: Ipv4Addr = Ipv4Addr::new(10, 81, 0, 2);
+
+#[test]
+fn sigkilled_agent_restarts_with_counters_intact_and_enforcement_never_lapses() {
+    let bin = agent_binary();
+    let pins = BpffsDir::new();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let data = tmp.path().join("data");
+    let a = NetNs::new("a");
+    let b = NetNs::new("b");
+    let veth = VethPair::new(&a, &b, 82);
+    b.add_addr(&veth.b.ifname, &format!("{BLOCKED}/24"));
+    let tunnel = unique_name("cp");
+
+    // What the admin configured earlier: the peer (pinned maps) and the manual list (pinned maps
+    // and the agent's store, exactly as the agent persists it).
+    let manual = list("manual");
+    let id = {
+        let mut dp = open_dataplane(&pins);
+        dp.add_peer(PEER, &[Cidr::host(IpAddr::from(PEER_ADDR))])
+            .expect("add peer");
+        dp.list_add(
+            Direction::Source,
+            &manual,
+            &[Cidr::host(IpAddr::from(BLOCKED))],
+        )
+        .expect("block the client");
+        let id = list_id(&dp, Direction::Source, &manual);
+        let store = Store::open(&data).expect("open the agent's store");
+        store
+            .put(Cf::Blocklists, BLOCKLISTS_KEY, &dp.list_snapshot())
+            .expect("save the lists");
+        id
+    };
+
+    let agent = start_agent(&bin, &a, &veth.a.ifname, &tunnel, &data, pins.path(), 1);
+    let dp = open_dataplane(&pins); // a second handle on the pinned maps, for reading
+    assert_tunnel_counted(&dp, &a, "with the first agent");
+    assert_blocked(&dp, id, &a, &b, veth.a.v4, "with the first agent");
+    // A clean client still reaches the WireGuard port.
+    let sink = UdpSink::start(&a, SocketAddr::new(IpAddr::V4(veth.a.v4), PORT));
+    send_udp(&b, Some(IpAddr::V4(veth.b.v4)), sink.addr(), N, SIZE);
+    assert_eq!(
+        sink.wait_for(N, WAIT),
+        N,
+        "clean client with the first agent"
+    );
+    drop(sink);
+
+    let peer_before_kill = peer(&dp);
+    let enf_before_kill = enforcement(&dp, id);
+    a.kill(agent.pid, Signal::SIGKILL);
+    assert!(!a.is_running(agent.pid));
+
+    // While no agent runs: counters unchanged, the guard still enforcing.
+    assert_eq!(
+        peer(&dp),
+        peer_before_kill,
+        "peer counters changed when the agent died"
+    );
+    let e = enforcement(&dp, id);
+    assert_eq!(
+        (e.drops, e.hits),
+        (enf_before_kill.drops, enf_before_kill.hits)
+    );
+    assert_blocked(&dp, id, &a, &b, veth.a.v4, "while the agent is down");
+    let enf_before_restart = enforcement(&dp, id);
+
+    let agent2 = start_agent(&bin, &a, &veth.a.ifname, &tunnel, &data, pins.path(), 2);
+    let log = std::fs::read_to_string(&agent2.log).unwrap_or_default();
+    let p = peer(&dp);
+    assert_eq!(
+        p, peer_before_kill,
+        "peer counters after the restart differ (reset?)\nagent log:\n{log}"
+    );
+    let e = enforcement(&dp, id);
+    assert_eq!(
+        (e.drops, e.hits),
+        (enf_before_restart.drops, enf_before_restart.hits),
+        "drop counters after the restart differ (reset?)\nagent log:\n{log}"
+    );
+    assert!(
+        p.tx_packets >= N,
+        "the peer's earlier traffic is gone: {p:?}"
+    );
+
+    assert_tunnel_counted(&dp, &a, "after the restart");
+    assert_blocked(&dp, id, &a, &b, veth.a.v4, "after the restart");
+    let p = peer(&dp);
+    assert_eq!(
+        p.tx_packets,
+        peer_before_kill.tx_packets + N,
+        "counters did not continue from where they were"
+    );
+    a.kill(agent2.pid, Signal::SIGTERM);
+}
