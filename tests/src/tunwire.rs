@@ -177,9 +177,11 @@ fn copy_one(from: &mut File, to: &mut File, buf: &mut [u8], counter: &AtomicU64)
         Err(e) => panic!("tunwire read: {e}"),
     };
     match to.write(&buf[..n]) {
-        Ok(_) => {
+        // One write is one packet: the TUN driver takes it whole or refuses it.
+        Ok(w) if w == n => {
             counter.fetch_add(1, Ordering::Relaxed);
         }
+        Ok(w) => eprintln!("tunwire: short write of {w} of {n} bytes"),
         // A packet the other side's stack refuses (e.g. device down) is lost as on a real link.
         Err(e) => eprintln!("tunwire: write of {n} bytes failed: {e}"),
     }
