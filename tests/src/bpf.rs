@@ -166,8 +166,19 @@ impl std::fmt::Debug for Fixture {
 impl Fixture {
     /// Loads the agent's embedded object (fresh, zeroed maps pinned in a new [`PinDir`], the
     /// preallocated hashes at [`TEST_CAPACITIES`]) and all three programs through the verifier.
-    /// About 0.8 s (zeroing the two 128 MiB DIR-24 tables dominates); 3 s at full capacities.
+    /// About 0.8 s (zeroing the two 128 MiB DIR-24 tables dominates).
     pub fn load() -> Self {
+        Self::load_with_capacities(TEST_CAPACITIES)
+    }
+
+    /// Like [`Fixture::load`] with every map at its production capacity (about 3 s: the
+    /// long-prefix hashes preallocate 2 × 2^20 entries each). For benchmarks with big lists.
+    pub fn load_full_size() -> Self {
+        Self::load_with_capacities(&[])
+    }
+
+    /// Loads with the given `(map name, max_entries)` overrides.
+    pub fn load_with_capacities(capacities: &[(&str, u32)]) -> Self {
         let object = capybara_agent::dataplane::object::OBJECT;
         assert!(
             !object.is_empty(),
@@ -176,8 +187,8 @@ impl Fixture {
         let pins = PinDir::new();
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(pins.path());
-        for (name, n) in TEST_CAPACITIES {
-            loader.map_max_entries(name, *n);
+        for &(name, n) in capacities {
+            loader.map_max_entries(name, n);
         }
         let mut ebpf = loader
             .override_global("TUNNEL_L2_HLEN", &TEST_RUN_L2_HLEN, true)
@@ -187,6 +198,26 @@ impl Fixture {
         load_program::<SchedClassifier>(&mut ebpf, names::PROG_TC_INGRESS);
         load_program::<SchedClassifier>(&mut ebpf, names::PROG_TC_EGRESS);
         Fixture { ebpf, pins }
+    }
+
+    /// `xdp_guard`, loaded (for benchmarks that call `test_run` themselves, e.g. with
+    /// `repeat`).
+    pub fn xdp_program(&self) -> &Xdp {
+        self.ebpf
+            .program(names::PROG_XDP_GUARD)
+            .expect("xdp_guard in the object")
+            .try_into()
+            .expect("xdp_guard is an XDP program")
+    }
+
+    /// A tunnel-device program, loaded. Its input needs the 14-byte Ethernet header
+    /// [`Fixture::run_tc`] adds.
+    pub fn tc_program(&self, which: Tc) -> &SchedClassifier {
+        self.ebpf
+            .program(which.name())
+            .expect("tc program in the object")
+            .try_into()
+            .expect("a sched_cls program")
     }
 
     /// The loaded object.
@@ -209,17 +240,12 @@ impl Fixture {
             frame.len() >= 14,
             "BPF_PROG_TEST_RUN refuses XDP frames below 14 bytes"
         );
-        let prog: &Xdp = self
-            .ebpf
-            .program(names::PROG_XDP_GUARD)
-            .expect("xdp_guard in the object")
-            .try_into()
-            .expect("xdp_guard is an XDP program");
         let opts = TestRunOptions {
             data_in: Some(frame),
             ..TestRunOptions::new()
         };
-        prog.test_run(opts)
+        self.xdp_program()
+            .test_run(opts)
             .unwrap_or_else(|e| panic!("test run of xdp_guard failed: {e:?}"))
             .return_value
     }
@@ -240,17 +266,12 @@ impl Fixture {
         } else {
             packets::eth(ETH_P_802_EX1, ip)
         };
-        let prog: &SchedClassifier = self
-            .ebpf
-            .program(which.name())
-            .expect("tc program in the object")
-            .try_into()
-            .expect("a sched_cls program");
         let opts = TestRunOptions {
             data_in: Some(&input),
             ..TestRunOptions::new()
         };
-        prog.test_run(opts)
+        self.tc_program(which)
+            .test_run(opts)
             .unwrap_or_else(|e| panic!("test run of {} failed: {e:?}", which.name()))
             .return_value
     }

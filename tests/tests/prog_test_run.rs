@@ -48,11 +48,19 @@ const PEER1_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
 /// Peer 2: IPv4 range 10.9.0.0/16.
 const PEER2: PeerId = 2;
 const PEER2_NET: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 0);
-const PEER2_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 3, 4);
+const PEER2_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 4, 4);
+/// Peer 4: IPv4 range 10.9.3.0/24, nested in peer 2's (longest prefix wins).
+const PEER4: PeerId = 4;
+const PEER4_NET: Ipv4Addr = Ipv4Addr::new(10, 9, 3, 0);
+const PEER4_V4: Ipv4Addr = Ipv4Addr::new(10, 9, 3, 4);
 /// Peer 3: IPv6 range fd01::/64.
 const PEER3: PeerId = 3;
 const PEER3_NET: Ipv6Addr = Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0, 0);
-const PEER3_V6: Ipv6Addr = Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0xab, 0xcd);
+const PEER3_V6: Ipv6Addr = Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 1, 2);
+/// Peer 5: IPv6 range fd01::ab:cd00/120, nested in peer 3's.
+const PEER5: PeerId = 5;
+const PEER5_NET: Ipv6Addr = Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0xab, 0xcd00);
+const PEER5_V6: Ipv6Addr = Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0xab, 0xcd42);
 /// An address of no peer (inside the tunnel's address space).
 const STRANGER_V4: Ipv4Addr = Ipv4Addr::new(10, 7, 7, 7);
 const STRANGER_V6: Ipv6Addr = Ipv6Addr::new(0xfd02, 0, 0, 0, 0, 0, 0, 9);
@@ -286,6 +294,8 @@ fn base(f: &mut Fixture) {
     f.peer_v6(PEER1_V6, PEER1);
     f.peer_v4_range(PEER2_NET, 16, PEER2);
     f.peer_v6_range(PEER3_NET, 64, PEER3);
+    f.peer_v4_range(PEER4_NET, 24, PEER4);
+    f.peer_v6_range(PEER5_NET, 120, PEER5);
     config(f, 0, 0, CONFIG_F_PEER_V4_RANGES | CONFIG_F_PEER_V6_RANGES);
 }
 
@@ -681,6 +691,16 @@ fn xdp_cases() -> Vec<Case> {
             src_lists,
             malformed.clone(),
         ),
+        c(
+            "v4 non-first fragment with IHL beyond the packet is malformed",
+            || {
+                let mut p = packets::truncated(&v4_fragment(BLOCKED, 100, false), 24);
+                p[0] = 0x4f;
+                packets::eth_ip(&p)
+            },
+            src_lists,
+            malformed.clone(),
+        ),
     ]
 }
 
@@ -874,6 +894,20 @@ fn tc_cases() -> Vec<Case> {
             || packets::udp6(CLEAN6, PEER3_V6, 443, 4000, 1200),
             base,
             pass_out(PEER3),
+        ),
+        c(
+            "nested v4 range: the longest prefix wins (ingress)",
+            In,
+            || packets::udp4(PEER4_V4, CLEAN, 4000, 53, 10),
+            base,
+            pass_in(PEER4),
+        ),
+        c(
+            "nested v6 range: the longest prefix wins (egress)",
+            Out,
+            || packets::udp6(CLEAN6, PEER5_V6, 53, 4000, 10),
+            base,
+            pass_out(PEER5),
         ),
         c(
             "v6 range ignored without CONFIG_F_PEER_V6_RANGES",
