@@ -132,7 +132,7 @@ fn radix_sort(v: &mut Vec<u64>) {
         for &x in &src {
             counts[((x >> shift) & 0xffff) as usize] += 1;
         }
-        if counts.iter().any(|&c| c == src.len()) {
+        if counts.contains(&src.len()) {
             continue; // every key has the same digit: this pass would not move anything
         }
         let mut sum = 0;
@@ -251,15 +251,15 @@ fn flush_block(
     let base = block << 8;
     let bg = dir[block as usize];
     // Fast path: one long prefix of a blocking list (an allow hole takes the general path).
-    if let [(off, len, id)] = group[..] {
-        if id == bg || id != 0 {
-            group.clear();
-            if id != bg {
-                long.push((base | off, len, id));
-                dir[block as usize] = dir_entry(bg, 1 << (len - 25));
-            }
-            return;
+    if let [(off, len, id)] = group[..]
+        && (id == bg || id != 0)
+    {
+        group.clear();
+        if id != bg {
+            long.push((base | off, len, id));
+            dir[block as usize] = dir_entry(bg, 1 << (len - 25));
         }
+        return;
     }
     let mut cells = [bg; 256];
     for &(off, len, id) in group.iter() {

@@ -29,6 +29,7 @@ use std::{
     io,
     os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use aya::{
@@ -221,10 +222,11 @@ fn sys_err(map: &'static str, op: &'static str) -> impl FnOnce(io::Error) -> Dat
     move |source| DataplaneError::Syscall { map, op, source }
 }
 
-/// A map taken out of the object with a duplicate of its fd for raw syscalls.
+/// A map taken out of the object with a duplicate of its fd for raw syscalls (shared with
+/// background cleanup threads).
 struct Owned<T> {
     map: T,
-    fd: OwnedFd,
+    fd: Arc<OwnedFd>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<Owned<T>>
@@ -243,6 +245,7 @@ where
         .as_fd()
         .try_clone_to_owned()
         .map_err(sys_err(name, "dup fd"))?;
+    let fd = Arc::new(fd);
     let map = T::try_from(m).map_err(|_| DataplaneError::MapMissing { map: name })?;
     Ok(Owned { map, fd })
 }
@@ -294,7 +297,7 @@ fn ensure_bpffs_dir(path: &Path) -> Result<()> {
             })?;
     }
     match nix::sys::statfs::statfs(path) {
-        Ok(s) if s.filesystem_type().0 as i64 == BPF_FS_MAGIC => Ok(()),
+        Ok(s) if s.filesystem_type().0 == BPF_FS_MAGIC => Ok(()),
         _ => Err(DataplaneError::NotBpffs {
             path: path.to_path_buf(),
         }),

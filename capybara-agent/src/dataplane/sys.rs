@@ -103,6 +103,60 @@ pub fn delete_batch<K: Copy>(map: BorrowedFd<'_>, keys: &[K]) -> Result<(), (usi
     Ok(())
 }
 
+/// Threads for the parallel batch operations: the kernel's hash maps lock per bucket, so
+/// disjoint slices of keys update in parallel. Bounded by the CPUs and by 4.
+fn threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(4)
+}
+
+/// [`update_batch`] split over up to 4 threads. On error, the caller must assume any subset
+/// of `keys` was written.
+pub fn update_batch_par<K: Copy + Sync, V: Copy + Sync>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> io::Result<()> {
+    assert_eq!(keys.len(), values.len());
+    let n = threads();
+    if n < 2 || keys.len() < 2 * BATCH_CHUNK {
+        return update_batch(map, keys, values).map_err(|(_, e)| e);
+    }
+    let per = keys.len().div_ceil(n);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = keys
+            .chunks(per)
+            .zip(values.chunks(per))
+            .map(|(k, v)| s.spawn(move || update_batch(map, k, v).map_err(|(_, e)| e)))
+            .collect();
+        handles.into_iter().try_for_each(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(io::Error::other("batch thread panicked")))
+        })
+    })
+}
+
+/// [`delete_batch`] split over up to 4 threads. On error, the caller must assume any subset
+/// of `keys` was deleted.
+pub fn delete_batch_par<K: Copy + Sync>(map: BorrowedFd<'_>, keys: &[K]) -> io::Result<()> {
+    let n = threads();
+    if n < 2 || keys.len() < 2 * BATCH_CHUNK {
+        return delete_batch(map, keys).map_err(|(_, e)| e);
+    }
+    let per = keys.len().div_ceil(n);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = keys
+            .chunks(per)
+            .map(|k| s.spawn(move || delete_batch(map, k).map_err(|(_, e)| e)))
+            .collect();
+        handles.into_iter().try_for_each(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(io::Error::other("batch thread panicked")))
+        })
+    })
+}
+
 /// `BPF_MAP_LOOKUP_BATCH` over a whole hash map: every key and value. `K` and `V` must be the
 /// map's key and value types (plain old data).
 pub fn dump_hash<K: Copy + Default, V: Copy + Default>(
