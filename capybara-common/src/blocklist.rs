@@ -10,9 +10,10 @@
 //! Lookup cost must not grow with list size (`xdp_guard_1m_over_1k` ≤ 1.5), which a binary
 //! LPM trie cannot give (≈5.5× from 1k to 1M prefixes on this machine kind). So:
 //!
-//! - `*_V4_DIR`: an array of `2 × 2^24` [`DirEntry`] `u32`s, index
-//!   `generation << 24 | addr >> 8` — one read decides every address whose /24 holds no prefix
-//!   longer than /24. `BPF_F_MMAPABLE`: the agent fills a generation with one memory copy.
+//! - `*_V4_DIR`: `2 × 2^24` [`DirEntry`] `u32`s, entry index `generation << 24 | addr >> 8`,
+//!   stored two to a map element ([`DirSlot`]) — one read decides every address whose /24 holds
+//!   no prefix longer than /24. `BPF_F_MMAPABLE`: the agent fills a generation with one memory
+//!   copy of 64 MiB.
 //! - `*_V4_LONG`: a hash of [`V4LongKey`] → `u32` list id for the parts of a /24 that differ from
 //!   the /24's default. The compiled long prefixes of one /24 are **disjoint**, and the entry's
 //!   length mask says which lengths exist there, so the kernel probes at most the lengths present
@@ -39,6 +40,20 @@ pub const MAX_LISTS: u32 = 1024;
 pub const V4_DIR_ENTRIES_PER_GEN: u32 = 1 << 24;
 /// Total entries of a DIR-24 table (two generations).
 pub const V4_DIR_ENTRIES: u32 = 2 * V4_DIR_ENTRIES_PER_GEN;
+
+/// A DIR-24 map element: two consecutive [`DirEntry`]s. The kernel lays array elements out
+/// `round_up(value_size, 8)` bytes apart, so a `u32` element would waste half the memory and
+/// break the dense view the agent writes through `mmap`; a pair fills the 8 bytes exactly, and
+/// the mapped memory is then a dense `[DirEntry; V4_DIR_ENTRIES]`.
+pub type DirSlot = [DirEntry; 2];
+
+/// Elements (pairs) of a DIR-24 map: `max_entries` of the kernel map.
+pub const V4_DIR_SLOTS: u32 = V4_DIR_ENTRIES / 2;
+
+/// The element holding entry `index` (from [`dir_index`]) and the half it is in (0 or 1).
+pub const fn dir_slot(index: u32) -> (u32, u32) {
+    (index >> 1, index & 1)
+}
 
 /// Capacity of each long-prefix hash (both generations together).
 pub const V4_LONG_MAX: u32 = 2 * 1_048_576;
@@ -123,6 +138,14 @@ mod tests {
         let a = u32::from_be_bytes([10, 1, 2, 3]);
         assert_eq!(dir_index(0, a), 0x0a0102);
         assert_eq!(dir_index(1, a), (1 << 24) | 0x0a0102);
+    }
+
+    #[test]
+    fn slots_pair_consecutive_entries() {
+        assert_eq!(dir_slot(0), (0, 0));
+        assert_eq!(dir_slot(1), (0, 1));
+        assert_eq!(dir_slot(dir_index(1, u32::MAX)), (V4_DIR_SLOTS - 1, 1));
+        assert_eq!(core::mem::size_of::<DirSlot>(), 8);
     }
 
     #[test]

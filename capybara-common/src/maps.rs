@@ -11,7 +11,7 @@
 //! | `PEER_STATS` | per-CPU array | 131 072 | 20 MiB × ncpu |
 //! | `PEER_V4`, `PEER_V6` | hash | 262 144 each | ≈ 20 MiB + 25 MiB |
 //! | `PEER_V4_LPM`, `PEER_V6_LPM` | LPM trie | 262 144 each | allocated per entry |
-//! | `SRC_V4_DIR`, `DST_V4_DIR` | mmapable array | 2 × 2^24 each | 128 MiB each |
+//! | `SRC_V4_DIR`, `DST_V4_DIR` | mmapable array of entry pairs | 2^24 pairs (2 generations × 2^24 entries) each | 128 MiB each |
 //! | `SRC_V4_LONG`, `DST_V4_LONG` | hash | 2 × 2^20 each | ≈ 130 MiB each when full (preallocated) |
 //! | `SRC_V6`, `DST_V6` | LPM trie | 262 144 each | allocated per entry |
 //! | `GUARD_PORTS` | array | 65 536 | 256 KiB |

@@ -23,7 +23,7 @@
 
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, lpm_trie::Key};
 use capybara_common::{
-    blocklist::{ListId, V4LongKey, V6KeyData, dir_index, dir_list, dir_long_mask},
+    blocklist::{DirSlot, ListId, V4LongKey, V6KeyData, dir_index, dir_list, dir_long_mask, dir_slot},
     config::{CONFIG_F_PEER_V4_RANGES, CONFIG_F_PEER_V6_RANGES, Config},
     peer::PeerId,
 };
@@ -45,7 +45,7 @@ pub fn config() -> Config {
 
 /// The compiled blocklists of one direction.
 pub struct Blocklist {
-    dir: &'static Array<u32>,
+    dir: &'static Array<DirSlot>,
     long: &'static HashMap<V4LongKey, ListId>,
     v6: &'static LpmTrie<V6KeyData, ListId>,
 }
@@ -67,8 +67,10 @@ impl Blocklist {
     /// The list covering IPv4 `addr` (host order) in `generation`; 0 = none.
     #[inline(always)]
     pub fn v4(&self, generation: u32, addr: u32) -> ListId {
-        let entry = match self.dir.get(dir_index(generation, addr)) {
-            Some(e) => *e,
+        let (slot, half) = dir_slot(dir_index(generation, addr));
+        let entry = match self.dir.get(slot) {
+            Some(pair) if half == 0 => pair[0],
+            Some(pair) => pair[1],
             None => return 0,
         };
         let mask = dir_long_mask(entry);

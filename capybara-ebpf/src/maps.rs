@@ -8,7 +8,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray},
 };
 use capybara_common::{
-    blocklist::{ListId, MAX_LISTS, V4_DIR_ENTRIES, V4_LONG_MAX, V4LongKey, V6_MAX, V6KeyData},
+    blocklist::{DirSlot, ListId, MAX_LISTS, V4_DIR_SLOTS, V4_LONG_MAX, V4LongKey, V6_MAX, V6KeyData},
     config::Config,
     counters::{COUNTER_SLOTS, Counter},
     peer::{MAX_PEER_ADDRS, MAX_PEERS, PeerId, PeerInfo, PeerStats, PeerV4LpmData, PeerV6LpmData},
@@ -44,7 +44,7 @@ pub static PEER_V6_LPM: LpmTrie<PeerV6LpmData, PeerId> =
     LpmTrie::pinned(MAX_PEER_ADDRS, BPF_F_NO_PREALLOC);
 
 #[map(name = "CAPY_SRC_V4DIR")]
-pub static SRC_V4_DIR: Array<u32> = Array::pinned(V4_DIR_ENTRIES, BPF_F_MMAPABLE);
+pub static SRC_V4_DIR: Array<DirSlot> = Array::pinned(V4_DIR_SLOTS, BPF_F_MMAPABLE);
 
 #[map(name = "CAPY_SRC_V4LNG")]
 pub static SRC_V4_LONG: HashMap<V4LongKey, ListId> = HashMap::pinned(V4_LONG_MAX, 0);
@@ -53,7 +53,7 @@ pub static SRC_V4_LONG: HashMap<V4LongKey, ListId> = HashMap::pinned(V4_LONG_MAX
 pub static SRC_V6: LpmTrie<V6KeyData, ListId> = LpmTrie::pinned(V6_MAX, BPF_F_NO_PREALLOC);
 
 #[map(name = "CAPY_DST_V4DIR")]
-pub static DST_V4_DIR: Array<u32> = Array::pinned(V4_DIR_ENTRIES, BPF_F_MMAPABLE);
+pub static DST_V4_DIR: Array<DirSlot> = Array::pinned(V4_DIR_SLOTS, BPF_F_MMAPABLE);
 
 #[map(name = "CAPY_DST_V4LNG")]
 pub static DST_V4_LONG: HashMap<V4LongKey, ListId> = HashMap::pinned(V4_LONG_MAX, 0);

@@ -27,7 +27,7 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use capybara_common::{
-    blocklist::{DirEntry, ListId, V4LongKey, V6KeyData, dir_index},
+    blocklist::{DirEntry, DirSlot, ListId, V4LongKey, V6KeyData, dir_index, dir_slot},
     config::Config,
     counters::{COUNTER_SLOTS, Counter},
     maps as names,
@@ -335,9 +335,11 @@ impl Fixture {
 
     /// Writes the DIR-24 entry of the /24 holding `addr` in generation `generation`.
     pub fn dir_entry(&mut self, lists: Lists, generation: u32, addr: Ipv4Addr, e: DirEntry) {
-        let mut m: Array<&mut MapData, u32> = Array::try_from(self.map(lists.dir())).unwrap();
-        m.set(dir_index(generation, u32::from(addr)), e, 0)
-            .expect("write V4 DIR");
+        let mut m: Array<&mut MapData, DirSlot> = Array::try_from(self.map(lists.dir())).unwrap();
+        let (slot, half) = dir_slot(dir_index(generation, u32::from(addr)));
+        let mut pair = m.get(&slot, 0).expect("read V4 DIR");
+        pair[half as usize] = e;
+        m.set(slot, pair, 0).expect("write V4 DIR");
     }
 
     /// Writes a long prefix `addr/len` (25..=32) → `list` in generation `generation`. (The DIR
