@@ -24,17 +24,19 @@
 //! ## Numbers (`list_replace_1m` in tests/tests/dataplane.rs, release build, this 2-core machine)
 //! Replacing a source list of 1 000 000 random prefixes ([`crate::blocklist::sample`]: 95 % /20–/32,
 //! 5 % /16–/19 over the whole IPv4 space; 354 898 entries longer than /24 after compiling) by
-//! another such list, measured while other builds kept the machine at load average ≈ 9:
+//! another such list. Two runs: one while other builds kept the machine at load average ≈ 9, one
+//! with the CPUs mostly free:
 //!
-//! | step | ms |
-//! |---|---|
-//! | plan (validate, sort the 1M CIDRs) | 80 |
-//! | compile (radix sort, stack pass, DIR paint) | 351 |
-//! | DIR copy through the mmap (64 MiB) | 37 |
-//! | long prefixes, `BPF_MAP_UPDATE_BATCH` ×2 threads | 656 |
-//! | flip | 0.01 |
-//! | **new lists live (`list_replace_1m_ms`)** | **1 156** |
-//! | background: grace period + delete of the old generation | 520 (done at 1 677) |
+//! | step | loaded, ms | quiet, ms |
+//! |---|---|---|
+//! | plan (validate, sort the 1M CIDRs) | 80 | 29 |
+//! | compile (radix sort, stack pass, DIR paint) | 351 | 133 |
+//! | DIR copy through the mmap (64 MiB) | 37 | 16 |
+//! | long prefixes, `BPF_MAP_UPDATE_BATCH` ×2 threads | 656 | 151 |
+//! | flip | 0.01 | 0.02 |
+//! | **new lists live (`list_replace_1m_ms`)** | **1 156** | **342** |
+//! | background: grace period + delete of the old generation | 520 | 117 |
+//! | everything done | 1 677 | 460 |
 //!
 //! Target < 2000 ms. Back-to-back replacements pay the previous cleanup at their start (the
 //! xtask bench measures that case). The 2^24-entry DIR table is what makes the design
@@ -63,8 +65,8 @@ use aya::{
 };
 use capybara_common::{
     blocklist::{
-        DirSlot, ListId, V4_DIR_ENTRIES, V4_DIR_ENTRIES_PER_GEN, V4_LONG_MAX, V4LongKey, V6_MAX, V6KeyData,
-        dir_list, dir_long_mask,
+        DirSlot, ListId, V4_DIR_ENTRIES, V4_DIR_ENTRIES_PER_GEN, V4_LONG_MAX, V4LongKey, V6_MAX,
+        V6KeyData, dir_list, dir_long_mask,
     },
     config::Config,
     counters::Counter,
