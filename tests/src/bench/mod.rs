@@ -1,0 +1,200 @@
+//! The benchmarks run by `capybara-bench` (and so by `cargo xtask bench`).
+//!
+//! - [`guard`]: the XDP guard's cost per packet over source blocklists of 0, 1k, 100k and 1M
+//!   random IPv4 prefixes, measured with `BPF_PROG_TEST_RUN` one distinct packet per run;
+//!   replacing a 1M-prefix list; optionally the kernel's own LPM trie over the same prefixes as
+//!   a baseline measured in the same run.
+//! - [`geo`]: compiling a generated GeoLite2-size MaxMind DB.
+//!
+//! Every figure is a [`Figure`]; the binary writes them as
+//! `{"benchmarks":[{"name":…, "value":…, "unit":…}]}`. The names below are what reports and CI
+//! compare across runs: keep them stable.
+
+pub mod geo;
+pub mod guard;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
+};
+
+use serde::Serialize;
+
+/// `xdp_guard_ns_empty`: ns per packet, no blocklist.
+pub const XDP_GUARD_NS_EMPTY: &str = "xdp_guard_ns_empty";
+/// `xdp_guard_ns_1k`: ns per packet, 1 000 prefixes.
+pub const XDP_GUARD_NS_1K: &str = "xdp_guard_ns_1k";
+/// `xdp_guard_ns_100k`: ns per packet, 100 000 prefixes.
+pub const XDP_GUARD_NS_100K: &str = "xdp_guard_ns_100k";
+/// `xdp_guard_ns_1m`: ns per packet, 1 000 000 prefixes.
+pub const XDP_GUARD_NS_1M: &str = "xdp_guard_ns_1m";
+/// `xdp_guard_1m_over_1k`: the 1M figure over the 1k figure (target ≤ 1.5).
+pub const XDP_GUARD_1M_OVER_1K: &str = "xdp_guard_1m_over_1k";
+/// `xdp_guard_ns_1m_lpm_baseline`: the same probes against the kernel's LPM trie holding the
+/// same 1M prefixes.
+pub const XDP_GUARD_NS_1M_LPM_BASELINE: &str = "xdp_guard_ns_1m_lpm_baseline";
+/// `list_replace_1m_ms`: replacing a 1M-prefix source list with another one (target < 2000).
+pub const LIST_REPLACE_1M_MS: &str = "list_replace_1m_ms";
+/// `geo_compile_500k_ms`: `GeoDb::open` of a generated 500k-network database.
+pub const GEO_COMPILE_500K_MS: &str = "geo_compile_500k_ms";
+
+/// Every benchmark, in the order they run and are reported.
+pub const ALL: &[&str] = &[
+    XDP_GUARD_NS_EMPTY,
+    XDP_GUARD_NS_1K,
+    XDP_GUARD_NS_100K,
+    XDP_GUARD_NS_1M,
+    XDP_GUARD_1M_OVER_1K,
+    XDP_GUARD_NS_1M_LPM_BASELINE,
+    LIST_REPLACE_1M_MS,
+    GEO_COMPILE_500K_MS,
+];
+
+/// One measured figure.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Figure {
+    /// Stable benchmark name (one of [`ALL`]).
+    pub name: &'static str,
+    /// The value, in `unit`.
+    pub value: f64,
+    /// `ns`, `ms` or `ratio`.
+    pub unit: &'static str,
+}
+
+/// The JSON document the binary writes.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// Every figure, in [`ALL`] order.
+    pub benchmarks: Vec<Figure>,
+}
+
+/// Which benchmarks to run: those whose name contains the filter (all without one).
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    filter: Option<String>,
+}
+
+impl Selection {
+    /// Benchmarks whose name contains `filter`, or all.
+    pub fn new(filter: Option<String>) -> Self {
+        Selection { filter }
+    }
+
+    /// True if `name` is to be reported.
+    pub fn wants(&self, name: &str) -> bool {
+        self.filter.as_deref().is_none_or(|f| name.contains(f))
+    }
+
+    /// True if any of `names` is to be reported.
+    pub fn wants_any(&self, names: &[&str]) -> bool {
+        names.iter().any(|n| self.wants(n))
+    }
+}
+
+/// The median of `values` (the mean of the middle two for an even count); NaN when empty.
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Progress on stderr, prefixed so it stands out from cargo's output.
+#[macro_export]
+macro_rules! progress {
+    ($($arg:tt)*) => { eprintln!("bench: {}", format_args!($($arg)*)) };
+}
+
+/// Where bpffs is mounted.
+const BPFFS: &str = "/sys/fs/bpf";
+/// Prefix of the benchmark's pin directories: `capybench-<pid>`.
+const PIN_PREFIX: &str = "capybench-";
+
+/// The benchmark's own bpffs directory, `/sys/fs/bpf/capybench-<pid>`, removed with everything
+/// pinned in it on drop (also when a benchmark fails or panics). Directories left by benchmark
+/// processes that no longer exist (killed by a signal) are removed when a new one is created.
+#[derive(Debug)]
+pub struct BenchPins {
+    path: PathBuf,
+}
+
+impl BenchPins {
+    /// Sweeps stale directories, then creates this process's.
+    pub fn new() -> anyhow::Result<Self> {
+        static CREATED: AtomicBool = AtomicBool::new(false);
+        anyhow::ensure!(
+            !CREATED.swap(true, Ordering::SeqCst),
+            "one pin directory per benchmark process"
+        );
+        sweep_stale();
+        let path = Path::new(BPFFS).join(format!("{PIN_PREFIX}{}", std::process::id()));
+        if path.exists() {
+            std::fs::remove_dir_all(&path)?;
+        }
+        std::fs::create_dir(&path).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create {}: {e} (root and bpffs at {BPFFS} needed)",
+                path.display()
+            )
+        })?;
+        Ok(BenchPins { path })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for BenchPins {
+    fn drop(&mut self) {
+        match std::fs::remove_dir_all(&self.path) {
+            Ok(()) => progress!("removed {}", self.path.display()),
+            Err(e) => eprintln!("warning: cannot remove {}: {e}", self.path.display()),
+        }
+    }
+}
+
+/// Removes `capybench-<pid>` directories of processes that no longer exist.
+fn sweep_stale() {
+    let Ok(entries) = std::fs::read_dir(BPFFS) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(PIN_PREFIX)
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            progress!("removing stale {}", e.path().display());
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn selection_matches_substrings() {
+        let s = Selection::new(Some("1m".into()));
+        assert!(s.wants(XDP_GUARD_NS_1M));
+        assert!(s.wants(LIST_REPLACE_1M_MS));
+        assert!(!s.wants(XDP_GUARD_NS_1K));
+        assert!(Selection::new(None).wants(GEO_COMPILE_500K_MS));
+    }
+}

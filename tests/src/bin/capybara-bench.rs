@@ -1,0 +1,96 @@
+//! `capybara-bench`: the benchmarks behind `cargo xtask bench` (root required: they load BPF
+//! programs and pin maps under `/sys/fs/bpf/capybench-<pid>`, removed at the end).
+//!
+//! ```text
+//! cargo run --release -p capybara-tests --bin capybara-bench -- --out FILE [--filter NAME]
+//! ```
+//!
+//! Writes `{"benchmarks":[{"name":…, "value":…, "unit":…}]}` to `--out` (stdout without it);
+//! progress goes to stderr. See `capybara_tests::bench` for what each benchmark measures.
+
+use std::{io::Write as _, path::PathBuf, time::Instant};
+
+use anyhow::{Context as _, Result, bail};
+use capybara_tests::{
+    bench::{self, Figure, GEO_COMPILE_500K_MS, Report, Selection, guard::GuardOptions},
+    progress,
+};
+use clap::Parser;
+
+/// Runs Capybara's benchmarks and writes their figures as JSON.
+#[derive(Debug, Parser)]
+#[command(name = "capybara-bench")]
+struct Args {
+    /// Write `{"benchmarks":[{"name","value","unit"}]}` to this file (stdout without it).
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Run only the benchmarks whose name contains NAME.
+    #[arg(long, value_name = "NAME")]
+    filter: Option<String>,
+    /// Distinct probe packets per round of the XDP benchmarks (each run once).
+    #[arg(long, default_value_t = 20_000, value_name = "N")]
+    probes: usize,
+    /// Rounds per XDP benchmark; the median round is reported.
+    #[arg(long, default_value_t = 7, value_name = "N")]
+    rounds: usize,
+    /// List the benchmark names and exit.
+    #[arg(long)]
+    list: bool,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.list {
+        for name in bench::ALL {
+            println!("{name}");
+        }
+        return Ok(());
+    }
+    let sel = Selection::new(args.filter.clone());
+    if !bench::ALL.iter().any(|n| sel.wants(n)) {
+        bail!(
+            "no benchmark matches --filter {:?}; the benchmarks are: {}",
+            args.filter.as_deref().unwrap_or_default(),
+            bench::ALL.join(", ")
+        );
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!("capybara-bench needs root: it loads BPF programs and pins maps in /sys/fs/bpf");
+    }
+    if args.probes < 20_000 {
+        progress!(
+            "warning: --probes {} is below the 20000 the benchmark specifies",
+            args.probes
+        );
+    }
+
+    let start = Instant::now();
+    let mut figures: Vec<Figure> = bench::guard::run(
+        &sel,
+        GuardOptions {
+            probes: args.probes,
+            rounds: args.rounds,
+        },
+    )?;
+    if sel.wants(GEO_COMPILE_500K_MS) {
+        figures.push(bench::geo::compile_500k()?);
+    }
+    figures.sort_by_key(|f| bench::ALL.iter().position(|n| *n == f.name));
+    progress!("done in {:.0} s", start.elapsed().as_secs_f64());
+    for f in &figures {
+        progress!("{:<32} {:>12.3} {}", f.name, f.value, f.unit);
+    }
+
+    let json = serde_json::to_string_pretty(&Report {
+        benchmarks: figures,
+    })?;
+    match &args.out {
+        Some(path) => {
+            std::fs::write(path, json + "\n")
+                .with_context(|| format!("write {}", path.display()))?;
+            progress!("wrote {}", path.display());
+        }
+        None => writeln!(std::io::stdout(), "{json}")?,
+    }
+    Ok(())
+}
