@@ -6,6 +6,7 @@ pub mod v1 {
     #![allow(
         clippy::all,
         clippy::pedantic,
+        clippy::allow_attributes_without_reason,
         reason = "generated code: its shape is prost's, not ours"
     )]
     tonic::include_proto!("capybara.v1");
