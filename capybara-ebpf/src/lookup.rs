@@ -4,8 +4,9 @@
 //! One [`Blocklist`] value per direction bundles that direction's three maps (source lists for
 //! the XDP guard, destination lists for the tunnel device); the lookup code is shared.
 //!
-//! - IPv4: one read of the DIR-24 entry `dir[dir_index(gen, addr)]` decides every address whose
-//!   /24 has no longer prefix. Otherwise the entry's length mask says which lengths 25..=32 exist
+//! - IPv4: one read of the DIR-24 entry `dir_index(gen, addr)` (stored two to a map element,
+//!   `dir_slot` says which element and which half) decides every address whose /24 has no
+//!   longer prefix. Otherwise the entry's length mask says which lengths 25..=32 exist
 //!   under that /24; they are probed longest first in the long-prefix hash, and the first hit is
 //!   the answer (the agent compiles the long prefixes of a /24 to be disjoint, so "first hit" is
 //!   "longest match"). A hit may be list 0: an allow hole inside a blocked /24. At most 8 hash
@@ -23,7 +24,9 @@
 
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, lpm_trie::Key};
 use capybara_common::{
-    blocklist::{DirSlot, ListId, V4LongKey, V6KeyData, dir_index, dir_list, dir_long_mask, dir_slot},
+    blocklist::{
+        DirSlot, ListId, V4LongKey, V6KeyData, dir_index, dir_list, dir_long_mask, dir_slot,
+    },
     config::{CONFIG_F_PEER_V4_RANGES, CONFIG_F_PEER_V6_RANGES, Config},
     peer::PeerId,
 };

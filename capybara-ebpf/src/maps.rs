@@ -8,7 +8,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray},
 };
 use capybara_common::{
-    blocklist::{DirSlot, ListId, MAX_LISTS, V4_DIR_SLOTS, V4_LONG_MAX, V4LongKey, V6_MAX, V6KeyData},
+    blocklist::{
+        DirSlot, ListId, MAX_LISTS, V4_DIR_SLOTS, V4_LONG_MAX, V4LongKey, V6_MAX, V6KeyData,
+    },
     config::Config,
     counters::{COUNTER_SLOTS, Counter},
     peer::{MAX_PEER_ADDRS, MAX_PEERS, PeerId, PeerInfo, PeerStats, PeerV4LpmData, PeerV6LpmData},
