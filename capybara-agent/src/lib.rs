@@ -6,5 +6,6 @@ pub mod dataplane;
 pub mod geo;
 pub mod net;
 pub mod paths;
+pub mod service;
 pub mod store;
 pub mod tunnel;

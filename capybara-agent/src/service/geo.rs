@@ -1,0 +1,91 @@
+//! Geo restrictions applied to the XDP guard's source lists.
+//!
+//! A [`GeoPolicy`] becomes named source lists, written as **one** generation
+//! (`Dataplane::list_batch`): every `geo:*` list of the previous policy that the new one does not
+//! have is deleted, the new ones are replaced — so switching from `block CN RU` to `allow US`
+//! never shows a moment with both or neither.
+//!
+//! - Block mode: `geo:CN`, `geo:RU`, … one list per country, so hits are counted per country.
+//! - Allow mode: one list, [`OUTSIDE_LIST`], holding every address outside the allowed countries
+//!   and outside the private/reserved ranges (`geo::RESERVED_V4`/`RESERVED_V6`). Explicit allows
+//!   are the `allow` list, which outranks every other list when the lists are compiled, so they
+//!   need no special case here.
+//!
+//! Everything is validated before the kernel is touched: the database is compiled by
+//! [`GeoDb::open`] (an unreadable or corrupt file fails there) and country codes are parsed by
+//! [`CountryCode::parse`]; a failed write leaves the previous generation live.
+
+use crate::{
+    blocklist::{Direction, ListName, registry::ListOp},
+    dataplane::{Dataplane, DataplaneError, ListUpdate},
+    geo::{CountryCode, GeoDb, allow_mode_block, block_lists},
+    net::Cidr,
+};
+
+/// The list allow mode drops from: every source outside the allowed countries.
+pub const OUTSIDE_LIST: &str = "geo:outside";
+
+/// What the guard does with countries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GeoPolicy {
+    /// No geo lists.
+    Off,
+    /// Drop sources in these countries.
+    Block(Vec<CountryCode>),
+    /// Drop sources outside these countries (private/reserved ranges and the `allow` list are
+    /// never dropped).
+    Allow(Vec<CountryCode>),
+}
+
+/// Errors applying a geo policy.
+#[derive(Debug, thiserror::Error)]
+pub enum GeoApplyError {
+    /// Writing the lists failed; the previous lists stay live.
+    #[error("cannot write the geo lists")]
+    Dataplane(#[from] DataplaneError),
+}
+
+/// The geo lists `policy` needs, as `(name, CIDRs)`.
+fn lists_for(db: &GeoDb, policy: &GeoPolicy) -> Vec<(ListName, Vec<Cidr>)> {
+    let to_cidrs = |v4: Vec<ipnet::Ipv4Net>, v6: Vec<ipnet::Ipv6Net>| -> Vec<Cidr> {
+        v4.into_iter()
+            .map(Cidr::from)
+            .chain(v6.into_iter().map(Cidr::from))
+            .collect()
+    };
+    let name = |s: &str| ListName::parse(s).expect("geo list names are valid list names");
+    match policy {
+        GeoPolicy::Off => Vec::new(),
+        GeoPolicy::Block(countries) => block_lists(db, countries)
+            .into_iter()
+            .map(|(n, v4, v6)| (name(&n), to_cidrs(v4, v6)))
+            .collect(),
+        GeoPolicy::Allow(countries) => {
+            let (v4, v6) = allow_mode_block(db, countries, &[]);
+            vec![(name(OUTSIDE_LIST), to_cidrs(v4, v6))]
+        }
+    }
+}
+
+/// Replaces the source lists named `geo:*` with those of `policy`, in one generation.
+pub fn apply(
+    dataplane: &mut Dataplane,
+    db: &GeoDb,
+    policy: &GeoPolicy,
+) -> Result<ListUpdate, GeoApplyError> {
+    let new = lists_for(db, policy);
+    let stale: Vec<ListName> = dataplane
+        .lists()
+        .into_iter()
+        .filter(|l| l.direction == Direction::Source)
+        .map(|l| l.name)
+        .filter(|n| n.as_str().starts_with("geo:") && !new.iter().any(|(m, _)| m == n))
+        .collect();
+    let mut ops: Vec<(ListName, ListOp<'_>)> =
+        stale.into_iter().map(|n| (n, ListOp::Delete)).collect();
+    ops.extend(
+        new.iter()
+            .map(|(n, cidrs)| (n.clone(), ListOp::Replace(cidrs))),
+    );
+    Ok(dataplane.list_batch(Direction::Source, &ops)?)
+}
