@@ -71,6 +71,10 @@ const CLEAN6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc1ea, 0, 0, 0, 0, 1);
 /// A /24 in list `LIST_NET`.
 const BLOCKED: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
 const LIST_NET: ListId = 5;
+/// 203.0.112.0/24, in list `LIST_EVEN`: its DIR-24 entry shares a map element (an entry
+/// pair) with `BLOCKED`'s /24, as the even half.
+const LIST_EVEN: ListId = 8;
+const IN_EVEN: Ipv4Addr = Ipv4Addr::new(203, 0, 112, 5);
 /// A /32 (203.0.113.77) in list `LIST_HOST`.
 const LIST_HOST: ListId = 6;
 const IN_HOST: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 77);
@@ -317,14 +321,20 @@ fn base_drop_unknown(f: &mut Fixture) {
 }
 
 /// The lists of generation `generation` of `lists`: the /24 of `BLOCKED` in `LIST_NET` with a
-/// /32 (`LIST_HOST`), a /25 (`LIST_25`) and an allow hole /28 (list 0) under it, and the IPv6
-/// /48 in `LIST_V6`.
+/// /32 (`LIST_HOST`), a /25 (`LIST_25`) and an allow hole /28 (list 0) under it, the /24 next
+/// to it (`LIST_EVEN`), and the IPv6 /48 in `LIST_V6`.
 fn lists(f: &mut Fixture, lists: Lists, generation: u8) {
     f.dir_entry(
         lists,
         u32::from(generation),
         BLOCKED,
         dir_entry(LIST_NET, len_bit(32) | len_bit(28) | len_bit(25)),
+    );
+    f.dir_entry(
+        lists,
+        u32::from(generation),
+        IN_EVEN,
+        dir_entry(LIST_EVEN, 0),
     );
     f.v4_long(lists, generation, IN_HOST, 32, LIST_HOST);
     f.v4_long(lists, generation, IN_25, 25, LIST_25);
@@ -464,6 +474,12 @@ fn xdp_cases() -> Vec<Case> {
             || packets::eth_ip(&wg4(BLOCKED)),
             src_lists,
             drop(LIST_NET),
+        ),
+        c(
+            "v4 source in the even /24 of a DIR entry pair dropped",
+            || packets::eth_ip(&wg4(IN_EVEN)),
+            src_lists,
+            drop(LIST_EVEN),
         ),
         c(
             "v4 source in a /32 (long prefix) dropped",
@@ -976,6 +992,13 @@ fn tc_cases() -> Vec<Case> {
             || packets::udp4(BLOCKED, PEER1_V4, 53, 4000, 60),
             dst_lists,
             blocked_out(LIST_NET, Some(PEER1)),
+        ),
+        c(
+            "egress: source in the even /24 of a DIR entry pair dropped",
+            Out,
+            || packets::udp4(IN_EVEN, PEER1_V4, 53, 4000, 60),
+            dst_lists,
+            blocked_out(LIST_EVEN, Some(PEER1)),
         ),
         c(
             "ingress: destination in a /32 dropped",
