@@ -108,8 +108,17 @@ const _: () = assert!(core::mem::size_of::<V4LongKey>() == 8);
 impl V4LongKey {
     /// The key for `addr` (host order) masked to `prefix_len` (25..=32) in `generation`.
     pub const fn new(addr: u32, prefix_len: u8, generation: u8) -> Self {
-        let mask = if prefix_len >= 32 { u32::MAX } else { !(u32::MAX >> prefix_len) };
-        V4LongKey { addr: addr & mask, prefix_len, generation, _pad: [0; 2] }
+        let mask = if prefix_len >= 32 {
+            u32::MAX
+        } else {
+            !(u32::MAX >> prefix_len)
+        };
+        V4LongKey {
+            addr: addr & mask,
+            prefix_len,
+            generation,
+            _pad: [0; 2],
+        }
     }
 }
 
@@ -151,7 +160,10 @@ mod tests {
     #[test]
     fn long_key_masks_host_bits() {
         let a = u32::from_be_bytes([10, 1, 2, 0xff]);
-        assert_eq!(V4LongKey::new(a, 25, 1).addr, u32::from_be_bytes([10, 1, 2, 0x80]));
+        assert_eq!(
+            V4LongKey::new(a, 25, 1).addr,
+            u32::from_be_bytes([10, 1, 2, 0x80])
+        );
         assert_eq!(V4LongKey::new(a, 32, 0).addr, a);
     }
 }

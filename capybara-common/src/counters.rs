@@ -18,6 +18,11 @@ const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 pod!(Counter);
 
 impl Counter {
+    /// One packet of `bytes`.
+    pub const fn one(bytes: u64) -> Counter {
+        Counter { packets: 1, bytes }
+    }
+
     /// Adds `other` (used when summing per-CPU values).
     pub fn add(&mut self, other: &Counter) {
         self.packets = self.packets.wrapping_add(other.packets);

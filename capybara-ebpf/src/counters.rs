@@ -17,44 +17,44 @@ use capybara_common::{
 use crate::maps::{COUNTERS, LIST_HITS};
 
 #[inline(always)]
-fn bump(c: *mut Counter, bytes: u64) {
+fn bump(c: *mut Counter, amount: Counter) {
     // SAFETY: `c` comes from a successful per-CPU array lookup: it points at this CPU's
     // `Counter`, valid for the whole program run and not shared with another CPU.
     unsafe {
-        (*c).packets = (*c).packets.wrapping_add(1);
-        (*c).bytes = (*c).bytes.wrapping_add(bytes);
+        (*c).packets = (*c).packets.wrapping_add(amount.packets);
+        (*c).bytes = (*c).bytes.wrapping_add(amount.bytes);
     }
 }
 
-/// Counts one packet of `bytes` at verdict slot `slot`.
+/// Counts `amount` (packets and bytes) at verdict slot `slot`.
 #[inline(always)]
-pub fn count(slot: u32, bytes: u64) {
+pub fn count(slot: u32, amount: Counter) {
     if let Some(c) = COUNTERS.get_ptr_mut(slot) {
-        bump(c, bytes);
+        bump(c, amount);
     }
 }
 
 /// Counts a dropped packet: its verdict slot, `DROPS_BASE + reason`, and the peer's
 /// `drops[reason]` when the packet belongs to a known peer.
 #[inline(always)]
-pub fn count_drop(slot: u32, reason: DropReason, bytes: u64, peer: Option<*mut PeerStats>) {
-    count(slot, bytes);
-    count(DROPS_BASE + reason as u32, bytes);
+pub fn count_drop(slot: u32, reason: DropReason, amount: Counter, peer: Option<*mut PeerStats>) {
+    count(slot, amount);
+    count(DROPS_BASE + reason as u32, amount);
     if let Some(p) = peer {
         // SAFETY: `p` comes from a successful per-CPU array lookup of `PEER_STATS` (this CPU's
         // value). `reason as usize` is below `DROP_REASON_COUNT <= DROP_REASON_SLOTS` (asserted
         // in capybara-common), so the array index cannot go out of bounds.
         unsafe {
             let d = &mut (*p).drops[reason as usize];
-            *d = d.wrapping_add(1);
+            *d = d.wrapping_add(amount.packets);
         }
     }
 }
 
 /// Counts a hit of list `list` (ids beyond the map are silently not counted).
 #[inline(always)]
-pub fn count_list_hit(list: ListId, bytes: u64) {
+pub fn count_list_hit(list: ListId, amount: Counter) {
     if let Some(c) = LIST_HITS.get_ptr_mut(list) {
-        bump(c, bytes);
+        bump(c, amount);
     }
 }

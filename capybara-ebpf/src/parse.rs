@@ -31,6 +31,8 @@ pub const ETH_P_8021AD: u16 = 0x88a8;
 
 /// IP protocol number of UDP.
 pub const IPPROTO_UDP: u8 = 17;
+/// IP protocol number of TCP.
+pub const IPPROTO_TCP: u8 = 6;
 /// IPv6 extension headers the guard skips.
 const IPV6_HOPOPTS: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
@@ -195,10 +197,12 @@ pub fn ethernet(pkt: &Packet) -> Result<(u16, usize), Malformed> {
 /// device carries raw IP packets). The fixed header must be complete.
 #[inline(always)]
 pub fn ip_addrs(pkt: &Packet, off: usize) -> Result<Addrs, Malformed> {
-    let first: u8 = pkt.read(off)?;
-    match first >> 4 {
+    // The version nibble is read as part of the 20-byte IPv4 header (no IP packet is shorter):
+    // a lone 1-byte read at offset 0 compiles to `data >= data_end`, a bound the verifier does
+    // not track on TUN devices (measured: "invalid access to packet, off=0 size=1").
+    let ip: Ipv4Hdr = pkt.read(off)?;
+    match ip.version_ihl >> 4 {
         4 => {
-            let ip: Ipv4Hdr = pkt.read(off)?;
             if ip.version_ihl & 0x0f < 5 {
                 return Err(Malformed);
             }
@@ -216,6 +220,33 @@ pub fn ip_addrs(pkt: &Packet, off: usize) -> Result<Addrs, Malformed> {
         }
         _ => Err(Malformed),
     }
+}
+
+/// Length of the IP and transport headers of the packet at `off` (TCP with its options, UDP 8
+/// bytes, anything else the IP header alone): what each extra segment of a GSO packet repeats.
+/// IPv6 extension headers are not followed (GSO packets do not carry them).
+#[inline(always)]
+pub fn gso_header_len(pkt: &Packet, off: usize, addrs: &Addrs) -> Result<usize, Malformed> {
+    let (ip_len, protocol) = match addrs {
+        Addrs::V4 { .. } => {
+            let ip: Ipv4Hdr = pkt.read(off)?;
+            (((ip.version_ihl & 0x0f) as usize) * 4, ip.protocol)
+        }
+        Addrs::V6 { .. } => {
+            let ip: Ipv6Hdr = pkt.read(off)?;
+            (IPV6_HDR_LEN, ip.next_header)
+        }
+    };
+    let l4 = match protocol {
+        IPPROTO_TCP => {
+            // Byte 12 of the TCP header: data offset in 32-bit words (high nibble).
+            let tcp: [u8; 13] = pkt.read(off + ip_len)?;
+            ((tcp[12] >> 4) as usize) * 4
+        }
+        IPPROTO_UDP => 8,
+        _ => 0,
+    };
+    Ok(ip_len + l4)
 }
 
 /// The IPv4 header at `off`: source, protocol, where the payload starts, and whether this is a

@@ -34,7 +34,7 @@
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use capybara_common::{
     counters::{
-        XDP_DROP_BLOCKLIST, XDP_PASS_CLEAN, XDP_PASS_FRAGMENT, XDP_PASS_MALFORMED,
+        Counter, XDP_DROP_BLOCKLIST, XDP_PASS_CLEAN, XDP_PASS_FRAGMENT, XDP_PASS_MALFORMED,
         XDP_PASS_UNGUARDED,
     },
     drop::DropReason,
@@ -61,24 +61,29 @@ pub fn xdp_guard(ctx: XdpContext) -> u32 {
     let bytes = pkt.len() as u64;
     match try_xdp_guard(&pkt) {
         Ok(Verdict::Unguarded) => {
-            count(XDP_PASS_UNGUARDED, bytes);
+            count(XDP_PASS_UNGUARDED, Counter::one(bytes));
             xdp_action::XDP_PASS
         }
         Ok(Verdict::Clean) => {
-            count(XDP_PASS_CLEAN, bytes);
+            count(XDP_PASS_CLEAN, Counter::one(bytes));
             xdp_action::XDP_PASS
         }
         Ok(Verdict::Fragment) => {
-            count(XDP_PASS_FRAGMENT, bytes);
+            count(XDP_PASS_FRAGMENT, Counter::one(bytes));
             xdp_action::XDP_PASS
         }
         Ok(Verdict::Blocked(list)) => {
-            count_drop(XDP_DROP_BLOCKLIST, DropReason::SourceBlocklist, bytes, None);
-            count_list_hit(list, bytes);
+            count_drop(
+                XDP_DROP_BLOCKLIST,
+                DropReason::SourceBlocklist,
+                Counter::one(bytes),
+                None,
+            );
+            count_list_hit(list, Counter::one(bytes));
             xdp_action::XDP_DROP
         }
         Err(Malformed) => {
-            count(XDP_PASS_MALFORMED, bytes);
+            count(XDP_PASS_MALFORMED, Counter::one(bytes));
             xdp_action::XDP_PASS
         }
     }
