@@ -1,9 +1,9 @@
 //! The XDP guard over source blocklists of 0, 1k, 100k and 1M prefixes, and replacing a 1M list.
 //!
 //! ## Method
-//! - The lists are installed through the real API: [`Dataplane::open`] on the benchmark's own
-//!   bpffs directory ([`BenchPins`]), [`Dataplane::set_guard_ports`], then
-//!   [`Dataplane::list_replace`] of one source list. Prefixes come from
+//! - The lists are installed through the real API: per list size, [`Dataplane::open`] on a
+//!   directory of its own under the benchmark's bpffs directory ([`BenchPins`]),
+//!   [`Dataplane::set_guard_ports`], then [`Dataplane::list_replace`] of one source list. Prefixes come from
 //!   [`random_v4_prefixes`]: the whole IPv4 space, 95 % of lengths in /20–/32, 5 % in /16–/19.
 //! - The program measured is `xdp_guard` of a second load of the same object over the same
 //!   pins (the dataplane keeps its own programs private until it attaches them), so it reads
@@ -14,7 +14,9 @@
 //!   sized payload) to the guarded port, in random order. Every frame runs **once**
 //!   (`BPF_PROG_TEST_RUN`, repeat = 1) so each lookup pays its own cache and TLB misses; one
 //!   round is the sum of the kernel-reported durations over its probes, divided by their number,
-//!   and the figure is the median of the rounds. Rounds never re-use an address.
+//!   and the figure is the median of the rounds. Rounds never re-use an address, and they are
+//!   interleaved across the list sizes (all dataplanes are open at once), so the slow phases of
+//!   a shared machine spread over every size instead of skewing the ratio.
 //! - Checks, so that a broken program is never measured: every probe returns `XDP_PASS`, the
 //!   `XDP_PASS_CLEAN` counter grows by exactly the number of probes (the guarded path ran, not
 //!   the unguarded shortcut), and addresses inside random prefixes of the list return `XDP_DROP`
@@ -31,7 +33,7 @@
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -151,25 +153,39 @@ pub fn run(sel: &Selection, opts: GuardOptions) -> Result<Vec<Figure>> {
 
     // Declared first, dropped last: every fd below is closed before the pins are removed.
     let pins = BenchPins::new()?;
-    let mut bench = GuardBench::open(pins.path())?;
+    let mut prepared = Vec::with_capacity(measure.len());
+    for (i, size) in measure.iter().enumerate() {
+        prepared.push(Prepared::new(pins.path(), size, i as u64, opts)?);
+    }
+    // Rounds are interleaved across the list sizes (each in its own dataplane), starting with a
+    // different size each round, so a slow phase of a shared machine weighs on all sizes alike
+    // instead of on whichever size happened to run then.
+    for r in 0..opts.rounds {
+        let n = prepared.len();
+        for k in 0..n {
+            prepared[(r + k) % n].run_round(r, opts)?;
+        }
+        progress!(
+            "round {}/{}: {}",
+            r + 1,
+            opts.rounds,
+            prepared
+                .iter()
+                .map(|p| format!("{} {:.1} ns", p.name, p.rounds[r]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let mut figures = Vec::new();
     let mut ns = std::collections::HashMap::new();
-    let mut list_1m: Option<Vec<Cidr>> = None;
-    let mut probes_1m: Option<(Vec<Ipv4Addr>, Vec<Ipv4Addr>)> = None;
-
-    for size in &measure {
-        let prefixes = random_v4_prefixes(size.seed, size.prefixes);
-        let m = bench.measure(size.name, &prefixes, opts)?;
+    for p in &mut prepared {
+        let value = p.finish(opts)?;
+        ns.insert(p.name, value);
         figures.push(Figure {
-            name: size.name,
-            value: m.ns,
+            name: p.name,
+            value,
             unit: "ns",
         });
-        ns.insert(size.name, m.ns);
-        if size.name == XDP_GUARD_NS_1M {
-            list_1m = Some(prefixes);
-            probes_1m = Some((m.probes, m.matching));
-        }
     }
     if let (Some(one_k), Some(one_m)) = (ns.get(XDP_GUARD_NS_1K), ns.get(XDP_GUARD_NS_1M))
         && ratio
@@ -183,29 +199,34 @@ pub fn run(sel: &Selection, opts: GuardOptions) -> Result<Vec<Figure>> {
         });
     }
     figures.retain(|f| sel.wants(f.name));
+    if !replace && !baseline {
+        return Ok(figures);
+    }
 
-    let list_1m = match list_1m {
-        Some(l) => l,
-        None if replace || baseline => random_v4_prefixes(SEED_1M, 1_000_000),
-        None => return Ok(figures),
+    // The 1M list, its dataplane and its probes, when measured; else made here.
+    let one_m = prepared
+        .iter()
+        .position(|p| p.name == XDP_GUARD_NS_1M)
+        .map(|i| prepared.swap_remove(i));
+    drop(prepared);
+    let (mut bench, list_1m, probes, matching) = match one_m {
+        Some(p) => (p.bench, p.prefixes, p.probes, p.matching),
+        None => {
+            let list = random_v4_prefixes(SEED_1M, 1_000_000);
+            let covered = Intervals::new(&list);
+            let mut rng = StdRng::seed_from_u64(SEED_PROBES);
+            let probes = clean_addresses(&mut rng, &covered, opts.probes * opts.rounds);
+            let matching = matching_addresses(&mut rng, &list, &covered);
+            let bench = GuardBench::open(pins.path(), "replace", SEED_PROBES)?;
+            (bench, list, probes, matching)
+        }
     };
     if replace {
-        let installed = probes_1m.is_some();
+        let installed = bench.list_id().is_some();
         figures.push(bench.list_replace_1m(&list_1m, installed)?);
     }
+    drop(bench);
     if baseline {
-        let (probes, matching) = match probes_1m {
-            Some(p) => p,
-            None => {
-                let covered = Intervals::new(&list_1m);
-                let mut rng = StdRng::seed_from_u64(SEED_PROBES);
-                (
-                    clean_addresses(&mut rng, &covered, opts.probes * opts.rounds),
-                    matching_addresses(&mut rng, &list_1m, &covered),
-                )
-            }
-        };
-        drop(bench);
         figures.push(lpm_baseline(
             pins.path(),
             &list_1m,
@@ -217,90 +238,56 @@ pub fn run(sel: &Selection, opts: GuardOptions) -> Result<Vec<Figure>> {
     Ok(figures)
 }
 
-/// The result of one list size.
-struct Measured {
-    /// Median over the rounds of the mean ns per probe.
-    ns: f64,
-    /// Every probe address, in the order run.
+/// One list size, installed in a dataplane of its own, with its probes and round results.
+struct Prepared {
+    name: &'static str,
+    bench: GuardBench,
+    prefixes: Vec<Cidr>,
+    covered: Intervals,
+    /// Every probe address; round `r` runs `probes[r * n..(r + 1) * n]`.
     probes: Vec<Ipv4Addr>,
-    /// Addresses inside the list (ran once each, `XDP_DROP`).
+    /// `XDP_PASS_CLEAN` packets before the first round.
+    clean_before: u64,
+    /// Mean ns per probe of each round run so far.
+    rounds: Vec<f64>,
+    /// Addresses inside the list (run once each after the rounds, `XDP_DROP`).
     matching: Vec<Ipv4Addr>,
 }
 
-/// The dataplane and the program that reads its maps.
-struct GuardBench {
-    dp: Dataplane,
-    /// A second load of the object over the dataplane's pins, with `xdp_guard` loaded.
-    prog: Ebpf,
-    list: ListName,
-    rng: StdRng,
-}
-
-impl GuardBench {
-    fn open(dir: &Path) -> Result<GuardBench> {
-        let t = Instant::now();
-        let mut dp = Dataplane::open(DataplaneConfig {
-            bpffs_dir: dir.to_owned(),
-            tunnel_l2_hlen: 0,
-        })
-        .with_context(|| format!("Dataplane::open on {}", dir.display()))?;
-        dp.set_guard_ports(&[GUARD_PORT])
-            .context("Dataplane::set_guard_ports")?;
-        ensure!(
-            dp.lists().is_empty(),
-            "a fresh dataplane in {} already has lists",
-            dir.display()
-        );
-        let prog = load_xdp_guard(EbpfLoader::new().default_map_pin_directory(dir))?;
-        progress!(
-            "dataplane opened in {} and xdp_guard loaded over its pins in {:.1} s",
-            dir.display(),
-            t.elapsed().as_secs_f64()
-        );
-        Ok(GuardBench {
-            dp,
-            prog,
-            list: ListName::parse(LIST)?,
-            rng: StdRng::seed_from_u64(SEED_PROBES),
-        })
-    }
-
-    fn list_id(&self) -> Option<ListId> {
-        self.dp.list_id(Direction::Source, &self.list)
-    }
-
-    /// Installs `prefixes` (none: the fresh dataplane's empty lists) and measures.
-    fn measure(
-        &mut self,
-        name: &'static str,
-        prefixes: &[Cidr],
-        opts: GuardOptions,
-    ) -> Result<Measured> {
-        progress!("{name}: {} prefixes", prefixes.len());
+impl Prepared {
+    /// Opens a dataplane in `<pins>/<size>`, installs the size's list (none for the empty size:
+    /// the fresh dataplane's empty lists) and draws and checks the probes.
+    fn new(pins: &Path, size: &Size, index: u64, opts: GuardOptions) -> Result<Prepared> {
+        let name = size.name;
+        let mut bench = GuardBench::open(
+            pins,
+            name.trim_start_matches("xdp_guard_ns_"),
+            SEED_PROBES + index,
+        )?;
+        let prefixes = random_v4_prefixes(size.seed, size.prefixes);
         if prefixes.is_empty() {
             ensure!(
-                self.list_id().is_none(),
+                bench.list_id().is_none(),
                 "{name} must run on a dataplane without lists"
             );
         } else {
             let t = Instant::now();
-            let u = self
+            let u = bench
                 .dp
-                .list_replace(Direction::Source, &self.list, prefixes)
+                .list_replace(Direction::Source, &bench.list, &prefixes)
                 .context("Dataplane::list_replace")?;
             progress!(
-                "{name}: list installed in {:.0} ms ({} entries longer than /24, generation {})",
+                "{name}: {} prefixes installed in {:.0} ms ({} entries longer than /24)",
+                prefixes.len(),
                 t.elapsed().as_secs_f64() * 1e3,
-                u.v4_long,
-                u.generation
+                u.v4_long
             );
         }
-
-        let covered = Intervals::new(prefixes);
+        let covered = Intervals::new(&prefixes);
         let total = opts.probes * opts.rounds;
-        let probes = clean_addresses(&mut self.rng, &covered, total);
+        let probes = clean_addresses(&mut bench.rng, &covered, total);
         for &a in &probes {
-            let id = self.dp.lookup_v4(Direction::Source, a)?;
+            let id = bench.dp.lookup_v4(Direction::Source, a)?;
             ensure!(
                 id == 0,
                 "{name}: the dataplane puts {a} in list {id}, but no prefix of the list covers it"
@@ -310,39 +297,110 @@ impl GuardBench {
             "{name}: {total} distinct clean probe sources ({:.1} % of IPv4 is covered by the list)",
             covered.fraction() * 100.0
         );
+        let clean_before = bench.counter(XDP_PASS_CLEAN)?.packets;
+        Ok(Prepared {
+            name,
+            bench,
+            prefixes,
+            covered,
+            probes,
+            clean_before,
+            rounds: Vec::with_capacity(opts.rounds),
+            matching: Vec::new(),
+        })
+    }
 
-        let clean_before = self.counter(XDP_PASS_CLEAN)?;
-        let mut rounds = Vec::with_capacity(opts.rounds);
-        for (i, chunk) in probes.chunks(opts.probes).enumerate() {
-            let frames: Vec<Vec<u8>> = chunk.iter().map(|&a| frame_v4(a)).collect();
-            let (ns, verdicts) = run_all(xdp_guard(&self.prog)?, &frames)?;
-            check_verdicts(name, chunk, &verdicts, XDP_PASS)?;
-            progress!("{name}: round {}/{}: {ns:.1} ns/packet", i + 1, opts.rounds);
-            rounds.push(ns);
-        }
-        let clean = self.counter(XDP_PASS_CLEAN)?.packets - clean_before.packets;
+    /// Runs round `r`'s probes once each; every one must pass.
+    fn run_round(&mut self, r: usize, opts: GuardOptions) -> Result<()> {
+        let chunk = &self.probes[r * opts.probes..(r + 1) * opts.probes];
+        let frames: Vec<Vec<u8>> = chunk.iter().map(|&a| frame_v4(a)).collect();
+        let (ns, verdicts) = run_all(xdp_guard(&self.bench.prog)?, &frames)?;
+        check_verdicts(self.name, chunk, &verdicts, XDP_PASS)?;
+        self.rounds.push(ns);
+        Ok(())
+    }
+
+    /// Checks the counters and the list's drops; returns the median of the rounds.
+    fn finish(&mut self, opts: GuardOptions) -> Result<f64> {
+        let name = self.name;
+        let total = self.probes.len() as u64;
+        let clean = self.bench.counter(XDP_PASS_CLEAN)?.packets - self.clean_before;
         ensure!(
-            clean == total as u64,
+            clean == total,
             "{name}: {total} probes ran but XDP_PASS_CLEAN grew by {clean}: the probes did not \
              take the guarded path"
         );
-
-        let matching = if let Some(id) = self.list_id() {
-            self.check_matching(name, prefixes, &covered, id)?
-        } else {
-            Vec::new()
-        };
-        let ns = median(&rounds);
+        if let Some(id) = self.bench.list_id() {
+            self.matching = self
+                .bench
+                .check_matching(name, &self.prefixes, &self.covered, id)?;
+        }
+        let ns = median(&self.rounds);
         progress!(
             "{name}: median {ns:.1} ns/packet over {} rounds of {} probes",
             opts.rounds,
             opts.probes
         );
-        Ok(Measured {
-            ns,
-            probes,
-            matching,
+        Ok(ns)
+    }
+}
+
+/// A dataplane in a directory of its own, the program that reads its maps, and its one list.
+struct GuardBench {
+    dp: Dataplane,
+    /// A second load of the object over the dataplane's pins, with `xdp_guard` loaded.
+    prog: Ebpf,
+    list: ListName,
+    rng: StdRng,
+    /// Removed (with the pins) after `dp` and `prog` are closed, freeing the maps' memory.
+    _dir: SubDir,
+}
+
+/// A subdirectory of the [`BenchPins`] directory, removed on drop.
+struct SubDir(PathBuf);
+
+impl Drop for SubDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl GuardBench {
+    /// Opens a fresh dataplane in `<pins>/<sub>`, guards [`GUARD_PORT`], loads `xdp_guard` over
+    /// its pins; probe addresses are drawn from `seed`.
+    fn open(pins: &Path, sub: &str, seed: u64) -> Result<GuardBench> {
+        let t = Instant::now();
+        let dir = SubDir(pins.join(sub));
+        std::fs::create_dir(&dir.0).with_context(|| format!("create {}", dir.0.display()))?;
+        let mut dp = Dataplane::open(DataplaneConfig {
+            bpffs_dir: dir.0.clone(),
+            tunnel_l2_hlen: 0,
         })
+        .with_context(|| format!("Dataplane::open on {}", dir.0.display()))?;
+        dp.set_guard_ports(&[GUARD_PORT])
+            .context("Dataplane::set_guard_ports")?;
+        ensure!(
+            dp.lists().is_empty(),
+            "a fresh dataplane in {} already has lists",
+            dir.0.display()
+        );
+        let prog = load_xdp_guard(EbpfLoader::new().default_map_pin_directory(&dir.0))?;
+        progress!(
+            "dataplane opened in {} and xdp_guard loaded over its pins in {:.1} s",
+            dir.0.display(),
+            t.elapsed().as_secs_f64()
+        );
+        Ok(GuardBench {
+            dp,
+            prog,
+            list: ListName::parse(LIST)?,
+            rng: StdRng::seed_from_u64(seed),
+            _dir: dir,
+        })
+    }
+
+    fn list_id(&self) -> Option<ListId> {
+        self.dp.list_id(Direction::Source, &self.list)
     }
 
     /// Sources inside the list return `XDP_DROP` and are counted under it.
