@@ -106,15 +106,12 @@ pub async fn run(
         ipv6: Some(config.tunnel_ipv6),
         mtu: 1420,
     })?;
-    for a in dataplane.attach_tc(tunnel.name())? {
-        tracing::info!(prog = a.prog, ifname = %a.ifname, how = ?a.how, pin = %a.pin.display(), "attached");
-    }
+    dataplane.attach_tc(tunnel.name())?;
 
     dataplane.set_guard_ports(&[config.listen_port])?;
     match &config.uplink {
         Some(uplink) => {
-            let a = dataplane.attach_xdp(uplink)?;
-            tracing::info!(prog = a.prog, ifname = %a.ifname, how = ?a.how, pin = %a.pin.display(), "attached");
+            dataplane.attach_xdp(uplink)?;
         }
         None => tracing::warn!("no --uplink: running without the XDP guard"),
     }

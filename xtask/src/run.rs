@@ -196,17 +196,24 @@ async fn supervise(
     let pid = child.id().context("agent pid")?;
     let pid = Pid::from_raw(i32::try_from(pid).context("agent pid out of range")?);
     let mut forwarded = None;
+    let mut first_at = None;
     let status = loop {
         let signal = tokio::select! {
             status = child.wait() => break status.context("wait for the agent")?,
             signal = signals.next() => signal,
         };
-        let send = if forwarded.is_some() {
+        let send = if let Some(at) = first_at {
+            // One Ctrl-C can arrive twice (e.g. `timeout` signals the child and its group):
+            // only a repeat after a second means "stop waiting".
+            if std::time::Instant::now().duration_since(at) < std::time::Duration::from_secs(1) {
+                continue;
+            }
             exec::say(format_args!(
                 "run: {signal} again: killing {AGENT} (pid {pid})"
             ));
             Signal::SIGKILL
         } else {
+            first_at = Some(std::time::Instant::now());
             exec::say(format_args!(
                 "run: forwarding {signal} to {AGENT} (pid {pid}), waiting for it"
             ));
