@@ -81,11 +81,15 @@ pub fn apply(
         .map(|l| l.name)
         .filter(|n| n.as_str().starts_with("geo:") && !new.iter().any(|(m, _)| m == n))
         .collect();
-    let mut ops: Vec<(ListName, ListOp<'_>)> =
-        stale.into_iter().map(|n| (n, ListOp::Delete)).collect();
-    ops.extend(
-        new.iter()
-            .map(|(n, cidrs)| (n.clone(), ListOp::Replace(cidrs))),
-    );
+    // Replaces first, deletes last: a list created here is planned while the stale lists still
+    // hold their ids, so it never re-uses the id of a list deleted in this same flip. (Ids are
+    // handed out lowest-free-first and a created list's hit counter is zeroed before the flip:
+    // with the deletes first, `block CN` → `block RU` gave geo:RU geo:CN's id, and every CN
+    // packet the still-live old generation dropped until the flip was counted as a geo:RU hit.)
+    let mut ops: Vec<(ListName, ListOp<'_>)> = new
+        .iter()
+        .map(|(n, cidrs)| (n.clone(), ListOp::Replace(cidrs)))
+        .collect();
+    ops.extend(stale.into_iter().map(|n| (n, ListOp::Delete)));
     Ok(dataplane.list_batch(Direction::Source, &ops)?)
 }
