@@ -37,4 +37,4 @@ pub(crate) use pod;
 
 /// Bumped whenever the layout of a pinned map changes. The agent refuses to reuse pins made by
 /// a different layout version (it would read garbage) and says how to reset them.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;

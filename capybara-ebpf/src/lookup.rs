@@ -27,7 +27,10 @@ use capybara_common::{
     blocklist::{
         DirSlot, ListId, V4LongKey, V6KeyData, dir_index, dir_list, dir_long_mask, dir_slot,
     },
-    config::{CONFIG_F_PEER_V4_RANGES, CONFIG_F_PEER_V6_RANGES, Config},
+    config::{
+        CONFIG_F_DST_V4_LISTS, CONFIG_F_DST_V6_LISTS, CONFIG_F_PEER_V4_RANGES,
+        CONFIG_F_PEER_V6_RANGES, CONFIG_F_SRC_V4_LISTS, CONFIG_F_SRC_V6_LISTS, Config,
+    },
     peer::PeerId,
 };
 
@@ -51,6 +54,12 @@ pub struct Blocklist {
     dir: &'static Array<DirSlot>,
     long: &'static HashMap<V4LongKey, ListId>,
     v6: &'static LpmTrie<V6KeyData, ListId>,
+    /// `CONFIG_F_*_V4_LISTS` of this direction: without it the IPv4 lookup is skipped.
+    v4_flag: u32,
+    /// `CONFIG_F_*_V6_LISTS` of this direction.
+    v6_flag: u32,
+    /// Source lists read `src_generation`, destination lists `dst_generation`.
+    source: bool,
 }
 
 /// Source lists (XDP guard on the uplink).
@@ -58,18 +67,37 @@ pub static SOURCE: Blocklist = Blocklist {
     dir: &SRC_V4_DIR,
     long: &SRC_V4_LONG,
     v6: &SRC_V6,
+    v4_flag: CONFIG_F_SRC_V4_LISTS,
+    v6_flag: CONFIG_F_SRC_V6_LISTS,
+    source: true,
 };
 /// Destination lists (tunnel device, both directions: the end that is not the peer).
 pub static DESTINATION: Blocklist = Blocklist {
     dir: &DST_V4_DIR,
     long: &DST_V4_LONG,
     v6: &DST_V6,
+    v4_flag: CONFIG_F_DST_V4_LISTS,
+    v6_flag: CONFIG_F_DST_V6_LISTS,
+    source: false,
 };
 
 impl Blocklist {
-    /// The list covering IPv4 `addr` (host order) in `generation`; 0 = none.
     #[inline(always)]
-    pub fn v4(&self, generation: u32, addr: u32) -> ListId {
+    fn generation(&self, cfg: &Config) -> u32 {
+        if self.source {
+            cfg.src_generation
+        } else {
+            cfg.dst_generation
+        }
+    }
+
+    /// The list covering IPv4 `addr` (host order) in the active generation; 0 = none.
+    #[inline(always)]
+    pub fn v4(&self, cfg: &Config, addr: u32) -> ListId {
+        if cfg.flags & self.v4_flag == 0 {
+            return 0;
+        }
+        let generation = self.generation(cfg);
         let (slot, half) = dir_slot(dir_index(generation, addr));
         let entry = match self.dir.get(slot) {
             Some(pair) if half == 0 => pair[0],
@@ -96,9 +124,13 @@ impl Blocklist {
         dir_list(entry)
     }
 
-    /// The list covering IPv6 `addr` in `generation`; 0 = none.
+    /// The list covering IPv6 `addr` in the active generation; 0 = none.
     #[inline(always)]
-    pub fn v6(&self, generation: u32, addr: &[u8; 16]) -> ListId {
+    pub fn v6(&self, cfg: &Config, addr: &[u8; 16]) -> ListId {
+        if cfg.flags & self.v6_flag == 0 {
+            return 0;
+        }
+        let generation = self.generation(cfg);
         let [
             a0,
             a1,

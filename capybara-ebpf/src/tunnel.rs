@@ -119,7 +119,7 @@ fn try_tunnel(ctx: &TcContext, dir: &Direction, l2: usize, bytes: u64) -> Result
             };
             (
                 peer_v4(peer_end, cfg.flags),
-                DESTINATION.v4(cfg.dst_generation, other_end),
+                DESTINATION.v4(&cfg, other_end),
             )
         }
         Addrs::V6 { src, dst } => {
@@ -130,7 +130,7 @@ fn try_tunnel(ctx: &TcContext, dir: &Direction, l2: usize, bytes: u64) -> Result
             };
             (
                 peer_v6(peer_end, cfg.flags),
-                DESTINATION.v6(cfg.dst_generation, other_end),
+                DESTINATION.v6(&cfg, other_end),
             )
         }
     };

@@ -108,10 +108,10 @@ fn try_xdp_guard(pkt: &Packet) -> Result<Verdict, Malformed> {
         Some(g) if *g != 0 => {}
         _ => return Ok(Verdict::Unguarded),
     }
-    let generation = config().src_generation;
+    let cfg = config();
     let list = match ip.src {
-        Src::V4(addr) => SOURCE.v4(generation, addr),
-        Src::V6(addr) => SOURCE.v6(generation, &addr),
+        Src::V4(addr) => SOURCE.v4(&cfg, addr),
+        Src::V6(addr) => SOURCE.v6(&cfg, &addr),
     };
     if list == 0 {
         Ok(Verdict::Clean)

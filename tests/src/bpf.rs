@@ -28,7 +28,10 @@ use aya::{
 };
 use capybara_common::{
     blocklist::{DirEntry, DirSlot, ListId, V4LongKey, V6KeyData, dir_index, dir_slot},
-    config::Config,
+    config::{
+        CONFIG_F_DST_V4_LISTS, CONFIG_F_DST_V6_LISTS, CONFIG_F_SRC_V4_LISTS, CONFIG_F_SRC_V6_LISTS,
+        Config,
+    },
     counters::{COUNTER_SLOTS, Counter},
     maps as names,
     peer::{PeerId, PeerStats},
@@ -284,8 +287,19 @@ impl Fixture {
             .unwrap_or_else(|| panic!("map {name} missing from the object"))
     }
 
-    /// Writes `CONFIG[0]`.
-    pub fn set_config(&mut self, cfg: Config) {
+    /// Writes `CONFIG[0]` with every `CONFIG_F_*_LISTS` bit set, so entries the tests write
+    /// into either generation are looked up (the agent sets those bits only when a generation
+    /// holds entries; [`Fixture::set_config_exact`] writes the flags as given).
+    pub fn set_config(&mut self, mut cfg: Config) {
+        cfg.flags |= CONFIG_F_SRC_V4_LISTS
+            | CONFIG_F_SRC_V6_LISTS
+            | CONFIG_F_DST_V4_LISTS
+            | CONFIG_F_DST_V6_LISTS;
+        self.set_config_exact(cfg);
+    }
+
+    /// Writes `CONFIG[0]` exactly as given.
+    pub fn set_config_exact(&mut self, cfg: Config) {
         let mut m: Array<&mut MapData, Config> = Array::try_from(self.map(names::CONFIG)).unwrap();
         m.set(0, cfg, 0).expect("write CONFIG");
     }

@@ -431,3 +431,49 @@ fn list_replace_1m() {
         assert_eq!(dp.lookup_v4(Direction::Source, a).unwrap(), u.id, "{c}");
     }
 }
+
+/// The "has entries" bits of CONFIG follow the active generation of each direction and family,
+/// so the kernel skips lookups in empty tables, and never skips a table that has entries.
+#[test]
+fn list_bits_follow_what_each_generation_holds() {
+    use capybara_common::config::{
+        CONFIG_F_DST_V4_LISTS, CONFIG_F_DST_V6_LISTS, CONFIG_F_SRC_V4_LISTS, CONFIG_F_SRC_V6_LISTS,
+    };
+    let dir = BpffsDir::new();
+    let mut dp = open(dir.path());
+    let bits = |dp: &Dataplane| {
+        dp.runtime_config().flags
+            & (CONFIG_F_SRC_V4_LISTS
+                | CONFIG_F_SRC_V6_LISTS
+                | CONFIG_F_DST_V4_LISTS
+                | CONFIG_F_DST_V6_LISTS)
+    };
+    assert_eq!(bits(&dp), 0, "a fresh dataplane has no lists");
+
+    let src = Direction::Source;
+    let dst = Direction::Destination;
+    dp.list_replace(src, &name("manual"), &cidrs(&["1.2.3.0/24"]))
+        .unwrap();
+    assert_eq!(bits(&dp), CONFIG_F_SRC_V4_LISTS);
+    // A prefix longer than /24 alone lives only in the long-prefix hash: still "has entries".
+    dp.list_replace(
+        src,
+        &name("manual"),
+        &cidrs(&["1.2.3.4/32", "2001:db8::/32"]),
+    )
+    .unwrap();
+    assert_eq!(bits(&dp), CONFIG_F_SRC_V4_LISTS | CONFIG_F_SRC_V6_LISTS);
+    dp.list_replace(dst, &name("malware"), &cidrs(&["2001:db8:1::/48"]))
+        .unwrap();
+    assert_eq!(
+        bits(&dp),
+        CONFIG_F_SRC_V4_LISTS | CONFIG_F_SRC_V6_LISTS | CONFIG_F_DST_V6_LISTS
+    );
+    // An allow list alone compiles to nothing to drop.
+    dp.list_delete(src, &name("manual")).unwrap();
+    dp.list_replace(src, &name("allow"), &cidrs(&["9.9.9.0/24"]))
+        .unwrap();
+    assert_eq!(bits(&dp), CONFIG_F_DST_V6_LISTS);
+    dp.list_delete(dst, &name("malware")).unwrap();
+    assert_eq!(bits(&dp), 0);
+}

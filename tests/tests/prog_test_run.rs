@@ -19,7 +19,9 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use capybara_common::{
     blocklist::{ListId, dir_entry},
     config::{
-        CONFIG_F_DROP_UNKNOWN_PEER, CONFIG_F_PEER_V4_RANGES, CONFIG_F_PEER_V6_RANGES, Config,
+        CONFIG_F_DROP_UNKNOWN_PEER, CONFIG_F_DST_V4_LISTS, CONFIG_F_DST_V6_LISTS,
+        CONFIG_F_PEER_V4_RANGES, CONFIG_F_PEER_V6_RANGES, CONFIG_F_SRC_V4_LISTS,
+        CONFIG_F_SRC_V6_LISTS, Config,
     },
     counters::*,
     drop::DropReason,
@@ -347,6 +349,29 @@ fn src_lists(f: &mut Fixture) {
     lists(f, Lists::Source, 0);
 }
 
+/// Source lists present but CONFIG says the active generation has no entries of `flag_cleared`'s
+/// family: the lookup of that family is skipped.
+fn src_lists_flag_cleared(f: &mut Fixture, flag_cleared: u32) {
+    base(f);
+    lists(f, Lists::Source, 0);
+    let all = CONFIG_F_SRC_V4_LISTS
+        | CONFIG_F_SRC_V6_LISTS
+        | CONFIG_F_DST_V4_LISTS
+        | CONFIG_F_DST_V6_LISTS;
+    f.set_config_exact(Config {
+        flags: (CONFIG_F_PEER_V4_RANGES | CONFIG_F_PEER_V6_RANGES | all) & !flag_cleared,
+        ..Config::default()
+    });
+}
+
+fn src_lists_v4_flag_cleared(f: &mut Fixture) {
+    src_lists_flag_cleared(f, CONFIG_F_SRC_V4_LISTS);
+}
+
+fn src_lists_v6_flag_cleared(f: &mut Fixture) {
+    src_lists_flag_cleared(f, CONFIG_F_SRC_V6_LISTS);
+}
+
 fn src_lists_gen1_inactive(f: &mut Fixture) {
     base(f);
     lists(f, Lists::Source, 1);
@@ -522,6 +547,24 @@ fn xdp_cases() -> Vec<Case> {
             || packets::eth_ip(&wg4(BLOCKED)),
             src_lists_gen1_inactive,
             clean.clone(),
+        ),
+        c(
+            "v4 lookup skipped when CONFIG says the generation has no v4 entries",
+            || packets::eth_ip(&wg4(BLOCKED)),
+            src_lists_v4_flag_cleared,
+            clean.clone(),
+        ),
+        c(
+            "v6 lookup skipped when CONFIG says the generation has no v6 entries",
+            || packets::eth_ip(&wg6(BLOCKED6)),
+            src_lists_v6_flag_cleared,
+            clean.clone(),
+        ),
+        c(
+            "v4 lookup still done when only the v6 bit is clear",
+            || packets::eth_ip(&wg4(BLOCKED)),
+            src_lists_v6_flag_cleared,
+            drop(LIST_NET),
         ),
         c(
             "v4 long prefix of the inactive generation has no effect",

@@ -68,7 +68,10 @@ use capybara_common::{
         DirSlot, ListId, V4_DIR_ENTRIES, V4_DIR_ENTRIES_PER_GEN, V4_LONG_MAX, V4LongKey, V6_MAX,
         V6KeyData, dir_list, dir_long_mask,
     },
-    config::Config,
+    config::{
+        CONFIG_F_DST_V4_LISTS, CONFIG_F_DST_V6_LISTS, CONFIG_F_SRC_V4_LISTS, CONFIG_F_SRC_V6_LISTS,
+        Config,
+    },
     counters::Counter,
     maps as names,
 };
@@ -558,11 +561,8 @@ impl Dataplane {
         let change = self.lists.registry.plan(direction, name, op)?;
         let plan_ms = ms(start);
         let (v4, v6, compile_ms) = self.compile(direction, Some(&change))?;
-        if change.created {
-            // A re-used id starts counting at zero (no kernel entry refers to it yet).
-            zero_slot(&mut self.stats.list_hits.map, names::LIST_HITS, change.id)?;
-        }
-        let mut update = self.write_lists(direction, &v4, &v6)?;
+        let created: &[ListId] = if change.created { &[change.id] } else { &[] };
+        let mut update = self.write_lists(direction, &v4, &v6, created)?;
         update.id = change.id;
         update.timings.plan_ms = plan_ms;
         update.timings.compile_ms = compile_ms;
@@ -602,10 +602,7 @@ impl Dataplane {
         }
         let plan_ms = ms(start);
         let (v4, v6, compile_ms) = compile_registry(&next, direction, None)?;
-        for id in created {
-            zero_slot(&mut self.stats.list_hits.map, names::LIST_HITS, id)?;
-        }
-        let mut update = self.write_lists(direction, &v4, &v6)?;
+        let mut update = self.write_lists(direction, &v4, &v6, &created)?;
         update.timings.plan_ms = plan_ms;
         update.timings.compile_ms = compile_ms;
         update.timings.total_ms = ms(start);
@@ -647,11 +644,16 @@ fn compile_registry(
 
 impl Dataplane {
     /// Writes a compiled direction as a new generation, flips, cleans the old one.
+    /// `created` lists get their hit counters zeroed once no generation that may still be read
+    /// refers to their ids: after the previous write's cleanup (which waits an RCU grace period)
+    /// and before the flip. Zeroing earlier let packets dropped by the old generation under a
+    /// just-freed id count as hits of the new list that re-used it.
     fn write_lists(
         &mut self,
         direction: Direction,
         v4: &CompiledV4,
         v6: &CompiledV6,
+        created: &[ListId],
     ) -> Result<ListUpdate> {
         let mut t = Timings::default();
         let active = generation_of(&self.cfg, direction);
@@ -661,16 +663,34 @@ impl Dataplane {
         let start = Instant::now();
         d.settle();
         t.cleanup_ms = ms(start);
+        for &id in created {
+            zero_slot(&mut self.stats.list_hits.map, names::LIST_HITS, id)?;
+        }
+        let d = &mut self.lists.dirs[direction.index()];
         let start = Instant::now();
         d.clear_gen(next)?;
         t.pre_clean_ms = ms(start);
         d.write_gen(next, v4, v6, &mut t)?;
 
         let start = Instant::now();
+        // The generation and the "has entries" bits describing it change in one write.
         let mut c = self.cfg;
-        match direction {
-            Direction::Source => c.src_generation = next as u32,
-            Direction::Destination => c.dst_generation = next as u32,
+        let (v4_flag, v6_flag) = match direction {
+            Direction::Source => {
+                c.src_generation = next as u32;
+                (CONFIG_F_SRC_V4_LISTS, CONFIG_F_SRC_V6_LISTS)
+            }
+            Direction::Destination => {
+                c.dst_generation = next as u32;
+                (CONFIG_F_DST_V4_LISTS, CONFIG_F_DST_V6_LISTS)
+            }
+        };
+        c.flags &= !(v4_flag | v6_flag);
+        if !v4.long.is_empty() || v4.dir.iter().any(|e| *e != 0) {
+            c.flags |= v4_flag;
+        }
+        if !v6.prefixes.is_empty() {
+            c.flags |= v6_flag;
         }
         self.write_config(c)?;
         t.flip_ms = ms(start);
@@ -724,7 +744,7 @@ impl Dataplane {
                 // Leftovers of an interrupted write in the inactive generation.
                 maps.clear_gen(g ^ 1)?;
             } else {
-                self.write_lists(d, v4, v6)?;
+                self.write_lists(d, v4, v6, &[])?;
                 out[d.index()] = Restored::Rewritten;
             }
         }

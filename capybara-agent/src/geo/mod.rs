@@ -53,9 +53,8 @@
 //! ## Figures
 //! Measured on this machine kind (2 vCPU AMD EPYC, release build) with a generated
 //! GeoLite2-size fixture — 500,000 networks (350k IPv4 of /18–/24, 150k IPv6 of /29–/48,
-//! 10% gaps, 250 countries, 3.3 MB) — by the ignored test `geo::tests::big_fixture_timing`
-//! (`AYA_BUILD_SKIP=1 cargo test --release -p capybara-agent --lib geo::tests::big --
-//! --ignored --nocapture`):
+//! 10% gaps, 250 countries, 3.3 MB); `cargo xtask bench --filter geo_compile` measures the
+//! first row (`geo_compile_500k_ms`, 100–230 ms depending on load):
 //!
 //! | step                                   | time    | output                              |
 //! |----------------------------------------|---------|-------------------------------------|

@@ -2,7 +2,6 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
-use std::time::Instant;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -501,65 +500,4 @@ fn random_database_round_trip() {
     }
     assert_sorted_disjoint_minimal(&v4, 32, ranges::v4_range);
     assert_sorted_disjoint_minimal(&v6, 128, ranges::v6_range);
-}
-
-/// GeoLite2-size figures for the module docs. Run in release:
-/// `AYA_BUILD_SKIP=1 cargo test --release -p capybara-agent geo::tests::big -- --ignored --nocapture`
-#[test]
-#[ignore = "timing figures for the docs; slow in debug builds"]
-fn big_fixture_timing() {
-    let t = Instant::now();
-    let (w, nets) = geolite_like(1, 350_000, 150_000);
-    let built = t.elapsed();
-    let t = Instant::now();
-    let bytes = w.to_bytes();
-    let written = t.elapsed();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("big.mmdb");
-    std::fs::write(&path, &bytes).unwrap();
-
-    let t = Instant::now();
-    let db = GeoDb::open(&path).unwrap();
-    let compiled = t.elapsed();
-    let (n4, n6) = db
-        .per_country
-        .values()
-        .fold((0, 0), |(a, b), n| (a + n.v4.len(), b + n.v6.len()));
-
-    let t = Instant::now();
-    let lists = block_lists(&db, &[cc("CN"), cc("RU")]);
-    let blocked = t.elapsed();
-
-    let allowed: Vec<CountryCode> = ["US", "CA", "GB"].iter().map(|s| cc(s)).collect();
-    let t = Instant::now();
-    let (a4, a6) = allow_mode_block(&db, &allowed, &[net("198.51.100.7/32")]);
-    let allow = t.elapsed();
-
-    let mut rng = StdRng::seed_from_u64(2);
-    check_db_matches(&db, &nets, &mut rng);
-    println!(
-        "fixture: {} networks in ({} v4, {} v6), {:.1} MB, built in {built:?} + written in {written:?}",
-        nets.len(),
-        nets.iter()
-            .filter(|(n, _)| matches!(n, IpNet::V4(_)))
-            .count(),
-        nets.iter()
-            .filter(|(n, _)| matches!(n, IpNet::V6(_)))
-            .count(),
-        bytes.len() as f64 / 1e6,
-    );
-    println!(
-        "GeoDb::open: {compiled:?} -> {} countries, {n4} v4 + {n6} v6 merged networks",
-        db.per_country.len()
-    );
-    println!(
-        "block_lists(CN, RU): {blocked:?} -> {} + {} nets",
-        lists.iter().map(|l| l.1.len()).sum::<usize>(),
-        lists.iter().map(|l| l.2.len()).sum::<usize>()
-    );
-    println!(
-        "allow_mode_block(US, CA, GB): {allow:?} -> {} v4 + {} v6 nets",
-        a4.len(),
-        a6.len()
-    );
 }

@@ -1,6 +1,5 @@
-//! `geo_compile_500k_ms`: [`GeoDb::open`] of a generated GeoLite2-size database — the figure
-//! the ignored test `geo::tests::big_fixture_timing` prints for the geo module's docs, here
-//! measured by the benchmark binary (same fixture shape, same seed).
+//! `geo_compile_500k_ms`: [`GeoDb::open`] of a generated GeoLite2-size database (the fixture
+//! shape of the geo module's tests, seed 1), the figure the geo module's docs quote.
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
