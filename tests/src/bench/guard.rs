@@ -50,6 +50,7 @@ use capybara_agent::{
 };
 use capybara_common::{
     blocklist::V6KeyData,
+    config::{CONFIG_F_SRC_V6_LISTS, Config},
     counters::{Counter, XDP_DROP_BLOCKLIST, XDP_PASS_CLEAN},
     maps as names,
 };
@@ -683,6 +684,18 @@ fn lpm_baseline(
                 .context("GUARD_PORTS missing")?,
         )?;
         ports.set(u32::from(GUARD_PORT), 1, 0)?;
+        // The trie is consulted even while empty, so "empty trie" is a real lookup.
+        let mut config: Array<&mut MapData, Config> =
+            Array::try_from(ebpf.map_mut(names::CONFIG).context("CONFIG missing")?)?;
+        let flags = CONFIG_F_SRC_V6_LISTS;
+        config.set(
+            0,
+            Config {
+                flags,
+                ..Config::default()
+            },
+            0,
+        )?;
     }
     progress!(
         "{name}: object loaded with its own maps in {} in {:.1} s",
