@@ -1,4 +1,18 @@
-//! The Capybara agent library.
+//! The Capybara agent: the daemon `capybara-agent` and the modules it is made of.
+//!
+//! One module owns each outside thing (see ARCHITECTURE.md for the invariants):
+//!
+//! - [`dataplane`]: loading, attaching and pinning the kernel programs; typed map access. The
+//!   only code that calls bpf(2).
+//! - [`blocklist`]: named lists, their validation and their compilation to the kernel layout
+//!   (pure).
+//! - [`geo`]: MaxMind DB → per-country CIDR lists; the `.mmdb` writer for fixtures (pure).
+//! - [`tunnel`]: the TUN device (and WireGuard, next).
+//! - [`store`]: RocksDB, the only storage code.
+//! - [`api`]: proto ↔ domain conversions, the only code that knows protobuf.
+//! - [`service`]: operations that combine the modules above, in domain types.
+//! - [`daemon`]: start-up, run, shutdown.
+//! - [`net`], [`paths`]: validated network types; every filesystem path and its mode.
 pub mod api;
 pub mod blocklist;
 pub mod daemon;

@@ -5,7 +5,8 @@
 //! | bpffs directory (pinned maps) | `/sys/fs/bpf/capybara` | `0700` ([`BPFFS_DIR_MODE`]) |
 //! | pinned map | `<bpffs>/<MAP_NAME>` (names from `capybara_common::maps`) | `0600` (kernel default for pins) |
 //! | pinned links | `<bpffs>/links/<prog>_<ifname>` | dir `0700`, pins `0600` |
-//! | data directory (store) | `/var/lib/capybara` | `0700` ([`DATA_DIR_MODE`]) |
+//! | data directory | `/var/lib/capybara` | `0700` ([`DATA_DIR_MODE`]) |
+//! | store (RocksDB) | `<data>/store` | created by RocksDB inside the data directory |
 //! | control socket | `/run/capybara/agent.sock` | `0660` ([`SOCKET_MODE`]), dir `0750` |
 //! | server private key | `<data>/server.key` | `0600` ([`KEY_FILE_MODE`]) |
 //!
@@ -26,6 +27,16 @@ pub const LINKS_SUBDIR: &str = "links";
 pub const DATA_DIR: &str = "/var/lib/capybara";
 /// Mode of the data directory: it holds secrets (server key, encrypted TOTP secrets).
 pub const DATA_DIR_MODE: u32 = 0o700;
+
+/// Subdirectory of the data directory that holds the RocksDB database.
+pub const STORE_SUBDIR: &str = "store";
+
+/// Creates `dir` (and parents) if needed and gives it [`DATA_DIR_MODE`].
+pub fn ensure_data_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(DATA_DIR_MODE))
+}
 
 /// Directory of the control socket.
 pub const SOCKET_DIR: &str = "/run/capybara";

@@ -17,15 +17,7 @@ use std::path::{Path, PathBuf};
 use rocksdb::{ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions};
 use serde::{Serialize, de::DeserializeOwned};
 
-/// Subdirectory of the data directory that holds the database.
-const STORE_SUBDIR: &str = "store";
-
-/// Creates `dir` (and parents) if needed and gives it mode 0700 (it holds secrets).
-fn ensure_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::create_dir_all(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-}
+use crate::paths;
 
 /// Column families. Adding one appends a variant and a schema version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,11 +157,11 @@ impl Batch {
 impl Store {
     /// Opens (creating if needed) the store in `data_dir/store`; `data_dir` is made mode 0700.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
-        ensure_private_dir(data_dir).map_err(|source| StoreError::DataDir {
+        paths::ensure_data_dir(data_dir).map_err(|source| StoreError::DataDir {
             path: data_dir.to_owned(),
             source,
         })?;
-        let path = data_dir.join(STORE_SUBDIR);
+        let path = data_dir.join(paths::STORE_SUBDIR);
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
