@@ -32,10 +32,10 @@ pub static PEERS: Array<PeerInfo> = Array::pinned(MAX_PEERS, 0);
 pub static PEER_STATS: PerCpuArray<PeerStats> = PerCpuArray::pinned(MAX_PEERS, 0);
 
 #[map(name = "CAPY_PEER_V4")]
-pub static PEER_V4: HashMap<u32, PeerId> = HashMap::pinned(MAX_PEER_ADDRS, 0);
+pub static PEER_V4: HashMap<u32, PeerId> = HashMap::pinned(MAX_PEER_ADDRS, BPF_F_NO_PREALLOC);
 
 #[map(name = "CAPY_PEER_V6")]
-pub static PEER_V6: HashMap<[u8; 16], PeerId> = HashMap::pinned(MAX_PEER_ADDRS, 0);
+pub static PEER_V6: HashMap<[u8; 16], PeerId> = HashMap::pinned(MAX_PEER_ADDRS, BPF_F_NO_PREALLOC);
 
 #[map(name = "CAPY_PEER_V4L")]
 pub static PEER_V4_LPM: LpmTrie<PeerV4LpmData, PeerId> =
@@ -49,7 +49,8 @@ pub static PEER_V6_LPM: LpmTrie<PeerV6LpmData, PeerId> =
 pub static SRC_V4_DIR: Array<DirSlot> = Array::pinned(V4_DIR_SLOTS, BPF_F_MMAPABLE);
 
 #[map(name = "CAPY_SRC_V4LNG")]
-pub static SRC_V4_LONG: HashMap<V4LongKey, ListId> = HashMap::pinned(V4_LONG_MAX, 0);
+pub static SRC_V4_LONG: HashMap<V4LongKey, ListId> =
+    HashMap::pinned(V4_LONG_MAX, BPF_F_NO_PREALLOC);
 
 #[map(name = "CAPY_SRC_V6")]
 pub static SRC_V6: LpmTrie<V6KeyData, ListId> = LpmTrie::pinned(V6_MAX, BPF_F_NO_PREALLOC);
@@ -58,7 +59,8 @@ pub static SRC_V6: LpmTrie<V6KeyData, ListId> = LpmTrie::pinned(V6_MAX, BPF_F_NO
 pub static DST_V4_DIR: Array<DirSlot> = Array::pinned(V4_DIR_SLOTS, BPF_F_MMAPABLE);
 
 #[map(name = "CAPY_DST_V4LNG")]
-pub static DST_V4_LONG: HashMap<V4LongKey, ListId> = HashMap::pinned(V4_LONG_MAX, 0);
+pub static DST_V4_LONG: HashMap<V4LongKey, ListId> =
+    HashMap::pinned(V4_LONG_MAX, BPF_F_NO_PREALLOC);
 
 #[map(name = "CAPY_DST_V6")]
 pub static DST_V6: LpmTrie<V6KeyData, ListId> = LpmTrie::pinned(V6_MAX, BPF_F_NO_PREALLOC);

@@ -38,6 +38,11 @@
 //! | background: grace period + delete of the old generation | 520 | 117 |
 //! | everything done | 1 677 | 460 |
 //!
+//! These figures are with preallocated hashes. The long-prefix hashes are now created with
+//! `BPF_F_NO_PREALLOC` (168 MiB each before any entry existed; see `capybara_common::maps`), which
+//! moves the allocation into the insert: the long-prefix step measured ≈ 450 ms and
+//! `list_replace_1m_ms` ≈ 750 ms (719–965 ms over 3 runs while a CI build shared the machine).
+//!
 //! Target < 2000 ms. Back-to-back replacements pay the previous cleanup at their start (the
 //! xtask bench measures that case). The 2^24-entry DIR table is what makes the design
 //! affordable only because of the mmap: one `BPF_MAP_UPDATE_ELEM` per entry (≈ 1 µs) would take
