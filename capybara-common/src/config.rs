@@ -32,8 +32,20 @@ pub struct Config {
     /// same write as the generation they describe.
     pub flags: u32,
     /// Layout version of the pinned maps ([`crate::LAYOUT_VERSION`]); written by the agent.
+    /// Stays at byte offset 12 in every layout, so an agent can read it from pins of another
+    /// layout.
     pub layout_version: u32,
+    /// Minimum interval between two rate-limited events of one kind for one peer (gate drops),
+    /// in nanoseconds; 0 = [`DEFAULT_EVENT_INTERVAL_NS`].
+    pub event_interval_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 16);
+const _: () = assert!(core::mem::size_of::<Config>() == 24);
+const _: () = assert!(core::mem::offset_of!(Config, layout_version) == 12);
+
+/// Byte offset of `Config::layout_version` (fixed across layouts).
+pub const CONFIG_LAYOUT_VERSION_OFFSET: usize = 12;
+
+/// Event interval when `Config::event_interval_ns` is 0: one second.
+pub const DEFAULT_EVENT_INTERVAL_NS: u64 = 1_000_000_000;
 
 pod!(Config);

@@ -53,6 +53,8 @@ pub const TC_IN_DROP_BLOCKLIST: u32 = 10;
 pub const TC_IN_MALFORMED: u32 = 11;
 /// Dropped: unknown peer and `CONFIG_F_DROP_UNKNOWN_PEER`.
 pub const TC_IN_DROP_UNKNOWN: u32 = 12;
+/// Dropped: the peer is held at the admission gate (reason in `DROPS_BASE + reason`).
+pub const TC_IN_DROP_GATE: u32 = 13;
 
 // Tunnel device, egress (to peers).
 /// Passed and counted to a known peer.
@@ -65,6 +67,14 @@ pub const TC_OUT_DROP_BLOCKLIST: u32 = 18;
 pub const TC_OUT_MALFORMED: u32 = 19;
 /// Dropped: unknown peer and `CONFIG_F_DROP_UNKNOWN_PEER`.
 pub const TC_OUT_DROP_UNKNOWN: u32 = 20;
+/// Dropped: the peer is held at the admission gate (reason in `DROPS_BASE + reason`).
+pub const TC_OUT_DROP_GATE: u32 = 21;
+
+// Events (not verdicts: `packets` counts events, `bytes` stays 0).
+/// Records written into the events ring buffer.
+pub const EVENTS_EMITTED: u32 = 24;
+/// Records lost because the ring buffer was full (the packet's verdict is unaffected).
+pub const EVENTS_LOST: u32 = 25;
 
 /// Drops by reason: index `DROPS_BASE + DropReason as u32`.
 pub const DROPS_BASE: u32 = 32;
@@ -73,7 +83,7 @@ pub const DROPS_BASE: u32 = 32;
 pub const COUNTER_SLOTS: u32 = DROPS_BASE + DROP_REASON_SLOTS as u32;
 
 /// Names of the verdict counters, for the CLI and metrics (drops by reason use `DropReason::name`).
-pub const COUNTER_NAMES: [(u32, &str); 15] = [
+pub const COUNTER_NAMES: [(u32, &str); 19] = [
     (XDP_PASS_UNGUARDED, "xdp_pass_unguarded"),
     (XDP_PASS_CLEAN, "xdp_pass_clean"),
     (XDP_DROP_BLOCKLIST, "xdp_drop_blocklist"),
@@ -84,9 +94,13 @@ pub const COUNTER_NAMES: [(u32, &str); 15] = [
     (TC_IN_DROP_BLOCKLIST, "tc_in_drop_blocklist"),
     (TC_IN_MALFORMED, "tc_in_malformed"),
     (TC_IN_DROP_UNKNOWN, "tc_in_drop_unknown"),
+    (TC_IN_DROP_GATE, "tc_in_drop_gate"),
     (TC_OUT_PASS, "tc_out_pass"),
     (TC_OUT_UNKNOWN_PEER, "tc_out_unknown_peer"),
     (TC_OUT_DROP_BLOCKLIST, "tc_out_drop_blocklist"),
     (TC_OUT_MALFORMED, "tc_out_malformed"),
     (TC_OUT_DROP_UNKNOWN, "tc_out_drop_unknown"),
+    (TC_OUT_DROP_GATE, "tc_out_drop_gate"),
+    (EVENTS_EMITTED, "events_emitted"),
+    (EVENTS_LOST, "events_lost"),
 ];

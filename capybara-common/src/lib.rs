@@ -9,6 +9,8 @@
 //! - [`counters`]: the global per-CPU verdict counters, indexed by named constants.
 //! - [`drop`]: the one enum of drop reasons, used by the kernel, the API and the CLI.
 //! - [`config`]: the single-entry runtime configuration map.
+//! - [`gate`]: the admission gate's verification-endpoint map key.
+//! - [`event`]: the records the kernel writes into the events ring buffer.
 //!
 //! Rules: every map key and value is `#[repr(C)]` with explicit padding, no `bool` and no
 //! data-carrying enum, and a compile-time size assertion. The `user` feature adds `aya::Pod`
@@ -19,6 +21,8 @@ pub mod blocklist;
 pub mod config;
 pub mod counters;
 pub mod drop;
+pub mod event;
+pub mod gate;
 pub mod maps;
 pub mod peer;
 
@@ -37,4 +41,4 @@ pub(crate) use pod;
 
 /// Bumped whenever the layout of a pinned map changes. The agent refuses to reuse pins made by
 /// a different layout version (it would read garbage) and says how to reset them.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;

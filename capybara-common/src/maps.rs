@@ -5,7 +5,7 @@
 //!
 //! | map | type | entries | cost |
 //! |---|---|---|---|
-//! | `CONFIG` | array | 1 | 16 B |
+//! | `CONFIG` | array | 1 | 24 B |
 //! | `COUNTERS` | per-CPU array | 48 | 768 B × ncpu |
 //! | `LIST_HITS` | per-CPU array | 1024 | 16 KiB × ncpu |
 //! | `PEERS` | array | 131 072 | 4 MiB |
@@ -16,6 +16,9 @@
 //! | `SRC_V4_LONG`, `DST_V4_LONG` | hash, not preallocated | up to 2 × 2^20 each | ≈ 80 B per prefix longer than /24 |
 //! | `SRC_V6`, `DST_V6` | LPM trie | up to 262 144 each | per entry |
 //! | `GUARD_PORTS` | array | 65 536 | 256 KiB |
+//! | `GATE_ALLOW` | hash, preallocated | 64 | ≈ 6 KiB |
+//! | `PEER_EVENTS` | array | 131 072 | 4 MiB |
+//! | `EVENTS` | ring buffer | 256 KiB | 256 KiB (4096 records of 64 B in flight) |
 //!
 //! The two DIR tables are the price of a lookup that does not grow with the list: 256 MiB in all.
 //! The hashes are not preallocated: preallocated, the two long-prefix hashes alone took 2 × 168 MiB
@@ -60,9 +63,15 @@ pub const DST_V4_LONG: &str = "CAPY_DST_V4LNG";
 pub const DST_V6: &str = "CAPY_DST_V6";
 /// UDP ports the XDP guard inspects (index = port, value non-zero = guarded).
 pub const GUARD_PORTS: &str = "CAPY_GUARD_PORT";
+/// The admission gate's verification endpoint ([`crate::gate`]).
+pub const GATE_ALLOW: &str = "CAPY_GATE_ALLOW";
+/// Per-peer rate-limit state of events ([`crate::peer::PeerEventState`]), indexed by peer id.
+pub const PEER_EVENTS: &str = "CAPY_PEER_EVT";
+/// The events ring buffer ([`crate::event`]).
+pub const EVENTS: &str = "CAPY_EVENTS";
 
 /// Every pinned map, for listing and removal.
-pub const ALL: [&str; 16] = [
+pub const ALL: [&str; 19] = [
     CONFIG,
     COUNTERS,
     LIST_HITS,
@@ -79,6 +88,9 @@ pub const ALL: [&str; 16] = [
     DST_V4_LONG,
     DST_V6,
     GUARD_PORTS,
+    GATE_ALLOW,
+    PEER_EVENTS,
+    EVENTS,
 ];
 
 /// Program names in the object.

@@ -27,16 +27,56 @@ pub const MAX_PEER_ADDRS: u32 = 262_144;
 /// Peer table entry flag: the id is in use.
 pub const PEER_F_ACTIVE: u32 = 1 << 0;
 
-/// One entry of [`crate::maps::PEERS`], indexed by [`PeerId`].
+/// `PeerInfo::gate` of an admitted peer.
+pub const GATE_ADMITTED: u32 = 0;
+
+/// One entry of [`crate::maps::PEERS`], indexed by [`PeerId`]. The agent writes it whole (one
+/// map update per change), the kernel only reads it.
+///
+/// ## Admission gate
+/// - `gate == GATE_ADMITTED` and `deadline_ns == 0`: admitted.
+/// - `gate == GATE_ADMITTED` and `deadline_ns != 0`: admitted while `now < deadline_ns`, where
+///   `now` is `bpf_ktime_get_boot_ns()` (CLOCK_BOOTTIME: counts suspend, so a suspended server
+///   does not stretch an admission). From `deadline_ns` on the peer is held as
+///   `DropReason::GateExpired` by the kernel alone.
+/// - `gate != GATE_ADMITTED`: held; `gate` is the `DropReason` discriminant of a `Gate*` reason.
+///   A value that is not a gate reason (never written by the agent) holds the peer as
+///   `GateKicked`: fail closed.
+///
+/// A packet racing an update may see each field old or new (array map updates are copies, not
+/// atomic swaps): at worst the packets processed during the copy are judged by a mix of the two
+/// states.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeerInfo {
     /// `PEER_F_*` bits.
     pub flags: u32,
-    /// Reserved for policy (gate, quota bucket, rate class); zero.
-    pub _reserved: [u32; 7],
+    /// [`GATE_ADMITTED`] or the `DropReason` discriminant the peer is held with.
+    pub gate: u32,
+    /// Admission deadline in CLOCK_BOOTTIME nanoseconds; 0 = none. Only read when admitted.
+    pub deadline_ns: u64,
+    /// Reserved for policy (quota bucket, rate class, flow limit); zero.
+    pub _reserved: [u32; 4],
 }
 const _: () = assert!(core::mem::size_of::<PeerInfo>() == 32);
+const _: () = assert!(core::mem::offset_of!(PeerInfo, deadline_ns) == 8);
+
+/// Rate-limit slots of [`PeerEventState`]: one per event kind that is rate-limited per peer.
+pub const PEER_EVENT_SLOTS: usize = 4;
+/// Slot of gate-drop events in [`PeerEventState::last_ns`].
+pub const PEER_EVENT_SLOT_GATE: usize = 0;
+
+/// One entry of [`crate::maps::PEER_EVENTS`], indexed by [`PeerId`]: when the kernel last
+/// emitted a rate-limited event of each kind for the peer (CLOCK_BOOTTIME ns, 0 = never).
+/// Written by the kernel only (a plain array: two CPUs racing may both emit within one interval,
+/// so the bound is one event per interval per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerEventState {
+    /// Indexed by `PEER_EVENT_SLOT_*`.
+    pub last_ns: [u64; PEER_EVENT_SLOTS],
+}
+const _: () = assert!(core::mem::size_of::<PeerEventState>() == 32);
 
 /// Per-peer counters, one per CPU in [`crate::maps::PEER_STATS`]; the agent sums the CPUs.
 /// Only packets that pass are counted in `rx_*`/`tx_*`; drops are counted by reason.
@@ -76,4 +116,4 @@ pub type PeerV4LpmData = [u8; 4];
 /// IPv6 LPM trie data: the address octets in network order.
 pub type PeerV6LpmData = [u8; 16];
 
-pod!(PeerInfo, PeerStats);
+pod!(PeerInfo, PeerStats, PeerEventState);

@@ -3,9 +3,12 @@
 //! Layout (one file per attach point, shared steps in their own modules):
 //! - [`xdp_guard`]: XDP on the uplink — source blocklists for the WireGuard port.
 //! - [`tc_ingress`] / [`tc_egress`]: TC (TCX) on the tunnel device — peer attribution,
-//!   per-peer accounting, destination blocklists; both run the pipeline in [`tunnel`].
+//!   admission gate, per-peer accounting, destination blocklists; both run the pipeline in
+//!   [`tunnel`].
 //! - [`parse`]: the one bounds-checked packet read and the header parsing steps.
 //! - [`lookup`]: config, peer attribution, blocklist lookups (shared by both directions).
+//! - [`gate`]: the admission gate (held peers, deadlines, the verification endpoint).
+//! - [`events`]: rate-limited records into the events ring buffer.
 //! - [`counters`]: per-CPU verdict, drop-reason, per-list and per-peer counting.
 //! - [`maps`]: every map, pinned by name (names and layouts from `capybara_common`).
 //!
@@ -16,6 +19,8 @@
 #![no_main]
 
 mod counters;
+mod events;
+mod gate;
 mod lookup;
 mod maps;
 mod parse;

@@ -5,7 +5,7 @@
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use capybara_common::{
     blocklist::{
@@ -13,7 +13,12 @@ use capybara_common::{
     },
     config::Config,
     counters::{COUNTER_SLOTS, Counter},
-    peer::{MAX_PEER_ADDRS, MAX_PEERS, PeerId, PeerInfo, PeerStats, PeerV4LpmData, PeerV6LpmData},
+    event::EVENTS_RING_BYTES,
+    gate::{GATE_ALLOW_MAX, GateAllowKey},
+    peer::{
+        MAX_PEER_ADDRS, MAX_PEERS, PeerEventState, PeerId, PeerInfo, PeerStats, PeerV4LpmData,
+        PeerV6LpmData,
+    },
 };
 
 #[map(name = "CAPY_CONFIG")]
@@ -67,3 +72,12 @@ pub static DST_V6: LpmTrie<V6KeyData, ListId> = LpmTrie::pinned(V6_MAX, BPF_F_NO
 
 #[map(name = "CAPY_GUARD_PORT")]
 pub static GUARD_PORTS: Array<u32> = Array::pinned(65_536, 0);
+
+#[map(name = "CAPY_GATE_ALLOW")]
+pub static GATE_ALLOW: HashMap<GateAllowKey, u32> = HashMap::pinned(GATE_ALLOW_MAX, 0);
+
+#[map(name = "CAPY_PEER_EVT")]
+pub static PEER_EVENTS: Array<PeerEventState> = Array::pinned(MAX_PEERS, 0);
+
+#[map(name = "CAPY_EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);

@@ -5,7 +5,8 @@
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use capybara_common::counters::{
-    TC_IN_DROP_BLOCKLIST, TC_IN_DROP_UNKNOWN, TC_IN_MALFORMED, TC_IN_PASS, TC_IN_UNKNOWN_PEER,
+    TC_IN_DROP_BLOCKLIST, TC_IN_DROP_GATE, TC_IN_DROP_UNKNOWN, TC_IN_MALFORMED, TC_IN_PASS,
+    TC_IN_UNKNOWN_PEER,
 };
 
 use crate::tunnel::{self, Direction};
@@ -17,6 +18,7 @@ const INGRESS: Direction = Direction {
     drop_blocklist: TC_IN_DROP_BLOCKLIST,
     malformed: TC_IN_MALFORMED,
     drop_unknown: TC_IN_DROP_UNKNOWN,
+    drop_gate: TC_IN_DROP_GATE,
 };
 
 #[classifier]

@@ -9,13 +9,15 @@
 //! | ingress (from peers) | source | destination | `rx_*` |
 //! | egress (to peers) | destination | source | `tx_*` |
 //!
-//! Steps: parse the addresses → attribute the peer → destination-blocklist check on the other
-//! end → count. Outcomes, each counted in exactly one `TC_*` slot:
+//! Steps: parse the addresses → attribute the peer → admission gate (known peers; see
+//! [`crate::gate`]) → destination-blocklist check on the other end → count. Outcomes, each
+//! counted in exactly one `TC_*` slot:
 //!
 //! | case | verdict | counters |
 //! |---|---|---|
+//! | known peer held at the gate (reason `r`), not to/from the verification endpoint | shot | `TC_*_DROP_GATE`, `DROPS_BASE + r`, the peer's `drops[r]`; a gate-drop event (first per interval per peer: `EVENTS_EMITTED` or `EVENTS_LOST`) |
 //! | other end in list `n` (known or unknown peer) | shot | `TC_*_DROP_BLOCKLIST`, `DROPS_BASE + DestinationBlocklist`, `LIST_HITS[n]`, the peer's `drops[DestinationBlocklist]` if known |
-//! | known peer | ok | `TC_*_PASS`, the peer's `rx_*`/`tx_*` |
+//! | known peer (admitted, or held and to/from the verification endpoint) | ok | `TC_*_PASS`, the peer's `rx_*`/`tx_*` |
 //! | unknown peer | ok | `TC_*_UNKNOWN_PEER` |
 //! | unknown peer, `CONFIG_F_DROP_UNKNOWN_PEER` | shot | `TC_*_DROP_UNKNOWN`, `DROPS_BASE + UnknownPeer` |
 //! | not IPv4/IPv6, truncated | ok | `TC_*_MALFORMED` |
@@ -33,11 +35,16 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use capybara_common::{
-    config::CONFIG_F_DROP_UNKNOWN_PEER, counters::Counter, drop::DropReason, peer::PeerStats,
+    config::CONFIG_F_DROP_UNKNOWN_PEER,
+    counters::Counter,
+    drop::DropReason,
+    event::{EVENT_F_EGRESS, EVENT_GATE_DROP, EventRecord},
+    peer::PeerStats,
 };
 
 use crate::{
     counters::{count, count_drop, count_list_hit},
+    events, gate,
     lookup::{DESTINATION, config, peer_v4, peer_v6},
     maps::PEER_STATS,
     parse::{self, Addrs, IPV6_HDR_LEN, Malformed, Packet},
@@ -62,6 +69,7 @@ pub struct Direction {
     pub drop_blocklist: u32,
     pub malformed: u32,
     pub drop_unknown: u32,
+    pub drop_gate: u32,
 }
 
 /// Runs the pipeline for one packet and returns the TC verdict.
@@ -110,35 +118,54 @@ fn try_tunnel(ctx: &TcContext, dir: &Direction, l2: usize, bytes: u64) -> Result
     let amount = amount(ctx, &pkt, l2, &addrs, bytes);
 
     let cfg = config();
-    let (peer, list) = match addrs {
-        Addrs::V4 { src, dst } => {
-            let (peer_end, other_end) = if dir.peer_is_source {
-                (src, dst)
-            } else {
-                (dst, src)
-            };
-            (
-                peer_v4(peer_end, cfg.flags),
-                DESTINATION.v4(&cfg, other_end),
-            )
-        }
-        Addrs::V6 { src, dst } => {
-            let (peer_end, other_end) = if dir.peer_is_source {
-                (&src, &dst)
-            } else {
-                (&dst, &src)
-            };
-            (
-                peer_v6(peer_end, cfg.flags),
-                DESTINATION.v6(&cfg, other_end),
-            )
-        }
+    // 1. Attribution: the peer end.
+    let peer = match addrs {
+        Addrs::V4 { src, dst } => peer_v4(if dir.peer_is_source { src } else { dst }, cfg.flags),
+        Addrs::V6 { src, dst } => peer_v6(if dir.peer_is_source { &src } else { &dst }, cfg.flags),
     };
     let stats = match peer {
         Some(id) => PEER_STATS.get_ptr_mut(id),
         None => None,
     };
 
+    // 2. Admission gate (known peers only), before accounting and the blocklists.
+    if let Some(id) = peer
+        && let Some(held) = gate::held(id)
+        && !gate::to_endpoint(&pkt, l2, &addrs, dir.peer_is_source)
+    {
+        count_drop(dir.drop_gate, held.reason, amount, stats);
+        let rec = EventRecord {
+            kind: EVENT_GATE_DROP,
+            peer: id,
+            reason: held.reason as u32,
+            flags: if dir.peer_is_source {
+                0
+            } else {
+                EVENT_F_EGRESS
+            },
+            time_ns: gate::now_ns(),
+            args: [
+                if matches!(held.reason, DropReason::GateExpired) {
+                    held.deadline_ns
+                } else {
+                    0
+                },
+                amount.bytes,
+                0,
+                0,
+            ],
+        };
+        events::emit_limited(&rec, events::SLOT_GATE, cfg.event_interval_ns);
+        return Ok(TC_ACT_SHOT);
+    }
+
+    // 3. Destination blocklists: the other end.
+    let list = match addrs {
+        Addrs::V4 { src, dst } => DESTINATION.v4(&cfg, if dir.peer_is_source { dst } else { src }),
+        Addrs::V6 { src, dst } => {
+            DESTINATION.v6(&cfg, if dir.peer_is_source { &dst } else { &src })
+        }
+    };
     if list != 0 {
         count_drop(
             dir.drop_blocklist,
@@ -149,6 +176,7 @@ fn try_tunnel(ctx: &TcContext, dir: &Direction, l2: usize, bytes: u64) -> Result
         count_list_hit(list, amount);
         return Ok(TC_ACT_SHOT);
     }
+    // 4. Accounting.
     match stats {
         Some(s) => {
             count_peer(s, dir.peer_is_source, amount);

@@ -23,7 +23,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use capybara_common::{
@@ -33,8 +33,10 @@ use capybara_common::{
         Config,
     },
     counters::{COUNTER_SLOTS, Counter},
+    event::EventRecord,
+    gate::GateAllowKey,
     maps as names,
-    peer::{PeerId, PeerStats},
+    peer::{PeerId, PeerInfo, PeerStats},
 };
 
 use crate::packets;
@@ -58,6 +60,7 @@ pub const TEST_CAPACITIES: &[(&str, u32)] = &[
     (names::PEER_V6, 4096),
     (names::PEER_STATS, 4096),
     (names::PEERS, 4096),
+    (names::PEER_EVENTS, 4096),
 ];
 
 /// A unique bpffs directory for one fixture's pins, removed (with its pins) on drop.
@@ -381,6 +384,31 @@ impl Fixture {
         data[1..].copy_from_slice(&addr.octets());
         m.insert(&Key::new(8 + len, data), list, 0)
             .expect("write V6 trie");
+    }
+
+    /// Writes `PEERS[id]` (the admission gate's state).
+    pub fn peer_info(&mut self, id: PeerId, info: PeerInfo) {
+        let mut m: Array<&mut MapData, PeerInfo> = Array::try_from(self.map(names::PEERS)).unwrap();
+        m.set(id, info, 0).expect("write PEERS");
+    }
+
+    /// Adds a verification endpoint entry to `GATE_ALLOW`.
+    pub fn gate_allow(&mut self, key: GateAllowKey) {
+        let mut m: HashMap<&mut MapData, GateAllowKey, u32> =
+            HashMap::try_from(self.map(names::GATE_ALLOW)).unwrap();
+        m.insert(key, 1, 0).expect("write GATE_ALLOW");
+    }
+
+    /// Drains the events ring buffer: every record written since the last call.
+    pub fn events(&mut self) -> Vec<EventRecord> {
+        let mut ring = RingBuf::try_from(self.map(names::EVENTS)).expect("EVENTS is a ring buffer");
+        let mut out = Vec::new();
+        while let Some(item) = ring.next() {
+            let rec = capybara_agent::dataplane::events::record(&item)
+                .unwrap_or_else(|e| panic!("bad record in EVENTS: {e}"));
+            out.push(rec);
+        }
+        out
     }
 
     // ---- map reads (summed over CPUs) ----

@@ -14,7 +14,10 @@
 //! Scenarios that need several packets on one fixture (exact per-peer byte counts, generation
 //! flips, truncation sweeps over every prefix length) are separate tests below the tables.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
 use capybara_common::{
     blocklist::{ListId, dir_entry},
@@ -25,7 +28,9 @@ use capybara_common::{
     },
     counters::*,
     drop::DropReason,
-    peer::{PeerId, PeerStats},
+    event::{EVENT_F_EGRESS, EVENT_GATE_DROP},
+    gate::GateAllowKey,
+    peer::{PeerId, PeerInfo, PeerStats},
 };
 use capybara_tests::{
     bpf::{Fixture, Lists, Tc},
@@ -117,7 +122,7 @@ struct Case {
     prog: Prog,
     /// Ethernet frame for XDP, raw IP packet for the tunnel device.
     packet: fn() -> Vec<u8>,
-    setup: fn(&mut Fixture),
+    setup: Box<dyn Fn(&mut Fixture)>,
     verdict: u32,
     /// `COUNTERS` slots that count this packet (once, with its length); all others stay.
     counters: Vec<u32>,
@@ -183,7 +188,13 @@ fn check_deltas(
     };
     for (slot, (b, a)) in before.counters.iter().zip(&after.counters).enumerate() {
         let slot = slot as u32;
-        let want = if counters.contains(&slot) {
+        let want = if counters.contains(&slot) && (slot == EVENTS_EMITTED || slot == EVENTS_LOST) {
+            // Event counters count records; their bytes stay 0.
+            Counter {
+                packets: 1,
+                bytes: 0,
+            }
+        } else if counters.contains(&slot) {
             one
         } else {
             Counter::default()
@@ -290,6 +301,7 @@ fn config(f: &mut Fixture, src_generation: u32, dst_generation: u32, flags: u32)
         dst_generation,
         flags,
         layout_version: 1,
+        event_interval_ns: 0,
     });
 }
 
@@ -454,7 +466,7 @@ fn xdp_case(
         name,
         prog: Prog::Xdp,
         packet,
-        setup,
+        setup: Box::new(setup),
         verdict,
         counters,
         list_hit,
@@ -861,7 +873,7 @@ fn tc_cases() -> Vec<Case> {
         name,
         prog,
         packet,
-        setup,
+        setup: Box::new(setup),
         verdict,
         counters,
         list_hit,
@@ -1456,4 +1468,463 @@ fn tc_truncated_at_every_header_boundary() {
     for (prog, p, needed, verdict, slot, malformed) in cases {
         sweep(&mut f, prog, &p, needed, verdict, slot, malformed);
     }
+}
+
+// ---- the admission gate ----
+
+/// The server's own tunnel addresses (the verification endpoint lives there).
+const SERVER_TUN_V4: Ipv4Addr = Ipv4Addr::new(10, 8, 0, 1);
+const SERVER_TUN_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+/// Verification endpoint ports: TCP 8443 and UDP 8053 on both server addresses.
+const VERIFY_TCP: u16 = 8443;
+const VERIFY_UDP: u16 = 8053;
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+
+const GATE_REASONS: [DropReason; 6] = [
+    DropReason::GateMfaPending,
+    DropReason::GateExpired,
+    DropReason::GateKicked,
+    DropReason::GateOverQuota,
+    DropReason::GateOutsideWindow,
+    DropReason::GateDeviceLimit,
+];
+
+fn boot_ns() -> u64 {
+    capybara_agent::dataplane::sys::boottime_now().as_nanos() as u64
+}
+
+fn info(gate: u32, deadline_ns: u64) -> PeerInfo {
+    PeerInfo {
+        flags: capybara_common::peer::PEER_F_ACTIVE,
+        gate,
+        deadline_ns,
+        ..PeerInfo::default()
+    }
+}
+
+/// `base`, every peer active and admitted, the verification endpoint configured.
+fn gate_base(f: &mut Fixture) {
+    base(f);
+    for id in [PEER1, PEER2, PEER3, PEER4, PEER5] {
+        f.peer_info(id, info(0, 0));
+    }
+    for (proto, port) in [(TCP, VERIFY_TCP), (UDP, VERIFY_UDP)] {
+        f.gate_allow(GateAllowKey::v4(u32::from(SERVER_TUN_V4), proto, port));
+        f.gate_allow(GateAllowKey::v6(SERVER_TUN_V6.octets(), proto, port));
+    }
+}
+
+/// `gate_base` with peers 1 and 2 held as `reason`.
+fn held(f: &mut Fixture, reason: DropReason) {
+    gate_base(f);
+    f.peer_info(PEER1, info(reason as u32, 0));
+    f.peer_info(PEER2, info(reason as u32, 0));
+}
+
+fn held_mfa(f: &mut Fixture) {
+    held(f, DropReason::GateMfaPending);
+}
+
+fn gate_cases() -> Vec<Case> {
+    type Expect = (u32, Vec<u32>, Option<(PeerId, PeerDelta)>);
+    let gate_in = |peer: PeerId, r: DropReason| -> Expect {
+        (
+            TC_ACT_SHOT,
+            vec![TC_IN_DROP_GATE, drop_slot(r), EVENTS_EMITTED],
+            Some((peer, PeerDelta::Drop(r))),
+        )
+    };
+    let gate_out = |peer: PeerId, r: DropReason| -> Expect {
+        (
+            TC_ACT_SHOT,
+            vec![TC_OUT_DROP_GATE, drop_slot(r), EVENTS_EMITTED],
+            Some((peer, PeerDelta::Drop(r))),
+        )
+    };
+    let pass_in =
+        |peer: PeerId| -> Expect { (TC_ACT_OK, vec![TC_IN_PASS], Some((peer, PeerDelta::Rx))) };
+    let pass_out =
+        |peer: PeerId| -> Expect { (TC_ACT_OK, vec![TC_OUT_PASS], Some((peer, PeerDelta::Tx))) };
+    let mfa = DropReason::GateMfaPending;
+    let expired = DropReason::GateExpired;
+    let c = |name: String,
+             prog: Prog,
+             packet: fn() -> Vec<u8>,
+             setup: Box<dyn Fn(&mut Fixture)>,
+             (verdict, counters, peer): Expect| Case {
+        name: Box::leak(name.into_boxed_str()),
+        prog,
+        packet,
+        setup,
+        verdict,
+        counters,
+        list_hit: None,
+        peer,
+    };
+    let s = |f: fn(&mut Fixture)| -> Box<dyn Fn(&mut Fixture)> { Box::new(f) };
+    use Prog::{In, Out};
+    let mut cases = Vec::new();
+    // Every hold reason, both directions, both families.
+    for r in GATE_REASONS {
+        cases.push(c(
+            format!("held ({}): v4 from the peer dropped", r.name()),
+            In,
+            || packets::udp4(PEER1_V4, CLEAN, 4000, 53, 60),
+            Box::new(move |f| held(f, r)),
+            gate_in(PEER1, r),
+        ));
+        cases.push(c(
+            format!("held ({}): v6 to the peer dropped", r.name()),
+            Out,
+            || packets::tcp6(CLEAN6, PEER1_V6, 443, 4000, 100),
+            Box::new(move |f| held(f, r)),
+            gate_out(PEER1, r),
+        ));
+    }
+    cases.extend([
+        c(
+            "held peer attributed by range (LPM) dropped".into(),
+            In,
+            || packets::tcp4(PEER2_V4, CLEAN, 4000, 443, 10),
+            s(held_mfa),
+            gate_in(PEER2, mfa),
+        ),
+        c(
+            "other peers pass while one is held".into(),
+            In,
+            || packets::tcp4(PEER4_V4, CLEAN, 4000, 443, 10),
+            s(held_mfa),
+            pass_in(PEER4),
+        ),
+        c(
+            "unknown peer is not gated".into(),
+            In,
+            || packets::udp4(STRANGER_V4, CLEAN, 1, 2, 10),
+            s(held_mfa),
+            (TC_ACT_OK, vec![TC_IN_UNKNOWN_PEER], None),
+        ),
+        c(
+            "held peer to a blocked destination: the gate decides first".into(),
+            In,
+            || packets::udp4(PEER1_V4, BLOCKED, 4000, 53, 60),
+            Box::new(|f| {
+                held_mfa(f);
+                lists(f, Lists::Destination, 0);
+            }),
+            gate_in(PEER1, mfa),
+        ),
+        // The verification endpoint.
+        c(
+            "held: v4 TCP to the verification port passes".into(),
+            In,
+            || packets::tcp4(PEER1_V4, SERVER_TUN_V4, 40000, VERIFY_TCP, 100),
+            s(held_mfa),
+            pass_in(PEER1),
+        ),
+        c(
+            "held: v4 UDP to the verification port passes".into(),
+            In,
+            || packets::udp4(PEER1_V4, SERVER_TUN_V4, 40000, VERIFY_UDP, 100),
+            s(held_mfa),
+            pass_in(PEER1),
+        ),
+        c(
+            "held: v6 TCP to the verification port passes".into(),
+            In,
+            || packets::tcp6(PEER1_V6, SERVER_TUN_V6, 40000, VERIFY_TCP, 100),
+            s(held_mfa),
+            pass_in(PEER1),
+        ),
+        c(
+            "held: v6 UDP to the verification port passes".into(),
+            In,
+            || packets::udp6(PEER1_V6, SERVER_TUN_V6, 40000, VERIFY_UDP, 100),
+            s(held_mfa),
+            pass_in(PEER1),
+        ),
+        c(
+            "held: v4 TCP reply from the verification port passes".into(),
+            Out,
+            || packets::tcp4(SERVER_TUN_V4, PEER1_V4, VERIFY_TCP, 40000, 100),
+            s(held_mfa),
+            pass_out(PEER1),
+        ),
+        c(
+            "held: v6 UDP reply from the verification port passes".into(),
+            Out,
+            || packets::udp6(SERVER_TUN_V6, PEER1_V6, VERIFY_UDP, 40000, 100),
+            s(held_mfa),
+            pass_out(PEER1),
+        ),
+        c(
+            "held: v6 UDP behind a destination-options header to the port passes".into(),
+            In,
+            || {
+                packets::udp6_with_ext(
+                    PEER1_V6,
+                    SERVER_TUN_V6,
+                    40000,
+                    VERIFY_UDP,
+                    50,
+                    &[Ext::DestOpts { extra_8: 1 }],
+                )
+            },
+            s(held_mfa),
+            pass_in(PEER1),
+        ),
+        c(
+            "held: first v4 fragment to the port passes".into(),
+            In,
+            || {
+                let mut p = packets::udp4(PEER1_V4, SERVER_TUN_V4, 40000, VERIFY_UDP, 100);
+                packets::set_ipv4_fragment(&mut p, 0, true);
+                p
+            },
+            s(held_mfa),
+            pass_in(PEER1),
+        ),
+        c(
+            "held: other TCP port on the server address dropped".into(),
+            In,
+            || packets::tcp4(PEER1_V4, SERVER_TUN_V4, 40000, 22, 0),
+            s(held_mfa),
+            gate_in(PEER1, mfa),
+        ),
+        c(
+            "held: TCP to the UDP verification port dropped".into(),
+            In,
+            || packets::tcp4(PEER1_V4, SERVER_TUN_V4, 40000, VERIFY_UDP, 0),
+            s(held_mfa),
+            gate_in(PEER1, mfa),
+        ),
+        c(
+            "held: v6 UDP to the TCP verification port dropped".into(),
+            In,
+            || packets::udp6(PEER1_V6, SERVER_TUN_V6, 40000, VERIFY_TCP, 0),
+            s(held_mfa),
+            gate_in(PEER1, mfa),
+        ),
+        c(
+            "held: the verification port on another address dropped (v4)".into(),
+            In,
+            || packets::tcp4(PEER1_V4, CLEAN, 40000, VERIFY_TCP, 0),
+            s(held_mfa),
+            gate_in(PEER1, mfa),
+        ),
+        c(
+            "held: the verification port on another address dropped (v6)".into(),
+            In,
+            || packets::tcp6(PEER1_V6, CLEAN6, 40000, VERIFY_TCP, 0),
+            s(held_mfa),
+            gate_in(PEER1, mfa),
+        ),
+        c(
+            "held: ingress from the verification port (source port) dropped".into(),
+            In,
+            || packets::tcp4(PEER1_V4, SERVER_TUN_V4, VERIFY_TCP, 40000, 0),
+            s(held_mfa),
+            gate_in(PEER1, mfa),
+        ),
+        c(
+            "held: egress from another server port dropped".into(),
+            Out,
+            || packets::tcp4(SERVER_TUN_V4, PEER1_V4, 22, 40000, 0),
+            s(held_mfa),
+            gate_out(PEER1, mfa),
+        ),
+        c(
+            "held: egress from the port on another address dropped".into(),
+            Out,
+            || packets::tcp4(CLEAN, PEER1_V4, VERIFY_TCP, 40000, 0),
+            s(held_mfa),
+            gate_out(PEER1, mfa),
+        ),
+        c(
+            "held: ICMP to the server dropped".into(),
+            In,
+            || packets::icmp4(PEER1_V4, SERVER_TUN_V4, 56),
+            s(held_mfa),
+            gate_in(PEER1, mfa),
+        ),
+        c(
+            "held: non-first v4 fragment to the verification port dropped".into(),
+            In,
+            || {
+                let mut p = packets::udp4(PEER1_V4, SERVER_TUN_V4, 40000, VERIFY_UDP, 100);
+                packets::set_ipv4_fragment(&mut p, 100, false);
+                p
+            },
+            s(held_mfa),
+            gate_in(PEER1, mfa),
+        ),
+        c(
+            "held: non-first v6 fragment to the verification port dropped".into(),
+            In,
+            || {
+                packets::udp6_with_ext(
+                    PEER1_V6,
+                    SERVER_TUN_V6,
+                    40000,
+                    VERIFY_UDP,
+                    100,
+                    &[Ext::Fragment {
+                        offset_8: 10,
+                        more: false,
+                    }],
+                )
+            },
+            s(held_mfa),
+            gate_in(PEER1, mfa),
+        ),
+        c(
+            "held: TCP to the port with the TCP header cut off dropped".into(),
+            In,
+            || {
+                packets::truncated(
+                    &packets::tcp4(PEER1_V4, SERVER_TUN_V4, 40000, VERIFY_TCP, 0),
+                    22,
+                )
+            },
+            s(held_mfa),
+            gate_in(PEER1, mfa),
+        ),
+        // Deadlines, decided by the kernel alone.
+        c(
+            "admitted with a future deadline passes".into(),
+            In,
+            || packets::udp4(PEER1_V4, CLEAN, 4000, 53, 60),
+            Box::new(|f| {
+                gate_base(f);
+                f.peer_info(PEER1, info(0, boot_ns() + 3_600_000_000_000));
+            }),
+            pass_in(PEER1),
+        ),
+        c(
+            "admitted with a deadline in the past: dropped as expired (ingress)".into(),
+            In,
+            || packets::udp4(PEER1_V4, CLEAN, 4000, 53, 60),
+            Box::new(|f| {
+                gate_base(f);
+                f.peer_info(PEER1, info(0, boot_ns() - 1));
+            }),
+            gate_in(PEER1, expired),
+        ),
+        c(
+            "admitted with a deadline in the past: dropped as expired (egress, v6)".into(),
+            Out,
+            || packets::udp6(CLEAN6, PEER1_V6, 53, 4000, 60),
+            Box::new(|f| {
+                gate_base(f);
+                f.peer_info(PEER1, info(0, 1));
+            }),
+            gate_out(PEER1, expired),
+        ),
+        c(
+            "expired admission still reaches the verification port".into(),
+            In,
+            || packets::tcp4(PEER1_V4, SERVER_TUN_V4, 40000, VERIFY_TCP, 10),
+            Box::new(|f| {
+                gate_base(f);
+                f.peer_info(PEER1, info(0, 1));
+            }),
+            pass_in(PEER1),
+        ),
+        c(
+            "a gate value that is no gate reason fails closed (kicked)".into(),
+            In,
+            || packets::udp4(PEER1_V4, CLEAN, 4000, 53, 60),
+            Box::new(|f| {
+                gate_base(f);
+                f.peer_info(PEER1, info(DropReason::Malformed as u32, 0));
+            }),
+            gate_in(PEER1, DropReason::GateKicked),
+        ),
+    ]);
+    cases
+}
+
+#[test]
+fn admission_gate_table() {
+    run_table(gate_cases());
+}
+
+/// One gate-drop event per peer per interval, with the record's fields as documented; the
+/// events of an expired deadline carry it.
+#[test]
+fn gate_events_are_rate_limited_per_interval_and_read_from_the_ring() {
+    let mut f = Fixture::load();
+    held_mfa(&mut f);
+    let t0 = boot_ns();
+    let p_in = packets::udp4(PEER1_V4, CLEAN, 4000, 53, 60);
+    let p_out = packets::udp4(CLEAN, PEER1_V4, 53, 4000, 70);
+    for _ in 0..5 {
+        assert_eq!(f.run_tc(Tc::Ingress, &p_in), TC_ACT_SHOT);
+        assert_eq!(f.run_tc(Tc::Egress, &p_out), TC_ACT_SHOT);
+    }
+    // Peer 2 (also held) has its own rate limit.
+    assert_eq!(
+        f.run_tc(Tc::Egress, &packets::udp4(CLEAN, PEER2_V4, 53, 4000, 10)),
+        TC_ACT_SHOT
+    );
+    let t1 = boot_ns();
+    let ev = f.events();
+    assert_eq!(
+        ev.len(),
+        2,
+        "one event per held peer within the interval: {ev:?}"
+    );
+    let (e1, e2) = (ev[0], ev[1]);
+    assert_eq!(
+        (e1.kind, e1.peer, e1.reason, e1.flags, e1.args),
+        (
+            EVENT_GATE_DROP,
+            PEER1,
+            DropReason::GateMfaPending as u32,
+            0,
+            [0, p_in.len() as u64, 0, 0]
+        ),
+        "{e1:?}"
+    );
+    assert!((t0..=t1).contains(&e1.time_ns), "{e1:?} outside {t0}..{t1}");
+    assert_eq!((e2.peer, e2.flags), (PEER2, EVENT_F_EGRESS), "{e2:?}");
+    let c = f.counters();
+    assert_eq!(c[EVENTS_EMITTED as usize].packets, 2);
+    assert_eq!(c[EVENTS_LOST as usize].packets, 0);
+    // Every packet was still counted as a drop.
+    assert_eq!(
+        f.peer_stats(PEER1).drops[DropReason::GateMfaPending as usize],
+        10
+    );
+
+    // A shorter interval (CONFIG): after it, the next drop emits again.
+    let mut cfg = f.config();
+    cfg.event_interval_ns = 50_000_000;
+    f.set_config_exact(cfg);
+    std::thread::sleep(Duration::from_millis(60));
+    assert_eq!(f.run_tc(Tc::Egress, &p_out), TC_ACT_SHOT);
+    assert_eq!(f.run_tc(Tc::Egress, &p_out), TC_ACT_SHOT);
+    let ev = f.events();
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!((ev[0].peer, ev[0].flags), (PEER1, EVENT_F_EGRESS));
+
+    // An admission that runs out: no userspace action between the two packets.
+    let deadline = boot_ns() + 200_000_000;
+    f.peer_info(PEER1, info(0, deadline));
+    assert_eq!(f.run_tc(Tc::Ingress, &p_in), TC_ACT_OK);
+    std::thread::sleep(Duration::from_millis(250));
+    assert_eq!(f.run_tc(Tc::Ingress, &p_in), TC_ACT_SHOT);
+    let ev = f.events();
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(
+        (ev[0].peer, ev[0].reason, ev[0].args[0]),
+        (PEER1, DropReason::GateExpired as u32, deadline),
+        "{:?}",
+        ev[0]
+    );
+    assert!(ev[0].time_ns >= deadline);
+    assert_eq!(
+        f.peer_stats(PEER1).drops[DropReason::GateExpired as usize],
+        1
+    );
 }

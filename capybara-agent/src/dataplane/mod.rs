@@ -12,6 +12,9 @@
 //! - [`peers`]: peers' allowed IPs → dense peer ids; per-peer counters.
 //! - [`stats`]: global verdict counters, per-list hits.
 //! - [`lists`]: named blocklists compiled (see [`crate::blocklist`]) and written as generations.
+//! - [`gate`]: the admission gate (per-peer admitted/held state, deadlines, the verification
+//!   endpoint).
+//! - [`events`]: the kernel's events ring buffer as an async stream of typed [`Event`]s.
 //! - [`sys`]: the raw syscalls aya lacks (batch map operations, mmap of the DIR tables, RCU grace
 //!   period); every other `unsafe` in the agent's dataplane is in aya.
 //!
@@ -19,6 +22,8 @@
 //! puts it behind a mutex.
 
 pub mod attach;
+pub mod events;
+pub mod gate;
 pub mod lists;
 pub mod object;
 pub mod peers;
@@ -34,12 +39,17 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, Map, MapData, MapError},
+    maps::{Array, HashMap, Map, MapData, MapError, RingBuf},
     programs::ProgramError,
 };
-use capybara_common::{LAYOUT_VERSION, config::Config, maps as names, peer::PeerId};
+use capybara_common::{
+    LAYOUT_VERSION, config::Config, drop::DropReason, gate::GateAllowKey, maps as names,
+    peer::PeerId,
+};
 
 pub use attach::{AttachHow, Attachment};
+pub use events::{Event, EventError, EventStream, PeerDirection};
+pub use gate::{EndpointAddr, Gate, L4Proto};
 pub use lists::{ListUpdate, RestoreReport};
 pub use stats::GlobalCounters;
 
@@ -205,6 +215,35 @@ pub enum DataplaneError {
     /// A blocklist operation was refused (bad input or capacity); nothing was written.
     #[error(transparent)]
     Blocklist(#[from] BlocklistError),
+    /// A peer can only be held with a `Gate*` reason; nothing was written.
+    #[error("hold reason {} is not an admission-gate reason (gate-*)", reason.name())]
+    NotAGateReason {
+        /// The reason given.
+        reason: DropReason,
+    },
+    /// A verification endpoint port of 0; nothing was written.
+    #[error("verification endpoint port {port} ({proto:?}) is invalid")]
+    EndpointPort {
+        /// The protocol given.
+        proto: L4Proto,
+        /// The port given.
+        port: u16,
+    },
+    /// More verification endpoint entries (addresses × ports) than the map holds; nothing was
+    /// written.
+    #[error("verification endpoint has {entries} address/port combinations, at most {max}")]
+    EndpointTooLarge {
+        /// Addresses × ports requested.
+        entries: usize,
+        /// `GATE_ALLOW_MAX`.
+        max: u32,
+    },
+    /// The event stream was already taken from this dataplane.
+    #[error("the event stream of this dataplane is already taken (one consumer per ring buffer)")]
+    EventStreamTaken,
+    /// A ring-buffer record could not be decoded.
+    #[error(transparent)]
+    Event(#[from] EventError),
 }
 
 /// Result alias of this module.
@@ -267,6 +306,10 @@ pub struct Dataplane {
     lists: lists::ListMaps,
     /// Guarded UDP ports.
     guard_ports: Owned<Array<MapData, u32>>,
+    /// The admission gate's verification endpoint.
+    gate_allow: Owned<HashMap<MapData, GateAllowKey, u32>>,
+    /// The events ring buffer, until [`Dataplane::event_stream`] takes it.
+    events: Option<RingBuf<MapData>>,
     /// Links this process attached or took over.
     links: Vec<attach::HeldLink>,
 }
@@ -311,10 +354,26 @@ fn pinned_layout_version(dir: &Path) -> Result<Option<u32>> {
         return Ok(None);
     }
     let data = MapData::from_pin(&pin).map_err(map_err(names::CONFIG, "open pin"))?;
-    let arr: Array<MapData, Config> =
+    let value_size = data
+        .info()
+        .map_err(map_err(names::CONFIG, "read map info"))?
+        .value_size() as usize;
+    // `layout_version` sits at the same offset in every layout; the entry's size changed
+    // (16 bytes up to layout 3, 24 since), so read it as the words it has.
+    let word = capybara_common::config::CONFIG_LAYOUT_VERSION_OFFSET / 4;
+    let version = match value_size {
+        16 => read_words::<4>(data)?[word],
+        24 => read_words::<6>(data)?[word],
+        // Not a layout this agent knows: report it as an unknown (0 would mean "fresh").
+        _ => u32::MAX,
+    };
+    Ok(Some(version))
+}
+
+fn read_words<const N: usize>(data: MapData) -> Result<[u32; N]> {
+    let arr: Array<MapData, [u32; N]> =
         Array::try_from(Map::Array(data)).map_err(map_err(names::CONFIG, "open pin"))?;
-    let c = arr.get(&0, 0).map_err(map_err(names::CONFIG, "read"))?;
-    Ok(Some(c.layout_version))
+    arr.get(&0, 0).map_err(map_err(names::CONFIG, "read"))
 }
 
 impl Dataplane {
@@ -362,6 +421,11 @@ impl Dataplane {
         let stats = stats::StatMaps::open(&mut ebpf)?;
         let lists = lists::ListMaps::open(&mut ebpf)?;
         let guard_ports = take(&mut ebpf, names::GUARD_PORTS)?;
+        let gate_allow = take(&mut ebpf, names::GATE_ALLOW)?;
+        let events = ebpf
+            .take_map(names::EVENTS)
+            .and_then(|m| RingBuf::try_from(m).ok())
+            .ok_or(DataplaneError::MapMissing { map: names::EVENTS })?;
         tracing::info!(
             dir = %dir.display(),
             reused,
@@ -380,6 +444,8 @@ impl Dataplane {
             stats,
             lists,
             guard_ports,
+            gate_allow,
+            events: Some(events),
             links: Vec::new(),
         })
     }
@@ -401,6 +467,20 @@ impl Dataplane {
             .map_err(map_err(names::CONFIG, "write"))?;
         self.cfg = cfg;
         Ok(())
+    }
+
+    /// Sets the minimum interval between two rate-limited events of one kind for one peer
+    /// (default 1 s; `Duration::ZERO` restores the default).
+    pub fn set_event_interval(&mut self, interval: std::time::Duration) -> Result<()> {
+        let mut c = self.cfg;
+        c.event_interval_ns = interval.as_nanos().min(u128::from(u64::MAX)) as u64;
+        self.write_config(c)
+    }
+
+    /// The kernel events as an async stream. Call within a tokio runtime; once per dataplane.
+    pub fn event_stream(&mut self) -> Result<EventStream> {
+        let ring = self.events.take().ok_or(DataplaneError::EventStreamTaken)?;
+        EventStream::new(ring).map_err(sys_err(names::EVENTS, "register with the reactor"))
     }
 
     /// Sets or clears `CONFIG_F_DROP_UNKNOWN_PEER`.

@@ -37,13 +37,13 @@ use crate::net::Cidr;
 
 /// The peer maps and the mirror of their contents.
 pub(super) struct PeerMaps {
-    peers: Owned<Array<MapData, PeerInfo>>,
+    pub(super) peers: Owned<Array<MapData, PeerInfo>>,
     v4: Owned<HashMap<MapData, u32, PeerId>>,
     v6: Owned<HashMap<MapData, [u8; 16], PeerId>>,
     v4_lpm: Owned<LpmTrie<MapData, [u8; 4], PeerId>>,
     v6_lpm: Owned<LpmTrie<MapData, [u8; 16], PeerId>>,
     /// Active peers and their allowed IPs.
-    mirror: BTreeMap<PeerId, BTreeSet<Cidr>>,
+    pub(super) mirror: BTreeMap<PeerId, BTreeSet<Cidr>>,
     /// Allowed IP → owner.
     owner: StdHashMap<Cidr, PeerId>,
 }

@@ -1,5 +1,6 @@
 //! Raw bpf(2), mmap(2) and membarrier(2) calls that aya 0.14 does not offer: batch updates,
-//! deletes and lookups, the memory mapping of `BPF_F_MMAPABLE` arrays, and an RCU grace period.
+//! deletes and lookups, the memory mapping of `BPF_F_MMAPABLE` arrays, an RCU grace period, and
+//! the CLOCK_BOOTTIME the kernel programs read.
 //! Every `unsafe` block of the agent's dataplane that is not in aya lives here.
 
 use std::{
@@ -271,4 +272,16 @@ pub fn rcu_grace_period() {
     if r != 0 {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+}
+
+/// CLOCK_BOOTTIME now: the clock `bpf_ktime_get_boot_ns()` reads in the kernel programs.
+pub fn boottime_now() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_BOOTTIME exists on every kernel this
+    // agent supports, so the call cannot fail (a failure would leave `ts` zero).
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }

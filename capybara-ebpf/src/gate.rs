@@ -1,0 +1,116 @@
+//! The admission gate: is a known peer held, and is this packet of a held peer one for the
+//! verification endpoint? (Layouts: `capybara_common::peer::PeerInfo`, `capybara_common::gate`.)
+//!
+//! - [`held`]: one read of `PEERS[peer]`. Held with the stored reason when `gate != 0`; held as
+//!   `GateExpired` when admitted with a deadline and `bpf_ktime_get_boot_ns() >= deadline_ns`
+//!   (the kernel decides expiry alone: no userspace round trip). The clock is read only for
+//!   peers with a deadline.
+//! - [`to_endpoint`]: the exception for held peers. Parses the transport header (IPv4 options,
+//!   up to `MAX_IPV6_EXT_HEADERS` IPv6 extension headers) and looks up the server end
+//!   (ingress: destination, egress: source) with its port in `GATE_ALLOW`. Only TCP and UDP with
+//!   a readable header match; non-first fragments (no ports), other protocols and anything that
+//!   does not parse do not, so they are dropped with the peer's reason.
+
+use aya_ebpf::helpers::bpf_ktime_get_boot_ns;
+use capybara_common::{
+    drop::DropReason,
+    gate::GateAllowKey,
+    peer::{GATE_ADMITTED, PeerId},
+};
+
+use crate::{
+    maps::{GATE_ALLOW, PEERS},
+    parse::{self, Addrs, IPPROTO_TCP, IPPROTO_UDP, Malformed, Packet},
+};
+
+/// Why a peer is held, and its admission deadline (0 if none) for the event.
+pub struct Held {
+    pub reason: DropReason,
+    pub deadline_ns: u64,
+}
+
+/// CLOCK_BOOTTIME in nanoseconds.
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: the helper takes no arguments and only reads the clock.
+    unsafe { bpf_ktime_get_boot_ns() }
+}
+
+/// The hold reason stored in `PeerInfo::gate`: a `Gate*` reason, anything else fails closed
+/// as `GateKicked`.
+#[inline(always)]
+fn gate_reason(gate: u32) -> DropReason {
+    match DropReason::from_u32(gate) {
+        Some(
+            r @ (DropReason::GateMfaPending
+            | DropReason::GateExpired
+            | DropReason::GateKicked
+            | DropReason::GateOverQuota
+            | DropReason::GateOutsideWindow
+            | DropReason::GateDeviceLimit),
+        ) => r,
+        _ => DropReason::GateKicked,
+    }
+}
+
+/// `Some` when peer `id` is held (see the module docs).
+#[inline(always)]
+pub fn held(id: PeerId) -> Option<Held> {
+    let info = PEERS.get_ptr(id)?;
+    // SAFETY: `info` points at the array element of a successful lookup, valid for this program
+    // run; the agent replaces it by copying, so each field is read old or new (documented on
+    // `PeerInfo`).
+    let (gate, deadline_ns) = unsafe { ((*info).gate, (*info).deadline_ns) };
+    if gate != GATE_ADMITTED {
+        return Some(Held {
+            reason: gate_reason(gate),
+            deadline_ns,
+        });
+    }
+    if deadline_ns != 0 && now_ns() >= deadline_ns {
+        return Some(Held {
+            reason: DropReason::GateExpired,
+            deadline_ns,
+        });
+    }
+    None
+}
+
+/// True when the packet goes between the peer and a verification endpoint (`GATE_ALLOW`):
+/// ingress to it (`server_is_dst`), egress from it.
+#[inline(always)]
+pub fn to_endpoint(pkt: &Packet, l2: usize, addrs: &Addrs, server_is_dst: bool) -> bool {
+    try_to_endpoint(pkt, l2, addrs, server_is_dst).unwrap_or(false)
+}
+
+#[inline(always)]
+fn try_to_endpoint(
+    pkt: &Packet,
+    l2: usize,
+    addrs: &Addrs,
+    server_is_dst: bool,
+) -> Result<bool, Malformed> {
+    let upper = match addrs {
+        Addrs::V4 { .. } => parse::ipv4(pkt, l2)?,
+        Addrs::V6 { .. } => parse::ipv6(pkt, l2)?,
+    };
+    if upper.later_fragment || (upper.protocol != IPPROTO_TCP && upper.protocol != IPPROTO_UDP) {
+        return Ok(false);
+    }
+    // Source and destination ports: the first 4 bytes of both TCP and UDP headers.
+    let ports: [u8; 4] = pkt.read(upper.l4_off)?;
+    let port = if server_is_dst {
+        u16::from_be_bytes([ports[2], ports[3]])
+    } else {
+        u16::from_be_bytes([ports[0], ports[1]])
+    };
+    let key = match *addrs {
+        Addrs::V4 { src, dst } => {
+            GateAllowKey::v4(if server_is_dst { dst } else { src }, upper.protocol, port)
+        }
+        Addrs::V6 { src, dst } => {
+            GateAllowKey::v6(if server_is_dst { dst } else { src }, upper.protocol, port)
+        }
+    };
+    Ok(GATE_ALLOW.get_ptr(key).is_some())
+}
