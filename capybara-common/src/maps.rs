@@ -24,9 +24,9 @@
 //! The hashes are not preallocated: preallocated, the two long-prefix hashes alone took 2 × 168 MiB
 //! and the peer hashes 44 MiB before a single entry existed (measured: 695 MiB for an empty
 //! agent, 374 MiB now, of which 2 × 32 MiB are the long-prefix hashes' bucket arrays). The price
-//! is paid when lists change: inserting the ≈ 355 000 long
-//! prefixes of a 1M-prefix list takes ≈ 450 ms instead of ≈ 150 ms (`list_replace_1m_ms` ≈ 750 ms
-//! instead of ≈ 380 ms, target 2000 ms). Lookups cost the same either way.
+//! is paid when lists change: inserting the ≈ 355 000 long prefixes of a 1M-prefix list moves
+//! the allocation into the insert (`list_replace_1m_ms`: 488 ms on a quiet machine, ≈ 750 ms
+//! while a build shares the CPUs; ≈ 380 ms preallocated; target 2000 ms). Lookups cost the same.
 //!
 //! `PEER_STATS` grows with the CPU count (160 B per peer per CPU): 1.3 GiB at 64 CPUs. Lowering
 //! `MAX_PEERS` at load time (not yet an agent option) is the remedy for large machines.

@@ -40,8 +40,8 @@
 //!
 //! These figures are with preallocated hashes. The long-prefix hashes are now created with
 //! `BPF_F_NO_PREALLOC` (168 MiB each before any entry existed; see `capybara_common::maps`), which
-//! moves the allocation into the insert: the long-prefix step measured ≈ 450 ms and
-//! `list_replace_1m_ms` ≈ 750 ms (719–965 ms over 3 runs while a CI build shared the machine).
+//! moves the allocation into the insert: `list_replace_1m_ms` measured 488 ms on a quiet machine
+//! (719–965 ms over 3 runs while a CI build shared the CPUs; the long-prefix step ≈ 450 ms then).
 //!
 //! Target < 2000 ms. Back-to-back replacements pay the previous cleanup at their start (the
 //! xtask bench measures that case). The 2^24-entry DIR table is what makes the design
