@@ -55,6 +55,8 @@ pub const TC_IN_MALFORMED: u32 = 11;
 pub const TC_IN_DROP_UNKNOWN: u32 = 12;
 /// Dropped: the peer is held at the admission gate (reason in `DROPS_BASE + reason`).
 pub const TC_IN_DROP_GATE: u32 = 13;
+/// Dropped: the peer's quota bucket is exhausted (`DROPS_BASE + QuotaExhausted`).
+pub const TC_IN_DROP_QUOTA: u32 = 14;
 
 // Tunnel device, egress (to peers).
 /// Passed and counted to a known peer.
@@ -69,6 +71,8 @@ pub const TC_OUT_MALFORMED: u32 = 19;
 pub const TC_OUT_DROP_UNKNOWN: u32 = 20;
 /// Dropped: the peer is held at the admission gate (reason in `DROPS_BASE + reason`).
 pub const TC_OUT_DROP_GATE: u32 = 21;
+/// Dropped: the peer's quota bucket is exhausted (`DROPS_BASE + QuotaExhausted`).
+pub const TC_OUT_DROP_QUOTA: u32 = 22;
 
 // Events (not verdicts: `packets` counts events, `bytes` stays 0).
 /// Records written into the events ring buffer.
@@ -83,7 +87,7 @@ pub const DROPS_BASE: u32 = 32;
 pub const COUNTER_SLOTS: u32 = DROPS_BASE + DROP_REASON_SLOTS as u32;
 
 /// Names of the verdict counters, for the CLI and metrics (drops by reason use `DropReason::name`).
-pub const COUNTER_NAMES: [(u32, &str); 19] = [
+pub const COUNTER_NAMES: [(u32, &str); 21] = [
     (XDP_PASS_UNGUARDED, "xdp_pass_unguarded"),
     (XDP_PASS_CLEAN, "xdp_pass_clean"),
     (XDP_DROP_BLOCKLIST, "xdp_drop_blocklist"),
@@ -95,12 +99,14 @@ pub const COUNTER_NAMES: [(u32, &str); 19] = [
     (TC_IN_MALFORMED, "tc_in_malformed"),
     (TC_IN_DROP_UNKNOWN, "tc_in_drop_unknown"),
     (TC_IN_DROP_GATE, "tc_in_drop_gate"),
+    (TC_IN_DROP_QUOTA, "tc_in_drop_quota"),
     (TC_OUT_PASS, "tc_out_pass"),
     (TC_OUT_UNKNOWN_PEER, "tc_out_unknown_peer"),
     (TC_OUT_DROP_BLOCKLIST, "tc_out_drop_blocklist"),
     (TC_OUT_MALFORMED, "tc_out_malformed"),
     (TC_OUT_DROP_UNKNOWN, "tc_out_drop_unknown"),
     (TC_OUT_DROP_GATE, "tc_out_drop_gate"),
+    (TC_OUT_DROP_QUOTA, "tc_out_drop_quota"),
     (EVENTS_EMITTED, "events_emitted"),
     (EVENTS_LOST, "events_lost"),
 ];

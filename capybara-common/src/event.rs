@@ -17,6 +17,13 @@ use crate::pod;
 /// deadline (CLOCK_BOOTTIME ns) for `GateExpired`, else 0; `args[1]`: the packet's length.
 pub const EVENT_GATE_DROP: u32 = 1;
 
+/// A quota bucket reached a warning threshold (each at most once per bucket epoch; see
+/// [`crate::quota`]). `peer`: the peer whose packet reached it; `reason`: the threshold in
+/// percent (80, 90 or 100; 100 = exhausted, later packets are dropped); `flags`:
+/// [`EVENT_F_EGRESS`] as for gate drops; `args`: `[bucket id, used bytes (this packet
+/// included), limit bytes, bucket epoch]`.
+pub const EVENT_QUOTA: u32 = 2;
+
 /// `EventRecord::flags`: the packet was travelling to the peer (TC egress); clear: from it.
 pub const EVENT_F_EGRESS: u32 = 1 << 0;
 

@@ -11,6 +11,7 @@
 //! - [`config`]: the single-entry runtime configuration map.
 //! - [`gate`]: the admission gate's verification-endpoint map key.
 //! - [`event`]: the records the kernel writes into the events ring buffer.
+//! - [`quota`]: data-quota buckets (byte budgets shared by peers) and their warning thresholds.
 //!
 //! Rules: every map key and value is `#[repr(C)]` with explicit padding, no `bool` and no
 //! data-carrying enum, and a compile-time size assertion. The `user` feature adds `aya::Pod`
@@ -25,6 +26,7 @@ pub mod event;
 pub mod gate;
 pub mod maps;
 pub mod peer;
+pub mod quota;
 
 /// Implements `aya::Pod` for plain-old-data map types when built for userspace.
 macro_rules! pod {
@@ -41,4 +43,4 @@ pub(crate) use pod;
 
 /// Bumped whenever the layout of a pinned map changes. The agent refuses to reuse pins made by
 /// a different layout version (it would read garbage) and says how to reset them.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;

@@ -18,6 +18,7 @@
 //! | `GUARD_PORTS` | array | 65 536 | 256 KiB |
 //! | `GATE_ALLOW` | hash, preallocated | 64 | ≈ 6 KiB |
 //! | `PEER_EVENTS` | array | 131 072 | 4 MiB |
+//! | `QUOTA` | array | 131 072 | 4 MiB (32 B per bucket) |
 //! | `EVENTS` | ring buffer | 256 KiB | 256 KiB (4096 records of 64 B in flight) |
 //!
 //! The two DIR tables are the price of a lookup that does not grow with the list: 256 MiB in all.
@@ -69,9 +70,12 @@ pub const GATE_ALLOW: &str = "CAPY_GATE_ALLOW";
 pub const PEER_EVENTS: &str = "CAPY_PEER_EVT";
 /// The events ring buffer ([`crate::event`]).
 pub const EVENTS: &str = "CAPY_EVENTS";
+/// Data-quota buckets ([`crate::quota::QuotaBucket`]), indexed by bucket id. A shared array
+/// (not per-CPU): several CPUs charge one bucket with atomic adds.
+pub const QUOTA: &str = "CAPY_QUOTA";
 
 /// Every pinned map, for listing and removal.
-pub const ALL: [&str; 19] = [
+pub const ALL: [&str; 20] = [
     CONFIG,
     COUNTERS,
     LIST_HITS,
@@ -91,6 +95,7 @@ pub const ALL: [&str; 19] = [
     GATE_ALLOW,
     PEER_EVENTS,
     EVENTS,
+    QUOTA,
 ];
 
 /// Program names in the object.

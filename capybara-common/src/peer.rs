@@ -55,11 +55,15 @@ pub struct PeerInfo {
     pub gate: u32,
     /// Admission deadline in CLOCK_BOOTTIME nanoseconds; 0 = none. Only read when admitted.
     pub deadline_ns: u64,
-    /// Reserved for policy (quota bucket, rate class, flow limit); zero.
-    pub _reserved: [u32; 4],
+    /// The quota bucket the peer's traffic (both directions) is charged to
+    /// ([`crate::quota`]); 0 = no quota.
+    pub quota_bucket: u32,
+    /// Reserved for policy (rate class, flow limit); zero.
+    pub _reserved: [u32; 3],
 }
 const _: () = assert!(core::mem::size_of::<PeerInfo>() == 32);
 const _: () = assert!(core::mem::offset_of!(PeerInfo, deadline_ns) == 8);
+const _: () = assert!(core::mem::offset_of!(PeerInfo, quota_bucket) == 16);
 
 /// Rate-limit slots of [`PeerEventState`]: one per event kind that is rate-limited per peer.
 pub const PEER_EVENT_SLOTS: usize = 4;

@@ -51,6 +51,12 @@ pub fn emit_limited(rec: &EventRecord, slot: usize, interval_ns: u64) {
     if !rate_ok(rec.peer, slot, rec.time_ns, interval_ns) {
         return;
     }
+    emit(rec);
+}
+
+/// Emits `rec` (no rate limit: the caller guarantees the bound); counts the outcome.
+#[inline(always)]
+pub fn emit(rec: &EventRecord) {
     let one = Counter {
         packets: 1,
         bytes: 0,

@@ -19,6 +19,7 @@ use capybara_common::{
         MAX_PEER_ADDRS, MAX_PEERS, PeerEventState, PeerId, PeerInfo, PeerStats, PeerV4LpmData,
         PeerV6LpmData,
     },
+    quota::{MAX_QUOTA_BUCKETS, QuotaBucket},
 };
 
 #[map(name = "CAPY_CONFIG")]
@@ -81,3 +82,6 @@ pub static PEER_EVENTS: Array<PeerEventState> = Array::pinned(MAX_PEERS, 0);
 
 #[map(name = "CAPY_EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
+
+#[map(name = "CAPY_QUOTA")]
+pub static QUOTA: Array<QuotaBucket> = Array::pinned(MAX_QUOTA_BUCKETS, 0);

@@ -10,13 +10,16 @@
 //! | egress (to peers) | destination | source | `tx_*` |
 //!
 //! Steps: parse the addresses → attribute the peer → admission gate (known peers; see
-//! [`crate::gate`]) → destination-blocklist check on the other end → count. Outcomes, each
+//! [`crate::gate`]) → destination-blocklist check on the other end → data quota (known peers
+//! with a bucket; see [`crate::quota`]) → count. The quota comes after the blocklists so that
+//! only bytes that are actually delivered are charged. Outcomes, each
 //! counted in exactly one `TC_*` slot:
 //!
 //! | case | verdict | counters |
 //! |---|---|---|
 //! | known peer held at the gate (reason `r`), not to/from the verification endpoint | shot | `TC_*_DROP_GATE`, `DROPS_BASE + r`, the peer's `drops[r]`; a gate-drop event (first per interval per peer: `EVENTS_EMITTED` or `EVENTS_LOST`) |
 //! | other end in list `n` (known or unknown peer) | shot | `TC_*_DROP_BLOCKLIST`, `DROPS_BASE + DestinationBlocklist`, `LIST_HITS[n]`, the peer's `drops[DestinationBlocklist]` if known |
+//! | known peer whose quota bucket was exhausted before this packet | shot | `TC_*_DROP_QUOTA`, `DROPS_BASE + QuotaExhausted`, the peer's `drops[QuotaExhausted]` |
 //! | known peer (admitted, or held and to/from the verification endpoint) | ok | `TC_*_PASS`, the peer's `rx_*`/`tx_*` |
 //! | unknown peer | ok | `TC_*_UNKNOWN_PEER` |
 //! | unknown peer, `CONFIG_F_DROP_UNKNOWN_PEER` | shot | `TC_*_DROP_UNKNOWN`, `DROPS_BASE + UnknownPeer` |
@@ -48,6 +51,7 @@ use crate::{
     lookup::{DESTINATION, config, peer_v4, peer_v6},
     maps::PEER_STATS,
     parse::{self, Addrs, IPV6_HDR_LEN, Malformed, Packet},
+    quota,
 };
 
 /// Bytes of link-layer header before the IP header on the tunnel device. 0 for the TUN device
@@ -70,6 +74,7 @@ pub struct Direction {
     pub malformed: u32,
     pub drop_unknown: u32,
     pub drop_gate: u32,
+    pub drop_quota: u32,
 }
 
 /// Runs the pipeline for one packet and returns the TC verdict.
@@ -176,7 +181,15 @@ fn try_tunnel(ctx: &TcContext, dir: &Direction, l2: usize, bytes: u64) -> Result
         count_list_hit(list, amount);
         return Ok(TC_ACT_SHOT);
     }
-    // 4. Accounting.
+    // 4. Data quota (known peers with a bucket): charge, or drop when exhausted.
+    if let Some(id) = peer
+        && let quota::Quota::Exhausted =
+            quota::charge(id, amount.bytes, !dir.peer_is_source, gate::now_ns())
+    {
+        count_drop(dir.drop_quota, DropReason::QuotaExhausted, amount, stats);
+        return Ok(TC_ACT_SHOT);
+    }
+    // 5. Accounting.
     match stats {
         Some(s) => {
             count_peer(s, dir.peer_is_source, amount);

@@ -37,6 +37,7 @@ use capybara_common::{
     gate::GateAllowKey,
     maps as names,
     peer::{PeerId, PeerInfo, PeerStats},
+    quota::{BucketId, QuotaBucket},
 };
 
 use crate::packets;
@@ -61,6 +62,7 @@ pub const TEST_CAPACITIES: &[(&str, u32)] = &[
     (names::PEER_STATS, 4096),
     (names::PEERS, 4096),
     (names::PEER_EVENTS, 4096),
+    (names::QUOTA, 4096),
 ];
 
 /// A unique bpffs directory for one fixture's pins, removed (with its pins) on drop.
@@ -390,6 +392,19 @@ impl Fixture {
     pub fn peer_info(&mut self, id: PeerId, info: PeerInfo) {
         let mut m: Array<&mut MapData, PeerInfo> = Array::try_from(self.map(names::PEERS)).unwrap();
         m.set(id, info, 0).expect("write PEERS");
+    }
+
+    /// Writes `QUOTA[id]` whole.
+    pub fn quota_bucket(&mut self, id: BucketId, bucket: QuotaBucket) {
+        let mut m: Array<&mut MapData, QuotaBucket> =
+            Array::try_from(self.map(names::QUOTA)).unwrap();
+        m.set(id, bucket, 0).expect("write QUOTA");
+    }
+
+    /// Reads `QUOTA[id]`.
+    pub fn read_quota_bucket(&mut self, id: BucketId) -> QuotaBucket {
+        let m: Array<&MapData, QuotaBucket> = Array::try_from(&*self.map(names::QUOTA)).unwrap();
+        m.get(&id, 0).expect("read QUOTA")
     }
 
     /// Adds a verification endpoint entry to `GATE_ALLOW`.

@@ -28,9 +28,10 @@ use capybara_common::{
     },
     counters::*,
     drop::DropReason,
-    event::{EVENT_F_EGRESS, EVENT_GATE_DROP},
+    event::{EVENT_F_EGRESS, EVENT_GATE_DROP, EVENT_QUOTA},
     gate::GateAllowKey,
     peer::{PeerId, PeerInfo, PeerStats},
+    quota::{QUOTA_WARNED_80, QUOTA_WARNED_90, QUOTA_WARNED_100, QuotaBucket},
 };
 use capybara_tests::{
     bpf::{Fixture, Lists, Tc},
@@ -1927,4 +1928,325 @@ fn gate_events_are_rate_limited_per_interval_and_read_from_the_ring() {
         f.peer_stats(PEER1).drops[DropReason::GateExpired as usize],
         1
     );
+}
+
+// ---- data quotas ----
+
+/// The bucket peers 1 and 2 share (peer 4 has none).
+const BUCKET: u32 = 7;
+const QUOTA_LIMIT: u64 = 1_000_000;
+
+fn bucket(limit_bytes: u64, used_bytes: u64) -> QuotaBucket {
+    QuotaBucket {
+        limit_bytes,
+        used_bytes,
+        ..QuotaBucket::default()
+    }
+}
+
+fn with_bucket(gate: u32, b: u32) -> PeerInfo {
+    PeerInfo {
+        quota_bucket: b,
+        ..info(gate, 0)
+    }
+}
+
+/// `gate_base`, peers 1 and 2 charged to `BUCKET` with `used_bytes` of `QUOTA_LIMIT` spent.
+fn quota_base(f: &mut Fixture, used_bytes: u64) {
+    gate_base(f);
+    f.peer_info(PEER1, with_bucket(0, BUCKET));
+    f.peer_info(PEER2, with_bucket(0, BUCKET));
+    f.quota_bucket(BUCKET, bucket(QUOTA_LIMIT, used_bytes));
+}
+
+fn quota_fresh(f: &mut Fixture) {
+    quota_base(f, 0);
+}
+
+fn quota_exhausted(f: &mut Fixture) {
+    quota_base(f, QUOTA_LIMIT);
+}
+
+fn quota_cases() -> Vec<Case> {
+    type Expect = (u32, Vec<u32>, Option<(PeerId, PeerDelta)>);
+    let q = DropReason::QuotaExhausted;
+    let quota_in = |peer: PeerId| -> Expect {
+        (
+            TC_ACT_SHOT,
+            vec![TC_IN_DROP_QUOTA, drop_slot(q)],
+            Some((peer, PeerDelta::Drop(q))),
+        )
+    };
+    let quota_out = |peer: PeerId| -> Expect {
+        (
+            TC_ACT_SHOT,
+            vec![TC_OUT_DROP_QUOTA, drop_slot(q)],
+            Some((peer, PeerDelta::Drop(q))),
+        )
+    };
+    let pass_in =
+        |peer: PeerId| -> Expect { (TC_ACT_OK, vec![TC_IN_PASS], Some((peer, PeerDelta::Rx))) };
+    let pass_out =
+        |peer: PeerId| -> Expect { (TC_ACT_OK, vec![TC_OUT_PASS], Some((peer, PeerDelta::Tx))) };
+    let c = |name: &'static str,
+             prog: Prog,
+             packet: fn() -> Vec<u8>,
+             setup: Box<dyn Fn(&mut Fixture)>,
+             (verdict, counters, peer): Expect| Case {
+        name,
+        prog,
+        packet,
+        setup,
+        verdict,
+        counters,
+        list_hit: None,
+        peer,
+    };
+    let s = |f: fn(&mut Fixture)| -> Box<dyn Fn(&mut Fixture)> { Box::new(f) };
+    use Prog::{In, Out};
+    vec![
+        c(
+            "quota: under the limit, v4 from the peer passes",
+            In,
+            || packets::udp4(PEER1_V4, CLEAN, 4000, 53, 60),
+            s(quota_fresh),
+            pass_in(PEER1),
+        ),
+        c(
+            "quota: under the limit, v6 to the peer passes",
+            Out,
+            || packets::tcp6(CLEAN6, PEER1_V6, 443, 4000, 100),
+            s(quota_fresh),
+            pass_out(PEER1),
+        ),
+        c(
+            "quota: exhausted, v4 from the peer dropped",
+            In,
+            || packets::udp4(PEER1_V4, CLEAN, 4000, 53, 60),
+            s(quota_exhausted),
+            quota_in(PEER1),
+        ),
+        c(
+            "quota: exhausted, v6 to the peer dropped",
+            Out,
+            || packets::udp6(CLEAN6, PEER1_V6, 53, 4000, 60),
+            s(quota_exhausted),
+            quota_out(PEER1),
+        ),
+        c(
+            "quota: exhausted, v6 from the peer dropped",
+            In,
+            || packets::tcp6(PEER1_V6, CLEAN6, 4000, 443, 10),
+            s(quota_exhausted),
+            quota_in(PEER1),
+        ),
+        c(
+            "quota: the shared bucket drops the other peer too (range-attributed)",
+            Out,
+            || packets::udp4(CLEAN, PEER2_V4, 53, 4000, 60),
+            s(quota_exhausted),
+            quota_out(PEER2),
+        ),
+        c(
+            "quota: a peer without a bucket passes while the bucket is exhausted",
+            In,
+            || packets::udp4(PEER4_V4, CLEAN, 4000, 53, 60),
+            s(quota_exhausted),
+            pass_in(PEER4),
+        ),
+        c(
+            "quota: unknown peer has no quota",
+            In,
+            || packets::udp4(STRANGER_V4, CLEAN, 1, 2, 10),
+            s(quota_exhausted),
+            (TC_ACT_OK, vec![TC_IN_UNKNOWN_PEER], None),
+        ),
+        c(
+            "quota: a bucket with limit 0 is not configured: passes",
+            In,
+            || packets::udp4(PEER1_V4, CLEAN, 4000, 53, 60),
+            Box::new(|f| {
+                quota_base(f, 5_000_000);
+                f.quota_bucket(BUCKET, bucket(0, 5_000_000));
+            }),
+            pass_in(PEER1),
+        ),
+        c(
+            "quota: a bucket id beyond the map is no quota",
+            In,
+            || packets::udp4(PEER1_V4, CLEAN, 4000, 53, 60),
+            Box::new(|f| {
+                quota_exhausted(f);
+                f.peer_info(PEER1, with_bucket(0, u32::MAX));
+            }),
+            pass_in(PEER1),
+        ),
+        c(
+            "quota: a held peer with an exhausted bucket: the gate decides first",
+            In,
+            || packets::udp4(PEER1_V4, CLEAN, 4000, 53, 60),
+            Box::new(|f| {
+                quota_exhausted(f);
+                f.peer_info(
+                    PEER1,
+                    with_bucket(DropReason::GateMfaPending as u32, BUCKET),
+                );
+            }),
+            (
+                TC_ACT_SHOT,
+                vec![
+                    TC_IN_DROP_GATE,
+                    drop_slot(DropReason::GateMfaPending),
+                    EVENTS_EMITTED,
+                ],
+                Some((PEER1, PeerDelta::Drop(DropReason::GateMfaPending))),
+            ),
+        ),
+        c(
+            "quota: a blocked destination is a blocklist drop, not charged",
+            In,
+            || packets::udp4(PEER1_V4, BLOCKED, 4000, 53, 60),
+            Box::new(|f| {
+                quota_exhausted(f);
+                lists(f, Lists::Destination, 0);
+            }),
+            (
+                TC_ACT_SHOT,
+                vec![
+                    TC_IN_DROP_BLOCKLIST,
+                    drop_slot(DropReason::DestinationBlocklist),
+                ],
+                Some((PEER1, PeerDelta::Drop(DropReason::DestinationBlocklist))),
+            ),
+        ),
+    ]
+    .into_iter()
+    .map(|mut case| {
+        // The blocklist case hits list `LIST_NET`.
+        if case.counters.contains(&TC_IN_DROP_BLOCKLIST) {
+            case.list_hit = Some(LIST_NET);
+        }
+        case
+    })
+    .collect()
+}
+
+#[test]
+fn quota_table() {
+    run_table(quota_cases());
+}
+
+/// Both directions of two peers charge one shared bucket exactly; each threshold is emitted
+/// once with the documented fields; from exhaustion on packets drop uncharged; a reset (new
+/// epoch, zero usage) restores traffic and re-arms the warnings.
+#[test]
+fn quota_charges_a_shared_bucket_and_warns_once_per_threshold() {
+    let mut f = Fixture::load();
+    quota_base(&mut f, 0);
+    f.quota_bucket(BUCKET, bucket(1000, 0));
+    // 100-byte packets: v4 from peer 1, v6 to peer 1, v4 to peer 2 (shared bucket).
+    let p_in = packets::udp4(PEER1_V4, CLEAN, 4000, 53, 72);
+    let p_out6 = packets::udp6(CLEAN6, PEER1_V6, 53, 4000, 52);
+    let p_peer2 = packets::udp4(CLEAN, PEER2_V4, 53, 4000, 72);
+    for p in [&p_in, &p_out6, &p_peer2] {
+        assert_eq!(p.len(), 100);
+    }
+    let mut expect_used = 0;
+    let mut events = Vec::new();
+    for i in 0..10 {
+        let (which, p) = match i % 3 {
+            0 => (Tc::Ingress, &p_in),
+            1 => (Tc::Egress, &p_out6),
+            _ => (Tc::Egress, &p_peer2),
+        };
+        assert_eq!(f.run_tc(which, p), TC_ACT_OK, "packet {i} under the limit");
+        expect_used += 100;
+        assert_eq!(f.read_quota_bucket(BUCKET).used_bytes, expect_used);
+        events.extend(f.events());
+    }
+    // 10 × 100 = the limit: the 8th packet (to peer 1) reached 80 %, the 9th (to peer 2)
+    // 90 %, the 10th (from peer 1) 100 %.
+    let got: Vec<(u32, u32, u32, [u64; 4])> = events
+        .iter()
+        .map(|e| (e.kind, e.peer, e.reason, e.args))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (EVENT_QUOTA, PEER1, 80, [BUCKET.into(), 800, 1000, 0]),
+            (EVENT_QUOTA, PEER2, 90, [BUCKET.into(), 900, 1000, 0]),
+            (EVENT_QUOTA, PEER1, 100, [BUCKET.into(), 1000, 1000, 0]),
+        ]
+    );
+    assert_eq!(events[0].flags, EVENT_F_EGRESS);
+    assert_eq!(events[2].flags, 0);
+    assert_eq!(
+        f.read_quota_bucket(BUCKET).warned,
+        QUOTA_WARNED_80 | QUOTA_WARNED_90 | QUOTA_WARNED_100
+    );
+    // Exhausted: both peers, both directions dropped, nothing more charged, no more events.
+    for _ in 0..3 {
+        assert_eq!(f.run_tc(Tc::Ingress, &p_in), TC_ACT_SHOT);
+        assert_eq!(f.run_tc(Tc::Egress, &p_out6), TC_ACT_SHOT);
+        assert_eq!(f.run_tc(Tc::Egress, &p_peer2), TC_ACT_SHOT);
+    }
+    assert_eq!(f.read_quota_bucket(BUCKET).used_bytes, 1000);
+    assert!(f.events().is_empty());
+    let q = DropReason::QuotaExhausted as usize;
+    assert_eq!(f.peer_stats(PEER1).drops[q], 6);
+    assert_eq!(f.peer_stats(PEER2).drops[q], 3);
+    let c = f.counters();
+    assert_eq!(
+        c[TC_IN_DROP_QUOTA as usize],
+        Counter {
+            packets: 3,
+            bytes: 300
+        }
+    );
+    assert_eq!(
+        c[TC_OUT_DROP_QUOTA as usize],
+        Counter {
+            packets: 6,
+            bytes: 600
+        }
+    );
+    assert_eq!(c[drop_slot(DropReason::QuotaExhausted) as usize].packets, 9);
+    assert_eq!(c[EVENTS_EMITTED as usize].packets, 3);
+    // Passed bytes were counted per peer as usual.
+    assert_eq!(f.peer_stats(PEER1).rx_bytes, 400);
+    assert_eq!(f.peer_stats(PEER1).tx_bytes, 300);
+    assert_eq!(f.peer_stats(PEER2).tx_bytes, 300);
+
+    // One packet crossing every threshold at once emits all three, in order.
+    f.quota_bucket(
+        BUCKET,
+        QuotaBucket {
+            epoch: 1,
+            ..bucket(150, 0)
+        },
+    );
+    assert_eq!(f.run_tc(Tc::Ingress, &p_in), TC_ACT_OK);
+    assert_eq!(f.run_tc(Tc::Ingress, &p_in), TC_ACT_OK);
+    assert_eq!(f.run_tc(Tc::Ingress, &p_in), TC_ACT_SHOT);
+    let ev: Vec<(u32, [u64; 4])> = f.events().iter().map(|e| (e.reason, e.args)).collect();
+    assert_eq!(
+        ev,
+        vec![
+            (80, [BUCKET.into(), 200, 150, 1]),
+            (90, [BUCKET.into(), 200, 150, 1]),
+            (100, [BUCKET.into(), 200, 150, 1]),
+        ]
+    );
+
+    // Reset: zero usage, new epoch: traffic passes and the warnings are armed again.
+    f.quota_bucket(
+        BUCKET,
+        QuotaBucket {
+            epoch: 2,
+            ..bucket(1000, 0)
+        },
+    );
+    assert_eq!(f.run_tc(Tc::Ingress, &p_in), TC_ACT_OK);
+    assert_eq!(f.read_quota_bucket(BUCKET).used_bytes, 100);
+    assert!(f.events().is_empty());
 }

@@ -1,0 +1,142 @@
+//! Data quotas: charge a known peer's packet to its bucket, drop once the bucket is exhausted,
+//! and emit each warning threshold once per bucket epoch. The design (order of the steps, the
+//! overshoot bound, resets racing in-flight adds) is documented in `capybara_common::quota`.
+//!
+//! Atomics: `used_bytes` and `warned` live in a shared (not per-CPU) array element, so they are
+//! changed with BPF's atomic read-modify-write instructions (`BPF_ATOMIC | BPF_DW` with
+//! `BPF_ADD | BPF_FETCH`, `BPF_OR | BPF_FETCH`, `BPF_AND | BPF_FETCH`; kernel ≥ 5.12, accepted on
+//! array map values). Rust cannot reach them otherwise here: the `bpfel-unknown-none` target
+//! declares `atomic-cas: false` (no `AtomicU64::fetch_add`) and `min-atomic-width: 64` (no
+//! `AtomicU32`); the `core::intrinsics` atomics compile, but bpf-linker runs LLVM with
+//! `--cpu generic` (v1), which only has the result-less `lock xadd` and fails with "Invalid usage
+//! of the XADD return value" (aya-build sets the rustflags, so `-C target-cpu=v3` cannot be
+//! passed). Hence three one-instruction inline-assembly helpers. Loads are volatile aligned
+//! 64-bit loads (one instruction, never torn). The prog-test-run fixture loads both TC programs
+//! on this kernel (6.18) and the quota cases exercise every helper.
+
+use core::arch::asm;
+
+use capybara_common::{
+    event::{EVENT_F_EGRESS, EVENT_QUOTA, EventRecord},
+    peer::PeerId,
+    quota::{QUOTA_THRESHOLDS, QuotaBucket, threshold_bytes},
+};
+
+use crate::{
+    events,
+    maps::{PEERS, QUOTA},
+};
+
+/// The outcome of the quota step.
+pub enum Quota {
+    /// No quota applies or the bucket still had budget: the packet passes (and was charged).
+    Pass,
+    /// The bucket was exhausted before this packet: drop it.
+    Exhausted,
+}
+
+/// `*p += v`, atomically; returns the old value (`BPF_ATOMIC | BPF_DW`, `BPF_ADD | BPF_FETCH`).
+///
+/// # Safety
+/// `p` must point at an 8-byte aligned `u64` in map memory, valid for this program run.
+#[inline(always)]
+unsafe fn fetch_add(p: *mut u64, v: u64) -> u64 {
+    let mut r = v;
+    // SAFETY: the caller guarantees `p`; the instruction reads and writes only `*p` and `r`.
+    unsafe {
+        asm!("{r} = atomic_fetch_add((u64 *)({p} + 0), {r})", p = in(reg) p, r = inout(reg) r)
+    };
+    r
+}
+
+/// `*p |= v`, atomically; returns the old value.
+///
+/// # Safety
+/// As [`fetch_add`].
+#[inline(always)]
+unsafe fn fetch_or(p: *mut u64, v: u64) -> u64 {
+    let mut r = v;
+    // SAFETY: as in `fetch_add`.
+    unsafe {
+        asm!("{r} = atomic_fetch_or((u64 *)({p} + 0), {r})", p = in(reg) p, r = inout(reg) r)
+    };
+    r
+}
+
+/// `*p &= v`, atomically; returns the old value.
+///
+/// # Safety
+/// As [`fetch_add`].
+#[inline(always)]
+unsafe fn fetch_and(p: *mut u64, v: u64) -> u64 {
+    let mut r = v;
+    // SAFETY: as in `fetch_add`.
+    unsafe {
+        asm!("{r} = atomic_fetch_and((u64 *)({p} + 0), {r})", p = in(reg) p, r = inout(reg) r)
+    };
+    r
+}
+
+/// The bucket of peer `id`, if it has a configured one.
+#[inline(always)]
+fn bucket_of(id: PeerId) -> Option<(u32, *mut QuotaBucket)> {
+    let info = PEERS.get_ptr(id)?;
+    // SAFETY: `info` points at the array element of a successful lookup, valid for this run.
+    let bucket = unsafe { (*info).quota_bucket };
+    if bucket == 0 {
+        return None;
+    }
+    let b = QUOTA.get_ptr_mut(bucket)?;
+    Some((bucket, b))
+}
+
+/// Charges `bytes` of peer `id`'s packet to its bucket; emits threshold events.
+#[inline(always)]
+pub fn charge(id: PeerId, bytes: u64, egress: bool, now_ns: u64) -> Quota {
+    let Some((bucket, b)) = bucket_of(id) else {
+        return Quota::Pass;
+    };
+    // SAFETY: `b` points at the `QuotaBucket` array element of a successful lookup, valid (and
+    // 8-byte aligned: array values are) for this program run. Other CPUs and the agent access
+    // the same memory concurrently: `used_bytes` and `warned` only through atomics here, the
+    // other fields are plain reads of values the agent writes whole (a racing read sees the old
+    // or the new value of each field; see the module docs).
+    unsafe {
+        let limit = core::ptr::read_volatile(&raw const (*b).limit_bytes);
+        if limit == 0 {
+            return Quota::Pass;
+        }
+        let used_ptr = &raw mut (*b).used_bytes;
+        if core::ptr::read_volatile(used_ptr) >= limit {
+            return Quota::Exhausted;
+        }
+        let epoch = core::ptr::read_volatile(&raw const (*b).epoch);
+        let now = fetch_add(used_ptr, bytes).wrapping_add(bytes);
+        let warned = &raw mut (*b).warned;
+        for (percent, bit) in QUOTA_THRESHOLDS {
+            if now < threshold_bytes(limit, percent) || core::ptr::read_volatile(warned) & bit != 0
+            {
+                continue;
+            }
+            if fetch_or(warned, bit) & bit != 0 {
+                continue; // Another CPU emitted it.
+            }
+            if core::ptr::read_volatile(&raw const (*b).epoch) != epoch {
+                // A reset landed between our add and our fetch_or: the bit belongs to the new
+                // epoch, which has not crossed anything yet. Give it back, emit nothing.
+                fetch_and(warned, !bit);
+                continue;
+            }
+            let rec = EventRecord {
+                kind: EVENT_QUOTA,
+                peer: id,
+                reason: percent,
+                flags: if egress { EVENT_F_EGRESS } else { 0 },
+                time_ns: now_ns,
+                args: [u64::from(bucket), now, limit, u64::from(epoch)],
+            };
+            events::emit(&rec);
+        }
+    }
+    Quota::Pass
+}
