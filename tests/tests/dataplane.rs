@@ -477,3 +477,81 @@ fn list_bits_follow_what_each_generation_holds() {
     dp.list_delete(dst, &name("malware")).unwrap();
     assert_eq!(bits(&dp), 0);
 }
+
+/// The quota API: buckets created, peers assigned with one `PeerInfo` write (gate kept), top-up
+/// and reset as documented; bad input is a typed error naming the field and changes nothing.
+#[test]
+fn quota_api_validates_and_writes_whole_buckets() {
+    use capybara_agent::dataplane::{Gate, QuotaUsage};
+    use capybara_common::{drop::DropReason, quota::MAX_QUOTA_BUCKETS};
+    let dir = BpffsDir::new();
+    let mut dp = open(dir.path());
+    dp.set_peer(1, &cidrs(&["10.8.0.2/32"])).unwrap();
+    dp.set_peer(2, &cidrs(&["10.8.0.3/32"])).unwrap();
+    dp.set_gate(1, Gate::Held(DropReason::GateMfaPending))
+        .unwrap();
+    let u = dp.set_quota_limit(5, 1000).unwrap();
+    assert_eq!(
+        u,
+        QuotaUsage {
+            limit_bytes: 1000,
+            used_bytes: 0,
+            epoch: 0,
+            warned: [false; 3]
+        }
+    );
+    dp.assign_quota(1, Some(5)).unwrap();
+    dp.assign_quota(2, Some(5)).unwrap();
+    assert_eq!(dp.quota_of(1).unwrap(), Some(5));
+    // The assignment kept the gate state.
+    assert_eq!(dp.gate(1).unwrap(), Gate::Held(DropReason::GateMfaPending));
+
+    // Bad input: typed errors, nothing written.
+    let before = (dp.quota_usage(5).unwrap(), dp.quota_of(1).unwrap());
+    let e = dp.set_quota_limit(0, 10).unwrap_err();
+    assert!(
+        matches!(e, DataplaneError::QuotaBucketOutOfRange { bucket: 0, .. }),
+        "{e}"
+    );
+    let e = dp.set_quota_limit(MAX_QUOTA_BUCKETS, 10).unwrap_err();
+    assert!(
+        matches!(e, DataplaneError::QuotaBucketOutOfRange { .. }),
+        "{e}"
+    );
+    let e = dp.set_quota_limit(5, 0).unwrap_err();
+    assert!(
+        matches!(e, DataplaneError::QuotaLimitZero { bucket: 5 }),
+        "{e}"
+    );
+    let e = dp.assign_quota(1, Some(MAX_QUOTA_BUCKETS)).unwrap_err();
+    assert!(
+        matches!(e, DataplaneError::QuotaBucketOutOfRange { .. }),
+        "{e}"
+    );
+    let e = dp.assign_quota(9, Some(5)).unwrap_err();
+    assert!(matches!(e, DataplaneError::UnknownPeer { id: 9 }), "{e}");
+    let e = dp.top_up_quota(6, 100).unwrap_err();
+    assert!(
+        matches!(e, DataplaneError::UnknownQuotaBucket { bucket: 6 }),
+        "{e}"
+    );
+    let e = dp.reset_quota(5, Some(0)).unwrap_err();
+    assert!(
+        matches!(e, DataplaneError::QuotaLimitZero { bucket: 5 }),
+        "{e}"
+    );
+    assert_eq!(
+        (dp.quota_usage(5).unwrap(), dp.quota_of(1).unwrap()),
+        before
+    );
+    assert_eq!(dp.quota_usage(6).unwrap().limit_bytes, 0);
+
+    // Top-up raises the limit; reset starts a new epoch; remove unlimits.
+    assert_eq!(dp.top_up_quota(5, 500).unwrap().limit_bytes, 1500);
+    let r = dp.reset_quota(5, Some(2000)).unwrap();
+    assert_eq!((r.limit_bytes, r.used_bytes, r.epoch), (2000, 0, 1));
+    dp.assign_quota(2, None).unwrap();
+    assert_eq!(dp.quota_of(2).unwrap(), None);
+    dp.remove_quota(5).unwrap();
+    assert_eq!(dp.quota_usage(5).unwrap().limit_bytes, 0);
+}

@@ -17,9 +17,10 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use capybara_common::{
     drop::DropReason,
-    event::{EVENT_F_EGRESS, EVENT_GATE_DROP, EventRecord},
+    event::{EVENT_F_EGRESS, EVENT_GATE_DROP, EVENT_QUOTA, EventRecord},
     maps as names,
     peer::PeerId,
+    quota::BucketId,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -35,6 +36,37 @@ pub enum PeerDirection {
     FromPeer,
     /// To the peer (tunnel device egress).
     ToPeer,
+}
+
+/// A quota warning threshold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum QuotaThreshold {
+    /// 80 % of the budget used.
+    Percent80,
+    /// 90 % used.
+    Percent90,
+    /// 100 %: the bucket is exhausted, its traffic is dropped from the next packet on.
+    Exhausted,
+}
+
+impl QuotaThreshold {
+    /// The threshold in percent.
+    pub const fn percent(self) -> u32 {
+        match self {
+            QuotaThreshold::Percent80 => 80,
+            QuotaThreshold::Percent90 => 90,
+            QuotaThreshold::Exhausted => 100,
+        }
+    }
+
+    fn from_percent(p: u32) -> Option<QuotaThreshold> {
+        match p {
+            80 => Some(QuotaThreshold::Percent80),
+            90 => Some(QuotaThreshold::Percent90),
+            100 => Some(QuotaThreshold::Exhausted),
+            _ => None,
+        }
+    }
 }
 
 /// A decoded kernel event.
@@ -55,6 +87,23 @@ pub enum Event {
         /// The dropped packet's length in bytes.
         packet_len: u64,
     },
+    /// A quota bucket reached a threshold (each once per bucket period).
+    Quota {
+        /// The bucket.
+        bucket: BucketId,
+        /// Which threshold.
+        threshold: QuotaThreshold,
+        /// Bytes used, the packet that reached the threshold included.
+        used: u64,
+        /// The budget.
+        limit: u64,
+        /// The bucket's period (epoch) the usage belongs to.
+        epoch: u32,
+        /// The peer whose packet reached it.
+        peer: PeerId,
+        /// When.
+        at: SystemTime,
+    },
     /// A kind this agent does not know (written by a newer kernel object).
     Unknown {
         /// The record's kind.
@@ -65,7 +114,7 @@ pub enum Event {
 }
 
 /// A ring-buffer record that cannot be decoded.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum EventError {
     /// The record is shorter than an `EventRecord`.
     #[error("event record of {len} bytes, expected at least {expected}")]
@@ -74,6 +123,14 @@ pub enum EventError {
         len: usize,
         /// `size_of::<EventRecord>()`.
         expected: usize,
+    },
+    /// A quota record whose threshold is not 80, 90 or 100, or whose bucket does not fit.
+    #[error("quota event for bucket {bucket} with threshold {threshold} %, expected 80, 90 or 100")]
+    BadThreshold {
+        /// The raw bucket argument.
+        bucket: u64,
+        /// The raw threshold.
+        threshold: u32,
     },
     /// A gate-drop record whose reason is no gate reason.
     #[error("gate-drop event for peer {peer} with reason {reason}, which is no gate reason")]
@@ -108,6 +165,22 @@ pub fn decode(bytes: &[u8], wall_now: SystemTime, boot_now: Duration) -> Result<
                 deadline: (rec.args[0] != 0)
                     .then(|| wall_time_of_boottime(rec.args[0], wall_now, boot_now)),
                 packet_len: rec.args[1],
+            })
+        }
+        EVENT_QUOTA => {
+            let bad = EventError::BadThreshold {
+                bucket: rec.args[0],
+                threshold: rec.reason,
+            };
+            let threshold = QuotaThreshold::from_percent(rec.reason).ok_or(bad.clone())?;
+            Ok(Event::Quota {
+                bucket: BucketId::try_from(rec.args[0]).map_err(|_| bad)?,
+                threshold,
+                used: rec.args[1],
+                limit: rec.args[2],
+                epoch: rec.args[3] as u32,
+                peer: rec.peer,
+                at: wall_time_of_boottime(rec.time_ns, wall_now, boot_now),
             })
         }
         kind => Ok(Event::Unknown {
@@ -277,6 +350,50 @@ mod tests {
         assert_eq!(
             decode(&bytes(&rec), wall(1), SEC),
             Ok(Event::Unknown { kind: 99, peer: 4 })
+        );
+    }
+
+    #[test]
+    fn quota_records_decode_to_typed_thresholds() {
+        for (percent, want) in [
+            (80, QuotaThreshold::Percent80),
+            (90, QuotaThreshold::Percent90),
+            (100, QuotaThreshold::Exhausted),
+        ] {
+            let rec = EventRecord {
+                kind: EVENT_QUOTA,
+                peer: 3,
+                reason: percent,
+                flags: EVENT_F_EGRESS,
+                time_ns: 5_000_000_000,
+                args: [42, 900, 1000, 7],
+            };
+            assert_eq!(
+                decode(&bytes(&rec), wall(100), 10 * SEC),
+                Ok(Event::Quota {
+                    bucket: 42,
+                    threshold: want,
+                    used: 900,
+                    limit: 1000,
+                    epoch: 7,
+                    peer: 3,
+                    at: wall(95),
+                })
+            );
+            assert_eq!(want.percent(), percent);
+        }
+        let rec = EventRecord {
+            kind: EVENT_QUOTA,
+            reason: 85,
+            args: [42, 0, 0, 0],
+            ..EventRecord::default()
+        };
+        assert_eq!(
+            decode(&bytes(&rec), wall(1), SEC),
+            Err(EventError::BadThreshold {
+                bucket: 42,
+                threshold: 85
+            })
         );
     }
 }

@@ -184,7 +184,7 @@ fn decode(info: &PeerInfo, wall_now: SystemTime, boot_now: Duration) -> Gate {
 }
 
 impl Dataplane {
-    fn active_peer_info(&self, id: PeerId) -> Result<PeerInfo> {
+    pub(super) fn active_peer_info(&self, id: PeerId) -> Result<PeerInfo> {
         if id >= MAX_PEERS {
             return Err(DataplaneError::PeerIdOutOfRange { id, max: MAX_PEERS });
         }

@@ -14,6 +14,7 @@
 //! - [`lists`]: named blocklists compiled (see [`crate::blocklist`]) and written as generations.
 //! - [`gate`]: the admission gate (per-peer admitted/held state, deadlines, the verification
 //!   endpoint).
+//! - [`quota`]: data-quota buckets shared by peers (limits, assignment, top-up, reset).
 //! - [`events`]: the kernel's events ring buffer as an async stream of typed [`Event`]s.
 //! - [`sys`]: the raw syscalls aya lacks (batch map operations, mmap of the DIR tables, RCU grace
 //!   period); every other `unsafe` in the agent's dataplane is in aya.
@@ -27,6 +28,7 @@ pub mod gate;
 pub mod lists;
 pub mod object;
 pub mod peers;
+pub mod quota;
 pub mod stats;
 pub mod sys;
 
@@ -48,9 +50,10 @@ use capybara_common::{
 };
 
 pub use attach::{AttachHow, Attachment};
-pub use events::{Event, EventError, EventStream, PeerDirection};
+pub use events::{Event, EventError, EventStream, PeerDirection, QuotaThreshold};
 pub use gate::{EndpointAddr, Gate, L4Proto};
 pub use lists::{ListUpdate, RestoreReport};
+pub use quota::QuotaUsage;
 pub use stats::GlobalCounters;
 
 use crate::{blocklist::BlocklistError, net::Cidr, paths};
@@ -238,6 +241,29 @@ pub enum DataplaneError {
         /// `GATE_ALLOW_MAX`.
         max: u32,
     },
+    /// A quota bucket id outside `1..MAX_QUOTA_BUCKETS`; nothing was written.
+    #[error("quota bucket {bucket} is out of range (bucket ids are 1..{max}; 0 means none)")]
+    QuotaBucketOutOfRange {
+        /// The id given.
+        bucket: u32,
+        /// `MAX_QUOTA_BUCKETS`.
+        max: u32,
+    },
+    /// A quota `limit_bytes` (or top-up amount) of 0; nothing was written.
+    #[error(
+        "quota bucket {bucket}: limit_bytes must be greater than 0 (remove the bucket instead)"
+    )]
+    QuotaLimitZero {
+        /// The bucket.
+        bucket: u32,
+    },
+    /// The quota bucket has no limit configured (top-up and reset need one); nothing was
+    /// written.
+    #[error("quota bucket {bucket} is not configured")]
+    UnknownQuotaBucket {
+        /// The bucket.
+        bucket: u32,
+    },
     /// The event stream was already taken from this dataplane.
     #[error("the event stream of this dataplane is already taken (one consumer per ring buffer)")]
     EventStreamTaken,
@@ -308,6 +334,8 @@ pub struct Dataplane {
     guard_ports: Owned<Array<MapData, u32>>,
     /// The admission gate's verification endpoint.
     gate_allow: Owned<HashMap<MapData, GateAllowKey, u32>>,
+    /// Data-quota buckets.
+    quota: Owned<Array<MapData, capybara_common::quota::QuotaBucket>>,
     /// The events ring buffer, until [`Dataplane::event_stream`] takes it.
     events: Option<RingBuf<MapData>>,
     /// Links this process attached or took over.
@@ -422,6 +450,7 @@ impl Dataplane {
         let lists = lists::ListMaps::open(&mut ebpf)?;
         let guard_ports = take(&mut ebpf, names::GUARD_PORTS)?;
         let gate_allow = take(&mut ebpf, names::GATE_ALLOW)?;
+        let quota = take(&mut ebpf, names::QUOTA)?;
         let events = ebpf
             .take_map(names::EVENTS)
             .and_then(|m| RingBuf::try_from(m).ok())
@@ -445,6 +474,7 @@ impl Dataplane {
             lists,
             guard_ports,
             gate_allow,
+            quota,
             events: Some(events),
             links: Vec::new(),
         })
