@@ -12,6 +12,10 @@
 //! 5. attach the XDP guard to the uplink (swapping the program inside the pinned link if a
 //!    previous agent left one) and guard the WireGuard listen port.
 //!
+//! Kernel events (ring buffer) are decoded by one task and published on a broadcast channel
+//! ([`Running::events`]); history, webhooks and the API subscribe to it. A subscriber that falls
+//! behind loses the oldest events (logged), it never slows the reader down.
+//!
 //! Shutdown leaves the programs enforcing (pinned links) unless `detach_on_exit` is set.
 
 use std::{
@@ -21,7 +25,7 @@ use std::{
 
 use crate::{
     blocklist::RegistrySnapshot,
-    dataplane::{Dataplane, DataplaneConfig, DataplaneError},
+    dataplane::{Dataplane, DataplaneConfig, DataplaneError, Event, EventStream},
     store::{Cf, Store, StoreError},
     tunnel::{TunnelDevice, TunnelDeviceConfig, TunnelError},
 };
@@ -64,9 +68,14 @@ pub enum DaemonError {
     Tunnel(#[from] TunnelError),
 }
 
+/// Events buffered per subscriber before the slowest loses the oldest.
+const EVENT_BUS_CAPACITY: usize = 4096;
+
 /// What the daemon set up, reported once it is running.
 #[derive(Clone, Debug)]
 pub struct Running {
+    /// Kernel events, decoded; `subscribe()` for a receiver.
+    pub events: tokio::sync::broadcast::Sender<Event>,
     /// Tunnel device name.
     pub tunnel: String,
     /// Uplink with the guard, if any.
@@ -116,14 +125,36 @@ pub async fn run(
         None => tracing::warn!("no --uplink: running without the XDP guard"),
     }
 
+    let (events, _) = tokio::sync::broadcast::channel(EVENT_BUS_CAPACITY);
+    let reader = tokio::spawn(publish_events(dataplane.event_stream()?, events.clone()));
+
     on_ready(&Running {
+        events: events.clone(),
         tunnel: tunnel.name().to_owned(),
         uplink: config.uplink.clone(),
         listen_port: config.listen_port,
     });
     shutdown.await;
     tracing::info!(detach = config.detach_on_exit, "shutting down");
+    reader.abort();
     dataplane.shutdown(config.detach_on_exit)?;
     drop(tunnel);
     Ok(())
+}
+
+/// Reads kernel events until the stream fails, logging each and publishing it to subscribers.
+async fn publish_events(mut stream: EventStream, bus: tokio::sync::broadcast::Sender<Event>) {
+    loop {
+        match stream.next().await {
+            Ok(event) => {
+                tracing::debug!(?event, "kernel event");
+                // No subscriber is not an error: the event is logged above.
+                let _ = bus.send(event);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "kernel event stream failed; events are no longer read");
+                return;
+            }
+        }
+    }
 }
