@@ -38,6 +38,12 @@ pub enum TunnelError {
 /// An open TUN device; the device exists as long as this value does.
 pub struct TunnelDevice {
     name: String,
+    /// The open device: a TUN that is not persistent exists exactly as long as this fd. Nothing
+    /// reads it until the WireGuard data path (the agent issue) drives it.
+    #[expect(
+        dead_code,
+        reason = "held for its fd: the device lives as long as it is open"
+    )]
     device: tun_rs::AsyncDevice,
 }
 
@@ -88,11 +94,6 @@ impl TunnelDevice {
     /// The interface name.
     pub fn name(&self) -> &str {
         &self.name
-    }
-
-    /// Reads one packet into `buf`, returning its length.
-    pub async fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.device.recv(buf).await
     }
 }
 
