@@ -20,17 +20,13 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use capybara_agent::{
-    dataplane::{Dataplane, DataplaneError, Event, EventStream, Gate, L4Proto, PeerDirection},
-    net::Cidr,
-};
+use capybara_agent::dataplane::{DataplaneError, Event, EventStream, Gate, L4Proto, PeerDirection};
 use capybara_common::drop::DropReason;
 use capybara_tests::{
-    netns::{BpffsDir, NetNs},
+    netns::NetNs,
     traffic::{UdpSink, send_udp},
-    tunwire::TunWire,
 };
-use e2e_support::{WAIT, attach_tc, open_dataplane};
+use e2e_support::{TunPeer, WAIT, tun_peer};
 
 const PEER: u32 = 9;
 const VERIFY_PORT: u16 = 8443;
@@ -102,41 +98,16 @@ fn tcp_echo(ns: &NetNs, addr: SocketAddr) -> bool {
     })
 }
 
-struct Setup {
-    dp: Dataplane,
-    wire: TunWire,
-    b: NetNs,
-    a: NetNs,
-    _pins: BpffsDir,
-}
+type Setup = TunPeer;
 
 fn setup(net: u8) -> Setup {
-    let pins = BpffsDir::new();
-    let a = NetNs::new("a");
-    let b = NetNs::new("b");
-    let wire = TunWire::new(&a, &b, net);
-    let mut dp = open_dataplane(&pins);
-    attach_tc(&mut dp, &a, &wire.a.ifname);
-    dp.add_peer(
-        PEER,
-        &[
-            Cidr::host(IpAddr::V4(wire.b.v4)),
-            Cidr::host(IpAddr::V6(wire.b.v6)),
-        ],
-    )
-    .expect("add peer");
-    dp.set_verification_endpoint(
-        &[IpAddr::V4(wire.a.v4), IpAddr::V6(wire.a.v6)],
+    let mut s = tun_peer(net, PEER);
+    s.dp.set_verification_endpoint(
+        &[IpAddr::V4(s.wire.a.v4), IpAddr::V6(s.wire.a.v6)],
         &[(L4Proto::Tcp, VERIFY_PORT)],
     )
     .expect("set the verification endpoint");
-    Setup {
-        dp,
-        wire,
-        b,
-        a,
-        _pins: pins,
-    }
+    s
 }
 
 impl Setup {

@@ -14,52 +14,18 @@ use std::{
     time::Duration,
 };
 
-use capybara_agent::{dataplane::Dataplane, net::Cidr};
+use capybara_agent::dataplane::Dataplane;
 use capybara_common::{
     counters::{TC_IN_MALFORMED, TC_IN_UNKNOWN_PEER, TC_OUT_MALFORMED, TC_OUT_UNKNOWN_PEER},
     peer::PeerStats,
 };
-use capybara_tests::{
-    netns::{BpffsDir, NetNs},
-    traffic::{IfCounters, UdpSink, send_udp, tcp_transfer, udp_overhead},
-    tunwire::TunWire,
-};
-use e2e_support::{WAIT, attach_tc, open_dataplane};
+use capybara_tests::traffic::{IfCounters, UdpSink, send_udp, tcp_transfer, udp_overhead};
+use e2e_support::{TunPeer, WAIT, tun_peer};
 
 const PEER: u32 = 7;
 
-/// Sets up namespaces, the wire, the dataplane attached to the server's device and one peer
-/// whose allowed IPs are the peer device's IPv4 and IPv6 addresses.
-struct Setup {
-    dp: Dataplane,
-    wire: TunWire,
-    b: NetNs,
-    a: NetNs,
-    _pins: BpffsDir,
-}
-
-fn setup(net: u8) -> Setup {
-    let pins = BpffsDir::new();
-    let a = NetNs::new("a");
-    let b = NetNs::new("b");
-    let wire = TunWire::new(&a, &b, net);
-    let mut dp = open_dataplane(&pins);
-    attach_tc(&mut dp, &a, &wire.a.ifname);
-    dp.add_peer(
-        PEER,
-        &[
-            Cidr::host(IpAddr::V4(wire.b.v4)),
-            Cidr::host(IpAddr::V6(wire.b.v6)),
-        ],
-    )
-    .expect("add peer");
-    Setup {
-        dp,
-        wire,
-        b,
-        a,
-        _pins: pins,
-    }
+fn setup(net: u8) -> TunPeer {
+    tun_peer(net, PEER)
 }
 
 fn peer(dp: &Dataplane) -> PeerStats {
@@ -77,7 +43,7 @@ fn delta(after: &PeerStats, before: &PeerStats) -> PeerStats {
 }
 
 /// UDP both ways to `server`/from `client` addresses: exact counts from the datagrams sent.
-fn udp_both_ways(s: &Setup, server: IpAddr, client: IpAddr) {
+fn udp_both_ways(s: &TunPeer, server: IpAddr, client: IpAddr) {
     let (n, size) = (400u64, 1000usize);
 
     let sink = UdpSink::start(&s.a, SocketAddr::new(server, 0));
@@ -129,7 +95,7 @@ fn udp_both_ways(s: &Setup, server: IpAddr, client: IpAddr) {
 
 /// A TCP transfer both ways: the peer's counters equal the device's own counters minus what
 /// the programs counted as no peer's.
-fn tcp_both_ways(s: &Setup, server: IpAddr) {
+fn tcp_both_ways(s: &TunPeer, server: IpAddr) {
     let (up, down) = (4_000_000u64, 1_500_000u64);
     let quiet = Duration::from_millis(300);
     let if_before = IfCounters::settled(&s.a, &s.wire.a.ifname, quiet, WAIT);

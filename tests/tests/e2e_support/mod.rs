@@ -8,12 +8,18 @@
 
 use std::time::Duration;
 
+use std::net::IpAddr;
+
 use capybara_agent::{
     blocklist::{Direction, ListName},
     dataplane::{Dataplane, DataplaneConfig},
     net::Cidr,
 };
-use capybara_tests::netns::{BpffsDir, NetNs};
+use capybara_common::peer::PeerId;
+use capybara_tests::{
+    netns::{BpffsDir, NetNs},
+    tunwire::TunWire,
+};
 
 /// How long a test waits for traffic that should arrive.
 pub const WAIT: Duration = Duration::from_secs(5);
@@ -56,4 +62,44 @@ pub fn list(name: &str) -> ListName {
 pub fn list_id(dp: &Dataplane, direction: Direction, name: &ListName) -> u32 {
     dp.list_id(direction, name)
         .unwrap_or_else(|| panic!("no {direction} list {name} in the dataplane"))
+}
+
+/// Two namespaces joined by a TUN wire (`a` the server, `b` the peer), the dataplane attached to
+/// the server's device, and one peer whose allowed IPs are the peer device's IPv4 and IPv6
+/// addresses. Fields drop in declaration order: the dataplane first, the pin dir last.
+pub struct TunPeer {
+    /// The dataplane, TC programs attached to `wire.a`.
+    pub dp: Dataplane,
+    /// The wire between the namespaces.
+    pub wire: TunWire,
+    /// The peer's namespace.
+    pub b: NetNs,
+    /// The server's namespace.
+    pub a: NetNs,
+    _pins: BpffsDir,
+}
+
+/// Sets up a [`TunPeer`] on `10.<net>.0.0/24` with peer id `peer`.
+pub fn tun_peer(net: u8, peer: PeerId) -> TunPeer {
+    let pins = BpffsDir::new();
+    let a = NetNs::new("a");
+    let b = NetNs::new("b");
+    let wire = TunWire::new(&a, &b, net);
+    let mut dp = open_dataplane(&pins);
+    attach_tc(&mut dp, &a, &wire.a.ifname);
+    dp.add_peer(
+        peer,
+        &[
+            Cidr::host(IpAddr::V4(wire.b.v4)),
+            Cidr::host(IpAddr::V6(wire.b.v6)),
+        ],
+    )
+    .expect("add peer");
+    TunPeer {
+        dp,
+        wire,
+        b,
+        a,
+        _pins: pins,
+    }
 }
