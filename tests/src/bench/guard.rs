@@ -134,7 +134,7 @@ const SIZES: [Size; 4] = [
 ];
 
 /// Runs the selected XDP and list-replace benchmarks.
-pub fn run(sel: &Selection, opts: GuardOptions) -> Result<Vec<Figure>> {
+pub fn run(sel: &Selection, pins: &BenchPins, opts: GuardOptions) -> Result<Vec<Figure>> {
     ensure!(
         opts.probes > 0 && opts.rounds > 0,
         "probes and rounds must be > 0"
@@ -152,8 +152,6 @@ pub fn run(sel: &Selection, opts: GuardOptions) -> Result<Vec<Figure>> {
         return Ok(Vec::new());
     }
 
-    // Declared first, dropped last: every fd below is closed before the pins are removed.
-    let pins = BenchPins::new()?;
     let mut prepared = Vec::with_capacity(measure.len());
     for (i, size) in measure.iter().enumerate() {
         prepared.push(Prepared::new(pins.path(), size, i as u64, opts)?);

@@ -12,6 +12,7 @@
 
 pub mod geo;
 pub mod guard;
+pub mod pipeline;
 
 use std::{
     path::{Path, PathBuf},
@@ -37,6 +38,12 @@ pub const XDP_GUARD_NS_1M_LPM_BASELINE: &str = "xdp_guard_ns_1m_lpm_baseline";
 pub const LIST_REPLACE_1M_MS: &str = "list_replace_1m_ms";
 /// `geo_compile_500k_ms`: `GeoDb::open` of a generated 500k-network database.
 pub const GEO_COMPILE_500K_MS: &str = "geo_compile_500k_ms";
+/// ns per packet of the tunnel device's pipeline, 10 peers.
+pub const TC_PIPELINE_NS_10_PEERS: &str = "tc_pipeline_ns_10_peers";
+/// ns per packet of the tunnel device's pipeline, 100 000 peers.
+pub const TC_PIPELINE_NS_100K_PEERS: &str = "tc_pipeline_ns_100k_peers";
+/// `tc_pipeline_ns_100k_peers` over `tc_pipeline_ns_10_peers`.
+pub const TC_PIPELINE_100K_OVER_10: &str = "tc_pipeline_100k_over_10";
 
 /// Every benchmark, in the order they run and are reported.
 pub const ALL: &[&str] = &[
@@ -48,6 +55,9 @@ pub const ALL: &[&str] = &[
     XDP_GUARD_NS_1M_LPM_BASELINE,
     LIST_REPLACE_1M_MS,
     GEO_COMPILE_500K_MS,
+    TC_PIPELINE_NS_10_PEERS,
+    TC_PIPELINE_NS_100K_PEERS,
+    TC_PIPELINE_100K_OVER_10,
 ];
 
 /// One measured figure.

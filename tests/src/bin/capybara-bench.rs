@@ -12,7 +12,10 @@ use std::{io::Write as _, path::PathBuf, time::Instant};
 
 use anyhow::{Context as _, Result, bail};
 use capybara_tests::{
-    bench::{self, Figure, GEO_COMPILE_500K_MS, Report, Selection, guard::GuardOptions},
+    bench::{
+        self, BenchPins, Figure, GEO_COMPILE_500K_MS, Report, Selection, guard::GuardOptions,
+        pipeline::PipelineOptions,
+    },
     progress,
 };
 use clap::Parser;
@@ -27,10 +30,10 @@ struct Args {
     /// Run only the benchmarks whose name contains NAME.
     #[arg(long, value_name = "NAME")]
     filter: Option<String>,
-    /// Distinct probe packets per round of the XDP benchmarks (each run once).
+    /// Distinct probe packets per round of the XDP and pipeline benchmarks (each run once).
     #[arg(long, default_value_t = 20_000, value_name = "N")]
     probes: usize,
-    /// Rounds per XDP benchmark; the median round is reported.
+    /// Rounds per XDP and pipeline benchmark; the median round is reported.
     #[arg(long, default_value_t = 7, value_name = "N")]
     rounds: usize,
     /// List the benchmark names and exit.
@@ -65,13 +68,24 @@ fn main() -> Result<()> {
     }
 
     let start = Instant::now();
+    // Declared first, dropped last: every benchmark's fds are closed before the pins go.
+    let pins = BenchPins::new()?;
     let mut figures: Vec<Figure> = bench::guard::run(
         &sel,
+        &pins,
         GuardOptions {
             probes: args.probes,
             rounds: args.rounds,
         },
     )?;
+    figures.extend(bench::pipeline::run(
+        &sel,
+        &pins,
+        PipelineOptions {
+            probes: args.probes,
+            rounds: args.rounds,
+        },
+    )?);
     if sel.wants(GEO_COMPILE_500K_MS) {
         figures.push(bench::geo::compile_500k()?);
     }

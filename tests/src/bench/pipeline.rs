@@ -1,0 +1,213 @@
+//! `tc_pipeline_ns_10_peers`, `tc_pipeline_ns_100k_peers`, `tc_pipeline_100k_over_10`: ns per
+//! packet of the tunnel device's whole ingress pipeline with every feature that exists turned on
+//! for every peer — attribution (host route hash), admission gate with a deadline (so the kernel
+//! reads its clock), destination blocklists (1 000 random prefixes, probes outside them), a
+//! quota bucket (atomic charge), accounting.
+//!
+//! Each peer count gets its own `Dataplane` (real API, pins under the benchmark's directory);
+//! `tc_ingress` is loaded a second time over the same pins with the test-run link-layer offset
+//! (BPF_PROG_TEST_RUN puts a 14-byte Ethernet header before TC data). Probes are UDP packets
+//! from distinct peers spread over all of them (at least 20 000 per round, shuffled), each run
+//! once (repeat = 1) so the figure includes the maps' memory cost; rounds alternate between the
+//! two dataplanes and the median round is reported. Every probe must pass (`TC_ACT_OK`), and the
+//! peers' counters must have grown by exactly the probes sent, or the figure is refused.
+//!
+//! Features still to come in the pipeline (flow table, throttle decision) join this benchmark
+//! when they land; the figure is always "everything the pipeline has".
+
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context as _, Result, ensure};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+};
+use capybara_agent::{
+    blocklist::{Direction, ListName, sample::random_v4_prefixes},
+    dataplane::{Dataplane, DataplaneConfig, Gate, object::OBJECT},
+    net::Cidr,
+};
+use capybara_common::{maps as names, peer::PeerId};
+use rand::{SeedableRng as _, rngs::StdRng, seq::SliceRandom as _};
+
+use super::{
+    BenchPins, Figure, Selection, TC_PIPELINE_100K_OVER_10, TC_PIPELINE_NS_10_PEERS,
+    TC_PIPELINE_NS_100K_PEERS, median,
+};
+use crate::{bpf::TEST_RUN_L2_HLEN, packets, progress};
+
+/// `TC_ACT_OK` as the test run reports it.
+const TC_ACT_OK: u32 = 0;
+/// Destination of every probe: outside the random destination list (checked).
+const PROBE_DST: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 77);
+
+/// Knobs of the pipeline benchmark.
+#[derive(Debug, Clone, Copy)]
+pub struct PipelineOptions {
+    /// Probes per round (distinct peers where there are that many).
+    pub probes: usize,
+    /// Rounds per peer count.
+    pub rounds: usize,
+}
+
+/// The inner address of peer `i`: 10.0.0.0/8 from 10.0.0.1 on.
+fn peer_addr(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 0, 0, 1)) + i)
+}
+
+/// One dataplane with `n` peers, everything on, and its `tc_ingress` loaded for test runs.
+struct Setup {
+    n: u32,
+    dp: Dataplane,
+    ebpf: Ebpf,
+}
+
+fn setup(pins: &BenchPins, n: u32) -> Result<Setup> {
+    let dir = pins.path().join(format!("pipeline-{n}"));
+    std::fs::create_dir(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let mut dp = Dataplane::open(DataplaneConfig {
+        bpffs_dir: dir.clone(),
+        ..DataplaneConfig::default()
+    })?;
+    let until = SystemTime::now() + Duration::from_secs(3600);
+    for i in 0..n {
+        let peer: PeerId = i;
+        dp.add_peer(peer, &[Cidr::host(peer_addr(i).into())])?;
+        dp.set_gate(peer, Gate::Admitted { until: Some(until) })?;
+        // A bucket per 10 peers: shared buckets, as one user's devices share one.
+        let bucket = i / 10 + 1;
+        if i % 10 == 0 {
+            dp.set_quota_limit(bucket, u64::MAX / 2)?;
+        }
+        dp.assign_quota(peer, Some(bucket))?;
+    }
+    let list = random_v4_prefixes(7, 1000);
+    dp.list_replace(Direction::Destination, &ListName::parse("manual")?, &list)?;
+    ensure!(
+        dp.lookup_v4(Direction::Destination, PROBE_DST)? == 0,
+        "the probe destination {PROBE_DST} is inside the random list"
+    );
+
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(&dir).override_global(
+        "TUNNEL_L2_HLEN",
+        &TEST_RUN_L2_HLEN,
+        true,
+    );
+    ensure!(!OBJECT.is_empty(), "the embedded eBPF object is empty");
+    let mut ebpf = loader
+        .load(OBJECT)
+        .context("load the object over the pins")?;
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(names::PROG_TC_INGRESS)
+        .context("tc_ingress missing")?
+        .try_into()?;
+    prog.load().context("load (verify) tc_ingress")?;
+    Ok(Setup { n, dp, ebpf })
+}
+
+impl Setup {
+    /// Runs one round of probes from `peers`; returns mean ns per packet.
+    fn round(&self, peers: &[u32]) -> Result<f64> {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(names::PROG_TC_INGRESS)
+            .context("tc_ingress missing")?
+            .try_into()?;
+        let frames: Vec<Vec<u8>> = peers
+            .iter()
+            .map(|&i| packets::eth_ip(&packets::udp4(peer_addr(i), PROBE_DST, 40000, 443, 100)))
+            .collect();
+        let before = self.rx_packets(peers)?;
+        let mut total = Duration::ZERO;
+        for f in &frames {
+            let r = prog
+                .test_run(TestRunOptions {
+                    data_in: Some(f),
+                    repeat: 1,
+                    ..TestRunOptions::new()
+                })
+                .context("BPF_PROG_TEST_RUN of tc_ingress")?;
+            ensure!(
+                r.return_value == TC_ACT_OK,
+                "tc_ingress returned {} for a probe (expected TC_ACT_OK)",
+                r.return_value
+            );
+            total += r.duration;
+        }
+        let after = self.rx_packets(peers)?;
+        ensure!(
+            after - before == peers.len() as u64,
+            "{} probes ran but the peers' rx counters grew by {}",
+            peers.len(),
+            after - before
+        );
+        Ok(total.as_nanos() as f64 / frames.len().max(1) as f64)
+    }
+
+    /// Sum of the rx packets of the distinct peers in `peers`.
+    fn rx_packets(&self, peers: &[u32]) -> Result<u64> {
+        let mut distinct = peers.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let mut sum = 0;
+        for p in distinct {
+            sum += self.dp.peer_stats(p)?.rx_packets;
+        }
+        Ok(sum)
+    }
+}
+
+/// Runs the pipeline benchmarks the selection asks for.
+pub fn run(sel: &Selection, pins: &BenchPins, opts: PipelineOptions) -> Result<Vec<Figure>> {
+    if !sel.wants_any(&[
+        TC_PIPELINE_NS_10_PEERS,
+        TC_PIPELINE_NS_100K_PEERS,
+        TC_PIPELINE_100K_OVER_10,
+    ]) {
+        return Ok(Vec::new());
+    }
+    let setups = [setup(pins, 10)?, setup(pins, 100_000)?];
+    progress!(
+        "pipeline: 10 and 100 000 peers set up (gate deadline, quota, 1k destination prefixes)"
+    );
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut rounds: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for r in 0..opts.rounds {
+        for (k, s) in setups.iter().enumerate() {
+            // Probes cycle through every peer, in a random order each round.
+            let mut peers: Vec<u32> = (0..opts.probes as u32).map(|i| i % s.n).collect();
+            peers.shuffle(&mut rng);
+            let ns = s.round(&peers)?;
+            rounds[k].push(ns);
+            progress!(
+                "pipeline: round {}/{}: {} peers {ns:.1} ns",
+                r + 1,
+                opts.rounds,
+                s.n
+            );
+        }
+    }
+    let small = median(&rounds[0]);
+    let large = median(&rounds[1]);
+    Ok(vec![
+        Figure {
+            name: TC_PIPELINE_NS_10_PEERS,
+            value: small,
+            unit: "ns",
+        },
+        Figure {
+            name: TC_PIPELINE_NS_100K_PEERS,
+            value: large,
+            unit: "ns",
+        },
+        Figure {
+            name: TC_PIPELINE_100K_OVER_10,
+            value: large / small,
+            unit: "ratio",
+        },
+    ])
+}
