@@ -16,6 +16,10 @@
 //! ([`Running::events`]); history, webhooks and the API subscribe to it. A subscriber that falls
 //! behind loses the oldest events (logged), it never slows the reader down.
 //!
+//! Until shutdown the daemon sweeps expired flows every `dataplane::flows::SWEEP_INTERVAL`
+//! (5 s): the kernel never deletes an idle flow itself, so this is what frees the slots of
+//! idle flows (a failed sweep is logged and retried at the next tick).
+//!
 //! Shutdown leaves the programs enforcing (pinned links) unless `detach_on_exit` is set.
 
 use std::{
@@ -134,7 +138,19 @@ pub async fn run(
         uplink: config.uplink.clone(),
         listen_port: config.listen_port,
     });
-    shutdown.await;
+    let mut sweep = tokio::time::interval(crate::dataplane::flows::SWEEP_INTERVAL);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            _ = sweep.tick() => {
+                if let Err(e) = dataplane.expire_flows(crate::dataplane::sys::boottime_now()) {
+                    tracing::warn!(error = %e, "flow sweep failed; retrying at the next tick");
+                }
+            }
+        }
+    }
     tracing::info!(detach = config.detach_on_exit, "shutting down");
     reader.abort();
     dataplane.shutdown(config.detach_on_exit)?;

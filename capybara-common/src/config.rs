@@ -38,8 +38,19 @@ pub struct Config {
     /// Minimum interval between two rate-limited events of one kind for one peer (gate drops),
     /// in nanoseconds; 0 = [`DEFAULT_EVENT_INTERVAL_NS`].
     pub event_interval_ns: u64,
+    /// Idle timeout of UDP, ICMP and other flows in seconds; 0 =
+    /// [`crate::flow::DEFAULT_FLOW_TIMEOUT_UDP_S`].
+    pub flow_timeout_udp_s: u32,
+    /// Idle timeout of established TCP flows in seconds; 0 =
+    /// [`crate::flow::DEFAULT_FLOW_TIMEOUT_TCP_S`].
+    pub flow_timeout_tcp_s: u32,
+    /// Idle timeout of TCP flows with an unanswered SYN in seconds; 0 =
+    /// [`crate::flow::DEFAULT_FLOW_TIMEOUT_TCP_CLOSE_S`].
+    pub flow_timeout_tcp_close_s: u32,
+    /// Zero.
+    pub _reserved: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 24);
+const _: () = assert!(core::mem::size_of::<Config>() == 40);
 const _: () = assert!(core::mem::offset_of!(Config, layout_version) == 12);
 
 /// Byte offset of `Config::layout_version` (fixed across layouts).

@@ -57,6 +57,9 @@ pub const TC_IN_DROP_UNKNOWN: u32 = 12;
 pub const TC_IN_DROP_GATE: u32 = 13;
 /// Dropped: the peer's quota bucket is exhausted (`DROPS_BASE + QuotaExhausted`).
 pub const TC_IN_DROP_QUOTA: u32 = 14;
+/// Dropped: a new flow over the peer's flow limit, or the flow table is full
+/// (`DROPS_BASE + FlowLimit`).
+pub const TC_IN_DROP_FLOWS: u32 = 15;
 
 // Tunnel device, egress (to peers).
 /// Passed and counted to a known peer.
@@ -73,12 +76,17 @@ pub const TC_OUT_DROP_UNKNOWN: u32 = 20;
 pub const TC_OUT_DROP_GATE: u32 = 21;
 /// Dropped: the peer's quota bucket is exhausted (`DROPS_BASE + QuotaExhausted`).
 pub const TC_OUT_DROP_QUOTA: u32 = 22;
+/// Dropped: a new flow over the peer's flow limit, or the flow table is full.
+pub const TC_OUT_DROP_FLOWS: u32 = 23;
 
 // Events (not verdicts: `packets` counts events, `bytes` stays 0).
 /// Records written into the events ring buffer.
 pub const EVENTS_EMITTED: u32 = 24;
 /// Records lost because the ring buffer was full (the packet's verdict is unaffected).
 pub const EVENTS_LOST: u32 = 25;
+/// New flows refused because `CAPY_FLOWS` was full (also counted as `FlowLimit` drops; not a
+/// verdict: `packets` counts refusals, `bytes` stays 0).
+pub const FLOWS_TABLE_FULL: u32 = 26;
 
 /// Drops by reason: index `DROPS_BASE + DropReason as u32`.
 pub const DROPS_BASE: u32 = 32;
@@ -87,7 +95,7 @@ pub const DROPS_BASE: u32 = 32;
 pub const COUNTER_SLOTS: u32 = DROPS_BASE + DROP_REASON_SLOTS as u32;
 
 /// Names of the verdict counters, for the CLI and metrics (drops by reason use `DropReason::name`).
-pub const COUNTER_NAMES: [(u32, &str); 21] = [
+pub const COUNTER_NAMES: [(u32, &str); 24] = [
     (XDP_PASS_UNGUARDED, "xdp_pass_unguarded"),
     (XDP_PASS_CLEAN, "xdp_pass_clean"),
     (XDP_DROP_BLOCKLIST, "xdp_drop_blocklist"),
@@ -100,6 +108,7 @@ pub const COUNTER_NAMES: [(u32, &str); 21] = [
     (TC_IN_DROP_UNKNOWN, "tc_in_drop_unknown"),
     (TC_IN_DROP_GATE, "tc_in_drop_gate"),
     (TC_IN_DROP_QUOTA, "tc_in_drop_quota"),
+    (TC_IN_DROP_FLOWS, "tc_in_drop_flows"),
     (TC_OUT_PASS, "tc_out_pass"),
     (TC_OUT_UNKNOWN_PEER, "tc_out_unknown_peer"),
     (TC_OUT_DROP_BLOCKLIST, "tc_out_drop_blocklist"),
@@ -107,6 +116,8 @@ pub const COUNTER_NAMES: [(u32, &str); 21] = [
     (TC_OUT_DROP_UNKNOWN, "tc_out_drop_unknown"),
     (TC_OUT_DROP_GATE, "tc_out_drop_gate"),
     (TC_OUT_DROP_QUOTA, "tc_out_drop_quota"),
+    (TC_OUT_DROP_FLOWS, "tc_out_drop_flows"),
     (EVENTS_EMITTED, "events_emitted"),
     (EVENTS_LOST, "events_lost"),
+    (FLOWS_TABLE_FULL, "flows_table_full"),
 ];

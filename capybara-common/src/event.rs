@@ -24,6 +24,12 @@ pub const EVENT_GATE_DROP: u32 = 1;
 /// included), limit bytes, bucket epoch]`.
 pub const EVENT_QUOTA: u32 = 2;
 
+/// A new flow of a peer was refused (rate-limited per peer like gate drops). `reason`:
+/// `DropReason::FlowLimit`; `flags`: [`EVENT_F_EGRESS`] as for gate drops; `args`: `[the peer's
+/// flow limit, its flow count when refused, the flow's IP protocol, 1 if the flow table was
+/// full (else 0)]`.
+pub const EVENT_FLOW_LIMIT: u32 = 3;
+
 /// `EventRecord::flags`: the packet was travelling to the peer (TC egress); clear: from it.
 pub const EVENT_F_EGRESS: u32 = 1 << 0;
 

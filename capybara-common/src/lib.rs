@@ -11,6 +11,7 @@
 //! - [`config`]: the single-entry runtime configuration map.
 //! - [`gate`]: the admission gate's verification-endpoint map key.
 //! - [`event`]: the records the kernel writes into the events ring buffer.
+//! - [`flow`]: per-peer concurrent flow limits (the flow table, canonical keys, timeouts).
 //! - [`quota`]: data-quota buckets (byte budgets shared by peers) and their warning thresholds.
 //!
 //! Rules: every map key and value is `#[repr(C)]` with explicit padding, no `bool` and no
@@ -23,6 +24,7 @@ pub mod config;
 pub mod counters;
 pub mod drop;
 pub mod event;
+pub mod flow;
 pub mod gate;
 pub mod maps;
 pub mod peer;
@@ -43,4 +45,4 @@ pub(crate) use pod;
 
 /// Bumped whenever the layout of a pinned map changes. The agent refuses to reuse pins made by
 /// a different layout version (it would read garbage) and says how to reset them.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;

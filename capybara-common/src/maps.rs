@@ -19,6 +19,8 @@
 //! | `GATE_ALLOW` | hash, preallocated | 64 | ≈ 6 KiB |
 //! | `PEER_EVENTS` | array | 131 072 | 4 MiB |
 //! | `QUOTA` | array | 131 072 | 4 MiB (32 B per bucket) |
+//! | `FLOWS` | hash, not preallocated | up to 262 144 | ≈ 140 B per flow (≈ 36 MiB full) |
+//! | `FLOW_CNT` | mmapable array | 131 072 | 1 MiB (8 B per peer) |
 //! | `EVENTS` | ring buffer | 256 KiB | 256 KiB (4096 records of 64 B in flight) |
 //!
 //! The two DIR tables are the price of a lookup that does not grow with the list: 256 MiB in all.
@@ -73,9 +75,14 @@ pub const EVENTS: &str = "CAPY_EVENTS";
 /// Data-quota buckets ([`crate::quota::QuotaBucket`]), indexed by bucket id. A shared array
 /// (not per-CPU): several CPUs charge one bucket with atomic adds.
 pub const QUOTA: &str = "CAPY_QUOTA";
+/// The flow table ([`crate::flow::FlowKey`] → [`crate::flow::FlowState`]); a plain hash, not
+/// LRU (see [`crate::flow`]).
+pub const FLOWS: &str = "CAPY_FLOWS";
+/// Per-peer flow counts (`u64`, indexed by peer id; atomics on both sides).
+pub const FLOW_COUNT: &str = "CAPY_FLOW_CNT";
 
 /// Every pinned map, for listing and removal.
-pub const ALL: [&str; 20] = [
+pub const ALL: [&str; 22] = [
     CONFIG,
     COUNTERS,
     LIST_HITS,
@@ -96,6 +103,8 @@ pub const ALL: [&str; 20] = [
     PEER_EVENTS,
     EVENTS,
     QUOTA,
+    FLOWS,
+    FLOW_COUNT,
 ];
 
 /// Program names in the object.

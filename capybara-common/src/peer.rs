@@ -58,17 +58,22 @@ pub struct PeerInfo {
     /// The quota bucket the peer's traffic (both directions) is charged to
     /// ([`crate::quota`]); 0 = no quota.
     pub quota_bucket: u32,
-    /// Reserved for policy (rate class, flow limit); zero.
-    pub _reserved: [u32; 3],
+    /// At most this many concurrent flows ([`crate::flow`]); 0 = unlimited (not tracked).
+    pub flow_limit: u32,
+    /// Reserved for policy (rate class); zero.
+    pub _reserved: [u32; 2],
 }
 const _: () = assert!(core::mem::size_of::<PeerInfo>() == 32);
 const _: () = assert!(core::mem::offset_of!(PeerInfo, deadline_ns) == 8);
 const _: () = assert!(core::mem::offset_of!(PeerInfo, quota_bucket) == 16);
+const _: () = assert!(core::mem::offset_of!(PeerInfo, flow_limit) == 20);
 
 /// Rate-limit slots of [`PeerEventState`]: one per event kind that is rate-limited per peer.
 pub const PEER_EVENT_SLOTS: usize = 4;
 /// Slot of gate-drop events in [`PeerEventState::last_ns`].
 pub const PEER_EVENT_SLOT_GATE: usize = 0;
+/// Slot of flow-limit events in [`PeerEventState::last_ns`].
+pub const PEER_EVENT_SLOT_FLOW: usize = 1;
 
 /// One entry of [`crate::maps::PEER_EVENTS`], indexed by [`PeerId`]: when the kernel last
 /// emitted a rate-limited event of each kind for the peer (CLOCK_BOOTTIME ns, 0 = never).

@@ -10,7 +10,7 @@ use capybara_common::{
     config::DEFAULT_EVENT_INTERVAL_NS,
     counters::{Counter, EVENTS_EMITTED, EVENTS_LOST},
     event::EventRecord,
-    peer::{PEER_EVENT_SLOT_GATE, PeerId},
+    peer::{PEER_EVENT_SLOT_FLOW, PEER_EVENT_SLOT_GATE, PeerId},
 };
 
 use crate::{
@@ -69,3 +69,6 @@ pub fn emit(rec: &EventRecord) {
 
 /// Slot of gate-drop events.
 pub const SLOT_GATE: usize = PEER_EVENT_SLOT_GATE;
+
+/// Slot of flow-limit events.
+pub const SLOT_FLOW: usize = PEER_EVENT_SLOT_FLOW;

@@ -1,6 +1,8 @@
 //! Every map the programs use, declared once. Names, sizes and layouts come from
 //! `capybara_common` (see `capybara_common::maps` for sizing and memory). All maps are pinned by
-//! name so the agent re-uses them across restarts: counters never reset, enforcement never lapses.
+//! name so the agent re-uses them across restarts: counters never reset, enforcement never lapses
+//! (except `FLOW_SCRATCH` and `EVENT_SCRATCH`, per-CPU scratch space that holds nothing between
+//! packets).
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
@@ -13,7 +15,8 @@ use capybara_common::{
     },
     config::Config,
     counters::{COUNTER_SLOTS, Counter},
-    event::EVENTS_RING_BYTES,
+    event::{EVENTS_RING_BYTES, EventRecord},
+    flow::{FlowKey, FlowState, MAX_FLOWS},
     gate::{GATE_ALLOW_MAX, GateAllowKey},
     peer::{
         MAX_PEER_ADDRS, MAX_PEERS, PeerEventState, PeerId, PeerInfo, PeerStats, PeerV4LpmData,
@@ -85,3 +88,18 @@ pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
 
 #[map(name = "CAPY_QUOTA")]
 pub static QUOTA: Array<QuotaBucket> = Array::pinned(MAX_QUOTA_BUCKETS, 0);
+
+#[map(name = "CAPY_FLOWS")]
+pub static FLOWS: HashMap<FlowKey, FlowState> = HashMap::pinned(MAX_FLOWS, BPF_F_NO_PREALLOC);
+
+#[map(name = "CAPY_FLOW_CNT")]
+pub static FLOW_COUNT: Array<u64> = Array::pinned(MAX_PEERS, BPF_F_MMAPABLE);
+
+/// Scratch space for the flow key being built (one per CPU, not pinned: it holds nothing between
+/// packets). The key is 44 bytes and the inlined pipeline's stack is near its 512-byte limit.
+#[map(name = "CAPY_FLOW_SCR")]
+pub static FLOW_SCRATCH: PerCpuArray<FlowKey> = PerCpuArray::with_max_entries(1, 0);
+
+/// Scratch space for a flow-limit event record (one per CPU, not pinned), for the same reason.
+#[map(name = "CAPY_EVT_SCR")]
+pub static EVENT_SCRATCH: PerCpuArray<EventRecord> = PerCpuArray::with_max_entries(1, 0);

@@ -40,7 +40,7 @@ pub enum Quota {
 /// # Safety
 /// `p` must point at an 8-byte aligned `u64` in map memory, valid for this program run.
 #[inline(always)]
-unsafe fn fetch_add(p: *mut u64, v: u64) -> u64 {
+pub(crate) unsafe fn fetch_add(p: *mut u64, v: u64) -> u64 {
     let mut r = v;
     // SAFETY: the caller guarantees `p`; the instruction reads and writes only `*p` and `r`.
     unsafe {

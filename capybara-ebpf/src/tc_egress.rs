@@ -6,8 +6,8 @@
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use capybara_common::counters::{
-    TC_OUT_DROP_BLOCKLIST, TC_OUT_DROP_GATE, TC_OUT_DROP_QUOTA, TC_OUT_DROP_UNKNOWN,
-    TC_OUT_MALFORMED, TC_OUT_PASS, TC_OUT_UNKNOWN_PEER,
+    TC_OUT_DROP_BLOCKLIST, TC_OUT_DROP_FLOWS, TC_OUT_DROP_GATE, TC_OUT_DROP_QUOTA,
+    TC_OUT_DROP_UNKNOWN, TC_OUT_MALFORMED, TC_OUT_PASS, TC_OUT_UNKNOWN_PEER,
 };
 
 use crate::tunnel::{self, Direction};
@@ -21,6 +21,7 @@ const EGRESS: Direction = Direction {
     drop_unknown: TC_OUT_DROP_UNKNOWN,
     drop_gate: TC_OUT_DROP_GATE,
     drop_quota: TC_OUT_DROP_QUOTA,
+    drop_flows: TC_OUT_DROP_FLOWS,
 };
 
 #[classifier]

@@ -34,6 +34,7 @@ use capybara_common::{
     },
     counters::{COUNTER_SLOTS, Counter},
     event::EventRecord,
+    flow::{FlowKey, FlowState},
     gate::GateAllowKey,
     maps as names,
     peer::{PeerId, PeerInfo, PeerStats},
@@ -63,6 +64,8 @@ pub const TEST_CAPACITIES: &[(&str, u32)] = &[
     (names::PEERS, 4096),
     (names::PEER_EVENTS, 4096),
     (names::QUOTA, 4096),
+    (names::FLOW_COUNT, 4096),
+    (names::FLOWS, 4096),
 ];
 
 /// A unique bpffs directory for one fixture's pins, removed (with its pins) on drop.
@@ -405,6 +408,68 @@ impl Fixture {
     pub fn read_quota_bucket(&mut self, id: BucketId) -> QuotaBucket {
         let m: Array<&MapData, QuotaBucket> = Array::try_from(&*self.map(names::QUOTA)).unwrap();
         m.get(&id, 0).expect("read QUOTA")
+    }
+
+    // ---- flows ----
+
+    /// `FLOW_COUNT[id]`: peer `id`'s flow count as the kernel keeps it.
+    pub fn flow_count(&mut self, id: PeerId) -> u64 {
+        let m: Array<&MapData, u64> = Array::try_from(&*self.map(names::FLOW_COUNT)).unwrap();
+        m.get(&id, 0).expect("read FLOW_COUNT")
+    }
+
+    /// Writes `FLOW_COUNT[id]`.
+    pub fn set_flow_count(&mut self, id: PeerId, n: u64) {
+        let mut m: Array<&mut MapData, u64> = Array::try_from(self.map(names::FLOW_COUNT)).unwrap();
+        m.set(id, n, 0).expect("write FLOW_COUNT");
+    }
+
+    /// Every entry of `FLOWS`.
+    pub fn flows(&mut self) -> Vec<(FlowKey, FlowState)> {
+        let m: HashMap<&MapData, FlowKey, FlowState> =
+            HashMap::try_from(&*self.map(names::FLOWS)).unwrap();
+        m.iter().map(|e| e.expect("read FLOWS")).collect()
+    }
+
+    /// Inserts or replaces a `FLOWS` entry (the count is not touched).
+    pub fn set_flow(&mut self, key: FlowKey, st: FlowState) {
+        let mut m: HashMap<&mut MapData, FlowKey, FlowState> =
+            HashMap::try_from(self.map(names::FLOWS)).unwrap();
+        m.insert(key, st, 0).expect("write FLOWS");
+    }
+
+    /// Runs the agent's flow sweeper (`dataplane::flows::sweep`) on this fixture's maps at
+    /// `now_ns` (CLOCK_BOOTTIME), with the counts decremented through a mapping of
+    /// `FLOW_COUNT`, exactly as the agent does.
+    pub fn sweep_flows(&mut self, now_ns: u64) -> capybara_agent::dataplane::FlowSweep {
+        let cfg = self.config();
+        let counts = self.map_flow_counts();
+        let mut flows: HashMap<&mut MapData, FlowKey, FlowState> =
+            HashMap::try_from(self.map(names::FLOWS)).unwrap();
+        capybara_agent::dataplane::flows::sweep(&mut flows, counts.as_atomic_u64(), &cfg, now_ns)
+            .expect("sweep FLOWS")
+    }
+
+    /// Runs the agent's `dataplane::flows::forget_peer` (what clearing a limit does) on this
+    /// fixture's maps.
+    pub fn forget_peer_flows(&mut self, peer: PeerId) -> capybara_agent::dataplane::FlowSweep {
+        let counts = self.map_flow_counts();
+        let mut flows: HashMap<&mut MapData, FlowKey, FlowState> =
+            HashMap::try_from(self.map(names::FLOWS)).unwrap();
+        capybara_agent::dataplane::flows::forget_peer(&mut flows, counts.as_atomic_u64(), peer)
+            .expect("forget a peer's flows")
+    }
+
+    fn map_flow_counts(&mut self) -> capybara_agent::dataplane::sys::MmapArray {
+        use std::os::fd::AsFd as _;
+        {
+            let aya::maps::Map::Array(data) = &*self.map(names::FLOW_COUNT) else {
+                panic!("FLOW_COUNT is not an array");
+            };
+            let entries = data.info().expect("FLOW_COUNT info").max_entries() as usize;
+            capybara_agent::dataplane::sys::MmapArray::new(data.fd().as_fd(), entries * 2)
+                .expect("mmap FLOW_COUNT")
+        }
     }
 
     /// Adds a verification endpoint entry to `GATE_ALLOW`.

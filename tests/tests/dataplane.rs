@@ -555,3 +555,81 @@ fn quota_api_validates_and_writes_whole_buckets() {
     dp.remove_quota(5).unwrap();
     assert_eq!(dp.quota_usage(5).unwrap().limit_bytes, 0);
 }
+
+/// The flow-limit API: one `PeerInfo` write keeping gate and quota; counts read through the
+/// mapping; timeouts in `CAPY_CONFIG`; bad input is a typed error naming the field and changes
+/// nothing; an empty table sweeps to nothing.
+#[test]
+fn flow_limit_api_validates_and_keeps_the_rest_of_the_peer() {
+    use capybara_agent::dataplane::{FlowTimeouts, Gate, sys::boottime_now};
+    use capybara_common::{drop::DropReason, flow::MAX_FLOWS};
+    use std::time::Duration;
+    let dir = BpffsDir::new();
+    let mut dp = open(dir.path());
+    dp.set_peer(1, &cidrs(&["10.8.0.2/32"])).unwrap();
+    dp.set_gate(1, Gate::Held(DropReason::GateMfaPending))
+        .unwrap();
+    dp.assign_quota(1, Some(5)).unwrap();
+    assert_eq!(dp.flow_limit(1).unwrap(), None);
+    dp.set_flow_limit(1, 3).unwrap();
+    assert_eq!(dp.flow_limit(1).unwrap(), Some(3));
+    assert_eq!(dp.gate(1).unwrap(), Gate::Held(DropReason::GateMfaPending));
+    assert_eq!(dp.quota_of(1).unwrap(), Some(5));
+    assert_eq!(dp.flow_count(1).unwrap(), 0);
+
+    let e = dp.set_flow_limit(1, 0).unwrap_err();
+    assert!(
+        matches!(e, DataplaneError::FlowLimitZero { peer: 1 }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("flow_limit"), "{e}");
+    let e = dp.set_flow_limit(1, MAX_FLOWS + 1).unwrap_err();
+    assert!(
+        matches!(e, DataplaneError::FlowLimitTooLarge { peer: 1, .. }),
+        "{e}"
+    );
+    let e = dp.set_flow_limit(9, 3).unwrap_err();
+    assert!(matches!(e, DataplaneError::UnknownPeer { id: 9 }), "{e}");
+    let e = dp.flow_count(u32::MAX).unwrap_err();
+    assert!(matches!(e, DataplaneError::PeerIdOutOfRange { .. }), "{e}");
+    let cfg = dp.runtime_config();
+    let e = dp
+        .set_flow_timeouts(FlowTimeouts {
+            udp: Duration::from_secs(30),
+            tcp: Duration::from_secs(3600),
+            tcp_close: Duration::ZERO,
+        })
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            DataplaneError::FlowTimeout {
+                field: "tcp_close",
+                secs: 0
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(dp.runtime_config(), cfg);
+    assert_eq!(dp.flow_limit(1).unwrap(), Some(3));
+
+    dp.set_flow_timeouts(FlowTimeouts {
+        udp: Duration::from_secs(30),
+        tcp: Duration::from_secs(3600),
+        tcp_close: Duration::from_secs(5),
+    })
+    .unwrap();
+    let c = dp.runtime_config();
+    assert_eq!(
+        (
+            c.flow_timeout_udp_s,
+            c.flow_timeout_tcp_s,
+            c.flow_timeout_tcp_close_s
+        ),
+        (30, 3600, 5)
+    );
+    assert_eq!(dp.expire_flows(boottime_now()).unwrap().scanned, 0);
+    dp.clear_flow_limit(1).unwrap();
+    assert_eq!(dp.flow_limit(1).unwrap(), None);
+    assert_eq!(dp.gate(1).unwrap(), Gate::Held(DropReason::GateMfaPending));
+}

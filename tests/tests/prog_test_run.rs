@@ -28,7 +28,8 @@ use capybara_common::{
     },
     counters::*,
     drop::DropReason,
-    event::{EVENT_F_EGRESS, EVENT_GATE_DROP, EVENT_QUOTA},
+    event::{EVENT_F_EGRESS, EVENT_FLOW_LIMIT, EVENT_GATE_DROP, EVENT_QUOTA},
+    flow::{FLOW_F_FROM_PEER, FLOW_S_OPEN, FLOW_S_TCP_SYN, FlowKey},
     gate::GateAllowKey,
     peer::{PeerId, PeerInfo, PeerStats},
     quota::{QUOTA_WARNED_80, QUOTA_WARNED_90, QUOTA_WARNED_100, QuotaBucket},
@@ -189,8 +190,10 @@ fn check_deltas(
     };
     for (slot, (b, a)) in before.counters.iter().zip(&after.counters).enumerate() {
         let slot = slot as u32;
-        let want = if counters.contains(&slot) && (slot == EVENTS_EMITTED || slot == EVENTS_LOST) {
-            // Event counters count records; their bytes stay 0.
+        let want = if counters.contains(&slot)
+            && (slot == EVENTS_EMITTED || slot == EVENTS_LOST || slot == FLOWS_TABLE_FULL)
+        {
+            // Event counters count records (table-full counts refusals); their bytes stay 0.
             Counter {
                 packets: 1,
                 bytes: 0,
@@ -302,7 +305,7 @@ fn config(f: &mut Fixture, src_generation: u32, dst_generation: u32, flags: u32)
         dst_generation,
         flags,
         layout_version: 1,
-        event_interval_ns: 0,
+        ..Config::default()
     });
 }
 
@@ -2249,4 +2252,516 @@ fn quota_charges_a_shared_bucket_and_warns_once_per_threshold() {
     assert_eq!(f.run_tc(Tc::Ingress, &p_in), TC_ACT_OK);
     assert_eq!(f.read_quota_bucket(BUCKET).used_bytes, 100);
     assert!(f.events().is_empty());
+}
+
+// ---- concurrent flow limits ----
+
+const FLOW_LIMIT: u32 = 3;
+
+fn with_flow_limit(gate: u32, limit: u32) -> PeerInfo {
+    PeerInfo {
+        flow_limit: limit,
+        ..info(gate, 0)
+    }
+}
+
+/// Sets the TCP flags of an IPv4 (no options) or IPv6 (no extension headers) TCP packet.
+fn tcp_flags(mut p: Vec<u8>, flags: u8) -> Vec<u8> {
+    let at = if p[0] >> 4 == 4 { 20 } else { 40 } + 13;
+    p[at] = flags;
+    p
+}
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+const FIN_ACK: u8 = 0x11;
+const RST: u8 = 0x04;
+
+/// A TCP SYN from peer 1 (v4) to `CLEAN` port 443 from source port `sport`.
+fn syn4(sport: u16) -> Vec<u8> {
+    tcp_flags(packets::tcp4(PEER1_V4, CLEAN, sport, 443, 0), SYN)
+}
+
+/// The reply direction (egress, to peer 1) of flow `sport` with `flags`.
+fn reply4(sport: u16, flags: u8) -> Vec<u8> {
+    tcp_flags(packets::tcp4(CLEAN, PEER1_V4, 443, sport, 10), flags)
+}
+
+/// A UDP packet from peer 1 to `CLEAN` port 53 from `sport`.
+fn udp_from1(sport: u16) -> Vec<u8> {
+    packets::udp4(PEER1_V4, CLEAN, sport, 53, 20)
+}
+
+/// ICMP echo of `kind` (8 request, 0 reply) with identifier `id`, v4, `from_peer` or to it.
+fn echo4(kind: u8, id: u16, from_peer: bool) -> Vec<u8> {
+    let mut p = if from_peer {
+        packets::icmp4(PEER1_V4, CLEAN, 8)
+    } else {
+        packets::icmp4(CLEAN, PEER1_V4, 8)
+    };
+    p[20] = kind;
+    p[24..26].copy_from_slice(&id.to_be_bytes());
+    p
+}
+
+/// `gate_base`, peer 1 limited to `FLOW_LIMIT` flows.
+fn flows_base(f: &mut Fixture) {
+    gate_base(f);
+    f.peer_info(PEER1, with_flow_limit(0, FLOW_LIMIT));
+}
+
+/// `flows_base` with three TCP flows of peer 1 open (source ports 1001..=1003).
+fn three_tcp(f: &mut Fixture) {
+    flows_base(f);
+    for sport in 1001..=1003 {
+        assert_eq!(
+            f.run_tc(Tc::Ingress, &syn4(sport)),
+            TC_ACT_OK,
+            "setup SYN {sport}"
+        );
+    }
+    assert_eq!(f.flow_count(PEER1), 3);
+}
+
+fn flow_cases() -> Vec<Case> {
+    type Expect = (u32, Vec<u32>, Option<(PeerId, PeerDelta)>);
+    let fl = DropReason::FlowLimit;
+    let refused_in: Expect = (
+        TC_ACT_SHOT,
+        vec![TC_IN_DROP_FLOWS, drop_slot(fl), EVENTS_EMITTED],
+        Some((PEER1, PeerDelta::Drop(fl))),
+    );
+    let refused_out: Expect = (
+        TC_ACT_SHOT,
+        vec![TC_OUT_DROP_FLOWS, drop_slot(fl), EVENTS_EMITTED],
+        Some((PEER1, PeerDelta::Drop(fl))),
+    );
+    let pass_in: Expect = (TC_ACT_OK, vec![TC_IN_PASS], Some((PEER1, PeerDelta::Rx)));
+    let pass_out: Expect = (TC_ACT_OK, vec![TC_OUT_PASS], Some((PEER1, PeerDelta::Tx)));
+    let c = |name: &'static str,
+             prog: Prog,
+             packet: fn() -> Vec<u8>,
+             setup: Box<dyn Fn(&mut Fixture)>,
+             (verdict, counters, peer): Expect| Case {
+        name,
+        prog,
+        packet,
+        setup,
+        verdict,
+        counters,
+        list_hit: None,
+        peer,
+    };
+    let s = |f: fn(&mut Fixture)| -> Box<dyn Fn(&mut Fixture)> { Box::new(f) };
+    use Prog::{In, Out};
+    vec![
+        c(
+            "flows: a new flow within the limit passes",
+            In,
+            || syn4(2000),
+            s(flows_base),
+            pass_in.clone(),
+        ),
+        c(
+            "flows: a 4th TCP flow over a limit of 3 is dropped",
+            In,
+            || syn4(1004),
+            s(three_tcp),
+            refused_in.clone(),
+        ),
+        c(
+            "flows: a 4th UDP flow over a limit of 3 is dropped",
+            In,
+            || udp_from1(5000),
+            s(three_tcp),
+            refused_in.clone(),
+        ),
+        c(
+            "flows: a new flow towards the peer over the limit is dropped",
+            Out,
+            || tcp_flags(packets::tcp4(CLEAN, PEER1_V4, 5555, 22, 0), SYN),
+            s(three_tcp),
+            refused_out.clone(),
+        ),
+        c(
+            "flows: an existing flow's packets pass at the limit",
+            In,
+            || tcp_flags(packets::tcp4(PEER1_V4, CLEAN, 1002, 443, 100), ACK),
+            s(three_tcp),
+            pass_in.clone(),
+        ),
+        c(
+            "flows: the reply direction maps to the same flow",
+            Out,
+            || reply4(1001, SYN | ACK),
+            s(three_tcp),
+            pass_out.clone(),
+        ),
+        c(
+            "flows: after a FIN the next new flow passes at once",
+            In,
+            || syn4(1004),
+            Box::new(|f| {
+                three_tcp(f);
+                let fin = tcp_flags(packets::tcp4(PEER1_V4, CLEAN, 1002, 443, 0), FIN_ACK);
+                assert_eq!(f.run_tc(Tc::Ingress, &fin), TC_ACT_OK);
+                assert_eq!(f.flow_count(PEER1), 2);
+            }),
+            pass_in.clone(),
+        ),
+        c(
+            "flows: after an RST from the other side the next new flow passes at once",
+            In,
+            || syn4(1004),
+            Box::new(|f| {
+                three_tcp(f);
+                assert_eq!(f.run_tc(Tc::Egress, &reply4(1003, RST)), TC_ACT_OK);
+                assert_eq!(f.flow_count(PEER1), 2);
+            }),
+            pass_in.clone(),
+        ),
+        c(
+            "flows: the tail of a closed flow (non-SYN, no entry) passes untracked at the limit",
+            Out,
+            || reply4(1009, ACK),
+            s(three_tcp),
+            pass_out.clone(),
+        ),
+        c(
+            "flows: IPv6, a second flow over a limit of 1 is dropped",
+            Out,
+            || packets::udp6(CLEAN6, PEER1_V6, 53, 4001, 20),
+            Box::new(|f| {
+                flows_base(f);
+                f.peer_info(PEER1, with_flow_limit(0, 1));
+                let p = packets::udp6(PEER1_V6, CLEAN6, 4000, 53, 20);
+                assert_eq!(f.run_tc(Tc::Ingress, &p), TC_ACT_OK);
+            }),
+            refused_out.clone(),
+        ),
+        c(
+            "flows: IPv6, the reply of the one flow passes at a limit of 1",
+            Out,
+            || packets::udp6(CLEAN6, PEER1_V6, 53, 4000, 20),
+            Box::new(|f| {
+                flows_base(f);
+                f.peer_info(PEER1, with_flow_limit(0, 1));
+                let p = packets::udp6(PEER1_V6, CLEAN6, 4000, 53, 20);
+                assert_eq!(f.run_tc(Tc::Ingress, &p), TC_ACT_OK);
+            }),
+            pass_out.clone(),
+        ),
+        c(
+            "flows: ICMP echo reply matches its request's flow",
+            Out,
+            || echo4(0, 77, false),
+            Box::new(|f| {
+                flows_base(f);
+                f.peer_info(PEER1, with_flow_limit(0, 1));
+                assert_eq!(f.run_tc(Tc::Ingress, &echo4(8, 77, true)), TC_ACT_OK);
+            }),
+            pass_out.clone(),
+        ),
+        c(
+            "flows: ICMP echo with another identifier is another flow",
+            In,
+            || echo4(8, 78, true),
+            Box::new(|f| {
+                flows_base(f);
+                f.peer_info(PEER1, with_flow_limit(0, 1));
+                assert_eq!(f.run_tc(Tc::Ingress, &echo4(8, 77, true)), TC_ACT_OK);
+            }),
+            refused_in.clone(),
+        ),
+        c(
+            "flows: a stale entry met again is a new flow re-using its slot",
+            In,
+            udp_from1_5000,
+            Box::new(|f| {
+                flows_base(f);
+                f.peer_info(PEER1, with_flow_limit(0, 1));
+                assert_eq!(f.run_tc(Tc::Ingress, &udp_from1(5000)), TC_ACT_OK);
+                let (key, mut st) = f.flows()[0];
+                st.last_ns = boot_ns() - 61_000_000_000;
+                f.set_flow(key, st);
+            }),
+            pass_in.clone(),
+        ),
+        c(
+            "flows: limit 0 is unlimited",
+            In,
+            || syn4(1004),
+            Box::new(|f| {
+                three_tcp(f);
+                f.peer_info(PEER1, with_flow_limit(0, 0));
+            }),
+            pass_in.clone(),
+        ),
+        c(
+            "flows: the gate still wins over the flow limit",
+            In,
+            || syn4(1004),
+            Box::new(|f| {
+                three_tcp(f);
+                f.peer_info(
+                    PEER1,
+                    with_flow_limit(DropReason::GateKicked as u32, FLOW_LIMIT),
+                );
+            }),
+            (
+                TC_ACT_SHOT,
+                vec![
+                    TC_IN_DROP_GATE,
+                    drop_slot(DropReason::GateKicked),
+                    EVENTS_EMITTED,
+                ],
+                Some((PEER1, PeerDelta::Drop(DropReason::GateKicked))),
+            ),
+        ),
+        c(
+            "flows: a blocked destination is a blocklist drop and takes no slot",
+            In,
+            || tcp_flags(packets::tcp4(PEER1_V4, BLOCKED, 1, 443, 0), SYN),
+            Box::new(|f| {
+                three_tcp(f);
+                lists(f, Lists::Destination, 0);
+            }),
+            (
+                TC_ACT_SHOT,
+                vec![
+                    TC_IN_DROP_BLOCKLIST,
+                    drop_slot(DropReason::DestinationBlocklist),
+                ],
+                Some((PEER1, PeerDelta::Drop(DropReason::DestinationBlocklist))),
+            ),
+        ),
+    ]
+    .into_iter()
+    .map(|mut case| {
+        if case.counters.contains(&TC_IN_DROP_BLOCKLIST) {
+            case.list_hit = Some(LIST_NET);
+        }
+        case
+    })
+    .collect()
+}
+
+fn udp_from1_5000() -> Vec<u8> {
+    udp_from1(5000)
+}
+
+#[test]
+fn flow_limit_table() {
+    run_table(flow_cases());
+}
+
+/// The refusal's counters and event are exact; FIN and RST free the slot at once (count and
+/// entries); reply packets refresh the same entry; a stale entry is re-used in place without
+/// changing the count; the sweeper deletes expired entries and decrements once.
+#[test]
+fn flow_limit_sequence_counts_events_and_expiry() {
+    let mut f = Fixture::load();
+    three_tcp(&mut f);
+    let flows = f.flows();
+    assert_eq!(flows.len(), 3);
+    for (k, st) in &flows {
+        assert_eq!((k.peer, k.proto, k.family), (PEER1, 6, 4));
+        assert_eq!(&k.peer_addr[..4], &PEER1_V4.octets());
+        assert_eq!(&k.other_addr[..4], &CLEAN.octets());
+        assert_eq!(k.other_port, 443);
+        assert_eq!(st.state, FLOW_S_TCP_SYN);
+        assert_eq!(st.flags, FLOW_F_FROM_PEER);
+    }
+    // The answer establishes flow 1001 (2 h timeout from now on).
+    assert_eq!(f.run_tc(Tc::Egress, &reply4(1001, SYN | ACK)), TC_ACT_OK);
+    let st = f
+        .flows()
+        .into_iter()
+        .find(|(k, _)| k.peer_port == 1001)
+        .unwrap()
+        .1;
+    assert_eq!(st.state, FLOW_S_OPEN);
+
+    // Refusals: two over the limit, one event (rate limit), exact counters.
+    assert_eq!(f.run_tc(Tc::Ingress, &syn4(1004)), TC_ACT_SHOT);
+    assert_eq!(f.run_tc(Tc::Ingress, &udp_from1(7)), TC_ACT_SHOT);
+    let ev = f.events();
+    assert_eq!(ev.len(), 1);
+    assert_eq!(
+        (
+            ev[0].kind,
+            ev[0].peer,
+            ev[0].reason,
+            ev[0].flags,
+            ev[0].args
+        ),
+        (
+            EVENT_FLOW_LIMIT,
+            PEER1,
+            DropReason::FlowLimit as u32,
+            0,
+            [3, 3, 6, 0]
+        )
+    );
+    let c = f.counters();
+    assert_eq!(c[TC_IN_DROP_FLOWS as usize].packets, 2);
+    assert_eq!(c[drop_slot(DropReason::FlowLimit) as usize].packets, 2);
+    assert_eq!(f.peer_stats(PEER1).drops[DropReason::FlowLimit as usize], 2);
+    assert_eq!(f.flow_count(PEER1), 3);
+
+    // FIN frees at once; the rest of the close handshake passes untracked.
+    let fin = tcp_flags(packets::tcp4(PEER1_V4, CLEAN, 1001, 443, 0), FIN_ACK);
+    assert_eq!(f.run_tc(Tc::Ingress, &fin), TC_ACT_OK);
+    assert_eq!(f.flow_count(PEER1), 2);
+    assert_eq!(f.run_tc(Tc::Egress, &reply4(1001, FIN_ACK)), TC_ACT_OK);
+    assert_eq!(
+        f.run_tc(
+            Tc::Ingress,
+            &tcp_flags(packets::tcp4(PEER1_V4, CLEAN, 1001, 443, 0), ACK)
+        ),
+        TC_ACT_OK
+    );
+    assert_eq!(f.flow_count(PEER1), 2);
+    assert_eq!(f.flows().len(), 2);
+    assert_eq!(f.run_tc(Tc::Ingress, &syn4(1004)), TC_ACT_OK);
+    assert_eq!(f.flow_count(PEER1), 3);
+
+    // A stale entry: re-used in place, the count unchanged, a new flow still refused until
+    // the sweeper runs.
+    let (key, mut st) = f
+        .flows()
+        .into_iter()
+        .find(|(k, _)| k.peer_port == 1002)
+        .unwrap();
+    st.last_ns = boot_ns() - 11_000_000_000; // an unanswered SYN: 10 s timeout
+    f.set_flow(key, st);
+    let data = tcp_flags(packets::tcp4(PEER1_V4, CLEAN, 1002, 443, 10), ACK);
+    assert_eq!(f.run_tc(Tc::Ingress, &data), TC_ACT_OK);
+    assert_eq!(f.flow_count(PEER1), 3);
+    let st = f
+        .flows()
+        .into_iter()
+        .find(|(k, _)| k.peer_port == 1002)
+        .unwrap()
+        .1;
+    assert!(boot_ns() - st.last_ns < 5_000_000_000, "refreshed");
+    assert_eq!(f.run_tc(Tc::Ingress, &syn4(1005)), TC_ACT_SHOT);
+
+    // The sweeper: nothing has expired yet.
+    let now = boot_ns();
+    assert_eq!(f.sweep_flows(now).expired, 0);
+    assert_eq!(f.flow_count(PEER1), 3);
+    // 11 s later the unanswered SYNs (1003, 1004) expire; 1002 (re-used from a data packet:
+    // established) stays.
+    let sweep = f.sweep_flows(now + 11_000_000_000);
+    assert_eq!((sweep.scanned, sweep.expired), (3, 2));
+    assert_eq!(f.flow_count(PEER1), 1);
+    let left: Vec<u16> = f.flows().iter().map(|(k, _)| k.peer_port).collect();
+    assert_eq!(left, vec![1002]);
+    assert_eq!(f.run_tc(Tc::Ingress, &syn4(1005)), TC_ACT_OK);
+    assert_eq!(f.flow_count(PEER1), 2);
+}
+
+/// No drift: many peers open, close (FIN/RST both ways), re-use and expire many flows, some
+/// refused at the limit; after every phase each peer's count equals its live entries.
+#[test]
+fn flow_counts_do_not_drift() {
+    let mut f = Fixture::load();
+    gate_base(&mut f);
+    // Peers 1 (v4 /32 + v6) and 2 (v4 range): limits 50 and 20.
+    f.peer_info(PEER1, with_flow_limit(0, 50));
+    f.peer_info(PEER2, with_flow_limit(0, 20));
+    let check = |f: &mut Fixture, phase: &str| {
+        let flows = f.flows();
+        for (peer, limit) in [(PEER1, 50u64), (PEER2, 20)] {
+            let live = flows.iter().filter(|(k, _)| k.peer == peer).count() as u64;
+            let count = f.flow_count(peer);
+            assert_eq!(
+                count, live,
+                "{phase}: peer {peer} count {count}, live entries {live}"
+            );
+            assert!(count <= limit, "{phase}: peer {peer} over its limit");
+        }
+    };
+    let mut passed = 0;
+    let mut refused = 0;
+    for round in 0..4u16 {
+        // Open 60 TCP + 30 UDP flows per peer (more than either limit).
+        for i in 0..60u16 {
+            let sport = 10_000 + round * 100 + i;
+            for p in [
+                tcp_flags(packets::tcp4(PEER1_V4, CLEAN, sport, 443, 0), SYN),
+                tcp_flags(packets::tcp6(PEER1_V6, CLEAN6, sport, 443, 0), SYN),
+                tcp_flags(packets::tcp4(PEER2_V4, CLEAN, sport, 443, 0), SYN),
+            ] {
+                match f.run_tc(Tc::Ingress, &p) {
+                    TC_ACT_OK => passed += 1,
+                    _ => refused += 1,
+                }
+            }
+            if i < 30 {
+                let u = packets::udp4(CLEAN, PEER2_V4, 53, sport, 10);
+                match f.run_tc(Tc::Egress, &u) {
+                    TC_ACT_OK => passed += 1,
+                    _ => refused += 1,
+                }
+            }
+        }
+        check(&mut f, "after opening");
+        // Close every other live TCP flow, alternating FIN from the peer and RST to it, and
+        // send each close twice (the second finds no entry and must not decrement again).
+        let live: Vec<FlowKey> = f.flows().into_iter().map(|(k, _)| k).collect();
+        for (n, k) in live
+            .iter()
+            .enumerate()
+            .filter(|(n, k)| n % 2 == 0 && k.proto == 6)
+        {
+            let (prog, pkt) = if k.family == 4 {
+                let pa = Ipv4Addr::from(<[u8; 4]>::try_from(&k.peer_addr[..4]).unwrap());
+                if n % 4 == 0 {
+                    let fin = packets::tcp4(pa, CLEAN, k.peer_port, 443, 0);
+                    (Tc::Ingress, tcp_flags(fin, FIN_ACK))
+                } else {
+                    let rst = packets::tcp4(CLEAN, pa, 443, k.peer_port, 0);
+                    (Tc::Egress, tcp_flags(rst, RST))
+                }
+            } else {
+                let fin = packets::tcp6(PEER1_V6, CLEAN6, k.peer_port, 443, 0);
+                (Tc::Ingress, tcp_flags(fin, FIN_ACK))
+            };
+            for _ in 0..2 {
+                assert_eq!(f.run_tc(prog, &pkt), TC_ACT_OK);
+            }
+        }
+        check(&mut f, "after closing");
+        // Expire: everything older than "now + 61 s" (unanswered SYNs and UDP).
+        if round % 2 == 1 {
+            let s = f.sweep_flows(boot_ns() + 61_000_000_000);
+            assert!(s.expired > 0);
+            check(&mut f, "after the sweep");
+            // A second sweep finds nothing more to decrement.
+            assert_eq!(f.sweep_flows(boot_ns() + 61_000_000_000).expired, 0);
+            check(&mut f, "after a second sweep");
+        }
+    }
+    // Clearing a limit forgets the peer's flows: entries and count go to zero together,
+    // the other peer's are untouched.
+    for sport in 30_000..30_010u16 {
+        let p = tcp_flags(packets::tcp4(PEER2_V4, CLEAN, sport, 443, 0), SYN);
+        assert_eq!(f.run_tc(Tc::Ingress, &p), TC_ACT_OK);
+        let p = tcp_flags(packets::tcp4(PEER1_V4, CLEAN, sport, 443, 0), SYN);
+        assert_eq!(f.run_tc(Tc::Ingress, &p), TC_ACT_OK);
+    }
+    check(&mut f, "before forgetting");
+    assert_eq!(f.forget_peer_flows(PEER2).expired, 10);
+    assert_eq!(f.flow_count(PEER2), 0);
+    assert_eq!(f.flow_count(PEER1), 10);
+    check(&mut f, "after forgetting peer 2");
+    assert!(
+        passed > 0 && refused > 0,
+        "both outcomes exercised: {passed} passed, {refused} refused"
+    );
+    let drops = f.peer_stats(PEER1).drops[DropReason::FlowLimit as usize]
+        + f.peer_stats(PEER2).drops[DropReason::FlowLimit as usize];
+    assert_eq!(drops, refused);
 }

@@ -17,7 +17,7 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use capybara_common::{
     drop::DropReason,
-    event::{EVENT_F_EGRESS, EVENT_GATE_DROP, EVENT_QUOTA, EventRecord},
+    event::{EVENT_F_EGRESS, EVENT_FLOW_LIMIT, EVENT_GATE_DROP, EVENT_QUOTA, EventRecord},
     maps as names,
     peer::PeerId,
     quota::BucketId,
@@ -104,6 +104,23 @@ pub enum Event {
         /// When.
         at: SystemTime,
     },
+    /// A new flow of a peer was refused (rate-limited: the first refusal per interval).
+    FlowLimit {
+        /// The peer.
+        peer: PeerId,
+        /// The refused packet's direction.
+        direction: PeerDirection,
+        /// The peer's flow limit.
+        limit: u32,
+        /// Its flow count when the flow was refused.
+        count: u64,
+        /// The refused flow's IP protocol.
+        protocol: u8,
+        /// The flow table was full (all peers together), rather than the peer at its limit.
+        table_full: bool,
+        /// When.
+        at: SystemTime,
+    },
     /// A kind this agent does not know (written by a newer kernel object).
     Unknown {
         /// The record's kind.
@@ -131,6 +148,16 @@ pub enum EventError {
         bucket: u64,
         /// The raw threshold.
         threshold: u32,
+    },
+    /// A flow-limit record whose limit or protocol does not fit its field.
+    #[error("flow-limit event for peer {peer} with limit {limit} and protocol {protocol}")]
+    BadFlowLimit {
+        /// The peer.
+        peer: PeerId,
+        /// The raw limit argument.
+        limit: u64,
+        /// The raw protocol argument.
+        protocol: u64,
     },
     /// A gate-drop record whose reason is no gate reason.
     #[error("gate-drop event for peer {peer} with reason {reason}, which is no gate reason")]
@@ -180,6 +207,26 @@ pub fn decode(bytes: &[u8], wall_now: SystemTime, boot_now: Duration) -> Result<
                 limit: rec.args[2],
                 epoch: rec.args[3] as u32,
                 peer: rec.peer,
+                at: wall_time_of_boottime(rec.time_ns, wall_now, boot_now),
+            })
+        }
+        EVENT_FLOW_LIMIT => {
+            let bad = || EventError::BadFlowLimit {
+                peer: rec.peer,
+                limit: rec.args[0],
+                protocol: rec.args[2],
+            };
+            Ok(Event::FlowLimit {
+                peer: rec.peer,
+                direction: if rec.flags & EVENT_F_EGRESS != 0 {
+                    PeerDirection::ToPeer
+                } else {
+                    PeerDirection::FromPeer
+                },
+                limit: u32::try_from(rec.args[0]).map_err(|_| bad())?,
+                count: rec.args[1],
+                protocol: u8::try_from(rec.args[2]).map_err(|_| bad())?,
+                table_full: rec.args[3] != 0,
                 at: wall_time_of_boottime(rec.time_ns, wall_now, boot_now),
             })
         }
@@ -393,6 +440,56 @@ mod tests {
             Err(EventError::BadThreshold {
                 bucket: 42,
                 threshold: 85
+            })
+        );
+    }
+
+    #[test]
+    fn flow_limit_records_decode_and_bad_fields_are_typed_errors() {
+        let rec = EventRecord {
+            kind: EVENT_FLOW_LIMIT,
+            peer: 9,
+            reason: DropReason::FlowLimit as u32,
+            flags: 0,
+            time_ns: 5_000_000_000,
+            args: [3, 3, 6, 0],
+        };
+        assert_eq!(
+            decode(&bytes(&rec), wall(100), 10 * SEC),
+            Ok(Event::FlowLimit {
+                peer: 9,
+                direction: PeerDirection::FromPeer,
+                limit: 3,
+                count: 3,
+                protocol: 6,
+                table_full: false,
+                at: wall(95),
+            })
+        );
+        let full = EventRecord {
+            flags: EVENT_F_EGRESS,
+            args: [3, 1, 17, 1],
+            ..rec
+        };
+        assert!(matches!(
+            decode(&bytes(&full), wall(100), 10 * SEC),
+            Ok(Event::FlowLimit {
+                direction: PeerDirection::ToPeer,
+                protocol: 17,
+                table_full: true,
+                ..
+            })
+        ));
+        let bad = EventRecord {
+            args: [u64::MAX, 0, 6, 0],
+            ..rec
+        };
+        assert_eq!(
+            decode(&bytes(&bad), wall(1), SEC),
+            Err(EventError::BadFlowLimit {
+                peer: 9,
+                limit: u64::MAX,
+                protocol: 6
             })
         );
     }

@@ -15,6 +15,7 @@
 //! - [`gate`]: the admission gate (per-peer admitted/held state, deadlines, the verification
 //!   endpoint).
 //! - [`quota`]: data-quota buckets shared by peers (limits, assignment, top-up, reset).
+//! - [`flows`]: per-peer concurrent flow limits (limits, counts, the expiry sweeper).
 //! - [`events`]: the kernel's events ring buffer as an async stream of typed [`Event`]s.
 //! - [`sys`]: the raw syscalls aya lacks (batch map operations, mmap of the DIR tables, RCU grace
 //!   period); every other `unsafe` in the agent's dataplane is in aya.
@@ -24,6 +25,7 @@
 
 pub mod attach;
 pub mod events;
+pub mod flows;
 pub mod gate;
 pub mod lists;
 pub mod object;
@@ -51,6 +53,7 @@ use capybara_common::{
 
 pub use attach::{AttachHow, Attachment};
 pub use events::{Event, EventError, EventStream, PeerDirection, QuotaThreshold};
+pub use flows::{FlowSweep, FlowTimeouts};
 pub use gate::{EndpointAddr, Gate, L4Proto};
 pub use lists::{ListUpdate, RestoreReport};
 pub use quota::QuotaUsage;
@@ -264,6 +267,31 @@ pub enum DataplaneError {
         /// The bucket.
         bucket: u32,
     },
+    /// A flow limit of 0 was given to `set_flow_limit` (use `clear_flow_limit`); nothing was
+    /// written.
+    #[error("peer {peer}: flow_limit must be greater than 0 (clear the limit instead)")]
+    FlowLimitZero {
+        /// The peer.
+        peer: PeerId,
+    },
+    /// A flow limit above the flow table's capacity; nothing was written.
+    #[error("peer {peer}: flow_limit {limit} exceeds the flow table's capacity {max}")]
+    FlowLimitTooLarge {
+        /// The peer.
+        peer: PeerId,
+        /// The limit given.
+        limit: u32,
+        /// `MAX_FLOWS`.
+        max: u32,
+    },
+    /// A flow timeout of 0 or beyond `u32::MAX` seconds; nothing was written.
+    #[error("flow timeout {field} of {secs} s is out of range (1..=4294967295 s)")]
+    FlowTimeout {
+        /// The field: `udp`, `tcp` or `tcp_close`.
+        field: &'static str,
+        /// The value given, in seconds.
+        secs: u64,
+    },
     /// The event stream was already taken from this dataplane.
     #[error("the event stream of this dataplane is already taken (one consumer per ring buffer)")]
     EventStreamTaken,
@@ -336,6 +364,8 @@ pub struct Dataplane {
     gate_allow: Owned<HashMap<MapData, GateAllowKey, u32>>,
     /// Data-quota buckets.
     quota: Owned<Array<MapData, capybara_common::quota::QuotaBucket>>,
+    /// The flow table and the per-peer flow counts (mapped: the agent decrements atomically).
+    flows: flows::FlowMaps,
     /// The events ring buffer, until [`Dataplane::event_stream`] takes it.
     events: Option<RingBuf<MapData>>,
     /// Links this process attached or took over.
@@ -387,11 +417,12 @@ fn pinned_layout_version(dir: &Path) -> Result<Option<u32>> {
         .map_err(map_err(names::CONFIG, "read map info"))?
         .value_size() as usize;
     // `layout_version` sits at the same offset in every layout; the entry's size changed
-    // (16 bytes up to layout 3, 24 since), so read it as the words it has.
+    // (16 bytes up to layout 3, 24 up to layout 5, 40 since), so read it as the words it has.
     let word = capybara_common::config::CONFIG_LAYOUT_VERSION_OFFSET / 4;
     let version = match value_size {
         16 => read_words::<4>(data)?[word],
         24 => read_words::<6>(data)?[word],
+        40 => read_words::<10>(data)?[word],
         // Not a layout this agent knows: report it as an unknown (0 would mean "fresh").
         _ => u32::MAX,
     };
@@ -451,6 +482,7 @@ impl Dataplane {
         let guard_ports = take(&mut ebpf, names::GUARD_PORTS)?;
         let gate_allow = take(&mut ebpf, names::GATE_ALLOW)?;
         let quota = take(&mut ebpf, names::QUOTA)?;
+        let flows = flows::FlowMaps::open(&mut ebpf)?;
         let events = ebpf
             .take_map(names::EVENTS)
             .and_then(|m| RingBuf::try_from(m).ok())
@@ -475,6 +507,7 @@ impl Dataplane {
             guard_ports,
             gate_allow,
             quota,
+            flows,
             events: Some(events),
             links: Vec::new(),
         })

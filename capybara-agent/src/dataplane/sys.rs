@@ -246,6 +246,15 @@ impl MmapArray {
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
+    /// The mapped values as `u64` atomics (for arrays of `u64` the kernel changes with atomic
+    /// instructions: mapped with twice as many `u32` entries as it has `u64` values).
+    pub fn as_atomic_u64(&self) -> &[std::sync::atomic::AtomicU64] {
+        // SAFETY: the mapping is page-aligned (so 8-byte aligned) and `len` u32s long, i.e.
+        // `len / 2` u64s; `AtomicU64` has the layout of `u64`, and every access through it is
+        // atomic, like the kernel's (BPF atomic instructions on the same memory).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast(), self.len / 2) }
+    }
+
     /// The mapped values, writable.
     pub fn as_mut_slice(&mut self) -> &mut [u32] {
         // SAFETY: as in `as_slice`; `&mut self` makes this the only userspace reference.
