@@ -2765,3 +2765,57 @@ fn flow_counts_do_not_drift() {
         + f.peer_stats(PEER2).drops[DropReason::FlowLimit as usize];
     assert_eq!(drops, refused);
 }
+
+/// A full flow table refuses new flows (dropped as `FlowLimit`, counted in
+/// `FLOWS_TABLE_FULL`, an event with the table-full flag) instead of passing them silently;
+/// existing flows still pass and the count still equals the entries.
+#[test]
+fn a_full_flow_table_refuses_new_flows_and_counts_them() {
+    let mut f = Fixture::load();
+    gate_base(&mut f);
+    f.peer_info(PEER1, with_flow_limit(0, 1_000_000));
+    let capacity = capybara_tests::bpf::TEST_CAPACITIES
+        .iter()
+        .find(|(n, _)| *n == capybara_common::maps::FLOWS)
+        .map(|(_, c)| u64::from(*c))
+        .unwrap();
+    let (mut passed, mut refused) = (0u64, 0u64);
+    for i in 0..capacity + 100 {
+        let sport = 1 + (i % 60_000) as u16;
+        let dst = Ipv4Addr::from(u32::from(CLEAN) + (i / 60_000) as u32);
+        match f.run_tc(Tc::Ingress, &packets::udp4(PEER1_V4, dst, sport, 53, 8)) {
+            TC_ACT_OK => passed += 1,
+            _ => refused += 1,
+        }
+    }
+    let entries = f.flows().len() as u64;
+    eprintln!("capacity {capacity}: {passed} flows admitted, {refused} refused");
+    assert!(refused > 0, "a full table refused nothing");
+    assert!(passed <= capacity, "more flows than the table holds");
+    assert_eq!(f.flow_count(PEER1), entries);
+    assert_eq!(passed, entries);
+    let c = f.counters();
+    assert_eq!(c[FLOWS_TABLE_FULL as usize].packets, refused);
+    assert_eq!(c[TC_IN_DROP_FLOWS as usize].packets, refused);
+    assert_eq!(
+        f.peer_stats(PEER1).drops[DropReason::FlowLimit as usize],
+        refused
+    );
+    let ev = f.events();
+    assert_eq!(ev.len(), 1, "one event per interval");
+    assert_eq!(
+        (ev[0].kind, ev[0].args[2], ev[0].args[3]),
+        (EVENT_FLOW_LIMIT, 17, 1)
+    );
+    // An existing flow still passes.
+    let first = packets::udp4(PEER1_V4, CLEAN, 1, 53, 8);
+    assert_eq!(f.run_tc(Tc::Ingress, &first), TC_ACT_OK);
+    // Expiring everything frees the table.
+    let s = f.sweep_flows(boot_ns() + 61_000_000_000);
+    assert_eq!(s.expired, entries);
+    assert_eq!(f.flow_count(PEER1), 0);
+    assert_eq!(
+        f.run_tc(Tc::Ingress, &packets::udp4(PEER1_V4, CLEAN, 7, 53, 8)),
+        TC_ACT_OK
+    );
+}
