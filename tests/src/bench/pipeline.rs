@@ -1,8 +1,9 @@
 //! `tc_pipeline_ns_10_peers`, `tc_pipeline_ns_100k_peers`, `tc_pipeline_100k_over_10`: ns per
 //! packet of the tunnel device's whole ingress pipeline with every feature that exists turned on
 //! for every peer — attribution (host route hash), admission gate with a deadline (so the kernel
-//! reads its clock), destination blocklists (1 000 random prefixes, probes outside them), a
-//! quota bucket (atomic charge), accounting.
+//! reads its clock), destination blocklists (1 000 random prefixes, probes outside them), the
+//! flow table with a per-peer limit (each peer's probe flow is tracked), a quota bucket (atomic
+//! charge), accounting.
 //!
 //! Each peer count gets its own `Dataplane` (real API, pins under the benchmark's directory);
 //! `tc_ingress` is loaded a second time over the same pins with the test-run link-layer offset
@@ -12,8 +13,8 @@
 //! two dataplanes and the median round is reported. Every probe must pass (`TC_ACT_OK`), and the
 //! peers' counters must have grown by exactly the probes sent, or the figure is refused.
 //!
-//! Features still to come in the pipeline (flow table, throttle decision) join this benchmark
-//! when they land; the figure is always "everything the pipeline has".
+//! The throttle decision joins this benchmark when it lands; the figure is always "everything the
+//! pipeline has".
 
 use std::{
     net::Ipv4Addr,
@@ -83,6 +84,7 @@ fn setup(pins: &BenchPins, n: u32) -> Result<Setup> {
             dp.set_quota_limit(bucket, u64::MAX / 2)?;
         }
         dp.assign_quota(peer, Some(bucket))?;
+        dp.set_flow_limit(peer, 64)?;
     }
     let list = random_v4_prefixes(7, 1000);
     dp.list_replace(Direction::Destination, &ListName::parse("manual")?, &list)?;
