@@ -13,17 +13,10 @@ use std::{
     time::Duration,
 };
 
-use capybara_agent::{
-    dataplane::{Event, QuotaThreshold},
-    net::Cidr,
-};
+use capybara_agent::dataplane::{Event, QuotaThreshold};
 use capybara_common::drop::DropReason;
-use capybara_tests::{
-    netns::{BpffsDir, NetNs},
-    traffic::{UdpSink, send_udp, udp_overhead},
-    tunwire::TunWire,
-};
-use e2e_support::{WAIT, attach_tc, open_dataplane};
+use capybara_tests::traffic::{UdpSink, send_udp, udp_overhead};
+use e2e_support::{WAIT, tun_peer};
 
 const PEER: u32 = 3;
 const BUCKET: u32 = 11;
@@ -31,20 +24,8 @@ const LIMIT: u64 = 10_000_000;
 
 #[test]
 fn quota_drops_past_the_budget_warns_once_per_threshold_and_reset_restores() {
-    let pins = BpffsDir::new();
-    let a = NetNs::new("a");
-    let b = NetNs::new("b");
-    let wire = TunWire::new(&a, &b, 47);
-    let mut dp = open_dataplane(&pins);
-    attach_tc(&mut dp, &a, &wire.a.ifname);
-    dp.add_peer(
-        PEER,
-        &[
-            Cidr::host(IpAddr::V4(wire.b.v4)),
-            Cidr::host(IpAddr::V6(wire.b.v6)),
-        ],
-    )
-    .expect("add peer");
+    let mut s = tun_peer(47, PEER);
+    let (dp, a, b, wire) = (&mut s.dp, &s.a, &s.b, &s.wire);
     dp.set_quota_limit(BUCKET, LIMIT).expect("create bucket");
     dp.assign_quota(PEER, Some(BUCKET)).expect("assign bucket");
 
@@ -58,11 +39,11 @@ fn quota_drops_past_the_budget_warns_once_per_threshold_and_reset_restores() {
     };
 
     // 20 MB of UDP from the peer to the server: 20 000 datagrams of 1000 payload bytes.
-    let sink = UdpSink::start(&a, SocketAddr::new(IpAddr::V4(wire.a.v4), 0));
+    let sink = UdpSink::start(a, SocketAddr::new(IpAddr::V4(wire.a.v4), 0));
     let (n, size) = (20_000u64, 1000usize);
     let ip_len = size as u64 + udp_overhead(&sink.addr());
     let used_before = dp.quota_usage(BUCKET).unwrap().used_bytes;
-    send_udp(&b, Some(IpAddr::V4(wire.b.v4)), sink.addr(), n, size);
+    send_udp(b, Some(IpAddr::V4(wire.b.v4)), sink.addr(), n, size);
     let got = sink.settle(Duration::from_millis(500), WAIT);
     let delivered = got * ip_len;
     let cpus = std::thread::available_parallelism().map_or(1, |c| c.get()) as u64;
@@ -150,8 +131,8 @@ fn quota_drops_past_the_budget_warns_once_per_threshold_and_reset_restores() {
     }
 
     // Still exhausted: nothing passes.
-    let blocked = UdpSink::start(&a, SocketAddr::new(IpAddr::V4(wire.a.v4), 0));
-    send_udp(&b, Some(IpAddr::V4(wire.b.v4)), blocked.addr(), 50, size);
+    let blocked = UdpSink::start(a, SocketAddr::new(IpAddr::V4(wire.a.v4), 0));
+    send_udp(b, Some(IpAddr::V4(wire.b.v4)), blocked.addr(), 50, size);
     assert_eq!(
         blocked.settle(Duration::from_millis(300), WAIT),
         0,
@@ -165,8 +146,8 @@ fn quota_drops_past_the_budget_warns_once_per_threshold_and_reset_restores() {
         (IpAddr::V4(wire.a.v4), IpAddr::V4(wire.b.v4)),
         (IpAddr::V6(wire.a.v6), IpAddr::V6(wire.b.v6)),
     ] {
-        let sink = UdpSink::start(&a, SocketAddr::new(server, 0));
-        send_udp(&b, Some(client), sink.addr(), 100, size);
+        let sink = UdpSink::start(a, SocketAddr::new(server, 0));
+        send_udp(b, Some(client), sink.addr(), 100, size);
         assert_eq!(
             sink.wait_for(100, WAIT),
             100,
