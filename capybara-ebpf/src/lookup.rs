@@ -131,42 +131,13 @@ impl Blocklist {
             return 0;
         }
         let generation = self.generation(cfg);
-        let [
-            a0,
-            a1,
-            a2,
-            a3,
-            a4,
-            a5,
-            a6,
-            a7,
-            a8,
-            a9,
-            a10,
-            a11,
-            a12,
-            a13,
-            a14,
-            a15,
-        ] = *addr;
+        // A fixed-size copy without slice indexing (no bounds check, no panic path).
+        #[rustfmt::skip]
+        let [a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15] = *addr;
+        #[rustfmt::skip]
         let data: V6KeyData = [
             (generation & 1) as u8,
-            a0,
-            a1,
-            a2,
-            a3,
-            a4,
-            a5,
-            a6,
-            a7,
-            a8,
-            a9,
-            a10,
-            a11,
-            a12,
-            a13,
-            a14,
-            a15,
+            a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15,
         ];
         match self.v6.get(Key::new(8 + 128, data)) {
             Some(l) => *l,

@@ -116,6 +116,55 @@ const fn mask128(addr: u128, len: u8) -> u128 {
     }
 }
 
+/// The list id of `rank` in `lists` (priority order); [`NONE`] is "no list" (0).
+fn id_of(lists: &[Input<'_>], rank: u32) -> ListId {
+    if rank == NONE {
+        0
+    } else {
+        lists[rank as usize].id
+    }
+}
+
+/// The enclosing prefixes of the current one while walking prefixes in pre-order (sorted by
+/// address, then length): `(addr, len, resolved rank)`. Shared by the IPv4 and IPv6 passes.
+struct Enclosing<A> {
+    stack: Vec<(A, u8, u32)>,
+}
+
+impl<A: Copy + PartialEq> Enclosing<A> {
+    fn new(max_len: usize) -> Self {
+        Enclosing {
+            stack: Vec::with_capacity(max_len + 1),
+        }
+    }
+
+    /// Enters prefix `addr/len` of list rank `rank`: returns `(parent, resolved)` ranks — the
+    /// best rank covering it from outside and the best including itself — or `None` for a
+    /// duplicate of the enclosing prefix (whose first copy had the better rank).
+    fn enter(
+        &mut self,
+        addr: A,
+        len: u8,
+        rank: u32,
+        mask: impl Fn(A, u8) -> A,
+    ) -> Option<(u32, u32)> {
+        while let Some(&(ta, tl, _)) = self.stack.last() {
+            if tl <= len && mask(addr, tl) == ta {
+                break;
+            }
+            self.stack.pop();
+        }
+        let parent = match self.stack.last() {
+            Some(&(ta, tl, _)) if ta == addr && tl == len => return None,
+            Some(&(_, _, r)) => r,
+            None => NONE,
+        };
+        let resolved = rank.min(parent);
+        self.stack.push((addr, len, resolved));
+        Some((parent, resolved))
+    }
+}
+
 /// LSD radix sort of `u64`s on the bits `lo..64` (bits below `lo` must be sorted by a stable
 /// pre-order or irrelevant — here they hold the rank, which is included by starting at 0).
 /// Four 16-bit passes: ≈ 4 × 2 sequential sweeps instead of `n log n` comparisons.
@@ -187,17 +236,9 @@ pub fn compile_v4(lists: &[Input<'_>]) -> CompiledV4 {
     }
     radix_sort(&mut keys);
 
-    let id_of = |rank: u32| {
-        if rank == NONE {
-            0
-        } else {
-            lists[rank as usize].id
-        }
-    };
     let mut dir = vec![0u32; V4_DIR_ENTRIES_PER_GEN as usize];
     let mut long = Vec::new();
-    // Enclosing prefixes of the current one: (addr, len, resolved rank).
-    let mut stack: Vec<(u32, u8, u32)> = Vec::with_capacity(33);
+    let mut enclosing = Enclosing::new(32);
     // Resolved long prefixes of the /24 `group_block`: (offset in the /24, len, id).
     let mut group: Vec<(u32, u8, ListId)> = Vec::new();
     let mut group_block = u32::MAX;
@@ -206,31 +247,20 @@ pub fn compile_v4(lists: &[Input<'_>]) -> CompiledV4 {
         let addr = (k >> 32) as u32;
         let len = ((k >> 16) & 0xff) as u8;
         let rank = (k & 0xffff) as u32;
-        while let Some(&(ta, tl, _)) = stack.last() {
-            if tl <= len && mask32(addr, tl) == ta {
-                break;
-            }
-            stack.pop();
-        }
-        let parent = match stack.last() {
-            // A duplicate of the enclosing prefix: the first copy had the best rank.
-            Some(&(ta, tl, _)) if ta == addr && tl == len => continue,
-            Some(&(_, _, r)) => r,
-            None => NONE,
+        let Some((_, resolved)) = enclosing.enter(addr, len, rank, mask32) else {
+            continue;
         };
-        let resolved = rank.min(parent);
-        stack.push((addr, len, resolved));
         if len <= 24 {
             let start = (addr >> 8) as usize;
             let n = 1usize << (24 - len);
-            dir[start..start + n].fill(id_of(resolved));
+            dir[start..start + n].fill(id_of(lists, resolved));
         } else {
             let block = addr >> 8;
             if block != group_block {
                 flush_block(group_block, &mut group, &mut dir, &mut long);
                 group_block = block;
             }
-            group.push((addr & 0xff, len, id_of(resolved)));
+            group.push((addr & 0xff, len, id_of(lists, resolved)));
         }
     }
     flush_block(group_block, &mut group, &mut dir, &mut long);
@@ -315,31 +345,14 @@ pub fn compile_v6(lists: &[Input<'_>]) -> CompiledV6 {
         keys.extend(l.v6.iter().map(|&(a, len)| (a, len, rank as u32)));
     }
     keys.sort_unstable();
-    let id_of = |rank: u32| {
-        if rank == NONE {
-            0
-        } else {
-            lists[rank as usize].id
-        }
-    };
     let mut out = Vec::new();
-    let mut stack: Vec<(u128, u8, u32)> = Vec::with_capacity(129);
+    let mut enclosing = Enclosing::new(128);
     for &(addr, len, rank) in &keys {
-        while let Some(&(ta, tl, _)) = stack.last() {
-            if tl <= len && mask128(addr, tl) == ta {
-                break;
-            }
-            stack.pop();
-        }
-        let parent = match stack.last() {
-            Some(&(ta, tl, _)) if ta == addr && tl == len => continue,
-            Some(&(_, _, r)) => r,
-            None => NONE,
+        let Some((parent, resolved)) = enclosing.enter(addr, len, rank, mask128) else {
+            continue;
         };
-        let resolved = rank.min(parent);
-        stack.push((addr, len, resolved));
-        if id_of(resolved) != id_of(parent) {
-            out.push((addr, len, id_of(resolved)));
+        if id_of(lists, resolved) != id_of(lists, parent) {
+            out.push((addr, len, id_of(lists, resolved)));
         }
     }
     CompiledV6 { prefixes: out }
