@@ -10,9 +10,13 @@ use capybara_common::peer::PeerId;
 
 use crate::maps::PEERS;
 
-/// Peer `id`'s HTB class in the direction of the packet (`from_peer`: ingress); 0 = unshaped.
+/// Peer `id`'s HTB class in the direction of the packet (`from_peer`: ingress); 0 = unshaped,
+/// also for an ingress packet while there is no shaping device (`ifindex` 0) to redirect it to.
 #[inline(always)]
-pub fn class(id: PeerId, from_peer: bool) -> u32 {
+pub fn class(id: PeerId, from_peer: bool, ifindex: u32) -> u32 {
+    if from_peer && ifindex == 0 {
+        return 0;
+    }
     let Some(info) = PEERS.get_ptr(id) else {
         return 0;
     };
@@ -30,9 +34,9 @@ pub fn class(id: PeerId, from_peer: bool) -> u32 {
 /// Length of the Ethernet header pushed in front of a TUN packet before the redirect.
 const ETH_HLEN: u32 = 14;
 
-/// Queues the packet in HTB class `class`: egress, by `skb->priority` (the tunnel device's HTB
-/// reads it); ingress, by `skb->priority` and a redirect to the shaping device `ifindex`. An
-/// ingress packet with no shaping device configured passes unshaped.
+/// Queues the packet in HTB class `class` (non-zero): egress, by `skb->priority` (the tunnel
+/// device's HTB reads it); ingress, by `skb->priority` and a redirect to the shaping device
+/// `ifindex` (non-zero).
 ///
 /// The shaping device (IFB) is an Ethernet device, and the kernel drops a packet redirected to
 /// one without a link-layer header (`__bpf_redirect_common`: -ERANGE). A TUN packet has none
@@ -43,7 +47,7 @@ pub fn apply(ctx: &TcContext, class: u32, from_peer: bool, ifindex: u32, l2: usi
     // SAFETY: `ctx.skb.skb` is the `__sk_buff` context pointer of this run; `priority` is a
     // field `sched_cls` programs may write.
     unsafe { (*ctx.skb.skb).priority = class };
-    if !from_peer || ifindex == 0 {
+    if !from_peer {
         return TC_ACT_OK;
     }
     if l2 == 0 {

@@ -231,7 +231,7 @@ fn try_tunnel(ctx: &TcContext, dir: &Direction, l2: usize, bytes: u64) -> Result
     match (peer, stats) {
         (Some(id), Some(s)) => {
             count_peer(s, dir.peer_is_source, amount);
-            let class = shape::class(id, dir.peer_is_source);
+            let class = shape::class(id, dir.peer_is_source, cfg.shape_ifindex);
             if class == 0 {
                 count(dir.pass, amount);
                 return Ok(TC_ACT_OK);
