@@ -86,6 +86,7 @@ fn main() -> Result<()> {
             rounds: args.rounds,
         },
     )?);
+    figures.extend(bench::throttle::run(&sel, &pins)?);
     if sel.wants(GEO_COMPILE_500K_MS) {
         figures.push(bench::geo::compile_500k()?);
     }
