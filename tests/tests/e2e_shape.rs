@@ -122,3 +122,69 @@ fn shaped_peer_gets_its_rate_each_direction_and_cc_while_others_keep_their_speed
         free.received_bps / 1e6
     );
 }
+
+/// UDP floods through a shaped peer: what gets through stays within the rate each way. From the
+/// peer (forwarded traffic, which no socket buffer holds back) the class's queue overflows, and
+/// the overflow is counted as the peer's `RateLimit` drops (read from the qdisc); to the peer the
+/// local sender's socket buffer fills first, so it is paced without loss.
+#[test]
+fn queue_overflow_of_a_shaped_peer_is_counted_as_its_rate_limit_drops() {
+    use capybara_common::drop::DropReason;
+    use capybara_tests::traffic::{UdpSink, send_udp};
+    use std::net::SocketAddr;
+
+    let mut s = tun_peer(62, PEER);
+    let rate = Rate::mbit(5).unwrap();
+    s.dp.set_rates(PEER, rates(Some(rate), Some(rate)))
+        .expect("set rates");
+    let (n, size) = (2_000u64, 1000usize);
+    let mut last = 0;
+    for to_peer in [true, false] {
+        let (from, from_addr, to, to_addr) = if to_peer {
+            (&s.a, s.wire.a.v4, &s.b, s.wire.b.v4)
+        } else {
+            (&s.b, s.wire.b.v4, &s.a, s.wire.a.v4)
+        };
+        let sink = UdpSink::start(to, SocketAddr::new(IpAddr::V4(to_addr), 0));
+        let started = std::time::Instant::now();
+        send_udp(from, Some(IpAddr::V4(from_addr)), sink.addr(), n, size);
+        let got = sink.settle(
+            std::time::Duration::from_millis(1500),
+            std::time::Duration::from_secs(20),
+        );
+        let secs = started.elapsed().as_secs_f64();
+        let drops = s.dp.peer_stats(PEER).unwrap().drops[DropReason::RateLimit as usize];
+        let new_drops = drops - last;
+        last = drops;
+        eprintln!(
+            "{}: {n} sent, {got} delivered in {secs:.1} s, {new_drops} rate-limit drops",
+            if to_peer {
+                "to the peer"
+            } else {
+                "from the peer"
+            }
+        );
+        if to_peer {
+            assert_eq!(
+                (got, new_drops),
+                (n, 0),
+                "a paced local sender lost datagrams"
+            );
+        } else {
+            assert!(
+                new_drops > 0,
+                "no rate-limit drops counted for a forwarded UDP flood"
+            );
+            assert!(
+                got + new_drops <= n && got + new_drops >= n * 9 / 10,
+                "delivered {got} + dropped {new_drops} does not account for the {n} sent"
+            );
+        }
+        let bits = (got * (size as u64 + 28)) as f64 * 8.0;
+        assert!(
+            bits / secs <= rate.bits_per_sec() as f64 * 1.1,
+            "{:.1} Mbit/s got through a 5 Mbit/s class",
+            bits / secs / 1e6
+        );
+    }
+}

@@ -9,6 +9,7 @@
 use std::{
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    sync::Mutex,
 };
 
 /// `struct nlmsghdr`.
@@ -21,6 +22,7 @@ const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 /// Dump request (`NLM_F_ROOT | NLM_F_MATCH`).
 pub const NLM_F_DUMP: u16 = 0x300;
+pub const NLM_F_ECHO: u16 = 0x8;
 pub const NLM_F_REPLACE: u16 = 0x100;
 pub const NLM_F_EXCL: u16 = 0x200;
 pub const NLM_F_CREATE: u16 = 0x400;
@@ -35,6 +37,7 @@ pub const RTM_GETLINK: u16 = 18;
 pub const RTM_NEWQDISC: u16 = 36;
 pub const RTM_NEWTCLASS: u16 = 40;
 pub const RTM_DELTCLASS: u16 = 41;
+pub const RTM_GETTCLASS: u16 = 42;
 
 pub const IFLA_IFNAME: u16 = 3;
 pub const IFLA_LINKINFO: u16 = 18;
@@ -42,6 +45,9 @@ pub const IFLA_INFO_KIND: u16 = 1;
 
 pub const TCA_KIND: u16 = 1;
 pub const TCA_OPTIONS: u16 = 2;
+pub const TCA_STATS2: u16 = 7;
+/// `TCA_STATS_QUEUE` inside `TCA_STATS2`: `struct gnet_stats_queue`.
+pub const TCA_STATS_QUEUE: u16 = 3;
 
 /// A netlink message being built: header placeholder, fixed body, attributes.
 pub struct Msg {
@@ -133,11 +139,12 @@ pub fn attrs(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     })
 }
 
-/// A route netlink socket.
+/// A route netlink socket. Requests are serialised (a request and its answers hold the lock),
+/// so it can be used through `&self` from any thread.
 #[derive(Debug)]
 pub struct Netlink {
-    fd: OwnedFd,
-    seq: u32,
+    /// The socket and the last sequence number used.
+    inner: Mutex<(OwnedFd, u32)>,
 }
 
 impl Netlink {
@@ -168,14 +175,17 @@ impl Netlink {
                 size_of::<libc::c_int>() as u32,
             );
         }
-        Ok(Netlink { fd, seq: 0 })
+        Ok(Netlink {
+            inner: Mutex::new((fd, 0)),
+        })
     }
 
     /// Sends `msg` and waits for its acknowledgement; returns the messages the kernel sent before
     /// it (their payloads after the `nlmsghdr`), e.g. the answer of a GET or a dump.
-    pub fn request(&mut self, mut msg: Msg) -> io::Result<Vec<Vec<u8>>> {
-        self.seq = self.seq.wrapping_add(1);
-        let seq = self.seq;
+    pub fn request(&self, mut msg: Msg) -> io::Result<Vec<Vec<u8>>> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.1 = inner.1.wrapping_add(1);
+        let (fd, seq) = (inner.0.as_raw_fd(), inner.1);
         let len = msg.buf.len() as u32;
         let flags = msg.flags | NLM_F_REQUEST | NLM_F_ACK;
         msg.buf[0..4].copy_from_slice(&len.to_ne_bytes());
@@ -184,14 +194,7 @@ impl Netlink {
         msg.buf[8..12].copy_from_slice(&seq.to_ne_bytes());
         // SAFETY: sends `msg.buf`, a live buffer of `len` bytes, on our socket (to the kernel:
         // no address needed for a netlink socket that was never connected elsewhere).
-        let sent = unsafe {
-            libc::send(
-                self.fd.as_raw_fd(),
-                msg.buf.as_ptr().cast(),
-                msg.buf.len(),
-                0,
-            )
-        };
+        let sent = unsafe { libc::send(fd, msg.buf.as_ptr().cast(), msg.buf.len(), 0) };
         if sent < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -200,8 +203,7 @@ impl Netlink {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             // SAFETY: receives into `buf`, a live buffer of `buf.len()` bytes.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {

@@ -48,9 +48,10 @@ use capybara_common::{
 use super::{
     Dataplane, DataplaneError, Result, map_err, names,
     netlink::{
-        self, IFLA_IFNAME, IFLA_INFO_KIND, IFLA_LINKINFO, Msg, NLM_F_CREATE, NLM_F_EXCL,
-        NLM_F_REPLACE, Netlink, RTM_DELLINK, RTM_DELTCLASS, RTM_GETLINK, RTM_NEWLINK, RTM_NEWQDISC,
-        RTM_NEWTCLASS, TCA_KIND, TCA_OPTIONS, tcmsg,
+        self, IFLA_IFNAME, IFLA_INFO_KIND, IFLA_LINKINFO, Msg, NLM_F_CREATE, NLM_F_ECHO,
+        NLM_F_EXCL, NLM_F_REPLACE, Netlink, RTM_DELLINK, RTM_DELTCLASS, RTM_GETLINK, RTM_GETTCLASS,
+        RTM_NEWLINK, RTM_NEWQDISC, RTM_NEWTCLASS, TCA_KIND, TCA_OPTIONS, TCA_STATS_QUEUE,
+        TCA_STATS2, tcmsg,
     },
 };
 use crate::units::Rate;
@@ -202,6 +203,8 @@ pub(super) struct Shaper {
     ifb_ifindex: Option<u32>,
     to_peer: Classes,
     from_peer: Classes,
+    /// Drops of classes already deleted, per peer (so a peer's count survives rate changes).
+    retired_drops: HashMap<PeerId, u64>,
 }
 
 /// The IFB device of tunnel device `tunnel` (15 characters at most).
@@ -228,10 +231,11 @@ impl Shaper {
             ifb_ifindex: None,
             to_peer: Classes::default(),
             from_peer: Classes::default(),
+            retired_drops: HashMap::new(),
         })
     }
 
-    fn request(&mut self, device: &str, op: &'static str, msg: Msg) -> Result<Vec<Vec<u8>>> {
+    fn request(&self, device: &str, op: &'static str, msg: Msg) -> Result<Vec<Vec<u8>>> {
         self.nl
             .request(msg)
             .map_err(|source| DataplaneError::Shape {
@@ -294,7 +298,7 @@ impl Shaper {
         Ok(ifindex)
     }
 
-    fn link_index(&mut self, name: &str) -> Result<u32> {
+    fn link_index(&self, name: &str) -> Result<u32> {
         let mut get = Msg::new(RTM_GETLINK, 0, &netlink::ifinfomsg(0, 0, 0));
         get.attr_str(IFLA_IFNAME, name);
         let answers = self.request(name, "look up", get)?;
@@ -321,14 +325,78 @@ impl Shaper {
         Ok(())
     }
 
-    fn delete_class(&mut self, to_peer: bool, minor: u16) -> Result<()> {
-        let (device, ifindex) = if to_peer {
-            (self.tunnel.clone(), self.tunnel_ifindex)
+    /// The device (name, index) of `to_peer`'s direction, if it has been set up.
+    fn device(&self, to_peer: bool) -> Option<(String, u32)> {
+        if to_peer {
+            self.tunnel_htb
+                .then(|| (self.tunnel.clone(), self.tunnel_ifindex))
         } else {
-            match self.ifb_ifindex {
-                Some(i) => (ifb_name(&self.tunnel), i),
-                None => return Ok(()),
+            self.ifb_ifindex.map(|i| (ifb_name(&self.tunnel), i))
+        }
+    }
+
+    /// Packets class `minor` of `to_peer`'s direction dropped (its fifo was full).
+    fn class_drops(&self, to_peer: bool, minor: u16) -> Result<u64> {
+        let Some((device, ifindex)) = self.device(to_peer) else {
+            return Ok(0);
+        };
+        // The kernel answers a single-class GET only to a request that asks for an echo.
+        let get = Msg::new(
+            RTM_GETTCLASS,
+            NLM_F_ECHO,
+            &tcmsg(ifindex, class_id(minor), 0),
+        );
+        let answers = match self.nl.request(get) {
+            Ok(a) => a,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(0),
+            Err(source) => {
+                return Err(DataplaneError::Shape {
+                    device,
+                    op: "read HTB class statistics",
+                    source,
+                });
             }
+        };
+        // After the 20-byte tcmsg: TCA_STATS2 { TCA_STATS_QUEUE: qlen, backlog, drops, … }.
+        Ok(answers
+            .iter()
+            .filter_map(|a| a.get(20..))
+            .flat_map(netlink::attrs)
+            .filter(|(ty, _)| *ty == TCA_STATS2)
+            .flat_map(|(_, v)| netlink::attrs(v))
+            .find(|(ty, _)| *ty == TCA_STATS_QUEUE)
+            .and_then(|(_, q)| q.get(8..12))
+            .map_or(0, |d| {
+                u64::from(u32::from_ne_bytes([d[0], d[1], d[2], d[3]]))
+            }))
+    }
+
+    /// Packets peer `id`'s classes dropped, both directions, including deleted classes.
+    pub(super) fn peer_drops(&self, id: PeerId) -> Result<u64> {
+        let mut sum = self.retired_drops.get(&id).copied().unwrap_or(0);
+        for to_peer in [true, false] {
+            let classes = if to_peer {
+                &self.to_peer
+            } else {
+                &self.from_peer
+            };
+            if let Some((minor, _)) = classes.by_peer.get(&id) {
+                sum += self.class_drops(to_peer, *minor)?;
+            }
+        }
+        Ok(sum)
+    }
+
+    /// Deletes class `minor` of `to_peer`'s direction, keeping its drop count for `peer`.
+    fn retire_class(&mut self, peer: PeerId, to_peer: bool, minor: u16) -> Result<()> {
+        let drops = self.class_drops(to_peer, minor).unwrap_or(0);
+        *self.retired_drops.entry(peer).or_default() += drops;
+        self.delete_class(to_peer, minor)
+    }
+
+    fn delete_class(&mut self, to_peer: bool, minor: u16) -> Result<()> {
+        let Some((device, ifindex)) = self.device(to_peer) else {
+            return Ok(());
         };
         let msg = Msg::new(
             RTM_DELTCLASS,
@@ -459,7 +527,7 @@ impl Dataplane {
                         Step::Delete { minor } => {
                             shaper.classes(to_peer).by_peer.remove(&id);
                             shaper.classes(to_peer).free.push(minor);
-                            shaper.delete_class(to_peer, minor)?;
+                            shaper.retire_class(id, to_peer, minor)?;
                         }
                     }
                 }
@@ -513,6 +581,8 @@ impl Dataplane {
                 shaper.delete_class(to_peer, minor)?;
             }
         }
+        // The id may be re-used by another peer: its counters start from zero.
+        shaper.retired_drops.remove(&id);
         Ok(())
     }
 
