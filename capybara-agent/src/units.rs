@@ -1,20 +1,22 @@
 //! Validated quantities, parsed once at the edge (CLI, API, policy files).
 //!
 //! [`Rate`] is a bandwidth in bits per second within what the shaper supports (1 Mbit/s to
-//! 10 Gbit/s). The text form is a number with an SI unit of bits per second: `500kbit`,
-//! `50mbit`, `2.5gbit`, `50Mbit/s`, `50M` (case-insensitive; `k`/`m`/`g` = 10³/10⁶/10⁹); a bare
-//! number is bits per second. Bytes per second are deliberately not accepted (tc's `bps` means
-//! *bytes*, a classic off-by-eight): write `400mbit`, not `50MBps`.
+//! 10 Gbit/s). The text form is a number with an SI unit of bits per second: `10Mbps`,
+//! `500kbit`, `50mbit`, `2.5Gbps`, `50Mbit/s`, `50M` (`k`/`m`/`g` in either case = 10³/10⁶/10⁹;
+//! `bps`, `bit`, `bit/s`, `b/s` = bits); a bare number is bits per second. An upper-case `B`
+//! (bytes: `50MBps`, `50MB/s`) is refused rather than guessed at: whether it means bytes or a
+//! typo for bits, a factor of eight is too much to get wrong silently.
 
 use std::{fmt, str::FromStr};
 
 /// Why a rate is invalid. Every variant carries the input or the value as given.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RateError {
-    /// Not a number followed by an optional `k`/`m`/`g` and an optional `bit`, `bit/s`, `b/s`.
+    /// Not a number followed by an optional `k`/`m`/`g` and an optional `bps`, `bit`, `bit/s`,
+    /// `b/s` (bits; an upper-case `B` is refused).
     #[error(
         "invalid rate {input:?}: expected a number of bits per second with an optional unit, \
-         e.g. 50mbit, 2.5gbit, 800kbit"
+         e.g. 10Mbps, 50mbit, 2.5Gbps, 800kbit (bytes per second are not accepted)"
     )]
     Syntax {
         /// The input as given.
@@ -86,12 +88,15 @@ impl FromStr for Rate {
         let syntax = || RateError::Syntax {
             input: input.to_owned(),
         };
+        if input.contains('B') {
+            return Err(syntax());
+        }
         let s = input.trim().to_ascii_lowercase();
         let split = s
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let unit = ["bit/s", "b/s", "bit"]
+        let unit = ["bit/s", "b/s", "bps", "bit"]
             .iter()
             .find_map(|suffix| unit.strip_suffix(suffix))
             .unwrap_or(unit);
@@ -134,6 +139,9 @@ mod tests {
             ("50mbit", 50_000_000),
             ("50Mbit/s", 50_000_000),
             ("50M", 50_000_000),
+            ("10Mbps", 10_000_000),
+            ("2.5Gbps", 2_500_000_000),
+            ("1500kbps", 1_500_000),
             ("2.5gbit", 2_500_000_000),
             ("1500kbit", 1_500_000),
             ("10g", 10_000_000_000),
