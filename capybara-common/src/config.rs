@@ -50,8 +50,14 @@ pub struct Config {
     /// The IFB device traffic from shaped peers is redirected to (its HTB qdisc shapes it and
     /// hands it back to the tunnel device's ingress); 0 = no shaping device yet.
     pub shape_ifindex: u32,
+    /// First address (host-order `u32`) of the IPv4 peer address pool indexed by
+    /// [`crate::maps::PEER_POOL_V4`].
+    pub peer_pool_v4_base: u32,
+    /// Addresses in that pool (`0..=`[`crate::peer::MAX_PEER_POOL_V4`]); 0 = no pool. Every
+    /// peer host route inside it has its slot, so a lookup there needs no hash.
+    pub peer_pool_v4_len: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 40);
+const _: () = assert!(core::mem::size_of::<Config>() == 48);
 const _: () = assert!(core::mem::offset_of!(Config, layout_version) == 12);
 
 /// Byte offset of `Config::layout_version` (fixed across layouts).

@@ -12,6 +12,7 @@
 //! | `PEER_STATS` | per-CPU array | 131 072 | 20 MiB × ncpu |
 //! | `PEER_V4`, `PEER_V6` | hash, not preallocated | up to 262 144 each | ≈ 80 B per allowed IP |
 //! | `PEER_V4_LPM`, `PEER_V6_LPM` | LPM trie | up to 262 144 each | per entry |
+//! | `PEER_POOL_V4` | array | 2^20 (a /12) | 4 MiB (4 B per pool address) |
 //! | `SRC_V4_DIR`, `DST_V4_DIR` | mmapable array | 2^24 entry pairs each | 128 MiB each |
 //! | `SRC_V4_LONG`, `DST_V4_LONG` | hash, not preallocated | up to 2 × 2^20 each | ≈ 80 B per prefix longer than /24 |
 //! | `SRC_V6`, `DST_V6` | LPM trie | up to 262 144 each | per entry |
@@ -48,6 +49,10 @@ pub const PEER_STATS: &str = "CAPY_PEER_STATS";
 pub const PEER_V4: &str = "CAPY_PEER_V4";
 /// IPv6 host route → peer id.
 pub const PEER_V6: &str = "CAPY_PEER_V6";
+/// IPv4 address pool → peer id + 1 (0 = none), indexed by the address's offset in the pool
+/// (`Config::peer_pool_v4_base`): the tunnel's own addresses, attributed with one array read
+/// instead of a hash lookup. The hash `PEER_V4` holds the same host routes too.
+pub const PEER_POOL_V4: &str = "CAPY_PEER_POOL4";
 /// IPv4 range → peer id.
 pub const PEER_V4_LPM: &str = "CAPY_PEER_V4L";
 /// IPv6 range → peer id.
@@ -82,7 +87,7 @@ pub const FLOWS: &str = "CAPY_FLOWS";
 pub const FLOW_COUNT: &str = "CAPY_FLOW_CNT";
 
 /// Every pinned map, for listing and removal.
-pub const ALL: [&str; 22] = [
+pub const ALL: [&str; 23] = [
     CONFIG,
     COUNTERS,
     LIST_HITS,
@@ -92,6 +97,7 @@ pub const ALL: [&str; 22] = [
     PEER_V6,
     PEER_V4_LPM,
     PEER_V6_LPM,
+    PEER_POOL_V4,
     SRC_V4_DIR,
     SRC_V4_LONG,
     SRC_V6,

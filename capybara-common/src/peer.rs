@@ -23,6 +23,8 @@ pub type PeerId = u32;
 pub const MAX_PEERS: u32 = 131_072;
 /// Capacity of each address → peer map (a peer may have several allowed IPs).
 pub const MAX_PEER_ADDRS: u32 = 262_144;
+/// Largest IPv4 peer address pool (a /12): slots of [`crate::maps::PEER_POOL_V4`].
+pub const MAX_PEER_POOL_V4: u32 = 1 << 20;
 
 /// Peer table entry flag: the id is in use.
 pub const PEER_F_ACTIVE: u32 = 1 << 0;

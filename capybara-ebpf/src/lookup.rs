@@ -18,7 +18,8 @@
 //! sees the old lists or the new ones, never a mix.
 //!
 //! ## Peers
-//! Host routes first (exact-match hashes, IPv4 as host-order `u32`, IPv6 as octets); only when
+//! IPv4 addresses inside the tunnel's address pool: one array read (`PEER_POOL_V4`). Other
+//! host routes: exact-match hashes (IPv4 as host-order `u32`, IPv6 as octets); only when
 //! the config says some peer has a range (`CONFIG_F_PEER_V4_RANGES` / `_V6_RANGES`) the LPM trie
 //! (network-order octets) is consulted, so the common all-host-routes case is one hash lookup.
 
@@ -35,8 +36,8 @@ use capybara_common::{
 };
 
 use crate::maps::{
-    CONFIG, DST_V4_DIR, DST_V4_LONG, DST_V6, PEER_V4, PEER_V4_LPM, PEER_V6, PEER_V6_LPM,
-    SRC_V4_DIR, SRC_V4_LONG, SRC_V6,
+    CONFIG, DST_V4_DIR, DST_V4_LONG, DST_V6, PEER_POOL_V4, PEER_V4, PEER_V4_LPM, PEER_V6,
+    PEER_V6_LPM, SRC_V4_DIR, SRC_V4_LONG, SRC_V6,
 };
 
 /// The runtime configuration (all zero if the agent has not written it yet: generation 0, no
@@ -146,15 +147,24 @@ impl Blocklist {
     }
 }
 
-/// The peer whose allowed IPs contain IPv4 `addr` (host order).
+/// The peer whose allowed IPs contain IPv4 `addr` (host order). Inside the address pool
+/// (`Config::peer_pool_v4_*`) the pool's slot is authoritative for host routes: one array read,
+/// no hashing; outside it, the host-route hash. Then the ranges, if any.
 #[inline(always)]
-pub fn peer_v4(addr: u32, flags: u32) -> Option<PeerId> {
-    if let Some(p) = PEER_V4.get_ptr(addr) {
+pub fn peer_v4(addr: u32, cfg: &Config) -> Option<PeerId> {
+    let off = addr.wrapping_sub(cfg.peer_pool_v4_base);
+    if off < cfg.peer_pool_v4_len {
+        if let Some(slot) = PEER_POOL_V4.get(off)
+            && *slot != 0
+        {
+            return Some(*slot - 1);
+        }
+    } else if let Some(p) = PEER_V4.get_ptr(addr) {
         // SAFETY: `p` points at the value of a successful hash lookup (a `u32`), valid for this
         // program run.
         return Some(unsafe { *p });
     }
-    if flags & CONFIG_F_PEER_V4_RANGES == 0 {
+    if cfg.flags & CONFIG_F_PEER_V4_RANGES == 0 {
         return None;
     }
     PEER_V4_LPM.get(Key::new(32, addr.to_be_bytes())).copied()

@@ -132,7 +132,7 @@ fn try_tunnel(ctx: &TcContext, dir: &Direction, l2: usize, bytes: u64) -> Result
     let cfg = config();
     // 1. Attribution: the peer end.
     let peer = match addrs {
-        Addrs::V4 { src, dst } => peer_v4(if dir.peer_is_source { src } else { dst }, cfg.flags),
+        Addrs::V4 { src, dst } => peer_v4(if dir.peer_is_source { src } else { dst }, &cfg),
         Addrs::V6 { src, dst } => peer_v6(if dir.peer_is_source { &src } else { &dst }, cfg.flags),
     };
     let stats = match peer {

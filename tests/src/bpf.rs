@@ -359,6 +359,14 @@ impl Fixture {
         m.insert(u32::from(addr), id, 0).expect("write PEER_V4");
     }
 
+    /// IPv4 address pool slot `offset` names peer `id` (`None`: empty).
+    pub fn peer_pool_v4(&mut self, offset: u32, id: Option<PeerId>) {
+        let mut m: Array<&mut MapData, u32> =
+            Array::try_from(self.map(names::PEER_POOL_V4)).unwrap();
+        m.set(offset, id.map_or(0, |i| i + 1), 0)
+            .expect("write PEER_POOL_V4");
+    }
+
     /// Range: IPv4 `net/len` belongs to peer `id` (needs `CONFIG_F_PEER_V4_RANGES` to be used).
     pub fn peer_v4_range(&mut self, net: Ipv4Addr, len: u32, id: PeerId) {
         let mut m: LpmTrie<&mut MapData, [u8; 4], PeerId> =

@@ -173,3 +173,29 @@ fn tcp_ipv6_counters_match_the_device() {
     let s = setup(44);
     tcp_both_ways(&s, IpAddr::V6(s.wire.a.v6));
 }
+
+/// With the peer's address in the IPv4 address pool (attributed by array), moved to another pool
+/// (back to the hash) and into a pool again, every byte still lands on the peer; a pool larger
+/// than the array is refused and changes nothing.
+#[test]
+fn udp_ipv4_counts_exact_bytes_through_pool_changes() {
+    let mut s = setup(56);
+    let (server, client) = (IpAddr::V4(s.wire.a.v4), IpAddr::V4(s.wire.b.v4));
+    let cfg_before = s.dp.runtime_config();
+    let e =
+        s.dp.set_peer_pool_v4(Some("10.0.0.0/11".parse().unwrap()))
+            .unwrap_err();
+    assert!(e.to_string().contains("10.0.0.0/11"), "{e}");
+    assert_eq!(
+        s.dp.runtime_config(),
+        cfg_before,
+        "a refused pool changed the config"
+    );
+    for pool in ["10.56.0.0/24", "10.57.0.0/16", "10.48.0.0/12"] {
+        s.dp.set_peer_pool_v4(Some(pool.parse().unwrap()))
+            .unwrap_or_else(|e| panic!("pool {pool}: {e}"));
+        udp_both_ways(&s, server, client);
+    }
+    s.dp.set_peer_pool_v4(None).expect("remove the pool");
+    udp_both_ways(&s, server, client);
+}

@@ -3045,3 +3045,92 @@ fn shaping_sets_the_peers_class_as_priority() {
         );
     }
 }
+
+// ---- the IPv4 address pool ----
+
+/// The pool 10.9.0.0/16 (it holds `PEER2_V4`, `PEER4_V4` and `PEER2_NET`'s range).
+const POOL_BASE: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 0);
+/// An address in the pool with a slot for peer 5 (not in the host-route hash).
+const POOL_PEER5: Ipv4Addr = Ipv4Addr::new(10, 9, 200, 1);
+
+fn pool_offset(a: Ipv4Addr) -> u32 {
+    u32::from(a) - u32::from(POOL_BASE)
+}
+
+/// `base` (ranges on) with the pool 10.9.0.0/16: a slot for peer 5 at `POOL_PEER5`, a slot for
+/// peer 1 at `PEER4_V4` (in peer 4's range: the slot wins), and `STRANGER_V4`'s host route
+/// in the hash for peer 3, outside the pool.
+fn pool_base(f: &mut Fixture) {
+    base(f);
+    let mut cfg = f.config();
+    cfg.peer_pool_v4_base = u32::from(POOL_BASE);
+    cfg.peer_pool_v4_len = 1 << 16;
+    f.set_config_exact(cfg);
+    f.peer_pool_v4(pool_offset(POOL_PEER5), Some(PEER5));
+    f.peer_pool_v4(pool_offset(PEER4_V4), Some(PEER1));
+    f.peer_v4(STRANGER_V4, PEER3);
+}
+
+/// `pool_base` with a host route for peer 3 in the hash that the pool has no slot for.
+fn pool_stale_hash(f: &mut Fixture) {
+    pool_base(f);
+    f.peer_v4(Ipv4Addr::new(10, 9, 250, 1), PEER3);
+}
+
+fn pool_cases() -> Vec<Case> {
+    let c =
+        |name: &'static str, packet: fn() -> Vec<u8>, setup: fn(&mut Fixture), counters, peer| {
+            Case {
+                name,
+                prog: Prog::In,
+                packet,
+                setup: Box::new(setup),
+                verdict: TC_ACT_OK,
+                counters,
+                list_hit: None,
+                peer,
+            }
+        };
+    vec![
+        c(
+            "pool: an address with a slot is its peer's (no hash entry needed)",
+            || packets::udp4(POOL_PEER5, CLEAN, 4000, 53, 60),
+            pool_base,
+            vec![TC_IN_PASS],
+            Some((PEER5, PeerDelta::Rx)),
+        ),
+        c(
+            "pool: a slot beats a range covering the same address",
+            || packets::udp4(PEER4_V4, CLEAN, 4000, 53, 60),
+            pool_base,
+            vec![TC_IN_PASS],
+            Some((PEER1, PeerDelta::Rx)),
+        ),
+        c(
+            "pool: an address without a slot falls to the ranges",
+            || packets::udp4(PEER2_V4, CLEAN, 4000, 53, 60),
+            pool_base,
+            vec![TC_IN_PASS],
+            Some((PEER2, PeerDelta::Rx)),
+        ),
+        c(
+            "pool: inside the pool the hash is not consulted (its peer 3 loses to the range)",
+            || packets::udp4(Ipv4Addr::new(10, 9, 250, 1), CLEAN, 4000, 53, 60),
+            pool_stale_hash,
+            vec![TC_IN_PASS],
+            Some((PEER2, PeerDelta::Rx)),
+        ),
+        c(
+            "pool: outside the pool the hash decides",
+            || packets::udp4(STRANGER_V4, CLEAN, 4000, 53, 60),
+            pool_base,
+            vec![TC_IN_PASS],
+            Some((PEER3, PeerDelta::Rx)),
+        ),
+    ]
+}
+
+#[test]
+fn peer_pool_table() {
+    run_table(pool_cases());
+}

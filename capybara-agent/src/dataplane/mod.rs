@@ -295,6 +295,14 @@ pub enum DataplaneError {
         /// The value given, in seconds.
         secs: u64,
     },
+    /// The IPv4 peer address pool is larger than the pool array.
+    #[error("peer address pool {pool} has more than {max} addresses (at most a /12)")]
+    PeerPoolTooLarge {
+        /// The pool asked for.
+        pool: ipnet::Ipv4Net,
+        /// Addresses the pool array holds.
+        max: u32,
+    },
     /// A qdisc, class or device operation of the shaper failed.
     #[error("{op} on {device} failed: {source}")]
     Shape {
@@ -447,12 +455,14 @@ fn pinned_layout_version(dir: &Path) -> Result<Option<u32>> {
         .map_err(map_err(names::CONFIG, "read map info"))?
         .value_size() as usize;
     // `layout_version` sits at the same offset in every layout; the entry's size changed
-    // (16 bytes up to layout 3, 24 up to layout 5, 40 since), so read it as the words it has.
+    // (16 bytes up to layout 3, 24 up to layout 5, 40 in layout 6, 48 since), so read it as
+    // the words it has.
     let word = capybara_common::config::CONFIG_LAYOUT_VERSION_OFFSET / 4;
     let version = match value_size {
         16 => read_words::<4>(data)?[word],
         24 => read_words::<6>(data)?[word],
         40 => read_words::<10>(data)?[word],
+        48 => read_words::<12>(data)?[word],
         // Not a layout this agent knows: report it as an unknown (0 would mean "fresh").
         _ => u32::MAX,
     };
@@ -506,7 +516,8 @@ impl Dataplane {
                 .set(0, cfg, 0)
                 .map_err(map_err(names::CONFIG, "write"))?;
         }
-        let peers = peers::PeerMaps::open(&mut ebpf)?;
+        let mut peers = peers::PeerMaps::open(&mut ebpf)?;
+        peers.pool = (cfg.peer_pool_v4_base, cfg.peer_pool_v4_len);
         let stats = stats::StatMaps::open(&mut ebpf)?;
         let lists = lists::ListMaps::open(&mut ebpf)?;
         let guard_ports = take(&mut ebpf, names::GUARD_PORTS)?;

@@ -1,6 +1,7 @@
 //! `tc_pipeline_ns_10_peers`, `tc_pipeline_ns_100k_peers`, `tc_pipeline_100k_over_10`: ns per
 //! packet of the tunnel device's whole ingress pipeline with every feature that exists turned on
-//! for every peer — attribution (host route hash), admission gate with a deadline (so the kernel
+//! for every peer — attribution (the IPv4 address pool's array; the hash holds the same routes),
+//! admission gate with a deadline (so the kernel
 //! reads its clock), destination blocklists (1 000 random prefixes, probes outside them), the
 //! flow table with a per-peer limit (each peer's probe flow is tracked), a quota bucket (atomic
 //! charge), accounting, and the shaping decision (every peer shaped from the peer: its class is
@@ -86,6 +87,8 @@ fn setup(pins: &BenchPins, n: u32) -> Result<Setup> {
         ..DataplaneConfig::default()
     })?;
     let until = SystemTime::now() + Duration::from_secs(3600);
+    // The peers' addresses are the tunnel's pool, as the agent allocates them.
+    dp.set_peer_pool_v4(Some("10.0.0.0/12".parse()?))?;
     for i in 0..n {
         let peer: PeerId = i;
         dp.add_peer(peer, &[Cidr::host(peer_addr(i).into())])?;
