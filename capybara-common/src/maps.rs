@@ -19,7 +19,7 @@
 //! | `GUARD_PORTS` | array | 65 536 | 256 KiB |
 //! | `GATE_ALLOW` | hash, preallocated | 64 | ≈ 6 KiB |
 //! | `PEER_EVENTS` | array | 131 072 | 4 MiB |
-//! | `QUOTA` | array | 131 072 | 4 MiB (32 B per bucket) |
+//! | `QUOTA` | mmapable array | 131 072 | 4 MiB (32 B per bucket) |
 //! | `FLOWS` | hash, not preallocated | up to 262 144 | ≈ 140 B per flow (≈ 36 MiB full) |
 //! | `FLOW_CNT` | mmapable array | 131 072 | 1 MiB (8 B per peer) |
 //! | `EVENTS` | ring buffer | 256 KiB | 256 KiB (4096 records of 64 B in flight) |
@@ -78,7 +78,8 @@ pub const PEER_EVENTS: &str = "CAPY_PEER_EVT";
 /// The events ring buffer ([`crate::event`]).
 pub const EVENTS: &str = "CAPY_EVENTS";
 /// Data-quota buckets ([`crate::quota::QuotaBucket`]), indexed by bucket id. A shared array
-/// (not per-CPU): several CPUs charge one bucket with atomic adds.
+/// (not per-CPU): several CPUs charge one bucket with atomic adds; mmapable, so the agent changes
+/// a budget with an atomic store instead of rewriting the bucket.
 pub const QUOTA: &str = "CAPY_QUOTA";
 /// The flow table ([`crate::flow::FlowKey`] → [`crate::flow::FlowState`]); a plain hash, not
 /// LRU (see [`crate::flow`]).

@@ -19,12 +19,14 @@
 //!    ring buffer loses it, counted in `EVENTS_LOST`).
 //!
 //! ## Resets and top-ups
-//! The agent writes the whole bucket in one map update: a reset writes `used_bytes = 0`,
-//! `warned = 0` and `epoch + 1`; a top-up raises `limit_bytes`, clears the warned bits of the
-//! thresholds the new limit puts out of reach again, and keeps `used_bytes`. An array update is a
-//! copy, not a swap, so a kernel `fetch_add` in flight on another CPU lands either before the
-//! copy (overwritten: the bytes stay in the old period) or after it (charged to the new period):
-//! at most one packet per CPU moves across the period boundary, the same bound as the overshoot.
+//! A reset writes the whole bucket in one map update: `used_bytes = 0`, `warned = 0` and
+//! `epoch + 1`. An array update is a copy, not a swap, so a kernel `fetch_add` in flight on
+//! another CPU lands either before the copy (overwritten: the bytes stay in the old period) or
+//! after it (charged to the new period): at most one packet per CPU moves across the period
+//! boundary, the same bound as the overshoot. A top-up (or a new budget) touches `used_bytes`
+//! not at all: the map is mmapable and the agent changes `limit_bytes` with an atomic
+//! compare-exchange, then clears the warned bits of the thresholds the new limit puts out of
+//! reach again with an atomic `and` — no charged byte is ever forgiven.
 //! A `fetch_or` of a warned bit racing a reset could set a bit of the *new* epoch for a crossing
 //! of the old one; the kernel re-reads `epoch` after the `fetch_or` and, if it changed, clears the
 //! bit again and emits nothing (the next packet over the threshold in the new epoch warns). The

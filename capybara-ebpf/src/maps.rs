@@ -90,7 +90,7 @@ pub static PEER_EVENTS: Array<PeerEventState> = Array::pinned(MAX_PEERS, 0);
 pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
 
 #[map(name = "CAPY_QUOTA")]
-pub static QUOTA: Array<QuotaBucket> = Array::pinned(MAX_QUOTA_BUCKETS, 0);
+pub static QUOTA: Array<QuotaBucket> = Array::pinned(MAX_QUOTA_BUCKETS, BPF_F_MMAPABLE);
 
 #[map(name = "CAPY_FLOWS")]
 pub static FLOWS: HashMap<FlowKey, FlowState> = HashMap::pinned(MAX_FLOWS, BPF_F_NO_PREALLOC);

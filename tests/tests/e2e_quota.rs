@@ -156,3 +156,47 @@ fn quota_drops_past_the_budget_warns_once_per_threshold_and_reset_restores() {
     }
     assert!(dp.quota_usage(BUCKET).unwrap().used_bytes >= 200 * ip_len);
 }
+
+/// Top-ups while traffic is charged lose no charged byte: the bucket's usage equals the peer's
+/// counted bytes after a thousand top-ups raced a UDP stream (a top-up that rewrote the bucket
+/// would forgive the bytes charged between its read and its write).
+#[test]
+fn top_ups_racing_traffic_forgive_no_byte() {
+    use capybara_tests::traffic::UdpStream;
+
+    let mut s = tun_peer(48, PEER);
+    let (dp, a, b, wire) = (&mut s.dp, &s.a, &s.b, &s.wire);
+    dp.set_quota_limit(BUCKET, 1 << 40).expect("create bucket");
+    dp.assign_quota(PEER, Some(BUCKET)).expect("assign bucket");
+    let before = dp.peer_stats(PEER).unwrap();
+    let used_before = dp.quota_usage(BUCKET).unwrap().used_bytes;
+
+    let sink = UdpSink::start(a, SocketAddr::new(IpAddr::V4(wire.a.v4), 0));
+    let stream = UdpStream::start(
+        b,
+        Some(IpAddr::V4(wire.b.v4)),
+        sink.addr(),
+        1000,
+        Duration::from_micros(50),
+        Duration::from_secs(10),
+    );
+    // Spread over the stream (about a second), one every millisecond.
+    for _ in 0..1000 {
+        dp.top_up_quota(BUCKET, 1).expect("top up");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let sent = stream.stop();
+    sink.settle(Duration::from_millis(300), WAIT);
+
+    let after = dp.peer_stats(PEER).unwrap();
+    let charged = (after.rx_bytes + after.tx_bytes) - (before.rx_bytes + before.tx_bytes);
+    let usage = dp.quota_usage(BUCKET).unwrap();
+    eprintln!("{sent} datagrams sent, {charged} bytes counted, bucket {usage:?}");
+    assert!(charged > 0, "no traffic was charged");
+    assert_eq!(
+        usage.used_bytes - used_before,
+        charged,
+        "the bucket's usage differs from the bytes the peer's counters saw"
+    );
+    assert_eq!(usage.limit_bytes, (1 << 40) + 1000, "a top-up was lost");
+}

@@ -399,7 +399,7 @@ pub struct Dataplane {
     /// The admission gate's verification endpoint.
     gate_allow: Owned<HashMap<MapData, GateAllowKey, u32>>,
     /// Data-quota buckets.
-    quota: Owned<Array<MapData, capybara_common::quota::QuotaBucket>>,
+    quota: quota::QuotaMaps,
     /// The flow table and the per-peer flow counts (mapped: the agent decrements atomically).
     flows: flows::FlowMaps,
     /// The events ring buffer, until [`Dataplane::event_stream`] takes it.
@@ -522,7 +522,7 @@ impl Dataplane {
         let lists = lists::ListMaps::open(&mut ebpf)?;
         let guard_ports = take(&mut ebpf, names::GUARD_PORTS)?;
         let gate_allow = take(&mut ebpf, names::GATE_ALLOW)?;
-        let quota = take(&mut ebpf, names::QUOTA)?;
+        let quota = quota::QuotaMaps::open(&mut ebpf)?;
         let flows = flows::FlowMaps::open(&mut ebpf)?;
         let events = ebpf
             .take_map(names::EVENTS)

@@ -4,7 +4,12 @@
 //! - [`Dataplane::set_quota_limit`] creates a bucket or changes its budget;
 //!   [`Dataplane::assign_quota`] charges a peer to a bucket (or to none) with one write of its
 //!   `PeerInfo`, so a packet sees the old or the new bucket, never a half-written assignment.
-//! - [`Dataplane::top_up_quota`] raises the budget, keeping what was used.
+//! - [`Dataplane::top_up_quota`] raises the budget, keeping what was used: an atomic add on
+//!   `limit_bytes` through the map's memory mapping, so bytes the kernel charges meanwhile all
+//!   count. [`Dataplane::set_quota_limit`] on a configured bucket is an atomic store the same way.
+//!   Warned bits of thresholds the new budget puts out of reach again are cleared with an atomic
+//!   `and` (a threshold the kernel crosses in that instant may be reported once more: a duplicate
+//!   warning, never a lost one).
 //! - [`Dataplane::reset_quota`] starts a new period: one map update writes the whole bucket with
 //!   `used_bytes = 0`, `warned = 0` and `epoch + 1`. The kernel's `fetch_add` of a packet in
 //!   flight on another CPU lands before the copy (its bytes stay in the old period, which is
@@ -14,10 +19,6 @@
 //! - Every write validates first (the bucket id is in `1..MAX_QUOTA_BUCKETS`, a limit is not 0,
 //!   the peer exists): on error no map is touched.
 //!
-//! Limit changes and top-ups read the bucket and write it back with the usage they read: bytes
-//! the kernel charges between that read and the write (one syscall apart, a few microseconds)
-//! are forgiven. That is the price of an array map whose values are written whole; a reset has
-//! no such window because it zeroes the usage on purpose.
 
 use capybara_common::{
     maps as names,
@@ -25,7 +26,74 @@ use capybara_common::{
     quota::{BucketId, MAX_QUOTA_BUCKETS, QUOTA_THRESHOLDS, QuotaBucket, threshold_bytes},
 };
 
-use super::{Dataplane, DataplaneError, Result, map_err};
+use std::{os::fd::AsFd as _, sync::atomic::Ordering};
+
+use aya::{
+    Ebpf,
+    maps::{Array, MapData},
+};
+
+use super::{Dataplane, DataplaneError, Owned, Result, map_err, sys, sys_err, take};
+
+/// `u64` words per bucket in the mapping: limit, used, warned, epoch + reserved.
+const WORDS: usize = size_of::<QuotaBucket>() / 8;
+
+/// The bucket array and its memory mapping.
+pub(super) struct QuotaMaps {
+    map: Owned<Array<MapData, QuotaBucket>>,
+    mmap: sys::MmapArray,
+}
+
+impl QuotaMaps {
+    pub(super) fn open(ebpf: &mut Ebpf) -> Result<QuotaMaps> {
+        let map: Owned<Array<MapData, QuotaBucket>> = take(ebpf, names::QUOTA)?;
+        let words = map.map.len() as usize * size_of::<QuotaBucket>() / 4;
+        let mmap =
+            sys::MmapArray::new(map.fd.as_fd(), words).map_err(sys_err(names::QUOTA, "mmap"))?;
+        Ok(QuotaMaps { map, mmap })
+    }
+
+    /// Bucket `bucket`'s `limit_bytes` and `warned` words, as atomics shared with the kernel.
+    fn words(
+        &self,
+        bucket: BucketId,
+    ) -> (
+        &std::sync::atomic::AtomicU64,
+        &std::sync::atomic::AtomicU64,
+        &std::sync::atomic::AtomicU64,
+    ) {
+        let w = &self.mmap.as_atomic_u64()[bucket as usize * WORDS..][..WORDS];
+        (&w[0], &w[1], &w[2])
+    }
+
+    /// Changes a configured bucket's budget in place: `f(old limit)` stored atomically, then
+    /// the warned bits of thresholds the usage is below again cleared. Returns the bucket after.
+    fn change_limit(&self, bucket: BucketId, f: impl Fn(u64) -> u64) -> QuotaBucket {
+        let (limit, used, warned) = self.words(bucket);
+        let mut cur = limit.load(Ordering::Acquire);
+        let new = loop {
+            let new = f(cur);
+            match limit.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break new,
+                Err(now) => cur = now,
+            }
+        };
+        let used_now = used.load(Ordering::Acquire);
+        let mut clear = 0;
+        for (percent, bit) in QUOTA_THRESHOLDS {
+            if used_now < threshold_bytes(new, percent) {
+                clear |= bit;
+            }
+        }
+        warned.fetch_and(!clear, Ordering::AcqRel);
+        QuotaBucket {
+            limit_bytes: new,
+            used_bytes: used_now,
+            warned: warned.load(Ordering::Acquire),
+            ..QuotaBucket::default()
+        }
+    }
+}
 
 /// A bucket as the kernel holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +173,7 @@ impl Dataplane {
     fn read_bucket(&self, bucket: BucketId) -> Result<QuotaBucket> {
         self.quota
             .map
+            .map
             .get(&bucket, 0)
             .map_err(map_err(names::QUOTA, "read"))
     }
@@ -121,17 +190,28 @@ impl Dataplane {
     fn write_bucket(&mut self, bucket: BucketId, b: QuotaBucket, op: &'static str) -> Result<()> {
         self.quota
             .map
+            .map
             .set(bucket, b, 0)
             .map_err(map_err(names::QUOTA, op))
     }
 
     /// Creates bucket `bucket` with a budget of `limit_bytes`, or changes the budget of an
-    /// existing one (usage and epoch kept; warnings below the new thresholds re-armed).
+    /// existing one atomically (usage and epoch kept; warnings below the new thresholds
+    /// re-armed).
     pub fn set_quota_limit(&mut self, bucket: BucketId, limit_bytes: u64) -> Result<QuotaUsage> {
         check_bucket(bucket)?;
         check_limit(bucket, limit_bytes)?;
-        let b = with_limit(self.read_bucket(bucket)?, limit_bytes);
-        self.write_bucket(bucket, b, "write limit")?;
+        let old = self.read_bucket(bucket)?;
+        let b = if old.limit_bytes == 0 {
+            let b = with_limit(old, limit_bytes);
+            self.write_bucket(bucket, b, "write limit")?;
+            b
+        } else {
+            QuotaBucket {
+                epoch: old.epoch,
+                ..self.quota.change_limit(bucket, |_| limit_bytes)
+            }
+        };
         tracing::debug!(bucket, limit_bytes, "quota limit set");
         Ok(QuotaUsage::of(&b))
     }
@@ -178,9 +258,13 @@ impl Dataplane {
     pub fn top_up_quota(&mut self, bucket: BucketId, add_bytes: u64) -> Result<QuotaUsage> {
         check_bucket(bucket)?;
         check_limit(bucket, add_bytes)?;
-        let b = self.configured_bucket(bucket)?;
-        let b = with_limit(b, b.limit_bytes.saturating_add(add_bytes));
-        self.write_bucket(bucket, b, "top up")?;
+        let old = self.configured_bucket(bucket)?;
+        let b = QuotaBucket {
+            epoch: old.epoch,
+            ..self
+                .quota
+                .change_limit(bucket, |l| l.saturating_add(add_bytes))
+        };
         tracing::debug!(bucket, add_bytes, "quota topped up");
         Ok(QuotaUsage::of(&b))
     }
