@@ -84,8 +84,8 @@ pub const PEER_EVENT_SLOT_FLOW: usize = 1;
 
 /// One entry of [`crate::maps::PEER_EVENTS`], indexed by [`PeerId`]: when the kernel last
 /// emitted a rate-limited event of each kind for the peer (CLOCK_BOOTTIME ns, 0 = never).
-/// Written by the kernel only (a plain array: two CPUs racing may both emit within one interval,
-/// so the bound is one event per interval per CPU).
+/// Written by the kernel only, by compare-exchange: of CPUs racing within one interval only one
+/// emits.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeerEventState {

@@ -2,9 +2,10 @@
 //!
 //! Per-peer rate limit: `PEER_EVENTS[peer].last_ns[slot]` holds when the last event of that kind
 //! was emitted; a new one goes out only `Config::event_interval_ns` (default 1 s) later. The
-//! state is a plain array written without atomics: two CPUs racing can both emit, so the bound is
-//! one event per interval per CPU. A full ring buffer loses the record (counted in
-//! `EVENTS_LOST`), never the packet's verdict.
+//! claim is a compare-exchange of `last_ns` from the value read to `now`: of CPUs racing for the
+//! same interval only the one whose exchange succeeds emits, so the bound is one event per
+//! interval per peer and kind, whatever the CPU count. A full ring buffer loses the record
+//! (counted in `EVENTS_LOST`), never the packet's verdict.
 
 use capybara_common::{
     config::DEFAULT_EVENT_INTERVAL_NS,
@@ -14,6 +15,7 @@ use capybara_common::{
 };
 
 use crate::{
+    atomic::compare_exchange,
     counters::count,
     maps::{EVENTS, PEER_EVENTS},
 };
@@ -30,19 +32,20 @@ fn rate_ok(id: PeerId, slot: usize, now: u64, interval_ns: u64) -> bool {
         return false;
     };
     // SAFETY: `state` points at the array element of a successful lookup, valid for this program
-    // run. Only programs write it; a concurrent writer on another CPU at worst makes both emit.
-    // `slot` is a constant below `PEER_EVENT_SLOTS` at every call site, and `get_mut` bounds the
-    // index anyway.
+    // run (8-byte aligned `u64`s); other CPUs change it only through `compare_exchange`. `slot`
+    // is a constant below `PEER_EVENT_SLOTS` at every call site, and `get_mut` bounds the index
+    // anyway.
     unsafe {
         let Some(last) = (*state).last_ns.get_mut(slot) else {
             return false;
         };
-        if *last != 0 && now.wrapping_sub(*last) < interval {
+        let last: *mut u64 = last;
+        let seen = core::ptr::read_volatile(last);
+        if seen != 0 && now.wrapping_sub(seen) < interval {
             return false;
         }
-        *last = now;
+        compare_exchange(last, seen, now) == seen
     }
-    true
 }
 
 /// Emits `rec` if the peer's rate limit for `slot` allows it; counts the outcome.

@@ -3,7 +3,7 @@
 //! reservation, who decrements, expiry, a full table) is documented in `capybara_common::flow`.
 //!
 //! The per-peer count lives in `FLOW_COUNT` (shared by every CPU and the agent) and is changed
-//! only with the atomic `fetch_add` of [`crate::quota`] (inline assembly: the eBPF target has no
+//! only with the atomic `fetch_add` of [`crate::atomic`] (inline assembly: the eBPF target has no
 //! atomic read-modify-write types). Adding `u64::MAX` is the decrement.
 //!
 //! Cost, measured with `BPF_PROG_TEST_RUN` (repeat 1 000 000, warm cache, best of 5, on this
@@ -22,9 +22,9 @@ use capybara_common::{
 };
 
 use crate::{
+    atomic::fetch_add,
     maps::{FLOW_COUNT, FLOW_SCRATCH, FLOWS, PEERS},
     parse::{self, Addrs, Malformed, Packet},
-    quota::fetch_add,
 };
 
 /// `bpf_map_update_elem` flag: insert only if the key is absent.

@@ -22,6 +22,7 @@
 // quota, flows: BPF's atomic fetch instructions through inline assembly (see `quota`).
 #![feature(asm_experimental_arch)]
 
+mod atomic;
 mod counters;
 mod events;
 mod flows;

@@ -3,18 +3,8 @@
 //! overshoot bound, resets racing in-flight adds) is documented in `capybara_common::quota`.
 //!
 //! Atomics: `used_bytes` and `warned` live in a shared (not per-CPU) array element, so they are
-//! changed with BPF's atomic read-modify-write instructions (`BPF_ATOMIC | BPF_DW` with
-//! `BPF_ADD | BPF_FETCH`, `BPF_OR | BPF_FETCH`, `BPF_AND | BPF_FETCH`; kernel ≥ 5.12, accepted on
-//! array map values). Rust cannot reach them otherwise here: the `bpfel-unknown-none` target
-//! declares `atomic-cas: false` (no `AtomicU64::fetch_add`) and `min-atomic-width: 64` (no
-//! `AtomicU32`); the `core::intrinsics` atomics compile, but bpf-linker runs LLVM with
-//! `--cpu generic` (v1), which only has the result-less `lock xadd` and fails with "Invalid usage
-//! of the XADD return value" (aya-build sets the rustflags, so `-C target-cpu=v3` cannot be
-//! passed). Hence three one-instruction inline-assembly helpers. Loads are volatile aligned
-//! 64-bit loads (one instruction, never torn). The prog-test-run fixture loads both TC programs
-//! on this kernel (6.18) and the quota cases exercise every helper.
-
-use core::arch::asm;
+//! changed with [`crate::atomic`]'s helpers. Loads are volatile aligned 64-bit loads (one
+//! instruction, never torn).
 
 use capybara_common::{
     event::{EVENT_F_EGRESS, EVENT_QUOTA, EventRecord},
@@ -23,6 +13,7 @@ use capybara_common::{
 };
 
 use crate::{
+    atomic::{fetch_add, fetch_and, fetch_or},
     events,
     maps::{PEERS, QUOTA},
 };
@@ -33,48 +24,6 @@ pub enum Quota {
     Pass,
     /// The bucket was exhausted before this packet: drop it.
     Exhausted,
-}
-
-/// `*p += v`, atomically; returns the old value (`BPF_ATOMIC | BPF_DW`, `BPF_ADD | BPF_FETCH`).
-///
-/// # Safety
-/// `p` must point at an 8-byte aligned `u64` in map memory, valid for this program run.
-#[inline(always)]
-pub(crate) unsafe fn fetch_add(p: *mut u64, v: u64) -> u64 {
-    let mut r = v;
-    // SAFETY: the caller guarantees `p`; the instruction reads and writes only `*p` and `r`.
-    unsafe {
-        asm!("{r} = atomic_fetch_add((u64 *)({p} + 0), {r})", p = in(reg) p, r = inout(reg) r)
-    };
-    r
-}
-
-/// `*p |= v`, atomically; returns the old value.
-///
-/// # Safety
-/// As [`fetch_add`].
-#[inline(always)]
-unsafe fn fetch_or(p: *mut u64, v: u64) -> u64 {
-    let mut r = v;
-    // SAFETY: as in `fetch_add`.
-    unsafe {
-        asm!("{r} = atomic_fetch_or((u64 *)({p} + 0), {r})", p = in(reg) p, r = inout(reg) r)
-    };
-    r
-}
-
-/// `*p &= v`, atomically; returns the old value.
-///
-/// # Safety
-/// As [`fetch_add`].
-#[inline(always)]
-unsafe fn fetch_and(p: *mut u64, v: u64) -> u64 {
-    let mut r = v;
-    // SAFETY: as in `fetch_add`.
-    unsafe {
-        asm!("{r} = atomic_fetch_and((u64 *)({p} + 0), {r})", p = in(reg) p, r = inout(reg) r)
-    };
-    r
 }
 
 /// The bucket of peer `id`, if it has a configured one.
