@@ -27,7 +27,7 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, MapError},
+    maps::{Array, HashMap, IterableMap as _, MapData, MapError},
 };
 use capybara_common::{
     config::Config,
@@ -133,19 +133,19 @@ fn delete_where<T: BorrowMut<MapData>>(
     counts: &[AtomicU64],
     doomed: impl Fn(&FlowKey, &FlowState) -> bool,
 ) -> Result<FlowSweep> {
-    let keys: Vec<FlowKey> = flows
-        .keys()
-        .filter_map(|k| match k {
-            Ok(k) => Some(Ok(k)),
-            // Deleted by the kernel while we walk: nothing to do.
-            Err(e) if is_enoent(&e) => None,
-            Err(e) => Some(Err(e)),
-        })
-        .collect::<Result<_, _>>()
-        .map_err(map_err(names::FLOWS, "list keys"))?;
+    // One batched read of the whole table (a few syscalls for any size), then a fresh read and
+    // a delete for the doomed entries only: a full table of 262 144 flows costs ≈ 32 batch
+    // calls instead of ≈ 524 000 single-entry ones.
+    let fd = flows.map().fd().as_fd();
+    let entries: Vec<(FlowKey, FlowState)> =
+        sys::dump_hash(fd).map_err(sys_err(names::FLOWS, "batch lookup"))?;
     let mut out = FlowSweep::default();
-    for key in keys {
+    for (key, st) in entries {
         out.scanned += 1;
+        if !doomed(&key, &st) {
+            continue;
+        }
+        // The kernel may have refreshed it since the batch read.
         let st = match flows.get(&key, 0) {
             Ok(st) => st,
             Err(e) if is_enoent(&e) => continue,
