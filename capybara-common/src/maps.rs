@@ -9,7 +9,8 @@
 //! | `COUNTERS` | per-CPU array | 48 | 768 B × ncpu |
 //! | `LIST_HITS` | per-CPU array | 1024 | 16 KiB × ncpu |
 //! | `PEERS` | array | 131 072 | 4 MiB |
-//! | `PEER_STATS` | per-CPU array | 131 072 | 20 MiB × ncpu |
+//! | `PEER_STATS` | per-CPU array | 131 072 | 4 MiB × ncpu (32 B per peer and CPU) |
+//! | `PEER_DROPS` | per-CPU array | 131 072 | 16 MiB × ncpu (128 B per peer and CPU) |
 //! | `PEER_V4`, `PEER_V6` | hash, not preallocated | up to 262 144 each | ≈ 80 B per allowed IP |
 //! | `PEER_V4_LPM`, `PEER_V6_LPM` | LPM trie | up to 262 144 each | per entry |
 //! | `PEER_POOL_V4` | array | 2^20 (a /12) | 4 MiB (4 B per pool address) |
@@ -32,7 +33,8 @@
 //! the allocation into the insert (`list_replace_1m_ms`: 488 ms on a quiet machine, ≈ 750 ms
 //! while a build shares the CPUs; ≈ 380 ms preallocated; target 2000 ms). Lookups cost the same.
 //!
-//! `PEER_STATS` grows with the CPU count (160 B per peer per CPU): 1.3 GiB at 64 CPUs. Lowering
+//! `PEER_STATS` + `PEER_DROPS` grow with the CPU count (160 B per peer per CPU): 1.3 GiB at 64
+//! CPUs. Lowering
 //! `MAX_PEERS` at load time (not yet an agent option) is the remedy for large machines.
 
 /// Runtime configuration (one [`crate::config::Config`]).
@@ -43,8 +45,10 @@ pub const COUNTERS: &str = "CAPY_COUNTERS";
 pub const LIST_HITS: &str = "CAPY_LIST_HITS";
 /// Peer table, indexed by peer id.
 pub const PEERS: &str = "CAPY_PEERS";
-/// Per-peer per-CPU counters, indexed by peer id.
+/// Per-peer per-CPU traffic counters ([`crate::peer::PeerCounters`]), indexed by peer id.
 pub const PEER_STATS: &str = "CAPY_PEER_STATS";
+/// Per-peer per-CPU drops by reason ([`crate::peer::PeerDrops`]), indexed by peer id.
+pub const PEER_DROPS: &str = "CAPY_PEER_DROPS";
 /// IPv4 host route → peer id.
 pub const PEER_V4: &str = "CAPY_PEER_V4";
 /// IPv6 host route → peer id.
@@ -88,12 +92,13 @@ pub const FLOWS: &str = "CAPY_FLOWS";
 pub const FLOW_COUNT: &str = "CAPY_FLOW_CNT";
 
 /// Every pinned map, for listing and removal.
-pub const ALL: [&str; 23] = [
+pub const ALL: [&str; 24] = [
     CONFIG,
     COUNTERS,
     LIST_HITS,
     PEERS,
     PEER_STATS,
+    PEER_DROPS,
     PEER_V4,
     PEER_V6,
     PEER_V4_LPM,

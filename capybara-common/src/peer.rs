@@ -94,8 +94,36 @@ pub struct PeerEventState {
 }
 const _: () = assert!(core::mem::size_of::<PeerEventState>() == 32);
 
-/// Per-peer counters, one per CPU in [`crate::maps::PEER_STATS`]; the agent sums the CPUs.
-/// Only packets that pass are counted in `rx_*`/`tx_*`; drops are counted by reason.
+/// Per-peer traffic counters, one per CPU in [`crate::maps::PEER_STATS`]: the only per-peer
+/// counters a passing packet touches, so they are kept to half a cache line (the drops by reason
+/// live in [`PeerDrops`]; together they were 160 B, three lines, per peer and CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerCounters {
+    /// Packets received from the peer and passed.
+    pub rx_packets: u64,
+    /// Bytes (IP packet length) received from the peer and passed.
+    pub rx_bytes: u64,
+    /// Packets sent to the peer and passed.
+    pub tx_packets: u64,
+    /// Bytes (IP packet length) sent to the peer and passed.
+    pub tx_bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<PeerCounters>() == 32);
+
+/// Per-peer drops by reason (`DropReason as usize`), one per CPU in
+/// [`crate::maps::PEER_DROPS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerDrops {
+    /// Dropped packets (either direction), indexed by `DropReason as usize`.
+    pub drops: [u64; DROP_REASON_SLOTS],
+}
+const _: () = assert!(core::mem::size_of::<PeerDrops>() == 128);
+
+/// A peer's counters and drops summed over CPUs ([`PeerCounters`] + [`PeerDrops`]): what the
+/// agent reports. Only packets that pass are counted in `rx_*`/`tx_*`; drops are counted by
+/// reason.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeerStats {
@@ -113,6 +141,23 @@ pub struct PeerStats {
 const _: () = assert!(core::mem::size_of::<PeerStats>() == 160);
 
 impl PeerStats {
+    /// Adds one CPU's traffic counters.
+    pub fn add_counters(&mut self, c: &PeerCounters) {
+        self.rx_packets = self.rx_packets.wrapping_add(c.rx_packets);
+        self.rx_bytes = self.rx_bytes.wrapping_add(c.rx_bytes);
+        self.tx_packets = self.tx_packets.wrapping_add(c.tx_packets);
+        self.tx_bytes = self.tx_bytes.wrapping_add(c.tx_bytes);
+    }
+
+    /// Adds one CPU's drops.
+    pub fn add_drops(&mut self, d: &PeerDrops) {
+        let mut i = 0;
+        while i < DROP_REASON_SLOTS {
+            self.drops[i] = self.drops[i].wrapping_add(d.drops[i]);
+            i += 1;
+        }
+    }
+
     /// Adds `other` (used when summing per-CPU values).
     pub fn add(&mut self, other: &PeerStats) {
         self.rx_packets = self.rx_packets.wrapping_add(other.rx_packets);
@@ -132,4 +177,4 @@ pub type PeerV4LpmData = [u8; 4];
 /// IPv6 LPM trie data: the address octets in network order.
 pub type PeerV6LpmData = [u8; 16];
 
-pod!(PeerInfo, PeerStats, PeerEventState);
+pod!(PeerInfo, PeerStats, PeerCounters, PeerDrops, PeerEventState);

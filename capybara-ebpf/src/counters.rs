@@ -1,7 +1,7 @@
 //! Counting: every verdict increments exactly one slot of `COUNTERS` (the named constants of
 //! `capybara_common::counters`); a drop also increments `DROPS_BASE + reason`, the hit counter of
 //! the list that matched, and — when the packet belongs to a known peer — that peer's
-//! `PeerStats::drops[reason]`.
+//! `PeerDrops::drops[reason]`.
 //!
 //! All these maps are per-CPU arrays: a program runs on one CPU at a time and is not preempted by
 //! another BPF program touching the same CPU's slot, so plain (non-atomic) adds are exact. The
@@ -11,10 +11,10 @@ use capybara_common::{
     blocklist::ListId,
     counters::{Counter, DROPS_BASE},
     drop::DropReason,
-    peer::PeerStats,
+    peer::PeerId,
 };
 
-use crate::maps::{COUNTERS, LIST_HITS};
+use crate::maps::{COUNTERS, LIST_HITS, PEER_DROPS};
 
 #[inline(always)]
 fn bump(c: *mut Counter, amount: Counter) {
@@ -37,11 +37,11 @@ pub fn count(slot: u32, amount: Counter) {
 /// Counts a dropped packet: its verdict slot, `DROPS_BASE + reason`, and the peer's
 /// `drops[reason]` when the packet belongs to a known peer.
 #[inline(always)]
-pub fn count_drop(slot: u32, reason: DropReason, amount: Counter, peer: Option<*mut PeerStats>) {
+pub fn count_drop(slot: u32, reason: DropReason, amount: Counter, peer: Option<PeerId>) {
     count(slot, amount);
     count(DROPS_BASE + reason as u32, amount);
-    if let Some(p) = peer {
-        // SAFETY: `p` comes from a successful per-CPU array lookup of `PEER_STATS` (this CPU's
+    if let Some(p) = peer.and_then(|id| PEER_DROPS.get_ptr_mut(id)) {
+        // SAFETY: `p` comes from a successful per-CPU array lookup of `PEER_DROPS` (this CPU's
         // value). `reason as usize` is below `DROP_REASON_COUNT <= DROP_REASON_SLOTS` (asserted
         // in capybara-common), so the array index cannot go out of bounds.
         unsafe {

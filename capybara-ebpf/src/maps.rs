@@ -19,8 +19,8 @@ use capybara_common::{
     flow::{FlowKey, FlowState, MAX_FLOWS},
     gate::{GATE_ALLOW_MAX, GateAllowKey},
     peer::{
-        MAX_PEER_ADDRS, MAX_PEER_POOL_V4, MAX_PEERS, PeerEventState, PeerId, PeerInfo, PeerStats,
-        PeerV4LpmData, PeerV6LpmData,
+        MAX_PEER_ADDRS, MAX_PEER_POOL_V4, MAX_PEERS, PeerCounters, PeerDrops, PeerEventState,
+        PeerId, PeerInfo, PeerV4LpmData, PeerV6LpmData,
     },
     quota::{MAX_QUOTA_BUCKETS, QuotaBucket},
 };
@@ -38,7 +38,10 @@ pub static LIST_HITS: PerCpuArray<Counter> = PerCpuArray::pinned(MAX_LISTS, 0);
 pub static PEERS: Array<PeerInfo> = Array::pinned(MAX_PEERS, 0);
 
 #[map(name = "CAPY_PEER_STATS")]
-pub static PEER_STATS: PerCpuArray<PeerStats> = PerCpuArray::pinned(MAX_PEERS, 0);
+pub static PEER_STATS: PerCpuArray<PeerCounters> = PerCpuArray::pinned(MAX_PEERS, 0);
+
+#[map(name = "CAPY_PEER_DROPS")]
+pub static PEER_DROPS: PerCpuArray<PeerDrops> = PerCpuArray::pinned(MAX_PEERS, 0);
 
 #[map(name = "CAPY_PEER_POOL4")]
 pub static PEER_POOL_V4: Array<u32> = Array::pinned(MAX_PEER_POOL_V4, 0);

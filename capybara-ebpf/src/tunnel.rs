@@ -47,7 +47,7 @@ use capybara_common::{
     counters::FLOWS_TABLE_FULL,
     drop::DropReason,
     event::{EVENT_F_EGRESS, EVENT_FLOW_LIMIT, EVENT_GATE_DROP, EventRecord},
-    peer::PeerStats,
+    peer::PeerCounters,
 };
 
 use crate::{
@@ -135,17 +135,13 @@ fn try_tunnel(ctx: &TcContext, dir: &Direction, l2: usize, bytes: u64) -> Result
         Addrs::V4 { src, dst } => peer_v4(if dir.peer_is_source { src } else { dst }, &cfg),
         Addrs::V6 { src, dst } => peer_v6(if dir.peer_is_source { &src } else { &dst }, cfg.flags),
     };
-    let stats = match peer {
-        Some(id) => PEER_STATS.get_ptr_mut(id),
-        None => None,
-    };
 
     // 2. Admission gate (known peers only), before accounting and the blocklists.
     if let Some(id) = peer
         && let Some(held) = gate::held(id)
         && !gate::to_endpoint(&pkt, l2, &addrs, dir.peer_is_source)
     {
-        count_drop(dir.drop_gate, held.reason, amount, stats);
+        count_drop(dir.drop_gate, held.reason, amount, peer);
         let rec = EventRecord {
             kind: EVENT_GATE_DROP,
             peer: id,
@@ -183,7 +179,7 @@ fn try_tunnel(ctx: &TcContext, dir: &Direction, l2: usize, bytes: u64) -> Result
             dir.drop_blocklist,
             DropReason::DestinationBlocklist,
             amount,
-            stats,
+            peer,
         );
         count_list_hit(list, amount);
         return Ok(TC_ACT_SHOT);
@@ -199,7 +195,7 @@ fn try_tunnel(ctx: &TcContext, dir: &Direction, l2: usize, bytes: u64) -> Result
             proto,
         } = flows::track(&pkt, l2, &addrs, id, dir.peer_is_source, &cfg, now)
         {
-            count_drop(dir.drop_flows, DropReason::FlowLimit, amount, stats);
+            count_drop(dir.drop_flows, DropReason::FlowLimit, amount, peer);
             if full {
                 count(
                     FLOWS_TABLE_FULL,
@@ -224,12 +220,12 @@ fn try_tunnel(ctx: &TcContext, dir: &Direction, l2: usize, bytes: u64) -> Result
         && let quota::Quota::Exhausted =
             quota::charge(id, amount.bytes, !dir.peer_is_source, gate::now_ns())
     {
-        count_drop(dir.drop_quota, DropReason::QuotaExhausted, amount, stats);
+        count_drop(dir.drop_quota, DropReason::QuotaExhausted, amount, peer);
         return Ok(TC_ACT_SHOT);
     }
     // 6. Accounting, and 7. the shaping decision.
-    match (peer, stats) {
-        (Some(id), Some(s)) => {
+    match peer.and_then(|id| PEER_STATS.get_ptr_mut(id).map(|s| (id, s))) {
+        Some((id, s)) => {
             count_peer(s, dir.peer_is_source, amount);
             let class = shape::class(id, dir.peer_is_source, cfg.shape_ifindex);
             if class == 0 {
@@ -282,7 +278,7 @@ fn flow_event(id: u32, packed: u64, flows: u64, from_peer: bool, interval_ns: u6
 }
 
 #[inline(always)]
-fn count_peer(s: *mut PeerStats, rx: bool, amount: Counter) {
+fn count_peer(s: *mut PeerCounters, rx: bool, amount: Counter) {
     // SAFETY: `s` comes from a successful per-CPU array lookup of `PEER_STATS`: this CPU's
     // value, valid for the program run and not shared with other CPUs.
     unsafe {

@@ -37,7 +37,7 @@ use capybara_common::{
     flow::{FlowKey, FlowState},
     gate::GateAllowKey,
     maps as names,
-    peer::{PeerId, PeerInfo, PeerStats},
+    peer::{PeerCounters, PeerDrops, PeerId, PeerInfo, PeerStats},
     quota::{BucketId, QuotaBucket},
 };
 
@@ -68,6 +68,7 @@ pub const TEST_CAPACITIES: &[(&str, u32)] = &[
     (names::PEER_V4, 4096),
     (names::PEER_V6, 4096),
     (names::PEER_STATS, 4096),
+    (names::PEER_DROPS, 4096),
     (names::PEERS, 4096),
     (names::PEER_EVENTS, 4096),
     (names::QUOTA, 4096),
@@ -546,11 +547,16 @@ impl Fixture {
 
     /// `PEER_STATS[id]`, summed over CPUs.
     pub fn peer_stats(&mut self, id: PeerId) -> PeerStats {
-        let m: PerCpuArray<&MapData, PeerStats> =
-            PerCpuArray::try_from(&*self.map(names::PEER_STATS)).unwrap();
         let mut total = PeerStats::default();
+        let d: PerCpuArray<&MapData, PeerDrops> =
+            PerCpuArray::try_from(&*self.map(names::PEER_DROPS)).unwrap();
+        for v in d.get(&id, 0).expect("read PEER_DROPS").iter() {
+            total.add_drops(v);
+        }
+        let m: PerCpuArray<&MapData, PeerCounters> =
+            PerCpuArray::try_from(&*self.map(names::PEER_STATS)).unwrap();
         for v in m.get(&id, 0).expect("read PEER_STATS").iter() {
-            total.add(v);
+            total.add_counters(v);
         }
         total
     }

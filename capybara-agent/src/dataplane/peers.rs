@@ -283,6 +283,7 @@ impl Dataplane {
         let old = self.peers.mirror.get(&id).cloned().unwrap_or_default();
         if is_new {
             zero_slot(&mut self.stats.peer_stats.map, names::PEER_STATS, id)?;
+            zero_slot(&mut self.stats.peer_drops.map, names::PEER_DROPS, id)?;
         }
         // Flags on before any range entry exists.
         let needed = new.iter().filter(|c| !c.is_host()).fold(0, |f, c| {

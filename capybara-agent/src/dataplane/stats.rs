@@ -12,7 +12,7 @@ use capybara_common::{
     blocklist::{ListId, MAX_LISTS},
     counters::{COUNTER_NAMES, COUNTER_SLOTS, Counter},
     maps as names,
-    peer::{MAX_PEERS, PeerId, PeerStats},
+    peer::{MAX_PEERS, PeerCounters, PeerDrops, PeerId, PeerStats},
 };
 
 use super::{Dataplane, DataplaneError, Owned, Result, map_err, take};
@@ -21,7 +21,8 @@ use super::{Dataplane, DataplaneError, Owned, Result, map_err, take};
 pub(super) struct StatMaps {
     pub(super) counters: Owned<PerCpuArray<MapData, Counter>>,
     pub(super) list_hits: Owned<PerCpuArray<MapData, Counter>>,
-    pub(super) peer_stats: Owned<PerCpuArray<MapData, PeerStats>>,
+    pub(super) peer_stats: Owned<PerCpuArray<MapData, PeerCounters>>,
+    pub(super) peer_drops: Owned<PerCpuArray<MapData, PeerDrops>>,
 }
 
 impl StatMaps {
@@ -30,6 +31,7 @@ impl StatMaps {
             counters: take(ebpf, names::COUNTERS)?,
             list_hits: take(ebpf, names::LIST_HITS)?,
             peer_stats: take(ebpf, names::PEER_STATS)?,
+            peer_drops: take(ebpf, names::PEER_DROPS)?,
         })
     }
 }
@@ -112,7 +114,7 @@ impl Dataplane {
         Ok(sum)
     }
 
-    /// Counters of peer `id`, summed over CPUs. `drops[RateLimit]` are the packets its shaping
+    /// Counters and drops of peer `id`, summed over CPUs. `drops[RateLimit]` are the packets its shaping
     /// classes dropped (their queue was full), read from the qdiscs.
     pub fn peer_stats(&self, id: PeerId) -> Result<PeerStats> {
         if id >= MAX_PEERS {
@@ -124,8 +126,15 @@ impl Dataplane {
             .map
             .get(&id, 0)
             .map_err(map_err(names::PEER_STATS, "read"))?;
+        let d = self
+            .stats
+            .peer_drops
+            .map
+            .get(&id, 0)
+            .map_err(map_err(names::PEER_DROPS, "read"))?;
         let mut sum = PeerStats::default();
-        v.iter().for_each(|s| sum.add(s));
+        v.iter().for_each(|c| sum.add_counters(c));
+        d.iter().for_each(|d| sum.add_drops(d));
         if let Some(shaper) = &self.shaper {
             let slot = &mut sum.drops[capybara_common::drop::DropReason::RateLimit as usize];
             *slot = slot.wrapping_add(shaper.peer_drops(id)?);
