@@ -297,6 +297,39 @@ fn run_table(cases: Vec<Case>) {
     );
 }
 
+/// Verdict, counted slots and per-peer delta of a tunnel-device case without a list hit.
+type PeerExpect = (u32, Vec<u32>, Option<(PeerId, PeerDelta)>);
+
+/// A tunnel-device case without a list hit.
+fn peer_case(
+    name: &'static str,
+    prog: Prog,
+    packet: fn() -> Vec<u8>,
+    setup: impl Fn(&mut Fixture) + 'static,
+    (verdict, counters, peer): PeerExpect,
+) -> Case {
+    Case {
+        name,
+        prog,
+        packet,
+        setup: Box::new(setup),
+        verdict,
+        counters,
+        list_hit: None,
+        peer,
+    }
+}
+
+/// Passed from `peer` and counted in its `rx_*`.
+fn pass_in(peer: PeerId) -> PeerExpect {
+    (TC_ACT_OK, vec![TC_IN_PASS], Some((peer, PeerDelta::Rx)))
+}
+
+/// Passed to `peer` and counted in its `tx_*`.
+fn pass_out(peer: PeerId) -> PeerExpect {
+    (TC_ACT_OK, vec![TC_OUT_PASS], Some((peer, PeerDelta::Tx)))
+}
+
 // ---- setups ----
 
 fn config(f: &mut Fixture, src_generation: u32, dst_generation: u32, flags: u32) {
@@ -1971,130 +2004,110 @@ fn quota_exhausted(f: &mut Fixture) {
 }
 
 fn quota_cases() -> Vec<Case> {
-    type Expect = (u32, Vec<u32>, Option<(PeerId, PeerDelta)>);
     let q = DropReason::QuotaExhausted;
-    let quota_in = |peer: PeerId| -> Expect {
+    let quota_in = |peer: PeerId| -> PeerExpect {
         (
             TC_ACT_SHOT,
             vec![TC_IN_DROP_QUOTA, drop_slot(q)],
             Some((peer, PeerDelta::Drop(q))),
         )
     };
-    let quota_out = |peer: PeerId| -> Expect {
+    let quota_out = |peer: PeerId| -> PeerExpect {
         (
             TC_ACT_SHOT,
             vec![TC_OUT_DROP_QUOTA, drop_slot(q)],
             Some((peer, PeerDelta::Drop(q))),
         )
     };
-    let pass_in =
-        |peer: PeerId| -> Expect { (TC_ACT_OK, vec![TC_IN_PASS], Some((peer, PeerDelta::Rx))) };
-    let pass_out =
-        |peer: PeerId| -> Expect { (TC_ACT_OK, vec![TC_OUT_PASS], Some((peer, PeerDelta::Tx))) };
-    let c = |name: &'static str,
-             prog: Prog,
-             packet: fn() -> Vec<u8>,
-             setup: Box<dyn Fn(&mut Fixture)>,
-             (verdict, counters, peer): Expect| Case {
-        name,
-        prog,
-        packet,
-        setup,
-        verdict,
-        counters,
-        list_hit: None,
-        peer,
-    };
-    let s = |f: fn(&mut Fixture)| -> Box<dyn Fn(&mut Fixture)> { Box::new(f) };
     use Prog::{In, Out};
     vec![
-        c(
+        peer_case(
             "quota: under the limit, v4 from the peer passes",
             In,
             || packets::udp4(PEER1_V4, CLEAN, 4000, 53, 60),
-            s(quota_fresh),
+            quota_fresh,
             pass_in(PEER1),
         ),
-        c(
+        peer_case(
             "quota: under the limit, v6 to the peer passes",
             Out,
             || packets::tcp6(CLEAN6, PEER1_V6, 443, 4000, 100),
-            s(quota_fresh),
+            quota_fresh,
             pass_out(PEER1),
         ),
-        c(
+        peer_case(
             "quota: exhausted, v4 from the peer dropped",
             In,
             || packets::udp4(PEER1_V4, CLEAN, 4000, 53, 60),
-            s(quota_exhausted),
+            quota_exhausted,
             quota_in(PEER1),
         ),
-        c(
+        peer_case(
             "quota: exhausted, v6 to the peer dropped",
             Out,
             || packets::udp6(CLEAN6, PEER1_V6, 53, 4000, 60),
-            s(quota_exhausted),
+            quota_exhausted,
             quota_out(PEER1),
         ),
-        c(
+        peer_case(
             "quota: exhausted, v6 from the peer dropped",
             In,
             || packets::tcp6(PEER1_V6, CLEAN6, 4000, 443, 10),
-            s(quota_exhausted),
+            quota_exhausted,
             quota_in(PEER1),
         ),
-        c(
+        peer_case(
             "quota: the shared bucket drops the other peer too (range-attributed)",
             Out,
             || packets::udp4(CLEAN, PEER2_V4, 53, 4000, 60),
-            s(quota_exhausted),
+            quota_exhausted,
             quota_out(PEER2),
         ),
-        c(
+        peer_case(
             "quota: a peer without a bucket passes while the bucket is exhausted",
             In,
             || packets::udp4(PEER4_V4, CLEAN, 4000, 53, 60),
-            s(quota_exhausted),
+            quota_exhausted,
             pass_in(PEER4),
         ),
-        c(
+        peer_case(
             "quota: unknown peer has no quota",
             In,
             || packets::udp4(STRANGER_V4, CLEAN, 1, 2, 10),
-            s(quota_exhausted),
+            quota_exhausted,
             (TC_ACT_OK, vec![TC_IN_UNKNOWN_PEER], None),
         ),
-        c(
+        peer_case(
             "quota: a bucket with limit 0 is not configured: passes",
             In,
             || packets::udp4(PEER1_V4, CLEAN, 4000, 53, 60),
-            Box::new(|f| {
+            |f: &mut Fixture| {
                 quota_base(f, 5_000_000);
                 f.quota_bucket(BUCKET, bucket(0, 5_000_000));
-            }),
+            },
             pass_in(PEER1),
         ),
-        c(
+        peer_case(
             "quota: a bucket id beyond the map is no quota",
             In,
             || packets::udp4(PEER1_V4, CLEAN, 4000, 53, 60),
-            Box::new(|f| {
+            |f: &mut Fixture| {
                 quota_exhausted(f);
                 f.peer_info(PEER1, with_bucket(0, u32::MAX));
-            }),
+            },
             pass_in(PEER1),
         ),
-        c(
+        peer_case(
             "quota: a held peer with an exhausted bucket: the gate decides first",
             In,
             || packets::udp4(PEER1_V4, CLEAN, 4000, 53, 60),
-            Box::new(|f| {
+            |f: &mut Fixture| {
                 quota_exhausted(f);
                 f.peer_info(
                     PEER1,
                     with_bucket(DropReason::GateMfaPending as u32, BUCKET),
                 );
-            }),
+            },
             (
                 TC_ACT_SHOT,
                 vec![
@@ -2105,14 +2118,14 @@ fn quota_cases() -> Vec<Case> {
                 Some((PEER1, PeerDelta::Drop(DropReason::GateMfaPending))),
             ),
         ),
-        c(
+        peer_case(
             "quota: a blocked destination is a blocklist drop, not charged",
             In,
             || packets::udp4(PEER1_V4, BLOCKED, 4000, 53, 60),
-            Box::new(|f| {
+            |f: &mut Fixture| {
                 quota_exhausted(f);
                 lists(f, Lists::Destination, 0);
-            }),
+            },
             (
                 TC_ACT_SHOT,
                 vec![
@@ -2324,190 +2337,174 @@ fn three_tcp(f: &mut Fixture) {
 }
 
 fn flow_cases() -> Vec<Case> {
-    type Expect = (u32, Vec<u32>, Option<(PeerId, PeerDelta)>);
     let fl = DropReason::FlowLimit;
-    let refused_in: Expect = (
+    let refused_in: PeerExpect = (
         TC_ACT_SHOT,
         vec![TC_IN_DROP_FLOWS, drop_slot(fl), EVENTS_EMITTED],
         Some((PEER1, PeerDelta::Drop(fl))),
     );
-    let refused_out: Expect = (
+    let refused_out: PeerExpect = (
         TC_ACT_SHOT,
         vec![TC_OUT_DROP_FLOWS, drop_slot(fl), EVENTS_EMITTED],
         Some((PEER1, PeerDelta::Drop(fl))),
     );
-    let pass_in: Expect = (TC_ACT_OK, vec![TC_IN_PASS], Some((PEER1, PeerDelta::Rx)));
-    let pass_out: Expect = (TC_ACT_OK, vec![TC_OUT_PASS], Some((PEER1, PeerDelta::Tx)));
-    let c = |name: &'static str,
-             prog: Prog,
-             packet: fn() -> Vec<u8>,
-             setup: Box<dyn Fn(&mut Fixture)>,
-             (verdict, counters, peer): Expect| Case {
-        name,
-        prog,
-        packet,
-        setup,
-        verdict,
-        counters,
-        list_hit: None,
-        peer,
-    };
-    let s = |f: fn(&mut Fixture)| -> Box<dyn Fn(&mut Fixture)> { Box::new(f) };
+    let pass_in: PeerExpect = (TC_ACT_OK, vec![TC_IN_PASS], Some((PEER1, PeerDelta::Rx)));
+    let pass_out: PeerExpect = (TC_ACT_OK, vec![TC_OUT_PASS], Some((PEER1, PeerDelta::Tx)));
     use Prog::{In, Out};
     vec![
-        c(
+        peer_case(
             "flows: a new flow within the limit passes",
             In,
             || syn4(2000),
-            s(flows_base),
+            flows_base,
             pass_in.clone(),
         ),
-        c(
+        peer_case(
             "flows: a 4th TCP flow over a limit of 3 is dropped",
             In,
             || syn4(1004),
-            s(three_tcp),
+            three_tcp,
             refused_in.clone(),
         ),
-        c(
+        peer_case(
             "flows: a 4th UDP flow over a limit of 3 is dropped",
             In,
             || udp_from1(5000),
-            s(three_tcp),
+            three_tcp,
             refused_in.clone(),
         ),
-        c(
+        peer_case(
             "flows: a new flow towards the peer over the limit is dropped",
             Out,
             || tcp_flags(packets::tcp4(CLEAN, PEER1_V4, 5555, 22, 0), SYN),
-            s(three_tcp),
+            three_tcp,
             refused_out.clone(),
         ),
-        c(
+        peer_case(
             "flows: an existing flow's packets pass at the limit",
             In,
             || tcp_flags(packets::tcp4(PEER1_V4, CLEAN, 1002, 443, 100), ACK),
-            s(three_tcp),
+            three_tcp,
             pass_in.clone(),
         ),
-        c(
+        peer_case(
             "flows: the reply direction maps to the same flow",
             Out,
             || reply4(1001, SYN | ACK),
-            s(three_tcp),
+            three_tcp,
             pass_out.clone(),
         ),
-        c(
+        peer_case(
             "flows: after a FIN the next new flow passes at once",
             In,
             || syn4(1004),
-            Box::new(|f| {
+            |f: &mut Fixture| {
                 three_tcp(f);
                 let fin = tcp_flags(packets::tcp4(PEER1_V4, CLEAN, 1002, 443, 0), FIN_ACK);
                 assert_eq!(f.run_tc(Tc::Ingress, &fin), TC_ACT_OK);
                 assert_eq!(f.flow_count(PEER1), 2);
-            }),
+            },
             pass_in.clone(),
         ),
-        c(
+        peer_case(
             "flows: after an RST from the other side the next new flow passes at once",
             In,
             || syn4(1004),
-            Box::new(|f| {
+            |f: &mut Fixture| {
                 three_tcp(f);
                 assert_eq!(f.run_tc(Tc::Egress, &reply4(1003, RST)), TC_ACT_OK);
                 assert_eq!(f.flow_count(PEER1), 2);
-            }),
+            },
             pass_in.clone(),
         ),
-        c(
+        peer_case(
             "flows: the tail of a closed flow (non-SYN, no entry) passes untracked at the limit",
             Out,
             || reply4(1009, ACK),
-            s(three_tcp),
+            three_tcp,
             pass_out.clone(),
         ),
-        c(
+        peer_case(
             "flows: IPv6, a second flow over a limit of 1 is dropped",
             Out,
             || packets::udp6(CLEAN6, PEER1_V6, 53, 4001, 20),
-            Box::new(|f| {
+            |f: &mut Fixture| {
                 flows_base(f);
                 f.peer_info(PEER1, with_flow_limit(0, 1));
                 let p = packets::udp6(PEER1_V6, CLEAN6, 4000, 53, 20);
                 assert_eq!(f.run_tc(Tc::Ingress, &p), TC_ACT_OK);
-            }),
+            },
             refused_out.clone(),
         ),
-        c(
+        peer_case(
             "flows: IPv6, the reply of the one flow passes at a limit of 1",
             Out,
             || packets::udp6(CLEAN6, PEER1_V6, 53, 4000, 20),
-            Box::new(|f| {
+            |f: &mut Fixture| {
                 flows_base(f);
                 f.peer_info(PEER1, with_flow_limit(0, 1));
                 let p = packets::udp6(PEER1_V6, CLEAN6, 4000, 53, 20);
                 assert_eq!(f.run_tc(Tc::Ingress, &p), TC_ACT_OK);
-            }),
+            },
             pass_out.clone(),
         ),
-        c(
+        peer_case(
             "flows: ICMP echo reply matches its request's flow",
             Out,
             || echo4(0, 77, false),
-            Box::new(|f| {
+            |f: &mut Fixture| {
                 flows_base(f);
                 f.peer_info(PEER1, with_flow_limit(0, 1));
                 assert_eq!(f.run_tc(Tc::Ingress, &echo4(8, 77, true)), TC_ACT_OK);
-            }),
+            },
             pass_out.clone(),
         ),
-        c(
+        peer_case(
             "flows: ICMP echo with another identifier is another flow",
             In,
             || echo4(8, 78, true),
-            Box::new(|f| {
+            |f: &mut Fixture| {
                 flows_base(f);
                 f.peer_info(PEER1, with_flow_limit(0, 1));
                 assert_eq!(f.run_tc(Tc::Ingress, &echo4(8, 77, true)), TC_ACT_OK);
-            }),
+            },
             refused_in.clone(),
         ),
-        c(
+        peer_case(
             "flows: a stale entry met again is a new flow re-using its slot",
             In,
             udp_from1_5000,
-            Box::new(|f| {
+            |f: &mut Fixture| {
                 flows_base(f);
                 f.peer_info(PEER1, with_flow_limit(0, 1));
                 assert_eq!(f.run_tc(Tc::Ingress, &udp_from1(5000)), TC_ACT_OK);
                 let (key, mut st) = f.flows()[0];
                 st.last_ns = boot_ns() - 61_000_000_000;
                 f.set_flow(key, st);
-            }),
+            },
             pass_in.clone(),
         ),
-        c(
+        peer_case(
             "flows: limit 0 is unlimited",
             In,
             || syn4(1004),
-            Box::new(|f| {
+            |f: &mut Fixture| {
                 three_tcp(f);
                 f.peer_info(PEER1, with_flow_limit(0, 0));
-            }),
+            },
             pass_in.clone(),
         ),
-        c(
+        peer_case(
             "flows: the gate still wins over the flow limit",
             In,
             || syn4(1004),
-            Box::new(|f| {
+            |f: &mut Fixture| {
                 three_tcp(f);
                 f.peer_info(
                     PEER1,
                     with_flow_limit(DropReason::GateKicked as u32, FLOW_LIMIT),
                 );
-            }),
+            },
             (
                 TC_ACT_SHOT,
                 vec![
@@ -2518,14 +2515,14 @@ fn flow_cases() -> Vec<Case> {
                 Some((PEER1, PeerDelta::Drop(DropReason::GateKicked))),
             ),
         ),
-        c(
+        peer_case(
             "flows: a blocked destination is a blocklist drop and takes no slot",
             In,
             || tcp_flags(packets::tcp4(PEER1_V4, BLOCKED, 1, 443, 0), SYN),
-            Box::new(|f| {
+            |f: &mut Fixture| {
                 three_tcp(f);
                 lists(f, Lists::Destination, 0);
-            }),
+            },
             (
                 TC_ACT_SHOT,
                 vec![
@@ -2880,8 +2877,7 @@ fn shape_quota_exhausted(f: &mut Fixture) {
 }
 
 fn shape_cases() -> Vec<Case> {
-    type Expect = (u32, Vec<u32>, Option<(PeerId, PeerDelta)>);
-    let shaped_in = |p: PeerId| -> Expect {
+    let shaped_in = |p: PeerId| -> PeerExpect {
         (
             TC_ACT_REDIRECT,
             vec![TC_IN_SHAPED],
@@ -2889,44 +2885,26 @@ fn shape_cases() -> Vec<Case> {
         )
     };
     let shaped_out =
-        |p: PeerId| -> Expect { (TC_ACT_OK, vec![TC_OUT_SHAPED], Some((p, PeerDelta::Tx))) };
-    let pass_in = |p: PeerId| -> Expect { (TC_ACT_OK, vec![TC_IN_PASS], Some((p, PeerDelta::Rx))) };
-    let pass_out =
-        |p: PeerId| -> Expect { (TC_ACT_OK, vec![TC_OUT_PASS], Some((p, PeerDelta::Tx))) };
-    let c = |name: &'static str,
-             prog: Prog,
-             packet: fn() -> Vec<u8>,
-             setup: Box<dyn Fn(&mut Fixture)>,
-             (verdict, counters, peer): Expect| Case {
-        name,
-        prog,
-        packet,
-        setup,
-        verdict,
-        counters,
-        list_hit: None,
-        peer,
-    };
-    let s = |f: fn(&mut Fixture)| -> Box<dyn Fn(&mut Fixture)> { Box::new(f) };
+        |p: PeerId| -> PeerExpect { (TC_ACT_OK, vec![TC_OUT_SHAPED], Some((p, PeerDelta::Tx))) };
     use Prog::{In, Out};
     let kicked = DropReason::GateKicked;
     let q = DropReason::QuotaExhausted;
     vec![
-        c(
+        peer_case(
             "shape: v4 from a shaped peer is redirected to the shaping device",
             In,
             || packets::tcp4(PEER1_V4, CLEAN, 4000, 443, 100),
-            s(shape_base),
+            shape_base,
             shaped_in(PEER1),
         ),
-        c(
+        peer_case(
             "shape: v6 from a shaped peer is redirected",
             In,
             || packets::udp6(PEER1_V6, CLEAN6, 4000, 53, 60),
-            s(shape_base),
+            shape_base,
             shaped_in(PEER1),
         ),
-        c(
+        peer_case(
             "shape: a v4 non-first fragment from a shaped peer is redirected too",
             In,
             || {
@@ -2934,60 +2912,60 @@ fn shape_cases() -> Vec<Case> {
                 packets::set_ipv4_fragment(&mut p, 100, false);
                 p
             },
-            s(shape_base),
+            shape_base,
             shaped_in(PEER1),
         ),
-        c(
+        peer_case(
             "shape: v4 to a shaped peer is queued in its class",
             Out,
             || packets::tcp4(CLEAN, PEER1_V4, 443, 4000, 1000),
-            s(shape_base),
+            shape_base,
             shaped_out(PEER1),
         ),
-        c(
+        peer_case(
             "shape: v6 to a range-attributed peer shaped one way is queued",
             Out,
             || packets::tcp6(CLEAN6, PEER3_V6, 443, 4000, 10),
-            s(shape_base),
+            shape_base,
             shaped_out(PEER3),
         ),
-        c(
+        peer_case(
             "shape: v6 from that peer (not shaped that way) passes",
             In,
             || packets::tcp6(PEER3_V6, CLEAN6, 4000, 443, 10),
-            s(shape_base),
+            shape_base,
             pass_in(PEER3),
         ),
-        c(
+        peer_case(
             "shape: an unshaped peer passes both ways",
             Out,
             || packets::udp4(CLEAN, PEER4_V4, 53, 4000, 60),
-            s(shape_base),
+            shape_base,
             pass_out(PEER4),
         ),
-        c(
+        peer_case(
             "shape: without a shaping device, traffic from a shaped peer passes unshaped",
             In,
             || packets::udp4(PEER1_V4, CLEAN, 4000, 53, 60),
-            s(shape_no_device),
+            shape_no_device,
             pass_in(PEER1),
         ),
-        c(
+        peer_case(
             "shape: a held shaped peer is dropped at the gate first",
             In,
             || packets::udp4(PEER1_V4, CLEAN, 4000, 53, 60),
-            s(shape_held),
+            shape_held,
             (
                 TC_ACT_SHOT,
                 vec![TC_IN_DROP_GATE, drop_slot(kicked), EVENTS_EMITTED],
                 Some((PEER1, PeerDelta::Drop(kicked))),
             ),
         ),
-        c(
+        peer_case(
             "shape: a shaped peer over its quota is dropped, not queued",
             Out,
             || packets::udp4(CLEAN, PEER1_V4, 53, 4000, 60),
-            s(shape_quota_exhausted),
+            shape_quota_exhausted,
             (
                 TC_ACT_SHOT,
                 vec![TC_OUT_DROP_QUOTA, drop_slot(q)],
@@ -3078,54 +3056,42 @@ fn pool_stale_hash(f: &mut Fixture) {
 }
 
 fn pool_cases() -> Vec<Case> {
-    let c =
-        |name: &'static str, packet: fn() -> Vec<u8>, setup: fn(&mut Fixture), counters, peer| {
-            Case {
-                name,
-                prog: Prog::In,
-                packet,
-                setup: Box::new(setup),
-                verdict: TC_ACT_OK,
-                counters,
-                list_hit: None,
-                peer,
-            }
-        };
+    use Prog::In;
     vec![
-        c(
+        peer_case(
             "pool: an address with a slot is its peer's (no hash entry needed)",
+            In,
             || packets::udp4(POOL_PEER5, CLEAN, 4000, 53, 60),
             pool_base,
-            vec![TC_IN_PASS],
-            Some((PEER5, PeerDelta::Rx)),
+            pass_in(PEER5),
         ),
-        c(
+        peer_case(
             "pool: a slot beats a range covering the same address",
+            In,
             || packets::udp4(PEER4_V4, CLEAN, 4000, 53, 60),
             pool_base,
-            vec![TC_IN_PASS],
-            Some((PEER1, PeerDelta::Rx)),
+            pass_in(PEER1),
         ),
-        c(
+        peer_case(
             "pool: an address without a slot falls to the ranges",
+            In,
             || packets::udp4(PEER2_V4, CLEAN, 4000, 53, 60),
             pool_base,
-            vec![TC_IN_PASS],
-            Some((PEER2, PeerDelta::Rx)),
+            pass_in(PEER2),
         ),
-        c(
+        peer_case(
             "pool: inside the pool the hash is not consulted (its peer 3 loses to the range)",
+            In,
             || packets::udp4(Ipv4Addr::new(10, 9, 250, 1), CLEAN, 4000, 53, 60),
             pool_stale_hash,
-            vec![TC_IN_PASS],
-            Some((PEER2, PeerDelta::Rx)),
+            pass_in(PEER2),
         ),
-        c(
+        peer_case(
             "pool: outside the pool the hash decides",
+            In,
             || packets::udp4(STRANGER_V4, CLEAN, 4000, 53, 60),
             pool_base,
-            vec![TC_IN_PASS],
-            Some((PEER3, PeerDelta::Rx)),
+            pass_in(PEER3),
         ),
     ]
 }
