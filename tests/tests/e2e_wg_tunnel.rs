@@ -1,0 +1,469 @@
+//! The agent's WireGuard tunnel against a stock client: `wireguard-go` configured with
+//! `wg setconf` in its own namespace, joined by a veth pair to the namespace where the agent's
+//! [`WgTunnel`] runs. Traffic both ways (ping, UDP, TCP; IPv4 and IPv6), the Connected event
+//! within 1 s, `wg show` on the server's interface, removing one peer while another keeps its
+//! session, kick, unknown keys.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant, SystemTime},
+};
+
+use capybara_agent::tunnel::{
+    AuthFailure, DisconnectReason, PeerConfig, PrivateKey, TunnelDeviceConfig, TunnelEvent,
+    WgConfig, WgTunnel,
+};
+use capybara_tests::{
+    netns::{NetNs, VethPair, unique_name},
+    traffic::{UdpSink, send_udp, tcp_transfer},
+    wg::{Implementation, WgProcess, start_tunnel, unix_now, wg_dump},
+};
+use tokio::sync::broadcast::{Receiver, error::TryRecvError};
+
+/// How long a test waits for something that should happen.
+const WAIT: Duration = Duration::from_secs(5);
+
+/// One client namespace with its wireguard-go interface.
+struct Client {
+    wg: WgProcess,
+    _veth: VethPair,
+    ns: NetNs,
+    /// The client's veth address (what the server sees as its endpoint).
+    outer: IpAddr,
+    /// Inner IPv4 / IPv6 address.
+    v4: IpAddr,
+    v6: IpAddr,
+}
+
+/// The server namespace with the agent's tunnel, and its clients. Clients drop first.
+struct Setup {
+    clients: Vec<Client>,
+    tunnel: WgTunnel,
+    server: NetNs,
+    v4: IpAddr,
+    v6: IpAddr,
+    net: u8,
+}
+
+fn v6(net: u8, host: u8) -> IpAddr {
+    format!("fd01:{net:x}::{host:x}").parse().unwrap()
+}
+
+fn v4(net: u8, host: u8) -> IpAddr {
+    format!("10.{net}.1.{host}").parse().unwrap()
+}
+
+fn tunnel_config(net: u8, private_key: PrivateKey) -> WgConfig {
+    let mut c = WgConfig::new(
+        TunnelDeviceConfig {
+            name: unique_name("wg"),
+            ipv4: Some(([10, net, 1, 1].into(), 24)),
+            ipv6: Some((format!("fd01:{net:x}::1").parse().unwrap(), 64)),
+            mtu: 1420,
+            offload: true,
+        },
+        0,
+        private_key,
+    );
+    c.disconnect_after = Duration::from_secs(180);
+    c
+}
+
+/// A server on `10.<net>.1.1/24`, `fd01:<net>::1/64` and `clients` wireguard-go clients, each
+/// in its own namespace on veth `10.<net+i>.0.0/24`, inner `10.<net>.1.<i+2>`. With
+/// `add_peers`, each client is a peer of the server.
+fn setup(net: u8, clients: usize, add_peers: bool) -> Setup {
+    let server = NetNs::new("s");
+    let tunnel = start_tunnel(&server, tunnel_config(net, PrivateKey::generate()));
+    let mut s = Setup {
+        clients: Vec::new(),
+        tunnel,
+        server,
+        v4: v4(net, 1),
+        v6: v6(net, 1),
+        net,
+    };
+    for i in 0..clients {
+        let ns = NetNs::new("c");
+        let veth = VethPair::new(&s.server, &ns, net + 1 + i as u8);
+        let host = 2 + i as u8;
+        let wg = WgProcess::start(&ns, Implementation::WireguardGo, "c");
+        let endpoint = SocketAddr::new(IpAddr::V4(veth.a.v4), s.tunnel.listen_port());
+        wg.set_peer(
+            None,
+            &s.tunnel.public_key(),
+            Some(endpoint),
+            &[&format!("10.{net}.1.0/24"), &format!("fd01:{net:x}::/64")],
+            None,
+        );
+        wg.up(
+            &ns,
+            &[
+                &format!("{}/24", v4(net, host)),
+                &format!("{}/64", v6(net, host)),
+            ],
+        );
+        if add_peers {
+            s.tunnel
+                .add_peer(peer_config(&wg, net, host))
+                .expect("add peer");
+        }
+        s.clients.push(Client {
+            outer: IpAddr::V4(veth.b.v4),
+            v4: v4(net, host),
+            v6: v6(net, host),
+            wg,
+            _veth: veth,
+            ns,
+        });
+    }
+    s
+}
+
+fn peer_config(wg: &WgProcess, net: u8, host: u8) -> PeerConfig {
+    PeerConfig {
+        public_key: wg.public_key(),
+        preshared_key: None,
+        allowed_ips: vec![
+            format!("{}/32", v4(net, host)).parse().unwrap(),
+            format!("{}/128", v6(net, host)).parse().unwrap(),
+        ],
+        persistent_keepalive: None,
+    }
+}
+
+fn ping(ns: &NetNs, to: IpAddr) -> bool {
+    ns.try_exec(&["ping", "-c", "1", "-W", "1", &to.to_string()])
+        .status
+        .success()
+}
+
+/// Pings until one answer or `timeout`.
+fn ping_until(ns: &NetNs, to: IpAddr, timeout: Duration) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if ping(ns, to) {
+            return true;
+        }
+    }
+    false
+}
+
+/// The first event matching `pred` within `timeout`, and when it was received.
+fn wait_event(
+    rx: &mut Receiver<TunnelEvent>,
+    timeout: Duration,
+    pred: impl Fn(&TunnelEvent) -> bool,
+) -> Option<(TunnelEvent, Instant)> {
+    let end = Instant::now() + timeout;
+    loop {
+        match rx.try_recv() {
+            Ok(e) if pred(&e) => return Some((e, Instant::now())),
+            Ok(_) => {}
+            Err(TryRecvError::Empty) => {
+                if Instant::now() >= end {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => panic!("event stream: {e}"),
+        }
+    }
+}
+
+fn is_connected(key: capybara_agent::tunnel::PublicKey) -> impl Fn(&TunnelEvent) -> bool {
+    move |e| matches!(e, TunnelEvent::Connected { public_key, .. } if *public_key == key)
+}
+
+/// Sends `n` datagrams in bursts of 20 with a pause between them: this wireguard-go (2022) reads
+/// its UDP socket one datagram at a time with the default 208 KiB receive buffer (about 90
+/// datagrams, `UdpRcvbufErrors` beyond), and on two shared cores it cannot keep up with a
+/// server that sends in batches.
+fn send_paced(ns: &NetNs, from: IpAddr, to: SocketAddr, n: u64, size: usize) {
+    let mut sent = 0;
+    while sent < n {
+        let k = (n - sent).min(20);
+        send_udp(ns, Some(from), to, k, size);
+        sent += k;
+        std::thread::sleep(Duration::from_millis(4));
+    }
+}
+
+fn udp_both_ways(s: &Setup, c: &Client, server: IpAddr, client: IpAddr) {
+    let (n, size) = (300u64, 1000usize);
+    let sink = UdpSink::start(&s.server, SocketAddr::new(server, 0));
+    send_paced(&c.ns, client, sink.addr(), n, size);
+    assert_eq!(
+        sink.wait_for(n, WAIT),
+        n,
+        "UDP {client} → {server} lost datagrams"
+    );
+    assert_eq!(sink.bytes(), n * size as u64);
+    let back = UdpSink::start(&c.ns, SocketAddr::new(client, 0));
+    send_paced(&s.server, server, back.addr(), n, size);
+    let got = back.wait_for(n, WAIT);
+    assert_eq!(
+        got,
+        n,
+        "UDP {server} → {client} lost datagrams; server device: {}; client UDP: {}; drops {:?}",
+        s.server
+            .exec(&["ip", "-s", "link", "show", s.tunnel.name()]),
+        c.ns.exec(&[
+            "nstat",
+            "-az",
+            "UdpRcvbufErrors",
+            "Udp6RcvbufErrors",
+            "UdpInErrors"
+        ]),
+        s.tunnel.drops()
+    );
+}
+
+#[test]
+fn traffic_flows_both_ways_and_wg_show_reports_the_peer() {
+    let s = setup(61, 1, true);
+    let c = &s.clients[0];
+    let mut events = s.tunnel.subscribe();
+
+    // The first ping starts the handshake.
+    let t0 = Instant::now();
+    assert!(
+        ping_until(&c.ns, s.v4, WAIT),
+        "no IPv4 ping through the tunnel"
+    );
+    let (ev, at) =
+        wait_event(&mut events, WAIT, is_connected(c.wg.public_key())).expect("no Connected event");
+    assert!(
+        at - t0 < Duration::from_secs(1),
+        "Connected {:?} after the client started its handshake",
+        at - t0
+    );
+    let TunnelEvent::Connected { endpoint, at, .. } = ev else {
+        unreachable!()
+    };
+    assert_eq!(endpoint.ip(), c.outer, "endpoint of the Connected event");
+    let age = SystemTime::now().duration_since(at).unwrap();
+    assert!(age < Duration::from_secs(2), "event time {age:?} ago");
+
+    assert!(ping(&c.ns, s.v6), "IPv6 ping client → server");
+    assert!(ping(&s.server, c.v4), "IPv4 ping server → client");
+    assert!(ping(&s.server, c.v6), "IPv6 ping server → client");
+
+    udp_both_ways(&s, c, s.v4, c.v4);
+    udp_both_ways(&s, c, s.v6, c.v6);
+
+    let (up, down) = (3_000_000u64, 2_000_000u64);
+    for server in [s.v4, s.v6] {
+        let r = tcp_transfer(
+            &s.server,
+            SocketAddr::new(server, 0),
+            &c.ns,
+            up,
+            down,
+            Duration::from_secs(20),
+        );
+        assert_eq!(
+            (r.server_received, r.client_received),
+            (up, down),
+            "TCP via {server}"
+        );
+    }
+
+    // `wg show` on the server's interface.
+    let dump = wg_dump(s.tunnel.name());
+    assert_eq!(dump.public_key, s.tunnel.public_key().to_base64());
+    assert_eq!(dump.listen_port, s.tunnel.listen_port());
+    assert_eq!(dump.peers.len(), 1);
+    let p = dump.peer(&c.wg.public_key());
+    let client_port = c.wg.dump().listen_port;
+    assert_eq!(
+        p.endpoint,
+        Some(SocketAddr::new(c.outer, client_port)),
+        "endpoint in wg show"
+    );
+    let now = unix_now();
+    assert!(
+        p.latest_handshake <= now && now - p.latest_handshake <= 5,
+        "latest handshake {} is not within 5 s of now {now}",
+        p.latest_handshake
+    );
+    assert!(
+        p.rx_bytes > 2 * up && p.tx_bytes > 2 * down,
+        "transfer below what TCP moved: {p:?}"
+    );
+    assert_eq!(
+        p.allowed_ips,
+        format!("{}/32,{}/128", c.v4, c.v6),
+        "allowed ips in wg show"
+    );
+    // The API's view agrees with wg show.
+    let st = s.tunnel.peer(&c.wg.public_key()).unwrap();
+    assert!(st.connected);
+    assert_eq!(st.endpoint, p.endpoint);
+    assert!(st.rx_bytes >= p.rx_bytes && st.tx_bytes >= p.tx_bytes);
+    let d = s.tunnel.drops();
+    assert_eq!(d.bad_source, 0, "{d:?}");
+}
+
+#[test]
+fn a_spoofed_inner_source_is_dropped() {
+    let s = setup(64, 1, true);
+    let c = &s.clients[0];
+    assert!(ping_until(&c.ns, s.v4, WAIT));
+    // Another address inside the client's tunnel subnet but not in its allowed IPs.
+    let spoofed = v4(s.net, 99);
+    c.ns.add_addr(&c.wg.ifname, &format!("{spoofed}/32"));
+    let sink = UdpSink::start(&s.server, SocketAddr::new(s.v4, 0));
+    send_udp(&c.ns, Some(spoofed), sink.addr(), 20, 100);
+    send_udp(&c.ns, Some(c.v4), sink.addr(), 5, 100);
+    assert_eq!(sink.wait_for(5, WAIT), 5);
+    assert_eq!(
+        sink.settle(Duration::from_millis(300), WAIT),
+        5,
+        "spoofed packets arrived"
+    );
+    assert_eq!(s.tunnel.drops().bad_source, 20);
+}
+
+#[test]
+fn removing_one_peer_leaves_the_other_session_working() {
+    let s = setup(66, 2, true);
+    let (c1, c2) = (&s.clients[0], &s.clients[1]);
+    let mut events = s.tunnel.subscribe();
+    assert!(ping_until(&c1.ns, s.v4, WAIT));
+    assert!(ping_until(&c2.ns, s.v4, WAIT));
+    wait_event(&mut events, WAIT, is_connected(c2.wg.public_key())).expect("c2 connected");
+    let hs2 = s.tunnel.peer(&c2.wg.public_key()).unwrap().last_handshake;
+    assert!(hs2.is_some());
+
+    s.tunnel
+        .remove_peer(&c1.wg.public_key())
+        .expect("remove c1");
+    let (ev, _) = wait_event(&mut events, WAIT, |e| {
+        matches!(e, TunnelEvent::Disconnected { .. })
+    })
+    .expect("Disconnected for the removed peer");
+    assert_eq!(
+        ev,
+        TunnelEvent::Disconnected {
+            public_key: c1.wg.public_key(),
+            reason: DisconnectReason::Removed,
+            at: match ev {
+                TunnelEvent::Disconnected { at, .. } => at,
+                _ => unreachable!(),
+            },
+        }
+    );
+    assert!(
+        !ping(&c1.ns, s.v4),
+        "the removed peer still reaches the server"
+    );
+    for _ in 0..5 {
+        assert!(ping(&c2.ns, s.v4), "the other peer lost its tunnel");
+        assert!(
+            ping(&s.server, c2.v6),
+            "the other peer lost its tunnel (IPv6)"
+        );
+    }
+    let after = s.tunnel.peer(&c2.wg.public_key()).unwrap();
+    assert_eq!(
+        after.last_handshake, hs2,
+        "the other peer had to handshake again"
+    );
+    assert!(after.connected);
+    assert!(s.tunnel.peer(&c1.wg.public_key()).is_none());
+    assert!(
+        wait_event(
+            &mut events,
+            Duration::from_millis(200),
+            is_connected(c2.wg.public_key())
+        )
+        .is_none(),
+        "the other peer reconnected"
+    );
+    // Errors name the field and change nothing.
+    let err = s.tunnel.remove_peer(&c1.wg.public_key()).unwrap_err();
+    assert!(err.to_string().starts_with("public_key:"), "{err}");
+    let mut dup = peer_config(&c1.wg, s.net, 2);
+    dup.allowed_ips = vec![format!("{}/32", c2.v4).parse().unwrap()];
+    let err = s.tunnel.add_peer(dup).unwrap_err();
+    assert!(err.to_string().starts_with("allowed_ips:"), "{err}");
+    assert!(s.tunnel.peer(&c1.wg.public_key()).is_none());
+    assert!(ping(&c2.ns, s.v4));
+}
+
+#[test]
+fn kick_forces_a_new_handshake() {
+    let s = setup(68, 1, true);
+    let c = &s.clients[0];
+    let key = c.wg.public_key();
+    let mut events = s.tunnel.subscribe();
+    assert!(ping_until(&c.ns, s.v4, WAIT));
+    wait_event(&mut events, WAIT, is_connected(key)).expect("connected");
+    let before = s.tunnel.peer(&key).unwrap().last_handshake.unwrap();
+    let client_before = c.wg.dump().peer(&s.tunnel.public_key()).latest_handshake;
+    // wg show has second resolution: make the new handshake land in a later second.
+    std::thread::sleep(Duration::from_millis(1100));
+
+    s.tunnel.kick(&key).expect("kick");
+    let (ev, _) = wait_event(&mut events, WAIT, |e| {
+        matches!(e, TunnelEvent::Disconnected { .. })
+    })
+    .expect("Disconnected after the kick");
+    assert!(
+        matches!(ev, TunnelEvent::Disconnected { reason: DisconnectReason::Kicked, public_key, .. } if public_key == key),
+        "{ev:?}"
+    );
+    assert!(
+        !ping(&c.ns, s.v4),
+        "the kicked session still carries traffic"
+    );
+    assert!(!s.tunnel.peer(&key).unwrap().connected);
+
+    // The client notices the silence and handshakes again (wireguard-go: after 15 s).
+    assert!(
+        ping_until(&c.ns, s.v4, Duration::from_secs(40)),
+        "no traffic after the kick within 40 s"
+    );
+    wait_event(&mut events, WAIT, is_connected(key)).expect("Connected again after the kick");
+    let after = s.tunnel.peer(&key).unwrap().last_handshake.unwrap();
+    assert!(after > before, "no new handshake: {before:?} → {after:?}");
+    let client_after = c.wg.dump().peer(&s.tunnel.public_key()).latest_handshake;
+    assert!(
+        client_after > client_before,
+        "the client did not handshake again"
+    );
+}
+
+#[test]
+fn an_unknown_key_is_reported_with_its_source_once_per_interval() {
+    let s = setup(70, 1, false);
+    let c = &s.clients[0];
+    let mut events = s.tunnel.subscribe();
+    assert!(!ping(&c.ns, s.v4), "a client that is no peer got through");
+    let (ev, _) = wait_event(&mut events, WAIT, |e| {
+        matches!(e, TunnelEvent::AuthFailed { .. })
+    })
+    .expect("no AuthFailed event");
+    let TunnelEvent::AuthFailed {
+        source,
+        public_key,
+        reason,
+    } = ev
+    else {
+        unreachable!()
+    };
+    assert_eq!(reason, AuthFailure::UnknownKey);
+    assert_eq!(source.ip(), c.outer);
+    assert_eq!(public_key, Some(c.wg.public_key()));
+    // wireguard-go retries every 5 s; the second attempt is within the 10 s interval.
+    let _ = ping_until(&c.ns, s.v4, Duration::from_secs(6));
+    assert!(
+        wait_event(&mut events, Duration::from_millis(100), |e| {
+            matches!(e, TunnelEvent::AuthFailed { .. })
+        })
+        .is_none(),
+        "a second AuthFailed event from the same source within 10 s"
+    );
+    assert!(s.tunnel.drops().invalid >= 2, "{:?}", s.tunnel.drops());
+}
