@@ -132,7 +132,7 @@ pub async fn run(
                 ipv4: Some(config.tunnel_ipv4),
                 ipv6: Some(config.tunnel_ipv6),
                 mtu: 1420,
-                offload: true,
+                offload: crate::tunnel::DEFAULT_OFFLOAD,
             },
             config.listen_port,
             private_key,

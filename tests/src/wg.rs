@@ -8,7 +8,7 @@
 
 use std::{
     io::Write as _,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     process::{Child, Stdio},
     time::{Duration, Instant},
@@ -16,10 +16,10 @@ use std::{
 
 use capybara_agent::{
     paths,
-    tunnel::{PrivateKey, PublicKey, WgConfig, WgTunnel},
+    tunnel::{PeerConfig, PrivateKey, PublicKey, TunnelDeviceConfig, WgConfig, WgTunnel},
 };
 
-use crate::netns::{NetNs, unique_name};
+use crate::netns::{NetNs, VethPair, unique_name};
 
 /// The UAPI socket of `ifname`.
 pub fn uapi_socket(ifname: &str) -> PathBuf {
@@ -241,6 +241,146 @@ pub fn parse_dump(out: &str) -> Option<WgDump> {
         });
     }
     Some(dump)
+}
+
+/// One client namespace with its wireguard-go interface.
+pub struct WgClient {
+    pub wg: WgProcess,
+    _veth: VethPair,
+    pub ns: NetNs,
+    /// The client's veth address (what the server sees as its endpoint).
+    pub outer: IpAddr,
+    /// Inner IPv4 address.
+    pub v4: IpAddr,
+    /// Inner IPv6 address.
+    pub v6: IpAddr,
+}
+
+/// The server namespace with the agent's tunnel (the tests' "lab"), and its clients.
+pub struct WgLab {
+    /// The clients (dropped first).
+    pub clients: Vec<WgClient>,
+    /// The agent's tunnel.
+    pub tunnel: WgTunnel,
+    /// The server's namespace.
+    pub server: NetNs,
+    /// The server's inner IPv4 address.
+    pub v4: IpAddr,
+    /// The server's inner IPv6 address.
+    pub v6: IpAddr,
+    /// The lab's network number.
+    pub net: u8,
+}
+
+/// Inner IPv6 address `fd01:<net>::<host>`.
+pub fn inner_v6(net: u8, host: u8) -> IpAddr {
+    format!("fd01:{net:x}::{host:x}").parse().unwrap()
+}
+
+/// Inner IPv4 address `10.<net>.1.<host>`.
+pub fn inner_v4(net: u8, host: u8) -> IpAddr {
+    format!("10.{net}.1.{host}").parse().unwrap()
+}
+
+/// The lab's tunnel configuration: `10.<net>.1.1/24`, `fd01:<net>::1/64`, a free port.
+pub fn tunnel_config(net: u8, private_key: PrivateKey, offload: bool) -> WgConfig {
+    let mut c = WgConfig::new(
+        TunnelDeviceConfig {
+            name: unique_name("wg"),
+            ipv4: Some(([10, net, 1, 1].into(), 24)),
+            ipv6: Some((format!("fd01:{net:x}::1").parse().unwrap(), 64)),
+            mtu: 1420,
+            offload,
+        },
+        0,
+        private_key,
+    );
+    c.disconnect_after = Duration::from_secs(180);
+    c
+}
+
+impl WgLab {
+    /// A lab: a server on `10.<net>.1.1/24`, `fd01:<net>::1/64` and `clients` wireguard-go
+    /// clients, each in its own namespace on veth `10.<net+i>.0.0/24`, inner
+    /// `10.<net>.1.<i+2>`. With `add_peers`, each client is a peer of the server.
+    pub fn new(net: u8, clients: usize, add_peers: bool, offload: bool) -> WgLab {
+        let server = NetNs::new("s");
+        let tunnel = start_tunnel(&server, tunnel_config(net, PrivateKey::generate(), offload));
+        let mut s = WgLab {
+            clients: Vec::new(),
+            tunnel,
+            server,
+            v4: inner_v4(net, 1),
+            v6: inner_v6(net, 1),
+            net,
+        };
+        for i in 0..clients {
+            let ns = NetNs::new("c");
+            let veth = VethPair::new(&s.server, &ns, net + 1 + i as u8);
+            let host = 2 + i as u8;
+            let wg = WgProcess::start(&ns, Implementation::WireguardGo, "c");
+            let endpoint = SocketAddr::new(IpAddr::V4(veth.a.v4), s.tunnel.listen_port());
+            wg.set_peer(
+                None,
+                &s.tunnel.public_key(),
+                Some(endpoint),
+                &[&format!("10.{net}.1.0/24"), &format!("fd01:{net:x}::/64")],
+                None,
+            );
+            wg.up(
+                &ns,
+                &[
+                    &format!("{}/24", inner_v4(net, host)),
+                    &format!("{}/64", inner_v6(net, host)),
+                ],
+            );
+            if add_peers {
+                s.tunnel
+                    .add_peer(peer_config(&wg, net, host))
+                    .expect("add peer");
+            }
+            s.clients.push(WgClient {
+                outer: IpAddr::V4(veth.b.v4),
+                v4: inner_v4(net, host),
+                v6: inner_v6(net, host),
+                wg,
+                _veth: veth,
+                ns,
+            });
+        }
+        s
+    }
+}
+
+/// The peer configuration of `wg` as client `host` of lab `net` (its inner /32 and /128).
+pub fn peer_config(wg: &WgProcess, net: u8, host: u8) -> PeerConfig {
+    PeerConfig {
+        public_key: wg.public_key(),
+        preshared_key: None,
+        allowed_ips: vec![
+            format!("{}/32", inner_v4(net, host)).parse().unwrap(),
+            format!("{}/128", inner_v6(net, host)).parse().unwrap(),
+        ],
+        persistent_keepalive: None,
+    }
+}
+
+/// One ping (1 s timeout); true if answered.
+pub fn ping(ns: &NetNs, to: IpAddr) -> bool {
+    ns.try_exec(&["ping", "-c", "1", "-W", "1", &to.to_string()])
+        .status
+        .success()
+}
+
+/// Pings until one answer or `timeout`.
+pub fn ping_until(ns: &NetNs, to: IpAddr, timeout: Duration) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if ping(ns, to) {
+            return true;
+        }
+    }
+    false
 }
 
 /// Starts the agent's tunnel inside `ns` (its device, socket and threads live there).

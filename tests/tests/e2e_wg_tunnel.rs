@@ -9,144 +9,25 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use capybara_agent::tunnel::{
-    AuthFailure, DisconnectReason, PeerConfig, PrivateKey, TunnelDeviceConfig, TunnelEvent,
-    WgConfig, WgTunnel,
-};
+use capybara_agent::tunnel::{AuthFailure, DEFAULT_OFFLOAD, DisconnectReason, TunnelEvent};
 use capybara_tests::{
-    netns::{NetNs, VethPair, unique_name},
+    netns::NetNs,
     traffic::{UdpSink, send_udp, tcp_transfer},
-    wg::{Implementation, WgProcess, start_tunnel, unix_now, wg_dump},
+    wg::{
+        WgClient as Client, WgLab as Setup, inner_v4 as v4, peer_config, ping, ping_until,
+        unix_now, wg_dump,
+    },
 };
 use tokio::sync::broadcast::{Receiver, error::TryRecvError};
 
 /// How long a test waits for something that should happen.
 const WAIT: Duration = Duration::from_secs(5);
+/// TCP bytes client → server and back, per address family.
+const UP: u64 = 3_000_000;
+const DOWN: u64 = 2_000_000;
 
-/// One client namespace with its wireguard-go interface.
-struct Client {
-    wg: WgProcess,
-    _veth: VethPair,
-    ns: NetNs,
-    /// The client's veth address (what the server sees as its endpoint).
-    outer: IpAddr,
-    /// Inner IPv4 / IPv6 address.
-    v4: IpAddr,
-    v6: IpAddr,
-}
-
-/// The server namespace with the agent's tunnel, and its clients. Clients drop first.
-struct Setup {
-    clients: Vec<Client>,
-    tunnel: WgTunnel,
-    server: NetNs,
-    v4: IpAddr,
-    v6: IpAddr,
-    net: u8,
-}
-
-fn v6(net: u8, host: u8) -> IpAddr {
-    format!("fd01:{net:x}::{host:x}").parse().unwrap()
-}
-
-fn v4(net: u8, host: u8) -> IpAddr {
-    format!("10.{net}.1.{host}").parse().unwrap()
-}
-
-fn tunnel_config(net: u8, private_key: PrivateKey) -> WgConfig {
-    let mut c = WgConfig::new(
-        TunnelDeviceConfig {
-            name: unique_name("wg"),
-            ipv4: Some(([10, net, 1, 1].into(), 24)),
-            ipv6: Some((format!("fd01:{net:x}::1").parse().unwrap(), 64)),
-            mtu: 1420,
-            offload: true,
-        },
-        0,
-        private_key,
-    );
-    c.disconnect_after = Duration::from_secs(180);
-    c
-}
-
-/// A server on `10.<net>.1.1/24`, `fd01:<net>::1/64` and `clients` wireguard-go clients, each
-/// in its own namespace on veth `10.<net+i>.0.0/24`, inner `10.<net>.1.<i+2>`. With
-/// `add_peers`, each client is a peer of the server.
 fn setup(net: u8, clients: usize, add_peers: bool) -> Setup {
-    let server = NetNs::new("s");
-    let tunnel = start_tunnel(&server, tunnel_config(net, PrivateKey::generate()));
-    let mut s = Setup {
-        clients: Vec::new(),
-        tunnel,
-        server,
-        v4: v4(net, 1),
-        v6: v6(net, 1),
-        net,
-    };
-    for i in 0..clients {
-        let ns = NetNs::new("c");
-        let veth = VethPair::new(&s.server, &ns, net + 1 + i as u8);
-        let host = 2 + i as u8;
-        let wg = WgProcess::start(&ns, Implementation::WireguardGo, "c");
-        let endpoint = SocketAddr::new(IpAddr::V4(veth.a.v4), s.tunnel.listen_port());
-        wg.set_peer(
-            None,
-            &s.tunnel.public_key(),
-            Some(endpoint),
-            &[&format!("10.{net}.1.0/24"), &format!("fd01:{net:x}::/64")],
-            None,
-        );
-        wg.up(
-            &ns,
-            &[
-                &format!("{}/24", v4(net, host)),
-                &format!("{}/64", v6(net, host)),
-            ],
-        );
-        if add_peers {
-            s.tunnel
-                .add_peer(peer_config(&wg, net, host))
-                .expect("add peer");
-        }
-        s.clients.push(Client {
-            outer: IpAddr::V4(veth.b.v4),
-            v4: v4(net, host),
-            v6: v6(net, host),
-            wg,
-            _veth: veth,
-            ns,
-        });
-    }
-    s
-}
-
-fn peer_config(wg: &WgProcess, net: u8, host: u8) -> PeerConfig {
-    PeerConfig {
-        public_key: wg.public_key(),
-        preshared_key: None,
-        allowed_ips: vec![
-            format!("{}/32", v4(net, host)).parse().unwrap(),
-            format!("{}/128", v6(net, host)).parse().unwrap(),
-        ],
-        persistent_keepalive: None,
-    }
-}
-
-fn ping(ns: &NetNs, to: IpAddr) -> bool {
-    ns.try_exec(&["ping", "-c", "1", "-W", "1", &to.to_string()])
-        .status
-        .success()
-}
-
-/// Pings until one answer or `timeout`.
-fn ping_until(ns: &NetNs, to: IpAddr, timeout: Duration) -> bool {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if ping(ns, to) {
-            return true;
-        }
-    }
-    false
+    Setup::new(net, clients, add_peers, DEFAULT_OFFLOAD)
 }
 
 /// The first event matching `pred` within `timeout`, and when it was received.
@@ -219,6 +100,33 @@ fn udp_both_ways(s: &Setup, c: &Client, server: IpAddr, client: IpAddr) {
     );
 }
 
+/// Ping, UDP (exact datagram counts) and TCP (exact byte counts) both ways, IPv4 and IPv6.
+fn traffic_both_ways(s: &Setup, c: &Client) {
+    assert!(ping(&c.ns, s.v6), "IPv6 ping client → server");
+    assert!(ping(&s.server, c.v4), "IPv4 ping server → client");
+    assert!(ping(&s.server, c.v6), "IPv6 ping server → client");
+
+    udp_both_ways(s, c, s.v4, c.v4);
+    udp_both_ways(s, c, s.v6, c.v6);
+
+    let (up, down) = (UP, DOWN);
+    for server in [s.v4, s.v6] {
+        let r = tcp_transfer(
+            &s.server,
+            SocketAddr::new(server, 0),
+            &c.ns,
+            up,
+            down,
+            Duration::from_secs(20),
+        );
+        assert_eq!(
+            (r.server_received, r.client_received),
+            (up, down),
+            "TCP via {server}"
+        );
+    }
+}
+
 #[test]
 fn traffic_flows_both_ways_and_wg_show_reports_the_peer() {
     let s = setup(61, 1, true);
@@ -245,29 +153,7 @@ fn traffic_flows_both_ways_and_wg_show_reports_the_peer() {
     let age = SystemTime::now().duration_since(at).unwrap();
     assert!(age < Duration::from_secs(2), "event time {age:?} ago");
 
-    assert!(ping(&c.ns, s.v6), "IPv6 ping client → server");
-    assert!(ping(&s.server, c.v4), "IPv4 ping server → client");
-    assert!(ping(&s.server, c.v6), "IPv6 ping server → client");
-
-    udp_both_ways(&s, c, s.v4, c.v4);
-    udp_both_ways(&s, c, s.v6, c.v6);
-
-    let (up, down) = (3_000_000u64, 2_000_000u64);
-    for server in [s.v4, s.v6] {
-        let r = tcp_transfer(
-            &s.server,
-            SocketAddr::new(server, 0),
-            &c.ns,
-            up,
-            down,
-            Duration::from_secs(20),
-        );
-        assert_eq!(
-            (r.server_received, r.client_received),
-            (up, down),
-            "TCP via {server}"
-        );
-    }
+    traffic_both_ways(&s, c);
 
     // `wg show` on the server's interface.
     let dump = wg_dump(s.tunnel.name());
@@ -288,7 +174,7 @@ fn traffic_flows_both_ways_and_wg_show_reports_the_peer() {
         p.latest_handshake
     );
     assert!(
-        p.rx_bytes > 2 * up && p.tx_bytes > 2 * down,
+        p.rx_bytes > 2 * UP && p.tx_bytes > 2 * DOWN,
         "transfer below what TCP moved: {p:?}"
     );
     assert_eq!(
@@ -466,4 +352,16 @@ fn an_unknown_key_is_reported_with_its_source_once_per_interval() {
         "a second AuthFailed event from the same source within 10 s"
     );
     assert!(s.tunnel.drops().invalid >= 2, "{:?}", s.tunnel.drops());
+}
+
+#[test]
+fn an_offloading_device_carries_the_same_traffic() {
+    // TUN offloads (IFF_VNET_HDR: GSO split on read, GRO on write), off by default.
+    let s = Setup::new(72, 1, true, true);
+    let c = &s.clients[0];
+    assert!(
+        ping_until(&c.ns, s.v4, WAIT),
+        "no IPv4 ping through the tunnel"
+    );
+    traffic_both_ways(&s, c);
 }

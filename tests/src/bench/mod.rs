@@ -5,6 +5,8 @@
 //!   replacing a 1M-prefix list; optionally the kernel's own LPM trie over the same prefixes as
 //!   a baseline measured in the same run.
 //! - [`geo`]: compiling a generated GeoLite2-size MaxMind DB.
+//! - [`tunnel`]: iperf3 TCP through the agent's WireGuard tunnel, `boringtun-cli` and
+//!   `wireguard-go`, from a `wireguard-go` client, same machine, same run.
 //!
 //! Every figure is a [`Figure`]; the binary writes them as
 //! `{"benchmarks":[{"name":…, "value":…, "unit":…}]}`. The names below are what reports and CI
@@ -13,6 +15,7 @@
 pub mod geo;
 pub mod guard;
 pub mod pipeline;
+pub mod tunnel;
 
 use std::{
     path::{Path, PathBuf},
@@ -45,6 +48,17 @@ pub const TC_PIPELINE_NS_100K_PEERS: &str = "tc_pipeline_ns_100k_peers";
 /// `tc_pipeline_ns_100k_peers` over `tc_pipeline_ns_10_peers`.
 pub const TC_PIPELINE_100K_OVER_10: &str = "tc_pipeline_100k_over_10";
 
+/// Mbit/s of iperf3 TCP from a wireguard-go client through the agent's tunnel.
+pub const TUNNEL_THROUGHPUT_MBPS: &str = "tunnel_throughput_mbps";
+/// Mbit/s of the same through `boringtun-cli`.
+pub const TUNNEL_THROUGHPUT_BORINGTUN_CLI_MBPS: &str = "tunnel_throughput_boringtun_cli_mbps";
+/// Mbit/s of the same through a server-side `wireguard-go`.
+pub const TUNNEL_THROUGHPUT_WIREGUARD_GO_MBPS: &str = "tunnel_throughput_wireguard_go_mbps";
+/// `tunnel_throughput_mbps` over `tunnel_throughput_boringtun_cli_mbps` (target ≥ 1.0).
+pub const TUNNEL_THROUGHPUT_VS_BORINGTUN_CLI: &str = "tunnel_throughput_vs_boringtun_cli";
+/// `tunnel_throughput_mbps` over `tunnel_throughput_wireguard_go_mbps`.
+pub const TUNNEL_THROUGHPUT_VS_WIREGUARD_GO: &str = "tunnel_throughput_vs_wireguard_go";
+
 /// Every benchmark, in the order they run and are reported.
 pub const ALL: &[&str] = &[
     XDP_GUARD_NS_EMPTY,
@@ -58,6 +72,11 @@ pub const ALL: &[&str] = &[
     TC_PIPELINE_NS_10_PEERS,
     TC_PIPELINE_NS_100K_PEERS,
     TC_PIPELINE_100K_OVER_10,
+    TUNNEL_THROUGHPUT_MBPS,
+    TUNNEL_THROUGHPUT_BORINGTUN_CLI_MBPS,
+    TUNNEL_THROUGHPUT_WIREGUARD_GO_MBPS,
+    TUNNEL_THROUGHPUT_VS_BORINGTUN_CLI,
+    TUNNEL_THROUGHPUT_VS_WIREGUARD_GO,
 ];
 
 /// One measured figure.
@@ -67,7 +86,7 @@ pub struct Figure {
     pub name: &'static str,
     /// The value, in `unit`.
     pub value: f64,
-    /// `ns`, `ms` or `ratio`.
+    /// `ns`, `ms`, `Mbit/s` or `ratio`.
     pub unit: &'static str,
 }
 
