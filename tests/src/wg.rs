@@ -246,7 +246,8 @@ pub fn parse_dump(out: &str) -> Option<WgDump> {
 /// One client namespace with its wireguard-go interface.
 pub struct WgClient {
     pub wg: WgProcess,
-    _veth: VethPair,
+    /// The veth pair to the server (`a` is the server's end).
+    pub veth: VethPair,
     pub ns: NetNs,
     /// The client's veth address (what the server sees as its endpoint).
     pub outer: IpAddr,
@@ -344,7 +345,7 @@ impl WgLab {
                 v4: inner_v4(net, host),
                 v6: inner_v6(net, host),
                 wg,
-                _veth: veth,
+                veth,
                 ns,
             });
         }

@@ -9,13 +9,15 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use capybara_agent::tunnel::{AuthFailure, DEFAULT_OFFLOAD, DisconnectReason, TunnelEvent};
+use capybara_agent::tunnel::{
+    AuthFailure, DEFAULT_OFFLOAD, DisconnectReason, PrivateKey, TunnelEvent,
+};
 use capybara_tests::{
-    netns::NetNs,
+    netns::{NetNs, VethPair},
     traffic::{UdpSink, send_udp, tcp_transfer},
     wg::{
-        WgClient as Client, WgLab as Setup, inner_v4 as v4, peer_config, ping, ping_until,
-        unix_now, wg_dump,
+        Implementation, WgClient as Client, WgLab as Setup, WgProcess, inner_v4 as v4, peer_config,
+        ping, ping_until, start_tunnel, tunnel_config, unix_now, wg_dump,
     },
 };
 use tokio::sync::broadcast::{Receiver, error::TryRecvError};
@@ -364,4 +366,79 @@ fn an_offloading_device_carries_the_same_traffic() {
         "no IPv4 ping through the tunnel"
     );
     traffic_both_ways(&s, c);
+}
+
+#[test]
+fn an_ipv6_endpoint_connects_and_silence_disconnects_after_the_configured_time() {
+    let net = 78;
+    let server = NetNs::new("s");
+    let mut config = tunnel_config(net, PrivateKey::generate(), DEFAULT_OFFLOAD);
+    config.disconnect_after = Duration::from_secs(2);
+    let tunnel = start_tunnel(&server, config);
+    let mut events = tunnel.subscribe();
+    let ns = NetNs::new("c");
+    let veth = VethPair::new(&server, &ns, net + 1);
+    let wg = WgProcess::start(&ns, Implementation::WireguardGo, "c");
+    tunnel.add_peer(peer_config(&wg, net, 2)).expect("add peer");
+    let endpoint = SocketAddr::new(IpAddr::V6(veth.a.v6), tunnel.listen_port());
+    wg.set_peer(
+        None,
+        &tunnel.public_key(),
+        Some(endpoint),
+        &[&format!("10.{net}.1.0/24")],
+        None,
+    );
+    wg.up(&ns, &[&format!("{}/24", v4(net, 2))]);
+
+    assert!(
+        ping_until(&ns, v4(net, 1), WAIT),
+        "no ping over an IPv6 endpoint"
+    );
+    let (ev, connected_at) =
+        wait_event(&mut events, WAIT, is_connected(wg.public_key())).expect("Connected");
+    let TunnelEvent::Connected { endpoint, .. } = ev else {
+        unreachable!()
+    };
+    let client_port = wg.dump().listen_port;
+    assert_eq!(
+        endpoint,
+        SocketAddr::new(IpAddr::V6(veth.b.v6), client_port)
+    );
+    assert_eq!(
+        wg_dump(tunnel.name()).peer(&wg.public_key()).endpoint,
+        Some(endpoint),
+        "wg show endpoint"
+    );
+
+    // No more traffic: Disconnected/Timeout about 2 s after the last packet (the client's
+    // passive keepalive comes 10 s after, too late to keep it).
+    let (ev, at) = wait_event(&mut events, Duration::from_secs(6), |e| {
+        matches!(e, TunnelEvent::Disconnected { .. })
+    })
+    .expect("no Disconnected after 2 s of silence");
+    assert!(
+        matches!(
+            ev,
+            TunnelEvent::Disconnected {
+                reason: DisconnectReason::Timeout,
+                ..
+            }
+        ),
+        "{ev:?}"
+    );
+    let silence = at - connected_at;
+    assert!(
+        silence >= Duration::from_millis(1500) && silence < Duration::from_secs(4),
+        "disconnected {silence:?} after connecting"
+    );
+    assert!(!tunnel.peer(&wg.public_key()).unwrap().connected);
+    // Traffic again on the still-live session: the peer is back, without a handshake.
+    let handshake = tunnel.peer(&wg.public_key()).unwrap().last_handshake;
+    assert!(ping(&ns, v4(net, 1)));
+    wait_event(&mut events, WAIT, is_connected(wg.public_key()))
+        .expect("Connected again when traffic resumes");
+    let st = tunnel.peer(&wg.public_key()).unwrap();
+    assert!(st.connected);
+    assert_eq!(st.last_handshake, handshake);
+    drop(wg);
 }

@@ -1,8 +1,9 @@
 //! The deterministic parts of connect/disconnect tracking: each takes the time as an argument
 //! and returns what happened, so tests drive them with made-up instants.
 //!
-//! - [`Liveness`]: one peer. *Connected* at the first completed handshake after being
-//!   disconnected (rekeys every two minutes are not new connections); *disconnected* once
+//! - [`Liveness`]: one peer. *Connected* at the first completed handshake (or authenticated
+//!   packet of a live session) after being disconnected (rekeys every two minutes are not new
+//!   connections); *disconnected* once
 //!   neither a handshake nor an authenticated packet (data or keepalive) arrived for the
 //!   configured time (default [`DEFAULT_DISCONNECT_AFTER`], WireGuard's own REJECT_AFTER_TIME:
 //!   past it the session keys are dead anyway), or at once when kicked or removed.
@@ -35,9 +36,12 @@ impl Liveness {
         !std::mem::replace(&mut self.connected, true)
     }
 
-    /// An authenticated packet (data or keepalive) at `now`.
-    pub fn on_traffic(&mut self, now: Instant) {
+    /// An authenticated packet (data or keepalive) at `now`; true if this makes the peer
+    /// connected again: with a disconnect time shorter than a session's life (180 s), a peer
+    /// can go quiet, be reported gone, and come back on the same session.
+    pub fn on_traffic(&mut self, now: Instant) -> bool {
         self.last_seen = Some(now);
+        !std::mem::replace(&mut self.connected, true)
     }
 
     /// Checks the timeout at `now`; true if the peer just went away (emit Disconnected).
@@ -122,7 +126,7 @@ mod tests {
             !l.on_handshake(t0 + 120 * S),
             "a rekey is not a new connection"
         );
-        l.on_traffic(t0 + 200 * S);
+        assert!(!l.on_traffic(t0 + 200 * S), "already connected");
         assert!(!l.poll(t0 + 379 * S, 180 * S), "traffic 179 s ago");
         assert!(l.poll(t0 + 380 * S, 180 * S), "180 s of silence");
         assert!(!l.poll(t0 + 381 * S, 180 * S), "reported once");
@@ -140,7 +144,11 @@ mod tests {
         l.on_handshake(t0);
         assert!(!l.poll(t0 + 4 * S, 5 * S));
         assert!(l.poll(t0 + 5 * S, 5 * S));
-        l.on_handshake(t0 + 6 * S);
+        assert!(
+            l.on_traffic(t0 + 6 * S),
+            "the live session's traffic reconnects"
+        );
+        assert!(!l.on_handshake(t0 + 7 * S));
         assert!(l.end(), "kick ends a connected peer");
         assert!(!l.end());
         assert!(!l.poll(t0 + 600 * S, 5 * S), "no second Disconnected");

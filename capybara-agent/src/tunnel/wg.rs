@@ -437,26 +437,36 @@ impl Inner {
         out
     }
 
-    /// Records a packet authenticated from `src` for `peer` (endpoint roaming, liveness).
+    /// Records a packet authenticated from `src` for `peer`: endpoint roaming, liveness (a
+    /// peer reported gone that sends on its still-live session is connected again).
     fn seen(&self, peer: &Peer, st: &mut PeerState, src: SocketAddr, now: Instant) {
-        st.liveness.on_traffic(now);
-        if st.endpoint != Some(src) {
-            let old = st.endpoint.replace(src);
-            if let (Some(from), true) = (old, st.liveness.is_connected()) {
-                self.emit(TunnelEvent::EndpointChanged {
-                    public_key: peer.public_key,
-                    from,
-                    to: src,
-                });
-            }
+        let old = st.endpoint.replace(src);
+        if st.liveness.on_traffic(now) {
+            self.emit(TunnelEvent::Connected {
+                public_key: peer.public_key,
+                endpoint: src,
+                at: SystemTime::now(),
+            });
+        } else if let Some(from) = old
+            && from != src
+        {
+            self.emit(TunnelEvent::EndpointChanged {
+                public_key: peer.public_key,
+                from,
+                to: src,
+            });
         }
     }
 
+    /// A handshake completed with `peer` from `src`: Connected unless it is a rekey.
     fn handshake_done(&self, peer: &Peer, st: &mut PeerState, src: SocketAddr, now: Instant) {
         let at = SystemTime::now();
         st.last_handshake = Some(at);
-        self.seen(peer, st, src, now);
-        if st.liveness.on_handshake(now) {
+        if st.liveness.is_connected() {
+            self.seen(peer, st, src, now);
+        } else {
+            st.endpoint = Some(src);
+            st.liveness.on_handshake(now);
             self.emit(TunnelEvent::Connected {
                 public_key: peer.public_key,
                 endpoint: src,

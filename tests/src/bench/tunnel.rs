@@ -93,7 +93,7 @@ fn measure(server: Server, net: u8, pins: &BenchPins, opts: TunnelOptions) -> Re
                             offload: opts.offload,
                         },
                         PORT,
-                        key.clone(),
+                        key,
                     )
                 },
             );
