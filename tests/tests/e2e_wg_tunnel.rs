@@ -276,6 +276,14 @@ fn removing_one_peer_leaves_the_other_session_working() {
     dup.allowed_ips = vec![format!("{}/32", c2.v4).parse().unwrap()];
     let err = s.tunnel.add_peer(dup).unwrap_err();
     assert!(err.to_string().starts_with("allowed_ips:"), "{err}");
+    let err = s
+        .tunnel
+        .add_peer(peer_config(&c2.wg, s.net, 3))
+        .unwrap_err();
+    assert!(
+        matches!(err, capybara_agent::tunnel::WgError::PeerExists { .. }),
+        "{err}"
+    );
     assert!(s.tunnel.peer(&c1.wg.public_key()).is_none());
     assert!(ping(&c2.ns, s.v4));
 }

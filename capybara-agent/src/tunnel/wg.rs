@@ -397,7 +397,8 @@ impl Inner {
     }
 
     fn emit(&self, event: TunnelEvent) {
-        tracing::debug!(?event, "tunnel event");
+        // Rate-limited at the source (auth failures) or rare (connects): worth a log line each.
+        tracing::info!(?event, "tunnel event");
         // No subscriber is not an error.
         let _ = self.events.send(event);
     }
@@ -1051,8 +1052,8 @@ fn on_initiation(
     None
 }
 
-/// TUN → encrypt → UDP. With offloads one read returns a TCP super-segment split into up to
-/// [`BATCH`] packets; their ciphertexts go out in one `sendmmsg`.
+/// TUN → encrypt → UDP. Up to [`BATCH`] packets per round (with offloads, one read may return a
+/// TCP super-segment already split into many); their ciphertexts go out in one `sendmmsg`.
 fn tun_loop(inner: &Inner, stop: &std::io::PipeReader) {
     let dev = &inner.device.device;
     let mut view = View::new(inner);
@@ -1067,8 +1068,9 @@ fn tun_loop(inner: &Inner, stop: &std::io::PipeReader) {
     let mut tx_peers: [Option<Arc<Peer>>; BATCH] = std::array::from_fn(|_| None);
     let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
     let mut handshake = vec![0u8; SLOT];
-    // Without offloads each read is one packet: read up to BATCH of them per round.
-    let per_round = if inner.device.offload { 1 } else { BATCH };
+    // Without offloads each read is one packet; with them a read may be a super-segment split
+    // into up to 64 packets (64 KiB at an MSS of 1 KiB), so another read needs that much room.
+    let room = if inner.device.offload { 64 } else { 1 };
     loop {
         if !wait_readable(dev, stop, PollTimeout::NONE) {
             return;
@@ -1076,7 +1078,7 @@ fn tun_loop(inner: &Inner, stop: &std::io::PipeReader) {
         loop {
             let mut n = 0;
             let mut drained = false;
-            for _ in 0..per_round {
+            while n < BATCH && (n == 0 || pkts.len() - n >= room) {
                 match dev.recv_multiple(&mut orig, &mut pkts[n..], &mut sizes[n..], 0) {
                     Ok(k) => n += k,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -1087,9 +1089,6 @@ fn tun_loop(inner: &Inner, stop: &std::io::PipeReader) {
                         tracing::debug!(error = %e, "TUN read failed");
                         break;
                     }
-                }
-                if n >= BATCH {
-                    break;
                 }
             }
             if n > 0 {
