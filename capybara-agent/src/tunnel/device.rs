@@ -20,15 +20,21 @@ pub struct TunnelDeviceConfig {
 }
 
 /// Whether the agent opens its TUN device with offloads: **off**. Measured on the 2-core
-/// development machine (iperf3 TCP from a wireguard-go client, `capybara-bench --filter
-/// tunnel`, 8 s runs): 741 Mbit/s with offloads, 607 without, against boringtun-cli's 266–319
-/// and a server-side wireguard-go's 294–338 in the same runs — both well past the ≥ 1.0 target
-/// (2.3×), because the client, not the server, is the bottleneck there. With offloads, decrypted
-/// packets are coalesced (GRO, TCP *and* UDP) before they enter the kernel, so the TC programs
-/// on the device count one coalesced skb per batch (300 UDP datagrams arrived as 15 skbs):
-/// per-packet counts, and byte counts (headers merged), would no longer be what crossed the
-/// tunnel. Exact counters come first; offloads are one flag away (`offload: true`) for a
-/// deployment that prefers throughput, or once the kernel programs account `gso_segs`.
+/// development machine (iperf3 TCP from a wireguard-go client, `capybara-bench --filter tunnel
+/// --iperf-seconds 8`, two runs each way):
+///
+/// | offloads | agent | boringtun-cli | wireguard-go | vs boringtun-cli | vs wireguard-go |
+/// |---|---|---|---|---|---|
+/// | off | 607, 717 Mbit/s | 266, 471 | 294, 417 | 2.28, 1.52 | 2.06, 1.72 |
+/// | on  | 741, 711 Mbit/s | 319, 436 | 338, 371 | 2.32, 1.63 | 2.19, 1.92 |
+///
+/// Offloads gain little here because the client, not the server, is the bottleneck, and both
+/// settings clear the ≥ 1.0 target. With offloads, decrypted packets are coalesced (GRO, TCP
+/// *and* UDP) before they enter the kernel, so the TC programs on the device count one skb per
+/// coalesced batch (300 UDP datagrams arrived as 15 skbs; 746 MB of TCP as 100 k skbs instead
+/// of 526 k): per-packet counts, and byte counts (headers merged), would no longer be what
+/// crossed the tunnel. Exact counters come first; offloads are one flag away (`offload: true`)
+/// for a deployment that prefers throughput, or once the kernel programs account `gso_segs`.
 pub const DEFAULT_OFFLOAD: bool = false;
 
 /// Largest MTU the tunnel's packet buffers hold (with WireGuard's 32-byte overhead they stay in

@@ -1,7 +1,7 @@
 //! The tunnel: the agent's WireGuard interface. This module is the only code that touches
 //! boringtun and the TUN device.
 //!
-//! - [`device`]: the TUN device (`tun-rs`, optional Linux offloads).
+//! - `device`: the TUN device (`tun-rs`, optional Linux offloads).
 //! - [`wg`]: [`WgTunnel`] — UDP socket, peers, data path, timers, events.
 //! - [`allowed_ips`]: cryptokey routing (longest prefix match, IPv4 and IPv6).
 //! - [`liveness`]: connect/disconnect and auth-failure rate limiting, pure (time is an argument).
@@ -42,11 +42,13 @@
 //! `tests/src/bench/tunnel.rs` (`cargo xtask bench --filter tunnel`): iperf3 TCP from a
 //! `wireguard-go` client through this tunnel (TC programs attached), through `boringtun-cli` and
 //! through a server-side `wireguard-go`, on the same machine in the same run. On the 2-core
-//! development machine, 8 s runs: 607 Mbit/s (offloads off, the default) vs boringtun-cli 266
-//! and wireguard-go 294 (ratios 2.28 and 2.06); 741 Mbit/s with offloads vs 319 and 338 (2.32,
-//! 2.19). Both cores are shared by the client, the server and iperf3's two ends, so absolute
-//! figures vary by ±15 % between runs; the ratios are same-run.
-//!
+//! development machine, 8 s runs, offloads off (the default): 607 and 717 Mbit/s against
+//! boringtun-cli's 266 and 471 and wireguard-go's 294 and 417 — `tunnel_throughput_vs_boringtun_cli`
+//! 2.28 and 1.52, `…_vs_wireguard_go` 2.06 and 1.72 (target ≥ 1.0). Both cores are shared by
+//! the client, the server and iperf3's two ends (and by other builds), so absolute figures move
+//! by tens of percent between runs; the ratios are same-run. [`DEFAULT_OFFLOAD`] has the
+//! figures with offloads.
+
 //! # Lifetime
 //!
 //! The device is not persistent: it goes away with the agent, and so do the TC programs attached
