@@ -10,7 +10,7 @@ use std::{
 };
 
 use capybara_agent::tunnel::{
-    AuthFailure, DEFAULT_OFFLOAD, DisconnectReason, PrivateKey, TunnelEvent,
+    AuthFailure, DEFAULT_OFFLOAD, DisconnectReason, PeerConfig, PrivateKey, TunnelEvent,
 };
 use capybara_tests::{
     netns::{NetNs, VethPair},
@@ -223,6 +223,46 @@ fn removing_one_peer_leaves_the_other_session_working() {
     wait_event(&mut events, WAIT, is_connected(c2.wg.public_key())).expect("c2 connected");
     let hs2 = s.tunnel.peer(&c2.wg.public_key()).unwrap().last_handshake;
     assert!(hs2.is_some());
+
+    // Adding a peer and changing another leave the sessions alone.
+    let hs1 = s.tunnel.peer(&c1.wg.public_key()).unwrap().last_handshake;
+    let stranger = PrivateKey::generate().public_key();
+    s.tunnel
+        .add_peer(PeerConfig {
+            public_key: stranger,
+            preshared_key: None,
+            allowed_ips: vec![format!("{}/32", v4(s.net, 200)).parse().unwrap()],
+            persistent_keepalive: None,
+        })
+        .expect("add a third peer");
+    let mut changed = peer_config(&c2.wg, s.net, 3);
+    changed
+        .allowed_ips
+        .push(format!("{}/32", v4(s.net, 201)).parse().unwrap());
+    changed.persistent_keepalive = Some(1);
+    s.tunnel.update_peer(changed.clone()).expect("update c2");
+    assert!(
+        ping(&c1.ns, s.v4) && ping(&c2.ns, s.v6),
+        "traffic after add/update"
+    );
+    let st2 = s.tunnel.peer(&c2.wg.public_key()).unwrap();
+    assert_eq!(st2.last_handshake, hs2, "updating c2 restarted its session");
+    assert_eq!(
+        (st2.allowed_ips.clone(), st2.persistent_keepalive),
+        (changed.allowed_ips.clone(), Some(1))
+    );
+    assert_eq!(
+        s.tunnel.peer(&c1.wg.public_key()).unwrap().last_handshake,
+        hs1,
+        "adding a peer restarted c1's session"
+    );
+    // The server now keeps c2's path alive: keepalives arrive every second.
+    let rx = c2.wg.dump().peer(&s.tunnel.public_key()).rx_bytes;
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        c2.wg.dump().peer(&s.tunnel.public_key()).rx_bytes >= rx + 2 * 32,
+        "no persistent keepalives from the server"
+    );
 
     s.tunnel
         .remove_peer(&c1.wg.public_key())
@@ -449,4 +489,37 @@ fn an_ipv6_endpoint_connects_and_silence_disconnects_after_the_configured_time()
     assert!(st.connected);
     assert_eq!(st.last_handshake, handshake);
     drop(wg);
+}
+
+#[test]
+fn a_roaming_client_is_reported_as_an_endpoint_change() {
+    let s = setup(80, 1, true);
+    let c = &s.clients[0];
+    let key = c.wg.public_key();
+    let mut events = s.tunnel.subscribe();
+    assert!(ping_until(&c.ns, s.v4, WAIT));
+    wait_event(&mut events, WAIT, is_connected(key)).expect("connected");
+    let from = s.tunnel.peer(&key).unwrap().endpoint.unwrap();
+    // The client's NAT mapping changes: it sends from another port.
+    let port = if from.port() == 41000 { 41001 } else { 41000 };
+    capybara_tests::netns::host(&["wg", "set", &c.wg.ifname, "listen-port", &port.to_string()]);
+    assert!(ping(&c.ns, s.v4), "no ping after the port change");
+    let (ev, _) = wait_event(&mut events, WAIT, |e| {
+        matches!(e, TunnelEvent::EndpointChanged { .. })
+    })
+    .expect("no EndpointChanged");
+    let to = SocketAddr::new(c.outer, port);
+    assert_eq!(
+        ev,
+        TunnelEvent::EndpointChanged {
+            public_key: key,
+            from,
+            to
+        }
+    );
+    assert_eq!(s.tunnel.peer(&key).unwrap().endpoint, Some(to));
+    assert!(
+        ping(&s.server, c.v4),
+        "the server answers at the new endpoint"
+    );
 }

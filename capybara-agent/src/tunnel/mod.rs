@@ -37,6 +37,13 @@
 //! the data path threads re-read it only when a generation counter moved, so adding or
 //! removing a peer never touches another peer's state or session.
 //!
+//! Not one worker per core (yet): boringtun 0.7.1's `Tunn` takes `&mut self` both ways, so one
+//! peer's packets are serialised by its lock however many workers there are, and the
+//! benchmark's single iperf3 flow is one peer; on the 2-core target the client, iperf3 and the
+//! server already share both cores. For many peers the next step is N workers per direction
+//! (`SO_REUSEPORT` sockets, a multi-queue TUN), which this layout allows without changing the
+//! peer table.
+//!
 //! # Numbers
 //!
 //! `tests/src/bench/tunnel.rs` (`cargo xtask bench --filter tunnel`): iperf3 TCP from a
