@@ -354,7 +354,12 @@ fn kick_forces_a_new_handshake() {
         !ping(&c.ns, s.v4),
         "the kicked session still carries traffic"
     );
-    assert!(!s.tunnel.peer(&key).unwrap().connected);
+    assert!(
+        !ping(&s.server, c.v4),
+        "the server reached the kicked client"
+    );
+    let st = s.tunnel.peer(&key).unwrap();
+    assert!(!st.connected && st.endpoint.is_none(), "{st:?}");
 
     // The client notices the silence and handshakes again (wireguard-go: after 15 s).
     assert!(

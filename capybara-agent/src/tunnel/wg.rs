@@ -725,7 +725,8 @@ impl WgTunnel {
 
     /// Ends the peer's session now: its keys are forgotten, so its packets are dropped until it
     /// completes a new handshake (which the admission gate then holds, if the caller set it).
-    /// The peer stays configured.
+    /// Its endpoint is forgotten too, so the server never initiates that handshake itself: the
+    /// client must. The peer stays configured.
     pub fn kick(&self, public_key: &PublicKey) -> Result<(), WgError> {
         let _guard = self.inner.control.lock().unwrap_or_else(|p| p.into_inner());
         let table = self.inner.snapshot();
@@ -734,6 +735,7 @@ impl WgTunnel {
         })?;
         let mut st = peer.state.lock().unwrap_or_else(|p| p.into_inner());
         st.tunn = self.inner.new_tunn(&st.config, peer.index);
+        st.endpoint = None;
         let was_connected = st.liveness.end();
         drop(st);
         if was_connected {
