@@ -21,7 +21,7 @@ use std::{
         },
     },
     path::{Path, PathBuf},
-    sync::{Arc, Weak},
+    sync::Weak,
     time::{Duration, UNIX_EPOCH},
 };
 
@@ -157,17 +157,20 @@ pub(super) fn serve(socket: UapiSocket, inner: Weak<Inner>, stop: std::io::PipeR
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        if let Err(e) = handle(stream, &inner) {
+        let get = || format_get(inner.private_key(), inner.listen_port(), &inner.peers());
+        if let Err(e) = handle(&stream, get) {
             tracing::debug!(error = %e, "UAPI request failed");
         }
     }
 }
 
-fn handle(stream: UnixStream, inner: &Arc<Inner>) -> std::io::Result<()> {
+/// Answers the requests on one connection: `get=1` with `get()` and `errno=0`, `set=1` with
+/// `errno=95`; anything else closes the connection.
+fn handle(stream: &UnixStream, get: impl Fn() -> String) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     stream.set_write_timeout(Some(Duration::from_secs(2)))?;
-    let mut reader = BufReader::new(&stream);
+    let mut reader = BufReader::new(stream);
     let mut line = String::new();
     loop {
         line.clear();
@@ -184,14 +187,15 @@ fn handle(stream: UnixStream, inner: &Arc<Inner>) -> std::io::Result<()> {
         }
         let answer = match op.as_str() {
             "get=1" => {
-                let mut s = format_get(inner.private_key(), inner.listen_port(), &inner.peers());
+                let mut s = get();
                 s.push_str("errno=0\n\n");
                 s
             }
             "set=1" => "errno=95\n\n".to_owned(),
             _ => return Ok(()),
         };
-        (&stream).write_all(answer.as_bytes())?;
+        let mut w = stream;
+        w.write_all(answer.as_bytes())?;
     }
 }
 
@@ -201,6 +205,24 @@ mod tests {
 
     use super::*;
     use crate::tunnel::keys::{PresharedKey, PublicKey};
+
+    #[test]
+    fn the_socket_answers_get_and_refuses_set() {
+        use std::io::Read as _;
+        let (server, mut client) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || handle(&server, || "listen_port=7\n".to_owned()));
+        client
+            .write_all(b"get=1\n\nset=1\nprivate_key=00\n\nget=1\n\n")
+            .unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut out = String::new();
+        client.read_to_string(&mut out).unwrap();
+        t.join().unwrap().unwrap();
+        assert_eq!(
+            out,
+            "listen_port=7\nerrno=0\n\nerrno=95\n\nlisten_port=7\nerrno=0\n\n"
+        );
+    }
 
     #[test]
     fn get_reports_wall_clock_handshake_and_counters() {
