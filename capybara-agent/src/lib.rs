@@ -12,7 +12,8 @@
 //! - [`api`]: proto ↔ domain conversions, the only code that knows protobuf.
 //! - [`service`]: operations that combine the modules above, in domain types.
 //! - [`daemon`]: start-up, run, shutdown.
-//! - [`net`], [`paths`]: validated network types; every filesystem path and its mode.
+//! - [`net`], [`units`], [`paths`]: validated network types and quantities (rates); every
+//!   filesystem path and its mode.
 pub mod api;
 pub mod blocklist;
 pub mod daemon;
@@ -23,3 +24,4 @@ pub mod paths;
 pub mod service;
 pub mod store;
 pub mod tunnel;
+pub mod units;

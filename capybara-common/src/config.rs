@@ -47,8 +47,9 @@ pub struct Config {
     /// Idle timeout of TCP flows with an unanswered SYN in seconds; 0 =
     /// [`crate::flow::DEFAULT_FLOW_TIMEOUT_TCP_CLOSE_S`].
     pub flow_timeout_tcp_close_s: u32,
-    /// Zero.
-    pub _reserved: u32,
+    /// The IFB device traffic from shaped peers is redirected to (its HTB qdisc shapes it and
+    /// hands it back to the tunnel device's ingress); 0 = no shaping device yet.
+    pub shape_ifindex: u32,
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 40);
 const _: () = assert!(core::mem::offset_of!(Config, layout_version) == 12);

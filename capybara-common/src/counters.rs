@@ -88,6 +88,13 @@ pub const EVENTS_LOST: u32 = 25;
 /// verdict: `packets` counts refusals, `bytes` stays 0).
 pub const FLOWS_TABLE_FULL: u32 = 26;
 
+// Tunnel device, shaped peers (instead of `TC_*_PASS`).
+/// Passed, counted to a known peer, and redirected through the peer's HTB class on the shaping
+/// device.
+pub const TC_IN_SHAPED: u32 = 27;
+/// Passed, counted to a known peer, and queued in the peer's HTB class on the tunnel device.
+pub const TC_OUT_SHAPED: u32 = 28;
+
 /// Drops by reason: index `DROPS_BASE + DropReason as u32`.
 pub const DROPS_BASE: u32 = 32;
 
@@ -95,7 +102,7 @@ pub const DROPS_BASE: u32 = 32;
 pub const COUNTER_SLOTS: u32 = DROPS_BASE + DROP_REASON_SLOTS as u32;
 
 /// Names of the verdict counters, for the CLI and metrics (drops by reason use `DropReason::name`).
-pub const COUNTER_NAMES: [(u32, &str); 24] = [
+pub const COUNTER_NAMES: [(u32, &str); 26] = [
     (XDP_PASS_UNGUARDED, "xdp_pass_unguarded"),
     (XDP_PASS_CLEAN, "xdp_pass_clean"),
     (XDP_DROP_BLOCKLIST, "xdp_drop_blocklist"),
@@ -120,4 +127,6 @@ pub const COUNTER_NAMES: [(u32, &str); 24] = [
     (EVENTS_EMITTED, "events_emitted"),
     (EVENTS_LOST, "events_lost"),
     (FLOWS_TABLE_FULL, "flows_table_full"),
+    (TC_IN_SHAPED, "tc_in_shaped"),
+    (TC_OUT_SHAPED, "tc_out_shaped"),
 ];

@@ -13,6 +13,7 @@
 //! - [`event`]: the records the kernel writes into the events ring buffer.
 //! - [`flow`]: per-peer concurrent flow limits (the flow table, canonical keys, timeouts).
 //! - [`quota`]: data-quota buckets (byte budgets shared by peers) and their warning thresholds.
+//! - [`shape`]: the HTB classes that shape a peer's bandwidth, selected by the kernel.
 //!
 //! Rules: every map key and value is `#[repr(C)]` with explicit padding, no `bool` and no
 //! data-carrying enum, and a compile-time size assertion. The `user` feature adds `aya::Pod`
@@ -29,6 +30,7 @@ pub mod gate;
 pub mod maps;
 pub mod peer;
 pub mod quota;
+pub mod shape;
 
 /// Implements `aya::Pod` for plain-old-data map types when built for userspace.
 macro_rules! pod {
@@ -45,4 +47,4 @@ pub(crate) use pod;
 
 /// Bumped whenever the layout of a pinned map changes. The agent refuses to reuse pins made by
 /// a different layout version (it would read garbage) and says how to reset them.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;

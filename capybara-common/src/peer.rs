@@ -60,10 +60,15 @@ pub struct PeerInfo {
     pub quota_bucket: u32,
     /// At most this many concurrent flows ([`crate::flow`]); 0 = unlimited (not tracked).
     pub flow_limit: u32,
-    /// Reserved for policy (rate class); zero.
-    pub _reserved: [u32; 2],
+    /// HTB class (`crate::shape::class_id`) that traffic *to* the peer is queued in on the
+    /// tunnel device; 0 = not shaped.
+    pub shape_tx: u32,
+    /// HTB class on the shaping device (`crate::config::Config::shape_ifindex`) that traffic
+    /// *from* the peer is redirected through; 0 = not shaped.
+    pub shape_rx: u32,
 }
 const _: () = assert!(core::mem::size_of::<PeerInfo>() == 32);
+const _: () = assert!(core::mem::offset_of!(PeerInfo, shape_tx) == 24);
 const _: () = assert!(core::mem::offset_of!(PeerInfo, deadline_ns) == 8);
 const _: () = assert!(core::mem::offset_of!(PeerInfo, quota_bucket) == 16);
 const _: () = assert!(core::mem::offset_of!(PeerInfo, flow_limit) == 20);

@@ -30,6 +30,7 @@ mod lookup;
 mod maps;
 mod parse;
 mod quota;
+mod shape;
 mod tc_egress;
 mod tc_ingress;
 mod tunnel;

@@ -7,7 +7,7 @@
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use capybara_common::counters::{
     TC_OUT_DROP_BLOCKLIST, TC_OUT_DROP_FLOWS, TC_OUT_DROP_GATE, TC_OUT_DROP_QUOTA,
-    TC_OUT_DROP_UNKNOWN, TC_OUT_MALFORMED, TC_OUT_PASS, TC_OUT_UNKNOWN_PEER,
+    TC_OUT_DROP_UNKNOWN, TC_OUT_MALFORMED, TC_OUT_PASS, TC_OUT_SHAPED, TC_OUT_UNKNOWN_PEER,
 };
 
 use crate::tunnel::{self, Direction};
@@ -22,6 +22,7 @@ const EGRESS: Direction = Direction {
     drop_gate: TC_OUT_DROP_GATE,
     drop_quota: TC_OUT_DROP_QUOTA,
     drop_flows: TC_OUT_DROP_FLOWS,
+    shaped: TC_OUT_SHAPED,
 };
 
 #[classifier]

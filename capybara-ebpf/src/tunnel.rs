@@ -12,7 +12,8 @@
 //! Steps: parse the addresses → attribute the peer → admission gate (known peers; see
 //! [`crate::gate`]) → destination-blocklist check on the other end → flow limit (known peers
 //! with a limit; see [`crate::flows`]) → data quota (known peers
-//! with a bucket; see [`crate::quota`]) → count. The quota comes after the blocklists so that
+//! with a bucket; see [`crate::quota`]) → count → shaping (known peers with a rate in this
+//! direction; see [`crate::shape`]). The quota comes after the blocklists so that
 //! only bytes that are actually delivered are charged. Outcomes, each
 //! counted in exactly one `TC_*` slot:
 //!
@@ -23,6 +24,7 @@
 //! | known peer, a new flow over its flow limit (or the flow table full) | shot | `TC_*_DROP_FLOWS`, `DROPS_BASE + FlowLimit`, the peer's `drops[FlowLimit]` (and `FLOWS_TABLE_FULL` when full); a flow-limit event (first per interval per peer) |
 //! | known peer whose quota bucket was exhausted before this packet | shot | `TC_*_DROP_QUOTA`, `DROPS_BASE + QuotaExhausted`, the peer's `drops[QuotaExhausted]` |
 //! | known peer (admitted, or held and to/from the verification endpoint) | ok | `TC_*_PASS`, the peer's `rx_*`/`tx_*` |
+//! | the same, peer shaped in this direction | egress: ok with `skb->priority` = its HTB class; ingress: the same and redirected to the shaping device | `TC_*_SHAPED`, the peer's `rx_*`/`tx_*` |
 //! | unknown peer | ok | `TC_*_UNKNOWN_PEER` |
 //! | unknown peer, `CONFIG_F_DROP_UNKNOWN_PEER` | shot | `TC_*_DROP_UNKNOWN`, `DROPS_BASE + UnknownPeer` |
 //! | not IPv4/IPv6, truncated | ok | `TC_*_MALFORMED` |
@@ -54,7 +56,7 @@ use crate::{
     lookup::{DESTINATION, config, peer_v4, peer_v6},
     maps::{EVENT_SCRATCH, PEER_STATS},
     parse::{self, Addrs, IPV6_HDR_LEN, Malformed, Packet},
-    quota,
+    quota, shape,
 };
 
 /// Bytes of link-layer header before the IP header on the tunnel device. 0 for the TUN device
@@ -79,6 +81,7 @@ pub struct Direction {
     pub drop_gate: u32,
     pub drop_quota: u32,
     pub drop_flows: u32,
+    pub shaped: u32,
 }
 
 /// Runs the pipeline for one packet and returns the TC verdict.
@@ -224,18 +227,29 @@ fn try_tunnel(ctx: &TcContext, dir: &Direction, l2: usize, bytes: u64) -> Result
         count_drop(dir.drop_quota, DropReason::QuotaExhausted, amount, stats);
         return Ok(TC_ACT_SHOT);
     }
-    // 6. Accounting.
-    match stats {
-        Some(s) => {
+    // 6. Accounting, and 7. the shaping decision.
+    match (peer, stats) {
+        (Some(id), Some(s)) => {
             count_peer(s, dir.peer_is_source, amount);
-            count(dir.pass, amount);
-            Ok(TC_ACT_OK)
+            let class = shape::class(id, dir.peer_is_source, cfg.shape_ifindex);
+            if class == 0 {
+                count(dir.pass, amount);
+                return Ok(TC_ACT_OK);
+            }
+            count(dir.shaped, amount);
+            Ok(shape::apply(
+                ctx,
+                class,
+                dir.peer_is_source,
+                cfg.shape_ifindex,
+                l2,
+            ))
         }
-        None if cfg.flags & CONFIG_F_DROP_UNKNOWN_PEER != 0 => {
+        _ if cfg.flags & CONFIG_F_DROP_UNKNOWN_PEER != 0 => {
             count_drop(dir.drop_unknown, DropReason::UnknownPeer, amount, None);
             Ok(TC_ACT_SHOT)
         }
-        None => {
+        _ => {
             count(dir.unknown_peer, amount);
             Ok(TC_ACT_OK)
         }

@@ -49,6 +49,13 @@ pub const BPFFS: &str = "/sys/fs/bpf";
 /// IEEE 802 local experimental EtherType, used in front of truncated tunnel packets.
 const ETH_P_802_EX1: u16 = 0x88b5;
 
+/// `sizeof(struct __sk_buff)` (uapi `linux/bpf.h`), the context `BPF_PROG_TEST_RUN` copies
+/// back for `sched_cls` programs.
+const SK_BUFF_SIZE: usize = 192;
+/// Offset of `__sk_buff.priority`: after `len, pkt_type, mark, queue_mapping, protocol,
+/// vlan_present, vlan_tci, vlan_proto` (eight `__u32`).
+const SK_BUFF_PRIORITY_OFFSET: usize = 32;
+
 /// Length of the link-layer header `BPF_PROG_TEST_RUN` puts before a `sched_cls` program's data.
 pub const TEST_RUN_L2_HLEN: u32 = 14;
 
@@ -285,6 +292,26 @@ impl Fixture {
             .test_run(opts)
             .unwrap_or_else(|e| panic!("test run of {} failed: {e:?}", which.name()))
             .return_value
+    }
+
+    /// Runs a tunnel-device program like [`Fixture::run_tc`] and also returns the
+    /// `skb->priority` the program left (from the `__sk_buff` the kernel copies back).
+    pub fn run_tc_priority(&mut self, which: Tc, ip: &[u8]) -> (u32, u32) {
+        let input = packets::eth_ip(ip);
+        let mut ctx = [0u8; SK_BUFF_SIZE];
+        let opts = TestRunOptions {
+            data_in: Some(&input),
+            ctx_out: Some(&mut ctx),
+            ..TestRunOptions::new()
+        };
+        let verdict = self
+            .tc_program(which)
+            .test_run(opts)
+            .unwrap_or_else(|e| panic!("test run of {} failed: {e:?}", which.name()))
+            .return_value;
+        let at = SK_BUFF_PRIORITY_OFFSET;
+        let priority = u32::from_ne_bytes(ctx[at..at + 4].try_into().unwrap());
+        (verdict, priority)
     }
 
     // ---- map writes ----

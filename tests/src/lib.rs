@@ -1,13 +1,14 @@
 //! Support for the privileged tests and the benchmarks (root required; not a default member).
 //!
-//! - [`netns`], [`tunwire`], [`traffic`]: namespaces, veth pairs, TUN "wires", bpffs dirs as RAII
-//!   guards that clean up even on panic, and real UDP/TCP traffic between namespaces.
+//! - [`netns`], [`tunwire`], [`traffic`], [`iperf`]: namespaces, veth pairs, TUN "wires", bpffs
+//!   dirs as RAII guards that clean up even on panic, and real UDP/TCP traffic between namespaces.
 //! - [`wg`]: wireguard-go / boringtun-cli interfaces driven by `wg`, the agent's tunnel in a
 //!   namespace, `wg show` parsed.
 //! - [`bpf`], [`packets`]: BPF_PROG_TEST_RUN fixtures and packet builders (shared with the
 //!   benchmarks).
 //! - [`bench`]: the benchmarks behind `cargo xtask bench` (binary `capybara-bench`).
 
+pub mod iperf;
 pub mod netns;
 pub mod traffic;
 pub mod tunwire;

@@ -2819,3 +2819,229 @@ fn a_full_flow_table_refuses_new_flows_and_counts_them() {
         TC_ACT_OK
     );
 }
+
+// ---- bandwidth shaping ----
+
+const TC_ACT_REDIRECT: u32 = 7;
+/// The shaping device's index in the tests (never redirected to: a test run only reports it).
+const SHAPE_IFINDEX: u32 = 4242;
+const TX_CLASS: u32 = capybara_common::shape::class_id(3);
+const RX_CLASS: u32 = capybara_common::shape::class_id(9);
+
+fn shaped(tx: u32, rx: u32) -> PeerInfo {
+    PeerInfo {
+        shape_tx: tx,
+        shape_rx: rx,
+        ..info(0, 0)
+    }
+}
+
+fn with_shape_device(f: &mut Fixture) {
+    let mut cfg = f.config();
+    cfg.shape_ifindex = SHAPE_IFINDEX;
+    f.set_config_exact(cfg);
+}
+
+/// `gate_base`; peer 1 shaped both ways, peer 3 (IPv6 range) to it only, the shaping device set.
+fn shape_base(f: &mut Fixture) {
+    gate_base(f);
+    f.peer_info(PEER1, shaped(TX_CLASS, RX_CLASS));
+    f.peer_info(PEER3, shaped(TX_CLASS, 0));
+    with_shape_device(f);
+}
+
+/// `shape_base` without a shaping device: ingress cannot be shaped.
+fn shape_no_device(f: &mut Fixture) {
+    gate_base(f);
+    f.peer_info(PEER1, shaped(TX_CLASS, RX_CLASS));
+}
+
+fn shape_held(f: &mut Fixture) {
+    shape_base(f);
+    f.peer_info(
+        PEER1,
+        PeerInfo {
+            gate: DropReason::GateKicked as u32,
+            ..shaped(TX_CLASS, RX_CLASS)
+        },
+    );
+}
+
+fn shape_quota_exhausted(f: &mut Fixture) {
+    shape_base(f);
+    f.peer_info(
+        PEER1,
+        PeerInfo {
+            quota_bucket: BUCKET,
+            ..shaped(TX_CLASS, RX_CLASS)
+        },
+    );
+    f.quota_bucket(BUCKET, bucket(QUOTA_LIMIT, QUOTA_LIMIT));
+}
+
+fn shape_cases() -> Vec<Case> {
+    type Expect = (u32, Vec<u32>, Option<(PeerId, PeerDelta)>);
+    let shaped_in = |p: PeerId| -> Expect {
+        (
+            TC_ACT_REDIRECT,
+            vec![TC_IN_SHAPED],
+            Some((p, PeerDelta::Rx)),
+        )
+    };
+    let shaped_out =
+        |p: PeerId| -> Expect { (TC_ACT_OK, vec![TC_OUT_SHAPED], Some((p, PeerDelta::Tx))) };
+    let pass_in = |p: PeerId| -> Expect { (TC_ACT_OK, vec![TC_IN_PASS], Some((p, PeerDelta::Rx))) };
+    let pass_out =
+        |p: PeerId| -> Expect { (TC_ACT_OK, vec![TC_OUT_PASS], Some((p, PeerDelta::Tx))) };
+    let c = |name: &'static str,
+             prog: Prog,
+             packet: fn() -> Vec<u8>,
+             setup: Box<dyn Fn(&mut Fixture)>,
+             (verdict, counters, peer): Expect| Case {
+        name,
+        prog,
+        packet,
+        setup,
+        verdict,
+        counters,
+        list_hit: None,
+        peer,
+    };
+    let s = |f: fn(&mut Fixture)| -> Box<dyn Fn(&mut Fixture)> { Box::new(f) };
+    use Prog::{In, Out};
+    let kicked = DropReason::GateKicked;
+    let q = DropReason::QuotaExhausted;
+    vec![
+        c(
+            "shape: v4 from a shaped peer is redirected to the shaping device",
+            In,
+            || packets::tcp4(PEER1_V4, CLEAN, 4000, 443, 100),
+            s(shape_base),
+            shaped_in(PEER1),
+        ),
+        c(
+            "shape: v6 from a shaped peer is redirected",
+            In,
+            || packets::udp6(PEER1_V6, CLEAN6, 4000, 53, 60),
+            s(shape_base),
+            shaped_in(PEER1),
+        ),
+        c(
+            "shape: a v4 non-first fragment from a shaped peer is redirected too",
+            In,
+            || {
+                let mut p = packets::udp4(PEER1_V4, CLEAN, 4000, 53, 60);
+                packets::set_ipv4_fragment(&mut p, 100, false);
+                p
+            },
+            s(shape_base),
+            shaped_in(PEER1),
+        ),
+        c(
+            "shape: v4 to a shaped peer is queued in its class",
+            Out,
+            || packets::tcp4(CLEAN, PEER1_V4, 443, 4000, 1000),
+            s(shape_base),
+            shaped_out(PEER1),
+        ),
+        c(
+            "shape: v6 to a range-attributed peer shaped one way is queued",
+            Out,
+            || packets::tcp6(CLEAN6, PEER3_V6, 443, 4000, 10),
+            s(shape_base),
+            shaped_out(PEER3),
+        ),
+        c(
+            "shape: v6 from that peer (not shaped that way) passes",
+            In,
+            || packets::tcp6(PEER3_V6, CLEAN6, 4000, 443, 10),
+            s(shape_base),
+            pass_in(PEER3),
+        ),
+        c(
+            "shape: an unshaped peer passes both ways",
+            Out,
+            || packets::udp4(CLEAN, PEER4_V4, 53, 4000, 60),
+            s(shape_base),
+            pass_out(PEER4),
+        ),
+        c(
+            "shape: without a shaping device, traffic from a shaped peer passes unshaped",
+            In,
+            || packets::udp4(PEER1_V4, CLEAN, 4000, 53, 60),
+            s(shape_no_device),
+            pass_in(PEER1),
+        ),
+        c(
+            "shape: a held shaped peer is dropped at the gate first",
+            In,
+            || packets::udp4(PEER1_V4, CLEAN, 4000, 53, 60),
+            s(shape_held),
+            (
+                TC_ACT_SHOT,
+                vec![TC_IN_DROP_GATE, drop_slot(kicked), EVENTS_EMITTED],
+                Some((PEER1, PeerDelta::Drop(kicked))),
+            ),
+        ),
+        c(
+            "shape: a shaped peer over its quota is dropped, not queued",
+            Out,
+            || packets::udp4(CLEAN, PEER1_V4, 53, 4000, 60),
+            s(shape_quota_exhausted),
+            (
+                TC_ACT_SHOT,
+                vec![TC_OUT_DROP_QUOTA, drop_slot(q)],
+                Some((PEER1, PeerDelta::Drop(q))),
+            ),
+        ),
+    ]
+}
+
+#[test]
+fn shaping_table() {
+    run_table(shape_cases());
+}
+
+/// The class reaches the qdisc through `skb->priority`: each direction's class, and an
+/// unshaped packet's priority left alone.
+#[test]
+fn shaping_sets_the_peers_class_as_priority() {
+    let mut f = Fixture::load();
+    shape_base(&mut f);
+    let cases = [
+        (
+            Tc::Ingress,
+            packets::tcp4(PEER1_V4, CLEAN, 4000, 443, 10),
+            (TC_ACT_REDIRECT, RX_CLASS),
+        ),
+        (
+            Tc::Egress,
+            packets::tcp4(CLEAN, PEER1_V4, 443, 4000, 10),
+            (TC_ACT_OK, TX_CLASS),
+        ),
+        (
+            Tc::Egress,
+            packets::tcp6(CLEAN6, PEER1_V6, 443, 4000, 10),
+            (TC_ACT_OK, TX_CLASS),
+        ),
+        (
+            Tc::Ingress,
+            packets::tcp6(PEER3_V6, CLEAN6, 4000, 443, 10),
+            (TC_ACT_OK, 0),
+        ),
+        (
+            Tc::Egress,
+            packets::tcp4(CLEAN, PEER4_V4, 443, 4000, 10),
+            (TC_ACT_OK, 0),
+        ),
+    ];
+    for (prog, packet, want) in cases {
+        assert_eq!(
+            f.run_tc_priority(prog, &packet),
+            want,
+            "{} of a {}-byte packet: (verdict, skb->priority)",
+            prog.name(),
+            packet.len()
+        );
+    }
+}

@@ -197,7 +197,8 @@ impl Dataplane {
 
     /// Attaches `tc_ingress` and `tc_egress` to the tunnel device `ifname` (TCX links).
     pub fn attach_tc(&mut self, ifname: &str) -> Result<[Attachment; 2]> {
-        ifindex(ifname)?;
+        let index = ifindex(ifname)?;
+        self.start_shaping(ifname, index)?;
         Ok([
             self.attach_one_tc(PROG_TC_INGRESS, TcAttachType::Ingress, ifname)?,
             self.attach_one_tc(PROG_TC_EGRESS, TcAttachType::Egress, ifname)?,
@@ -286,6 +287,9 @@ impl Dataplane {
             tracing::info!(pin = %p.display(), "program detached");
         }
         self.links.clear();
+        if let Some(mut shaper) = self.shaper.take() {
+            shaper.remove_ifb()?;
+        }
         Ok(pins)
     }
 }

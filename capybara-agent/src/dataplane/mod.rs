@@ -28,9 +28,11 @@ pub mod events;
 pub mod flows;
 pub mod gate;
 pub mod lists;
+mod netlink;
 pub mod object;
 pub mod peers;
 pub mod quota;
+pub mod shape;
 pub mod stats;
 pub mod sys;
 
@@ -57,6 +59,7 @@ pub use flows::{FlowSweep, FlowTimeouts};
 pub use gate::{EndpointAddr, Gate, L4Proto};
 pub use lists::{ListUpdate, RestoreReport};
 pub use quota::QuotaUsage;
+pub use shape::PeerRates;
 pub use stats::GlobalCounters;
 
 use crate::{blocklist::BlocklistError, net::Cidr, paths};
@@ -292,6 +295,31 @@ pub enum DataplaneError {
         /// The value given, in seconds.
         secs: u64,
     },
+    /// A qdisc, class or device operation of the shaper failed.
+    #[error("{op} on {device} failed: {source}")]
+    Shape {
+        /// The network device.
+        device: String,
+        /// What was attempted.
+        op: &'static str,
+        /// The OS error (with the kernel's explanation when it gave one).
+        #[source]
+        source: io::Error,
+    },
+    /// Rates were set before the TC programs were attached to a tunnel device.
+    #[error("peer {peer}: cannot set rates before the tunnel device is attached")]
+    ShapeNotAttached {
+        /// The peer.
+        peer: PeerId,
+    },
+    /// Every class id of a direction is in use.
+    #[error("peer {peer}: no free shaping class (at most {max} shaped peers per direction)")]
+    ShapeClassesExhausted {
+        /// The peer.
+        peer: PeerId,
+        /// Classes per direction.
+        max: u32,
+    },
     /// The event stream was already taken from this dataplane.
     #[error("the event stream of this dataplane is already taken (one consumer per ring buffer)")]
     EventStreamTaken,
@@ -370,6 +398,8 @@ pub struct Dataplane {
     events: Option<RingBuf<MapData>>,
     /// Links this process attached or took over.
     links: Vec<attach::HeldLink>,
+    /// Bandwidth shaping on the tunnel device, from `attach_tc` on.
+    shaper: Option<shape::Shaper>,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -510,6 +540,7 @@ impl Dataplane {
             flows,
             events: Some(events),
             links: Vec::new(),
+            shaper: None,
         })
     }
 

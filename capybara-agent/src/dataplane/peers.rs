@@ -319,6 +319,7 @@ impl Dataplane {
             .map_err(map_err(names::PEERS, "deactivate"))?;
         self.peers.mirror.remove(&id);
         self.sync_range_flags()?;
+        self.forget_rates(id)?;
         tracing::debug!(id, "peer removed");
         Ok(())
     }

@@ -112,7 +112,8 @@ impl Dataplane {
         Ok(sum)
     }
 
-    /// Counters of peer `id`, summed over CPUs.
+    /// Counters of peer `id`, summed over CPUs. `drops[RateLimit]` are the packets its shaping
+    /// classes dropped (their queue was full), read from the qdiscs.
     pub fn peer_stats(&self, id: PeerId) -> Result<PeerStats> {
         if id >= MAX_PEERS {
             return Err(DataplaneError::PeerIdOutOfRange { id, max: MAX_PEERS });
@@ -125,6 +126,10 @@ impl Dataplane {
             .map_err(map_err(names::PEER_STATS, "read"))?;
         let mut sum = PeerStats::default();
         v.iter().for_each(|s| sum.add(s));
+        if let Some(shaper) = &self.shaper {
+            let slot = &mut sum.drops[capybara_common::drop::DropReason::RateLimit as usize];
+            *slot = slot.wrapping_add(shaper.peer_drops(id)?);
+        }
         Ok(sum)
     }
 }

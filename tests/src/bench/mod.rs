@@ -5,6 +5,8 @@
 //!   replacing a 1M-prefix list; optionally the kernel's own LPM trie over the same prefixes as
 //!   a baseline measured in the same run.
 //! - [`geo`]: compiling a generated GeoLite2-size MaxMind DB.
+//! - [`pipeline`]: the tunnel device's whole pipeline per packet at 10 and 100 000 peers.
+//! - [`throttle`]: shaping accuracy with real TCP, and veth throughput with every program on.
 //! - [`tunnel`]: iperf3 TCP through the agent's WireGuard tunnel, `boringtun-cli` and
 //!   `wireguard-go`, from a `wireguard-go` client, same machine, same run.
 //!
@@ -15,6 +17,7 @@
 pub mod geo;
 pub mod guard;
 pub mod pipeline;
+pub mod throttle;
 pub mod tunnel;
 
 use std::{
@@ -48,6 +51,33 @@ pub const TC_PIPELINE_NS_100K_PEERS: &str = "tc_pipeline_ns_100k_peers";
 /// `tc_pipeline_ns_100k_peers` over `tc_pipeline_ns_10_peers`.
 pub const TC_PIPELINE_100K_OVER_10: &str = "tc_pipeline_100k_over_10";
 
+/// Goodput / rate of TCP to a peer shaped to 5 Mbit/s (target 0.95–1.00).
+pub const THROTTLE_ACCURACY_5M: &str = "throttle_accuracy_5m";
+/// Goodput / rate of TCP to a peer shaped to 50 Mbit/s (target 0.95–1.00).
+pub const THROTTLE_ACCURACY_50M: &str = "throttle_accuracy_50m";
+/// Goodput / rate of TCP to a peer shaped to 500 Mbit/s (target 0.95–1.00).
+pub const THROTTLE_ACCURACY_500M: &str = "throttle_accuracy_500m";
+/// The same from the peer (through the IFB).
+pub const THROTTLE_ACCURACY_5M_FROM_PEER: &str = "throttle_accuracy_5m_from_peer";
+/// The same from the peer (through the IFB).
+pub const THROTTLE_ACCURACY_50M_FROM_PEER: &str = "throttle_accuracy_50m_from_peer";
+/// The same from the peer (through the IFB).
+pub const THROTTLE_ACCURACY_500M_FROM_PEER: &str = "throttle_accuracy_500m_from_peer";
+/// Retransmits of the median 5 Mbit/s run to the peer.
+pub const THROTTLE_RETRANSMITS_5M: &str = "throttle_retransmits_5m";
+/// Retransmits of the median 50 Mbit/s run to the peer.
+pub const THROTTLE_RETRANSMITS_50M: &str = "throttle_retransmits_50m";
+/// Retransmits of the median 500 Mbit/s run to the peer.
+pub const THROTTLE_RETRANSMITS_500M: &str = "throttle_retransmits_500m";
+/// veth TCP throughput with every program and feature on over without (target ≥ 0.95).
+pub const VETH_THROUGHPUT_RATIO: &str = "veth_throughput_ratio";
+/// The veth figure without programs, Mbit/s.
+pub const VETH_THROUGHPUT_MBIT_BARE: &str = "veth_throughput_mbit_bare";
+/// The veth figure with every program and feature on, Mbit/s.
+pub const VETH_THROUGHPUT_MBIT_PROGRAMS: &str = "veth_throughput_mbit_programs";
+
+/// The same with the peer shaped at 10 Gbit/s both ways (HTB and IFB in the path).
+pub const VETH_THROUGHPUT_RATIO_SHAPED: &str = "veth_throughput_ratio_shaped";
 /// Mbit/s of iperf3 TCP from a wireguard-go client through the agent's tunnel.
 pub const TUNNEL_THROUGHPUT_MBPS: &str = "tunnel_throughput_mbps";
 /// Mbit/s of the same through `boringtun-cli`.
@@ -72,6 +102,19 @@ pub const ALL: &[&str] = &[
     TC_PIPELINE_NS_10_PEERS,
     TC_PIPELINE_NS_100K_PEERS,
     TC_PIPELINE_100K_OVER_10,
+    THROTTLE_ACCURACY_5M,
+    THROTTLE_ACCURACY_50M,
+    THROTTLE_ACCURACY_500M,
+    THROTTLE_ACCURACY_5M_FROM_PEER,
+    THROTTLE_ACCURACY_50M_FROM_PEER,
+    THROTTLE_ACCURACY_500M_FROM_PEER,
+    THROTTLE_RETRANSMITS_5M,
+    THROTTLE_RETRANSMITS_50M,
+    THROTTLE_RETRANSMITS_500M,
+    VETH_THROUGHPUT_RATIO,
+    VETH_THROUGHPUT_MBIT_BARE,
+    VETH_THROUGHPUT_MBIT_PROGRAMS,
+    VETH_THROUGHPUT_RATIO_SHAPED,
     TUNNEL_THROUGHPUT_MBPS,
     TUNNEL_THROUGHPUT_BORINGTUN_CLI_MBPS,
     TUNNEL_THROUGHPUT_WIREGUARD_GO_MBPS,
@@ -86,7 +129,7 @@ pub struct Figure {
     pub name: &'static str,
     /// The value, in `unit`.
     pub value: f64,
-    /// `ns`, `ms`, `Mbit/s` or `ratio`.
+    /// `ns`, `ms`, `ratio`, `count` or `Mbit/s`.
     pub unit: &'static str,
 }
 

@@ -3,18 +3,22 @@
 //! for every peer — attribution (host route hash), admission gate with a deadline (so the kernel
 //! reads its clock), destination blocklists (1 000 random prefixes, probes outside them), the
 //! flow table with a per-peer limit (each peer's probe flow is tracked), a quota bucket (atomic
-//! charge), accounting.
+//! charge), accounting, and the shaping decision (every peer shaped from the peer: its class is
+//! set as `skb->priority` and the probe redirected, `TC_ACT_REDIRECT`).
 //!
 //! Each peer count gets its own `Dataplane` (real API, pins under the benchmark's directory);
 //! `tc_ingress` is loaded a second time over the same pins with the test-run link-layer offset
 //! (BPF_PROG_TEST_RUN puts a 14-byte Ethernet header before TC data). Probes are UDP packets
 //! from distinct peers spread over all of them (at least 20 000 per round, shuffled), each run
 //! once (repeat = 1) so the figure includes the maps' memory cost; rounds alternate between the
-//! two dataplanes and the median round is reported. Every probe must pass (`TC_ACT_OK`), and the
-//! peers' counters must have grown by exactly the probes sent, or the figure is refused.
+//! two dataplanes and the median round is reported. Every probe must be redirected to the shaping
+//! device, and the peers' counters must have grown by exactly the probes sent, or the figure is
+//! refused.
 //!
-//! The throttle decision joins this benchmark when it lands; the figure is always "everything the
-//! pipeline has".
+//! A test run executes no qdisc, and one HTB holds at most 65 534 classes (fewer than 100 000
+//! peers), so the peers' class ids and the shaping device's index are written straight into
+//! `CAPY_PEERS` / `CAPY_CONFIG` rather than through `Dataplane::set_rates`: the kernel's decision
+//! is the same.
 
 use std::{
     net::Ipv4Addr,
@@ -24,6 +28,7 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use aya::{
     Ebpf, EbpfLoader,
+    maps::Array,
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
 use capybara_agent::{
@@ -31,7 +36,12 @@ use capybara_agent::{
     dataplane::{Dataplane, DataplaneConfig, Gate, object::OBJECT},
     net::Cidr,
 };
-use capybara_common::{maps as names, peer::PeerId};
+use capybara_common::{
+    config::Config,
+    maps as names,
+    peer::{PeerId, PeerInfo},
+    shape::{MAX_SHAPE_MINOR, class_id},
+};
 use rand::{SeedableRng as _, rngs::StdRng, seq::SliceRandom as _};
 
 use super::{
@@ -40,8 +50,10 @@ use super::{
 };
 use crate::{bpf::TEST_RUN_L2_HLEN, packets, progress};
 
-/// `TC_ACT_OK` as the test run reports it.
-const TC_ACT_OK: u32 = 0;
+/// `TC_ACT_REDIRECT` as the test run reports it.
+const TC_ACT_REDIRECT: u32 = 7;
+/// The shaping device's index written into the config (a test run never redirects).
+const SHAPE_IFINDEX: u32 = 1;
 /// Destination of every probe: outside the random destination list (checked).
 const PROBE_DST: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 77);
 
@@ -108,7 +120,26 @@ fn setup(pins: &BenchPins, n: u32) -> Result<Setup> {
         .context("tc_ingress missing")?
         .try_into()?;
     prog.load().context("load (verify) tc_ingress")?;
+    shape_every_peer(&mut ebpf, n)?;
     Ok(Setup { n, dp, ebpf })
+}
+
+/// Gives peers `0..n` a shaping class from the peer and sets the shaping device (see the module
+/// docs for why not through the API).
+fn shape_every_peer(ebpf: &mut Ebpf, n: u32) -> Result<()> {
+    let mut peers: Array<_, PeerInfo> =
+        Array::try_from(ebpf.map_mut(names::PEERS).context("CAPY_PEERS missing")?)?;
+    for i in 0..n {
+        let mut info = peers.get(&i, 0)?;
+        info.shape_rx = class_id((i % MAX_SHAPE_MINOR + 1) as u16);
+        peers.set(i, info, 0)?;
+    }
+    let mut config: Array<_, Config> =
+        Array::try_from(ebpf.map_mut(names::CONFIG).context("CAPY_CONFIG missing")?)?;
+    let mut cfg = config.get(&0, 0)?;
+    cfg.shape_ifindex = SHAPE_IFINDEX;
+    config.set(0, cfg, 0)?;
+    Ok(())
 }
 
 impl Setup {
@@ -134,8 +165,8 @@ impl Setup {
                 })
                 .context("BPF_PROG_TEST_RUN of tc_ingress")?;
             ensure!(
-                r.return_value == TC_ACT_OK,
-                "tc_ingress returned {} for a probe (expected TC_ACT_OK)",
+                r.return_value == TC_ACT_REDIRECT,
+                "tc_ingress returned {} for a probe (expected TC_ACT_REDIRECT)",
                 r.return_value
             );
             total += r.duration;

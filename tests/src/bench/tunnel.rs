@@ -9,15 +9,13 @@
 //!
 //! Each server runs in a fresh namespace joined by a veth pair to a fresh client namespace
 //! (`wireguard-go` + `wg setconf`); iperf3's server listens on the server's inner address, its
-//! client sends for `--iperf-seconds` (default 10) and the receiver's rate is reported. The
+//! client sends for `--iperf-seconds` (default 10, after one second of slow start left out;
+//! `crate::iperf`) and the receiver's rate is reported. The
 //! ratios divide the agent's rate by each baseline's. The client is the same program in all
 //! three runs, so the ratios compare the servers; on a 2-core machine the client's own CPU
 //! use caps every figure.
 
-use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
-    time::Duration,
-};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use anyhow::{Context as _, Result, bail};
 use capybara_agent::{
@@ -32,6 +30,7 @@ use super::{
     TUNNEL_THROUGHPUT_WIREGUARD_GO_MBPS,
 };
 use crate::{
+    iperf::{self, IperfTcp},
     netns::{NetNs, VethPair, unique_name},
     progress,
     wg::{Implementation, WgProcess, start_tunnel},
@@ -40,8 +39,8 @@ use crate::{
 /// Knobs of the tunnel benchmark.
 #[derive(Debug, Clone, Copy)]
 pub struct TunnelOptions {
-    /// Seconds of each iperf3 run.
-    pub seconds: u64,
+    /// Measured seconds of each iperf3 run (after one second of slow start left out).
+    pub seconds: u32,
     /// Open the agent's TUN device with offloads (the daemon uses
     /// `capybara_agent::tunnel::DEFAULT_OFFLOAD`).
     pub offload: bool,
@@ -56,8 +55,6 @@ enum Server {
 
 /// The WireGuard port of the baseline servers (inside their own namespace).
 const PORT: u16 = 51820;
-/// The iperf3 port.
-const IPERF_PORT: &str = "5201";
 
 fn inner(net: u8, host: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, net, 1, host)
@@ -152,30 +149,15 @@ fn measure(server: Server, net: u8, pins: &BenchPins, opts: TunnelOptions) -> Re
     if !ok {
         bail!("{server:?}: no ping through the tunnel");
     }
-    s.spawn(&[
-        "iperf3",
-        "-s",
-        "-1",
-        "-B",
-        &server_v4.to_string(),
-        "-p",
-        IPERF_PORT,
-    ]);
-    std::thread::sleep(Duration::from_millis(300));
-    let out = c.exec(&[
-        "iperf3",
-        "-c",
-        &server_v4.to_string(),
-        "-p",
-        IPERF_PORT,
-        "-t",
-        &opts.seconds.to_string(),
-        "-J",
-    ]);
-    let json: serde_json::Value = serde_json::from_str(&out).context("iperf3 -J output")?;
-    let bps = json["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .with_context(|| format!("no end.sum_received.bits_per_second in {out}"))?;
+    let r = iperf::tcp(
+        &c,
+        &s,
+        IpAddr::V4(server_v4),
+        &IperfTcp {
+            seconds: opts.seconds,
+            ..IperfTcp::default()
+        },
+    );
     if let Some(dp) = &dataplane {
         let st = dp.peer_stats(1)?;
         progress!(
@@ -185,7 +167,7 @@ fn measure(server: Server, net: u8, pins: &BenchPins, opts: TunnelOptions) -> Re
         );
     }
     drop((agent, process, dataplane));
-    Ok(bps / 1e6)
+    Ok(r.received_bps / 1e6)
 }
 
 /// Runs the three servers (those the selection needs) and returns the figures.

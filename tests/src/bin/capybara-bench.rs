@@ -38,7 +38,7 @@ struct Args {
     rounds: usize,
     /// Seconds of each iperf3 run of the tunnel throughput benchmarks.
     #[arg(long, default_value_t = 10, value_name = "S")]
-    iperf_seconds: u64,
+    iperf_seconds: u32,
     /// TUN offloads of the agent's tunnel in the tunnel benchmark: `on`/`off` (default: what
     /// the daemon uses, `capybara_agent::tunnel::DEFAULT_OFFLOAD`).
     #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
@@ -93,6 +93,7 @@ fn main() -> Result<()> {
             rounds: args.rounds,
         },
     )?);
+    figures.extend(bench::throttle::run(&sel, &pins)?);
     figures.extend(bench::tunnel::run(
         &sel,
         &pins,
