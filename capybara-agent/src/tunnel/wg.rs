@@ -251,20 +251,31 @@ pub enum WgError {
 
 /// One peer: identity and counters outside the lock, the session state inside it.
 struct Peer {
+    /// The peer's identity.
     public_key: PublicKey,
-    /// Session index base (`index << 8` is what boringtun puts in the low bits' place); the
-    /// data path finds the peer of a data packet by `receiver_index >> 8`.
+    /// 24-bit index given to boringtun: its session indices are `index << 8 | n`, so the data
+    /// path finds the peer of a data packet by `receiver_index >> 8`. Kept across kicks.
     index: u32,
+    /// WireGuard bytes received from the peer (authenticated datagrams).
     rx_bytes: AtomicU64,
+    /// WireGuard bytes sent to the peer.
     tx_bytes: AtomicU64,
+    /// Everything a packet of this peer reads or changes.
     state: Mutex<PeerState>,
 }
 
+/// A peer's session state, under its lock.
 struct PeerState {
+    /// boringtun's state machine: handshake, sessions, timers. Replaced to kick.
     tunn: Box<Tunn>,
+    /// What the API configured.
     config: PeerConfig,
+    /// Source of the last authenticated packet (roaming); `None` until the first handshake
+    /// and after a kick.
     endpoint: Option<SocketAddr>,
+    /// Wall-clock time of the last completed handshake (UAPI, status).
     last_handshake: Option<SystemTime>,
+    /// Connect/disconnect tracking.
     liveness: Liveness,
     /// Last time anything was sent to the peer (persistent keepalive).
     last_tx: Instant,
@@ -274,30 +285,46 @@ struct PeerState {
 /// operations build a new one and bump [`Inner::generation`].
 #[derive(Default, Clone)]
 struct Table {
+    /// Peers by public key (handshake initiations, the API).
     by_key: HashMap<PublicKey, Arc<Peer>>,
+    /// Peers by [`Peer::index`] (data packets, handshake responses, cookies).
     by_index: HashMap<u32, Arc<Peer>>,
+    /// Cryptokey routing: allowed IPs → peer.
     routes: AllowedIps<Arc<Peer>>,
 }
 
 /// What the threads share.
 pub(super) struct Inner {
+    /// The server's key (UAPI `private_key`).
     private_key: PrivateKey,
+    /// Its public key.
     public_key: PublicKey,
+    /// The same two as boringtun takes them.
     secret: x25519::StaticSecret,
     static_public: x25519::PublicKey,
+    /// The bound UDP port.
     listen_port: u16,
+    /// The TUN device (read by `wg-tun`, written by `wg-udp`).
     device: TunnelDevice,
+    /// The UDP socket (read by `wg-udp`, written by every thread).
     socket: UdpSocket,
     /// The socket is AF_INET6 (dual-stack): IPv4 endpoints are sent to as v4-mapped addresses.
     socket_v6: bool,
+    /// Handshake MAC checks and cookies under load, shared by every peer's `Tunn`.
     rate_limiter: Arc<RateLimiter>,
+    /// The current peer snapshot.
     table: RwLock<Arc<Table>>,
+    /// Bumped after each new snapshot; the data path threads compare it per batch.
     generation: AtomicU64,
     /// Serialises control operations (add/update/remove/kick) and owns the index allocator.
     control: Mutex<u32>,
+    /// Event bus; each subscriber has its own queue of [`EVENT_CAPACITY`].
     events: tokio::sync::broadcast::Sender<TunnelEvent>,
+    /// Silence after which a connected peer is reported gone.
     disconnect_after: Duration,
+    /// One auth-failure event per source per [`AUTH_EVENT_INTERVAL`].
     auth_limiter: Mutex<SourceLimiter>,
+    /// Drop counters, see [`DropCounters`].
     drops_no_route: AtomicU64,
     drops_no_endpoint: AtomicU64,
     drops_bad_source: AtomicU64,
