@@ -334,8 +334,11 @@ pub(super) struct Inner {
 /// The agent's WireGuard interface. Dropping it stops the threads, closes the device (which
 /// removes it) and removes the UAPI socket.
 pub struct WgTunnel {
+    /// What the threads share.
     inner: Arc<Inner>,
+    /// Write end of the stop pipe: one byte stops every thread.
     wake: std::io::PipeWriter,
+    /// `wg-udp`, `wg-tun`, `wg-timers` and (with a UAPI directory) `wg-uapi`.
     threads: Vec<JoinHandle<()>>,
 }
 
