@@ -16,7 +16,9 @@ use std::{
 
 use capybara_agent::{
     paths,
-    tunnel::{PeerConfig, PrivateKey, PublicKey, TunnelDeviceConfig, WgConfig, WgTunnel},
+    tunnel::{
+        PeerConfig, PresharedKey, PrivateKey, PublicKey, TunnelDeviceConfig, WgConfig, WgTunnel,
+    },
 };
 
 use crate::netns::{NetNs, VethPair, unique_name};
@@ -139,6 +141,22 @@ impl WgProcess {
             conf += &format!("PersistentKeepalive = {k}\n");
         }
         self.setconf(&conf);
+    }
+
+    /// `wg set <iface> peer <peer> preshared-key <file>`.
+    pub fn set_preshared_key(&self, peer: &PublicKey, psk: &PresharedKey) {
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        f.write_all(psk.to_base64().as_bytes()).expect("write psk");
+        let path = f.path().to_string_lossy().into_owned();
+        crate::netns::host(&[
+            "wg",
+            "set",
+            &self.ifname,
+            "peer",
+            &peer.to_base64(),
+            "preshared-key",
+            &path,
+        ]);
     }
 
     /// `wg setconf <iface> <file with conf>`.

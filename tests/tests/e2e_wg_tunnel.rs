@@ -10,7 +10,8 @@ use std::{
 };
 
 use capybara_agent::tunnel::{
-    AuthFailure, DEFAULT_OFFLOAD, DisconnectReason, PeerConfig, PrivateKey, TunnelEvent,
+    AuthFailure, DEFAULT_OFFLOAD, DisconnectReason, PeerConfig, PresharedKey, PrivateKey,
+    TunnelEvent,
 };
 use capybara_tests::{
     netns::{NetNs, VethPair},
@@ -527,4 +528,47 @@ fn a_roaming_client_is_reported_as_an_endpoint_change() {
         ping(&s.server, c.v4),
         "the server answers at the new endpoint"
     );
+}
+
+#[test]
+fn preshared_keys_are_used_and_a_wrong_one_never_connects() {
+    let s = setup(82, 2, false);
+    let (good, bad) = (&s.clients[0], &s.clients[1]);
+    let mut events = s.tunnel.subscribe();
+    let psk = PresharedKey::generate();
+    for (c, host, client_psk) in [(good, 2, psk), (bad, 3, PresharedKey::generate())] {
+        let mut cfg = peer_config(&c.wg, s.net, host);
+        cfg.preshared_key = Some(psk);
+        s.tunnel.add_peer(cfg).expect("add peer");
+        c.wg.set_preshared_key(&s.tunnel.public_key(), &client_psk);
+    }
+    assert!(
+        ping_until(&good.ns, s.v4, WAIT),
+        "the right preshared key does not connect"
+    );
+    wait_event(&mut events, WAIT, is_connected(good.wg.public_key())).expect("Connected");
+
+    // The wrong key: the server answers the initiation, the client cannot use the answer.
+    assert!(
+        !ping(&bad.ns, s.v4) && !ping(&bad.ns, s.v4),
+        "a wrong preshared key got through"
+    );
+    assert!(
+        wait_event(
+            &mut events,
+            Duration::from_millis(100),
+            is_connected(bad.wg.public_key())
+        )
+        .is_none(),
+        "a client with the wrong preshared key was reported connected"
+    );
+    let st = s.tunnel.peer(&bad.wg.public_key()).unwrap();
+    assert!(!st.connected && st.last_handshake.is_none(), "{st:?}");
+    assert!(
+        st.rx_bytes > 0,
+        "the initiation never reached the server: {st:?}"
+    );
+    let dump = wg_dump(s.tunnel.name());
+    assert_eq!(dump.peer(&bad.wg.public_key()).latest_handshake, 0);
+    assert!(dump.peer(&good.wg.public_key()).latest_handshake > 0);
 }

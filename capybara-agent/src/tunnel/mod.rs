@@ -13,8 +13,10 @@
 //! boringtun's `device` is a complete server, but it hides what the agent needs:
 //! - **events**: it has no hook for "handshake completed" or "peer went away"; the agent would
 //!   have to poll its UAPI or scrape logs. Driving `Tunn` ourselves, the dispatcher sees each
-//!   handshake message and its result and emits `Connected` at once (well within the 1 s
-//!   required), and the timer thread sees the silence that makes a `Disconnected`.
+//!   handshake message and its result, and the initiator's first packet on the new session
+//!   (which is when a responder's handshake is complete, as the kernel counts it: a client with
+//!   the wrong preshared key never gets there), and emits `Connected` at once (well within the
+//!   1 s required); the timer thread sees the silence that makes a `Disconnected`.
 //! - **kick**: a session is torn down by replacing the peer's `Tunn` (keys forgotten, index
 //!   kept); `device` can only remove the peer.
 //! - **latest handshake**: its UAPI writes the time *since* the handshake where `wg` expects a

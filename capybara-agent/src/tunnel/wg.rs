@@ -277,6 +277,8 @@ struct PeerState {
     last_handshake: Option<SystemTime>,
     /// Connect/disconnect tracking.
     liveness: Liveness,
+    /// We answered an initiation and wait for the initiator's first packet on the session.
+    confirm_pending: bool,
     /// Last time anything was sent to the peer (persistent keepalive).
     last_tx: Instant,
 }
@@ -489,6 +491,16 @@ impl Inner {
         }
     }
 
+    /// An authenticated data packet or keepalive: completes a handshake we answered, else
+    /// [`Inner::seen`].
+    fn authenticated(&self, peer: &Peer, st: &mut PeerState, src: SocketAddr, now: Instant) {
+        if std::mem::take(&mut st.confirm_pending) {
+            self.handshake_done(peer, st, src, now);
+        } else {
+            self.seen(peer, st, src, now);
+        }
+    }
+
     /// A handshake completed with `peer` from `src`: Connected unless it is a rekey.
     fn handshake_done(&self, peer: &Peer, st: &mut PeerState, src: SocketAddr, now: Instant) {
         let at = SystemTime::now();
@@ -687,6 +699,7 @@ impl WgTunnel {
                 last_handshake: None,
                 liveness: Liveness::default(),
                 last_tx: Instant::now(),
+                confirm_pending: false,
             }),
         });
         for net in &cfg.allowed_ips {
@@ -766,6 +779,7 @@ impl WgTunnel {
         let mut st = peer.state.lock().unwrap_or_else(|p| p.into_inner());
         st.tunn = self.inner.new_tunn(&st.config, peer.index);
         st.endpoint = None;
+        st.confirm_pending = false;
         let was_connected = st.liveness.end();
         drop(st);
         if was_connected {
@@ -988,7 +1002,7 @@ fn on_datagram(
             if data[0] == 4 {
                 peer.rx_bytes
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
-                inner.seen(peer, &mut st, src, now);
+                inner.authenticated(peer, &mut st, src, now);
             }
             return None;
         }
@@ -1012,7 +1026,7 @@ fn on_datagram(
     };
     peer.rx_bytes
         .fetch_add(data.len() as u64, Ordering::Relaxed);
-    inner.seen(peer, &mut st, src, now);
+    inner.authenticated(peer, &mut st, src, now);
     drop(st);
     // Cryptokey routing, inbound half: the source must be one of this peer's allowed IPs.
     match table.routes.lookup(src_ip) {
@@ -1071,7 +1085,15 @@ fn on_initiation(
             let resp = buf[..len].to_vec();
             inner.send_to(Some(peer), &resp, src);
             if response {
-                inner.handshake_done(peer, &mut st, src, now);
+                // Complete once the initiator uses the session (its first authenticated
+                // packet), as the kernel counts it: a client with the wrong preshared key
+                // never gets that far.
+                st.confirm_pending = true;
+                if st.liveness.is_connected() {
+                    inner.seen(peer, &mut st, src, now);
+                } else {
+                    st.endpoint = Some(src);
+                }
             }
             inner.flush_queue(peer, &mut st, src, buf);
         }
