@@ -8,7 +8,9 @@
 //! 2. open the dataplane: load the programs, re-use the pinned maps (counters continue);
 //! 3. restore the named blocklists from the store — written to the kernel only when the pinned
 //!    generation does not already hold them, so a restart never opens a gap;
-//! 4. create the tunnel device and attach the TC programs to it;
+//! 4. start the WireGuard tunnel (`tunnel::WgTunnel`: TUN device, UDP `listen_port`, the server
+//!    key from `<data>/server.key`, generated at mode 0600 on first start, UAPI socket for
+//!    `wg show`) and attach the TC programs to its device;
 //! 5. attach the XDP guard to the uplink (swapping the program inside the pinned link if a
 //!    previous agent left one) and guard the WireGuard listen port.
 //!
@@ -25,13 +27,14 @@
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
     path::PathBuf,
+    sync::Arc,
 };
 
 use crate::{
     blocklist::RegistrySnapshot,
     dataplane::{Dataplane, DataplaneConfig, DataplaneError, Event, EventStream},
     store::{Cf, Store, StoreError},
-    tunnel::{TunnelDevice, TunnelDeviceConfig, TunnelError},
+    tunnel::{KeyError, PrivateKey, TunnelDeviceConfig, WgConfig, WgError, WgTunnel},
 };
 
 /// Store key of the blocklist registry snapshot in [`Cf::Blocklists`].
@@ -56,6 +59,8 @@ pub struct AgentConfig {
     pub bpffs_dir: PathBuf,
     /// Detach the programs on shutdown instead of leaving them enforcing.
     pub detach_on_exit: bool,
+    /// Directory of the WireGuard UAPI socket (`paths::WG_UAPI_DIR`, where `wg` looks).
+    pub wg_uapi_dir: PathBuf,
 }
 
 /// Why the daemon could not start or stop cleanly.
@@ -67,9 +72,12 @@ pub enum DaemonError {
     /// The dataplane failed.
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
-    /// The tunnel device failed.
+    /// The WireGuard tunnel failed to start.
     #[error(transparent)]
-    Tunnel(#[from] TunnelError),
+    Tunnel(#[from] WgError),
+    /// The server key could not be loaded or created.
+    #[error(transparent)]
+    Key(#[from] KeyError),
 }
 
 /// Events buffered per subscriber before the slowest loses the oldest.
@@ -86,6 +94,8 @@ pub struct Running {
     pub uplink: Option<String>,
     /// Guarded UDP port.
     pub listen_port: u16,
+    /// The WireGuard tunnel: peers, events, status.
+    pub wireguard: Arc<WgTunnel>,
 }
 
 /// Runs the agent until `shutdown` resolves. `on_ready` is called once everything is attached.
@@ -113,12 +123,21 @@ pub async fn run(
         "blocklists restored from the store"
     );
 
-    let tunnel = TunnelDevice::create(&TunnelDeviceConfig {
-        name: config.tunnel.clone(),
-        ipv4: Some(config.tunnel_ipv4),
-        ipv6: Some(config.tunnel_ipv6),
-        mtu: 1420,
-    })?;
+    let private_key = PrivateKey::load_or_generate(&crate::paths::key_file(&config.data_dir))?;
+    let tunnel = Arc::new(WgTunnel::start(WgConfig {
+        uapi_dir: Some(config.wg_uapi_dir.clone()),
+        ..WgConfig::new(
+            TunnelDeviceConfig {
+                name: config.tunnel.clone(),
+                ipv4: Some(config.tunnel_ipv4),
+                ipv6: Some(config.tunnel_ipv6),
+                mtu: 1420,
+                offload: crate::tunnel::DEFAULT_OFFLOAD,
+            },
+            config.listen_port,
+            private_key,
+        )
+    })?);
     dataplane.attach_tc(tunnel.name())?;
 
     dataplane.set_guard_ports(&[config.listen_port])?;
@@ -137,6 +156,7 @@ pub async fn run(
         tunnel: tunnel.name().to_owned(),
         uplink: config.uplink.clone(),
         listen_port: config.listen_port,
+        wireguard: tunnel.clone(),
     });
     let mut sweep = tokio::time::interval(crate::dataplane::flows::SWEEP_INTERVAL);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -7,7 +7,7 @@
 //! - [`blocklist`]: named lists, their validation and their compilation to the kernel layout
 //!   (pure).
 //! - [`geo`]: MaxMind DB → per-country CIDR lists; the `.mmdb` writer for fixtures (pure).
-//! - [`tunnel`]: the TUN device (and WireGuard, next).
+//! - [`tunnel`]: the WireGuard interface: TUN device, boringtun sessions, peers, events, UAPI.
 //! - [`store`]: RocksDB, the only storage code.
 //! - [`api`]: proto ↔ domain conversions, the only code that knows protobuf.
 //! - [`service`]: operations that combine the modules above, in domain types.

@@ -9,6 +9,7 @@
 //! | store (RocksDB) | `<data>/store` | created by RocksDB inside the data directory |
 //! | control socket | `/run/capybara/agent.sock` | `0660` ([`SOCKET_MODE`]), dir `0750` |
 //! | server private key | `<data>/server.key` | `0600` ([`KEY_FILE_MODE`]) |
+//! | WireGuard UAPI socket (`wg show`) | `/var/run/wireguard/<iface>.sock` | `0600` ([`WG_UAPI_SOCKET_MODE`]), dir `0755` |
 //!
 //! Removing the bpffs directory (`rm -rf /sys/fs/bpf/capybara`) detaches the programs (their links
 //! are pinned there) and resets every kernel counter: it is the documented way to reset the
@@ -52,6 +53,20 @@ pub const KEY_FILE_NAME: &str = "server.key";
 /// Mode of the server key file.
 pub const KEY_FILE_MODE: u32 = 0o600;
 
+/// Directory of the WireGuard userspace control sockets: where `wg` looks for
+/// `<iface>.sock` (compiled into wireguard-tools; it has no override, so tests use unique
+/// interface names rather than another directory for `wg show`).
+pub const WG_UAPI_DIR: &str = "/var/run/wireguard";
+/// Mode of [`WG_UAPI_DIR`] (what wireguard-go creates).
+pub const WG_UAPI_DIR_MODE: u32 = 0o755;
+/// Mode of a UAPI socket: it answers with the private key, so root only.
+pub const WG_UAPI_SOCKET_MODE: u32 = 0o600;
+
+/// Path of the UAPI socket of interface `iface` in `dir`.
+pub fn uapi_socket(dir: &Path, iface: &str) -> PathBuf {
+    dir.join(format!("{iface}.sock"))
+}
+
 /// Path of the pinned map `name` under the bpffs directory `bpffs`.
 pub fn map_pin(bpffs: &Path, name: &str) -> PathBuf {
     bpffs.join(name)
@@ -90,6 +105,10 @@ mod tests {
         assert_eq!(
             key_file(Path::new(DATA_DIR)),
             Path::new("/var/lib/capybara/server.key")
+        );
+        assert_eq!(
+            uapi_socket(Path::new(WG_UAPI_DIR), "capy0"),
+            Path::new("/var/run/wireguard/capy0.sock")
         );
     }
 }

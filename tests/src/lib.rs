@@ -2,6 +2,8 @@
 //!
 //! - [`netns`], [`tunwire`], [`traffic`], [`iperf`]: namespaces, veth pairs, TUN "wires", bpffs
 //!   dirs as RAII guards that clean up even on panic, and real UDP/TCP traffic between namespaces.
+//! - [`wg`]: wireguard-go / boringtun-cli interfaces driven by `wg`, the agent's tunnel in a
+//!   namespace, `wg show` parsed.
 //! - [`bpf`], [`packets`]: BPF_PROG_TEST_RUN fixtures and packet builders (shared with the
 //!   benchmarks).
 //! - [`bench`]: the benchmarks behind `cargo xtask bench` (binary `capybara-bench`).
@@ -10,6 +12,7 @@ pub mod iperf;
 pub mod netns;
 pub mod traffic;
 pub mod tunwire;
+pub mod wg;
 
 // BPF_PROG_TEST_RUN fixtures (packet builders and the loaded-object fixture).
 pub mod bpf;

@@ -42,6 +42,9 @@ struct Args {
     /// Detach the kernel programs on exit instead of leaving them enforcing.
     #[arg(long)]
     detach_on_exit: bool,
+    /// Directory of the WireGuard UAPI socket `<tunnel>.sock` (what `wg show` reads).
+    #[arg(long, default_value = paths::WG_UAPI_DIR)]
+    wg_uapi_dir: PathBuf,
 }
 
 /// An interface address `a.b.c.d/len`: the host part may be set (it is the server's address).
@@ -88,6 +91,7 @@ fn main() -> anyhow::Result<()> {
         data_dir: args.data_dir,
         bpffs_dir: args.bpffs_dir,
         detach_on_exit: args.detach_on_exit,
+        wg_uapi_dir: args.wg_uapi_dir,
     };
     let runtime = tokio::runtime::Runtime::new().context("tokio runtime")?;
     runtime.block_on(async move {

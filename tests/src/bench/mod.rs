@@ -7,6 +7,8 @@
 //! - [`geo`]: compiling a generated GeoLite2-size MaxMind DB.
 //! - [`pipeline`]: the tunnel device's whole pipeline per packet at 10 and 100 000 peers.
 //! - [`throttle`]: shaping accuracy with real TCP, and veth throughput with every program on.
+//! - [`tunnel`]: iperf3 TCP through the agent's WireGuard tunnel, `boringtun-cli` and
+//!   `wireguard-go`, from a `wireguard-go` client, same machine, same run.
 //!
 //! Every figure is a [`Figure`]; the binary writes them as
 //! `{"benchmarks":[{"name":…, "value":…, "unit":…}]}`. The names below are what reports and CI
@@ -16,6 +18,7 @@ pub mod geo;
 pub mod guard;
 pub mod pipeline;
 pub mod throttle;
+pub mod tunnel;
 
 use std::{
     path::{Path, PathBuf},
@@ -75,6 +78,16 @@ pub const VETH_THROUGHPUT_MBIT_PROGRAMS: &str = "veth_throughput_mbit_programs";
 
 /// The same with the peer shaped at 10 Gbit/s both ways (HTB and IFB in the path).
 pub const VETH_THROUGHPUT_RATIO_SHAPED: &str = "veth_throughput_ratio_shaped";
+/// Mbit/s of iperf3 TCP from a wireguard-go client through the agent's tunnel.
+pub const TUNNEL_THROUGHPUT_MBPS: &str = "tunnel_throughput_mbps";
+/// Mbit/s of the same through `boringtun-cli`.
+pub const TUNNEL_THROUGHPUT_BORINGTUN_CLI_MBPS: &str = "tunnel_throughput_boringtun_cli_mbps";
+/// Mbit/s of the same through a server-side `wireguard-go`.
+pub const TUNNEL_THROUGHPUT_WIREGUARD_GO_MBPS: &str = "tunnel_throughput_wireguard_go_mbps";
+/// `tunnel_throughput_mbps` over `tunnel_throughput_boringtun_cli_mbps` (target ≥ 1.0).
+pub const TUNNEL_THROUGHPUT_VS_BORINGTUN_CLI: &str = "tunnel_throughput_vs_boringtun_cli";
+/// `tunnel_throughput_mbps` over `tunnel_throughput_wireguard_go_mbps`.
+pub const TUNNEL_THROUGHPUT_VS_WIREGUARD_GO: &str = "tunnel_throughput_vs_wireguard_go";
 
 /// Every benchmark, in the order they run and are reported.
 pub const ALL: &[&str] = &[
@@ -102,6 +115,11 @@ pub const ALL: &[&str] = &[
     VETH_THROUGHPUT_MBIT_BARE,
     VETH_THROUGHPUT_MBIT_PROGRAMS,
     VETH_THROUGHPUT_RATIO_SHAPED,
+    TUNNEL_THROUGHPUT_MBPS,
+    TUNNEL_THROUGHPUT_BORINGTUN_CLI_MBPS,
+    TUNNEL_THROUGHPUT_WIREGUARD_GO_MBPS,
+    TUNNEL_THROUGHPUT_VS_BORINGTUN_CLI,
+    TUNNEL_THROUGHPUT_VS_WIREGUARD_GO,
 ];
 
 /// One measured figure.

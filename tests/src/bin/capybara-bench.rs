@@ -14,7 +14,7 @@ use anyhow::{Context as _, Result, bail};
 use capybara_tests::{
     bench::{
         self, BenchPins, Figure, GEO_COMPILE_500K_MS, Report, Selection, guard::GuardOptions,
-        pipeline::PipelineOptions,
+        pipeline::PipelineOptions, tunnel::TunnelOptions,
     },
     progress,
 };
@@ -36,6 +36,13 @@ struct Args {
     /// Rounds per XDP and pipeline benchmark; the median round is reported.
     #[arg(long, default_value_t = 7, value_name = "N")]
     rounds: usize,
+    /// Seconds of each iperf3 run of the tunnel throughput benchmarks.
+    #[arg(long, default_value_t = 10, value_name = "S")]
+    iperf_seconds: u32,
+    /// TUN offloads of the agent's tunnel in the tunnel benchmark: `on`/`off` (default: what
+    /// the daemon uses, `capybara_agent::tunnel::DEFAULT_OFFLOAD`).
+    #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
+    tunnel_offload: Option<String>,
     /// List the benchmark names and exit.
     #[arg(long)]
     list: bool,
@@ -87,6 +94,17 @@ fn main() -> Result<()> {
         },
     )?);
     figures.extend(bench::throttle::run(&sel, &pins)?);
+    figures.extend(bench::tunnel::run(
+        &sel,
+        &pins,
+        TunnelOptions {
+            seconds: args.iperf_seconds,
+            offload: args
+                .tunnel_offload
+                .as_deref()
+                .map_or(capybara_agent::tunnel::DEFAULT_OFFLOAD, |o| o == "on"),
+        },
+    )?);
     if sel.wants(GEO_COMPILE_500K_MS) {
         figures.push(bench::geo::compile_500k()?);
     }
