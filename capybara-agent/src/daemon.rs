@@ -112,6 +112,17 @@ pub async fn run(
         ..DataplaneConfig::default()
     })?;
     tracing::info!(bpffs = %config.bpffs_dir.display(), "dataplane loaded, maps pinned");
+    // Peers get their addresses from the tunnel's IPv4 subnet: the kernel attributes those by
+    // array (a subnet larger than the pool array stays on the hash).
+    let (v4, len) = config.tunnel_ipv4;
+    let pool = ipnet::Ipv4Net::new(v4, len).ok().map(|n| n.trunc());
+    match dataplane.set_peer_pool_v4(pool) {
+        Err(e @ crate::dataplane::DataplaneError::PeerPoolTooLarge { .. }) => {
+            tracing::warn!(error = %e, "peers are attributed by hash");
+            dataplane.set_peer_pool_v4(None)?;
+        }
+        r => r?,
+    }
 
     let snapshot: RegistrySnapshot = store
         .get(Cf::Blocklists, BLOCKLISTS_KEY)?
