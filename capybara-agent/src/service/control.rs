@@ -37,8 +37,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     domain::{
-        Actor, AuditRecord, ClientConfig, DeviceName, Peer, PublicKey, Scope, Token, TokenId,
-        User, UserDetail, UserName, ValidationError, encode_key, unix_secs,
+        Actor, AuditRecord, ClientConfig, DeviceName, Peer, PublicKey, Scope, Token, TokenId, User,
+        UserDetail, UserName, ValidationError, encode_key, unix_secs,
     },
     ports::{Plane, TunnelPort, TunnelPortError},
     secrets::{self, Sealer},
@@ -480,7 +480,8 @@ impl Service {
             .ok_or_else(|| ServiceError::Exhausted {
                 what: format!("IPv4 address in {net}"),
             })?;
-        let v6 = Ipv6Addr::from(u128::from(self.cfg.server_v6.trunc().network()) + u128::from(offset));
+        let v6 =
+            Ipv6Addr::from(u128::from(self.cfg.server_v6.trunc().network()) + u128::from(offset));
         Ok((id, v4, v6))
     }
 
@@ -549,10 +550,7 @@ impl Service {
         } else {
             wg.push_str("# PrivateKey = <shown once when the device was created>\n");
         }
-        wg.push_str(&format!(
-            "Address = {}/32, {}/128\n",
-            peer.ipv4, peer.ipv6
-        ));
+        wg.push_str(&format!("Address = {}/32, {}/128\n", peer.ipv4, peer.ipv6));
         if !self.cfg.dns.is_empty() {
             wg.push_str(&format!("DNS = {}\n", self.cfg.dns.join(", ")));
         }
@@ -727,7 +725,10 @@ impl Service {
         match user {
             Some(u) => {
                 self.get_user_record(u)?;
-                Ok(Self::peer_records(&st, u).into_iter().map(|r| r.peer).collect())
+                Ok(Self::peer_records(&st, u)
+                    .into_iter()
+                    .map(|r| r.peer)
+                    .collect())
             }
             None => Ok(st.peers.values().map(|r| r.peer.clone()).collect()),
         }
@@ -753,7 +754,10 @@ impl Service {
         let mut batch = Batch::default();
         batch.delete(Cf::Users, &keys::user(name.as_str()));
         for r in &recs {
-            batch.delete(Cf::Peers, &keys::peer(name.as_str(), r.peer.device.as_str()));
+            batch.delete(
+                Cf::Peers,
+                &keys::peer(name.as_str(), r.peer.device.as_str()),
+            );
         }
         self.audit(
             &mut st,
@@ -1031,10 +1035,7 @@ impl Service {
         let mut out = Stats::default();
         for peer in peers {
             let k = self.plane.peer_stats(peer.id)?;
-            out.users
-                .entry(peer.user.to_string())
-                .or_default()
-                .add(&k);
+            out.users.entry(peer.user.to_string()).or_default().add(&k);
             out.peers.push(PeerCounters {
                 stats: PeerStatsView::from_kernel(&k),
                 peer,
@@ -1116,7 +1117,10 @@ impl Service {
         Ok(lists
             .into_iter()
             .map(|(s, hits)| BlocklistView {
-                cidrs: self.plane.list_cidrs(s.direction, &s.name).unwrap_or_default(),
+                cidrs: self
+                    .plane
+                    .list_cidrs(s.direction, &s.name)
+                    .unwrap_or_default(),
                 direction: s.direction,
                 name: s.name.as_str().to_owned(),
                 hits: hits.into(),
@@ -1195,7 +1199,10 @@ impl Service {
         )
     }
 
-    #[expect(clippy::too_many_arguments, reason = "one private helper of three callers")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one private helper of three callers"
+    )]
     fn list_change(
         &self,
         st: &mut State,
@@ -1210,7 +1217,11 @@ impl Service {
         self.plane.list_op(direction, name, op)?;
         let after = self.plane.list_cidrs(direction, name);
         let mut batch = Batch::default();
-        batch.put(Cf::Blocklists, keys::BLOCKLISTS, &self.plane.list_snapshot())?;
+        batch.put(
+            Cf::Blocklists,
+            keys::BLOCKLISTS,
+            &self.plane.list_snapshot(),
+        )?;
         self.audit(
             st,
             &mut batch,

@@ -270,7 +270,10 @@ pub struct TokenId(String);
 impl TokenId {
     /// Parses `s`, given in `field`.
     pub fn parse(field: &'static str, s: &str) -> Result<TokenId, ValidationError> {
-        if s.len() == 16 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if s.len() == 16
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             Ok(TokenId(s.to_owned()))
         } else {
             Err(ValidationError::TokenId {
@@ -550,11 +553,30 @@ mod tests {
 
     #[test]
     fn durations_parse_with_units() {
-        assert_eq!(parse_duration("expires", "30d").unwrap().as_secs(), 30 * 86_400);
-        assert_eq!(parse_duration("expires", "2w").unwrap().as_secs(), 14 * 86_400);
+        assert_eq!(
+            parse_duration("expires", "30d").unwrap().as_secs(),
+            30 * 86_400
+        );
+        assert_eq!(
+            parse_duration("expires", "2w").unwrap().as_secs(),
+            14 * 86_400
+        );
         assert_eq!(parse_duration("expires", "90m").unwrap().as_secs(), 5400);
-        for bad in ["", "30", "d", "0d", "3x", "-1d", "1.5d", "99999999999999999999d"] {
-            assert_eq!(parse_duration("expires", bad).unwrap_err().field(), "expires", "{bad}");
+        for bad in [
+            "",
+            "30",
+            "d",
+            "0d",
+            "3x",
+            "-1d",
+            "1.5d",
+            "99999999999999999999d",
+        ] {
+            assert_eq!(
+                parse_duration("expires", bad).unwrap_err().field(),
+                "expires",
+                "{bad}"
+            );
         }
     }
 

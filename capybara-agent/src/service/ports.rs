@@ -6,12 +6,7 @@
 //! the API and the CLI are tested without root. Methods take `&self`: implementations lock
 //! inside, and the service calls them while holding its own state lock, so calls are serialised.
 
-use std::{
-    collections::BTreeMap,
-    net::SocketAddr,
-    sync::Mutex,
-    time::SystemTime,
-};
+use std::{collections::BTreeMap, net::SocketAddr, sync::Mutex, time::SystemTime};
 
 use capybara_common::{
     counters::{Counter, DROPS_BASE},
@@ -298,7 +293,12 @@ impl MemoryTunnel {
 
     /// Changes a peer's state (tests set endpoints and handshakes this way).
     pub fn with_peer<R>(&self, key: &PublicKey, f: impl FnOnce(&mut MemoryTunnelPeer) -> R) -> R {
-        f(self.inner.lock().unwrap().get_mut(key).expect("configured peer"))
+        f(self
+            .inner
+            .lock()
+            .unwrap()
+            .get_mut(key)
+            .expect("configured peer"))
     }
 }
 

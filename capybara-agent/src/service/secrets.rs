@@ -110,7 +110,11 @@ pub fn parse_bearer(bearer: &str) -> Option<(TokenId, String)> {
 
 /// Compares two hashes in time independent of where they differ.
 pub fn hashes_equal(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 /// Reads the base64 32-byte key in `path`, or creates the file (mode 0600) with
@@ -240,8 +244,17 @@ mod tests {
         assert!(!s.bearer.contains(&s.hash));
         // Another secret under the same id has another hash.
         let other = new_token_secret(&id);
-        assert!(!hashes_equal(&parse_bearer(&other.bearer).unwrap().1, &s.hash));
-        for bad in ["", "capy_", "Bearer x", "capy_zz_abc", &s.bearer[..s.bearer.len() - 2]] {
+        assert!(!hashes_equal(
+            &parse_bearer(&other.bearer).unwrap().1,
+            &s.hash
+        ));
+        for bad in [
+            "",
+            "capy_",
+            "Bearer x",
+            "capy_zz_abc",
+            &s.bearer[..s.bearer.len() - 2],
+        ] {
             assert!(parse_bearer(bad).is_none(), "{bad}");
         }
     }

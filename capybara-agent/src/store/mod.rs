@@ -379,7 +379,9 @@ impl Store {
 
     /// The last key of `cf` in key order, if any.
     pub fn last_key(&self, cf: Cf) -> Result<Option<String>, StoreError> {
-        let mut it = self.db.iterator_cf(self.handle(cf), rocksdb::IteratorMode::End);
+        let mut it = self
+            .db
+            .iterator_cf(self.handle(cf), rocksdb::IteratorMode::End);
         match it.next() {
             None => Ok(None),
             Some(Err(source)) => Err(StoreError::Io {
@@ -428,7 +430,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         for cf in Cf::ALL {
-            let v: Option<u32> = store.get(Cf::Meta, &format!("schema/{}", cf.name())).unwrap();
+            let v: Option<u32> = store
+                .get(Cf::Meta, &format!("schema/{}", cf.name()))
+                .unwrap();
             assert_eq!(v, Some(cf.schema_version()), "{}", cf.name());
         }
     }
@@ -438,7 +442,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let mut b = Batch::default();
-        for (u, d) in [("al", "x"), ("alice", "phone"), ("alice", "laptop"), ("bob", "a")] {
+        for (u, d) in [
+            ("al", "x"),
+            ("alice", "phone"),
+            ("alice", "laptop"),
+            ("bob", "a"),
+        ] {
             b.put(Cf::Peers, &keys::peer(u, d), &d).unwrap();
         }
         store.commit(b).unwrap();

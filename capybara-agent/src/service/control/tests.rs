@@ -65,19 +65,30 @@ fn add_user_programs_tunnel_dataplane_and_store_and_audits() {
     let (user, cfg) = f.svc.add_user(&root(), new_user("alice")).unwrap();
     assert_eq!(user.name.as_str(), "alice");
     let peer = &cfg.peer;
-    assert_eq!(peer.ipv4, Ipv4Addr::new(10, 99, 0, 2), "lowest free host after the server");
+    assert_eq!(
+        peer.ipv4,
+        Ipv4Addr::new(10, 99, 0, 2),
+        "lowest free host after the server"
+    );
     assert_eq!(peer.ipv6, "fd99::2".parse::<Ipv6Addr>().unwrap());
     let private = cfg.private_key.as_deref().unwrap();
     let private = crate::service::domain::decode_key(private).unwrap();
     assert_eq!(secrets::public_of(&private), peer.public_key);
-    assert!(cfg.wg_quick.contains("PublicKey = AQEB"), "{}", cfg.wg_quick);
+    assert!(
+        cfg.wg_quick.contains("PublicKey = AQEB"),
+        "{}",
+        cfg.wg_quick
+    );
     assert!(cfg.wg_quick.contains("Address = 10.99.0.2/32, fd99::2/128"));
     assert!(cfg.wg_quick.contains("Endpoint = vpn.example.com:51820"));
 
     let plane = f.plane.state();
     assert_eq!(plane.peers[&peer.id], allowed_ips(peer));
     assert_eq!(plane.gates[&peer.id], Gate::Admitted { until: None });
-    assert_eq!(f.tunnel.state()[&peer.public_key].allowed, allowed_ips(peer));
+    assert_eq!(
+        f.tunnel.state()[&peer.public_key].allowed,
+        allowed_ips(peer)
+    );
 
     let audit = f.svc.audit_records(None, 10).unwrap();
     assert_eq!(audit.len(), 1);
@@ -110,7 +121,8 @@ fn duplicates_and_unknowns_change_nothing() {
         Err(ServiceError::NotFound { what: "user", .. })
     ));
     assert!(matches!(
-        f.svc.add_device(&root(), &u("alice"), &DeviceName::default_device()),
+        f.svc
+            .add_device(&root(), &u("alice"), &DeviceName::default_device()),
         Err(ServiceError::AlreadyExists { what: "device", .. })
     ));
     let past = NewUser {
@@ -169,7 +181,11 @@ fn remove_user_removes_every_device_everywhere() {
     let f = fixture(false);
     f.svc.add_user(&root(), new_user("alice")).unwrap();
     f.svc
-        .add_device(&root(), &u("alice"), &DeviceName::parse("device", "phone").unwrap())
+        .add_device(
+            &root(),
+            &u("alice"),
+            &DeviceName::parse("device", "phone").unwrap(),
+        )
         .unwrap();
     f.svc.add_user(&root(), new_user("bob")).unwrap();
     assert_eq!(f.plane.state().peers.len(), 3);
@@ -227,7 +243,10 @@ fn kept_keys_show_the_config_again_and_rotate_replaces_the_key() {
     let f = fixture(true);
     let (_, first) = f.svc.add_user(&root(), new_user("alice")).unwrap();
     assert!(first.peer.key_kept);
-    let again = f.svc.user_config(&root(), &u("alice"), None, false).unwrap();
+    let again = f
+        .svc
+        .user_config(&root(), &u("alice"), None, false)
+        .unwrap();
     assert_eq!(again.private_key, first.private_key);
     assert_eq!(again.wg_quick, first.wg_quick);
     let rotated = f.svc.user_config(&root(), &u("alice"), None, true).unwrap();
@@ -262,10 +281,19 @@ fn tokens_authenticate_by_hash_and_stop_when_revoked_or_expired() {
     let raw: Vec<(String, serde_json::Value)> = f.svc.store.scan(Cf::Tokens, "").unwrap();
     assert!(!serde_json::to_string(&raw).unwrap().contains(&bearer));
     let forged = format!("capy_{}_{}", tok.id, "A".repeat(43));
-    assert!(matches!(f.svc.authenticate(&forged), Err(AuthError::Invalid)));
-    assert!(matches!(f.svc.authenticate("nope"), Err(AuthError::Invalid)));
+    assert!(matches!(
+        f.svc.authenticate(&forged),
+        Err(AuthError::Invalid)
+    ));
+    assert!(matches!(
+        f.svc.authenticate("nope"),
+        Err(AuthError::Invalid)
+    ));
     f.svc.revoke_token(&root(), &tok.id).unwrap();
-    assert!(matches!(f.svc.authenticate(&bearer), Err(AuthError::Revoked)));
+    assert!(matches!(
+        f.svc.authenticate(&bearer),
+        Err(AuthError::Revoked)
+    ));
     assert!(matches!(
         f.svc.revoke_token(&root(), &tok.id),
         Err(ServiceError::AlreadyRevoked { .. })
@@ -284,10 +312,18 @@ fn tokens_authenticate_by_hash_and_stop_when_revoked_or_expired() {
             },
         )
         .unwrap();
-    let mut rec: TokenRecord = f.svc.store.get(Cf::Tokens, tok2.id.as_str()).unwrap().unwrap();
+    let mut rec: TokenRecord = f
+        .svc
+        .store
+        .get(Cf::Tokens, tok2.id.as_str())
+        .unwrap()
+        .unwrap();
     rec.token.expires_at = Some(now() - 1);
     f.svc.store.put(Cf::Tokens, tok2.id.as_str(), &rec).unwrap();
-    assert!(matches!(f.svc.authenticate(&bearer2), Err(AuthError::Expired)));
+    assert!(matches!(
+        f.svc.authenticate(&bearer2),
+        Err(AuthError::Expired)
+    ));
 }
 
 #[test]
@@ -314,7 +350,11 @@ fn stats_sum_devices_per_user_and_list_drops() {
     let (_, a) = f.svc.add_user(&root(), new_user("alice")).unwrap();
     let b = f
         .svc
-        .add_device(&root(), &u("alice"), &DeviceName::parse("device", "phone").unwrap())
+        .add_device(
+            &root(),
+            &u("alice"),
+            &DeviceName::parse("device", "phone").unwrap(),
+        )
         .unwrap();
     f.plane.with(|s| {
         let mut x = PeerStats {
@@ -334,12 +374,21 @@ fn stats_sum_devices_per_user_and_list_drops() {
                 ..Default::default()
             },
         );
-        s.drops.insert(DropReason::SourceBlocklist as u32, Counter { packets: 9, bytes: 900 });
+        s.drops.insert(
+            DropReason::SourceBlocklist as u32,
+            Counter {
+                packets: 9,
+                bytes: 900,
+            },
+        );
     });
     let st = f.svc.stats(None).unwrap();
     assert_eq!(st.peers.len(), 2);
     let alice = &st.users["alice"];
-    assert_eq!((alice.rx.bytes, alice.rx.packets, alice.tx.bytes), (150, 2, 7));
+    assert_eq!(
+        (alice.rx.bytes, alice.rx.packets, alice.tx.bytes),
+        (150, 2, 7)
+    );
     assert_eq!(alice.drops["flow-limit"], 2);
     assert_eq!(st.drops["source-blocklist"], 9);
 }
@@ -354,13 +403,21 @@ fn blocklist_changes_persist_with_an_audit_record() {
         .change_entries(&root(), Direction::Source, &name, EntriesOp::Add, &cidrs)
         .unwrap();
     assert_eq!(v.cidrs, cidrs);
-    let snap: RegistrySnapshot = f.svc.store.get(Cf::Blocklists, keys::BLOCKLISTS).unwrap().unwrap();
+    let snap: RegistrySnapshot = f
+        .svc
+        .store
+        .get(Cf::Blocklists, keys::BLOCKLISTS)
+        .unwrap()
+        .unwrap();
     assert_eq!(snap.lists.len(), 1);
     assert!(matches!(
-        f.svc.delete_blocklist(&root(), Direction::Destination, &name),
+        f.svc
+            .delete_blocklist(&root(), Direction::Destination, &name),
         Err(ServiceError::NotFound { what: "list", .. })
     ));
-    f.svc.delete_blocklist(&root(), Direction::Source, &name).unwrap();
+    f.svc
+        .delete_blocklist(&root(), Direction::Source, &name)
+        .unwrap();
     assert!(f.svc.blocklists().unwrap().is_empty());
     let actions: Vec<String> = f
         .svc

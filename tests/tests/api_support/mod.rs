@@ -1,0 +1,144 @@
+//! An in-process agent API for the `api_*` tests: a real gRPC server on `127.0.0.1:0` and on a
+//! Unix socket in a temporary directory, over a real store and the in-memory dataplane and
+//! tunnel. Dropping it shuts the server down.
+
+#![allow(dead_code, reason = "each api_* test uses a different part")]
+
+use std::{path::PathBuf, sync::Arc};
+
+use capybara_agent::{
+    api::{
+        self, Listeners,
+        client::{Client, Endpoint},
+    },
+    service::{
+        NewToken, Service, ServiceConfig,
+        domain::{Actor, PublicKey, Scope},
+        ports::{MemoryPlane, MemoryTunnel},
+        secrets::Sealer,
+    },
+    store::Store,
+};
+
+/// A running in-process API.
+pub struct TestApi {
+    pub dir: tempfile::TempDir,
+    pub tcp: std::net::SocketAddr,
+    pub socket: PathBuf,
+    pub svc: Arc<Service>,
+    pub plane: Arc<MemoryPlane>,
+    pub tunnel: Arc<MemoryTunnel>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestApi {
+    /// Starts a server (inside a tokio runtime); `keep` = `--keep-client-keys`.
+    pub async fn start(keep: bool) -> TestApi {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Arc::new(Store::open(&dir.path().join("data")).expect("store"));
+        let plane = Arc::new(MemoryPlane::default());
+        let tunnel = Arc::new(MemoryTunnel::default());
+        let svc = Arc::new(
+            Service::open(
+                store,
+                plane.clone(),
+                tunnel.clone(),
+                ServiceConfig {
+                    server_v4: "10.99.0.1/16".parse().unwrap(),
+                    server_v6: "fd99::1/64".parse().unwrap(),
+                    server_public_key: PublicKey([1; 32]),
+                    endpoint: "192.0.2.1:51820".into(),
+                    dns: vec![],
+                    keep_client_keys: keep.then(|| Sealer::new(&[2; 32])),
+                },
+            )
+            .expect("service"),
+        );
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind tcp");
+        let addr = tcp.local_addr().unwrap();
+        let socket = dir.path().join("run/agent.sock");
+        let unix = api::bind_unix(&socket).expect("bind unix");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(api::run(
+            svc.clone(),
+            Listeners {
+                tcp: Some(tcp),
+                unix: Some(unix),
+            },
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let task = tokio::spawn(async move {
+            task.await.expect("server task").expect("server");
+        });
+        TestApi {
+            dir,
+            tcp: addr,
+            socket,
+            svc,
+            plane,
+            tunnel,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// A token of `scope`, made directly through the service.
+    pub fn token(&self, scope: Scope) -> String {
+        self.svc
+            .create_token(
+                &Actor::Local { uid: 0 },
+                NewToken {
+                    scope,
+                    name: format!("test-{scope}"),
+                    expires_at: None,
+                },
+            )
+            .expect("token")
+            .1
+    }
+
+    /// The TCP URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.tcp)
+    }
+
+    /// A TCP client with `token`.
+    pub async fn tcp_client(&self, token: Option<&str>) -> Client {
+        Client::connect(&Endpoint::Tcp {
+            url: self.url(),
+            token: token.map(str::to_owned),
+        })
+        .await
+        .expect("connect tcp")
+    }
+
+    /// A client on the control socket.
+    pub async fn unix_client(&self) -> Client {
+        Client::connect(&Endpoint::Unix(self.socket.clone()))
+            .await
+            .expect("connect unix")
+    }
+
+    /// Stops the server and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.expect("server stopped cleanly");
+        }
+    }
+}
+
+impl Drop for TestApi {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
