@@ -9,12 +9,15 @@
 //! - [`geo`]: MaxMind DB → per-country CIDR lists; the `.mmdb` writer for fixtures (pure).
 //! - [`tunnel`]: the TUN device (and WireGuard, next).
 //! - [`store`]: RocksDB, the only storage code.
-//! - [`api`]: proto ↔ domain conversions, the only code that knows protobuf.
+//! - [`api`]: the gRPC server and client and the proto ↔ domain conversions, the only code that
+//!   knows protobuf.
+//! - [`cli`]: the `capybara` command line, the only code that prints tables.
 //! - [`service`]: operations that combine the modules above, in domain types.
 //! - [`daemon`]: start-up, run, shutdown.
 //! - [`net`], [`paths`]: validated network types; every filesystem path and its mode.
 pub mod api;
 pub mod blocklist;
+pub mod cli;
 pub mod daemon;
 pub mod dataplane;
 pub mod geo;

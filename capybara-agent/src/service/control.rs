@@ -411,7 +411,6 @@ impl Service {
     // ---- audit -------------------------------------------------------------------------
 
     fn audit(
-        &self,
         st: &mut State,
         batch: &mut Batch,
         actor: &Actor,
@@ -619,7 +618,7 @@ impl Service {
             user: user.clone(),
             peers: vec![rec.peer.clone()],
         };
-        self.audit(
+        Self::audit(
             &mut st,
             &mut batch,
             actor,
@@ -660,7 +659,7 @@ impl Service {
         let (rec, private) = self.program_new_peer(&st, user, device)?;
         let mut batch = Batch::default();
         batch.put(Cf::Peers, &pkey, &rec)?;
-        self.audit(
+        Self::audit(
             &mut st,
             &mut batch,
             actor,
@@ -759,7 +758,7 @@ impl Service {
                 &keys::peer(name.as_str(), r.peer.device.as_str()),
             );
         }
-        self.audit(
+        Self::audit(
             &mut st,
             &mut batch,
             actor,
@@ -805,7 +804,7 @@ impl Service {
         self.unprogram(&rec.peer)?;
         let mut batch = Batch::default();
         batch.delete(Cf::Peers, &pkey);
-        self.audit(
+        Self::audit(
             &mut st,
             &mut batch,
             actor,
@@ -883,7 +882,7 @@ impl Service {
         }
         let mut batch = Batch::default();
         batch.put(Cf::Peers, &pkey, &new)?;
-        self.audit(
+        Self::audit(
             &mut st,
             &mut batch,
             actor,
@@ -950,7 +949,7 @@ impl Service {
                 hash: secret.hash,
             },
         )?;
-        self.audit(
+        Self::audit(
             &mut st,
             &mut batch,
             actor,
@@ -991,7 +990,7 @@ impl Service {
         rec.token.revoked_at = Some(now());
         let mut batch = Batch::default();
         batch.put(Cf::Tokens, &keys::token(id.as_str()), &rec)?;
-        self.audit(
+        Self::audit(
             &mut st,
             &mut batch,
             actor,
@@ -1085,7 +1084,7 @@ impl Service {
         }
         let peers: Vec<Peer> = recs.into_iter().map(|r| r.peer).collect();
         let mut batch = Batch::default();
-        self.audit(
+        Self::audit(
             &mut st,
             &mut batch,
             actor,
@@ -1222,7 +1221,7 @@ impl Service {
             keys::BLOCKLISTS,
             &self.plane.list_snapshot(),
         )?;
-        self.audit(
+        Self::audit(
             st,
             &mut batch,
             actor,

@@ -298,7 +298,7 @@ fn tokens_authenticate_by_hash_and_stop_when_revoked_or_expired() {
         f.svc.revoke_token(&root(), &tok.id),
         Err(ServiceError::AlreadyRevoked { .. })
     ));
-    assert_eq!(f.svc.list_tokens().unwrap()[0].revoked_at.is_some(), true);
+    assert!(f.svc.list_tokens().unwrap()[0].revoked_at.is_some());
 
     // Expiry: write a record that expired a second ago.
     let (tok2, bearer2) = f
