@@ -10,7 +10,9 @@
 //!    generation does not already hold them, so a restart never opens a gap;
 //! 4. create the tunnel device and attach the TC programs to it;
 //! 5. attach the XDP guard to the uplink (swapping the program inside the pinned link if a
-//!    previous agent left one) and guard the WireGuard listen port.
+//!    previous agent left one) and guard the WireGuard listen port;
+//! 6. open the control service (programs every stored device into the dataplane and the
+//!    tunnel) and serve the API on the control socket and/or TCP (`ApiSettings`).
 //!
 //! Kernel events (ring buffer) are decoded by one task and published on a broadcast channel
 //! ([`Running::events`]); history, webhooks and the API subscribe to it. A subscriber that falls
@@ -23,19 +25,42 @@
 //! Shutdown leaves the programs enforcing (pinned links) unless `detach_on_exit` is set.
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
+    sync::{Arc, Mutex},
 };
 
 use crate::{
+    api::{self, ApiError, Listeners},
     blocklist::RegistrySnapshot,
     dataplane::{Dataplane, DataplaneConfig, DataplaneError, Event, EventStream},
+    paths,
+    service::{
+        Service, ServiceConfig, ServiceError,
+        ports::{MemoryTunnel, TunnelPort},
+        secrets::{self, SecretError},
+    },
     store::{Cf, Store, StoreError},
     tunnel::{TunnelDevice, TunnelDeviceConfig, TunnelError},
 };
 
 /// Store key of the blocklist registry snapshot in [`Cf::Blocklists`].
-pub const BLOCKLISTS_KEY: &str = "registry";
+pub const BLOCKLISTS_KEY: &str = crate::store::keys::BLOCKLISTS;
+
+/// The control API's listeners and what goes into client configs.
+#[derive(Clone, Debug, Default)]
+pub struct ApiSettings {
+    /// TCP address of the API (every call needs a bearer token); `None` = no TCP listener.
+    pub listen: Option<SocketAddr>,
+    /// The control socket (root by peer credentials); `None` = no socket.
+    pub socket: Option<PathBuf>,
+    /// `host:port` written into client configs as the server's endpoint.
+    pub endpoint: String,
+    /// DNS servers written into client configs.
+    pub dns: Vec<String>,
+    /// Keep generated client private keys, sealed (`--keep-client-keys`).
+    pub keep_client_keys: bool,
+}
 
 /// Everything the daemon needs to start.
 #[derive(Clone, Debug)]
@@ -56,6 +81,8 @@ pub struct AgentConfig {
     pub bpffs_dir: PathBuf,
     /// Detach the programs on shutdown instead of leaving them enforcing.
     pub detach_on_exit: bool,
+    /// The control API.
+    pub api: ApiSettings,
 }
 
 /// Why the daemon could not start or stop cleanly.
@@ -70,6 +97,24 @@ pub enum DaemonError {
     /// The tunnel device failed.
     #[error(transparent)]
     Tunnel(#[from] TunnelError),
+    /// A key file failed.
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    /// The control service could not start.
+    #[error("control service")]
+    Service(#[from] ServiceError),
+    /// The API could not listen or failed.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// The TCP API address could not be bound.
+    #[error("cannot listen on {addr} for the API")]
+    ApiListen {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Events buffered per subscriber before the slowest loses the oldest.
@@ -86,6 +131,8 @@ pub struct Running {
     pub uplink: Option<String>,
     /// Guarded UDP port.
     pub listen_port: u16,
+    /// The TCP API's bound address (the real port when `--api-listen` gave port 0).
+    pub api_tcp: Option<SocketAddr>,
 }
 
 /// Runs the agent until `shutdown` resolves. `on_ready` is called once everything is attached.
@@ -132,29 +179,116 @@ pub async fn run(
     let (events, _) = tokio::sync::broadcast::channel(EVENT_BUS_CAPACITY);
     let reader = tokio::spawn(publish_events(dataplane.event_stream()?, events.clone()));
 
+    // The control service and its API. The dataplane is shared from here on.
+    let dataplane = Arc::new(Mutex::new(dataplane));
+    let server_key = secrets::load_or_create_key(&paths::key_file(&config.data_dir), || {
+        secrets::generate_keypair().0
+    })?;
+    let sealer = if config.api.keep_client_keys {
+        let key = secrets::load_or_create_key(
+            &paths::client_keys_key_file(&config.data_dir),
+            rand::random,
+        )?;
+        Some(secrets::Sealer::new(&key))
+    } else {
+        None
+    };
+    // Until the WireGuard tunnel is wired in, peers are kept in an in-memory tunnel table.
+    let tunnel_port: Arc<dyn TunnelPort> = Arc::new(MemoryTunnel::default());
+    let v4 = ipnet::Ipv4Net::new(config.tunnel_ipv4.0, config.tunnel_ipv4.1)
+        .expect("validated by the binary");
+    let v6 = ipnet::Ipv6Net::new(config.tunnel_ipv6.0, config.tunnel_ipv6.1)
+        .expect("validated by the binary");
+    let svc = Arc::new(Service::open(
+        Arc::new(store),
+        dataplane.clone(),
+        tunnel_port,
+        ServiceConfig {
+            server_v4: v4,
+            server_v6: v6,
+            server_public_key: secrets::public_of(&server_key),
+            endpoint: config.api.endpoint.clone(),
+            dns: config.api.dns.clone(),
+            keep_client_keys: sealer,
+        },
+    )?);
+    let tcp = match config.api.listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::ApiListen { addr, source })?,
+        ),
+        None => None,
+    };
+    let api_tcp = tcp.as_ref().and_then(|l| l.local_addr().ok());
+    let unix = config
+        .api
+        .socket
+        .as_deref()
+        .map(api::bind_unix)
+        .transpose()?;
+    let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut api_task = tokio::spawn(api::run(svc.clone(), Listeners { tcp, unix }, async {
+        let _ = api_stopped.await;
+    }));
+
     on_ready(&Running {
         events: events.clone(),
         tunnel: tunnel.name().to_owned(),
         uplink: config.uplink.clone(),
         listen_port: config.listen_port,
+        api_tcp,
     });
     let mut sweep = tokio::time::interval(crate::dataplane::flows::SWEEP_INTERVAL);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
+    let mut api_result = Ok(());
     loop {
         tokio::select! {
             () = &mut shutdown => break,
+            done = &mut api_task => {
+                api_result = done.unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "API task failed");
+                    Ok(())
+                });
+                tracing::error!("the API stopped; shutting down");
+                break;
+            }
             _ = sweep.tick() => {
-                if let Err(e) = dataplane.expire_flows(crate::dataplane::sys::boottime_now()) {
+                let swept = dataplane
+                    .lock()
+                    .unwrap()
+                    .expire_flows(crate::dataplane::sys::boottime_now());
+                if let Err(e) = swept {
                     tracing::warn!(error = %e, "flow sweep failed; retrying at the next tick");
                 }
             }
         }
     }
     tracing::info!(detach = config.detach_on_exit, "shutting down");
+    let _ = api_stop.send(());
+    if !api_task.is_finished() {
+        match (&mut api_task).await {
+            Ok(r) => api_result = api_result.and(r),
+            Err(e) => tracing::error!(error = %e, "API task failed"),
+        }
+    }
+    if let Some(path) = &config.api.socket {
+        let _ = std::fs::remove_file(path);
+    }
+    drop(svc);
     reader.abort();
-    dataplane.shutdown(config.detach_on_exit)?;
+    match Arc::try_unwrap(dataplane) {
+        Ok(dp) => dp
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .shutdown(config.detach_on_exit)?,
+        Err(_) => {
+            tracing::error!("the dataplane is still shared at shutdown; programs stay attached")
+        }
+    }
     drop(tunnel);
+    api_result?;
     Ok(())
 }
 

@@ -9,6 +9,7 @@
 //! | store (RocksDB) | `<data>/store` | created by RocksDB inside the data directory |
 //! | control socket | `/run/capybara/agent.sock` | `0600` ([`SOCKET_MODE`]), dir `0750`; only uid 0 is served |
 //! | server private key | `<data>/server.key` | `0600` ([`KEY_FILE_MODE`]) |
+//! | key sealing kept client keys (`--keep-client-keys`) | `<data>/client-keys.key` | `0600` ([`KEY_FILE_MODE`]) |
 //!
 //! Removing the bpffs directory (`rm -rf /sys/fs/bpf/capybara`) detaches the programs (their links
 //! are pinned there) and resets every kernel counter: it is the documented way to reset the
@@ -51,6 +52,14 @@ pub const SOCKET_MODE: u32 = 0o600;
 pub const KEY_FILE_NAME: &str = "server.key";
 /// Mode of the server key file.
 pub const KEY_FILE_MODE: u32 = 0o600;
+
+/// File name of the key that seals kept client private keys, inside the data directory.
+pub const CLIENT_KEYS_KEY_FILE_NAME: &str = "client-keys.key";
+
+/// Path of the client-key sealing key under the data directory `data_dir`.
+pub fn client_keys_key_file(data_dir: &Path) -> PathBuf {
+    data_dir.join(CLIENT_KEYS_KEY_FILE_NAME)
+}
 
 /// Path of the pinned map `name` under the bpffs directory `bpffs`.
 pub fn map_pin(bpffs: &Path, name: &str) -> PathBuf {

@@ -42,6 +42,25 @@ struct Args {
     /// Detach the kernel programs on exit instead of leaving them enforcing.
     #[arg(long)]
     detach_on_exit: bool,
+    /// TCP address of the gRPC API, e.g. 0.0.0.0:7443 (every call needs a bearer token).
+    #[arg(long)]
+    api_listen: Option<std::net::SocketAddr>,
+    /// The control socket (root only, no token).
+    #[arg(long, default_value = paths::SOCKET_PATH)]
+    api_socket: PathBuf,
+    /// Serve no control socket.
+    #[arg(long, conflicts_with = "api_socket")]
+    no_api_socket: bool,
+    /// The server's endpoint written into client configs (host:port); default: this host's
+    /// name and the listen port.
+    #[arg(long)]
+    public_endpoint: Option<String>,
+    /// DNS server written into client configs (repeatable).
+    #[arg(long)]
+    dns: Vec<std::net::IpAddr>,
+    /// Keep generated client private keys, encrypted, so `user config` can show them again.
+    #[arg(long)]
+    keep_client_keys: bool,
 }
 
 /// An interface address `a.b.c.d/len`: the host part may be set (it is the server's address).
@@ -88,6 +107,18 @@ fn main() -> anyhow::Result<()> {
         data_dir: args.data_dir,
         bpffs_dir: args.bpffs_dir,
         detach_on_exit: args.detach_on_exit,
+        api: daemon::ApiSettings {
+            listen: args.api_listen,
+            socket: (!args.no_api_socket).then_some(args.api_socket),
+            endpoint: args.public_endpoint.unwrap_or_else(|| {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .unwrap_or_else(|_| "localhost".into());
+                format!("{host}:{}", args.listen_port)
+            }),
+            dns: args.dns.iter().map(ToString::to_string).collect(),
+            keep_client_keys: args.keep_client_keys,
+        },
     };
     let runtime = tokio::runtime::Runtime::new().context("tokio runtime")?;
     runtime.block_on(async move {
@@ -105,6 +136,7 @@ fn main() -> anyhow::Result<()> {
                 tunnel = %r.tunnel,
                 uplink = r.uplink.as_deref().unwrap_or("-"),
                 port = r.listen_port,
+                api = %r.api_tcp.map_or_else(|| "-".to_owned(), |a| a.to_string()),
                 "capybara-agent ready"
             );
         })

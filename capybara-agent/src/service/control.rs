@@ -4,16 +4,21 @@
 //!
 //! ## Order of a change, and what "acknowledged" means
 //! Every mutation runs under one lock (`State`), so id and address allocation and the audit
-//! sequence never race:
-//! 1. validate (typed input, existence, uniqueness) — an error here changed nothing;
-//! 2. program the tunnel and the dataplane (peer, allowed IPs, gate), undoing the steps already
-//!    taken if one fails;
-//! 3. commit the records **and their audit record** in one synced RocksDB write batch; if the
-//!    commit fails the kernel and tunnel steps are undone.
+//! sequence never race. The store is the truth; the kernel maps and the tunnel are derived
+//! from it:
+//! - **Adding** a device: validate (typed input, existence, uniqueness — an error here changed
+//!   nothing) → commit the records **and their audit record** in one synced RocksDB write batch
+//!   → program the dataplane (peer, allowed IPs, gate) and the tunnel. If programming fails, a
+//!   compensating batch deletes what was committed (audit record included: the change never
+//!   took effect) and the error is returned. A SIGKILL after the commit leaves a stored device
+//!   that is not programmed yet: [`Service::open`] programs every stored device at start-up.
+//!   The reply (the acknowledgement) is sent only after both steps.
+//! - **Removing**: the kernel and the tunnel first, then the batch; a failed commit puts the
+//!   device back. A SIGKILL in between leaves a stored device that start-up programs again:
+//!   the removal was not acknowledged, so nothing acknowledged is lost.
 //!
-//! Only then is the change acknowledged. A SIGKILL between 2 and 3 leaves a peer in the kernel
-//! maps that the store does not know: [`Service::open`] reconciles at start-up (store peers are
-//! re-programmed, unknown kernel peers removed), so the store is the truth.
+//! Kernel peers the store does not know (set up by tests or tools outside the agent) are left
+//! alone and logged; allocation never hands out their ids or addresses.
 //!
 //! ## Addresses and ids
 //! A device gets the lowest free host of the tunnel's IPv4 subnet (not the network, the
@@ -388,11 +393,17 @@ impl Service {
 
     fn reconcile(&self) -> Result<(), ServiceError> {
         let st = self.state.lock().unwrap();
-        for id in self.plane.peer_ids() {
-            if !st.used_ids.contains(&id) {
-                tracing::info!(id, "removing a kernel peer the store does not know");
-                self.plane.remove_peer(id)?;
-            }
+        let foreign: Vec<PeerId> = self
+            .plane
+            .peers()
+            .into_keys()
+            .filter(|id| !st.used_ids.contains(id))
+            .collect();
+        if !foreign.is_empty() {
+            tracing::warn!(
+                ?foreign,
+                "kernel peers the store does not know are left alone; their ids and addresses are not handed out"
+            );
         }
         for rec in st.peers.values() {
             let allowed = allowed_ips(&rec.peer);
@@ -464,8 +475,16 @@ impl Service {
     // ---- users and devices ---------------------------------------------------------------
 
     fn allocate(&self, st: &State) -> Result<(PeerId, Ipv4Addr, Ipv6Addr), ServiceError> {
+        // Peers in the kernel that the store does not know keep their ids and addresses.
+        let kernel = self.plane.peers();
+        let kernel_addrs: BTreeSet<std::net::IpAddr> = kernel
+            .values()
+            .flatten()
+            .filter(|c| c.is_host())
+            .map(|c| c.addr())
+            .collect();
         let id = (0..MAX_PEERS)
-            .find(|i| !st.used_ids.contains(i))
+            .find(|i| !st.used_ids.contains(i) && !kernel.contains_key(i))
             .ok_or_else(|| ServiceError::Exhausted {
                 what: "peer id".into(),
             })?;
@@ -475,7 +494,11 @@ impl Service {
         let server = self.cfg.server_v4.addr();
         let (offset, v4) = (1..=hosts)
             .map(|o| (o, Ipv4Addr::from(base + o)))
-            .find(|(_, a)| *a != server && !st.used_v4.contains(a))
+            .find(|(_, a)| {
+                *a != server
+                    && !st.used_v4.contains(a)
+                    && !kernel_addrs.contains(&std::net::IpAddr::V4(*a))
+            })
             .ok_or_else(|| ServiceError::Exhausted {
                 what: format!("IPv4 address in {net}"),
             })?;
@@ -484,9 +507,8 @@ impl Service {
         Ok((id, v4, v6))
     }
 
-    /// Makes a device: allocates, programs tunnel + dataplane (admitted), and returns the record
-    /// and the private key. Undone on error.
-    fn program_new_peer(
+    /// Makes a device record: allocates an id and addresses and generates its key pair.
+    fn new_peer(
         &self,
         st: &State,
         user: &UserName,
@@ -510,8 +532,30 @@ impl Service {
             .keep_client_keys
             .as_ref()
             .map(|s| s.seal(&private, &keys::peer(user.as_str(), device.as_str())));
-        self.program(&peer)?;
         Ok((PeerRecord { peer, sealed_key }, private))
+    }
+
+    /// Deletes what an add committed (the device, the user if it was new, the audit record)
+    /// after programming the kernel or the tunnel failed: the change never took effect.
+    fn undo_add(
+        &self,
+        st: &mut State,
+        seq: u64,
+        peer: &Peer,
+        added_user: bool,
+    ) -> Result<(), ServiceError> {
+        let mut batch = Batch::default();
+        batch.delete(
+            Cf::Peers,
+            &keys::peer(peer.user.as_str(), peer.device.as_str()),
+        );
+        if added_user {
+            batch.delete(Cf::Users, &keys::user(peer.user.as_str()));
+        }
+        batch.delete(Cf::Audit, &keys::audit(seq));
+        self.store.commit(batch)?;
+        st.next_audit = seq;
+        Ok(())
     }
 
     /// Programs a peer into the dataplane and the tunnel; on error nothing stays programmed.
@@ -609,7 +653,8 @@ impl Service {
             created_at: now(),
             expires_at,
         };
-        let (rec, private) = self.program_new_peer(&st, &new.name, &new.device)?;
+        let (rec, private) = self.new_peer(&st, &new.name, &new.device)?;
+        let added_user = true;
         let pkey = keys::peer(new.name.as_str(), new.device.as_str());
         let mut batch = Batch::default();
         batch.put(Cf::Users, &keys::user(new.name.as_str()), &user)?;
@@ -627,8 +672,10 @@ impl Service {
             None,
             to_json(&detail),
         )?;
-        if let Err(e) = self.commit(&mut st, batch) {
-            let _ = self.unprogram(&rec.peer);
+        let seq = st.next_audit;
+        self.commit(&mut st, batch)?;
+        if let Err(e) = self.program(&rec.peer) {
+            self.undo_add(&mut st, seq, &rec.peer, added_user)?;
             return Err(e);
         }
         let cfg = self.config_for(&rec.peer, Some(&private));
@@ -656,7 +703,8 @@ impl Service {
                 name: pkey,
             });
         }
-        let (rec, private) = self.program_new_peer(&st, user, device)?;
+        let (rec, private) = self.new_peer(&st, user, device)?;
+        let added_user = false;
         let mut batch = Batch::default();
         batch.put(Cf::Peers, &pkey, &rec)?;
         Self::audit(
@@ -668,8 +716,10 @@ impl Service {
             None,
             to_json(&rec.peer),
         )?;
-        if let Err(e) = self.commit(&mut st, batch) {
-            let _ = self.unprogram(&rec.peer);
+        let seq = st.next_audit;
+        self.commit(&mut st, batch)?;
+        if let Err(e) = self.program(&rec.peer) {
+            self.undo_add(&mut st, seq, &rec.peer, added_user)?;
             return Err(e);
         }
         let cfg = self.config_for(&rec.peer, Some(&private));

@@ -30,8 +30,8 @@ pub trait Plane: Send + Sync {
     fn set_peer(&self, id: PeerId, allowed: &[Cidr]) -> Result<(), DataplaneError>;
     /// Removes peer `id`.
     fn remove_peer(&self, id: PeerId) -> Result<(), DataplaneError>;
-    /// Active peer ids.
-    fn peer_ids(&self) -> Vec<PeerId>;
+    /// Active peers and their allowed IPs.
+    fn peers(&self) -> BTreeMap<PeerId, Vec<Cidr>>;
     /// Admits or holds active peer `id`.
     fn set_gate(&self, id: PeerId, gate: Gate) -> Result<(), DataplaneError>;
     /// Counters of peer `id`.
@@ -60,8 +60,8 @@ impl Plane for Mutex<Dataplane> {
     fn remove_peer(&self, id: PeerId) -> Result<(), DataplaneError> {
         self.lock().unwrap().remove_peer(id)
     }
-    fn peer_ids(&self) -> Vec<PeerId> {
-        self.lock().unwrap().peers().into_keys().collect()
+    fn peers(&self) -> BTreeMap<PeerId, Vec<Cidr>> {
+        self.lock().unwrap().peers()
     }
     fn set_gate(&self, id: PeerId, gate: Gate) -> Result<(), DataplaneError> {
         self.lock().unwrap().set_gate(id, gate)
@@ -164,8 +164,8 @@ impl Plane for MemoryPlane {
             .map(|_| ())
             .ok_or(DataplaneError::UnknownPeer { id })
     }
-    fn peer_ids(&self) -> Vec<PeerId> {
-        self.inner.lock().unwrap().peers.keys().copied().collect()
+    fn peers(&self) -> BTreeMap<PeerId, Vec<Cidr>> {
+        self.inner.lock().unwrap().peers.clone()
     }
     fn set_gate(&self, id: PeerId, gate: Gate) -> Result<(), DataplaneError> {
         let mut s = self.inner.lock().unwrap();

@@ -152,9 +152,18 @@ fn a_failed_dataplane_step_leaves_nothing_behind() {
     assert!(f.plane.state().peers.is_empty());
     assert!(f.tunnel.state().is_empty());
     assert!(f.svc.list_users().unwrap().is_empty());
-    // And the id/address were not consumed.
+    assert!(
+        f.svc
+            .store
+            .scan::<serde_json::Value>(Cf::Peers, "")
+            .unwrap()
+            .is_empty()
+    );
+    assert!(f.svc.audit_records(None, 10).unwrap().is_empty());
+    // And the id/address were not consumed; the audit sequence has no gap.
     let (_, cfg) = f.svc.add_user(&root(), new_user("alice")).unwrap();
     assert_eq!(cfg.peer.id, 0);
+    assert_eq!(f.svc.audit_records(None, 10).unwrap()[0].seq, 1);
 }
 
 #[test]
@@ -199,7 +208,7 @@ fn remove_user_removes_every_device_everywhere() {
 }
 
 #[test]
-fn reopen_restores_and_reconciles_the_kernel() {
+fn reopen_programs_stored_devices_and_leaves_foreign_kernel_peers_alone() {
     let f = fixture(false);
     let (_, a) = f.svc.add_user(&root(), new_user("alice")).unwrap();
     let Fixture {
@@ -210,10 +219,11 @@ fn reopen_restores_and_reconciles_the_kernel() {
         ..
     } = f;
     drop(svc);
-    // A kernel peer the store does not know (e.g. SIGKILL before the commit), and alice missing.
+    // alice missing from the kernel (a fresh bpffs), and a peer the store does not know
+    // (configured outside the agent) holding id 1 and the next free address.
     plane.with(|s| {
         s.peers.clear();
-        s.peers.insert(77, vec!["10.99.0.6/32".parse().unwrap()]);
+        s.peers.insert(1, vec!["10.99.0.3/32".parse().unwrap()]);
     });
     let tunnel = Arc::new(MemoryTunnel::default());
     let svc = Service::open(
@@ -224,10 +234,13 @@ fn reopen_restores_and_reconciles_the_kernel() {
     )
     .unwrap();
     let peers = plane.state().peers;
-    assert_eq!(peers.keys().copied().collect::<Vec<_>>(), [a.peer.id]);
+    assert_eq!(peers.keys().copied().collect::<Vec<_>>(), [a.peer.id, 1]);
+    assert_eq!(peers[&a.peer.id], allowed_ips(&a.peer));
     assert!(tunnel.state().contains_key(&a.peer.public_key));
-    // The audit sequence continues.
-    svc.add_user(&root(), new_user("bob")).unwrap();
+    // The foreign peer's id and address are skipped; the audit sequence continues.
+    let (_, b) = svc.add_user(&root(), new_user("bob")).unwrap();
+    assert_eq!(b.peer.id, 2);
+    assert_eq!(b.peer.ipv4, Ipv4Addr::new(10, 99, 0, 4));
     let seqs: Vec<u64> = svc
         .audit_records(None, 10)
         .unwrap()
