@@ -60,6 +60,8 @@ pub struct ApiSettings {
     pub dns: Vec<String>,
     /// Keep generated client private keys, sealed (`--keep-client-keys`).
     pub keep_client_keys: bool,
+    /// MaxMind country database for geo policies (`--geoip-db`).
+    pub geo_db: Option<PathBuf>,
 }
 
 /// Everything the daemon needs to start.
@@ -106,6 +108,9 @@ pub enum DaemonError {
     /// The API could not listen or failed.
     #[error(transparent)]
     Api(#[from] ApiError),
+    /// The country database could not be read.
+    #[error(transparent)]
+    Geo(#[from] crate::geo::GeoDbError),
     /// The TCP API address could not be bound.
     #[error("cannot listen on {addr} for the API")]
     ApiListen {
@@ -210,6 +215,10 @@ pub async fn run(
             endpoint: config.api.endpoint.clone(),
             dns: config.api.dns.clone(),
             keep_client_keys: sealer,
+            geo_db: match &config.api.geo_db {
+                Some(path) => Some(Arc::new(crate::geo::GeoDb::open(path)?)),
+                None => None,
+            },
         },
     )?);
     let tcp = match config.api.listen {

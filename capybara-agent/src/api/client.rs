@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use capybara_proto::v1::{
     self as pb, audit_client::AuditClient, blocklists_client::BlocklistsClient,
-    connections_client::ConnectionsClient, peers_client::PeersClient, stats_client::StatsClient,
-    tokens_client::TokensClient, users_client::UsersClient,
+    connections_client::ConnectionsClient, geo_client::GeoClient, peers_client::PeersClient,
+    stats_client::StatsClient, tokens_client::TokensClient, users_client::UsersClient,
 };
 use tonic::{Request, Status, metadata::MetadataValue, transport::Channel};
 
@@ -14,7 +14,7 @@ use super::domain::{AnswerError, direction_to_proto, scope_to_proto};
 use crate::{
     blocklist::Direction,
     service::{
-        BlocklistView, Connection, Stats,
+        BlocklistView, Connection, GeoStatus, Stats,
         domain::{AuditRecord, ClientConfig, Peer, Scope, Token, User, UserDetail},
     },
 };
@@ -357,6 +357,37 @@ impl Client {
             }))
             .await?;
         Ok(())
+    }
+
+    /// The geo policy.
+    pub async fn geo(&self) -> Result<GeoStatus, ClientError> {
+        let r = GeoClient::new(self.channel.clone())
+            .get_geo(self.req(pb::GetGeoRequest {}))
+            .await?
+            .into_inner();
+        Ok(r.try_into()?)
+    }
+
+    /// Sets the geo policy: `mode` is `off`, `block` or `allow`.
+    pub async fn set_geo(
+        &self,
+        mode: &str,
+        countries: Vec<String>,
+    ) -> Result<GeoStatus, ClientError> {
+        let mode = match mode {
+            "block" => pb::GeoMode::Block,
+            "allow" => pb::GeoMode::Allow,
+            "off" => pb::GeoMode::Off,
+            _ => pb::GeoMode::Unspecified,
+        };
+        let r = GeoClient::new(self.channel.clone())
+            .set_geo(self.req(pb::SetGeoRequest {
+                mode: mode as i32,
+                countries,
+            }))
+            .await?
+            .into_inner();
+        Ok(r.try_into()?)
     }
 
     /// The standard health check of `service` (`""` = the whole agent): `true` when serving.

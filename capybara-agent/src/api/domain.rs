@@ -16,11 +16,13 @@ use crate::{
     blocklist::{Direction, ListName, parse_cidrs},
     net::Cidr,
     service::{
-        BlocklistView, Connection, NewToken, NewUser, PeerCounters, PeerStatsView, Stats, Traffic,
+        BlocklistView, Connection, GeoStatus, NewToken, NewUser, PeerCounters, PeerStatsView,
+        Stats, Traffic,
         domain::{
             AuditRecord, ClientConfig, DeviceName, Peer, PublicKey, Scope, Token, TokenId, User,
             UserDetail, UserName, ValidationError, from_unix_secs,
         },
+        geo::GeoPolicy,
     },
 };
 
@@ -298,6 +300,49 @@ impl From<&BlocklistView> for pb::Blocklist {
     }
 }
 
+/// The geo policy of a `SetGeo` request.
+impl TryFrom<pb::SetGeoRequest> for GeoPolicy {
+    type Error = ValidationError;
+    fn try_from(r: pb::SetGeoRequest) -> Result<GeoPolicy, ValidationError> {
+        let countries = r
+            .countries
+            .iter()
+            .map(|c| crate::service::domain::country("countries", c))
+            .collect::<Result<Vec<_>, _>>()?;
+        match pb::GeoMode::try_from(r.mode) {
+            Ok(pb::GeoMode::Off) if countries.is_empty() => Ok(GeoPolicy::Off),
+            Ok(pb::GeoMode::Off) => Err(ValidationError::Time {
+                field: "countries",
+                reason: "must be empty with mode off",
+            }),
+            Ok(pb::GeoMode::Block) if !countries.is_empty() => Ok(GeoPolicy::Block(countries)),
+            Ok(pb::GeoMode::Allow) if !countries.is_empty() => Ok(GeoPolicy::Allow(countries)),
+            Ok(pb::GeoMode::Block | pb::GeoMode::Allow) => {
+                Err(ValidationError::Missing { field: "countries" })
+            }
+            _ => Err(ValidationError::Missing { field: "mode" }),
+        }
+    }
+}
+
+fn geo_mode_to_proto(mode: &str) -> pb::GeoMode {
+    match mode {
+        "block" => pb::GeoMode::Block,
+        "allow" => pb::GeoMode::Allow,
+        _ => pb::GeoMode::Off,
+    }
+}
+
+impl From<&GeoStatus> for pb::GeoStatus {
+    fn from(g: &GeoStatus) -> pb::GeoStatus {
+        pb::GeoStatus {
+            mode: geo_mode_to_proto(&g.mode) as i32,
+            countries: g.countries.clone(),
+            lists: g.lists.iter().map(Into::into).collect(),
+        }
+    }
+}
+
 // ---- client side: answers back to domain types ---------------------------------------------
 
 /// An answer from the agent that does not make a domain value (a bug or a version skew).
@@ -512,9 +557,54 @@ impl TryFrom<pb::Blocklist> for BlocklistView {
     }
 }
 
+impl TryFrom<pb::GeoStatus> for GeoStatus {
+    type Error = AnswerError;
+    fn try_from(g: pb::GeoStatus) -> Result<GeoStatus, AnswerError> {
+        Ok(GeoStatus {
+            mode: match pb::GeoMode::try_from(g.mode) {
+                Ok(pb::GeoMode::Block) => "block",
+                Ok(pb::GeoMode::Allow) => "allow",
+                Ok(pb::GeoMode::Off) => "off",
+                _ => return Err(AnswerError::Invalid { field: "geo.mode" }),
+            }
+            .into(),
+            countries: g.countries,
+            lists: g
+                .lists
+                .into_iter()
+                .map(TryInto::try_into)
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn geo_requests_are_validated_by_field() {
+        let req = |mode: pb::GeoMode, c: &[&str]| pb::SetGeoRequest {
+            mode: mode as i32,
+            countries: c.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        assert!(matches!(
+            GeoPolicy::try_from(req(pb::GeoMode::Block, &["CN", "ru"])).unwrap(),
+            GeoPolicy::Block(c) if c.len() == 2
+        ));
+        assert_eq!(
+            GeoPolicy::try_from(req(pb::GeoMode::Off, &[])).unwrap(),
+            GeoPolicy::Off
+        );
+        for (r, field) in [
+            (req(pb::GeoMode::Block, &["XX1"]), "countries"),
+            (req(pb::GeoMode::Block, &[]), "countries"),
+            (req(pb::GeoMode::Off, &["CN"]), "countries"),
+            (req(pb::GeoMode::Unspecified, &["CN"]), "mode"),
+        ] {
+            assert_eq!(GeoPolicy::try_from(r).unwrap_err().field(), field);
+        }
+    }
 
     fn peer() -> Peer {
         Peer {

@@ -12,8 +12,8 @@
 //!
 //! | scope | calls |
 //! |---|---|
-//! | read | `ListUsers`, `GetUser`, `ListPeers`, `GetStats`, `ListConnections`, `ListAudit`, `ListBlocklists`, `GetBlocklist`, health, reflection |
-//! | write | `AddUser`, `RemoveUser`, `UserConfig`, `AddPeer`, `RemovePeer`, `Kick`, `AddEntries`, `RemoveEntries`, `DeleteBlocklist` |
+//! | read | `ListUsers`, `GetUser`, `ListPeers`, `GetStats`, `ListConnections`, `ListAudit`, `ListBlocklists`, `GetBlocklist`, `GetGeo`, health, reflection |
+//! | write | `AddUser`, `RemoveUser`, `UserConfig`, `AddPeer`, `RemovePeer`, `Kick`, `AddEntries`, `RemoveEntries`, `DeleteBlocklist`, `SetGeo` |
 //! | admin | `CreateToken`, `ListTokens`, `RevokeToken` |
 //!
 //! ## Errors
@@ -33,6 +33,7 @@ use capybara_proto::v1::{
     audit_server::{Audit, AuditServer},
     blocklists_server::{Blocklists, BlocklistsServer},
     connections_server::{Connections, ConnectionsServer},
+    geo_server::{Geo, GeoServer},
     peers_server::{Peers, PeersServer},
     stats_server::{Stats, StatsServer},
     tokens_server::{Tokens, TokensServer},
@@ -48,6 +49,7 @@ use super::domain::{cidrs, direction_from_proto, list_name, opt_device, opt_user
 use crate::service::{
     AuthError, EntriesOp, NewToken, NewUser, Service, ServiceError,
     domain::{Actor, DeviceName, Scope, TokenId, UserName, ValidationError},
+    geo::GeoPolicy,
 };
 
 /// Errors starting the API.
@@ -77,9 +79,9 @@ pub fn status_of(e: ServiceError) -> Status {
         ServiceError::DeviceRequired { .. } => Status::invalid_argument(e.to_string()),
         ServiceError::NotFound { .. } => Status::not_found(e.to_string()),
         ServiceError::AlreadyExists { .. } => Status::already_exists(e.to_string()),
-        ServiceError::KeyNotKept { .. } | ServiceError::AlreadyRevoked { .. } => {
-            Status::failed_precondition(e.to_string())
-        }
+        ServiceError::KeyNotKept { .. }
+        | ServiceError::AlreadyRevoked { .. }
+        | ServiceError::NoGeoDb => Status::failed_precondition(e.to_string()),
         ServiceError::Exhausted { .. } => Status::resource_exhausted(e.to_string()),
         ServiceError::Store(_)
         | ServiceError::Dataplane(_)
@@ -453,6 +455,28 @@ impl Blocklists for Api {
     }
 }
 
+#[tonic::async_trait]
+impl Geo for Api {
+    async fn get_geo(
+        &self,
+        req: Request<pb::GetGeoRequest>,
+    ) -> Result<Response<pb::GeoStatus>, Status> {
+        self.auth(&req, Scope::Read)?;
+        let g = self.call(|s| s.geo()).await?;
+        Ok(Response::new((&g).into()))
+    }
+
+    async fn set_geo(
+        &self,
+        req: Request<pb::SetGeoRequest>,
+    ) -> Result<Response<pb::GeoStatus>, Status> {
+        let actor = self.auth(&req, Scope::Write)?;
+        let policy = GeoPolicy::try_from(req.into_inner()).map_err(invalid)?;
+        let g = self.call(move |s| s.set_geo(&actor, &policy)).await?;
+        Ok(Response::new((&g).into()))
+    }
+}
+
 impl Api {
     async fn change(
         &self,
@@ -525,6 +549,7 @@ async fn router(svc: &Arc<Service>) -> Result<Router, ApiError> {
     reporter.set_serving::<ConnectionsServer<Api>>().await;
     reporter.set_serving::<AuditServer<Api>>().await;
     reporter.set_serving::<BlocklistsServer<Api>>().await;
+    reporter.set_serving::<GeoServer<Api>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(capybara_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -550,7 +575,8 @@ async fn router(svc: &Arc<Service>) -> Result<Router, ApiError> {
         .add_service(StatsServer::new(api.clone()))
         .add_service(ConnectionsServer::new(api.clone()))
         .add_service(AuditServer::new(api.clone()))
-        .add_service(BlocklistsServer::new(api)))
+        .add_service(BlocklistsServer::new(api.clone()))
+        .add_service(GeoServer::new(api)))
 }
 
 /// Serves the API on `listeners` until `shutdown` resolves, then lets in-flight calls finish.

@@ -61,6 +61,9 @@ struct Args {
     /// Keep generated client private keys, encrypted, so `user config` can show them again.
     #[arg(long)]
     keep_client_keys: bool,
+    /// MaxMind country database (.mmdb) for `geo block/allow`.
+    #[arg(long, value_name = "FILE")]
+    geoip_db: Option<PathBuf>,
 }
 
 /// An interface address `a.b.c.d/len`: the host part may be set (it is the server's address).
@@ -118,6 +121,7 @@ fn main() -> anyhow::Result<()> {
             }),
             dns: args.dns.iter().map(ToString::to_string).collect(),
             keep_client_keys: args.keep_client_keys,
+            geo_db: args.geoip_db,
         },
     };
     let runtime = tokio::runtime::Runtime::new().context("tokio runtime")?;

@@ -81,6 +81,29 @@ enum Command {
     /// Named blocklists.
     #[command(subcommand)]
     Blocklist(BlocklistCmd),
+    /// Geo restrictions on who reaches the WireGuard port.
+    #[command(subcommand)]
+    Geo(GeoCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum GeoCmd {
+    /// Drop sources in these countries.
+    Block {
+        /// ISO 3166-1 alpha-2 codes, e.g. CN RU.
+        #[arg(required = true)]
+        countries: Vec<String>,
+    },
+    /// Drop sources outside these countries.
+    Allow {
+        /// ISO 3166-1 alpha-2 codes, e.g. US CA GB.
+        #[arg(required = true)]
+        countries: Vec<String>,
+    },
+    /// No geo restrictions.
+    Off,
+    /// The policy and its lists with their hits.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -496,7 +519,42 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Blocklist(cmd) => blocklist(&cli, cmd).await,
+        Command::Geo(cmd) => geo(&cli, cmd).await,
     }
+}
+
+async fn geo(cli: &Cli, cmd: &GeoCmd) -> Result<(), CliError> {
+    let status = match cmd {
+        GeoCmd::List => connect(cli).await?.geo().await?,
+        GeoCmd::Off => connect(cli).await?.set_geo("off", Vec::new()).await?,
+        GeoCmd::Block { countries } | GeoCmd::Allow { countries } => {
+            for c in countries {
+                crate::service::domain::country("countries", c)?;
+            }
+            let mode = if matches!(cmd, GeoCmd::Block { .. }) {
+                "block"
+            } else {
+                "allow"
+            };
+            connect(cli).await?.set_geo(mode, countries.clone()).await?
+        }
+    };
+    if cli.json {
+        print_json(&status);
+        return Ok(());
+    }
+    println!("geo {} {}", status.mode, status.countries.join(" "));
+    let mut t = Table::new(&["LIST", "ENTRIES", "HIT PKTS", "HIT BYTES"]);
+    for l in &status.lists {
+        t.row(vec![
+            l.name.clone(),
+            l.cidrs.len().to_string(),
+            l.hits.packets.to_string(),
+            l.hits.bytes.to_string(),
+        ]);
+    }
+    print!("{t}");
+    Ok(())
 }
 
 async fn user(cli: &Cli, cmd: &UserCmd) -> Result<(), CliError> {

@@ -54,7 +54,9 @@ use crate::{
         registry::{ListOp, RegistrySnapshot},
     },
     dataplane::{DataplaneError, Gate},
+    geo::{CountryCode, GeoDb},
     net::Cidr,
+    service::geo::{GeoPlan, GeoPolicy},
     store::{Batch, Cf, Store, StoreError, keys},
 };
 
@@ -123,6 +125,9 @@ pub enum ServiceError {
     /// A kept client key did not open.
     #[error(transparent)]
     Secret(#[from] secrets::SecretError),
+    /// A geo policy was asked for but the agent has no country database.
+    #[error("no country database: start the agent with --geoip-db FILE")]
+    NoGeoDb,
 }
 
 /// Why a bearer token was refused.
@@ -174,6 +179,8 @@ pub struct ServiceConfig {
     pub dns: Vec<String>,
     /// Keep client private keys, sealed with this sealer (`--keep-client-keys`).
     pub keep_client_keys: Option<Sealer>,
+    /// The MaxMind country database for geo policies (`--geoip-db`); `None` = geo unavailable.
+    pub geo_db: Option<Arc<GeoDb>>,
 }
 
 /// What the store holds for a device.
@@ -457,19 +464,14 @@ impl Service {
         user: Option<&UserName>,
         limit: usize,
     ) -> Result<Vec<AuditRecord>, ServiceError> {
-        let all: Vec<(String, AuditRecord)> = self.store.scan(Cf::Audit, "")?;
         let user_t = user.map(|u| format!("user:{u}"));
         let peer_t = user.map(|u| format!("peer:{u}/"));
-        Ok(all
-            .into_iter()
-            .rev()
-            .map(|(_, r)| r)
-            .filter(|r| match (&user_t, &peer_t) {
+        Ok(self.store.scan_back(Cf::Audit, limit, |r: &AuditRecord| {
+            match (&user_t, &peer_t) {
                 (Some(u), Some(p)) => r.target == *u || r.target.starts_with(p.as_str()),
                 _ => true,
-            })
-            .take(limit)
-            .collect())
+            }
+        })?)
     }
 
     // ---- users and devices ---------------------------------------------------------------
@@ -1292,6 +1294,111 @@ impl Service {
             return Err(e);
         }
         Ok(())
+    }
+}
+
+/// The geo policy as stored (`blocklists` family, [`keys::GEO_POLICY`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GeoStatus {
+    /// `off`, `block` or `allow`.
+    pub mode: String,
+    /// The countries of the policy, ISO codes.
+    pub countries: Vec<String>,
+    /// The geo lists in the kernel with their sizes and hits.
+    pub lists: Vec<BlocklistView>,
+}
+
+/// The stored form of a policy.
+fn geo_record(policy: &GeoPolicy) -> (String, Vec<String>) {
+    let codes = |c: &[CountryCode]| c.iter().map(|c| c.as_str().to_owned()).collect();
+    match policy {
+        GeoPolicy::Off => ("off".into(), Vec::new()),
+        GeoPolicy::Block(c) => ("block".into(), codes(c)),
+        GeoPolicy::Allow(c) => ("allow".into(), codes(c)),
+    }
+}
+
+impl Service {
+    /// The geo policy and its lists.
+    pub fn geo(&self) -> Result<GeoStatus, ServiceError> {
+        let mut status: GeoStatus = self
+            .store
+            .get(Cf::Blocklists, keys::GEO_POLICY)?
+            .unwrap_or_else(|| GeoStatus {
+                mode: "off".into(),
+                ..GeoStatus::default()
+            });
+        status.lists = self
+            .blocklists()?
+            .into_iter()
+            .filter(|l| l.direction == Direction::Source && l.name.starts_with("geo:"))
+            .collect();
+        Ok(status)
+    }
+
+    /// Replaces the geo lists with those of `policy` in one generation, and stores the policy,
+    /// the registry and an audit record in one batch.
+    pub fn set_geo(&self, actor: &Actor, policy: &GeoPolicy) -> Result<GeoStatus, ServiceError> {
+        let db = self.cfg.geo_db.clone().ok_or(ServiceError::NoGeoDb)?;
+        let mut st = self.state.lock().unwrap();
+        let before = self.geo()?;
+        let current: Vec<ListName> = self
+            .plane
+            .lists()?
+            .into_iter()
+            .filter(|(l, _)| l.direction == Direction::Source)
+            .map(|(l, _)| l.name)
+            .collect();
+        let plan = GeoPlan::new(&db, policy, &current);
+        let old: Vec<(ListName, Vec<Cidr>)> = current
+            .iter()
+            .filter(|n| n.as_str().starts_with("geo:"))
+            .filter_map(|n| Some((n.clone(), self.plane.list_cidrs(Direction::Source, n)?)))
+            .collect();
+        self.plane.list_batch(Direction::Source, &plan.ops())?;
+        let (mode, countries) = geo_record(policy);
+        let record = GeoStatus {
+            mode,
+            countries,
+            lists: Vec::new(),
+        };
+        let mut batch = Batch::default();
+        batch.put(Cf::Blocklists, keys::GEO_POLICY, &record)?;
+        batch.put(
+            Cf::Blocklists,
+            keys::BLOCKLISTS,
+            &self.plane.list_snapshot(),
+        )?;
+        Self::audit(
+            &mut st,
+            &mut batch,
+            actor,
+            "geo.set",
+            "geo".into(),
+            to_json(&GeoStatus {
+                lists: Vec::new(),
+                ..before
+            }),
+            to_json(&record),
+        )?;
+        if let Err(e) = self.commit(&mut st, batch) {
+            // Back to the old geo lists, in one generation again.
+            let undo = GeoPlan {
+                delete: plan
+                    .replace
+                    .iter()
+                    .map(|(n, _)| n.clone())
+                    .filter(|n| !old.iter().any(|(o, _)| o == n))
+                    .collect(),
+                replace: old,
+            };
+            if let Err(u) = self.plane.list_batch(Direction::Source, &undo.ops()) {
+                tracing::error!(error = %u, "cannot restore the geo lists after a failed commit");
+            }
+            return Err(e);
+        }
+        drop(st);
+        self.geo()
     }
 }
 

@@ -78,6 +78,14 @@ pub enum ValidationError {
         #[source]
         source: crate::blocklist::BlocklistError,
     },
+    /// Not an ISO 3166-1 alpha-2 country code.
+    #[error("{field}: {value:?} is not an ISO 3166-1 alpha-2 country code")]
+    Country {
+        /// The field.
+        field: &'static str,
+        /// The input.
+        value: String,
+    },
     /// A required field is empty or unspecified.
     #[error("{field}: required")]
     Missing {
@@ -96,6 +104,7 @@ impl ValidationError {
             | ValidationError::Time { field, .. }
             | ValidationError::TokenId { field, .. }
             | ValidationError::Key { field }
+            | ValidationError::Country { field, .. }
             | ValidationError::Blocklist { field, .. }
             | ValidationError::Missing { field } => field,
         }
@@ -381,6 +390,14 @@ pub fn unix_secs(t: SystemTime) -> u64 {
 /// The time `secs` seconds after the Unix epoch.
 pub fn from_unix_secs(secs: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+/// Parses a country code given in `field`.
+pub fn country(field: &'static str, s: &str) -> Result<crate::geo::CountryCode, ValidationError> {
+    crate::geo::CountryCode::parse(s).map_err(|_| ValidationError::Country {
+        field,
+        value: s.to_owned(),
+    })
 }
 
 /// A user.

@@ -17,6 +17,6 @@ pub mod ports;
 pub mod secrets;
 
 pub use control::{
-    AuthError, BlocklistView, Connection, EntriesOp, NewToken, NewUser, PeerCounters,
+    AuthError, BlocklistView, Connection, EntriesOp, GeoStatus, NewToken, NewUser, PeerCounters,
     PeerStatsView, Service, ServiceConfig, ServiceError, Stats, Traffic,
 };

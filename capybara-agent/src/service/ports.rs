@@ -45,6 +45,12 @@ pub trait Plane: Send + Sync {
         name: &ListName,
         op: ListOp<'_>,
     ) -> Result<(), DataplaneError>;
+    /// Applies several operations of one direction as one generation (all or none).
+    fn list_batch(
+        &self,
+        direction: Direction,
+        ops: &[(ListName, ListOp<'_>)],
+    ) -> Result<(), DataplaneError>;
     /// Every list with its hits.
     fn lists(&self) -> Result<Vec<(ListSummary, Counter)>, DataplaneError>;
     /// The CIDRs of one list, if it exists.
@@ -90,6 +96,13 @@ impl Plane for Mutex<Dataplane> {
             ListOp::Delete => dp.list_delete(direction, name),
         }
         .map(|_| ())
+    }
+    fn list_batch(
+        &self,
+        direction: Direction,
+        ops: &[(ListName, ListOp<'_>)],
+    ) -> Result<(), DataplaneError> {
+        self.lock().unwrap().list_batch(direction, ops).map(|_| ())
     }
     fn lists(&self) -> Result<Vec<(ListSummary, Counter)>, DataplaneError> {
         self.lock().unwrap().list_hits_all()
@@ -201,6 +214,20 @@ impl Plane for MemoryPlane {
         let mut s = self.inner.lock().unwrap();
         let change = s.registry.plan(direction, name, op)?;
         s.registry.commit(change);
+        Ok(())
+    }
+    fn list_batch(
+        &self,
+        direction: Direction,
+        ops: &[(ListName, ListOp<'_>)],
+    ) -> Result<(), DataplaneError> {
+        let mut s = self.inner.lock().unwrap();
+        let mut next = s.registry.clone();
+        for (name, op) in ops {
+            let change = next.plan(direction, name, *op)?;
+            next.commit(change);
+        }
+        s.registry = next;
         Ok(())
     }
     fn lists(&self) -> Result<Vec<(ListSummary, Counter)>, DataplaneError> {

@@ -9,6 +9,7 @@
 //! |---|---|---|
 //! | `meta` | `schema/<cf>` | schema version (`u32`) |
 //! | `blocklists` | `registry` | the blocklist registry snapshot |
+//! | `blocklists` | `geo-policy` | the geo policy (mode and countries) |
 //! | `users` | `<user>` | a user |
 //! | `peers` | `<user>/<device>` | a device (WireGuard peer) of that user |
 //! | `groups` | `<group>` | a group (written by the policy work) |
@@ -100,6 +101,9 @@ impl Cf {
 pub mod keys {
     /// Key of the blocklist registry snapshot in `blocklists`.
     pub const BLOCKLISTS: &str = "registry";
+
+    /// Key of the geo policy in `blocklists`.
+    pub const GEO_POLICY: &str = "geo-policy";
 
     /// Key of user `name` in `users`.
     pub fn user(name: &str) -> String {
@@ -377,6 +381,40 @@ impl Store {
         Ok(out)
     }
 
+    /// Values of `cf` from the last key backwards that `keep` accepts, at most `limit` of them:
+    /// the newest records first without reading the whole family.
+    pub fn scan_back<T: DeserializeOwned>(
+        &self,
+        cf: Cf,
+        limit: usize,
+        mut keep: impl FnMut(&T) -> bool,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.handle(cf), rocksdb::IteratorMode::End)
+        {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(|source| StoreError::Io {
+                op: "scan",
+                cf: cf.name(),
+                key: String::new(),
+                source,
+            })?;
+            let value: T = serde_json::from_slice(&v).map_err(|source| StoreError::Decode {
+                cf: cf.name(),
+                key: String::from_utf8_lossy(&k).into_owned(),
+                source,
+            })?;
+            if keep(&value) {
+                out.push(value);
+            }
+        }
+        Ok(out)
+    }
+
     /// The last key of `cf` in key order, if any.
     pub fn last_key(&self, cf: Cf) -> Result<Option<String>, StoreError> {
         let mut it = self
@@ -470,6 +508,10 @@ mod tests {
         }
         let last = store.last_key(Cf::Audit).unwrap().unwrap();
         assert_eq!(keys::audit_seq(&last), Some(100));
+        assert_eq!(
+            store.scan_back::<u64>(Cf::Audit, 2, |v| *v != 10).unwrap(),
+            [100, 9]
+        );
         let order: Vec<u64> = store
             .scan::<u64>(Cf::Audit, "")
             .unwrap()

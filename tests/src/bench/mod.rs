@@ -5,11 +5,13 @@
 //!   replacing a 1M-prefix list; optionally the kernel's own LPM trie over the same prefixes as
 //!   a baseline measured in the same run.
 //! - [`geo`]: compiling a generated GeoLite2-size MaxMind DB.
+//! - [`api_load`]: the gRPC API at 500 mixed calls per second over TCP with tokens for 30 s.
 //!
 //! Every figure is a [`Figure`]; the binary writes them as
 //! `{"benchmarks":[{"name":…, "value":…, "unit":…}]}`. The names below are what reports and CI
 //! compare across runs: keep them stable.
 
+pub mod api_load;
 pub mod geo;
 pub mod guard;
 pub mod pipeline;
@@ -45,6 +47,8 @@ pub const TC_PIPELINE_NS_100K_PEERS: &str = "tc_pipeline_ns_100k_peers";
 /// `tc_pipeline_ns_100k_peers` over `tc_pipeline_ns_10_peers`.
 pub const TC_PIPELINE_100K_OVER_10: &str = "tc_pipeline_100k_over_10";
 
+pub use api_load::{API_LOAD_CALLS_PER_S, API_LOAD_ERRORS, API_LOAD_P50_MS, API_LOAD_P99_MS};
+
 /// Every benchmark, in the order they run and are reported.
 pub const ALL: &[&str] = &[
     XDP_GUARD_NS_EMPTY,
@@ -58,6 +62,10 @@ pub const ALL: &[&str] = &[
     TC_PIPELINE_NS_10_PEERS,
     TC_PIPELINE_NS_100K_PEERS,
     TC_PIPELINE_100K_OVER_10,
+    API_LOAD_P99_MS,
+    API_LOAD_P50_MS,
+    API_LOAD_CALLS_PER_S,
+    API_LOAD_ERRORS,
 ];
 
 /// One measured figure.
@@ -67,7 +75,7 @@ pub struct Figure {
     pub name: &'static str,
     /// The value, in `unit`.
     pub value: f64,
-    /// `ns`, `ms` or `ratio`.
+    /// `ns`, `ms`, `ratio`, `calls/s` or `count`.
     pub unit: &'static str,
 }
 

@@ -35,6 +35,14 @@ pub struct TestApi {
 impl TestApi {
     /// Starts a server (inside a tokio runtime); `keep` = `--keep-client-keys`.
     pub async fn start(keep: bool) -> TestApi {
+        TestApi::start_with(keep, None).await
+    }
+
+    /// Starts a server with a country database for geo policies.
+    pub async fn start_with(
+        keep: bool,
+        geo_db: Option<Arc<capybara_agent::geo::GeoDb>>,
+    ) -> TestApi {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Arc::new(Store::open(&dir.path().join("data")).expect("store"));
         let plane = Arc::new(MemoryPlane::default());
@@ -51,6 +59,7 @@ impl TestApi {
                     endpoint: "192.0.2.1:51820".into(),
                     dns: vec![],
                     keep_client_keys: keep.then(|| Sealer::new(&[2; 32])),
+                    geo_db,
                 },
             )
             .expect("service"),

@@ -19,6 +19,7 @@ fn config(keep: bool) -> ServiceConfig {
         endpoint: "vpn.example.com:51820".into(),
         dns: vec!["10.99.0.1".into()],
         keep_client_keys: keep.then(|| Sealer::new(&[3; 32])),
+        geo_db: None,
     }
 }
 
