@@ -160,7 +160,8 @@ async fn run_async(pins: &BenchPins) -> Result<Vec<Figure>> {
                 let l = live.lock().unwrap();
                 (!l.is_empty()).then(|| l[(k as usize * 7919) % l.len()].clone())
             };
-            let ok = match n % 10 {
+            let kind = n % 10;
+            let ok = match kind {
                 0 | 1 => {
                     let name = format!("u{n}");
                     let r = writer.add_user(&name, "", 0).await.map(drop);
@@ -177,7 +178,15 @@ async fn run_async(pins: &BenchPins) -> Result<Vec<Figure>> {
                     }
                 }
                 3 => match pick(n) {
-                    Some(u) => writer.kick(&u).await.map(drop),
+                    Some(u) => match writer.kick(&u).await {
+                        Err(e)
+                            if capybara_agent::api::client::code(&e)
+                                == Some(tonic::Code::NotFound) =>
+                        {
+                            Ok(())
+                        }
+                        r => r.map(drop),
+                    },
                     None => Ok(()),
                 },
                 4 | 5 => match pick(n) {
@@ -209,15 +218,17 @@ async fn run_async(pins: &BenchPins) -> Result<Vec<Figure>> {
                 8 => reader.connections().await.map(drop),
                 _ => reader.audit("", 20).await.map(drop),
             };
-            (due.elapsed(), ok.map_err(|e| e.to_string()))
+            (kind, due.elapsed(), ok.map_err(|e| e.to_string()))
         }));
     }
     let mut latencies = Vec::with_capacity(tasks.len());
+    let mut by_kind: [Vec<f64>; 10] = Default::default();
     let mut errors = 0u64;
     let mut first_error = None;
     for t in tasks {
-        let (lat, r) = t.await?;
+        let (kind, lat, r) = t.await?;
         latencies.push(lat.as_secs_f64() * 1e3);
+        by_kind[kind as usize].push(lat.as_secs_f64() * 1e3);
         if let Err(e) = r {
             errors += 1;
             first_error.get_or_insert(e);
@@ -228,6 +239,14 @@ async fn run_async(pins: &BenchPins) -> Result<Vec<Figure>> {
     server.await??;
     if let Some(e) = first_error {
         progress!("api_load: {errors} errors, the first: {e}");
+    }
+    for (kind, mut v) in by_kind.into_iter().enumerate() {
+        v.sort_by(f64::total_cmp);
+        progress!(
+            "api_load: call kind {kind}: p50 {:.2} ms, p99 {:.2} ms",
+            percentile(&v, 0.5),
+            percentile(&v, 0.99)
+        );
     }
     latencies.sort_by(f64::total_cmp);
     let p50 = percentile(&latencies, 0.50);
