@@ -62,6 +62,8 @@ pub struct ApiSettings {
     pub keep_client_keys: bool,
     /// MaxMind country database for geo policies (`--geoip-db`).
     pub geo_db: Option<PathBuf>,
+    /// Certificate and key (PEM files) for TLS on the TCP listener.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// Everything the daemon needs to start.
@@ -236,8 +238,15 @@ pub async fn run(
         .as_deref()
         .map(api::bind_unix)
         .transpose()?;
+    let tcp_tls = config
+        .api
+        .tls
+        .as_ref()
+        .map(|(cert, key)| api::TlsIdentity::from_files(cert, key))
+        .transpose()?;
     let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
-    let mut api_task = tokio::spawn(api::run(svc.clone(), Listeners { tcp, unix }, async {
+    let listeners = Listeners { tcp, unix, tcp_tls };
+    let mut api_task = tokio::spawn(api::run(svc.clone(), listeners, async {
         let _ = api_stopped.await;
     }));
 

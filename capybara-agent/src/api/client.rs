@@ -24,12 +24,14 @@ use crate::{
 pub enum Endpoint {
     /// The control socket.
     Unix(PathBuf),
-    /// `http://host:port` with a bearer token.
+    /// `http://host:port` or `https://host:port` with a bearer token.
     Tcp {
         /// The URL.
         url: String,
         /// The bearer token (`capy_…`).
         token: Option<String>,
+        /// PEM of the CA that signed the agent's certificate (needed for `https://`).
+        ca_cert: Option<Vec<u8>>,
     },
 }
 
@@ -51,6 +53,9 @@ pub enum ClientError {
         /// The URL.
         endpoint: String,
     },
+    /// An `https://` endpoint without the CA certificate to check it with.
+    #[error("an https:// endpoint needs --ca-cert FILE (the CA of the agent's certificate)")]
+    NoCa,
     /// The token cannot be sent as a header.
     #[error("the token contains characters that cannot be sent in a header")]
     Token,
@@ -99,12 +104,28 @@ impl Client {
                     auth: None,
                 })
             }
-            Endpoint::Tcp { url, token } => {
-                let ep = tonic::transport::Endpoint::from_shared(url.clone()).map_err(|_| {
-                    ClientError::Endpoint {
-                        endpoint: url.clone(),
-                    }
-                })?;
+            Endpoint::Tcp {
+                url,
+                token,
+                ca_cert,
+            } => {
+                let bad = || ClientError::Endpoint {
+                    endpoint: url.clone(),
+                };
+                let mut ep =
+                    tonic::transport::Endpoint::from_shared(url.clone()).map_err(|_| bad())?;
+                if url.starts_with("https://") {
+                    let ca = ca_cert.as_ref().ok_or(ClientError::NoCa)?;
+                    ep = ep
+                        .tls_config(
+                            tonic::transport::ClientTlsConfig::new()
+                                .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+                        )
+                        .map_err(|source| ClientError::Connect {
+                            endpoint: url.clone(),
+                            source,
+                        })?;
+                }
                 let channel = ep.connect().await.map_err(|source| ClientError::Connect {
                     endpoint: url.clone(),
                     source,

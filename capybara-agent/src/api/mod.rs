@@ -15,4 +15,4 @@ pub use convert::{
     ConvertError, counter_to_proto, drop_reason_from_proto, drop_reason_to_proto,
     peer_stats_to_proto,
 };
-pub use server::{ApiError, Listeners, bind_unix, run};
+pub use server::{ApiError, Listeners, TlsIdentity, bind_unix, run};

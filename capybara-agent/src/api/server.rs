@@ -6,7 +6,9 @@
 //!   peer credentials (`SO_PEERCRED`) say uid 0 acts as `Actor::Local { uid: 0 }` with the admin
 //!   scope; no token is needed — this is how the CLI on the box bootstraps the first token. Any
 //!   other uid is refused (`UNAUTHENTICATED`).
-//! - **TCP**: every call, health and reflection included, needs `authorization: Bearer <token>`.
+//! - **TCP**: every call, health and reflection included, needs `authorization: Bearer <token>`;
+//!   with a certificate and key ([`TlsIdentity`], `--api-tls-cert/--api-tls-key`) the listener
+//!   speaks TLS (rustls), so tokens never cross the network in clear text.
 //!   A missing, malformed, unknown, expired or revoked token is `UNAUTHENTICATED`; a valid token
 //!   whose scope is below the call's is `PERMISSION_DENIED`.
 //!
@@ -70,6 +72,43 @@ pub enum ApiError {
     /// A server failed.
     #[error("gRPC server failed")]
     Transport(#[from] tonic::transport::Error),
+    /// The TLS certificate or key file could not be read.
+    #[error("cannot read the TLS {what} {path}")]
+    TlsFile {
+        /// `certificate` or `key`.
+        what: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The certificate chain and private key (PEM) the TCP listener serves TLS with.
+#[derive(Clone, Debug)]
+pub struct TlsIdentity(tonic::transport::Identity);
+
+impl TlsIdentity {
+    /// From PEM bytes.
+    pub fn from_pem(cert: impl AsRef<[u8]>, key: impl AsRef<[u8]>) -> TlsIdentity {
+        TlsIdentity(tonic::transport::Identity::from_pem(cert, key))
+    }
+
+    /// Reads the PEM files (the key file should be mode 0600).
+    pub fn from_files(cert: &Path, key: &Path) -> Result<TlsIdentity, ApiError> {
+        let read = |what, path: &Path| {
+            std::fs::read(path).map_err(|source| ApiError::TlsFile {
+                what,
+                path: path.to_owned(),
+                source,
+            })
+        };
+        Ok(TlsIdentity::from_pem(
+            read("certificate", cert)?,
+            read("key", key)?,
+        ))
+    }
 }
 
 /// The gRPC status of a service error.
@@ -502,6 +541,8 @@ pub struct Listeners {
     pub tcp: Option<tokio::net::TcpListener>,
     /// The control socket: root by peer credentials.
     pub unix: Option<tokio::net::UnixListener>,
+    /// Serve TLS on the TCP listener with this identity.
+    pub tcp_tls: Option<TlsIdentity>,
 }
 
 /// Binds the control socket at `path`: creates its directory (mode 0750) if missing, replaces
@@ -539,7 +580,7 @@ pub fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ApiError> {
     Ok(l)
 }
 
-async fn router(svc: &Arc<Service>) -> Result<Router, ApiError> {
+async fn router(svc: &Arc<Service>, tls: Option<&TlsIdentity>) -> Result<Router, ApiError> {
     let api = Api::new(svc.clone());
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<UsersServer<Api>>().await;
@@ -560,7 +601,12 @@ async fn router(svc: &Arc<Service>) -> Result<Router, ApiError> {
             Ok(req)
         }
     };
-    Ok(tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(id) = tls {
+        server =
+            server.tls_config(tonic::transport::ServerTlsConfig::new().identity(id.0.clone()))?;
+    }
+    Ok(server
         .add_service(tonic::service::interceptor::InterceptedService::new(
             health,
             gate(svc.clone()),
@@ -592,9 +638,9 @@ pub async fn run(
     let mut servers = tokio::task::JoinSet::new();
     if let Some(tcp) = listeners.tcp {
         if let Ok(a) = tcp.local_addr() {
-            tracing::info!(addr = %a, "API listening on TCP (bearer tokens)");
+            tracing::info!(addr = %a, tls = listeners.tcp_tls.is_some(), "API listening on TCP (bearer tokens)");
         }
-        let r = router(&svc).await?;
+        let r = router(&svc, listeners.tcp_tls.as_ref()).await?;
         let s = signal(stopped.clone());
         servers.spawn(async move {
             r.serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(tcp), s)
@@ -603,7 +649,7 @@ pub async fn run(
     }
     if let Some(unix) = listeners.unix {
         tracing::info!("API listening on the control socket (root by peer credentials)");
-        let r = router(&svc).await?;
+        let r = router(&svc, None).await?;
         let s = signal(stopped.clone());
         servers.spawn(async move {
             r.serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(unix), s)

@@ -61,6 +61,12 @@ struct Args {
     /// Keep generated client private keys, encrypted, so `user config` can show them again.
     #[arg(long)]
     keep_client_keys: bool,
+    /// TLS certificate chain (PEM) for the TCP API.
+    #[arg(long, value_name = "FILE", requires = "api_tls_key")]
+    api_tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for the TCP API.
+    #[arg(long, value_name = "FILE", requires = "api_tls_cert")]
+    api_tls_key: Option<PathBuf>,
     /// MaxMind country database (.mmdb) for `geo block/allow`.
     #[arg(long, value_name = "FILE")]
     geoip_db: Option<PathBuf>,
@@ -122,6 +128,7 @@ fn main() -> anyhow::Result<()> {
             dns: args.dns.iter().map(ToString::to_string).collect(),
             keep_client_keys: args.keep_client_keys,
             geo_db: args.geoip_db,
+            tls: args.api_tls_cert.zip(args.api_tls_key),
         },
     };
     let runtime = tokio::runtime::Runtime::new().context("tokio runtime")?;

@@ -40,6 +40,9 @@ pub struct Cli {
     /// The agent's TCP API, e.g. http://10.0.0.1:7443 (needs --token).
     #[arg(long, global = true, env = "CAPYBARA_ENDPOINT")]
     endpoint: Option<String>,
+    /// CA certificate (PEM) to check an https:// endpoint with.
+    #[arg(long, global = true, env = "CAPYBARA_CA_CERT", value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
     /// Bearer token for --endpoint.
     #[arg(long, global = true, env = "CAPYBARA_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -381,6 +384,13 @@ async fn connect(cli: &Cli) -> Result<Client, CliError> {
         Some(url) => Endpoint::Tcp {
             url: url.clone(),
             token: cli.token.clone(),
+            ca_cert: match &cli.ca_cert {
+                Some(path) => Some(std::fs::read(path).map_err(|source| CliError::File {
+                    path: path.clone(),
+                    source,
+                })?),
+                None => None,
+            },
         },
         None => Endpoint::Unix(cli.socket.clone()),
     };

@@ -19,7 +19,18 @@
 //!
 //! 200 users exist before the clock starts. Figures: `api_load_p99_ms` (p99 latency from the
 //! scheduled start), `api_load_p50_ms`, `api_load_calls_per_s` (completed calls over the run's
-//! wall time) and `api_load_errors` (calls that failed; the target is 0).
+//! wall time) and `api_load_errors` (calls that failed; the target is 0). A call that answers
+//! NOT_FOUND because a concurrent call removed its user is a correct answer, not an error.
+//!
+//! ## Figures (2026-11-28, 2 cores shared with other builds, load average 5–6)
+//! - Every call behind one service mutex: 15 000 calls, 0 errors, p50 7.5 ms, p99 1098 ms;
+//!   every kind of call, reads included, had p99 ≈ 1.1 s except `ListAudit` (59 ms), the one
+//!   call that did not take the mutex: reads queued behind writes waiting for a slow fsync.
+//! - Reads on a read-write lock, writes serialised by a writer lock (the current design):
+//!   p50 8.1 ms, p99 1081 ms overall; reads p99 212–252 ms, writes p99 1240–1280 ms (p50
+//!   18–22 ms), 492 calls/s achieved, 0 errors. The writes' tail is the synced RocksDB commit
+//!   on a disk shared with parallel builds; group commit (reserving ids outside the lock and
+//!   letting RocksDB batch concurrent synced writes) is the next step if it matters.
 
 use std::{
     collections::VecDeque,
@@ -118,6 +129,7 @@ async fn run_async(pins: &BenchPins) -> Result<Vec<Figure>> {
         Listeners {
             tcp: Some(tcp),
             unix: None,
+            tcp_tls: None,
         },
         async {
             let _ = stopped.await;
@@ -129,6 +141,7 @@ async fn run_async(pins: &BenchPins) -> Result<Vec<Figure>> {
             Client::connect(&Endpoint::Tcp {
                 url,
                 token: Some(token),
+                ca_cert: None,
             })
             .await
         }

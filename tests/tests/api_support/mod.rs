@@ -35,13 +35,26 @@ pub struct TestApi {
 impl TestApi {
     /// Starts a server (inside a tokio runtime); `keep` = `--keep-client-keys`.
     pub async fn start(keep: bool) -> TestApi {
-        TestApi::start_with(keep, None).await
+        TestApi::start_full(keep, None, None).await
     }
 
     /// Starts a server with a country database for geo policies.
     pub async fn start_with(
         keep: bool,
         geo_db: Option<Arc<capybara_agent::geo::GeoDb>>,
+    ) -> TestApi {
+        TestApi::start_full(keep, geo_db, None).await
+    }
+
+    /// Starts a server whose TCP listener serves TLS with `tls`.
+    pub async fn start_tls(tls: capybara_agent::api::TlsIdentity) -> TestApi {
+        TestApi::start_full(false, None, Some(tls)).await
+    }
+
+    async fn start_full(
+        keep: bool,
+        geo_db: Option<Arc<capybara_agent::geo::GeoDb>>,
+        tls: Option<capybara_agent::api::TlsIdentity>,
     ) -> TestApi {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Arc::new(Store::open(&dir.path().join("data")).expect("store"));
@@ -76,6 +89,7 @@ impl TestApi {
             Listeners {
                 tcp: Some(tcp),
                 unix: Some(unix),
+                tcp_tls: tls,
             },
             async {
                 let _ = stopped.await;
@@ -121,6 +135,7 @@ impl TestApi {
         Client::connect(&Endpoint::Tcp {
             url: self.url(),
             token: token.map(str::to_owned),
+            ca_cert: None,
         })
         .await
         .expect("connect tcp")
