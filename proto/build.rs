@@ -9,6 +9,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     protos.sort();
     println!("cargo:rerun-if-changed=capybara");
-    tonic_prost_build::configure().compile_protos(&protos, &[std::path::PathBuf::from(".")])?;
+    // The descriptor set feeds server reflection (grpcurl lists and calls every service).
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("capybara_descriptor.bin"))
+        .compile_protos(&protos, &[std::path::PathBuf::from(".")])?;
     Ok(())
 }

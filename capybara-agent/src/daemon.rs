@@ -12,7 +12,9 @@
 //!    key from `<data>/server.key`, generated at mode 0600 on first start, UAPI socket for
 //!    `wg show`) and attach the TC programs to its device;
 //! 5. attach the XDP guard to the uplink (swapping the program inside the pinned link if a
-//!    previous agent left one) and guard the WireGuard listen port.
+//!    previous agent left one) and guard the WireGuard listen port;
+//! 6. open the control service (programs every stored device into the dataplane and the
+//!    tunnel) and serve the API on the control socket and/or TCP (`ApiSettings`).
 //!
 //! Kernel events (ring buffer) are decoded by one task and published on a broadcast channel
 //! ([`Running::events`]); history, webhooks and the API subscribe to it. A subscriber that falls
@@ -25,20 +27,46 @@
 //! Shutdown leaves the programs enforcing (pinned links) unless `detach_on_exit` is set.
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
 
 use crate::{
+    api::{self, ApiError, Listeners},
     blocklist::RegistrySnapshot,
     dataplane::{Dataplane, DataplaneConfig, DataplaneError, Event, EventStream},
+    paths,
+    service::{
+        Service, ServiceConfig, ServiceError,
+        ports::TunnelPort,
+        secrets::{self, SecretError},
+    },
     store::{Cf, Store, StoreError},
     tunnel::{KeyError, PrivateKey, TunnelDeviceConfig, WgConfig, WgError, WgTunnel},
 };
 
 /// Store key of the blocklist registry snapshot in [`Cf::Blocklists`].
-pub const BLOCKLISTS_KEY: &str = "registry";
+pub const BLOCKLISTS_KEY: &str = crate::store::keys::BLOCKLISTS;
+
+/// The control API's listeners and what goes into client configs.
+#[derive(Clone, Debug, Default)]
+pub struct ApiSettings {
+    /// TCP address of the API (every call needs a bearer token); `None` = no TCP listener.
+    pub listen: Option<SocketAddr>,
+    /// The control socket (root by peer credentials); `None` = no socket.
+    pub socket: Option<PathBuf>,
+    /// `host:port` written into client configs as the server's endpoint.
+    pub endpoint: String,
+    /// DNS servers written into client configs.
+    pub dns: Vec<String>,
+    /// Keep generated client private keys, sealed (`--keep-client-keys`).
+    pub keep_client_keys: bool,
+    /// MaxMind country database for geo policies (`--geoip-db`).
+    pub geo_db: Option<PathBuf>,
+    /// Certificate and key (PEM files) for TLS on the TCP listener.
+    pub tls: Option<(PathBuf, PathBuf)>,
+}
 
 /// Everything the daemon needs to start.
 #[derive(Clone, Debug)]
@@ -61,6 +89,8 @@ pub struct AgentConfig {
     pub detach_on_exit: bool,
     /// Directory of the WireGuard UAPI socket (`paths::WG_UAPI_DIR`, where `wg` looks).
     pub wg_uapi_dir: PathBuf,
+    /// The control API.
+    pub api: ApiSettings,
 }
 
 /// Why the daemon could not start or stop cleanly.
@@ -78,6 +108,27 @@ pub enum DaemonError {
     /// The server key could not be loaded or created.
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// A key file failed.
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    /// The control service could not start.
+    #[error("control service")]
+    Service(#[from] ServiceError),
+    /// The API could not listen or failed.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// The country database could not be read.
+    #[error(transparent)]
+    Geo(#[from] crate::geo::GeoDbError),
+    /// The TCP API address could not be bound.
+    #[error("cannot listen on {addr} for the API")]
+    ApiListen {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Events buffered per subscriber before the slowest loses the oldest.
@@ -96,6 +147,8 @@ pub struct Running {
     pub listen_port: u16,
     /// The WireGuard tunnel: peers, events, status.
     pub wireguard: Arc<WgTunnel>,
+    /// The TCP API's bound address (the real port when `--api-listen` gave port 0).
+    pub api_tcp: Option<SocketAddr>,
 }
 
 /// Runs the agent until `shutdown` resolves. `on_ready` is called once everything is attached.
@@ -162,30 +215,126 @@ pub async fn run(
     let (events, _) = tokio::sync::broadcast::channel(EVENT_BUS_CAPACITY);
     let reader = tokio::spawn(publish_events(dataplane.event_stream()?, events.clone()));
 
+    // The control service and its API. The dataplane is shared from here on.
+    let dataplane = Arc::new(Mutex::new(dataplane));
+    let sealer = if config.api.keep_client_keys {
+        let key = secrets::load_or_create_key(
+            &paths::client_keys_key_file(&config.data_dir),
+            rand::random,
+        )?;
+        Some(secrets::Sealer::new(&key))
+    } else {
+        None
+    };
+    let tunnel_port: Arc<dyn TunnelPort> = tunnel.clone();
+    let v4 = ipnet::Ipv4Net::new(config.tunnel_ipv4.0, config.tunnel_ipv4.1)
+        .expect("validated by the binary");
+    let v6 = ipnet::Ipv6Net::new(config.tunnel_ipv6.0, config.tunnel_ipv6.1)
+        .expect("validated by the binary");
+    let svc = Arc::new(Service::open(
+        Arc::new(store),
+        dataplane.clone(),
+        tunnel_port,
+        ServiceConfig {
+            server_v4: v4,
+            server_v6: v6,
+            server_public_key: crate::service::domain::PublicKey(*tunnel.public_key().as_bytes()),
+            endpoint: config.api.endpoint.clone(),
+            dns: config.api.dns.clone(),
+            keep_client_keys: sealer,
+            geo_db: match &config.api.geo_db {
+                Some(path) => Some(Arc::new(crate::geo::GeoDb::open(path)?)),
+                None => None,
+            },
+        },
+    )?);
+    let tcp = match config.api.listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::ApiListen { addr, source })?,
+        ),
+        None => None,
+    };
+    let api_tcp = tcp.as_ref().and_then(|l| l.local_addr().ok());
+    let unix = config
+        .api
+        .socket
+        .as_deref()
+        .map(api::bind_unix)
+        .transpose()?;
+    let tcp_tls = config
+        .api
+        .tls
+        .as_ref()
+        .map(|(cert, key)| api::TlsIdentity::from_files(cert, key))
+        .transpose()?;
+    let handshakes = tokio::spawn(forward_handshakes(tunnel.subscribe(), svc.clone()));
+    let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let listeners = Listeners { tcp, unix, tcp_tls };
+    let mut api_task = tokio::spawn(api::run(svc.clone(), listeners, async {
+        let _ = api_stopped.await;
+    }));
+
     on_ready(&Running {
         events: events.clone(),
         tunnel: tunnel.name().to_owned(),
         uplink: config.uplink.clone(),
         listen_port: config.listen_port,
         wireguard: tunnel.clone(),
+        api_tcp,
     });
     let mut sweep = tokio::time::interval(crate::dataplane::flows::SWEEP_INTERVAL);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
+    let mut api_result = Ok(());
     loop {
         tokio::select! {
             () = &mut shutdown => break,
+            done = &mut api_task => {
+                api_result = done.unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "API task failed");
+                    Ok(())
+                });
+                tracing::error!("the API stopped; shutting down");
+                break;
+            }
             _ = sweep.tick() => {
-                if let Err(e) = dataplane.expire_flows(crate::dataplane::sys::boottime_now()) {
+                let swept = dataplane
+                    .lock()
+                    .unwrap()
+                    .expire_flows(crate::dataplane::sys::boottime_now());
+                if let Err(e) = swept {
                     tracing::warn!(error = %e, "flow sweep failed; retrying at the next tick");
                 }
             }
         }
     }
     tracing::info!(detach = config.detach_on_exit, "shutting down");
+    let _ = api_stop.send(());
+    if !api_task.is_finished() {
+        match (&mut api_task).await {
+            Ok(r) => api_result = api_result.and(r),
+            Err(e) => tracing::error!(error = %e, "API task failed"),
+        }
+    }
+    if let Some(path) = &config.api.socket {
+        let _ = std::fs::remove_file(path);
+    }
+    handshakes.abort();
+    drop(svc);
     reader.abort();
-    dataplane.shutdown(config.detach_on_exit)?;
+    match Arc::try_unwrap(dataplane) {
+        Ok(dp) => dp
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .shutdown(config.detach_on_exit)?,
+        Err(_) => {
+            tracing::error!("the dataplane is still shared at shutdown; programs stay attached")
+        }
+    }
     drop(tunnel);
+    api_result?;
     Ok(())
 }
 
@@ -202,6 +351,28 @@ async fn publish_events(mut stream: EventStream, bus: tokio::sync::broadcast::Se
                 tracing::error!(error = %e, "kernel event stream failed; events are no longer read");
                 return;
             }
+        }
+    }
+}
+
+/// Tells the service about completed handshakes: a kicked device is admitted again by its next
+/// one.
+async fn forward_handshakes(
+    mut events: tokio::sync::broadcast::Receiver<crate::tunnel::TunnelEvent>,
+    svc: Arc<Service>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match events.recv().await {
+            Ok(crate::tunnel::TunnelEvent::Connected { public_key, .. }) => {
+                let key = crate::service::domain::PublicKey(*public_key.as_bytes());
+                if let Err(e) = svc.on_handshake(&key) {
+                    tracing::warn!(error = %e, "cannot admit a peer after its handshake");
+                }
+            }
+            Ok(_) => {}
+            Err(RecvError::Lagged(n)) => tracing::warn!(n, "tunnel events lost"),
+            Err(RecvError::Closed) => break,
         }
     }
 }

@@ -9,13 +9,16 @@
 //! - [`geo`]: MaxMind DB → per-country CIDR lists; the `.mmdb` writer for fixtures (pure).
 //! - [`tunnel`]: the WireGuard interface: TUN device, boringtun sessions, peers, events, UAPI.
 //! - [`store`]: RocksDB, the only storage code.
-//! - [`api`]: proto ↔ domain conversions, the only code that knows protobuf.
+//! - [`api`]: the gRPC server and client and the proto ↔ domain conversions, the only code that
+//!   knows protobuf.
+//! - [`cli`]: the `capybara` command line, the only code that prints tables.
 //! - [`service`]: operations that combine the modules above, in domain types.
 //! - [`daemon`]: start-up, run, shutdown.
 //! - [`net`], [`units`], [`paths`]: validated network types and quantities (rates); every
 //!   filesystem path and its mode.
 pub mod api;
 pub mod blocklist;
+pub mod cli;
 pub mod daemon;
 pub mod dataplane;
 pub mod geo;

@@ -7,9 +7,10 @@
 //! | pinned links | `<bpffs>/links/<prog>_<ifname>` | dir `0700`, pins `0600` |
 //! | data directory | `/var/lib/capybara` | `0700` ([`DATA_DIR_MODE`]) |
 //! | store (RocksDB) | `<data>/store` | created by RocksDB inside the data directory |
-//! | control socket | `/run/capybara/agent.sock` | `0660` ([`SOCKET_MODE`]), dir `0750` |
+//! | control socket | `/run/capybara/agent.sock` | `0600` ([`SOCKET_MODE`]), dir `0750`; only uid 0 is served |
 //! | server private key | `<data>/server.key` | `0600` ([`KEY_FILE_MODE`]) |
 //! | WireGuard UAPI socket (`wg show`) | `/var/run/wireguard/<iface>.sock` | `0600` ([`WG_UAPI_SOCKET_MODE`]), dir `0755` |
+//! | key sealing kept client keys (`--keep-client-keys`) | `<data>/client-keys.key` | `0600` ([`KEY_FILE_MODE`]) |
 //!
 //! Removing the bpffs directory (`rm -rf /sys/fs/bpf/capybara`) detaches the programs (their links
 //! are pinned there) and resets every kernel counter: it is the documented way to reset the
@@ -45,8 +46,8 @@ pub const SOCKET_DIR: &str = "/run/capybara";
 pub const SOCKET_DIR_MODE: u32 = 0o750;
 /// Default control socket path (the CLI talks to the agent through it).
 pub const SOCKET_PATH: &str = "/run/capybara/agent.sock";
-/// Mode of the control socket: root and the socket's group.
-pub const SOCKET_MODE: u32 = 0o660;
+/// Mode of the control socket: root only (the agent also checks the peer credentials).
+pub const SOCKET_MODE: u32 = 0o600;
 
 /// File name of the server's WireGuard private key inside the data directory.
 pub const KEY_FILE_NAME: &str = "server.key";
@@ -65,6 +66,14 @@ pub const WG_UAPI_SOCKET_MODE: u32 = 0o600;
 /// Path of the UAPI socket of interface `iface` in `dir`.
 pub fn uapi_socket(dir: &Path, iface: &str) -> PathBuf {
     dir.join(format!("{iface}.sock"))
+}
+
+/// File name of the key that seals kept client private keys, inside the data directory.
+pub const CLIENT_KEYS_KEY_FILE_NAME: &str = "client-keys.key";
+
+/// Path of the client-key sealing key under the data directory `data_dir`.
+pub fn client_keys_key_file(data_dir: &Path) -> PathBuf {
+    data_dir.join(CLIENT_KEYS_KEY_FILE_NAME)
 }
 
 /// Path of the pinned map `name` under the bpffs directory `bpffs`.

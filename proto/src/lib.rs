@@ -11,3 +11,6 @@ pub mod v1 {
     )]
     tonic::include_proto!("capybara.v1");
 }
+
+/// The encoded `FileDescriptorSet` of every `capybara.v1` file, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("capybara_descriptor");

@@ -45,6 +45,34 @@ struct Args {
     /// Directory of the WireGuard UAPI socket `<tunnel>.sock` (what `wg show` reads).
     #[arg(long, default_value = paths::WG_UAPI_DIR)]
     wg_uapi_dir: PathBuf,
+    /// TCP address of the gRPC API, e.g. 0.0.0.0:7443 (every call needs a bearer token).
+    #[arg(long)]
+    api_listen: Option<std::net::SocketAddr>,
+    /// The control socket (root only, no token).
+    #[arg(long, default_value = paths::SOCKET_PATH)]
+    api_socket: PathBuf,
+    /// Serve no control socket.
+    #[arg(long, conflicts_with = "api_socket")]
+    no_api_socket: bool,
+    /// The server's endpoint written into client configs (host:port); default: this host's
+    /// name and the listen port.
+    #[arg(long)]
+    public_endpoint: Option<String>,
+    /// DNS server written into client configs (repeatable).
+    #[arg(long)]
+    dns: Vec<std::net::IpAddr>,
+    /// Keep generated client private keys, encrypted, so `user config` can show them again.
+    #[arg(long)]
+    keep_client_keys: bool,
+    /// TLS certificate chain (PEM) for the TCP API.
+    #[arg(long, value_name = "FILE", requires = "api_tls_key")]
+    api_tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for the TCP API.
+    #[arg(long, value_name = "FILE", requires = "api_tls_cert")]
+    api_tls_key: Option<PathBuf>,
+    /// MaxMind country database (.mmdb) for `geo block/allow`.
+    #[arg(long, value_name = "FILE")]
+    geoip_db: Option<PathBuf>,
 }
 
 /// An interface address `a.b.c.d/len`: the host part may be set (it is the server's address).
@@ -92,6 +120,20 @@ fn main() -> anyhow::Result<()> {
         bpffs_dir: args.bpffs_dir,
         detach_on_exit: args.detach_on_exit,
         wg_uapi_dir: args.wg_uapi_dir,
+        api: daemon::ApiSettings {
+            listen: args.api_listen,
+            socket: (!args.no_api_socket).then_some(args.api_socket),
+            endpoint: args.public_endpoint.unwrap_or_else(|| {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .unwrap_or_else(|_| "localhost".into());
+                format!("{host}:{}", args.listen_port)
+            }),
+            dns: args.dns.iter().map(ToString::to_string).collect(),
+            keep_client_keys: args.keep_client_keys,
+            geo_db: args.geoip_db,
+            tls: args.api_tls_cert.zip(args.api_tls_key),
+        },
     };
     let runtime = tokio::runtime::Runtime::new().context("tokio runtime")?;
     runtime.block_on(async move {
@@ -109,6 +151,7 @@ fn main() -> anyhow::Result<()> {
                 tunnel = %r.tunnel,
                 uplink = r.uplink.as_deref().unwrap_or("-"),
                 port = r.listen_port,
+                api = %r.api_tcp.map_or_else(|| "-".to_owned(), |a| a.to_string()),
                 "capybara-agent ready"
             );
         })

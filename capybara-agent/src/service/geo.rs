@@ -67,29 +67,60 @@ fn lists_for(db: &GeoDb, policy: &GeoPolicy) -> Vec<(ListName, Vec<Cidr>)> {
     }
 }
 
+/// The list operations that turn the current source lists into those of a policy.
+#[derive(Debug, Clone)]
+pub struct GeoPlan {
+    /// Lists the policy needs, with their contents.
+    pub replace: Vec<(ListName, Vec<Cidr>)>,
+    /// `geo:*` lists of an earlier policy that the new one does not have.
+    pub delete: Vec<ListName>,
+}
+
+impl GeoPlan {
+    /// The plan from the names of the source lists that exist now to `policy`.
+    pub fn new<'a>(
+        db: &GeoDb,
+        policy: &GeoPolicy,
+        current_sources: impl IntoIterator<Item = &'a ListName>,
+    ) -> GeoPlan {
+        let replace = lists_for(db, policy);
+        let delete = current_sources
+            .into_iter()
+            .filter(|n| n.as_str().starts_with("geo:") && !replace.iter().any(|(m, _)| m == *n))
+            .cloned()
+            .collect();
+        GeoPlan { replace, delete }
+    }
+
+    /// The operations, replaces first, deletes last (see [`apply`] for why).
+    pub fn ops(&self) -> Vec<(ListName, ListOp<'_>)> {
+        let mut ops: Vec<(ListName, ListOp<'_>)> = self
+            .replace
+            .iter()
+            .map(|(n, cidrs)| (n.clone(), ListOp::Replace(cidrs)))
+            .collect();
+        ops.extend(self.delete.iter().map(|n| (n.clone(), ListOp::Delete)));
+        ops
+    }
+}
+
 /// Replaces the source lists named `geo:*` with those of `policy`, in one generation.
 pub fn apply(
     dataplane: &mut Dataplane,
     db: &GeoDb,
     policy: &GeoPolicy,
 ) -> Result<ListUpdate, GeoApplyError> {
-    let new = lists_for(db, policy);
-    let stale: Vec<ListName> = dataplane
+    let current: Vec<ListName> = dataplane
         .lists()
         .into_iter()
         .filter(|l| l.direction == Direction::Source)
         .map(|l| l.name)
-        .filter(|n| n.as_str().starts_with("geo:") && !new.iter().any(|(m, _)| m == n))
         .collect();
+    let plan = GeoPlan::new(db, policy, &current);
     // Replaces first, deletes last: a list created here is planned while the stale lists still
     // hold their ids, so it never re-uses the id of a list deleted in this same flip. (Ids are
     // handed out lowest-free-first and a created list's hit counter is zeroed before the flip:
     // with the deletes first, `block CN` → `block RU` gave geo:RU geo:CN's id, and every CN
     // packet the still-live old generation dropped until the flip was counted as a geo:RU hit.)
-    let mut ops: Vec<(ListName, ListOp<'_>)> = new
-        .iter()
-        .map(|(n, cidrs)| (n.clone(), ListOp::Replace(cidrs)))
-        .collect();
-    ops.extend(stale.into_iter().map(|n| (n, ListOp::Delete)));
-    Ok(dataplane.list_batch(Direction::Source, &ops)?)
+    Ok(dataplane.list_batch(Direction::Source, &plan.ops())?)
 }

@@ -1,5 +1,22 @@
-//! The service layer: operations that combine modules (geo + dataplane, store + dataplane),
-//! speaking domain types only. The API and the daemon call these; they never reach into
+//! The service layer: operations that combine modules (geo + dataplane, store + dataplane +
+//! tunnel), speaking domain types only. The API and the daemon call these; they never reach into
 //! `dataplane` or `store` internals themselves.
+//!
+//! - [`domain`]: validated domain types (names, scopes, keys, records) and their parsers.
+//! - [`secrets`]: WireGuard keys, token secrets and hashes, sealing of kept client keys.
+//! - [`ports`]: the traits the service needs from the dataplane and the tunnel, with in-memory
+//!   implementations for tests.
+//! - [`control`]: the control [`Service`]: users, devices, tokens, stats, connections,
+//!   blocklists, audit.
+//! - [`geo`]: geo policies as source lists.
 
+pub mod control;
+pub mod domain;
 pub mod geo;
+pub mod ports;
+pub mod secrets;
+
+pub use control::{
+    AuthError, BlocklistView, Connection, EntriesOp, GeoStatus, NewToken, NewUser, PeerCounters,
+    PeerStatsView, Service, ServiceConfig, ServiceError, Stats, Traffic,
+};

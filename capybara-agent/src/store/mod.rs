@@ -2,8 +2,23 @@
 //!
 //! Layout: one column family per kind of record ([`Cf`]), each with its own schema version kept
 //! in the `meta` family under `schema/<cf>`. Values are JSON (serde), small and readable with
-//! `ldb` when debugging; keys are UTF-8 strings chosen by the owning module. Column families and
-//! key prefixes are declared here and nowhere else.
+//! `ldb` when debugging; keys are UTF-8 strings built by the functions of [`keys`]. Column
+//! families and key shapes are declared here and nowhere else.
+//!
+//! | family | key ([`keys`]) | value |
+//! |---|---|---|
+//! | `meta` | `schema/<cf>` | schema version (`u32`) |
+//! | `blocklists` | `registry` | the blocklist registry snapshot |
+//! | `blocklists` | `geo-policy` | the geo policy (mode and countries) |
+//! | `users` | `<user>` | a user |
+//! | `peers` | `<user>/<device>` | a device (WireGuard peer) of that user |
+//! | `groups` | `<group>` | a group (written by the policy work) |
+//! | `tokens` | `<token id>` | an API token: its SHA-256 hash, never the secret |
+//! | `sessions` | `<peer id, 10 digits>/<start ns, 20 digits>` | a tunnel session |
+//! | `audit` | `<sequence, 20 digits>` | an audit record; the zero-padded sequence sorts by time |
+//!
+//! A user and its devices share the key prefix `<user>` in two families, so "a user's devices"
+//! is a prefix scan of `peers` with `<user>/` ([`keys::user_peers_prefix`]).
 //!
 //! Durability: every write goes through the WAL with `sync = true`, so a write the agent
 //! acknowledged survives SIGKILL and power loss. Multi-key changes go through one [`Batch`],
@@ -26,25 +41,108 @@ pub enum Cf {
     Meta,
     /// Named blocklists (registry snapshot per direction).
     Blocklists,
+    /// Users.
+    Users,
+    /// Devices (WireGuard peers), keyed under their user.
+    Peers,
+    /// Groups of users.
+    Groups,
+    /// API tokens (hashes only).
+    Tokens,
+    /// Tunnel sessions.
+    Sessions,
+    /// The audit trail of every mutation.
+    Audit,
 }
 
 impl Cf {
     /// Every family, in creation order.
-    pub const ALL: [Cf; 2] = [Cf::Meta, Cf::Blocklists];
+    pub const ALL: [Cf; 8] = [
+        Cf::Meta,
+        Cf::Blocklists,
+        Cf::Users,
+        Cf::Peers,
+        Cf::Groups,
+        Cf::Tokens,
+        Cf::Sessions,
+        Cf::Audit,
+    ];
 
     /// The family's name in RocksDB.
     pub const fn name(self) -> &'static str {
         match self {
             Cf::Meta => "meta",
             Cf::Blocklists => "blocklists",
+            Cf::Users => "users",
+            Cf::Peers => "peers",
+            Cf::Groups => "groups",
+            Cf::Tokens => "tokens",
+            Cf::Sessions => "sessions",
+            Cf::Audit => "audit",
         }
     }
 
     /// Current schema version of the family's values.
     pub const fn schema_version(self) -> u32 {
         match self {
-            Cf::Meta | Cf::Blocklists => 1,
+            Cf::Meta
+            | Cf::Blocklists
+            | Cf::Users
+            | Cf::Peers
+            | Cf::Groups
+            | Cf::Tokens
+            | Cf::Sessions
+            | Cf::Audit => 1,
         }
+    }
+}
+
+/// Every key shape of every family (see the table in the module docs).
+pub mod keys {
+    /// Key of the blocklist registry snapshot in `blocklists`.
+    pub const BLOCKLISTS: &str = "registry";
+
+    /// Key of the geo policy in `blocklists`.
+    pub const GEO_POLICY: &str = "geo-policy";
+
+    /// Key of user `name` in `users`.
+    pub fn user(name: &str) -> String {
+        name.to_owned()
+    }
+
+    /// Key of device `device` of user `user` in `peers`.
+    pub fn peer(user: &str, device: &str) -> String {
+        format!("{user}/{device}")
+    }
+
+    /// Prefix of every device of user `user` in `peers`.
+    pub fn user_peers_prefix(user: &str) -> String {
+        format!("{user}/")
+    }
+
+    /// Key of group `name` in `groups`.
+    pub fn group(name: &str) -> String {
+        name.to_owned()
+    }
+
+    /// Key of token `id` in `tokens`.
+    pub fn token(id: &str) -> String {
+        id.to_owned()
+    }
+
+    /// Key of a session of peer `peer` started at `start_ns` (Unix nanoseconds) in `sessions`.
+    pub fn session(peer: u32, start_ns: u64) -> String {
+        format!("{peer:010}/{start_ns:020}")
+    }
+
+    /// Key of audit record `seq` in `audit`: zero-padded so keys sort by sequence.
+    pub fn audit(seq: u64) -> String {
+        format!("{seq:020}")
+    }
+
+    /// The sequence number of an audit key.
+    pub fn audit_seq(key: &str) -> Option<u64> {
+        key.parse().ok()
     }
 }
 
@@ -254,6 +352,86 @@ impl Store {
         })
     }
 
+    /// Every `(key, value)` of `cf` whose key starts with `prefix`, in key order.
+    pub fn scan<T: DeserializeOwned>(
+        &self,
+        cf: Cf,
+        prefix: &str,
+    ) -> Result<Vec<(String, T)>, StoreError> {
+        let mode = rocksdb::IteratorMode::From(prefix.as_bytes(), rocksdb::Direction::Forward);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.handle(cf), mode) {
+            let (k, v) = item.map_err(|source| StoreError::Io {
+                op: "scan",
+                cf: cf.name(),
+                key: prefix.to_owned(),
+                source,
+            })?;
+            if !k.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let value = serde_json::from_slice(&v).map_err(|source| StoreError::Decode {
+                cf: cf.name(),
+                key: key.clone(),
+                source,
+            })?;
+            out.push((key, value));
+        }
+        Ok(out)
+    }
+
+    /// Values of `cf` from the last key backwards that `keep` accepts, at most `limit` of them:
+    /// the newest records first without reading the whole family.
+    pub fn scan_back<T: DeserializeOwned>(
+        &self,
+        cf: Cf,
+        limit: usize,
+        mut keep: impl FnMut(&T) -> bool,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.handle(cf), rocksdb::IteratorMode::End)
+        {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(|source| StoreError::Io {
+                op: "scan",
+                cf: cf.name(),
+                key: String::new(),
+                source,
+            })?;
+            let value: T = serde_json::from_slice(&v).map_err(|source| StoreError::Decode {
+                cf: cf.name(),
+                key: String::from_utf8_lossy(&k).into_owned(),
+                source,
+            })?;
+            if keep(&value) {
+                out.push(value);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The last key of `cf` in key order, if any.
+    pub fn last_key(&self, cf: Cf) -> Result<Option<String>, StoreError> {
+        let mut it = self
+            .db
+            .iterator_cf(self.handle(cf), rocksdb::IteratorMode::End);
+        match it.next() {
+            None => Ok(None),
+            Some(Err(source)) => Err(StoreError::Io {
+                op: "scan",
+                cf: cf.name(),
+                key: String::new(),
+                source,
+            }),
+            Some(Ok((k, _))) => Ok(Some(String::from_utf8_lossy(&k).into_owned())),
+        }
+    }
+
     /// Where the database lives.
     pub fn path(&self) -> &Path {
         &self.path
@@ -283,6 +461,64 @@ mod tests {
             Some(vec![1, 2])
         );
         assert_eq!(store.get::<String>(Cf::Blocklists, "b").unwrap(), None);
+    }
+
+    #[test]
+    fn every_family_exists_with_its_schema_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for cf in Cf::ALL {
+            let v: Option<u32> = store
+                .get(Cf::Meta, &format!("schema/{}", cf.name()))
+                .unwrap();
+            assert_eq!(v, Some(cf.schema_version()), "{}", cf.name());
+        }
+    }
+
+    #[test]
+    fn scan_returns_exactly_the_prefix_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut b = Batch::default();
+        for (u, d) in [
+            ("al", "x"),
+            ("alice", "phone"),
+            ("alice", "laptop"),
+            ("bob", "a"),
+        ] {
+            b.put(Cf::Peers, &keys::peer(u, d), &d).unwrap();
+        }
+        store.commit(b).unwrap();
+        let got: Vec<(String, String)> = store
+            .scan(Cf::Peers, &keys::user_peers_prefix("alice"))
+            .unwrap();
+        let keys: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["alice/laptop", "alice/phone"]);
+        assert_eq!(store.scan::<String>(Cf::Peers, "").unwrap().len(), 4);
+        assert_eq!(store.scan::<String>(Cf::Users, "").unwrap().len(), 0);
+    }
+
+    #[test]
+    fn audit_keys_sort_by_sequence_and_last_key_finds_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.last_key(Cf::Audit).unwrap(), None);
+        for seq in [9u64, 10, 2, 100] {
+            store.put(Cf::Audit, &keys::audit(seq), &seq).unwrap();
+        }
+        let last = store.last_key(Cf::Audit).unwrap().unwrap();
+        assert_eq!(keys::audit_seq(&last), Some(100));
+        assert_eq!(
+            store.scan_back::<u64>(Cf::Audit, 2, |v| *v != 10).unwrap(),
+            [100, 9]
+        );
+        let order: Vec<u64> = store
+            .scan::<u64>(Cf::Audit, "")
+            .unwrap()
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(order, [2, 9, 10, 100]);
     }
 
     #[test]

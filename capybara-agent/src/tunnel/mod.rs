@@ -70,6 +70,7 @@ pub mod config;
 mod device;
 pub mod keys;
 pub mod liveness;
+mod port;
 pub mod uapi;
 pub mod wg;
 

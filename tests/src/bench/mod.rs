@@ -9,11 +9,13 @@
 //! - [`throttle`]: shaping accuracy with real TCP, and veth throughput with every program on.
 //! - [`tunnel`]: iperf3 TCP through the agent's WireGuard tunnel, `boringtun-cli` and
 //!   `wireguard-go`, from a `wireguard-go` client, same machine, same run.
+//! - [`api_load`]: the gRPC API at 500 mixed calls per second over TCP with tokens for 30 s.
 //!
 //! Every figure is a [`Figure`]; the binary writes them as
 //! `{"benchmarks":[{"name":…, "value":…, "unit":…}]}`. The names below are what reports and CI
 //! compare across runs: keep them stable.
 
+pub mod api_load;
 pub mod geo;
 pub mod guard;
 pub mod pipeline;
@@ -88,6 +90,7 @@ pub const TUNNEL_THROUGHPUT_WIREGUARD_GO_MBPS: &str = "tunnel_throughput_wiregua
 pub const TUNNEL_THROUGHPUT_VS_BORINGTUN_CLI: &str = "tunnel_throughput_vs_boringtun_cli";
 /// `tunnel_throughput_mbps` over `tunnel_throughput_wireguard_go_mbps`.
 pub const TUNNEL_THROUGHPUT_VS_WIREGUARD_GO: &str = "tunnel_throughput_vs_wireguard_go";
+pub use api_load::{API_LOAD_CALLS_PER_S, API_LOAD_ERRORS, API_LOAD_P50_MS, API_LOAD_P99_MS};
 
 /// Every benchmark, in the order they run and are reported.
 pub const ALL: &[&str] = &[
@@ -120,6 +123,10 @@ pub const ALL: &[&str] = &[
     TUNNEL_THROUGHPUT_WIREGUARD_GO_MBPS,
     TUNNEL_THROUGHPUT_VS_BORINGTUN_CLI,
     TUNNEL_THROUGHPUT_VS_WIREGUARD_GO,
+    API_LOAD_P99_MS,
+    API_LOAD_P50_MS,
+    API_LOAD_CALLS_PER_S,
+    API_LOAD_ERRORS,
 ];
 
 /// One measured figure.
@@ -129,7 +136,7 @@ pub struct Figure {
     pub name: &'static str,
     /// The value, in `unit`.
     pub value: f64,
-    /// `ns`, `ms`, `ratio`, `count` or `Mbit/s`.
+    /// `ns`, `ms`, `ratio`, `count`, `calls/s` or `Mbit/s`.
     pub unit: &'static str,
 }
 

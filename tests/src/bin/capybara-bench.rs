@@ -108,6 +108,18 @@ fn main() -> Result<()> {
     if sel.wants(GEO_COMPILE_500K_MS) {
         figures.push(bench::geo::compile_500k()?);
     }
+    if sel.wants_any(&[
+        bench::API_LOAD_P99_MS,
+        bench::API_LOAD_P50_MS,
+        bench::API_LOAD_CALLS_PER_S,
+        bench::API_LOAD_ERRORS,
+    ]) {
+        figures.extend(
+            bench::api_load::run(&pins)?
+                .into_iter()
+                .filter(|f| sel.wants(f.name)),
+        );
+    }
     figures.sort_by_key(|f| bench::ALL.iter().position(|n| *n == f.name));
     progress!("done in {:.0} s", start.elapsed().as_secs_f64());
     for f in &figures {

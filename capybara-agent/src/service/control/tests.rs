@@ -1,0 +1,461 @@
+use std::time::Duration;
+
+use super::*;
+use crate::service::ports::{MemoryPlane, MemoryTunnel};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    plane: Arc<MemoryPlane>,
+    tunnel: Arc<MemoryTunnel>,
+    svc: Service,
+}
+
+fn config(keep: bool) -> ServiceConfig {
+    ServiceConfig {
+        server_v4: "10.99.0.1/29".parse().unwrap(),
+        server_v6: "fd99::1/64".parse().unwrap(),
+        server_public_key: PublicKey([1; 32]),
+        endpoint: "vpn.example.com:51820".into(),
+        dns: vec!["10.99.0.1".into()],
+        keep_client_keys: keep.then(|| Sealer::new(&[3; 32])),
+        geo_db: None,
+    }
+}
+
+fn fixture(keep: bool) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_owned();
+    let plane = Arc::new(MemoryPlane::default());
+    let tunnel = Arc::new(MemoryTunnel::default());
+    let svc = Service::open(
+        Arc::new(Store::open(&path).unwrap()),
+        plane.clone(),
+        tunnel.clone(),
+        config(keep),
+    )
+    .unwrap();
+    Fixture {
+        _dir: dir,
+        path,
+        plane,
+        tunnel,
+        svc,
+    }
+}
+
+fn root() -> Actor {
+    Actor::Local { uid: 0 }
+}
+
+fn new_user(name: &str) -> NewUser {
+    NewUser {
+        name: UserName::parse("name", name).unwrap(),
+        device: DeviceName::default_device(),
+        expires_at: None,
+    }
+}
+
+fn u(name: &str) -> UserName {
+    UserName::parse("name", name).unwrap()
+}
+
+#[test]
+fn add_user_programs_tunnel_dataplane_and_store_and_audits() {
+    let f = fixture(false);
+    let (user, cfg) = f.svc.add_user(&root(), new_user("alice")).unwrap();
+    assert_eq!(user.name.as_str(), "alice");
+    let peer = &cfg.peer;
+    assert_eq!(
+        peer.ipv4,
+        Ipv4Addr::new(10, 99, 0, 2),
+        "lowest free host after the server"
+    );
+    assert_eq!(peer.ipv6, "fd99::2".parse::<Ipv6Addr>().unwrap());
+    let private = cfg.private_key.as_deref().unwrap();
+    let private = crate::service::domain::decode_key(private).unwrap();
+    assert_eq!(secrets::public_of(&private), peer.public_key);
+    assert!(
+        cfg.wg_quick.contains("PublicKey = AQEB"),
+        "{}",
+        cfg.wg_quick
+    );
+    assert!(cfg.wg_quick.contains("Address = 10.99.0.2/32, fd99::2/128"));
+    assert!(cfg.wg_quick.contains("Endpoint = vpn.example.com:51820"));
+
+    let plane = f.plane.state();
+    assert_eq!(plane.peers[&peer.id], allowed_ips(peer));
+    assert_eq!(plane.gates[&peer.id], Gate::Admitted { until: None });
+    assert_eq!(
+        f.tunnel.state()[&peer.public_key].allowed,
+        allowed_ips(peer)
+    );
+
+    let audit = f.svc.audit_records(None, 10).unwrap();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].action, "user.add");
+    assert_eq!(audit[0].actor, "uid:0");
+    assert_eq!(audit[0].target, "user:alice");
+    assert!(audit[0].before.is_none() && audit[0].after.is_some());
+
+    // The private key is not stored anywhere.
+    let raw: Vec<(String, serde_json::Value)> = f.svc.store.scan(Cf::Peers, "").unwrap();
+    let text = serde_json::to_string(&raw).unwrap();
+    assert!(!text.contains(cfg.private_key.as_deref().unwrap()));
+    assert!(matches!(
+        f.svc.user_config(&root(), &u("alice"), None, false),
+        Err(ServiceError::KeyNotKept { .. })
+    ));
+}
+
+#[test]
+fn duplicates_and_unknowns_change_nothing() {
+    let f = fixture(false);
+    f.svc.add_user(&root(), new_user("alice")).unwrap();
+    let before = (f.plane.state().peers, f.tunnel.state().len());
+    assert!(matches!(
+        f.svc.add_user(&root(), new_user("alice")),
+        Err(ServiceError::AlreadyExists { what: "user", .. })
+    ));
+    assert!(matches!(
+        f.svc.remove_user(&root(), &u("bob")),
+        Err(ServiceError::NotFound { what: "user", .. })
+    ));
+    assert!(matches!(
+        f.svc
+            .add_device(&root(), &u("alice"), &DeviceName::default_device()),
+        Err(ServiceError::AlreadyExists { what: "device", .. })
+    ));
+    let past = NewUser {
+        expires_at: Some(SystemTime::now() - Duration::from_secs(1)),
+        ..new_user("carol")
+    };
+    assert_eq!(
+        match f.svc.add_user(&root(), past) {
+            Err(ServiceError::Invalid(e)) => e.field(),
+            other => panic!("{other:?}"),
+        },
+        "expires_at"
+    );
+    assert_eq!(before, (f.plane.state().peers, f.tunnel.state().len()));
+    assert_eq!(f.svc.list_users().unwrap().len(), 1);
+    assert_eq!(f.svc.audit_records(None, 100).unwrap().len(), 1);
+}
+
+#[test]
+fn a_failed_dataplane_step_leaves_nothing_behind() {
+    let f = fixture(false);
+    f.plane.with(|s| s.fail_next_set_peer = true);
+    assert!(matches!(
+        f.svc.add_user(&root(), new_user("alice")),
+        Err(ServiceError::Dataplane(_))
+    ));
+    assert!(f.plane.state().peers.is_empty());
+    assert!(f.tunnel.state().is_empty());
+    assert!(f.svc.list_users().unwrap().is_empty());
+    assert!(
+        f.svc
+            .store
+            .scan::<serde_json::Value>(Cf::Peers, "")
+            .unwrap()
+            .is_empty()
+    );
+    assert!(f.svc.audit_records(None, 10).unwrap().is_empty());
+    // And the id/address were not consumed; the audit sequence has no gap.
+    let (_, cfg) = f.svc.add_user(&root(), new_user("alice")).unwrap();
+    assert_eq!(cfg.peer.id, 0);
+    assert_eq!(f.svc.audit_records(None, 10).unwrap()[0].seq, 1);
+}
+
+#[test]
+fn addresses_and_ids_are_reused_and_the_pool_ends() {
+    let f = fixture(false);
+    // /29: hosts .1-.6, server .1 → five devices.
+    let mut ids = Vec::new();
+    for n in ["a", "b", "c", "d", "e"] {
+        ids.push(f.svc.add_user(&root(), new_user(n)).unwrap().1.peer);
+    }
+    let v4: BTreeSet<Ipv4Addr> = ids.iter().map(|p| p.ipv4).collect();
+    assert_eq!(v4.len(), 5);
+    assert!(matches!(
+        f.svc.add_user(&root(), new_user("f")),
+        Err(ServiceError::Exhausted { .. })
+    ));
+    f.svc.remove_user(&root(), &u("c")).unwrap();
+    let again = f.svc.add_user(&root(), new_user("f")).unwrap().1.peer;
+    assert_eq!((again.id, again.ipv4), (ids[2].id, ids[2].ipv4));
+}
+
+#[test]
+fn remove_user_removes_every_device_everywhere() {
+    let f = fixture(false);
+    f.svc.add_user(&root(), new_user("alice")).unwrap();
+    f.svc
+        .add_device(
+            &root(),
+            &u("alice"),
+            &DeviceName::parse("device", "phone").unwrap(),
+        )
+        .unwrap();
+    f.svc.add_user(&root(), new_user("bob")).unwrap();
+    assert_eq!(f.plane.state().peers.len(), 3);
+    let removed = f.svc.remove_user(&root(), &u("alice")).unwrap();
+    assert_eq!(removed.peers.len(), 2);
+    assert_eq!(f.plane.state().peers.len(), 1);
+    assert_eq!(f.tunnel.state().len(), 1);
+    assert_eq!(f.svc.list_peers(None).unwrap().len(), 1);
+    assert_eq!(f.svc.audit_records(Some(&u("alice")), 10).unwrap().len(), 3);
+    assert_eq!(f.svc.audit_records(Some(&u("bob")), 10).unwrap().len(), 1);
+}
+
+#[test]
+fn reopen_programs_stored_devices_and_leaves_foreign_kernel_peers_alone() {
+    let f = fixture(false);
+    let (_, a) = f.svc.add_user(&root(), new_user("alice")).unwrap();
+    let Fixture {
+        _dir,
+        path,
+        plane,
+        svc,
+        ..
+    } = f;
+    drop(svc);
+    // alice missing from the kernel (a fresh bpffs), and a peer the store does not know
+    // (configured outside the agent) holding id 1 and the next free address.
+    plane.with(|s| {
+        s.peers.clear();
+        s.peers.insert(1, vec!["10.99.0.3/32".parse().unwrap()]);
+    });
+    let tunnel = Arc::new(MemoryTunnel::default());
+    let svc = Service::open(
+        Arc::new(Store::open(&path).unwrap()),
+        plane.clone(),
+        tunnel.clone(),
+        config(false),
+    )
+    .unwrap();
+    let peers = plane.state().peers;
+    assert_eq!(peers.keys().copied().collect::<Vec<_>>(), [a.peer.id, 1]);
+    assert_eq!(peers[&a.peer.id], allowed_ips(&a.peer));
+    assert!(tunnel.state().contains_key(&a.peer.public_key));
+    // The foreign peer's id and address are skipped; the audit sequence continues.
+    let (_, b) = svc.add_user(&root(), new_user("bob")).unwrap();
+    assert_eq!(b.peer.id, 2);
+    assert_eq!(b.peer.ipv4, Ipv4Addr::new(10, 99, 0, 4));
+    let seqs: Vec<u64> = svc
+        .audit_records(None, 10)
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    assert_eq!(seqs, [2, 1]);
+    drop(_dir);
+}
+
+#[test]
+fn kept_keys_show_the_config_again_and_rotate_replaces_the_key() {
+    let f = fixture(true);
+    let (_, first) = f.svc.add_user(&root(), new_user("alice")).unwrap();
+    assert!(first.peer.key_kept);
+    let again = f
+        .svc
+        .user_config(&root(), &u("alice"), None, false)
+        .unwrap();
+    assert_eq!(again.private_key, first.private_key);
+    assert_eq!(again.wg_quick, first.wg_quick);
+    let rotated = f.svc.user_config(&root(), &u("alice"), None, true).unwrap();
+    assert_ne!(rotated.peer.public_key, first.peer.public_key);
+    assert_eq!(rotated.peer.id, first.peer.id);
+    let tun = f.tunnel.state();
+    assert!(tun.contains_key(&rotated.peer.public_key));
+    assert!(!tun.contains_key(&first.peer.public_key));
+}
+
+#[test]
+fn tokens_authenticate_by_hash_and_stop_when_revoked_or_expired() {
+    let f = fixture(false);
+    let (tok, bearer) = f
+        .svc
+        .create_token(
+            &root(),
+            NewToken {
+                scope: Scope::Write,
+                name: "ci".into(),
+                expires_at: None,
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        f.svc.authenticate(&bearer).unwrap(),
+        Actor::Token {
+            id: tok.id.clone(),
+            scope: Scope::Write
+        }
+    );
+    let raw: Vec<(String, serde_json::Value)> = f.svc.store.scan(Cf::Tokens, "").unwrap();
+    assert!(!serde_json::to_string(&raw).unwrap().contains(&bearer));
+    let forged = format!("capy_{}_{}", tok.id, "A".repeat(43));
+    assert!(matches!(
+        f.svc.authenticate(&forged),
+        Err(AuthError::Invalid)
+    ));
+    assert!(matches!(
+        f.svc.authenticate("nope"),
+        Err(AuthError::Invalid)
+    ));
+    f.svc.revoke_token(&root(), &tok.id).unwrap();
+    assert!(matches!(
+        f.svc.authenticate(&bearer),
+        Err(AuthError::Revoked)
+    ));
+    assert!(matches!(
+        f.svc.revoke_token(&root(), &tok.id),
+        Err(ServiceError::AlreadyRevoked { .. })
+    ));
+    assert!(f.svc.list_tokens().unwrap()[0].revoked_at.is_some());
+
+    // Expiry: write a record that expired a second ago.
+    let (tok2, bearer2) = f
+        .svc
+        .create_token(
+            &root(),
+            NewToken {
+                scope: Scope::Read,
+                name: String::new(),
+                expires_at: Some(SystemTime::now() + Duration::from_secs(60)),
+            },
+        )
+        .unwrap();
+    let mut rec: TokenRecord = f
+        .svc
+        .store
+        .get(Cf::Tokens, tok2.id.as_str())
+        .unwrap()
+        .unwrap();
+    rec.token.expires_at = Some(now() - 1);
+    f.svc.store.put(Cf::Tokens, tok2.id.as_str(), &rec).unwrap();
+    assert!(matches!(
+        f.svc.authenticate(&bearer2),
+        Err(AuthError::Expired)
+    ));
+}
+
+#[test]
+fn kick_holds_every_device_and_a_handshake_admits_again() {
+    let f = fixture(false);
+    let (_, cfg) = f.svc.add_user(&root(), new_user("alice")).unwrap();
+    let kicked = f.svc.kick(&root(), &u("alice")).unwrap();
+    assert_eq!(kicked.len(), 1);
+    assert_eq!(
+        f.plane.state().gates[&cfg.peer.id],
+        Gate::Held(DropReason::GateKicked)
+    );
+    assert_eq!(f.tunnel.state()[&cfg.peer.public_key].kicks, 1);
+    f.svc.on_handshake(&cfg.peer.public_key).unwrap();
+    assert_eq!(
+        f.plane.state().gates[&cfg.peer.id],
+        Gate::Admitted { until: None }
+    );
+}
+
+#[test]
+fn stats_sum_devices_per_user_and_list_drops() {
+    let f = fixture(false);
+    let (_, a) = f.svc.add_user(&root(), new_user("alice")).unwrap();
+    let b = f
+        .svc
+        .add_device(
+            &root(),
+            &u("alice"),
+            &DeviceName::parse("device", "phone").unwrap(),
+        )
+        .unwrap();
+    f.plane.with(|s| {
+        let mut x = PeerStats {
+            rx_bytes: 100,
+            rx_packets: 1,
+            ..Default::default()
+        };
+        x.drops[DropReason::FlowLimit as usize] = 2;
+        s.stats.insert(a.peer.id, x);
+        s.stats.insert(
+            b.peer.id,
+            PeerStats {
+                rx_bytes: 50,
+                rx_packets: 1,
+                tx_bytes: 7,
+                tx_packets: 1,
+                ..Default::default()
+            },
+        );
+        s.drops.insert(
+            DropReason::SourceBlocklist as u32,
+            Counter {
+                packets: 9,
+                bytes: 900,
+            },
+        );
+    });
+    let st = f.svc.stats(None).unwrap();
+    assert_eq!(st.peers.len(), 2);
+    let alice = &st.users["alice"];
+    assert_eq!(
+        (alice.rx.bytes, alice.rx.packets, alice.tx.bytes),
+        (150, 2, 7)
+    );
+    assert_eq!(alice.drops["flow-limit"], 2);
+    assert_eq!(st.drops["source-blocklist"], 9);
+}
+
+#[test]
+fn blocklist_changes_persist_with_an_audit_record() {
+    let f = fixture(false);
+    let name = ListName::parse("manual").unwrap();
+    let cidrs: Vec<Cidr> = vec!["192.0.2.0/24".parse().unwrap()];
+    let v = f
+        .svc
+        .change_entries(&root(), Direction::Source, &name, EntriesOp::Add, &cidrs)
+        .unwrap();
+    assert_eq!(v.cidrs, cidrs);
+    let snap: RegistrySnapshot = f
+        .svc
+        .store
+        .get(Cf::Blocklists, keys::BLOCKLISTS)
+        .unwrap()
+        .unwrap();
+    assert_eq!(snap.lists.len(), 1);
+    assert!(matches!(
+        f.svc
+            .delete_blocklist(&root(), Direction::Destination, &name),
+        Err(ServiceError::NotFound { what: "list", .. })
+    ));
+    f.svc
+        .delete_blocklist(&root(), Direction::Source, &name)
+        .unwrap();
+    assert!(f.svc.blocklists().unwrap().is_empty());
+    let actions: Vec<String> = f
+        .svc
+        .audit_records(None, 10)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.action)
+        .collect();
+    assert_eq!(actions, ["blocklist.delete", "blocklist.add"]);
+}
+
+#[test]
+fn connections_join_tunnel_status_with_devices() {
+    let f = fixture(false);
+    let (_, a) = f.svc.add_user(&root(), new_user("alice")).unwrap();
+    let t = SystemTime::now();
+    f.tunnel.with_peer(&a.peer.public_key, |p| {
+        p.status.endpoint = Some("192.0.2.9:4000".parse().unwrap());
+        p.status.last_handshake = Some(t);
+        p.status.rx_bytes = 5;
+    });
+    let c = f.svc.connections().unwrap();
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].endpoint.as_deref(), Some("192.0.2.9:4000"));
+    assert_eq!(c[0].last_handshake, Some(unix_secs(t)));
+    assert_eq!(c[0].peer.user.as_str(), "alice");
+}

@@ -1,0 +1,615 @@
+//! Domain types of users, devices, tokens and the audit trail, and the parsers that make them.
+//!
+//! Input is parsed once, at the edge (API conversions, CLI), into these validated types; every
+//! error names the field it came from ([`ValidationError::field`]) so the API can answer
+//! `INVALID_ARGUMENT` with the field and the CLI can print one line and exit 2.
+
+use std::{
+    fmt,
+    net::{Ipv4Addr, Ipv6Addr},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use base64::Engine as _;
+use capybara_common::peer::PeerId;
+use serde::{Deserialize, Serialize};
+
+/// Longest user, device or token name.
+pub const MAX_NAME_LEN: usize = 32;
+
+/// Input that does not make a valid domain value. Each variant names the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValidationError {
+    /// A name is empty, too long, or has characters outside `[a-z0-9._-]` (or starts with
+    /// something other than a letter or digit).
+    #[error("{field}: invalid name {value:?}: {reason}")]
+    Name {
+        /// The field.
+        field: &'static str,
+        /// The input.
+        value: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A scope other than `read`, `write` or `admin`.
+    #[error("{field}: unknown scope {value:?} (expected read, write or admin)")]
+    Scope {
+        /// The field.
+        field: &'static str,
+        /// The input.
+        value: String,
+    },
+    /// A duration that is not `<number><s|m|h|d|w>` (e.g. `30d`) or is zero.
+    #[error("{field}: invalid duration {value:?} (expected e.g. 30d, 12h, 90m)")]
+    Duration {
+        /// The field.
+        field: &'static str,
+        /// The input.
+        value: String,
+    },
+    /// A timestamp in the past or out of range.
+    #[error("{field}: {reason}")]
+    Time {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A token id that is not 16 lowercase hex digits.
+    #[error("{field}: invalid token id {value:?} (expected 16 hex digits)")]
+    TokenId {
+        /// The field.
+        field: &'static str,
+        /// The input.
+        value: String,
+    },
+    /// A WireGuard key that is not 32 bytes of base64.
+    #[error("{field}: invalid key (expected 32 bytes, base64)")]
+    Key {
+        /// The field.
+        field: &'static str,
+    },
+    /// A blocklist name or entry that is not valid.
+    #[error("{field}: {source}")]
+    Blocklist {
+        /// The field.
+        field: &'static str,
+        /// What the blocklist parser said (it names the entry).
+        #[source]
+        source: crate::blocklist::BlocklistError,
+    },
+    /// Not an ISO 3166-1 alpha-2 country code.
+    #[error("{field}: {value:?} is not an ISO 3166-1 alpha-2 country code")]
+    Country {
+        /// The field.
+        field: &'static str,
+        /// The input.
+        value: String,
+    },
+    /// A required field is empty or unspecified.
+    #[error("{field}: required")]
+    Missing {
+        /// The field.
+        field: &'static str,
+    },
+}
+
+impl ValidationError {
+    /// The field the error is about.
+    pub fn field(&self) -> &'static str {
+        match self {
+            ValidationError::Name { field, .. }
+            | ValidationError::Scope { field, .. }
+            | ValidationError::Duration { field, .. }
+            | ValidationError::Time { field, .. }
+            | ValidationError::TokenId { field, .. }
+            | ValidationError::Key { field }
+            | ValidationError::Country { field, .. }
+            | ValidationError::Blocklist { field, .. }
+            | ValidationError::Missing { field } => field,
+        }
+    }
+}
+
+fn check_name(field: &'static str, s: &str) -> Result<(), ValidationError> {
+    let bad = |reason| ValidationError::Name {
+        field,
+        value: s.to_owned(),
+        reason,
+    };
+    if s.is_empty() {
+        return Err(bad("empty"));
+    }
+    if s.len() > MAX_NAME_LEN {
+        return Err(bad("longer than 32 characters"));
+    }
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(bad("only a-z, 0-9, '.', '_' and '-' are allowed"));
+    }
+    if !s.as_bytes()[0].is_ascii_alphanumeric() {
+        return Err(bad("must start with a letter or digit"));
+    }
+    Ok(())
+}
+
+macro_rules! name_type {
+    ($(#[$doc:meta])* $t:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $t(String);
+
+        impl $t {
+            /// Parses `s`, given in `field`.
+            pub fn parse(field: &'static str, s: &str) -> Result<$t, ValidationError> {
+                check_name(field, s)?;
+                Ok($t(s.to_owned()))
+            }
+
+            /// The name.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $t {
+            type Error = ValidationError;
+            fn try_from(s: String) -> Result<$t, ValidationError> {
+                $t::parse("name", &s)
+            }
+        }
+
+        impl From<$t> for String {
+            fn from(n: $t) -> String {
+                n.0
+            }
+        }
+
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&self.0, f)
+            }
+        }
+    };
+}
+
+name_type!(
+    /// A user name: 1–32 of `[a-z0-9._-]`, starting with a letter or digit (it appears in store
+    /// keys, file names and configs, so nothing that needs quoting).
+    UserName
+);
+name_type!(
+    /// A device name, same rules as [`UserName`].
+    DeviceName
+);
+
+impl DeviceName {
+    /// The device a user's first device is called when none is given.
+    pub fn default_device() -> DeviceName {
+        DeviceName("default".to_owned())
+    }
+}
+
+/// What a token may do. Ordered: `Read < Write < Admin`; a token may call an RPC whose
+/// required scope is at most its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Reads only.
+    Read,
+    /// Reads and changes to users, devices, lists and connections.
+    Write,
+    /// Everything, including tokens.
+    Admin,
+}
+
+impl Scope {
+    /// Parses `read`, `write` or `admin`, given in `field`.
+    pub fn parse(field: &'static str, s: &str) -> Result<Scope, ValidationError> {
+        match s {
+            "read" => Ok(Scope::Read),
+            "write" => Ok(Scope::Write),
+            "admin" => Ok(Scope::Admin),
+            _ => Err(ValidationError::Scope {
+                field,
+                value: s.to_owned(),
+            }),
+        }
+    }
+
+    /// The lowercase name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Write => "write",
+            Scope::Admin => "admin",
+        }
+    }
+
+    /// Whether a holder of `self` may do what needs `required`.
+    pub fn allows(self, required: Scope) -> bool {
+        self >= required
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Parses a positive duration `<n><unit>` with unit `s`, `m`, `h`, `d` or `w`, given in
+/// `field` (e.g. `--expires 30d`).
+pub fn parse_duration(field: &'static str, s: &str) -> Result<Duration, ValidationError> {
+    let bad = || ValidationError::Duration {
+        field,
+        value: s.to_owned(),
+    };
+    let unit_at = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (n, unit) = s.split_at(unit_at);
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => return Err(bad()),
+    };
+    match n.checked_mul(mult) {
+        Some(secs) if secs > 0 && secs <= 100 * 365 * 86_400 => Ok(Duration::from_secs(secs)),
+        _ => Err(bad()),
+    }
+}
+
+/// A token's id: 16 lowercase hex digits, public (it appears in lists and audit records).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TokenId(String);
+
+impl TokenId {
+    /// Parses `s`, given in `field`.
+    pub fn parse(field: &'static str, s: &str) -> Result<TokenId, ValidationError> {
+        if s.len() == 16
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            Ok(TokenId(s.to_owned()))
+        } else {
+            Err(ValidationError::TokenId {
+                field,
+                value: s.to_owned(),
+            })
+        }
+    }
+
+    /// A new random id.
+    pub fn random() -> TokenId {
+        let b: [u8; 8] = rand::random();
+        TokenId(b.iter().map(|x| format!("{x:02x}")).collect())
+    }
+
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for TokenId {
+    type Error = ValidationError;
+    fn try_from(s: String) -> Result<TokenId, ValidationError> {
+        TokenId::parse("id", &s)
+    }
+}
+
+impl From<TokenId> for String {
+    fn from(t: TokenId) -> String {
+        t.0
+    }
+}
+
+impl fmt::Display for TokenId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for TokenId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+/// A WireGuard (x25519) public key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PublicKey(pub [u8; 32]);
+
+impl PublicKey {
+    /// Parses base64 `s`, given in `field`.
+    pub fn parse(field: &'static str, s: &str) -> Result<PublicKey, ValidationError> {
+        decode_key(s)
+            .map(PublicKey)
+            .ok_or(ValidationError::Key { field })
+    }
+}
+
+/// 32 bytes from standard base64, if that is what `s` is.
+pub fn decode_key(s: &str) -> Option<[u8; 32]> {
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .ok()?
+        .try_into()
+        .ok()
+}
+
+/// Standard base64, as WireGuard writes keys.
+pub fn encode_key(k: &[u8; 32]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(k)
+}
+
+impl TryFrom<String> for PublicKey {
+    type Error = ValidationError;
+    fn try_from(s: String) -> Result<PublicKey, ValidationError> {
+        PublicKey::parse("public_key", &s)
+    }
+}
+
+impl From<PublicKey> for String {
+    fn from(k: PublicKey) -> String {
+        encode_key(&k.0)
+    }
+}
+
+impl fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&encode_key(&self.0))
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({self})")
+    }
+}
+
+/// Seconds since the Unix epoch (0 for times before it).
+pub fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The time `secs` seconds after the Unix epoch.
+pub fn from_unix_secs(secs: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+/// Parses a country code given in `field`.
+pub fn country(field: &'static str, s: &str) -> Result<crate::geo::CountryCode, ValidationError> {
+    crate::geo::CountryCode::parse(s).map_err(|_| ValidationError::Country {
+        field,
+        value: s.to_owned(),
+    })
+}
+
+/// A user.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    /// The name (also the store key).
+    pub name: UserName,
+    /// Creation time, Unix seconds.
+    pub created_at: u64,
+    /// Account expiry, Unix seconds; `None` = never.
+    pub expires_at: Option<u64>,
+}
+
+/// A device of a user: one WireGuard peer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    /// Dense dataplane id (`0..MAX_PEERS`), stable for the peer's life.
+    pub id: PeerId,
+    /// Owner.
+    pub user: UserName,
+    /// Device name, unique per user.
+    pub device: DeviceName,
+    /// The client's public key.
+    pub public_key: PublicKey,
+    /// Inner IPv4 address (allowed IP `/32`).
+    pub ipv4: Ipv4Addr,
+    /// Inner IPv6 address (allowed IP `/128`).
+    pub ipv6: Ipv6Addr,
+    /// Creation time, Unix seconds.
+    pub created_at: u64,
+    /// Whether the client's private key is kept (encrypted) so its config can be shown again.
+    pub key_kept: bool,
+}
+
+/// A user with its devices.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserDetail {
+    /// The user.
+    pub user: User,
+    /// Its devices, by device name.
+    pub peers: Vec<Peer>,
+}
+
+/// What a client needs to connect.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientConfig {
+    /// The device.
+    pub peer: Peer,
+    /// The client's private key (base64); present only when just generated or kept.
+    pub private_key: Option<String>,
+    /// The server's public key.
+    pub server_public_key: PublicKey,
+    /// `host:port` the client connects to.
+    pub endpoint: String,
+    /// DNS servers for the client.
+    pub dns: Vec<String>,
+    /// The complete wg-quick file.
+    pub wg_quick: String,
+}
+
+/// An API token as listed: never its secret or hash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Token {
+    /// Public id (the first part of the bearer string).
+    pub id: TokenId,
+    /// A label for people.
+    pub name: String,
+    /// What it may do.
+    pub scope: Scope,
+    /// Creation time, Unix seconds.
+    pub created_at: u64,
+    /// Expiry, Unix seconds; `None` = never.
+    pub expires_at: Option<u64>,
+    /// Revocation time, Unix seconds; `None` = valid.
+    pub revoked_at: Option<u64>,
+}
+
+/// Who made a change (or a request).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Actor {
+    /// A local user on the Unix socket, identified by its peer credentials.
+    Local {
+        /// The uid.
+        uid: u32,
+    },
+    /// A bearer token.
+    Token {
+        /// The token's id.
+        id: TokenId,
+        /// Its scope.
+        scope: Scope,
+    },
+    /// The agent itself (start-up reconciliation, expiry).
+    Agent,
+}
+
+impl Actor {
+    /// The scope the actor holds: root on the socket is admin.
+    pub fn scope(&self) -> Scope {
+        match self {
+            Actor::Local { .. } | Actor::Agent => Scope::Admin,
+            Actor::Token { scope, .. } => *scope,
+        }
+    }
+}
+
+impl fmt::Display for Actor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Actor::Local { uid } => write!(f, "uid:{uid}"),
+            Actor::Token { id, .. } => write!(f, "token:{id}"),
+            Actor::Agent => f.write_str("agent"),
+        }
+    }
+}
+
+/// One audit record: who changed what, before and after.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Sequence number, increasing.
+    pub seq: u64,
+    /// When, Unix seconds.
+    pub at: u64,
+    /// Who ([`Actor`]'s display form: `uid:0`, `token:<id>`, `agent`).
+    pub actor: String,
+    /// What, e.g. `user.add`, `token.revoke`.
+    pub action: String,
+    /// On what, e.g. `user:alice`, `peer:alice/laptop`, `token:<id>`.
+    pub target: String,
+    /// The object before (JSON), if it existed.
+    pub before: Option<serde_json::Value>,
+    /// The object after (JSON), if it exists.
+    pub after: Option<serde_json::Value>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_validated_naming_the_field() {
+        for ok in ["alice", "a", "bob.smith", "x-1_2", "0day"] {
+            UserName::parse("name", ok).unwrap();
+        }
+        for bad in ["", "Alice", "-x", ".x", "a b", "a/b", "é", &"a".repeat(33)] {
+            let e = UserName::parse("name", bad).unwrap_err();
+            assert_eq!(e.field(), "name");
+            assert!(e.to_string().starts_with("name: invalid name"), "{e}");
+        }
+        let e = DeviceName::parse("device", "Lap Top").unwrap_err();
+        assert_eq!(e.field(), "device");
+    }
+
+    #[test]
+    fn serde_refuses_invalid_names() {
+        assert!(serde_json::from_str::<UserName>("\"ok\"").is_ok());
+        assert!(serde_json::from_str::<UserName>("\"not/ok\"").is_err());
+    }
+
+    #[test]
+    fn scopes_are_ordered() {
+        assert!(Scope::Admin.allows(Scope::Write));
+        assert!(Scope::Write.allows(Scope::Read));
+        assert!(Scope::Read.allows(Scope::Read));
+        assert!(!Scope::Read.allows(Scope::Write));
+        assert!(!Scope::Write.allows(Scope::Admin));
+        assert_eq!(Scope::parse("scope", "write").unwrap(), Scope::Write);
+        assert_eq!(Scope::parse("scope", "root").unwrap_err().field(), "scope");
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(
+            parse_duration("expires", "30d").unwrap().as_secs(),
+            30 * 86_400
+        );
+        assert_eq!(
+            parse_duration("expires", "2w").unwrap().as_secs(),
+            14 * 86_400
+        );
+        assert_eq!(parse_duration("expires", "90m").unwrap().as_secs(), 5400);
+        for bad in [
+            "",
+            "30",
+            "d",
+            "0d",
+            "3x",
+            "-1d",
+            "1.5d",
+            "99999999999999999999d",
+        ] {
+            assert_eq!(
+                parse_duration("expires", bad).unwrap_err().field(),
+                "expires",
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn token_ids_and_keys_parse() {
+        let id = TokenId::random();
+        assert_eq!(TokenId::parse("id", id.as_str()).unwrap(), id);
+        assert!(TokenId::parse("id", "xyz").is_err());
+        assert!(TokenId::parse("id", "ABCDEF0123456789").is_err());
+        let k = PublicKey([7; 32]);
+        assert_eq!(PublicKey::parse("k", &k.to_string()).unwrap(), k);
+        assert_eq!(
+            PublicKey::parse("public_key", "AAAA").unwrap_err(),
+            ValidationError::Key {
+                field: "public_key"
+            }
+        );
+    }
+}

@@ -1,0 +1,289 @@
+//! Keys and secrets: WireGuard key pairs, API token secrets and their hashes, and the sealing of
+//! kept client keys.
+//!
+//! - **Token secrets** are 32 random bytes. The bearer string is `capy_<id>_<secret>` (secret in
+//!   unpadded base64url): the id finds the record with one store read, the SHA-256 of the
+//!   secret bytes is compared with the stored hash in constant time. The secret itself is never
+//!   stored or logged. SHA-256 without a salt or stretching is enough here: the secret is 256
+//!   random bits, not a password, so there is nothing to guess from the hash.
+//! - **Client keys** (only with `--keep-client-keys`) are sealed with ChaCha20-Poly1305 under a
+//!   32-byte key kept in its own file (mode 0600, `paths::client_keys_key_file`), with a random
+//!   96-bit nonce per seal and the peer's store key as associated data, so a sealed key copied to
+//!   another device's record does not open.
+//! - The **server key** is one x25519 private key in a file of mode 0600, created on first start.
+
+use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _, path::Path};
+
+use base64::Engine as _;
+use chacha20poly1305::{
+    ChaCha20Poly1305, Nonce,
+    aead::{Aead as _, KeyInit as _, Payload},
+};
+use sha2::{Digest as _, Sha256};
+
+use super::domain::{PublicKey, TokenId, decode_key, encode_key};
+
+/// Errors of key files and sealing.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    /// A key file could not be read or written.
+    #[error("key file {path}")]
+    KeyFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A key file does not hold one base64 32-byte key.
+    #[error("key file {path} does not hold a base64 32-byte key")]
+    KeyFileContents {
+        /// The file.
+        path: std::path::PathBuf,
+    },
+    /// A sealed client key did not open (wrong key file, or the record was tampered with).
+    #[error("sealed client key of {what} does not open")]
+    Unseal {
+        /// Which record.
+        what: String,
+    },
+}
+
+/// A new x25519 key pair: the private key's bytes and the public key.
+pub fn generate_keypair() -> ([u8; 32], PublicKey) {
+    let private: [u8; 32] = rand::random();
+    (private, public_of(&private))
+}
+
+/// The public key of `private`.
+pub fn public_of(private: &[u8; 32]) -> PublicKey {
+    let secret = x25519_dalek::StaticSecret::from(*private);
+    PublicKey(x25519_dalek::PublicKey::from(&secret).to_bytes())
+}
+
+const TOKEN_PREFIX: &str = "capy_";
+
+/// A freshly made token secret: the bearer string (shown once) and the hash to store.
+pub struct NewSecret {
+    /// `capy_<id>_<secret>`.
+    pub bearer: String,
+    /// SHA-256 of the secret bytes, hex.
+    pub hash: String,
+}
+
+impl std::fmt::Debug for NewSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewSecret").finish_non_exhaustive()
+    }
+}
+
+fn hash_hex(secret: &[u8]) -> String {
+    Sha256::digest(secret)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A new random secret for token `id`.
+pub fn new_token_secret(id: &TokenId) -> NewSecret {
+    let secret: [u8; 32] = rand::random();
+    NewSecret {
+        bearer: format!(
+            "{TOKEN_PREFIX}{id}_{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)
+        ),
+        hash: hash_hex(&secret),
+    }
+}
+
+/// Splits a bearer string into the token id and the hash of its secret; `None` if it is not
+/// of our shape.
+pub fn parse_bearer(bearer: &str) -> Option<(TokenId, String)> {
+    let rest = bearer.strip_prefix(TOKEN_PREFIX)?;
+    let (id, secret) = rest.split_once('_')?;
+    let id = TokenId::parse("token", id).ok()?;
+    let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(secret)
+        .ok()?;
+    (secret.len() == 32).then(|| (id, hash_hex(&secret)))
+}
+
+/// Compares two hashes in time independent of where they differ.
+pub fn hashes_equal(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+/// Reads the base64 32-byte key in `path`, or creates the file (mode 0600) with
+/// `make()`'s key if it does not exist.
+pub fn load_or_create_key(
+    path: &Path,
+    make: impl FnOnce() -> [u8; 32],
+) -> Result<[u8; 32], SecretError> {
+    let err = |source| SecretError::KeyFile {
+        path: path.to_owned(),
+        source,
+    };
+    match std::fs::read_to_string(path) {
+        Ok(s) => decode_key(s.trim()).ok_or_else(|| SecretError::KeyFileContents {
+            path: path.to_owned(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = make();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(crate::paths::KEY_FILE_MODE)
+                .open(path)
+                .map_err(err)?;
+            f.write_all(format!("{}\n", encode_key(&key)).as_bytes())
+                .map_err(err)?;
+            f.sync_all().map_err(err)?;
+            Ok(key)
+        }
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// Seals and opens kept client private keys.
+#[derive(Clone)]
+pub struct Sealer {
+    cipher: ChaCha20Poly1305,
+}
+
+impl std::fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sealer").finish_non_exhaustive()
+    }
+}
+
+impl Sealer {
+    /// A sealer with the 32-byte `key`.
+    pub fn new(key: &[u8; 32]) -> Sealer {
+        Sealer {
+            cipher: ChaCha20Poly1305::new(key.into()),
+        }
+    }
+
+    /// `private` sealed for the record `aad`: base64 of nonce ‖ ciphertext.
+    pub fn seal(&self, private: &[u8; 32], aad: &str) -> String {
+        let nonce: [u8; 12] = rand::random();
+        let ct = self
+            .cipher
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: private,
+                    aad: aad.as_bytes(),
+                },
+            )
+            .expect("ChaCha20-Poly1305 encrypts any 32-byte message");
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&ct);
+        base64::engine::general_purpose::STANDARD.encode(out)
+    }
+
+    /// Opens what [`Sealer::seal`] made for the record `aad`.
+    pub fn open(&self, sealed: &str, aad: &str) -> Result<[u8; 32], SecretError> {
+        let fail = || SecretError::Unseal {
+            what: aad.to_owned(),
+        };
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(sealed)
+            .map_err(|_| fail())?;
+        if raw.len() < 12 {
+            return Err(fail());
+        }
+        let (nonce, ct) = raw.split_at(12);
+        let pt = self
+            .cipher
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: ct,
+                    aad: aad.as_bytes(),
+                },
+            )
+            .map_err(|_| fail())?;
+        pt.try_into().map_err(|_| fail())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn public_key_matches_a_known_vector() {
+        // RFC 7748 section 6.1, Alice's key pair.
+        let private: [u8; 32] = [
+            0x77, 0x07, 0x6d, 0x0a, 0x73, 0x18, 0xa5, 0x7d, 0x3c, 0x16, 0xc1, 0x72, 0x51, 0xb2,
+            0x66, 0x45, 0xdf, 0x4c, 0x2f, 0x87, 0xeb, 0xc0, 0x99, 0x2a, 0xb1, 0x77, 0xfb, 0xa5,
+            0x1d, 0xb9, 0x2c, 0x2a,
+        ];
+        let public = public_of(&private);
+        assert_eq!(
+            public.0[..4],
+            [0x85, 0x20, 0xf0, 0x09],
+            "RFC 7748 public key"
+        );
+        let (p, k) = generate_keypair();
+        assert_eq!(public_of(&p), k);
+    }
+
+    #[test]
+    fn bearer_round_trips_and_only_the_hash_matches() {
+        let id = TokenId::random();
+        let s = new_token_secret(&id);
+        let (got_id, hash) = parse_bearer(&s.bearer).unwrap();
+        assert_eq!(got_id, id);
+        assert!(hashes_equal(&hash, &s.hash));
+        assert!(!s.bearer.contains(&s.hash));
+        // Another secret under the same id has another hash.
+        let other = new_token_secret(&id);
+        assert!(!hashes_equal(
+            &parse_bearer(&other.bearer).unwrap().1,
+            &s.hash
+        ));
+        for bad in [
+            "",
+            "capy_",
+            "Bearer x",
+            "capy_zz_abc",
+            &s.bearer[..s.bearer.len() - 2],
+        ] {
+            assert!(parse_bearer(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sealed_keys_open_only_for_their_record() {
+        let sealer = Sealer::new(&[9; 32]);
+        let (private, _) = generate_keypair();
+        let sealed = sealer.seal(&private, "alice/laptop");
+        assert_eq!(sealer.open(&sealed, "alice/laptop").unwrap(), private);
+        assert!(sealer.open(&sealed, "bob/laptop").is_err());
+        assert!(Sealer::new(&[8; 32]).open(&sealed, "alice/laptop").is_err());
+        assert!(!sealed.contains(&encode_key(&private)));
+    }
+
+    #[test]
+    fn key_files_are_created_0600_and_reread() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        let a = load_or_create_key(&path, || [5; 32]).unwrap();
+        let b = load_or_create_key(&path, || [6; 32]).unwrap();
+        assert_eq!(a, b);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        std::fs::write(&path, "garbage").unwrap();
+        assert!(matches!(
+            load_or_create_key(&path, || [5; 32]),
+            Err(SecretError::KeyFileContents { .. })
+        ));
+    }
+}

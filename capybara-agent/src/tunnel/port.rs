@@ -1,0 +1,64 @@
+//! The service's view of the tunnel: [`crate::service::ports::TunnelPort`] for [`WgTunnel`].
+//! Keys cross as their 32 bytes; allowed IPs as networks.
+
+use ipnet::IpNet;
+
+use super::{PeerConfig, PublicKey, WgError, WgTunnel};
+use crate::{
+    net::Cidr,
+    service::{
+        domain,
+        ports::{TunnelPeerStatus, TunnelPort, TunnelPortError},
+    },
+};
+
+fn key(k: &domain::PublicKey) -> PublicKey {
+    PublicKey::from_bytes(k.0)
+}
+
+fn failed(op: &'static str) -> impl FnOnce(WgError) -> TunnelPortError {
+    move |e| TunnelPortError::Failed {
+        op,
+        source: Box::new(e),
+    }
+}
+
+impl TunnelPort for WgTunnel {
+    fn add_peer(&self, k: domain::PublicKey, allowed: &[Cidr]) -> Result<(), TunnelPortError> {
+        let allowed_ips = allowed
+            .iter()
+            .filter_map(|c| IpNet::new(c.addr(), c.prefix_len()).ok())
+            .collect();
+        let cfg = PeerConfig {
+            public_key: key(&k),
+            preshared_key: None,
+            allowed_ips,
+            persistent_keepalive: None,
+        };
+        match WgTunnel::add_peer(self, cfg.clone()) {
+            Err(WgError::PeerExists { .. }) => self.update_peer(cfg).map_err(failed("add_peer")),
+            r => r.map_err(failed("add_peer")),
+        }
+    }
+
+    fn remove_peer(&self, k: &domain::PublicKey) -> Result<(), TunnelPortError> {
+        WgTunnel::remove_peer(self, &key(k)).map_err(failed("remove_peer"))
+    }
+
+    fn kick(&self, k: &domain::PublicKey) -> Result<(), TunnelPortError> {
+        WgTunnel::kick(self, &key(k)).map_err(failed("kick"))
+    }
+
+    fn peers(&self) -> Vec<TunnelPeerStatus> {
+        WgTunnel::peers(self)
+            .into_iter()
+            .map(|p| TunnelPeerStatus {
+                key: domain::PublicKey(*p.public_key.as_bytes()),
+                endpoint: p.endpoint,
+                last_handshake: p.last_handshake,
+                rx_bytes: p.rx_bytes,
+                tx_bytes: p.tx_bytes,
+            })
+            .collect()
+    }
+}

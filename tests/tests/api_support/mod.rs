@@ -1,0 +1,195 @@
+//! An in-process agent API for the `api_*` tests: a real gRPC server on `127.0.0.1:0` and on a
+//! Unix socket in a temporary directory, over a real store and the in-memory dataplane and
+//! tunnel. Dropping it shuts the server down.
+
+#![allow(dead_code, reason = "each api_* test uses a different part")]
+
+use std::{path::PathBuf, sync::Arc};
+
+use capybara_agent::{
+    api::{
+        self, Listeners,
+        client::{Client, Endpoint},
+    },
+    service::{
+        NewToken, Service, ServiceConfig,
+        domain::{Actor, PublicKey, Scope},
+        ports::{MemoryPlane, MemoryTunnel},
+        secrets::Sealer,
+    },
+    store::Store,
+};
+
+/// A running in-process API.
+pub struct TestApi {
+    pub dir: tempfile::TempDir,
+    pub tcp: std::net::SocketAddr,
+    pub socket: PathBuf,
+    pub svc: Arc<Service>,
+    pub plane: Arc<MemoryPlane>,
+    pub tunnel: Arc<MemoryTunnel>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestApi {
+    /// Starts a server (inside a tokio runtime); `keep` = `--keep-client-keys`.
+    pub async fn start(keep: bool) -> TestApi {
+        TestApi::start_full(keep, None, None).await
+    }
+
+    /// Starts a server with a country database for geo policies.
+    pub async fn start_with(
+        keep: bool,
+        geo_db: Option<Arc<capybara_agent::geo::GeoDb>>,
+    ) -> TestApi {
+        TestApi::start_full(keep, geo_db, None).await
+    }
+
+    /// Starts a server whose TCP listener serves TLS with `tls`.
+    pub async fn start_tls(tls: capybara_agent::api::TlsIdentity) -> TestApi {
+        TestApi::start_full(false, None, Some(tls)).await
+    }
+
+    async fn start_full(
+        keep: bool,
+        geo_db: Option<Arc<capybara_agent::geo::GeoDb>>,
+        tls: Option<capybara_agent::api::TlsIdentity>,
+    ) -> TestApi {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Arc::new(Store::open(&dir.path().join("data")).expect("store"));
+        let plane = Arc::new(MemoryPlane::default());
+        let tunnel = Arc::new(MemoryTunnel::default());
+        let svc = Arc::new(
+            Service::open(
+                store,
+                plane.clone(),
+                tunnel.clone(),
+                ServiceConfig {
+                    server_v4: "10.99.0.1/16".parse().unwrap(),
+                    server_v6: "fd99::1/64".parse().unwrap(),
+                    server_public_key: PublicKey([1; 32]),
+                    endpoint: "192.0.2.1:51820".into(),
+                    dns: vec![],
+                    keep_client_keys: keep.then(|| Sealer::new(&[2; 32])),
+                    geo_db,
+                },
+            )
+            .expect("service"),
+        );
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind tcp");
+        let addr = tcp.local_addr().unwrap();
+        let socket = dir.path().join("run/agent.sock");
+        let unix = api::bind_unix(&socket).expect("bind unix");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(api::run(
+            svc.clone(),
+            Listeners {
+                tcp: Some(tcp),
+                unix: Some(unix),
+                tcp_tls: tls,
+            },
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let task = tokio::spawn(async move {
+            task.await.expect("server task").expect("server");
+        });
+        TestApi {
+            dir,
+            tcp: addr,
+            socket,
+            svc,
+            plane,
+            tunnel,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// A token of `scope`, made directly through the service.
+    pub fn token(&self, scope: Scope) -> String {
+        self.svc
+            .create_token(
+                &Actor::Local { uid: 0 },
+                NewToken {
+                    scope,
+                    name: format!("test-{scope}"),
+                    expires_at: None,
+                },
+            )
+            .expect("token")
+            .1
+    }
+
+    /// The TCP URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.tcp)
+    }
+
+    /// A TCP client with `token`.
+    pub async fn tcp_client(&self, token: Option<&str>) -> Client {
+        Client::connect(&Endpoint::Tcp {
+            url: self.url(),
+            token: token.map(str::to_owned),
+            ca_cert: None,
+        })
+        .await
+        .expect("connect tcp")
+    }
+
+    /// A client on the control socket.
+    pub async fn unix_client(&self) -> Client {
+        Client::connect(&Endpoint::Unix(self.socket.clone()))
+            .await
+            .expect("connect unix")
+    }
+
+    /// Stops the server and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.expect("server stopped cleanly");
+        }
+    }
+}
+
+impl Drop for TestApi {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Builds a binary of the agent crate (a no-op when it is up to date) and returns its path,
+/// next to this test's executable in the same target directory and profile.
+pub fn agent_crate_binary(name: &str) -> PathBuf {
+    use std::path::Path;
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<this test> → target/<profile>
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let target_dir = profile_dir.parent().expect("target dir");
+    let mut cmd = std::process::Command::new(&cargo);
+    cmd.args(["build", "--quiet", "-p", "capybara-agent", "--bin", name])
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .env("CARGO_TARGET_DIR", target_dir);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {cargo} to build {name}: {e}"));
+    assert!(status.success(), "building {name} failed: {status}");
+    let bin = profile_dir.join(name);
+    assert!(bin.exists(), "{} missing after the build", bin.display());
+    bin
+}
