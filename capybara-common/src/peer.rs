@@ -157,19 +157,6 @@ impl PeerStats {
             i += 1;
         }
     }
-
-    /// Adds `other` (used when summing per-CPU values).
-    pub fn add(&mut self, other: &PeerStats) {
-        self.rx_packets = self.rx_packets.wrapping_add(other.rx_packets);
-        self.rx_bytes = self.rx_bytes.wrapping_add(other.rx_bytes);
-        self.tx_packets = self.tx_packets.wrapping_add(other.tx_packets);
-        self.tx_bytes = self.tx_bytes.wrapping_add(other.tx_bytes);
-        let mut i = 0;
-        while i < DROP_REASON_SLOTS {
-            self.drops[i] = self.drops[i].wrapping_add(other.drops[i]);
-            i += 1;
-        }
-    }
 }
 
 /// IPv4 LPM trie data: the address octets in network order.
