@@ -683,18 +683,7 @@ impl Service {
             None,
             to_json(&detail),
         )?;
-        let seq = self.next_audit.load(Ordering::SeqCst);
-        self.commit(batch)?;
-        if let Err(e) = self.program(&rec.peer) {
-            self.undo_add(seq, &rec.peer, added_user)?;
-            return Err(e);
-        }
-        let cfg = self.config_for(&rec.peer, Some(&private));
-        let mut st = self.state.write().unwrap();
-        st.used_ids.insert(rec.peer.id);
-        st.used_v4.insert(rec.peer.ipv4);
-        st.pubkeys.insert(rec.peer.public_key, pkey.clone());
-        st.peers.insert(pkey, rec);
+        let cfg = self.commit_device(batch, pkey, rec, &private, added_user)?;
         tracing::info!(%actor, user = %new.name, "user added");
         Ok((user, cfg))
     }
@@ -727,13 +716,27 @@ impl Service {
             None,
             to_json(&rec.peer),
         )?;
+        self.commit_device(batch, pkey, rec, &private, added_user)
+    }
+
+    /// Commits `batch` (a new device `rec` under `pkey`, maybe its new user, the audit record),
+    /// then programs the kernel and the tunnel; if that fails, the commit is undone. On success
+    /// the device joins the in-memory index and its client config (with `private`) is returned.
+    fn commit_device(
+        &self,
+        batch: Batch,
+        pkey: String,
+        rec: PeerRecord,
+        private: &[u8; 32],
+        added_user: bool,
+    ) -> Result<ClientConfig, ServiceError> {
         let seq = self.next_audit.load(Ordering::SeqCst);
         self.commit(batch)?;
         if let Err(e) = self.program(&rec.peer) {
             self.undo_add(seq, &rec.peer, added_user)?;
             return Err(e);
         }
-        let cfg = self.config_for(&rec.peer, Some(&private));
+        let cfg = self.config_for(&rec.peer, Some(private));
         let mut st = self.state.write().unwrap();
         st.used_ids.insert(rec.peer.id);
         st.used_v4.insert(rec.peer.ipv4);
