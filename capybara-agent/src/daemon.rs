@@ -271,6 +271,8 @@ pub async fn run(
         .transpose()?;
     let handshakes = tokio::spawn(forward_handshakes(tunnel.subscribe(), svc.clone()));
     let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    // Without a listener the API task ends at once; that is not a failure to shut down for.
+    let serving = tcp.is_some() || unix.is_some();
     let listeners = Listeners { tcp, unix, tcp_tls };
     let mut api_task = tokio::spawn(api::run(svc.clone(), listeners, async {
         let _ = api_stopped.await;
@@ -291,7 +293,7 @@ pub async fn run(
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            done = &mut api_task => {
+            done = &mut api_task, if serving => {
                 api_result = done.unwrap_or_else(|e| {
                     tracing::error!(error = %e, "API task failed");
                     Ok(())

@@ -105,6 +105,8 @@ fn start_agent(
         .arg(data)
         .arg("--bpffs")
         .arg(pins)
+        // No control socket: the host's `/run/capybara` belongs to a real agent, not a test.
+        .arg("--no-api-socket")
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
