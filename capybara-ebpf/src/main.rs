@@ -3,14 +3,17 @@
 //! Layout (one file per attach point, shared steps in their own modules):
 //! - [`xdp_guard`]: XDP on the uplink — source blocklists for the WireGuard port.
 //! - [`tc_ingress`] / [`tc_egress`]: TC (TCX) on the tunnel device — peer attribution,
-//!   admission gate, flow limits, data quotas, per-peer accounting, destination blocklists; both run the pipeline in
-//!   [`tunnel`].
+//!   admission gate, destination blocklists, flow limits, data quotas, per-peer accounting,
+//!   shaping; both run the pipeline in [`tunnel`].
 //! - [`parse`]: the one bounds-checked packet read and the header parsing steps.
 //! - [`lookup`]: config, peer attribution, blocklist lookups (shared by both directions).
 //! - [`gate`]: the admission gate (held peers, deadlines, the verification endpoint).
 //! - [`events`]: rate-limited records into the events ring buffer.
 //! - [`flows`]: per-peer concurrent flow limits (flow table, atomic per-peer counts).
 //! - [`quota`]: data-quota buckets shared by peers (atomic charge, exhaustion drop, warnings).
+//! - [`shape`]: the shaping decision (the peer's HTB class as `skb->priority`; from the peer, a
+//!   redirect through the IFB).
+//! - [`atomic`]: BPF atomic read-modify-write and compare-exchange (inline assembly).
 //! - [`counters`]: per-CPU verdict, drop-reason, per-list and per-peer counting.
 //! - [`maps`]: every map, pinned by name (names and layouts from `capybara_common`).
 //!
@@ -19,7 +22,7 @@
 //! slot; malformed packets pass (counted), they never make a program fail.
 #![no_std]
 #![no_main]
-// quota, flows: BPF's atomic fetch instructions through inline assembly (see `quota`).
+// atomic: BPF's atomic fetch and compare-exchange instructions through inline assembly.
 #![feature(asm_experimental_arch)]
 
 mod atomic;
