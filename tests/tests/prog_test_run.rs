@@ -330,6 +330,25 @@ fn pass_out(peer: PeerId) -> PeerExpect {
     (TC_ACT_OK, vec![TC_OUT_PASS], Some((peer, PeerDelta::Tx)))
 }
 
+/// Dropped from `peer` because the destination is in a destination list.
+fn blocklisted_in(peer: PeerId) -> PeerExpect {
+    let r = DropReason::DestinationBlocklist;
+    (
+        TC_ACT_SHOT,
+        vec![TC_IN_DROP_BLOCKLIST, drop_slot(r)],
+        Some((peer, PeerDelta::Drop(r))),
+    )
+}
+
+/// A case whose packet is dropped by a destination list hits `LIST_NET` (the list `lists`
+/// puts `BLOCKED` in).
+fn hits_list_net(mut case: Case) -> Case {
+    if case.counters.contains(&TC_IN_DROP_BLOCKLIST) {
+        case.list_hit = Some(LIST_NET);
+    }
+    case
+}
+
 // ---- setups ----
 
 fn config(f: &mut Fixture, src_generation: u32, dst_generation: u32, flags: u32) {
@@ -2126,24 +2145,11 @@ fn quota_cases() -> Vec<Case> {
                 quota_exhausted(f);
                 lists(f, Lists::Destination, 0);
             },
-            (
-                TC_ACT_SHOT,
-                vec![
-                    TC_IN_DROP_BLOCKLIST,
-                    drop_slot(DropReason::DestinationBlocklist),
-                ],
-                Some((PEER1, PeerDelta::Drop(DropReason::DestinationBlocklist))),
-            ),
+            blocklisted_in(PEER1),
         ),
     ]
     .into_iter()
-    .map(|mut case| {
-        // The blocklist case hits list `LIST_NET`.
-        if case.counters.contains(&TC_IN_DROP_BLOCKLIST) {
-            case.list_hit = Some(LIST_NET);
-        }
-        case
-    })
+    .map(hits_list_net)
     .collect()
 }
 
@@ -2523,23 +2529,11 @@ fn flow_cases() -> Vec<Case> {
                 three_tcp(f);
                 lists(f, Lists::Destination, 0);
             },
-            (
-                TC_ACT_SHOT,
-                vec![
-                    TC_IN_DROP_BLOCKLIST,
-                    drop_slot(DropReason::DestinationBlocklist),
-                ],
-                Some((PEER1, PeerDelta::Drop(DropReason::DestinationBlocklist))),
-            ),
+            blocklisted_in(PEER1),
         ),
     ]
     .into_iter()
-    .map(|mut case| {
-        if case.counters.contains(&TC_IN_DROP_BLOCKLIST) {
-            case.list_hit = Some(LIST_NET);
-        }
-        case
-    })
+    .map(hits_list_net)
     .collect()
 }
 
