@@ -10,7 +10,7 @@
 //! 2-CPU machine kind): `tc_ingress` on a packet of an existing UDP flow takes 182 ns for a peer
 //! without a limit and 266 ns for a peer with one — the flow step (transport parse, the clock,
 //! one lookup of the 44-byte key, the `last_ns` store) costs ≈ 85 ns. Peers without a limit pay
-//! one `PEERS` read only.
+//! one field of the `PEERS` entry the pipeline read.
 
 use capybara_common::{
     config::Config,
@@ -18,12 +18,12 @@ use capybara_common::{
         FLOW_F_FROM_PEER, FLOW_S_OPEN, FLOW_S_TCP_SYN, FlowKey, FlowState, PROTO_ICMP,
         PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, flow_expired,
     },
-    peer::PeerId,
+    peer::{PeerId, PeerInfo},
 };
 
 use crate::{
     atomic::fetch_add,
-    maps::{FLOW_COUNT, FLOW_SCRATCH, FLOWS, PEERS},
+    maps::{FLOW_COUNT, FLOW_SCRATCH, FLOWS},
     parse::{self, Addrs, Malformed, Packet},
 };
 
@@ -167,22 +167,19 @@ fn fresh(proto: u8, tcp_flags: u8, from_peer: bool, now_ns: u64) -> FlowState {
     }
 }
 
-/// The flow step for a packet of known peer `id` (see the module docs). A packet whose
+/// The flow step for a packet of known peer `id` with table entry `info` (see the module docs). A packet whose
 /// transport header cannot be read passes untracked (no endpoint accepts it).
 #[inline(always)]
 pub fn track(
     pkt: &Packet,
     l2: usize,
     addrs: &Addrs,
-    id: PeerId,
+    (id, info): (PeerId, *const PeerInfo),
     peer_is_source: bool,
     cfg: &Config,
     now_ns: u64,
 ) -> Flow {
-    let Some(info) = PEERS.get_ptr(id) else {
-        return Flow::Pass;
-    };
-    // SAFETY: `info` points at the array element of a successful lookup, valid for this run.
+    // SAFETY: `info` is the peer's `PEERS` element the pipeline looked up, valid for this run.
     let limit = unsafe { (*info).flow_limit };
     if limit == 0 {
         return Flow::Pass;

@@ -1,7 +1,7 @@
 //! The admission gate: is a known peer held, and is this packet of a held peer one for the
 //! verification endpoint? (Layouts: `capybara_common::peer::PeerInfo`, `capybara_common::gate`.)
 //!
-//! - [`held`]: one read of `PEERS[peer]`. Held with the stored reason when `gate != 0`; held as
+//! - [`held`]: reads the peer's `PEERS` entry (looked up once per packet by the pipeline). Held with the stored reason when `gate != 0`; held as
 //!   `GateExpired` when admitted with a deadline and `bpf_ktime_get_boot_ns() >= deadline_ns`
 //!   (the kernel decides expiry alone: no userspace round trip). The clock is read only for
 //!   peers with a deadline.
@@ -15,11 +15,11 @@ use aya_ebpf::helpers::bpf_ktime_get_boot_ns;
 use capybara_common::{
     drop::DropReason,
     gate::GateAllowKey,
-    peer::{GATE_ADMITTED, PeerId},
+    peer::{GATE_ADMITTED, PeerInfo},
 };
 
 use crate::{
-    maps::{GATE_ALLOW, PEERS},
+    maps::GATE_ALLOW,
     parse::{self, Addrs, IPPROTO_TCP, IPPROTO_UDP, Malformed, Packet},
 };
 
@@ -53,11 +53,10 @@ fn gate_reason(gate: u32) -> DropReason {
     }
 }
 
-/// `Some` when peer `id` is held (see the module docs).
+/// `Some` when the peer whose table entry is `info` is held (see the module docs).
 #[inline(always)]
-pub fn held(id: PeerId) -> Option<Held> {
-    let info = PEERS.get_ptr(id)?;
-    // SAFETY: `info` points at the array element of a successful lookup, valid for this program
+pub fn held(info: *const PeerInfo) -> Option<Held> {
+    // SAFETY: `info` is the peer's `PEERS` element the pipeline looked up, valid for this program
     // run; the agent replaces it by copying, so each field is read old or new (documented on
     // `PeerInfo`).
     let (gate, deadline_ns) = unsafe { ((*info).gate, (*info).deadline_ns) };

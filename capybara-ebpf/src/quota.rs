@@ -8,14 +8,14 @@
 
 use capybara_common::{
     event::{EVENT_F_EGRESS, EVENT_QUOTA, EventRecord},
-    peer::PeerId,
+    peer::{PeerId, PeerInfo},
     quota::{QUOTA_THRESHOLDS, QuotaBucket, threshold_bytes},
 };
 
 use crate::{
     atomic::{fetch_add, fetch_and, fetch_or},
     events,
-    maps::{PEERS, QUOTA},
+    maps::QUOTA,
 };
 
 /// The outcome of the quota step.
@@ -26,11 +26,10 @@ pub enum Quota {
     Exhausted,
 }
 
-/// The bucket of peer `id`, if it has a configured one.
+/// The bucket of the peer whose table entry is `info`, if it has a configured one.
 #[inline(always)]
-fn bucket_of(id: PeerId) -> Option<(u32, *mut QuotaBucket)> {
-    let info = PEERS.get_ptr(id)?;
-    // SAFETY: `info` points at the array element of a successful lookup, valid for this run.
+fn bucket_of(info: *const PeerInfo) -> Option<(u32, *mut QuotaBucket)> {
+    // SAFETY: `info` is the peer's `PEERS` element the pipeline looked up, valid for this run.
     let bucket = unsafe { (*info).quota_bucket };
     if bucket == 0 {
         return None;
@@ -41,8 +40,8 @@ fn bucket_of(id: PeerId) -> Option<(u32, *mut QuotaBucket)> {
 
 /// Charges `bytes` of peer `id`'s packet to its bucket; emits threshold events.
 #[inline(always)]
-pub fn charge(id: PeerId, bytes: u64, egress: bool, now_ns: u64) -> Quota {
-    let Some((bucket, b)) = bucket_of(id) else {
+pub fn charge(id: PeerId, info: *const PeerInfo, bytes: u64, egress: bool, now_ns: u64) -> Quota {
+    let Some((bucket, b)) = bucket_of(info) else {
         return Quota::Pass;
     };
     // SAFETY: `b` points at the `QuotaBucket` array element of a successful lookup, valid (and

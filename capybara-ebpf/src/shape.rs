@@ -6,22 +6,17 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_skb_change_head},
     programs::TcContext,
 };
-use capybara_common::peer::PeerId;
+use capybara_common::peer::PeerInfo;
 
-use crate::maps::PEERS;
-
-/// Peer `id`'s HTB class in the direction of the packet (`from_peer`: ingress); 0 = unshaped,
+/// The peer's (table entry `info`) HTB class in the direction of the packet (`from_peer`: ingress); 0 = unshaped,
 /// also for an ingress packet while there is no shaping device (`ifindex` 0) to redirect it to.
 #[inline(always)]
-pub fn class(id: PeerId, from_peer: bool, ifindex: u32) -> u32 {
+pub fn class(info: *const PeerInfo, from_peer: bool, ifindex: u32) -> u32 {
     if from_peer && ifindex == 0 {
         return 0;
     }
-    let Some(info) = PEERS.get_ptr(id) else {
-        return 0;
-    };
-    // SAFETY: the array element of a successful lookup, valid for this program run; a racing
-    // agent update is seen old or new per field (documented on `PeerInfo`).
+    // SAFETY: the peer's `PEERS` element the pipeline looked up, valid for this program run; a
+    // racing agent update is seen old or new per field (documented on `PeerInfo`).
     unsafe {
         if from_peer {
             (*info).shape_rx

@@ -54,7 +54,7 @@ use crate::{
     counters::{count, count_drop, count_list_hit},
     events, flows, gate,
     lookup::{DESTINATION, config, peer_v4, peer_v6},
-    maps::{EVENT_SCRATCH, PEER_STATS},
+    maps::{EVENT_SCRATCH, PEER_STATS, PEERS},
     parse::{self, Addrs, IPV6_HDR_LEN, Malformed, Packet},
     quota, shape,
 };
@@ -136,9 +136,15 @@ fn try_tunnel(ctx: &TcContext, dir: &Direction, l2: usize, bytes: u64) -> Result
         Addrs::V6 { src, dst } => peer_v6(if dir.peer_is_source { &src } else { &dst }, cfg.flags),
     };
 
+    // The peer's table entry, read by every step below: looked up once.
+    let known = match peer {
+        Some(id) => PEERS.get_ptr(id).map(|info| (id, info)),
+        None => None,
+    };
+
     // 2. Admission gate (known peers only), before accounting and the blocklists.
-    if let Some(id) = peer
-        && let Some(held) = gate::held(id)
+    if let Some((id, info)) = known
+        && let Some(held) = gate::held(info)
         && !gate::to_endpoint(&pkt, l2, &addrs, dir.peer_is_source)
     {
         count_drop(dir.drop_gate, held.reason, amount, peer);
@@ -186,14 +192,14 @@ fn try_tunnel(ctx: &TcContext, dir: &Direction, l2: usize, bytes: u64) -> Result
     }
     // 4. Flow limit (known peers with a limit): a new flow over it is refused. Before the
     // quota, so a refused packet is not charged.
-    if let Some(id) = peer {
+    if let Some((id, info)) = known {
         let now = gate::now_ns();
         if let flows::Flow::Refused {
             limit,
             count: flows,
             full,
             proto,
-        } = flows::track(&pkt, l2, &addrs, id, dir.peer_is_source, &cfg, now)
+        } = flows::track(&pkt, l2, &addrs, (id, info), dir.peer_is_source, &cfg, now)
         {
             count_drop(dir.drop_flows, DropReason::FlowLimit, amount, peer);
             if full {
@@ -216,18 +222,18 @@ fn try_tunnel(ctx: &TcContext, dir: &Direction, l2: usize, bytes: u64) -> Result
         }
     }
     // 5. Data quota (known peers with a bucket): charge, or drop when exhausted.
-    if let Some(id) = peer
+    if let Some((id, info)) = known
         && let quota::Quota::Exhausted =
-            quota::charge(id, amount.bytes, !dir.peer_is_source, gate::now_ns())
+            quota::charge(id, info, amount.bytes, !dir.peer_is_source, gate::now_ns())
     {
         count_drop(dir.drop_quota, DropReason::QuotaExhausted, amount, peer);
         return Ok(TC_ACT_SHOT);
     }
     // 6. Accounting, and 7. the shaping decision.
-    match peer.and_then(|id| PEER_STATS.get_ptr_mut(id).map(|s| (id, s))) {
-        Some((id, s)) => {
+    match known.and_then(|(id, info)| PEER_STATS.get_ptr_mut(id).map(|s| (info, s))) {
+        Some((info, s)) => {
             count_peer(s, dir.peer_is_source, amount);
-            let class = shape::class(id, dir.peer_is_source, cfg.shape_ifindex);
+            let class = shape::class(info, dir.peer_is_source, cfg.shape_ifindex);
             if class == 0 {
                 count(dir.pass, amount);
                 return Ok(TC_ACT_OK);
