@@ -217,16 +217,21 @@ impl Api {
         authorize(&self.svc, req.metadata(), req.extensions(), need)
     }
 
-    /// Runs `f` on the blocking pool.
+    /// Runs `f` on the blocking pool and waits until what it wrote is on disk (the reply is
+    /// the acknowledgement).
     async fn call<R: Send + 'static>(
         &self,
         f: impl FnOnce(&Service) -> Result<R, ServiceError> + Send + 'static,
     ) -> Result<R, Status> {
         let svc = self.svc.clone();
-        tokio::task::spawn_blocking(move || f(&svc))
-            .await
-            .map_err(|e| Status::internal(format!("call aborted: {e}")))?
-            .map_err(status_of)
+        tokio::task::spawn_blocking(move || {
+            let r = f(&svc)?;
+            svc.settle()?;
+            Ok(r)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("call aborted: {e}")))?
+        .map_err(status_of)
     }
 }
 
