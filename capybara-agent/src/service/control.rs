@@ -1415,5 +1415,7 @@ pub fn allowed_ips(peer: &Peer) -> Vec<Cidr> {
     ]
 }
 
+pub mod history;
+
 #[cfg(test)]
 mod tests;

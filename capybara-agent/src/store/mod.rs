@@ -14,7 +14,8 @@
 //! | `peers` | `<user>/<device>` | a device (WireGuard peer) of that user |
 //! | `groups` | `<group>` | a group (written by the policy work) |
 //! | `tokens` | `<token id>` | an API token: its SHA-256 hash, never the secret |
-//! | `sessions` | `<peer id, 10 digits>/<start ns, 20 digits>` | a tunnel session |
+//! | `sessions` | `session/<start ns, 20 digits>/<peer id, 10 digits>` | a tunnel session |
+//! | `sessions` | `auth/<ns, 20 digits>/<n, 6 digits>` | a failed handshake (auth attempt) |
 //! | `audit` | `<sequence, 20 digits>` | an audit record; the zero-padded sequence sorts by time |
 //!
 //! A user and its devices share the key prefix `<user>` in two families, so "a user's devices"
@@ -130,9 +131,21 @@ pub mod keys {
         id.to_owned()
     }
 
-    /// Key of a session of peer `peer` started at `start_ns` (Unix nanoseconds) in `sessions`.
-    pub fn session(peer: u32, start_ns: u64) -> String {
-        format!("{peer:010}/{start_ns:020}")
+    /// Prefix of every session in `sessions`.
+    pub const SESSIONS_PREFIX: &str = "session/";
+
+    /// Key of a session of peer `peer` started at `start_ns` (Unix nanoseconds) in `sessions`:
+    /// sessions sort by start time.
+    pub fn session(start_ns: u64, peer: u32) -> String {
+        format!("session/{start_ns:020}/{peer:010}")
+    }
+
+    /// Prefix of every auth attempt in `sessions`.
+    pub const AUTH_PREFIX: &str = "auth/";
+
+    /// Key of the `n`-th auth attempt at `at_ns` (Unix nanoseconds) in `sessions`.
+    pub fn auth_attempt(at_ns: u64, n: u32) -> String {
+        format!("auth/{at_ns:020}/{n:06}")
     }
 
     /// Key of audit record `seq` in `audit`: zero-padded so keys sort by sequence.
