@@ -16,10 +16,10 @@ pub mod geo;
 pub mod ports;
 pub mod secrets;
 
+pub use control::history::{
+    AuthAttempt, EndReason, HistoryPage, HistoryQuery, Pruned, Session, SessionEvent,
+};
 pub use control::{
     AuthError, BlocklistView, Connection, EntriesOp, GeoStatus, NewToken, NewUser, PeerCounters,
     PeerStatsView, Service, ServiceConfig, ServiceError, Stats, Traffic,
-};
-pub use control::history::{
-    AuthAttempt, EndReason, HistoryPage, HistoryQuery, Pruned, Session, SessionEvent,
 };

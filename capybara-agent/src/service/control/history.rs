@@ -531,6 +531,24 @@ impl Service {
     }
 }
 
+impl Service {
+    /// A consistent backup of the store (see `store::backup`) as the file's bytes, with the
+    /// records per family.
+    pub fn backup(
+        &self,
+    ) -> Result<(Vec<u8>, std::collections::BTreeMap<String, u64>), ServiceError> {
+        let file = self.store.backup(now())?;
+        let bytes = serde_json::to_vec_pretty(&file).map_err(|source| {
+            crate::store::StoreError::Encode {
+                cf: "backup",
+                key: String::new(),
+                source,
+            }
+        })?;
+        Ok((bytes, file.counts()))
+    }
+}
+
 /// Turns tunnel events into session records. One per agent; its state is the open sessions by
 /// device key.
 pub struct Recorder {
@@ -611,11 +629,7 @@ impl Recorder {
 /// The recorder's thread: records each event from `events` (synced store writes, so not on
 /// the reactor), prunes to `retention` at start and every [`PRUNE_INTERVAL`], and when the
 /// sender hangs up (agent shutdown) closes the open sessions as `agent-stopped`.
-pub fn run_recorder(
-    svc: Arc<Service>,
-    events: mpsc::Receiver<SessionEvent>,
-    retention: Duration,
-) {
+pub fn run_recorder(svc: Arc<Service>, events: mpsc::Receiver<SessionEvent>, retention: Duration) {
     let prune = |svc: &Service| match svc.prune_history(retention) {
         Ok(p) if p.sessions + p.auth_attempts > 0 => {
             tracing::info!(?p, "history pruned to its retention")

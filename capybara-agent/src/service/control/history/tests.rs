@@ -157,7 +157,10 @@ fn unknown_keys_open_no_session_and_auth_failures_are_recorded() {
     .unwrap();
     assert_eq!(rec.open_count(), 0);
     let at = SystemTime::now();
-    for (src, reason) in [("192.0.2.1:1000", "unknown-key"), ("203.0.113.5:9", "bad-mac")] {
+    for (src, reason) in [
+        ("192.0.2.1:1000", "unknown-key"),
+        ("203.0.113.5:9", "bad-mac"),
+    ] {
         rec.on_event(SessionEvent::AuthFailed {
             source: ep(src),
             key: Some(PublicKey([9; 32])),
@@ -209,7 +212,13 @@ fn show_by_user_and_search_by_cidr_newest_first() {
     let bob = add(&f, "bob");
     let mut rec = Recorder::start(f.svc.clone(), t(1)).unwrap();
     let now = SystemTime::now();
-    session(&mut rec, alice.public_key, "192.0.2.1:1", now, EndReason::Idle);
+    session(
+        &mut rec,
+        alice.public_key,
+        "192.0.2.1:1",
+        now,
+        EndReason::Idle,
+    );
     session(
         &mut rec,
         bob.public_key,
@@ -238,8 +247,14 @@ fn show_by_user_and_search_by_cidr_newest_first() {
             .map(|s| format!("{}:{}", s.user, s.reason.unwrap()))
             .collect::<Vec<_>>()
     };
-    assert_eq!(q(None, None, None), ["alice:removed", "bob:kicked", "alice:idle"]);
-    assert_eq!(q(Some("alice"), None, None), ["alice:removed", "alice:idle"]);
+    assert_eq!(
+        q(None, None, None),
+        ["alice:removed", "bob:kicked", "alice:idle"]
+    );
+    assert_eq!(
+        q(Some("alice"), None, None),
+        ["alice:removed", "alice:idle"]
+    );
     assert_eq!(q(None, None, Some(1)), ["alice:removed"]);
     assert_eq!(q(None, Some("198.51.100.0/24"), None), ["bob:kicked"]);
     // The tunnel address matches too.
@@ -370,7 +385,11 @@ fn clear_removes_only_closed_old_records_audits_and_refuses_zero() {
         }
     );
     let after = f.svc.history(&all).unwrap();
-    assert_eq!(after.sessions.len(), 2, "the open one and the recent one stay");
+    assert_eq!(
+        after.sessions.len(),
+        2,
+        "the open one and the recent one stay"
+    );
     assert!(after.sessions.iter().any(|s| s.end.is_none()));
     assert_eq!(after.auth_attempts.len(), 1);
     let audit = f.svc.audit_records(None, 1).unwrap();
