@@ -144,6 +144,17 @@ fn history_rpcs_check_scopes_and_refuse_bad_input_without_changes() {
             Some(Code::Unauthenticated)
         );
 
+        // Health: every component serves; a device missing from the tunnel makes the tunnel
+        // (and the agent) not serving within one refresh.
+        for name in [
+            "",
+            "capybara.store",
+            "capybara.dataplane",
+            "capybara.tunnel",
+        ] {
+            assert!(r.health(name).await.unwrap(), "{name} not serving");
+        }
+
         // Bad input: INVALID_ARGUMENT naming the field; nothing changes.
         let audit_before = a.audit("", 1000).await.unwrap();
         for (call, field) in [
@@ -166,6 +177,17 @@ fn history_rpcs_check_scopes_and_refuse_bad_input_without_changes() {
         assert_eq!((p.sessions, p.auth_attempts), (0, 0));
         assert_eq!(a.history("", "", 0, true).await.unwrap(), all);
         assert_eq!(a.audit("", 1).await.unwrap()[0].action, "history.clear");
+
+        use capybara_agent::service::ports::TunnelPort as _;
+        let alice = api.svc.list_peers(None).unwrap()[0].clone();
+        api.tunnel.remove_peer(&alice.public_key).unwrap();
+        let end = std::time::Instant::now() + Duration::from_secs(12);
+        while r.health("capybara.tunnel").await.unwrap() {
+            assert!(std::time::Instant::now() < end, "tunnel still serving");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(!r.health("").await.unwrap());
+        assert!(r.health("capybara.store").await.unwrap());
     });
 }
 

@@ -9,7 +9,7 @@
 //! Bad input is `INVALID_ARGUMENT` naming the field, before the service is called: nothing
 //! changes. The audit trail (`history audit`) is the `Audit` service.
 
-use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use capybara_proto::v1::{
     self as pb,
@@ -26,15 +26,59 @@ use super::{
     server::{Api, invalid},
 };
 use crate::service::{
-    AuthAttempt, EndReason, HistoryPage, HistoryQuery, Pruned, Session, Traffic,
-    control::history::{Counters, EndpointSeen},
+    AuthAttempt, EndReason, HistoryPage, HistoryQuery, Pruned, Service, Session, Traffic,
+    control::{
+        health::HEALTH_INTERVAL,
+        history::{Counters, EndpointSeen},
+    },
     domain::{PublicKey, Scope, ValidationError},
 };
 
-/// Marks the services serving in the health service.
-pub(super) async fn set_serving(reporter: &tonic_health::server::HealthReporter) {
+/// Marks the services serving in the health service, and publishes the components' health
+/// (`capybara.store`, `capybara.dataplane`, `capybara.tunnel`; `""` serving only when all are)
+/// now and every `HEALTH_INTERVAL` while the service lives (the task holds it only weakly).
+pub(super) async fn set_serving(
+    reporter: &tonic_health::server::HealthReporter,
+    svc: &Arc<Service>,
+) {
     reporter.set_serving::<HistoryServer<Api>>().await;
     reporter.set_serving::<BackupServer<Api>>().await;
+    publish_health(reporter, svc.clone()).await;
+    let (reporter, weak) = (reporter.clone(), Arc::downgrade(svc));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(HEALTH_INTERVAL);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(svc) = weak.upgrade() else { break };
+            publish_health(&reporter, svc).await;
+        }
+    });
+}
+
+async fn publish_health(reporter: &tonic_health::server::HealthReporter, svc: Arc<Service>) {
+    use tonic_health::ServingStatus;
+    let Ok(components) = tokio::task::spawn_blocking(move || svc.health()).await else {
+        return;
+    };
+    let status = |ok| {
+        if ok {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        }
+    };
+    for c in &components {
+        if !c.ok {
+            tracing::warn!(component = %c.name, detail = %c.detail, "unhealthy");
+        }
+        reporter
+            .set_service_status(format!("capybara.{}", c.name), status(c.ok))
+            .await;
+    }
+    reporter
+        .set_service_status("", status(components.iter().all(|c| c.ok)))
+        .await;
 }
 
 /// Adds the services to a router.

@@ -484,21 +484,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             }
             Ok(())
         }
-        Command::Health => {
-            let ok = connect(&cli).await?.health("").await?;
-            if cli.json {
-                print_json(&serde_json::json!({ "serving": ok }));
-            } else {
-                println!("{}", if ok { "serving" } else { "not serving" });
-            }
-            if ok {
-                Ok(())
-            } else {
-                Err(CliError::Client(ClientError::Status(
-                    tonic::Status::unavailable("the agent reports not serving"),
-                )))
-            }
-        }
+        Command::Health => history::health(&cli).await,
         Command::History(cmd) => history::history(&cli, cmd).await,
         Command::Backup(cmd) => history::backup(&cli, cmd).await,
         Command::Blocklist(cmd) => blocklist(&cli, cmd).await,

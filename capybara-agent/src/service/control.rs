@@ -1415,6 +1415,7 @@ pub fn allowed_ips(peer: &Peer) -> Vec<Cidr> {
     ]
 }
 
+pub mod health;
 pub mod history;
 
 #[cfg(test)]
