@@ -15,9 +15,9 @@ pub struct IperfResult {
     pub received_bps: f64,
     /// Bytes the receiver got (omitted seconds excluded).
     pub received_bytes: u64,
-    /// Bytes the sender wrote (omitted seconds excluded); with `omit: 0` every byte that
-    /// crosses the network, including what was still in flight when the receiver's count
-    /// stopped.
+    /// Bytes the sender wrote (omitted seconds excluded): an upper bound of what crossed, as it
+    /// includes what was still in the sender's socket buffer when the streams closed (the
+    /// receiver's count is a lower bound: it misses what was in flight at the end).
     pub sent_bytes: u64,
     /// Segments the sender retransmitted.
     pub retransmits: u64,
