@@ -70,7 +70,7 @@ pub enum ClientError {
 /// A connected client.
 #[derive(Clone, Debug)]
 pub struct Client {
-    channel: Channel,
+    pub(super) channel: Channel,
     auth: Option<MetadataValue<tonic::metadata::Ascii>>,
 }
 
@@ -143,7 +143,7 @@ impl Client {
         }
     }
 
-    fn req<T>(&self, msg: T) -> Request<T> {
+    pub(super) fn req<T>(&self, msg: T) -> Request<T> {
         let mut r = Request::new(msg);
         if let Some(a) = &self.auth {
             r.metadata_mut().insert("authorization", a.clone());

@@ -14,9 +14,9 @@
 //!
 //! | scope | calls |
 //! |---|---|
-//! | read | `ListUsers`, `GetUser`, `ListPeers`, `GetStats`, `ListConnections`, `ListAudit`, `ListBlocklists`, `GetBlocklist`, `GetGeo`, health, reflection |
+//! | read | `ListUsers`, `GetUser`, `ListPeers`, `GetStats`, `ListConnections`, `ListAudit`, `ListBlocklists`, `GetBlocklist`, `GetGeo`, `ListSessions`, health, reflection |
 //! | write | `AddUser`, `RemoveUser`, `UserConfig`, `AddPeer`, `RemovePeer`, `Kick`, `AddEntries`, `RemoveEntries`, `DeleteBlocklist`, `SetGeo` |
-//! | admin | `CreateToken`, `ListTokens`, `RevokeToken` |
+//! | admin | `CreateToken`, `ListTokens`, `RevokeToken`, `ClearHistory`, `CreateBackup` |
 //!
 //! ## Errors
 //! Each `ServiceError` variant maps to one code ([`status_of`]): invalid input is
@@ -148,7 +148,7 @@ pub fn auth_status(e: &AuthError) -> Status {
     }
 }
 
-fn invalid(e: ValidationError) -> Status {
+pub(super) fn invalid(e: ValidationError) -> Status {
     status_of(ServiceError::Invalid(e))
 }
 
@@ -213,13 +213,13 @@ impl Api {
         Api { svc }
     }
 
-    fn auth<T>(&self, req: &Request<T>, need: Scope) -> Result<Actor, Status> {
+    pub(super) fn auth<T>(&self, req: &Request<T>, need: Scope) -> Result<Actor, Status> {
         authorize(&self.svc, req.metadata(), req.extensions(), need)
     }
 
     /// Runs `f` on the blocking pool and waits until what it wrote is on disk (the reply is
     /// the acknowledgement).
-    async fn call<R: Send + 'static>(
+    pub(super) async fn call<R: Send + 'static>(
         &self,
         f: impl FnOnce(&Service) -> Result<R, ServiceError> + Send + 'static,
     ) -> Result<R, Status> {
@@ -596,6 +596,7 @@ async fn router(svc: &Arc<Service>, tls: Option<&TlsIdentity>) -> Result<Router,
     reporter.set_serving::<AuditServer<Api>>().await;
     reporter.set_serving::<BlocklistsServer<Api>>().await;
     reporter.set_serving::<GeoServer<Api>>().await;
+    super::history::set_serving(&reporter, svc).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(capybara_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -611,7 +612,7 @@ async fn router(svc: &Arc<Service>, tls: Option<&TlsIdentity>) -> Result<Router,
         server =
             server.tls_config(tonic::transport::ServerTlsConfig::new().identity(id.0.clone()))?;
     }
-    Ok(server
+    let server = server
         .add_service(tonic::service::interceptor::InterceptedService::new(
             health,
             gate(svc.clone()),
@@ -627,7 +628,8 @@ async fn router(svc: &Arc<Service>, tls: Option<&TlsIdentity>) -> Result<Router,
         .add_service(ConnectionsServer::new(api.clone()))
         .add_service(AuditServer::new(api.clone()))
         .add_service(BlocklistsServer::new(api.clone()))
-        .add_service(GeoServer::new(api)))
+        .add_service(GeoServer::new(api.clone()));
+    Ok(super::history::add_services(server, api))
 }
 
 /// Serves the API on `listeners` until `shutdown` resolves, then lets in-flight calls finish.

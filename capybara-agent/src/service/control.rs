@@ -1425,5 +1425,8 @@ pub fn allowed_ips(peer: &Peer) -> Vec<Cidr> {
     ]
 }
 
+pub mod health;
+pub mod history;
+
 #[cfg(test)]
 mod tests;
