@@ -4,11 +4,13 @@
 //! - [`server`]: the gRPC services, authentication by peer credentials or bearer token, the
 //!   health and reflection services, and `run(listeners, shutdown)`.
 //! - [`client`]: the client the `capybara` CLI uses, answering in domain types.
+//! - [`policy`]: the `Policy` service (groups, quotas, limits, explain) and its client calls.
 //! - `convert` (kernel types) and `domain` (control API types): the conversions.
 
 pub mod client;
 mod convert;
 pub mod domain;
+pub mod policy;
 pub mod server;
 
 pub use convert::{

@@ -18,6 +18,8 @@
 //! | write | `AddUser`, `RemoveUser`, `UserConfig`, `AddPeer`, `RemovePeer`, `Kick`, `AddEntries`, `RemoveEntries`, `DeleteBlocklist`, `SetGeo` |
 //! | admin | `CreateToken`, `ListTokens`, `RevokeToken` |
 //!
+//! The `Policy` service's scopes are listed in [`super::policy`].
+//!
 //! ## Errors
 //! Each `ServiceError` variant maps to one code ([`status_of`]): invalid input is
 //! `INVALID_ARGUMENT` with the field first in the message (`name: invalid name …`) and nothing
@@ -148,7 +150,7 @@ pub fn auth_status(e: &AuthError) -> Status {
     }
 }
 
-fn invalid(e: ValidationError) -> Status {
+pub(super) fn invalid(e: ValidationError) -> Status {
     status_of(ServiceError::Invalid(e))
 }
 
@@ -213,12 +215,12 @@ impl Api {
         Api { svc }
     }
 
-    fn auth<T>(&self, req: &Request<T>, need: Scope) -> Result<Actor, Status> {
+    pub(super) fn auth<T>(&self, req: &Request<T>, need: Scope) -> Result<Actor, Status> {
         authorize(&self.svc, req.metadata(), req.extensions(), need)
     }
 
     /// Runs `f` on the blocking pool.
-    async fn call<R: Send + 'static>(
+    pub(super) async fn call<R: Send + 'static>(
         &self,
         f: impl FnOnce(&Service) -> Result<R, ServiceError> + Send + 'static,
     ) -> Result<R, Status> {
@@ -591,6 +593,9 @@ async fn router(svc: &Arc<Service>, tls: Option<&TlsIdentity>) -> Result<Router,
     reporter.set_serving::<AuditServer<Api>>().await;
     reporter.set_serving::<BlocklistsServer<Api>>().await;
     reporter.set_serving::<GeoServer<Api>>().await;
+    reporter
+        .set_serving::<pb::policy_server::PolicyServer<Api>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(capybara_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -622,6 +627,7 @@ async fn router(svc: &Arc<Service>, tls: Option<&TlsIdentity>) -> Result<Router,
         .add_service(ConnectionsServer::new(api.clone()))
         .add_service(AuditServer::new(api.clone()))
         .add_service(BlocklistsServer::new(api.clone()))
+        .add_service(pb::policy_server::PolicyServer::new(api.clone()))
         .add_service(GeoServer::new(api)))
 }
 
