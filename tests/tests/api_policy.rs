@@ -166,3 +166,99 @@ async fn group_policy_is_in_the_kernel_when_the_call_returns_and_explained() {
     }
     api.stop().await;
 }
+
+const FILE: &str = "\
+default:
+  flows: 500
+users:
+  alice:
+    devices: [laptop, phone]
+    limits:
+      bandwidth: 50mbit
+  bob:
+    devices: [laptop]
+groups:
+  staff:
+    members: [alice, bob]
+    limits:
+      bandwidth: 10mbit
+      connections: 3
+      window: Mon-Fri 08:00-18:00
+      tz: Europe/Berlin
+    shared_limit: 2TB
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_file_applies_once_exports_the_same_and_a_bad_one_leaves_no_trace() {
+    let api = TestApi::start(false).await;
+    let w = api.tcp_client(Some(&api.token(Scope::Write))).await;
+    // Dry run: the diff, nothing changed.
+    let (diff, applied) = w.apply_policy_document(FILE, true).await.unwrap();
+    assert!(!applied);
+    assert!(
+        diff.iter()
+            .any(|l| l == "+ user alice (devices laptop,phone)"),
+        "{diff:?}"
+    );
+    assert!(
+        diff.iter().any(|l| l.starts_with("+ group staff")),
+        "{diff:?}"
+    );
+    assert!(w.list_users().await.unwrap().is_empty());
+    // Apply: users, devices, limits, the group, the default; the kernel holds them.
+    let (diff2, applied) = w.apply_policy_document(FILE, false).await.unwrap();
+    assert!(applied);
+    assert_eq!(diff2, diff);
+    let s = api.plane.state();
+    assert_eq!(s.peers.len(), 3);
+    let alice: Vec<u32> = w
+        .get_user("alice")
+        .await
+        .unwrap()
+        .peers
+        .iter()
+        .map(|p| p.id)
+        .collect();
+    assert_eq!(alice.len(), 2);
+    for id in &alice {
+        assert_eq!(s.policy.rates[id].to_peer, Some(Rate::mbit(50).unwrap()));
+        assert_eq!(s.policy.flows[id], 500);
+    }
+    // Twice: nothing changes (no audit record either).
+    let audits = w.audit("", 1000).await.unwrap().len();
+    let (diff3, applied) = w.apply_policy_document(FILE, false).await.unwrap();
+    assert!(diff3.is_empty() && !applied, "{diff3:?}");
+    assert_eq!(w.audit("", 1000).await.unwrap().len(), audits);
+    // Export → the same document; export → apply on an empty agent → the same export.
+    let exported = w.export_policy_document().await.unwrap();
+    let api2 = TestApi::start(false).await;
+    let w2 = api2.tcp_client(Some(&api2.token(Scope::Write))).await;
+    w2.apply_policy_document(&exported, false).await.unwrap();
+    assert_eq!(w2.export_policy_document().await.unwrap(), exported);
+    api2.stop().await;
+
+    // A bad value names its line; a member nobody knows names the group; nothing changes.
+    let before = snapshot(&api, &w).await;
+    let bad = FILE.replace("bandwidth: 10mbit", "bandwidth: 10Mbsp");
+    let (c, m) = refused(w.apply_policy_document(&bad, false).await);
+    assert_eq!(c, Code::InvalidArgument);
+    assert!(
+        m.starts_with("file: line 14 column 7: groups.staff.limits"),
+        "{m}"
+    );
+    assert!(m.contains("10Mbsp"), "{m}");
+    let bad = FILE.replace("members: [alice, bob]", "members: [alice, ghost]");
+    let (c, m) = refused(w.apply_policy_document(&bad, false).await);
+    assert_eq!(c, Code::InvalidArgument);
+    assert!(m.contains("groups.members") && m.contains("ghost"), "{m}");
+    let bad = "users:\n  carol: {}\ngroups:\n  x:\n    members: [nobody]\n";
+    let (c, _) = refused(w.apply_policy_document(bad, false).await);
+    assert_eq!(c, Code::InvalidArgument);
+    assert_eq!(snapshot(&api, &w).await, before, "nothing changed");
+    assert_eq!(
+        w.list_users().await.unwrap().len(),
+        2,
+        "carol was not created"
+    );
+    api.stop().await;
+}

@@ -6,7 +6,8 @@
 //! | scope | calls |
 //! |---|---|
 //! | read | `GetLimits`, `ExplainPolicy`, `ShowQuota`, `ListGroups` |
-//! | write | `SetLimits`, `ResetQuota`, `CreateGroup`, `DeleteGroup`, `AddGroupMembers`, `RemoveGroupMembers`, `SetGroupPolicy` |
+//! | read | `ExportPolicyDocument` |
+//! | write | `ApplyPolicyDocument` (also with `dry_run`), `SetLimits`, `ResetQuota`, `CreateGroup`, `DeleteGroup`, `AddGroupMembers`, `RemoveGroupMembers`, `SetGroupPolicy` |
 
 use capybara_proto::v1::{self as pb, policy_client::PolicyClient, policy_server};
 use tonic::{Request, Response, Status};
@@ -20,6 +21,7 @@ use crate::service::{
     domain::{Scope, UserName, ValidationError},
     policy::{
         GroupView, LimitsTarget, QuotaStatus,
+        doc::PolicyDoc,
         model::{ByteSize, Cap, GroupName, Limits, LimitsPatch, LimitsText, parse_field},
         resolve::ExplainRow,
     },
@@ -287,6 +289,34 @@ impl policy_server::Policy for Api {
         }))
     }
 
+    async fn apply_policy_document(
+        &self,
+        req: Request<pb::ApplyPolicyDocumentRequest>,
+    ) -> Result<Response<pb::ApplyPolicyDocumentResponse>, Status> {
+        let actor = self.auth(&req, Scope::Write)?;
+        let r = req.into_inner();
+        let doc = PolicyDoc::from_yaml(&r.yaml).map_err(invalid)?;
+        let dry = r.dry_run;
+        let changes = self
+            .call(move |s| s.apply_document(&actor, &doc, dry))
+            .await?;
+        Ok(Response::new(pb::ApplyPolicyDocumentResponse {
+            applied: !dry && !changes.is_empty(),
+            changes,
+        }))
+    }
+
+    async fn export_policy_document(
+        &self,
+        req: Request<pb::ExportPolicyDocumentRequest>,
+    ) -> Result<Response<pb::ExportPolicyDocumentResponse>, Status> {
+        self.auth(&req, Scope::Read)?;
+        let d = self.call(|s| s.export_document()).await?;
+        Ok(Response::new(pb::ExportPolicyDocumentResponse {
+            yaml: d.to_yaml(),
+        }))
+    }
+
     async fn set_group_policy(
         &self,
         req: Request<pb::SetGroupPolicyRequest>,
@@ -489,6 +519,35 @@ impl Client {
             .await?
             .into_inner();
         need_group(r.group)
+    }
+}
+
+impl Client {
+    /// Applies a policy document (YAML text); answers the diff and whether anything changed.
+    pub async fn apply_policy_document(
+        &self,
+        yaml: &str,
+        dry_run: bool,
+    ) -> Result<(Vec<String>, bool), ClientError> {
+        let r = self
+            .policy()
+            .apply_policy_document(self.req(pb::ApplyPolicyDocumentRequest {
+                yaml: yaml.into(),
+                dry_run,
+            }))
+            .await?
+            .into_inner();
+        Ok((r.changes, r.applied))
+    }
+
+    /// The current state as a policy document (YAML text).
+    pub async fn export_policy_document(&self) -> Result<String, ClientError> {
+        Ok(self
+            .policy()
+            .export_policy_document(self.req(pb::ExportPolicyDocumentRequest {}))
+            .await?
+            .into_inner()
+            .yaml)
     }
 }
 

@@ -2,6 +2,8 @@
 //! Values are validated here with the agent's own parsers (exit 2 naming the field) before a
 //! connection is made.
 
+use std::path::PathBuf;
+
 use clap::{Args, Subcommand};
 
 use super::{Cli, CliError, connect, print_json, table::Table, time};
@@ -9,6 +11,7 @@ use crate::service::{
     domain::UserName,
     policy::{
         QuotaStatus,
+        doc::PolicyDoc,
         model::{ByteSize, Cap, GroupName, Limits, LimitsText, parse_field},
     },
 };
@@ -77,7 +80,7 @@ pub enum QuotaCmd {
         #[arg(long, conflicts_with = "user")]
         default: bool,
         #[command(flatten)]
-        limits: LimitArgs,
+        limits: Box<LimitArgs>,
     },
     /// Quota usage of one user or everyone.
     Show {
@@ -137,7 +140,7 @@ pub enum GroupCmd {
         /// The group.
         name: String,
         #[command(flatten)]
-        limits: LimitArgs,
+        limits: Box<LimitArgs>,
         /// One budget per period for all members, e.g. 2TB (none removes it).
         #[arg(long)]
         shared_limit: Option<String>,
@@ -151,6 +154,26 @@ pub enum PolicyCmd {
     Explain {
         /// The user.
         user: String,
+    },
+    /// Apply a policy file (users, limits, groups, default): prints the diff, then applies it
+    /// all or nothing.
+    Apply {
+        /// The YAML file.
+        file: PathBuf,
+        /// Only print what would change.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// What applying a policy file would change.
+    Diff {
+        /// The YAML file.
+        file: PathBuf,
+    },
+    /// The current state as a policy file.
+    Export {
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        file: Option<PathBuf>,
     },
 }
 
@@ -374,5 +397,46 @@ pub async fn policy(cli: &Cli, cmd: &PolicyCmd) -> Result<(), CliError> {
             print!("{t}");
             Ok(())
         }
+        PolicyCmd::Apply { file, dry_run } => apply(cli, file, *dry_run).await,
+        PolicyCmd::Diff { file } => apply(cli, file, true).await,
+        PolicyCmd::Export { file } => {
+            let yaml = connect(cli).await?.export_policy_document().await?;
+            match file {
+                Some(path) => std::fs::write(path, yaml).map_err(|source| CliError::File {
+                    path: path.clone(),
+                    source,
+                }),
+                None => {
+                    print!("{yaml}");
+                    Ok(())
+                }
+            }
+        }
     }
+}
+
+async fn apply(cli: &Cli, file: &PathBuf, dry_run: bool) -> Result<(), CliError> {
+    let yaml = std::fs::read_to_string(file).map_err(|source| CliError::File {
+        path: file.clone(),
+        source,
+    })?;
+    // Validated here first, so a bad file is exit 2 with its line before any connection.
+    PolicyDoc::from_yaml(&yaml)?;
+    let (changes, applied) = connect(cli)
+        .await?
+        .apply_policy_document(&yaml, dry_run)
+        .await?;
+    if cli.json {
+        print_json(&serde_json::json!({ "changes": changes, "applied": applied }));
+        return Ok(());
+    }
+    for c in &changes {
+        println!("{c}");
+    }
+    match (changes.is_empty(), applied) {
+        (true, _) => println!("no changes"),
+        (false, true) => println!("applied {} change(s)", changes.len()),
+        (false, false) => println!("dry run: nothing changed"),
+    }
+    Ok(())
 }

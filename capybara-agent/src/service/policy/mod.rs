@@ -8,6 +8,7 @@
 //! - [`engine`]: period boundaries and gate decisions (window, daily time, device limit) as
 //!   pure functions of the time.
 //! - [`plane`]: the dataplane operations the policy needs.
+//! - [`doc`]: the declarative policy file (apply, export, diff).
 //!
 //! ## From a change to the kernel
 //! Every change (user limits, server default, a group's policy or members) runs under the
@@ -37,6 +38,7 @@
 //! limit. A gate is written only when the policy's decision changes, so a kick (held until the
 //! next handshake) is not undone by the tick.
 
+pub mod doc;
 pub mod engine;
 pub mod model;
 pub mod plane;
@@ -954,6 +956,130 @@ impl Service {
             self.apply_gates(&u, &e, &peers, now, false)?;
         }
         Ok(())
+    }
+}
+
+impl Service {
+    /// The current policy as a document (users with their devices and own limits, groups,
+    /// default).
+    pub fn export_document(&self) -> Result<doc::PolicyDoc, ServiceError> {
+        let users = self.list_users()?;
+        let c = self.policy.cache.read().unwrap();
+        Ok(doc::PolicyDoc {
+            default: c.default.clone(),
+            users: users
+                .into_iter()
+                .map(|d| {
+                    let limits = c
+                        .users
+                        .get(&d.user.name)
+                        .map(|p| p.limits.clone())
+                        .unwrap_or_default();
+                    let devices = d.peers.into_iter().map(|p| p.device).collect();
+                    (d.user.name, doc::UserDoc { devices, limits })
+                })
+                .collect(),
+            groups: c
+                .groups
+                .values()
+                .map(|g| {
+                    (
+                        g.name.clone(),
+                        doc::GroupDoc {
+                            members: g.members.clone(),
+                            limits: g.limits.clone(),
+                            shared_limit: g.shared_limit,
+                        },
+                    )
+                })
+                .collect(),
+        })
+    }
+
+    fn plan_document(&self, d: &doc::PolicyDoc) -> Result<doc::Plan, ServiceError> {
+        let users = self
+            .list_users()?
+            .into_iter()
+            .map(|d| (d.user.name, d.peers.into_iter().map(|p| p.device).collect()))
+            .collect();
+        let c = self.policy.cache.read().unwrap();
+        Ok(doc::plan(
+            d,
+            &doc::Current {
+                users,
+                limits: &c.users,
+                groups: &c.groups,
+                default: &c.default,
+            },
+        )?)
+    }
+
+    /// Applies a policy document (see [`doc`]): returns the diff; with `dry_run`, or when the
+    /// diff is empty, nothing is changed.
+    pub fn apply_document(
+        &self,
+        actor: &Actor,
+        d: &doc::PolicyDoc,
+        dry_run: bool,
+    ) -> Result<Vec<String>, ServiceError> {
+        let plan = self.plan_document(d)?;
+        if dry_run || plan.diff.is_empty() {
+            return Ok(plan.diff);
+        }
+        // Users and devices first (each its own synced write); undone if the rest fails.
+        let mut created: Vec<UserName> = Vec::new();
+        let mut added: Vec<(UserName, super::domain::DeviceName)> = Vec::new();
+        let undo = |created: &[UserName], added: &[(UserName, super::domain::DeviceName)]| {
+            for u in created {
+                if let Err(e) = self.remove_user(actor, u) {
+                    tracing::error!(error = %e, user = %u, "cannot undo a user created by a failed apply");
+                }
+            }
+            for (u, dev) in added {
+                if let Err(e) = self.remove_device(actor, u, dev) {
+                    tracing::error!(error = %e, user = %u, "cannot undo a device added by a failed apply");
+                }
+            }
+        };
+        let mut step = || -> Result<(), ServiceError> {
+            for (u, devices) in &plan.new_users {
+                self.add_user(
+                    actor,
+                    super::NewUser {
+                        name: u.clone(),
+                        device: devices[0].clone(),
+                        expires_at: None,
+                    },
+                )?;
+                created.push(u.clone());
+                for dev in &devices[1..] {
+                    self.add_device(actor, u, dev)?;
+                }
+            }
+            for (u, dev) in &plan.new_devices {
+                self.add_device(actor, u, dev)?;
+                added.push((u.clone(), dev.clone()));
+            }
+            let _w = self.writer.lock().unwrap();
+            let p = self.plan_document(d)?;
+            if p.changes.is_empty() {
+                return Ok(());
+            }
+            self.policy_change(
+                actor,
+                "policy.apply",
+                "policy:document".into(),
+                None,
+                to_json(&plan.diff),
+                p.changes,
+                p.affected.into_iter().collect(),
+            )
+        };
+        if let Err(e) = step() {
+            undo(&created, &added);
+            return Err(e);
+        }
+        Ok(plan.diff)
     }
 }
 

@@ -65,6 +65,17 @@ pub enum PolicyValueError {
         /// The input.
         input: String,
     },
+    /// A policy document that does not parse (YAML syntax, a wrong type, an unknown field, or a
+    /// bad value inside it).
+    #[error("line {line} column {column}: {reason}")]
+    Document {
+        /// 1-based line (0 = unknown).
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What the YAML parser said (it names the field path and quotes the value).
+        reason: String,
+    },
     /// Not a positive whole number (or `unlimited`).
     #[error("invalid count {input:?}: expected a whole number from 1 to {max} or unlimited")]
     Count {
@@ -163,7 +174,7 @@ impl fmt::Display for ByteSize {
             (1_000, "kB"),
             (1 << 10, "KiB"),
         ] {
-            if self.0 >= div && self.0 % div == 0 {
+            if self.0 >= div && self.0.is_multiple_of(div) {
                 return write!(f, "{}{unit}", self.0 / div);
             }
         }
