@@ -861,6 +861,8 @@ impl Service {
                 &keys::peer(name.as_str(), r.peer.device.as_str()),
             );
         }
+        // Its own limits and group memberships go with it (same batch).
+        let policy = self.policy_forget_user(&mut batch, name)?;
         self.audit(
             &mut batch,
             actor,
@@ -883,6 +885,8 @@ impl Service {
             st.peers
                 .remove(&keys::peer(name.as_str(), r.peer.device.as_str()));
         }
+        drop(st);
+        self.policy_forgotten(policy);
         tracing::info!(%actor, user = %name, "user removed");
         Ok(detail)
     }

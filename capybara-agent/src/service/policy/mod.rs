@@ -243,6 +243,13 @@ impl PolicyCell {
     }
 }
 
+/// What removing a user does to the policy records (see `Service::policy_forget_user`).
+#[derive(Debug)]
+pub struct ForgetUser {
+    user: UserName,
+    changes: Vec<Change>,
+}
+
 /// One record a policy change writes.
 #[derive(Clone, Debug)]
 enum Change {
@@ -662,6 +669,38 @@ impl Service {
         c.index();
     }
 
+    /// Stages the removal of a user's own limits and memberships into `batch` (the user is
+    /// being removed); [`Service::policy_forgotten`] updates the cache once it is committed.
+    pub(super) fn policy_forget_user(
+        &self,
+        batch: &mut Batch,
+        user: &UserName,
+    ) -> Result<ForgetUser, ServiceError> {
+        let c = self.policy.cache.read().unwrap();
+        let mut changes = Vec::new();
+        if c.users.contains_key(user) {
+            changes.push(Change::User(user.clone(), None));
+        }
+        for g in c.member_of.get(user).into_iter().flatten() {
+            if let Some(rec) = c.groups.get(g) {
+                let mut rec = rec.clone();
+                rec.members.remove(user);
+                changes.push(Change::Group(g.clone(), Some(rec)));
+            }
+        }
+        stage(batch, &changes)?;
+        Ok(ForgetUser {
+            user: user.clone(),
+            changes,
+        })
+    }
+
+    /// The cache after a removed user's policy records were committed.
+    pub(super) fn policy_forgotten(&self, f: ForgetUser) {
+        self.policy_cache_put(&f.changes);
+        self.policy.cache.write().unwrap().effective.remove(&f.user);
+    }
+
     fn all_user_names(&self) -> Result<Vec<UserName>, ServiceError> {
         Ok(self
             .list_users()?
@@ -742,8 +781,7 @@ impl Service {
             let peers = self.user_peers(u);
             for p in &peers {
                 self.plane.policy_rates(p.id, k.rates)?;
-                self.plane.policy_flows(p.id, k.flows)?;
-                self.plane.policy_assign(p.id, k.bucket)?;
+                self.plane.policy_limits(p.id, k.flows, k.bucket)?;
             }
             self.apply_gates(u, e, &peers, now, force_gates)?;
         }

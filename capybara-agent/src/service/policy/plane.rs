@@ -25,6 +25,17 @@ pub trait PolicyPlane {
     fn policy_bucket(&self, bucket: BucketId, limit_bytes: u64) -> Result<(), DataplaneError>;
     /// Charges a peer to a bucket, or to none.
     fn policy_assign(&self, id: PeerId, bucket: Option<BucketId>) -> Result<(), DataplaneError>;
+    /// Sets a peer's flow limit and quota bucket together (one kernel update when they
+    /// differ). The default does it with the two calls above.
+    fn policy_limits(
+        &self,
+        id: PeerId,
+        flows: Option<u32>,
+        bucket: Option<BucketId>,
+    ) -> Result<(), DataplaneError> {
+        self.policy_flows(id, flows)?;
+        self.policy_assign(id, bucket)
+    }
     /// Starts a new period of a bucket.
     fn policy_reset(&self, bucket: BucketId) -> Result<QuotaUsage, DataplaneError>;
     /// A bucket's usage.
@@ -62,6 +73,17 @@ impl PolicyPlane for Mutex<Dataplane> {
             return Ok(());
         }
         dp.assign_quota(id, bucket)
+    }
+    fn policy_limits(
+        &self,
+        id: PeerId,
+        flows: Option<u32>,
+        bucket: Option<BucketId>,
+    ) -> Result<(), DataplaneError> {
+        self.lock()
+            .unwrap()
+            .set_peer_limits(id, flows, bucket)
+            .map(|_| ())
     }
     fn policy_reset(&self, bucket: BucketId) -> Result<QuotaUsage, DataplaneError> {
         self.lock().unwrap().reset_quota(bucket, None)

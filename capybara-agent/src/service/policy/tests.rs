@@ -481,3 +481,46 @@ fn every_change_is_audited() {
     let id = f.svc.list_peers(Some(&u("alice"))).unwrap()[0].id;
     assert_eq!(f.plane.state().policy.flows.get(&id), Some(&9));
 }
+
+#[test]
+fn removing_a_user_removes_its_limits_and_memberships() {
+    let f = fixture();
+    add(&f, "alice", &["laptop"]);
+    add(&f, "bob", &["laptop"]);
+    f.svc.create_group(&root(), &g("staff")).unwrap();
+    f.svc
+        .change_members(&root(), &g("staff"), &[u("alice"), u("bob")], true)
+        .unwrap();
+    f.svc
+        .set_limits(
+            &root(),
+            &LimitsTarget::User(u("alice")),
+            &patch(|t| t.flows = Some("3".into())),
+        )
+        .unwrap();
+    f.svc.remove_user(&root(), &u("alice")).unwrap();
+    let members = f.svc.get_group(&g("staff")).unwrap().members;
+    assert_eq!(members.into_iter().collect::<Vec<_>>(), vec![u("bob")]);
+    // The same after a restart (the batch held it), and a new alice starts clean.
+    let Fixture {
+        dir,
+        plane,
+        tunnel,
+        svc,
+    } = f;
+    drop(svc);
+    let f = open(dir, plane, tunnel);
+    assert_eq!(f.svc.get_group(&g("staff")).unwrap().members.len(), 1);
+    add(&f, "alice", &["laptop"]);
+    assert!(
+        f.svc
+            .get_limits(&LimitsTarget::User(u("alice")))
+            .unwrap()
+            .is_empty()
+    );
+    // The export of this state applies on an empty agent.
+    let doc = f.svc.export_document().unwrap();
+    let e = fixture();
+    e.svc.apply_document(&root(), &doc, false).unwrap();
+    assert_eq!(e.svc.export_document().unwrap(), doc);
+}
