@@ -24,6 +24,9 @@
 //! ([`Running::events`]); history, webhooks and the API subscribe to it. A subscriber that falls
 //! behind loses the oldest events (logged), it never slows the reader down.
 //!
+//! Every second the daemon runs the policy tick (quota periods, time windows, daily online
+//! time: `service::policy`); the tunnel's connect and disconnect events feed the device limit.
+//!
 //! Until shutdown the daemon sweeps expired flows every `dataplane::flows::SWEEP_INTERVAL`
 //! (5 s): the kernel never deletes an idle flow itself, so this is what frees the slots of
 //! idle flows (a failed sweep is logged and retried at the next tick).
@@ -308,6 +311,8 @@ pub async fn run(
         wireguard: tunnel.clone(),
         api_tcp,
     });
+    let mut policy_tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    policy_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sweep = tokio::time::interval(crate::dataplane::flows::SWEEP_INTERVAL);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -322,6 +327,17 @@ pub async fn run(
                 });
                 tracing::error!("the API stopped; shutting down");
                 break;
+            }
+            _ = policy_tick.tick() => {
+                // Quota periods, windows, daily online time (service::policy).
+                let svc = svc.clone();
+                let ticked = tokio::task::spawn_blocking(move || {
+                    svc.policy_tick(std::time::SystemTime::now())
+                })
+                .await;
+                if let Ok(Err(e)) = ticked {
+                    tracing::warn!(error = %e, "policy tick failed; retrying at the next one");
+                }
             }
             _ = sweep.tick() => {
                 let swept = dataplane
@@ -395,11 +411,23 @@ async fn forward_handshakes(
     loop {
         match events.recv().await {
             Ok(ev) => {
-                if let crate::tunnel::TunnelEvent::Connected { public_key, .. } = &ev {
-                    let key = crate::service::domain::PublicKey(*public_key.as_bytes());
-                    if let Err(e) = svc.on_handshake(&key) {
-                        tracing::warn!(error = %e, "cannot admit a peer after its handshake");
+                match &ev {
+                    crate::tunnel::TunnelEvent::Connected { public_key, .. } => {
+                        let key = crate::service::domain::PublicKey(*public_key.as_bytes());
+                        if let Err(e) = svc.on_handshake(&key) {
+                            tracing::warn!(error = %e, "cannot admit a peer after its handshake");
+                        }
                     }
+                    crate::tunnel::TunnelEvent::Disconnected { public_key, at, .. } => {
+                        let key = crate::service::domain::PublicKey(*public_key.as_bytes());
+                        if let Err(e) = svc.policy_on_disconnect(&key, *at) {
+                            tracing::warn!(
+                                error = %e,
+                                "cannot update the device limit after a disconnect"
+                            );
+                        }
+                    }
+                    _ => {}
                 }
                 // The recorder ends only after this task: a send cannot fail before.
                 let _ = sessions.send(session_event(ev));

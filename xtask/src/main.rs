@@ -6,6 +6,7 @@
 //! cargo xtask test    setup, then fmt, clippy (host, eBPF), unit, BPF_PROG_TEST_RUN, end-to-end
 //! cargo xtask run     setup, build, start the agent (in a namespace of its own by default)
 //! cargo xtask bench   setup, build, run `capybara-bench`, print a table, copy the JSON
+//! cargo xtask policy  apply FILE [--dry-run] | diff FILE | export [--file F] (via the agent's API)
 //! ```
 //!
 //! Layout: one module per subcommand, each with its clap `Args` and a `run` function:
@@ -15,11 +16,13 @@
 //! - `run`: network namespace + veth pair, the agent in the foreground, signal forwarding,
 //!   cleanup.
 //! - `bench`: the benchmark binary and its `{"benchmarks":[…]}` JSON.
+//! - `policy`: the declarative policy file through the `capybara` CLI and the gRPC API.
 //! - `exec`: shared plumbing: every external command goes through it, is echoed as
 //!   `$ program args…` before it runs, and gets `PATH` with `<cache>/tools/bin` in front.
 //!   Paths (workspace root, cache dir, target dir) live there too.
 mod bench;
 mod exec;
+mod policy;
 mod run;
 mod setup;
 mod test;
@@ -48,6 +51,8 @@ enum Command {
     Run(run::Args),
     /// Build in release and run the benchmarks; print a table and optionally save the JSON.
     Bench(bench::Args),
+    /// Apply, diff or export the declarative policy file through the agent's API.
+    Policy(policy::Args),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +62,7 @@ fn main() -> ExitCode {
         Command::Test(args) => test::run(&args),
         Command::Run(args) => run::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Policy(args) => policy::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

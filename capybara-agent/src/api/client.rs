@@ -143,6 +143,11 @@ impl Client {
         }
     }
 
+    /// The connection (for the calls of sibling modules).
+    pub(super) fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
     pub(super) fn req<T>(&self, msg: T) -> Request<T> {
         let mut r = Request::new(msg);
         if let Some(a) = &self.auth {

@@ -18,6 +18,8 @@
 //! | write | `AddUser`, `RemoveUser`, `UserConfig`, `AddPeer`, `RemovePeer`, `Kick`, `AddEntries`, `RemoveEntries`, `DeleteBlocklist`, `SetGeo` |
 //! | admin | `CreateToken`, `ListTokens`, `RevokeToken`, `ClearHistory`, `CreateBackup` |
 //!
+//! The `Policy` service's scopes are listed in [`super::policy`].
+//!
 //! ## Errors
 //! Each `ServiceError` variant maps to one code ([`status_of`]): invalid input is
 //! `INVALID_ARGUMENT` with the field first in the message (`name: invalid name …`) and nothing
@@ -597,6 +599,9 @@ async fn router(svc: &Arc<Service>, tls: Option<&TlsIdentity>) -> Result<Router,
     reporter.set_serving::<BlocklistsServer<Api>>().await;
     reporter.set_serving::<GeoServer<Api>>().await;
     super::history::set_serving(&reporter, svc).await;
+    reporter
+        .set_serving::<pb::policy_server::PolicyServer<Api>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(capybara_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -628,6 +633,7 @@ async fn router(svc: &Arc<Service>, tls: Option<&TlsIdentity>) -> Result<Router,
         .add_service(ConnectionsServer::new(api.clone()))
         .add_service(AuditServer::new(api.clone()))
         .add_service(BlocklistsServer::new(api.clone()))
+        .add_service(pb::policy_server::PolicyServer::new(api.clone()))
         .add_service(GeoServer::new(api.clone()));
     Ok(super::history::add_services(server, api))
 }

@@ -12,6 +12,7 @@
 //! is refused before a connection is made and with the same message the agent would give.
 
 mod history;
+mod policy;
 mod qr;
 mod table;
 
@@ -92,6 +93,15 @@ enum Command {
     /// Geo restrictions on who reaches the WireGuard port.
     #[command(subcommand)]
     Geo(GeoCmd),
+    /// Data quotas and limits of users (and the server default).
+    #[command(subcommand)]
+    Quota(policy::QuotaCmd),
+    /// Groups of users and their policies.
+    #[command(subcommand)]
+    Group(policy::GroupCmd),
+    /// The effective policy of users.
+    #[command(subcommand)]
+    Policy(policy::PolicyCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -398,6 +408,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::User(cmd) => user(&cli, cmd).await,
         Command::Device(cmd) => device(&cli, cmd).await,
         Command::Api(ApiCmd::Token(cmd)) => token(&cli, cmd).await,
+        Command::Quota(cmd) => policy::quota(&cli, cmd).await,
+        Command::Group(cmd) => policy::group(&cli, cmd).await,
+        Command::Policy(cmd) => policy::policy(&cli, cmd).await,
         Command::Stats { user } => {
             if let Some(u) = user {
                 UserName::parse("user", u)?;

@@ -31,6 +31,7 @@ pub mod lists;
 mod netlink;
 pub mod object;
 pub mod peers;
+pub mod policy;
 pub mod quota;
 pub mod shape;
 pub mod stats;

@@ -346,16 +346,18 @@ struct State {
 
 /// The control service. One per agent, shared by every API connection.
 pub struct Service {
-    store: Arc<Store>,
-    plane: Arc<dyn Plane>,
+    pub(super) store: Arc<Store>,
+    pub(super) plane: Arc<dyn Plane>,
     tunnel: Arc<dyn TunnelPort>,
     cfg: ServiceConfig,
     /// Serialises mutations (validation, commit, programming); held across the synced write.
-    writer: Mutex<()>,
+    pub(super) writer: Mutex<()>,
     /// The in-memory index of devices; reads take it briefly and never wait for the disk.
     state: RwLock<State>,
     /// The next audit sequence number (advanced under `writer` once a batch is durable).
     next_audit: AtomicU64,
+    /// Groups, quotas and limits (`service::policy`).
+    pub(super) policy: super::policy::PolicyCell,
 }
 
 impl std::fmt::Debug for Service {
@@ -398,6 +400,7 @@ impl Service {
             state.pubkeys.insert(rec.peer.public_key, key.clone());
             state.peers.insert(key, rec);
         }
+        let store_ref = store.clone();
         let svc = Service {
             store,
             plane,
@@ -406,8 +409,10 @@ impl Service {
             writer: Mutex::new(()),
             state: RwLock::new(state),
             next_audit: AtomicU64::new(next_audit),
+            policy: super::policy::PolicyCell::load(&store_ref)?,
         };
         svc.reconcile()?;
+        svc.reapply_policy()?;
         Ok(svc)
     }
 
@@ -441,7 +446,7 @@ impl Service {
 
     // ---- audit -------------------------------------------------------------------------
 
-    fn audit(
+    pub(super) fn audit(
         &self,
         batch: &mut Batch,
         actor: &Actor,
@@ -467,7 +472,7 @@ impl Service {
     /// Writes `batch` and advances the audit sequence. Called under the writer lock, it does not
     /// wait for the disk: the caller (the API, before it replies) calls [`Service::settle`]
     /// after the lock is released, so concurrent mutations share one fsync (see `store`).
-    fn commit(&self, batch: Batch) -> Result<(), ServiceError> {
+    pub(super) fn commit(&self, batch: Batch) -> Result<(), ServiceError> {
         let _ = self.store.write(batch)?;
         self.next_audit.fetch_add(1, Ordering::SeqCst);
         Ok(())
@@ -478,6 +483,33 @@ impl Service {
     /// this returned. The API settles before every reply, so every acknowledgement is durable.
     pub fn settle(&self) -> Result<(), ServiceError> {
         Ok(self.store.sync_mine()?)
+    }
+
+    /// The sequence number the next audit record gets.
+    pub(super) fn next_audit_seq(&self) -> u64 {
+        self.next_audit.load(Ordering::SeqCst)
+    }
+
+    /// Hands `seq` out again after its record was deleted by a compensating batch.
+    pub(super) fn rewind_audit(&self, seq: u64) {
+        self.next_audit.store(seq, Ordering::SeqCst);
+    }
+
+    /// The devices of `user` (from the in-memory index).
+    pub(super) fn user_peers(&self, user: &UserName) -> Vec<Peer> {
+        self.peer_records(user)
+            .into_iter()
+            .map(|r| r.peer)
+            .collect()
+    }
+
+    /// The device with public key `key`.
+    pub(super) fn peer_by_key(&self, key: &PublicKey) -> Option<Peer> {
+        let st = self.state.read().unwrap();
+        st.pubkeys
+            .get(key)
+            .and_then(|k| st.peers.get(k))
+            .map(|r| r.peer.clone())
     }
 
     /// Audit records, newest first, at most `limit`; only those about `user` if given.
@@ -747,15 +779,21 @@ impl Service {
             return Err(e);
         }
         let cfg = self.config_for(&rec.peer, Some(private));
+        let user = rec.peer.user.clone();
         let mut st = self.state.write().unwrap();
         st.used_ids.insert(rec.peer.id);
         st.used_v4.insert(rec.peer.ipv4);
         st.pubkeys.insert(rec.peer.public_key, pkey.clone());
         st.peers.insert(pkey, rec);
+        drop(st);
+        // The user's policy covers the new device before the reply (rates, flows, quota, gate).
+        if let Err(e) = self.apply_policy(std::slice::from_ref(&user), false) {
+            tracing::error!(error = %e, %user, "cannot apply the policy to a new device");
+        }
         Ok(cfg)
     }
 
-    fn get_user_record(&self, name: &UserName) -> Result<User, ServiceError> {
+    pub(super) fn get_user_record(&self, name: &UserName) -> Result<User, ServiceError> {
         self.store
             .get::<User>(Cf::Users, &keys::user(name.as_str()))?
             .ok_or_else(|| ServiceError::NotFound {
@@ -833,6 +871,8 @@ impl Service {
                 &keys::peer(name.as_str(), r.peer.device.as_str()),
             );
         }
+        // Its own limits and group memberships go with it (same batch).
+        let policy = self.policy_forget_user(&mut batch, name)?;
         self.audit(
             &mut batch,
             actor,
@@ -855,6 +895,8 @@ impl Service {
             st.peers
                 .remove(&keys::peer(name.as_str(), r.peer.device.as_str()));
         }
+        drop(st);
+        self.policy_forgotten(policy);
         tracing::info!(%actor, user = %name, "user removed");
         Ok(detail)
     }
@@ -1159,6 +1201,7 @@ impl Service {
             self.tunnel.kick(&r.peer.public_key)?;
         }
         let peers: Vec<Peer> = recs.into_iter().map(|r| r.peer).collect();
+        self.policy_forget_online(&peers);
         let mut batch = Batch::default();
         self.audit(
             &mut batch,
@@ -1175,12 +1218,8 @@ impl Service {
     /// The tunnel saw a completed handshake of `key`: the device passes the gate again (a
     /// kicked device is admitted by its next handshake). Unknown keys are ignored.
     pub fn on_handshake(&self, key: &PublicKey) -> Result<(), ServiceError> {
-        let st = self.state.read().unwrap();
-        if let Some(rec) = st.pubkeys.get(key).and_then(|k| st.peers.get(k)) {
-            self.plane
-                .set_gate(rec.peer.id, Gate::Admitted { until: None })?;
-        }
-        Ok(())
+        // The policy decides the gate (admitted, or held by a device limit or a window).
+        self.policy_on_connect(key, SystemTime::now())
     }
 
     // ---- blocklists ---------------------------------------------------------------------

@@ -92,6 +92,15 @@ pub enum ValidationError {
         /// The field.
         field: &'static str,
     },
+    /// A policy value (rate, size, window, zone, …) that does not parse.
+    #[error("{field}: {source}")]
+    Policy {
+        /// The field.
+        field: &'static str,
+        /// What the policy parser said (it quotes the input).
+        #[source]
+        source: crate::service::policy::model::PolicyValueError,
+    },
 }
 
 impl ValidationError {
@@ -106,7 +115,8 @@ impl ValidationError {
             | ValidationError::Key { field }
             | ValidationError::Country { field, .. }
             | ValidationError::Blocklist { field, .. }
-            | ValidationError::Missing { field } => field,
+            | ValidationError::Missing { field }
+            | ValidationError::Policy { field, .. } => field,
         }
     }
 }

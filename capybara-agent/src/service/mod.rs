@@ -9,10 +9,12 @@
 //! - [`control`]: the control [`Service`]: users, devices, tokens, stats, connections,
 //!   blocklists, audit; `control::history`: sessions, auth attempts, retention.
 //! - [`geo`]: geo policies as source lists.
+//! - [`policy`]: groups, quotas and limits: the effective policy per user and its kernel state.
 
 pub mod control;
 pub mod domain;
 pub mod geo;
+pub mod policy;
 pub mod ports;
 pub mod secrets;
 

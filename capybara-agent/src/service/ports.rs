@@ -25,7 +25,7 @@ use crate::{
 };
 
 /// The dataplane operations the service uses.
-pub trait Plane: Send + Sync {
+pub trait Plane: super::policy::plane::PolicyPlane + Send + Sync {
     /// Adds or updates peer `id` with exactly these allowed IPs.
     fn set_peer(&self, id: PeerId, allowed: &[Cidr]) -> Result<(), DataplaneError>;
     /// Removes peer `id`.
@@ -150,6 +150,8 @@ pub struct MemoryPlaneState {
     pub registry: Registry,
     /// Fail the next `set_peer` (to test rollback).
     pub fail_next_set_peer: bool,
+    /// Rates, flow limits and quota buckets (`service::policy`).
+    pub policy: super::policy::plane::MemoryPolicy,
 }
 
 impl MemoryPlane {

@@ -12,7 +12,10 @@
 //! | `blocklists` | `geo-policy` | the geo policy (mode and countries) |
 //! | `users` | `<user>` | a user |
 //! | `peers` | `<user>/<device>` | a device (WireGuard peer) of that user |
-//! | `groups` | `<group>` | a group (written by the policy work) |
+//! | `groups` | `<group>` | a group: members, policy, shared pool |
+//! | `policy` | `user/<user>` | a user's own limits (`service::policy`) |
+//! | `policy` | `default` | the server default limits |
+//! | `policy` | `bucket/<owner>` | a quota bucket's id and the period it was last reset for |
 //! | `tokens` | `<token id>` | an API token: its SHA-256 hash, never the secret |
 //! | `sessions` | `session/<start ns, 20 digits>/<peer id, 10 digits>` | a tunnel session |
 //! | `sessions` | `auth/<ns, 20 digits>/<n, 6 digits>` | a failed handshake (auth attempt) |
@@ -71,11 +74,13 @@ pub enum Cf {
     Sessions,
     /// The audit trail of every mutation.
     Audit,
+    /// Policy layers of users and the server, quota bucket assignments.
+    Policy,
 }
 
 impl Cf {
     /// Every family, in creation order.
-    pub const ALL: [Cf; 8] = [
+    pub const ALL: [Cf; 9] = [
         Cf::Meta,
         Cf::Blocklists,
         Cf::Users,
@@ -84,6 +89,7 @@ impl Cf {
         Cf::Tokens,
         Cf::Sessions,
         Cf::Audit,
+        Cf::Policy,
     ];
 
     /// The family's name in RocksDB.
@@ -97,6 +103,7 @@ impl Cf {
             Cf::Tokens => "tokens",
             Cf::Sessions => "sessions",
             Cf::Audit => "audit",
+            Cf::Policy => "policy",
         }
     }
 
@@ -110,7 +117,8 @@ impl Cf {
             | Cf::Groups
             | Cf::Tokens
             | Cf::Sessions
-            | Cf::Audit => 1,
+            | Cf::Audit
+            | Cf::Policy => 1,
         }
     }
 }
@@ -142,6 +150,25 @@ pub mod keys {
     pub fn group(name: &str) -> String {
         name.to_owned()
     }
+
+    /// Key of user `name`'s own limits in `policy`.
+    pub fn policy_user(name: &str) -> String {
+        format!("user/{name}")
+    }
+
+    /// Prefix of every user's limits in `policy`.
+    pub const POLICY_USERS: &str = "user/";
+
+    /// Key of the server default limits in `policy`.
+    pub const POLICY_DEFAULT: &str = "default";
+
+    /// Key of the quota bucket of `owner` (`user:<name>` or `group:<name>`) in `policy`.
+    pub fn policy_bucket(owner: &str) -> String {
+        format!("bucket/{owner}")
+    }
+
+    /// Prefix of every bucket record in `policy`.
+    pub const POLICY_BUCKETS: &str = "bucket/";
 
     /// Key of token `id` in `tokens`.
     pub fn token(id: &str) -> String {

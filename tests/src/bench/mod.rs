@@ -10,6 +10,8 @@
 //! - [`tunnel`]: iperf3 TCP through the agent's WireGuard tunnel, `boringtun-cli` and
 //!   `wireguard-go`, from a `wireguard-go` client, same machine, same run.
 //! - [`api_load`]: the gRPC API at 500 mixed calls per second over TCP with tokens for 30 s.
+//! - [`policy`]: a group policy change fanned out to 10 000 users' kernel maps; single-user
+//!   policy updates, call to kernel map.
 //!
 //! Every figure is a [`Figure`]; the binary writes them as
 //! `{"benchmarks":[{"name":…, "value":…, "unit":…}]}`. The names below are what reports and CI
@@ -19,6 +21,7 @@ pub mod api_load;
 pub mod geo;
 pub mod guard;
 pub mod pipeline;
+pub mod policy;
 pub mod throttle;
 pub mod tunnel;
 
@@ -91,6 +94,7 @@ pub const TUNNEL_THROUGHPUT_VS_BORINGTUN_CLI: &str = "tunnel_throughput_vs_borin
 /// `tunnel_throughput_mbps` over `tunnel_throughput_wireguard_go_mbps`.
 pub const TUNNEL_THROUGHPUT_VS_WIREGUARD_GO: &str = "tunnel_throughput_vs_wireguard_go";
 pub use api_load::{API_LOAD_CALLS_PER_S, API_LOAD_ERRORS, API_LOAD_P50_MS, API_LOAD_P99_MS};
+pub use policy::{GROUP_POLICY_FANOUT_10K_MS, POLICY_UPDATE_P50_US, POLICY_UPDATE_P99_US};
 
 /// Every benchmark, in the order they run and are reported.
 pub const ALL: &[&str] = &[
@@ -127,6 +131,9 @@ pub const ALL: &[&str] = &[
     API_LOAD_P50_MS,
     API_LOAD_CALLS_PER_S,
     API_LOAD_ERRORS,
+    GROUP_POLICY_FANOUT_10K_MS,
+    POLICY_UPDATE_P99_US,
+    POLICY_UPDATE_P50_US,
 ];
 
 /// One measured figure.

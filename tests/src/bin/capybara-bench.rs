@@ -120,6 +120,15 @@ fn main() -> Result<()> {
                 .filter(|f| sel.wants(f.name)),
         );
     }
+    let fanout = sel.wants(bench::GROUP_POLICY_FANOUT_10K_MS);
+    let updates = sel.wants_any(&[bench::POLICY_UPDATE_P99_US, bench::POLICY_UPDATE_P50_US]);
+    if fanout || updates {
+        figures.extend(
+            bench::policy::run(&pins, fanout, updates)?
+                .into_iter()
+                .filter(|f| sel.wants(f.name)),
+        );
+    }
     figures.sort_by_key(|f| bench::ALL.iter().position(|n| *n == f.name));
     progress!("done in {:.0} s", start.elapsed().as_secs_f64());
     for f in &figures {

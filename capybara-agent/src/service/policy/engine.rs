@@ -1,0 +1,282 @@
+//! The deterministic core of time-dependent policy: period boundaries and gate decisions. Every
+//! function takes the time as an argument, so tests drive them with any clock.
+//!
+//! ## Gate decisions, per device of a user (first matching rule)
+//! 1. outside the allowed `window` (local time in the policy's zone) → held, `outside-window`;
+//! 2. the day's online `time` used up → held, `outside-window` too (the kernel's gate reasons are
+//!    fixed by `capybara-common`; "no more time today" is a window closed for the rest of the
+//!    day, and `policy explain` / `quota show` say which rule it was);
+//! 3. more devices online than `connections` → the devices that came online last are held,
+//!    `device-limit` (ties by peer id); when one of the admitted devices goes offline, the
+//!    longest-waiting held one is admitted;
+//! 4. otherwise admitted.
+//!
+//! ## Periods
+//! A period starts at local midnight (daily), Monday midnight (weekly) or midnight of the first
+//! of the month (monthly) in the policy's zone; `none` never starts over. The agent stores the
+//! start of the period each bucket was last reset for; whenever the current period's start is
+//! later (at a boundary, or at start-up after downtime spanning one), the bucket is reset once.
+
+use std::time::{Duration, SystemTime};
+
+use capybara_common::{drop::DropReason, peer::PeerId};
+use chrono::{DateTime, Datelike, Days, LocalResult, NaiveDate, NaiveDateTime, TimeZone, Utc};
+
+use super::{
+    model::{Period, Zone},
+    resolve::Effective,
+};
+
+/// Local wall time of `t` in `zone`.
+pub fn local(zone: Zone, t: SystemTime) -> NaiveDateTime {
+    DateTime::<Utc>::from(t)
+        .with_timezone(&zone.0)
+        .naive_local()
+}
+
+/// The UTC instant of local midnight starting `day` in `zone` (the first instant of the day when
+/// a DST change skips midnight).
+fn midnight(zone: Zone, day: NaiveDate) -> i64 {
+    let naive = day.and_hms_opt(0, 0, 0).expect("midnight exists");
+    match zone.0.from_local_datetime(&naive) {
+        LocalResult::Single(t) | LocalResult::Ambiguous(t, _) => t.timestamp(),
+        // Midnight skipped by a DST change: the day starts an hour later.
+        LocalResult::None => zone
+            .0
+            .from_local_datetime(&(naive + chrono::Duration::hours(1)))
+            .earliest()
+            .map_or_else(|| naive.and_utc().timestamp(), |t| t.timestamp()),
+    }
+}
+
+/// Unix seconds at which the period containing `now` started, in `zone`; `None` for
+/// [`Period::None`].
+pub fn period_start(period: Period, zone: Zone, now: SystemTime) -> Option<i64> {
+    let today = local(zone, now).date();
+    let day = match period {
+        Period::None => return None,
+        Period::Daily => today,
+        Period::Weekly => today - Days::new(u64::from(today.weekday().num_days_from_monday())),
+        Period::Monthly => today.with_day(1).expect("the first exists"),
+    };
+    Some(midnight(zone, day))
+}
+
+/// Whether a bucket last reset for the period starting at `last` must be reset now.
+pub fn reset_due(period: Period, zone: Zone, last: Option<i64>, now: SystemTime) -> Option<i64> {
+    let start = period_start(period, zone, now)?;
+    match last {
+        Some(l) if l >= start => None,
+        _ => Some(start),
+    }
+}
+
+/// One device of a user, as the gate engine sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Device {
+    /// Its peer id.
+    pub id: PeerId,
+    /// When it came online (completed a handshake), if it is online.
+    pub online_since: Option<SystemTime>,
+}
+
+/// The gate each device of a user should have: `None` = admitted, `Some(reason)` = held.
+pub fn gates(
+    eff: &Effective,
+    devices: &[Device],
+    online_today: Duration,
+    now: SystemTime,
+) -> Vec<(PeerId, Option<DropReason>)> {
+    let zone = eff.tz.value;
+    let outside = eff
+        .window
+        .value
+        .is_some_and(|w| !w.contains(local(zone, now)));
+    let no_time = eff.time.value.is_some_and(|t| online_today >= t.0);
+    if outside || no_time {
+        return devices
+            .iter()
+            .map(|d| (d.id, Some(DropReason::GateOutsideWindow)))
+            .collect();
+    }
+    let mut online: Vec<&Device> = devices
+        .iter()
+        .filter(|d| d.online_since.is_some())
+        .collect();
+    online.sort_by_key(|d| (d.online_since, d.id));
+    let allowed = eff.connections.value.map_or(usize::MAX, |c| c as usize);
+    devices
+        .iter()
+        .map(|d| {
+            let rank = online.iter().position(|o| o.id == d.id);
+            let held = rank.is_some_and(|r| r >= allowed);
+            (d.id, held.then_some(DropReason::GateDeviceLimit))
+        })
+        .collect()
+}
+
+/// The local day of `now` in `zone` (online time counts per local day).
+pub fn local_day(zone: Zone, now: SystemTime) -> NaiveDate {
+    local(zone, now).date()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::policy::{
+        model::{Limits, LimitsText},
+        resolve::{Layers, resolve},
+    };
+
+    fn at(s: &str) -> SystemTime {
+        DateTime::parse_from_rfc3339(s).unwrap().into()
+    }
+
+    fn eff(f: impl FnOnce(&mut LimitsText)) -> Effective {
+        let mut t = LimitsText::default();
+        f(&mut t);
+        let l = t.parse().unwrap().set;
+        resolve(&Layers {
+            user: Some(&l),
+            groups: vec![],
+            template: None,
+            default: &Limits::default(),
+        })
+    }
+
+    #[test]
+    fn periods_start_at_local_midnight() {
+        let berlin: Zone = "Europe/Berlin".parse().unwrap();
+        // 2026-11-28 10:00 UTC is a Saturday, 11:00 in Berlin (CET, UTC+1).
+        let now = at("2026-11-28T10:00:00Z");
+        assert_eq!(
+            period_start(Period::Daily, berlin, now),
+            Some(
+                at("2026-11-27T23:00:00Z")
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs() as i64
+            )
+        );
+        let secs = |s| {
+            at(s)
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_secs() as i64
+        };
+        assert_eq!(
+            period_start(Period::Weekly, berlin, now),
+            Some(secs("2026-11-22T23:00:00Z"))
+        );
+        assert_eq!(
+            period_start(Period::Monthly, berlin, now),
+            Some(secs("2026-10-31T23:00:00Z"))
+        );
+        assert_eq!(period_start(Period::None, berlin, now), None);
+        // Summer time: 1 July midnight in Berlin is 22:00 UTC the day before.
+        assert_eq!(
+            period_start(Period::Monthly, berlin, at("2026-07-15T12:00:00Z")),
+            Some(secs("2026-06-30T22:00:00Z"))
+        );
+    }
+
+    #[test]
+    fn a_reset_missed_during_downtime_is_due_once() {
+        let utc = Zone::default();
+        let secs = |s| {
+            at(s)
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_secs() as i64
+        };
+        let last = Some(secs("2026-10-01T00:00:00Z"));
+        // Down from October to late November: one reset, for November.
+        let due = reset_due(Period::Monthly, utc, last, at("2026-11-28T10:00:00Z"));
+        assert_eq!(due, Some(secs("2026-11-01T00:00:00Z")));
+        assert_eq!(
+            reset_due(Period::Monthly, utc, due, at("2026-11-28T10:00:01Z")),
+            None
+        );
+        assert_eq!(
+            reset_due(Period::None, utc, None, at("2026-11-28T10:00:01Z")),
+            None
+        );
+        // Never reset before: due (the period start is recorded).
+        assert!(reset_due(Period::Daily, utc, None, at("2026-11-28T10:00:00Z")).is_some());
+    }
+
+    #[test]
+    fn window_holds_and_admits_on_time() {
+        let e = eff(|t| {
+            t.window = Some("Mon-Fri 08:00-18:00".into());
+            t.tz = Some("Europe/Berlin".into());
+        });
+        let d = [Device {
+            id: 7,
+            online_since: None,
+        }];
+        // Friday 16:59:59 UTC = 17:59:59 Berlin: inside; one second later: outside.
+        assert_eq!(
+            gates(&e, &d, Duration::ZERO, at("2026-11-27T16:59:59Z")),
+            vec![(7, None)]
+        );
+        assert_eq!(
+            gates(&e, &d, Duration::ZERO, at("2026-11-27T17:00:00Z")),
+            vec![(7, Some(DropReason::GateOutsideWindow))]
+        );
+        // Monday 07:00 UTC = 08:00 Berlin: open again.
+        assert_eq!(
+            gates(&e, &d, Duration::ZERO, at("2026-11-30T07:00:00Z")),
+            vec![(7, None)]
+        );
+    }
+
+    #[test]
+    fn daily_time_used_up_holds() {
+        let e = eff(|t| t.time = Some("8h".into()));
+        let d = [Device {
+            id: 1,
+            online_since: Some(at("2026-11-28T01:00:00Z")),
+        }];
+        let now = at("2026-11-28T10:00:00Z");
+        assert_eq!(
+            gates(&e, &d, Duration::from_secs(8 * 3600 - 1), now),
+            vec![(1, None)]
+        );
+        assert_eq!(
+            gates(&e, &d, Duration::from_secs(8 * 3600), now),
+            vec![(1, Some(DropReason::GateOutsideWindow))]
+        );
+    }
+
+    #[test]
+    fn the_device_over_the_limit_waits_for_one_to_go() {
+        let e = eff(|t| t.connections = Some("3".into()));
+        let t0 = at("2026-11-28T10:00:00Z");
+        let on = |id, s: u64| Device {
+            id,
+            online_since: Some(t0 + Duration::from_secs(s)),
+        };
+        let mut devs = vec![
+            on(4, 0),
+            on(2, 1),
+            on(3, 2),
+            on(1, 3),
+            Device {
+                id: 9,
+                online_since: None,
+            },
+        ];
+        let held = |devs: &[Device]| {
+            gates(&e, devs, Duration::ZERO, t0)
+                .into_iter()
+                .filter(|(_, g)| g.is_some())
+                .map(|(id, g)| (id, g.unwrap()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(held(&devs), vec![(1, DropReason::GateDeviceLimit)]);
+        // Device 2 goes offline: the waiting device 1 is admitted.
+        devs[1].online_since = None;
+        assert!(held(&devs).is_empty());
+    }
+}

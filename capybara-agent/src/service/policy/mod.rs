@@ -1,0 +1,1146 @@
+//! Groups, quotas and limits: where an admin's intent becomes kernel state.
+//!
+//! - [`model`]: the validated values (`10Mbps`, `100GB`, `Mon-Fri 08:00-18:00`, …) and a
+//!   policy layer ([`Limits`]).
+//! - [`resolve`]: the effective policy of a user from its layers (user, groups, template,
+//!   server default), each field with its source — the one place that decides; the rule for
+//!   users in several groups is documented there (most permissive wins).
+//! - [`engine`]: period boundaries and gate decisions (window, daily time, device limit) as
+//!   pure functions of the time.
+//! - [`plane`]: the dataplane operations the policy needs.
+//! - [`doc`]: the declarative policy file (apply, export, diff).
+//!
+//! ## From a change to the kernel
+//! Every change (user limits, server default, a group's policy or members) runs under the
+//! service's writer lock: validate (a typed error naming the field, nothing changed) → one
+//! synced store batch with the records **and the audit record** → update the in-memory cache →
+//! [`Service::apply_policy`] for every affected user, which is the one place that writes the
+//! kernel: for each device of the user, its rates (the bandwidth, both directions), its flow
+//! limit, its quota bucket (own or the group's pool, budget plus grace) and its gate. The reply
+//! is sent after the kernel holds the new policy. If the kernel refuses, the old records are
+//! committed back (with the audit record removed) and the old policy re-applied.
+//!
+//! The policy is applied again to every device when the agent starts (rates live in qdiscs,
+//! which do not survive a restart; the rest is re-written idempotently) and to a device when it
+//! is added.
+//!
+//! ## Quota buckets and periods
+//! A bucket id is allocated the first time an owner (`user:NAME` or `group:NAME` for a pool)
+//! needs one and is kept (stored under `bucket/<owner>`, with the start of the period it was last
+//! reset for). [`Service::policy_tick`] (every second from the daemon, or with any clock from a
+//! test) resets buckets whose period has started since — including a reset missed while the
+//! agent was down, which happens at the first tick after start.
+//!
+//! ## Gates
+//! Devices online are learned from the tunnel (`policy_on_connect` / `policy_on_disconnect`);
+//! the tick accumulates each user's online time per local day (in memory: a restart forgets the
+//! day's time so far) and re-evaluates the gates of users with a window, a daily time or a device
+//! limit. A gate is written only when the policy's decision changes, so a kick (held until the
+//! next handshake) is not undone by the tick.
+
+pub mod doc;
+pub mod engine;
+pub mod model;
+pub mod plane;
+pub mod resolve;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::{Mutex, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use capybara_common::{drop::DropReason, peer::PeerId, quota::MAX_QUOTA_BUCKETS};
+use chrono::NaiveDate;
+use serde::{Deserialize, Serialize};
+
+use self::{
+    engine::Device,
+    model::{ByteSize, Cap, GroupName, Limits, LimitsPatch, Period, Zone},
+    resolve::{Effective, GroupLayer, Layers, QuotaPlan, resolve},
+};
+use super::{
+    ServiceError,
+    control::Service,
+    domain::{Actor, Peer, PublicKey, UserName, ValidationError, unix_secs},
+};
+use crate::{
+    dataplane::{Gate, PeerRates},
+    store::{Batch, Cf, Store, StoreError, keys},
+};
+
+/// A group as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRecord {
+    /// Its name.
+    pub name: GroupName,
+    /// Its members.
+    pub members: BTreeSet<UserName>,
+    /// Its policy.
+    pub limits: Limits,
+    /// One budget per period for all members.
+    pub shared_limit: Option<ByteSize>,
+}
+
+/// A user's own policy layer as stored.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserPolicy {
+    /// The overrides.
+    pub limits: Limits,
+}
+
+/// A bucket as stored: its id and the period start it was last reset for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct BucketRecord {
+    id: u32,
+    period_start: Option<i64>,
+}
+
+/// A bucket in memory: the record and the period it follows (from the last apply).
+#[derive(Clone, Copy, Debug)]
+struct BucketState {
+    rec: BucketRecord,
+    period: Period,
+    zone: Zone,
+}
+
+/// Which layer a limits call is about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LimitsTarget {
+    /// A user's own limits.
+    User(UserName),
+    /// The server default.
+    Default,
+}
+
+/// A user's quota as `quota show` reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaStatus {
+    /// The user.
+    pub user: String,
+    /// `none`, `own` or `pool:GROUP`.
+    pub plan: String,
+    /// The bucket (0 = none).
+    pub bucket: u32,
+    /// The budget per period (0 = none).
+    pub limit_bytes: u64,
+    /// Where the kernel stops traffic: budget plus grace.
+    pub cutoff_bytes: u64,
+    /// Used in this period.
+    pub used_bytes: u64,
+    /// The period.
+    pub period: String,
+    /// When this period started (Unix seconds; `None` for `none`).
+    pub period_start: Option<i64>,
+    /// At or over the budget.
+    pub exceeding: bool,
+}
+
+/// A group with its members and policy.
+pub type GroupView = GroupRecord;
+
+/// What is cached from the store.
+#[derive(Debug, Default)]
+struct Cache {
+    users: BTreeMap<UserName, UserPolicy>,
+    groups: BTreeMap<GroupName, GroupRecord>,
+    default: Limits,
+    /// User → its groups.
+    member_of: BTreeMap<UserName, BTreeSet<GroupName>>,
+    /// The last effective policy applied per user (for the tick and `quota show`).
+    effective: HashMap<UserName, Effective>,
+}
+
+impl Cache {
+    fn index(&mut self) {
+        self.member_of.clear();
+        for g in self.groups.values() {
+            for m in &g.members {
+                self.member_of
+                    .entry(m.clone())
+                    .or_default()
+                    .insert(g.name.clone());
+            }
+        }
+    }
+
+    fn effective(&self, user: &UserName) -> Effective {
+        let groups = self
+            .member_of
+            .get(user)
+            .into_iter()
+            .flatten()
+            .filter_map(|g| self.groups.get(g))
+            .map(|g| GroupLayer {
+                name: &g.name,
+                limits: &g.limits,
+                shared_limit: g.shared_limit,
+            })
+            .collect();
+        resolve(&Layers {
+            user: self.users.get(user).map(|u| &u.limits),
+            groups,
+            template: None,
+            default: &self.default,
+        })
+    }
+}
+
+/// What is known only while running: devices online, gates written, online time.
+#[derive(Debug, Default)]
+struct Runtime {
+    /// Online devices and since when.
+    online: HashMap<PeerId, SystemTime>,
+    /// The gate the policy last wrote per device (`None` = admitted).
+    written: HashMap<PeerId, Option<DropReason>>,
+    /// Online time per user on its local day.
+    online_time: HashMap<UserName, (NaiveDate, Duration)>,
+    /// The previous tick.
+    last_tick: Option<SystemTime>,
+}
+
+/// The policy's state inside the service.
+#[derive(Debug, Default)]
+pub struct PolicyCell {
+    cache: RwLock<Cache>,
+    buckets: Mutex<BTreeMap<String, BucketState>>,
+    runtime: Mutex<Runtime>,
+}
+
+impl PolicyCell {
+    /// Loads the policy records from the store.
+    pub fn load(store: &Store) -> Result<PolicyCell, StoreError> {
+        let mut cache = Cache {
+            default: store
+                .get(Cf::Policy, keys::POLICY_DEFAULT)?
+                .unwrap_or_default(),
+            ..Cache::default()
+        };
+        for (_, u) in store.scan::<(UserName, UserPolicy)>(Cf::Policy, keys::POLICY_USERS)? {
+            cache.users.insert(u.0, u.1);
+        }
+        for (_, g) in store.scan::<GroupRecord>(Cf::Groups, "")? {
+            cache.groups.insert(g.name.clone(), g);
+        }
+        cache.index();
+        let mut buckets = BTreeMap::new();
+        for (key, rec) in store.scan::<BucketRecord>(Cf::Policy, keys::POLICY_BUCKETS)? {
+            let owner = key[keys::POLICY_BUCKETS.len()..].to_owned();
+            buckets.insert(
+                owner,
+                BucketState {
+                    rec,
+                    period: Period::None,
+                    zone: Zone::default(),
+                },
+            );
+        }
+        Ok(PolicyCell {
+            cache: RwLock::new(cache),
+            buckets: Mutex::new(buckets),
+            runtime: Mutex::new(Runtime::default()),
+        })
+    }
+}
+
+/// What removing a user does to the policy records (see `Service::policy_forget_user`).
+#[derive(Debug)]
+pub struct ForgetUser {
+    user: UserName,
+    changes: Vec<Change>,
+}
+
+/// One record a policy change writes.
+#[derive(Clone, Debug)]
+enum Change {
+    User(UserName, Option<UserPolicy>),
+    Group(GroupName, Option<GroupRecord>),
+    Default(Limits),
+}
+
+fn to_json<T: Serialize>(v: &T) -> Option<serde_json::Value> {
+    serde_json::to_value(v).ok()
+}
+
+fn not_found(what: &'static str, name: impl ToString) -> ServiceError {
+    ServiceError::NotFound {
+        what,
+        name: name.to_string(),
+    }
+}
+
+fn owner_user(u: &UserName) -> String {
+    format!("user:{u}")
+}
+
+fn owner_group(g: &GroupName) -> String {
+    format!("group:{g}")
+}
+
+/// `limit` plus `grace` percent, in bytes.
+fn cutoff(limit: ByteSize, grace: model::Percent) -> u64 {
+    limit.0.saturating_add(
+        limit.0 / 100 * u64::from(grace.0) + limit.0 % 100 * u64::from(grace.0) / 100,
+    )
+}
+
+/// What the kernel should hold for one device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PeerKernel {
+    rates: PeerRates,
+    flows: Option<u32>,
+    bucket: Option<u32>,
+}
+
+impl Service {
+    // ---- reads ------------------------------------------------------------------------------
+
+    /// The limits set on a user itself, or the server default.
+    pub fn get_limits(&self, target: &LimitsTarget) -> Result<Limits, ServiceError> {
+        let c = self.policy.cache.read().unwrap();
+        match target {
+            LimitsTarget::Default => Ok(c.default.clone()),
+            LimitsTarget::User(u) => {
+                drop(c);
+                self.get_user_record(u)?;
+                let c = self.policy.cache.read().unwrap();
+                Ok(c.users.get(u).map(|p| p.limits.clone()).unwrap_or_default())
+            }
+        }
+    }
+
+    /// The effective policy of a user with the layer of each field.
+    pub fn explain_policy(&self, user: &UserName) -> Result<Effective, ServiceError> {
+        self.get_user_record(user)?;
+        Ok(self.policy.cache.read().unwrap().effective(user))
+    }
+
+    /// Every group.
+    pub fn list_groups(&self) -> Vec<GroupView> {
+        self.policy
+            .cache
+            .read()
+            .unwrap()
+            .groups
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// One group.
+    pub fn get_group(&self, name: &GroupName) -> Result<GroupView, ServiceError> {
+        self.policy
+            .cache
+            .read()
+            .unwrap()
+            .groups
+            .get(name)
+            .cloned()
+            .ok_or_else(|| not_found("group", name))
+    }
+
+    /// Quota usage of one user or every user; with `exceeding`, only those at or over budget.
+    pub fn show_quota(
+        &self,
+        user: Option<&UserName>,
+        exceeding: bool,
+    ) -> Result<Vec<QuotaStatus>, ServiceError> {
+        let users: Vec<UserName> = match user {
+            Some(u) => {
+                self.get_user_record(u)?;
+                vec![u.clone()]
+            }
+            None => self
+                .list_users()?
+                .into_iter()
+                .map(|d| d.user.name)
+                .collect(),
+        };
+        let cache = self.policy.cache.read().unwrap();
+        let buckets = self.policy.buckets.lock().unwrap();
+        let mut out = Vec::new();
+        for u in users {
+            let eff = cache.effective(&u);
+            let (plan, owner, limit, grace, period) = match &eff.quota.value {
+                QuotaPlan::None => ("none".to_owned(), None, None, model::Percent(0), None),
+                QuotaPlan::Personal { limit } => (
+                    "own".to_owned(),
+                    Some(owner_user(&u)),
+                    Some(*limit),
+                    eff.grace.value,
+                    Some(eff.period.value),
+                ),
+                QuotaPlan::Pool { group, limit } => {
+                    let gl = cache.groups.get(group).map(|g| &g.limits);
+                    (
+                        format!("pool:{group}"),
+                        Some(owner_group(group)),
+                        Some(*limit),
+                        gl.and_then(|l| l.grace).unwrap_or_default(),
+                        Some(gl.and_then(|l| l.period).unwrap_or_default()),
+                    )
+                }
+            };
+            let b = owner.as_ref().and_then(|o| buckets.get(o)).copied();
+            let used = match b {
+                Some(b) => self.plane.policy_usage(b.rec.id)?.used_bytes,
+                None => 0,
+            };
+            let limit_bytes = limit.map_or(0, |l| l.0);
+            let st = QuotaStatus {
+                user: u.to_string(),
+                plan,
+                bucket: b.map_or(0, |b| b.rec.id),
+                limit_bytes,
+                cutoff_bytes: limit.map_or(0, |l| cutoff(l, grace)),
+                used_bytes: used,
+                period: period.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+                period_start: b.and_then(|b| b.rec.period_start),
+                exceeding: limit_bytes > 0 && used >= limit_bytes,
+            };
+            if !exceeding || st.exceeding {
+                out.push(st);
+            }
+        }
+        Ok(out)
+    }
+
+    // ---- changes ----------------------------------------------------------------------------
+
+    /// Changes a user's own limits or the server default; every affected device is updated in
+    /// the kernel before this returns.
+    pub fn set_limits(
+        &self,
+        actor: &Actor,
+        target: &LimitsTarget,
+        patch: &LimitsPatch,
+    ) -> Result<Limits, ServiceError> {
+        let _w = self.writer.lock().unwrap();
+        match target {
+            LimitsTarget::User(u) => {
+                self.get_user_record(u)?;
+                let before = self.get_limits(target)?;
+                let after = before.patched(patch);
+                let rec = (!after.is_empty()).then(|| UserPolicy {
+                    limits: after.clone(),
+                });
+                self.policy_change(
+                    actor,
+                    "policy.user.set",
+                    format!("user:{u}"),
+                    to_json(&before),
+                    to_json(&after),
+                    vec![Change::User(u.clone(), rec)],
+                    vec![u.clone()],
+                )?;
+                Ok(after)
+            }
+            LimitsTarget::Default => {
+                let before = self.get_limits(target)?;
+                let after = before.patched(patch);
+                let users = self.all_user_names()?;
+                self.policy_change(
+                    actor,
+                    "policy.default.set",
+                    "policy:default".into(),
+                    to_json(&before),
+                    to_json(&after),
+                    vec![Change::Default(after.clone())],
+                    users,
+                )?;
+                Ok(after)
+            }
+        }
+    }
+
+    /// Creates an empty group.
+    pub fn create_group(&self, actor: &Actor, name: &GroupName) -> Result<GroupView, ServiceError> {
+        let _w = self.writer.lock().unwrap();
+        if self.policy.cache.read().unwrap().groups.contains_key(name) {
+            return Err(ServiceError::AlreadyExists {
+                what: "group",
+                name: name.to_string(),
+            });
+        }
+        let g = GroupRecord {
+            name: name.clone(),
+            members: BTreeSet::new(),
+            limits: Limits::default(),
+            shared_limit: None,
+        };
+        self.policy_change(
+            actor,
+            "group.create",
+            format!("group:{name}"),
+            None,
+            to_json(&g),
+            vec![Change::Group(name.clone(), Some(g.clone()))],
+            vec![],
+        )?;
+        Ok(g)
+    }
+
+    /// Deletes a group; its members lose its policy.
+    pub fn delete_group(&self, actor: &Actor, name: &GroupName) -> Result<GroupView, ServiceError> {
+        let _w = self.writer.lock().unwrap();
+        let g = self.get_group(name)?;
+        self.policy_change(
+            actor,
+            "group.delete",
+            format!("group:{name}"),
+            to_json(&g),
+            None,
+            vec![Change::Group(name.clone(), None)],
+            g.members.iter().cloned().collect(),
+        )?;
+        Ok(g)
+    }
+
+    /// Adds (`add`) or removes users of a group. Every user must exist (to add) or be a member
+    /// (to remove); otherwise nothing changes.
+    pub fn change_members(
+        &self,
+        actor: &Actor,
+        name: &GroupName,
+        users: &[UserName],
+        add: bool,
+    ) -> Result<GroupView, ServiceError> {
+        let _w = self.writer.lock().unwrap();
+        let before = self.get_group(name)?;
+        if users.is_empty() {
+            return Err(ValidationError::Missing { field: "users" }.into());
+        }
+        let mut after = before.clone();
+        for u in users {
+            if add {
+                self.get_user_record(u)?;
+                after.members.insert(u.clone());
+            } else if !after.members.remove(u) {
+                return Err(not_found("member", format!("{name}/{u}")));
+            }
+        }
+        self.policy_change(
+            actor,
+            if add { "group.add" } else { "group.remove" },
+            format!("group:{name}"),
+            to_json(&before),
+            to_json(&after),
+            vec![Change::Group(name.clone(), Some(after.clone()))],
+            users.to_vec(),
+        )?;
+        Ok(after)
+    }
+
+    /// Changes a group's policy (and, with `shared_limit`, its pool: `Cap::Unlimited` removes
+    /// it); every member's devices are updated in the kernel before this returns.
+    pub fn set_group_policy(
+        &self,
+        actor: &Actor,
+        name: &GroupName,
+        patch: &LimitsPatch,
+        shared_limit: Option<Cap<ByteSize>>,
+    ) -> Result<GroupView, ServiceError> {
+        let _w = self.writer.lock().unwrap();
+        let before = self.get_group(name)?;
+        let mut after = before.clone();
+        after.limits = before.limits.patched(patch);
+        if let Some(s) = shared_limit {
+            after.shared_limit = s.limit();
+        }
+        self.policy_change(
+            actor,
+            "group.policy",
+            format!("group:{name}"),
+            to_json(&before),
+            to_json(&after),
+            vec![Change::Group(name.clone(), Some(after.clone()))],
+            after.members.iter().cloned().collect(),
+        )?;
+        Ok(after)
+    }
+
+    /// Starts a new period now for a user's own bucket (`Ok(user)`) or a group's pool.
+    pub fn reset_quota(
+        &self,
+        actor: &Actor,
+        owner: Result<&UserName, &GroupName>,
+    ) -> Result<(), ServiceError> {
+        let _w = self.writer.lock().unwrap();
+        let (key, target) = match owner {
+            Ok(u) => {
+                self.get_user_record(u)?;
+                (owner_user(u), format!("user:{u}"))
+            }
+            Err(g) => {
+                self.get_group(g)?;
+                (owner_group(g), format!("group:{g}"))
+            }
+        };
+        let bucket = self
+            .policy
+            .buckets
+            .lock()
+            .unwrap()
+            .get(&key)
+            .map(|b| b.rec.id)
+            .ok_or_else(|| not_found("quota bucket", &key))?;
+        let usage = self.plane.policy_reset(bucket)?;
+        let mut batch = Batch::default();
+        self.audit(
+            &mut batch,
+            actor,
+            "quota.reset",
+            target,
+            None,
+            to_json(&serde_json::json!({ "bucket": bucket, "epoch": usage.epoch })),
+        )?;
+        self.commit(batch)
+    }
+
+    /// Commits `changes` with an audit record, updates the cache and applies the policy of
+    /// `affected` users to the kernel; on a kernel failure everything is put back.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call shape for every policy change"
+    )]
+    fn policy_change(
+        &self,
+        actor: &Actor,
+        action: &str,
+        target: String,
+        before: Option<serde_json::Value>,
+        after: Option<serde_json::Value>,
+        changes: Vec<Change>,
+        affected: Vec<UserName>,
+    ) -> Result<(), ServiceError> {
+        let old: Vec<Change> = {
+            let c = self.policy.cache.read().unwrap();
+            changes
+                .iter()
+                .map(|ch| match ch {
+                    Change::User(u, _) => Change::User(u.clone(), c.users.get(u).cloned()),
+                    Change::Group(g, _) => Change::Group(g.clone(), c.groups.get(g).cloned()),
+                    Change::Default(_) => Change::Default(c.default.clone()),
+                })
+                .collect()
+        };
+        let mut batch = Batch::default();
+        stage(&mut batch, &changes)?;
+        let seq = self.next_audit_seq();
+        self.audit(&mut batch, actor, action, target, before, after)?;
+        self.commit(batch)?;
+        self.policy_cache_put(&changes);
+        if let Err(e) = self.apply_policy(&affected, false) {
+            tracing::error!(error = %e, action, "the kernel refused a policy change; undoing it");
+            let mut undo = Batch::default();
+            stage(&mut undo, &old)?;
+            undo.delete(Cf::Audit, &keys::audit(seq));
+            self.store.commit(undo)?;
+            self.rewind_audit(seq);
+            self.policy_cache_put(&old);
+            if let Err(r) = self.apply_policy(&affected, false) {
+                tracing::error!(error = %r, "cannot re-apply the old policy");
+            }
+            return Err(e);
+        }
+        tracing::info!(%actor, action, users = affected.len(), "policy changed");
+        Ok(())
+    }
+
+    fn policy_cache_put(&self, changes: &[Change]) {
+        let mut c = self.policy.cache.write().unwrap();
+        for ch in changes {
+            match ch.clone() {
+                Change::User(u, Some(p)) => {
+                    c.users.insert(u, p);
+                }
+                Change::User(u, None) => {
+                    c.users.remove(&u);
+                }
+                Change::Group(g, Some(r)) => {
+                    c.groups.insert(g, r);
+                }
+                Change::Group(g, None) => {
+                    c.groups.remove(&g);
+                }
+                Change::Default(l) => c.default = l,
+            }
+        }
+        c.index();
+    }
+
+    /// Stages the removal of a user's own limits and memberships into `batch` (the user is
+    /// being removed); [`Service::policy_forgotten`] updates the cache once it is committed.
+    pub(super) fn policy_forget_user(
+        &self,
+        batch: &mut Batch,
+        user: &UserName,
+    ) -> Result<ForgetUser, ServiceError> {
+        let c = self.policy.cache.read().unwrap();
+        let mut changes = Vec::new();
+        if c.users.contains_key(user) {
+            changes.push(Change::User(user.clone(), None));
+        }
+        for g in c.member_of.get(user).into_iter().flatten() {
+            if let Some(rec) = c.groups.get(g) {
+                let mut rec = rec.clone();
+                rec.members.remove(user);
+                changes.push(Change::Group(g.clone(), Some(rec)));
+            }
+        }
+        stage(batch, &changes)?;
+        Ok(ForgetUser {
+            user: user.clone(),
+            changes,
+        })
+    }
+
+    /// The cache after a removed user's policy records were committed.
+    pub(super) fn policy_forgotten(&self, f: ForgetUser) {
+        self.policy_cache_put(&f.changes);
+        self.policy.cache.write().unwrap().effective.remove(&f.user);
+    }
+
+    fn all_user_names(&self) -> Result<Vec<UserName>, ServiceError> {
+        Ok(self
+            .list_users()?
+            .into_iter()
+            .map(|d| d.user.name)
+            .collect())
+    }
+
+    // ---- the kernel -------------------------------------------------------------------------
+
+    /// Applies the effective policy of every user (agent start).
+    pub fn reapply_policy(&self) -> Result<(), ServiceError> {
+        let users = self.all_user_names()?;
+        self.apply_policy(&users, true)?;
+        tracing::info!(users = users.len(), "policy applied to the kernel");
+        Ok(())
+    }
+
+    /// Writes the effective policy of `users` to the kernel: for each of their devices the
+    /// rates, the flow limit, the quota bucket (created or resized once per bucket) and the gate.
+    /// With `force_gates` every gate is written, otherwise only those whose decision changed.
+    pub fn apply_policy(&self, users: &[UserName], force_gates: bool) -> Result<(), ServiceError> {
+        let now = SystemTime::now();
+        let mut effs = Vec::with_capacity(users.len());
+        {
+            let mut c = self.policy.cache.write().unwrap();
+            for u in users {
+                let e = c.effective(u);
+                c.effective.insert(u.clone(), e.clone());
+                effs.push((u, e));
+            }
+        }
+        // Buckets: one limit write per bucket, whatever the number of users sharing it.
+        let mut bucket_of: HashMap<&UserName, Option<u32>> = HashMap::new();
+        let mut limits: BTreeMap<u32, u64> = BTreeMap::new();
+        for (u, e) in &effs {
+            let b = match &e.quota.value {
+                QuotaPlan::None => None,
+                QuotaPlan::Personal { limit } => {
+                    let id = self.bucket_for(&owner_user(u), e.period.value, e.tz.value, now)?;
+                    limits.insert(id, cutoff(*limit, e.grace.value));
+                    Some(id)
+                }
+                QuotaPlan::Pool { group, limit } => {
+                    let gl = self
+                        .policy
+                        .cache
+                        .read()
+                        .unwrap()
+                        .groups
+                        .get(group)
+                        .map(|g| g.limits.clone())
+                        .unwrap_or_default();
+                    let id = self.bucket_for(
+                        &owner_group(group),
+                        gl.period.unwrap_or_default(),
+                        gl.tz.unwrap_or_default(),
+                        now,
+                    )?;
+                    limits.insert(id, cutoff(*limit, gl.grace.unwrap_or_default()));
+                    Some(id)
+                }
+            };
+            bucket_of.insert(*u, b);
+        }
+        for (id, limit) in &limits {
+            self.plane.policy_bucket(*id, *limit)?;
+        }
+        for (u, e) in &effs {
+            let k = PeerKernel {
+                rates: PeerRates {
+                    to_peer: e.bandwidth.value.map(|b| b.0),
+                    from_peer: e.bandwidth.value.map(|b| b.0),
+                },
+                flows: e.flows.value,
+                bucket: bucket_of.get(u).copied().flatten(),
+            };
+            let peers = self.user_peers(u);
+            for p in &peers {
+                self.plane.policy_rates(p.id, k.rates)?;
+                self.plane.policy_limits(p.id, k.flows, k.bucket)?;
+            }
+            self.apply_gates(u, e, &peers, now, force_gates)?;
+        }
+        Ok(())
+    }
+
+    /// The bucket of `owner`, allocated and stored on first use; its period is remembered for
+    /// the tick.
+    fn bucket_for(
+        &self,
+        owner: &str,
+        period: Period,
+        zone: Zone,
+        now: SystemTime,
+    ) -> Result<u32, ServiceError> {
+        let mut buckets = self.policy.buckets.lock().unwrap();
+        if let Some(b) = buckets.get_mut(owner) {
+            b.period = period;
+            b.zone = zone;
+            return Ok(b.rec.id);
+        }
+        let used: BTreeSet<u32> = buckets.values().map(|b| b.rec.id).collect();
+        let id = (1..MAX_QUOTA_BUCKETS)
+            .find(|i| !used.contains(i))
+            .ok_or_else(|| ServiceError::Exhausted {
+                what: "quota bucket".into(),
+            })?;
+        let rec = BucketRecord {
+            id,
+            period_start: engine::period_start(period, zone, now),
+        };
+        self.store
+            .put(Cf::Policy, &keys::policy_bucket(owner), &rec)?;
+        buckets.insert(owner.to_owned(), BucketState { rec, period, zone });
+        Ok(id)
+    }
+
+    /// Decides and writes the gates of one user's devices.
+    fn apply_gates(
+        &self,
+        user: &UserName,
+        eff: &Effective,
+        peers: &[Peer],
+        now: SystemTime,
+        force: bool,
+    ) -> Result<(), ServiceError> {
+        let mut rt = self.policy.runtime.lock().unwrap();
+        let devices: Vec<Device> = peers
+            .iter()
+            .map(|p| Device {
+                id: p.id,
+                online_since: rt.online.get(&p.id).copied(),
+            })
+            .collect();
+        let today = engine::local_day(eff.tz.value, now);
+        let used = rt
+            .online_time
+            .get(user)
+            .filter(|(d, _)| *d == today)
+            .map_or(Duration::ZERO, |(_, t)| *t);
+        for (id, want) in engine::gates(eff, &devices, used, now) {
+            let had = rt.written.get(&id).copied().unwrap_or(None);
+            if force || had != want {
+                let gate = match want {
+                    None => Gate::Admitted { until: None },
+                    Some(r) => Gate::Held(r),
+                };
+                self.plane.set_gate(id, gate)?;
+                rt.written.insert(id, want);
+                if had != want {
+                    tracing::info!(user = %user, peer = id, gate = ?gate, "policy gate");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ---- time and the tunnel ----------------------------------------------------------------
+
+    /// A device completed a handshake at `now`: it is online; its user's gates are decided
+    /// again (the device may be over the device limit or outside the window).
+    pub fn policy_on_connect(&self, key: &PublicKey, now: SystemTime) -> Result<(), ServiceError> {
+        let Some(peer) = self.peer_by_key(key) else {
+            return Ok(());
+        };
+        {
+            let mut rt = self.policy.runtime.lock().unwrap();
+            rt.online.entry(peer.id).or_insert(now);
+            // A kick held it; the handshake ends that hold, the policy decides afresh.
+            rt.written.remove(&peer.id);
+        }
+        self.regate(&peer.user, now, true)
+    }
+
+    /// A device went offline at `now` (disconnected or kicked): a device waiting for a free
+    /// slot of its user is admitted.
+    pub fn policy_on_disconnect(
+        &self,
+        key: &PublicKey,
+        now: SystemTime,
+    ) -> Result<(), ServiceError> {
+        let Some(peer) = self.peer_by_key(key) else {
+            return Ok(());
+        };
+        let was_online = self.policy.runtime.lock().unwrap().online.remove(&peer.id);
+        if was_online.is_some() {
+            self.regate(&peer.user, now, false)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets that the devices of `peers` are online (they were kicked) without touching their
+    /// gates.
+    pub fn policy_forget_online(&self, peers: &[Peer]) {
+        let mut rt = self.policy.runtime.lock().unwrap();
+        for p in peers {
+            rt.online.remove(&p.id);
+            rt.written.remove(&p.id);
+        }
+    }
+
+    fn regate(&self, user: &UserName, now: SystemTime, force: bool) -> Result<(), ServiceError> {
+        let eff = {
+            let c = self.policy.cache.read().unwrap();
+            c.effective
+                .get(user)
+                .cloned()
+                .unwrap_or_else(|| c.effective(user))
+        };
+        let peers = self.user_peers(user);
+        self.apply_gates(user, &eff, &peers, now, force)
+    }
+
+    /// The clock moved to `now`: resets buckets whose period started since their last reset,
+    /// counts online time, and re-decides the gates of users with a window, a daily time or a
+    /// device limit. The daemon calls it every second; tests call it with their own clock.
+    pub fn policy_tick(&self, now: SystemTime) -> Result<(), ServiceError> {
+        // Periods.
+        let due: Vec<(String, u32, i64)> = self
+            .policy
+            .buckets
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(o, b)| {
+                engine::reset_due(b.period, b.zone, b.rec.period_start, now)
+                    .map(|s| (o.clone(), b.rec.id, s))
+            })
+            .collect();
+        for (owner, id, start) in due {
+            match self.plane.policy_reset(id) {
+                Ok(_) | Err(crate::dataplane::DataplaneError::UnknownQuotaBucket { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let rec = BucketRecord {
+                id,
+                period_start: Some(start),
+            };
+            self.store
+                .put(Cf::Policy, &keys::policy_bucket(&owner), &rec)?;
+            if let Some(b) = self.policy.buckets.lock().unwrap().get_mut(&owner) {
+                b.rec = rec;
+            }
+            tracing::info!(owner, bucket = id, "quota period started");
+        }
+        // Online time and gates.
+        let timed: Vec<(UserName, Effective)> = self
+            .policy
+            .cache
+            .read()
+            .unwrap()
+            .effective
+            .iter()
+            .filter(|(_, e)| {
+                e.window.value.is_some() || e.time.value.is_some() || e.connections.value.is_some()
+            })
+            .map(|(u, e)| (u.clone(), e.clone()))
+            .collect();
+        let elapsed = {
+            let mut rt = self.policy.runtime.lock().unwrap();
+            let d = rt
+                .last_tick
+                .and_then(|t| now.duration_since(t).ok())
+                .unwrap_or_default()
+                // A long pause (suspend, a stopped clock) is not online time.
+                .min(Duration::from_secs(60));
+            rt.last_tick = Some(now);
+            d
+        };
+        for (u, e) in timed {
+            let peers = self.user_peers(&u);
+            {
+                let mut rt = self.policy.runtime.lock().unwrap();
+                let online = peers.iter().any(|p| {
+                    rt.online.contains_key(&p.id)
+                        && rt.written.get(&p.id).copied().flatten().is_none()
+                });
+                let today = engine::local_day(e.tz.value, now);
+                let entry = rt
+                    .online_time
+                    .entry(u.clone())
+                    .or_insert((today, Duration::ZERO));
+                if entry.0 != today {
+                    *entry = (today, Duration::ZERO);
+                }
+                if online {
+                    entry.1 += elapsed;
+                }
+            }
+            self.apply_gates(&u, &e, &peers, now, false)?;
+        }
+        Ok(())
+    }
+}
+
+impl Service {
+    /// The current policy as a document (users with their devices and own limits, groups,
+    /// default).
+    pub fn export_document(&self) -> Result<doc::PolicyDoc, ServiceError> {
+        let users = self.list_users()?;
+        let c = self.policy.cache.read().unwrap();
+        Ok(doc::PolicyDoc {
+            default: c.default.clone(),
+            users: users
+                .into_iter()
+                .map(|d| {
+                    let limits = c
+                        .users
+                        .get(&d.user.name)
+                        .map(|p| p.limits.clone())
+                        .unwrap_or_default();
+                    let devices = d.peers.into_iter().map(|p| p.device).collect();
+                    (d.user.name, doc::UserDoc { devices, limits })
+                })
+                .collect(),
+            groups: c
+                .groups
+                .values()
+                .map(|g| {
+                    (
+                        g.name.clone(),
+                        doc::GroupDoc {
+                            members: g.members.clone(),
+                            limits: g.limits.clone(),
+                            shared_limit: g.shared_limit,
+                        },
+                    )
+                })
+                .collect(),
+        })
+    }
+
+    fn plan_document(&self, d: &doc::PolicyDoc) -> Result<doc::Plan, ServiceError> {
+        let users = self
+            .list_users()?
+            .into_iter()
+            .map(|d| (d.user.name, d.peers.into_iter().map(|p| p.device).collect()))
+            .collect();
+        let c = self.policy.cache.read().unwrap();
+        Ok(doc::plan(
+            d,
+            &doc::Current {
+                users,
+                limits: &c.users,
+                groups: &c.groups,
+                default: &c.default,
+            },
+        )?)
+    }
+
+    /// Applies a policy document (see [`doc`]): returns the diff; with `dry_run`, or when the
+    /// diff is empty, nothing is changed.
+    pub fn apply_document(
+        &self,
+        actor: &Actor,
+        d: &doc::PolicyDoc,
+        dry_run: bool,
+    ) -> Result<Vec<String>, ServiceError> {
+        let plan = self.plan_document(d)?;
+        if dry_run || plan.diff.is_empty() {
+            return Ok(plan.diff);
+        }
+        // Users and devices first (each its own synced write); undone if the rest fails.
+        let mut created: Vec<UserName> = Vec::new();
+        let mut added: Vec<(UserName, super::domain::DeviceName)> = Vec::new();
+        let undo = |created: &[UserName], added: &[(UserName, super::domain::DeviceName)]| {
+            for u in created {
+                if let Err(e) = self.remove_user(actor, u) {
+                    tracing::error!(error = %e, user = %u, "cannot undo a user created by a failed apply");
+                }
+            }
+            for (u, dev) in added {
+                if let Err(e) = self.remove_device(actor, u, dev) {
+                    tracing::error!(error = %e, user = %u, "cannot undo a device added by a failed apply");
+                }
+            }
+        };
+        let mut step = || -> Result<(), ServiceError> {
+            for (u, devices) in &plan.new_users {
+                self.add_user(
+                    actor,
+                    super::NewUser {
+                        name: u.clone(),
+                        device: devices[0].clone(),
+                        expires_at: None,
+                    },
+                )?;
+                created.push(u.clone());
+                for dev in &devices[1..] {
+                    self.add_device(actor, u, dev)?;
+                }
+            }
+            for (u, dev) in &plan.new_devices {
+                self.add_device(actor, u, dev)?;
+                added.push((u.clone(), dev.clone()));
+            }
+            let _w = self.writer.lock().unwrap();
+            let p = self.plan_document(d)?;
+            if p.changes.is_empty() {
+                return Ok(());
+            }
+            self.policy_change(
+                actor,
+                "policy.apply",
+                "policy:document".into(),
+                None,
+                to_json(&plan.diff),
+                p.changes,
+                p.affected.into_iter().collect(),
+            )
+        };
+        if let Err(e) = step() {
+            undo(&created, &added);
+            return Err(e);
+        }
+        Ok(plan.diff)
+    }
+}
+
+/// Stages the store writes of `changes`.
+fn stage(batch: &mut Batch, changes: &[Change]) -> Result<(), StoreError> {
+    for ch in changes {
+        match ch {
+            Change::User(u, Some(p)) => {
+                batch.put(Cf::Policy, &keys::policy_user(u.as_str()), &(u, p))?;
+            }
+            Change::User(u, None) => batch.delete(Cf::Policy, &keys::policy_user(u.as_str())),
+            Change::Group(g, Some(r)) => batch.put(Cf::Groups, &keys::group(g.as_str()), r)?,
+            Change::Group(g, None) => batch.delete(Cf::Groups, &keys::group(g.as_str())),
+            Change::Default(l) => batch.put(Cf::Policy, keys::POLICY_DEFAULT, l)?,
+        }
+    }
+    Ok(())
+}
+
+/// Unix seconds now (for records).
+pub fn now_secs() -> u64 {
+    unix_secs(SystemTime::now())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,526 @@
+//! Service-level policy tests on the in-memory dataplane and tunnel (no root): layers to kernel
+//! state, fan-out to group members, bad input changing nothing, restarts, periods, gates.
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use capybara_common::drop::DropReason;
+
+use super::{
+    LimitsTarget,
+    model::{ByteSize, Cap, GroupName, LimitsText},
+};
+use crate::{
+    dataplane::{Gate, PeerRates},
+    service::{
+        NewUser, Service, ServiceConfig, ServiceError,
+        domain::{Actor, DeviceName, PublicKey, UserName},
+        ports::{MemoryPlane, MemoryTunnel},
+    },
+    store::{Cf, Store},
+    units::Rate,
+};
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    plane: Arc<MemoryPlane>,
+    tunnel: Arc<MemoryTunnel>,
+    svc: Service,
+}
+
+fn config() -> ServiceConfig {
+    ServiceConfig {
+        server_v4: "10.98.0.1/24".parse().unwrap(),
+        server_v6: "fd98::1/64".parse().unwrap(),
+        server_public_key: PublicKey([1; 32]),
+        endpoint: "vpn.example.com:51820".into(),
+        dns: vec![],
+        keep_client_keys: None,
+        geo_db: None,
+    }
+}
+
+fn open(dir: tempfile::TempDir, plane: Arc<MemoryPlane>, tunnel: Arc<MemoryTunnel>) -> Fixture {
+    let svc = Service::open(
+        Arc::new(Store::open(dir.path()).unwrap()),
+        plane.clone(),
+        tunnel.clone(),
+        config(),
+    )
+    .unwrap();
+    Fixture {
+        dir,
+        plane,
+        tunnel,
+        svc,
+    }
+}
+
+fn fixture() -> Fixture {
+    open(
+        tempfile::tempdir().unwrap(),
+        Arc::new(MemoryPlane::default()),
+        Arc::new(MemoryTunnel::default()),
+    )
+}
+
+fn root() -> Actor {
+    Actor::Local { uid: 0 }
+}
+
+fn u(n: &str) -> UserName {
+    UserName::parse("user", n).unwrap()
+}
+
+fn g(n: &str) -> GroupName {
+    GroupName::parse("group", n).unwrap()
+}
+
+fn add(f: &Fixture, name: &str, devices: &[&str]) -> Vec<u32> {
+    let (_, cfg) = f
+        .svc
+        .add_user(
+            &root(),
+            NewUser {
+                name: u(name),
+                device: DeviceName::parse("device", devices[0]).unwrap(),
+                expires_at: None,
+            },
+        )
+        .unwrap();
+    let mut ids = vec![cfg.peer.id];
+    for d in &devices[1..] {
+        ids.push(
+            f.svc
+                .add_device(&root(), &u(name), &DeviceName::parse("device", d).unwrap())
+                .unwrap()
+                .peer
+                .id,
+        );
+    }
+    ids
+}
+
+fn patch(f: impl FnOnce(&mut LimitsText)) -> super::model::LimitsPatch {
+    let mut t = LimitsText::default();
+    f(&mut t);
+    t.parse().unwrap()
+}
+
+fn rate(mbit: u64) -> PeerRates {
+    let r = Some(Rate::mbit(mbit).unwrap());
+    PeerRates {
+        to_peer: r,
+        from_peer: r,
+    }
+}
+
+fn audit_count(f: &Fixture) -> usize {
+    f.svc
+        .store()
+        .scan::<serde_json::Value>(Cf::Audit, "")
+        .unwrap()
+        .len()
+}
+
+#[test]
+fn group_policy_reaches_every_members_devices_and_a_user_override_beats_it() {
+    let f = fixture();
+    let alice = add(&f, "alice", &["laptop", "phone"]);
+    let bob = add(&f, "bob", &["laptop"]);
+    let carol = add(&f, "carol", &["laptop"]);
+    f.svc.create_group(&root(), &g("staff")).unwrap();
+    f.svc
+        .change_members(&root(), &g("staff"), &[u("alice"), u("bob")], true)
+        .unwrap();
+    f.svc
+        .set_group_policy(
+            &root(),
+            &g("staff"),
+            &patch(|t| {
+                t.bandwidth = Some("10Mbps".into());
+                t.flows = Some("200".into());
+            }),
+            None,
+        )
+        .unwrap();
+    let s = f.plane.state().policy;
+    for id in alice.iter().chain(&bob) {
+        assert_eq!(s.rates.get(id), Some(&rate(10)), "peer {id}");
+        assert_eq!(s.flows.get(id), Some(&200));
+    }
+    assert_eq!(s.rates.get(&carol[0]), None, "carol is not in the group");
+
+    f.svc
+        .set_limits(
+            &root(),
+            &LimitsTarget::User(u("alice")),
+            &patch(|t| t.bandwidth = Some("50Mbps".into())),
+        )
+        .unwrap();
+    let s = f.plane.state().policy;
+    assert_eq!(s.rates.get(&alice[0]), Some(&rate(50)));
+    assert_eq!(s.rates.get(&alice[1]), Some(&rate(50)));
+    assert_eq!(s.rates.get(&bob[0]), Some(&rate(10)));
+    let e = f.svc.explain_policy(&u("alice")).unwrap();
+    let rows = e.explain();
+    let row = |n: &str| rows.iter().find(|r| r.field == n).unwrap().clone();
+    assert_eq!(row("bandwidth").source, "user");
+    assert_eq!(row("flows").source, "group:staff");
+    assert_eq!(row("flows").value, "200");
+
+    // Removing bob from the group takes its limits away.
+    f.svc
+        .change_members(&root(), &g("staff"), &[u("bob")], false)
+        .unwrap();
+    let s = f.plane.state().policy;
+    assert_eq!(s.rates.get(&bob[0]), None);
+    assert_eq!(s.flows.get(&bob[0]), None);
+    // A new device of a member gets the policy at once.
+    let tablet = f
+        .svc
+        .add_device(
+            &root(),
+            &u("alice"),
+            &DeviceName::parse("d", "tablet").unwrap(),
+        )
+        .unwrap();
+    assert_eq!(
+        f.plane.state().policy.rates.get(&tablet.peer.id),
+        Some(&rate(50))
+    );
+}
+
+#[test]
+fn bad_input_names_the_field_and_changes_nothing() {
+    let f = fixture();
+    add(&f, "alice", &["laptop"]);
+    for (field, t) in [
+        (
+            "bandwidth",
+            LimitsText {
+                bandwidth: Some("10Mbsp".into()),
+                ..LimitsText::default()
+            },
+        ),
+        (
+            "window",
+            LimitsText {
+                window: Some("Mon-Fri 25:00-18:00".into()),
+                ..LimitsText::default()
+            },
+        ),
+    ] {
+        let e = t.parse().unwrap_err();
+        assert_eq!(e.field(), field);
+    }
+    let before = audit_count(&f);
+    let writes = f.plane.state().policy.writes;
+    // A group that does not exist, a member that is not a user: nothing changes.
+    let e = f
+        .svc
+        .set_group_policy(&root(), &g("nope"), &patch(|_| {}), None)
+        .unwrap_err();
+    assert!(
+        matches!(e, ServiceError::NotFound { what: "group", .. }),
+        "{e}"
+    );
+    f.svc.create_group(&root(), &g("staff")).unwrap();
+    let e = f
+        .svc
+        .change_members(&root(), &g("staff"), &[u("alice"), u("ghost")], true)
+        .unwrap_err();
+    assert!(
+        matches!(e, ServiceError::NotFound { what: "user", .. }),
+        "{e}"
+    );
+    assert!(f.svc.get_group(&g("staff")).unwrap().members.is_empty());
+    assert_eq!(audit_count(&f), before + 1, "only the group creation");
+    assert_eq!(f.plane.state().policy.writes, writes);
+}
+
+#[test]
+fn a_shared_pool_is_one_bucket_for_all_members_and_an_own_limit_leaves_it() {
+    let f = fixture();
+    let a = add(&f, "alice", &["laptop"]);
+    let b = add(&f, "bob", &["laptop", "phone"]);
+    f.svc.create_group(&root(), &g("eng")).unwrap();
+    f.svc
+        .change_members(&root(), &g("eng"), &[u("alice"), u("bob")], true)
+        .unwrap();
+    f.svc
+        .set_group_policy(
+            &root(),
+            &g("eng"),
+            &patch(|t| t.grace = Some("10%".into())),
+            Some(Cap::Limit(ByteSize(1_000_000))),
+        )
+        .unwrap();
+    let s = f.plane.state().policy;
+    let pool = s.assigned[&a[0]];
+    assert_eq!(s.assigned[&b[0]], pool);
+    assert_eq!(s.assigned[&b[1]], pool);
+    assert_eq!(
+        s.buckets[&pool].limit_bytes, 1_100_000,
+        "budget plus 10 % grace"
+    );
+    let q = f.svc.show_quota(None, false).unwrap();
+    assert!(
+        q.iter().all(|q| q.plan == "pool:eng" && q.bucket == pool),
+        "{q:?}"
+    );
+
+    // The pool runs out: every member is over (the kernel drops for the whole bucket).
+    f.plane
+        .with(|s| s.policy.buckets.get_mut(&pool).unwrap().used_bytes = 1_000_000);
+    let over = f.svc.show_quota(None, true).unwrap();
+    assert_eq!(over.len(), 2);
+
+    f.svc
+        .set_limits(
+            &root(),
+            &LimitsTarget::User(u("alice")),
+            &patch(|t| t.limit = Some("5GB".into())),
+        )
+        .unwrap();
+    let s = f.plane.state().policy;
+    let own = s.assigned[&a[0]];
+    assert_ne!(own, pool);
+    // The grace is a setting: alice's own budget takes the group's 10 %.
+    assert_eq!(s.buckets[&own].limit_bytes, 5_500_000_000);
+    assert_eq!(
+        f.svc.show_quota(None, true).unwrap().len(),
+        1,
+        "only bob now"
+    );
+    // A manual reset of the pool starts a new period.
+    f.svc.reset_quota(&root(), Err(&g("eng"))).unwrap();
+    assert_eq!(f.plane.state().policy.buckets[&pool].used_bytes, 0);
+    assert!(f.svc.show_quota(None, true).unwrap().is_empty());
+}
+
+#[test]
+fn policy_survives_a_restart_and_is_applied_again() {
+    let f = fixture();
+    let a = add(&f, "alice", &["laptop"]);
+    f.svc
+        .set_limits(
+            &root(),
+            &LimitsTarget::Default,
+            &patch(|t| {
+                t.bandwidth = Some("20Mbps".into());
+                t.limit = Some("1GB".into());
+            }),
+        )
+        .unwrap();
+    let bucket = f.plane.state().policy.assigned[&a[0]];
+    let Fixture {
+        dir,
+        plane,
+        tunnel,
+        svc,
+    } = f;
+    drop(svc);
+    // A restarted agent finds no shaping classes (they live in qdiscs).
+    plane.with(|s| s.policy.rates.clear());
+    let f = open(dir, plane, tunnel);
+    let s = f.plane.state().policy;
+    assert_eq!(s.rates.get(&a[0]), Some(&rate(20)));
+    assert_eq!(s.assigned[&a[0]], bucket, "the same bucket (usage kept)");
+    let rows = f.svc.explain_policy(&u("alice")).unwrap().explain();
+    assert_eq!(
+        rows.iter().find(|r| r.field == "bandwidth").unwrap().source,
+        "default"
+    );
+}
+
+#[test]
+fn periods_reset_buckets_once_at_the_boundary() {
+    let f = fixture();
+    let a = add(&f, "alice", &["laptop"]);
+    f.svc
+        .set_limits(
+            &root(),
+            &LimitsTarget::User(u("alice")),
+            &patch(|t| {
+                t.limit = Some("1GB".into());
+                t.period = Some("daily".into());
+            }),
+        )
+        .unwrap();
+    let bucket = f.plane.state().policy.assigned[&a[0]];
+    f.plane
+        .with(|s| s.policy.buckets.get_mut(&bucket).unwrap().used_bytes = 500);
+    let now = SystemTime::now();
+    f.svc.policy_tick(now).unwrap();
+    assert_eq!(
+        f.plane.state().policy.buckets[&bucket].used_bytes,
+        500,
+        "same day"
+    );
+    let tomorrow = now + Duration::from_secs(86_400);
+    f.svc.policy_tick(tomorrow).unwrap();
+    let b = f.plane.state().policy.buckets[&bucket];
+    assert_eq!((b.used_bytes, b.epoch), (0, 1));
+    f.plane
+        .with(|s| s.policy.buckets.get_mut(&bucket).unwrap().used_bytes = 7);
+    f.svc
+        .policy_tick(tomorrow + Duration::from_secs(1))
+        .unwrap();
+    assert_eq!(
+        f.plane.state().policy.buckets[&bucket].used_bytes,
+        7,
+        "once"
+    );
+}
+
+#[test]
+fn the_fourth_device_waits_until_one_disconnects() {
+    let f = fixture();
+    let ids = add(&f, "alice", &["d1", "d2", "d3", "d4"]);
+    f.svc
+        .set_limits(
+            &root(),
+            &LimitsTarget::User(u("alice")),
+            &patch(|t| t.connections = Some("3".into())),
+        )
+        .unwrap();
+    let keys: Vec<PublicKey> = f.tunnel.state().keys().copied().collect();
+    let key_of = |id| {
+        keys.iter()
+            .find(|k| f.svc.peer_by_key(k).unwrap().id == id)
+            .copied()
+            .unwrap()
+    };
+    let t0 = SystemTime::now();
+    for (i, id) in ids.iter().enumerate() {
+        f.svc
+            .policy_on_connect(&key_of(*id), t0 + Duration::from_secs(i as u64))
+            .unwrap();
+    }
+    let gate = |id| f.plane.state().gates[&id];
+    for id in &ids[..3] {
+        assert_eq!(gate(*id), Gate::Admitted { until: None });
+    }
+    assert_eq!(gate(ids[3]), Gate::Held(DropReason::GateDeviceLimit));
+    f.svc
+        .policy_on_disconnect(&key_of(ids[1]), t0 + Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(gate(ids[3]), Gate::Admitted { until: None });
+}
+
+#[test]
+fn a_window_holds_outside_and_admits_inside_on_the_tick() {
+    let f = fixture();
+    let ids = add(&f, "alice", &["laptop"]);
+    f.svc
+        .set_limits(
+            &root(),
+            &LimitsTarget::User(u("alice")),
+            &patch(|t| {
+                t.window = Some("Mon-Fri 08:00-18:00".into());
+                t.tz = Some("Europe/Berlin".into());
+            }),
+        )
+        .unwrap();
+    let at = |s: &str| -> SystemTime { chrono::DateTime::parse_from_rfc3339(s).unwrap().into() };
+    let gate = || f.plane.state().gates[&ids[0]];
+    f.svc.policy_tick(at("2026-11-27T16:59:00Z")).unwrap();
+    assert_eq!(gate(), Gate::Admitted { until: None });
+    f.svc.policy_tick(at("2026-11-27T17:00:00Z")).unwrap();
+    assert_eq!(gate(), Gate::Held(DropReason::GateOutsideWindow));
+    f.svc.policy_tick(at("2026-11-30T07:00:00Z")).unwrap();
+    assert_eq!(gate(), Gate::Admitted { until: None });
+    // A kick is not undone by the tick.
+    f.svc.kick(&root(), &u("alice")).unwrap();
+    f.svc.policy_tick(at("2026-11-30T07:00:01Z")).unwrap();
+    assert_eq!(gate(), Gate::Held(DropReason::GateKicked));
+}
+
+#[test]
+fn every_change_is_audited() {
+    let f = fixture();
+    add(&f, "alice", &["laptop"]);
+    let before = audit_count(&f);
+    f.svc.create_group(&root(), &g("staff")).unwrap();
+    f.svc
+        .change_members(&root(), &g("staff"), &[u("alice")], true)
+        .unwrap();
+    f.svc
+        .set_group_policy(
+            &root(),
+            &g("staff"),
+            &patch(|t| t.flows = Some("5".into())),
+            None,
+        )
+        .unwrap();
+    f.svc
+        .set_limits(
+            &root(),
+            &LimitsTarget::Default,
+            &patch(|t| t.flows = Some("9".into())),
+        )
+        .unwrap();
+    f.svc.delete_group(&root(), &g("staff")).unwrap();
+    let recs = f.svc.audit_records(None, 10).unwrap();
+    let actions: Vec<&str> = recs.iter().take(5).map(|r| r.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        [
+            "group.delete",
+            "policy.default.set",
+            "group.policy",
+            "group.add",
+            "group.create"
+        ]
+    );
+    assert_eq!(audit_count(&f), before + 5);
+    // After the group is gone, the default applies.
+    let id = f.svc.list_peers(Some(&u("alice"))).unwrap()[0].id;
+    assert_eq!(f.plane.state().policy.flows.get(&id), Some(&9));
+}
+
+#[test]
+fn removing_a_user_removes_its_limits_and_memberships() {
+    let f = fixture();
+    add(&f, "alice", &["laptop"]);
+    add(&f, "bob", &["laptop"]);
+    f.svc.create_group(&root(), &g("staff")).unwrap();
+    f.svc
+        .change_members(&root(), &g("staff"), &[u("alice"), u("bob")], true)
+        .unwrap();
+    f.svc
+        .set_limits(
+            &root(),
+            &LimitsTarget::User(u("alice")),
+            &patch(|t| t.flows = Some("3".into())),
+        )
+        .unwrap();
+    f.svc.remove_user(&root(), &u("alice")).unwrap();
+    let members = f.svc.get_group(&g("staff")).unwrap().members;
+    assert_eq!(members.into_iter().collect::<Vec<_>>(), vec![u("bob")]);
+    // The same after a restart (the batch held it), and a new alice starts clean.
+    let Fixture {
+        dir,
+        plane,
+        tunnel,
+        svc,
+    } = f;
+    drop(svc);
+    let f = open(dir, plane, tunnel);
+    assert_eq!(f.svc.get_group(&g("staff")).unwrap().members.len(), 1);
+    add(&f, "alice", &["laptop"]);
+    assert!(
+        f.svc
+            .get_limits(&LimitsTarget::User(u("alice")))
+            .unwrap()
+            .is_empty()
+    );
+    // The export of this state applies on an empty agent.
+    let doc = f.svc.export_document().unwrap();
+    let e = fixture();
+    e.svc.apply_document(&root(), &doc, false).unwrap();
+    assert_eq!(e.svc.export_document().unwrap(), doc);
+}

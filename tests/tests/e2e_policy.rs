@@ -1,0 +1,360 @@
+//! Policy end to end: the control service over the real dataplane (TC programs on the agent's
+//! tunnel device) and the real WireGuard tunnel, with `wireguard-go` clients in namespaces that
+//! use the configs the service generated.
+//!
+//! - a group's bandwidth throttles every member (iperf3 TCP to each member within 0.8–1.05 × the
+//!   rate), and a user override beats it for that user only;
+//! - with `--connections 3` the 4th device of a user is held at the gate (no ping) until one of
+//!   the three disconnects, then it is admitted (ping);
+//! - a window: a device outside it is held, inside it admitted again on the tick (the service's
+//!   clock is the test's).
+
+mod e2e_support;
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use capybara_agent::{
+    dataplane::Dataplane,
+    service::{
+        NewUser, Service, ServiceConfig,
+        domain::{Actor, ClientConfig, DeviceName, PublicKey, UserName},
+        policy::{
+            LimitsTarget,
+            model::{GroupName, LimitsText},
+        },
+    },
+    store::Store,
+    tunnel::{DEFAULT_OFFLOAD, TunnelEvent, WgTunnel},
+    units::Rate,
+};
+use capybara_tests::{
+    iperf::{self, IperfTcp},
+    netns::{BpffsDir, NetNs, VethPair},
+    wg::{Implementation, WgProcess, ping, ping_until, start_tunnel, tunnel_config},
+};
+use e2e_support::{WAIT, attach_tc, open_dataplane};
+
+/// One client namespace with a wireguard-go interface set up from an agent-generated config.
+struct Client {
+    wg: Option<WgProcess>,
+    _veth: VethPair,
+    ns: NetNs,
+    v4: IpAddr,
+}
+
+/// Fields drop in order: clients, the service, the tunnel's namespace, pins.
+struct Lab {
+    clients: Vec<Client>,
+    svc: Arc<Service>,
+    _events: std::thread::JoinHandle<()>,
+    dp: Arc<Mutex<Dataplane>>,
+    tunnel_port: u16,
+    server_v4: IpAddr,
+    server: NetNs,
+    _store: tempfile::TempDir,
+    _pins: BpffsDir,
+    net: u8,
+}
+
+fn root() -> Actor {
+    Actor::Local { uid: 0 }
+}
+
+fn u(s: &str) -> UserName {
+    UserName::parse("user", s).unwrap()
+}
+
+fn text(f: impl FnOnce(&mut LimitsText)) -> capybara_agent::service::policy::model::LimitsPatch {
+    let mut t = LimitsText::default();
+    f(&mut t);
+    t.parse().unwrap()
+}
+
+impl Lab {
+    fn new(net: u8, disconnect_after: Duration) -> Lab {
+        let pins = BpffsDir::new();
+        let server = NetNs::new("s");
+        let mut cfg = tunnel_config(
+            net,
+            capybara_agent::tunnel::PrivateKey::generate(),
+            DEFAULT_OFFLOAD,
+        );
+        cfg.disconnect_after = disconnect_after;
+        let tunnel = start_tunnel(&server, cfg);
+        let mut dp = open_dataplane(&pins);
+        attach_tc(&mut dp, &server, tunnel.name());
+        let dp = Arc::new(Mutex::new(dp));
+        let store = tempfile::tempdir().unwrap();
+        let tunnel_port = tunnel.listen_port();
+        let server_key = PublicKey(*tunnel.public_key().as_bytes());
+        let events = tunnel.subscribe();
+        let tunnel: Arc<WgTunnel> = Arc::new(tunnel);
+        let svc = Arc::new(
+            Service::open(
+                Arc::new(Store::open(store.path()).unwrap()),
+                dp.clone(),
+                tunnel,
+                ServiceConfig {
+                    server_v4: format!("10.{net}.1.1/24").parse().unwrap(),
+                    server_v6: format!("fd01:{net:x}::1/64").parse().unwrap(),
+                    server_public_key: server_key,
+                    endpoint: "unused:1".into(),
+                    dns: vec![],
+                    keep_client_keys: None,
+                    geo_db: None,
+                },
+            )
+            .expect("open the service"),
+        );
+        // What the daemon does with the tunnel's events (daemon::forward_handshakes).
+        let s = svc.clone();
+        let events = std::thread::spawn(move || {
+            let mut rx = events;
+            loop {
+                match rx.blocking_recv() {
+                    Ok(TunnelEvent::Connected { public_key, .. }) => {
+                        let _ = s.on_handshake(&PublicKey(*public_key.as_bytes()));
+                    }
+                    Ok(TunnelEvent::Disconnected { public_key, at, .. }) => {
+                        let _ = s.policy_on_disconnect(&PublicKey(*public_key.as_bytes()), at);
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Lab {
+            clients: Vec::new(),
+            svc,
+            _events: events,
+            dp,
+            tunnel_port,
+            server_v4: format!("10.{net}.1.1").parse().unwrap(),
+            server,
+            _store: store,
+            _pins: pins,
+            net,
+        }
+    }
+
+    /// Brings up a wireguard-go client with `cfg` (the agent's generated config).
+    fn client(&mut self, cfg: &ClientConfig) -> usize {
+        let i = self.clients.len();
+        let ns = NetNs::new("c");
+        let veth = VethPair::new(&self.server, &ns, self.net + 1 + i as u8);
+        let wg = WgProcess::start(&ns, Implementation::WireguardGo, "c");
+        let endpoint = SocketAddr::new(IpAddr::V4(veth.a.v4), self.tunnel_port);
+        let net = self.net;
+        wg.setconf(&format!(
+            "[Interface]\nPrivateKey = {}\n\n[Peer]\nPublicKey = {}\nEndpoint = {endpoint}\n\
+             AllowedIPs = 10.{net}.1.0/24, fd01:{net:x}::/64\nPersistentKeepalive = 1\n",
+            cfg.private_key.as_deref().expect("a new device's key"),
+            cfg.server_public_key,
+        ));
+        wg.up(
+            &ns,
+            &[
+                &format!("{}/24", cfg.peer.ipv4),
+                &format!("{}/64", cfg.peer.ipv6),
+            ],
+        );
+        self.clients.push(Client {
+            wg: Some(wg),
+            _veth: veth,
+            ns,
+            v4: IpAddr::V4(cfg.peer.ipv4),
+        });
+        i
+    }
+
+    fn user(&mut self, name: &str, devices: &[&str]) -> Vec<usize> {
+        let (_, cfg) = self
+            .svc
+            .add_user(
+                &root(),
+                NewUser {
+                    name: u(name),
+                    device: DeviceName::parse("device", devices[0]).unwrap(),
+                    expires_at: None,
+                },
+            )
+            .expect("add user");
+        let mut out = vec![self.client(&cfg)];
+        for d in &devices[1..] {
+            let cfg = self
+                .svc
+                .add_device(&root(), &u(name), &DeviceName::parse("device", d).unwrap())
+                .expect("add device");
+            out.push(self.client(&cfg));
+        }
+        out
+    }
+
+    /// Goodput from the server to client `i` (4 s after 1 s of slow start), bit/s.
+    fn to_client(&self, i: usize) -> f64 {
+        let c = &self.clients[i];
+        iperf::tcp(
+            &self.server,
+            &c.ns,
+            c.v4,
+            &IperfTcp {
+                seconds: 4,
+                ..IperfTcp::default()
+            },
+        )
+        .received_bps
+    }
+}
+
+fn assert_rate(bps: f64, rate: Rate, what: &str) {
+    let ratio = bps / rate.bits_per_sec() as f64;
+    eprintln!("{what}: {:.2} Mbit/s = {ratio:.3} × {rate}", bps / 1e6);
+    assert!((0.8..=1.05).contains(&ratio), "{what}: {ratio:.3} × {rate}");
+}
+
+#[test]
+fn a_group_bandwidth_throttles_members_and_a_user_override_beats_it() {
+    let mut lab = Lab::new(71, Duration::from_secs(180));
+    let alice = lab.user("alice", &["laptop"])[0];
+    let bob = lab.user("bob", &["laptop"])[0];
+    for c in [alice, bob] {
+        assert!(
+            ping_until(&lab.clients[c].ns, lab.server_v4, WAIT),
+            "no ping through the tunnel"
+        );
+    }
+    let staff = GroupName::parse("group", "staff").unwrap();
+    lab.svc.create_group(&root(), &staff).unwrap();
+    lab.svc
+        .change_members(&root(), &staff, &[u("alice"), u("bob")], true)
+        .unwrap();
+    lab.svc
+        .set_group_policy(
+            &root(),
+            &staff,
+            &text(|t| t.bandwidth = Some("5Mbps".into())),
+            None,
+        )
+        .unwrap();
+    let five = Rate::mbit(5).unwrap();
+    assert_rate(lab.to_client(alice), five, "alice in staff");
+    assert_rate(lab.to_client(bob), five, "bob in staff");
+
+    lab.svc
+        .set_limits(
+            &root(),
+            &LimitsTarget::User(u("alice")),
+            &text(|t| t.bandwidth = Some("20Mbps".into())),
+        )
+        .unwrap();
+    assert_rate(
+        lab.to_client(alice),
+        Rate::mbit(20).unwrap(),
+        "alice's override",
+    );
+    assert_rate(lab.to_client(bob), five, "bob still in staff");
+    let id = lab.svc.list_peers(Some(&u("bob"))).unwrap()[0].id;
+    assert_eq!(
+        lab.dp.lock().unwrap().rates(id).unwrap().to_peer,
+        Some(five)
+    );
+}
+
+#[test]
+fn the_fourth_device_is_held_until_one_disconnects() {
+    let mut lab = Lab::new(75, Duration::from_secs(3));
+    lab.user("carol", &["d1"]);
+    lab.svc
+        .set_limits(
+            &root(),
+            &LimitsTarget::User(u("carol")),
+            &text(|t| t.connections = Some("3".into())),
+        )
+        .unwrap();
+    for d in ["d2", "d3"] {
+        let cfg = lab
+            .svc
+            .add_device(
+                &root(),
+                &u("carol"),
+                &DeviceName::parse("device", d).unwrap(),
+            )
+            .unwrap();
+        lab.client(&cfg);
+    }
+    for c in 0..3 {
+        assert!(
+            ping_until(&lab.clients[c].ns, lab.server_v4, WAIT),
+            "device {c} within the limit"
+        );
+    }
+    let cfg = lab
+        .svc
+        .add_device(
+            &root(),
+            &u("carol"),
+            &DeviceName::parse("device", "d4").unwrap(),
+        )
+        .unwrap();
+    let fourth = lab.client(&cfg);
+    // Its handshake completes, then the gate holds it.
+    std::thread::sleep(Duration::from_secs(2));
+    for _ in 0..3 {
+        assert!(
+            !ping(&lab.clients[fourth].ns, lab.server_v4),
+            "the 4th device passes the gate"
+        );
+    }
+    let held = lab.svc.list_peers(Some(&u("carol"))).unwrap()[3].id;
+    assert_eq!(
+        lab.dp.lock().unwrap().gate(held).unwrap(),
+        capybara_agent::dataplane::Gate::Held(capybara_common::drop::DropReason::GateDeviceLimit)
+    );
+    // Device 2 goes away: after the tunnel's disconnect timeout the 4th is admitted.
+    lab.clients[1].wg = None;
+    assert!(
+        ping_until(
+            &lab.clients[fourth].ns,
+            lab.server_v4,
+            Duration::from_secs(15)
+        ),
+        "the 4th device is admitted after one disconnects"
+    );
+    assert!(ping_until(&lab.clients[0].ns, lab.server_v4, WAIT));
+}
+
+#[test]
+fn a_window_holds_outside_and_admits_inside() {
+    let mut lab = Lab::new(79, Duration::from_secs(180));
+    let c = lab.user("dave", &["laptop"])[0];
+    assert!(ping_until(&lab.clients[c].ns, lab.server_v4, WAIT));
+    lab.svc
+        .set_limits(
+            &root(),
+            &LimitsTarget::User(u("dave")),
+            &text(|t| {
+                t.window = Some("Mon-Fri 08:00-18:00".into());
+                t.tz = Some("UTC".into());
+            }),
+        )
+        .unwrap();
+    let at = |secs: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+    // Saturday 2026-11-28 12:00 UTC: held.
+    lab.svc.policy_tick(at(1_795_867_200)).unwrap();
+    for _ in 0..3 {
+        assert!(
+            !ping(&lab.clients[c].ns, lab.server_v4),
+            "held outside the window"
+        );
+    }
+    // Monday 2026-11-30 08:00 UTC: admitted on the tick.
+    lab.svc.policy_tick(at(1_796_025_600)).unwrap();
+    assert!(
+        ping_until(&lab.clients[c].ns, lab.server_v4, WAIT),
+        "admitted inside the window"
+    );
+}
