@@ -14,6 +14,8 @@
 //!   the XDP guard against nftables and iptables + ipset, same run.
 //! - [`agent_load`]: the agent binary's start-up time and resident memory with 100k peers in
 //!   its store.
+//! - [`vs_enforcement`]: 1k peers with counters, rate and flow limits: the tunnel-device
+//!   programs against nftables + tc HTB, throughput and rule-update latency.
 //! - [`vs_tc`]: throttle accuracy of a `tc` HTB script and of nftables `limit rate` at the
 //!   rates of `throttle_accuracy_*`.
 //! - [`report`]: `report.md`, the SVG plots and the progress bar.
@@ -30,6 +32,7 @@ pub mod pipeline;
 pub mod report;
 pub mod throttle;
 pub mod tunnel;
+pub mod vs_enforcement;
 pub mod vs_nftables;
 pub mod vs_tc;
 
@@ -106,6 +109,10 @@ pub use agent_load::{
     LOAD_100K_PEERS_MS,
 };
 pub use api_load::{API_LOAD_CALLS_PER_S, API_LOAD_ERRORS, API_LOAD_P50_MS, API_LOAD_P99_MS};
+pub use vs_enforcement::{
+    ENFORCEMENT_MBPS_CAPYBARA_1K_PEERS, ENFORCEMENT_MBPS_NFTABLES_TC_1K_PEERS,
+    ENFORCEMENT_VS_NFTABLES_TC_1K_PEERS, RULE_UPDATE_US_CAPYBARA, RULE_UPDATE_US_TC,
+};
 pub use vs_nftables::{
     BLOCKLIST_PPS_IPTABLES_IPSET_1M, BLOCKLIST_PPS_NFTABLES_1M, BLOCKLIST_PPS_NO_FILTER,
     BLOCKLIST_PPS_XDP_1M, BLOCKLIST_VS_IPTABLES_IPSET_1M, BLOCKLIST_VS_NFTABLES_1M,
@@ -157,6 +164,11 @@ pub const ALL: &[&str] = &[
     BLOCKLIST_PPS_NFTABLES_1M,
     BLOCKLIST_PPS_IPTABLES_IPSET_1M,
     BLOCKLIST_PPS_NO_FILTER,
+    ENFORCEMENT_VS_NFTABLES_TC_1K_PEERS,
+    ENFORCEMENT_MBPS_CAPYBARA_1K_PEERS,
+    ENFORCEMENT_MBPS_NFTABLES_TC_1K_PEERS,
+    RULE_UPDATE_US_CAPYBARA,
+    RULE_UPDATE_US_TC,
     THROTTLE_ACCURACY_TC_HTB_5M,
     THROTTLE_ACCURACY_TC_HTB_50M,
     THROTTLE_ACCURACY_TC_HTB_500M,

@@ -3,8 +3,9 @@
 //!
 //! - `throttle_accuracy_tc_htb_*`: a `tc` HTB script on the server's end (the sender's egress,
 //!   where Capybara's own HTB class sits in `throttle_accuracy_*`): a root HTB whose default class
-//!   is unlimited, one class `rate R ceil R` for the peer with an `fq_codel` leaf, and a `u32`
-//!   filter on the peer's address (the shape of the per-peer scripts wg-easy users share).
+//!   is unlimited, one class `rate R ceil R` for the peer, and a `u32` filter on the peer's
+//!   address (the shape of the per-peer scripts wg-easy users share). The leaf is HTB's default
+//!   `pfifo`: this kernel has neither `fq_codel` nor `sfq` (Capybara's classes use a byte fifo).
 //! - `throttle_accuracy_nft_limit_*`: nftables' `limit rate over R/second drop` (the nftables
 //!   wiki's rate-limiting rule, a policer with its default burst), in a `prerouting` chain of the
 //!   peer's namespace: the packets are dropped after they left the sender, as a server's forward
@@ -76,9 +77,6 @@ pub fn htb_script(dev: &str, peer: &str, mbit: u64) -> Vec<Vec<String>> {
         s(&[
             "tc", "class", "add", "dev", dev, "parent", "1:", "classid", "1:10", "htb", "rate",
             &rate, "ceil", &rate,
-        ]),
-        s(&[
-            "tc", "qdisc", "add", "dev", dev, "parent", "1:10", "fq_codel",
         ]),
         s(&[
             "tc",
@@ -204,7 +202,7 @@ mod tests {
             lines[2],
             "tc class add dev eth0 parent 1: classid 1:10 htb rate 50mbit ceil 50mbit"
         );
-        assert!(lines[4].ends_with("match ip dst 10.0.0.2/32 flowid 1:10"));
+        assert!(lines[3].ends_with("match ip dst 10.0.0.2/32 flowid 1:10"));
     }
 
     #[test]

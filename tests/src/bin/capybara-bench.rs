@@ -77,6 +77,11 @@ const QUICK: &[&str] = &[
     bench::BLOCKLIST_PPS_NO_FILTER,
     bench::THROTTLE_ACCURACY_TC_HTB_50M,
     bench::THROTTLE_ACCURACY_NFT_LIMIT_50M,
+    bench::ENFORCEMENT_VS_NFTABLES_TC_1K_PEERS,
+    bench::ENFORCEMENT_MBPS_CAPYBARA_1K_PEERS,
+    bench::ENFORCEMENT_MBPS_NFTABLES_TC_1K_PEERS,
+    bench::RULE_UPDATE_US_CAPYBARA,
+    bench::RULE_UPDATE_US_TC,
     bench::AGENT_RSS_MB_100K_PEERS,
     bench::LOAD_100K_PEERS_MS,
     bench::AGENT_RSS_MB_EMPTY,
@@ -123,7 +128,7 @@ fn main() -> Result<()> {
     let when = now_utc();
     // Declared first, dropped last: every benchmark's fds are closed before the pins go.
     let pins = BenchPins::new()?;
-    let bar = report::start_progress(8);
+    let bar = report::start_progress(9);
     bar.set_message("XDP guard");
     let mut figures: Vec<Figure> = bench::guard::run(
         &sel,
@@ -166,6 +171,26 @@ fn main() -> Result<()> {
     )?;
     figures.extend(throttle);
     docs.extend(throttle_docs);
+    bar.inc(1);
+    bar.set_message("enforcement vs nftables + tc, 1k peers");
+    let (enforcement, enforcement_docs) = bench::vs_enforcement::run(
+        &sel,
+        pins.path(),
+        bench::vs_enforcement::EnforcementOptions {
+            runs: if args.quick {
+                1
+            } else {
+                bench::vs_enforcement::RUNS
+            },
+            seconds: if args.quick {
+                3
+            } else {
+                bench::vs_enforcement::SECONDS
+            },
+        },
+    )?;
+    figures.extend(enforcement);
+    docs.extend(enforcement_docs);
     bar.inc(1);
     bar.set_message("tunnel throughput");
     figures.extend(bench::tunnel::run(
