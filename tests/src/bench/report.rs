@@ -542,8 +542,9 @@ pub fn start_progress(steps: u64) -> &'static indicatif::ProgressBar {
 
 /// A progress line on stderr, above the progress bar if there is one.
 pub fn log(line: &str) {
+    // A hidden bar (stderr not a terminal) would swallow `println`.
     match BAR.get() {
-        Some(bar) if !bar.is_finished() => bar.println(line),
+        Some(bar) if !bar.is_finished() && !bar.is_hidden() => bar.println(line),
         _ => eprintln!("{line}"),
     }
 }

@@ -17,12 +17,14 @@
 //!   65 536 packets with uniformly random sources (martian sources and 10/8 left out, as the
 //!   kernel would drop them for every rig alike), so the filters see many distinct addresses and
 //!   about 61 % of the packets are clean.
-//! - "Reaching the receiver": `a` has a UDP socket bound to the port that is never read; the
-//!   figure is the growth of `Udp: InDatagrams + RcvbufErrors` of `a`'s `/proc/net/snmp` over the
-//!   run, divided by the run's seconds: every packet that got past the filter and the IP layer to
-//!   the socket, whether or not the (full) socket buffer kept it. Not reading keeps the
-//!   receiver's application out of the CPU budget (two shared cores), so what differs between
-//!   the rigs is the filter.
+//! - "Reaching the receiver": `a` has a UDP socket bound to the port with a small receive buffer
+//!   that is not read during the flood; the figure is the packets that reached the socket — its
+//!   drops (the `drops` column of `a`'s `/proc/net/udp`: buffer full) plus the packets drained
+//!   from it after the run — divided by the run's seconds: every packet that got past the filter
+//!   and the IP layer to the socket. Not reading during the flood keeps the receiver's
+//!   application out of the CPU budget (two shared cores), so what differs between the rigs is
+//!   the filter. (The `Udp:` counters of `/proc/net/snmp` do not move in this kernel's
+//!   namespaces, so the socket's own counters are used.)
 //! - Before the rounds, each rig is checked: 64 clean packets must all arrive and (filters only)
 //!   64 packets from inside the list must all be dropped.
 //! - The figure per rig is the median over the rounds; the ratios are medians over medians.
@@ -156,7 +158,9 @@ impl Filter {
 struct Rig {
     filter: Filter,
     dp: Option<Dataplane>,
-    _socket: UdpSocket,
+    socket: UdpSocket,
+    /// Packets drained from the socket so far.
+    drained: u64,
     veth: VethPair,
     b: NetNs,
     a: NetNs,
@@ -181,12 +185,15 @@ impl Rig {
         let socket = a
             .run(|| UdpSocket::bind(bind))
             .context("bind the receiver")?;
+        socket.set_nonblocking(true)?;
+        setsockopt(&socket, sockopt::RcvBuf, &4096).context("SO_RCVBUF")?;
         // Resolve the neighbour before the raw sends.
         b.exec(&["ping", "-c", "1", "-W", "2", &veth.a.v4.to_string()]);
         Ok(Rig {
             filter,
             dp: None,
-            _socket: socket,
+            socket,
+            drained: 0,
             veth,
             b,
             a,
@@ -194,14 +201,23 @@ impl Rig {
         })
     }
 
-    /// Packets that reached the receiver's UDP layer so far.
-    fn reached(&self) -> Result<u64> {
-        let (datagrams, rcvbuf_errors) = parse_udp_snmp(&self.a.exec(&["cat", "/proc/net/snmp"]))?;
-        Ok(datagrams + rcvbuf_errors)
+    /// Packets that reached the receiver's socket so far: drained from it, or dropped by it.
+    fn reached(&mut self) -> Result<u64> {
+        let mut buf = [0u8; 2048];
+        loop {
+            match self.socket.recv(&mut buf) {
+                Ok(_) => self.drained += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e).context("drain the receiver"),
+            }
+        }
+        let drops = parse_udp_drops(&self.a.exec(&["cat", "/proc/net/udp"]), PORT)
+            .context("the receiver's socket is not in /proc/net/udp")?;
+        Ok(self.drained + drops)
     }
 
     /// Sends `packets` paced (no queue overflows) and returns how many reached the receiver.
-    fn deliver(&self, packets: &[Vec<u8>]) -> Result<u64> {
+    fn deliver(&mut self, packets: &[Vec<u8>]) -> Result<u64> {
         let before = self.reached()?;
         let dst = self.veth.a.v4;
         self.b.run(|| -> Result<()> {
@@ -275,24 +291,20 @@ fn raw_socket() -> Result<std::os::fd::OwnedFd> {
     Ok(fd)
 }
 
-/// `(InDatagrams, RcvbufErrors)` of the `Udp:` lines of a `/proc/net/snmp`.
-pub fn parse_udp_snmp(text: &str) -> Result<(u64, u64)> {
-    let mut lines = text.lines().filter(|l| l.starts_with("Udp:"));
-    let (Some(header), Some(values)) = (lines.next(), lines.next()) else {
-        bail!("no Udp: header and value lines in /proc/net/snmp");
-    };
-    let field = |name: &str| -> Result<u64> {
-        let i = header
-            .split_whitespace()
-            .position(|h| h == name)
-            .with_context(|| format!("no {name} in the Udp: header"))?;
-        let v = values
-            .split_whitespace()
-            .nth(i)
-            .with_context(|| format!("no value for {name}"))?;
-        v.parse().with_context(|| format!("{name}: {v:?}"))
-    };
-    Ok((field("InDatagrams")?, field("RcvbufErrors")?))
+/// The summed `drops` of the sockets bound to local `port` in a `/proc/net/udp`.
+pub fn parse_udp_drops(text: &str, port: u16) -> Option<u64> {
+    let want = format!("{port:04X}");
+    let mut found = None;
+    for line in text.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let Some(local) = fields.get(1) else { continue };
+        if local.rsplit(':').next() != Some(want.as_str()) {
+            continue;
+        }
+        let drops: u64 = fields.last()?.parse().ok()?;
+        *found.get_or_insert(0) += drops;
+    }
+    found
 }
 
 /// The IPv4 addresses covered by `prefixes`, as sorted, disjoint, non-adjacent inclusive ranges.
@@ -521,7 +533,7 @@ pub fn run(
 
     // Per rig: its packets (destination = its receiver), and the correctness check.
     let mut pools = Vec::with_capacity(rigs.len());
-    for rig in &rigs {
+    for rig in &mut rigs {
         let dst = rig.veth.a.v4;
         let build = |src: Ipv4Addr| packets::udp4(src, dst, 40_000, PORT, PAYLOAD);
         let clean_got = rig.deliver(&clean.iter().map(|&a| build(a)).collect::<Vec<_>>())?;
@@ -593,18 +605,16 @@ fn version(ns: &NetNs, args: &[&str]) -> String {
 mod tests {
     use super::*;
 
-    const SNMP: &str = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
-        Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors IgnoredMulti MemErrors\n\
-        Udp: 1234 5 77 9 70 0 0 0 0\n\
-        UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors IgnoredMulti MemErrors\n\
-        UdpLite: 0 0 0 0 0 0 0 0 0\n";
+    const UDP: &str = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+        12936: 01004D0A:CA6C 00000000:0000 07 00000000:00001040 00:00000000 00000000     0        0 861310 2 000000008e102444 77\n\
+        12937: 0100007F:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 861311 2 000000008e102445 5\n";
 
     #[test]
-    fn snmp_udp_fields_by_name() {
-        assert_eq!(parse_udp_snmp(SNMP).unwrap(), (1234, 70));
-        assert!(parse_udp_snmp("Ip: a\nIp: 1\n").is_err());
-        assert!(parse_udp_snmp("Udp: InDatagrams\nUdp: 1\n").is_err());
-        assert!(parse_udp_snmp("Udp: InDatagrams RcvbufErrors\nUdp: x 1\n").is_err());
+    fn udp_drops_of_the_port_only() {
+        assert_eq!(parse_udp_drops(UDP, 51820), Some(77));
+        assert_eq!(parse_udp_drops(UDP, 53), Some(5));
+        assert_eq!(parse_udp_drops(UDP, 9), None);
+        assert_eq!(parse_udp_drops("header only\n", 51820), None);
     }
 
     #[test]
