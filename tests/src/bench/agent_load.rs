@@ -199,11 +199,24 @@ fn start_agent(bin: &Path, pins: &Path, data_dir: &Path, peers: u32, run: usize)
         if text.contains("capybara-agent ready") {
             break t.elapsed().as_secs_f64() * 1e3;
         }
+        let tail = || text.lines().rev().take(3).collect::<Vec<_>>().join(" / ");
         if !ns.is_running(pid) {
-            bail!("capybara-agent exited before it was ready:\n{text}");
+            bail!(
+                "capybara-agent with {peers} peers exited before it was ready; its last log \
+                 lines (newest first): {}",
+                tail()
+            );
         }
         if t.elapsed() > READY_TIMEOUT {
-            bail!("capybara-agent not ready after {READY_TIMEOUT:?}:\n{text}");
+            let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|s| vm_rss_kib(&s))
+                .map_or_else(|| "?".to_owned(), |k| format!("{:.0}", k as f64 / 1024.0));
+            bail!(
+                "capybara-agent with {peers} peers not ready after {READY_TIMEOUT:?} (RSS then \
+                 {rss} MiB); its last log line: {}",
+                text.lines().last().unwrap_or_default()
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     };

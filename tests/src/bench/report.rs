@@ -27,6 +27,15 @@ pub struct BaselineDoc {
     pub commands: Vec<String>,
 }
 
+/// A benchmark group that failed: the run goes on and the report says why it has no figures.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    /// What failed (the group's names).
+    pub group: String,
+    /// The error, with its causes.
+    pub error: String,
+}
+
 /// A target a figure must meet.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Goal {
@@ -155,6 +164,7 @@ pub fn format_value(value: f64) -> String {
 pub fn render_markdown(
     figures: &[Figure],
     docs: &[BaselineDoc],
+    failures: &[Failure],
     machine: &Machine,
     when: &str,
     plots: &[PathBuf],
@@ -210,6 +220,12 @@ pub fn render_markdown(
             f.unit
         );
     }
+    if !failures.is_empty() {
+        let _ = writeln!(s, "\n## Not measured\n");
+        for f in failures {
+            let _ = writeln!(s, "- **{}**: {}", f.group, f.error.replace('\n', " "));
+        }
+    }
     if !docs.is_empty() {
         let _ = writeln!(s, "\n## Baselines: the exact commands\n");
         for d in docs {
@@ -243,12 +259,13 @@ pub fn write(
     dir: &Path,
     figures: &[Figure],
     docs: &[BaselineDoc],
+    failures: &[Failure],
     machine: &Machine,
     when: &str,
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let plots = write_plots(dir, figures)?;
-    let md = render_markdown(figures, docs, machine, when, &plots);
+    let md = render_markdown(figures, docs, failures, machine, when, &plots);
     let path = dir.join("report.md");
     std::fs::write(&path, md).with_context(|| format!("write {}", path.display()))?;
     Ok(path)
@@ -595,9 +612,14 @@ mod tests {
             cores: 2,
             kernel: "6.18".into(),
         };
+        let failures = [Failure {
+            group: "agent_rss_mb_100k_peers, load_100k_peers_ms".into(),
+            error: "not ready after 120 s\nlog".into(),
+        }];
         let md = render_markdown(
             &figures,
             &docs,
+            &failures,
             &machine,
             "today",
             &[PathBuf::from("/x/a.svg")],
@@ -622,12 +644,17 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("![a.svg](a.svg)"));
+        assert!(
+            md.contains("## Not measured\n\n- **agent_rss_mb_100k_peers, load_100k_peers_ms**: not ready after 120 s log"),
+            "{md}"
+        );
     }
 
     #[test]
     fn missing_baseline_is_shown_as_not_run() {
         let md = render_markdown(
             &[fig("throttle_accuracy_50m", 0.97, "ratio")],
+            &[],
             &[],
             &Machine {
                 cpu: "c".into(),
@@ -679,7 +706,7 @@ mod tests {
             bars.contains("boringtun-cli") && bars.contains("900"),
             "{bars}"
         );
-        let md = write(dir.path(), &figures, &[], &Machine::current(), "now").unwrap();
+        let md = write(dir.path(), &figures, &[], &[], &Machine::current(), "now").unwrap();
         assert!(
             std::fs::read_to_string(md)
                 .unwrap()

@@ -58,7 +58,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use capybara_agent::{
     blocklist::{Direction, ListName, sample::random_v4_prefixes},
     dataplane::{Dataplane, DataplaneConfig},

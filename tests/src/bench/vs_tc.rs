@@ -11,8 +11,8 @@
 //!   peer's namespace: the packets are dropped after they left the sender, as a server's forward
 //!   chain would drop them, so the sender's TCP sees real loss rather than a local error.
 //!
-//! The rates are given in the tools' own units: `Rmbit` for tc, `R×125 kbytes/second` for nft
-//! (nft's byte rates have no bit units). Median of [`RUNS`] runs of the given seconds (after 1 s
+//! The rates are given in the tools' own units: `Rmbit` for tc, `R×125000 bytes/second` for nft
+//! (nft's byte rates have no bit units, and its `kbytes` are 1024 bytes). Median of [`RUNS`] runs of the given seconds (after 1 s
 //! of slow start, omitted), the kernel's default congestion control; the figure is goodput /
 //! configured rate, like `throttle_accuracy_*`.
 
@@ -105,9 +105,9 @@ pub fn htb_script(dev: &str, peer: &str, mbit: u64) -> Vec<Vec<String>> {
 pub fn nft_limit_ruleset(server: &str, mbit: u64) -> String {
     format!(
         "table inet capythrottle {{\n  chain prerouting {{\n    type filter hook prerouting \
-         priority 0; policy accept;\n    ip saddr {server} limit rate over {} kbytes/second drop\n  \
+         priority 0; policy accept;\n    ip saddr {server} limit rate over {} bytes/second drop\n  \
          }}\n}}\n",
-        mbit * 125
+        mbit * 125_000
     )
 }
 
@@ -206,10 +206,10 @@ mod tests {
     }
 
     #[test]
-    fn nft_limit_is_in_kbytes_per_second() {
+    fn nft_limit_is_in_bytes_per_second() {
         let r = nft_limit_ruleset("10.0.0.1", 50);
         assert!(
-            r.contains("ip saddr 10.0.0.1 limit rate over 6250 kbytes/second drop"),
+            r.contains("ip saddr 10.0.0.1 limit rate over 6250000 bytes/second drop"),
             "{r}"
         );
         assert!(r.contains("hook prerouting"));
