@@ -4,7 +4,8 @@
 //! The binary writes `{"benchmarks":[{"name":…, "value":…, "unit":…}]}` to the file given by
 //! `--out` (here `<target>/bench/capybara-bench.json`); `--filter NAME` and anything after `--`
 //! are passed to it. Benchmark names and this JSON shape are what reports and CI compare across
-//! runs: keep them stable.
+//! runs: keep them stable. The binary also writes `report.md` and SVG plots next to the JSON
+//! (`<target>/bench/`); `--quick` runs its two-minute subset.
 use std::fs;
 use std::path::PathBuf;
 
@@ -27,6 +28,9 @@ pub struct Args {
     /// Run only the benchmarks whose name contains NAME (passed to the benchmark binary).
     #[arg(long, value_name = "NAME")]
     filter: Option<String>,
+    /// Run the quick subset (about two minutes) instead of every benchmark.
+    #[arg(long)]
+    quick: bool,
     /// Do not run `cargo xtask setup` first.
     #[arg(long)]
     no_setup: bool,
@@ -61,10 +65,26 @@ pub fn run(args: &Args) -> Result<()> {
     let out_dir = exec::target_dir()?.join("bench");
     fs::create_dir_all(&out_dir).with_context(|| format!("create {}", out_dir.display()))?;
     let out = out_dir.join(format!("{BINARY}.json"));
-    if out.exists() {
-        fs::remove_file(&out).with_context(|| format!("remove stale {}", out.display()))?;
+    // A previous run's JSON, report and plots: never mistaken for this run's.
+    for entry in fs::read_dir(&out_dir).with_context(|| format!("read {}", out_dir.display()))? {
+        let path = entry?.path();
+        let stale = path == out
+            || path.file_name().is_some_and(|n| n == "report.md")
+            || path.extension().is_some_and(|e| e == "svg");
+        if stale {
+            fs::remove_file(&path).with_context(|| format!("remove stale {}", path.display()))?;
+        }
     }
 
+    // `agent_load` starts the agent binary, found next to the bench binary.
+    exec::run(cmd("cargo").args([
+        "build",
+        "--release",
+        "-p",
+        "capybara-agent",
+        "--bin",
+        "capybara-agent",
+    ]))?;
     let mut command = cmd("cargo");
     command
         .args([
@@ -81,6 +101,9 @@ pub fn run(args: &Args) -> Result<()> {
     if let Some(filter) = &args.filter {
         command.args(["--filter", filter]);
     }
+    if args.quick {
+        command.arg("--quick");
+    }
     exec::run(command.args(&args.bench_args))?;
 
     let text = fs::read_to_string(&out)
@@ -92,6 +115,10 @@ pub fn run(args: &Args) -> Result<()> {
         )
     })?;
     print_table(&report.benchmarks);
+    let md = out_dir.join("report.md");
+    if md.exists() {
+        eprintln!("bench: report and plots in {}", md.display());
+    }
     if let Some(json) = &args.json {
         if let Some(parent) = json.parent().filter(|p| !p.as_os_str().is_empty()) {
             fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;

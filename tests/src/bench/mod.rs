@@ -12,18 +12,32 @@
 //! - [`api_load`]: the gRPC API at 500 mixed calls per second over TCP with tokens for 30 s.
 //! - [`policy`]: a group policy change fanned out to 10 000 users' kernel maps; single-user
 //!   policy updates, call to kernel map.
+//! - [`vs_nftables`]: a UDP flood from random sources against a 1M-prefix source blocklist:
+//!   the XDP guard against nftables and iptables + ipset, same run.
+//! - [`agent_load`]: the agent binary's start-up time and resident memory with 100k peers in
+//!   its store.
+//! - [`vs_enforcement`]: 1k peers with counters, rate and flow limits: the tunnel-device
+//!   programs against nftables + tc HTB, throughput and rule-update latency.
+//! - [`vs_tc`]: throttle accuracy of a `tc` HTB script and of nftables `limit rate` at the
+//!   rates of `throttle_accuracy_*`.
+//! - [`report`]: `report.md`, the SVG plots and the progress bar.
 //!
 //! Every figure is a [`Figure`]; the binary writes them as
 //! `{"benchmarks":[{"name":…, "value":…, "unit":…}]}`. The names below are what reports and CI
 //! compare across runs: keep them stable.
 
+pub mod agent_load;
 pub mod api_load;
 pub mod geo;
 pub mod guard;
 pub mod pipeline;
 pub mod policy;
+pub mod report;
 pub mod throttle;
 pub mod tunnel;
+pub mod vs_enforcement;
+pub mod vs_nftables;
+pub mod vs_tc;
 
 use std::{
     path::{Path, PathBuf},
@@ -93,8 +107,25 @@ pub const TUNNEL_THROUGHPUT_WIREGUARD_GO_MBPS: &str = "tunnel_throughput_wiregua
 pub const TUNNEL_THROUGHPUT_VS_BORINGTUN_CLI: &str = "tunnel_throughput_vs_boringtun_cli";
 /// `tunnel_throughput_mbps` over `tunnel_throughput_wireguard_go_mbps`.
 pub const TUNNEL_THROUGHPUT_VS_WIREGUARD_GO: &str = "tunnel_throughput_vs_wireguard_go";
+pub use agent_load::{
+    AGENT_RSS_MB_100K_PEERS, AGENT_RSS_MB_EMPTY, AGENT_START_MS_100K_PEERS, AGENT_START_MS_EMPTY,
+    LOAD_100K_PEERS_MS,
+};
 pub use api_load::{API_LOAD_CALLS_PER_S, API_LOAD_ERRORS, API_LOAD_P50_MS, API_LOAD_P99_MS};
 pub use policy::{GROUP_POLICY_FANOUT_10K_MS, POLICY_UPDATE_P50_US, POLICY_UPDATE_P99_US};
+pub use vs_enforcement::{
+    ENFORCEMENT_MBPS_CAPYBARA_1K_PEERS, ENFORCEMENT_MBPS_NFTABLES_TC_1K_PEERS,
+    ENFORCEMENT_VS_NFTABLES_TC_1K_PEERS, RULE_UPDATE_US_CAPYBARA, RULE_UPDATE_US_TC,
+};
+pub use vs_nftables::{
+    BLOCKLIST_PPS_IPTABLES_IPSET_1M, BLOCKLIST_PPS_NFTABLES_1M, BLOCKLIST_PPS_NO_FILTER,
+    BLOCKLIST_PPS_XDP_1M, BLOCKLIST_VS_IPTABLES_IPSET_1M, BLOCKLIST_VS_NFTABLES_1M,
+};
+pub use vs_tc::{
+    THROTTLE_ACCURACY_NFT_LIMIT_5M, THROTTLE_ACCURACY_NFT_LIMIT_50M,
+    THROTTLE_ACCURACY_NFT_LIMIT_500M, THROTTLE_ACCURACY_TC_HTB_5M, THROTTLE_ACCURACY_TC_HTB_50M,
+    THROTTLE_ACCURACY_TC_HTB_500M,
+};
 
 /// Every benchmark, in the order they run and are reported.
 pub const ALL: &[&str] = &[
@@ -134,6 +165,28 @@ pub const ALL: &[&str] = &[
     GROUP_POLICY_FANOUT_10K_MS,
     POLICY_UPDATE_P99_US,
     POLICY_UPDATE_P50_US,
+    BLOCKLIST_VS_NFTABLES_1M,
+    BLOCKLIST_VS_IPTABLES_IPSET_1M,
+    BLOCKLIST_PPS_XDP_1M,
+    BLOCKLIST_PPS_NFTABLES_1M,
+    BLOCKLIST_PPS_IPTABLES_IPSET_1M,
+    BLOCKLIST_PPS_NO_FILTER,
+    ENFORCEMENT_VS_NFTABLES_TC_1K_PEERS,
+    ENFORCEMENT_MBPS_CAPYBARA_1K_PEERS,
+    ENFORCEMENT_MBPS_NFTABLES_TC_1K_PEERS,
+    RULE_UPDATE_US_CAPYBARA,
+    RULE_UPDATE_US_TC,
+    THROTTLE_ACCURACY_TC_HTB_5M,
+    THROTTLE_ACCURACY_TC_HTB_50M,
+    THROTTLE_ACCURACY_TC_HTB_500M,
+    THROTTLE_ACCURACY_NFT_LIMIT_5M,
+    THROTTLE_ACCURACY_NFT_LIMIT_50M,
+    THROTTLE_ACCURACY_NFT_LIMIT_500M,
+    AGENT_RSS_MB_100K_PEERS,
+    LOAD_100K_PEERS_MS,
+    AGENT_RSS_MB_EMPTY,
+    AGENT_START_MS_EMPTY,
+    AGENT_START_MS_100K_PEERS,
 ];
 
 /// One measured figure.
@@ -158,17 +211,28 @@ pub struct Report {
 #[derive(Debug, Clone, Default)]
 pub struct Selection {
     filter: Option<String>,
+    /// When set, only these names (`--quick`), further narrowed by the filter.
+    only: Option<&'static [&'static str]>,
 }
 
 impl Selection {
     /// Benchmarks whose name contains `filter`, or all.
     pub fn new(filter: Option<String>) -> Self {
-        Selection { filter }
+        Selection { filter, only: None }
+    }
+
+    /// The same selection narrowed to `names`.
+    pub fn only(self, names: &'static [&'static str]) -> Self {
+        Selection {
+            only: Some(names),
+            ..self
+        }
     }
 
     /// True if `name` is to be reported.
     pub fn wants(&self, name: &str) -> bool {
-        self.filter.as_deref().is_none_or(|f| name.contains(f))
+        self.only.is_none_or(|o| o.contains(&name))
+            && self.filter.as_deref().is_none_or(|f| name.contains(f))
     }
 
     /// True if any of `names` is to be reported.
@@ -188,10 +252,13 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
-/// Progress on stderr, prefixed so it stands out from cargo's output.
+/// Progress on stderr, prefixed so it stands out from cargo's output (above the progress bar
+/// when one is shown).
 #[macro_export]
 macro_rules! progress {
-    ($($arg:tt)*) => { eprintln!("bench: {}", format_args!($($arg)*)) };
+    ($($arg:tt)*) => {
+        $crate::bench::report::log(&format!("bench: {}", format_args!($($arg)*)))
+    };
 }
 
 /// Where bpffs is mounted.
@@ -282,5 +349,15 @@ mod tests {
         assert!(s.wants(LIST_REPLACE_1M_MS));
         assert!(!s.wants(XDP_GUARD_NS_1K));
         assert!(Selection::new(None).wants(GEO_COMPILE_500K_MS));
+    }
+
+    #[test]
+    fn quick_selection_is_narrowed_by_the_filter() {
+        let s = Selection::new(None).only(&[XDP_GUARD_NS_1K, XDP_GUARD_NS_1M]);
+        assert!(s.wants(XDP_GUARD_NS_1K));
+        assert!(!s.wants(LIST_REPLACE_1M_MS));
+        let s = Selection::new(Some("1m".into())).only(&[XDP_GUARD_NS_1K, XDP_GUARD_NS_1M]);
+        assert!(s.wants(XDP_GUARD_NS_1M));
+        assert!(!s.wants(XDP_GUARD_NS_1K));
     }
 }

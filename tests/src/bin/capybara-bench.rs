@@ -5,8 +5,9 @@
 //! cargo run --release -p capybara-tests --bin capybara-bench -- --out FILE [--filter NAME]
 //! ```
 //!
-//! Writes `{"benchmarks":[{"name":…, "value":…, "unit":…}]}` to `--out` (stdout without it);
-//! progress goes to stderr. See `capybara_tests::bench` for what each benchmark measures.
+//! Writes `{"benchmarks":[{"name":…, "value":…, "unit":…}]}` to `--out` (stdout without it) and
+//! `report.md` with SVG plots to `--report-dir` (default: the directory of `--out`); progress
+//! goes to stderr, under a progress bar. `--quick` runs a subset in about two minutes. See `capybara_tests::bench` for what each benchmark measures.
 
 use std::{io::Write as _, path::PathBuf, time::Instant};
 
@@ -14,7 +15,7 @@ use anyhow::{Context as _, Result, bail};
 use capybara_tests::{
     bench::{
         self, BenchPins, Figure, GEO_COMPILE_500K_MS, Report, Selection, guard::GuardOptions,
-        pipeline::PipelineOptions, tunnel::TunnelOptions,
+        pipeline::PipelineOptions, report, tunnel::TunnelOptions, vs_nftables::FloodOptions,
     },
     progress,
 };
@@ -43,20 +44,69 @@ struct Args {
     /// the daemon uses, `capybara_agent::tunnel::DEFAULT_OFFLOAD`).
     #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
     tunnel_offload: Option<String>,
+    /// A subset in about two minutes: the benchmarks in `QUICK`, fewer rounds.
+    #[arg(long)]
+    quick: bool,
+    /// Where `report.md` and the plots go (default: the directory of `--out`; none without).
+    #[arg(long, value_name = "DIR")]
+    report_dir: Option<PathBuf>,
+    /// Rounds of the blocklist flood (each rig once per round).
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    flood_rounds: usize,
+    /// Seconds of each flood.
+    #[arg(long, default_value_t = 3.0, value_name = "S")]
+    flood_seconds: f64,
     /// List the benchmark names and exit.
     #[arg(long)]
     list: bool,
 }
 
+/// What `--quick` runs.
+const QUICK: &[&str] = &[
+    bench::XDP_GUARD_NS_1K,
+    bench::XDP_GUARD_NS_1M,
+    bench::XDP_GUARD_1M_OVER_1K,
+    bench::TC_PIPELINE_NS_10_PEERS,
+    bench::TC_PIPELINE_NS_100K_PEERS,
+    bench::TC_PIPELINE_100K_OVER_10,
+    bench::BLOCKLIST_VS_NFTABLES_1M,
+    bench::BLOCKLIST_VS_IPTABLES_IPSET_1M,
+    bench::BLOCKLIST_PPS_XDP_1M,
+    bench::BLOCKLIST_PPS_NFTABLES_1M,
+    bench::BLOCKLIST_PPS_IPTABLES_IPSET_1M,
+    bench::BLOCKLIST_PPS_NO_FILTER,
+    bench::THROTTLE_ACCURACY_TC_HTB_50M,
+    bench::THROTTLE_ACCURACY_NFT_LIMIT_50M,
+    bench::ENFORCEMENT_VS_NFTABLES_TC_1K_PEERS,
+    bench::ENFORCEMENT_MBPS_CAPYBARA_1K_PEERS,
+    bench::ENFORCEMENT_MBPS_NFTABLES_TC_1K_PEERS,
+    bench::RULE_UPDATE_US_CAPYBARA,
+    bench::RULE_UPDATE_US_TC,
+    bench::AGENT_RSS_MB_100K_PEERS,
+    bench::LOAD_100K_PEERS_MS,
+    bench::AGENT_RSS_MB_EMPTY,
+    bench::AGENT_START_MS_EMPTY,
+    bench::AGENT_START_MS_100K_PEERS,
+];
+
 fn main() -> Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if args.quick {
+        args.rounds = args.rounds.min(3);
+        args.flood_rounds = args.flood_rounds.min(2);
+        args.flood_seconds = args.flood_seconds.min(2.0);
+        args.iperf_seconds = args.iperf_seconds.min(5);
+    }
     if args.list {
         for name in bench::ALL {
             println!("{name}");
         }
         return Ok(());
     }
-    let sel = Selection::new(args.filter.clone());
+    let mut sel = Selection::new(args.filter.clone());
+    if args.quick {
+        sel = sel.only(QUICK);
+    }
     if !bench::ALL.iter().any(|n| sel.wants(n)) {
         bail!(
             "no benchmark matches --filter {:?}; the benchmarks are: {}",
@@ -75,8 +125,12 @@ fn main() -> Result<()> {
     }
 
     let start = Instant::now();
+    let when = now_utc();
     // Declared first, dropped last: every benchmark's fds are closed before the pins go.
     let pins = BenchPins::new()?;
+    let bar = report::start_progress(10);
+    let mut failures: Vec<report::Failure> = Vec::new();
+    bar.set_message("XDP guard");
     let mut figures: Vec<Figure> = bench::guard::run(
         &sel,
         &pins,
@@ -85,6 +139,19 @@ fn main() -> Result<()> {
             rounds: args.rounds,
         },
     )?;
+    bar.inc(1);
+    bar.set_message("blocklist flood vs nftables and iptables+ipset");
+    let (flood, mut docs) = bench::vs_nftables::run(
+        &sel,
+        pins.path(),
+        FloodOptions {
+            rounds: args.flood_rounds,
+            seconds: args.flood_seconds,
+        },
+    )?;
+    figures.extend(flood);
+    bar.inc(1);
+    bar.set_message("tunnel-device pipeline");
     figures.extend(bench::pipeline::run(
         &sel,
         &pins,
@@ -93,7 +160,40 @@ fn main() -> Result<()> {
             rounds: args.rounds,
         },
     )?);
+    bar.inc(1);
+    bar.set_message("throttle accuracy and veth throughput");
     figures.extend(bench::throttle::run(&sel, &pins)?);
+    let (throttle, throttle_docs) = bench::vs_tc::run(
+        &sel,
+        bench::vs_tc::ThrottleOptions {
+            runs: if args.quick { 1 } else { bench::vs_tc::RUNS },
+            seconds: if args.quick { 5 } else { 10 },
+        },
+    )?;
+    figures.extend(throttle);
+    docs.extend(throttle_docs);
+    bar.inc(1);
+    bar.set_message("enforcement vs nftables + tc, 1k peers");
+    let (enforcement, enforcement_docs) = bench::vs_enforcement::run(
+        &sel,
+        pins.path(),
+        bench::vs_enforcement::EnforcementOptions {
+            runs: if args.quick {
+                1
+            } else {
+                bench::vs_enforcement::RUNS
+            },
+            seconds: if args.quick {
+                3
+            } else {
+                bench::vs_enforcement::SECONDS
+            },
+        },
+    )?;
+    figures.extend(enforcement);
+    docs.extend(enforcement_docs);
+    bar.inc(1);
+    bar.set_message("tunnel throughput");
     figures.extend(bench::tunnel::run(
         &sel,
         &pins,
@@ -105,9 +205,27 @@ fn main() -> Result<()> {
                 .map_or(capybara_agent::tunnel::DEFAULT_OFFLOAD, |o| o == "on"),
         },
     )?);
+    bar.inc(1);
+    bar.set_message("geo compile");
     if sel.wants(GEO_COMPILE_500K_MS) {
         figures.push(bench::geo::compile_500k()?);
     }
+    bar.inc(1);
+    bar.set_message("agent start-up with 100k peers");
+    // The agent may not come up in time with 100k peers: that is a finding, not a reason to
+    // lose every other figure of the run.
+    match bench::agent_load::run(&sel, pins.path(), if args.quick { 1 } else { 3 }) {
+        Ok(f) => figures.extend(f),
+        Err(e) => {
+            progress!("agent start-up benchmarks failed: {e:#}");
+            failures.push(report::Failure {
+                group: bench::agent_load::NAMES.join(", "),
+                error: format!("{e:#}"),
+            });
+        }
+    }
+    bar.inc(1);
+    bar.set_message("API load");
     if sel.wants_any(&[
         bench::API_LOAD_P99_MS,
         bench::API_LOAD_P50_MS,
@@ -120,6 +238,8 @@ fn main() -> Result<()> {
                 .filter(|f| sel.wants(f.name)),
         );
     }
+    bar.inc(1);
+    bar.set_message("policy fan-out and updates");
     let fanout = sel.wants(bench::GROUP_POLICY_FANOUT_10K_MS);
     let updates = sel.wants_any(&[bench::POLICY_UPDATE_P99_US, bench::POLICY_UPDATE_P50_US]);
     if fanout || updates {
@@ -129,10 +249,33 @@ fn main() -> Result<()> {
                 .filter(|f| sel.wants(f.name)),
         );
     }
+    bar.finish_and_clear();
     figures.sort_by_key(|f| bench::ALL.iter().position(|n| *n == f.name));
+    docs.sort_by_key(|d| bench::ALL.iter().position(|n| *n == d.benchmark));
     progress!("done in {:.0} s", start.elapsed().as_secs_f64());
     for f in &figures {
         progress!("{:<32} {:>12.3} {}", f.name, f.value, f.unit);
+    }
+
+    let report_dir = args.report_dir.clone().or_else(|| {
+        args.out.as_ref().and_then(|o| o.parent()).map(|p| {
+            if p.as_os_str().is_empty() {
+                ".".into()
+            } else {
+                p.to_path_buf()
+            }
+        })
+    });
+    if let Some(dir) = report_dir {
+        let path = report::write(
+            &dir,
+            &figures,
+            &docs,
+            &failures,
+            &report::Machine::current(),
+            &when,
+        )?;
+        progress!("wrote {}", path.display());
     }
 
     let json = serde_json::to_string_pretty(&Report {
@@ -147,4 +290,15 @@ fn main() -> Result<()> {
         None => writeln!(std::io::stdout(), "{json}")?,
     }
     Ok(())
+}
+
+/// The current UTC time as `YYYY-MM-DD HH:MM UTC` (from `date`, which every system has).
+fn now_utc() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "(unknown time)".into())
 }

@@ -1,0 +1,716 @@
+//! The readable side of `cargo xtask bench`: `report.md` (every figure with its baseline, ratio,
+//! target and whether it is met, the machine, and the exact nft/tc/ipset commands each baseline
+//! ran) and four SVG plots, written next to the JSON; and the progress bar on stderr.
+//!
+//! Everything here is pure over [`Figure`]s and [`BaselineDoc`]s except [`write`] (files) and
+//! [`Machine::current`] (reads `/proc`), so the rendering is unit-tested.
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    sync::OnceLock,
+};
+
+use anyhow::{Context as _, Result};
+use plotters::prelude::*;
+
+use super::Figure;
+
+/// How a baseline was configured, shown verbatim in the report so a reader can check it is fair.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BaselineDoc {
+    /// The benchmark (figure name) this baseline belongs to.
+    pub benchmark: &'static str,
+    /// The tool (`nftables`, `iptables + ipset`, `tc HTB`, …).
+    pub tool: &'static str,
+    /// The commands and files, in the order they ran.
+    pub commands: Vec<String>,
+}
+
+/// A benchmark group that failed: the run goes on and the report says why it has no figures.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    /// What failed (the group's names).
+    pub group: String,
+    /// The error, with its causes.
+    pub error: String,
+}
+
+/// A target a figure must meet.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Goal {
+    /// `value ≥ x`.
+    AtLeast(f64),
+    /// `value ≤ x`.
+    AtMost(f64),
+    /// `value < x`.
+    Below(f64),
+    /// `lo ≤ value ≤ hi`.
+    Within(f64, f64),
+}
+
+impl Goal {
+    /// Whether `value` meets the goal (NaN never does).
+    pub fn met(self, value: f64) -> bool {
+        match self {
+            Goal::AtLeast(x) => value >= x,
+            Goal::AtMost(x) => value <= x,
+            Goal::Below(x) => value < x,
+            Goal::Within(lo, hi) => (lo..=hi).contains(&value),
+        }
+    }
+}
+
+impl std::fmt::Display for Goal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Goal::AtLeast(x) => write!(f, "≥ {x}"),
+            Goal::AtMost(x) => write!(f, "≤ {x}"),
+            Goal::Below(x) => write!(f, "< {x}"),
+            Goal::Within(lo, hi) => write!(f, "{lo}–{hi}"),
+        }
+    }
+}
+
+/// The targets the issues set, by figure name.
+pub const TARGETS: &[(&str, Goal)] = &[
+    ("xdp_guard_1m_over_1k", Goal::AtMost(1.5)),
+    ("list_replace_1m_ms", Goal::Below(2000.0)),
+    ("tc_pipeline_100k_over_10", Goal::AtMost(1.3)),
+    ("throttle_accuracy_5m", Goal::Within(0.95, 1.0)),
+    ("throttle_accuracy_50m", Goal::Within(0.95, 1.0)),
+    ("throttle_accuracy_500m", Goal::Within(0.95, 1.0)),
+    ("throttle_accuracy_5m_from_peer", Goal::Within(0.95, 1.0)),
+    ("throttle_accuracy_50m_from_peer", Goal::Within(0.95, 1.0)),
+    ("throttle_accuracy_500m_from_peer", Goal::Within(0.95, 1.0)),
+    ("veth_throughput_ratio", Goal::AtLeast(0.95)),
+    ("tunnel_throughput_vs_boringtun_cli", Goal::AtLeast(1.0)),
+    ("api_load_errors", Goal::AtMost(0.0)),
+    ("blocklist_vs_nftables_1m", Goal::AtLeast(1.5)),
+    ("enforcement_vs_nftables_tc_1k_peers", Goal::AtLeast(1.2)),
+    ("policy_update_p99_us", Goal::Below(1000.0)),
+    ("group_policy_fanout_10k_ms", Goal::Below(100.0)),
+    ("agent_rss_mb_100k_peers", Goal::Below(300.0)),
+    ("load_100k_peers_ms", Goal::Below(3000.0)),
+];
+
+/// Figures measured against a baseline in the same run: `(ours, baseline)`. The report shows
+/// the baseline's value and `ours / baseline` next to ours.
+pub const BASELINES: &[(&str, &str)] = &[
+    ("xdp_guard_ns_1m", "xdp_guard_ns_1m_lpm_baseline"),
+    ("veth_throughput_mbit_programs", "veth_throughput_mbit_bare"),
+    (
+        "tunnel_throughput_mbps",
+        "tunnel_throughput_boringtun_cli_mbps",
+    ),
+    ("blocklist_pps_xdp_1m", "blocklist_pps_nftables_1m"),
+    ("rule_update_us_capybara", "rule_update_us_tc"),
+    ("throttle_accuracy_5m", "throttle_accuracy_tc_htb_5m"),
+    ("throttle_accuracy_50m", "throttle_accuracy_tc_htb_50m"),
+    ("throttle_accuracy_500m", "throttle_accuracy_tc_htb_500m"),
+];
+
+/// The machine a run came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Machine {
+    /// `model name` of `/proc/cpuinfo`.
+    pub cpu: String,
+    /// CPUs available to the process.
+    pub cores: usize,
+    /// `uname -r`.
+    pub kernel: String,
+}
+
+impl Machine {
+    /// This machine.
+    pub fn current() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        Machine {
+            cpu: cpu_model(&cpuinfo).unwrap_or_else(|| "unknown".into()),
+            cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map_or_else(|_| "unknown".into(), |s| s.trim().to_owned()),
+        }
+    }
+}
+
+/// The first `model name` of a `/proc/cpuinfo`.
+pub fn cpu_model(cpuinfo: &str) -> Option<String> {
+    cpuinfo.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k.trim() == "model name").then(|| v.trim().to_owned())
+    })
+}
+
+fn value_of(figures: &[Figure], name: &str) -> Option<f64> {
+    figures.iter().find(|f| f.name == name).map(|f| f.value)
+}
+
+/// A figure as text: integers as integers, small values with three decimals.
+pub fn format_value(value: f64) -> String {
+    if value.is_nan() {
+        "n/a".into()
+    } else if value.fract() == 0.0 && value.abs() < 1e15 {
+        format!("{value:.0}")
+    } else if value.abs() >= 100.0 {
+        format!("{value:.1}")
+    } else {
+        format!("{value:.3}")
+    }
+}
+
+/// `report.md`: the machine, a table of every figure (value, baseline, ratio, target, met), the
+/// baselines' commands and the plots.
+pub fn render_markdown(
+    figures: &[Figure],
+    docs: &[BaselineDoc],
+    failures: &[Failure],
+    machine: &Machine,
+    when: &str,
+    plots: &[PathBuf],
+) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# Capybara benchmarks\n");
+    let _ = writeln!(
+        s,
+        "Run {when} on {} ({} cores), Linux {}. Every baseline ran in the same run as the figure it \
+         is compared with; ratios are ours / baseline.\n",
+        machine.cpu, machine.cores, machine.kernel
+    );
+    let met = figures
+        .iter()
+        .filter_map(|f| target_of(f.name).map(|g| g.met(f.value)))
+        .collect::<Vec<_>>();
+    let _ = writeln!(
+        s,
+        "Targets met: **{} of {}**.\n",
+        met.iter().filter(|m| **m).count(),
+        met.len()
+    );
+    let _ = writeln!(
+        s,
+        "| benchmark | value | unit | baseline | baseline value | ratio | target | met |"
+    );
+    let _ = writeln!(s, "|---|---:|---|---|---:|---:|---|---|");
+    for f in figures {
+        let (bname, bval, ratio) = match BASELINES.iter().find(|(o, _)| *o == f.name) {
+            Some((_, b)) => match value_of(figures, b) {
+                Some(v) => (format!("`{b}`"), format_value(v), format_value(f.value / v)),
+                None => (format!("`{b}`"), "not run".into(), String::new()),
+            },
+            None => (String::new(), String::new(), String::new()),
+        };
+        let (target, ok) = match target_of(f.name) {
+            Some(g) => (
+                g.to_string(),
+                if g.met(f.value) {
+                    "✔ met"
+                } else {
+                    "✘ not met"
+                }
+                .to_owned(),
+            ),
+            None => (String::new(), String::new()),
+        };
+        let _ = writeln!(
+            s,
+            "| `{}` | {} | {} | {bname} | {bval} | {ratio} | {target} | {ok} |",
+            f.name,
+            format_value(f.value),
+            f.unit
+        );
+    }
+    if !failures.is_empty() {
+        let _ = writeln!(s, "\n## Not measured\n");
+        for f in failures {
+            let _ = writeln!(s, "- **{}**: {}", f.group, f.error.replace('\n', " "));
+        }
+    }
+    if !docs.is_empty() {
+        let _ = writeln!(s, "\n## Baselines: the exact commands\n");
+        for d in docs {
+            let _ = writeln!(s, "### `{}`: {}\n", d.benchmark, d.tool);
+            let _ = writeln!(s, "```");
+            for c in &d.commands {
+                let _ = writeln!(s, "{c}");
+            }
+            let _ = writeln!(s, "```\n");
+        }
+    }
+    if !plots.is_empty() {
+        let _ = writeln!(s, "\n## Plots\n");
+        for p in plots {
+            let file = p
+                .file_name()
+                .map(|f| f.to_string_lossy())
+                .unwrap_or_default();
+            let _ = writeln!(s, "![{file}]({file})\n");
+        }
+    }
+    s
+}
+
+fn target_of(name: &str) -> Option<Goal> {
+    TARGETS.iter().find(|(n, _)| *n == name).map(|(_, g)| *g)
+}
+
+/// Writes `report.md` and the plots into `dir`; returns the report's path.
+pub fn write(
+    dir: &Path,
+    figures: &[Figure],
+    docs: &[BaselineDoc],
+    failures: &[Failure],
+    machine: &Machine,
+    when: &str,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let plots = write_plots(dir, figures)?;
+    let md = render_markdown(figures, docs, failures, machine, when, &plots);
+    let path = dir.join("report.md");
+    std::fs::write(&path, md).with_context(|| format!("write {}", path.display()))?;
+    Ok(path)
+}
+
+/// One line series of a plot: a label and its points.
+type Series = (String, Vec<(f64, f64)>);
+
+/// The plots whose figures are present, as SVG files in `dir`; returns their paths.
+pub fn write_plots(dir: &Path, figures: &[Figure]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let v = |n: &str| value_of(figures, n);
+
+    // Per-packet cost against blocklist size (0 drawn at 1 on the log axis).
+    let guard: Vec<(f64, f64)> = [
+        (1.0, "xdp_guard_ns_empty"),
+        (1e3, "xdp_guard_ns_1k"),
+        (1e5, "xdp_guard_ns_100k"),
+        (1e6, "xdp_guard_ns_1m"),
+    ]
+    .iter()
+    .filter_map(|(x, n)| v(n).map(|y| (*x, y)))
+    .collect();
+    let mut series: Vec<Series> = vec![("XDP guard (DIR-24)".into(), guard)];
+    if let Some(y) = v("xdp_guard_ns_1m_lpm_baseline") {
+        series.push(("kernel LPM trie".into(), vec![(1e6, y)]));
+    }
+    if let Some(y) = v("blocklist_pps_nftables_1m").filter(|y| *y > 0.0) {
+        // The flood's cost per delivered packet, for scale (sender included).
+        series.push((
+            "nftables flood, ns per delivered packet".into(),
+            vec![(1e6, 1e9 / y)],
+        ));
+    }
+    if let Some(y) = v("blocklist_pps_xdp_1m").filter(|y| *y > 0.0) {
+        series.push((
+            "XDP flood, ns per delivered packet".into(),
+            vec![(1e6, 1e9 / y)],
+        ));
+    }
+    if let Some(p) = line_plot(
+        dir,
+        "cost_vs_blocklist_size.svg",
+        "Per-packet cost against blocklist size",
+        "prefixes in the list (empty drawn at 1)",
+        "ns per packet",
+        &series,
+    )? {
+        out.push(p);
+    }
+
+    // Per-packet cost against peer count.
+    let pipeline: Vec<(f64, f64)> = [
+        (10.0, "tc_pipeline_ns_10_peers"),
+        (1e5, "tc_pipeline_ns_100k_peers"),
+    ]
+    .iter()
+    .filter_map(|(x, n)| v(n).map(|y| (*x, y)))
+    .collect();
+    if let Some(p) = line_plot(
+        dir,
+        "cost_vs_peer_count.svg",
+        "Tunnel-device pipeline: per-packet cost against peer count",
+        "peers",
+        "ns per packet",
+        &[("TC pipeline".into(), pipeline)],
+    )? {
+        out.push(p);
+    }
+
+    // Achieved against configured rate.
+    let rates = [(5.0, "5m"), (50.0, "50m"), (500.0, "500m")];
+    let achieved = |prefix: &str| -> Vec<(f64, f64)> {
+        rates
+            .iter()
+            .filter_map(|(r, s)| v(&format!("{prefix}{s}")).map(|a| (*r, a * r)))
+            .collect()
+    };
+    let series: Vec<Series> = vec![
+        (
+            "configured".into(),
+            rates.iter().map(|(r, _)| (*r, *r)).collect(),
+        ),
+        ("Capybara (to peer)".into(), achieved("throttle_accuracy_")),
+        (
+            "tc HTB script".into(),
+            achieved("throttle_accuracy_tc_htb_"),
+        ),
+        (
+            "nft limit rate".into(),
+            achieved("throttle_accuracy_nft_limit_"),
+        ),
+    ];
+    if series[1..].iter().any(|(_, p)| !p.is_empty())
+        && let Some(p) = line_plot(
+            dir,
+            "achieved_vs_configured_rate.svg",
+            "Achieved against configured rate (TCP goodput)",
+            "configured Mbit/s",
+            "achieved Mbit/s",
+            &series,
+        )?
+    {
+        out.push(p);
+    }
+
+    // Tunnel throughput per implementation.
+    let bars: Vec<(String, f64)> = [
+        ("Capybara", "tunnel_throughput_mbps"),
+        ("boringtun-cli", "tunnel_throughput_boringtun_cli_mbps"),
+        ("wireguard-go", "tunnel_throughput_wireguard_go_mbps"),
+        (
+            "Capybara enforcement (1k peers)",
+            "enforcement_mbps_capybara_1k_peers",
+        ),
+        (
+            "nftables + tc HTB (1k peers)",
+            "enforcement_mbps_nftables_tc_1k_peers",
+        ),
+    ]
+    .iter()
+    .filter_map(|(l, n)| v(n).map(|y| ((*l).to_owned(), y)))
+    .collect();
+    if let Some(p) = bar_plot(
+        dir,
+        "tunnel_throughput.svg",
+        "Tunnel throughput per implementation",
+        "Mbit/s",
+        &bars,
+    )? {
+        out.push(p);
+    }
+    Ok(out)
+}
+
+const COLORS: [RGBColor; 5] = [BLACK, BLUE, RED, GREEN, MAGENTA];
+
+/// A log-log line plot of the non-empty `series`; `None` when all are empty.
+fn line_plot(
+    dir: &Path,
+    file: &str,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+) -> Result<Option<PathBuf>> {
+    let points: Vec<(f64, f64)> = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().copied())
+        .filter(|(x, y)| x.is_finite() && y.is_finite() && *x > 0.0 && *y > 0.0)
+        .collect();
+    if points.is_empty() {
+        return Ok(None);
+    }
+    let (x0, x1) = bounds(points.iter().map(|p| p.0));
+    let (y0, y1) = bounds(points.iter().map(|p| p.1));
+    let path = dir.join(file);
+    {
+        let root = SVGBackend::new(&path, (800, 500)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        let mut b = ChartBuilder::on(&root);
+        b.caption(title, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70);
+        let mut chart = b
+            .build_cartesian_2d(
+                (x0 / 2.0..x1 * 2.0).log_scale(),
+                (y0 / 2.0..y1 * 2.0).log_scale(),
+            )
+            .map_err(plot_err)?;
+        chart
+            .configure_mesh()
+            .x_desc(x_label)
+            .y_desc(y_label)
+            .draw()
+            .map_err(plot_err)?;
+        for (i, (label, pts)) in series.iter().enumerate() {
+            if pts.is_empty() {
+                continue;
+            }
+            let color = COLORS[i % COLORS.len()];
+            chart
+                .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
+                .map_err(plot_err)?
+                .label(label.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .map_err(plot_err)?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(plot_err)?;
+        root.present().map_err(plot_err)?;
+    }
+    Ok(Some(path))
+}
+
+/// A bar plot of labelled values; `None` without values.
+fn bar_plot(
+    dir: &Path,
+    file: &str,
+    title: &str,
+    y_label: &str,
+    bars: &[(String, f64)],
+) -> Result<Option<PathBuf>> {
+    if bars.is_empty() {
+        return Ok(None);
+    }
+    let max = bars.iter().map(|b| b.1).fold(0.0f64, f64::max).max(1.0);
+    let path = dir.join(file);
+    {
+        let root = SVGBackend::new(&path, (800, 500)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        let labels: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0f64..bars.len() as f64, 0f64..max * 1.15)
+            .map_err(plot_err)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(bars.len() * 2 + 1)
+            .x_label_formatter(&|x| {
+                let i = x.floor() as usize;
+                if (x - x.floor() - 0.5).abs() < 0.01 && i < labels.len() {
+                    labels[i].clone()
+                } else {
+                    String::new()
+                }
+            })
+            .y_desc(y_label)
+            .draw()
+            .map_err(plot_err)?;
+        chart
+            .draw_series(bars.iter().enumerate().map(|(i, (_, y))| {
+                Rectangle::new(
+                    [(i as f64 + 0.15, 0.0), (i as f64 + 0.85, *y)],
+                    COLORS[(i + 1) % COLORS.len()].filled(),
+                )
+            }))
+            .map_err(plot_err)?;
+        chart
+            .draw_series(bars.iter().enumerate().map(|(i, (_, y))| {
+                Text::new(
+                    format_value(*y),
+                    (i as f64 + 0.3, *y * 1.02 + max * 0.03),
+                    ("sans-serif", 14),
+                )
+            }))
+            .map_err(plot_err)?;
+        root.present().map_err(plot_err)?;
+    }
+    Ok(Some(path))
+}
+
+fn bounds(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+        (lo.min(v), hi.max(v))
+    })
+}
+
+fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
+    anyhow::anyhow!("plot: {e}")
+}
+
+/// The progress bar of a run, when one is shown; [`log`] prints above it.
+static BAR: OnceLock<indicatif::ProgressBar> = OnceLock::new();
+
+/// Starts the progress bar over `steps` benchmark groups (once per process).
+pub fn start_progress(steps: u64) -> &'static indicatif::ProgressBar {
+    BAR.get_or_init(|| {
+        let bar = indicatif::ProgressBar::new(steps);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.enable_steady_tick(std::time::Duration::from_millis(250));
+        bar
+    })
+}
+
+/// A progress line on stderr, above the progress bar if there is one.
+pub fn log(line: &str) {
+    // A hidden bar (stderr not a terminal) would swallow `println`.
+    match BAR.get() {
+        Some(bar) if !bar.is_finished() && !bar.is_hidden() => bar.println(line),
+        _ => eprintln!("{line}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fig(name: &'static str, value: f64, unit: &'static str) -> Figure {
+        Figure { name, value, unit }
+    }
+
+    #[test]
+    fn goals_are_met_or_not() {
+        assert!(Goal::AtLeast(1.5).met(1.5));
+        assert!(!Goal::AtLeast(1.5).met(1.49));
+        assert!(Goal::Below(300.0).met(299.9));
+        assert!(!Goal::Below(300.0).met(300.0));
+        assert!(Goal::Within(0.95, 1.0).met(0.97));
+        assert!(!Goal::Within(0.95, 1.0).met(1.01));
+        assert!(!Goal::AtMost(1.5).met(f64::NAN));
+        assert_eq!(Goal::Within(0.95, 1.0).to_string(), "0.95–1");
+    }
+
+    #[test]
+    fn cpu_model_is_the_first_model_name() {
+        let info =
+            "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nprocessor\t: 1\nmodel name\t: other\n";
+        assert_eq!(cpu_model(info).as_deref(), Some("AMD EPYC 7B13"));
+        assert_eq!(cpu_model("processor: 0\n"), None);
+    }
+
+    #[test]
+    fn markdown_has_baseline_ratio_target_and_commands() {
+        let figures = [
+            fig("blocklist_vs_nftables_1m", 1.2, "ratio"),
+            fig("blocklist_pps_xdp_1m", 600_000.0, "pps"),
+            fig("blocklist_pps_nftables_1m", 500_000.0, "pps"),
+            fig("load_100k_peers_ms", 1200.0, "ms"),
+        ];
+        let docs = [BaselineDoc {
+            benchmark: "blocklist_vs_nftables_1m",
+            tool: "nftables",
+            commands: vec!["nft -f blocklist.nft".into()],
+        }];
+        let machine = Machine {
+            cpu: "Test CPU".into(),
+            cores: 2,
+            kernel: "6.18".into(),
+        };
+        let failures = [Failure {
+            group: "agent_rss_mb_100k_peers, load_100k_peers_ms".into(),
+            error: "not ready after 120 s\nlog".into(),
+        }];
+        let md = render_markdown(
+            &figures,
+            &docs,
+            &failures,
+            &machine,
+            "today",
+            &[PathBuf::from("/x/a.svg")],
+        );
+        assert!(md.contains("Test CPU (2 cores), Linux 6.18"), "{md}");
+        assert!(md.contains("Targets met: **1 of 2**"), "{md}");
+        assert!(
+            md.contains(
+                "| `blocklist_vs_nftables_1m` | 1.200 | ratio |  |  |  | ≥ 1.5 | ✘ not met |"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("| `blocklist_pps_xdp_1m` | 600000 | pps | `blocklist_pps_nftables_1m` | 500000 | 1.200 |"), "{md}");
+        assert!(
+            md.contains("| `load_100k_peers_ms` | 1200 | ms |  |  |  | < 3000 | ✔ met |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "### `blocklist_vs_nftables_1m`: nftables\n\n```\nnft -f blocklist.nft\n```"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("![a.svg](a.svg)"));
+        assert!(
+            md.contains("## Not measured\n\n- **agent_rss_mb_100k_peers, load_100k_peers_ms**: not ready after 120 s log"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn missing_baseline_is_shown_as_not_run() {
+        let md = render_markdown(
+            &[fig("throttle_accuracy_50m", 0.97, "ratio")],
+            &[],
+            &[],
+            &Machine {
+                cpu: "c".into(),
+                cores: 1,
+                kernel: "k".into(),
+            },
+            "now",
+            &[],
+        );
+        assert!(
+            md.contains("`throttle_accuracy_tc_htb_50m` | not run |"),
+            "{md}"
+        );
+        assert!(md.contains("✔ met"));
+    }
+
+    #[test]
+    fn plots_are_written_for_present_figures_only() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(write_plots(dir.path(), &[]).unwrap().is_empty());
+        let figures = [
+            fig("xdp_guard_ns_empty", 40.0, "ns"),
+            fig("xdp_guard_ns_1k", 45.0, "ns"),
+            fig("xdp_guard_ns_1m", 50.0, "ns"),
+            fig("throttle_accuracy_50m", 0.97, "ratio"),
+            fig("throttle_accuracy_tc_htb_50m", 0.93, "ratio"),
+            fig("tunnel_throughput_mbps", 900.0, "Mbit/s"),
+            fig("tunnel_throughput_boringtun_cli_mbps", 400.0, "Mbit/s"),
+        ];
+        let plots = write_plots(dir.path(), &figures).unwrap();
+        let names: Vec<String> = plots
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "cost_vs_blocklist_size.svg",
+                "achieved_vs_configured_rate.svg",
+                "tunnel_throughput.svg"
+            ]
+        );
+        for p in &plots {
+            let svg = std::fs::read_to_string(p).unwrap();
+            assert!(svg.starts_with("<svg"), "{}", p.display());
+        }
+        let bars = std::fs::read_to_string(dir.path().join("tunnel_throughput.svg")).unwrap();
+        assert!(
+            bars.contains("boringtun-cli") && bars.contains("900"),
+            "{bars}"
+        );
+        let md = write(dir.path(), &figures, &[], &[], &Machine::current(), "now").unwrap();
+        assert!(
+            std::fs::read_to_string(md)
+                .unwrap()
+                .contains("![tunnel_throughput.svg]")
+        );
+    }
+}
