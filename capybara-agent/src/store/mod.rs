@@ -279,6 +279,8 @@ pub struct Store {
     wal: Mutex<WalState>,
     /// Signalled when a WAL sync finishes.
     synced: Condvar,
+    /// This store's id in the process (for [`LAST_WRITE`]).
+    id: u64,
 }
 
 /// Writes and syncs, counted. A sync that starts after write `n` returned covers it.
@@ -300,9 +302,15 @@ struct WalState {
 pub struct Written(u64);
 
 thread_local! {
-    /// The last write this thread made through [`Store::write`] (for [`Store::sync_mine`]).
-    static LAST_WRITE: Cell<u64> = const { Cell::new(0) };
+    /// The last write this thread made through [`Store::write`]: the store's [`Store::id`] and
+    /// the write's position (for [`Store::sync_mine`]).
+    static LAST_WRITE: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
 }
+
+/// Hands every opened store its own id (a thread-local position means nothing to another
+/// store: a stale one from a store opened earlier in the process made a sync wait for writes
+/// that never come).
+static NEXT_STORE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -359,6 +367,7 @@ impl Store {
             path,
             wal: Mutex::new(WalState::default()),
             synced: Condvar::new(),
+            id: NEXT_STORE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         };
         store.check_schemas()?;
         Ok(store)
@@ -449,7 +458,7 @@ impl Store {
         let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
         wal.written += 1;
         let n = wal.written;
-        LAST_WRITE.with(|w| w.set(n));
+        LAST_WRITE.with(|w| w.set((self.id, n)));
         Ok(Written(n))
     }
 
@@ -457,8 +466,10 @@ impl Store {
     /// covers it is running (one fsync for every writer waiting meanwhile).
     pub fn sync(&self, through: Written) -> Result<(), StoreError> {
         let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+        // Nothing past what was written can be waited for.
+        let through = through.0.min(wal.written);
         loop {
-            if wal.synced >= through.0 {
+            if wal.synced >= through {
                 return Ok(());
             }
             if wal.syncing {
@@ -492,7 +503,10 @@ impl Store {
 
     /// [`Store::sync`] through the last write this thread made with [`Store::write`].
     pub fn sync_mine(&self) -> Result<(), StoreError> {
-        self.sync(Written(LAST_WRITE.with(Cell::get)))
+        match LAST_WRITE.with(Cell::get) {
+            (id, n) if id == self.id => self.sync(Written(n)),
+            _ => Ok(()),
+        }
     }
 
     /// Every `(key, value)` of `cf` whose key starts with `prefix`, in key order.
@@ -616,6 +630,24 @@ mod tests {
             before + 2,
             "this thread's newer write is synced"
         );
+    }
+
+    #[test]
+    fn a_position_from_another_store_is_not_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let a = Store::open(dir.path()).unwrap();
+        for i in 0..5 {
+            let _ = a.write(one(&i.to_string())).unwrap();
+        }
+        let b = Store::open(other.path()).unwrap();
+        // This thread's last write was to `b` (its schema records at open); `a` is at position
+        // 6 (its own schema records, then five). Neither call may wait for writes `b` never had.
+        b.sync_mine().unwrap();
+        b.sync(Written(5)).unwrap();
+        let _ = a.write(one("again")).unwrap();
+        a.sync_mine().unwrap();
+        assert_eq!(a.wal.lock().unwrap().synced, 7);
     }
 
     #[test]
