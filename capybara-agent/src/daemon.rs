@@ -16,6 +16,10 @@
 //! 6. open the control service (programs every stored device into the dataplane and the
 //!    tunnel) and serve the API on the control socket and/or TCP (`ApiSettings`).
 //!
+//! Tunnel events feed the session recorder (`service::control::history`, a blocking thread:
+//! its writes are synced) after the handshake admission; the recorder prunes the history to
+//! `history_retention` at start and hourly, and closes open sessions at shutdown.
+//!
 //! Kernel events (ring buffer) are decoded by one task and published on a broadcast channel
 //! ([`Running::events`]); history, webhooks and the API subscribe to it. A subscriber that falls
 //! behind loses the oldest events (logged), it never slows the reader down.
@@ -41,7 +45,7 @@ use crate::{
     dataplane::{Dataplane, DataplaneConfig, DataplaneError, Event, EventStream},
     paths,
     service::{
-        Service, ServiceConfig, ServiceError,
+        EndReason, Service, ServiceConfig, ServiceError, SessionEvent,
         ports::TunnelPort,
         secrets::{self, SecretError},
     },
@@ -94,6 +98,12 @@ pub struct AgentConfig {
     pub wg_uapi_dir: PathBuf,
     /// The control API.
     pub api: ApiSettings,
+    /// A connected peer with no handshake and no traffic for this long is disconnected (its
+    /// session ends as `idle`); `--disconnect-timeout`, default 180 s.
+    pub disconnect_after: std::time::Duration,
+    /// Sessions and auth attempts older than this are pruned (at start and hourly);
+    /// `--history-retention`, default 90 days.
+    pub history_retention: std::time::Duration,
 }
 
 /// Why the daemon could not start or stop cleanly.
@@ -193,6 +203,7 @@ pub async fn run(
     let private_key = PrivateKey::load_or_generate(&crate::paths::key_file(&config.data_dir))?;
     let tunnel = Arc::new(WgTunnel::start(WgConfig {
         uapi_dir: Some(config.wg_uapi_dir.clone()),
+        disconnect_after: config.disconnect_after,
         ..WgConfig::new(
             TunnelDeviceConfig {
                 name: config.tunnel.clone(),
@@ -272,7 +283,18 @@ pub async fn run(
         .as_ref()
         .map(|(cert, key)| api::TlsIdentity::from_files(cert, key))
         .transpose()?;
-    let handshakes = tokio::spawn(forward_handshakes(tunnel.subscribe(), svc.clone()));
+    let (session_tx, session_rx) = std::sync::mpsc::channel();
+    let recorder = {
+        let (svc, retention) = (svc.clone(), config.history_retention);
+        tokio::task::spawn_blocking(move || {
+            crate::service::control::history::run_recorder(svc, session_rx, retention)
+        })
+    };
+    let handshakes = tokio::spawn(forward_handshakes(
+        tunnel.subscribe(),
+        svc.clone(),
+        session_tx,
+    ));
     let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
     // Without a listener the API task ends at once; that is not a failure to shut down for.
     let serving = tcp.is_some() || unix.is_some();
@@ -340,6 +362,11 @@ pub async fn run(
         let _ = std::fs::remove_file(path);
     }
     handshakes.abort();
+    // The forwarder's end of the channel is gone: the recorder closes the open sessions.
+    let _ = handshakes.await;
+    if let Err(e) = recorder.await {
+        tracing::error!(error = %e, "session recorder failed");
+    }
     drop(svc);
     reader.abort();
     match Arc::try_unwrap(dataplane) {
@@ -373,30 +400,90 @@ async fn publish_events(mut stream: EventStream, bus: tokio::sync::broadcast::Se
     }
 }
 
-/// Tells the service about completed handshakes: a kicked device is admitted again by its next
-/// one.
+/// Tells the service about completed handshakes (a kicked device is admitted again by its next
+/// one) and hands every event to the session recorder.
 async fn forward_handshakes(
     mut events: tokio::sync::broadcast::Receiver<crate::tunnel::TunnelEvent>,
     svc: Arc<Service>,
+    sessions: std::sync::mpsc::Sender<SessionEvent>,
 ) {
     use tokio::sync::broadcast::error::RecvError;
     loop {
         match events.recv().await {
-            Ok(crate::tunnel::TunnelEvent::Connected { public_key, .. }) => {
-                let key = crate::service::domain::PublicKey(*public_key.as_bytes());
-                if let Err(e) = svc.on_handshake(&key) {
-                    tracing::warn!(error = %e, "cannot admit a peer after its handshake");
+            Ok(ev) => {
+                match &ev {
+                    crate::tunnel::TunnelEvent::Connected { public_key, .. } => {
+                        let key = crate::service::domain::PublicKey(*public_key.as_bytes());
+                        if let Err(e) = svc.on_handshake(&key) {
+                            tracing::warn!(error = %e, "cannot admit a peer after its handshake");
+                        }
+                    }
+                    crate::tunnel::TunnelEvent::Disconnected { public_key, at, .. } => {
+                        let key = crate::service::domain::PublicKey(*public_key.as_bytes());
+                        if let Err(e) = svc.policy_on_disconnect(&key, *at) {
+                            tracing::warn!(
+                                error = %e,
+                                "cannot update the device limit after a disconnect"
+                            );
+                        }
+                    }
+                    _ => {}
                 }
+                // The recorder ends only after this task: a send cannot fail before.
+                let _ = sessions.send(session_event(ev));
             }
-            Ok(crate::tunnel::TunnelEvent::Disconnected { public_key, at, .. }) => {
-                let key = crate::service::domain::PublicKey(*public_key.as_bytes());
-                if let Err(e) = svc.policy_on_disconnect(&key, at) {
-                    tracing::warn!(error = %e, "cannot update the device limit after a disconnect");
-                }
-            }
-            Ok(_) => {}
             Err(RecvError::Lagged(n)) => tracing::warn!(n, "tunnel events lost"),
             Err(RecvError::Closed) => break,
         }
+    }
+}
+
+/// A tunnel event in the service's terms.
+fn session_event(ev: crate::tunnel::TunnelEvent) -> SessionEvent {
+    use crate::tunnel::{AuthFailure, DisconnectReason, TunnelEvent};
+    let key = |k: crate::tunnel::PublicKey| crate::service::domain::PublicKey(*k.as_bytes());
+    match ev {
+        TunnelEvent::Connected {
+            public_key,
+            endpoint,
+            at,
+        } => SessionEvent::Connected {
+            key: key(public_key),
+            endpoint,
+            at,
+        },
+        TunnelEvent::Disconnected {
+            public_key,
+            reason,
+            at,
+        } => SessionEvent::Disconnected {
+            key: key(public_key),
+            reason: match reason {
+                DisconnectReason::Timeout => EndReason::Idle,
+                DisconnectReason::Kicked => EndReason::Kicked,
+                DisconnectReason::Removed => EndReason::Removed,
+            },
+            at,
+        },
+        TunnelEvent::EndpointChanged { public_key, to, .. } => SessionEvent::EndpointChanged {
+            key: key(public_key),
+            to,
+            at: std::time::SystemTime::now(),
+        },
+        TunnelEvent::AuthFailed {
+            source,
+            public_key,
+            reason,
+        } => SessionEvent::AuthFailed {
+            source,
+            key: public_key.map(key),
+            reason: match reason {
+                AuthFailure::UnknownKey => "unknown-key",
+                AuthFailure::BadMac => "bad-mac",
+                AuthFailure::Undecryptable => "undecryptable",
+                AuthFailure::Rejected => "rejected",
+            },
+            at: std::time::SystemTime::now(),
+        },
     }
 }

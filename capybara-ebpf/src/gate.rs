@@ -53,9 +53,9 @@ fn gate_reason(gate: u32) -> DropReason {
     }
 }
 
-/// `Some` when the peer whose table entry is `info` is held (see the module docs).
+/// `Some` when the peer whose table entry is `info` is held at `now_ns` (see the module docs).
 #[inline(always)]
-pub fn held(info: *const PeerInfo) -> Option<Held> {
+pub fn held(info: *const PeerInfo, now_ns: u64) -> Option<Held> {
     // SAFETY: `info` is the peer's `PEERS` element the pipeline looked up, valid for this program
     // run; the agent replaces it by copying, so each field is read old or new (documented on
     // `PeerInfo`).
@@ -66,7 +66,7 @@ pub fn held(info: *const PeerInfo) -> Option<Held> {
             deadline_ns,
         });
     }
-    if deadline_ns != 0 && now_ns() >= deadline_ns {
+    if deadline_ns != 0 && now_ns >= deadline_ns {
         return Some(Held {
             reason: DropReason::GateExpired,
             deadline_ns,

@@ -15,6 +15,10 @@ pub struct IperfResult {
     pub received_bps: f64,
     /// Bytes the receiver got (omitted seconds excluded).
     pub received_bytes: u64,
+    /// Bytes the sender wrote (omitted seconds excluded): an upper bound of what crossed, as it
+    /// includes what was still in the sender's socket buffer when the streams closed (the
+    /// receiver's count is a lower bound: it misses what was in flight at the end).
+    pub sent_bytes: u64,
     /// Segments the sender retransmitted.
     pub retransmits: u64,
 }
@@ -104,6 +108,7 @@ pub fn tcp(from: &NetNs, to: &NetNs, to_addr: IpAddr, spec: &IperfTcp<'_>) -> Ip
     IperfResult {
         received_bps: num(&end["sum_received"]["bits_per_second"], "received rate"),
         received_bytes: num(&end["sum_received"]["bytes"], "received bytes") as u64,
+        sent_bytes: num(&end["sum_sent"]["bytes"], "sent bytes") as u64,
         retransmits: num(&end["sum_sent"]["retransmits"], "retransmits") as u64,
     }
 }

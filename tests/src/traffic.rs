@@ -10,7 +10,7 @@ use std::{
     net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::JoinHandle,
@@ -460,5 +460,65 @@ impl IfCounters {
             }
         }
         last
+    }
+}
+
+/// A TCP server on a thread that accepts connections and keeps them open, echoing what it reads,
+/// until dropped (so a test can hold flows open through a limit, or ask a port for an answer).
+pub struct TcpEchoServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TcpEchoServer {
+    /// Listens on `addr` in `ns`.
+    pub fn start(ns: &NetNs, addr: SocketAddr) -> Self {
+        let listener = ns.run(|| {
+            let l = TcpListener::bind(addr)
+                .unwrap_or_else(|e| panic!("TCP bind {addr} in {}: {e}", ns.name()));
+            l.set_nonblocking(true).unwrap();
+            l
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let held: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((s, _)) => {
+                            s.set_nonblocking(true).unwrap();
+                            held.lock().unwrap().push(s);
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                            // Echo whatever arrived on the held connections.
+                            for s in held.lock().unwrap().iter_mut() {
+                                let mut buf = [0u8; 64];
+                                if let Ok(n) = s.read(&mut buf)
+                                    && n > 0
+                                {
+                                    let _ = s.write_all(&buf[..n]);
+                                }
+                            }
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        Err(e) => panic!("accept on {addr}: {e}"),
+                    }
+                }
+            })
+        };
+        TcpEchoServer {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for TcpEchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }

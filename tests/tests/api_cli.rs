@@ -155,7 +155,10 @@ fn user_lifecycle_with_config_qr_and_png() {
     cli.ok(&["device", "remove", "alice", "phone"]);
     cli.ok(&["user", "remove", "alice"]);
     cli.fails(1, &["user", "show", "alice"], "not found");
-    assert_eq!(cli.ok(&["health"]).trim(), "serving");
+    let health = cli.ok(&["health"]);
+    let rows: Vec<&str> = health.lines().skip(1).collect();
+    assert_eq!(rows.len(), 4, "{health}");
+    assert!(rows.iter().all(|r| r.ends_with(" serving")), "{health}");
 }
 
 #[test]

@@ -10,83 +10,19 @@
 mod e2e_support;
 
 use std::{
-    io::{ErrorKind, Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::JoinHandle,
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream},
     time::{Duration, Instant},
 };
 
 use capybara_common::drop::DropReason;
-use capybara_tests::netns::NetNs;
+use capybara_tests::{netns::NetNs, traffic::TcpEchoServer};
 use e2e_support::tun_peer;
 
 const PEER: u32 = 5;
 const PORT: u16 = 8080;
 /// How long a connect that should fail is given (a dropped SYN never gets an answer).
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
-
-/// A TCP server that accepts connections and keeps them open (echoing what it reads) until
-/// dropped.
-struct HoldServer {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl HoldServer {
-    fn start(ns: &NetNs, addr: SocketAddr) -> Self {
-        let listener = ns.run(|| {
-            let l = TcpListener::bind(addr)
-                .unwrap_or_else(|e| panic!("TCP bind {addr} in {}: {e}", ns.name()));
-            l.set_nonblocking(true).unwrap();
-            l
-        });
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let held: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-                while !stop.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((s, _)) => {
-                            s.set_nonblocking(true).unwrap();
-                            held.lock().unwrap().push(s);
-                        }
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                            // Echo whatever arrived on the held connections.
-                            for s in held.lock().unwrap().iter_mut() {
-                                let mut buf = [0u8; 64];
-                                if let Ok(n) = s.read(&mut buf)
-                                    && n > 0
-                                {
-                                    let _ = s.write_all(&buf[..n]);
-                                }
-                            }
-                            std::thread::sleep(Duration::from_millis(5));
-                        }
-                        Err(e) => panic!("accept on {addr}: {e}"),
-                    }
-                }
-            })
-        };
-        HoldServer {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for HoldServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 /// Connects from `ns` to `addr` and exchanges one message; the open connection, or why not.
 fn connect(ns: &NetNs, addr: SocketAddr) -> Result<TcpStream, String> {
@@ -110,7 +46,7 @@ fn a_fourth_tcp_connection_fails_at_a_limit_of_three_and_closing_one_frees_its_s
     let mut s = tun_peer(53, PEER);
     s.dp.set_flow_limit(PEER, 3).expect("set the flow limit");
     let server = SocketAddr::new(IpAddr::V4(s.wire.a.v4), PORT);
-    let _srv = HoldServer::start(&s.a, server);
+    let _srv = TcpEchoServer::start(&s.a, server);
     let drops = |s: &e2e_support::TunPeer| {
         s.dp.peer_stats(PEER).expect("peer stats").drops[DropReason::FlowLimit as usize]
     };

@@ -10,13 +10,8 @@
 mod e2e_support;
 
 use std::{
-    io::{ErrorKind, Read, Write},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::JoinHandle,
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpStream},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -24,7 +19,7 @@ use capybara_agent::dataplane::{DataplaneError, Event, EventStream, Gate, L4Prot
 use capybara_common::drop::DropReason;
 use capybara_tests::{
     netns::NetNs,
-    traffic::{UdpSink, send_udp},
+    traffic::{TcpEchoServer, UdpSink, send_udp},
 };
 use e2e_support::{TunPeer, WAIT, tun_peer};
 
@@ -33,58 +28,6 @@ const VERIFY_PORT: u16 = 8443;
 const OTHER_PORT: u16 = 8080;
 /// How long a connect that should fail is given (a dropped SYN never gets an answer).
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
-
-/// A TCP echo server on a thread: answers each connection with what it read (up to 64 bytes).
-struct EchoServer {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl EchoServer {
-    fn start(ns: &NetNs, addr: SocketAddr) -> Self {
-        let listener = ns.run(|| {
-            let l = TcpListener::bind(addr)
-                .unwrap_or_else(|e| panic!("TCP bind {addr} in {}: {e}", ns.name()));
-            l.set_nonblocking(true).unwrap();
-            l
-        });
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((mut s, _)) => {
-                            s.set_nonblocking(false).unwrap();
-                            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-                            let mut buf = [0u8; 64];
-                            if let Ok(n) = s.read(&mut buf) {
-                                let _ = s.write_all(&buf[..n]);
-                            }
-                        }
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(10));
-                        }
-                        Err(e) => panic!("accept on {addr}: {e}"),
-                    }
-                }
-            })
-        };
-        EchoServer {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for EchoServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 /// Connects from `ns` to `addr` and exchanges one message: true if the echo came back.
 fn tcp_echo(ns: &NetNs, addr: SocketAddr) -> bool {
@@ -187,10 +130,10 @@ fn held_peer_reaches_only_the_verification_port_and_deadlines_expire_in_the_kern
         s.dp.event_stream().expect("event stream")
     };
     let _servers = [
-        EchoServer::start(&s.a, s.server(false, VERIFY_PORT)),
-        EchoServer::start(&s.a, s.server(true, VERIFY_PORT)),
-        EchoServer::start(&s.a, s.server(false, OTHER_PORT)),
-        EchoServer::start(&s.a, s.server(true, OTHER_PORT)),
+        TcpEchoServer::start(&s.a, s.server(false, VERIFY_PORT)),
+        TcpEchoServer::start(&s.a, s.server(true, VERIFY_PORT)),
+        TcpEchoServer::start(&s.a, s.server(false, OTHER_PORT)),
+        TcpEchoServer::start(&s.a, s.server(true, OTHER_PORT)),
     ];
 
     // Admitted (the default): everything flows.

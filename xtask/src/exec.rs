@@ -18,8 +18,12 @@ const DEFAULT_CACHE: &str = "/var/cache/capybara";
 pub fn workspace_root() -> &'static Path {
     static ROOT: OnceLock<PathBuf> = OnceLock::new();
     ROOT.get_or_init(|| {
-        let xtask = Path::new(env!("CARGO_MANIFEST_DIR"));
-        xtask.parent().unwrap_or(xtask).to_path_buf()
+        // `cargo run` sets the variable at run time too. Prefer that: the compile-time path goes
+        // stale when a shared target dir's xtask binary was built from another checkout.
+        let xtask = std::env::var_os("CARGO_MANIFEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+        xtask.parent().unwrap_or(&xtask).to_path_buf()
     })
 }
 

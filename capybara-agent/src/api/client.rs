@@ -70,7 +70,7 @@ pub enum ClientError {
 /// A connected client.
 #[derive(Clone, Debug)]
 pub struct Client {
-    channel: Channel,
+    pub(super) channel: Channel,
     auth: Option<MetadataValue<tonic::metadata::Ascii>>,
 }
 

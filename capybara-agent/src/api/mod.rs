@@ -4,12 +4,14 @@
 //! - [`server`]: the gRPC services, authentication by peer credentials or bearer token, the
 //!   health and reflection services, and `run(listeners, shutdown)`.
 //! - [`client`]: the client the `capybara` CLI uses, answering in domain types.
+//! - [`history`]: the History and Backup services, their client calls and conversions.
 //! - [`policy`]: the `Policy` service (groups, quotas, limits, explain) and its client calls.
 //! - `convert` (kernel types) and `domain` (control API types): the conversions.
 
 pub mod client;
 mod convert;
 pub mod domain;
+pub mod history;
 pub mod policy;
 pub mod server;
 

@@ -14,9 +14,9 @@
 //!
 //! | scope | calls |
 //! |---|---|
-//! | read | `ListUsers`, `GetUser`, `ListPeers`, `GetStats`, `ListConnections`, `ListAudit`, `ListBlocklists`, `GetBlocklist`, `GetGeo`, health, reflection |
+//! | read | `ListUsers`, `GetUser`, `ListPeers`, `GetStats`, `ListConnections`, `ListAudit`, `ListBlocklists`, `GetBlocklist`, `GetGeo`, `ListSessions`, health, reflection |
 //! | write | `AddUser`, `RemoveUser`, `UserConfig`, `AddPeer`, `RemovePeer`, `Kick`, `AddEntries`, `RemoveEntries`, `DeleteBlocklist`, `SetGeo` |
-//! | admin | `CreateToken`, `ListTokens`, `RevokeToken` |
+//! | admin | `CreateToken`, `ListTokens`, `RevokeToken`, `ClearHistory`, `CreateBackup` |
 //!
 //! The `Policy` service's scopes are listed in [`super::policy`].
 //!
@@ -219,16 +219,21 @@ impl Api {
         authorize(&self.svc, req.metadata(), req.extensions(), need)
     }
 
-    /// Runs `f` on the blocking pool.
+    /// Runs `f` on the blocking pool and waits until what it wrote is on disk (the reply is
+    /// the acknowledgement).
     pub(super) async fn call<R: Send + 'static>(
         &self,
         f: impl FnOnce(&Service) -> Result<R, ServiceError> + Send + 'static,
     ) -> Result<R, Status> {
         let svc = self.svc.clone();
-        tokio::task::spawn_blocking(move || f(&svc))
-            .await
-            .map_err(|e| Status::internal(format!("call aborted: {e}")))?
-            .map_err(status_of)
+        tokio::task::spawn_blocking(move || {
+            let r = f(&svc)?;
+            svc.settle()?;
+            Ok(r)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("call aborted: {e}")))?
+        .map_err(status_of)
     }
 }
 
@@ -593,6 +598,7 @@ async fn router(svc: &Arc<Service>, tls: Option<&TlsIdentity>) -> Result<Router,
     reporter.set_serving::<AuditServer<Api>>().await;
     reporter.set_serving::<BlocklistsServer<Api>>().await;
     reporter.set_serving::<GeoServer<Api>>().await;
+    super::history::set_serving(&reporter, svc).await;
     reporter
         .set_serving::<pb::policy_server::PolicyServer<Api>>()
         .await;
@@ -611,7 +617,7 @@ async fn router(svc: &Arc<Service>, tls: Option<&TlsIdentity>) -> Result<Router,
         server =
             server.tls_config(tonic::transport::ServerTlsConfig::new().identity(id.0.clone()))?;
     }
-    Ok(server
+    let server = server
         .add_service(tonic::service::interceptor::InterceptedService::new(
             health,
             gate(svc.clone()),
@@ -628,7 +634,8 @@ async fn router(svc: &Arc<Service>, tls: Option<&TlsIdentity>) -> Result<Router,
         .add_service(AuditServer::new(api.clone()))
         .add_service(BlocklistsServer::new(api.clone()))
         .add_service(pb::policy_server::PolicyServer::new(api.clone()))
-        .add_service(GeoServer::new(api)))
+        .add_service(GeoServer::new(api.clone()));
+    Ok(super::history::add_services(server, api))
 }
 
 /// Serves the API on `listeners` until `shutdown` resolves, then lets in-flight calls finish.

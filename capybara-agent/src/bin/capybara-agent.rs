@@ -73,6 +73,13 @@ struct Args {
     /// MaxMind country database (.mmdb) for `geo block/allow`.
     #[arg(long, value_name = "FILE")]
     geoip_db: Option<PathBuf>,
+    /// A connected peer with no handshake and no traffic for this long is disconnected (its
+    /// session ends as `idle`), e.g. 180s, 5m.
+    #[arg(long, default_value = "180s")]
+    disconnect_timeout: String,
+    /// Keep sessions and auth attempts this long, e.g. 90d (pruned at start and hourly).
+    #[arg(long, default_value = "90d")]
+    history_retention: String,
 }
 
 /// An interface address `a.b.c.d/len`: the host part may be set (it is the server's address).
@@ -110,7 +117,15 @@ fn main() -> anyhow::Result<()> {
             args.tunnel_ipv6
         );
     };
+    let duration = |field, s: &str| {
+        capybara_agent::service::domain::parse_duration(field, s)
+            .with_context(|| format!("--{}", field.replace('_', "-")))
+    };
+    let disconnect_after = duration("disconnect_timeout", &args.disconnect_timeout)?;
+    let history_retention = duration("history_retention", &args.history_retention)?;
     let config = AgentConfig {
+        disconnect_after,
+        history_retention,
         uplink: args.uplink,
         tunnel: args.tunnel,
         tunnel_ipv4: (v4.addr(), v4.prefix_len()),

@@ -11,6 +11,7 @@
 //! Input is parsed here into the same validated domain types the agent uses, so most bad input
 //! is refused before a connection is made and with the same message the agent would give.
 
+mod history;
 mod policy;
 mod qr;
 mod table;
@@ -29,6 +30,7 @@ use crate::{
         unix_secs,
     },
 };
+use history::{BackupCmd, HistoryCmd};
 use table::Table;
 
 /// Manage a Capybara WireGuard server.
@@ -79,9 +81,12 @@ enum Command {
     },
     /// Is the agent serving?
     Health,
-    /// Session history and the audit trail.
+    /// Session history, failed handshakes and the audit trail.
     #[command(subcommand)]
     History(HistoryCmd),
+    /// Backups of the agent's store.
+    #[command(subcommand)]
+    Backup(BackupCmd),
     /// Named blocklists.
     #[command(subcommand)]
     Blocklist(BlocklistCmd),
@@ -221,19 +226,6 @@ enum TokenCmd {
     },
 }
 
-#[derive(Debug, Subcommand)]
-enum HistoryCmd {
-    /// The audit trail, newest first.
-    Audit {
-        /// Only records about this user.
-        #[arg(long)]
-        user: Option<String>,
-        /// At most this many.
-        #[arg(long, default_value_t = 100)]
-        limit: u32,
-    },
-}
-
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Dir {
     /// Sources reaching the WireGuard port (XDP guard).
@@ -306,6 +298,9 @@ enum CliError {
     /// The QR code could not be made.
     #[error("QR code: {0}")]
     Qr(#[from] qrcode::types::QrError),
+    /// A backup could not be restored.
+    #[error(transparent)]
+    Backup(#[from] crate::store::backup::BackupError),
 }
 
 impl CliError {
@@ -313,6 +308,7 @@ impl CliError {
         match self {
             CliError::Input(_) => 2,
             CliError::Client(e) if is_bad_input(e) => 2,
+            CliError::Backup(e) if !matches!(e, crate::store::backup::BackupError::Store(_)) => 2,
             _ => 1,
         }
     }
@@ -501,46 +497,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             }
             Ok(())
         }
-        Command::Health => {
-            let ok = connect(&cli).await?.health("").await?;
-            if cli.json {
-                print_json(&serde_json::json!({ "serving": ok }));
-            } else {
-                println!("{}", if ok { "serving" } else { "not serving" });
-            }
-            if ok {
-                Ok(())
-            } else {
-                Err(CliError::Client(ClientError::Status(
-                    tonic::Status::unavailable("the agent reports not serving"),
-                )))
-            }
-        }
-        Command::History(HistoryCmd::Audit { user, limit }) => {
-            if let Some(u) = user {
-                UserName::parse("user", u)?;
-            }
-            let recs = connect(&cli)
-                .await?
-                .audit(user.as_deref().unwrap_or(""), *limit)
-                .await?;
-            if cli.json {
-                print_json(&recs);
-                return Ok(());
-            }
-            let mut t = Table::new(&["SEQ", "WHEN", "ACTOR", "ACTION", "TARGET"]);
-            for r in &recs {
-                t.row(vec![
-                    r.seq.to_string(),
-                    time(r.at),
-                    r.actor.clone(),
-                    r.action.clone(),
-                    r.target.clone(),
-                ]);
-            }
-            print!("{t}");
-            Ok(())
-        }
+        Command::Health => history::health(&cli).await,
+        Command::History(cmd) => history::history(&cli, cmd).await,
+        Command::Backup(cmd) => history::backup(&cli, cmd).await,
         Command::Blocklist(cmd) => blocklist(&cli, cmd).await,
         Command::Geo(cmd) => geo(&cli, cmd).await,
     }

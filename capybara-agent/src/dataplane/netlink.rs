@@ -40,6 +40,7 @@ pub const RTM_DELTCLASS: u16 = 41;
 pub const RTM_GETTCLASS: u16 = 42;
 
 pub const IFLA_IFNAME: u16 = 3;
+pub const IFLA_MTU: u16 = 4;
 pub const IFLA_LINKINFO: u16 = 18;
 pub const IFLA_INFO_KIND: u16 = 1;
 

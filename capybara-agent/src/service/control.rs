@@ -3,7 +3,8 @@
 //! the store.
 //!
 //! ## Order of a change, and what "acknowledged" means
-//! Mutations are serialised by one writer lock held across the synced commit, so id and
+//! Mutations are serialised by one writer lock held across the write (not the fsync: callers
+//! [`Service::settle`] after it, sharing fsyncs — group commit, see `store`), so id and
 //! address allocation and the audit sequence never race; the in-memory index of devices is
 //! behind a read-write lock taken only briefly, so reads never wait for a disk flush (measured
 //! by the `api_load` benchmark: with reads queued behind the writer lock, one slow fsync of a
@@ -468,11 +469,20 @@ impl Service {
         Ok(())
     }
 
-    /// Commits `batch` and advances the audit sequence (only once the batch is durable).
+    /// Writes `batch` and advances the audit sequence. Called under the writer lock, it does not
+    /// wait for the disk: the caller (the API, before it replies) calls [`Service::settle`]
+    /// after the lock is released, so concurrent mutations share one fsync (see `store`).
     pub(super) fn commit(&self, batch: Batch) -> Result<(), ServiceError> {
-        self.store.commit(batch)?;
+        let _ = self.store.write(batch)?;
         self.next_audit.fetch_add(1, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Waits until the mutations this thread made are on disk. A mutation is applied, and
+    /// survives the agent being killed, when its method returns; it survives power loss once
+    /// this returned. The API settles before every reply, so every acknowledgement is durable.
+    pub fn settle(&self) -> Result<(), ServiceError> {
+        Ok(self.store.sync_mine()?)
     }
 
     /// The sequence number the next audit record gets.
@@ -1453,6 +1463,9 @@ pub fn allowed_ips(peer: &Peer) -> Vec<Cidr> {
         Cidr::host(std::net::IpAddr::V6(peer.ipv6)),
     ]
 }
+
+pub mod health;
+pub mod history;
 
 #[cfg(test)]
 mod tests;

@@ -7,7 +7,7 @@
 //! - [`ports`]: the traits the service needs from the dataplane and the tunnel, with in-memory
 //!   implementations for tests.
 //! - [`control`]: the control [`Service`]: users, devices, tokens, stats, connections,
-//!   blocklists, audit.
+//!   blocklists, audit; `control::history`: sessions, auth attempts, retention.
 //! - [`geo`]: geo policies as source lists.
 //! - [`policy`]: groups, quotas and limits: the effective policy per user and its kernel state.
 
@@ -18,6 +18,9 @@ pub mod policy;
 pub mod ports;
 pub mod secrets;
 
+pub use control::history::{
+    AuthAttempt, EndReason, HistoryPage, HistoryQuery, Pruned, Session, SessionEvent,
+};
 pub use control::{
     AuthError, BlocklistView, Connection, EntriesOp, GeoStatus, NewToken, NewUser, PeerCounters,
     PeerStatsView, Service, ServiceConfig, ServiceError, Stats, Traffic,

@@ -38,6 +38,11 @@ pub trait Plane: super::policy::plane::PolicyPlane + Send + Sync {
     fn peer_stats(&self, id: PeerId) -> Result<PeerStats, DataplaneError>;
     /// Every drop of the dataplane by reason (global counters, not only attributed peers').
     fn drops(&self) -> Result<Vec<(DropReason, Counter)>, DataplaneError>;
+    /// The attached programs (their link pins' names), for health; `None`: this plane has no
+    /// programs (the in-memory one).
+    fn attached(&self) -> Result<Option<Vec<String>>, DataplaneError> {
+        Ok(None)
+    }
     /// Applies one list operation (validated by the caller).
     fn list_op(
         &self,
@@ -74,6 +79,15 @@ impl Plane for Mutex<Dataplane> {
     }
     fn peer_stats(&self, id: PeerId) -> Result<PeerStats, DataplaneError> {
         self.lock().unwrap().peer_stats(id)
+    }
+    fn attached(&self) -> Result<Option<Vec<String>>, DataplaneError> {
+        let links = self.lock().unwrap().pinned_links()?;
+        Ok(Some(
+            links
+                .iter()
+                .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .collect(),
+        ))
     }
     fn drops(&self) -> Result<Vec<(DropReason, Counter)>, DataplaneError> {
         let c = self.lock().unwrap().counters()?;

@@ -49,16 +49,21 @@ pub enum SecretError {
     },
 }
 
-/// A new x25519 key pair: the private key's bytes and the public key.
+/// A new x25519 key pair (clamped, as `wg genkey` makes them): the private key's bytes and the
+/// public key. The key arithmetic is the tunnel's ([`crate::tunnel::PrivateKey`]), one
+/// implementation for both.
 pub fn generate_keypair() -> ([u8; 32], PublicKey) {
-    let private: [u8; 32] = rand::random();
+    let private = *crate::tunnel::PrivateKey::generate().as_bytes();
     (private, public_of(&private))
 }
 
 /// The public key of `private`.
 pub fn public_of(private: &[u8; 32]) -> PublicKey {
-    let secret = x25519_dalek::StaticSecret::from(*private);
-    PublicKey(x25519_dalek::PublicKey::from(&secret).to_bytes())
+    PublicKey(
+        *crate::tunnel::PrivateKey::from_bytes(*private)
+            .public_key()
+            .as_bytes(),
+    )
 }
 
 const TOKEN_PREFIX: &str = "capy_";

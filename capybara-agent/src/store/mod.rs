@@ -17,25 +17,43 @@
 //! | `policy` | `default` | the server default limits |
 //! | `policy` | `bucket/<owner>` | a quota bucket's id and the period it was last reset for |
 //! | `tokens` | `<token id>` | an API token: its SHA-256 hash, never the secret |
-//! | `sessions` | `<peer id, 10 digits>/<start ns, 20 digits>` | a tunnel session |
+//! | `sessions` | `session/<start ns, 20 digits>/<peer id, 10 digits>` | a tunnel session |
+//! | `sessions` | `auth/<ns, 20 digits>/<n, 6 digits>` | a failed handshake (auth attempt) |
 //! | `audit` | `<sequence, 20 digits>` | an audit record; the zero-padded sequence sorts by time |
 //!
 //! A user and its devices share the key prefix `<user>` in two families, so "a user's devices"
 //! is a prefix scan of `peers` with `<user>/` ([`keys::user_peers_prefix`]).
 //!
-//! Durability: every write goes through the WAL with `sync = true`, so a write the agent
-//! acknowledged survives SIGKILL and power loss. Multi-key changes go through one [`Batch`],
-//! which RocksDB applies atomically.
+//! Durability (group commit): a write is in the WAL — in the kernel's page cache, so it
+//! survives the agent being killed — when [`Store::write`] returns, and on disk (surviving power
+//! loss) once a WAL sync covers it. [`Store::commit`] waits for that; [`Store::write`] lets a
+//! caller that holds a lock release it first and then [`Store::sync`]. Writers waiting at the
+//! same time share one fsync: whoever finds no sync running syncs everything written so far
+//! and wakes the others. Measured with the `api_load` benchmark (500 calls/s, 30 s, this
+//! machine kind, fdatasync p50 2.5 ms / p99 10 ms): with one synced write per mutation behind
+//! the service's writer lock, write calls queued behind each other's fsyncs (p99 of all calls
+//! 2.9 s on a quiet machine); with group commit p99 383 ms while other builds loaded both cores
+//! (load average 5). Multi-key
+//! changes go through one [`Batch`], which RocksDB applies atomically.
+//!
+//! Backups ([`backup`]): every family through one read snapshot into one JSON file; restore
+//! replaces a stopped agent's store in one batch.
 //!
 //! RocksDB itself is Debian's librocksdb 7.8.3, linked through the `rocksdb` crate 0.20.1 (see
 //! `.cargo/config.toml` for why: 27 s instead of 10 min for a clean build on 2 cores).
 
-use std::path::{Path, PathBuf};
+use std::{
+    cell::Cell,
+    path::{Path, PathBuf},
+    sync::{Condvar, Mutex},
+};
 
 use rocksdb::{ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions};
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::paths;
+
+pub mod backup;
 
 /// Column families. Adding one appends a variant and a schema version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,9 +175,21 @@ pub mod keys {
         id.to_owned()
     }
 
-    /// Key of a session of peer `peer` started at `start_ns` (Unix nanoseconds) in `sessions`.
-    pub fn session(peer: u32, start_ns: u64) -> String {
-        format!("{peer:010}/{start_ns:020}")
+    /// Prefix of every session in `sessions`.
+    pub const SESSIONS_PREFIX: &str = "session/";
+
+    /// Key of a session of peer `peer` started at `start_ns` (Unix nanoseconds) in `sessions`:
+    /// sessions sort by start time.
+    pub fn session(start_ns: u64, peer: u32) -> String {
+        format!("session/{start_ns:020}/{peer:010}")
+    }
+
+    /// Prefix of every auth attempt in `sessions`.
+    pub const AUTH_PREFIX: &str = "auth/";
+
+    /// Key of the `n`-th auth attempt at `at_ns` (Unix nanoseconds) in `sessions`.
+    pub fn auth_attempt(at_ns: u64, n: u32) -> String {
+        format!("auth/{at_ns:020}/{n:06}")
     }
 
     /// Key of audit record `seq` in `audit`: zero-padded so keys sort by sequence.
@@ -245,6 +275,33 @@ pub enum StoreError {
 pub struct Store {
     db: DB,
     path: PathBuf,
+    /// Group-commit bookkeeping (see the module docs).
+    wal: Mutex<WalState>,
+    /// Signalled when a WAL sync finishes.
+    synced: Condvar,
+}
+
+/// Writes and syncs, counted. A sync that starts after write `n` returned covers it.
+#[derive(Debug, Default)]
+struct WalState {
+    /// Writes that returned.
+    written: u64,
+    /// Every write up to this one is on disk.
+    synced: u64,
+    /// A sync is running.
+    syncing: bool,
+    /// WAL syncs done.
+    syncs: u64,
+}
+
+/// What [`Store::write`] returns: the position to [`Store::sync`] through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[must_use = "a write is on disk only after a sync through it"]
+pub struct Written(u64);
+
+thread_local! {
+    /// The last write this thread made through [`Store::write`] (for [`Store::sync_mine`]).
+    static LAST_WRITE: Cell<u64> = const { Cell::new(0) };
 }
 
 impl std::fmt::Debug for Store {
@@ -297,7 +354,12 @@ impl Store {
             path: path.clone(),
             source,
         })?;
-        let store = Store { db, path };
+        let store = Store {
+            db,
+            path,
+            wal: Mutex::new(WalState::default()),
+            synced: Condvar::new(),
+        };
         store.check_schemas()?;
         Ok(store)
     }
@@ -357,10 +419,17 @@ impl Store {
         self.commit(batch)
     }
 
-    /// Applies every change in `batch` atomically and durably.
+    /// Applies every change in `batch` atomically and durably (on disk when this returns).
     pub fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        let written = self.write(batch)?;
+        self.sync(written)
+    }
+
+    /// Applies every change in `batch` atomically; it survives the agent being killed when this
+    /// returns and power loss after [`Store::sync`] through the returned position.
+    pub fn write(&self, batch: Batch) -> Result<Written, StoreError> {
         if batch.ops.is_empty() {
-            return Ok(());
+            return Ok(Written(0));
         }
         let mut wb = WriteBatch::default();
         for (cf, key, value) in &batch.ops {
@@ -369,14 +438,61 @@ impl Store {
                 None => wb.delete_cf(self.handle(*cf), key),
             }
         }
-        let mut wo = WriteOptions::default();
-        wo.set_sync(true);
-        self.db.write_opt(wb, &wo).map_err(|source| StoreError::Io {
-            op: "commit",
-            cf: "batch",
-            key: String::new(),
-            source,
-        })
+        self.db
+            .write_opt(wb, &WriteOptions::default())
+            .map_err(|source| StoreError::Io {
+                op: "commit",
+                cf: "batch",
+                key: String::new(),
+                source,
+            })?;
+        let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+        wal.written += 1;
+        let n = wal.written;
+        LAST_WRITE.with(|w| w.set(n));
+        Ok(Written(n))
+    }
+
+    /// Waits until every write up to `through` is on disk, syncing the WAL if no sync that
+    /// covers it is running (one fsync for every writer waiting meanwhile).
+    pub fn sync(&self, through: Written) -> Result<(), StoreError> {
+        let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if wal.synced >= through.0 {
+                return Ok(());
+            }
+            if wal.syncing {
+                wal = self.synced.wait(wal).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            wal.syncing = true;
+            let target = wal.written;
+            drop(wal);
+            let result = self.db.flush_wal(true);
+            wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+            wal.syncing = false;
+            if result.is_ok() {
+                wal.synced = wal.synced.max(target);
+                wal.syncs += 1;
+            }
+            self.synced.notify_all();
+            result.map_err(|source| StoreError::Io {
+                op: "sync WAL",
+                cf: "batch",
+                key: String::new(),
+                source,
+            })?;
+        }
+    }
+
+    /// WAL syncs done since the store was opened.
+    pub fn wal_syncs(&self) -> u64 {
+        self.wal.lock().unwrap_or_else(|e| e.into_inner()).syncs
+    }
+
+    /// [`Store::sync`] through the last write this thread made with [`Store::write`].
+    pub fn sync_mine(&self) -> Result<(), StoreError> {
+        self.sync(Written(LAST_WRITE.with(Cell::get)))
     }
 
     /// Every `(key, value)` of `cf` whose key starts with `prefix`, in key order.
@@ -468,6 +584,62 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn one(key: &str) -> Batch {
+        let mut b = Batch::default();
+        b.put(Cf::Blocklists, key, &1u32).unwrap();
+        b
+    }
+
+    #[test]
+    fn one_sync_covers_every_write_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let before = store.wal_syncs();
+        let first = store.write(one("a")).unwrap();
+        let _ = store.write(one("b")).unwrap();
+        let last = store.write(one("c")).unwrap();
+        assert!(first < last);
+        store.sync(last).unwrap();
+        assert_eq!(store.wal_syncs(), before + 1, "one fsync for three writes");
+        store.sync(first).unwrap();
+        store.sync_mine().unwrap();
+        assert_eq!(
+            store.wal_syncs(),
+            before + 1,
+            "already on disk: no second fsync"
+        );
+        let _ = store.write(one("d")).unwrap();
+        store.sync_mine().unwrap();
+        assert_eq!(
+            store.wal_syncs(),
+            before + 2,
+            "this thread's newer write is synced"
+        );
+    }
+
+    #[test]
+    fn concurrent_writers_all_end_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(Store::open(dir.path()).unwrap());
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    for i in 0..20 {
+                        store.commit(one(&format!("{t}/{i}"))).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let wal = store.wal.lock().unwrap();
+        assert_eq!(wal.synced, wal.written);
+        assert!(!wal.syncing);
+        assert!(wal.syncs <= 160 + 1);
+    }
 
     #[test]
     fn values_survive_reopen_and_batches_apply_together() {

@@ -206,7 +206,7 @@ pub(super) fn plan(doc: &PolicyDoc, cur: &Current<'_>) -> Result<Plan, Validatio
             ));
             p.changes.push(Change::User(
                 u.clone(),
-                (!want.is_empty()).then(|| UserPolicy { limits: want }),
+                (!want.is_empty()).then_some(UserPolicy { limits: want }),
             ));
             p.affected.insert(u.clone());
         }

@@ -1,0 +1,415 @@
+//! The `History` and `Backup` services, their client calls and proto ↔ domain conversions.
+//!
+//! | RPC | scope | input checked |
+//! |---|---|---|
+//! | `ListSessions` | read | `user` (a user name), `ip` (a CIDR or address) |
+//! | `ClearHistory` | admin | `older_than_secs` > 0 |
+//! | `CreateBackup` | admin (the backup holds token hashes) | — |
+//!
+//! Bad input is `INVALID_ARGUMENT` naming the field, before the service is called: nothing
+//! changes. The audit trail (`history audit`) is the `Audit` service.
+
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use capybara_proto::v1::{
+    self as pb,
+    backup_client::BackupClient,
+    backup_server::{Backup, BackupServer},
+    history_client::HistoryClient,
+    history_server::{History, HistoryServer},
+};
+use tonic::{Request, Response, Status, transport::server::Router};
+
+use super::{
+    client::{Client, ClientError},
+    domain::{AnswerError, cidrs, opt_user},
+    server::{Api, invalid},
+};
+use crate::service::{
+    AuthAttempt, EndReason, HistoryPage, HistoryQuery, Pruned, Service, Session, Traffic,
+    control::{
+        health::HEALTH_INTERVAL,
+        history::{Counters, EndpointSeen},
+    },
+    domain::{PublicKey, Scope, ValidationError},
+};
+
+/// Marks the services serving in the health service, and publishes the components' health
+/// (`capybara.store`, `capybara.dataplane`, `capybara.tunnel`; `""` serving only when all are)
+/// now and every `HEALTH_INTERVAL` while the service lives (the task holds it only weakly).
+pub(super) async fn set_serving(
+    reporter: &tonic_health::server::HealthReporter,
+    svc: &Arc<Service>,
+) {
+    reporter.set_serving::<HistoryServer<Api>>().await;
+    reporter.set_serving::<BackupServer<Api>>().await;
+    publish_health(reporter, svc.clone()).await;
+    let (reporter, weak) = (reporter.clone(), Arc::downgrade(svc));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(HEALTH_INTERVAL);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(svc) = weak.upgrade() else { break };
+            publish_health(&reporter, svc).await;
+        }
+    });
+}
+
+async fn publish_health(reporter: &tonic_health::server::HealthReporter, svc: Arc<Service>) {
+    use tonic_health::ServingStatus;
+    let Ok(components) = tokio::task::spawn_blocking(move || svc.health()).await else {
+        return;
+    };
+    let status = |ok| {
+        if ok {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        }
+    };
+    for c in &components {
+        if !c.ok {
+            tracing::warn!(component = %c.name, detail = %c.detail, "unhealthy");
+        }
+        reporter
+            .set_service_status(format!("capybara.{}", c.name), status(c.ok))
+            .await;
+    }
+    reporter
+        .set_service_status("", status(components.iter().all(|c| c.ok)))
+        .await;
+}
+
+/// Adds the services to a router.
+pub(super) fn add_services(router: Router, api: Api) -> Router {
+    router
+        .add_service(HistoryServer::new(api.clone()))
+        .add_service(BackupServer::new(api))
+}
+
+fn reason_to_proto(r: Option<EndReason>) -> pb::EndReason {
+    match r {
+        None => pb::EndReason::Unspecified,
+        Some(EndReason::Idle) => pb::EndReason::Idle,
+        Some(EndReason::Kicked) => pb::EndReason::Kicked,
+        Some(EndReason::Removed) => pb::EndReason::Removed,
+        Some(EndReason::AgentStopped) => pb::EndReason::AgentStopped,
+    }
+}
+
+fn reason_from_proto(v: i32) -> Result<Option<EndReason>, AnswerError> {
+    Ok(
+        match pb::EndReason::try_from(v).map_err(|_| AnswerError::Invalid {
+            field: "session.reason",
+        })? {
+            pb::EndReason::Unspecified => None,
+            pb::EndReason::Idle => Some(EndReason::Idle),
+            pb::EndReason::Kicked => Some(EndReason::Kicked),
+            pb::EndReason::Removed => Some(EndReason::Removed),
+            pb::EndReason::AgentStopped => Some(EndReason::AgentStopped),
+        },
+    )
+}
+
+fn counter(t: Traffic) -> pb::Counter {
+    pb::Counter {
+        packets: t.packets,
+        bytes: t.bytes,
+    }
+}
+
+fn traffic(c: Option<pb::Counter>) -> Traffic {
+    let c = c.unwrap_or_default();
+    Traffic {
+        packets: c.packets,
+        bytes: c.bytes,
+    }
+}
+
+impl From<&Session> for pb::Session {
+    fn from(s: &Session) -> pb::Session {
+        pb::Session {
+            id: s.id.clone(),
+            user: s.user.clone(),
+            device: s.device.clone(),
+            peer_id: s.peer_id,
+            ipv4: s.ipv4.to_string(),
+            ipv6: s.ipv6.to_string(),
+            start: s.start as i64,
+            end: s.end.map_or(0, |e| e as i64),
+            endpoints: s
+                .endpoints
+                .iter()
+                .map(|e| pb::EndpointSeen {
+                    at: e.at as i64,
+                    endpoint: e.endpoint.to_string(),
+                })
+                .collect(),
+            rx: Some(counter(s.traffic.rx)),
+            tx: Some(counter(s.traffic.tx)),
+            reason: reason_to_proto(s.reason) as i32,
+            public_key: s.public_key.to_string(),
+        }
+    }
+}
+
+fn parse<T: std::str::FromStr>(field: &'static str, s: &str) -> Result<T, AnswerError> {
+    s.parse().map_err(|_| AnswerError::Invalid { field })
+}
+
+impl TryFrom<pb::Session> for Session {
+    type Error = AnswerError;
+    fn try_from(s: pb::Session) -> Result<Session, AnswerError> {
+        Ok(Session {
+            public_key: PublicKey::parse("session.public_key", &s.public_key)?,
+            ipv4: parse("session.ipv4", &s.ipv4)?,
+            ipv6: parse("session.ipv6", &s.ipv6)?,
+            start: s.start.max(0) as u64,
+            end: (s.end > 0).then_some(s.end as u64),
+            endpoints: s
+                .endpoints
+                .iter()
+                .map(|e| {
+                    Ok(EndpointSeen {
+                        at: e.at.max(0) as u64,
+                        endpoint: parse("session.endpoints", &e.endpoint)?,
+                    })
+                })
+                .collect::<Result<_, AnswerError>>()?,
+            traffic: Counters {
+                rx: traffic(s.rx),
+                tx: traffic(s.tx),
+            },
+            reason: reason_from_proto(s.reason)?,
+            id: s.id,
+            user: s.user,
+            device: s.device,
+            peer_id: s.peer_id,
+        })
+    }
+}
+
+impl From<&AuthAttempt> for pb::AuthAttempt {
+    fn from(a: &AuthAttempt) -> pb::AuthAttempt {
+        pb::AuthAttempt {
+            at: a.at as i64,
+            source: a.source.to_string(),
+            public_key: a.public_key.map(|k| k.to_string()).unwrap_or_default(),
+            reason: a.reason.clone(),
+        }
+    }
+}
+
+impl TryFrom<pb::AuthAttempt> for AuthAttempt {
+    type Error = AnswerError;
+    fn try_from(a: pb::AuthAttempt) -> Result<AuthAttempt, AnswerError> {
+        Ok(AuthAttempt {
+            at: a.at.max(0) as u64,
+            source: parse::<SocketAddr>("auth.source", &a.source)?,
+            public_key: if a.public_key.is_empty() {
+                None
+            } else {
+                Some(PublicKey::parse("auth.public_key", &a.public_key)?)
+            },
+            reason: a.reason,
+        })
+    }
+}
+
+/// The query of a `ListSessionsRequest`, validated (each error names its field).
+pub fn history_query(r: &pb::ListSessionsRequest) -> Result<HistoryQuery, ValidationError> {
+    Ok(HistoryQuery {
+        user: opt_user("user", &r.user)?,
+        ip: if r.ip.is_empty() {
+            None
+        } else {
+            Some(cidrs("ip", std::slice::from_ref(&r.ip))?[0])
+        },
+        limit: (r.limit > 0).then_some(r.limit as usize),
+        include_auth: r.include_auth,
+    })
+}
+
+#[tonic::async_trait]
+impl History for Api {
+    async fn list_sessions(
+        &self,
+        req: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        self.auth(&req, Scope::Read)?;
+        let q = history_query(req.get_ref()).map_err(invalid)?;
+        let page = self.call(move |s| s.history(&q)).await?;
+        Ok(Response::new(pb::ListSessionsResponse {
+            sessions: page.sessions.iter().map(Into::into).collect(),
+            auth_attempts: page.auth_attempts.iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn clear_history(
+        &self,
+        req: Request<pb::ClearHistoryRequest>,
+    ) -> Result<Response<pb::ClearHistoryResponse>, Status> {
+        let actor = self.auth(&req, Scope::Admin)?;
+        let secs = req.get_ref().older_than_secs;
+        if secs == 0 {
+            return Err(invalid(ValidationError::Missing {
+                field: "older_than_secs",
+            }));
+        }
+        let p = self
+            .call(move |s| s.clear_history(&actor, Duration::from_secs(secs)))
+            .await?;
+        Ok(Response::new(pb::ClearHistoryResponse {
+            sessions_removed: p.sessions,
+            auth_attempts_removed: p.auth_attempts,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl Backup for Api {
+    async fn create_backup(
+        &self,
+        req: Request<pb::CreateBackupRequest>,
+    ) -> Result<Response<pb::CreateBackupResponse>, Status> {
+        self.auth(&req, Scope::Admin)?;
+        let (data, records) = self.call(|s| s.backup()).await?;
+        Ok(Response::new(pb::CreateBackupResponse {
+            data,
+            records: records.into_iter().collect(),
+        }))
+    }
+}
+
+impl Client {
+    /// Sessions (and auth attempts) matching the filters; empty strings and 0 mean "any".
+    pub async fn history(
+        &self,
+        user: &str,
+        ip: &str,
+        limit: u32,
+        include_auth: bool,
+    ) -> Result<HistoryPage, ClientError> {
+        let r = HistoryClient::new(self.channel.clone())
+            .list_sessions(self.req(pb::ListSessionsRequest {
+                user: user.into(),
+                ip: ip.into(),
+                limit,
+                include_auth,
+            }))
+            .await?
+            .into_inner();
+        Ok(HistoryPage {
+            sessions: r
+                .sessions
+                .into_iter()
+                .map(TryInto::try_into)
+                .collect::<Result<_, AnswerError>>()?,
+            auth_attempts: r
+                .auth_attempts
+                .into_iter()
+                .map(TryInto::try_into)
+                .collect::<Result<_, AnswerError>>()?,
+        })
+    }
+
+    /// Deletes history older than `older_than_secs`.
+    pub async fn clear_history(&self, older_than_secs: u64) -> Result<Pruned, ClientError> {
+        let r = HistoryClient::new(self.channel.clone())
+            .clear_history(self.req(pb::ClearHistoryRequest { older_than_secs }))
+            .await?
+            .into_inner();
+        Ok(Pruned {
+            sessions: r.sessions_removed,
+            auth_attempts: r.auth_attempts_removed,
+        })
+    }
+
+    /// A backup file of the agent's store, and its records per family.
+    pub async fn create_backup(&self) -> Result<(Vec<u8>, BTreeMap<String, u64>), ClientError> {
+        let r = BackupClient::new(self.channel.clone())
+            .create_backup(self.req(pb::CreateBackupRequest {}))
+            .await?
+            .into_inner();
+        Ok((r.data, r.records.into_iter().collect()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(user: &str, ip: &str) -> pb::ListSessionsRequest {
+        pb::ListSessionsRequest {
+            user: user.into(),
+            ip: ip.into(),
+            limit: 0,
+            include_auth: false,
+        }
+    }
+
+    #[test]
+    fn bad_filters_name_their_field() {
+        assert_eq!(
+            history_query(&req("Bad/User", "")).unwrap_err().field(),
+            "user"
+        );
+        assert_eq!(
+            history_query(&req("", "10.0.0.0/33")).unwrap_err().field(),
+            "ip"
+        );
+        assert_eq!(
+            history_query(&req("", "nonsense")).unwrap_err().field(),
+            "ip"
+        );
+        let q = history_query(&req("alice", "192.0.2.0/24")).unwrap();
+        assert_eq!(q.user.unwrap().as_str(), "alice");
+        assert_eq!(q.ip.unwrap().to_string(), "192.0.2.0/24");
+        assert_eq!(q.limit, None);
+    }
+
+    #[test]
+    fn sessions_and_auth_attempts_round_trip() {
+        let s = Session {
+            id: "session/1/2".into(),
+            user: "alice".into(),
+            device: "laptop".into(),
+            peer_id: 2,
+            public_key: PublicKey([7; 32]),
+            ipv4: "10.99.0.2".parse().unwrap(),
+            ipv6: "fd99::2".parse().unwrap(),
+            start: 100,
+            end: Some(200),
+            endpoints: vec![EndpointSeen {
+                at: 100,
+                endpoint: "192.0.2.1:5".parse().unwrap(),
+            }],
+            traffic: Counters {
+                rx: Traffic {
+                    packets: 1,
+                    bytes: 2,
+                },
+                tx: Traffic {
+                    packets: 3,
+                    bytes: 4,
+                },
+            },
+            reason: Some(EndReason::AgentStopped),
+        };
+        assert_eq!(Session::try_from(pb::Session::from(&s)).unwrap(), s);
+        let open = Session {
+            end: None,
+            reason: None,
+            ..s
+        };
+        assert_eq!(Session::try_from(pb::Session::from(&open)).unwrap(), open);
+        let a = AuthAttempt {
+            at: 5,
+            source: "[2001:db8::1]:51820".parse().unwrap(),
+            public_key: None,
+            reason: "bad-mac".into(),
+        };
+        assert_eq!(AuthAttempt::try_from(pb::AuthAttempt::from(&a)).unwrap(), a);
+    }
+}

@@ -1,0 +1,466 @@
+//! Session history, auth attempts and backups through the real gRPC API and the `capybara`
+//! binary, over an in-process agent API (real server and store, in-memory dataplane and tunnel;
+//! sessions are fed to the agent's recorder as the tunnel would report them):
+//! - scopes: read lists, admin clears and backs up; bad input is `INVALID_ARGUMENT` naming
+//!   the field and changes nothing;
+//! - the CLI's `history show|search|export|clear|audit` tables, `--json`, CSV and exit 2;
+//! - `backup create` → `user remove` → stop → `backup restore` → start: the user is back and
+//!   programmed into the tunnel and the dataplane.
+
+mod api_support;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use api_support::{TestApi, agent_crate_binary};
+use capybara_agent::{
+    api::{self, Listeners, client::code},
+    service::{
+        EndReason, NewUser, Service, ServiceConfig, SessionEvent,
+        control::history::Recorder,
+        domain::{Actor, DeviceName, Peer, PublicKey, Scope, UserName},
+        ports::{MemoryPlane, MemoryTunnel},
+    },
+    store::Store,
+};
+use capybara_common::peer::PeerStats;
+use tonic::Code;
+
+fn root() -> Actor {
+    Actor::Local { uid: 0 }
+}
+
+fn add_user(svc: &Service, name: &str) -> Peer {
+    svc.add_user(
+        &root(),
+        NewUser {
+            name: UserName::parse("name", name).unwrap(),
+            device: DeviceName::default_device(),
+            expires_at: None,
+        },
+    )
+    .expect("add user")
+    .1
+    .peer
+}
+
+fn counters(plane: &MemoryPlane, id: u32, rx: u64, tx: u64) {
+    plane.with(|s| {
+        s.stats.insert(
+            id,
+            PeerStats {
+                rx_packets: rx / 100,
+                rx_bytes: rx,
+                tx_packets: tx / 100,
+                tx_bytes: tx,
+                ..PeerStats::default()
+            },
+        );
+    });
+}
+
+/// alice: one kicked session from 192.0.2.10 (150 000 B in, 20 000 B out); bob: one open
+/// session from 198.51.100.7; one failed handshake from 203.0.113.66.
+fn record_sessions(api: &TestApi) -> (Peer, Peer) {
+    let alice = add_user(&api.svc, "alice");
+    let bob = add_user(&api.svc, "bob");
+    let mut rec = Recorder::start(api.svc.clone(), SystemTime::now()).unwrap();
+    let ep = |s: &str| s.parse::<SocketAddr>().unwrap();
+    let t0 = SystemTime::now();
+    rec.on_event(SessionEvent::Connected {
+        key: alice.public_key,
+        endpoint: ep("192.0.2.10:40000"),
+        at: t0,
+    })
+    .unwrap();
+    counters(&api.plane, alice.id, 150_000, 20_000);
+    rec.on_event(SessionEvent::Disconnected {
+        key: alice.public_key,
+        reason: EndReason::Kicked,
+        at: t0 + Duration::from_secs(65),
+    })
+    .unwrap();
+    rec.on_event(SessionEvent::Connected {
+        key: bob.public_key,
+        endpoint: ep("198.51.100.7:5000"),
+        at: t0 + Duration::from_secs(1),
+    })
+    .unwrap();
+    rec.on_event(SessionEvent::AuthFailed {
+        source: ep("203.0.113.66:777"),
+        key: Some(PublicKey([5; 32])),
+        reason: "unknown-key",
+        at: t0,
+    })
+    .unwrap();
+    (alice, bob)
+}
+
+#[test]
+fn history_rpcs_check_scopes_and_refuse_bad_input_without_changes() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let api = rt.block_on(TestApi::start(false));
+    record_sessions(&api);
+    let (read, write, admin) = (
+        api.token(Scope::Read),
+        api.token(Scope::Write),
+        api.token(Scope::Admin),
+    );
+    rt.block_on(async {
+        let r = api.tcp_client(Some(&read)).await;
+        let w = api.tcp_client(Some(&write)).await;
+        let a = api.tcp_client(Some(&admin)).await;
+        let all = r.history("", "", 0, true).await.unwrap();
+        assert_eq!(all.sessions.len(), 2);
+        assert_eq!(all.auth_attempts.len(), 1);
+        let alice = r.history("alice", "", 0, true).await.unwrap();
+        assert_eq!(alice.sessions.len(), 1);
+        assert!(alice.auth_attempts.is_empty(), "auth attempts have no user");
+        let s = &alice.sessions[0];
+        assert_eq!(s.reason, Some(EndReason::Kicked));
+        assert_eq!((s.traffic.rx.bytes, s.traffic.tx.bytes), (150_000, 20_000));
+        let from = r.history("", "203.0.113.0/24", 0, true).await.unwrap();
+        assert_eq!((from.sessions.len(), from.auth_attempts.len()), (0, 1));
+
+        // Scopes.
+        for c in [&r, &w] {
+            assert_eq!(
+                code(&c.clear_history(1).await.unwrap_err()),
+                Some(Code::PermissionDenied)
+            );
+            assert_eq!(
+                code(&c.create_backup().await.unwrap_err()),
+                Some(Code::PermissionDenied)
+            );
+        }
+        let none = api.tcp_client(None).await;
+        assert_eq!(
+            code(&none.history("", "", 0, false).await.unwrap_err()),
+            Some(Code::Unauthenticated)
+        );
+
+        // Health: every component serves; a device missing from the tunnel makes the tunnel
+        // (and the agent) not serving within one refresh.
+        for name in [
+            "",
+            "capybara.store",
+            "capybara.dataplane",
+            "capybara.tunnel",
+        ] {
+            assert!(r.health(name).await.unwrap(), "{name} not serving");
+        }
+
+        // Bad input: INVALID_ARGUMENT naming the field; nothing changes.
+        let audit_before = a.audit("", 1000).await.unwrap();
+        for (call, field) in [
+            (a.history("Not/A/User", "", 0, false).await, "user"),
+            (a.history("", "10.0.0.0/33", 0, false).await, "ip"),
+            (a.history("", "example.com", 0, false).await, "ip"),
+        ] {
+            let e = call.unwrap_err();
+            assert_eq!(code(&e), Some(Code::InvalidArgument), "{e}");
+            assert!(e.to_string().starts_with(field), "{e}");
+        }
+        let e = a.clear_history(0).await.unwrap_err();
+        assert_eq!(code(&e), Some(Code::InvalidArgument));
+        assert!(e.to_string().starts_with("older_than_secs"), "{e}");
+        assert_eq!(a.history("", "", 0, true).await.unwrap(), all);
+        assert_eq!(a.audit("", 1000).await.unwrap(), audit_before);
+
+        // Clearing what is a day old removes nothing here (alice's ended just now), audited.
+        let p = a.clear_history(86_400).await.unwrap();
+        assert_eq!((p.sessions, p.auth_attempts), (0, 0));
+        assert_eq!(a.history("", "", 0, true).await.unwrap(), all);
+        assert_eq!(a.audit("", 1).await.unwrap()[0].action, "history.clear");
+
+        use capybara_agent::service::ports::TunnelPort as _;
+        let alice = api.svc.list_peers(None).unwrap()[0].clone();
+        api.tunnel.remove_peer(&alice.public_key).unwrap();
+        let end = std::time::Instant::now() + Duration::from_secs(12);
+        while r.health("capybara.tunnel").await.unwrap() {
+            assert!(std::time::Instant::now() < end, "tunnel still serving");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(!r.health("").await.unwrap());
+        assert!(r.health("capybara.store").await.unwrap());
+    });
+}
+
+struct Cli {
+    bin: PathBuf,
+    socket: PathBuf,
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Cli {
+    fn run(&self, args: &[&str]) -> Out {
+        let o = Command::new(&self.bin)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .env_remove("CAPYBARA_TOKEN")
+            .env_remove("CAPYBARA_ENDPOINT")
+            .output()
+            .expect("run capybara");
+        Out {
+            code: o.status.code().expect("exit code"),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert_eq!(o.code, 0, "capybara {args:?} failed: {}", o.stderr);
+        o.stdout
+    }
+
+    fn fails(&self, code: i32, args: &[&str], needle: &str) {
+        let o = self.run(args);
+        assert_eq!(o.code, code, "capybara {args:?}: {}{}", o.stdout, o.stderr);
+        assert_eq!(o.stderr.lines().count(), 1, "one line: {:?}", o.stderr);
+        assert!(
+            o.stderr.contains(needle),
+            "{needle:?} not in {:?}",
+            o.stderr
+        );
+    }
+}
+
+#[test]
+fn history_commands_print_tables_json_and_csv_and_exit_2_on_bad_input() {
+    let bin = agent_crate_binary("capybara");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let api = rt.block_on(TestApi::start(false));
+    record_sessions(&api);
+    let cli = Cli {
+        bin,
+        socket: api.socket.clone(),
+    };
+    let show = cli.ok(&["history", "show"]);
+    let lines: Vec<&str> = show.lines().collect();
+    assert!(lines[0].starts_with("USER "), "{show}");
+    assert!(
+        lines[1].starts_with("bob ") && lines[1].contains("open"),
+        "{show}"
+    );
+    assert!(
+        lines[2].starts_with("alice ")
+            && lines[2].contains("0:01:05")
+            && lines[2].contains("192.0.2.10:40000")
+            && lines[2].contains("150000")
+            && lines[2].ends_with("kicked"),
+        "{show}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["--json", "history", "show", "alice"])).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 1);
+    assert_eq!(json[0]["reason"], "kicked");
+    assert_eq!(json[0]["traffic"]["rx"]["bytes"], 150_000);
+
+    let search = cli.ok(&["history", "search", "--ip", "203.0.113.0/24"]);
+    assert!(
+        search.contains("failed handshakes") && search.contains("203.0.113.66:777 "),
+        "{search}"
+    );
+    assert!(search.contains("unknown-key"), "{search}");
+
+    let csv = api.dir.path().join("history.csv");
+    cli.ok(&[
+        "history",
+        "export",
+        "--format",
+        "csv",
+        "--output",
+        csv.to_str().unwrap(),
+    ]);
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let rows: Vec<&str> = text.lines().collect();
+    assert_eq!(rows.len(), 4, "header, 2 sessions, 1 auth attempt: {text}");
+    assert!(rows[0].starts_with("kind,id,user,device,start,end,reason"));
+    assert!(
+        rows.iter()
+            .any(|r| r.starts_with("session,") && r.contains(",alice,") && r.contains(",kicked,"))
+    );
+    assert!(rows[3].starts_with("auth,") && rows[3].contains("203.0.113.66:777"));
+    let exported: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["history", "export", "--format", "json"])).unwrap();
+    assert_eq!(exported["sessions"].as_array().unwrap().len(), 2);
+    assert_eq!(exported["auth_attempts"].as_array().unwrap().len(), 1);
+
+    let audit = cli.ok(&["history", "audit", "--user", "alice"]);
+    assert!(
+        audit.contains("user.add") && audit.contains("user:alice"),
+        "{audit}"
+    );
+
+    // Bad input: exit 2, one line naming the field, nothing changed.
+    let before = cli.ok(&["--json", "history", "export", "--format", "json"]);
+    cli.fails(2, &["history", "clear", "--older-than", "0d"], "older_than");
+    cli.fails(
+        2,
+        &["history", "clear", "--older-than", "soon"],
+        "older_than",
+    );
+    cli.fails(2, &["history", "search", "--ip", "999.1.1.1"], "ip");
+    cli.fails(2, &["history", "show", "Bad/User"], "user");
+    cli.fails(2, &["history", "export", "--format", "xml"], "xml");
+    assert_eq!(
+        cli.ok(&["--json", "history", "export", "--format", "json"]),
+        before
+    );
+    assert!(
+        cli.ok(&["history", "clear", "--older-than", "90d"])
+            .contains("removed 0 sessions and 0 auth attempts")
+    );
+}
+
+/// An agent API over the data directory `dir`, with its own in-memory dataplane and tunnel.
+struct Agent {
+    svc: Arc<Service>,
+    plane: Arc<MemoryPlane>,
+    tunnel: Arc<MemoryTunnel>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), api::ApiError>>,
+}
+
+async fn start_agent(dir: &Path, socket: &Path) -> Agent {
+    let store = Arc::new(Store::open(&dir.join("data")).expect("store"));
+    let plane = Arc::new(MemoryPlane::default());
+    let tunnel = Arc::new(MemoryTunnel::default());
+    let svc = Arc::new(
+        Service::open(
+            store,
+            plane.clone(),
+            tunnel.clone(),
+            ServiceConfig {
+                server_v4: "10.99.0.1/24".parse().unwrap(),
+                server_v6: "fd99::1/64".parse().unwrap(),
+                server_public_key: PublicKey([1; 32]),
+                endpoint: "192.0.2.1:51820".into(),
+                dns: vec![],
+                keep_client_keys: None,
+                geo_db: None,
+            },
+        )
+        .expect("service"),
+    );
+    let unix = api::bind_unix(socket).expect("bind unix");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(api::run(
+        svc.clone(),
+        Listeners {
+            tcp: None,
+            unix: Some(unix),
+            tcp_tls: None,
+        },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    Agent {
+        svc,
+        plane,
+        tunnel,
+        stop,
+        task,
+    }
+}
+
+#[test]
+fn backup_create_remove_restore_brings_the_user_back() {
+    let bin = agent_crate_binary("capybara");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("run/agent.sock");
+    let cli = Cli {
+        bin,
+        socket: socket.clone(),
+    };
+    let backup = dir.path().join("backup.json");
+    let data = dir.path().join("data");
+
+    let agent = rt.block_on(start_agent(dir.path(), &socket));
+    let alice = add_user(&agent.svc, "alice");
+    add_user(&agent.svc, "bob");
+    let out = cli.ok(&["backup", "create", "--output", backup.to_str().unwrap()]);
+    assert!(out.starts_with("backup written to"), "{out}");
+    cli.ok(&["user", "remove", "alice"]);
+    cli.ok(&["user", "add", "carol", "--no-qr"]);
+    cli.fails(1, &["user", "show", "alice"], "not found");
+    // The agent holds its store: an online restore is refused, nothing changes.
+    cli.fails(
+        1,
+        &[
+            "backup",
+            "restore",
+            "--input",
+            backup.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        "cannot open the store",
+    );
+    // A file that is not a backup is bad input.
+    let junk = dir.path().join("junk.json");
+    std::fs::write(&junk, "{\"format\":\"other\"}").unwrap();
+    cli.fails(
+        2,
+        &[
+            "backup",
+            "restore",
+            "--input",
+            junk.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        "not a capybara backup",
+    );
+    rt.block_on(async {
+        let _ = agent.stop.send(());
+        agent.task.await.unwrap().unwrap();
+    });
+    drop(agent.svc);
+    drop((agent.plane, agent.tunnel));
+
+    let out = cli.ok(&[
+        "backup",
+        "restore",
+        "--input",
+        backup.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(out.starts_with("restored "), "{out}");
+
+    let agent = rt.block_on(start_agent(dir.path(), &socket));
+    let users: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["--json", "user", "list"])).unwrap();
+    let names: Vec<&str> = users
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["user"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["alice", "bob"], "the backup's users, not carol");
+    // Programmed again at start: same key, same id.
+    assert!(agent.tunnel.state().contains_key(&alice.public_key));
+    assert!(agent.plane.state().peers.contains_key(&alice.id));
+    // The removal itself is gone from the audit trail with the rest of the later state.
+    let audit = cli.ok(&["history", "audit", "--user", "alice"]);
+    assert!(!audit.contains("user.remove"), "{audit}");
+    rt.block_on(async {
+        let _ = agent.stop.send(());
+        agent.task.await.unwrap().unwrap();
+    });
+}
