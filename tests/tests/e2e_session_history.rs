@@ -398,6 +398,9 @@ fn idle_removed_unknown_key_and_agent_stopped_are_recorded() {
     let wg = carol_client(&lab, &cfg);
     assert!(ping_until(&lab.client, server, WAIT), "{}", lab.log(1));
     lab.wait_session("carol", "open", |s| s["end"].is_null());
+    // Traffic after the open record: its byte counts are the kernel's at the open, which the
+    // recorder may take after the first pings were already counted.
+    assert!(ping_until(&lab.client, server, WAIT), "{}", lab.log(1));
     lab.server.kill(pid, Signal::SIGKILL);
     let pid = lab.start_agent(2, &["--disconnect-timeout", "2s"]);
     let s = lab.wait_session("carol", "agent-stopped", |s| s["reason"] == "agent-stopped");
