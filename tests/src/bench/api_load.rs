@@ -40,10 +40,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use capybara_agent::{
-    api::{
-        self, Listeners,
-        client::{Client, Endpoint},
-    },
+    api::client::{Client, ClientError, Endpoint},
     dataplane::{Dataplane, DataplaneConfig},
     service::{
         NewToken, Service, ServiceConfig,
@@ -53,7 +50,7 @@ use capybara_agent::{
     store::Store,
 };
 
-use super::{BenchPins, Figure};
+use super::{BenchPins, Figure, TcpApi, percentile};
 use crate::progress;
 
 /// `api_load_p99_ms`.
@@ -81,12 +78,13 @@ pub fn run(pins: &BenchPins) -> Result<Vec<Figure>> {
     rt.block_on(run_async(pins))
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
+/// A user picked for a call may be removed before it runs: NOT_FOUND is a correct answer
+/// then, not an error of the API.
+fn not_found_is_ok<T>(r: Result<T, ClientError>) -> Result<(), ClientError> {
+    match r {
+        Err(e) if capybara_agent::api::client::code(&e) == Some(tonic::Code::NotFound) => Ok(()),
+        r => r.map(drop),
     }
-    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i]
 }
 
 async fn run_async(pins: &BenchPins) -> Result<Vec<Figure>> {
@@ -121,20 +119,8 @@ async fn run_async(pins: &BenchPins) -> Result<Vec<Figure>> {
         .map(|t| t.1)
     };
     let (read, write) = (token(Scope::Read)?, token(Scope::Write)?);
-    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", tcp.local_addr()?);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(api::run(
-        svc.clone(),
-        Listeners {
-            tcp: Some(tcp),
-            unix: None,
-            tcp_tls: None,
-        },
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let api = TcpApi::start(svc.clone()).await?;
+    let url = api.url.clone();
     let connect = |token: String| {
         let url = url.clone();
         async move {
@@ -191,41 +177,15 @@ async fn run_async(pins: &BenchPins) -> Result<Vec<Figure>> {
                     }
                 }
                 3 => match pick(n) {
-                    Some(u) => match writer.kick(&u).await {
-                        Err(e)
-                            if capybara_agent::api::client::code(&e)
-                                == Some(tonic::Code::NotFound) =>
-                        {
-                            Ok(())
-                        }
-                        r => r.map(drop),
-                    },
+                    Some(u) => not_found_is_ok(writer.kick(&u).await),
                     None => Ok(()),
                 },
                 4 | 5 => match pick(n) {
-                    // A user may be removed between the pick and the call: NOT_FOUND is a
-                    // correct answer then, not an error of the API.
-                    Some(u) => match reader.get_user(&u).await {
-                        Err(e)
-                            if capybara_agent::api::client::code(&e)
-                                == Some(tonic::Code::NotFound) =>
-                        {
-                            Ok(())
-                        }
-                        r => r.map(drop),
-                    },
+                    Some(u) => not_found_is_ok(reader.get_user(&u).await),
                     None => Ok(()),
                 },
                 6 | 7 => match pick(n) {
-                    Some(u) => match reader.stats(&u).await {
-                        Err(e)
-                            if capybara_agent::api::client::code(&e)
-                                == Some(tonic::Code::NotFound) =>
-                        {
-                            Ok(())
-                        }
-                        r => r.map(drop),
-                    },
+                    Some(u) => not_found_is_ok(reader.stats(&u).await),
                     None => Ok(()),
                 },
                 8 => reader.connections().await.map(drop),
@@ -248,8 +208,7 @@ async fn run_async(pins: &BenchPins) -> Result<Vec<Figure>> {
         }
     }
     let wall = start.elapsed().as_secs_f64();
-    let _ = stop.send(());
-    server.await??;
+    api.stop().await?;
     if let Some(e) = first_error {
         progress!("api_load: {errors} errors, the first: {e}");
     }

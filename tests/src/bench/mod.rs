@@ -242,6 +242,54 @@ impl Selection {
 }
 
 /// The median of `values` (the mean of the middle two for an even count); NaN when empty.
+/// The value at quantile `p` (0–1) of `sorted` (nearest rank); NaN when empty.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+/// The agent's real gRPC API over `svc`, served on `127.0.0.1:0` (TCP, tokens) until
+/// [`TcpApi::stop`].
+pub struct TcpApi {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<Result<(), capybara_agent::api::ApiError>>,
+}
+
+impl TcpApi {
+    /// Starts serving (call inside a tokio runtime).
+    pub async fn start(
+        svc: std::sync::Arc<capybara_agent::service::Service>,
+    ) -> anyhow::Result<TcpApi> {
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", tcp.local_addr()?);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(capybara_agent::api::run(
+            svc,
+            capybara_agent::api::Listeners {
+                tcp: Some(tcp),
+                unix: None,
+                tcp_tls: None,
+            },
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Ok(TcpApi { url, stop, server })
+    }
+
+    /// Stops serving and waits for the server to end; its error, if it failed.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.server.await??;
+        Ok(())
+    }
+}
+
 pub fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);

@@ -33,10 +33,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use capybara_agent::{
-    api::{
-        self, Listeners,
-        client::{Client, Endpoint},
-    },
+    api::client::{Client, Endpoint},
     dataplane::{Dataplane, DataplaneConfig},
     service::{
         NewToken, NewUser, Service, ServiceConfig,
@@ -47,7 +44,7 @@ use capybara_agent::{
     store::Store,
 };
 
-use super::{BenchPins, Figure};
+use super::{BenchPins, Figure, TcpApi, percentile};
 use crate::progress;
 
 /// `group_policy_fanout_10k_ms`.
@@ -61,14 +58,6 @@ pub const POLICY_UPDATE_P50_US: &str = "policy_update_p50_us";
 const GROUP_USERS: usize = 10_000;
 /// `SetLimits` calls.
 const UPDATES: usize = 10_000;
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i]
-}
 
 /// Runs both benchmarks (those `wants` selects) and returns their figures.
 pub fn run(pins: &BenchPins, fanout: bool, updates: bool) -> Result<Vec<Figure>> {
@@ -115,20 +104,8 @@ async fn run_async(pins: &BenchPins, fanout: bool, updates: bool) -> Result<Vec<
             expires_at: None,
         },
     )?;
-    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", tcp.local_addr()?);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(api::run(
-        svc.clone(),
-        Listeners {
-            tcp: Some(tcp),
-            unix: None,
-            tcp_tls: None,
-        },
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let api = TcpApi::start(svc.clone()).await?;
+    let url = api.url.clone();
     let client = Client::connect(&Endpoint::Tcp {
         url,
         token: Some(write),
@@ -223,7 +200,6 @@ async fn run_async(pins: &BenchPins, fanout: bool, updates: bool) -> Result<Vec<
         });
     }
 
-    let _ = stop.send(());
-    let _ = server.await;
+    let _ = api.stop().await;
     Ok(out)
 }
