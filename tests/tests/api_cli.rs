@@ -4,83 +4,14 @@
 
 mod api_support;
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::path::PathBuf;
 
-use api_support::{TestApi, agent_crate_binary};
+use api_support::{Cli, TestApi, agent_crate_binary};
 
-struct Cli {
-    bin: PathBuf,
-    args: Vec<String>,
-}
-
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Cli {
-    fn socket(bin: &Path, api: &TestApi) -> Cli {
-        Cli {
-            bin: bin.to_owned(),
-            args: vec!["--socket".into(), api.socket.display().to_string()],
-        }
-    }
-
-    fn tcp(bin: &Path, api: &TestApi, token: &str) -> Cli {
-        Cli {
-            bin: bin.to_owned(),
-            args: vec![
-                "--endpoint".into(),
-                api.url(),
-                "--token".into(),
-                token.into(),
-            ],
-        }
-    }
-
-    fn run(&self, args: &[&str]) -> Out {
-        let o = Command::new(&self.bin)
-            .args(&self.args)
-            .args(args)
-            .env_remove("CAPYBARA_TOKEN")
-            .env_remove("CAPYBARA_ENDPOINT")
-            .output()
-            .expect("run capybara");
-        Out {
-            code: o.status.code().expect("exit code"),
-            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-        }
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert_eq!(o.code, 0, "capybara {args:?} failed: {}", o.stderr);
-        o.stdout
-    }
-
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        let mut a = vec!["--json"];
-        a.extend_from_slice(args);
-        serde_json::from_str(&self.ok(&a)).expect("JSON output")
-    }
-
-    /// Fails with `code` and a one-line reason containing `needle`.
-    fn fails(&self, code: i32, args: &[&str], needle: &str) {
-        let o = self.run(args);
-        assert_eq!(o.code, code, "capybara {args:?}: {}{}", o.stdout, o.stderr);
-        assert_eq!(o.stderr.lines().count(), 1, "one line: {:?}", o.stderr);
-        assert!(o.stderr.starts_with("error: "), "{}", o.stderr);
-        assert!(
-            o.stderr.contains(needle),
-            "{needle:?} not in {:?}",
-            o.stderr
-        );
-    }
+/// [`Cli::fails`], and the line is the CLI's `error: …` form.
+fn fails(cli: &Cli, code: i32, args: &[&str], needle: &str) {
+    let stderr = cli.fails(code, args, needle);
+    assert!(stderr.starts_with("error: "), "{stderr}");
 }
 
 fn start(keep: bool) -> (tokio::runtime::Runtime, TestApi, PathBuf) {
@@ -93,7 +24,7 @@ fn start(keep: bool) -> (tokio::runtime::Runtime, TestApi, PathBuf) {
 #[test]
 fn user_lifecycle_with_config_qr_and_png() {
     let (_rt, api, bin) = start(false);
-    let cli = Cli::socket(&bin, &api);
+    let cli = Cli::socket(&bin, &api.socket);
     let png = api.dir.path().join("alice.png");
     let out = cli.ok(&[
         "user",
@@ -125,14 +56,14 @@ fn user_lifecycle_with_config_qr_and_png() {
     assert!(show.contains("laptop"), "{show}");
 
     // Shown once: without kept keys the config is a failed precondition (exit 1)…
-    cli.fails(1, &["user", "config", "alice"], "shown once");
+    fails(&cli, 1, &["user", "config", "alice"], "shown once");
     // … and --rotate makes a new key pair.
     let rotated = cli.json(&["user", "config", "alice", "--rotate"]);
     assert!(rotated["private_key"].as_str().unwrap().len() == 44);
 
     cli.ok(&["device", "add", "alice", "phone", "--no-qr"]);
     // Two devices and none named: the agent's INVALID_ARGUMENT, exit 2.
-    cli.fails(2, &["user", "config", "alice", "--rotate"], "device:");
+    fails(&cli, 2, &["user", "config", "alice", "--rotate"], "device:");
 
     assert!(cli.ok(&["kick", "alice"]).contains("2 device(s)"));
     let stats = cli.json(&["stats", "alice"]);
@@ -154,7 +85,7 @@ fn user_lifecycle_with_config_qr_and_png() {
 
     cli.ok(&["device", "remove", "alice", "phone"]);
     cli.ok(&["user", "remove", "alice"]);
-    cli.fails(1, &["user", "show", "alice"], "not found");
+    fails(&cli, 1, &["user", "show", "alice"], "not found");
     let health = cli.ok(&["health"]);
     let rows: Vec<&str> = health.lines().skip(1).collect();
     assert_eq!(rows.len(), 4, "{health}");
@@ -164,7 +95,7 @@ fn user_lifecycle_with_config_qr_and_png() {
 #[test]
 fn tokens_over_tcp_with_scopes() {
     let (_rt, api, bin) = start(false);
-    let local = Cli::socket(&bin, &api);
+    let local = Cli::socket(&bin, &api.socket);
     let admin = local.ok(&[
         "api",
         "token",
@@ -193,12 +124,17 @@ fn tokens_over_tcp_with_scopes() {
     let read_id = made["token"]["id"].as_str().unwrap();
     let r = Cli::tcp(&bin, &api, read);
     r.ok(&["user", "list"]);
-    r.fails(1, &["user", "add", "bob"], "needs scope write");
-    r.fails(1, &["api", "token", "list"], "needs scope admin");
-    Cli::tcp(&bin, &api, "capy_0000000000000000_nope").fails(1, &["user", "list"], "invalid token");
+    fails(&r, 1, &["user", "add", "bob"], "needs scope write");
+    fails(&r, 1, &["api", "token", "list"], "needs scope admin");
+    fails(
+        &Cli::tcp(&bin, &api, "capy_0000000000000000_nope"),
+        1,
+        &["user", "list"],
+        "invalid token",
+    );
 
     a.ok(&["api", "token", "revoke", read_id]);
-    r.fails(1, &["user", "list"], "token revoked");
+    fails(&r, 1, &["user", "list"], "token revoked");
     let listed = a.ok(&["api", "token", "list"]);
     assert!(listed.contains("dash"), "{listed}");
 }
@@ -206,37 +142,42 @@ fn tokens_over_tcp_with_scopes() {
 #[test]
 fn bad_input_exits_2_with_one_line() {
     let (_rt, api, bin) = start(false);
-    let cli = Cli::socket(&bin, &api);
-    cli.fails(2, &["user", "add", "Bad Name"], "name: invalid name");
-    cli.fails(
+    let cli = Cli::socket(&bin, &api.socket);
+    fails(&cli, 2, &["user", "add", "Bad Name"], "name: invalid name");
+    fails(
+        &cli,
         2,
         &["user", "add", "ok", "--device", "a/b"],
         "device: invalid name",
     );
-    cli.fails(
+    fails(
+        &cli,
         2,
         &["user", "add", "ok", "--expires", "soon"],
         "expires: invalid duration",
     );
-    cli.fails(
+    fails(
+        &cli,
         2,
         &["api", "token", "create", "--scope", "root"],
         "scope: unknown scope",
     );
-    cli.fails(
+    fails(
+        &cli,
         2,
         &["api", "token", "revoke", "xyz"],
         "id: invalid token id",
     );
-    cli.fails(
+    fails(
+        &cli,
         2,
         &["blocklist", "add", "manual", "10.0.0.1/8"],
         "did you mean 10.0.0.0/8",
     );
-    cli.fails(2, &["kick", "-x"], "");
+    fails(&cli, 2, &["kick", "-x"], "");
     // Usage errors too.
-    cli.fails(2, &["user", "add"], "required");
-    cli.fails(2, &["frobnicate"], "unrecognized subcommand");
+    fails(&cli, 2, &["user", "add"], "required");
+    fails(&cli, 2, &["frobnicate"], "unrecognized subcommand");
     // Nothing was created by any of it.
     assert_eq!(cli.json(&["user", "list"]), serde_json::json!([]));
     assert_eq!(cli.json(&["history", "audit"]), serde_json::json!([]));
@@ -245,7 +186,7 @@ fn bad_input_exits_2_with_one_line() {
 #[test]
 fn blocklists_from_the_cli() {
     let (_rt, api, bin) = start(false);
-    let cli = Cli::socket(&bin, &api);
+    let cli = Cli::socket(&bin, &api.socket);
     cli.ok(&["blocklist", "add", "manual", "192.0.2.0/24", "198.51.100.7"]);
     cli.ok(&[
         "blocklist",
@@ -263,7 +204,8 @@ fn blocklists_from_the_cli() {
         table.contains("manual") && table.contains("malware"),
         "{table}"
     );
-    cli.fails(
+    fails(
+        &cli,
         1,
         &[
             "blocklist",

@@ -11,13 +11,12 @@ mod api_support;
 
 use std::{
     net::SocketAddr,
-    path::{Path, PathBuf},
-    process::Command,
+    path::Path,
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
-use api_support::{TestApi, agent_crate_binary};
+use api_support::{Cli, TestApi, agent_crate_binary};
 use capybara_agent::{
     api::{self, Listeners, client::code},
     service::{
@@ -191,62 +190,13 @@ fn history_rpcs_check_scopes_and_refuse_bad_input_without_changes() {
     });
 }
 
-struct Cli {
-    bin: PathBuf,
-    socket: PathBuf,
-}
-
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Cli {
-    fn run(&self, args: &[&str]) -> Out {
-        let o = Command::new(&self.bin)
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .env_remove("CAPYBARA_TOKEN")
-            .env_remove("CAPYBARA_ENDPOINT")
-            .output()
-            .expect("run capybara");
-        Out {
-            code: o.status.code().expect("exit code"),
-            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-        }
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert_eq!(o.code, 0, "capybara {args:?} failed: {}", o.stderr);
-        o.stdout
-    }
-
-    fn fails(&self, code: i32, args: &[&str], needle: &str) {
-        let o = self.run(args);
-        assert_eq!(o.code, code, "capybara {args:?}: {}{}", o.stdout, o.stderr);
-        assert_eq!(o.stderr.lines().count(), 1, "one line: {:?}", o.stderr);
-        assert!(
-            o.stderr.contains(needle),
-            "{needle:?} not in {:?}",
-            o.stderr
-        );
-    }
-}
-
 #[test]
 fn history_commands_print_tables_json_and_csv_and_exit_2_on_bad_input() {
     let bin = agent_crate_binary("capybara");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let api = rt.block_on(TestApi::start(false));
     record_sessions(&api);
-    let cli = Cli {
-        bin,
-        socket: api.socket.clone(),
-    };
+    let cli = Cli::socket(&bin, &api.socket);
     let show = cli.ok(&["history", "show"]);
     let lines: Vec<&str> = show.lines().collect();
     assert!(lines[0].starts_with("USER "), "{show}");
@@ -383,10 +333,7 @@ fn backup_create_remove_restore_brings_the_user_back() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("run/agent.sock");
-    let cli = Cli {
-        bin,
-        socket: socket.clone(),
-    };
+    let cli = Cli::socket(&bin, &socket);
     let backup = dir.path().join("backup.json");
     let data = dir.path().join("data");
 

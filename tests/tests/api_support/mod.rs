@@ -193,3 +193,82 @@ pub fn agent_crate_binary(name: &str) -> PathBuf {
     assert!(bin.exists(), "{} missing after the build", bin.display());
     bin
 }
+
+/// The `capybara` binary, run with fixed leading arguments (how to reach the agent).
+pub struct Cli {
+    pub bin: PathBuf,
+    pub args: Vec<String>,
+}
+
+/// What one `capybara` run printed and its exit code.
+pub struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Cli {
+    /// Over the agent's Unix socket `socket`.
+    pub fn socket(bin: &std::path::Path, socket: &std::path::Path) -> Cli {
+        Cli {
+            bin: bin.to_owned(),
+            args: vec!["--socket".into(), socket.display().to_string()],
+        }
+    }
+
+    /// Over `api`'s TCP listener with `token`.
+    pub fn tcp(bin: &std::path::Path, api: &TestApi, token: &str) -> Cli {
+        Cli {
+            bin: bin.to_owned(),
+            args: vec![
+                "--endpoint".into(),
+                api.url(),
+                "--token".into(),
+                token.into(),
+            ],
+        }
+    }
+
+    /// Runs it with `args` (the environment's token and endpoint removed).
+    pub fn run(&self, args: &[&str]) -> Out {
+        let o = std::process::Command::new(&self.bin)
+            .args(&self.args)
+            .args(args)
+            .env_remove("CAPYBARA_TOKEN")
+            .env_remove("CAPYBARA_ENDPOINT")
+            .output()
+            .expect("run capybara");
+        Out {
+            code: o.status.code().expect("exit code"),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+
+    /// Its standard output; it must succeed.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert_eq!(o.code, 0, "capybara {args:?} failed: {}", o.stderr);
+        o.stdout
+    }
+
+    /// Its `--json` output, parsed; it must succeed.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&a)).expect("JSON output")
+    }
+
+    /// It fails with `code` and one line of standard error containing `needle`; that line.
+    pub fn fails(&self, code: i32, args: &[&str], needle: &str) -> String {
+        let o = self.run(args);
+        assert_eq!(o.code, code, "capybara {args:?}: {}{}", o.stdout, o.stderr);
+        assert_eq!(o.stderr.lines().count(), 1, "one line: {:?}", o.stderr);
+        assert!(
+            o.stderr.contains(needle),
+            "{needle:?} not in {:?}",
+            o.stderr
+        );
+        o.stderr
+    }
+}
