@@ -682,16 +682,7 @@ impl Service {
         new: NewUser,
     ) -> Result<(User, ClientConfig), ServiceError> {
         let _w = self.writer.lock().unwrap();
-        let expires_at = match new.expires_at {
-            Some(t) if t <= SystemTime::now() => {
-                return Err(ValidationError::Time {
-                    field: "expires_at",
-                    reason: "is in the past",
-                }
-                .into());
-            }
-            t => t.map(unix_secs),
-        };
+        let expires_at = expiry("expires_at", new.expires_at)?;
         if self
             .store
             .get::<User>(Cf::Users, &keys::user(new.name.as_str()))?
@@ -1040,16 +1031,7 @@ impl Service {
             }
             .into());
         }
-        let expires_at = match new.expires_at {
-            Some(t) if t <= SystemTime::now() => {
-                return Err(ValidationError::Time {
-                    field: "expires",
-                    reason: "is in the past",
-                }
-                .into());
-            }
-            t => t.map(unix_secs),
-        };
+        let expires_at = expiry("expires", new.expires_at)?;
         let id = TokenId::random();
         let secret = secrets::new_token_secret(&id);
         let token = Token {
@@ -1457,6 +1439,17 @@ impl Service {
 }
 
 /// The allowed IPs of a device: its two host routes.
+/// An expiry given in `field` as seconds since the epoch; one in the past is refused.
+fn expiry(field: &'static str, at: Option<SystemTime>) -> Result<Option<u64>, ValidationError> {
+    match at {
+        Some(t) if t <= SystemTime::now() => Err(ValidationError::Time {
+            field,
+            reason: "is in the past",
+        }),
+        t => Ok(t.map(unix_secs)),
+    }
+}
+
 pub fn allowed_ips(peer: &Peer) -> Vec<Cidr> {
     vec![
         Cidr::host(std::net::IpAddr::V4(peer.ipv4)),
