@@ -94,22 +94,34 @@ fn shaped_peer_gets_its_rate_each_direction_and_cc_while_others_keep_their_speed
         "shaped packets are counted in both directions: {counters:?}"
     );
 
-    // The unlimited peer while the shaped one sends at its rate.
-    let shaped = std::thread::scope(|sc| {
-        let h = sc.spawn(|| send(&s, true, peer_addr, None));
-        let other_during = send(&s, true, other, None);
-        (h.join().unwrap(), other_during)
-    });
-    eprintln!(
-        "unlimited peer beside the shaped one: {:.0} Mbit/s (alone {:.0})",
-        shaped.1.received_bps / 1e6,
-        before.received_bps / 1e6
-    );
+    // The unlimited peer while the shaped one sends at its rate, against the unlimited peer alone
+    // measured just before (the other core may be busy: a pair of adjacent runs compares like
+    // with like). A misclassified peer would get at most 50 Mbit/s in every pair; up to three
+    // pairs so that a burst of load elsewhere during one run does not decide.
+    let mut pairs = Vec::new();
+    for _ in 0..3 {
+        let alone = send(&s, true, other, None).received_bps;
+        let beside = std::thread::scope(|sc| {
+            let h = sc.spawn(|| send(&s, true, peer_addr, None));
+            let other_during = send(&s, true, other, None);
+            h.join().unwrap();
+            other_during.received_bps
+        });
+        eprintln!(
+            "unlimited peer beside the shaped one: {:.0} Mbit/s (alone just before {:.0})",
+            beside / 1e6,
+            alone / 1e6
+        );
+        pairs.push((alone, beside));
+        if beside >= 0.7 * alone {
+            break;
+        }
+    }
     assert!(
-        shaped.1.received_bps >= 0.7 * before.received_bps,
-        "the unlimited peer slowed from {:.0} to {:.0} Mbit/s beside a shaped peer",
-        before.received_bps / 1e6,
-        shaped.1.received_bps / 1e6
+        pairs.iter().any(|(alone, beside)| *beside >= 0.7 * alone),
+        "the unlimited peer slowed beside a shaped peer in every pair (alone, beside) in bit/s: \
+         {pairs:?}; alone at the start: {:.0}",
+        before.received_bps
     );
 
     // Clearing the rates restores the peer's speed.
