@@ -22,7 +22,9 @@
 //!
 //! The policy is applied again to every device when the agent starts (rates live in qdiscs,
 //! which do not survive a restart; the rest is re-written idempotently) and to a device when it
-//! is added.
+//! is added. At start every gate is reconciled with the one the kernel kept (pinned maps), never
+//! written blindly: a device held by someone else before the restart (kicked, MFA pending,
+//! expired) stays held; see [`engine::gate_write`].
 //!
 //! ## Quota buckets and periods
 //! A bucket id is allocated the first time an owner (`user:NAME` or `group:NAME` for a pool)
@@ -35,8 +37,11 @@
 //! Devices online are learned from the tunnel (`policy_on_connect` / `policy_on_disconnect`);
 //! the tick accumulates each user's online time per local day (in memory: a restart forgets the
 //! day's time so far) and re-evaluates the gates of users with a window, a daily time or a device
-//! limit. A gate is written only when the policy's decision changes, so a kick (held until the
-//! next handshake) is not undone by the tick.
+//! limit. A gate is written only when the policy's decision changes, and then only as
+//! [`engine::gate_write`] allows: the kernel's gate is read first and a hold of another owner
+//! (a kick until the device's next handshake, MFA, expiry) is left alone. An owner ending its
+//! hold makes the policy decide afresh by forgetting the device's decision (as
+//! `policy_forget_online` and a handshake do).
 
 pub mod doc;
 pub mod engine;
@@ -65,7 +70,7 @@ use super::{
     domain::{Actor, Peer, PublicKey, UserName, ValidationError, unix_secs},
 };
 use crate::{
-    dataplane::{Gate, PeerRates},
+    dataplane::PeerRates,
     store::{Batch, Cf, Store, StoreError, keys},
 };
 
@@ -191,7 +196,8 @@ impl Cache {
 struct Runtime {
     /// Online devices and since when.
     online: HashMap<PeerId, SystemTime>,
-    /// The gate the policy last wrote per device (`None` = admitted).
+    /// The policy's last decision per device (`None` = admitted), reconciled with the kernel's
+    /// gate; absent: not yet (the kernel's gate is read before anything is written).
     written: HashMap<PeerId, Option<DropReason>>,
     /// Online time per user on its local day.
     online_time: HashMap<UserName, (NaiveDate, Duration)>,
@@ -721,7 +727,9 @@ impl Service {
 
     /// Writes the effective policy of `users` to the kernel: for each of their devices the
     /// rates, the flow limit, the quota bucket (created or resized once per bucket) and the gate.
-    /// With `force_gates` every gate is written, otherwise only those whose decision changed.
+    /// With `force_gates` every gate is reconciled with the kernel's (read back), otherwise only
+    /// those whose decision changed; either way a hold of another owner is kept
+    /// ([`engine::gate_write`]).
     pub fn apply_policy(&self, users: &[UserName], force_gates: bool) -> Result<(), ServiceError> {
         let now = SystemTime::now();
         let mut effs = Vec::with_capacity(users.len());
@@ -783,7 +791,13 @@ impl Service {
                 self.plane.policy_rates(p.id, k.rates)?;
                 self.plane.policy_limits(p.id, k.flows, k.bucket)?;
             }
-            self.apply_gates(u, e, &peers, now, force_gates)?;
+            if force_gates {
+                let mut rt = self.policy.runtime.lock().unwrap();
+                for p in &peers {
+                    rt.written.remove(&p.id);
+                }
+            }
+            self.apply_gates(u, e, &peers, now, None)?;
         }
         Ok(())
     }
@@ -819,14 +833,16 @@ impl Service {
         Ok(id)
     }
 
-    /// Decides and writes the gates of one user's devices.
+    /// Decides the gates of one user's devices and writes those that changed, as
+    /// [`engine::gate_write`] allows. `handshake`: the device that just completed a handshake
+    /// (which ends its kick).
     fn apply_gates(
         &self,
         user: &UserName,
         eff: &Effective,
         peers: &[Peer],
         now: SystemTime,
-        force: bool,
+        handshake: Option<PeerId>,
     ) -> Result<(), ServiceError> {
         let mut rt = self.policy.runtime.lock().unwrap();
         let devices: Vec<Device> = peers
@@ -843,18 +859,16 @@ impl Service {
             .filter(|(d, _)| *d == today)
             .map_or(Duration::ZERO, |(_, t)| *t);
         for (id, want) in engine::gates(eff, &devices, used, now) {
-            let had = rt.written.get(&id).copied().unwrap_or(None);
-            if force || had != want {
-                let gate = match want {
-                    None => Gate::Admitted { until: None },
-                    Some(r) => Gate::Held(r),
-                };
-                self.plane.set_gate(id, gate)?;
-                rt.written.insert(id, want);
-                if had != want {
-                    tracing::info!(user = %user, peer = id, gate = ?gate, "policy gate");
-                }
+            let shook = handshake == Some(id);
+            if !shook && rt.written.get(&id) == Some(&want) {
+                continue;
             }
+            let kernel = self.plane.gate(id)?;
+            if let Some(gate) = engine::gate_write(kernel, want, shook, SystemTime::now()) {
+                self.plane.set_gate(id, gate)?;
+                tracing::info!(user = %user, peer = id, gate = ?gate, "policy gate");
+            }
+            rt.written.insert(id, want);
         }
         Ok(())
     }
@@ -867,13 +881,15 @@ impl Service {
         let Some(peer) = self.peer_by_key(key) else {
             return Ok(());
         };
-        {
-            let mut rt = self.policy.runtime.lock().unwrap();
-            rt.online.entry(peer.id).or_insert(now);
-            // A kick held it; the handshake ends that hold, the policy decides afresh.
-            rt.written.remove(&peer.id);
-        }
-        self.regate(&peer.user, now, true)
+        self.policy
+            .runtime
+            .lock()
+            .unwrap()
+            .online
+            .entry(peer.id)
+            .or_insert(now);
+        // A kick held it; the handshake ends that hold, the policy decides afresh.
+        self.regate(&peer.user, now, Some(peer.id))
     }
 
     /// A device went offline at `now` (disconnected or kicked): a device waiting for a free
@@ -888,7 +904,7 @@ impl Service {
         };
         let was_online = self.policy.runtime.lock().unwrap().online.remove(&peer.id);
         if was_online.is_some() {
-            self.regate(&peer.user, now, false)?;
+            self.regate(&peer.user, now, None)?;
         }
         Ok(())
     }
@@ -903,7 +919,12 @@ impl Service {
         }
     }
 
-    fn regate(&self, user: &UserName, now: SystemTime, force: bool) -> Result<(), ServiceError> {
+    fn regate(
+        &self,
+        user: &UserName,
+        now: SystemTime,
+        handshake: Option<PeerId>,
+    ) -> Result<(), ServiceError> {
         let eff = {
             let c = self.policy.cache.read().unwrap();
             c.effective
@@ -912,7 +933,7 @@ impl Service {
                 .unwrap_or_else(|| c.effective(user))
         };
         let peers = self.user_peers(user);
-        self.apply_gates(user, &eff, &peers, now, force)
+        self.apply_gates(user, &eff, &peers, now, handshake)
     }
 
     /// The clock moved to `now`: resets buckets whose period started since their last reset,
@@ -991,7 +1012,7 @@ impl Service {
                     entry.1 += elapsed;
                 }
             }
-            self.apply_gates(&u, &e, &peers, now, false)?;
+            self.apply_gates(&u, &e, &peers, now, None)?;
         }
         Ok(())
     }

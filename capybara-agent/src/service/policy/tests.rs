@@ -524,3 +524,89 @@ fn removing_a_user_removes_its_limits_and_memberships() {
     e.svc.apply_document(&root(), &doc, false).unwrap();
     assert_eq!(e.svc.export_document().unwrap(), doc);
 }
+
+#[test]
+fn holds_of_other_owners_survive_a_restart_and_the_policy_decides_its_own() {
+    let f = fixture();
+    let alice = add(&f, "alice", &["laptop", "phone"]);
+    let bob = add(&f, "bob", &["laptop"]);
+    let carol = add(&f, "carol", &["d1", "d2"]);
+    f.svc
+        .set_limits(
+            &root(),
+            &LimitsTarget::User(u("carol")),
+            &patch(|t| t.connections = Some("1".into())),
+        )
+        .unwrap();
+    let key_of = |id| {
+        f.tunnel
+            .state()
+            .keys()
+            .copied()
+            .find(|k| f.svc.peer_by_key(k).unwrap().id == id)
+            .unwrap()
+    };
+    let t0 = SystemTime::now();
+    for (i, id) in carol.iter().enumerate() {
+        f.svc
+            .policy_on_connect(&key_of(*id), t0 + Duration::from_secs(i as u64))
+            .unwrap();
+    }
+    f.svc.kick(&root(), &u("alice")).unwrap();
+    // Held by owners other than the policy: MFA pending, an admission that has expired.
+    let expired = Gate::Admitted {
+        until: Some(SystemTime::now() - Duration::from_secs(5)),
+    };
+    f.plane.with(|s| {
+        s.gates
+            .insert(alice[1], Gate::Held(DropReason::GateMfaPending));
+        s.gates.insert(bob[0], expired);
+    });
+    let gate = |f: &Fixture, id| f.plane.state().gates[&id];
+    assert_eq!(gate(&f, carol[1]), Gate::Held(DropReason::GateDeviceLimit));
+
+    let Fixture {
+        dir,
+        plane,
+        tunnel,
+        svc,
+    } = f;
+    drop(svc);
+    let f = open(dir, plane, tunnel);
+    assert_eq!(gate(&f, alice[0]), Gate::Held(DropReason::GateKicked));
+    assert_eq!(gate(&f, alice[1]), Gate::Held(DropReason::GateMfaPending));
+    assert_eq!(gate(&f, bob[0]), expired);
+    // The policy's own hold is decided afresh: no device is online after the restart.
+    assert_eq!(gate(&f, carol[0]), Gate::Admitted { until: None });
+    assert_eq!(gate(&f, carol[1]), Gate::Admitted { until: None });
+    // Neither the tick nor a policy change undoes them.
+    f.svc.policy_tick(SystemTime::now()).unwrap();
+    f.svc
+        .set_limits(
+            &root(),
+            &LimitsTarget::User(u("alice")),
+            &patch(|t| t.connections = Some("5".into())),
+        )
+        .unwrap();
+    assert_eq!(gate(&f, alice[0]), Gate::Held(DropReason::GateKicked));
+    assert_eq!(gate(&f, alice[1]), Gate::Held(DropReason::GateMfaPending));
+    // A handshake ends the kick of that device only; MFA is not the policy's to lift.
+    let key_of = |id| {
+        f.tunnel
+            .state()
+            .keys()
+            .copied()
+            .find(|k| f.svc.peer_by_key(k).unwrap().id == id)
+            .unwrap()
+    };
+    f.svc
+        .policy_on_connect(&key_of(alice[1]), SystemTime::now())
+        .unwrap();
+    assert_eq!(gate(&f, alice[0]), Gate::Held(DropReason::GateKicked));
+    assert_eq!(gate(&f, alice[1]), Gate::Held(DropReason::GateMfaPending));
+    f.svc
+        .policy_on_connect(&key_of(alice[0]), SystemTime::now())
+        .unwrap();
+    assert_eq!(gate(&f, alice[0]), Gate::Admitted { until: None });
+    assert_eq!(gate(&f, alice[1]), Gate::Held(DropReason::GateMfaPending));
+}
