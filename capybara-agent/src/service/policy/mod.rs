@@ -634,7 +634,7 @@ impl Service {
         stage(&mut batch, &changes)?;
         let seq = self.next_audit_seq();
         self.audit(&mut batch, actor, action, target, before, after)?;
-        self.commit(batch)?;
+        let event = self.commit_unpublished(batch)?;
         self.policy_cache_put(&changes);
         if let Err(e) = self.apply_policy(&affected, false) {
             tracing::error!(error = %e, action, "the kernel refused a policy change; undoing it");
@@ -649,6 +649,7 @@ impl Service {
             }
             return Err(e);
         }
+        self.publish(event);
         tracing::info!(%actor, action, users = affected.len(), "policy changed");
         Ok(())
     }
