@@ -610,3 +610,69 @@ fn holds_of_other_owners_survive_a_restart_and_the_policy_decides_its_own() {
     assert_eq!(gate(&f, alice[0]), Gate::Admitted { until: None });
     assert_eq!(gate(&f, alice[1]), Gate::Held(DropReason::GateMfaPending));
 }
+
+#[test]
+fn the_days_online_time_survives_a_restart() {
+    let f = fixture();
+    let id = add(&f, "alice", &["laptop"])[0];
+    f.svc
+        .set_limits(
+            &root(),
+            &LimitsTarget::User(u("alice")),
+            &patch(|t| {
+                t.time = Some("8h".into());
+                t.tz = Some("UTC".into());
+            }),
+        )
+        .unwrap();
+    let key = *f.tunnel.state().keys().next().unwrap();
+    let at = |s: &str| -> SystemTime { chrono::DateTime::parse_from_rfc3339(s).unwrap().into() };
+    let min = Duration::from_secs(60);
+    // Online from 08:00 for 5 h, a tick a minute.
+    let t0 = at("2026-11-28T08:00:00Z");
+    f.svc.policy_on_connect(&key, t0).unwrap();
+    for m in 0..=300 {
+        f.svc.policy_tick(t0 + m * min).unwrap();
+    }
+    let gate = |f: &Fixture| f.plane.state().gates[&id];
+    assert_eq!(gate(&f), Gate::Admitted { until: None });
+
+    let restart = |f: Fixture| {
+        let Fixture {
+            dir,
+            plane,
+            tunnel,
+            svc,
+        } = f;
+        drop(svc);
+        open(dir, plane, tunnel)
+    };
+    // Down for 10 minutes (not online time), back online: 3 h are left, not 8.
+    let f = restart(f);
+    let t1 = at("2026-11-28T13:10:00Z");
+    f.svc.policy_on_connect(&key, t1).unwrap();
+    for m in 0..180 {
+        f.svc.policy_tick(t1 + m * min).unwrap();
+        assert_eq!(gate(&f), Gate::Admitted { until: None }, "minute {m}");
+    }
+    f.svc.policy_tick(t1 + 180 * min).unwrap();
+    assert_eq!(gate(&f), Gate::Held(DropReason::GateOutsideWindow));
+
+    // Out of time stays out of time after another restart; the next day starts afresh.
+    let f = restart(f);
+    f.svc.policy_on_connect(&key, t1 + 181 * min).unwrap();
+    f.svc.policy_tick(t1 + 181 * min).unwrap();
+    assert_eq!(gate(&f), Gate::Held(DropReason::GateOutsideWindow));
+    f.svc.policy_tick(at("2026-11-29T00:00:30Z")).unwrap();
+    assert_eq!(gate(&f), Gate::Admitted { until: None });
+
+    // A removed user's time goes with it.
+    f.svc.remove_user(&root(), &u("alice")).unwrap();
+    let store = f.svc.store().clone();
+    assert!(
+        store
+            .scan::<serde_json::Value>(Cf::Policy, crate::store::keys::POLICY_ONLINE)
+            .unwrap()
+            .is_empty()
+    );
+}
