@@ -809,6 +809,9 @@ impl Service {
         self.publish(event);
         let cfg = self.config_for(&rec.peer, Some(private));
         let user = rec.peer.user.clone();
+        // A new device is not online and has no gate decision yet, whatever a removed device
+        // that had its id left behind.
+        self.policy_forget_online(std::slice::from_ref(&rec.peer));
         let mut st = self.state.write().unwrap();
         st.used_ids.insert(rec.peer.id);
         st.used_v4.insert(rec.peer.ipv4);
@@ -970,6 +973,12 @@ impl Service {
         st.used_v4.remove(&rec.peer.ipv4);
         st.pubkeys.remove(&rec.peer.public_key);
         st.peers.remove(&pkey);
+        drop(st);
+        // Its slot of the device limit is free: the user's other devices are decided again.
+        self.policy_forget_online(std::slice::from_ref(&rec.peer));
+        if let Err(e) = self.apply_policy(std::slice::from_ref(user), false) {
+            tracing::error!(error = %e, %user, "cannot re-apply the policy after a device was removed");
+        }
         Ok(rec.peer)
     }
 

@@ -676,3 +676,54 @@ fn the_days_online_time_survives_a_restart() {
             .is_empty()
     );
 }
+
+#[test]
+fn removed_devices_free_their_slot_and_leave_nothing_to_a_device_on_their_id() {
+    let f = fixture();
+    f.svc
+        .set_limits(
+            &root(),
+            &LimitsTarget::Default,
+            &patch(|t| t.connections = Some("1".into())),
+        )
+        .unwrap();
+    let a = add(&f, "alice", &["d1", "d2"]);
+    let key_of = |id| {
+        f.tunnel
+            .state()
+            .keys()
+            .copied()
+            .find(|k| f.svc.peer_by_key(k).unwrap().id == id)
+            .unwrap()
+    };
+    let t0 = SystemTime::now();
+    let at = |s| t0 + Duration::from_secs(s);
+    f.svc.policy_on_connect(&key_of(a[0]), at(0)).unwrap();
+    f.svc.policy_on_connect(&key_of(a[1]), at(1)).unwrap();
+    let gate = |id| f.plane.state().gates[&id];
+    assert_eq!(gate(a[1]), Gate::Held(DropReason::GateDeviceLimit));
+    // The admitted device is removed: the waiting one takes its slot.
+    f.svc
+        .remove_device(
+            &root(),
+            &u("alice"),
+            &DeviceName::parse("device", "d1").unwrap(),
+        )
+        .unwrap();
+    assert_eq!(gate(a[1]), Gate::Admitted { until: None });
+    // alice goes with her online device; bob's devices get both ids. Neither is online until
+    // its own handshake, so the first to handshake is admitted.
+    f.svc.remove_user(&root(), &u("alice")).unwrap();
+    let b = add(&f, "bob", &["b1", "b2"]);
+    assert_eq!(
+        b.iter().copied().collect::<std::collections::BTreeSet<_>>(),
+        a.iter().copied().collect(),
+        "the ids are re-used"
+    );
+    let other = if b[0] == a[1] { b[1] } else { b[0] };
+    f.svc.policy_on_connect(&key_of(other), at(5)).unwrap();
+    assert_eq!(gate(other), Gate::Admitted { until: None });
+    let stale = if other == b[0] { b[1] } else { b[0] };
+    f.svc.policy_on_connect(&key_of(stale), at(6)).unwrap();
+    assert_eq!(gate(stale), Gate::Held(DropReason::GateDeviceLimit));
+}
