@@ -22,7 +22,9 @@
 //!
 //! Kernel events (ring buffer) are decoded by one task and published on a broadcast channel
 //! ([`Running::events`]); history, webhooks and the API subscribe to it. A subscriber that falls
-//! behind loses the oldest events (logged), it never slows the reader down.
+//! behind loses the oldest events (logged), it never slows the reader down. The service's own
+//! events (`config-changed` after every mutation: `service::events`) are on a second bus,
+//! [`Running::service_events`].
 //!
 //! Every second the daemon runs the policy tick (quota periods, time windows, daily online
 //! time: `service::policy`); the tunnel's connect and disconnect events feed the device limit.
@@ -45,7 +47,7 @@ use crate::{
     dataplane::{Dataplane, DataplaneConfig, DataplaneError, Event, EventStream},
     paths,
     service::{
-        EndReason, Service, ServiceConfig, ServiceError, SessionEvent,
+        EndReason, Service, ServiceConfig, ServiceError, ServiceEvent, SessionEvent,
         ports::TunnelPort,
         secrets::{self, SecretError},
     },
@@ -152,6 +154,8 @@ const EVENT_BUS_CAPACITY: usize = 4096;
 pub struct Running {
     /// Kernel events, decoded; `subscribe()` for a receiver.
     pub events: tokio::sync::broadcast::Sender<Event>,
+    /// Service events (`config-changed` after every mutation); `subscribe()` for a receiver.
+    pub service_events: tokio::sync::broadcast::Sender<ServiceEvent>,
     /// Tunnel device name.
     pub tunnel: String,
     /// Uplink with the guard, if any.
@@ -305,6 +309,7 @@ pub async fn run(
 
     on_ready(&Running {
         events: events.clone(),
+        service_events: svc.events(),
         tunnel: tunnel.name().to_owned(),
         uplink: config.uplink.clone(),
         listen_port: config.listen_port,

@@ -7,7 +7,13 @@
 //! - with `--connections 3` the 4th device of a user is held at the gate (no ping) until one of
 //!   the three disconnects, then it is admitted (ping);
 //! - a window: a device outside it is held, inside it admitted again on the tick (the service's
-//!   clock is the test's).
+//!   clock is the test's);
+//! - a group's shared pool under real traffic from two members at once: once it is spent both
+//!   members' traffic stops (kernel drops, counted per peer), the pool's exhaustion event comes
+//!   once, and resetting the pool restores traffic for both. The bytes delivered stay within the
+//!   pool plus one packet per CPU per peer (the kernel's own bound is one packet per CPU: a
+//!   packet is dropped once the bucket was exhausted before it, and at most one packet per CPU
+//!   is between its check and its charge).
 
 mod e2e_support;
 
@@ -18,22 +24,24 @@ use std::{
 };
 
 use capybara_agent::{
-    dataplane::Dataplane,
+    dataplane::{Dataplane, Event, QuotaThreshold},
     service::{
         NewUser, Service, ServiceConfig,
         domain::{Actor, ClientConfig, DeviceName, PublicKey, UserName},
         policy::{
             LimitsTarget,
-            model::{GroupName, LimitsText},
+            model::{ByteSize, Cap, GroupName, LimitsText},
         },
     },
     store::Store,
     tunnel::{DEFAULT_OFFLOAD, TunnelEvent, WgTunnel},
     units::Rate,
 };
+use capybara_common::drop::DropReason;
 use capybara_tests::{
     iperf::{self, IperfTcp},
     netns::{BpffsDir, NetNs, VethPair},
+    traffic::{UdpSink, send_udp, udp_overhead},
     wg::{Implementation, WgProcess, ping, ping_until, start_tunnel, tunnel_config},
 };
 use e2e_support::{WAIT, attach_tc, open_dataplane};
@@ -357,4 +365,166 @@ fn a_window_holds_outside_and_admits_inside() {
         ping_until(&lab.clients[c].ns, lab.server_v4, WAIT),
         "admitted inside the window"
     );
+}
+
+#[test]
+fn a_shared_pool_runs_out_for_the_whole_group_at_once_and_a_reset_restores_it() {
+    const LIMIT: u64 = 3_000_000;
+    const SIZE: usize = 1000;
+    let mut lab = Lab::new(85, Duration::from_secs(180));
+    let alice = lab.user("alice", &["laptop"])[0];
+    let bob = lab.user("bob", &["laptop"])[0];
+    for c in [alice, bob] {
+        assert!(
+            ping_until(&lab.clients[c].ns, lab.server_v4, WAIT),
+            "no ping through the tunnel"
+        );
+    }
+    let staff = GroupName::parse("group", "staff").unwrap();
+    lab.svc.create_group(&root(), &staff).unwrap();
+    lab.svc
+        .change_members(&root(), &staff, &[u("alice"), u("bob")], true)
+        .unwrap();
+    lab.svc
+        .set_group_policy(
+            &root(),
+            &staff,
+            &text(|_| {}),
+            Some(Cap::Limit(ByteSize(LIMIT))),
+        )
+        .unwrap();
+    let quota = lab.svc.show_quota(None, false).unwrap();
+    let bucket = quota[0].bucket;
+    assert!(
+        bucket != 0
+            && quota
+                .iter()
+                .all(|q| q.bucket == bucket && q.plan == "pool:staff"),
+        "{quota:?}"
+    );
+    let peer_of = |user: &str| lab.svc.list_peers(Some(&u(user))).unwrap()[0].id;
+    let peers = [peer_of("alice"), peer_of("bob")];
+    let exhausted_drops = |id| {
+        lab.dp.lock().unwrap().peer_stats(id).unwrap().drops[DropReason::QuotaExhausted as usize]
+    };
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut events = {
+        let _ctx = rt.enter();
+        lab.dp.lock().unwrap().event_stream().expect("event stream")
+    };
+
+    // Both members at once, 3 × the pool between them in 1000-byte datagrams.
+    let sink = UdpSink::start(&lab.server, SocketAddr::new(lab.server_v4, 0));
+    let ip_len = SIZE as u64 + udp_overhead(&sink.addr());
+    let n = 3 * LIMIT / ip_len / 2;
+    let used_before = lab
+        .dp
+        .lock()
+        .unwrap()
+        .quota_usage(bucket)
+        .unwrap()
+        .used_bytes;
+    std::thread::scope(|s| {
+        for c in [alice, bob] {
+            let (ns, from, to) = (&lab.clients[c].ns, lab.clients[c].v4, sink.addr());
+            s.spawn(move || send_udp(ns, Some(from), to, n, SIZE));
+        }
+    });
+    let got = sink.settle(Duration::from_millis(500), WAIT);
+    let delivered = got * ip_len;
+    let cpus = std::thread::available_parallelism().map_or(1, |c| c.get()) as u64;
+    let bound = LIMIT + cpus * peers.len() as u64 * ip_len;
+    let usage = lab.dp.lock().unwrap().quota_usage(bucket).unwrap();
+    let drops = peers.map(exhausted_drops);
+    let ctx = format!(
+        "{got} datagrams ({delivered} IP bytes) delivered of 2 × {n}, bucket {usage:?}, {cpus} \
+         CPUs, {used_before} bytes charged before, quota drops (alice, bob) {drops:?}, bound \
+         {bound} ({} over the pool)",
+        delivered.saturating_sub(LIMIT)
+    );
+    eprintln!("{ctx}");
+    assert!(usage.exhausted(), "the pool was not spent: {ctx}");
+    assert!(delivered <= bound, "delivered past the bound: {ctx}");
+    assert!(usage.used_bytes <= bound, "charged past the bound: {ctx}");
+    assert!(
+        delivered + used_before <= usage.used_bytes,
+        "delivered more than charged: {ctx}"
+    );
+    // Both were sending when the pool ran out, and both were cut off by the kernel.
+    assert!(
+        drops.iter().all(|d| *d > 0),
+        "a member's traffic was not dropped: {ctx}"
+    );
+
+    // Spent: neither member gets anything through, and the kernel counts the drops for each.
+    for (c, id) in [alice, bob].into_iter().zip(peers) {
+        let before = exhausted_drops(id);
+        let held = UdpSink::start(&lab.server, SocketAddr::new(lab.server_v4, 0));
+        send_udp(
+            &lab.clients[c].ns,
+            Some(lab.clients[c].v4),
+            held.addr(),
+            50,
+            SIZE,
+        );
+        assert_eq!(
+            held.settle(Duration::from_millis(300), WAIT),
+            0,
+            "client {c} passed the spent pool"
+        );
+        assert_eq!(exhausted_drops(id) - before, 50, "client {c}'s drops");
+    }
+
+    // The pool's thresholds once each, the exhaustion among them.
+    let seen: Vec<QuotaThreshold> = rt.block_on(async {
+        let mut out = Vec::new();
+        loop {
+            let wait = if out.len() < 3 {
+                WAIT
+            } else {
+                Duration::from_millis(500)
+            };
+            match tokio::time::timeout(wait, events.next()).await {
+                Ok(e) => {
+                    if let Event::Quota {
+                        bucket: b,
+                        threshold,
+                        ..
+                    } = e.expect("read an event")
+                        && b == bucket
+                    {
+                        out.push(threshold);
+                    }
+                }
+                Err(_) => return out,
+            }
+        }
+    });
+    assert_eq!(
+        seen,
+        [
+            QuotaThreshold::Percent80,
+            QuotaThreshold::Percent90,
+            QuotaThreshold::Exhausted
+        ],
+        "{ctx}"
+    );
+
+    // A reset of the pool restores traffic for both.
+    lab.svc.reset_quota(&root(), Err(&staff)).unwrap();
+    for c in [alice, bob] {
+        let sink = UdpSink::start(&lab.server, SocketAddr::new(lab.server_v4, 0));
+        send_udp(
+            &lab.clients[c].ns,
+            Some(lab.clients[c].v4),
+            sink.addr(),
+            50,
+            SIZE,
+        );
+        assert_eq!(sink.wait_for(50, WAIT), 50, "client {c} after the reset");
+    }
 }

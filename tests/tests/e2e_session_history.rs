@@ -21,6 +21,10 @@
 //! 103 607 821 IP bytes in 72 981 packets → payload 99 812 809 B, 0.34 % above the receiver's
 //! count (0.44 %, 0.49 % and 0.52 % in other runs).
 //!
+//! A third test kicks a user and SIGKILLs the agent: the next start keeps the kick (the kernel's
+//! gate, read back at start, is not rewritten by the policy), so the server's datagrams to the
+//! kicked device are dropped at the gate and counted as `gate-kicked`, none sent.
+//!
 //! A second test shortens the disconnect timeout (`--disconnect-timeout 2s`) and checks the
 //! other reasons and records: `idle`, `removed`, an unknown key's handshake as an auth attempt
 //! (`history search --ip`), and a session left open by a SIGKILLed agent closed as
@@ -39,6 +43,7 @@ use api_support::agent_crate_binary;
 use capybara_tests::{
     iperf::{self, IperfTcp},
     netns::{BpffsDir, NetNs, VethPair, unique_name},
+    traffic::send_udp,
     wg::{Implementation, WgProcess, ping, ping_until},
 };
 use nix::sys::signal::Signal;
@@ -321,6 +326,50 @@ fn user_add_config_traffic_stats_kick_and_history() {
         "{table}"
     );
     let _ = client_v4;
+    lab.server.kill(pid, Signal::SIGTERM);
+}
+
+/// `user`'s kernel counters from `stats`: (tx packets, `gate-kicked` drops).
+fn tx_and_kicked(lab: &Lab, user: &str) -> (u64, u64) {
+    let s = lab.json(&["stats", user]);
+    let p = &s["peers"][0]["stats"];
+    (
+        p["tx"]["packets"].as_u64().unwrap(),
+        p["drops"]["gate-kicked"].as_u64().unwrap_or(0),
+    )
+}
+
+#[test]
+fn a_kicked_user_stays_held_across_an_agent_restart() {
+    const N: u64 = 20;
+    let lab = Lab::new(95, 97);
+    let pid = lab.start_agent(1, &[]);
+    let (_wg, client_v4) = lab.add_client("alice");
+    let server = IpAddr::V4(lab.server_v4);
+    assert!(ping_until(&lab.client, server, WAIT), "{}", lab.log(1));
+    let to = std::net::SocketAddr::new(client_v4, 9);
+    lab.capybara(&["kick", "alice"]);
+    // The client sends nothing from here on, so it does not handshake again (which would end
+    // the kick): wireguard-go re-handshakes 15 s after unanswered data, not keepalives.
+    let (tx0, k0) = tx_and_kicked(&lab, "alice");
+    send_udp(&lab.server, None, to, N, 100);
+    let (tx1, k1) = tx_and_kicked(&lab, "alice");
+    assert_eq!(
+        (tx1 - tx0, k1 - k0),
+        (0, N),
+        "held by the kick before the restart"
+    );
+
+    lab.server.kill(pid, Signal::SIGKILL);
+    let pid = lab.start_agent(2, &[]);
+    send_udp(&lab.server, None, to, N, 100);
+    let (tx2, k2) = tx_and_kicked(&lab, "alice");
+    assert_eq!(
+        (tx2 - tx1, k2 - k1),
+        (0, N),
+        "the restarted agent let the kicked device's traffic through\n{}",
+        lab.log(2)
+    );
     lab.server.kill(pid, Signal::SIGTERM);
 }
 

@@ -52,6 +52,7 @@ use super::{
         Actor, AuditRecord, ClientConfig, DeviceName, Peer, PublicKey, Scope, Token, TokenId, User,
         UserDetail, UserName, ValidationError, encode_key, unix_secs,
     },
+    events::ServiceEvent,
     ports::{Plane, TunnelPort, TunnelPortError},
     secrets::{self, Sealer},
 };
@@ -358,6 +359,11 @@ pub struct Service {
     next_audit: AtomicU64,
     /// Groups, quotas and limits (`service::policy`).
     pub(super) policy: super::policy::PolicyCell,
+    /// The event bus (`service::events`).
+    pub(super) events: tokio::sync::broadcast::Sender<ServiceEvent>,
+    /// The `config-changed` event of the audit record staged in the batch being built (under
+    /// `writer`); the commit step takes and publishes it.
+    staged: Mutex<Option<ServiceEvent>>,
 }
 
 impl std::fmt::Debug for Service {
@@ -410,6 +416,8 @@ impl Service {
             state: RwLock::new(state),
             next_audit: AtomicU64::new(next_audit),
             policy: super::policy::PolicyCell::load(&store_ref)?,
+            events: tokio::sync::broadcast::channel(super::events::EVENT_BUS_CAPACITY).0,
+            staged: Mutex::new(None),
         };
         svc.reconcile()?;
         svc.reapply_policy()?;
@@ -466,16 +474,45 @@ impl Service {
             after,
         };
         batch.put(Cf::Audit, &keys::audit(seq), &rec)?;
+        *self.staged.lock().unwrap() = Some(ServiceEvent::ConfigChanged {
+            seq,
+            actor: rec.actor,
+            action: rec.action,
+            target: rec.target,
+            at: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(rec.at),
+        });
         Ok(())
     }
 
-    /// Writes `batch` and advances the audit sequence. Called under the writer lock, it does not
+    /// Writes `batch` and advances the audit sequence, then publishes the batch's
+    /// `config-changed` event (`service::events`). Called under the writer lock, it does not
     /// wait for the disk: the caller (the API, before it replies) calls [`Service::settle`]
     /// after the lock is released, so concurrent mutations share one fsync (see `store`).
     pub(super) fn commit(&self, batch: Batch) -> Result<(), ServiceError> {
+        let event = self.commit_unpublished(batch)?;
+        self.publish(event);
+        Ok(())
+    }
+
+    /// [`Service::commit`] for a change that may still be undone (the kernel or the tunnel is
+    /// programmed after the commit): its event is returned, for [`Service::publish`] once the
+    /// change took effect.
+    pub(super) fn commit_unpublished(
+        &self,
+        batch: Batch,
+    ) -> Result<Option<ServiceEvent>, ServiceError> {
+        let event = self.staged.lock().unwrap().take();
         let _ = self.store.write(batch)?;
         self.next_audit.fetch_add(1, Ordering::SeqCst);
-        Ok(())
+        Ok(event)
+    }
+
+    /// Publishes a committed change's event (no subscriber is not an error).
+    pub(super) fn publish(&self, event: Option<ServiceEvent>) {
+        if let Some(e) = event {
+            tracing::debug!(event = ?e, "service event");
+            let _ = self.events.send(e);
+        }
     }
 
     /// Waits until the mutations this thread made are on disk. A mutation is applied, and
@@ -764,13 +801,17 @@ impl Service {
         added_user: bool,
     ) -> Result<ClientConfig, ServiceError> {
         let seq = self.next_audit.load(Ordering::SeqCst);
-        self.commit(batch)?;
+        let event = self.commit_unpublished(batch)?;
         if let Err(e) = self.program(&rec.peer) {
             self.undo_add(seq, &rec.peer, added_user)?;
             return Err(e);
         }
+        self.publish(event);
         let cfg = self.config_for(&rec.peer, Some(private));
         let user = rec.peer.user.clone();
+        // A new device is not online and has no gate decision yet, whatever a removed device
+        // that had its id left behind.
+        self.policy_forget_online(std::slice::from_ref(&rec.peer));
         let mut st = self.state.write().unwrap();
         st.used_ids.insert(rec.peer.id);
         st.used_v4.insert(rec.peer.ipv4);
@@ -932,6 +973,12 @@ impl Service {
         st.used_v4.remove(&rec.peer.ipv4);
         st.pubkeys.remove(&rec.peer.public_key);
         st.peers.remove(&pkey);
+        drop(st);
+        // Its slot of the device limit is free: the user's other devices are decided again.
+        self.policy_forget_online(std::slice::from_ref(&rec.peer));
+        if let Err(e) = self.apply_policy(std::slice::from_ref(user), false) {
+            tracing::error!(error = %e, %user, "cannot re-apply the policy after a device was removed");
+        }
         Ok(rec.peer)
     }
 

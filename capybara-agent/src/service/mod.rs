@@ -8,11 +8,13 @@
 //!   implementations for tests.
 //! - [`control`]: the control [`Service`]: users, devices, tokens, stats, connections,
 //!   blocklists, audit; `control::history`: sessions, auth attempts, retention.
+//! - [`events`]: what the service did (`config-changed`), on a broadcast bus.
 //! - [`geo`]: geo policies as source lists.
 //! - [`policy`]: groups, quotas and limits: the effective policy per user and its kernel state.
 
 pub mod control;
 pub mod domain;
+pub mod events;
 pub mod geo;
 pub mod policy;
 pub mod ports;
@@ -25,3 +27,4 @@ pub use control::{
     AuthError, BlocklistView, Connection, EntriesOp, GeoStatus, NewToken, NewUser, PeerCounters,
     PeerStatsView, Service, ServiceConfig, ServiceError, Stats, Traffic,
 };
+pub use events::ServiceEvent;

@@ -34,6 +34,9 @@ pub trait Plane: super::policy::plane::PolicyPlane + Send + Sync {
     fn peers(&self) -> BTreeMap<PeerId, Vec<Cidr>>;
     /// Admits or holds active peer `id`.
     fn set_gate(&self, id: PeerId, gate: Gate) -> Result<(), DataplaneError>;
+    /// The gate the kernel holds for active peer `id` (read back: holds written before a
+    /// restart, by whoever wrote them).
+    fn gate(&self, id: PeerId) -> Result<Gate, DataplaneError>;
     /// Counters of peer `id`.
     fn peer_stats(&self, id: PeerId) -> Result<PeerStats, DataplaneError>;
     /// Every drop of the dataplane by reason (global counters, not only attributed peers').
@@ -76,6 +79,9 @@ impl Plane for Mutex<Dataplane> {
     }
     fn set_gate(&self, id: PeerId, gate: Gate) -> Result<(), DataplaneError> {
         self.lock().unwrap().set_gate(id, gate)
+    }
+    fn gate(&self, id: PeerId) -> Result<Gate, DataplaneError> {
+        self.lock().unwrap().gate(id)
     }
     fn peer_stats(&self, id: PeerId) -> Result<PeerStats, DataplaneError> {
         self.lock().unwrap().peer_stats(id)
@@ -203,6 +209,15 @@ impl Plane for MemoryPlane {
         }
         s.gates.insert(id, gate);
         Ok(())
+    }
+    fn gate(&self, id: PeerId) -> Result<Gate, DataplaneError> {
+        self.inner
+            .lock()
+            .unwrap()
+            .gates
+            .get(&id)
+            .copied()
+            .ok_or(DataplaneError::UnknownPeer { id })
     }
     fn peer_stats(&self, id: PeerId) -> Result<PeerStats, DataplaneError> {
         Ok(self

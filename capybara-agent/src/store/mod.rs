@@ -16,6 +16,7 @@
 //! | `policy` | `user/<user>` | a user's own limits (`service::policy`) |
 //! | `policy` | `default` | the server default limits |
 //! | `policy` | `bucket/<owner>` | a quota bucket's id and the period it was last reset for |
+//! | `policy` | `online/<user>` | a user's online time on its current local day (`--time`) |
 //! | `tokens` | `<token id>` | an API token: its SHA-256 hash, never the secret |
 //! | `sessions` | `session/<start ns, 20 digits>/<peer id, 10 digits>` | a tunnel session |
 //! | `sessions` | `auth/<ns, 20 digits>/<n, 6 digits>` | a failed handshake (auth attempt) |
@@ -169,6 +170,14 @@ pub mod keys {
 
     /// Prefix of every bucket record in `policy`.
     pub const POLICY_BUCKETS: &str = "bucket/";
+
+    /// Key of user `name`'s online time of the day in `policy`.
+    pub fn policy_online(name: &str) -> String {
+        format!("online/{name}")
+    }
+
+    /// Prefix of every user's online time in `policy`.
+    pub const POLICY_ONLINE: &str = "online/";
 
     /// Key of token `id` in `tokens`.
     pub fn token(id: &str) -> String {

@@ -11,6 +11,17 @@
 //!    longest-waiting held one is admitted;
 //! 4. otherwise admitted.
 //!
+//! ## The policy's holds and everyone else's
+//! The kernel has one gate per device, shared by several holders: the policy holds with
+//! `outside-window` and `device-limit` only ([`is_policy_hold`]); a kick (`kicked`), MFA
+//! (`mfa-pending`), account expiry (`expired`, or an admission whose deadline has passed) and
+//! `over-quota` belong to their own owners. [`gate_write`] decides what the policy writes given
+//! the gate the kernel holds now (read back, so holds written before an agent restart count):
+//! a hold of another owner is left as it is, whatever the policy decides, until its owner ends
+//! it — a kick ends with the device's next handshake, which is the one case the policy lifts
+//! itself. An admission is never rewritten to admit (a deadline on it is kept); a policy hold
+//! replaces an admission with a future deadline, and the policy's later admission has none.
+//!
 //! ## Periods
 //! A period starts at local midnight (daily), Monday midnight (weekly) or midnight of the first
 //! of the month (monthly) in the policy's zone; `none` never starts over. The agent stores the
@@ -26,6 +37,7 @@ use super::{
     model::{Period, Zone},
     resolve::Effective,
 };
+use crate::dataplane::Gate;
 
 /// Local wall time of `t` in `zone`.
 pub fn local(zone: Zone, t: SystemTime) -> NaiveDateTime {
@@ -113,6 +125,42 @@ pub fn gates(
             (d.id, held.then_some(DropReason::GateDeviceLimit))
         })
         .collect()
+}
+
+/// Whether the policy owns holds with reason `r`: the only holds it writes or lifts (see the
+/// module docs).
+pub const fn is_policy_hold(r: DropReason) -> bool {
+    matches!(
+        r,
+        DropReason::GateOutsideWindow | DropReason::GateDeviceLimit
+    )
+}
+
+/// What the policy writes to one device's gate, given the gate the kernel holds now
+/// (`kernel`) and the policy's decision (`want`: `None` = admitted); `None` = leave the kernel's
+/// gate as it is. `handshake`: the device has just completed a handshake, which ends a kick.
+/// `wall_now` is the real wall clock (admission deadlines are on it, whatever clock the
+/// policy's decision used). See the module docs for the rule.
+pub fn gate_write(
+    kernel: Gate,
+    want: Option<DropReason>,
+    handshake: bool,
+    wall_now: SystemTime,
+) -> Option<Gate> {
+    let held_by_policy = match kernel {
+        Gate::Held(DropReason::GateKicked) if handshake => true,
+        Gate::Held(r) if !is_policy_hold(r) => return None,
+        Gate::Held(_) => true,
+        // Expired in the kernel: held as `expired` by its owner.
+        Gate::Admitted { until: Some(t) } if t <= wall_now => return None,
+        Gate::Admitted { .. } => false,
+    };
+    match (want, held_by_policy) {
+        (None, false) => None,
+        (None, true) => Some(Gate::Admitted { until: None }),
+        (Some(r), _) if kernel == Gate::Held(r) => None,
+        (Some(r), _) => Some(Gate::Held(r)),
+    }
 }
 
 /// The local day of `now` in `zone` (online time counts per local day).
@@ -278,5 +326,65 @@ mod tests {
         // Device 2 goes offline: the waiting device 1 is admitted.
         devs[1].online_since = None;
         assert!(held(&devs).is_empty());
+    }
+
+    #[test]
+    fn the_policy_leaves_other_holds_and_lifts_a_kick_only_on_a_handshake() {
+        let now = at("2026-11-28T10:00:00Z");
+        let admitted = Gate::Admitted { until: None };
+        let window = DropReason::GateOutsideWindow;
+        let limit = DropReason::GateDeviceLimit;
+        for other in [
+            DropReason::GateKicked,
+            DropReason::GateMfaPending,
+            DropReason::GateExpired,
+            DropReason::GateOverQuota,
+        ] {
+            for want in [None, Some(window), Some(limit)] {
+                assert_eq!(
+                    gate_write(Gate::Held(other), want, false, now),
+                    None,
+                    "{other:?} rewritten for {want:?}"
+                );
+            }
+        }
+        // A handshake ends a kick (the policy decides afresh), never another owner's hold.
+        let kicked = Gate::Held(DropReason::GateKicked);
+        assert_eq!(gate_write(kicked, None, true, now), Some(admitted));
+        assert_eq!(
+            gate_write(kicked, Some(limit), true, now),
+            Some(Gate::Held(limit))
+        );
+        let mfa = Gate::Held(DropReason::GateMfaPending);
+        assert_eq!(gate_write(mfa, None, true, now), None);
+        // Expired by its deadline: left; a deadline still ahead is kept while admitted.
+        let past = Gate::Admitted {
+            until: Some(now - Duration::from_secs(1)),
+        };
+        let ahead = Gate::Admitted {
+            until: Some(now + Duration::from_secs(60)),
+        };
+        assert_eq!(gate_write(past, None, false, now), None);
+        assert_eq!(gate_write(past, Some(window), false, now), None);
+        assert_eq!(gate_write(ahead, None, false, now), None);
+        assert_eq!(
+            gate_write(ahead, Some(window), false, now),
+            Some(Gate::Held(window))
+        );
+        // The policy's own holds: written, changed and lifted; nothing written when unchanged.
+        assert_eq!(gate_write(admitted, None, false, now), None);
+        assert_eq!(
+            gate_write(admitted, Some(limit), false, now),
+            Some(Gate::Held(limit))
+        );
+        assert_eq!(gate_write(Gate::Held(limit), Some(limit), false, now), None);
+        assert_eq!(
+            gate_write(Gate::Held(limit), Some(window), false, now),
+            Some(Gate::Held(window))
+        );
+        assert_eq!(
+            gate_write(Gate::Held(window), None, false, now),
+            Some(admitted)
+        );
     }
 }

@@ -524,3 +524,206 @@ fn removing_a_user_removes_its_limits_and_memberships() {
     e.svc.apply_document(&root(), &doc, false).unwrap();
     assert_eq!(e.svc.export_document().unwrap(), doc);
 }
+
+#[test]
+fn holds_of_other_owners_survive_a_restart_and_the_policy_decides_its_own() {
+    let f = fixture();
+    let alice = add(&f, "alice", &["laptop", "phone"]);
+    let bob = add(&f, "bob", &["laptop"]);
+    let carol = add(&f, "carol", &["d1", "d2"]);
+    f.svc
+        .set_limits(
+            &root(),
+            &LimitsTarget::User(u("carol")),
+            &patch(|t| t.connections = Some("1".into())),
+        )
+        .unwrap();
+    let key_of = |id| {
+        f.tunnel
+            .state()
+            .keys()
+            .copied()
+            .find(|k| f.svc.peer_by_key(k).unwrap().id == id)
+            .unwrap()
+    };
+    let t0 = SystemTime::now();
+    for (i, id) in carol.iter().enumerate() {
+        f.svc
+            .policy_on_connect(&key_of(*id), t0 + Duration::from_secs(i as u64))
+            .unwrap();
+    }
+    f.svc.kick(&root(), &u("alice")).unwrap();
+    // Held by owners other than the policy: MFA pending, an admission that has expired.
+    let expired = Gate::Admitted {
+        until: Some(SystemTime::now() - Duration::from_secs(5)),
+    };
+    f.plane.with(|s| {
+        s.gates
+            .insert(alice[1], Gate::Held(DropReason::GateMfaPending));
+        s.gates.insert(bob[0], expired);
+    });
+    let gate = |f: &Fixture, id| f.plane.state().gates[&id];
+    assert_eq!(gate(&f, carol[1]), Gate::Held(DropReason::GateDeviceLimit));
+
+    let Fixture {
+        dir,
+        plane,
+        tunnel,
+        svc,
+    } = f;
+    drop(svc);
+    let f = open(dir, plane, tunnel);
+    assert_eq!(gate(&f, alice[0]), Gate::Held(DropReason::GateKicked));
+    assert_eq!(gate(&f, alice[1]), Gate::Held(DropReason::GateMfaPending));
+    assert_eq!(gate(&f, bob[0]), expired);
+    // The policy's own hold is decided afresh: no device is online after the restart.
+    assert_eq!(gate(&f, carol[0]), Gate::Admitted { until: None });
+    assert_eq!(gate(&f, carol[1]), Gate::Admitted { until: None });
+    // Neither the tick nor a policy change undoes them.
+    f.svc.policy_tick(SystemTime::now()).unwrap();
+    f.svc
+        .set_limits(
+            &root(),
+            &LimitsTarget::User(u("alice")),
+            &patch(|t| t.connections = Some("5".into())),
+        )
+        .unwrap();
+    assert_eq!(gate(&f, alice[0]), Gate::Held(DropReason::GateKicked));
+    assert_eq!(gate(&f, alice[1]), Gate::Held(DropReason::GateMfaPending));
+    // A handshake ends the kick of that device only; MFA is not the policy's to lift.
+    let key_of = |id| {
+        f.tunnel
+            .state()
+            .keys()
+            .copied()
+            .find(|k| f.svc.peer_by_key(k).unwrap().id == id)
+            .unwrap()
+    };
+    f.svc
+        .policy_on_connect(&key_of(alice[1]), SystemTime::now())
+        .unwrap();
+    assert_eq!(gate(&f, alice[0]), Gate::Held(DropReason::GateKicked));
+    assert_eq!(gate(&f, alice[1]), Gate::Held(DropReason::GateMfaPending));
+    f.svc
+        .policy_on_connect(&key_of(alice[0]), SystemTime::now())
+        .unwrap();
+    assert_eq!(gate(&f, alice[0]), Gate::Admitted { until: None });
+    assert_eq!(gate(&f, alice[1]), Gate::Held(DropReason::GateMfaPending));
+}
+
+#[test]
+fn the_days_online_time_survives_a_restart() {
+    let f = fixture();
+    let id = add(&f, "alice", &["laptop"])[0];
+    f.svc
+        .set_limits(
+            &root(),
+            &LimitsTarget::User(u("alice")),
+            &patch(|t| {
+                t.time = Some("8h".into());
+                t.tz = Some("UTC".into());
+            }),
+        )
+        .unwrap();
+    let key = *f.tunnel.state().keys().next().unwrap();
+    let at = |s: &str| -> SystemTime { chrono::DateTime::parse_from_rfc3339(s).unwrap().into() };
+    let min = Duration::from_secs(60);
+    // Online from 08:00 for 5 h, a tick a minute.
+    let t0 = at("2026-11-28T08:00:00Z");
+    f.svc.policy_on_connect(&key, t0).unwrap();
+    for m in 0..=300 {
+        f.svc.policy_tick(t0 + m * min).unwrap();
+    }
+    let gate = |f: &Fixture| f.plane.state().gates[&id];
+    assert_eq!(gate(&f), Gate::Admitted { until: None });
+
+    let restart = |f: Fixture| {
+        let Fixture {
+            dir,
+            plane,
+            tunnel,
+            svc,
+        } = f;
+        drop(svc);
+        open(dir, plane, tunnel)
+    };
+    // Down for 10 minutes (not online time), back online: 3 h are left, not 8.
+    let f = restart(f);
+    let t1 = at("2026-11-28T13:10:00Z");
+    f.svc.policy_on_connect(&key, t1).unwrap();
+    for m in 0..180 {
+        f.svc.policy_tick(t1 + m * min).unwrap();
+        assert_eq!(gate(&f), Gate::Admitted { until: None }, "minute {m}");
+    }
+    f.svc.policy_tick(t1 + 180 * min).unwrap();
+    assert_eq!(gate(&f), Gate::Held(DropReason::GateOutsideWindow));
+
+    // Out of time stays out of time after another restart; the next day starts afresh.
+    let f = restart(f);
+    f.svc.policy_on_connect(&key, t1 + 181 * min).unwrap();
+    f.svc.policy_tick(t1 + 181 * min).unwrap();
+    assert_eq!(gate(&f), Gate::Held(DropReason::GateOutsideWindow));
+    f.svc.policy_tick(at("2026-11-29T00:00:30Z")).unwrap();
+    assert_eq!(gate(&f), Gate::Admitted { until: None });
+
+    // A removed user's time goes with it.
+    f.svc.remove_user(&root(), &u("alice")).unwrap();
+    let store = f.svc.store().clone();
+    assert!(
+        store
+            .scan::<serde_json::Value>(Cf::Policy, crate::store::keys::POLICY_ONLINE)
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn removed_devices_free_their_slot_and_leave_nothing_to_a_device_on_their_id() {
+    let f = fixture();
+    f.svc
+        .set_limits(
+            &root(),
+            &LimitsTarget::Default,
+            &patch(|t| t.connections = Some("1".into())),
+        )
+        .unwrap();
+    let a = add(&f, "alice", &["d1", "d2"]);
+    let key_of = |id| {
+        f.tunnel
+            .state()
+            .keys()
+            .copied()
+            .find(|k| f.svc.peer_by_key(k).unwrap().id == id)
+            .unwrap()
+    };
+    let t0 = SystemTime::now();
+    let at = |s| t0 + Duration::from_secs(s);
+    f.svc.policy_on_connect(&key_of(a[0]), at(0)).unwrap();
+    f.svc.policy_on_connect(&key_of(a[1]), at(1)).unwrap();
+    let gate = |id| f.plane.state().gates[&id];
+    assert_eq!(gate(a[1]), Gate::Held(DropReason::GateDeviceLimit));
+    // The admitted device is removed: the waiting one takes its slot.
+    f.svc
+        .remove_device(
+            &root(),
+            &u("alice"),
+            &DeviceName::parse("device", "d1").unwrap(),
+        )
+        .unwrap();
+    assert_eq!(gate(a[1]), Gate::Admitted { until: None });
+    // alice goes with her online device; bob's devices get both ids. Neither is online until
+    // its own handshake, so the first to handshake is admitted.
+    f.svc.remove_user(&root(), &u("alice")).unwrap();
+    let b = add(&f, "bob", &["b1", "b2"]);
+    assert_eq!(
+        b.iter().copied().collect::<std::collections::BTreeSet<_>>(),
+        a.iter().copied().collect(),
+        "the ids are re-used"
+    );
+    let other = if b[0] == a[1] { b[1] } else { b[0] };
+    f.svc.policy_on_connect(&key_of(other), at(5)).unwrap();
+    assert_eq!(gate(other), Gate::Admitted { until: None });
+    let stale = if other == b[0] { b[1] } else { b[0] };
+    f.svc.policy_on_connect(&key_of(stale), at(6)).unwrap();
+    assert_eq!(gate(stale), Gate::Held(DropReason::GateDeviceLimit));
+}
