@@ -132,6 +132,16 @@ pub enum ServiceError {
     /// A kept client key did not open.
     #[error(transparent)]
     Secret(#[from] secrets::SecretError),
+    /// The object is still used by others (a quota template applied to users).
+    #[error("{what} {name:?} is applied to {users}; detach them first")]
+    InUse {
+        /// `quota template`.
+        what: &'static str,
+        /// Its name.
+        name: String,
+        /// Who uses it, comma-separated.
+        users: String,
+    },
     /// A geo policy was asked for but the agent has no country database.
     #[error("no country database: start the agent with --geoip-db FILE")]
     NoGeoDb,
@@ -358,6 +368,8 @@ pub struct Service {
     next_audit: AtomicU64,
     /// Groups, quotas and limits (`service::policy`).
     pub(super) policy: super::policy::PolicyCell,
+    /// The WireGuard port the agent listens on (told by the daemon; for templates).
+    pub(super) listen_port: std::sync::OnceLock<u16>,
 }
 
 impl std::fmt::Debug for Service {
@@ -410,6 +422,7 @@ impl Service {
             state: RwLock::new(state),
             next_audit: AtomicU64::new(next_audit),
             policy: super::policy::PolicyCell::load(&store_ref)?,
+            listen_port: std::sync::OnceLock::new(),
         };
         svc.reconcile()?;
         svc.reapply_policy()?;
@@ -437,6 +450,11 @@ impl Service {
         }
         tracing::info!(peers = st.peers.len(), "devices restored from the store");
         Ok(())
+    }
+
+    /// The DNS servers given at start (`--dns`).
+    pub(super) fn agent_dns(&self) -> &[String] {
+        &self.cfg.dns
     }
 
     /// The store (for the daemon's own records).
@@ -644,8 +662,10 @@ impl Service {
             wg.push_str("# PrivateKey = <shown once when the device was created>\n");
         }
         wg.push_str(&format!("Address = {}/32, {}/128\n", peer.ipv4, peer.ipv6));
-        if !self.cfg.dns.is_empty() {
-            wg.push_str(&format!("DNS = {}\n", self.cfg.dns.join(", ")));
+        // The DNS of the configuration template applied last, else the agent's `--dns`.
+        let dns = self.client_dns();
+        if !dns.is_empty() {
+            wg.push_str(&format!("DNS = {}\n", dns.join(", ")));
         }
         wg.push_str(&format!(
             "\n[Peer]\nPublicKey = {}\nEndpoint = {}\nAllowedIPs = 0.0.0.0/0, ::/0\nPersistentKeepalive = 25\n",
@@ -656,7 +676,7 @@ impl Service {
             private_key,
             server_public_key: self.cfg.server_public_key,
             endpoint: self.cfg.endpoint.clone(),
-            dns: self.cfg.dns.clone(),
+            dns,
             wg_quick: wg,
         }
     }
