@@ -199,7 +199,7 @@ impl fmt::Display for MaxAge {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = self.0.as_secs();
         for (div, unit) in [(86_400, "d"), (3600, "h"), (60, "m")] {
-            if s >= div && s % div == 0 {
+            if s >= div && s.is_multiple_of(div) {
                 return write!(f, "{}{unit}", s / div);
             }
         }

@@ -541,7 +541,7 @@ fn state_of(f: &Fixture) -> String {
             .unwrap(),
         f.svc.list_quota_templates(),
         f.svc.list_config_templates().unwrap(),
-        audit_count(&f),
+        audit_count(f),
         f.plane.state().policy.writes,
         f.plane.state().policy.rates,
     )
