@@ -319,7 +319,7 @@ fn print_config(cli: &Cli, v: &ConfigTemplateView) {
     ]);
     print!("{tab}");
     if !v.notes.is_empty() {
-        println!("not enforced (stored and exported only):");
+        println!("notes (what the agent does not enforce, or not fully):");
         for n in &v.notes {
             println!("  - {n}");
         }

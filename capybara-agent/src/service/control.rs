@@ -426,6 +426,7 @@ impl Service {
         };
         svc.reconcile()?;
         svc.reapply_policy()?;
+        svc.apply_log_level();
         Ok(svc)
     }
 

@@ -22,9 +22,9 @@
 //! | `limits` | becomes the server default (`quota set --default`), re-applied to the kernel for every user | yes |
 //! | `dns` | the DNS servers written into client configs made from then on (absent = the agent's `--dns`) | yes |
 //! | `blocklists` | destination lists that must exist: apply is refused (`NOT_FOUND`, field `blocklists`) if one is missing; lists not named stay enforced (the kernel has no per-list switch) | yes, as "must exist" |
+//! | `log_level` | replaces the agent's log filter (`RUST_LOG`) now and at every start while the template is the last applied (`crate::logging`) | yes |
 //! | `ports.listen_port` | stored only: the WireGuard UDP port is bound at start (`--listen-port`), not changed at runtime | no |
 //! | `security.mfa_required`, `security.key_rotation` | stored only: MFA and key rotation are later issues | no |
-//! | `log_level` | stored only: the agent's log filter is set at start (`RUST_LOG`) | no |
 //!
 //! `template show` lists every stored-but-not-enforced field of the template as a note, so the
 //! output never pretends. `template save current NAME` snapshots the current settings (the
@@ -270,7 +270,7 @@ pub struct ConfigTemplate {
     /// Security policy.
     #[serde(default, skip_serializing_if = "is_default")]
     pub security: Security,
-    /// The agent's log level.
+    /// The agent's log level (replaces `RUST_LOG` while applied).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_level: Option<LogLevel>,
 }
@@ -298,7 +298,7 @@ pub struct ServerSettings {
     /// Its security policy (stored only).
     #[serde(default)]
     pub security: Security,
-    /// Its log level (stored only).
+    /// Its log level (the agent's log filter).
     #[serde(default)]
     pub log_level: Option<LogLevel>,
 }
@@ -350,11 +350,6 @@ impl ConfigTemplate {
         if let Some(k) = self.security.key_rotation {
             n.push(format!(
                 "security.key_rotation {k}: stored only; key rotation is not enforced yet"
-            ));
-        }
-        if let Some(l) = self.log_level {
-            n.push(format!(
-                "log_level {l}: stored only; the agent's log filter is set at start (RUST_LOG)"
             ));
         }
         n

@@ -41,6 +41,26 @@ impl Service {
         let _ = self.listen_port.set(port);
     }
 
+    /// Sets the agent's log filter to the level of the configuration template applied last
+    /// (without one: `RUST_LOG`, else `info`); at start and after `template apply`.
+    pub fn apply_log_level(&self) {
+        let level = self
+            .policy
+            .cache
+            .read()
+            .unwrap()
+            .settings
+            .log_level
+            .map(|l| l.to_string());
+        match crate::logging::set_level(level.as_deref()) {
+            Ok(true) if level.is_some() => {
+                tracing::info!(level = ?level, "log level set by the configuration template");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot set the template's log level"),
+        }
+    }
+
     /// The DNS servers written into client configs: the last configuration template's, else
     /// the agent's `--dns`.
     pub(in crate::service) fn client_dns(&self) -> Vec<String> {
@@ -443,6 +463,7 @@ impl Service {
             ],
             users,
         )?;
+        self.apply_log_level();
         let now = self.snapshot(TemplateName::parse("name", CURRENT)?)?;
         Ok(self.view(now, false))
     }
