@@ -158,8 +158,8 @@ pub enum PolicyCmd {
         /// The user.
         user: String,
     },
-    /// Apply a policy file (users, limits, groups, default): prints the diff, then applies it
-    /// all or nothing.
+    /// Apply a policy file (users, limits, groups, quota templates, default): prints the diff,
+    /// then applies it all or nothing.
     Apply {
         /// The YAML file.
         file: PathBuf,

@@ -19,7 +19,7 @@
 //!
 //! | field | applied by `template apply` | enforced today |
 //! |---|---|---|
-//! | `limits` | becomes the server default (`quota set --default`), re-applied to the kernel for every user | yes |
+//! | `limits` | replaces the server default whole (`quota set --default`; a template without limits clears it), re-applied to the kernel for every user | yes |
 //! | `dns` | the DNS servers written into client configs made from then on (absent = the agent's `--dns`) | yes |
 //! | `blocklists` | destination lists that must exist: apply is refused (`NOT_FOUND`, field `blocklists`) if one is missing; lists not named stay enforced (the kernel has no per-list switch) | yes, as "must exist" |
 //! | `log_level` | replaces the agent's log filter (`RUST_LOG`) now and at every start while the template is the last applied (`crate::logging`) | yes |
