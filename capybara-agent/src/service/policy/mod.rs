@@ -13,8 +13,9 @@
 //!   templates (named server settings, with built-ins); [`templates`] has their service calls.
 //!
 //! ## From a change to the kernel
-//! Every change (user limits, server default, a group's policy or members) runs under the
-//! service's writer lock: validate (a typed error naming the field, nothing changed) → one
+//! Every change (user limits, server default, a group's policy or members, a quota template or
+//! who has it, a configuration template applied) runs under the service's writer lock:
+//! validate (a typed error naming the field, nothing changed) → one
 //! synced store batch with the records **and the audit record** → update the in-memory cache →
 //! [`Service::apply_policy`] for every affected user, which is the one place that writes the
 //! kernel: for each device of the user, its rates (the bandwidth, both directions), its flow
