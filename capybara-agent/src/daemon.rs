@@ -266,6 +266,7 @@ pub async fn run(
             },
         },
     )?);
+    svc.set_listen_port(config.listen_port);
     let tcp = match config.api.listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)

@@ -14,6 +14,7 @@
 //! - [`cli`]: the `capybara` command line, the only code that prints tables.
 //! - [`service`]: operations that combine the modules above, in domain types.
 //! - [`daemon`]: start-up, run, shutdown.
+//! - [`logging`]: the log subscriber and its runtime-changeable filter.
 //! - [`net`], [`units`], [`paths`]: validated network types and quantities (rates); every
 //!   filesystem path and its mode.
 pub mod api;
@@ -22,6 +23,7 @@ pub mod cli;
 pub mod daemon;
 pub mod dataplane;
 pub mod geo;
+pub mod logging;
 pub mod net;
 pub mod paths;
 pub mod service;

@@ -1,6 +1,7 @@
 //! `cargo xtask policy apply FILE [--dry-run] | diff FILE | export [--file F]`: the admins'
-//! declarative path. The file is the desired state of users, their limits, groups and the
-//! server default (format: `capybara-agent/src/service/policy/doc.rs`).
+//! declarative path. The file is the desired state of users, their limits and quota template,
+//! groups, quota templates and the server default (format:
+//! `capybara-agent/src/service/policy/doc.rs`).
 //!
 //! xtask builds the `capybara` CLI and runs `capybara policy …`, which validates the file (a YAML
 //! or value error names its line and field, exit 2, nothing sent) and calls the agent's

@@ -6,6 +6,7 @@
 //! - [`client`]: the client the `capybara` CLI uses, answering in domain types.
 //! - [`history`]: the History and Backup services, their client calls and conversions.
 //! - [`policy`]: the `Policy` service (groups, quotas, limits, explain) and its client calls.
+//! - [`templates`]: the `Templates` service (quota and configuration templates).
 //! - `convert` (kernel types) and `domain` (control API types): the conversions.
 
 pub mod client;
@@ -14,6 +15,7 @@ pub mod domain;
 pub mod history;
 pub mod policy;
 pub mod server;
+pub mod templates;
 
 pub use convert::{
     ConvertError, counter_to_proto, drop_reason_from_proto, drop_reason_to_proto,

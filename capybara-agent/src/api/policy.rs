@@ -61,7 +61,7 @@ pub fn limits_to_proto(l: &Limits) -> pb::PolicyLimits {
     }
 }
 
-fn limits_from_proto(l: Option<pb::PolicyLimits>) -> Result<Limits, ValidationError> {
+pub(super) fn limits_from_proto(l: Option<pb::PolicyLimits>) -> Result<Limits, ValidationError> {
     Ok(text_of(l, Vec::new()).parse()?.set)
 }
 

@@ -122,6 +122,7 @@ pub fn status_of(e: ServiceError) -> Status {
         ServiceError::AlreadyExists { .. } => Status::already_exists(e.to_string()),
         ServiceError::KeyNotKept { .. }
         | ServiceError::AlreadyRevoked { .. }
+        | ServiceError::InUse { .. }
         | ServiceError::NoGeoDb => Status::failed_precondition(e.to_string()),
         ServiceError::Exhausted { .. } => Status::resource_exhausted(e.to_string()),
         ServiceError::Store(_)
@@ -602,6 +603,9 @@ async fn router(svc: &Arc<Service>, tls: Option<&TlsIdentity>) -> Result<Router,
     reporter
         .set_serving::<pb::policy_server::PolicyServer<Api>>()
         .await;
+    reporter
+        .set_serving::<pb::templates_server::TemplatesServer<Api>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(capybara_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -634,6 +638,7 @@ async fn router(svc: &Arc<Service>, tls: Option<&TlsIdentity>) -> Result<Router,
         .add_service(AuditServer::new(api.clone()))
         .add_service(BlocklistsServer::new(api.clone()))
         .add_service(pb::policy_server::PolicyServer::new(api.clone()))
+        .add_service(pb::templates_server::TemplatesServer::new(api.clone()))
         .add_service(GeoServer::new(api.clone()));
     Ok(super::history::add_services(server, api))
 }

@@ -89,12 +89,7 @@ fn iface_addr(field: &str, s: &str) -> anyhow::Result<ipnet::IpNet> {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    capybara_agent::logging::install();
     let args = Args::parse();
     if let Some(name) = &args.netns {
         // Before the runtime starts: setns(2) moves only the calling thread, and every thread

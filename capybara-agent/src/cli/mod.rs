@@ -15,6 +15,7 @@ mod history;
 mod policy;
 mod qr;
 mod table;
+mod templates;
 
 use std::{path::PathBuf, process::ExitCode, time::SystemTime};
 
@@ -102,6 +103,10 @@ enum Command {
     /// The effective policy of users.
     #[command(subcommand)]
     Policy(policy::PolicyCmd),
+    /// Configuration templates: named server settings (built-ins strict, open, corporate,
+    /// remote-worker, guest).
+    #[command(subcommand)]
+    Template(templates::TemplateCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -411,6 +416,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Quota(cmd) => policy::quota(&cli, cmd).await,
         Command::Group(cmd) => policy::group(&cli, cmd).await,
         Command::Policy(cmd) => policy::policy(&cli, cmd).await,
+        Command::Template(cmd) => templates::template(&cli, cmd).await,
         Command::Stats { user } => {
             if let Some(u) = user {
                 UserName::parse("user", u)?;

@@ -52,7 +52,7 @@ pub struct LimitArgs {
 }
 
 impl LimitArgs {
-    fn text(&self) -> LimitsText {
+    pub(super) fn text(&self) -> LimitsText {
         LimitsText {
             bandwidth: self.bandwidth.clone(),
             limit: self.limit.clone(),
@@ -93,6 +93,9 @@ pub enum QuotaCmd {
         #[arg(long)]
         exceeding: bool,
     },
+    /// Quota templates: a named layer applied to users (user > groups > template > default).
+    #[command(subcommand)]
+    Template(super::templates::QuotaTemplateCmd),
     /// Start a new period now for a user's bucket or a group's pool.
     Reset {
         /// The user.
@@ -155,8 +158,8 @@ pub enum PolicyCmd {
         /// The user.
         user: String,
     },
-    /// Apply a policy file (users, limits, groups, default): prints the diff, then applies it
-    /// all or nothing.
+    /// Apply a policy file (users, limits, groups, quota templates, default): prints the diff,
+    /// then applies it all or nothing.
     Apply {
         /// The YAML file.
         file: PathBuf,
@@ -283,6 +286,7 @@ pub async fn quota(cli: &Cli, cmd: &QuotaCmd) -> Result<(), CliError> {
             print_quotas(cli, &q);
             Ok(())
         }
+        QuotaCmd::Template(cmd) => super::templates::quota_template(cli, cmd).await,
         QuotaCmd::Reset { user, group } => {
             let (u, g) = match (user, group) {
                 (Some(u), _) => (UserName::parse("user", u)?.to_string(), String::new()),

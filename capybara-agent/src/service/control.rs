@@ -133,6 +133,16 @@ pub enum ServiceError {
     /// A kept client key did not open.
     #[error(transparent)]
     Secret(#[from] secrets::SecretError),
+    /// The object is still used by others (a quota template applied to users).
+    #[error("{what} {name:?} is applied to {users}; detach them first")]
+    InUse {
+        /// `quota template`.
+        what: &'static str,
+        /// Its name.
+        name: String,
+        /// Who uses it, comma-separated.
+        users: String,
+    },
     /// A geo policy was asked for but the agent has no country database.
     #[error("no country database: start the agent with --geoip-db FILE")]
     NoGeoDb,
@@ -364,6 +374,8 @@ pub struct Service {
     /// The `config-changed` event of the audit record staged in the batch being built (under
     /// `writer`); the commit step takes and publishes it.
     staged: Mutex<Option<ServiceEvent>>,
+    /// The WireGuard port the agent listens on (told by the daemon; for templates).
+    pub(super) listen_port: std::sync::OnceLock<u16>,
 }
 
 impl std::fmt::Debug for Service {
@@ -418,9 +430,11 @@ impl Service {
             policy: super::policy::PolicyCell::load(&store_ref)?,
             events: tokio::sync::broadcast::channel(super::events::EVENT_BUS_CAPACITY).0,
             staged: Mutex::new(None),
+            listen_port: std::sync::OnceLock::new(),
         };
         svc.reconcile()?;
         svc.reapply_policy()?;
+        svc.apply_log_level();
         Ok(svc)
     }
 
@@ -445,6 +459,11 @@ impl Service {
         }
         tracing::info!(peers = st.peers.len(), "devices restored from the store");
         Ok(())
+    }
+
+    /// The DNS servers given at start (`--dns`).
+    pub(super) fn agent_dns(&self) -> &[String] {
+        &self.cfg.dns
     }
 
     /// The store (for the daemon's own records).
@@ -681,8 +700,10 @@ impl Service {
             wg.push_str("# PrivateKey = <shown once when the device was created>\n");
         }
         wg.push_str(&format!("Address = {}/32, {}/128\n", peer.ipv4, peer.ipv6));
-        if !self.cfg.dns.is_empty() {
-            wg.push_str(&format!("DNS = {}\n", self.cfg.dns.join(", ")));
+        // The DNS of the configuration template applied last, else the agent's `--dns`.
+        let dns = self.client_dns();
+        if !dns.is_empty() {
+            wg.push_str(&format!("DNS = {}\n", dns.join(", ")));
         }
         wg.push_str(&format!(
             "\n[Peer]\nPublicKey = {}\nEndpoint = {}\nAllowedIPs = 0.0.0.0/0, ::/0\nPersistentKeepalive = 25\n",
@@ -693,7 +714,7 @@ impl Service {
             private_key,
             server_public_key: self.cfg.server_public_key,
             endpoint: self.cfg.endpoint.clone(),
-            dns: self.cfg.dns.clone(),
+            dns,
             wg_quick: wg,
         }
     }

@@ -15,6 +15,9 @@
 //! | `groups` | `<group>` | a group: members, policy, shared pool |
 //! | `policy` | `user/<user>` | a user's own limits (`service::policy`) |
 //! | `policy` | `default` | the server default limits |
+//! | `policy` | `qtemplate/<name>` | a quota template (`service::policy::template`) |
+//! | `policy` | `ctemplate/<name>` | a configuration template |
+//! | `policy` | `settings` | the server settings the last configuration template set |
 //! | `policy` | `bucket/<owner>` | a quota bucket's id and the period it was last reset for |
 //! | `policy` | `online/<user>` | a user's online time on its current local day (`--time`) |
 //! | `tokens` | `<token id>` | an API token: its SHA-256 hash, never the secret |
@@ -162,6 +165,25 @@ pub mod keys {
 
     /// Key of the server default limits in `policy`.
     pub const POLICY_DEFAULT: &str = "default";
+
+    /// Key of quota template `name` in `policy`.
+    pub fn policy_quota_template(name: &str) -> String {
+        format!("qtemplate/{name}")
+    }
+
+    /// Prefix of every quota template in `policy`.
+    pub const POLICY_QUOTA_TEMPLATES: &str = "qtemplate/";
+
+    /// Key of configuration template `name` in `policy`.
+    pub fn policy_config_template(name: &str) -> String {
+        format!("ctemplate/{name}")
+    }
+
+    /// Prefix of every configuration template in `policy`.
+    pub const POLICY_CONFIG_TEMPLATES: &str = "ctemplate/";
+
+    /// Key of the server settings in `policy`.
+    pub const POLICY_SETTINGS: &str = "settings";
 
     /// Key of the quota bucket of `owner` (`user:<name>` or `group:<name>`) in `policy`.
     pub fn policy_bucket(owner: &str) -> String {

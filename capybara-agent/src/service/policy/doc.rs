@@ -1,6 +1,6 @@
 //! The declarative policy file (`cargo xtask policy apply|export|diff`, `capybara policy …`):
-//! the desired state of users (and their devices), their own limits, groups with members,
-//! policies and shared pools, and the server default.
+//! the desired state of users (and their devices), their own limits and quota template, groups
+//! with members, policies and shared pools, quota templates, and the server default.
 //!
 //! ```yaml
 //! default:
@@ -9,24 +9,29 @@
 //!   alice:
 //!     devices: [laptop, phone]
 //!     limits: { limit: 100GB, period: monthly, grace: 5% }
+//!     template: guest
 //! groups:
 //!   staff:
 //!     members: [alice]
 //!     limits: { bandwidth: 10mbit, connections: 3, window: Mon-Fri 08:00-18:00, tz: Europe/Berlin }
 //!     shared_limit: 2TB
+//! templates:
+//!   guest: { bandwidth: 5mbit, limit: 2GB, period: daily }
 //! ```
 //!
 //! ## Applying
 //! - Parsed and validated in full first: a YAML or type error names its line and column and the
 //!   field path (a bad value inside a mapping, e.g. `bandwidth: 10Mbsp`, is located at the
-//!   mapping's first line, with its path `groups.staff.limits` and the value quoted); a group member that is neither in the file nor an existing user names the group.
+//!   mapping's first line, with its path `groups.staff.limits` and the value quoted); a group member that is neither in the file nor an existing user names the group;
+//!   a user whose `template` is not in the file's `templates` names the user.
 //!   Nothing is changed by a file with an error.
 //! - The diff against the current state is computed; an empty diff changes nothing (no store
 //!   write, no audit record): applying the same file twice changes nothing the second time.
 //! - Missing users and devices are created (their keys are generated and not shown: get a
 //!   config with `capybara user config NAME --device D --rotate`); users and devices are never
-//!   removed by a file. Everything else is replaced: limits of users not set in the file are
-//!   cleared, groups not in the file are deleted, the default is the file's.
+//!   removed by a file. Everything else is replaced: limits and templates of users not set in
+//!   the file are cleared, groups and quota templates not in the file are deleted, the default
+//!   is the file's. (Configuration templates are not part of the file: `template export`.)
 //! - The policy records (users' limits, groups, default) and one audit record are written in one
 //!   store batch, then the kernel is updated for every affected user; if the kernel refuses, the
 //!   batch is undone, and users created by this apply are removed again: all or nothing.
@@ -38,6 +43,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     Change, GroupRecord, UserPolicy,
     model::{ByteSize, GroupName, Limits, PolicyValueError},
+    template::TemplateName,
 };
 use crate::service::domain::{DeviceName, UserName, ValidationError};
 
@@ -51,6 +57,9 @@ pub struct UserDoc {
     /// Its own limits.
     #[serde(default, skip_serializing_if = "Limits::is_empty")]
     pub limits: Limits,
+    /// Its quota template (one of the file's `templates`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<TemplateName>,
 }
 
 /// A group in the file.
@@ -81,32 +90,41 @@ pub struct PolicyDoc {
     /// Groups.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub groups: BTreeMap<GroupName, GroupDoc>,
+    /// Quota templates: name → the layer it gives its users.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub templates: BTreeMap<TemplateName, Limits>,
 }
 
 impl PolicyDoc {
     /// Parses YAML; an error names the line, the column and the field path.
     pub fn from_yaml(text: &str) -> Result<PolicyDoc, ValidationError> {
-        serde_yaml::from_str(text).map_err(|e| {
-            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
-            let text = e.to_string();
-            // The location is in our message already.
-            let suffix = format!(" at line {line} column {column}");
-            let reason = text.strip_suffix(&suffix).unwrap_or(&text).to_owned();
-            ValidationError::Policy {
-                field: "file",
-                source: PolicyValueError::Document {
-                    line,
-                    column,
-                    reason,
-                },
-            }
-        })
+        from_yaml(text)
     }
 
     /// The YAML text (keys sorted, so export → apply → export is identical).
     pub fn to_yaml(&self) -> String {
         serde_yaml::to_string(self).expect("policy documents serialise")
     }
+}
+
+/// Parses a YAML document into `T`; an error names the line, the column and the field path
+/// (field `file`).
+pub fn from_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ValidationError> {
+    serde_yaml::from_str(text).map_err(|e| {
+        let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+        let text = e.to_string();
+        // The location is in our message already.
+        let suffix = format!(" at line {line} column {column}");
+        let reason = text.strip_suffix(&suffix).unwrap_or(&text).to_owned();
+        ValidationError::Policy {
+            field: "file",
+            source: PolicyValueError::Document {
+                line,
+                column,
+                reason,
+            },
+        }
+    })
 }
 
 /// What applying a document does.
@@ -149,6 +167,8 @@ pub(super) struct Current<'a> {
     pub groups: &'a BTreeMap<GroupName, GroupRecord>,
     /// Default.
     pub default: &'a Limits,
+    /// Quota templates.
+    pub templates: &'a BTreeMap<TemplateName, Limits>,
 }
 
 /// Validates `doc` against `cur` and computes what applying it changes.
@@ -184,30 +204,92 @@ pub(super) fn plan(doc: &PolicyDoc, cur: &Current<'_>) -> Result<Plan, Validatio
         }
     }
     let known = |u: &UserName| cur.users.contains_key(u) || doc.users.contains_key(u);
-    // Users' own limits: the file's, cleared for users not in it.
+    // Every template a user refers to is in the file.
+    for (u, d) in &doc.users {
+        if let Some(t) = &d.template
+            && !doc.templates.contains_key(t)
+        {
+            return Err(ValidationError::Name {
+                field: "users.template",
+                value: format!("{u}: {t}"),
+                reason: "not one of the file's templates",
+            });
+        }
+    }
+    // Quota templates: the file's, the others deleted. Users that have a changed template are
+    // affected.
+    let mut changed_templates: BTreeSet<&TemplateName> = BTreeSet::new();
+    for (t, want) in doc.templates.iter() {
+        match cur.templates.get(t) {
+            Some(have) if have == want => {}
+            Some(have) => {
+                p.diff.push(format!(
+                    "~ template {t}: {} -> {}",
+                    limits_text(have),
+                    limits_text(want)
+                ));
+                p.changes
+                    .push(Change::QuotaTemplate(t.clone(), Some(want.clone())));
+                changed_templates.insert(t);
+            }
+            None => {
+                p.diff
+                    .push(format!("+ template {t}: {}", limits_text(want)));
+                p.changes
+                    .push(Change::QuotaTemplate(t.clone(), Some(want.clone())));
+            }
+        }
+    }
+    for t in cur.templates.keys() {
+        if !doc.templates.contains_key(t) {
+            p.diff.push(format!("- template {t}"));
+            p.changes.push(Change::QuotaTemplate(t.clone(), None));
+            changed_templates.insert(t);
+        }
+    }
+    for (u, have) in cur.limits {
+        if have
+            .template
+            .as_ref()
+            .is_some_and(|t| changed_templates.contains(t))
+        {
+            p.affected.insert(u.clone());
+        }
+    }
+    // Users' own limits and templates: the file's, cleared for users not in it.
     let mut names: BTreeSet<&UserName> = doc.users.keys().collect();
     names.extend(cur.limits.keys());
     for u in names {
         let want = doc
             .users
             .get(u)
-            .map(|d| d.limits.clone())
+            .map(|d| UserPolicy {
+                limits: d.limits.clone(),
+                template: d.template.clone(),
+            })
             .unwrap_or_default();
-        let have = cur
-            .limits
-            .get(u)
-            .map(|p| p.limits.clone())
-            .unwrap_or_default();
+        let have = cur.limits.get(u).cloned().unwrap_or_default();
         if want != have {
-            p.diff.push(format!(
-                "~ user {u} limits: {} -> {}",
-                limits_text(&have),
-                limits_text(&want)
-            ));
-            p.changes.push(Change::User(
-                u.clone(),
-                (!want.is_empty()).then_some(UserPolicy { limits: want }),
-            ));
+            if want.limits != have.limits {
+                p.diff.push(format!(
+                    "~ user {u} limits: {} -> {}",
+                    limits_text(&have.limits),
+                    limits_text(&want.limits)
+                ));
+            }
+            if want.template != have.template {
+                let name = |t: &Option<TemplateName>| {
+                    t.as_ref()
+                        .map_or_else(|| "(none)".to_owned(), ToString::to_string)
+                };
+                p.diff.push(format!(
+                    "~ user {u} template: {} -> {}",
+                    name(&have.template),
+                    name(&want.template)
+                ));
+            }
+            p.changes
+                .push(Change::User(u.clone(), (!want.is_empty()).then_some(want)));
             p.affected.insert(u.clone());
         }
     }
@@ -369,14 +451,63 @@ groups:
     fn a_member_nobody_knows_is_refused() {
         let d = PolicyDoc::from_yaml("groups:\n  staff:\n    members: [ghost]\n").unwrap();
         let (limits, groups, default) = (BTreeMap::new(), BTreeMap::new(), Limits::default());
+        let templates = BTreeMap::new();
         let cur = Current {
             users: BTreeMap::new(),
             limits: &limits,
             groups: &groups,
             default: &default,
+            templates: &templates,
         };
         let e = plan(&d, &cur).unwrap_err();
         assert_eq!(e.field(), "groups.members");
         assert!(e.to_string().contains("ghost"), "{e}");
+    }
+
+    #[test]
+    fn templates_round_trip_and_a_user_naming_a_missing_one_is_refused() {
+        let with = format!(
+            "{FILE}templates:\n  guest:\n    bandwidth: 5mbit\n    limit: 2GB\n    period: daily\n"
+        )
+        .replace(
+            "      grace: 5%\n",
+            "      grace: 5%\n    template: guest\n",
+        );
+        let d = PolicyDoc::from_yaml(&with).unwrap();
+        assert_eq!(d.templates.len(), 1);
+        assert_eq!(
+            d.users
+                .values()
+                .next()
+                .unwrap()
+                .template
+                .as_ref()
+                .unwrap()
+                .as_str(),
+            "guest"
+        );
+        let again = PolicyDoc::from_yaml(&d.to_yaml()).unwrap();
+        assert_eq!(again, d);
+        assert_eq!(again.to_yaml(), d.to_yaml());
+        let (limits, groups, default) = (BTreeMap::new(), BTreeMap::new(), Limits::default());
+        let templates = BTreeMap::new();
+        let cur = Current {
+            users: BTreeMap::new(),
+            limits: &limits,
+            groups: &groups,
+            default: &default,
+            templates: &templates,
+        };
+        let p = plan(&d, &cur).unwrap();
+        assert!(
+            p.diff.iter().any(|l| l.starts_with("+ template guest")),
+            "{:?}",
+            p.diff
+        );
+        let bad = with.replace("    template: guest", "    template: ghost");
+        let e = plan(&PolicyDoc::from_yaml(&bad).unwrap(), &cur).unwrap_err();
+        assert_eq!(e.field(), "users.template");
+        let m = e.to_string();
+        assert!(m.contains("alice") && m.contains("ghost"), "{m}");
     }
 }

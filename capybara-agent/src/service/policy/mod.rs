@@ -9,10 +9,13 @@
 //!   pure functions of the time.
 //! - [`plane`]: the dataplane operations the policy needs.
 //! - [`doc`]: the declarative policy file (apply, export, diff).
+//! - [`template`]: quota templates (a named layer applied to users) and configuration
+//!   templates (named server settings, with built-ins); [`templates`] has their service calls.
 //!
 //! ## From a change to the kernel
-//! Every change (user limits, server default, a group's policy or members) runs under the
-//! service's writer lock: validate (a typed error naming the field, nothing changed) → one
+//! Every change (user limits, server default, a group's policy or members, a quota template or
+//! who has it, a configuration template applied) runs under the service's writer lock:
+//! validate (a typed error naming the field, nothing changed) → one
 //! synced store batch with the records **and the audit record** → update the in-memory cache →
 //! [`Service::apply_policy`] for every affected user, which is the one place that writes the
 //! kernel: for each device of the user, its rates (the bandwidth, both directions), its flow
@@ -61,6 +64,10 @@ pub mod engine;
 pub mod model;
 pub mod plane;
 pub mod resolve;
+pub mod template;
+mod templates;
+
+pub use templates::ConfigTemplateView;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -76,6 +83,7 @@ use self::{
     engine::Device,
     model::{ByteSize, Cap, GroupName, Limits, LimitsPatch, Period, Zone},
     resolve::{Effective, GroupLayer, Layers, QuotaPlan, resolve},
+    template::{QuotaTemplate, ServerSettings, TemplateName},
 };
 use super::{
     ServiceError,
@@ -105,6 +113,16 @@ pub struct GroupRecord {
 pub struct UserPolicy {
     /// The overrides.
     pub limits: Limits,
+    /// The quota template applied to the user (its template layer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<TemplateName>,
+}
+
+impl UserPolicy {
+    /// Whether the record says nothing (and need not be stored).
+    pub fn is_empty(&self) -> bool {
+        self.limits.is_empty() && self.template.is_none()
+    }
 }
 
 /// A bucket as stored: its id and the period start it was last reset for.
@@ -179,6 +197,10 @@ struct Cache {
     users: BTreeMap<UserName, UserPolicy>,
     groups: BTreeMap<GroupName, GroupRecord>,
     default: Limits,
+    /// Quota templates.
+    templates: BTreeMap<TemplateName, Limits>,
+    /// The server settings set by the last configuration template applied.
+    settings: ServerSettings,
     /// User → its groups.
     member_of: BTreeMap<UserName, BTreeSet<GroupName>>,
     /// The last effective policy applied per user (for the tick and `quota show`).
@@ -211,10 +233,16 @@ impl Cache {
                 shared_limit: g.shared_limit,
             })
             .collect();
+        let template = self
+            .users
+            .get(user)
+            .and_then(|u| u.template.as_ref())
+            .and_then(|t| self.templates.get_key_value(t))
+            .map(|(n, l)| (n.as_str(), l));
         resolve(&Layers {
             user: self.users.get(user).map(|u| &u.limits),
             groups,
-            template: None,
+            template,
             default: &self.default,
         })
     }
@@ -256,6 +284,12 @@ impl PolicyCell {
         for (_, u) in store.scan::<(UserName, UserPolicy)>(Cf::Policy, keys::POLICY_USERS)? {
             cache.users.insert(u.0, u.1);
         }
+        for (_, t) in store.scan::<QuotaTemplate>(Cf::Policy, keys::POLICY_QUOTA_TEMPLATES)? {
+            cache.templates.insert(t.name, t.limits);
+        }
+        cache.settings = store
+            .get(Cf::Policy, keys::POLICY_SETTINGS)?
+            .unwrap_or_default();
         for (_, g) in store.scan::<GroupRecord>(Cf::Groups, "")? {
             cache.groups.insert(g.name.clone(), g);
         }
@@ -306,6 +340,8 @@ enum Change {
     User(UserName, Option<UserPolicy>),
     Group(GroupName, Option<GroupRecord>),
     Default(Limits),
+    QuotaTemplate(TemplateName, Option<Limits>),
+    Settings(ServerSettings),
 }
 
 fn to_json<T: Serialize>(v: &T) -> Option<serde_json::Value> {
@@ -471,9 +507,19 @@ impl Service {
                 self.get_user_record(u)?;
                 let before = self.get_limits(target)?;
                 let after = before.patched(patch);
-                let rec = (!after.is_empty()).then(|| UserPolicy {
+                let template = self
+                    .policy
+                    .cache
+                    .read()
+                    .unwrap()
+                    .users
+                    .get(u)
+                    .and_then(|p| p.template.clone());
+                let rec = UserPolicy {
                     limits: after.clone(),
-                });
+                    template,
+                };
+                let rec = (!rec.is_empty()).then_some(rec);
                 self.policy_change(
                     actor,
                     "policy.user.set",
@@ -671,6 +717,10 @@ impl Service {
                     Change::User(u, _) => Change::User(u.clone(), c.users.get(u).cloned()),
                     Change::Group(g, _) => Change::Group(g.clone(), c.groups.get(g).cloned()),
                     Change::Default(_) => Change::Default(c.default.clone()),
+                    Change::QuotaTemplate(t, _) => {
+                        Change::QuotaTemplate(t.clone(), c.templates.get(t).cloned())
+                    }
+                    Change::Settings(_) => Change::Settings(c.settings.clone()),
                 })
                 .collect()
         };
@@ -715,6 +765,13 @@ impl Service {
                     c.groups.remove(&g);
                 }
                 Change::Default(l) => c.default = l,
+                Change::QuotaTemplate(t, Some(l)) => {
+                    c.templates.insert(t, l);
+                }
+                Change::QuotaTemplate(t, None) => {
+                    c.templates.remove(&t);
+                }
+                Change::Settings(st) => c.settings = st,
             }
         }
         c.index();
@@ -1118,13 +1175,16 @@ impl Service {
             users: users
                 .into_iter()
                 .map(|d| {
-                    let limits = c
-                        .users
-                        .get(&d.user.name)
-                        .map(|p| p.limits.clone())
-                        .unwrap_or_default();
+                    let p = c.users.get(&d.user.name).cloned().unwrap_or_default();
                     let devices = d.peers.into_iter().map(|p| p.device).collect();
-                    (d.user.name, doc::UserDoc { devices, limits })
+                    (
+                        d.user.name,
+                        doc::UserDoc {
+                            devices,
+                            limits: p.limits,
+                            template: p.template,
+                        },
+                    )
                 })
                 .collect(),
             groups: c
@@ -1141,6 +1201,7 @@ impl Service {
                     )
                 })
                 .collect(),
+            templates: c.templates.clone(),
         })
     }
 
@@ -1158,6 +1219,7 @@ impl Service {
                 limits: &c.users,
                 groups: &c.groups,
                 default: &c.default,
+                templates: &c.templates,
             },
         )?)
     }
@@ -1242,6 +1304,18 @@ fn stage(batch: &mut Batch, changes: &[Change]) -> Result<(), StoreError> {
             Change::Group(g, Some(r)) => batch.put(Cf::Groups, &keys::group(g.as_str()), r)?,
             Change::Group(g, None) => batch.delete(Cf::Groups, &keys::group(g.as_str())),
             Change::Default(l) => batch.put(Cf::Policy, keys::POLICY_DEFAULT, l)?,
+            Change::QuotaTemplate(t, Some(l)) => batch.put(
+                Cf::Policy,
+                &keys::policy_quota_template(t.as_str()),
+                &QuotaTemplate {
+                    name: t.clone(),
+                    limits: l.clone(),
+                },
+            )?,
+            Change::QuotaTemplate(t, None) => {
+                batch.delete(Cf::Policy, &keys::policy_quota_template(t.as_str()));
+            }
+            Change::Settings(st) => batch.put(Cf::Policy, keys::POLICY_SETTINGS, st)?,
         }
     }
     Ok(())

@@ -76,6 +76,24 @@ pub enum PolicyValueError {
         /// What the YAML parser said (it names the field path and quotes the value).
         reason: String,
     },
+    /// Not a log level.
+    #[error("invalid log level {input:?}: expected error, warn, info, debug or trace")]
+    LogLevel {
+        /// The input.
+        input: String,
+    },
+    /// Not a maximum age such as `90d`.
+    #[error("invalid age {input:?}: expected e.g. 90d, 12h")]
+    MaxAge {
+        /// The input.
+        input: String,
+    },
+    /// Not an IP address.
+    #[error("invalid address {input:?}: expected an IPv4 or IPv6 address")]
+    Address {
+        /// The input.
+        input: String,
+    },
     /// Not a positive whole number (or `unlimited`).
     #[error("invalid count {input:?}: expected a whole number from 1 to {max} or unlimited")]
     Count {

@@ -727,3 +727,302 @@ fn removed_devices_free_their_slot_and_leave_nothing_to_a_device_on_their_id() {
     f.svc.policy_on_connect(&key_of(stale), at(6)).unwrap();
     assert_eq!(gate(stale), Gate::Held(DropReason::GateDeviceLimit));
 }
+
+// ---- templates ------------------------------------------------------------------------------
+
+fn tn(n: &str) -> super::template::TemplateName {
+    super::template::TemplateName::parse("name", n).unwrap()
+}
+
+/// Everything a failed call must leave as it was: policy records, templates, audit, kernel.
+fn state_of(f: &Fixture) -> String {
+    format!(
+        "{:?}|{:?}|{:?}|{}|{:?}|{:?}",
+        f.svc
+            .store()
+            .scan::<serde_json::Value>(Cf::Policy, "")
+            .unwrap(),
+        f.svc.list_quota_templates(),
+        f.svc.list_config_templates().unwrap(),
+        audit_count(f),
+        f.plane.state().policy.writes,
+        f.plane.state().policy.rates,
+    )
+}
+
+#[test]
+fn a_quota_template_is_the_template_layer_and_survives_a_restart() {
+    let f = fixture();
+    let a = add(&f, "alice", &["laptop"]);
+    let b = add(&f, "bob", &["laptop"]);
+    f.svc
+        .set_limits(
+            &root(),
+            &LimitsTarget::Default,
+            &patch(|t| {
+                t.bandwidth = Some("100Mbps".into());
+                t.flows = Some("1000".into());
+            }),
+        )
+        .unwrap();
+    let t = f
+        .svc
+        .create_quota_template(
+            &root(),
+            &tn("guest"),
+            &patch(|t| {
+                t.bandwidth = Some("5Mbps".into());
+                t.limit = Some("2GB".into());
+                t.period = Some("daily".into());
+            }),
+            false,
+        )
+        .unwrap();
+    assert!(t.users.is_empty());
+    let audits = audit_count(&f);
+    f.svc
+        .apply_quota_template(&root(), Some(&tn("guest")), &[u("alice")])
+        .unwrap();
+    assert_eq!(audit_count(&f), audits + 1, "one audit record");
+    let s = f.plane.state().policy;
+    assert_eq!(s.rates.get(&a[0]), Some(&rate(5)), "the template's rate");
+    assert_eq!(
+        s.rates.get(&b[0]),
+        Some(&rate(100)),
+        "bob keeps the default"
+    );
+    assert!(s.assigned.contains_key(&a[0]), "alice has a bucket");
+    let rows = f.svc.explain_policy(&u("alice")).unwrap().explain();
+    let row = |n: &str| rows.iter().find(|r| r.field == n).unwrap().clone();
+    assert_eq!(row("bandwidth").source, "template:guest");
+    assert_eq!(row("period").source, "template:guest");
+    assert_eq!(row("flows").source, "default");
+    // A user override still beats the template; the template stays attached.
+    f.svc
+        .set_limits(
+            &root(),
+            &LimitsTarget::User(u("alice")),
+            &patch(|t| t.bandwidth = Some("7Mbps".into())),
+        )
+        .unwrap();
+    assert_eq!(f.plane.state().policy.rates.get(&a[0]), Some(&rate(7)));
+    assert_eq!(
+        f.svc.get_quota_template(&tn("guest")).unwrap().users,
+        [u("alice")]
+    );
+    // Replacing the template reaches its users.
+    f.svc
+        .create_quota_template(
+            &root(),
+            &tn("guest"),
+            &patch(|t| t.flows = Some("50".into())),
+            true,
+        )
+        .unwrap();
+    assert_eq!(f.plane.state().policy.flows.get(&a[0]), Some(&50));
+    // Restart: records come back from the store.
+    let Fixture {
+        dir,
+        plane,
+        tunnel,
+        svc,
+    } = f;
+    drop(svc);
+    let f = open(dir, plane, tunnel);
+    let rows = f.svc.explain_policy(&u("alice")).unwrap().explain();
+    assert_eq!(
+        rows.iter().find(|r| r.field == "flows").unwrap().source,
+        "template:guest"
+    );
+    // Delete is refused while applied, naming the user; detach, then delete.
+    let e = f
+        .svc
+        .delete_quota_template(&root(), &tn("guest"))
+        .unwrap_err();
+    assert!(
+        matches!(&e, ServiceError::InUse { users, .. } if users == "alice"),
+        "{e}"
+    );
+    f.svc
+        .apply_quota_template(&root(), None, &[u("alice")])
+        .unwrap();
+    assert_eq!(f.plane.state().policy.flows.get(&a[0]), Some(&1000));
+    f.svc.delete_quota_template(&root(), &tn("guest")).unwrap();
+    assert!(f.svc.list_quota_templates().is_empty());
+}
+
+#[test]
+fn bad_template_calls_change_nothing() {
+    let f = fixture();
+    add(&f, "alice", &["laptop"]);
+    f.svc
+        .create_quota_template(
+            &root(),
+            &tn("guest"),
+            &patch(|t| t.bandwidth = Some("5Mbps".into())),
+            false,
+        )
+        .unwrap();
+    let before = state_of(&f);
+    let e = f
+        .svc
+        .apply_quota_template(&root(), Some(&tn("ghost")), &[u("alice")])
+        .unwrap_err();
+    assert!(matches!(e, ServiceError::NotFound { .. }), "{e}");
+    let e = f
+        .svc
+        .apply_quota_template(&root(), Some(&tn("guest")), &[u("alice"), u("nobody")])
+        .unwrap_err();
+    assert!(
+        matches!(e, ServiceError::NotFound { what: "user", .. }),
+        "{e}"
+    );
+    let e = f
+        .svc
+        .create_quota_template(
+            &root(),
+            &tn("guest"),
+            &patch(|t| t.bandwidth = Some("1Mbps".into())),
+            false,
+        )
+        .unwrap_err();
+    assert!(matches!(e, ServiceError::AlreadyExists { .. }), "{e}");
+    let e = f
+        .svc
+        .create_quota_template(&root(), &tn("empty"), &patch(|_| {}), false)
+        .unwrap_err();
+    assert!(matches!(e, ServiceError::Invalid(_)), "{e}");
+    for n in ["strict", "current"] {
+        let e = f
+            .svc
+            .save_config_template(&root(), &tn(n), true)
+            .unwrap_err();
+        assert!(
+            matches!(&e, ServiceError::Invalid(v) if v.field() == "name"),
+            "{e}"
+        );
+        let e = f.svc.delete_config_template(&root(), &tn(n)).unwrap_err();
+        assert!(matches!(e, ServiceError::Invalid(_)), "{e}");
+    }
+    assert_eq!(state_of(&f), before, "nothing changed by the refusals");
+    let mut strict = f.svc.get_config_template(&tn("strict")).unwrap().template;
+    strict.description = "mine now".into();
+    let e = f
+        .svc
+        .import_config_template(&root(), strict.clone(), true)
+        .unwrap_err();
+    assert!(matches!(e, ServiceError::Invalid(_)), "{e}");
+    // A template needing a destination list that does not exist is refused whole.
+    strict.name = tn("needs-ads");
+    strict.blocklists = [crate::blocklist::ListName::parse("ads").unwrap()].into();
+    let after_import = {
+        f.svc
+            .import_config_template(&root(), strict.clone(), false)
+            .unwrap();
+        state_of(&f)
+    };
+    let e = f
+        .svc
+        .apply_config_template(&root(), &tn("needs-ads"))
+        .unwrap_err();
+    assert!(
+        matches!(e, ServiceError::NotFound { .. }) && e.to_string().contains("blocklists"),
+        "{e}"
+    );
+    let e = f
+        .svc
+        .import_config_template(&root(), strict, false)
+        .unwrap_err();
+    assert!(matches!(e, ServiceError::AlreadyExists { .. }), "{e}");
+    assert_eq!(
+        state_of(&f),
+        after_import,
+        "nothing changed by the refusals"
+    );
+    f.svc
+        .delete_config_template(&root(), &tn("needs-ads"))
+        .unwrap();
+    assert!(f.svc.get_config_template(&tn("needs-ads")).is_err());
+}
+
+#[test]
+fn a_config_template_sets_default_limits_dns_and_settings_atomically() {
+    let f = fixture();
+    let a = add(&f, "alice", &["laptop"]);
+    f.svc.set_listen_port(51820);
+    let audits = audit_count(&f);
+    let live = f.svc.apply_config_template(&root(), &tn("guest")).unwrap();
+    assert_eq!(audit_count(&f), audits + 1, "one audit record");
+    assert_eq!(live.template.limits.bandwidth.unwrap().to_string(), "5mbit");
+    assert_eq!(f.plane.state().policy.rates.get(&a[0]), Some(&rate(5)));
+    let rows = f.svc.explain_policy(&u("alice")).unwrap().explain();
+    assert_eq!(
+        rows.iter().find(|r| r.field == "bandwidth").unwrap().source,
+        "default"
+    );
+    // New client configs carry the template's DNS.
+    let cfg = f
+        .svc
+        .add_device(
+            &root(),
+            &u("alice"),
+            &DeviceName::parse("d", "phone").unwrap(),
+        )
+        .unwrap();
+    assert!(
+        cfg.wg_quick.contains("DNS = 1.1.1.1, 1.0.0.1"),
+        "{}",
+        cfg.wg_quick
+    );
+    // Save the live settings, change them, apply the saved copy: back where we were.
+    f.svc
+        .save_config_template(&root(), &tn("mine"), false)
+        .unwrap();
+    let saved = f.svc.get_config_template(&tn("mine")).unwrap();
+    assert!(!saved.builtin);
+    assert_eq!(saved.template.ports.listen_port, Some(51820));
+    assert!(
+        saved.notes.iter().any(|n| n.contains("listen_port")),
+        "{:?}",
+        saved.notes
+    );
+    f.svc.apply_config_template(&root(), &tn("strict")).unwrap();
+    assert_eq!(f.plane.state().policy.rates.get(&a[0]), Some(&rate(20)));
+    let current = f.svc.get_config_template(&tn("current")).unwrap();
+    assert!(current.template.security.mfa_required);
+    assert!(
+        current
+            .notes
+            .iter()
+            .any(|n| n.contains("mfa_required") && n.contains("not enforced")),
+        "{:?}",
+        current.notes
+    );
+    f.svc.apply_config_template(&root(), &tn("mine")).unwrap();
+    assert_eq!(f.plane.state().policy.rates.get(&a[0]), Some(&rate(5)));
+    // Export → import under a new name → export is identical but for the name.
+    let y = saved.template.to_yaml();
+    let mut t = super::template::ConfigTemplate::from_yaml(&y).unwrap();
+    t.name = tn("copy");
+    f.svc.import_config_template(&root(), t, false).unwrap();
+    let again = f.svc.get_config_template(&tn("copy")).unwrap().template;
+    assert_eq!(again.to_yaml(), y.replace("name: mine", "name: copy"));
+    // Settings survive a restart.
+    let Fixture {
+        dir,
+        plane,
+        tunnel,
+        svc,
+    } = f;
+    drop(svc);
+    let f = open(dir, plane, tunnel);
+    let cfg = f
+        .svc
+        .add_device(
+            &root(),
+            &u("alice"),
+            &DeviceName::parse("d", "tablet").unwrap(),
+        )
+        .unwrap();
+    assert!(cfg.wg_quick.contains("DNS = 1.1.1.1"), "{}", cfg.wg_quick);
+}
