@@ -385,6 +385,10 @@ pub fn write_plots(dir: &Path, figures: &[Figure]) -> Result<Vec<PathBuf>> {
             "nftables + tc HTB (1k peers)",
             "enforcement_mbps_nftables_tc_1k_peers",
         ),
+        (
+            "no enforcement (1k-peer rig)",
+            "enforcement_mbps_none_1k_peers",
+        ),
     ]
     .iter()
     .filter_map(|(l, n)| v(n).map(|y| ((*l).to_owned(), y)))
