@@ -643,12 +643,17 @@ impl Service {
         if let Some(s) = shared_limit {
             after.shared_limit = s.limit();
         }
+        // The audit record holds what this call changes, not the membership (10 000 names twice
+        // would make the record, and the synced write the caller waits for, 300 kB).
+        let policy_of = |g: &GroupRecord| {
+            to_json(&serde_json::json!({ "limits": g.limits, "shared_limit": g.shared_limit }))
+        };
         self.policy_change(
             actor,
             "group.policy",
             format!("group:{name}"),
-            to_json(&before),
-            to_json(&after),
+            policy_of(&before),
+            policy_of(&after),
             vec![Change::Group(name.clone(), Some(after.clone()))],
             after.members.iter().cloned().collect(),
         )?;
