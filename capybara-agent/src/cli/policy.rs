@@ -180,19 +180,9 @@ pub enum PolicyCmd {
     },
 }
 
-fn limits_line(l: &Limits) -> String {
-    let v = serde_json::to_value(l).unwrap_or_default();
-    let parts: Vec<String> = v
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
-        .collect();
-    if parts.is_empty() {
-        "-".into()
-    } else {
-        parts.join(" ")
-    }
+/// A policy layer on one table cell (`-` when empty).
+pub(super) fn limits_line(l: &Limits) -> String {
+    l.summary().unwrap_or_else(|| "-".into())
 }
 
 fn print_limits(cli: &Cli, who: &str, l: &Limits) {

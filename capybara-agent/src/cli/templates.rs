@@ -6,12 +6,16 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 
-use super::{Cli, CliError, connect, policy::LimitArgs, print_json, table::Table};
+use super::{
+    Cli, CliError, connect,
+    policy::{LimitArgs, limits_line},
+    print_json,
+    table::Table,
+};
 use crate::service::{
     domain::{UserName, ValidationError},
     policy::{
         ConfigTemplateView,
-        model::Limits,
         template::{CURRENT, ConfigTemplate, QuotaTemplateView, TemplateName, check_writable},
     },
 };
@@ -104,21 +108,6 @@ pub enum TemplateCmd {
         /// The template.
         name: String,
     },
-}
-
-fn limits_line(l: &Limits) -> String {
-    let v = serde_json::to_value(l).unwrap_or_default();
-    let parts: Vec<String> = v
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
-        .collect();
-    if parts.is_empty() {
-        "-".into()
-    } else {
-        parts.join(" ")
-    }
 }
 
 fn users_line(u: &[UserName]) -> String {

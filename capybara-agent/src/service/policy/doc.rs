@@ -143,18 +143,7 @@ pub(super) struct Plan {
 }
 
 fn limits_text(l: &Limits) -> String {
-    let v = serde_json::to_value(l).unwrap_or_default();
-    let parts: Vec<String> = v
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
-        .collect();
-    if parts.is_empty() {
-        "(none)".into()
-    } else {
-        parts.join(" ")
-    }
+    l.summary().unwrap_or_else(|| "(none)".into())
 }
 
 /// The current state as the planner sees it.

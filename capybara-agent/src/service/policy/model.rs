@@ -783,49 +783,74 @@ impl Limits {
     pub fn is_empty(&self) -> bool {
         *self == Limits::default()
     }
-}
 
-/// A group's name: the same rules as a user name.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct GroupName(String);
-
-impl GroupName {
-    /// Parses `s`, given in `field`.
-    pub fn parse(field: &'static str, s: &str) -> Result<GroupName, ValidationError> {
-        UserName::parse(field, s).map(|u| GroupName(u.as_str().to_owned()))
-    }
-
-    /// The name.
-    pub fn as_str(&self) -> &str {
-        &self.0
+    /// The set fields on one line, `field=value` separated by spaces, as written in policy
+    /// files; `None` when no field is set.
+    pub fn summary(&self) -> Option<String> {
+        let v = serde_json::to_value(self).unwrap_or_default();
+        let parts: Vec<String> = v
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+            .collect();
+        (!parts.is_empty()).then(|| parts.join(" "))
     }
 }
 
-impl TryFrom<String> for GroupName {
-    type Error = ValidationError;
-    fn try_from(s: String) -> Result<GroupName, ValidationError> {
-        GroupName::parse("group", &s)
-    }
-}
+/// A name type with the rules of a user name (`[a-z0-9._-]`, at most 32): groups and templates.
+macro_rules! name_type {
+    ($(#[$doc:meta])* $name:ident, $field:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
 
-impl From<GroupName> for String {
-    fn from(n: GroupName) -> String {
-        n.0
-    }
-}
+        impl $name {
+            /// Parses `s`, given in `field`.
+            pub fn parse(field: &'static str, s: &str) -> Result<$name, ValidationError> {
+                UserName::parse(field, s).map(|u| $name(u.as_str().to_owned()))
+            }
 
-impl fmt::Display for GroupName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+            /// The name.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
 
-impl fmt::Debug for GroupName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&self.0, f)
-    }
+        impl TryFrom<String> for $name {
+            type Error = ValidationError;
+            fn try_from(s: String) -> Result<$name, ValidationError> {
+                $name::parse($field, &s)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(n: $name) -> String {
+                n.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&self.0, f)
+            }
+        }
+    };
 }
+pub(super) use name_type;
+
+name_type!(
+    /// A group's name: the same rules as a user name.
+    GroupName,
+    "group"
+);
 
 #[cfg(test)]
 mod tests {

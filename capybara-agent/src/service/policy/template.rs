@@ -73,47 +73,11 @@ use crate::{
 /// no template may have it.
 pub const CURRENT: &str = "current";
 
-/// A template's name: the same rules as a user name (`[a-z0-9._-]`, at most 32).
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct TemplateName(String);
-
-impl TemplateName {
-    /// Parses `s`, given in `field`.
-    pub fn parse(field: &'static str, s: &str) -> Result<TemplateName, ValidationError> {
-        UserName::parse(field, s).map(|u| TemplateName(u.as_str().to_owned()))
-    }
-
-    /// The name.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl TryFrom<String> for TemplateName {
-    type Error = ValidationError;
-    fn try_from(s: String) -> Result<TemplateName, ValidationError> {
-        TemplateName::parse("template", &s)
-    }
-}
-
-impl From<TemplateName> for String {
-    fn from(n: TemplateName) -> String {
-        n.0
-    }
-}
-
-impl fmt::Display for TemplateName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for TemplateName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&self.0, f)
-    }
-}
+super::model::name_type!(
+    /// A template's name: the same rules as a user name (`[a-z0-9._-]`, at most 32).
+    TemplateName,
+    "template"
+);
 
 /// A quota template as stored (`policy/qtemplate/<name>`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
