@@ -14,6 +14,21 @@
 //!   packet of an address kept across the change is never unattributed.
 //! - An allowed IP belongs to at most one peer ([`DataplaneError::AddressInUse`]).
 //!
+//! The agent also keeps a copy of `CAPY_PEERS` (`PeerMaps::infos`, 4 MiB): it is the map's
+//! only writer, so reading a peer's gate, limits or classes costs no syscall, and writing a
+//! value the map already holds is skipped (`Dataplane::write_peer_info`). The start-up policy
+//! pass re-states every peer's gate and limits: at 100 000 peers that was 300 000 `bpf(2)`
+//! calls (read + write of the gate, read of the limits), now none for unchanged peers.
+//!
+//! ## Many peers at once
+//! [`Dataplane::set_peers`] (the agent's start-up) writes new peers with `BPF_MAP_UPDATE_BATCH`:
+//! counters zeroed, host routes, pool slots, activation — four steps of one syscall per
+//! 65 536 entries instead of six syscalls per peer, in the same order as `set_peer`. The range
+//! flags are kept from a count of range entries: recomputing them from every allowed IP after
+//! each `set_peer` made 100 000 of them quadratic. Measured (`agent_load`, 100 000 peers with
+//! one IPv4 and one IPv6 host route, a /14 pool): the dataplane's share of the start-up is
+//! ≈ 0.5 s, of which ≈ 0.3 s in the kernel's hash inserts.
+//!
 //! ## The IPv4 address pool
 //! [`Dataplane::set_peer_pool_v4`] names the tunnel's IPv4 address pool (up to a /12). Every
 //! IPv4 host route inside it also gets its slot in the array `CAPY_PEER_POOL4` (peer id + 1), and
@@ -374,8 +389,11 @@ impl Dataplane {
     /// batch's entries are removed again and the error returned. Re-setting an active peer
     /// with the allowed IPs it has writes nothing.
     pub fn set_peers(&mut self, peers: &[(PeerId, Vec<Cidr>)]) -> Result<()> {
-        let mut batch: Vec<(PeerId, BTreeSet<Cidr>)> = Vec::new();
+        let mut batch: Vec<(PeerId, BTreeSet<Cidr>)> = Vec::with_capacity(peers.len());
         let mut rest: Vec<&(PeerId, Vec<Cidr>)> = Vec::new();
+        self.peers
+            .owner
+            .reserve(peers.iter().map(|(_, a)| a.len()).sum());
         for p in peers {
             let (id, allowed) = p;
             let new: BTreeSet<Cidr> = allowed.iter().copied().collect();

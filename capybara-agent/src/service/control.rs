@@ -394,12 +394,18 @@ impl Service {
             .last_key(Cf::Audit)?
             .and_then(|k| keys::audit_seq(&k))
             .map_or(1, |s| s + 1);
+        let t = std::time::Instant::now();
         for (key, rec) in store.scan::<PeerRecord>(Cf::Peers, "")? {
             state.used_ids.insert(rec.peer.id);
             state.used_v4.insert(rec.peer.ipv4);
             state.pubkeys.insert(rec.peer.public_key, key.clone());
             state.peers.insert(key, rec);
         }
+        tracing::info!(
+            devices = state.peers.len(),
+            ms = t.elapsed().as_millis(),
+            "devices read from the store"
+        );
         let store_ref = store.clone();
         let svc = Service {
             store,
@@ -439,10 +445,18 @@ impl Service {
             plane.push((rec.peer.id, allowed.clone()));
             tunnel.push((rec.peer.public_key, allowed));
         }
+        let t = std::time::Instant::now();
         self.plane.set_peers(&plane)?;
         drop(plane);
+        let plane_ms = t.elapsed().as_millis();
+        let t = std::time::Instant::now();
         self.tunnel.add_peers(&tunnel)?;
-        tracing::info!(peers = st.peers.len(), "devices restored from the store");
+        tracing::info!(
+            peers = st.peers.len(),
+            plane_ms,
+            tunnel_ms = t.elapsed().as_millis(),
+            "devices restored from the store"
+        );
         Ok(())
     }
 

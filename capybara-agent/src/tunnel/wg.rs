@@ -9,7 +9,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, Mutex, RwLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, Instant, SystemTime},
@@ -260,6 +260,11 @@ struct Peer {
     rx_bytes: AtomicU64,
     /// WireGuard bytes sent to the peer.
     tx_bytes: AtomicU64,
+    /// The peer has had a `Tunn` (a handshake or a packet to encrypt): only such peers can
+    /// have timers, a session, a keepalive or a connection to lose, so the timer thread skips
+    /// the others without taking their lock (at 100 000 peers the 4 ticks a second were ≈ 5 %
+    /// of a core otherwise). Never cleared.
+    awake: AtomicBool,
     /// Everything a packet of this peer reads or changes.
     state: Mutex<PeerState>,
 }
@@ -468,8 +473,10 @@ impl Inner {
 
     /// The peer's `Tunn`, created now if it has none yet.
     fn tunn<'a>(&self, peer: &Peer, st: &'a mut PeerState) -> &'a mut Tunn {
-        st.tunn
-            .get_or_insert_with(|| self.new_tunn(&st.config, peer.index))
+        st.tunn.get_or_insert_with(|| {
+            peer.awake.store(true, Ordering::Relaxed);
+            self.new_tunn(&st.config, peer.index)
+        })
     }
 
     pub(super) fn peers(&self) -> Vec<PeerStatus> {
@@ -715,6 +722,7 @@ impl WgTunnel {
                 index: i,
                 rx_bytes: AtomicU64::new(0),
                 tx_bytes: AtomicU64::new(0),
+                awake: AtomicBool::new(false),
                 state: Mutex::new(PeerState {
                     tunn: None,
                     config: cfg.clone(),
@@ -1345,6 +1353,9 @@ fn timer_loop(inner: &Inner, stop: &std::io::PipeReader) {
         view.refresh(inner);
         let now = Instant::now();
         for peer in view.table.by_key.values() {
+            if !peer.awake.load(Ordering::Relaxed) {
+                continue;
+            }
             let mut st = peer.state.lock().unwrap_or_else(|p| p.into_inner());
             let endpoint = st.endpoint;
             // Without a `Tunn` there is no session or handshake whose timers could fire.

@@ -52,6 +52,10 @@ pub const AGENT_START_MS_EMPTY: &str = "agent_start_ms_empty";
 /// Spawn to ready with 100k peers, ms.
 pub const AGENT_START_MS_100K_PEERS: &str = "agent_start_ms_100k_peers";
 
+/// This module's name: `--filter agent_load` selects all of its figures (none of their names
+/// contains it).
+pub const GROUP: &str = "agent_load";
+
 /// Every figure of this module, in report order.
 pub const NAMES: &[&str] = &[
     AGENT_RSS_MB_100K_PEERS,
@@ -251,7 +255,7 @@ fn start_agent(bin: &Path, pins: &Path, data_dir: &Path, peers: u32, run: usize)
 
 /// Runs the agent start-up benchmarks when selected.
 pub fn run(sel: &Selection, pins: &Path, runs: usize) -> Result<Vec<Figure>> {
-    if !sel.wants_any(NAMES) {
+    if !NAMES.iter().any(|n| sel.wants_in(GROUP, n)) {
         return Ok(Vec::new());
     }
     let bin = agent_binary()?;
@@ -299,7 +303,10 @@ pub fn run(sel: &Selection, pins: &Path, runs: usize) -> Result<Vec<Figure>> {
             unit: "ms",
         },
     ];
-    Ok(figures.into_iter().filter(|f| sel.wants(f.name)).collect())
+    Ok(figures
+        .into_iter()
+        .filter(|f| sel.wants_in(GROUP, f.name))
+        .collect())
 }
 
 #[cfg(test)]

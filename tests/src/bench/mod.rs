@@ -239,6 +239,14 @@ impl Selection {
     pub fn wants_any(&self, names: &[&str]) -> bool {
         names.iter().any(|n| self.wants(n))
     }
+
+    /// [`Selection::wants`], where a filter equal to `group` (a benchmark module's name, e.g.
+    /// `agent_load`) also selects every figure of that module.
+    pub fn wants_in(&self, group: &str, name: &str) -> bool {
+        self.wants(name)
+            || (self.filter.as_deref() == Some(group)
+                && self.only.is_none_or(|o| o.contains(&name)))
+    }
 }
 
 /// The median of `values` (the mean of the middle two for an even count); NaN when empty.

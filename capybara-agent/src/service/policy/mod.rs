@@ -717,9 +717,14 @@ impl Service {
 
     /// Applies the effective policy of every user (agent start).
     pub fn reapply_policy(&self) -> Result<(), ServiceError> {
+        let t = std::time::Instant::now();
         let users = self.all_user_names()?;
         self.apply_policy(&users, true)?;
-        tracing::info!(users = users.len(), "policy applied to the kernel");
+        tracing::info!(
+            users = users.len(),
+            ms = t.elapsed().as_millis(),
+            "policy applied to the kernel"
+        );
         Ok(())
     }
 
