@@ -26,8 +26,9 @@
 //! 65 536 entries instead of six syscalls per peer, in the same order as `set_peer`. The range
 //! flags are kept from a count of range entries: recomputing them from every allowed IP after
 //! each `set_peer` made 100 000 of them quadratic. Measured (`agent_load`, 100 000 peers with
-//! one IPv4 and one IPv6 host route, a /14 pool): the dataplane's share of the start-up is
-//! ≈ 0.5 s, of which ≈ 0.3 s in the kernel's hash inserts.
+//! one IPv4 and one IPv6 host route, a /14 pool): `set_peers` takes ≈ 0.45 s (`plane_ms` in the
+//! agent's `devices restored from the store` log line: 441 ms), about two thirds of it in the
+//! kernel's hash inserts (`perf`), and the agent's copy of the allowed IPs ≈ 25 MiB.
 //!
 //! ## The IPv4 address pool
 //! [`Dataplane::set_peer_pool_v4`] names the tunnel's IPv4 address pool (up to a /12). Every

@@ -20,6 +20,52 @@
 //!   `agent_start_ms_100k_peers` are the raw start times.
 //! - `agent_rss_mb_100k_peers`: `VmRSS` of the ready agent (1 s after ready) with 100k peers, in
 //!   MiB; `agent_rss_mb_empty` the same with none.
+//!
+//! `cargo xtask bench --filter agent_load` runs this module alone (no figure's name contains
+//! `agent_load`; the filter names the module).
+//!
+//! ## Figures and what changed them
+//! `capybara-bench --filter agent_load` (3 starts each), AMD EPYC, 2 cores shared with other
+//! builds, Linux 6.18:
+//!
+//! | | before (main 4396222, load avg ≈ 7) | after (load avg ≈ 2.6) |
+//! |---|---:|---:|
+//! | `agent_start_ms_empty` | 1 201 ms | 767 ms (735–839) |
+//! | `agent_start_ms_100k_peers` | not ready after 120 s | 2 236 ms (2 083–2 640) |
+//! | `load_100k_peers_ms` (target < 3000) | — | **1 469 ms** |
+//! | `agent_rss_mb_empty` | 296 MiB | 42 MiB |
+//! | `agent_rss_mb_100k_peers` (target < 300) | 810 MiB at 120 s, growing | **194 MiB** |
+//!
+//! With the machine busier (load average 7.4) the same build gave 2 143 ms and 194 MiB. Where
+//! the 100k start's time goes now (one start, from the agent's log fields): reading the devices
+//! from the store 543 ms (RocksDB scan, JSON, the service's index), the dataplane 441 ms, the
+//! tunnel 107 ms, the start-up policy pass 616 ms. What was done, each measured on its own
+//! where it could be (details in the modules named):
+//! - Tunnel (`capybara_agent::tunnel`): one peer table for the whole batch instead of a copy
+//!   per peer (quadratic), and a boringtun `Tunn` only at a peer's first handshake (11 040 B and
+//!   an X25519 product each: 1.05 GiB and ≈ 17 s of CPU for 100k peers up front).
+//! - Dataplane (`capybara_agent::dataplane::peers`): new peers written with batch syscalls
+//!   (four per 65 536 peers instead of six per peer); range flags from a count instead of a
+//!   scan of every allowed IP per peer (quadratic); a copy of `CAPY_PEERS` so that the policy
+//!   pass reads gates and limits without syscalls and skips writes of unchanged values
+//!   (300 000 `bpf(2)` calls at start before).
+//! - Memory: the blocklists' DIR tables (2 × 128 MiB, resident in full as soon as mapped) are
+//!   mapped only while a generation is written or compared (`dataplane::lists`): 254 MiB of the
+//!   empty agent. The policy cache keeps the effective policy only of users the tick looks at
+//!   (an `Effective` is ≈ 450 B: ≈ 60 MiB of table at 100k users, plus its growth), store scans
+//!   bypass RocksDB's block cache (15 MiB of blocks read once, heaptrack), and the policy pass
+//!   lists user names without copying every device: together 298 → 195 MiB.
+//!
+//! What the 194 MiB are (`/proc/PID/status` and heaptrack, one start): 27 MiB of mapped files
+//! (the binary and libraries) and 171 MiB anonymous, of which 17 MiB are there without peers.
+//! The rest is three per-device indexes, each keyed the way its owner looks devices up — the
+//! tunnel's (≈ 45 MiB: 28 MiB of `Peer`s, its key, index and route tables), the service's
+//! (≈ 30 MiB: records by `user/device` with their strings, public keys, ids and addresses) and
+//! the dataplane's (≈ 30 MiB: allowed IPs per peer, their owners, the `PEERS` copy) — plus the
+//! policy's per-device state and what the allocator keeps of the start-up's temporaries. Not
+//! done: a device added at run time still copies the tunnel's peer table and the service
+//! still asks the dataplane for every peer to allocate an id (both O(peers) per add, not
+//! measured here); the store's records are JSON (most of the 543 ms).
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
