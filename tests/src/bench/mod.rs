@@ -416,4 +416,18 @@ mod tests {
         assert!(s.wants(XDP_GUARD_NS_1M));
         assert!(!s.wants(XDP_GUARD_NS_1K));
     }
+
+    #[test]
+    fn a_module_name_selects_the_module() {
+        let s = Selection::new(Some(agent_load::GROUP.into()));
+        assert!(!s.wants(AGENT_RSS_MB_100K_PEERS));
+        assert!(s.wants_in(agent_load::GROUP, AGENT_RSS_MB_100K_PEERS));
+        assert!(s.wants_in(agent_load::GROUP, LOAD_100K_PEERS_MS));
+        assert!(!s.wants_in("pipeline", AGENT_RSS_MB_100K_PEERS));
+        let s = Selection::new(Some("rss".into()));
+        assert!(s.wants_in(agent_load::GROUP, AGENT_RSS_MB_100K_PEERS));
+        assert!(!s.wants_in(agent_load::GROUP, LOAD_100K_PEERS_MS));
+        let quick = Selection::new(Some(agent_load::GROUP.into())).only(&[XDP_GUARD_NS_1K]);
+        assert!(!quick.wants_in(agent_load::GROUP, LOAD_100K_PEERS_MS));
+    }
 }
