@@ -25,18 +25,19 @@
 //! `agent_load`; the filter names the module).
 //!
 //! ## Figures and what changed them
-//! `capybara-bench --filter agent_load` (3 starts each), AMD EPYC, 2 cores shared with other
-//! builds, Linux 6.18:
+//! `cargo xtask bench --filter agent_load` (3 starts each, medians), AMD EPYC, 2 cores shared
+//! with other builds (their load average given), Linux 6.18:
 //!
-//! | | before (main 4396222, load avg ≈ 7) | after (load avg ≈ 2.6) |
-//! |---|---:|---:|
-//! | `agent_start_ms_empty` | 1 201 ms | 767 ms (735–839) |
-//! | `agent_start_ms_100k_peers` | not ready after 120 s | 2 236 ms (2 083–2 640) |
-//! | `load_100k_peers_ms` (target < 3000) | — | **1 469 ms** |
-//! | `agent_rss_mb_empty` | 296 MiB | 42 MiB |
-//! | `agent_rss_mb_100k_peers` (target < 300) | 810 MiB at 120 s, growing | **194 MiB** |
+//! | | before (main 4396222, load ≈ 7) | after, load ≈ 1.4 | load ≈ 2.6 | load ≈ 7.4 |
+//! |---|---:|---:|---:|---:|
+//! | `agent_start_ms_empty` | 1 201 ms | 509 ms | 767 ms | 1 246 ms |
+//! | `agent_start_ms_100k_peers` | not ready after 120 s | 1 378 ms | 2 236 ms | 3 389 ms |
+//! | `load_100k_peers_ms` (target < 3000) | — | **868 ms** | 1 469 ms | 2 143 ms |
+//! | `agent_rss_mb_empty` | 296 MiB | 42 MiB | 42 MiB | 42 MiB |
+//! | `agent_rss_mb_100k_peers` (target < 300) | 810 MiB at 120 s, growing | **194 MiB** | 194 MiB | 194 MiB |
 //!
-//! With the machine busier (load average 7.4) the same build gave 2 143 ms and 194 MiB. Where
+//! The time figures move with the machine's load (the three "after" columns are one build);
+//! the memory figures do not. Where
 //! the 100k start's time goes now (one start, from the agent's log fields): reading the devices
 //! from the store 543 ms (RocksDB scan, JSON, the service's index), the dataplane 441 ms, the
 //! tunnel 107 ms, the start-up policy pass 616 ms. What was done, each measured on its own
