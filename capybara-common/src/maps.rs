@@ -25,7 +25,9 @@
 //! | `FLOW_CNT` | mmapable array | 131 072 | 1 MiB (8 B per peer) |
 //! | `EVENTS` | ring buffer | 256 KiB | 256 KiB (4096 records of 64 B in flight) |
 //!
-//! The two DIR tables are the price of a lookup that does not grow with the list: 256 MiB in all.
+//! The two DIR tables are the price of a lookup that does not grow with the list: 256 MiB in all
+//! (kernel memory; the agent maps one 64 MiB generation only while writing or comparing it, see
+//! `capybara-agent/src/dataplane/lists.rs`).
 //! The hashes are not preallocated: preallocated, the two long-prefix hashes alone took 2 × 168 MiB
 //! and the peer hashes 44 MiB before a single entry existed (measured: 695 MiB for an empty
 //! agent, 374 MiB now, of which 2 × 32 MiB are the long-prefix hashes' bucket arrays). The price

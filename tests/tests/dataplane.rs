@@ -633,3 +633,133 @@ fn flow_limit_api_validates_and_keeps_the_rest_of_the_peer() {
     assert_eq!(dp.flow_limit(1).unwrap(), None);
     assert_eq!(dp.gate(1).unwrap(), Gate::Held(DropReason::GateMfaPending));
 }
+
+/// What the peer maps of the dataplane pinned in `dir` hold: `PEERS[0..16]`, the IPv4 and IPv6
+/// host routes (sorted), pool slots `0..16` and `PEER_STATS[id]` summed over the CPUs.
+type PeerMapsView = (
+    Vec<capybara_common::peer::PeerInfo>,
+    Vec<(u32, u32)>,
+    Vec<([u8; 16], u32)>,
+    Vec<u32>,
+    Vec<capybara_common::peer::PeerCounters>,
+);
+
+fn peer_maps(dir: &Path) -> PeerMapsView {
+    use aya::maps::HashMap;
+    use capybara_common::peer::{PeerCounters, PeerInfo};
+    let pin = |name: &str| MapData::from_pin(dir.join(name)).unwrap();
+    let infos: Array<MapData, PeerInfo> = Array::try_from(Map::Array(pin(names::PEERS))).unwrap();
+    let pool: Array<MapData, u32> = Array::try_from(Map::Array(pin(names::PEER_POOL_V4))).unwrap();
+    let v4: HashMap<MapData, u32, u32> =
+        HashMap::try_from(Map::HashMap(pin(names::PEER_V4))).unwrap();
+    let v6: HashMap<MapData, [u8; 16], u32> =
+        HashMap::try_from(Map::HashMap(pin(names::PEER_V6))).unwrap();
+    let stats: PerCpuArray<MapData, PeerCounters> =
+        PerCpuArray::try_from(Map::PerCpuArray(pin(names::PEER_STATS))).unwrap();
+    let mut v4: Vec<(u32, u32)> = v4.iter().map(Result::unwrap).collect();
+    v4.sort_unstable();
+    let mut v6: Vec<([u8; 16], u32)> = v6.iter().map(Result::unwrap).collect();
+    v6.sort_unstable();
+    (
+        (0..16).map(|i| infos.get(&i, 0).unwrap()).collect(),
+        v4,
+        v6,
+        (0..16).map(|i| pool.get(&i, 0).unwrap()).collect(),
+        (0..16)
+            .map(|i| {
+                stats
+                    .get(&i, 0)
+                    .unwrap()
+                    .iter()
+                    .fold(PeerCounters::default(), |a, c| PeerCounters {
+                        rx_packets: a.rx_packets + c.rx_packets,
+                        rx_bytes: a.rx_bytes + c.rx_bytes,
+                        tx_packets: a.tx_packets + c.tx_packets,
+                        tx_bytes: a.tx_bytes + c.tx_bytes,
+                    })
+            })
+            .collect(),
+    )
+}
+
+#[test]
+fn set_peers_writes_what_set_peer_writes_one_by_one() {
+    use capybara_common::peer::PeerCounters;
+    let dirs = [BpffsDir::new(), BpffsDir::new()];
+    let mut dps = dirs.each_ref().map(|d| open(d.path()));
+    let ncpu = aya::util::nr_cpus().unwrap();
+    for (dp, dir) in dps.iter_mut().zip(&dirs) {
+        dp.set_peer_pool_v4(Some("10.8.0.0/28".parse().unwrap()))
+            .unwrap();
+        dp.set_peer(7, &cidrs(&["10.8.0.7/32"])).unwrap();
+        dp.set_peer(9, &cidrs(&["10.8.0.9/32"])).unwrap();
+        dp.remove_peer(9).unwrap();
+        // Counters the kernel left for id 9: a peer re-using the id must start at zero.
+        let md = MapData::from_pin(dir.path().join(names::PEER_STATS)).unwrap();
+        let mut arr: PerCpuArray<MapData, PeerCounters> =
+            PerCpuArray::try_from(Map::PerCpuArray(md)).unwrap();
+        let left = PeerCounters {
+            rx_packets: 1,
+            rx_bytes: 100,
+            tx_packets: 2,
+            tx_bytes: 200,
+        };
+        arr.set(9, PerCpuValues::try_from(vec![left; ncpu]).unwrap(), 0)
+            .unwrap();
+    }
+    let batch = vec![
+        (1, cidrs(&["10.8.0.2/32", "fd00:8::2/128"])),
+        // A re-used id.
+        (9, cidrs(&["10.8.0.3/32", "fd00:8::3/128"])),
+        // An active peer changing its allowed IPs, with a range (not a batch write).
+        (7, cidrs(&["10.8.0.7/32", "10.9.0.0/24"])),
+        // Outside the pool.
+        (3, cidrs(&["192.168.5.5/32"])),
+        // The same peer again: the later entry wins, as with set_peer in order.
+        (
+            1,
+            cidrs(&["10.8.0.2/32", "fd00:8::2/128", "fd00:8::22/128"]),
+        ),
+    ];
+    let [one, all] = &mut dps;
+    for (id, allowed) in &batch {
+        one.set_peer(*id, allowed).unwrap();
+    }
+    all.set_peers(&batch).unwrap();
+    assert_eq!(all.peers(), one.peers());
+    assert_eq!(all.runtime_config().flags, one.runtime_config().flags);
+    let [a, b] = dirs.each_ref().map(|d| peer_maps(d.path()));
+    assert_eq!(b, a, "maps after set_peers vs set_peer one by one");
+    assert_eq!(b.4[9], PeerCounters::default(), "re-used id's counters");
+    assert_eq!(b.3[3], 10, "pool slot of 10.8.0.3 → peer 9 (id + 1)");
+
+    // Conflicts are refused: an address another peer has, two new peers with the same address.
+    let e = all.set_peers(&[(4, cidrs(&["10.8.0.2/32"]))]).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            DataplaneError::AddressInUse {
+                id: 4,
+                owner: 1,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = all
+        .set_peers(&[(5, cidrs(&["10.8.0.5/32"])), (6, cidrs(&["10.8.0.5/32"]))])
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            DataplaneError::AddressInUse {
+                id: 6,
+                owner: 5,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = all.set_peers(&[(1 << 20, Vec::new())]).unwrap_err();
+    assert!(matches!(e, DataplaneError::PeerIdOutOfRange { .. }), "{e}");
+}

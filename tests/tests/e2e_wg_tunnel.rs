@@ -572,3 +572,66 @@ fn preshared_keys_are_used_and_a_wrong_one_never_connects() {
     assert_eq!(dump.peer(&bad.wg.public_key()).latest_handshake, 0);
     assert!(dump.peer(&good.wg.public_key()).latest_handshake > 0);
 }
+
+#[test]
+fn peers_added_in_one_batch_connect_and_a_bad_batch_changes_nothing() {
+    let s = setup(84, 2, false);
+    // The two clients among a thousand other peers, added at once (as the agent does at start):
+    // none has a session yet, each gets one at its first handshake.
+    let mut batch: Vec<PeerConfig> = (0..1000u32)
+        .map(|i| PeerConfig {
+            public_key: PrivateKey::generate().public_key(),
+            preshared_key: None,
+            allowed_ips: vec![
+                format!("10.200.{}.{}/32", i / 250, i % 250 + 1)
+                    .parse()
+                    .unwrap(),
+            ],
+            persistent_keepalive: None,
+        })
+        .collect();
+    batch.insert(500, peer_config(&s.clients[0].wg, s.net, 2));
+    batch.push(peer_config(&s.clients[1].wg, s.net, 3));
+    s.tunnel.add_peers(batch).expect("add the batch");
+    assert_eq!(s.tunnel.peers().len(), 1002);
+    for c in &s.clients {
+        assert!(
+            ping_until(&c.ns, s.v4, WAIT),
+            "no ping through the tunnel from {}",
+            c.v4
+        );
+        assert!(s.tunnel.peer(&c.wg.public_key()).unwrap().connected);
+    }
+    traffic_both_ways(&s, &s.clients[1]);
+
+    // Refused batches change nothing: a key that is already a peer, the same new key twice, an
+    // allowed IP that another peer has.
+    let fresh = || PeerConfig {
+        public_key: PrivateKey::generate().public_key(),
+        preshared_key: None,
+        allowed_ips: vec!["10.201.0.1/32".parse().unwrap()],
+        persistent_keepalive: None,
+    };
+    let twice = fresh();
+    let mut taken = fresh();
+    taken.allowed_ips = vec![format!("{}/32", s.clients[0].v4).parse().unwrap()];
+    for (what, bad) in [
+        (
+            "an existing key",
+            vec![fresh(), peer_config(&s.clients[1].wg, s.net, 9)],
+        ),
+        ("a key twice", vec![twice.clone(), twice]),
+        ("a taken allowed IP", vec![fresh(), taken]),
+    ] {
+        assert!(s.tunnel.add_peers(bad).is_err(), "{what} was accepted");
+        assert_eq!(s.tunnel.peers().len(), 1002, "{what} changed the peers");
+    }
+    // The sessions still work.
+    for c in &s.clients {
+        assert!(
+            ping(&c.ns, s.v4),
+            "no ping from {} after the refusals",
+            c.v4
+        );
+    }
+}

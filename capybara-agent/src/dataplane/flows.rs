@@ -204,11 +204,7 @@ impl Dataplane {
     fn write_flow_limit(&mut self, id: PeerId, limit: u32) -> Result<()> {
         let mut info = self.active_peer_info(id)?;
         info.flow_limit = limit;
-        self.peers
-            .peers
-            .map
-            .set(id, info, 0)
-            .map_err(map_err(names::PEERS, "write flow limit"))?;
+        self.write_peer_info(id, info, "write flow limit")?;
         tracing::debug!(id, limit, "flow limit set");
         Ok(())
     }

@@ -191,11 +191,7 @@ impl Dataplane {
         if !self.peers.mirror.contains_key(&id) {
             return Err(DataplaneError::UnknownPeer { id });
         }
-        self.peers
-            .peers
-            .map
-            .get(&id, 0)
-            .map_err(map_err(names::PEERS, "read"))
+        Ok(self.peers.info(id))
     }
 
     /// Admits or holds active peer `id`: one update of its `PeerInfo` (flags kept). Validates
@@ -206,11 +202,7 @@ impl Dataplane {
         let mut info = self.active_peer_info(id)?;
         info.gate = g;
         info.deadline_ns = deadline_ns;
-        self.peers
-            .peers
-            .map
-            .set(id, info, 0)
-            .map_err(map_err(names::PEERS, "write gate"))?;
+        self.write_peer_info(id, info, "write gate")?;
         tracing::debug!(id, ?gate, deadline_ns, "gate set");
         Ok(())
     }

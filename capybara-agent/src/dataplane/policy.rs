@@ -9,12 +9,11 @@
 
 use capybara_common::{
     flow::MAX_FLOWS,
-    maps as names,
     peer::{MAX_PEERS, PeerId},
     quota::BucketId,
 };
 
-use super::{Dataplane, DataplaneError, Result, map_err, quota::check_bucket};
+use super::{Dataplane, DataplaneError, Result, quota::check_bucket};
 
 impl Dataplane {
     /// Sets active peer `id`'s flow limit (`None`: unlimited) and quota bucket (`None`: no
@@ -53,11 +52,7 @@ impl Dataplane {
         let clearing = info.flow_limit != 0 && flows == 0;
         info.flow_limit = flows;
         info.quota_bucket = quota;
-        self.peers
-            .peers
-            .map
-            .set(id, info, 0)
-            .map_err(map_err(names::PEERS, "write limits"))?;
+        self.write_peer_info(id, info, "write limits")?;
         if clearing {
             self.clear_flow_limit(id)?;
         }

@@ -232,11 +232,7 @@ impl Dataplane {
         };
         let mut info = self.active_peer_info(id)?;
         info.quota_bucket = b;
-        self.peers
-            .peers
-            .map
-            .set(id, info, 0)
-            .map_err(map_err(names::PEERS, "write quota bucket"))?;
+        self.write_peer_info(id, info, "write quota bucket")?;
         tracing::debug!(id, ?bucket, "quota bucket assigned");
         Ok(())
     }

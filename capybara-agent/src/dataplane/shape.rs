@@ -55,7 +55,7 @@ use capybara_common::{
 };
 
 use super::{
-    Dataplane, DataplaneError, Result, map_err, names,
+    Dataplane, DataplaneError, Result,
     netlink::{
         self, IFLA_IFNAME, IFLA_INFO_KIND, IFLA_LINKINFO, IFLA_MTU, Msg, NLM_F_CREATE, NLM_F_ECHO,
         NLM_F_EXCL, NLM_F_REPLACE, Netlink, RTM_DELLINK, RTM_DELTCLASS, RTM_GETLINK, RTM_GETTCLASS,
@@ -626,11 +626,7 @@ impl Dataplane {
             c.shape_ifindex = ifb;
             self.write_config(c)?;
         }
-        self.peers
-            .peers
-            .map
-            .set(id, info, 0)
-            .map_err(map_err(names::PEERS, "write rates"))
+        self.write_peer_info(id, info, "write rates")
     }
 
     /// Peer `id`'s rates as set (unlimited when never set).
@@ -676,23 +672,14 @@ impl Dataplane {
         }
         let ids: Vec<PeerId> = self.peers.mirror.keys().copied().collect();
         for id in ids {
-            let info: PeerInfo = self
-                .peers
-                .peers
-                .map
-                .get(&id, 0)
-                .map_err(map_err(names::PEERS, "read"))?;
+            let info = self.peers.info(id);
             if info.shape_tx != 0 || info.shape_rx != 0 {
                 let cleared = PeerInfo {
                     shape_tx: 0,
                     shape_rx: 0,
                     ..info
                 };
-                self.peers
-                    .peers
-                    .map
-                    .set(id, cleared, 0)
-                    .map_err(map_err(names::PEERS, "clear stale rates"))?;
+                self.write_peer_info(id, cleared, "clear stale rates")?;
             }
         }
         self.shaper = Some(Shaper::new(ifname, ifindex, self.config.tunnel_l2_hlen)?);

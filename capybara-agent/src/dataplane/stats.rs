@@ -3,6 +3,8 @@
 //! (`CAPY_PEER_STATS`). All are per-CPU arrays: the kernel increments its CPU's slot without
 //! atomics, the agent sums the CPUs when it reads (exact).
 
+use std::os::fd::AsFd as _;
+
 use aya::{
     Ebpf,
     maps::{MapData, PerCpuArray, PerCpuValues},
@@ -15,7 +17,7 @@ use capybara_common::{
     peer::{MAX_PEERS, PeerCounters, PeerDrops, PeerId, PeerStats},
 };
 
-use super::{Dataplane, DataplaneError, Owned, Result, map_err, take};
+use super::{Dataplane, DataplaneError, Owned, Result, map_err, sys, sys_err, take};
 
 /// The counter maps.
 pub(super) struct StatMaps {
@@ -59,6 +61,27 @@ pub(super) fn zero_slot<V: aya::Pod + Default>(
         }
     })?;
     map.set(index, zeros, 0).map_err(map_err(name, "zero slot"))
+}
+
+/// Zeroes slots `ids` of a per-CPU array on every CPU, with batch updates (one syscall per
+/// 4096 slots instead of one per slot); one by one where the kernel has no batch update.
+pub(super) fn zero_slots<V: aya::Pod + Default>(
+    map: &mut Owned<PerCpuArray<MapData, V>>,
+    name: &'static str,
+    ids: &[u32],
+) -> Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    // The kernel's per-CPU value: each CPU's copy rounded up to 8 bytes.
+    let zeros = vec![0u8; std::mem::size_of::<V>().next_multiple_of(8) * ncpus(name)?];
+    match sys::update_batch_same(map.fd.as_fd(), ids, &zeros) {
+        Ok(()) => Ok(()),
+        Err((0, e)) if sys::is_unsupported(&e) => ids
+            .iter()
+            .try_for_each(|&id| zero_slot(&mut map.map, name, id)),
+        Err((_, e)) => Err(sys_err(name, "batch zero")(e)),
+    }
 }
 
 /// Sums of the global verdict counters, one per slot (`COUNTER_SLOTS`).

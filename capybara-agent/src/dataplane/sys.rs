@@ -86,6 +86,34 @@ pub fn update_batch<K: Copy, V: Copy>(
     Ok(())
 }
 
+/// `BPF_MAP_UPDATE_BATCH` writing the same `value` (the map's whole value: for a per-CPU map,
+/// every CPU's copy, each rounded up to 8 bytes) to every key of `keys`. The value buffer is
+/// built once per chunk of 4096 keys, so the memory it takes does not grow with `keys`. On
+/// error, returns the number of elements written before it.
+pub fn update_batch_same<K: Copy>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    value: &[u8],
+) -> Result<(), (usize, io::Error)> {
+    const CHUNK: usize = 4096;
+    let values = value.repeat(CHUNK.min(keys.len()));
+    let mut done = 0;
+    for k in keys.chunks(CHUNK) {
+        let mut attr = BatchAttr {
+            keys: k.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: k.len() as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        match batch_call(BPF_MAP_UPDATE_BATCH, &mut attr) {
+            (_, None) => done += k.len(),
+            (n, Some(e)) => return Err((done + n as usize, e)),
+        }
+    }
+    Ok(())
+}
+
 /// `BPF_MAP_DELETE_BATCH`: deletes `keys`. On error, returns the number deleted before it.
 pub fn delete_batch<K: Copy>(map: BorrowedFd<'_>, keys: &[K]) -> Result<(), (usize, io::Error)> {
     let mut done = 0;
@@ -218,10 +246,22 @@ unsafe impl Sync for MmapArray {}
 
 impl MmapArray {
     /// Maps `entries` `u32` values of the array map `map` (which must be `BPF_F_MMAPABLE`).
+    ///
+    /// The kernel inserts every page of the mapping when it is made (`remap_vmalloc_range`),
+    /// so all of it counts in the process's resident memory (`RssFile`) from then on, touched
+    /// or not.
     pub fn new(map: BorrowedFd<'_>, entries: usize) -> io::Result<MmapArray> {
+        MmapArray::new_at(map, 0, entries)
+    }
+
+    /// Maps `entries` `u32` values of the array map `map` from value `first` on (the byte
+    /// offset `first * 4` must be a multiple of the page size).
+    pub fn new_at(map: BorrowedFd<'_>, first: usize, entries: usize) -> io::Result<MmapArray> {
         let len = entries * std::mem::size_of::<u32>();
+        let offset = libc::off_t::try_from(first * std::mem::size_of::<u32>())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: a fresh shared mapping of a file descriptor we borrow for the call; the kernel
-        // checks the length against the map's size and its mmapable flag.
+        // checks the offset and length against the map's size and its mmapable flag.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -229,7 +269,7 @@ impl MmapArray {
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 map.as_raw_fd(),
-                0,
+                offset,
             )
         };
         if p == libc::MAP_FAILED {

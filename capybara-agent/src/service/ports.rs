@@ -28,6 +28,13 @@ use crate::{
 pub trait Plane: super::policy::plane::PolicyPlane + Send + Sync {
     /// Adds or updates peer `id` with exactly these allowed IPs.
     fn set_peer(&self, id: PeerId, allowed: &[Cidr]) -> Result<(), DataplaneError>;
+    /// [`Plane::set_peer`] for many peers (agent start); the real dataplane writes new peers
+    /// with batch syscalls. The default sets them one by one.
+    fn set_peers(&self, peers: &[(PeerId, Vec<Cidr>)]) -> Result<(), DataplaneError> {
+        peers
+            .iter()
+            .try_for_each(|(id, allowed)| self.set_peer(*id, allowed))
+    }
     /// Removes peer `id`.
     fn remove_peer(&self, id: PeerId) -> Result<(), DataplaneError>;
     /// Active peers and their allowed IPs.
@@ -70,6 +77,9 @@ pub trait Plane: super::policy::plane::PolicyPlane + Send + Sync {
 impl Plane for Mutex<Dataplane> {
     fn set_peer(&self, id: PeerId, allowed: &[Cidr]) -> Result<(), DataplaneError> {
         self.lock().unwrap().set_peer(id, allowed).map(|_| ())
+    }
+    fn set_peers(&self, peers: &[(PeerId, Vec<Cidr>)]) -> Result<(), DataplaneError> {
+        self.lock().unwrap().set_peers(peers)
     }
     fn remove_peer(&self, id: PeerId) -> Result<(), DataplaneError> {
         self.lock().unwrap().remove_peer(id)
@@ -318,6 +328,13 @@ pub enum TunnelPortError {
 pub trait TunnelPort: Send + Sync {
     /// Adds (or updates) a peer with these allowed IPs, without disturbing other peers.
     fn add_peer(&self, key: PublicKey, allowed: &[Cidr]) -> Result<(), TunnelPortError>;
+    /// [`TunnelPort::add_peer`] for many peers (agent start): the real tunnel publishes one
+    /// peer table for the whole batch. The default adds them one by one.
+    fn add_peers(&self, peers: &[(PublicKey, Vec<Cidr>)]) -> Result<(), TunnelPortError> {
+        peers
+            .iter()
+            .try_for_each(|(key, allowed)| self.add_peer(*key, allowed))
+    }
     /// Removes a peer (its sessions end).
     fn remove_peer(&self, key: &PublicKey) -> Result<(), TunnelPortError>;
     /// Ends a peer's sessions now; the peer stays configured and may handshake again.

@@ -23,22 +23,38 @@ fn failed(op: &'static str) -> impl FnOnce(WgError) -> TunnelPortError {
     }
 }
 
-impl TunnelPort for WgTunnel {
-    fn add_peer(&self, k: domain::PublicKey, allowed: &[Cidr]) -> Result<(), TunnelPortError> {
-        let allowed_ips = allowed
+/// The tunnel's configuration of a peer the service adds.
+fn peer_config(k: &domain::PublicKey, allowed: &[Cidr]) -> PeerConfig {
+    PeerConfig {
+        public_key: key(k),
+        preshared_key: None,
+        allowed_ips: allowed
             .iter()
             .filter_map(|c| IpNet::new(c.addr(), c.prefix_len()).ok())
-            .collect();
-        let cfg = PeerConfig {
-            public_key: key(&k),
-            preshared_key: None,
-            allowed_ips,
-            persistent_keepalive: None,
-        };
+            .collect(),
+        persistent_keepalive: None,
+    }
+}
+
+impl TunnelPort for WgTunnel {
+    fn add_peer(&self, k: domain::PublicKey, allowed: &[Cidr]) -> Result<(), TunnelPortError> {
+        let cfg = peer_config(&k, allowed);
         match WgTunnel::add_peer(self, cfg.clone()) {
             Err(WgError::PeerExists { .. }) => self.update_peer(cfg).map_err(failed("add_peer")),
             r => r.map_err(failed("add_peer")),
         }
+    }
+
+    /// Peers the tunnel has are updated one by one; the others are added in one batch.
+    fn add_peers(&self, peers: &[(domain::PublicKey, Vec<Cidr>)]) -> Result<(), TunnelPortError> {
+        let (known, new): (Vec<_>, Vec<_>) = peers
+            .iter()
+            .map(|(k, allowed)| peer_config(k, allowed))
+            .partition(|cfg| self.has_peer(&cfg.public_key));
+        for cfg in known {
+            self.update_peer(cfg).map_err(failed("add_peer"))?;
+        }
+        WgTunnel::add_peers(self, new).map_err(failed("add_peer"))
     }
 
     fn remove_peer(&self, k: &domain::PublicKey) -> Result<(), TunnelPortError> {

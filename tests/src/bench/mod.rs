@@ -247,6 +247,14 @@ impl Selection {
     pub fn wants_any(&self, names: &[&str]) -> bool {
         names.iter().any(|n| self.wants(n))
     }
+
+    /// [`Selection::wants`], where a filter equal to `group` (a benchmark module's name, e.g.
+    /// `agent_load`) also selects every figure of that module.
+    pub fn wants_in(&self, group: &str, name: &str) -> bool {
+        self.wants(name)
+            || (self.filter.as_deref() == Some(group)
+                && self.only.is_none_or(|o| o.contains(&name)))
+    }
 }
 
 /// The median of `values` (the mean of the middle two for an even count); NaN when empty.
@@ -415,5 +423,19 @@ mod tests {
         let s = Selection::new(Some("1m".into())).only(&[XDP_GUARD_NS_1K, XDP_GUARD_NS_1M]);
         assert!(s.wants(XDP_GUARD_NS_1M));
         assert!(!s.wants(XDP_GUARD_NS_1K));
+    }
+
+    #[test]
+    fn a_module_name_selects_the_module() {
+        let s = Selection::new(Some(agent_load::GROUP.into()));
+        assert!(!s.wants(AGENT_RSS_MB_100K_PEERS));
+        assert!(s.wants_in(agent_load::GROUP, AGENT_RSS_MB_100K_PEERS));
+        assert!(s.wants_in(agent_load::GROUP, LOAD_100K_PEERS_MS));
+        assert!(!s.wants_in("pipeline", AGENT_RSS_MB_100K_PEERS));
+        let s = Selection::new(Some("rss".into()));
+        assert!(s.wants_in(agent_load::GROUP, AGENT_RSS_MB_100K_PEERS));
+        assert!(!s.wants_in(agent_load::GROUP, LOAD_100K_PEERS_MS));
+        let quick = Selection::new(Some(agent_load::GROUP.into())).only(&[XDP_GUARD_NS_1K]);
+        assert!(!quick.wants_in(agent_load::GROUP, LOAD_100K_PEERS_MS));
     }
 }

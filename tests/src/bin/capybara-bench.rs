@@ -107,7 +107,10 @@ fn main() -> Result<()> {
     if args.quick {
         sel = sel.only(QUICK);
     }
-    if !bench::ALL.iter().any(|n| sel.wants(n)) {
+    let agent_load = bench::agent_load::NAMES
+        .iter()
+        .any(|n| sel.wants_in(bench::agent_load::GROUP, n));
+    if !agent_load && !bench::ALL.iter().any(|n| sel.wants(n)) {
         bail!(
             "no benchmark matches --filter {:?}; the benchmarks are: {}",
             args.filter.as_deref().unwrap_or_default(),

@@ -88,7 +88,7 @@ use self::{
 use super::{
     ServiceError,
     control::Service,
-    domain::{Actor, Peer, PublicKey, UserName, ValidationError, unix_secs},
+    domain::{Actor, Peer, PublicKey, User, UserName, ValidationError, unix_secs},
 };
 use crate::{
     dataplane::PeerRates,
@@ -203,7 +203,9 @@ struct Cache {
     settings: ServerSettings,
     /// User → its groups.
     member_of: BTreeMap<UserName, BTreeSet<GroupName>>,
-    /// The last effective policy applied per user (for the tick and `quota show`).
+    /// The last effective policy applied, of the users the tick must look at
+    /// ([`Effective::is_timed`]); the others' is computed when needed. Keeping it for every
+    /// user cost 60 MiB at 100 000 users (an `Effective` is ≈ 450 B), for nothing the tick reads.
     effective: HashMap<UserName, Effective>,
 }
 
@@ -819,10 +821,12 @@ impl Service {
     }
 
     fn all_user_names(&self) -> Result<Vec<UserName>, ServiceError> {
+        // The store's users, not `list_users` (which copies every user's devices too).
         Ok(self
-            .list_users()?
+            .store
+            .scan::<User>(Cf::Users, "")?
             .into_iter()
-            .map(|d| d.user.name)
+            .map(|(_, u)| u.name)
             .collect())
     }
 
@@ -830,9 +834,14 @@ impl Service {
 
     /// Applies the effective policy of every user (agent start).
     pub fn reapply_policy(&self) -> Result<(), ServiceError> {
+        let t = std::time::Instant::now();
         let users = self.all_user_names()?;
         self.apply_policy(&users, true)?;
-        tracing::info!(users = users.len(), "policy applied to the kernel");
+        tracing::info!(
+            users = users.len(),
+            ms = t.elapsed().as_millis(),
+            "policy applied to the kernel"
+        );
         Ok(())
     }
 
@@ -848,7 +857,11 @@ impl Service {
             let mut c = self.policy.cache.write().unwrap();
             for u in users {
                 let e = c.effective(u);
-                c.effective.insert(u.clone(), e.clone());
+                if e.is_timed() {
+                    c.effective.insert(u.clone(), e.clone());
+                } else {
+                    c.effective.remove(u);
+                }
                 effs.push((u, e));
             }
         }
@@ -1087,9 +1100,7 @@ impl Service {
             .unwrap()
             .effective
             .iter()
-            .filter(|(_, e)| {
-                e.window.value.is_some() || e.time.value.is_some() || e.connections.value.is_some()
-            })
+            .filter(|(_, e)| e.is_timed())
             .map(|(u, e)| (u.clone(), e.clone()))
             .collect();
         let elapsed = {

@@ -145,6 +145,14 @@ pub struct Effective {
     pub quota: Sourced<QuotaPlan>,
 }
 
+impl Effective {
+    /// True if the policy tick decides this user's gates again every second: a window, a
+    /// daily online time or a device limit.
+    pub fn is_timed(&self) -> bool {
+        self.window.value.is_some() || self.time.value.is_some() || self.connections.value.is_some()
+    }
+}
+
 /// How permissive a limit is, for comparing groups' values (larger = more permissive).
 trait Permissive {
     fn key(&self) -> u64;
