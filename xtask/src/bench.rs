@@ -76,7 +76,9 @@ pub fn run(args: &Args) -> Result<()> {
         }
     }
 
-    // `agent_load` starts the agent binary, found next to the bench binary.
+    // `agent_load` starts the agent binary, found next to the bench binary. Both are built by one
+    // cargo invocation: built apart, the agent crate is compiled twice (once with the features
+    // the tests crate adds, once without), which cost 2 minutes of every run.
     exec::run(cmd("cargo").args([
         "build",
         "--release",
@@ -84,20 +86,13 @@ pub fn run(args: &Args) -> Result<()> {
         "capybara-agent",
         "--bin",
         "capybara-agent",
+        "-p",
+        PACKAGE,
+        "--bin",
+        BINARY,
     ]))?;
-    let mut command = cmd("cargo");
-    command
-        .args([
-            "run",
-            "--release",
-            "-p",
-            PACKAGE,
-            "--bin",
-            BINARY,
-            "--",
-            "--out",
-        ])
-        .arg(&out);
+    let mut command = cmd(exec::target_dir()?.join("release").join(BINARY));
+    command.arg("--out").arg(&out);
     if let Some(filter) = &args.filter {
         command.args(["--filter", filter]);
     }
