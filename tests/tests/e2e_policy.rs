@@ -179,6 +179,25 @@ impl Lab {
         i
     }
 
+    /// Users alice and bob with one connected device each (their client indexes), both in the
+    /// group `staff`.
+    fn alice_and_bob_in_staff(&mut self) -> (usize, usize, GroupName) {
+        let alice = self.user("alice", &["laptop"])[0];
+        let bob = self.user("bob", &["laptop"])[0];
+        for c in [alice, bob] {
+            assert!(
+                ping_until(&self.clients[c].ns, self.server_v4, WAIT),
+                "no ping through the tunnel"
+            );
+        }
+        let staff = GroupName::parse("group", "staff").unwrap();
+        self.svc.create_group(&root(), &staff).unwrap();
+        self.svc
+            .change_members(&root(), &staff, &[u("alice"), u("bob")], true)
+            .unwrap();
+        (alice, bob, staff)
+    }
+
     fn user(&mut self, name: &str, devices: &[&str]) -> Vec<usize> {
         let (_, cfg) = self
             .svc
@@ -227,19 +246,7 @@ fn assert_rate(bps: f64, rate: Rate, what: &str) {
 #[test]
 fn a_group_bandwidth_throttles_members_and_a_user_override_beats_it() {
     let mut lab = Lab::new(71, Duration::from_secs(180));
-    let alice = lab.user("alice", &["laptop"])[0];
-    let bob = lab.user("bob", &["laptop"])[0];
-    for c in [alice, bob] {
-        assert!(
-            ping_until(&lab.clients[c].ns, lab.server_v4, WAIT),
-            "no ping through the tunnel"
-        );
-    }
-    let staff = GroupName::parse("group", "staff").unwrap();
-    lab.svc.create_group(&root(), &staff).unwrap();
-    lab.svc
-        .change_members(&root(), &staff, &[u("alice"), u("bob")], true)
-        .unwrap();
+    let (alice, bob, staff) = lab.alice_and_bob_in_staff();
     lab.svc
         .set_group_policy(
             &root(),
@@ -372,19 +379,7 @@ fn a_shared_pool_runs_out_for_the_whole_group_at_once_and_a_reset_restores_it() 
     const LIMIT: u64 = 3_000_000;
     const SIZE: usize = 1000;
     let mut lab = Lab::new(85, Duration::from_secs(180));
-    let alice = lab.user("alice", &["laptop"])[0];
-    let bob = lab.user("bob", &["laptop"])[0];
-    for c in [alice, bob] {
-        assert!(
-            ping_until(&lab.clients[c].ns, lab.server_v4, WAIT),
-            "no ping through the tunnel"
-        );
-    }
-    let staff = GroupName::parse("group", "staff").unwrap();
-    lab.svc.create_group(&root(), &staff).unwrap();
-    lab.svc
-        .change_members(&root(), &staff, &[u("alice"), u("bob")], true)
-        .unwrap();
+    let (alice, bob, staff) = lab.alice_and_bob_in_staff();
     lab.svc
         .set_group_policy(
             &root(),

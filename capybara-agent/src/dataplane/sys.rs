@@ -69,21 +69,11 @@ pub fn update_batch<K: Copy, V: Copy>(
     values: &[V],
 ) -> Result<(), (usize, io::Error)> {
     assert_eq!(keys.len(), values.len());
-    let mut done = 0;
-    for (k, v) in keys.chunks(BATCH_CHUNK).zip(values.chunks(BATCH_CHUNK)) {
-        let mut attr = BatchAttr {
-            keys: k.as_ptr() as u64,
-            values: v.as_ptr() as u64,
-            count: k.len() as u32,
-            map_fd: map.as_raw_fd() as u32,
-            ..BatchAttr::default()
-        };
-        match batch_call(BPF_MAP_UPDATE_BATCH, &mut attr) {
-            (_, None) => done += k.len(),
-            (n, Some(e)) => return Err((done + n as usize, e)),
-        }
-    }
-    Ok(())
+    let chunks = values.chunks(BATCH_CHUNK);
+    let mut values = chunks.map(|v| v.as_ptr() as u64);
+    chunked(BPF_MAP_UPDATE_BATCH, map, keys, BATCH_CHUNK, || {
+        values.next().unwrap_or_default()
+    })
 }
 
 /// `BPF_MAP_UPDATE_BATCH` writing the same `value` (the map's whole value: for a per-CPU map,
@@ -97,34 +87,35 @@ pub fn update_batch_same<K: Copy>(
 ) -> Result<(), (usize, io::Error)> {
     const CHUNK: usize = 4096;
     let values = value.repeat(CHUNK.min(keys.len()));
-    let mut done = 0;
-    for k in keys.chunks(CHUNK) {
-        let mut attr = BatchAttr {
-            keys: k.as_ptr() as u64,
-            values: values.as_ptr() as u64,
-            count: k.len() as u32,
-            map_fd: map.as_raw_fd() as u32,
-            ..BatchAttr::default()
-        };
-        match batch_call(BPF_MAP_UPDATE_BATCH, &mut attr) {
-            (_, None) => done += k.len(),
-            (n, Some(e)) => return Err((done + n as usize, e)),
-        }
-    }
-    Ok(())
+    chunked(BPF_MAP_UPDATE_BATCH, map, keys, CHUNK, || {
+        values.as_ptr() as u64
+    })
 }
 
 /// `BPF_MAP_DELETE_BATCH`: deletes `keys`. On error, returns the number deleted before it.
 pub fn delete_batch<K: Copy>(map: BorrowedFd<'_>, keys: &[K]) -> Result<(), (usize, io::Error)> {
+    chunked(BPF_MAP_DELETE_BATCH, map, keys, BATCH_CHUNK, || 0)
+}
+
+/// Runs batch command `cmd` over `keys` in chunks of `chunk`, `values` giving each chunk's value
+/// buffer in turn (0 for none). On error, returns the number of elements done before it.
+fn chunked<K: Copy>(
+    cmd: libc::c_long,
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    chunk: usize,
+    mut values: impl FnMut() -> u64,
+) -> Result<(), (usize, io::Error)> {
     let mut done = 0;
-    for k in keys.chunks(BATCH_CHUNK) {
+    for k in keys.chunks(chunk) {
         let mut attr = BatchAttr {
             keys: k.as_ptr() as u64,
+            values: values(),
             count: k.len() as u32,
             map_fd: map.as_raw_fd() as u32,
             ..BatchAttr::default()
         };
-        match batch_call(BPF_MAP_DELETE_BATCH, &mut attr) {
+        match batch_call(cmd, &mut attr) {
             (_, None) => done += k.len(),
             (n, Some(e)) => return Err((done + n as usize, e)),
         }
