@@ -68,11 +68,30 @@ use capybara_common::{
 };
 use rand::{SeedableRng as _, rngs::StdRng, seq::SliceRandom as _};
 
+use super::floor::{ACCESSES, Floor};
 use super::{
     BenchPins, Figure, Selection, TC_PIPELINE_100K_OVER_10, TC_PIPELINE_NS_10_PEERS,
     TC_PIPELINE_NS_100K_PEERS, median,
 };
 use crate::{bpf::TEST_RUN_L2_HLEN, packets, progress};
+
+/// ns per packet of the floor program that only parses, 10 peers (see [`super::floor`]).
+pub const TC_FLOOR_PARSE_NS_10_PEERS: &str = "tc_floor_parse_ns_10_peers";
+/// The same, 100 000 peers.
+pub const TC_FLOOR_PARSE_NS_100K_PEERS: &str = "tc_floor_parse_ns_100k_peers";
+/// ns per packet of the floor program touching the peer's own line, 10 peers.
+pub const TC_FLOOR_LINE_NS_10_PEERS: &str = "tc_floor_line_ns_10_peers";
+/// The same, 100 000 peers.
+pub const TC_FLOOR_LINE_NS_100K_PEERS: &str = "tc_floor_line_ns_100k_peers";
+/// ns per packet of the floor program touching the peer's line, its quota bucket and its flow
+/// entry, 10 peers.
+pub const TC_FLOOR_3_LINES_NS_10_PEERS: &str = "tc_floor_3_lines_ns_10_peers";
+/// The same, 100 000 peers.
+pub const TC_FLOOR_3_LINES_NS_100K_PEERS: &str = "tc_floor_3_lines_ns_100k_peers";
+/// The best `tc_pipeline_100k_over_10` a pipeline as fast as ours at 10 peers can reach if it
+/// makes only the three floor accesses: (`tc_pipeline_ns_10_peers` + the three-line floor's
+/// growth from 10 to 100 000 peers) / `tc_pipeline_ns_10_peers`.
+pub const TC_PIPELINE_100K_OVER_10_FLOOR: &str = "tc_pipeline_100k_over_10_floor";
 
 /// `TC_ACT_REDIRECT` as the test run reports it.
 const TC_ACT_REDIRECT: u32 = 7;
@@ -169,20 +188,16 @@ fn shape_every_peer(ebpf: &mut Ebpf, n: u32) -> Result<()> {
 }
 
 impl Setup {
-    /// Runs one round of probes from `peers`; returns mean ns per packet.
-    fn round(&self, peers: &[u32]) -> Result<f64> {
+    /// Runs one round of probes from `peers` (their `frames`); returns mean ns per packet.
+    fn round(&self, peers: &[u32], frames: &[Vec<u8>]) -> Result<f64> {
         let prog: &SchedClassifier = self
             .ebpf
             .program(names::PROG_TC_INGRESS)
             .context("tc_ingress missing")?
             .try_into()?;
-        let frames: Vec<Vec<u8>> = peers
-            .iter()
-            .map(|&i| packets::eth_ip(&packets::udp4(peer_addr(i), PROBE_DST, 40000, 443, 100)))
-            .collect();
         let before = self.rx_packets(peers)?;
         let mut total = Duration::ZERO;
-        for f in &frames {
+        for f in frames {
             let r = prog
                 .test_run(TestRunOptions {
                     data_in: Some(f),
@@ -220,7 +235,15 @@ impl Setup {
     }
 }
 
-/// Runs the pipeline benchmarks the selection asks for.
+/// The probe frame of each of `peers`.
+fn frames(peers: &[u32]) -> Vec<Vec<u8>> {
+    peers
+        .iter()
+        .map(|&i| packets::eth_ip(&packets::udp4(peer_addr(i), PROBE_DST, 40000, 443, 100)))
+        .collect()
+}
+
+/// Runs the pipeline benchmarks the selection asks for, and the memory floor beside them.
 pub fn run(sel: &Selection, pins: &BenchPins, opts: PipelineOptions) -> Result<Vec<Figure>> {
     if !sel.wants_any(&[
         TC_PIPELINE_NS_10_PEERS,
@@ -230,6 +253,8 @@ pub fn run(sel: &Selection, pins: &BenchPins, opts: PipelineOptions) -> Result<V
         return Ok(Vec::new());
     }
     let setups = [setup(pins, 10)?, setup(pins, 100_000)?];
+    let base = u32::from(peer_addr(0));
+    let floors = [Floor::new(base, 10)?, Floor::new(base, 100_000)?];
     progress!(
         "pipeline: 10 and 100 000 peers set up (gate deadline, quota, 1k destination prefixes)"
     );
@@ -237,10 +262,16 @@ pub fn run(sel: &Selection, pins: &BenchPins, opts: PipelineOptions) -> Result<V
     // 10-peer one has them after its first ten probes anyway) and both figures are of packets
     // of established flows, not of flow creation.
     for s in &setups {
-        s.round(&(0..s.n).collect::<Vec<_>>())?;
+        let all: Vec<u32> = (0..s.n).collect();
+        s.round(&all, &frames(&all))?;
     }
     let mut rng = StdRng::seed_from_u64(11);
     let mut rounds: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    // Per peer count, per floor program (`floor::ACCESSES`), the rounds.
+    let mut floor_rounds = [
+        [(); ACCESSES.len()].map(|()| Vec::new()),
+        [(); ACCESSES.len()].map(|()| Vec::new()),
+    ];
     for r in 0..opts.rounds {
         for (k, s) in setups.iter().enumerate() {
             let mut peers: Vec<u32> = if s.n as usize > opts.probes {
@@ -255,33 +286,45 @@ pub fn run(sel: &Selection, pins: &BenchPins, opts: PipelineOptions) -> Result<V
                 (0..opts.probes as u32).map(|i| i % s.n).collect()
             };
             peers.shuffle(&mut rng);
-            let ns = s.round(&peers)?;
+            let frames = frames(&peers);
+            let ns = s.round(&peers, &frames)?;
             rounds[k].push(ns);
+            let floor = floors[k].round(&frames)?;
             progress!(
-                "pipeline: round {}/{}: {} peers {ns:.1} ns",
+                "pipeline: round {}/{}: {} peers {ns:.1} ns (floor: {})",
                 r + 1,
                 opts.rounds,
-                s.n
+                s.n,
+                floor
+                    .iter()
+                    .map(|f| format!("{f:.1}"))
+                    .collect::<Vec<_>>()
+                    .join("/")
             );
+            for (v, f) in floor_rounds[k].iter_mut().zip(floor) {
+                v.push(f);
+            }
         }
     }
     let small = median(&rounds[0]);
     let large = median(&rounds[1]);
+    let floor = floor_rounds.map(|per| per.map(|v| median(&v)));
+    let fig = |name, value, unit| Figure { name, value, unit };
+    let three = ACCESSES.len() - 1;
     Ok(vec![
-        Figure {
-            name: TC_PIPELINE_NS_10_PEERS,
-            value: small,
-            unit: "ns",
-        },
-        Figure {
-            name: TC_PIPELINE_NS_100K_PEERS,
-            value: large,
-            unit: "ns",
-        },
-        Figure {
-            name: TC_PIPELINE_100K_OVER_10,
-            value: large / small,
-            unit: "ratio",
-        },
+        fig(TC_PIPELINE_NS_10_PEERS, small, "ns"),
+        fig(TC_PIPELINE_NS_100K_PEERS, large, "ns"),
+        fig(TC_PIPELINE_100K_OVER_10, large / small, "ratio"),
+        fig(TC_FLOOR_PARSE_NS_10_PEERS, floor[0][0], "ns"),
+        fig(TC_FLOOR_PARSE_NS_100K_PEERS, floor[1][0], "ns"),
+        fig(TC_FLOOR_LINE_NS_10_PEERS, floor[0][1], "ns"),
+        fig(TC_FLOOR_LINE_NS_100K_PEERS, floor[1][1], "ns"),
+        fig(TC_FLOOR_3_LINES_NS_10_PEERS, floor[0][three], "ns"),
+        fig(TC_FLOOR_3_LINES_NS_100K_PEERS, floor[1][three], "ns"),
+        fig(
+            TC_PIPELINE_100K_OVER_10_FLOOR,
+            (small + floor[1][three] - floor[0][three]) / small,
+            "ratio",
+        ),
     ])
 }

@@ -317,21 +317,28 @@ pub fn write_plots(dir: &Path, figures: &[Figure]) -> Result<Vec<PathBuf>> {
         out.push(p);
     }
 
-    // Per-packet cost against peer count.
-    let pipeline: Vec<(f64, f64)> = [
-        (10.0, "tc_pipeline_ns_10_peers"),
-        (1e5, "tc_pipeline_ns_100k_peers"),
-    ]
-    .iter()
-    .filter_map(|(x, n)| v(n).map(|y| (*x, y)))
-    .collect();
+    // Per-packet cost against peer count, with the memory floor measured beside it.
+    let by_peers = |prefix: &str| -> Vec<(f64, f64)> {
+        [(10.0, "10_peers"), (1e5, "100k_peers")]
+            .iter()
+            .filter_map(|(x, n)| v(&format!("{prefix}{n}")).map(|y| (*x, y)))
+            .collect()
+    };
     if let Some(p) = line_plot(
         dir,
         "cost_vs_peer_count.svg",
         "Tunnel-device pipeline: per-packet cost against peer count",
         "peers",
         "ns per packet",
-        &[("TC pipeline".into(), pipeline)],
+        &[
+            ("TC pipeline".into(), by_peers("tc_pipeline_ns_")),
+            (
+                "floor: peer line + quota bucket + flow entry".into(),
+                by_peers("tc_floor_3_lines_ns_"),
+            ),
+            ("floor: peer line".into(), by_peers("tc_floor_line_ns_")),
+            ("floor: parse only".into(), by_peers("tc_floor_parse_ns_")),
+        ],
     )? {
         out.push(p);
     }
