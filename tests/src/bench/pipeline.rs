@@ -40,7 +40,7 @@
 //! peers; touching one cache line per peer already costs +150 ns on this KVM guest (cache and
 //! TLB misses), and the three lines any pipeline with a shared quota and a flow
 //! limit must touch cost +340 ns. `tc_pipeline_100k_over_10_floor` reports (our 10-peer figure
-//! + the three-line growth) / our 10-peer figure: 2.2–2.4, the best ratio a pipeline as fast as
+//! plus the three-line growth) / our 10-peer figure: 2.2–2.4, the best ratio a pipeline as fast as
 //! ours at 10 peers could reach. A faster warm pipeline makes the ratio worse, not better.
 //!
 //! Where our ≈ 500 ns above the floor go: the floor's one line per peer is, in the pipeline,
