@@ -3094,3 +3094,31 @@ fn pool_cases() -> Vec<Case> {
 fn peer_pool_table() {
     run_table(pool_cases());
 }
+
+/// The benchmark's memory-floor programs (`capybara_tests::bench::floor`) pass the verifier and
+/// make every access for a known peer; a probe from outside the peers is refused, so a floor
+/// figure can only come from programs that did all their lookups.
+#[test]
+fn floor_programs_make_every_access() {
+    use capybara_tests::bench::floor::{ACCESSES, Floor};
+    let first = Ipv4Addr::new(10, 0, 0, 1);
+    let frame = |i: u32| {
+        packets::eth_ip(&packets::udp4(
+            Ipv4Addr::from(u32::from(first) + i),
+            Ipv4Addr::new(192, 0, 2, 77),
+            40000,
+            443,
+            100,
+        ))
+    };
+    let floor = Floor::new(u32::from(first), 10).expect("floor programs load");
+    let ns = floor
+        .round(&(0..10).map(frame).collect::<Vec<_>>())
+        .expect("every probe of a known peer is OK");
+    assert_eq!(ns.len(), ACCESSES.len());
+    assert!(ns.iter().all(|n| *n > 0.0), "{ns:?}");
+    let err = floor
+        .round(&[frame(10)])
+        .expect_err("a probe from outside the peers is refused");
+    assert!(err.to_string().contains("returned 2"), "{err:#}");
+}
