@@ -4,10 +4,13 @@
 //!   dirs as RAII guards that clean up even on panic, and real UDP/TCP traffic between namespaces.
 //! - [`wg`]: wireguard-go / boringtun-cli interfaces driven by `wg`, the agent's tunnel in a
 //!   namespace, `wg show` parsed.
+//! - [`agent_proc`]: the agent's binaries built for a test and `capybara-agent` started in a
+//!   namespace until ready.
 //! - [`bpf`], [`packets`]: BPF_PROG_TEST_RUN fixtures and packet builders (shared with the
 //!   benchmarks).
 //! - [`bench`]: the benchmarks behind `cargo xtask bench` (binary `capybara-bench`).
 
+pub mod agent_proc;
 pub mod iperf;
 pub mod netns;
 pub mod traffic;

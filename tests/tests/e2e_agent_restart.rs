@@ -15,7 +15,7 @@ mod e2e_support;
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -31,6 +31,7 @@ use capybara_common::{
     peer::PeerStats,
 };
 use capybara_tests::{
+    agent_proc,
     netns::{BpffsDir, NetNs, VethPair, unique_name},
     traffic::{UDP4_OVERHEAD, send_udp},
 };
@@ -41,39 +42,6 @@ const PEER: u32 = 5;
 const PORT: u16 = 51820;
 const N: u64 = 100;
 const SIZE: usize = 200;
-
-/// Builds the agent binary (a no-op when it is up to date) and returns its path, next to this
-/// test's executable in the same target directory and profile.
-fn agent_binary() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<this test> → target/<profile>
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let target_dir = profile_dir.parent().expect("target dir");
-    let mut cmd = Command::new(&cargo);
-    cmd.args([
-        "build",
-        "--quiet",
-        "-p",
-        "capybara-agent",
-        "--bin",
-        "capybara-agent",
-    ])
-    .arg("--manifest-path")
-    .arg(&manifest)
-    .env("CARGO_TARGET_DIR", target_dir);
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
-    let status = cmd
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {cargo} to build capybara-agent: {e}"));
-    assert!(status.success(), "building capybara-agent failed: {status}");
-    let bin = profile_dir.join("capybara-agent");
-    assert!(bin.exists(), "{} missing after the build", bin.display());
-    bin
-}
 
 /// One running agent process; its pid is owned by the namespace guard (killed on drop).
 struct Agent {
@@ -91,9 +59,8 @@ fn start_agent(
     run: u32,
 ) -> Agent {
     let log = data.parent().unwrap().join(format!("agent-{run}.log"));
-    let out = std::fs::File::create(&log).expect("agent log");
-    let child = Command::new(bin)
-        .args(["--netns", ns.name(), "--uplink", uplink, "--tunnel", tunnel])
+    let mut cmd = Command::new(bin);
+    cmd.args(["--netns", ns.name(), "--uplink", uplink, "--tunnel", tunnel])
         .args([
             "--tunnel-ipv4",
             "10.81.0.1/24",
@@ -106,31 +73,9 @@ fn start_agent(
         .arg("--bpffs")
         .arg(pins)
         // No control socket: the host's `/run/capybara` belongs to a real agent, not a test.
-        .arg("--no-api-socket")
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-    let pid = ns.adopt(child);
-    let end = Instant::now() + Duration::from_secs(20);
-    loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.contains("capybara-agent ready") {
-            return Agent { pid, log };
-        }
-        assert!(
-            ns.is_running(pid),
-            "capybara-agent (run {run}) exited before it was ready:\n{text}"
-        );
-        assert!(
-            Instant::now() < end,
-            "capybara-agent (run {run}) not ready after 20 s:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        .arg("--no-api-socket");
+    let pid = agent_proc::start_agent(ns, cmd, &log, Duration::from_secs(20));
+    Agent { pid, log }
 }
 
 fn peer(dp: &Dataplane) -> PeerStats {
@@ -223,7 +168,7 @@ const PEER_ADDR: Ipv4Addr = Ipv4Addr::new(10, 81, 0, 2);
 
 #[test]
 fn sigkilled_agent_restarts_with_counters_intact_and_enforcement_never_lapses() {
-    let bin = agent_binary();
+    let bin = agent_proc::agent_crate_binary("capybara-agent");
     let pins = BpffsDir::new();
     let tmp = tempfile::tempdir().expect("temp dir");
     let data = tmp.path().join("data");

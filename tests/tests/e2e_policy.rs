@@ -44,7 +44,7 @@ use capybara_tests::{
     traffic::{UdpSink, send_udp, udp_overhead},
     wg::{Implementation, WgProcess, ping, ping_until, start_tunnel, tunnel_config},
 };
-use e2e_support::{WAIT, attach_tc, open_dataplane};
+use e2e_support::{WAIT, attach_tc, open_dataplane, quota_events};
 
 /// One client namespace with a wireguard-go interface set up from an agent-generated config.
 struct Client {
@@ -475,30 +475,14 @@ fn a_shared_pool_runs_out_for_the_whole_group_at_once_and_a_reset_restores_it() 
     }
 
     // The pool's thresholds once each, the exhaustion among them.
-    let seen: Vec<QuotaThreshold> = rt.block_on(async {
-        let mut out = Vec::new();
-        loop {
-            let wait = if out.len() < 3 {
-                WAIT
-            } else {
-                Duration::from_millis(500)
-            };
-            match tokio::time::timeout(wait, events.next()).await {
-                Ok(e) => {
-                    if let Event::Quota {
-                        bucket: b,
-                        threshold,
-                        ..
-                    } = e.expect("read an event")
-                        && b == bucket
-                    {
-                        out.push(threshold);
-                    }
-                }
-                Err(_) => return out,
-            }
-        }
-    });
+    let seen: Vec<QuotaThreshold> = rt
+        .block_on(quota_events(&mut events, Some(bucket)))
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Quota { threshold, .. } => Some(threshold),
+            _ => None,
+        })
+        .collect();
     assert_eq!(
         seen,
         [

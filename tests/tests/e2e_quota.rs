@@ -16,7 +16,7 @@ use std::{
 use capybara_agent::dataplane::{Event, QuotaThreshold};
 use capybara_common::drop::DropReason;
 use capybara_tests::traffic::{UdpSink, send_udp, udp_overhead};
-use e2e_support::{WAIT, tun_peer};
+use e2e_support::{WAIT, quota_events, tun_peer};
 
 const PEER: u32 = 3;
 const BUCKET: u32 = 11;
@@ -74,26 +74,7 @@ fn quota_drops_past_the_budget_warns_once_per_threshold_and_reset_restores() {
     );
 
     // Each threshold exactly once, in order, with the bucket's figures.
-    let quota_events: Vec<Event> = rt.block_on(async {
-        let mut out = Vec::new();
-        loop {
-            // Wait long for the three expected, briefly for any extra.
-            let wait = if out.len() < 3 {
-                WAIT
-            } else {
-                Duration::from_millis(500)
-            };
-            match tokio::time::timeout(wait, events.next()).await {
-                Ok(e) => {
-                    let e = e.expect("read an event");
-                    if matches!(e, Event::Quota { .. }) {
-                        out.push(e);
-                    }
-                }
-                Err(_) => return out,
-            }
-        }
-    });
+    let quota_events = rt.block_on(quota_events(&mut events, None));
     let summary: Vec<(QuotaThreshold, u32, u64, u32, u32)> = quota_events
         .iter()
         .map(|e| match *e {

@@ -35,12 +35,13 @@ mod api_support;
 use std::{
     net::{IpAddr, Ipv4Addr},
     path::PathBuf,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use api_support::agent_crate_binary;
 use capybara_tests::{
+    agent_proc,
     iperf::{self, IperfTcp},
     netns::{BpffsDir, NetNs, VethPair, unique_name},
     traffic::send_udp,
@@ -96,51 +97,30 @@ impl Lab {
     /// guard (killed on drop).
     fn start_agent(&self, run: u32, extra: &[&str]) -> u32 {
         let log = self.tmp.path().join(format!("agent-{run}.log"));
-        let out = std::fs::File::create(&log).expect("agent log");
         let data = self.tmp.path().join("data");
         let uapi = self.tmp.path().join("wg");
-        let child = Command::new(&self.bin)
-            .args([
-                "--netns",
-                self.server.name(),
-                "--uplink",
-                &self.veth.a.ifname,
-            ])
-            .args(["--tunnel", &self.tunnel])
-            .args(["--tunnel-ipv4", &format!("{}/24", self.server_v4)])
-            .args(["--tunnel-ipv6", &format!("fd00:{:x}::1/64", self.net)])
-            .args(["--listen-port", &PORT.to_string()])
-            .args(["--public-endpoint", &format!("{}:{PORT}", self.veth.a.v4)])
-            .arg("--data-dir")
-            .arg(&data)
-            .arg("--bpffs")
-            .arg(self.pins.path())
-            .arg("--wg-uapi-dir")
-            .arg(&uapi)
-            .arg("--api-socket")
-            .arg(self.socket())
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()));
-        let pid = self.server.adopt(child);
-        let end = Instant::now() + Duration::from_secs(30);
-        loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if text.contains("capybara-agent ready") {
-                return pid;
-            }
-            assert!(
-                self.server.is_running(pid),
-                "capybara-agent exited before it was ready:\n{text}"
-            );
-            assert!(Instant::now() < end, "agent not ready after 30 s:\n{text}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let mut cmd = Command::new(&self.bin);
+        cmd.args([
+            "--netns",
+            self.server.name(),
+            "--uplink",
+            &self.veth.a.ifname,
+        ])
+        .args(["--tunnel", &self.tunnel])
+        .args(["--tunnel-ipv4", &format!("{}/24", self.server_v4)])
+        .args(["--tunnel-ipv6", &format!("fd00:{:x}::1/64", self.net)])
+        .args(["--listen-port", &PORT.to_string()])
+        .args(["--public-endpoint", &format!("{}:{PORT}", self.veth.a.v4)])
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--bpffs")
+        .arg(self.pins.path())
+        .arg("--wg-uapi-dir")
+        .arg(&uapi)
+        .arg("--api-socket")
+        .arg(self.socket())
+        .args(extra);
+        agent_proc::start_agent(&self.server, cmd, &log, Duration::from_secs(30))
     }
 
     fn log(&self, run: u32) -> String {

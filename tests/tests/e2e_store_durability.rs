@@ -18,7 +18,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -28,7 +28,10 @@ use capybara_agent::{
     api::client::{Client, Endpoint},
     net::Cidr,
 };
-use capybara_tests::netns::{BpffsDir, NetNs, unique_name};
+use capybara_tests::{
+    agent_proc,
+    netns::{BpffsDir, NetNs, unique_name},
+};
 use e2e_support::open_dataplane;
 use nix::sys::signal::Signal;
 
@@ -46,9 +49,8 @@ fn start_agent(
     run: u32,
 ) -> u32 {
     let log = data.parent().unwrap().join(format!("agent-{run}.log"));
-    let out = std::fs::File::create(&log).expect("agent log");
-    let child = Command::new(bin)
-        .args(["--netns", ns.name(), "--tunnel", tunnel])
+    let mut cmd = Command::new(bin);
+    cmd.args(["--netns", ns.name(), "--tunnel", tunnel])
         .args([
             "--tunnel-ipv4",
             "10.83.0.1/20",
@@ -62,31 +64,8 @@ fn start_agent(
         .arg(pins)
         .arg("--api-socket")
         .arg(socket)
-        .args(["--public-endpoint", "192.0.2.1:51820"])
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-    let pid = ns.adopt(child);
-    let end = Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.contains("capybara-agent ready") {
-            return pid;
-        }
-        assert!(
-            ns.is_running(pid),
-            "capybara-agent (run {run}) exited before it was ready:\n{text}"
-        );
-        assert!(
-            Instant::now() < end,
-            "capybara-agent (run {run}) not ready after 30 s:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        .args(["--public-endpoint", "192.0.2.1:51820"]);
+    agent_proc::start_agent(ns, cmd, &log, Duration::from_secs(30))
 }
 
 fn name(i: usize) -> String {

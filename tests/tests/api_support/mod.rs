@@ -167,32 +167,7 @@ impl Drop for TestApi {
     }
 }
 
-/// Builds a binary of the agent crate (a no-op when it is up to date) and returns its path,
-/// next to this test's executable in the same target directory and profile.
-pub fn agent_crate_binary(name: &str) -> PathBuf {
-    use std::path::Path;
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<this test> → target/<profile>
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let target_dir = profile_dir.parent().expect("target dir");
-    let mut cmd = std::process::Command::new(&cargo);
-    cmd.args(["build", "--quiet", "-p", "capybara-agent", "--bin", name])
-        .arg("--manifest-path")
-        .arg(&manifest)
-        .env("CARGO_TARGET_DIR", target_dir);
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
-    let status = cmd
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {cargo} to build {name}: {e}"));
-    assert!(status.success(), "building {name} failed: {status}");
-    let bin = profile_dir.join(name);
-    assert!(bin.exists(), "{} missing after the build", bin.display());
-    bin
-}
+pub use capybara_tests::agent_proc::agent_crate_binary;
 
 /// The `capybara` binary, run with fixed leading arguments (how to reach the agent).
 pub struct Cli {

@@ -12,10 +12,10 @@ use std::net::IpAddr;
 
 use capybara_agent::{
     blocklist::{Direction, ListName},
-    dataplane::{Dataplane, DataplaneConfig},
+    dataplane::{Dataplane, DataplaneConfig, Event, EventStream},
     net::Cidr,
 };
-use capybara_common::peer::PeerId;
+use capybara_common::{peer::PeerId, quota::BucketId};
 use capybara_tests::{
     netns::{BpffsDir, NetNs},
     tunwire::TunWire,
@@ -101,5 +101,29 @@ pub fn tun_peer(net: u8, peer: PeerId) -> TunPeer {
         b,
         a,
         _pins: pins,
+    }
+}
+
+/// The quota events `events` delivers (of `bucket` only, when given): waits up to [`WAIT`] for
+/// each of the first three (80, 90, 100 %), then 500 ms for any extra, so that a duplicate shows.
+pub async fn quota_events(events: &mut EventStream, bucket: Option<BucketId>) -> Vec<Event> {
+    let mut out = Vec::new();
+    loop {
+        let wait = if out.len() < 3 {
+            WAIT
+        } else {
+            Duration::from_millis(500)
+        };
+        match tokio::time::timeout(wait, events.next()).await {
+            Ok(e) => {
+                let e = e.expect("read an event");
+                if let Event::Quota { bucket: b, .. } = e
+                    && bucket.is_none_or(|want| want == b)
+                {
+                    out.push(e);
+                }
+            }
+            Err(_) => return out,
+        }
     }
 }

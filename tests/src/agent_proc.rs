@@ -1,0 +1,71 @@
+//! The agent's binaries as processes in end-to-end tests: building them next to the test's own
+//! executable, and starting `capybara-agent` in a namespace until it logs that it is ready.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::netns::NetNs;
+
+/// Builds a binary of the agent crate (a no-op when it is up to date) and returns its path,
+/// next to this test's executable in the same target directory and profile.
+pub fn agent_crate_binary(name: &str) -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<this test> → target/<profile>
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let target_dir = profile_dir.parent().expect("target dir");
+    let mut cmd = Command::new(&cargo);
+    cmd.args(["build", "--quiet", "-p", "capybara-agent", "--bin", name])
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .env("CARGO_TARGET_DIR", target_dir);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {cargo} to build {name}: {e}"));
+    assert!(status.success(), "building {name} failed: {status}");
+    let bin = profile_dir.join(name);
+    assert!(bin.exists(), "{} missing after the build", bin.display());
+    bin
+}
+
+/// Starts `cmd` (a `capybara-agent` command line) with `RUST_LOG=info` and its output in `log`,
+/// hands the process to `ns` (killed when the namespace guard drops), and waits until it logs
+/// "capybara-agent ready". Panics with the log when it exits first or is not ready within
+/// `ready_within`. Returns its pid.
+pub fn start_agent(ns: &NetNs, mut cmd: Command, log: &Path, ready_within: Duration) -> u32 {
+    let out = std::fs::File::create(log).expect("agent log");
+    let child = cmd
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("agent log"))
+        .stderr(out)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program()));
+    let pid = ns.adopt(child);
+    let end = Instant::now() + ready_within;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains("capybara-agent ready") {
+            return pid;
+        }
+        assert!(
+            ns.is_running(pid),
+            "capybara-agent ({}) exited before it was ready:\n{text}",
+            log.display()
+        );
+        assert!(
+            Instant::now() < end,
+            "capybara-agent ({}) not ready after {ready_within:?}:\n{text}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
