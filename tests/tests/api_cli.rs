@@ -6,7 +6,8 @@ mod api_support;
 
 use std::path::PathBuf;
 
-use api_support::{Cli, TestApi, agent_crate_binary};
+use api_support::{Cli, TestApi};
+use capybara_tests::agent_proc::agent_crate_binary;
 
 /// [`Cli::fails`], and the line is the CLI's `error: …` form.
 fn fails(cli: &Cli, code: i32, args: &[&str], needle: &str) {

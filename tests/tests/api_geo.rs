@@ -6,11 +6,12 @@ mod api_support;
 
 use std::sync::Arc;
 
-use api_support::{TestApi, agent_crate_binary};
+use api_support::TestApi;
 use capybara_agent::{
     api::client::code,
     geo::{GeoDb, mmdb_writer::MmdbWriter},
 };
+use capybara_tests::agent_proc::agent_crate_binary;
 use tonic::Code;
 
 fn db() -> Arc<GeoDb> {

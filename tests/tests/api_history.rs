@@ -16,7 +16,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use api_support::{Cli, TestApi, agent_crate_binary};
+use api_support::{Cli, TestApi};
 use capybara_agent::{
     api::{self, Listeners, client::code},
     service::{
@@ -28,6 +28,7 @@ use capybara_agent::{
     store::Store,
 };
 use capybara_common::peer::PeerStats;
+use capybara_tests::agent_proc::agent_crate_binary;
 use tonic::Code;
 
 fn root() -> Actor {

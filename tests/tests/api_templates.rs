@@ -8,13 +8,14 @@ mod api_support;
 
 use std::path::PathBuf;
 
-use api_support::{Cli, TestApi, agent_crate_binary};
+use api_support::{Cli, TestApi};
 use capybara_agent::{
     api::client::{Client, ClientError},
     dataplane::PeerRates,
     service::{domain::Scope, policy::model::LimitsText},
     units::Rate,
 };
+use capybara_tests::agent_proc::agent_crate_binary;
 use tonic::Code;
 
 fn start() -> (tokio::runtime::Runtime, TestApi, PathBuf) {

@@ -6,7 +6,7 @@ mod api_support;
 
 use std::{path::Path, process::Command};
 
-use api_support::{TestApi, agent_crate_binary};
+use api_support::TestApi;
 use capybara_agent::{
     api::{
         TlsIdentity,
@@ -14,6 +14,7 @@ use capybara_agent::{
     },
     service::domain::Scope,
 };
+use capybara_tests::agent_proc::agent_crate_binary;
 
 fn openssl(args: &[&str], dir: &Path) {
     let out = Command::new("openssl")

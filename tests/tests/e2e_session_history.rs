@@ -30,8 +30,6 @@
 //! (`history search --ip`), and a session left open by a SIGKILLed agent closed as
 //! `agent-stopped` by the next start.
 
-mod api_support;
-
 use std::{
     net::{IpAddr, Ipv4Addr},
     path::PathBuf,
@@ -39,7 +37,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use api_support::agent_crate_binary;
+use capybara_tests::agent_proc::agent_crate_binary;
 use capybara_tests::{
     agent_proc,
     iperf::{self, IperfTcp},

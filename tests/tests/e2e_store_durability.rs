@@ -11,7 +11,6 @@
 //! Creations that were in flight at the kill may or may not be there; if they are, they are
 //! whole.
 
-mod api_support;
 mod e2e_support;
 
 use std::{
@@ -23,11 +22,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use api_support::agent_crate_binary;
 use capybara_agent::{
     api::client::{Client, Endpoint},
     net::Cidr,
 };
+use capybara_tests::agent_proc::agent_crate_binary;
 use capybara_tests::{
     agent_proc,
     netns::{BpffsDir, NetNs, unique_name},

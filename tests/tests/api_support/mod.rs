@@ -167,8 +167,6 @@ impl Drop for TestApi {
     }
 }
 
-pub use capybara_tests::agent_proc::agent_crate_binary;
-
 /// The `capybara` binary, run with fixed leading arguments (how to reach the agent).
 pub struct Cli {
     pub bin: PathBuf,
