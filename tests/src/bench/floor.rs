@@ -12,10 +12,12 @@
 //! 2. a 64-byte quota bucket shared by ten peers, in an array of [`MAX_QUOTA_BUCKETS`] (atomic
 //!    add): a shared budget cannot live in the peer's line;
 //! 3. the probe's flow entry in a hash of [`MAX_FLOWS`] (`BPF_F_NO_PREALLOC`, 4-byte key,
-//!    64-byte value; a store of the time): an established flow must be found to be refreshed.
+//!    64-byte value; a plain store into it, as a refresh of its last-seen time would be): an
+//!    established flow must be found to be refreshed.
 //!
-//! With 0 accesses the program only parses: the cost of the test run itself. The maps are the
-//! same size at 10 and at 100 000 peers; only how many of their entries the probes touch differs.
+//! With 0 accesses the program only parses: the cost of the test run itself. Each program has
+//! maps of its own (one program's pass must not warm the cache for the next), the same size at
+//! 10 and at 100 000 peers; only how many of their entries the probes touch differs.
 //! The programs are a dozen raw BPF instructions loaded with `BPF_PROG_LOAD` (they are a
 //! measuring instrument, not part of the agent's object).
 
