@@ -73,7 +73,10 @@ const GROUP_USERS: usize = 10_000;
 /// Pause between two reads of a map entry that does not hold the new value yet. A watcher that
 /// spins takes one of the two cores from the agent it watches (measured: the median call → map
 /// time went from 2.6 ms spinning to the figures in the docs sleeping); the sleep (≈ 60–80 µs
-/// in this VM) is the measurement's resolution, and it only ever adds to a sample.
+/// in this VM: the default 50 µs timer slack) is the measurement's resolution, and it only ever
+/// adds to a sample. A 1 ns timer slack for the watcher made the figures worse (2026-12-02,
+/// alternating runs: p50 349–351 µs against 290–294 µs): the more frequent wake-ups take CPU
+/// from the agent.
 const POLL: std::time::Duration = std::time::Duration::from_micros(20);
 /// `SetLimits` calls.
 const UPDATES: usize = 10_000;
