@@ -578,17 +578,15 @@ fn peers_added_in_one_batch_connect_and_a_bad_batch_changes_nothing() {
     let s = setup(84, 2, false);
     // The two clients among a thousand other peers, added at once (as the agent does at start):
     // none has a session yet, each gets one at its first handshake.
+    // A peer with a new key and one allowed IP.
+    let fresh = |ip: String| PeerConfig {
+        public_key: PrivateKey::generate().public_key(),
+        preshared_key: None,
+        allowed_ips: vec![ip.parse().unwrap()],
+        persistent_keepalive: None,
+    };
     let mut batch: Vec<PeerConfig> = (0..1000u32)
-        .map(|i| PeerConfig {
-            public_key: PrivateKey::generate().public_key(),
-            preshared_key: None,
-            allowed_ips: vec![
-                format!("10.200.{}.{}/32", i / 250, i % 250 + 1)
-                    .parse()
-                    .unwrap(),
-            ],
-            persistent_keepalive: None,
-        })
+        .map(|i| fresh(format!("10.200.{}.{}/32", i / 250, i % 250 + 1)))
         .collect();
     batch.insert(500, peer_config(&s.clients[0].wg, s.net, 2));
     batch.push(peer_config(&s.clients[1].wg, s.net, 3));
@@ -606,22 +604,16 @@ fn peers_added_in_one_batch_connect_and_a_bad_batch_changes_nothing() {
 
     // Refused batches change nothing: a key that is already a peer, the same new key twice, an
     // allowed IP that another peer has.
-    let fresh = || PeerConfig {
-        public_key: PrivateKey::generate().public_key(),
-        preshared_key: None,
-        allowed_ips: vec!["10.201.0.1/32".parse().unwrap()],
-        persistent_keepalive: None,
-    };
-    let twice = fresh();
-    let mut taken = fresh();
-    taken.allowed_ips = vec![format!("{}/32", s.clients[0].v4).parse().unwrap()];
+    let unused = || fresh("10.201.0.1/32".into());
+    let twice = unused();
+    let taken = fresh(format!("{}/32", s.clients[0].v4));
     for (what, bad) in [
         (
             "an existing key",
-            vec![fresh(), peer_config(&s.clients[1].wg, s.net, 9)],
+            vec![unused(), peer_config(&s.clients[1].wg, s.net, 9)],
         ),
         ("a key twice", vec![twice.clone(), twice]),
-        ("a taken allowed IP", vec![fresh(), taken]),
+        ("a taken allowed IP", vec![unused(), taken]),
     ] {
         assert!(s.tunnel.add_peers(bad).is_err(), "{what} was accepted");
         assert_eq!(s.tunnel.peers().len(), 1002, "{what} changed the peers");

@@ -62,6 +62,17 @@ use super::{
 };
 use crate::net::Cidr;
 
+/// The `CAPY_PEERS` entry of a peer just added: active, no gate, limits or classes yet.
+const ACTIVE: PeerInfo = PeerInfo {
+    flags: PEER_F_ACTIVE,
+    gate: 0,
+    deadline_ns: 0,
+    quota_bucket: 0,
+    flow_limit: 0,
+    shape_tx: 0,
+    shape_rx: 0,
+};
+
 /// The peer maps and the mirror of their contents.
 pub(super) struct PeerMaps {
     pub(super) peers: Owned<Array<MapData, PeerInfo>>,
@@ -361,11 +372,7 @@ impl Dataplane {
             self.peers.own(c, id);
         }
         if is_new {
-            let active = PeerInfo {
-                flags: PEER_F_ACTIVE,
-                ..PeerInfo::default()
-            };
-            self.write_peer_info(id, active, "activate")?;
+            self.write_peer_info(id, ACTIVE, "activate")?;
         }
         self.peers.mirror.insert(id, new.clone());
         // Then the old ones.
@@ -470,11 +477,7 @@ impl Dataplane {
         write(self.peers.v4.fd.as_fd(), names::PEER_V4, &v4)?;
         write(self.peers.pool_v4.fd.as_fd(), names::PEER_POOL_V4, &pool)?;
         write(self.peers.v6.fd.as_fd(), names::PEER_V6, &v6)?;
-        let active = PeerInfo {
-            flags: PEER_F_ACTIVE,
-            ..PeerInfo::default()
-        };
-        let infos: Vec<(PeerId, PeerInfo)> = ids.iter().map(|&id| (id, active)).collect();
+        let infos: Vec<(PeerId, PeerInfo)> = ids.iter().map(|&id| (id, ACTIVE)).collect();
         // The copy first: after a partial failure it must not claim "already written" for
         // what the kernel may not hold (the caller's rollback rewrites every id).
         for &id in &ids {
@@ -485,7 +488,7 @@ impl Dataplane {
         }
         write(self.peers.peers.fd.as_fd(), names::PEERS, &infos)?;
         for &id in &ids {
-            self.peers.infos[id as usize] = active;
+            self.peers.infos[id as usize] = ACTIVE;
         }
         Ok(())
     }

@@ -79,8 +79,8 @@
 //! resident then, growing; a prototype with the batch alone was ready after 52 s at 1.6 GiB).
 //! With both, the tunnel's part of the start-up is ≈ 0.1 s (`tunnel_ms` in the agent's
 //! `devices restored from the store` log line: 107 ms) and ≈ 45 MiB (heaptrack: 28 MiB of
-//! `Peer`s, ≈ 280 B each, the rest the three lookup tables). Adding or removing one peer at run time still copies the snapshot: ≈ 10 ms
-//! at 100 000 peers, not addressed here.
+//! `Peer`s, ≈ 280 B each, the rest the three lookup tables). Adding or removing one peer at
+//! run time still copies the snapshot: ≈ 10 ms at 100 000 peers, not addressed here.
 
 //! # Lifetime
 //!
