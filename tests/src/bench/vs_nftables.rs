@@ -63,7 +63,8 @@
 //! socket's skb on a veth always is.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    os::fd::AsRawFd as _,
     path::Path,
     sync::Arc,
     time::{Duration, Instant},
@@ -78,7 +79,12 @@ use capybara_agent::{
 use nix::sys::socket::{MsgFlags, send, setsockopt, sockopt};
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 
-use super::{Figure, Selection, median, report::BaselineDoc};
+use super::{
+    Figure, Selection,
+    flood::{self, UdpSink},
+    median,
+    report::BaselineDoc,
+};
 use crate::{
     netns::{NetNs, VethPair},
     packets, progress,
@@ -166,9 +172,7 @@ impl Filter {
 struct Rig {
     filter: Filter,
     dp: Option<Dataplane>,
-    socket: UdpSocket,
-    /// Packets drained from the socket so far.
-    drained: u64,
+    sink: UdpSink,
     veth: VethPair,
     b: NetNs,
     a: NetNs,
@@ -189,17 +193,11 @@ impl Rig {
             "net.ipv4.conf.all.rp_filter=0",
             &format!("net.ipv4.conf.{ifname}.rp_filter=0"),
         ]);
-        let bind = SocketAddr::new(IpAddr::V4(veth.a.v4), PORT);
-        let socket = a
-            .run(|| UdpSocket::bind(bind))
-            .context("bind the receiver")?;
-        socket.set_nonblocking(true)?;
-        setsockopt(&socket, sockopt::RcvBuf, &4096).context("SO_RCVBUF")?;
+        let sink = UdpSink::bind(&a, SocketAddr::new(IpAddr::V4(veth.a.v4), PORT))?;
         Ok(Rig {
             filter,
             dp: None,
-            socket,
-            drained: 0,
+            sink,
             veth,
             b,
             a,
@@ -207,19 +205,9 @@ impl Rig {
         })
     }
 
-    /// Packets that reached the receiver's socket so far: drained from it, or dropped by it.
+    /// Packets that reached the receiver's socket so far.
     fn reached(&mut self) -> Result<u64> {
-        let mut buf = [0u8; 2048];
-        loop {
-            match self.socket.recv(&mut buf) {
-                Ok(_) => self.drained += 1,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e).context("drain the receiver"),
-            }
-        }
-        let drops = parse_udp_drops(&self.a.exec(&["cat", "/proc/net/udp"]), PORT)
-            .context("the receiver's socket is not in /proc/net/udp")?;
-        Ok(self.drained + drops)
+        self.sink.reached(&self.a)
     }
 
     /// Sends `packets` paced (no queue overflows) and returns how many reached the receiver.
@@ -229,7 +217,7 @@ impl Rig {
         self.b.run(|| -> Result<()> {
             let fd = packet_socket(&ifname)?;
             for p in packets {
-                send(std::os::fd::AsRawFd::as_raw_fd(&fd), p, MsgFlags::empty())?;
+                send(fd.as_raw_fd(), p, MsgFlags::empty())?;
                 std::thread::sleep(Duration::from_micros(200));
             }
             Ok(())
@@ -245,47 +233,10 @@ impl Rig {
         let pool = pool.clone();
         let (sent, elapsed) = self.b.run(move || -> Result<(u64, Duration)> {
             let fd = packet_socket(&ifname)?;
-            let sock = std::os::fd::AsRawFd::as_raw_fd(&fd);
-            // One `sendmmsg` per SEND_BATCH packets: the sender's syscalls share the two cores
-            // with the filter under test (see the module docs).
-            let mut iov: Vec<libc::iovec> = pool
-                .iter()
-                .map(|p| libc::iovec {
-                    iov_base: p.as_ptr() as *mut libc::c_void,
-                    iov_len: p.len(),
-                })
-                .collect();
-            let mut msgs: Vec<libc::mmsghdr> = iov
-                .iter_mut()
-                .map(|v| {
-                    // SAFETY: all-zero is a valid `msghdr` (null pointers, zero lengths).
-                    let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
-                    h.msg_iov = v;
-                    h.msg_iovlen = 1;
-                    libc::mmsghdr {
-                        msg_hdr: h,
-                        msg_len: 0,
-                    }
-                })
-                .collect();
-            let t = Instant::now();
-            let end = Duration::from_secs_f64(seconds);
-            let mut sent = 0u64;
-            'outer: loop {
-                for batch in msgs.chunks_mut(SEND_BATCH) {
-                    // SAFETY: `batch` is `batch.len()` initialised headers whose iovec pointers
-                    // (`iov`, `pool`) outlive the call.
-                    let n =
-                        unsafe { libc::sendmmsg(sock, batch.as_mut_ptr(), batch.len() as u32, 0) };
-                    // A short count or ENOBUFS (-1) when the device queue is full: the rest of
-                    // the batch is lost, as on a wire.
-                    sent += n.max(0) as u64;
-                    if t.elapsed() >= end {
-                        break 'outer;
-                    }
-                }
-            }
-            Ok((sent, t.elapsed()))
+            let mut iov = flood::iovecs(&pool);
+            let mut msgs = flood::headers(&mut iov, &[]);
+            // SAFETY: the headers point into `iov` and `pool`, alive until the end.
+            Ok(unsafe { flood::send_for(fd.as_raw_fd(), &mut msgs, seconds) })
         })?;
         std::thread::sleep(Duration::from_millis(100));
         let reached = self.reached()? - before;
@@ -306,7 +257,7 @@ impl Rig {
 /// Ethernet frames straight to the device (`PACKET_QDISC_BYPASS`), and receives nothing
 /// (protocol 0).
 fn packet_socket(ifname: &str) -> Result<std::os::fd::OwnedFd> {
-    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    use std::os::fd::FromRawFd as _;
     let ifindex =
         nix::net::if_::if_nametoindex(ifname).with_context(|| format!("ifindex of {ifname}"))?;
     // SAFETY: plain socket(2); the fd is owned from here on.
@@ -353,25 +304,6 @@ fn packet_socket(ifname: &str) -> Result<std::os::fd::OwnedFd> {
     );
     setsockopt(&fd, sockopt::SndBuf, &(4 << 20)).context("SO_SNDBUF")?;
     Ok(fd)
-}
-
-/// Packets per `sendmmsg` of the flood.
-const SEND_BATCH: usize = 64;
-
-/// The summed `drops` of the sockets bound to local `port` in a `/proc/net/udp`.
-pub fn parse_udp_drops(text: &str, port: u16) -> Option<u64> {
-    let want = format!("{port:04X}");
-    let mut found = None;
-    for line in text.lines().skip(1) {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let Some(local) = fields.get(1) else { continue };
-        if local.rsplit(':').next() != Some(want.as_str()) {
-            continue;
-        }
-        let drops: u64 = fields.last()?.parse().ok()?;
-        *found.get_or_insert(0) += drops;
-    }
-    found
 }
 
 /// The IPv4 addresses covered by `prefixes`, as sorted, disjoint, non-adjacent inclusive ranges.
@@ -692,18 +624,6 @@ fn version(ns: &NetNs, args: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const UDP: &str = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
-        12936: 01004D0A:CA6C 00000000:0000 07 00000000:00001040 00:00000000 00000000     0        0 861310 2 000000008e102444 77\n\
-        12937: 0100007F:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 861311 2 000000008e102445 5\n";
-
-    #[test]
-    fn udp_drops_of_the_port_only() {
-        assert_eq!(parse_udp_drops(UDP, 51820), Some(77));
-        assert_eq!(parse_udp_drops(UDP, 53), Some(5));
-        assert_eq!(parse_udp_drops(UDP, 9), None);
-        assert_eq!(parse_udp_drops("header only\n", 51820), None);
-    }
 
     #[test]
     fn ranges_merge_overlapping_and_adjacent_prefixes() {

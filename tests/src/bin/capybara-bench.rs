@@ -82,6 +82,11 @@ const QUICK: &[&str] = &[
     bench::ENFORCEMENT_MBPS_NFTABLES_TC_1K_PEERS,
     bench::ENFORCEMENT_MBPS_NONE_1K_PEERS,
     bench::ENFORCEMENT_CEILING_VS_NFTABLES_TC_1K_PEERS,
+    bench::ENFORCEMENT_UDP_VS_NFTABLES_TC_1K_PEERS,
+    bench::ENFORCEMENT_UDP_KPPS_CAPYBARA_1K_PEERS,
+    bench::ENFORCEMENT_UDP_KPPS_NFTABLES_TC_1K_PEERS,
+    bench::ENFORCEMENT_UDP_KPPS_NONE_1K_PEERS,
+    bench::ENFORCEMENT_UDP_CEILING_VS_NFTABLES_TC_1K_PEERS,
     bench::RULE_UPDATE_US_CAPYBARA,
     bench::RULE_UPDATE_US_TC,
     bench::AGENT_RSS_MB_100K_PEERS,
@@ -193,6 +198,7 @@ fn main() -> Result<()> {
             } else {
                 bench::vs_enforcement::SECONDS
             },
+            flood_seconds: if args.quick { 1.0 } else { 3.0 },
         },
     )?;
     figures.extend(enforcement);
