@@ -69,7 +69,6 @@ use capybara_agent::{
     net::Cidr,
     units::Rate,
 };
-
 use nix::sys::socket::{setsockopt, sockopt};
 
 use super::{
