@@ -134,6 +134,105 @@ impl Machine {
     }
 }
 
+/// The machine's CPU time counters (the `cpu` line of `/proc/stat`), in ticks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuTimes {
+    /// Time the hypervisor ran other guests while this machine's CPUs wanted to run.
+    pub steal: u64,
+    /// user + nice + system + idle + iowait + irq + softirq + steal.
+    pub total: u64,
+}
+
+impl CpuTimes {
+    /// The counters now (`None` without a readable `/proc/stat`).
+    pub fn now() -> Option<CpuTimes> {
+        parse_cpu_times(&std::fs::read_to_string("/proc/stat").ok()?)
+    }
+
+    /// The percentage of the CPU time since `earlier` that was stolen.
+    pub fn steal_pct_since(&self, earlier: &CpuTimes) -> f64 {
+        let total = self.total.saturating_sub(earlier.total);
+        if total == 0 {
+            return 0.0;
+        }
+        100.0 * self.steal.saturating_sub(earlier.steal) as f64 / total as f64
+    }
+}
+
+/// The `cpu` line of a `/proc/stat`.
+pub fn parse_cpu_times(stat: &str) -> Option<CpuTimes> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    (v.len() == 8).then(|| CpuTimes {
+        steal: v[7],
+        total: v.iter().sum(),
+    })
+}
+
+/// One stage of a run and the share of the machine's CPU time stolen while it ran.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stage {
+    /// What the progress bar showed.
+    pub name: String,
+    /// Percent of CPU time stolen (NaN when `/proc/stat` could not be read).
+    pub steal_pct: f64,
+}
+
+/// The run's stages on the progress bar, each measured for host noise: on a shared host the
+/// hypervisor's steal time is the one noise source a guest can see, and a stage that lost much
+/// CPU to it measured the host rather than Capybara.
+pub struct Stages {
+    bar: &'static indicatif::ProgressBar,
+    current: Option<(String, Option<CpuTimes>)>,
+    done: Vec<Stage>,
+}
+
+impl Stages {
+    /// The progress bar over `steps` stages.
+    pub fn start(steps: u64) -> Stages {
+        Stages {
+            bar: start_progress(steps),
+            current: None,
+            done: Vec::new(),
+        }
+    }
+
+    /// Ends the current stage (if any) and starts `name`.
+    pub fn next(&mut self, name: &str) {
+        if self.current.is_some() {
+            self.close();
+            self.bar.inc(1);
+        }
+        self.bar.set_message(name.to_owned());
+        self.current = Some((name.to_owned(), CpuTimes::now()));
+    }
+
+    fn close(&mut self) {
+        if let Some((name, start)) = self.current.take() {
+            let steal_pct = match (start, CpuTimes::now()) {
+                (Some(a), Some(b)) => b.steal_pct_since(&a),
+                _ => f64::NAN,
+            };
+            log(&format!(
+                "bench: {name}: {steal_pct:.1} % of CPU time stolen by the host"
+            ));
+            self.done.push(Stage { name, steal_pct });
+        }
+    }
+
+    /// Ends the last stage, clears the bar and returns every stage.
+    pub fn finish(mut self) -> Vec<Stage> {
+        self.close();
+        self.bar.finish_and_clear();
+        self.done
+    }
+}
+
 /// The first `model name` of a `/proc/cpuinfo`.
 pub fn cpu_model(cpuinfo: &str) -> Option<String> {
     cpuinfo.lines().find_map(|l| {
@@ -165,6 +264,7 @@ pub fn render_markdown(
     figures: &[Figure],
     docs: &[BaselineDoc],
     failures: &[Failure],
+    stages: &[Stage],
     machine: &Machine,
     when: &str,
     plots: &[PathBuf],
@@ -220,6 +320,18 @@ pub fn render_markdown(
             f.unit
         );
     }
+    if !stages.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n## Host noise\n\nCPU time the hypervisor gave to other guests while each stage \
+             ran (`steal` of `/proc/stat`). A stage that lost more than a few percent measured \
+             the host as much as Capybara: compare its ratios, not its absolute figures.\n"
+        );
+        let _ = writeln!(s, "| stage | CPU time stolen |\n|---|---:|");
+        for st in stages {
+            let _ = writeln!(s, "| {} | {:.1} % |", st.name, st.steal_pct);
+        }
+    }
     if !failures.is_empty() {
         let _ = writeln!(s, "\n## Not measured\n");
         for f in failures {
@@ -260,12 +372,13 @@ pub fn write(
     figures: &[Figure],
     docs: &[BaselineDoc],
     failures: &[Failure],
+    stages: &[Stage],
     machine: &Machine,
     when: &str,
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let plots = write_plots(dir, figures)?;
-    let md = render_markdown(figures, docs, failures, machine, when, &plots);
+    let md = render_markdown(figures, docs, failures, stages, machine, when, &plots);
     let path = dir.join("report.md");
     std::fs::write(&path, md).with_context(|| format!("write {}", path.display()))?;
     Ok(path)
@@ -627,10 +740,15 @@ mod tests {
             group: "agent_rss_mb_100k_peers, load_100k_peers_ms".into(),
             error: "not ready after 120 s\nlog".into(),
         }];
+        let stages = [Stage {
+            name: "XDP guard".into(),
+            steal_pct: 12.345,
+        }];
         let md = render_markdown(
             &figures,
             &docs,
             &failures,
+            &stages,
             &machine,
             "today",
             &[PathBuf::from("/x/a.svg")],
@@ -655,6 +773,8 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("![a.svg](a.svg)"));
+        assert!(md.contains("## Host noise"), "{md}");
+        assert!(md.contains("| XDP guard | 12.3 % |"), "{md}");
         assert!(
             md.contains("## Not measured\n\n- **agent_rss_mb_100k_peers, load_100k_peers_ms**: not ready after 120 s log"),
             "{md}"
@@ -665,6 +785,7 @@ mod tests {
     fn missing_baseline_is_shown_as_not_run() {
         let md = render_markdown(
             &[fig("throttle_accuracy_50m", 0.97, "ratio")],
+            &[],
             &[],
             &[],
             &Machine {
@@ -680,6 +801,24 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("✔ met"));
+        assert!(!md.contains("## Host noise"), "{md}");
+    }
+
+    #[test]
+    fn steal_is_the_share_of_cpu_time_stolen_between_two_samples() {
+        let a = parse_cpu_times("cpu  100 0 50 800 10 0 5 35 0 0\ncpu0 1 2 3\n").unwrap();
+        assert_eq!(
+            a,
+            CpuTimes {
+                steal: 35,
+                total: 1000
+            }
+        );
+        let b = parse_cpu_times("cpu  200 0 100 1500 10 0 5 185 7 0\n").unwrap();
+        assert!((b.steal_pct_since(&a) - 15.0).abs() < 1e-9);
+        assert_eq!(a.steal_pct_since(&a), 0.0);
+        assert_eq!(parse_cpu_times("cpu0 1 2 3\n"), None);
+        assert_eq!(parse_cpu_times("cpu  1 2 3\n"), None);
     }
 
     #[test]
@@ -717,7 +856,16 @@ mod tests {
             bars.contains("boringtun-cli") && bars.contains("900"),
             "{bars}"
         );
-        let md = write(dir.path(), &figures, &[], &[], &Machine::current(), "now").unwrap();
+        let md = write(
+            dir.path(),
+            &figures,
+            &[],
+            &[],
+            &[],
+            &Machine::current(),
+            "now",
+        )
+        .unwrap();
         assert!(
             std::fs::read_to_string(md)
                 .unwrap()

@@ -309,6 +309,27 @@ impl Rig {
     }
 }
 
+/// Runs `f` on each of Capybara's, the nftables + tc and the unenforced rig (in that order),
+/// `runs` rounds (at least one), each round starting with the next rig, so a slow phase of the
+/// shared machine weighs on every rig alike.
+fn rotated(
+    runs: usize,
+    rigs: [&mut Rig; 3],
+    mut f: impl FnMut(&str, &mut Rig) -> Result<()>,
+) -> Result<()> {
+    let mut order: Vec<(&str, &mut Rig)> = ["Capybara", "nftables + tc", "no enforcement"]
+        .into_iter()
+        .zip(rigs)
+        .collect();
+    for _ in 0..runs.max(1) {
+        for (name, rig) in order.iter_mut() {
+            f(name, rig)?;
+        }
+        order.rotate_left(1);
+    }
+    Ok(())
+}
+
 /// Runs the enforcement comparison when selected.
 pub fn run(
     sel: &Selection,
@@ -419,19 +440,12 @@ pub fn run(
     );
 
     let mut none = Rig::new(NET_NONE)?;
-    for r in 0..opts.runs.max(1) {
-        let mut order: [(&str, &mut Rig); 3] = [
-            ("Capybara", &mut capy),
-            ("nftables + tc", &mut base),
-            ("no enforcement", &mut none),
-        ];
-        order.rotate_left(r % 3);
-        for (name, rig) in order {
-            let mbps = rig.run(opts.seconds);
-            progress!("enforcement: {name} {mbps:.0} Mbit/s");
-            rig.mbps.push(mbps);
-        }
-    }
+    rotated(opts.runs, [&mut capy, &mut base, &mut none], |name, rig| {
+        let mbps = rig.run(opts.seconds);
+        progress!("enforcement: {name} {mbps:.0} Mbit/s");
+        rig.mbps.push(mbps);
+        Ok(())
+    })?;
     let (c, b, n) = (median(&capy.mbps), median(&base.mbps), median(&none.mbps));
     progress!(
         "{ENFORCEMENT_VS_NFTABLES_TC_1K_PEERS}: {:.3} (target >= 1.2; unenforced {:.3})",
@@ -441,19 +455,12 @@ pub fn run(
     for rig in [&mut capy, &mut base, &mut none] {
         rig.flood(1.0)?; // warm-up
     }
-    for r in 0..opts.runs.max(1) {
-        let mut order: [(&str, &mut Rig); 3] = [
-            ("Capybara", &mut capy),
-            ("nftables + tc", &mut base),
-            ("no enforcement", &mut none),
-        ];
-        order.rotate_left(r % 3);
-        for (name, rig) in order {
-            let kpps = rig.flood(opts.flood_seconds)?;
-            progress!("enforcement: {name} {kpps:.0} kpps of small UDP packets");
-            rig.kpps.push(kpps);
-        }
-    }
+    rotated(opts.runs, [&mut capy, &mut base, &mut none], |name, rig| {
+        let kpps = rig.flood(opts.flood_seconds)?;
+        progress!("enforcement: {name} {kpps:.0} kpps of small UDP packets");
+        rig.kpps.push(kpps);
+        Ok(())
+    })?;
     let (uc, ub, un) = (median(&capy.kpps), median(&base.kpps), median(&none.kpps));
     progress!(
         "{ENFORCEMENT_UDP_VS_NFTABLES_TC_1K_PEERS}: {:.3} (unenforced {:.3})",

@@ -138,9 +138,9 @@ fn main() -> Result<()> {
     let when = now_utc();
     // Declared first, dropped last: every benchmark's fds are closed before the pins go.
     let pins = BenchPins::new()?;
-    let bar = report::start_progress(10);
+    let mut stages = report::Stages::start(10);
     let mut failures: Vec<report::Failure> = Vec::new();
-    bar.set_message("XDP guard");
+    stages.next("XDP guard");
     let mut figures: Vec<Figure> = bench::guard::run(
         &sel,
         &pins,
@@ -149,8 +149,7 @@ fn main() -> Result<()> {
             rounds: args.rounds,
         },
     )?;
-    bar.inc(1);
-    bar.set_message("blocklist flood vs nftables and iptables+ipset");
+    stages.next("blocklist flood vs nftables and iptables+ipset");
     let (flood, mut docs) = bench::vs_nftables::run(
         &sel,
         pins.path(),
@@ -160,8 +159,7 @@ fn main() -> Result<()> {
         },
     )?;
     figures.extend(flood);
-    bar.inc(1);
-    bar.set_message("tunnel-device pipeline");
+    stages.next("tunnel-device pipeline");
     figures.extend(bench::pipeline::run(
         &sel,
         &pins,
@@ -170,8 +168,7 @@ fn main() -> Result<()> {
             rounds: args.rounds,
         },
     )?);
-    bar.inc(1);
-    bar.set_message("throttle accuracy and veth throughput");
+    stages.next("throttle accuracy and veth throughput");
     figures.extend(bench::throttle::run(&sel, &pins)?);
     let (throttle, throttle_docs) = bench::vs_tc::run(
         &sel,
@@ -182,8 +179,7 @@ fn main() -> Result<()> {
     )?;
     figures.extend(throttle);
     docs.extend(throttle_docs);
-    bar.inc(1);
-    bar.set_message("enforcement vs nftables + tc, 1k peers");
+    stages.next("enforcement vs nftables + tc, 1k peers");
     let (enforcement, enforcement_docs) = bench::vs_enforcement::run(
         &sel,
         pins.path(),
@@ -203,8 +199,7 @@ fn main() -> Result<()> {
     )?;
     figures.extend(enforcement);
     docs.extend(enforcement_docs);
-    bar.inc(1);
-    bar.set_message("tunnel throughput");
+    stages.next("tunnel throughput");
     figures.extend(bench::tunnel::run(
         &sel,
         &pins,
@@ -216,13 +211,11 @@ fn main() -> Result<()> {
                 .map_or(capybara_agent::tunnel::DEFAULT_OFFLOAD, |o| o == "on"),
         },
     )?);
-    bar.inc(1);
-    bar.set_message("geo compile");
+    stages.next("geo compile");
     if sel.wants(GEO_COMPILE_500K_MS) {
         figures.push(bench::geo::compile_500k()?);
     }
-    bar.inc(1);
-    bar.set_message("agent start-up with 100k peers");
+    stages.next("agent start-up with 100k peers");
     // The agent may not come up in time with 100k peers: that is a finding, not a reason to
     // lose every other figure of the run.
     match bench::agent_load::run(&sel, pins.path(), if args.quick { 1 } else { 3 }) {
@@ -235,8 +228,7 @@ fn main() -> Result<()> {
             });
         }
     }
-    bar.inc(1);
-    bar.set_message("API load");
+    stages.next("API load");
     if sel.wants_any(&[
         bench::API_LOAD_P99_MS,
         bench::API_LOAD_P50_MS,
@@ -249,8 +241,7 @@ fn main() -> Result<()> {
                 .filter(|f| sel.wants(f.name)),
         );
     }
-    bar.inc(1);
-    bar.set_message("policy fan-out and updates");
+    stages.next("policy fan-out and updates");
     let fanout = sel.wants(bench::GROUP_POLICY_FANOUT_10K_MS);
     let updates = sel.wants_any(&[bench::POLICY_UPDATE_P99_US, bench::POLICY_UPDATE_P50_US]);
     if fanout || updates {
@@ -260,7 +251,7 @@ fn main() -> Result<()> {
                 .filter(|f| sel.wants(f.name)),
         );
     }
-    bar.finish_and_clear();
+    let stages = stages.finish();
     figures.sort_by_key(|f| bench::ALL.iter().position(|n| *n == f.name));
     docs.sort_by_key(|d| bench::ALL.iter().position(|n| *n == d.benchmark));
     progress!("done in {:.0} s", start.elapsed().as_secs_f64());
@@ -283,6 +274,7 @@ fn main() -> Result<()> {
             &figures,
             &docs,
             &failures,
+            &stages,
             &report::Machine::current(),
             &when,
         )?;
