@@ -9,6 +9,7 @@ use std::{
     fmt::Write as _,
     path::{Path, PathBuf},
     sync::OnceLock,
+    time::Instant,
 };
 
 use anyhow::{Context as _, Result};
@@ -181,14 +182,19 @@ pub struct Stage {
     pub name: String,
     /// Percent of CPU time stolen (NaN when `/proc/stat` could not be read).
     pub steal_pct: f64,
+    /// Wall-clock seconds the stage took.
+    pub seconds: f64,
 }
+
+/// Stages shorter than this are not reported (nothing of them was selected).
+const MIN_STAGE_SECONDS: f64 = 1.0;
 
 /// The run's stages on the progress bar, each measured for host noise: on a shared host the
 /// hypervisor's steal time is the one noise source a guest can see, and a stage that lost much
 /// CPU to it measured the host rather than Capybara.
 pub struct Stages {
     bar: &'static indicatif::ProgressBar,
-    current: Option<(String, Option<CpuTimes>)>,
+    current: Option<(String, Option<CpuTimes>, Instant)>,
     done: Vec<Stage>,
 }
 
@@ -209,20 +215,30 @@ impl Stages {
             self.bar.inc(1);
         }
         self.bar.set_message(name.to_owned());
-        self.current = Some((name.to_owned(), CpuTimes::now()));
+        self.current = Some((name.to_owned(), CpuTimes::now(), Instant::now()));
     }
 
     fn close(&mut self) {
-        if let Some((name, start)) = self.current.take() {
-            let steal_pct = match (start, CpuTimes::now()) {
-                (Some(a), Some(b)) => b.steal_pct_since(&a),
-                _ => f64::NAN,
-            };
-            log(&format!(
-                "bench: {name}: {steal_pct:.1} % of CPU time stolen by the host"
-            ));
-            self.done.push(Stage { name, steal_pct });
+        let Some((name, start, t)) = self.current.take() else {
+            return;
+        };
+        let seconds = t.elapsed().as_secs_f64();
+        // A stage the selection left empty took no time and says nothing.
+        if seconds < MIN_STAGE_SECONDS {
+            return;
         }
+        let steal_pct = match (start, CpuTimes::now()) {
+            (Some(a), Some(b)) => b.steal_pct_since(&a),
+            _ => f64::NAN,
+        };
+        log(&format!(
+            "bench: {name}: {seconds:.0} s, {steal_pct:.1} % of CPU time stolen by the host"
+        ));
+        self.done.push(Stage {
+            name,
+            steal_pct,
+            seconds,
+        });
     }
 
     /// Ends the last stage, clears the bar and returns every stage.
@@ -327,9 +343,13 @@ pub fn render_markdown(
              ran (`steal` of `/proc/stat`). A stage that lost more than a few percent measured \
              the host as much as Capybara: compare its ratios, not its absolute figures.\n"
         );
-        let _ = writeln!(s, "| stage | CPU time stolen |\n|---|---:|");
+        let _ = writeln!(s, "| stage | seconds | CPU time stolen |\n|---|---:|---:|");
         for st in stages {
-            let _ = writeln!(s, "| {} | {:.1} % |", st.name, st.steal_pct);
+            let _ = writeln!(
+                s,
+                "| {} | {:.0} | {:.1} % |",
+                st.name, st.seconds, st.steal_pct
+            );
         }
     }
     if !failures.is_empty() {
@@ -743,6 +763,7 @@ mod tests {
         let stages = [Stage {
             name: "XDP guard".into(),
             steal_pct: 12.345,
+            seconds: 61.7,
         }];
         let md = render_markdown(
             &figures,
@@ -774,7 +795,7 @@ mod tests {
         );
         assert!(md.contains("![a.svg](a.svg)"));
         assert!(md.contains("## Host noise"), "{md}");
-        assert!(md.contains("| XDP guard | 12.3 % |"), "{md}");
+        assert!(md.contains("| XDP guard | 62 | 12.3 % |"), "{md}");
         assert!(
             md.contains("## Not measured\n\n- **agent_rss_mb_100k_peers, load_100k_peers_ms**: not ready after 120 s log"),
             "{md}"
