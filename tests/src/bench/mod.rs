@@ -17,10 +17,13 @@
 //! - [`agent_load`]: the agent binary's start-up time and resident memory with 100k peers in
 //!   its store.
 //! - [`vs_enforcement`]: 1k peers with counters, rate and flow limits: the tunnel-device
-//!   programs against nftables + tc HTB, throughput and rule-update latency.
+//!   programs against nftables + tc HTB, throughput (bulk TCP and small UDP packets) and
+//!   rule-update latency.
+//! - [`flood`]: the UDP flood loop and the counting receiver both comparisons above use.
 //! - [`vs_tc`]: throttle accuracy of a `tc` HTB script and of nftables `limit rate` at the
 //!   rates of `throttle_accuracy_*`.
-//! - [`report`]: `report.md`, the SVG plots and the progress bar.
+//! - [`report`]: `report.md`, the SVG plots, and the progress bar with each stage's host
+//!   noise.
 //!
 //! Every figure is a [`Figure`]; the binary writes them as
 //! `{"benchmarks":[{"name":…, "value":…, "unit":…}]}`. The names below are what reports and CI
