@@ -110,7 +110,7 @@ pub const TC_FLOOR_3_LINES_NS_100K_PEERS: &str = "tc_floor_3_lines_ns_100k_peers
 pub const TC_PIPELINE_100K_OVER_10_FLOOR: &str = "tc_pipeline_100k_over_10_floor";
 
 /// Every figure this module reports (the floor's beside the pipeline's, in one run).
-const NAMES: [&str; 10] = [
+pub const NAMES: &[&str] = &[
     TC_PIPELINE_NS_10_PEERS,
     TC_PIPELINE_NS_100K_PEERS,
     TC_PIPELINE_100K_OVER_10,
@@ -275,7 +275,7 @@ fn frames(peers: &[u32]) -> Vec<Vec<u8>> {
 
 /// Runs the pipeline benchmarks the selection asks for, and the memory floor beside them.
 pub fn run(sel: &Selection, pins: &BenchPins, opts: PipelineOptions) -> Result<Vec<Figure>> {
-    if !sel.wants_any(&NAMES) {
+    if !sel.wants_any(NAMES) {
         return Ok(Vec::new());
     }
     let setups = [setup(pins, 10)?, setup(pins, 100_000)?];
