@@ -243,7 +243,12 @@ fn main() -> Result<()> {
     }
     stages.next("policy fan-out and updates");
     let fanout = sel.wants(bench::GROUP_POLICY_FANOUT_10K_MS);
-    let updates = sel.wants_any(&[bench::POLICY_UPDATE_P99_US, bench::POLICY_UPDATE_P50_US]);
+    let updates = sel.wants_any(&[
+        bench::POLICY_UPDATE_P99_US,
+        bench::POLICY_UPDATE_P50_US,
+        bench::POLICY_UPDATE_P99_US_TWO_CORES,
+        bench::POLICY_UPDATE_P50_US_TWO_CORES,
+    ]);
     if fanout || updates {
         figures.extend(
             bench::policy::run(&pins, fanout, updates)?
