@@ -139,7 +139,7 @@ const ACTIVE: u32 = 4;
 /// Flow limit per peer.
 const FLOWS: u32 = 64;
 /// Runs per rig.
-pub const RUNS: usize = 3;
+pub const RUNS: usize = 5;
 /// Seconds per run.
 pub const SECONDS: u32 = 5;
 /// The receivers' UDP port of the small-packet flood.
