@@ -10,7 +10,8 @@
 //!   admitted with a deadline (the clock is read), destination list of 1 000 prefixes, flow limit
 //!   (the flow is tracked), quota bucket (charged), accounting, the shaping decision (the peer has
 //!   no rate, so it passes) — over the same without programs, in the same run; runs alternate
-//!   between the setups (median of 3 runs of 5 s each); the lower of the two directions.
+//!   between the setups, each run starting with the next (median of [`VETH_RUNS`] runs of 5 s
+//!   each); the lower of the two directions.
 //!   `veth_throughput_mbit_bare` / `_programs` are the absolute figures of that direction.
 //! - `veth_throughput_ratio_shaped`: the same with the peer shaped at the highest rate there is
 //!   (10 Gbit/s) both ways, so every packet also goes through its HTB class (and, from the peer,
@@ -52,6 +53,10 @@ use crate::{
 const PEER: u32 = 1;
 /// Runs per figure.
 const RUNS: usize = 3;
+/// Runs per setup and direction of the veth throughput figures (5 s each: TCP through a veth
+/// swings by a tenth between runs on this shared host, and the figure is the lower of two
+/// directions, so three runs were too few).
+const VETH_RUNS: usize = 5;
 
 /// Two namespaces joined by a veth pair; `a` is the server, `b` the peer. Fields drop in order:
 /// the dataplane (if any) before the devices.
@@ -234,13 +239,17 @@ fn veth_ratio(pins: &BenchPins) -> Result<Vec<Figure>> {
     let mut worst: Option<(f64, f64, f64)> = None;
     let mut worst_shaped: Option<f64> = None;
     for to_peer in [true, false] {
-        let (mut b, mut w, mut s) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..RUNS {
-            b.push(bare.send(to_peer, 5).received_bps);
-            w.push(with.send(to_peer, 5).received_bps);
-            s.push(shaped.send(to_peer, 5).received_bps);
+        // Bare, with programs, shaped; each run starts with the next setup, so a slow phase
+        // of the shared machine weighs on every setup alike.
+        let links = [&bare, &with, &shaped];
+        let mut bps: [Vec<f64>; 3] = Default::default();
+        for run in 0..VETH_RUNS {
+            for k in 0..links.len() {
+                let i = (run + k) % links.len();
+                bps[i].push(links[i].send(to_peer, 5).received_bps);
+            }
         }
-        let (mb, mw, ms) = (median(&b), median(&w), median(&s));
+        let [mb, mw, ms] = bps.map(|v| median(&v));
         let (ratio, ratio_shaped) = (mw / mb, ms / mb);
         progress!(
             "veth {}: bare {:.0} Mbit/s, with programs {:.0} Mbit/s (ratio {ratio:.3}), shaped \

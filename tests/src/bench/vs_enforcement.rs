@@ -21,11 +21,19 @@
 //!   @flowlim { ip daddr ct count over 64 } drop`, which needs conntrack), and the class chosen
 //!   by a verdict-free map lookup (`meta priority set ip daddr map @peer_prio`) rather than 1 000
 //!   linear `u32` filters — the fastest classification nftables and HTB offer.
-//! - **No enforcement**: a third rig of the same shape with nothing attached (no programs, no
-//!   qdisc, no rules), run in the same rotation: `enforcement_mbps_none_1k_peers`, and its ratio
-//!   to the nftables + tc rig, `enforcement_ceiling_vs_nftables_tc_1k_peers`, the highest
+//! - **No enforcement**: a rig of the same shape with nothing attached (no programs, no qdisc,
+//!   no rules), run in the same rotation: `enforcement_mbps_none_1k_peers`, and its ratio to the
+//!   nftables + tc rig, `enforcement_ceiling_vs_nftables_tc_1k_peers`, the highest
 //!   `enforcement_vs_nftables_tc_1k_peers` *any* enforcement could reach in that run.
-//! - **Small packets** (`enforcement_udp_*`): the same three rigs, flooded from `a` by one thread
+//! - **HTB alone**: a rig with only the HTB of the nftables + tc rig (the same 1 000 classes)
+//!   and a default class `1:2` at 40 Gbit/s that takes every packet, unclassified: no program,
+//!   no rule, no conntrack (`enforcement_mbps_htb_alone_1k_peers`). A bandwidth limit on this
+//!   kernel is an HTB class (no `fq` for EDT pacing; policing in the program loses 45–92 % of
+//!   TCP's rate, `capybara_agent::dataplane::shape`), so its ratio to the nftables + tc rig,
+//!   `enforcement_htb_ceiling_vs_nftables_tc_1k_peers`, is the highest any enforcement with a
+//!   bandwidth limit could reach in that run. The run checks that the default class carried
+//!   the traffic.
+//! - **Small packets** (`enforcement_udp_*`): the same four rigs, flooded from `a` by one thread
 //!   writing 160-byte UDP payloads (one 20 ms G.711 voice frame) to the four peers, one flow
 //!   each, 64 per `sendmmsg` on an ordinary UDP socket — through routing, conntrack, the rules,
 //!   the TC programs and HTB like any traffic to a peer — for 3 s per rig and run, rotated like
@@ -97,6 +105,13 @@ pub const ENFORCEMENT_MBPS_NONE_1K_PEERS: &str = "enforcement_mbps_none_1k_peers
 /// `enforcement_vs_nftables_tc_1k_peers` any enforcement could reach in this run.
 pub const ENFORCEMENT_CEILING_VS_NFTABLES_TC_1K_PEERS: &str =
     "enforcement_ceiling_vs_nftables_tc_1k_peers";
+/// The goodput of the same rig with only HTB (the same classes, every packet in one default
+/// class, no program, no rule), Mbit/s: the shaper every rig that limits bandwidth pays for.
+pub const ENFORCEMENT_MBPS_HTB_ALONE_1K_PEERS: &str = "enforcement_mbps_htb_alone_1k_peers";
+/// The HTB-alone goodput over the nftables + tc goodput: the highest
+/// `enforcement_vs_nftables_tc_1k_peers` any enforcement that shapes with HTB could reach.
+pub const ENFORCEMENT_HTB_CEILING_VS_NFTABLES_TC_1K_PEERS: &str =
+    "enforcement_htb_ceiling_vs_nftables_tc_1k_peers";
 /// Capybara's packets per second over the nftables + tc packets per second, the same rigs
 /// flooded with small UDP packets.
 pub const ENFORCEMENT_UDP_VS_NFTABLES_TC_1K_PEERS: &str = "enforcement_udp_vs_nftables_tc_1k_peers";
@@ -111,6 +126,11 @@ pub const ENFORCEMENT_UDP_KPPS_NONE_1K_PEERS: &str = "enforcement_udp_kpps_none_
 /// `enforcement_udp_vs_nftables_tc_1k_peers` any enforcement could reach in this run.
 pub const ENFORCEMENT_UDP_CEILING_VS_NFTABLES_TC_1K_PEERS: &str =
     "enforcement_udp_ceiling_vs_nftables_tc_1k_peers";
+/// Small UDP packets through the HTB-alone rig, kpps.
+pub const ENFORCEMENT_UDP_KPPS_HTB_ALONE_1K_PEERS: &str = "enforcement_udp_kpps_htb_alone_1k_peers";
+/// The HTB-alone kpps over the nftables + tc kpps.
+pub const ENFORCEMENT_UDP_HTB_CEILING_VS_NFTABLES_TC_1K_PEERS: &str =
+    "enforcement_udp_htb_ceiling_vs_nftables_tc_1k_peers";
 /// Median µs of `Dataplane::set_rates` for one peer.
 pub const RULE_UPDATE_US_CAPYBARA: &str = "rule_update_us_capybara";
 /// Median µs of `tc class change` for one peer.
@@ -123,11 +143,15 @@ pub const NAMES: &[&str] = &[
     ENFORCEMENT_MBPS_NFTABLES_TC_1K_PEERS,
     ENFORCEMENT_MBPS_NONE_1K_PEERS,
     ENFORCEMENT_CEILING_VS_NFTABLES_TC_1K_PEERS,
+    ENFORCEMENT_MBPS_HTB_ALONE_1K_PEERS,
+    ENFORCEMENT_HTB_CEILING_VS_NFTABLES_TC_1K_PEERS,
     ENFORCEMENT_UDP_VS_NFTABLES_TC_1K_PEERS,
     ENFORCEMENT_UDP_KPPS_CAPYBARA_1K_PEERS,
     ENFORCEMENT_UDP_KPPS_NFTABLES_TC_1K_PEERS,
     ENFORCEMENT_UDP_KPPS_NONE_1K_PEERS,
     ENFORCEMENT_UDP_CEILING_VS_NFTABLES_TC_1K_PEERS,
+    ENFORCEMENT_UDP_KPPS_HTB_ALONE_1K_PEERS,
+    ENFORCEMENT_UDP_HTB_CEILING_VS_NFTABLES_TC_1K_PEERS,
     RULE_UPDATE_US_CAPYBARA,
     RULE_UPDATE_US_TC,
 ];
@@ -154,6 +178,7 @@ const UPDATED: u32 = 500;
 const NET_CAPY: u8 = 91;
 const NET_BASE: u8 = 92;
 const NET_NONE: u8 = 93;
+const NET_HTB: u8 = 94;
 
 /// How the enforcement benchmark samples.
 #[derive(Debug, Clone, Copy)]
@@ -176,9 +201,18 @@ pub fn class_of(i: u32) -> String {
     format!("1:{:x}", i + 0x10)
 }
 
-/// The `tc -batch` input: the root and one class per peer.
-pub fn tc_batch(dev: &str, peers: u32) -> String {
-    let mut s = format!("qdisc replace dev {dev} root handle 1: htb\n");
+/// The `tc -batch` input: the root and one class per peer; with `default_class`, also a class
+/// `1:2` that HTB puts every unclassified packet in (40 Gbit/s: the four active peers' 10 each).
+pub fn tc_batch(dev: &str, peers: u32, default_class: bool) -> String {
+    let mut s = if default_class {
+        format!(
+            "qdisc replace dev {dev} root handle 1: htb default 2\nclass add dev {dev} parent 1: \
+             classid 1:2 htb rate 40gbit ceil 40gbit burst 5000000 cburst 5000000 quantum \
+             200000\n"
+        )
+    } else {
+        format!("qdisc replace dev {dev} root handle 1: htb\n")
+    };
     for i in 0..peers {
         s.push_str(&format!(
             "class add dev {dev} parent 1: classid {} htb rate 10gbit ceil 10gbit burst 1250000 \
@@ -309,18 +343,19 @@ impl Rig {
     }
 }
 
-/// Runs `f` on each of Capybara's, the nftables + tc and the unenforced rig (in that order),
-/// `runs` rounds (at least one), each round starting with the next rig, so a slow phase of the
-/// shared machine weighs on every rig alike.
+/// Runs `f` on each of Capybara's, the nftables + tc, the HTB-alone and the unenforced rig (in
+/// that order), `runs` rounds (at least one), each round starting with the next rig, so a slow
+/// phase of the shared machine weighs on every rig alike.
 fn rotated(
     runs: usize,
-    rigs: [&mut Rig; 3],
+    rigs: [&mut Rig; 4],
     mut f: impl FnMut(&str, &mut Rig) -> Result<()>,
 ) -> Result<()> {
-    let mut order: Vec<(&str, &mut Rig)> = ["Capybara", "nftables + tc", "no enforcement"]
-        .into_iter()
-        .zip(rigs)
-        .collect();
+    let mut order: Vec<(&str, &mut Rig)> =
+        ["Capybara", "nftables + tc", "HTB alone", "no enforcement"]
+            .into_iter()
+            .zip(rigs)
+            .collect();
     for _ in 0..runs.max(1) {
         for (name, rig) in order.iter_mut() {
             f(name, rig)?;
@@ -371,7 +406,7 @@ pub fn run(
     let t = Instant::now();
     let mut base = Rig::new(NET_BASE)?;
     let dev = base.veth.a.ifname.clone();
-    let batch = tc_batch(&dev, PEERS);
+    let batch = tc_batch(&dev, PEERS, false);
     let ruleset = nft_ruleset(NET_BASE, PEERS);
     let tc_file = tempfile::NamedTempFile::new()?;
     std::fs::write(tc_file.path(), &batch)?;
@@ -397,7 +432,7 @@ pub fn run(
         )
     };
     let short_ruleset = nft_ruleset(NET_BASE, 2);
-    let docs = vec![BaselineDoc {
+    let mut docs = vec![BaselineDoc {
         benchmark: ENFORCEMENT_VS_NFTABLES_TC_1K_PEERS,
         tool: "nftables + tc HTB",
         commands: vec![
@@ -439,33 +474,77 @@ pub fn run(
         "the nftables counter of the first active peer did not move: {listed}"
     );
 
+    let mut htb = Rig::new(NET_HTB)?;
+    let htb_dev = htb.veth.a.ifname.clone();
+    let htb_batch = tc_batch(&htb_dev, PEERS, true);
+    let htb_file = tempfile::NamedTempFile::new()?;
+    std::fs::write(htb_file.path(), &htb_batch)?;
+    htb.a
+        .exec(&["tc", "-batch", &htb_file.path().to_string_lossy()]);
+    docs.push(BaselineDoc {
+        benchmark: ENFORCEMENT_HTB_CEILING_VS_NFTABLES_TC_1K_PEERS,
+        tool: "tc HTB alone (no programs, no rules)",
+        commands: vec![
+            "tc -batch htb-alone.tc".to_owned(),
+            format!("# htb-alone.tc:\n{}", abridge(&htb_batch, 4)),
+        ],
+    });
     let mut none = Rig::new(NET_NONE)?;
-    rotated(opts.runs, [&mut capy, &mut base, &mut none], |name, rig| {
-        let mbps = rig.run(opts.seconds);
-        progress!("enforcement: {name} {mbps:.0} Mbit/s");
-        rig.mbps.push(mbps);
-        Ok(())
-    })?;
-    let (c, b, n) = (median(&capy.mbps), median(&base.mbps), median(&none.mbps));
+    rotated(
+        opts.runs,
+        [&mut capy, &mut base, &mut htb, &mut none],
+        |name, rig| {
+            let mbps = rig.run(opts.seconds);
+            progress!("enforcement: {name} {mbps:.0} Mbit/s");
+            rig.mbps.push(mbps);
+            Ok(())
+        },
+    )?;
+    let (c, b, h, n) = (
+        median(&capy.mbps),
+        median(&base.mbps),
+        median(&htb.mbps),
+        median(&none.mbps),
+    );
     progress!(
-        "{ENFORCEMENT_VS_NFTABLES_TC_1K_PEERS}: {:.3} (target >= 1.2; unenforced {:.3})",
+        "{ENFORCEMENT_VS_NFTABLES_TC_1K_PEERS}: {:.3} (target >= 1.2; HTB alone {:.3}, \
+         unenforced {:.3})",
         c / b,
+        h / b,
         n / b
     );
-    for rig in [&mut capy, &mut base, &mut none] {
+    for rig in [&mut capy, &mut base, &mut htb, &mut none] {
         rig.flood(1.0)?; // warm-up
     }
-    rotated(opts.runs, [&mut capy, &mut base, &mut none], |name, rig| {
-        let kpps = rig.flood(opts.flood_seconds)?;
-        progress!("enforcement: {name} {kpps:.0} kpps of small UDP packets");
-        rig.kpps.push(kpps);
-        Ok(())
-    })?;
-    let (uc, ub, un) = (median(&capy.kpps), median(&base.kpps), median(&none.kpps));
+    rotated(
+        opts.runs,
+        [&mut capy, &mut base, &mut htb, &mut none],
+        |name, rig| {
+            let kpps = rig.flood(opts.flood_seconds)?;
+            progress!("enforcement: {name} {kpps:.0} kpps of small UDP packets");
+            rig.kpps.push(kpps);
+            Ok(())
+        },
+    )?;
+    let (uc, ub, uh, un) = (
+        median(&capy.kpps),
+        median(&base.kpps),
+        median(&htb.kpps),
+        median(&none.kpps),
+    );
     progress!(
-        "{ENFORCEMENT_UDP_VS_NFTABLES_TC_1K_PEERS}: {:.3} (unenforced {:.3})",
+        "{ENFORCEMENT_UDP_VS_NFTABLES_TC_1K_PEERS}: {:.3} (HTB alone {:.3}, unenforced {:.3})",
         uc / ub,
+        uh / ub,
         un / ub
+    );
+    // HTB alone shaped what it carried: its default class, not the direct queue, sent it.
+    let default_class = htb.a.exec(&[
+        "tc", "-s", "class", "show", "dev", &htb_dev, "classid", "1:2",
+    ]);
+    ensure!(
+        default_class.contains("Sent ") && !default_class.contains("Sent 0 bytes"),
+        "HTB alone's default class carried nothing: {default_class}"
     );
 
     // Rule updates.
@@ -544,6 +623,16 @@ pub fn run(
             unit: "ratio",
         },
         Figure {
+            name: ENFORCEMENT_MBPS_HTB_ALONE_1K_PEERS,
+            value: h,
+            unit: "Mbit/s",
+        },
+        Figure {
+            name: ENFORCEMENT_HTB_CEILING_VS_NFTABLES_TC_1K_PEERS,
+            value: h / b,
+            unit: "ratio",
+        },
+        Figure {
             name: ENFORCEMENT_UDP_VS_NFTABLES_TC_1K_PEERS,
             value: uc / ub,
             unit: "ratio",
@@ -566,6 +655,16 @@ pub fn run(
         Figure {
             name: ENFORCEMENT_UDP_CEILING_VS_NFTABLES_TC_1K_PEERS,
             value: un / ub,
+            unit: "ratio",
+        },
+        Figure {
+            name: ENFORCEMENT_UDP_KPPS_HTB_ALONE_1K_PEERS,
+            value: uh,
+            unit: "kpps",
+        },
+        Figure {
+            name: ENFORCEMENT_UDP_HTB_CEILING_VS_NFTABLES_TC_1K_PEERS,
+            value: uh / ub,
             unit: "ratio",
         },
         Figure {
@@ -599,10 +698,15 @@ mod tests {
 
     #[test]
     fn tc_batch_has_a_root_and_a_class_per_peer() {
-        let b = tc_batch("v0", 3);
+        let b = tc_batch("v0", 3, false);
         assert_eq!(b.lines().count(), 4);
         assert!(b.starts_with("qdisc replace dev v0 root handle 1: htb\n"));
         assert!(b.contains("classid 1:12 htb rate 10gbit ceil 10gbit"));
+        let d = tc_batch("v0", 3, true);
+        assert_eq!(d.lines().count(), 5);
+        assert!(d.starts_with("qdisc replace dev v0 root handle 1: htb default 2\n"));
+        assert!(d.contains("classid 1:2 htb rate 40gbit ceil 40gbit"));
+        assert!(d.contains("classid 1:12 htb rate 10gbit ceil 10gbit"));
     }
 
     #[test]
