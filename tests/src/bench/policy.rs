@@ -34,7 +34,7 @@
 //! pool, the watcher), so on two cores its tail is the hypervisor's, not the agent's. Measured
 //! on 2026-12-02:
 //! - two processes bouncing one byte over pipes: 134 000–142 000 round trips/s and 0.0–0.1 %
-//!   stolen on one core; 9 000–17 000/s and 4–32 % stolen on two;
+//!   stolen on one core; 5 700–17 300/s and 0.4–40 % stolen on two;
 //! - inside this benchmark, a read-only `GetLimits` call (no write at all): p50 141–153 µs, p99
 //!   253–269 µs on one core; p50 315–349 µs, p99 2 676–3 059 µs on two, while the service's own
 //!   `set_limits` (store write and map update, no RPC) took p50 31–45 µs, p99 93–198 µs;
@@ -59,6 +59,9 @@
 //! - 2026-12-02, two runs of this benchmark alone: `policy_update_p99_us` **644** and
 //!   **608 µs** (p50 330, 308 µs); on two cores p99 851 and 3 538 µs (p50 307, 381 µs), the
 //!   second run's two-core runs losing 26.2, 19.8 and 1.0 % of their CPU time to the host.
+//! - 2026-12-02, full runs of `cargo xtask bench` (05:40 and 06:14 UTC): `policy_update_p99_us`
+//!   **747** and **908 µs**; on two cores 2 996 and 5 668 µs, its runs losing 12.9–36.4 % of
+//!   their CPU time to the host against 0.3–10.8 % for the one-core runs between them.
 
 use std::{
     sync::{Arc, Mutex},
