@@ -259,6 +259,7 @@ async fn run_async(pins: &BenchPins, fanout: bool, updates: bool) -> Result<Vec<
         }
         let all = sched_getaffinity(Pid::from_raw(0)).context("sched_getaffinity")?;
         let one = one_core(&all)?;
+        let restore = Unconfine(all);
         let mut runs: [Vec<Percentiles>; 2] = [Vec::new(), Vec::new()];
         for run in 0..UPDATE_RUNS {
             for (placement, cpus) in [(Placement::OneCore, &one), (Placement::TwoCores, &all)] {
@@ -296,7 +297,7 @@ async fn run_async(pins: &BenchPins, fanout: bool, updates: bool) -> Result<Vec<
                 runs[placement as usize].push(p);
             }
         }
-        confine_threads(&all)?;
+        drop(restore);
         let [one_core, two_cores] = runs;
         let of = |runs: &[Percentiles], pick: fn(&Percentiles) -> f64| {
             super::median(&runs.iter().map(pick).collect::<Vec<_>>())
@@ -424,6 +425,18 @@ fn one_core(all: &CpuSet) -> Result<CpuSet> {
     let mut one = CpuSet::new();
     one.set(cpu)?;
     Ok(one)
+}
+
+/// Gives every thread its whole mask back when dropped, so a run that fails does not leave
+/// the rest of the benchmark on one core.
+struct Unconfine(CpuSet);
+
+impl Drop for Unconfine {
+    fn drop(&mut self) {
+        if let Err(e) = confine_threads(&self.0) {
+            progress!("policy_update: cannot give the threads both cores back: {e:#}");
+        }
+    }
 }
 
 /// Moves every thread of this process (the tokio workers and blocking pool, RocksDB's, the

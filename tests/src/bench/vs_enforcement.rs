@@ -507,12 +507,7 @@ pub fn run(
             Ok(())
         },
     )?;
-    let (c, b, h, n) = (
-        median(&capy.mbps),
-        median(&base.mbps),
-        median(&htb.mbps),
-        median(&none.mbps),
-    );
+    let [c, b, h, n] = [&capy, &base, &htb, &none].map(|r| median(&r.mbps));
     progress!(
         "{ENFORCEMENT_VS_NFTABLES_TC_1K_PEERS}: {:.3} (target >= 1.2; HTB alone {:.3}, \
          unenforced {:.3})",
@@ -533,12 +528,7 @@ pub fn run(
             Ok(())
         },
     )?;
-    let (uc, ub, uh, un) = (
-        median(&capy.kpps),
-        median(&base.kpps),
-        median(&htb.kpps),
-        median(&none.kpps),
-    );
+    let [uc, ub, uh, un] = [&capy, &base, &htb, &none].map(|r| median(&r.kpps));
     progress!(
         "{ENFORCEMENT_UDP_VS_NFTABLES_TC_1K_PEERS}: {:.3} (HTB alone {:.3}, unenforced {:.3})",
         uc / ub,
