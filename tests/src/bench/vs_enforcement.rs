@@ -4,11 +4,12 @@
 //! changing one peer's limit in each (`rule_update_us_capybara`, `rule_update_us_tc`).
 //!
 //! ## Method
-//! - Two rigs, each a veth pair between two namespaces of its own (server `a`, peers `b`): 1 000
+//! - Two rigs compared (and two more that bound the comparison, below), each a veth pair
+//!   between two namespaces of its own (server `a`, peers `b`): 1 000
 //!   peers at `10.<net>.4.0/22` (routed to `b`); four of them hold their address on `b` and
 //!   receive the traffic: four iperf3 TCP streams at once, one to each of the four peers, from
 //!   `a` (the direction the shaping is on in both rigs), [`RUNS`] runs of [`SECONDS`] s,
-//!   alternating between the rigs; the figure is the median of the summed goodput.
+//!   rotating through the four rigs; the figure is the median of the summed goodput.
 //! - Every peer's limit is 10 Gbit/s (Capybara's highest), so the limit never binds and what
 //!   differs is the cost of the machinery; the flow limit is 64 flows per peer.
 //! - **Capybara**: [`Dataplane::attach_tc`] on `a`'s end; per peer `add_peer`,
