@@ -112,39 +112,11 @@ pub const TUNNEL_THROUGHPUT_WIREGUARD_GO_MBPS: &str = "tunnel_throughput_wiregua
 pub const TUNNEL_THROUGHPUT_VS_BORINGTUN_CLI: &str = "tunnel_throughput_vs_boringtun_cli";
 /// `tunnel_throughput_mbps` over `tunnel_throughput_wireguard_go_mbps`.
 pub const TUNNEL_THROUGHPUT_VS_WIREGUARD_GO: &str = "tunnel_throughput_vs_wireguard_go";
-pub use agent_load::{
-    AGENT_RSS_MB_100K_PEERS, AGENT_RSS_MB_EMPTY, AGENT_START_MS_100K_PEERS, AGENT_START_MS_EMPTY,
-    LOAD_100K_PEERS_MS,
-};
 pub use api_load::{API_LOAD_CALLS_PER_S, API_LOAD_ERRORS, API_LOAD_P50_MS, API_LOAD_P99_MS};
-pub use pipeline::{
-    TC_FLOOR_3_LINES_NS_10_PEERS, TC_FLOOR_3_LINES_NS_100K_PEERS, TC_FLOOR_LINE_NS_10_PEERS,
-    TC_FLOOR_LINE_NS_100K_PEERS, TC_FLOOR_PARSE_NS_10_PEERS, TC_FLOOR_PARSE_NS_100K_PEERS,
-    TC_PIPELINE_100K_OVER_10_FLOOR,
-};
 pub use policy::{
     GROUP_POLICY_FANOUT_10K_MS, GROUP_POLICY_FANOUT_RPC_MS, POLICY_UPDATE_P50_US,
     POLICY_UPDATE_P50_US_TWO_CORES, POLICY_UPDATE_P99_US, POLICY_UPDATE_P99_US_TWO_CORES,
     POLICY_UPDATE_RPC_P99_US,
-};
-pub use vs_enforcement::{
-    ENFORCEMENT_CEILING_VS_NFTABLES_TC_1K_PEERS, ENFORCEMENT_HTB_CEILING_VS_NFTABLES_TC_1K_PEERS,
-    ENFORCEMENT_MBPS_CAPYBARA_1K_PEERS, ENFORCEMENT_MBPS_HTB_ALONE_1K_PEERS,
-    ENFORCEMENT_MBPS_NFTABLES_TC_1K_PEERS, ENFORCEMENT_MBPS_NONE_1K_PEERS,
-    ENFORCEMENT_UDP_CEILING_VS_NFTABLES_TC_1K_PEERS,
-    ENFORCEMENT_UDP_HTB_CEILING_VS_NFTABLES_TC_1K_PEERS, ENFORCEMENT_UDP_KPPS_CAPYBARA_1K_PEERS,
-    ENFORCEMENT_UDP_KPPS_HTB_ALONE_1K_PEERS, ENFORCEMENT_UDP_KPPS_NFTABLES_TC_1K_PEERS,
-    ENFORCEMENT_UDP_KPPS_NONE_1K_PEERS, ENFORCEMENT_UDP_VS_NFTABLES_TC_1K_PEERS,
-    ENFORCEMENT_VS_NFTABLES_TC_1K_PEERS, RULE_UPDATE_US_CAPYBARA, RULE_UPDATE_US_TC,
-};
-pub use vs_nftables::{
-    BLOCKLIST_PPS_IPTABLES_IPSET_1M, BLOCKLIST_PPS_NFTABLES_1M, BLOCKLIST_PPS_NO_FILTER,
-    BLOCKLIST_PPS_XDP_1M, BLOCKLIST_VS_IPTABLES_IPSET_1M, BLOCKLIST_VS_NFTABLES_1M,
-};
-pub use vs_tc::{
-    THROTTLE_ACCURACY_NFT_LIMIT_5M, THROTTLE_ACCURACY_NFT_LIMIT_50M,
-    THROTTLE_ACCURACY_NFT_LIMIT_500M, THROTTLE_ACCURACY_TC_HTB_5M, THROTTLE_ACCURACY_TC_HTB_50M,
-    THROTTLE_ACCURACY_TC_HTB_500M,
 };
 
 /// Every benchmark, in the order they run and are reported: the modules' own lists where they
@@ -197,6 +169,26 @@ const ALL_PARTS: &[&[&str]] = &[
     vs_nftables::NAMES,
     vs_enforcement::NAMES,
     vs_tc::NAMES,
+    agent_load::NAMES,
+];
+
+/// What `--quick` runs: a few of the kernel probes, one rate of each throttle baseline, and the
+/// comparisons and the agent's load as a whole (their modules' lists).
+pub const QUICK: &[&str] = &concat::<{ total(QUICK_PARTS) }>(QUICK_PARTS);
+
+const QUICK_PARTS: &[&[&str]] = &[
+    &[
+        XDP_GUARD_NS_1K,
+        XDP_GUARD_NS_1M,
+        XDP_GUARD_1M_OVER_1K,
+        TC_PIPELINE_NS_10_PEERS,
+        TC_PIPELINE_NS_100K_PEERS,
+        TC_PIPELINE_100K_OVER_10,
+        vs_tc::THROTTLE_ACCURACY_TC_HTB_50M,
+        vs_tc::THROTTLE_ACCURACY_NFT_LIMIT_50M,
+    ],
+    vs_nftables::NAMES,
+    vs_enforcement::NAMES,
     agent_load::NAMES,
 ];
 
@@ -426,7 +418,10 @@ fn sweep_stale() {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{
+        agent_load::{AGENT_RSS_MB_100K_PEERS, LOAD_100K_PEERS_MS},
+        *,
+    };
 
     #[test]
     fn median_of_odd_and_even_counts() {

@@ -260,9 +260,12 @@ async fn run_async(pins: &BenchPins, fanout: bool, updates: bool) -> Result<Vec<
         let all = sched_getaffinity(Pid::from_raw(0)).context("sched_getaffinity")?;
         let one = one_core(&all)?;
         let restore = Unconfine(all);
-        let mut runs: [Vec<Percentiles>; 2] = [Vec::new(), Vec::new()];
+        let (mut on_one, mut on_two) = (Vec::new(), Vec::new());
         for run in 0..UPDATE_RUNS {
-            for (placement, cpus) in [(Placement::OneCore, &one), (Placement::TwoCores, &all)] {
+            for (placement, cpus, runs) in [
+                ("one core", &one, &mut on_one),
+                ("two cores", &all, &mut on_two),
+            ] {
                 confine_threads(cpus)?;
                 let steal = CpuTimes::now();
                 let mut samples = Vec::with_capacity(UPDATES);
@@ -275,10 +278,7 @@ async fn run_async(pins: &BenchPins, fanout: bool, updates: bool) -> Result<Vec<
                         rpcs.push(rpc);
                     }
                 }
-                let steal = match (steal, CpuTimes::now()) {
-                    (Some(a), Some(b)) => b.steal_pct_since(&a),
-                    _ => f64::NAN,
-                };
+                let steal = CpuTimes::stolen_since(steal);
                 samples.sort_by(f64::total_cmp);
                 rpcs.sort_by(f64::total_cmp);
                 let p = Percentiles {
@@ -294,20 +294,19 @@ async fn run_async(pins: &BenchPins, fanout: bool, updates: bool) -> Result<Vec<
                     p.p99,
                     p.rpc_p99
                 );
-                runs[placement as usize].push(p);
+                runs.push(p);
             }
         }
         drop(restore);
-        let [one_core, two_cores] = runs;
         let of = |runs: &[Percentiles], pick: fn(&Percentiles) -> f64| {
             super::median(&runs.iter().map(pick).collect::<Vec<_>>())
         };
         for (name, value) in [
-            (POLICY_UPDATE_RPC_P99_US, of(&one_core, |p| p.rpc_p99)),
-            (POLICY_UPDATE_P99_US, of(&one_core, |p| p.p99)),
-            (POLICY_UPDATE_P50_US, of(&one_core, |p| p.p50)),
-            (POLICY_UPDATE_P99_US_TWO_CORES, of(&two_cores, |p| p.p99)),
-            (POLICY_UPDATE_P50_US_TWO_CORES, of(&two_cores, |p| p.p50)),
+            (POLICY_UPDATE_RPC_P99_US, of(&on_one, |p| p.rpc_p99)),
+            (POLICY_UPDATE_P99_US, of(&on_one, |p| p.p99)),
+            (POLICY_UPDATE_P50_US, of(&on_one, |p| p.p50)),
+            (POLICY_UPDATE_P99_US_TWO_CORES, of(&on_two, |p| p.p99)),
+            (POLICY_UPDATE_P50_US_TWO_CORES, of(&on_two, |p| p.p50)),
         ] {
             out.push(Figure {
                 name,
@@ -396,24 +395,6 @@ struct Percentiles {
     p50: f64,
     p99: f64,
     rpc_p99: f64,
-}
-
-/// Where the benchmark's threads (agent, client and watcher alike) run during a run.
-#[derive(Clone, Copy)]
-enum Placement {
-    /// All on one core: no call waits for the hypervisor to wake the other vCPU.
-    OneCore = 0,
-    /// Free on both cores, as the scheduler places them.
-    TwoCores = 1,
-}
-
-impl std::fmt::Display for Placement {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Placement::OneCore => "one core",
-            Placement::TwoCores => "two cores",
-        })
-    }
 }
 
 /// The highest-numbered core of `all`, alone.

@@ -150,6 +150,15 @@ impl CpuTimes {
         parse_cpu_times(&std::fs::read_to_string("/proc/stat").ok()?)
     }
 
+    /// The percentage of the CPU time from `start` (taken by [`CpuTimes::now`]) until now that
+    /// was stolen; NaN when `/proc/stat` could not be read at either end.
+    pub fn stolen_since(start: Option<CpuTimes>) -> f64 {
+        match (start, CpuTimes::now()) {
+            (Some(a), Some(b)) => b.steal_pct_since(&a),
+            _ => f64::NAN,
+        }
+    }
+
     /// The percentage of the CPU time since `earlier` that was stolen.
     pub fn steal_pct_since(&self, earlier: &CpuTimes) -> f64 {
         let total = self.total.saturating_sub(earlier.total);
@@ -227,10 +236,7 @@ impl Stages {
         if seconds < MIN_STAGE_SECONDS {
             return;
         }
-        let steal_pct = match (start, CpuTimes::now()) {
-            (Some(a), Some(b)) => b.steal_pct_since(&a),
-            _ => f64::NAN,
-        };
+        let steal_pct = CpuTimes::stolen_since(start);
         log(&format!(
             "bench: {name}: {seconds:.0} s, {steal_pct:.1} % of CPU time stolen by the host"
         ));

@@ -44,7 +44,7 @@ struct Args {
     /// the daemon uses, `capybara_agent::tunnel::DEFAULT_OFFLOAD`).
     #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
     tunnel_offload: Option<String>,
-    /// A subset in about two minutes: the benchmarks in `QUICK`, fewer rounds.
+    /// A subset in about two minutes: the benchmarks in `bench::QUICK`, fewer rounds.
     #[arg(long)]
     quick: bool,
     /// Where `report.md` and the plots go (default: the directory of `--out`; none without).
@@ -60,45 +60,6 @@ struct Args {
     #[arg(long)]
     list: bool,
 }
-
-/// What `--quick` runs.
-const QUICK: &[&str] = &[
-    bench::XDP_GUARD_NS_1K,
-    bench::XDP_GUARD_NS_1M,
-    bench::XDP_GUARD_1M_OVER_1K,
-    bench::TC_PIPELINE_NS_10_PEERS,
-    bench::TC_PIPELINE_NS_100K_PEERS,
-    bench::TC_PIPELINE_100K_OVER_10,
-    bench::BLOCKLIST_VS_NFTABLES_1M,
-    bench::BLOCKLIST_VS_IPTABLES_IPSET_1M,
-    bench::BLOCKLIST_PPS_XDP_1M,
-    bench::BLOCKLIST_PPS_NFTABLES_1M,
-    bench::BLOCKLIST_PPS_IPTABLES_IPSET_1M,
-    bench::BLOCKLIST_PPS_NO_FILTER,
-    bench::THROTTLE_ACCURACY_TC_HTB_50M,
-    bench::THROTTLE_ACCURACY_NFT_LIMIT_50M,
-    bench::ENFORCEMENT_VS_NFTABLES_TC_1K_PEERS,
-    bench::ENFORCEMENT_MBPS_CAPYBARA_1K_PEERS,
-    bench::ENFORCEMENT_MBPS_NFTABLES_TC_1K_PEERS,
-    bench::ENFORCEMENT_MBPS_NONE_1K_PEERS,
-    bench::ENFORCEMENT_CEILING_VS_NFTABLES_TC_1K_PEERS,
-    bench::ENFORCEMENT_MBPS_HTB_ALONE_1K_PEERS,
-    bench::ENFORCEMENT_HTB_CEILING_VS_NFTABLES_TC_1K_PEERS,
-    bench::ENFORCEMENT_UDP_VS_NFTABLES_TC_1K_PEERS,
-    bench::ENFORCEMENT_UDP_KPPS_CAPYBARA_1K_PEERS,
-    bench::ENFORCEMENT_UDP_KPPS_NFTABLES_TC_1K_PEERS,
-    bench::ENFORCEMENT_UDP_KPPS_NONE_1K_PEERS,
-    bench::ENFORCEMENT_UDP_CEILING_VS_NFTABLES_TC_1K_PEERS,
-    bench::ENFORCEMENT_UDP_KPPS_HTB_ALONE_1K_PEERS,
-    bench::ENFORCEMENT_UDP_HTB_CEILING_VS_NFTABLES_TC_1K_PEERS,
-    bench::RULE_UPDATE_US_CAPYBARA,
-    bench::RULE_UPDATE_US_TC,
-    bench::AGENT_RSS_MB_100K_PEERS,
-    bench::LOAD_100K_PEERS_MS,
-    bench::AGENT_RSS_MB_EMPTY,
-    bench::AGENT_START_MS_EMPTY,
-    bench::AGENT_START_MS_100K_PEERS,
-];
 
 fn main() -> Result<()> {
     let mut args = Args::parse();
@@ -116,7 +77,7 @@ fn main() -> Result<()> {
     }
     let mut sel = Selection::new(args.filter.clone());
     if args.quick {
-        sel = sel.only(QUICK);
+        sel = sel.only(bench::QUICK);
     }
     let agent_load = bench::agent_load::NAMES
         .iter()
