@@ -21,6 +21,10 @@ pub struct IperfResult {
     pub sent_bytes: u64,
     /// Segments the sender retransmitted.
     pub retransmits: u64,
+    /// The median of the receiver's whole-second goodputs (omitted seconds excluded), bits per
+    /// second: a second in which the shared host stalled the path does not move it, where a
+    /// rate cap (a shaper) turns every stall into goodput the flow can never make up.
+    pub received_median_second_bps: f64,
 }
 
 /// What to run.
@@ -59,7 +63,9 @@ fn port() -> u16 {
 pub fn tcp(from: &NetNs, to: &NetNs, to_addr: IpAddr, spec: &IperfTcp<'_>) -> IperfResult {
     let port = port().to_string();
     let addr = to_addr.to_string();
-    let server = to.spawn(&["iperf3", "-s", "-1", "-B", &addr, "-p", &port]);
+    // `-J`: the server's own JSON report, with its per-second figures, comes back to the
+    // client (`--get-server-output`).
+    let server = to.spawn(&["iperf3", "-s", "-1", "-J", "-B", &addr, "-p", &port]);
     // Wait for the server to listen (at most 5 s).
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
@@ -80,7 +86,19 @@ pub fn tcp(from: &NetNs, to: &NetNs, to_addr: IpAddr, spec: &IperfTcp<'_>) -> Ip
         spec.streams.to_string(),
     );
     let mut args = vec![
-        "iperf3", "-c", &addr, "-p", &port, "-t", &secs, "-O", &omit, "-P", &streams, "-J",
+        "iperf3",
+        "-c",
+        &addr,
+        "-p",
+        &port,
+        "-t",
+        &secs,
+        "-O",
+        &omit,
+        "-P",
+        &streams,
+        "-J",
+        "--get-server-output",
     ];
     if let Some(cc) = spec.congestion {
         args.extend(["-C", cc]);
@@ -105,7 +123,21 @@ pub fn tcp(from: &NetNs, to: &NetNs, to_addr: IpAddr, spec: &IperfTcp<'_>) -> Ip
         v.as_f64()
             .unwrap_or_else(|| panic!("iperf3 report has no {what}: {text}"))
     };
+    let seconds: Vec<f64> = json["server_output_json"]["intervals"]
+        .as_array()
+        .unwrap_or_else(|| panic!("iperf3 report has no server intervals: {text}"))
+        .iter()
+        .map(|i| &i["sum"])
+        // The last interval is the fraction of a second the test ran over.
+        .filter(|sum| sum["omitted"] != true && sum["seconds"].as_f64().is_some_and(|s| s > 0.9))
+        .map(|sum| num(&sum["bits_per_second"], "an interval's rate"))
+        .collect();
+    assert!(
+        !seconds.is_empty(),
+        "iperf3 report has no whole second: {text}"
+    );
     IperfResult {
+        received_median_second_bps: crate::bench::median(&seconds),
         received_bps: num(&end["sum_received"]["bits_per_second"], "received rate"),
         received_bytes: num(&end["sum_received"]["bytes"], "received bytes") as u64,
         sent_bytes: num(&end["sum_sent"]["bytes"], "sent bytes") as u64,
