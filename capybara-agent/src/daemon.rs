@@ -43,20 +43,16 @@ use std::{
 
 use crate::{
     api::{self, ApiError, Listeners},
-    blocklist::RegistrySnapshot,
     dataplane::{Dataplane, DataplaneConfig, DataplaneError, Event, EventStream},
     paths,
     service::{
-        EndReason, Service, ServiceConfig, ServiceError, ServiceEvent, SessionEvent,
+        self, EndReason, Service, ServiceConfig, ServiceError, ServiceEvent, SessionEvent,
         ports::TunnelPort,
         secrets::{self, SecretError},
     },
-    store::{Cf, Store, StoreError},
+    store::{Store, StoreError},
     tunnel::{KeyError, PrivateKey, TunnelDeviceConfig, WgConfig, WgError, WgTunnel},
 };
-
-/// Store key of the blocklist registry snapshot in [`Cf::Blocklists`].
-pub const BLOCKLISTS_KEY: &str = crate::store::keys::BLOCKLISTS;
 
 /// The control API's listeners and what goes into client configs.
 #[derive(Clone, Debug, Default)]
@@ -194,9 +190,7 @@ pub async fn run(
         r => r?,
     }
 
-    let snapshot: RegistrySnapshot = store
-        .get(Cf::Blocklists, BLOCKLISTS_KEY)?
-        .unwrap_or_default();
+    let snapshot = service::lists::stored_snapshot(&store)?;
     let report = dataplane.restore_lists(&snapshot)?;
     tracing::info!(
         lists = snapshot.lists.len(),
@@ -266,7 +260,7 @@ pub async fn run(
             },
         },
     )?);
-    svc.set_listen_port(config.listen_port);
+    svc.templates.set_listen_port(config.listen_port);
     let tcp = match config.api.listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -292,7 +286,7 @@ pub async fn run(
     let recorder = {
         let (svc, retention) = (svc.clone(), config.history_retention);
         tokio::task::spawn_blocking(move || {
-            crate::service::control::history::run_recorder(svc, session_rx, retention)
+            crate::service::history::run_recorder(svc.history.clone(), session_rx, retention)
         })
     };
     let handshakes = tokio::spawn(forward_handshakes(
@@ -338,7 +332,7 @@ pub async fn run(
                 // Quota periods, windows, daily online time (service::policy).
                 let svc = svc.clone();
                 let ticked = tokio::task::spawn_blocking(move || {
-                    svc.policy_tick(std::time::SystemTime::now())
+                    svc.policy.tick(std::time::SystemTime::now())
                 })
                 .await;
                 if let Ok(Err(e)) = ticked {
@@ -420,13 +414,13 @@ async fn forward_handshakes(
                 match &ev {
                     crate::tunnel::TunnelEvent::Connected { public_key, .. } => {
                         let key = crate::service::domain::PublicKey(*public_key.as_bytes());
-                        if let Err(e) = svc.on_handshake(&key) {
+                        if let Err(e) = svc.monitor.on_handshake(&key) {
                             tracing::warn!(error = %e, "cannot admit a peer after its handshake");
                         }
                     }
                     crate::tunnel::TunnelEvent::Disconnected { public_key, at, .. } => {
                         let key = crate::service::domain::PublicKey(*public_key.as_bytes());
-                        if let Err(e) = svc.policy_on_disconnect(&key, *at) {
+                        if let Err(e) = svc.policy.on_disconnect(&key, *at) {
                             tracing::warn!(
                                 error = %e,
                                 "cannot update the device limit after a disconnect"

@@ -21,9 +21,9 @@ use capybara_agent::{
     api::{self, Listeners, client::code},
     service::{
         EndReason, NewUser, Service, ServiceConfig, SessionEvent,
-        control::history::Recorder,
         domain::{Actor, DeviceName, Peer, PublicKey, Scope, UserName},
-        ports::{MemoryPlane, MemoryTunnel},
+        history::Recorder,
+        testing::{MemoryPlane, MemoryTunnel},
     },
     store::Store,
 };
@@ -36,17 +36,18 @@ fn root() -> Actor {
 }
 
 fn add_user(svc: &Service, name: &str) -> Peer {
-    svc.add_user(
-        &root(),
-        NewUser {
-            name: UserName::parse("name", name).unwrap(),
-            device: DeviceName::default_device(),
-            expires_at: None,
-        },
-    )
-    .expect("add user")
-    .1
-    .peer
+    svc.users
+        .add_user(
+            &root(),
+            NewUser {
+                name: UserName::parse("name", name).unwrap(),
+                device: DeviceName::default_device(),
+                expires_at: None,
+            },
+        )
+        .expect("add user")
+        .1
+        .peer
 }
 
 fn counters(plane: &MemoryPlane, id: u32, rx: u64, tx: u64) {
@@ -69,7 +70,7 @@ fn counters(plane: &MemoryPlane, id: u32, rx: u64, tx: u64) {
 fn record_sessions(api: &TestApi) -> (Peer, Peer) {
     let alice = add_user(&api.svc, "alice");
     let bob = add_user(&api.svc, "bob");
-    let mut rec = Recorder::start(api.svc.clone(), SystemTime::now()).unwrap();
+    let mut rec = Recorder::start(api.svc.history.clone(), SystemTime::now()).unwrap();
     let ep = |s: &str| s.parse::<SocketAddr>().unwrap();
     let t0 = SystemTime::now();
     rec.on_event(SessionEvent::Connected {
@@ -179,7 +180,7 @@ fn history_rpcs_check_scopes_and_refuse_bad_input_without_changes() {
         assert_eq!(a.audit("", 1).await.unwrap()[0].action, "history.clear");
 
         use capybara_agent::service::ports::TunnelPort as _;
-        let alice = api.svc.list_peers(None).unwrap()[0].clone();
+        let alice = api.svc.devices.list_peers(None).unwrap()[0].clone();
         api.tunnel.remove_peer(&alice.public_key).unwrap();
         let end = std::time::Instant::now() + Duration::from_secs(12);
         while r.health("capybara.tunnel").await.unwrap() {

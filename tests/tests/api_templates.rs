@@ -102,7 +102,7 @@ fn a_quota_template_applied_to_a_user_is_explained_and_in_the_kernel() {
     let table = cli.ok(&["policy", "explain", "alice"]);
     assert!(table.contains("template:guest"), "{table}");
     // The kernel state of the user's device follows the template; bob keeps the default.
-    let users = api.svc.list_users().unwrap();
+    let users = api.svc.users.list_users().unwrap();
     let id = |n: &str| {
         users
             .iter()
@@ -183,7 +183,7 @@ fn configuration_templates_apply_export_import_and_builtins_are_read_only() {
     // Apply: the default limits reach the kernel, new configs carry the DNS.
     let out = cli.ok(&["template", "apply", "guest"]);
     assert!(out.contains("5mbit"), "{out}");
-    let users = api.svc.list_users().unwrap();
+    let users = api.svc.users.list_users().unwrap();
     let alice = users[0].peers[0].id;
     assert_eq!(api.plane.state().policy.rates.get(&alice), Some(&rate(5)));
     let cfg = cli.ok(&["device", "add", "alice", "phone", "--no-qr"]);

@@ -21,10 +21,9 @@ use std::{
 
 use capybara_agent::{
     blocklist::Direction,
-    daemon::BLOCKLISTS_KEY,
     dataplane::Dataplane,
     net::Cidr,
-    store::{Cf, Store},
+    store::{Cf, Store, keys::BLOCKLISTS},
 };
 use capybara_common::{
     counters::{Counter, XDP_DROP_BLOCKLIST},
@@ -194,7 +193,7 @@ fn sigkilled_agent_restarts_with_counters_intact_and_enforcement_never_lapses() 
         let id = list_id(&dp, Direction::Source, &manual);
         let store = Store::open(&data).expect("open the agent's store");
         store
-            .put(Cf::Blocklists, BLOCKLISTS_KEY, &dp.list_snapshot())
+            .put(Cf::Blocklists, BLOCKLISTS, &dp.list_snapshot())
             .expect("save the lists");
         id
     };

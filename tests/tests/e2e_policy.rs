@@ -125,10 +125,12 @@ impl Lab {
             loop {
                 match rx.blocking_recv() {
                     Ok(TunnelEvent::Connected { public_key, .. }) => {
-                        let _ = s.on_handshake(&PublicKey(*public_key.as_bytes()));
+                        let _ = s.monitor.on_handshake(&PublicKey(*public_key.as_bytes()));
                     }
                     Ok(TunnelEvent::Disconnected { public_key, at, .. }) => {
-                        let _ = s.policy_on_disconnect(&PublicKey(*public_key.as_bytes()), at);
+                        let _ = s
+                            .policy
+                            .on_disconnect(&PublicKey(*public_key.as_bytes()), at);
                     }
                     Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
@@ -191,8 +193,9 @@ impl Lab {
             );
         }
         let staff = GroupName::parse("group", "staff").unwrap();
-        self.svc.create_group(&root(), &staff).unwrap();
+        self.svc.policy.create_group(&root(), &staff).unwrap();
         self.svc
+            .policy
             .change_members(&root(), &staff, &[u("alice"), u("bob")], true)
             .unwrap();
         (alice, bob, staff)
@@ -201,6 +204,7 @@ impl Lab {
     fn user(&mut self, name: &str, devices: &[&str]) -> Vec<usize> {
         let (_, cfg) = self
             .svc
+            .users
             .add_user(
                 &root(),
                 NewUser {
@@ -214,6 +218,7 @@ impl Lab {
         for d in &devices[1..] {
             let cfg = self
                 .svc
+                .devices
                 .add_device(&root(), &u(name), &DeviceName::parse("device", d).unwrap())
                 .expect("add device");
             out.push(self.client(&cfg));
@@ -248,6 +253,7 @@ fn a_group_bandwidth_throttles_members_and_a_user_override_beats_it() {
     let mut lab = Lab::new(71, Duration::from_secs(180));
     let (alice, bob, staff) = lab.alice_and_bob_in_staff();
     lab.svc
+        .policy
         .set_group_policy(
             &root(),
             &staff,
@@ -260,6 +266,7 @@ fn a_group_bandwidth_throttles_members_and_a_user_override_beats_it() {
     assert_rate(lab.to_client(bob), five, "bob in staff");
 
     lab.svc
+        .policy
         .set_limits(
             &root(),
             &LimitsTarget::User(u("alice")),
@@ -272,7 +279,7 @@ fn a_group_bandwidth_throttles_members_and_a_user_override_beats_it() {
         "alice's override",
     );
     assert_rate(lab.to_client(bob), five, "bob still in staff");
-    let id = lab.svc.list_peers(Some(&u("bob"))).unwrap()[0].id;
+    let id = lab.svc.devices.list_peers(Some(&u("bob"))).unwrap()[0].id;
     assert_eq!(
         lab.dp.lock().unwrap().rates(id).unwrap().to_peer,
         Some(five)
@@ -284,6 +291,7 @@ fn the_fourth_device_is_held_until_one_disconnects() {
     let mut lab = Lab::new(75, Duration::from_secs(3));
     lab.user("carol", &["d1"]);
     lab.svc
+        .policy
         .set_limits(
             &root(),
             &LimitsTarget::User(u("carol")),
@@ -293,6 +301,7 @@ fn the_fourth_device_is_held_until_one_disconnects() {
     for d in ["d2", "d3"] {
         let cfg = lab
             .svc
+            .devices
             .add_device(
                 &root(),
                 &u("carol"),
@@ -309,6 +318,7 @@ fn the_fourth_device_is_held_until_one_disconnects() {
     }
     let cfg = lab
         .svc
+        .devices
         .add_device(
             &root(),
             &u("carol"),
@@ -324,7 +334,7 @@ fn the_fourth_device_is_held_until_one_disconnects() {
             "the 4th device passes the gate"
         );
     }
-    let held = lab.svc.list_peers(Some(&u("carol"))).unwrap()[3].id;
+    let held = lab.svc.devices.list_peers(Some(&u("carol"))).unwrap()[3].id;
     assert_eq!(
         lab.dp.lock().unwrap().gate(held).unwrap(),
         capybara_agent::dataplane::Gate::Held(capybara_common::drop::DropReason::GateDeviceLimit)
@@ -348,6 +358,7 @@ fn a_window_holds_outside_and_admits_inside() {
     let c = lab.user("dave", &["laptop"])[0];
     assert!(ping_until(&lab.clients[c].ns, lab.server_v4, WAIT));
     lab.svc
+        .policy
         .set_limits(
             &root(),
             &LimitsTarget::User(u("dave")),
@@ -359,7 +370,7 @@ fn a_window_holds_outside_and_admits_inside() {
         .unwrap();
     let at = |secs: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
     // Saturday 2026-11-28 12:00 UTC: held.
-    lab.svc.policy_tick(at(1_795_867_200)).unwrap();
+    lab.svc.policy.tick(at(1_795_867_200)).unwrap();
     for _ in 0..3 {
         assert!(
             !ping(&lab.clients[c].ns, lab.server_v4),
@@ -367,7 +378,7 @@ fn a_window_holds_outside_and_admits_inside() {
         );
     }
     // Monday 2026-11-30 08:00 UTC: admitted on the tick.
-    lab.svc.policy_tick(at(1_796_025_600)).unwrap();
+    lab.svc.policy.tick(at(1_796_025_600)).unwrap();
     assert!(
         ping_until(&lab.clients[c].ns, lab.server_v4, WAIT),
         "admitted inside the window"
@@ -381,6 +392,7 @@ fn a_shared_pool_runs_out_for_the_whole_group_at_once_and_a_reset_restores_it() 
     let mut lab = Lab::new(85, Duration::from_secs(180));
     let (alice, bob, staff) = lab.alice_and_bob_in_staff();
     lab.svc
+        .policy
         .set_group_policy(
             &root(),
             &staff,
@@ -388,7 +400,7 @@ fn a_shared_pool_runs_out_for_the_whole_group_at_once_and_a_reset_restores_it() 
             Some(Cap::Limit(ByteSize(LIMIT))),
         )
         .unwrap();
-    let quota = lab.svc.show_quota(None, false).unwrap();
+    let quota = lab.svc.policy.show_quota(None, false).unwrap();
     let bucket = quota[0].bucket;
     assert!(
         bucket != 0
@@ -397,7 +409,7 @@ fn a_shared_pool_runs_out_for_the_whole_group_at_once_and_a_reset_restores_it() 
                 .all(|q| q.bucket == bucket && q.plan == "pool:staff"),
         "{quota:?}"
     );
-    let peer_of = |user: &str| lab.svc.list_peers(Some(&u(user))).unwrap()[0].id;
+    let peer_of = |user: &str| lab.svc.devices.list_peers(Some(&u(user))).unwrap()[0].id;
     let peers = [peer_of("alice"), peer_of("bob")];
     let exhausted_drops = |id| {
         lab.dp.lock().unwrap().peer_stats(id).unwrap().drops[DropReason::QuotaExhausted as usize]
@@ -494,7 +506,7 @@ fn a_shared_pool_runs_out_for_the_whole_group_at_once_and_a_reset_restores_it() 
     );
 
     // A reset of the pool restores traffic for both.
-    lab.svc.reset_quota(&root(), Err(&staff)).unwrap();
+    lab.svc.policy.reset_quota(&root(), Err(&staff)).unwrap();
     for c in [alice, bob] {
         let sink = UdpSink::start(&lab.server, SocketAddr::new(lab.server_v4, 0));
         send_udp(

@@ -27,11 +27,9 @@ use super::{
 };
 use crate::service::{
     AuthAttempt, EndReason, HistoryPage, HistoryQuery, Pruned, Service, Session, Traffic,
-    control::{
-        health::HEALTH_INTERVAL,
-        history::{Counters, EndpointSeen},
-    },
     domain::{PublicKey, Scope, ValidationError},
+    health::HEALTH_INTERVAL,
+    history::{Counters, EndpointSeen},
 };
 
 /// Marks the services serving in the health service, and publishes the components' health
@@ -58,7 +56,7 @@ pub(super) async fn set_serving(
 
 async fn publish_health(reporter: &tonic_health::server::HealthReporter, svc: Arc<Service>) {
     use tonic_health::ServingStatus;
-    let Ok(components) = tokio::task::spawn_blocking(move || svc.health()).await else {
+    let Ok(components) = tokio::task::spawn_blocking(move || svc.health.check()).await else {
         return;
     };
     let status = |ok| {
@@ -239,7 +237,7 @@ impl History for Api {
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
         self.auth(&req, Scope::Read)?;
         let q = history_query(req.get_ref()).map_err(invalid)?;
-        let page = self.call(move |s| s.history(&q)).await?;
+        let page = self.call(move |s| s.history.history(&q)).await?;
         Ok(Response::new(pb::ListSessionsResponse {
             sessions: page.sessions.iter().map(Into::into).collect(),
             auth_attempts: page.auth_attempts.iter().map(Into::into).collect(),
@@ -258,7 +256,7 @@ impl History for Api {
             }));
         }
         let p = self
-            .call(move |s| s.clear_history(&actor, Duration::from_secs(secs)))
+            .call(move |s| s.history.clear_history(&actor, Duration::from_secs(secs)))
             .await?;
         Ok(Response::new(pb::ClearHistoryResponse {
             sessions_removed: p.sessions,
@@ -274,7 +272,7 @@ impl Backup for Api {
         req: Request<pb::CreateBackupRequest>,
     ) -> Result<Response<pb::CreateBackupResponse>, Status> {
         self.auth(&req, Scope::Admin)?;
-        let (data, records) = self.call(|s| s.backup()).await?;
+        let (data, records) = self.call(|s| s.backup.create()).await?;
         Ok(Response::new(pb::CreateBackupResponse {
             data,
             records: records.into_iter().collect(),

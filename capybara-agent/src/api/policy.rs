@@ -21,10 +21,10 @@ use crate::service::{
     domain::{Scope, UserName, ValidationError},
     policy::{
         GroupView, LimitsTarget, QuotaStatus,
-        doc::PolicyDoc,
         model::{ByteSize, Cap, GroupName, Limits, LimitsPatch, LimitsText, parse_field},
         resolve::ExplainRow,
     },
+    policy_file::doc::PolicyDoc,
 };
 
 fn text_of(l: Option<pb::PolicyLimits>, clear: Vec<String>) -> LimitsText {
@@ -146,7 +146,9 @@ impl policy_server::Policy for Api {
         let t = target("user", &r.user).map_err(invalid)?;
         let patch = text_of(r.set, r.clear).parse().map_err(invalid)?;
         let name = target_name(&t);
-        let l = self.call(move |s| s.set_limits(&actor, &t, &patch)).await?;
+        let l = self
+            .call(move |s| s.policy.set_limits(&actor, &t, &patch))
+            .await?;
         Ok(Response::new(pb::LimitsResponse {
             user: name,
             limits: Some(limits_to_proto(&l)),
@@ -160,7 +162,7 @@ impl policy_server::Policy for Api {
         self.auth(&req, Scope::Read)?;
         let t = target("user", &req.get_ref().user).map_err(invalid)?;
         let name = target_name(&t);
-        let l = self.call(move |s| s.get_limits(&t)).await?;
+        let l = self.call(move |s| s.policy.get_limits(&t)).await?;
         Ok(Response::new(pb::LimitsResponse {
             user: name,
             limits: Some(limits_to_proto(&l)),
@@ -174,7 +176,7 @@ impl policy_server::Policy for Api {
         self.auth(&req, Scope::Read)?;
         let user = UserName::parse("user", &req.get_ref().user).map_err(invalid)?;
         let name = user.to_string();
-        let e = self.call(move |s| s.explain_policy(&user)).await?;
+        let e = self.call(move |s| s.policy.explain(&user)).await?;
         Ok(Response::new(pb::ExplainPolicyResponse {
             user: name,
             fields: e
@@ -197,7 +199,7 @@ impl policy_server::Policy for Api {
         let r = req.into_inner();
         let user = opt_user("user", &r.user).map_err(invalid)?;
         let q = self
-            .call(move |s| s.show_quota(user.as_ref(), r.exceeding))
+            .call(move |s| s.policy.show_quota(user.as_ref(), r.exceeding))
             .await?;
         Ok(Response::new(pb::ShowQuotaResponse {
             quotas: q.iter().map(quota_to_proto).collect(),
@@ -221,14 +223,15 @@ impl policy_server::Policy for Api {
         };
         let q = self
             .call(move |s| {
-                s.reset_quota(&actor, owner.as_ref())?;
+                s.policy.reset_quota(&actor, owner.as_ref())?;
                 match &owner {
-                    Ok(u) => s.show_quota(Some(u), false),
+                    Ok(u) => s.policy.show_quota(Some(u), false),
                     Err(g) => {
-                        let members: Vec<UserName> = s.get_group(g)?.members.into_iter().collect();
+                        let members: Vec<UserName> =
+                            s.policy.get_group(g)?.members.into_iter().collect();
                         let mut out = Vec::new();
                         for m in &members {
-                            out.extend(s.show_quota(Some(m), false)?);
+                            out.extend(s.policy.show_quota(Some(m), false)?);
                         }
                         Ok(out)
                     }
@@ -246,7 +249,9 @@ impl policy_server::Policy for Api {
     ) -> Result<Response<pb::GroupResponse>, Status> {
         let actor = self.auth(&req, Scope::Write)?;
         let name = GroupName::parse("name", &req.get_ref().name).map_err(invalid)?;
-        let g = self.call(move |s| s.create_group(&actor, &name)).await?;
+        let g = self
+            .call(move |s| s.policy.create_group(&actor, &name))
+            .await?;
         Ok(Response::new(pb::GroupResponse {
             group: Some(group_to_proto(&g)),
         }))
@@ -258,7 +263,9 @@ impl policy_server::Policy for Api {
     ) -> Result<Response<pb::GroupResponse>, Status> {
         let actor = self.auth(&req, Scope::Write)?;
         let name = GroupName::parse("name", &req.get_ref().name).map_err(invalid)?;
-        let g = self.call(move |s| s.delete_group(&actor, &name)).await?;
+        let g = self
+            .call(move |s| s.policy.delete_group(&actor, &name))
+            .await?;
         Ok(Response::new(pb::GroupResponse {
             group: Some(group_to_proto(&g)),
         }))
@@ -283,7 +290,7 @@ impl policy_server::Policy for Api {
         req: Request<pb::ListGroupsRequest>,
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
         self.auth(&req, Scope::Read)?;
-        let gs = self.call(|s| Ok(s.list_groups())).await?;
+        let gs = self.call(|s| Ok(s.policy.list_groups())).await?;
         Ok(Response::new(pb::ListGroupsResponse {
             groups: gs.iter().map(group_to_proto).collect(),
         }))
@@ -298,7 +305,7 @@ impl policy_server::Policy for Api {
         let doc = PolicyDoc::from_yaml(&r.yaml).map_err(invalid)?;
         let dry = r.dry_run;
         let changes = self
-            .call(move |s| s.apply_document(&actor, &doc, dry))
+            .call(move |s| s.policy_files.apply_document(&actor, &doc, dry))
             .await?;
         Ok(Response::new(pb::ApplyPolicyDocumentResponse {
             applied: !dry && !changes.is_empty(),
@@ -311,7 +318,7 @@ impl policy_server::Policy for Api {
         req: Request<pb::ExportPolicyDocumentRequest>,
     ) -> Result<Response<pb::ExportPolicyDocumentResponse>, Status> {
         self.auth(&req, Scope::Read)?;
-        let d = self.call(|s| s.export_document()).await?;
+        let d = self.call(|s| s.policy_files.export_document()).await?;
         Ok(Response::new(pb::ExportPolicyDocumentResponse {
             yaml: d.to_yaml(),
         }))
@@ -332,7 +339,7 @@ impl policy_server::Policy for Api {
             .transpose()
             .map_err(invalid)?;
         let g = self
-            .call(move |s| s.set_group_policy(&actor, &name, &patch, shared))
+            .call(move |s| s.policy.set_group_policy(&actor, &name, &patch, shared))
             .await?;
         Ok(Response::new(pb::GroupResponse {
             group: Some(group_to_proto(&g)),
@@ -351,7 +358,7 @@ impl Api {
         let name = GroupName::parse("group", &r.group).map_err(invalid)?;
         let users = users("users", &r.users).map_err(invalid)?;
         let g = self
-            .call(move |s| s.change_members(&actor, &name, &users, add))
+            .call(move |s| s.policy.change_members(&actor, &name, &users, add))
             .await?;
         Ok(Response::new(pb::GroupResponse {
             group: Some(group_to_proto(&g)),

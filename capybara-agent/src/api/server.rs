@@ -194,7 +194,8 @@ fn authorize(
             .and_then(|h| h.strip_prefix("Bearer "))
             .ok_or(AuthError::Invalid)
             .map_err(|e| auth_status(&e))?;
-        svc.authenticate(bearer.trim())
+        svc.tokens
+            .authenticate(bearer.trim())
             .map_err(|e| auth_status(&e))?
     };
     let have = actor.scope();
@@ -246,7 +247,7 @@ impl Users for Api {
     ) -> Result<Response<pb::AddUserResponse>, Status> {
         let actor = self.auth(&req, Scope::Write)?;
         let new = NewUser::try_from(req.into_inner()).map_err(invalid)?;
-        let (user, cfg) = self.call(move |s| s.add_user(&actor, new)).await?;
+        let (user, cfg) = self.call(move |s| s.users.add_user(&actor, new)).await?;
         Ok(Response::new(pb::AddUserResponse {
             user: Some((&user).into()),
             config: Some((&cfg).into()),
@@ -258,7 +259,7 @@ impl Users for Api {
         req: Request<pb::ListUsersRequest>,
     ) -> Result<Response<pb::ListUsersResponse>, Status> {
         self.auth(&req, Scope::Read)?;
-        let users = self.call(|s| s.list_users()).await?;
+        let users = self.call(|s| s.users.list_users()).await?;
         Ok(Response::new(pb::ListUsersResponse {
             users: users.iter().map(Into::into).collect(),
         }))
@@ -270,7 +271,7 @@ impl Users for Api {
     ) -> Result<Response<pb::UserDetail>, Status> {
         self.auth(&req, Scope::Read)?;
         let name = UserName::parse("name", &req.get_ref().name).map_err(invalid)?;
-        let d = self.call(move |s| s.get_user(&name)).await?;
+        let d = self.call(move |s| s.users.get_user(&name)).await?;
         Ok(Response::new((&d).into()))
     }
 
@@ -280,7 +281,9 @@ impl Users for Api {
     ) -> Result<Response<pb::RemoveUserResponse>, Status> {
         let actor = self.auth(&req, Scope::Write)?;
         let name = UserName::parse("name", &req.get_ref().name).map_err(invalid)?;
-        let d = self.call(move |s| s.remove_user(&actor, &name)).await?;
+        let d = self
+            .call(move |s| s.users.remove_user(&actor, &name))
+            .await?;
         Ok(Response::new(pb::RemoveUserResponse {
             removed: Some((&d).into()),
         }))
@@ -295,7 +298,10 @@ impl Users for Api {
         let name = UserName::parse("name", &r.name).map_err(invalid)?;
         let device = opt_device("device", &r.device).map_err(invalid)?;
         let cfg = self
-            .call(move |s| s.user_config(&actor, &name, device.as_ref(), r.rotate))
+            .call(move |s| {
+                s.devices
+                    .user_config(&actor, &name, device.as_ref(), r.rotate)
+            })
             .await?;
         Ok(Response::new(pb::UserConfigResponse {
             config: Some((&cfg).into()),
@@ -314,7 +320,7 @@ impl Peers for Api {
         let user = UserName::parse("user", &r.user).map_err(invalid)?;
         let device = DeviceName::parse("device", &r.device).map_err(invalid)?;
         let cfg = self
-            .call(move |s| s.add_device(&actor, &user, &device))
+            .call(move |s| s.devices.add_device(&actor, &user, &device))
             .await?;
         Ok(Response::new(pb::AddPeerResponse {
             config: Some((&cfg).into()),
@@ -327,7 +333,9 @@ impl Peers for Api {
     ) -> Result<Response<pb::ListPeersResponse>, Status> {
         self.auth(&req, Scope::Read)?;
         let user = opt_user("user", &req.get_ref().user).map_err(invalid)?;
-        let peers = self.call(move |s| s.list_peers(user.as_ref())).await?;
+        let peers = self
+            .call(move |s| s.devices.list_peers(user.as_ref()))
+            .await?;
         Ok(Response::new(pb::ListPeersResponse {
             peers: peers.iter().map(Into::into).collect(),
         }))
@@ -342,7 +350,7 @@ impl Peers for Api {
         let user = UserName::parse("user", &r.user).map_err(invalid)?;
         let device = DeviceName::parse("device", &r.device).map_err(invalid)?;
         let p = self
-            .call(move |s| s.remove_device(&actor, &user, &device))
+            .call(move |s| s.devices.remove_device(&actor, &user, &device))
             .await?;
         Ok(Response::new(pb::RemovePeerResponse {
             removed: Some((&p).into()),
@@ -358,7 +366,9 @@ impl Tokens for Api {
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
         let actor = self.auth(&req, Scope::Admin)?;
         let new = NewToken::try_from(req.into_inner()).map_err(invalid)?;
-        let (token, secret) = self.call(move |s| s.create_token(&actor, new)).await?;
+        let (token, secret) = self
+            .call(move |s| s.tokens.create_token(&actor, new))
+            .await?;
         Ok(Response::new(pb::CreateTokenResponse {
             token: Some((&token).into()),
             secret,
@@ -370,7 +380,7 @@ impl Tokens for Api {
         req: Request<pb::ListTokensRequest>,
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
         self.auth(&req, Scope::Admin)?;
-        let tokens = self.call(|s| s.list_tokens()).await?;
+        let tokens = self.call(|s| s.tokens.list_tokens()).await?;
         Ok(Response::new(pb::ListTokensResponse {
             tokens: tokens.iter().map(Into::into).collect(),
         }))
@@ -382,7 +392,9 @@ impl Tokens for Api {
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
         let actor = self.auth(&req, Scope::Admin)?;
         let id = TokenId::parse("id", &req.get_ref().id).map_err(invalid)?;
-        let t = self.call(move |s| s.revoke_token(&actor, &id)).await?;
+        let t = self
+            .call(move |s| s.tokens.revoke_token(&actor, &id))
+            .await?;
         Ok(Response::new(pb::RevokeTokenResponse {
             token: Some((&t).into()),
         }))
@@ -397,7 +409,7 @@ impl Stats for Api {
     ) -> Result<Response<pb::GetStatsResponse>, Status> {
         self.auth(&req, Scope::Read)?;
         let user = opt_user("user", &req.get_ref().user).map_err(invalid)?;
-        let st = self.call(move |s| s.stats(user.as_ref())).await?;
+        let st = self.call(move |s| s.monitor.stats(user.as_ref())).await?;
         Ok(Response::new((&st).into()))
     }
 }
@@ -409,7 +421,7 @@ impl Connections for Api {
         req: Request<pb::ListConnectionsRequest>,
     ) -> Result<Response<pb::ListConnectionsResponse>, Status> {
         self.auth(&req, Scope::Read)?;
-        let c = self.call(|s| s.connections()).await?;
+        let c = self.call(|s| s.monitor.connections()).await?;
         Ok(Response::new(pb::ListConnectionsResponse {
             connections: c.iter().map(Into::into).collect(),
         }))
@@ -421,7 +433,7 @@ impl Connections for Api {
     ) -> Result<Response<pb::KickResponse>, Status> {
         let actor = self.auth(&req, Scope::Write)?;
         let user = UserName::parse("user", &req.get_ref().user).map_err(invalid)?;
-        let peers = self.call(move |s| s.kick(&actor, &user)).await?;
+        let peers = self.call(move |s| s.monitor.kick(&actor, &user)).await?;
         Ok(Response::new(pb::KickResponse {
             kicked: peers.iter().map(Into::into).collect(),
         }))
@@ -441,7 +453,7 @@ impl Audit for Api {
             n => n as usize,
         };
         let recs = self
-            .call(move |s| s.audit_records(user.as_ref(), limit))
+            .call(move |s| s.core.audit_records(user.as_ref(), limit))
             .await?;
         Ok(Response::new(pb::ListAuditResponse {
             records: recs.iter().map(Into::into).collect(),
@@ -456,7 +468,7 @@ impl Blocklists for Api {
         req: Request<pb::ListBlocklistsRequest>,
     ) -> Result<Response<pb::ListBlocklistsResponse>, Status> {
         self.auth(&req, Scope::Read)?;
-        let lists = self.call(|s| s.blocklists()).await?;
+        let lists = self.call(|s| s.lists.blocklists()).await?;
         Ok(Response::new(pb::ListBlocklistsResponse {
             lists: lists.iter().map(Into::into).collect(),
         }))
@@ -470,7 +482,7 @@ impl Blocklists for Api {
         let r = req.into_inner();
         let dir = direction_from_proto("direction", r.direction).map_err(invalid)?;
         let name = list_name("name", &r.name).map_err(invalid)?;
-        let l = self.call(move |s| s.blocklist(dir, &name)).await?;
+        let l = self.call(move |s| s.lists.blocklist(dir, &name)).await?;
         Ok(Response::new((&l).into()))
     }
 
@@ -496,7 +508,7 @@ impl Blocklists for Api {
         let r = req.into_inner();
         let dir = direction_from_proto("direction", r.direction).map_err(invalid)?;
         let name = list_name("name", &r.name).map_err(invalid)?;
-        self.call(move |s| s.delete_blocklist(&actor, dir, &name))
+        self.call(move |s| s.lists.delete_blocklist(&actor, dir, &name))
             .await?;
         Ok(Response::new(pb::DeleteBlocklistResponse {}))
     }
@@ -509,7 +521,7 @@ impl Geo for Api {
         req: Request<pb::GetGeoRequest>,
     ) -> Result<Response<pb::GeoStatus>, Status> {
         self.auth(&req, Scope::Read)?;
-        let g = self.call(|s| s.geo()).await?;
+        let g = self.call(|s| s.geo.status()).await?;
         Ok(Response::new((&g).into()))
     }
 
@@ -519,7 +531,7 @@ impl Geo for Api {
     ) -> Result<Response<pb::GeoStatus>, Status> {
         let actor = self.auth(&req, Scope::Write)?;
         let policy = GeoPolicy::try_from(req.into_inner()).map_err(invalid)?;
-        let g = self.call(move |s| s.set_geo(&actor, &policy)).await?;
+        let g = self.call(move |s| s.geo.set(&actor, &policy)).await?;
         Ok(Response::new((&g).into()))
     }
 }
@@ -536,7 +548,7 @@ impl Api {
         let name = list_name("name", &r.name).map_err(invalid)?;
         let entries = cidrs("cidrs", &r.cidrs).map_err(invalid)?;
         let l = self
-            .call(move |s| s.change_entries(&actor, dir, &name, op, &entries))
+            .call(move |s| s.lists.change_entries(&actor, dir, &name, op, &entries))
             .await?;
         Ok(Response::new((&l).into()))
     }

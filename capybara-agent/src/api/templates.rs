@@ -20,10 +20,10 @@ use super::{
 };
 use crate::service::{
     domain::{Scope, UserName, ValidationError},
-    policy::{
+    policy::model::{LimitsPatch, LimitsText, PolicyValueError, parse_field},
+    templates::{
         ConfigTemplateView,
-        model::{LimitsPatch, LimitsText, PolicyValueError, parse_field},
-        template::{ConfigTemplate, Ports, QuotaTemplateView, Security, TemplateName},
+        model::{ConfigTemplate, Ports, QuotaTemplateView, Security, TemplateName},
     },
 };
 
@@ -159,7 +159,10 @@ impl templates_server::Templates for Api {
             clear: Vec::new(),
         };
         let t = self
-            .call(move |s| s.create_quota_template(&actor, &n, &patch, r.replace))
+            .call(move |s| {
+                s.templates
+                    .create_quota_template(&actor, &n, &patch, r.replace)
+            })
             .await?;
         Ok(Response::new(pb::QuotaTemplateResponse {
             template: Some(quota_to_proto(&t)),
@@ -171,7 +174,9 @@ impl templates_server::Templates for Api {
         req: Request<pb::ListQuotaTemplatesRequest>,
     ) -> Result<Response<pb::ListQuotaTemplatesResponse>, Status> {
         self.auth(&req, Scope::Read)?;
-        let ts = self.call(|s| Ok(s.list_quota_templates())).await?;
+        let ts = self
+            .call(|s| Ok(s.templates.list_quota_templates()))
+            .await?;
         Ok(Response::new(pb::ListQuotaTemplatesResponse {
             templates: ts.iter().map(quota_to_proto).collect(),
         }))
@@ -183,7 +188,9 @@ impl templates_server::Templates for Api {
     ) -> Result<Response<pb::QuotaTemplateResponse>, Status> {
         self.auth(&req, Scope::Read)?;
         let n = name("name", &req.get_ref().name)?;
-        let t = self.call(move |s| s.get_quota_template(&n)).await?;
+        let t = self
+            .call(move |s| s.templates.get_quota_template(&n))
+            .await?;
         Ok(Response::new(pb::QuotaTemplateResponse {
             template: Some(quota_to_proto(&t)),
         }))
@@ -196,7 +203,7 @@ impl templates_server::Templates for Api {
         let actor = self.auth(&req, Scope::Write)?;
         let n = name("name", &req.get_ref().name)?;
         let t = self
-            .call(move |s| s.delete_quota_template(&actor, &n))
+            .call(move |s| s.templates.delete_quota_template(&actor, &n))
             .await?;
         Ok(Response::new(pb::QuotaTemplateResponse {
             template: Some(quota_to_proto(&t)),
@@ -219,7 +226,7 @@ impl templates_server::Templates for Api {
             .collect::<Result<_, _>>()
             .map_err(invalid)?;
         let done = self
-            .call(move |s| s.apply_quota_template(&actor, n.as_ref(), &users))
+            .call(move |s| s.templates.apply_quota_template(&actor, n.as_ref(), &users))
             .await?;
         Ok(Response::new(pb::ApplyQuotaTemplateResponse {
             users: done.iter().map(ToString::to_string).collect(),
@@ -234,7 +241,7 @@ impl templates_server::Templates for Api {
         let r = req.into_inner();
         let n = name("name", &r.name)?;
         let v = self
-            .call(move |s| s.save_config_template(&actor, &n, r.replace))
+            .call(move |s| s.templates.save_config_template(&actor, &n, r.replace))
             .await?;
         Ok(config_response(&v))
     }
@@ -244,7 +251,7 @@ impl templates_server::Templates for Api {
         req: Request<pb::ListConfigTemplatesRequest>,
     ) -> Result<Response<pb::ListConfigTemplatesResponse>, Status> {
         self.auth(&req, Scope::Read)?;
-        let ts = self.call(|s| s.list_config_templates()).await?;
+        let ts = self.call(|s| s.templates.list_config_templates()).await?;
         Ok(Response::new(pb::ListConfigTemplatesResponse {
             templates: ts.iter().map(config_to_proto).collect(),
         }))
@@ -256,7 +263,9 @@ impl templates_server::Templates for Api {
     ) -> Result<Response<pb::ConfigTemplateResponse>, Status> {
         self.auth(&req, Scope::Read)?;
         let n = name("name", &req.get_ref().name)?;
-        let v = self.call(move |s| s.get_config_template(&n)).await?;
+        let v = self
+            .call(move |s| s.templates.get_config_template(&n))
+            .await?;
         Ok(config_response(&v))
     }
 
@@ -267,7 +276,7 @@ impl templates_server::Templates for Api {
         let actor = self.auth(&req, Scope::Write)?;
         let n = name("name", &req.get_ref().name)?;
         let v = self
-            .call(move |s| s.apply_config_template(&actor, &n))
+            .call(move |s| s.templates.apply_config_template(&actor, &n))
             .await?;
         Ok(config_response(&v))
     }
@@ -278,7 +287,9 @@ impl templates_server::Templates for Api {
     ) -> Result<Response<pb::ExportConfigTemplateResponse>, Status> {
         self.auth(&req, Scope::Read)?;
         let n = name("name", &req.get_ref().name)?;
-        let v = self.call(move |s| s.get_config_template(&n)).await?;
+        let v = self
+            .call(move |s| s.templates.get_config_template(&n))
+            .await?;
         Ok(Response::new(pb::ExportConfigTemplateResponse {
             yaml: v.template.to_yaml(),
         }))
@@ -292,7 +303,7 @@ impl templates_server::Templates for Api {
         let r = req.into_inner();
         let t = ConfigTemplate::from_yaml(&r.yaml).map_err(invalid)?;
         let v = self
-            .call(move |s| s.import_config_template(&actor, t, r.replace))
+            .call(move |s| s.templates.import_config_template(&actor, t, r.replace))
             .await?;
         Ok(config_response(&v))
     }
@@ -304,7 +315,7 @@ impl templates_server::Templates for Api {
         let actor = self.auth(&req, Scope::Write)?;
         let n = name("name", &req.get_ref().name)?;
         let v = self
-            .call(move |s| s.delete_config_template(&actor, &n))
+            .call(move |s| s.templates.delete_config_template(&actor, &n))
             .await?;
         Ok(config_response(&v))
     }

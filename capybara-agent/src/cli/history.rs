@@ -333,7 +333,7 @@ pub(super) async fn history(cli: &Cli, cmd: &HistoryCmd) -> Result<(), CliError>
 pub(super) async fn health(cli: &Cli) -> Result<(), CliError> {
     let client = connect(cli).await?;
     let mut rows = vec![("agent".to_owned(), client.health("").await?)];
-    for c in crate::service::control::health::COMPONENTS {
+    for c in crate::service::health::COMPONENTS {
         rows.push((c.to_owned(), client.health(&format!("capybara.{c}")).await?));
     }
     if cli.json {
@@ -396,8 +396,8 @@ mod tests {
     use super::*;
     use crate::service::{
         EndReason, Traffic,
-        control::history::{Counters, EndpointSeen},
         domain::PublicKey,
+        history::{Counters, EndpointSeen},
     };
 
     #[test]

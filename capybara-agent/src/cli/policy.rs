@@ -11,9 +11,9 @@ use crate::service::{
     domain::UserName,
     policy::{
         QuotaStatus,
-        doc::PolicyDoc,
         model::{ByteSize, Cap, GroupName, Limits, LimitsText, parse_field},
     },
+    policy_file::doc::PolicyDoc,
 };
 
 /// The limit options shared by `quota set` and `group policy`.

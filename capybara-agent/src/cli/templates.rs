@@ -14,9 +14,9 @@ use super::{
 };
 use crate::service::{
     domain::{UserName, ValidationError},
-    policy::{
+    templates::{
         ConfigTemplateView,
-        template::{CURRENT, ConfigTemplate, QuotaTemplateView, TemplateName, check_writable},
+        model::{CURRENT, ConfigTemplate, QuotaTemplateView, TemplateName, check_writable},
     },
 };
 

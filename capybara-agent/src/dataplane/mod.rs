@@ -32,6 +32,7 @@ mod netlink;
 pub mod object;
 pub mod peers;
 pub mod policy;
+mod port;
 pub mod quota;
 pub mod shape;
 pub mod stats;

@@ -99,7 +99,7 @@ pub enum ValidationError {
         field: &'static str,
         /// What the policy parser said (it quotes the input).
         #[source]
-        source: crate::service::policy::model::PolicyValueError,
+        source: PolicyValueError,
     },
 }
 
@@ -622,4 +622,118 @@ mod tests {
             }
         );
     }
+}
+
+/// An expiry given in `field` as seconds since the epoch; one in the past is refused.
+pub fn expiry(field: &'static str, at: Option<SystemTime>) -> Result<Option<u64>, ValidationError> {
+    match at {
+        Some(t) if t <= SystemTime::now() => Err(ValidationError::Time {
+            field,
+            reason: "is in the past",
+        }),
+        t => Ok(t.map(unix_secs)),
+    }
+}
+
+/// Why a policy value is invalid. Each variant carries the input as given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyValueError {
+    /// A rate that does not parse (see [`crate::units::Rate`]).
+    #[error(transparent)]
+    Rate(#[from] crate::units::RateError),
+    /// Not a number with an optional byte unit.
+    #[error("invalid size {input:?}: expected e.g. 100GB, 1.5TB, 500MiB")]
+    ByteSize {
+        /// The input.
+        input: String,
+    },
+    /// Not a percentage 0–100.
+    #[error("invalid percentage {input:?}: expected 0% to 100%")]
+    Percent {
+        /// The input.
+        input: String,
+    },
+    /// Not one of the periods.
+    #[error("invalid period {input:?}: expected daily, weekly, monthly or none")]
+    Period {
+        /// The input.
+        input: String,
+    },
+    /// Not `DAYS HH:MM-HH:MM`.
+    #[error("invalid window {input:?}: {reason} (expected e.g. \"Mon-Fri 08:00-18:00\")")]
+    Window {
+        /// The input.
+        input: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// Not a duration of at most 24 h.
+    #[error("invalid online time {input:?}: expected e.g. 8h, 90m, 1h30m (at most 24h)")]
+    OnlineTime {
+        /// The input.
+        input: String,
+    },
+    /// Not an IANA time zone name.
+    #[error("unknown time zone {input:?}: expected an IANA name such as Europe/Berlin or UTC")]
+    Zone {
+        /// The input.
+        input: String,
+    },
+    /// A policy document that does not parse (YAML syntax, a wrong type, an unknown field, or a
+    /// bad value inside it).
+    #[error("line {line} column {column}: {reason}")]
+    Document {
+        /// 1-based line (0 = unknown).
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What the YAML parser said (it names the field path and quotes the value).
+        reason: String,
+    },
+    /// Not a log level.
+    #[error("invalid log level {input:?}: expected error, warn, info, debug or trace")]
+    LogLevel {
+        /// The input.
+        input: String,
+    },
+    /// Not a maximum age such as `90d`.
+    #[error("invalid age {input:?}: expected e.g. 90d, 12h")]
+    MaxAge {
+        /// The input.
+        input: String,
+    },
+    /// Not an IP address.
+    #[error("invalid address {input:?}: expected an IPv4 or IPv6 address")]
+    Address {
+        /// The input.
+        input: String,
+    },
+    /// Not a positive whole number (or `unlimited`).
+    #[error("invalid count {input:?}: expected a whole number from 1 to {max} or unlimited")]
+    Count {
+        /// The input.
+        input: String,
+        /// The largest allowed value.
+        max: u32,
+    },
+}
+
+/// Parses a YAML document into `T`; an error names the line, the column and the field path
+/// (field `file`).
+pub fn from_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ValidationError> {
+    serde_yaml::from_str(text).map_err(|e| {
+        let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+        let text = e.to_string();
+        // The location is in our message already.
+        let suffix = format!(" at line {line} column {column}");
+        let reason = text.strip_suffix(&suffix).unwrap_or(&text).to_owned();
+        ValidationError::Policy {
+            field: "file",
+            source: PolicyValueError::Document {
+                line,
+                column,
+                reason,
+            },
+        }
+    })
 }

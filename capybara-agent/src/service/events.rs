@@ -1,9 +1,9 @@
 //! Service-level events: what the service did, as typed values on a broadcast bus, for webhooks
-//! (`config-changed`) and anything else that listens ([`Service::events`]).
+//! (`config-changed`) and anything else that listens (`Service::events`).
 //!
 //! ## `config-changed`
-//! Every mutation writes one audit record in the batch that commits it (see `control`);
-//! [`Service`]'s commit step is the one place that publishes [`ServiceEvent::ConfigChanged`] for
+//! Every mutation writes one audit record in the batch that commits it (see `core`);
+//! the core's commit step is the one place that publishes [`ServiceEvent::ConfigChanged`] for
 //! it, after the batch is written: the change is visible to reads and survives a SIGKILL of the
 //! agent (power loss too once the API's `settle` returned, before its reply). A change that is
 //! undone afterwards (the kernel or the tunnel refused it, so its audit record is deleted again)
@@ -15,8 +15,6 @@
 //! receiver reports how many), like the daemon's kernel event bus.
 
 use std::time::SystemTime;
-
-use super::Service;
 
 /// Events buffered per subscriber before the slowest loses the oldest.
 pub const EVENT_BUS_CAPACITY: usize = 4096;
@@ -39,13 +37,6 @@ pub enum ServiceEvent {
     },
 }
 
-impl Service {
-    /// The service's event bus: `subscribe()` for a receiver of every event from then on.
-    pub fn events(&self) -> tokio::sync::broadcast::Sender<ServiceEvent> {
-        self.events.clone()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -54,13 +45,13 @@ mod tests {
 
     use super::*;
     use crate::service::{
-        NewToken, NewUser, ServiceConfig, ServiceError,
+        NewToken, NewUser, Service, ServiceConfig, ServiceError,
         domain::{Actor, DeviceName, PublicKey, Scope, UserName},
         policy::{
             LimitsTarget,
             model::{Cap, GroupName, LimitsText},
         },
-        ports::{MemoryPlane, MemoryTunnel},
+        testing::{MemoryPlane, MemoryTunnel},
     };
     use crate::store::Store;
 
@@ -126,39 +117,42 @@ mod tests {
         let root = Actor::Local { uid: 0 };
         let ev = |a: &str, t: &str| ("uid:0".to_owned(), a.to_owned(), t.to_owned());
 
-        svc.add_user(&root, user("alice", "laptop")).unwrap();
+        svc.users.add_user(&root, user("alice", "laptop")).unwrap();
         assert_eq!(one(&mut rx, "user add"), ev("user.add", "user:alice"));
         let alice = UserName::parse("user", "alice").unwrap();
-        svc.set_limits(
-            &root,
-            &LimitsTarget::User(alice.clone()),
-            &patch(|t| t.limit = Some("10GB".into())),
-        )
-        .unwrap();
+        svc.policy
+            .set_limits(
+                &root,
+                &LimitsTarget::User(alice.clone()),
+                &patch(|t| t.limit = Some("10GB".into())),
+            )
+            .unwrap();
         assert_eq!(
             one(&mut rx, "quota set"),
             ev("policy.user.set", "user:alice")
         );
         let staff = GroupName::parse("group", "staff").unwrap();
-        svc.create_group(&root, &staff).unwrap();
+        svc.policy.create_group(&root, &staff).unwrap();
         assert_eq!(
             one(&mut rx, "group create"),
             ev("group.create", "group:staff")
         );
-        svc.set_group_policy(
-            &root,
-            &staff,
-            &patch(|t| t.flows = Some("50".into())),
-            Some(Cap::Limit(crate::service::policy::model::ByteSize(
-                5_000_000,
-            ))),
-        )
-        .unwrap();
+        svc.policy
+            .set_group_policy(
+                &root,
+                &staff,
+                &patch(|t| t.flows = Some("50".into())),
+                Some(Cap::Limit(crate::service::policy::model::ByteSize(
+                    5_000_000,
+                ))),
+            )
+            .unwrap();
         assert_eq!(
             one(&mut rx, "group policy"),
             ev("group.policy", "group:staff")
         );
         let (token, _) = svc
+            .tokens
             .create_token(
                 &root,
                 NewToken {
@@ -173,12 +167,18 @@ mod tests {
             ev("token.create", &format!("token:{}", token.id))
         );
         // A policy document that changes limits only: one change, one event.
-        let mut doc = svc.export_document().unwrap();
+        let mut doc = svc.policy_files.export_document().unwrap();
         doc.users.get_mut(&alice).unwrap().limits = svc
+            .policy
             .get_limits(&LimitsTarget::User(alice.clone()))
             .unwrap()
             .patched(&patch(|t| t.flows = Some("7".into())));
-        assert!(!svc.apply_document(&root, &doc, false).unwrap().is_empty());
+        assert!(
+            !svc.policy_files
+                .apply_document(&root, &doc, false)
+                .unwrap()
+                .is_empty()
+        );
         assert_eq!(
             one(&mut rx, "policy apply"),
             ev("policy.apply", "policy:document")
@@ -188,7 +188,7 @@ mod tests {
             id: token.id.clone(),
             scope: Scope::Write,
         };
-        svc.kick(&by_token, &alice).unwrap();
+        svc.monitor.kick(&by_token, &alice).unwrap();
         let (actor, action, _) = one(&mut rx, "kick");
         assert_eq!(
             (actor, action),
@@ -196,33 +196,36 @@ mod tests {
         );
 
         // Refused: bad input, unknown names, duplicates, a device the dataplane refused.
-        assert!(svc.add_user(&root, user("alice", "laptop")).is_err());
+        assert!(svc.users.add_user(&root, user("alice", "laptop")).is_err());
         none(&mut rx, "a duplicate user");
         let ghost = GroupName::parse("group", "ghost").unwrap();
         assert!(matches!(
-            svc.set_group_policy(&root, &ghost, &patch(|_| {}), None),
+            svc.policy
+                .set_group_policy(&root, &ghost, &patch(|_| {}), None),
             Err(ServiceError::NotFound { .. })
         ));
         none(&mut rx, "an unknown group");
         assert!(
-            svc.create_token(
-                &root,
-                NewToken {
-                    scope: Scope::Read,
-                    name: "bad\nname".into(),
-                    expires_at: None,
-                },
-            )
-            .is_err()
+            svc.tokens
+                .create_token(
+                    &root,
+                    NewToken {
+                        scope: Scope::Read,
+                        name: "bad\nname".into(),
+                        expires_at: None,
+                    },
+                )
+                .is_err()
         );
         none(&mut rx, "a token with a bad name");
         plane.with(|s| s.fail_next_set_peer = true);
-        assert!(svc.add_user(&root, user("bob", "laptop")).is_err());
+        assert!(svc.users.add_user(&root, user("bob", "laptop")).is_err());
         none(&mut rx, "a user the dataplane refused (undone)");
         // The next change gets the next audit record and its event.
-        svc.add_user(&root, user("bob", "laptop")).unwrap();
+        svc.users.add_user(&root, user("bob", "laptop")).unwrap();
         assert_eq!(one(&mut rx, "user add"), ev("user.add", "user:bob"));
         let seqs: Vec<u64> = svc
+            .core
             .audit_records(None, 100)
             .unwrap()
             .iter()

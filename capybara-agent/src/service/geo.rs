@@ -15,11 +15,22 @@
 //! [`GeoDb::open`] (an unreadable or corrupt file fails there) and country codes are parsed by
 //! [`CountryCode::parse`]; a failed write leaves the previous generation live.
 
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    ServiceError,
+    core::{Core, to_json},
+    domain::Actor,
+    lists::{BlocklistView, Lists},
+};
 use crate::{
     blocklist::{Direction, ListName, registry::ListOp},
     dataplane::{Dataplane, DataplaneError, ListUpdate},
     geo::{CountryCode, GeoDb, allow_mode_block, block_lists},
     net::Cidr,
+    store::{Batch, Cf, keys},
 };
 
 /// The list allow mode drops from: every source outside the allowed countries.
@@ -123,4 +134,123 @@ pub fn apply(
     // with the deletes first, `block CN` → `block RU` gave geo:RU geo:CN's id, and every CN
     // packet the still-live old generation dropped until the flip was counted as a geo:RU hit.)
     Ok(dataplane.list_batch(Direction::Source, &plan.ops())?)
+}
+
+/// The geo policy as stored (`blocklists` family, [`keys::GEO_POLICY`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GeoStatus {
+    /// `off`, `block` or `allow`.
+    pub mode: String,
+    /// The countries of the policy, ISO codes.
+    pub countries: Vec<String>,
+    /// The geo lists in the kernel with their sizes and hits.
+    pub lists: Vec<BlocklistView>,
+}
+
+/// The stored form of a policy.
+fn geo_record(policy: &GeoPolicy) -> (String, Vec<String>) {
+    let codes = |c: &[CountryCode]| c.iter().map(|c| c.as_str().to_owned()).collect();
+    match policy {
+        GeoPolicy::Off => ("off".into(), Vec::new()),
+        GeoPolicy::Block(c) => ("block".into(), codes(c)),
+        GeoPolicy::Allow(c) => ("allow".into(), codes(c)),
+    }
+}
+
+/// The geo feature.
+#[derive(Debug)]
+pub struct Geo {
+    core: Arc<Core>,
+    lists: Arc<Lists>,
+}
+
+impl Geo {
+    /// The feature over the shared core and the blocklists.
+    pub fn new(core: Arc<Core>, lists: Arc<Lists>) -> Geo {
+        Geo { core, lists }
+    }
+
+    /// The geo policy and its lists.
+    pub fn status(&self) -> Result<GeoStatus, ServiceError> {
+        let mut status: GeoStatus = self
+            .core
+            .store
+            .get(Cf::Blocklists, keys::GEO_POLICY)?
+            .unwrap_or_else(|| GeoStatus {
+                mode: "off".into(),
+                ..GeoStatus::default()
+            });
+        status.lists = self
+            .lists
+            .blocklists()?
+            .into_iter()
+            .filter(|l| l.direction == Direction::Source && l.name.starts_with("geo:"))
+            .collect();
+        Ok(status)
+    }
+
+    /// Replaces the geo lists with those of `policy` in one generation, and stores the policy,
+    /// the registry and an audit record in one batch.
+    pub fn set(&self, actor: &Actor, policy: &GeoPolicy) -> Result<GeoStatus, ServiceError> {
+        let db = self.core.cfg.geo_db.clone().ok_or(ServiceError::NoGeoDb)?;
+        let _w = self.core.writer.lock().unwrap();
+        let before = self.status()?;
+        let current: Vec<ListName> = self
+            .core
+            .plane
+            .lists()?
+            .into_iter()
+            .filter(|(l, _)| l.direction == Direction::Source)
+            .map(|(l, _)| l.name)
+            .collect();
+        let plan = GeoPlan::new(&db, policy, &current);
+        let old: Vec<(ListName, Vec<Cidr>)> = current
+            .iter()
+            .filter(|n| n.as_str().starts_with("geo:"))
+            .filter_map(|n| Some((n.clone(), self.core.plane.list_cidrs(Direction::Source, n)?)))
+            .collect();
+        self.core.plane.list_batch(Direction::Source, &plan.ops())?;
+        let (mode, countries) = geo_record(policy);
+        let record = GeoStatus {
+            mode,
+            countries,
+            lists: Vec::new(),
+        };
+        let mut batch = Batch::default();
+        batch.put(Cf::Blocklists, keys::GEO_POLICY, &record)?;
+        batch.put(
+            Cf::Blocklists,
+            keys::BLOCKLISTS,
+            &self.core.plane.list_snapshot(),
+        )?;
+        self.core.audit(
+            &mut batch,
+            actor,
+            "geo.set",
+            "geo".into(),
+            to_json(&GeoStatus {
+                lists: Vec::new(),
+                ..before
+            }),
+            to_json(&record),
+        )?;
+        if let Err(e) = self.core.commit(batch) {
+            // Back to the old geo lists, in one generation again.
+            let undo = GeoPlan {
+                delete: plan
+                    .replace
+                    .iter()
+                    .map(|(n, _)| n.clone())
+                    .filter(|n| !old.iter().any(|(o, _)| o == n))
+                    .collect(),
+                replace: old,
+            };
+            if let Err(u) = self.core.plane.list_batch(Direction::Source, &undo.ops()) {
+                tracing::error!(error = %u, "cannot restore the geo lists after a failed commit");
+            }
+            return Err(e);
+        }
+        drop(_w);
+        self.status()
+    }
 }

@@ -2,29 +2,202 @@
 //! tunnel), speaking domain types only. The API and the daemon call these; they never reach into
 //! `dataplane` or `store` internals themselves.
 //!
-//! - [`domain`]: validated domain types (names, scopes, keys, records) and their parsers.
-//! - [`secrets`]: WireGuard keys, token secrets and hashes, sealing of kept client keys.
-//! - [`ports`]: the traits the service needs from the dataplane and the tunnel, with in-memory
-//!   implementations for tests.
-//! - [`control`]: the control [`Service`]: users, devices, tokens, stats, connections,
-//!   blocklists, audit; `control::history`: sessions, auth attempts, retention.
-//! - [`events`]: what the service did (`config-changed`), on a broadcast bus.
-//! - [`geo`]: geo policies as source lists.
-//! - [`policy`]: groups, quotas and limits: the effective policy per user and its kernel state.
+//! A small transaction core is handed to one module per feature; [`Service`] holds them all and
+//! is what the API, the daemon and the tests are given. No feature adds methods to another's
+//! type; the dependencies between them go one way (each line may use those above it):
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`core`], [`error`], [`events`] | the store, the ports, the configuration, the writer lock, the audit trail, commit → publish (`config-changed`); the errors |
+//! | [`directory`] | the devices in memory (by name, by key, ids and addresses in use), user records, allocation |
+//! | [`policy`] | groups, quotas and limits: the effective policy per user and its kernel state, with its own cache and runtime state |
+//! | [`devices`] | adding, removing and re-keying devices, client configs, programming the kernel and the tunnel |
+//! | [`users`] | adding and removing users |
+//! | [`tokens`] | API tokens and authentication |
+//! | [`monitor`] | stats, connections, kick |
+//! | [`lists`], [`geo`] | named blocklists; geo policies as source lists |
+//! | [`templates`] | quota templates and configuration templates |
+//! | [`policy_file`] | the declarative policy file: apply, diff, export |
+//! | [`history`], [`backup`], [`health`] | sessions and auth attempts with retention; store backups; component health |
+//!
+//! Beside them: [`domain`] (validated domain types and their parsers), [`secrets`] (keys, token
+//! hashes, sealing of kept client keys), [`ports`] (what the service needs from the dataplane and
+//! the tunnel; adapters live beside what they adapt), and `testing` (in-memory ports, for tests
+//! only: `cfg(test)` or the `test-support` feature).
 
-pub mod control;
+pub mod backup;
+pub mod core;
+pub mod devices;
+pub mod directory;
 pub mod domain;
+pub mod error;
 pub mod events;
 pub mod geo;
+pub mod health;
+pub mod history;
+pub mod lists;
+pub mod monitor;
 pub mod policy;
+pub mod policy_file;
 pub mod ports;
 pub mod secrets;
+pub mod templates;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
+pub mod tokens;
+pub mod users;
 
-pub use control::history::{
-    AuthAttempt, EndReason, HistoryPage, HistoryQuery, Pruned, Session, SessionEvent,
+use std::sync::Arc;
+
+use ipnet::{Ipv4Net, Ipv6Net};
+
+use self::{
+    core::Core,
+    domain::PublicKey,
+    ports::{Plane, TunnelPort},
+    secrets::Sealer,
 };
-pub use control::{
-    AuthError, BlocklistView, Connection, EntriesOp, GeoStatus, NewToken, NewUser, PeerCounters,
-    PeerStatsView, Service, ServiceConfig, ServiceError, Stats, Traffic,
+pub use self::{
+    error::{AuthError, ServiceError},
+    events::ServiceEvent,
+    geo::GeoStatus,
+    history::{AuthAttempt, EndReason, HistoryPage, HistoryQuery, Pruned, Session, SessionEvent},
+    lists::{BlocklistView, EntriesOp},
+    monitor::{Connection, PeerCounters, PeerStatsView, Stats, Traffic},
+    templates::ConfigTemplateView,
+    tokens::NewToken,
+    users::NewUser,
 };
-pub use events::ServiceEvent;
+use crate::{geo::GeoDb, store::Store};
+
+/// Configuration of the service.
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    /// The server's address and prefix on the tunnel (IPv4); devices get hosts of this subnet.
+    pub server_v4: Ipv4Net,
+    /// The server's address and prefix on the tunnel (IPv6).
+    pub server_v6: Ipv6Net,
+    /// The server's WireGuard public key (for client configs).
+    pub server_public_key: PublicKey,
+    /// `host:port` clients connect to.
+    pub endpoint: String,
+    /// DNS servers written into client configs.
+    pub dns: Vec<String>,
+    /// Keep client private keys, sealed with this sealer (`--keep-client-keys`).
+    pub keep_client_keys: Option<Sealer>,
+    /// The MaxMind country database for geo policies (`--geoip-db`); `None` = geo unavailable.
+    pub geo_db: Option<Arc<GeoDb>>,
+}
+
+/// The control service: every feature over one core. One per agent, shared by every API
+/// connection.
+#[derive(Debug)]
+pub struct Service {
+    /// The transaction core (store, ports, writer lock, audit, events).
+    pub core: Arc<Core>,
+    /// The devices in memory and user records.
+    pub directory: Arc<directory::Directory>,
+    /// Groups, quotas and limits.
+    pub policy: Arc<policy::Policy>,
+    /// Devices.
+    pub devices: Arc<devices::Devices>,
+    /// Users.
+    pub users: Arc<users::Users>,
+    /// API tokens.
+    pub tokens: Arc<tokens::Tokens>,
+    /// Stats, connections, kick.
+    pub monitor: Arc<monitor::Monitor>,
+    /// Named blocklists.
+    pub lists: Arc<lists::Lists>,
+    /// Geo policies.
+    pub geo: Arc<geo::Geo>,
+    /// Quota and configuration templates.
+    pub templates: Arc<templates::Templates>,
+    /// Policy files.
+    pub policy_files: Arc<policy_file::PolicyFiles>,
+    /// Session history and auth attempts.
+    pub history: Arc<history::History>,
+    /// Store backups.
+    pub backup: Arc<backup::Backup>,
+    /// Component health.
+    pub health: Arc<health::Health>,
+}
+
+impl Service {
+    /// Loads the users' devices and the policy from the store and reconciles the tunnel and
+    /// the dataplane with them: every stored device is (re-)programmed and the policy applied;
+    /// kernel peers the store does not know are left alone.
+    pub fn open(
+        store: Arc<Store>,
+        plane: Arc<dyn Plane>,
+        tunnel: Arc<dyn TunnelPort>,
+        cfg: ServiceConfig,
+    ) -> Result<Service, ServiceError> {
+        let core = Arc::new(Core::new(store, plane, tunnel, cfg)?);
+        let directory = Arc::new(directory::Directory::load(core.clone())?);
+        let policy = Arc::new(policy::Policy::load(core.clone(), directory.clone())?);
+        let devices = Arc::new(devices::Devices::new(
+            core.clone(),
+            directory.clone(),
+            policy.clone(),
+        ));
+        let users = Arc::new(users::Users::new(
+            core.clone(),
+            directory.clone(),
+            policy.clone(),
+            devices.clone(),
+        ));
+        let lists = Arc::new(lists::Lists::new(core.clone()));
+        let svc = Service {
+            tokens: Arc::new(tokens::Tokens::new(core.clone())),
+            monitor: Arc::new(monitor::Monitor::new(
+                core.clone(),
+                directory.clone(),
+                policy.clone(),
+            )),
+            geo: Arc::new(geo::Geo::new(core.clone(), lists.clone())),
+            templates: Arc::new(templates::Templates::new(
+                core.clone(),
+                directory.clone(),
+                policy.clone(),
+            )),
+            policy_files: Arc::new(policy_file::PolicyFiles::new(
+                core.clone(),
+                policy.clone(),
+                users.clone(),
+                devices.clone(),
+            )),
+            history: Arc::new(history::History::new(core.clone(), directory.clone())),
+            backup: Arc::new(backup::Backup::new(core.clone())),
+            health: Arc::new(health::Health::new(core.clone(), directory.clone())),
+            lists,
+            users,
+            devices,
+            policy,
+            directory,
+            core,
+        };
+        svc.devices.reconcile()?;
+        svc.policy.reapply()?;
+        svc.templates.apply_log_level();
+        Ok(svc)
+    }
+
+    /// The store (for the daemon's own records).
+    pub fn store(&self) -> &Arc<Store> {
+        &self.core.store
+    }
+
+    /// Waits until the mutations this thread made are on disk ([`Core::settle`]).
+    pub fn settle(&self) -> Result<(), ServiceError> {
+        self.core.settle()
+    }
+
+    /// The service's event bus ([`Core::events`]).
+    pub fn events(&self) -> tokio::sync::broadcast::Sender<ServiceEvent> {
+        self.core.events()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -122,7 +122,7 @@ const TUNNEL_V6: (Ipv6Addr, u8) = (Ipv6Addr::new(0xfd00, 0x64, 0, 0, 0, 0, 0, 1)
 /// How long an agent may take to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The device record as the control service stores it (`service::control::PeerRecord`).
+/// The device record as the control service stores it (`service::directory::PeerRecord`).
 #[derive(Serialize)]
 struct PeerRecord<'a> {
     peer: &'a Peer,
@@ -389,7 +389,7 @@ mod tests {
     fn the_control_service_reads_the_populated_store() {
         use capybara_agent::service::{
             Service, ServiceConfig,
-            ports::{MemoryPlane, MemoryTunnel},
+            testing::{MemoryPlane, MemoryTunnel},
         };
         use std::sync::Arc;
         let dir = tempfile::tempdir().unwrap();
@@ -411,9 +411,9 @@ mod tests {
             },
         )
         .unwrap();
-        let peers = svc.list_peers(None).unwrap();
+        let peers = svc.devices.list_peers(None).unwrap();
         assert_eq!(peers.len(), 25);
-        assert_eq!(svc.list_users().unwrap().len(), 25);
+        assert_eq!(svc.users.list_users().unwrap().len(), 25);
         assert!(
             peers
                 .iter()

@@ -45,7 +45,7 @@ use capybara_agent::{
     service::{
         NewToken, Service, ServiceConfig,
         domain::{Actor, PublicKey, Scope},
-        ports::MemoryTunnel,
+        testing::MemoryTunnel,
     },
     store::Store,
 };
@@ -108,15 +108,16 @@ async fn run_async(pins: &BenchPins) -> Result<Vec<Figure>> {
         },
     )?);
     let token = |scope| {
-        svc.create_token(
-            &Actor::Local { uid: 0 },
-            NewToken {
-                scope,
-                name: format!("bench-{scope}"),
-                expires_at: None,
-            },
-        )
-        .map(|t| t.1)
+        svc.tokens
+            .create_token(
+                &Actor::Local { uid: 0 },
+                NewToken {
+                    scope,
+                    name: format!("bench-{scope}"),
+                    expires_at: None,
+                },
+            )
+            .map(|t| t.1)
     };
     let (read, write) = (token(Scope::Read)?, token(Scope::Write)?);
     let api = TcpApi::start(svc.clone()).await?;

@@ -77,7 +77,7 @@ use capybara_agent::{
         NewToken, NewUser, Service, ServiceConfig,
         domain::{Actor, DeviceName, PublicKey, Scope, UserName},
         policy::model::{GroupName, LimitsText},
-        ports::MemoryTunnel,
+        testing::MemoryTunnel,
     },
     store::Store,
 };
@@ -219,7 +219,7 @@ async fn run_async(pins: &BenchPins, fanout: bool, updates: bool) -> Result<Vec<
         },
     )?);
     let root = Actor::Local { uid: 0 };
-    let (_, write) = svc.create_token(
+    let (_, write) = svc.tokens.create_token(
         &root,
         NewToken {
             scope: Scope::Write,
@@ -239,7 +239,7 @@ async fn run_async(pins: &BenchPins, fanout: bool, updates: bool) -> Result<Vec<
 
     if updates {
         let user = UserName::parse("user", "solo")?;
-        let (_, cfg) = svc.add_user(
+        let (_, cfg) = svc.users.add_user(
             &root,
             NewUser {
                 name: user.clone(),
@@ -323,7 +323,7 @@ async fn run_async(pins: &BenchPins, fanout: bool, updates: bool) -> Result<Vec<
         let mut ids = Vec::with_capacity(GROUP_USERS);
         for i in 0..GROUP_USERS {
             let name = UserName::parse("user", &format!("g{i}"))?;
-            let (_, cfg) = svc.add_user(
+            let (_, cfg) = svc.users.add_user(
                 &root,
                 NewUser {
                     name: name.clone(),
@@ -339,8 +339,8 @@ async fn run_async(pins: &BenchPins, fanout: bool, updates: bool) -> Result<Vec<
             t.elapsed().as_secs_f64()
         );
         let group = GroupName::parse("group", "all")?;
-        svc.create_group(&root, &group)?;
-        svc.change_members(&root, &group, &names, true)?;
+        svc.policy.create_group(&root, &group)?;
+        svc.policy.change_members(&root, &group, &names, true)?;
         client.set_group_policy("all", &flows(100), None).await?;
         let mut runs = Vec::new();
         let mut calls = Vec::new();

@@ -14,8 +14,8 @@ use capybara_agent::{
     service::{
         NewToken, Service, ServiceConfig,
         domain::{Actor, PublicKey, Scope},
-        ports::{MemoryPlane, MemoryTunnel},
         secrets::Sealer,
+        testing::{MemoryPlane, MemoryTunnel},
     },
     store::Store,
 };
@@ -113,6 +113,7 @@ impl TestApi {
     /// A token of `scope`, made directly through the service.
     pub fn token(&self, scope: Scope) -> String {
         self.svc
+            .tokens
             .create_token(
                 &Actor::Local { uid: 0 },
                 NewToken {

@@ -17,7 +17,7 @@
 //! who has it, a configuration template applied) runs under the service's writer lock:
 //! validate (a typed error naming the field, nothing changed) → one
 //! synced store batch with the records **and the audit record** → update the in-memory cache →
-//! [`Service::apply_policy`] for every affected user, which is the one place that writes the
+//! [`Policy::apply`] for every affected user, which is the one place that writes the
 //! kernel: for each device of the user, its rates (the bandwidth, both directions), its flow
 //! limit, its quota bucket (own or the group's pool, budget plus grace) and its gate. The reply
 //! is sent after the kernel holds the new policy. If the kernel refuses, the old records are
@@ -32,18 +32,18 @@
 //! ## Quota buckets and periods
 //! A bucket id is allocated the first time an owner (`user:NAME` or `group:NAME` for a pool)
 //! needs one and is kept (stored under `bucket/<owner>`, with the start of the period it was last
-//! reset for). [`Service::policy_tick`] (every second from the daemon, or with any clock from a
+//! reset for). [`Policy::tick`] (every second from the daemon, or with any clock from a
 //! test) resets buckets whose period has started since — including a reset missed while the
 //! agent was down, which happens at the first tick after start.
 //!
 //! ## Gates
-//! Devices online are learned from the tunnel (`policy_on_connect` / `policy_on_disconnect`); the
+//! Devices online are learned from the tunnel (`on_connect` / `on_disconnect`); the
 //! tick accumulates each user's online time per local day and re-evaluates the gates of users with
 //! a window, a daily time or a device limit. A gate is written only when the policy's decision
 //! changes, and then only as [`engine::gate_write`] allows: the kernel's gate is read first and a
 //! hold of another owner (a kick until the device's next handshake, MFA, expiry) is left alone. An
 //! owner ending its hold makes the policy decide afresh by forgetting the device's decision (as
-//! `policy_forget_online` and a handshake do). Removing a device frees its slot of the device
+//! `forget_online` and a handshake do). Removing a device frees its slot of the device
 //! limit (its user's devices are decided again); a new device starts offline and undecided.
 //!
 //! ## Online time across restarts
@@ -59,19 +59,13 @@
 //! (connected before the window opened, or after the time ran out) and, after a SIGKILL, the
 //! downtime up to the next start, and the devices' overlapping sessions would have to be merged.
 
-pub mod doc;
 pub mod engine;
 pub mod model;
-pub mod plane;
 pub mod resolve;
-pub mod template;
-mod templates;
-
-pub use templates::ConfigTemplateView;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    sync::{Mutex, RwLock},
+    sync::{Arc, Mutex, RwLock, RwLockReadGuard},
     time::{Duration, SystemTime},
 };
 
@@ -83,16 +77,18 @@ use self::{
     engine::Device,
     model::{ByteSize, Cap, GroupName, Limits, LimitsPatch, Period, Zone},
     resolve::{Effective, GroupLayer, Layers, QuotaPlan, resolve},
-    template::{QuotaTemplate, ServerSettings, TemplateName},
 };
 use super::{
     ServiceError,
-    control::Service,
-    domain::{Actor, Peer, PublicKey, User, UserName, ValidationError, unix_secs},
+    core::{Core, to_json},
+    directory::Directory,
+    domain::{Actor, Peer, PublicKey, UserName, ValidationError, unix_secs},
+    error::not_found,
+    templates::model::{QuotaTemplate, ServerSettings, TemplateName},
 };
 use crate::{
     dataplane::PeerRates,
-    store::{Batch, Cf, Store, StoreError, keys},
+    store::{Batch, Cf, StoreError, keys},
 };
 
 /// A group as stored.
@@ -193,20 +189,20 @@ pub type GroupView = GroupRecord;
 
 /// What is cached from the store.
 #[derive(Debug, Default)]
-struct Cache {
-    users: BTreeMap<UserName, UserPolicy>,
-    groups: BTreeMap<GroupName, GroupRecord>,
-    default: Limits,
+pub(in crate::service) struct Cache {
+    pub(in crate::service) users: BTreeMap<UserName, UserPolicy>,
+    pub(in crate::service) groups: BTreeMap<GroupName, GroupRecord>,
+    pub(in crate::service) default: Limits,
     /// Quota templates.
-    templates: BTreeMap<TemplateName, Limits>,
+    pub(in crate::service) templates: BTreeMap<TemplateName, Limits>,
     /// The server settings set by the last configuration template applied.
-    settings: ServerSettings,
+    pub(in crate::service) settings: ServerSettings,
     /// User → its groups.
-    member_of: BTreeMap<UserName, BTreeSet<GroupName>>,
+    pub(in crate::service) member_of: BTreeMap<UserName, BTreeSet<GroupName>>,
     /// The last effective policy applied, of the users the tick must look at
     /// ([`Effective::is_timed`]); the others' is computed when needed. Keeping it for every
     /// user cost 60 MiB at 100 000 users (an `Effective` is ≈ 450 B), for nothing the tick reads.
-    effective: HashMap<UserName, Effective>,
+    pub(in crate::service) effective: HashMap<UserName, Effective>,
 }
 
 impl Cache {
@@ -222,7 +218,7 @@ impl Cache {
         }
     }
 
-    fn effective(&self, user: &UserName) -> Effective {
+    pub(in crate::service) fn effective(&self, user: &UserName) -> Effective {
         let groups = self
             .member_of
             .get(user)
@@ -266,17 +262,21 @@ struct Runtime {
     last_tick: Option<SystemTime>,
 }
 
-/// The policy's state inside the service.
-#[derive(Debug, Default)]
-pub struct PolicyCell {
+/// The policy feature, with its own state: the cached records, the quota buckets and what is
+/// known only while running.
+#[derive(Debug)]
+pub struct Policy {
+    core: Arc<Core>,
+    dir: Arc<Directory>,
     cache: RwLock<Cache>,
     buckets: Mutex<BTreeMap<String, BucketState>>,
     runtime: Mutex<Runtime>,
 }
 
-impl PolicyCell {
+impl Policy {
     /// Loads the policy records from the store.
-    pub fn load(store: &Store) -> Result<PolicyCell, StoreError> {
+    pub fn load(core: Arc<Core>, dir: Arc<Directory>) -> Result<Policy, StoreError> {
+        let store = &core.store;
         let mut cache = Cache {
             default: store
                 .get(Cf::Policy, keys::POLICY_DEFAULT)?
@@ -321,7 +321,9 @@ impl PolicyCell {
                 }
             }
         }
-        Ok(PolicyCell {
+        Ok(Policy {
+            core,
+            dir,
             cache: RwLock::new(cache),
             buckets: Mutex::new(buckets),
             runtime: Mutex::new(runtime),
@@ -329,7 +331,7 @@ impl PolicyCell {
     }
 }
 
-/// What removing a user does to the policy records (see `Service::policy_forget_user`).
+/// What removing a user does to the policy records (see `Policy::forget_user`).
 #[derive(Debug)]
 pub struct ForgetUser {
     user: UserName,
@@ -338,23 +340,12 @@ pub struct ForgetUser {
 
 /// One record a policy change writes.
 #[derive(Clone, Debug)]
-enum Change {
+pub(in crate::service) enum Change {
     User(UserName, Option<UserPolicy>),
     Group(GroupName, Option<GroupRecord>),
     Default(Limits),
     QuotaTemplate(TemplateName, Option<Limits>),
     Settings(ServerSettings),
-}
-
-fn to_json<T: Serialize>(v: &T) -> Option<serde_json::Value> {
-    serde_json::to_value(v).ok()
-}
-
-fn not_found(what: &'static str, name: impl ToString) -> ServiceError {
-    ServiceError::NotFound {
-        what,
-        name: name.to_string(),
-    }
 }
 
 fn owner_user(u: &UserName) -> String {
@@ -380,33 +371,46 @@ struct PeerKernel {
     bucket: Option<u32>,
 }
 
-impl Service {
+impl Policy {
     // ---- reads ------------------------------------------------------------------------------
+
+    /// The cached records, for the features built on the policy (templates, policy files).
+    pub(in crate::service) fn read(&self) -> RwLockReadGuard<'_, Cache> {
+        self.cache.read().unwrap()
+    }
+
+    /// The DNS servers written into client configs: the last configuration template's, else
+    /// the agent's `--dns`.
+    pub fn client_dns(&self) -> Vec<String> {
+        match &self.cache.read().unwrap().settings.dns {
+            Some(d) => d.iter().map(ToString::to_string).collect(),
+            None => self.core.cfg.dns.clone(),
+        }
+    }
 
     /// The limits set on a user itself, or the server default.
     pub fn get_limits(&self, target: &LimitsTarget) -> Result<Limits, ServiceError> {
-        let c = self.policy.cache.read().unwrap();
+        let c = self.cache.read().unwrap();
         match target {
             LimitsTarget::Default => Ok(c.default.clone()),
             LimitsTarget::User(u) => {
                 drop(c);
-                self.get_user_record(u)?;
-                let c = self.policy.cache.read().unwrap();
+                self.dir.user(u)?;
+                let c = self.cache.read().unwrap();
                 Ok(c.users.get(u).map(|p| p.limits.clone()).unwrap_or_default())
             }
         }
     }
 
     /// The effective policy of a user with the layer of each field.
-    pub fn explain_policy(&self, user: &UserName) -> Result<Effective, ServiceError> {
-        self.get_user_record(user)?;
-        Ok(self.policy.cache.read().unwrap().effective(user))
+    pub fn explain(&self, user: &UserName) -> Result<Effective, ServiceError> {
+        self.dir.user(user)?;
+        Ok(self.cache.read().unwrap().effective(user))
     }
 
     /// Every group.
     pub fn list_groups(&self) -> Vec<GroupView> {
-        self.policy
-            .cache
+        self.cache
             .read()
             .unwrap()
             .groups
@@ -417,8 +421,7 @@ impl Service {
 
     /// One group.
     pub fn get_group(&self, name: &GroupName) -> Result<GroupView, ServiceError> {
-        self.policy
-            .cache
+        self.cache
             .read()
             .unwrap()
             .groups
@@ -435,17 +438,13 @@ impl Service {
     ) -> Result<Vec<QuotaStatus>, ServiceError> {
         let users: Vec<UserName> = match user {
             Some(u) => {
-                self.get_user_record(u)?;
+                self.dir.user(u)?;
                 vec![u.clone()]
             }
-            None => self
-                .list_users()?
-                .into_iter()
-                .map(|d| d.user.name)
-                .collect(),
+            None => self.dir.user_names()?,
         };
-        let cache = self.policy.cache.read().unwrap();
-        let buckets = self.policy.buckets.lock().unwrap();
+        let cache = self.cache.read().unwrap();
+        let buckets = self.buckets.lock().unwrap();
         let mut out = Vec::new();
         for u in users {
             let eff = cache.effective(&u);
@@ -471,7 +470,7 @@ impl Service {
             };
             let b = owner.as_ref().and_then(|o| buckets.get(o)).copied();
             let used = match b {
-                Some(b) => self.plane.policy_usage(b.rec.id)?.used_bytes,
+                Some(b) => self.core.plane.policy_usage(b.rec.id)?.used_bytes,
                 None => 0,
             };
             let limit_bytes = limit.map_or(0, |l| l.0);
@@ -503,14 +502,13 @@ impl Service {
         target: &LimitsTarget,
         patch: &LimitsPatch,
     ) -> Result<Limits, ServiceError> {
-        let _w = self.writer.lock().unwrap();
+        let _w = self.core.writer.lock().unwrap();
         match target {
             LimitsTarget::User(u) => {
-                self.get_user_record(u)?;
+                self.dir.user(u)?;
                 let before = self.get_limits(target)?;
                 let after = before.patched(patch);
                 let template = self
-                    .policy
                     .cache
                     .read()
                     .unwrap()
@@ -522,7 +520,7 @@ impl Service {
                     template,
                 };
                 let rec = (!rec.is_empty()).then_some(rec);
-                self.policy_change(
+                self.change(
                     actor,
                     "policy.user.set",
                     format!("user:{u}"),
@@ -536,8 +534,8 @@ impl Service {
             LimitsTarget::Default => {
                 let before = self.get_limits(target)?;
                 let after = before.patched(patch);
-                let users = self.all_user_names()?;
-                self.policy_change(
+                let users = self.dir.user_names()?;
+                self.change(
                     actor,
                     "policy.default.set",
                     "policy:default".into(),
@@ -553,8 +551,8 @@ impl Service {
 
     /// Creates an empty group.
     pub fn create_group(&self, actor: &Actor, name: &GroupName) -> Result<GroupView, ServiceError> {
-        let _w = self.writer.lock().unwrap();
-        if self.policy.cache.read().unwrap().groups.contains_key(name) {
+        let _w = self.core.writer.lock().unwrap();
+        if self.cache.read().unwrap().groups.contains_key(name) {
             return Err(ServiceError::AlreadyExists {
                 what: "group",
                 name: name.to_string(),
@@ -566,7 +564,7 @@ impl Service {
             limits: Limits::default(),
             shared_limit: None,
         };
-        self.policy_change(
+        self.change(
             actor,
             "group.create",
             format!("group:{name}"),
@@ -580,9 +578,9 @@ impl Service {
 
     /// Deletes a group; its members lose its policy.
     pub fn delete_group(&self, actor: &Actor, name: &GroupName) -> Result<GroupView, ServiceError> {
-        let _w = self.writer.lock().unwrap();
+        let _w = self.core.writer.lock().unwrap();
         let g = self.get_group(name)?;
-        self.policy_change(
+        self.change(
             actor,
             "group.delete",
             format!("group:{name}"),
@@ -603,7 +601,7 @@ impl Service {
         users: &[UserName],
         add: bool,
     ) -> Result<GroupView, ServiceError> {
-        let _w = self.writer.lock().unwrap();
+        let _w = self.core.writer.lock().unwrap();
         let before = self.get_group(name)?;
         if users.is_empty() {
             return Err(ValidationError::Missing { field: "users" }.into());
@@ -611,13 +609,13 @@ impl Service {
         let mut after = before.clone();
         for u in users {
             if add {
-                self.get_user_record(u)?;
+                self.dir.user(u)?;
                 after.members.insert(u.clone());
             } else if !after.members.remove(u) {
                 return Err(not_found("member", format!("{name}/{u}")));
             }
         }
-        self.policy_change(
+        self.change(
             actor,
             if add { "group.add" } else { "group.remove" },
             format!("group:{name}"),
@@ -638,7 +636,7 @@ impl Service {
         patch: &LimitsPatch,
         shared_limit: Option<Cap<ByteSize>>,
     ) -> Result<GroupView, ServiceError> {
-        let _w = self.writer.lock().unwrap();
+        let _w = self.core.writer.lock().unwrap();
         let before = self.get_group(name)?;
         let mut after = before.clone();
         after.limits = before.limits.patched(patch);
@@ -650,7 +648,7 @@ impl Service {
         let policy_of = |g: &GroupRecord| {
             to_json(&serde_json::json!({ "limits": g.limits, "shared_limit": g.shared_limit }))
         };
-        self.policy_change(
+        self.change(
             actor,
             "group.policy",
             format!("group:{name}"),
@@ -668,10 +666,10 @@ impl Service {
         actor: &Actor,
         owner: Result<&UserName, &GroupName>,
     ) -> Result<(), ServiceError> {
-        let _w = self.writer.lock().unwrap();
+        let _w = self.core.writer.lock().unwrap();
         let (key, target) = match owner {
             Ok(u) => {
-                self.get_user_record(u)?;
+                self.dir.user(u)?;
                 (owner_user(u), format!("user:{u}"))
             }
             Err(g) => {
@@ -680,16 +678,15 @@ impl Service {
             }
         };
         let bucket = self
-            .policy
             .buckets
             .lock()
             .unwrap()
             .get(&key)
             .map(|b| b.rec.id)
             .ok_or_else(|| not_found("quota bucket", &key))?;
-        let usage = self.plane.policy_reset(bucket)?;
+        let usage = self.core.plane.policy_reset(bucket)?;
         let mut batch = Batch::default();
-        self.audit(
+        self.core.audit(
             &mut batch,
             actor,
             "quota.reset",
@@ -697,7 +694,7 @@ impl Service {
             None,
             to_json(&serde_json::json!({ "bucket": bucket, "epoch": usage.epoch })),
         )?;
-        self.commit(batch)
+        self.core.commit(batch)
     }
 
     /// Commits `changes` with an audit record, updates the cache and applies the policy of
@@ -706,7 +703,7 @@ impl Service {
         clippy::too_many_arguments,
         reason = "one call shape for every policy change"
     )]
-    fn policy_change(
+    pub(in crate::service) fn change(
         &self,
         actor: &Actor,
         action: &str,
@@ -717,7 +714,7 @@ impl Service {
         affected: Vec<UserName>,
     ) -> Result<(), ServiceError> {
         let old: Vec<Change> = {
-            let c = self.policy.cache.read().unwrap();
+            let c = self.cache.read().unwrap();
             changes
                 .iter()
                 .map(|ch| match ch {
@@ -733,30 +730,31 @@ impl Service {
         };
         let mut batch = Batch::default();
         stage(&mut batch, &changes)?;
-        let seq = self.next_audit_seq();
-        self.audit(&mut batch, actor, action, target, before, after)?;
-        let event = self.commit_unpublished(batch)?;
-        self.policy_cache_put(&changes);
-        if let Err(e) = self.apply_policy(&affected, false) {
+        let seq = self.core.next_audit_seq();
+        self.core
+            .audit(&mut batch, actor, action, target, before, after)?;
+        let event = self.core.commit_unpublished(batch)?;
+        self.cache_put(&changes);
+        if let Err(e) = self.apply(&affected, false) {
             tracing::error!(error = %e, action, "the kernel refused a policy change; undoing it");
             let mut undo = Batch::default();
             stage(&mut undo, &old)?;
             undo.delete(Cf::Audit, &keys::audit(seq));
-            self.store.commit(undo)?;
-            self.rewind_audit(seq);
-            self.policy_cache_put(&old);
-            if let Err(r) = self.apply_policy(&affected, false) {
+            self.core.store.commit(undo)?;
+            self.core.rewind_audit(seq);
+            self.cache_put(&old);
+            if let Err(r) = self.apply(&affected, false) {
                 tracing::error!(error = %r, "cannot re-apply the old policy");
             }
             return Err(e);
         }
-        self.publish(event);
+        self.core.publish(event);
         tracing::info!(%actor, action, users = affected.len(), "policy changed");
         Ok(())
     }
 
-    fn policy_cache_put(&self, changes: &[Change]) {
-        let mut c = self.policy.cache.write().unwrap();
+    fn cache_put(&self, changes: &[Change]) {
+        let mut c = self.cache.write().unwrap();
         for ch in changes {
             match ch.clone() {
                 Change::User(u, Some(p)) => {
@@ -785,13 +783,13 @@ impl Service {
     }
 
     /// Stages the removal of a user's own limits and memberships into `batch` (the user is
-    /// being removed); [`Service::policy_forgotten`] updates the cache once it is committed.
-    pub(super) fn policy_forget_user(
+    /// being removed); [`Policy::forgotten`] updates the cache once it is committed.
+    pub(in crate::service) fn forget_user(
         &self,
         batch: &mut Batch,
         user: &UserName,
     ) -> Result<ForgetUser, ServiceError> {
-        let c = self.policy.cache.read().unwrap();
+        let c = self.cache.read().unwrap();
         let mut changes = Vec::new();
         if c.users.contains_key(user) {
             changes.push(Change::User(user.clone(), None));
@@ -812,31 +810,21 @@ impl Service {
     }
 
     /// The cache after a removed user's policy records were committed.
-    pub(super) fn policy_forgotten(&self, f: ForgetUser) {
-        self.policy_cache_put(&f.changes);
-        self.policy.cache.write().unwrap().effective.remove(&f.user);
-        let mut rt = self.policy.runtime.lock().unwrap();
+    pub(in crate::service) fn forgotten(&self, f: ForgetUser) {
+        self.cache_put(&f.changes);
+        self.cache.write().unwrap().effective.remove(&f.user);
+        let mut rt = self.runtime.lock().unwrap();
         rt.online_time.remove(&f.user);
         rt.saved.remove(&f.user);
-    }
-
-    fn all_user_names(&self) -> Result<Vec<UserName>, ServiceError> {
-        // The store's users, not `list_users` (which copies every user's devices too).
-        Ok(self
-            .store
-            .scan::<User>(Cf::Users, "")?
-            .into_iter()
-            .map(|(_, u)| u.name)
-            .collect())
     }
 
     // ---- the kernel -------------------------------------------------------------------------
 
     /// Applies the effective policy of every user (agent start).
-    pub fn reapply_policy(&self) -> Result<(), ServiceError> {
+    pub fn reapply(&self) -> Result<(), ServiceError> {
         let t = std::time::Instant::now();
-        let users = self.all_user_names()?;
-        self.apply_policy(&users, true)?;
+        let users = self.dir.user_names()?;
+        self.apply(&users, true)?;
         tracing::info!(
             users = users.len(),
             ms = t.elapsed().as_millis(),
@@ -850,11 +838,11 @@ impl Service {
     /// With `force_gates` every gate is reconciled with the kernel's (read back), otherwise only
     /// those whose decision changed; either way a hold of another owner is kept
     /// ([`engine::gate_write`]).
-    pub fn apply_policy(&self, users: &[UserName], force_gates: bool) -> Result<(), ServiceError> {
+    pub fn apply(&self, users: &[UserName], force_gates: bool) -> Result<(), ServiceError> {
         let now = SystemTime::now();
         let mut effs = Vec::with_capacity(users.len());
         {
-            let mut c = self.policy.cache.write().unwrap();
+            let mut c = self.cache.write().unwrap();
             for u in users {
                 let e = c.effective(u);
                 if e.is_timed() {
@@ -878,7 +866,6 @@ impl Service {
                 }
                 QuotaPlan::Pool { group, limit } => {
                     let gl = self
-                        .policy
                         .cache
                         .read()
                         .unwrap()
@@ -899,7 +886,7 @@ impl Service {
             bucket_of.insert(*u, b);
         }
         for (id, limit) in &limits {
-            self.plane.policy_bucket(*id, *limit)?;
+            self.core.plane.policy_bucket(*id, *limit)?;
         }
         for (u, e) in &effs {
             let k = PeerKernel {
@@ -910,13 +897,13 @@ impl Service {
                 flows: e.flows.value,
                 bucket: bucket_of.get(u).copied().flatten(),
             };
-            let peers = self.user_peers(u);
+            let peers = self.dir.user_peers(u);
             for p in &peers {
-                self.plane.policy_rates(p.id, k.rates)?;
-                self.plane.policy_limits(p.id, k.flows, k.bucket)?;
+                self.core.plane.policy_rates(p.id, k.rates)?;
+                self.core.plane.policy_limits(p.id, k.flows, k.bucket)?;
             }
             if force_gates {
-                let mut rt = self.policy.runtime.lock().unwrap();
+                let mut rt = self.runtime.lock().unwrap();
                 for p in &peers {
                     rt.written.remove(&p.id);
                 }
@@ -935,7 +922,7 @@ impl Service {
         zone: Zone,
         now: SystemTime,
     ) -> Result<u32, ServiceError> {
-        let mut buckets = self.policy.buckets.lock().unwrap();
+        let mut buckets = self.buckets.lock().unwrap();
         if let Some(b) = buckets.get_mut(owner) {
             b.period = period;
             b.zone = zone;
@@ -951,7 +938,8 @@ impl Service {
             id,
             period_start: engine::period_start(period, zone, now),
         };
-        self.store
+        self.core
+            .store
             .put(Cf::Policy, &keys::policy_bucket(owner), &rec)?;
         buckets.insert(owner.to_owned(), BucketState { rec, period, zone });
         Ok(id)
@@ -968,7 +956,7 @@ impl Service {
         now: SystemTime,
         handshake: Option<PeerId>,
     ) -> Result<(), ServiceError> {
-        let mut rt = self.policy.runtime.lock().unwrap();
+        let mut rt = self.runtime.lock().unwrap();
         let devices: Vec<Device> = peers
             .iter()
             .map(|p| Device {
@@ -987,9 +975,9 @@ impl Service {
             if !shook && rt.written.get(&id) == Some(&want) {
                 continue;
             }
-            let kernel = self.plane.gate(id)?;
+            let kernel = self.core.plane.gate(id)?;
             if let Some(gate) = engine::gate_write(kernel, want, shook, SystemTime::now()) {
-                self.plane.set_gate(id, gate)?;
+                self.core.plane.set_gate(id, gate)?;
                 tracing::info!(user = %user, peer = id, gate = ?gate, "policy gate");
             }
             rt.written.insert(id, want);
@@ -1001,12 +989,11 @@ impl Service {
 
     /// A device completed a handshake at `now`: it is online; its user's gates are decided
     /// again (the device may be over the device limit or outside the window).
-    pub fn policy_on_connect(&self, key: &PublicKey, now: SystemTime) -> Result<(), ServiceError> {
-        let Some(peer) = self.peer_by_key(key) else {
+    pub fn on_connect(&self, key: &PublicKey, now: SystemTime) -> Result<(), ServiceError> {
+        let Some(peer) = self.dir.peer_by_key(key) else {
             return Ok(());
         };
-        self.policy
-            .runtime
+        self.runtime
             .lock()
             .unwrap()
             .online
@@ -1018,15 +1005,11 @@ impl Service {
 
     /// A device went offline at `now` (disconnected or kicked): a device waiting for a free
     /// slot of its user is admitted.
-    pub fn policy_on_disconnect(
-        &self,
-        key: &PublicKey,
-        now: SystemTime,
-    ) -> Result<(), ServiceError> {
-        let Some(peer) = self.peer_by_key(key) else {
+    pub fn on_disconnect(&self, key: &PublicKey, now: SystemTime) -> Result<(), ServiceError> {
+        let Some(peer) = self.dir.peer_by_key(key) else {
             return Ok(());
         };
-        let was_online = self.policy.runtime.lock().unwrap().online.remove(&peer.id);
+        let was_online = self.runtime.lock().unwrap().online.remove(&peer.id);
         if was_online.is_some() {
             self.regate(&peer.user, now, None)?;
         }
@@ -1035,8 +1018,8 @@ impl Service {
 
     /// Forgets that the devices of `peers` are online (they were kicked) without touching their
     /// gates.
-    pub fn policy_forget_online(&self, peers: &[Peer]) {
-        let mut rt = self.policy.runtime.lock().unwrap();
+    pub fn forget_online(&self, peers: &[Peer]) {
+        let mut rt = self.runtime.lock().unwrap();
         for p in peers {
             rt.online.remove(&p.id);
             rt.written.remove(&p.id);
@@ -1050,23 +1033,22 @@ impl Service {
         handshake: Option<PeerId>,
     ) -> Result<(), ServiceError> {
         let eff = {
-            let c = self.policy.cache.read().unwrap();
+            let c = self.cache.read().unwrap();
             c.effective
                 .get(user)
                 .cloned()
                 .unwrap_or_else(|| c.effective(user))
         };
-        let peers = self.user_peers(user);
+        let peers = self.dir.user_peers(user);
         self.apply_gates(user, &eff, &peers, now, handshake)
     }
 
     /// The clock moved to `now`: resets buckets whose period started since their last reset,
     /// counts online time, and re-decides the gates of users with a window, a daily time or a
     /// device limit. The daemon calls it every second; tests call it with their own clock.
-    pub fn policy_tick(&self, now: SystemTime) -> Result<(), ServiceError> {
+    pub fn tick(&self, now: SystemTime) -> Result<(), ServiceError> {
         // Periods.
         let due: Vec<(String, u32, i64)> = self
-            .policy
             .buckets
             .lock()
             .unwrap()
@@ -1077,7 +1059,7 @@ impl Service {
             })
             .collect();
         for (owner, id, start) in due {
-            match self.plane.policy_reset(id) {
+            match self.core.plane.policy_reset(id) {
                 Ok(_) | Err(crate::dataplane::DataplaneError::UnknownQuotaBucket { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -1085,16 +1067,16 @@ impl Service {
                 id,
                 period_start: Some(start),
             };
-            self.store
+            self.core
+                .store
                 .put(Cf::Policy, &keys::policy_bucket(&owner), &rec)?;
-            if let Some(b) = self.policy.buckets.lock().unwrap().get_mut(&owner) {
+            if let Some(b) = self.buckets.lock().unwrap().get_mut(&owner) {
                 b.rec = rec;
             }
             tracing::info!(owner, bucket = id, "quota period started");
         }
         // Online time and gates.
         let timed: Vec<(UserName, Effective)> = self
-            .policy
             .cache
             .read()
             .unwrap()
@@ -1104,7 +1086,7 @@ impl Service {
             .map(|(u, e)| (u.clone(), e.clone()))
             .collect();
         let elapsed = {
-            let mut rt = self.policy.runtime.lock().unwrap();
+            let mut rt = self.runtime.lock().unwrap();
             let d = rt
                 .last_tick
                 .and_then(|t| now.duration_since(t).ok())
@@ -1115,9 +1097,9 @@ impl Service {
             d
         };
         for (u, e) in &timed {
-            let peers = self.user_peers(u);
+            let peers = self.dir.user_peers(u);
             {
-                let mut rt = self.policy.runtime.lock().unwrap();
+                let mut rt = self.runtime.lock().unwrap();
                 let online = peers.iter().any(|p| {
                     rt.online.contains_key(&p.id)
                         && rt.written.get(&p.id).copied().flatten().is_none()
@@ -1144,7 +1126,7 @@ impl Service {
     /// batch (see the module docs).
     fn save_online_time(&self, timed: &[(UserName, Effective)]) -> Result<(), ServiceError> {
         let due: Vec<(UserName, (NaiveDate, Duration))> = {
-            let rt = self.policy.runtime.lock().unwrap();
+            let rt = self.runtime.lock().unwrap();
             timed
                 .iter()
                 .filter_map(|(u, e)| {
@@ -1173,139 +1155,10 @@ impl Service {
             batch.put(Cf::Policy, &keys::policy_online(u.as_str()), &rec)?;
         }
         // Not synced: it survives a SIGKILL; a power loss forgets the day's time (module docs).
-        let _ = self.store.write(batch)?;
-        let mut rt = self.policy.runtime.lock().unwrap();
+        let _ = self.core.store.write(batch)?;
+        let mut rt = self.runtime.lock().unwrap();
         rt.saved.extend(due);
         Ok(())
-    }
-}
-
-impl Service {
-    /// The current policy as a document (users with their devices and own limits, groups,
-    /// default).
-    pub fn export_document(&self) -> Result<doc::PolicyDoc, ServiceError> {
-        let users = self.list_users()?;
-        let c = self.policy.cache.read().unwrap();
-        Ok(doc::PolicyDoc {
-            default: c.default.clone(),
-            users: users
-                .into_iter()
-                .map(|d| {
-                    let p = c.users.get(&d.user.name).cloned().unwrap_or_default();
-                    let devices = d.peers.into_iter().map(|p| p.device).collect();
-                    (
-                        d.user.name,
-                        doc::UserDoc {
-                            devices,
-                            limits: p.limits,
-                            template: p.template,
-                        },
-                    )
-                })
-                .collect(),
-            groups: c
-                .groups
-                .values()
-                .map(|g| {
-                    (
-                        g.name.clone(),
-                        doc::GroupDoc {
-                            members: g.members.clone(),
-                            limits: g.limits.clone(),
-                            shared_limit: g.shared_limit,
-                        },
-                    )
-                })
-                .collect(),
-            templates: c.templates.clone(),
-        })
-    }
-
-    fn plan_document(&self, d: &doc::PolicyDoc) -> Result<doc::Plan, ServiceError> {
-        let users = self
-            .list_users()?
-            .into_iter()
-            .map(|d| (d.user.name, d.peers.into_iter().map(|p| p.device).collect()))
-            .collect();
-        let c = self.policy.cache.read().unwrap();
-        Ok(doc::plan(
-            d,
-            &doc::Current {
-                users,
-                limits: &c.users,
-                groups: &c.groups,
-                default: &c.default,
-                templates: &c.templates,
-            },
-        )?)
-    }
-
-    /// Applies a policy document (see [`doc`]): returns the diff; with `dry_run`, or when the
-    /// diff is empty, nothing is changed.
-    pub fn apply_document(
-        &self,
-        actor: &Actor,
-        d: &doc::PolicyDoc,
-        dry_run: bool,
-    ) -> Result<Vec<String>, ServiceError> {
-        let plan = self.plan_document(d)?;
-        if dry_run || plan.diff.is_empty() {
-            return Ok(plan.diff);
-        }
-        // Users and devices first (each its own synced write); undone if the rest fails.
-        let mut created: Vec<UserName> = Vec::new();
-        let mut added: Vec<(UserName, super::domain::DeviceName)> = Vec::new();
-        let undo = |created: &[UserName], added: &[(UserName, super::domain::DeviceName)]| {
-            for u in created {
-                if let Err(e) = self.remove_user(actor, u) {
-                    tracing::error!(error = %e, user = %u, "cannot undo a user created by a failed apply");
-                }
-            }
-            for (u, dev) in added {
-                if let Err(e) = self.remove_device(actor, u, dev) {
-                    tracing::error!(error = %e, user = %u, "cannot undo a device added by a failed apply");
-                }
-            }
-        };
-        let mut step = || -> Result<(), ServiceError> {
-            for (u, devices) in &plan.new_users {
-                self.add_user(
-                    actor,
-                    super::NewUser {
-                        name: u.clone(),
-                        device: devices[0].clone(),
-                        expires_at: None,
-                    },
-                )?;
-                created.push(u.clone());
-                for dev in &devices[1..] {
-                    self.add_device(actor, u, dev)?;
-                }
-            }
-            for (u, dev) in &plan.new_devices {
-                self.add_device(actor, u, dev)?;
-                added.push((u.clone(), dev.clone()));
-            }
-            let _w = self.writer.lock().unwrap();
-            let p = self.plan_document(d)?;
-            if p.changes.is_empty() {
-                return Ok(());
-            }
-            self.policy_change(
-                actor,
-                "policy.apply",
-                "policy:document".into(),
-                None,
-                to_json(&plan.diff),
-                p.changes,
-                p.affected.into_iter().collect(),
-            )
-        };
-        if let Err(e) = step() {
-            undo(&created, &added);
-            return Err(e);
-        }
-        Ok(plan.diff)
     }
 }
 

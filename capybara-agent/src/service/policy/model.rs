@@ -16,93 +16,11 @@ use std::{fmt, str::FromStr, time::Duration};
 use chrono::{Datelike, NaiveDateTime, Timelike, Weekday};
 use serde::{Deserialize, Serialize};
 
+pub use crate::service::domain::PolicyValueError;
 use crate::{
     service::domain::{UserName, ValidationError},
-    units::{Rate, RateError},
+    units::Rate,
 };
-
-/// Why a policy value is invalid. Each variant carries the input as given.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PolicyValueError {
-    /// A rate that does not parse (see [`Rate`]).
-    #[error(transparent)]
-    Rate(#[from] RateError),
-    /// Not a number with an optional byte unit.
-    #[error("invalid size {input:?}: expected e.g. 100GB, 1.5TB, 500MiB")]
-    ByteSize {
-        /// The input.
-        input: String,
-    },
-    /// Not a percentage 0–100.
-    #[error("invalid percentage {input:?}: expected 0% to 100%")]
-    Percent {
-        /// The input.
-        input: String,
-    },
-    /// Not one of the periods.
-    #[error("invalid period {input:?}: expected daily, weekly, monthly or none")]
-    Period {
-        /// The input.
-        input: String,
-    },
-    /// Not `DAYS HH:MM-HH:MM`.
-    #[error("invalid window {input:?}: {reason} (expected e.g. \"Mon-Fri 08:00-18:00\")")]
-    Window {
-        /// The input.
-        input: String,
-        /// What is wrong.
-        reason: &'static str,
-    },
-    /// Not a duration of at most 24 h.
-    #[error("invalid online time {input:?}: expected e.g. 8h, 90m, 1h30m (at most 24h)")]
-    OnlineTime {
-        /// The input.
-        input: String,
-    },
-    /// Not an IANA time zone name.
-    #[error("unknown time zone {input:?}: expected an IANA name such as Europe/Berlin or UTC")]
-    Zone {
-        /// The input.
-        input: String,
-    },
-    /// A policy document that does not parse (YAML syntax, a wrong type, an unknown field, or a
-    /// bad value inside it).
-    #[error("line {line} column {column}: {reason}")]
-    Document {
-        /// 1-based line (0 = unknown).
-        line: usize,
-        /// 1-based column.
-        column: usize,
-        /// What the YAML parser said (it names the field path and quotes the value).
-        reason: String,
-    },
-    /// Not a log level.
-    #[error("invalid log level {input:?}: expected error, warn, info, debug or trace")]
-    LogLevel {
-        /// The input.
-        input: String,
-    },
-    /// Not a maximum age such as `90d`.
-    #[error("invalid age {input:?}: expected e.g. 90d, 12h")]
-    MaxAge {
-        /// The input.
-        input: String,
-    },
-    /// Not an IP address.
-    #[error("invalid address {input:?}: expected an IPv4 or IPv6 address")]
-    Address {
-        /// The input.
-        input: String,
-    },
-    /// Not a positive whole number (or `unlimited`).
-    #[error("invalid count {input:?}: expected a whole number from 1 to {max} or unlimited")]
-    Count {
-        /// The input.
-        input: String,
-        /// The largest allowed value.
-        max: u32,
-    },
-}
 
 /// Parses `s` as a `T`, naming `field` on error.
 pub fn parse_field<T>(field: &'static str, s: &str) -> Result<T, ValidationError>
@@ -844,7 +762,7 @@ macro_rules! name_type {
         }
     };
 }
-pub(super) use name_type;
+pub(in crate::service) use name_type;
 
 name_type!(
     /// A group's name: the same rules as a user name.

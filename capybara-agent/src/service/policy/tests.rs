@@ -17,7 +17,7 @@ use crate::{
     service::{
         NewUser, Service, ServiceConfig, ServiceError,
         domain::{Actor, DeviceName, PublicKey, UserName},
-        ports::{MemoryPlane, MemoryTunnel},
+        testing::{MemoryPlane, MemoryTunnel},
     },
     store::{Cf, Store},
     units::Rate,
@@ -81,6 +81,7 @@ fn g(n: &str) -> GroupName {
 fn add(f: &Fixture, name: &str, devices: &[&str]) -> Vec<u32> {
     let (_, cfg) = f
         .svc
+        .users
         .add_user(
             &root(),
             NewUser {
@@ -94,6 +95,7 @@ fn add(f: &Fixture, name: &str, devices: &[&str]) -> Vec<u32> {
     for d in &devices[1..] {
         ids.push(
             f.svc
+                .devices
                 .add_device(&root(), &u(name), &DeviceName::parse("device", d).unwrap())
                 .unwrap()
                 .peer
@@ -131,11 +133,13 @@ fn group_policy_reaches_every_members_devices_and_a_user_override_beats_it() {
     let alice = add(&f, "alice", &["laptop", "phone"]);
     let bob = add(&f, "bob", &["laptop"]);
     let carol = add(&f, "carol", &["laptop"]);
-    f.svc.create_group(&root(), &g("staff")).unwrap();
+    f.svc.policy.create_group(&root(), &g("staff")).unwrap();
     f.svc
+        .policy
         .change_members(&root(), &g("staff"), &[u("alice"), u("bob")], true)
         .unwrap();
     f.svc
+        .policy
         .set_group_policy(
             &root(),
             &g("staff"),
@@ -154,6 +158,7 @@ fn group_policy_reaches_every_members_devices_and_a_user_override_beats_it() {
     assert_eq!(s.rates.get(&carol[0]), None, "carol is not in the group");
 
     f.svc
+        .policy
         .set_limits(
             &root(),
             &LimitsTarget::User(u("alice")),
@@ -164,7 +169,7 @@ fn group_policy_reaches_every_members_devices_and_a_user_override_beats_it() {
     assert_eq!(s.rates.get(&alice[0]), Some(&rate(50)));
     assert_eq!(s.rates.get(&alice[1]), Some(&rate(50)));
     assert_eq!(s.rates.get(&bob[0]), Some(&rate(10)));
-    let e = f.svc.explain_policy(&u("alice")).unwrap();
+    let e = f.svc.policy.explain(&u("alice")).unwrap();
     let rows = e.explain();
     let row = |n: &str| rows.iter().find(|r| r.field == n).unwrap().clone();
     assert_eq!(row("bandwidth").source, "user");
@@ -173,6 +178,7 @@ fn group_policy_reaches_every_members_devices_and_a_user_override_beats_it() {
 
     // Removing bob from the group takes its limits away.
     f.svc
+        .policy
         .change_members(&root(), &g("staff"), &[u("bob")], false)
         .unwrap();
     let s = f.plane.state().policy;
@@ -181,6 +187,7 @@ fn group_policy_reaches_every_members_devices_and_a_user_override_beats_it() {
     // A new device of a member gets the policy at once.
     let tablet = f
         .svc
+        .devices
         .add_device(
             &root(),
             &u("alice"),
@@ -221,22 +228,31 @@ fn bad_input_names_the_field_and_changes_nothing() {
     // A group that does not exist, a member that is not a user: nothing changes.
     let e = f
         .svc
+        .policy
         .set_group_policy(&root(), &g("nope"), &patch(|_| {}), None)
         .unwrap_err();
     assert!(
         matches!(e, ServiceError::NotFound { what: "group", .. }),
         "{e}"
     );
-    f.svc.create_group(&root(), &g("staff")).unwrap();
+    f.svc.policy.create_group(&root(), &g("staff")).unwrap();
     let e = f
         .svc
+        .policy
         .change_members(&root(), &g("staff"), &[u("alice"), u("ghost")], true)
         .unwrap_err();
     assert!(
         matches!(e, ServiceError::NotFound { what: "user", .. }),
         "{e}"
     );
-    assert!(f.svc.get_group(&g("staff")).unwrap().members.is_empty());
+    assert!(
+        f.svc
+            .policy
+            .get_group(&g("staff"))
+            .unwrap()
+            .members
+            .is_empty()
+    );
     assert_eq!(audit_count(&f), before + 1, "only the group creation");
     assert_eq!(f.plane.state().policy.writes, writes);
 }
@@ -246,11 +262,13 @@ fn a_shared_pool_is_one_bucket_for_all_members_and_an_own_limit_leaves_it() {
     let f = fixture();
     let a = add(&f, "alice", &["laptop"]);
     let b = add(&f, "bob", &["laptop", "phone"]);
-    f.svc.create_group(&root(), &g("eng")).unwrap();
+    f.svc.policy.create_group(&root(), &g("eng")).unwrap();
     f.svc
+        .policy
         .change_members(&root(), &g("eng"), &[u("alice"), u("bob")], true)
         .unwrap();
     f.svc
+        .policy
         .set_group_policy(
             &root(),
             &g("eng"),
@@ -266,7 +284,7 @@ fn a_shared_pool_is_one_bucket_for_all_members_and_an_own_limit_leaves_it() {
         s.buckets[&pool].limit_bytes, 1_100_000,
         "budget plus 10 % grace"
     );
-    let q = f.svc.show_quota(None, false).unwrap();
+    let q = f.svc.policy.show_quota(None, false).unwrap();
     assert!(
         q.iter().all(|q| q.plan == "pool:eng" && q.bucket == pool),
         "{q:?}"
@@ -275,10 +293,11 @@ fn a_shared_pool_is_one_bucket_for_all_members_and_an_own_limit_leaves_it() {
     // The pool runs out: every member is over (the kernel drops for the whole bucket).
     f.plane
         .with(|s| s.policy.buckets.get_mut(&pool).unwrap().used_bytes = 1_000_000);
-    let over = f.svc.show_quota(None, true).unwrap();
+    let over = f.svc.policy.show_quota(None, true).unwrap();
     assert_eq!(over.len(), 2);
 
     f.svc
+        .policy
         .set_limits(
             &root(),
             &LimitsTarget::User(u("alice")),
@@ -291,14 +310,14 @@ fn a_shared_pool_is_one_bucket_for_all_members_and_an_own_limit_leaves_it() {
     // The grace is a setting: alice's own budget takes the group's 10 %.
     assert_eq!(s.buckets[&own].limit_bytes, 5_500_000_000);
     assert_eq!(
-        f.svc.show_quota(None, true).unwrap().len(),
+        f.svc.policy.show_quota(None, true).unwrap().len(),
         1,
         "only bob now"
     );
     // A manual reset of the pool starts a new period.
-    f.svc.reset_quota(&root(), Err(&g("eng"))).unwrap();
+    f.svc.policy.reset_quota(&root(), Err(&g("eng"))).unwrap();
     assert_eq!(f.plane.state().policy.buckets[&pool].used_bytes, 0);
-    assert!(f.svc.show_quota(None, true).unwrap().is_empty());
+    assert!(f.svc.policy.show_quota(None, true).unwrap().is_empty());
 }
 
 #[test]
@@ -306,6 +325,7 @@ fn policy_survives_a_restart_and_is_applied_again() {
     let f = fixture();
     let a = add(&f, "alice", &["laptop"]);
     f.svc
+        .policy
         .set_limits(
             &root(),
             &LimitsTarget::Default,
@@ -329,7 +349,7 @@ fn policy_survives_a_restart_and_is_applied_again() {
     let s = f.plane.state().policy;
     assert_eq!(s.rates.get(&a[0]), Some(&rate(20)));
     assert_eq!(s.assigned[&a[0]], bucket, "the same bucket (usage kept)");
-    let rows = f.svc.explain_policy(&u("alice")).unwrap().explain();
+    let rows = f.svc.policy.explain(&u("alice")).unwrap().explain();
     assert_eq!(
         rows.iter().find(|r| r.field == "bandwidth").unwrap().source,
         "default"
@@ -341,6 +361,7 @@ fn periods_reset_buckets_once_at_the_boundary() {
     let f = fixture();
     let a = add(&f, "alice", &["laptop"]);
     f.svc
+        .policy
         .set_limits(
             &root(),
             &LimitsTarget::User(u("alice")),
@@ -354,20 +375,21 @@ fn periods_reset_buckets_once_at_the_boundary() {
     f.plane
         .with(|s| s.policy.buckets.get_mut(&bucket).unwrap().used_bytes = 500);
     let now = SystemTime::now();
-    f.svc.policy_tick(now).unwrap();
+    f.svc.policy.tick(now).unwrap();
     assert_eq!(
         f.plane.state().policy.buckets[&bucket].used_bytes,
         500,
         "same day"
     );
     let tomorrow = now + Duration::from_secs(86_400);
-    f.svc.policy_tick(tomorrow).unwrap();
+    f.svc.policy.tick(tomorrow).unwrap();
     let b = f.plane.state().policy.buckets[&bucket];
     assert_eq!((b.used_bytes, b.epoch), (0, 1));
     f.plane
         .with(|s| s.policy.buckets.get_mut(&bucket).unwrap().used_bytes = 7);
     f.svc
-        .policy_tick(tomorrow + Duration::from_secs(1))
+        .policy
+        .tick(tomorrow + Duration::from_secs(1))
         .unwrap();
     assert_eq!(
         f.plane.state().policy.buckets[&bucket].used_bytes,
@@ -381,6 +403,7 @@ fn the_fourth_device_waits_until_one_disconnects() {
     let f = fixture();
     let ids = add(&f, "alice", &["d1", "d2", "d3", "d4"]);
     f.svc
+        .policy
         .set_limits(
             &root(),
             &LimitsTarget::User(u("alice")),
@@ -390,14 +413,15 @@ fn the_fourth_device_waits_until_one_disconnects() {
     let keys: Vec<PublicKey> = f.tunnel.state().keys().copied().collect();
     let key_of = |id| {
         keys.iter()
-            .find(|k| f.svc.peer_by_key(k).unwrap().id == id)
+            .find(|k| f.svc.directory.peer_by_key(k).unwrap().id == id)
             .copied()
             .unwrap()
     };
     let t0 = SystemTime::now();
     for (i, id) in ids.iter().enumerate() {
         f.svc
-            .policy_on_connect(&key_of(*id), t0 + Duration::from_secs(i as u64))
+            .policy
+            .on_connect(&key_of(*id), t0 + Duration::from_secs(i as u64))
             .unwrap();
     }
     let gate = |id| f.plane.state().gates[&id];
@@ -406,7 +430,8 @@ fn the_fourth_device_waits_until_one_disconnects() {
     }
     assert_eq!(gate(ids[3]), Gate::Held(DropReason::GateDeviceLimit));
     f.svc
-        .policy_on_disconnect(&key_of(ids[1]), t0 + Duration::from_secs(10))
+        .policy
+        .on_disconnect(&key_of(ids[1]), t0 + Duration::from_secs(10))
         .unwrap();
     assert_eq!(gate(ids[3]), Gate::Admitted { until: None });
 }
@@ -416,6 +441,7 @@ fn a_window_holds_outside_and_admits_inside_on_the_tick() {
     let f = fixture();
     let ids = add(&f, "alice", &["laptop"]);
     f.svc
+        .policy
         .set_limits(
             &root(),
             &LimitsTarget::User(u("alice")),
@@ -427,15 +453,15 @@ fn a_window_holds_outside_and_admits_inside_on_the_tick() {
         .unwrap();
     let at = |s: &str| -> SystemTime { chrono::DateTime::parse_from_rfc3339(s).unwrap().into() };
     let gate = || f.plane.state().gates[&ids[0]];
-    f.svc.policy_tick(at("2026-11-27T16:59:00Z")).unwrap();
+    f.svc.policy.tick(at("2026-11-27T16:59:00Z")).unwrap();
     assert_eq!(gate(), Gate::Admitted { until: None });
-    f.svc.policy_tick(at("2026-11-27T17:00:00Z")).unwrap();
+    f.svc.policy.tick(at("2026-11-27T17:00:00Z")).unwrap();
     assert_eq!(gate(), Gate::Held(DropReason::GateOutsideWindow));
-    f.svc.policy_tick(at("2026-11-30T07:00:00Z")).unwrap();
+    f.svc.policy.tick(at("2026-11-30T07:00:00Z")).unwrap();
     assert_eq!(gate(), Gate::Admitted { until: None });
     // A kick is not undone by the tick.
-    f.svc.kick(&root(), &u("alice")).unwrap();
-    f.svc.policy_tick(at("2026-11-30T07:00:01Z")).unwrap();
+    f.svc.monitor.kick(&root(), &u("alice")).unwrap();
+    f.svc.policy.tick(at("2026-11-30T07:00:01Z")).unwrap();
     assert_eq!(gate(), Gate::Held(DropReason::GateKicked));
 }
 
@@ -444,11 +470,13 @@ fn every_change_is_audited() {
     let f = fixture();
     add(&f, "alice", &["laptop"]);
     let before = audit_count(&f);
-    f.svc.create_group(&root(), &g("staff")).unwrap();
+    f.svc.policy.create_group(&root(), &g("staff")).unwrap();
     f.svc
+        .policy
         .change_members(&root(), &g("staff"), &[u("alice")], true)
         .unwrap();
     f.svc
+        .policy
         .set_group_policy(
             &root(),
             &g("staff"),
@@ -457,14 +485,15 @@ fn every_change_is_audited() {
         )
         .unwrap();
     f.svc
+        .policy
         .set_limits(
             &root(),
             &LimitsTarget::Default,
             &patch(|t| t.flows = Some("9".into())),
         )
         .unwrap();
-    f.svc.delete_group(&root(), &g("staff")).unwrap();
-    let recs = f.svc.audit_records(None, 10).unwrap();
+    f.svc.policy.delete_group(&root(), &g("staff")).unwrap();
+    let recs = f.svc.core.audit_records(None, 10).unwrap();
     let actions: Vec<&str> = recs.iter().take(5).map(|r| r.action.as_str()).collect();
     assert_eq!(
         actions,
@@ -478,7 +507,7 @@ fn every_change_is_audited() {
     );
     assert_eq!(audit_count(&f), before + 5);
     // After the group is gone, the default applies.
-    let id = f.svc.list_peers(Some(&u("alice"))).unwrap()[0].id;
+    let id = f.svc.devices.list_peers(Some(&u("alice"))).unwrap()[0].id;
     assert_eq!(f.plane.state().policy.flows.get(&id), Some(&9));
 }
 
@@ -487,19 +516,21 @@ fn removing_a_user_removes_its_limits_and_memberships() {
     let f = fixture();
     add(&f, "alice", &["laptop"]);
     add(&f, "bob", &["laptop"]);
-    f.svc.create_group(&root(), &g("staff")).unwrap();
+    f.svc.policy.create_group(&root(), &g("staff")).unwrap();
     f.svc
+        .policy
         .change_members(&root(), &g("staff"), &[u("alice"), u("bob")], true)
         .unwrap();
     f.svc
+        .policy
         .set_limits(
             &root(),
             &LimitsTarget::User(u("alice")),
             &patch(|t| t.flows = Some("3".into())),
         )
         .unwrap();
-    f.svc.remove_user(&root(), &u("alice")).unwrap();
-    let members = f.svc.get_group(&g("staff")).unwrap().members;
+    f.svc.users.remove_user(&root(), &u("alice")).unwrap();
+    let members = f.svc.policy.get_group(&g("staff")).unwrap().members;
     assert_eq!(members.into_iter().collect::<Vec<_>>(), vec![u("bob")]);
     // The same after a restart (the batch held it), and a new alice starts clean.
     let Fixture {
@@ -510,19 +541,26 @@ fn removing_a_user_removes_its_limits_and_memberships() {
     } = f;
     drop(svc);
     let f = open(dir, plane, tunnel);
-    assert_eq!(f.svc.get_group(&g("staff")).unwrap().members.len(), 1);
+    assert_eq!(
+        f.svc.policy.get_group(&g("staff")).unwrap().members.len(),
+        1
+    );
     add(&f, "alice", &["laptop"]);
     assert!(
         f.svc
+            .policy
             .get_limits(&LimitsTarget::User(u("alice")))
             .unwrap()
             .is_empty()
     );
     // The export of this state applies on an empty agent.
-    let doc = f.svc.export_document().unwrap();
+    let doc = f.svc.policy_files.export_document().unwrap();
     let e = fixture();
-    e.svc.apply_document(&root(), &doc, false).unwrap();
-    assert_eq!(e.svc.export_document().unwrap(), doc);
+    e.svc
+        .policy_files
+        .apply_document(&root(), &doc, false)
+        .unwrap();
+    assert_eq!(e.svc.policy_files.export_document().unwrap(), doc);
 }
 
 #[test]
@@ -532,6 +570,7 @@ fn holds_of_other_owners_survive_a_restart_and_the_policy_decides_its_own() {
     let bob = add(&f, "bob", &["laptop"]);
     let carol = add(&f, "carol", &["d1", "d2"]);
     f.svc
+        .policy
         .set_limits(
             &root(),
             &LimitsTarget::User(u("carol")),
@@ -543,16 +582,17 @@ fn holds_of_other_owners_survive_a_restart_and_the_policy_decides_its_own() {
             .state()
             .keys()
             .copied()
-            .find(|k| f.svc.peer_by_key(k).unwrap().id == id)
+            .find(|k| f.svc.directory.peer_by_key(k).unwrap().id == id)
             .unwrap()
     };
     let t0 = SystemTime::now();
     for (i, id) in carol.iter().enumerate() {
         f.svc
-            .policy_on_connect(&key_of(*id), t0 + Duration::from_secs(i as u64))
+            .policy
+            .on_connect(&key_of(*id), t0 + Duration::from_secs(i as u64))
             .unwrap();
     }
-    f.svc.kick(&root(), &u("alice")).unwrap();
+    f.svc.monitor.kick(&root(), &u("alice")).unwrap();
     // Held by owners other than the policy: MFA pending, an admission that has expired.
     let expired = Gate::Admitted {
         until: Some(SystemTime::now() - Duration::from_secs(5)),
@@ -580,8 +620,9 @@ fn holds_of_other_owners_survive_a_restart_and_the_policy_decides_its_own() {
     assert_eq!(gate(&f, carol[0]), Gate::Admitted { until: None });
     assert_eq!(gate(&f, carol[1]), Gate::Admitted { until: None });
     // Neither the tick nor a policy change undoes them.
-    f.svc.policy_tick(SystemTime::now()).unwrap();
+    f.svc.policy.tick(SystemTime::now()).unwrap();
     f.svc
+        .policy
         .set_limits(
             &root(),
             &LimitsTarget::User(u("alice")),
@@ -596,16 +637,18 @@ fn holds_of_other_owners_survive_a_restart_and_the_policy_decides_its_own() {
             .state()
             .keys()
             .copied()
-            .find(|k| f.svc.peer_by_key(k).unwrap().id == id)
+            .find(|k| f.svc.directory.peer_by_key(k).unwrap().id == id)
             .unwrap()
     };
     f.svc
-        .policy_on_connect(&key_of(alice[1]), SystemTime::now())
+        .policy
+        .on_connect(&key_of(alice[1]), SystemTime::now())
         .unwrap();
     assert_eq!(gate(&f, alice[0]), Gate::Held(DropReason::GateKicked));
     assert_eq!(gate(&f, alice[1]), Gate::Held(DropReason::GateMfaPending));
     f.svc
-        .policy_on_connect(&key_of(alice[0]), SystemTime::now())
+        .policy
+        .on_connect(&key_of(alice[0]), SystemTime::now())
         .unwrap();
     assert_eq!(gate(&f, alice[0]), Gate::Admitted { until: None });
     assert_eq!(gate(&f, alice[1]), Gate::Held(DropReason::GateMfaPending));
@@ -616,6 +659,7 @@ fn the_days_online_time_survives_a_restart() {
     let f = fixture();
     let id = add(&f, "alice", &["laptop"])[0];
     f.svc
+        .policy
         .set_limits(
             &root(),
             &LimitsTarget::User(u("alice")),
@@ -630,9 +674,9 @@ fn the_days_online_time_survives_a_restart() {
     let min = Duration::from_secs(60);
     // Online from 08:00 for 5 h, a tick a minute.
     let t0 = at("2026-11-28T08:00:00Z");
-    f.svc.policy_on_connect(&key, t0).unwrap();
+    f.svc.policy.on_connect(&key, t0).unwrap();
     for m in 0..=300 {
-        f.svc.policy_tick(t0 + m * min).unwrap();
+        f.svc.policy.tick(t0 + m * min).unwrap();
     }
     let gate = |f: &Fixture| f.plane.state().gates[&id];
     assert_eq!(gate(&f), Gate::Admitted { until: None });
@@ -650,24 +694,24 @@ fn the_days_online_time_survives_a_restart() {
     // Down for 10 minutes (not online time), back online: 3 h are left, not 8.
     let f = restart(f);
     let t1 = at("2026-11-28T13:10:00Z");
-    f.svc.policy_on_connect(&key, t1).unwrap();
+    f.svc.policy.on_connect(&key, t1).unwrap();
     for m in 0..180 {
-        f.svc.policy_tick(t1 + m * min).unwrap();
+        f.svc.policy.tick(t1 + m * min).unwrap();
         assert_eq!(gate(&f), Gate::Admitted { until: None }, "minute {m}");
     }
-    f.svc.policy_tick(t1 + 180 * min).unwrap();
+    f.svc.policy.tick(t1 + 180 * min).unwrap();
     assert_eq!(gate(&f), Gate::Held(DropReason::GateOutsideWindow));
 
     // Out of time stays out of time after another restart; the next day starts afresh.
     let f = restart(f);
-    f.svc.policy_on_connect(&key, t1 + 181 * min).unwrap();
-    f.svc.policy_tick(t1 + 181 * min).unwrap();
+    f.svc.policy.on_connect(&key, t1 + 181 * min).unwrap();
+    f.svc.policy.tick(t1 + 181 * min).unwrap();
     assert_eq!(gate(&f), Gate::Held(DropReason::GateOutsideWindow));
-    f.svc.policy_tick(at("2026-11-29T00:00:30Z")).unwrap();
+    f.svc.policy.tick(at("2026-11-29T00:00:30Z")).unwrap();
     assert_eq!(gate(&f), Gate::Admitted { until: None });
 
     // A removed user's time goes with it.
-    f.svc.remove_user(&root(), &u("alice")).unwrap();
+    f.svc.users.remove_user(&root(), &u("alice")).unwrap();
     let store = f.svc.store().clone();
     assert!(
         store
@@ -681,6 +725,7 @@ fn the_days_online_time_survives_a_restart() {
 fn removed_devices_free_their_slot_and_leave_nothing_to_a_device_on_their_id() {
     let f = fixture();
     f.svc
+        .policy
         .set_limits(
             &root(),
             &LimitsTarget::Default,
@@ -693,17 +738,18 @@ fn removed_devices_free_their_slot_and_leave_nothing_to_a_device_on_their_id() {
             .state()
             .keys()
             .copied()
-            .find(|k| f.svc.peer_by_key(k).unwrap().id == id)
+            .find(|k| f.svc.directory.peer_by_key(k).unwrap().id == id)
             .unwrap()
     };
     let t0 = SystemTime::now();
     let at = |s| t0 + Duration::from_secs(s);
-    f.svc.policy_on_connect(&key_of(a[0]), at(0)).unwrap();
-    f.svc.policy_on_connect(&key_of(a[1]), at(1)).unwrap();
+    f.svc.policy.on_connect(&key_of(a[0]), at(0)).unwrap();
+    f.svc.policy.on_connect(&key_of(a[1]), at(1)).unwrap();
     let gate = |id| f.plane.state().gates[&id];
     assert_eq!(gate(a[1]), Gate::Held(DropReason::GateDeviceLimit));
     // The admitted device is removed: the waiting one takes its slot.
     f.svc
+        .devices
         .remove_device(
             &root(),
             &u("alice"),
@@ -713,7 +759,7 @@ fn removed_devices_free_their_slot_and_leave_nothing_to_a_device_on_their_id() {
     assert_eq!(gate(a[1]), Gate::Admitted { until: None });
     // alice goes with her online device; bob's devices get both ids. Neither is online until
     // its own handshake, so the first to handshake is admitted.
-    f.svc.remove_user(&root(), &u("alice")).unwrap();
+    f.svc.users.remove_user(&root(), &u("alice")).unwrap();
     let b = add(&f, "bob", &["b1", "b2"]);
     assert_eq!(
         b.iter().copied().collect::<std::collections::BTreeSet<_>>(),
@@ -721,17 +767,17 @@ fn removed_devices_free_their_slot_and_leave_nothing_to_a_device_on_their_id() {
         "the ids are re-used"
     );
     let other = if b[0] == a[1] { b[1] } else { b[0] };
-    f.svc.policy_on_connect(&key_of(other), at(5)).unwrap();
+    f.svc.policy.on_connect(&key_of(other), at(5)).unwrap();
     assert_eq!(gate(other), Gate::Admitted { until: None });
     let stale = if other == b[0] { b[1] } else { b[0] };
-    f.svc.policy_on_connect(&key_of(stale), at(6)).unwrap();
+    f.svc.policy.on_connect(&key_of(stale), at(6)).unwrap();
     assert_eq!(gate(stale), Gate::Held(DropReason::GateDeviceLimit));
 }
 
 // ---- templates ------------------------------------------------------------------------------
 
-fn tn(n: &str) -> super::template::TemplateName {
-    super::template::TemplateName::parse("name", n).unwrap()
+fn tn(n: &str) -> crate::service::templates::model::TemplateName {
+    crate::service::templates::model::TemplateName::parse("name", n).unwrap()
 }
 
 /// Everything a failed call must leave as it was: policy records, templates, audit, kernel.
@@ -742,8 +788,8 @@ fn state_of(f: &Fixture) -> String {
             .store()
             .scan::<serde_json::Value>(Cf::Policy, "")
             .unwrap(),
-        f.svc.list_quota_templates(),
-        f.svc.list_config_templates().unwrap(),
+        f.svc.templates.list_quota_templates(),
+        f.svc.templates.list_config_templates().unwrap(),
         audit_count(f),
         f.plane.state().policy.writes,
         f.plane.state().policy.rates,
@@ -756,6 +802,7 @@ fn a_quota_template_is_the_template_layer_and_survives_a_restart() {
     let a = add(&f, "alice", &["laptop"]);
     let b = add(&f, "bob", &["laptop"]);
     f.svc
+        .policy
         .set_limits(
             &root(),
             &LimitsTarget::Default,
@@ -767,6 +814,7 @@ fn a_quota_template_is_the_template_layer_and_survives_a_restart() {
         .unwrap();
     let t = f
         .svc
+        .templates
         .create_quota_template(
             &root(),
             &tn("guest"),
@@ -781,6 +829,7 @@ fn a_quota_template_is_the_template_layer_and_survives_a_restart() {
     assert!(t.users.is_empty());
     let audits = audit_count(&f);
     f.svc
+        .templates
         .apply_quota_template(&root(), Some(&tn("guest")), &[u("alice")])
         .unwrap();
     assert_eq!(audit_count(&f), audits + 1, "one audit record");
@@ -792,13 +841,14 @@ fn a_quota_template_is_the_template_layer_and_survives_a_restart() {
         "bob keeps the default"
     );
     assert!(s.assigned.contains_key(&a[0]), "alice has a bucket");
-    let rows = f.svc.explain_policy(&u("alice")).unwrap().explain();
+    let rows = f.svc.policy.explain(&u("alice")).unwrap().explain();
     let row = |n: &str| rows.iter().find(|r| r.field == n).unwrap().clone();
     assert_eq!(row("bandwidth").source, "template:guest");
     assert_eq!(row("period").source, "template:guest");
     assert_eq!(row("flows").source, "default");
     // A user override still beats the template; the template stays attached.
     f.svc
+        .policy
         .set_limits(
             &root(),
             &LimitsTarget::User(u("alice")),
@@ -807,11 +857,16 @@ fn a_quota_template_is_the_template_layer_and_survives_a_restart() {
         .unwrap();
     assert_eq!(f.plane.state().policy.rates.get(&a[0]), Some(&rate(7)));
     assert_eq!(
-        f.svc.get_quota_template(&tn("guest")).unwrap().users,
+        f.svc
+            .templates
+            .get_quota_template(&tn("guest"))
+            .unwrap()
+            .users,
         [u("alice")]
     );
     // Replacing the template reaches its users.
     f.svc
+        .templates
         .create_quota_template(
             &root(),
             &tn("guest"),
@@ -829,7 +884,7 @@ fn a_quota_template_is_the_template_layer_and_survives_a_restart() {
     } = f;
     drop(svc);
     let f = open(dir, plane, tunnel);
-    let rows = f.svc.explain_policy(&u("alice")).unwrap().explain();
+    let rows = f.svc.policy.explain(&u("alice")).unwrap().explain();
     assert_eq!(
         rows.iter().find(|r| r.field == "flows").unwrap().source,
         "template:guest"
@@ -837,6 +892,7 @@ fn a_quota_template_is_the_template_layer_and_survives_a_restart() {
     // Delete is refused while applied, naming the user; detach, then delete.
     let e = f
         .svc
+        .templates
         .delete_quota_template(&root(), &tn("guest"))
         .unwrap_err();
     assert!(
@@ -844,11 +900,15 @@ fn a_quota_template_is_the_template_layer_and_survives_a_restart() {
         "{e}"
     );
     f.svc
+        .templates
         .apply_quota_template(&root(), None, &[u("alice")])
         .unwrap();
     assert_eq!(f.plane.state().policy.flows.get(&a[0]), Some(&1000));
-    f.svc.delete_quota_template(&root(), &tn("guest")).unwrap();
-    assert!(f.svc.list_quota_templates().is_empty());
+    f.svc
+        .templates
+        .delete_quota_template(&root(), &tn("guest"))
+        .unwrap();
+    assert!(f.svc.templates.list_quota_templates().is_empty());
 }
 
 #[test]
@@ -856,6 +916,7 @@ fn bad_template_calls_change_nothing() {
     let f = fixture();
     add(&f, "alice", &["laptop"]);
     f.svc
+        .templates
         .create_quota_template(
             &root(),
             &tn("guest"),
@@ -866,11 +927,13 @@ fn bad_template_calls_change_nothing() {
     let before = state_of(&f);
     let e = f
         .svc
+        .templates
         .apply_quota_template(&root(), Some(&tn("ghost")), &[u("alice")])
         .unwrap_err();
     assert!(matches!(e, ServiceError::NotFound { .. }), "{e}");
     let e = f
         .svc
+        .templates
         .apply_quota_template(&root(), Some(&tn("guest")), &[u("alice"), u("nobody")])
         .unwrap_err();
     assert!(
@@ -879,6 +942,7 @@ fn bad_template_calls_change_nothing() {
     );
     let e = f
         .svc
+        .templates
         .create_quota_template(
             &root(),
             &tn("guest"),
@@ -889,26 +953,38 @@ fn bad_template_calls_change_nothing() {
     assert!(matches!(e, ServiceError::AlreadyExists { .. }), "{e}");
     let e = f
         .svc
+        .templates
         .create_quota_template(&root(), &tn("empty"), &patch(|_| {}), false)
         .unwrap_err();
     assert!(matches!(e, ServiceError::Invalid(_)), "{e}");
     for n in ["strict", "current"] {
         let e = f
             .svc
+            .templates
             .save_config_template(&root(), &tn(n), true)
             .unwrap_err();
         assert!(
             matches!(&e, ServiceError::Invalid(v) if v.field() == "name"),
             "{e}"
         );
-        let e = f.svc.delete_config_template(&root(), &tn(n)).unwrap_err();
+        let e = f
+            .svc
+            .templates
+            .delete_config_template(&root(), &tn(n))
+            .unwrap_err();
         assert!(matches!(e, ServiceError::Invalid(_)), "{e}");
     }
     assert_eq!(state_of(&f), before, "nothing changed by the refusals");
-    let mut strict = f.svc.get_config_template(&tn("strict")).unwrap().template;
+    let mut strict = f
+        .svc
+        .templates
+        .get_config_template(&tn("strict"))
+        .unwrap()
+        .template;
     strict.description = "mine now".into();
     let e = f
         .svc
+        .templates
         .import_config_template(&root(), strict.clone(), true)
         .unwrap_err();
     assert!(matches!(e, ServiceError::Invalid(_)), "{e}");
@@ -917,12 +993,14 @@ fn bad_template_calls_change_nothing() {
     strict.blocklists = [crate::blocklist::ListName::parse("ads").unwrap()].into();
     let after_import = {
         f.svc
+            .templates
             .import_config_template(&root(), strict.clone(), false)
             .unwrap();
         state_of(&f)
     };
     let e = f
         .svc
+        .templates
         .apply_config_template(&root(), &tn("needs-ads"))
         .unwrap_err();
     assert!(
@@ -931,6 +1009,7 @@ fn bad_template_calls_change_nothing() {
     );
     let e = f
         .svc
+        .templates
         .import_config_template(&root(), strict, false)
         .unwrap_err();
     assert!(matches!(e, ServiceError::AlreadyExists { .. }), "{e}");
@@ -940,22 +1019,32 @@ fn bad_template_calls_change_nothing() {
         "nothing changed by the refusals"
     );
     f.svc
+        .templates
         .delete_config_template(&root(), &tn("needs-ads"))
         .unwrap();
-    assert!(f.svc.get_config_template(&tn("needs-ads")).is_err());
+    assert!(
+        f.svc
+            .templates
+            .get_config_template(&tn("needs-ads"))
+            .is_err()
+    );
 }
 
 #[test]
 fn a_config_template_sets_default_limits_dns_and_settings_atomically() {
     let f = fixture();
     let a = add(&f, "alice", &["laptop"]);
-    f.svc.set_listen_port(51820);
+    f.svc.templates.set_listen_port(51820);
     let audits = audit_count(&f);
-    let live = f.svc.apply_config_template(&root(), &tn("guest")).unwrap();
+    let live = f
+        .svc
+        .templates
+        .apply_config_template(&root(), &tn("guest"))
+        .unwrap();
     assert_eq!(audit_count(&f), audits + 1, "one audit record");
     assert_eq!(live.template.limits.bandwidth.unwrap().to_string(), "5mbit");
     assert_eq!(f.plane.state().policy.rates.get(&a[0]), Some(&rate(5)));
-    let rows = f.svc.explain_policy(&u("alice")).unwrap().explain();
+    let rows = f.svc.policy.explain(&u("alice")).unwrap().explain();
     assert_eq!(
         rows.iter().find(|r| r.field == "bandwidth").unwrap().source,
         "default"
@@ -963,6 +1052,7 @@ fn a_config_template_sets_default_limits_dns_and_settings_atomically() {
     // New client configs carry the template's DNS.
     let cfg = f
         .svc
+        .devices
         .add_device(
             &root(),
             &u("alice"),
@@ -976,9 +1066,10 @@ fn a_config_template_sets_default_limits_dns_and_settings_atomically() {
     );
     // Save the live settings, change them, apply the saved copy: back where we were.
     f.svc
+        .templates
         .save_config_template(&root(), &tn("mine"), false)
         .unwrap();
-    let saved = f.svc.get_config_template(&tn("mine")).unwrap();
+    let saved = f.svc.templates.get_config_template(&tn("mine")).unwrap();
     assert!(!saved.builtin);
     assert_eq!(saved.template.ports.listen_port, Some(51820));
     assert!(
@@ -986,9 +1077,12 @@ fn a_config_template_sets_default_limits_dns_and_settings_atomically() {
         "{:?}",
         saved.notes
     );
-    f.svc.apply_config_template(&root(), &tn("strict")).unwrap();
+    f.svc
+        .templates
+        .apply_config_template(&root(), &tn("strict"))
+        .unwrap();
     assert_eq!(f.plane.state().policy.rates.get(&a[0]), Some(&rate(20)));
-    let current = f.svc.get_config_template(&tn("current")).unwrap();
+    let current = f.svc.templates.get_config_template(&tn("current")).unwrap();
     assert!(current.template.security.mfa_required);
     assert!(
         current
@@ -998,14 +1092,25 @@ fn a_config_template_sets_default_limits_dns_and_settings_atomically() {
         "{:?}",
         current.notes
     );
-    f.svc.apply_config_template(&root(), &tn("mine")).unwrap();
+    f.svc
+        .templates
+        .apply_config_template(&root(), &tn("mine"))
+        .unwrap();
     assert_eq!(f.plane.state().policy.rates.get(&a[0]), Some(&rate(5)));
     // Export → import under a new name → export is identical but for the name.
     let y = saved.template.to_yaml();
-    let mut t = super::template::ConfigTemplate::from_yaml(&y).unwrap();
+    let mut t = crate::service::templates::model::ConfigTemplate::from_yaml(&y).unwrap();
     t.name = tn("copy");
-    f.svc.import_config_template(&root(), t, false).unwrap();
-    let again = f.svc.get_config_template(&tn("copy")).unwrap().template;
+    f.svc
+        .templates
+        .import_config_template(&root(), t, false)
+        .unwrap();
+    let again = f
+        .svc
+        .templates
+        .get_config_template(&tn("copy"))
+        .unwrap()
+        .template;
     assert_eq!(again.to_yaml(), y.replace("name: mine", "name: copy"));
     // Settings survive a restart.
     let Fixture {
@@ -1018,6 +1123,7 @@ fn a_config_template_sets_default_limits_dns_and_settings_atomically() {
     let f = open(dir, plane, tunnel);
     let cfg = f
         .svc
+        .devices
         .add_device(
             &root(),
             &u("alice"),

@@ -14,7 +14,9 @@ use std::{collections::BTreeSet, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use super::Service;
+use std::sync::Arc;
+
+use super::{core::Core, directory::Directory};
 use crate::store::Cf;
 
 /// How often the API refreshes the health statuses.
@@ -46,29 +48,38 @@ fn component(name: &str, r: Result<String, String>) -> ComponentHealth {
     }
 }
 
-impl Service {
+/// The health feature.
+#[derive(Debug)]
+pub struct Health {
+    core: Arc<Core>,
+    dir: Arc<Directory>,
+}
+
+impl Health {
+    /// The feature over the shared core and directory.
+    pub fn new(core: Arc<Core>, dir: Arc<Directory>) -> Health {
+        Health { core, dir }
+    }
+
     /// Checks each component (see the module docs).
-    pub fn health(&self) -> Vec<ComponentHealth> {
+    pub fn check(&self) -> Vec<ComponentHealth> {
         let store = self
+            .core
             .store
             .get::<u32>(Cf::Meta, "schema/users")
             .map_err(|e| format!("read failed: {e}"))
             .and_then(|v| match v {
-                Some(_) => Ok(format!("{} readable", self.store.path().display())),
+                Some(_) => Ok(format!("{} readable", self.core.store.path().display())),
                 None => Err("schema versions missing".to_owned()),
             });
-        let (ids, keys): (BTreeSet<u32>, BTreeSet<_>) = {
-            let st = self.state.read().unwrap();
-            (
-                st.peers.values().map(|r| r.peer.id).collect(),
-                st.peers.values().map(|r| r.peer.public_key).collect(),
-            )
-        };
+        let (ids, keys): (BTreeSet<u32>, BTreeSet<_>) = self.dir.ids_and_keys();
         let dataplane = (|| {
-            self.plane
+            self.core
+                .plane
                 .drops()
                 .map_err(|e| format!("counters unreadable: {e}"))?;
             let programs = match self
+                .core
                 .plane
                 .attached()
                 .map_err(|e| format!("link pins unreadable: {e}"))?
@@ -77,7 +88,7 @@ impl Service {
                 Some(links) => format!("{} programs attached", links.len()),
                 None => "no programs (in-memory)".to_owned(),
             };
-            let kernel = self.plane.peers();
+            let kernel = self.core.plane.peers();
             let missing = ids.iter().filter(|i| !kernel.contains_key(i)).count();
             if missing > 0 {
                 return Err(format!(
@@ -88,7 +99,7 @@ impl Service {
             Ok(format!("{programs}, {} peers", kernel.len()))
         })();
         let tunnel = {
-            let peers = self.tunnel.peers();
+            let peers = self.core.tunnel.peers();
             let have: BTreeSet<_> = peers.iter().map(|p| p.key).collect();
             let missing = keys.difference(&have).count();
             let handshaken = peers.iter().filter(|p| p.last_handshake.is_some()).count();
@@ -119,9 +130,10 @@ mod tests {
     use super::*;
     use crate::{
         service::{
-            NewUser, ServiceConfig,
+            NewUser, Service, ServiceConfig,
             domain::{Actor, DeviceName, PublicKey, UserName},
-            ports::{MemoryPlane, MemoryTunnel, TunnelPort},
+            ports::TunnelPort,
+            testing::{MemoryPlane, MemoryTunnel},
         },
         store::Store,
     };
@@ -147,6 +159,7 @@ mod tests {
         )
         .unwrap();
         let peer = svc
+            .users
             .add_user(
                 &Actor::Local { uid: 0 },
                 NewUser {
@@ -158,7 +171,7 @@ mod tests {
             .unwrap()
             .1
             .peer;
-        let h = svc.health();
+        let h = svc.health.check();
         let names: Vec<&str> = h.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, COMPONENTS);
         assert!(h.iter().all(|c| c.ok), "{h:?}");
@@ -167,7 +180,7 @@ mod tests {
         // Someone removed the peer behind the agent's back.
         plane.with(|s| s.peers.clear());
         tunnel.remove_peer(&peer.public_key).unwrap();
-        let h = svc.health();
+        let h = svc.health.check();
         assert!(h[0].ok);
         assert!(
             !h[1].ok && h[1].detail.contains("1 of 1 devices missing"),

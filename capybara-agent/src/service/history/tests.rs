@@ -5,9 +5,9 @@ use capybara_common::peer::PeerStats;
 use super::*;
 use crate::{
     service::{
-        NewUser, ServiceConfig,
+        NewUser, Service, ServiceConfig,
         domain::{DeviceName, Peer},
-        ports::{MemoryPlane, MemoryTunnel},
+        testing::{MemoryPlane, MemoryTunnel},
     },
     store::Store,
 };
@@ -54,6 +54,7 @@ fn root() -> Actor {
 
 fn add(f: &Fixture, name: &str) -> Peer {
     f.svc
+        .users
         .add_user(
             &root(),
             NewUser {
@@ -94,7 +95,7 @@ fn ep(s: &str) -> SocketAddr {
 fn a_session_records_endpoint_changes_and_the_kernel_bytes_of_its_lifetime() {
     let f = fixture();
     let alice = add(&f, "alice");
-    let mut rec = Recorder::start(f.svc.clone(), t(999)).unwrap();
+    let mut rec = Recorder::start(f.svc.history.clone(), t(999)).unwrap();
     // Counters before the session are not its bytes.
     set_counters(&f, alice.id, (10, 1_000), (5, 500));
     let now = SystemTime::now();
@@ -105,7 +106,7 @@ fn a_session_records_endpoint_changes_and_the_kernel_bytes_of_its_lifetime() {
     })
     .unwrap();
     // Open: stored already (survives SIGKILL), no end, no reason.
-    let open = f.svc.open_sessions().unwrap();
+    let open = f.svc.history.open_sessions().unwrap();
     assert_eq!(open.len(), 1);
     assert_eq!(open[0].session.user, "alice");
     rec.on_event(SessionEvent::EndpointChanged {
@@ -122,7 +123,7 @@ fn a_session_records_endpoint_changes_and_the_kernel_bytes_of_its_lifetime() {
     })
     .unwrap();
     assert_eq!(rec.open_count(), 0);
-    let page = f.svc.history(&HistoryQuery::default()).unwrap();
+    let page = f.svc.history.history(&HistoryQuery::default()).unwrap();
     assert_eq!(page.sessions.len(), 1);
     let s = &page.sessions[0];
     assert_eq!(s.reason, Some(EndReason::Kicked));
@@ -142,13 +143,13 @@ fn a_session_records_endpoint_changes_and_the_kernel_bytes_of_its_lifetime() {
     );
     let eps: Vec<String> = s.endpoints.iter().map(|e| e.endpoint.to_string()).collect();
     assert_eq!(eps, ["192.0.2.7:40000", "198.51.100.9:5000"]);
-    assert!(f.svc.open_sessions().unwrap().is_empty());
+    assert!(f.svc.history.open_sessions().unwrap().is_empty());
 }
 
 #[test]
 fn unknown_keys_open_no_session_and_auth_failures_are_recorded() {
     let f = fixture();
-    let mut rec = Recorder::start(f.svc.clone(), t(1)).unwrap();
+    let mut rec = Recorder::start(f.svc.history.clone(), t(1)).unwrap();
     rec.on_event(SessionEvent::Connected {
         key: PublicKey([9; 32]),
         endpoint: ep("192.0.2.1:1"),
@@ -171,6 +172,7 @@ fn unknown_keys_open_no_session_and_auth_failures_are_recorded() {
     }
     let all = f
         .svc
+        .history
         .history(&HistoryQuery {
             include_auth: true,
             ..HistoryQuery::default()
@@ -180,6 +182,7 @@ fn unknown_keys_open_no_session_and_auth_failures_are_recorded() {
     assert_eq!(all.auth_attempts.len(), 2, "same instant, distinct keys");
     let from = f
         .svc
+        .history
         .history(&HistoryQuery {
             ip: Some("203.0.113.0/24".parse().unwrap()),
             include_auth: true,
@@ -210,7 +213,7 @@ fn show_by_user_and_search_by_cidr_newest_first() {
     let f = fixture();
     let alice = add(&f, "alice");
     let bob = add(&f, "bob");
-    let mut rec = Recorder::start(f.svc.clone(), t(1)).unwrap();
+    let mut rec = Recorder::start(f.svc.history.clone(), t(1)).unwrap();
     let now = SystemTime::now();
     session(
         &mut rec,
@@ -235,6 +238,7 @@ fn show_by_user_and_search_by_cidr_newest_first() {
     );
     let q = |user: Option<&str>, ip: Option<&str>, limit: Option<usize>| {
         f.svc
+            .history
             .history(&HistoryQuery {
                 user: user.map(|u| UserName::parse("user", u).unwrap()),
                 ip: ip.map(|i| i.parse().unwrap()),
@@ -280,7 +284,7 @@ fn sessions_left_open_by_a_killed_agent_close_as_agent_stopped_at_the_next_start
         };
         alice = add(&f, "alice");
         set_counters(&f, alice.id, (1, 100), (1, 100));
-        let mut rec = Recorder::start(f.svc.clone(), t(1)).unwrap();
+        let mut rec = Recorder::start(f.svc.history.clone(), t(1)).unwrap();
         rec.on_event(SessionEvent::Connected {
             key: alice.public_key,
             endpoint: ep("192.0.2.1:1"),
@@ -292,14 +296,18 @@ fn sessions_left_open_by_a_killed_agent_close_as_agent_stopped_at_the_next_start
         drop(rec);
     }
     let svc = Arc::new(open(dir.path(), plane, tunnel));
-    assert_eq!(svc.open_sessions().unwrap().len(), 1);
+    assert_eq!(svc.history.open_sessions().unwrap().len(), 1);
     let at = SystemTime::now() + Duration::from_secs(30);
-    let _rec = Recorder::start(svc.clone(), at).unwrap();
-    let s = &svc.history(&HistoryQuery::default()).unwrap().sessions[0];
+    let _rec = Recorder::start(svc.history.clone(), at).unwrap();
+    let s = &svc
+        .history
+        .history(&HistoryQuery::default())
+        .unwrap()
+        .sessions[0];
     assert_eq!(s.reason, Some(EndReason::AgentStopped));
     assert_eq!(s.end, Some(secs(at)));
     assert_eq!((s.traffic.rx.bytes, s.traffic.tx.bytes), (1000, 200));
-    assert!(svc.open_sessions().unwrap().is_empty());
+    assert!(svc.history.open_sessions().unwrap().is_empty());
 }
 
 #[test]
@@ -308,7 +316,7 @@ fn clean_shutdown_closes_open_sessions() {
     let alice = add(&f, "alice");
     let (tx, rx) = mpsc::channel();
     let svc = f.svc.clone();
-    let th = std::thread::spawn(move || run_recorder(svc, rx, DEFAULT_RETENTION));
+    let th = std::thread::spawn(move || run_recorder(svc.history.clone(), rx, DEFAULT_RETENTION));
     tx.send(SessionEvent::Connected {
         key: alice.public_key,
         endpoint: ep("192.0.2.1:1"),
@@ -317,7 +325,12 @@ fn clean_shutdown_closes_open_sessions() {
     .unwrap();
     drop(tx);
     th.join().unwrap();
-    let s = &f.svc.history(&HistoryQuery::default()).unwrap().sessions[0];
+    let s = &f
+        .svc
+        .history
+        .history(&HistoryQuery::default())
+        .unwrap()
+        .sessions[0];
     assert_eq!(s.reason, Some(EndReason::AgentStopped));
 }
 
@@ -325,7 +338,7 @@ fn clean_shutdown_closes_open_sessions() {
 fn clear_removes_only_closed_old_records_audits_and_refuses_zero() {
     let f = fixture();
     let alice = add(&f, "alice");
-    let mut rec = Recorder::start(f.svc.clone(), t(1)).unwrap();
+    let mut rec = Recorder::start(f.svc.history.clone(), t(1)).unwrap();
     let day = 86_400;
     let now = SystemTime::now();
     // Ended 100 days ago, 10 days ago; one still open from 200 days ago.
@@ -362,19 +375,27 @@ fn clear_removes_only_closed_old_records_audits_and_refuses_zero() {
         include_auth: true,
         ..HistoryQuery::default()
     };
-    let before = f.svc.history(&all).unwrap();
-    let audit_before = f.svc.audit_records(None, 1000).unwrap().len();
+    let before = f.svc.history.history(&all).unwrap();
+    let audit_before = f.svc.core.audit_records(None, 1000).unwrap().len();
     // Bad input: nothing changes.
-    let e = f.svc.clear_history(&root(), Duration::ZERO).unwrap_err();
+    let e = f
+        .svc
+        .history
+        .clear_history(&root(), Duration::ZERO)
+        .unwrap_err();
     assert!(
         matches!(&e, ServiceError::Invalid(v) if v.field() == "older_than"),
         "{e}"
     );
-    assert_eq!(f.svc.history(&all).unwrap(), before);
-    assert_eq!(f.svc.audit_records(None, 1000).unwrap().len(), audit_before);
+    assert_eq!(f.svc.history.history(&all).unwrap(), before);
+    assert_eq!(
+        f.svc.core.audit_records(None, 1000).unwrap().len(),
+        audit_before
+    );
 
     let p = f
         .svc
+        .history
         .clear_history(&root(), Duration::from_secs(90 * day))
         .unwrap();
     assert_eq!(
@@ -384,7 +405,7 @@ fn clear_removes_only_closed_old_records_audits_and_refuses_zero() {
             auth_attempts: 1
         }
     );
-    let after = f.svc.history(&all).unwrap();
+    let after = f.svc.history.history(&all).unwrap();
     assert_eq!(
         after.sessions.len(),
         2,
@@ -392,10 +413,14 @@ fn clear_removes_only_closed_old_records_audits_and_refuses_zero() {
     );
     assert!(after.sessions.iter().any(|s| s.end.is_none()));
     assert_eq!(after.auth_attempts.len(), 1);
-    let audit = f.svc.audit_records(None, 1).unwrap();
+    let audit = f.svc.core.audit_records(None, 1).unwrap();
     assert_eq!(audit[0].action, "history.clear");
     // Retention pruning: the same rule.
-    let p = f.svc.prune_history(Duration::from_secs(day)).unwrap();
+    let p = f
+        .svc
+        .history
+        .prune_history(Duration::from_secs(day))
+        .unwrap();
     assert_eq!(
         p,
         Pruned {

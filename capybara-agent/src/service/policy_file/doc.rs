@@ -40,12 +40,14 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::{
-    Change, GroupRecord, UserPolicy,
-    model::{ByteSize, GroupName, Limits, PolicyValueError},
-    template::TemplateName,
+use crate::service::{
+    domain::{DeviceName, UserName, ValidationError},
+    policy::{
+        Change, GroupRecord, UserPolicy,
+        model::{ByteSize, GroupName, Limits},
+    },
+    templates::model::TemplateName,
 };
-use crate::service::domain::{DeviceName, UserName, ValidationError};
 
 /// A user in the file.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,33 +100,13 @@ pub struct PolicyDoc {
 impl PolicyDoc {
     /// Parses YAML; an error names the line, the column and the field path.
     pub fn from_yaml(text: &str) -> Result<PolicyDoc, ValidationError> {
-        from_yaml(text)
+        crate::service::domain::from_yaml(text)
     }
 
     /// The YAML text (keys sorted, so export → apply → export is identical).
     pub fn to_yaml(&self) -> String {
         serde_yaml::to_string(self).expect("policy documents serialise")
     }
-}
-
-/// Parses a YAML document into `T`; an error names the line, the column and the field path
-/// (field `file`).
-pub fn from_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ValidationError> {
-    serde_yaml::from_str(text).map_err(|e| {
-        let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
-        let text = e.to_string();
-        // The location is in our message already.
-        let suffix = format!(" at line {line} column {column}");
-        let reason = text.strip_suffix(&suffix).unwrap_or(&text).to_owned();
-        ValidationError::Policy {
-            field: "file",
-            source: PolicyValueError::Document {
-                line,
-                column,
-                reason,
-            },
-        }
-    })
 }
 
 /// What applying a document does.

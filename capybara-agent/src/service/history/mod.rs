@@ -29,7 +29,7 @@
 //!
 //! ## Restarts
 //! An open session is written when it opens (and again at each endpoint change), so a record
-//! survives SIGKILL. [`Service::close_stale_sessions`] at start-up closes every session still
+//! survives SIGKILL. [`History::close_stale_sessions`] at start-up closes every session still
 //! open with reason `agent-stopped`, its end the time of that start and its bytes those the
 //! (pinned) kernel counters hold then, if the peer id still belongs to the same key (else the
 //! bytes stay 0): while the agent is down there is no tunnel, so no traffic is missed. A clean
@@ -45,7 +45,7 @@
 //! ## Keys and retention
 //! Sessions are `session/<start ns>/<peer id>` and auth attempts `auth/<ns>/<n>` in the
 //! `sessions` family (see `store::keys`): time-ordered, so pruning is a scan of the oldest.
-//! [`Service::prune_history`] deletes closed sessions that ended, and auth attempts made,
+//! [`History::prune_history`] deletes closed sessions that ended, and auth attempts made,
 //! before a cut-off; the agent runs it at start and every [`PRUNE_INTERVAL`] with its retention
 //! (`--history-retention`, default 90 days); `capybara history clear --older-than D` runs it
 //! on demand (audited as `history.clear`). Open sessions are never pruned. Queries read the
@@ -60,10 +60,15 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::{Service, ServiceError, Traffic, now, to_json};
+use super::{
+    ServiceError,
+    core::{Core, now, to_json},
+    directory::Directory,
+    domain::{Actor, PublicKey, UserName, ValidationError},
+    monitor::Traffic,
+};
 use crate::{
     net::Cidr,
-    service::domain::{Actor, PublicKey, UserName, ValidationError},
     store::{Batch, Cf, keys},
 };
 
@@ -280,10 +285,22 @@ impl Session {
     }
 }
 
-impl Service {
+/// The history feature.
+#[derive(Debug)]
+pub struct History {
+    core: Arc<Core>,
+    dir: Arc<Directory>,
+}
+
+impl History {
+    /// The feature over the shared core and directory.
+    pub fn new(core: Arc<Core>, dir: Arc<Directory>) -> History {
+        History { core, dir }
+    }
+
     /// The kernel counters of peer `id`.
     fn counters(&self, id: u32) -> Result<Counters, ServiceError> {
-        let s = self.plane.peer_stats(id)?;
+        let s = self.core.plane.peer_stats(id)?;
         Ok(Counters {
             rx: Traffic {
                 packets: s.rx_packets,
@@ -303,12 +320,8 @@ impl Service {
         endpoint: SocketAddr,
         at: SystemTime,
     ) -> Result<Option<StoredSession>, ServiceError> {
-        let peer = {
-            let st = self.state.read().unwrap();
-            match st.pubkeys.get(key).and_then(|k| st.peers.get(k)) {
-                Some(r) => r.peer.clone(),
-                None => return Ok(None),
-            }
+        let Some(peer) = self.dir.peer_by_key(key) else {
+            return Ok(None);
         };
         let base = self.counters(peer.id)?;
         let start = secs(at);
@@ -330,7 +343,7 @@ impl Service {
             reason: None,
         };
         let s = StoredSession { session: s, base };
-        self.store.put(Cf::Sessions, &s.session.id, &s)?;
+        self.core.store.put(Cf::Sessions, &s.session.id, &s)?;
         Ok(Some(s))
     }
 
@@ -345,7 +358,7 @@ impl Service {
             at: secs(at),
             endpoint: to,
         });
-        self.store.put(Cf::Sessions, &s.session.id, &*s)?;
+        self.core.store.put(Cf::Sessions, &s.session.id, &*s)?;
         Ok(())
     }
 
@@ -361,7 +374,7 @@ impl Service {
         s2.traffic = self.counters(s2.peer_id)?.since(base);
         s2.end = Some(secs(at).max(s2.start));
         s2.reason = Some(reason);
-        self.store.put(Cf::Sessions, &s.session.id, &*s)?;
+        self.core.store.put(Cf::Sessions, &s.session.id, &*s)?;
         Ok(())
     }
 
@@ -384,12 +397,17 @@ impl Service {
         let mut n = 0u32;
         let key = loop {
             let k = keys::auth_attempt(ns, n);
-            if self.store.get::<AuthAttempt>(Cf::Sessions, &k)?.is_none() {
+            if self
+                .core
+                .store
+                .get::<AuthAttempt>(Cf::Sessions, &k)?
+                .is_none()
+            {
                 break k;
             }
             n += 1;
         };
-        self.store.put(Cf::Sessions, &key, &a)?;
+        self.core.store.put(Cf::Sessions, &key, &a)?;
         Ok(())
     }
 
@@ -397,6 +415,7 @@ impl Service {
     /// cleanly).
     pub fn open_sessions(&self) -> Result<Vec<StoredSession>, ServiceError> {
         Ok(self
+            .core
             .store
             .scan::<StoredSession>(Cf::Sessions, keys::SESSIONS_PREFIX)?
             .into_iter()
@@ -410,13 +429,8 @@ impl Service {
     pub fn close_stale_sessions(&self, at: SystemTime) -> Result<usize, ServiceError> {
         let stale = self.open_sessions()?;
         let same_key: HashMap<u32, PublicKey> = self
-            .state
-            .read()
-            .unwrap()
-            .peers
-            .values()
-            .map(|r| (r.peer.id, r.peer.public_key))
-            .collect();
+            .dir
+            .with_records(|recs| recs.map(|r| (r.peer.id, r.peer.public_key)).collect());
         for mut s in stale.iter().cloned() {
             if same_key.get(&s.session.peer_id) == Some(&s.session.public_key) {
                 self.close_session(&mut s, EndReason::AgentStopped, at)?;
@@ -424,7 +438,7 @@ impl Service {
                 let x = &mut s.session;
                 x.end = Some(secs(at).max(x.start));
                 x.reason = Some(EndReason::AgentStopped);
-                self.store.put(Cf::Sessions, &s.session.id, &s)?;
+                self.core.store.put(Cf::Sessions, &s.session.id, &s)?;
             }
         }
         Ok(stale.len())
@@ -435,6 +449,7 @@ impl Service {
         let limit = q.limit.unwrap_or(usize::MAX);
         let user = q.user.as_ref().map(UserName::as_str);
         let sessions: Vec<Session> = self
+            .core
             .store
             .scan::<StoredSession>(Cf::Sessions, keys::SESSIONS_PREFIX)?
             .into_iter()
@@ -445,7 +460,8 @@ impl Service {
             .take(limit)
             .collect();
         let auth_attempts = if q.include_auth && q.user.is_none() {
-            self.store
+            self.core
+                .store
                 .scan::<AuthAttempt>(Cf::Sessions, keys::AUTH_PREFIX)?
                 .into_iter()
                 .rev()
@@ -468,6 +484,7 @@ impl Service {
         let mut batch = Batch::default();
         let mut pruned = Pruned::default();
         for (k, s) in self
+            .core
             .store
             .scan::<StoredSession>(Cf::Sessions, keys::SESSIONS_PREFIX)?
         {
@@ -477,6 +494,7 @@ impl Service {
             }
         }
         for (k, a) in self
+            .core
             .store
             .scan::<AuthAttempt>(Cf::Sessions, keys::AUTH_PREFIX)?
         {
@@ -494,11 +512,11 @@ impl Service {
     pub fn prune_history(&self, retention: Duration) -> Result<Pruned, ServiceError> {
         let cutoff = now().saturating_sub(retention.as_secs());
         let (batch, pruned) = self.prune_batch(cutoff)?;
-        self.store.commit(batch)?;
+        self.core.store.commit(batch)?;
         Ok(pruned)
     }
 
-    /// `history clear --older-than D`: like [`Service::prune_history`], audited as
+    /// `history clear --older-than D`: like [`History::prune_history`], audited as
     /// `history.clear`, in the same batch.
     pub fn clear_history(
         &self,
@@ -511,10 +529,10 @@ impl Service {
             }
             .into());
         }
-        let _w = self.writer.lock().unwrap();
+        let _w = self.core.writer.lock().unwrap();
         let cutoff = now().saturating_sub(older_than.as_secs());
         let (mut batch, pruned) = self.prune_batch(cutoff)?;
-        self.audit(
+        self.core.audit(
             &mut batch,
             actor,
             "history.clear",
@@ -526,33 +544,15 @@ impl Service {
                 "auth_attempts_removed": pruned.auth_attempts,
             })),
         )?;
-        self.commit(batch)?;
+        self.core.commit(batch)?;
         Ok(pruned)
-    }
-}
-
-impl Service {
-    /// A consistent backup of the store (see `store::backup`) as the file's bytes, with the
-    /// records per family.
-    pub fn backup(
-        &self,
-    ) -> Result<(Vec<u8>, std::collections::BTreeMap<String, u64>), ServiceError> {
-        let file = self.store.backup(now())?;
-        let bytes = serde_json::to_vec_pretty(&file).map_err(|source| {
-            crate::store::StoreError::Encode {
-                cf: "backup",
-                key: String::new(),
-                source,
-            }
-        })?;
-        Ok((bytes, file.counts()))
     }
 }
 
 /// Turns tunnel events into session records. One per agent; its state is the open sessions by
 /// device key.
 pub struct Recorder {
-    svc: Arc<Service>,
+    svc: Arc<History>,
     open: HashMap<PublicKey, StoredSession>,
 }
 
@@ -566,7 +566,7 @@ impl std::fmt::Debug for Recorder {
 
 impl Recorder {
     /// A recorder; closes the sessions a previous agent left open (see the module docs).
-    pub fn start(svc: Arc<Service>, at: SystemTime) -> Result<Recorder, ServiceError> {
+    pub fn start(svc: Arc<History>, at: SystemTime) -> Result<Recorder, ServiceError> {
         let n = svc.close_stale_sessions(at)?;
         if n > 0 {
             tracing::info!(
@@ -629,8 +629,8 @@ impl Recorder {
 /// The recorder's thread: records each event from `events` (synced store writes, so not on
 /// the reactor), prunes to `retention` at start and every [`PRUNE_INTERVAL`], and when the
 /// sender hangs up (agent shutdown) closes the open sessions as `agent-stopped`.
-pub fn run_recorder(svc: Arc<Service>, events: mpsc::Receiver<SessionEvent>, retention: Duration) {
-    let prune = |svc: &Service| match svc.prune_history(retention) {
+pub fn run_recorder(svc: Arc<History>, events: mpsc::Receiver<SessionEvent>, retention: Duration) {
+    let prune = |svc: &History| match svc.prune_history(retention) {
         Ok(p) if p.sessions + p.auth_attempts > 0 => {
             tracing::info!(?p, "history pruned to its retention")
         }

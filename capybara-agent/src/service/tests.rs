@@ -1,7 +1,28 @@
-use std::time::Duration;
+//! Service-level tests of users, devices, tokens, stats, kick and blocklists on the in-memory
+//! dataplane and tunnel (no root).
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, Ipv6Addr},
+    time::{Duration, SystemTime},
+};
+
+use capybara_common::{counters::Counter, drop::DropReason, peer::PeerStats};
 
 use super::*;
-use crate::service::ports::{MemoryPlane, MemoryTunnel};
+use crate::{
+    blocklist::{Direction, ListName, RegistrySnapshot},
+    dataplane::Gate,
+    net::Cidr,
+    service::{
+        core::now,
+        directory::allowed_ips,
+        domain::{Actor, DeviceName, Scope, UserName, unix_secs},
+        testing::{MemoryPlane, MemoryTunnel},
+        tokens::TokenRecord,
+    },
+    store::{Cf, keys},
+};
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -63,7 +84,7 @@ fn u(name: &str) -> UserName {
 #[test]
 fn add_user_programs_tunnel_dataplane_and_store_and_audits() {
     let f = fixture(false);
-    let (user, cfg) = f.svc.add_user(&root(), new_user("alice")).unwrap();
+    let (user, cfg) = f.svc.users.add_user(&root(), new_user("alice")).unwrap();
     assert_eq!(user.name.as_str(), "alice");
     let peer = &cfg.peer;
     assert_eq!(
@@ -91,7 +112,7 @@ fn add_user_programs_tunnel_dataplane_and_store_and_audits() {
         allowed_ips(peer)
     );
 
-    let audit = f.svc.audit_records(None, 10).unwrap();
+    let audit = f.svc.core.audit_records(None, 10).unwrap();
     assert_eq!(audit.len(), 1);
     assert_eq!(audit[0].action, "user.add");
     assert_eq!(audit[0].actor, "uid:0");
@@ -99,11 +120,11 @@ fn add_user_programs_tunnel_dataplane_and_store_and_audits() {
     assert!(audit[0].before.is_none() && audit[0].after.is_some());
 
     // The private key is not stored anywhere.
-    let raw: Vec<(String, serde_json::Value)> = f.svc.store.scan(Cf::Peers, "").unwrap();
+    let raw: Vec<(String, serde_json::Value)> = f.svc.core.store.scan(Cf::Peers, "").unwrap();
     let text = serde_json::to_string(&raw).unwrap();
     assert!(!text.contains(cfg.private_key.as_deref().unwrap()));
     assert!(matches!(
-        f.svc.user_config(&root(), &u("alice"), None, false),
+        f.svc.devices.user_config(&root(), &u("alice"), None, false),
         Err(ServiceError::KeyNotKept { .. })
     ));
 }
@@ -111,18 +132,19 @@ fn add_user_programs_tunnel_dataplane_and_store_and_audits() {
 #[test]
 fn duplicates_and_unknowns_change_nothing() {
     let f = fixture(false);
-    f.svc.add_user(&root(), new_user("alice")).unwrap();
+    f.svc.users.add_user(&root(), new_user("alice")).unwrap();
     let before = (f.plane.state().peers, f.tunnel.state().len());
     assert!(matches!(
-        f.svc.add_user(&root(), new_user("alice")),
+        f.svc.users.add_user(&root(), new_user("alice")),
         Err(ServiceError::AlreadyExists { what: "user", .. })
     ));
     assert!(matches!(
-        f.svc.remove_user(&root(), &u("bob")),
+        f.svc.users.remove_user(&root(), &u("bob")),
         Err(ServiceError::NotFound { what: "user", .. })
     ));
     assert!(matches!(
         f.svc
+            .devices
             .add_device(&root(), &u("alice"), &DeviceName::default_device()),
         Err(ServiceError::AlreadyExists { what: "device", .. })
     ));
@@ -131,15 +153,15 @@ fn duplicates_and_unknowns_change_nothing() {
         ..new_user("carol")
     };
     assert_eq!(
-        match f.svc.add_user(&root(), past) {
+        match f.svc.users.add_user(&root(), past) {
             Err(ServiceError::Invalid(e)) => e.field(),
             other => panic!("{other:?}"),
         },
         "expires_at"
     );
     assert_eq!(before, (f.plane.state().peers, f.tunnel.state().len()));
-    assert_eq!(f.svc.list_users().unwrap().len(), 1);
-    assert_eq!(f.svc.audit_records(None, 100).unwrap().len(), 1);
+    assert_eq!(f.svc.users.list_users().unwrap().len(), 1);
+    assert_eq!(f.svc.core.audit_records(None, 100).unwrap().len(), 1);
 }
 
 #[test]
@@ -147,24 +169,25 @@ fn a_failed_dataplane_step_leaves_nothing_behind() {
     let f = fixture(false);
     f.plane.with(|s| s.fail_next_set_peer = true);
     assert!(matches!(
-        f.svc.add_user(&root(), new_user("alice")),
+        f.svc.users.add_user(&root(), new_user("alice")),
         Err(ServiceError::Dataplane(_))
     ));
     assert!(f.plane.state().peers.is_empty());
     assert!(f.tunnel.state().is_empty());
-    assert!(f.svc.list_users().unwrap().is_empty());
+    assert!(f.svc.users.list_users().unwrap().is_empty());
     assert!(
         f.svc
+            .core
             .store
             .scan::<serde_json::Value>(Cf::Peers, "")
             .unwrap()
             .is_empty()
     );
-    assert!(f.svc.audit_records(None, 10).unwrap().is_empty());
+    assert!(f.svc.core.audit_records(None, 10).unwrap().is_empty());
     // And the id/address were not consumed; the audit sequence has no gap.
-    let (_, cfg) = f.svc.add_user(&root(), new_user("alice")).unwrap();
+    let (_, cfg) = f.svc.users.add_user(&root(), new_user("alice")).unwrap();
     assert_eq!(cfg.peer.id, 0);
-    assert_eq!(f.svc.audit_records(None, 10).unwrap()[0].seq, 1);
+    assert_eq!(f.svc.core.audit_records(None, 10).unwrap()[0].seq, 1);
 }
 
 #[test]
@@ -173,45 +196,56 @@ fn addresses_and_ids_are_reused_and_the_pool_ends() {
     // /29: hosts .1-.6, server .1 → five devices.
     let mut ids = Vec::new();
     for n in ["a", "b", "c", "d", "e"] {
-        ids.push(f.svc.add_user(&root(), new_user(n)).unwrap().1.peer);
+        ids.push(f.svc.users.add_user(&root(), new_user(n)).unwrap().1.peer);
     }
     let v4: BTreeSet<Ipv4Addr> = ids.iter().map(|p| p.ipv4).collect();
     assert_eq!(v4.len(), 5);
     assert!(matches!(
-        f.svc.add_user(&root(), new_user("f")),
+        f.svc.users.add_user(&root(), new_user("f")),
         Err(ServiceError::Exhausted { .. })
     ));
-    f.svc.remove_user(&root(), &u("c")).unwrap();
-    let again = f.svc.add_user(&root(), new_user("f")).unwrap().1.peer;
+    f.svc.users.remove_user(&root(), &u("c")).unwrap();
+    let again = f.svc.users.add_user(&root(), new_user("f")).unwrap().1.peer;
     assert_eq!((again.id, again.ipv4), (ids[2].id, ids[2].ipv4));
 }
 
 #[test]
 fn remove_user_removes_every_device_everywhere() {
     let f = fixture(false);
-    f.svc.add_user(&root(), new_user("alice")).unwrap();
+    f.svc.users.add_user(&root(), new_user("alice")).unwrap();
     f.svc
+        .devices
         .add_device(
             &root(),
             &u("alice"),
             &DeviceName::parse("device", "phone").unwrap(),
         )
         .unwrap();
-    f.svc.add_user(&root(), new_user("bob")).unwrap();
+    f.svc.users.add_user(&root(), new_user("bob")).unwrap();
     assert_eq!(f.plane.state().peers.len(), 3);
-    let removed = f.svc.remove_user(&root(), &u("alice")).unwrap();
+    let removed = f.svc.users.remove_user(&root(), &u("alice")).unwrap();
     assert_eq!(removed.peers.len(), 2);
     assert_eq!(f.plane.state().peers.len(), 1);
     assert_eq!(f.tunnel.state().len(), 1);
-    assert_eq!(f.svc.list_peers(None).unwrap().len(), 1);
-    assert_eq!(f.svc.audit_records(Some(&u("alice")), 10).unwrap().len(), 3);
-    assert_eq!(f.svc.audit_records(Some(&u("bob")), 10).unwrap().len(), 1);
+    assert_eq!(f.svc.devices.list_peers(None).unwrap().len(), 1);
+    assert_eq!(
+        f.svc
+            .core
+            .audit_records(Some(&u("alice")), 10)
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(
+        f.svc.core.audit_records(Some(&u("bob")), 10).unwrap().len(),
+        1
+    );
 }
 
 #[test]
 fn reopen_programs_stored_devices_and_leaves_foreign_kernel_peers_alone() {
     let f = fixture(false);
-    let (_, a) = f.svc.add_user(&root(), new_user("alice")).unwrap();
+    let (_, a) = f.svc.users.add_user(&root(), new_user("alice")).unwrap();
     let Fixture {
         _dir,
         path,
@@ -239,10 +273,11 @@ fn reopen_programs_stored_devices_and_leaves_foreign_kernel_peers_alone() {
     assert_eq!(peers[&a.peer.id], allowed_ips(&a.peer));
     assert!(tunnel.state().contains_key(&a.peer.public_key));
     // The foreign peer's id and address are skipped; the audit sequence continues.
-    let (_, b) = svc.add_user(&root(), new_user("bob")).unwrap();
+    let (_, b) = svc.users.add_user(&root(), new_user("bob")).unwrap();
     assert_eq!(b.peer.id, 2);
     assert_eq!(b.peer.ipv4, Ipv4Addr::new(10, 99, 0, 4));
     let seqs: Vec<u64> = svc
+        .core
         .audit_records(None, 10)
         .unwrap()
         .iter()
@@ -255,15 +290,20 @@ fn reopen_programs_stored_devices_and_leaves_foreign_kernel_peers_alone() {
 #[test]
 fn kept_keys_show_the_config_again_and_rotate_replaces_the_key() {
     let f = fixture(true);
-    let (_, first) = f.svc.add_user(&root(), new_user("alice")).unwrap();
+    let (_, first) = f.svc.users.add_user(&root(), new_user("alice")).unwrap();
     assert!(first.peer.key_kept);
     let again = f
         .svc
+        .devices
         .user_config(&root(), &u("alice"), None, false)
         .unwrap();
     assert_eq!(again.private_key, first.private_key);
     assert_eq!(again.wg_quick, first.wg_quick);
-    let rotated = f.svc.user_config(&root(), &u("alice"), None, true).unwrap();
+    let rotated = f
+        .svc
+        .devices
+        .user_config(&root(), &u("alice"), None, true)
+        .unwrap();
     assert_ne!(rotated.peer.public_key, first.peer.public_key);
     assert_eq!(rotated.peer.id, first.peer.id);
     let tun = f.tunnel.state();
@@ -276,6 +316,7 @@ fn tokens_authenticate_by_hash_and_stop_when_revoked_or_expired() {
     let f = fixture(false);
     let (tok, bearer) = f
         .svc
+        .tokens
         .create_token(
             &root(),
             NewToken {
@@ -286,37 +327,38 @@ fn tokens_authenticate_by_hash_and_stop_when_revoked_or_expired() {
         )
         .unwrap();
     assert_eq!(
-        f.svc.authenticate(&bearer).unwrap(),
+        f.svc.tokens.authenticate(&bearer).unwrap(),
         Actor::Token {
             id: tok.id.clone(),
             scope: Scope::Write
         }
     );
-    let raw: Vec<(String, serde_json::Value)> = f.svc.store.scan(Cf::Tokens, "").unwrap();
+    let raw: Vec<(String, serde_json::Value)> = f.svc.core.store.scan(Cf::Tokens, "").unwrap();
     assert!(!serde_json::to_string(&raw).unwrap().contains(&bearer));
     let forged = format!("capy_{}_{}", tok.id, "A".repeat(43));
     assert!(matches!(
-        f.svc.authenticate(&forged),
+        f.svc.tokens.authenticate(&forged),
         Err(AuthError::Invalid)
     ));
     assert!(matches!(
-        f.svc.authenticate("nope"),
+        f.svc.tokens.authenticate("nope"),
         Err(AuthError::Invalid)
     ));
-    f.svc.revoke_token(&root(), &tok.id).unwrap();
+    f.svc.tokens.revoke_token(&root(), &tok.id).unwrap();
     assert!(matches!(
-        f.svc.authenticate(&bearer),
+        f.svc.tokens.authenticate(&bearer),
         Err(AuthError::Revoked)
     ));
     assert!(matches!(
-        f.svc.revoke_token(&root(), &tok.id),
+        f.svc.tokens.revoke_token(&root(), &tok.id),
         Err(ServiceError::AlreadyRevoked { .. })
     ));
-    assert!(f.svc.list_tokens().unwrap()[0].revoked_at.is_some());
+    assert!(f.svc.tokens.list_tokens().unwrap()[0].revoked_at.is_some());
 
     // Expiry: write a record that expired a second ago.
     let (tok2, bearer2) = f
         .svc
+        .tokens
         .create_token(
             &root(),
             NewToken {
@@ -328,14 +370,19 @@ fn tokens_authenticate_by_hash_and_stop_when_revoked_or_expired() {
         .unwrap();
     let mut rec: TokenRecord = f
         .svc
+        .core
         .store
         .get(Cf::Tokens, tok2.id.as_str())
         .unwrap()
         .unwrap();
     rec.token.expires_at = Some(now() - 1);
-    f.svc.store.put(Cf::Tokens, tok2.id.as_str(), &rec).unwrap();
+    f.svc
+        .core
+        .store
+        .put(Cf::Tokens, tok2.id.as_str(), &rec)
+        .unwrap();
     assert!(matches!(
-        f.svc.authenticate(&bearer2),
+        f.svc.tokens.authenticate(&bearer2),
         Err(AuthError::Expired)
     ));
 }
@@ -343,15 +390,15 @@ fn tokens_authenticate_by_hash_and_stop_when_revoked_or_expired() {
 #[test]
 fn kick_holds_every_device_and_a_handshake_admits_again() {
     let f = fixture(false);
-    let (_, cfg) = f.svc.add_user(&root(), new_user("alice")).unwrap();
-    let kicked = f.svc.kick(&root(), &u("alice")).unwrap();
+    let (_, cfg) = f.svc.users.add_user(&root(), new_user("alice")).unwrap();
+    let kicked = f.svc.monitor.kick(&root(), &u("alice")).unwrap();
     assert_eq!(kicked.len(), 1);
     assert_eq!(
         f.plane.state().gates[&cfg.peer.id],
         Gate::Held(DropReason::GateKicked)
     );
     assert_eq!(f.tunnel.state()[&cfg.peer.public_key].kicks, 1);
-    f.svc.on_handshake(&cfg.peer.public_key).unwrap();
+    f.svc.monitor.on_handshake(&cfg.peer.public_key).unwrap();
     assert_eq!(
         f.plane.state().gates[&cfg.peer.id],
         Gate::Admitted { until: None }
@@ -361,9 +408,10 @@ fn kick_holds_every_device_and_a_handshake_admits_again() {
 #[test]
 fn stats_sum_devices_per_user_and_list_drops() {
     let f = fixture(false);
-    let (_, a) = f.svc.add_user(&root(), new_user("alice")).unwrap();
+    let (_, a) = f.svc.users.add_user(&root(), new_user("alice")).unwrap();
     let b = f
         .svc
+        .devices
         .add_device(
             &root(),
             &u("alice"),
@@ -396,7 +444,7 @@ fn stats_sum_devices_per_user_and_list_drops() {
             },
         );
     });
-    let st = f.svc.stats(None).unwrap();
+    let st = f.svc.monitor.stats(None).unwrap();
     assert_eq!(st.peers.len(), 2);
     let alice = &st.users["alice"];
     assert_eq!(
@@ -414,11 +462,13 @@ fn blocklist_changes_persist_with_an_audit_record() {
     let cidrs: Vec<Cidr> = vec!["192.0.2.0/24".parse().unwrap()];
     let v = f
         .svc
+        .lists
         .change_entries(&root(), Direction::Source, &name, EntriesOp::Add, &cidrs)
         .unwrap();
     assert_eq!(v.cidrs, cidrs);
     let snap: RegistrySnapshot = f
         .svc
+        .core
         .store
         .get(Cf::Blocklists, keys::BLOCKLISTS)
         .unwrap()
@@ -426,15 +476,18 @@ fn blocklist_changes_persist_with_an_audit_record() {
     assert_eq!(snap.lists.len(), 1);
     assert!(matches!(
         f.svc
+            .lists
             .delete_blocklist(&root(), Direction::Destination, &name),
         Err(ServiceError::NotFound { what: "list", .. })
     ));
     f.svc
+        .lists
         .delete_blocklist(&root(), Direction::Source, &name)
         .unwrap();
-    assert!(f.svc.blocklists().unwrap().is_empty());
+    assert!(f.svc.lists.blocklists().unwrap().is_empty());
     let actions: Vec<String> = f
         .svc
+        .core
         .audit_records(None, 10)
         .unwrap()
         .into_iter()
@@ -446,14 +499,14 @@ fn blocklist_changes_persist_with_an_audit_record() {
 #[test]
 fn connections_join_tunnel_status_with_devices() {
     let f = fixture(false);
-    let (_, a) = f.svc.add_user(&root(), new_user("alice")).unwrap();
+    let (_, a) = f.svc.users.add_user(&root(), new_user("alice")).unwrap();
     let t = SystemTime::now();
     f.tunnel.with_peer(&a.peer.public_key, |p| {
         p.status.endpoint = Some("192.0.2.9:4000".parse().unwrap());
         p.status.last_handshake = Some(t);
         p.status.rx_bytes = 5;
     });
-    let c = f.svc.connections().unwrap();
+    let c = f.svc.monitor.connections().unwrap();
     assert_eq!(c.len(), 1);
     assert_eq!(c[0].endpoint.as_deref(), Some("192.0.2.9:4000"));
     assert_eq!(c[0].last_handshake, Some(unix_secs(t)));

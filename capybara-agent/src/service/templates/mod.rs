@@ -1,26 +1,33 @@
-//! The service calls of quota templates and configuration templates (see [`super::template`]
-//! for what they are and the rules). Every change runs under the writer lock and writes its
+//! Templates: quota templates (a named policy layer applied to users) and configuration
+//! templates (named server settings, with built-ins). [`model`] says what they are and the
+//! rules; this module has their service calls. Every change runs under the writer lock and writes its
 //! records and its audit record in one batch; changes that touch users' policy go through
 //! `policy_change`, which updates the kernel of every affected user before it returns.
 
-use std::{collections::BTreeSet, net::IpAddr};
+pub mod model;
 
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    sync::{Arc, OnceLock},
+};
+
+use self::model::{
+    CURRENT, ConfigTemplate, Ports, QuotaTemplateView, ServerSettings, TemplateName,
+};
 use super::{
-    Change, UserPolicy,
-    model::{Limits, LimitsPatch},
-    not_found,
-    template::{
-        self, CURRENT, ConfigTemplate, Ports, QuotaTemplateView, ServerSettings, TemplateName,
+    ServiceError,
+    core::{Core, to_json},
+    directory::Directory,
+    domain::{Actor, UserName, ValidationError},
+    error::not_found,
+    policy::{
+        Change, Policy, UserPolicy,
+        model::{Limits, LimitsPatch},
     },
-    to_json,
 };
 use crate::{
     blocklist::{Direction, ListName},
-    service::{
-        ServiceError,
-        control::Service,
-        domain::{Actor, UserName, ValidationError},
-    },
     store::{Batch, Cf, keys},
 };
 
@@ -35,7 +42,27 @@ pub struct ConfigTemplateView {
     pub notes: Vec<String>,
 }
 
-impl Service {
+/// The templates feature.
+#[derive(Debug)]
+pub struct Templates {
+    core: Arc<Core>,
+    dir: Arc<Directory>,
+    policy: Arc<Policy>,
+    /// The WireGuard port the agent listens on (told by the daemon; shown by templates).
+    listen_port: OnceLock<u16>,
+}
+
+impl Templates {
+    /// The feature over the shared core, directory and policy.
+    pub fn new(core: Arc<Core>, dir: Arc<Directory>, policy: Arc<Policy>) -> Templates {
+        Templates {
+            core,
+            dir,
+            policy,
+            listen_port: OnceLock::new(),
+        }
+    }
+
     /// Tells the service the WireGuard port the agent listens on (shown by templates).
     pub fn set_listen_port(&self, port: u16) {
         let _ = self.listen_port.set(port);
@@ -44,14 +71,7 @@ impl Service {
     /// Sets the agent's log filter to the level of the configuration template applied last
     /// (without one: `RUST_LOG`, else `info`); at start and after `template apply`.
     pub fn apply_log_level(&self) {
-        let level = self
-            .policy
-            .cache
-            .read()
-            .unwrap()
-            .settings
-            .log_level
-            .map(|l| l.to_string());
+        let level = self.policy.read().settings.log_level.map(|l| l.to_string());
         match crate::logging::set_level(level.as_deref()) {
             Ok(true) if level.is_some() => {
                 tracing::info!(level = ?level, "log level set by the configuration template");
@@ -61,19 +81,10 @@ impl Service {
         }
     }
 
-    /// The DNS servers written into client configs: the last configuration template's, else
-    /// the agent's `--dns`.
-    pub(in crate::service) fn client_dns(&self) -> Vec<String> {
-        match &self.policy.cache.read().unwrap().settings.dns {
-            Some(d) => d.iter().map(ToString::to_string).collect(),
-            None => self.agent_dns().to_vec(),
-        }
-    }
-
     // ---- quota templates ----------------------------------------------------------------
 
     fn quota_template_view(&self, name: &TemplateName) -> Option<QuotaTemplateView> {
-        let c = self.policy.cache.read().unwrap();
+        let c = self.policy.read();
         let limits = c.templates.get(name)?.clone();
         let users = c
             .users
@@ -90,15 +101,7 @@ impl Service {
 
     /// Every quota template with its users.
     pub fn list_quota_templates(&self) -> Vec<QuotaTemplateView> {
-        let names: Vec<TemplateName> = self
-            .policy
-            .cache
-            .read()
-            .unwrap()
-            .templates
-            .keys()
-            .cloned()
-            .collect();
+        let names: Vec<TemplateName> = self.policy.read().templates.keys().cloned().collect();
         names
             .iter()
             .filter_map(|n| self.quota_template_view(n))
@@ -123,7 +126,7 @@ impl Service {
         patch: &LimitsPatch,
         replace: bool,
     ) -> Result<QuotaTemplateView, ServiceError> {
-        let _w = self.writer.lock().unwrap();
+        let _w = self.core.writer.lock().unwrap();
         if patch.set.is_empty() {
             return Err(ValidationError::Missing {
                 field: "limits (at least one of --bandwidth, --limit, …)",
@@ -142,7 +145,7 @@ impl Service {
             clear: Vec::new(),
         });
         let users = before.as_ref().map(|b| b.users.clone()).unwrap_or_default();
-        self.policy_change(
+        self.policy.change(
             actor,
             if before.is_some() {
                 "quota-template.replace"
@@ -164,7 +167,7 @@ impl Service {
         actor: &Actor,
         name: &TemplateName,
     ) -> Result<QuotaTemplateView, ServiceError> {
-        let _w = self.writer.lock().unwrap();
+        let _w = self.core.writer.lock().unwrap();
         let t = self.get_quota_template(name)?;
         if !t.users.is_empty() {
             return Err(ServiceError::InUse {
@@ -178,7 +181,7 @@ impl Service {
                     .join(","),
             });
         }
-        self.policy_change(
+        self.policy.change(
             actor,
             "quota-template.delete",
             format!("quota-template:{name}"),
@@ -198,7 +201,7 @@ impl Service {
         name: Option<&TemplateName>,
         users: &[UserName],
     ) -> Result<Vec<UserName>, ServiceError> {
-        let _w = self.writer.lock().unwrap();
+        let _w = self.core.writer.lock().unwrap();
         if users.is_empty() {
             return Err(ValidationError::Missing { field: "users" }.into());
         }
@@ -206,10 +209,10 @@ impl Service {
             self.get_quota_template(n)?;
         }
         for u in users {
-            self.get_user_record(u)?;
+            self.dir.user(u)?;
         }
         let (changes, before): (Vec<Change>, Vec<(String, Option<String>)>) = {
-            let c = self.policy.cache.read().unwrap();
+            let c = self.policy.read();
             users
                 .iter()
                 .map(|u| {
@@ -226,7 +229,7 @@ impl Service {
                 })
                 .unzip()
         };
-        self.policy_change(
+        self.policy.change(
             actor,
             if name.is_some() {
                 "quota-template.apply"
@@ -260,6 +263,7 @@ impl Service {
 
     fn destination_lists(&self) -> Result<BTreeSet<ListName>, ServiceError> {
         Ok(self
+            .core
             .plane
             .lists()?
             .into_iter()
@@ -271,13 +275,15 @@ impl Service {
     /// The live settings as a template named `name`.
     fn snapshot(&self, name: TemplateName) -> Result<ConfigTemplate, ServiceError> {
         let blocklists = self.destination_lists()?;
-        let c = self.policy.cache.read().unwrap();
+        let c = self.policy.read();
         let st = &c.settings;
         let dns = match &st.dns {
             Some(d) => Some(d.clone()),
-            None if self.agent_dns().is_empty() => None,
+            None if self.core.cfg.dns.is_empty() => None,
             None => Some(
-                self.agent_dns()
+                self.core
+                    .cfg
+                    .dns
                     .iter()
                     .filter_map(|a| a.parse::<IpAddr>().ok())
                     .collect(),
@@ -305,17 +311,19 @@ impl Service {
         name: &TemplateName,
     ) -> Result<Option<ConfigTemplate>, ServiceError> {
         Ok(self
+            .core
             .store
             .get(Cf::Policy, &keys::policy_config_template(name.as_str()))?)
     }
 
     /// Every configuration template: the built-ins, then the stored ones, by name.
     pub fn list_config_templates(&self) -> Result<Vec<ConfigTemplateView>, ServiceError> {
-        let mut out: Vec<ConfigTemplateView> = template::builtins()
+        let mut out: Vec<ConfigTemplateView> = model::builtins()
             .into_iter()
             .map(|t| self.view(t, true))
             .collect();
         for (_, t) in self
+            .core
             .store
             .scan::<ConfigTemplate>(Cf::Policy, keys::POLICY_CONFIG_TEMPLATES)?
         {
@@ -333,7 +341,7 @@ impl Service {
             let t = self.snapshot(name.clone())?;
             return Ok(self.view(t, false));
         }
-        if let Some(t) = template::builtins().into_iter().find(|t| t.name == *name) {
+        if let Some(t) = model::builtins().into_iter().find(|t| t.name == *name) {
             return Ok(self.view(t, true));
         }
         let t = self
@@ -350,7 +358,7 @@ impl Service {
         t: ConfigTemplate,
         replace: bool,
     ) -> Result<ConfigTemplateView, ServiceError> {
-        template::check_writable("name", &t.name)?;
+        model::check_writable("name", &t.name)?;
         let before = self.stored_config_template(&t.name)?;
         if before.is_some() && !replace {
             return Err(ServiceError::AlreadyExists {
@@ -364,7 +372,7 @@ impl Service {
             &keys::policy_config_template(t.name.as_str()),
             &t,
         )?;
-        self.audit(
+        self.core.audit(
             &mut batch,
             actor,
             action,
@@ -372,7 +380,7 @@ impl Service {
             before.as_ref().and_then(to_json),
             to_json(&t),
         )?;
-        self.commit(batch)?;
+        self.core.commit(batch)?;
         tracing::info!(%actor, template = %t.name, action, "configuration template stored");
         Ok(self.view(t, false))
     }
@@ -384,8 +392,8 @@ impl Service {
         name: &TemplateName,
         replace: bool,
     ) -> Result<ConfigTemplateView, ServiceError> {
-        let _w = self.writer.lock().unwrap();
-        template::check_writable("name", name)?;
+        let _w = self.core.writer.lock().unwrap();
+        model::check_writable("name", name)?;
         let t = self.snapshot(name.clone())?;
         self.put_config_template(actor, "template.save", t, replace)
     }
@@ -397,7 +405,7 @@ impl Service {
         t: ConfigTemplate,
         replace: bool,
     ) -> Result<ConfigTemplateView, ServiceError> {
-        let _w = self.writer.lock().unwrap();
+        let _w = self.core.writer.lock().unwrap();
         self.put_config_template(actor, "template.import", t, replace)
     }
 
@@ -407,14 +415,14 @@ impl Service {
         actor: &Actor,
         name: &TemplateName,
     ) -> Result<ConfigTemplateView, ServiceError> {
-        let _w = self.writer.lock().unwrap();
-        template::check_writable("name", name)?;
+        let _w = self.core.writer.lock().unwrap();
+        model::check_writable("name", name)?;
         let t = self
             .stored_config_template(name)?
             .ok_or_else(|| not_found("template", name))?;
         let mut batch = Batch::default();
         batch.delete(Cf::Policy, &keys::policy_config_template(name.as_str()));
-        self.audit(
+        self.core.audit(
             &mut batch,
             actor,
             "template.delete",
@@ -422,7 +430,7 @@ impl Service {
             to_json(&t),
             None,
         )?;
-        self.commit(batch)?;
+        self.core.commit(batch)?;
         Ok(self.view(t, false))
     }
 
@@ -435,7 +443,7 @@ impl Service {
         actor: &Actor,
         name: &TemplateName,
     ) -> Result<ConfigTemplateView, ServiceError> {
-        let _w = self.writer.lock().unwrap();
+        let _w = self.core.writer.lock().unwrap();
         if name.as_str() == CURRENT {
             return Err(ValidationError::Name {
                 field: "name",
@@ -450,8 +458,8 @@ impl Service {
             return Err(not_found("blocklists: destination list", missing.as_str()));
         }
         let before = self.snapshot(TemplateName::parse("name", CURRENT)?)?;
-        let users = self.all_user_names()?;
-        self.policy_change(
+        let users = self.dir.user_names()?;
+        self.policy.change(
             actor,
             "template.apply",
             format!("template:{name}"),

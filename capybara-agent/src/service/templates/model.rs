@@ -63,17 +63,19 @@ use std::{collections::BTreeSet, fmt, net::IpAddr, str::FromStr, time::Duration}
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{Limits, LimitsText, PolicyValueError};
 use crate::{
     blocklist::ListName,
-    service::domain::{UserName, ValidationError},
+    service::{
+        domain::{UserName, ValidationError},
+        policy::model::{Limits, LimitsText, PolicyValueError},
+    },
 };
 
 /// The name `template save current` and `template show current` use for the live settings;
 /// no template may have it.
 pub const CURRENT: &str = "current";
 
-super::model::name_type!(
+crate::service::policy::model::name_type!(
     /// A template's name: the same rules as a user name (`[a-z0-9._-]`, at most 32).
     TemplateName,
     "template"
@@ -284,7 +286,7 @@ impl ServerSettings {
 impl ConfigTemplate {
     /// Parses a template from YAML; an error names the line, the column and the field.
     pub fn from_yaml(text: &str) -> Result<ConfigTemplate, ValidationError> {
-        super::doc::from_yaml(text)
+        crate::service::domain::from_yaml(text)
     }
 
     /// The YAML text (fields in a fixed order, so export → import → export is identical).

@@ -1,0 +1,193 @@
+//! Named blocklists (source lists on the uplink, destination lists on the tunnel): their
+//! contents and hits, changes to their entries, and the registry snapshot the store keeps
+//! (written with every change, read back at start by [`stored_snapshot`]).
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    ServiceError,
+    core::{Core, to_json},
+    domain::Actor,
+    monitor::Traffic,
+};
+use crate::{
+    blocklist::{
+        Direction, ListName,
+        registry::{ListOp, RegistrySnapshot},
+    },
+    net::Cidr,
+    store::{Batch, Cf, Store, StoreError, keys},
+};
+
+/// A blocklist with its contents and hits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlocklistView {
+    /// Where it is enforced.
+    pub direction: Direction,
+    /// Its name.
+    pub name: String,
+    /// Its CIDRs.
+    pub cidrs: Vec<Cidr>,
+    /// Packets and bytes dropped because of it.
+    pub hits: Traffic,
+}
+
+/// Change to a list's entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntriesOp {
+    /// Add (creating the list).
+    Add,
+    /// Remove (the list must exist).
+    Remove,
+}
+
+/// The registry snapshot the store holds (empty on a new store): what the daemon restores
+/// into the dataplane before anything else runs.
+pub fn stored_snapshot(store: &Store) -> Result<RegistrySnapshot, StoreError> {
+    Ok(store
+        .get(Cf::Blocklists, keys::BLOCKLISTS)?
+        .unwrap_or_default())
+}
+
+/// The blocklists feature.
+#[derive(Debug)]
+pub struct Lists {
+    core: Arc<Core>,
+}
+
+impl Lists {
+    /// The feature over the shared core.
+    pub fn new(core: Arc<Core>) -> Lists {
+        Lists { core }
+    }
+
+    /// Every list with its contents and hits.
+    pub fn blocklists(&self) -> Result<Vec<BlocklistView>, ServiceError> {
+        let lists = self.core.plane.lists()?;
+        Ok(lists
+            .into_iter()
+            .map(|(s, hits)| BlocklistView {
+                cidrs: self
+                    .core
+                    .plane
+                    .list_cidrs(s.direction, &s.name)
+                    .unwrap_or_default(),
+                direction: s.direction,
+                name: s.name.as_str().to_owned(),
+                hits: hits.into(),
+            })
+            .collect())
+    }
+
+    /// One list.
+    pub fn blocklist(
+        &self,
+        direction: Direction,
+        name: &ListName,
+    ) -> Result<BlocklistView, ServiceError> {
+        self.blocklists()?
+            .into_iter()
+            .find(|l| l.direction == direction && l.name == name.as_str())
+            .ok_or_else(|| ServiceError::NotFound {
+                what: "list",
+                name: format!("{direction}/{}", name.as_str()),
+            })
+    }
+
+    /// Adds or removes entries, persisting the registry and an audit record in one batch.
+    pub fn change_entries(
+        &self,
+        actor: &Actor,
+        direction: Direction,
+        name: &ListName,
+        op: EntriesOp,
+        cidrs: &[Cidr],
+    ) -> Result<BlocklistView, ServiceError> {
+        let _w = self.core.writer.lock().unwrap();
+        let before = self.core.plane.list_cidrs(direction, name);
+        if op == EntriesOp::Remove && before.is_none() {
+            return Err(ServiceError::NotFound {
+                what: "list",
+                name: format!("{direction}/{}", name.as_str()),
+            });
+        }
+        let list_op = match op {
+            EntriesOp::Add => ListOp::Add(cidrs),
+            EntriesOp::Remove => ListOp::Remove(cidrs),
+        };
+        let action = match op {
+            EntriesOp::Add => "blocklist.add",
+            EntriesOp::Remove => "blocklist.remove",
+        };
+        self.list_change(actor, direction, name, list_op, action, before)?;
+        drop(_w);
+        self.blocklist(direction, name)
+    }
+
+    /// Deletes a list.
+    pub fn delete_blocklist(
+        &self,
+        actor: &Actor,
+        direction: Direction,
+        name: &ListName,
+    ) -> Result<(), ServiceError> {
+        let _w = self.core.writer.lock().unwrap();
+        let before = self.core.plane.list_cidrs(direction, name);
+        if before.is_none() {
+            return Err(ServiceError::NotFound {
+                what: "list",
+                name: format!("{direction}/{}", name.as_str()),
+            });
+        }
+        self.list_change(
+            actor,
+            direction,
+            name,
+            ListOp::Delete,
+            "blocklist.delete",
+            before,
+        )
+    }
+
+    fn list_change(
+        &self,
+        actor: &Actor,
+        direction: Direction,
+        name: &ListName,
+        op: ListOp<'_>,
+        action: &str,
+        before: Option<Vec<Cidr>>,
+    ) -> Result<(), ServiceError> {
+        let old_snapshot: RegistrySnapshot = self.core.plane.list_snapshot();
+        self.core.plane.list_op(direction, name, op)?;
+        let after = self.core.plane.list_cidrs(direction, name);
+        let mut batch = Batch::default();
+        batch.put(
+            Cf::Blocklists,
+            keys::BLOCKLISTS,
+            &self.core.plane.list_snapshot(),
+        )?;
+        self.core.audit(
+            &mut batch,
+            actor,
+            action,
+            format!("blocklist:{direction}/{}", name.as_str()),
+            before.as_ref().and_then(to_json),
+            after.as_ref().and_then(to_json),
+        )?;
+        if let Err(e) = self.core.commit(batch) {
+            // Put the old contents back so the kernel matches the store.
+            let restore = match &before {
+                Some(c) => self.core.plane.list_op(direction, name, ListOp::Replace(c)),
+                None => self.core.plane.list_op(direction, name, ListOp::Delete),
+            };
+            if let Err(r) = restore {
+                tracing::error!(error = %r, snapshot = old_snapshot.lists.len(), "cannot undo a list change after a failed commit");
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,198 @@
+//! Monitoring and control: counters per device and user from the kernel maps (exact), the
+//! tunnel's live sessions, and kicking a user off.
+
+use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
+
+use capybara_common::{counters::Counter, drop::DropReason, peer::PeerStats};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    ServiceError,
+    core::{Core, to_json},
+    directory::Directory,
+    domain::{Actor, Peer, PublicKey, UserName, unix_secs},
+    policy::Policy,
+};
+use crate::{dataplane::Gate, store::Batch};
+
+/// Counters of one device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerCounters {
+    /// The device.
+    pub peer: Peer,
+    /// Its counters.
+    pub stats: PeerStatsView,
+}
+
+/// Packets and bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    /// Packets.
+    pub packets: u64,
+    /// Bytes.
+    pub bytes: u64,
+}
+
+impl From<Counter> for Traffic {
+    fn from(c: Counter) -> Traffic {
+        Traffic {
+            packets: c.packets,
+            bytes: c.bytes,
+        }
+    }
+}
+
+/// Counters of a peer or a user: bytes/packets each way and drops by reason.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStatsView {
+    /// From the peer, passed.
+    pub rx: Traffic,
+    /// To the peer, passed.
+    pub tx: Traffic,
+    /// Dropped packets by reason (non-zero only).
+    pub drops: BTreeMap<String, u64>,
+}
+
+impl PeerStatsView {
+    /// The view of kernel counters.
+    pub fn from_kernel(s: &PeerStats) -> PeerStatsView {
+        let mut v = PeerStatsView::default();
+        v.add(s);
+        v
+    }
+
+    fn add(&mut self, s: &PeerStats) {
+        self.rx.packets += s.rx_packets;
+        self.rx.bytes += s.rx_bytes;
+        self.tx.packets += s.tx_packets;
+        self.tx.bytes += s.tx_bytes;
+        for r in DropReason::ALL {
+            let n = s.drops[r as usize];
+            if n > 0 {
+                *self.drops.entry(r.name().to_owned()).or_default() += n;
+            }
+        }
+    }
+}
+
+/// The answer of [`Service::stats`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Per device.
+    pub peers: Vec<PeerCounters>,
+    /// Per user (sums of its devices).
+    pub users: BTreeMap<String, PeerStatsView>,
+    /// Every drop of the dataplane by reason (non-zero only).
+    pub drops: BTreeMap<String, u64>,
+}
+
+/// A live (or configured) session of a device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Connection {
+    /// The device.
+    pub peer: Peer,
+    /// Where it connects from.
+    pub endpoint: Option<String>,
+    /// Latest handshake, Unix seconds.
+    pub last_handshake: Option<u64>,
+    /// Bytes from it.
+    pub rx_bytes: u64,
+    /// Bytes to it.
+    pub tx_bytes: u64,
+}
+
+/// The monitoring feature.
+#[derive(Debug)]
+pub struct Monitor {
+    core: Arc<Core>,
+    dir: Arc<Directory>,
+    policy: Arc<Policy>,
+}
+
+impl Monitor {
+    /// The feature over the shared core, directory and policy.
+    pub fn new(core: Arc<Core>, dir: Arc<Directory>, policy: Arc<Policy>) -> Monitor {
+        Monitor { core, dir, policy }
+    }
+
+    /// Counters per device and per user (of `user` only if given), and global drops by reason.
+    pub fn stats(&self, user: Option<&UserName>) -> Result<Stats, ServiceError> {
+        let peers = match user {
+            Some(u) => {
+                self.dir.user(u)?;
+                self.dir.user_peers(u)
+            }
+            None => self.dir.all().into_iter().map(|r| r.peer).collect(),
+        };
+        let mut out = Stats::default();
+        for peer in peers {
+            let k = self.core.plane.peer_stats(peer.id)?;
+            out.users.entry(peer.user.to_string()).or_default().add(&k);
+            out.peers.push(PeerCounters {
+                stats: PeerStatsView::from_kernel(&k),
+                peer,
+            });
+        }
+        for (r, c) in self.core.plane.drops()? {
+            if c.packets > 0 {
+                out.drops.insert(r.name().to_owned(), c.packets);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every device the tunnel reports, with its endpoint and latest handshake.
+    pub fn connections(&self) -> Result<Vec<Connection>, ServiceError> {
+        let mut out: Vec<Connection> = self
+            .core
+            .tunnel
+            .peers()
+            .into_iter()
+            .filter_map(|s| {
+                Some(Connection {
+                    peer: self.dir.peer_by_key(&s.key)?,
+                    endpoint: s.endpoint.map(|e| e.to_string()),
+                    last_handshake: s.last_handshake.map(unix_secs),
+                    rx_bytes: s.rx_bytes,
+                    tx_bytes: s.tx_bytes,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.peer.user, &a.peer.device).cmp(&(&b.peer.user, &b.peer.device)));
+        Ok(out)
+    }
+
+    /// Ends every session of `user` now: its devices are held at the gate as kicked and their
+    /// tunnel sessions torn down. A device passes the gate again when it completes a new
+    /// handshake ([`Monitor::on_handshake`]).
+    pub fn kick(&self, actor: &Actor, user: &UserName) -> Result<Vec<Peer>, ServiceError> {
+        let _w = self.core.writer.lock().unwrap();
+        self.dir.user(user)?;
+        let peers = self.dir.user_peers(user);
+        for p in &peers {
+            self.core
+                .plane
+                .set_gate(p.id, Gate::Held(DropReason::GateKicked))?;
+            self.core.tunnel.kick(&p.public_key)?;
+        }
+        self.policy.forget_online(&peers);
+        let mut batch = Batch::default();
+        self.core.audit(
+            &mut batch,
+            actor,
+            "connection.kick",
+            format!("user:{user}"),
+            None,
+            to_json(&peers),
+        )?;
+        self.core.commit(batch)?;
+        Ok(peers)
+    }
+
+    /// The tunnel saw a completed handshake of `key`: the device passes the gate again (a
+    /// kicked device is admitted by its next handshake). Unknown keys are ignored.
+    pub fn on_handshake(&self, key: &PublicKey) -> Result<(), ServiceError> {
+        // The policy decides the gate (admitted, or held by a device limit or a window).
+        self.policy.on_connect(key, SystemTime::now())
+    }
+}
