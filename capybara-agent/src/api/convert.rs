@@ -1,5 +1,17 @@
-//! proto ↔ domain conversions. Both sides are foreign types here (`capybara_common` and
-//! `capybara_proto`), so the orphan rule asks for functions rather than `From` impls.
+//! proto ↔ domain conversions shared by the API's features: kernel types (drop reasons,
+//! counters), times, optional names, traffic, and [`AnswerError`] for an answer that does not
+//! make a domain value. Both sides of the kernel conversions are foreign types here
+//! (`capybara_common` and the generated proto), hence functions rather than `From` impls. Each
+//! feature's own conversions live in its file; requests become validated domain input with
+//! `TryFrom` (every error names the proto field), answers become proto messages with `From`, and
+//! the client turns them back with `TryFrom`, so the CLI prints domain types only.
+
+use std::time::SystemTime;
+
+use crate::service::{
+    Traffic,
+    domain::{DeviceName, UserName, ValidationError, from_unix_secs},
+};
 
 use capybara_common::{counters::Counter, drop::DropReason, peer::PeerStats};
 use capybara_proto::v1 as pb;
@@ -61,6 +73,82 @@ pub fn peer_stats_to_proto(s: &PeerStats) -> pb::PeerStats {
         })),
         drops,
     }
+}
+
+pub(super) fn opt_secs(v: Option<u64>) -> i64 {
+    v.map_or(0, |s| s as i64)
+}
+
+pub(super) fn secs_opt(v: i64) -> Option<u64> {
+    (v > 0).then_some(v as u64)
+}
+
+/// A future timestamp in seconds (0 = none) from field `field`.
+pub(super) fn time_field(
+    field: &'static str,
+    v: i64,
+) -> Result<Option<SystemTime>, ValidationError> {
+    match v {
+        0 => Ok(None),
+        v if v < 0 => Err(ValidationError::Time {
+            field,
+            reason: "must be seconds since the Unix epoch",
+        }),
+        v => Ok(Some(from_unix_secs(v as u64))),
+    }
+}
+
+/// The device in `field`; empty = `None`.
+pub fn opt_device(field: &'static str, s: &str) -> Result<Option<DeviceName>, ValidationError> {
+    (!s.is_empty())
+        .then(|| DeviceName::parse(field, s))
+        .transpose()
+}
+
+/// The user in `field`; empty = `None`.
+pub fn opt_user(field: &'static str, s: &str) -> Result<Option<UserName>, ValidationError> {
+    (!s.is_empty())
+        .then(|| UserName::parse(field, s))
+        .transpose()
+}
+
+pub(super) fn traffic_to_proto(t: Traffic) -> pb::Counter {
+    pb::Counter {
+        packets: t.packets,
+        bytes: t.bytes,
+    }
+}
+
+pub(super) fn traffic_from_proto(c: Option<pb::Counter>) -> Traffic {
+    c.map(|c| Traffic {
+        packets: c.packets,
+        bytes: c.bytes,
+    })
+    .unwrap_or_default()
+}
+
+/// An answer from the agent that does not make a domain value (a bug or a version skew).
+#[derive(Debug, thiserror::Error)]
+pub enum AnswerError {
+    /// A field failed validation.
+    #[error("answer field {0}")]
+    Field(#[from] ValidationError),
+    /// A message field is missing.
+    #[error("answer field {field} is missing")]
+    Missing {
+        /// The field.
+        field: &'static str,
+    },
+    /// An address or enum field does not parse.
+    #[error("answer field {field} is not valid")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+    },
+}
+
+pub(super) fn need<T>(field: &'static str, v: Option<T>) -> Result<T, AnswerError> {
+    v.ok_or(AnswerError::Missing { field })
 }
 
 #[cfg(test)]

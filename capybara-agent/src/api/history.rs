@@ -1,90 +1,31 @@
-//! The `History` and `Backup` services, their client calls and proto ↔ domain conversions.
+//! The `History` service (sessions, auth attempts, retention), its client calls and proto ↔
+//! domain conversions.
 //!
 //! | RPC | scope | input checked |
 //! |---|---|---|
 //! | `ListSessions` | read | `user` (a user name), `ip` (a CIDR or address) |
 //! | `ClearHistory` | admin | `older_than_secs` > 0 |
-//! | `CreateBackup` | admin (the backup holds token hashes) | — |
 //!
 //! Bad input is `INVALID_ARGUMENT` naming the field, before the service is called: nothing
 //! changes. The audit trail (`history audit`) is the `Audit` service.
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
-use capybara_proto::v1::{
-    self as pb,
-    backup_client::BackupClient,
-    backup_server::{Backup, BackupServer},
-    history_client::HistoryClient,
-    history_server::{History, HistoryServer},
-};
-use tonic::{Request, Response, Status, transport::server::Router};
+use capybara_proto::v1::{self as pb, history_client::HistoryClient, history_server::History};
+use tonic::{Request, Response, Status};
 
 use super::{
     client::{Client, ClientError},
-    domain::{AnswerError, cidrs, opt_user},
-    server::{Api, invalid},
+    convert::{AnswerError, opt_user, traffic_from_proto, traffic_to_proto},
+    handler::Api,
+    lists::cidrs,
+    status::invalid,
 };
 use crate::service::{
-    AuthAttempt, EndReason, HistoryPage, HistoryQuery, Pruned, Service, Session, Traffic,
+    AuthAttempt, EndReason, HistoryPage, HistoryQuery, Pruned, Session,
     domain::{PublicKey, Scope, ValidationError},
-    health::HEALTH_INTERVAL,
     history::{Counters, EndpointSeen},
 };
-
-/// Marks the services serving in the health service, and publishes the components' health
-/// (`capybara.store`, `capybara.dataplane`, `capybara.tunnel`; `""` serving only when all are)
-/// now and every `HEALTH_INTERVAL` while the service lives (the task holds it only weakly).
-pub(super) async fn set_serving(
-    reporter: &tonic_health::server::HealthReporter,
-    svc: &Arc<Service>,
-) {
-    reporter.set_serving::<HistoryServer<Api>>().await;
-    reporter.set_serving::<BackupServer<Api>>().await;
-    publish_health(reporter, svc.clone()).await;
-    let (reporter, weak) = (reporter.clone(), Arc::downgrade(svc));
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(HEALTH_INTERVAL);
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            let Some(svc) = weak.upgrade() else { break };
-            publish_health(&reporter, svc).await;
-        }
-    });
-}
-
-async fn publish_health(reporter: &tonic_health::server::HealthReporter, svc: Arc<Service>) {
-    use tonic_health::ServingStatus;
-    let Ok(components) = tokio::task::spawn_blocking(move || svc.health.check()).await else {
-        return;
-    };
-    let status = |ok| {
-        if ok {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
-        }
-    };
-    for c in &components {
-        if !c.ok {
-            tracing::warn!(component = %c.name, detail = %c.detail, "unhealthy");
-        }
-        reporter
-            .set_service_status(format!("capybara.{}", c.name), status(c.ok))
-            .await;
-    }
-    reporter
-        .set_service_status("", status(components.iter().all(|c| c.ok)))
-        .await;
-}
-
-/// Adds the services to a router.
-pub(super) fn add_services(router: Router, api: Api) -> Router {
-    router
-        .add_service(HistoryServer::new(api.clone()))
-        .add_service(BackupServer::new(api))
-}
 
 fn reason_to_proto(r: Option<EndReason>) -> pb::EndReason {
     match r {
@@ -110,21 +51,6 @@ fn reason_from_proto(v: i32) -> Result<Option<EndReason>, AnswerError> {
     )
 }
 
-fn counter(t: Traffic) -> pb::Counter {
-    pb::Counter {
-        packets: t.packets,
-        bytes: t.bytes,
-    }
-}
-
-fn traffic(c: Option<pb::Counter>) -> Traffic {
-    let c = c.unwrap_or_default();
-    Traffic {
-        packets: c.packets,
-        bytes: c.bytes,
-    }
-}
-
 impl From<&Session> for pb::Session {
     fn from(s: &Session) -> pb::Session {
         pb::Session {
@@ -144,8 +70,8 @@ impl From<&Session> for pb::Session {
                     endpoint: e.endpoint.to_string(),
                 })
                 .collect(),
-            rx: Some(counter(s.traffic.rx)),
-            tx: Some(counter(s.traffic.tx)),
+            rx: Some(traffic_to_proto(s.traffic.rx)),
+            tx: Some(traffic_to_proto(s.traffic.tx)),
             reason: reason_to_proto(s.reason) as i32,
             public_key: s.public_key.to_string(),
         }
@@ -176,8 +102,8 @@ impl TryFrom<pb::Session> for Session {
                 })
                 .collect::<Result<_, AnswerError>>()?,
             traffic: Counters {
-                rx: traffic(s.rx),
-                tx: traffic(s.tx),
+                rx: traffic_from_proto(s.rx),
+                tx: traffic_from_proto(s.tx),
             },
             reason: reason_from_proto(s.reason)?,
             id: s.id,
@@ -265,21 +191,6 @@ impl History for Api {
     }
 }
 
-#[tonic::async_trait]
-impl Backup for Api {
-    async fn create_backup(
-        &self,
-        req: Request<pb::CreateBackupRequest>,
-    ) -> Result<Response<pb::CreateBackupResponse>, Status> {
-        self.auth(&req, Scope::Admin)?;
-        let (data, records) = self.call(|s| s.backup.create()).await?;
-        Ok(Response::new(pb::CreateBackupResponse {
-            data,
-            records: records.into_iter().collect(),
-        }))
-    }
-}
-
 impl Client {
     /// Sessions (and auth attempts) matching the filters; empty strings and 0 mean "any".
     pub async fn history(
@@ -323,20 +234,12 @@ impl Client {
             auth_attempts: r.auth_attempts_removed,
         })
     }
-
-    /// A backup file of the agent's store, and its records per family.
-    pub async fn create_backup(&self) -> Result<(Vec<u8>, BTreeMap<String, u64>), ClientError> {
-        let r = BackupClient::new(self.channel.clone())
-            .create_backup(self.req(pb::CreateBackupRequest {}))
-            .await?
-            .into_inner();
-        Ok((r.data, r.records.into_iter().collect()))
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::service::Traffic;
 
     fn req(user: &str, ip: &str) -> pb::ListSessionsRequest {
         pb::ListSessionsRequest {

@@ -1,21 +1,43 @@
 //! The API layer: the only code that knows protobuf/tonic. Conversions between `capybara_proto`
 //! and domain types live here (`From`/`TryFrom`), so the service layer speaks domain types only.
+//! One file per feature holds its gRPC services, its conversions and its client calls, like the
+//! service layer's features:
 //!
-//! - [`server`]: the gRPC services, authentication by peer credentials or bearer token, the
-//!   health and reflection services, and `run(listeners, shutdown)`.
-//! - [`client`]: the client the `capybara` CLI uses, answering in domain types.
-//! - [`history`]: the History and Backup services, their client calls and conversions.
-//! - [`policy`]: the `Policy` service (groups, quotas, limits, explain) and its client calls.
-//! - [`templates`]: the `Templates` service (quota and configuration templates).
-//! - `convert` (kernel types) and `domain` (control API types): the conversions.
+//! | file | services |
+//! |---|---|
+//! | [`users`] | `Users`, `Peers` |
+//! | [`tokens`] | `Tokens` |
+//! | [`monitor`] | `Stats`, `Connections` |
+//! | [`audit`] | `Audit` |
+//! | [`lists`], [`geo`] | `Blocklists`; `Geo` |
+//! | [`policy`], [`templates`] | `Policy`; `Templates` |
+//! | [`history`], [`backup`] | `History`; `Backup` |
+//! | [`health`] | the components' health in `grpc.health.v1` |
+//!
+//! Beside them: [`server`] (who may call what, the router, the listeners, `run(listeners,
+//! shutdown)`), [`handler`] (the [`handler::Api`] type every service is implemented on: auth and
+//! the blocking call), [`status`] (service errors as gRPC codes), [`convert`] (the conversions
+//! the features share) and [`client`] (the connection the `capybara` CLI uses).
 
+pub mod audit;
+pub mod backup;
 pub mod client;
-mod convert;
-pub mod domain;
+pub mod convert;
+pub mod geo;
+pub mod handler;
+pub mod health;
 pub mod history;
+pub mod lists;
+pub mod monitor;
 pub mod policy;
 pub mod server;
+pub mod status;
 pub mod templates;
+pub mod tokens;
+pub mod users;
+
+#[cfg(test)]
+mod tests;
 
 pub use convert::{
     ConvertError, counter_to_proto, drop_reason_from_proto, drop_reason_to_proto,

@@ -14,8 +14,9 @@ use tonic::{Request, Response, Status};
 
 use super::{
     client::{Client, ClientError},
-    domain::{AnswerError, opt_user},
-    server::{Api, invalid},
+    convert::{AnswerError, opt_user},
+    handler::Api,
+    status::invalid,
 };
 use crate::service::{
     domain::{Scope, UserName, ValidationError},

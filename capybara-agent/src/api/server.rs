@@ -18,10 +18,11 @@
 //! | write | `AddUser`, `RemoveUser`, `UserConfig`, `AddPeer`, `RemovePeer`, `Kick`, `AddEntries`, `RemoveEntries`, `DeleteBlocklist`, `SetGeo` |
 //! | admin | `CreateToken`, `ListTokens`, `RevokeToken`, `ClearHistory`, `CreateBackup` |
 //!
-//! The `Policy` service's scopes are listed in [`super::policy`].
+//! The `Policy` service's scopes are listed in [`super::policy`], those of `History` and `Backup` in [`super::history`] and
+//! [`super::backup`].
 //!
 //! ## Errors
-//! Each `ServiceError` variant maps to one code ([`status_of`]): invalid input is
+//! Each `ServiceError` variant maps to one code ([`super::status::status_of`]): invalid input is
 //! `INVALID_ARGUMENT` with the field first in the message (`name: invalid name …`) and nothing
 //! changed; `NOT_FOUND`, `ALREADY_EXISTS`, `FAILED_PRECONDITION` (key not kept, token already
 //! revoked), `RESOURCE_EXHAUSTED` (address pool, peer ids); store, dataplane and tunnel
@@ -33,28 +34,15 @@
 use std::{future::Future, path::Path, sync::Arc};
 
 use capybara_proto::v1::{
-    self as pb,
-    audit_server::{Audit, AuditServer},
-    blocklists_server::{Blocklists, BlocklistsServer},
-    connections_server::{Connections, ConnectionsServer},
-    geo_server::{Geo, GeoServer},
-    peers_server::{Peers, PeersServer},
-    stats_server::{Stats, StatsServer},
-    tokens_server::{Tokens, TokensServer},
-    users_server::{Users, UsersServer},
+    audit_server::AuditServer, backup_server::BackupServer, blocklists_server::BlocklistsServer,
+    connections_server::ConnectionsServer, geo_server::GeoServer, history_server::HistoryServer,
+    peers_server::PeersServer, policy_server::PolicyServer, stats_server::StatsServer,
+    templates_server::TemplatesServer, tokens_server::TokensServer, users_server::UsersServer,
 };
-use tonic::{
-    Request, Response, Status,
-    metadata::MetadataMap,
-    transport::server::{Router, UdsConnectInfo},
-};
+use tonic::{Request, transport::server::Router};
 
-use super::domain::{cidrs, direction_from_proto, list_name, opt_device, opt_user};
-use crate::service::{
-    AuthError, EntriesOp, NewToken, NewUser, Service, ServiceError,
-    domain::{Actor, DeviceName, Scope, TokenId, UserName, ValidationError},
-    geo::GeoPolicy,
-};
+use super::handler::{Api, authorize};
+use crate::service::{Service, domain::Scope};
 
 /// Errors starting the API.
 #[derive(Debug, thiserror::Error)]
@@ -110,447 +98,6 @@ impl TlsIdentity {
             read("certificate", cert)?,
             read("key", key)?,
         ))
-    }
-}
-
-/// The gRPC status of a service error.
-pub fn status_of(e: ServiceError) -> Status {
-    match &e {
-        ServiceError::Invalid(v) => Status::invalid_argument(v.to_string()),
-        ServiceError::DeviceRequired { .. } => Status::invalid_argument(e.to_string()),
-        ServiceError::NotFound { .. } => Status::not_found(e.to_string()),
-        ServiceError::AlreadyExists { .. } => Status::already_exists(e.to_string()),
-        ServiceError::KeyNotKept { .. }
-        | ServiceError::AlreadyRevoked { .. }
-        | ServiceError::InUse { .. }
-        | ServiceError::NoGeoDb => Status::failed_precondition(e.to_string()),
-        ServiceError::Exhausted { .. } => Status::resource_exhausted(e.to_string()),
-        ServiceError::Store(_)
-        | ServiceError::Dataplane(_)
-        | ServiceError::Tunnel(_)
-        | ServiceError::Secret(_) => {
-            tracing::error!(error = %ErrorChain(&e), "API call failed");
-            Status::internal(format!("{e}; see the agent's log"))
-        }
-    }
-}
-
-/// The gRPC status of an authentication failure.
-pub fn auth_status(e: &AuthError) -> Status {
-    match e {
-        AuthError::Scope { .. } => Status::permission_denied(e.to_string()),
-        AuthError::Store(source) => {
-            tracing::error!(error = %ErrorChain(source.as_ref()), "token lookup failed");
-            Status::unavailable(e.to_string())
-        }
-        AuthError::Missing
-        | AuthError::Invalid
-        | AuthError::Expired
-        | AuthError::Revoked
-        | AuthError::LocalUid { .. } => Status::unauthenticated(e.to_string()),
-    }
-}
-
-pub(super) fn invalid(e: ValidationError) -> Status {
-    status_of(ServiceError::Invalid(e))
-}
-
-/// Displays an error with its sources.
-struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut s = self.0.source();
-        while let Some(e) = s {
-            write!(f, ": {e}")?;
-            s = e.source();
-        }
-        Ok(())
-    }
-}
-
-/// Who is calling, and may they do what needs `need`?
-fn authorize(
-    svc: &Service,
-    metadata: &MetadataMap,
-    extensions: &tonic::Extensions,
-    need: Scope,
-) -> Result<Actor, Status> {
-    let actor = if let Some(uds) = extensions.get::<UdsConnectInfo>() {
-        match uds.peer_cred.map(|c| c.uid()) {
-            Some(0) => Actor::Local { uid: 0 },
-            Some(uid) => return Err(auth_status(&AuthError::LocalUid { uid })),
-            None => return Err(auth_status(&AuthError::Missing)),
-        }
-    } else {
-        let header = metadata
-            .get("authorization")
-            .ok_or(AuthError::Missing)
-            .map_err(|e| auth_status(&e))?;
-        let bearer = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or(AuthError::Invalid)
-            .map_err(|e| auth_status(&e))?;
-        svc.tokens
-            .authenticate(bearer.trim())
-            .map_err(|e| auth_status(&e))?
-    };
-    let have = actor.scope();
-    if !have.allows(need) {
-        return Err(auth_status(&AuthError::Scope { have, need }));
-    }
-    Ok(actor)
-}
-
-/// The implementation of every `capybara.v1` service.
-#[derive(Clone, Debug)]
-pub struct Api {
-    svc: Arc<Service>,
-}
-
-impl Api {
-    /// The API over `svc`.
-    pub fn new(svc: Arc<Service>) -> Api {
-        Api { svc }
-    }
-
-    pub(super) fn auth<T>(&self, req: &Request<T>, need: Scope) -> Result<Actor, Status> {
-        authorize(&self.svc, req.metadata(), req.extensions(), need)
-    }
-
-    /// Runs `f` on the blocking pool and waits until what it wrote is on disk (the reply is
-    /// the acknowledgement).
-    pub(super) async fn call<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Service) -> Result<R, ServiceError> + Send + 'static,
-    ) -> Result<R, Status> {
-        let svc = self.svc.clone();
-        tokio::task::spawn_blocking(move || {
-            let r = f(&svc)?;
-            svc.settle()?;
-            Ok(r)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("call aborted: {e}")))?
-        .map_err(status_of)
-    }
-}
-
-#[tonic::async_trait]
-impl Users for Api {
-    async fn add_user(
-        &self,
-        req: Request<pb::AddUserRequest>,
-    ) -> Result<Response<pb::AddUserResponse>, Status> {
-        let actor = self.auth(&req, Scope::Write)?;
-        let new = NewUser::try_from(req.into_inner()).map_err(invalid)?;
-        let (user, cfg) = self.call(move |s| s.users.add_user(&actor, new)).await?;
-        Ok(Response::new(pb::AddUserResponse {
-            user: Some((&user).into()),
-            config: Some((&cfg).into()),
-        }))
-    }
-
-    async fn list_users(
-        &self,
-        req: Request<pb::ListUsersRequest>,
-    ) -> Result<Response<pb::ListUsersResponse>, Status> {
-        self.auth(&req, Scope::Read)?;
-        let users = self.call(|s| s.users.list_users()).await?;
-        Ok(Response::new(pb::ListUsersResponse {
-            users: users.iter().map(Into::into).collect(),
-        }))
-    }
-
-    async fn get_user(
-        &self,
-        req: Request<pb::GetUserRequest>,
-    ) -> Result<Response<pb::UserDetail>, Status> {
-        self.auth(&req, Scope::Read)?;
-        let name = UserName::parse("name", &req.get_ref().name).map_err(invalid)?;
-        let d = self.call(move |s| s.users.get_user(&name)).await?;
-        Ok(Response::new((&d).into()))
-    }
-
-    async fn remove_user(
-        &self,
-        req: Request<pb::RemoveUserRequest>,
-    ) -> Result<Response<pb::RemoveUserResponse>, Status> {
-        let actor = self.auth(&req, Scope::Write)?;
-        let name = UserName::parse("name", &req.get_ref().name).map_err(invalid)?;
-        let d = self
-            .call(move |s| s.users.remove_user(&actor, &name))
-            .await?;
-        Ok(Response::new(pb::RemoveUserResponse {
-            removed: Some((&d).into()),
-        }))
-    }
-
-    async fn user_config(
-        &self,
-        req: Request<pb::UserConfigRequest>,
-    ) -> Result<Response<pb::UserConfigResponse>, Status> {
-        let actor = self.auth(&req, Scope::Write)?;
-        let r = req.into_inner();
-        let name = UserName::parse("name", &r.name).map_err(invalid)?;
-        let device = opt_device("device", &r.device).map_err(invalid)?;
-        let cfg = self
-            .call(move |s| {
-                s.devices
-                    .user_config(&actor, &name, device.as_ref(), r.rotate)
-            })
-            .await?;
-        Ok(Response::new(pb::UserConfigResponse {
-            config: Some((&cfg).into()),
-        }))
-    }
-}
-
-#[tonic::async_trait]
-impl Peers for Api {
-    async fn add_peer(
-        &self,
-        req: Request<pb::AddPeerRequest>,
-    ) -> Result<Response<pb::AddPeerResponse>, Status> {
-        let actor = self.auth(&req, Scope::Write)?;
-        let r = req.into_inner();
-        let user = UserName::parse("user", &r.user).map_err(invalid)?;
-        let device = DeviceName::parse("device", &r.device).map_err(invalid)?;
-        let cfg = self
-            .call(move |s| s.devices.add_device(&actor, &user, &device))
-            .await?;
-        Ok(Response::new(pb::AddPeerResponse {
-            config: Some((&cfg).into()),
-        }))
-    }
-
-    async fn list_peers(
-        &self,
-        req: Request<pb::ListPeersRequest>,
-    ) -> Result<Response<pb::ListPeersResponse>, Status> {
-        self.auth(&req, Scope::Read)?;
-        let user = opt_user("user", &req.get_ref().user).map_err(invalid)?;
-        let peers = self
-            .call(move |s| s.devices.list_peers(user.as_ref()))
-            .await?;
-        Ok(Response::new(pb::ListPeersResponse {
-            peers: peers.iter().map(Into::into).collect(),
-        }))
-    }
-
-    async fn remove_peer(
-        &self,
-        req: Request<pb::RemovePeerRequest>,
-    ) -> Result<Response<pb::RemovePeerResponse>, Status> {
-        let actor = self.auth(&req, Scope::Write)?;
-        let r = req.into_inner();
-        let user = UserName::parse("user", &r.user).map_err(invalid)?;
-        let device = DeviceName::parse("device", &r.device).map_err(invalid)?;
-        let p = self
-            .call(move |s| s.devices.remove_device(&actor, &user, &device))
-            .await?;
-        Ok(Response::new(pb::RemovePeerResponse {
-            removed: Some((&p).into()),
-        }))
-    }
-}
-
-#[tonic::async_trait]
-impl Tokens for Api {
-    async fn create_token(
-        &self,
-        req: Request<pb::CreateTokenRequest>,
-    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
-        let actor = self.auth(&req, Scope::Admin)?;
-        let new = NewToken::try_from(req.into_inner()).map_err(invalid)?;
-        let (token, secret) = self
-            .call(move |s| s.tokens.create_token(&actor, new))
-            .await?;
-        Ok(Response::new(pb::CreateTokenResponse {
-            token: Some((&token).into()),
-            secret,
-        }))
-    }
-
-    async fn list_tokens(
-        &self,
-        req: Request<pb::ListTokensRequest>,
-    ) -> Result<Response<pb::ListTokensResponse>, Status> {
-        self.auth(&req, Scope::Admin)?;
-        let tokens = self.call(|s| s.tokens.list_tokens()).await?;
-        Ok(Response::new(pb::ListTokensResponse {
-            tokens: tokens.iter().map(Into::into).collect(),
-        }))
-    }
-
-    async fn revoke_token(
-        &self,
-        req: Request<pb::RevokeTokenRequest>,
-    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
-        let actor = self.auth(&req, Scope::Admin)?;
-        let id = TokenId::parse("id", &req.get_ref().id).map_err(invalid)?;
-        let t = self
-            .call(move |s| s.tokens.revoke_token(&actor, &id))
-            .await?;
-        Ok(Response::new(pb::RevokeTokenResponse {
-            token: Some((&t).into()),
-        }))
-    }
-}
-
-#[tonic::async_trait]
-impl Stats for Api {
-    async fn get_stats(
-        &self,
-        req: Request<pb::GetStatsRequest>,
-    ) -> Result<Response<pb::GetStatsResponse>, Status> {
-        self.auth(&req, Scope::Read)?;
-        let user = opt_user("user", &req.get_ref().user).map_err(invalid)?;
-        let st = self.call(move |s| s.monitor.stats(user.as_ref())).await?;
-        Ok(Response::new((&st).into()))
-    }
-}
-
-#[tonic::async_trait]
-impl Connections for Api {
-    async fn list_connections(
-        &self,
-        req: Request<pb::ListConnectionsRequest>,
-    ) -> Result<Response<pb::ListConnectionsResponse>, Status> {
-        self.auth(&req, Scope::Read)?;
-        let c = self.call(|s| s.monitor.connections()).await?;
-        Ok(Response::new(pb::ListConnectionsResponse {
-            connections: c.iter().map(Into::into).collect(),
-        }))
-    }
-
-    async fn kick(
-        &self,
-        req: Request<pb::KickRequest>,
-    ) -> Result<Response<pb::KickResponse>, Status> {
-        let actor = self.auth(&req, Scope::Write)?;
-        let user = UserName::parse("user", &req.get_ref().user).map_err(invalid)?;
-        let peers = self.call(move |s| s.monitor.kick(&actor, &user)).await?;
-        Ok(Response::new(pb::KickResponse {
-            kicked: peers.iter().map(Into::into).collect(),
-        }))
-    }
-}
-
-#[tonic::async_trait]
-impl Audit for Api {
-    async fn list_audit(
-        &self,
-        req: Request<pb::ListAuditRequest>,
-    ) -> Result<Response<pb::ListAuditResponse>, Status> {
-        self.auth(&req, Scope::Read)?;
-        let user = opt_user("user", &req.get_ref().user).map_err(invalid)?;
-        let limit = match req.get_ref().limit {
-            0 => 100,
-            n => n as usize,
-        };
-        let recs = self
-            .call(move |s| s.core.audit_records(user.as_ref(), limit))
-            .await?;
-        Ok(Response::new(pb::ListAuditResponse {
-            records: recs.iter().map(Into::into).collect(),
-        }))
-    }
-}
-
-#[tonic::async_trait]
-impl Blocklists for Api {
-    async fn list_blocklists(
-        &self,
-        req: Request<pb::ListBlocklistsRequest>,
-    ) -> Result<Response<pb::ListBlocklistsResponse>, Status> {
-        self.auth(&req, Scope::Read)?;
-        let lists = self.call(|s| s.lists.blocklists()).await?;
-        Ok(Response::new(pb::ListBlocklistsResponse {
-            lists: lists.iter().map(Into::into).collect(),
-        }))
-    }
-
-    async fn get_blocklist(
-        &self,
-        req: Request<pb::GetBlocklistRequest>,
-    ) -> Result<Response<pb::Blocklist>, Status> {
-        self.auth(&req, Scope::Read)?;
-        let r = req.into_inner();
-        let dir = direction_from_proto("direction", r.direction).map_err(invalid)?;
-        let name = list_name("name", &r.name).map_err(invalid)?;
-        let l = self.call(move |s| s.lists.blocklist(dir, &name)).await?;
-        Ok(Response::new((&l).into()))
-    }
-
-    async fn add_entries(
-        &self,
-        req: Request<pb::ChangeEntriesRequest>,
-    ) -> Result<Response<pb::Blocklist>, Status> {
-        self.change(req, EntriesOp::Add).await
-    }
-
-    async fn remove_entries(
-        &self,
-        req: Request<pb::ChangeEntriesRequest>,
-    ) -> Result<Response<pb::Blocklist>, Status> {
-        self.change(req, EntriesOp::Remove).await
-    }
-
-    async fn delete_blocklist(
-        &self,
-        req: Request<pb::GetBlocklistRequest>,
-    ) -> Result<Response<pb::DeleteBlocklistResponse>, Status> {
-        let actor = self.auth(&req, Scope::Write)?;
-        let r = req.into_inner();
-        let dir = direction_from_proto("direction", r.direction).map_err(invalid)?;
-        let name = list_name("name", &r.name).map_err(invalid)?;
-        self.call(move |s| s.lists.delete_blocklist(&actor, dir, &name))
-            .await?;
-        Ok(Response::new(pb::DeleteBlocklistResponse {}))
-    }
-}
-
-#[tonic::async_trait]
-impl Geo for Api {
-    async fn get_geo(
-        &self,
-        req: Request<pb::GetGeoRequest>,
-    ) -> Result<Response<pb::GeoStatus>, Status> {
-        self.auth(&req, Scope::Read)?;
-        let g = self.call(|s| s.geo.status()).await?;
-        Ok(Response::new((&g).into()))
-    }
-
-    async fn set_geo(
-        &self,
-        req: Request<pb::SetGeoRequest>,
-    ) -> Result<Response<pb::GeoStatus>, Status> {
-        let actor = self.auth(&req, Scope::Write)?;
-        let policy = GeoPolicy::try_from(req.into_inner()).map_err(invalid)?;
-        let g = self.call(move |s| s.geo.set(&actor, &policy)).await?;
-        Ok(Response::new((&g).into()))
-    }
-}
-
-impl Api {
-    async fn change(
-        &self,
-        req: Request<pb::ChangeEntriesRequest>,
-        op: EntriesOp,
-    ) -> Result<Response<pb::Blocklist>, Status> {
-        let actor = self.auth(&req, Scope::Write)?;
-        let r = req.into_inner();
-        let dir = direction_from_proto("direction", r.direction).map_err(invalid)?;
-        let name = list_name("name", &r.name).map_err(invalid)?;
-        let entries = cidrs("cidrs", &r.cidrs).map_err(invalid)?;
-        let l = self
-            .call(move |s| s.lists.change_entries(&actor, dir, &name, op, &entries))
-            .await?;
-        Ok(Response::new((&l).into()))
     }
 }
 
@@ -611,13 +158,11 @@ async fn router(svc: &Arc<Service>, tls: Option<&TlsIdentity>) -> Result<Router,
     reporter.set_serving::<AuditServer<Api>>().await;
     reporter.set_serving::<BlocklistsServer<Api>>().await;
     reporter.set_serving::<GeoServer<Api>>().await;
-    super::history::set_serving(&reporter, svc).await;
-    reporter
-        .set_serving::<pb::policy_server::PolicyServer<Api>>()
-        .await;
-    reporter
-        .set_serving::<pb::templates_server::TemplatesServer<Api>>()
-        .await;
+    reporter.set_serving::<HistoryServer<Api>>().await;
+    reporter.set_serving::<BackupServer<Api>>().await;
+    reporter.set_serving::<PolicyServer<Api>>().await;
+    reporter.set_serving::<TemplatesServer<Api>>().await;
+    super::health::publish(&reporter, svc).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(capybara_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -649,10 +194,12 @@ async fn router(svc: &Arc<Service>, tls: Option<&TlsIdentity>) -> Result<Router,
         .add_service(ConnectionsServer::new(api.clone()))
         .add_service(AuditServer::new(api.clone()))
         .add_service(BlocklistsServer::new(api.clone()))
-        .add_service(pb::policy_server::PolicyServer::new(api.clone()))
-        .add_service(pb::templates_server::TemplatesServer::new(api.clone()))
-        .add_service(GeoServer::new(api.clone()));
-    Ok(super::history::add_services(server, api))
+        .add_service(PolicyServer::new(api.clone()))
+        .add_service(TemplatesServer::new(api.clone()))
+        .add_service(GeoServer::new(api.clone()))
+        .add_service(HistoryServer::new(api.clone()))
+        .add_service(BackupServer::new(api));
+    Ok(server)
 }
 
 /// Serves the API on `listeners` until `shutdown` resolves, then lets in-flight calls finish.

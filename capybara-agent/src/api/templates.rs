@@ -14,9 +14,11 @@ use tonic::{Request, Response, Status};
 
 use super::{
     client::{Client, ClientError},
-    domain::{AnswerError, list_name},
+    convert::AnswerError,
+    handler::Api,
+    lists::list_name,
     policy::{limits_from_proto, limits_to_proto},
-    server::{Api, invalid},
+    status::invalid,
 };
 use crate::service::{
     domain::{Scope, UserName, ValidationError},

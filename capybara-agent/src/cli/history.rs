@@ -251,7 +251,7 @@ pub(super) async fn history(cli: &Cli, cmd: &HistoryCmd) -> Result<(), CliError>
             Ok(())
         }
         HistoryCmd::Search { ip, limit } => {
-            crate::api::domain::cidrs("ip", std::slice::from_ref(ip))?;
+            crate::api::lists::cidrs("ip", std::slice::from_ref(ip))?;
             let page = connect(cli).await?.history("", ip, *limit, true).await?;
             if cli.json {
                 print_json(&page);

@@ -783,8 +783,8 @@ async fn blocklist(cli: &Cli, cmd: &BlocklistCmd) -> Result<(), CliError> {
             direction,
         } => {
             let add = matches!(cmd, BlocklistCmd::Add { .. });
-            crate::api::domain::cidrs("cidrs", cidrs)?;
-            crate::api::domain::list_name("name", name)?;
+            crate::api::lists::cidrs("cidrs", cidrs)?;
+            crate::api::lists::list_name("name", name)?;
             let l = connect(cli)
                 .await?
                 .change_entries((*direction).into(), name, cidrs.clone(), add)
@@ -797,7 +797,7 @@ async fn blocklist(cli: &Cli, cmd: &BlocklistCmd) -> Result<(), CliError> {
             Ok(())
         }
         BlocklistCmd::Delete { name, direction } => {
-            crate::api::domain::list_name("name", name)?;
+            crate::api::lists::list_name("name", name)?;
             connect(cli)
                 .await?
                 .delete_blocklist((*direction).into(), name)

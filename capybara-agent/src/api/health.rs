@@ -1,0 +1,65 @@
+//! Health: the standard `grpc.health.v1` service reports every `capybara.v1` service serving
+//! and each component of the agent (`service::health`) as `capybara.<component>`, refreshed
+//! every `HEALTH_INTERVAL`; and the client call that asks it.
+
+use std::sync::Arc;
+
+use super::client::{Client, ClientError};
+use crate::service::{Service, health::HEALTH_INTERVAL};
+
+/// Publishes the components' health (`capybara.store`, `capybara.dataplane`, `capybara.tunnel`; `""` serving only when all are)
+/// now and every `HEALTH_INTERVAL` while the service lives (the task holds it only weakly).
+pub(super) async fn publish(reporter: &tonic_health::server::HealthReporter, svc: &Arc<Service>) {
+    publish_health(reporter, svc.clone()).await;
+    let (reporter, weak) = (reporter.clone(), Arc::downgrade(svc));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(HEALTH_INTERVAL);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(svc) = weak.upgrade() else { break };
+            publish_health(&reporter, svc).await;
+        }
+    });
+}
+
+async fn publish_health(reporter: &tonic_health::server::HealthReporter, svc: Arc<Service>) {
+    use tonic_health::ServingStatus;
+    let Ok(components) = tokio::task::spawn_blocking(move || svc.health.check()).await else {
+        return;
+    };
+    let status = |ok| {
+        if ok {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        }
+    };
+    for c in &components {
+        if !c.ok {
+            tracing::warn!(component = %c.name, detail = %c.detail, "unhealthy");
+        }
+        reporter
+            .set_service_status(format!("capybara.{}", c.name), status(c.ok))
+            .await;
+    }
+    reporter
+        .set_service_status("", status(components.iter().all(|c| c.ok)))
+        .await;
+}
+
+impl Client {
+    /// The standard health check of `service` (`""` = the whole agent): `true` when serving.
+    pub async fn health(&self, service: &str) -> Result<bool, ClientError> {
+        use tonic_health::pb::{
+            HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+        };
+        let r = HealthClient::new(self.channel.clone())
+            .check(self.req(HealthCheckRequest {
+                service: service.into(),
+            }))
+            .await?
+            .into_inner();
+        Ok(r.status == ServingStatus::Serving as i32)
+    }
+}

@@ -1,0 +1,218 @@
+//! The `Stats` and `Connections` services (counters from the kernel, live sessions, kick),
+//! their conversions and client calls.
+
+use std::collections::BTreeMap;
+
+use capybara_common::drop::DropReason;
+
+use capybara_proto::v1::{
+    self as pb, connections_client::ConnectionsClient, connections_server::Connections,
+    stats_client::StatsClient, stats_server,
+};
+use tonic::{Request, Response, Status};
+
+use super::{
+    client::{Client, ClientError},
+    convert::{
+        AnswerError, drop_reason_from_proto, drop_reason_to_proto, need, opt_secs, opt_user,
+        secs_opt, traffic_from_proto, traffic_to_proto,
+    },
+    handler::Api,
+    status::invalid,
+};
+use crate::service::{
+    Connection, PeerCounters, PeerStatsView, Stats,
+    domain::{Peer, Scope, UserName},
+};
+
+#[tonic::async_trait]
+impl stats_server::Stats for Api {
+    async fn get_stats(
+        &self,
+        req: Request<pb::GetStatsRequest>,
+    ) -> Result<Response<pb::GetStatsResponse>, Status> {
+        self.auth(&req, Scope::Read)?;
+        let user = opt_user("user", &req.get_ref().user).map_err(invalid)?;
+        let st = self.call(move |s| s.monitor.stats(user.as_ref())).await?;
+        Ok(Response::new((&st).into()))
+    }
+}
+
+#[tonic::async_trait]
+impl Connections for Api {
+    async fn list_connections(
+        &self,
+        req: Request<pb::ListConnectionsRequest>,
+    ) -> Result<Response<pb::ListConnectionsResponse>, Status> {
+        self.auth(&req, Scope::Read)?;
+        let c = self.call(|s| s.monitor.connections()).await?;
+        Ok(Response::new(pb::ListConnectionsResponse {
+            connections: c.iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn kick(
+        &self,
+        req: Request<pb::KickRequest>,
+    ) -> Result<Response<pb::KickResponse>, Status> {
+        let actor = self.auth(&req, Scope::Write)?;
+        let user = UserName::parse("user", &req.get_ref().user).map_err(invalid)?;
+        let peers = self.call(move |s| s.monitor.kick(&actor, &user)).await?;
+        Ok(Response::new(pb::KickResponse {
+            kicked: peers.iter().map(Into::into).collect(),
+        }))
+    }
+}
+
+fn drops_to_proto(drops: &BTreeMap<String, u64>) -> Vec<pb::DropCount> {
+    DropReason::ALL
+        .iter()
+        .filter_map(|r| {
+            drops.get(r.name()).map(|n| pb::DropCount {
+                reason: drop_reason_to_proto(*r) as i32,
+                packets: *n,
+            })
+        })
+        .collect()
+}
+
+impl From<&PeerStatsView> for pb::PeerStats {
+    fn from(s: &PeerStatsView) -> pb::PeerStats {
+        pb::PeerStats {
+            rx: Some(traffic_to_proto(s.rx)),
+            tx: Some(traffic_to_proto(s.tx)),
+            drops: drops_to_proto(&s.drops),
+        }
+    }
+}
+
+impl From<&Stats> for pb::GetStatsResponse {
+    fn from(s: &Stats) -> pb::GetStatsResponse {
+        pb::GetStatsResponse {
+            peers: s
+                .peers
+                .iter()
+                .map(|p| pb::PeerStatsEntry {
+                    peer: Some((&p.peer).into()),
+                    stats: Some((&p.stats).into()),
+                })
+                .collect(),
+            users: s
+                .users
+                .iter()
+                .map(|(u, st)| pb::UserStatsEntry {
+                    user: u.clone(),
+                    stats: Some(st.into()),
+                })
+                .collect(),
+            drops: drops_to_proto(&s.drops),
+        }
+    }
+}
+
+impl From<&Connection> for pb::Connection {
+    fn from(c: &Connection) -> pb::Connection {
+        pb::Connection {
+            peer: Some((&c.peer).into()),
+            endpoint: c.endpoint.clone().unwrap_or_default(),
+            last_handshake: opt_secs(c.last_handshake),
+            rx_bytes: c.rx_bytes,
+            tx_bytes: c.tx_bytes,
+        }
+    }
+}
+
+fn drops_from_proto(v: Vec<pb::DropCount>) -> Result<BTreeMap<String, u64>, AnswerError> {
+    v.into_iter()
+        .map(|d| {
+            drop_reason_from_proto("drops.reason", d.reason)
+                .map(|r| (r.name().to_owned(), d.packets))
+                .map_err(|_| AnswerError::Invalid {
+                    field: "drops.reason",
+                })
+        })
+        .collect()
+}
+
+impl TryFrom<pb::PeerStats> for PeerStatsView {
+    type Error = AnswerError;
+    fn try_from(s: pb::PeerStats) -> Result<PeerStatsView, AnswerError> {
+        Ok(PeerStatsView {
+            rx: traffic_from_proto(s.rx),
+            tx: traffic_from_proto(s.tx),
+            drops: drops_from_proto(s.drops)?,
+        })
+    }
+}
+
+impl TryFrom<pb::GetStatsResponse> for Stats {
+    type Error = AnswerError;
+    fn try_from(s: pb::GetStatsResponse) -> Result<Stats, AnswerError> {
+        Ok(Stats {
+            peers: s
+                .peers
+                .into_iter()
+                .map(|p| {
+                    Ok(PeerCounters {
+                        peer: need("peers.peer", p.peer)?.try_into()?,
+                        stats: need("peers.stats", p.stats)?.try_into()?,
+                    })
+                })
+                .collect::<Result<_, AnswerError>>()?,
+            users: s
+                .users
+                .into_iter()
+                .map(|u| Ok((u.user, need("users.stats", u.stats)?.try_into()?)))
+                .collect::<Result<_, AnswerError>>()?,
+            drops: drops_from_proto(s.drops)?,
+        })
+    }
+}
+
+impl TryFrom<pb::Connection> for Connection {
+    type Error = AnswerError;
+    fn try_from(c: pb::Connection) -> Result<Connection, AnswerError> {
+        Ok(Connection {
+            peer: need("connection.peer", c.peer)?.try_into()?,
+            endpoint: (!c.endpoint.is_empty()).then_some(c.endpoint),
+            last_handshake: secs_opt(c.last_handshake),
+            rx_bytes: c.rx_bytes,
+            tx_bytes: c.tx_bytes,
+        })
+    }
+}
+
+impl Client {
+    /// Counters.
+    pub async fn stats(&self, user: &str) -> Result<Stats, ClientError> {
+        let r = StatsClient::new(self.channel.clone())
+            .get_stats(self.req(pb::GetStatsRequest { user: user.into() }))
+            .await?
+            .into_inner();
+        Ok(r.try_into()?)
+    }
+
+    /// Live connections.
+    pub async fn connections(&self) -> Result<Vec<Connection>, ClientError> {
+        let r = ConnectionsClient::new(self.channel.clone())
+            .list_connections(self.req(pb::ListConnectionsRequest {}))
+            .await?
+            .into_inner();
+        Ok(r.connections
+            .into_iter()
+            .map(TryInto::try_into)
+            .collect::<Result<_, AnswerError>>()?)
+    }
+
+    /// Kicks a user.
+    pub async fn kick(&self, user: &str) -> Result<Vec<Peer>, ClientError> {
+        let r = ConnectionsClient::new(self.channel.clone())
+            .kick(self.req(pb::KickRequest { user: user.into() }))
+            .await?
+            .into_inner();
+        Ok(r.kicked
+            .into_iter()
+            .map(TryInto::try_into)
+            .collect::<Result<_, AnswerError>>()?)
+    }
+}

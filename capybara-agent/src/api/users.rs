@@ -1,0 +1,355 @@
+//! The `Users` and `Peers` services (users and their devices), their proto ↔ domain
+//! conversions and client calls.
+
+use capybara_proto::v1::{
+    self as pb, peers_client::PeersClient, peers_server::Peers, users_client::UsersClient,
+    users_server::Users,
+};
+use tonic::{Request, Response, Status};
+
+use super::{
+    client::{Client, ClientError},
+    convert::{AnswerError, need, opt_device, opt_secs, opt_user, secs_opt, time_field},
+    handler::Api,
+    status::invalid,
+};
+use crate::service::{
+    NewUser,
+    domain::{
+        ClientConfig, DeviceName, Peer, PublicKey, Scope, User, UserDetail, UserName,
+        ValidationError,
+    },
+};
+
+#[tonic::async_trait]
+impl Users for Api {
+    async fn add_user(
+        &self,
+        req: Request<pb::AddUserRequest>,
+    ) -> Result<Response<pb::AddUserResponse>, Status> {
+        let actor = self.auth(&req, Scope::Write)?;
+        let new = NewUser::try_from(req.into_inner()).map_err(invalid)?;
+        let (user, cfg) = self.call(move |s| s.users.add_user(&actor, new)).await?;
+        Ok(Response::new(pb::AddUserResponse {
+            user: Some((&user).into()),
+            config: Some((&cfg).into()),
+        }))
+    }
+
+    async fn list_users(
+        &self,
+        req: Request<pb::ListUsersRequest>,
+    ) -> Result<Response<pb::ListUsersResponse>, Status> {
+        self.auth(&req, Scope::Read)?;
+        let users = self.call(|s| s.users.list_users()).await?;
+        Ok(Response::new(pb::ListUsersResponse {
+            users: users.iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn get_user(
+        &self,
+        req: Request<pb::GetUserRequest>,
+    ) -> Result<Response<pb::UserDetail>, Status> {
+        self.auth(&req, Scope::Read)?;
+        let name = UserName::parse("name", &req.get_ref().name).map_err(invalid)?;
+        let d = self.call(move |s| s.users.get_user(&name)).await?;
+        Ok(Response::new((&d).into()))
+    }
+
+    async fn remove_user(
+        &self,
+        req: Request<pb::RemoveUserRequest>,
+    ) -> Result<Response<pb::RemoveUserResponse>, Status> {
+        let actor = self.auth(&req, Scope::Write)?;
+        let name = UserName::parse("name", &req.get_ref().name).map_err(invalid)?;
+        let d = self
+            .call(move |s| s.users.remove_user(&actor, &name))
+            .await?;
+        Ok(Response::new(pb::RemoveUserResponse {
+            removed: Some((&d).into()),
+        }))
+    }
+
+    async fn user_config(
+        &self,
+        req: Request<pb::UserConfigRequest>,
+    ) -> Result<Response<pb::UserConfigResponse>, Status> {
+        let actor = self.auth(&req, Scope::Write)?;
+        let r = req.into_inner();
+        let name = UserName::parse("name", &r.name).map_err(invalid)?;
+        let device = opt_device("device", &r.device).map_err(invalid)?;
+        let cfg = self
+            .call(move |s| {
+                s.devices
+                    .user_config(&actor, &name, device.as_ref(), r.rotate)
+            })
+            .await?;
+        Ok(Response::new(pb::UserConfigResponse {
+            config: Some((&cfg).into()),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl Peers for Api {
+    async fn add_peer(
+        &self,
+        req: Request<pb::AddPeerRequest>,
+    ) -> Result<Response<pb::AddPeerResponse>, Status> {
+        let actor = self.auth(&req, Scope::Write)?;
+        let r = req.into_inner();
+        let user = UserName::parse("user", &r.user).map_err(invalid)?;
+        let device = DeviceName::parse("device", &r.device).map_err(invalid)?;
+        let cfg = self
+            .call(move |s| s.devices.add_device(&actor, &user, &device))
+            .await?;
+        Ok(Response::new(pb::AddPeerResponse {
+            config: Some((&cfg).into()),
+        }))
+    }
+
+    async fn list_peers(
+        &self,
+        req: Request<pb::ListPeersRequest>,
+    ) -> Result<Response<pb::ListPeersResponse>, Status> {
+        self.auth(&req, Scope::Read)?;
+        let user = opt_user("user", &req.get_ref().user).map_err(invalid)?;
+        let peers = self
+            .call(move |s| s.devices.list_peers(user.as_ref()))
+            .await?;
+        Ok(Response::new(pb::ListPeersResponse {
+            peers: peers.iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn remove_peer(
+        &self,
+        req: Request<pb::RemovePeerRequest>,
+    ) -> Result<Response<pb::RemovePeerResponse>, Status> {
+        let actor = self.auth(&req, Scope::Write)?;
+        let r = req.into_inner();
+        let user = UserName::parse("user", &r.user).map_err(invalid)?;
+        let device = DeviceName::parse("device", &r.device).map_err(invalid)?;
+        let p = self
+            .call(move |s| s.devices.remove_device(&actor, &user, &device))
+            .await?;
+        Ok(Response::new(pb::RemovePeerResponse {
+            removed: Some((&p).into()),
+        }))
+    }
+}
+
+impl TryFrom<pb::AddUserRequest> for NewUser {
+    type Error = ValidationError;
+    fn try_from(r: pb::AddUserRequest) -> Result<NewUser, ValidationError> {
+        Ok(NewUser {
+            name: UserName::parse("name", &r.name)?,
+            device: opt_device("device", &r.device)?.unwrap_or_else(DeviceName::default_device),
+            expires_at: time_field("expires_at", r.expires_at)?,
+        })
+    }
+}
+
+impl From<&User> for pb::User {
+    fn from(u: &User) -> pb::User {
+        pb::User {
+            name: u.name.to_string(),
+            created_at: u.created_at as i64,
+            expires_at: opt_secs(u.expires_at),
+        }
+    }
+}
+
+impl From<&Peer> for pb::Peer {
+    fn from(p: &Peer) -> pb::Peer {
+        pb::Peer {
+            id: p.id,
+            user: p.user.to_string(),
+            device: p.device.to_string(),
+            public_key: p.public_key.to_string(),
+            ipv4: p.ipv4.to_string(),
+            ipv6: p.ipv6.to_string(),
+            created_at: p.created_at as i64,
+            key_kept: p.key_kept,
+        }
+    }
+}
+
+impl From<&UserDetail> for pb::UserDetail {
+    fn from(d: &UserDetail) -> pb::UserDetail {
+        pb::UserDetail {
+            user: Some((&d.user).into()),
+            peers: d.peers.iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl From<&ClientConfig> for pb::ClientConfig {
+    fn from(c: &ClientConfig) -> pb::ClientConfig {
+        pb::ClientConfig {
+            peer: Some((&c.peer).into()),
+            private_key: c.private_key.clone().unwrap_or_default(),
+            server_public_key: c.server_public_key.to_string(),
+            endpoint: c.endpoint.clone(),
+            dns: c.dns.clone(),
+            wg_quick: c.wg_quick.clone(),
+        }
+    }
+}
+
+impl TryFrom<pb::User> for User {
+    type Error = AnswerError;
+    fn try_from(u: pb::User) -> Result<User, AnswerError> {
+        Ok(User {
+            name: UserName::parse("user.name", &u.name)?,
+            created_at: u.created_at.max(0) as u64,
+            expires_at: secs_opt(u.expires_at),
+        })
+    }
+}
+
+impl TryFrom<pb::Peer> for Peer {
+    type Error = AnswerError;
+    fn try_from(p: pb::Peer) -> Result<Peer, AnswerError> {
+        Ok(Peer {
+            id: p.id,
+            user: UserName::parse("peer.user", &p.user)?,
+            device: DeviceName::parse("peer.device", &p.device)?,
+            public_key: PublicKey::parse("peer.public_key", &p.public_key)?,
+            ipv4: p
+                .ipv4
+                .parse()
+                .map_err(|_| AnswerError::Invalid { field: "peer.ipv4" })?,
+            ipv6: p
+                .ipv6
+                .parse()
+                .map_err(|_| AnswerError::Invalid { field: "peer.ipv6" })?,
+            created_at: p.created_at.max(0) as u64,
+            key_kept: p.key_kept,
+        })
+    }
+}
+
+impl TryFrom<pb::UserDetail> for UserDetail {
+    type Error = AnswerError;
+    fn try_from(d: pb::UserDetail) -> Result<UserDetail, AnswerError> {
+        Ok(UserDetail {
+            user: need("user", d.user)?.try_into()?,
+            peers: d
+                .peers
+                .into_iter()
+                .map(TryInto::try_into)
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+impl TryFrom<pb::ClientConfig> for ClientConfig {
+    type Error = AnswerError;
+    fn try_from(c: pb::ClientConfig) -> Result<ClientConfig, AnswerError> {
+        Ok(ClientConfig {
+            peer: need("config.peer", c.peer)?.try_into()?,
+            private_key: (!c.private_key.is_empty()).then_some(c.private_key),
+            server_public_key: PublicKey::parse("config.server_public_key", &c.server_public_key)?,
+            endpoint: c.endpoint,
+            dns: c.dns,
+            wg_quick: c.wg_quick,
+        })
+    }
+}
+
+impl Client {
+    /// Creates a user with its first device.
+    pub async fn add_user(
+        &self,
+        name: &str,
+        device: &str,
+        expires_at: i64,
+    ) -> Result<(User, ClientConfig), ClientError> {
+        let r = UsersClient::new(self.channel.clone())
+            .add_user(self.req(pb::AddUserRequest {
+                name: name.into(),
+                device: device.into(),
+                expires_at,
+            }))
+            .await?
+            .into_inner();
+        Ok((
+            need("user", r.user)?.try_into()?,
+            need("config", r.config)?.try_into()?,
+        ))
+    }
+
+    /// Every user.
+    pub async fn list_users(&self) -> Result<Vec<UserDetail>, ClientError> {
+        let r = UsersClient::new(self.channel.clone())
+            .list_users(self.req(pb::ListUsersRequest {}))
+            .await?
+            .into_inner();
+        Ok(r.users
+            .into_iter()
+            .map(TryInto::try_into)
+            .collect::<Result<_, AnswerError>>()?)
+    }
+
+    /// One user.
+    pub async fn get_user(&self, name: &str) -> Result<UserDetail, ClientError> {
+        let r = UsersClient::new(self.channel.clone())
+            .get_user(self.req(pb::GetUserRequest { name: name.into() }))
+            .await?
+            .into_inner();
+        Ok(r.try_into()?)
+    }
+
+    /// Removes a user.
+    pub async fn remove_user(&self, name: &str) -> Result<UserDetail, ClientError> {
+        let r = UsersClient::new(self.channel.clone())
+            .remove_user(self.req(pb::RemoveUserRequest { name: name.into() }))
+            .await?
+            .into_inner();
+        Ok(need("removed", r.removed)?.try_into()?)
+    }
+
+    /// A device's config.
+    pub async fn user_config(
+        &self,
+        name: &str,
+        device: &str,
+        rotate: bool,
+    ) -> Result<ClientConfig, ClientError> {
+        let r = UsersClient::new(self.channel.clone())
+            .user_config(self.req(pb::UserConfigRequest {
+                name: name.into(),
+                device: device.into(),
+                rotate,
+            }))
+            .await?
+            .into_inner();
+        Ok(need("config", r.config)?.try_into()?)
+    }
+
+    /// Adds a device.
+    pub async fn add_peer(&self, user: &str, device: &str) -> Result<ClientConfig, ClientError> {
+        let r = PeersClient::new(self.channel.clone())
+            .add_peer(self.req(pb::AddPeerRequest {
+                user: user.into(),
+                device: device.into(),
+            }))
+            .await?
+            .into_inner();
+        Ok(need("config", r.config)?.try_into()?)
+    }
+
+    /// Removes a device.
+    pub async fn remove_peer(&self, user: &str, device: &str) -> Result<Peer, ClientError> {
+        let r = PeersClient::new(self.channel.clone())
+            .remove_peer(self.req(pb::RemovePeerRequest {
+                user: user.into(),
+                device: device.into(),
+            }))
+            .await?
+            .into_inner();
+        Ok(need("removed", r.removed)?.try_into()?)
+    }
+}
