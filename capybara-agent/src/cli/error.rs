@@ -19,7 +19,7 @@ pub(super) enum CliError {
     /// The call failed.
     #[error(transparent)]
     Client(#[from] ClientError),
-    /// A local file could not be written.
+    /// A local file could not be read or written.
     #[error("{path}: {source}")]
     File {
         path: PathBuf,
