@@ -16,7 +16,8 @@
 //! - `run`: network namespace + veth pair, the agent in the foreground, signal forwarding,
 //!   cleanup.
 //! - `bench`: the benchmark binary and its `{"benchmarks":[…]}` JSON.
-//! - `policy`: the declarative policy file through the `capybara` CLI and the gRPC API.
+//! - `policy`: the declarative policy file: builds the `capybara` CLI and hands it its arguments
+//!   (`capybara policy …`, which talks to the gRPC API).
 //! - `exec`: shared plumbing: every external command goes through it, is echoed as
 //!   `$ program args…` before it runs, and gets `PATH` with `<cache>/tools/bin` in front.
 //!   Paths (workspace root, cache dir, target dir) live there too.

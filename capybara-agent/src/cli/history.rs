@@ -1,4 +1,4 @@
-//! `capybara history …` (sessions, auth attempts, the audit trail) and `capybara backup …`.
+//! `capybara history …`: sessions, auth attempts and the audit trail.
 //!
 //! - `history show [USER] [--limit N]`: sessions, newest first.
 //! - `history search --ip CIDR [--limit N]`: sessions with an endpoint or tunnel address in
@@ -9,23 +9,20 @@
 //! - `history clear --older-than 90d`: deletes closed sessions and auth attempts older than
 //!   that (admin).
 //! - `history audit [--user U] [--limit N]`: the audit trail.
-//! - `backup create --output F`: a consistent snapshot of the agent's store (admin).
-//! - `backup restore --input F [--data-dir D]`: replaces the store of a **stopped** agent with
-//!   the backup, offline (see `store::backup`); its next start programs what was restored.
 
-use std::{io::Write as _, path::PathBuf};
+use std::path::PathBuf;
 
 use clap::{Subcommand, ValueEnum};
 
-use super::{Cli, CliError, connect, print_json, table::Table, time};
-use crate::{
-    paths,
-    service::{
-        AuthAttempt, HistoryPage, Session,
-        domain::{UserName, ValidationError, parse_duration},
-    },
+use super::{
+    Cli, CliError, connect,
+    input::opt_user,
+    output::{print_json, time, write_out},
+    table::Table,
 };
+use crate::service::{AuthAttempt, HistoryPage, Session, domain::parse_duration};
 
+/// `capybara history …`.
 #[derive(Debug, Subcommand)]
 pub(super) enum HistoryCmd {
     /// Sessions, newest first.
@@ -81,25 +78,6 @@ pub(super) enum ExportFormat {
     Csv,
     /// The JSON of `--json`.
     Json,
-}
-
-#[derive(Debug, Subcommand)]
-pub(super) enum BackupCmd {
-    /// Write a consistent snapshot of the agent's store to a file.
-    Create {
-        /// The backup file.
-        #[arg(long, value_name = "FILE")]
-        output: PathBuf,
-    },
-    /// Replace a stopped agent's store with a backup (offline).
-    Restore {
-        /// The backup file.
-        #[arg(long, value_name = "FILE")]
-        input: PathBuf,
-        /// The stopped agent's data directory.
-        #[arg(long, default_value = paths::DATA_DIR)]
-        data_dir: PathBuf,
-    },
 }
 
 fn duration_secs(s: u64) -> String {
@@ -161,7 +139,7 @@ fn csv_field(s: &str) -> String {
 }
 
 /// The CSV export: a header and one row per session, then per auth attempt.
-pub(super) fn csv(page: &HistoryPage) -> String {
+fn csv(page: &HistoryPage) -> String {
     let mut out = String::from(
         "kind,id,user,device,start,end,reason,endpoint,endpoints,rx_bytes,rx_packets,tx_bytes,tx_packets,public_key\n",
     );
@@ -216,29 +194,8 @@ pub(super) fn csv(page: &HistoryPage) -> String {
     out
 }
 
-fn write_out(path: Option<&PathBuf>, bytes: &[u8]) -> Result<(), CliError> {
-    match path {
-        Some(p) => std::fs::write(p, bytes).map_err(|source| CliError::File {
-            path: p.clone(),
-            source,
-        }),
-        None => std::io::stdout()
-            .write_all(bytes)
-            .map_err(|source| CliError::File {
-                path: "-".into(),
-                source,
-            }),
-    }
-}
-
-fn opt_user(user: Option<&String>) -> Result<&str, ValidationError> {
-    if let Some(u) = user {
-        UserName::parse("user", u)?;
-    }
-    Ok(user.map_or("", String::as_str))
-}
-
-pub(super) async fn history(cli: &Cli, cmd: &HistoryCmd) -> Result<(), CliError> {
+/// Runs `capybara history …`.
+pub(super) async fn run(cli: &Cli, cmd: &HistoryCmd) -> Result<(), CliError> {
     match cmd {
         HistoryCmd::Show { user, limit } => {
             let user = opt_user(user.as_ref())?;
@@ -323,69 +280,6 @@ pub(super) async fn history(cli: &Cli, cmd: &HistoryCmd) -> Result<(), CliError>
                 ]);
             }
             print!("{t}");
-            Ok(())
-        }
-    }
-}
-
-/// `capybara health`: the agent and each component (`grpc.health.v1`); exit 1 unless all
-/// serve.
-pub(super) async fn health(cli: &Cli) -> Result<(), CliError> {
-    let client = connect(cli).await?;
-    let mut rows = vec![("agent".to_owned(), client.health("").await?)];
-    for c in crate::service::health::COMPONENTS {
-        rows.push((c.to_owned(), client.health(&format!("capybara.{c}")).await?));
-    }
-    if cli.json {
-        let map: std::collections::BTreeMap<&str, bool> =
-            rows.iter().map(|(n, ok)| (n.as_str(), *ok)).collect();
-        print_json(&map);
-    } else {
-        let mut t = Table::new(&["COMPONENT", "STATUS"]);
-        for (n, ok) in &rows {
-            t.row(vec![
-                n.clone(),
-                if *ok { "serving" } else { "not serving" }.into(),
-            ]);
-        }
-        print!("{t}");
-    }
-    match rows.iter().find(|(_, ok)| !ok) {
-        None => Ok(()),
-        Some((n, _)) => Err(CliError::Client(crate::api::client::ClientError::Status(
-            tonic::Status::unavailable(format!("{n} is not serving (the agent's log says why)")),
-        ))),
-    }
-}
-
-pub(super) async fn backup(cli: &Cli, cmd: &BackupCmd) -> Result<(), CliError> {
-    match cmd {
-        BackupCmd::Create { output } => {
-            let (data, records) = connect(cli).await?.create_backup().await?;
-            write_out(Some(output), &data)?;
-            if cli.json {
-                print_json(&records);
-            } else {
-                let total: u64 = records.values().sum();
-                println!("backup written to {} ({total} records)", output.display());
-            }
-            Ok(())
-        }
-        BackupCmd::Restore { input, data_dir } => {
-            let bytes = std::fs::read(input).map_err(|source| CliError::File {
-                path: input.clone(),
-                source,
-            })?;
-            let records = crate::store::backup::restore(data_dir, &bytes)?;
-            if cli.json {
-                print_json(&records);
-            } else {
-                let total: u64 = records.values().sum();
-                println!(
-                    "restored {total} records into {}; start the agent to apply them",
-                    data_dir.display()
-                );
-            }
             Ok(())
         }
     }

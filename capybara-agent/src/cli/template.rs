@@ -1,5 +1,7 @@
-//! `capybara quota template …` (quota templates) and `capybara template …` (configuration
-//! templates). Names, limits and YAML files are validated here with the agent's own parsers
+//! `capybara template save|list|show|apply|export|import|delete`: configuration templates,
+//! named server settings (the default limits, DNS, destination blocklists, listen port,
+//! security, log level); the built-ins `strict`, `open`, `corporate`, `remote-worker` and
+//! `guest` are read-only. Names and YAML files are validated here with the agent's own parsers
 //! (exit 2 naming the field or line) before a connection is made.
 
 use std::path::PathBuf;
@@ -7,63 +9,19 @@ use std::path::PathBuf;
 use clap::Subcommand;
 
 use super::{
-    Cli, CliError, connect,
-    policy::{LimitArgs, limits_line},
-    print_json,
-    table::Table,
+    Cli, CliError, connect, input::read_text, limits::limits_line, output::print_json, table::Table,
 };
 use crate::service::{
-    domain::{UserName, ValidationError},
+    domain::ValidationError,
     templates::{
         ConfigTemplateView,
-        model::{CURRENT, ConfigTemplate, QuotaTemplateView, TemplateName, check_writable},
+        model::{CURRENT, ConfigTemplate, TemplateName, check_writable},
     },
 };
-
-/// `capybara quota template …`.
-#[derive(Debug, Subcommand)]
-pub enum QuotaTemplateCmd {
-    /// Create a quota template (the same limit options as `quota set`).
-    Create {
-        /// The template.
-        name: String,
-        #[command(flatten)]
-        limits: Box<LimitArgs>,
-        /// Replace the limits of an existing template (its users are updated).
-        #[arg(long)]
-        replace: bool,
-    },
-    /// Every quota template with its users.
-    List,
-    /// One quota template.
-    Show {
-        /// The template.
-        name: String,
-    },
-    /// Delete a quota template (refused while users have it: detach them first).
-    Delete {
-        /// The template.
-        name: String,
-    },
-    /// Make the template the users' template layer (a user has at most one).
-    Apply {
-        /// The template.
-        name: String,
-        /// The users.
-        #[arg(required = true)]
-        users: Vec<String>,
-    },
-    /// Detach the users' template (they fall back to their groups and the default).
-    Detach {
-        /// The users.
-        #[arg(required = true)]
-        users: Vec<String>,
-    },
-}
 
 /// `capybara template …`.
 #[derive(Debug, Subcommand)]
-pub enum TemplateCmd {
+pub(super) enum TemplateCmd {
     /// Store the live settings as a template: `template save current NAME`.
     Save {
         /// What to save: `current` (the live settings).
@@ -108,131 +66,6 @@ pub enum TemplateCmd {
         /// The template.
         name: String,
     },
-}
-
-fn users_line(u: &[UserName]) -> String {
-    if u.is_empty() {
-        "-".into()
-    } else {
-        u.iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-}
-
-fn print_quota_template(cli: &Cli, t: &QuotaTemplateView) {
-    if cli.json {
-        print_json(t);
-    } else {
-        println!(
-            "quota template {}: {}; users {}",
-            t.name,
-            limits_line(&t.limits),
-            users_line(&t.users)
-        );
-    }
-}
-
-/// Runs `capybara quota template …`.
-pub async fn quota_template(cli: &Cli, cmd: &QuotaTemplateCmd) -> Result<(), CliError> {
-    let check_users = |users: &[String]| -> Result<(), CliError> {
-        for u in users {
-            UserName::parse("users", u)?;
-        }
-        Ok(())
-    };
-    match cmd {
-        QuotaTemplateCmd::Create {
-            name,
-            limits,
-            replace,
-        } => {
-            TemplateName::parse("name", name)?;
-            let text = limits.text();
-            let patch = text.parse()?;
-            if !patch.clear.is_empty() {
-                return Err(ValidationError::Name {
-                    field: "clear",
-                    value: patch.clear.join(","),
-                    reason: "a template is created whole: leave the field out instead",
-                }
-                .into());
-            }
-            let t = connect(cli)
-                .await?
-                .create_quota_template(name, &text, *replace)
-                .await?;
-            print_quota_template(cli, &t);
-        }
-        QuotaTemplateCmd::List => {
-            let ts = connect(cli).await?.list_quota_templates().await?;
-            if cli.json {
-                print_json(&ts);
-                return Ok(());
-            }
-            let mut t = Table::new(&["TEMPLATE", "LIMITS", "USERS"]);
-            for q in &ts {
-                t.row(vec![
-                    q.name.to_string(),
-                    limits_line(&q.limits),
-                    users_line(&q.users),
-                ]);
-            }
-            print!("{t}");
-        }
-        QuotaTemplateCmd::Show { name } => {
-            TemplateName::parse("name", name)?;
-            let t = connect(cli).await?.get_quota_template(name).await?;
-            if cli.json {
-                print_json(&t);
-                return Ok(());
-            }
-            let mut tab = Table::new(&["FIELD", "VALUE"]);
-            let v = serde_json::to_value(&t.limits).unwrap_or_default();
-            for (k, v) in v.as_object().into_iter().flatten() {
-                tab.row(vec![k.clone(), v.as_str().unwrap_or_default().to_owned()]);
-            }
-            println!(
-                "quota template {} (users {}):",
-                t.name,
-                users_line(&t.users)
-            );
-            print!("{tab}");
-        }
-        QuotaTemplateCmd::Delete { name } => {
-            TemplateName::parse("name", name)?;
-            let t = connect(cli).await?.delete_quota_template(name).await?;
-            if cli.json {
-                print_json(&t);
-            } else {
-                println!("deleted quota template {}", t.name);
-            }
-        }
-        QuotaTemplateCmd::Apply { name, users } => {
-            TemplateName::parse("name", name)?;
-            check_users(users)?;
-            let done = connect(cli)
-                .await?
-                .apply_quota_template(name, users)
-                .await?;
-            if cli.json {
-                print_json(&serde_json::json!({ "template": name, "users": done }));
-            } else {
-                println!("applied quota template {name} to {}", done.join(","));
-            }
-        }
-        QuotaTemplateCmd::Detach { users } => {
-            check_users(users)?;
-            let done = connect(cli).await?.apply_quota_template("", users).await?;
-            if cli.json {
-                print_json(&serde_json::json!({ "template": null, "users": done }));
-            } else {
-                println!("detached the quota template of {}", done.join(","));
-            }
-        }
-    }
-    Ok(())
 }
 
 fn print_config(cli: &Cli, v: &ConfigTemplateView) {
@@ -315,15 +148,8 @@ fn print_config(cli: &Cli, v: &ConfigTemplateView) {
     }
 }
 
-fn read_file(path: &PathBuf) -> Result<String, CliError> {
-    std::fs::read_to_string(path).map_err(|source| CliError::File {
-        path: path.clone(),
-        source,
-    })
-}
-
 /// Runs `capybara template …`.
-pub async fn template(cli: &Cli, cmd: &TemplateCmd) -> Result<(), CliError> {
+pub(super) async fn run(cli: &Cli, cmd: &TemplateCmd) -> Result<(), CliError> {
     match cmd {
         TemplateCmd::Save {
             source,
@@ -380,16 +206,13 @@ pub async fn template(cli: &Cli, cmd: &TemplateCmd) -> Result<(), CliError> {
             let yaml = connect(cli).await?.export_config_template(name).await?;
             match file {
                 Some(path) => {
-                    std::fs::write(path, yaml).map_err(|source| CliError::File {
-                        path: path.clone(),
-                        source,
-                    })?;
+                    std::fs::write(path, yaml).map_err(CliError::file(path))?;
                 }
                 None => print!("{yaml}"),
             }
         }
         TemplateCmd::Import { file, replace } => {
-            let yaml = read_file(file)?;
+            let yaml = read_text(file)?;
             // Validated here first: a bad file is exit 2 with its line before any connection.
             let t = ConfigTemplate::from_yaml(&yaml)?;
             check_writable("name", &t.name)?;

@@ -1,0 +1,115 @@
+//! `capybara api …`: the agent's API; today its tokens (`api token create|list|revoke`). A
+//! token's secret is printed once, on standard output, and never listed.
+
+use clap::Subcommand;
+
+use super::{
+    Cli, CliError, connect,
+    input::expiry,
+    output::{opt_time, print_json, time},
+    table::Table,
+};
+use crate::service::domain::{Scope, TokenId};
+
+/// `capybara api …`.
+#[derive(Debug, Subcommand)]
+pub(super) enum ApiCmd {
+    /// API tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+}
+
+/// `capybara api token …`.
+#[derive(Debug, Subcommand)]
+pub(super) enum TokenCmd {
+    /// Create a token; its secret is printed once.
+    Create {
+        /// read, write or admin.
+        #[arg(long)]
+        scope: String,
+        /// Expiry from now, e.g. 30d.
+        #[arg(long)]
+        expires: Option<String>,
+        /// A label.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// Every token (never their secrets).
+    List,
+    /// Revoke a token.
+    Revoke {
+        /// The token id.
+        id: String,
+    },
+}
+
+/// Runs `capybara api …`.
+pub(super) async fn run(cli: &Cli, cmd: &ApiCmd) -> Result<(), CliError> {
+    match cmd {
+        ApiCmd::Token(cmd) => token(cli, cmd).await,
+    }
+}
+
+/// Runs `capybara api token …`.
+async fn token(cli: &Cli, cmd: &TokenCmd) -> Result<(), CliError> {
+    match cmd {
+        TokenCmd::Create {
+            scope,
+            expires,
+            name,
+        } => {
+            let scope = Scope::parse("scope", scope)?;
+            let expires = expiry("expires", expires.as_deref())?.unwrap_or(0);
+            let (t, secret) = connect(cli)
+                .await?
+                .create_token(scope, name, expires)
+                .await?;
+            if cli.json {
+                print_json(&serde_json::json!({ "token": t, "secret": secret }));
+            } else {
+                println!("{secret}");
+                eprintln!(
+                    "token {} (scope {}, expires {}): the secret above is shown once",
+                    t.id,
+                    t.scope,
+                    opt_time(t.expires_at)
+                );
+            }
+            Ok(())
+        }
+        TokenCmd::List => {
+            let tokens = connect(cli).await?.list_tokens().await?;
+            if cli.json {
+                print_json(&tokens);
+                return Ok(());
+            }
+            let mut t = Table::new(&["ID", "NAME", "SCOPE", "CREATED", "EXPIRES", "REVOKED"]);
+            for k in &tokens {
+                t.row(vec![
+                    k.id.to_string(),
+                    if k.name.is_empty() {
+                        "-".into()
+                    } else {
+                        k.name.clone()
+                    },
+                    k.scope.to_string(),
+                    time(k.created_at),
+                    opt_time(k.expires_at),
+                    opt_time(k.revoked_at),
+                ]);
+            }
+            print!("{t}");
+            Ok(())
+        }
+        TokenCmd::Revoke { id } => {
+            TokenId::parse("id", id)?;
+            let t = connect(cli).await?.revoke_token(id).await?;
+            if cli.json {
+                print_json(&t);
+            } else {
+                println!("revoked {}", t.id);
+            }
+            Ok(())
+        }
+    }
+}

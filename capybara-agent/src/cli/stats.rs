@@ -1,0 +1,64 @@
+//! `capybara stats [USER]`: bytes and packets each way and drops by reason, per device, then
+//! the drops no device owns.
+
+use clap::Args;
+
+use super::{Cli, CliError, connect, output::print_json, table::Table};
+use crate::service::domain::UserName;
+
+/// `capybara stats`.
+#[derive(Debug, Args)]
+pub(super) struct StatsArgs {
+    /// Only this user.
+    user: Option<String>,
+}
+
+/// Runs `capybara stats`.
+pub(super) async fn run(cli: &Cli, args: &StatsArgs) -> Result<(), CliError> {
+    let user = &args.user;
+    if let Some(u) = user {
+        UserName::parse("user", u)?;
+    }
+    let st = connect(cli)
+        .await?
+        .stats(user.as_deref().unwrap_or(""))
+        .await?;
+    if cli.json {
+        print_json(&st);
+        return Ok(());
+    }
+    let mut t = Table::new(&[
+        "USER", "DEVICE", "RX BYTES", "RX PKTS", "TX BYTES", "TX PKTS", "DROPS",
+    ]);
+    for p in &st.peers {
+        let drops: Vec<String> = p
+            .stats
+            .drops
+            .iter()
+            .map(|(r, n)| format!("{r}={n}"))
+            .collect();
+        t.row(vec![
+            p.peer.user.to_string(),
+            p.peer.device.to_string(),
+            p.stats.rx.bytes.to_string(),
+            p.stats.rx.packets.to_string(),
+            p.stats.tx.bytes.to_string(),
+            p.stats.tx.packets.to_string(),
+            if drops.is_empty() {
+                "-".into()
+            } else {
+                drops.join(",")
+            },
+        ]);
+    }
+    print!("{t}");
+    if !st.drops.is_empty() {
+        println!();
+        let mut d = Table::new(&["DROP REASON", "PACKETS"]);
+        for (r, n) in &st.drops {
+            d.row(vec![r.clone(), n.to_string()]);
+        }
+        print!("{d}");
+    }
+    Ok(())
+}
