@@ -1,6 +1,6 @@
 //! What the tunnel reports to its subscribers
-//! ([`WgTunnel::subscribe`](super::WgTunnel::subscribe)): [`TunnelEvent`], with why a peer went
-//! away ([`DisconnectReason`]) and why a handshake failed ([`AuthFailure`]).
+//! ([`WgTunnel::subscribe`](crate::tunnel::WgTunnel::subscribe)): [`TunnelEvent`], with why a
+//! peer went away ([`DisconnectReason`]) and why a handshake failed ([`AuthFailure`]).
 
 use std::{net::SocketAddr, time::SystemTime};
 
@@ -11,9 +11,9 @@ use super::keys::PublicKey;
 pub enum DisconnectReason {
     /// No handshake and no traffic for the configured time.
     Timeout,
-    /// Kicked through [`WgTunnel::kick`].
+    /// Kicked through [`WgTunnel::kick`](crate::tunnel::WgTunnel::kick).
     Kicked,
-    /// Removed through [`WgTunnel::remove_peer`].
+    /// Removed through [`WgTunnel::remove_peer`](crate::tunnel::WgTunnel::remove_peer).
     Removed,
 }
 
@@ -30,7 +30,8 @@ pub enum AuthFailure {
     Rejected,
 }
 
-/// What the tunnel reports. Subscribe with [`WgTunnel::subscribe`].
+/// What the tunnel reports. Subscribe with
+/// [`WgTunnel::subscribe`](crate::tunnel::WgTunnel::subscribe).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TunnelEvent {
     /// A peer completed a handshake after being disconnected.

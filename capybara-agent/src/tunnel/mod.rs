@@ -27,7 +27,7 @@
 //! - **latest handshake**: its UAPI writes the time *since* the handshake where `wg` expects a
 //!   timestamp; we record the wall-clock time when the handshake completes.
 //! - **throughput**: `device` does one syscall per packet each way. Ours reads the UDP socket with
-//!   `recvmmsg` and writes with `sendmmsg` ([`threads::BATCH`] datagrams per call) and drains up to
+//!   `recvmmsg` and writes with `sendmmsg` (`threads::BATCH` datagrams per call) and drains up to
 //!   a batch of TUN packets per wake-up. It can open the TUN with `IFF_VNET_HDR` offloads (one TUN
 //!   read returns a TCP super-segment of up to 64 KiB, split in userspace; decrypted segments are
 //!   coalesced by GRO before one TUN write — the changes that took wireguard-go past 10 Gbit/s),

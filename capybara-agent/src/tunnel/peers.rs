@@ -81,8 +81,8 @@ pub(super) struct Peer {
 pub(super) struct PeerState {
     /// boringtun's state machine: handshake, sessions, timers. `None` until the peer's first
     /// handshake (or a packet the server must encrypt for it), and again after a kick or a new
-    /// preshared key: created by [`Inner::tunn`](super::shared::Inner::tunn) when first needed
-    /// (see the tunnel's module docs for what a `Tunn` costs up front).
+    /// preshared key: created by [`Inner::tunn`](crate::tunnel::shared::Inner::tunn) when first
+    /// needed (see the tunnel's module docs for what a `Tunn` costs up front).
     pub(super) tunn: Option<Box<Tunn>>,
     /// What the API configured.
     pub(super) config: PeerConfig,
@@ -101,7 +101,7 @@ pub(super) struct PeerState {
 
 /// An immutable snapshot of the peers, read by the data path without locks; control
 /// operations build a new one and bump
-/// [`Inner::generation`](super::shared::Inner::generation).
+/// [`Inner::generation`](crate::tunnel::shared::Inner::generation).
 #[derive(Default, Clone)]
 pub(super) struct Table {
     /// Peers by public key (handshake initiations, the API).

@@ -52,15 +52,13 @@ pub(super) struct Inner {
     pub(super) generation: AtomicU64,
     /// Serialises control operations (add/update/remove/kick) and owns the index allocator.
     pub(super) control: Mutex<u32>,
-    /// Event bus; each subscriber has its own queue of
-    /// [`EVENT_CAPACITY`](super::wg::EVENT_CAPACITY).
+    /// Event bus; each subscriber has its own queue of `wg::EVENT_CAPACITY`.
     pub(super) events: tokio::sync::broadcast::Sender<TunnelEvent>,
     /// Silence after which a connected peer is reported gone.
     pub(super) disconnect_after: Duration,
-    /// One auth-failure event per source per
-    /// [`AUTH_EVENT_INTERVAL`](super::wg::AUTH_EVENT_INTERVAL).
+    /// One auth-failure event per source per `wg::AUTH_EVENT_INTERVAL`.
     pub(super) auth_limiter: Mutex<SourceLimiter>,
-    /// Drop counters, see [`DropCounters`](super::DropCounters).
+    /// Drop counters, see [`DropCounters`](crate::tunnel::DropCounters).
     pub(super) drops_no_route: AtomicU64,
     pub(super) drops_no_endpoint: AtomicU64,
     pub(super) drops_bad_source: AtomicU64,
