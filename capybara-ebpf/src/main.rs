@@ -4,7 +4,7 @@
 //! - [`xdp_guard`]: XDP on the uplink — source blocklists for the WireGuard port.
 //! - [`tc_ingress`] / [`tc_egress`]: TC (TCX) on the tunnel device — peer attribution,
 //!   admission gate, destination blocklists, flow limits, data quotas, per-peer accounting,
-//!   shaping; both run the pipeline in [`tunnel`].
+//!   shaping; both run the pipeline in [`pipeline`].
 //! - [`parse`]: the one bounds-checked packet read and the header parsing steps.
 //! - [`lookup`]: config, peer attribution, blocklist lookups (shared by both directions).
 //! - [`gate`]: the admission gate (held peers, deadlines, the verification endpoint).
@@ -33,11 +33,11 @@ mod gate;
 mod lookup;
 mod maps;
 mod parse;
+mod pipeline;
 mod quota;
 mod shape;
 mod tc_egress;
 mod tc_ingress;
-mod tunnel;
 mod xdp_guard;
 
 #[cfg(not(test))]

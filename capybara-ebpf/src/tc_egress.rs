@@ -2,7 +2,7 @@
 //! the TUN for boringtun to encrypt). The peer is the packet's **destination**; the source (the
 //! other end, e.g. a site replying) is checked against the destination blocklists; passed
 //! packets are counted in the peer's `tx_*`. The pipeline itself is shared with `tc_ingress`:
-//! see [`crate::tunnel`].
+//! see [`crate::pipeline`].
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use capybara_common::counters::{
@@ -10,7 +10,7 @@ use capybara_common::counters::{
     TC_OUT_DROP_UNKNOWN, TC_OUT_MALFORMED, TC_OUT_PASS, TC_OUT_SHAPED, TC_OUT_UNKNOWN_PEER,
 };
 
-use crate::tunnel::{self, Direction};
+use crate::pipeline::{self, Direction};
 
 const EGRESS: Direction = Direction {
     peer_is_source: false,
@@ -27,5 +27,5 @@ const EGRESS: Direction = Direction {
 
 #[classifier]
 pub fn tc_egress(ctx: TcContext) -> i32 {
-    tunnel::run(&ctx, &EGRESS)
+    pipeline::run(&ctx, &EGRESS)
 }

@@ -1,7 +1,7 @@
 //! `tc_ingress`, on the tunnel device's ingress: packets *from* peers (boringtun decrypted them
 //! and wrote them into the TUN). The peer is the packet's **source**; the destination is checked
 //! against the destination blocklists; passed packets are counted in the peer's `rx_*`.
-//! The pipeline itself is shared with `tc_egress`: see [`crate::tunnel`].
+//! The pipeline itself is shared with `tc_egress`: see [`crate::pipeline`].
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use capybara_common::counters::{
@@ -9,7 +9,7 @@ use capybara_common::counters::{
     TC_IN_MALFORMED, TC_IN_PASS, TC_IN_SHAPED, TC_IN_UNKNOWN_PEER,
 };
 
-use crate::tunnel::{self, Direction};
+use crate::pipeline::{self, Direction};
 
 const INGRESS: Direction = Direction {
     peer_is_source: true,
@@ -26,5 +26,5 @@ const INGRESS: Direction = Direction {
 
 #[classifier]
 pub fn tc_ingress(ctx: TcContext) -> i32 {
-    tunnel::run(&ctx, &INGRESS)
+    pipeline::run(&ctx, &INGRESS)
 }

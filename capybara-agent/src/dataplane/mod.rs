@@ -16,12 +16,13 @@
 //!   endpoint).
 //! - [`quota`]: data-quota buckets shared by peers (limits, assignment, top-up, reset).
 //! - [`flows`]: per-peer concurrent flow limits (limits, counts, the expiry sweeper).
+//! - [`peer_limits`]: a peer's flow limit and quota bucket set in one `PeerInfo` update.
 //! - [`events`]: the kernel's events ring buffer as an async stream of typed [`Event`]s.
 //! - [`sys`]: the raw syscalls aya lacks (batch map operations, mmap of the DIR tables, RCU grace
 //!   period); every other `unsafe` in the agent's dataplane is in aya.
 //!
 //! A `Dataplane` is used from one task at a time (`&mut self` for every write); the service layer
-//! puts it behind a mutex.
+//! puts it behind a mutex (`port`: the service's `Plane` and `PolicyPlane` for `Mutex<Dataplane>`).
 
 pub mod attach;
 pub mod events;
@@ -30,8 +31,8 @@ pub mod gate;
 pub mod lists;
 mod netlink;
 pub mod object;
+pub mod peer_limits;
 pub mod peers;
-pub mod policy;
 mod port;
 pub mod quota;
 pub mod shape;

@@ -8,7 +8,7 @@
 //!   249 assigned codes plus MaxMind's `XK`; case-insensitive parse, stored upper case).
 //! - `db`: [`GeoDb::open`] compiles a database into
 //!   `per_country: BTreeMap<CountryCode, CountryNets { v4, v6 }>`.
-//! - `policy`: [`block_lists`] (block mode) and [`allow_mode_block`] (allow mode), with the
+//! - `mode`: [`block_lists`] (block mode) and [`allow_mode_block`] (allow mode), with the
 //!   [`RESERVED_V4`] / [`RESERVED_V6`] tables.
 //! - `ranges`: inclusive `u128` intervals — merge, complement, intersection, minimal CIDR
 //!   cover. Everything above reduces to sort + linear sweeps, `O(n log n)`.
@@ -70,11 +70,11 @@
 mod country;
 mod db;
 pub mod mmdb_writer;
-mod policy;
+mod mode;
 mod ranges;
 #[cfg(test)]
 mod tests;
 
 pub use country::{CountryCode, CountryCodeError};
 pub use db::{CountryNets, GeoDb, GeoDbError};
-pub use policy::{RESERVED_V4, RESERVED_V6, Reserved, allow_mode_block, block_lists, list_name};
+pub use mode::{RESERVED_V4, RESERVED_V6, Reserved, allow_mode_block, block_lists, list_name};

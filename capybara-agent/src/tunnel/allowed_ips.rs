@@ -8,7 +8,7 @@
 //! the shortest. Servers give each peer host routes (/32, /128) and perhaps a few subnets, so a
 //! lookup is one or two hash probes whatever the number of peers; a trie would cost a pointer
 //! chase per bit. The table is immutable once built into a snapshot (the data path reads a
-//! snapshot without locks; see `wg.rs`), so it has no delete-in-place subtleties.
+//! snapshot without locks; see `peers.rs`), so it has no delete-in-place subtleties.
 
 use std::{
     collections::HashMap,

@@ -15,7 +15,7 @@ pub struct TunnelDeviceConfig {
     /// At most [`MAX_MTU`].
     pub mtu: u16,
     /// Linux offloads (`IFF_VNET_HDR`, TSO/GRO): the kernel hands the tunnel TCP super-segments
-    /// that it splits itself, and the tunnel writes coalesced segments back. See `wg.rs`.
+    /// that it splits itself, and the tunnel writes coalesced segments back. See `threads/`.
     pub offload: bool,
 }
 

@@ -2,7 +2,12 @@
 //! boringtun and the TUN device.
 //!
 //! - `device`: the TUN device (`tun-rs`, optional Linux offloads).
-//! - [`wg`]: [`WgTunnel`] — UDP socket, peers, data path, timers, events.
+//! - [`wg`]: [`WgTunnel`], the public API — start, peer operations, status, events.
+//! - `peers`: the peer table ([`PeerConfig`], [`PeerStatus`], the data path's peers, the
+//!   immutable snapshot).
+//! - `events`: [`TunnelEvent`] and its reasons.
+//! - `shared`: what the threads share and the steps every thread takes on a peer.
+//! - `threads`: `rx` (`wg-udp`), `tx` (`wg-tun`), `timers` (`wg-timers`), and their batch sizes.
 //! - [`allowed_ips`]: cryptokey routing (longest prefix match, IPv4 and IPv6).
 //! - [`liveness`]: connect/disconnect and auth-failure rate limiting, pure (time is an argument).
 //! - [`uapi`]: the `wg` control socket (`wg show <iface>`).
@@ -21,13 +26,13 @@
 //!   kept); `device` can only remove the peer.
 //! - **latest handshake**: its UAPI writes the time *since* the handshake where `wg` expects a
 //!   timestamp; we record the wall-clock time when the handshake completes.
-//! - **throughput**: `device` does one syscall per packet each way. Ours reads the UDP socket
-//!   with `recvmmsg` and writes with `sendmmsg` ([`wg::BATCH`] datagrams per call) and drains up
-//!   to a batch of TUN packets per wake-up. It can open the TUN with `IFF_VNET_HDR` offloads
-//!   (one TUN read returns a TCP super-segment of up to 64 KiB, split in userspace; decrypted
-//!   segments are coalesced by GRO before one TUN write — the changes that took wireguard-go
-//!   past 10 Gbit/s), off by default for exact kernel counters: see [`DEFAULT_OFFLOAD`] for the
-//!   numbers. No allocation per packet: every buffer is per thread and reused.
+//! - **throughput**: `device` does one syscall per packet each way. Ours reads the UDP socket with
+//!   `recvmmsg` and writes with `sendmmsg` (`threads::BATCH` datagrams per call) and drains up to
+//!   a batch of TUN packets per wake-up. It can open the TUN with `IFF_VNET_HDR` offloads (one TUN
+//!   read returns a TCP super-segment of up to 64 KiB, split in userspace; decrypted segments are
+//!   coalesced by GRO before one TUN write — the changes that took wireguard-go past 10 Gbit/s),
+//!   off by default for exact kernel counters: see [`DEFAULT_OFFLOAD`] for the numbers. No
+//!   allocation per packet: every buffer is per thread and reused.
 //!
 //! # Threads
 //!
@@ -92,16 +97,19 @@
 pub mod allowed_ips;
 pub mod config;
 mod device;
+mod events;
 pub mod keys;
 pub mod liveness;
+mod peers;
 mod port;
+mod shared;
+mod threads;
 pub mod uapi;
 pub mod wg;
 
 pub use config::ClientConfig;
 pub use device::{DEFAULT_OFFLOAD, MAX_MTU, TunnelDevice, TunnelDeviceConfig, TunnelError};
+pub use events::{AuthFailure, DisconnectReason, TunnelEvent};
 pub use keys::{KeyError, PresharedKey, PrivateKey, PublicKey};
-pub use wg::{
-    AuthFailure, DisconnectReason, DropCounters, PeerConfig, PeerStatus, TunnelEvent, WgConfig,
-    WgError, WgTunnel,
-};
+pub use peers::{PeerConfig, PeerStatus};
+pub use wg::{DropCounters, WgConfig, WgError, WgTunnel};

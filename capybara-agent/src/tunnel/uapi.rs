@@ -27,11 +27,20 @@ use std::{
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
-use super::{
-    keys::PrivateKey,
-    wg::{Inner, PeerStatus},
-};
+use super::{keys::PrivateKey, peers::PeerStatus};
 use crate::paths;
+
+/// What `get=1` reports, as the tunnel gives it: the socket sees the tunnel only through this
+/// trait (implemented by the threads' shared state), so this module does not depend on the
+/// tunnel's internals.
+pub(super) trait Interface {
+    /// The server's private key (`private_key=`).
+    fn private_key(&self) -> &PrivateKey;
+    /// The bound UDP port (`listen_port=`).
+    fn listen_port(&self) -> u16;
+    /// Every peer's live state, sorted by key.
+    fn peers(&self) -> Vec<PeerStatus>;
+}
 
 /// Errors creating the UAPI socket.
 #[derive(Debug, thiserror::Error)]
@@ -133,7 +142,7 @@ impl Drop for UapiSocket {
 
 /// Serves requests until `stop` becomes readable or the tunnel is gone. Runs on its own thread;
 /// each request is answered inline (they are small and rare).
-pub(super) fn serve(socket: UapiSocket, inner: Weak<Inner>, stop: std::io::PipeReader) {
+pub(super) fn serve(socket: UapiSocket, inner: Weak<impl Interface>, stop: std::io::PipeReader) {
     loop {
         let (ready, stopped) = {
             let mut fds = [

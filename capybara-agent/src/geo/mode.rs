@@ -1,4 +1,5 @@
-//! Geo policy: block mode (`geo:XX` lists) and allow mode (drop everything else).
+//! The two geo modes as lists: block mode (one `geo:XX` list per country) and allow mode (one
+//! drop set: everything but the allowed countries, the reserved ranges and explicit allows).
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 

@@ -1,0 +1,73 @@
+//! What the tunnel reports to its subscribers
+//! ([`WgTunnel::subscribe`](crate::tunnel::WgTunnel::subscribe)): [`TunnelEvent`], with why a
+//! peer went away ([`DisconnectReason`]) and why a handshake failed ([`AuthFailure`]).
+
+use std::{net::SocketAddr, time::SystemTime};
+
+use super::keys::PublicKey;
+
+/// Why a peer was reported disconnected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DisconnectReason {
+    /// No handshake and no traffic for the configured time.
+    Timeout,
+    /// Kicked through [`WgTunnel::kick`](crate::tunnel::WgTunnel::kick).
+    Kicked,
+    /// Removed through [`WgTunnel::remove_peer`](crate::tunnel::WgTunnel::remove_peer).
+    Removed,
+}
+
+/// Why a handshake attempt failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// A well-formed initiation (right server key) from a key that is no peer.
+    UnknownKey,
+    /// A handshake whose MAC does not match our public key (wrong server key or garbage).
+    BadMac,
+    /// An initiation whose static key could not be decrypted.
+    Undecryptable,
+    /// A peer's handshake that its session refused (replayed timestamp, wrong preshared key…).
+    Rejected,
+}
+
+/// What the tunnel reports. Subscribe with
+/// [`WgTunnel::subscribe`](crate::tunnel::WgTunnel::subscribe).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TunnelEvent {
+    /// A peer completed a handshake after being disconnected.
+    Connected {
+        /// The peer.
+        public_key: PublicKey,
+        /// Where it connected from.
+        endpoint: SocketAddr,
+        /// When.
+        at: SystemTime,
+    },
+    /// A connected peer went away.
+    Disconnected {
+        /// The peer.
+        public_key: PublicKey,
+        /// Why.
+        reason: DisconnectReason,
+        /// When it was noticed.
+        at: SystemTime,
+    },
+    /// A connected peer's packets now come from another address (roaming, NAT rebinding).
+    EndpointChanged {
+        /// The peer.
+        public_key: PublicKey,
+        /// The previous endpoint.
+        from: SocketAddr,
+        /// The new endpoint.
+        to: SocketAddr,
+    },
+    /// A handshake failed (at most one event per source per 10 s).
+    AuthFailed {
+        /// Where the attempt came from.
+        source: SocketAddr,
+        /// The key it claimed, when it could be read.
+        public_key: Option<PublicKey>,
+        /// Why it failed.
+        reason: AuthFailure,
+    },
+}

@@ -1,0 +1,242 @@
+//! [`Inner`]: what the tunnel's threads share (the server's keys, the TUN device, the UDP socket,
+//! the current peer table and its generation, the event bus, the drop counters), and the steps
+//! every thread takes on a peer: send a datagram, make its `Tunn` when first needed, record a
+//! handshake or an authenticated packet (roaming, liveness), emit an event. The `wg-uapi` thread
+//! sees it through [`uapi::Interface`].
+
+use std::{
+    net::{SocketAddr, SocketAddrV6, UdpSocket},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use boringtun::{
+    noise::{Tunn, TunnResult, rate_limiter::RateLimiter},
+    x25519,
+};
+
+use super::{
+    device::TunnelDevice,
+    events::{AuthFailure, TunnelEvent},
+    keys::{PrivateKey, PublicKey},
+    liveness::SourceLimiter,
+    peers::{Peer, PeerConfig, PeerState, PeerStatus, Table, status},
+    uapi,
+};
+
+/// What the threads share.
+pub(super) struct Inner {
+    /// The server's key (UAPI `private_key`).
+    pub(super) private_key: PrivateKey,
+    /// Its public key.
+    pub(super) public_key: PublicKey,
+    /// The same two as boringtun takes them.
+    pub(super) secret: x25519::StaticSecret,
+    pub(super) static_public: x25519::PublicKey,
+    /// The bound UDP port.
+    pub(super) listen_port: u16,
+    /// The TUN device (read by `wg-tun`, written by `wg-udp`).
+    pub(super) device: TunnelDevice,
+    /// The UDP socket (read by `wg-udp`, written by every thread).
+    pub(super) socket: UdpSocket,
+    /// The socket is AF_INET6 (dual-stack): IPv4 endpoints are sent to as v4-mapped addresses.
+    pub(super) socket_v6: bool,
+    /// Handshake MAC checks and cookies under load, shared by every peer's `Tunn`.
+    pub(super) rate_limiter: Arc<RateLimiter>,
+    /// The current peer snapshot.
+    pub(super) table: RwLock<Arc<Table>>,
+    /// Bumped after each new snapshot; the data path threads compare it per batch.
+    pub(super) generation: AtomicU64,
+    /// Serialises control operations (add/update/remove/kick) and owns the index allocator.
+    pub(super) control: Mutex<u32>,
+    /// Event bus; each subscriber has its own queue of `wg::EVENT_CAPACITY`.
+    pub(super) events: tokio::sync::broadcast::Sender<TunnelEvent>,
+    /// Silence after which a connected peer is reported gone.
+    pub(super) disconnect_after: Duration,
+    /// One auth-failure event per source per `wg::AUTH_EVENT_INTERVAL`.
+    pub(super) auth_limiter: Mutex<SourceLimiter>,
+    /// Drop counters, see [`DropCounters`](crate::tunnel::DropCounters).
+    pub(super) drops_no_route: AtomicU64,
+    pub(super) drops_no_endpoint: AtomicU64,
+    pub(super) drops_bad_source: AtomicU64,
+    pub(super) drops_invalid: AtomicU64,
+}
+
+impl Inner {
+    /// The address to give the socket for `addr`.
+    pub(super) fn wire_addr(&self, addr: SocketAddr) -> SocketAddr {
+        match (self.socket_v6, addr) {
+            (true, SocketAddr::V4(a)) => {
+                SocketAddr::V6(SocketAddrV6::new(a.ip().to_ipv6_mapped(), a.port(), 0, 0))
+            }
+            _ => addr,
+        }
+    }
+
+    pub(super) fn send_to(&self, peer: Option<&Peer>, data: &[u8], to: SocketAddr) {
+        match self.socket.send_to(data, self.wire_addr(to)) {
+            Ok(n) => {
+                if let Some(p) = peer {
+                    p.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, %to, "WireGuard send failed"),
+        }
+    }
+
+    pub(super) fn snapshot(&self) -> Arc<Table> {
+        self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(super) fn publish(&self, table: Table) {
+        *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    pub(super) fn emit(&self, event: TunnelEvent) {
+        // Rate-limited at the source (auth failures) or rare (connects): worth a log line each.
+        tracing::info!(?event, "tunnel event");
+        // No subscriber is not an error.
+        let _ = self.events.send(event);
+    }
+
+    pub(super) fn auth_failed(
+        &self,
+        source: SocketAddr,
+        public_key: Option<PublicKey>,
+        reason: AuthFailure,
+    ) {
+        self.drops_invalid.fetch_add(1, Ordering::Relaxed);
+        let allowed = self
+            .auth_limiter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .allow(source.ip(), Instant::now());
+        if allowed {
+            self.emit(TunnelEvent::AuthFailed {
+                source,
+                public_key,
+                reason,
+            });
+        }
+    }
+
+    fn new_tunn(&self, cfg: &PeerConfig, index: u32) -> Box<Tunn> {
+        Box::new(Tunn::new(
+            self.secret.clone(),
+            x25519::PublicKey::from(*cfg.public_key.as_bytes()),
+            cfg.preshared_key.map(|k| *k.as_bytes()),
+            // Persistent keepalive is ours (timer thread), so it can change without a new session.
+            None,
+            index,
+            Some(self.rate_limiter.clone()),
+        ))
+    }
+
+    /// The peer's `Tunn`, created now if it has none yet.
+    pub(super) fn tunn<'a>(&self, peer: &Peer, st: &'a mut PeerState) -> &'a mut Tunn {
+        st.tunn.get_or_insert_with(|| {
+            peer.awake.store(true, Ordering::Relaxed);
+            self.new_tunn(&st.config, peer.index)
+        })
+    }
+
+    pub(super) fn peers(&self) -> Vec<PeerStatus> {
+        let table = self.snapshot();
+        let mut out: Vec<PeerStatus> = table.by_key.values().map(|p| status(p)).collect();
+        out.sort_by_key(|p| p.public_key);
+        out
+    }
+
+    /// Records a packet authenticated from `src` for `peer`: endpoint roaming, liveness (a
+    /// peer reported gone that sends on its still-live session is connected again).
+    pub(super) fn seen(&self, peer: &Peer, st: &mut PeerState, src: SocketAddr, now: Instant) {
+        let old = st.endpoint.replace(src);
+        if st.liveness.on_traffic(now) {
+            self.emit(TunnelEvent::Connected {
+                public_key: peer.public_key,
+                endpoint: src,
+                at: SystemTime::now(),
+            });
+        } else if let Some(from) = old
+            && from != src
+        {
+            self.emit(TunnelEvent::EndpointChanged {
+                public_key: peer.public_key,
+                from,
+                to: src,
+            });
+        }
+    }
+
+    /// An authenticated data packet or keepalive: completes a handshake we answered, else
+    /// [`Inner::seen`].
+    pub(super) fn authenticated(
+        &self,
+        peer: &Peer,
+        st: &mut PeerState,
+        src: SocketAddr,
+        now: Instant,
+    ) {
+        if std::mem::take(&mut st.confirm_pending) {
+            self.handshake_done(peer, st, src, now);
+        } else {
+            self.seen(peer, st, src, now);
+        }
+    }
+
+    /// A handshake completed with `peer` from `src`: Connected unless it is a rekey.
+    pub(super) fn handshake_done(
+        &self,
+        peer: &Peer,
+        st: &mut PeerState,
+        src: SocketAddr,
+        now: Instant,
+    ) {
+        let at = SystemTime::now();
+        st.last_handshake = Some(at);
+        if st.liveness.is_connected() {
+            self.seen(peer, st, src, now);
+        } else {
+            st.endpoint = Some(src);
+            st.liveness.on_handshake(now);
+            self.emit(TunnelEvent::Connected {
+                public_key: peer.public_key,
+                endpoint: src,
+                at,
+            });
+        }
+    }
+
+    /// Sends what boringtun queued for the peer (packets that waited for the handshake).
+    pub(super) fn flush_queue(
+        &self,
+        peer: &Peer,
+        st: &mut PeerState,
+        to: SocketAddr,
+        buf: &mut [u8],
+    ) {
+        let Some(tunn) = st.tunn.as_mut() else { return };
+        while let TunnResult::WriteToNetwork(p) = tunn.decapsulate(None, &[], buf) {
+            self.send_to(Some(peer), p, to);
+        }
+    }
+}
+
+impl uapi::Interface for Inner {
+    fn private_key(&self) -> &PrivateKey {
+        &self.private_key
+    }
+
+    fn listen_port(&self) -> u16 {
+        self.listen_port
+    }
+
+    fn peers(&self) -> Vec<PeerStatus> {
+        // The inherent method, which `WgTunnel::peers` calls too.
+        Inner::peers(self)
+    }
+}
