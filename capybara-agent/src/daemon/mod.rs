@@ -1,0 +1,183 @@
+//! The daemon: wires the store, the dataplane and the tunnel together and runs until shutdown.
+//!
+//! `run(config, shutdown)` takes its dependencies as arguments, so tests start a real agent
+//! in-process; the binary only parses flags and installs the signal handler.
+//!
+//! Start-up order (each step logged):
+//! 1. open the store (data dir, mode 0700);
+//! 2. open the dataplane: load the programs, re-use the pinned maps (counters continue);
+//! 3. restore the named blocklists from the store — written to the kernel only when the pinned
+//!    generation does not already hold them, so a restart never opens a gap;
+//! 4. start the WireGuard tunnel (`tunnel::WgTunnel`: TUN device, UDP `listen_port`, the server
+//!    key from `<data>/server.key`, generated at mode 0600 on first start, UAPI socket for
+//!    `wg show`) and attach the TC programs to its device;
+//! 5. attach the XDP guard to the uplink (swapping the program inside the pinned link if a
+//!    previous agent left one) and guard the WireGuard listen port;
+//! 6. open the control service (programs every stored device into the dataplane and the
+//!    tunnel) and serve the API on the control socket and/or TCP (`ApiSettings`).
+//!
+//! Tunnel events feed the session recorder (`service::history`, a blocking thread:
+//! its writes are synced) after the handshake admission; the recorder prunes the history to
+//! `history_retention` at start and hourly, and closes open sessions at shutdown.
+//!
+//! Kernel events (ring buffer) are decoded by one task and published on a broadcast channel
+//! ([`Running::events`]); history, webhooks and the API subscribe to it. A subscriber that falls
+//! behind loses the oldest events (logged), it never slows the reader down. The service's own
+//! events (`config-changed` after every mutation: `service::events`) are on a second bus,
+//! [`Running::service_events`].
+//!
+//! Every second the daemon runs the policy tick (quota periods, time windows, daily online
+//! time: `service::policy`); the tunnel's connect and disconnect events feed the device limit.
+//!
+//! Until shutdown the daemon sweeps expired flows every `dataplane::flows::SWEEP_INTERVAL`
+//! (5 s): the kernel never deletes an idle flow itself, so this is what frees the slots of
+//! idle flows (a failed sweep is logged and retried at the next tick).
+//!
+//! Shutdown leaves the programs enforcing (pinned links) unless `detach_on_exit` is set.
+//!
+//! Files: `start` (open and wire, in the order above), `agent` (the running agent: its loop and
+//! its shutdown), `events` (kernel events onto their bus, tunnel events to the service and the
+//! recorder).
+
+mod agent;
+mod events;
+mod start;
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+};
+
+use crate::{
+    api::ApiError,
+    dataplane::{DataplaneError, Event},
+    service::{ServiceError, ServiceEvent, secrets::SecretError},
+    store::StoreError,
+    tunnel::{KeyError, WgError, WgTunnel},
+};
+
+/// The control API's listeners and what goes into client configs.
+#[derive(Clone, Debug, Default)]
+pub struct ApiSettings {
+    /// TCP address of the API (every call needs a bearer token); `None` = no TCP listener.
+    pub listen: Option<SocketAddr>,
+    /// The control socket (root by peer credentials); `None` = no socket.
+    pub socket: Option<PathBuf>,
+    /// `host:port` written into client configs as the server's endpoint.
+    pub endpoint: String,
+    /// DNS servers written into client configs.
+    pub dns: Vec<String>,
+    /// Keep generated client private keys, sealed (`--keep-client-keys`).
+    pub keep_client_keys: bool,
+    /// MaxMind country database for geo policies (`--geoip-db`).
+    pub geo_db: Option<PathBuf>,
+    /// Certificate and key (PEM files) for TLS on the TCP listener.
+    pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+/// Everything the daemon needs to start.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Uplink interface for the XDP guard; `None` runs without a guard (logged).
+    pub uplink: Option<String>,
+    /// Tunnel device name.
+    pub tunnel: String,
+    /// The server's inner IPv4 address on the tunnel.
+    pub tunnel_ipv4: (Ipv4Addr, u8),
+    /// The server's inner IPv6 address on the tunnel.
+    pub tunnel_ipv6: (Ipv6Addr, u8),
+    /// WireGuard UDP listen port (guarded by the XDP program).
+    pub listen_port: u16,
+    /// Data directory (the store lives under it).
+    pub data_dir: PathBuf,
+    /// bpffs directory for pinned maps and links.
+    pub bpffs_dir: PathBuf,
+    /// Detach the programs on shutdown instead of leaving them enforcing.
+    pub detach_on_exit: bool,
+    /// Directory of the WireGuard UAPI socket (`paths::WG_UAPI_DIR`, where `wg` looks).
+    pub wg_uapi_dir: PathBuf,
+    /// The control API.
+    pub api: ApiSettings,
+    /// A connected peer with no handshake and no traffic for this long is disconnected (its
+    /// session ends as `idle`); `--disconnect-timeout`, default 180 s.
+    pub disconnect_after: std::time::Duration,
+    /// Sessions and auth attempts older than this are pruned (at start and hourly);
+    /// `--history-retention`, default 90 days.
+    pub history_retention: std::time::Duration,
+}
+
+/// Why the daemon could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The dataplane failed.
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    /// The WireGuard tunnel failed to start.
+    #[error(transparent)]
+    Tunnel(#[from] WgError),
+    /// The server key could not be loaded or created.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// A key file failed.
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    /// The control service could not start.
+    #[error("control service")]
+    Service(#[from] ServiceError),
+    /// The API could not listen or failed.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// The country database could not be read.
+    #[error(transparent)]
+    Geo(#[from] crate::geo::GeoDbError),
+    /// The TCP API address could not be bound.
+    #[error("cannot listen on {addr} for the API")]
+    ApiListen {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Events buffered per subscriber before the slowest loses the oldest.
+const EVENT_BUS_CAPACITY: usize = 4096;
+
+/// What the daemon set up, reported once it is running.
+#[derive(Clone, Debug)]
+pub struct Running {
+    /// Kernel events, decoded; `subscribe()` for a receiver.
+    pub events: tokio::sync::broadcast::Sender<Event>,
+    /// Service events (`config-changed` after every mutation); `subscribe()` for a receiver.
+    pub service_events: tokio::sync::broadcast::Sender<ServiceEvent>,
+    /// Tunnel device name.
+    pub tunnel: String,
+    /// Uplink with the guard, if any.
+    pub uplink: Option<String>,
+    /// Guarded UDP port.
+    pub listen_port: u16,
+    /// The WireGuard tunnel: peers, events, status.
+    pub wireguard: Arc<WgTunnel>,
+    /// The TCP API's bound address (the real port when `--api-listen` gave port 0).
+    pub api_tcp: Option<SocketAddr>,
+}
+
+/// Runs the agent until `shutdown` resolves. `on_ready` is called once everything is attached.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+    on_ready: impl FnOnce(&Running),
+) -> Result<(), DaemonError> {
+    let opened = start::open(&config)?;
+    let mut agent = start::wire(&config, opened).await?;
+    on_ready(&agent.running(&config));
+    let api_result = agent.serve(shutdown).await;
+    agent.shut_down(&config).await?;
+    api_result?;
+    Ok(())
+}

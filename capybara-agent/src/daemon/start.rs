@@ -1,0 +1,190 @@
+//! Start-up, in the order of the module docs: [`open`] the store, the dataplane (pinned maps,
+//! blocklists restored) and the tunnel with the programs attached; then [`wire`] the control
+//! service, the session recorder, the event forwarders and the API to them.
+
+use std::sync::{Arc, Mutex};
+
+use super::{
+    AgentConfig, DaemonError, EVENT_BUS_CAPACITY,
+    agent::Agent,
+    events::{forward_handshakes, publish_events},
+};
+use crate::{
+    api::{self, Listeners},
+    dataplane::{Dataplane, DataplaneConfig, DataplaneError},
+    paths,
+    service::{self, Service, ServiceConfig, ports::TunnelPort, secrets},
+    store::Store,
+    tunnel::{PrivateKey, TunnelDeviceConfig, WgConfig, WgTunnel},
+};
+
+/// The store, the dataplane and the tunnel, open and attached.
+pub(super) struct Opened {
+    store: Store,
+    dataplane: Dataplane,
+    tunnel: Arc<WgTunnel>,
+}
+
+/// Opens the store and the dataplane, restores the blocklists, starts the tunnel and attaches
+/// the TC programs to it and the XDP guard to the uplink.
+pub(super) fn open(config: &AgentConfig) -> Result<Opened, DaemonError> {
+    let store = Store::open(&config.data_dir)?;
+    tracing::info!(path = %store.path().display(), "store open");
+
+    let mut dataplane = Dataplane::open(DataplaneConfig {
+        bpffs_dir: config.bpffs_dir.clone(),
+        ..DataplaneConfig::default()
+    })?;
+    tracing::info!(bpffs = %config.bpffs_dir.display(), "dataplane loaded, maps pinned");
+    // Peers get their addresses from the tunnel's IPv4 subnet: the kernel attributes those by
+    // array (a subnet larger than the pool array stays on the hash).
+    let (v4, len) = config.tunnel_ipv4;
+    let pool = ipnet::Ipv4Net::new(v4, len).ok().map(|n| n.trunc());
+    match dataplane.set_peer_pool_v4(pool) {
+        Err(e @ DataplaneError::PeerPoolTooLarge { .. }) => {
+            tracing::warn!(error = %e, "peers are attributed by hash");
+            dataplane.set_peer_pool_v4(None)?;
+        }
+        r => r?,
+    }
+
+    let snapshot = service::lists::stored_snapshot(&store)?;
+    let report = dataplane.restore_lists(&snapshot)?;
+    tracing::info!(
+        lists = snapshot.lists.len(),
+        ?report,
+        "blocklists restored from the store"
+    );
+
+    let private_key = PrivateKey::load_or_generate(&paths::key_file(&config.data_dir))?;
+    let tunnel = Arc::new(WgTunnel::start(WgConfig {
+        uapi_dir: Some(config.wg_uapi_dir.clone()),
+        disconnect_after: config.disconnect_after,
+        ..WgConfig::new(
+            TunnelDeviceConfig {
+                name: config.tunnel.clone(),
+                ipv4: Some(config.tunnel_ipv4),
+                ipv6: Some(config.tunnel_ipv6),
+                mtu: 1420,
+                offload: crate::tunnel::DEFAULT_OFFLOAD,
+            },
+            config.listen_port,
+            private_key,
+        )
+    })?);
+    dataplane.attach_tc(tunnel.name())?;
+
+    dataplane.set_guard_ports(&[config.listen_port])?;
+    match &config.uplink {
+        Some(uplink) => {
+            dataplane.attach_xdp(uplink)?;
+        }
+        None => tracing::warn!("no --uplink: running without the XDP guard"),
+    }
+    Ok(Opened {
+        store,
+        dataplane,
+        tunnel,
+    })
+}
+
+/// Starts the kernel event reader, opens the control service over the store, the (now shared)
+/// dataplane and the tunnel, and starts the session recorder, the tunnel event forwarder and
+/// the API.
+pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, DaemonError> {
+    let Opened {
+        store,
+        mut dataplane,
+        tunnel,
+    } = opened;
+    let (events, _) = tokio::sync::broadcast::channel(EVENT_BUS_CAPACITY);
+    let reader = tokio::spawn(publish_events(dataplane.event_stream()?, events.clone()));
+
+    // The control service and its API. The dataplane is shared from here on.
+    let dataplane = Arc::new(Mutex::new(dataplane));
+    let sealer = if config.api.keep_client_keys {
+        let key = secrets::load_or_create_key(
+            &paths::client_keys_key_file(&config.data_dir),
+            rand::random,
+        )?;
+        Some(secrets::Sealer::new(&key))
+    } else {
+        None
+    };
+    let tunnel_port: Arc<dyn TunnelPort> = tunnel.clone();
+    let v4 = ipnet::Ipv4Net::new(config.tunnel_ipv4.0, config.tunnel_ipv4.1)
+        .expect("validated by the binary");
+    let v6 = ipnet::Ipv6Net::new(config.tunnel_ipv6.0, config.tunnel_ipv6.1)
+        .expect("validated by the binary");
+    let svc = Arc::new(Service::open(
+        Arc::new(store),
+        dataplane.clone(),
+        tunnel_port,
+        ServiceConfig {
+            server_v4: v4,
+            server_v6: v6,
+            server_public_key: service::domain::PublicKey(*tunnel.public_key().as_bytes()),
+            endpoint: config.api.endpoint.clone(),
+            dns: config.api.dns.clone(),
+            keep_client_keys: sealer,
+            geo_db: match &config.api.geo_db {
+                Some(path) => Some(Arc::new(crate::geo::GeoDb::open(path)?)),
+                None => None,
+            },
+        },
+    )?);
+    svc.templates.set_listen_port(config.listen_port);
+    let tcp = match config.api.listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::ApiListen { addr, source })?,
+        ),
+        None => None,
+    };
+    let api_tcp = tcp.as_ref().and_then(|l| l.local_addr().ok());
+    let unix = config
+        .api
+        .socket
+        .as_deref()
+        .map(api::bind_unix)
+        .transpose()?;
+    let tcp_tls = config
+        .api
+        .tls
+        .as_ref()
+        .map(|(cert, key)| api::TlsIdentity::from_files(cert, key))
+        .transpose()?;
+    let (session_tx, session_rx) = std::sync::mpsc::channel();
+    let recorder = {
+        let (history, retention) = (svc.history.clone(), config.history_retention);
+        tokio::task::spawn_blocking(move || {
+            service::history::run_recorder(history, session_rx, retention)
+        })
+    };
+    let handshakes = tokio::spawn(forward_handshakes(
+        tunnel.subscribe(),
+        svc.clone(),
+        session_tx,
+    ));
+    let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    // Without a listener the API task ends at once; that is not a failure to shut down for.
+    let serving = tcp.is_some() || unix.is_some();
+    let listeners = Listeners { tcp, unix, tcp_tls };
+    let api_task = tokio::spawn(api::run(svc.clone(), listeners, async {
+        let _ = api_stopped.await;
+    }));
+    Ok(Agent {
+        dataplane,
+        tunnel,
+        svc,
+        events,
+        reader,
+        recorder,
+        handshakes,
+        api_stop,
+        api_task,
+        serving,
+        api_tcp,
+    })
+}
