@@ -25,13 +25,38 @@ use std::{
 
 use serde::Serialize;
 
+use ipnet::{Ipv4Net, Ipv6Net};
+
 use super::{
-    ServiceConfig, ServiceError,
-    domain::{Actor, AuditRecord, UserName, unix_secs},
+    ServiceError,
+    domain::{Actor, AuditRecord, PublicKey, UserName, unix_secs},
     events::{EVENT_BUS_CAPACITY, ServiceEvent},
     ports::{Plane, TunnelPort},
+    secrets::Sealer,
 };
-use crate::store::{Batch, Cf, Store, keys};
+use crate::{
+    geo::GeoDb,
+    store::{Batch, Cf, Store, keys},
+};
+
+/// Configuration of the service.
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    /// The server's address and prefix on the tunnel (IPv4); devices get hosts of this subnet.
+    pub server_v4: Ipv4Net,
+    /// The server's address and prefix on the tunnel (IPv6).
+    pub server_v6: Ipv6Net,
+    /// The server's WireGuard public key (for client configs).
+    pub server_public_key: PublicKey,
+    /// `host:port` clients connect to.
+    pub endpoint: String,
+    /// DNS servers written into client configs.
+    pub dns: Vec<String>,
+    /// Keep client private keys, sealed with this sealer (`--keep-client-keys`).
+    pub keep_client_keys: Option<Sealer>,
+    /// The MaxMind country database for geo policies (`--geoip-db`); `None` = geo unavailable.
+    pub geo_db: Option<Arc<GeoDb>>,
+}
 
 /// What every feature of the service shares. One per agent.
 pub struct Core {

@@ -49,15 +49,12 @@ pub mod users;
 
 use std::sync::Arc;
 
-use ipnet::{Ipv4Net, Ipv6Net};
-
 use self::{
     core::Core,
-    domain::PublicKey,
     ports::{Plane, TunnelPort},
-    secrets::Sealer,
 };
 pub use self::{
+    core::ServiceConfig,
     error::{AuthError, ServiceError},
     events::ServiceEvent,
     geo::GeoStatus,
@@ -68,26 +65,7 @@ pub use self::{
     tokens::NewToken,
     users::NewUser,
 };
-use crate::{geo::GeoDb, store::Store};
-
-/// Configuration of the service.
-#[derive(Clone, Debug)]
-pub struct ServiceConfig {
-    /// The server's address and prefix on the tunnel (IPv4); devices get hosts of this subnet.
-    pub server_v4: Ipv4Net,
-    /// The server's address and prefix on the tunnel (IPv6).
-    pub server_v6: Ipv6Net,
-    /// The server's WireGuard public key (for client configs).
-    pub server_public_key: PublicKey,
-    /// `host:port` clients connect to.
-    pub endpoint: String,
-    /// DNS servers written into client configs.
-    pub dns: Vec<String>,
-    /// Keep client private keys, sealed with this sealer (`--keep-client-keys`).
-    pub keep_client_keys: Option<Sealer>,
-    /// The MaxMind country database for geo policies (`--geoip-db`); `None` = geo unavailable.
-    pub geo_db: Option<Arc<GeoDb>>,
-}
+use crate::store::Store;
 
 /// The control service: every feature over one core. One per agent, shared by every API
 /// connection.
