@@ -17,7 +17,8 @@ use crate::{
     service::{
         core::now,
         directory::allowed_ips,
-        domain::{Actor, DeviceName, Scope, UserName, unix_secs},
+        domain::{Actor, DeviceName, PublicKey, Scope, UserName, unix_secs},
+        secrets::Sealer,
         testing::{MemoryPlane, MemoryTunnel},
         tokens::TokenRecord,
     },
