@@ -12,7 +12,7 @@ use super::{
 use crate::service::{
     GeoStatus,
     domain::{Scope, ValidationError},
-    geo::GeoPolicy,
+    geo::{GeoMode, GeoPolicy},
 };
 
 #[tonic::async_trait]
@@ -62,18 +62,18 @@ impl TryFrom<pb::SetGeoRequest> for GeoPolicy {
     }
 }
 
-fn geo_mode_to_proto(mode: &str) -> pb::GeoMode {
+fn geo_mode_to_proto(mode: GeoMode) -> pb::GeoMode {
     match mode {
-        "block" => pb::GeoMode::Block,
-        "allow" => pb::GeoMode::Allow,
-        _ => pb::GeoMode::Off,
+        GeoMode::Off => pb::GeoMode::Off,
+        GeoMode::Block => pb::GeoMode::Block,
+        GeoMode::Allow => pb::GeoMode::Allow,
     }
 }
 
 impl From<&GeoStatus> for pb::GeoStatus {
     fn from(g: &GeoStatus) -> pb::GeoStatus {
         pb::GeoStatus {
-            mode: geo_mode_to_proto(&g.mode) as i32,
+            mode: geo_mode_to_proto(g.mode) as i32,
             countries: g.countries.clone(),
             lists: g.lists.iter().map(Into::into).collect(),
         }
@@ -85,12 +85,11 @@ impl TryFrom<pb::GeoStatus> for GeoStatus {
     fn try_from(g: pb::GeoStatus) -> Result<GeoStatus, AnswerError> {
         Ok(GeoStatus {
             mode: match pb::GeoMode::try_from(g.mode) {
-                Ok(pb::GeoMode::Block) => "block",
-                Ok(pb::GeoMode::Allow) => "allow",
-                Ok(pb::GeoMode::Off) => "off",
+                Ok(pb::GeoMode::Block) => GeoMode::Block,
+                Ok(pb::GeoMode::Allow) => GeoMode::Allow,
+                Ok(pb::GeoMode::Off) => GeoMode::Off,
                 _ => return Err(AnswerError::Invalid { field: "geo.mode" }),
-            }
-            .into(),
+            },
             countries: g.countries,
             lists: g
                 .lists
@@ -111,18 +110,16 @@ impl Client {
         Ok(r.try_into()?)
     }
 
-    /// Sets the geo policy: `mode` is `off`, `block` or `allow`.
+    /// Sets the geo policy: `mode` is a [`GeoMode`] by name (another name reaches the agent as
+    /// no mode, which refuses it naming the field); the agent checks the countries.
     pub async fn set_geo(
         &self,
         mode: &str,
         countries: Vec<String>,
     ) -> Result<GeoStatus, ClientError> {
-        let mode = match mode {
-            "block" => pb::GeoMode::Block,
-            "allow" => pb::GeoMode::Allow,
-            "off" => pb::GeoMode::Off,
-            _ => pb::GeoMode::Unspecified,
-        };
+        let mode = mode
+            .parse()
+            .map_or(pb::GeoMode::Unspecified, geo_mode_to_proto);
         let r = GeoClient::new(self.channel.clone())
             .set_geo(self.req(pb::SetGeoRequest {
                 mode: mode as i32,

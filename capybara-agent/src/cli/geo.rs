@@ -4,7 +4,7 @@
 use clap::Subcommand;
 
 use super::{Cli, CliError, connect, output::print_json, table::Table};
-use crate::service::domain::country;
+use crate::service::{domain::country, geo::GeoMode};
 
 /// `capybara geo …`.
 #[derive(Debug, Subcommand)]
@@ -31,17 +31,25 @@ pub(super) enum GeoCmd {
 pub(super) async fn run(cli: &Cli, cmd: &GeoCmd) -> Result<(), CliError> {
     let status = match cmd {
         GeoCmd::List => connect(cli).await?.geo().await?,
-        GeoCmd::Off => connect(cli).await?.set_geo("off", Vec::new()).await?,
+        GeoCmd::Off => {
+            connect(cli)
+                .await?
+                .set_geo(GeoMode::Off.name(), Vec::new())
+                .await?
+        }
         GeoCmd::Block { countries } | GeoCmd::Allow { countries } => {
             for c in countries {
                 country("countries", c)?;
             }
             let mode = if matches!(cmd, GeoCmd::Block { .. }) {
-                "block"
+                GeoMode::Block
             } else {
-                "allow"
+                GeoMode::Allow
             };
-            connect(cli).await?.set_geo(mode, countries.clone()).await?
+            connect(cli)
+                .await?
+                .set_geo(mode.name(), countries.clone())
+                .await?
         }
     };
     if cli.json {

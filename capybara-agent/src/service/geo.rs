@@ -136,11 +136,60 @@ pub fn apply(
     Ok(dataplane.list_batch(Direction::Source, &plan.ops())?)
 }
 
+/// What the guard does with the countries of a policy; stored and shown as `off`, `block` or
+/// `allow`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GeoMode {
+    /// No geo lists.
+    #[default]
+    Off,
+    /// Drop sources in the countries.
+    Block,
+    /// Drop sources outside the countries.
+    Allow,
+}
+
+/// A mode from its name.
+impl std::str::FromStr for GeoMode {
+    type Err = ();
+    fn from_str(s: &str) -> Result<GeoMode, ()> {
+        [GeoMode::Off, GeoMode::Block, GeoMode::Allow]
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or(())
+    }
+}
+
+/// A mode equals its name (`GeoMode::Off == "off"`).
+impl PartialEq<&str> for GeoMode {
+    fn eq(&self, s: &&str) -> bool {
+        self.name() == *s
+    }
+}
+
+impl GeoMode {
+    /// `off`, `block` or `allow`.
+    pub fn name(self) -> &'static str {
+        match self {
+            GeoMode::Off => "off",
+            GeoMode::Block => "block",
+            GeoMode::Allow => "allow",
+        }
+    }
+}
+
+impl std::fmt::Display for GeoMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// The geo policy as stored (`blocklists` family, [`keys::GEO_POLICY`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GeoStatus {
-    /// `off`, `block` or `allow`.
-    pub mode: String,
+    /// What the guard does with the countries.
+    pub mode: GeoMode,
     /// The countries of the policy, ISO codes.
     pub countries: Vec<String>,
     /// The geo lists in the kernel with their sizes and hits.
@@ -148,12 +197,12 @@ pub struct GeoStatus {
 }
 
 /// The stored form of a policy.
-fn geo_record(policy: &GeoPolicy) -> (String, Vec<String>) {
+fn geo_record(policy: &GeoPolicy) -> (GeoMode, Vec<String>) {
     let codes = |c: &[CountryCode]| c.iter().map(|c| c.as_str().to_owned()).collect();
     match policy {
-        GeoPolicy::Off => ("off".into(), Vec::new()),
-        GeoPolicy::Block(c) => ("block".into(), codes(c)),
-        GeoPolicy::Allow(c) => ("allow".into(), codes(c)),
+        GeoPolicy::Off => (GeoMode::Off, Vec::new()),
+        GeoPolicy::Block(c) => (GeoMode::Block, codes(c)),
+        GeoPolicy::Allow(c) => (GeoMode::Allow, codes(c)),
     }
 }
 
@@ -176,10 +225,7 @@ impl Geo {
             .core
             .store
             .get(Cf::Blocklists, keys::GEO_POLICY)?
-            .unwrap_or_else(|| GeoStatus {
-                mode: "off".into(),
-                ..GeoStatus::default()
-            });
+            .unwrap_or_default();
         status.lists = self
             .lists
             .blocklists()?
