@@ -16,8 +16,11 @@ use crate::setup;
 const TESTS_CRATE: &str = "capybara-tests";
 /// The kernel crate, built only for bpfel-unknown-none.
 const EBPF_CRATE: &str = "capybara-ebpf";
-/// The BPF_PROG_TEST_RUN test target of the tests crate.
-const PROG_TEST_RUN: &str = "prog_test_run";
+/// The one integration-test binary of the tests crate (`tests/it/main.rs`).
+const IT: &str = "it";
+/// The module of `it` that holds the BPF_PROG_TEST_RUN tests: its own stage; every other test
+/// of the tests crate is in the e2e stage.
+const PROG_TEST_RUN: &str = "prog_test_run::";
 
 /// One step of the pipeline, in the order they run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
@@ -176,21 +179,32 @@ fn run_stage(stage: Stage, runner: Runner) -> Result<()> {
             }
         }
         Stage::ProgTestRun => {
-            exec::run(test_command(runner).args(["-p", TESTS_CRATE, "--test", PROG_TEST_RUN]))
+            let mut command = test_command(runner);
+            command.args(["-p", TESTS_CRATE, "--test", IT]);
+            match runner {
+                Runner::Nextest => command.arg("-E").arg(prog_test_run_filter()),
+                Runner::CargoTest => command.args(["--", PROG_TEST_RUN]),
+            };
+            exec::run(&mut command)
         }
         Stage::E2e => match runner {
             Runner::Nextest => exec::run(
                 test_command(runner)
                     .args(["-p", TESTS_CRATE, "--test-threads", "1", "-E"])
-                    .arg(format!("not binary_id({TESTS_CRATE}::{PROG_TEST_RUN})")),
+                    .arg(format!("not ({})", prog_test_run_filter())),
             ),
-            Runner::CargoTest => {
-                let mut command = test_command(runner);
-                command.args(["-p", TESTS_CRATE]).args(e2e_targets()?);
-                exec::run(command.args(["--", "--test-threads=1"]))
-            }
+            Runner::CargoTest => exec::run(
+                test_command(runner)
+                    .args(["-p", TESTS_CRATE, "--lib", "--bins", "--test", IT])
+                    .args(["--", "--skip", PROG_TEST_RUN, "--test-threads=1"]),
+            ),
         },
     }
+}
+
+/// The nextest filter expression of the BPF_PROG_TEST_RUN tests.
+fn prog_test_run_filter() -> String {
+    format!("binary_id({TESTS_CRATE}::{IT}) and test(/^{PROG_TEST_RUN}/)")
 }
 
 /// `cargo nextest run` or `cargo test`.
@@ -201,31 +215,4 @@ fn test_command(runner: Runner) -> Command {
         Runner::CargoTest => command.arg("test"),
     };
     command
-}
-
-/// `cargo test` target flags for every test target of the tests crate but prog_test_run.
-fn e2e_targets() -> Result<Vec<String>> {
-    let metadata = exec::cargo_metadata()?;
-    let package = metadata["packages"]
-        .as_array()
-        .and_then(|packages| packages.iter().find(|p| p["name"] == TESTS_CRATE))
-        .with_context(|| format!("no package {TESTS_CRATE} in the workspace"))?;
-    let mut flags = Vec::new();
-    for target in package["targets"].as_array().into_iter().flatten() {
-        let name = target["name"].as_str().unwrap_or_default();
-        let kinds: Vec<&str> = target["kind"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|k| k.as_str())
-            .collect();
-        if kinds.contains(&"lib") {
-            flags.push("--lib".to_owned());
-        } else if kinds.contains(&"bin") {
-            flags.extend(["--bin".to_owned(), name.to_owned()]);
-        } else if kinds.contains(&"test") && name != PROG_TEST_RUN {
-            flags.extend(["--test".to_owned(), name.to_owned()]);
-        }
-    }
-    Ok(flags)
 }

@@ -21,7 +21,7 @@
 //!
 //! The DIR table of a generation is never cleared: step 2 overwrites all of it.
 //!
-//! ## Numbers (`list_replace_1m` in tests/tests/dataplane.rs, release build, this 2-core machine)
+//! ## Numbers (`list_replace_1m` in tests/it/dataplane.rs, release build, this 2-core machine)
 //! Replacing a source list of 1 000 000 random prefixes ([`crate::blocklist::sample`]: 95 % /20–/32,
 //! 5 % /16–/19 over the whole IPv4 space; 354 898 entries longer than /24 after compiling) by
 //! another such list. Two runs: one while other builds kept the machine at load average ≈ 9, one

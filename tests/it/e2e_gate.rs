@@ -7,8 +7,6 @@
 //! is TCP port [`VERIFY_PORT`] on A's IPv4 and IPv6 addresses; an echo server listens there and
 //! on [`OTHER_PORT`].
 
-mod e2e_support;
-
 use std::{
     io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpStream},
@@ -21,7 +19,8 @@ use capybara_tests::{
     netns::NetNs,
     traffic::{TcpEchoServer, UdpSink, send_udp},
 };
-use e2e_support::{TunPeer, WAIT, tun_peer};
+
+use crate::e2e_support::{TunPeer, WAIT, tun_peer};
 
 const PEER: u32 = 9;
 const VERIFY_PORT: u16 = 8443;

@@ -4,19 +4,18 @@
 //! the policy file carries templates and round-trips; configuration templates apply, export and
 //! import; built-ins are read-only; bad input names the field or line and changes nothing.
 
-mod api_support;
-
 use std::path::PathBuf;
 
-use api_support::{Cli, TestApi};
 use capybara_agent::{
-    api::client::{Client, ClientError},
+    api::client::Client,
     dataplane::PeerRates,
     service::{domain::Scope, policy::model::LimitsText},
     units::Rate,
 };
 use capybara_tests::agent_proc::agent_crate_binary;
 use tonic::Code;
+
+use crate::api_support::{Cli, TestApi, refused};
 
 fn start() -> (tokio::runtime::Runtime, TestApi, PathBuf) {
     let bin = agent_crate_binary("capybara");
@@ -47,14 +46,6 @@ fn snapshot(rt: &tokio::runtime::Runtime, api: &TestApi, c: &Client) -> String {
             c.export_policy_document().await.unwrap(),
         )
     })
-}
-
-fn refused<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (Code, String) {
-    match r {
-        Ok(v) => panic!("expected an error, got {v:?}"),
-        Err(ClientError::Status(s)) => (s.code(), s.message().to_owned()),
-        Err(e) => panic!("not a status: {e}"),
-    }
 }
 
 #[test]

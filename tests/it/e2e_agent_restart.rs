@@ -10,8 +10,6 @@
 //!   (TC egress): the peer's `tx_*` counters count it exactly;
 //! - UDP from a blocked client source to the WireGuard port is dropped by the XDP guard.
 
-mod e2e_support;
-
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -34,8 +32,9 @@ use capybara_tests::{
     netns::{BpffsDir, NetNs, VethPair, unique_name},
     traffic::{UDP4_OVERHEAD, send_udp},
 };
-use e2e_support::{WAIT, list, list_id, open_dataplane};
 use nix::sys::signal::Signal;
+
+use crate::e2e_support::{WAIT, list, list_id, open_dataplane};
 
 const PEER: u32 = 5;
 const PORT: u16 = 51820;

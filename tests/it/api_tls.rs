@@ -2,11 +2,8 @@
 //! with `openssl`); a client that trusts the CA calls with its token; a plaintext client and a
 //! client trusting another CA get no answer; the CLI talks TLS with --ca-cert.
 
-mod api_support;
-
 use std::{path::Path, process::Command};
 
-use api_support::TestApi;
 use capybara_agent::{
     api::{
         TlsIdentity,
@@ -15,6 +12,8 @@ use capybara_agent::{
     service::domain::Scope,
 };
 use capybara_tests::agent_proc::agent_crate_binary;
+
+use crate::api_support::TestApi;
 
 fn openssl(args: &[&str], dir: &Path) {
     let out = Command::new("openssl")

@@ -1,23 +1,20 @@
-//! Shared setup of the end-to-end tests (a module of each `e2e_*` test binary, not a test
-//! target itself): open the dataplane on a private pin dir, attach it inside a namespace.
+//! Shared setup of the end-to-end tests (the `e2e_*` and `geo` modules): open the dataplane on a
+//! private pin dir, attach it inside a namespace.
 
-#![allow(
-    dead_code,
-    reason = "each test binary uses a different subset of these helpers"
-)]
-
-use std::time::Duration;
-
-use std::net::IpAddr;
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use capybara_agent::{
     blocklist::{Direction, ListName},
     dataplane::{Dataplane, DataplaneConfig, Event, EventStream},
     net::Cidr,
 };
-use capybara_common::{peer::PeerId, quota::BucketId};
+use capybara_common::{counters::Counter, peer::PeerId, quota::BucketId};
 use capybara_tests::{
     netns::{BpffsDir, NetNs},
+    traffic::send_udp,
     tunwire::TunWire,
 };
 
@@ -125,5 +122,24 @@ pub async fn quota_events(events: &mut EventStream, bucket: Option<BucketId>) ->
             }
             Err(_) => return out,
         }
+    }
+}
+
+/// `a - b` as (packets, bytes).
+pub fn sub(a: Counter, b: Counter) -> (u64, u64) {
+    (a.packets - b.packets, a.bytes - b.bytes)
+}
+
+/// Sends `n` datagrams in bursts of 20 with a pause between them: this wireguard-go (2022) reads
+/// its UDP socket one datagram at a time with the default 208 KiB receive buffer (about 90
+/// datagrams, `UdpRcvbufErrors` beyond), and on two shared cores it cannot keep up with a
+/// server that sends in batches.
+pub fn send_paced(ns: &NetNs, from: IpAddr, to: SocketAddr, n: u64, size: usize) {
+    let mut sent = 0;
+    while sent < n {
+        let k = (n - sent).min(20);
+        send_udp(ns, Some(from), to, k, size);
+        sent += k;
+        std::thread::sleep(Duration::from_millis(4));
     }
 }

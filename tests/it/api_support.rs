@@ -2,14 +2,12 @@
 //! Unix socket in a temporary directory, over a real store and the in-memory dataplane and
 //! tunnel. Dropping it shuts the server down.
 
-#![allow(dead_code, reason = "each api_* test uses a different part")]
-
 use std::{path::PathBuf, sync::Arc};
 
 use capybara_agent::{
     api::{
         self, Listeners,
-        client::{Client, Endpoint},
+        client::{Client, ClientError, Endpoint},
     },
     service::{
         NewToken, Service, ServiceConfig,
@@ -19,6 +17,7 @@ use capybara_agent::{
     },
     store::Store,
 };
+use tonic::Code;
 
 /// A running in-process API.
 pub struct TestApi {
@@ -244,5 +243,15 @@ impl Cli {
             o.stderr
         );
         o.stderr
+    }
+}
+
+/// The gRPC code and message of a call that must fail (panics if it succeeded or failed
+/// without a status).
+pub fn refused<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (Code, String) {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(ClientError::Status(s)) => (s.code(), s.message().to_owned()),
+        Err(e) => panic!("not a status: {e}"),
     }
 }

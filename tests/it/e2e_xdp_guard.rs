@@ -3,8 +3,6 @@
 //! and N frames' bytes); removing the block restores delivery; other sources, unguarded ports and
 //! TCP are never affected.
 
-mod e2e_support;
-
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::Duration,
@@ -19,7 +17,8 @@ use capybara_tests::{
     netns::{BpffsDir, NetNs, VethPair},
     traffic::{UdpSink, send_udp, tcp_transfer_from, udp_overhead},
 };
-use e2e_support::{WAIT, attach_xdp, cidr, list, list_id, open_dataplane};
+
+use crate::e2e_support::{WAIT, attach_xdp, cidr, list, list_id, open_dataplane, sub};
 
 const GUARDED: u16 = 51820;
 const UNGUARDED: u16 = 51821;
@@ -43,10 +42,6 @@ fn read(dp: &Dataplane, list_id: u32) -> Drops {
         pass_clean: g.get(XDP_PASS_CLEAN),
         list_hits: dp.list_hits(list_id).expect("read list hits"),
     }
-}
-
-fn sub(a: Counter, b: Counter) -> (u64, u64) {
-    (a.packets - b.packets, a.bytes - b.bytes)
 }
 
 /// Sends N datagrams from `src` to `dst:port` and returns how many arrived (waiting for all of

@@ -3,9 +3,6 @@
 //! answered `INVALID_ARGUMENT` naming the field with nothing changed, CRUD round trips, the
 //! audit trail, health and reflection.
 
-mod api_support;
-
-use api_support::TestApi;
 use capybara_agent::{
     api::client::{Client, ClientError, code},
     blocklist::Direction,
@@ -13,6 +10,8 @@ use capybara_agent::{
 };
 use capybara_proto::v1 as pb;
 use tonic::Code;
+
+use crate::api_support::TestApi;
 
 fn status(e: ClientError) -> tonic::Status {
     match e {

@@ -2,28 +2,19 @@
 //! the in-memory dataplane): bad input answered `INVALID_ARGUMENT` naming the field with nothing
 //! changed, scopes, group fan-out to the kernel state before the reply, explain, quota report.
 
-mod api_support;
-
-use api_support::TestApi;
 use capybara_agent::{
-    api::client::{Client, ClientError},
+    api::client::Client,
     service::{domain::Scope, policy::model::LimitsText},
     units::Rate,
 };
 use tonic::Code;
 
+use crate::api_support::{TestApi, refused};
+
 fn text(f: impl FnOnce(&mut LimitsText)) -> LimitsText {
     let mut t = LimitsText::default();
     f(&mut t);
     t
-}
-
-fn refused<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (Code, String) {
-    match r {
-        Ok(v) => panic!("expected an error, got {v:?}"),
-        Err(ClientError::Status(s)) => (s.code(), s.message().to_owned()),
-        Err(e) => panic!("not a status: {e}"),
-    }
 }
 
 async fn snapshot(api: &TestApi, c: &Client) -> String {

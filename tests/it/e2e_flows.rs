@@ -7,8 +7,6 @@
 //! once) lets the next connection succeed at once — its first SYN passes, no retransmission
 //! wait — and then the limit holds again.
 
-mod e2e_support;
-
 use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpStream},
@@ -17,7 +15,8 @@ use std::{
 
 use capybara_common::drop::DropReason;
 use capybara_tests::{netns::NetNs, traffic::TcpEchoServer};
-use e2e_support::tun_peer;
+
+use crate::e2e_support::{TunPeer, tun_peer};
 
 const PEER: u32 = 5;
 const PORT: u16 = 8080;
@@ -47,7 +46,7 @@ fn a_fourth_tcp_connection_fails_at_a_limit_of_three_and_closing_one_frees_its_s
     s.dp.set_flow_limit(PEER, 3).expect("set the flow limit");
     let server = SocketAddr::new(IpAddr::V4(s.wire.a.v4), PORT);
     let _srv = TcpEchoServer::start(&s.a, server);
-    let drops = |s: &e2e_support::TunPeer| {
+    let drops = |s: &TunPeer| {
         s.dp.peer_stats(PEER).expect("peer stats").drops[DropReason::FlowLimit as usize]
     };
 

@@ -4,11 +4,9 @@
 //! dataplane's own lookups, the real `xdp_guard` program over BPF_PROG_TEST_RUN, and real UDP
 //! traffic over a veth pair between two namespaces of this test.
 //!
-//! Privileged (root, bpffs at `/sys/fs/bpf`): `cargo test -p capybara-tests --test geo --
+//! Privileged (root, bpffs at `/sys/fs/bpf`): `cargo test -p capybara-tests --test it -- geo::
 //! --test-threads=1`. Only crafted packets carry public addresses; real traffic uses the
 //! namespaces' own private addresses (which the fixture maps to a country).
-
-mod e2e_support;
 
 use std::{
     collections::BTreeSet,
@@ -39,8 +37,9 @@ use capybara_tests::{
     packets,
     traffic::{UdpSink, UdpStream, send_udp, udp_overhead},
 };
-use e2e_support::{WAIT, attach_xdp, cidr, list, list_id, open_dataplane};
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
+
+use crate::e2e_support::{WAIT, attach_xdp, cidr, list, list_id, open_dataplane, sub};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -191,10 +190,6 @@ fn live_ids(dp: &mut Dataplane) -> BTreeSet<ListId> {
 
 fn id_of(dp: &Dataplane, name: &str) -> ListId {
     list_id(dp, Direction::Source, &list(name))
-}
-
-fn sub(a: Counter, b: Counter) -> (u64, u64) {
-    (a.packets - b.packets, a.bytes - b.bytes)
 }
 
 /// Test 1: block mode through the real dataplane.

@@ -15,8 +15,6 @@
 //!   packet is dropped once the bucket was exhausted before it, and at most one packet per CPU
 //!   is between its check and its charge).
 
-mod e2e_support;
-
 use std::{
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
@@ -44,7 +42,8 @@ use capybara_tests::{
     traffic::{UdpSink, send_udp, udp_overhead},
     wg::{Implementation, WgProcess, ping, ping_until, start_tunnel, tunnel_config},
 };
-use e2e_support::{WAIT, attach_tc, open_dataplane, quota_events};
+
+use crate::e2e_support::{WAIT, attach_tc, open_dataplane, quota_events};
 
 /// One client namespace with a wireguard-go interface set up from an agent-generated config.
 struct Client {

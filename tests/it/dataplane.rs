@@ -1,8 +1,8 @@
 //! Privileged tests of the agent's dataplane module against the real kernel: pins re-used across
 //! opens, attach/re-attach/detach in a network namespace, blocklist generations, and "bad input
 //! changes nothing". Each test uses its own bpffs directory (removed on drop, also on panic) and
-//! its own namespaces. Run as root: `cargo test -p capybara-tests --test dataplane`; the 1M-prefix
-//! timing is meaningful in a release build (`--release`).
+//! its own namespaces. Run as root: `cargo test -p capybara-tests --test it -- dataplane::`; the
+//! 1M-prefix timing is meaningful in a release build (`--release`).
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},

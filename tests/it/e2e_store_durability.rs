@@ -11,8 +11,6 @@
 //! Creations that were in flight at the kill may or may not be there; if they are, they are
 //! whole.
 
-mod e2e_support;
-
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
@@ -31,8 +29,9 @@ use capybara_tests::{
     agent_proc,
     netns::{BpffsDir, NetNs, unique_name},
 };
-use e2e_support::open_dataplane;
 use nix::sys::signal::Signal;
+
+use crate::e2e_support::open_dataplane;
 
 const TOTAL: usize = 1000;
 const KILL_AFTER: usize = 400;

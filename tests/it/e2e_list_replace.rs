@@ -8,8 +8,6 @@
 //! Not one blocked datagram may arrive; every datagram of the clean source must, and it must keep
 //! arriving during the replacements.
 
-mod e2e_support;
-
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
@@ -21,8 +19,9 @@ use capybara_tests::{
     netns::{BpffsDir, NetNs, VethPair},
     traffic::{UdpSink, UdpStream},
 };
-use e2e_support::{WAIT, attach_xdp, list, list_id, open_dataplane};
 use rand::Rng;
+
+use crate::e2e_support::{WAIT, attach_xdp, list, list_id, open_dataplane};
 
 const BLOCKED_PORT: u16 = 51820;
 const CLEAN_PORT: u16 = 51830;

@@ -2,17 +2,16 @@
 //! the `geo:*` source lists in one step with the policy stored and audited, bad country codes
 //! refused naming the field with nothing changed, and FAILED_PRECONDITION without a database.
 
-mod api_support;
-
 use std::sync::Arc;
 
-use api_support::TestApi;
 use capybara_agent::{
     api::client::code,
     geo::{GeoDb, mmdb_writer::MmdbWriter},
 };
 use capybara_tests::agent_proc::agent_crate_binary;
 use tonic::Code;
+
+use crate::api_support::TestApi;
 
 fn db() -> Arc<GeoDb> {
     let mut w = MmdbWriter::new(6);

@@ -3,8 +3,6 @@
 //! UDP datagrams exactly (N × (S + 28) bytes of IPv4, N × (S + 48) of IPv6, each way), TCP as
 //! the device's own counters. The tunnel runs as the daemon runs it (`DEFAULT_OFFLOAD`).
 
-mod e2e_support;
-
 use std::{
     net::{IpAddr, SocketAddr},
     time::Duration,
@@ -16,11 +14,12 @@ use capybara_common::{
     peer::PeerStats,
 };
 use capybara_tests::{
-    netns::{BpffsDir, NetNs},
-    traffic::{IfCounters, UdpSink, send_udp, tcp_transfer, udp_overhead},
+    netns::BpffsDir,
+    traffic::{IfCounters, UdpSink, tcp_transfer, udp_overhead},
     wg::{WgLab, ping_until},
 };
-use e2e_support::{WAIT, attach_tc, open_dataplane};
+
+use crate::e2e_support::{WAIT, attach_tc, open_dataplane, send_paced};
 
 const PEER: u32 = 11;
 
@@ -52,18 +51,6 @@ fn setup(net: u8) -> Setup {
 
 fn peer(dp: &Dataplane) -> PeerStats {
     dp.peer_stats(PEER).expect("read peer stats")
-}
-
-/// Sends `n` datagrams in bursts of 20 (the 2022 wireguard-go client's socket buffer holds about
-/// 90; see e2e_wg_tunnel).
-fn send_paced(ns: &NetNs, from: IpAddr, to: SocketAddr, n: u64, size: usize) {
-    let mut sent = 0;
-    while sent < n {
-        let k = (n - sent).min(20);
-        send_udp(ns, Some(from), to, k, size);
-        sent += k;
-        std::thread::sleep(Duration::from_millis(4));
-    }
 }
 
 fn udp_exact(s: &Setup, server: IpAddr, client: IpAddr) {

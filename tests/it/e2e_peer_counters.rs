@@ -7,8 +7,6 @@
 //! (the kernel's own MLD reports), which is read from the global counters so the identity is
 //! exact, not approximate.
 
-mod e2e_support;
-
 use std::{
     net::{IpAddr, SocketAddr},
     time::Duration,
@@ -20,7 +18,8 @@ use capybara_common::{
     peer::PeerStats,
 };
 use capybara_tests::traffic::{IfCounters, UdpSink, send_udp, tcp_transfer, udp_overhead};
-use e2e_support::{TunPeer, WAIT, tun_peer};
+
+use crate::e2e_support::{TunPeer, WAIT, tun_peer};
 
 const PEER: u32 = 7;
 

@@ -8,14 +8,13 @@
 //! meanwhile; a rate change takes effect at once; clearing the rates restores full speed. (The exact accuracy figures are `cargo xtask bench`'s
 //! `throttle_accuracy_*`.)
 
-mod e2e_support;
-
 use std::net::IpAddr;
 
 use capybara_agent::{dataplane::PeerRates, net::Cidr, units::Rate};
 use capybara_common::counters::{TC_IN_SHAPED, TC_OUT_SHAPED};
 use capybara_tests::iperf::{self, IperfResult, IperfTcp};
-use e2e_support::{TunPeer, tun_peer};
+
+use crate::e2e_support::{TunPeer, tun_peer};
 
 const PEER: u32 = 4;
 const OTHER_PEER: u32 = 5;

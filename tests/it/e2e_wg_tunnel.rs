@@ -23,6 +23,8 @@ use capybara_tests::{
 };
 use tokio::sync::broadcast::{Receiver, error::TryRecvError};
 
+use crate::e2e_support::send_paced;
+
 /// How long a test waits for something that should happen.
 const WAIT: Duration = Duration::from_secs(5);
 /// TCP bytes client → server and back, per address family.
@@ -57,20 +59,6 @@ fn wait_event(
 
 fn is_connected(key: capybara_agent::tunnel::PublicKey) -> impl Fn(&TunnelEvent) -> bool {
     move |e| matches!(e, TunnelEvent::Connected { public_key, .. } if *public_key == key)
-}
-
-/// Sends `n` datagrams in bursts of 20 with a pause between them: this wireguard-go (2022) reads
-/// its UDP socket one datagram at a time with the default 208 KiB receive buffer (about 90
-/// datagrams, `UdpRcvbufErrors` beyond), and on two shared cores it cannot keep up with a
-/// server that sends in batches.
-fn send_paced(ns: &NetNs, from: IpAddr, to: SocketAddr, n: u64, size: usize) {
-    let mut sent = 0;
-    while sent < n {
-        let k = (n - sent).min(20);
-        send_udp(ns, Some(from), to, k, size);
-        sent += k;
-        std::thread::sleep(Duration::from_millis(4));
-    }
 }
 
 fn udp_both_ways(s: &Setup, c: &Client, server: IpAddr, client: IpAddr) {

@@ -1,6 +1,8 @@
-//! The agent's runtime log filter (`capybara_agent::logging`), in a process of its own (it
-//! installs the global subscriber): a configuration template's level replaces the filter, and
-//! without one the filter is `RUST_LOG` again.
+//! The agent's runtime log filter (`capybara_agent::logging`): a configuration template's level
+//! replaces the filter, and without one the filter is `RUST_LOG` again. The test installs the
+//! process's global subscriber, so it is the only test of the `it` binary that calls
+//! `logging::install` (nextest runs each test in a process of its own; `cargo test` runs them
+//! all in one, where a subscriber installed earlier would fail its first assertion).
 
 use capybara_agent::logging;
 use tracing::Level;

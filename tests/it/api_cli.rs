@@ -2,12 +2,11 @@
 //! in-memory dataplane and tunnel): the user lifecycle with configs and QR codes, tokens over
 //! TCP, tables and `--json`, and exit code 2 with a one-line reason on bad input.
 
-mod api_support;
-
 use std::path::PathBuf;
 
-use api_support::{Cli, TestApi};
 use capybara_tests::agent_proc::agent_crate_binary;
+
+use crate::api_support::{Cli, TestApi};
 
 /// [`Cli::fails`], and the line is the CLI's `error: …` form.
 fn fails(cli: &Cli, code: i32, args: &[&str], needle: &str) {

@@ -6,8 +6,6 @@
 //! fd00:62::1 (blocked by list `ads`) and 10.63.0.1 / fd00:63::1 (clean); the peer routes both
 //! through its TUN device, so they cross the server's tunnel device like a VPN user's traffic.
 
-mod e2e_support;
-
 use std::{
     net::{IpAddr, SocketAddr},
     time::Duration,
@@ -24,7 +22,8 @@ use capybara_tests::{
     traffic::{UdpSink, send_udp, udp_overhead},
     tunwire::TunWire,
 };
-use e2e_support::{WAIT, attach_tc, cidr, list, list_id, open_dataplane};
+
+use crate::e2e_support::{WAIT, attach_tc, cidr, list, list_id, open_dataplane, sub};
 
 const PEER: u32 = 3;
 const N: u64 = 150;
@@ -47,10 +46,6 @@ fn snap(dp: &Dataplane, id: u32) -> Snap {
         hits: dp.list_hits(id).expect("read list hits"),
         peer: dp.peer_stats(PEER).expect("read peer stats"),
     }
-}
-
-fn sub(a: Counter, b: Counter) -> (u64, u64) {
-    (a.packets - b.packets, a.bytes - b.bytes)
 }
 
 /// Sends N datagrams from namespace `from` (source `src`) to `dst` in namespace `to`; returns

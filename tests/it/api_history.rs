@@ -7,8 +7,6 @@
 //! - `backup create` → `user remove` → stop → `backup restore` → start: the user is back and
 //!   programmed into the tunnel and the dataplane.
 
-mod api_support;
-
 use std::{
     net::SocketAddr,
     path::Path,
@@ -16,7 +14,6 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use api_support::{Cli, TestApi};
 use capybara_agent::{
     api::{self, Listeners, client::code},
     service::{
@@ -30,6 +27,8 @@ use capybara_agent::{
 use capybara_common::peer::PeerStats;
 use capybara_tests::agent_proc::agent_crate_binary;
 use tonic::Code;
+
+use crate::api_support::{Cli, TestApi};
 
 fn root() -> Actor {
     Actor::Local { uid: 0 }

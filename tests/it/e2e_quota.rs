@@ -6,8 +6,6 @@
 //! 90 and 100 % warnings each arrive exactly once on the agent's event stream; a reset (new
 //! epoch, zero usage) lets traffic through again.
 
-mod e2e_support;
-
 use std::{
     net::{IpAddr, SocketAddr},
     time::Duration,
@@ -16,7 +14,8 @@ use std::{
 use capybara_agent::dataplane::{Event, QuotaThreshold};
 use capybara_common::drop::DropReason;
 use capybara_tests::traffic::{UdpSink, send_udp, udp_overhead};
-use e2e_support::{WAIT, quota_events, tun_peer};
+
+use crate::e2e_support::{WAIT, quota_events, tun_peer};
 
 const PEER: u32 = 3;
 const BUCKET: u32 = 11;

@@ -1,0 +1,42 @@
+//! The integration tests of the tests crate, in one binary (one link of RocksDB, aya and tonic
+//! instead of one per file). One module per concern; a test is `module::test_name`.
+//!
+//! - `api_*`: the gRPC API and the `capybara` CLI against an in-process agent (no root);
+//!   `api_support` starts it.
+//! - `dataplane`, `geo`, `e2e_*`: the agent's dataplane, tunnel and daemon against the real kernel
+//!   in network namespaces (root); `e2e_support` opens and attaches the dataplane.
+//! - `prog_test_run`: BPF_PROG_TEST_RUN tables of the kernel programs (root).
+//! - `logging`: the runtime log filter (installs the process's global subscriber).
+//!
+//! `cargo xtask test` runs `prog_test_run::` as its own stage and everything else serially in the
+//! `e2e` stage.
+
+mod api_support;
+mod e2e_support;
+
+mod api_cli;
+mod api_geo;
+mod api_grpc;
+mod api_history;
+mod api_policy;
+mod api_templates;
+mod api_tls;
+mod dataplane;
+mod e2e_agent_restart;
+mod e2e_dst_blocklist;
+mod e2e_flows;
+mod e2e_gate;
+mod e2e_harness;
+mod e2e_list_replace;
+mod e2e_peer_counters;
+mod e2e_policy;
+mod e2e_quota;
+mod e2e_session_history;
+mod e2e_shape;
+mod e2e_store_durability;
+mod e2e_wg_dataplane;
+mod e2e_wg_tunnel;
+mod e2e_xdp_guard;
+mod geo;
+mod logging;
+mod prog_test_run;
