@@ -264,11 +264,7 @@ impl Geo {
         };
         let mut batch = Batch::default();
         batch.put(Cf::Blocklists, keys::GEO_POLICY, &record)?;
-        batch.put(
-            Cf::Blocklists,
-            keys::BLOCKLISTS,
-            &self.core.plane.list_snapshot(),
-        )?;
+        self.lists.stage_snapshot(&mut batch)?;
         self.core.audit(
             &mut batch,
             actor,

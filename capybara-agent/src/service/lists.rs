@@ -63,6 +63,15 @@ impl Lists {
         Lists { core }
     }
 
+    /// Stages the kernel's registry snapshot into `batch`, for a change of the lists.
+    pub(super) fn stage_snapshot(&self, batch: &mut Batch) -> Result<(), StoreError> {
+        batch.put(
+            Cf::Blocklists,
+            keys::BLOCKLISTS,
+            &self.core.plane.list_snapshot(),
+        )
+    }
+
     /// Every list with its contents and hits.
     pub fn blocklists(&self) -> Result<Vec<BlocklistView>, ServiceError> {
         let lists = self.core.plane.lists()?;
@@ -164,11 +173,7 @@ impl Lists {
         self.core.plane.list_op(direction, name, op)?;
         let after = self.core.plane.list_cidrs(direction, name);
         let mut batch = Batch::default();
-        batch.put(
-            Cf::Blocklists,
-            keys::BLOCKLISTS,
-            &self.core.plane.list_snapshot(),
-        )?;
+        self.stage_snapshot(&mut batch)?;
         self.core.audit(
             &mut batch,
             actor,
