@@ -1,5 +1,10 @@
 //! Groups, quotas and limits: where an admin's intent becomes kernel state.
 //!
+//! [`Policy`] holds its own state: the records in memory (`cache`, kept from the store's
+//! `records`), the quota buckets (`buckets`) and what is known only while running (`runtime`:
+//! devices online, gates decided, online time); its methods are the changes (each one store
+//! batch with its audit record, then the kernel), the kernel apply, and the tick.
+//!
 //! - [`model`]: the validated values (`10Mbps`, `100GB`, `Mon-Fri 08:00-18:00`, …) and a
 //!   policy layer ([`Limits`]).
 //! - [`resolve`]: the effective policy of a user from its layers (user, groups, template,
@@ -7,10 +12,11 @@
 //!   users in several groups is documented there (most permissive wins).
 //! - [`engine`]: period boundaries and gate decisions (window, daily time, device limit) as
 //!   pure functions of the time.
-//! - [`plane`]: the dataplane operations the policy needs.
-//! - [`doc`]: the declarative policy file (apply, export, diff).
-//! - [`template`]: quota templates (a named layer applied to users) and configuration
-//!   templates (named server settings, with built-ins); [`templates`] has their service calls.
+//! - `records`, `cache`, `buckets`, `runtime`: the state above.
+//!
+//! The dataplane operations the policy needs are `service::ports::PolicyPlane`; policy files
+//! are `service::policy_file`, quota and configuration templates `service::templates`: both
+//! are built on this module's changes.
 //!
 //! ## From a change to the kernel
 //! Every change (user limits, server default, a group's policy or members, a quota template or
@@ -59,98 +65,44 @@
 //! (connected before the window opened, or after the time ran out) and, after a SIGKILL, the
 //! downtime up to the next start, and the devices' overlapping sessions would have to be merged.
 
+mod buckets;
+mod cache;
 pub mod engine;
 pub mod model;
+mod records;
 pub mod resolve;
+mod runtime;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     sync::{Arc, Mutex, RwLock, RwLockReadGuard},
-    time::{Duration, SystemTime},
+    time::SystemTime,
 };
 
-use capybara_common::{drop::DropReason, peer::PeerId, quota::MAX_QUOTA_BUCKETS};
-use chrono::NaiveDate;
+use capybara_common::peer::PeerId;
 use serde::{Deserialize, Serialize};
 
+pub use self::records::{GroupRecord, GroupView, ONLINE_SAVE_EVERY, UserPolicy};
 use self::{
+    buckets::{BucketState, Buckets},
     engine::Device,
     model::{ByteSize, Cap, GroupName, Limits, LimitsPatch, Period, Zone},
-    resolve::{Effective, GroupLayer, Layers, QuotaPlan, resolve},
+    records::{BucketRecord, DAY_FORMAT, OnlineRecord, owner_group, owner_user, stage},
+    resolve::{Effective, QuotaPlan},
+    runtime::Runtime,
 };
+pub(in crate::service) use self::{cache::Cache, records::Change};
 use super::{
     ServiceError,
     core::{Core, to_json},
     directory::Directory,
     domain::{Actor, Peer, PublicKey, UserName, ValidationError, unix_secs},
     error::not_found,
-    templates::model::{QuotaTemplate, ServerSettings, TemplateName},
 };
 use crate::{
     dataplane::PeerRates,
     store::{Batch, Cf, StoreError, keys},
 };
-
-/// A group as stored.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GroupRecord {
-    /// Its name.
-    pub name: GroupName,
-    /// Its members.
-    pub members: BTreeSet<UserName>,
-    /// Its policy.
-    pub limits: Limits,
-    /// One budget per period for all members.
-    pub shared_limit: Option<ByteSize>,
-}
-
-/// A user's own policy layer as stored.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UserPolicy {
-    /// The overrides.
-    pub limits: Limits,
-    /// The quota template applied to the user (its template layer).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub template: Option<TemplateName>,
-}
-
-impl UserPolicy {
-    /// Whether the record says nothing (and need not be stored).
-    pub fn is_empty(&self) -> bool {
-        self.limits.is_empty() && self.template.is_none()
-    }
-}
-
-/// A bucket as stored: its id and the period start it was last reset for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct BucketRecord {
-    id: u32,
-    period_start: Option<i64>,
-}
-
-/// How much a user's online time grows before the tick writes it again (see the module docs).
-pub const ONLINE_SAVE_EVERY: Duration = Duration::from_secs(60);
-
-/// A user's online time on one local day as stored (`online/<user>`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct OnlineRecord {
-    user: UserName,
-    /// The local day in the user's zone, `YYYY-MM-DD`.
-    day: String,
-    /// Seconds online that day.
-    secs: u64,
-}
-
-/// The store's format of a local day.
-const DAY_FORMAT: &str = "%Y-%m-%d";
-
-/// A bucket in memory: the record and the period it follows (from the last apply).
-#[derive(Clone, Copy, Debug)]
-struct BucketState {
-    rec: BucketRecord,
-    period: Period,
-    zone: Zone,
-}
 
 /// Which layer a limits call is about.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -184,84 +136,6 @@ pub struct QuotaStatus {
     pub exceeding: bool,
 }
 
-/// A group with its members and policy.
-pub type GroupView = GroupRecord;
-
-/// What is cached from the store.
-#[derive(Debug, Default)]
-pub(in crate::service) struct Cache {
-    pub(in crate::service) users: BTreeMap<UserName, UserPolicy>,
-    pub(in crate::service) groups: BTreeMap<GroupName, GroupRecord>,
-    pub(in crate::service) default: Limits,
-    /// Quota templates.
-    pub(in crate::service) templates: BTreeMap<TemplateName, Limits>,
-    /// The server settings set by the last configuration template applied.
-    pub(in crate::service) settings: ServerSettings,
-    /// User → its groups.
-    pub(in crate::service) member_of: BTreeMap<UserName, BTreeSet<GroupName>>,
-    /// The last effective policy applied, of the users the tick must look at
-    /// ([`Effective::is_timed`]); the others' is computed when needed. Keeping it for every
-    /// user cost 60 MiB at 100 000 users (an `Effective` is ≈ 450 B), for nothing the tick reads.
-    pub(in crate::service) effective: HashMap<UserName, Effective>,
-}
-
-impl Cache {
-    fn index(&mut self) {
-        self.member_of.clear();
-        for g in self.groups.values() {
-            for m in &g.members {
-                self.member_of
-                    .entry(m.clone())
-                    .or_default()
-                    .insert(g.name.clone());
-            }
-        }
-    }
-
-    pub(in crate::service) fn effective(&self, user: &UserName) -> Effective {
-        let groups = self
-            .member_of
-            .get(user)
-            .into_iter()
-            .flatten()
-            .filter_map(|g| self.groups.get(g))
-            .map(|g| GroupLayer {
-                name: &g.name,
-                limits: &g.limits,
-                shared_limit: g.shared_limit,
-            })
-            .collect();
-        let template = self
-            .users
-            .get(user)
-            .and_then(|u| u.template.as_ref())
-            .and_then(|t| self.templates.get_key_value(t))
-            .map(|(n, l)| (n.as_str(), l));
-        resolve(&Layers {
-            user: self.users.get(user).map(|u| &u.limits),
-            groups,
-            template,
-            default: &self.default,
-        })
-    }
-}
-
-/// What is known only while running: devices online, gates written, online time.
-#[derive(Debug, Default)]
-struct Runtime {
-    /// Online devices and since when.
-    online: HashMap<PeerId, SystemTime>,
-    /// The policy's last decision per device (`None` = admitted), reconciled with the kernel's
-    /// gate; absent: not yet (the kernel's gate is read before anything is written).
-    written: HashMap<PeerId, Option<DropReason>>,
-    /// Online time per user on its local day.
-    online_time: HashMap<UserName, (NaiveDate, Duration)>,
-    /// The online time last written to the store per user.
-    saved: HashMap<UserName, (NaiveDate, Duration)>,
-    /// The previous tick.
-    last_tick: Option<SystemTime>,
-}
-
 /// The policy feature, with its own state: the cached records, the quota buckets and what is
 /// known only while running.
 #[derive(Debug)]
@@ -269,7 +143,7 @@ pub struct Policy {
     core: Arc<Core>,
     dir: Arc<Directory>,
     cache: RwLock<Cache>,
-    buckets: Mutex<BTreeMap<String, BucketState>>,
+    buckets: Mutex<Buckets>,
     runtime: Mutex<Runtime>,
 }
 
@@ -277,50 +151,11 @@ impl Policy {
     /// Loads the policy records from the store.
     pub fn load(core: Arc<Core>, dir: Arc<Directory>) -> Result<Policy, StoreError> {
         let store = &core.store;
-        let mut cache = Cache {
-            default: store
-                .get(Cf::Policy, keys::POLICY_DEFAULT)?
-                .unwrap_or_default(),
-            ..Cache::default()
-        };
-        for (_, u) in store.scan::<(UserName, UserPolicy)>(Cf::Policy, keys::POLICY_USERS)? {
-            cache.users.insert(u.0, u.1);
-        }
-        for (_, t) in store.scan::<QuotaTemplate>(Cf::Policy, keys::POLICY_QUOTA_TEMPLATES)? {
-            cache.templates.insert(t.name, t.limits);
-        }
-        cache.settings = store
-            .get(Cf::Policy, keys::POLICY_SETTINGS)?
-            .unwrap_or_default();
-        for (_, g) in store.scan::<GroupRecord>(Cf::Groups, "")? {
-            cache.groups.insert(g.name.clone(), g);
-        }
-        cache.index();
-        let mut buckets = BTreeMap::new();
-        for (key, rec) in store.scan::<BucketRecord>(Cf::Policy, keys::POLICY_BUCKETS)? {
-            let owner = key[keys::POLICY_BUCKETS.len()..].to_owned();
-            buckets.insert(
-                owner,
-                BucketState {
-                    rec,
-                    period: Period::None,
-                    zone: Zone::default(),
-                },
-            );
-        }
-        let mut runtime = Runtime::default();
-        for (key, r) in store.scan::<OnlineRecord>(Cf::Policy, keys::POLICY_ONLINE)? {
-            match NaiveDate::parse_from_str(&r.day, DAY_FORMAT) {
-                Ok(day) => {
-                    let t = (day, Duration::from_secs(r.secs));
-                    runtime.online_time.insert(r.user.clone(), t);
-                    runtime.saved.insert(r.user, t);
-                }
-                Err(e) => {
-                    tracing::warn!(key, day = r.day, error = %e, "online time with a bad day ignored")
-                }
-            }
-        }
+        let (cache, buckets, runtime) = (
+            Cache::load(store)?,
+            Buckets::load(store)?,
+            Runtime::load(store)?,
+        );
         Ok(Policy {
             core,
             dir,
@@ -336,24 +171,6 @@ impl Policy {
 pub struct ForgetUser {
     user: UserName,
     changes: Vec<Change>,
-}
-
-/// One record a policy change writes.
-#[derive(Clone, Debug)]
-pub(in crate::service) enum Change {
-    User(UserName, Option<UserPolicy>),
-    Group(GroupName, Option<GroupRecord>),
-    Default(Limits),
-    QuotaTemplate(TemplateName, Option<Limits>),
-    Settings(ServerSettings),
-}
-
-fn owner_user(u: &UserName) -> String {
-    format!("user:{u}")
-}
-
-fn owner_group(g: &GroupName) -> String {
-    format!("group:{g}")
 }
 
 /// `limit` plus `grace` percent, in bytes.
@@ -713,21 +530,7 @@ impl Policy {
         changes: Vec<Change>,
         affected: Vec<UserName>,
     ) -> Result<(), ServiceError> {
-        let old: Vec<Change> = {
-            let c = self.cache.read().unwrap();
-            changes
-                .iter()
-                .map(|ch| match ch {
-                    Change::User(u, _) => Change::User(u.clone(), c.users.get(u).cloned()),
-                    Change::Group(g, _) => Change::Group(g.clone(), c.groups.get(g).cloned()),
-                    Change::Default(_) => Change::Default(c.default.clone()),
-                    Change::QuotaTemplate(t, _) => {
-                        Change::QuotaTemplate(t.clone(), c.templates.get(t).cloned())
-                    }
-                    Change::Settings(_) => Change::Settings(c.settings.clone()),
-                })
-                .collect()
-        };
+        let old = self.cache.read().unwrap().current(&changes);
         let mut batch = Batch::default();
         stage(&mut batch, &changes)?;
         let seq = self.core.next_audit_seq();
@@ -754,32 +557,7 @@ impl Policy {
     }
 
     fn cache_put(&self, changes: &[Change]) {
-        let mut c = self.cache.write().unwrap();
-        for ch in changes {
-            match ch.clone() {
-                Change::User(u, Some(p)) => {
-                    c.users.insert(u, p);
-                }
-                Change::User(u, None) => {
-                    c.users.remove(&u);
-                }
-                Change::Group(g, Some(r)) => {
-                    c.groups.insert(g, r);
-                }
-                Change::Group(g, None) => {
-                    c.groups.remove(&g);
-                }
-                Change::Default(l) => c.default = l,
-                Change::QuotaTemplate(t, Some(l)) => {
-                    c.templates.insert(t, l);
-                }
-                Change::QuotaTemplate(t, None) => {
-                    c.templates.remove(&t);
-                }
-                Change::Settings(st) => c.settings = st,
-            }
-        }
-        c.index();
+        self.cache.write().unwrap().put(changes);
     }
 
     /// Stages the removal of a user's own limits and memberships into `batch` (the user is
@@ -813,9 +591,7 @@ impl Policy {
     pub(in crate::service) fn forgotten(&self, f: ForgetUser) {
         self.cache_put(&f.changes);
         self.cache.write().unwrap().effective.remove(&f.user);
-        let mut rt = self.runtime.lock().unwrap();
-        rt.online_time.remove(&f.user);
-        rt.saved.remove(&f.user);
+        self.runtime.lock().unwrap().forget_user(&f.user);
     }
 
     // ---- the kernel -------------------------------------------------------------------------
@@ -923,17 +699,12 @@ impl Policy {
         now: SystemTime,
     ) -> Result<u32, ServiceError> {
         let mut buckets = self.buckets.lock().unwrap();
-        if let Some(b) = buckets.get_mut(owner) {
-            b.period = period;
-            b.zone = zone;
-            return Ok(b.rec.id);
+        if let Some(id) = buckets.follow(owner, period, zone) {
+            return Ok(id);
         }
-        let used: BTreeSet<u32> = buckets.values().map(|b| b.rec.id).collect();
-        let id = (1..MAX_QUOTA_BUCKETS)
-            .find(|i| !used.contains(i))
-            .ok_or_else(|| ServiceError::Exhausted {
-                what: "quota bucket".into(),
-            })?;
+        let id = buckets.free_id().ok_or_else(|| ServiceError::Exhausted {
+            what: "quota bucket".into(),
+        })?;
         let rec = BucketRecord {
             id,
             period_start: engine::period_start(period, zone, now),
@@ -941,7 +712,7 @@ impl Policy {
         self.core
             .store
             .put(Cf::Policy, &keys::policy_bucket(owner), &rec)?;
-        buckets.insert(owner.to_owned(), BucketState { rec, period, zone });
+        buckets.insert(owner, BucketState { rec, period, zone });
         Ok(id)
     }
 
@@ -964,12 +735,7 @@ impl Policy {
                 online_since: rt.online.get(&p.id).copied(),
             })
             .collect();
-        let today = engine::local_day(eff.tz.value, now);
-        let used = rt
-            .online_time
-            .get(user)
-            .filter(|(d, _)| *d == today)
-            .map_or(Duration::ZERO, |(_, t)| *t);
+        let used = rt.used(user, engine::local_day(eff.tz.value, now));
         for (id, want) in engine::gates(eff, &devices, used, now) {
             let shook = handshake == Some(id);
             if !shook && rt.written.get(&id) == Some(&want) {
@@ -1048,16 +814,7 @@ impl Policy {
     /// device limit. The daemon calls it every second; tests call it with their own clock.
     pub fn tick(&self, now: SystemTime) -> Result<(), ServiceError> {
         // Periods.
-        let due: Vec<(String, u32, i64)> = self
-            .buckets
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|(o, b)| {
-                engine::reset_due(b.period, b.zone, b.rec.period_start, now)
-                    .map(|s| (o.clone(), b.rec.id, s))
-            })
-            .collect();
+        let due = self.buckets.lock().unwrap().due(now);
         for (owner, id, start) in due {
             match self.core.plane.policy_reset(id) {
                 Ok(_) | Err(crate::dataplane::DataplaneError::UnknownQuotaBucket { .. }) => {}
@@ -1070,9 +827,7 @@ impl Policy {
             self.core
                 .store
                 .put(Cf::Policy, &keys::policy_bucket(&owner), &rec)?;
-            if let Some(b) = self.buckets.lock().unwrap().get_mut(&owner) {
-                b.rec = rec;
-            }
+            self.buckets.lock().unwrap().reset(&owner, rec);
             tracing::info!(owner, bucket = id, "quota period started");
         }
         // Online time and gates.
@@ -1085,37 +840,14 @@ impl Policy {
             .filter(|(_, e)| e.is_timed())
             .map(|(u, e)| (u.clone(), e.clone()))
             .collect();
-        let elapsed = {
-            let mut rt = self.runtime.lock().unwrap();
-            let d = rt
-                .last_tick
-                .and_then(|t| now.duration_since(t).ok())
-                .unwrap_or_default()
-                // A long pause (suspend, a stopped clock) is not online time.
-                .min(Duration::from_secs(60));
-            rt.last_tick = Some(now);
-            d
-        };
+        let elapsed = self.runtime.lock().unwrap().advance(now);
         for (u, e) in &timed {
             let peers = self.dir.user_peers(u);
-            {
-                let mut rt = self.runtime.lock().unwrap();
-                let online = peers.iter().any(|p| {
-                    rt.online.contains_key(&p.id)
-                        && rt.written.get(&p.id).copied().flatten().is_none()
-                });
-                let today = engine::local_day(e.tz.value, now);
-                let entry = rt
-                    .online_time
-                    .entry(u.clone())
-                    .or_insert((today, Duration::ZERO));
-                if entry.0 != today {
-                    *entry = (today, Duration::ZERO);
-                }
-                if online {
-                    entry.1 += elapsed;
-                }
-            }
+            let today = engine::local_day(e.tz.value, now);
+            self.runtime
+                .lock()
+                .unwrap()
+                .count(u, &peers, today, elapsed);
             self.apply_gates(u, e, &peers, now, None)?;
         }
         self.save_online_time(&timed)
@@ -1125,23 +857,7 @@ impl Policy {
     /// [`ONLINE_SAVE_EVERY`] since it was last written, or reached the limit; one unsynced
     /// batch (see the module docs).
     fn save_online_time(&self, timed: &[(UserName, Effective)]) -> Result<(), ServiceError> {
-        let due: Vec<(UserName, (NaiveDate, Duration))> = {
-            let rt = self.runtime.lock().unwrap();
-            timed
-                .iter()
-                .filter_map(|(u, e)| {
-                    let limit = e.time.value?.0;
-                    let t = *rt.online_time.get(u)?;
-                    let saved = rt
-                        .saved
-                        .get(u)
-                        .filter(|(day, _)| *day == t.0)
-                        .map_or(Duration::ZERO, |(_, d)| *d);
-                    let due = t.1 >= saved + ONLINE_SAVE_EVERY || (t.1 >= limit && t.1 > saved);
-                    due.then(|| (u.clone(), t))
-                })
-                .collect()
-        };
+        let due = self.runtime.lock().unwrap().due_saves(timed);
         if due.is_empty() {
             return Ok(());
         }
@@ -1156,38 +872,9 @@ impl Policy {
         }
         // Not synced: it survives a SIGKILL; a power loss forgets the day's time (module docs).
         let _ = self.core.store.write(batch)?;
-        let mut rt = self.runtime.lock().unwrap();
-        rt.saved.extend(due);
+        self.runtime.lock().unwrap().saved.extend(due);
         Ok(())
     }
-}
-
-/// Stages the store writes of `changes`.
-fn stage(batch: &mut Batch, changes: &[Change]) -> Result<(), StoreError> {
-    for ch in changes {
-        match ch {
-            Change::User(u, Some(p)) => {
-                batch.put(Cf::Policy, &keys::policy_user(u.as_str()), &(u, p))?;
-            }
-            Change::User(u, None) => batch.delete(Cf::Policy, &keys::policy_user(u.as_str())),
-            Change::Group(g, Some(r)) => batch.put(Cf::Groups, &keys::group(g.as_str()), r)?,
-            Change::Group(g, None) => batch.delete(Cf::Groups, &keys::group(g.as_str())),
-            Change::Default(l) => batch.put(Cf::Policy, keys::POLICY_DEFAULT, l)?,
-            Change::QuotaTemplate(t, Some(l)) => batch.put(
-                Cf::Policy,
-                &keys::policy_quota_template(t.as_str()),
-                &QuotaTemplate {
-                    name: t.clone(),
-                    limits: l.clone(),
-                },
-            )?,
-            Change::QuotaTemplate(t, None) => {
-                batch.delete(Cf::Policy, &keys::policy_quota_template(t.as_str()));
-            }
-            Change::Settings(st) => batch.put(Cf::Policy, keys::POLICY_SETTINGS, st)?,
-        }
-    }
-    Ok(())
 }
 
 /// Unix seconds now (for records).
