@@ -96,7 +96,7 @@ use super::{
     ServiceError,
     core::{Core, to_json},
     directory::Directory,
-    domain::{Actor, Peer, PublicKey, UserName, ValidationError, unix_secs},
+    domain::{Actor, Peer, PublicKey, UserName, ValidationError},
     error::not_found,
 };
 use crate::{
@@ -875,11 +875,6 @@ impl Policy {
         self.runtime.lock().unwrap().saved.extend(due);
         Ok(())
     }
-}
-
-/// Unix seconds now (for records).
-pub fn now_secs() -> u64 {
-    unix_secs(SystemTime::now())
 }
 
 #[cfg(test)]
