@@ -22,6 +22,7 @@ pub mod blocklist;
 pub mod cli;
 pub mod daemon;
 pub mod dataplane;
+pub mod fsutil;
 pub mod geo;
 pub mod logging;
 pub mod net;

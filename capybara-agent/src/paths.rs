@@ -11,6 +11,20 @@
 //! | server private key | `<data>/server.key` | `0600` ([`KEY_FILE_MODE`]) |
 //! | WireGuard UAPI socket (`wg show`) | `/var/run/wireguard/<iface>.sock` | `0600` ([`WG_UAPI_SOCKET_MODE`]), dir `0755` |
 //! | key sealing kept client keys (`--keep-client-keys`) | `<data>/client-keys.key` | `0600` ([`KEY_FILE_MODE`]) |
+//! | temporary file of a secret file being written | `<dir>/.<name>.tmp` ([`temp_file`]) | `0600` ([`KEY_FILE_MODE`]) |
+//!
+//! **Secret files** are the two key files above; they are the only files the agent itself
+//! creates that hold a secret. Both are written by one helper, [`crate::fsutil::write_secret`]
+//! (temporary file created `0600`, fsync, rename, fsync of the directory: a crash leaves the old
+//! file or none, never an empty or partial one), and read by [`crate::fsutil::read_secret`].
+//! The rule at start, the same for both:
+//!
+//! | the file is | server key (`server.key`) | sealing key (`client-keys.key`, only with `--keep-client-keys`) |
+//! |---|---|---|
+//! | missing | a new key is made and written | a new key is made and written |
+//! | empty, short, too long or not base64 of 32 bytes | refused: the agent does not start, the error names the file (a new key would change the server's public key and every client config) | refused: the agent does not start, the error names the file (a new key could not open the kept client keys) |
+//! | open to group or others (`mode & 0o077 != 0`) | refused, naming the file, the mode and the fix `chmod 600 FILE` | refused, the same |
+//! | a stale `.<name>.tmp` beside it (a crashed write) | ignored; the next write replaces it | ignored; the same |
 //!
 //! Removing the bpffs directory (`rm -rf /sys/fs/bpf/capybara`) detaches the programs (their links
 //! are pinned there) and resets every kernel counter: it is the documented way to reset the
@@ -71,6 +85,17 @@ pub fn uapi_socket(dir: &Path, iface: &str) -> PathBuf {
 /// File name of the key that seals kept client private keys, inside the data directory.
 pub const CLIENT_KEYS_KEY_FILE_NAME: &str = "client-keys.key";
 
+/// Path of the temporary file a secret file `target` is written to before it is renamed over
+/// `target`: `.<name>.tmp` in the same directory (a rename is atomic only within one file
+/// system).
+pub fn temp_file(target: &Path) -> PathBuf {
+    let name = target.file_name().unwrap_or(target.as_os_str());
+    let mut tmp = std::ffi::OsString::from(".");
+    tmp.push(name);
+    tmp.push(".tmp");
+    target.with_file_name(tmp)
+}
+
 /// Path of the client-key sealing key under the data directory `data_dir`.
 pub fn client_keys_key_file(data_dir: &Path) -> PathBuf {
     data_dir.join(CLIENT_KEYS_KEY_FILE_NAME)
@@ -119,5 +144,10 @@ mod tests {
             uapi_socket(Path::new(WG_UAPI_DIR), "capy0"),
             Path::new("/var/run/wireguard/capy0.sock")
         );
+        assert_eq!(
+            temp_file(&key_file(Path::new(DATA_DIR))),
+            Path::new("/var/lib/capybara/.server.key.tmp")
+        );
+        assert_eq!(temp_file(Path::new("k")), Path::new(".k.tmp"));
     }
 }

@@ -11,8 +11,14 @@
 //!   96-bit nonce per seal and the peer's store key as associated data, so a sealed key copied to
 //!   another device's record does not open.
 //! - The **server key** is one x25519 private key in a file of mode 0600, created on first start.
+//! - Both key files (the server key's, see [`crate::tunnel::PrivateKey::load_or_generate`], and
+//!   the sealing key's, [`load_or_create_key`]) are written atomically and durably by
+//!   [`crate::fsutil::write_secret`]. At start a missing file is made; an empty or garbled one,
+//!   or one open to group or others, is refused with an error naming the file, never replaced
+//!   (a new sealing key could not open the kept client keys). The rule for every secret file is
+//!   in [`crate::paths`].
 
-use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _, path::Path};
+use std::path::Path;
 
 use base64::Engine as _;
 use chacha20poly1305::{
@@ -22,25 +28,15 @@ use chacha20poly1305::{
 use sha2::{Digest as _, Sha256};
 
 use super::domain::{PublicKey, TokenId, decode_key, encode_key};
+use crate::fsutil::{self, SecretFileError, SecretKind};
 
 /// Errors of key files and sealing.
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
-    /// A key file could not be read or written.
-    #[error("key file {path}")]
-    KeyFile {
-        /// The file.
-        path: std::path::PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A key file does not hold one base64 32-byte key.
-    #[error("key file {path} does not hold a base64 32-byte key")]
-    KeyFileContents {
-        /// The file.
-        path: std::path::PathBuf,
-    },
+    /// A key file could not be read or written, is open to group or others, or does not hold
+    /// one base64 32-byte key.
+    #[error(transparent)]
+    KeyFile(#[from] SecretFileError),
     /// A sealed client key did not open (wrong key file, or the record was tampered with).
     #[error("sealed client key of {what} does not open")]
     Unseal {
@@ -122,36 +118,28 @@ pub fn hashes_equal(a: &str, b: &str) -> bool {
             == 0
 }
 
-/// Reads the base64 32-byte key in `path`, or creates the file (mode 0600) with
-/// `make()`'s key if it does not exist.
+/// Reads the base64 32-byte key in `path`, or creates the file (mode 0600, written atomically)
+/// with `make()`'s key if it does not exist. An empty, garbled or too open file is refused.
 pub fn load_or_create_key(
     path: &Path,
     make: impl FnOnce() -> [u8; 32],
 ) -> Result<[u8; 32], SecretError> {
-    let err = |source| SecretError::KeyFile {
-        path: path.to_owned(),
-        source,
-    };
-    match std::fs::read_to_string(path) {
-        Ok(s) => decode_key(s.trim()).ok_or_else(|| SecretError::KeyFileContents {
-            path: path.to_owned(),
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+    Ok(fsutil::load_or_create_secret(
+        path,
+        SEALING_KEY,
+        decode_key,
+        || {
             let key = make();
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(crate::paths::KEY_FILE_MODE)
-                .open(path)
-                .map_err(err)?;
-            f.write_all(format!("{}\n", encode_key(&key)).as_bytes())
-                .map_err(err)?;
-            f.sync_all().map_err(err)?;
-            Ok(key)
-        }
-        Err(e) => Err(err(e)),
-    }
+            (key, format!("{}\n", encode_key(&key)))
+        },
+    )?)
 }
+
+/// The client-key sealing key file, as its errors describe it.
+const SEALING_KEY: SecretKind = SecretKind {
+    holds: "a 32-byte key in base64",
+    if_removed: "a new key cannot open the client keys kept so far; they are lost",
+};
 
 /// Seals and opens kept client private keys.
 #[derive(Clone)]
@@ -288,7 +276,123 @@ mod tests {
         std::fs::write(&path, "garbage").unwrap();
         assert!(matches!(
             load_or_create_key(&path, || [5; 32]),
-            Err(SecretError::KeyFileContents { .. })
+            Err(SecretError::KeyFile(SecretFileError::Garbled { .. }))
         ));
+    }
+
+    /// Mode bits of `path`.
+    fn mode_of(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    #[ignore = "run by a_crash_while_writing_the_sealing_key_leaves_no_empty_file in a child process"]
+    fn child_writes_the_sealing_key() {
+        if let Some(dir) = std::env::var_os("CAPY_CRASH_DIR") {
+            let path = crate::paths::client_keys_key_file(Path::new(&dir));
+            let _ = load_or_create_key(&path, rand::random);
+        }
+    }
+
+    #[test]
+    fn a_crash_while_writing_the_sealing_key_leaves_no_empty_file() {
+        use std::os::unix::process::ExitStatusExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = crate::paths::client_keys_key_file(dir.path());
+        // The child's file-size limit is 0: the kernel kills it (SIGXFSZ) at its first write
+        // to a file, after the file was created and before the key is in it.
+        let status = std::process::Command::new("sh")
+            .args(["-c", r#"ulimit -f 0 && exec "$0" "$@""#])
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                "service::secrets::tests::child_writes_the_sealing_key",
+                "--exact",
+                "--ignored",
+                "--test-threads=1",
+            ])
+            .env("CAPY_CRASH_DIR", dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert_eq!(
+            status.signal(),
+            Some(25),
+            "the child died at its write (SIGXFSZ)"
+        );
+        assert!(
+            !path.exists(),
+            "a crash left {} behind ({} bytes)",
+            path.display(),
+            std::fs::metadata(&path).unwrap().len()
+        );
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let p = entry.unwrap().path();
+            assert_eq!(
+                mode_of(&p) & 0o077,
+                0,
+                "{} is readable by others",
+                p.display()
+            );
+        }
+        // The write was cut short in the temporary file, which no one else could read.
+        assert_eq!(mode_of(&crate::paths::temp_file(&path)), 0o600);
+        let k = load_or_create_key(&path, || [7; 32]).unwrap();
+        assert_eq!(k, [7; 32]);
+        assert_eq!(load_or_create_key(&path, || [8; 32]).unwrap(), k);
+        assert_eq!(mode_of(&path), 0o600);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [crate::paths::CLIENT_KEYS_KEY_FILE_NAME]);
+    }
+
+    #[test]
+    fn an_empty_or_short_sealing_key_file_is_refused_naming_the_file() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        for (contents, says) in [
+            ("", "is empty"),
+            ("  \n", "is empty"),
+            (&encode_key(&[3; 32])[..20], "does not hold"),
+            ("garbage", "does not hold"),
+        ] {
+            std::fs::write(&path, contents).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            let msg = load_or_create_key(&path, || [5; 32])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                msg.contains(&*path.to_string_lossy()),
+                "{contents:?}: {msg}"
+            );
+            assert!(msg.contains(says), "{contents:?}: {msg}");
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), contents);
+        }
+    }
+
+    #[test]
+    fn a_sealing_key_file_others_may_access_is_refused_with_the_fix() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        load_or_create_key(&path, || [5; 32]).unwrap();
+        for mode in [0o644, 0o640, 0o620, 0o604, 0o602] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let msg = load_or_create_key(&path, || [6; 32])
+                .map(|_| "accepted".to_owned())
+                .unwrap_or_else(|e| e.to_string());
+            assert!(
+                msg.contains(&*path.to_string_lossy())
+                    && msg.contains(&format!("{mode:04o}"))
+                    && msg.contains(&format!("chmod 600 {}", path.display())),
+                "{mode:o}: {msg}"
+            );
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(load_or_create_key(&path, || [6; 32]).unwrap(), [5; 32]);
     }
 }

@@ -1,18 +1,19 @@
 //! WireGuard keys: x25519 private/public keys and preshared keys, their base64 form (what `wg`
-//! and wg-quick configs use), generation, and the server key file (mode 0600, see `paths`).
+//! and wg-quick configs use), generation, and the server key file.
+//!
+//! The server key file holds the key in base64 and a newline (what `wg genkey` prints), mode
+//! 0600. It is written atomically and durably by [`crate::fsutil::write_secret`] and read by
+//! [`crate::fsutil::load_or_create_secret`]: a missing file is generated; an empty or garbled
+//! one, or one open to group or others, is refused with an error naming the file (never
+//! replaced: a new key changes the server's public key and so every client config). The rule for
+//! every secret file is in [`crate::paths`].
 
-use std::{
-    fmt,
-    io::Write as _,
-    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
-    path::{Path, PathBuf},
-    str::FromStr,
-};
+use std::{fmt, path::Path, str::FromStr};
 
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 use boringtun::x25519;
 
-use crate::paths;
+use crate::fsutil::{self, SecretFileError, SecretKind};
 
 /// Length of every WireGuard key in bytes.
 pub const KEY_LEN: usize = 32;
@@ -26,23 +27,10 @@ pub enum KeyError {
         /// Which field held the text (e.g. `public_key`).
         field: &'static str,
     },
-    /// Reading or writing a key file failed.
-    #[error("key file {}", path.display())]
-    File {
-        /// The key file.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The key file has a mode that lets others than its owner read it.
-    #[error("key file {} has mode {mode:o}; it must be 0600", path.display())]
-    InsecureMode {
-        /// The key file.
-        path: PathBuf,
-        /// Its mode bits.
-        mode: u32,
-    },
+    /// The key file could not be read or written, is open to group or others, or does not hold
+    /// a key.
+    #[error(transparent)]
+    File(#[from] SecretFileError),
 }
 
 fn decode32(field: &'static str, s: &str) -> Result<[u8; KEY_LEN], KeyError> {
@@ -156,46 +144,27 @@ impl PrivateKey {
         x25519::StaticSecret::from(self.0)
     }
 
-    /// Loads the key stored at `path`, or generates one and stores it there with mode
-    /// [`paths::KEY_FILE_MODE`] (created exclusively, never world-readable even for a moment).
-    /// An existing file must have that mode.
+    /// Loads the key stored at `path`, or generates one and stores it there (see the module
+    /// docs: a missing file is generated, an empty, garbled or too open one is refused).
     pub fn load_or_generate(path: &Path) -> Result<PrivateKey, KeyError> {
-        let file_err = |source| KeyError::File {
-            path: path.to_owned(),
-            source,
-        };
-        match std::fs::read_to_string(path) {
-            Ok(text) => {
-                let mode = std::fs::metadata(path)
-                    .map_err(file_err)?
-                    .permissions()
-                    .mode()
-                    & 0o777;
-                if mode & !paths::KEY_FILE_MODE != 0 {
-                    return Err(KeyError::InsecureMode {
-                        path: path.to_owned(),
-                        mode,
-                    });
-                }
-                PrivateKey::parse_field("private_key", &text)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        Ok(fsutil::load_or_create_secret(
+            path,
+            SERVER_KEY,
+            |text| decode32("private_key", text).ok().map(PrivateKey),
+            || {
                 let key = PrivateKey::generate();
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(paths::KEY_FILE_MODE)
-                    .open(path)
-                    .map_err(file_err)?;
-                f.write_all(format!("{}\n", key.to_base64()).as_bytes())
-                    .and_then(|()| f.sync_all())
-                    .map_err(file_err)?;
-                Ok(key)
-            }
-            Err(e) => Err(file_err(e)),
-        }
+                (key, format!("{}\n", key.to_base64()))
+            },
+        )?)
     }
 }
+
+/// The server key file, as its errors describe it.
+const SERVER_KEY: SecretKind = SecretKind {
+    holds: "a WireGuard private key (base64 of 32 bytes, as `wg genkey` prints it)",
+    if_removed: "a new key changes the server's public key: every client config must be \
+                 issued again",
+};
 
 impl PresharedKey {
     /// A new random preshared key (`wg genpsk`).
@@ -206,7 +175,10 @@ impl PresharedKey {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
     use super::*;
+    use crate::paths;
 
     #[test]
     fn base64_round_trips_and_bad_input_names_the_field() {
@@ -257,7 +229,124 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(matches!(
             PrivateKey::load_or_generate(&path),
-            Err(KeyError::InsecureMode { mode: 0o644, .. })
+            Err(KeyError::File(SecretFileError::InsecureMode {
+                mode: 0o644,
+                ..
+            }))
         ));
+    }
+
+    /// Mode bits of `path`.
+    fn mode_of(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    #[ignore = "run by a_crash_while_writing_the_key_leaves_no_empty_key_file in a child process"]
+    fn child_writes_the_server_key() {
+        if let Some(dir) = std::env::var_os("CAPY_CRASH_DIR") {
+            let _ = PrivateKey::load_or_generate(&paths::key_file(Path::new(&dir)));
+        }
+    }
+
+    #[test]
+    fn a_crash_while_writing_the_key_leaves_no_empty_key_file() {
+        use std::os::unix::process::ExitStatusExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = paths::key_file(dir.path());
+        // The child's file-size limit is 0: the kernel kills it (SIGXFSZ) at its first write
+        // to a file, after the file was created and before the key is in it.
+        let status = std::process::Command::new("sh")
+            .args(["-c", r#"ulimit -f 0 && exec "$0" "$@""#])
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                "tunnel::keys::tests::child_writes_the_server_key",
+                "--exact",
+                "--ignored",
+                "--test-threads=1",
+            ])
+            .env("CAPY_CRASH_DIR", dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert_eq!(
+            status.signal(),
+            Some(25),
+            "the child died at its write (SIGXFSZ)"
+        );
+        // What the crash left: no key file (never an empty one), and anything else private.
+        assert!(
+            !path.exists(),
+            "a crash left {} behind ({} bytes)",
+            path.display(),
+            std::fs::metadata(&path).unwrap().len()
+        );
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let p = entry.unwrap().path();
+            assert_eq!(
+                mode_of(&p) & 0o077,
+                0,
+                "{} is readable by others",
+                p.display()
+            );
+        }
+        // The write was cut short in the temporary file, which no one else could read.
+        assert_eq!(mode_of(&paths::temp_file(&path)), 0o600);
+        // The next start makes the key and leaves nothing else behind.
+        let k = PrivateKey::load_or_generate(&path).unwrap();
+        assert_eq!(PrivateKey::load_or_generate(&path).unwrap(), k);
+        assert_eq!(mode_of(&path), 0o600);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [paths::KEY_FILE_NAME]);
+    }
+
+    #[test]
+    fn an_empty_short_or_garbled_key_file_is_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = paths::key_file(dir.path());
+        for (contents, says) in [
+            ("", "is empty"),
+            ("\n", "is empty"),
+            ("yAnz5TF+lXXJte14tji3zl", "does not hold"),
+            (&*STANDARD.encode([1u8; 16]), "does not hold"),
+            ("not base64 at all\n", "does not hold"),
+        ] {
+            std::fs::write(&path, contents).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            let err = PrivateKey::load_or_generate(&path).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                msg.contains(&*path.to_string_lossy()),
+                "{contents:?}: {msg}"
+            );
+            assert!(msg.contains(says), "{contents:?}: {msg}");
+            // Refused, not replaced by a new key.
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), contents);
+        }
+    }
+
+    #[test]
+    fn a_key_file_others_may_access_is_refused_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = paths::key_file(dir.path());
+        let k = PrivateKey::load_or_generate(&path).unwrap();
+        for mode in [0o644, 0o640, 0o620, 0o604, 0o602, 0o660] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let msg = PrivateKey::load_or_generate(&path).unwrap_err().to_string();
+            assert!(
+                msg.contains(&*path.to_string_lossy())
+                    && msg.contains(&format!("{mode:04o}"))
+                    && msg.contains(&format!("chmod 600 {}", path.display())),
+                "{mode:o}: {msg}"
+            );
+        }
+        for mode in [0o600, 0o400] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert_eq!(PrivateKey::load_or_generate(&path).unwrap(), k, "{mode:o}");
+        }
     }
 }
