@@ -345,6 +345,17 @@ impl Devices {
                     });
                 }
             };
+            // Who read a private key is in the audit trail (nothing else changes).
+            let mut batch = Batch::default();
+            self.core.audit(
+                &mut batch,
+                actor,
+                "peer.config",
+                format!("peer:{pkey}"),
+                None,
+                None,
+            )?;
+            self.core.commit(batch)?;
             return Ok(self.config_for(&rec.peer, Some(&sealed)));
         }
         // Rotate: the new key replaces the old one in the tunnel; id, addresses and counters stay.

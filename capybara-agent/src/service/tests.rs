@@ -17,7 +17,7 @@ use crate::{
     service::{
         core::now,
         directory::allowed_ips,
-        domain::{Actor, DeviceName, PublicKey, Scope, UserName, unix_secs},
+        domain::{Actor, DeviceName, PublicKey, Scope, TokenId, UserName, unix_secs},
         secrets::Sealer,
         testing::{MemoryPlane, MemoryTunnel},
         tokens::TokenRecord,
@@ -310,6 +310,46 @@ fn kept_keys_show_the_config_again_and_rotate_replaces_the_key() {
     let tun = f.tunnel.state();
     assert!(tun.contains_key(&rotated.peer.public_key));
     assert!(!tun.contains_key(&first.peer.public_key));
+}
+
+#[test]
+fn reading_a_kept_key_is_audited_with_its_reader() {
+    let f = fixture(true);
+    f.svc.users.add_user(&root(), new_user("alice")).unwrap();
+    let reader = Actor::Token {
+        id: TokenId::parse("id", "0123456789abcdef").unwrap(),
+        scope: Scope::Admin,
+    };
+    f.svc
+        .devices
+        .user_config(&reader, &u("alice"), None, false)
+        .unwrap();
+    let last = &f.svc.core.audit_records(None, 1).unwrap()[0];
+    assert_eq!(last.action, "peer.config");
+    assert_eq!(last.target, "peer:alice/default");
+    assert_eq!(last.actor, reader.to_string());
+    assert!(last.before.is_none() && last.after.is_none());
+}
+
+#[test]
+fn a_token_without_an_expiry_expires_after_the_default_lifetime() {
+    let f = fixture(false);
+    let before = SystemTime::now();
+    let (tok, _) = f
+        .svc
+        .tokens
+        .create_token(
+            &root(),
+            NewToken {
+                scope: Scope::Read,
+                name: String::new(),
+                expires_at: None,
+            },
+        )
+        .unwrap();
+    let lifetime = tokens::DEFAULT_TOKEN_LIFETIME.as_secs();
+    let at = tok.expires_at.expect("a default expiry");
+    assert!(at >= unix_secs(before) + lifetime && at <= unix_secs(SystemTime::now()) + lifetime);
 }
 
 #[test]
