@@ -42,6 +42,7 @@ fn config(keep: bool) -> ServiceConfig {
         dns: vec!["10.99.0.1".into()],
         keep_client_keys: keep.then(|| Sealer::new(&[3; 32])),
         geo_db: None,
+        keep_unknown_peers: false,
     }
 }
 
@@ -244,7 +245,7 @@ fn remove_user_removes_every_device_everywhere() {
 }
 
 #[test]
-fn reopen_programs_stored_devices_and_leaves_foreign_kernel_peers_alone() {
+fn reopen_programs_stored_devices_and_removes_unknown_kernel_peers_unless_kept() {
     let f = fixture(false);
     let (_, a) = f.svc.users.add_user(&root(), new_user("alice")).unwrap();
     let Fixture {
@@ -270,13 +271,14 @@ fn reopen_programs_stored_devices_and_leaves_foreign_kernel_peers_alone() {
     )
     .unwrap();
     let peers = plane.state().peers;
-    assert_eq!(peers.keys().copied().collect::<Vec<_>>(), [a.peer.id, 1]);
+    assert_eq!(peers.keys().copied().collect::<Vec<_>>(), [a.peer.id]);
     assert_eq!(peers[&a.peer.id], allowed_ips(&a.peer));
     assert!(tunnel.state().contains_key(&a.peer.public_key));
-    // The foreign peer's id and address are skipped; the audit sequence continues.
+    // The unknown peer is gone: its id and address are handed out again; the audit sequence
+    // continues.
     let (_, b) = svc.users.add_user(&root(), new_user("bob")).unwrap();
-    assert_eq!(b.peer.id, 2);
-    assert_eq!(b.peer.ipv4, Ipv4Addr::new(10, 99, 0, 4));
+    assert_eq!(b.peer.id, 1);
+    assert_eq!(b.peer.ipv4, Ipv4Addr::new(10, 99, 0, 3));
     let seqs: Vec<u64> = svc
         .core
         .audit_records(None, 10)
@@ -285,6 +287,26 @@ fn reopen_programs_stored_devices_and_leaves_foreign_kernel_peers_alone() {
         .map(|r| r.seq)
         .collect();
     assert_eq!(seqs, [2, 1]);
+    drop(svc);
+
+    // With keep_unknown_peers a peer the store does not know stays, and its id and address are
+    // skipped.
+    plane.with(|s| {
+        s.peers.insert(2, vec!["10.99.0.4/32".parse().unwrap()]);
+    });
+    let svc = Service::open(
+        Arc::new(Store::open(&path).unwrap()),
+        plane.clone(),
+        Arc::new(MemoryTunnel::default()),
+        ServiceConfig {
+            keep_unknown_peers: true,
+            ..config(false)
+        },
+    )
+    .unwrap();
+    assert!(plane.state().peers.contains_key(&2));
+    let (_, c) = svc.users.add_user(&root(), new_user("carol")).unwrap();
+    assert_eq!((c.peer.id, c.peer.ipv4), (3, Ipv4Addr::new(10, 99, 0, 5)));
     drop(_dir);
 }
 
