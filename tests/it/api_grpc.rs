@@ -234,14 +234,25 @@ async fn users_devices_configs_round_trip() {
     assert_eq!(devices, ["laptop", "phone"]);
     assert_eq!(c.list_users().await.unwrap().len(), 1);
 
+    // A device's private key is handed out again only to admin: a write token may not read it
+    // (nor replace it).
+    for rotate in [false, true] {
+        assert_eq!(
+            code_of(c.user_config("alice", "laptop", rotate).await).await,
+            Code::PermissionDenied
+        );
+    }
+    let admin = api.token(Scope::Admin);
+    let a = api.tcp_client(Some(&admin)).await;
+
     // Kept keys: the config comes back identical; without a device name it is ambiguous.
-    let again = c.user_config("alice", "laptop", false).await.unwrap();
+    let again = a.user_config("alice", "laptop", false).await.unwrap();
     assert_eq!(again.wg_quick, cfg.wg_quick);
     assert_eq!(
-        code_of(c.user_config("alice", "", false).await).await,
+        code_of(a.user_config("alice", "", false).await).await,
         Code::InvalidArgument
     );
-    let rotated = c.user_config("alice", "laptop", true).await.unwrap();
+    let rotated = a.user_config("alice", "laptop", true).await.unwrap();
     assert_ne!(rotated.peer.public_key, cfg.peer.public_key);
     assert!(api.tunnel.state().contains_key(&rotated.peer.public_key));
 
@@ -275,6 +286,7 @@ async fn users_devices_configs_round_trip() {
             "peer.remove",
             "connection.kick",
             "peer.rotate",
+            "peer.config",
             "peer.add",
             "user.add"
         ]

@@ -302,6 +302,7 @@ async fn start_agent(dir: &Path, socket: &Path) -> Agent {
                 dns: vec![],
                 keep_client_keys: None,
                 geo_db: None,
+                keep_unknown_peers: false,
             },
         )
         .expect("service"),

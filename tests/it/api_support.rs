@@ -72,6 +72,7 @@ impl TestApi {
                     dns: vec![],
                     keep_client_keys: keep.then(|| Sealer::new(&[2; 32])),
                     geo_db,
+                    keep_unknown_peers: false,
                 },
             )
             .expect("service"),

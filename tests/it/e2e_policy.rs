@@ -113,6 +113,7 @@ impl Lab {
                     dns: vec![],
                     keep_client_keys: None,
                     geo_db: None,
+                    keep_unknown_peers: false,
                 },
             )
             .expect("open the service"),

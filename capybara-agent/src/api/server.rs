@@ -15,8 +15,11 @@
 //! | scope | calls |
 //! |---|---|
 //! | read | `ListUsers`, `GetUser`, `ListPeers`, `GetStats`, `ListConnections`, `ListAudit`, `ListBlocklists`, `GetBlocklist`, `GetGeo`, `ListSessions`, health, reflection |
-//! | write | `AddUser`, `RemoveUser`, `UserConfig`, `AddPeer`, `RemovePeer`, `Kick`, `AddEntries`, `RemoveEntries`, `DeleteBlocklist`, `SetGeo` |
-//! | admin | `CreateToken`, `ListTokens`, `RevokeToken`, `ClearHistory`, `CreateBackup` |
+//! | write | `AddUser`, `RemoveUser`, `AddPeer`, `RemovePeer`, `Kick`, `AddEntries`, `RemoveEntries`, `DeleteBlocklist`, `SetGeo` |
+//! | admin | `UserConfig` (it hands out a device's private key: the kept one, audited as `peer.config`, or a new one with `rotate`), `CreateToken`, `ListTokens`, `RevokeToken`, `ClearHistory`, `CreateBackup` |
+//!
+//! `AddUser` and `AddPeer` answer the new device's private key once, to the caller that made it;
+//! only `UserConfig` hands out the key of a device that exists already, so it needs admin.
 //!
 //! The `Policy` service's scopes are listed in [`super::policy`], those of `History` and `Backup` in [`super::history`] and
 //! [`super::backup`].

@@ -75,7 +75,7 @@ impl Users for Api {
         &self,
         req: Request<pb::UserConfigRequest>,
     ) -> Result<Response<pb::UserConfigResponse>, Status> {
-        let actor = self.auth(&req, Scope::Write)?;
+        let actor = self.auth(&req, Scope::Admin)?;
         let r = req.into_inner();
         let name = UserName::parse("name", &r.name).map_err(invalid)?;
         let device = opt_device("device", &r.device).map_err(invalid)?;

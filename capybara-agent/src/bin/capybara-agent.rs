@@ -64,6 +64,10 @@ struct Args {
     /// Keep generated client private keys, encrypted, so `user config` can show them again.
     #[arg(long)]
     keep_client_keys: bool,
+    /// Leave kernel peers the store does not know in the pinned maps (by default they are
+    /// removed at start, their counters logged).
+    #[arg(long)]
+    keep_unknown_peers: bool,
     /// TLS certificate chain (PEM) for the TCP API.
     #[arg(long, value_name = "FILE", requires = "api_tls_key")]
     api_tls_cert: Option<PathBuf>,
@@ -121,6 +125,7 @@ fn main() -> anyhow::Result<()> {
     let config = AgentConfig {
         disconnect_after,
         history_retention,
+        keep_unknown_peers: args.keep_unknown_peers,
         uplink: args.uplink,
         tunnel: args.tunnel,
         tunnel_ipv4: (v4.addr(), v4.prefix_len()),

@@ -105,6 +105,9 @@ pub struct AgentConfig {
     /// Sessions and auth attempts older than this are pruned (at start and hourly);
     /// `--history-retention`, default 90 days.
     pub history_retention: std::time::Duration,
+    /// Leave kernel peers the store does not know in place at start instead of removing them
+    /// (`--keep-unknown-peers`).
+    pub keep_unknown_peers: bool,
 }
 
 /// Why the daemon could not start or stop cleanly.

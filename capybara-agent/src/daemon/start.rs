@@ -131,6 +131,7 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
                 Some(path) => Some(Arc::new(crate::geo::GeoDb::open(path)?)),
                 None => None,
             },
+            keep_unknown_peers: config.keep_unknown_peers,
         },
     )?);
     svc.templates.set_listen_port(config.listen_port);

@@ -56,6 +56,9 @@ pub struct ServiceConfig {
     pub keep_client_keys: Option<Sealer>,
     /// The MaxMind country database for geo policies (`--geoip-db`); `None` = geo unavailable.
     pub geo_db: Option<Arc<GeoDb>>,
+    /// Leave kernel peers the store does not know in place at start (`--keep-unknown-peers`);
+    /// by default they are removed (see `service::devices`).
+    pub keep_unknown_peers: bool,
 }
 
 /// What every feature of the service shares. One per agent.

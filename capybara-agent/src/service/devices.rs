@@ -13,8 +13,13 @@
 //!   device back. A SIGKILL in between leaves a stored device that start-up programs again:
 //!   the removal was not acknowledged, so nothing acknowledged is lost.
 //!
-//! Kernel peers the store does not know (set up by tests or tools outside the agent) are left
-//! alone and logged.
+//! ## Peers the store does not know
+//! The store is the truth. A kernel peer the store does not know (left in the pinned maps by an
+//! agent whose data dir is gone, a restore of an older backup, or a tool outside the agent) is
+//! removed at start, and its counters are logged first: otherwise it would keep its id and
+//! addresses, which allocation could never hand out again, and stay in the kernel for good.
+//! `--keep-unknown-peers` (`ServiceConfig::keep_unknown_peers`) leaves them alone instead (and
+//! allocation then skips their ids and addresses).
 
 use std::sync::Arc;
 
@@ -57,11 +62,22 @@ impl Devices {
             .into_keys()
             .filter(|id| !self.dir.has_id(*id))
             .collect();
-        if !foreign.is_empty() {
+        if !foreign.is_empty() && self.core.cfg.keep_unknown_peers {
             tracing::warn!(
                 ?foreign,
-                "kernel peers the store does not know are left alone; their ids and addresses are not handed out"
+                "kernel peers the store does not know are left alone (--keep-unknown-peers); their ids and addresses are not handed out"
             );
+        }
+        if !self.core.cfg.keep_unknown_peers {
+            for id in foreign {
+                let counters = self.core.plane.peer_stats(id).ok();
+                tracing::warn!(
+                    peer = id,
+                    ?counters,
+                    "a kernel peer the store does not know is removed (its counters above)"
+                );
+                self.core.plane.remove_peer(id)?;
+            }
         }
         // In batches (the dataplane's batch syscalls, one tunnel table for all): one call per
         // device took minutes at 100 000 devices.
@@ -345,6 +361,17 @@ impl Devices {
                     });
                 }
             };
+            // Who read a private key is in the audit trail (nothing else changes).
+            let mut batch = Batch::default();
+            self.core.audit(
+                &mut batch,
+                actor,
+                "peer.config",
+                format!("peer:{pkey}"),
+                None,
+                None,
+            )?;
+            self.core.commit(batch)?;
             return Ok(self.config_for(&rec.peer, Some(&sealed)));
         }
         // Rotate: the new key replaces the old one in the tunnel; id, addresses and counters stay.

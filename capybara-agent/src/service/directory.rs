@@ -7,8 +7,8 @@
 //! A device gets the lowest free host of the tunnel's IPv4 subnet (not the network, the
 //! server's address or the broadcast) and the IPv6 address with the same host offset in the
 //! IPv6 subnet, and the lowest free dense peer id. Both are rebuilt from the store at open.
-//! Kernel peers the store does not know (set up by tests or tools outside the agent) keep their
-//! ids and addresses: allocation never hands them out.
+//! Kernel peers the store does not know are removed at start (`service::devices`); kept with
+//! `--keep-unknown-peers`, they keep their ids and addresses: allocation never hands them out.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},

@@ -155,6 +155,7 @@ mod tests {
                 dns: vec![],
                 keep_client_keys: None,
                 geo_db: None,
+                keep_unknown_peers: false,
             },
         )
         .unwrap();

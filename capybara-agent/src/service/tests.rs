@@ -17,7 +17,7 @@ use crate::{
     service::{
         core::now,
         directory::allowed_ips,
-        domain::{Actor, DeviceName, PublicKey, Scope, UserName, unix_secs},
+        domain::{Actor, DeviceName, PublicKey, Scope, TokenId, UserName, unix_secs},
         secrets::Sealer,
         testing::{MemoryPlane, MemoryTunnel},
         tokens::TokenRecord,
@@ -42,6 +42,7 @@ fn config(keep: bool) -> ServiceConfig {
         dns: vec!["10.99.0.1".into()],
         keep_client_keys: keep.then(|| Sealer::new(&[3; 32])),
         geo_db: None,
+        keep_unknown_peers: false,
     }
 }
 
@@ -244,7 +245,7 @@ fn remove_user_removes_every_device_everywhere() {
 }
 
 #[test]
-fn reopen_programs_stored_devices_and_leaves_foreign_kernel_peers_alone() {
+fn reopen_programs_stored_devices_and_removes_unknown_kernel_peers_unless_kept() {
     let f = fixture(false);
     let (_, a) = f.svc.users.add_user(&root(), new_user("alice")).unwrap();
     let Fixture {
@@ -270,13 +271,14 @@ fn reopen_programs_stored_devices_and_leaves_foreign_kernel_peers_alone() {
     )
     .unwrap();
     let peers = plane.state().peers;
-    assert_eq!(peers.keys().copied().collect::<Vec<_>>(), [a.peer.id, 1]);
+    assert_eq!(peers.keys().copied().collect::<Vec<_>>(), [a.peer.id]);
     assert_eq!(peers[&a.peer.id], allowed_ips(&a.peer));
     assert!(tunnel.state().contains_key(&a.peer.public_key));
-    // The foreign peer's id and address are skipped; the audit sequence continues.
+    // The unknown peer is gone: its id and address are handed out again; the audit sequence
+    // continues.
     let (_, b) = svc.users.add_user(&root(), new_user("bob")).unwrap();
-    assert_eq!(b.peer.id, 2);
-    assert_eq!(b.peer.ipv4, Ipv4Addr::new(10, 99, 0, 4));
+    assert_eq!(b.peer.id, 1);
+    assert_eq!(b.peer.ipv4, Ipv4Addr::new(10, 99, 0, 3));
     let seqs: Vec<u64> = svc
         .core
         .audit_records(None, 10)
@@ -285,6 +287,26 @@ fn reopen_programs_stored_devices_and_leaves_foreign_kernel_peers_alone() {
         .map(|r| r.seq)
         .collect();
     assert_eq!(seqs, [2, 1]);
+    drop(svc);
+
+    // With keep_unknown_peers a peer the store does not know stays, and its id and address are
+    // skipped.
+    plane.with(|s| {
+        s.peers.insert(2, vec!["10.99.0.4/32".parse().unwrap()]);
+    });
+    let svc = Service::open(
+        Arc::new(Store::open(&path).unwrap()),
+        plane.clone(),
+        Arc::new(MemoryTunnel::default()),
+        ServiceConfig {
+            keep_unknown_peers: true,
+            ..config(false)
+        },
+    )
+    .unwrap();
+    assert!(plane.state().peers.contains_key(&2));
+    let (_, c) = svc.users.add_user(&root(), new_user("carol")).unwrap();
+    assert_eq!((c.peer.id, c.peer.ipv4), (3, Ipv4Addr::new(10, 99, 0, 5)));
     drop(_dir);
 }
 
@@ -310,6 +332,46 @@ fn kept_keys_show_the_config_again_and_rotate_replaces_the_key() {
     let tun = f.tunnel.state();
     assert!(tun.contains_key(&rotated.peer.public_key));
     assert!(!tun.contains_key(&first.peer.public_key));
+}
+
+#[test]
+fn reading_a_kept_key_is_audited_with_its_reader() {
+    let f = fixture(true);
+    f.svc.users.add_user(&root(), new_user("alice")).unwrap();
+    let reader = Actor::Token {
+        id: TokenId::parse("id", "0123456789abcdef").unwrap(),
+        scope: Scope::Admin,
+    };
+    f.svc
+        .devices
+        .user_config(&reader, &u("alice"), None, false)
+        .unwrap();
+    let last = &f.svc.core.audit_records(None, 1).unwrap()[0];
+    assert_eq!(last.action, "peer.config");
+    assert_eq!(last.target, "peer:alice/default");
+    assert_eq!(last.actor, reader.to_string());
+    assert!(last.before.is_none() && last.after.is_none());
+}
+
+#[test]
+fn a_token_without_an_expiry_expires_after_the_default_lifetime() {
+    let f = fixture(false);
+    let before = SystemTime::now();
+    let (tok, _) = f
+        .svc
+        .tokens
+        .create_token(
+            &root(),
+            NewToken {
+                scope: Scope::Read,
+                name: String::new(),
+                expires_at: None,
+            },
+        )
+        .unwrap();
+    let lifetime = tokens::DEFAULT_TOKEN_LIFETIME.as_secs();
+    let at = tok.expires_at.expect("a default expiry");
+    assert!(at >= unix_secs(before) + lifetime && at <= unix_secs(SystemTime::now()) + lifetime);
 }
 
 #[test]

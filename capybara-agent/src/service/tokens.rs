@@ -1,8 +1,15 @@
 //! API tokens: created with a scope and an expiry, shown once, stored hashed (SHA-256 of the
 //! secret), revoked but kept for the audit trail; [`Tokens::authenticate`] turns a bearer
 //! string into the actor it stands for.
+//!
+//! A token created without an expiry expires after [`DEFAULT_TOKEN_LIFETIME`] (90 days): a
+//! token copied into a script or a panel and forgotten stops working on its own. A longer-lived
+//! token names its expiry; none lives forever.
 
-use std::{sync::Arc, time::SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -13,6 +20,9 @@ use super::{
     secrets,
 };
 use crate::store::{Batch, Cf, keys};
+
+/// How long a token created without an expiry works.
+pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(90 * 86_400);
 
 /// What the store holds for a token.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -30,7 +40,7 @@ pub struct NewToken {
     pub scope: Scope,
     /// A label.
     pub name: String,
-    /// When it stops working.
+    /// When it stops working (`None`: after [`DEFAULT_TOKEN_LIFETIME`]).
     pub expires_at: Option<SystemTime>,
 }
 
@@ -61,7 +71,13 @@ impl Tokens {
             }
             .into());
         }
-        let expires_at = expiry("expires", new.expires_at)?;
+        let expires_at = expiry(
+            "expires",
+            Some(
+                new.expires_at
+                    .unwrap_or_else(|| SystemTime::now() + DEFAULT_TOKEN_LIFETIME),
+            ),
+        )?;
         let id = TokenId::random();
         let secret = secrets::new_token_secret(&id);
         let token = Token {

@@ -408,6 +408,7 @@ mod tests {
                 dns: Vec::new(),
                 keep_client_keys: None,
                 geo_db: None,
+                keep_unknown_peers: false,
             },
         )
         .unwrap();

@@ -105,6 +105,7 @@ async fn run_async(pins: &BenchPins) -> Result<Vec<Figure>> {
             dns: vec![],
             keep_client_keys: None,
             geo_db: None,
+            keep_unknown_peers: false,
         },
     )?);
     let token = |scope| {

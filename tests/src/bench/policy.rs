@@ -216,6 +216,7 @@ async fn run_async(pins: &BenchPins, fanout: bool, updates: bool) -> Result<Vec<
             dns: vec![],
             keep_client_keys: None,
             geo_db: None,
+            keep_unknown_peers: false,
         },
     )?);
     let root = Actor::Local { uid: 0 };

@@ -28,6 +28,7 @@ fn config() -> ServiceConfig {
         dns: vec![],
         keep_client_keys: None,
         geo_db: None,
+        keep_unknown_peers: false,
     }
 }
 
