@@ -17,6 +17,8 @@
 //! - [`logging`]: the log subscriber and its runtime-changeable filter.
 //! - [`net`], [`units`], [`paths`]: validated network types and quantities (rates); every
 //!   filesystem path and its mode.
+//! - [`fsutil`]: secret files written atomically and durably (0600 from the start) and read
+//!   back only with a safe mode.
 pub mod api;
 pub mod blocklist;
 pub mod cli;
