@@ -56,11 +56,29 @@
 //! nothing while empty). `CAPY_FLOW_CNT`: `BPF_F_MMAPABLE` array of `u64`, one per peer
 //! (1 MiB); the agent decrements through the mapping with `AtomicU64`, the kernel with BPF
 //! atomic instructions on the same memory.
+//!
+//! ## One table for all peers: the per-peer cap
+//! The table is shared, first come first served: no slot is reserved for any peer. A peer's
+//! flow limit is therefore capped at input (the policy value `flows`, 1..=
+//! [`MAX_FLOWS_PER_PEER`] = `MAX_FLOWS / 4` = 65 536), so one peer — a busy NAT gateway, a port
+//! scanner, a flood of spoofed 5-tuples from inside the tunnel — can hold at most a quarter of
+//! the table and never fill it alone. 65 536 concurrent flows is far above what one device
+//! needs (the built-in `strict` template gives 200).
+//! The limits of many peers together may still exceed [`MAX_FLOWS`] (they are ceilings, not
+//! reservations: 100 peers at 10 000 each): when the table is full, a new flow of any limited
+//! peer, under its limit or not, is dropped as `FlowLimit` and counted in
+//! `counters::FLOWS_TABLE_FULL` (above), established flows keep passing, and slots come back
+//! as flows end (FIN/RST) or expire. Peers without a limit are not tracked and take no slot.
 
 use crate::{config::Config, pod};
 
 /// Capacity of `CAPY_FLOWS` (all peers together).
 pub const MAX_FLOWS: u32 = 262_144;
+
+/// The largest flow limit one peer may be given (policy `flows`): a quarter of [`MAX_FLOWS`],
+/// 65 536, so no single peer can fill the table the others share (module docs: "One table
+/// for all peers").
+pub const MAX_FLOWS_PER_PEER: u32 = MAX_FLOWS / 4;
 
 /// IP protocol numbers the flow key distinguishes.
 pub const PROTO_ICMP: u8 = 1;

@@ -46,8 +46,14 @@ struct Args {
     #[arg(long, default_value = paths::WG_UAPI_DIR)]
     wg_uapi_dir: PathBuf,
     /// TCP address of the gRPC API, e.g. 0.0.0.0:7443 (every call needs a bearer token).
+    /// Without --api-tls-cert/--api-tls-key only a loopback address is accepted, unless
+    /// --insecure is given.
     #[arg(long)]
     api_listen: Option<std::net::SocketAddr>,
+    /// Allow --api-listen on a non-loopback address without TLS: bearer tokens then cross the
+    /// network in clear text (logged as a warning at start).
+    #[arg(long)]
+    insecure: bool,
     /// The control socket (root only, no token).
     #[arg(long, default_value = paths::SOCKET_PATH)]
     api_socket: PathBuf,
@@ -148,6 +154,7 @@ fn main() -> anyhow::Result<()> {
             keep_client_keys: args.keep_client_keys,
             geo_db: args.geoip_db,
             tls: args.api_tls_cert.zip(args.api_tls_key),
+            insecure: args.insecure,
         },
     };
     let runtime = tokio::runtime::Runtime::new().context("tokio runtime")?;

@@ -4,6 +4,9 @@
 //! in-process; the binary only parses flags and installs the signal handler.
 //!
 //! Start-up order (each step logged):
+//! 0. check the API's TCP listener ([`ApiSettings::check_listener`]): without TLS only on a
+//!    loopback address, unless `insecure` (`--insecure`, then a warning is logged); refused
+//!    before anything is opened;
 //! 1. open the store (data dir, mode 0700);
 //! 2. open the dataplane: load the programs, re-use the pinned maps (counters continue);
 //! 3. restore the named blocklists from the store — written to the kernel only when the pinned
@@ -74,6 +77,38 @@ pub struct ApiSettings {
     pub geo_db: Option<PathBuf>,
     /// Certificate and key (PEM files) for TLS on the TCP listener.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Allow the TCP listener on a non-loopback address without TLS (`--insecure`): see
+    /// [`ApiSettings::check_listener`].
+    pub insecure: bool,
+}
+
+/// What [`ApiSettings::check_listener`] found the TCP listener to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenerCheck {
+    /// No TCP listener, or one that is safe as configured (TLS, or a loopback address).
+    Safe,
+    /// Plain TCP on a network address, allowed by `insecure`: the daemon logs a loud warning.
+    Insecure(SocketAddr),
+}
+
+impl ApiSettings {
+    /// The rule for the TCP API listener, checked by [`run`] before anything is opened: without
+    /// TLS it may listen only on a loopback address (127.0.0.0/8, `::1`, and `::ffff:127.x.y.z`),
+    /// because every call carries a bearer token (and some return keys) that would otherwise
+    /// cross the network in clear text. Any other address (`0.0.0.0` and `::` included) without
+    /// TLS is refused ([`DaemonError::PlainApiListener`]) unless `insecure` is set.
+    pub fn check_listener(&self) -> Result<ListenerCheck, DaemonError> {
+        let Some(addr) = self.listen else {
+            return Ok(ListenerCheck::Safe);
+        };
+        if self.tls.is_some() || addr.ip().to_canonical().is_loopback() {
+            Ok(ListenerCheck::Safe)
+        } else if self.insecure {
+            Ok(ListenerCheck::Insecure(addr))
+        } else {
+            Err(DaemonError::PlainApiListener { addr })
+        }
+    }
 }
 
 /// Everything the daemon needs to start.
@@ -137,6 +172,17 @@ pub enum DaemonError {
     /// The country database could not be read.
     #[error(transparent)]
     Geo(#[from] crate::geo::GeoDbError),
+    /// A TCP API on a non-loopback address without TLS, and no `insecure`
+    /// ([`ApiSettings::check_listener`]).
+    #[error(
+        "--api-listen {addr}: refusing to serve the API without TLS on a non-loopback address \
+         (bearer tokens would cross the network in clear text); give --api-tls-cert and \
+         --api-tls-key, or --insecure to allow it anyway"
+    )]
+    PlainApiListener {
+        /// The address.
+        addr: SocketAddr,
+    },
     /// The TCP API address could not be bound.
     #[error("cannot listen on {addr} for the API")]
     ApiListen {
@@ -176,6 +222,13 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
     on_ready: impl FnOnce(&Running),
 ) -> Result<(), DaemonError> {
+    if let ListenerCheck::Insecure(addr) = config.api.check_listener()? {
+        tracing::warn!(
+            %addr,
+            "--insecure: the API listens on {addr} WITHOUT TLS: bearer tokens, and the keys some \
+             calls return, cross the network in clear text; use --api-tls-cert/--api-tls-key"
+        );
+    }
     let opened = start::open(&config)?;
     let mut agent = start::wire(&config, opened).await?;
     on_ready(&agent.running(&config));
@@ -183,4 +236,71 @@ pub async fn run(
     agent.shut_down(&config).await?;
     api_result?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(listen: &str, tls: bool, insecure: bool) -> ApiSettings {
+        ApiSettings {
+            listen: Some(listen.parse().unwrap()),
+            tls: tls.then(|| ("cert.pem".into(), "key.pem".into())),
+            insecure,
+            ..ApiSettings::default()
+        }
+    }
+
+    /// Issue 19 item 3: a plain TCP API is refused on a network address without `--insecure`.
+    #[test]
+    fn plain_listener_only_on_loopback_unless_insecure() {
+        assert_eq!(
+            ApiSettings::default().check_listener().unwrap(),
+            ListenerCheck::Safe
+        );
+        for loopback in [
+            "127.0.0.1:7443",
+            "127.8.9.10:0",
+            "[::1]:7443",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            let s = settings(loopback, false, false);
+            assert_eq!(
+                s.check_listener().unwrap(),
+                ListenerCheck::Safe,
+                "{loopback}"
+            );
+        }
+        for network in [
+            "192.0.2.1:7443",
+            "0.0.0.0:7443",
+            "[::]:7443",
+            "[2001:db8::1]:7443",
+        ] {
+            let e = settings(network, false, false)
+                .check_listener()
+                .unwrap_err();
+            assert!(
+                matches!(e, DaemonError::PlainApiListener { addr } if addr.to_string() == network),
+                "{network}: {e}"
+            );
+            let text = e.to_string();
+            for needle in [
+                "--api-listen",
+                "--api-tls-cert",
+                "--api-tls-key",
+                "--insecure",
+            ] {
+                assert!(text.contains(needle), "{text}");
+            }
+            // TLS makes it safe; --insecure allows it, to be warned about.
+            let tls = settings(network, true, false);
+            assert_eq!(tls.check_listener().unwrap(), ListenerCheck::Safe);
+            let insecure = settings(network, false, true);
+            assert_eq!(
+                insecure.check_listener().unwrap(),
+                ListenerCheck::Insecure(network.parse().unwrap())
+            );
+        }
+    }
 }

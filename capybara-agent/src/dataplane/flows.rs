@@ -3,6 +3,9 @@
 //! - [`Dataplane::set_flow_limit`] / [`Dataplane::clear_flow_limit`]: one write of the peer's
 //!   `PeerInfo` (gate, deadline and quota bucket kept), validated first (the peer exists, the
 //!   limit is in `1..=MAX_FLOWS`): on error no map is touched.
+//!   `MAX_FLOWS` is the table's capacity, the bound here; the policy caps what it sets at
+//!   `capybara_common::flow::MAX_FLOWS_PER_PEER` (a quarter of the table: one peer cannot fill
+//!   it; a new flow over the limit, or with the table full, is dropped — that module's docs).
 //! - [`Dataplane::flow_count`]: the peer's live flows as the kernel counts them.
 //! - [`Dataplane::set_flow_timeouts`]: the idle timeouts, in `CAPY_CONFIG`.
 //! - [`Dataplane::expire_flows`] (the daemon calls it every [`SWEEP_INTERVAL`]) and [`sweep`]:

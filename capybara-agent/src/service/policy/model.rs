@@ -9,10 +9,13 @@
 //! | [`TimeWindow`] | `Mon-Fri 08:00-18:00`, `Sat,Sun 10:00-14:00`, `daily 22:00-06:00` | allowed hours; an end before the start runs past midnight into the next day |
 //! | [`OnlineTime`] | `8h`, `90m`, `1h30m` | online time per day, at most 24 h |
 //! | [`Zone`] | `Europe/Berlin`, `UTC` | an IANA time zone |
+//! | [`Count`] | `3` | devices online at once, 1 to 1 000 000 |
+//! | [`FlowCount`] | `200` | concurrent flows per device, 1 to 65 536 (a quarter of the flow table all peers share) |
 //! | [`Cap`] | a value or `unlimited` | a limit, or explicitly none (beats a lower layer's limit) |
 
 use std::{fmt, str::FromStr, time::Duration};
 
+use capybara_common::flow::MAX_FLOWS_PER_PEER;
 use chrono::{Datelike, NaiveDateTime, Timelike, Weekday};
 use serde::{Deserialize, Serialize};
 
@@ -518,23 +521,28 @@ impl fmt::Display for Bandwidth {
 }
 text_serde!(Bandwidth);
 
-/// A count (connections, flows): 1..=`MAX_COUNT`.
+/// A count of devices (`connections`): 1..=`MAX_COUNT`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Count(pub u32);
 
-/// The largest count accepted (the kernel's flow table bounds flows further).
+/// The largest count of devices accepted.
 pub const MAX_COUNT: u32 = 1_000_000;
+
+/// A whole number in `1..=max`.
+fn count_in(input: &str, max: u32) -> Result<u32, PolicyValueError> {
+    match input.trim().parse::<u32>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(PolicyValueError::Count {
+            input: input.to_owned(),
+            max,
+        }),
+    }
+}
 
 impl FromStr for Count {
     type Err = PolicyValueError;
     fn from_str(input: &str) -> Result<Count, PolicyValueError> {
-        match input.trim().parse::<u32>() {
-            Ok(n) if (1..=MAX_COUNT).contains(&n) => Ok(Count(n)),
-            _ => Err(PolicyValueError::Count {
-                input: input.to_owned(),
-                max: MAX_COUNT,
-            }),
-        }
+        count_in(input, MAX_COUNT).map(Count)
     }
 }
 
@@ -544,6 +552,26 @@ impl fmt::Display for Count {
     }
 }
 text_serde!(Count);
+
+/// Concurrent flows per device (`flows`): 1..=[`MAX_FLOWS_PER_PEER`] (65 536, a quarter of the
+/// flow table all peers share, so one peer cannot fill it: `capybara_common::flow`, "One table
+/// for all peers").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FlowCount(pub u32);
+
+impl FromStr for FlowCount {
+    type Err = PolicyValueError;
+    fn from_str(input: &str) -> Result<FlowCount, PolicyValueError> {
+        count_in(input, MAX_FLOWS_PER_PEER).map(FlowCount)
+    }
+}
+
+impl fmt::Display for FlowCount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+text_serde!(FlowCount);
 
 /// One layer of a policy (a user's overrides, a group's, a template's, the server default):
 /// every field optional — unset means "no opinion, ask the next layer".
@@ -567,7 +595,7 @@ pub struct Limits {
     pub connections: Option<Cap<Count>>,
     /// Concurrent flows per device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub flows: Option<Cap<Count>>,
+    pub flows: Option<Cap<FlowCount>>,
     /// Online time per day.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time: Option<Cap<OnlineTime>>,
@@ -882,7 +910,7 @@ mod tests {
         .parse()
         .unwrap();
         let base = Limits {
-            flows: Some(Cap::Limit(Count(5))),
+            flows: Some(Cap::Limit(FlowCount(5))),
             ..Limits::default()
         };
         let l = base.patched(&p);
@@ -916,5 +944,35 @@ mod tests {
         let n: Limits = serde_json::from_str(r#"{"connections": 3}"#).unwrap();
         assert_eq!(n.connections, Some(Cap::Limit(Count(3))));
         assert!(serde_json::from_str::<Limits>(r#"{"speed": 3}"#).is_err());
+    }
+
+    /// Issue 19 item 7: one peer's flow limit could be up to 1 000 000, so one peer could fill
+    /// the 262 144-entry flow table all peers share. The limit is capped at a quarter of it
+    /// (65 536), from every input: CLI/API text, policy files and templates (serde).
+    #[test]
+    fn flows_are_capped_at_a_quarter_of_the_shared_flow_table() {
+        let flows = |v: &str| {
+            LimitsText {
+                flows: Some(v.into()),
+                ..LimitsText::default()
+            }
+            .parse()
+        };
+        let max = flows("65536").unwrap().set.flows.unwrap();
+        assert_eq!(max.to_string(), "65536");
+        for over in ["65537", "262144", "1000000"] {
+            let e = flows(over).unwrap_err();
+            assert_eq!(e.field(), "flows", "{e}");
+            assert!(e.to_string().contains("65536"), "{e}");
+        }
+        assert!(serde_json::from_str::<Limits>(r#"{"flows": 65536}"#).is_ok());
+        let e = serde_json::from_str::<Limits>(r#"{"flows": 65537}"#).unwrap_err();
+        assert!(e.to_string().contains("65536"), "{e}");
+        // Devices keep their own bound.
+        let c = LimitsText {
+            connections: Some("1000000".into()),
+            ..LimitsText::default()
+        };
+        assert!(c.parse().is_ok());
     }
 }

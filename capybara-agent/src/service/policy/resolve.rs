@@ -35,8 +35,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use super::model::{
-    Bandwidth, ByteSize, Cap, Count, GroupName, Limits, OnlineTime, Percent, Period, TimeWindow,
-    Zone,
+    Bandwidth, ByteSize, Cap, Count, FlowCount, GroupName, Limits, OnlineTime, Percent, Period,
+    TimeWindow, Zone,
 };
 
 /// Where an effective field came from.
@@ -168,6 +168,11 @@ impl Permissive for ByteSize {
     }
 }
 impl Permissive for Count {
+    fn key(&self) -> u64 {
+        u64::from(self.0)
+    }
+}
+impl Permissive for FlowCount {
     fn key(&self) -> u64 {
         u64::from(self.0)
     }
