@@ -1,7 +1,11 @@
 //! The gRPC client the CLI uses: connects over the control socket (root, no token) or TCP with a
 //! bearer token, and answers in domain types. Each feature's calls are in its own file.
+//!
+//! A token goes over plain `http://` only to a loopback host (127.0.0.0/8, ::1, `localhost`):
+//! anywhere else it would cross the network in clear text, so [`Client::connect`] refuses
+//! before it connects ([`ClientError::PlainToken`]) and nothing is sent; `https://` is the way.
 
-use std::path::PathBuf;
+use std::{net::IpAddr, path::PathBuf};
 
 use tonic::{Request, Status, metadata::MetadataValue, transport::Channel};
 
@@ -38,6 +42,16 @@ pub enum ClientError {
     /// The endpoint URL is not valid.
     #[error("invalid endpoint {endpoint:?}")]
     Endpoint {
+        /// The URL.
+        endpoint: String,
+    },
+    /// A token for a plain `http://` endpoint whose host is not loopback: refused before any
+    /// connection.
+    #[error(
+        "--endpoint {endpoint}: refusing to send the token over plain http:// to a host other \
+         than this machine; use https:// (with --ca-cert), or a loopback address"
+    )]
+    PlainToken {
         /// The URL.
         endpoint: String,
     },
@@ -98,7 +112,13 @@ impl Client {
                 };
                 let mut ep =
                     tonic::transport::Endpoint::from_shared(url.clone()).map_err(|_| bad())?;
-                if url.starts_with("https://") {
+                let https = ep.uri().scheme_str() == Some("https");
+                if token.is_some() && !https && !ep.uri().host().is_some_and(is_loopback_host) {
+                    return Err(ClientError::PlainToken {
+                        endpoint: url.clone(),
+                    });
+                }
+                if https {
                     let ca = ca_cert.as_ref().ok_or(ClientError::NoCa)?;
                     ep = ep
                         .tls_config(
@@ -143,7 +163,21 @@ impl Client {
 
 /// Whether a client error is the caller's bad input (the CLI exits 2 for these).
 pub fn is_bad_input(e: &ClientError) -> bool {
-    matches!(e, ClientError::Status(s) if s.code() == tonic::Code::InvalidArgument)
+    match e {
+        ClientError::Status(s) => s.code() == tonic::Code::InvalidArgument,
+        ClientError::PlainToken { .. } => true,
+        _ => false,
+    }
+}
+
+/// Whether a URL's host is this machine by loopback: 127.0.0.0/8, ::1 (also as
+/// `::ffff:127.x.y.z`) or `localhost`.
+fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
 /// The gRPC code of a failed call, if the agent answered.
@@ -151,5 +185,57 @@ pub fn code(e: &ClientError) -> Option<tonic::Code> {
     match e {
         ClientError::Status(s) => Some(s.code()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts() {
+        for h in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "[::1]",
+            "::1",
+            "localhost",
+            "LocalHost",
+            "[::ffff:127.0.0.1]",
+        ] {
+            assert!(is_loopback_host(h), "{h}");
+        }
+        for h in [
+            "192.0.2.1",
+            "10.0.0.1",
+            "[2001:db8::1]",
+            "0.0.0.0",
+            "[::]",
+            "example.com",
+            "localhost.example.com",
+            "128.0.0.1",
+        ] {
+            assert!(!is_loopback_host(h), "{h}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_token_over_plain_http_off_the_machine_is_refused_before_connecting() {
+        let tcp = |url: &str, token: Option<&str>| Endpoint::Tcp {
+            url: url.into(),
+            token: token.map(str::to_owned),
+            ca_cert: None,
+        };
+        // TEST-NET addresses: a connection attempt would hang or fail with `Connect`.
+        for url in ["http://192.0.2.1:7443", "http://[2001:db8::1]:7443"] {
+            let e = Client::connect(&tcp(url, Some("capy_x")))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&e, ClientError::PlainToken { endpoint } if endpoint == url),
+                "{e}"
+            );
+            assert!(is_bad_input(&e));
+        }
     }
 }

@@ -6,7 +6,7 @@ use clap::Subcommand;
 use super::{
     Cli, CliError, connect,
     input::expiry,
-    output::{opt_time, print_json, time},
+    output::{opt_time, out, outln, print_json, time},
     table::Table,
 };
 use crate::service::domain::{Scope, TokenId};
@@ -65,9 +65,9 @@ async fn token(cli: &Cli, cmd: &TokenCmd) -> Result<(), CliError> {
                 .create_token(scope, name, expires)
                 .await?;
             if cli.json {
-                print_json(&serde_json::json!({ "token": t, "secret": secret }));
+                print_json(&serde_json::json!({ "token": t, "secret": secret }))?;
             } else {
-                println!("{secret}");
+                outln!("{secret}")?;
                 eprintln!(
                     "token {} (scope {}, expires {}): the secret above is shown once",
                     t.id,
@@ -80,7 +80,7 @@ async fn token(cli: &Cli, cmd: &TokenCmd) -> Result<(), CliError> {
         TokenCmd::List => {
             let tokens = connect(cli).await?.list_tokens().await?;
             if cli.json {
-                print_json(&tokens);
+                print_json(&tokens)?;
                 return Ok(());
             }
             let mut t = Table::new(&["ID", "NAME", "SCOPE", "CREATED", "EXPIRES", "REVOKED"]);
@@ -98,16 +98,16 @@ async fn token(cli: &Cli, cmd: &TokenCmd) -> Result<(), CliError> {
                     opt_time(k.revoked_at),
                 ]);
             }
-            print!("{t}");
+            out!("{t}")?;
             Ok(())
         }
         TokenCmd::Revoke { id } => {
             TokenId::parse("id", id)?;
             let t = connect(cli).await?.revoke_token(id).await?;
             if cli.json {
-                print_json(&t);
+                print_json(&t)?;
             } else {
-                println!("revoked {}", t.id);
+                outln!("revoked {}", t.id)?;
             }
             Ok(())
         }

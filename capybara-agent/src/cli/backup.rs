@@ -1,6 +1,7 @@
 //! `capybara backup …`: backups of the agent's store.
 //!
-//! - `backup create --output F`: a consistent snapshot of the agent's store (admin).
+//! - `backup create --output F`: a consistent snapshot of the agent's store (admin), written
+//!   with mode 0600 (it holds the store's secrets: kept client keys, token hashes).
 //! - `backup restore --input F [--data-dir D]`: replaces the store of a **stopped** agent with
 //!   the backup, offline (see `store::backup`); its next start programs what was restored.
 
@@ -10,7 +11,7 @@ use clap::Subcommand;
 
 use super::{
     Cli, CliError, connect,
-    output::{print_json, write_out},
+    output::{outln, print_json, write_private},
 };
 use crate::paths;
 
@@ -39,12 +40,12 @@ pub(super) async fn run(cli: &Cli, cmd: &BackupCmd) -> Result<(), CliError> {
     match cmd {
         BackupCmd::Create { output } => {
             let (data, records) = connect(cli).await?.create_backup().await?;
-            write_out(Some(output), &data)?;
+            write_private(output, &data)?;
             if cli.json {
-                print_json(&records);
+                print_json(&records)?;
             } else {
                 let total: u64 = records.values().sum();
-                println!("backup written to {} ({total} records)", output.display());
+                outln!("backup written to {} ({total} records)", output.display())?;
             }
             Ok(())
         }
@@ -52,13 +53,13 @@ pub(super) async fn run(cli: &Cli, cmd: &BackupCmd) -> Result<(), CliError> {
             let bytes = std::fs::read(input).map_err(CliError::file(input))?;
             let records = crate::store::backup::restore(data_dir, &bytes)?;
             if cli.json {
-                print_json(&records);
+                print_json(&records)?;
             } else {
                 let total: u64 = records.values().sum();
-                println!(
+                outln!(
                     "restored {total} records into {}; start the agent to apply them",
                     data_dir.display()
-                );
+                )?;
             }
             Ok(())
         }

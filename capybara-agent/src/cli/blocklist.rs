@@ -3,7 +3,11 @@
 
 use clap::{Subcommand, ValueEnum};
 
-use super::{Cli, CliError, connect, output::print_json, table::Table};
+use super::{
+    Cli, CliError, connect,
+    output::{out, outln, print_json},
+    table::Table,
+};
 use crate::blocklist::Direction;
 
 /// `capybara blocklist …`.
@@ -67,7 +71,7 @@ pub(super) async fn run(cli: &Cli, cmd: &BlocklistCmd) -> Result<(), CliError> {
         BlocklistCmd::List => {
             let lists = connect(cli).await?.blocklists().await?;
             if cli.json {
-                print_json(&lists);
+                print_json(&lists)?;
                 return Ok(());
             }
             let mut t = Table::new(&["DIRECTION", "NAME", "ENTRIES", "HIT PKTS", "HIT BYTES"]);
@@ -80,7 +84,7 @@ pub(super) async fn run(cli: &Cli, cmd: &BlocklistCmd) -> Result<(), CliError> {
                     l.hits.bytes.to_string(),
                 ]);
             }
-            print!("{t}");
+            out!("{t}")?;
             Ok(())
         }
         BlocklistCmd::Add {
@@ -101,9 +105,9 @@ pub(super) async fn run(cli: &Cli, cmd: &BlocklistCmd) -> Result<(), CliError> {
                 .change_entries((*direction).into(), name, cidrs.clone(), add)
                 .await?;
             if cli.json {
-                print_json(&l);
+                print_json(&l)?;
             } else {
-                println!("{} {}: {} entries", l.direction, l.name, l.cidrs.len());
+                outln!("{} {}: {} entries", l.direction, l.name, l.cidrs.len())?;
             }
             Ok(())
         }
@@ -114,7 +118,7 @@ pub(super) async fn run(cli: &Cli, cmd: &BlocklistCmd) -> Result<(), CliError> {
                 .delete_blocklist((*direction).into(), name)
                 .await?;
             if !cli.json {
-                println!("deleted {name}");
+                outln!("deleted {name}")?;
             }
             Ok(())
         }

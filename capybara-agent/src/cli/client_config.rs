@@ -6,7 +6,11 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::{Cli, CliError, output::print_json, qr};
+use super::{
+    Cli, CliError,
+    output::{out, outln, print_json},
+    qr,
+};
 use crate::service::domain::ClientConfig;
 
 /// Where a client config goes besides standard output.
@@ -32,13 +36,13 @@ pub(super) fn show(cli: &Cli, cfg: &ClientConfig, out: &ConfigOut) -> Result<(),
         })?;
     }
     if cli.json {
-        print_json(cfg);
+        print_json(cfg)?;
         return Ok(());
     }
-    print!("{}", cfg.wg_quick);
+    out!("{}", cfg.wg_quick)?;
     if !out.no_qr {
-        println!();
-        print!("{}", qr::terminal(&cfg.wg_quick)?);
+        outln!()?;
+        out!("{}", qr::terminal(&cfg.wg_quick)?)?;
     }
     if cfg.private_key.is_some() && !cfg.peer.key_kept {
         eprintln!(

@@ -5,7 +5,7 @@ use clap::Args;
 
 use super::{
     Cli, CliError, connect,
-    output::{opt_time, print_json},
+    output::{opt_time, out, outln, print_json},
     table::Table,
 };
 use crate::service::domain::UserName;
@@ -21,7 +21,7 @@ pub(super) struct KickArgs {
 pub(super) async fn connections(cli: &Cli) -> Result<(), CliError> {
     let c = connect(cli).await?.connections().await?;
     if cli.json {
-        print_json(&c);
+        print_json(&c)?;
         return Ok(());
     }
     let mut t = Table::new(&[
@@ -44,7 +44,7 @@ pub(super) async fn connections(cli: &Cli) -> Result<(), CliError> {
             c.tx_bytes.to_string(),
         ]);
     }
-    print!("{t}");
+    out!("{t}")?;
     Ok(())
 }
 
@@ -54,9 +54,9 @@ pub(super) async fn kick(cli: &Cli, args: &KickArgs) -> Result<(), CliError> {
     UserName::parse("user", user)?;
     let peers = connect(cli).await?.kick(user).await?;
     if cli.json {
-        print_json(&peers);
+        print_json(&peers)?;
     } else {
-        println!("kicked {user}: {} device(s)", peers.len());
+        outln!("kicked {user}: {} device(s)", peers.len())?;
     }
     Ok(())
 }

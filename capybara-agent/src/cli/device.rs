@@ -7,7 +7,7 @@ use super::{
     Cli, CliError,
     client_config::{self, ConfigOut},
     connect,
-    output::print_json,
+    output::{outln, print_json},
 };
 use crate::service::domain::{DeviceName, UserName};
 
@@ -46,9 +46,9 @@ pub(super) async fn run(cli: &Cli, cmd: &DeviceCmd) -> Result<(), CliError> {
             DeviceName::parse("device", device)?;
             let p = connect(cli).await?.remove_peer(user, device).await?;
             if cli.json {
-                print_json(&p);
+                print_json(&p)?;
             } else {
-                println!("removed {}/{}", p.user, p.device);
+                outln!("removed {}/{}", p.user, p.device)?;
             }
             Ok(())
         }

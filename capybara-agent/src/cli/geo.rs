@@ -3,7 +3,11 @@
 
 use clap::Subcommand;
 
-use super::{Cli, CliError, connect, output::print_json, table::Table};
+use super::{
+    Cli, CliError, connect,
+    output::{out, outln, print_json},
+    table::Table,
+};
 use crate::service::{domain::country, geo::GeoMode};
 
 /// `capybara geo …`.
@@ -53,10 +57,10 @@ pub(super) async fn run(cli: &Cli, cmd: &GeoCmd) -> Result<(), CliError> {
         }
     };
     if cli.json {
-        print_json(&status);
+        print_json(&status)?;
         return Ok(());
     }
-    println!("geo {} {}", status.mode, status.countries.join(" "));
+    outln!("geo {} {}", status.mode, status.countries.join(" "))?;
     let mut t = Table::new(&["LIST", "ENTRIES", "HIT PKTS", "HIT BYTES"]);
     for l in &status.lists {
         t.row(vec![
@@ -66,6 +70,6 @@ pub(super) async fn run(cli: &Cli, cmd: &GeoCmd) -> Result<(), CliError> {
             l.hits.bytes.to_string(),
         ]);
     }
-    print!("{t}");
+    out!("{t}")?;
     Ok(())
 }

@@ -7,7 +7,7 @@ use clap::Subcommand;
 use super::{
     Cli, CliError, connect, input,
     limits::{LimitArgs, limits_line},
-    output::{names_line, print_json},
+    output::{names_line, out, outln, print_json},
     table::Table,
 };
 use crate::service::policy::model::{ByteSize, Cap, GroupName, parse_field};
@@ -91,7 +91,7 @@ pub(super) async fn run(cli: &Cli, cmd: &GroupCmd) -> Result<(), CliError> {
         GroupCmd::List => {
             let gs = connect(cli).await?.list_groups().await?;
             if cli.json {
-                print_json(&gs);
+                print_json(&gs)?;
                 return Ok(());
             }
             let mut t = Table::new(&["GROUP", "MEMBERS", "POLICY", "SHARED POOL"]);
@@ -107,20 +107,20 @@ pub(super) async fn run(cli: &Cli, cmd: &GroupCmd) -> Result<(), CliError> {
                     g.shared_limit.map_or_else(|| "-".into(), |s| s.to_string()),
                 ]);
             }
-            print!("{t}");
+            out!("{t}")?;
             return Ok(());
         }
     };
     if cli.json {
-        print_json(&g);
+        print_json(&g)?;
     } else {
-        println!(
+        outln!(
             "group {}: members {}; policy {}; shared pool {}",
             g.name,
             names_line(&g.members),
             limits_line(&g.limits),
             g.shared_limit.map_or_else(|| "-".into(), |s| s.to_string())
-        );
+        )?;
     }
     Ok(())
 }

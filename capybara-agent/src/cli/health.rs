@@ -1,7 +1,11 @@
 //! `capybara health`: whether the agent and each of its components serve
 //! (`grpc.health.v1`); exit 1 unless all do.
 
-use super::{Cli, CliError, connect, output::print_json, table::Table};
+use super::{
+    Cli, CliError, connect,
+    output::{out, print_json},
+    table::Table,
+};
 
 /// Runs `capybara health`.
 pub(super) async fn run(cli: &Cli) -> Result<(), CliError> {
@@ -13,7 +17,7 @@ pub(super) async fn run(cli: &Cli) -> Result<(), CliError> {
     if cli.json {
         let map: std::collections::BTreeMap<&str, bool> =
             rows.iter().map(|(n, ok)| (n.as_str(), *ok)).collect();
-        print_json(&map);
+        print_json(&map)?;
     } else {
         let mut t = Table::new(&["COMPONENT", "STATUS"]);
         for (n, ok) in &rows {
@@ -22,7 +26,7 @@ pub(super) async fn run(cli: &Cli) -> Result<(), CliError> {
                 if *ok { "serving" } else { "not serving" }.into(),
             ]);
         }
-        print!("{t}");
+        out!("{t}")?;
     }
     match rows.iter().find(|(_, ok)| !ok) {
         None => Ok(()),

@@ -17,7 +17,7 @@ use clap::{Subcommand, ValueEnum};
 use super::{
     Cli, CliError, connect,
     input::opt_user,
-    output::{print_json, time, write_out},
+    output::{out, outln, print_json, time, write_out},
     table::Table,
 };
 use crate::service::{AuthAttempt, HistoryPage, Session, domain::parse_duration};
@@ -201,9 +201,9 @@ pub(super) async fn run(cli: &Cli, cmd: &HistoryCmd) -> Result<(), CliError> {
             let user = opt_user(user.as_ref())?;
             let page = connect(cli).await?.history(user, "", *limit, false).await?;
             if cli.json {
-                print_json(&page.sessions);
+                print_json(&page.sessions)?;
             } else {
-                print!("{}", sessions_table(&page.sessions));
+                out!("{}", sessions_table(&page.sessions))?;
             }
             Ok(())
         }
@@ -211,13 +211,13 @@ pub(super) async fn run(cli: &Cli, cmd: &HistoryCmd) -> Result<(), CliError> {
             crate::api::lists::cidrs("ip", std::slice::from_ref(ip))?;
             let page = connect(cli).await?.history("", ip, *limit, true).await?;
             if cli.json {
-                print_json(&page);
+                print_json(&page)?;
                 return Ok(());
             }
-            print!("{}", sessions_table(&page.sessions));
+            out!("{}", sessions_table(&page.sessions))?;
             if !page.auth_attempts.is_empty() {
-                println!("\nfailed handshakes:");
-                print!("{}", auth_table(&page.auth_attempts));
+                outln!("\nfailed handshakes:")?;
+                out!("{}", auth_table(&page.auth_attempts))?;
             }
             Ok(())
         }
@@ -253,12 +253,13 @@ pub(super) async fn run(cli: &Cli, cmd: &HistoryCmd) -> Result<(), CliError> {
             let d = parse_duration("older_than", older_than)?;
             let p = connect(cli).await?.clear_history(d.as_secs()).await?;
             if cli.json {
-                print_json(&p);
+                print_json(&p)?;
             } else {
-                println!(
+                outln!(
                     "removed {} sessions and {} auth attempts",
-                    p.sessions, p.auth_attempts
-                );
+                    p.sessions,
+                    p.auth_attempts
+                )?;
             }
             Ok(())
         }
@@ -266,7 +267,7 @@ pub(super) async fn run(cli: &Cli, cmd: &HistoryCmd) -> Result<(), CliError> {
             let user = opt_user(user.as_ref())?;
             let recs = connect(cli).await?.audit(user, *limit).await?;
             if cli.json {
-                print_json(&recs);
+                print_json(&recs)?;
                 return Ok(());
             }
             let mut t = Table::new(&["SEQ", "WHEN", "ACTOR", "ACTION", "TARGET"]);
@@ -279,7 +280,7 @@ pub(super) async fn run(cli: &Cli, cmd: &HistoryCmd) -> Result<(), CliError> {
                     r.target.clone(),
                 ]);
             }
-            print!("{t}");
+            out!("{t}")?;
             Ok(())
         }
     }

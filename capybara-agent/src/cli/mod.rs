@@ -2,11 +2,15 @@
 //! tables.
 //!
 //! - Talks to the control socket by default (root on the box needs no token); `--endpoint
-//!   http://host:port --token capy_…` (or `CAPYBARA_TOKEN`) goes over TCP.
+//!   http://host:port --token capy_…` (or `CAPYBARA_TOKEN`) goes over TCP. A token goes over
+//!   plain `http://` only to a loopback host (127.0.0.0/8, ::1, `localhost`): anywhere else it
+//!   needs `https://` (`api::client`).
 //! - Tables for people; `--json` prints the domain values as JSON for scripts.
 //! - Exit codes: 0 success; **2** bad input (a clap usage error, a value that does not parse
 //!   here, or the agent's `INVALID_ARGUMENT`), with a one-line reason on stderr; 1 anything
-//!   else (agent unreachable, not found, permission denied…), also one line.
+//!   else (agent unreachable, not found, permission denied…), also one line: the message and a
+//!   hint, the gRPC code only with `--verbose` (`error`); 141 and nothing printed when standard
+//!   output is a pipe whose reader has gone (`| head`; `output`).
 //!
 //! Input is parsed here into the same validated domain types the agent uses, so most bad input
 //! is refused before a connection is made and with the same message the agent would give.
@@ -16,9 +20,9 @@
 //! (`user`, `device`, `api`, `stats`, `connections` with `kick`, `health`, `history`, `backup`,
 //! `blocklist`, `geo`, `quota` with `quota template`, `group`, `policy`, `template`). What
 //! several families share is in modules no family owns, so no family imports another:
-//! `error` (`CliError` and exit codes), `input` (checks of shared values), `output` (`--json`,
-//! times), `table`, `limits` (the limit options and a limits cell), `client_config` (a device's
-//! config with its QR code) and `qr`.
+//! `error` (`CliError`, exit codes, the error line), `input` (checks of shared values), `output`
+//! (standard output, `--json`, times, files written 0600), `table`, `limits` (the limit options
+//! and a limits cell), `client_config` (a device's config with its QR code) and `qr`.
 
 mod api;
 mod backup;
@@ -71,6 +75,9 @@ pub struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// Name the gRPC code of a failed call in the error line.
+    #[arg(long, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -148,10 +155,11 @@ pub fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(&cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is_closed_pipe() => ExitCode::from(e.exit_code()),
         Err(e) => {
-            eprintln!("error: {}", e.one_line());
+            eprintln!("error: {}", e.one_line(&cli));
             ExitCode::from(e.exit_code())
         }
     }
@@ -174,22 +182,22 @@ async fn connect(cli: &Cli) -> Result<Client, CliError> {
 }
 
 /// Runs the command's family.
-async fn run(cli: Cli) -> Result<(), CliError> {
+async fn run(cli: &Cli) -> Result<(), CliError> {
     match &cli.command {
-        Command::User(cmd) => user::run(&cli, cmd).await,
-        Command::Device(cmd) => device::run(&cli, cmd).await,
-        Command::Api(cmd) => api::run(&cli, cmd).await,
-        Command::Stats(args) => stats::run(&cli, args).await,
-        Command::Connections => connections::connections(&cli).await,
-        Command::Kick(args) => connections::kick(&cli, args).await,
-        Command::Health => health::run(&cli).await,
-        Command::History(cmd) => history::run(&cli, cmd).await,
-        Command::Backup(cmd) => backup::run(&cli, cmd).await,
-        Command::Blocklist(cmd) => blocklist::run(&cli, cmd).await,
-        Command::Geo(cmd) => geo::run(&cli, cmd).await,
-        Command::Quota(cmd) => quota::run(&cli, cmd).await,
-        Command::Group(cmd) => group::run(&cli, cmd).await,
-        Command::Policy(cmd) => policy::run(&cli, cmd).await,
-        Command::Template(cmd) => template::run(&cli, cmd).await,
+        Command::User(cmd) => user::run(cli, cmd).await,
+        Command::Device(cmd) => device::run(cli, cmd).await,
+        Command::Api(cmd) => api::run(cli, cmd).await,
+        Command::Stats(args) => stats::run(cli, args).await,
+        Command::Connections => connections::connections(cli).await,
+        Command::Kick(args) => connections::kick(cli, args).await,
+        Command::Health => health::run(cli).await,
+        Command::History(cmd) => history::run(cli, cmd).await,
+        Command::Backup(cmd) => backup::run(cli, cmd).await,
+        Command::Blocklist(cmd) => blocklist::run(cli, cmd).await,
+        Command::Geo(cmd) => geo::run(cli, cmd).await,
+        Command::Quota(cmd) => quota::run(cli, cmd).await,
+        Command::Group(cmd) => group::run(cli, cmd).await,
+        Command::Policy(cmd) => policy::run(cli, cmd).await,
+        Command::Template(cmd) => template::run(cli, cmd).await,
     }
 }

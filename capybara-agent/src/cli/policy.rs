@@ -8,7 +8,12 @@ use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 
-use super::{Cli, CliError, connect, input::read_text, output::print_json, table::Table};
+use super::{
+    Cli, CliError, connect,
+    input::read_text,
+    output::{out, outln, print_json},
+    table::Table,
+};
 use crate::service::{domain::UserName, policy_file::doc::PolicyDoc};
 
 /// `capybara policy …`.
@@ -48,14 +53,14 @@ pub(super) async fn run(cli: &Cli, cmd: &PolicyCmd) -> Result<(), CliError> {
             UserName::parse("user", user)?;
             let rows = connect(cli).await?.explain_policy(user).await?;
             if cli.json {
-                print_json(&rows);
+                print_json(&rows)?;
                 return Ok(());
             }
             let mut t = Table::new(&["FIELD", "VALUE", "FROM"]);
             for r in rows {
                 t.row(vec![r.field, r.value, r.source]);
             }
-            print!("{t}");
+            out!("{t}")?;
             Ok(())
         }
         PolicyCmd::Apply { file, dry_run } => apply(cli, file, *dry_run).await,
@@ -65,7 +70,7 @@ pub(super) async fn run(cli: &Cli, cmd: &PolicyCmd) -> Result<(), CliError> {
             match file {
                 Some(path) => std::fs::write(path, yaml).map_err(CliError::file(path)),
                 None => {
-                    print!("{yaml}");
+                    out!("{yaml}")?;
                     Ok(())
                 }
             }
@@ -83,16 +88,16 @@ async fn apply(cli: &Cli, file: &Path, dry_run: bool) -> Result<(), CliError> {
         .apply_policy_document(&yaml, dry_run)
         .await?;
     if cli.json {
-        print_json(&serde_json::json!({ "changes": changes, "applied": applied }));
+        print_json(&serde_json::json!({ "changes": changes, "applied": applied }))?;
         return Ok(());
     }
     for c in &changes {
-        println!("{c}");
+        outln!("{c}")?;
     }
     match (changes.is_empty(), applied) {
-        (true, _) => println!("no changes"),
-        (false, true) => println!("applied {} change(s)", changes.len()),
-        (false, false) => println!("dry run: nothing changed"),
+        (true, _) => outln!("no changes")?,
+        (false, true) => outln!("applied {} change(s)", changes.len())?,
+        (false, false) => outln!("dry run: nothing changed")?,
     }
     Ok(())
 }

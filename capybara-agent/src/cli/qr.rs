@@ -1,7 +1,7 @@
 //! QR codes of client configs: on the terminal (two modules per character cell with the
 //! Unicode half blocks, so a full wg-quick config fits an 80-column terminal) and as a PNG
 //! (8 pixels per module, 4-module quiet zone, 1-bit grayscale), written with `png` from the
-//! module grid rather than pulling in the `image` crate.
+//! module grid rather than pulling in the `image` crate, mode 0600 (it holds a private key).
 
 use std::path::Path;
 
@@ -53,10 +53,11 @@ pub fn pixels(text: &str) -> Result<(Vec<u8>, usize), qrcode::types::QrError> {
     Ok((px, side))
 }
 
-/// Writes the QR code of `text` to `path` as a PNG.
+/// Writes the QR code of `text` to `path` as a PNG, mode 0600 (the code holds the private key;
+/// see [`super::output::create_private`]).
 pub fn write_png(text: &str, path: &Path) -> Result<(), QrFileError> {
     let (px, side) = pixels(text)?;
-    let file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let file = std::io::BufWriter::new(super::output::create_private(path)?);
     let mut enc = png::Encoder::new(file, side as u32, side as u32);
     enc.set_color(png::ColorType::Grayscale);
     enc.set_depth(png::BitDepth::Eight);

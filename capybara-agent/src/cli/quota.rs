@@ -8,7 +8,7 @@ use clap::Subcommand;
 use super::{
     Cli, CliError, connect, input,
     limits::{LimitArgs, limits_line, limits_table},
-    output::{names_line, print_json, time},
+    output::{names_line, out, outln, print_json, time},
     table::Table,
 };
 use crate::service::{
@@ -100,19 +100,20 @@ pub(super) enum QuotaTemplateCmd {
     },
 }
 
-fn print_limits(cli: &Cli, who: &str, l: &Limits) {
+fn print_limits(cli: &Cli, who: &str, l: &Limits) -> Result<(), CliError> {
     if cli.json {
-        print_json(l);
-        return;
+        print_json(l)?;
+        return Ok(());
     }
-    println!("{who}:");
-    print!("{}", limits_table(l));
+    outln!("{who}:")?;
+    out!("{}", limits_table(l))?;
+    Ok(())
 }
 
-fn print_quotas(cli: &Cli, q: &[QuotaStatus]) {
+fn print_quotas(cli: &Cli, q: &[QuotaStatus]) -> Result<(), CliError> {
     if cli.json {
-        print_json(&q);
-        return;
+        print_json(&q)?;
+        return Ok(());
     }
     let mut t = Table::new(&[
         "USER", "PLAN", "USED", "BUDGET", "CUTOFF", "USED %", "PERIOD", "SINCE", "OVER",
@@ -143,7 +144,8 @@ fn print_quotas(cli: &Cli, q: &[QuotaStatus]) {
             if s.exceeding { "yes" } else { "no" }.into(),
         ]);
     }
-    print!("{t}");
+    out!("{t}")?;
+    Ok(())
 }
 
 /// Runs `capybara quota …`.
@@ -162,7 +164,7 @@ pub(super) async fn run(cli: &Cli, cmd: &QuotaCmd) -> Result<(), CliError> {
             };
             let l = connect(cli).await?.set_limits(&name, &text).await?;
             let who = if name.is_empty() { "default" } else { &name };
-            print_limits(cli, who, &l);
+            print_limits(cli, who, &l)?;
             Ok(())
         }
         QuotaCmd::Show { user } => {
@@ -175,15 +177,15 @@ pub(super) async fn run(cli: &Cli, cmd: &QuotaCmd) -> Result<(), CliError> {
             if let Some(u) = user
                 && !cli.json
             {
-                print_limits(cli, &format!("limits set on {u}"), &c.get_limits(u).await?);
-                println!();
+                print_limits(cli, &format!("limits set on {u}"), &c.get_limits(u).await?)?;
+                outln!()?;
             }
-            print_quotas(cli, &q);
+            print_quotas(cli, &q)?;
             Ok(())
         }
         QuotaCmd::Report { exceeding } => {
             let q = connect(cli).await?.show_quota("", *exceeding).await?;
-            print_quotas(cli, &q);
+            print_quotas(cli, &q)?;
             Ok(())
         }
         QuotaCmd::Template(cmd) => template(cli, cmd).await,
@@ -194,23 +196,24 @@ pub(super) async fn run(cli: &Cli, cmd: &QuotaCmd) -> Result<(), CliError> {
                 (None, None) => unreachable!("clap requires one"),
             };
             let q = connect(cli).await?.reset_quota(&u, &g).await?;
-            print_quotas(cli, &q);
+            print_quotas(cli, &q)?;
             Ok(())
         }
     }
 }
 
-fn print_quota_template(cli: &Cli, t: &QuotaTemplateView) {
+fn print_quota_template(cli: &Cli, t: &QuotaTemplateView) -> Result<(), CliError> {
     if cli.json {
-        print_json(t);
+        print_json(t)?;
     } else {
-        println!(
+        outln!(
             "quota template {}: {}; users {}",
             t.name,
             limits_line(&t.limits),
             names_line(&t.users)
-        );
+        )?;
     }
+    Ok(())
 }
 
 /// Runs `capybara quota template …`.
@@ -236,12 +239,12 @@ async fn template(cli: &Cli, cmd: &QuotaTemplateCmd) -> Result<(), CliError> {
                 .await?
                 .create_quota_template(name, &text, *replace)
                 .await?;
-            print_quota_template(cli, &t);
+            print_quota_template(cli, &t)?;
         }
         QuotaTemplateCmd::List => {
             let ts = connect(cli).await?.list_quota_templates().await?;
             if cli.json {
-                print_json(&ts);
+                print_json(&ts)?;
                 return Ok(());
             }
             let mut t = Table::new(&["TEMPLATE", "LIMITS", "USERS"]);
@@ -252,29 +255,29 @@ async fn template(cli: &Cli, cmd: &QuotaTemplateCmd) -> Result<(), CliError> {
                     names_line(&q.users),
                 ]);
             }
-            print!("{t}");
+            out!("{t}")?;
         }
         QuotaTemplateCmd::Show { name } => {
             TemplateName::parse("name", name)?;
             let t = connect(cli).await?.get_quota_template(name).await?;
             if cli.json {
-                print_json(&t);
+                print_json(&t)?;
                 return Ok(());
             }
-            println!(
+            outln!(
                 "quota template {} (users {}):",
                 t.name,
                 names_line(&t.users)
-            );
-            print!("{}", limits_table(&t.limits));
+            )?;
+            out!("{}", limits_table(&t.limits))?;
         }
         QuotaTemplateCmd::Delete { name } => {
             TemplateName::parse("name", name)?;
             let t = connect(cli).await?.delete_quota_template(name).await?;
             if cli.json {
-                print_json(&t);
+                print_json(&t)?;
             } else {
-                println!("deleted quota template {}", t.name);
+                outln!("deleted quota template {}", t.name)?;
             }
         }
         QuotaTemplateCmd::Apply { name, users } => {
@@ -285,18 +288,18 @@ async fn template(cli: &Cli, cmd: &QuotaTemplateCmd) -> Result<(), CliError> {
                 .apply_quota_template(name, users)
                 .await?;
             if cli.json {
-                print_json(&serde_json::json!({ "template": name, "users": done }));
+                print_json(&serde_json::json!({ "template": name, "users": done }))?;
             } else {
-                println!("applied quota template {name} to {}", done.join(","));
+                outln!("applied quota template {name} to {}", done.join(","))?;
             }
         }
         QuotaTemplateCmd::Detach { users } => {
             input::users(users)?;
             let done = connect(cli).await?.apply_quota_template("", users).await?;
             if cli.json {
-                print_json(&serde_json::json!({ "template": null, "users": done }));
+                print_json(&serde_json::json!({ "template": null, "users": done }))?;
             } else {
-                println!("detached the quota template of {}", done.join(","));
+                outln!("detached the quota template of {}", done.join(","))?;
             }
         }
     }

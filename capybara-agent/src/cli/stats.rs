@@ -3,7 +3,11 @@
 
 use clap::Args;
 
-use super::{Cli, CliError, connect, output::print_json, table::Table};
+use super::{
+    Cli, CliError, connect,
+    output::{out, outln, print_json},
+    table::Table,
+};
 use crate::service::domain::UserName;
 
 /// `capybara stats`.
@@ -24,7 +28,7 @@ pub(super) async fn run(cli: &Cli, args: &StatsArgs) -> Result<(), CliError> {
         .stats(user.as_deref().unwrap_or(""))
         .await?;
     if cli.json {
-        print_json(&st);
+        print_json(&st)?;
         return Ok(());
     }
     let mut t = Table::new(&[
@@ -51,14 +55,14 @@ pub(super) async fn run(cli: &Cli, args: &StatsArgs) -> Result<(), CliError> {
             },
         ]);
     }
-    print!("{t}");
+    out!("{t}")?;
     if !st.drops.is_empty() {
-        println!();
+        outln!()?;
         let mut d = Table::new(&["DROP REASON", "PACKETS"]);
         for (r, n) in &st.drops {
             d.row(vec![r.clone(), n.to_string()]);
         }
-        print!("{d}");
+        out!("{d}")?;
     }
     Ok(())
 }

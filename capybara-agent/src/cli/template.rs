@@ -9,7 +9,11 @@ use std::path::PathBuf;
 use clap::Subcommand;
 
 use super::{
-    Cli, CliError, connect, input::read_text, limits::limits_line, output::print_json, table::Table,
+    Cli, CliError, connect,
+    input::read_text,
+    limits::limits_line,
+    output::{out, outln, print_json},
+    table::Table,
 };
 use crate::service::{
     domain::ValidationError,
@@ -68,13 +72,13 @@ pub(super) enum TemplateCmd {
     },
 }
 
-fn print_config(cli: &Cli, v: &ConfigTemplateView) {
+fn print_config(cli: &Cli, v: &ConfigTemplateView) -> Result<(), CliError> {
     if cli.json {
-        print_json(v);
-        return;
+        print_json(v)?;
+        return Ok(());
     }
     let t = &v.template;
-    println!(
+    outln!(
         "template {}{}",
         t.name,
         if v.builtin {
@@ -82,9 +86,9 @@ fn print_config(cli: &Cli, v: &ConfigTemplateView) {
         } else {
             ""
         }
-    );
+    )?;
     if !t.description.is_empty() {
-        println!("  {}", t.description);
+        outln!("  {}", t.description)?;
     }
     let mut tab = Table::new(&["SETTING", "VALUE"]);
     tab.row(vec![
@@ -139,13 +143,14 @@ fn print_config(cli: &Cli, v: &ConfigTemplateView) {
         "log_level".into(),
         t.log_level.map_or_else(|| "-".into(), |l| l.to_string()),
     ]);
-    print!("{tab}");
+    out!("{tab}")?;
     if !v.notes.is_empty() {
-        println!("notes (what the agent does not enforce, or not fully):");
+        outln!("notes (what the agent does not enforce, or not fully):")?;
         for n in &v.notes {
-            println!("  - {n}");
+            outln!("  - {n}")?;
         }
     }
+    Ok(())
 }
 
 /// Runs `capybara template …`.
@@ -169,12 +174,12 @@ pub(super) async fn run(cli: &Cli, cmd: &TemplateCmd) -> Result<(), CliError> {
                 .await?
                 .save_config_template(name, *replace)
                 .await?;
-            print_config(cli, &v);
+            print_config(cli, &v)?;
         }
         TemplateCmd::List => {
             let ts = connect(cli).await?.list_config_templates().await?;
             if cli.json {
-                print_json(&ts);
+                print_json(&ts)?;
                 return Ok(());
             }
             let mut t = Table::new(&["TEMPLATE", "KIND", "DEFAULT LIMITS", "DESCRIPTION"]);
@@ -186,20 +191,20 @@ pub(super) async fn run(cli: &Cli, cmd: &TemplateCmd) -> Result<(), CliError> {
                     v.template.description.clone(),
                 ]);
             }
-            print!("{t}");
+            out!("{t}")?;
         }
         TemplateCmd::Show { name } => {
             TemplateName::parse("name", name)?;
             let v = connect(cli).await?.get_config_template(name).await?;
-            print_config(cli, &v);
+            print_config(cli, &v)?;
         }
         TemplateCmd::Apply { name } => {
             TemplateName::parse("name", name)?;
             let v = connect(cli).await?.apply_config_template(name).await?;
             if !cli.json {
-                println!("applied template {name}; the live settings now:");
+                outln!("applied template {name}; the live settings now:")?;
             }
-            print_config(cli, &v);
+            print_config(cli, &v)?;
         }
         TemplateCmd::Export { name, file } => {
             TemplateName::parse("name", name)?;
@@ -208,7 +213,7 @@ pub(super) async fn run(cli: &Cli, cmd: &TemplateCmd) -> Result<(), CliError> {
                 Some(path) => {
                     std::fs::write(path, yaml).map_err(CliError::file(path))?;
                 }
-                None => print!("{yaml}"),
+                None => out!("{yaml}")?,
             }
         }
         TemplateCmd::Import { file, replace } => {
@@ -220,15 +225,15 @@ pub(super) async fn run(cli: &Cli, cmd: &TemplateCmd) -> Result<(), CliError> {
                 .await?
                 .import_config_template(&yaml, *replace)
                 .await?;
-            print_config(cli, &v);
+            print_config(cli, &v)?;
         }
         TemplateCmd::Delete { name } => {
             check_writable("name", &TemplateName::parse("name", name)?)?;
             let v = connect(cli).await?.delete_config_template(name).await?;
             if cli.json {
-                print_json(&v);
+                print_json(&v)?;
             } else {
-                println!("deleted template {}", v.template.name);
+                outln!("deleted template {}", v.template.name)?;
             }
         }
     }

@@ -10,7 +10,7 @@ use super::{
     client_config::{self, ConfigOut},
     connect,
     input::expiry,
-    output::{opt_time, print_json, time},
+    output::{opt_time, out, outln, print_json, time},
     table::Table,
 };
 use crate::service::domain::{DeviceName, UserName, unix_secs};
@@ -80,7 +80,7 @@ pub(super) async fn run(cli: &Cli, cmd: &UserCmd) -> Result<(), CliError> {
         UserCmd::List => {
             let users = connect(cli).await?.list_users().await?;
             if cli.json {
-                print_json(&users);
+                print_json(&users)?;
                 return Ok(());
             }
             let mut t = Table::new(&["USER", "DEVICES", "CREATED", "EXPIRES"]);
@@ -92,20 +92,20 @@ pub(super) async fn run(cli: &Cli, cmd: &UserCmd) -> Result<(), CliError> {
                     opt_time(u.user.expires_at),
                 ]);
             }
-            print!("{t}");
+            out!("{t}")?;
             Ok(())
         }
         UserCmd::Show { name } => {
             UserName::parse("name", name)?;
             let u = connect(cli).await?.get_user(name).await?;
             if cli.json {
-                print_json(&u);
+                print_json(&u)?;
                 return Ok(());
             }
-            println!("user     {}", u.user.name);
-            println!("created  {}", time(u.user.created_at));
-            println!("expires  {}", opt_time(u.user.expires_at));
-            println!();
+            outln!("user     {}", u.user.name)?;
+            outln!("created  {}", time(u.user.created_at))?;
+            outln!("expires  {}", opt_time(u.user.expires_at))?;
+            outln!()?;
             let mut t = Table::new(&["ID", "DEVICE", "IPV4", "IPV6", "PUBLIC KEY", "KEY KEPT"]);
             for p in &u.peers {
                 t.row(vec![
@@ -117,16 +117,16 @@ pub(super) async fn run(cli: &Cli, cmd: &UserCmd) -> Result<(), CliError> {
                     if p.key_kept { "yes" } else { "no" }.into(),
                 ]);
             }
-            print!("{t}");
+            out!("{t}")?;
             Ok(())
         }
         UserCmd::Remove { name } => {
             UserName::parse("name", name)?;
             let u = connect(cli).await?.remove_user(name).await?;
             if cli.json {
-                print_json(&u);
+                print_json(&u)?;
             } else {
-                println!("removed {} and {} device(s)", u.user.name, u.peers.len());
+                outln!("removed {} and {} device(s)", u.user.name, u.peers.len())?;
             }
             Ok(())
         }

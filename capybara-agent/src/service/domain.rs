@@ -622,15 +622,50 @@ mod tests {
             }
         );
     }
+
+    #[test]
+    fn an_expiry_is_between_now_and_a_hundred_years_ahead() {
+        let now = SystemTime::now();
+        let day = Duration::from_secs(86_400);
+        assert_eq!(expiry("expires_at", None), Ok(None));
+        assert!(expiry("expires_at", Some(now + day)).unwrap().is_some());
+        assert!(expiry("expires_at", Some(now + MAX_EXPIRY_AHEAD - day)).is_ok());
+        for (at, reason) in [
+            (now - day, "is in the past"),
+            (now + MAX_EXPIRY_AHEAD + day, "too far in the future"),
+            (from_unix_secs(253_402_300_800), "too far in the future"),
+        ] {
+            assert_eq!(
+                expiry("expires_at", Some(at)),
+                Err(ValidationError::Time {
+                    field: "expires_at",
+                    reason
+                })
+            );
+        }
+    }
 }
 
-/// An expiry given in `field` as seconds since the epoch; one in the past is refused.
+/// How far ahead an expiry may be: 100 years, the bound tokens' `expires_in_secs` and
+/// [`parse_duration`] (`--expires 30d`) keep too. Every stored expiry is therefore a time
+/// RFC 3339 can show (before year 10 000: one in year 10 000 once made `user list` panic).
+pub const MAX_EXPIRY_AHEAD: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// An expiry given in `field` as seconds since the epoch; one in the past, or more than
+/// [`MAX_EXPIRY_AHEAD`] from now, is refused.
 pub fn expiry(field: &'static str, at: Option<SystemTime>) -> Result<Option<u64>, ValidationError> {
+    let now = SystemTime::now();
     match at {
-        Some(t) if t <= SystemTime::now() => Err(ValidationError::Time {
+        Some(t) if t <= now => Err(ValidationError::Time {
             field,
             reason: "is in the past",
         }),
+        Some(t) if t.duration_since(now).is_ok_and(|d| d > MAX_EXPIRY_AHEAD) => {
+            Err(ValidationError::Time {
+                field,
+                reason: "too far in the future",
+            })
+        }
         t => Ok(t.map(unix_secs)),
     }
 }
