@@ -13,7 +13,7 @@ use super::{
 };
 use crate::service::{
     NewToken,
-    domain::{Scope, Token, TokenId, ValidationError},
+    domain::{MAX_EXPIRY_AHEAD, Scope, Token, TokenId, ValidationError},
 };
 
 #[tonic::async_trait]
@@ -90,7 +90,7 @@ impl TryFrom<pb::CreateTokenRequest> for NewToken {
             s => Some(
                 SystemTime::now()
                     .checked_add(Duration::from_secs(s))
-                    .filter(|_| s <= 100 * 365 * 86_400)
+                    .filter(|_| s <= MAX_EXPIRY_AHEAD.as_secs())
                     .ok_or(ValidationError::Time {
                         field: "expires_in_secs",
                         reason: "too far in the future",

@@ -27,7 +27,7 @@ pub(super) enum TokenCmd {
         /// read, write or admin.
         #[arg(long)]
         scope: String,
-        /// Expiry from now, e.g. 30d.
+        /// Expiry from now, e.g. 30d (default 90d).
         #[arg(long)]
         expires: Option<String>,
         /// A label.

@@ -25,7 +25,7 @@ pub(super) struct LimitArgs {
     /// Devices online at once (or unlimited).
     #[arg(long)]
     connections: Option<String>,
-    /// Concurrent flows per device (or unlimited).
+    /// Concurrent flows per device, 1 to 65536 (or unlimited).
     #[arg(long)]
     flows: Option<String>,
     /// Online time per day, e.g. 8h (or unlimited).

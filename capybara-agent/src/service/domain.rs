@@ -276,7 +276,9 @@ pub fn parse_duration(field: &'static str, s: &str) -> Result<Duration, Validati
         _ => return Err(bad()),
     };
     match n.checked_mul(mult) {
-        Some(secs) if secs > 0 && secs <= 100 * 365 * 86_400 => Ok(Duration::from_secs(secs)),
+        Some(secs) if secs > 0 && secs <= MAX_EXPIRY_AHEAD.as_secs() => {
+            Ok(Duration::from_secs(secs))
+        }
         _ => Err(bad()),
     }
 }
