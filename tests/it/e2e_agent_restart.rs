@@ -71,7 +71,9 @@ fn start_agent(
         .arg("--bpffs")
         .arg(pins)
         // No control socket: the host's `/run/capybara` belongs to a real agent, not a test.
-        .arg("--no-api-socket");
+        .arg("--no-api-socket")
+        // The peer is configured in the pinned maps only (outside the agent's store): kept.
+        .arg("--keep-unknown-peers");
     let pid = agent_proc::start_agent(ns, cmd, &log, Duration::from_secs(20));
     Agent { pid, log }
 }
