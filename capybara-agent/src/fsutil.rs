@@ -226,15 +226,76 @@ pub fn load_or_create_secret<T>(
     parse(text).ok_or_else(garbled)
 }
 
+/// What the secret-file tests share: a file's mode, and a real crash of a writer.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::{
+        os::unix::{fs::PermissionsExt as _, process::ExitStatusExt as _},
+        path::{Path, PathBuf},
+    };
+
+    /// The permission bits of `path`.
+    pub(crate) fn mode_of(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    /// Crashes a writer at its first write. In the test process: re-runs the test binary as the
+    /// test named `test` (its full path) with a file-size limit of 0 on a new temp dir, so the
+    /// kernel kills it (SIGXFSZ) after the file was created and before anything is in it;
+    /// checks that it died that way, that no file was left at `target(dir)` (never an empty
+    /// one) and that nothing it left is readable by others; returns the dir. In that child
+    /// (`CAPY_CRASH_DIR` set): runs `write` on the file and returns `None`.
+    pub(crate) fn crash_at_first_write(
+        test: &str,
+        target: impl Fn(&Path) -> PathBuf,
+        write: impl FnOnce(&Path),
+    ) -> Option<tempfile::TempDir> {
+        if let Some(dir) = std::env::var_os("CAPY_CRASH_DIR") {
+            write(&target(Path::new(&dir)));
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("sh")
+            .args(["-c", r#"ulimit -f 0 && exec "$0" "$@""#])
+            .arg(std::env::current_exe().unwrap())
+            .args([test, "--exact", "--test-threads=1"])
+            .env("CAPY_CRASH_DIR", dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert_eq!(
+            status.signal(),
+            Some(25),
+            "the child died at its write (SIGXFSZ)"
+        );
+        let path = target(dir.path());
+        assert!(
+            !path.exists(),
+            "a crash left {} behind ({} bytes)",
+            path.display(),
+            std::fs::metadata(&path).unwrap().len()
+        );
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let p = entry.unwrap().path();
+            assert_eq!(
+                mode_of(&p) & 0o077,
+                0,
+                "{} is readable by others",
+                p.display()
+            );
+        }
+        // The write was cut short in the temporary file, which no one else could read.
+        assert_eq!(mode_of(&crate::paths::temp_file(&path)), 0o600);
+        Some(dir)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::MetadataExt as _;
 
-    use super::*;
-
-    fn mode_of(path: &Path) -> u32 {
-        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
-    }
+    use super::{test_support::mode_of, *};
 
     #[test]
     fn a_write_replaces_the_target_by_rename_and_leaves_nothing_else() {

@@ -208,6 +208,7 @@ impl Sealer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fsutil::test_support::{crash_at_first_write, mode_of};
 
     #[test]
     fn public_key_matches_a_known_vector() {
@@ -280,60 +281,18 @@ mod tests {
         ));
     }
 
-    /// Mode bits of `path`.
-    fn mode_of(path: &Path) -> u32 {
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
-    }
-
     #[test]
     fn a_crash_while_writing_the_sealing_key_leaves_no_empty_file() {
-        // Run again by itself below, in a child whose file-size limit is 0: be that child.
-        if let Some(dir) = std::env::var_os("CAPY_CRASH_DIR") {
-            let path = crate::paths::client_keys_key_file(Path::new(&dir));
-            let _ = load_or_create_key(&path, rand::random);
+        let Some(dir) = crash_at_first_write(
+            "service::secrets::tests::a_crash_while_writing_the_sealing_key_leaves_no_empty_file",
+            crate::paths::client_keys_key_file,
+            |p| {
+                let _ = load_or_create_key(p, rand::random);
+            },
+        ) else {
             return;
-        }
-        use std::os::unix::process::ExitStatusExt as _;
-        let dir = tempfile::tempdir().unwrap();
+        };
         let path = crate::paths::client_keys_key_file(dir.path());
-        // The child's file-size limit is 0: the kernel kills it (SIGXFSZ) at its first write
-        // to a file, after the file was created and before the key is in it.
-        let status = std::process::Command::new("sh")
-            .args(["-c", r#"ulimit -f 0 && exec "$0" "$@""#])
-            .arg(std::env::current_exe().unwrap())
-            .args([
-                "service::secrets::tests::a_crash_while_writing_the_sealing_key_leaves_no_empty_file",
-                "--exact",
-                "--test-threads=1",
-            ])
-            .env("CAPY_CRASH_DIR", dir.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .unwrap();
-        assert_eq!(
-            status.signal(),
-            Some(25),
-            "the child died at its write (SIGXFSZ)"
-        );
-        assert!(
-            !path.exists(),
-            "a crash left {} behind ({} bytes)",
-            path.display(),
-            std::fs::metadata(&path).unwrap().len()
-        );
-        for entry in std::fs::read_dir(dir.path()).unwrap() {
-            let p = entry.unwrap().path();
-            assert_eq!(
-                mode_of(&p) & 0o077,
-                0,
-                "{} is readable by others",
-                p.display()
-            );
-        }
-        // The write was cut short in the temporary file, which no one else could read.
-        assert_eq!(mode_of(&crate::paths::temp_file(&path)), 0o600);
         let k = load_or_create_key(&path, || [7; 32]).unwrap();
         assert_eq!(k, [7; 32]);
         assert_eq!(load_or_create_key(&path, || [8; 32]).unwrap(), k);

@@ -178,7 +178,10 @@ mod tests {
     use std::os::unix::fs::PermissionsExt as _;
 
     use super::*;
-    use crate::paths;
+    use crate::{
+        fsutil::test_support::{crash_at_first_write, mode_of},
+        paths,
+    };
 
     #[test]
     fn base64_round_trips_and_bad_input_names_the_field() {
@@ -237,58 +240,19 @@ mod tests {
     }
 
     /// Mode bits of `path`.
-    fn mode_of(path: &Path) -> u32 {
-        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
-    }
 
     #[test]
     fn a_crash_while_writing_the_key_leaves_no_empty_key_file() {
-        // Run again by itself below, in a child whose file-size limit is 0: be that child.
-        if let Some(dir) = std::env::var_os("CAPY_CRASH_DIR") {
-            let _ = PrivateKey::load_or_generate(&paths::key_file(Path::new(&dir)));
+        let Some(dir) = crash_at_first_write(
+            "tunnel::keys::tests::a_crash_while_writing_the_key_leaves_no_empty_key_file",
+            paths::key_file,
+            |p| {
+                let _ = PrivateKey::load_or_generate(p);
+            },
+        ) else {
             return;
-        }
-        use std::os::unix::process::ExitStatusExt as _;
-        let dir = tempfile::tempdir().unwrap();
+        };
         let path = paths::key_file(dir.path());
-        // The child's file-size limit is 0: the kernel kills it (SIGXFSZ) at its first write
-        // to a file, after the file was created and before the key is in it.
-        let status = std::process::Command::new("sh")
-            .args(["-c", r#"ulimit -f 0 && exec "$0" "$@""#])
-            .arg(std::env::current_exe().unwrap())
-            .args([
-                "tunnel::keys::tests::a_crash_while_writing_the_key_leaves_no_empty_key_file",
-                "--exact",
-                "--test-threads=1",
-            ])
-            .env("CAPY_CRASH_DIR", dir.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .unwrap();
-        assert_eq!(
-            status.signal(),
-            Some(25),
-            "the child died at its write (SIGXFSZ)"
-        );
-        // What the crash left: no key file (never an empty one), and anything else private.
-        assert!(
-            !path.exists(),
-            "a crash left {} behind ({} bytes)",
-            path.display(),
-            std::fs::metadata(&path).unwrap().len()
-        );
-        for entry in std::fs::read_dir(dir.path()).unwrap() {
-            let p = entry.unwrap().path();
-            assert_eq!(
-                mode_of(&p) & 0o077,
-                0,
-                "{} is readable by others",
-                p.display()
-            );
-        }
-        // The write was cut short in the temporary file, which no one else could read.
-        assert_eq!(mode_of(&paths::temp_file(&path)), 0o600);
         // The next start makes the key and leaves nothing else behind.
         let k = PrivateKey::load_or_generate(&path).unwrap();
         assert_eq!(PrivateKey::load_or_generate(&path).unwrap(), k);
