@@ -1332,6 +1332,13 @@ fn programs_pass_the_verifier() {
             .program(name)
             .unwrap_or_else(|| panic!("{name} missing"));
         assert!(prog.fd().is_ok(), "{name} is not loaded");
+        // The verifier's work and the program's size, for the record (not asserted).
+        let info = prog.info().expect("program info");
+        eprintln!(
+            "{name}: {} instructions verified, {} bytes translated",
+            info.verified_instruction_count().unwrap_or(0),
+            info.size_translated().unwrap_or(0),
+        );
     }
 }
 
