@@ -41,6 +41,13 @@ pub const XDP_DROP_BLOCKLIST: u32 = 2;
 pub const XDP_PASS_MALFORMED: u32 = 3;
 /// Passed: a non-first IP fragment (no UDP header to inspect).
 pub const XDP_PASS_FRAGMENT: u32 = 4;
+/// Passed: IPv6 whose headers go deeper than the guard follows (its UDP port, if any, is
+/// unknown), from a source in no list: it would pass whatever its port.
+pub const XDP_PASS_UNPARSEABLE: u32 = 5;
+/// Dropped: IPv6 whose headers go deeper than the guard follows, from a source in a source
+/// blocklist: it cannot be told apart from UDP to the guarded port (`DROPS_BASE + Unparseable`
+/// and the list's hit counter).
+pub const XDP_DROP_UNPARSEABLE: u32 = 6;
 
 // Tunnel device, ingress (from peers).
 /// Passed and counted to a known peer.
@@ -95,6 +102,13 @@ pub const TC_IN_SHAPED: u32 = 27;
 /// Passed, counted to a known peer, and queued in the peer's HTB class on the tunnel device.
 pub const TC_OUT_SHAPED: u32 = 28;
 
+// Tunnel device, flow-limited peers.
+/// Dropped: a packet of a flow-limited peer whose 5-tuple cannot be read (headers deeper than
+/// the parser follows, or a transport header cut short): `DROPS_BASE + Unparseable`.
+pub const TC_IN_DROP_UNPARSEABLE: u32 = 29;
+/// Dropped: the same, towards a flow-limited peer.
+pub const TC_OUT_DROP_UNPARSEABLE: u32 = 30;
+
 /// Drops by reason: index `DROPS_BASE + DropReason as u32`.
 pub const DROPS_BASE: u32 = 32;
 
@@ -102,12 +116,14 @@ pub const DROPS_BASE: u32 = 32;
 pub const COUNTER_SLOTS: u32 = DROPS_BASE + DROP_REASON_SLOTS as u32;
 
 /// Names of the verdict counters, for the CLI and metrics (drops by reason use `DropReason::name`).
-pub const COUNTER_NAMES: [(u32, &str); 26] = [
+pub const COUNTER_NAMES: [(u32, &str); 30] = [
     (XDP_PASS_UNGUARDED, "xdp_pass_unguarded"),
     (XDP_PASS_CLEAN, "xdp_pass_clean"),
     (XDP_DROP_BLOCKLIST, "xdp_drop_blocklist"),
     (XDP_PASS_MALFORMED, "xdp_pass_malformed"),
     (XDP_PASS_FRAGMENT, "xdp_pass_fragment"),
+    (XDP_PASS_UNPARSEABLE, "xdp_pass_unparseable"),
+    (XDP_DROP_UNPARSEABLE, "xdp_drop_unparseable"),
     (TC_IN_PASS, "tc_in_pass"),
     (TC_IN_UNKNOWN_PEER, "tc_in_unknown_peer"),
     (TC_IN_DROP_BLOCKLIST, "tc_in_drop_blocklist"),
@@ -129,4 +145,6 @@ pub const COUNTER_NAMES: [(u32, &str); 26] = [
     (FLOWS_TABLE_FULL, "flows_table_full"),
     (TC_IN_SHAPED, "tc_in_shaped"),
     (TC_OUT_SHAPED, "tc_out_shaped"),
+    (TC_IN_DROP_UNPARSEABLE, "tc_in_drop_unparseable"),
+    (TC_OUT_DROP_UNPARSEABLE, "tc_out_drop_unparseable"),
 ];

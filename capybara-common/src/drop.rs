@@ -35,10 +35,16 @@ pub enum DropReason {
     /// A tunnel-device packet whose peer end matches no peer's allowed IPs, dropped because
     /// `CONFIG_F_DROP_UNKNOWN_PEER` is set.
     UnknownPeer = 12,
+    /// Headers deeper than the kernel parser follows (more than
+    /// `MAX_IPV6_EXT_HEADERS` IPv6 extension headers, or a header past `MAX_HEADER_OFFSET`
+    /// bytes), or a transport header cut short, where the packet must not pass unseen: on the
+    /// uplink, UDP of unknown port from a source in a source blocklist (XDP guard); on the
+    /// tunnel device, a packet of a flow-limited peer whose 5-tuple cannot be read (flow step).
+    Unparseable = 13,
 }
 
 /// Number of defined reasons.
-pub const DROP_REASON_COUNT: usize = 13;
+pub const DROP_REASON_COUNT: usize = 14;
 
 /// Slots reserved for reasons in counter arrays (room to append reasons without a layout change).
 pub const DROP_REASON_SLOTS: usize = 16;
@@ -61,6 +67,7 @@ impl DropReason {
         DropReason::GateOutsideWindow,
         DropReason::GateDeviceLimit,
         DropReason::UnknownPeer,
+        DropReason::Unparseable,
     ];
 
     /// The reason with discriminant `v`, if any.
@@ -88,6 +95,7 @@ impl DropReason {
             DropReason::GateOutsideWindow => "gate-outside-window",
             DropReason::GateDeviceLimit => "gate-device-limit",
             DropReason::UnknownPeer => "unknown-peer",
+            DropReason::Unparseable => "unparseable",
         }
     }
 }

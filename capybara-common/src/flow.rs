@@ -11,6 +11,12 @@
 //!
 //! ## The kernel step (after the gate and the destination blocklists, before the quota)
 //! Only for a known peer whose `PeerInfo::flow_limit != 0` (0 = unlimited: no tracking at all).
+//! A packet whose flow key cannot be read — IPv6 headers deeper than the kernel parser follows
+//! (more than 4 extension headers, or one starting past byte 1 024), or a transport header cut
+//! short of the ports — is **dropped** (`DropReason::Unparseable`, counted in
+//! `counters::TC_IN_DROP_UNPARSEABLE` / `TC_OUT_DROP_UNPARSEABLE`): untracked, it would open
+//! flows around the limit. (Non-first fragments are not tracked either, but pass: their first
+//! fragment was the flow's packet.) Every other packet:
 //! 1. The flow's entry exists:
 //!    - a TCP FIN or RST: the entry is deleted at once and, **if this delete succeeded**, the
 //!      peer's count is decremented (the slot is free for the next connection immediately);

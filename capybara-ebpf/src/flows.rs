@@ -6,6 +6,16 @@
 //! only with the atomic `fetch_add` of [`crate::atomic`] (inline assembly: the eBPF target has no
 //! atomic read-modify-write types). Adding `u64::MAX` is the decrement.
 //!
+//! **Unparseable packets of a limited peer are dropped** (`DropReason::Unparseable`,
+//! `TC_*_DROP_UNPARSEABLE`, the peer's `drops[Unparseable]`; no event): IPv6 with more
+//! extension headers than the parser follows (`parse::MAX_IPV6_EXT_HEADERS` = 4) or a header
+//! starting past `parse::MAX_HEADER_OFFSET` (1 024 bytes), and packets whose transport header
+//! is cut short of the ports (TCP: 14 bytes, UDP: 4, ICMP: 6). They used to pass untracked: a
+//! limited peer opened as many flows as it liked behind 5 extension headers (the other end's
+//! stack walks any number of them). The cut-short ones are no loss (no endpoint accepts them);
+//! the deep ones cost a limited peer only its traffic with unusually long header chains, which
+//! a limit cannot count. Peers without a limit are not parsed here and keep passing them.
+//!
 //! Cost, measured with `BPF_PROG_TEST_RUN` (repeat 1 000 000, warm cache, best of 5, on this
 //! 2-CPU machine kind): `tc_ingress` on a packet of an existing UDP flow takes 182 ns for a peer
 //! without a limit and 266 ns for a peer with one — the flow step (transport parse, the clock,
@@ -46,6 +56,10 @@ const ICMPV6_ECHO_REPLY: u8 = 129;
 pub enum Flow {
     /// No limit, an existing flow, a new flow within the limit, or untracked: the packet passes.
     Pass,
+    /// A packet of a limited peer whose 5-tuple cannot be read (headers deeper than the parser
+    /// follows, or a transport header cut short): dropped, since untracked it would go around
+    /// the limit (module docs).
+    Unparseable,
     /// A new flow refused: `count` is the peer's count when refused; `full` when the table was
     /// full (rather than the peer at its limit).
     Refused {
@@ -57,7 +71,9 @@ pub enum Flow {
 }
 
 /// Writes the packet's flow key (canonical: peer side / other side) into `key` and returns its
-/// TCP flags (0 for other protocols). `None`: a non-first fragment (not tracked).
+/// TCP flags (0 for other protocols). `None`: a non-first fragment (not tracked). [`Malformed`]:
+/// the key cannot be read (a transport header cut short, or IPv6 headers deeper than
+/// `parse::ipv6` follows).
 #[inline(always)]
 fn key_of(
     key: &mut FlowKey,
@@ -71,6 +87,9 @@ fn key_of(
         Addrs::V4 { .. } => parse::ipv4(pkt, l2)?,
         Addrs::V6 { .. } => parse::ipv6(pkt, l2)?,
     };
+    if upper.deep {
+        return Err(Malformed);
+    }
     if upper.later_fragment {
         return Ok(None);
     }
@@ -167,8 +186,8 @@ fn fresh(proto: u8, tcp_flags: u8, from_peer: bool, now_ns: u64) -> FlowState {
     }
 }
 
-/// The flow step for a packet of known peer `id` with table entry `info` (see the module docs). A packet whose
-/// transport header cannot be read passes untracked (no endpoint accepts it).
+/// The flow step for a packet of known peer `id` with table entry `info` (see the module docs).
+/// A packet of a limited peer whose flow key cannot be read is [`Flow::Unparseable`].
 #[inline(always)]
 pub fn track(
     pkt: &Packet,
@@ -190,8 +209,11 @@ pub fn track(
     // SAFETY: this CPU's scratch element of a successful per-CPU lookup, valid for this run and
     // used by nothing else while this program runs on this CPU.
     let key = unsafe { &mut *scratch };
-    let Ok(Some(tcp_flags)) = key_of(key, pkt, l2, addrs, id, peer_is_source) else {
-        return Flow::Pass;
+    let tcp_flags = match key_of(key, pkt, l2, addrs, id, peer_is_source) {
+        Ok(Some(flags)) => flags,
+        // A non-first fragment: its first fragment was the flow's packet.
+        Ok(None) => return Flow::Pass,
+        Err(_) => return Flow::Unparseable,
     };
     let key: &FlowKey = key;
     let Some(count) = FLOW_COUNT.get_ptr_mut(id) else {

@@ -4,8 +4,22 @@
 //! read against the packet end *before* forming the reference, in the form the verifier
 //! understands (`start + off + size > end` → error). Offsets are additionally capped at
 //! [`MAX_HEADER_OFFSET`], so even offsets computed from packet contents (IHL, IPv6 extension
-//! header lengths) have a known upper bound. A failed read is [`Malformed`]: the caller counts
-//! the packet as malformed and passes it; nothing is ever read out of bounds and nothing panics.
+//! header lengths) have a known upper bound. A failed read is [`Malformed`]; nothing is ever
+//! read out of bounds and nothing panics.
+//!
+//! **Too deep is not malformed.** The stack walks any number of IPv6 extension headers of any
+//! length; these steps follow at most [`MAX_IPV6_EXT_HEADERS`], none starting past
+//! [`MAX_HEADER_OFFSET`]. A longer chain is a possibly valid packet that the stack may deliver
+//! to a socket, but whose upper-layer header (hence its port) the program cannot see: [`ipv6`]
+//! returns it with [`Upper::deep`] set, and an upper-layer header it finds starting past
+//! [`MAX_HEADER_OFFSET`] cannot be read either. Each caller decides what that means (the XDP
+//! guard and the flow step: `xdp_guard`, `flows`). Only IPv6 gets there: IPv4 headers end by
+//! byte 18 + 60. A truncated or inconsistent packet, by contrast, is [`Malformed`]: the stack
+//! drops it too (no socket receives a datagram whose headers are cut short). Measured before
+//! the distinction: UDP from a blocked source behind 5 extension headers, or behind one
+//! 1 024-byte hop-by-hop header, passed the XDP guard as malformed. (A flag on [`Upper`], not a
+//! second kind of [`Malformed`]: a two-valued error pushed `tc_ingress` past the 512-byte BPF
+//! stack, measured.)
 //!
 //! Header structs are `#[repr(C)]` byte arrays (alignment 1): multi-byte fields are read with
 //! `from_be_bytes`, so there are no unaligned loads and no endianness surprises.
@@ -16,8 +30,9 @@ use core::mem::size_of;
 #[derive(Clone, Copy, Debug)]
 pub struct Malformed;
 
-/// Headers deeper than this many bytes into the packet are not inspected (treated as
-/// [`Malformed`]). Bounds every computed offset for the verifier.
+/// Headers starting deeper than this many bytes into the packet are not read (the read is
+/// [`Malformed`]; [`ipv6`] reports such a chain as [`Upper::deep`]). Bounds every computed
+/// offset for the verifier.
 pub const MAX_HEADER_OFFSET: usize = 1024;
 
 /// EtherType IPv4.
@@ -38,7 +53,8 @@ const IPV6_HOPOPTS: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
 const IPV6_FRAGMENT: u8 = 44;
 const IPV6_DSTOPTS: u8 = 60;
-/// How many IPv6 extension headers are skipped at most (bounded loop).
+/// How many IPv6 extension headers are skipped at most (bounded loop); a longer chain is
+/// [`Upper::deep`].
 pub const MAX_IPV6_EXT_HEADERS: usize = 4;
 
 /// The readable bytes of one packet, `[start, end)` as the program's context gives them.
@@ -168,6 +184,9 @@ pub struct Upper {
     pub l4_off: usize,
     /// A fragment other than the first: there is no upper-layer header to read.
     pub later_fragment: bool,
+    /// The IPv6 header chain goes on past what [`ipv6`] follows: `protocol` is the extension
+    /// header it stopped at, `l4_off` where that header starts; the upper layer is unknown.
+    pub deep: bool,
 }
 
 /// A source address.
@@ -269,13 +288,15 @@ pub fn ipv4(pkt: &Packet, off: usize) -> Result<Upper, Malformed> {
         protocol: ip.protocol,
         l4_off: off + hlen,
         later_fragment: frag_offset != 0,
+        deep: false,
     })
 }
 
 /// The IPv6 header at `off` and up to [`MAX_IPV6_EXT_HEADERS`] extension headers (hop-by-hop,
-/// routing, destination options, fragment). More extension headers than that, or a truncated
-/// one, is [`Malformed`]. A fragment header with a non-zero offset ends the walk: the rest is
-/// not the upper-layer header.
+/// routing, destination options, fragment). More extension headers than that, or one starting
+/// past [`MAX_HEADER_OFFSET`], is [`Upper::deep`]; a truncated one is [`Malformed`]. The
+/// upper-layer header may start past [`MAX_HEADER_OFFSET`] (reading it fails). A fragment header
+/// with a non-zero offset ends the walk: the rest is not the upper-layer header.
 #[inline(always)]
 pub fn ipv6(pkt: &Packet, off: usize) -> Result<Upper, Malformed> {
     let ip: Ipv6Hdr = pkt.read(off)?;
@@ -286,6 +307,19 @@ pub fn ipv6(pkt: &Packet, off: usize) -> Result<Upper, Malformed> {
     let mut next = ip.next_header;
     let mut at = off + IPV6_HDR_LEN;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
+        let ext = matches!(
+            next,
+            IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_FRAGMENT
+        );
+        if ext && at > MAX_HEADER_OFFSET {
+            return Ok(Upper {
+                src,
+                protocol: next,
+                l4_off: at,
+                later_fragment: false,
+                deep: true,
+            });
+        }
         match next {
             IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
                 let ext: Ipv6ExtHdr = pkt.read(at)?;
@@ -303,6 +337,7 @@ pub fn ipv6(pkt: &Packet, off: usize) -> Result<Upper, Malformed> {
                         protocol: next,
                         l4_off: at,
                         later_fragment: true,
+                        deep: false,
                     });
                 }
             }
@@ -312,19 +347,21 @@ pub fn ipv6(pkt: &Packet, off: usize) -> Result<Upper, Malformed> {
                     protocol: next,
                     l4_off: at,
                     later_fragment: false,
+                    deep: false,
                 });
             }
         }
     }
-    match next {
-        IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_FRAGMENT => Err(Malformed),
-        _ => Ok(Upper {
-            src,
-            protocol: next,
-            l4_off: at,
-            later_fragment: false,
-        }),
-    }
+    Ok(Upper {
+        src,
+        protocol: next,
+        l4_off: at,
+        later_fragment: false,
+        deep: matches!(
+            next,
+            IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_FRAGMENT
+        ),
+    })
 }
 
 /// The destination port of the (complete) UDP header at `off`.

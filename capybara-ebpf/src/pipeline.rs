@@ -22,6 +22,7 @@
 //! | known peer held at the gate (reason `r`), not to/from the verification endpoint | shot | `TC_*_DROP_GATE`, `DROPS_BASE + r`, the peer's `drops[r]`; a gate-drop event (first per interval per peer: `EVENTS_EMITTED` or `EVENTS_LOST`) |
 //! | other end in list `n` (known or unknown peer) | shot | `TC_*_DROP_BLOCKLIST`, `DROPS_BASE + DestinationBlocklist`, `LIST_HITS[n]`, the peer's `drops[DestinationBlocklist]` if known |
 //! | known peer, a new flow over its flow limit (or the flow table full) | shot | `TC_*_DROP_FLOWS`, `DROPS_BASE + FlowLimit`, the peer's `drops[FlowLimit]` (and `FLOWS_TABLE_FULL` when full); a flow-limit event (first per interval per peer) |
+//! | known peer with a flow limit, a packet whose 5-tuple cannot be read (IPv6 headers deeper than the parser follows, a transport header cut short) | shot | `TC_*_DROP_UNPARSEABLE`, `DROPS_BASE + Unparseable`, the peer's `drops[Unparseable]` |
 //! | known peer whose quota bucket was exhausted before this packet | shot | `TC_*_DROP_QUOTA`, `DROPS_BASE + QuotaExhausted`, the peer's `drops[QuotaExhausted]` |
 //! | known peer (admitted, or held and to/from the verification endpoint) | ok | `TC_*_PASS`, the peer's `rx_*`/`tx_*` |
 //! | the same, peer shaped in this direction | egress: ok with `skb->priority` = its HTB class; ingress: the same and redirected to the shaping device | `TC_*_SHAPED`, the peer's `rx_*`/`tx_*` |
@@ -81,6 +82,7 @@ pub struct Direction {
     pub drop_gate: u32,
     pub drop_quota: u32,
     pub drop_flows: u32,
+    pub drop_unparseable: u32,
     pub shaped: u32,
 }
 
@@ -215,17 +217,13 @@ fn try_tunnel(ctx: &TcContext, dir: &Direction, l2: usize, bytes: u64) -> Result
         count_list_hit(list, amount);
         return Ok(TC_ACT_SHOT);
     }
-    // 4. Flow limit (known peers with a limit): a new flow over it is refused. Before the
-    // quota, so a refused packet is not charged.
+    // 4. Flow limit (known peers with a limit): a new flow over it is refused, and so is a
+    // packet whose flow cannot be read. Before the quota, so a refused packet is not charged.
     if let Some(Known {
         id, info, now_ns, ..
     }) = known
-        && let flows::Flow::Refused {
-            limit,
-            count: flows,
-            full,
-            proto,
-        } = flows::track(
+    {
+        match flows::track(
             &pkt,
             l2,
             &addrs,
@@ -233,27 +231,39 @@ fn try_tunnel(ctx: &TcContext, dir: &Direction, l2: usize, bytes: u64) -> Result
             dir.peer_is_source,
             &cfg,
             now_ns,
-        )
-    {
-        count_drop(dir.drop_flows, DropReason::FlowLimit, amount, peer);
-        if full {
-            count(
-                FLOWS_TABLE_FULL,
-                Counter {
-                    packets: 1,
-                    bytes: 0,
-                },
-            );
+        ) {
+            flows::Flow::Pass => {}
+            flows::Flow::Unparseable => {
+                count_drop(dir.drop_unparseable, DropReason::Unparseable, amount, peer);
+                return Ok(TC_ACT_SHOT);
+            }
+            flows::Flow::Refused {
+                limit,
+                count: flows,
+                full,
+                proto,
+            } => {
+                count_drop(dir.drop_flows, DropReason::FlowLimit, amount, peer);
+                if full {
+                    count(
+                        FLOWS_TABLE_FULL,
+                        Counter {
+                            packets: 1,
+                            bytes: 0,
+                        },
+                    );
+                }
+                flow_event(
+                    id,
+                    u64::from(limit) | u64::from(proto) << 32 | u64::from(full) << 40,
+                    flows,
+                    dir.peer_is_source,
+                    cfg.event_interval_ns,
+                    now_ns,
+                );
+                return Ok(TC_ACT_SHOT);
+            }
         }
-        flow_event(
-            id,
-            u64::from(limit) | u64::from(proto) << 32 | u64::from(full) << 40,
-            flows,
-            dir.peer_is_source,
-            cfg.event_interval_ns,
-            now_ns,
-        );
-        return Ok(TC_ACT_SHOT);
     }
     // 5. Data quota (known peers with a bucket): charge, or drop when exhausted.
     if let Some(Known {

@@ -7,7 +7,8 @@
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use capybara_common::counters::{
     TC_OUT_DROP_BLOCKLIST, TC_OUT_DROP_FLOWS, TC_OUT_DROP_GATE, TC_OUT_DROP_QUOTA,
-    TC_OUT_DROP_UNKNOWN, TC_OUT_MALFORMED, TC_OUT_PASS, TC_OUT_SHAPED, TC_OUT_UNKNOWN_PEER,
+    TC_OUT_DROP_UNKNOWN, TC_OUT_DROP_UNPARSEABLE, TC_OUT_MALFORMED, TC_OUT_PASS, TC_OUT_SHAPED,
+    TC_OUT_UNKNOWN_PEER,
 };
 
 use crate::pipeline::{self, Direction};
@@ -22,6 +23,7 @@ const EGRESS: Direction = Direction {
     drop_gate: TC_OUT_DROP_GATE,
     drop_quota: TC_OUT_DROP_QUOTA,
     drop_flows: TC_OUT_DROP_FLOWS,
+    drop_unparseable: TC_OUT_DROP_UNPARSEABLE,
     shaped: TC_OUT_SHAPED,
 };
 

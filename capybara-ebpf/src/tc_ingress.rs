@@ -6,7 +6,7 @@
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use capybara_common::counters::{
     TC_IN_DROP_BLOCKLIST, TC_IN_DROP_FLOWS, TC_IN_DROP_GATE, TC_IN_DROP_QUOTA, TC_IN_DROP_UNKNOWN,
-    TC_IN_MALFORMED, TC_IN_PASS, TC_IN_SHAPED, TC_IN_UNKNOWN_PEER,
+    TC_IN_DROP_UNPARSEABLE, TC_IN_MALFORMED, TC_IN_PASS, TC_IN_SHAPED, TC_IN_UNKNOWN_PEER,
 };
 
 use crate::pipeline::{self, Direction};
@@ -21,6 +21,7 @@ const INGRESS: Direction = Direction {
     drop_gate: TC_IN_DROP_GATE,
     drop_quota: TC_IN_DROP_QUOTA,
     drop_flows: TC_IN_DROP_FLOWS,
+    drop_unparseable: TC_IN_DROP_UNPARSEABLE,
     shaped: TC_IN_SHAPED,
 };
 

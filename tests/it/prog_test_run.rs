@@ -542,6 +542,14 @@ fn xdp_cases() -> Vec<Case> {
     let unguarded = (XDP_PASS, vec![XDP_PASS_UNGUARDED], None);
     let malformed = (XDP_PASS, vec![XDP_PASS_MALFORMED], None);
     let fragment = (XDP_PASS, vec![XDP_PASS_FRAGMENT], None);
+    let unparseable = |list: ListId| {
+        (
+            XDP_DROP,
+            vec![XDP_DROP_UNPARSEABLE, drop_slot(DropReason::Unparseable)],
+            Some(list),
+        )
+    };
+    let unparseable_pass = (XDP_PASS, vec![XDP_PASS_UNPARSEABLE], None);
     type Expect = (u32, Vec<u32>, Option<ListId>);
     let c = |name: &'static str,
              packet: fn() -> Vec<u8>,
@@ -788,11 +796,49 @@ fn xdp_cases() -> Vec<Case> {
             src_lists,
             clean.clone(),
         ),
+        // Deeper than the guard parses: the UDP port is unknown, so a listed source is dropped
+        // (it could be a handshake) and a clean one passes (it would pass whatever its port).
         c(
-            "v6 with 5 extension headers is malformed",
+            "v6 with 5 extension headers from a blocked source dropped as unparseable",
             || packets::eth_ip(&v6_ext(BLOCKED6, &FIVE_EXTS)),
             src_lists,
-            malformed.clone(),
+            unparseable(LIST_V6),
+        ),
+        c(
+            "v6 with 5 extension headers from a clean source passes as unparseable",
+            || packets::eth_ip(&v6_ext(CLEAN6, &FIVE_EXTS)),
+            src_lists,
+            unparseable_pass.clone(),
+        ),
+        c(
+            "v6 UDP header past 1024 bytes from a blocked source dropped as unparseable",
+            || packets::eth_ip(&v6_ext(BLOCKED6, &DEEP_EXTS)),
+            src_lists,
+            unparseable(LIST_V6),
+        ),
+        c(
+            "v6 UDP header past 1024 bytes from a clean source passes as unparseable",
+            || packets::eth_ip(&v6_ext(CLEAN6, &DEEP_EXTS)),
+            src_lists,
+            unparseable_pass.clone(),
+        ),
+        c(
+            "v6 4th extension header past 1024 bytes from a blocked source dropped as unparseable",
+            || packets::eth_ip(&v6_ext(BLOCKED6, &DEEP_FOUR_EXTS)),
+            src_lists,
+            unparseable(LIST_V6),
+        ),
+        c(
+            "v6 TCP header past 1024 bytes from a blocked source passes (known not UDP)",
+            || {
+                packets::eth_ip(&set_byte(
+                    v6_ext(BLOCKED6, &DEEP_EXTS),
+                    40,
+                    packets::proto::TCP,
+                ))
+            },
+            src_lists,
+            unguarded.clone(),
         ),
         c(
             "IPv4 EtherType without an IP header is malformed",
@@ -846,6 +892,20 @@ const FIVE_EXTS: [Ext; 5] = [
     Ext::DestOpts { extra_8: 0 },
     Ext::Routing,
     Ext::DestOpts { extra_8: 2 },
+];
+
+/// One hop-by-hop header of 1 024 bytes: the UDP header starts at byte 1 078 of the frame
+/// (1 064 of a tunnel packet behind the test's 14-byte link header), past
+/// `MAX_HEADER_OFFSET`. (The PadN option's length byte wraps; the programs never read
+/// options.)
+const DEEP_EXTS: [Ext; 1] = [Ext::HopByHop { extra_8: 127 }];
+/// Four extension headers (as many as the parser follows), the fourth starting at byte 1 094 of
+/// the frame, past `MAX_HEADER_OFFSET`.
+const DEEP_FOUR_EXTS: [Ext; 4] = [
+    Ext::HopByHop { extra_8: 0 },
+    Ext::Routing,
+    Ext::DestOpts { extra_8: 127 },
+    Ext::Routing,
 ];
 
 fn set_byte(mut p: Vec<u8>, at: usize, v: u8) -> Vec<u8> {
@@ -1272,6 +1332,13 @@ fn programs_pass_the_verifier() {
             .program(name)
             .unwrap_or_else(|| panic!("{name} missing"));
         assert!(prog.fd().is_ok(), "{name} is not loaded");
+        // The verifier's work and the program's size, for the record (not asserted).
+        let info = prog.info().expect("program info");
+        eprintln!(
+            "{name}: {} instructions verified, {} bytes translated",
+            info.verified_instruction_count().unwrap_or(0),
+            info.size_translated().unwrap_or(0),
+        );
     }
 }
 
@@ -2356,6 +2423,17 @@ fn flow_cases() -> Vec<Case> {
     );
     let pass_in: PeerExpect = (TC_ACT_OK, vec![TC_IN_PASS], Some((PEER1, PeerDelta::Rx)));
     let pass_out: PeerExpect = (TC_ACT_OK, vec![TC_OUT_PASS], Some((PEER1, PeerDelta::Tx)));
+    let up = DropReason::Unparseable;
+    let unparseable_in: PeerExpect = (
+        TC_ACT_SHOT,
+        vec![TC_IN_DROP_UNPARSEABLE, drop_slot(up)],
+        Some((PEER1, PeerDelta::Drop(up))),
+    );
+    let unparseable_out: PeerExpect = (
+        TC_ACT_SHOT,
+        vec![TC_OUT_DROP_UNPARSEABLE, drop_slot(up)],
+        Some((PEER1, PeerDelta::Drop(up))),
+    );
     use Prog::{In, Out};
     vec![
         peer_case(
@@ -2520,6 +2598,61 @@ fn flow_cases() -> Vec<Case> {
                 ],
                 Some((PEER1, PeerDelta::Drop(DropReason::GateKicked))),
             ),
+        ),
+        // A packet whose 5-tuple cannot be read would pass untracked, around the limit.
+        peer_case(
+            "flows: v6 UDP behind 5 extension headers from a limited peer dropped as unparseable",
+            In,
+            || packets::udp6_with_ext(PEER1_V6, CLEAN6, 4000, 53, 20, &FIVE_EXTS),
+            flows_base,
+            unparseable_in.clone(),
+        ),
+        peer_case(
+            "flows: v6 UDP header past 1024 bytes to a limited peer dropped as unparseable",
+            Out,
+            || packets::udp6_with_ext(CLEAN6, PEER1_V6, 53, 4000, 20, &DEEP_EXTS),
+            flows_base,
+            unparseable_out.clone(),
+        ),
+        peer_case(
+            "flows: a UDP header cut short from a limited peer dropped as unparseable",
+            In,
+            || packets::truncated(&udp_from1(5000), 22),
+            flows_base,
+            unparseable_in.clone(),
+        ),
+        peer_case(
+            "flows: a TCP header cut short at the limit dropped as unparseable",
+            In,
+            || packets::truncated(&syn4(1004), 30),
+            three_tcp,
+            unparseable_in.clone(),
+        ),
+        peer_case(
+            "flows: without a limit, v6 UDP behind 5 extension headers passes",
+            In,
+            || packets::udp6_with_ext(PEER1_V6, CLEAN6, 4000, 53, 20, &FIVE_EXTS),
+            gate_base,
+            pass_in.clone(),
+        ),
+        peer_case(
+            "flows: a non-first v6 fragment of a limited peer passes untracked",
+            In,
+            || {
+                packets::udp6_with_ext(
+                    PEER1_V6,
+                    CLEAN6,
+                    4000,
+                    53,
+                    20,
+                    &[Ext::Fragment {
+                        offset_8: 10,
+                        more: false,
+                    }],
+                )
+            },
+            three_tcp,
+            pass_in.clone(),
         ),
         peer_case(
             "flows: a blocked destination is a blocklist drop and takes no slot",
