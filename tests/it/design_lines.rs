@@ -440,7 +440,11 @@ fn group_members_read_both_ways() {
     // Neither a group: GROUP USER, and the error names the group.
     let o = d.run(&words("group add alice nosuch"));
     assert_eq!(o.code, 1, "{}{}", o.stdout, o.stderr);
-    assert!(o.stderr.contains("group \"alice\" not found"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("group \"alice\" not found"),
+        "{}",
+        o.stderr
+    );
     // Nothing changed by the refusals.
     let out = d.setup("group list");
     assert!(
