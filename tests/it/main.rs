@@ -23,6 +23,7 @@ mod api_policy;
 mod api_templates;
 mod api_tls;
 mod dataplane;
+mod design_lines;
 mod e2e_agent_restart;
 mod e2e_dst_blocklist;
 mod e2e_flows;

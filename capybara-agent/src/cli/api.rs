@@ -1,5 +1,11 @@
 //! `capybara api …`: the agent's API; today its tokens (`api token create|list|revoke`). A
 //! token's secret is printed once, on standard output, and never listed.
+//!
+//! `api token create` with no options (as the design writes it) makes a `read` token that
+//! expires after the agent's default lifetime (90 days), and says both on standard error. Read
+//! is the least a typical integration (a dashboard, a monitoring probe, a report) needs; one
+//! that changes things asks for `--scope write` (or `admin`) by name, so a forgotten token
+//! copied into a panel can at worst read.
 
 use clap::Subcommand;
 
@@ -9,7 +15,10 @@ use super::{
     output::{opt_time, out, outln, print_json, time},
     table::Table,
 };
-use crate::service::domain::{Scope, TokenId};
+use crate::service::{
+    domain::{Scope, TokenId},
+    tokens::DEFAULT_TOKEN_LIFETIME,
+};
 
 /// `capybara api …`.
 #[derive(Debug, Subcommand)]
@@ -24,10 +33,11 @@ pub(super) enum ApiCmd {
 pub(super) enum TokenCmd {
     /// Create a token; its secret is printed once.
     Create {
-        /// read, write or admin.
-        #[arg(long)]
+        /// read, write or admin. Default read: the least a typical integration (dashboard,
+        /// monitoring, reports) needs; ask for write or admin by name.
+        #[arg(long, default_value = "read")]
         scope: String,
-        /// Expiry from now, e.g. 30d (default 90d).
+        /// Expiry from now, e.g. 30d (default 90d, the agent's default lifetime).
         #[arg(long)]
         expires: Option<String>,
         /// A label.
@@ -59,6 +69,7 @@ async fn token(cli: &Cli, cmd: &TokenCmd) -> Result<(), CliError> {
             name,
         } => {
             let scope = Scope::parse("scope", scope)?;
+            let defaulted = expires.is_none();
             let expires = expiry("expires", expires.as_deref())?.unwrap_or(0);
             let (t, secret) = connect(cli)
                 .await?
@@ -68,8 +79,16 @@ async fn token(cli: &Cli, cmd: &TokenCmd) -> Result<(), CliError> {
                 print_json(&serde_json::json!({ "token": t, "secret": secret }))?;
             } else {
                 outln!("{secret}")?;
+                let default = if defaulted {
+                    format!(
+                        ", the default {}d",
+                        DEFAULT_TOKEN_LIFETIME.as_secs() / 86_400
+                    )
+                } else {
+                    String::new()
+                };
                 eprintln!(
-                    "token {} (scope {}, expires {}): the secret above is shown once",
+                    "token {} (scope {}, expires {}{default}): the secret above is shown once",
                     t.id,
                     t.scope,
                     opt_time(t.expires_at)

@@ -1,6 +1,11 @@
 //! `capybara group create|delete|add|remove|list|policy`: groups of users, their policy and
 //! their shared pool. Names and limits are validated here with the agent's own parsers (exit 2
 //! naming the field) before a connection is made.
+//!
+//! `group add|remove` take `GROUP USER…`, and also the design document's `USER GROUP`
+//! (`group add alice engineering`). Only two arguments can be read both ways; then what exists
+//! decides (`members_args`): the first names an existing group → `GROUP USER`; else the second
+//! does → `USER GROUP`; both or neither → `GROUP USER` (so the agent's error names the group).
 
 use clap::Subcommand;
 
@@ -10,7 +15,10 @@ use super::{
     output::{names_line, out, outln, print_json},
     table::Table,
 };
-use crate::service::policy::model::{ByteSize, Cap, GroupName, parse_field};
+use crate::service::policy::{
+    GroupView,
+    model::{ByteSize, Cap, GroupName, parse_field},
+};
 
 /// `capybara group …`.
 #[derive(Debug, Subcommand)]
@@ -25,19 +33,27 @@ pub(super) enum GroupCmd {
         /// The group.
         name: String,
     },
-    /// Add users to a group.
+    /// Add users to a group: `GROUP USER…`, or `USER GROUP`.
+    ///
+    /// With two arguments, what exists decides: if the first names an existing group it is
+    /// GROUP USER; else if the second does it is USER GROUP (one user, as in `group add alice
+    /// engineering`); if both or neither do, GROUP USER.
     Add {
-        /// The group.
+        /// The group (or the user, see above).
         name: String,
-        /// The users.
+        /// The users (or the group, see above).
         #[arg(required = true)]
         users: Vec<String>,
     },
-    /// Remove users from a group.
+    /// Remove users from a group: `GROUP USER…`, or `USER GROUP`.
+    ///
+    /// With two arguments, what exists decides: if the first names an existing group it is
+    /// GROUP USER; else if the second does it is USER GROUP (one user, as in `group remove
+    /// alice engineering`); if both or neither do, GROUP USER.
     Remove {
-        /// The group.
+        /// The group (or the user, see above).
         name: String,
-        /// The users.
+        /// The users (or the group, see above).
         #[arg(required = true)]
         users: Vec<String>,
     },
@@ -55,6 +71,21 @@ pub(super) enum GroupCmd {
     },
 }
 
+/// The group and the users of `group add|remove FIRST SECOND` (see the module docs): `GROUP
+/// USER` unless only `second` names one of `groups`.
+fn members_args<'a>(
+    first: &'a str,
+    second: &'a str,
+    groups: &[GroupView],
+) -> (&'a str, Vec<String>) {
+    let exists = |n: &str| groups.iter().any(|g| g.name.as_str() == n);
+    if !exists(first) && exists(second) {
+        (second, vec![first.to_owned()])
+    } else {
+        (first, vec![second.to_owned()])
+    }
+}
+
 /// Runs `capybara group …`.
 pub(super) async fn run(cli: &Cli, cmd: &GroupCmd) -> Result<(), CliError> {
     let g = match cmd {
@@ -70,7 +101,12 @@ pub(super) async fn run(cli: &Cli, cmd: &GroupCmd) -> Result<(), CliError> {
             GroupName::parse("name", name)?;
             input::users(users)?;
             let add = matches!(cmd, GroupCmd::Add { .. });
-            connect(cli).await?.group_members(name, users, add).await?
+            let c = connect(cli).await?;
+            let (group, users) = match users.as_slice() {
+                [second] => members_args(name, second, &c.list_groups().await?),
+                _ => (name.as_str(), users.clone()),
+            };
+            c.group_members(group, &users, add).await?
         }
         GroupCmd::Policy {
             name,

@@ -2,6 +2,10 @@
 //! usage) and `capybara quota template …` (quota templates: a named layer of limits applied to
 //! users, between their groups and the default). Values are validated here with the agent's own
 //! parsers (exit 2 naming the field) before a connection is made.
+//!
+//! As the design writes them: `quota set alice --bandwidth 10Mbps --enforce` (`--enforce` is
+//! accepted and changes nothing: limits are always enforced, in the kernel) and `quota template
+//! create corporate` with no limits (an empty template, filled later with `--replace`).
 
 use clap::Subcommand;
 
@@ -33,6 +37,10 @@ pub(super) enum QuotaCmd {
         default: bool,
         #[command(flatten)]
         limits: Box<LimitArgs>,
+        /// Changes nothing: limits are always enforced, in the kernel (accepted so the design's
+        /// `quota set alice --bandwidth 10Mbps --enforce` works as written).
+        #[arg(long)]
+        enforce: bool,
     },
     /// Quota usage of one user or everyone.
     Show {
@@ -62,13 +70,19 @@ pub(super) enum QuotaCmd {
 /// `capybara quota template …`.
 #[derive(Debug, Subcommand)]
 pub(super) enum QuotaTemplateCmd {
-    /// Create a quota template (the same limit options as `quota set`).
+    /// Create a quota template (the same limit options as `quota set`; none: an empty one).
+    ///
+    /// Without limit options the template is empty (`quota template create corporate`): it
+    /// sets nothing until `quota template create corporate --replace --bandwidth …` gives it its
+    /// limits (--replace sets the template's limits to exactly the ones given; its users are
+    /// updated).
     Create {
         /// The template.
         name: String,
         #[command(flatten)]
         limits: Box<LimitArgs>,
-        /// Replace the limits of an existing template (its users are updated).
+        /// Replace the limits of an existing template with exactly these (its users are
+        /// updated; creates it if there is none).
         #[arg(long)]
         replace: bool,
     },
@@ -155,6 +169,7 @@ pub(super) async fn run(cli: &Cli, cmd: &QuotaCmd) -> Result<(), CliError> {
             user,
             default: _,
             limits,
+            enforce: _,
         } => {
             let text = limits.text();
             text.parse()?;

@@ -955,9 +955,9 @@ fn bad_template_calls_change_nothing() {
     let e = f
         .svc
         .templates
-        .create_quota_template(&root(), &tn("empty"), &patch(|_| {}), false)
+        .create_quota_template(&root(), &tn("guest"), &patch(|_| {}), false)
         .unwrap_err();
-    assert!(matches!(e, ServiceError::Invalid(_)), "{e}");
+    assert!(matches!(e, ServiceError::AlreadyExists { .. }), "{e}");
     for n in ["strict", "current"] {
         let e = f
             .svc

@@ -118,7 +118,9 @@ impl Templates {
     }
 
     /// Creates a quota template with the fields of `patch` (`replace`: or replaces the fields of
-    /// an existing one; its users' kernel state is updated before this returns).
+    /// an existing one; its users' kernel state is updated before this returns). A `patch` that
+    /// sets nothing makes an empty template (the design's `quota template create corporate`): it
+    /// decides no field until a `replace` gives it limits.
     pub fn create_quota_template(
         &self,
         actor: &Actor,
@@ -127,12 +129,6 @@ impl Templates {
         replace: bool,
     ) -> Result<QuotaTemplateView, ServiceError> {
         let _w = self.core.writer.lock().unwrap();
-        if patch.set.is_empty() {
-            return Err(ValidationError::Missing {
-                field: "limits (at least one of --bandwidth, --limit, …)",
-            }
-            .into());
-        }
         let before = self.quota_template_view(name);
         if before.is_some() && !replace {
             return Err(ServiceError::AlreadyExists {
