@@ -2,7 +2,8 @@
 //! instead of one per file). One module per concern; a test is `module::test_name`.
 //!
 //! - `api_*`: the gRPC API and the `capybara` CLI against an in-process agent (no root);
-//!   `api_support` starts it.
+//!   `api_support` starts it. `design_lines`: every command line of the design document
+//!   (`shared/DESIGN-PHASE4.md`) for the features that exist, verbatim, the same way.
 //! - `dataplane`, `geo`, `e2e_*`: the agent's dataplane, tunnel and daemon against the real kernel
 //!   in network namespaces (root); `e2e_support` opens and attaches the dataplane.
 //! - `prog_test_run`: BPF_PROG_TEST_RUN tables of the kernel programs (root).
