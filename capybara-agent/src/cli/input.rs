@@ -1,10 +1,12 @@
 //! Checks of command-line values that several command families share, made with the agent's own
 //! parsers so bad input is refused (exit 2, naming the field) before a connection is made.
 
-use std::path::Path;
+use std::{io::Read as _, path::Path};
 
 use super::CliError;
-use crate::service::domain::{UserName, ValidationError, parse_duration};
+use crate::service::domain::{
+    MAX_YAML_BYTES, UserName, ValidationError, parse_duration, yaml_too_large,
+};
 
 /// An optional duration from now (e.g. `30d`) in seconds.
 pub(super) fn expiry(field: &'static str, s: Option<&str>) -> Result<Option<u64>, ValidationError> {
@@ -28,7 +30,21 @@ pub(super) fn users(users: &[String]) -> Result<(), ValidationError> {
     Ok(())
 }
 
-/// A local text file (a policy file, a template).
+/// A local text file (a policy file, a template). At most one byte more than
+/// [`MAX_YAML_BYTES`] is read: a larger file (or `/dev/zero`) is refused as `from_yaml` refuses
+/// it, without the CLI reading all of it.
 pub(super) fn read_text(path: &Path) -> Result<String, CliError> {
-    std::fs::read_to_string(path).map_err(CliError::file(path))
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_YAML_BYTES as u64 + 1).read_to_end(&mut bytes))
+        .map_err(CliError::file(path))?;
+    if bytes.len() > MAX_YAML_BYTES {
+        return Err(yaml_too_large().into());
+    }
+    String::from_utf8(bytes).map_err(|_| {
+        CliError::file(path)(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "stream did not contain valid UTF-8",
+        ))
+    })
 }
