@@ -253,3 +253,20 @@ async fn a_policy_file_applies_once_exports_the_same_and_a_bad_one_leaves_no_tra
     );
     api.stop().await;
 }
+
+/// A policy file as large as the agent accepts (16 MiB; one for 100 000 users is ≈ 7 MiB) goes
+/// through the API: gRPC's default 4 MiB message limit does not cut it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_file_over_four_mebibytes_goes_through_the_api() {
+    let api = TestApi::start(false).await;
+    let w = api.tcp_client(Some(&api.token(Scope::Write))).await;
+    // The file's size, not its contents, is what the message limit sees: a long comment.
+    let big = format!("# {}\n{FILE}", "x".repeat(6 << 20));
+    let (diff, applied) = w.apply_policy_document(&big, true).await.unwrap();
+    assert!(!applied);
+    assert!(
+        diff.iter().any(|l| l.starts_with("+ group staff")),
+        "{diff:?}"
+    );
+    api.stop().await;
+}

@@ -10,8 +10,15 @@ use std::time::SystemTime;
 
 use crate::service::{
     Traffic,
+    domain::MAX_YAML_BYTES,
     domain::{DeviceName, UserName, ValidationError, from_unix_secs},
 };
+
+/// The largest gRPC message of the services that carry a YAML document (policy files,
+/// configuration templates), each way: the largest document the agent accepts
+/// ([`MAX_YAML_BYTES`]) and room for the rest of the message. tonic's default, 4 MiB, would cut
+/// a policy file for 100 000 users (≈ 7 MiB) with a transport error instead of our own.
+pub const MAX_DOCUMENT_MESSAGE: usize = MAX_YAML_BYTES + (1 << 20);
 
 use capybara_common::{counters::Counter, drop::DropReason, peer::PeerStats};
 use capybara_proto::v1 as pb;

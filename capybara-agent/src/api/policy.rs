@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 
 use super::{
     client::{Client, ClientError},
-    convert::{AnswerError, opt_user},
+    convert::{AnswerError, MAX_DOCUMENT_MESSAGE, opt_user},
     handler::Api,
     status::invalid,
 };
@@ -303,10 +303,13 @@ impl policy_server::Policy for Api {
     ) -> Result<Response<pb::ApplyPolicyDocumentResponse>, Status> {
         let actor = self.auth(&req, Scope::Write)?;
         let r = req.into_inner();
-        let doc = PolicyDoc::from_yaml(&r.yaml).map_err(invalid)?;
         let dry = r.dry_run;
+        // Parsing a large file takes seconds: on the blocking pool, not a reactor thread.
         let changes = self
-            .call(move |s| s.policy_files.apply_document(&actor, &doc, dry))
+            .call(move |s| {
+                let doc = PolicyDoc::from_yaml(&r.yaml)?;
+                s.policy_files.apply_document(&actor, &doc, dry)
+            })
             .await?;
         Ok(Response::new(pb::ApplyPolicyDocumentResponse {
             applied: !dry && !changes.is_empty(),
@@ -377,6 +380,8 @@ fn need_group(g: Option<pb::PolicyGroup>) -> Result<GroupView, ClientError> {
 impl Client {
     fn policy(&self) -> PolicyClient<tonic::transport::Channel> {
         PolicyClient::new(self.channel())
+            .max_decoding_message_size(MAX_DOCUMENT_MESSAGE)
+            .max_encoding_message_size(MAX_DOCUMENT_MESSAGE)
     }
 
     /// Changes a user's (or the default's) limits; answers the layer after the change.

@@ -44,7 +44,10 @@ use capybara_proto::v1::{
 };
 use tonic::{Request, transport::server::Router};
 
-use super::handler::{Api, authorize};
+use super::{
+    convert::MAX_DOCUMENT_MESSAGE,
+    handler::{Api, authorize},
+};
 use crate::service::{Service, domain::Scope};
 
 /// Errors starting the API.
@@ -197,8 +200,16 @@ async fn router(svc: &Arc<Service>, tls: Option<&TlsIdentity>) -> Result<Router,
         .add_service(ConnectionsServer::new(api.clone()))
         .add_service(AuditServer::new(api.clone()))
         .add_service(BlocklistsServer::new(api.clone()))
-        .add_service(PolicyServer::new(api.clone()))
-        .add_service(TemplatesServer::new(api.clone()))
+        .add_service(
+            PolicyServer::new(api.clone())
+                .max_decoding_message_size(MAX_DOCUMENT_MESSAGE)
+                .max_encoding_message_size(MAX_DOCUMENT_MESSAGE),
+        )
+        .add_service(
+            TemplatesServer::new(api.clone())
+                .max_decoding_message_size(MAX_DOCUMENT_MESSAGE)
+                .max_encoding_message_size(MAX_DOCUMENT_MESSAGE),
+        )
         .add_service(GeoServer::new(api.clone()))
         .add_service(HistoryServer::new(api.clone()))
         .add_service(BackupServer::new(api));

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 
 use super::{
     client::{Client, ClientError},
-    convert::AnswerError,
+    convert::{AnswerError, MAX_DOCUMENT_MESSAGE},
     handler::Api,
     lists::list_name,
     policy::{limits_from_proto, limits_to_proto},
@@ -303,9 +303,12 @@ impl templates_server::Templates for Api {
     ) -> Result<Response<pb::ConfigTemplateResponse>, Status> {
         let actor = self.auth(&req, Scope::Write)?;
         let r = req.into_inner();
-        let t = ConfigTemplate::from_yaml(&r.yaml).map_err(invalid)?;
+        // Parsed on the blocking pool, like every service call (a large file takes a while).
         let v = self
-            .call(move |s| s.templates.import_config_template(&actor, t, r.replace))
+            .call(move |s| {
+                let t = ConfigTemplate::from_yaml(&r.yaml)?;
+                s.templates.import_config_template(&actor, t, r.replace)
+            })
             .await?;
         Ok(config_response(&v))
     }
@@ -327,6 +330,8 @@ impl templates_server::Templates for Api {
 impl Client {
     fn templates(&self) -> TemplatesClient<tonic::transport::Channel> {
         TemplatesClient::new(self.channel())
+            .max_decoding_message_size(MAX_DOCUMENT_MESSAGE)
+            .max_encoding_message_size(MAX_DOCUMENT_MESSAGE)
     }
 
     /// Creates (or with `replace`, replaces) a quota template with the fields set in `text`.
