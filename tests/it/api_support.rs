@@ -205,9 +205,15 @@ impl Cli {
 
     /// Runs it with `args` (the environment's token and endpoint removed).
     pub fn run(&self, args: &[&str]) -> Out {
+        self.run_in(std::path::Path::new("."), args)
+    }
+
+    /// [`Cli::run`] in the working directory `dir` (for relative file arguments).
+    pub fn run_in(&self, dir: &std::path::Path, args: &[&str]) -> Out {
         let o = std::process::Command::new(&self.bin)
             .args(&self.args)
             .args(args)
+            .current_dir(dir)
             .env_remove("CAPYBARA_TOKEN")
             .env_remove("CAPYBARA_ENDPOINT")
             .output()

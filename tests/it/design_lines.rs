@@ -13,12 +13,12 @@
 //! (which otherwise would import over the stored template). The one placeholder of a line
 //! that is run, `api token revoke <id>`, is substituted with the id `api token create` printed.
 
-use std::{collections::BTreeSet, path::Path, process::Command, sync::Arc};
+use std::{collections::BTreeSet, path::Path, sync::Arc};
 
 use capybara_agent::geo::{GeoDb, mmdb_writer::MmdbWriter};
 use capybara_tests::agent_proc::agent_crate_binary;
 
-use crate::api_support::{Out, TestApi};
+use crate::api_support::{Cli, Out, TestApi};
 
 /// Every `capybara.py …` line of `DESIGN-PHASE4.md`, in its order, without `capybara.py` and
 /// without the trailing comments.
@@ -167,28 +167,15 @@ fn words(line: &str) -> Vec<String> {
 /// The `capybara` binary on the agent's socket, run in a working directory of its own (the
 /// design's `--file backup.yaml` is relative), keeping track of the design lines it ran.
 struct Design {
-    bin: std::path::PathBuf,
-    socket: std::path::PathBuf,
+    cli: Cli,
     cwd: std::path::PathBuf,
     ran: BTreeSet<&'static str>,
 }
 
 impl Design {
     fn run(&self, args: &[String]) -> Out {
-        let o = Command::new(&self.bin)
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .current_dir(&self.cwd)
-            .env_remove("CAPYBARA_TOKEN")
-            .env_remove("CAPYBARA_ENDPOINT")
-            .output()
-            .expect("run capybara");
-        Out {
-            code: o.status.code().expect("exit code"),
-            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.cli.run_in(&self.cwd, &args)
     }
 
     /// Runs design line `line` verbatim (after `substitute`-ing its placeholders); it must
@@ -229,8 +216,7 @@ fn start() -> (tokio::runtime::Runtime, TestApi, Design) {
     let cwd = api.dir.path().join("cwd");
     std::fs::create_dir(&cwd).unwrap();
     let d = Design {
-        bin: agent_crate_binary("capybara"),
-        socket: api.socket.clone(),
+        cli: Cli::socket(&agent_crate_binary("capybara"), &api.socket),
         cwd,
         ran: BTreeSet::new(),
     };
