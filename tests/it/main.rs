@@ -16,6 +16,7 @@ mod api_support;
 mod e2e_support;
 
 mod api_cli;
+mod api_control_socket;
 mod api_geo;
 mod api_grpc;
 mod api_history;
