@@ -157,6 +157,7 @@ impl Service {
         };
         svc.devices.reconcile()?;
         svc.policy.reapply()?;
+        svc.policy_files.complete_journal()?;
         svc.templates.apply_log_level();
         Ok(svc)
     }

@@ -34,7 +34,8 @@
 //!   is the file's. (Configuration templates are not part of the file: `template export`.)
 //! - The policy records (users' limits, groups, default) and one audit record are written in one
 //!   store batch, then the kernel is updated for every affected user; if the kernel refuses, the
-//!   batch is undone, and users created by this apply are removed again: all or nothing.
+//!   batch is undone, and users created by this apply are removed again: all or nothing; an
+//!   agent killed mid-apply completes it when it starts again (a journal, see the module above).
 
 use std::collections::{BTreeMap, BTreeSet};
 
