@@ -23,6 +23,7 @@
 //!   Paths (workspace root, cache dir, target dir) live there too.
 mod bench;
 mod exec;
+mod fuzz;
 mod policy;
 mod run;
 mod setup;
@@ -54,6 +55,8 @@ enum Command {
     Bench(bench::Args),
     /// Apply, diff or export the declarative policy file through the agent's API.
     Policy(policy::Args),
+    /// Run the parsers' fuzz targets, each for a bounded time.
+    Fuzz(fuzz::Args),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Policy(args) => policy::run(&args),
+        Command::Fuzz(args) => fuzz::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

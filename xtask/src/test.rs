@@ -1,7 +1,8 @@
 //! `cargo xtask test`: setup, then every check CI runs, in order, stopping at the first failure.
 //!
 //! Stages (`--only` picks some): fmt, clippy on the host crates, clippy on the eBPF crate
-//! (nightly, bpfel target), unit tests of the host crates, BPF_PROG_TEST_RUN tests, and the
+//! (nightly, bpfel target), unit tests of the host crates, the fuzz targets for a few seconds
+//! each (`fuzz`, see `fuzz.rs`), BPF_PROG_TEST_RUN tests, and the
 //! privileged end-to-end tests (one at a time). All stages share one target dir (cargo honours
 //! `CARGO_TARGET_DIR`). Tests run under cargo-nextest when it is installed, else `cargo test`;
 //! either way the last stage is one runner invocation, so its summary is the last output.
@@ -10,12 +11,14 @@ use std::process::Command;
 use anyhow::{Context as _, Result, bail};
 
 use crate::exec::{self, cmd};
-use crate::setup;
+use crate::{fuzz, setup};
 
 /// The crate of privileged tests, left out of the host stages.
 const TESTS_CRATE: &str = "capybara-tests";
 /// The kernel crate, built only for bpfel-unknown-none.
 const EBPF_CRATE: &str = "capybara-ebpf";
+/// The fuzz targets: their own stage.
+const FUZZ_CRATE: &str = "capybara-fuzz";
 /// The one integration-test binary of the tests crate (`tests/it/main.rs`).
 const IT: &str = "it";
 /// The module of `it` that holds the BPF_PROG_TEST_RUN tests: its own stage; every other test
@@ -33,6 +36,8 @@ pub enum Stage {
     ClippyEbpf,
     /// Unit tests (and doc tests) of the host crates.
     Unit,
+    /// The fuzz targets, a few seconds each (`cargo xtask fuzz` for longer runs).
+    Fuzz,
     /// BPF_PROG_TEST_RUN tests (root).
     ProgTestRun,
     /// Privileged end-to-end tests in network namespaces, serially (root).
@@ -40,11 +45,12 @@ pub enum Stage {
 }
 
 impl Stage {
-    const ALL: [Stage; 6] = [
+    const ALL: [Stage; 7] = [
         Stage::Fmt,
         Stage::Clippy,
         Stage::ClippyEbpf,
         Stage::Unit,
+        Stage::Fuzz,
         Stage::ProgTestRun,
         Stage::E2e,
     ];
@@ -55,6 +61,7 @@ impl Stage {
             Stage::Clippy => "clippy",
             Stage::ClippyEbpf => "clippy-ebpf",
             Stage::Unit => "unit",
+            Stage::Fuzz => "fuzz",
             Stage::ProgTestRun => "prog-test-run",
             Stage::E2e => "e2e",
         }
@@ -167,6 +174,9 @@ fn run_stage(stage: Stage, runner: Runner) -> Result<()> {
                 EBPF_CRATE,
                 "--exclude",
                 TESTS_CRATE,
+                // Its targets are the fuzz stage.
+                "--exclude",
+                FUZZ_CRATE,
             ];
             match runner {
                 Runner::Nextest => {
@@ -178,6 +188,7 @@ fn run_stage(stage: Stage, runner: Runner) -> Result<()> {
                 Runner::CargoTest => exec::run(cmd("cargo").arg("test").args(host)),
             }
         }
+        Stage::Fuzz => fuzz::run_targets(&fuzz::TARGETS, fuzz::SMOKE_SECS),
         Stage::ProgTestRun => {
             let mut command = test_command(runner);
             command.args(["-p", TESTS_CRATE, "--test", IT]);

@@ -55,11 +55,11 @@ pub(crate) mod failpoint {
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub(crate) enum Kill {
         /// After the journal is written, before any user.
-        AfterJournal,
+        Journalled,
         /// After the users and devices, before the policy changes.
-        AfterDevices,
+        DevicesAdded,
         /// After the policy changes, before the journal is deleted.
-        AfterPolicy,
+        PolicyWritten,
     }
 
     thread_local! {
@@ -189,7 +189,7 @@ impl PolicyFiles {
             },
         )?;
         #[cfg(test)]
-        if failpoint::hit(failpoint::Kill::AfterJournal) {
+        if failpoint::hit(failpoint::Kill::Journalled) {
             return Err(killed());
         }
         // Users and devices first (each its own synced write); undone if the rest fails.
@@ -227,7 +227,7 @@ impl PolicyFiles {
                 added.push((u.clone(), dev.clone()));
             }
             #[cfg(test)]
-            if failpoint::hit(failpoint::Kill::AfterDevices) {
+            if failpoint::hit(failpoint::Kill::DevicesAdded) {
                 return Err(killed());
             }
             let _w = self.core.writer.lock().unwrap();
@@ -248,7 +248,7 @@ impl PolicyFiles {
         let done = step();
         #[cfg(test)]
         if matches!(&done, Err(e) if is_killed(e))
-            || (done.is_ok() && failpoint::hit(failpoint::Kill::AfterPolicy))
+            || (done.is_ok() && failpoint::hit(failpoint::Kill::PolicyWritten))
         {
             return Err(killed());
         }

@@ -136,9 +136,9 @@ fn an_apply_killed_between_its_steps_is_complete_after_a_restart() {
     );
 
     for kill in [
-        failpoint::Kill::AfterJournal,
-        failpoint::Kill::AfterDevices,
-        failpoint::Kill::AfterPolicy,
+        failpoint::Kill::Journalled,
+        failpoint::Kill::DevicesAdded,
+        failpoint::Kill::PolicyWritten,
     ] {
         let a = agent();
         let before = a.svc.policy_files.export_document().unwrap();
@@ -153,15 +153,15 @@ fn an_apply_killed_between_its_steps_is_complete_after_a_restart() {
         // devices, half of the apply.
         let half = a.svc.policy_files.export_document().unwrap();
         match kill {
-            failpoint::Kill::AfterJournal => assert_eq!(half, before, "{kill:?}"),
-            failpoint::Kill::AfterDevices => {
+            failpoint::Kill::Journalled => assert_eq!(half, before, "{kill:?}"),
+            failpoint::Kill::DevicesAdded => {
                 assert_eq!(half.users.len(), 3, "{kill:?}");
                 assert!(
                     half.groups.is_empty() && half.templates.is_empty(),
                     "{kill:?}"
                 );
             }
-            failpoint::Kill::AfterPolicy => assert_eq!(half, want, "{kill:?}"),
+            failpoint::Kill::PolicyWritten => assert_eq!(half, want, "{kill:?}"),
         }
 
         let a = restart(a);

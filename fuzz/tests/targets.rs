@@ -1,0 +1,234 @@
+//! One fuzz target per parser of outside input (issue 19), with bolero. Each runs seed inputs
+//! (built here, small) mutated by byte edits, and random text, for `CAPYBARA_FUZZ_SECS` seconds
+//! (default 2: the smoke time of `cargo xtask test`; `cargo xtask fuzz --time N` sets it). The
+//! contract of every parser: no panic, no hang (each target's time is bounded and a stuck input
+//! fails the run by its time), an error that names its field, and a round trip where the parser
+//! has a writer (a document that parses writes YAML that parses to the same document).
+//!
+//! Targets: `policy_yaml` (policy files, `PolicyDoc::from_yaml`), `template_yaml`
+//! (configuration templates), `cidr` (blocklist entries, `net::Cidr`), `window` (time windows),
+//! `mmdb` (the country database reader, seeded by `geo::mmdb_writer`). Not here: the tunnel's
+//! `wg` UAPI text protocol (its request reader is private to `tunnel::uapi`).
+
+use std::time::Duration;
+
+use capybara_agent::{
+    geo::{GeoDb, mmdb_writer::MmdbWriter},
+    net::Cidr,
+    service::{
+        policy::model::TimeWindow, policy_file::doc::PolicyDoc, templates::model::ConfigTemplate,
+    },
+};
+
+/// How long each target runs.
+fn time() -> Duration {
+    let secs = std::env::var("CAPYBARA_FUZZ_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    Duration::from_secs(secs)
+}
+
+/// An input: a seed (by index) with one to [`MAX_EDITS`] byte edits (position modulo the
+/// length + 1; byte 0 deletes, any other inserts), or raw bytes when there are no edits.
+type Input = (u8, Vec<(u16, u8)>, Vec<u8>);
+
+/// Few edits keep most mutants close to a valid input, so the parser's deeper paths run.
+const MAX_EDITS: usize = 3;
+
+/// A text target inserts printable ASCII, newlines and the separators of its grammar only
+/// (raw bytes still reach it through the raw inputs).
+fn text_byte(b: u8) -> u8 {
+    match b % 100 {
+        95 => b'\n',
+        96 => b' ',
+        97 => b':',
+        98 => b'-',
+        99 => b'/',
+        n => b' ' + n,
+    }
+}
+
+fn mutate(seeds: &[Vec<u8>], text: bool, (i, edits, raw): &Input) -> Vec<u8> {
+    if edits.is_empty() {
+        return raw.clone();
+    }
+    let mut s = seeds[*i as usize % seeds.len()].clone();
+    for &(at, b) in edits.iter().take(1 + edits.len() % MAX_EDITS) {
+        let at = at as usize % (s.len() + 1);
+        match b {
+            0 if at < s.len() => {
+                s.remove(at);
+            }
+            _ => s.insert(at, if text { text_byte(b) } else { b }),
+        }
+    }
+    s
+}
+
+/// Checks the seeds, then mutated seeds and raw inputs for [`time`]; prints how many inputs ran
+/// and how many the parser accepted (`check` returns whether it did).
+fn run(
+    name: &str,
+    text: bool,
+    seeds: Vec<Vec<u8>>,
+    check: impl Fn(&[u8]) -> bool + std::panic::RefUnwindSafe,
+) {
+    for s in &seeds {
+        check(s);
+    }
+    let count = std::sync::atomic::AtomicUsize::new(0);
+    let accepted = std::sync::atomic::AtomicUsize::new(0);
+    let start = std::time::Instant::now();
+    bolero::check!()
+        .with_type::<Input>()
+        .with_test_time(time())
+        .for_each(|input| {
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if check(&mutate(&seeds, text, input)) {
+                accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+    eprintln!(
+        "fuzz {name}: {} inputs ({} accepted) in {:.1} s",
+        count.into_inner(),
+        accepted.into_inner(),
+        start.elapsed().as_secs_f64()
+    );
+}
+
+const POLICY_SEED: &str = "\
+default:
+  bandwidth: 100mbit
+users:
+  alice:
+    devices: [laptop, phone]
+    limits: { limit: 100GB, period: monthly, grace: 5% }
+    template: guest
+groups:
+  staff:
+    members: [alice]
+    limits: { bandwidth: 10mbit, connections: 3, window: Mon-Fri 08:00-18:00, tz: Europe/Berlin }
+    shared_limit: 2TB
+templates:
+  guest: { bandwidth: 5mbit, limit: 2GB, period: daily }
+";
+
+#[test]
+fn policy_yaml() {
+    const NAME: &str = "policy_yaml";
+    run(
+        NAME,
+        true,
+        vec![
+            POLICY_SEED.into(),
+            b"users: {a: {devices: [x]}}".to_vec(),
+            b"{}".to_vec(),
+        ],
+        |b| {
+            let Ok(text) = std::str::from_utf8(b) else {
+                return false;
+            };
+            match PolicyDoc::from_yaml(text) {
+                Ok(d) => {
+                    let again = PolicyDoc::from_yaml(&d.to_yaml())
+                        .unwrap_or_else(|e| panic!("{text:?} wrote YAML that fails: {e}"));
+                    assert_eq!(again, d, "round trip of {text:?}");
+                    true
+                }
+                Err(e) => {
+                    assert!(!e.to_string().is_empty());
+                    false
+                }
+            }
+        },
+    );
+}
+
+#[test]
+fn template_yaml() {
+    const NAME: &str = "template_yaml";
+    let seed = ConfigTemplate::from_yaml("name: t\n")
+        .map(|t| t.to_yaml())
+        .unwrap_or_else(|_| "name: t\n".into());
+    run(NAME, true, vec![seed.into_bytes(), b"{}".to_vec()], |b| {
+        let Ok(text) = std::str::from_utf8(b) else {
+            return false;
+        };
+        if let Ok(t) = ConfigTemplate::from_yaml(text) {
+            let again = ConfigTemplate::from_yaml(&t.to_yaml())
+                .unwrap_or_else(|e| panic!("{text:?} wrote YAML that fails: {e}"));
+            assert_eq!(again.to_yaml(), t.to_yaml(), "round trip of {text:?}");
+            return true;
+        }
+        false
+    });
+}
+
+#[test]
+fn cidr() {
+    const NAME: &str = "cidr";
+    let seeds = [
+        "10.0.0.0/8",
+        "192.0.2.1",
+        "2001:db8::/32",
+        "::ffff:1.2.3.4/128",
+    ];
+    run(
+        NAME,
+        true,
+        seeds.iter().map(|s| s.as_bytes().to_vec()).collect(),
+        |b| {
+            let Ok(text) = std::str::from_utf8(b) else {
+                return false;
+            };
+            if let Ok(c) = text.parse::<Cidr>() {
+                let again: Cidr = c.to_string().parse().expect("a CIDR's text parses");
+                assert_eq!(again, c, "round trip of {text:?}");
+                return true;
+            }
+            false
+        },
+    );
+}
+
+#[test]
+fn window() {
+    const NAME: &str = "window";
+    let seeds = [
+        "Mon-Fri 08:00-18:00",
+        "Sat,Sun 22:00-02:00",
+        "daily 00:00-24:00",
+    ];
+    run(
+        NAME,
+        true,
+        seeds.iter().map(|s| s.as_bytes().to_vec()).collect(),
+        |b| {
+            let Ok(text) = std::str::from_utf8(b) else {
+                return false;
+            };
+            if let Ok(w) = text.parse::<TimeWindow>() {
+                let again: TimeWindow = w.to_string().parse().expect("a window's text parses");
+                assert_eq!(again, w, "round trip of {text:?}");
+                return true;
+            }
+            false
+        },
+    );
+}
+
+#[test]
+fn mmdb() {
+    const NAME: &str = "mmdb";
+    let mut v4 = MmdbWriter::new(4);
+    v4.insert("192.0.2.0/24".parse().unwrap(), "DE").unwrap();
+    v4.insert("198.51.100.0/25".parse().unwrap(), "US").unwrap();
+    let mut v6 = MmdbWriter::new(6);
+    v6.insert("2001:db8::/32".parse().unwrap(), "FR").unwrap();
+    v6.insert("10.0.0.0/8".parse().unwrap(), "CN").unwrap();
+    let path = std::path::Path::new("fuzz.mmdb");
+    run(NAME, false, vec![v4.to_bytes(), v6.to_bytes()], |b| {
+        GeoDb::from_bytes(b.to_vec(), path).is_ok()
+    });
+}
