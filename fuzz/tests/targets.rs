@@ -7,8 +7,9 @@
 //!
 //! Targets: `policy_yaml` (policy files, `PolicyDoc::from_yaml`), `template_yaml`
 //! (configuration templates), `cidr` (blocklist entries, `net::Cidr`), `window` (time windows),
-//! `mmdb` (the country database reader, seeded by `geo::mmdb_writer`). Not here: the tunnel's
-//! `wg` UAPI text protocol (its request reader is private to `tunnel::uapi`).
+//! `mmdb` (the country database reader, seeded by `geo::mmdb_writer`), `uapi` (the tunnel's `wg`
+//! UAPI text protocol, `tunnel::uapi::answer`: only whole known answers come out, at most one per
+//! request, whatever the bytes).
 
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use capybara_agent::{
     service::{
         policy::model::TimeWindow, policy_file::doc::PolicyDoc, templates::model::ConfigTemplate,
     },
+    tunnel::uapi,
 };
 
 /// How long each target runs.
@@ -231,4 +233,35 @@ fn mmdb() {
     run(NAME, false, vec![v4.to_bytes(), v6.to_bytes()], |b| {
         GeoDb::from_bytes(b.to_vec(), path).is_ok()
     });
+}
+
+#[test]
+fn uapi() {
+    const NAME: &str = "uapi";
+    let seeds = [
+        "get=1\n\n",
+        "set=1\nprivate_key=00\nlisten_port=1\n\nget=1\n\n",
+        "get=1\n\nget=1\n\nset=1\n\n",
+    ];
+    run(
+        NAME,
+        true,
+        seeds.iter().map(|s| s.as_bytes().to_vec()).collect(),
+        |b| {
+            let mut out = Vec::new();
+            uapi::answer(b, &mut out, || "listen_port=1\n".to_owned(), || true)
+                .expect("reading a slice cannot fail");
+            let mut rest = &out[..];
+            let mut answers = 0;
+            while !rest.is_empty() {
+                rest = rest
+                    .strip_prefix(b"listen_port=1\nerrno=0\n\n")
+                    .or_else(|| rest.strip_prefix(b"errno=95\n\n"))
+                    .unwrap_or_else(|| panic!("{b:?} got a partial or unknown answer {out:?}"));
+                answers += 1;
+            }
+            assert!(answers <= b.iter().filter(|&&c| c == b'\n').count());
+            answers > 0
+        },
+    );
 }

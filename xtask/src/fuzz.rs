@@ -18,7 +18,14 @@ const CRATE: &str = "capybara-fuzz";
 /// Its test file holding the targets.
 const TEST: &str = "targets";
 /// Every target, one per parser (`fuzz/tests/targets.rs` says what each feeds).
-pub const TARGETS: [&str; 5] = ["policy_yaml", "template_yaml", "cidr", "window", "mmdb"];
+pub const TARGETS: [&str; 6] = [
+    "policy_yaml",
+    "template_yaml",
+    "cidr",
+    "window",
+    "mmdb",
+    "uapi",
+];
 /// Seconds per target in `cargo xtask test`'s smoke stage (five targets: ~10 s plus the build).
 pub const SMOKE_SECS: u64 = 2;
 /// How long a target may run past its time (start-up, the seeds, the last input) before it

@@ -9,10 +9,15 @@
 //!
 //! The socket is mode 0600 in a 0755 directory (what wireguard-go does); it carries the private
 //! key, as the kernel's `wg showconf` does, to root only.
+//!
+//! Requests are read with bounded memory and time (issue 19): a line is at most [`MAX_LINE`]
+//! bytes, a connection gets 10 s in all (requests are answered inline on the socket's one
+//! thread), and bytes that are not UTF-8 are an unknown request, which ends the connection.
+//! `answer` is public for the `uapi` fuzz target.
 
 use std::{
     fmt::Write as _,
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufRead, BufReader, Write as _},
     os::{
         fd::AsFd as _,
         unix::{
@@ -173,38 +178,74 @@ pub(super) fn serve(socket: UapiSocket, inner: Weak<impl Interface>, stop: std::
     }
 }
 
-/// Answers the requests on one connection: `get=1` with `get()` and `errno=0`, `set=1` with
-/// `errno=95`; anything else closes the connection.
+/// The longest line a request may have: the longest the protocol knows is a `public_key=`,
+/// `preshared_key=` or `endpoint=` line of under 100 bytes; a longer one closes the connection
+/// (it would otherwise grow the agent's memory for as long as a client streams it).
+pub const MAX_LINE: usize = 4096;
+
+/// How long one connection may take in all: requests are answered inline on the socket's
+/// thread, so a client sending a byte at a time must not hold it past this.
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Answers the requests on one connection, with the per-read timeouts and the connection's
+/// deadline (see [`answer`]).
 fn handle(stream: &UnixStream, get: impl Fn() -> String) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     stream.set_write_timeout(Some(Duration::from_secs(2)))?;
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    loop {
+    let deadline = std::time::Instant::now() + CONNECTION_DEADLINE;
+    answer(BufReader::new(stream), stream, get, || {
+        std::time::Instant::now() < deadline
+    })
+}
+
+/// Answers the requests read from `reader` on `writer`: `get=1` with `get()` and `errno=0`,
+/// `set=1` with `errno=95`; anything else, a line over [`MAX_LINE`] bytes, or `in_time()`
+/// turning false ends the conversation. Memory is bounded by [`MAX_LINE`] whatever the input;
+/// public so that the fuzz target drives the parser of this outside input.
+pub fn answer(
+    mut reader: impl BufRead,
+    mut writer: impl std::io::Write,
+    get: impl Fn() -> String,
+    in_time: impl Fn() -> bool,
+) -> std::io::Result<()> {
+    // Bytes, not a String: a line that is not UTF-8 is an unknown request, not an I/O error.
+    let mut line = Vec::new();
+    let mut next_line = |line: &mut Vec<u8>| -> std::io::Result<bool> {
+        use std::io::Read as _;
         line.clear();
-        if reader.read_line(&mut line)? == 0 {
+        let n = (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', line)?;
+        Ok(n > 0 && n <= MAX_LINE && in_time())
+    };
+    loop {
+        if !next_line(&mut line)? {
             return Ok(());
         }
-        let op = line.trim_end().to_owned();
+        let op = line.trim_ascii_end().to_owned();
         // Skip the rest of the request up to its blank line.
         loop {
-            line.clear();
-            if reader.read_line(&mut line)? == 0 || line.trim_end().is_empty() {
+            if !next_line(&mut line)? {
+                if line.is_empty() {
+                    break;
+                }
+                return Ok(());
+            }
+            if line.trim_ascii_end().is_empty() {
                 break;
             }
         }
-        let answer = match op.as_str() {
-            "get=1" => {
+        let answer = match &op[..] {
+            b"get=1" => {
                 let mut s = get();
                 s.push_str("errno=0\n\n");
                 s
             }
-            "set=1" => "errno=95\n\n".to_owned(),
+            b"set=1" => "errno=95\n\n".to_owned(),
             _ => return Ok(()),
         };
-        let mut w = stream;
-        w.write_all(answer.as_bytes())?;
+        writer.write_all(answer.as_bytes())?;
     }
 }
 
@@ -231,6 +272,47 @@ mod tests {
             out,
             "listen_port=7\nerrno=0\n\nerrno=95\n\nlisten_port=7\nerrno=0\n\n"
         );
+    }
+
+    #[test]
+    fn an_endless_line_is_not_kept_and_ends_the_connection() {
+        use std::io::Read as _;
+        // A client streaming one line with no newline: the reader takes at most MAX_LINE + 1
+        // bytes of it, answers nothing and ends the conversation.
+        let endless = std::io::repeat(b'a');
+        let read = std::cell::Cell::new(0usize);
+        struct Counting<'a, R>(R, &'a std::cell::Cell<usize>);
+        impl<R: std::io::Read> std::io::Read for Counting<'_, R> {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                let len = buf.len().min(512);
+                let n = self.0.read(&mut buf[..len])?;
+                self.1.set(self.1.get() + n);
+                Ok(n)
+            }
+        }
+        let mut out = Vec::new();
+        let reader = BufReader::with_capacity(512, Counting(endless.take(1 << 30), &read));
+        answer(reader, &mut out, || "x".to_owned(), || true).unwrap();
+        assert!(out.is_empty());
+        assert!(read.get() <= MAX_LINE + 512, "read {} bytes", read.get());
+        // A skipped line over the cap ends it too, with no answer.
+        let mut req = b"get=1\n".to_vec();
+        req.extend(std::iter::repeat_n(b'b', MAX_LINE + 1));
+        req.extend(b"\n\n");
+        let mut out = Vec::new();
+        answer(&req[..], &mut out, || "x".to_owned(), || true).unwrap();
+        assert!(out.is_empty());
+        // Past the connection's deadline nothing more is answered.
+        let mut out = Vec::new();
+        answer(&b"get=1\n\n"[..], &mut out, || "x".to_owned(), || false).unwrap();
+        assert!(out.is_empty());
+        // A line of exactly MAX_LINE bytes (newline included) is still read.
+        let mut req = b"get=1\n".to_vec();
+        req.extend(std::iter::repeat_n(b'c', MAX_LINE - 1));
+        req.extend(b"\n\n");
+        let mut out = Vec::new();
+        answer(&req[..], &mut out, || "x=1\n".to_owned(), || true).unwrap();
+        assert_eq!(out, b"x=1\nerrno=0\n\n");
     }
 
     #[test]
