@@ -80,7 +80,9 @@ struct Args {
     /// TLS private key (PEM) for the TCP API.
     #[arg(long, value_name = "FILE", requires = "api_tls_cert")]
     api_tls_key: Option<PathBuf>,
-    /// MaxMind country database (.mmdb) for `geo block/allow`.
+    /// Country database (.mmdb) for `geo block/allow`: MaxMind's GeoLite2/GeoIP2-Country or
+    /// ip-location-db's geo-whois-asn-country layout. Default: /var/cache/capybara/geoip/geo-whois-asn-country.mmdb
+    /// (installed by `cargo xtask setup`) when that file exists.
     #[arg(long, value_name = "FILE")]
     geoip_db: Option<PathBuf>,
     /// A connected peer with no handshake and no traffic for this long is disconnected (its
@@ -152,7 +154,7 @@ fn main() -> anyhow::Result<()> {
             }),
             dns: args.dns.iter().map(ToString::to_string).collect(),
             keep_client_keys: args.keep_client_keys,
-            geo_db: args.geoip_db,
+            geo_db: daemon::geo_db_path(args.geoip_db, std::path::Path::new(paths::GEOIP_DB)),
             tls: args.api_tls_cert.zip(args.api_tls_key),
             insecure: args.insecure,
         },
