@@ -20,11 +20,15 @@ struct Args {
     /// Name of the tunnel device the agent creates.
     #[arg(long, default_value = "capy0")]
     tunnel: String,
-    /// The server's inner IPv4 address on the tunnel, with prefix length.
-    #[arg(long, default_value = "10.99.0.1/24")]
+    /// The server's inner IPv4 address on the tunnel, with prefix length: devices get the
+    /// other hosts of this subnet. The default /15 (10.70.0.0–10.71.255.255) holds 131 069
+    /// devices, as many as the agent has peer ids, and is outside the subnets home routers,
+    /// Docker, Kubernetes, CGNAT/Tailscale and the big clouds use by default.
+    #[arg(long, default_value = daemon::DEFAULT_TUNNEL_IPV4)]
     tunnel_ipv4: String,
-    /// The server's inner IPv6 address on the tunnel, with prefix length.
-    #[arg(long, default_value = "fd99::1/64")]
+    /// The server's inner IPv6 address on the tunnel, with prefix length (a device gets the
+    /// same host offset as in the IPv4 subnet).
+    #[arg(long, default_value = daemon::DEFAULT_TUNNEL_IPV6)]
     tunnel_ipv6: String,
     /// WireGuard UDP listen port.
     #[arg(long, default_value_t = 51820)]

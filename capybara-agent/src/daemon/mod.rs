@@ -83,6 +83,26 @@ pub struct ApiSettings {
     pub insecure: bool,
 }
 
+/// The default `--tunnel-ipv4`: the server's address and the subnet devices get their addresses
+/// from. A /15 holds 131 069 devices, as many as the dataplane has peer ids
+/// (`capybara_common::peer::MAX_PEERS`, 131 072), so a default install never runs out before the
+/// kernel maps do (a /24 ran out at the 254th `user add`).
+///
+/// Why `10.70.0.0/15` (10.70.0.0–10.71.255.255): it is private (RFC 1918) and outside the
+/// defaults a client or the server is likely to sit on already: home and office routers
+/// (192.168.0/1.x, 10.0.0.x, 10.0.1.x, 10.1.x, 10.10.x), Docker (172.17–31.x and its
+/// 192.168.x pools), CGNAT and Tailscale/NetBird/Firezone (100.64.0.0/10), Kubernetes
+/// (services 10.96.0.0/12, flannel 10.244/16, k3s 10.42–43/16, Weave 10.32.0.0/12, Calico
+/// 192.168/16), other VPNs (OpenVPN and wg-easy 10.8.0.x, PiVPN 10.6.0.x, Algo 10.48–49/16),
+/// clouds (AWS default VPC 172.31/16, Azure and Hetzner 10.0/16, GCP auto mode 10.128.0.0/9)
+/// and podman (10.88/16). A network that does use it: give `--tunnel-ipv4` another subnet
+/// (devices keep the addresses they were given, so choose it before adding users, or widen
+/// the current one).
+pub const DEFAULT_TUNNEL_IPV4: &str = "10.70.0.1/15";
+/// The default `--tunnel-ipv6`: a /64 of the ULA range; a device gets the host offset of its
+/// IPv4 address in it, so it never runs out before the IPv4 subnet does.
+pub const DEFAULT_TUNNEL_IPV6: &str = "fd99::1/64";
+
 /// The country database the agent opens at start: `explicit` (`--geoip-db FILE`) when given
 /// (a missing or bad file then stops the start, naming it), else `default`
 /// ([`paths::GEOIP_DB`](crate::paths::GEOIP_DB), where `cargo xtask setup` installs the CC0
