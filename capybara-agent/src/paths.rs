@@ -11,6 +11,7 @@
 //! | server private key | `<data>/server.key` | `0600` ([`KEY_FILE_MODE`]) |
 //! | WireGuard UAPI socket (`wg show`) | `/var/run/wireguard/<iface>.sock` | `0600` ([`WG_UAPI_SOCKET_MODE`]), dir `0755` |
 //! | key sealing kept client keys (`--keep-client-keys`) | `<data>/client-keys.key` | `0600` ([`KEY_FILE_MODE`]) |
+//! | country database for `geo block/allow` when `--geoip-db` is not given | `/var/cache/capybara/geoip/geo-whois-asn-country.mmdb` ([`GEOIP_DB`], installed by `cargo xtask setup`; used only if it exists) | read only |
 //! | temporary file of a secret file being written | `<dir>/.<name>.tmp` ([`temp_file`]) | `0600` ([`KEY_FILE_MODE`]) |
 //!
 //! **Secret files** are the two key files above; they are the only files the agent itself
@@ -38,6 +39,12 @@ pub const BPFFS_DIR: &str = "/sys/fs/bpf/capybara";
 pub const BPFFS_DIR_MODE: u32 = 0o700;
 /// Name of the subdirectory of the bpffs directory that holds pinned links.
 pub const LINKS_SUBDIR: &str = "links";
+
+/// The country database the agent opens when `--geoip-db` is not given and this file exists:
+/// where `cargo xtask setup` installs ip-location-db's CC0 `geo-whois-asn-country` database
+/// (xtask's `geoip` module; its cache is `/var/cache/capybara` unless `CAPYBARA_CACHE` says
+/// otherwise, and `cargo xtask run` then passes the path itself).
+pub const GEOIP_DB: &str = "/var/cache/capybara/geoip/geo-whois-asn-country.mmdb";
 
 /// Default data directory (the store lives under it).
 pub const DATA_DIR: &str = "/var/lib/capybara";

@@ -28,6 +28,7 @@ mod dataplane;
 mod design_lines;
 mod e2e_agent_restart;
 mod e2e_dst_blocklist;
+mod e2e_first_run;
 mod e2e_flows;
 mod e2e_gate;
 mod e2e_harness;

@@ -7,6 +7,7 @@
 //! cargo xtask run     setup, build, start the agent (in a namespace of its own by default)
 //! cargo xtask bench   setup, build, run `capybara-bench`, print a table, copy the JSON
 //! cargo xtask policy  apply FILE [--dry-run] | diff FILE | export [--file F] (via the agent's API)
+//! cargo xtask geoip   fetch the country database into the cache (part of setup)
 //! ```
 //!
 //! Layout: one module per subcommand, each with its clap `Args` and a `run` function:
@@ -18,12 +19,14 @@
 //! - `bench`: the benchmark binary and its `{"benchmarks":[…]}` JSON.
 //! - `policy`: the declarative policy file: builds the `capybara` CLI and hands it its arguments
 //!   (`capybara policy …`, which talks to the gRPC API).
+//! - `geoip`: the country database (pinned npm tarball, SHA-512 checked) into the cache.
 //! - `exec`: shared plumbing: every external command goes through it, is echoed as
 //!   `$ program args…` before it runs, and gets `PATH` with `<cache>/tools/bin` in front.
 //!   Paths (workspace root, cache dir, target dir) live there too.
 mod bench;
 mod exec;
 mod fuzz;
+mod geoip;
 mod policy;
 mod run;
 mod setup;
@@ -57,6 +60,9 @@ enum Command {
     Policy(policy::Args),
     /// Run the parsers' fuzz targets, each for a bounded time.
     Fuzz(fuzz::Args),
+    /// Fetch the country database for `geo block/allow` into the cache (setup's geo step on
+    /// its own; a second run does nothing).
+    Geoip(geoip::Args),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +74,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(&args),
         Command::Policy(args) => policy::run(&args),
         Command::Fuzz(args) => fuzz::run(&args),
+        Command::Geoip(args) => geoip::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,9 +1,19 @@
 //! `cargo xtask run`: setup, build, and the agent in the foreground with safe defaults.
 //!
+//! It builds both binaries of the `capybara-agent` package, the agent and the `capybara` CLI
+//! (release, `<target>/release/`), and prints how to call the CLI before it starts the agent.
+//!
 //! Unless `--uplink` names an interface of this machine, xtask makes a network namespace of its
 //! own ([`NETNS`]) joined to the host by a veth pair ([`HOST_VETH`] on the host,
-//! [`UPLINK_VETH`] inside) on a /30 no host route uses, and starts the agent inside it, so the
-//! agent attaches to nothing of the host's. The agent is entered into the namespace with
+//! [`UPLINK_VETH`] inside; the three names can be changed with `--netns`, `--host-veth`,
+//! `--uplink-veth`, which the end-to-end test of the first run does) on a /30 no host route
+//! uses, and starts the agent inside it, so the agent attaches to nothing of the host's.
+//!
+//! The agent gets `--public-endpoint ADDRESS:PORT` with the uplink's address (the namespace
+//! side of the veth pair, or the first IPv4 address of `--uplink`), so the client config
+//! `capybara user add` prints works as printed; and `--geoip-db` with the country database
+//! setup installed (`crate::geoip`), if it is there. Either is left out when the agent
+//! arguments after `--` give it. The agent is entered into the namespace with
 //! `nsenter --net=…` rather than `ip netns exec`, because the latter remounts `/sys` and so hides
 //! bpffs at `/sys/fs/bpf`, where the agent pins its maps.
 //!
@@ -28,6 +38,8 @@ const HOST_VETH: &str = "capy-host";
 const UPLINK_VETH: &str = "capy-uplink";
 /// The agent binary (`capybara-agent` package `capybara-agent`).
 const AGENT: &str = "capybara-agent";
+/// The CLI binary of the same package.
+const CLI: &str = "capybara";
 
 /// Flags of `cargo xtask run`.
 #[derive(Debug, clap::Args)]
@@ -48,9 +60,19 @@ pub struct Args {
     /// UDP port the agent listens on for WireGuard.
     #[arg(long, value_name = "PORT", default_value_t = 51820)]
     listen_port: u16,
-    /// Run this agent binary instead of building `capybara-agent` (e.g. a release artifact).
+    /// Run this agent binary instead of building `capybara-agent` (e.g. a release artifact);
+    /// the `capybara` CLI is then the one beside it.
     #[arg(long, value_name = "PATH")]
     agent_bin: Option<PathBuf>,
+    /// Name of the network namespace made for the agent.
+    #[arg(long, value_name = "NAME", default_value = NETNS)]
+    netns: String,
+    /// Host side of the veth pair (an interface name, at most 15 characters).
+    #[arg(long, value_name = "NAME", default_value = HOST_VETH)]
+    host_veth: String,
+    /// Namespace side of the veth pair, the agent's uplink (at most 15 characters).
+    #[arg(long, value_name = "NAME", default_value = UPLINK_VETH)]
+    uplink_veth: String,
     /// Do not run `cargo xtask setup` first.
     #[arg(long)]
     no_setup: bool,
@@ -69,25 +91,104 @@ pub fn run(args: &Args) -> Result<()> {
     {
         bail!("--uplink {uplink}: no such interface on this host (see `ip link`)");
     }
+    for (flag, name) in [
+        ("--host-veth", &args.host_veth),
+        ("--uplink-veth", &args.uplink_veth),
+    ] {
+        if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+            bail!("{flag} {name:?}: not an interface name (1 to 15 characters, no '/' or space)");
+        }
+    }
+    if args.netns.is_empty() || args.netns.contains(['/', ' ']) {
+        bail!("--netns {:?}: not a namespace name", args.netns);
+    }
     if !args.no_setup {
         setup::run(&setup::Args {})?;
     }
     let agent = match &args.agent_bin {
         Some(path) => path.clone(),
         None => {
-            exec::run(cmd("cargo").args(["build", "--release", "-p", AGENT, "--bin", AGENT]))?;
+            exec::run(
+                cmd("cargo")
+                    .args(["build", "--release", "-p", AGENT])
+                    .args(["--bin", AGENT, "--bin", CLI]),
+            )?;
             exec::target_dir()?.join("release").join(AGENT)
         }
     };
     if !agent.is_file() {
         bail!("agent binary {} does not exist", agent.display());
     }
+    let cli = agent.with_file_name(CLI);
+    if !cli.is_file() {
+        bail!(
+            "no `{CLI}` CLI beside the agent binary ({} does not exist)",
+            cli.display()
+        );
+    }
+    print_cli_usage(&cli, &args.agent_args);
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("start the tokio runtime")?;
     runtime.block_on(start(args, &agent))
+}
+
+/// Tell the reader where the CLI is and how to call it (it talks to the agent's control socket,
+/// root's), with a command to copy; xtask changes nothing outside the target dir for it.
+fn print_cli_usage(cli: &Path, agent_args: &[String]) {
+    let socket = agent_flag(agent_args, "--api-socket");
+    let socket_arg = socket.map_or_else(String::new, |s| format!(" --socket {s}"));
+    let cli = cli.display();
+    eprintln!("run: the CLI is {cli}; once the agent is ready, from another terminal:");
+    eprintln!("run:     sudo {cli}{socket_arg} user add alice");
+    eprintln!("run: or put it on your PATH: sudo ln -sf {cli} /usr/local/bin/{CLI}");
+}
+
+/// The value of `--flag VALUE` or `--flag=VALUE` among the agent arguments given after `--`.
+fn agent_flag<'a>(agent_args: &'a [String], flag: &str) -> Option<&'a str> {
+    let mut words = agent_args.iter();
+    while let Some(word) = words.next() {
+        if word == flag {
+            return words.next().map(String::as_str);
+        }
+        if let Some(value) = word
+            .strip_prefix(flag)
+            .and_then(|rest| rest.strip_prefix('='))
+        {
+            return Some(value);
+        }
+    }
+    None
+}
+
+/// The agent arguments xtask adds unless those after `--` give them: the public endpoint
+/// clients use, and the country database setup installed (when it is there).
+fn default_agent_args(agent_args: &[String], endpoint: Option<String>) -> Vec<String> {
+    let mut argv = Vec::new();
+    if let Some(endpoint) = endpoint
+        && agent_flag(agent_args, "--public-endpoint").is_none()
+    {
+        argv.extend(["--public-endpoint".to_owned(), endpoint]);
+    }
+    let geoip = crate::geoip::installed_path(&exec::cache_dir());
+    if agent_flag(agent_args, "--geoip-db").is_none() && geoip.is_file() {
+        argv.extend(["--geoip-db".to_owned(), geoip.display().to_string()]);
+    }
+    argv
+}
+
+/// The first IPv4 address of `iface` on this host.
+fn first_ipv4(iface: &str) -> Result<Option<Ipv4Addr>> {
+    let out = exec::output(cmd("ip").args(["-4", "-o", "addr", "show", "dev", iface]))?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|line| {
+            let mut words = line.split_whitespace();
+            words.find(|w| *w == "inet")?;
+            words.next()?.split('/').next()?.parse().ok()
+        }))
 }
 
 /// Create the namespace if needed and supervise the agent; the namespace is removed when this
@@ -97,7 +198,7 @@ async fn start(args: &Args, agent: &Path) -> Result<()> {
     // before it has cleaned up. (Handlers, unlike a blocked mask, are not inherited by children.)
     let mut signals = Signals::listen()?;
 
-    let agent_args = |uplink: &str, netns: Option<&str>| {
+    let agent_args = |uplink: &str, netns: Option<&str>, endpoint: Option<String>| {
         let mut argv = vec![
             "--uplink".to_owned(),
             uplink.to_owned(),
@@ -113,34 +214,42 @@ async fn start(args: &Args, agent: &Path) -> Result<()> {
         if let Some(netns) = netns {
             argv.extend(["--netns".to_owned(), netns.to_owned()]);
         }
+        argv.extend(default_agent_args(&args.agent_args, endpoint));
         argv.extend(args.agent_args.iter().cloned());
         argv
     };
 
     let status = match &args.uplink {
         Some(uplink) => {
+            let endpoint = first_ipv4(uplink)?.map(|a| format!("{a}:{}", args.listen_port));
             eprintln!(
-                "run: agent on host interface {uplink}; clients connect to an address of \
-                 {uplink}, UDP port {}",
+                "run: agent on host interface {uplink}; clients connect to {}, UDP port {}",
+                endpoint.as_deref().unwrap_or("an address of it"),
                 args.listen_port
             );
             let mut command = cmd(agent);
-            command.args(agent_args(uplink, None));
+            command.args(agent_args(uplink, None, endpoint));
             supervise(command, &mut signals).await?
         }
         None => {
-            let netns = Netns::create()?;
+            let netns = Netns::create(&args.netns, &args.host_veth, &args.uplink_veth)?;
+            let endpoint = format!("{}:{}", netns.agent_addr, args.listen_port);
             eprintln!(
-                "run: agent in network namespace {NETNS} (uplink {UPLINK_VETH} {}/30); from \
-                 this host a WireGuard client uses Endpoint = {}:{}",
-                netns.agent_addr, netns.agent_addr, args.listen_port
+                "run: agent in network namespace {} (uplink {} {}/30); from this host a \
+                 WireGuard client uses Endpoint = {endpoint} (the agent writes it into the \
+                 configs it prints)",
+                netns.name, netns.uplink_veth, netns.agent_addr
             );
             let mut command = cmd("nsenter");
             command
-                .arg(format!("--net=/run/netns/{NETNS}"))
+                .arg(format!("--net=/run/netns/{}", netns.name))
                 .arg("--")
                 .arg(agent)
-                .args(agent_args(UPLINK_VETH, Some(NETNS)));
+                .args(agent_args(
+                    &netns.uplink_veth,
+                    Some(&netns.name),
+                    Some(endpoint),
+                ));
             let status = supervise(command, &mut signals).await;
             drop(netns);
             status?
@@ -238,6 +347,12 @@ async fn supervise(
 
 /// The namespace and veth pair of one run; dropping it removes both.
 struct Netns {
+    /// The namespace.
+    name: String,
+    /// Host side of the veth pair.
+    host_veth: String,
+    /// Namespace side of the veth pair.
+    uplink_veth: String,
     /// Host side address, the namespace's default gateway.
     host_addr: Ipv4Addr,
     /// Namespace side address: where clients send WireGuard packets.
@@ -245,36 +360,39 @@ struct Netns {
 }
 
 impl Netns {
-    /// Create [`NETNS`] and the veth pair on a free /30, removing a stale namespace of a run
+    /// Create the namespace and the veth pair on a free /30, removing a stale namespace of a run
     /// that was killed before it could clean up.
-    fn create() -> Result<Self> {
-        remove_stale()?;
+    fn create(name: &str, host_veth: &str, uplink_veth: &str) -> Result<Self> {
+        remove_stale(name, host_veth)?;
         let net = free_slash30()?;
         let host_addr = Ipv4Addr::from(u32::from(net) + 1);
         let agent_addr = Ipv4Addr::from(u32::from(net) + 2);
 
-        exec::run(cmd("ip").args(["netns", "add", NETNS]))?;
+        exec::run(cmd("ip").args(["netns", "add", name]))?;
         // From here on, Drop cleans up whatever was made.
         let netns = Netns {
+            name: name.to_owned(),
+            host_veth: host_veth.to_owned(),
+            uplink_veth: uplink_veth.to_owned(),
             host_addr,
             agent_addr,
         };
-        let ns = ["-n", NETNS];
+        let ns = ["-n", name];
         exec::run(
             cmd("ip")
-                .args(["link", "add", HOST_VETH, "type", "veth", "peer", "name"])
-                .args([UPLINK_VETH, "netns", NETNS]),
+                .args(["link", "add", host_veth, "type", "veth", "peer", "name"])
+                .args([uplink_veth, "netns", name]),
         )?;
-        exec::run(cmd("ip").args(["addr", "add", &format!("{host_addr}/30"), "dev", HOST_VETH]))?;
-        exec::run(cmd("ip").args(["link", "set", HOST_VETH, "up"]))?;
+        exec::run(cmd("ip").args(["addr", "add", &format!("{host_addr}/30"), "dev", host_veth]))?;
+        exec::run(cmd("ip").args(["link", "set", host_veth, "up"]))?;
         exec::run(cmd("ip").args(ns).args([
             "addr",
             "add",
             &format!("{agent_addr}/30"),
             "dev",
-            UPLINK_VETH,
+            uplink_veth,
         ]))?;
-        exec::run(cmd("ip").args(ns).args(["link", "set", UPLINK_VETH, "up"]))?;
+        exec::run(cmd("ip").args(ns).args(["link", "set", uplink_veth, "up"]))?;
         exec::run(cmd("ip").args(ns).args(["link", "set", "lo", "up"]))?;
         exec::run(
             cmd("ip")
@@ -289,49 +407,51 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         // Deleting one end of the pair deletes both, synchronously; the namespace goes after.
-        if Path::new("/sys/class/net").join(HOST_VETH).exists()
-            && let Err(err) = exec::run(cmd("ip").args(["link", "del", HOST_VETH]))
+        let (name, host_veth) = (&self.name, &self.host_veth);
+        if Path::new("/sys/class/net").join(host_veth).exists()
+            && let Err(err) = exec::run(cmd("ip").args(["link", "del", host_veth]))
         {
             exec::say(format_args!("run: cleanup: {err:#}"));
         }
-        if let Err(err) = exec::run(cmd("ip").args(["netns", "del", NETNS])) {
+        if let Err(err) = exec::run(cmd("ip").args(["netns", "del", name])) {
             exec::say(format_args!("run: cleanup: {err:#}"));
         }
         exec::say(format_args!(
-            "run: removed namespace {NETNS} and veth {HOST_VETH}/{UPLINK_VETH}"
+            "run: removed namespace {name} and veth {host_veth}/{}",
+            self.uplink_veth
         ));
     }
 }
 
 /// Remove the namespace and veth pair of an earlier run that was killed before it could clean
-/// up; fail if that run is still going or if `capy-host` is not ours.
-fn remove_stale() -> Result<()> {
-    let netns_exists = Path::new("/run/netns").join(NETNS).exists();
+/// up; fail if that run is still going or if the host side (`capy-host`) is not ours.
+fn remove_stale(name: &str, host_veth: &str) -> Result<()> {
+    let netns_exists = Path::new("/run/netns").join(name).exists();
     if netns_exists {
-        let out = exec::output(cmd("ip").args(["netns", "pids", NETNS]))?;
+        let out = exec::output(cmd("ip").args(["netns", "pids", name]))?;
         let pids = String::from_utf8_lossy(&out.stdout);
         let pids: Vec<&str> = pids.split_whitespace().collect();
         if !pids.is_empty() {
             bail!(
-                "network namespace {NETNS} is in use (another `cargo xtask run`?): pids {}",
+                "network namespace {name} is in use (another `cargo xtask run`?): pids {}",
                 pids.join(" ")
             );
         }
     }
-    if Path::new("/sys/class/net").join(HOST_VETH).exists() {
-        let out = exec::output(cmd("ip").args(["-o", "link", "show", "dev", HOST_VETH]))?;
-        let ours = String::from_utf8_lossy(&out.stdout).contains(&format!("link-netns {NETNS}"));
+    if Path::new("/sys/class/net").join(host_veth).exists() {
+        let out = exec::output(cmd("ip").args(["-o", "link", "show", "dev", host_veth]))?;
+        let ours = String::from_utf8_lossy(&out.stdout).contains(&format!("link-netns {name}"));
         if !ours {
             bail!(
-                "interface {HOST_VETH} already exists on the host and is not ours; not touching it"
+                "interface {host_veth} already exists on the host and is not ours; not touching it"
             );
         }
-        eprintln!("run: removing veth {HOST_VETH} left over by an earlier run");
-        exec::run(cmd("ip").args(["link", "del", HOST_VETH]))?;
+        eprintln!("run: removing veth {host_veth} left over by an earlier run");
+        exec::run(cmd("ip").args(["link", "del", host_veth]))?;
     }
     if netns_exists {
-        eprintln!("run: removing namespace {NETNS} left over by an earlier run");
-        exec::run(cmd("ip").args(["netns", "del", NETNS]))?;
+        eprintln!("run: removing namespace {name} left over by an earlier run");
+        exec::run(cmd("ip").args(["netns", "del", name]))?;
     }
     Ok(())
 }
@@ -415,6 +535,34 @@ fn pick_slash30(taken: &[Net]) -> Option<Ipv4Addr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 19: the agent gets the uplink's address as its public endpoint unless the
+    /// arguments after `--` give one.
+    #[test]
+    fn the_endpoint_is_passed_unless_given() {
+        let given = |words: &[&str]| words.iter().map(|w| (*w).to_owned()).collect::<Vec<_>>();
+        let endpoint = Some("10.203.0.2:51820".to_owned());
+        let argv = default_agent_args(&[], endpoint.clone());
+        assert_eq!(argv[..2], ["--public-endpoint", "10.203.0.2:51820"]);
+        for own in [
+            given(&["--public-endpoint", "vpn.example.com:443"]),
+            given(&["--dns", "1.1.1.1", "--public-endpoint=vpn.example.com:443"]),
+        ] {
+            let argv = default_agent_args(&own, endpoint.clone());
+            assert!(!argv.iter().any(|w| w == "--public-endpoint"), "{argv:?}");
+            assert_eq!(
+                agent_flag(&own, "--public-endpoint"),
+                Some("vpn.example.com:443")
+            );
+        }
+        let argv = default_agent_args(&given(&["--geoip-db", "/x.mmdb"]), None);
+        assert!(!argv.iter().any(|w| w == "--geoip-db"), "{argv:?}");
+        assert_eq!(
+            agent_flag(&given(&["--api-socket", "/s"]), "--api-socket"),
+            Some("/s")
+        );
+        assert_eq!(agent_flag(&given(&["--api-socket"]), "--api-socket"), None);
+    }
 
     #[test]
     fn picks_first_free_slash30() {

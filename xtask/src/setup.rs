@@ -13,6 +13,8 @@
 //!   triggers a rebuild.
 //! - boringtun-cli [`BORINGTUN_CLI_VERSION`] under `<cache>/tools` (benchmark baseline).
 //! - bpffs mounted at `/sys/fs/bpf`.
+//! - the country database for `geo block/allow` (ip-location-db's CC0
+//!   `geo-whois-asn-country`, pinned and hash-checked) at `<cache>/geoip/` (`crate::geoip`).
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -21,6 +23,7 @@ use anyhow::{Context as _, Result, bail};
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::exec::{self, cmd};
+use crate::geoip;
 
 /// Debian packages the build, the tests and the benchmarks use.
 pub const PACKAGES: &[&str] = &[
@@ -37,6 +40,9 @@ pub const PACKAGES: &[&str] = &[
     "libclang-dev",
     "librocksdb-dev",
     "pkg-config",
+    // The country database download (`crate::geoip`).
+    "curl",
+    "ca-certificates",
 ];
 
 /// The bpf-linker release that works with aya 0.14 and nightly's LLVM 22.
@@ -90,6 +96,7 @@ pub fn run(_args: &Args) -> Result<()> {
     bpf_linker(&cache, &mut report)?;
     boringtun_cli(&mut report)?;
     bpffs(&mut report)?;
+    geoip_db(&cache, &mut report)?;
     nextest(&mut report);
 
     let elapsed = started.elapsed().as_secs_f32();
@@ -143,6 +150,29 @@ fn check_kernel(report: &mut Report) {
             MIN_KERNEL.1
         ),
     }
+}
+
+/// The country database in the cache (`crate::geoip`).
+fn geoip_db(cache: &Path, report: &mut Report) -> Result<()> {
+    if geoip::is_installed(cache) {
+        report.present(format!("country database {}", geoip::VERSION));
+        return Ok(());
+    }
+    need_root("download the country database")?;
+    if let geoip::Outcome::Fetched {
+        path,
+        db_bytes,
+        download_secs,
+        ..
+    } = geoip::ensure(cache)?
+    {
+        report.done(format!(
+            "country database {} at {} ({db_bytes} bytes, downloaded in {download_secs:.1} s)",
+            geoip::VERSION,
+            path.display()
+        ));
+    }
+    Ok(())
 }
 
 /// Serialise setups (two `cargo xtask test` at once must not both build bpf-linker).

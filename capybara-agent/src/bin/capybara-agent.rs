@@ -20,11 +20,15 @@ struct Args {
     /// Name of the tunnel device the agent creates.
     #[arg(long, default_value = "capy0")]
     tunnel: String,
-    /// The server's inner IPv4 address on the tunnel, with prefix length.
-    #[arg(long, default_value = "10.99.0.1/24")]
+    /// The server's inner IPv4 address on the tunnel, with prefix length: devices get the
+    /// other hosts of this subnet. The default /15 (10.70.0.0–10.71.255.255) holds 131 069
+    /// devices, as many as the agent has peer ids, and is outside the subnets home routers,
+    /// Docker, Kubernetes, CGNAT/Tailscale and the big clouds use by default.
+    #[arg(long, default_value = daemon::DEFAULT_TUNNEL_IPV4)]
     tunnel_ipv4: String,
-    /// The server's inner IPv6 address on the tunnel, with prefix length.
-    #[arg(long, default_value = "fd99::1/64")]
+    /// The server's inner IPv6 address on the tunnel, with prefix length (a device gets the
+    /// same host offset as in the IPv4 subnet).
+    #[arg(long, default_value = daemon::DEFAULT_TUNNEL_IPV6)]
     tunnel_ipv6: String,
     /// WireGuard UDP listen port.
     #[arg(long, default_value_t = 51820)]
@@ -80,7 +84,9 @@ struct Args {
     /// TLS private key (PEM) for the TCP API.
     #[arg(long, value_name = "FILE", requires = "api_tls_cert")]
     api_tls_key: Option<PathBuf>,
-    /// MaxMind country database (.mmdb) for `geo block/allow`.
+    /// Country database (.mmdb) for `geo block/allow`: MaxMind's GeoLite2/GeoIP2-Country or
+    /// ip-location-db's geo-whois-asn-country layout. Default: /var/cache/capybara/geoip/geo-whois-asn-country.mmdb
+    /// (installed by `cargo xtask setup`) when that file exists.
     #[arg(long, value_name = "FILE")]
     geoip_db: Option<PathBuf>,
     /// A connected peer with no handshake and no traffic for this long is disconnected (its
@@ -152,7 +158,7 @@ fn main() -> anyhow::Result<()> {
             }),
             dns: args.dns.iter().map(ToString::to_string).collect(),
             keep_client_keys: args.keep_client_keys,
-            geo_db: args.geoip_db,
+            geo_db: daemon::geo_db_path(args.geoip_db, std::path::Path::new(paths::GEOIP_DB)),
             tls: args.api_tls_cert.zip(args.api_tls_key),
             insecure: args.insecure,
         },

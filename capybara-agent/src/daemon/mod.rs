@@ -73,13 +73,43 @@ pub struct ApiSettings {
     pub dns: Vec<String>,
     /// Keep generated client private keys, sealed (`--keep-client-keys`).
     pub keep_client_keys: bool,
-    /// MaxMind country database for geo policies (`--geoip-db`).
+    /// The country database for geo policies (`--geoip-db`, else the installed default:
+    /// [`geo_db_path`]).
     pub geo_db: Option<PathBuf>,
     /// Certificate and key (PEM files) for TLS on the TCP listener.
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Allow the TCP listener on a non-loopback address without TLS (`--insecure`): see
     /// [`ApiSettings::check_listener`].
     pub insecure: bool,
+}
+
+/// The default `--tunnel-ipv4`: the server's address and the subnet devices get their addresses
+/// from. A /15 holds 131 069 devices, as many as the dataplane has peer ids
+/// (`capybara_common::peer::MAX_PEERS`, 131 072), so a default install never runs out before the
+/// kernel maps do (a /24 ran out at the 254th `user add`).
+///
+/// Why `10.70.0.0/15` (10.70.0.0–10.71.255.255): it is private (RFC 1918) and outside the
+/// defaults a client or the server is likely to sit on already: home and office routers
+/// (192.168.0/1.x, 10.0.0.x, 10.0.1.x, 10.1.x, 10.10.x), Docker (172.17–31.x and its
+/// 192.168.x pools), CGNAT and Tailscale/NetBird/Firezone (100.64.0.0/10), Kubernetes
+/// (services 10.96.0.0/12, flannel 10.244/16, k3s 10.42–43/16, Weave 10.32.0.0/12, Calico
+/// 192.168/16), other VPNs (OpenVPN and wg-easy 10.8.0.x, PiVPN 10.6.0.x, Algo 10.48–49/16),
+/// clouds (AWS default VPC 172.31/16, Azure and Hetzner 10.0/16, GCP auto mode 10.128.0.0/9)
+/// and podman (10.88/16). A network that does use it: give `--tunnel-ipv4` another subnet
+/// (devices keep the addresses they were given, so choose it before adding users, or widen
+/// the current one).
+pub const DEFAULT_TUNNEL_IPV4: &str = "10.70.0.1/15";
+/// The default `--tunnel-ipv6`: a /64 of the ULA range; a device gets the host offset of its
+/// IPv4 address in it, so it never runs out before the IPv4 subnet does.
+pub const DEFAULT_TUNNEL_IPV6: &str = "fd99::1/64";
+
+/// The country database the agent opens at start: `explicit` (`--geoip-db FILE`) when given
+/// (a missing or bad file then stops the start, naming it), else `default`
+/// ([`paths::GEOIP_DB`](crate::paths::GEOIP_DB), where `cargo xtask setup` installs the CC0
+/// ip-location-db database) when that file exists, else none: geo policies are then refused
+/// with a message saying how to get one (`ServiceError::NoGeoDb`).
+pub fn geo_db_path(explicit: Option<PathBuf>, default: &std::path::Path) -> Option<PathBuf> {
+    explicit.or_else(|| default.is_file().then(|| default.to_owned()))
 }
 
 /// What [`ApiSettings::check_listener`] found the TCP listener to be.
@@ -241,6 +271,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::paths;
 
     fn settings(listen: &str, tls: bool, insecure: bool) -> ApiSettings {
         ApiSettings {
@@ -301,6 +332,105 @@ mod tests {
                 insecure.check_listener().unwrap(),
                 ListenerCheck::Insecure(network.parse().unwrap())
             );
+        }
+    }
+
+    /// Issue 19: `geo block CN RU` works on an install where `cargo xtask setup` put the
+    /// country database at the default path and the agent was started without `--geoip-db`.
+    #[test]
+    fn geo_block_works_with_the_default_database_path() {
+        use crate::geo::{
+            CountryCode, GeoDb,
+            mmdb_writer::{MmdbWriter, Value},
+        };
+        use crate::service::{
+            Service, ServiceConfig, ServiceError,
+            domain::{Actor, PublicKey},
+            geo::GeoPolicy,
+            testing::{MemoryPlane, MemoryTunnel},
+        };
+
+        let dir = tempfile::tempdir().unwrap();
+        let default = dir.path().join("geoip").join("geo-whois-asn-country.mmdb");
+        let explicit = dir.path().join("GeoLite2-Country.mmdb");
+        // Nothing installed: no database (the service then says how to get one).
+        assert_eq!(geo_db_path(None, &default), None);
+        assert_eq!(
+            geo_db_path(Some(explicit.clone()), &default),
+            Some(explicit.clone())
+        );
+
+        // What setup installs: ip-location-db's layout.
+        let mut w = MmdbWriter::new(6).database_type("country ipvAll");
+        for (net, cc) in [
+            ("1.0.0.0/24", "CN"),
+            ("2.0.0.0/16", "RU"),
+            ("3.0.0.0/8", "US"),
+        ] {
+            w.insert_value(net.parse().unwrap(), &Value::country_code(cc))
+                .unwrap();
+        }
+        std::fs::create_dir_all(default.parent().unwrap()).unwrap();
+        std::fs::write(&default, w.to_bytes()).unwrap();
+        let path = geo_db_path(None, &default).expect("the installed database is found");
+        assert_eq!(path, default);
+        // `--geoip-db` still wins over the installed one.
+        assert_eq!(
+            geo_db_path(Some(explicit.clone()), &default),
+            Some(explicit)
+        );
+
+        let service = |geo_db| {
+            let store = crate::store::Store::open(&dir.path().join("store")).unwrap();
+            Service::open(
+                std::sync::Arc::new(store),
+                std::sync::Arc::new(MemoryPlane::default()),
+                std::sync::Arc::new(MemoryTunnel::default()),
+                ServiceConfig {
+                    server_v4: "10.70.0.1/15".parse().unwrap(),
+                    server_v6: "fd99::1/64".parse().unwrap(),
+                    server_public_key: PublicKey([1; 32]),
+                    endpoint: "vpn.example.com:51820".into(),
+                    dns: Vec::new(),
+                    keep_client_keys: None,
+                    geo_db,
+                    keep_unknown_peers: false,
+                },
+            )
+            .unwrap()
+        };
+        let root = Actor::Local { uid: 0 };
+        let block = GeoPolicy::Block(vec![
+            CountryCode::parse("CN").unwrap(),
+            CountryCode::parse("RU").unwrap(),
+        ]);
+        let svc = service(Some(std::sync::Arc::new(GeoDb::open(&path).unwrap())));
+        let status = svc.geo.set(&root, &block).unwrap();
+        let lists: Vec<(String, Vec<String>)> = status
+            .lists
+            .iter()
+            .map(|l| {
+                (
+                    l.name.clone(),
+                    l.cidrs.iter().map(ToString::to_string).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            lists,
+            [
+                ("geo:CN".to_owned(), vec!["1.0.0.0/24".to_owned()]),
+                ("geo:RU".to_owned(), vec!["2.0.0.0/16".to_owned()]),
+            ]
+        );
+        drop(svc);
+
+        // Without a database the error says how to get one.
+        let e = service(None).geo.set(&root, &block).unwrap_err();
+        assert!(matches!(e, ServiceError::NoGeoDb), "{e}");
+        let text = e.to_string();
+        for needle in ["--geoip-db", "cargo xtask setup", paths::GEOIP_DB] {
+            assert!(text.contains(needle), "{needle}: {text}");
         }
     }
 }

@@ -128,8 +128,20 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
             dns: config.api.dns.clone(),
             keep_client_keys: sealer,
             geo_db: match &config.api.geo_db {
-                Some(path) => Some(Arc::new(crate::geo::GeoDb::open(path)?)),
-                None => None,
+                Some(path) => {
+                    let db = crate::geo::GeoDb::open(path)?;
+                    tracing::info!(
+                        path = %path.display(),
+                        database_type = %db.database_type,
+                        countries = db.per_country.len(),
+                        "country database opened"
+                    );
+                    Some(Arc::new(db))
+                }
+                None => {
+                    tracing::info!("no country database (--geoip-db): geo policies unavailable");
+                    None
+                }
             },
             keep_unknown_peers: config.keep_unknown_peers,
         },

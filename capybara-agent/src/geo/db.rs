@@ -34,10 +34,12 @@ pub enum GeoDbError {
         source: MaxMindDbError,
     },
     /// The file is a valid MaxMind DB but holds no country data: no record has
-    /// `country.iso_code` or `registered_country.iso_code` (e.g. an ASN database).
+    /// `country.iso_code`, `registered_country.iso_code` or `country_code` (e.g. an ASN
+    /// database).
     #[error(
         "{path} has no country data (database type {database_type:?}); expected the \
-         GeoLite2-Country layout with country.iso_code"
+         GeoLite2-Country layout (country.iso_code) or ip-location-db's country layout \
+         (country_code)"
     )]
     WrongLayout {
         /// The file.
@@ -144,13 +146,18 @@ impl GeoDb {
             let country = match decoded.get(&offset) {
                 Some(c) => *c,
                 None => {
-                    let code = match item.decode_path::<String>(&path!["country", "iso_code"]) {
-                        Ok(Some(code)) => Some(code),
-                        Ok(None) => item
-                            .decode_path::<String>(&path!["registered_country", "iso_code"])
-                            .map_err(corrupt)?,
-                        Err(e) => return Err(corrupt(e)),
-                    };
+                    // The first of the layouts' fields that the record has (module docs).
+                    let mut code = None;
+                    for field in [
+                        &path!["country", "iso_code"][..],
+                        &path!["registered_country", "iso_code"][..],
+                        &path!["country_code"][..],
+                    ] {
+                        code = item.decode_path::<String>(field).map_err(corrupt)?;
+                        if code.is_some() {
+                            break;
+                        }
+                    }
                     let country = code
                         .map(|code| CountryCode::parse(&code))
                         .transpose()

@@ -85,6 +85,12 @@ impl Value {
         Value::map([("country", Value::map([("iso_code", Value::string(iso))]))])
     }
 
+    /// The ip-location-db record `{"country_code": iso}` (the layout of the CC0
+    /// `geo-whois-asn-country` database `cargo xtask setup` installs).
+    pub fn country_code(iso: &str) -> Self {
+        Value::map([("country_code", Value::string(iso))])
+    }
+
     /// `{"registered_country": {"iso_code": iso}}`: a record without `country`, as GeoLite2
     /// has for some networks (e.g. satellite and anycast providers).
     pub fn registered_country(iso: &str) -> Self {

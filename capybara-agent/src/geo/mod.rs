@@ -16,11 +16,16 @@
 //!   tests elsewhere). Nothing is downloaded at test time and no `.mmdb` is committed.
 //!
 //! ## Reading the database
-//! The expected layout is GeoLite2/GeoIP2-Country: each record's country is
-//! `country.iso_code`; when a record has no `country` (GeoLite2 has records with only a
-//! `registered_country`, e.g. some anycast and satellite networks), `registered_country.iso_code`
-//! is used instead. Records with neither (continent-only ones) are skipped. A database where no
-//! record has either is [`GeoDbError::WrongLayout`] (say, an ASN database); a code outside the
+//! Two layouts are read, per record, the first field found wins:
+//! - GeoLite2/GeoIP2-Country (`--geoip-db /path/GeoLite2-Country.mmdb`): the country is
+//!   `country.iso_code`; when a record has no `country` (GeoLite2 has records with only a
+//!   `registered_country`, e.g. some anycast and satellite networks),
+//!   `registered_country.iso_code` is used instead;
+//! - ip-location-db's `geo-whois-asn-country` (CC0, the default `cargo xtask setup` installs):
+//!   a top-level `country_code`.
+//!
+//! Records with none of these (continent-only ones) are skipped. A database where no record has
+//! any is [`GeoDbError::WrongLayout`] (say, an ASN database); a code outside the
 //! table is [`GeoDbError::UnknownCountry`]; a file that does not parse, or whose tree or
 //! records do not decode, is [`GeoDbError::Corrupt`]; a file that cannot be read is
 //! [`GeoDbError::Unreadable`]. Every error names the file. Compilation is all-or-nothing: on

@@ -152,6 +152,54 @@ fn registered_country_is_the_fallback() {
     assert_eq!(db.per_country.len(), 2);
 }
 
+/// Both layouts the agent is documented to read: GeoLite2/GeoIP2-Country
+/// (`country.iso_code`, what `--geoip-db /path/GeoLite2-Country.mmdb` gives) and ip-location-db's
+/// `geo-whois-asn-country` (`country_code` at the top level, what `cargo xtask setup` installs).
+#[test]
+fn geolite2_and_geo_whois_asn_country_layouts_are_both_read() {
+    let nets = [
+        ("1.0.0.0/24", "CN"),
+        ("1.0.1.0/24", "CN"),
+        ("2.0.0.0/16", "RU"),
+        ("2001:db8:1::/48", "CN"),
+    ];
+    let geolite = |w: &mut MmdbWriter, n: &str, c: &str| w.insert_value(net(n), &Value::country(c));
+    let whois =
+        |w: &mut MmdbWriter, n: &str, c: &str| w.insert_value(net(n), &Value::country_code(c));
+    for (layout, db_type, put) in [
+        (
+            "GeoLite2",
+            "GeoLite2-Country",
+            &geolite as &dyn Fn(&mut MmdbWriter, &str, &str) -> _,
+        ),
+        ("geo-whois-asn-country", "country ipv", &whois),
+    ] {
+        let mut w = MmdbWriter::new(6).database_type(db_type);
+        for (n, c) in nets {
+            put(&mut w, n, c).unwrap();
+        }
+        let db = compile(&w).unwrap_or_else(|e| panic!("{layout}: {e}"));
+        assert_eq!(db.database_type, db_type);
+        let cn = &db.per_country[&cc("CN")];
+        assert_eq!(strings(&cn.v4), ["1.0.0.0/23"], "{layout}");
+        assert_eq!(strings(&cn.v6), ["2001:db8:1::/48"], "{layout}");
+        assert_eq!(
+            strings(&db.per_country[&cc("RU")].v4),
+            ["2.0.0.0/16"],
+            "{layout}"
+        );
+        assert_eq!(db.per_country.len(), 2, "{layout}");
+    }
+    // A bad code in the second layout is refused the same way, naming the network.
+    let mut w = MmdbWriter::new(4);
+    w.insert_value(net("9.9.0.0/16"), &Value::country_code("X1"))
+        .unwrap();
+    assert!(matches!(
+        compile(&w),
+        Err(GeoDbError::UnknownCountry { network, .. }) if network.to_string() == "9.9.0.0/16"
+    ));
+}
+
 #[test]
 fn database_without_country_data_is_wrong_layout() {
     let mut w = MmdbWriter::new(6).database_type("GeoLite2-ASN");

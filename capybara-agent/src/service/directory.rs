@@ -7,6 +7,9 @@
 //! A device gets the lowest free host of the tunnel's IPv4 subnet (not the network, the
 //! server's address or the broadcast) and the IPv6 address with the same host offset in the
 //! IPv6 subnet, and the lowest free dense peer id. Both are rebuilt from the store at open.
+//! A full IPv4 subnet (or an IPv6 subnet too small for the offset) is `Exhausted`, naming
+//! `--tunnel-ipv4` (`--tunnel-ipv6`) and what to do; the default subnet holds every peer id
+//! (`daemon::DEFAULT_TUNNEL_IPV4`).
 //! Kernel peers the store does not know are removed at start (`service::devices`); kept with
 //! `--keep-unknown-peers`, they keep their ids and addresses: allocation never hands them out.
 
@@ -222,9 +225,34 @@ impl Directory {
                     && !kernel_addrs.contains(&std::net::IpAddr::V4(*a))
             })
             .ok_or_else(|| ServiceError::Exhausted {
-                what: format!("IPv4 address in {net}"),
+                what: format!(
+                    "IPv4 address in {net} (--tunnel-ipv4 {server}/{len}: {devices} devices); \
+                     remove unused devices (`capybara user remove`), or restart the agent with \
+                     a larger subnet that holds the current one{}",
+                    if net.prefix_len() > 15 {
+                        format!(", e.g. --tunnel-ipv4 {server}/15 (131 069 devices)")
+                    } else {
+                        String::new()
+                    },
+                    len = net.prefix_len(),
+                    devices = hosts.saturating_sub(1),
+                ),
             })?;
-        let v6 = Ipv6Addr::from(u128::from(cfg.server_v6.trunc().network()) + u128::from(offset));
+        // The IPv6 address has the same host offset: the IPv6 subnet must have room for it.
+        let net6 = cfg.server_v6.trunc();
+        let host_bits6 = 128 - u32::from(net6.prefix_len());
+        if host_bits6 < 128 && u128::from(offset) >> host_bits6 != 0 {
+            return Err(ServiceError::Exhausted {
+                what: format!(
+                    "IPv6 address in {net6} for host offset {offset} of {v4} (--tunnel-ipv6 \
+                     {}/{}); give --tunnel-ipv6 a subnet at least as large as --tunnel-ipv4's, \
+                     e.g. a /64",
+                    cfg.server_v6.addr(),
+                    net6.prefix_len(),
+                ),
+            });
+        }
+        let v6 = Ipv6Addr::from(u128::from(net6.network()) + u128::from(offset));
         Ok((id, v4, v6))
     }
 

@@ -86,7 +86,12 @@ pub enum ServiceError {
         users: String,
     },
     /// A geo policy was asked for but the agent has no country database.
-    #[error("no country database: start the agent with --geoip-db FILE")]
+    #[error(
+        "no country database: run `cargo xtask setup` (it installs one at {}, which the agent \
+         opens at start) or start the agent with --geoip-db FILE (e.g. MaxMind's \
+         GeoLite2-Country.mmdb)",
+        crate::paths::GEOIP_DB
+    )]
     NoGeoDb,
 }
 

@@ -47,6 +47,10 @@ fn config(keep: bool) -> ServiceConfig {
 }
 
 fn fixture(keep: bool) -> Fixture {
+    fixture_with(config(keep))
+}
+
+fn fixture_with(config: ServiceConfig) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_owned();
     let plane = Arc::new(MemoryPlane::default());
@@ -55,7 +59,7 @@ fn fixture(keep: bool) -> Fixture {
         Arc::new(Store::open(&path).unwrap()),
         plane.clone(),
         tunnel.clone(),
-        config(keep),
+        config,
     )
     .unwrap();
     Fixture {
@@ -209,6 +213,76 @@ fn addresses_and_ids_are_reused_and_the_pool_ends() {
     f.svc.users.remove_user(&root(), &u("c")).unwrap();
     let again = f.svc.users.add_user(&root(), new_user("f")).unwrap().1.peer;
     assert_eq!((again.id, again.ipv4), (ids[2].id, ids[2].ipv4));
+}
+
+/// Issue 19: the default tunnel subnet holds as many devices as the dataplane has peer ids,
+/// and allocation goes on past the 254th device.
+#[test]
+fn the_default_subnet_holds_every_peer_and_allocation_goes_past_254() {
+    let net: ipnet::Ipv4Net = crate::daemon::DEFAULT_TUNNEL_IPV4.parse().unwrap();
+    let hosts = (1u32 << (32 - net.prefix_len())) - 2 - 1; // no network, broadcast, server
+    assert!(
+        hosts >= capybara_common::peer::MAX_PEERS - 3,
+        "{net}: {hosts} devices"
+    );
+    assert!(net.addr().is_private(), "{net}");
+    let f = fixture_with(ServiceConfig {
+        server_v4: net,
+        ..config(false)
+    });
+    let started = std::time::Instant::now();
+    let mut last = None;
+    for n in 0..300 {
+        let name = format!("u{n}");
+        last = Some(
+            f.svc
+                .users
+                .add_user(&root(), new_user(&name))
+                .unwrap()
+                .1
+                .peer,
+        );
+    }
+    let last = last.unwrap();
+    // Hosts .2 … 10.70.1.45: a /15 has no network or broadcast address at .0/.255 inside it.
+    assert_eq!(last.ipv4, Ipv4Addr::new(10, 70, 1, 45));
+    assert_eq!(last.ipv6, "fd99::12d".parse::<Ipv6Addr>().unwrap());
+    eprintln!("300 devices added in {:?}", started.elapsed());
+}
+
+/// Issue 19: a full subnet names the flag that sets it and what to do.
+#[test]
+fn a_full_subnet_names_tunnel_ipv4_with_a_hint() {
+    let f = fixture(false);
+    for n in ["a", "b", "c", "d", "e"] {
+        f.svc.users.add_user(&root(), new_user(n)).unwrap();
+    }
+    let e = f.svc.users.add_user(&root(), new_user("f")).unwrap_err();
+    assert!(matches!(e, ServiceError::Exhausted { .. }), "{e}");
+    let text = e.to_string();
+    for needle in [
+        "no free IPv4 address in 10.99.0.0/29",
+        "--tunnel-ipv4 10.99.0.1/29",
+        "5 devices",
+        "user remove",
+        "--tunnel-ipv4 10.99.0.1/15",
+    ] {
+        assert!(text.contains(needle), "{needle:?} not in {text:?}");
+    }
+    // An IPv6 subnet smaller than the IPv4 one runs out first, and says so.
+    let f = fixture_with(ServiceConfig {
+        server_v4: "10.99.0.1/24".parse().unwrap(),
+        server_v6: "fd99::1/126".parse().unwrap(),
+        ..config(false)
+    });
+    f.svc.users.add_user(&root(), new_user("a")).unwrap();
+    f.svc.users.add_user(&root(), new_user("b")).unwrap();
+    let e = f.svc.users.add_user(&root(), new_user("c")).unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("--tunnel-ipv6 fd99::1/126") && text.contains("fd99::/126"),
+        "{text}"
+    );
 }
 
 #[test]
