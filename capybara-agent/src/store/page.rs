@@ -128,7 +128,9 @@ mod tests {
             let (mut seen, mut before, mut pages) = (Vec::new(), None::<String>, 0);
             loop {
                 let p: Page<u64> = store
-                    .page_back(Cf::Audit, before.as_deref(), size, |v: &u64| v % 2 == 0)
+                    .page_back(Cf::Audit, before.as_deref(), size, |v: &u64| {
+                        v.is_multiple_of(2)
+                    })
                     .unwrap();
                 assert!(p.items.len() <= size);
                 seen.extend(p.items);
@@ -138,7 +140,10 @@ mod tests {
                     None => break,
                 }
             }
-            let want: Vec<u64> = (0..2500).rev().filter(|v| v % 2 == 0).collect();
+            let want: Vec<u64> = (0..2500)
+                .rev()
+                .filter(|v: &u64| v.is_multiple_of(2))
+                .collect();
             assert_eq!(seen, want, "page size {size}");
             assert_eq!(pages, want.len().div_ceil(size), "page size {size}");
         }
