@@ -134,7 +134,7 @@ fn history_rpcs_check_scopes_and_refuse_bad_input_without_changes() {
                 Some(Code::PermissionDenied)
             );
             assert_eq!(
-                code(&c.create_backup().await.unwrap_err()),
+                code(&c.create_backup(&mut std::io::sink()).await.unwrap_err()),
                 Some(Code::PermissionDenied)
             );
         }

@@ -15,6 +15,8 @@
 mod api_support;
 mod e2e_support;
 
+mod api_audit;
+mod api_backup;
 mod api_cli;
 mod api_control_socket;
 mod api_geo;

@@ -67,6 +67,9 @@ pub enum ClientError {
     /// The agent's answer does not make sense.
     #[error(transparent)]
     Answer(#[from] AnswerError),
+    /// A streamed answer could not be written where it goes (a file).
+    #[error("cannot write the agent's answer")]
+    Output(#[source] std::io::Error),
 }
 
 /// A connected client.

@@ -64,6 +64,11 @@ impl Api {
         authorize(&self.svc, req.metadata(), req.extensions(), need)
     }
 
+    /// The service, for a call that streams its answer from the blocking pool itself.
+    pub(super) fn service(&self) -> Arc<Service> {
+        self.svc.clone()
+    }
+
     /// Runs `f` on the blocking pool and waits until what it wrote is on disk (the reply is
     /// the acknowledgement).
     pub(super) async fn call<R: Send + 'static>(

@@ -96,6 +96,9 @@ struct Args {
     /// Keep sessions and auth attempts this long, e.g. 90d (pruned at start and hourly).
     #[arg(long, default_value = "90d")]
     history_retention: String,
+    /// Keep audit records this long, e.g. 365d (pruned at start and hourly).
+    #[arg(long, default_value = "365d")]
+    audit_retention: String,
 }
 
 /// An interface address `a.b.c.d/len`: the host part may be set (it is the server's address).
@@ -134,9 +137,11 @@ fn main() -> anyhow::Result<()> {
     };
     let disconnect_after = duration("disconnect_timeout", &args.disconnect_timeout)?;
     let history_retention = duration("history_retention", &args.history_retention)?;
+    let audit_retention = duration("audit_retention", &args.audit_retention)?;
     let config = AgentConfig {
         disconnect_after,
         history_retention,
+        audit_retention,
         keep_unknown_peers: args.keep_unknown_peers,
         uplink: args.uplink,
         tunnel: args.tunnel,

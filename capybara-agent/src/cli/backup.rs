@@ -1,19 +1,51 @@
 //! `capybara backup …`: backups of the agent's store.
 //!
 //! - `backup create --output F`: a consistent snapshot of the agent's store (admin), written
-//!   with mode 0600 (it holds the store's secrets: kept client keys, token hashes).
+//!   with mode 0600 (it holds the store's secrets: kept client keys, token hashes). The agent
+//!   streams it in 1 MiB chunks; they go to a temporary file beside `F` (`.F.tmp`, 0600 from
+//!   its creation), which is fsynced and renamed over `F` only once the stream ended well: an
+//!   interrupted backup leaves `F` as it was.
 //! - `backup restore --input F [--data-dir D]`: replaces the store of a **stopped** agent with
-//!   the backup, offline (see `store::backup`); its next start programs what was restored.
+//!   the backup, offline (see `store::backup`); its next start programs what was restored. The
+//!   file is read as it is parsed (never whole in memory) and nothing is written unless all of
+//!   it parsed and checked.
 
-use std::path::PathBuf;
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    path::{Path, PathBuf},
+};
 
 use clap::Subcommand;
 
 use super::{
     Cli, CliError, connect,
-    output::{outln, print_json, write_private},
+    output::{create_private, outln, print_json},
 };
 use crate::paths;
+
+/// Streams the agent's backup into a temporary file beside `output`, then renames it over
+/// `output` (see the module docs).
+async fn create(cli: &Cli, output: &Path) -> Result<BTreeMap<String, u64>, CliError> {
+    let tmp = paths::temp_file(output);
+    let result = async {
+        let mut file = create_private(&tmp).map_err(CliError::file(&tmp))?;
+        let records = {
+            let mut w = std::io::BufWriter::new(&mut file);
+            let records = connect(cli).await?.create_backup(&mut w).await?;
+            w.flush().map_err(CliError::file(&tmp))?;
+            records
+        };
+        file.sync_all().map_err(CliError::file(&tmp))?;
+        std::fs::rename(&tmp, output).map_err(CliError::file(output))?;
+        Ok(records)
+    }
+    .await;
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
 
 /// `capybara backup …`.
 #[derive(Debug, Subcommand)]
@@ -39,8 +71,7 @@ pub(super) enum BackupCmd {
 pub(super) async fn run(cli: &Cli, cmd: &BackupCmd) -> Result<(), CliError> {
     match cmd {
         BackupCmd::Create { output } => {
-            let (data, records) = connect(cli).await?.create_backup().await?;
-            write_private(output, &data)?;
+            let records = create(cli, output).await?;
             if cli.json {
                 print_json(&records)?;
             } else {
@@ -50,8 +81,8 @@ pub(super) async fn run(cli: &Cli, cmd: &BackupCmd) -> Result<(), CliError> {
             Ok(())
         }
         BackupCmd::Restore { input, data_dir } => {
-            let bytes = std::fs::read(input).map_err(CliError::file(input))?;
-            let records = crate::store::backup::restore(data_dir, &bytes)?;
+            let file = std::fs::File::open(input).map_err(CliError::file(input))?;
+            let records = crate::store::backup::restore_from(data_dir, file)?;
             if cli.json {
                 print_json(&records)?;
             } else {

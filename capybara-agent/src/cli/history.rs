@@ -8,7 +8,8 @@
 //!   bytes as the kernel counted them (IP bytes).
 //! - `history clear --older-than 90d`: deletes closed sessions and auth attempts older than
 //!   that (admin).
-//! - `history audit [--user U] [--limit N]`: the audit trail.
+//! - `history audit [--user U] [--limit N]`: the audit trail, newest first; the agent answers in
+//!   pages of at most 1 000 records, walked here until `N` (default 100) or the last page.
 
 use std::path::PathBuf;
 

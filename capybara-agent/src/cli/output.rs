@@ -113,6 +113,7 @@ pub(super) fn create_private(path: &Path) -> std::io::Result<File> {
 }
 
 /// Writes `bytes` to the file `path` with mode 0600 (see [`create_private`]).
+#[cfg(test)]
 pub(super) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CliError> {
     create_private(path)
         .and_then(|mut f| f.write_all(bytes))

@@ -21,7 +21,8 @@
 //!
 //! Tunnel events feed the session recorder (`service::history`, a blocking thread:
 //! its writes are synced) after the handshake admission; the recorder prunes the history to
-//! `history_retention` at start and hourly, and closes open sessions at shutdown.
+//! `history_retention` at start and hourly, and closes open sessions at shutdown. The audit
+//! trail is pruned to `audit_retention` at start and hourly (`service::audit_retention`).
 //!
 //! Kernel events (ring buffer) are decoded by one task and published on a broadcast channel
 //! ([`Running::events`]); history, webhooks and the API subscribe to it. A subscriber that falls
@@ -170,6 +171,9 @@ pub struct AgentConfig {
     /// Sessions and auth attempts older than this are pruned (at start and hourly);
     /// `--history-retention`, default 90 days.
     pub history_retention: std::time::Duration,
+    /// Audit records older than this are pruned (at start and hourly); `--audit-retention`,
+    /// default 365 days.
+    pub audit_retention: std::time::Duration,
     /// Leave kernel peers the store does not know in place at start instead of removing them
     /// (`--keep-unknown-peers`).
     pub keep_unknown_peers: bool,

@@ -1,14 +1,11 @@
-//! Backups: a consistent snapshot of the store (see `store::backup`) as the file the API hands
-//! out. Restoring replaces a stopped agent's store (`store::backup`), so it is not a call of the
-//! running service.
+//! Backups: a consistent snapshot of the store (see `store::backup`) written out as the API
+//! streams it, never whole in memory. Restoring replaces a stopped agent's store
+//! (`store::backup`), so it is not a call of the running service.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{collections::BTreeMap, io::Write, sync::Arc};
 
-use super::{
-    ServiceError,
-    core::{Core, now},
-};
-use crate::store::StoreError;
+use super::core::{Core, now};
+use crate::store::backup::BackupError;
 
 /// The backup feature.
 #[derive(Debug)]
@@ -22,14 +19,9 @@ impl Backup {
         Backup { core }
     }
 
-    /// A consistent backup of the store as the file's bytes, with the records per family.
-    pub fn create(&self) -> Result<(Vec<u8>, BTreeMap<String, u64>), ServiceError> {
-        let file = self.core.store.backup(now())?;
-        let bytes = serde_json::to_vec_pretty(&file).map_err(|source| StoreError::Encode {
-            cf: "backup",
-            key: String::new(),
-            source,
-        })?;
-        Ok((bytes, file.counts()))
+    /// Writes a consistent backup of the store to `out` as it is read (one read snapshot);
+    /// returns the records per family.
+    pub fn create(&self, out: &mut dyn Write) -> Result<BTreeMap<String, u64>, BackupError> {
+        self.core.store.write_backup(now(), out)
     }
 }

@@ -11,6 +11,12 @@
 //! the truth; the kernel maps and the tunnel are derived from it. Every mutation stages its
 //! audit record ([`Core::audit`]) in the batch that commits it ([`Core::commit`]); the commit
 //! publishes the record's `config-changed` event (`service::events`) once the batch is written.
+//!
+//! The audit trail is read a page at a time ([`Core::audit_page`]: at most [`MAX_PAGE_SIZE`]
+//! records, newest first, the page token being the sequence number to continue below) and
+//! pruned to `--audit-retention` (default [`DEFAULT_AUDIT_RETENTION_DAYS`] days) at start and
+//! hourly by [`Core::prune_audit`], a streaming prune from the oldest record (keys sort by
+//! sequence, which follows time), a batch of 1 000 deletions at a time.
 //! A change the kernel or the tunnel may still refuse commits with
 //! [`Core::commit_unpublished`], deletes its batch again on a refusal ([`Core::rewind_audit`]
 //! hands the sequence number out again) and publishes only once it took effect.
@@ -36,8 +42,17 @@ use super::{
 };
 use crate::{
     geo::GeoDb,
-    store::{Batch, Cf, Store, keys},
+    store::{Batch, Cf, Store, keys, page::Page},
 };
+
+/// Records per page of a list call when the caller names no size (`page_size` 0).
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+/// The most records per page of a list call: a bigger `page_size` is clamped to it (as
+/// Google's API guidelines, AIP-158, advise), so no call returns or holds more.
+pub const MAX_PAGE_SIZE: usize = 1000;
+/// How long audit records are kept by default (`--audit-retention`): a year, so a yearly
+/// review finds the whole year.
+pub const DEFAULT_AUDIT_RETENTION_DAYS: u64 = 365;
 
 /// Configuration of the service.
 #[derive(Clone, Debug)]
@@ -204,19 +219,78 @@ impl Core {
         self.events.clone()
     }
 
-    /// Audit records, newest first, at most `limit`; only those about `user` if given.
+    /// One page of audit records, newest first: up to `size` (at most [`MAX_PAGE_SIZE`]),
+    /// only those about `user` if given, starting below the sequence number `before` (the
+    /// previous page's `next`). The page's `next` is `None` on the last page.
+    pub fn audit_page(
+        &self,
+        user: Option<&UserName>,
+        before: Option<u64>,
+        size: usize,
+    ) -> Result<Page<AuditRecord>, ServiceError> {
+        let user_t = user.map(|u| format!("user:{u}"));
+        let peer_t = user.map(|u| format!("peer:{u}/"));
+        let before = before.map(keys::audit);
+        let page = self.store.page_back(
+            Cf::Audit,
+            before.as_deref(),
+            size.clamp(1, MAX_PAGE_SIZE),
+            |r: &AuditRecord| match (&user_t, &peer_t) {
+                (Some(u), Some(p)) => r.target == *u || r.target.starts_with(p.as_str()),
+                _ => true,
+            },
+        )?;
+        Ok(page)
+    }
+
+    /// The newest audit records, at most `limit` (and [`MAX_PAGE_SIZE`]): the first page.
     pub fn audit_records(
         &self,
         user: Option<&UserName>,
         limit: usize,
     ) -> Result<Vec<AuditRecord>, ServiceError> {
-        let user_t = user.map(|u| format!("user:{u}"));
-        let peer_t = user.map(|u| format!("peer:{u}/"));
-        Ok(self.store.scan_back(Cf::Audit, limit, |r: &AuditRecord| {
-            match (&user_t, &peer_t) {
-                (Some(u), Some(p)) => r.target == *u || r.target.starts_with(p.as_str()),
-                _ => true,
-            }
-        })?)
+        Ok(self.audit_page(user, None, limit)?.items)
     }
+
+    /// Deletes the audit records made before `cutoff` (Unix seconds), oldest first in batches
+    /// (`store::page`), never all in memory; returns how many.
+    pub fn prune_audit(&self, cutoff: u64) -> Result<u64, ServiceError> {
+        let n = self
+            .store
+            .prune_front(Cf::Audit, |r: &AuditRecord| r.at < cutoff)?;
+        if n > 0 {
+            tracing::info!(records = n, cutoff, "pruned the audit trail");
+        }
+        Ok(n)
+    }
+}
+
+/// How often the audit trail is pruned after the prune at start.
+pub const AUDIT_PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Prunes the audit trail to `retention` now (at start, before the API serves) and then every
+/// [`AUDIT_PRUNE_EVERY`] on the blocking pool, for as long as the core lives (the timer holds
+/// it weakly, so it never keeps a stopped agent's store open).
+pub fn prune_audit_at_start_and_hourly(
+    core: &Arc<Core>,
+    retention: std::time::Duration,
+) -> Result<(), ServiceError> {
+    let cutoff = move || now().saturating_sub(retention.as_secs());
+    core.prune_audit(cutoff())?;
+    let weak = Arc::downgrade(core);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(AUDIT_PRUNE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick is now: pruned above
+        loop {
+            tick.tick().await;
+            let Some(core) = weak.upgrade() else { return };
+            match tokio::task::spawn_blocking(move || core.prune_audit(cutoff())).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "audit prune failed; next try in an hour"),
+                Err(e) => tracing::warn!(error = %e, "audit prune aborted"),
+            }
+        }
+    });
+    Ok(())
 }

@@ -1,6 +1,11 @@
 //! Named blocklists (source lists on the uplink, destination lists on the tunnel): their
 //! contents and hits, changes to their entries, and the registry snapshot the store keeps
 //! (written with every change, read back at start by [`stored_snapshot`]).
+//!
+//! A change's audit record holds a diff, not the list before and after: `before` is
+//! `{"entries": N}` (absent for a new list), `after` the entries added and removed with their
+//! counts (`ListDiff`; at most [`MAX_AUDIT_DIFF_ENTRIES`] named each side, the counts exact), so
+//! adding one entry to a list of a million writes a record of a few hundred bytes.
 
 use std::sync::Arc;
 
@@ -20,6 +25,66 @@ use crate::{
     net::Cidr,
     store::{Batch, Cf, Store, StoreError, keys},
 };
+
+/// The most entries the audit record of a list change names on each side (added, removed):
+/// its counts are always exact, so the record's size does not grow with the list's.
+pub const MAX_AUDIT_DIFF_ENTRIES: usize = 100;
+
+/// The `before` of a list change's audit record: how many entries the list held.
+#[derive(Debug, Serialize)]
+struct ListSize {
+    entries: usize,
+}
+
+/// The `after` of a list change's audit record: what changed, not the whole list (a list can
+/// hold millions of entries; a change of one entry records one).
+#[derive(Debug, Serialize)]
+struct ListDiff {
+    /// Entries the list holds after the change (0 once deleted).
+    entries: usize,
+    /// The list is gone.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    deleted: bool,
+    /// How many entries were added.
+    added_count: usize,
+    /// How many entries were removed.
+    removed_count: usize,
+    /// The added entries, the first [`MAX_AUDIT_DIFF_ENTRIES`] in address order.
+    added: Vec<Cidr>,
+    /// The removed entries, the first [`MAX_AUDIT_DIFF_ENTRIES`] in address order.
+    removed: Vec<Cidr>,
+    /// `added` or `removed` was cut to [`MAX_AUDIT_DIFF_ENTRIES`].
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    truncated: bool,
+}
+
+impl ListDiff {
+    fn between(before: Option<&[Cidr]>, after: Option<&[Cidr]>) -> ListDiff {
+        let set = |l: Option<&[Cidr]>| -> std::collections::BTreeSet<Cidr> {
+            l.into_iter().flatten().copied().collect()
+        };
+        let (b, a) = (set(before), set(after));
+        let added_count = a.difference(&b).count();
+        let removed_count = b.difference(&a).count();
+        ListDiff {
+            entries: a.len(),
+            deleted: before.is_some() && after.is_none(),
+            added_count,
+            removed_count,
+            added: a
+                .difference(&b)
+                .take(MAX_AUDIT_DIFF_ENTRIES)
+                .copied()
+                .collect(),
+            removed: b
+                .difference(&a)
+                .take(MAX_AUDIT_DIFF_ENTRIES)
+                .copied()
+                .collect(),
+            truncated: added_count.max(removed_count) > MAX_AUDIT_DIFF_ENTRIES,
+        }
+    }
+}
 
 /// A blocklist with its contents and hits.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,6 +237,7 @@ impl Lists {
         let old_snapshot: RegistrySnapshot = self.core.plane.list_snapshot();
         self.core.plane.list_op(direction, name, op)?;
         let after = self.core.plane.list_cidrs(direction, name);
+        let diff = ListDiff::between(before.as_deref(), after.as_deref());
         let mut batch = Batch::default();
         self.stage_snapshot(&mut batch)?;
         self.core.audit(
@@ -179,8 +245,10 @@ impl Lists {
             actor,
             action,
             format!("blocklist:{direction}/{}", name.as_str()),
-            before.as_ref().and_then(to_json),
-            after.as_ref().and_then(to_json),
+            before
+                .as_ref()
+                .and_then(|b| to_json(&ListSize { entries: b.len() })),
+            to_json(&diff),
         )?;
         if let Err(e) = self.core.commit(batch) {
             // Put the old contents back so the kernel matches the store.

@@ -634,6 +634,107 @@ fn blocklist_changes_persist_with_an_audit_record() {
 }
 
 #[test]
+fn a_blocklist_change_is_audited_as_a_diff_whose_size_does_not_grow_with_the_list() {
+    let f = fixture(false);
+    let name = ListName::parse("manual").unwrap();
+    let add = |cidrs: &[Cidr]| {
+        f.svc
+            .lists
+            .change_entries(&root(), Direction::Source, &name, EntriesOp::Add, cidrs)
+            .unwrap();
+        f.svc.core.audit_records(None, 1).unwrap().remove(0)
+    };
+    let one = |i: u32| -> Cidr {
+        format!("198.51.{}.{}/32", i / 256, i % 256)
+            .parse()
+            .unwrap()
+    };
+    let small = add(&[one(0)]);
+    assert_eq!(small.before, None, "a new list");
+    let after = small.after.unwrap();
+    assert_eq!(after["added_count"], 1);
+    assert_eq!(after["added"], serde_json::json!(["198.51.0.0/32"]));
+    // 20 000 entries, then one more: the record names the one.
+    let bulk: Vec<Cidr> = (1..20_001).map(one).collect();
+    let big = add(&bulk);
+    assert_eq!(big.after.as_ref().unwrap()["added_count"], 20_000);
+    assert_eq!(
+        big.after.as_ref().unwrap()["added"]
+            .as_array()
+            .unwrap()
+            .len(),
+        100
+    );
+    assert_eq!(big.after.as_ref().unwrap()["truncated"], true);
+    let later = add(&[one(20_001)]);
+    assert_eq!(later.before.unwrap()["entries"], 20_001);
+    let after = later.after.unwrap();
+    assert_eq!(after["entries"], 20_002);
+    assert_eq!(after["added"], serde_json::json!(["198.51.78.33/32"]));
+    assert_eq!(after["removed_count"], 0);
+    let size = |v: &serde_json::Value| v.to_string().len();
+    assert!(
+        size(&after) < 200,
+        "one entry into 20 001: {} bytes",
+        size(&after)
+    );
+    f.svc
+        .lists
+        .delete_blocklist(&root(), Direction::Source, &name)
+        .unwrap();
+    let del = f.svc.core.audit_records(None, 1).unwrap().remove(0);
+    let after = del.after.unwrap();
+    assert_eq!(after["deleted"], true);
+    assert_eq!(after["removed_count"], 20_002);
+    assert!(size(&after) < 4000, "{} bytes", size(&after));
+}
+
+#[test]
+fn audit_pages_cover_every_record_once_and_retention_keeps_only_the_new() {
+    let f = fixture(false);
+    let name = ListName::parse("manual").unwrap();
+    for i in 0..25 {
+        let cidr: Cidr = format!("203.0.113.{i}/32").parse().unwrap();
+        f.svc
+            .lists
+            .change_entries(&root(), Direction::Source, &name, EntriesOp::Add, &[cidr])
+            .unwrap();
+    }
+    let all = f.svc.core.audit_page(None, None, 1000).unwrap();
+    assert!(all.next.is_none());
+    let n = all.items.len();
+    assert!(n >= 25, "{n}");
+    let (mut seen, mut before) = (Vec::new(), None);
+    loop {
+        let p = f.svc.core.audit_page(None, before, 4).unwrap();
+        assert!(p.items.len() <= 4);
+        before = p.items.last().map(|r| r.seq);
+        seen.extend(p.items.iter().map(|r| r.seq));
+        if p.next.is_none() {
+            break;
+        }
+    }
+    let want: Vec<u64> = all.items.iter().map(|r| r.seq).collect();
+    assert_eq!(seen, want, "every record once, newest first");
+    // The cap: no page is bigger than MAX_PAGE_SIZE, whatever is asked.
+    assert_eq!(crate::service::core::MAX_PAGE_SIZE, 1000);
+    // Retention: the records are backdated (older than a cutoff) but the last five.
+    let store = &f.svc.core.store;
+    let old: Vec<(String, crate::service::domain::AuditRecord)> =
+        store.scan(Cf::Audit, "").unwrap();
+    for (k, mut r) in old.iter().take(n - 5).cloned() {
+        r.at -= 400 * 86_400;
+        store.put(Cf::Audit, &k, &r).unwrap();
+    }
+    let pruned = f.svc.core.prune_audit(now() - 365 * 86_400).unwrap();
+    assert_eq!(pruned, (n - 5) as u64);
+    let left = f.svc.core.audit_records(None, 1000).unwrap();
+    let kept: Vec<u64> = left.iter().rev().map(|r| r.seq).collect();
+    let want: Vec<u64> = old.iter().skip(n - 5).map(|(_, r)| r.seq).collect();
+    assert_eq!(kept, want, "the new records stay");
+}
+
+#[test]
 fn connections_join_tunnel_status_with_devices() {
     let f = fixture(false);
     let (_, a) = f.svc.users.add_user(&root(), new_user("alice")).unwrap();

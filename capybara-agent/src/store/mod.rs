@@ -58,6 +58,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use crate::paths;
 
 pub mod backup;
+pub mod page;
 
 /// Column families. Adding one appends a variant and a schema version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
