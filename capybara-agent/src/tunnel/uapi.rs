@@ -17,7 +17,7 @@
 
 use std::{
     fmt::Write as _,
-    io::{BufRead, BufReader, Write as _},
+    io::{BufRead, BufReader},
     os::{
         fd::AsFd as _,
         unix::{
@@ -252,6 +252,8 @@ pub fn answer(
 #[cfg(test)]
 mod tests {
     use std::time::SystemTime;
+
+    use std::io::Write as _;
 
     use super::*;
     use crate::tunnel::keys::{PresharedKey, PublicKey};
