@@ -13,12 +13,15 @@ use super::{
     handler::Api,
     status::invalid,
 };
+use std::time::Duration;
+
 use crate::service::{
     NewUser,
     domain::{
         ClientConfig, DeviceName, Peer, PublicKey, Scope, User, UserDetail, UserName,
         ValidationError,
     },
+    users::DEFAULT_CLEANUP_GRACE,
 };
 
 #[tonic::async_trait]
@@ -87,6 +90,55 @@ impl Users for Api {
             .await?;
         Ok(Response::new(pb::UserConfigResponse {
             config: Some((&cfg).into()),
+        }))
+    }
+
+    async fn expire_user(
+        &self,
+        req: Request<pb::ExpireUserRequest>,
+    ) -> Result<Response<pb::UserDetail>, Status> {
+        let actor = self.auth(&req, Scope::Write)?;
+        let r = req.into_inner();
+        let name = UserName::parse("name", &r.name).map_err(invalid)?;
+        let at = time_field("at", r.at)
+            .and_then(|t| t.ok_or(ValidationError::Missing { field: "at" }))
+            .map_err(invalid)?;
+        let d = self
+            .call(move |s| s.users.expire_user(&actor, &name, at))
+            .await?;
+        Ok(Response::new((&d).into()))
+    }
+
+    async fn renew_user(
+        &self,
+        req: Request<pb::RenewUserRequest>,
+    ) -> Result<Response<pb::UserDetail>, Status> {
+        let actor = self.auth(&req, Scope::Write)?;
+        let r = req.into_inner();
+        let name = UserName::parse("name", &r.name).map_err(invalid)?;
+        let at = time_field("at", r.at).map_err(invalid)?;
+        let d = self
+            .call(move |s| s.users.renew_user(&actor, &name, at))
+            .await?;
+        Ok(Response::new((&d).into()))
+    }
+
+    async fn cleanup_expired(
+        &self,
+        req: Request<pb::CleanupExpiredRequest>,
+    ) -> Result<Response<pb::CleanupExpiredResponse>, Status> {
+        let actor = self.auth(&req, Scope::Write)?;
+        let r = req.into_inner();
+        let grace = r
+            .grace_secs
+            .map_or(DEFAULT_CLEANUP_GRACE, Duration::from_secs);
+        let dry_run = r.dry_run;
+        let users = self
+            .call(move |s| s.users.cleanup_expired(&actor, grace, dry_run))
+            .await?;
+        Ok(Response::new(pb::CleanupExpiredResponse {
+            users: users.iter().map(Into::into).collect(),
+            dry_run,
         }))
     }
 }
@@ -327,6 +379,50 @@ impl Client {
             .await?
             .into_inner();
         Ok(need("config", r.config)?.try_into()?)
+    }
+
+    /// Sets a user's expiry (Unix seconds; may be in the past).
+    pub async fn expire_user(&self, name: &str, at: i64) -> Result<UserDetail, ClientError> {
+        let r = UsersClient::new(self.channel.clone())
+            .expire_user(self.req(pb::ExpireUserRequest {
+                name: name.into(),
+                at,
+            }))
+            .await?
+            .into_inner();
+        Ok(r.try_into()?)
+    }
+
+    /// Clears a user's expiry (`at` 0) or sets a new one.
+    pub async fn renew_user(&self, name: &str, at: i64) -> Result<UserDetail, ClientError> {
+        let r = UsersClient::new(self.channel.clone())
+            .renew_user(self.req(pb::RenewUserRequest {
+                name: name.into(),
+                at,
+            }))
+            .await?
+            .into_inner();
+        Ok(r.try_into()?)
+    }
+
+    /// Removes (or with `dry_run` lists) the users expired more than `grace_secs` ago (`None`:
+    /// the agent's default grace).
+    pub async fn cleanup_expired(
+        &self,
+        grace_secs: Option<u64>,
+        dry_run: bool,
+    ) -> Result<Vec<UserDetail>, ClientError> {
+        let r = UsersClient::new(self.channel.clone())
+            .cleanup_expired(self.req(pb::CleanupExpiredRequest {
+                grace_secs,
+                dry_run,
+            }))
+            .await?
+            .into_inner();
+        Ok(r.users
+            .into_iter()
+            .map(TryInto::try_into)
+            .collect::<Result<_, AnswerError>>()?)
     }
 
     /// Adds a device.

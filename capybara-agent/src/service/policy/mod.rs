@@ -96,12 +96,12 @@ use super::{
     ServiceError,
     core::{Core, to_json},
     directory::Directory,
-    domain::{Actor, Peer, PublicKey, UserName, ValidationError},
+    domain::{Actor, Peer, PublicKey, UserName, ValidationError, from_unix_secs},
     error::not_found,
 };
 use crate::{
-    dataplane::PeerRates,
-    store::{Batch, Cf, StoreError, keys},
+    dataplane::{Gate, PeerRates},
+    store::{Batch, Cf, keys},
 };
 
 /// Which layer a limits call is about.
@@ -148,14 +148,19 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// Loads the policy records from the store.
-    pub fn load(core: Arc<Core>, dir: Arc<Directory>) -> Result<Policy, StoreError> {
+    /// Loads the policy records (and the users' expiries) from the store.
+    pub fn load(core: Arc<Core>, dir: Arc<Directory>) -> Result<Policy, ServiceError> {
         let store = &core.store;
-        let (cache, buckets, runtime) = (
+        let (cache, buckets, mut runtime) = (
             Cache::load(store)?,
             Buckets::load(store)?,
             Runtime::load(store)?,
         );
+        runtime.expires = dir
+            .users()?
+            .into_iter()
+            .filter_map(|u| Some((u.name, from_unix_secs(u.expires_at?))))
+            .collect();
         Ok(Policy {
             core,
             dir,
@@ -217,6 +222,28 @@ impl Policy {
                 Ok(c.users.get(u).map(|p| p.limits.clone()).unwrap_or_default())
             }
         }
+    }
+
+    /// A user's account expiry as the gates use it (`None` = never).
+    pub fn expiry(&self, user: &UserName) -> Option<SystemTime> {
+        self.runtime.lock().unwrap().expires.get(user).copied()
+    }
+
+    /// Sets (or with `None` clears) a user's account expiry as the gates use it; the caller
+    /// stores it and then applies the user's policy ([`Policy::apply`]) to reach the kernel.
+    pub(in crate::service) fn set_expiry(&self, user: &UserName, at: Option<SystemTime>) {
+        let mut rt = self.runtime.lock().unwrap();
+        match at {
+            Some(t) => rt.expires.insert(user.clone(), t),
+            None => rt.expires.remove(user),
+        };
+        rt.expired_seen.remove(user);
+    }
+
+    /// The gate a device of `user` is programmed with before its policy is applied: admitted
+    /// until the user's expiry, or held as expired (`engine::decide` with no rule holding it).
+    pub(in crate::service) fn first_gate(&self, user: &UserName) -> Gate {
+        engine::decide(None, self.expiry(user), SystemTime::now())
     }
 
     /// The effective policy of a user with the layer of each field.
@@ -736,13 +763,15 @@ impl Policy {
             })
             .collect();
         let used = rt.used(user, engine::local_day(eff.tz.value, now));
-        for (id, want) in engine::gates(eff, &devices, used, now) {
+        let expires = rt.expires.get(user).copied();
+        for (id, held) in engine::gates(eff, &devices, used, now) {
+            let want = engine::decide(held, expires, now);
             let shook = handshake == Some(id);
             if !shook && rt.written.get(&id) == Some(&want) {
                 continue;
             }
             let kernel = self.core.plane.gate(id)?;
-            if let Some(gate) = engine::gate_write(kernel, want, shook, SystemTime::now()) {
+            if let Some(gate) = engine::gate_write(kernel, want, shook) {
                 self.core.plane.set_gate(id, gate)?;
                 tracing::info!(user = %user, peer = id, gate = ?gate, "policy gate");
             }
@@ -849,6 +878,23 @@ impl Policy {
                 .unwrap()
                 .count(u, &peers, today, elapsed);
             self.apply_gates(u, e, &peers, now, None)?;
+        }
+        // Expiries: the kernel cut the devices at the deadline by itself; once after it, their
+        // gates are decided again, so they are held under the reason `expired` (and a deadline
+        // off by a step of the wall clock is corrected before it, at each change).
+        let expired: Vec<UserName> = {
+            let rt = self.runtime.lock().unwrap();
+            rt.expires
+                .iter()
+                .filter(|(u, t)| **t <= now && !rt.expired_seen.contains(*u))
+                .map(|(u, _)| u.clone())
+                .collect()
+        };
+        for u in expired {
+            if !timed.iter().any(|(t, _)| *t == u) {
+                self.regate(&u, now, None)?;
+            }
+            self.runtime.lock().unwrap().expired_seen.insert(u);
         }
         self.save_online_time(&timed)
     }
