@@ -16,6 +16,8 @@ mod api_support;
 mod e2e_support;
 
 mod api_cli;
+mod api_expiry;
+mod api_token_user;
 mod api_geo;
 mod api_grpc;
 mod api_history;
@@ -27,6 +29,7 @@ mod dataplane;
 mod design_lines;
 mod e2e_agent_restart;
 mod e2e_dst_blocklist;
+mod e2e_expiry;
 mod e2e_flows;
 mod e2e_gate;
 mod e2e_harness;

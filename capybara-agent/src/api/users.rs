@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 
 use super::{
     client::{Client, ClientError},
-    convert::{AnswerError, need, opt_device, opt_secs, opt_user, secs_opt, time_field},
+    convert::{AnswerError, need, opt_device, opt_secs, secs_opt, time_field},
     handler::Api,
     status::invalid,
 };
@@ -54,8 +54,7 @@ impl Users for Api {
         &self,
         req: Request<pb::GetUserRequest>,
     ) -> Result<Response<pb::UserDetail>, Status> {
-        self.auth(&req, Scope::Read)?;
-        let name = UserName::parse("name", &req.get_ref().name).map_err(invalid)?;
+        let (_, name) = self.auth_user(&req, Scope::Read, "name", &req.get_ref().name)?;
         let d = self.call(move |s| s.users.get_user(&name)).await?;
         Ok(Response::new((&d).into()))
     }
@@ -78,9 +77,8 @@ impl Users for Api {
         &self,
         req: Request<pb::UserConfigRequest>,
     ) -> Result<Response<pb::UserConfigResponse>, Status> {
-        let actor = self.auth(&req, Scope::Admin)?;
+        let (actor, name) = self.auth_user(&req, Scope::Admin, "name", &req.get_ref().name)?;
         let r = req.into_inner();
-        let name = UserName::parse("name", &r.name).map_err(invalid)?;
         let device = opt_device("device", &r.device).map_err(invalid)?;
         let cfg = self
             .call(move |s| {
@@ -149,9 +147,8 @@ impl Peers for Api {
         &self,
         req: Request<pb::AddPeerRequest>,
     ) -> Result<Response<pb::AddPeerResponse>, Status> {
-        let actor = self.auth(&req, Scope::Write)?;
+        let (actor, user) = self.auth_user(&req, Scope::Write, "user", &req.get_ref().user)?;
         let r = req.into_inner();
-        let user = UserName::parse("user", &r.user).map_err(invalid)?;
         let device = DeviceName::parse("device", &r.device).map_err(invalid)?;
         let cfg = self
             .call(move |s| s.devices.add_device(&actor, &user, &device))
@@ -165,8 +162,7 @@ impl Peers for Api {
         &self,
         req: Request<pb::ListPeersRequest>,
     ) -> Result<Response<pb::ListPeersResponse>, Status> {
-        self.auth(&req, Scope::Read)?;
-        let user = opt_user("user", &req.get_ref().user).map_err(invalid)?;
+        let (_, user) = self.auth_opt_user(&req, Scope::Read, "user", &req.get_ref().user)?;
         let peers = self
             .call(move |s| s.devices.list_peers(user.as_ref()))
             .await?;
@@ -179,9 +175,8 @@ impl Peers for Api {
         &self,
         req: Request<pb::RemovePeerRequest>,
     ) -> Result<Response<pb::RemovePeerResponse>, Status> {
-        let actor = self.auth(&req, Scope::Write)?;
+        let (actor, user) = self.auth_user(&req, Scope::Write, "user", &req.get_ref().user)?;
         let r = req.into_inner();
-        let user = UserName::parse("user", &r.user).map_err(invalid)?;
         let device = DeviceName::parse("device", &r.device).map_err(invalid)?;
         let p = self
             .call(move |s| s.devices.remove_device(&actor, &user, &device))

@@ -32,8 +32,10 @@
 //! The policy is applied again to every device when the agent starts (rates live in qdiscs,
 //! which do not survive a restart; the rest is re-written idempotently) and to a device when it
 //! is added. At start every gate is reconciled with the one the kernel kept (pinned maps), never
-//! written blindly: a device held by someone else before the restart (kicked, MFA pending,
-//! expired) stays held; see [`engine::gate_write`].
+//! written blindly: a device held by someone else before the restart (kicked, MFA pending)
+//! stays held; see [`engine::gate_write`]. The user's account expiry is part of the gate
+//! decision ([`engine::decide`]: the admission's deadline, or held as `expired` once passed),
+//! kept in memory from the store's user records (`runtime`) and set by `service::users`.
 //!
 //! ## Quota buckets and periods
 //! A bucket id is allocated the first time an owner (`user:NAME` or `group:NAME` for a pool)
@@ -45,9 +47,10 @@
 //! ## Gates
 //! Devices online are learned from the tunnel (`on_connect` / `on_disconnect`); the
 //! tick accumulates each user's online time per local day and re-evaluates the gates of users with
-//! a window, a daily time or a device limit. A gate is written only when the policy's decision
+//! a window, a daily time or a device limit, and once those of a user whose expiry has passed (the
+//! kernel cut its devices at the deadline already; the tick makes the hold `expired`). A gate is written only when the policy's decision
 //! changes, and then only as [`engine::gate_write`] allows: the kernel's gate is read first and a
-//! hold of another owner (a kick until the device's next handshake, MFA, expiry) is left alone. An
+//! hold of another owner (a kick until the device's next handshake, MFA) is left alone. An
 //! owner ending its hold makes the policy decide afresh by forgetting the device's decision (as
 //! `forget_online` and a handshake do). Removing a device frees its slot of the device
 //! limit (its user's devices are decided again); a new device starts offline and undecided.
