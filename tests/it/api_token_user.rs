@@ -37,7 +37,15 @@ fn a_token_restricted_to_a_user_acts_on_that_user_only() {
     assert_eq!(local.json(&["api", "token", "list"]), tokens_before);
 
     let made = local.json(&[
-        "api", "token", "create", "--scope", "write", "--name", "alice-app", "--user", "alice",
+        "api",
+        "token",
+        "create",
+        "--scope",
+        "write",
+        "--name",
+        "alice-app",
+        "--user",
+        "alice",
     ]);
     assert_eq!(made["token"]["user"], "alice");
     let secret = made["secret"].as_str().unwrap().to_owned();
@@ -69,7 +77,10 @@ fn a_token_restricted_to_a_user_acts_on_that_user_only() {
     // Refused: another user, every user, account changes, tokens, policy.
     let (code, m) = refused(rt.block_on(c.get_user("bob")));
     assert_eq!(code, Code::PermissionDenied);
-    assert_eq!(m, "this token is restricted to user alice; bob is another user");
+    assert_eq!(
+        m,
+        "this token is restricted to user alice; bob is another user"
+    );
     let other = [
         refused(rt.block_on(c.add_peer("bob", "phone"))),
         refused(rt.block_on(c.kick("bob"))),
@@ -101,7 +112,13 @@ fn a_token_restricted_to_a_user_acts_on_that_user_only() {
     assert_eq!(code, Code::PermissionDenied);
     assert!(m.contains("needs scope admin"), "{m}");
     // Nothing of bob changed; the CLI says why on one line.
-    assert_eq!(local.json(&["user", "show", "bob"])["peers"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        local.json(&["user", "show", "bob"])["peers"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
     let tcp = Cli::tcp(&bin, &api, &secret);
     tcp.fails(1, &["user", "list"], "restricted to user alice");
     tcp.ok(&["user", "show", "alice"]);

@@ -17,7 +17,6 @@ mod e2e_support;
 
 mod api_cli;
 mod api_expiry;
-mod api_token_user;
 mod api_geo;
 mod api_grpc;
 mod api_history;
@@ -25,6 +24,7 @@ mod api_listen;
 mod api_policy;
 mod api_templates;
 mod api_tls;
+mod api_token_user;
 mod dataplane;
 mod design_lines;
 mod e2e_agent_restart;
