@@ -82,6 +82,19 @@ fn expire_renew_and_cleanup_reach_the_gate_and_are_audited() {
         show.contains("2020-01-01T00:00:00Z (expired: its devices are held at the gate"),
         "{show}"
     );
+    let explain = cli.json(&["policy", "explain", "alice"]);
+    let row = explain
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["field"] == "expires")
+        .unwrap_or_else(|| panic!("expires in {explain}"))
+        .clone();
+    assert_eq!(
+        row["value"],
+        "2020-01-01T00:00:00Z (expired: its devices are held at the gate, reason expired)"
+    );
+    assert_eq!(row["source"], "user");
     // Renew: cleared (admitted, no deadline), or set to a new time with --in.
     let out = cli.ok(&["user", "renew", "alice"]);
     assert_eq!(out, "alice: expires -\n");

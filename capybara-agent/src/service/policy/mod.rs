@@ -249,6 +249,29 @@ impl Policy {
         engine::decide(None, self.expiry(user), SystemTime::now())
     }
 
+    /// `policy explain`: the effective policy of a user field by field with its layer, and last
+    /// the account expiry (`expires`, from the user itself) with what it does to the gate now.
+    pub fn explain_rows(&self, user: &UserName) -> Result<Vec<resolve::ExplainRow>, ServiceError> {
+        let mut rows = self.explain(user)?.explain();
+        let value = match self.expiry(user) {
+            None => "never".to_owned(),
+            Some(t) if t <= SystemTime::now() => format!(
+                "{} (expired: its devices are held at the gate, reason expired)",
+                humantime::format_rfc3339_seconds(t)
+            ),
+            Some(t) => format!(
+                "{} (admitted until then: the kernel cuts its devices at that time)",
+                humantime::format_rfc3339_seconds(t)
+            ),
+        };
+        rows.push(resolve::ExplainRow {
+            field: "expires".to_owned(),
+            value,
+            source: "user".to_owned(),
+        });
+        Ok(rows)
+    }
+
     /// The effective policy of a user with the layer of each field.
     pub fn explain(&self, user: &UserName) -> Result<Effective, ServiceError> {
         self.dir.user(user)?;
