@@ -120,6 +120,7 @@ impl TestApi {
                     scope,
                     name: format!("test-{scope}"),
                     expires_at: None,
+                    user: None,
                 },
             )
             .expect("token")

@@ -14,15 +14,14 @@ use tonic::{Request, Response, Status};
 use super::{
     client::{Client, ClientError},
     convert::{
-        AnswerError, drop_reason_from_proto, drop_reason_to_proto, need, opt_secs, opt_user,
-        secs_opt, traffic_from_proto, traffic_to_proto,
+        AnswerError, drop_reason_from_proto, drop_reason_to_proto, need, opt_secs, secs_opt,
+        traffic_from_proto, traffic_to_proto,
     },
     handler::Api,
-    status::invalid,
 };
 use crate::service::{
     Connection, PeerCounters, PeerStatsView, Stats,
-    domain::{Peer, Scope, UserName},
+    domain::{Peer, Scope},
 };
 
 #[tonic::async_trait]
@@ -31,8 +30,7 @@ impl stats_server::Stats for Api {
         &self,
         req: Request<pb::GetStatsRequest>,
     ) -> Result<Response<pb::GetStatsResponse>, Status> {
-        self.auth(&req, Scope::Read)?;
-        let user = opt_user("user", &req.get_ref().user).map_err(invalid)?;
+        let (_, user) = self.auth_opt_user(&req, Scope::Read, "user", &req.get_ref().user)?;
         let st = self.call(move |s| s.monitor.stats(user.as_ref())).await?;
         Ok(Response::new((&st).into()))
     }
@@ -55,8 +53,7 @@ impl Connections for Api {
         &self,
         req: Request<pb::KickRequest>,
     ) -> Result<Response<pb::KickResponse>, Status> {
-        let actor = self.auth(&req, Scope::Write)?;
-        let user = UserName::parse("user", &req.get_ref().user).map_err(invalid)?;
+        let (actor, user) = self.auth_user(&req, Scope::Write, "user", &req.get_ref().user)?;
         let peers = self.call(move |s| s.monitor.kick(&actor, &user)).await?;
         Ok(Response::new(pb::KickResponse {
             kicked: peers.iter().map(Into::into).collect(),

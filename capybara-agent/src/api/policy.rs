@@ -177,11 +177,10 @@ impl policy_server::Policy for Api {
         self.auth(&req, Scope::Read)?;
         let user = UserName::parse("user", &req.get_ref().user).map_err(invalid)?;
         let name = user.to_string();
-        let e = self.call(move |s| s.policy.explain(&user)).await?;
+        let rows = self.call(move |s| s.policy.explain_rows(&user)).await?;
         Ok(Response::new(pb::ExplainPolicyResponse {
             user: name,
-            fields: e
-                .explain()
+            fields: rows
                 .into_iter()
                 .map(|r| pb::PolicyField {
                     field: r.field,

@@ -31,7 +31,9 @@ pub fn status_of(e: ServiceError) -> Status {
 /// The gRPC status of an authentication failure.
 pub fn auth_status(e: &AuthError) -> Status {
     match e {
-        AuthError::Scope { .. } => Status::permission_denied(e.to_string()),
+        AuthError::Scope { .. } | AuthError::Restricted { .. } | AuthError::OtherUser { .. } => {
+            Status::permission_denied(e.to_string())
+        }
         AuthError::Store(source) => {
             tracing::error!(error = %ErrorChain(source.as_ref()), "token lookup failed");
             Status::unavailable(e.to_string())

@@ -100,6 +100,7 @@ fn token_request_needs_a_scope() {
         scope: pb::Scope::Write as i32,
         name: "ci".into(),
         expires_in_secs: 60,
+        ..Default::default()
     })
     .unwrap();
     assert_eq!(t.scope, Scope::Write);
@@ -126,6 +127,7 @@ fn domain_answers_round_trip_through_proto() {
         created_at: 1,
         expires_at: None,
         revoked_at: Some(3),
+        user: Some(UserName::parse("user", "alice").unwrap()),
     };
     assert_eq!(Token::try_from(pb::Token::from(&t)).unwrap(), t);
     let mut drops = BTreeMap::new();

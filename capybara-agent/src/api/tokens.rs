@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::{
     client::{Client, ClientError},
-    convert::{AnswerError, need, opt_secs, secs_opt},
+    convert::{AnswerError, need, opt_secs, opt_user, secs_opt},
     handler::Api,
     status::invalid,
 };
@@ -101,6 +101,7 @@ impl TryFrom<pb::CreateTokenRequest> for NewToken {
             scope: scope_from_proto("scope", r.scope)?,
             name: r.name,
             expires_at,
+            user: opt_user("user", &r.user)?,
         })
     }
 }
@@ -114,6 +115,7 @@ impl From<&Token> for pb::Token {
             created_at: t.created_at as i64,
             expires_at: opt_secs(t.expires_at),
             revoked_at: opt_secs(t.revoked_at),
+            user: t.user.as_ref().map(ToString::to_string).unwrap_or_default(),
         }
     }
 }
@@ -128,6 +130,7 @@ impl TryFrom<pb::Token> for Token {
             created_at: t.created_at.max(0) as u64,
             expires_at: secs_opt(t.expires_at),
             revoked_at: secs_opt(t.revoked_at),
+            user: opt_user("token.user", &t.user)?,
         })
     }
 }
@@ -140,11 +143,24 @@ impl Client {
         name: &str,
         expires_in_secs: u64,
     ) -> Result<(Token, String), ClientError> {
+        self.create_user_token(scope, name, expires_in_secs, "")
+            .await
+    }
+
+    /// Creates a token restricted to `user` (`""`: every user); returns it with its secret.
+    pub async fn create_user_token(
+        &self,
+        scope: Scope,
+        name: &str,
+        expires_in_secs: u64,
+        user: &str,
+    ) -> Result<(Token, String), ClientError> {
         let r = TokensClient::new(self.channel.clone())
             .create_token(self.req(pb::CreateTokenRequest {
                 scope: scope_to_proto(scope) as i32,
                 name: name.into(),
                 expires_in_secs,
+                user: user.into(),
             }))
             .await?
             .into_inner();

@@ -9,16 +9,19 @@ use tonic::{Request, Response, Status};
 
 use super::{
     client::{Client, ClientError},
-    convert::{AnswerError, need, opt_device, opt_secs, opt_user, secs_opt, time_field},
+    convert::{AnswerError, need, opt_device, opt_secs, secs_opt, time_field},
     handler::Api,
     status::invalid,
 };
+use std::time::Duration;
+
 use crate::service::{
     NewUser,
     domain::{
         ClientConfig, DeviceName, Peer, PublicKey, Scope, User, UserDetail, UserName,
         ValidationError,
     },
+    users::DEFAULT_CLEANUP_GRACE,
 };
 
 #[tonic::async_trait]
@@ -51,8 +54,7 @@ impl Users for Api {
         &self,
         req: Request<pb::GetUserRequest>,
     ) -> Result<Response<pb::UserDetail>, Status> {
-        self.auth(&req, Scope::Read)?;
-        let name = UserName::parse("name", &req.get_ref().name).map_err(invalid)?;
+        let (_, name) = self.auth_user(&req, Scope::Read, "name", &req.get_ref().name)?;
         let d = self.call(move |s| s.users.get_user(&name)).await?;
         Ok(Response::new((&d).into()))
     }
@@ -75,9 +77,8 @@ impl Users for Api {
         &self,
         req: Request<pb::UserConfigRequest>,
     ) -> Result<Response<pb::UserConfigResponse>, Status> {
-        let actor = self.auth(&req, Scope::Admin)?;
+        let (actor, name) = self.auth_user(&req, Scope::Admin, "name", &req.get_ref().name)?;
         let r = req.into_inner();
-        let name = UserName::parse("name", &r.name).map_err(invalid)?;
         let device = opt_device("device", &r.device).map_err(invalid)?;
         let cfg = self
             .call(move |s| {
@@ -89,6 +90,55 @@ impl Users for Api {
             config: Some((&cfg).into()),
         }))
     }
+
+    async fn expire_user(
+        &self,
+        req: Request<pb::ExpireUserRequest>,
+    ) -> Result<Response<pb::UserDetail>, Status> {
+        let actor = self.auth(&req, Scope::Write)?;
+        let r = req.into_inner();
+        let name = UserName::parse("name", &r.name).map_err(invalid)?;
+        let at = time_field("at", r.at)
+            .and_then(|t| t.ok_or(ValidationError::Missing { field: "at" }))
+            .map_err(invalid)?;
+        let d = self
+            .call(move |s| s.users.expire_user(&actor, &name, at))
+            .await?;
+        Ok(Response::new((&d).into()))
+    }
+
+    async fn renew_user(
+        &self,
+        req: Request<pb::RenewUserRequest>,
+    ) -> Result<Response<pb::UserDetail>, Status> {
+        let actor = self.auth(&req, Scope::Write)?;
+        let r = req.into_inner();
+        let name = UserName::parse("name", &r.name).map_err(invalid)?;
+        let at = time_field("at", r.at).map_err(invalid)?;
+        let d = self
+            .call(move |s| s.users.renew_user(&actor, &name, at))
+            .await?;
+        Ok(Response::new((&d).into()))
+    }
+
+    async fn cleanup_expired(
+        &self,
+        req: Request<pb::CleanupExpiredRequest>,
+    ) -> Result<Response<pb::CleanupExpiredResponse>, Status> {
+        let actor = self.auth(&req, Scope::Write)?;
+        let r = req.into_inner();
+        let grace = r
+            .grace_secs
+            .map_or(DEFAULT_CLEANUP_GRACE, Duration::from_secs);
+        let dry_run = r.dry_run;
+        let users = self
+            .call(move |s| s.users.cleanup_expired(&actor, grace, dry_run))
+            .await?;
+        Ok(Response::new(pb::CleanupExpiredResponse {
+            users: users.iter().map(Into::into).collect(),
+            dry_run,
+        }))
+    }
 }
 
 #[tonic::async_trait]
@@ -97,9 +147,8 @@ impl Peers for Api {
         &self,
         req: Request<pb::AddPeerRequest>,
     ) -> Result<Response<pb::AddPeerResponse>, Status> {
-        let actor = self.auth(&req, Scope::Write)?;
+        let (actor, user) = self.auth_user(&req, Scope::Write, "user", &req.get_ref().user)?;
         let r = req.into_inner();
-        let user = UserName::parse("user", &r.user).map_err(invalid)?;
         let device = DeviceName::parse("device", &r.device).map_err(invalid)?;
         let cfg = self
             .call(move |s| s.devices.add_device(&actor, &user, &device))
@@ -113,8 +162,7 @@ impl Peers for Api {
         &self,
         req: Request<pb::ListPeersRequest>,
     ) -> Result<Response<pb::ListPeersResponse>, Status> {
-        self.auth(&req, Scope::Read)?;
-        let user = opt_user("user", &req.get_ref().user).map_err(invalid)?;
+        let (_, user) = self.auth_opt_user(&req, Scope::Read, "user", &req.get_ref().user)?;
         let peers = self
             .call(move |s| s.devices.list_peers(user.as_ref()))
             .await?;
@@ -127,9 +175,8 @@ impl Peers for Api {
         &self,
         req: Request<pb::RemovePeerRequest>,
     ) -> Result<Response<pb::RemovePeerResponse>, Status> {
-        let actor = self.auth(&req, Scope::Write)?;
+        let (actor, user) = self.auth_user(&req, Scope::Write, "user", &req.get_ref().user)?;
         let r = req.into_inner();
-        let user = UserName::parse("user", &r.user).map_err(invalid)?;
         let device = DeviceName::parse("device", &r.device).map_err(invalid)?;
         let p = self
             .call(move |s| s.devices.remove_device(&actor, &user, &device))
@@ -327,6 +374,50 @@ impl Client {
             .await?
             .into_inner();
         Ok(need("config", r.config)?.try_into()?)
+    }
+
+    /// Sets a user's expiry (Unix seconds; may be in the past).
+    pub async fn expire_user(&self, name: &str, at: i64) -> Result<UserDetail, ClientError> {
+        let r = UsersClient::new(self.channel.clone())
+            .expire_user(self.req(pb::ExpireUserRequest {
+                name: name.into(),
+                at,
+            }))
+            .await?
+            .into_inner();
+        Ok(r.try_into()?)
+    }
+
+    /// Clears a user's expiry (`at` 0) or sets a new one.
+    pub async fn renew_user(&self, name: &str, at: i64) -> Result<UserDetail, ClientError> {
+        let r = UsersClient::new(self.channel.clone())
+            .renew_user(self.req(pb::RenewUserRequest {
+                name: name.into(),
+                at,
+            }))
+            .await?
+            .into_inner();
+        Ok(r.try_into()?)
+    }
+
+    /// Removes (or with `dry_run` lists) the users expired more than `grace_secs` ago (`None`:
+    /// the agent's default grace).
+    pub async fn cleanup_expired(
+        &self,
+        grace_secs: Option<u64>,
+        dry_run: bool,
+    ) -> Result<Vec<UserDetail>, ClientError> {
+        let r = UsersClient::new(self.channel.clone())
+            .cleanup_expired(self.req(pb::CleanupExpiredRequest {
+                grace_secs,
+                dry_run,
+            }))
+            .await?
+            .into_inner();
+        Ok(r.users
+            .into_iter()
+            .map(TryInto::try_into)
+            .collect::<Result<_, AnswerError>>()?)
     }
 
     /// Adds a device.

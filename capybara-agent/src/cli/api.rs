@@ -11,7 +11,7 @@ use clap::Subcommand;
 
 use super::{
     Cli, CliError, connect,
-    input::expiry,
+    input::{expiry, opt_user},
     output::{opt_time, out, outln, print_json, time},
     table::Table,
 };
@@ -43,6 +43,10 @@ pub(super) enum TokenCmd {
         /// A label.
         #[arg(long, default_value = "")]
         name: String,
+        /// Restrict the token to this user: it may act on and see only that user (its record,
+        /// devices and configs, within its scope); every other call is refused.
+        #[arg(long)]
+        user: Option<String>,
     },
     /// Every token (never their secrets).
     List,
@@ -67,13 +71,15 @@ async fn token(cli: &Cli, cmd: &TokenCmd) -> Result<(), CliError> {
             scope,
             expires,
             name,
+            user,
         } => {
             let scope = Scope::parse("scope", scope)?;
+            let user = opt_user(user.as_ref())?;
             let defaulted = expires.is_none();
             let expires = expiry("expires", expires.as_deref())?.unwrap_or(0);
             let (t, secret) = connect(cli)
                 .await?
-                .create_token(scope, name, expires)
+                .create_user_token(scope, name, expires, user)
                 .await?;
             if cli.json {
                 print_json(&serde_json::json!({ "token": t, "secret": secret }))?;
@@ -87,8 +93,12 @@ async fn token(cli: &Cli, cmd: &TokenCmd) -> Result<(), CliError> {
                 } else {
                     String::new()
                 };
+                let only = t
+                    .user
+                    .as_ref()
+                    .map_or_else(String::new, |u| format!(", only user {u}"));
                 eprintln!(
-                    "token {} (scope {}, expires {}{default}): the secret above is shown once",
+                    "token {} (scope {}{only}, expires {}{default}): the secret above is shown once",
                     t.id,
                     t.scope,
                     opt_time(t.expires_at)
@@ -102,7 +112,9 @@ async fn token(cli: &Cli, cmd: &TokenCmd) -> Result<(), CliError> {
                 print_json(&tokens)?;
                 return Ok(());
             }
-            let mut t = Table::new(&["ID", "NAME", "SCOPE", "CREATED", "EXPIRES", "REVOKED"]);
+            let mut t = Table::new(&[
+                "ID", "NAME", "SCOPE", "CREATED", "EXPIRES", "REVOKED", "USER",
+            ]);
             for k in &tokens {
                 t.row(vec![
                     k.id.to_string(),
@@ -115,6 +127,9 @@ async fn token(cli: &Cli, cmd: &TokenCmd) -> Result<(), CliError> {
                     time(k.created_at),
                     opt_time(k.expires_at),
                     opt_time(k.revoked_at),
+                    k.user
+                        .as_ref()
+                        .map_or_else(|| "-".into(), ToString::to_string),
                 ]);
             }
             out!("{t}")?;

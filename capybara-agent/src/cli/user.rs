@@ -1,9 +1,15 @@
-//! `capybara user add|list|show|remove|config`: users with their devices, and a device's
-//! wg-quick config with its QR code (printed by `client_config`).
+//! `capybara user add|list|show|remove|config|expire|renew|cleanup-expired`: users with their
+//! devices, a device's wg-quick config with its QR code (printed by `client_config`), and
+//! account expiry.
+//!
+//! A `DATE` (`expire --at`, `renew --at`) is RFC 3339 (`2027-01-31T18:00:00Z`,
+//! `2027-01-31T18:00:00+01:00`) or a day (`2027-01-31`, its midnight UTC); a duration
+//! (`--expires`, `--in`, `--grace`) is `<number><s|m|h|d|w>` as everywhere.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
-use clap::Subcommand;
+use chrono::{DateTime, NaiveDate};
+use clap::{ArgGroup, Subcommand};
 
 use super::{
     Cli, CliError,
@@ -13,7 +19,9 @@ use super::{
     output::{opt_time, out, outln, print_json, time},
     table::Table,
 };
-use crate::service::domain::{DeviceName, UserName, unix_secs};
+use crate::service::domain::{
+    DeviceName, UserDetail, UserName, ValidationError, parse_duration, unix_secs,
+};
 
 /// `capybara user …`.
 #[derive(Debug, Subcommand)]
@@ -56,6 +64,102 @@ pub(super) enum UserCmd {
         #[command(flatten)]
         out: ConfigOut,
     },
+    /// Set a user's account expiry: its devices are cut by the kernel at that time (a time in
+    /// the past cuts them at once). Exactly one of --at and --in.
+    #[command(group(ArgGroup::new("when").required(true).args(["at", "in_"])))]
+    Expire {
+        /// The user.
+        name: String,
+        /// The expiry: RFC 3339 (2027-01-31T18:00:00Z) or a day (2027-01-31, midnight UTC).
+        #[arg(long)]
+        at: Option<String>,
+        /// The expiry from now, e.g. 30d.
+        #[arg(long = "in", id = "in_")]
+        in_: Option<String>,
+    },
+    /// Renew a user: without options the expiry is cleared (the account never expires); with
+    /// --at or --in it is set to that time instead, which must be ahead. Devices held as expired
+    /// are admitted again.
+    #[command(group(ArgGroup::new("when").args(["at", "in_"])))]
+    Renew {
+        /// The user.
+        name: String,
+        /// The new expiry: RFC 3339 or a day (midnight UTC).
+        #[arg(long)]
+        at: Option<String>,
+        /// The new expiry from now, e.g. 30d.
+        #[arg(long = "in", id = "in_")]
+        in_: Option<String>,
+    },
+    /// Remove the users whose expiry passed more than the grace ago, with their devices; prints
+    /// what was removed.
+    CleanupExpired {
+        /// How long after its expiry a user is kept (default 7d; 0 removes every expired user).
+        #[arg(long)]
+        grace: Option<String>,
+        /// List the users that would be removed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// A `DATE` (see the module docs) as Unix seconds.
+fn date(field: &'static str, s: &str) -> Result<i64, ValidationError> {
+    let bad = ValidationError::Time {
+        field,
+        reason: "expected a date like 2027-01-31 or 2027-01-31T18:00:00Z",
+    };
+    let secs = match DateTime::parse_from_rfc3339(s) {
+        Ok(t) => t.timestamp(),
+        Err(_) => NaiveDate::parse_from_str(s, "%Y-%m-%d")
+            .map_err(|_| bad.clone())?
+            .and_hms_opt(0, 0, 0)
+            .ok_or_else(|| bad.clone())?
+            .and_utc()
+            .timestamp(),
+    };
+    if secs <= 0 {
+        return Err(ValidationError::Time {
+            field,
+            reason: "must be after 1970-01-01T00:00:00Z",
+        });
+    }
+    Ok(secs)
+}
+
+/// `--at DATE` or `--in DURATION` as Unix seconds; 0 for neither.
+fn when(at: Option<&str>, in_: Option<&str>) -> Result<i64, ValidationError> {
+    match (at, in_) {
+        (Some(a), _) => date("at", a),
+        (None, Some(d)) => {
+            let d = parse_duration("in", d)?;
+            Ok((unix_secs(SystemTime::now()) + d.as_secs()) as i64)
+        }
+        (None, None) => Ok(0),
+    }
+}
+
+/// Prints a user's name and expiry after an expiry change.
+fn print_expiry(cli: &Cli, u: &UserDetail) -> Result<(), CliError> {
+    if cli.json {
+        return print_json(u);
+    }
+    outln!(
+        "{}: expires {}{}",
+        u.user.name,
+        opt_time(u.user.expires_at),
+        expired_note(u.user.expires_at)
+    )?;
+    Ok(())
+}
+
+/// `" (expired: …)"` when `expires_at` has passed, else nothing.
+fn expired_note(expires_at: Option<u64>) -> &'static str {
+    if expires_at.is_some_and(|t| t <= unix_secs(SystemTime::now())) {
+        " (expired: its devices are held at the gate, reason expired)"
+    } else {
+        ""
+    }
 }
 
 /// Runs `capybara user …`.
@@ -104,7 +208,11 @@ pub(super) async fn run(cli: &Cli, cmd: &UserCmd) -> Result<(), CliError> {
             }
             outln!("user     {}", u.user.name)?;
             outln!("created  {}", time(u.user.created_at))?;
-            outln!("expires  {}", opt_time(u.user.expires_at))?;
+            outln!(
+                "expires  {}{}",
+                opt_time(u.user.expires_at),
+                expired_note(u.user.expires_at)
+            )?;
             outln!()?;
             let mut t = Table::new(&["ID", "DEVICE", "IPV4", "IPV6", "PUBLIC KEY", "KEY KEPT"]);
             for p in &u.peers {
@@ -145,6 +253,43 @@ pub(super) async fn run(cli: &Cli, cmd: &UserCmd) -> Result<(), CliError> {
                 .user_config(name, device.as_deref().unwrap_or(""), *rotate)
                 .await?;
             client_config::show(cli, &cfg, out)
+        }
+        UserCmd::Expire { name, at, in_ } => {
+            UserName::parse("name", name)?;
+            let at = when(at.as_deref(), in_.as_deref())?;
+            let u = connect(cli).await?.expire_user(name, at).await?;
+            print_expiry(cli, &u)
+        }
+        UserCmd::Renew { name, at, in_ } => {
+            UserName::parse("name", name)?;
+            let at = when(at.as_deref(), in_.as_deref())?;
+            let u = connect(cli).await?.renew_user(name, at).await?;
+            print_expiry(cli, &u)
+        }
+        UserCmd::CleanupExpired { grace, dry_run } => {
+            let grace = match grace.as_deref() {
+                None => None,
+                Some("0") => Some(Duration::ZERO),
+                Some(g) => Some(parse_duration("grace", g)?),
+            };
+            let users = connect(cli)
+                .await?
+                .cleanup_expired(grace.map(|g| g.as_secs()), *dry_run)
+                .await?;
+            if cli.json {
+                return print_json(&users);
+            }
+            let verb = if *dry_run { "would remove" } else { "removed" };
+            for u in &users {
+                outln!(
+                    "{verb} {} (expired {}) and {} device(s)",
+                    u.user.name,
+                    opt_time(u.user.expires_at),
+                    u.peers.len()
+                )?;
+            }
+            outln!("{verb} {} expired user(s)", users.len())?;
+            Ok(())
         }
     }
 }

@@ -34,7 +34,7 @@ use super::{
     secrets,
 };
 use crate::{
-    dataplane::{DataplaneError, Gate},
+    dataplane::DataplaneError,
     store::{Batch, Cf, keys},
 };
 
@@ -154,7 +154,10 @@ impl Devices {
         let allowed = allowed_ips(peer);
         let plane = &self.core.plane;
         plane.set_peer(peer.id, &allowed)?;
-        if let Err(e) = plane.set_gate(peer.id, Gate::Admitted { until: None }) {
+        // Admitted until its user's expiry (held as expired once it passed): the kernel
+        // enforces the deadline from the device's first packet; the policy applied next adds
+        // its own holds.
+        if let Err(e) = plane.set_gate(peer.id, self.policy.first_gate(&peer.user)) {
             let _ = plane.remove_peer(peer.id);
             return Err(e.into());
         }

@@ -485,6 +485,9 @@ pub struct Token {
     pub expires_at: Option<u64>,
     /// Revocation time, Unix seconds; `None` = valid.
     pub revoked_at: Option<u64>,
+    /// The one user the token may act on and see (`None`: every user its scope allows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<UserName>,
 }
 
 /// Who made a change (or a request).

@@ -110,6 +110,23 @@ pub enum AuthError {
     /// The token was revoked.
     #[error("token revoked")]
     Revoked,
+    /// The token is restricted to one user and the call is not about that user alone (a list
+    /// of every user, a server-wide setting, …).
+    #[error(
+        "this token is restricted to user {user}: it may only call what concerns that user (its record, devices, configs)"
+    )]
+    Restricted {
+        /// The token's user.
+        user: String,
+    },
+    /// The token is restricted to one user and the call is about another.
+    #[error("this token is restricted to user {user}; {target} is another user")]
+    OtherUser {
+        /// The token's user.
+        user: String,
+        /// The user the call is about.
+        target: String,
+    },
     /// The token is valid but its scope is too small for the call.
     #[error("this call needs scope {need}; the token has {have}")]
     Scope {

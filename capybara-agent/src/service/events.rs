@@ -160,6 +160,7 @@ mod tests {
                     scope: Scope::Write,
                     name: "billing".into(),
                     expires_at: None,
+                    user: None,
                 },
             )
             .unwrap();
@@ -214,6 +215,7 @@ mod tests {
                         scope: Scope::Read,
                         name: "bad\nname".into(),
                         expires_at: None,
+                        user: None,
                     },
                 )
                 .is_err()

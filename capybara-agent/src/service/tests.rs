@@ -440,6 +440,7 @@ fn a_token_without_an_expiry_expires_after_the_default_lifetime() {
                 scope: Scope::Read,
                 name: String::new(),
                 expires_at: None,
+                user: None,
             },
         )
         .unwrap();
@@ -460,6 +461,7 @@ fn tokens_authenticate_by_hash_and_stop_when_revoked_or_expired() {
                 scope: Scope::Write,
                 name: "ci".into(),
                 expires_at: None,
+                user: None,
             },
         )
         .unwrap();
@@ -502,6 +504,7 @@ fn tokens_authenticate_by_hash_and_stop_when_revoked_or_expired() {
                 scope: Scope::Read,
                 name: String::new(),
                 expires_at: Some(SystemTime::now() + Duration::from_secs(60)),
+                user: None,
             },
         )
         .unwrap();

@@ -2,6 +2,10 @@
 //! secret), revoked but kept for the audit trail; [`Tokens::authenticate`] turns a bearer
 //! string into the actor it stands for.
 //!
+//! A token may be restricted to one user ([`NewToken::user`]): it then acts on and sees only
+//! that user (the API checks each call, `api::handler`); the restriction is stored with the
+//! token, listed, and in the `token.create` audit record.
+//!
 //! A token created without an expiry expires after [`DEFAULT_TOKEN_LIFETIME`] (90 days): a
 //! token copied into a script or a panel and forgotten stops working on its own. A longer-lived
 //! token names its expiry; none lives forever.
@@ -16,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     AuthError, ServiceError,
     core::{Core, now, to_json},
-    domain::{Actor, Scope, Token, TokenId, ValidationError, expiry},
+    domain::{Actor, Scope, Token, TokenId, UserName, ValidationError, expiry},
     secrets,
 };
 use crate::store::{Batch, Cf, keys};
@@ -42,6 +46,8 @@ pub struct NewToken {
     pub name: String,
     /// When it stops working (`None`: after [`DEFAULT_TOKEN_LIFETIME`]).
     pub expires_at: Option<SystemTime>,
+    /// The one user it may act on and see; `None`: every user.
+    pub user: Option<UserName>,
 }
 
 /// The tokens feature.
@@ -78,6 +84,18 @@ impl Tokens {
                     .unwrap_or_else(|| SystemTime::now() + DEFAULT_TOKEN_LIFETIME),
             ),
         )?;
+        if let Some(u) = &new.user
+            && self
+                .core
+                .store
+                .get::<serde_json::Value>(Cf::Users, &keys::user(u.as_str()))?
+                .is_none()
+        {
+            return Err(ServiceError::NotFound {
+                what: "user",
+                name: u.to_string(),
+            });
+        }
         let id = TokenId::random();
         let secret = secrets::new_token_secret(&id);
         let token = Token {
@@ -87,6 +105,7 @@ impl Tokens {
             created_at: now(),
             expires_at,
             revoked_at: None,
+            user: new.user,
         };
         let mut batch = Batch::default();
         batch.put(
@@ -153,6 +172,14 @@ impl Tokens {
 
     /// The actor a bearer string stands for, if it is a valid token.
     pub fn authenticate(&self, bearer: &str) -> Result<Actor, AuthError> {
+        self.authenticate_restricted(bearer).map(|(a, _)| a)
+    }
+
+    /// [`Tokens::authenticate`] with the one user the token is restricted to, if any.
+    pub fn authenticate_restricted(
+        &self,
+        bearer: &str,
+    ) -> Result<(Actor, Option<UserName>), AuthError> {
         let (id, hash) = secrets::parse_bearer(bearer).ok_or(AuthError::Invalid)?;
         let rec: TokenRecord = self
             .core
@@ -169,9 +196,12 @@ impl Tokens {
         if rec.token.expires_at.is_some_and(|e| e <= now()) {
             return Err(AuthError::Expired);
         }
-        Ok(Actor::Token {
-            id,
-            scope: rec.token.scope,
-        })
+        Ok((
+            Actor::Token {
+                id,
+                scope: rec.token.scope,
+            },
+            rec.token.user,
+        ))
     }
 }

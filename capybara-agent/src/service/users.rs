@@ -1,14 +1,35 @@
 //! Users: adding a user with its first device, removing a user with every device and its
-//! policy records, and reading users with their devices.
+//! policy records, reading users with their devices, and account expiry.
+//!
+//! ## Account expiry
+//! A user's expiry (`add --expires`, `expire`, `renew`) is the admission deadline of each of its
+//! devices in the kernel (`policy::engine::decide`): a device is programmed with it, the agent
+//! start reconciles it, every change of it reaches the kernel before the reply, so the kernel
+//! cuts the devices at that instant by itself (CLOCK_BOOTTIME deadline), with no agent timer and
+//! with the agent down. A user whose expiry has passed has its devices held as `expired`.
+//! - `expire`: sets the expiry; a time in the past is allowed and cuts at once; at most
+//!   [`MAX_EXPIRY_AHEAD`] ahead.
+//! - `renew`: clears the expiry, or sets a new one, which must be ahead (and at most
+//!   [`MAX_EXPIRY_AHEAD`]).
+//! - `cleanup-expired`: removes the users whose expiry passed more than the grace ago
+//!   ([`DEFAULT_CLEANUP_GRACE`], 7 days, unless given) with their devices and kernel peers, one
+//!   user per store batch (each removal whole, audited as `user.cleanup`); a dry run lists them
+//!   and changes nothing.
 
-use std::{sync::Arc, time::SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use super::{
     ServiceError,
     core::{Core, now, to_json},
     devices::Devices,
     directory::Directory,
-    domain::{Actor, ClientConfig, DeviceName, User, UserDetail, UserName, expiry},
+    domain::{
+        Actor, ClientConfig, DeviceName, MAX_EXPIRY_AHEAD, User, UserDetail, UserName,
+        ValidationError, expiry, from_unix_secs, unix_secs,
+    },
     policy::Policy,
 };
 use crate::store::{Batch, Cf, keys};
@@ -23,6 +44,10 @@ pub struct NewUser {
     /// Account expiry.
     pub expires_at: Option<SystemTime>,
 }
+
+/// How long after its expiry `cleanup-expired` removes a user when no grace is given: a user
+/// renewed within a week (a late payment) keeps its devices and keys.
+pub const DEFAULT_CLEANUP_GRACE: Duration = Duration::from_secs(7 * 86_400);
 
 /// The users feature.
 #[derive(Debug)]
@@ -70,6 +95,9 @@ impl Users {
             expires_at,
         };
         let (rec, private) = self.devices.new_peer(&new.name, &new.device)?;
+        // The gates read the expiry from the policy: known before the device is programmed.
+        self.policy
+            .set_expiry(&new.name, expires_at.map(from_unix_secs));
         let added_user = true;
         let pkey = keys::peer(new.name.as_str(), new.device.as_str());
         let mut batch = Batch::default();
@@ -87,9 +115,16 @@ impl Users {
             None,
             to_json(&detail),
         )?;
-        let cfg = self
+        let cfg = match self
             .devices
-            .commit_device(batch, pkey, rec, &private, added_user)?;
+            .commit_device(batch, pkey, rec, &private, added_user)
+        {
+            Ok(cfg) => cfg,
+            Err(e) => {
+                self.policy.set_expiry(&new.name, None);
+                return Err(e);
+            }
+        };
         tracing::info!(%actor, user = %new.name, "user added");
         Ok((user, cfg))
     }
@@ -116,6 +151,16 @@ impl Users {
     /// Removes a user and all its devices (tunnel, dataplane, then one store batch).
     pub fn remove_user(&self, actor: &Actor, name: &UserName) -> Result<UserDetail, ServiceError> {
         let _w = self.core.writer.lock().unwrap();
+        self.remove_locked(actor, name, "user.remove")
+    }
+
+    /// [`Users::remove_user`] under the writer lock, audited as `action`.
+    fn remove_locked(
+        &self,
+        actor: &Actor,
+        name: &UserName,
+        action: &str,
+    ) -> Result<UserDetail, ServiceError> {
         let user = self.dir.user(name)?;
         let recs = self.dir.records(name);
         let detail = UserDetail {
@@ -143,7 +188,7 @@ impl Users {
         self.core.audit(
             &mut batch,
             actor,
-            "user.remove",
+            action,
             format!("user:{name}"),
             to_json(&detail),
             None,
@@ -158,7 +203,138 @@ impl Users {
             self.dir.remove(&r.peer);
         }
         self.policy.forgotten(policy);
-        tracing::info!(%actor, user = %name, "user removed");
+        tracing::info!(%actor, user = %name, action, "user removed");
         Ok(detail)
+    }
+
+    /// Sets a user's expiry to `at`; a time in the past is allowed and holds its devices at
+    /// once (see the module docs).
+    pub fn expire_user(
+        &self,
+        actor: &Actor,
+        name: &UserName,
+        at: SystemTime,
+    ) -> Result<UserDetail, ServiceError> {
+        if at
+            .duration_since(SystemTime::now())
+            .is_ok_and(|d| d > MAX_EXPIRY_AHEAD)
+        {
+            return Err(ValidationError::Time {
+                field: "at",
+                reason: "too far in the future",
+            }
+            .into());
+        }
+        self.set_expiry(actor, name, Some(unix_secs(at)), "user.expire")
+    }
+
+    /// Clears a user's expiry, or with `at` sets a new one (ahead of now); its held-as-expired
+    /// devices are admitted again.
+    pub fn renew_user(
+        &self,
+        actor: &Actor,
+        name: &UserName,
+        at: Option<SystemTime>,
+    ) -> Result<UserDetail, ServiceError> {
+        let at = expiry("at", at)?;
+        self.set_expiry(actor, name, at, "user.renew")
+    }
+
+    /// Stores a user's new expiry with its audit record, then reaches the kernel (the devices'
+    /// gates) before it returns; if the kernel refuses, the old expiry is put back.
+    fn set_expiry(
+        &self,
+        actor: &Actor,
+        name: &UserName,
+        at: Option<u64>,
+        action: &str,
+    ) -> Result<UserDetail, ServiceError> {
+        let _w = self.core.writer.lock().unwrap();
+        let before = self.dir.user(name)?;
+        let after = User {
+            expires_at: at,
+            ..before.clone()
+        };
+        let mut batch = Batch::default();
+        batch.put(Cf::Users, &keys::user(name.as_str()), &after)?;
+        let seq = self.core.next_audit_seq();
+        self.core.audit(
+            &mut batch,
+            actor,
+            action,
+            format!("user:{name}"),
+            to_json(&before),
+            to_json(&after),
+        )?;
+        let event = self.core.commit_unpublished(batch)?;
+        self.policy.set_expiry(name, at.map(from_unix_secs));
+        if let Err(e) = self.policy.apply(std::slice::from_ref(name), false) {
+            tracing::error!(error = %e, user = %name, action, "the kernel refused an expiry; undoing it");
+            let mut undo = Batch::default();
+            undo.put(Cf::Users, &keys::user(name.as_str()), &before)?;
+            undo.delete(Cf::Audit, &keys::audit(seq));
+            self.core.store.commit(undo)?;
+            self.core.rewind_audit(seq);
+            self.policy
+                .set_expiry(name, before.expires_at.map(from_unix_secs));
+            if let Err(r) = self.policy.apply(std::slice::from_ref(name), false) {
+                tracing::error!(error = %r, user = %name, "cannot re-apply the old expiry");
+            }
+            return Err(e);
+        }
+        self.core.publish(event);
+        tracing::info!(%actor, user = %name, action, expires_at = ?at, "user expiry changed");
+        Ok(UserDetail {
+            user: after,
+            peers: self.dir.user_peers(name),
+        })
+    }
+
+    /// The users whose expiry passed more than `grace` ago (at `now`), by name.
+    fn expired_before(
+        &self,
+        grace: Duration,
+        now: SystemTime,
+    ) -> Result<Vec<UserName>, ServiceError> {
+        let cutoff = unix_secs(now).saturating_sub(grace.as_secs());
+        Ok(self
+            .dir
+            .users()?
+            .into_iter()
+            .filter(|u| u.expires_at.is_some_and(|t| t < cutoff))
+            .map(|u| u.name)
+            .collect())
+    }
+
+    /// Removes every user whose expiry passed more than `grace` ago, with its devices and
+    /// kernel peers (one batch per user, audited as `user.cleanup`); with `dry_run`, only lists
+    /// them. Returns the users removed (or that would be).
+    pub fn cleanup_expired(
+        &self,
+        actor: &Actor,
+        grace: Duration,
+        dry_run: bool,
+    ) -> Result<Vec<UserDetail>, ServiceError> {
+        if grace > MAX_EXPIRY_AHEAD {
+            return Err(ValidationError::Time {
+                field: "grace",
+                reason: "too long",
+            }
+            .into());
+        }
+        let _w = self.core.writer.lock().unwrap();
+        let names = self.expired_before(grace, SystemTime::now())?;
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            if dry_run {
+                out.push(self.get_user(&name)?);
+            } else {
+                out.push(self.remove_locked(actor, &name, "user.cleanup")?);
+            }
+        }
+        if !dry_run && !out.is_empty() {
+            tracing::info!(%actor, users = out.len(), "expired users removed");
+        }
+        Ok(out)
     }
 }

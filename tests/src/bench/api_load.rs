@@ -116,6 +116,7 @@ async fn run_async(pins: &BenchPins) -> Result<Vec<Figure>> {
                     scope,
                     name: format!("bench-{scope}"),
                     expires_at: None,
+                    user: None,
                 },
             )
             .map(|t| t.1)

@@ -226,6 +226,7 @@ async fn run_async(pins: &BenchPins, fanout: bool, updates: bool) -> Result<Vec<
             scope: Scope::Write,
             name: "bench-policy".into(),
             expires_at: None,
+            user: None,
         },
     )?;
     let api = TcpApi::start(svc.clone()).await?;

@@ -11,16 +11,25 @@
 //!    longest-waiting held one is admitted;
 //! 4. otherwise admitted.
 //!
+//! ## Account expiry: the admission deadline
+//! [`decide`] puts the user's account expiry on top of the rules above: a user whose expiry has
+//! passed has every device held as `expired`; otherwise an admitted device is admitted **until
+//! the expiry** (`Gate::Admitted { until }`, a CLOCK_BOOTTIME deadline in the kernel), so the
+//! kernel cuts it on time by itself, with no agent timer and the agent down. The effective
+//! deadline is the earliest of the policy's and the expiry; the rules above hold or admit
+//! without a deadline of their own, so today it is the expiry.
+//!
 //! ## The policy's holds and everyone else's
 //! The kernel has one gate per device, shared by several holders: the policy holds with
-//! `outside-window` and `device-limit` only ([`is_policy_hold`]); a kick (`kicked`), MFA
-//! (`mfa-pending`), account expiry (`expired`, or an admission whose deadline has passed) and
+//! `outside-window`, `device-limit` and `expired` (account expiry, held at once or by the
+//! admission's deadline) ([`is_policy_hold`]); a kick (`kicked`), MFA (`mfa-pending`) and
 //! `over-quota` belong to their own owners. [`gate_write`] decides what the policy writes given
 //! the gate the kernel holds now (read back, so holds written before an agent restart count):
 //! a hold of another owner is left as it is, whatever the policy decides, until its owner ends
 //! it — a kick ends with the device's next handshake, which is the one case the policy lifts
-//! itself. An admission is never rewritten to admit (a deadline on it is kept); a policy hold
-//! replaces an admission with a future deadline, and the policy's later admission has none.
+//! itself. An admission whose deadline differs from the decided one by more than
+//! [`DEADLINE_SLACK`] is rewritten (an expiry set, moved or cleared; a deadline read back
+//! through the clocks' conversion differs by nanoseconds, which is not a change).
 //!
 //! ## Periods
 //! A period starts at local midnight (daily), Monday midnight (weekly) or midnight of the first
@@ -132,35 +141,53 @@ pub fn gates(
 pub const fn is_policy_hold(r: DropReason) -> bool {
     matches!(
         r,
-        DropReason::GateOutsideWindow | DropReason::GateDeviceLimit
+        DropReason::GateOutsideWindow | DropReason::GateDeviceLimit | DropReason::GateExpired
     )
 }
 
-/// What the policy writes to one device's gate, given the gate the kernel holds now
-/// (`kernel`) and the policy's decision (`want`: `None` = admitted); `None` = leave the kernel's
-/// gate as it is. `handshake`: the device has just completed a handshake, which ends a kick.
-/// `wall_now` is the real wall clock (admission deadlines are on it, whatever clock the
-/// policy's decision used). See the module docs for the rule.
-pub fn gate_write(
-    kernel: Gate,
-    want: Option<DropReason>,
-    handshake: bool,
-    wall_now: SystemTime,
-) -> Option<Gate> {
-    let held_by_policy = match kernel {
-        Gate::Held(DropReason::GateKicked) if handshake => true,
-        Gate::Held(r) if !is_policy_hold(r) => return None,
-        Gate::Held(_) => true,
-        // Expired in the kernel: held as `expired` by its owner.
-        Gate::Admitted { until: Some(t) } if t <= wall_now => return None,
-        Gate::Admitted { .. } => false,
-    };
-    match (want, held_by_policy) {
-        (None, false) => None,
-        (None, true) => Some(Gate::Admitted { until: None }),
-        (Some(r), _) if kernel == Gate::Held(r) => None,
-        (Some(r), _) => Some(Gate::Held(r)),
+/// How far a kernel deadline may be from the decided one and count as the same (a deadline read
+/// back goes through both clocks and comes back off by nanoseconds).
+pub const DEADLINE_SLACK: Duration = Duration::from_secs(1);
+
+/// The gate of one device: the rules' decision (`held`, from [`gates`]) with the user's account
+/// expiry on top (see the module docs): expired at `now` → held `expired`; held by a rule → that
+/// hold; otherwise admitted until the expiry.
+pub fn decide(held: Option<DropReason>, expires: Option<SystemTime>, now: SystemTime) -> Gate {
+    match (expires, held) {
+        (Some(t), _) if t <= now => Gate::Held(DropReason::GateExpired),
+        (_, Some(r)) => Gate::Held(r),
+        (until, None) => Gate::Admitted { until },
     }
+}
+
+/// Whether two deadlines are the same within [`DEADLINE_SLACK`].
+fn same_deadline(a: Option<SystemTime>, b: Option<SystemTime>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => {
+            let d = a.duration_since(b).unwrap_or_else(|e| e.duration());
+            d <= DEADLINE_SLACK
+        }
+        _ => false,
+    }
+}
+
+/// What the policy writes to one device's gate, given the gate the kernel holds now
+/// (`kernel`) and the policy's decision (`want`, from [`decide`]); `None` = leave the kernel's
+/// gate as it is. `handshake`: the device has just completed a handshake, which ends a kick.
+/// See the module docs for the rule.
+pub fn gate_write(kernel: Gate, want: Gate, handshake: bool) -> Option<Gate> {
+    match kernel {
+        Gate::Held(DropReason::GateKicked) if handshake => {}
+        Gate::Held(r) if !is_policy_hold(r) => return None,
+        _ => {}
+    }
+    let same = match (kernel, want) {
+        (Gate::Held(a), Gate::Held(b)) => a == b,
+        (Gate::Admitted { until: a }, Gate::Admitted { until: b }) => same_deadline(a, b),
+        _ => false,
+    };
+    (!same).then_some(want)
 }
 
 /// The local day of `now` in `zone` (online time counts per local day).
@@ -332,17 +359,20 @@ mod tests {
     fn the_policy_leaves_other_holds_and_lifts_a_kick_only_on_a_handshake() {
         let now = at("2026-11-28T10:00:00Z");
         let admitted = Gate::Admitted { until: None };
-        let window = DropReason::GateOutsideWindow;
-        let limit = DropReason::GateDeviceLimit;
+        let window = Gate::Held(DropReason::GateOutsideWindow);
+        let limit = Gate::Held(DropReason::GateDeviceLimit);
+        let expired = Gate::Held(DropReason::GateExpired);
+        let until = Gate::Admitted {
+            until: Some(now + Duration::from_secs(60)),
+        };
         for other in [
             DropReason::GateKicked,
             DropReason::GateMfaPending,
-            DropReason::GateExpired,
             DropReason::GateOverQuota,
         ] {
-            for want in [None, Some(window), Some(limit)] {
+            for want in [admitted, until, window, limit, expired] {
                 assert_eq!(
-                    gate_write(Gate::Held(other), want, false, now),
+                    gate_write(Gate::Held(other), want, false),
                     None,
                     "{other:?} rewritten for {want:?}"
                 );
@@ -350,41 +380,63 @@ mod tests {
         }
         // A handshake ends a kick (the policy decides afresh), never another owner's hold.
         let kicked = Gate::Held(DropReason::GateKicked);
-        assert_eq!(gate_write(kicked, None, true, now), Some(admitted));
-        assert_eq!(
-            gate_write(kicked, Some(limit), true, now),
-            Some(Gate::Held(limit))
-        );
+        assert_eq!(gate_write(kicked, admitted, true), Some(admitted));
+        assert_eq!(gate_write(kicked, limit, true), Some(limit));
         let mfa = Gate::Held(DropReason::GateMfaPending);
-        assert_eq!(gate_write(mfa, None, true, now), None);
-        // Expired by its deadline: left; a deadline still ahead is kept while admitted.
-        let past = Gate::Admitted {
-            until: Some(now - Duration::from_secs(1)),
-        };
-        let ahead = Gate::Admitted {
-            until: Some(now + Duration::from_secs(60)),
-        };
-        assert_eq!(gate_write(past, None, false, now), None);
-        assert_eq!(gate_write(past, Some(window), false, now), None);
-        assert_eq!(gate_write(ahead, None, false, now), None);
-        assert_eq!(
-            gate_write(ahead, Some(window), false, now),
-            Some(Gate::Held(window))
-        );
+        assert_eq!(gate_write(mfa, admitted, true), None);
         // The policy's own holds: written, changed and lifted; nothing written when unchanged.
-        assert_eq!(gate_write(admitted, None, false, now), None);
+        assert_eq!(gate_write(admitted, admitted, false), None);
+        assert_eq!(gate_write(admitted, limit, false), Some(limit));
+        assert_eq!(gate_write(limit, limit, false), None);
+        assert_eq!(gate_write(limit, window, false), Some(window));
+        assert_eq!(gate_write(window, admitted, false), Some(admitted));
+    }
+
+    #[test]
+    fn the_account_expiry_is_the_admission_deadline() {
+        let now = at("2026-11-28T10:00:00Z");
+        let later = now + Duration::from_secs(3600);
+        let window = DropReason::GateOutsideWindow;
+        // Admitted: until the expiry; held by a rule: that hold; expired: held as expired.
+        assert_eq!(decide(None, None, now), Gate::Admitted { until: None });
         assert_eq!(
-            gate_write(admitted, Some(limit), false, now),
-            Some(Gate::Held(limit))
+            decide(None, Some(later), now),
+            Gate::Admitted { until: Some(later) }
         );
-        assert_eq!(gate_write(Gate::Held(limit), Some(limit), false, now), None);
+        assert_eq!(decide(Some(window), Some(later), now), Gate::Held(window));
         assert_eq!(
-            gate_write(Gate::Held(limit), Some(window), false, now),
-            Some(Gate::Held(window))
+            decide(None, Some(now), now),
+            Gate::Held(DropReason::GateExpired)
         );
         assert_eq!(
-            gate_write(Gate::Held(window), None, false, now),
-            Some(admitted)
+            decide(Some(window), Some(now - Duration::from_secs(1)), now),
+            Gate::Held(DropReason::GateExpired)
         );
+        // An expiry set, moved or cleared rewrites the admission; a deadline read back within
+        // the slack is the same one.
+        let open = Gate::Admitted { until: None };
+        let until = |t| Gate::Admitted { until: Some(t) };
+        assert_eq!(gate_write(open, until(later), false), Some(until(later)));
+        assert_eq!(
+            gate_write(until(later), until(later + DEADLINE_SLACK), false),
+            None
+        );
+        let moved = later + Duration::from_secs(60);
+        assert_eq!(
+            gate_write(until(later), until(moved), false),
+            Some(until(moved))
+        );
+        assert_eq!(gate_write(until(later), open, false), Some(open));
+        // Expired in the kernel (its deadline passed, or held as expired): renewing admits, an
+        // expiry still passed holds with the reason.
+        let passed = until(now - Duration::from_secs(5));
+        let expired = Gate::Held(DropReason::GateExpired);
+        assert_eq!(gate_write(passed, open, false), Some(open));
+        assert_eq!(gate_write(passed, expired, false), Some(expired));
+        assert_eq!(gate_write(expired, expired, false), None);
+        assert_eq!(gate_write(expired, until(later), false), Some(until(later)));
+        // A kick outlives an expiry: the kicked device stays held until its next handshake.
+        let kicked = Gate::Held(DropReason::GateKicked);
+        assert_eq!(gate_write(kicked, expired, false), None);
     }
 }

@@ -32,8 +32,10 @@
 //! The policy is applied again to every device when the agent starts (rates live in qdiscs,
 //! which do not survive a restart; the rest is re-written idempotently) and to a device when it
 //! is added. At start every gate is reconciled with the one the kernel kept (pinned maps), never
-//! written blindly: a device held by someone else before the restart (kicked, MFA pending,
-//! expired) stays held; see [`engine::gate_write`].
+//! written blindly: a device held by someone else before the restart (kicked, MFA pending)
+//! stays held; see [`engine::gate_write`]. The user's account expiry is part of the gate
+//! decision ([`engine::decide`]: the admission's deadline, or held as `expired` once passed),
+//! kept in memory from the store's user records (`runtime`) and set by `service::users`.
 //!
 //! ## Quota buckets and periods
 //! A bucket id is allocated the first time an owner (`user:NAME` or `group:NAME` for a pool)
@@ -45,9 +47,10 @@
 //! ## Gates
 //! Devices online are learned from the tunnel (`on_connect` / `on_disconnect`); the
 //! tick accumulates each user's online time per local day and re-evaluates the gates of users with
-//! a window, a daily time or a device limit. A gate is written only when the policy's decision
+//! a window, a daily time or a device limit, and once those of a user whose expiry has passed (the
+//! kernel cut its devices at the deadline already; the tick makes the hold `expired`). A gate is written only when the policy's decision
 //! changes, and then only as [`engine::gate_write`] allows: the kernel's gate is read first and a
-//! hold of another owner (a kick until the device's next handshake, MFA, expiry) is left alone. An
+//! hold of another owner (a kick until the device's next handshake, MFA) is left alone. An
 //! owner ending its hold makes the policy decide afresh by forgetting the device's decision (as
 //! `forget_online` and a handshake do). Removing a device frees its slot of the device
 //! limit (its user's devices are decided again); a new device starts offline and undecided.
@@ -96,12 +99,12 @@ use super::{
     ServiceError,
     core::{Core, to_json},
     directory::Directory,
-    domain::{Actor, Peer, PublicKey, UserName, ValidationError},
+    domain::{Actor, Peer, PublicKey, UserName, ValidationError, from_unix_secs},
     error::not_found,
 };
 use crate::{
-    dataplane::PeerRates,
-    store::{Batch, Cf, StoreError, keys},
+    dataplane::{Gate, PeerRates},
+    store::{Batch, Cf, keys},
 };
 
 /// Which layer a limits call is about.
@@ -148,14 +151,19 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// Loads the policy records from the store.
-    pub fn load(core: Arc<Core>, dir: Arc<Directory>) -> Result<Policy, StoreError> {
+    /// Loads the policy records (and the users' expiries) from the store.
+    pub fn load(core: Arc<Core>, dir: Arc<Directory>) -> Result<Policy, ServiceError> {
         let store = &core.store;
-        let (cache, buckets, runtime) = (
+        let (cache, buckets, mut runtime) = (
             Cache::load(store)?,
             Buckets::load(store)?,
             Runtime::load(store)?,
         );
+        runtime.expires = dir
+            .users()?
+            .into_iter()
+            .filter_map(|u| Some((u.name, from_unix_secs(u.expires_at?))))
+            .collect();
         Ok(Policy {
             core,
             dir,
@@ -217,6 +225,51 @@ impl Policy {
                 Ok(c.users.get(u).map(|p| p.limits.clone()).unwrap_or_default())
             }
         }
+    }
+
+    /// A user's account expiry as the gates use it (`None` = never).
+    pub fn expiry(&self, user: &UserName) -> Option<SystemTime> {
+        self.runtime.lock().unwrap().expires.get(user).copied()
+    }
+
+    /// Sets (or with `None` clears) a user's account expiry as the gates use it; the caller
+    /// stores it and then applies the user's policy ([`Policy::apply`]) to reach the kernel.
+    pub(in crate::service) fn set_expiry(&self, user: &UserName, at: Option<SystemTime>) {
+        let mut rt = self.runtime.lock().unwrap();
+        match at {
+            Some(t) => rt.expires.insert(user.clone(), t),
+            None => rt.expires.remove(user),
+        };
+        rt.expired_seen.remove(user);
+    }
+
+    /// The gate a device of `user` is programmed with before its policy is applied: admitted
+    /// until the user's expiry, or held as expired (`engine::decide` with no rule holding it).
+    pub(in crate::service) fn first_gate(&self, user: &UserName) -> Gate {
+        engine::decide(None, self.expiry(user), SystemTime::now())
+    }
+
+    /// `policy explain`: the effective policy of a user field by field with its layer, and last
+    /// the account expiry (`expires`, from the user itself) with what it does to the gate now.
+    pub fn explain_rows(&self, user: &UserName) -> Result<Vec<resolve::ExplainRow>, ServiceError> {
+        let mut rows = self.explain(user)?.explain();
+        let value = match self.expiry(user) {
+            None => "never".to_owned(),
+            Some(t) if t <= SystemTime::now() => format!(
+                "{} (expired: its devices are held at the gate, reason expired)",
+                humantime::format_rfc3339_seconds(t)
+            ),
+            Some(t) => format!(
+                "{} (admitted until then: the kernel cuts its devices at that time)",
+                humantime::format_rfc3339_seconds(t)
+            ),
+        };
+        rows.push(resolve::ExplainRow {
+            field: "expires".to_owned(),
+            value,
+            source: "user".to_owned(),
+        });
+        Ok(rows)
     }
 
     /// The effective policy of a user with the layer of each field.
@@ -736,13 +789,15 @@ impl Policy {
             })
             .collect();
         let used = rt.used(user, engine::local_day(eff.tz.value, now));
-        for (id, want) in engine::gates(eff, &devices, used, now) {
+        let expires = rt.expires.get(user).copied();
+        for (id, held) in engine::gates(eff, &devices, used, now) {
+            let want = engine::decide(held, expires, now);
             let shook = handshake == Some(id);
             if !shook && rt.written.get(&id) == Some(&want) {
                 continue;
             }
             let kernel = self.core.plane.gate(id)?;
-            if let Some(gate) = engine::gate_write(kernel, want, shook, SystemTime::now()) {
+            if let Some(gate) = engine::gate_write(kernel, want, shook) {
                 self.core.plane.set_gate(id, gate)?;
                 tracing::info!(user = %user, peer = id, gate = ?gate, "policy gate");
             }
@@ -849,6 +904,23 @@ impl Policy {
                 .unwrap()
                 .count(u, &peers, today, elapsed);
             self.apply_gates(u, e, &peers, now, None)?;
+        }
+        // Expiries: the kernel cut the devices at the deadline by itself; once after it, their
+        // gates are decided again, so they are held under the reason `expired` (and a deadline
+        // off by a step of the wall clock is corrected before it, at each change).
+        let expired: Vec<UserName> = {
+            let rt = self.runtime.lock().unwrap();
+            rt.expires
+                .iter()
+                .filter(|(u, t)| **t <= now && !rt.expired_seen.contains(*u))
+                .map(|(u, _)| u.clone())
+                .collect()
+        };
+        for u in expired {
+            if !timed.iter().any(|(t, _)| *t == u) {
+                self.regate(&u, now, None)?;
+            }
+            self.runtime.lock().unwrap().expired_seen.insert(u);
         }
         self.save_online_time(&timed)
     }

@@ -3,11 +3,11 @@
 //! store at start, written back by the tick; see the module docs of `policy`).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     time::{Duration, SystemTime},
 };
 
-use capybara_common::{drop::DropReason, peer::PeerId};
+use capybara_common::peer::PeerId;
 use chrono::NaiveDate;
 
 use super::{
@@ -15,6 +15,7 @@ use super::{
     resolve::Effective,
 };
 use crate::{
+    dataplane::Gate,
     service::domain::{Peer, UserName},
     store::{Cf, Store, StoreError, keys},
 };
@@ -24,9 +25,16 @@ use crate::{
 pub(super) struct Runtime {
     /// Online devices and since when.
     pub(super) online: HashMap<PeerId, SystemTime>,
-    /// The policy's last decision per device (`None` = admitted), reconciled with the kernel's
-    /// gate; absent: not yet (the kernel's gate is read before anything is written).
-    pub(super) written: HashMap<PeerId, Option<DropReason>>,
+    /// The policy's last decision per device (the rules' and the account expiry's, see
+    /// `engine::decide`), reconciled with the kernel's gate; absent: not yet (the kernel's gate
+    /// is read before anything is written).
+    pub(super) written: HashMap<PeerId, Gate>,
+    /// Each user's account expiry (users without one are absent); kept from the store's user
+    /// records at start and by every change of a user's expiry.
+    pub(super) expires: HashMap<UserName, SystemTime>,
+    /// Users whose expiry has passed and whose gates the tick has decided since (see
+    /// `Policy::tick`); a change of the expiry takes the user out.
+    pub(super) expired_seen: HashSet<UserName>,
     /// Online time per user on its local day.
     pub(super) online_time: HashMap<UserName, (NaiveDate, Duration)>,
     /// The online time last written to the store per user.
@@ -76,7 +84,8 @@ impl Runtime {
         elapsed: Duration,
     ) {
         let online = peers.iter().any(|p| {
-            self.online.contains_key(&p.id) && self.written.get(&p.id).copied().flatten().is_none()
+            self.online.contains_key(&p.id)
+                && !matches!(self.written.get(&p.id), Some(Gate::Held(_)))
         });
         let entry = self
             .online_time
@@ -124,5 +133,7 @@ impl Runtime {
     pub(super) fn forget_user(&mut self, user: &UserName) {
         self.online_time.remove(user);
         self.saved.remove(user);
+        self.expires.remove(user);
+        self.expired_seen.remove(user);
     }
 }

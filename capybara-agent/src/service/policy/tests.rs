@@ -594,15 +594,21 @@ fn holds_of_other_owners_survive_a_restart_and_the_policy_decides_its_own() {
             .unwrap();
     }
     f.svc.monitor.kick(&root(), &u("alice")).unwrap();
-    // Held by owners other than the policy: MFA pending, an admission that has expired.
-    let expired = Gate::Admitted {
-        until: Some(SystemTime::now() - Duration::from_secs(5)),
-    };
+    // Held by owners other than the policy: MFA pending; and bob's account has expired (the
+    // store's expiry, held by the policy as `expired`).
     f.plane.with(|s| {
         s.gates
             .insert(alice[1], Gate::Held(DropReason::GateMfaPending));
-        s.gates.insert(bob[0], expired);
     });
+    f.svc
+        .users
+        .expire_user(
+            &root(),
+            &u("bob"),
+            SystemTime::now() - Duration::from_secs(5),
+        )
+        .unwrap();
+    let expired = Gate::Held(DropReason::GateExpired);
     let gate = |f: &Fixture, id| f.plane.state().gates[&id];
     assert_eq!(gate(&f, carol[1]), Gate::Held(DropReason::GateDeviceLimit));
 
@@ -1132,4 +1138,215 @@ fn a_config_template_sets_default_limits_dns_and_settings_atomically() {
         )
         .unwrap();
     assert!(cfg.wg_quick.contains("DNS = 1.1.1.1"), "{}", cfg.wg_quick);
+}
+
+/// The gate of device `id` in the in-memory kernel.
+fn kernel_gate(f: &Fixture, id: u32) -> Gate {
+    f.plane.state().gates[&id]
+}
+
+fn secs(t: SystemTime) -> SystemTime {
+    crate::service::domain::from_unix_secs(crate::service::domain::unix_secs(t))
+}
+
+#[test]
+fn the_account_expiry_is_the_devices_admission_deadline() {
+    let f = fixture();
+    let in_an_hour = secs(SystemTime::now() + Duration::from_secs(3600));
+    let (_, cfg) = f
+        .svc
+        .users
+        .add_user(
+            &root(),
+            NewUser {
+                name: u("alice"),
+                device: DeviceName::parse("device", "laptop").unwrap(),
+                expires_at: Some(in_an_hour),
+            },
+        )
+        .unwrap();
+    let laptop = cfg.peer.id;
+    let until = |t| Gate::Admitted { until: Some(t) };
+    // Programmed with the deadline when added, and a second device too.
+    assert_eq!(kernel_gate(&f, laptop), until(in_an_hour));
+    let phone = f
+        .svc
+        .devices
+        .add_device(
+            &root(),
+            &u("alice"),
+            &DeviceName::parse("device", "phone").unwrap(),
+        )
+        .unwrap()
+        .peer
+        .id;
+    assert_eq!(kernel_gate(&f, phone), until(in_an_hour));
+    // `expire`: moved; in the past: held at once, as expired.
+    let tomorrow = secs(SystemTime::now() + Duration::from_secs(86_400));
+    let audits = audit_count(&f);
+    let d = f
+        .svc
+        .users
+        .expire_user(&root(), &u("alice"), tomorrow)
+        .unwrap();
+    assert_eq!(
+        d.user.expires_at,
+        Some(crate::service::domain::unix_secs(tomorrow))
+    );
+    assert_eq!(kernel_gate(&f, laptop), until(tomorrow));
+    assert_eq!(audit_count(&f), audits + 1);
+    let past = secs(SystemTime::now() - Duration::from_secs(60));
+    f.svc.users.expire_user(&root(), &u("alice"), past).unwrap();
+    for id in [laptop, phone] {
+        assert_eq!(kernel_gate(&f, id), Gate::Held(DropReason::GateExpired));
+    }
+    // A restart (reconcile) keeps the hold; `renew` lifts it and clears the deadline.
+    let Fixture {
+        dir,
+        plane,
+        tunnel,
+        svc,
+    } = f;
+    drop(svc);
+    let f = open(dir, plane, tunnel);
+    assert_eq!(kernel_gate(&f, laptop), Gate::Held(DropReason::GateExpired));
+    f.svc.users.renew_user(&root(), &u("alice"), None).unwrap();
+    for id in [laptop, phone] {
+        assert_eq!(kernel_gate(&f, id), Gate::Admitted { until: None });
+    }
+    assert_eq!(
+        f.svc.users.get_user(&u("alice")).unwrap().user.expires_at,
+        None
+    );
+    // Renewed to a new expiry: the deadline again, and again after a restart.
+    f.svc
+        .users
+        .renew_user(&root(), &u("alice"), Some(in_an_hour))
+        .unwrap();
+    assert_eq!(kernel_gate(&f, phone), until(in_an_hour));
+    // The kernel lost the deadline (a stale pin, a tool): the start programs it again.
+    f.plane.with(|s| {
+        s.gates.insert(phone, Gate::Admitted { until: None });
+    });
+    let Fixture {
+        dir,
+        plane,
+        tunnel,
+        svc,
+    } = f;
+    drop(svc);
+    let f = open(dir, plane, tunnel);
+    assert_eq!(kernel_gate(&f, phone), until(in_an_hour));
+    // A policy change re-applies the user's gates with the deadline kept.
+    f.svc
+        .policy
+        .set_limits(
+            &root(),
+            &LimitsTarget::User(u("alice")),
+            &patch(|t| t.connections = Some("1".into())),
+        )
+        .unwrap();
+    assert_eq!(kernel_gate(&f, laptop), until(in_an_hour));
+}
+
+#[test]
+fn bad_expiry_input_changes_nothing() {
+    let f = fixture();
+    add(&f, "alice", &["laptop"]);
+    let audits = audit_count(&f);
+    let gates = f.plane.state().gates;
+    let far =
+        SystemTime::now() + crate::service::domain::MAX_EXPIRY_AHEAD + Duration::from_secs(86_400);
+    let e = f
+        .svc
+        .users
+        .expire_user(&root(), &u("alice"), far)
+        .unwrap_err();
+    assert!(e.to_string().starts_with("at: "), "{e}");
+    let e = f
+        .svc
+        .users
+        .renew_user(
+            &root(),
+            &u("alice"),
+            Some(SystemTime::now() - Duration::from_secs(1)),
+        )
+        .unwrap_err();
+    assert!(e.to_string().starts_with("at: "), "{e}");
+    let e = f
+        .svc
+        .users
+        .expire_user(&root(), &u("nobody"), SystemTime::now())
+        .unwrap_err();
+    assert!(matches!(e, ServiceError::NotFound { .. }), "{e}");
+    assert_eq!(audit_count(&f), audits);
+    assert_eq!(f.plane.state().gates, gates);
+    assert_eq!(
+        f.svc.users.get_user(&u("alice")).unwrap().user.expires_at,
+        None
+    );
+}
+
+#[test]
+fn the_tick_holds_a_device_whose_expiry_passed_as_expired() {
+    let f = fixture();
+    let id = add(&f, "alice", &["laptop"])[0];
+    let soon = secs(SystemTime::now() + Duration::from_secs(10));
+    f.svc.users.expire_user(&root(), &u("alice"), soon).unwrap();
+    assert_eq!(kernel_gate(&f, id), Gate::Admitted { until: Some(soon) });
+    // Before the expiry the tick changes nothing; after it the hold names its reason.
+    f.svc.policy.tick(SystemTime::now()).unwrap();
+    assert_eq!(kernel_gate(&f, id), Gate::Admitted { until: Some(soon) });
+    f.svc.policy.tick(soon + Duration::from_secs(1)).unwrap();
+    assert_eq!(kernel_gate(&f, id), Gate::Held(DropReason::GateExpired));
+}
+
+#[test]
+fn cleanup_removes_users_expired_longer_than_the_grace() {
+    let f = fixture();
+    let old = add(&f, "old", &["laptop", "phone"]);
+    add(&f, "recent", &["laptop"]);
+    add(&f, "active", &["laptop"]);
+    let ago = |d: u64| SystemTime::now() - Duration::from_secs(d * 86_400);
+    f.svc
+        .users
+        .expire_user(&root(), &u("old"), ago(10))
+        .unwrap();
+    f.svc
+        .users
+        .expire_user(&root(), &u("recent"), ago(2))
+        .unwrap();
+    let week = Duration::from_secs(7 * 86_400);
+    // A dry run lists and changes nothing.
+    let audits = audit_count(&f);
+    let would = f.svc.users.cleanup_expired(&root(), week, true).unwrap();
+    assert_eq!(
+        would
+            .iter()
+            .map(|d| d.user.name.to_string())
+            .collect::<Vec<_>>(),
+        ["old"]
+    );
+    assert_eq!(audit_count(&f), audits);
+    assert!(f.svc.users.get_user(&u("old")).is_ok());
+    // The real run removes the user, its devices and its kernel peers, audited.
+    let removed = f.svc.users.cleanup_expired(&root(), week, false).unwrap();
+    assert_eq!(removed.len(), 1);
+    assert_eq!(removed[0].peers.len(), 2);
+    assert!(matches!(
+        f.svc.users.get_user(&u("old")),
+        Err(ServiceError::NotFound { .. })
+    ));
+    for id in old {
+        assert!(!f.plane.state().gates.contains_key(&id));
+    }
+    assert_eq!(audit_count(&f), audits + 1);
+    // No grace: the recently expired one goes too; the active one stays.
+    let removed = f
+        .svc
+        .users
+        .cleanup_expired(&root(), Duration::ZERO, false)
+        .unwrap();
+    assert_eq!(removed[0].user.name.as_str(), "recent");
+    assert!(f.svc.users.get_user(&u("active")).is_ok());
 }
