@@ -156,7 +156,7 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
         .as_ref()
         .map(|(cert, key)| api::TlsIdentity::from_files(cert, key))
         .transpose()?;
-    let (session_tx, session_rx) = std::sync::mpsc::channel();
+    let (session_tx, session_rx) = service::history::recorder_channel(service::history::AUTH_QUEUE);
     let recorder = {
         let (history, retention) = (svc.history.clone(), config.history_retention);
         tokio::task::spawn_blocking(move || {

@@ -58,6 +58,9 @@ use serde::{Serialize, de::DeserializeOwned};
 use crate::paths;
 
 pub mod backup;
+mod walk;
+
+pub use walk::Walk;
 
 /// Column families. Adding one appends a variant and a schema version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
