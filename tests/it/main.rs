@@ -26,6 +26,7 @@ mod api_tls;
 mod dataplane;
 mod design_lines;
 mod e2e_agent_restart;
+mod e2e_auth_flood;
 mod e2e_dst_blocklist;
 mod e2e_flows;
 mod e2e_gate;
