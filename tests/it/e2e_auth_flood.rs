@@ -56,7 +56,7 @@ fn a_spoofed_flood_grows_the_store_by_bounded_counted_records_per_prefix() {
         "{records} auth records for {intervals} intervals (at most 24 each)"
     );
     assert!(
-        failures <= stats.sent && failures > stats.sent / 2,
+        failures <= stats.sent && failures > stats.sent / 10,
         "the records count {failures} failures of {} sent",
         stats.sent
     );
