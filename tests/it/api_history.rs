@@ -413,3 +413,119 @@ fn backup_create_remove_restore_brings_the_user_back() {
         agent.task.await.unwrap().unwrap();
     });
 }
+
+/// Writes `n` closed sessions of alice and `n` counted auth records straight into the store
+/// (the recorder would take hours to make that many).
+fn many_records(api: &TestApi, n: u64) {
+    use capybara_agent::{
+        service::{
+            AuthAttempt,
+            history::{Counters, EndpointSeen, Session, StoredSession},
+        },
+        store::{Batch, Cf, keys},
+    };
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut b = Batch::default();
+    for i in 0..n {
+        let ns = (now - 3600) * 1_000_000_000 + i;
+        let s = StoredSession {
+            session: Session {
+                id: keys::session(ns, 1),
+                user: "alice".into(),
+                device: "laptop".into(),
+                peer_id: 1,
+                public_key: PublicKey([4; 32]),
+                ipv4: "10.99.0.2".parse().unwrap(),
+                ipv6: "fd99::2".parse().unwrap(),
+                start: now - 3600,
+                end: Some(now - 60),
+                endpoints: vec![EndpointSeen {
+                    at: now - 3600,
+                    endpoint: "192.0.2.10:1".parse().unwrap(),
+                }],
+                traffic: Counters::default(),
+                reason: Some(EndReason::Idle),
+            },
+            base: Counters::default(),
+        };
+        b.put(Cf::Sessions, &s.session.id, &s).unwrap();
+        let a = AuthAttempt {
+            at: now - 60,
+            source: "203.0.113.9:1".parse().unwrap(),
+            public_key: None,
+            reason: "bad-mac".into(),
+            count: 10,
+            prefix: Some("203.0.113.0/24".parse().unwrap()),
+            first_seen: now - 70,
+        };
+        b.put(Cf::Sessions, &keys::auth_attempt(ns, 0), &a).unwrap();
+    }
+    api.svc.core.store.commit(b).unwrap();
+}
+
+#[test]
+fn history_pages_cover_every_record_once_capped_and_the_cli_walks_them() {
+    let bin = agent_crate_binary("capybara");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let api = rt.block_on(TestApi::start(false));
+    let n = 2_345u64;
+    many_records(&api, n);
+    let read = api.token(Scope::Read);
+    rt.block_on(async {
+        let c = api.tcp_client(Some(&read)).await;
+        let q = api::history::HistoryRequest {
+            page_size: 5_000,
+            include_auth: true,
+            ..Default::default()
+        };
+        let (mut ids, mut auth, mut pages, mut token) = (Vec::new(), 0u64, 0, String::new());
+        loop {
+            let (page, next) = c.history_page(&q, &token).await.unwrap();
+            assert!(page.sessions.len() <= 1000 && page.auth_attempts.len() <= 1000);
+            ids.extend(page.sessions.into_iter().map(|s| s.id));
+            auth += page.auth_attempts.iter().map(|a| a.count).sum::<u64>();
+            pages += 1;
+            if next.is_empty() {
+                break;
+            }
+            token = next;
+        }
+        assert_eq!(pages, 3, "page_size 5000 is capped at 1000");
+        let total = ids.len();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(
+            (total as u64, ids.len() as u64),
+            (n, n),
+            "each session once"
+        );
+        assert_eq!(auth, 10 * n, "every auth record once, with its count");
+        // 0 is the default page, not everything.
+        let first = c.history("", "", 0, true).await.unwrap();
+        assert_eq!(
+            (first.sessions.len(), first.auth_attempts.len()),
+            (100, 100)
+        );
+        let e = c
+            .history_page(&q, "h1;not-a-key;")
+            .await
+            .expect_err("a forged token");
+        assert_eq!(code(&e), Some(Code::InvalidArgument), "{e}");
+        assert!(e.to_string().contains("page_token"), "{e}");
+    });
+    let cli = Cli::socket(&bin, &api.socket);
+    let show = cli.ok(&["history", "show", "--limit", "1500"]);
+    assert_eq!(show.lines().count(), 1 + 1500, "header and 1500 sessions");
+    let exported: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["history", "export", "--format", "json"])).unwrap();
+    assert_eq!(exported["sessions"].as_array().unwrap().len() as u64, n);
+    assert_eq!(
+        exported["auth_attempts"].as_array().unwrap().len() as u64,
+        n
+    );
+    let csv = cli.ok(&["history", "export", "--format", "csv"]);
+    assert_eq!(csv.lines().count() as u64, 1 + 2 * n);
+}

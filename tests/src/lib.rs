@@ -8,9 +8,12 @@
 //!   namespace until ready.
 //! - [`bpf`], [`packets`]: BPF_PROG_TEST_RUN fixtures and packet builders (shared with the
 //!   benchmarks).
+//! - [`auth_flood`]: the agent flooded with failed handshakes from spoofed sources (the
+//!   `e2e_auth_flood` test and the `auth_flood_*` benchmarks).
 //! - [`bench`]: the benchmarks behind `cargo xtask bench` (binary `capybara-bench`).
 
 pub mod agent_proc;
+pub mod auth_flood;
 pub mod iperf;
 pub mod netns;
 pub mod traffic;

@@ -3,7 +3,7 @@
 //!
 //! | RPC | scope | input checked |
 //! |---|---|---|
-//! | `ListSessions` | read | `user` (a user name), `ip` (a CIDR or address) |
+//! | `ListSessions` | read | `user` (a user name), `ip` (a CIDR or address), `page_token` (one this call returned); `page_size` 0 = 100, capped at 1000 |
 //! | `ClearHistory` | admin | `older_than_secs` > 0 |
 //!
 //! Bad input is `INVALID_ARGUMENT` naming the field, before the service is called: nothing
@@ -24,7 +24,7 @@ use super::{
 use crate::service::{
     AuthAttempt, EndReason, HistoryPage, HistoryQuery, Pruned, Session,
     domain::{PublicKey, Scope, ValidationError},
-    history::{Counters, EndpointSeen},
+    history::{Counters, EndpointSeen, HistoryCursor},
 };
 
 fn reason_to_proto(r: Option<EndReason>) -> pb::EndReason {
@@ -121,6 +121,9 @@ impl From<&AuthAttempt> for pb::AuthAttempt {
             source: a.source.to_string(),
             public_key: a.public_key.map(|k| k.to_string()).unwrap_or_default(),
             reason: a.reason.clone(),
+            count: a.count,
+            prefix: a.prefix.map(|p| p.to_string()).unwrap_or_default(),
+            first_seen: a.first_seen as i64,
         }
     }
 }
@@ -137,6 +140,13 @@ impl TryFrom<pb::AuthAttempt> for AuthAttempt {
                 Some(PublicKey::parse("auth.public_key", &a.public_key)?)
             },
             reason: a.reason,
+            count: a.count.max(1),
+            prefix: if a.prefix.is_empty() {
+                None
+            } else {
+                Some(parse("auth.prefix", &a.prefix)?)
+            },
+            first_seen: a.first_seen.max(0) as u64,
         })
     }
 }
@@ -150,8 +160,24 @@ pub fn history_query(r: &pb::ListSessionsRequest) -> Result<HistoryQuery, Valida
         } else {
             Some(cidrs("ip", std::slice::from_ref(&r.ip))?[0])
         },
-        limit: (r.limit > 0).then_some(r.limit as usize),
+        limit: Some(if r.page_size > 0 {
+            r.page_size
+        } else {
+            r.limit
+        } as usize)
+        .filter(|&n| n > 0),
         include_auth: r.include_auth,
+        auth_only: r.auth_only,
+        page_token: if r.page_token.is_empty() {
+            None
+        } else {
+            Some(
+                HistoryCursor::from_token(&r.page_token).ok_or(ValidationError::Time {
+                    field: "page_token",
+                    reason: "not a next_page_token of ListSessions",
+                })?,
+            )
+        },
     })
 }
 
@@ -163,10 +189,11 @@ impl History for Api {
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
         self.auth(&req, Scope::Read)?;
         let q = history_query(req.get_ref()).map_err(invalid)?;
-        let page = self.call(move |s| s.history.history(&q)).await?;
+        let (page, next) = self.call(move |s| s.history.history_page(&q)).await?;
         Ok(Response::new(pb::ListSessionsResponse {
             sessions: page.sessions.iter().map(Into::into).collect(),
             auth_attempts: page.auth_attempts.iter().map(Into::into).collect(),
+            next_page_token: next.map(|c| c.to_token()).unwrap_or_default(),
         }))
     }
 
@@ -191,8 +218,24 @@ impl History for Api {
     }
 }
 
+/// What [`Client::history_page`] asks for; empty strings mean "any".
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HistoryRequest<'a> {
+    /// Only this user's sessions.
+    pub user: &'a str,
+    /// Only records touching this CIDR.
+    pub ip: &'a str,
+    /// Records of each kind per page (0 = the default, 100; at most 1000).
+    pub page_size: u32,
+    /// Also auth attempts.
+    pub include_auth: bool,
+    /// Only auth attempts.
+    pub auth_only: bool,
+}
+
 impl Client {
-    /// Sessions (and auth attempts) matching the filters; empty strings and 0 mean "any".
+    /// The first page of sessions (and auth attempts) matching the filters; empty strings
+    /// mean "any", a `limit` of 0 the default page size.
     pub async fn history(
         &self,
         user: &str,
@@ -200,27 +243,50 @@ impl Client {
         limit: u32,
         include_auth: bool,
     ) -> Result<HistoryPage, ClientError> {
+        let q = HistoryRequest {
+            user,
+            ip,
+            page_size: limit,
+            include_auth,
+            auth_only: false,
+        };
+        Ok(self.history_page(&q, "").await?.0)
+    }
+
+    /// One page of `q` from `page_token` ("" = the first) and the next page's token ("" = this
+    /// was the last).
+    pub async fn history_page(
+        &self,
+        q: &HistoryRequest<'_>,
+        page_token: &str,
+    ) -> Result<(HistoryPage, String), ClientError> {
         let r = HistoryClient::new(self.channel.clone())
             .list_sessions(self.req(pb::ListSessionsRequest {
-                user: user.into(),
-                ip: ip.into(),
-                limit,
-                include_auth,
+                user: q.user.into(),
+                ip: q.ip.into(),
+                limit: 0,
+                include_auth: q.include_auth,
+                page_size: q.page_size,
+                page_token: page_token.into(),
+                auth_only: q.auth_only,
             }))
             .await?
             .into_inner();
-        Ok(HistoryPage {
-            sessions: r
-                .sessions
-                .into_iter()
-                .map(TryInto::try_into)
-                .collect::<Result<_, AnswerError>>()?,
-            auth_attempts: r
-                .auth_attempts
-                .into_iter()
-                .map(TryInto::try_into)
-                .collect::<Result<_, AnswerError>>()?,
-        })
+        Ok((
+            HistoryPage {
+                sessions: r
+                    .sessions
+                    .into_iter()
+                    .map(TryInto::try_into)
+                    .collect::<Result<_, AnswerError>>()?,
+                auth_attempts: r
+                    .auth_attempts
+                    .into_iter()
+                    .map(TryInto::try_into)
+                    .collect::<Result<_, AnswerError>>()?,
+            },
+            r.next_page_token,
+        ))
     }
 
     /// Deletes history older than `older_than_secs`.
@@ -245,8 +311,7 @@ mod tests {
         pb::ListSessionsRequest {
             user: user.into(),
             ip: ip.into(),
-            limit: 0,
-            include_auth: false,
+            ..Default::default()
         }
     }
 
@@ -268,6 +333,28 @@ mod tests {
         assert_eq!(q.user.unwrap().as_str(), "alice");
         assert_eq!(q.ip.unwrap().to_string(), "192.0.2.0/24");
         assert_eq!(q.limit, None);
+    }
+
+    #[test]
+    fn a_page_token_is_checked_and_page_size_wins_over_limit() {
+        let bad = pb::ListSessionsRequest {
+            page_token: "h1;nonsense;".into(),
+            ..req("", "")
+        };
+        assert_eq!(history_query(&bad).unwrap_err().field(), "page_token");
+        let cursor = HistoryCursor {
+            sessions: crate::service::history::Pos::After("session/1/2".into()),
+            auth: crate::service::history::Pos::Done,
+        };
+        let ok = pb::ListSessionsRequest {
+            page_token: cursor.to_token(),
+            page_size: 7,
+            limit: 3,
+            ..req("", "")
+        };
+        let q = history_query(&ok).unwrap();
+        assert_eq!(q.page_token, Some(cursor));
+        assert_eq!(q.limit, Some(7));
     }
 
     #[test]
@@ -310,6 +397,9 @@ mod tests {
             source: "[2001:db8::1]:51820".parse().unwrap(),
             public_key: None,
             reason: "bad-mac".into(),
+            count: 12,
+            prefix: Some("2001:db8::/64".parse().unwrap()),
+            first_seen: 3,
         };
         assert_eq!(AuthAttempt::try_from(pb::AuthAttempt::from(&a)).unwrap(), a);
     }

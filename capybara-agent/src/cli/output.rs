@@ -15,7 +15,7 @@ use std::{
     fs::{File, OpenOptions},
     io::Write as _,
     os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
-    path::{Path, PathBuf},
+    path::Path,
 };
 
 use serde::Serialize;
@@ -118,20 +118,6 @@ pub(super) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CliError> {
     create_private(path)
         .and_then(|mut f| f.write_all(bytes))
         .map_err(CliError::file(path))
-}
-
-/// Writes `bytes` to `path`, or to standard output without one.
-pub(super) fn write_out(path: Option<&PathBuf>, bytes: &[u8]) -> Result<(), CliError> {
-    match path {
-        Some(p) => std::fs::write(p, bytes).map_err(CliError::file(p)),
-        None => std::io::stdout().lock().write_all(bytes).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                CliError::Stdout(e)
-            } else {
-                CliError::file("-".as_ref())(e)
-            }
-        }),
-    }
 }
 
 #[cfg(test)]

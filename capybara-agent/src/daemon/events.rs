@@ -34,7 +34,7 @@ pub(super) async fn publish_events(
 pub(super) async fn forward_handshakes(
     mut events: tokio::sync::broadcast::Receiver<crate::tunnel::TunnelEvent>,
     svc: Arc<Service>,
-    sessions: std::sync::mpsc::Sender<SessionEvent>,
+    sessions: crate::service::history::RecorderSender,
 ) {
     use tokio::sync::broadcast::error::RecvError;
     loop {
@@ -58,7 +58,8 @@ pub(super) async fn forward_handshakes(
                     }
                     _ => {}
                 }
-                // The recorder ends only after this task: a send cannot fail before.
+                // The recorder ends only after this task: a send cannot fail before. An auth
+                // report that finds the recorder's bounded queue full is dropped and counted.
                 let _ = sessions.send(session_event(ev));
             }
             Err(RecvError::Lagged(n)) => tracing::warn!(n, "tunnel events lost"),
@@ -69,7 +70,7 @@ pub(super) async fn forward_handshakes(
 
 /// A tunnel event in the service's terms.
 fn session_event(ev: crate::tunnel::TunnelEvent) -> SessionEvent {
-    use crate::tunnel::{AuthFailure, DisconnectReason, TunnelEvent};
+    use crate::tunnel::{DisconnectReason, TunnelEvent};
     let key = |k: crate::tunnel::PublicKey| crate::service::domain::PublicKey(*k.as_bytes());
     match ev {
         TunnelEvent::Connected {
@@ -106,13 +107,27 @@ fn session_event(ev: crate::tunnel::TunnelEvent) -> SessionEvent {
         } => SessionEvent::AuthFailed {
             source,
             key: public_key.map(key),
-            reason: match reason {
-                AuthFailure::UnknownKey => "unknown-key",
-                AuthFailure::BadMac => "bad-mac",
-                AuthFailure::Undecryptable => "undecryptable",
-                AuthFailure::Rejected => "rejected",
-            },
+            reason: auth_reason(reason),
             at: std::time::SystemTime::now(),
         },
+        TunnelEvent::AuthFailures(r) => SessionEvent::AuthFailures {
+            prefix: r.prefix,
+            sample: r.sample,
+            key: r.public_key.map(key),
+            reason: auth_reason(r.reason),
+            count: r.count,
+            first: r.first_seen,
+            last: r.last_seen,
+        },
+    }
+}
+
+fn auth_reason(r: crate::tunnel::AuthFailure) -> &'static str {
+    use crate::tunnel::AuthFailure;
+    match r {
+        AuthFailure::UnknownKey => "unknown-key",
+        AuthFailure::BadMac => "bad-mac",
+        AuthFailure::Undecryptable => "undecryptable",
+        AuthFailure::Rejected => "rejected",
     }
 }

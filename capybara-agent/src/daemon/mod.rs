@@ -19,10 +19,11 @@
 //! 6. open the control service (programs every stored device into the dataplane and the
 //!    tunnel) and serve the API on the control socket and/or TCP (`ApiSettings`).
 //!
-//! Tunnel events feed the session recorder (`service::history`, a blocking thread:
-//! its writes are synced) after the handshake admission; the recorder prunes the history to
+//! Tunnel events feed the session recorder (`service::history`, a blocking thread: session
+//! writes are synced, auth reports go through a bounded queue and unsynced batches) after the
+//! handshake admission; the recorder prunes the history to
 //! `history_retention` at start and hourly, and closes open sessions at shutdown. The audit
-//! trail is pruned to `audit_retention` at start and hourly (`service::audit_retention`).
+//! trail is pruned to `audit_retention` at start and hourly (`service::core::prune_audit_at_start_and_hourly`).
 //!
 //! Kernel events (ring buffer) are decoded by one task and published on a broadcast channel
 //! ([`Running::events`]); history, webhooks and the API subscribe to it. A subscriber that falls

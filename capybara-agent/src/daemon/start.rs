@@ -169,7 +169,7 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
         .map(|(cert, key)| api::TlsIdentity::from_files(cert, key))
         .transpose()?;
     service::core::prune_audit_at_start_and_hourly(&svc.core, config.audit_retention)?;
-    let (session_tx, session_rx) = std::sync::mpsc::channel();
+    let (session_tx, session_rx) = service::history::recorder_channel(service::history::AUTH_QUEUE);
     let recorder = {
         let (history, retention) = (svc.history.clone(), config.history_retention);
         tokio::task::spawn_blocking(move || {

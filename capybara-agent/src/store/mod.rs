@@ -59,6 +59,9 @@ use crate::paths;
 
 pub mod backup;
 pub mod page;
+mod walk;
+
+pub use walk::Walk;
 
 /// Column families. Adding one appends a variant and a schema version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

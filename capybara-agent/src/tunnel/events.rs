@@ -1,9 +1,11 @@
 //! What the tunnel reports to its subscribers
 //! ([`WgTunnel::subscribe`](crate::tunnel::WgTunnel::subscribe)): [`TunnelEvent`], with why a
-//! peer went away ([`DisconnectReason`]) and why a handshake failed ([`AuthFailure`]).
+//! peer went away ([`DisconnectReason`]) and why a handshake failed ([`AuthFailure`], counted
+//! per prefix in [`AuthReport`]s).
 
 use std::{net::SocketAddr, time::SystemTime};
 
+pub use super::auth_table::AuthReport;
 use super::keys::PublicKey;
 
 /// Why a peer was reported disconnected.
@@ -18,7 +20,7 @@ pub enum DisconnectReason {
 }
 
 /// Why a handshake attempt failed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum AuthFailure {
     /// A well-formed initiation (right server key) from a key that is no peer.
     UnknownKey,
@@ -61,7 +63,9 @@ pub enum TunnelEvent {
         /// The new endpoint.
         to: SocketAddr,
     },
-    /// A handshake failed (at most one event per source per 10 s).
+    /// The first failed handshake from a source prefix (/24, /64) in an interval, reported at
+    /// once (at most `auth_table::IMMEDIATE` per 10 s; the rest are counted, see
+    /// [`TunnelEvent::AuthFailures`]).
     AuthFailed {
         /// Where the attempt came from.
         source: SocketAddr,
@@ -70,4 +74,8 @@ pub enum TunnelEvent {
         /// Why it failed.
         reason: AuthFailure,
     },
+    /// Failed handshakes of one prefix (or of the prefixes not reported one by one) counted
+    /// since its last report: at most 24 such events per 10 s, whatever the flood (see
+    /// `tunnel::auth_table`).
+    AuthFailures(AuthReport),
 }

@@ -7,14 +7,10 @@
 //!   neither a handshake nor an authenticated packet (data or keepalive) arrived for the
 //!   configured time (default [`DEFAULT_DISCONNECT_AFTER`], WireGuard's own REJECT_AFTER_TIME:
 //!   past it the session keys are dead anyway), or at once when kicked or removed.
-//! - [`SourceLimiter`]: at most one auth-failure event per source address per interval, with a
-//!   bounded memory.
+//!
+//! Failed handshakes are counted per source prefix by `tunnel::auth_table`.
 
-use std::{
-    collections::HashMap,
-    net::IpAddr,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 /// Default time without a handshake or any authenticated packet after which a peer is
 /// disconnected.
@@ -68,48 +64,6 @@ impl Liveness {
     }
 }
 
-/// Rate limit of auth-failure events: one per source per `interval`. See the module docs.
-#[derive(Debug)]
-pub struct SourceLimiter {
-    interval: Duration,
-    max_sources: usize,
-    last: HashMap<IpAddr, Instant>,
-}
-
-impl SourceLimiter {
-    /// One event per source per `interval`, remembering at most `max_sources` sources (when full,
-    /// entries older than `interval` are dropped; if all are recent, new sources are refused
-    /// until some age out, so a flood of spoofed sources cannot grow memory or the event stream).
-    pub fn new(interval: Duration, max_sources: usize) -> Self {
-        SourceLimiter {
-            interval,
-            max_sources,
-            last: HashMap::new(),
-        }
-    }
-
-    /// Whether an event for `source` at `now` may be emitted (and records it if so).
-    pub fn allow(&mut self, source: IpAddr, now: Instant) -> bool {
-        if let Some(t) = self.last.get_mut(&source) {
-            if now.saturating_duration_since(*t) < self.interval {
-                return false;
-            }
-            *t = now;
-            return true;
-        }
-        if self.last.len() >= self.max_sources {
-            let interval = self.interval;
-            self.last
-                .retain(|_, t| now.saturating_duration_since(*t) < interval);
-            if self.last.len() >= self.max_sources {
-                return false;
-            }
-        }
-        self.last.insert(source, now);
-        true
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,20 +106,5 @@ mod tests {
         assert!(l.end(), "kick ends a connected peer");
         assert!(!l.end());
         assert!(!l.poll(t0 + 600 * S, 5 * S), "no second Disconnected");
-    }
-
-    #[test]
-    fn source_limiter_allows_one_per_interval_per_source() {
-        let t0 = Instant::now();
-        let a: IpAddr = "192.0.2.1".parse().unwrap();
-        let b: IpAddr = "2001:db8::1".parse().unwrap();
-        let mut lim = SourceLimiter::new(10 * S, 2);
-        assert!(lim.allow(a, t0));
-        assert!(!lim.allow(a, t0 + 9 * S));
-        assert!(lim.allow(b, t0 + S));
-        assert!(lim.allow(a, t0 + 10 * S));
-        let c: IpAddr = "192.0.2.3".parse().unwrap();
-        assert!(!lim.allow(c, t0 + 10 * S), "table full of recent sources");
-        assert!(lim.allow(c, t0 + 12 * S), "b aged out");
     }
 }

@@ -9,7 +9,8 @@
 //! - `shared`: what the threads share and the steps every thread takes on a peer.
 //! - `threads`: `rx` (`wg-udp`), `tx` (`wg-tun`), `timers` (`wg-timers`), and their batch sizes.
 //! - [`allowed_ips`]: cryptokey routing (longest prefix match, IPv4 and IPv6).
-//! - [`liveness`]: connect/disconnect and auth-failure rate limiting, pure (time is an argument).
+//! - [`liveness`]: connect/disconnect, pure (time is an argument).
+//! - [`auth_table`]: failed handshakes counted per /24 or /64 in a fixed table, O(1) per packet.
 //! - [`uapi`]: the `wg` control socket (`wg show <iface>`).
 //! - [`keys`], [`config`]: x25519 keys in base64, the server key file, wg-quick client configs.
 //!
@@ -95,6 +96,7 @@
 //! maps. The agent re-attaches the TC programs to the new device.
 
 pub mod allowed_ips;
+pub mod auth_table;
 pub mod config;
 mod device;
 mod events;
@@ -109,7 +111,7 @@ pub mod wg;
 
 pub use config::ClientConfig;
 pub use device::{DEFAULT_OFFLOAD, MAX_MTU, TunnelDevice, TunnelDeviceConfig, TunnelError};
-pub use events::{AuthFailure, DisconnectReason, TunnelEvent};
+pub use events::{AuthFailure, AuthReport, DisconnectReason, TunnelEvent};
 pub use keys::{KeyError, PresharedKey, PrivateKey, PublicKey};
 pub use peers::{PeerConfig, PeerStatus};
 pub use wg::{DropCounters, WgConfig, WgError, WgTunnel};

@@ -19,10 +19,10 @@ use boringtun::{
 };
 
 use super::{
+    auth_table::AuthTable,
     device::TunnelDevice,
     events::{AuthFailure, TunnelEvent},
     keys::{PrivateKey, PublicKey},
-    liveness::SourceLimiter,
     peers::{Peer, PeerConfig, PeerState, PeerStatus, Table, status},
     uapi,
 };
@@ -56,8 +56,8 @@ pub(super) struct Inner {
     pub(super) events: tokio::sync::broadcast::Sender<TunnelEvent>,
     /// Silence after which a connected peer is reported gone.
     pub(super) disconnect_after: Duration,
-    /// One auth-failure event per source per `wg::AUTH_EVENT_INTERVAL`.
-    pub(super) auth_limiter: Mutex<SourceLimiter>,
+    /// Failed handshakes counted per prefix (`wg-udp` records, `wg-timers` flushes).
+    pub(super) auth_table: Mutex<AuthTable>,
     /// Drop counters, see [`DropCounters`](crate::tunnel::DropCounters).
     pub(super) drops_no_route: AtomicU64,
     pub(super) drops_no_endpoint: AtomicU64,
@@ -97,8 +97,16 @@ impl Inner {
     }
 
     pub(super) fn emit(&self, event: TunnelEvent) {
-        // Rate-limited at the source (auth failures) or rare (connects): worth a log line each.
-        tracing::info!(?event, "tunnel event");
+        // Connects, disconnects and roaming are rare: worth a log line each. Failed handshakes
+        // are not (anyone can send them): the auth table logs a summary instead.
+        if matches!(
+            event,
+            TunnelEvent::AuthFailed { .. } | TunnelEvent::AuthFailures(_)
+        ) {
+            tracing::debug!(?event, "tunnel event");
+        } else {
+            tracing::info!(?event, "tunnel event");
+        }
         // No subscriber is not an error.
         let _ = self.events.send(event);
     }
@@ -110,17 +118,37 @@ impl Inner {
         reason: AuthFailure,
     ) {
         self.drops_invalid.fetch_add(1, Ordering::Relaxed);
-        let allowed = self
-            .auth_limiter
+        let first = self
+            .auth_table
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .allow(source.ip(), Instant::now());
-        if allowed {
+            .record(
+                source,
+                public_key,
+                reason,
+                Instant::now(),
+                SystemTime::now(),
+            );
+        if first.is_some() {
             self.emit(TunnelEvent::AuthFailed {
                 source,
                 public_key,
                 reason,
             });
+        }
+    }
+
+    /// Every `auth_table::INTERVAL` (called by `wg-timers`): the counted failures as events.
+    pub(super) fn flush_auth(&self, now: Instant) {
+        let reports = {
+            let mut t = self.auth_table.lock().unwrap_or_else(|p| p.into_inner());
+            if !t.due(now) {
+                return;
+            }
+            t.flush(now)
+        };
+        for r in reports {
+            self.emit(TunnelEvent::AuthFailures(r));
         }
     }
 

@@ -20,10 +20,11 @@ use boringtun::{noise::rate_limiter::RateLimiter, x25519};
 use ipnet::IpNet;
 
 use super::{
+    auth_table::AuthTable,
     device::{TunnelDevice, TunnelDeviceConfig, TunnelError},
     events::{DisconnectReason, TunnelEvent},
     keys::{PrivateKey, PublicKey},
-    liveness::{DEFAULT_DISCONNECT_AFTER, Liveness, SourceLimiter},
+    liveness::{DEFAULT_DISCONNECT_AFTER, Liveness},
     peers::{Peer, PeerConfig, PeerState, PeerStatus, Table, status},
     shared::Inner,
     threads::{rx::udp_loop, timers::timer_loop, tx::tun_loop},
@@ -33,10 +34,6 @@ use super::{
 /// Handshake messages per second accepted before cookies are demanded (each is verified twice,
 /// by the dispatcher and by the peer's `Tunn`, against the one shared limiter).
 const HANDSHAKE_RATE_LIMIT: u64 = 200;
-/// One auth-failure event per source per this interval.
-const AUTH_EVENT_INTERVAL: Duration = Duration::from_secs(10);
-/// Sources remembered by the auth-failure rate limit.
-const AUTH_EVENT_SOURCES: usize = 4096;
 /// Events buffered per subscriber before the slowest loses the oldest.
 const EVENT_CAPACITY: usize = 4096;
 
@@ -225,7 +222,7 @@ impl WgTunnel {
             control: Mutex::new(rand::random::<u32>() & 0x00ff_ffff),
             events: tokio::sync::broadcast::channel(EVENT_CAPACITY).0,
             disconnect_after: config.disconnect_after,
-            auth_limiter: Mutex::new(SourceLimiter::new(AUTH_EVENT_INTERVAL, AUTH_EVENT_SOURCES)),
+            auth_table: Mutex::new(AuthTable::new(std::time::Instant::now())),
             drops_no_route: AtomicU64::new(0),
             drops_no_endpoint: AtomicU64::new(0),
             drops_bad_source: AtomicU64::new(0),

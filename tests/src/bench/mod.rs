@@ -31,6 +31,7 @@
 
 pub mod agent_load;
 pub mod api_load;
+pub mod auth_flood;
 pub mod flood;
 pub mod floor;
 pub mod geo;
@@ -170,6 +171,7 @@ const ALL_PARTS: &[&[&str]] = &[
     vs_enforcement::NAMES,
     vs_tc::NAMES,
     agent_load::NAMES,
+    auth_flood::NAMES,
 ];
 
 /// What `--quick` runs: a few of the kernel probes, one rate of each throttle baseline, and the

@@ -81,7 +81,10 @@ fn main() -> Result<()> {
     }
     let agent_load = bench::agent_load::NAMES
         .iter()
-        .any(|n| sel.wants_in(bench::agent_load::GROUP, n));
+        .any(|n| sel.wants_in(bench::agent_load::GROUP, n))
+        || bench::auth_flood::NAMES
+            .iter()
+            .any(|n| sel.wants_in(bench::auth_flood::GROUP, n));
     if !agent_load && !bench::ALL.iter().any(|n| sel.wants(n)) {
         bail!(
             "no benchmark matches --filter {:?}; the benchmarks are: {}",
@@ -103,7 +106,7 @@ fn main() -> Result<()> {
     let when = now_utc();
     // Declared first, dropped last: every benchmark's fds are closed before the pins go.
     let pins = BenchPins::new()?;
-    let mut stages = report::Stages::start(10);
+    let mut stages = report::Stages::start(11);
     let mut failures: Vec<report::Failure> = Vec::new();
     stages.next("XDP guard");
     let mut figures: Vec<Figure> = bench::guard::run(
@@ -189,6 +192,17 @@ fn main() -> Result<()> {
             progress!("agent start-up benchmarks failed: {e:#}");
             failures.push(report::Failure {
                 group: bench::agent_load::NAMES.join(", "),
+                error: format!("{e:#}"),
+            });
+        }
+    }
+    stages.next("auth flood from spoofed sources");
+    match bench::auth_flood::run(&sel, pins.path()) {
+        Ok(f) => figures.extend(f),
+        Err(e) => {
+            progress!("auth flood benchmarks failed: {e:#}");
+            failures.push(report::Failure {
+                group: bench::auth_flood::NAMES.join(", "),
                 error: format!("{e:#}"),
             });
         }

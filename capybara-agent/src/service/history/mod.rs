@@ -36,11 +36,29 @@
 //! shutdown closes open sessions itself ([`Recorder::close_all`]).
 //!
 //! ## Auth attempts
-//! A failed handshake (unknown key, bad MAC, undecryptable, refused by the session) is recorded
-//! as an auth attempt with its source and the key it claimed when readable. The rate limit per
-//! source is the tunnel's: at most one `AuthFailed` event per source IP per 10 s, over at most
-//! 4096 remembered sources (`tunnel::liveness::SourceLimiter`), so a flood from one address
-//! costs one record per 10 s.
+//! Anyone can send a handshake with a bad MAC from any (spoofed) address, so failed
+//! handshakes are **counted per source prefix**, never recorded one by one. The tunnel counts
+//! them per /24 (IPv4) or /64 (IPv6) and reason in a fixed table (`tunnel::auth_table`:
+//! 4 096 slots, O(1) per packet) and reports the first failure of a prefix at once (at most 8
+//! per 10 s) and every 10 s the counts since (the 8 prefixes with most failures, the rest
+//! summed under `0.0.0.0/0` / `::/0`): at most 24 reports per 10 s whatever the flood. Each
+//! report is one [`AuthAttempt`]: `prefix`, `count`, `first_seen`, `at` (the last failure),
+//! `source` (the last source, a sample), the last key claimed, the reason. Records written
+//! before counting existed read as `count` 1 with no prefix.
+//!
+//! The daemon hands them to the recorder over a **bounded** queue of [`AUTH_QUEUE`] reports
+//! ([`recorder_channel`]); a report that finds it full is dropped and counted
+//! ([`RecorderSender::auth_dropped`], logged at most once a minute by the recorder). The
+//! recorder writes the reports it finds queued as **one batch, not synced**: they survive the
+//! agent being killed (the write is in RocksDB's WAL in the page cache) and are on disk with the
+//! next synced write of anything (every acknowledged change syncs) or when RocksDB flushes;
+//! a power loss can lose the last seconds of auth attempts, never an acknowledged change or a
+//! session. Sessions come from authenticated peers only and keep their own unbounded queue and
+//! synced writes.
+//!
+//! Store growth under a flood is therefore at most 24 records per 10 s (about 250 bytes each
+//! as JSON: ≈ 36 KB a minute, ≈ 52 MB a day, before RocksDB's compression), measured by
+//! `cargo xtask bench` (`auth_flood_store_bytes_per_min`).
 //!
 //! ## Keys and retention
 //! Sessions are `session/<start ns>/<peer id>` and auth attempts `auth/<ns>/<n>` in the
@@ -48,14 +66,28 @@
 //! [`History::prune_history`] deletes closed sessions that ended, and auth attempts made,
 //! before a cut-off; the agent runs it at start and every [`PRUNE_INTERVAL`] with its retention
 //! (`--history-retention`, default 90 days); `capybara history clear --older-than D` runs it
-//! on demand (audited as `history.clear`). Open sessions are never pruned. Queries read the
-//! family with one prefix scan (fine for the retained volume: ~200 bytes a record).
+//! on demand (audited as `history.clear`). Open sessions are never pruned. Pruning **streams**:
+//! it walks the keys older than the cut-off with an iterator and deletes them in batches of
+//! [`PRUNE_BATCH`], so its memory does not grow with the history (`history.clear`'s audit
+//! record goes with its last batch).
+//!
+//! ## Pages
+//! Queries are **paged** ([`History::history_page`]): at most `page_size` sessions and
+//! `page_size` auth attempts per page (0 = [`DEFAULT_PAGE_SIZE`], at most [`MAX_PAGE_SIZE`]),
+//! newest first, and a token for the next page ([`HistoryCursor`]: where each list stopped),
+//! empty on the last. A page walks the store from the token with an iterator; with a filter
+//! it looks at no more than [`MAX_SCANNED`] records per list before it returns (perhaps a short
+//! page, with a token), so one call's time and memory are bounded whatever the history holds.
 
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::{Arc, mpsc},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use serde::{Deserialize, Serialize};
@@ -69,7 +101,7 @@ use super::{
 };
 use crate::{
     net::Cidr,
-    store::{Batch, Cf, keys},
+    store::{Batch, Cf, Walk, keys},
 };
 
 /// How often the agent prunes the history to its retention.
@@ -77,6 +109,27 @@ pub const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// Default retention of sessions and auth attempts.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(90 * 86_400);
+
+/// Records deleted per batch when pruning.
+pub const PRUNE_BATCH: usize = 1000;
+
+/// A page's size when the caller gives none (0).
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+
+/// The largest page.
+pub const MAX_PAGE_SIZE: usize = 1000;
+
+/// Records a page looks at per list, matching the filter or not, before it returns.
+pub const MAX_SCANNED: usize = 100_000;
+
+/// Auth reports queued for the recorder before new ones are dropped (and counted).
+pub const AUTH_QUEUE: usize = 1024;
+
+/// The recorder writes queued auth reports at least this often.
+const AUTH_DRAIN: Duration = Duration::from_secs(1);
+
+/// At most one log line about dropped auth reports per this period.
+const DROP_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Why a session ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -180,17 +233,52 @@ pub struct StoredSession {
     pub base: Counters,
 }
 
-/// One failed handshake.
+/// Failed handshakes from one source prefix, counted (see the module docs).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuthAttempt {
-    /// Unix seconds.
+    /// The last of them, Unix seconds.
     pub at: u64,
-    /// Where it came from.
+    /// Where the last came from (a sample of the prefix).
     pub source: SocketAddr,
-    /// The key it claimed, if readable.
+    /// The last key claimed, if readable.
     pub public_key: Option<PublicKey>,
     /// `unknown-key`, `bad-mac`, `undecryptable` or `rejected`.
     pub reason: String,
+    /// How many (1 for records written before counting).
+    #[serde(default = "one")]
+    pub count: u64,
+    /// The sources' /24 or /64; `0.0.0.0/0` or `::/0` for the prefixes not reported one by
+    /// one; `None` for records written before counting.
+    #[serde(default)]
+    pub prefix: Option<Cidr>,
+    /// The first of them, Unix seconds (`at` for records written before counting).
+    #[serde(default)]
+    pub first_seen: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+
+impl AuthAttempt {
+    /// Whether the record is about addresses in `net`: its sample source is, or its prefix
+    /// (not the catch-all `/0`) overlaps `net`.
+    pub fn touches(&self, net: &Cidr) -> bool {
+        net.contains(self.source.ip())
+            || self.prefix.is_some_and(|p| {
+                p.prefix_len() > 0
+                    && p.is_ipv4() == net.is_ipv4()
+                    && (p.contains(net.addr()) || net.contains(p.addr()))
+            })
+    }
+}
+
+/// The /24 or /64 of `ip`.
+pub fn prefix_of(ip: IpAddr) -> Option<Cidr> {
+    match ip {
+        IpAddr::V4(a) => Cidr::v4(Ipv4Addr::from(u32::from(a) & 0xffff_ff00), 24).ok(),
+        IpAddr::V6(a) => Cidr::v6(Ipv6Addr::from(u128::from(a) & !((1u128 << 64) - 1)), 64).ok(),
+    }
 }
 
 /// What the tunnel reported, in domain types (the daemon converts the tunnel's events).
@@ -223,7 +311,8 @@ pub enum SessionEvent {
         /// When.
         at: SystemTime,
     },
-    /// A handshake failed (already rate-limited per source by the tunnel).
+    /// The first failed handshake of a source prefix in an interval (rate-limited by the
+    /// tunnel): one record, count 1, its prefix the source's /24 or /64.
     AuthFailed {
         /// Where it came from.
         source: SocketAddr,
@@ -234,6 +323,63 @@ pub enum SessionEvent {
         /// When.
         at: SystemTime,
     },
+    /// Failed handshakes of one prefix counted since its last report.
+    AuthFailures {
+        /// The /24 or /64 (`/0` for the rest).
+        prefix: Cidr,
+        /// The last source.
+        sample: SocketAddr,
+        /// The last key claimed.
+        key: Option<PublicKey>,
+        /// Why, e.g. `bad-mac`.
+        reason: &'static str,
+        /// How many.
+        count: u64,
+        /// The first.
+        first: SystemTime,
+        /// The last.
+        last: SystemTime,
+    },
+}
+
+impl SessionEvent {
+    /// The auth record of an auth event; `None` for session events.
+    pub fn auth_attempt(&self) -> Option<AuthAttempt> {
+        match self {
+            SessionEvent::AuthFailed {
+                source,
+                key,
+                reason,
+                at,
+            } => Some(AuthAttempt {
+                at: secs(*at),
+                source: *source,
+                public_key: *key,
+                reason: (*reason).to_owned(),
+                count: 1,
+                prefix: prefix_of(source.ip()),
+                first_seen: secs(*at),
+            }),
+            SessionEvent::AuthFailures {
+                prefix,
+                sample,
+                key,
+                reason,
+                count,
+                first,
+                last,
+            } => Some(AuthAttempt {
+                at: secs(*last),
+                source: *sample,
+                public_key: *key,
+                reason: (*reason).to_owned(),
+                count: *count,
+                prefix: Some(*prefix),
+                first_seen: secs(*first),
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// What to list.
@@ -243,10 +389,85 @@ pub struct HistoryQuery {
     pub user: Option<UserName>,
     /// Only sessions with an endpoint or tunnel address inside, and auth attempts from it.
     pub ip: Option<Cidr>,
-    /// At most this many of each, newest first; `None` = all.
+    /// At most this many of each in a page, newest first; `None` (or 0) =
+    /// [`DEFAULT_PAGE_SIZE`], at most [`MAX_PAGE_SIZE`].
     pub limit: Option<usize>,
     /// Also auth attempts (none when `user` is set: they belong to no user).
     pub include_auth: bool,
+    /// Only auth attempts (no sessions); implies `include_auth`.
+    pub auth_only: bool,
+    /// Where the previous page stopped; `None` = the first page.
+    pub page_token: Option<HistoryCursor>,
+}
+
+/// Where a page of each list stopped: the next page starts after it. Its text form is the
+/// API's opaque `page_token`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HistoryCursor {
+    /// Sessions.
+    pub sessions: Pos,
+    /// Auth attempts.
+    pub auth: Pos,
+}
+
+/// A position in one list.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Pos {
+    /// Not started.
+    #[default]
+    Start,
+    /// After this key (newest first: older keys come next).
+    After(String),
+    /// Nothing more.
+    Done,
+}
+
+impl HistoryCursor {
+    /// Whether both lists are done (no next page).
+    pub fn is_done(&self) -> bool {
+        self.sessions == Pos::Done && self.auth == Pos::Done
+    }
+
+    /// The token's text: `h1;<sessions>;<auth>`, each empty (start), `-` (done) or a key.
+    pub fn to_token(&self) -> String {
+        let p = |p: &Pos| match p {
+            Pos::Start => String::new(),
+            Pos::After(k) => k.clone(),
+            Pos::Done => "-".into(),
+        };
+        format!("h1;{};{}", p(&self.sessions), p(&self.auth))
+    }
+
+    /// Reads a token made by [`HistoryCursor::to_token`]; `None` if it is not one.
+    pub fn from_token(token: &str) -> Option<HistoryCursor> {
+        let mut parts = token.strip_prefix("h1;")?.split(';');
+        let p = |s: &str, prefix: &str| match s {
+            "" => Some(Pos::Start),
+            "-" => Some(Pos::Done),
+            k if k.starts_with(prefix)
+                && k.len() <= 64
+                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'/') =>
+            {
+                Some(Pos::After(k.to_owned()))
+            }
+            _ => None,
+        };
+        let sessions = p(parts.next()?, keys::SESSIONS_PREFIX)?;
+        let auth = p(parts.next()?, keys::AUTH_PREFIX)?;
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(HistoryCursor { sessions, auth })
+    }
+}
+
+/// The page size for a requested one: 0 or `None` is the default, anything over the cap is
+/// the cap.
+pub fn page_size(requested: Option<usize>) -> usize {
+    match requested {
+        None | Some(0) => DEFAULT_PAGE_SIZE,
+        Some(n) => n.min(MAX_PAGE_SIZE),
+    }
 }
 
 /// The answer to a [`HistoryQuery`].
@@ -378,7 +599,8 @@ impl History {
         Ok(())
     }
 
-    /// Records a failed handshake.
+    /// Records a failed handshake (one record, synced: see [`History::record_auth_attempts`]
+    /// for the recorder's path).
     pub fn record_auth_attempt(
         &self,
         source: SocketAddr,
@@ -386,42 +608,69 @@ impl History {
         reason: &str,
         at: SystemTime,
     ) -> Result<(), ServiceError> {
-        let ns = unix_nanos(at);
         let a = AuthAttempt {
             at: secs(at),
             source,
             public_key: key,
             reason: reason.to_owned(),
+            count: 1,
+            prefix: prefix_of(source.ip()),
+            first_seen: secs(at),
         };
-        // Two attempts in the same nanosecond get distinct keys.
-        let mut n = 0u32;
-        let key = loop {
-            let k = keys::auth_attempt(ns, n);
-            if self
-                .core
-                .store
-                .get::<AuthAttempt>(Cf::Sessions, &k)?
-                .is_none()
-            {
-                break k;
-            }
-            n += 1;
-        };
-        self.core.store.put(Cf::Sessions, &key, &a)?;
+        let written = self.record_auth_attempts(&[(unix_nanos(at), a)])?;
+        self.core.store.sync(written)?;
         Ok(())
     }
 
+    /// Writes auth records (each with its time in Unix nanoseconds, for its key) in one batch,
+    /// **not synced** (see the module docs); returns the position to sync through.
+    pub fn record_auth_attempts(
+        &self,
+        records: &[(u64, AuthAttempt)],
+    ) -> Result<crate::store::Written, ServiceError> {
+        let mut batch = Batch::default();
+        let mut last: Option<(u64, u32)> = None;
+        for (ns, a) in records {
+            // Two records in the same nanosecond get distinct keys.
+            let mut n = match last {
+                Some((l, n)) if l == *ns => n + 1,
+                _ => 0,
+            };
+            let key = loop {
+                let k = keys::auth_attempt(*ns, n);
+                if self
+                    .core
+                    .store
+                    .get::<AuthAttempt>(Cf::Sessions, &k)?
+                    .is_none()
+                {
+                    break k;
+                }
+                n += 1;
+            };
+            last = Some((*ns, n));
+            batch.put(Cf::Sessions, &key, a)?;
+        }
+        Ok(self.core.store.write(batch)?)
+    }
+
     /// Sessions still open in the store (at start-up: left by an agent that did not stop
-    /// cleanly).
+    /// cleanly). Walks the sessions; keeps only the open ones in memory.
     pub fn open_sessions(&self) -> Result<Vec<StoredSession>, ServiceError> {
-        Ok(self
-            .core
-            .store
-            .scan::<StoredSession>(Cf::Sessions, keys::SESSIONS_PREFIX)?
-            .into_iter()
-            .map(|(_, s)| s)
-            .filter(|s| s.session.end.is_none())
-            .collect())
+        let mut open = Vec::new();
+        self.core.store.walk::<StoredSession>(
+            Cf::Sessions,
+            keys::SESSIONS_PREFIX,
+            Walk::Forward,
+            None,
+            |_, s| {
+                if s.session.end.is_none() {
+                    open.push(s);
+                }
+                true
+            },
+        )?;
+        Ok(open)
     }
 
     /// Closes every session left open (see the module docs): reason `agent-stopped`, end
@@ -444,80 +693,175 @@ impl History {
         Ok(stale.len())
     }
 
-    /// Sessions and auth attempts matching `q`, newest first.
+    /// The first page of sessions and auth attempts matching `q`, newest first (see
+    /// [`History::history_page`] for the next ones).
     pub fn history(&self, q: &HistoryQuery) -> Result<HistoryPage, ServiceError> {
-        let limit = q.limit.unwrap_or(usize::MAX);
-        let user = q.user.as_ref().map(UserName::as_str);
-        let sessions: Vec<Session> = self
-            .core
-            .store
-            .scan::<StoredSession>(Cf::Sessions, keys::SESSIONS_PREFIX)?
-            .into_iter()
-            .rev()
-            .map(|(_, s)| s.session)
-            .filter(|s| user.is_none_or(|u| s.user == u))
-            .filter(|s| q.ip.as_ref().is_none_or(|n| s.touches(n)))
-            .take(limit)
-            .collect();
-        let auth_attempts = if q.include_auth && q.user.is_none() {
-            self.core
-                .store
-                .scan::<AuthAttempt>(Cf::Sessions, keys::AUTH_PREFIX)?
-                .into_iter()
-                .rev()
-                .map(|(_, a)| a)
-                .filter(|a| q.ip.as_ref().is_none_or(|n| n.contains(a.source.ip())))
-                .take(limit)
-                .collect()
-        } else {
-            Vec::new()
-        };
-        Ok(HistoryPage {
-            sessions,
-            auth_attempts,
-        })
+        Ok(self.history_page(q)?.0)
     }
 
-    /// Deletes closed sessions that ended, and auth attempts made, before `cutoff` (Unix
-    /// seconds), in one batch.
-    fn prune_batch(&self, cutoff: u64) -> Result<(Batch, Pruned), ServiceError> {
-        let mut batch = Batch::default();
+    /// One page of sessions and auth attempts matching `q`, newest first, from
+    /// `q.page_token`, and where the next page starts (`None` on the last page). See the module
+    /// docs.
+    pub fn history_page(
+        &self,
+        q: &HistoryQuery,
+    ) -> Result<(HistoryPage, Option<HistoryCursor>), ServiceError> {
+        let size = page_size(q.limit);
+        let start = q.page_token.clone().unwrap_or_default();
+        let user = q.user.as_ref().map(UserName::as_str);
+        let (sessions, s_pos) = if q.auth_only {
+            (Vec::new(), Pos::Done)
+        } else {
+            self.page_of::<StoredSession, Session>(
+                keys::SESSIONS_PREFIX,
+                &start.sessions,
+                size,
+                |s| {
+                    let s = s.session;
+                    (user.is_none_or(|u| s.user == u) && q.ip.as_ref().is_none_or(|n| s.touches(n)))
+                        .then_some(s)
+                },
+            )?
+        };
+        let (auth_attempts, a_pos) = if (q.include_auth || q.auth_only) && q.user.is_none() {
+            self.page_of::<AuthAttempt, AuthAttempt>(keys::AUTH_PREFIX, &start.auth, size, |a| {
+                q.ip.as_ref().is_none_or(|n| a.touches(n)).then_some(a)
+            })?
+        } else {
+            (Vec::new(), Pos::Done)
+        };
+        let next = HistoryCursor {
+            sessions: s_pos,
+            auth: a_pos,
+        };
+        Ok((
+            HistoryPage {
+                sessions,
+                auth_attempts,
+            },
+            (!next.is_done()).then_some(next),
+        ))
+    }
+
+    /// Up to `size` records of one list newest first from `from`, those `keep` maps to
+    /// `Some`, looking at no more than [`MAX_SCANNED`]; and where the list stopped.
+    fn page_of<T: serde::de::DeserializeOwned, U>(
+        &self,
+        prefix: &str,
+        from: &Pos,
+        size: usize,
+        mut keep: impl FnMut(T) -> Option<U>,
+    ) -> Result<(Vec<U>, Pos), ServiceError> {
+        let after = match from {
+            Pos::Done => return Ok((Vec::new(), Pos::Done)),
+            Pos::Start => None,
+            Pos::After(k) => Some(k.as_str()),
+        };
+        let mut out = Vec::new();
+        let mut scanned = 0usize;
+        let mut last: Option<String> = None;
+        // Set once a record past the page was seen: the list goes on.
+        let mut more = false;
+        self.core
+            .store
+            .walk::<T>(Cf::Sessions, prefix, Walk::Backward, after, |k, v| {
+                if out.len() >= size || scanned >= MAX_SCANNED {
+                    more = true;
+                    return false;
+                }
+                scanned += 1;
+                last = Some(k.to_owned());
+                if let Some(u) = keep(v) {
+                    out.push(u);
+                }
+                true
+            })?;
+        let pos = match (more, last) {
+            (true, Some(k)) => Pos::After(k),
+            _ => Pos::Done,
+        };
+        Ok((out, pos))
+    }
+
+    /// Streams through the history older than `cutoff` (Unix seconds), deleting closed sessions
+    /// that ended before it and auth attempts made before it, [`PRUNE_BATCH`] keys a batch.
+    /// Full batches are written as they fill; `finish` gets the last one (perhaps empty) and
+    /// the totals, to add to and commit.
+    fn prune_streaming(
+        &self,
+        cutoff: u64,
+        finish: impl FnOnce(Batch, Pruned) -> Result<(), ServiceError>,
+    ) -> Result<Pruned, ServiceError> {
+        let cutoff_ns = cutoff.saturating_mul(1_000_000_000);
         let mut pruned = Pruned::default();
-        for (k, s) in self
-            .core
-            .store
-            .scan::<StoredSession>(Cf::Sessions, keys::SESSIONS_PREFIX)?
-        {
-            if s.session.end.is_some_and(|e| e < cutoff) {
-                batch.delete(Cf::Sessions, &k);
-                pruned.sessions += 1;
+        // Sessions that ended before the cut-off started before it: keys sort by start.
+        let session_end = keys::session(cutoff_ns, 0);
+        let auth_end = keys::auth_attempt(cutoff_ns, 0);
+        let mut batch = Batch::default();
+        let mut in_batch = 0usize;
+        for (prefix, end, sessions) in [
+            (keys::SESSIONS_PREFIX, &session_end, true),
+            (keys::AUTH_PREFIX, &auth_end, false),
+        ] {
+            let mut after: Option<String> = None;
+            loop {
+                let mut full = false;
+                let mut last_key = None;
+                self.core.store.walk::<serde_json::Value>(
+                    Cf::Sessions,
+                    prefix,
+                    Walk::Forward,
+                    after.as_deref(),
+                    |k, v| {
+                        if k >= end.as_str() {
+                            return false;
+                        }
+                        last_key = Some(k.to_owned());
+                        let old = if sessions {
+                            v.get("end")
+                                .and_then(serde_json::Value::as_u64)
+                                .is_some_and(|e| e < cutoff)
+                        } else {
+                            true
+                        };
+                        if old {
+                            batch.delete(Cf::Sessions, k);
+                            in_batch += 1;
+                            if sessions {
+                                pruned.sessions += 1;
+                            } else {
+                                pruned.auth_attempts += 1;
+                            }
+                        }
+                        if in_batch >= PRUNE_BATCH {
+                            full = true;
+                            return false;
+                        }
+                        true
+                    },
+                )?;
+                if !full {
+                    break;
+                }
+                // Deletes need no sync of their own: the last batch's commit syncs them all.
+                let _ = self.core.store.write(std::mem::take(&mut batch))?;
+                in_batch = 0;
+                after = last_key;
             }
         }
-        for (k, a) in self
-            .core
-            .store
-            .scan::<AuthAttempt>(Cf::Sessions, keys::AUTH_PREFIX)?
-        {
-            if a.at >= cutoff {
-                break;
-            }
-            batch.delete(Cf::Sessions, &k);
-            pruned.auth_attempts += 1;
-        }
-        Ok((batch, pruned))
+        finish(batch, pruned)?;
+        Ok(pruned)
     }
 
     /// Retention: deletes what ended more than `retention` ago (the agent's own pruning, not
     /// an API change, so not audited).
     pub fn prune_history(&self, retention: Duration) -> Result<Pruned, ServiceError> {
         let cutoff = now().saturating_sub(retention.as_secs());
-        let (batch, pruned) = self.prune_batch(cutoff)?;
-        self.core.store.commit(batch)?;
-        Ok(pruned)
+        self.prune_streaming(cutoff, |batch, _| Ok(self.core.store.commit(batch)?))
     }
 
     /// `history clear --older-than D`: like [`History::prune_history`], audited as
-    /// `history.clear`, in the same batch.
+    /// `history.clear` in its last batch.
     pub fn clear_history(
         &self,
         actor: &Actor,
@@ -531,21 +875,21 @@ impl History {
         }
         let _w = self.core.writer.lock().unwrap();
         let cutoff = now().saturating_sub(older_than.as_secs());
-        let (mut batch, pruned) = self.prune_batch(cutoff)?;
-        self.core.audit(
-            &mut batch,
-            actor,
-            "history.clear",
-            "history".into(),
-            None,
-            to_json(&serde_json::json!({
-                "older_than_secs": older_than.as_secs(),
-                "sessions_removed": pruned.sessions,
-                "auth_attempts_removed": pruned.auth_attempts,
-            })),
-        )?;
-        self.core.commit(batch)?;
-        Ok(pruned)
+        self.prune_streaming(cutoff, |mut batch, pruned| {
+            self.core.audit(
+                &mut batch,
+                actor,
+                "history.clear",
+                "history".into(),
+                None,
+                to_json(&serde_json::json!({
+                    "older_than_secs": older_than.as_secs(),
+                    "sessions_removed": pruned.sessions,
+                    "auth_attempts_removed": pruned.auth_attempts,
+                })),
+            )?;
+            self.core.commit(batch)
+        })
     }
 }
 
@@ -582,7 +926,7 @@ impl Recorder {
 
     /// Records one event.
     pub fn on_event(&mut self, ev: SessionEvent) -> Result<(), ServiceError> {
-        match ev {
+        match ev.clone() {
             SessionEvent::Connected { key, endpoint, at } => {
                 // A Connected while open (should not happen): the old one ended unseen.
                 if let Some(mut old) = self.open.remove(&key) {
@@ -602,13 +946,28 @@ impl Recorder {
                     self.svc.session_endpoint(s, to, at)?;
                 }
             }
-            SessionEvent::AuthFailed {
-                source,
-                key,
-                reason,
-                at,
-            } => self.svc.record_auth_attempt(source, key, reason, at)?,
+            SessionEvent::AuthFailed { .. } | SessionEvent::AuthFailures { .. } => {
+                self.on_auth(std::slice::from_ref(&ev))?;
+            }
         }
+        Ok(())
+    }
+
+    /// Records auth events in one batch, not synced (see the module docs).
+    pub fn on_auth(&mut self, evs: &[SessionEvent]) -> Result<(), ServiceError> {
+        let recs: Vec<(u64, AuthAttempt)> = evs
+            .iter()
+            .filter_map(|e| {
+                let a = e.auth_attempt()?;
+                let at = match e {
+                    SessionEvent::AuthFailed { at, .. } => *at,
+                    SessionEvent::AuthFailures { last, .. } => *last,
+                    _ => return None,
+                };
+                Some((unix_nanos(at), a))
+            })
+            .collect();
+        let _ = self.svc.record_auth_attempts(&recs)?;
         Ok(())
     }
 
@@ -626,10 +985,74 @@ impl Recorder {
     }
 }
 
-/// The recorder's thread: records each event from `events` (synced store writes, so not on
-/// the reactor), prunes to `retention` at start and every [`PRUNE_INTERVAL`], and when the
-/// sender hangs up (agent shutdown) closes the open sessions as `agent-stopped`.
-pub fn run_recorder(svc: Arc<History>, events: mpsc::Receiver<SessionEvent>, retention: Duration) {
+/// The daemon's end of the recorder's queues: session events (from authenticated peers only)
+/// on an unbounded queue, auth events on one of [`AUTH_QUEUE`] that drops and counts what does
+/// not fit. Made by [`recorder_channel`].
+#[derive(Clone, Debug)]
+pub struct RecorderSender {
+    sessions: mpsc::Sender<SessionEvent>,
+    auth: mpsc::SyncSender<SessionEvent>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl RecorderSender {
+    /// Queues `ev`; an auth event that finds its queue full is dropped and counted. False once
+    /// the recorder is gone.
+    pub fn send(&self, ev: SessionEvent) -> bool {
+        if ev.auth_attempt().is_some() {
+            match self.auth.try_send(ev) {
+                Ok(()) => true,
+                Err(mpsc::TrySendError::Full(_)) => {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                    true
+                }
+                Err(mpsc::TrySendError::Disconnected(_)) => false,
+            }
+        } else {
+            self.sessions.send(ev).is_ok()
+        }
+    }
+
+    /// Auth reports dropped because the recorder's queue was full, since start.
+    pub fn auth_dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// The recorder's end of the queues (for [`run_recorder`]).
+#[derive(Debug)]
+pub struct RecorderReceiver {
+    sessions: mpsc::Receiver<SessionEvent>,
+    auth: mpsc::Receiver<SessionEvent>,
+    dropped: Arc<AtomicU64>,
+}
+
+/// The queues between the daemon and the recorder, with an auth queue of `auth_capacity`
+/// ([`AUTH_QUEUE`] in the agent).
+pub fn recorder_channel(auth_capacity: usize) -> (RecorderSender, RecorderReceiver) {
+    let (stx, srx) = mpsc::channel();
+    let (atx, arx) = mpsc::sync_channel(auth_capacity);
+    let dropped = Arc::new(AtomicU64::new(0));
+    (
+        RecorderSender {
+            sessions: stx,
+            auth: atx,
+            dropped: dropped.clone(),
+        },
+        RecorderReceiver {
+            sessions: srx,
+            auth: arx,
+            dropped,
+        },
+    )
+}
+
+/// The recorder's thread: records each session event (synced store writes, so not on the
+/// reactor), the queued auth events at least every second in one unsynced batch, prunes to
+/// `retention` at start and every [`PRUNE_INTERVAL`], logs dropped auth reports at most once a
+/// minute, and when the sender hangs up (agent shutdown) closes the open sessions as
+/// `agent-stopped`.
+pub fn run_recorder(svc: Arc<History>, events: RecorderReceiver, retention: Duration) {
     let prune = |svc: &History| match svc.prune_history(retention) {
         Ok(p) if p.sessions + p.auth_attempts > 0 => {
             tracing::info!(?p, "history pruned to its retention")
@@ -645,22 +1068,45 @@ pub fn run_recorder(svc: Arc<History>, events: mpsc::Receiver<SessionEvent>, ret
         }
     };
     prune(&svc);
-    let mut next_prune = std::time::Instant::now() + PRUNE_INTERVAL;
+    let mut next_prune = Instant::now() + PRUNE_INTERVAL;
+    let (mut logged_drops, mut last_drop_log) = (0u64, Instant::now());
+    let mut drain = |rec: &mut Recorder| {
+        let evs: Vec<SessionEvent> = events.auth.try_iter().take(AUTH_QUEUE).collect();
+        if !evs.is_empty()
+            && let Err(e) = rec.on_auth(&evs)
+        {
+            tracing::warn!(error = %e, n = evs.len(), "cannot record auth attempts");
+        }
+        let dropped = events.dropped.load(Ordering::Relaxed);
+        if dropped > logged_drops && last_drop_log.elapsed() >= DROP_LOG_EVERY {
+            tracing::warn!(
+                dropped = dropped - logged_drops,
+                total = dropped,
+                "auth reports dropped: the recorder's queue was full"
+            );
+            (logged_drops, last_drop_log) = (dropped, Instant::now());
+        }
+    };
     loop {
-        let wait = next_prune.saturating_duration_since(std::time::Instant::now());
-        match events.recv_timeout(wait) {
+        let wait = next_prune
+            .saturating_duration_since(Instant::now())
+            .min(AUTH_DRAIN);
+        match events.sessions.recv_timeout(wait) {
             Ok(ev) => {
                 if let Err(e) = rec.on_event(ev.clone()) {
                     tracing::warn!(error = %e, ?ev, "cannot record a session event");
                 }
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                prune(&svc);
-                next_prune = std::time::Instant::now() + PRUNE_INTERVAL;
-            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
+        drain(&mut rec);
+        if Instant::now() >= next_prune {
+            prune(&svc);
+            next_prune = Instant::now() + PRUNE_INTERVAL;
+        }
     }
+    drain(&mut rec);
     if let Err(e) = rec.close_all(EndReason::AgentStopped, SystemTime::now()) {
         tracing::warn!(error = %e, "cannot close the open sessions at shutdown");
     }

@@ -245,6 +245,7 @@ fn show_by_user_and_search_by_cidr_newest_first() {
                 ip: ip.map(|i| i.parse().unwrap()),
                 limit,
                 include_auth: false,
+                ..HistoryQuery::default()
             })
             .unwrap()
             .sessions
@@ -315,15 +316,14 @@ fn sessions_left_open_by_a_killed_agent_close_as_agent_stopped_at_the_next_start
 fn clean_shutdown_closes_open_sessions() {
     let f = fixture();
     let alice = add(&f, "alice");
-    let (tx, rx) = mpsc::channel();
+    let (tx, rx) = recorder_channel(AUTH_QUEUE);
     let svc = f.svc.clone();
     let th = std::thread::spawn(move || run_recorder(svc.history.clone(), rx, DEFAULT_RETENTION));
-    tx.send(SessionEvent::Connected {
+    assert!(tx.send(SessionEvent::Connected {
         key: alice.public_key,
         endpoint: ep("192.0.2.1:1"),
         at: SystemTime::now(),
-    })
-    .unwrap();
+    }));
     drop(tx);
     th.join().unwrap();
     let s = &f
@@ -430,4 +430,287 @@ fn clear_removes_only_closed_old_records_audits_and_refuses_zero() {
         }
     );
     let _ = (&f.dir, &f.tunnel);
+}
+
+fn stored_session(start_ns: u64, peer: u32, end: Option<u64>) -> StoredSession {
+    StoredSession {
+        session: Session {
+            id: keys::session(start_ns, peer),
+            user: "alice".into(),
+            device: "laptop".into(),
+            peer_id: peer,
+            public_key: PublicKey([3; 32]),
+            ipv4: "10.99.0.2".parse().unwrap(),
+            ipv6: "fd99::2".parse().unwrap(),
+            start: start_ns / 1_000_000_000,
+            end,
+            endpoints: vec![EndpointSeen {
+                at: start_ns / 1_000_000_000,
+                endpoint: ep("192.0.2.1:1"),
+            }],
+            traffic: Counters::default(),
+            reason: end.map(|_| EndReason::Idle),
+        },
+        base: Counters::default(),
+    }
+}
+
+fn auth_at(secs: u64) -> AuthAttempt {
+    AuthAttempt {
+        at: secs,
+        source: ep("203.0.113.7:9"),
+        public_key: None,
+        reason: "bad-mac".into(),
+        count: 5,
+        prefix: Some("203.0.113.0/24".parse().unwrap()),
+        first_seen: secs.saturating_sub(10),
+    }
+}
+
+/// Writes `n` old closed sessions, `n` old auth records, and a few new ones and an old open
+/// session.
+fn fill(f: &Fixture, n: u64, old: u64, new: u64) {
+    let mut b = Batch::default();
+    for i in 0..n {
+        let ns = old * 1_000_000_000 + i;
+        let s = stored_session(ns, 7, Some(old + 1));
+        b.put(Cf::Sessions, &s.session.id, &s).unwrap();
+        b.put(Cf::Sessions, &keys::auth_attempt(ns, 0), &auth_at(old))
+            .unwrap();
+    }
+    let open = stored_session(old * 1_000_000_000 + n, 8, None);
+    b.put(Cf::Sessions, &open.session.id, &open).unwrap();
+    for i in 0..3 {
+        let ns = new * 1_000_000_000 + i;
+        let s = stored_session(ns, 9, Some(new + 1));
+        b.put(Cf::Sessions, &s.session.id, &s).unwrap();
+        b.put(Cf::Sessions, &keys::auth_attempt(ns, 0), &auth_at(new))
+            .unwrap();
+    }
+    f.svc.core.store.commit(b).unwrap();
+}
+
+#[test]
+fn pruning_streams_in_batches_deleting_every_old_record_and_keeping_the_rest() {
+    let f = fixture();
+    let now = crate::service::core::now();
+    let day = 86_400;
+    let n = 2 * PRUNE_BATCH as u64 + 345;
+    fill(&f, n, now - 100 * day, now - day);
+    let p = f
+        .svc
+        .history
+        .prune_history(Duration::from_secs(90 * day))
+        .unwrap();
+    assert_eq!(
+        p,
+        Pruned {
+            sessions: n,
+            auth_attempts: n
+        }
+    );
+    let mut left = (0, 0);
+    f.svc
+        .core
+        .store
+        .walk::<serde_json::Value>(Cf::Sessions, "", Walk::Forward, None, |k, _| {
+            if k.starts_with(keys::SESSIONS_PREFIX) {
+                left.0 += 1;
+            } else {
+                left.1 += 1;
+            }
+            true
+        })
+        .unwrap();
+    assert_eq!(left, (3 + 1, 3), "the new ones and the open one stay");
+    // Nothing more to prune.
+    assert_eq!(
+        f.svc
+            .history
+            .prune_history(Duration::from_secs(90 * day))
+            .unwrap(),
+        Pruned::default()
+    );
+}
+
+#[test]
+fn pages_cover_every_record_exactly_once_and_their_size_is_capped() {
+    let f = fixture();
+    let now = crate::service::core::now();
+    let n = 2 * MAX_PAGE_SIZE as u64 + 17;
+    fill(&f, n, now - 3600, now - 60);
+    let total = n + 1 + 3;
+    let walk = |limit: Option<usize>, auth_only: bool| {
+        let mut sessions = Vec::new();
+        let mut auth = 0usize;
+        let mut pages = 0;
+        let mut token = None;
+        loop {
+            let (page, next) = f
+                .svc
+                .history
+                .history_page(&HistoryQuery {
+                    limit,
+                    include_auth: true,
+                    auth_only,
+                    page_token: token.take(),
+                    ..HistoryQuery::default()
+                })
+                .unwrap();
+            let size = page_size(limit);
+            assert!(page.sessions.len() <= size && page.auth_attempts.len() <= size);
+            sessions.extend(page.sessions.into_iter().map(|s| (s.start, s.id)));
+            auth += page.auth_attempts.len();
+            pages += 1;
+            match next {
+                Some(c) => {
+                    // The token survives its text form.
+                    token = Some(HistoryCursor::from_token(&c.to_token()).unwrap());
+                }
+                None => break,
+            }
+        }
+        (sessions, auth, pages)
+    };
+    let (sessions, auth, pages) = walk(Some(5000), false);
+    assert_eq!(pages, 3, "5000 is capped at {MAX_PAGE_SIZE}");
+    assert_eq!(auth as u64, n + 3);
+    assert_eq!(sessions.len() as u64, total);
+    let mut ids: Vec<&String> = sessions.iter().map(|(_, id)| id).collect();
+    assert!(sessions.windows(2).all(|w| w[0].1 > w[1].1), "newest first");
+    ids.dedup();
+    assert_eq!(ids.len() as u64, total, "no session twice");
+    let (s, auth, pages) = walk(None, false);
+    assert_eq!((s.len() as u64, auth as u64), (total, n + 3));
+    assert_eq!(pages as u64, (n + 3).div_ceil(DEFAULT_PAGE_SIZE as u64));
+    let (s, auth, _) = walk(Some(1000), true);
+    assert!(s.is_empty(), "auth_only: no sessions");
+    assert_eq!(auth as u64, n + 3);
+    // A filter that matches nothing still ends.
+    let (page, next) = f
+        .svc
+        .history
+        .history_page(&HistoryQuery {
+            ip: Some("198.18.0.0/15".parse().unwrap()),
+            include_auth: true,
+            ..HistoryQuery::default()
+        })
+        .unwrap();
+    assert!(page.sessions.is_empty() && page.auth_attempts.is_empty() && next.is_none());
+}
+
+#[test]
+fn bad_page_tokens_are_refused() {
+    for bad in [
+        "",
+        "h1;",
+        "h2;;",
+        "h1;auth/1;",
+        "h1;session/1;session/2",
+        "h1;;;",
+    ] {
+        assert_eq!(HistoryCursor::from_token(bad), None, "{bad:?}");
+    }
+    assert_eq!(
+        HistoryCursor::from_token("h1;;-"),
+        Some(HistoryCursor {
+            sessions: Pos::Start,
+            auth: Pos::Done
+        })
+    );
+}
+
+#[test]
+fn a_full_auth_queue_drops_and_counts_but_never_a_session_event() {
+    let (tx, rx) = recorder_channel(4);
+    let at = SystemTime::now();
+    for i in 0..10u8 {
+        assert!(tx.send(SessionEvent::AuthFailed {
+            source: ep(&format!("192.0.2.{i}:1")),
+            key: None,
+            reason: "bad-mac",
+            at,
+        }));
+    }
+    for _ in 0..100 {
+        assert!(tx.send(SessionEvent::Disconnected {
+            key: PublicKey([1; 32]),
+            reason: EndReason::Idle,
+            at,
+        }));
+    }
+    assert_eq!(tx.auth_dropped(), 6);
+    assert_eq!(rx.auth.try_iter().count(), 4);
+    assert_eq!(rx.sessions.try_iter().count(), 100);
+    drop(rx);
+    assert!(!tx.send(SessionEvent::AuthFailed {
+        source: ep("192.0.2.1:1"),
+        key: None,
+        reason: "bad-mac",
+        at,
+    }));
+}
+
+#[test]
+fn counted_failures_are_recorded_with_their_prefix_and_found_by_it() {
+    let f = fixture();
+    let mut rec = Recorder::start(f.svc.history.clone(), t(1)).unwrap();
+    let last = SystemTime::now();
+    let first = last - Duration::from_secs(9);
+    let evs = [
+        SessionEvent::AuthFailures {
+            prefix: "198.51.100.0/24".parse().unwrap(),
+            sample: ep("198.51.100.77:4000"),
+            key: None,
+            reason: "bad-mac",
+            count: 1234,
+            first,
+            last,
+        },
+        SessionEvent::AuthFailures {
+            prefix: "0.0.0.0/0".parse().unwrap(),
+            sample: ep("192.0.2.9:1"),
+            key: None,
+            reason: "bad-mac",
+            count: 99_000,
+            first,
+            last,
+        },
+    ];
+    rec.on_auth(&evs).unwrap();
+    let q = |ip: &str| {
+        f.svc
+            .history
+            .history(&HistoryQuery {
+                ip: Some(ip.parse().unwrap()),
+                include_auth: true,
+                ..HistoryQuery::default()
+            })
+            .unwrap()
+            .auth_attempts
+    };
+    let hits = q("198.51.100.5");
+    assert_eq!(hits.len(), 1, "the /24 holds the address: {hits:?}");
+    let a = &hits[0];
+    assert_eq!(
+        (a.count, a.prefix.unwrap().to_string(), a.first_seen + 9),
+        (1234, "198.51.100.0/24".into(), a.at)
+    );
+    assert_eq!(a.source, ep("198.51.100.77:4000"));
+    assert_eq!(q("198.51.0.0/16").len(), 1, "a wider search holds the /24");
+    // The catch-all is found by its sample only, not by every search.
+    assert_eq!(q("203.0.113.0/24").len(), 0);
+    assert_eq!(q("192.0.2.9").len(), 1);
+    // A single failure: count 1, its /24.
+    rec.on_event(SessionEvent::AuthFailed {
+        source: ep("[2001:db8:5:6:7::1]:9"),
+        key: None,
+        reason: "bad-mac",
+        at: last,
+    })
+    .unwrap();
+    let v6 = q("2001:db8:5:6::/64");
+    assert_eq!(v6.len(), 1);
+    assert_eq!(v6[0].prefix.unwrap().to_string(), "2001:db8:5:6::/64");
+    assert_eq!(v6[0].count, 1);
 }

@@ -1,6 +1,7 @@
 //! `wg-timers`: every [`TICK`], boringtun's timers (handshake retries, rekeys, session expiry),
 //! the server's persistent keepalives, the disconnect timeout of connected peers and the reset
-//! of the handshake rate limiter.
+//! of the handshake rate limiter, and every 10 s the failed handshakes counted per prefix
+//! (`auth_table`).
 
 use std::{
     os::fd::AsFd as _,
@@ -34,6 +35,7 @@ pub(in crate::tunnel) fn timer_loop(inner: &Inner, stop: &std::io::PipeReader) {
         inner.rate_limiter.reset_count();
         view.refresh(inner);
         let now = Instant::now();
+        inner.flush_auth(now);
         for peer in view.table.by_key.values() {
             if !peer.awake.load(Ordering::Relaxed) {
                 continue;
