@@ -1,7 +1,7 @@
 //! Tokens restricted to one user (`api token create --user alice`): over TCP such a token may
 //! read and change alice (her record, devices, stats, kick) within its scope, and is refused
-//! (`PERMISSION_DENIED`, naming its user) for anything else: another user, every list of users
-//! or connections, account changes, tokens, policy. The restriction is stored with the token,
+//! (`PERMISSION_DENIED`, naming its user) for anything else: another user, every list of users,
+//! connections or sessions, account changes, tokens, policy. The restriction is stored with the token,
 //! listed and audited; a restriction to a user that does not exist, or a bad name, makes no token.
 
 use std::path::PathBuf;
@@ -122,6 +122,10 @@ fn a_token_restricted_to_a_user_acts_on_that_user_only() {
     let tcp = Cli::tcp(&bin, &api, &secret);
     tcp.fails(1, &["user", "list"], "restricted to user alice");
     tcp.ok(&["user", "show", "alice"]);
+    // Session history: alice's sessions only (and so no auth attempts, which belong to no one).
+    tcp.ok(&["history", "show", "alice"]);
+    tcp.fails(1, &["history", "show"], "restricted to user alice");
+    tcp.fails(1, &["history", "show", "bob"], "bob is another user");
 
     // An unrestricted token of the same scope is not affected.
     let w = rt.block_on(api.tcp_client(Some(&api.token(Scope::Write))));
