@@ -23,8 +23,6 @@
 
 use std::sync::Arc;
 
-use capybara_common::peer::PeerId;
-
 use super::{
     ServiceError,
     core::{Core, now, to_json},
@@ -55,21 +53,18 @@ impl Devices {
     /// Reconciles the tunnel and the dataplane with the stored devices (agent start): every
     /// stored device is (re-)programmed; kernel peers the store does not know are left alone.
     pub fn reconcile(&self) -> Result<(), ServiceError> {
-        let foreign: Vec<PeerId> = self
-            .core
-            .plane
-            .peers()
-            .into_keys()
-            .filter(|id| !self.dir.has_id(*id))
-            .collect();
+        let mut foreign = self.core.plane.peers();
+        foreign.retain(|id, _| !self.dir.has_id(*id));
         if !foreign.is_empty() && self.core.cfg.keep_unknown_peers {
             tracing::warn!(
-                ?foreign,
+                foreign = ?foreign.keys().collect::<Vec<_>>(),
                 "kernel peers the store does not know are left alone (--keep-unknown-peers); their ids and addresses are not handed out"
             );
+            // Reserved once here: allocation never reads the kernel's peer table.
+            self.dir.reserve_unknown(&foreign);
         }
         if !self.core.cfg.keep_unknown_peers {
-            for id in foreign {
+            for id in foreign.into_keys() {
                 let counters = self.core.plane.peer_stats(id).ok();
                 tracing::warn!(
                     peer = id,

@@ -384,6 +384,42 @@ fn reopen_programs_stored_devices_and_removes_unknown_kernel_peers_unless_kept()
     drop(_dir);
 }
 
+/// Issue 19: after `--tunnel-ipv4` grew to a subnet holding the old one (what the exhaustion
+/// hint says to do), a new device gets neither a stored device's IPv6 address (same offset in
+/// the old subnet) nor the server's.
+#[test]
+fn a_grown_tunnel_subnet_hands_out_no_address_in_use() {
+    let f = fixture_with(ServiceConfig {
+        server_v4: "10.99.0.1/24".parse().unwrap(),
+        ..config(false)
+    });
+    let (_, a) = f.svc.users.add_user(&root(), new_user("alice")).unwrap();
+    assert_eq!(
+        (a.peer.ipv4, a.peer.ipv6),
+        (Ipv4Addr::new(10, 99, 0, 2), "fd99::2".parse().unwrap())
+    );
+    let Fixture {
+        _dir, path, svc, ..
+    } = f;
+    drop(svc);
+    let svc = Service::open(
+        Arc::new(Store::open(&path).unwrap()),
+        Arc::new(MemoryPlane::default()),
+        Arc::new(MemoryTunnel::default()),
+        ServiceConfig {
+            server_v4: "10.99.0.1/15".parse().unwrap(),
+            ..config(false)
+        },
+    )
+    .unwrap();
+    let (_, b) = svc.users.add_user(&root(), new_user("bob")).unwrap();
+    // 10.98.0.1 and .2 are free in IPv4, but fd99::1 is the server's, fd99::2 alice's.
+    assert_eq!(
+        (b.peer.ipv4, b.peer.ipv6),
+        (Ipv4Addr::new(10, 98, 0, 3), "fd99::3".parse().unwrap())
+    );
+}
+
 #[test]
 fn kept_keys_show_the_config_again_and_rotate_replaces_the_key() {
     let f = fixture(true);
