@@ -45,9 +45,14 @@ impl Connections for Api {
         req: Request<pb::ListConnectionsRequest>,
     ) -> Result<Response<pb::ListConnectionsResponse>, Status> {
         self.auth(&req, Scope::Read)?;
+        let r = req.get_ref();
+        let ask = super::paging::PageAsk::parse(r.page_size, &r.page_token)?;
         let c = self.call(|s| s.monitor.connections()).await?;
+        // In (user, device) order: NUL sorts below every character a name may hold.
+        let (page, next) = ask.take(c.iter(), |c| format!("{}\0{}", c.peer.user, c.peer.device));
         Ok(Response::new(pb::ListConnectionsResponse {
-            connections: c.iter().map(Into::into).collect(),
+            connections: page.into_iter().map(Into::into).collect(),
+            next_page_token: next,
         }))
     }
 
@@ -194,14 +199,22 @@ impl Client {
 
     /// Live connections.
     pub async fn connections(&self) -> Result<Vec<Connection>, ClientError> {
-        let r = ConnectionsClient::new(self.channel.clone())
-            .list_connections(self.req(pb::ListConnectionsRequest {}))
-            .await?
-            .into_inner();
-        Ok(r.connections
-            .into_iter()
-            .map(TryInto::try_into)
-            .collect::<Result<_, AnswerError>>()?)
+        super::paging::walk(|page_token| async move {
+            let r = ConnectionsClient::new(self.channel.clone())
+                .list_connections(self.req(pb::ListConnectionsRequest {
+                    page_size: crate::service::core::MAX_PAGE_SIZE as u32,
+                    page_token,
+                }))
+                .await?
+                .into_inner();
+            let connections = r
+                .connections
+                .into_iter()
+                .map(TryInto::try_into)
+                .collect::<Result<_, AnswerError>>()?;
+            Ok((connections, r.next_page_token))
+        })
+        .await
     }
 
     /// Kicks a user.

@@ -196,6 +196,59 @@ impl Directory {
             .collect())
     }
 
+    /// One page of users by name, each with its devices: up to `size` users after the name
+    /// `after` (read from the store a page at a time, never every user), and whether more
+    /// follow.
+    pub fn users_page(
+        &self,
+        after: Option<&str>,
+        size: usize,
+    ) -> Result<(Vec<(User, Vec<Peer>)>, bool), ServiceError> {
+        let page = self
+            .core
+            .store
+            .page_forward::<User>(Cf::Users, "", after, size)?;
+        let ix = self.index.read().unwrap();
+        let users = page
+            .items
+            .into_iter()
+            .map(|u| {
+                let peers = ix.records_of(&u.name).into_iter().map(|r| r.peer).collect();
+                (u, peers)
+            })
+            .collect();
+        Ok((users, page.next.is_some()))
+    }
+
+    /// One page of devices in `user/device` key order (of `user` only when given): up to
+    /// `size` after key `after`, read from the index under its read lock without copying the
+    /// rest of it, with their keys, and whether more follow.
+    pub fn peers_page(
+        &self,
+        user: Option<&UserName>,
+        after: Option<&str>,
+        size: usize,
+    ) -> (Vec<(String, Peer)>, bool) {
+        let prefix = user.map(|u| keys::user_peers_prefix(u.as_str()));
+        let ix = self.index.read().unwrap();
+        let start = match (after, prefix.as_deref()) {
+            (Some(a), Some(p)) if a < p => std::ops::Bound::Included(p),
+            (Some(a), _) => std::ops::Bound::Excluded(a),
+            (None, Some(p)) => std::ops::Bound::Included(p),
+            (None, None) => std::ops::Bound::Unbounded,
+        };
+        let mut it = ix
+            .peers
+            .range::<str, _>((start, std::ops::Bound::Unbounded))
+            .take_while(|(k, _)| prefix.as_deref().is_none_or(|p| k.starts_with(p)));
+        let page = it
+            .by_ref()
+            .take(size)
+            .map(|(k, r)| (k.clone(), r.peer.clone()))
+            .collect();
+        (page, it.next().is_some())
+    }
+
     /// A free peer id and addresses for a new device.
     pub fn allocate(&self) -> Result<(PeerId, Ipv4Addr, Ipv6Addr), ServiceError> {
         let ix = self.index.read().unwrap();
