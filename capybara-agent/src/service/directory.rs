@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     ServiceError,
     core::Core,
-    domain::{Peer, PublicKey, User, UserName},
+    domain::{Peer, PublicKey, User, UserDetail, UserName},
 };
 use crate::{
     net::Cidr,
@@ -203,7 +203,7 @@ impl Directory {
         &self,
         after: Option<&str>,
         size: usize,
-    ) -> Result<(Vec<(User, Vec<Peer>)>, bool), ServiceError> {
+    ) -> Result<(Vec<UserDetail>, bool), ServiceError> {
         let page = self
             .core
             .store
@@ -212,9 +212,13 @@ impl Directory {
         let users = page
             .items
             .into_iter()
-            .map(|u| {
-                let peers = ix.records_of(&u.name).into_iter().map(|r| r.peer).collect();
-                (u, peers)
+            .map(|user| UserDetail {
+                peers: ix
+                    .records_of(&user.name)
+                    .into_iter()
+                    .map(|r| r.peer)
+                    .collect(),
+                user,
             })
             .collect();
         Ok((users, page.next.is_some()))

@@ -111,14 +111,7 @@ impl Users {
         after: Option<&str>,
         size: usize,
     ) -> Result<(Vec<UserDetail>, bool), ServiceError> {
-        let (users, more) = self.dir.users_page(after, size)?;
-        Ok((
-            users
-                .into_iter()
-                .map(|(user, peers)| UserDetail { user, peers })
-                .collect(),
-            more,
-        ))
+        self.dir.users_page(after, size)
     }
 
     /// One user with its devices.
