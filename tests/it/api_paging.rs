@@ -194,6 +194,9 @@ fn tokens_groups_templates_and_blocklists_are_paged_by_name() {
                 .unwrap();
             ids.push(t.id.to_string());
             c.create_group(&format!("g{i:03}")).await.unwrap();
+            c.save_config_template(&format!("c{i:03}"), false)
+                .await
+                .unwrap();
             c.create_quota_template(&format!("q{i:03}"), &LimitsText::default(), false)
                 .await
                 .unwrap();
@@ -234,6 +237,27 @@ fn tokens_groups_templates_and_blocklists_are_paged_by_name() {
             &names('q'),
             |q: &capybara_agent::service::templates::model::QuotaTemplateView| q.name.to_string(),
             |s, t| c.list_quota_templates_page(s, t),
+        )
+        .await;
+        // The built-in configuration templates first, then the saved ones by name.
+        let builtins: Vec<String> = c
+            .list_config_templates_page(1_000, String::new())
+            .await
+            .unwrap()
+            .0
+            .iter()
+            .filter(|v| v.builtin)
+            .map(|v| v.template.name.to_string())
+            .collect();
+        assert!(!builtins.is_empty());
+        let configs: Vec<String> = builtins.iter().cloned().chain(names('c')).collect();
+        check(
+            "config templates",
+            &configs,
+            |v: &capybara_agent::service::templates::ConfigTemplateView| {
+                v.template.name.to_string()
+            },
+            |s, t| c.list_config_templates_page(s, t),
         )
         .await;
         // Sources first, then destinations, each by name.

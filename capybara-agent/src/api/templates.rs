@@ -458,23 +458,33 @@ impl Client {
 
     /// Every configuration template.
     pub async fn list_config_templates(&self) -> Result<Vec<ConfigTemplateView>, ClientError> {
-        super::paging::walk(|page_token| async move {
-            let r = self
-                .templates()
-                .list_config_templates(self.req(pb::ListConfigTemplatesRequest {
-                    page_size: crate::service::core::MAX_PAGE_SIZE as u32,
-                    page_token,
-                }))
-                .await?
-                .into_inner();
-            let templates = r
-                .templates
-                .into_iter()
-                .map(|t| view_from_proto(Some(t)))
-                .collect::<Result<_, _>>()?;
-            Ok((templates, r.next_page_token))
+        super::paging::walk(|t| {
+            self.list_config_templates_page(crate::service::core::MAX_PAGE_SIZE as u32, t)
         })
         .await
+    }
+
+    /// One page of configuration templates (the built-in ones first, then the saved ones by
+    /// name; `page_size` 0 = the default) and the next page's token (empty on the last page).
+    pub async fn list_config_templates_page(
+        &self,
+        page_size: u32,
+        page_token: String,
+    ) -> Result<(Vec<ConfigTemplateView>, String), ClientError> {
+        let r = self
+            .templates()
+            .list_config_templates(self.req(pb::ListConfigTemplatesRequest {
+                page_size,
+                page_token,
+            }))
+            .await?
+            .into_inner();
+        let templates = r
+            .templates
+            .into_iter()
+            .map(|t| view_from_proto(Some(t)))
+            .collect::<Result<_, _>>()?;
+        Ok((templates, r.next_page_token))
     }
 
     /// One configuration template (`current`: the live settings).
