@@ -127,6 +127,33 @@ fn users_devices_and_connections_are_paged_by_name() {
         assert_eq!(pages, 2);
         let (code, msg) = refused(c.list_peers_page("nobody", 10, String::new()).await);
         assert_eq!(code, Code::NotFound, "{msg}");
+        // Stats of every user: pages of whole users (each with all its devices).
+        let (mut users, mut devs, mut token, mut pages) =
+            (Vec::new(), Vec::new(), String::new(), 0);
+        loop {
+            let (st, next) = c.stats_page("", 100, token).await.unwrap();
+            pages += 1;
+            assert!(st.users.len() <= 100);
+            users.extend(st.users.keys().cloned());
+            devs.extend(st.peers.iter().map(|p| peer_key(&p.peer)));
+            if next.is_empty() {
+                break;
+            }
+            token = next;
+        }
+        assert_eq!(
+            (users, pages),
+            (names.clone(), 3),
+            "stats: every user once, by name"
+        );
+        assert_eq!(devs, devices, "stats: every device once, in order");
+        let (code, msg) = refused(c.stats_page("", 10, "junk".into()).await);
+        assert_eq!(code, Code::InvalidArgument);
+        assert!(msg.contains("page_token"), "{msg}");
+        let one = c.stats("u007").await.unwrap();
+        assert_eq!(one.peers.len(), 4);
+        let all = c.stats("").await.unwrap();
+        assert_eq!((all.users.len(), all.peers.len()), (ITEMS, devices.len()));
         // The client's whole lists walk every page.
         assert_eq!(c.list_users().await.unwrap().len(), ITEMS);
         let conns = c.connections().await.unwrap();

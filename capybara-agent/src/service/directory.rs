@@ -253,6 +253,39 @@ impl Directory {
         (page, it.next().is_some())
     }
 
+    /// The devices of one page of users that have devices, in `user/device` key order: every
+    /// device of up to `users` users whose key prefix (`user/`) comes after `after` (a user's
+    /// devices are contiguous in that order), read under the index's read lock without copying
+    /// the rest of it; and the last user's prefix when more users follow.
+    pub fn user_devices_page(
+        &self,
+        after: Option<&str>,
+        users: usize,
+    ) -> (Vec<Peer>, Option<String>) {
+        let ix = self.index.read().unwrap();
+        let start = after.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
+        let mut out = Vec::new();
+        let mut prefix: Option<String> = None;
+        let mut seen = 0;
+        for (k, r) in ix
+            .peers
+            .range::<str, _>((start, std::ops::Bound::Unbounded))
+        {
+            if after.is_some_and(|a| k.starts_with(a)) {
+                continue;
+            }
+            if prefix.as_deref().is_none_or(|p| !k.starts_with(p)) {
+                if seen == users {
+                    return (out, prefix);
+                }
+                seen += 1;
+                prefix = Some(keys::user_peers_prefix(r.peer.user.as_str()));
+            }
+            out.push(r.peer.clone());
+        }
+        (out, None)
+    }
+
     /// A free peer id and addresses for a new device.
     pub fn allocate(&self) -> Result<(PeerId, Ipv4Addr, Ipv6Addr), ServiceError> {
         let ix = self.index.read().unwrap();
