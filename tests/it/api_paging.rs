@@ -97,7 +97,10 @@ fn users_devices_and_connections_are_paged_by_name() {
         for d in ["phone", "tablet", "desk"] {
             c.add_peer("u007", d).await.unwrap();
         }
-        let names: Vec<String> = (0..ITEMS).map(|i| format!("u{i:03}")).collect();
+        // A name that sorts before `u007/` as a device key but after `u007` as a name.
+        c.add_user("u007-x", "laptop", 0).await.unwrap();
+        let mut names: Vec<String> = (0..ITEMS).map(|i| format!("u{i:03}")).collect();
+        names.insert(8, "u007-x".into());
         check(
             "users",
             &names,
@@ -113,6 +116,13 @@ fn users_devices_and_connections_are_paged_by_name() {
             }
             devices.extend(ds.iter().map(|d| format!("{n}/{d}")));
         }
+        // Connections come by (user, device); devices and stats by `user/device` key.
+        let by_user = devices.clone();
+        devices.sort();
+        assert_ne!(
+            by_user, devices,
+            "the two orders differ for u007 and u007-x"
+        );
         let peer_key =
             |p: &capybara_agent::service::domain::Peer| format!("{}/{}", p.user, p.device);
         check("peers", &devices, peer_key, |s, t| {
@@ -153,12 +163,15 @@ fn users_devices_and_connections_are_paged_by_name() {
         let one = c.stats("u007").await.unwrap();
         assert_eq!(one.peers.len(), 4);
         let all = c.stats("").await.unwrap();
-        assert_eq!((all.users.len(), all.peers.len()), (ITEMS, devices.len()));
+        assert_eq!(
+            (all.users.len(), all.peers.len()),
+            (names.len(), devices.len())
+        );
         // The client's whole lists walk every page.
-        assert_eq!(c.list_users().await.unwrap().len(), ITEMS);
+        assert_eq!(c.list_users().await.unwrap().len(), names.len());
         let conns = c.connections().await.unwrap();
         let keys: Vec<String> = conns.iter().map(|x| peer_key(&x.peer)).collect();
-        assert_eq!(keys, devices, "connections: every device once, in order");
+        assert_eq!(keys, by_user, "connections: every device once, in order");
     });
     rt.block_on(api.stop());
 }
