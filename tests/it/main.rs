@@ -24,6 +24,7 @@ mod api_geo;
 mod api_grpc;
 mod api_history;
 mod api_listen;
+mod api_paging;
 mod api_policy;
 mod api_templates;
 mod api_tls;

@@ -28,9 +28,18 @@ impl Blocklists for Api {
         req: Request<pb::ListBlocklistsRequest>,
     ) -> Result<Response<pb::ListBlocklistsResponse>, Status> {
         self.auth(&req, Scope::Read)?;
-        let lists = self.call(|s| s.lists.blocklists()).await?;
+        let r = req.get_ref();
+        let ask = super::paging::PageAsk::parse(r.page_size, &r.page_token)?;
+        let (lists, more) = self
+            .call(move |s| s.lists.blocklists_page(ask.after.as_deref(), ask.size))
+            .await?;
+        let last = lists
+            .last()
+            .filter(|_| more)
+            .map(|l| crate::service::lists::blocklist_key(l.direction, &l.name));
         Ok(Response::new(pb::ListBlocklistsResponse {
             lists: lists.iter().map(Into::into).collect(),
+            next_page_token: super::paging::next_token(last.as_deref()),
         }))
     }
 
@@ -158,14 +167,30 @@ impl TryFrom<pb::Blocklist> for BlocklistView {
 impl Client {
     /// Every blocklist.
     pub async fn blocklists(&self) -> Result<Vec<BlocklistView>, ClientError> {
+        super::paging::walk(|t| self.blocklists_page(crate::service::core::MAX_PAGE_SIZE as u32, t))
+            .await
+    }
+
+    /// One page of blocklists (sources first, then by name; `page_size` 0 = the default) and
+    /// the next page's token (empty on the last page).
+    pub async fn blocklists_page(
+        &self,
+        page_size: u32,
+        page_token: String,
+    ) -> Result<(Vec<BlocklistView>, String), ClientError> {
         let r = BlocklistsClient::new(self.channel.clone())
-            .list_blocklists(self.req(pb::ListBlocklistsRequest {}))
+            .list_blocklists(self.req(pb::ListBlocklistsRequest {
+                page_size,
+                page_token,
+            }))
             .await?
             .into_inner();
-        Ok(r.lists
+        let lists = r
+            .lists
             .into_iter()
             .map(TryInto::try_into)
-            .collect::<Result<_, AnswerError>>()?)
+            .collect::<Result<_, AnswerError>>()?;
+        Ok((lists, r.next_page_token))
     }
 
     /// Adds (`add`) or removes entries of a list.

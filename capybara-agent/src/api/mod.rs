@@ -17,7 +17,8 @@
 //! Beside them: [`server`] (who may call what, the router, the listeners, `run(listeners,
 //! shutdown)`), [`handler`] (the [`handler::Api`] type every service is implemented on: auth and
 //! the blocking call), [`status`] (service errors as gRPC codes), [`convert`] (the conversions
-//! the features share) and [`client`] (the connection the `capybara` CLI uses).
+//! the features share), [`paging`] (the page tokens of the name-ordered list calls) and
+//! [`client`] (the connection the `capybara` CLI uses).
 
 pub mod audit;
 pub mod backup;
@@ -29,6 +30,7 @@ pub mod health;
 pub mod history;
 pub mod lists;
 pub mod monitor;
+mod paging;
 pub mod policy;
 pub mod server;
 pub mod status;

@@ -30,9 +30,18 @@ impl stats_server::Stats for Api {
         &self,
         req: Request<pb::GetStatsRequest>,
     ) -> Result<Response<pb::GetStatsResponse>, Status> {
-        let (_, user) = self.auth_opt_user(&req, Scope::Read, "user", &req.get_ref().user)?;
-        let st = self.call(move |s| s.monitor.stats(user.as_ref())).await?;
-        Ok(Response::new((&st).into()))
+        let r = req.get_ref();
+        let (_, user) = self.auth_opt_user(&req, Scope::Read, "user", &r.user)?;
+        let ask = super::paging::PageAsk::parse(r.page_size, &r.page_token)?;
+        let (st, next) = self
+            .call(move |s| match user {
+                Some(u) => Ok((s.monitor.stats(Some(&u))?, None)),
+                None => s.monitor.stats_page(ask.after.as_deref(), ask.size),
+            })
+            .await?;
+        let mut out: pb::GetStatsResponse = (&st).into();
+        out.next_page_token = super::paging::next_token(next.as_deref());
+        Ok(Response::new(out))
     }
 }
 
@@ -43,9 +52,14 @@ impl Connections for Api {
         req: Request<pb::ListConnectionsRequest>,
     ) -> Result<Response<pb::ListConnectionsResponse>, Status> {
         self.auth(&req, Scope::Read)?;
+        let r = req.get_ref();
+        let ask = super::paging::PageAsk::parse(r.page_size, &r.page_token)?;
         let c = self.call(|s| s.monitor.connections()).await?;
+        // In (user, device) order: NUL sorts below every character a name may hold.
+        let (page, next) = ask.take(c.iter(), |c| format!("{}\0{}", c.peer.user, c.peer.device));
         Ok(Response::new(pb::ListConnectionsResponse {
-            connections: c.iter().map(Into::into).collect(),
+            connections: page.into_iter().map(Into::into).collect(),
+            next_page_token: next,
         }))
     }
 
@@ -103,6 +117,7 @@ impl From<&Stats> for pb::GetStatsResponse {
                 })
                 .collect(),
             drops: drops_to_proto(&s.drops),
+            next_page_token: String::new(),
         }
     }
 }
@@ -182,23 +197,56 @@ impl TryFrom<pb::Connection> for Connection {
 impl Client {
     /// Counters.
     pub async fn stats(&self, user: &str) -> Result<Stats, ClientError> {
+        let max = crate::service::core::MAX_PAGE_SIZE as u32;
+        let (mut all, mut token) = self.stats_page(user, max, String::new()).await?;
+        while !token.is_empty() {
+            let (page, next) = self.stats_page(user, max, token).await?;
+            all.peers.extend(page.peers);
+            all.users.extend(page.users);
+            all.drops = page.drops;
+            token = next;
+        }
+        Ok(all)
+    }
+
+    /// One page of stats (of every user, by user; `page_size` 0 = the default) and the next
+    /// page's token (empty on the last page).
+    pub async fn stats_page(
+        &self,
+        user: &str,
+        page_size: u32,
+        page_token: String,
+    ) -> Result<(Stats, String), ClientError> {
         let r = StatsClient::new(self.channel.clone())
-            .get_stats(self.req(pb::GetStatsRequest { user: user.into() }))
+            .get_stats(self.req(pb::GetStatsRequest {
+                user: user.into(),
+                page_size,
+                page_token,
+            }))
             .await?
             .into_inner();
-        Ok(r.try_into()?)
+        let next = r.next_page_token.clone();
+        Ok((r.try_into()?, next))
     }
 
     /// Live connections.
     pub async fn connections(&self) -> Result<Vec<Connection>, ClientError> {
-        let r = ConnectionsClient::new(self.channel.clone())
-            .list_connections(self.req(pb::ListConnectionsRequest {}))
-            .await?
-            .into_inner();
-        Ok(r.connections
-            .into_iter()
-            .map(TryInto::try_into)
-            .collect::<Result<_, AnswerError>>()?)
+        super::paging::walk(|page_token| async move {
+            let r = ConnectionsClient::new(self.channel.clone())
+                .list_connections(self.req(pb::ListConnectionsRequest {
+                    page_size: crate::service::core::MAX_PAGE_SIZE as u32,
+                    page_token,
+                }))
+                .await?
+                .into_inner();
+            let connections = r
+                .connections
+                .into_iter()
+                .map(TryInto::try_into)
+                .collect::<Result<_, AnswerError>>()?;
+            Ok((connections, r.next_page_token))
+        })
+        .await
     }
 
     /// Kicks a user.

@@ -290,9 +290,15 @@ impl policy_server::Policy for Api {
         req: Request<pb::ListGroupsRequest>,
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
         self.auth(&req, Scope::Read)?;
-        let gs = self.call(|s| Ok(s.policy.list_groups())).await?;
+        let r = req.get_ref();
+        let ask = super::paging::PageAsk::parse(r.page_size, &r.page_token)?;
+        let (gs, more) = self
+            .call(move |s| Ok(s.policy.list_groups_page(ask.after.as_deref(), ask.size)))
+            .await?;
+        let last = gs.last().filter(|_| more).map(|g| g.name.to_string());
         Ok(Response::new(pb::ListGroupsResponse {
             groups: gs.iter().map(group_to_proto).collect(),
+            next_page_token: super::paging::next_token(last.as_deref()),
         }))
     }
 
@@ -501,15 +507,33 @@ impl Client {
 
     /// Every group.
     pub async fn list_groups(&self) -> Result<Vec<GroupView>, ClientError> {
+        super::paging::walk(|t| {
+            self.list_groups_page(crate::service::core::MAX_PAGE_SIZE as u32, t)
+        })
+        .await
+    }
+
+    /// One page of groups by name (`page_size` 0 = the default) and the next page's token
+    /// (empty on the last page).
+    pub async fn list_groups_page(
+        &self,
+        page_size: u32,
+        page_token: String,
+    ) -> Result<(Vec<GroupView>, String), ClientError> {
         let r = self
             .policy()
-            .list_groups(self.req(pb::ListGroupsRequest {}))
+            .list_groups(self.req(pb::ListGroupsRequest {
+                page_size,
+                page_token,
+            }))
             .await?
             .into_inner();
-        Ok(r.groups
+        let groups = r
+            .groups
             .into_iter()
             .map(group_from_proto)
-            .collect::<Result<_, _>>()?)
+            .collect::<Result<_, _>>()?;
+        Ok((groups, r.next_page_token))
     }
 
     /// Changes a group's policy and pool (`shared_limit`: a size, `none`, or `None` = keep).

@@ -176,11 +176,18 @@ impl templates_server::Templates for Api {
         req: Request<pb::ListQuotaTemplatesRequest>,
     ) -> Result<Response<pb::ListQuotaTemplatesResponse>, Status> {
         self.auth(&req, Scope::Read)?;
-        let ts = self
-            .call(|s| Ok(s.templates.list_quota_templates()))
+        let r = req.get_ref();
+        let ask = super::paging::PageAsk::parse(r.page_size, &r.page_token)?;
+        let (ts, more) = self
+            .call(move |s| {
+                Ok(s.templates
+                    .list_quota_templates_page(ask.after.as_deref(), ask.size))
+            })
             .await?;
+        let last = ts.last().filter(|_| more).map(|t| t.name.to_string());
         Ok(Response::new(pb::ListQuotaTemplatesResponse {
             templates: ts.iter().map(quota_to_proto).collect(),
+            next_page_token: super::paging::next_token(last.as_deref()),
         }))
     }
 
@@ -253,9 +260,17 @@ impl templates_server::Templates for Api {
         req: Request<pb::ListConfigTemplatesRequest>,
     ) -> Result<Response<pb::ListConfigTemplatesResponse>, Status> {
         self.auth(&req, Scope::Read)?;
+        let r = req.get_ref();
+        let ask = super::paging::PageAsk::parse(r.page_size, &r.page_token)?;
         let ts = self.call(|s| s.templates.list_config_templates()).await?;
+        // Built-in templates first (in their fixed order), then the saved ones by name.
+        let (page, next) = ask.take(ts.iter().enumerate(), |(i, v)| match v.builtin {
+            true => format!("0/{i:04}"),
+            false => format!("1/{}", v.template.name),
+        });
         Ok(Response::new(pb::ListConfigTemplatesResponse {
-            templates: ts.iter().map(config_to_proto).collect(),
+            templates: page.into_iter().map(|(_, v)| config_to_proto(v)).collect(),
+            next_page_token: next,
         }))
     }
 
@@ -355,15 +370,33 @@ impl Client {
 
     /// Every quota template.
     pub async fn list_quota_templates(&self) -> Result<Vec<QuotaTemplateView>, ClientError> {
+        super::paging::walk(|t| {
+            self.list_quota_templates_page(crate::service::core::MAX_PAGE_SIZE as u32, t)
+        })
+        .await
+    }
+
+    /// One page of quota templates by name (`page_size` 0 = the default) and the next page's
+    /// token (empty on the last page).
+    pub async fn list_quota_templates_page(
+        &self,
+        page_size: u32,
+        page_token: String,
+    ) -> Result<(Vec<QuotaTemplateView>, String), ClientError> {
         let r = self
             .templates()
-            .list_quota_templates(self.req(pb::ListQuotaTemplatesRequest {}))
+            .list_quota_templates(self.req(pb::ListQuotaTemplatesRequest {
+                page_size,
+                page_token,
+            }))
             .await?
             .into_inner();
-        Ok(r.templates
+        let templates = r
+            .templates
             .into_iter()
             .map(|t| quota_from_proto(Some(t)))
-            .collect::<Result<_, _>>()?)
+            .collect::<Result<_, _>>()?;
+        Ok((templates, r.next_page_token))
     }
 
     /// One quota template.
@@ -425,15 +458,33 @@ impl Client {
 
     /// Every configuration template.
     pub async fn list_config_templates(&self) -> Result<Vec<ConfigTemplateView>, ClientError> {
+        super::paging::walk(|t| {
+            self.list_config_templates_page(crate::service::core::MAX_PAGE_SIZE as u32, t)
+        })
+        .await
+    }
+
+    /// One page of configuration templates (the built-in ones first, then the saved ones by
+    /// name; `page_size` 0 = the default) and the next page's token (empty on the last page).
+    pub async fn list_config_templates_page(
+        &self,
+        page_size: u32,
+        page_token: String,
+    ) -> Result<(Vec<ConfigTemplateView>, String), ClientError> {
         let r = self
             .templates()
-            .list_config_templates(self.req(pb::ListConfigTemplatesRequest {}))
+            .list_config_templates(self.req(pb::ListConfigTemplatesRequest {
+                page_size,
+                page_token,
+            }))
             .await?
             .into_inner();
-        r.templates
+        let templates = r
+            .templates
             .into_iter()
             .map(|t| view_from_proto(Some(t)))
-            .collect()
+            .collect::<Result<_, _>>()?;
+        Ok((templates, r.next_page_token))
     }
 
     /// One configuration template (`current`: the live settings).

@@ -38,9 +38,15 @@ impl Tokens for Api {
         req: Request<pb::ListTokensRequest>,
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
         self.auth(&req, Scope::Admin)?;
-        let tokens = self.call(|s| s.tokens.list_tokens()).await?;
+        let r = req.get_ref();
+        let ask = super::paging::PageAsk::parse(r.page_size, &r.page_token)?;
+        let (tokens, more) = self
+            .call(move |s| s.tokens.list_tokens_page(ask.after.as_deref(), ask.size))
+            .await?;
+        let last = tokens.last().filter(|_| more).map(|t| t.id.to_string());
         Ok(Response::new(pb::ListTokensResponse {
             tokens: tokens.iter().map(Into::into).collect(),
+            next_page_token: super::paging::next_token(last.as_deref()),
         }))
     }
 
@@ -169,14 +175,32 @@ impl Client {
 
     /// Every token.
     pub async fn list_tokens(&self) -> Result<Vec<Token>, ClientError> {
+        super::paging::walk(|t| {
+            self.list_tokens_page(crate::service::core::MAX_PAGE_SIZE as u32, t)
+        })
+        .await
+    }
+
+    /// One page of tokens by id (`page_size` 0 = the default) and the next page's token
+    /// (empty on the last page).
+    pub async fn list_tokens_page(
+        &self,
+        page_size: u32,
+        page_token: String,
+    ) -> Result<(Vec<Token>, String), ClientError> {
         let r = TokensClient::new(self.channel.clone())
-            .list_tokens(self.req(pb::ListTokensRequest {}))
+            .list_tokens(self.req(pb::ListTokensRequest {
+                page_size,
+                page_token,
+            }))
             .await?
             .into_inner();
-        Ok(r.tokens
+        let tokens = r
+            .tokens
             .into_iter()
             .map(TryInto::try_into)
-            .collect::<Result<_, AnswerError>>()?)
+            .collect::<Result<_, AnswerError>>()?;
+        Ok((tokens, r.next_page_token))
     }
 
     /// Revokes a token.

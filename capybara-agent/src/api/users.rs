@@ -44,9 +44,18 @@ impl Users for Api {
         req: Request<pb::ListUsersRequest>,
     ) -> Result<Response<pb::ListUsersResponse>, Status> {
         self.auth(&req, Scope::Read)?;
-        let users = self.call(|s| s.users.list_users()).await?;
+        let r = req.get_ref();
+        let ask = super::paging::PageAsk::parse(r.page_size, &r.page_token)?;
+        let (users, more) = self
+            .call(move |s| s.users.list_users_page(ask.after.as_deref(), ask.size))
+            .await?;
+        let last = users
+            .last()
+            .filter(|_| more)
+            .map(|u| u.user.name.to_string());
         Ok(Response::new(pb::ListUsersResponse {
             users: users.iter().map(Into::into).collect(),
+            next_page_token: super::paging::next_token(last.as_deref()),
         }))
     }
 
@@ -162,12 +171,19 @@ impl Peers for Api {
         &self,
         req: Request<pb::ListPeersRequest>,
     ) -> Result<Response<pb::ListPeersResponse>, Status> {
-        let (_, user) = self.auth_opt_user(&req, Scope::Read, "user", &req.get_ref().user)?;
-        let peers = self
-            .call(move |s| s.devices.list_peers(user.as_ref()))
+        let r = req.get_ref();
+        let (_, user) = self.auth_opt_user(&req, Scope::Read, "user", &r.user)?;
+        let ask = super::paging::PageAsk::parse(r.page_size, &r.page_token)?;
+        let (peers, more) = self
+            .call(move |s| {
+                s.devices
+                    .list_peers_page(user.as_ref(), ask.after.as_deref(), ask.size)
+            })
             .await?;
+        let last = peers.last().filter(|_| more).map(|(k, _)| k.as_str());
         Ok(Response::new(pb::ListPeersResponse {
-            peers: peers.iter().map(Into::into).collect(),
+            peers: peers.iter().map(|(_, p)| p.into()).collect(),
+            next_page_token: super::paging::next_token(last),
         }))
     }
 
@@ -328,16 +344,32 @@ impl Client {
         ))
     }
 
-    /// Every user.
+    /// Every user: every page walked.
     pub async fn list_users(&self) -> Result<Vec<UserDetail>, ClientError> {
+        super::paging::walk(|t| self.list_users_page(crate::service::core::MAX_PAGE_SIZE as u32, t))
+            .await
+    }
+
+    /// One page of users by name (`page_size` 0 = the default) and the next page's token
+    /// (empty on the last page).
+    pub async fn list_users_page(
+        &self,
+        page_size: u32,
+        page_token: String,
+    ) -> Result<(Vec<UserDetail>, String), ClientError> {
         let r = UsersClient::new(self.channel.clone())
-            .list_users(self.req(pb::ListUsersRequest {}))
+            .list_users(self.req(pb::ListUsersRequest {
+                page_size,
+                page_token,
+            }))
             .await?
             .into_inner();
-        Ok(r.users
+        let users = r
+            .users
             .into_iter()
             .map(TryInto::try_into)
-            .collect::<Result<_, AnswerError>>()?)
+            .collect::<Result<_, AnswerError>>()?;
+        Ok((users, r.next_page_token))
     }
 
     /// One user.
@@ -418,6 +450,30 @@ impl Client {
             .into_iter()
             .map(TryInto::try_into)
             .collect::<Result<_, AnswerError>>()?)
+    }
+
+    /// One page of devices in `user/device` order (of `user` only, unless empty; `page_size`
+    /// 0 = the default) and the next page's token (empty on the last page).
+    pub async fn list_peers_page(
+        &self,
+        user: &str,
+        page_size: u32,
+        page_token: String,
+    ) -> Result<(Vec<Peer>, String), ClientError> {
+        let r = PeersClient::new(self.channel.clone())
+            .list_peers(self.req(pb::ListPeersRequest {
+                user: user.into(),
+                page_size,
+                page_token,
+            }))
+            .await?
+            .into_inner();
+        let peers = r
+            .peers
+            .into_iter()
+            .map(TryInto::try_into)
+            .collect::<Result<_, AnswerError>>()?;
+        Ok((peers, r.next_page_token))
     }
 
     /// Adds a device.

@@ -280,6 +280,20 @@ impl Devices {
         }
     }
 
+    /// One page of devices in `user/device` order (of `user` only when given): up to `size`
+    /// after key `after`, with their keys, and whether more follow.
+    pub fn list_peers_page(
+        &self,
+        user: Option<&UserName>,
+        after: Option<&str>,
+        size: usize,
+    ) -> Result<(Vec<(String, Peer)>, bool), ServiceError> {
+        if let Some(u) = user {
+            self.dir.user(u)?;
+        }
+        Ok(self.dir.peers_page(user, after, size))
+    }
+
     /// Removes one device.
     pub fn remove_device(
         &self,

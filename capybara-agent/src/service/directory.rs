@@ -48,7 +48,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     ServiceError,
     core::Core,
-    domain::{Peer, PublicKey, User, UserName},
+    domain::{Peer, PublicKey, User, UserDetail, UserName},
 };
 use crate::{
     net::Cidr,
@@ -482,6 +482,96 @@ impl Directory {
                 (u, peers)
             })
             .collect())
+    }
+
+    /// One page of users by name, each with its devices: up to `size` users after the name
+    /// `after` (read from the store a page at a time, never every user), and whether more
+    /// follow.
+    pub fn users_page(
+        &self,
+        after: Option<&str>,
+        size: usize,
+    ) -> Result<(Vec<UserDetail>, bool), ServiceError> {
+        let page = self
+            .core
+            .store
+            .page_forward::<User>(Cf::Users, "", after, size)?;
+        let ix = self.index.read().unwrap();
+        let users = page
+            .items
+            .into_iter()
+            .map(|user| UserDetail {
+                peers: ix
+                    .records_of(&user.name)
+                    .into_iter()
+                    .map(|r| r.peer)
+                    .collect(),
+                user,
+            })
+            .collect();
+        Ok((users, page.next.is_some()))
+    }
+
+    /// One page of devices in `user/device` key order (of `user` only when given): up to
+    /// `size` after key `after`, read from the index under its read lock without copying the
+    /// rest of it, with their keys, and whether more follow.
+    pub fn peers_page(
+        &self,
+        user: Option<&UserName>,
+        after: Option<&str>,
+        size: usize,
+    ) -> (Vec<(String, Peer)>, bool) {
+        let prefix = user.map(|u| keys::user_peers_prefix(u.as_str()));
+        let ix = self.index.read().unwrap();
+        let start = match (after, prefix.as_deref()) {
+            (Some(a), Some(p)) if a < p => std::ops::Bound::Included(p),
+            (Some(a), _) => std::ops::Bound::Excluded(a),
+            (None, Some(p)) => std::ops::Bound::Included(p),
+            (None, None) => std::ops::Bound::Unbounded,
+        };
+        let mut it = ix
+            .peers
+            .range::<str, _>((start, std::ops::Bound::Unbounded))
+            .take_while(|(k, _)| prefix.as_deref().is_none_or(|p| k.starts_with(p)));
+        let page = it
+            .by_ref()
+            .take(size)
+            .map(|(k, r)| (k.clone(), r.peer.clone()))
+            .collect();
+        (page, it.next().is_some())
+    }
+
+    /// The devices of one page of users that have devices, in `user/device` key order: every
+    /// device of up to `users` users whose key prefix (`user/`) comes after `after` (a user's
+    /// devices are contiguous in that order), read under the index's read lock without copying
+    /// the rest of it; and the last user's prefix when more users follow.
+    pub fn user_devices_page(
+        &self,
+        after: Option<&str>,
+        users: usize,
+    ) -> (Vec<Peer>, Option<String>) {
+        let ix = self.index.read().unwrap();
+        let start = after.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
+        let mut out = Vec::new();
+        let mut prefix: Option<String> = None;
+        let mut seen = 0;
+        for (k, r) in ix
+            .peers
+            .range::<str, _>((start, std::ops::Bound::Unbounded))
+        {
+            if after.is_some_and(|a| k.starts_with(a)) {
+                continue;
+            }
+            if prefix.as_deref().is_none_or(|p| !k.starts_with(p)) {
+                if seen == users {
+                    return (out, prefix);
+                }
+                seen += 1;
+                prefix = Some(keys::user_peers_prefix(r.peer.user.as_str()));
+            }
+            out.push(r.peer.clone());
+        }
+        (out, None)
     }
 
     /// A free peer id and addresses for a new device: the lowest free id, the lowest free

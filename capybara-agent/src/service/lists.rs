@@ -155,6 +155,36 @@ impl Lists {
             .collect())
     }
 
+    /// One page of lists in (direction, name) order: up to `size` after `after` (the list's
+    /// page key, [`blocklist_key`]), each with its CIDRs (read only for the page's lists), and
+    /// whether more follow.
+    pub fn blocklists_page(
+        &self,
+        after: Option<&str>,
+        size: usize,
+    ) -> Result<(Vec<BlocklistView>, bool), ServiceError> {
+        // The registry answers its lists in (direction, name) order, the order of the keys.
+        let lists = self.core.plane.lists()?;
+        let mut it = lists.into_iter().filter(|(s, _)| {
+            after.is_none_or(|a| blocklist_key(s.direction, s.name.as_str()).as_str() > a)
+        });
+        let page = it
+            .by_ref()
+            .take(size)
+            .map(|(s, hits)| BlocklistView {
+                cidrs: self
+                    .core
+                    .plane
+                    .list_cidrs(s.direction, &s.name)
+                    .unwrap_or_default(),
+                direction: s.direction,
+                name: s.name.as_str().to_owned(),
+                hits: hits.into(),
+            })
+            .collect();
+        Ok((page, it.next().is_some()))
+    }
+
     /// One list.
     pub fn blocklist(
         &self,
@@ -263,4 +293,14 @@ impl Lists {
         }
         Ok(())
     }
+}
+
+/// The page key of list `name` of `direction`: sources before destinations, then by name (the
+/// registry's order).
+pub fn blocklist_key(direction: Direction, name: &str) -> String {
+    let d = match direction {
+        Direction::Source => 0,
+        Direction::Destination => 1,
+    };
+    format!("{d}/{name}")
 }

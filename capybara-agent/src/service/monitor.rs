@@ -115,15 +115,20 @@ impl Monitor {
         Monitor { core, dir, policy }
     }
 
-    /// Counters per device and per user (of `user` only if given), and global drops by reason.
-    pub fn stats(&self, user: Option<&UserName>) -> Result<Stats, ServiceError> {
-        let peers = match user {
-            Some(u) => {
-                self.dir.user(u)?;
-                self.dir.user_peers(u)
-            }
-            None => self.dir.all().into_iter().map(|r| r.peer).collect(),
-        };
+    /// One page of [`Monitor::stats`] for every user: the counters of every device of up to
+    /// `users` users (those with devices, in `user/device` key order) after the user key prefix
+    /// `after`, their sums, and every drop; and the last user's key prefix when more follow.
+    pub fn stats_page(
+        &self,
+        after: Option<&str>,
+        users: usize,
+    ) -> Result<(Stats, Option<String>), ServiceError> {
+        let (peers, next) = self.dir.user_devices_page(after, users);
+        Ok((self.stats_of(peers)?, next))
+    }
+
+    /// The counters of `peers`, their users' sums and every drop.
+    fn stats_of(&self, peers: Vec<Peer>) -> Result<Stats, ServiceError> {
         let mut out = Stats::default();
         for peer in peers {
             let k = self.core.plane.peer_stats(peer.id)?;
@@ -139,6 +144,18 @@ impl Monitor {
             }
         }
         Ok(out)
+    }
+
+    /// Counters per device and per user (of `user` only if given), and global drops by reason.
+    pub fn stats(&self, user: Option<&UserName>) -> Result<Stats, ServiceError> {
+        let peers = match user {
+            Some(u) => {
+                self.dir.user(u)?;
+                self.dir.user_peers(u)
+            }
+            None => self.dir.all().into_iter().map(|r| r.peer).collect(),
+        };
+        self.stats_of(peers)
     }
 
     /// Every device the tunnel reports, with its endpoint and latest handshake.

@@ -140,6 +140,23 @@ impl Tokens {
             .collect())
     }
 
+    /// One page of tokens by id: up to `size` after the id `after` (read from the store a page
+    /// at a time), and whether more follow.
+    pub fn list_tokens_page(
+        &self,
+        after: Option<&str>,
+        size: usize,
+    ) -> Result<(Vec<Token>, bool), ServiceError> {
+        let page = self
+            .core
+            .store
+            .page_forward::<TokenRecord>(Cf::Tokens, "", after, size)?;
+        Ok((
+            page.items.into_iter().map(|r| r.token).collect(),
+            page.next.is_some(),
+        ))
+    }
+
     /// Revokes a token: it stops working at once; the record stays for the audit trail.
     pub fn revoke_token(&self, actor: &Actor, id: &TokenId) -> Result<Token, ServiceError> {
         let _w = self.core.writer.lock().unwrap();

@@ -139,6 +139,16 @@ impl Users {
             .collect())
     }
 
+    /// One page of users by name with their devices: up to `size` after the name `after`, and
+    /// whether more follow.
+    pub fn list_users_page(
+        &self,
+        after: Option<&str>,
+        size: usize,
+    ) -> Result<(Vec<UserDetail>, bool), ServiceError> {
+        self.dir.users_page(after, size)
+    }
+
     /// One user with its devices.
     pub fn get_user(&self, name: &UserName) -> Result<UserDetail, ServiceError> {
         let user = self.dir.user(name)?;

@@ -1,5 +1,6 @@
-//! Paged reads and streaming prunes of a family: a page is read from one key on, never the
-//! whole family; a prune deletes in batches of [`PRUNE_BATCH`] keys, never holding more.
+//! Paged reads (backwards for time-ordered families, forwards for name-ordered ones) and
+//! streaming prunes of a family: a page is read from one key on, never the whole family; a
+//! prune deletes in batches of [`PRUNE_BATCH`] keys, never holding more.
 
 use rocksdb::{Direction, IteratorMode, ReadOptions};
 use serde::de::DeserializeOwned;
@@ -61,6 +62,50 @@ impl Store {
                 items.push(value);
                 last = Some(key);
             }
+        }
+        Ok(Page { items, next: None })
+    }
+
+    /// Up to `size` values of `cf` under key prefix `prefix`, in key order, starting strictly
+    /// after `after` when given (the forward twin of [`Store::page_back`], for lists ordered by
+    /// name). Reads one record past the page to know whether it is the last.
+    pub fn page_forward<T: DeserializeOwned>(
+        &self,
+        cf: Cf,
+        prefix: &str,
+        after: Option<&str>,
+        size: usize,
+    ) -> Result<Page<T>, StoreError> {
+        let from = after.filter(|a| *a > prefix).unwrap_or(prefix);
+        let mut read = ReadOptions::default();
+        read.fill_cache(false);
+        let mode = IteratorMode::From(from.as_bytes(), Direction::Forward);
+        let mut items = Vec::new();
+        let mut last = None;
+        for item in self.db.iterator_cf_opt(self.handle(cf), read, mode) {
+            let (k, v) = item.map_err(|source| StoreError::Io {
+                op: "scan",
+                cf: cf.name(),
+                key: String::new(),
+                source,
+            })?;
+            if !k.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            if after.is_some_and(|a| k.as_ref() <= a.as_bytes()) {
+                continue;
+            }
+            if items.len() == size {
+                return Ok(Page { items, next: last });
+            }
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let value: T = serde_json::from_slice(&v).map_err(|source| StoreError::Decode {
+                cf: cf.name(),
+                key: key.clone(),
+                source,
+            })?;
+            items.push(value);
+            last = Some(key);
         }
         Ok(Page { items, next: None })
     }
@@ -146,6 +191,23 @@ mod tests {
                 .collect();
             assert_eq!(seen, want, "page size {size}");
             assert_eq!(pages, want.len().div_ceil(size), "page size {size}");
+        }
+        for size in [1, 7, 1000] {
+            let (mut seen, mut after, mut pages) = (Vec::new(), None::<String>, 0);
+            loop {
+                let p: Page<u64> = store
+                    .page_forward(Cf::Audit, "", after.as_deref(), size)
+                    .unwrap();
+                assert!(p.items.len() <= size);
+                seen.extend(p.items);
+                pages += 1;
+                match p.next {
+                    Some(n) => after = Some(n),
+                    None => break,
+                }
+            }
+            assert_eq!(seen, (0..2500).collect::<Vec<u64>>(), "page size {size}");
+            assert_eq!(pages, 2500usize.div_ceil(size), "page size {size}");
         }
         assert_eq!(
             store.prune_front(Cf::Audit, |v: &u64| *v < 2100).unwrap(),

@@ -289,6 +289,18 @@ impl Policy {
             .collect()
     }
 
+    /// One page of groups by name: up to `size` after the name `after` (read from the cache's
+    /// ordered map without copying the rest), and whether more follow.
+    pub fn list_groups_page(&self, after: Option<&str>, size: usize) -> (Vec<GroupView>, bool) {
+        let cache = self.cache.read().unwrap();
+        let mut it = cache
+            .groups
+            .iter()
+            .filter(|(n, _)| after.is_none_or(|a| n.as_str() > a));
+        let page = it.by_ref().take(size).map(|(_, g)| g.clone()).collect();
+        (page, it.next().is_some())
+    }
+
     /// One group.
     pub fn get_group(&self, name: &GroupName) -> Result<GroupView, ServiceError> {
         self.cache

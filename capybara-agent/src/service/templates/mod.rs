@@ -108,6 +108,31 @@ impl Templates {
             .collect()
     }
 
+    /// One page of quota templates by name: up to `size` after the name `after`, and whether
+    /// more follow.
+    pub fn list_quota_templates_page(
+        &self,
+        after: Option<&str>,
+        size: usize,
+    ) -> (Vec<QuotaTemplateView>, bool) {
+        let names: Vec<TemplateName> = self
+            .policy
+            .read()
+            .templates
+            .keys()
+            .filter(|n| after.is_none_or(|a| n.as_str() > a))
+            .take(size + 1)
+            .cloned()
+            .collect();
+        let more = names.len() > size;
+        let page = names
+            .iter()
+            .take(size)
+            .filter_map(|n| self.quota_template_view(n))
+            .collect();
+        (page, more)
+    }
+
     /// One quota template.
     pub fn get_quota_template(
         &self,
