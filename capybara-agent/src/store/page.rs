@@ -1,11 +1,12 @@
-//! Paged reads (backwards for time-ordered families, forwards for name-ordered ones) and
-//! streaming prunes of a family: a page is read from one key on, never the whole family; a
+//! Paged reads (backwards for time-ordered families, forwards for name-ordered ones, both a
+//! [`Store::walk`]) and streaming prunes of a family: a page is read from one key on, never the
+//! whole family; a
 //! prune deletes in batches of [`PRUNE_BATCH`] keys, never holding more.
 
-use rocksdb::{Direction, IteratorMode, ReadOptions};
+use rocksdb::IteratorMode;
 use serde::de::DeserializeOwned;
 
-use super::{Batch, Cf, Store, StoreError};
+use super::{Batch, Cf, Store, StoreError, Walk};
 
 /// Keys deleted per batch by [`Store::prune_front`].
 pub const PRUNE_BATCH: usize = 1000;
@@ -29,41 +30,9 @@ impl Store {
         cf: Cf,
         before: Option<&str>,
         size: usize,
-        mut keep: impl FnMut(&T) -> bool,
+        keep: impl FnMut(&T) -> bool,
     ) -> Result<Page<T>, StoreError> {
-        let mode = match before {
-            Some(k) => IteratorMode::From(k.as_bytes(), Direction::Reverse),
-            None => IteratorMode::End,
-        };
-        let mut read = ReadOptions::default();
-        read.fill_cache(false);
-        let mut items = Vec::new();
-        let mut last = None;
-        for item in self.db.iterator_cf_opt(self.handle(cf), read, mode) {
-            let (k, v) = item.map_err(|source| StoreError::Io {
-                op: "scan",
-                cf: cf.name(),
-                key: String::new(),
-                source,
-            })?;
-            if before.is_some_and(|b| k.as_ref() >= b.as_bytes()) {
-                continue;
-            }
-            let key = String::from_utf8_lossy(&k).into_owned();
-            let value: T = serde_json::from_slice(&v).map_err(|source| StoreError::Decode {
-                cf: cf.name(),
-                key: key.clone(),
-                source,
-            })?;
-            if keep(&value) {
-                if items.len() == size {
-                    return Ok(Page { items, next: last });
-                }
-                items.push(value);
-                last = Some(key);
-            }
-        }
-        Ok(Page { items, next: None })
+        self.page(cf, "", Walk::Backward, before, size, keep)
     }
 
     /// Up to `size` values of `cf` under key prefix `prefix`, in key order, starting strictly
@@ -76,38 +45,39 @@ impl Store {
         after: Option<&str>,
         size: usize,
     ) -> Result<Page<T>, StoreError> {
-        let from = after.filter(|a| *a > prefix).unwrap_or(prefix);
-        let mut read = ReadOptions::default();
-        read.fill_cache(false);
-        let mode = IteratorMode::From(from.as_bytes(), Direction::Forward);
-        let mut items = Vec::new();
-        let mut last = None;
-        for item in self.db.iterator_cf_opt(self.handle(cf), read, mode) {
-            let (k, v) = item.map_err(|source| StoreError::Io {
-                op: "scan",
-                cf: cf.name(),
-                key: String::new(),
-                source,
-            })?;
-            if !k.starts_with(prefix.as_bytes()) {
-                break;
-            }
-            if after.is_some_and(|a| k.as_ref() <= a.as_bytes()) {
-                continue;
+        // A token before the prefix starts at the prefix.
+        let after = after.filter(|a| *a >= prefix);
+        self.page(cf, prefix, Walk::Forward, after, size, |_| true)
+    }
+
+    /// One page of a [`Store::walk`]: up to `size` values `keep` accepts, and the last one's
+    /// key when another accepted value follows.
+    fn page<T: DeserializeOwned>(
+        &self,
+        cf: Cf,
+        prefix: &str,
+        dir: Walk,
+        after: Option<&str>,
+        size: usize,
+        mut keep: impl FnMut(&T) -> bool,
+    ) -> Result<Page<T>, StoreError> {
+        let (mut items, mut last, mut more) = (Vec::new(), None, false);
+        self.walk(cf, prefix, dir, after, |key, value: T| {
+            if !keep(&value) {
+                return true;
             }
             if items.len() == size {
-                return Ok(Page { items, next: last });
+                more = true;
+                return false;
             }
-            let key = String::from_utf8_lossy(&k).into_owned();
-            let value: T = serde_json::from_slice(&v).map_err(|source| StoreError::Decode {
-                cf: cf.name(),
-                key: key.clone(),
-                source,
-            })?;
             items.push(value);
-            last = Some(key);
-        }
-        Ok(Page { items, next: None })
+            last = Some(key.to_owned());
+            true
+        })?;
+        Ok(Page {
+            items,
+            next: last.filter(|_| more),
+        })
     }
 
     /// Deletes the records of `cf` from its first key on while `old` says so (stopping at the
