@@ -278,18 +278,27 @@ impl<W: Write> ExportWriter<W> {
         Ok(())
     }
 
-    fn sessions(&mut self, sessions: &[Session]) -> std::io::Result<()> {
-        for s in sessions {
+    /// Writes records as CSV rows (`csv` writes one) or JSON items; returns how many.
+    fn records<T: serde::Serialize>(
+        &mut self,
+        items: &[T],
+        csv: fn(&mut String, &T),
+    ) -> std::io::Result<usize> {
+        for item in items {
             match self.format {
                 ExportFormat::Csv => {
                     let mut row = String::new();
-                    csv_session(&mut row, s);
+                    csv(&mut row, item);
                     self.out.write_all(row.as_bytes())?;
                 }
-                ExportFormat::Json => self.json_item(s)?,
+                ExportFormat::Json => self.json_item(item)?,
             }
-            self.sessions += 1;
         }
+        Ok(items.len())
+    }
+
+    fn sessions(&mut self, sessions: &[Session]) -> std::io::Result<()> {
+        self.sessions += self.records(sessions, csv_session)?;
         Ok(())
     }
 
@@ -302,17 +311,7 @@ impl<W: Write> ExportWriter<W> {
     }
 
     fn auth_attempts(&mut self, attempts: &[AuthAttempt]) -> std::io::Result<()> {
-        for a in attempts {
-            match self.format {
-                ExportFormat::Csv => {
-                    let mut row = String::new();
-                    csv_auth(&mut row, a);
-                    self.out.write_all(row.as_bytes())?;
-                }
-                ExportFormat::Json => self.json_item(a)?,
-            }
-            self.auth_attempts += 1;
-        }
+        self.auth_attempts += self.records(attempts, csv_auth)?;
         Ok(())
     }
 
