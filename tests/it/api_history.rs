@@ -294,16 +294,7 @@ async fn start_agent(dir: &Path, socket: &Path) -> Agent {
             store,
             plane.clone(),
             tunnel.clone(),
-            ServiceConfig {
-                server_v4: "10.99.0.1/24".parse().unwrap(),
-                server_v6: "fd99::1/64".parse().unwrap(),
-                server_public_key: PublicKey([1; 32]),
-                endpoint: "192.0.2.1:51820".into(),
-                dns: vec![],
-                keep_client_keys: None,
-                geo_db: None,
-                keep_unknown_peers: false,
-            },
+            ServiceConfig::for_tests("10.99.0.1/24", "fd99::1/64", "192.0.2.1:51820"),
         )
         .expect("service"),
     );

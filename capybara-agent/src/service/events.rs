@@ -46,7 +46,7 @@ mod tests {
     use super::*;
     use crate::service::{
         NewToken, NewUser, Service, ServiceConfig, ServiceError,
-        domain::{Actor, DeviceName, PublicKey, Scope, UserName},
+        domain::{Actor, DeviceName, Scope, UserName},
         policy::{
             LimitsTarget,
             model::{Cap, GroupName, LimitsText},
@@ -60,16 +60,7 @@ mod tests {
             Arc::new(Store::open(dir).unwrap()),
             plane,
             Arc::new(MemoryTunnel::default()),
-            ServiceConfig {
-                server_v4: "10.97.0.1/24".parse().unwrap(),
-                server_v6: "fd97::1/64".parse().unwrap(),
-                server_public_key: PublicKey([1; 32]),
-                endpoint: "vpn.example.com:51820".into(),
-                dns: vec![],
-                keep_client_keys: None,
-                geo_db: None,
-                keep_unknown_peers: false,
-            },
+            ServiceConfig::for_tests("10.97.0.1/24", "fd97::1/64", "vpn.example.com:51820"),
         )
         .unwrap()
     }

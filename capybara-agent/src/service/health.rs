@@ -131,7 +131,7 @@ mod tests {
     use crate::{
         service::{
             NewUser, Service, ServiceConfig,
-            domain::{Actor, DeviceName, PublicKey, UserName},
+            domain::{Actor, DeviceName, UserName},
             ports::TunnelPort,
             testing::{MemoryPlane, MemoryTunnel},
         },
@@ -147,16 +147,7 @@ mod tests {
             Arc::new(Store::open(dir.path()).unwrap()),
             plane.clone(),
             tunnel.clone(),
-            ServiceConfig {
-                server_v4: "10.99.0.1/24".parse().unwrap(),
-                server_v6: "fd99::1/64".parse().unwrap(),
-                server_public_key: PublicKey([1; 32]),
-                endpoint: "e:1".into(),
-                dns: vec![],
-                keep_client_keys: None,
-                geo_db: None,
-                keep_unknown_peers: false,
-            },
+            ServiceConfig::for_tests("10.99.0.1/24", "fd99::1/64", "e:1"),
         )
         .unwrap();
         let peer = svc

@@ -13,6 +13,7 @@ use capybara_common::{
 };
 
 use super::{
+    core::ServiceConfig,
     domain::PublicKey,
     ports::{Plane, PolicyPlane, TunnelPeerStatus, TunnelPort, TunnelPortError},
 };
@@ -24,6 +25,24 @@ use crate::{
     dataplane::{DataplaneError, Gate, PeerRates, QuotaUsage},
     net::Cidr,
 };
+
+impl ServiceConfig {
+    /// A configuration for tests: the server's subnets (e.g. `10.99.0.1/24`, `fd99::1/64`) and the
+    /// endpoint clients are told, a fixed server key, no DNS, no kept client keys, no country
+    /// database.
+    pub fn for_tests(server_v4: &str, server_v6: &str, endpoint: &str) -> ServiceConfig {
+        ServiceConfig {
+            server_v4: server_v4.parse().expect("a test's server IPv4 subnet"),
+            server_v6: server_v6.parse().expect("a test's server IPv6 subnet"),
+            server_public_key: PublicKey([1; 32]),
+            endpoint: endpoint.into(),
+            dns: vec![],
+            keep_client_keys: None,
+            geo_db: None,
+            keep_unknown_peers: false,
+        }
+    }
+}
 
 /// An in-memory [`Plane`]: peers, gates, settable counters and a list registry.
 #[derive(Debug, Default)]

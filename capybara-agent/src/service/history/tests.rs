@@ -20,16 +20,7 @@ struct Fixture {
 }
 
 fn config() -> ServiceConfig {
-    ServiceConfig {
-        server_v4: "10.99.0.1/24".parse().unwrap(),
-        server_v6: "fd99::1/64".parse().unwrap(),
-        server_public_key: PublicKey([1; 32]),
-        endpoint: "vpn.example.com:51820".into(),
-        dns: vec![],
-        keep_client_keys: None,
-        geo_db: None,
-        keep_unknown_peers: false,
-    }
+    ServiceConfig::for_tests("10.99.0.1/24", "fd99::1/64", "vpn.example.com:51820")
 }
 
 fn open(dir: &std::path::Path, plane: Arc<MemoryPlane>, tunnel: Arc<MemoryTunnel>) -> Service {

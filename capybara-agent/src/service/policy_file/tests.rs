@@ -7,7 +7,7 @@ use super::{JOURNAL_KEY, doc::PolicyDoc, failpoint};
 use crate::{
     service::{
         NewUser, Service, ServiceConfig,
-        domain::{Actor, DeviceName, PublicKey, UserName},
+        domain::{Actor, DeviceName, UserName},
         testing::{MemoryPlane, MemoryTunnel},
     },
     store::{Cf, Store},
@@ -46,16 +46,7 @@ fn open(dir: tempfile::TempDir, plane: Arc<MemoryPlane>, tunnel: Arc<MemoryTunne
         Arc::new(Store::open(dir.path()).unwrap()),
         plane.clone(),
         tunnel.clone(),
-        ServiceConfig {
-            server_v4: "10.99.0.1/24".parse().unwrap(),
-            server_v6: "fd99::1/64".parse().unwrap(),
-            server_public_key: PublicKey([1; 32]),
-            endpoint: "vpn.example.com:51820".into(),
-            dns: vec![],
-            keep_client_keys: None,
-            geo_db: None,
-            keep_unknown_peers: false,
-        },
+        ServiceConfig::for_tests("10.99.0.1/24", "fd99::1/64", "vpn.example.com:51820"),
     )
     .unwrap();
     Agent {
