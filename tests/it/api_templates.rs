@@ -2,7 +2,7 @@
 //! an in-process agent API (real server, real store, the in-memory dataplane): a quota template
 //! applied to a user is its `template:NAME` layer in `policy explain` and in the kernel state;
 //! the policy file carries templates and round-trips; configuration templates apply, export and
-//! import; built-ins are read-only; bad input names the field or line and changes nothing.
+//! import; a template saved over a built-in replaces it until deleted; bad input names the field or line and changes nothing.
 
 use std::path::PathBuf;
 
@@ -156,7 +156,7 @@ fn a_quota_template_applied_to_a_user_is_explained_and_in_the_kernel() {
 }
 
 #[test]
-fn configuration_templates_apply_export_import_and_builtins_are_read_only() {
+fn configuration_templates_apply_export_import_and_save_over_builtins() {
     let (rt, api, bin) = start();
     let cli = Cli::socket(&bin, &api.socket);
     cli.ok(&["user", "add", "alice", "--no-qr"]);
@@ -166,7 +166,7 @@ fn configuration_templates_apply_export_import_and_builtins_are_read_only() {
     }
     let show = cli.ok(&["template", "show", "strict"]);
     assert!(
-        show.contains("read-only")
+        show.starts_with("template strict (built in)\n")
             && show.contains("mfa_required")
             && show.contains("not enforced"),
         "{show}"
@@ -219,36 +219,56 @@ fn configuration_templates_apply_export_import_and_builtins_are_read_only() {
     ]);
 
     let c = rt.block_on(api.unix_client());
-    let before = snapshot(&rt, &api, &c);
-    // Built-ins are read-only, from the CLI and over gRPC.
-    cli.fails(2, &["template", "save", "current", "strict"], "read-only");
-    cli.fails(2, &["template", "delete", "guest"], "read-only");
-    let strict = api.dir.path().join("strict.yaml");
-    cli.ok(&[
-        "template",
-        "export",
-        "strict",
-        "--file",
-        strict.to_str().unwrap(),
-    ]);
+    // A template saved over a built-in is used instead of it until deleted (the design's
+    // `template save current remote-worker`); a built-in itself cannot be deleted.
+    let builtin_strict = rt.block_on(c.get_config_template("strict")).unwrap();
+    let names = |c: &Client| -> Vec<String> {
+        rt.block_on(c.list_config_templates())
+            .unwrap()
+            .into_iter()
+            .map(|v| v.template.name.to_string())
+            .collect()
+    };
+    let names_before = names(&c);
+    assert!(builtin_strict.builtin && !builtin_strict.overrides_builtin);
+    cli.ok(&["template", "save", "current", "strict"]);
+    let saved = rt.block_on(c.get_config_template("strict")).unwrap();
+    assert!(!saved.builtin && saved.overrides_builtin, "{saved:?}");
+    assert_eq!(
+        saved.template.limits,
+        rt.block_on(c.get_config_template("current"))
+            .unwrap()
+            .template
+            .limits,
+        "the live settings, not the built-in's"
+    );
+    assert_ne!(saved.template.limits, builtin_strict.template.limits);
+    let show = cli.ok(&["template", "show", "strict"]);
+    assert!(show.contains("saved over the built-in"), "{show}");
+    let list = cli.ok(&["template", "list"]);
+    let row = list.lines().find(|l| l.starts_with("strict ")).unwrap();
+    assert!(row.contains("stored (over built-in)"), "{row}");
+    // In the built-in's place: the list keeps its names, order and length.
+    assert_eq!(names(&c), names_before);
     cli.fails(
-        2,
-        &[
-            "template",
-            "import",
-            "--file",
-            strict.to_str().unwrap(),
-            "--replace",
-        ],
-        "read-only",
+        1,
+        &["template", "save", "current", "strict"],
+        "already exists",
     );
-    let (code, m) = refused(rt.block_on(c.save_config_template("open", true)));
+    cli.ok(&["template", "delete", "strict"]);
+    assert_eq!(
+        rt.block_on(c.get_config_template("strict")).unwrap(),
+        builtin_strict,
+        "deleting the saved one brings the built-in back"
+    );
+    let before = snapshot(&rt, &api, &c);
+    cli.fails(2, &["template", "delete", "guest"], "cannot be deleted");
+    let (code, m) = refused(rt.block_on(c.delete_config_template("open")));
     assert_eq!(code, Code::InvalidArgument);
-    assert!(m.starts_with("name: "), "{m}");
-    let (code, m) = refused(
-        rt.block_on(c.import_config_template(&std::fs::read_to_string(&strict).unwrap(), true)),
+    assert!(
+        m.starts_with("name: ") && m.contains("cannot be deleted"),
+        "{m}"
     );
-    assert_eq!(code, Code::InvalidArgument, "{m}");
     // YAML errors name the line and the field (CLI: before connecting; gRPC: the agent).
     let bad = api.dir.path().join("bad.yaml");
     std::fs::write(

@@ -5,7 +5,7 @@
 //! with the built `capybara` binary against an in-process agent (its control socket, a fixture
 //! country database), asserting exit 0 and something of its output, and checks at the end that
 //! every line was either run or is listed in [`NOT_YET`] (its feature does not exist yet, with
-//! the reason) or [`REFUSED`] (a known conflict, asserted as it is today).
+//! the reason).
 //!
 //! Lines run in an order that makes each meaningful: `user add alice` and `bob` first (not
 //! design lines: setup), `group policy engineering …` before `group delete engineering`, and
@@ -118,15 +118,6 @@ const NOT_YET: &[(&str, &str)] = &[
     ("cluster ", "clustering does not exist yet"),
     ("ip-intel ", "IP intelligence does not exist yet"),
 ];
-
-/// Design lines of existing features that are refused today, with the start of the refusal:
-/// run and asserted as they are, so a change to the rule shows up here.
-const REFUSED: &[(&str, &str)] = &[(
-    // SPEC feature 13 makes `remote-worker` a built-in (read-only) configuration template, so
-    // the design's `template save current remote-worker` conflicts with it: exit 2, naming it.
-    "template save current remote-worker",
-    "error: name: invalid name \"remote-worker\": a built-in template is read-only",
-)];
 
 /// The fixture country database: a network for each country the design's geo lines name.
 fn geo_db() -> Arc<GeoDb> {
@@ -335,10 +326,21 @@ fn every_design_line_works_verbatim() {
     // 30. Configuration Templates & Profiles.
     let out = d.line("template save current corporate-standard");
     assert!(out.starts_with("template corporate-standard\n"), "{out}");
+    // Saved over the built-in `remote-worker`, which it replaces until deleted.
+    let out = d.line("template save current remote-worker");
+    assert!(
+        out.starts_with("template remote-worker (saved over the built-in;"),
+        "{out}"
+    );
     let out = d.line("template list");
     assert!(
         out.lines()
             .any(|l| l.starts_with("corporate-standard ") && l.contains("stored")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("remote-worker ") && l.contains("stored (over built-in)")),
         "{out}"
     );
     let out = d.line("template show corporate-standard");
@@ -354,15 +356,6 @@ fn every_design_line_works_verbatim() {
     d.setup("template delete corporate-standard");
     let out = d.line("template import --file backup.yaml");
     assert!(out.starts_with("template corporate-standard\n"), "{out}");
-
-    // Known refusals, as they are today.
-    for (line, err) in REFUSED {
-        assert!(DESIGN_LINES.contains(line), "{line}");
-        let o = d.run(&words(line));
-        assert_eq!(o.code, 2, "{line}: {}{}", o.stdout, o.stderr);
-        assert!(o.stderr.starts_with(err), "{line}: {}", o.stderr);
-        d.ran.insert(line);
-    }
 
     // Every design line was run, or is listed as not yet existing.
     let not_covered: Vec<&str> = DESIGN_LINES

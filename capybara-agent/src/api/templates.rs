@@ -55,6 +55,7 @@ fn config_to_proto(v: &ConfigTemplateView) -> pb::ConfigTemplate {
     pb::ConfigTemplate {
         name: t.name.to_string(),
         builtin: v.builtin,
+        overrides_builtin: v.overrides_builtin,
         description: t.description.clone(),
         blocklists: t.blocklists.iter().map(|l| l.as_str().to_owned()).collect(),
         listen_port: t.ports.listen_port.map(u32::from),
@@ -129,10 +130,11 @@ fn config_from_proto(t: pb::ConfigTemplate) -> Result<ConfigTemplate, Validation
 
 fn view_from_proto(t: Option<pb::ConfigTemplate>) -> Result<ConfigTemplateView, ClientError> {
     let t = t.ok_or(AnswerError::Missing { field: "template" })?;
-    let (builtin, notes) = (t.builtin, t.notes.clone());
+    let (builtin, overrides_builtin, notes) = (t.builtin, t.overrides_builtin, t.notes.clone());
     Ok(ConfigTemplateView {
         template: config_from_proto(t).map_err(AnswerError::from)?,
         builtin,
+        overrides_builtin,
         notes,
     })
 }
@@ -263,10 +265,13 @@ impl templates_server::Templates for Api {
         let r = req.get_ref();
         let ask = super::paging::PageAsk::parse(r.page_size, &r.page_token)?;
         let ts = self.call(|s| s.templates.list_config_templates()).await?;
-        // Built-in templates first (in their fixed order), then the saved ones by name.
-        let (page, next) = ask.take(ts.iter().enumerate(), |(i, v)| match v.builtin {
-            true => format!("0/{i:04}"),
-            false => format!("1/{}", v.template.name),
+        // Built-in names first (in their fixed order, a template saved over one in its place),
+        // then the other saved ones by name.
+        let (page, next) = ask.take(ts.iter().enumerate(), |(i, v)| {
+            match v.builtin || v.overrides_builtin {
+                true => format!("0/{i:04}"),
+                false => format!("1/{}", v.template.name),
+            }
         });
         Ok(Response::new(pb::ListConfigTemplatesResponse {
             templates: page.into_iter().map(|(_, v)| config_to_proto(v)).collect(),

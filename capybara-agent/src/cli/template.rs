@@ -1,7 +1,7 @@
 //! `capybara template save|list|show|apply|export|import|delete`: configuration templates,
 //! named server settings (the default limits, DNS, destination blocklists, listen port,
 //! security, log level); the built-ins `strict`, `open`, `corporate`, `remote-worker` and
-//! `guest` are read-only. Names and YAML files are validated here with the agent's own parsers
+//! `guest` can be saved over (the saved one is used until deleted). Names and YAML files are validated here with the agent's own parsers
 //! (exit 2 naming the field or line) before a connection is made.
 
 use std::path::PathBuf;
@@ -65,7 +65,7 @@ pub(super) enum TemplateCmd {
         #[arg(long)]
         replace: bool,
     },
-    /// Delete a stored template (built-ins are read-only).
+    /// Delete a stored template (one saved over a built-in brings the built-in back).
     Delete {
         /// The template.
         name: String,
@@ -82,7 +82,9 @@ fn print_config(cli: &Cli, v: &ConfigTemplateView) -> Result<(), CliError> {
         "template {}{}",
         t.name,
         if v.builtin {
-            " (built in, read-only)"
+            " (built in)"
+        } else if v.overrides_builtin {
+            " (saved over the built-in; `template delete` brings the built-in back)"
         } else {
             ""
         }
@@ -186,7 +188,12 @@ pub(super) async fn run(cli: &Cli, cmd: &TemplateCmd) -> Result<(), CliError> {
             for v in &ts {
                 t.row(vec![
                     v.template.name.to_string(),
-                    if v.builtin { "built-in" } else { "stored" }.into(),
+                    match (v.builtin, v.overrides_builtin) {
+                        (true, _) => "built-in",
+                        (false, true) => "stored (over built-in)",
+                        (false, false) => "stored",
+                    }
+                    .into(),
                     limits_line(&v.template.limits),
                     v.template.description.clone(),
                 ]);

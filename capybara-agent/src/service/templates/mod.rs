@@ -7,7 +7,7 @@
 pub mod model;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     sync::{Arc, OnceLock},
 };
@@ -36,8 +36,11 @@ use crate::{
 pub struct ConfigTemplateView {
     /// The template.
     pub template: ConfigTemplate,
-    /// Built in (read-only).
+    /// Built in (the agent's own, unchanged).
     pub builtin: bool,
+    /// Saved over the built-in of the same name (deleting it brings the built-in back).
+    #[serde(default)]
+    pub overrides_builtin: bool,
     /// What it holds that the agent does not enforce (or not fully), one line each.
     pub notes: Vec<String>,
 }
@@ -277,6 +280,7 @@ impl Templates {
     fn view(&self, t: ConfigTemplate, builtin: bool) -> ConfigTemplateView {
         ConfigTemplateView {
             notes: t.notes(self.listen_port.get().copied()),
+            overrides_builtin: !builtin && model::is_builtin(t.name.as_str()),
             template: t,
             builtin,
         }
@@ -337,19 +341,24 @@ impl Templates {
             .get(Cf::Policy, &keys::policy_config_template(name.as_str()))?)
     }
 
-    /// Every configuration template: the built-ins, then the stored ones, by name.
+    /// Every configuration template: the built-ins (each replaced by a template saved over
+    /// it), then the other stored ones, by name.
     pub fn list_config_templates(&self) -> Result<Vec<ConfigTemplateView>, ServiceError> {
-        let mut out: Vec<ConfigTemplateView> = model::builtins()
-            .into_iter()
-            .map(|t| self.view(t, true))
-            .collect();
-        for (_, t) in self
+        let mut stored: BTreeMap<TemplateName, ConfigTemplate> = self
             .core
             .store
             .scan::<ConfigTemplate>(Cf::Policy, keys::POLICY_CONFIG_TEMPLATES)?
-        {
-            out.push(self.view(t, false));
-        }
+            .into_iter()
+            .map(|(_, t)| (t.name.clone(), t))
+            .collect();
+        let mut out: Vec<ConfigTemplateView> = model::builtins()
+            .into_iter()
+            .map(|b| match stored.remove(&b.name) {
+                Some(t) => self.view(t, false),
+                None => self.view(b, true),
+            })
+            .collect();
+        out.extend(stored.into_values().map(|t| self.view(t, false)));
         Ok(out)
     }
 
@@ -362,16 +371,19 @@ impl Templates {
             let t = self.snapshot(name.clone())?;
             return Ok(self.view(t, false));
         }
-        if let Some(t) = model::builtins().into_iter().find(|t| t.name == *name) {
-            return Ok(self.view(t, true));
+        if let Some(t) = self.stored_config_template(name)? {
+            return Ok(self.view(t, false));
         }
-        let t = self
-            .stored_config_template(name)?
+        let t = model::builtins()
+            .into_iter()
+            .find(|t| t.name == *name)
             .ok_or_else(|| not_found("template", name))?;
-        Ok(self.view(t, false))
+        Ok(self.view(t, true))
     }
 
-    /// Stores `t` (a snapshot or an import); an existing name is refused unless `replace`.
+    /// Stores `t` (a snapshot or an import); an existing name is refused unless `replace`. A
+    /// built-in's name is free until a template is saved over it (the design's `template save
+    /// current remote-worker`): the saved one is used instead of the built-in until deleted.
     fn put_config_template(
         &self,
         actor: &Actor,
@@ -430,7 +442,8 @@ impl Templates {
         self.put_config_template(actor, "template.import", t, replace)
     }
 
-    /// Deletes a stored configuration template (built-ins are read-only).
+    /// Deletes a stored configuration template; one saved over a built-in brings the built-in
+    /// back. A built-in itself cannot be deleted.
     pub fn delete_config_template(
         &self,
         actor: &Actor,
@@ -438,9 +451,18 @@ impl Templates {
     ) -> Result<ConfigTemplateView, ServiceError> {
         let _w = self.core.writer.lock().unwrap();
         model::check_writable("name", name)?;
-        let t = self
-            .stored_config_template(name)?
-            .ok_or_else(|| not_found("template", name))?;
+        let t = match self.stored_config_template(name)? {
+            Some(t) => t,
+            None if model::is_builtin(name.as_str()) => {
+                return Err(ValidationError::Name {
+                    field: "name",
+                    value: name.to_string(),
+                    reason: "a built-in template cannot be deleted (only a template saved over it)",
+                }
+                .into());
+            }
+            None => return Err(not_found("template", name)),
+        };
         let mut batch = Batch::default();
         batch.delete(Cf::Policy, &keys::policy_config_template(name.as_str()));
         self.core.audit(

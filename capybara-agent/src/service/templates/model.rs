@@ -33,8 +33,9 @@
 //! Applying writes the default limits, the settings record and the audit record in one batch,
 //! then updates the kernel for every user; a kernel failure undoes all of it.
 //!
-//! Built-ins (read-only: `save`, `import` and `delete` over their names are refused, field
-//! `name`); none names blocklists, so they apply on any agent:
+//! Built-ins: a template saved or imported under a built-in's name is used instead of it until
+//! deleted (the design's `template save current remote-worker`); a built-in itself cannot be
+//! deleted or changed. None names blocklists, so they apply on any agent:
 //!
 //! | name | limits | DNS | security | log |
 //! |---|---|---|---|---|
@@ -327,21 +328,14 @@ pub fn is_builtin(name: &str) -> bool {
     builtins().iter().any(|t| t.name.as_str() == name)
 }
 
-/// Refuses `name` for a template that is written (saved, imported, deleted): a built-in or
-/// `current` is read-only.
+/// Refuses `name` for a template that is written (saved, imported, deleted): `current` stands
+/// for the live settings. (A built-in's name may be saved over; see the module docs.)
 pub fn check_writable(field: &'static str, name: &TemplateName) -> Result<(), ValidationError> {
     if name.as_str() == CURRENT {
         return Err(ValidationError::Name {
             field,
             value: name.to_string(),
             reason: "\"current\" stands for the live settings and cannot be a template's name",
-        });
-    }
-    if is_builtin(name.as_str()) {
-        return Err(ValidationError::Name {
-            field,
-            value: name.to_string(),
-            reason: "a built-in template is read-only (save or import it under another name)",
         });
     }
     Ok(())
@@ -369,7 +363,8 @@ fn name(n: &str) -> TemplateName {
     TemplateName(n.to_owned())
 }
 
-/// The built-in templates (always present, read-only), by name.
+/// The built-in templates (always present, unchanged; a template saved under one's name is used
+/// instead of it), by name.
 pub fn builtins() -> Vec<ConfigTemplate> {
     let days = |d: u64| Some(MaxAge(Duration::from_secs(d * 86_400)));
     vec![
@@ -505,20 +500,21 @@ mod tests {
     }
 
     #[test]
-    fn builtins_and_current_are_read_only() {
+    fn current_is_read_only_and_builtin_names_may_be_saved_over() {
+        let e =
+            check_writable("name", &TemplateName::parse("name", "current").unwrap()).unwrap_err();
+        assert_eq!(e.field(), "name");
+        assert!(e.to_string().contains("current"), "{e}");
         for n in [
             "strict",
             "open",
             "corporate",
             "remote-worker",
             "guest",
-            "current",
+            "mine",
         ] {
-            let e = check_writable("name", &TemplateName::parse("name", n).unwrap()).unwrap_err();
-            assert_eq!(e.field(), "name");
-            assert!(e.to_string().contains(n), "{e}");
+            check_writable("name", &TemplateName::parse("name", n).unwrap()).unwrap();
         }
-        check_writable("name", &TemplateName::parse("name", "mine").unwrap()).unwrap();
     }
 
     #[test]
