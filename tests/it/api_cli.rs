@@ -96,9 +96,17 @@ fn user_lifecycle_with_config_qr_and_png() {
     cli.ok(&["user", "remove", "alice"]);
     fails(&cli, 1, &["user", "show", "alice"], "not found");
     let health = cli.ok(&["health"]);
-    let rows: Vec<&str> = health.lines().skip(1).collect();
-    assert_eq!(rows.len(), 4, "{health}");
-    assert!(rows.iter().all(|r| r.ends_with(" serving")), "{health}");
+    let rows: Vec<Vec<&str>> = health
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.len(), 5, "{health}");
+    assert!(rows.iter().all(|r| r[1] == "serving"), "{health}");
+    // Each component has a DETAIL; the in-process agent runs no session recorder.
+    assert!(rows[1..].iter().all(|r| r.len() > 2), "{health}");
+    assert_eq!(rows[4][0], "history", "{health}");
+    assert_eq!(rows[4][2..].join(" "), "no session recorder", "{health}");
 }
 
 #[test]

@@ -3,7 +3,8 @@
 //! 1 000 clamped to 1 000, every item exactly once across the pages, a token the call did not
 //! hand out refused naming `page_token`; and the `capybara` CLI walks every page, so its lists
 //! are whole. The 1 100 users of the clamp and CLI test are written straight into the store (one
-//! synced batch) rather than through 1 100 calls.
+//! synced batch) rather than through 1 100 calls; so are those of the `ShowQuota` test (quota
+//! usage of every user, paged by user name).
 
 use std::future::Future;
 
@@ -324,5 +325,82 @@ fn tokens_groups_templates_and_blocklists_are_paged_by_name() {
         cli.json(&["blocklist", "list"]).as_array().unwrap().len(),
         ITEMS
     );
+    rt.block_on(api.stop());
+}
+
+#[test]
+fn quota_usage_of_every_user_is_paged_by_name_and_the_cli_walks_the_pages() {
+    const USERS: usize = 1_100;
+    let bin = agent_crate_binary("capybara");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let api = rt.block_on(TestApi::start(false));
+    let mut batch = Batch::default();
+    // Written in reverse to show the order is by name, not by writing.
+    for i in (0..USERS).rev() {
+        let name = format!("q{i:04}");
+        let user = User {
+            name: UserName::parse("name", &name).unwrap(),
+            created_at: 1_700_000_000,
+            expires_at: None,
+        };
+        batch.put(Cf::Users, &keys::user(&name), &user).unwrap();
+    }
+    api.svc.core.store.commit(batch).unwrap();
+    let want: Vec<String> = (0..USERS).map(|i| format!("q{i:04}")).collect();
+    rt.block_on(async {
+        let c = api.unix_client().await;
+        let user = |q: &capybara_agent::service::policy::QuotaStatus| q.user.clone();
+        check("quota", &want, user, |s, t| {
+            c.show_quota_page("", false, s, t)
+        })
+        .await;
+        let (page, next) = c
+            .show_quota_page("", false, 5_000, String::new())
+            .await
+            .unwrap();
+        assert_eq!(page.len(), 1_000, "page_size 5000 is clamped to 1000");
+        let (rest, next) = c.show_quota_page("", false, 5_000, next).await.unwrap();
+        assert_eq!((rest.len(), next.as_str()), (USERS - 1_000, ""));
+        // Nobody is over budget: the filtered walk reads every user and answers one empty page.
+        let (over, next) = c
+            .show_quota_page("", true, 10, String::new())
+            .await
+            .unwrap();
+        assert_eq!((over.len(), next.as_str()), (0, ""));
+        // One user: one answer, no token; a foreign token is refused there too.
+        let (one, next) = c
+            .show_quota_page("q0007", false, 0, String::new())
+            .await
+            .unwrap();
+        assert_eq!(
+            (user(&one[0]), one.len(), next.as_str()),
+            ("q0007".into(), 1, "")
+        );
+        let (code, msg) = refused(c.show_quota_page("q0007", false, 0, "junk".into()).await);
+        assert_eq!(code, Code::InvalidArgument);
+        assert!(msg.contains("page_token"), "{msg}");
+        let all: Vec<String> = c
+            .show_quota("", false)
+            .await
+            .unwrap()
+            .iter()
+            .map(user)
+            .collect();
+        assert_eq!(all, want, "the client walks every page");
+    });
+    let cli = Cli::socket(&bin, &api.socket);
+    let json = cli.json(&["quota", "report"]);
+    let names: Vec<&str> = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["user"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names, want,
+        "quota report --json: every user of both pages once"
+    );
+    let table = cli.ok(&["quota", "report"]);
+    assert_eq!(table.lines().count(), 1 + USERS, "a header and 1 100 rows");
     rt.block_on(api.stop());
 }

@@ -32,6 +32,7 @@ mod api_token_user;
 mod dataplane;
 mod design_lines;
 mod e2e_agent_restart;
+mod e2e_audit_retention;
 mod e2e_auth_flood;
 mod e2e_dst_blocklist;
 mod e2e_expiry;

@@ -1,13 +1,62 @@
 //! Health: the standard `grpc.health.v1` service reports every `capybara.v1` service serving
 //! and each component of the agent (`service::health`) as `capybara.<component>`, refreshed
-//! every `HEALTH_INTERVAL`; and the client call that asks it.
+//! every `HEALTH_INTERVAL`; and the client call that asks it. The standard service carries no
+//! detail, so the `Components` service (`ListComponents`, read scope) answers each component's
+//! status with what was found, as `service::health` checked it at the call.
 
 use std::sync::Arc;
 
-use super::client::{Client, ClientError};
-use crate::service::{Service, health::HEALTH_INTERVAL};
+use capybara_proto::v1::{
+    self as pb, components_client::ComponentsClient, components_server::Components,
+};
+use tonic::{Request, Response, Status};
 
-/// Publishes the components' health (`capybara.store`, `capybara.dataplane`, `capybara.tunnel`; `""` serving only when all are)
+use super::{
+    client::{Client, ClientError},
+    handler::Api,
+};
+use crate::service::{
+    Service,
+    domain::Scope,
+    health::{ComponentHealth, HEALTH_INTERVAL},
+};
+
+impl From<ComponentHealth> for pb::ComponentHealth {
+    fn from(c: ComponentHealth) -> pb::ComponentHealth {
+        pb::ComponentHealth {
+            name: c.name,
+            ok: c.ok,
+            detail: c.detail,
+        }
+    }
+}
+
+impl From<pb::ComponentHealth> for ComponentHealth {
+    fn from(c: pb::ComponentHealth) -> ComponentHealth {
+        ComponentHealth {
+            name: c.name,
+            ok: c.ok,
+            detail: c.detail,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Components for Api {
+    async fn list_components(
+        &self,
+        req: Request<pb::ListComponentsRequest>,
+    ) -> Result<Response<pb::ListComponentsResponse>, Status> {
+        self.auth(&req, Scope::Read)?;
+        let components = self.call(|s| Ok(s.health.check())).await?;
+        Ok(Response::new(pb::ListComponentsResponse {
+            components: components.into_iter().map(Into::into).collect(),
+        }))
+    }
+}
+
+/// Publishes the components' health (`capybara.store`, `capybara.dataplane`, `capybara.tunnel`, `capybara.history`; `""` serving only
+/// when all are)
 /// now and every `HEALTH_INTERVAL` while the service lives (the task holds it only weakly).
 pub(super) async fn publish(reporter: &tonic_health::server::HealthReporter, svc: &Arc<Service>) {
     publish_health(reporter, svc.clone()).await;
@@ -61,5 +110,14 @@ impl Client {
             .await?
             .into_inner();
         Ok(r.status == ServingStatus::Serving as i32)
+    }
+
+    /// Each component's health with its detail, checked now (`ListComponents`).
+    pub async fn components(&self) -> Result<Vec<ComponentHealth>, ClientError> {
+        let r = ComponentsClient::new(self.channel.clone())
+            .list_components(self.req(pb::ListComponentsRequest {}))
+            .await?
+            .into_inner();
+        Ok(r.components.into_iter().map(Into::into).collect())
     }
 }

@@ -1,7 +1,7 @@
 //! Paging of the name-ordered list calls (`ListUsers`, `ListPeers`, `ListTokens`,
 //! `ListGroups`, `ListBlocklists`, `ListQuotaTemplates`, `ListConfigTemplates`,
 //! `ListConnections`, and `GetStats` of every user, whose pages are of users: each user with all
-//! its devices), with the conventions of `ListAudit`: `page_size` 0 = 100 and more than
+//! its devices; `ShowQuota` of every user, by user), with the conventions of `ListAudit`: `page_size` 0 = 100 and more than
 //! 1000 clamped to 1000 ([`super::audit::page_size`]); `page_token` empty = the first page;
 //! `next_page_token` empty on the last page. Items come in key order (the name, or
 //! `user/device`), so a token is the last key returned: `n` and the key's bytes in hex (opaque

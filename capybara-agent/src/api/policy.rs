@@ -5,7 +5,7 @@
 //!
 //! | scope | calls |
 //! |---|---|
-//! | read | `GetLimits`, `ExplainPolicy`, `ShowQuota`, `ListGroups` |
+//! | read | `GetLimits`, `ExplainPolicy`, `ShowQuota` (of every user: paged by user name, `api::paging`), `ListGroups` |
 //! | read | `ExportPolicyDocument` |
 //! | write | `ApplyPolicyDocument` (also with `dry_run`), `SetLimits`, `ResetQuota`, `CreateGroup`, `DeleteGroup`, `AddGroupMembers`, `RemoveGroupMembers`, `SetGroupPolicy` |
 
@@ -198,11 +198,18 @@ impl policy_server::Policy for Api {
         self.auth(&req, Scope::Read)?;
         let r = req.into_inner();
         let user = opt_user("user", &r.user).map_err(invalid)?;
-        let q = self
-            .call(move |s| s.policy.show_quota(user.as_ref(), r.exceeding))
+        let ask = super::paging::PageAsk::parse(r.page_size, &r.page_token)?;
+        let (q, last) = self
+            .call(move |s| match &user {
+                Some(u) => Ok((s.policy.show_quota(Some(u), r.exceeding)?, None)),
+                None => s
+                    .policy
+                    .show_quota_page(ask.after.as_deref(), ask.size, r.exceeding),
+            })
             .await?;
         Ok(Response::new(pb::ShowQuotaResponse {
             quotas: q.iter().map(quota_to_proto).collect(),
+            next_page_token: super::paging::next_token(last.as_deref()),
         }))
     }
 
@@ -238,8 +245,10 @@ impl policy_server::Policy for Api {
                 }
             })
             .await?;
+        // One user, or the members of one group (bounded like `PolicyGroup.members`): one answer.
         Ok(Response::new(pb::ShowQuotaResponse {
             quotas: q.iter().map(quota_to_proto).collect(),
+            next_page_token: String::new(),
         }))
     }
 
@@ -431,21 +440,46 @@ impl Client {
             .collect())
     }
 
-    /// Quota usage.
+    /// Quota usage of `user`, or (empty) of every user, walking every page.
     pub async fn show_quota(
         &self,
         user: &str,
         exceeding: bool,
     ) -> Result<Vec<QuotaStatus>, ClientError> {
+        super::paging::walk(|token| {
+            self.show_quota_page(
+                user,
+                exceeding,
+                crate::service::core::MAX_PAGE_SIZE as u32,
+                token,
+            )
+        })
+        .await
+    }
+
+    /// One page of quota usage (see `ShowQuotaRequest`) and the next page's token (empty on
+    /// the last page).
+    pub async fn show_quota_page(
+        &self,
+        user: &str,
+        exceeding: bool,
+        page_size: u32,
+        page_token: String,
+    ) -> Result<(Vec<QuotaStatus>, String), ClientError> {
         let r = self
             .policy()
             .show_quota(self.req(pb::ShowQuotaRequest {
                 user: user.into(),
                 exceeding,
+                page_size,
+                page_token,
             }))
             .await?
             .into_inner();
-        Ok(r.quotas.into_iter().map(quota_from_proto).collect())
+        Ok((
+            r.quotas.into_iter().map(quota_from_proto).collect(),
+            r.next_page_token,
+        ))
     }
 
     /// Starts a new period for a user's bucket or a group's pool.

@@ -14,7 +14,7 @@
 //!
 //! | scope | calls |
 //! |---|---|
-//! | read | `ListUsers`, `GetUser`, `ListPeers`, `GetStats`, `ListConnections`, `ListAudit`, `ListBlocklists`, `GetBlocklist`, `GetGeo`, `ListSessions`, health, reflection |
+//! | read | `ListUsers`, `GetUser`, `ListPeers`, `GetStats`, `ListConnections`, `ListAudit`, `ListBlocklists`, `GetBlocklist`, `GetGeo`, `ListSessions`, `ListComponents`, health, reflection |
 //! | write | `AddUser`, `RemoveUser`, `ExpireUser`, `RenewUser`, `CleanupExpired`, `AddPeer`, `RemovePeer`, `Kick`, `AddEntries`, `RemoveEntries`, `DeleteBlocklist`, `SetGeo` |
 //! | admin | `UserConfig` (it hands out a device's private key: the kept one, audited as `peer.config`, or a new one with `rotate`), `CreateToken`, `ListTokens`, `RevokeToken`, `ClearHistory`, `CreateBackup` |
 //!
@@ -38,9 +38,10 @@ use std::{future::Future, path::Path, sync::Arc};
 
 use capybara_proto::v1::{
     audit_server::AuditServer, backup_server::BackupServer, blocklists_server::BlocklistsServer,
-    connections_server::ConnectionsServer, geo_server::GeoServer, history_server::HistoryServer,
-    peers_server::PeersServer, policy_server::PolicyServer, stats_server::StatsServer,
-    templates_server::TemplatesServer, tokens_server::TokensServer, users_server::UsersServer,
+    components_server::ComponentsServer, connections_server::ConnectionsServer,
+    geo_server::GeoServer, history_server::HistoryServer, peers_server::PeersServer,
+    policy_server::PolicyServer, stats_server::StatsServer, templates_server::TemplatesServer,
+    tokens_server::TokensServer, users_server::UsersServer,
 };
 use tonic::{Request, transport::server::Router};
 
@@ -166,6 +167,7 @@ async fn router(svc: &Arc<Service>, tls: Option<&TlsIdentity>) -> Result<Router,
     reporter.set_serving::<GeoServer<Api>>().await;
     reporter.set_serving::<HistoryServer<Api>>().await;
     reporter.set_serving::<BackupServer<Api>>().await;
+    reporter.set_serving::<ComponentsServer<Api>>().await;
     reporter.set_serving::<PolicyServer<Api>>().await;
     reporter.set_serving::<TemplatesServer<Api>>().await;
     super::health::publish(&reporter, svc).await;
@@ -212,6 +214,7 @@ async fn router(svc: &Arc<Service>, tls: Option<&TlsIdentity>) -> Result<Router,
         )
         .add_service(GeoServer::new(api.clone()))
         .add_service(HistoryServer::new(api.clone()))
+        .add_service(ComponentsServer::new(api.clone()))
         .add_service(BackupServer::new(api));
     Ok(server)
 }

@@ -1,5 +1,7 @@
 //! `capybara health`: whether the agent and each of its components serve
-//! (`grpc.health.v1`); exit 1 unless all do.
+//! (`grpc.health.v1`), with what each component's check found (`ListComponents`: e.g. the
+//! `history` component's "auth reports dropped: N since start"); exit 1 unless all do. `--json`
+//! prints the statuses only, as before.
 
 use super::{
     Cli, CliError, connect,
@@ -19,11 +21,20 @@ pub(super) async fn run(cli: &Cli) -> Result<(), CliError> {
             rows.iter().map(|(n, ok)| (n.as_str(), *ok)).collect();
         print_json(&map)?;
     } else {
-        let mut t = Table::new(&["COMPONENT", "STATUS"]);
+        let details = client.components().await?;
+        let detail = |n: &str| {
+            details
+                .iter()
+                .find(|c| c.name == n)
+                .map(|c| c.detail.clone())
+                .unwrap_or_default()
+        };
+        let mut t = Table::new(&["COMPONENT", "STATUS", "DETAIL"]);
         for (n, ok) in &rows {
             t.row(vec![
                 n.clone(),
                 if *ok { "serving" } else { "not serving" }.into(),
+                detail(n),
             ]);
         }
         out!("{t}")?;

@@ -170,6 +170,7 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
         .transpose()?;
     service::core::prune_audit_at_start_and_hourly(&svc.core, config.audit_retention)?;
     let (session_tx, session_rx) = service::history::recorder_channel(service::history::AUTH_QUEUE);
+    svc.health.count_auth_drops(session_tx.auth_drop_counter());
     let recorder = {
         let (history, retention) = (svc.history.clone(), config.history_retention);
         tokio::task::spawn_blocking(move || {

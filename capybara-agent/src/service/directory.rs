@@ -471,6 +471,23 @@ impl Directory {
         Ok(self.users()?.into_iter().map(|u| u.name).collect())
     }
 
+    /// One page of user names in order: up to `size` after the name `after` (read from the
+    /// store a page at a time), and whether more follow.
+    pub fn user_names_page(
+        &self,
+        after: Option<&str>,
+        size: usize,
+    ) -> Result<(Vec<UserName>, bool), ServiceError> {
+        let page = self
+            .core
+            .store
+            .page_forward::<User>(Cf::Users, "", after, size)?;
+        Ok((
+            page.items.into_iter().map(|u| u.name).collect(),
+            page.next.is_some(),
+        ))
+    }
+
     /// Every user with its devices' records, by name, read under one index lock.
     pub fn users_with_peers(&self) -> Result<Vec<(User, Vec<Peer>)>, ServiceError> {
         let ix = self.index.read().unwrap();

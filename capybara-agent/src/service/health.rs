@@ -6,15 +6,27 @@
 //! | `store` | a read of the schema versions succeeds |
 //! | `dataplane` | the kernel's counters are readable, programs are attached (link pins exist; the in-memory plane of tests has none to check) and every stored device is in the kernel's peer table |
 //! | `tunnel` | every stored device is a peer of the WireGuard tunnel |
+//! | `history` | always: its detail counts the auth reports dropped since start because the session recorder's bounded queue was full ([`Health::count_auth_drops`]) |
+//!
+//! Dropped auth reports do not make the agent unhealthy: dropping them is how the recorder
+//! survives a handshake flood by design (sessions travel on their own, unbounded queue and are
+//! never dropped; the tunnel's auth table keeps counting the failures per source), and a flood
+//! anyone can forge must not be able to take the agent out of a load balancer. The count is
+//! there for the operator to see (`capybara health`'s DETAIL column, the `Components` RPC).
 //!
 //! The API publishes each as the health service `capybara.<component>` and the whole agent
 //! (`""`) as serving only when all are (refreshed every [`HEALTH_INTERVAL`]).
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{
+    collections::BTreeSet,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize};
-
-use std::sync::Arc;
 
 use super::{core::Core, directory::Directory};
 use crate::store::Cf;
@@ -23,12 +35,12 @@ use crate::store::Cf;
 pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The components, in report order.
-pub const COMPONENTS: [&str; 3] = ["store", "dataplane", "tunnel"];
+pub const COMPONENTS: [&str; 4] = ["store", "dataplane", "tunnel", "history"];
 
 /// One component's health.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ComponentHealth {
-    /// `store`, `dataplane` or `tunnel`.
+    /// `store`, `dataplane`, `tunnel` or `history`.
     pub name: String,
     /// Whether it is healthy.
     pub ok: bool,
@@ -53,12 +65,25 @@ fn component(name: &str, r: Result<String, String>) -> ComponentHealth {
 pub struct Health {
     core: Arc<Core>,
     dir: Arc<Directory>,
+    /// The session recorder's count of dropped auth reports, once the daemon has wired it.
+    auth_drops: OnceLock<Arc<AtomicU64>>,
 }
 
 impl Health {
     /// The feature over the shared core and directory.
     pub fn new(core: Arc<Core>, dir: Arc<Directory>) -> Health {
-        Health { core, dir }
+        Health {
+            core,
+            dir,
+            auth_drops: OnceLock::new(),
+        }
+    }
+
+    /// Reports `counter` (the recorder's dropped auth reports,
+    /// `history::RecorderSender::auth_drop_counter`) as the `history` component's detail. The
+    /// daemon calls it once, when it starts the recorder; later calls are ignored.
+    pub fn count_auth_drops(&self, counter: Arc<AtomicU64>) {
+        let _ = self.auth_drops.set(counter);
     }
 
     /// Checks each component (see the module docs).
@@ -115,10 +140,19 @@ impl Health {
                 ))
             }
         };
+        // Never unhealthy: see the module docs.
+        let history = Ok(match self.auth_drops.get() {
+            Some(n) => format!(
+                "auth reports dropped: {} since start",
+                n.load(Ordering::Relaxed)
+            ),
+            None => "no session recorder".to_owned(),
+        });
         vec![
             component("store", store),
             component("dataplane", dataplane),
             component("tunnel", tunnel),
+            component("history", history),
         ]
     }
 }
@@ -168,6 +202,7 @@ mod tests {
         assert_eq!(names, COMPONENTS);
         assert!(h.iter().all(|c| c.ok), "{h:?}");
         assert_eq!(h[2].detail, "1 peers, 0 with a handshake");
+        assert_eq!(h[3].detail, "no session recorder");
 
         // Someone removed the peer behind the agent's back.
         plane.with(|s| s.peers.clear());
@@ -181,6 +216,55 @@ mod tests {
         assert!(
             !h[2].ok && h[2].detail.contains("missing from the tunnel"),
             "{h:?}"
+        );
+    }
+
+    #[test]
+    fn dropped_auth_reports_are_counted_in_the_history_detail_and_stay_healthy() {
+        use crate::service::history::{SessionEvent, recorder_channel};
+
+        let dir = tempfile::tempdir().unwrap();
+        let svc = Service::open(
+            Arc::new(Store::open(dir.path()).unwrap()),
+            Arc::new(MemoryPlane::default()),
+            Arc::new(MemoryTunnel::default()),
+            ServiceConfig {
+                server_v4: "10.99.0.1/24".parse().unwrap(),
+                server_v6: "fd99::1/64".parse().unwrap(),
+                server_public_key: PublicKey([1; 32]),
+                endpoint: "e:1".into(),
+                dns: vec![],
+                keep_client_keys: None,
+                geo_db: None,
+                keep_unknown_peers: false,
+            },
+        )
+        .unwrap();
+        // The recorder is not running: its queue fills, then every further report is dropped.
+        let (tx, _rx) = recorder_channel(4);
+        svc.health.count_auth_drops(tx.auth_drop_counter());
+        let history = |svc: &Service| svc.health.check().pop().unwrap();
+        assert_eq!(
+            history(&svc),
+            ComponentHealth {
+                name: "history".into(),
+                ok: true,
+                detail: "auth reports dropped: 0 since start".into(),
+            }
+        );
+        for _ in 0..4 + 7 {
+            assert!(tx.send(SessionEvent::AuthFailed {
+                source: "192.0.2.1:1".parse().unwrap(),
+                key: None,
+                reason: "bad-mac",
+                at: std::time::SystemTime::now(),
+            }));
+        }
+        let h = svc.health.check();
+        assert_eq!(h[3].detail, "auth reports dropped: 7 since start");
+        assert!(
+            h.iter().all(|c| c.ok),
+            "a flood must not make the agent unhealthy: {h:?}"
         );
     }
 }

@@ -48,7 +48,8 @@
 //!
 //! The daemon hands them to the recorder over a **bounded** queue of [`AUTH_QUEUE`] reports
 //! ([`recorder_channel`]); a report that finds it full is dropped and counted
-//! ([`RecorderSender::auth_dropped`], logged at most once a minute by the recorder). The
+//! ([`RecorderSender::auth_dropped`], logged at most once a minute by the recorder and shown in
+//! `capybara health` as the `history` component's detail, without making it unhealthy). The
 //! recorder writes the reports it finds queued as **one batch, not synced**: they survive the
 //! agent being killed (the write is in RocksDB's WAL in the page cache) and are on disk with the
 //! next synced write of anything (every acknowledged change syncs) or when RocksDB flushes;
@@ -1016,6 +1017,12 @@ impl RecorderSender {
     /// Auth reports dropped because the recorder's queue was full, since start.
     pub fn auth_dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// The counter behind [`RecorderSender::auth_dropped`], shared (the daemon hands it to the
+    /// health feature, which shows it in `capybara health`).
+    pub fn auth_drop_counter(&self) -> Arc<AtomicU64> {
+        self.dropped.clone()
     }
 }
 

@@ -325,16 +325,57 @@ impl Policy {
             }
             None => self.dir.user_names()?,
         };
+        self.quota_of(&users, exceeding)
+    }
+
+    /// One page of every user's quota usage in name order: up to `size` users after the name
+    /// `after` (with `exceeding`, only those at or over budget; the users are read from the
+    /// store a page at a time, never all at once), and the name the next page continues after
+    /// (`None` on the last page).
+    pub fn show_quota_page(
+        &self,
+        after: Option<&str>,
+        size: usize,
+        exceeding: bool,
+    ) -> Result<(Vec<QuotaStatus>, Option<String>), ServiceError> {
+        let size = size.max(1);
+        let mut after = after.map(str::to_owned);
+        let mut out = Vec::new();
+        loop {
+            let (names, more) = self.dir.user_names_page(after.as_deref(), size)?;
+            for (i, st) in self.quota_of(&names, false)?.into_iter().enumerate() {
+                if !exceeding || st.exceeding {
+                    out.push(st);
+                }
+                if out.len() == size {
+                    let rest = i + 1 < names.len() || more;
+                    return Ok((out, rest.then(|| names[i].to_string())));
+                }
+            }
+            if !more {
+                return Ok((out, None));
+            }
+            after = names.last().map(ToString::to_string);
+        }
+    }
+
+    /// The quota status of each of `users` (which exist), in their order; with `exceeding`,
+    /// only those at or over budget.
+    fn quota_of(
+        &self,
+        users: &[UserName],
+        exceeding: bool,
+    ) -> Result<Vec<QuotaStatus>, ServiceError> {
         let cache = self.cache.read().unwrap();
         let buckets = self.buckets.lock().unwrap();
         let mut out = Vec::new();
         for u in users {
-            let eff = cache.effective(&u);
+            let eff = cache.effective(u);
             let (plan, owner, limit, grace, period) = match &eff.quota.value {
                 QuotaPlan::None => ("none".to_owned(), None, None, model::Percent(0), None),
                 QuotaPlan::Personal { limit } => (
                     "own".to_owned(),
-                    Some(owner_user(&u)),
+                    Some(owner_user(u)),
                     Some(*limit),
                     eff.grace.value,
                     Some(eff.period.value),

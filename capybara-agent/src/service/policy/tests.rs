@@ -313,6 +313,60 @@ fn a_shared_pool_is_one_bucket_for_all_members_and_an_own_limit_leaves_it() {
 }
 
 #[test]
+fn quota_pages_of_only_the_exceeding_users_are_full_and_continue_after_the_last_one() {
+    let f = fixture();
+    // Users u0..u9; the odd ones share a pool that runs out.
+    let ids: Vec<u32> = (0..10)
+        .map(|i| add(&f, &format!("u{i}"), &["laptop"])[0])
+        .collect();
+    f.svc.policy.create_group(&root(), &g("odd")).unwrap();
+    let odd: Vec<UserName> = (1..10).step_by(2).map(|i| u(&format!("u{i}"))).collect();
+    f.svc
+        .policy
+        .change_members(&root(), &g("odd"), &odd, true)
+        .unwrap();
+    f.svc
+        .policy
+        .set_group_policy(
+            &root(),
+            &g("odd"),
+            &patch(|_| {}),
+            Some(Cap::Limit(ByteSize(1_000))),
+        )
+        .unwrap();
+    let pool = f.plane.state().policy.assigned[&ids[1]];
+    f.plane
+        .with(|s| s.policy.buckets.get_mut(&pool).unwrap().used_bytes = 5_000);
+    let (mut seen, mut after, mut pages) = (Vec::new(), None::<String>, 0);
+    loop {
+        let (page, next) = f
+            .svc
+            .policy
+            .show_quota_page(after.as_deref(), 2, true)
+            .unwrap();
+        pages += 1;
+        assert!(page.len() == 2 || next.is_none(), "page {pages}: {page:?}");
+        assert!(page.iter().all(|q| q.exceeding));
+        seen.extend(page.into_iter().map(|q| q.user));
+        match next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["u1", "u3", "u5", "u7", "u9"]);
+    assert_eq!(pages, 3);
+    // Unfiltered: pages of every user, in name order.
+    let (page, next) = f.svc.policy.show_quota_page(Some("u4"), 3, false).unwrap();
+    let names: Vec<&str> = page.iter().map(|q| q.user.as_str()).collect();
+    assert_eq!(
+        (names, next.as_deref()),
+        (vec!["u5", "u6", "u7"], Some("u7"))
+    );
+    let (page, next) = f.svc.policy.show_quota_page(Some("u7"), 3, false).unwrap();
+    assert_eq!((page.len(), next), (2, None));
+}
+
+#[test]
 fn policy_survives_a_restart_and_is_applied_again() {
     let f = fixture();
     let a = add(&f, "alice", &["laptop"]);
