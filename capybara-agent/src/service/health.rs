@@ -228,16 +228,7 @@ mod tests {
             Arc::new(Store::open(dir.path()).unwrap()),
             Arc::new(MemoryPlane::default()),
             Arc::new(MemoryTunnel::default()),
-            ServiceConfig {
-                server_v4: "10.99.0.1/24".parse().unwrap(),
-                server_v6: "fd99::1/64".parse().unwrap(),
-                server_public_key: PublicKey([1; 32]),
-                endpoint: "e:1".into(),
-                dns: vec![],
-                keep_client_keys: None,
-                geo_db: None,
-                keep_unknown_peers: false,
-            },
+            ServiceConfig::for_tests("10.99.0.1/24", "fd99::1/64", "e:1"),
         )
         .unwrap();
         // The recorder is not running: its queue fills, then every further report is dropped.
