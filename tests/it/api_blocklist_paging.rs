@@ -107,6 +107,36 @@ fn big_lists_answer_counts_and_page_their_entries() {
         let size = lists.encoded_len();
         eprintln!("ListBlocklists of a {BIG}-entry list and a 1-entry list: {size} bytes");
         assert!(size < 1024, "ListBlocklists answered {size} bytes");
+        // What it answered before (every CIDR of every list): ~4.1 MB, nearly the 4 MiB
+        // message limit already at 250 000 entries.
+        let mut whole = lists.clone();
+        whole.lists[0].cidrs.clone_from(&want);
+        eprintln!(
+            "the same answer with every CIDR: {} bytes",
+            whole.encoded_len()
+        );
+        assert!(whole.encoded_len() > 4_000_000);
+        // One unary request too big for a message (500 000 entries, ~8 MB) is refused as such
+        // and changes nothing (the client streams instead).
+        let mut add = tonic::Request::new(pb::ChangeEntriesRequest {
+            direction: pb::Direction::Source as i32,
+            name: "threats".into(),
+            cidrs: [want.clone(), want.clone()].concat(),
+        });
+        add.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", api.token(Scope::Write))
+                .parse()
+                .unwrap(),
+        );
+        let e = raw.add_entries(add).await.unwrap_err();
+        eprintln!(
+            "unary AddEntries of 2 x {BIG} entries: {:?} {}",
+            e.code(),
+            e.message()
+        );
+        assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+        assert!(e.message().contains("message length too large"), "{e:?}");
         let counts: Vec<(String, u64, usize)> = lists
             .lists
             .iter()
