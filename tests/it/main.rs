@@ -17,6 +17,7 @@ mod e2e_support;
 
 mod api_audit;
 mod api_backup;
+mod api_blocklist_paging;
 mod api_cli;
 mod api_control_socket;
 mod api_expiry;

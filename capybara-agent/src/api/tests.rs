@@ -165,6 +165,7 @@ fn domain_answers_round_trip_through_proto() {
         direction: Direction::Destination,
         name: "manual".into(),
         cidrs: vec!["192.0.2.0/24".parse().unwrap()],
+        entries: 1,
         hits: Traffic {
             packets: 1,
             bytes: 60,

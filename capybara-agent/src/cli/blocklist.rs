@@ -1,5 +1,9 @@
-//! `capybara blocklist list|add|remove|delete`: named lists of CIDRs, each enforced on sources
-//! reaching the WireGuard port or on destinations of tunnel traffic (`--direction`).
+//! `capybara blocklist list|show|add|remove|delete`: named lists of CIDRs, each enforced on
+//! sources reaching the WireGuard port or on destinations of tunnel traffic (`--direction`).
+//!
+//! The API answers lists with their entry counts and pages a list's entries (`GetBlocklist`),
+//! so no answer grows with a list; where the CLI prints entries (`show`, and the JSON of
+//! `list`, `add`, `remove`, unchanged) it fetches them page by page.
 
 use clap::{Subcommand, ValueEnum};
 
@@ -15,13 +19,25 @@ use crate::blocklist::Direction;
 pub(super) enum BlocklistCmd {
     /// Every list with its size and hits.
     List,
+    /// Every entry of a list, one per line in address order.
+    Show {
+        /// The list.
+        name: String,
+        /// Where the list applies.
+        #[arg(long, value_enum, default_value = "source")]
+        direction: Dir,
+    },
     /// Add CIDRs to a list (creating it).
     Add {
         /// The list.
         name: String,
         /// CIDRs or addresses.
-        #[arg(required = true)]
+        #[arg(required_unless_present = "file")]
         cidrs: Vec<String>,
+        /// Also the CIDRs of this file, one per line (blank lines and `#` comments skipped;
+        /// `-` reads standard input): any size, sent in chunks and applied as one change.
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
         /// Where the list applies.
         #[arg(long, value_enum, default_value = "source")]
         direction: Dir,
@@ -31,8 +47,12 @@ pub(super) enum BlocklistCmd {
         /// The list.
         name: String,
         /// CIDRs or addresses.
-        #[arg(required = true)]
+        #[arg(required_unless_present = "file")]
         cidrs: Vec<String>,
+        /// Also the CIDRs of this file, one per line (blank lines and `#` comments skipped;
+        /// `-` reads standard input): any size, sent in chunks and applied as one change.
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
         /// Where the list applies.
         #[arg(long, value_enum, default_value = "source")]
         direction: Dir,
@@ -69,9 +89,14 @@ impl From<Dir> for Direction {
 pub(super) async fn run(cli: &Cli, cmd: &BlocklistCmd) -> Result<(), CliError> {
     match cmd {
         BlocklistCmd::List => {
-            let lists = connect(cli).await?.blocklists().await?;
+            let c = connect(cli).await?;
+            let lists = c.blocklists().await?;
             if cli.json {
-                print_json(&lists)?;
+                let mut whole = Vec::with_capacity(lists.len());
+                for l in &lists {
+                    whole.push(c.blocklist(l.direction, &l.name).await?);
+                }
+                print_json(&whole)?;
                 return Ok(());
             }
             let mut t = Table::new(&["DIRECTION", "NAME", "ENTRIES", "HIT PKTS", "HIT BYTES"]);
@@ -79,7 +104,7 @@ pub(super) async fn run(cli: &Cli, cmd: &BlocklistCmd) -> Result<(), CliError> {
                 t.row(vec![
                     l.direction.to_string(),
                     l.name.clone(),
-                    l.cidrs.len().to_string(),
+                    l.entries.to_string(),
                     l.hits.packets.to_string(),
                     l.hits.bytes.to_string(),
                 ]);
@@ -90,25 +115,54 @@ pub(super) async fn run(cli: &Cli, cmd: &BlocklistCmd) -> Result<(), CliError> {
         BlocklistCmd::Add {
             name,
             cidrs,
+            file,
             direction,
         }
         | BlocklistCmd::Remove {
             name,
             cidrs,
+            file,
             direction,
         } => {
             let add = matches!(cmd, BlocklistCmd::Add { .. });
-            crate::api::lists::cidrs("cidrs", cidrs)?;
+            crate::api::lists::list_name("name", name)?;
+            let mut all = cidrs.clone();
+            if !all.is_empty() {
+                crate::api::lists::cidrs("cidrs", &all)?;
+            }
+            if let Some(f) = file {
+                all.extend(file_entries(f)?);
+            }
+            if all.is_empty() {
+                crate::api::lists::cidrs("cidrs", &all)?;
+            }
+            let c = connect(cli).await?;
+            let l = c
+                .change_entries((*direction).into(), name, all, add)
+                .await?;
+            if cli.json {
+                print_json(&c.blocklist(l.direction, &l.name).await?)?;
+            } else {
+                outln!("{} {}: {} entries", l.direction, l.name, l.entries)?;
+            }
+            Ok(())
+        }
+        BlocklistCmd::Show { name, direction } => {
             crate::api::lists::list_name("name", name)?;
             let l = connect(cli)
                 .await?
-                .change_entries((*direction).into(), name, cidrs.clone(), add)
+                .blocklist((*direction).into(), name)
                 .await?;
             if cli.json {
                 print_json(&l)?;
-            } else {
-                outln!("{} {}: {} entries", l.direction, l.name, l.cidrs.len())?;
+                return Ok(());
             }
+            let mut text = String::with_capacity(l.cidrs.len() * 20);
+            for c in &l.cidrs {
+                text.push_str(&c.to_string());
+                text.push('\n');
+            }
+            out!("{text}")?;
             Ok(())
         }
         BlocklistCmd::Delete { name, direction } => {
@@ -123,4 +177,29 @@ pub(super) async fn run(cli: &Cli, cmd: &BlocklistCmd) -> Result<(), CliError> {
             Ok(())
         }
     }
+}
+
+/// The entries of `--file` (`-` = standard input): one per line, blank lines and `#` comments
+/// skipped; an invalid entry is refused naming `file` and its index among the file's entries
+/// (the error quotes the entry).
+fn file_entries(path: &std::path::Path) -> Result<Vec<String>, CliError> {
+    let text = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())
+    } else {
+        std::fs::read_to_string(path)
+    }
+    .map_err(|source| CliError::File {
+        path: path.to_owned(),
+        source,
+    })?;
+    let out: Vec<String> = text
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or_default().trim())
+        .filter(|e| !e.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if !out.is_empty() {
+        crate::api::lists::cidrs("file", &out)?;
+    }
+    Ok(out)
 }

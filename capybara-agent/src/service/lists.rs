@@ -2,6 +2,10 @@
 //! contents and hits, changes to their entries, and the registry snapshot the store keeps
 //! (written with every change, read back at start by [`stored_snapshot`]).
 //!
+//! Answers are bounded whatever a list holds: pages of lists carry entry counts, a list's
+//! entries come a page at a time in address order ([`entry_key`]), and a change answers the
+//! count.
+//!
 //! A change's audit record holds a diff, not the list before and after: `before` is
 //! `{"entries": N}` (absent for a new list), `after` the entries added and removed with their
 //! counts (`ListDiff`; at most [`MAX_AUDIT_DIFF_ENTRIES`] named each side, the counts exact), so
@@ -93,8 +97,12 @@ pub struct BlocklistView {
     pub direction: Direction,
     /// Its name.
     pub name: String,
-    /// Its CIDRs.
+    /// Its CIDRs: all of them, one page of them (`GetBlocklist`), or none where only the count
+    /// is answered (`ListBlocklists`, `AddEntries`, `RemoveEntries`).
     pub cidrs: Vec<Cidr>,
+    /// How many CIDRs the list holds (not in the CLI's JSON, which prints `cidrs` whole).
+    #[serde(skip)]
+    pub entries: usize,
     /// Packets and bytes dropped because of it.
     pub hits: Traffic,
 }
@@ -137,7 +145,7 @@ impl Lists {
         )
     }
 
-    /// Every list with its contents and hits.
+    /// Every list with its contents and hits (the geo status; the API pages instead).
     pub fn blocklists(&self) -> Result<Vec<BlocklistView>, ServiceError> {
         let lists = self.core.plane.lists()?;
         Ok(lists
@@ -148,6 +156,7 @@ impl Lists {
                     .plane
                     .list_cidrs(s.direction, &s.name)
                     .unwrap_or_default(),
+                entries: s.v4 + s.v6,
                 direction: s.direction,
                 name: s.name.as_str().to_owned(),
                 hits: hits.into(),
@@ -156,8 +165,8 @@ impl Lists {
     }
 
     /// One page of lists in (direction, name) order: up to `size` after `after` (the list's
-    /// page key, [`blocklist_key`]), each with its CIDRs (read only for the page's lists), and
-    /// whether more follow.
+    /// page key, [`blocklist_key`]), each with its entry count but no CIDRs (a list can hold
+    /// millions: [`Lists::blocklist_entries_page`] pages them), and whether more follow.
     pub fn blocklists_page(
         &self,
         after: Option<&str>,
@@ -172,11 +181,8 @@ impl Lists {
             .by_ref()
             .take(size)
             .map(|(s, hits)| BlocklistView {
-                cidrs: self
-                    .core
-                    .plane
-                    .list_cidrs(s.direction, &s.name)
-                    .unwrap_or_default(),
+                cidrs: Vec::new(),
+                entries: s.v4 + s.v6,
                 direction: s.direction,
                 name: s.name.as_str().to_owned(),
                 hits: hits.into(),
@@ -185,19 +191,52 @@ impl Lists {
         Ok((page, it.next().is_some()))
     }
 
-    /// One list.
+    /// One list with its entry count and hits, without its CIDRs.
     pub fn blocklist(
         &self,
         direction: Direction,
         name: &ListName,
     ) -> Result<BlocklistView, ServiceError> {
-        self.blocklists()?
+        self.core
+            .plane
+            .lists()?
             .into_iter()
-            .find(|l| l.direction == direction && l.name == name.as_str())
+            .find(|(s, _)| s.direction == direction && s.name == *name)
+            .map(|(s, hits)| BlocklistView {
+                cidrs: Vec::new(),
+                entries: s.v4 + s.v6,
+                direction: s.direction,
+                name: s.name.as_str().to_owned(),
+                hits: hits.into(),
+            })
             .ok_or_else(|| ServiceError::NotFound {
                 what: "list",
                 name: format!("{direction}/{}", name.as_str()),
             })
+    }
+
+    /// One list with one page of its CIDRs in address order ([`entry_key`]: IPv4 before IPv6,
+    /// then by network address, then by prefix length): up to `size` entries after `after`
+    /// (an entry's key; one since removed simply continues after it), and whether more follow.
+    pub fn blocklist_entries_page(
+        &self,
+        direction: Direction,
+        name: &ListName,
+        after: Option<EntryKey>,
+        size: usize,
+    ) -> Result<(BlocklistView, bool), ServiceError> {
+        let mut view = self.blocklist(direction, name)?;
+        let mut all = self
+            .core
+            .plane
+            .list_cidrs(direction, name)
+            .unwrap_or_default();
+        all.sort_unstable_by_key(entry_key);
+        let start = after.map_or(0, |a| all.partition_point(|c| entry_key(c) <= a));
+        let end = start.saturating_add(size).min(all.len());
+        view.entries = all.len();
+        view.cidrs = all.get(start..end).unwrap_or_default().to_vec();
+        Ok((view, end < all.len()))
     }
 
     /// Adds or removes entries, persisting the registry and an audit record in one batch.
@@ -209,6 +248,7 @@ impl Lists {
         op: EntriesOp,
         cidrs: &[Cidr],
     ) -> Result<BlocklistView, ServiceError> {
+        // The answer is the list's count, not its entries (a list can hold millions).
         let _w = self.core.writer.lock().unwrap();
         let before = self.core.plane.list_cidrs(direction, name);
         if op == EntriesOp::Remove && before.is_none() {
@@ -303,4 +343,44 @@ pub fn blocklist_key(direction: Direction, name: &str) -> String {
         Direction::Destination => 1,
     };
     format!("{d}/{name}")
+}
+
+/// The page key of a list entry: the family (4 before 6), the network address, the prefix
+/// length; the order of [`Lists::blocklist_entries_page`].
+pub type EntryKey = (u8, u128, u8);
+
+/// The page key of `c`.
+pub fn entry_key(c: &Cidr) -> EntryKey {
+    match c.addr() {
+        std::net::IpAddr::V4(a) => (4, u128::from(u32::from(a)), c.prefix_len()),
+        std::net::IpAddr::V6(a) => (6, u128::from(a), c.prefix_len()),
+    }
+}
+
+/// `k` as the text a page token carries: `4-` or `6-`, the address in hex (8 or 32 digits),
+/// `/`, the prefix length.
+pub fn entry_key_text(k: EntryKey) -> String {
+    let (f, a, l) = k;
+    if f == 4 {
+        format!("4-{a:08x}/{l}")
+    } else {
+        format!("6-{a:032x}/{l}")
+    }
+}
+
+/// The key [`entry_key_text`] wrote; `None` for any other text.
+pub fn parse_entry_key(s: &str) -> Option<EntryKey> {
+    let (f, rest) = s.split_once('-')?;
+    let (a, l) = rest.split_once('/')?;
+    let (family, digits, max) = match f {
+        "4" => (4, 8, 32),
+        "6" => (6, 32, 128),
+        _ => return None,
+    };
+    if a.len() != digits || !a.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let addr = u128::from_str_radix(a, 16).ok()?;
+    let len: u8 = l.parse().ok()?;
+    (len <= max && l == len.to_string()).then_some((family, addr, len))
 }
