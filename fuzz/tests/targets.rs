@@ -167,56 +167,54 @@ fn template_yaml() {
     });
 }
 
-#[test]
-fn cidr() {
-    const NAME: &str = "cidr";
-    let seeds = [
-        "10.0.0.0/8",
-        "192.0.2.1",
-        "2001:db8::/32",
-        "::ffff:1.2.3.4/128",
-    ];
+/// A text parser whose values write text that parses back to them (`Display` and `FromStr`).
+fn text_round_trip<T>(name: &str, seeds: &[&str])
+where
+    T: std::str::FromStr + std::fmt::Display + PartialEq + std::fmt::Debug,
+{
     run(
-        NAME,
+        name,
         true,
         seeds.iter().map(|s| s.as_bytes().to_vec()).collect(),
         |b| {
             let Ok(text) = std::str::from_utf8(b) else {
                 return false;
             };
-            if let Ok(c) = text.parse::<Cidr>() {
-                let again: Cidr = c.to_string().parse().expect("a CIDR's text parses");
-                assert_eq!(again, c, "round trip of {text:?}");
-                return true;
-            }
-            false
+            let Ok(v) = text.parse::<T>() else {
+                return false;
+            };
+            let again: T = v
+                .to_string()
+                .parse()
+                .unwrap_or_else(|_| panic!("{name}: {v} (from {text:?}) does not parse"));
+            assert_eq!(again, v, "round trip of {text:?}");
+            true
         },
     );
 }
 
 #[test]
+fn cidr() {
+    text_round_trip::<Cidr>(
+        "cidr",
+        &[
+            "10.0.0.0/8",
+            "192.0.2.1",
+            "2001:db8::/32",
+            "::ffff:1.2.3.4/128",
+        ],
+    );
+}
+
+#[test]
 fn window() {
-    const NAME: &str = "window";
-    let seeds = [
-        "Mon-Fri 08:00-18:00",
-        "Sat,Sun 22:00-02:00",
-        "daily 00:00-24:00",
-    ];
-    run(
-        NAME,
-        true,
-        seeds.iter().map(|s| s.as_bytes().to_vec()).collect(),
-        |b| {
-            let Ok(text) = std::str::from_utf8(b) else {
-                return false;
-            };
-            if let Ok(w) = text.parse::<TimeWindow>() {
-                let again: TimeWindow = w.to_string().parse().expect("a window's text parses");
-                assert_eq!(again, w, "round trip of {text:?}");
-                return true;
-            }
-            false
-        },
+    text_round_trip::<TimeWindow>(
+        "window",
+        &[
+            "Mon-Fri 08:00-18:00",
+            "Sat,Sun 22:00-02:00",
+            "daily 00:00-24:00",
+        ],
     );
 }
 
