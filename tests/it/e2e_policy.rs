@@ -106,14 +106,12 @@ impl Lab {
                 dp.clone(),
                 tunnel,
                 ServiceConfig {
-                    server_v4: format!("10.{net}.1.1/24").parse().unwrap(),
-                    server_v6: format!("fd01:{net:x}::1/64").parse().unwrap(),
                     server_public_key: server_key,
-                    endpoint: "unused:1".into(),
-                    dns: vec![],
-                    keep_client_keys: None,
-                    geo_db: None,
-                    keep_unknown_peers: false,
+                    ..ServiceConfig::for_tests(
+                        &format!("10.{net}.1.1/24"),
+                        &format!("fd01:{net:x}::1/64"),
+                        "unused:1",
+                    )
                 },
             )
             .expect("open the service"),
