@@ -27,6 +27,7 @@ mod api_history;
 mod api_listen;
 mod api_paging;
 mod api_policy;
+mod api_rest;
 mod api_templates;
 mod api_tls;
 mod api_token_user;

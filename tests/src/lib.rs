@@ -10,12 +10,14 @@
 //!   benchmarks).
 //! - [`auth_flood`]: the agent flooded with failed handshakes from spoofed sources (the
 //!   `e2e_auth_flood` test and the `auth_flood_*` benchmarks).
+//! - [`rest`]: a client of the agent's REST mirror (the `api_rest` tests and the REST bench).
 //! - [`bench`]: the benchmarks behind `cargo xtask bench` (binary `capybara-bench`).
 
 pub mod agent_proc;
 pub mod auth_flood;
 pub mod iperf;
 pub mod netns;
+pub mod rest;
 pub mod traffic;
 pub mod tunwire;
 pub mod wg;

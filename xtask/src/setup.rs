@@ -37,6 +37,9 @@ pub const PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
     "protobuf-compiler",
+    // google/protobuf/descriptor.proto, which the REST annotations (google/api/annotations.proto)
+    // extend.
+    "libprotobuf-dev",
     "libclang-dev",
     "librocksdb-dev",
     "pkg-config",

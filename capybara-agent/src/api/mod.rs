@@ -32,6 +32,7 @@ pub mod lists;
 pub mod monitor;
 mod paging;
 pub mod policy;
+pub mod rest;
 pub mod server;
 pub mod status;
 pub mod templates;

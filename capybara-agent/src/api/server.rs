@@ -181,42 +181,49 @@ async fn router(svc: &Arc<Service>, tls: Option<&TlsIdentity>) -> Result<Router,
             Ok(req)
         }
     };
-    let mut server = tonic::transport::Server::builder();
+    let mut grpc = tonic::service::RoutesBuilder::default();
+    grpc.add_service(tonic::service::interceptor::InterceptedService::new(
+        health,
+        gate(svc.clone()),
+    ))
+    .add_service(tonic::service::interceptor::InterceptedService::new(
+        reflection,
+        gate(svc.clone()),
+    ))
+    .add_service(UsersServer::new(api.clone()))
+    .add_service(PeersServer::new(api.clone()))
+    .add_service(TokensServer::new(api.clone()))
+    .add_service(StatsServer::new(api.clone()))
+    .add_service(ConnectionsServer::new(api.clone()))
+    .add_service(AuditServer::new(api.clone()))
+    .add_service(BlocklistsServer::new(api.clone()))
+    .add_service(
+        PolicyServer::new(api.clone())
+            .max_decoding_message_size(MAX_DOCUMENT_MESSAGE)
+            .max_encoding_message_size(MAX_DOCUMENT_MESSAGE),
+    )
+    .add_service(
+        TemplatesServer::new(api.clone())
+            .max_decoding_message_size(MAX_DOCUMENT_MESSAGE)
+            .max_encoding_message_size(MAX_DOCUMENT_MESSAGE),
+    )
+    .add_service(GeoServer::new(api.clone()))
+    .add_service(HistoryServer::new(api.clone()))
+    .add_service(ComponentsServer::new(api.clone()))
+    .add_service(BackupServer::new(api.clone()));
+    // gRPC and the REST mirror on one listener: gRPC paths are `/capybara.v1.X/Y`, REST ones
+    // `/api/v1/…`; HTTP/1.1 is accepted for REST clients.
+    let all = grpc
+        .routes()
+        .into_axum_router()
+        .merge(super::rest::router(api))
+        .fallback(super::rest::fallback);
+    let mut server = tonic::transport::Server::builder().accept_http1(true);
     if let Some(id) = tls {
         server =
             server.tls_config(tonic::transport::ServerTlsConfig::new().identity(id.0.clone()))?;
     }
-    let server = server
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            health,
-            gate(svc.clone()),
-        ))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            reflection,
-            gate(svc.clone()),
-        ))
-        .add_service(UsersServer::new(api.clone()))
-        .add_service(PeersServer::new(api.clone()))
-        .add_service(TokensServer::new(api.clone()))
-        .add_service(StatsServer::new(api.clone()))
-        .add_service(ConnectionsServer::new(api.clone()))
-        .add_service(AuditServer::new(api.clone()))
-        .add_service(BlocklistsServer::new(api.clone()))
-        .add_service(
-            PolicyServer::new(api.clone())
-                .max_decoding_message_size(MAX_DOCUMENT_MESSAGE)
-                .max_encoding_message_size(MAX_DOCUMENT_MESSAGE),
-        )
-        .add_service(
-            TemplatesServer::new(api.clone())
-                .max_decoding_message_size(MAX_DOCUMENT_MESSAGE)
-                .max_encoding_message_size(MAX_DOCUMENT_MESSAGE),
-        )
-        .add_service(GeoServer::new(api.clone()))
-        .add_service(HistoryServer::new(api.clone()))
-        .add_service(ComponentsServer::new(api.clone()))
-        .add_service(BackupServer::new(api));
-    Ok(server)
+    Ok(server.add_routes(tonic::service::Routes::from(all)))
 }
 
 /// Serves the API on `listeners` until `shutdown` resolves, then lets in-flight calls finish.
