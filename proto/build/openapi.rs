@@ -193,7 +193,12 @@ pub fn generate(api: &Api, version: &str) -> Result<String, Error> {
             });
             if body {
                 let content = if m.client_streaming {
-                    json!({ "application/x-ndjson": { "schema": reference(&m.input) } })
+                    // The messages as one JSON array (one JSON message a line works too).
+                    json!({ "application/json": { "schema": {
+                        "type": "array",
+                        "items": reference(&m.input),
+                        "description": "The stream's messages in order (or the body as one JSON message a line, application/x-ndjson).",
+                    } } })
                 } else {
                     json!({ "application/json": { "schema": reference(&m.input) } })
                 };

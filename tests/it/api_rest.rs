@@ -314,3 +314,65 @@ async fn a_client_stream_takes_one_json_message_a_line() {
     );
     drop(api);
 }
+
+/// Where `cargo xtask setup` installs schemathesis (a virtual environment in its cache).
+const SCHEMATHESIS: &str = "/var/cache/capybara/pyenv/bin/st";
+
+/// Schemathesis (the real tool, from PyPI) against the served OpenAPI document with an admin
+/// token: every operation, generated valid and invalid input, no 5xx, no answer outside the
+/// document (status, content type, schema). Bounded: `--max-examples` per operation and
+/// `--max-time` for the run (about a minute on 2 cores: it makes a few thousand calls).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_document() {
+    let (api, rest) = setup().await;
+    // Some state for the operations to find.
+    for body in [r#"{"name":"alice"}"#, r#"{"name":"bob","device":"laptop"}"#] {
+        assert_eq!(
+            rest.call("POST", "/api/v1/users", Some(body)).await.status,
+            200
+        );
+    }
+    let admin = api.token(Scope::Admin);
+    assert!(
+        std::path::Path::new(SCHEMATHESIS).exists(),
+        "{SCHEMATHESIS} is missing: run `cargo xtask setup`"
+    );
+    let report = api.dir.path().join("schemathesis");
+    let out = tokio::process::Command::new(SCHEMATHESIS)
+        .arg("run")
+        .arg(format!("http://{}/api/v1/openapi.json", api.tcp))
+        .args(["--header", &format!("Authorization: Bearer {admin}")])
+        .args([
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+            "--phases",
+            "examples,coverage,fuzzing",
+            "--max-examples",
+            "25",
+            "--max-time",
+            "150",
+            "--workers",
+            "2",
+            "--seed",
+            "20261207",
+            "--no-color",
+            "--generation-deterministic",
+            "--report",
+            "junit",
+        ])
+        .arg("--report-dir")
+        .arg(&report)
+        .env("SCHEMATHESIS_HOOKS", "")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("run schemathesis");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "schemathesis failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("passed"), "{text}");
+    drop(api);
+}
