@@ -316,7 +316,12 @@ async fn a_client_stream_takes_one_json_message_a_line() {
 }
 
 /// Where `cargo xtask setup` installs schemathesis (a virtual environment in its cache).
-const SCHEMATHESIS: &str = "/var/cache/capybara/pyenv/bin/st";
+fn schemathesis() -> std::path::PathBuf {
+    std::path::PathBuf::from(
+        std::env::var("CAPYBARA_CACHE").unwrap_or_else(|_| "/var/cache/capybara".into()),
+    )
+    .join("pyenv/bin/st")
+}
 
 /// Schemathesis (the real tool, from PyPI) against the served OpenAPI document with an admin
 /// token: every operation, generated valid and invalid input, no 5xx, no answer outside the
@@ -333,12 +338,14 @@ async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_document()
         );
     }
     let admin = api.token(Scope::Admin);
+    let st = schemathesis();
     assert!(
-        std::path::Path::new(SCHEMATHESIS).exists(),
-        "{SCHEMATHESIS} is missing: run `cargo xtask setup`"
+        st.exists(),
+        "{} is missing: run `cargo xtask setup`",
+        st.display()
     );
     let report = api.dir.path().join("schemathesis");
-    let out = tokio::process::Command::new(SCHEMATHESIS)
+    let out = tokio::process::Command::new(&st)
         .arg("run")
         .arg(format!("http://{}/api/v1/openapi.json", api.tcp))
         .args(["--header", &format!("Authorization: Bearer {admin}")])
@@ -375,4 +382,228 @@ async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_document()
     );
     assert!(text.contains("passed"), "{text}");
     drop(api);
+}
+
+/// `capybara api enable|status|test|docs|disable` from the CLI on the control socket: the
+/// listener moves at once (the old address stops answering), the setting is stored and
+/// audited, `api test` makes the round trip with a token of its own (revoked after), refused
+/// settings change nothing.
+#[test]
+fn api_enable_status_test_docs_disable_from_the_cli() {
+    use crate::api_support::Cli;
+    let bin = capybara_tests::agent_proc::agent_crate_binary("capybara");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let api = rt.block_on(TestApi::start(false));
+    let cli = Cli::socket(&bin, &api.socket);
+    // At start: the listener the agent was given (`--api-listen`).
+    let s = cli.json(&["api", "status"]);
+    assert_eq!(s["enabled"], true, "{s}");
+    assert_eq!(s["source"], "flag", "{s}");
+    assert_eq!(s["listen"], api.tcp.to_string(), "{s}");
+    let first = api.tcp;
+
+    // Refused: a plain network address, a missing certificate, a bad address. Nothing moves.
+    cli.fails(2, &["api", "enable", "--listen", "0.0.0.0:0"], "listen:");
+    let missing = api.dir.path().join("missing.pem");
+    let m = missing.to_str().unwrap();
+    cli.fails(
+        2,
+        &[
+            "api",
+            "enable",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            m,
+            "--tls-key",
+            m,
+        ],
+        "tls_cert:",
+    );
+    cli.fails(2, &["api", "enable", "--listen", "localhost"], "listen:");
+    assert_eq!(cli.json(&["api", "status"])["listen"], first.to_string());
+    assert!(api.svc.access.get().unwrap().is_none());
+
+    // Enable on a new address: served there at once, stored, audited.
+    let s = cli.json(&[
+        "api",
+        "enable",
+        "--listen",
+        "127.0.0.1:0",
+        "--rate-limit",
+        "500",
+    ]);
+    assert_eq!(s["enabled"], true, "{s}");
+    assert_eq!(s["source"], "store", "{s}");
+    assert_eq!(s["rate_limit"], 500, "{s}");
+    let moved: std::net::SocketAddr = s["listen"].as_str().unwrap().parse().unwrap();
+    assert_ne!(moved, first);
+    let stored = api.svc.access.get().unwrap().expect("stored");
+    assert_eq!(stored.listen.to_string(), "127.0.0.1:0");
+    assert_eq!(stored.rate_limit, 500);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::net::TcpStream::connect(first).is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old listener still accepts"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let text = cli.ok(&["api", "status"]);
+    assert!(text.contains(&format!("http://{moved}")), "{text}");
+
+    // `api test`: the round trip over TCP with a temporary token, revoked after.
+    let out = cli.ok(&["api", "test"]);
+    assert!(
+        out.starts_with(&format!("GET http://{moved}/api/v1/health: 200 in ")),
+        "{out}"
+    );
+    let tokens = cli.json(&["api", "token", "list"]);
+    let tokens = tokens.as_array().unwrap();
+    assert_eq!(tokens.len(), 1, "{tokens:?}");
+    assert!(
+        tokens[0]["revoked_at"].as_u64().is_some_and(|t| t > 0),
+        "{tokens:?}"
+    );
+
+    // `api docs`: the served OpenAPI document.
+    let docs: Value = serde_json::from_str(&cli.ok(&["api", "docs"])).unwrap();
+    assert_eq!(docs["openapi"], "3.0.3");
+    for (path, verb) in [
+        ("/api/v1/users", "get"),
+        ("/api/v1/users", "post"),
+        ("/api/v1/users/{name}", "delete"),
+        ("/api/v1/stats", "get"),
+        ("/api/v1/connections", "get"),
+        ("/api/v1/health", "get"),
+        ("/api/v1/backup", "post"),
+    ] {
+        assert!(docs["paths"][path][verb].is_object(), "{verb} {path}");
+    }
+
+    // Disable: nothing listens, the setting says off, audited twice.
+    let s = cli.json(&["api", "disable"]);
+    assert_eq!(s["enabled"], false, "{s}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::net::TcpStream::connect(moved).is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the listener still accepts"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(api.svc.access.get().unwrap().is_none());
+    assert!(cli.ok(&["api", "status"]).contains("API disabled"));
+    cli.fails(1, &["api", "test"], "capybara api enable");
+    let audit = cli.ok(&["history", "audit"]);
+    assert!(
+        audit.contains("api.enable") && audit.contains("api.disable"),
+        "{audit}"
+    );
+    drop(api);
+}
+
+/// The agent serves the stored setting at start when it is not given `--api-listen`.
+#[tokio::test]
+async fn a_stored_setting_is_served_at_start() {
+    let api = TestApi::start(false).await;
+    let access = capybara_agent::service::access::ApiAccess {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        tls: None,
+        insecure: false,
+        rate_limit: 0,
+    };
+    api.svc
+        .access
+        .set(
+            &capybara_agent::service::domain::Actor::Local { uid: 0 },
+            Some(&access),
+        )
+        .unwrap();
+    let socket = api.dir.path().join("second.sock");
+    let unix = capybara_agent::api::bind_unix(&socket).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(capybara_agent::api::run(
+        api.svc.clone(),
+        capybara_agent::api::Listeners {
+            unix: Some(unix),
+            ..Default::default()
+        },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let c = capybara_agent::api::client::Client::connect(
+        &capybara_agent::api::client::Endpoint::Unix(socket),
+    )
+    .await
+    .unwrap();
+    let s = c.api_access().await.unwrap();
+    assert!(s.enabled, "{s:?}");
+    assert_eq!(s.source.as_deref(), Some("store"));
+    let addr: std::net::SocketAddr = s.listen.unwrap().parse().unwrap();
+    let token = api.token(Scope::Read);
+    let h = Rest::new(addr, Some(&token))
+        .call("GET", "/api/v1/health", None)
+        .await;
+    assert_eq!(h.status, 200, "{h:?}");
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}
+
+/// 429 with `Retry-After`: a token over its rate, and an address after too many failed
+/// authentications (even with a valid token then); other tokens and the socket are unaffected.
+#[tokio::test]
+async fn rate_limits_answer_429_with_retry_after() {
+    let (api, admin) = setup().await;
+    let c = api.unix_client().await;
+    let s = c
+        .enable_api(capybara_agent::api::access::EnableApi {
+            listen: Some("127.0.0.1:0".into()),
+            rate_limit: Some(2),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let addr: std::net::SocketAddr = s.listen.unwrap().parse().unwrap();
+    let read = api.token(Scope::Read);
+    let rest = Rest::new(addr, Some(&read));
+    // A burst of twice the rate, then 429.
+    let mut codes = Vec::new();
+    for _ in 0..6 {
+        codes.push(rest.call("GET", "/api/v1/users", None).await.status);
+    }
+    assert_eq!(&codes[..4], [200, 200, 200, 200], "{codes:?}");
+    let r = rest.call("GET", "/api/v1/users", None).await;
+    assert_eq!(r.status, 429, "{r:?}");
+    assert_eq!(r.json["status"], "RESOURCE_EXHAUSTED", "{r:?}");
+    let after: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&after), "{after}");
+    // Another token is not limited by this one's calls.
+    let other = rest.with_token(Some(&api.token(Scope::Read)));
+    assert_eq!(other.call("GET", "/api/v1/users", None).await.status, 200);
+    // Failed authentications: the burst, then the address waits, whatever token it sends.
+    let bad = rest.with_token(Some("capy_0000000000000000_nope"));
+    let mut fails = 0;
+    loop {
+        let r = bad.call("GET", "/api/v1/users", None).await;
+        if r.status == 429 {
+            break;
+        }
+        assert_eq!(r.status, 401, "{r:?}");
+        fails += 1;
+        assert!(fails <= 20, "no lockout after {fails} failures");
+    }
+    assert!(fails >= 19, "locked out after only {fails} failures");
+    let locked = other.call("GET", "/api/v1/users", None).await;
+    assert_eq!(locked.status, 429, "{locked:?}");
+    assert!(
+        locked.json["message"]
+            .as_str()
+            .unwrap()
+            .contains("failed authentications")
+    );
+    // The control socket has no limit.
+    assert!(c.list_users().await.is_ok());
+    drop(admin);
 }

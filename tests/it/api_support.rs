@@ -90,6 +90,7 @@ impl TestApi {
                 tcp: Some(tcp),
                 unix: Some(unix),
                 tcp_tls: tls,
+                tcp_access: None,
             },
             async {
                 let _ = stopped.await;

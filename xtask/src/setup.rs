@@ -13,6 +13,8 @@
 //!   triggers a rebuild.
 //! - boringtun-cli [`BORINGTUN_CLI_VERSION`] under `<cache>/tools` (benchmark baseline).
 //! - bpffs mounted at `/sys/fs/bpf`.
+//! - the Python tools ([`PYTHON_TOOLS`]: schemathesis, standardwebhooks) in a virtual
+//!   environment at `<cache>/pyenv`, with a stamp of the pins.
 //! - the country database for `geo block/allow` (ip-location-db's CC0
 //!   `geo-whois-asn-country`, pinned and hash-checked) at `<cache>/geoip/` (`crate::geoip`).
 use std::fs::{self, File};
@@ -45,8 +47,15 @@ pub const PACKAGES: &[&str] = &[
     "pkg-config",
     // The country database download (`crate::geoip`).
     "curl",
+    // The Python tools' virtual environment ([`PYTHON_TOOLS`]).
+    "python3-venv",
     "ca-certificates",
 ];
+
+/// Python tools the tests run, pinned, from PyPI into a virtual environment at `<cache>/pyenv`
+/// (`python_tools`): schemathesis (the REST mirror against its OpenAPI document) and
+/// standardwebhooks (a webhook receiver checking signatures the way receivers do).
+pub const PYTHON_TOOLS: &[&str] = &["schemathesis==4.32.5", "standardwebhooks==1.3.0"];
 
 /// The bpf-linker release that works with aya 0.14 and nightly's LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -100,6 +109,7 @@ pub fn run(_args: &Args) -> Result<()> {
     boringtun_cli(&mut report)?;
     bpffs(&mut report)?;
     geoip_db(&cache, &mut report)?;
+    python_tools(&cache, &mut report)?;
     nextest(&mut report);
 
     let elapsed = started.elapsed().as_secs_f32();
@@ -175,6 +185,30 @@ fn geoip_db(cache: &Path, report: &mut Report) -> Result<()> {
             path.display()
         ));
     }
+    Ok(())
+}
+
+/// [`PYTHON_TOOLS`] in `<cache>/pyenv`; the stamp `<cache>/pyenv/capybara.stamp` lists what was
+/// installed, so a new pin reinstalls.
+fn python_tools(cache: &Path, report: &mut Report) -> Result<()> {
+    let venv = cache.join("pyenv");
+    let stamp = venv.join("capybara.stamp");
+    let wanted = PYTHON_TOOLS.join(" ");
+    if fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == wanted) {
+        report.present(format!("python tools ({wanted})"));
+        return Ok(());
+    }
+    need_root("install the python tools")?;
+    if !venv.join("bin/pip").exists() {
+        exec::run(cmd("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    exec::run(
+        cmd(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(PYTHON_TOOLS),
+    )?;
+    fs::write(&stamp, &wanted).with_context(|| format!("write {}", stamp.display()))?;
+    report.done(format!("python tools ({wanted}) in {}", venv.display()));
     Ok(())
 }
 

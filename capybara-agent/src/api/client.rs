@@ -67,6 +67,9 @@ pub enum ClientError {
     /// The agent's answer does not make sense.
     #[error(transparent)]
     Answer(#[from] AnswerError),
+    /// An HTTP call (the REST mirror) failed below HTTP.
+    #[error("HTTP call failed: {0}")]
+    Http(String),
     /// A streamed answer could not be written where it goes (a file).
     #[error("cannot write the agent's answer")]
     Output(#[source] std::io::Error),
@@ -153,6 +156,34 @@ impl Client {
     /// The connection (for the calls of sibling modules).
     pub(super) fn channel(&self) -> Channel {
         self.channel.clone()
+    }
+
+    /// `GET path` of the REST mirror over this connection (HTTP/2, the same TLS and token):
+    /// the status and the body.
+    pub async fn http_get(&self, path: &str) -> Result<(u16, Vec<u8>), ClientError> {
+        use http_body_util::BodyExt as _;
+        use tower::ServiceExt as _;
+        let mut req = http::Request::get(path)
+            .body(tonic::body::Body::empty())
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        if let Some(a) = &self.auth {
+            let v = http::HeaderValue::from_bytes(a.as_bytes()).map_err(|_| ClientError::Token)?;
+            req.headers_mut().insert(http::header::AUTHORIZATION, v);
+        }
+        let resp = self
+            .channel
+            .clone()
+            .oneshot(req)
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?
+            .to_bytes();
+        Ok((status, body.to_vec()))
     }
 
     pub(super) fn req<T>(&self, msg: T) -> Request<T> {

@@ -18,7 +18,9 @@ use std::sync::Arc;
 use tonic::{Request, Status, metadata::MetadataMap, transport::server::UdsConnectInfo};
 
 use super::{
+    access::TcpControl,
     convert::opt_user,
+    limits::RateLimits,
     status::{auth_status, invalid, status_of},
 };
 use crate::service::{
@@ -30,6 +32,7 @@ use crate::service::{
 /// restricted to, if any (the caller decides whether the call is about that user).
 pub(super) fn authorize(
     svc: &Service,
+    limits: &RateLimits,
     metadata: &MetadataMap,
     extensions: &tonic::Extensions,
     need: Scope,
@@ -41,20 +44,44 @@ pub(super) fn authorize(
             None => return Err(auth_status(&AuthError::Missing)),
         }
     } else {
-        let header = metadata
+        let ip = peer_ip(extensions);
+        if let Some(ip) = ip {
+            limits.may_try(ip).map_err(|secs| {
+                rate_limited(
+                    format!("too many failed authentications from {ip}; retry after {secs} s"),
+                    secs,
+                )
+            })?;
+        }
+        let found = metadata
             .get("authorization")
             .ok_or(AuthError::Missing)
-            .map_err(|e| auth_status(&e))?;
-        let bearer = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or(AuthError::Invalid)
-            .map_err(|e| auth_status(&e))?;
-        svc.tokens
-            .authenticate_restricted(bearer.trim())
-            .map_err(|e| auth_status(&e))?
+            .and_then(|header| {
+                header
+                    .to_str()
+                    .ok()
+                    .and_then(|h| h.strip_prefix("Bearer "))
+                    .ok_or(AuthError::Invalid)
+            })
+            .and_then(|bearer| svc.tokens.authenticate_restricted(bearer.trim()));
+        match found {
+            Ok(found) => found,
+            Err(e) => {
+                if let (Some(ip), false) = (ip, matches!(e, AuthError::Store(_))) {
+                    limits.failed(ip);
+                }
+                return Err(auth_status(&e));
+            }
+        }
     };
+    if let Actor::Token { id, .. } = &actor {
+        limits.call(id.as_str()).map_err(|secs| {
+            rate_limited(
+                format!("token {id} is over its rate limit; retry after {secs} s"),
+                secs,
+            )
+        })?;
+    }
     let have = actor.scope();
     if !have.allows(need) {
         return Err(auth_status(&AuthError::Scope { have, need }));
@@ -62,22 +89,67 @@ pub(super) fn authorize(
     Ok((actor, only))
 }
 
+/// The address a TCP call comes from (plain or TLS).
+fn peer_ip(extensions: &tonic::Extensions) -> Option<std::net::IpAddr> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    extensions
+        .get::<TcpConnectInfo>()
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .map(TlsConnectInfo::get_ref)
+        })
+        .and_then(TcpConnectInfo::remote_addr)
+        .map(|a| a.ip().to_canonical())
+}
+
+/// `RESOURCE_EXHAUSTED` with `retry-after` (REST: 429 with `Retry-After`).
+fn rate_limited(message: String, secs: u64) -> Status {
+    let mut st = Status::resource_exhausted(message);
+    if let Ok(v) = secs.to_string().parse() {
+        st.metadata_mut().insert("retry-after", v);
+    }
+    st
+}
+
 /// The implementation of every `capybara.v1` service.
 #[derive(Clone, Debug)]
 pub struct Api {
     svc: Arc<Service>,
+    limits: Arc<RateLimits>,
+    tcp: Arc<TcpControl>,
 }
 
 impl Api {
-    /// The API over `svc`.
-    pub fn new(svc: Arc<Service>) -> Api {
-        Api { svc }
+    /// The API over `svc`, with the TCP API's rate limits and its listener.
+    pub fn new(svc: Arc<Service>, limits: Arc<RateLimits>, tcp: Arc<TcpControl>) -> Api {
+        Api { svc, limits, tcp }
+    }
+
+    /// The TCP API's rate limits.
+    pub(super) fn limits(&self) -> &RateLimits {
+        &self.limits
+    }
+
+    /// The TCP listener.
+    pub(super) fn tcp(&self) -> &TcpControl {
+        &self.tcp
+    }
+
+    /// [`authorize`] with this API's limits.
+    pub(super) fn authorize(
+        &self,
+        metadata: &MetadataMap,
+        extensions: &tonic::Extensions,
+        need: Scope,
+    ) -> Result<(Actor, Option<UserName>), Status> {
+        authorize(&self.svc, &self.limits, metadata, extensions, need)
     }
 
     /// The caller, if it may make a call that needs `need` and is not about one user (a token
     /// restricted to a user is refused; see the module docs).
     pub(super) fn auth<T>(&self, req: &Request<T>, need: Scope) -> Result<Actor, Status> {
-        match authorize(&self.svc, req.metadata(), req.extensions(), need)? {
+        match self.authorize(req.metadata(), req.extensions(), need)? {
             (actor, None) => Ok(actor),
             (_, Some(only)) => Err(auth_status(&AuthError::Restricted {
                 user: only.to_string(),
@@ -110,7 +182,7 @@ impl Api {
         field: &'static str,
         raw: &str,
     ) -> Result<(Actor, Option<UserName>), Status> {
-        let (actor, only) = authorize(&self.svc, req.metadata(), req.extensions(), need)?;
+        let (actor, only) = self.authorize(req.metadata(), req.extensions(), need)?;
         let user = opt_user(field, raw).map_err(invalid)?;
         match (only, &user) {
             (None, _) => Ok((actor, user)),

@@ -20,6 +20,7 @@
 //! the features share), [`paging`] (the page tokens of the name-ordered list calls) and
 //! [`client`] (the connection the `capybara` CLI uses).
 
+pub mod access;
 pub mod audit;
 pub mod backup;
 pub mod client;
@@ -28,6 +29,7 @@ pub mod geo;
 pub mod handler;
 pub mod health;
 pub mod history;
+pub mod limits;
 pub mod lists;
 pub mod monitor;
 mod paging;

@@ -37,19 +37,25 @@
 use std::{future::Future, path::Path, sync::Arc};
 
 use capybara_proto::v1::{
-    audit_server::AuditServer, backup_server::BackupServer, blocklists_server::BlocklistsServer,
-    components_server::ComponentsServer, connections_server::ConnectionsServer,
-    geo_server::GeoServer, history_server::HistoryServer, peers_server::PeersServer,
-    policy_server::PolicyServer, stats_server::StatsServer, templates_server::TemplatesServer,
-    tokens_server::TokensServer, users_server::UsersServer,
+    api_access_server::ApiAccessServer, audit_server::AuditServer, backup_server::BackupServer,
+    blocklists_server::BlocklistsServer, components_server::ComponentsServer,
+    connections_server::ConnectionsServer, geo_server::GeoServer, history_server::HistoryServer,
+    peers_server::PeersServer, policy_server::PolicyServer, stats_server::StatsServer,
+    templates_server::TemplatesServer, tokens_server::TokensServer, users_server::UsersServer,
 };
 use tonic::{Request, transport::server::Router};
 
 use super::{
+    access::{self, Source, TcpControl},
     convert::MAX_DOCUMENT_MESSAGE,
-    handler::{Api, authorize},
+    handler::Api,
+    limits::RateLimits,
 };
-use crate::service::{Service, domain::Scope};
+use crate::service::{
+    Service,
+    access::{ApiAccess, DEFAULT_RATE_LIMIT},
+    domain::Scope,
+};
 
 /// Errors starting the API.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +72,12 @@ pub enum ApiError {
     /// The reflection service could not be built from the descriptor set.
     #[error("cannot build the reflection service")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The TCP listener's address could not be read.
+    #[error("the API's TCP listener")]
+    Listener(#[source] std::io::Error),
+    /// The TCP server could not be built (its TLS identity).
+    #[error("cannot serve the TCP API: {0}")]
+    Start(String),
     /// A server failed.
     #[error("gRPC server failed")]
     Transport(#[from] tonic::transport::Error),
@@ -117,6 +129,10 @@ pub struct Listeners {
     pub unix: Option<tokio::net::UnixListener>,
     /// Serve TLS on the TCP listener with this identity.
     pub tcp_tls: Option<TlsIdentity>,
+    /// What `capybara api status` says of `tcp` (`--api-listen` and its flags: the files, the
+    /// rate limit); `None`: the listener's address, the default rate limit. Without `tcp`, the
+    /// stored setting (`capybara api enable`), if any, is served.
+    pub tcp_access: Option<ApiAccess>,
 }
 
 /// Binds the control socket at `path`: creates its directory (mode 0750) if missing, replaces
@@ -154,8 +170,9 @@ pub fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ApiError> {
     Ok(l)
 }
 
-async fn router(svc: &Arc<Service>, tls: Option<&TlsIdentity>) -> Result<Router, ApiError> {
-    let api = Api::new(svc.clone());
+/// The server of one listener: every gRPC service, health, reflection and the REST mirror.
+pub(super) async fn router(api: &Api, tls: Option<&TlsIdentity>) -> Result<Router, ApiError> {
+    let svc = &api.service();
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<UsersServer<Api>>().await;
     reporter.set_serving::<PeersServer<Api>>().await;
@@ -170,25 +187,26 @@ async fn router(svc: &Arc<Service>, tls: Option<&TlsIdentity>) -> Result<Router,
     reporter.set_serving::<ComponentsServer<Api>>().await;
     reporter.set_serving::<PolicyServer<Api>>().await;
     reporter.set_serving::<TemplatesServer<Api>>().await;
+    reporter.set_serving::<ApiAccessServer<Api>>().await;
     super::health::publish(&reporter, svc).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(capybara_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let gate = |svc: Arc<Service>| {
+    let gate = |api: Api| {
         move |req: Request<()>| {
-            authorize(&svc, req.metadata(), req.extensions(), Scope::Read)?;
+            api.authorize(req.metadata(), req.extensions(), Scope::Read)?;
             Ok(req)
         }
     };
     let mut grpc = tonic::service::RoutesBuilder::default();
     grpc.add_service(tonic::service::interceptor::InterceptedService::new(
         health,
-        gate(svc.clone()),
+        gate(api.clone()),
     ))
     .add_service(tonic::service::interceptor::InterceptedService::new(
         reflection,
-        gate(svc.clone()),
+        gate(api.clone()),
     ))
     .add_service(UsersServer::new(api.clone()))
     .add_service(PeersServer::new(api.clone()))
@@ -210,13 +228,14 @@ async fn router(svc: &Arc<Service>, tls: Option<&TlsIdentity>) -> Result<Router,
     .add_service(GeoServer::new(api.clone()))
     .add_service(HistoryServer::new(api.clone()))
     .add_service(ComponentsServer::new(api.clone()))
+    .add_service(ApiAccessServer::new(api.clone()))
     .add_service(BackupServer::new(api.clone()));
     // gRPC and the REST mirror on one listener: gRPC paths are `/capybara.v1.X/Y`, REST ones
     // `/api/v1/…`; HTTP/1.1 is accepted for REST clients.
     let all = grpc
         .routes()
         .into_axum_router()
-        .merge(super::rest::router(api))
+        .merge(super::rest::router(api.clone()))
         .fallback(super::rest::fallback);
     let mut server = tonic::transport::Server::builder().accept_http1(true);
     if let Some(id) = tls {
@@ -227,32 +246,43 @@ async fn router(svc: &Arc<Service>, tls: Option<&TlsIdentity>) -> Result<Router,
 }
 
 /// Serves the API on `listeners` until `shutdown` resolves, then lets in-flight calls finish.
+/// The TCP listener can be swapped or stopped meanwhile (`ApiAccess`, [`access::TcpControl`]).
 pub async fn run(
     svc: Arc<Service>,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ApiError> {
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let mut servers = tokio::task::JoinSet::new();
-    if let Some(tcp) = listeners.tcp {
-        if let Ok(a) = tcp.local_addr() {
-            tracing::info!(addr = %a, tls = listeners.tcp_tls.is_some(), "API listening on TCP (bearer tokens)");
-        }
-        let r = router(&svc, listeners.tcp_tls.as_ref()).await?;
-        let s = signal(stopped.clone());
-        servers.spawn(async move {
-            r.serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(tcp), s)
-                .await
+    let tcp = Arc::new(TcpControl::default());
+    let api = Api::new(
+        svc.clone(),
+        Arc::new(RateLimits::new(DEFAULT_RATE_LIMIT)),
+        tcp.clone(),
+    );
+    if let Some(listener) = listeners.tcp {
+        let bound = listener.local_addr().map_err(ApiError::Listener)?;
+        let access = listeners.tcp_access.unwrap_or(ApiAccess {
+            listen: bound,
+            tls: None,
+            insecure: false,
+            rate_limit: DEFAULT_RATE_LIMIT,
         });
+        let p = access::prepare_with(&api, listener, access, listeners.tcp_tls)
+            .await
+            .map_err(|st| ApiError::Start(st.message().to_owned()))?;
+        tcp.start(&api, p, Source::Flag).await;
+    } else {
+        serve_stored(&api, &svc).await;
     }
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut servers = tokio::task::JoinSet::new();
     if let Some(unix) = listeners.unix {
         tracing::info!("API listening on the control socket (root by peer credentials)");
-        let r = router(&svc, None).await?;
-        let s = signal(stopped.clone());
+        let r = router(&api, None).await?;
+        let mut stopped = stopped.clone();
         servers.spawn(async move {
+            let s = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
             r.serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(unix), s)
                 .await
         });
@@ -263,20 +293,57 @@ pub async fn run(
         tokio::select! {
             () = &mut shutdown, if !*stop.borrow() => {
                 let _ = stop.send(true);
+                tcp.stop().await;
+                if servers.is_empty() {
+                    break;
+                }
             }
-            done = servers.join_next() => match done {
+            done = servers.join_next(), if !servers.is_empty() => match done {
                 None => break,
                 Some(Ok(Ok(()))) => {}
                 Some(Ok(Err(e))) => {
                     result = Err(e.into());
                     let _ = stop.send(true);
+                    tcp.stop().await;
                 }
                 Some(Err(join)) => {
                     tracing::error!(error = %join, "API server task failed");
                     let _ = stop.send(true);
+                    tcp.stop().await;
                 }
             },
         }
+        if *stop.borrow() && servers.is_empty() {
+            break;
+        }
     }
     result
+}
+
+/// Serves the stored setting (`capybara api enable`), if any. One that no longer works (the
+/// address taken, a certificate gone) is logged and left off: the agent still starts.
+async fn serve_stored(api: &Api, svc: &Service) {
+    let access = match svc.access.get() {
+        Ok(Some(a)) => a,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the TCP API setting; TCP API off");
+            return;
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(access.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(addr = %access.listen, error = %e, "cannot listen for the TCP API (capybara api enable); TCP API off");
+            return;
+        }
+    };
+    match access::prepare(api, listener, access).await {
+        Ok(p) => {
+            api.tcp().start(api, p, Source::Store).await;
+        }
+        Err(st) => {
+            tracing::error!(error = %st.message(), "cannot serve the TCP API (capybara api enable); TCP API off");
+        }
+    }
 }

@@ -64,3 +64,8 @@ impl std::fmt::Display for ErrorChain<'_> {
         Ok(())
     }
 }
+
+/// An error with its sources, `a: b: c`.
+pub(super) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    ErrorChain(e).to_string()
+}

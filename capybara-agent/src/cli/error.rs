@@ -41,6 +41,9 @@ pub(super) enum CliError {
     /// A backup could not be restored.
     #[error(transparent)]
     Backup(#[from] BackupError),
+    /// The agent's answer or state does not allow the command (said in words).
+    #[error("{0}")]
+    Agent(String),
     /// Standard output could not be written (a closed pipe ends the command quietly).
     #[error("standard output")]
     Stdout(#[source] std::io::Error),

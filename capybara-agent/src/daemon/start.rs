@@ -184,8 +184,20 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
     ));
     let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
     // Without a listener the API task ends at once; that is not a failure to shut down for.
-    let serving = tcp.is_some() || unix.is_some();
-    let listeners = Listeners { tcp, unix, tcp_tls };
+    // With a stored TCP setting (`capybara api enable`) the API serves without either.
+    let serving = tcp.is_some() || unix.is_some() || svc.access.get()?.is_some();
+    let tcp_access = api_tcp.map(|listen| service::access::ApiAccess {
+        listen,
+        tls: config.api.tls.clone(),
+        insecure: config.api.insecure,
+        rate_limit: service::access::DEFAULT_RATE_LIMIT,
+    });
+    let listeners = Listeners {
+        tcp,
+        unix,
+        tcp_tls,
+        tcp_access,
+    };
     let api_task = tokio::spawn(api::run(svc.clone(), listeners, async {
         let _ = api_stopped.await;
     }));

@@ -92,6 +92,14 @@ pub enum ValidationError {
         /// The field.
         field: &'static str,
     },
+    /// Any other value that is not acceptable; `reason` says why (and quotes the input).
+    #[error("{field}: {reason}")]
+    Value {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A policy value (rate, size, window, zone, …) that does not parse.
     #[error("{field}: {source}")]
     Policy {
@@ -116,6 +124,7 @@ impl ValidationError {
             | ValidationError::Country { field, .. }
             | ValidationError::Blocklist { field, .. }
             | ValidationError::Missing { field }
+            | ValidationError::Value { field, .. }
             | ValidationError::Policy { field, .. } => field,
         }
     }

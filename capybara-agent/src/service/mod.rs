@@ -14,6 +14,7 @@
 //! | [`devices`] | adding, removing and re-keying devices, client configs, programming the kernel and the tunnel |
 //! | [`users`] | adding and removing users |
 //! | [`tokens`] | API tokens and authentication |
+//! | [`access`] | where the TCP API listens (`api enable/disable/status`) |
 //! | [`monitor`] | stats, connections, kick |
 //! | [`lists`], [`geo`] | named blocklists; geo policies as source lists |
 //! | [`templates`] | quota templates and configuration templates |
@@ -25,6 +26,7 @@
 //! the tunnel; adapters live beside what they adapt), and `testing` (in-memory ports, for tests
 //! only: `cfg(test)` or the `test-support` feature).
 
+pub mod access;
 pub mod backup;
 pub mod core;
 pub mod devices;
@@ -83,6 +85,8 @@ pub struct Service {
     pub users: Arc<users::Users>,
     /// API tokens.
     pub tokens: Arc<tokens::Tokens>,
+    /// Where the TCP API listens.
+    pub access: Arc<access::Access>,
     /// Stats, connections, kick.
     pub monitor: Arc<monitor::Monitor>,
     /// Named blocklists.
@@ -128,6 +132,7 @@ impl Service {
         let lists = Arc::new(lists::Lists::new(core.clone()));
         let svc = Service {
             tokens: Arc::new(tokens::Tokens::new(core.clone())),
+            access: Arc::new(access::Access::new(core.clone())),
             monitor: Arc::new(monitor::Monitor::new(
                 core.clone(),
                 directory.clone(),

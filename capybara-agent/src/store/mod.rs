@@ -20,6 +20,7 @@
 //! | `policy` | `settings` | the server settings the last configuration template set |
 //! | `policy` | `bucket/<owner>` | a quota bucket's id and the period it was last reset for |
 //! | `policy` | `online/<user>` | a user's online time on its current local day (`--time`) |
+//! | `policy` | `server/api-access` | where the TCP API listens (`capybara api enable`; `service::access`) |
 //! | `tokens` | `<token id>` | an API token: its SHA-256 hash, never the secret |
 //! | `sessions` | `session/<start ns, 20 digits>/<peer id, 10 digits>` | a tunnel session |
 //! | `sessions` | `auth/<ns, 20 digits>/<n, 6 digits>` | a failed handshake (auth attempt) |
@@ -138,6 +139,9 @@ pub mod keys {
 
     /// Key of the geo policy in `blocklists`.
     pub const GEO_POLICY: &str = "geo-policy";
+
+    /// Key of the TCP API's setting (`capybara api enable`) in `policy`.
+    pub const API_ACCESS: &str = "server/api-access";
 
     /// Key of user `name` in `users`.
     pub fn user(name: &str) -> String {

@@ -313,6 +313,7 @@ impl TcpApi {
                 tcp: Some(tcp),
                 unix: None,
                 tcp_tls: None,
+                tcp_access: None,
             },
             async {
                 let _ = stopped.await;
