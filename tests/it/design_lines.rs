@@ -104,12 +104,6 @@ const DESIGN_LINES: &[&str] = &[
 /// Design lines not run: their command does not exist yet (first words, why).
 const NOT_YET: &[(&str, &str)] = &[
     (
-        "api enable",
-        "the API is always served; no `api enable` command yet",
-    ),
-    ("api docs", "no OpenAPI document (`api docs`) yet"),
-    ("api test", "no `api test` command yet"),
-    (
         "webhook ",
         "webhooks do not exist yet (their lines also hold <url>/<id> placeholders)",
     ),
@@ -268,7 +262,13 @@ fn every_design_line_works_verbatim() {
     let out = d.line("history audit --user alice");
     assert!(out.contains("user.add"), "{out}");
 
-    // 23. API Access: a read token expiring after the default 90 days, listed, revoked.
+    // 23. API Access: the TCP API on its default address (gRPC and REST), a read token
+    // expiring after the default 90 days, listed, revoked; the OpenAPI document; the round trip.
+    let out = d.line("api enable");
+    assert!(
+        out.starts_with("API enabled: http://127.0.0.1:7443 (gRPC and REST under /api/v1/"),
+        "{out}"
+    );
     let o = d.line_with("api token create", &[]);
     assert!(o.stdout.starts_with("capy_"), "{}", o.stdout);
     assert!(o.stderr.contains("(scope read, expires "), "{}", o.stderr);
@@ -284,6 +284,15 @@ fn every_design_line_works_verbatim() {
         .line_with("api token revoke <id>", &[("<id>", &id)])
         .stdout;
     assert_eq!(out.trim(), format!("revoked {id}"));
+    let out = d.line("api docs");
+    let doc: serde_json::Value = serde_json::from_str(&out).expect("api docs prints JSON");
+    assert!(doc["paths"]["/api/v1/connections"]["get"].is_object(), "{out}");
+    let out = d.line("api test");
+    assert!(
+        out.starts_with("GET http://127.0.0.1:7443/api/v1/health: 200 in "),
+        "{out}"
+    );
+    d.setup("api disable");
 
     // 28. Advanced User Quotas & Limits.
     let out = d.line("quota set alice --limit 100GB --period monthly");
