@@ -90,7 +90,14 @@ impl TestApi {
                 tcp: Some(tcp),
                 unix: Some(unix),
                 tcp_tls: tls,
-                tcp_access: None,
+                // No per-token rate limit (tests make calls at any pace; `api_rest` tests the
+                // limiter with a setting of its own).
+                tcp_access: Some(capybara_agent::service::access::ApiAccess {
+                    listen: addr,
+                    tls: None,
+                    insecure: false,
+                    rate_limit: 0,
+                }),
             },
             async {
                 let _ = stopped.await;

@@ -10,6 +10,7 @@
 //! - [`tunnel`]: iperf3 TCP through the agent's WireGuard tunnel, `boringtun-cli` and
 //!   `wireguard-go`, from a `wireguard-go` client, same machine, same run.
 //! - [`api_load`]: the gRPC API at 500 mixed calls per second over TCP with tokens for 30 s.
+//! - [`rest`]: the same mixed calls over the REST mirror and over gRPC, p50 of each.
 //! - [`policy`]: a group policy change fanned out to 10 000 users' kernel maps; single-user
 //!   policy updates, call to kernel map.
 //! - [`vs_nftables`]: a UDP flood from random sources against a 1M-prefix source blocklist:
@@ -31,6 +32,7 @@
 
 pub mod agent_load;
 pub mod api_load;
+pub mod rest;
 pub mod auth_flood;
 pub mod flood;
 pub mod floor;
@@ -172,6 +174,7 @@ const ALL_PARTS: &[&[&str]] = &[
     vs_tc::NAMES,
     agent_load::NAMES,
     auth_flood::NAMES,
+    rest::NAMES,
 ];
 
 /// What `--quick` runs: a few of the kernel probes, one rate of each throttle baseline, and the
@@ -305,7 +308,8 @@ impl TcpApi {
         svc: std::sync::Arc<capybara_agent::service::Service>,
     ) -> anyhow::Result<TcpApi> {
         let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", tcp.local_addr()?);
+        let addr = tcp.local_addr()?;
+        let url = format!("http://{addr}");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(capybara_agent::api::run(
             svc,
@@ -313,7 +317,13 @@ impl TcpApi {
                 tcp: Some(tcp),
                 unix: None,
                 tcp_tls: None,
-                tcp_access: None,
+                // No rate limit: the benchmarks measure the API, not its limiter.
+                tcp_access: Some(capybara_agent::service::access::ApiAccess {
+                    listen: addr,
+                    tls: None,
+                    insecure: false,
+                    rate_limit: 0,
+                }),
             },
             async {
                 let _ = stopped.await;

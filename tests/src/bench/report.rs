@@ -93,6 +93,8 @@ pub const TARGETS: &[(&str, Goal)] = &[
     ("group_policy_fanout_10k_ms", Goal::Below(100.0)),
     ("agent_rss_mb_100k_peers", Goal::Below(300.0)),
     ("load_100k_peers_ms", Goal::Below(3000.0)),
+    ("rest_vs_grpc_p50_ratio", Goal::AtMost(1.3)),
+    ("rest_vs_grpc_errors", Goal::AtMost(0.0)),
 ];
 
 /// Figures measured against a baseline in the same run: `(ours, baseline)`. The report shows
@@ -106,6 +108,7 @@ pub const BASELINES: &[(&str, &str)] = &[
     ),
     ("blocklist_pps_xdp_1m", "blocklist_pps_nftables_1m"),
     ("rule_update_us_capybara", "rule_update_us_tc"),
+    ("rest_p50_us", "grpc_p50_us"),
     ("throttle_accuracy_5m", "throttle_accuracy_tc_htb_5m"),
     ("throttle_accuracy_50m", "throttle_accuracy_tc_htb_50m"),
     ("throttle_accuracy_500m", "throttle_accuracy_tc_htb_500m"),

@@ -220,6 +220,17 @@ fn main() -> Result<()> {
                 .filter(|f| sel.wants(f.name)),
         );
     }
+    stages.next("REST vs gRPC");
+    match bench::rest::run(&sel) {
+        Ok(f) => figures.extend(f),
+        Err(e) => {
+            progress!("REST vs gRPC benchmarks failed: {e:#}");
+            failures.push(report::Failure {
+                group: bench::rest::NAMES.join(", "),
+                error: format!("{e:#}"),
+            });
+        }
+    }
     stages.next("policy fan-out and updates");
     let fanout = sel.wants(bench::GROUP_POLICY_FANOUT_10K_MS);
     let updates = sel.wants_any(&[
