@@ -97,7 +97,8 @@ use super::{
     ServiceError,
     core::{Core, now, to_json},
     directory::Directory,
-    domain::{Actor, PublicKey, UserName, ValidationError},
+    domain::{Actor, PublicKey, SessionId, UserName, ValidationError},
+    live::LiveSessions,
     monitor::Traffic,
 };
 use crate::{
@@ -198,8 +199,9 @@ impl Counters {
 /// One recorded session.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Session {
-    /// Its key in the store (`session/<start ns>/<peer id>`).
-    pub id: String,
+    /// Its id (the connection id `capybara connections` showed while it was open); its store
+    /// key is [`SessionId::key`].
+    pub id: SessionId,
     /// The user (a name: the user may since have been removed).
     pub user: String,
     /// The device.
@@ -512,12 +514,14 @@ impl Session {
 pub struct History {
     core: Arc<Core>,
     dir: Arc<Directory>,
+    live: Arc<LiveSessions>,
 }
 
 impl History {
-    /// The feature over the shared core and directory.
-    pub fn new(core: Arc<Core>, dir: Arc<Directory>) -> History {
-        History { core, dir }
+    /// The feature over the shared core and directory; it keeps `live` (each device's open
+    /// session) up to date as sessions open and close.
+    pub fn new(core: Arc<Core>, dir: Arc<Directory>, live: Arc<LiveSessions>) -> History {
+        History { core, dir, live }
     }
 
     /// The kernel counters of peer `id`.
@@ -548,7 +552,10 @@ impl History {
         let base = self.counters(peer.id)?;
         let start = secs(at);
         let s = Session {
-            id: keys::session(unix_nanos(at), peer.id),
+            id: SessionId {
+                start_ns: unix_nanos(at),
+                peer: peer.id,
+            },
             user: peer.user.to_string(),
             device: peer.device.to_string(),
             peer_id: peer.id,
@@ -565,7 +572,8 @@ impl History {
             reason: None,
         };
         let s = StoredSession { session: s, base };
-        self.core.store.put(Cf::Sessions, &s.session.id, &s)?;
+        self.core.store.put(Cf::Sessions, &s.session.id.key(), &s)?;
+        self.live.opened(s.session.id, peer.public_key);
         Ok(Some(s))
     }
 
@@ -580,7 +588,9 @@ impl History {
             at: secs(at),
             endpoint: to,
         });
-        self.core.store.put(Cf::Sessions, &s.session.id, &*s)?;
+        self.core
+            .store
+            .put(Cf::Sessions, &s.session.id.key(), &*s)?;
         Ok(())
     }
 
@@ -596,7 +606,10 @@ impl History {
         s2.traffic = self.counters(s2.peer_id)?.since(base);
         s2.end = Some(secs(at).max(s2.start));
         s2.reason = Some(reason);
-        self.core.store.put(Cf::Sessions, &s.session.id, &*s)?;
+        self.core
+            .store
+            .put(Cf::Sessions, &s.session.id.key(), &*s)?;
+        self.live.closed(s.session.id);
         Ok(())
     }
 
@@ -688,7 +701,8 @@ impl History {
                 let x = &mut s.session;
                 x.end = Some(secs(at).max(x.start));
                 x.reason = Some(EndReason::AgentStopped);
-                self.core.store.put(Cf::Sessions, &s.session.id, &s)?;
+                self.core.store.put(Cf::Sessions, &s.session.id.key(), &s)?;
+                self.live.closed(s.session.id);
             }
         }
         Ok(stale.len())
