@@ -9,7 +9,7 @@
 //! | reason | when |
 //! |---|---|
 //! | `idle` | no handshake and no authenticated packet for the disconnect timeout (`--disconnect-timeout`, default 180 s); the end is when the tunnel noticed |
-//! | `kicked` | `capybara kick USER` ended it |
+//! | `kicked` | `capybara kick USER` (every device of the user) or `capybara kick --connection ID` (that device) ended it |
 //! | `removed` | the device or its user was removed |
 //! | `agent-stopped` | the agent stopped with the session open (closed at shutdown), or was killed (closed by the next start, see below) |
 //!
@@ -60,6 +60,16 @@
 //! Store growth under a flood is therefore at most 24 records per 10 s (about 250 bytes each
 //! as JSON: ≈ 36 KB a minute, ≈ 52 MB a day, before RocksDB's compression), measured by
 //! `cargo xtask bench` (`auth_flood_store_bytes_per_min`).
+//!
+//! ## Ids
+//! A session's id ([`SessionId`]) is its store key in URL-safe form: `<start ns as 16 hex
+//! digits>-<peer id as 8>`, one to one with the key and converted in O(1) either way (no table
+//! to keep in step). While the session is open it is its **connection's id**: the recorder
+//! enters it in the shared table of open sessions ([`LiveSessions`]) when it writes the opening
+//! record and takes it out when it writes the close, and `capybara connections` /
+//! `ListConnections` show it, `Kick` takes it. The same id is in `history show`, `search` and
+//! `export` (`Session.id` in the API). Records written before ids existed hold the key in `id`;
+//! they read back as the same id.
 //!
 //! ## Keys and retention
 //! Sessions are `session/<start ns>/<peer id>` and auth attempts `auth/<ns>/<n>` in the

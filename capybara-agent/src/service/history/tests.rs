@@ -426,10 +426,7 @@ fn clear_removes_only_closed_old_records_audits_and_refuses_zero() {
 fn stored_session(start_ns: u64, peer: u32, end: Option<u64>) -> StoredSession {
     StoredSession {
         session: Session {
-            id: SessionId {
-                start_ns: start_ns,
-                peer: peer,
-            },
+            id: SessionId { start_ns, peer },
             user: "alice".into(),
             device: "laptop".into(),
             peer_id: peer,
