@@ -33,7 +33,8 @@ pub struct Method {
     pub output: String,
     pub client_streaming: bool,
     pub server_streaming: bool,
-    pub http: Option<HttpRule>,
+    /// The rule's route, then its `additional_bindings`; empty: no rule.
+    pub http: Vec<HttpRule>,
 }
 
 /// A method's `google.api.http` rule.
@@ -125,9 +126,10 @@ impl Api {
                         .options
                         .as_ref()
                         .and_then(|o| o.http.as_ref())
-                        .map(LiteHttpRule::rule)
+                        .map(LiteHttpRule::rules)
                         .transpose()
-                        .map_err(|e| format!("{}.{}: {e}", s.name(), m.name()))?;
+                        .map_err(|e| format!("{}.{}: {e}", s.name(), m.name()))?
+                        .unwrap_or_default();
                     service.methods.push(Method {
                         name: m.name().to_owned(),
                         comment: comment(&[6, si as i32, 2, mi as i32]),
@@ -283,9 +285,23 @@ struct LiteHttpRule {
     patch: Option<String>,
     #[prost(string, optional, tag = "7")]
     body: Option<String>,
+    #[prost(message, repeated, tag = "11")]
+    additional_bindings: Vec<LiteHttpRule>,
 }
 
 impl LiteHttpRule {
+    /// This rule's route, then its additional bindings'.
+    fn rules(&self) -> Result<Vec<HttpRule>, Error> {
+        let mut all = vec![self.rule()?];
+        for b in &self.additional_bindings {
+            if !b.additional_bindings.is_empty() {
+                return Err("additional_bindings may not nest".into());
+            }
+            all.push(b.rule()?);
+        }
+        Ok(all)
+    }
+
     fn rule(&self) -> Result<HttpRule, Error> {
         let mut set = [
             ("get", &self.get),

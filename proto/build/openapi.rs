@@ -125,90 +125,97 @@ pub fn generate(api: &Api, version: &str) -> Result<String, Error> {
     for s in &api.services {
         tags.push(json!({ "name": s.name, "description": s.comment }));
         for m in &s.methods {
-            let rule = m.http.as_ref().ok_or("no http rule")?;
-            let t = template(&rule.path)?;
-            let input = &api.messages[&m.input];
-            let mut params = Vec::new();
-            for (_, f) in &t.fields {
-                params.push(json!({
-                    "name": f, "in": "path", "required": true,
-                    "schema": { "type": "string", "minLength": 1 },
-                }));
-            }
-            let body = !rule.body.is_empty();
-            if !body {
-                for f in &input.fields {
-                    if t.fields.iter().any(|(_, b)| b == &f.name) {
-                        continue;
-                    }
-                    let mut schema = if f.repeated {
-                        json!({ "type": "array", "items": scalar(api, &f.kind) })
-                    } else {
-                        scalar(api, &f.kind)
-                    };
-                    if let Kind::Enum(e) = &f.kind {
-                        // Inline: a query value is the enum's name.
-                        let names: Vec<_> =
-                            api.enums[e].values.iter().map(|v| v.0.clone()).collect();
-                        let one = json!({ "type": "string", "enum": names });
-                        schema = if f.repeated {
-                            json!({ "type": "array", "items": one })
-                        } else {
-                            one
-                        };
-                    }
+            for (binding, rule) in m.http.iter().enumerate() {
+                let t = template(&rule.path)?;
+                let input = &api.messages[&m.input];
+                let mut params = Vec::new();
+                for (_, f) in &t.fields {
                     params.push(json!({
-                        "name": f.json_name, "in": "query", "required": false,
-                        "description": f.comment, "schema": schema,
+                        "name": f, "in": "path", "required": true,
+                        "schema": { "type": "string", "minLength": 1 },
                     }));
                 }
-            }
-            let mut responses = Map::new();
-            let (ctype, what) = if m.server_streaming {
-                (
-                    "application/x-ndjson",
-                    "One JSON message per line, as the agent streams them.",
-                )
-            } else {
-                ("application/json", "OK")
-            };
-            responses.insert(
+                let body = !rule.body.is_empty();
+                if !body {
+                    for f in &input.fields {
+                        if t.fields.iter().any(|(_, b)| b == &f.name) {
+                            continue;
+                        }
+                        let mut schema = if f.repeated {
+                            json!({ "type": "array", "items": scalar(api, &f.kind) })
+                        } else {
+                            scalar(api, &f.kind)
+                        };
+                        if let Kind::Enum(e) = &f.kind {
+                            // Inline: a query value is the enum's name.
+                            let names: Vec<_> =
+                                api.enums[e].values.iter().map(|v| v.0.clone()).collect();
+                            let one = json!({ "type": "string", "enum": names });
+                            schema = if f.repeated {
+                                json!({ "type": "array", "items": one })
+                            } else {
+                                one
+                            };
+                        }
+                        params.push(json!({
+                            "name": f.json_name, "in": "query", "required": false,
+                            "description": f.comment, "schema": schema,
+                        }));
+                    }
+                }
+                let mut responses = Map::new();
+                let (ctype, what) = if m.server_streaming {
+                    (
+                        "application/x-ndjson",
+                        "One JSON message per line, as the agent streams them.",
+                    )
+                } else {
+                    ("application/json", "OK")
+                };
+                responses.insert(
                 "200".into(),
                 json!({ "description": what, "content": { ctype: { "schema": reference(&m.output) } } }),
             );
-            responses.extend(error_responses(body));
-            let summary = m
-                .comment
-                .split(". ")
-                .next()
-                .unwrap_or_default()
-                .trim_end_matches('.');
-            let mut op = json!({
-                "operationId": format!("{}_{}", s.name, m.name),
-                "tags": [s.name],
-                "summary": if summary.is_empty() { m.name.clone() } else { summary.to_owned() },
-                "description": format!("{}\n\ngRPC: `capybara.v1.{}/{}`.", m.comment, s.name, m.name).trim_start().to_owned(),
-                "parameters": params,
-                "responses": responses,
-            });
-            if body {
-                let content = if m.client_streaming {
-                    // The messages as one JSON array (one JSON message a line works too).
-                    json!({ "application/json": { "schema": {
+                responses.extend(error_responses(body));
+                let summary = m
+                    .comment
+                    .split(". ")
+                    .next()
+                    .unwrap_or_default()
+                    .trim_end_matches('.');
+                let mut op = json!({
+                    "operationId": if binding == 0 {
+                        format!("{}_{}", s.name, m.name)
+                    } else {
+                        format!("{}_{}_{}", s.name, m.name, binding + 1)
+                    },
+                    "tags": [s.name],
+                    "summary": if summary.is_empty() { m.name.clone() } else { summary.to_owned() },
+                    "description": format!("{}\n\ngRPC: `capybara.v1.{}/{}`.", m.comment, s.name, m.name).trim_start().to_owned(),
+                    "parameters": params,
+                    "responses": responses,
+                });
+                if body {
+                    let content = if m.client_streaming {
+                        // The messages as one JSON array (one JSON message a line works too).
+                        json!({ "application/json": { "schema": {
                         "type": "array",
                         "items": reference(&m.input),
                         "description": "The stream's messages in order (or the body as one JSON message a line, application/x-ndjson).",
                     } } })
-                } else {
-                    json!({ "application/json": { "schema": reference(&m.input) } })
-                };
-                op["requestBody"] = json!({ "required": true, "content": content });
+                    } else {
+                        json!({ "application/json": { "schema": reference(&m.input) } })
+                    };
+                    op["requestBody"] = json!({ "required": true, "content": content });
+                }
+                let item = paths.entry(rule.path.clone()).or_insert_with(|| json!({}));
+                if item.get(rule.verb).is_some() {
+                    return Err(
+                        format!("{} {}: two RPCs on one route", rule.verb, rule.path).into(),
+                    );
+                }
+                item[rule.verb] = op;
             }
-            let item = paths.entry(rule.path.clone()).or_insert_with(|| json!({}));
-            if item.get(rule.verb).is_some() {
-                return Err(format!("{} {}: two RPCs on one route", rule.verb, rule.path).into());
-            }
-            item[rule.verb] = op;
         }
     }
     paths.insert(

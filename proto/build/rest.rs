@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use super::descriptors::{Api, Error, Kind, Method};
+use super::descriptors::{Api, Error, HttpRule, Kind, Method};
 
 /// `AddUser` → `add_user` (what tonic names the trait methods and server modules).
 pub fn snake(name: &str) -> String {
@@ -80,11 +80,10 @@ pub fn generate(api: &Api) -> Result<String, Error> {
         let server = format!("crate::v1::{}_server::{}", snake(&s.name), s.name);
         bounds.push(server.clone());
         for m in &s.methods {
-            if m.http.is_none() {
+            if m.http.is_empty() {
                 missing.push(format!("{}.{}", s.name, m.name));
                 continue;
             }
-            routes.push_str(&route(api, &s.name, m)?);
             let input = rust_type(&m.input);
             let method = snake(&m.name);
             let request = if m.client_streaming {
@@ -97,11 +96,14 @@ pub fn generate(api: &Api) -> Result<String, Error> {
             } else {
                 "Output::one(&r.into_inner())"
             };
-            writeln!(
-                arms,
-                "        {n} => {{\n            let msg = {request};\n            let r = <A as {server}>::{method}(api, tonic::Request::from_parts(meta, ext, msg)).await?;\n            {answer}\n        }}"
-            )?;
-            n += 1;
+            for rule in &m.http {
+                routes.push_str(&route(api, &s.name, m, rule)?);
+                writeln!(
+                    arms,
+                    "        {n} => {{\n            let msg = {request};\n            let r = <A as {server}>::{method}(api, tonic::Request::from_parts(meta, ext, msg)).await?;\n            {answer}\n        }}"
+                )?;
+                n += 1;
+            }
         }
     }
     if !missing.is_empty() {
@@ -130,8 +132,7 @@ pub fn generate(api: &Api) -> Result<String, Error> {
     Ok(out)
 }
 
-fn route(api: &Api, service: &str, m: &Method) -> Result<String, Error> {
-    let rule = m.http.as_ref().ok_or("no rule")?;
+fn route(api: &Api, service: &str, m: &Method, rule: &HttpRule) -> Result<String, Error> {
     let t = template(&rule.path).map_err(|e| format!("{service}.{}: {e}", m.name))?;
     let input = api
         .messages

@@ -412,6 +412,7 @@ fn many_records(api: &TestApi, n: u64) {
     use capybara_agent::{
         service::{
             AuthAttempt,
+            domain::SessionId,
             history::{Counters, EndpointSeen, Session, StoredSession},
         },
         store::{Batch, Cf, keys},
@@ -425,7 +426,10 @@ fn many_records(api: &TestApi, n: u64) {
         let ns = (now - 3600) * 1_000_000_000 + i;
         let s = StoredSession {
             session: Session {
-                id: keys::session(ns, 1),
+                id: SessionId {
+                    start_ns: ns,
+                    peer: 1,
+                },
                 user: "alice".into(),
                 device: "laptop".into(),
                 peer_id: 1,
@@ -443,7 +447,7 @@ fn many_records(api: &TestApi, n: u64) {
             },
             base: Counters::default(),
         };
-        b.put(Cf::Sessions, &s.session.id, &s).unwrap();
+        b.put(Cf::Sessions, &s.session.id.key(), &s).unwrap();
         let a = AuthAttempt {
             at: now - 60,
             source: "203.0.113.9:1".parse().unwrap(),

@@ -286,7 +286,10 @@ fn every_design_line_works_verbatim() {
     assert_eq!(out.trim(), format!("revoked {id}"));
     let out = d.line("api docs");
     let doc: serde_json::Value = serde_json::from_str(&out).expect("api docs prints JSON");
-    assert!(doc["paths"]["/api/v1/connections"]["get"].is_object(), "{out}");
+    assert!(
+        doc["paths"]["/api/v1/connections"]["get"].is_object(),
+        "{out}"
+    );
     let out = d.line("api test");
     assert!(
         out.starts_with("GET http://127.0.0.1:7443/api/v1/health: 200 in "),

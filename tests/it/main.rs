@@ -19,6 +19,7 @@ mod api_audit;
 mod api_backup;
 mod api_blocklist_paging;
 mod api_cli;
+mod api_connections;
 mod api_control_socket;
 mod api_expiry;
 mod api_geo;

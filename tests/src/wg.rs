@@ -402,6 +402,60 @@ pub fn ping_until(ns: &NetNs, to: IpAddr, timeout: Duration) -> bool {
     false
 }
 
+/// `ping -D` from a namespace in the background, every `interval` for `duration`: when each
+/// reply came (for "traffic stops within …" checks against a moment taken by the test).
+pub struct PingLog {
+    out: std::thread::JoinHandle<String>,
+}
+
+impl PingLog {
+    /// Starts pinging `to` from `ns`; the namespace guard kills the `ping` if the test ends
+    /// first.
+    pub fn start(ns: &NetNs, to: IpAddr, interval: Duration, duration: Duration) -> PingLog {
+        let mut child = ns
+            .command(&[
+                "ping",
+                "-n",
+                "-D",
+                "-i",
+                &format!("{:.3}", interval.as_secs_f64()),
+                "-W",
+                "1",
+                "-w",
+                &duration.as_secs().max(1).to_string(),
+                &to.to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn ping");
+        let mut stdout = child.stdout.take().expect("ping's stdout");
+        ns.adopt(child);
+        let out = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
+            s
+        });
+        PingLog { out }
+    }
+
+    /// Waits for the `ping` to end; the times of its replies (Unix seconds, as `-D` prints
+    /// them), in order.
+    pub fn replies(self) -> Vec<f64> {
+        let out = self.out.join().expect("ping reader");
+        parse_ping_replies(&out)
+    }
+}
+
+/// The reply times of `ping -D` output: lines `[<unix secs>] <n> bytes from …`.
+pub fn parse_ping_replies(out: &str) -> Vec<f64> {
+    out.lines()
+        .filter(|l| l.contains(" bytes from "))
+        .filter_map(|l| l.strip_prefix('[')?.split_once(']')?.0.parse().ok())
+        .collect()
+}
+
 /// Starts the agent's tunnel inside `ns` (its device, socket and threads live there).
 pub fn start_tunnel(ns: &NetNs, config: WgConfig) -> WgTunnel {
     ns.run(|| WgTunnel::start(config))
@@ -418,6 +472,19 @@ pub fn unix_now() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ping_replies_are_read_with_their_times() {
+        let out = "PING 10.9.0.1 (10.9.0.1) 56(84) bytes of data.\n\
+                   [1765073784.123456] 64 bytes from 10.9.0.1: icmp_seq=1 ttl=64 time=0.4 ms\n\
+                   [1765073784.223456] From 10.9.0.2 icmp_seq=2 Destination Host Unreachable\n\
+                   [1765073784.323456] 64 bytes from 10.9.0.1: icmp_seq=3 ttl=64 time=0.5 ms\n\
+                   \n--- 10.9.0.1 ping statistics ---\n";
+        assert_eq!(
+            super::parse_ping_replies(out),
+            vec![1_765_073_784.123_456, 1_765_073_784.323_456]
+        );
+    }
+
     use super::*;
 
     #[test]

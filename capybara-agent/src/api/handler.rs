@@ -7,7 +7,9 @@
 //! A token made with `--user alice` passes [`Api::auth`] for nothing (`PERMISSION_DENIED`,
 //! naming its user): only calls about one user that check it with [`Api::auth_user`] admit it,
 //! and only for alice — `GetUser`, `ListPeers` with `user`, `AddPeer`, `RemovePeer`,
-//! `UserConfig`, `GetStats` with `user` and `Kick` (within the token's scope). Everything else (listing
+//! `UserConfig`, `GetStats` with `user` and `Kick` (within the token's scope; a `Kick` by connection
+//! id reaches alice's connections only: another user's id is `NOT_FOUND` to it, as if it did not
+//! exist, since such a token cannot list them either). Everything else (listing
 //! users or connections, another user, account changes such as `AddUser`, `RemoveUser`,
 //! `ExpireUser`, `RenewUser`, tokens, policy, lists) is refused, so a call added later is
 //! closed to such tokens until it opts in. Health and reflection stay open to every valid
@@ -195,6 +197,17 @@ impl Api {
                 user: only.to_string(),
             })),
         }
+    }
+
+    /// The caller, if it may make a call that needs `need`, and the one user its token is
+    /// restricted to, if any: for a call whose object's user only the service knows (it must
+    /// then act on that user's objects alone).
+    pub(super) fn auth_restricted<T>(
+        &self,
+        req: &Request<T>,
+        need: Scope,
+    ) -> Result<(Actor, Option<UserName>), Status> {
+        self.authorize(req.metadata(), req.extensions(), need)
     }
 
     /// The service, for a call that streams its answer from the blocking pool itself.

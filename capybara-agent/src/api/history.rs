@@ -23,7 +23,7 @@ use super::{
 };
 use crate::service::{
     AuthAttempt, EndReason, HistoryPage, HistoryQuery, Pruned, Session,
-    domain::{PublicKey, Scope, ValidationError},
+    domain::{PublicKey, Scope, SessionId, ValidationError},
     history::{Counters, EndpointSeen, HistoryCursor},
 };
 
@@ -54,7 +54,7 @@ fn reason_from_proto(v: i32) -> Result<Option<EndReason>, AnswerError> {
 impl From<&Session> for pb::Session {
     fn from(s: &Session) -> pb::Session {
         pb::Session {
-            id: s.id.clone(),
+            id: s.id.to_string(),
             user: s.user.clone(),
             device: s.device.clone(),
             peer_id: s.peer_id,
@@ -106,7 +106,7 @@ impl TryFrom<pb::Session> for Session {
                 tx: traffic_from_proto(s.tx),
             },
             reason: reason_from_proto(s.reason)?,
-            id: s.id,
+            id: SessionId::parse("session.id", &s.id)?,
             user: s.user,
             device: s.device,
             peer_id: s.peer_id,
@@ -362,7 +362,10 @@ mod tests {
     #[test]
     fn sessions_and_auth_attempts_round_trip() {
         let s = Session {
-            id: "session/1/2".into(),
+            id: crate::service::domain::SessionId {
+                start_ns: 1,
+                peer: 2,
+            },
             user: "alice".into(),
             device: "laptop".into(),
             peer_id: 2,

@@ -18,10 +18,11 @@ use super::{
         traffic_from_proto, traffic_to_proto,
     },
     handler::Api,
+    status::invalid,
 };
 use crate::service::{
     Connection, PeerCounters, PeerStatsView, Stats,
-    domain::{Peer, Scope},
+    domain::{Peer, Scope, SessionId, ValidationError},
 };
 
 #[tonic::async_trait]
@@ -63,12 +64,40 @@ impl Connections for Api {
         }))
     }
 
+    /// Exactly one of `user` and `connection` (the caller is checked first).
     async fn kick(
         &self,
         req: Request<pb::KickRequest>,
     ) -> Result<Response<pb::KickResponse>, Status> {
-        let (actor, user) = self.auth_user(&req, Scope::Write, "user", &req.get_ref().user)?;
-        let peers = self.call(move |s| s.monitor.kick(&actor, &user)).await?;
+        let r = req.get_ref();
+        let peers = match (r.user.is_empty(), r.connection.is_empty()) {
+            (false, true) => {
+                let (actor, user) = self.auth_user(&req, Scope::Write, "user", &r.user)?;
+                self.call(move |s| s.monitor.kick(&actor, &user)).await?
+            }
+            (true, false) => {
+                let (actor, only) = self.auth_restricted(&req, Scope::Write)?;
+                let id = SessionId::parse("connection", &r.connection).map_err(invalid)?;
+                let peer = self
+                    .call(move |s| s.monitor.kick_connection(&actor, id, only.as_ref()))
+                    .await?;
+                vec![peer]
+            }
+            (user_empty, _) => {
+                self.auth_restricted(&req, Scope::Write)?;
+                return Err(invalid(if user_empty {
+                    ValidationError::MissingEither {
+                        field: "user",
+                        or: "connection",
+                    }
+                } else {
+                    ValidationError::Conflict {
+                        field: "connection",
+                        other: "user",
+                    }
+                }));
+            }
+        };
         Ok(Response::new(pb::KickResponse {
             kicked: peers.iter().map(Into::into).collect(),
         }))
@@ -125,6 +154,7 @@ impl From<&Stats> for pb::GetStatsResponse {
 impl From<&Connection> for pb::Connection {
     fn from(c: &Connection) -> pb::Connection {
         pb::Connection {
+            id: c.id.map(|i| i.to_string()).unwrap_or_default(),
             peer: Some((&c.peer).into()),
             endpoint: c.endpoint.clone().unwrap_or_default(),
             last_handshake: opt_secs(c.last_handshake),
@@ -185,6 +215,11 @@ impl TryFrom<pb::Connection> for Connection {
     type Error = AnswerError;
     fn try_from(c: pb::Connection) -> Result<Connection, AnswerError> {
         Ok(Connection {
+            id: if c.id.is_empty() {
+                None
+            } else {
+                Some(SessionId::parse("connection.id", &c.id)?)
+            },
             peer: need("connection.peer", c.peer)?.try_into()?,
             endpoint: (!c.endpoint.is_empty()).then_some(c.endpoint),
             last_handshake: secs_opt(c.last_handshake),
@@ -251,8 +286,26 @@ impl Client {
 
     /// Kicks a user.
     pub async fn kick(&self, user: &str) -> Result<Vec<Peer>, ClientError> {
+        self.kick_request(pb::KickRequest {
+            user: user.into(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Kicks one connection by its id: the device whose session it is.
+    pub async fn kick_connection(&self, id: &str) -> Result<Vec<Peer>, ClientError> {
+        self.kick_request(pb::KickRequest {
+            connection: id.into(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Sends a `Kick`.
+    pub async fn kick_request(&self, req: pb::KickRequest) -> Result<Vec<Peer>, ClientError> {
         let r = ConnectionsClient::new(self.channel.clone())
-            .kick(self.req(pb::KickRequest { user: user.into() }))
+            .kick(self.req(req))
             .await?
             .into_inner();
         Ok(r.kicked

@@ -95,7 +95,7 @@ fn duration_secs(s: u64) -> String {
 
 fn sessions_table(sessions: &[Session]) -> Table {
     let mut t = Table::new(&[
-        "USER", "DEVICE", "START", "DURATION", "ENDPOINT", "RX BYTES", "TX BYTES", "REASON",
+        "USER", "DEVICE", "ID", "START", "DURATION", "ENDPOINT", "RX BYTES", "TX BYTES", "REASON",
     ]);
     for s in sessions {
         let ep = match s.endpoints.as_slice() {
@@ -111,6 +111,7 @@ fn sessions_table(sessions: &[Session]) -> Table {
         t.row(vec![
             s.user.clone(),
             s.device.clone(),
+            s.id.to_string(),
             time(s.start),
             s.end.map_or_else(
                 || "open".into(),
@@ -163,7 +164,7 @@ fn csv_session(out: &mut String, s: &Session) {
         out,
         &[
             "session".into(),
-            s.id.clone(),
+            s.id.to_string(),
             s.user.clone(),
             s.device.clone(),
             time(s.start),
@@ -523,7 +524,10 @@ mod tests {
     fn csv_has_one_row_per_record_and_quotes_what_needs_it() {
         let page = HistoryPage {
             sessions: vec![Session {
-                id: "session/1/2".into(),
+                id: crate::service::domain::SessionId {
+                    start_ns: 1,
+                    peer: 2,
+                },
                 user: "alice".into(),
                 device: "lap,top".into(),
                 peer_id: 2,
@@ -568,7 +572,7 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3, "{text}");
         assert_eq!(lines[0].split(',').count(), 17);
-        assert!(lines[1].starts_with("session,session/1/2,alice,\"lap,top\",1970-01-01T00:00:00Z,1970-01-01T00:01:00Z,kicked,192.0.2.1:5,"));
+        assert!(lines[1].starts_with("session,0000000000000001-00000002,alice,\"lap,top\",1970-01-01T00:00:00Z,1970-01-01T00:01:00Z,kicked,192.0.2.1:5,"));
         assert!(lines[1].contains(",300,3,400,4,"), "{}", lines[1]);
         assert!(lines[2].starts_with("auth,,,,1970-01-01T00:00:00Z,,unknown-key,203.0.113.9:1,"));
     }
@@ -612,7 +616,10 @@ mod tests {
 
     fn sample_page() -> HistoryPage {
         let s = Session {
-            id: "session/1/2".into(),
+            id: crate::service::domain::SessionId {
+                start_ns: 1,
+                peer: 2,
+            },
             user: "alice".into(),
             device: "laptop".into(),
             peer_id: 2,
@@ -641,7 +648,10 @@ mod tests {
             sessions: vec![
                 s.clone(),
                 Session {
-                    id: "session/0/2".into(),
+                    id: crate::service::domain::SessionId {
+                        start_ns: 0,
+                        peer: 2,
+                    },
                     ..s
                 },
             ],

@@ -95,9 +95,10 @@ enum Command {
     Api(api::ApiCmd),
     /// Bytes and packets each way and drops by reason, per device and user.
     Stats(stats::StatsArgs),
-    /// Devices the tunnel knows, with endpoint and latest handshake.
-    Connections,
-    /// End a user's sessions now (held at the gate until the next handshake).
+    /// Devices the tunnel knows, with their connection id, endpoint and latest handshake.
+    Connections(connections::ConnectionsArgs),
+    /// End a user's sessions now, or one connection's (held at the gate until the next
+    /// handshake).
     Kick(connections::KickArgs),
     /// Is the agent serving?
     Health,
@@ -188,7 +189,7 @@ async fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Device(cmd) => device::run(cli, cmd).await,
         Command::Api(cmd) => api::run(cli, cmd).await,
         Command::Stats(args) => stats::run(cli, args).await,
-        Command::Connections => connections::connections(cli).await,
+        Command::Connections(args) => connections::run(cli, args).await,
         Command::Kick(args) => connections::kick(cli, args).await,
         Command::Health => health::run(cli).await,
         Command::History(cmd) => history::run(cli, cmd).await,

@@ -100,6 +100,33 @@ pub enum ValidationError {
         /// What is wrong with it.
         reason: String,
     },
+    /// Neither of two fields of which exactly one is required was given.
+    #[error("{field}: required (or {or})")]
+    MissingEither {
+        /// The field named first.
+        field: &'static str,
+        /// The other one.
+        or: &'static str,
+    },
+    /// Two fields that exclude each other were both given.
+    #[error("{field}: give either {field} or {other}, not both")]
+    Conflict {
+        /// The field.
+        field: &'static str,
+        /// The field it excludes.
+        other: &'static str,
+    },
+    /// A connection (session) id that is not 16 hex digits, `-`, 8 hex digits.
+    #[error(
+        "{field}: invalid connection id {value:?} (expected 16 hex digits, '-', 8 hex digits, \
+         as `capybara connections` shows it)"
+    )]
+    SessionId {
+        /// The field.
+        field: &'static str,
+        /// The input.
+        value: String,
+    },
     /// A policy value (rate, size, window, zone, …) that does not parse.
     #[error("{field}: {source}")]
     Policy {
@@ -125,6 +152,9 @@ impl ValidationError {
             | ValidationError::Blocklist { field, .. }
             | ValidationError::Missing { field }
             | ValidationError::Value { field, .. }
+            | ValidationError::MissingEither { field, .. }
+            | ValidationError::Conflict { field, .. }
+            | ValidationError::SessionId { field, .. }
             | ValidationError::Policy { field, .. } => field,
         }
     }
@@ -350,6 +380,93 @@ impl fmt::Debug for TokenId {
     }
 }
 
+/// The id of a session (a device's connection), stable for the session's life and kept by its
+/// history record: `capybara connections` shows it while the session is open, `history` after.
+///
+/// It is the session's store key (`session/<start ns>/<peer id>`, `store::keys::session`)
+/// written in URL-safe form: the start in Unix nanoseconds as 16 lowercase hex digits, `-`, the
+/// dataplane peer id as 8, e.g. `187e9c5b3a2f1d00-0000002a` (25 characters, no lookup table:
+/// [`SessionId::key`] and [`SessionId::from_key`] convert in O(1), one to one; ids sort like
+/// the keys, by start). Only that canonical form parses. Records written before ids existed
+/// hold their key in `id`; both forms read back as the same id.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SessionId {
+    /// The session's start, Unix nanoseconds.
+    pub start_ns: u64,
+    /// The dataplane peer id the device had.
+    pub peer: PeerId,
+}
+
+impl SessionId {
+    /// Parses the canonical text form `s`, given in `field`.
+    pub fn parse(field: &'static str, s: &str) -> Result<SessionId, ValidationError> {
+        let bad = || ValidationError::SessionId {
+            field,
+            value: s.chars().take(64).collect(),
+        };
+        let hex = |t: &str| {
+            t.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                .then(|| u64::from_str_radix(t, 16).ok())
+                .flatten()
+        };
+        match s.split_once('-') {
+            Some((start, peer)) if start.len() == 16 && peer.len() == 8 => Ok(SessionId {
+                start_ns: hex(start).ok_or_else(bad)?,
+                peer: PeerId::try_from(hex(peer).ok_or_else(bad)?).map_err(|_| bad())?,
+            }),
+            _ => Err(bad()),
+        }
+    }
+
+    /// The session's key in the store.
+    pub fn key(&self) -> String {
+        crate::store::keys::session(self.start_ns, self.peer)
+    }
+
+    /// The id of the store key `key`, if it is a session's (exactly as `store::keys::session`
+    /// writes them).
+    pub fn from_key(key: &str) -> Option<SessionId> {
+        let (start, peer) = key
+            .strip_prefix(crate::store::keys::SESSIONS_PREFIX)?
+            .split_once('/')?;
+        let digits = |t: &str, n: usize| t.len() == n && t.bytes().all(|b| b.is_ascii_digit());
+        if !digits(start, 20) || !digits(peer, 10) {
+            return None;
+        }
+        Some(SessionId {
+            start_ns: start.parse().ok()?,
+            peer: peer.parse().ok()?,
+        })
+    }
+}
+
+impl TryFrom<String> for SessionId {
+    type Error = ValidationError;
+    fn try_from(s: String) -> Result<SessionId, ValidationError> {
+        SessionId::from_key(&s).map_or_else(|| SessionId::parse("id", &s), Ok)
+    }
+}
+
+impl From<SessionId> for String {
+    fn from(id: SessionId) -> String {
+        id.to_string()
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}-{:08x}", self.start_ns, self.peer)
+    }
+}
+
+impl fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SessionId({self})")
+    }
+}
+
 /// A WireGuard (x25519) public key.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -560,6 +677,83 @@ pub struct AuditRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn session_ids_are_the_store_key_in_url_safe_form_one_to_one() {
+        let id = SessionId {
+            start_ns: 1_765_073_784_123_456_789,
+            peer: 42,
+        };
+        let text = id.to_string();
+        assert_eq!(text, "187ecd4141087d15-0000002a");
+        assert_eq!(SessionId::parse("connection", &text), Ok(id));
+        assert_eq!(id.key(), "session/01765073784123456789/0000000042");
+        assert_eq!(SessionId::from_key(&id.key()), Some(id));
+        for extreme in [
+            SessionId {
+                start_ns: 0,
+                peer: 0,
+            },
+            SessionId {
+                start_ns: u64::MAX,
+                peer: u32::MAX,
+            },
+        ] {
+            let t = extreme.to_string();
+            assert_eq!(t.len(), 25);
+            assert_eq!(SessionId::parse("connection", &t), Ok(extreme));
+            assert_eq!(SessionId::from_key(&extreme.key()), Some(extreme));
+        }
+        // Ids sort like keys: by start.
+        let later = SessionId {
+            start_ns: id.start_ns + 1,
+            peer: 1,
+        };
+        assert!(id.to_string() < later.to_string() && id.key() < later.key());
+        // Only the canonical form parses, naming the field.
+        for bad in [
+            "",
+            "187ECD4141087D15-0000002A",
+            "187ecd4141087d15_0000002a",
+            "187ecd4141087d15-2a",
+            "87ecd4141087d15-0000002a",
+            "187ecd4141087d15-0000002a-",
+            "187ecd4141087d1g-0000002a",
+            "+87ecd4141087d15-0000002a",
+            "session/01765073784123456789/0000000042",
+            "187ecd4141087d15-0000002a0",
+        ] {
+            let e = SessionId::parse("connection", bad).unwrap_err();
+            assert_eq!(e.field(), "connection");
+            assert!(
+                e.to_string()
+                    .starts_with("connection: invalid connection id"),
+                "{e}"
+            );
+        }
+        for bad in ["session/1/2", "session/01765073784123456789/42", "auth/1/2"] {
+            assert_eq!(SessionId::from_key(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn session_ids_serialise_as_ids_and_read_stored_keys_too() {
+        let id = SessionId {
+            start_ns: 5,
+            peer: 7,
+        };
+        assert_eq!(
+            serde_json::to_string(&id).unwrap(),
+            "\"0000000000000005-00000007\""
+        );
+        for stored in [
+            "\"0000000000000005-00000007\"",
+            "\"session/00000000000000000005/0000000007\"",
+        ] {
+            assert_eq!(serde_json::from_str::<SessionId>(stored).unwrap(), id);
+        }
+        assert!(serde_json::from_str::<SessionId>("\"session/5/7\"").is_err());
+    }
 
     #[test]
     fn names_are_validated_naming_the_field() {

@@ -15,7 +15,8 @@
 //! | [`users`] | adding and removing users |
 //! | [`tokens`] | API tokens and authentication |
 //! | [`access`] | where the TCP API listens (`api enable/disable/status`) |
-//! | [`monitor`] | stats, connections, kick |
+//! | [`live`] | the open session (its id) of each connected device: written by `history`, read by `monitor` |
+//! | [`monitor`] | stats, connections, kick (of a user, or of one connection by its id) |
 //! | [`lists`], [`geo`] | named blocklists; geo policies as source lists |
 //! | [`templates`] | quota templates and configuration templates |
 //! | [`policy_file`] | the declarative policy file: apply, diff, export |
@@ -38,6 +39,7 @@ pub mod geo;
 pub mod health;
 pub mod history;
 pub mod lists;
+pub mod live;
 pub mod monitor;
 pub mod policy;
 pub mod policy_file;
@@ -130,6 +132,7 @@ impl Service {
             devices.clone(),
         ));
         let lists = Arc::new(lists::Lists::new(core.clone()));
+        let live = Arc::new(live::LiveSessions::default());
         let svc = Service {
             tokens: Arc::new(tokens::Tokens::new(core.clone())),
             access: Arc::new(access::Access::new(core.clone())),
@@ -137,6 +140,7 @@ impl Service {
                 core.clone(),
                 directory.clone(),
                 policy.clone(),
+                live.clone(),
             )),
             geo: Arc::new(geo::Geo::new(core.clone(), lists.clone())),
             templates: Arc::new(templates::Templates::new(
@@ -150,7 +154,7 @@ impl Service {
                 users.clone(),
                 devices.clone(),
             )),
-            history: Arc::new(history::History::new(core.clone(), directory.clone())),
+            history: Arc::new(history::History::new(core.clone(), directory.clone(), live)),
             backup: Arc::new(backup::Backup::new(core.clone())),
             health: Arc::new(health::Health::new(core.clone(), directory.clone())),
             lists,

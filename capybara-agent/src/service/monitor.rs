@@ -1,5 +1,20 @@
 //! Monitoring and control: counters per device and user from the kernel maps (exact), the
-//! tunnel's live sessions, and kicking a user off.
+//! tunnel's live sessions, and kicking a user off, or one device's session by its id.
+//!
+//! ## Connection ids
+//! A live connection's id is the id of its open session in the history ([`SessionId`], see
+//! `service::live`): the same id `capybara history` keeps for it after it ends. Every device
+//! the tunnel knows is listed; one with no open session (never handshaked, its session ended,
+//! or a handshake a few milliseconds old whose session the recorder has not written yet) has
+//! no id and cannot be kicked by one.
+//!
+//! ## Kick
+//! A kick holds the device at the admission gate as `kicked` and tears its tunnel session
+//! down; the tunnel reports the disconnect and the history closes the session with reason
+//! `kicked`. Kicking a user does so for each of its devices; kicking a connection for that
+//! device only (its user's other devices stay connected). A kick is not a ban: the device's
+//! next completed handshake admits it again, as a new session with a new id
+//! ([`Monitor::on_handshake`]).
 
 use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 
@@ -10,7 +25,9 @@ use super::{
     ServiceError,
     core::{Core, to_json},
     directory::Directory,
-    domain::{Actor, Peer, PublicKey, UserName, unix_secs},
+    domain::{Actor, Peer, PublicKey, SessionId, UserName, unix_secs},
+    error::not_found,
+    live::LiveSessions,
     policy::Policy,
 };
 use crate::{dataplane::Gate, store::Batch};
@@ -89,6 +106,9 @@ pub struct Stats {
 /// A live (or configured) session of a device.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Connection {
+    /// The id of its open session (the session's id in the history); `None` when the device
+    /// has no open session (see the module docs).
+    pub id: Option<SessionId>,
     /// The device.
     pub peer: Peer,
     /// Where it connects from.
@@ -107,12 +127,23 @@ pub struct Monitor {
     core: Arc<Core>,
     dir: Arc<Directory>,
     policy: Arc<Policy>,
+    live: Arc<LiveSessions>,
 }
 
 impl Monitor {
-    /// The feature over the shared core, directory and policy.
-    pub fn new(core: Arc<Core>, dir: Arc<Directory>, policy: Arc<Policy>) -> Monitor {
-        Monitor { core, dir, policy }
+    /// The feature over the shared core, directory, policy and open sessions.
+    pub fn new(
+        core: Arc<Core>,
+        dir: Arc<Directory>,
+        policy: Arc<Policy>,
+        live: Arc<LiveSessions>,
+    ) -> Monitor {
+        Monitor {
+            core,
+            dir,
+            policy,
+            live,
+        }
     }
 
     /// One page of [`Monitor::stats`] for every user: the counters of every device of up to
@@ -158,7 +189,8 @@ impl Monitor {
         self.stats_of(peers)
     }
 
-    /// Every device the tunnel reports, with its endpoint and latest handshake.
+    /// Every device the tunnel reports, with its open session's id, endpoint and latest
+    /// handshake.
     pub fn connections(&self) -> Result<Vec<Connection>, ServiceError> {
         let mut out: Vec<Connection> = self
             .core
@@ -166,8 +198,10 @@ impl Monitor {
             .peers()
             .into_iter()
             .filter_map(|s| {
+                let peer = self.dir.peer_by_key(&s.key)?;
                 Some(Connection {
-                    peer: self.dir.peer_by_key(&s.key)?,
+                    id: self.live.of_peer(peer.id, &peer.public_key),
+                    peer,
                     endpoint: s.endpoint.map(|e| e.to_string()),
                     last_handshake: s.last_handshake.map(unix_secs),
                     rx_bytes: s.rx_bytes,
@@ -204,6 +238,44 @@ impl Monitor {
         )?;
         self.core.commit(batch)?;
         Ok(peers)
+    }
+
+    /// Ends the open session `id` now (that device only): the device is held at the gate as
+    /// kicked and its tunnel session torn down, like [`Monitor::kick`] does for each device of
+    /// a user. `only`: the user the caller's token is restricted to; a session of another
+    /// user is then `NotFound`, as to such a token other users' connections do not exist.
+    /// Audited as `connection.kick` of the device (`peer:<user>/<device>`, so `history audit
+    /// --user` finds it), the id and device in its `after`.
+    pub fn kick_connection(
+        &self,
+        actor: &Actor,
+        id: SessionId,
+        only: Option<&UserName>,
+    ) -> Result<Peer, ServiceError> {
+        let _w = self.core.writer.lock().unwrap();
+        let gone = || not_found("connection", id);
+        let key = self.live.key_of(id).ok_or_else(gone)?;
+        let peer = self
+            .dir
+            .peer_by_key(&key)
+            .filter(|p| p.id == id.peer && only.is_none_or(|u| *u == p.user))
+            .ok_or_else(gone)?;
+        self.core
+            .plane
+            .set_gate(peer.id, Gate::Held(DropReason::GateKicked))?;
+        self.core.tunnel.kick(&peer.public_key)?;
+        self.policy.forget_online(std::slice::from_ref(&peer));
+        let mut batch = Batch::default();
+        self.core.audit(
+            &mut batch,
+            actor,
+            "connection.kick",
+            format!("peer:{}/{}", peer.user, peer.device),
+            None,
+            to_json(&serde_json::json!({ "connection": id, "peer": &peer })),
+        )?;
+        self.core.commit(batch)?;
+        Ok(peer)
     }
 
     /// The tunnel saw a completed handshake of `key`: the device passes the gate again (a

@@ -796,3 +796,216 @@ fn connections_join_tunnel_status_with_devices() {
     assert_eq!(c[0].last_handshake, Some(unix_secs(t)));
     assert_eq!(c[0].peer.user.as_str(), "alice");
 }
+
+/// alice with two devices (`default`, `phone`) and bob with one, each with an open session
+/// (recorded as the daemon's recorder does from the tunnel's reports).
+fn three_connected(f: &Fixture) -> (history::Recorder, [domain::Peer; 3]) {
+    let (_, a) = f.svc.users.add_user(&root(), new_user("alice")).unwrap();
+    let phone = f
+        .svc
+        .devices
+        .add_device(
+            &root(),
+            &u("alice"),
+            &DeviceName::parse("d", "phone").unwrap(),
+        )
+        .unwrap();
+    let (_, b) = f.svc.users.add_user(&root(), new_user("bob")).unwrap();
+    let mut rec = history::Recorder::start(f.svc.history.clone(), SystemTime::now()).unwrap();
+    let peers = [a.peer, phone.peer, b.peer];
+    for (i, p) in peers.iter().enumerate() {
+        f.tunnel.with_peer(&p.public_key, |t| {
+            t.status.last_handshake = Some(SystemTime::now());
+        });
+        rec.on_event(SessionEvent::Connected {
+            key: p.public_key,
+            endpoint: format!("192.0.2.{}:4000", i + 1).parse().unwrap(),
+            at: SystemTime::now(),
+        })
+        .unwrap();
+    }
+    (rec, peers)
+}
+
+/// The connection id of device `p`, from `connections`.
+fn connection_id(f: &Fixture, p: &domain::Peer) -> Option<domain::SessionId> {
+    f.svc
+        .monitor
+        .connections()
+        .unwrap()
+        .into_iter()
+        .find(|c| c.peer.id == p.id)
+        .expect("listed")
+        .id
+}
+
+#[test]
+fn connections_carry_their_open_sessions_id_and_a_device_without_one_has_none() {
+    let f = fixture(false);
+    let (_, lone) = f.svc.users.add_user(&root(), new_user("carol")).unwrap();
+    let (_, [a, phone, b]) = three_connected(&f);
+    let open = f
+        .svc
+        .history
+        .history(&HistoryQuery::default())
+        .unwrap()
+        .sessions;
+    assert_eq!(open.len(), 3);
+    for p in [&a, &phone, &b] {
+        let id = connection_id(&f, p).expect("an open session's id");
+        let s = open.iter().find(|s| s.peer_id == p.id).unwrap();
+        assert_eq!(
+            s.id, id,
+            "the connection id is the session's id in the history"
+        );
+        assert_eq!(id.peer, p.id);
+    }
+    // Never handshaked: listed, no id.
+    assert_eq!(connection_id(&f, &lone.peer), None);
+}
+
+#[test]
+fn kicking_one_connection_ends_that_device_only_and_its_session_as_kicked() {
+    let f = fixture(false);
+    let (mut rec, [a, phone, b]) = three_connected(&f);
+    let id = connection_id(&f, &a).unwrap();
+    let gates_before = f.plane.state().gates;
+    let kicked = f.svc.monitor.kick_connection(&root(), id, None).unwrap();
+    assert_eq!(kicked, a);
+    let gates = f.plane.state().gates;
+    assert_eq!(gates[&a.id], Gate::Held(DropReason::GateKicked));
+    for other in [&phone, &b] {
+        assert_eq!(
+            gates.get(&other.id),
+            gates_before.get(&other.id),
+            "{}/{} untouched",
+            other.user,
+            other.device
+        );
+    }
+    let tunnel = f.tunnel.state();
+    assert_eq!(tunnel[&a.public_key].kicks, 1);
+    assert_eq!(
+        tunnel[&phone.public_key].kicks, 0,
+        "alice's other device stays"
+    );
+    assert_eq!(tunnel[&b.public_key].kicks, 0);
+    let audit = &f.svc.core.audit_records(None, 1).unwrap()[0];
+    assert_eq!(
+        (audit.action.as_str(), audit.target.as_str()),
+        ("connection.kick", "peer:alice/default")
+    );
+    assert_eq!(
+        audit.after.as_ref().unwrap()["connection"],
+        id.to_string().as_str()
+    );
+    assert!(
+        f.svc
+            .core
+            .audit_records(Some(&u("alice")), 10)
+            .unwrap()
+            .iter()
+            .any(|r| r.action == "connection.kick"),
+        "`history audit --user alice` finds it"
+    );
+    // The tunnel reports the kick; the session closes as kicked, under the same id.
+    rec.on_event(SessionEvent::Disconnected {
+        key: a.public_key,
+        reason: EndReason::Kicked,
+        at: SystemTime::now(),
+    })
+    .unwrap();
+    let h = f
+        .svc
+        .history
+        .history(&HistoryQuery {
+            user: Some(u("alice")),
+            ..HistoryQuery::default()
+        })
+        .unwrap();
+    let s = h.sessions.iter().find(|s| s.id == id).expect("same id");
+    assert_eq!(s.reason, Some(EndReason::Kicked));
+    assert!(s.end.is_some());
+    assert_eq!(connection_id(&f, &a), None, "no open session, no id");
+    assert!(connection_id(&f, &phone).is_some());
+    // Closed now: not found, naming it; nothing more happens.
+    let e = f
+        .svc
+        .monitor
+        .kick_connection(&root(), id, None)
+        .unwrap_err();
+    assert!(
+        matches!(&e, ServiceError::NotFound { what: "connection", name } if *name == id.to_string()),
+        "{e}"
+    );
+    assert_eq!(f.tunnel.state()[&a.public_key].kicks, 1);
+    // A new handshake is a new session with a new id.
+    f.svc.monitor.on_handshake(&a.public_key).unwrap();
+    rec.on_event(SessionEvent::Connected {
+        key: a.public_key,
+        endpoint: "192.0.2.1:4001".parse().unwrap(),
+        at: SystemTime::now(),
+    })
+    .unwrap();
+    let again = connection_id(&f, &a).unwrap();
+    assert_ne!(again, id);
+    assert_eq!(f.plane.state().gates[&a.id], Gate::Admitted { until: None });
+}
+
+#[test]
+fn kick_by_connection_refuses_unknown_ids_and_other_users_to_a_restricted_caller() {
+    let f = fixture(false);
+    let (_rec, [a, phone, b]) = three_connected(&f);
+    let audit_before = f.svc.core.audit_records(None, 100).unwrap().len();
+    let unchanged = |f: &Fixture| {
+        let t = f.tunnel.state();
+        assert!(
+            [&a, &phone, &b].iter().all(|p| t[&p.public_key].kicks == 0),
+            "nothing kicked"
+        );
+        assert_eq!(
+            f.svc.core.audit_records(None, 100).unwrap().len(),
+            audit_before
+        );
+    };
+    let not_found = |r: Result<domain::Peer, ServiceError>, id: domain::SessionId| {
+        let e = r.unwrap_err();
+        assert!(
+            matches!(&e, ServiceError::NotFound { what: "connection", name } if *name == id.to_string()),
+            "{e}"
+        );
+        assert_eq!(e.to_string(), format!("connection \"{id}\" not found"));
+    };
+    // Well-formed ids of no open session: another start, another peer id.
+    let id = connection_id(&f, &a).unwrap();
+    for unknown in [
+        domain::SessionId {
+            start_ns: id.start_ns + 1,
+            ..id
+        },
+        domain::SessionId { peer: 999, ..id },
+        domain::SessionId {
+            peer: phone.id,
+            ..id
+        },
+    ] {
+        not_found(
+            f.svc.monitor.kick_connection(&root(), unknown, None),
+            unknown,
+        );
+    }
+    unchanged(&f);
+    // A caller restricted to bob: alice's connection does not exist for it.
+    not_found(
+        f.svc.monitor.kick_connection(&root(), id, Some(&u("bob"))),
+        id,
+    );
+    unchanged(&f);
+    // Restricted to alice: hers it may kick.
+    let kicked = f
+        .svc
+        .monitor
+        .kick_connection(&root(), id, Some(&u("alice")))
+        .unwrap();
+    assert_eq!(kicked, a);
+}

@@ -32,7 +32,6 @@
 
 pub mod agent_load;
 pub mod api_load;
-pub mod rest;
 pub mod auth_flood;
 pub mod flood;
 pub mod floor;
@@ -41,6 +40,7 @@ pub mod guard;
 pub mod pipeline;
 pub mod policy;
 pub mod report;
+pub mod rest;
 pub mod throttle;
 pub mod tunnel;
 pub mod vs_enforcement;

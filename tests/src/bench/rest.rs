@@ -83,12 +83,20 @@ async fn grpc_call(c: &Client, kind: usize, user: &str) -> Timed {
 
 async fn rest_call(r: &Rest, kind: usize, user: &str) -> Timed {
     let (method, path, body) = match kind {
-        0 => ("POST", "/api/v1/users".to_owned(), Some(format!(r#"{{"name":"{user}"}}"#))),
+        0 => (
+            "POST",
+            "/api/v1/users".to_owned(),
+            Some(format!(r#"{{"name":"{user}"}}"#)),
+        ),
         1 => ("GET", format!("/api/v1/users/{user}"), None),
         2 => ("GET", format!("/api/v1/stats?user={user}"), None),
         3 => ("GET", "/api/v1/connections".to_owned(), None),
         4 => ("GET", "/api/v1/audit?pageSize=20".to_owned(), None),
-        5 => ("POST", format!("/api/v1/users/{user}/kick"), Some("{}".to_owned())),
+        5 => (
+            "POST",
+            format!("/api/v1/users/{user}/kick"),
+            Some("{}".to_owned()),
+        ),
         _ => ("DELETE", format!("/api/v1/users/{user}"), None),
     };
     let t = Instant::now();
@@ -107,11 +115,7 @@ async fn run_async() -> Result<Vec<Figure>> {
         Arc::new(Store::open(&dir.path().join("data"))?),
         Arc::new(MemoryPlane::default()),
         Arc::new(MemoryTunnel::default()),
-        ServiceConfig::for_tests(
-            "10.201.0.1/16",
-            "fd00:201::1/64",
-            "192.0.2.1:51820",
-        ),
+        ServiceConfig::for_tests("10.201.0.1/16", "fd00:201::1/64", "192.0.2.1:51820"),
     )?);
     let (_, token) = svc.tokens.create_token(
         &Actor::Local { uid: 0 },
@@ -133,8 +137,12 @@ async fn run_async() -> Result<Vec<Figure>> {
     let rest = Rest::new(addr, Some(&token));
     // Warm both (connections, caches) before the clock.
     for kind in [0, 1, 6] {
-        grpc_call(&grpc, kind, "warm-g").await.map_err(anyhow::Error::msg)?;
-        rest_call(&rest, kind, "warm-r").await.map_err(anyhow::Error::msg)?;
+        grpc_call(&grpc, kind, "warm-g")
+            .await
+            .map_err(anyhow::Error::msg)?;
+        rest_call(&rest, kind, "warm-r")
+            .await
+            .map_err(anyhow::Error::msg)?;
     }
     progress!("rest_vs_grpc: {ROUNDS} rounds of 7 calls over each protocol");
     let (mut g, mut r) = (Vec::new(), Vec::new());
@@ -143,7 +151,11 @@ async fn run_async() -> Result<Vec<Figure>> {
     for round in 0..ROUNDS {
         for kind in 0..7 {
             // Alternate which protocol goes first, so neither always follows the other.
-            let order = if (round + kind) % 2 == 0 { [true, false] } else { [false, true] };
+            let order = if (round + kind) % 2 == 0 {
+                [true, false]
+            } else {
+                [false, true]
+            };
             for is_rest in order {
                 let result = if is_rest {
                     rest_call(&rest, kind, &format!("r{round}")).await

@@ -9,7 +9,7 @@
 //! | reason | when |
 //! |---|---|
 //! | `idle` | no handshake and no authenticated packet for the disconnect timeout (`--disconnect-timeout`, default 180 s); the end is when the tunnel noticed |
-//! | `kicked` | `capybara kick USER` ended it |
+//! | `kicked` | `capybara kick USER` (every device of the user) or `capybara kick --connection ID` (that device) ended it |
 //! | `removed` | the device or its user was removed |
 //! | `agent-stopped` | the agent stopped with the session open (closed at shutdown), or was killed (closed by the next start, see below) |
 //!
@@ -61,6 +61,16 @@
 //! as JSON: ≈ 36 KB a minute, ≈ 52 MB a day, before RocksDB's compression), measured by
 //! `cargo xtask bench` (`auth_flood_store_bytes_per_min`).
 //!
+//! ## Ids
+//! A session's id ([`SessionId`]) is its store key in URL-safe form: `<start ns as 16 hex
+//! digits>-<peer id as 8>`, one to one with the key and converted in O(1) either way (no table
+//! to keep in step). While the session is open it is its **connection's id**: the recorder
+//! enters it in the shared table of open sessions ([`LiveSessions`]) when it writes the opening
+//! record and takes it out when it writes the close, and `capybara connections` /
+//! `ListConnections` show it, `Kick` takes it. The same id is in `history show`, `search` and
+//! `export` (`Session.id` in the API). Records written before ids existed hold the key in `id`;
+//! they read back as the same id.
+//!
 //! ## Keys and retention
 //! Sessions are `session/<start ns>/<peer id>` and auth attempts `auth/<ns>/<n>` in the
 //! `sessions` family (see `store::keys`): time-ordered, so pruning is a scan of the oldest.
@@ -97,7 +107,8 @@ use super::{
     ServiceError,
     core::{Core, now, to_json},
     directory::Directory,
-    domain::{Actor, PublicKey, UserName, ValidationError},
+    domain::{Actor, PublicKey, SessionId, UserName, ValidationError},
+    live::LiveSessions,
     monitor::Traffic,
 };
 use crate::{
@@ -198,8 +209,9 @@ impl Counters {
 /// One recorded session.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Session {
-    /// Its key in the store (`session/<start ns>/<peer id>`).
-    pub id: String,
+    /// Its id (the connection id `capybara connections` showed while it was open); its store
+    /// key is [`SessionId::key`].
+    pub id: SessionId,
     /// The user (a name: the user may since have been removed).
     pub user: String,
     /// The device.
@@ -512,12 +524,14 @@ impl Session {
 pub struct History {
     core: Arc<Core>,
     dir: Arc<Directory>,
+    live: Arc<LiveSessions>,
 }
 
 impl History {
-    /// The feature over the shared core and directory.
-    pub fn new(core: Arc<Core>, dir: Arc<Directory>) -> History {
-        History { core, dir }
+    /// The feature over the shared core and directory; it keeps `live` (each device's open
+    /// session) up to date as sessions open and close.
+    pub fn new(core: Arc<Core>, dir: Arc<Directory>, live: Arc<LiveSessions>) -> History {
+        History { core, dir, live }
     }
 
     /// The kernel counters of peer `id`.
@@ -548,7 +562,10 @@ impl History {
         let base = self.counters(peer.id)?;
         let start = secs(at);
         let s = Session {
-            id: keys::session(unix_nanos(at), peer.id),
+            id: SessionId {
+                start_ns: unix_nanos(at),
+                peer: peer.id,
+            },
             user: peer.user.to_string(),
             device: peer.device.to_string(),
             peer_id: peer.id,
@@ -565,7 +582,8 @@ impl History {
             reason: None,
         };
         let s = StoredSession { session: s, base };
-        self.core.store.put(Cf::Sessions, &s.session.id, &s)?;
+        self.core.store.put(Cf::Sessions, &s.session.id.key(), &s)?;
+        self.live.opened(s.session.id, peer.public_key);
         Ok(Some(s))
     }
 
@@ -580,7 +598,9 @@ impl History {
             at: secs(at),
             endpoint: to,
         });
-        self.core.store.put(Cf::Sessions, &s.session.id, &*s)?;
+        self.core
+            .store
+            .put(Cf::Sessions, &s.session.id.key(), &*s)?;
         Ok(())
     }
 
@@ -596,7 +616,10 @@ impl History {
         s2.traffic = self.counters(s2.peer_id)?.since(base);
         s2.end = Some(secs(at).max(s2.start));
         s2.reason = Some(reason);
-        self.core.store.put(Cf::Sessions, &s.session.id, &*s)?;
+        self.core
+            .store
+            .put(Cf::Sessions, &s.session.id.key(), &*s)?;
+        self.live.closed(s.session.id);
         Ok(())
     }
 
@@ -688,7 +711,8 @@ impl History {
                 let x = &mut s.session;
                 x.end = Some(secs(at).max(x.start));
                 x.reason = Some(EndReason::AgentStopped);
-                self.core.store.put(Cf::Sessions, &s.session.id, &s)?;
+                self.core.store.put(Cf::Sessions, &s.session.id.key(), &s)?;
+                self.live.closed(s.session.id);
             }
         }
         Ok(stale.len())

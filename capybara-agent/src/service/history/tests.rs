@@ -426,7 +426,7 @@ fn clear_removes_only_closed_old_records_audits_and_refuses_zero() {
 fn stored_session(start_ns: u64, peer: u32, end: Option<u64>) -> StoredSession {
     StoredSession {
         session: Session {
-            id: keys::session(start_ns, peer),
+            id: SessionId { start_ns, peer },
             user: "alice".into(),
             device: "laptop".into(),
             peer_id: peer,
@@ -465,16 +465,16 @@ fn fill(f: &Fixture, n: u64, old: u64, new: u64) {
     for i in 0..n {
         let ns = old * 1_000_000_000 + i;
         let s = stored_session(ns, 7, Some(old + 1));
-        b.put(Cf::Sessions, &s.session.id, &s).unwrap();
+        b.put(Cf::Sessions, &s.session.id.key(), &s).unwrap();
         b.put(Cf::Sessions, &keys::auth_attempt(ns, 0), &auth_at(old))
             .unwrap();
     }
     let open = stored_session(old * 1_000_000_000 + n, 8, None);
-    b.put(Cf::Sessions, &open.session.id, &open).unwrap();
+    b.put(Cf::Sessions, &open.session.id.key(), &open).unwrap();
     for i in 0..3 {
         let ns = new * 1_000_000_000 + i;
         let s = stored_session(ns, 9, Some(new + 1));
-        b.put(Cf::Sessions, &s.session.id, &s).unwrap();
+        b.put(Cf::Sessions, &s.session.id.key(), &s).unwrap();
         b.put(Cf::Sessions, &keys::auth_attempt(ns, 0), &auth_at(new))
             .unwrap();
     }
@@ -567,7 +567,7 @@ fn pages_cover_every_record_exactly_once_and_their_size_is_capped() {
     assert_eq!(pages, 3, "5000 is capped at {MAX_PAGE_SIZE}");
     assert_eq!(auth as u64, n + 3);
     assert_eq!(sessions.len() as u64, total);
-    let mut ids: Vec<&String> = sessions.iter().map(|(_, id)| id).collect();
+    let mut ids: Vec<&SessionId> = sessions.iter().map(|(_, id)| id).collect();
     assert!(sessions.windows(2).all(|w| w[0].1 > w[1].1), "newest first");
     ids.dedup();
     assert_eq!(ids.len() as u64, total, "no session twice");

@@ -1,0 +1,55 @@
+//! The open sessions by device: which session (its [`SessionId`]) each connected device has
+//! now. The history recorder writes it as it opens and closes sessions (`service::history`);
+//! `monitor` reads it to give each live connection its id and to find the device a connection
+//! id names when it is kicked.
+//!
+//! A device gets its id a few milliseconds after its handshake (when the recorder has written
+//! the session's record), so a connection listed in that moment has no id yet; a device known
+//! to the tunnel that never completed a handshake (or whose session ended) has none.
+
+use std::{collections::HashMap, sync::Mutex};
+
+use capybara_common::peer::PeerId;
+
+use super::domain::{PublicKey, SessionId};
+
+/// The open session of each connected device, by dataplane peer id.
+#[derive(Debug, Default)]
+pub struct LiveSessions {
+    open: Mutex<HashMap<PeerId, (SessionId, PublicKey)>>,
+}
+
+impl LiveSessions {
+    /// A session of the device with `key` opened.
+    pub fn opened(&self, id: SessionId, key: PublicKey) {
+        self.open.lock().unwrap().insert(id.peer, (id, key));
+    }
+
+    /// Session `id` closed (a later session of the same device is left alone).
+    pub fn closed(&self, id: SessionId) {
+        let mut open = self.open.lock().unwrap();
+        if open.get(&id.peer).is_some_and(|(o, _)| *o == id) {
+            open.remove(&id.peer);
+        }
+    }
+
+    /// The open session of peer `peer`, if the device there has key `key`.
+    pub fn of_peer(&self, peer: PeerId, key: &PublicKey) -> Option<SessionId> {
+        self.open
+            .lock()
+            .unwrap()
+            .get(&peer)
+            .filter(|(_, k)| k == key)
+            .map(|(id, _)| *id)
+    }
+
+    /// The key of the device whose open session is `id`; `None` if that session is not open.
+    pub fn key_of(&self, id: SessionId) -> Option<PublicKey> {
+        self.open
+            .lock()
+            .unwrap()
+            .get(&id.peer)
+            .filter(|(o, _)| *o == id)
+            .map(|(_, k)| *k)
+    }
+}
