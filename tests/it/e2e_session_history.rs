@@ -537,12 +537,35 @@ fn kicking_one_connection_by_id_stops_its_traffic_within_a_second_and_spares_the
     let alice_pings = PingLog::start(&lab.client, server, INTERVAL, Duration::from_secs(6));
     let bob_pings = PingLog::start(&bob_ns, server, INTERVAL, Duration::from_secs(6));
     std::thread::sleep(Duration::from_millis(1500));
+    // The kick goes over the REST mirror, as an integration would make it: the TCP API
+    // enabled in the agent's namespace, a write token, `POST /api/v1/connections/{id}/kick`
+    // with curl (`capybara kick --connection` is the same gRPC call: `api_connections`).
+    lab.capybara(&["api", "enable", "--listen", "127.0.0.1:7443"]);
+    let token = lab.capybara(&["api", "token", "create", "--scope", "write"]);
+    let auth = format!("Authorization: Bearer {}", token.trim());
+    let url = format!("http://127.0.0.1:7443/api/v1/connections/{id}/kick");
     let kick_at = unix_f64(SystemTime::now());
-    let out = lab.capybara(&["kick", "--connection", &id]);
-    assert_eq!(
-        out.trim(),
-        format!("kicked connection {id} (alice/default)")
-    );
+    let out = lab.server.exec(&[
+        "curl",
+        "-sS",
+        "-w",
+        "\n%{http_code}",
+        "-X",
+        "POST",
+        "-H",
+        &auth,
+        "-H",
+        "content-type: application/json",
+        "-d",
+        "{}",
+        &url,
+    ]);
+    let (body, code) = out.trim().rsplit_once('\n').expect("curl's status line");
+    assert_eq!(code, "200", "{out}");
+    let body: serde_json::Value = serde_json::from_str(body).expect("JSON");
+    assert_eq!(body["kicked"][0]["user"], "alice", "{body}");
+    assert_eq!(body["kicked"][0]["device"], "default", "{body}");
+    assert_eq!(body["kicked"].as_array().map(Vec::len), Some(1), "{body}");
     let (alice, bob) = (alice_pings.replies(), bob_pings.replies());
 
     let before = alice.iter().filter(|t| **t < kick_at).count();
