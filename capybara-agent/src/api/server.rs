@@ -255,6 +255,7 @@ pub async fn run(
     loop {
         tokio::select! {
             () = &mut shutdown, if !*stop.borrow() => {
+                svc.live.stop(); // ends live watches, which would hold up the drain
                 let _ = stop.send(true);
             }
             done = servers.join_next() => match done {

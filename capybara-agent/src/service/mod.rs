@@ -15,6 +15,7 @@
 //! | [`users`] | adding and removing users |
 //! | [`tokens`] | API tokens and authentication |
 //! | [`monitor`] | stats, connections, kick |
+//! | [`live`] | live monitoring: the shared once-a-second sampler, rates, each watcher's view |
 //! | [`lists`], [`geo`] | named blocklists; geo policies as source lists |
 //! | [`templates`] | quota templates and configuration templates |
 //! | [`policy_file`] | the declarative policy file: apply, diff, export |
@@ -36,6 +37,7 @@ pub mod geo;
 pub mod health;
 pub mod history;
 pub mod lists;
+pub mod live;
 pub mod monitor;
 pub mod policy;
 pub mod policy_file;
@@ -85,6 +87,8 @@ pub struct Service {
     pub tokens: Arc<tokens::Tokens>,
     /// Stats, connections, kick.
     pub monitor: Arc<monitor::Monitor>,
+    /// Live monitoring (the shared sampler).
+    pub live: Arc<live::Live>,
     /// Named blocklists.
     pub lists: Arc<lists::Lists>,
     /// Geo policies.
@@ -133,6 +137,7 @@ impl Service {
                 directory.clone(),
                 policy.clone(),
             )),
+            live: Arc::new(live::Live::new(core.clone(), directory.clone())),
             geo: Arc::new(geo::Geo::new(core.clone(), lists.clone())),
             templates: Arc::new(templates::Templates::new(
                 core.clone(),
