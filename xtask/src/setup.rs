@@ -36,6 +36,8 @@ pub const PACKAGES: &[&str] = &[
     "iptables",
     "iproute2",
     "iputils-ping",
+    // `e2e_live` drives `capybara top` in a real terminal.
+    "tmux",
     "protobuf-compiler",
     "libclang-dev",
     "librocksdb-dev",

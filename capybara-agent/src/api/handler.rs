@@ -7,7 +7,7 @@
 //! A token made with `--user alice` passes [`Api::auth`] for nothing (`PERMISSION_DENIED`,
 //! naming its user): only calls about one user that check it with [`Api::auth_user`] admit it,
 //! and only for alice — `GetUser`, `ListPeers` with `user`, `AddPeer`, `RemovePeer`,
-//! `UserConfig`, `GetStats` with `user` and `Kick` (within the token's scope). Everything else (listing
+//! `UserConfig`, `GetStats` and `WatchStats` with `user`, and `Kick` (within the token's scope). Everything else (listing
 //! users or connections, another user, account changes such as `AddUser`, `RemoveUser`,
 //! `ExpireUser`, `RenewUser`, tokens, policy, lists) is refused, so a call added later is
 //! closed to such tokens until it opts in. Health and reflection stay open to every valid

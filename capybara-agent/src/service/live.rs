@@ -535,6 +535,11 @@ impl Live {
         }
     }
 
+    /// Whether a sampler runs (someone watches, or the last watcher left less than a tick ago).
+    pub fn sampling(&self) -> bool {
+        self.sampler.lock().unwrap().strong_count() > 0
+    }
+
     /// Ends every watch, now and later (the API is shutting down).
     pub fn stop(&self) {
         self.stop.send_replace(true);
