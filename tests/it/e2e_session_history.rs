@@ -59,23 +59,24 @@ use serde_json::Value;
 const PORT: u16 = 51820;
 const WAIT: Duration = Duration::from_secs(10);
 
-/// The server side: namespace, veth to the client namespace, the agent's files.
-struct Lab {
+/// The server side: namespace, veth to the client namespace, the agent's files (also used by
+/// `e2e_live`).
+pub(crate) struct Lab {
     bin: PathBuf,
-    cli: PathBuf,
+    pub(crate) cli: PathBuf,
     pins: BpffsDir,
     tmp: tempfile::TempDir,
-    server: NetNs,
-    client: NetNs,
+    pub(crate) server: NetNs,
+    pub(crate) client: NetNs,
     veth: VethPair,
     tunnel: String,
     /// `10.<net>.0.1`: the server's tunnel address.
-    server_v4: Ipv4Addr,
+    pub(crate) server_v4: Ipv4Addr,
     net: u8,
 }
 
 impl Lab {
-    fn new(veth_net: u8, tunnel_net: u8) -> Lab {
+    pub(crate) fn new(veth_net: u8, tunnel_net: u8) -> Lab {
         let bin = agent_crate_binary("capybara-agent");
         let cli = agent_crate_binary("capybara");
         let server = NetNs::new("hs");
@@ -95,13 +96,13 @@ impl Lab {
         }
     }
 
-    fn socket(&self) -> PathBuf {
+    pub(crate) fn socket(&self) -> PathBuf {
         self.tmp.path().join("run/agent.sock")
     }
 
     /// Starts the agent (run `run`), waiting for "ready"; the pid belongs to the namespace
     /// guard (killed on drop).
-    fn start_agent(&self, run: u32, extra: &[&str]) -> u32 {
+    pub(crate) fn start_agent(&self, run: u32, extra: &[&str]) -> u32 {
         let log = self.tmp.path().join(format!("agent-{run}.log"));
         let data = self.tmp.path().join("data");
         let uapi = self.tmp.path().join("wg");
@@ -129,12 +130,12 @@ impl Lab {
         agent_proc::start_agent(&self.server, cmd, &log, Duration::from_secs(30))
     }
 
-    fn log(&self, run: u32) -> String {
+    pub(crate) fn log(&self, run: u32) -> String {
         std::fs::read_to_string(self.tmp.path().join(format!("agent-{run}.log")))
             .unwrap_or_default()
     }
 
-    fn capybara(&self, args: &[&str]) -> String {
+    pub(crate) fn capybara(&self, args: &[&str]) -> String {
         let o = Command::new(&self.cli)
             .arg("--socket")
             .arg(self.socket())
@@ -152,7 +153,7 @@ impl Lab {
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
-    fn json(&self, args: &[&str]) -> Value {
+    pub(crate) fn json(&self, args: &[&str]) -> Value {
         let mut a = vec!["--json"];
         a.extend_from_slice(args);
         let out = self.capybara(&a);
@@ -162,7 +163,7 @@ impl Lab {
     /// `user add NAME`, then the generated config on a new `wireguard-go` client in the client
     /// namespace: `wg setconf` with the wg-quick-only lines taken out, the addresses on the
     /// interface, a route to the server's tunnel address. Returns the client and its address.
-    fn add_client(&self, user: &str) -> (WgProcess, IpAddr) {
+    pub(crate) fn add_client(&self, user: &str) -> (WgProcess, IpAddr) {
         self.add_client_in(user, &self.client, None)
     }
 

@@ -38,6 +38,8 @@ pub const PACKAGES: &[&str] = &[
     "iptables",
     "iproute2",
     "iputils-ping",
+    // `e2e_live` drives `capybara top` in a real terminal.
+    "tmux",
     "protobuf-compiler",
     // google/protobuf/descriptor.proto, which the REST annotations (google/api/annotations.proto)
     // extend.

@@ -7,7 +7,7 @@
 //! A token made with `--user alice` passes [`Api::auth`] for nothing (`PERMISSION_DENIED`,
 //! naming its user): only calls about one user that check it with [`Api::auth_user`] admit it,
 //! and only for alice — `GetUser`, `ListPeers` with `user`, `AddPeer`, `RemovePeer`,
-//! `UserConfig`, `GetStats` with `user` and `Kick` (within the token's scope; a `Kick` by connection
+//! `UserConfig`, `GetStats` and `WatchStats` with `user`, and `Kick` (within the token's scope; a `Kick` by connection
 //! id reaches alice's connections only: another user's id is `NOT_FOUND` to it, as if it did not
 //! exist, since such a token cannot list them either). Everything else (listing
 //! users or connections, another user, account changes such as `AddUser`, `RemoveUser`,

@@ -8,6 +8,7 @@
 //! | [`users`] | `Users`, `Peers` |
 //! | [`tokens`] | `Tokens` |
 //! | [`monitor`] | `Stats`, `Connections` |
+//! | [`live`] | `Stats.WatchStats` (live monitoring, streamed) |
 //! | [`audit`] | `Audit` |
 //! | [`lists`], [`geo`] | `Blocklists`; `Geo` |
 //! | [`policy`], [`templates`] | `Policy`; `Templates` |
@@ -31,6 +32,7 @@ pub mod health;
 pub mod history;
 pub mod limits;
 pub mod lists;
+pub mod live;
 pub mod monitor;
 mod paging;
 pub mod policy;

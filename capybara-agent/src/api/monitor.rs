@@ -44,6 +44,15 @@ impl stats_server::Stats for Api {
         out.next_page_token = super::paging::next_token(next.as_deref());
         Ok(Response::new(out))
     }
+
+    type WatchStatsStream = super::live::TickStream;
+
+    async fn watch_stats(
+        &self,
+        req: Request<pb::WatchStatsRequest>,
+    ) -> Result<Response<Self::WatchStatsStream>, Status> {
+        super::live::watch_stats(self, req).await
+    }
 }
 
 #[tonic::async_trait]

@@ -292,6 +292,7 @@ pub async fn run(
     loop {
         tokio::select! {
             () = &mut shutdown, if !*stop.borrow() => {
+                svc.watch.stop(); // ends live watches, which would hold up the drain
                 let _ = stop.send(true);
                 tcp.stop().await;
                 if servers.is_empty() {

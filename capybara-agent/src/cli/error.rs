@@ -44,6 +44,12 @@ pub(super) enum CliError {
     /// The agent's answer or state does not allow the command (said in words).
     #[error("{0}")]
     Agent(String),
+    /// The agent ended a live view's stream (it is stopping).
+    #[error("the agent ended the live view (is it stopping?)")]
+    WatchEnded,
+    /// The signal handlers of a live view could not be installed.
+    #[error("cannot handle signals")]
+    Signals(#[source] std::io::Error),
     /// Standard output could not be written (a closed pipe ends the command quietly).
     #[error("standard output")]
     Stdout(#[source] std::io::Error),

@@ -17,12 +17,13 @@
 //!
 //! Layout: this file holds the top-level parser, the dispatch to each command family and the
 //! connection; each family has one file with its clap enum, its handler and its printing
-//! (`user`, `device`, `api`, `stats`, `connections` with `kick`, `health`, `history`, `backup`,
-//! `blocklist`, `geo`, `quota` with `quota template`, `group`, `policy`, `template`). What
-//! several families share is in modules no family owns, so no family imports another:
+//! (`user`, `device`, `api`, `stats`, `top`, `connections` with `kick`, `health`, `history`,
+//! `backup`, `blocklist`, `geo`, `quota` with `quota template`, `group`, `policy`, `template`).
+//! What several families share is in modules no family owns, so no family imports another:
 //! `error` (`CliError`, exit codes, the error line), `input` (checks of shared values), `output`
 //! (standard output, `--json`, times, files written 0600), `table`, `limits` (the limit options
-//! and a limits cell), `client_config` (a device's config with its QR code) and `qr`.
+//! and a limits cell), `client_config` (a device's config with its QR code), `qr` and `live`
+//! (the live views of `top` and `stats --watch`: terminal, frames, Ctrl-C).
 
 mod api;
 mod backup;
@@ -37,6 +38,7 @@ mod health;
 mod history;
 mod input;
 mod limits;
+mod live;
 mod output;
 mod policy;
 mod qr;
@@ -44,6 +46,7 @@ mod quota;
 mod stats;
 mod table;
 mod template;
+mod top;
 mod user;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -93,8 +96,10 @@ enum Command {
     /// API tokens.
     #[command(subcommand)]
     Api(api::ApiCmd),
-    /// Bytes and packets each way and drops by reason, per device and user.
+    /// Bytes and packets each way and drops by reason, per device and user (--watch: live).
     Stats(stats::StatsArgs),
+    /// A live view of the busiest users and devices, refreshed every second (Ctrl-C quits).
+    Top(top::TopArgs),
     /// Devices the tunnel knows, with their connection id, endpoint and latest handshake.
     Connections(connections::ConnectionsArgs),
     /// End a user's sessions now, or one connection's (held at the gate until the next
@@ -189,6 +194,7 @@ async fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Device(cmd) => device::run(cli, cmd).await,
         Command::Api(cmd) => api::run(cli, cmd).await,
         Command::Stats(args) => stats::run(cli, args).await,
+        Command::Top(args) => top::run(cli, args).await,
         Command::Connections(args) => connections::run(cli, args).await,
         Command::Kick(args) => connections::kick(cli, args).await,
         Command::Health => health::run(cli).await,

@@ -1,10 +1,12 @@
 //! `capybara stats [USER]`: bytes and packets each way and drops by reason, per device, then
-//! the drops no device owns.
+//! the drops no device owns. `--watch`: the same view with rates, refreshed every second from
+//! the agent's live stream (`live`).
 
 use clap::Args;
 
 use super::{
     Cli, CliError, connect,
+    live::{self, Layout},
     output::{out, outln, print_json},
     table::Table,
 };
@@ -15,6 +17,13 @@ use crate::service::domain::UserName;
 pub(super) struct StatsArgs {
     /// Only this user.
     user: Option<String>,
+    /// Refresh every second with rates each way (Ctrl-C quits; `--json`: one object a line).
+    #[arg(long)]
+    watch: bool,
+    /// With --watch: the busiest devices listed (default: what fits the terminal, 20 when not
+    /// a terminal); the rest are summed on one line.
+    #[arg(long, value_name = "N", requires = "watch", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    top: Option<u32>,
 }
 
 /// Runs `capybara stats`.
@@ -22,6 +31,11 @@ pub(super) async fn run(cli: &Cli, args: &StatsArgs) -> Result<(), CliError> {
     let user = &args.user;
     if let Some(u) = user {
         UserName::parse("user", u)?;
+    }
+    if args.watch {
+        let client = connect(cli).await?;
+        let user = user.as_deref().unwrap_or("");
+        return live::run(&client, cli.json, user, args.top, Layout::Stats).await;
     }
     let st = connect(cli)
         .await?

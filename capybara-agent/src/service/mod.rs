@@ -17,6 +17,7 @@
 //! | [`access`] | where the TCP API listens (`api enable/disable/status`) |
 //! | [`live`] | the open session (its id) of each connected device: written by `history`, read by `monitor` |
 //! | [`monitor`] | stats, connections, kick (of a user, or of one connection by its id) |
+//! | [`watch`] | live monitoring: the shared once-a-second sampler, rates, each watcher's view |
 //! | [`lists`], [`geo`] | named blocklists; geo policies as source lists |
 //! | [`templates`] | quota templates and configuration templates |
 //! | [`policy_file`] | the declarative policy file: apply, diff, export |
@@ -50,6 +51,7 @@ pub mod templates;
 pub mod testing;
 pub mod tokens;
 pub mod users;
+pub mod watch;
 
 use std::sync::Arc;
 
@@ -91,6 +93,8 @@ pub struct Service {
     pub access: Arc<access::Access>,
     /// Stats, connections, kick.
     pub monitor: Arc<monitor::Monitor>,
+    /// Live monitoring (the shared sampler).
+    pub watch: Arc<watch::Live>,
     /// Named blocklists.
     pub lists: Arc<lists::Lists>,
     /// Geo policies.
@@ -142,6 +146,7 @@ impl Service {
                 policy.clone(),
                 live.clone(),
             )),
+            watch: Arc::new(watch::Live::new(core.clone(), directory.clone())),
             geo: Arc::new(geo::Geo::new(core.clone(), lists.clone())),
             templates: Arc::new(templates::Templates::new(
                 core.clone(),

@@ -117,6 +117,8 @@ pub struct TunnelPeerStatus {
     pub rx_bytes: u64,
     /// Bytes sent to it.
     pub tx_bytes: u64,
+    /// Whether it has a session now (the tunnel's liveness: connected until idle or kicked).
+    pub connected: bool,
 }
 
 /// A tunnel operation failed.

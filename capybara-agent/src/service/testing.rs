@@ -352,6 +352,7 @@ impl TunnelPort for MemoryTunnel {
                 last_handshake: None,
                 rx_bytes: 0,
                 tx_bytes: 0,
+                connected: false,
             },
             kicks: 0,
         });
@@ -367,6 +368,7 @@ impl TunnelPort for MemoryTunnel {
             p.kicks += 1;
             p.status.endpoint = None;
             p.status.last_handshake = None;
+            p.status.connected = false;
         }
         Ok(())
     }

@@ -74,6 +74,7 @@ impl TunnelPort for WgTunnel {
                 last_handshake: p.last_handshake,
                 rx_bytes: p.rx_bytes,
                 tx_bytes: p.tx_bytes,
+                connected: p.connected,
             })
             .collect()
     }
