@@ -53,7 +53,7 @@ fn a_watch_streams_rates_from_counter_deltas_and_keeps_to_the_tokens_user() {
 
     let c = rt.block_on(api.unix_client());
     let mut w = rt.block_on(c.watch_stats("", 0)).unwrap();
-    assert!(api.svc.live.sampling());
+    assert!(api.svc.watch.sampling());
     let first = rt.block_on(w.next()).unwrap().unwrap();
     assert_eq!((first.users, first.devices, first.sessions), (2, 2, 1));
     // The counters' history is not a rate.
@@ -113,7 +113,7 @@ fn a_watch_streams_rates_from_counter_deltas_and_keeps_to_the_tokens_user() {
     // Both watchers gone: the sampler stops within a tick or two.
     drop((w, mine));
     let end = std::time::Instant::now() + Duration::from_secs(5);
-    while api.svc.live.sampling() {
+    while api.svc.watch.sampling() {
         assert!(
             std::time::Instant::now() < end,
             "the sampler outlived its watchers"
