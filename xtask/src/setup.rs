@@ -43,6 +43,8 @@ pub const PACKAGES: &[&str] = &[
     // The country database download (`crate::geoip`).
     "curl",
     "ca-certificates",
+    // The metrics test: `promtool check metrics` and a real Prometheus server scraping the agent.
+    "prometheus",
 ];
 
 /// The bpf-linker release that works with aya 0.14 and nightly's LLVM 22.
