@@ -154,7 +154,12 @@ pub fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ApiError> {
     Ok(l)
 }
 
-async fn router(svc: &Arc<Service>, tls: Option<&TlsIdentity>) -> Result<Router, ApiError> {
+/// The router with every call timed for the metrics (`crate::metrics::grpc`).
+type TimedRouter = Router<
+    tower::layer::util::Stack<crate::metrics::grpc::CallLayer, tower::layer::util::Identity>,
+>;
+
+async fn router(svc: &Arc<Service>, tls: Option<&TlsIdentity>) -> Result<TimedRouter, ApiError> {
     let api = Api::new(svc.clone());
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<UsersServer<Api>>().await;
@@ -181,7 +186,8 @@ async fn router(svc: &Arc<Service>, tls: Option<&TlsIdentity>) -> Result<Router,
             Ok(req)
         }
     };
-    let mut server = tonic::transport::Server::builder();
+    let mut server = tonic::transport::Server::builder()
+        .layer(crate::metrics::grpc::CallLayer::new(svc.telemetry.clone()));
     if let Some(id) = tls {
         server =
             server.tls_config(tonic::transport::ServerTlsConfig::new().identity(id.0.clone()))?;
