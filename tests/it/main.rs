@@ -42,6 +42,7 @@ mod e2e_flows;
 mod e2e_gate;
 mod e2e_harness;
 mod e2e_list_replace;
+mod e2e_metrics;
 mod e2e_peer_counters;
 mod e2e_policy;
 mod e2e_quota;
