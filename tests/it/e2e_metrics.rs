@@ -12,11 +12,16 @@
 //!    `capybara_user_bytes_total{user="alice",direction="rx"}` through its HTTP API
 //!    (`/api/v1/query`) answers the IP bytes the client sent, within 1 %.
 //!
-//! **Why it takes ~10 s.** Agent start (~1 s), the client's first handshake, the paced UDP
-//! (3 000 datagrams in bursts of 20: this wireguard-go cannot take faster bursts, see
-//! `e2e_support::send_paced`, ~1.5 s), Prometheus's start (~1–2 s: it opens its TSDB and
-//! replays an empty WAL), then up to two scrape intervals (1 s each) until a sample taken after
-//! the traffic is queryable. The query is polled every 200 ms with a 30 s deadline.
+//! **Why it takes as long as it does** (measured, debug build, two shared cores; the phases are
+//! printed): the test itself takes ~7 s after the agent is ready: the client's first handshake
+//! and ping (0.3 s), 3 000 datagrams paced in bursts of 20 (this wireguard-go cannot take faster
+//! bursts, see `e2e_support::send_paced`; 0.8 s), a scrape and promtool (0.2 s), then Prometheus's
+//! start (it opens its TSDB and replays an empty WAL) and up to two scrape intervals (1 s each)
+//! until a sample taken after the traffic is queryable (5.8 s; polled every 200 ms, 30 s
+//! deadline). Before that, the agent starts in ~4 s (2.6 s of it opening the installed country
+//! database), and `agent_proc::agent_crate_binary` checks that the two binaries are built (two
+//! `cargo build` no-ops, ~30 s each here because the agent's build script re-checks the eBPF
+//! crate): ~60 s in all, as for the other tests that start the agent binary.
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -180,7 +185,10 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 
 #[test]
 fn prometheus_scrapes_the_bytes_a_wireguard_go_client_sent() {
+    let t0 = Instant::now();
+    let phase = |what: &str| eprintln!("{:>6.2} s  {what}", t0.elapsed().as_secs_f64());
     let lab = Lab::start(95, 97);
+    phase("agent ready");
     let (_wg, client_v4) = lab.add_client("alice");
     let server = IpAddr::V4(lab.server_v4);
     assert!(
@@ -189,6 +197,7 @@ fn prometheus_scrapes_the_bytes_a_wireguard_go_client_sent() {
         lab.log()
     );
 
+    phase("client connected");
     // A known amount through the tunnel: n datagrams of `size` bytes, all received.
     let (n, size) = (3_000u64, 1_200usize);
     let sink = UdpSink::start(&lab.server, SocketAddr::new(server, 0));
@@ -198,14 +207,18 @@ fn prometheus_scrapes_the_bytes_a_wireguard_go_client_sent() {
     send_paced(&lab.client, client_v4, sink.addr(), n, size);
     assert_eq!(sink.wait_for(n, WAIT), n, "datagrams lost in the tunnel");
     let sent = n * (size as u64 + udp_overhead(&sink.addr()));
+    phase("traffic sent and received");
     // What the client sent before (its pings), as the kernel counted it.
     let expect = before + sent;
 
     // 1. A scrape in the Prometheus text format passes promtool, with the series named.
     let text = lab.get(&format!("http://{METRICS}/metrics"));
     promtool_check(&text);
-    let rx = sample(&text, r#"capybara_user_bytes_total{user="alice",direction="rx"}"#)
-        .unwrap_or_else(|| panic!("no alice rx series:\n{text}"));
+    let rx = sample(
+        &text,
+        r#"capybara_user_bytes_total{user="alice",direction="rx"}"#,
+    )
+    .unwrap_or_else(|| panic!("no alice rx series:\n{text}"));
     assert_eq!(rx as u64, expect, "the scrape's alice rx bytes");
     for (series, at_least) in [
         ("capybara_sessions_online", 1.0),
@@ -216,7 +229,10 @@ fn prometheus_scrapes_the_bytes_a_wireguard_go_client_sent() {
         ),
         (r#"capybara_store_duration_seconds_count{op="write"}"#, 1.0),
         (r#"capybara_quota_users{standing="unlimited"}"#, 1.0),
-        (r#"capybara_user_bytes_total{user="_other",direction="rx"}"#, 0.0),
+        (
+            r#"capybara_user_bytes_total{user="_other",direction="rx"}"#,
+            0.0,
+        ),
         (r#"capybara_drops_total{reason="gate-kicked"}"#, 0.0),
         ("capybara_kernel_events_lost_total", 0.0),
     ] {
@@ -233,6 +249,7 @@ fn prometheus_scrapes_the_bytes_a_wireguard_go_client_sent() {
     ]);
     assert!(om.ends_with("# EOF\n"), "not OpenMetrics: {om}");
 
+    phase("scrape checked by promtool");
     // 2. A real Prometheus server scrapes the agent; PromQL answers the client's bytes.
     let dir = lab.tmp.path().join("prometheus");
     std::fs::create_dir_all(dir.join("data")).unwrap();
@@ -261,6 +278,7 @@ fn prometheus_scrapes_the_bytes_a_wireguard_go_client_sent() {
         .spawn()
         .expect("start prometheus (cargo xtask setup installs it)");
     let pid = lab.server.adopt(child);
+    phase("prometheus started");
 
     let query = "capybara_user_bytes_total{user=\"alice\",direction=\"rx\"}";
     let url = format!(
@@ -279,7 +297,9 @@ fn prometheus_scrapes_the_bytes_a_wireguard_go_client_sent() {
             "prometheus exited:\n{}",
             std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default()
         );
-        let out = lab.server.try_exec(&["curl", "-sS", "--max-time", "2", &url]);
+        let out = lab
+            .server
+            .try_exec(&["curl", "-sS", "--max-time", "2", &url]);
         let answer: Option<Value> = serde_json::from_slice(&out.stdout).ok();
         let value = answer.as_ref().and_then(|a| {
             a["data"]["result"][0]["value"][1]
@@ -297,6 +317,7 @@ fn prometheus_scrapes_the_bytes_a_wireguard_go_client_sent() {
         );
         std::thread::sleep(Duration::from_millis(200));
     };
+    phase("PromQL answered the traffic");
     let err = (got - sent as f64).abs() / sent as f64;
     eprintln!(
         "client sent {sent} IP bytes in {n} datagrams (+ {before} before: its pings); \
