@@ -25,6 +25,7 @@ mod api_geo;
 mod api_grpc;
 mod api_history;
 mod api_listen;
+mod api_metrics;
 mod api_paging;
 mod api_policy;
 mod api_templates;
