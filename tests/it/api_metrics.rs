@@ -48,7 +48,11 @@ async fn every_grpc_call_is_timed_under_its_method_and_code() {
         .await
         .unwrap();
     let users = "/capybara.v1.Users";
-    assert_eq!(count(&text, &format!("{users}/ListUsers"), "OK"), 2, "{text}");
+    assert_eq!(
+        count(&text, &format!("{users}/ListUsers"), "OK"),
+        2,
+        "{text}"
+    );
     assert_eq!(count(&text, &format!("{users}/AddUser"), "OK"), 1, "{text}");
     assert_eq!(
         count(&text, &format!("{users}/ListUsers"), "UNAUTHENTICATED"),

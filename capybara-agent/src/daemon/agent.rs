@@ -64,6 +64,7 @@ impl Agent {
             wireguard: self.tunnel.clone(),
             api_tcp: self.api_tcp,
             metrics_tcp: self.metrics_server.as_ref().map(|m| m.addr),
+            metrics: self.metrics.clone(),
         }
     }
 

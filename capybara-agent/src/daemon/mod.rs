@@ -17,7 +17,10 @@
 //! 5. attach the XDP guard to the uplink (swapping the program inside the pinned link if a
 //!    previous agent left one) and guard the WireGuard listen port;
 //! 6. open the control service (programs every stored device into the dataplane and the
-//!    tunnel) and serve the API on the control socket and/or TCP (`ApiSettings`).
+//!    tunnel), install the metrics on it (`crate::metrics`: the API's call timer, the store's
+//!    write timer, the scrape-time collector) and serve them on `--metrics-listen` if given
+//!    ([`MetricsSettings`]: loopback unless `insecure`, checked with the API's listener before
+//!    anything is opened), and serve the API on the control socket and/or TCP (`ApiSettings`).
 //!
 //! Tunnel events feed the session recorder (`service::history`, a blocking thread: session
 //! writes are synced, auth reports go through a bounded queue and unsynced batches) after the
@@ -282,6 +285,9 @@ pub struct Running {
     pub api_tcp: Option<SocketAddr>,
     /// The metrics listener's bound address (`--metrics-listen`).
     pub metrics_tcp: Option<SocketAddr>,
+    /// The metrics (installed whether or not they have a listener of their own): mount
+    /// `crate::metrics::router` with them on another server.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Runs the agent until `shutdown` resolves. `on_ready` is called once everything is attached.
