@@ -14,6 +14,7 @@
 //! - [`cli`]: the `capybara` command line, the only code that prints tables.
 //! - [`service`]: operations that combine the modules above, in domain types.
 //! - [`daemon`]: start-up, run, shutdown.
+//! - [`metrics`]: Prometheus metrics (`GET /metrics`), read through the service at each scrape.
 //! - [`logging`]: the log subscriber and its runtime-changeable filter.
 //! - [`net`], [`units`], [`paths`]: validated network types and quantities (rates); every
 //!   filesystem path and its mode.
@@ -27,6 +28,7 @@ pub mod dataplane;
 pub mod fsutil;
 pub mod geo;
 pub mod logging;
+pub mod metrics;
 pub mod net;
 pub mod paths;
 pub mod service;

@@ -306,6 +306,7 @@ async fn start_agent(dir: &Path, socket: &Path) -> Agent {
             tcp: None,
             unix: Some(unix),
             tcp_tls: None,
+            metrics: None,
             tcp_access: None,
         },
         async {

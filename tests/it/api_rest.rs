@@ -610,3 +610,72 @@ async fn rate_limits_answer_429_with_retry_after() {
     assert!(c.list_users().await.is_ok());
     drop(admin);
 }
+
+/// `GET /metrics` on the API listener needs a read token (over TCP, like any call), and every
+/// REST call is timed under its route template, never its raw path.
+#[tokio::test]
+async fn metrics_on_the_api_listener_need_a_token_and_time_rest_calls_by_route() {
+    let (api, admin) = setup().await;
+    let anonymous = admin.with_token(None);
+    let r = anonymous.call("GET", "/metrics", None).await;
+    assert_eq!(r.status, 401, "{r:?}");
+    assert_eq!(r.json["status"], "UNAUTHENTICATED", "{r:?}");
+    assert_eq!(
+        admin
+            .call("POST", "/api/v1/users", Some(r#"{"name":"zoe"}"#))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        admin.call("GET", "/api/v1/users/zoe", None).await.status,
+        200
+    );
+    assert_eq!(
+        admin.call("GET", "/api/v1/users/nobody", None).await.status,
+        404
+    );
+    let read = admin.with_token(Some(&api.token(Scope::Read)));
+    let m = read.call("GET", "/metrics", None).await;
+    assert_eq!(m.status, 200, "{m:?}");
+    let count = |route: &str, code: &str| {
+        let needle = format!(
+            "capybara_api_request_duration_seconds_count{{route=\"{route}\",code=\"{code}\"}} "
+        );
+        m.text
+            .lines()
+            .find_map(|l| l.strip_prefix(needle.as_str()))
+            .map(|v| v.trim().parse::<f64>().unwrap())
+    };
+    assert_eq!(count("POST /api/v1/users", "200"), Some(1.0), "{}", m.text);
+    assert_eq!(
+        count("GET /api/v1/users/{name}", "200"),
+        Some(1.0),
+        "{}",
+        m.text
+    );
+    assert_eq!(
+        count("GET /api/v1/users/{name}", "404"),
+        Some(1.0),
+        "{}",
+        m.text
+    );
+    assert!(
+        !m.text.contains("/api/v1/users/zoe"),
+        "a raw path became a label"
+    );
+    // The scrape itself is not an API call, and gRPC calls keep their method path.
+    assert!(!m.text.contains("route=\"/metrics\""), "{}", m.text);
+    api.tcp_client(Some(&api.token(Scope::Read)))
+        .await
+        .list_users()
+        .await
+        .unwrap();
+    let m = read.call("GET", "/metrics", None).await;
+    assert!(
+        m.text
+            .contains("route=\"/capybara.v1.Users/ListUsers\",code=\"OK\""),
+        "{}",
+        m.text
+    );
+}

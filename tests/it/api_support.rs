@@ -90,6 +90,11 @@ impl TestApi {
                 tcp: Some(tcp),
                 unix: Some(unix),
                 tcp_tls: tls,
+                // `GET /metrics` beside the API, as the agent serves it.
+                metrics: Some(capybara_agent::metrics::Metrics::install(
+                    &svc,
+                    capybara_agent::metrics::MetricsConfig::default(),
+                )),
                 // No per-token rate limit (tests make calls at any pace; `api_rest` tests the
                 // limiter with a setting of its own).
                 tcp_access: Some(capybara_agent::service::access::ApiAccess {

@@ -52,6 +52,8 @@ pub const PACKAGES: &[&str] = &[
     // The Python tools' virtual environment ([`PYTHON_TOOLS`]).
     "python3-venv",
     "ca-certificates",
+    // The metrics test: `promtool check metrics` and a real Prometheus server scraping the agent.
+    "prometheus",
 ];
 
 /// Python tools the tests run, pinned, from PyPI into a virtual environment at `<cache>/pyenv`

@@ -52,7 +52,7 @@ pub struct TcpControl {
 /// A TCP server built and ready to start: its listener bound, its TLS files read and checked.
 pub struct Prepared {
     listener: tokio::net::TcpListener,
-    server: tonic::transport::server::Router,
+    server: super::server::TimedRouter,
     access: ApiAccess,
     bound: SocketAddr,
 }

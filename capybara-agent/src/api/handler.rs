@@ -120,12 +120,29 @@ pub struct Api {
     svc: Arc<Service>,
     limits: Arc<RateLimits>,
     tcp: Arc<TcpControl>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Api {
-    /// The API over `svc`, with the TCP API's rate limits and its listener.
-    pub fn new(svc: Arc<Service>, limits: Arc<RateLimits>, tcp: Arc<TcpControl>) -> Api {
-        Api { svc, limits, tcp }
+    /// The API over `svc`, with the TCP API's rate limits, its listener and the agent's metrics
+    /// (served as `GET /metrics` beside the API).
+    pub fn new(
+        svc: Arc<Service>,
+        limits: Arc<RateLimits>,
+        tcp: Arc<TcpControl>,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
+    ) -> Api {
+        Api {
+            svc,
+            limits,
+            tcp,
+            metrics,
+        }
+    }
+
+    /// The agent's metrics, if it has them.
+    pub(super) fn metrics(&self) -> Option<Arc<crate::metrics::Metrics>> {
+        self.metrics.clone()
     }
 
     /// The TCP API's rate limits.
@@ -139,7 +156,7 @@ impl Api {
     }
 
     /// [`authorize`] with this API's limits.
-    pub(super) fn authorize(
+    pub(crate) fn authorize(
         &self,
         metadata: &MetadataMap,
         extensions: &tonic::Extensions,

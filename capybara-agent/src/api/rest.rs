@@ -43,9 +43,20 @@ pub const MAX_BODY: usize = 16 << 20;
 /// The largest body of a client-streaming call (`…/entries/stream`: up to 4 194 304 entries).
 pub const MAX_STREAM_BODY: usize = 256 << 20;
 
-/// The routes of every RPC, and `GET /api/v1/openapi.json`.
-pub fn router(api: Api) -> axum::Router {
-    let mut r = axum::Router::new().route(
+/// The routes of every RPC, `GET /api/v1/openapi.json` (no token) and, given the agent's
+/// metrics, `GET /metrics` (a read token over TCP, like any call: Prometheus sends one with
+/// `authorization: {credentials: …}`).
+pub fn router(api: Api, metrics: Option<std::sync::Arc<crate::metrics::Metrics>>) -> axum::Router {
+    let mut r = axum::Router::new();
+    if let Some(m) = metrics {
+        r = r.merge(
+            crate::metrics::router(m).route_layer(axum::middleware::from_fn_with_state(
+                api.clone(),
+                needs_read,
+            )),
+        );
+    }
+    let mut r = r.route(
         "/api/v1/openapi.json",
         axum::routing::get(|| async {
             (
@@ -79,6 +90,22 @@ pub fn router(api: Api) -> axum::Router {
     r
 }
 
+/// `/metrics` on the API listener: the caller needs the read scope.
+async fn needs_read(
+    axum::extract::State(api): axum::extract::State<Api>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match api.authorize(
+        &tonic::metadata::MetadataMap::from_headers(req.headers().clone()),
+        req.extensions(),
+        crate::service::domain::Scope::Read,
+    ) {
+        Ok(_) => next.run(req).await,
+        Err(st) => status_response(&st),
+    }
+}
+
 /// What answers a path no route has: gRPC's UNIMPLEMENTED to a gRPC client, 404 to others.
 pub async fn fallback(req: Request) -> Response {
     let grpc = req
@@ -106,7 +133,26 @@ async fn handle(
     query: Option<String>,
     req: Request,
 ) -> Response {
+    let started = std::time::Instant::now();
     let route = &routes::ROUTES[i];
+    let resp = answer(&api, i, route, params, query, req).await;
+    // The route template, never the path (ids in paths would grow the series without bound).
+    api.service().telemetry.observe_call(
+        &format!("{} {}", route.method, route.template),
+        resp.status().as_str(),
+        started.elapsed().as_secs_f64(),
+    );
+    resp
+}
+
+async fn answer(
+    api: &Api,
+    i: usize,
+    route: &Route,
+    params: HashMap<String, String>,
+    query: Option<String>,
+    req: Request,
+) -> Response {
     let (parts, body) = req.into_parts();
     let input = match read_input(route, &params, query.as_deref(), &parts.headers, body).await {
         Ok(input) => input,
@@ -115,7 +161,7 @@ async fn handle(
     let mut call = tonic::Request::new(input);
     *call.metadata_mut() = tonic::metadata::MetadataMap::from_headers(parts.headers);
     *call.extensions_mut() = parts.extensions;
-    match routes::call(&api, i, call).await {
+    match routes::call(api, i, call).await {
         Ok(Output::One(v)) => (StatusCode::OK, axum::Json(v)).into_response(),
         Ok(Output::Stream(s)) => {
             // One message a line; an error after the first message can no longer change the

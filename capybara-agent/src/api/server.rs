@@ -129,6 +129,9 @@ pub struct Listeners {
     pub unix: Option<tokio::net::UnixListener>,
     /// Serve TLS on the TCP listener with this identity.
     pub tcp_tls: Option<TlsIdentity>,
+    /// The agent's metrics, served as `GET /metrics` on these listeners too (a read token over
+    /// TCP); `None`: no `/metrics` here.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
     /// What `capybara api status` says of `tcp` (`--api-listen` and its flags: the files, the
     /// rate limit); `None`: the listener's address, the default rate limit. Without `tcp`, the
     /// stored setting (`capybara api enable`), if any, is served.
@@ -170,8 +173,14 @@ pub fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ApiError> {
     Ok(l)
 }
 
+/// The router with every gRPC call timed for the metrics (`crate::metrics::grpc`; REST calls
+/// time themselves in `api::rest`).
+pub(super) type TimedRouter = Router<
+    tower::layer::util::Stack<crate::metrics::grpc::CallLayer, tower::layer::util::Identity>,
+>;
+
 /// The server of one listener: every gRPC service, health, reflection and the REST mirror.
-pub(super) async fn router(api: &Api, tls: Option<&TlsIdentity>) -> Result<Router, ApiError> {
+pub(super) async fn router(api: &Api, tls: Option<&TlsIdentity>) -> Result<TimedRouter, ApiError> {
     let svc = &api.service();
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<UsersServer<Api>>().await;
@@ -235,9 +244,11 @@ pub(super) async fn router(api: &Api, tls: Option<&TlsIdentity>) -> Result<Route
     let all = grpc
         .routes()
         .into_axum_router()
-        .merge(super::rest::router(api.clone()))
+        .merge(super::rest::router(api.clone(), api.metrics()))
         .fallback(super::rest::fallback);
-    let mut server = tonic::transport::Server::builder().accept_http1(true);
+    let mut server = tonic::transport::Server::builder()
+        .accept_http1(true)
+        .layer(crate::metrics::grpc::CallLayer::new(svc.telemetry.clone()));
     if let Some(id) = tls {
         server =
             server.tls_config(tonic::transport::ServerTlsConfig::new().identity(id.0.clone()))?;
@@ -257,6 +268,7 @@ pub async fn run(
         svc.clone(),
         Arc::new(RateLimits::new(DEFAULT_RATE_LIMIT)),
         tcp.clone(),
+        listeners.metrics.clone(),
     );
     if let Some(listener) = listeners.tcp {
         let bound = listener.local_addr().map_err(ApiError::Listener)?;

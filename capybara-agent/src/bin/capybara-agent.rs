@@ -54,6 +54,16 @@ struct Args {
     /// --insecure is given.
     #[arg(long)]
     api_listen: Option<std::net::SocketAddr>,
+    /// Serve Prometheus metrics (`GET /metrics`, plain HTTP, no token) on this address, e.g.
+    /// 127.0.0.1:9464. Only a loopback address is accepted unless --insecure is given.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Users with metric series of their own (the most bytes); the rest are summed as one
+    /// `_other` series.
+    #[arg(long, default_value_t = capybara_agent::metrics::DEFAULT_TOP_USERS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
+              .range(0..=capybara_agent::metrics::MAX_TOP_USERS as u64))]
+    metrics_top_users: usize,
     /// Allow --api-listen on a non-loopback address without TLS: bearer tokens then cross the
     /// network in clear text (logged as a warning at start).
     #[arg(long)]
@@ -143,6 +153,12 @@ fn main() -> anyhow::Result<()> {
         history_retention,
         audit_retention,
         keep_unknown_peers: args.keep_unknown_peers,
+        metrics: daemon::MetricsSettings {
+            listen: args.metrics_listen,
+            config: capybara_agent::metrics::MetricsConfig {
+                top_users: args.metrics_top_users,
+            },
+        },
         uplink: args.uplink,
         tunnel: args.tunnel,
         tunnel_ipv4: (v4.addr(), v4.prefix_len()),
@@ -185,6 +201,7 @@ fn main() -> anyhow::Result<()> {
                 uplink = r.uplink.as_deref().unwrap_or("-"),
                 port = r.listen_port,
                 api = %r.api_tcp.map_or_else(|| "-".to_owned(), |a| a.to_string()),
+                metrics = %r.metrics_tcp.map_or_else(|| "-".to_owned(), |a| a.to_string()),
                 "capybara-agent ready"
             );
         })

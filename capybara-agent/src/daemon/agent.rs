@@ -39,6 +39,17 @@ pub(super) struct Agent {
     pub(super) serving: bool,
     /// The TCP API's bound address.
     pub(super) api_tcp: Option<SocketAddr>,
+    /// The metrics (installed on the service whether or not they have a listener).
+    pub(super) metrics: Arc<crate::metrics::Metrics>,
+    /// The metrics listener: its address, its stop signal and its task.
+    pub(super) metrics_server: Option<MetricsServer>,
+}
+
+/// The `--metrics-listen` server.
+pub(super) struct MetricsServer {
+    pub(super) addr: SocketAddr,
+    pub(super) stop: tokio::sync::oneshot::Sender<()>,
+    pub(super) task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 impl Agent {
@@ -52,6 +63,8 @@ impl Agent {
             listen_port: config.listen_port,
             wireguard: self.tunnel.clone(),
             api_tcp: self.api_tcp,
+            metrics_tcp: self.metrics_server.as_ref().map(|m| m.addr),
+            metrics: self.metrics.clone(),
         }
     }
 
@@ -116,8 +129,19 @@ impl Agent {
             handshakes,
             api_stop,
             mut api_task,
+            metrics,
+            metrics_server,
             ..
         } = self;
+        if let Some(m) = metrics_server {
+            let _ = m.stop.send(());
+            match m.task.await {
+                Ok(Err(e)) => tracing::error!(error = %e, "metrics server failed"),
+                Err(e) => tracing::error!(error = %e, "metrics server task failed"),
+                Ok(Ok(())) => {}
+            }
+        }
+        drop(metrics);
         let _ = api_stop.send(());
         let mut api_result = Ok(());
         if !api_task.is_finished() {

@@ -17,7 +17,10 @@
 //! 5. attach the XDP guard to the uplink (swapping the program inside the pinned link if a
 //!    previous agent left one) and guard the WireGuard listen port;
 //! 6. open the control service (programs every stored device into the dataplane and the
-//!    tunnel) and serve the API on the control socket and/or TCP (`ApiSettings`).
+//!    tunnel), install the metrics on it (`crate::metrics`: the API's call timer, the store's
+//!    write timer, the scrape-time collector) and serve them on `--metrics-listen` if given
+//!    ([`MetricsSettings`]: loopback unless `insecure`, checked with the API's listener before
+//!    anything is opened), and serve the API on the control socket and/or TCP (`ApiSettings`).
 //!
 //! Tunnel events feed the session recorder (`service::history`, a blocking thread: session
 //! writes are synced, auth reports go through a bounded queue and unsynced batches) after the
@@ -143,6 +146,17 @@ impl ApiSettings {
     }
 }
 
+/// The Prometheus metrics (`crate::metrics`): where `GET /metrics` is served and how many users
+/// get series of their own.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MetricsSettings {
+    /// `--metrics-listen`: plain HTTP, a loopback address unless `ApiSettings::insecure`
+    /// ([`crate::metrics::check_listener`]); `None` = not served on a listener of its own.
+    pub listen: Option<SocketAddr>,
+    /// The series (`--metrics-top-users`).
+    pub config: crate::metrics::MetricsConfig,
+}
+
 /// Everything the daemon needs to start.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -178,6 +192,8 @@ pub struct AgentConfig {
     /// Leave kernel peers the store does not know in place at start instead of removing them
     /// (`--keep-unknown-peers`).
     pub keep_unknown_peers: bool,
+    /// The metrics.
+    pub metrics: MetricsSettings,
 }
 
 /// Why the daemon could not start or stop cleanly.
@@ -218,6 +234,24 @@ pub enum DaemonError {
         /// The address.
         addr: SocketAddr,
     },
+    /// `--metrics-listen` on a non-loopback address and no `insecure`.
+    #[error(
+        "--metrics-listen {addr}: refusing to serve the metrics (no token; they name users) on a \
+         non-loopback address; use a loopback address, or --insecure to allow it anyway"
+    )]
+    PlainMetricsListener {
+        /// The address.
+        addr: SocketAddr,
+    },
+    /// The metrics address could not be bound.
+    #[error("cannot listen on {addr} for the metrics")]
+    MetricsListen {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The TCP API address could not be bound.
     #[error("cannot listen on {addr} for the API")]
     ApiListen {
@@ -249,6 +283,11 @@ pub struct Running {
     pub wireguard: Arc<WgTunnel>,
     /// The TCP API's bound address (the real port when `--api-listen` gave port 0).
     pub api_tcp: Option<SocketAddr>,
+    /// The metrics listener's bound address (`--metrics-listen`).
+    pub metrics_tcp: Option<SocketAddr>,
+    /// The metrics (installed whether or not they have a listener of their own): mount
+    /// `crate::metrics::router` with them on another server.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Runs the agent until `shutdown` resolves. `on_ready` is called once everything is attached.
@@ -263,6 +302,16 @@ pub async fn run(
             "--insecure: the API listens on {addr} WITHOUT TLS: bearer tokens, and the keys some \
              calls return, cross the network in clear text; use --api-tls-cert/--api-tls-key"
         );
+    }
+    if let Some(addr) = config.metrics.listen {
+        match crate::metrics::check_listener(addr, config.api.insecure) {
+            Err(addr) => return Err(DaemonError::PlainMetricsListener { addr }),
+            Ok(true) => tracing::warn!(
+                %addr,
+                "--insecure: the metrics (no token, user names) are served on {addr}"
+            ),
+            Ok(false) => {}
+        }
     }
     let opened = start::open(&config)?;
     let mut agent = start::wire(&config, opened).await?;

@@ -182,6 +182,21 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
         svc.clone(),
         session_tx,
     ));
+    let metrics = crate::metrics::Metrics::install(&svc, config.metrics.config);
+    let metrics_server = match config.metrics.listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::MetricsListen { addr, source })?;
+            let addr = listener.local_addr().unwrap_or(addr);
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(crate::metrics::serve(listener, metrics.clone(), async {
+                let _ = stopped.await;
+            }));
+            Some(super::agent::MetricsServer { addr, stop, task })
+        }
+        None => None,
+    };
     let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
     // Without a listener the API task ends at once; that is not a failure to shut down for.
     // With a stored TCP setting (`capybara api enable`) the API serves without either.
@@ -197,6 +212,7 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
         unix,
         tcp_tls,
         tcp_access,
+        metrics: Some(metrics.clone()),
     };
     let api_task = tokio::spawn(api::run(svc.clone(), listeners, async {
         let _ = api_stopped.await;
@@ -213,5 +229,7 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
         api_task,
         serving,
         api_tcp,
+        metrics,
+        metrics_server,
     })
 }

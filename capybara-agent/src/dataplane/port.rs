@@ -80,6 +80,10 @@ impl Plane for Mutex<Dataplane> {
     ) -> Result<(), DataplaneError> {
         self.lock().unwrap().list_batch(direction, ops).map(|_| ())
     }
+    fn verdicts(&self) -> Result<Vec<(&'static str, Counter)>, DataplaneError> {
+        let c = self.lock().unwrap().counters()?;
+        Ok(c.named().collect())
+    }
     fn lists(&self) -> Result<Vec<(ListSummary, Counter)>, DataplaneError> {
         self.lock().unwrap().list_hits_all()
     }

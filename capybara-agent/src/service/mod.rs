@@ -22,6 +22,7 @@
 //! | [`templates`] | quota templates and configuration templates |
 //! | [`policy_file`] | the declarative policy file: apply, diff, export |
 //! | [`history`], [`backup`], [`health`] | sessions and auth attempts with retention; store backups; component health |
+//! | [`telemetry`] | what the metrics read that no feature above answers (verdict counters, sessions online, handshakes, quota standing); the API's call timer port |
 //!
 //! Beside them: [`domain`] (validated domain types and their parsers), [`secrets`] (keys, token
 //! hashes, sealing of kept client keys), [`ports`] (what the service needs from the dataplane and
@@ -46,6 +47,7 @@ pub mod policy;
 pub mod policy_file;
 pub mod ports;
 pub mod secrets;
+pub mod telemetry;
 pub mod templates;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
@@ -109,6 +111,8 @@ pub struct Service {
     pub backup: Arc<backup::Backup>,
     /// Component health.
     pub health: Arc<health::Health>,
+    /// What the metrics read; the API's call timer.
+    pub telemetry: Arc<telemetry::Telemetry>,
 }
 
 impl Service {
@@ -162,6 +166,7 @@ impl Service {
             history: Arc::new(history::History::new(core.clone(), directory.clone(), live)),
             backup: Arc::new(backup::Backup::new(core.clone())),
             health: Arc::new(health::Health::new(core.clone(), directory.clone())),
+            telemetry: Arc::new(telemetry::Telemetry::new(core.clone(), policy.clone())),
             lists,
             users,
             devices,

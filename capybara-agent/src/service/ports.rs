@@ -69,6 +69,12 @@ pub trait Plane: PolicyPlane + Send + Sync {
         direction: Direction,
         ops: &[(ListName, ListOp<'_>)],
     ) -> Result<(), DataplaneError>;
+    /// The global verdict counters by name (`capybara_common::counters::COUNTER_NAMES`: passes,
+    /// drops by attach point, kernel events written and lost), for metrics. The default (a plane
+    /// without programs) has none.
+    fn verdicts(&self) -> Result<Vec<(&'static str, Counter)>, DataplaneError> {
+        Ok(Vec::new())
+    }
     /// Every list with its hits.
     fn lists(&self) -> Result<Vec<(ListSummary, Counter)>, DataplaneError>;
     /// The CIDRs of one list, if it exists.
@@ -135,6 +141,18 @@ pub enum TunnelPortError {
     },
 }
 
+/// What the tunnel counts for metrics ([`TunnelPort::telemetry`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TunnelTelemetry {
+    /// Peers connected now.
+    pub sessions_online: u64,
+    /// Handshakes completed since the tunnel started (rekeys included).
+    pub handshakes_completed: u64,
+    /// Handshakes failed since the tunnel started, by reason (`unknown-key`, `bad-mac`,
+    /// `undecryptable`, `rejected`: the names of the auth attempts in the history).
+    pub handshakes_failed: Vec<(&'static str, u64)>,
+}
+
 /// The tunnel operations the service uses.
 pub trait TunnelPort: Send + Sync {
     /// Adds (or updates) a peer with these allowed IPs, without disturbing other peers.
@@ -152,4 +170,9 @@ pub trait TunnelPort: Send + Sync {
     fn kick(&self, key: &PublicKey) -> Result<(), TunnelPortError>;
     /// Every configured peer's status.
     fn peers(&self) -> Vec<TunnelPeerStatus>;
+    /// Sessions online and handshakes counted, for metrics. The default (a tunnel that counts
+    /// nothing) answers zeros.
+    fn telemetry(&self) -> TunnelTelemetry {
+        TunnelTelemetry::default()
+    }
 }

@@ -44,13 +44,17 @@
 //! Backups ([`backup`]): every family through one read snapshot into one JSON file; restore
 //! replaces a stopped agent's store in one batch.
 //!
+//! Timing: an observer set once with [`Store::observe_writes`] (the agent's metrics) is told how
+//! long each batch write and each WAL sync took ([`WriteTimer`]); without one nothing is timed.
+//!
 //! RocksDB itself is Debian's librocksdb 7.8.3, linked through the `rocksdb` crate 0.20.1 (see
 //! `.cargo/config.toml` for why: 27 s instead of 10 min for a clean build on 2 cores).
 
 use std::{
     cell::Cell,
     path::{Path, PathBuf},
-    sync::{Condvar, Mutex},
+    sync::{Arc, Condvar, Mutex, OnceLock},
+    time::{Duration, Instant},
 };
 
 use rocksdb::{ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions};
@@ -320,6 +324,34 @@ pub struct Store {
     synced: Condvar,
     /// This store's id in the process (for [`LAST_WRITE`]).
     id: u64,
+    /// Told how long writes and syncs take, once set ([`Store::observe_writes`]).
+    timer: OnceLock<Arc<dyn WriteTimer>>,
+}
+
+/// What a [`WriteTimer`] is told about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreOp {
+    /// One batch applied to RocksDB (memtable and WAL, no fsync): [`Store::write`].
+    Write,
+    /// One WAL fsync, shared by every writer waiting for it: [`Store::sync`].
+    Sync,
+}
+
+impl StoreOp {
+    /// `write` or `sync`.
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreOp::Write => "write",
+            StoreOp::Sync => "sync",
+        }
+    }
+}
+
+/// Told how long each store write and WAL sync took. Called on the writer's thread, after the
+/// store's own locks are released: it must be cheap (a histogram observation).
+pub trait WriteTimer: Send + Sync {
+    /// `op` took `elapsed`.
+    fn observe(&self, op: StoreOp, elapsed: Duration);
 }
 
 /// Writes and syncs, counted. A sync that starts after write `n` returned covers it.
@@ -407,9 +439,23 @@ impl Store {
             wal: Mutex::new(WalState::default()),
             synced: Condvar::new(),
             id: NEXT_STORE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            timer: OnceLock::new(),
         };
         store.check_schemas()?;
         Ok(store)
+    }
+
+    /// Tells `timer` how long every later write and WAL sync takes. Only the first timer set is
+    /// kept; answers whether this one was.
+    pub fn observe_writes(&self, timer: Arc<dyn WriteTimer>) -> bool {
+        self.timer.set(timer).is_ok()
+    }
+
+    /// The time since `started`, told to the timer if there is one.
+    fn timed(&self, op: StoreOp, started: Option<Instant>) {
+        if let (Some(t), Some(started)) = (self.timer.get(), started) {
+            t.observe(op, started.elapsed());
+        }
     }
 
     /// Records each family's schema version, refusing data written by a newer schema.
@@ -479,6 +525,7 @@ impl Store {
         if batch.ops.is_empty() {
             return Ok(Written(0));
         }
+        let started = self.timer.get().map(|_| Instant::now());
         let mut wb = WriteBatch::default();
         for (cf, key, value) in &batch.ops {
             match value {
@@ -497,7 +544,9 @@ impl Store {
         let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
         wal.written += 1;
         let n = wal.written;
+        drop(wal);
         LAST_WRITE.with(|w| w.set((self.id, n)));
+        self.timed(StoreOp::Write, started);
         Ok(Written(n))
     }
 
@@ -518,7 +567,9 @@ impl Store {
             wal.syncing = true;
             let target = wal.written;
             drop(wal);
+            let started = self.timer.get().map(|_| Instant::now());
             let result = self.db.flush_wal(true);
+            self.timed(StoreOp::Sync, started);
             wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
             wal.syncing = false;
             if result.is_ok() {

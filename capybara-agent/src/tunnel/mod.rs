@@ -114,4 +114,4 @@ pub use device::{DEFAULT_OFFLOAD, MAX_MTU, TunnelDevice, TunnelDeviceConfig, Tun
 pub use events::{AuthFailure, AuthReport, DisconnectReason, TunnelEvent};
 pub use keys::{KeyError, PresharedKey, PrivateKey, PublicKey};
 pub use peers::{PeerConfig, PeerStatus};
-pub use wg::{DropCounters, WgConfig, WgError, WgTunnel};
+pub use wg::{DropCounters, HandshakeCounters, WgConfig, WgError, WgTunnel};

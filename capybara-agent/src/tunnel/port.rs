@@ -8,7 +8,7 @@ use crate::{
     net::Cidr,
     service::{
         domain,
-        ports::{TunnelPeerStatus, TunnelPort, TunnelPortError},
+        ports::{TunnelPeerStatus, TunnelPort, TunnelPortError, TunnelTelemetry},
     },
 };
 
@@ -77,5 +77,19 @@ impl TunnelPort for WgTunnel {
                 connected: p.connected,
             })
             .collect()
+    }
+
+    fn telemetry(&self) -> TunnelTelemetry {
+        let h = self.handshakes();
+        TunnelTelemetry {
+            sessions_online: self.connected_peers() as u64,
+            handshakes_completed: h.completed,
+            handshakes_failed: vec![
+                ("unknown-key", h.unknown_key),
+                ("bad-mac", h.bad_mac),
+                ("undecryptable", h.undecryptable),
+                ("rejected", h.rejected),
+            ],
+        }
     }
 }

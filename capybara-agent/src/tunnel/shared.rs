@@ -63,6 +63,10 @@ pub(super) struct Inner {
     pub(super) drops_no_endpoint: AtomicU64,
     pub(super) drops_bad_source: AtomicU64,
     pub(super) drops_invalid: AtomicU64,
+    /// Handshakes completed (rekeys included), see [`HandshakeCounters`](crate::tunnel::wg::HandshakeCounters).
+    pub(super) handshakes_completed: AtomicU64,
+    /// Handshakes failed, by [`AuthFailure`] (in the order of its variants).
+    pub(super) handshakes_failed: [AtomicU64; 4],
 }
 
 impl Inner {
@@ -118,6 +122,7 @@ impl Inner {
         reason: AuthFailure,
     ) {
         self.drops_invalid.fetch_add(1, Ordering::Relaxed);
+        self.handshakes_failed[reason as usize].fetch_add(1, Ordering::Relaxed);
         let first = self
             .auth_table
             .lock()
@@ -226,6 +231,7 @@ impl Inner {
     ) {
         let at = SystemTime::now();
         st.last_handshake = Some(at);
+        self.handshakes_completed.fetch_add(1, Ordering::Relaxed);
         if st.liveness.is_connected() {
             self.seen(peer, st, src, now);
         } else {

@@ -79,6 +79,23 @@ pub struct DropCounters {
     pub invalid: u64,
 }
 
+/// Handshakes since the tunnel started: completed (a responder's once the initiator's first
+/// packet on the new session arrived; rekeys of connected peers included) and failed, by
+/// [`AuthFailure`](crate::tunnel::AuthFailure). Relaxed atomics, counted on the data path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HandshakeCounters {
+    /// Completed handshakes.
+    pub completed: u64,
+    /// Initiations from a key that is no peer.
+    pub unknown_key: u64,
+    /// Handshakes whose MAC does not match our public key.
+    pub bad_mac: u64,
+    /// Initiations whose static key could not be decrypted.
+    pub undecryptable: u64,
+    /// Handshakes a peer's session refused.
+    pub rejected: u64,
+}
+
 /// Errors of the tunnel. Peer operations leave the tunnel unchanged when they fail.
 #[derive(Debug, thiserror::Error)]
 pub enum WgError {
@@ -227,6 +244,8 @@ impl WgTunnel {
             drops_no_endpoint: AtomicU64::new(0),
             drops_bad_source: AtomicU64::new(0),
             drops_invalid: AtomicU64::new(0),
+            handshakes_completed: AtomicU64::new(0),
+            handshakes_failed: Default::default(),
         });
         let (stop_rx, wake) = std::io::pipe().map_err(WgError::Spawn)?;
         let mut tunnel = WgTunnel {
@@ -468,6 +487,38 @@ impl WgTunnel {
             bad_source: i.drops_bad_source.load(Ordering::Relaxed),
             invalid: i.drops_invalid.load(Ordering::Relaxed),
         }
+    }
+
+    /// Handshakes completed and failed since the tunnel started.
+    pub fn handshakes(&self) -> HandshakeCounters {
+        let i = &self.inner;
+        let failed =
+            |r: crate::tunnel::AuthFailure| i.handshakes_failed[r as usize].load(Ordering::Relaxed);
+        use crate::tunnel::AuthFailure as F;
+        HandshakeCounters {
+            completed: i.handshakes_completed.load(Ordering::Relaxed),
+            unknown_key: failed(F::UnknownKey),
+            bad_mac: failed(F::BadMac),
+            undecryptable: failed(F::Undecryptable),
+            rejected: failed(F::Rejected),
+        }
+    }
+
+    /// Peers connected now (a completed handshake, not yet reported gone). Reads each peer's
+    /// state under its lock: for a scrape or a status call, not for the data path.
+    pub fn connected_peers(&self) -> usize {
+        self.inner
+            .snapshot()
+            .by_key
+            .values()
+            .filter(|p| {
+                p.state
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .liveness
+                    .is_connected()
+            })
+            .count()
     }
 }
 

@@ -317,6 +317,7 @@ impl TcpApi {
                 tcp: Some(tcp),
                 unix: None,
                 tcp_tls: None,
+                metrics: None,
                 // No rate limit: the benchmarks measure the API, not its limiter.
                 tcp_access: Some(capybara_agent::service::access::ApiAccess {
                     listen: addr,
