@@ -4,10 +4,7 @@
 //! each lands in `capybara_api_request_duration_seconds` under its method and code, and the
 //! unknown path under `route="unknown"` (bounded cardinality), never under its own path.
 
-use capybara_agent::{
-    metrics::{Metrics, MetricsConfig},
-    service::domain::Scope,
-};
+use capybara_agent::service::domain::Scope;
 
 use crate::api_support::TestApi;
 
@@ -23,7 +20,8 @@ fn count(text: &str, route: &str, code: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_grpc_call_is_timed_under_its_method_and_code() {
     let api = TestApi::start(false).await;
-    let metrics = Metrics::install(&api.svc, MetricsConfig::default());
+    // The server's own metrics (what `GET /metrics` answers).
+    let metrics = api.metrics.clone();
     let admin = api.tcp_client(Some(&api.token(Scope::Admin))).await;
     let read = api.tcp_client(Some(&api.token(Scope::Read))).await;
     let none = api.tcp_client(None).await;

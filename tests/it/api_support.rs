@@ -27,6 +27,8 @@ pub struct TestApi {
     pub svc: Arc<Service>,
     pub plane: Arc<MemoryPlane>,
     pub tunnel: Arc<MemoryTunnel>,
+    /// The metrics the service reports to (served as `GET /metrics`).
+    pub metrics: Arc<capybara_agent::metrics::Metrics>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -83,6 +85,10 @@ impl TestApi {
         let addr = tcp.local_addr().unwrap();
         let socket = dir.path().join("run/agent.sock");
         let unix = api::bind_unix(&socket).expect("bind unix");
+        let metrics = capybara_agent::metrics::Metrics::install(
+            &svc,
+            capybara_agent::metrics::MetricsConfig::default(),
+        );
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(api::run(
             svc.clone(),
@@ -91,10 +97,7 @@ impl TestApi {
                 unix: Some(unix),
                 tcp_tls: tls,
                 // `GET /metrics` beside the API, as the agent serves it.
-                metrics: Some(capybara_agent::metrics::Metrics::install(
-                    &svc,
-                    capybara_agent::metrics::MetricsConfig::default(),
-                )),
+                metrics: Some(metrics.clone()),
                 // No per-token rate limit (tests make calls at any pace; `api_rest` tests the
                 // limiter with a setting of its own).
                 tcp_access: Some(capybara_agent::service::access::ApiAccess {
@@ -118,6 +121,7 @@ impl TestApi {
             svc,
             plane,
             tunnel,
+            metrics,
             stop: Some(stop),
             task: Some(task),
         }
