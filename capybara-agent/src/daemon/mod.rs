@@ -45,6 +45,7 @@
 //! recorder).
 
 mod agent;
+pub mod args;
 mod events;
 mod start;
 
