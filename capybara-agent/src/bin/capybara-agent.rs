@@ -1,14 +1,18 @@
-//! `capybara-agent`: the Capybara daemon. Parses flags, installs the signal handlers and runs
-//! `capybara_agent::daemon::run` until SIGINT or SIGTERM.
+//! `capybara-agent`: the Capybara daemon. Parses flags (merged with the configuration file:
+//! `daemon::config_file`), installs the signal handlers and runs `capybara_agent::daemon::run`
+//! until SIGINT or SIGTERM.
+//!
+//! Under systemd (`Type=notify`, `$NOTIFY_SOCKET` set) it sends `READY=1` once the daemon is
+//! ready (the programs attached, the tunnel up, the API's listeners bound) and `STOPPING=1` when
+//! a signal starts the shutdown; without `$NOTIFY_SOCKET` both are no-ops.
 
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 use capybara_agent::{
-    daemon::{self, AgentConfig, args::Args},
+    daemon::{self, AgentConfig, config_file},
     paths,
 };
-use clap::Parser as _;
 
 /// An interface address `a.b.c.d/len`: the host part may be set (it is the server's address).
 fn iface_addr(field: &str, s: &str) -> anyhow::Result<ipnet::IpNet> {
@@ -18,7 +22,14 @@ fn iface_addr(field: &str, s: &str) -> anyhow::Result<ipnet::IpNet> {
 
 fn main() -> anyhow::Result<()> {
     capybara_agent::logging::install();
-    let args = Args::parse();
+    let args = match config_file::parse(std::env::args_os()) {
+        Ok(args) => args,
+        Err(config_file::LoadError::Cli(e)) => e.exit(),
+        Err(config_file::LoadError::File(e)) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
     if let Some(name) = &args.netns {
         // Before the runtime starts: setns(2) moves only the calling thread, and every thread
         // spawned afterwards inherits it.
@@ -87,6 +98,7 @@ fn main() -> anyhow::Result<()> {
                 _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
                 _ = term.recv() => tracing::info!("SIGTERM"),
             }
+            notify(sd_notify::NotifyState::Stopping);
         };
         daemon::run(config, shutdown, |r| {
             tracing::info!(
@@ -96,8 +108,17 @@ fn main() -> anyhow::Result<()> {
                 api = %r.api_tcp.map_or_else(|| "-".to_owned(), |a| a.to_string()),
                 "capybara-agent ready"
             );
+            notify(sd_notify::NotifyState::Ready);
         })
         .await
     })?;
     Ok(())
+}
+
+/// Tells systemd (`$NOTIFY_SOCKET`) the agent's state; a failure to send is logged, it never
+/// stops the agent.
+fn notify(state: sd_notify::NotifyState<'_>) {
+    if let Err(e) = sd_notify::notify(&[state]) {
+        tracing::warn!(error = %e, "cannot notify systemd ($NOTIFY_SOCKET)");
+    }
 }

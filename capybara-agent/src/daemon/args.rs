@@ -97,4 +97,9 @@ pub struct Args {
     /// Keep audit records this long, e.g. 365d (pruned at start and hourly).
     #[arg(long, default_value = "365d")]
     pub audit_retention: String,
+    /// Configuration file (TOML): every key is one of these flags, its name with `_` for `-`
+    /// (`listen_port = 51820`); a flag given here overrides the key. The default file is read
+    /// only when it exists; a file named here must exist.
+    #[arg(long, value_name = "FILE", default_value = paths::CONFIG_FILE)]
+    pub config: PathBuf,
 }

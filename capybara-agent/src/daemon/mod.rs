@@ -46,6 +46,7 @@
 
 mod agent;
 pub mod args;
+pub mod config_file;
 mod events;
 mod start;
 
