@@ -677,7 +677,7 @@ fn clock_verdict(now: u64, synced: Option<bool>) -> Check {
         None => not_ok(
             "clock",
             Status::Warn,
-            format!("{date}; synchronization unknown (no timedatectl)"),
+            format!("{date}; synchronization unknown (timedatectl did not answer)"),
             "check chrony/ntpd by hand, or use systemd-timesyncd",
         ),
     }
