@@ -174,7 +174,9 @@ fn diagnose_against_a_running_agent() {
     )
     .unwrap();
     // An uplink with a default route (one end of a veth pair), forwarding on, NAT for the subnet.
-    ns.exec(&["ip", "link", "add", "up0", "type", "veth", "peer", "name", "up1"]);
+    ns.exec(&[
+        "ip", "link", "add", "up0", "type", "veth", "peer", "name", "up1",
+    ]);
     ns.exec(&["ip", "link", "set", "up1", "up"]);
     ns.exec(&["ip", "link", "set", "up0", "up"]);
     ns.exec(&["ip", "addr", "add", "198.51.100.2/24", "dev", "up0"]);

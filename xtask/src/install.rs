@@ -346,9 +346,12 @@ StateDirectoryMode=0700
 RuntimeDirectory=capybara
 RuntimeDirectoryMode=0750
 # The pinned maps and links (--bpffs under /sys/fs/bpf) and the WireGuard UAPI socket that
-# `wg show` reads (/run/wireguard). /sys stays writable here on purpose: ProtectKernelTunables=
-# would remount it read-only and pinning on bpffs needs a writable mount.
-ReadWritePaths=/sys/fs/bpf -/run/wireguard
+# `wg show` reads (/run/wireguard, shared with other WireGuard tools, so made here, outside the
+# sandbox, rather than as a RuntimeDirectory= that the stop would remove). /sys stays writable
+# on purpose: ProtectKernelTunables= would remount it read-only and pinning on bpffs needs a
+# writable mount.
+ExecStartPre=+/usr/bin/mkdir -p /run/wireguard
+ReadWritePaths=/sys/fs/bpf /run/wireguard
 # The configuration and the country database are only read.
 ReadOnlyPaths=-{config_dir} -/var/cache/capybara
 # Devices: only the TUN clone device.

@@ -43,6 +43,10 @@ pub const PACKAGES: &[&str] = &[
     // The country database download (`crate::geoip`).
     "curl",
     "ca-certificates",
+    // `cargo xtask install`'s checks: `systemd-analyze verify` of the unit, `man -l` of the
+    // generated pages.
+    "systemd",
+    "man-db",
 ];
 
 /// The bpf-linker release that works with aya 0.14 and nightly's LLVM 22.

@@ -12,7 +12,7 @@
 //!
 //! | check | ok | not ok |
 //! |---|---|---|
-//! | `kernel` | the release, ≥ 5.15 | warn below (the programs are tested on ≥ 6.1) |
+//! | `kernel` | the release, ≥ 6.6 (what the project requires: README, `cargo xtask setup`) | warn below |
 //! | `bpf` | the kernel config has `CONFIG_BPF_SYSCALL` and `CONFIG_BPF_JIT`, bpffs mounted at `/sys/fs/bpf` | fail |
 //! | `btf` | `/sys/kernel/btf/vmlinux` exists | fail |
 //! | `xdp-tc` | `CONFIG_NET_SCH_INGRESS` (clsact), `CONFIG_NET_CLS_BPF`, `CONFIG_NET_CLS_ACT`, `CONFIG_NET_SCH_HTB`, `CONFIG_IFB` in the kernel config (XDP itself is in every BPF kernel) | fail; warn when the kernel config is unreadable |
@@ -244,14 +244,14 @@ fn kernel_version(release: &str) -> Check {
     let mut parts = release.split(|c: char| !c.is_ascii_digit());
     let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
     let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-    if (major, minor) >= (5, 15) {
+    if (major, minor) >= (6, 6) {
         ok("kernel", format!("Linux {release}"))
     } else {
         not_ok(
             "kernel",
             Status::Warn,
             format!("Linux {release:?}"),
-            "use Linux 5.15 or newer (6.1+ tested): older kernels lack BPF features the programs use",
+            "use Linux 6.6 or newer: older kernels lack BPF features the programs use",
         )
     }
 }
@@ -822,7 +822,9 @@ mod tests {
         assert_eq!(bpf(Some(c), mounts).status, Status::Ok);
         assert_eq!(bpf(Some(c), "").status, Status::Fail);
         assert_eq!(bpf(Some("CONFIG_BPF_JIT=y\n"), mounts).status, Status::Fail);
-        assert_eq!(kernel_version("6.1.0-18-amd64").status, Status::Ok);
+        assert_eq!(kernel_version("6.6.0-18-amd64").status, Status::Ok);
+        assert_eq!(kernel_version("6.18.44-fc").status, Status::Ok);
+        assert_eq!(kernel_version("6.1.0-18-amd64").status, Status::Warn);
         assert_eq!(kernel_version("5.4.0").status, Status::Warn);
     }
 }
