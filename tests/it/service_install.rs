@@ -80,6 +80,24 @@ fn install_into_a_prefix_writes_every_file_and_a_second_run_changes_nothing() {
         "the installed agent.toml was not accepted:\n{err}"
     );
 
+    // A bad key stops the agent before anything opens, naming the file and the key (exit 2).
+    let bad = p.join("bad.toml");
+    std::fs::write(&bad, "listen_port = 51820\nlisten-prot = 1\n").unwrap();
+    let refused = Command::new(p.join("bin/capybara-agent"))
+        .arg("--config")
+        .arg(&bad)
+        .arg("--data-dir")
+        .arg(p.join("data"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("bad.toml") && err.contains("unknown key `listen-prot`"),
+        "{err}"
+    );
+    assert!(!p.join("data").exists());
+
     // Man pages render; completions exist and bash loads its file.
     for page in [
         "share/man/man8/capybara-agent.8",

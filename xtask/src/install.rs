@@ -189,7 +189,7 @@ pub fn install(binaries: &Path, layout: &Layout) -> Result<()> {
     Ok(())
 }
 
-/// A fresh directory for `capybara generate`'s output, inside the target dir.
+/// A fresh directory for `capybara generate`'s output, in the system's temporary directory.
 fn staging_dir() -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("capybara-install-{}", std::process::id()));
     if dir.exists() {
