@@ -12,6 +12,7 @@
 //! | WireGuard UAPI socket (`wg show`) | `/var/run/wireguard/<iface>.sock` | `0600` ([`WG_UAPI_SOCKET_MODE`]), dir `0755` |
 //! | key sealing kept client keys (`--keep-client-keys`) | `<data>/client-keys.key` | `0600` ([`KEY_FILE_MODE`]) |
 //! | country database for `geo block/allow` when `--geoip-db` is not given | `/var/cache/capybara/geoip/geo-whois-asn-country.mmdb` ([`GEOIP_DB`], installed by `cargo xtask setup`; used only if it exists) | read only |
+//! | agent configuration file (`--config`; every key is also a flag) | `/etc/capybara/agent.toml` ([`CONFIG_FILE`]; read only if it exists) | written by `cargo xtask install` `0644`, read only by the agent |
 //! | temporary file of a secret file being written | `<dir>/.<name>.tmp` ([`temp_file`]) | `0600` ([`KEY_FILE_MODE`]) |
 //!
 //! **Secret files** are the two key files above; they are the only files the agent itself
@@ -60,6 +61,10 @@ pub fn ensure_data_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(DATA_DIR_MODE))
 }
+
+/// The agent's configuration file, read at start when it exists (`--config` names another,
+/// which then must exist): `daemon::config_file`.
+pub const CONFIG_FILE: &str = "/etc/capybara/agent.toml";
 
 /// Directory of the control socket.
 pub const SOCKET_DIR: &str = "/run/capybara";

@@ -8,6 +8,9 @@
 //!   in network namespaces (root); `e2e_support` opens and attaches the dataplane.
 //! - `prog_test_run`: BPF_PROG_TEST_RUN tables of the kernel programs (root).
 //! - `logging`: the runtime log filter (installs the process's global subscriber).
+//! - `service_install`: `cargo xtask install --prefix` into a temporary directory and
+//!   `capybara diagnose` without an agent (no root); `e2e_service` runs the installed agent
+//!   with its unit's capabilities and `$NOTIFY_SOCKET`, and diagnose against it (root).
 //!
 //! `cargo xtask test` runs `prog_test_run::` as its own stage and everything else serially in the
 //! `e2e` stage.
@@ -51,6 +54,7 @@ mod e2e_metrics;
 mod e2e_peer_counters;
 mod e2e_policy;
 mod e2e_quota;
+mod e2e_service;
 mod e2e_session_history;
 mod e2e_shape;
 mod e2e_store_durability;
@@ -60,3 +64,4 @@ mod e2e_xdp_guard;
 mod geo;
 mod logging;
 mod prog_test_run;
+mod service_install;

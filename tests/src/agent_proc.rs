@@ -69,3 +69,46 @@ pub fn start_agent(ns: &NetNs, mut cmd: Command, log: &Path, ready_within: Durat
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Builds the xtask binary into the tests' target dir (as [`agent_crate_binary`] does the
+/// agent's) and returns its path. xtask is built in the dev profile whatever the tests' profile.
+pub fn xtask_binary() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let target_dir = profile_dir.parent().expect("target dir");
+    let status = Command::new(&cargo)
+        .args(["build", "--quiet", "-p", "xtask", "--manifest-path"])
+        .arg(&manifest)
+        .env("CARGO_TARGET_DIR", target_dir)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {cargo} to build xtask: {e}"));
+    assert!(status.success(), "building xtask failed: {status}");
+    let bin = target_dir.join("debug").join("xtask");
+    assert!(bin.exists(), "{} missing after the build", bin.display());
+    bin
+}
+
+/// Runs `cargo xtask install --prefix <prefix> --binaries-from <this build's binaries>` (the
+/// agent's binaries of the tests' profile, built first); panics with its output if it fails.
+/// Returns its output (stdout and stderr).
+pub fn xtask_install(prefix: &Path) -> String {
+    let agent = agent_crate_binary("capybara-agent");
+    agent_crate_binary("capybara");
+    let out = Command::new(xtask_binary())
+        .args(["install", "--prefix"])
+        .arg(prefix)
+        .arg("--binaries-from")
+        .arg(agent.parent().expect("binary dir"))
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+        .output()
+        .expect("run xtask install");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "xtask install failed:\n{text}");
+    text
+}

@@ -8,6 +8,7 @@
 //! cargo xtask bench   setup, build, run `capybara-bench`, print a table, copy the JSON
 //! cargo xtask policy  apply FILE [--dry-run] | diff FILE | export [--file F] (via the agent's API)
 //! cargo xtask geoip   fetch the country database into the cache (part of setup)
+//! cargo xtask install [--prefix DIR]  release binaries, systemd unit, agent.toml, man pages, completions
 //! ```
 //!
 //! Layout: one module per subcommand, each with its clap `Args` and a `run` function:
@@ -20,6 +21,8 @@
 //! - `policy`: the declarative policy file: builds the `capybara` CLI and hands it its arguments
 //!   (`capybara policy …`, which talks to the gRPC API).
 //! - `geoip`: the country database (pinned npm tarball, SHA-512 checked) into the cache.
+//! - `install`: the agent as a systemd service (binaries, unit, configuration file, man pages,
+//!   completions), idempotent; `--prefix` keeps it inside one directory.
 //! - `exec`: shared plumbing: every external command goes through it, is echoed as
 //!   `$ program args…` before it runs, and gets `PATH` with `<cache>/tools/bin` in front.
 //!   Paths (workspace root, cache dir, target dir) live there too.
@@ -27,6 +30,7 @@ mod bench;
 mod exec;
 mod fuzz;
 mod geoip;
+mod install;
 mod policy;
 mod run;
 mod setup;
@@ -63,6 +67,9 @@ enum Command {
     /// Fetch the country database for `geo block/allow` into the cache (setup's geo step on
     /// its own; a second run does nothing).
     Geoip(geoip::Args),
+    /// Build the release binaries and install them as a systemd service, with agent.toml,
+    /// man pages and shell completions (`--prefix DIR`: all under DIR).
+    Install(install::Args),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +82,7 @@ fn main() -> ExitCode {
         Command::Policy(args) => policy::run(&args),
         Command::Fuzz(args) => fuzz::run(&args),
         Command::Geoip(args) => geoip::run(&args),
+        Command::Install(args) => install::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -54,6 +54,10 @@ pub const PACKAGES: &[&str] = &[
     "ca-certificates",
     // The metrics test: `promtool check metrics` and a real Prometheus server scraping the agent.
     "prometheus",
+    // `cargo xtask install`'s checks: `systemd-analyze verify` of the unit, `man -l` of the
+    // generated pages.
+    "systemd",
+    "man-db",
 ];
 
 /// Python tools the tests run, pinned, from PyPI into a virtual environment at `<cache>/pyenv`

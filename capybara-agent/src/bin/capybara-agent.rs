@@ -1,115 +1,18 @@
-//! `capybara-agent`: the Capybara daemon. Parses flags, installs the signal handlers and runs
-//! `capybara_agent::daemon::run` until SIGINT or SIGTERM.
+//! `capybara-agent`: the Capybara daemon. Parses flags (merged with the configuration file:
+//! `daemon::config_file`), installs the signal handlers and runs `capybara_agent::daemon::run`
+//! until SIGINT or SIGTERM.
+//!
+//! Under systemd (`Type=notify`, `$NOTIFY_SOCKET` set) it sends `READY=1` once the daemon is
+//! ready (the programs attached, the tunnel up, the API's listeners bound) and `STOPPING=1` when
+//! a signal starts the shutdown; without `$NOTIFY_SOCKET` both are no-ops.
 
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 use capybara_agent::{
-    daemon::{self, AgentConfig},
+    daemon::{self, AgentConfig, config_file},
     paths,
 };
-use clap::Parser;
-
-/// The Capybara WireGuard server agent.
-#[derive(Debug, Parser)]
-#[command(version, about)]
-struct Args {
-    /// Uplink interface for the XDP guard (the interface clients reach the server on).
-    #[arg(long)]
-    uplink: Option<String>,
-    /// Name of the tunnel device the agent creates.
-    #[arg(long, default_value = "capy0")]
-    tunnel: String,
-    /// The server's inner IPv4 address on the tunnel, with prefix length: devices get the
-    /// other hosts of this subnet. The default /15 (10.70.0.0–10.71.255.255) holds 131 069
-    /// devices, as many as the agent has peer ids, and is outside the subnets home routers,
-    /// Docker, Kubernetes, CGNAT/Tailscale and the big clouds use by default.
-    #[arg(long, default_value = daemon::DEFAULT_TUNNEL_IPV4)]
-    tunnel_ipv4: String,
-    /// The server's inner IPv6 address on the tunnel, with prefix length (a device gets the
-    /// same host offset as in the IPv4 subnet).
-    #[arg(long, default_value = daemon::DEFAULT_TUNNEL_IPV6)]
-    tunnel_ipv6: String,
-    /// WireGuard UDP listen port.
-    #[arg(long, default_value_t = 51820)]
-    listen_port: u16,
-    /// Data directory (the embedded store lives under it).
-    #[arg(long, default_value = paths::DATA_DIR)]
-    data_dir: PathBuf,
-    /// bpffs directory for pinned maps and links.
-    #[arg(long = "bpffs", default_value = paths::BPFFS_DIR)]
-    bpffs_dir: PathBuf,
-    /// Run in the named network namespace (`/run/netns/NAME`) while keeping the host's mount
-    /// namespace, so the pins stay on the host's bpffs (`ip netns exec` would mount a new one).
-    #[arg(long)]
-    netns: Option<String>,
-    /// Detach the kernel programs on exit instead of leaving them enforcing.
-    #[arg(long)]
-    detach_on_exit: bool,
-    /// Directory of the WireGuard UAPI socket `<tunnel>.sock` (what `wg show` reads).
-    #[arg(long, default_value = paths::WG_UAPI_DIR)]
-    wg_uapi_dir: PathBuf,
-    /// TCP address of the gRPC API, e.g. 0.0.0.0:7443 (every call needs a bearer token).
-    /// Without --api-tls-cert/--api-tls-key only a loopback address is accepted, unless
-    /// --insecure is given.
-    #[arg(long)]
-    api_listen: Option<std::net::SocketAddr>,
-    /// Serve Prometheus metrics (`GET /metrics`, plain HTTP, no token) on this address, e.g.
-    /// 127.0.0.1:9464. Only a loopback address is accepted unless --insecure is given.
-    #[arg(long, value_name = "ADDR:PORT")]
-    metrics_listen: Option<std::net::SocketAddr>,
-    /// Users with metric series of their own (the most bytes); the rest are summed as one
-    /// `_other` series.
-    #[arg(long, default_value_t = capybara_agent::metrics::DEFAULT_TOP_USERS,
-          value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
-              .range(0..=capybara_agent::metrics::MAX_TOP_USERS as u64))]
-    metrics_top_users: usize,
-    /// Allow --api-listen on a non-loopback address without TLS: bearer tokens then cross the
-    /// network in clear text (logged as a warning at start).
-    #[arg(long)]
-    insecure: bool,
-    /// The control socket (root only, no token).
-    #[arg(long, default_value = paths::SOCKET_PATH)]
-    api_socket: PathBuf,
-    /// Serve no control socket.
-    #[arg(long, conflicts_with = "api_socket")]
-    no_api_socket: bool,
-    /// The server's endpoint written into client configs (host:port); default: this host's
-    /// name and the listen port.
-    #[arg(long)]
-    public_endpoint: Option<String>,
-    /// DNS server written into client configs (repeatable).
-    #[arg(long)]
-    dns: Vec<std::net::IpAddr>,
-    /// Keep generated client private keys, encrypted, so `user config` can show them again.
-    #[arg(long)]
-    keep_client_keys: bool,
-    /// Leave kernel peers the store does not know in the pinned maps (by default they are
-    /// removed at start, their counters logged).
-    #[arg(long)]
-    keep_unknown_peers: bool,
-    /// TLS certificate chain (PEM) for the TCP API.
-    #[arg(long, value_name = "FILE", requires = "api_tls_key")]
-    api_tls_cert: Option<PathBuf>,
-    /// TLS private key (PEM) for the TCP API.
-    #[arg(long, value_name = "FILE", requires = "api_tls_cert")]
-    api_tls_key: Option<PathBuf>,
-    /// Country database (.mmdb) for `geo block/allow`: MaxMind's GeoLite2/GeoIP2-Country or
-    /// ip-location-db's geo-whois-asn-country layout. Default: /var/cache/capybara/geoip/geo-whois-asn-country.mmdb
-    /// (installed by `cargo xtask setup`) when that file exists.
-    #[arg(long, value_name = "FILE")]
-    geoip_db: Option<PathBuf>,
-    /// A connected peer with no handshake and no traffic for this long is disconnected (its
-    /// session ends as `idle`), e.g. 180s, 5m.
-    #[arg(long, default_value = "180s")]
-    disconnect_timeout: String,
-    /// Keep sessions and auth attempts this long, e.g. 90d (pruned at start and hourly).
-    #[arg(long, default_value = "90d")]
-    history_retention: String,
-    /// Keep audit records this long, e.g. 365d (pruned at start and hourly).
-    #[arg(long, default_value = "365d")]
-    audit_retention: String,
-}
 
 /// An interface address `a.b.c.d/len`: the host part may be set (it is the server's address).
 fn iface_addr(field: &str, s: &str) -> anyhow::Result<ipnet::IpNet> {
@@ -119,7 +22,14 @@ fn iface_addr(field: &str, s: &str) -> anyhow::Result<ipnet::IpNet> {
 
 fn main() -> anyhow::Result<()> {
     capybara_agent::logging::install();
-    let args = Args::parse();
+    let args = match config_file::parse(std::env::args_os()) {
+        Ok(args) => args,
+        Err(config_file::LoadError::Cli(e)) => e.exit(),
+        Err(config_file::LoadError::File(e)) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
     if let Some(name) = &args.netns {
         // Before the runtime starts: setns(2) moves only the calling thread, and every thread
         // spawned afterwards inherits it.
@@ -194,6 +104,7 @@ fn main() -> anyhow::Result<()> {
                 _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
                 _ = term.recv() => tracing::info!("SIGTERM"),
             }
+            notify(sd_notify::NotifyState::Stopping);
         };
         daemon::run(config, shutdown, |r| {
             tracing::info!(
@@ -204,8 +115,17 @@ fn main() -> anyhow::Result<()> {
                 metrics = %r.metrics_tcp.map_or_else(|| "-".to_owned(), |a| a.to_string()),
                 "capybara-agent ready"
             );
+            notify(sd_notify::NotifyState::Ready);
         })
         .await
     })?;
     Ok(())
+}
+
+/// Tells systemd (`$NOTIFY_SOCKET`) the agent's state; a failure to send is logged, it never
+/// stops the agent.
+fn notify(state: sd_notify::NotifyState<'_>) {
+    if let Err(e) = sd_notify::notify(&[state]) {
+        tracing::warn!(error = %e, "cannot notify systemd ($NOTIFY_SOCKET)");
+    }
 }

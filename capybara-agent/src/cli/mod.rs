@@ -18,8 +18,10 @@
 //! Layout: this file holds the top-level parser, the dispatch to each command family and the
 //! connection; each family has one file with its clap enum, its handler and its printing
 //! (`user`, `device`, `api`, `stats`, `top`, `connections` with `kick`, `health`, `history`,
-//! `backup`, `blocklist`, `geo`, `quota` with `quota template`, `group`, `policy`, `template`).
-//! What several families share is in modules no family owns, so no family imports another:
+//! `backup`, `blocklist`, `geo`, `quota` with `quota template`, `group`, `policy`, `template`,
+//! `diagnose`; the hidden `generate` writes the man pages and completions `cargo xtask install`
+//! installs). What several families share is in modules no family owns, so no family imports
+//! another:
 //! `error` (`CliError`, exit codes, the error line), `input` (checks of shared values), `output`
 //! (standard output, `--json`, times, files written 0600), `table`, `limits` (the limit options
 //! and a limits cell), `client_config` (a device's config with its QR code), `qr` and `live`
@@ -31,7 +33,9 @@ mod blocklist;
 mod client_config;
 mod connections;
 mod device;
+mod diagnose;
 mod error;
+mod generate;
 mod geo;
 mod group;
 mod health;
@@ -132,6 +136,14 @@ enum Command {
     /// remote-worker, guest).
     #[command(subcommand)]
     Template(template::TemplateCmd),
+    /// What an admin checks by hand: kernel features, the agent and its programs, the tunnel,
+    /// the listen port, forwarding and NAT, MTU, clock, store and disk; one line each with a
+    /// fix hint; exit 1 if any fails.
+    Diagnose(diagnose::DiagnoseArgs),
+    /// Write the man pages, shell completions and default agent.toml (for `cargo xtask
+    /// install`).
+    #[command(hide = true)]
+    Generate(generate::GenerateArgs),
 }
 
 /// Runs the CLI with the process arguments.
@@ -206,5 +218,7 @@ async fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Group(cmd) => group::run(cli, cmd).await,
         Command::Policy(cmd) => policy::run(cli, cmd).await,
         Command::Template(cmd) => template::run(cli, cmd).await,
+        Command::Diagnose(args) => diagnose::run(cli, args).await,
+        Command::Generate(args) => generate::run(args),
     }
 }

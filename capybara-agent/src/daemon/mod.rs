@@ -48,6 +48,8 @@
 //! recorder).
 
 mod agent;
+pub mod args;
+pub mod config_file;
 mod events;
 mod start;
 

@@ -1,0 +1,115 @@
+//! The `capybara-agent` command line: every flag, its default and its help text. The library
+//! owns it (not the binary) so that `cargo xtask install` can generate the man page and the
+//! shell completions from it.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::{daemon, paths};
+
+/// The Capybara WireGuard server agent.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Args {
+    /// Uplink interface for the XDP guard (the interface clients reach the server on).
+    #[arg(long)]
+    pub uplink: Option<String>,
+    /// Name of the tunnel device the agent creates.
+    #[arg(long, default_value = "capy0")]
+    pub tunnel: String,
+    /// The server's inner IPv4 address on the tunnel, with prefix length: devices get the
+    /// other hosts of this subnet. The default /15 (10.70.0.0–10.71.255.255) holds 131 069
+    /// devices, as many as the agent has peer ids, and is outside the subnets home routers,
+    /// Docker, Kubernetes, CGNAT/Tailscale and the big clouds use by default.
+    #[arg(long, default_value = daemon::DEFAULT_TUNNEL_IPV4)]
+    pub tunnel_ipv4: String,
+    /// The server's inner IPv6 address on the tunnel, with prefix length (a device gets the
+    /// same host offset as in the IPv4 subnet).
+    #[arg(long, default_value = daemon::DEFAULT_TUNNEL_IPV6)]
+    pub tunnel_ipv6: String,
+    /// WireGuard UDP listen port.
+    #[arg(long, default_value_t = 51820)]
+    pub listen_port: u16,
+    /// Data directory (the embedded store lives under it).
+    #[arg(long, default_value = paths::DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// bpffs directory for pinned maps and links.
+    #[arg(long = "bpffs", default_value = paths::BPFFS_DIR)]
+    pub bpffs_dir: PathBuf,
+    /// Run in the named network namespace (`/run/netns/NAME`) while keeping the host's mount
+    /// namespace, so the pins stay on the host's bpffs (`ip netns exec` would mount a new one).
+    #[arg(long)]
+    pub netns: Option<String>,
+    /// Detach the kernel programs on exit instead of leaving them enforcing.
+    #[arg(long)]
+    pub detach_on_exit: bool,
+    /// Directory of the WireGuard UAPI socket `<tunnel>.sock` (what `wg show` reads).
+    #[arg(long, default_value = paths::WG_UAPI_DIR)]
+    pub wg_uapi_dir: PathBuf,
+    /// TCP address of the gRPC API, e.g. 0.0.0.0:7443 (every call needs a bearer token).
+    /// Without --api-tls-cert/--api-tls-key only a loopback address is accepted, unless
+    /// --insecure is given.
+    #[arg(long)]
+    pub api_listen: Option<std::net::SocketAddr>,
+    /// Serve Prometheus metrics (`GET /metrics`, plain HTTP, no token) on this address, e.g.
+    /// 127.0.0.1:9464. Only a loopback address is accepted unless --insecure is given.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Users with metric series of their own (the most bytes); the rest are summed as one
+    /// `_other` series.
+    #[arg(long, default_value_t = crate::metrics::DEFAULT_TOP_USERS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
+              .range(0..=crate::metrics::MAX_TOP_USERS as u64))]
+    pub metrics_top_users: usize,
+    /// Allow --api-listen on a non-loopback address without TLS: bearer tokens then cross the
+    /// network in clear text (logged as a warning at start).
+    #[arg(long)]
+    pub insecure: bool,
+    /// The control socket (root only, no token).
+    #[arg(long, default_value = paths::SOCKET_PATH)]
+    pub api_socket: PathBuf,
+    /// Serve no control socket.
+    #[arg(long, conflicts_with = "api_socket")]
+    pub no_api_socket: bool,
+    /// The server's endpoint written into client configs (host:port); default: this host's
+    /// name and the listen port.
+    #[arg(long)]
+    pub public_endpoint: Option<String>,
+    /// DNS server written into client configs (repeatable).
+    #[arg(long)]
+    pub dns: Vec<std::net::IpAddr>,
+    /// Keep generated client private keys, encrypted, so `user config` can show them again.
+    #[arg(long)]
+    pub keep_client_keys: bool,
+    /// Leave kernel peers the store does not know in the pinned maps (by default they are
+    /// removed at start, their counters logged).
+    #[arg(long)]
+    pub keep_unknown_peers: bool,
+    /// TLS certificate chain (PEM) for the TCP API.
+    #[arg(long, value_name = "FILE", requires = "api_tls_key")]
+    pub api_tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for the TCP API.
+    #[arg(long, value_name = "FILE", requires = "api_tls_cert")]
+    pub api_tls_key: Option<PathBuf>,
+    /// Country database (.mmdb) for `geo block/allow`: MaxMind's GeoLite2/GeoIP2-Country or
+    /// ip-location-db's geo-whois-asn-country layout. Default: /var/cache/capybara/geoip/geo-whois-asn-country.mmdb
+    /// (installed by `cargo xtask setup`) when that file exists.
+    #[arg(long, value_name = "FILE")]
+    pub geoip_db: Option<PathBuf>,
+    /// A connected peer with no handshake and no traffic for this long is disconnected (its
+    /// session ends as `idle`), e.g. 180s, 5m.
+    #[arg(long, default_value = "180s")]
+    pub disconnect_timeout: String,
+    /// Keep sessions and auth attempts this long, e.g. 90d (pruned at start and hourly).
+    #[arg(long, default_value = "90d")]
+    pub history_retention: String,
+    /// Keep audit records this long, e.g. 365d (pruned at start and hourly).
+    #[arg(long, default_value = "365d")]
+    pub audit_retention: String,
+    /// Configuration file (TOML): every key is one of these flags, its name with `_` for `-`
+    /// (`listen_port = 51820`); a flag given here overrides the key. The default file is read
+    /// only when it exists; a file named here must exist.
+    #[arg(long, value_name = "FILE", default_value = paths::CONFIG_FILE)]
+    pub config: PathBuf,
+}
