@@ -97,10 +97,8 @@ fn field_schema(api: &Api, f: &Field) -> Value {
         // Absent in a request, `null` in an answer when unset.
         s = json!({ "allOf": [s], "nullable": true });
     }
-    if !f.comment.is_empty() {
-        if let Value::Object(o) = &mut s {
-            o.insert("description".into(), f.comment.clone().into());
-        }
+    if let (false, Value::Object(o)) = (f.comment.is_empty(), &mut s) {
+        o.insert("description".into(), f.comment.clone().into());
     }
     s
 }

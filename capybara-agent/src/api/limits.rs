@@ -53,13 +53,13 @@ impl Bucket {
     }
 }
 
-fn bucket<'a, K: std::hash::Hash + Eq>(
-    map: &'a mut HashMap<K, Bucket>,
+fn bucket<K: std::hash::Hash + Eq>(
+    map: &mut HashMap<K, Bucket>,
     key: K,
     now: Instant,
     burst: f64,
     per_sec: f64,
-) -> &'a mut Bucket {
+) -> &mut Bucket {
     if map.len() >= MAX_TRACKED && !map.contains_key(&key) {
         map.retain(|_, b| !b.full(now, burst, per_sec));
         if map.len() >= MAX_TRACKED {

@@ -391,12 +391,12 @@ fn error_body(st: &Status) -> (StatusCode, Value) {
         "status": format!("{:?}", st.code()).to_ascii_uppercase_snake(),
         "message": message,
     });
-    if code == StatusCode::BAD_REQUEST {
-        if let Some((field, _)) = message.split_once(": ") {
-            if !field.is_empty() && !field.contains(' ') {
-                body["field"] = field.into();
-            }
-        }
+    if code == StatusCode::BAD_REQUEST
+        && let Some((field, _)) = message.split_once(": ")
+        && !field.is_empty()
+        && !field.contains(' ')
+    {
+        body["field"] = field.into();
     }
     (code, body)
 }
