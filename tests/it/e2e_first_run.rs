@@ -30,26 +30,6 @@ use nix::{sys::signal::Signal, unistd::Pid};
 /// How long the agent may take to be ready (debug build; it compiles the country database).
 const READY: Duration = Duration::from_secs(120);
 
-/// Builds the xtask binary into the tests' target dir (as `agent_crate_binary` does the agent).
-fn xtask_binary() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let exe = std::env::current_exe().expect("current exe");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let target_dir = profile_dir.parent().expect("target dir");
-    let status = Command::new(&cargo)
-        .args(["build", "--quiet", "-p", "xtask", "--manifest-path"])
-        .arg(&manifest)
-        .env("CARGO_TARGET_DIR", target_dir)
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {cargo} to build xtask: {e}"));
-    assert!(status.success(), "building xtask failed: {status}");
-    // xtask is built in the dev profile whatever the tests' profile.
-    let bin = target_dir.join("debug").join("xtask");
-    assert!(bin.exists(), "{} missing after the build", bin.display());
-    bin
-}
-
 /// `xtask run` in the background with unique names; stopped and cleaned up on drop.
 struct XtaskRun {
     child: Child,
@@ -203,7 +183,7 @@ fn xtask_run_then_user_add_then_a_stock_client_pings_through_the_tunnel() {
     );
     let agent = agent_crate_binary("capybara-agent");
     let built_cli = agent_crate_binary("capybara");
-    let xtask = xtask_binary();
+    let xtask = capybara_tests::agent_proc::xtask_binary();
 
     let pid = std::process::id();
     let dir = tempfile::tempdir().unwrap();

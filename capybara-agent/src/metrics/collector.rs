@@ -316,6 +316,13 @@ impl Collector for ServiceCollector {
         )?;
         counter(
             &mut enc,
+            "capybara_auth_reports_dropped",
+            "Failed-handshake reports the session recorder dropped because its bounded queue was \
+             full (the tunnel never waits for it; `capybara health` shows the same count)",
+            self.svc.health.auth_drops(),
+        )?;
+        counter(
+            &mut enc,
             "capybara_metrics_read_errors",
             "Parts of scrapes left out because a read failed (logged)",
             self.read_errors.load(Ordering::Relaxed),

@@ -28,6 +28,7 @@
 //! | `capybara_quota_users` | gauge | `standing` (`unlimited`, `ok`, `warning` ≥ 80 %, `exceeded`) | users by quota standing |
 //! | `capybara_api_request_duration_seconds` | histogram | `route`, `code` | API call latency (gRPC method path or REST route; status code name) |
 //! | `capybara_store_duration_seconds` | histogram | `op` (`write`, `sync`) | RocksDB batch write and WAL fsync latency |
+//! | `capybara_auth_reports_dropped_total` | counter | — | failed-handshake reports the session recorder dropped (its queue was full; `capybara health` shows it too) |
 //! | `capybara_metrics_read_errors_total` | counter | — | scrape parts left out because a read failed |
 //!
 //! **Bounded cardinality.** Per-user series are the top N users by bytes (both directions,

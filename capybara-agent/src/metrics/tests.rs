@@ -120,7 +120,16 @@ fn user_series_are_top_n_and_other_summing_to_the_total() {
     let expect_top: Vec<&str> = expect_top.iter().take(3).map(|(_, n)| *n).collect();
 
     let m = Metrics::install(&f.svc, MetricsConfig { top_users: 3 });
+    // The session recorder's dropped auth reports (what `capybara health` shows).
+    f.svc
+        .health
+        .count_auth_drops(std::sync::Arc::new(std::sync::atomic::AtomicU64::new(7)));
     let text = m.encode_prometheus().unwrap();
+    assert_eq!(
+        samples(&text, "capybara_auth_reports_dropped_total"),
+        [(String::new(), 7.0)],
+        "{text}"
+    );
     let by_user = |metric: &str, dir: &str| -> BTreeMap<String, u64> {
         samples(&text, metric)
             .into_iter()

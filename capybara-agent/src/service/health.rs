@@ -86,6 +86,13 @@ impl Health {
         let _ = self.auth_drops.set(counter);
     }
 
+    /// The auth reports the session recorder dropped since start (0 without a recorder).
+    pub fn auth_drops(&self) -> u64 {
+        self.auth_drops
+            .get()
+            .map_or(0, |n| n.load(Ordering::Relaxed))
+    }
+
     /// Checks each component (see the module docs).
     pub fn check(&self) -> Vec<ComponentHealth> {
         let store = self
