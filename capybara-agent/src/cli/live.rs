@@ -215,6 +215,18 @@ pub(super) fn bytes(n: u64) -> String {
     }
 }
 
+/// The traffic cells of a `top` row: RX/S, TX/S, RX PKT/S, TX PKT/S, RX, TX.
+fn top_cells(t: &LiveTraffic) -> [String; 6] {
+    [
+        rate(t.rx.bytes),
+        rate(t.tx.bytes),
+        t.rx.packets.to_string(),
+        t.tx.packets.to_string(),
+        bytes(t.rx_total.bytes),
+        bytes(t.tx_total.bytes),
+    ]
+}
+
 fn rate(n: u64) -> String {
     format!("{}/s", bytes(n))
 }
@@ -289,17 +301,13 @@ pub(super) fn frame(v: &LiveView, layout: Layout, user: &str) -> Vec<String> {
                 "USER", "DEVICES", "ONLINE", "RX/S", "TX/S", "RX PKT/S", "TX PKT/S", "RX", "TX",
             ]);
             for r in &v.top_users {
-                u.row(vec![
+                let mut row = vec![
                     r.user.clone(),
                     r.devices.to_string(),
                     r.sessions.to_string(),
-                    rate(r.traffic.rx.bytes),
-                    rate(r.traffic.tx.bytes),
-                    r.traffic.rx.packets.to_string(),
-                    r.traffic.tx.packets.to_string(),
-                    bytes(r.traffic.rx_total.bytes),
-                    bytes(r.traffic.tx_total.bytes),
-                ]);
+                ];
+                row.extend(top_cells(&r.traffic));
+                u.row(row);
             }
             out.extend(table_lines(&u));
             out.extend(more_line("users", &v.other_users));
@@ -309,18 +317,14 @@ pub(super) fn frame(v: &LiveView, layout: Layout, user: &str) -> Vec<String> {
                 "RX", "TX",
             ]);
             for r in &v.top_devices {
-                d.row(vec![
+                let mut row = vec![
                     r.peer.user.to_string(),
                     r.peer.device.to_string(),
                     r.peer.ipv4.to_string(),
                     if r.online { "yes" } else { "no" }.into(),
-                    rate(r.traffic.rx.bytes),
-                    rate(r.traffic.tx.bytes),
-                    r.traffic.rx.packets.to_string(),
-                    r.traffic.tx.packets.to_string(),
-                    bytes(r.traffic.rx_total.bytes),
-                    bytes(r.traffic.tx_total.bytes),
-                ]);
+                ];
+                row.extend(top_cells(&r.traffic));
+                d.row(row);
             }
             out.extend(table_lines(&d));
             out.extend(more_line("devices", &v.other_devices));
