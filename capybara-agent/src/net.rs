@@ -13,6 +13,13 @@ use std::{
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
+/// Whether a listener on `addr` is reachable from this machine only: 127.0.0.0/8, `::1`, and
+/// `::ffff:127.x.y.z`. The rule every plain (no TLS, or no token) listener follows: the API's
+/// (`--api-listen`, `capybara api enable`) and the metrics' (`--metrics-listen`).
+pub fn is_loopback(addr: std::net::SocketAddr) -> bool {
+    addr.ip().to_canonical().is_loopback()
+}
+
 /// Why a string is not a valid CIDR. Every variant carries the input as given.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CidrError {

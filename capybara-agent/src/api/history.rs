@@ -362,22 +362,6 @@ mod tests {
     #[test]
     fn sessions_and_auth_attempts_round_trip() {
         let s = Session {
-            id: crate::service::domain::SessionId {
-                start_ns: 1,
-                peer: 2,
-            },
-            user: "alice".into(),
-            device: "laptop".into(),
-            peer_id: 2,
-            public_key: PublicKey([7; 32]),
-            ipv4: "10.99.0.2".parse().unwrap(),
-            ipv6: "fd99::2".parse().unwrap(),
-            start: 100,
-            end: Some(200),
-            endpoints: vec![EndpointSeen {
-                at: 100,
-                endpoint: "192.0.2.1:5".parse().unwrap(),
-            }],
             traffic: Counters {
                 rx: Traffic {
                     packets: 1,
@@ -388,7 +372,7 @@ mod tests {
                     bytes: 4,
                 },
             },
-            reason: Some(EndReason::AgentStopped),
+            ..Session::sample(100, 200, EndReason::AgentStopped)
         };
         assert_eq!(Session::try_from(pb::Session::from(&s)).unwrap(), s);
         let open = Session {

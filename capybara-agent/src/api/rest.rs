@@ -388,7 +388,7 @@ fn error_body(st: &Status) -> (StatusCode, Value) {
     let message = st.message().to_owned();
     let mut body = json!({
         "code": code.as_u16(),
-        "status": format!("{:?}", st.code()).to_ascii_uppercase_snake(),
+        "status": crate::metrics::grpc::code_name(st.code() as i32),
         "message": message,
     });
     if code == StatusCode::BAD_REQUEST
@@ -412,22 +412,4 @@ fn status_response(st: &Status) -> Response {
         resp.headers_mut().insert(header::RETRY_AFTER, r);
     }
     resp
-}
-
-/// `ResourceExhausted` → `RESOURCE_EXHAUSTED`: gRPC's names of its codes.
-trait SnakeUpper {
-    fn to_ascii_uppercase_snake(&self) -> String;
-}
-
-impl SnakeUpper for str {
-    fn to_ascii_uppercase_snake(&self) -> String {
-        let mut s = String::new();
-        for (i, c) in self.chars().enumerate() {
-            if c.is_ascii_uppercase() && i > 0 {
-                s.push('_');
-            }
-            s.push(c.to_ascii_uppercase());
-        }
-        s
-    }
 }

@@ -516,7 +516,6 @@ mod tests {
     use super::*;
     use crate::service::{
         EndReason, Traffic,
-        domain::PublicKey,
         history::{Counters, EndpointSeen},
     };
 
@@ -524,18 +523,7 @@ mod tests {
     fn csv_has_one_row_per_record_and_quotes_what_needs_it() {
         let page = HistoryPage {
             sessions: vec![Session {
-                id: crate::service::domain::SessionId {
-                    start_ns: 1,
-                    peer: 2,
-                },
-                user: "alice".into(),
                 device: "lap,top".into(),
-                peer_id: 2,
-                public_key: PublicKey([7; 32]),
-                ipv4: "10.99.0.2".parse().unwrap(),
-                ipv6: "fd99::2".parse().unwrap(),
-                start: 0,
-                end: Some(60),
                 endpoints: vec![
                     EndpointSeen {
                         at: 0,
@@ -556,7 +544,7 @@ mod tests {
                         bytes: 400,
                     },
                 },
-                reason: Some(EndReason::Kicked),
+                ..Session::sample(0, 60, EndReason::Kicked)
             }],
             auth_attempts: vec![AuthAttempt {
                 at: 0,
@@ -615,26 +603,7 @@ mod tests {
     }
 
     fn sample_page() -> HistoryPage {
-        let s = Session {
-            id: crate::service::domain::SessionId {
-                start_ns: 1,
-                peer: 2,
-            },
-            user: "alice".into(),
-            device: "laptop".into(),
-            peer_id: 2,
-            public_key: PublicKey([7; 32]),
-            ipv4: "10.99.0.2".parse().unwrap(),
-            ipv6: "fd99::2".parse().unwrap(),
-            start: 0,
-            end: Some(60),
-            endpoints: vec![EndpointSeen {
-                at: 0,
-                endpoint: "192.0.2.1:5".parse().unwrap(),
-            }],
-            traffic: Counters::default(),
-            reason: Some(EndReason::Kicked),
-        };
+        let s = Session::sample(0, 60, EndReason::Kicked);
         let a = AuthAttempt {
             at: 9,
             source: "203.0.113.9:1".parse().unwrap(),

@@ -138,7 +138,7 @@ impl ApiSettings {
         let Some(addr) = self.listen else {
             return Ok(ListenerCheck::Safe);
         };
-        if self.tls.is_some() || addr.ip().to_canonical().is_loopback() {
+        if self.tls.is_some() || crate::net::is_loopback(addr) {
             Ok(ListenerCheck::Safe)
         } else if self.insecure {
             Ok(ListenerCheck::Insecure(addr))

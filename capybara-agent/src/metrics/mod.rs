@@ -340,7 +340,7 @@ pub async fn serve(
 /// served only on a loopback address unless `insecure`. Answers whether the address is a
 /// network one (allowed by `insecure`: the daemon logs a warning), or `Err` with the address.
 pub fn check_listener(addr: SocketAddr, insecure: bool) -> Result<bool, SocketAddr> {
-    if addr.ip().to_canonical().is_loopback() {
+    if crate::net::is_loopback(addr) {
         Ok(false)
     } else if insecure {
         Ok(true)

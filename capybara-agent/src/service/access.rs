@@ -38,7 +38,7 @@ pub struct ApiAccess {
 impl ApiAccess {
     /// Checks the listener rule (module docs): the error names `listen`.
     pub fn check(&self) -> Result<(), ValidationError> {
-        if self.tls.is_some() || self.insecure || self.listen.ip().to_canonical().is_loopback() {
+        if self.tls.is_some() || self.insecure || crate::net::is_loopback(self.listen) {
             return Ok(());
         }
         Err(ValidationError::Value {
@@ -54,7 +54,7 @@ impl ApiAccess {
 
     /// A plain listener on a network address (allowed by `insecure`, logged as a warning).
     pub fn is_insecure(&self) -> bool {
-        self.tls.is_none() && !self.listen.ip().to_canonical().is_loopback()
+        self.tls.is_none() && !crate::net::is_loopback(self.listen)
     }
 }
 

@@ -236,6 +236,34 @@ pub struct Session {
     pub reason: Option<EndReason>,
 }
 
+#[cfg(test)]
+impl Session {
+    /// A test session: alice's laptop (peer 2, key `[7; 32]`), from `start` to `end`, from
+    /// 192.0.2.1:5, no traffic, ended as `reason`.
+    pub(crate) fn sample(start: u64, end: u64, reason: EndReason) -> Session {
+        Session {
+            id: crate::service::domain::SessionId {
+                start_ns: 1,
+                peer: 2,
+            },
+            user: "alice".into(),
+            device: "laptop".into(),
+            peer_id: 2,
+            public_key: crate::service::domain::PublicKey([7; 32]),
+            ipv4: "10.99.0.2".parse().unwrap(),
+            ipv6: "fd99::2".parse().unwrap(),
+            start,
+            end: Some(end),
+            endpoints: vec![EndpointSeen {
+                at: start,
+                endpoint: "192.0.2.1:5".parse().unwrap(),
+            }],
+            traffic: Counters::default(),
+            reason: Some(reason),
+        }
+    }
+}
+
 /// A session as stored: with the kernel counters when it opened.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredSession {
