@@ -214,6 +214,16 @@ impl Core {
         self.next_audit.store(seq, Ordering::SeqCst);
     }
 
+    /// Hands a webhook event (`service::notify`) to the outbox, then publishes it on the bus.
+    /// Never blocks on a receiver: delivery is the outbox worker's. Sources call it from any
+    /// task or thread.
+    pub fn notify(&self, n: super::notify::Notification) -> Result<(), ServiceError> {
+        // The outbox write comes here (issue 21, `service::webhooks`), before the publish.
+        tracing::debug!(event = %n.kind, user = ?n.user, "notification");
+        let _ = self.events.send(ServiceEvent::Notified(Box::new(n)));
+        Ok(())
+    }
+
     /// The service's event bus: `subscribe()` for a receiver of every event from then on.
     pub fn events(&self) -> tokio::sync::broadcast::Sender<ServiceEvent> {
         self.events.clone()

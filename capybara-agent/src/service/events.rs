@@ -35,6 +35,9 @@ pub enum ServiceEvent {
         /// When (the audit record's time, whole seconds).
         at: SystemTime,
     },
+    /// A webhook event was written to the outbox (`service::notify`): published after the
+    /// write, so a listener sees only events that will be delivered.
+    Notified(Box<super::notify::Notification>),
 }
 
 #[cfg(test)]
@@ -91,7 +94,10 @@ mod tests {
             target,
             at,
             ..
-        } = ev;
+        } = ev
+        else {
+            panic!("{what}: not a config-changed event: {ev:?}");
+        };
         assert!(at <= SystemTime::now() && at > SystemTime::UNIX_EPOCH);
         (actor, action, target)
     }

@@ -8,7 +8,7 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`core`], [`error`], [`events`] | the store, the ports, the configuration, the writer lock, the audit trail, commit → publish (`config-changed`); the errors |
+//! | [`core`], [`error`], [`events`], [`notify`] | the store, the ports, the configuration, the writer lock, the audit trail, commit → publish (`config-changed`), webhook events handed to the outbox ([`Core::notify`](core::Core::notify)); the errors |
 //! | [`directory`] | the devices in memory (by name, by key, ids and addresses in use), user records, allocation |
 //! | [`policy`] | groups, quotas and limits: the effective policy per user and its kernel state, with its own cache and runtime state |
 //! | [`devices`] | adding, removing and re-keying devices, client configs, programming the kernel and the tunnel |
@@ -43,6 +43,7 @@ pub mod history;
 pub mod lists;
 pub mod live;
 pub mod monitor;
+pub mod notify;
 pub mod policy;
 pub mod policy_file;
 pub mod ports;

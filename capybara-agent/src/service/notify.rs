@@ -1,0 +1,190 @@
+//! Notifications: the events webhooks deliver (`user-connect`, `quota-exceeded`, …), as one
+//! typed value every source builds and hands to [`Core::notify`](super::core::Core::notify).
+//!
+//! A source (the session recorder, the kernel event reader, the health watcher, the audit
+//! trail) builds a [`Notification`]; the core writes it to the durable webhook outbox (see
+//! `service::webhooks`) and then publishes it on the service's event bus
+//! ([`ServiceEvent::Notified`](super::ServiceEvent::Notified)) for anything else that listens.
+//! The payload a receiver gets is [`Notification::payload`]: the design's fields (`event`,
+//! `timestamp` as RFC 3339 UTC, `user`, `ip`, `vpn_ip`, `protocol`), a stable `id` (the
+//! outbox's, the same on every retry and after a restart) and the event's own `data`.
+
+use std::{net::IpAddr, time::SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use super::domain::ValidationError;
+
+/// What happened. The wire names are the design's (`user-connect`, …) plus `quota-warning`
+/// (80 % and 90 % of a quota) and `server-up` (recovery after `server-down`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NotifyKind {
+    /// A device completed its first handshake after being disconnected (a session opened).
+    UserConnect,
+    /// A session ended (`data.reason`: idle, kicked, removed, agent-stopped).
+    UserDisconnect,
+    /// A quota reached 80 % or 90 % (`data.percent`).
+    QuotaWarning,
+    /// A quota is exhausted: the kernel drops the user's traffic from the next packet on.
+    QuotaExceeded,
+    /// A user's account expiry passed (reported once, even if the agent was down then).
+    AccountExpired,
+    /// A component of the server became unavailable (`data.component`, `data.detail`).
+    ServerDown,
+    /// A component recovered after `server-down`.
+    ServerUp,
+    /// Failed handshakes or unknown keys from one source over a threshold, or a flow-limit
+    /// storm (`data.kind`).
+    SuspiciousActivity,
+    /// A configuration change (one per audit record: `data.actor`, `action`, `target`, `seq`).
+    ConfigChanged,
+}
+
+impl NotifyKind {
+    /// Every kind, in the order `webhook list` and the docs show them.
+    pub const ALL: [NotifyKind; 9] = [
+        NotifyKind::UserConnect,
+        NotifyKind::UserDisconnect,
+        NotifyKind::QuotaWarning,
+        NotifyKind::QuotaExceeded,
+        NotifyKind::AccountExpired,
+        NotifyKind::ServerDown,
+        NotifyKind::ServerUp,
+        NotifyKind::SuspiciousActivity,
+        NotifyKind::ConfigChanged,
+    ];
+
+    /// The wire name (`user-connect`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            NotifyKind::UserConnect => "user-connect",
+            NotifyKind::UserDisconnect => "user-disconnect",
+            NotifyKind::QuotaWarning => "quota-warning",
+            NotifyKind::QuotaExceeded => "quota-exceeded",
+            NotifyKind::AccountExpired => "account-expired",
+            NotifyKind::ServerDown => "server-down",
+            NotifyKind::ServerUp => "server-up",
+            NotifyKind::SuspiciousActivity => "suspicious-activity",
+            NotifyKind::ConfigChanged => "config-changed",
+        }
+    }
+
+    /// Parses a wire name; an unknown one names `field` and lists the known ones.
+    pub fn parse(field: &'static str, s: &str) -> Result<NotifyKind, ValidationError> {
+        NotifyKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| ValidationError::Value {
+                field,
+                reason: format!(
+                    "unknown event {s:?} (expected one of {})",
+                    NotifyKind::ALL.map(NotifyKind::as_str).join(", ")
+                ),
+            })
+    }
+}
+
+impl std::fmt::Display for NotifyKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One event for webhooks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notification {
+    /// What happened.
+    pub kind: NotifyKind,
+    /// When it happened (the source's time, not the delivery's).
+    pub at: SystemTime,
+    /// The user it is about, if any.
+    pub user: Option<String>,
+    /// The device's public source address (its endpoint's IP), if known.
+    pub ip: Option<IpAddr>,
+    /// The device's address inside the tunnel, if any.
+    pub vpn_ip: Option<IpAddr>,
+    /// The protocol (`wireguard`), for events about a device.
+    pub protocol: Option<String>,
+    /// The event's own fields (a JSON object; `null` for none).
+    pub data: serde_json::Value,
+}
+
+impl Notification {
+    /// A notification of `kind` now, with no user, addresses or data.
+    pub fn new(kind: NotifyKind) -> Notification {
+        Notification {
+            kind,
+            at: SystemTime::now(),
+            user: None,
+            ip: None,
+            vpn_ip: None,
+            protocol: None,
+            data: serde_json::Value::Null,
+        }
+    }
+
+    /// The JSON body a receiver gets, with the outbox's stable `id`.
+    pub fn payload(&self, id: &str) -> serde_json::Value {
+        let ts = chrono::DateTime::<chrono::Utc>::from(self.at)
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        serde_json::json!({
+            "id": id,
+            "event": self.kind.as_str(),
+            "timestamp": ts,
+            "user": self.user,
+            "ip": self.ip,
+            "vpn_ip": self.vpn_ip,
+            "protocol": self.protocol,
+            "data": self.data,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn kinds_round_trip_and_unknown_names_the_field() {
+        for k in NotifyKind::ALL {
+            assert_eq!(NotifyKind::parse("event", k.as_str()).unwrap(), k);
+            assert_eq!(
+                serde_json::to_value(k).unwrap(),
+                serde_json::json!(k.as_str())
+            );
+        }
+        let e = NotifyKind::parse("event", "user-login").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("event: unknown event \"user-login\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn payload_has_the_designs_fields() {
+        let mut n = Notification::new(NotifyKind::UserConnect);
+        n.at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_762_455_600_250);
+        n.user = Some("alice".into());
+        n.ip = Some("192.168.1.100".parse().unwrap());
+        n.vpn_ip = Some("10.7.0.2".parse().unwrap());
+        n.protocol = Some("wireguard".into());
+        let p = n.payload("evt_1");
+        assert_eq!(
+            p,
+            serde_json::json!({
+                "id": "evt_1",
+                "event": "user-connect",
+                "timestamp": "2025-11-06T19:00:00.250Z",
+                "user": "alice",
+                "ip": "192.168.1.100",
+                "vpn_ip": "10.7.0.2",
+                "protocol": "wireguard",
+                "data": null,
+            })
+        );
+    }
+}
