@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use super::domain::ValidationError;
 
+/// The `protocol` of events about a device (the only one the agent runs).
+pub const PROTOCOL: &str = "wireguard";
+
 /// What happened. The wire names are the design's (`user-connect`, …) plus `quota-warning`
 /// (80 % and 90 % of a quota) and `server-up` (recovery after `server-down`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -121,6 +124,27 @@ impl Notification {
             vpn_ip: None,
             protocol: None,
             data: serde_json::Value::Null,
+        }
+    }
+
+    /// A notification of `kind` at `at` about a WireGuard device of `user`: its public
+    /// endpoint's address `ip` (if known) and its tunnel address `vpn_ip`; `data` as given.
+    pub fn device(
+        kind: NotifyKind,
+        at: SystemTime,
+        user: &str,
+        ip: Option<IpAddr>,
+        vpn_ip: IpAddr,
+        data: serde_json::Value,
+    ) -> Notification {
+        Notification {
+            kind,
+            at,
+            user: Some(user.to_owned()),
+            ip,
+            vpn_ip: Some(vpn_ip),
+            protocol: Some(PROTOCOL.to_owned()),
+            data,
         }
     }
 

@@ -612,6 +612,7 @@ impl History {
         let s = StoredSession { session: s, base };
         self.core.store.put(Cf::Sessions, &s.session.id.key(), &s)?;
         self.live.opened(s.session.id, peer.public_key);
+        self.notify_session(&s.session, at);
         Ok(Some(s))
     }
 
@@ -648,7 +649,51 @@ impl History {
             .store
             .put(Cf::Sessions, &s.session.id.key(), &*s)?;
         self.live.closed(s.session.id);
+        self.notify_session(&s.session, at);
         Ok(())
+    }
+
+    /// Hands `user-connect` (an open session) or `user-disconnect` (a closed one) to the
+    /// outbox, once its record is written (see the module docs). A failure is logged: the
+    /// session record stands.
+    fn notify_session(&self, s: &Session, at: SystemTime) {
+        use super::notify::{Notification, NotifyKind};
+        let endpoint = s.endpoints.last().map(|e| e.endpoint);
+        let mut data = serde_json::json!({
+            "device": s.device,
+            "session": s.id.to_string(),
+            "endpoint": endpoint,
+            "vpn_ipv6": s.ipv6,
+        });
+        let kind = match s.reason {
+            None => NotifyKind::UserConnect,
+            Some(reason) => {
+                let extra = serde_json::json!({
+                    "reason": reason.as_str(),
+                    "bytes_in": s.traffic.rx.bytes,
+                    "bytes_out": s.traffic.tx.bytes,
+                    "packets_in": s.traffic.rx.packets,
+                    "packets_out": s.traffic.tx.packets,
+                    "started_at": s.start,
+                    "duration_s": s.end.unwrap_or(s.start).saturating_sub(s.start),
+                });
+                if let (Some(d), serde_json::Value::Object(e)) = (data.as_object_mut(), extra) {
+                    d.extend(e);
+                }
+                NotifyKind::UserDisconnect
+            }
+        };
+        let n = Notification::device(
+            kind,
+            at,
+            &s.user,
+            endpoint.map(|e| e.ip()),
+            IpAddr::V4(s.ipv4),
+            data,
+        );
+        if let Err(e) = self.core.notify(n) {
+            tracing::warn!(error = %e, session = %s.id, event = %kind, "cannot hand a session event to the webhook outbox");
+        }
     }
 
     /// Records a failed handshake (one record, synced: see [`History::record_auth_attempts`]
@@ -741,6 +786,7 @@ impl History {
                 x.reason = Some(EndReason::AgentStopped);
                 self.core.store.put(Cf::Sessions, &s.session.id.key(), &s)?;
                 self.live.closed(s.session.id);
+                self.notify_session(&s.session, at);
             }
         }
         Ok(stale.len())

@@ -705,3 +705,130 @@ fn counted_failures_are_recorded_with_their_prefix_and_found_by_it() {
     assert_eq!(v6[0].prefix.unwrap().to_string(), "2001:db8:5:6::/64");
     assert_eq!(v6[0].count, 1);
 }
+
+/// Every notification published on the bus so far (non-blocking).
+fn notified(
+    rx: &mut tokio::sync::broadcast::Receiver<crate::service::ServiceEvent>,
+) -> Vec<crate::service::notify::Notification> {
+    let mut out = Vec::new();
+    while let Ok(ev) = rx.try_recv() {
+        if let crate::service::ServiceEvent::Notified(n) = ev {
+            out.push(*n);
+        }
+    }
+    out
+}
+
+#[test]
+fn connect_and_disconnect_notify_after_the_record_with_the_devices_fields() {
+    use crate::service::notify::NotifyKind;
+    let f = fixture();
+    let alice = add(&f, "alice");
+    let mut bus = f.svc.events().subscribe();
+    let mut rec = Recorder::start(f.svc.history.clone(), t(1)).unwrap();
+    set_counters(&f, alice.id, (1, 100), (1, 100));
+    let start = SystemTime::now();
+    rec.on_event(SessionEvent::Connected {
+        key: alice.public_key,
+        endpoint: ep("192.0.2.7:40000"),
+        at: start,
+    })
+    .unwrap();
+    let n = notified(&mut bus);
+    assert_eq!(n.len(), 1, "{n:?}");
+    let c = &n[0];
+    let id = f.svc.history.open_sessions().unwrap()[0].session.id;
+    assert_eq!(c.kind, NotifyKind::UserConnect);
+    assert_eq!(c.at, start);
+    assert_eq!(c.user.as_deref(), Some("alice"));
+    assert_eq!(c.ip, Some("192.0.2.7".parse().unwrap()));
+    assert_eq!(c.vpn_ip, Some(IpAddr::V4(alice.ipv4)));
+    assert_eq!(c.protocol.as_deref(), Some("wireguard"));
+    assert_eq!(c.data["device"], "default");
+    assert_eq!(c.data["session"], id.to_string());
+    assert_eq!(c.data["endpoint"], "192.0.2.7:40000");
+
+    // Roaming moves the disconnect's `ip` to the new endpoint.
+    rec.on_event(SessionEvent::EndpointChanged {
+        key: alice.public_key,
+        to: ep("198.51.100.9:5000"),
+        at: start + Duration::from_secs(5),
+    })
+    .unwrap();
+    assert!(notified(&mut bus).is_empty(), "an endpoint change is no event");
+    set_counters(&f, alice.id, (11, 5_100), (3, 900));
+    rec.on_event(SessionEvent::Disconnected {
+        key: alice.public_key,
+        reason: EndReason::Idle,
+        at: start + Duration::from_secs(90),
+    })
+    .unwrap();
+    let n = notified(&mut bus);
+    assert_eq!(n.len(), 1, "{n:?}");
+    let d = &n[0];
+    assert_eq!(d.kind, NotifyKind::UserDisconnect);
+    assert_eq!(d.ip, Some("198.51.100.9".parse().unwrap()));
+    assert_eq!(d.data["reason"], "idle");
+    assert_eq!(d.data["session"], id.to_string());
+    assert_eq!(d.data["bytes_in"], 5_000);
+    assert_eq!(d.data["bytes_out"], 800);
+    assert_eq!(d.data["duration_s"], 90);
+    // The record was written before the event went out.
+    assert_eq!(
+        f.svc.history.history(&HistoryQuery::default()).unwrap().sessions[0].reason,
+        Some(EndReason::Idle)
+    );
+    // Keys of no device open nothing and notify nothing.
+    rec.on_event(SessionEvent::Connected {
+        key: PublicKey([9; 32]),
+        endpoint: ep("192.0.2.1:1"),
+        at: SystemTime::now(),
+    })
+    .unwrap();
+    assert!(notified(&mut bus).is_empty());
+}
+
+#[test]
+fn sessions_closed_as_stale_at_start_report_their_disconnect() {
+    use crate::service::notify::NotifyKind;
+    let dir = tempfile::tempdir().unwrap();
+    let plane = Arc::new(MemoryPlane::default());
+    let tunnel = Arc::new(MemoryTunnel::default());
+    let alice;
+    {
+        let svc = Arc::new(open(dir.path(), plane.clone(), tunnel.clone()));
+        alice = svc
+            .users
+            .add_user(
+                &root(),
+                NewUser {
+                    name: UserName::parse("name", "alice").unwrap(),
+                    device: DeviceName::default_device(),
+                    expires_at: None,
+                },
+            )
+            .unwrap()
+            .1
+            .peer;
+        let mut rec = Recorder::start(svc.history.clone(), t(1)).unwrap();
+        rec.on_event(SessionEvent::Connected {
+            key: alice.public_key,
+            endpoint: ep("192.0.2.1:1"),
+            at: SystemTime::now(),
+        })
+        .unwrap();
+        // "SIGKILL": dropped without closing.
+        drop(rec);
+    }
+    let svc = Arc::new(open(dir.path(), plane, tunnel));
+    let mut bus = svc.events().subscribe();
+    let at = SystemTime::now() + Duration::from_secs(30);
+    let _rec = Recorder::start(svc.history.clone(), at).unwrap();
+    let n = notified(&mut bus);
+    assert_eq!(n.len(), 1, "{n:?}");
+    assert_eq!(n[0].kind, NotifyKind::UserDisconnect);
+    assert_eq!(n[0].user.as_deref(), Some("alice"));
+    assert_eq!(n[0].data["reason"], "agent-stopped");
+    assert_eq!(n[0].at, at);
+    assert_eq!(n[0].vpn_ip, Some(IpAddr::V4(alice.ipv4)));
+}
