@@ -23,6 +23,7 @@
 //! | [`policy_file`] | the declarative policy file: apply, diff, export |
 //! | [`history`], [`backup`], [`health`] | sessions and auth attempts with retention; store backups; component health |
 //! | [`telemetry`] | what the metrics read that no feature above answers (verdict counters, sessions online, handshakes, quota standing); the API's call timer port |
+//! | [`alerts`] | webhook events from watching: quota thresholds, account expiries (a timer), suspicious activity (windows per source) |
 //!
 //! Beside them: [`domain`] (validated domain types and their parsers), [`secrets`] (keys, token
 //! hashes, sealing of kept client keys), [`ports`] (what the service needs from the dataplane and
@@ -30,6 +31,7 @@
 //! only: `cfg(test)` or the `test-support` feature).
 
 pub mod access;
+pub mod alerts;
 pub mod backup;
 pub mod core;
 pub mod devices;
@@ -114,6 +116,8 @@ pub struct Service {
     pub health: Arc<health::Health>,
     /// What the metrics read; the API's call timer.
     pub telemetry: Arc<telemetry::Telemetry>,
+    /// Webhook events from watching: quota thresholds, account expiries, suspicious activity.
+    pub alerts: Arc<alerts::Alerts>,
 }
 
 impl Service {
@@ -168,6 +172,11 @@ impl Service {
             backup: Arc::new(backup::Backup::new(core.clone())),
             health: Arc::new(health::Health::new(core.clone(), directory.clone())),
             telemetry: Arc::new(telemetry::Telemetry::new(core.clone(), policy.clone())),
+            alerts: Arc::new(alerts::Alerts::new(
+                core.clone(),
+                directory.clone(),
+                policy.clone(),
+            )),
             lists,
             users,
             devices,

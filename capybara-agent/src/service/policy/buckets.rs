@@ -55,6 +55,14 @@ impl Buckets {
         self.0.get(owner)
     }
 
+    /// The owner of bucket `id` and the period it follows.
+    pub(super) fn owner_of(&self, id: u32) -> Option<(String, String)> {
+        self.0
+            .iter()
+            .find(|(_, b)| b.rec.id == id)
+            .map(|(o, b)| (o.clone(), b.period.to_string()))
+    }
+
     /// The id of `owner`'s bucket, which from now on follows `period` in `zone`.
     pub(super) fn follow(&mut self, owner: &str, period: Period, zone: Zone) -> Option<u32> {
         let b = self.0.get_mut(owner)?;

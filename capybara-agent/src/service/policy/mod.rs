@@ -232,6 +232,19 @@ impl Policy {
         self.runtime.lock().unwrap().expires.get(user).copied()
     }
 
+    /// Every user's account expiry (users without one are absent), for the expiry timer of
+    /// `service::alerts`.
+    pub fn expiries(&self) -> Vec<(UserName, SystemTime)> {
+        let rt = self.runtime.lock().unwrap();
+        rt.expires.iter().map(|(u, t)| (u.clone(), *t)).collect()
+    }
+
+    /// The owner of quota bucket `id` (`user:NAME` or `group:NAME`) and the period it follows
+    /// (`daily`, `weekly`, `monthly`, `none`), if the bucket is allocated.
+    pub fn bucket_owner(&self, id: u32) -> Option<(String, String)> {
+        self.buckets.lock().unwrap().owner_of(id)
+    }
+
     /// Sets (or with `None` clears) a user's account expiry as the gates use it; the caller
     /// stores it and then applies the user's policy ([`Policy::apply`]) to reach the kernel.
     pub(in crate::service) fn set_expiry(&self, user: &UserName, at: Option<SystemTime>) {
