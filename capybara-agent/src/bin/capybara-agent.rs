@@ -58,7 +58,20 @@ fn main() -> anyhow::Result<()> {
     let disconnect_after = duration("disconnect_timeout", &args.disconnect_timeout)?;
     let history_retention = duration("history_retention", &args.history_retention)?;
     let audit_retention = duration("audit_retention", &args.audit_retention)?;
+    let alerts = capybara_agent::service::alerts::AlertConfig {
+        auth_threshold: args.suspicious_auth_threshold,
+        auth_window: duration("suspicious_auth_window", &args.suspicious_auth_window)?,
+        flow_threshold: args.suspicious_flow_threshold,
+        flow_window: duration("suspicious_flow_window", &args.suspicious_flow_window)?,
+    };
+    alerts.validate().map_err(|e| anyhow::anyhow!("--{}", e.to_string().replace('_', "-")))?;
+    let health_interval = duration("health_interval", &args.health_interval)?;
+    if health_interval.is_zero() {
+        anyhow::bail!("--health-interval: must be more than 0");
+    }
     let config = AgentConfig {
+        alerts,
+        health_interval,
         disconnect_after,
         history_retention,
         audit_retention,

@@ -43,6 +43,10 @@ pub(super) struct Agent {
     pub(super) metrics: Arc<crate::metrics::Metrics>,
     /// The metrics listener: its address, its stop signal and its task.
     pub(super) metrics_server: Option<MetricsServer>,
+    /// The alerts thread (`service::alerts`).
+    pub(super) alerts: tokio::task::JoinHandle<()>,
+    /// What feeds it (kernel, tunnel and service events).
+    pub(super) alert_feed: tokio::task::JoinHandle<()>,
 }
 
 /// The `--metrics-listen` server.
@@ -131,6 +135,8 @@ impl Agent {
             mut api_task,
             metrics,
             metrics_server,
+            alerts,
+            alert_feed,
             ..
         } = self;
         if let Some(m) = metrics_server {
@@ -158,6 +164,12 @@ impl Agent {
         let _ = handshakes.await;
         if let Err(e) = recorder.await {
             tracing::error!(error = %e, "session recorder failed");
+        }
+        // The feed's end of the queue is gone: the alerts thread ends.
+        alert_feed.abort();
+        let _ = alert_feed.await;
+        if let Err(e) = alerts.await {
+            tracing::error!(error = %e, "alerts thread failed");
         }
         drop(svc);
         reader.abort();

@@ -107,6 +107,24 @@ pub struct Args {
     /// Keep audit records this long, e.g. 365d (pruned at start and hourly).
     #[arg(long, default_value = "365d")]
     pub audit_retention: String,
+    /// Failed handshakes from one source prefix (/24, /64) within
+    /// `--suspicious-auth-window` that raise `suspicious-activity`.
+    #[arg(long, default_value_t = crate::service::alerts::DEFAULT_AUTH_THRESHOLD)]
+    pub suspicious_auth_threshold: u64,
+    /// The window of `--suspicious-auth-threshold`, e.g. 60s.
+    #[arg(long, default_value = "60s")]
+    pub suspicious_auth_window: String,
+    /// Seconds with new flows of one device refused at its flow limit within
+    /// `--suspicious-flow-window` that raise `suspicious-activity` (a flow-limit storm).
+    #[arg(long, default_value_t = crate::service::alerts::DEFAULT_FLOW_THRESHOLD)]
+    pub suspicious_flow_threshold: u64,
+    /// The window of `--suspicious-flow-threshold`, e.g. 60s.
+    #[arg(long, default_value = "60s")]
+    pub suspicious_flow_window: String,
+    /// How often the health watcher checks the components (`server-down` / `server-up`),
+    /// e.g. 5s.
+    #[arg(long, default_value = "5s")]
+    pub health_interval: String,
     /// Configuration file (TOML): every key is one of these flags, its name with `_` for `-`
     /// (`listen_port = 51820`); a flag given here overrides the key. The default file is read
     /// only when it exists; a file named here must exist.

@@ -131,3 +131,106 @@ fn auth_reason(r: crate::tunnel::AuthFailure) -> &'static str {
         AuthFailure::Rejected => "rejected",
     }
 }
+
+/// Feeds the alerts thread (`service::alerts`) without ever waiting on it: quota thresholds and
+/// flow-limit refusals from the kernel event bus, failed handshakes from the tunnel, and a
+/// nudge to look at the expiries after every configuration change (or a lost event). A full
+/// alerts queue drops the input and counts it; a lagging receiver here loses the oldest events
+/// and logs how many. Ends when the kernel or the tunnel bus closes.
+pub(super) async fn forward_alerts(
+    mut kernel: tokio::sync::broadcast::Receiver<Event>,
+    mut tunnel: tokio::sync::broadcast::Receiver<crate::tunnel::TunnelEvent>,
+    mut service: tokio::sync::broadcast::Receiver<crate::service::ServiceEvent>,
+    alerts: crate::service::alerts::AlertSender,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+
+    use crate::service::{ServiceEvent, alerts::AlertInput};
+    loop {
+        let input = tokio::select! {
+            ev = kernel.recv() => match ev {
+                Ok(ev) => kernel_alert(&ev),
+                Err(RecvError::Lagged(n)) => {
+                    tracing::warn!(n, "kernel events lost by the alerts feed");
+                    None
+                }
+                Err(RecvError::Closed) => break,
+            },
+            ev = tunnel.recv() => match ev {
+                Ok(ev) => tunnel_alert(ev),
+                Err(RecvError::Lagged(n)) => {
+                    tracing::warn!(n, "tunnel events lost by the alerts feed");
+                    None
+                }
+                Err(RecvError::Closed) => break,
+            },
+            ev = service.recv() => match ev {
+                Ok(ServiceEvent::ConfigChanged { .. }) | Err(RecvError::Lagged(_)) => {
+                    Some(AlertInput::Recheck)
+                }
+                Ok(_) => None,
+                Err(RecvError::Closed) => break,
+            },
+        };
+        if let Some(input) = input
+            && !alerts.send(input)
+        {
+            break;
+        }
+    }
+}
+
+/// The alert input of a kernel event, if it is one.
+fn kernel_alert(ev: &Event) -> Option<crate::service::alerts::AlertInput> {
+    use crate::service::alerts::{AlertInput, QuotaReached};
+    match *ev {
+        Event::Quota {
+            bucket,
+            threshold,
+            used,
+            limit,
+            epoch,
+            peer,
+            at,
+        } => Some(AlertInput::Quota(QuotaReached {
+            bucket,
+            percent: threshold.percent(),
+            used,
+            limit,
+            epoch,
+            peer,
+            at,
+        })),
+        // A full flow table (all peers together) is no storm of one device.
+        Event::FlowLimit {
+            peer,
+            limit,
+            table_full: false,
+            at,
+            ..
+        } => Some(AlertInput::FlowLimit { peer, limit, at }),
+        _ => None,
+    }
+}
+
+/// The alert input of a tunnel event: failed handshakes, counted per prefix.
+fn tunnel_alert(ev: crate::tunnel::TunnelEvent) -> Option<crate::service::alerts::AlertInput> {
+    use crate::{service::alerts::AlertInput, tunnel::TunnelEvent};
+    match ev {
+        TunnelEvent::AuthFailed { source, reason, .. } => Some(AlertInput::AuthFailures {
+            prefix: crate::service::history::prefix_of(source.ip())?,
+            sample: source,
+            reason: auth_reason(reason),
+            count: 1,
+            at: std::time::SystemTime::now(),
+        }),
+        TunnelEvent::AuthFailures(r) => Some(AlertInput::AuthFailures {
+            prefix: r.prefix,
+            sample: r.sample,
+            reason: auth_reason(r.reason),
+            count: r.count,
+            at: r.last_seen,
+        }),
+        _ => None,
+    }
+}

@@ -196,6 +196,10 @@ pub struct AgentConfig {
     pub keep_unknown_peers: bool,
     /// The metrics.
     pub metrics: MetricsSettings,
+    /// The thresholds of `suspicious-activity` (`--suspicious-*`).
+    pub alerts: crate::service::alerts::AlertConfig,
+    /// How often the health watcher checks the components (`--health-interval`, default 5 s).
+    pub health_interval: std::time::Duration,
 }
 
 /// Why the daemon could not start or stop cleanly.

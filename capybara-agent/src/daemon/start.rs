@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use super::{
     AgentConfig, DaemonError, EVENT_BUS_CAPACITY,
     agent::Agent,
-    events::{forward_handshakes, publish_events},
+    events::{forward_alerts, forward_handshakes, publish_events},
 };
 use crate::{
     api::{self, Listeners},
@@ -182,6 +182,21 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
         svc.clone(),
         session_tx,
     ));
+    // Webhook events from watching (`service::alerts`): their own thread, fed without waiting.
+    svc.alerts
+        .configure(config.alerts)
+        .map_err(|e| DaemonError::Service(e.into()))?;
+    let (alert_tx, alert_rx) = service::alerts::alert_channel();
+    let alerts = {
+        let alerts = svc.alerts.clone();
+        tokio::task::spawn_blocking(move || service::alerts::run_alerts(alerts, alert_rx))
+    };
+    let alert_feed = tokio::spawn(forward_alerts(
+        events.subscribe(),
+        tunnel.subscribe(),
+        svc.events().subscribe(),
+        alert_tx,
+    ));
     let metrics = crate::metrics::Metrics::install(&svc, config.metrics.config);
     let metrics_server = match config.metrics.listen {
         Some(addr) => {
@@ -231,5 +246,7 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
         api_tcp,
         metrics,
         metrics_server,
+        alerts,
+        alert_feed,
     })
 }
