@@ -101,7 +101,7 @@ fn user_lifecycle_with_config_qr_and_png() {
         .skip(1)
         .map(|l| l.split_whitespace().collect())
         .collect();
-    assert_eq!(rows.len(), 5, "{health}");
+    assert_eq!(rows.len(), 6, "{health}");
     assert!(rows.iter().all(|r| r[1] == "serving"), "{health}");
     // Each component has a DETAIL; the in-process agent runs no session recorder.
     assert!(rows[1..].iter().all(|r| r.len() > 2), "{health}");

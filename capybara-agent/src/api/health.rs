@@ -48,14 +48,15 @@ impl Components for Api {
         req: Request<pb::ListComponentsRequest>,
     ) -> Result<Response<pb::ListComponentsResponse>, Status> {
         self.auth(&req, Scope::Read)?;
-        let components = self.call(|s| Ok(s.health.check())).await?;
+        // A transition seen here is reported (`server-down` / `server-up`), once.
+        let components = self.call(|s| Ok(s.health.check_and_report())).await?;
         Ok(Response::new(pb::ListComponentsResponse {
             components: components.into_iter().map(Into::into).collect(),
         }))
     }
 }
 
-/// Publishes the components' health (`capybara.store`, `capybara.dataplane`, `capybara.tunnel`, `capybara.history`; `""` serving only
+/// Publishes the components' health (`capybara.store`, `capybara.dataplane`, `capybara.tunnel`, `capybara.history`, `capybara.uplink`; `""` serving only
 /// when all are)
 /// now and every `HEALTH_INTERVAL` while the service lives (the task holds it only weakly).
 pub(super) async fn publish(reporter: &tonic_health::server::HealthReporter, svc: &Arc<Service>) {
@@ -74,7 +75,8 @@ pub(super) async fn publish(reporter: &tonic_health::server::HealthReporter, svc
 
 async fn publish_health(reporter: &tonic_health::server::HealthReporter, svc: Arc<Service>) {
     use tonic_health::ServingStatus;
-    let Ok(components) = tokio::task::spawn_blocking(move || svc.health.check()).await else {
+    let Ok(components) = tokio::task::spawn_blocking(move || svc.health.check_and_report()).await
+    else {
         return;
     };
     let status = |ok| {

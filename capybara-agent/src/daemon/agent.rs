@@ -47,6 +47,8 @@ pub(super) struct Agent {
     pub(super) alerts: tokio::task::JoinHandle<()>,
     /// What feeds it (kernel, tunnel and service events).
     pub(super) alert_feed: tokio::task::JoinHandle<()>,
+    /// The health watcher (`server-down` / `server-up`).
+    pub(super) health_watch: tokio::task::JoinHandle<()>,
 }
 
 /// The `--metrics-listen` server.
@@ -137,6 +139,7 @@ impl Agent {
             metrics_server,
             alerts,
             alert_feed,
+            health_watch,
             ..
         } = self;
         if let Some(m) = metrics_server {
@@ -165,6 +168,8 @@ impl Agent {
         if let Err(e) = recorder.await {
             tracing::error!(error = %e, "session recorder failed");
         }
+        health_watch.abort();
+        let _ = health_watch.await;
         // The feed's end of the queue is gone: the alerts thread ends.
         alert_feed.abort();
         let _ = alert_feed.await;

@@ -234,3 +234,20 @@ fn tunnel_alert(ev: crate::tunnel::TunnelEvent) -> Option<crate::service::alerts
         _ => None,
     }
 }
+
+/// The health watcher: every `interval` checks the components off the reactor and reports
+/// each transition (`server-down`, `server-up`; see `service::health`). Ends with the service.
+pub(super) async fn watch_health(svc: std::sync::Weak<Service>, interval: std::time::Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(svc) = svc.upgrade() else { break };
+        if tokio::task::spawn_blocking(move || svc.health.check_and_report())
+            .await
+            .is_err()
+        {
+            tracing::error!("the health check panicked");
+        }
+    }
+}

@@ -197,6 +197,15 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
         svc.events().subscribe(),
         alert_tx,
     ));
+    svc.health.watch_links(service::health::Links {
+        tunnel: tunnel.name().to_owned(),
+        uplink: config.uplink.clone(),
+        sysfs: std::path::PathBuf::from("/sys/class/net"),
+    });
+    let health_watch = tokio::spawn(super::events::watch_health(
+        Arc::downgrade(&svc),
+        config.health_interval,
+    ));
     let metrics = crate::metrics::Metrics::install(&svc, config.metrics.config);
     let metrics_server = match config.metrics.listen {
         Some(addr) => {
@@ -248,5 +257,6 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
         metrics_server,
         alerts,
         alert_feed,
+        health_watch,
     })
 }

@@ -170,6 +170,11 @@ pub trait TunnelPort: Send + Sync {
     fn kick(&self, key: &PublicKey) -> Result<(), TunnelPortError>;
     /// Every configured peer's status.
     fn peers(&self) -> Vec<TunnelPeerStatus>;
+    /// The names of the tunnel's threads that have died (health: `server-down`). The default
+    /// (a tunnel without threads) has none.
+    fn dead_threads(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Sessions online and handshakes counted, for metrics. The default (a tunnel that counts
     /// nothing) answers zeros.
     fn telemetry(&self) -> TunnelTelemetry {

@@ -67,6 +67,8 @@ pub struct MemoryPlaneState {
     pub fail_next_set_peer: bool,
     /// Rates, flow limits and quota buckets (`service::policy`).
     pub policy: MemoryPolicy,
+    /// What `attached()` reports: the link pins' names (`None`: a plane without programs).
+    pub links: Option<Vec<String>>,
 }
 
 impl MemoryPlane {
@@ -137,6 +139,9 @@ impl Plane for MemoryPlane {
             .get(&id)
             .copied()
             .unwrap_or_default())
+    }
+    fn attached(&self) -> Result<Option<Vec<String>>, DataplaneError> {
+        Ok(self.inner.lock().unwrap().links.clone())
     }
     fn drops(&self) -> Result<Vec<(DropReason, Counter)>, DataplaneError> {
         let s = self.inner.lock().unwrap();
@@ -311,6 +316,8 @@ impl PolicyPlane for MemoryPlane {
 #[derive(Debug, Default)]
 pub struct MemoryTunnel {
     inner: Mutex<BTreeMap<PublicKey, MemoryTunnelPeer>>,
+    /// What `dead_threads()` reports (tests kill threads this way).
+    pub dead: Mutex<Vec<String>>,
 }
 
 /// One peer of a [`MemoryTunnel`].
@@ -342,6 +349,9 @@ impl MemoryTunnel {
 }
 
 impl TunnelPort for MemoryTunnel {
+    fn dead_threads(&self) -> Vec<String> {
+        self.dead.lock().unwrap().clone()
+    }
     fn add_peer(&self, key: PublicKey, allowed: &[Cidr]) -> Result<(), TunnelPortError> {
         let mut m = self.inner.lock().unwrap();
         let e = m.entry(key).or_insert_with(|| MemoryTunnelPeer {

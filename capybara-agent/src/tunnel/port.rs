@@ -79,6 +79,9 @@ impl TunnelPort for WgTunnel {
             .collect()
     }
 
+    fn dead_threads(&self) -> Vec<String> {
+        WgTunnel::dead_threads(self)
+    }
     fn telemetry(&self) -> TunnelTelemetry {
         let h = self.handshakes();
         TunnelTelemetry {

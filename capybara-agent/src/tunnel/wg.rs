@@ -301,6 +301,16 @@ impl WgTunnel {
         self.inner.device.name()
     }
 
+    /// The names of the tunnel's threads that have ended (panicked or returned) while the
+    /// tunnel runs: empty when the data path, the timers and the UAPI socket are all served.
+    pub fn dead_threads(&self) -> Vec<String> {
+        self.threads
+            .iter()
+            .filter(|t| t.is_finished())
+            .map(|t| t.thread().name().unwrap_or("?").to_owned())
+            .collect()
+    }
+
     /// The UDP port the tunnel listens on.
     pub fn listen_port(&self) -> u16 {
         self.inner.listen_port
