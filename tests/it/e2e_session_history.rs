@@ -68,7 +68,7 @@ pub(crate) struct Lab {
     tmp: tempfile::TempDir,
     pub(crate) server: NetNs,
     pub(crate) client: NetNs,
-    veth: VethPair,
+    pub(crate) veth: VethPair,
     tunnel: String,
     /// `10.<net>.0.1`: the server's tunnel address.
     pub(crate) server_v4: Ipv4Addr,
@@ -103,6 +103,11 @@ impl Lab {
     /// Starts the agent (run `run`), waiting for "ready"; the pid belongs to the namespace
     /// guard (killed on drop).
     pub(crate) fn start_agent(&self, run: u32, extra: &[&str]) -> u32 {
+        self.start_agent_logging(run, extra, "info")
+    }
+
+    /// [`Lab::start_agent`] with `RUST_LOG=rust_log`.
+    pub(crate) fn start_agent_logging(&self, run: u32, extra: &[&str], rust_log: &str) -> u32 {
         let log = self.tmp.path().join(format!("agent-{run}.log"));
         let data = self.tmp.path().join("data");
         let uapi = self.tmp.path().join("wg");
@@ -126,7 +131,8 @@ impl Lab {
         .arg(&uapi)
         .arg("--api-socket")
         .arg(self.socket())
-        .args(extra);
+        .args(extra)
+        .env("RUST_LOG", rust_log);
         agent_proc::start_agent(&self.server, cmd, &log, Duration::from_secs(30))
     }
 

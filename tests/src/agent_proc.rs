@@ -35,14 +35,17 @@ pub fn agent_crate_binary(name: &str) -> PathBuf {
     bin
 }
 
-/// Starts `cmd` (a `capybara-agent` command line) with `RUST_LOG=info` and its output in `log`,
+/// Starts `cmd` (a `capybara-agent` command line) with `RUST_LOG=info` (unless `cmd` sets its
+/// own) and its output in `log`,
 /// hands the process to `ns` (killed when the namespace guard drops), and waits until it logs
 /// "capybara-agent ready". Panics with the log when it exits first or is not ready within
 /// `ready_within`. Returns its pid.
 pub fn start_agent(ns: &NetNs, mut cmd: Command, log: &Path, ready_within: Duration) -> u32 {
     let out = std::fs::File::create(log).expect("agent log");
+    if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+        cmd.env("RUST_LOG", "info");
+    }
     let child = cmd
-        .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(out.try_clone().expect("agent log"))

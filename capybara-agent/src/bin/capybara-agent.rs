@@ -64,7 +64,9 @@ fn main() -> anyhow::Result<()> {
         flow_threshold: args.suspicious_flow_threshold,
         flow_window: duration("suspicious_flow_window", &args.suspicious_flow_window)?,
     };
-    alerts.validate().map_err(|e| anyhow::anyhow!("--{}", e.to_string().replace('_', "-")))?;
+    alerts
+        .validate()
+        .map_err(|e| anyhow::anyhow!("--{}", e.to_string().replace('_', "-")))?;
     let health_interval = duration("health_interval", &args.health_interval)?;
     if health_interval.is_zero() {
         anyhow::bail!("--health-interval: must be more than 0");

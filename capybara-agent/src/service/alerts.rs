@@ -587,11 +587,7 @@ impl Alerts {
                 "devices": self.dir.user_peers(u).len(),
             });
             self.core.notify(n)?;
-            store.put(
-                Cf::Meta,
-                &format!("{EXPIRED_MARKERS}{u}"),
-                &unix_secs(t),
-            )?;
+            store.put(Cf::Meta, &format!("{EXPIRED_MARKERS}{u}"), &unix_secs(t))?;
             tracing::info!(user = %u, late_s = late.as_secs(), "account expired");
         }
         Ok(next)

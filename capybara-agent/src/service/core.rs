@@ -219,7 +219,8 @@ impl Core {
     /// task or thread.
     pub fn notify(&self, n: super::notify::Notification) -> Result<(), ServiceError> {
         // The outbox write comes here (issue 21, `service::webhooks`), before the publish.
-        tracing::debug!(event = %n.kind, user = ?n.user, "notification");
+        // The whole body at debug: the e2e tests of the sources read it from the agent's log.
+        tracing::debug!(event = %n.kind, payload = %n.payload(""), "notification");
         let _ = self.events.send(ServiceEvent::Notified(Box::new(n)));
         Ok(())
     }

@@ -316,11 +316,10 @@ impl Health {
             n.at = at;
             n.data = serde_json::json!({ "component": c.name, "detail": c.detail });
             if let Some(p) = r.states.get(&c.name).filter(|_| c.ok) {
-                n.data["down_since"] = chrono::DateTime::<chrono::Utc>::from(
-                    super::domain::from_unix_secs(p.since),
-                )
-                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-                .into();
+                n.data["down_since"] =
+                    chrono::DateTime::<chrono::Utc>::from(super::domain::from_unix_secs(p.since))
+                        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                        .into();
             }
             if c.ok {
                 tracing::info!(component = %c.name, detail = %c.detail, "component recovered");
@@ -500,7 +499,11 @@ mod tests {
             let mut out = Vec::new();
             while let Ok(ev) = rx.try_recv() {
                 if let ServiceEvent::Notified(n) = ev {
-                    out.push((n.kind, n.data["component"].as_str().unwrap().to_owned(), n.data));
+                    out.push((
+                        n.kind,
+                        n.data["component"].as_str().unwrap().to_owned(),
+                        n.data,
+                    ));
                 }
             }
             out
@@ -544,15 +547,20 @@ mod tests {
         svc.health.check_and_report();
         let ev = events(&mut bus);
         assert_eq!(ev.len(), 1, "{ev:?}");
-        assert_eq!((ev[0].0, ev[0].1.as_str()), (NotifyKind::ServerUp, "uplink"));
+        assert_eq!(
+            (ev[0].0, ev[0].1.as_str()),
+            (NotifyKind::ServerUp, "uplink")
+        );
         assert!(ev[0].2["down_since"].is_string(), "{}", ev[0].2);
 
         // The Health RPC's path sees the rest recover.
         tunnel.dead.lock().unwrap().clear();
         plane.with(|s| s.links.as_mut().unwrap().push("xdp_guard_up-h".into()));
         svc.health.check_and_report();
-        let ups: Vec<(NotifyKind, String)> =
-            events(&mut bus).into_iter().map(|(k, c, _)| (k, c)).collect();
+        let ups: Vec<(NotifyKind, String)> = events(&mut bus)
+            .into_iter()
+            .map(|(k, c, _)| (k, c))
+            .collect();
         assert_eq!(
             ups,
             [
@@ -563,7 +571,10 @@ mod tests {
         // The device itself gone.
         std::fs::remove_dir_all(sysfs.path().join("up-h")).unwrap();
         let h = svc.health.check_and_report();
-        assert!(!h[1].ok && h[1].detail.contains("xdp_guard on up-h (device gone)"), "{h:?}");
+        assert!(
+            !h[1].ok && h[1].detail.contains("xdp_guard on up-h (device gone)"),
+            "{h:?}"
+        );
         assert_eq!(h[4].detail, "up-h is gone");
     }
 }

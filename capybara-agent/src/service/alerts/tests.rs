@@ -60,8 +60,10 @@ fn notified(rx: &mut Bus) -> Vec<Notification> {
 }
 
 fn limit(svc: &Service, target: LimitsTarget, quota: &str) {
-    let mut t = LimitsText::default();
-    t.limit = Some(quota.into());
+    let t = LimitsText {
+        limit: Some(quota.into()),
+        ..LimitsText::default()
+    };
     svc.policy
         .set_limits(&root(), &target, &t.parse().unwrap())
         .unwrap();
@@ -215,13 +217,23 @@ fn a_flood_from_many_prefixes_yields_a_bounded_number_of_events_and_counts_the_r
     let t0 = SystemTime::now();
     for i in 0..200u32 {
         let prefix = format!("10.{}.{}.0/24", i / 256, i % 256);
-        auth(&svc.alerts, &prefix, 100, t0 + Duration::from_millis(u64::from(i)));
+        auth(
+            &svc.alerts,
+            &prefix,
+            100,
+            t0 + Duration::from_millis(u64::from(i)),
+        );
     }
     let n = notified(&mut bus);
     assert_eq!(n.len(), MAX_SUSPICIOUS_PER_WINDOW);
     assert!(n.iter().all(|n| n.data["suppressed"] == 0));
     // A window later the next one says how many were held back.
-    auth(&svc.alerts, "10.9.9.0/24", 100, t0 + Duration::from_secs(61));
+    auth(
+        &svc.alerts,
+        "10.9.9.0/24",
+        100,
+        t0 + Duration::from_secs(61),
+    );
     let n = notified(&mut bus);
     assert_eq!(n.len(), 1);
     assert_eq!(n[0].data["suppressed"], 190);
@@ -299,10 +311,15 @@ fn an_expiry_is_reported_once_even_across_downtime_and_again_after_a_renewal() {
         let svc = open(dir.path());
         add(&svc, "alice");
         add(&svc, "bob");
-        svc.users.expire_user(&root(), &u("alice"), deadline).unwrap();
+        svc.users
+            .expire_user(&root(), &u("alice"), deadline)
+            .unwrap();
         let mut bus = svc.events().subscribe();
         // Before the deadline: nothing, and the timer is set for it.
-        assert_eq!(svc.alerts.check_expiries(now).unwrap(), Some(unix_floor(deadline)));
+        assert_eq!(
+            svc.alerts.check_expiries(now).unwrap(),
+            Some(unix_floor(deadline))
+        );
         assert!(notified(&mut bus).is_empty());
         // The agent is down at the deadline (dropped without a check after it).
     }
@@ -316,7 +333,11 @@ fn an_expiry_is_reported_once_even_across_downtime_and_again_after_a_renewal() {
     assert_eq!(n[0].user.as_deref(), Some("alice"));
     assert_eq!(n[0].at, unix_floor(deadline));
     assert_eq!(n[0].data["devices"], 1);
-    assert!(n[0].data["late_s"].as_u64().unwrap() >= 100, "{}", n[0].data);
+    assert!(
+        n[0].data["late_s"].as_u64().unwrap() >= 100,
+        "{}",
+        n[0].data
+    );
     // Exactly once: not again, not after another restart.
     svc.alerts.check_expiries(later).unwrap();
     drop(svc);
@@ -366,7 +387,9 @@ fn the_alerts_thread_reports_an_expiry_at_its_moment_without_any_input() {
     let th = std::thread::spawn(move || run_alerts(alerts, rx));
     // Whole seconds: the deadline is 1-2 s ahead.
     let deadline = unix_floor(SystemTime::now()) + Duration::from_secs(2);
-    svc.users.expire_user(&root(), &u("alice"), deadline).unwrap();
+    svc.users
+        .expire_user(&root(), &u("alice"), deadline)
+        .unwrap();
     assert!(tx.send(AlertInput::Recheck));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()

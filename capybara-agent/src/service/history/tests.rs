@@ -755,7 +755,10 @@ fn connect_and_disconnect_notify_after_the_record_with_the_devices_fields() {
         at: start + Duration::from_secs(5),
     })
     .unwrap();
-    assert!(notified(&mut bus).is_empty(), "an endpoint change is no event");
+    assert!(
+        notified(&mut bus).is_empty(),
+        "an endpoint change is no event"
+    );
     set_counters(&f, alice.id, (11, 5_100), (3, 900));
     rec.on_event(SessionEvent::Disconnected {
         key: alice.public_key,
@@ -775,7 +778,12 @@ fn connect_and_disconnect_notify_after_the_record_with_the_devices_fields() {
     assert_eq!(d.data["duration_s"], 90);
     // The record was written before the event went out.
     assert_eq!(
-        f.svc.history.history(&HistoryQuery::default()).unwrap().sessions[0].reason,
+        f.svc
+            .history
+            .history(&HistoryQuery::default())
+            .unwrap()
+            .sessions[0]
+            .reason,
         Some(EndReason::Idle)
     );
     // Keys of no device open nothing and notify nothing.

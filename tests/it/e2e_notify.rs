@@ -1,0 +1,221 @@
+//! The webhook events' real sources end to end (issue 21), with the real `capybara-agent` in a
+//! namespace (the `e2e_session_history` lab) and stock clients in another. The agent runs with
+//! `capybara_agent::service::core` at debug level, where `Core::notify` logs every event's body
+//! as it hands it to the outbox; the tests read those lines.
+//!
+//! - A `wireguard-go` client's handshake publishes `user-connect` with the design's fields
+//!   (`user`, `ip` = the client's public address, `vpn_ip`, `protocol`, `data.device`,
+//!   `data.session` = the id `capybara connections` shows); a kick publishes `user-disconnect`
+//!   with reason `kicked` and the session's bytes. The latency from the tunnel's handshake (the
+//!   event's `timestamp`) to `notify` (the log line's time) is printed.
+//! - A quota of 300 KB exhausted by real UDP through the tunnel publishes `quota-warning` at 80
+//!   and 90 % and then `quota-exceeded`, once each, in that order, with the kernel's figures.
+//! - A flood of bad handshakes from the client's address publishes one `suspicious-activity`
+//!   (`auth-failures`, the client's /24); a second flood within the window publishes none.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use capybara_tests::{
+    auth_flood::flood,
+    traffic::send_udp,
+    wg::{ping, ping_until},
+};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+use crate::e2e_session_history::Lab;
+
+const PORT: u16 = 51820;
+const WAIT: Duration = Duration::from_secs(10);
+const RUST_LOG: &str = "info,capybara_agent::service::core=debug";
+
+/// A notification as the agent logged it: the log line's time (seconds of the day) and body.
+#[derive(Debug, Clone)]
+struct Logged {
+    logged_at: f64,
+    body: Value,
+}
+
+/// Seconds of the day of an RFC 3339 UTC time (`…THH:MM:SS.fffZ`).
+fn secs_of_day(ts: &str) -> Option<f64> {
+    let t = ts.split_once('T')?.1.trim_end_matches('Z');
+    let mut p = t.split(':');
+    let (h, m, s) = (p.next()?, p.next()?, p.next()?);
+    Some(h.parse::<f64>().ok()? * 3600.0 + m.parse::<f64>().ok()? * 60.0 + s.parse::<f64>().ok()?)
+}
+
+/// Every notification of `event` in the log, in order.
+fn logged(log: &str, event: &str) -> Vec<Logged> {
+    log.lines()
+        .filter(|l| l.contains(" notification ") && l.contains(&format!("event={event} ")))
+        .filter_map(|l| {
+            let json = &l[l.find("payload=")? + "payload=".len()..];
+            let body = serde_json::Deserializer::from_str(json)
+                .into_iter::<Value>()
+                .next()?
+                .ok()?;
+            let logged_at = secs_of_day(l.split_whitespace().next()?)?;
+            Some(Logged { logged_at, body })
+        })
+        .collect()
+}
+
+/// Waits until the log of run 1 holds at least `n` notifications of `event`.
+fn wait_logged(lab: &Lab, event: &str, n: usize, within: Duration) -> Vec<Logged> {
+    let end = Instant::now() + within;
+    loop {
+        let found = logged(&lab.log(1), event);
+        if found.len() >= n {
+            return found;
+        }
+        assert!(
+            Instant::now() < end,
+            "{} of {n} {event} after {within:?}:\n{}",
+            found.len(),
+            lab.log(1)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_wireguard_go_connect_and_a_kick_publish_user_connect_and_user_disconnect() {
+    let lab = Lab::new(113, 115);
+    let pid = lab.start_agent_logging(1, &[], RUST_LOG);
+    let (_wg, client_v4) = lab.add_client("alice");
+    let server = IpAddr::V4(lab.server_v4);
+    assert!(
+        ping_until(&lab.client, server, WAIT),
+        "no ping through the tunnel\n{}",
+        lab.log(1)
+    );
+    let c = wait_logged(&lab, "user-connect", 1, WAIT);
+    assert_eq!(c.len(), 1, "one handshake, one connect: {c:?}");
+    let b = &c[0].body;
+    assert_eq!(b["user"], "alice");
+    assert_eq!(
+        b["ip"],
+        lab.veth.b.v4.to_string(),
+        "the client's public address"
+    );
+    assert_eq!(b["vpn_ip"], client_v4.to_string());
+    assert_eq!(b["protocol"], "wireguard");
+    assert_eq!(b["data"]["device"], "default");
+    let conns = lab.json(&["connections"]);
+    assert_eq!(
+        b["data"]["session"], conns[0]["id"],
+        "the session is the connection's id: {conns}"
+    );
+    let latency = c[0].logged_at - secs_of_day(b["timestamp"].as_str().unwrap()).unwrap();
+    eprintln!(
+        "user-connect handed to the outbox {:.1} ms after the handshake",
+        latency * 1000.0
+    );
+
+    let kicked = lab.capybara(&["kick", "alice"]);
+    assert!(kicked.contains("kicked alice"), "{kicked}");
+    assert!(!ping(&lab.client, server), "a ping passed after the kick");
+    let d = wait_logged(&lab, "user-disconnect", 1, WAIT);
+    let b = &d[0].body;
+    assert_eq!(b["user"], "alice");
+    assert_eq!(b["data"]["reason"], "kicked");
+    assert_eq!(b["data"]["session"], c[0].body["data"]["session"]);
+    assert!(
+        b["data"]["bytes_in"].as_u64().unwrap() > 0,
+        "the pings' bytes: {b}"
+    );
+    assert_eq!(b["vpn_ip"], client_v4.to_string());
+    lab.server.kill(pid, Signal::SIGTERM);
+}
+
+#[test]
+fn a_quota_spent_by_real_traffic_publishes_two_warnings_then_exceeded() {
+    let lab = Lab::new(117, 119);
+    let pid = lab.start_agent_logging(1, &[], RUST_LOG);
+    let (_wg, client_v4) = lab.add_client("bob");
+    let server = IpAddr::V4(lab.server_v4);
+    assert!(ping_until(&lab.client, server, WAIT), "{}", lab.log(1));
+    lab.capybara(&["quota", "set", "bob", "--limit", "300KB"]);
+    // 600 KB of UDP from bob to a closed port of the server: the kernel charges it on the
+    // tunnel device before anything answers.
+    send_udp(
+        &lab.client,
+        Some(client_v4),
+        SocketAddr::new(server, 9),
+        600,
+        1000,
+    );
+    let exceeded = wait_logged(&lab, "quota-exceeded", 1, WAIT);
+    let warnings = logged(&lab.log(1), "quota-warning");
+    let percents: Vec<u64> = warnings
+        .iter()
+        .map(|w| w.body["data"]["percent"].as_u64().unwrap())
+        .collect();
+    assert_eq!(percents, [80, 90], "{warnings:?}");
+    assert_eq!(exceeded.len(), 1, "{exceeded:?}");
+    assert!(
+        warnings[1].logged_at <= exceeded[0].logged_at,
+        "the warnings come first"
+    );
+    let e = &exceeded[0].body;
+    assert_eq!(e["user"], "bob");
+    assert_eq!(e["vpn_ip"], client_v4.to_string());
+    assert_eq!(e["ip"], lab.veth.b.v4.to_string());
+    assert_eq!(e["data"]["percent"], 100);
+    // The kernel's budget: 300 KB plus the default grace, if any.
+    let limit = e["data"]["limit"].as_u64().unwrap();
+    assert!((300_000..=330_000).contains(&limit), "{e}");
+    assert!(e["data"]["used"].as_u64().unwrap() >= limit, "{e}");
+    assert_eq!(e["data"]["period"], "monthly");
+    assert!(e["data"]["kernel_time_ns"].as_u64().unwrap() > 0);
+    let latency = exceeded[0].logged_at - secs_of_day(e["timestamp"].as_str().unwrap()).unwrap();
+    eprintln!(
+        "quota-exceeded handed to the outbox {:.2} ms after the kernel's packet",
+        latency * 1000.0
+    );
+    lab.server.kill(pid, Signal::SIGTERM);
+}
+
+#[test]
+fn a_bad_handshake_flood_publishes_one_suspicious_activity_per_window() {
+    let lab = Lab::new(121, 123);
+    let pid = lab.start_agent_logging(1, &[], RUST_LOG);
+    let source = lab.veth.b.v4;
+    // 2 000 handshake initiations with random MACs (a wrong key) from the client's address.
+    let f = flood(
+        &lab.client,
+        &[source],
+        lab.veth.a.v4,
+        PORT,
+        2000,
+        Duration::from_secs(1),
+    )
+    .expect("flood");
+    assert!(f.sent > 100, "{f:?}");
+    // The tunnel reports the first failure at once and the rest within 10 s.
+    let s = wait_logged(&lab, "suspicious-activity", 1, Duration::from_secs(15));
+    let b = &s[0].body;
+    let prefix = format!("{}.0/24", source.to_string().rsplit_once('.').unwrap().0);
+    assert_eq!(b["data"]["kind"], "auth-failures");
+    assert_eq!(b["data"]["prefix"], prefix);
+    assert_eq!(b["ip"], source.to_string());
+    assert!(b["data"]["count"].as_u64().unwrap() >= 20, "{b}");
+    assert_eq!(b["data"]["window_s"], 60);
+    // The same source again within the window: counted, not reported again.
+    flood(
+        &lab.client,
+        &[source],
+        lab.veth.a.v4,
+        PORT,
+        2000,
+        Duration::from_secs(1),
+    )
+    .expect("flood");
+    std::thread::sleep(Duration::from_secs(11));
+    let s = logged(&lab.log(1), "suspicious-activity");
+    assert_eq!(s.len(), 1, "{s:?}");
+    lab.server.kill(pid, Signal::SIGTERM);
+}
