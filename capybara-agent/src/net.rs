@@ -20,6 +20,53 @@ pub fn is_loopback(addr: std::net::SocketAddr) -> bool {
     addr.ip().to_canonical().is_loopback()
 }
 
+/// A network device's state as `SIOCGIFFLAGS` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkState {
+    /// Administratively up (`IFF_UP`).
+    pub up: bool,
+    /// Operationally up (`IFF_RUNNING`: the operational state is `up` or `unknown`, i.e. not
+    /// `down`, `lowerlayerdown`, `dormant` or `notpresent`).
+    pub running: bool,
+}
+
+/// The state of device `name` in the calling thread's network namespace (an ioctl on a socket
+/// of that namespace, so right under `--netns` where `/sys/class/net` shows the namespace the
+/// sysfs was mounted in); `None` if there is no such device.
+pub fn link_state(name: &str) -> std::io::Result<Option<LinkState>> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Ok(None);
+    }
+    // SAFETY: all-zero is a valid ifreq.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, b) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = b as libc::c_char;
+    }
+    // SAFETY: a plain socket(2) call.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: SIOCGIFFLAGS reads the name from and writes the flags into `req`, which lives
+    // across the call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENODEV) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: SIOCGIFFLAGS filled the flags member.
+    let flags = i32::from(unsafe { req.ifr_ifru.ifru_flags });
+    Ok(Some(LinkState {
+        up: flags & libc::IFF_UP != 0,
+        running: flags & libc::IFF_RUNNING != 0,
+    }))
+}
+
 /// Why a string is not a valid CIDR. Every variant carries the input as given.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CidrError {
@@ -204,6 +251,13 @@ impl<'de> serde::Deserialize<'de> for Cidr {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_loopback_device_is_up_and_a_missing_one_is_none() {
+        let lo = super::link_state("lo").unwrap().unwrap();
+        assert!(lo.up && lo.running, "{lo:?}");
+        assert_eq!(super::link_state("capy-no-such0").unwrap(), None);
+    }
+
     use super::*;
 
     fn err(s: &str) -> CidrError {

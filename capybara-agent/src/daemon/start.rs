@@ -200,7 +200,7 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
     svc.health.watch_links(service::health::Links {
         tunnel: tunnel.name().to_owned(),
         uplink: config.uplink.clone(),
-        sysfs: std::path::PathBuf::from("/sys/class/net"),
+        probe: Arc::new(crate::net::link_state),
     });
     let health_watch = tokio::spawn(super::events::watch_health(
         Arc::downgrade(&svc),

@@ -7,7 +7,7 @@
 //! | `dataplane` | the kernel's counters are readable, programs are attached (link pins exist; with the links the daemon names, [`Health::watch_links`], the TC programs on the tunnel device and the XDP guard on the uplink each have theirs and the devices exist; the in-memory plane of tests has none to check) and every stored device is in the kernel's peer table |
 //! | `tunnel` | the tunnel's threads (`wg-udp`, `wg-tun`, `wg-timers`, `wg-uapi`) all run and every stored device is a peer of the WireGuard tunnel |
 //! | `history` | always: its detail counts the auth reports dropped since start because the session recorder's bounded queue was full ([`Health::count_auth_drops`]) |
-//! | `uplink` | the uplink's operational state (`/sys/class/net/<uplink>/operstate`) is not `down`, `lowerlayerdown` or `notpresent` and the device exists; always healthy without an uplink |
+//! | `uplink` | the uplink exists and is up, administratively and operationally (`IFF_UP` and `IFF_RUNNING`, read with `SIOCGIFFLAGS` in the agent's network namespace: [`crate::net::link_state`]); always healthy without an uplink |
 //!
 //! Dropped auth reports do not make the agent unhealthy: dropping them is how the recorder
 //! survives a handshake flood by design (sessions travel on their own, unbounded queue and are
@@ -34,7 +34,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    path::PathBuf,
     sync::{
         Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
@@ -50,7 +49,7 @@ use super::{
     directory::Directory,
     notify::{Notification, NotifyKind},
 };
-use crate::store::Cf;
+use crate::{net::LinkState, store::Cf};
 
 /// How often the API refreshes the health statuses.
 pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
@@ -61,15 +60,28 @@ pub const COMPONENTS: [&str; 5] = ["store", "dataplane", "tunnel", "history", "u
 /// Store key prefix (family `meta`) of each component's last reported state.
 const REPORTED: &str = "health/reported/";
 
+/// How a device's state is read: [`crate::net::link_state`] in the agent; tests give their
+/// own.
+pub type LinkProbe = Arc<dyn Fn(&str) -> std::io::Result<Option<LinkState>> + Send + Sync>;
+
 /// What the daemon attached programs to, for the `dataplane` and `uplink` checks.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Links {
     /// The tunnel device (TC ingress and egress).
     pub tunnel: String,
     /// The uplink (XDP guard), if any.
     pub uplink: Option<String>,
-    /// Where network devices are listed (`/sys/class/net`; tests point elsewhere).
-    pub sysfs: PathBuf,
+    /// Reads a device's state.
+    pub probe: LinkProbe,
+}
+
+impl std::fmt::Debug for Links {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Links")
+            .field("tunnel", &self.tunnel)
+            .field("uplink", &self.uplink)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A component's last reported state.
@@ -255,7 +267,7 @@ impl Health {
         }
         let mut missing = Vec::new();
         for (prog, dev) in want {
-            if !l.sysfs.join(dev).exists() {
+            if matches!((l.probe)(dev), Ok(None)) {
                 missing.push(format!("{prog} on {dev} (device gone)"));
             } else if !pins.iter().any(|p| *p == format!("{prog}_{dev}")) {
                 missing.push(format!("{prog} on {dev}"));
@@ -273,13 +285,12 @@ impl Health {
         let Some((l, u)) = self.links.get().and_then(|l| Some((l, l.uplink.as_ref()?))) else {
             return Ok("no uplink".to_owned());
         };
-        match std::fs::read_to_string(l.sysfs.join(u).join("operstate")) {
-            Ok(state) => match state.trim() {
-                s @ ("down" | "lowerlayerdown" | "notpresent") => Err(format!("{u} is {s}")),
-                s => Ok(format!("{u} is {s}")),
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(format!("{u} is gone")),
-            Err(e) => Err(format!("{u}: operstate unreadable: {e}")),
+        match (l.probe)(u) {
+            Ok(Some(LinkState { up: false, .. })) => Err(format!("{u} is down (administratively)")),
+            Ok(Some(LinkState { running: false, .. })) => Err(format!("{u} is down (no carrier)")),
+            Ok(Some(_)) => Ok(format!("{u} is up")),
+            Ok(None) => Err(format!("{u} is gone")),
+            Err(e) => Err(format!("{u}: state unreadable: {e}")),
         }
     }
 
@@ -463,14 +474,23 @@ mod tests {
     fn each_transition_is_reported_once_and_survives_a_restart() {
         use crate::service::{ServiceEvent, notify::NotifyKind};
         let dir = tempfile::tempdir().unwrap();
-        let sysfs = tempfile::tempdir().unwrap();
-        for dev in ["wg-h", "up-h"] {
-            std::fs::create_dir(sysfs.path().join(dev)).unwrap();
-        }
-        let operstate = |s: &str| {
-            std::fs::write(sysfs.path().join("up-h/operstate"), format!("{s}\n")).unwrap()
+        // The devices as the probe sees them.
+        let devices: Arc<Mutex<BTreeMap<String, LinkState>>> = Arc::new(Mutex::new(
+            ["wg-h", "up-h"]
+                .map(|d| {
+                    (
+                        d.to_owned(),
+                        LinkState {
+                            up: true,
+                            running: true,
+                        },
+                    )
+                })
+                .into(),
+        ));
+        let operstate = |running: bool| {
+            devices.lock().unwrap().get_mut("up-h").unwrap().running = running;
         };
-        operstate("up");
         let plane = Arc::new(MemoryPlane::default());
         plane.with(|s| {
             s.links = Some(vec![
@@ -491,7 +511,10 @@ mod tests {
             svc.health.watch_links(Links {
                 tunnel: "wg-h".into(),
                 uplink: Some("up-h".into()),
-                sysfs: sysfs.path().to_owned(),
+                probe: {
+                    let devices = devices.clone();
+                    Arc::new(move |d: &str| Ok(devices.lock().unwrap().get(d).copied()))
+                },
             });
             svc
         };
@@ -518,7 +541,7 @@ mod tests {
 
         // A tunnel thread dies, the uplink goes down, the XDP guard is detached.
         tunnel.dead.lock().unwrap().push("wg-udp".into());
-        operstate("down");
+        operstate(false);
         plane.with(|s| s.links.as_mut().unwrap().retain(|l| !l.starts_with("xdp")));
         svc.health.check_and_report();
         let ev = events(&mut bus);
@@ -533,7 +556,7 @@ mod tests {
         );
         assert_eq!(ev[0].2["detail"], "detached: xdp_guard on up-h");
         assert_eq!(ev[1].2["detail"], "tunnel threads dead: wg-udp");
-        assert_eq!(ev[2].2["detail"], "up-h is down");
+        assert_eq!(ev[2].2["detail"], "up-h is down (no carrier)");
         // Still down: not again.
         svc.health.check_and_report();
         assert!(events(&mut bus).is_empty());
@@ -541,7 +564,7 @@ mod tests {
         // A restart with the tunnel thread still dead repeats nothing; the uplink recovered
         // while the agent was down is reported.
         drop(svc);
-        operstate("up");
+        operstate(true);
         let svc = open();
         let mut bus = svc.events().subscribe();
         svc.health.check_and_report();
@@ -569,7 +592,7 @@ mod tests {
             ]
         );
         // The device itself gone.
-        std::fs::remove_dir_all(sysfs.path().join("up-h")).unwrap();
+        devices.lock().unwrap().remove("up-h");
         let h = svc.health.check_and_report();
         assert!(
             !h[1].ok && h[1].detail.contains("xdp_guard on up-h (device gone)"),
