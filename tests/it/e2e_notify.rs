@@ -12,6 +12,8 @@
 //!   and 90 % and then `quota-exceeded`, once each, in that order, with the kernel's figures.
 //! - A flood of bad handshakes from the client's address publishes one `suspicious-activity`
 //!   (`auth-failures`, the client's /24); a second flood within the window publishes none.
+//! - New UDP flows of a device with `--flows 2`, refused by the kernel every second, publish
+//!   one `suspicious-activity` (`flow-limit-storm`, with `--suspicious-flow-threshold 3`).
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -235,5 +237,37 @@ fn a_bad_handshake_flood_publishes_one_suspicious_activity_per_window() {
     std::thread::sleep(Duration::from_millis(500));
     let s = logged(&lab.log(1), "suspicious-activity");
     assert_eq!(s.len(), 1, "{s:?}");
+    lab.server.kill(pid, Signal::SIGTERM);
+}
+
+#[test]
+fn refused_flows_every_second_make_one_flow_limit_storm() {
+    let lab = Lab::new(125, 127);
+    // A storm: refusals in 3 seconds of a minute (the kernel reports one per device per second).
+    let pid = lab.start_agent_logging(1, &["--suspicious-flow-threshold", "3"], RUST_LOG);
+    let (_wg, client_v4) = lab.add_client("carol");
+    let server = IpAddr::V4(lab.server_v4);
+    assert!(ping_until(&lab.client, server, WAIT), "{}", lab.log(1));
+    lab.capybara(&["quota", "set", "carol", "--flows", "2"]);
+    // A new UDP flow (port) every 100 ms for 5 s: all but the first two are refused.
+    for port in 0..50u16 {
+        send_udp(
+            &lab.client,
+            Some(client_v4),
+            SocketAddr::new(server, 2000 + port),
+            1,
+            100,
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let s = wait_logged(&lab, "suspicious-activity", 1, WAIT);
+    assert_eq!(s.len(), 1, "one per device per window: {s:?}");
+    let b = &s[0].body;
+    assert_eq!(b["data"]["kind"], "flow-limit-storm");
+    assert_eq!(b["user"], "carol");
+    assert_eq!(b["vpn_ip"], client_v4.to_string());
+    assert_eq!(b["data"]["source"], "carol/default");
+    assert_eq!(b["data"]["limit"], 2);
+    assert!(b["data"]["count"].as_u64().unwrap() >= 3, "{b}");
     lab.server.kill(pid, Signal::SIGTERM);
 }
