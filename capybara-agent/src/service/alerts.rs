@@ -5,8 +5,9 @@
 //!
 //! The daemon feeds one **alerts thread** ([`run_alerts`]) over a bounded queue of
 //! [`ALERT_QUEUE`] inputs ([`AlertInput`]): kernel events from the event bus, the tunnel's auth
-//! reports, and a nudge after every configuration change. Feeding it never blocks (a full
-//! queue drops the input and counts it, [`AlertSender::dropped`]), so neither the kernel event
+//! reports, and a nudge after every configuration change (at most one queued: a bulk change is
+//! one look at the expiries). Feeding it never blocks (a full queue drops the input and counts
+//! it, [`AlertSender::dropped`]), so neither the kernel event
 //! reader nor the tunnel waits for a store write; the thread hands each notification to
 //! [`Core::notify`] (the durable outbox) in the order its inputs came.
 //!
@@ -220,15 +221,25 @@ pub enum AlertInput {
 pub struct AlertSender {
     tx: mpsc::SyncSender<AlertInput>,
     dropped: Arc<AtomicU64>,
+    /// A [`AlertInput::Recheck`] is queued: more are coalesced into it (a bulk change of 10 000
+    /// users asks for one look at the expiries, not 10 000).
+    recheck: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AlertSender {
     /// Queues `input` without waiting; a full queue drops it and counts it. False once the
     /// thread is gone.
     pub fn send(&self, input: AlertInput) -> bool {
+        let recheck = input == AlertInput::Recheck;
+        if recheck && self.recheck.swap(true, Ordering::AcqRel) {
+            return true;
+        }
         match self.tx.try_send(input) {
             Ok(()) => true,
             Err(mpsc::TrySendError::Full(_)) => {
+                if recheck {
+                    self.recheck.store(false, Ordering::Release);
+                }
                 self.dropped.fetch_add(1, Ordering::Relaxed);
                 true
             }
@@ -242,15 +253,24 @@ impl AlertSender {
     }
 }
 
+/// The alerts thread's end of the queue (for [`run_alerts`]).
+#[derive(Debug)]
+pub struct AlertReceiver {
+    rx: mpsc::Receiver<AlertInput>,
+    recheck: Arc<std::sync::atomic::AtomicBool>,
+}
+
 /// The alerts thread's queue: [`ALERT_QUEUE`] inputs.
-pub fn alert_channel() -> (AlertSender, mpsc::Receiver<AlertInput>) {
+pub fn alert_channel() -> (AlertSender, AlertReceiver) {
     let (tx, rx) = mpsc::sync_channel(ALERT_QUEUE);
+    let recheck = Arc::new(std::sync::atomic::AtomicBool::new(false));
     (
         AlertSender {
             tx,
             dropped: Arc::new(AtomicU64::new(0)),
+            recheck: recheck.clone(),
         },
-        rx,
+        AlertReceiver { rx, recheck },
     )
 }
 
@@ -598,7 +618,7 @@ impl Alerts {
 /// account expiry (at most [`EXPIRY_RECHECK`]) and reports it at its moment. Checks the
 /// expiries once at start (those passed while the agent was down). Ends when every sender is
 /// gone.
-pub fn run_alerts(alerts: Arc<Alerts>, inputs: mpsc::Receiver<AlertInput>) {
+pub fn run_alerts(alerts: Arc<Alerts>, inputs: AlertReceiver) {
     let check = |alerts: &Alerts| match alerts.check_expiries(SystemTime::now()) {
         Ok(next) => next,
         Err(e) => {
@@ -613,8 +633,12 @@ pub fn run_alerts(alerts: Arc<Alerts>, inputs: mpsc::Receiver<AlertInput>) {
                 t.duration_since(SystemTime::now()).unwrap_or_default()
             })
             .min(EXPIRY_RECHECK);
-        match inputs.recv_timeout(wait) {
-            Ok(AlertInput::Recheck) => next = check(&alerts),
+        match inputs.rx.recv_timeout(wait) {
+            Ok(AlertInput::Recheck) => {
+                // Cleared first: a change after this look asks for another.
+                inputs.recheck.store(false, Ordering::Release);
+                next = check(&alerts);
+            }
             Ok(input) => {
                 if let Err(e) = alerts.on_input(input) {
                     tracing::warn!(error = %e, "cannot hand an alert to the webhook outbox");

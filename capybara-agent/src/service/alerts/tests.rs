@@ -418,3 +418,34 @@ fn the_alerts_thread_reports_an_expiry_at_its_moment_without_any_input() {
     drop(tx);
     th.join().unwrap();
 }
+
+#[test]
+fn rechecks_are_coalesced_and_a_full_queue_drops_and_counts() {
+    let (tx, rx) = alert_channel();
+    for _ in 0..1000 {
+        assert!(tx.send(AlertInput::Recheck));
+    }
+    assert_eq!(
+        rx.rx.try_iter().count(),
+        1,
+        "one queued look at the expiries"
+    );
+    rx.recheck.store(false, Ordering::Release);
+    let flow = AlertInput::FlowLimit {
+        peer: 1,
+        limit: 2,
+        at: SystemTime::now(),
+    };
+    for _ in 0..ALERT_QUEUE + 5 {
+        assert!(tx.send(flow.clone()));
+    }
+    assert_eq!(tx.dropped(), 5);
+    // A recheck that finds the queue full is dropped but does not block the next one.
+    assert!(tx.send(AlertInput::Recheck));
+    assert_eq!(tx.dropped(), 6);
+    let _ = rx.rx.recv().unwrap();
+    assert!(tx.send(AlertInput::Recheck));
+    assert_eq!(rx.rx.try_iter().last(), Some(AlertInput::Recheck));
+    drop(rx);
+    assert!(!tx.send(flow), "the thread is gone");
+}
