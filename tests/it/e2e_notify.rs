@@ -12,6 +12,8 @@
 //!   and 90 % and then `quota-exceeded`, once each, in that order, with the kernel's figures.
 //! - A flood of bad handshakes from the client's address publishes one `suspicious-activity`
 //!   (`auth-failures`, the client's /24); a second flood within the window publishes none.
+//! - The uplink set down and up again (`ip link`) publishes `server-down` then `server-up`
+//!   for the `uplink` component (health checked every second: `--health-interval 1s`).
 //! - New UDP flows of a device with `--flows 2`, refused by the kernel every second, publish
 //!   one `suspicious-activity` (`flow-limit-storm`, with `--suspicious-flow-threshold 3`).
 
@@ -269,5 +271,34 @@ fn refused_flows_every_second_make_one_flow_limit_storm() {
     assert_eq!(b["data"]["source"], "carol/default");
     assert_eq!(b["data"]["limit"], 2);
     assert!(b["data"]["count"].as_u64().unwrap() >= 3, "{b}");
+    lab.server.kill(pid, Signal::SIGTERM);
+}
+
+#[test]
+fn the_uplink_going_down_and_up_publishes_server_down_then_server_up() {
+    let lab = Lab::new(129, 131);
+    let pid = lab.start_agent_logging(1, &["--health-interval", "1s"], RUST_LOG);
+    // A healthy start reports nothing (the devices are looked up in the agent's namespace).
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        logged(&lab.log(1), "server-down").len(),
+        0,
+        "{}",
+        lab.log(1)
+    );
+    let uplink = lab.veth.a.ifname.clone();
+    lab.server.exec(&["ip", "link", "set", &uplink, "down"]);
+    let down = wait_logged(&lab, "server-down", 1, WAIT);
+    assert_eq!(down.len(), 1, "{down:?}");
+    assert_eq!(down[0].body["data"]["component"], "uplink");
+    assert_eq!(
+        down[0].body["data"]["detail"],
+        format!("{uplink} is down (administratively)")
+    );
+    lab.server.exec(&["ip", "link", "set", &uplink, "up"]);
+    let up = wait_logged(&lab, "server-up", 1, WAIT);
+    assert_eq!(up[0].body["data"]["component"], "uplink");
+    assert!(up[0].body["data"]["down_since"].is_string(), "{:?}", up[0]);
+    assert_eq!(logged(&lab.log(1), "server-down").len(), 1);
     lab.server.kill(pid, Signal::SIGTERM);
 }
