@@ -23,6 +23,7 @@
 //! | [`policy_file`] | the declarative policy file: apply, diff, export |
 //! | [`history`], [`backup`], [`health`] | sessions and auth attempts with retention; store backups; component health |
 //! | [`telemetry`] | what the metrics read that no feature above answers (verdict counters, sessions online, handshakes, quota standing); the API's call timer port |
+//! | [`schedules`] | scheduled tasks: cron in a zone, the runner on an injectable clock, runs and their history (the commands run through the `Commands` port) |
 //!
 //! Beside them: [`domain`] (validated domain types and their parsers), [`secrets`] (keys, token
 //! hashes, sealing of kept client keys), [`ports`] (what the service needs from the dataplane and
@@ -47,6 +48,7 @@ pub mod notify;
 pub mod policy;
 pub mod policy_file;
 pub mod ports;
+pub mod schedules;
 pub mod secrets;
 pub mod telemetry;
 pub mod templates;
@@ -114,6 +116,8 @@ pub struct Service {
     pub health: Arc<health::Health>,
     /// What the metrics read; the API's call timer.
     pub telemetry: Arc<telemetry::Telemetry>,
+    /// Scheduled tasks.
+    pub schedules: Arc<schedules::Schedules>,
 }
 
 impl Service {
@@ -168,6 +172,7 @@ impl Service {
             backup: Arc::new(backup::Backup::new(core.clone())),
             health: Arc::new(health::Health::new(core.clone(), directory.clone())),
             telemetry: Arc::new(telemetry::Telemetry::new(core.clone(), policy.clone())),
+            schedules: Arc::new(schedules::Schedules::new(core.clone())),
             lists,
             users,
             devices,
