@@ -252,6 +252,15 @@ impl policy_server::Policy for Api {
         }))
     }
 
+    async fn reset_all_quotas(
+        &self,
+        req: Request<pb::ResetAllQuotasRequest>,
+    ) -> Result<Response<pb::ResetAllQuotasResponse>, Status> {
+        let actor = self.auth(&req, Scope::Write)?;
+        let reset = self.call(move |s| s.policy.reset_all_quotas(&actor)).await?;
+        Ok(Response::new(pb::ResetAllQuotasResponse { reset }))
+    }
+
     async fn create_group(
         &self,
         req: Request<pb::CreateGroupRequest>,
@@ -497,6 +506,16 @@ impl Client {
             .await?
             .into_inner();
         Ok(r.quotas.into_iter().map(quota_from_proto).collect())
+    }
+
+    /// Starts a new period for every bucket and pool; their owners (`user:…`, `group:…`).
+    pub async fn reset_all_quotas(&self) -> Result<Vec<String>, ClientError> {
+        let r = self
+            .policy()
+            .reset_all_quotas(self.req(pb::ResetAllQuotasRequest {}))
+            .await?
+            .into_inner();
+        Ok(r.reset)
     }
 
     /// Creates a group.

@@ -196,6 +196,9 @@ pub struct AgentConfig {
     pub keep_unknown_peers: bool,
     /// The metrics.
     pub metrics: MetricsSettings,
+    /// Where the agent writes the backups it keeps itself (`--backup-dir`); `None`:
+    /// `<data dir>/backups` (`paths::backup_dir`).
+    pub backup_dir: Option<PathBuf>,
 }
 
 /// Why the daemon could not start or stop cleanly.

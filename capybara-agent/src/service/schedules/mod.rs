@@ -265,6 +265,18 @@ pub trait Commands: Send + Sync + std::fmt::Debug {
     fn run(&self, task: u64, args: Vec<String>) -> RunFuture;
 }
 
+/// A task id as given (decimal, from 1), in `field`.
+pub fn parse_id(field: &'static str, s: &str) -> Result<u64, ValidationError> {
+    match s.trim().parse::<u64>() {
+        Ok(id) if id > 0 => Ok(id),
+        _ if s.trim().is_empty() => Err(ValidationError::Missing { field }),
+        _ => Err(ValidationError::Value {
+            field,
+            reason: format!("{s:?} is not a schedule id (a number from 1, see schedule list)"),
+        }),
+    }
+}
+
 /// Splits a command line into words as a POSIX shell would, without expanding anything:
 /// blanks separate words, `'…'` is literal, `"…"` keeps `\"` and `\\` escapes, `\` outside
 /// quotes escapes the next character. An unclosed quote is refused naming `field`.
@@ -362,6 +374,8 @@ pub struct Schedules {
     changed: tokio::sync::Notify,
     /// Counts runs recorded as ended (ended or skipped), for whoever waits for one.
     ended: tokio::sync::watch::Sender<u64>,
+    /// Set when the agent stops: the runner ends.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl Schedules {
@@ -374,6 +388,7 @@ impl Schedules {
             running: Mutex::new(HashSet::new()),
             changed: tokio::sync::Notify::new(),
             ended: tokio::sync::watch::channel(0).0,
+            stopping: tokio::sync::watch::channel(false).0,
         }
     }
 
@@ -792,6 +807,16 @@ impl Schedules {
             self.core.store.commit(batch)?;
         }
         Ok(())
+    }
+
+    /// Ends the runner (the agent is stopping); runs going finish on their own.
+    pub fn stop(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Resolves once [`Schedules::stop`] was called.
+    pub async fn stopped(&self) {
+        let _ = self.stopping.subscribe().wait_for(|s| *s).await;
     }
 
     /// Resolves when the tasks changed (added, enabled, disabled, deleted) since the last call.

@@ -8,10 +8,18 @@ use std::sync::Arc;
 use super::{Missed, Schedules, Trigger};
 use crate::service::{ServiceError, domain::Actor};
 
-/// Runs the scheduler until the task is aborted (the agent stops). The first pass, at start,
+/// Runs the scheduler until [`Schedules::stop`] (the agent stops). The first pass, at start,
 /// closes runs a stopped agent left `running` and treats every due time already passed as
 /// missed.
 pub async fn run(schedules: Arc<Schedules>) {
+    let stopped = schedules.clone();
+    tokio::select! {
+        () = stopped.stopped() => {}
+        () = run_until_stopped(schedules) => {}
+    }
+}
+
+async fn run_until_stopped(schedules: Arc<Schedules>) {
     let me = schedules.clone();
     if let Err(e) = tokio::task::spawn_blocking(move || me.close_interrupted())
         .await
