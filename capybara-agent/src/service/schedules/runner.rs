@@ -8,9 +8,8 @@ use std::sync::Arc;
 use super::{Missed, Schedules, Trigger};
 use crate::service::{ServiceError, domain::Actor};
 
-/// Runs the scheduler until [`Schedules::stop`] (the agent stops). The first pass, at start,
-/// closes runs a stopped agent left `running` and treats every due time already passed as
-/// missed.
+/// Runs the scheduler until [`Schedules::stop`] (the agent stops). At start it closes runs a
+/// stopped agent left `running`; a due time at or before its start is a missed one.
 pub async fn run(schedules: Arc<Schedules>) {
     let stopped = schedules.clone();
     tokio::select! {
@@ -27,7 +26,8 @@ async fn run_until_stopped(schedules: Arc<Schedules>) {
     {
         tracing::warn!(error = %e, "could not close interrupted scheduled runs");
     }
-    let mut first = true;
+    // Due times at or before the runner's start were missed (the agent was down).
+    let started = schedules.clock().now_ms().div_euclid(1000);
     // Due times whose run could not even be recorded (the store failed): not tried again in a
     // tight loop; the next due time is.
     let mut given_up = std::collections::HashSet::new();
@@ -56,7 +56,7 @@ async fn run_until_stopped(schedules: Arc<Schedules>) {
                 next = Some(next.map_or(due, |n| n.min(due)));
                 continue;
             }
-            let trigger = if first {
+            let trigger = if due <= started {
                 Trigger::Missed
             } else {
                 Trigger::Schedule
@@ -65,7 +65,6 @@ async fn run_until_stopped(schedules: Arc<Schedules>) {
                 given_up.insert((id, due));
             }
         }
-        first = false;
         match next {
             Some(t) => {
                 tokio::select! {
