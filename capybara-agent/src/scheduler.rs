@@ -23,3 +23,6 @@ pub fn start(svc: &Arc<Service>) -> Incoming {
     tokio::spawn(runner::run(svc.schedules.clone()));
     incoming
 }
+
+#[cfg(test)]
+mod tests;

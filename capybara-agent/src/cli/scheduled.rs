@@ -219,6 +219,29 @@ mod tests {
         crate::service::schedules::split_command("command", s).unwrap()
     }
 
+    #[tokio::test]
+    async fn a_runs_output_is_captured_and_bounded() {
+        let (connector, _incoming) = crate::api::inproc::channel();
+        let out = Arc::new(Mutex::new(Captured::default()));
+        let ctx = InAgentRun {
+            connector,
+            task: 1,
+            out: out.clone(),
+        };
+        RUN.scope(ctx, async {
+            super::super::output::write_stdout(format_args!("first line\n")).unwrap();
+            let big = "x".repeat(MAX_OUTPUT_BYTES);
+            super::super::output::write_stdout(format_args!("{big}")).unwrap();
+        })
+        .await;
+        let c = out.lock().unwrap();
+        assert!(c.text.starts_with("first line\nxxx"));
+        assert_eq!(c.text.len(), MAX_OUTPUT_BYTES);
+        assert_eq!(c.dropped, 11);
+        // Outside a run nothing is captured.
+        assert!(!capture("to standard output"));
+    }
+
     #[test]
     fn schedulable_commands_parse_with_the_cli() {
         for ok in [

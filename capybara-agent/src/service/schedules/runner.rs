@@ -10,15 +10,20 @@ use crate::service::{ServiceError, domain::Actor};
 
 /// Runs the scheduler until [`Schedules::stop`] (the agent stops). At start it closes runs a
 /// stopped agent left `running`; a due time at or before its start is a missed one.
-pub async fn run(schedules: Arc<Schedules>) {
-    let stopped = schedules.clone();
-    tokio::select! {
-        () = stopped.stopped() => {}
-        () = run_until_stopped(schedules) => {}
+pub fn run(schedules: Arc<Schedules>) -> impl std::future::Future<Output = ()> + Send {
+    // Due times at or before the runner's start were missed (the agent was down): its start is
+    // when it is made, not when the task first runs.
+    let started = schedules.clock().now_ms().div_euclid(1000);
+    async move {
+        let stopped = schedules.clone();
+        tokio::select! {
+            () = stopped.stopped() => {}
+            () = run_until_stopped(schedules, started) => {}
+        }
     }
 }
 
-async fn run_until_stopped(schedules: Arc<Schedules>) {
+async fn run_until_stopped(schedules: Arc<Schedules>, started: i64) {
     let me = schedules.clone();
     if let Err(e) = tokio::task::spawn_blocking(move || me.close_interrupted())
         .await
@@ -26,8 +31,6 @@ async fn run_until_stopped(schedules: Arc<Schedules>) {
     {
         tracing::warn!(error = %e, "could not close interrupted scheduled runs");
     }
-    // Due times at or before the runner's start were missed (the agent was down).
-    let started = schedules.clock().now_ms().div_euclid(1000);
     // Due times whose run could not even be recorded (the store failed): not tried again in a
     // tight loop; the next due time is.
     let mut given_up = std::collections::HashSet::new();
@@ -48,6 +51,7 @@ async fn run_until_stopped(schedules: Arc<Schedules>) {
             }
         };
         let mut next: Option<i64> = None;
+        let mut fired = false;
         for (id, due, missed) in plan {
             if given_up.contains(&(id, due)) {
                 continue;
@@ -64,6 +68,11 @@ async fn run_until_stopped(schedules: Arc<Schedules>) {
             if !fire(&schedules, id, due, trigger, missed).await {
                 given_up.insert((id, due));
             }
+            fired = true;
+        }
+        if fired {
+            // What was due is recorded: plan again for the next due times.
+            continue;
         }
         match next {
             Some(t) => {

@@ -54,3 +54,4 @@ fn the_latest_due_time_stands_for_every_one_passed() {
     assert_eq!(latest_due(&s, t0, t0 + 5 * h + 10), Some(t0 + 5 * h));
     assert_eq!(latest_due(&s, t0, t0 + h), Some(t0 + h));
 }
+
