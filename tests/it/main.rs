@@ -65,3 +65,4 @@ mod geo;
 mod logging;
 mod prog_test_run;
 mod service_install;
+mod api_schedule;

@@ -25,7 +25,9 @@ use crate::service::{
 pub(super) enum ScheduleCmd {
     /// Run a capybara command on a cron schedule, in the agent (e.g. "backup create --keep 7").
     Add {
-        /// The command after `capybara`, one argument: "backup create --keep 7".
+        /// The command after `capybara`, one argument: "backup create --keep 7" (it may start
+        /// with an option: "--json user list").
+        #[arg(allow_hyphen_values = true)]
         command: String,
         /// When: five fields, minute hour day-of-month month day-of-week ("0 2 * * *",
         /// "0 9 * * MON", "*/15 * * * *"); no seconds.

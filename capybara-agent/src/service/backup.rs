@@ -5,7 +5,8 @@
 //! Backups the agent keeps itself (`backup create` without `--output`, what a scheduled
 //! `backup create --keep 7` does) go into its backup directory (`--backup-dir`, default
 //! `<data dir>/backups`, created mode 0700) as `backup-<UTC time>.capy`
-//! (`backup-20261207T020000Z.capy`; `-2`, `-3`… before `.capy` for a second one in the same
+//! (`backup-20261207T020000Z.capy`; `-2`, `-3`… before `.capy` for further ones in the same
+//! second, always one more than the highest there, so a name is never taken again within its
 //! second), each mode 0600, written to a temporary file, fsynced and renamed (a crash leaves
 //! no partial backup under that name). With `keep` N, all but the newest N files **of that
 //! name pattern** are deleted after the new one is in place; no other file in the directory is
@@ -82,12 +83,21 @@ impl Backup {
             .unwrap_or_default()
             .format("%Y%m%dT%H%M%SZ")
             .to_string();
-        let mut path = dir.join(format!("{BACKUP_PREFIX}{stamp}{BACKUP_EXT}"));
-        let mut n = 1;
-        while path.exists() {
-            n += 1;
-            path = dir.join(format!("{BACKUP_PREFIX}{stamp}-{n}{BACKUP_EXT}"));
+        // A second backup in the same second sorts after every earlier one of that second,
+        // even after the rotation deleted some: one more than the highest number there.
+        let mut last = None;
+        for e in std::fs::read_dir(&dir).map_err(io)? {
+            let name = e.map_err(io)?.file_name();
+            if let Some((s, n)) = name.to_str().and_then(backup_name_key)
+                && s == stamp
+            {
+                last = last.max(Some(n));
+            }
         }
+        let path = match last {
+            None => dir.join(format!("{BACKUP_PREFIX}{stamp}{BACKUP_EXT}")),
+            Some(n) => dir.join(format!("{BACKUP_PREFIX}{stamp}-{}{BACKUP_EXT}", n + 1)),
+        };
         let tmp = paths::temp_file(&path);
         let written = (|| {
             let mut file = crate::fsutil::create_private(&tmp).map_err(io)?;
