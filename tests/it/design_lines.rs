@@ -320,7 +320,9 @@ fn every_design_line_works_verbatim() {
     assert!(out.starts_with("backup written to "), "{out}");
     let out = d.line_with("schedule run <id>", &[("<id>", "2")]).stdout;
     assert!(out.ends_with("removed 0 expired user(s)\n"), "{out}");
-    let out = d.line_with("schedule disable <id>", &[("<id>", "1")]).stdout;
+    let out = d
+        .line_with("schedule disable <id>", &[("<id>", "1")])
+        .stdout;
     assert!(out.contains("; disabled;"), "{out}");
     let out = d.line_with("schedule enable <id>", &[("<id>", "1")]).stdout;
     assert!(out.contains("; enabled;"), "{out}");

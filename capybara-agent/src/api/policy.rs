@@ -7,7 +7,7 @@
 //! |---|---|
 //! | read | `GetLimits`, `ExplainPolicy`, `ShowQuota` (of every user: paged by user name, `api::paging`), `ListGroups` |
 //! | read | `ExportPolicyDocument` |
-//! | write | `ApplyPolicyDocument` (also with `dry_run`), `SetLimits`, `ResetQuota`, `CreateGroup`, `DeleteGroup`, `AddGroupMembers`, `RemoveGroupMembers`, `SetGroupPolicy` |
+//! | write | `ApplyPolicyDocument` (also with `dry_run`), `SetLimits`, `ResetQuota`, `ResetAllQuotas`, `CreateGroup`, `DeleteGroup`, `AddGroupMembers`, `RemoveGroupMembers`, `SetGroupPolicy` |
 
 use capybara_proto::v1::{self as pb, policy_client::PolicyClient, policy_server};
 use tonic::{Request, Response, Status};
@@ -257,7 +257,9 @@ impl policy_server::Policy for Api {
         req: Request<pb::ResetAllQuotasRequest>,
     ) -> Result<Response<pb::ResetAllQuotasResponse>, Status> {
         let actor = self.auth(&req, Scope::Write)?;
-        let reset = self.call(move |s| s.policy.reset_all_quotas(&actor)).await?;
+        let reset = self
+            .call(move |s| s.policy.reset_all_quotas(&actor))
+            .await?;
         Ok(Response::new(pb::ResetAllQuotasResponse { reset }))
     }
 

@@ -80,7 +80,11 @@ fn run_from_proto(r: pb::ScheduleRun) -> Result<Run, AnswerError> {
             "schedule" => Trigger::Schedule,
             "missed" => Trigger::Missed,
             "manual" => Trigger::Manual,
-            _ => return Err(AnswerError::Invalid { field: "run.trigger" }),
+            _ => {
+                return Err(AnswerError::Invalid {
+                    field: "run.trigger",
+                });
+            }
         },
         due: (r.due != 0).then_some(r.due),
         started_ms: r.started_ms,

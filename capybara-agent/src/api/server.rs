@@ -16,7 +16,7 @@
 //! |---|---|
 //! | read | `ListUsers`, `GetUser`, `ListPeers`, `GetStats`, `ListConnections`, `ListAudit`, `ListBlocklists`, `GetBlocklist`, `GetGeo`, `ListSessions`, `ListComponents`, health, reflection |
 //! | write | `AddUser`, `RemoveUser`, `ExpireUser`, `RenewUser`, `CleanupExpired`, `AddPeer`, `RemovePeer`, `Kick`, `AddEntries`, `RemoveEntries`, `DeleteBlocklist`, `SetGeo` |
-//! | admin | `UserConfig` (it hands out a device's private key: the kept one, audited as `peer.config`, or a new one with `rotate`), `CreateToken`, `ListTokens`, `RevokeToken`, `ClearHistory`, `CreateBackup` |
+//! | admin | `UserConfig` (it hands out a device's private key: the kept one, audited as `peer.config`, or a new one with `rotate`), `CreateToken`, `ListTokens`, `RevokeToken`, `ClearHistory`, `CreateBackup`, `CreateBackupFile` |
 //!
 //! `AddUser` and `AddPeer` answer the new device's private key once, to the caller that made it;
 //! only `UserConfig` hands out the key of a device that exists already, so it needs admin.
@@ -43,9 +43,9 @@ use capybara_proto::v1::{
     api_access_server::ApiAccessServer, audit_server::AuditServer, backup_server::BackupServer,
     blocklists_server::BlocklistsServer, components_server::ComponentsServer,
     connections_server::ConnectionsServer, geo_server::GeoServer, history_server::HistoryServer,
-    peers_server::PeersServer, policy_server::PolicyServer,
-    schedules_server::SchedulesServer, stats_server::StatsServer,
-    templates_server::TemplatesServer, tokens_server::TokensServer, users_server::UsersServer,
+    peers_server::PeersServer, policy_server::PolicyServer, schedules_server::SchedulesServer,
+    stats_server::StatsServer, templates_server::TemplatesServer, tokens_server::TokensServer,
+    users_server::UsersServer,
 };
 use tonic::{Request, transport::server::Router};
 

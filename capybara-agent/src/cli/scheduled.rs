@@ -93,7 +93,10 @@ fn parse(args: &[String]) -> Result<Cli, String> {
     let argv = std::iter::once("capybara").chain(args.iter().map(String::as_str));
     let matches = Cli::command().try_get_matches_from(argv).map_err(|e| {
         if !e.use_stderr() {
-            return format!("{:?} asks for help or the version, not a command", args.join(" "));
+            return format!(
+                "{:?} asks for help or the version, not a command",
+                args.join(" ")
+            );
         }
         let text = e.render().to_string();
         let first = text.lines().next().unwrap_or("invalid arguments");
@@ -117,10 +120,9 @@ fn parse(args: &[String]) -> Result<Cli, String> {
         Command::Top(_) => refuse("top", "a live view never ends"),
         Command::Stats(a) if a.is_watch() => refuse("stats --watch", "a live view never ends"),
         Command::Schedule(_) => refuse("schedule", "a task does not manage tasks"),
-        Command::Backup(BackupCmd::Restore { .. }) => refuse(
-            "backup restore",
-            "it replaces the store of a stopped agent",
-        ),
+        Command::Backup(BackupCmd::Restore { .. }) => {
+            refuse("backup restore", "it replaces the store of a stopped agent")
+        }
         Command::Generate(_) => refuse("generate", "it is for `cargo xtask install`"),
         _ => Ok(cli),
     }
@@ -264,12 +266,24 @@ mod tests {
             ("top", "top cannot be scheduled"),
             ("stats --watch", "stats --watch cannot be scheduled"),
             ("schedule list", "schedule cannot be scheduled"),
-            ("backup restore --input x", "backup restore cannot be scheduled"),
+            (
+                "backup restore --input x",
+                "backup restore cannot be scheduled",
+            ),
             ("generate --out /tmp", "generate cannot be scheduled"),
-            ("user list --endpoint http://127.0.0.1:1", "--endpoint is a connection option"),
+            (
+                "user list --endpoint http://127.0.0.1:1",
+                "--endpoint is a connection option",
+            ),
             ("--token abc user list", "--token is a connection option"),
-            ("user list --socket /tmp/s", "--socket is a connection option"),
-            ("user list --ca-cert ca.pem", "--ca-cert is a connection option"),
+            (
+                "user list --socket /tmp/s",
+                "--socket is a connection option",
+            ),
+            (
+                "user list --ca-cert ca.pem",
+                "--ca-cert is a connection option",
+            ),
             ("no-such-command", "does not parse"),
             ("user add", "does not parse"),
             ("user list --help", "asks for help"),

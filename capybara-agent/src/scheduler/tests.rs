@@ -228,7 +228,12 @@ async fn bad_expressions_zones_and_commands_name_their_field_and_change_nothing(
         ("stats --watch", "0 2 * * *", "", "command: "),
         ("schedule list", "0 2 * * *", "", "command: "),
         ("backup restore --input x", "0 2 * * *", "", "command: "),
-        ("user list --endpoint http://127.0.0.1:1", "0 2 * * *", "", "command: "),
+        (
+            "user list --endpoint http://127.0.0.1:1",
+            "0 2 * * *",
+            "",
+            "command: ",
+        ),
         ("no such command", "0 2 * * *", "", "command: "),
         ("user list 'unclosed", "0 2 * * *", "", "command: "),
         ("", "0 2 * * *", "", "command: "),
@@ -239,7 +244,10 @@ async fn bad_expressions_zones_and_commands_name_their_field_and_change_nothing(
             .add(&root(), command, cron, tz, Missed::Run)
             .unwrap_err();
         assert!(matches!(e, ServiceError::Invalid(_)), "{e:?}");
-        assert!(e.to_string().starts_with(field), "{command} {cron} {tz}: {e}");
+        assert!(
+            e.to_string().starts_with(field),
+            "{command} {cron} {tz}: {e}"
+        );
     }
     assert!(a.svc.schedules.list().unwrap().is_empty());
     assert_eq!(a.svc.core.next_audit_seq(), seq, "nothing audited");
@@ -364,7 +372,11 @@ async fn history_keeps_the_newest_runs_and_a_delete_takes_it_all() {
     let id = a.add("health", "0 2 * * *", "", Missed::Run);
     let keep = crate::service::schedules::MAX_RUNS_KEPT;
     for _ in 0..keep + 3 {
-        let r = a.svc.schedules.begin(&root(), id, Trigger::Manual, None).unwrap();
+        let r = a
+            .svc
+            .schedules
+            .begin(&root(), id, Trigger::Manual, None)
+            .unwrap();
         a.svc
             .schedules
             .finish(r, crate::service::schedules::Outcome::default())

@@ -233,7 +233,10 @@ mod tests {
         };
         assert_eq!(
             names(deleted),
-            ["backup-20261201T020000Z.capy", "backup-20261202T020000Z.capy"]
+            [
+                "backup-20261201T020000Z.capy",
+                "backup-20261202T020000Z.capy"
+            ]
         );
         let left = names(
             std::fs::read_dir(dir.path())

@@ -87,7 +87,9 @@ impl CronSchedule {
         };
         let tz = Tz::from_str(tz_name).map_err(|_| ValidationError::Value {
             field: "tz",
-            reason: format!("unknown time zone {tz_name:?} (expected an IANA name such as Europe/Berlin or UTC)"),
+            reason: format!(
+                "unknown time zone {tz_name:?} (expected an IANA name such as Europe/Berlin or UTC)"
+            ),
         })?;
         let s = CronSchedule {
             expr: expr.split_whitespace().collect::<Vec<_>>().join(" "),
@@ -115,7 +117,10 @@ impl CronSchedule {
     /// daylight-saving rule of the module docs; `None` if there is none (within croner's search
     /// limit, or past what a date can hold).
     pub fn next_after(&self, after: i64) -> Option<i64> {
-        let start: DateTime<Tz> = Utc.timestamp_opt(after, 0).single()?.with_timezone(&self.tz);
+        let start: DateTime<Tz> = Utc
+            .timestamp_opt(after, 0)
+            .single()?
+            .with_timezone(&self.tz);
         self.cron
             .find_next_occurrence(&start, false)
             .ok()
@@ -179,18 +184,36 @@ mod tests {
             ]
         );
         let s = CronSchedule::parse("0 0 1 * *", "UTC").unwrap();
-        assert_eq!(runs(&s, "2026-12-07T00:00:00Z", 1), ["2027-01-01T00:00:00Z"]);
+        assert_eq!(
+            runs(&s, "2026-12-07T00:00:00Z", 1),
+            ["2027-01-01T00:00:00Z"]
+        );
         let s = CronSchedule::parse("0 8 * jan-mar mon-fri", "UTC").unwrap();
-        assert_eq!(runs(&s, "2026-12-07T00:00:00Z", 1), ["2027-01-01T08:00:00Z"]);
+        assert_eq!(
+            runs(&s, "2026-12-07T00:00:00Z", 1),
+            ["2027-01-01T08:00:00Z"]
+        );
         let s = CronSchedule::parse("0 0 L * *", "UTC").unwrap();
-        assert_eq!(runs(&s, "2027-02-01T00:00:00Z", 1), ["2027-02-28T00:00:00Z"]);
+        assert_eq!(
+            runs(&s, "2027-02-01T00:00:00Z", 1),
+            ["2027-02-28T00:00:00Z"]
+        );
         let s = CronSchedule::parse("0 0 * * MON#1", "UTC").unwrap();
-        assert_eq!(runs(&s, "2026-12-07T00:00:00Z", 1), ["2027-01-04T00:00:00Z"]);
+        assert_eq!(
+            runs(&s, "2026-12-07T00:00:00Z", 1),
+            ["2027-01-04T00:00:00Z"]
+        );
         // Sunday is 0 and 7.
         let a = CronSchedule::parse("0 0 * * 0", "UTC").unwrap();
         let b = CronSchedule::parse("0 0 * * 7", "UTC").unwrap();
-        assert_eq!(runs(&a, "2026-12-07T00:00:00Z", 2), runs(&b, "2026-12-07T00:00:00Z", 2));
-        assert_eq!(runs(&a, "2026-12-07T00:00:00Z", 1), ["2026-12-13T00:00:00Z"]);
+        assert_eq!(
+            runs(&a, "2026-12-07T00:00:00Z", 2),
+            runs(&b, "2026-12-07T00:00:00Z", 2)
+        );
+        assert_eq!(
+            runs(&a, "2026-12-07T00:00:00Z", 1),
+            ["2026-12-13T00:00:00Z"]
+        );
     }
 
     #[test]

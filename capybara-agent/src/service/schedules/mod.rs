@@ -417,7 +417,10 @@ impl Schedules {
     }
 
     fn commands(&self) -> Result<Arc<dyn Commands>, ServiceError> {
-        self.commands.get().cloned().ok_or(ServiceError::NoScheduler)
+        self.commands
+            .get()
+            .cloned()
+            .ok_or(ServiceError::NoScheduler)
     }
 
     fn load(&self, id: u64) -> Result<Task, ServiceError> {
@@ -704,7 +707,13 @@ impl Schedules {
     }
 
     /// Records a due time of task `id` that is not run (`reason`), moving its `last_due`.
-    pub fn skip(&self, id: u64, trigger: Trigger, due: i64, reason: &str) -> Result<Run, ServiceError> {
+    pub fn skip(
+        &self,
+        id: u64,
+        trigger: Trigger,
+        due: i64,
+        reason: &str,
+    ) -> Result<Run, ServiceError> {
         let run = {
             let _w = self.core.writer.lock().unwrap();
             let mut task = self.load(id)?;

@@ -86,7 +86,10 @@ async fn run_until_stopped(schedules: Arc<Schedules>, started: i64) {
     }
 }
 
-async fn plan(schedules: &Arc<Schedules>, now: i64) -> Result<Vec<(u64, i64, Missed)>, ServiceError> {
+async fn plan(
+    schedules: &Arc<Schedules>,
+    now: i64,
+) -> Result<Vec<(u64, i64, Missed)>, ServiceError> {
     let me = schedules.clone();
     tokio::task::spawn_blocking(move || me.plan(now))
         .await
@@ -107,8 +110,13 @@ async fn fire(
     let me = schedules.clone();
     let begun = tokio::task::spawn_blocking(move || {
         if trigger == Trigger::Missed && missed == Missed::Skip {
-            me.skip(id, trigger, due, "missed while the agent was down (--missed skip)")
-                .map(|_| None)
+            me.skip(
+                id,
+                trigger,
+                due,
+                "missed while the agent was down (--missed skip)",
+            )
+            .map(|_| None)
         } else {
             match me.begin(&Actor::Schedule { id }, id, trigger, Some(due)) {
                 Ok(run) => Ok(Some(run)),
@@ -159,7 +167,12 @@ async fn fire(
         let outcome = commands.run(id, args).await;
         let me2 = me.clone();
         match tokio::task::spawn_blocking(move || me2.finish(run, outcome)).await {
-            Ok(Ok(r)) => tracing::info!(task = id, run = r.n, status = r.status.name(), "scheduled run ended"),
+            Ok(Ok(r)) => tracing::info!(
+                task = id,
+                run = r.n,
+                status = r.status.name(),
+                "scheduled run ended"
+            ),
             Ok(Err(e)) => tracing::warn!(task = id, error = %e, "scheduled run's end not recorded"),
             Err(e) => tracing::warn!(task = id, error = %e, "scheduled run's end aborted"),
         }
