@@ -5,7 +5,8 @@
 //!
 //! [`start`] is called by the daemon (and by in-process test agents) before the API serves; the
 //! returned [`Incoming`] goes into `api::Listeners::in_process`, whose shutdown also stops the
-//! runner.
+//! runner (`Schedules::join_runner` waits for it: the daemon does before it shuts the dataplane
+//! down).
 
 use std::sync::Arc;
 
@@ -20,7 +21,8 @@ pub fn start(svc: &Arc<Service>) -> Incoming {
     let (connector, incoming) = inproc::channel();
     svc.schedules
         .set_commands(Arc::new(crate::cli::scheduled::InAgent::new(connector)));
-    tokio::spawn(runner::run(svc.schedules.clone()));
+    svc.schedules
+        .set_runner(tokio::spawn(runner::run(svc.schedules.clone())));
     incoming
 }
 

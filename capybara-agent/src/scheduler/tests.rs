@@ -35,10 +35,22 @@ struct Agent {
     server: tokio::task::JoinHandle<()>,
 }
 
+/// Opens the store; the previous agent's last reference may still be closing it on another
+/// thread (its lock is released when the close ends).
+async fn open_store(dir: &Path) -> Store {
+    for _ in 0..1000 {
+        match Store::open(dir) {
+            Ok(s) => return s,
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+    Store::open(dir).unwrap()
+}
+
 async fn start(dir: &Path, clock: &Arc<ManualClock>) -> Agent {
     let svc = Arc::new(
         Service::open(
-            Arc::new(Store::open(dir).unwrap()),
+            Arc::new(open_store(dir).await),
             Arc::new(MemoryPlane::default()),
             Arc::new(MemoryTunnel::default()),
             crate::service::ServiceConfig::for_tests("10.97.0.1/24", "fd97::1/64", "vpn:51820"),
@@ -67,6 +79,7 @@ impl Agent {
     async fn stop(self) {
         let _ = self.stop.send(());
         self.server.await.unwrap();
+        self.svc.schedules.join_runner().await;
         let store = Arc::downgrade(self.svc.store());
         drop(self.svc);
         for _ in 0..100_000 {

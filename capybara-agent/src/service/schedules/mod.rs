@@ -376,6 +376,8 @@ pub struct Schedules {
     ended: tokio::sync::watch::Sender<u64>,
     /// Set when the agent stops: the runner ends.
     stopping: tokio::sync::watch::Sender<bool>,
+    /// The runner's task (`crate::scheduler` starts it), for [`Schedules::join_runner`].
+    runner: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Schedules {
@@ -389,6 +391,7 @@ impl Schedules {
             changed: tokio::sync::Notify::new(),
             ended: tokio::sync::watch::channel(0).0,
             stopping: tokio::sync::watch::channel(false).0,
+            runner: Mutex::new(None),
         }
     }
 
@@ -821,6 +824,20 @@ impl Schedules {
     /// Ends the runner (the agent is stopping); runs going finish on their own.
     pub fn stop(&self) {
         self.stopping.send_replace(true);
+    }
+
+    /// Keeps the runner's task, for [`Schedules::join_runner`].
+    pub fn set_runner(&self, task: tokio::task::JoinHandle<()>) {
+        *self.runner.lock().unwrap() = Some(task);
+    }
+
+    /// Waits until the runner (stopped with [`Schedules::stop`]) has ended with its runs: then
+    /// nothing of the scheduler holds the service (the daemon shuts the dataplane down after).
+    pub async fn join_runner(&self) {
+        let task = self.runner.lock().unwrap().take();
+        if let Some(t) = task {
+            let _ = t.await;
+        }
     }
 
     /// Resolves once [`Schedules::stop`] was called.

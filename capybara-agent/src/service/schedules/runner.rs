@@ -15,15 +15,19 @@ pub fn run(schedules: Arc<Schedules>) -> impl std::future::Future<Output = ()> +
     // when it is made, not when the task first runs.
     let started = schedules.clock().now_ms().div_euclid(1000);
     async move {
-        let stopped = schedules.clone();
-        tokio::select! {
-            () = stopped.stopped() => {}
-            () = run_until_stopped(schedules, started) => {}
-        }
+        let mut runs = tokio::task::JoinSet::new();
+        run_until_stopped(schedules, started, &mut runs).await;
+        // Runs still going end with the API they call (it is stopping too) and are recorded;
+        // none holds the service once this returns.
+        while runs.join_next().await.is_some() {}
     }
 }
 
-async fn run_until_stopped(schedules: Arc<Schedules>, started: i64) {
+async fn run_until_stopped(
+    schedules: Arc<Schedules>,
+    started: i64,
+    runs: &mut tokio::task::JoinSet<()>,
+) {
     let me = schedules.clone();
     if let Err(e) = tokio::task::spawn_blocking(move || me.close_interrupted())
         .await
@@ -35,6 +39,10 @@ async fn run_until_stopped(schedules: Arc<Schedules>, started: i64) {
     // tight loop; the next due time is.
     let mut given_up = std::collections::HashSet::new();
     loop {
+        while runs.try_join_next().is_some() {}
+        if *schedules.stopping.borrow() {
+            return;
+        }
         let clock = schedules.clock();
         let now_ms = clock.now_ms();
         let now = now_ms.div_euclid(1000);
@@ -46,6 +54,7 @@ async fn run_until_stopped(schedules: Arc<Schedules>, started: i64) {
                 tokio::select! {
                     () = clock.sleep_until(now_ms + 60_000) => {}
                     () = schedules.changed() => {}
+                    () = schedules.stopped() => return,
                 }
                 continue;
             }
@@ -65,7 +74,7 @@ async fn run_until_stopped(schedules: Arc<Schedules>, started: i64) {
             } else {
                 Trigger::Schedule
             };
-            if !fire(&schedules, id, due, trigger, missed).await {
+            if !fire(&schedules, runs, id, due, trigger, missed).await {
                 given_up.insert((id, due));
             }
             fired = true;
@@ -79,9 +88,15 @@ async fn run_until_stopped(schedules: Arc<Schedules>, started: i64) {
                 tokio::select! {
                     () = clock.sleep_until(t * 1000) => {}
                     () = schedules.changed() => {}
+                    () = schedules.stopped() => return,
                 }
             }
-            None => schedules.changed().await,
+            None => {
+                tokio::select! {
+                    () = schedules.changed() => {}
+                    () = schedules.stopped() => return,
+                }
+            }
         }
     }
 }
@@ -102,6 +117,7 @@ async fn plan(
 /// Whether the due time was acted on (false: it could not be recorded).
 async fn fire(
     schedules: &Arc<Schedules>,
+    runs: &mut tokio::task::JoinSet<()>,
     id: u64,
     due: i64,
     trigger: Trigger,
@@ -154,7 +170,7 @@ async fn fire(
         return true;
     };
     let me = schedules.clone();
-    tokio::spawn(async move {
+    runs.spawn(async move {
         let args = match me.load(id) {
             Ok(t) => t.args,
             Err(e) => {
