@@ -122,6 +122,23 @@ fn parent_dir(path: &Path) -> &Path {
     }
 }
 
+/// Creates or truncates `path` for writing with mode 0600 ([`paths::KEY_FILE_MODE`]): a new
+/// file is created with that mode, an existing one (a stale temporary file) narrowed to it
+/// before anything is written. For files that hold secrets written as a stream (backups).
+pub fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(crate::paths::KEY_FILE_MODE)
+        .open(path)?;
+    if file.metadata()?.permissions().mode() & 0o777 != crate::paths::KEY_FILE_MODE {
+        file.set_permissions(std::fs::Permissions::from_mode(crate::paths::KEY_FILE_MODE))?;
+    }
+    Ok(file)
+}
+
 /// Replaces `path` with `contents`, atomically and durably, mode [`paths::KEY_FILE_MODE`]: a
 /// temporary file in the same directory (created exclusively with that mode), write, fsync,
 /// rename over `path`, fsync the directory. On an error the target is as it was.

@@ -14,6 +14,8 @@
 //! - [`cli`]: the `capybara` command line, the only code that prints tables.
 //! - [`service`]: operations that combine the modules above, in domain types.
 //! - [`daemon`]: start-up, run, shutdown.
+//! - [`scheduler`]: scheduled tasks wired: the runner, and their commands run by the CLI's own
+//!   code in-process against the agent's API.
 //! - [`metrics`]: Prometheus metrics (`GET /metrics`), read through the service at each scrape.
 //! - [`logging`]: the log subscriber and its runtime-changeable filter.
 //! - [`net`], [`units`], [`paths`]: validated network types and quantities (rates); every
@@ -31,6 +33,7 @@ pub mod logging;
 pub mod metrics;
 pub mod net;
 pub mod paths;
+pub mod scheduler;
 pub mod service;
 pub mod store;
 pub mod tunnel;

@@ -13,6 +13,7 @@
 //! | key sealing kept client keys (`--keep-client-keys`) | `<data>/client-keys.key` | `0600` ([`KEY_FILE_MODE`]) |
 //! | country database for `geo block/allow` when `--geoip-db` is not given | `/var/cache/capybara/geoip/geo-whois-asn-country.mmdb` ([`GEOIP_DB`], installed by `cargo xtask setup`; used only if it exists) | read only |
 //! | agent configuration file (`--config`; every key is also a flag) | `/etc/capybara/agent.toml` ([`CONFIG_FILE`]; read only if it exists) | written by `cargo xtask install` `0644`, read only by the agent |
+//! | backups the agent writes itself (`backup create` without `--output`, `--backup-dir`) | `<data>/backups` ([`backup_dir`]), files `backup-<UTC time>.capy` | dir `0700` ([`BACKUP_DIR_MODE`]), files `0600` ([`KEY_FILE_MODE`]) |
 //! | temporary file of a secret file being written | `<dir>/.<name>.tmp` ([`temp_file`]) | `0600` ([`KEY_FILE_MODE`]) |
 //!
 //! **Secret files** are the two key files above; they are the only files the agent itself
@@ -51,6 +52,24 @@ pub const GEOIP_DB: &str = "/var/cache/capybara/geoip/geo-whois-asn-country.mmdb
 pub const DATA_DIR: &str = "/var/lib/capybara";
 /// Mode of the data directory: it holds secrets (server key, encrypted TOTP secrets).
 pub const DATA_DIR_MODE: u32 = 0o700;
+
+/// Subdirectory of the data directory that holds the backups the agent writes itself.
+pub const BACKUP_SUBDIR: &str = "backups";
+/// Mode of the backup directory: backups hold the store's secrets.
+pub const BACKUP_DIR_MODE: u32 = 0o700;
+
+/// The default backup directory under the data directory `data_dir`.
+pub fn backup_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join(BACKUP_SUBDIR)
+}
+
+/// Creates the backup directory `dir` (and parents) if needed and gives it
+/// [`BACKUP_DIR_MODE`].
+pub fn ensure_backup_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(BACKUP_DIR_MODE))
+}
 
 /// Subdirectory of the data directory that holds the RocksDB database.
 pub const STORE_SUBDIR: &str = "store";

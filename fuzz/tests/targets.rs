@@ -9,7 +9,9 @@
 //! (configuration templates), `cidr` (blocklist entries, `net::Cidr`), `window` (time windows),
 //! `mmdb` (the country database reader, seeded by `geo::mmdb_writer`), `uapi` (the tunnel's `wg`
 //! UAPI text protocol, `tunnel::uapi::answer`: only whole known answers come out, at most one per
-//! request, whatever the bytes).
+//! request, whatever the bytes), `cron` (scheduled tasks' expressions and zones,
+//! `service::schedules::CronSchedule`: an error names `cron` or `tz`; an accepted one parses
+//! again from what it shows, and its next due time is after the start and its own latest).
 
 use std::time::Duration;
 
@@ -17,7 +19,8 @@ use capybara_agent::{
     geo::{GeoDb, mmdb_writer::MmdbWriter},
     net::Cidr,
     service::{
-        policy::model::TimeWindow, policy_file::doc::PolicyDoc, templates::model::ConfigTemplate,
+        policy::model::TimeWindow, policy_file::doc::PolicyDoc, schedules::CronSchedule,
+        templates::model::ConfigTemplate,
     },
     tunnel::uapi,
 };
@@ -215,6 +218,53 @@ fn window() {
             "Sat,Sun 22:00-02:00",
             "daily 00:00-24:00",
         ],
+    );
+}
+
+#[test]
+fn cron() {
+    const NAME: &str = "cron";
+    // The expression on the first line, the zone (if any) on the second.
+    let seeds = [
+        "0 2 * * *",
+        "0 9 * * MON\nEurope/Berlin",
+        "*/15 8-18 * JAN-MAR mon-fri\nUTC",
+        "0 0 L * *",
+        "30 2 1,15 * SUN#2\nAmerica/New_York",
+        "5 4 * * 7L",
+    ];
+    // 2026-12-07T00:00:00Z.
+    const FROM: i64 = 1_796_601_600;
+    run(
+        NAME,
+        true,
+        seeds.iter().map(|s| s.as_bytes().to_vec()).collect(),
+        |b| {
+            let Ok(text) = std::str::from_utf8(b) else {
+                return false;
+            };
+            let (expr, tz) = text.split_once('\n').unwrap_or((text, ""));
+            match CronSchedule::parse(expr, tz) {
+                Err(e) => {
+                    let m = e.to_string();
+                    assert!(
+                        m.starts_with("cron: ") || m.starts_with("tz: "),
+                        "{text:?}: the error names no field: {m}"
+                    );
+                    false
+                }
+                Ok(s) => {
+                    let again = CronSchedule::parse(s.expr(), s.tz())
+                        .unwrap_or_else(|e| panic!("{text:?}: {} does not parse: {e}", s.expr()));
+                    assert_eq!(again, s, "round trip of {text:?}");
+                    if let Some(next) = s.next_after(FROM) {
+                        assert!(next > FROM, "{text:?}: next {next} not after {FROM}");
+                        assert_eq!(s.latest_at_or_before(next), Some(next), "{text:?}");
+                    }
+                    true
+                }
+            }
+        },
     );
 }
 

@@ -308,6 +308,7 @@ async fn start_agent(dir: &Path, socket: &Path) -> Agent {
             tcp_tls: None,
             metrics: None,
             tcp_access: None,
+            in_process: None,
         },
         async {
             let _ = stopped.await;

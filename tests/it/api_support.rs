@@ -106,6 +106,8 @@ impl TestApi {
                     insecure: false,
                     rate_limit: 0,
                 }),
+                // Scheduled tasks, as the agent runs them (their commands in-process).
+                in_process: Some(capybara_agent::scheduler::start(&svc)),
             },
             async {
                 let _ = stopped.await;

@@ -35,6 +35,7 @@ mod api_notify;
 mod api_paging;
 mod api_policy;
 mod api_rest;
+mod api_schedule;
 mod api_templates;
 mod api_tls;
 mod api_token_user;

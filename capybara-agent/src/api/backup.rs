@@ -8,6 +8,9 @@
 //! slows the reading. The last message carries the records per family. A failure mid-way ends
 //! the stream with an error status, and the client keeps nothing of it (the CLI writes to a
 //! temporary file and renames it only once the stream ended well).
+//!
+//! `CreateBackupFile` has the agent write the backup into its own backup directory and rotate
+//! it (`service::backup`): what `backup create` without `--output` and a scheduled backup do.
 
 use std::{collections::BTreeMap, io::Write};
 
@@ -111,9 +114,79 @@ impl Backup for Api {
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+
+    async fn create_backup_file(
+        &self,
+        req: Request<pb::CreateBackupFileRequest>,
+    ) -> Result<Response<pb::CreateBackupFileResponse>, Status> {
+        self.auth(&req, Scope::Admin)?;
+        let keep = req.into_inner().keep;
+        if keep == Some(0) {
+            return Err(super::status::invalid(
+                crate::service::domain::ValidationError::Value {
+                    field: "keep",
+                    reason: "0 would delete the backup just written; keep at least 1".into(),
+                },
+            ));
+        }
+        let svc = self.service();
+        let file = tokio::task::spawn_blocking(move || svc.backup.create_file(keep))
+            .await
+            .map_err(|e| Status::internal(format!("backup aborted: {e}")))?
+            .map_err(|e| match e {
+                BackupError::Store(e) => status_of(ServiceError::Store(e)),
+                e => {
+                    tracing::error!(error = %e, "backup failed");
+                    let mut msg = e.to_string();
+                    let mut src = std::error::Error::source(&e);
+                    while let Some(c) = src {
+                        msg.push_str(": ");
+                        msg.push_str(&c.to_string());
+                        src = c.source();
+                    }
+                    Status::internal(msg)
+                }
+            })?;
+        Ok(Response::new(pb::CreateBackupFileResponse {
+            path: file.path.display().to_string(),
+            records: file.records.into_iter().collect(),
+            deleted: file
+                .deleted
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect(),
+        }))
+    }
+}
+
+/// A backup the agent wrote into its directory, as the client sees it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct BackupFileAnswer {
+    /// The file (on the agent's machine).
+    pub path: String,
+    /// Records per family.
+    pub records: BTreeMap<String, u64>,
+    /// Older backups the rotation deleted.
+    pub deleted: Vec<String>,
 }
 
 impl Client {
+    /// Has the agent write a backup into its backup directory, keeping the newest `keep`.
+    pub async fn create_backup_file(
+        &self,
+        keep: Option<u32>,
+    ) -> Result<BackupFileAnswer, ClientError> {
+        let r = BackupClient::new(self.channel.clone())
+            .create_backup_file(self.req(pb::CreateBackupFileRequest { keep }))
+            .await?
+            .into_inner();
+        Ok(BackupFileAnswer {
+            path: r.path,
+            records: r.records.into_iter().collect(),
+            deleted: r.deleted,
+        })
+    }
+
     /// Writes a backup of the agent's store to `out` as it arrives; returns its records per
     /// family. On an error, part of the backup may have been written.
     pub async fn create_backup(

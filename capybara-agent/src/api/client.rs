@@ -153,6 +153,14 @@ impl Client {
         }
     }
 
+    /// A client on `channel`, with no token (an in-process connection, `api::inproc`).
+    pub(super) fn from_channel(channel: Channel) -> Client {
+        Client {
+            channel,
+            auth: None,
+        }
+    }
+
     /// The connection (for the calls of sibling modules).
     pub(super) fn channel(&self) -> Channel {
         self.channel.clone()

@@ -14,6 +14,9 @@
 //! `ExpireUser`, `RenewUser`, tokens, policy, lists) is refused, so a call added later is
 //! closed to such tokens until it opts in. Health and reflection stay open to every valid
 //! token.
+//!
+//! A scheduled task's command calls over an in-process connection (`inproc`) and acts as
+//! `schedule:<id>` with the admin scope.
 
 use std::sync::Arc;
 
@@ -39,7 +42,10 @@ pub(super) fn authorize(
     extensions: &tonic::Extensions,
     need: Scope,
 ) -> Result<(Actor, Option<UserName>), Status> {
-    let (actor, only) = if let Some(uds) = extensions.get::<UdsConnectInfo>() {
+    let (actor, only) = if let Some(caller) = extensions.get::<super::inproc::ScheduleCaller>() {
+        // A scheduled task's in-process connection (`api::inproc`): no socket reaches it.
+        (Actor::Schedule { id: caller.task }, None)
+    } else if let Some(uds) = extensions.get::<UdsConnectInfo>() {
         match uds.peer_cred.map(|c| c.uid()) {
             Some(0) => (Actor::Local { uid: 0 }, None),
             Some(uid) => return Err(auth_status(&AuthError::LocalUid { uid })),

@@ -14,6 +14,7 @@
 //! | [`policy`], [`templates`] | `Policy`; `Templates` |
 //! | [`history`], [`backup`] | `History`; `Backup` |
 //! | [`health`] | the components' health in `grpc.health.v1` |
+//! | [`schedules`] | `Schedules` (scheduled tasks); [`inproc`] is the in-process connection their commands call the API over |
 //!
 //! Beside them: [`server`] (who may call what, the router, the listeners, `run(listeners,
 //! shutdown)`), [`handler`] (the [`handler::Api`] type every service is implemented on: auth and
@@ -30,6 +31,7 @@ pub mod geo;
 pub mod handler;
 pub mod health;
 pub mod history;
+pub mod inproc;
 pub mod limits;
 pub mod lists;
 pub mod live;
@@ -37,6 +39,7 @@ pub mod monitor;
 mod paging;
 pub mod policy;
 pub mod rest;
+pub mod schedules;
 pub mod server;
 pub mod status;
 pub mod templates;

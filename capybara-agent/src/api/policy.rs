@@ -7,7 +7,7 @@
 //! |---|---|
 //! | read | `GetLimits`, `ExplainPolicy`, `ShowQuota` (of every user: paged by user name, `api::paging`), `ListGroups` |
 //! | read | `ExportPolicyDocument` |
-//! | write | `ApplyPolicyDocument` (also with `dry_run`), `SetLimits`, `ResetQuota`, `CreateGroup`, `DeleteGroup`, `AddGroupMembers`, `RemoveGroupMembers`, `SetGroupPolicy` |
+//! | write | `ApplyPolicyDocument` (also with `dry_run`), `SetLimits`, `ResetQuota`, `ResetAllQuotas`, `CreateGroup`, `DeleteGroup`, `AddGroupMembers`, `RemoveGroupMembers`, `SetGroupPolicy` |
 
 use capybara_proto::v1::{self as pb, policy_client::PolicyClient, policy_server};
 use tonic::{Request, Response, Status};
@@ -250,6 +250,17 @@ impl policy_server::Policy for Api {
             quotas: q.iter().map(quota_to_proto).collect(),
             next_page_token: String::new(),
         }))
+    }
+
+    async fn reset_all_quotas(
+        &self,
+        req: Request<pb::ResetAllQuotasRequest>,
+    ) -> Result<Response<pb::ResetAllQuotasResponse>, Status> {
+        let actor = self.auth(&req, Scope::Write)?;
+        let reset = self
+            .call(move |s| s.policy.reset_all_quotas(&actor))
+            .await?;
+        Ok(Response::new(pb::ResetAllQuotasResponse { reset }))
     }
 
     async fn create_group(
@@ -497,6 +508,16 @@ impl Client {
             .await?
             .into_inner();
         Ok(r.quotas.into_iter().map(quota_from_proto).collect())
+    }
+
+    /// Starts a new period for every bucket and pool; their owners (`user:…`, `group:…`).
+    pub async fn reset_all_quotas(&self) -> Result<Vec<String>, ClientError> {
+        let r = self
+            .policy()
+            .reset_all_quotas(self.req(pb::ResetAllQuotasRequest {}))
+            .await?
+            .into_inner();
+        Ok(r.reset)
     }
 
     /// Creates a group.

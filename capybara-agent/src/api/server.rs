@@ -16,13 +16,16 @@
 //! |---|---|
 //! | read | `ListUsers`, `GetUser`, `ListPeers`, `GetStats`, `ListConnections`, `ListAudit`, `ListBlocklists`, `GetBlocklist`, `GetGeo`, `ListSessions`, `ListComponents`, health, reflection |
 //! | write | `AddUser`, `RemoveUser`, `ExpireUser`, `RenewUser`, `CleanupExpired`, `AddPeer`, `RemovePeer`, `Kick`, `AddEntries`, `RemoveEntries`, `DeleteBlocklist`, `SetGeo` |
-//! | admin | `UserConfig` (it hands out a device's private key: the kept one, audited as `peer.config`, or a new one with `rotate`), `CreateToken`, `ListTokens`, `RevokeToken`, `ClearHistory`, `CreateBackup` |
+//! | admin | `UserConfig` (it hands out a device's private key: the kept one, audited as `peer.config`, or a new one with `rotate`), `CreateToken`, `ListTokens`, `RevokeToken`, `ClearHistory`, `CreateBackup`, `CreateBackupFile` |
 //!
 //! `AddUser` and `AddPeer` answer the new device's private key once, to the caller that made it;
 //! only `UserConfig` hands out the key of a device that exists already, so it needs admin.
 //!
 //! The `Policy` service's scopes are listed in [`super::policy`], those of `History` and `Backup` in [`super::history`] and
-//! [`super::backup`].
+//! [`super::backup`], those of `Schedules` in [`super::schedules`].
+//!
+//! - **In-process** (`super::inproc`): a scheduled task's command acts as `schedule:<id>` with
+//!   the admin scope; only the agent itself can open such a connection.
 //!
 //! ## Errors
 //! Each `ServiceError` variant maps to one code ([`super::status::status_of`]): invalid input is
@@ -40,8 +43,9 @@ use capybara_proto::v1::{
     api_access_server::ApiAccessServer, audit_server::AuditServer, backup_server::BackupServer,
     blocklists_server::BlocklistsServer, components_server::ComponentsServer,
     connections_server::ConnectionsServer, geo_server::GeoServer, history_server::HistoryServer,
-    peers_server::PeersServer, policy_server::PolicyServer, stats_server::StatsServer,
-    templates_server::TemplatesServer, tokens_server::TokensServer, users_server::UsersServer,
+    peers_server::PeersServer, policy_server::PolicyServer, schedules_server::SchedulesServer,
+    stats_server::StatsServer, templates_server::TemplatesServer, tokens_server::TokensServer,
+    users_server::UsersServer,
 };
 use tonic::{Request, transport::server::Router};
 
@@ -136,6 +140,9 @@ pub struct Listeners {
     /// rate limit); `None`: the listener's address, the default rate limit. Without `tcp`, the
     /// stored setting (`capybara api enable`), if any, is served.
     pub tcp_access: Option<ApiAccess>,
+    /// The in-process connections of scheduled tasks (`api::inproc`; `crate::scheduler` makes
+    /// them); `None`: scheduled tasks cannot run commands.
+    pub in_process: Option<super::inproc::Incoming>,
 }
 
 /// Binds the control socket at `path`: creates its directory (mode 0750) if missing, replaces
@@ -197,6 +204,7 @@ pub(super) async fn router(api: &Api, tls: Option<&TlsIdentity>) -> Result<Timed
     reporter.set_serving::<PolicyServer<Api>>().await;
     reporter.set_serving::<TemplatesServer<Api>>().await;
     reporter.set_serving::<ApiAccessServer<Api>>().await;
+    reporter.set_serving::<SchedulesServer<Api>>().await;
     super::health::publish(&reporter, svc).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(capybara_proto::FILE_DESCRIPTOR_SET)
@@ -238,7 +246,8 @@ pub(super) async fn router(api: &Api, tls: Option<&TlsIdentity>) -> Result<Timed
     .add_service(HistoryServer::new(api.clone()))
     .add_service(ComponentsServer::new(api.clone()))
     .add_service(ApiAccessServer::new(api.clone()))
-    .add_service(BackupServer::new(api.clone()));
+    .add_service(BackupServer::new(api.clone()))
+    .add_service(SchedulesServer::new(api.clone()));
     // gRPC and the REST mirror on one listener: gRPC paths are `/capybara.v1.X/Y`, REST ones
     // `/api/v1/…`; HTTP/1.1 is accepted for REST clients.
     let all = grpc
@@ -299,12 +308,24 @@ pub async fn run(
                 .await
         });
     }
+    if let Some(incoming) = listeners.in_process {
+        let r = router(&api, None).await?;
+        let mut stopped = stopped.clone();
+        servers.spawn(async move {
+            let s = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            r.serve_with_incoming_shutdown(incoming.into_stream(), s)
+                .await
+        });
+    }
     tokio::pin!(shutdown);
     let mut result = Ok(());
     loop {
         tokio::select! {
             () = &mut shutdown, if !*stop.borrow() => {
                 svc.watch.stop(); // ends live watches, which would hold up the drain
+                svc.schedules.stop(); // ends the scheduler's runner
                 let _ = stop.send(true);
                 tcp.stop().await;
                 if servers.is_empty() {

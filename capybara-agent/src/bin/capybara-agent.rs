@@ -78,6 +78,7 @@ fn main() -> anyhow::Result<()> {
         history_retention,
         audit_retention,
         keep_unknown_peers: args.keep_unknown_peers,
+        backup_dir: args.backup_dir,
         metrics: daemon::MetricsSettings {
             listen: args.metrics_listen,
             config: capybara_agent::metrics::MetricsConfig {

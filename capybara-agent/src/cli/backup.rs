@@ -5,6 +5,10 @@
 //!   streams it in 1 MiB chunks; they go to a temporary file beside `F` (`.F.tmp`, 0600 from
 //!   its creation), which is fsynced and renamed over `F` only once the stream ended well: an
 //!   interrupted backup leaves `F` as it was.
+//! - `backup create [--keep N]` (no `--output`): the agent writes `backup-<UTC time>.capy`
+//!   into its backup directory (`--backup-dir`, default `<data dir>/backups`, mode 0700, files
+//!   0600) and keeps the newest N there (`service::backup`: only files of that name pattern are
+//!   ever deleted). What a scheduled backup does.
 //! - `backup restore --input F [--data-dir D]`: replaces the store of a **stopped** agent with
 //!   the backup, offline (see `store::backup`); its next start programs what was restored. The
 //!   file is read as it is parsed (never whole in memory) and nothing is written unless all of
@@ -50,11 +54,18 @@ async fn create(cli: &Cli, output: &Path) -> Result<BTreeMap<String, u64>, CliEr
 /// `capybara backup …`.
 #[derive(Debug, Subcommand)]
 pub(super) enum BackupCmd {
-    /// Write a consistent snapshot of the agent's store to a file.
+    /// Write a consistent snapshot of the agent's store to a file (without --output: into the
+    /// agent's backup directory, rotated with --keep).
     Create {
-        /// The backup file.
+        /// The backup file (written here, by this command). Without it the agent writes
+        /// backup-<UTC time>.capy into its backup directory (--backup-dir of the agent).
         #[arg(long, value_name = "FILE")]
-        output: PathBuf,
+        output: Option<PathBuf>,
+        /// Keep the newest N backups in the agent's backup directory (this one included);
+        /// older backup-*.capy files there are deleted, nothing else is.
+        #[arg(long, value_name = "N", conflicts_with = "output",
+              value_parser = clap::value_parser!(u32).range(1..))]
+        keep: Option<u32>,
     },
     /// Replace a stopped agent's store with a backup (offline).
     Restore {
@@ -70,7 +81,23 @@ pub(super) enum BackupCmd {
 /// Runs `capybara backup …`.
 pub(super) async fn run(cli: &Cli, cmd: &BackupCmd) -> Result<(), CliError> {
     match cmd {
-        BackupCmd::Create { output } => {
+        BackupCmd::Create { output: None, keep } => {
+            let file = connect(cli).await?.create_backup_file(*keep).await?;
+            if cli.json {
+                print_json(&file)?;
+            } else {
+                let total: u64 = file.records.values().sum();
+                outln!("backup written to {} ({total} records)", file.path)?;
+                for d in &file.deleted {
+                    outln!("deleted older backup {d}")?;
+                }
+            }
+            Ok(())
+        }
+        BackupCmd::Create {
+            output: Some(output),
+            keep: _,
+        } => {
             let records = create(cli, output).await?;
             if cli.json {
                 print_json(&records)?;

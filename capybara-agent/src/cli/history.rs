@@ -454,7 +454,7 @@ pub(super) async fn run(cli: &Cli, cmd: &HistoryCmd) -> Result<(), CliError> {
             let client = connect(cli).await?;
             let sink: Box<dyn Write> = match output {
                 Some(p) => Box::new(std::fs::File::create(p).map_err(CliError::file(p))?),
-                None => Box::new(std::io::stdout().lock()),
+                None => Box::new(super::output::Stdout),
             };
             let io_err = |e: std::io::Error| match output {
                 Some(p) => CliError::file(p)(e),

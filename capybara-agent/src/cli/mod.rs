@@ -19,8 +19,9 @@
 //! connection; each family has one file with its clap enum, its handler and its printing
 //! (`user`, `device`, `api`, `stats`, `top`, `connections` with `kick`, `health`, `history`,
 //! `backup`, `blocklist`, `geo`, `quota` with `quota template`, `group`, `policy`, `template`,
-//! `diagnose`; the hidden `generate` writes the man pages and completions `cargo xtask install`
-//! installs). What several families share is in modules no family owns, so no family imports
+//! `diagnose`, `schedule`; the hidden `generate` writes the man pages and completions `cargo
+//! xtask install` installs). `scheduled` runs a command line in the agent for a scheduled task
+//! (the same code, in-process, its output captured). What several families share is in modules no family owns, so no family imports
 //! another:
 //! `error` (`CliError`, exit codes, the error line), `input` (checks of shared values), `output`
 //! (standard output, `--json`, times, files written 0600), `table`, `limits` (the limit options
@@ -47,6 +48,8 @@ mod output;
 mod policy;
 mod qr;
 mod quota;
+mod schedule;
+pub mod scheduled;
 mod stats;
 mod table;
 mod template;
@@ -144,6 +147,9 @@ enum Command {
     /// install`).
     #[command(hide = true)]
     Generate(generate::GenerateArgs),
+    /// Scheduled tasks: capybara commands the agent runs on a cron schedule.
+    #[command(subcommand)]
+    Schedule(schedule::ScheduleCmd),
 }
 
 /// Runs the CLI with the process arguments.
@@ -183,8 +189,12 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// A client for the agent the global options name.
+/// A client for the agent the global options name (in a scheduled task's run: the agent's own
+/// API, in-process; `scheduled`).
 async fn connect(cli: &Cli) -> Result<Client, CliError> {
+    if let Some(client) = scheduled::in_agent_client().await {
+        return Ok(client?);
+    }
     let endpoint = match &cli.endpoint {
         Some(url) => Endpoint::Tcp {
             url: url.clone(),
@@ -220,5 +230,6 @@ async fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Template(cmd) => template::run(cli, cmd).await,
         Command::Diagnose(args) => diagnose::run(cli, args).await,
         Command::Generate(args) => generate::run(args),
+        Command::Schedule(cmd) => schedule::run(cli, cmd).await,
     }
 }

@@ -8,6 +8,8 @@
 //!   [`CliError::Stdout`], which ends the process quietly with 141 (128 + SIGPIPE, the status a
 //!   shell shows for a writer that the pipe's close ended). Rust ignores SIGPIPE in its start-up
 //!   code and restoring it would take `unsafe`, which the CLI does not use.
+//! - In a scheduled task's run (the CLI in the agent, `scheduled`) standard output is the run's
+//!   bounded buffer instead.
 //! - Times are total: one RFC 3339 cannot show (past year 9999) prints as its Unix seconds.
 
 use std::{
@@ -43,12 +45,33 @@ macro_rules! outln {
 
 pub(super) use {out, outln};
 
-/// Writes to standard output (what [`out!`] calls).
+/// Writes to standard output (what [`out!`] calls); in a scheduled task's run, to its output
+/// buffer (`scheduled`).
 pub(super) fn write_stdout(args: std::fmt::Arguments<'_>) -> Result<(), CliError> {
+    if super::scheduled::capture(&args.to_string()) {
+        return Ok(());
+    }
     std::io::stdout()
         .lock()
         .write_fmt(args)
         .map_err(CliError::Stdout)
+}
+
+/// Standard output as an `io::Write` (for output written as a stream), captured in a scheduled
+/// task's run as [`write_stdout`] is.
+pub(super) struct Stdout;
+
+impl std::io::Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if super::scheduled::capture(&String::from_utf8_lossy(buf)) {
+            return Ok(buf.len());
+        }
+        std::io::stdout().lock().write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().lock().flush()
+    }
 }
 
 /// Prints a value as pretty JSON (`--json`).

@@ -1,4 +1,4 @@
-//! `capybara quota set|show|report|reset` (a user's own limits, the server default, quota
+//! `capybara quota set|show|report|reset` (`reset USER`, `reset --group G`, `reset --all`; a user's own limits, the server default, quota
 //! usage) and `capybara quota template …` (quota templates: a named layer of limits applied to
 //! users, between their groups and the default). Values are validated here with the agent's own
 //! parsers (exit 2 naming the field) before a connection is made.
@@ -56,14 +56,18 @@ pub(super) enum QuotaCmd {
     /// Quota templates: a named layer applied to users (user > groups > template > default).
     #[command(subcommand)]
     Template(QuotaTemplateCmd),
-    /// Start a new period now for a user's bucket or a group's pool.
+    /// Start a new period now for a user's bucket, a group's pool, or (--all) every bucket
+    /// and pool.
     Reset {
         /// The user.
-        #[arg(required_unless_present = "group")]
+        #[arg(required_unless_present_any = ["group", "all"])]
         user: Option<String>,
         /// The group whose pool to reset.
         #[arg(long, conflicts_with = "user")]
         group: Option<String>,
+        /// Every user's bucket and every group's pool (a monthly reset; each audited).
+        #[arg(long, conflicts_with_all = ["user", "group"])]
+        all: bool,
     },
 }
 
@@ -204,7 +208,24 @@ pub(super) async fn run(cli: &Cli, cmd: &QuotaCmd) -> Result<(), CliError> {
             Ok(())
         }
         QuotaCmd::Template(cmd) => template(cli, cmd).await,
-        QuotaCmd::Reset { user, group } => {
+        QuotaCmd::Reset {
+            user: None,
+            group: None,
+            all: true,
+        } => {
+            let reset = connect(cli).await?.reset_all_quotas().await?;
+            if cli.json {
+                print_json(&reset)?;
+            } else {
+                outln!(
+                    "reset {} quota bucket(s): {}",
+                    reset.len(),
+                    names_line(&reset)
+                )?;
+            }
+            Ok(())
+        }
+        QuotaCmd::Reset { user, group, .. } => {
             let (u, g) = match (user, group) {
                 (Some(u), _) => (UserName::parse("user", u)?.to_string(), String::new()),
                 (None, Some(g)) => (String::new(), GroupName::parse("group", g)?.to_string()),

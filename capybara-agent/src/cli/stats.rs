@@ -26,6 +26,13 @@ pub(super) struct StatsArgs {
     top: Option<u32>,
 }
 
+impl StatsArgs {
+    /// Whether this is the live view (`--watch`).
+    pub(super) fn is_watch(&self) -> bool {
+        self.watch
+    }
+}
+
 /// Runs `capybara stats`.
 pub(super) async fn run(cli: &Cli, args: &StatsArgs) -> Result<(), CliError> {
     let user = &args.user;

@@ -162,6 +162,9 @@ impl Agent {
         if let Some(path) = &config.api.socket {
             let _ = std::fs::remove_file(path);
         }
+        // The API's shutdown stopped the scheduler; its runner lets go of the service.
+        svc.schedules.stop();
+        svc.schedules.join_runner().await;
         handshakes.abort();
         // The forwarder's end of the channel is gone: the recorder closes the open sessions.
         let _ = handshakes.await;

@@ -125,6 +125,11 @@ pub struct Args {
     /// e.g. 5s.
     #[arg(long, default_value = "5s")]
     pub health_interval: String,
+    /// Directory of the backups the agent writes itself (`capybara backup create` without
+    /// --output, scheduled backups; `--keep N` rotates them); created mode 0700. Default:
+    /// <data-dir>/backups.
+    #[arg(long, value_name = "DIR")]
+    pub backup_dir: Option<PathBuf>,
     /// Configuration file (TOML): every key is one of these flags, its name with `_` for `-`
     /// (`listen_port = 51820`); a flag given here overrides the key. The default file is read
     /// only when it exists; a file named here must exist.

@@ -200,6 +200,9 @@ pub struct AgentConfig {
     pub alerts: crate::service::alerts::AlertConfig,
     /// How often the health watcher checks the components (`--health-interval`, default 5 s).
     pub health_interval: std::time::Duration,
+    /// Where the agent writes the backups it keeps itself (`--backup-dir`); `None`:
+    /// `<data dir>/backups` (`paths::backup_dir`).
+    pub backup_dir: Option<PathBuf>,
 }
 
 /// Why the daemon could not start or stop cleanly.

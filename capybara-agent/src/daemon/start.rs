@@ -147,6 +147,9 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
         },
     )?);
     svc.templates.set_listen_port(config.listen_port);
+    if let Some(dir) = &config.backup_dir {
+        svc.backup.set_dir(dir.clone());
+    }
     let tcp = match config.api.listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -237,6 +240,7 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
         tcp_tls,
         tcp_access,
         metrics: Some(metrics.clone()),
+        in_process: Some(crate::scheduler::start(&svc)),
     };
     let api_task = tokio::spawn(api::run(svc.clone(), listeners, async {
         let _ = api_stopped.await;

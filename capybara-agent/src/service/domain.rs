@@ -633,13 +633,19 @@ pub enum Actor {
     },
     /// The agent itself (start-up reconciliation, expiry).
     Agent,
+    /// A scheduled task running its command (`service::schedules`). Only an admin may add a
+    /// task, so a task acts with the admin scope of whoever added it.
+    Schedule {
+        /// The task's id.
+        id: u64,
+    },
 }
 
 impl Actor {
     /// The scope the actor holds: root on the socket is admin.
     pub fn scope(&self) -> Scope {
         match self {
-            Actor::Local { .. } | Actor::Agent => Scope::Admin,
+            Actor::Local { .. } | Actor::Agent | Actor::Schedule { .. } => Scope::Admin,
             Actor::Token { scope, .. } => *scope,
         }
     }
@@ -651,6 +657,7 @@ impl fmt::Display for Actor {
             Actor::Local { uid } => write!(f, "uid:{uid}"),
             Actor::Token { id, .. } => write!(f, "token:{id}"),
             Actor::Agent => f.write_str("agent"),
+            Actor::Schedule { id } => write!(f, "schedule:{id}"),
         }
     }
 }
@@ -662,7 +669,7 @@ pub struct AuditRecord {
     pub seq: u64,
     /// When, Unix seconds.
     pub at: u64,
-    /// Who ([`Actor`]'s display form: `uid:0`, `token:<id>`, `agent`).
+    /// Who ([`Actor`]'s display form: `uid:0`, `token:<id>`, `agent`, `schedule:<id>`).
     pub actor: String,
     /// What, e.g. `user.add`, `token.revoke`.
     pub action: String,

@@ -93,6 +93,15 @@ pub enum ServiceError {
         crate::paths::GEOIP_DB
     )]
     NoGeoDb,
+    /// A scheduled task is still running: a run of a task never overlaps another.
+    #[error("schedule {id} is running; wait for its run to end (schedule history {id})")]
+    TaskRunning {
+        /// The task.
+        id: u64,
+    },
+    /// Scheduled tasks cannot run here: the agent started without its scheduler.
+    #[error("scheduled tasks are not available in this agent (it runs without its scheduler)")]
+    NoScheduler,
 }
 
 /// Why a bearer token was refused.

@@ -24,6 +24,7 @@
 //! | [`history`], [`backup`], [`health`] | sessions and auth attempts with retention; store backups; component health |
 //! | [`telemetry`] | what the metrics read that no feature above answers (verdict counters, sessions online, handshakes, quota standing); the API's call timer port |
 //! | [`alerts`] | webhook events from watching: quota thresholds, account expiries (a timer), suspicious activity (windows per source) |
+//! | [`schedules`] | scheduled tasks: cron in a zone, the runner on an injectable clock, runs and their history (the commands run through the `Commands` port) |
 //!
 //! Beside them: [`domain`] (validated domain types and their parsers), [`secrets`] (keys, token
 //! hashes, sealing of kept client keys), [`ports`] (what the service needs from the dataplane and
@@ -49,6 +50,7 @@ pub mod notify;
 pub mod policy;
 pub mod policy_file;
 pub mod ports;
+pub mod schedules;
 pub mod secrets;
 pub mod telemetry;
 pub mod templates;
@@ -118,6 +120,8 @@ pub struct Service {
     pub telemetry: Arc<telemetry::Telemetry>,
     /// Webhook events from watching: quota thresholds, account expiries, suspicious activity.
     pub alerts: Arc<alerts::Alerts>,
+    /// Scheduled tasks.
+    pub schedules: Arc<schedules::Schedules>,
 }
 
 impl Service {
@@ -177,6 +181,7 @@ impl Service {
                 directory.clone(),
                 policy.clone(),
             )),
+            schedules: Arc::new(schedules::Schedules::new(core.clone())),
             lists,
             users,
             devices,

@@ -25,6 +25,9 @@
 //! | `sessions` | `session/<start ns, 20 digits>/<peer id, 10 digits>` | a tunnel session |
 //! | `sessions` | `auth/<ns, 20 digits>/<n, 6 digits>` | a failed handshake (auth attempt) |
 //! | `audit` | `<sequence, 20 digits>` | an audit record; the zero-padded sequence sorts by time |
+//! | `schedules` | `next-id` | the id the next scheduled task gets |
+//! | `schedules` | `task/<id, 20 digits>` | a scheduled task (`service::schedules`) |
+//! | `schedules` | `run/<task id, 20 digits>/<run, 20 digits>` | one run of a task: start, end, status, output (the newest `MAX_RUNS_KEPT` kept) |
 //!
 //! A user and its devices share the key prefix `<user>` in two families, so "a user's devices"
 //! is a prefix scan of `peers` with `<user>/` ([`keys::user_peers_prefix`]).
@@ -89,11 +92,13 @@ pub enum Cf {
     Audit,
     /// Policy layers of users and the server, quota bucket assignments.
     Policy,
+    /// Scheduled tasks and their runs (`service::schedules`).
+    Schedules,
 }
 
 impl Cf {
     /// Every family, in creation order.
-    pub const ALL: [Cf; 9] = [
+    pub const ALL: [Cf; 10] = [
         Cf::Meta,
         Cf::Blocklists,
         Cf::Users,
@@ -103,6 +108,7 @@ impl Cf {
         Cf::Sessions,
         Cf::Audit,
         Cf::Policy,
+        Cf::Schedules,
     ];
 
     /// The family's name in RocksDB.
@@ -117,6 +123,7 @@ impl Cf {
             Cf::Sessions => "sessions",
             Cf::Audit => "audit",
             Cf::Policy => "policy",
+            Cf::Schedules => "schedules",
         }
     }
 
@@ -131,7 +138,8 @@ impl Cf {
             | Cf::Tokens
             | Cf::Sessions
             | Cf::Audit
-            | Cf::Policy => 1,
+            | Cf::Policy
+            | Cf::Schedules => 1,
         }
     }
 }
@@ -146,6 +154,27 @@ pub mod keys {
 
     /// Key of the TCP API's setting (`capybara api enable`) in `policy`.
     pub const API_ACCESS: &str = "server/api-access";
+
+    /// Key of the next scheduled task id in `schedules`.
+    pub const SCHEDULE_NEXT_ID: &str = "next-id";
+
+    /// Key of scheduled task `id` in `schedules`.
+    pub fn schedule(id: u64) -> String {
+        format!("task/{id:020}")
+    }
+
+    /// Prefix of every scheduled task in `schedules`.
+    pub const SCHEDULE_PREFIX: &str = "task/";
+
+    /// Key of run `n` of scheduled task `id` in `schedules`.
+    pub fn schedule_run(id: u64, n: u64) -> String {
+        format!("run/{id:020}/{n:020}")
+    }
+
+    /// Prefix of every run of scheduled task `id` in `schedules`.
+    pub fn schedule_runs_prefix(id: u64) -> String {
+        format!("run/{id:020}/")
+    }
 
     /// Key of user `name` in `users`.
     pub fn user(name: &str) -> String {

@@ -325,6 +325,7 @@ impl TcpApi {
                     insecure: false,
                     rate_limit: 0,
                 }),
+                in_process: None,
             },
             async {
                 let _ = stopped.await;

@@ -94,6 +94,11 @@ impl Buckets {
         }
     }
 
+    /// Every bucket: owner and id, by owner.
+    pub(super) fn all(&self) -> Vec<(String, u32)> {
+        self.0.iter().map(|(o, b)| (o.clone(), b.rec.id)).collect()
+    }
+
     /// The lowest bucket id no owner has, if any is left.
     pub(super) fn free_id(&self) -> Option<u32> {
         let used: BTreeSet<u32> = self.0.values().map(|b| b.rec.id).collect();

@@ -633,6 +633,30 @@ impl Policy {
         self.core.commit(batch)
     }
 
+    /// Starts a new period now for every bucket: each user's own and each group's pool (what a
+    /// monthly `quota reset --all` wants), one audit record per bucket (`quota.reset`, as one
+    /// reset by name). Their owners (`user:<name>`, `group:<name>`).
+    pub fn reset_all_quotas(&self, actor: &Actor) -> Result<Vec<String>, ServiceError> {
+        let _w = self.core.writer.lock().unwrap();
+        let all = self.buckets.lock().unwrap().all();
+        let mut done = Vec::with_capacity(all.len());
+        for (owner, bucket) in all {
+            let usage = self.core.plane.policy_reset(bucket)?;
+            let mut batch = Batch::default();
+            self.core.audit(
+                &mut batch,
+                actor,
+                "quota.reset",
+                owner.clone(),
+                None,
+                to_json(&serde_json::json!({ "bucket": bucket, "epoch": usage.epoch })),
+            )?;
+            self.core.commit(batch)?;
+            done.push(owner);
+        }
+        Ok(done)
+    }
+
     /// Commits `changes` with an audit record, updates the cache and applies the policy of
     /// `affected` users to the kernel; on a kernel failure everything is put back.
     #[expect(
