@@ -23,6 +23,7 @@
 //! | [`policy_file`] | the declarative policy file: apply, diff, export |
 //! | [`history`], [`backup`], [`health`] | sessions and auth attempts with retention; store backups; component health |
 //! | [`telemetry`] | what the metrics read that no feature above answers (verdict counters, sessions online, handshakes, quota standing); the API's call timer port |
+//! | [`usage`] | hourly and daily usage rollups per device (the writer's thread) and the usage report over them (`report generate`) |
 //!
 //! Beside them: [`domain`] (validated domain types and their parsers), [`secrets`] (keys, token
 //! hashes, sealing of kept client keys), [`ports`] (what the service needs from the dataplane and
@@ -53,6 +54,7 @@ pub mod templates;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
 pub mod tokens;
+pub mod usage;
 pub mod users;
 pub mod watch;
 
@@ -114,6 +116,8 @@ pub struct Service {
     pub health: Arc<health::Health>,
     /// What the metrics read; the API's call timer.
     pub telemetry: Arc<telemetry::Telemetry>,
+    /// Usage rollups and reports.
+    pub usage: Arc<usage::Usage>,
 }
 
 impl Service {
@@ -163,6 +167,12 @@ impl Service {
                 policy.clone(),
                 users.clone(),
                 devices.clone(),
+            )),
+            usage: Arc::new(usage::Usage::new(
+                core.clone(),
+                directory.clone(),
+                policy.clone(),
+                live.clone(),
             )),
             history: Arc::new(history::History::new(core.clone(), directory.clone(), live)),
             backup: Arc::new(backup::Backup::new(core.clone())),
