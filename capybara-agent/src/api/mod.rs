@@ -14,6 +14,7 @@
 //! | [`policy`], [`templates`] | `Policy`; `Templates` |
 //! | [`history`], [`backup`] | `History`; `Backup` |
 //! | [`health`] | the components' health in `grpc.health.v1` |
+//! | [`reports`] | `Reports` (usage reports over the rollups) |
 //!
 //! Beside them: [`server`] (who may call what, the router, the listeners, `run(listeners,
 //! shutdown)`), [`handler`] (the [`handler::Api`] type every service is implemented on: auth and
@@ -36,6 +37,7 @@ pub mod live;
 pub mod monitor;
 mod paging;
 pub mod policy;
+pub mod reports;
 pub mod rest;
 pub mod server;
 pub mod status;

@@ -43,6 +43,8 @@ pub(super) struct Agent {
     pub(super) metrics: Arc<crate::metrics::Metrics>,
     /// The metrics listener: its address, its stop signal and its task.
     pub(super) metrics_server: Option<MetricsServer>,
+    /// The usage rollups' writer thread (`service::usage`).
+    pub(super) usage_writer: Option<std::thread::JoinHandle<()>>,
 }
 
 /// The `--metrics-listen` server.
@@ -131,6 +133,7 @@ impl Agent {
             mut api_task,
             metrics,
             metrics_server,
+            usage_writer,
             ..
         } = self;
         if let Some(m) = metrics_server {
@@ -158,6 +161,14 @@ impl Agent {
         let _ = handshakes.await;
         if let Err(e) = recorder.await {
             tracing::error!(error = %e, "session recorder failed");
+        }
+        // The usage writer takes a last sample and writes a synced checkpoint.
+        svc.usage.stop_writer();
+        if let Some(writer) = usage_writer {
+            match tokio::task::spawn_blocking(move || writer.join()).await {
+                Ok(Ok(())) => {}
+                _ => tracing::error!("the usage writer failed"),
+            }
         }
         drop(svc);
         reader.abort();

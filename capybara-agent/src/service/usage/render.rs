@@ -351,8 +351,8 @@ fn series_chart(r: &Report) -> String {
         _ => format!("Bytes per {bucket}: no traffic in the period."),
     };
     let mut s = format!(
-        "<svg id=\"chart-series\" role=\"img\" aria-labelledby=\"series-title series-desc\" width=\"{width:.0}\" height=\"{height:.0}\" viewBox=\"0 0 {width:.0} {height:.0}\" xmlns=\"http://www.w3.org/2000/svg\" shape-rendering=\"crispEdges\">\
-<title id=\"series-title\">Usage over time</title><desc id=\"series-desc\">{}</desc>",
+        "<svg id=\"chart-series\" role=\"img\" aria-labelledby=\"chart-series-title chart-series-desc\" width=\"{width:.0}\" height=\"{height:.0}\" viewBox=\"0 0 {width:.0} {height:.0}\" xmlns=\"http://www.w3.org/2000/svg\" shape-rendering=\"crispEdges\">\
+<title id=\"chart-series-title\">Usage over time</title><desc id=\"chart-series-desc\">{}</desc>",
         esc(&desc)
     );
     // Axis and grid: 0, half, max.

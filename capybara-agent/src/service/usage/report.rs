@@ -4,8 +4,9 @@
 //! - **Period** ([`ReportQuery`]): `day`, `week` or `month` are the last 24 hours, 7 days or 30
 //!   days up to now, by whole UTC hours (the current hour so far included: the report asks the
 //!   writer to checkpoint first, so it is exact to the kernel's counters at the call);
-//!   `from`/`to` are UTC dates (`YYYY-MM-DD`, both included; `to` defaults to today). Without
-//!   either: `day`. Times are UTC.
+//!   `from`/`to` are UTC dates (`YYYY-MM-DD`, both included; `to` defaults to today; at most
+//!   [`MAX_DAYS`] days, the daily rollups' retention, so one call's work is bounded; hours
+//!   still to come are not listed). Without either: `day`. Times are UTC.
 //! - **Users**: every user there is (within `group` if given) and every user with usage in the
 //!   period (a removed user keeps its name in the rollups), busiest first. A user's peak rate is
 //!   the highest of its devices' 10-second peaks, not their sum at one moment.
@@ -25,6 +26,9 @@ use crate::{
     service::{ServiceError, domain::ValidationError, policy::model::GroupName},
     store::{Cf, keys},
 };
+
+/// The longest report, in days (a `from`/`to` range): the daily rollups' retention.
+pub const MAX_DAYS: u64 = super::DAILY_RETENTION_DAYS;
 
 /// How many users `top_users` names.
 pub const TOP_USERS: usize = 10;
@@ -211,6 +215,20 @@ impl ReportQuery {
                 reason: format!("{} is before from {}", civil_date(t), civil_date(f)),
             });
         }
+        if let Some(f) = from {
+            let t = to.unwrap_or(f);
+            if t - f >= MAX_DAYS {
+                return Err(ValidationError::Value {
+                    field: "from",
+                    reason: format!(
+                        "a report covers at most {MAX_DAYS} days (the daily rollups' retention); {} to {} is {} days",
+                        civil_date(f),
+                        civil_date(t),
+                        t - f + 1
+                    ),
+                });
+            }
+        }
         let group = (!group.is_empty())
             .then(|| GroupName::parse("group", group))
             .transpose()?;
@@ -222,13 +240,17 @@ impl ReportQuery {
         })
     }
 
-    /// The hours covered, first and last included, at `now` (Unix ms); and the period's name.
+    /// The hours covered, first and last included, at `now` (Unix ms), the last no later than
+    /// the current hour (a range wholly in the future covers nothing: `last < first`); and the
+    /// period's name.
     pub fn hours(&self, now: u64) -> (u64, u64, String) {
         let current = hour_of(now);
         match (self.period, self.from) {
             (_, Some(from)) => {
                 let to = self.to.unwrap_or(current / 24);
-                (from * 24, to * 24 + 23, "range".into())
+                let first = from * 24;
+                let last = (to * 24 + 23).min(current).max(first.saturating_sub(1));
+                (first, last, "range".into())
             }
             (p, None) => {
                 let p = p.unwrap_or(Period::Day);
@@ -410,6 +432,9 @@ impl Usage {
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
         let mut sums = Sums::default();
+        if first > last {
+            return Ok(sums);
+        }
         let bucket = |hour: u64| {
             if hourly {
                 hour * 3600
@@ -470,7 +495,7 @@ impl Usage {
             .transpose()?;
         self.flush();
         let (first, last, period) = q.hours(now);
-        let hourly = last + 1 - first <= 48;
+        let hourly = (last + 1).saturating_sub(first) <= 48;
         let members: Option<BTreeSet<String>> = group
             .as_ref()
             .map(|g| g.members.iter().map(|m| m.to_string()).collect());

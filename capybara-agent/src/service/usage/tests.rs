@@ -324,6 +324,11 @@ fn bad_report_input_names_the_field() {
     assert!(err("", "2026-12-05", "2026-12-01", "").starts_with("to:"));
     assert!(err("", "", "2026-12-01", "").starts_with("from:"));
     assert!(err("week", "2026-12-01", "", "").starts_with("period:"));
+    assert!(
+        err("", "1970-01-01", "9999-12-31", "").starts_with("from:"),
+        "at most 400 days"
+    );
+    assert!(ReportQuery::parse("", "2025-11-01", "2026-12-04", "").is_ok());
     assert!(err("", "", "", "Bad Group").starts_with("group:"));
     assert!(
         Format::parse("format", "pdf")
