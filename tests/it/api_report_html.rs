@@ -208,7 +208,8 @@ fn chromium_draws_the_html_report_as_the_data_says() {
                 "<svg id=\"{id}\" role=\"img\" aria-labelledby=\"{id}"
             )),
             "{id} is not an accessible image in the DOM: {}",
-            dom.find("<svg").map_or("no svg", |i| &dom[i..(i + 300).min(dom.len())])
+            dom.find("<svg")
+                .map_or("no svg", |i| &dom[i..(i + 300).min(dom.len())])
         );
     }
     assert!(dom.contains("<title id=\"chart-series-title\">Usage over time</title>"));

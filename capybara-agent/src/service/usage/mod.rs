@@ -803,14 +803,34 @@ impl Usage {
     }
 }
 
-/// Starts the writer's thread (see the module docs); it runs until [`Usage::stop_writer`],
-/// then takes a last sample and writes a synced checkpoint.
-pub fn start_writer(usage: Arc<Usage>) -> std::io::Result<std::thread::JoinHandle<()>> {
+/// Opens the writer and takes its first sample at once (the baseline of a first start, so
+/// devices added from now on count from zero; after a restart, what the devices counted since
+/// the checkpoint), before the API serves; then starts the writer's thread (see the module
+/// docs), which runs until [`Usage::stop_writer`] and then takes a last sample and writes a
+/// synced checkpoint.
+pub fn start_writer(usage: Arc<Usage>) -> Result<std::thread::JoinHandle<()>, WriterError> {
+    let mut w = UsageWriter::open(usage.store().clone(), unix_ms(SystemTime::now()))
+        .map_err(WriterError::Open)?;
+    if let Err(e) = usage.sample_into(&mut w).and_then(|_| w.checkpoint(false)) {
+        tracing::warn!(error = %e, "usage sample failed; retrying at the next");
+    }
     let (tx, rx) = mpsc::channel();
     *usage.writer.lock().unwrap() = Some(tx);
     std::thread::Builder::new()
         .name("usage".into())
-        .spawn(move || run_writer(&usage, &rx))
+        .spawn(move || run_writer(&usage, w, &rx))
+        .map_err(WriterError::Spawn)
+}
+
+/// Why the writer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WriterError {
+    /// Its state could not be read from the store.
+    #[error("cannot read the usage rollups' checkpoint")]
+    Open(#[source] ServiceError),
+    /// Its thread could not be started.
+    #[error("cannot start the usage writer's thread")]
+    Spawn(#[source] std::io::Error),
 }
 
 /// Milliseconds until the next multiple of [`SAMPLE`] after `now` (Unix ms).
@@ -819,16 +839,17 @@ fn until_next_sample(now: u64) -> Duration {
     Duration::from_millis(s - now % s)
 }
 
+impl Usage {
+    /// Reads every device and hands the sample to `w`; whether it completed an hour.
+    fn sample_into(&self, w: &mut UsageWriter) -> Result<bool, ServiceError> {
+        let devices = self.read_devices()?;
+        w.sample(unix_ms(SystemTime::now()), &devices)
+    }
+}
+
 /// The writer's loop (see the module docs).
-pub fn run_writer(usage: &Usage, rx: &mpsc::Receiver<WriterCmd>) {
+fn run_writer(usage: &Usage, mut w: UsageWriter, rx: &mpsc::Receiver<WriterCmd>) {
     let now = || unix_ms(SystemTime::now());
-    let mut w = match UsageWriter::open(usage.store().clone(), now()) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot open the usage rollups; usage is not recorded");
-            return;
-        }
-    };
     let prune = |w: &UsageWriter| match w.prune(now(), HOURLY_RETENTION_DAYS, DAILY_RETENTION_DAYS)
     {
         Ok(0) => {}
@@ -836,10 +857,6 @@ pub fn run_writer(usage: &Usage, rx: &mpsc::Receiver<WriterCmd>) {
         Err(e) => tracing::warn!(error = %e, "usage pruning failed; retrying in an hour"),
     };
     prune(&w);
-    let sample = |w: &mut UsageWriter| -> Result<bool, ServiceError> {
-        let devices = usage.read_devices()?;
-        w.sample(now(), &devices)
-    };
     let mut last_checkpoint = std::time::Instant::now();
     let mut stop = false;
     while !stop {
@@ -849,7 +866,7 @@ pub fn run_writer(usage: &Usage, rx: &mpsc::Receiver<WriterCmd>) {
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Ok(WriterCmd::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => stop = true,
         }
-        match sample(&mut w) {
+        match usage.sample_into(&mut w) {
             Ok(true) => prune(&w),
             Ok(false) => {}
             Err(e) => tracing::warn!(error = %e, "usage sample failed; retrying at the next"),

@@ -1,7 +1,5 @@
 use std::sync::Arc;
 
-use capybara_common::peer::PeerStats;
-
 use super::{
     render::render,
     report::{Format, Report, ReportQuery, parse_date},
@@ -177,16 +175,6 @@ fn a_counter_reset_or_a_reused_id_counts_from_zero() {
         !st.contains_key(&keys::usage_cursor(1)),
         "a removed device's cursor goes"
     );
-}
-
-fn peer_stats(rx: u64, tx: u64) -> PeerStats {
-    PeerStats {
-        rx_bytes: rx,
-        rx_packets: rx / 100,
-        tx_bytes: tx,
-        tx_packets: tx / 100,
-        ..PeerStats::default()
-    }
 }
 
 #[test]
@@ -429,8 +417,6 @@ fn a_report_sums_users_groups_top_users_and_quota() {
     for h in 0..=72 {
         w.sample(T0 + h * H, &devs(h)).unwrap();
     }
-    let _ = plane.state();
-    let _ = peer_stats(0, 0);
     // Days 2026-12-01 .. 2026-12-02 (48 hours: hourly series).
     let q = ReportQuery::parse("", "2026-12-01", "2026-12-02", "").unwrap();
     let r = svc.usage.report(&q, T0 + 72 * H + 5).unwrap();
