@@ -155,7 +155,7 @@ impl UsageRecord {
     /// layout) reads its missing reasons as 0, a longer one's extra reasons are ignored. `None`
     /// when it is not whole `u64`s or has fewer than the 8 named fields.
     pub fn decode(b: &[u8]) -> Option<UsageRecord> {
-        if b.len() % 8 != 0 || b.len() < 64 {
+        if !b.len().is_multiple_of(8) || b.len() < 64 {
             return None;
         }
         let mut v = [0u64; FIELDS];

@@ -475,11 +475,9 @@ pub fn html(r: &Report) -> String {
     );
     let _ = write!(
         o,
-        "<h1>{}</h1><p class=\"meta\">Period: {} ({} to {}, UTC). Generated {}. Bytes are IP bytes as the kernel counts them.</p>",
+        "<h1>{}</h1><p class=\"meta\">Period: {}. Generated {}. Bytes are IP bytes as the kernel counts them; rates are the highest 10-second average of one device.</p>",
         esc(&title),
         esc(&r.period),
-        utc(r.from),
-        utc(r.to),
         utc(r.generated_at)
     );
     let _ = write!(
