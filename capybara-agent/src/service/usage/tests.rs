@@ -391,9 +391,11 @@ fn a_report_sums_users_groups_top_users_and_quota() {
             true,
         )
         .unwrap();
-    let mut t = LimitsText::default();
-    t.limit = Some("1MB".into());
-    t.period = Some("monthly".into());
+    let t = LimitsText {
+        limit: Some("1MB".into()),
+        period: Some("monthly".into()),
+        ..LimitsText::default()
+    };
     svc.policy
         .set_limits(
             &root(),
