@@ -340,8 +340,12 @@ fn periods_cover_whole_utc_hours_up_to_now() {
     let q = ReportQuery::parse("", "2026-11-30", "2026-12-01", "").unwrap();
     assert_eq!(
         q.hours(now),
-        (hour_of(T0) - 24, hour_of(T0) + 23, "range".into())
+        (hour_of(T0) - 24, hour_of(T0) + 5, "range".into()),
+        "hours still to come are not covered"
     );
+    let q = ReportQuery::parse("", "2026-12-10", "", "").unwrap();
+    let (first, last, _) = q.hours(now);
+    assert!(last < first, "a range in the future covers nothing");
 }
 
 fn root() -> Actor {
