@@ -20,6 +20,12 @@
 //! - `report_month_10k_users_write_s`: writing the month (setup, for scale).
 //!
 //! `cargo xtask bench --filter report` runs this module alone.
+//!
+//! ## Figures
+//! One run (release, AMD EPYC, 2 cores shared with other builds at load ≈ 7.5, Linux 6.18,
+//! 2026-12-07): `report_month_10k_users_ms` **947 ms** (runs 947, 931, 1 036; 6.1 MB of JSON)
+//! against **15 189 ms** summing the same month from the hourly records alone: the daily
+//! rollups are what meets the target. Writing the month: 297 s, a store of about 5 GB.
 
 use std::{
     sync::Arc,
