@@ -108,10 +108,6 @@ const NOT_YET: &[(&str, &str)] = &[
         "webhook ",
         "webhooks do not exist yet (their lines also hold <url>/<id> placeholders)",
     ),
-    (
-        r#"schedule add "report generate"#,
-        "`report generate` comes with the reports of issue 21 (another branch); enabled once merged",
-    ),
     ("mfa ", "MFA does not exist yet"),
     ("cluster ", "clustering does not exist yet"),
     ("ip-intel ", "IP intelligence does not exist yet"),

@@ -58,6 +58,10 @@ pub const PACKAGES: &[&str] = &[
     // generated pages.
     "systemd",
     "man-db",
+    // The html usage report's test (`report_html`) renders it in headless Chromium and looks at
+    // the screenshot; chromium-driver is its WebDriver, for tests that drive a page.
+    "chromium",
+    "chromium-driver",
 ];
 
 /// Python tools the tests run, pinned, from PyPI into a virtual environment at `<cache>/pyenv`

@@ -15,6 +15,7 @@
 //! | [`history`], [`backup`] | `History`; `Backup` |
 //! | [`health`] | the components' health in `grpc.health.v1` |
 //! | [`schedules`] | `Schedules` (scheduled tasks); [`inproc`] is the in-process connection their commands call the API over |
+//! | [`reports`] | `Reports` (usage reports over the rollups) |
 //!
 //! Beside them: [`server`] (who may call what, the router, the listeners, `run(listeners,
 //! shutdown)`), [`handler`] (the [`handler::Api`] type every service is implemented on: auth and
@@ -38,6 +39,7 @@ pub mod live;
 pub mod monitor;
 mod paging;
 pub mod policy;
+pub mod reports;
 pub mod rest;
 pub mod schedules;
 pub mod server;

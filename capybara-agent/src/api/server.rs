@@ -14,7 +14,7 @@
 //!
 //! | scope | calls |
 //! |---|---|
-//! | read | `ListUsers`, `GetUser`, `ListPeers`, `GetStats`, `ListConnections`, `ListAudit`, `ListBlocklists`, `GetBlocklist`, `GetGeo`, `ListSessions`, `ListComponents`, health, reflection |
+//! | read | `ListUsers`, `GetUser`, `ListPeers`, `GetStats`, `ListConnections`, `ListAudit`, `ListBlocklists`, `GetBlocklist`, `GetGeo`, `ListSessions`, `ListComponents`, `GenerateReport`, health, reflection |
 //! | write | `AddUser`, `RemoveUser`, `ExpireUser`, `RenewUser`, `CleanupExpired`, `AddPeer`, `RemovePeer`, `Kick`, `AddEntries`, `RemoveEntries`, `DeleteBlocklist`, `SetGeo` |
 //! | admin | `UserConfig` (it hands out a device's private key: the kept one, audited as `peer.config`, or a new one with `rotate`), `CreateToken`, `ListTokens`, `RevokeToken`, `ClearHistory`, `CreateBackup`, `CreateBackupFile` |
 //!
@@ -43,7 +43,8 @@ use capybara_proto::v1::{
     api_access_server::ApiAccessServer, audit_server::AuditServer, backup_server::BackupServer,
     blocklists_server::BlocklistsServer, components_server::ComponentsServer,
     connections_server::ConnectionsServer, geo_server::GeoServer, history_server::HistoryServer,
-    peers_server::PeersServer, policy_server::PolicyServer, schedules_server::SchedulesServer,
+    peers_server::PeersServer, policy_server::PolicyServer, reports_server::ReportsServer,
+    schedules_server::SchedulesServer,
     stats_server::StatsServer, templates_server::TemplatesServer, tokens_server::TokensServer,
     users_server::UsersServer,
 };
@@ -205,6 +206,7 @@ pub(super) async fn router(api: &Api, tls: Option<&TlsIdentity>) -> Result<Timed
     reporter.set_serving::<TemplatesServer<Api>>().await;
     reporter.set_serving::<ApiAccessServer<Api>>().await;
     reporter.set_serving::<SchedulesServer<Api>>().await;
+    reporter.set_serving::<ReportsServer<Api>>().await;
     super::health::publish(&reporter, svc).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(capybara_proto::FILE_DESCRIPTOR_SET)
@@ -247,7 +249,12 @@ pub(super) async fn router(api: &Api, tls: Option<&TlsIdentity>) -> Result<Timed
     .add_service(ComponentsServer::new(api.clone()))
     .add_service(ApiAccessServer::new(api.clone()))
     .add_service(BackupServer::new(api.clone()))
-    .add_service(SchedulesServer::new(api.clone()));
+    .add_service(SchedulesServer::new(api.clone()))
+    .add_service(
+        ReportsServer::new(api.clone())
+            .max_decoding_message_size(super::reports::MAX_REPORT_MESSAGE)
+            .max_encoding_message_size(super::reports::MAX_REPORT_MESSAGE),
+    );
     // gRPC and the REST mirror on one listener: gRPC paths are `/capybara.v1.X/Y`, REST ones
     // `/api/v1/…`; HTTP/1.1 is accepted for REST clients.
     let all = grpc

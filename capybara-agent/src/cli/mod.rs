@@ -19,9 +19,10 @@
 //! connection; each family has one file with its clap enum, its handler and its printing
 //! (`user`, `device`, `api`, `stats`, `top`, `connections` with `kick`, `health`, `history`,
 //! `backup`, `blocklist`, `geo`, `quota` with `quota template`, `group`, `policy`, `template`,
-//! `diagnose`, `schedule`; the hidden `generate` writes the man pages and completions `cargo
-//! xtask install` installs). `scheduled` runs a command line in the agent for a scheduled task
-//! (the same code, in-process, its output captured). What several families share is in modules no family owns, so no family imports
+//! `diagnose`, `schedule`, `report`; the hidden `generate` writes the man pages and completions
+//! `cargo xtask install` installs). `scheduled` runs a command line in the agent for a scheduled
+//! task (the same code, in-process, its output captured). What several families share is in
+//! modules no family owns, so no family imports
 //! another:
 //! `error` (`CliError`, exit codes, the error line), `input` (checks of shared values), `output`
 //! (standard output, `--json`, times, files written 0600), `table`, `limits` (the limit options
@@ -50,6 +51,7 @@ mod qr;
 mod quota;
 mod schedule;
 pub mod scheduled;
+mod report;
 mod stats;
 mod table;
 mod template;
@@ -150,6 +152,9 @@ enum Command {
     /// Scheduled tasks: capybara commands the agent runs on a cron schedule.
     #[command(subcommand)]
     Schedule(schedule::ScheduleCmd),
+    /// Usage reports (text, JSON, CSV, html) from the agent's hourly usage rollups.
+    #[command(subcommand)]
+    Report(report::ReportCmd),
 }
 
 /// Runs the CLI with the process arguments.
@@ -231,5 +236,6 @@ async fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Diagnose(args) => diagnose::run(cli, args).await,
         Command::Generate(args) => generate::run(args),
         Command::Schedule(cmd) => schedule::run(cli, cmd).await,
+        Command::Report(cmd) => report::run(cli, cmd).await,
     }
 }

@@ -49,6 +49,8 @@ pub(super) struct Agent {
     pub(super) alert_feed: tokio::task::JoinHandle<()>,
     /// The health watcher (`server-down` / `server-up`).
     pub(super) health_watch: tokio::task::JoinHandle<()>,
+    /// The usage rollups' writer thread (`service::usage`).
+    pub(super) usage_writer: Option<std::thread::JoinHandle<()>>,
 }
 
 /// The `--metrics-listen` server.
@@ -140,6 +142,7 @@ impl Agent {
             alerts,
             alert_feed,
             health_watch,
+            usage_writer,
             ..
         } = self;
         if let Some(m) = metrics_server {
@@ -178,6 +181,14 @@ impl Agent {
         let _ = alert_feed.await;
         if let Err(e) = alerts.await {
             tracing::error!(error = %e, "alerts thread failed");
+        }
+        // The usage writer takes a last sample and writes a synced checkpoint.
+        svc.usage.stop_writer();
+        if let Some(writer) = usage_writer {
+            match tokio::task::spawn_blocking(move || writer.join()).await {
+                Ok(Ok(())) => {}
+                _ => tracing::error!("the usage writer failed"),
+            }
         }
         drop(svc);
         reader.abort();

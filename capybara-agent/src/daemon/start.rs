@@ -1,6 +1,7 @@
 //! Start-up, in the order of the module docs: [`open`] the store, the dataplane (pinned maps,
 //! blocklists restored) and the tunnel with the programs attached; then [`wire`] the control
-//! service, the session recorder, the event forwarders and the API to them.
+//! service, the session recorder, the usage rollups' writer, the event forwarders and the API
+//! to them.
 
 use std::sync::{Arc, Mutex};
 
@@ -180,6 +181,13 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
             service::history::run_recorder(history, session_rx, retention)
         })
     };
+    let usage_writer = match service::usage::start_writer(svc.usage.clone()) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the usage writer; usage is not recorded");
+            None
+        }
+    };
     let handshakes = tokio::spawn(forward_handshakes(
         tunnel.subscribe(),
         svc.clone(),
@@ -262,5 +270,6 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
         alerts,
         alert_feed,
         health_watch,
+        usage_writer,
     })
 }

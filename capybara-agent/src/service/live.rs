@@ -3,6 +3,9 @@
 //! `monitor` reads it to give each live connection its id and to find the device a connection
 //! id names when it is kicked.
 //!
+//! It also counts the sessions each device (by key) opened since the agent started
+//! ([`LiveSessions::started`]): the usage rollups' "sessions started" (`service::usage`).
+//!
 //! A device gets its id a few milliseconds after its handshake (when the recorder has written
 //! the session's record), so a connection listed in that moment has no id yet; a device known
 //! to the tunnel that never completed a handshake (or whose session ended) has none.
@@ -17,12 +20,20 @@ use super::domain::{PublicKey, SessionId};
 #[derive(Debug, Default)]
 pub struct LiveSessions {
     open: Mutex<HashMap<PeerId, (SessionId, PublicKey)>>,
+    /// Sessions opened since start, by device key (at most one entry per device ever seen).
+    started: Mutex<HashMap<PublicKey, u64>>,
 }
 
 impl LiveSessions {
     /// A session of the device with `key` opened.
     pub fn opened(&self, id: SessionId, key: PublicKey) {
         self.open.lock().unwrap().insert(id.peer, (id, key));
+        *self.started.lock().unwrap().entry(key).or_default() += 1;
+    }
+
+    /// Sessions opened since the agent started, by device key.
+    pub fn started(&self) -> HashMap<PublicKey, u64> {
+        self.started.lock().unwrap().clone()
     }
 
     /// Session `id` closed (a later session of the same device is left alone).

@@ -25,6 +25,7 @@
 //! | [`telemetry`] | what the metrics read that no feature above answers (verdict counters, sessions online, handshakes, quota standing); the API's call timer port |
 //! | [`alerts`] | webhook events from watching: quota thresholds, account expiries (a timer), suspicious activity (windows per source) |
 //! | [`schedules`] | scheduled tasks: cron in a zone, the runner on an injectable clock, runs and their history (the commands run through the `Commands` port) |
+//! | [`usage`] | hourly and daily usage rollups per device (the writer's thread) and the usage report over them (`report generate`) |
 //!
 //! Beside them: [`domain`] (validated domain types and their parsers), [`secrets`] (keys, token
 //! hashes, sealing of kept client keys), [`ports`] (what the service needs from the dataplane and
@@ -57,6 +58,7 @@ pub mod templates;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
 pub mod tokens;
+pub mod usage;
 pub mod users;
 pub mod watch;
 
@@ -122,6 +124,8 @@ pub struct Service {
     pub alerts: Arc<alerts::Alerts>,
     /// Scheduled tasks.
     pub schedules: Arc<schedules::Schedules>,
+    /// Usage rollups and reports.
+    pub usage: Arc<usage::Usage>,
 }
 
 impl Service {
@@ -171,6 +175,12 @@ impl Service {
                 policy.clone(),
                 users.clone(),
                 devices.clone(),
+            )),
+            usage: Arc::new(usage::Usage::new(
+                core.clone(),
+                directory.clone(),
+                policy.clone(),
+                live.clone(),
             )),
             history: Arc::new(history::History::new(core.clone(), directory.clone(), live)),
             backup: Arc::new(backup::Backup::new(core.clone())),

@@ -11,7 +11,8 @@
 //!
 //! Values are the JSON they are stored as, byte for byte, so a backup is readable and diffable
 //! and a restore puts back exactly the bytes it read. The `meta` family is not copied (its
-//! schema versions are the `schemas` field).
+//! schema versions are the `schemas` field), nor is `usage` (the binary usage rollups: statistics
+//! derived from the kernel's counters, not configuration; a restore leaves them as they are).
 //!
 //! **Restore** is offline: [`restore_from`] reads the file a record at a time (never whole in
 //! memory) and checks all of it first (format, version, known families, schema versions not
@@ -112,14 +113,16 @@ pub enum BackupError {
 }
 
 fn family(name: &str) -> Option<Cf> {
-    Cf::ALL
-        .into_iter()
-        .find(|c| c.name() == name && *c != Cf::Meta)
+    backed_up().find(|c| c.name() == name)
 }
 
-/// The families a backup holds: all but `meta`.
+/// The families a backup holds: all but `meta` and `usage` (binary rollups derived from the
+/// kernel's counters: statistics, not configuration; a restore leaves the target's as they
+/// are).
 fn backed_up() -> impl Iterator<Item = Cf> {
-    Cf::ALL.into_iter().filter(|c| *c != Cf::Meta)
+    Cf::ALL
+        .into_iter()
+        .filter(|c| !matches!(c, Cf::Meta | Cf::Usage))
 }
 
 impl Store {

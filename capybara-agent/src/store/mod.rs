@@ -2,7 +2,9 @@
 //!
 //! Layout: one column family per kind of record ([`Cf`]), each with its own schema version kept
 //! in the `meta` family under `schema/<cf>`. Values are JSON (serde), small and readable with
-//! `ldb` when debugging; keys are UTF-8 strings built by the functions of [`keys`]. Column
+//! `ldb` when debugging, except the usage rollups (`usage`: fixed-size binary records, read by
+//! the million for a report; [`Batch::put_raw`], [`Store::walk_raw`]), which backups leave out
+//! (derived statistics, see [`backup`]); keys are UTF-8 strings built by the functions of [`keys`]. Column
 //! families and key shapes are declared here and nowhere else.
 //!
 //! | family | key ([`keys`]) | value |
@@ -28,6 +30,10 @@
 //! | `schedules` | `next-id` | the id the next scheduled task gets |
 //! | `schedules` | `task/<id, 20 digits>` | a scheduled task (`service::schedules`) |
 //! | `schedules` | `run/<task id, 20 digits>/<run, 20 digits>` | one run of a task: start, end, status, output (the newest `MAX_RUNS_KEPT` kept) |
+//! | `usage` | `h/<hour, 10 digits>/<user>/<device>` | a device's usage in one UTC hour (binary, `service::usage`) |
+//! | `usage` | `d/<day, 8 digits>/<user>/<device>` | a device's usage in one UTC day: the sum of its completed hours (binary) |
+//! | `usage` | `c/<peer id, 10 digits>` | the usage writer's checkpoint of one device: its counters then (JSON) |
+//! | `usage` | `m/checkpoint` | the hour of the writer's last checkpoint and its last completed hour (JSON) |
 //!
 //! A user and its devices share the key prefix `<user>` in two families, so "a user's devices"
 //! is a prefix scan of `peers` with `<user>/` ([`keys::user_peers_prefix`]).
@@ -94,11 +100,13 @@ pub enum Cf {
     Policy,
     /// Scheduled tasks and their runs (`service::schedules`).
     Schedules,
+    /// Hourly and daily usage rollups per device (binary values).
+    Usage,
 }
 
 impl Cf {
     /// Every family, in creation order.
-    pub const ALL: [Cf; 10] = [
+    pub const ALL: [Cf; 11] = [
         Cf::Meta,
         Cf::Blocklists,
         Cf::Users,
@@ -109,6 +117,7 @@ impl Cf {
         Cf::Audit,
         Cf::Policy,
         Cf::Schedules,
+        Cf::Usage,
     ];
 
     /// The family's name in RocksDB.
@@ -124,6 +133,7 @@ impl Cf {
             Cf::Audit => "audit",
             Cf::Policy => "policy",
             Cf::Schedules => "schedules",
+            Cf::Usage => "usage",
         }
     }
 
@@ -139,7 +149,8 @@ impl Cf {
             | Cf::Sessions
             | Cf::Audit
             | Cf::Policy
-            | Cf::Schedules => 1,
+            | Cf::Schedules
+            | Cf::Usage => 1,
         }
     }
 }
@@ -273,6 +284,43 @@ pub mod keys {
     pub fn audit_seq(key: &str) -> Option<u64> {
         key.parse().ok()
     }
+
+    /// Prefix of every hourly usage record in `usage`.
+    pub const USAGE_HOURS: &str = "h/";
+
+    /// Prefix of the hourly usage records of UTC hour `hour` (Unix seconds / 3600).
+    pub fn usage_hour_prefix(hour: u64) -> String {
+        format!("h/{hour:010}/")
+    }
+
+    /// Key of device `device` of `user`'s usage in UTC hour `hour`: sorted by hour, then device.
+    pub fn usage_hour(hour: u64, user: &str, device: &str) -> String {
+        format!("h/{hour:010}/{user}/{device}")
+    }
+
+    /// Prefix of every daily usage record in `usage`.
+    pub const USAGE_DAYS: &str = "d/";
+
+    /// Prefix of the daily usage records of UTC day `day` (Unix seconds / 86 400).
+    pub fn usage_day_prefix(day: u64) -> String {
+        format!("d/{day:08}/")
+    }
+
+    /// Key of device `device` of `user`'s usage in UTC day `day`.
+    pub fn usage_day(day: u64, user: &str, device: &str) -> String {
+        format!("d/{day:08}/{user}/{device}")
+    }
+
+    /// Prefix of every usage checkpoint of a device in `usage`.
+    pub const USAGE_CURSORS: &str = "c/";
+
+    /// Key of the usage writer's checkpoint of peer `peer`.
+    pub fn usage_cursor(peer: u32) -> String {
+        format!("c/{peer:010}")
+    }
+
+    /// Key of the usage writer's own state in `usage`.
+    pub const USAGE_META: &str = "m/checkpoint";
 }
 
 /// Errors of the store.
@@ -436,6 +484,21 @@ impl Batch {
         })?;
         self.ops.push((cf, key.to_owned(), Some(bytes)));
         Ok(())
+    }
+
+    /// Stages `bytes` as they are under `key` in `cf` (binary records: the `usage` family).
+    pub fn put_raw(&mut self, cf: Cf, key: &str, bytes: Vec<u8>) {
+        self.ops.push((cf, key.to_owned(), Some(bytes)));
+    }
+
+    /// Changes staged.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Whether nothing is staged.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
     }
 
     /// Stages the removal of `key` in `cf`.

@@ -79,6 +79,53 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Calls `f` with each raw `(key, value)` of `cf` from `start` (inclusive) forwards, in key
+    /// order, until `f` returns false or the family ends: the usage rollups' reads (binary
+    /// values, read by the million for a month's report). Blocks are not kept in the block
+    /// cache, as for [`Store::walk`].
+    pub fn walk_raw(
+        &self,
+        cf: Cf,
+        start: &str,
+        mut f: impl FnMut(&str, &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        let mut read = ReadOptions::default();
+        read.fill_cache(false);
+        let mut it = self.db.raw_iterator_cf_opt(self.handle(cf), read);
+        it.seek(start.as_bytes());
+        while it.valid() {
+            let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                break;
+            };
+            let key = std::str::from_utf8(k).unwrap_or_default();
+            if !f(key, v) {
+                return Ok(());
+            }
+            it.next();
+        }
+        it.status().map_err(|source| StoreError::Io {
+            op: "scan",
+            cf: cf.name(),
+            key: start.to_owned(),
+            source,
+        })
+    }
+
+    /// The raw value under `key` in `cf`.
+    pub fn get_raw(&self, cf: Cf, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db
+            .get_pinned_cf(self.handle(cf), key)
+            .map(|v| v.map(|b| b.to_vec()))
+            .map_err(|source| StoreError::Io {
+                op: "get",
+                cf: cf.name(),
+                key: key.to_owned(),
+                source,
+            })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,6 +25,8 @@
 //!   rates of `throttle_accuracy_*`.
 //! - [`report`]: `report.md`, the SVG plots, and the progress bar with each stage's host
 //!   noise.
+//! - [`usage_report`]: a month's usage report over 10 000 users' hourly rollups, against
+//!   summing the hourly records alone.
 //!
 //! Every figure is a [`Figure`]; the binary writes them as
 //! `{"benchmarks":[{"name":…, "value":…, "unit":…}]}`. The names below are what reports and CI
@@ -43,6 +45,7 @@ pub mod report;
 pub mod rest;
 pub mod throttle;
 pub mod tunnel;
+pub mod usage_report;
 pub mod vs_enforcement;
 pub mod vs_nftables;
 pub mod vs_tc;
@@ -175,6 +178,7 @@ const ALL_PARTS: &[&[&str]] = &[
     agent_load::NAMES,
     auth_flood::NAMES,
     rest::NAMES,
+    usage_report::NAMES,
 ];
 
 /// What `--quick` runs: a few of the kernel probes, one rate of each throttle baseline, and the
