@@ -297,14 +297,16 @@ fn every_design_line_works_verbatim() {
     );
     d.setup("api disable");
 
-    // 25. Scheduled Tasks & Automation: tasks 1 and 2 (the report line waits for `report`).
+    // 25. Scheduled Tasks & Automation: tasks 1, 2 and 3.
     let out = d.line(r#"schedule add "backup create" --cron "0 2 * * *""#);
     assert!(
         out.starts_with(r#"schedule 1: "backup create" at "0 2 * * *" UTC"#),
         "{out}"
     );
-    let out = d.line(r#"schedule add "user cleanup-expired" --cron "0 3 * * *""#);
+    let out = d.line(r#"schedule add "report generate --format csv" --cron "0 9 * * MON""#);
     assert!(out.starts_with("schedule 2: "), "{out}");
+    let out = d.line(r#"schedule add "user cleanup-expired" --cron "0 3 * * *""#);
+    assert!(out.starts_with("schedule 3: "), "{out}");
     let out = d.line("schedule list");
     assert!(out.starts_with("ID "), "{out}");
     assert!(
@@ -315,6 +317,8 @@ fn every_design_line_works_verbatim() {
     let out = d.line_with("schedule run <id>", &[("<id>", "1")]).stdout;
     assert!(out.starts_with("backup written to "), "{out}");
     let out = d.line_with("schedule run <id>", &[("<id>", "2")]).stdout;
+    assert!(out.contains("scope,name,groups,rx_bytes,"), "{out}");
+    let out = d.line_with("schedule run <id>", &[("<id>", "3")]).stdout;
     assert!(out.ends_with("removed 0 expired user(s)\n"), "{out}");
     let out = d
         .line_with("schedule disable <id>", &[("<id>", "1")])
