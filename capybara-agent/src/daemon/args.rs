@@ -107,6 +107,10 @@ pub struct Args {
     /// Keep audit records this long, e.g. 365d (pruned at start and hourly).
     #[arg(long, default_value = "365d")]
     pub audit_retention: String,
+    /// Let every webhook reach loopback, private and link-local addresses (by default only a
+    /// webhook added with `--allow-private` may: server-side request forgery).
+    #[arg(long)]
+    pub webhook_allow_private: bool,
     /// Configuration file (TOML): every key is one of these flags, its name with `_` for `-`
     /// (`listen_port = 51820`); a flag given here overrides the key. The default file is read
     /// only when it exists; a file named here must exist.

@@ -196,6 +196,8 @@ pub struct AgentConfig {
     pub keep_unknown_peers: bool,
     /// The metrics.
     pub metrics: MetricsSettings,
+    /// Every webhook may reach private and loopback addresses (`--webhook-allow-private`).
+    pub webhook_allow_private: bool,
 }
 
 /// Why the daemon could not start or stop cleanly.

@@ -22,6 +22,7 @@
 //! | [`templates`] | quota templates and configuration templates |
 //! | [`policy_file`] | the declarative policy file: apply, diff, export |
 //! | [`history`], [`backup`], [`health`] | sessions and auth attempts with retention; store backups; component health |
+//! | [`webhooks`] | webhook endpoints, the durable outbox's delivery workers and GC, signing, the SSRF check |
 //! | [`telemetry`] | what the metrics read that no feature above answers (verdict counters, sessions online, handshakes, quota standing); the API's call timer port |
 //!
 //! Beside them: [`domain`] (validated domain types and their parsers), [`secrets`] (keys, token
@@ -55,6 +56,7 @@ pub mod testing;
 pub mod tokens;
 pub mod users;
 pub mod watch;
+pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -114,6 +116,8 @@ pub struct Service {
     pub health: Arc<health::Health>,
     /// What the metrics read; the API's call timer.
     pub telemetry: Arc<telemetry::Telemetry>,
+    /// Webhook endpoints and their delivery workers.
+    pub webhooks: Arc<webhooks::Webhooks>,
 }
 
 impl Service {
@@ -168,6 +172,7 @@ impl Service {
             backup: Arc::new(backup::Backup::new(core.clone())),
             health: Arc::new(health::Health::new(core.clone(), directory.clone())),
             telemetry: Arc::new(telemetry::Telemetry::new(core.clone(), policy.clone())),
+            webhooks: Arc::new(webhooks::Webhooks::new(core.clone())?),
             lists,
             users,
             devices,
