@@ -57,9 +57,7 @@ impl webhooks_server::Webhooks for Api {
             secret,
             allow_private: r.allow_private,
         };
-        let (hook, secret) = self
-            .call(move |s| s.webhooks.add(&actor, new))
-            .await?;
+        let (hook, secret) = self.call(move |s| s.webhooks.add(&actor, new)).await?;
         Ok(Response::new(pb::AddWebhookResponse {
             webhook: Some((&hook).into()),
             secret,
@@ -307,7 +305,11 @@ impl Client {
         &self,
         req: pb::AddWebhookRequest,
     ) -> Result<(Webhook, String), ClientError> {
-        let r = self.webhooks().add_webhook(self.req(req)).await?.into_inner();
+        let r = self
+            .webhooks()
+            .add_webhook(self.req(req))
+            .await?
+            .into_inner();
         Ok((need("webhook", r.webhook)?.try_into()?, r.secret))
     }
 

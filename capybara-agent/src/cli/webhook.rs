@@ -113,11 +113,7 @@ fn status(w: &Webhook) -> String {
 }
 
 fn ms_time(ms: u64) -> String {
-    if ms == 0 {
-        "-".into()
-    } else {
-        time(ms / 1000)
-    }
+    if ms == 0 { "-".into() } else { time(ms / 1000) }
 }
 
 fn print_hook(w: &Webhook) -> Result<(), CliError> {

@@ -183,12 +183,16 @@ impl Core {
         batch.put(Cf::Audit, &keys::audit(seq), &rec)?;
         let mut n = Notification::new(NotifyKind::ConfigChanged);
         n.at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(rec.at);
-        n.user = rec.target.strip_prefix("user:").map(str::to_owned).or_else(|| {
-            rec.target
-                .strip_prefix("peer:")
-                .and_then(|p| p.split('/').next())
-                .map(str::to_owned)
-        });
+        n.user = rec
+            .target
+            .strip_prefix("user:")
+            .map(str::to_owned)
+            .or_else(|| {
+                rec.target
+                    .strip_prefix("peer:")
+                    .and_then(|p| p.split('/').next())
+                    .map(str::to_owned)
+            });
         n.data = serde_json::json!({
             "seq": seq,
             "actor": rec.actor,
@@ -315,7 +319,11 @@ impl Core {
     /// event is written with the batch (in the outbox, before any delivery) or not at all.
     /// Publishing it on the bus after the write is the caller's (the webhooks need not: they
     /// read the outbox).
-    pub fn stage_notification(&self, batch: &mut Batch, n: Notification) -> Result<(), ServiceError> {
+    pub fn stage_notification(
+        &self,
+        batch: &mut Batch,
+        n: Notification,
+    ) -> Result<(), ServiceError> {
         Ok(batch.append_outbox(&OutboxEvent::new(n))?)
     }
 

@@ -533,7 +533,10 @@ impl Store {
             .last_key(Cf::Outbox)?
             .and_then(|k| keys::outbox_seq(&k))
             .map_or(1, |s| s + 1);
-        *store.outbox_next.get_mut().unwrap_or_else(|e| e.into_inner()) = next;
+        *store
+            .outbox_next
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner()) = next;
         store.outbox_end.send_replace(next);
         Ok(store)
     }

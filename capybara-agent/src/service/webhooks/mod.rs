@@ -91,8 +91,8 @@ pub const MAX_ATTEMPTS: u32 = 24;
 /// The wait after the n-th failed attempt, before jitter (milliseconds).
 pub const RETRY_SCHEDULE_MS: [u64; 23] = [
     500, 1_000, 2_000, 4_000, 5_000, 5_000, 5_000, 5_000, 5_000, 5_000, 15_000, 30_000, 60_000,
-    120_000, 300_000, 600_000, 1_800_000, 3_600_000, 7_200_000, 14_400_000, 21_600_000,
-    21_600_000, 21_600_000,
+    120_000, 300_000, 600_000, 1_800_000, 3_600_000, 7_200_000, 14_400_000, 21_600_000, 21_600_000,
+    21_600_000,
 ];
 /// How long the previous secret still signs after a rotation.
 pub const ROTATION_OVERLAP: Duration = Duration::from_secs(24 * 3600);
@@ -123,7 +123,9 @@ impl WebhookId {
     /// Parses an id given in `field`.
     pub fn parse(field: &'static str, s: &str) -> Result<WebhookId, ValidationError> {
         let ok = s.strip_prefix("wh_").is_some_and(|h| {
-            h.len() == 16 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            h.len() == 16
+                && h.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         });
         if ok {
             Ok(WebhookId(s.to_owned()))
@@ -407,6 +409,30 @@ struct Shared {
     /// Set when the service is dropped: workers and the GC stop.
     stop: tokio::sync::watch::Sender<bool>,
     runtime: Option<tokio::runtime::Handle>,
+    /// The outbox cap, attempts and waits in force ([`Webhooks::tune`]).
+    tuning: Mutex<Tuning>,
+}
+
+/// The outbox cap, the attempts before a dead letter and a scale on the retry waits: the
+/// constants above, smaller only for tests ([`Webhooks::tune`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Tuning {
+    /// [`OUTBOX_CAP`].
+    pub cap: u64,
+    /// [`MAX_ATTEMPTS`].
+    pub max_attempts: u32,
+    /// Each wait of [`RETRY_SCHEDULE_MS`] is multiplied by this (1.0).
+    pub wait_scale: f64,
+}
+
+impl Default for Tuning {
+    fn default() -> Tuning {
+        Tuning {
+            cap: OUTBOX_CAP,
+            max_attempts: MAX_ATTEMPTS,
+            wait_scale: 1.0,
+        }
+    }
 }
 
 /// The webhooks feature.
@@ -438,6 +464,7 @@ impl Webhooks {
             stats: WebhookStats::default(),
             stop: tokio::sync::watch::Sender::new(false),
             runtime: tokio::runtime::Handle::try_current().ok(),
+            tuning: Mutex::new(Tuning::default()),
         });
         let wh = Webhooks { shared };
         if wh.shared.runtime.is_some() {
@@ -454,7 +481,20 @@ impl Webhooks {
     /// `--webhook-allow-private`: lets every endpoint reach private and loopback addresses
     /// (for an agent whose receivers are on its own network).
     pub fn set_allow_private_everywhere(&self, allow: bool) {
-        self.shared.allow_private_all.store(allow, Ordering::Relaxed);
+        self.shared
+            .allow_private_all
+            .store(allow, Ordering::Relaxed);
+    }
+
+    /// Replaces the outbox cap, the attempts and the retry waits (tests: a cap reached in
+    /// seconds, a dead letter after a few quick attempts). The agent never calls it.
+    pub fn tune(&self, tuning: Tuning) {
+        *self.shared.tuning.lock().unwrap() = tuning;
+    }
+
+    /// Runs one pass of the outbox GC now (tests; the agent runs one every [`GC_EVERY`]).
+    pub fn gc_now(&self) -> Result<(), ServiceError> {
+        self.shared.gc(true)
     }
 
     fn allow_private(&self, asked: bool) -> bool {
@@ -485,7 +525,11 @@ impl Webhooks {
 
     /// Resolves `url`'s host and checks its addresses (`ssrf`), as [`Webhooks::add`] needs
     /// first: a forbidden or unresolvable host is an error naming `url`.
-    pub async fn check_url(&self, url: &WebhookUrl, allow_private: bool) -> Result<(), ServiceError> {
+    pub async fn check_url(
+        &self,
+        url: &WebhookUrl,
+        allow_private: bool,
+    ) -> Result<(), ServiceError> {
         ssrf::resolve(url, self.allow_private(allow_private))
             .await
             .map_err(|e| ValidationError::Value {
@@ -694,7 +738,10 @@ impl Webhooks {
 
     /// Waits (up to [`TEST_WAIT`]) until delivery `id` had its first attempt; answers it as it
     /// stands then (`None`: not attempted yet, events ahead of it are still being delivered).
-    pub async fn wait_first_attempt(&self, id: &DeliveryId) -> Result<Option<Delivery>, ServiceError> {
+    pub async fn wait_first_attempt(
+        &self,
+        id: &DeliveryId,
+    ) -> Result<Option<Delivery>, ServiceError> {
         let until = tokio::time::Instant::now() + TEST_WAIT;
         loop {
             if let Some(d) = self.delivery(id)? {
@@ -732,9 +779,9 @@ impl Webhooks {
 impl Shared {
     fn seal(&self, id: &WebhookId, secret: &Secret) -> StoredSecret {
         match &self.core.cfg.keep_client_keys {
-            Some(sealer) => StoredSecret::Sealed(
-                sealer.seal_bytes(secret.bytes(), &keys::webhook(id.as_str())),
-            ),
+            Some(sealer) => {
+                StoredSecret::Sealed(sealer.seal_bytes(secret.bytes(), &keys::webhook(id.as_str())))
+            }
             None => StoredSecret::Plain(
                 base64::engine::general_purpose::STANDARD.encode(secret.bytes()),
             ),
@@ -771,7 +818,11 @@ impl Shared {
         }))
     }
 
-    fn add(self: &Arc<Self>, actor: &Actor, new: NewWebhook) -> Result<(Webhook, String), ServiceError> {
+    fn add(
+        self: &Arc<Self>,
+        actor: &Actor,
+        new: NewWebhook,
+    ) -> Result<(Webhook, String), ServiceError> {
         let core = &self.core;
         let _w = core.writer.lock().unwrap();
         let existing = core
@@ -849,7 +900,11 @@ impl Shared {
         core.audit(
             &mut batch,
             actor,
-            if enabled { "webhook.enable" } else { "webhook.disable" },
+            if enabled {
+                "webhook.enable"
+            } else {
+                "webhook.disable"
+            },
             format!("webhook:{id}"),
             to_json(&before),
             to_json(&rec.hook),
@@ -907,3 +962,6 @@ impl Shared {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

