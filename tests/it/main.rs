@@ -37,6 +37,7 @@ mod api_rest;
 mod api_templates;
 mod api_tls;
 mod api_token_user;
+mod api_webhooks;
 mod dataplane;
 mod design_lines;
 mod e2e_agent_restart;
