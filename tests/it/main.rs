@@ -59,6 +59,7 @@ mod e2e_service;
 mod e2e_session_history;
 mod e2e_shape;
 mod e2e_store_durability;
+mod e2e_webhook_restart;
 mod e2e_wg_dataplane;
 mod e2e_wg_tunnel;
 mod e2e_xdp_guard;

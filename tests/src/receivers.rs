@@ -74,8 +74,16 @@ pub struct PyRecord {
     pub body: serde_json::Value,
 }
 
-fn spawn(secret: &str, port: u16, log: &std::path::Path) -> (Child, u16) {
-    let mut child = Command::new(PYTHON)
+fn spawn(ns: Option<&str>, secret: &str, port: u16, log: &std::path::Path) -> (Child, u16) {
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, PYTHON]);
+            c
+        }
+        None => Command::new(PYTHON),
+    };
+    let mut child = cmd
         .args(["-c", PY_RECEIVER, secret, &port.to_string()])
         .arg(log)
         .stdout(Stdio::piped())
@@ -100,18 +108,27 @@ pub struct PyReceiver {
     pub port: u16,
     log: PathBuf,
     secret: String,
+    /// The network namespace it runs in (`ip netns exec`), if not this one.
+    ns: Option<String>,
 }
 
 impl PyReceiver {
     /// Starts a receiver verifying with `secret` (`whsec_…`) on `port` (0: a free one),
     /// appending to the log file `log`.
     pub fn start(secret: &str, port: u16, log: PathBuf) -> PyReceiver {
-        let (child, port) = spawn(secret, port, &log);
+        PyReceiver::start_in(None, secret, port, log)
+    }
+
+    /// [`PyReceiver::start`] inside network namespace `ns` (its loopback), for an agent
+    /// running there.
+    pub fn start_in(ns: Option<&str>, secret: &str, port: u16, log: PathBuf) -> PyReceiver {
+        let (child, port) = spawn(ns, secret, port, &log);
         PyReceiver {
             child,
             port,
             log,
             secret: secret.to_owned(),
+            ns: ns.map(str::to_owned),
         }
     }
 
@@ -140,7 +157,7 @@ impl PyReceiver {
     /// Starts it again on the same port and log.
     pub fn restart(&mut self) {
         self.stop();
-        let (child, _) = spawn(&self.secret, self.port, &self.log);
+        let (child, _) = spawn(self.ns.as_deref(), &self.secret, self.port, &self.log);
         self.child = child;
     }
 }
@@ -206,7 +223,10 @@ impl Sink {
                                 .unwrap_or("")
                                 .to_owned();
                             let body = req.into_body().collect().await?.to_bytes();
-                            log.lock().unwrap().got.push((id, body));
+                            log.lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .got
+                                .push((id, body));
                             Ok::<_, hyper::Error>(
                                 Response::builder()
                                     .status(204)
@@ -231,7 +251,7 @@ impl Sink {
 
     /// Requests so far.
     pub fn count(&self) -> usize {
-        self.log.lock().unwrap().got.len()
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).got.len()
     }
 }
 
