@@ -88,7 +88,10 @@ async fn run_async() -> Result<f64> {
     let deadline = started + Duration::from_secs(300);
     while (sink.count() as u64) < EVENTS {
         if Instant::now() > deadline {
-            bail!("only {} of {EVENTS} events delivered in 300 s", sink.count());
+            bail!(
+                "only {} of {EVENTS} events delivered in 300 s",
+                sink.count()
+            );
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }

@@ -467,7 +467,7 @@ fn the_retry_schedule_recovers_a_30_s_outage_within_seconds_and_spans_a_day() {
     assert!(RETRY_SCHEDULE_MS.windows(2).all(|w| w[0] <= w[1]));
     assert_eq!(RETRY_SCHEDULE_MS.len() as u32, MAX_ATTEMPTS - 1);
     let total: u64 = RETRY_SCHEDULE_MS.iter().sum();
-    assert!((24 * 3600_000..30 * 3600_000).contains(&total), "{total}");
+    assert!((24 * 3_600_000..30 * 3_600_000).contains(&total), "{total}");
     // Jitter stays within ±20 %.
     for (n, base) in RETRY_SCHEDULE_MS.iter().enumerate() {
         let lo = backoff(n as u32 + 1, 0.0).as_millis() as u64;
@@ -475,4 +475,41 @@ fn the_retry_schedule_recovers_a_30_s_outage_within_seconds_and_spans_a_day() {
         assert_eq!((lo, hi), (base * 8 / 10, base * 12 / 10));
     }
     assert_eq!(backoff(1000, 0.5), Duration::from_millis(21_600_000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_are_sealed_at_rest_when_the_agent_has_a_sealer() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ServiceConfig::for_tests("10.96.0.1/24", "fd96::1/64", "vpn.example.com:51820");
+    cfg.keep_client_keys = Some(crate::service::secrets::Sealer::new(&[9; 32]));
+    let svc = Service::open(
+        Arc::new(Store::open(dir.path()).unwrap()),
+        Arc::new(MemoryPlane::default()),
+        Arc::new(MemoryTunnel::default()),
+        cfg,
+    )
+    .unwrap();
+    let (url, rx) = receiver(200).await;
+    let (w, secret) = add(&svc, &url, &["server-down"]);
+    let raw: serde_json::Value = svc
+        .core
+        .store
+        .get(Cf::Webhooks, &keys::webhook(w.id.as_str()))
+        .unwrap()
+        .unwrap();
+    let text = raw.to_string();
+    assert!(raw["secret"]["sealed"].is_string(), "{text}");
+    let b64 = base64::engine::general_purpose::STANDARD.encode(secret.bytes());
+    assert!(!text.contains(&b64), "the key is not stored in the clear");
+    // And it still signs with the right key.
+    svc.core
+        .notify(numbered(NotifyKind::ServerDown, 1))
+        .unwrap();
+    until("a delivery", 10, || !rx.got.lock().unwrap().is_empty()).await;
+    let (h, body) = rx.got.lock().unwrap()[0].clone();
+    let ts: u64 = h["webhook-timestamp"].to_str().unwrap().parse().unwrap();
+    assert_eq!(
+        h["webhook-signature"].to_str().unwrap(),
+        secret.sign(h["webhook-id"].to_str().unwrap(), ts, &body)
+    );
 }

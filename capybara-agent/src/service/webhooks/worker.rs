@@ -198,7 +198,12 @@ async fn deliver(
             ),
         ];
         let allow = live.hook.allow_private || sh.allow_private_all.load(Ordering::Relaxed);
-        let res = conn.post(&live.url, allow, &headers, body.clone()).await;
+        // The agent stopping ends an attempt at once (the event is sent again after the
+        // restart), so a dead receiver never holds the store open past the service.
+        let res = tokio::select! {
+            r = conn.post(&live.url, allow, &headers, body.clone()) => r,
+            _ = stop.changed() => return Outcome::Stop,
+        };
         d.last_attempt_ms = now_ms();
         let mut batch = Batch::default();
         match res {
