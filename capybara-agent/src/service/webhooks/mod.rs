@@ -411,6 +411,9 @@ struct Shared {
     runtime: Option<tokio::runtime::Handle>,
     /// The outbox cap, attempts and waits in force ([`Webhooks::tune`]).
     tuning: Mutex<Tuning>,
+    /// Events below this sequence number were dropped at the cap: a worker that read them
+    /// before skips them (and gives up one it is retrying).
+    dropped_below: AtomicU64,
 }
 
 /// The outbox cap, the attempts before a dead letter and a scale on the retry waits: the
@@ -465,6 +468,7 @@ impl Webhooks {
             stop: tokio::sync::watch::Sender::new(false),
             runtime: tokio::runtime::Handle::try_current().ok(),
             tuning: Mutex::new(Tuning::default()),
+            dropped_below: AtomicU64::new(0),
         });
         let wh = Webhooks { shared };
         if wh.shared.runtime.is_some() {

@@ -96,6 +96,12 @@ pub(super) async fn run(
             let Some(seq) = keys::outbox_seq(&key) else {
                 continue;
             };
+            if seq < sh.dropped_below.load(Ordering::Relaxed) {
+                // Dropped at the cap after this chunk was read (and counted then).
+                next = seq;
+                persisted = false;
+                continue;
+            }
             let mine = match &ev.only {
                 Some(only) => only == id.as_str(),
                 None => live.hook.events.contains(ev.event.kind),
@@ -257,6 +263,19 @@ async fn deliver(
         }
         sh.stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
         let tuning = *sh.tuning.lock().unwrap();
+        if seq < sh.dropped_below.load(Ordering::Relaxed) {
+            // Dropped at the cap while it was being retried (counted by the GC).
+            d.status = DeliveryStatus::Dead;
+            d.error = Some(format!(
+                "{}; dropped at the outbox's cap",
+                d.error.as_deref().unwrap_or("failed")
+            ));
+            d.next_attempt_ms = None;
+            let _ = batch.put(Cf::Webhooks, &dkey, &d);
+            let _ = batch.put(Cf::Webhooks, &keys::webhook_cursor(w), &seq);
+            write(sh, id, batch);
+            return Outcome::Done;
+        }
         if d.attempts >= tuning.max_attempts {
             d.status = DeliveryStatus::Dead;
             d.next_attempt_ms = None;
@@ -418,6 +437,7 @@ impl Shared {
                 }
             }
             cut = cap_cut;
+            self.dropped_below.fetch_max(cap_cut, Ordering::Relaxed);
         }
         if cut > first {
             store.delete_range(Cf::Outbox, &first_key, &keys::outbox(cut))?;
