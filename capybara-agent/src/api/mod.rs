@@ -14,6 +14,7 @@
 //! | [`policy`], [`templates`] | `Policy`; `Templates` |
 //! | [`history`], [`backup`] | `History`; `Backup` |
 //! | [`health`] | the components' health in `grpc.health.v1` |
+//! | [`webhooks`] | `Webhooks` |
 //!
 //! Beside them: [`server`] (who may call what, the router, the listeners, `run(listeners,
 //! shutdown)`), [`handler`] (the [`handler::Api`] type every service is implemented on: auth and
@@ -42,6 +43,7 @@ pub mod status;
 pub mod templates;
 pub mod tokens;
 pub mod users;
+pub mod webhooks;
 
 #[cfg(test)]
 mod tests;

@@ -22,7 +22,7 @@
 //! only `UserConfig` hands out the key of a device that exists already, so it needs admin.
 //!
 //! The `Policy` service's scopes are listed in [`super::policy`], those of `History` and `Backup` in [`super::history`] and
-//! [`super::backup`].
+//! [`super::backup`], those of `Webhooks` in [`super::webhooks`].
 //!
 //! ## Errors
 //! Each `ServiceError` variant maps to one code ([`super::status::status_of`]): invalid input is
@@ -42,6 +42,7 @@ use capybara_proto::v1::{
     connections_server::ConnectionsServer, geo_server::GeoServer, history_server::HistoryServer,
     peers_server::PeersServer, policy_server::PolicyServer, stats_server::StatsServer,
     templates_server::TemplatesServer, tokens_server::TokensServer, users_server::UsersServer,
+    webhooks_server::WebhooksServer,
 };
 use tonic::{Request, transport::server::Router};
 
@@ -197,6 +198,7 @@ pub(super) async fn router(api: &Api, tls: Option<&TlsIdentity>) -> Result<Timed
     reporter.set_serving::<PolicyServer<Api>>().await;
     reporter.set_serving::<TemplatesServer<Api>>().await;
     reporter.set_serving::<ApiAccessServer<Api>>().await;
+    reporter.set_serving::<WebhooksServer<Api>>().await;
     super::health::publish(&reporter, svc).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(capybara_proto::FILE_DESCRIPTOR_SET)
@@ -238,7 +240,8 @@ pub(super) async fn router(api: &Api, tls: Option<&TlsIdentity>) -> Result<Timed
     .add_service(HistoryServer::new(api.clone()))
     .add_service(ComponentsServer::new(api.clone()))
     .add_service(ApiAccessServer::new(api.clone()))
-    .add_service(BackupServer::new(api.clone()));
+    .add_service(BackupServer::new(api.clone()))
+    .add_service(WebhooksServer::new(api.clone()));
     // gRPC and the REST mirror on one listener: gRPC paths are `/capybara.v1.X/Y`, REST ones
     // `/api/v1/…`; HTTP/1.1 is accepted for REST clients.
     let all = grpc

@@ -16,7 +16,8 @@ pub fn status_of(e: ServiceError) -> Status {
         ServiceError::KeyNotKept { .. }
         | ServiceError::AlreadyRevoked { .. }
         | ServiceError::InUse { .. }
-        | ServiceError::NoGeoDb => Status::failed_precondition(e.to_string()),
+        | ServiceError::NoGeoDb
+        | ServiceError::Webhook { .. } => Status::failed_precondition(e.to_string()),
         ServiceError::Exhausted { .. } => Status::resource_exhausted(e.to_string()),
         ServiceError::Store(_)
         | ServiceError::Dataplane(_)

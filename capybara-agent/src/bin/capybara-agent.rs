@@ -78,6 +78,7 @@ fn main() -> anyhow::Result<()> {
         history_retention,
         audit_retention,
         keep_unknown_peers: args.keep_unknown_peers,
+        webhook_allow_private: args.webhook_allow_private,
         metrics: daemon::MetricsSettings {
             listen: args.metrics_listen,
             config: capybara_agent::metrics::MetricsConfig {

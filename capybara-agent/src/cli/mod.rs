@@ -19,7 +19,7 @@
 //! connection; each family has one file with its clap enum, its handler and its printing
 //! (`user`, `device`, `api`, `stats`, `top`, `connections` with `kick`, `health`, `history`,
 //! `backup`, `blocklist`, `geo`, `quota` with `quota template`, `group`, `policy`, `template`,
-//! `diagnose`; the hidden `generate` writes the man pages and completions `cargo xtask install`
+//! `diagnose`, `webhook`; the hidden `generate` writes the man pages and completions `cargo xtask install`
 //! installs). What several families share is in modules no family owns, so no family imports
 //! another:
 //! `error` (`CliError`, exit codes, the error line), `input` (checks of shared values), `output`
@@ -52,6 +52,7 @@ mod table;
 mod template;
 mod top;
 mod user;
+mod webhook;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -144,6 +145,9 @@ enum Command {
     /// install`).
     #[command(hide = true)]
     Generate(generate::GenerateArgs),
+    /// Webhooks: endpoints that receive the agent's events, signed.
+    #[command(subcommand)]
+    Webhook(webhook::WebhookCmd),
 }
 
 /// Runs the CLI with the process arguments.
@@ -220,5 +224,6 @@ async fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Template(cmd) => template::run(cli, cmd).await,
         Command::Diagnose(args) => diagnose::run(cli, args).await,
         Command::Generate(args) => generate::run(args),
+        Command::Webhook(cmd) => webhook::run(cli, cmd).await,
     }
 }

@@ -125,6 +125,10 @@ pub struct Args {
     /// e.g. 5s.
     #[arg(long, default_value = "5s")]
     pub health_interval: String,
+    /// Let every webhook reach loopback, private and link-local addresses (by default only a
+    /// webhook added with `--allow-private` may: server-side request forgery).
+    #[arg(long)]
+    pub webhook_allow_private: bool,
     /// Configuration file (TOML): every key is one of these flags, its name with `_` for `-`
     /// (`listen_port = 51820`); a flag given here overrides the key. The default file is read
     /// only when it exists; a file named here must exist.

@@ -200,6 +200,8 @@ pub struct AgentConfig {
     pub alerts: crate::service::alerts::AlertConfig,
     /// How often the health watcher checks the components (`--health-interval`, default 5 s).
     pub health_interval: std::time::Duration,
+    /// Every webhook may reach private and loopback addresses (`--webhook-allow-private`).
+    pub webhook_allow_private: bool,
 }
 
 /// Why the daemon could not start or stop cleanly.

@@ -147,6 +147,8 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
         },
     )?);
     svc.templates.set_listen_port(config.listen_port);
+    svc.webhooks
+        .set_allow_private_everywhere(config.webhook_allow_private);
     let tcp = match config.api.listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)

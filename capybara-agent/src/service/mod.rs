@@ -22,6 +22,7 @@
 //! | [`templates`] | quota templates and configuration templates |
 //! | [`policy_file`] | the declarative policy file: apply, diff, export |
 //! | [`history`], [`backup`], [`health`] | sessions and auth attempts with retention; store backups; component health |
+//! | [`webhooks`] | webhook endpoints, the durable outbox's delivery workers and GC, signing, the SSRF check |
 //! | [`telemetry`] | what the metrics read that no feature above answers (verdict counters, sessions online, handshakes, quota standing); the API's call timer port |
 //! | [`alerts`] | webhook events from watching: quota thresholds, account expiries (a timer), suspicious activity (windows per source) |
 //!
@@ -57,6 +58,7 @@ pub mod testing;
 pub mod tokens;
 pub mod users;
 pub mod watch;
+pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -118,6 +120,8 @@ pub struct Service {
     pub telemetry: Arc<telemetry::Telemetry>,
     /// Webhook events from watching: quota thresholds, account expiries, suspicious activity.
     pub alerts: Arc<alerts::Alerts>,
+    /// Webhook endpoints and their delivery workers.
+    pub webhooks: Arc<webhooks::Webhooks>,
 }
 
 impl Service {
@@ -177,6 +181,7 @@ impl Service {
                 directory.clone(),
                 policy.clone(),
             )),
+            webhooks: Arc::new(webhooks::Webhooks::new(core.clone())?),
             lists,
             users,
             devices,

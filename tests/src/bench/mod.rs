@@ -23,6 +23,7 @@
 //! - [`flood`]: the UDP flood loop and the counting receiver both comparisons above use.
 //! - [`vs_tc`]: throttle accuracy of a `tc` HTB script and of nftables `limit rate` at the
 //!   rates of `throttle_accuracy_*`.
+//! - [`webhooks`]: webhook events delivered per second to one receiver on loopback.
 //! - [`report`]: `report.md`, the SVG plots, and the progress bar with each stage's host
 //!   noise.
 //!
@@ -46,6 +47,7 @@ pub mod tunnel;
 pub mod vs_enforcement;
 pub mod vs_nftables;
 pub mod vs_tc;
+pub mod webhooks;
 
 use std::{
     path::{Path, PathBuf},
@@ -175,6 +177,7 @@ const ALL_PARTS: &[&[&str]] = &[
     agent_load::NAMES,
     auth_flood::NAMES,
     rest::NAMES,
+    webhooks::NAMES,
 ];
 
 /// What `--quick` runs: a few of the kernel probes, one rate of each throttle baseline, and the

@@ -95,6 +95,7 @@ pub const TARGETS: &[(&str, Goal)] = &[
     ("load_100k_peers_ms", Goal::Below(3000.0)),
     ("rest_vs_grpc_p50_ratio", Goal::AtMost(1.3)),
     ("rest_vs_grpc_errors", Goal::AtMost(0.0)),
+    ("webhook_events_per_s", Goal::AtLeast(5000.0)),
 ];
 
 /// Figures measured against a baseline in the same run: `(ours, baseline)`. The report shows

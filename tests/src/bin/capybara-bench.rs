@@ -106,7 +106,7 @@ fn main() -> Result<()> {
     let when = now_utc();
     // Declared first, dropped last: every benchmark's fds are closed before the pins go.
     let pins = BenchPins::new()?;
-    let mut stages = report::Stages::start(11);
+    let mut stages = report::Stages::start(12);
     let mut failures: Vec<report::Failure> = Vec::new();
     stages.next("XDP guard");
     let mut figures: Vec<Figure> = bench::guard::run(
@@ -245,6 +245,17 @@ fn main() -> Result<()> {
                 .into_iter()
                 .filter(|f| sel.wants(f.name)),
         );
+    }
+    stages.next("webhook delivery");
+    match bench::webhooks::run(&sel) {
+        Ok(f) => figures.extend(f),
+        Err(e) => {
+            progress!("webhook benchmarks failed: {e:#}");
+            failures.push(report::Failure {
+                group: bench::webhooks::NAMES.join(", "),
+                error: format!("{e:#}"),
+            });
+        }
     }
     let stages = stages.finish();
     figures.sort_by_key(|f| bench::ALL.iter().position(|n| *n == f.name));
