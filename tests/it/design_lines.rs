@@ -10,9 +10,13 @@
 //! Lines run in an order that makes each meaningful: `user add alice` and `bob` first (not
 //! design lines: setup), `group policy engineering …` before `group delete engineering`, and
 //! `template delete corporate-standard` (setup) between `template export` and `template import`
-//! (which otherwise would import over the stored template). The placeholders of the lines that
-//! are run are substituted: `api token revoke <id>` with the id `api token create` printed,
-//! `schedule run|enable|disable|delete <id>` with the id `schedule add` gave.
+//! (which otherwise would import over the stored template). The placeholders of the lines
+//! that are run are substituted: `api token revoke <id>` with the id `api token create`
+//! printed, the webhook lines' `<url>` with a receiver on loopback (the agent lets every
+//! webhook reach it, as with `--webhook-allow-private`: the design's lines have no
+//! `--allow-private`, and traffic in tests stays on this machine) and `<id>` with the id the
+//! first `webhook add` printed, `schedule run|enable|disable|delete <id>` with the id
+//! `schedule add` gave.
 
 use std::{collections::BTreeSet, path::Path, sync::Arc};
 
@@ -104,10 +108,6 @@ const DESIGN_LINES: &[&str] = &[
 
 /// Design lines not run: their command does not exist yet (first words, why).
 const NOT_YET: &[(&str, &str)] = &[
-    (
-        "webhook ",
-        "webhooks do not exist yet (their lines also hold <url>/<id> placeholders)",
-    ),
     ("mfa ", "MFA does not exist yet"),
     ("cluster ", "clustering does not exist yet"),
     ("ip-intel ", "IP intelligence does not exist yet"),
@@ -219,7 +219,7 @@ fn words_split_like_a_shell() {
 
 #[test]
 fn every_design_line_works_verbatim() {
-    let (_rt, _api, mut d) = start();
+    let (rt, api, mut d) = start();
     d.setup("user add alice --no-qr");
     d.setup("user add bob --no-qr");
 
@@ -296,6 +296,34 @@ fn every_design_line_works_verbatim() {
         "{out}"
     );
     d.setup("api disable");
+
+    // 24. Webhook Notifications: a receiver on loopback (see the module docs).
+    api.svc.webhooks.set_allow_private_everywhere(true);
+    let sink = rt.block_on(capybara_tests::receivers::Sink::start());
+    let url = sink.url();
+    let mut first = None;
+    for line in [
+        "webhook add <url> --event user-connect",
+        "webhook add <url> --event user-disconnect",
+        "webhook add <url> --event quota-exceeded",
+        "webhook add <url> --event server-down",
+        "webhook add <url> --event suspicious-activity",
+    ] {
+        let out = d.line_with(line, &[("<url>", &url)]).stdout;
+        assert!(
+            out.starts_with("webhook wh_") && out.contains(&url),
+            "{out}"
+        );
+        first.get_or_insert_with(|| out.split_whitespace().nth(1).unwrap().to_owned());
+    }
+    let id = first.unwrap();
+    let out = d.line("webhook list");
+    assert_eq!(out.lines().filter(|l| l.contains(&url)).count(), 5, "{out}");
+    let out = d.line_with("webhook test <id>", &[("<id>", &id)]).stdout;
+    assert!(out.contains("delivered after 1 attempt"), "{out}");
+    assert!(sink.count() >= 1);
+    let out = d.line_with("webhook delete <id>", &[("<id>", &id)]).stdout;
+    assert!(out.starts_with(&format!("deleted webhook {id}")), "{out}");
 
     // 25. Scheduled Tasks & Automation: tasks 1, 2 and 3.
     let out = d.line(r#"schedule add "backup create" --cron "0 2 * * *""#);

@@ -10,6 +10,8 @@
 //!   benchmarks).
 //! - [`auth_flood`]: the agent flooded with failed handshakes from spoofed sources (the
 //!   `e2e_auth_flood` test and the `auth_flood_*` benchmarks).
+//! - [`receivers`]: webhook receivers on loopback (a Python one verifying signatures with the
+//!   `standardwebhooks` package, a fast in-process one, a dead one).
 //! - [`rest`]: a client of the agent's REST mirror (the `api_rest` tests and the REST bench).
 //! - [`bench`]: the benchmarks behind `cargo xtask bench` (binary `capybara-bench`).
 
@@ -17,6 +19,7 @@ pub mod agent_proc;
 pub mod auth_flood;
 pub mod iperf;
 pub mod netns;
+pub mod receivers;
 pub mod rest;
 pub mod traffic;
 pub mod tunwire;

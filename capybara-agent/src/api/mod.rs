@@ -16,6 +16,7 @@
 //! | [`health`] | the components' health in `grpc.health.v1` |
 //! | [`schedules`] | `Schedules` (scheduled tasks); [`inproc`] is the in-process connection their commands call the API over |
 //! | [`reports`] | `Reports` (usage reports over the rollups) |
+//! | [`webhooks`] | `Webhooks` |
 //!
 //! Beside them: [`server`] (who may call what, the router, the listeners, `run(listeners,
 //! shutdown)`), [`handler`] (the [`handler::Api`] type every service is implemented on: auth and
@@ -47,6 +48,7 @@ pub mod status;
 pub mod templates;
 pub mod tokens;
 pub mod users;
+pub mod webhooks;
 
 #[cfg(test)]
 mod tests;

@@ -22,7 +22,8 @@
 //! only `UserConfig` hands out the key of a device that exists already, so it needs admin.
 //!
 //! The `Policy` service's scopes are listed in [`super::policy`], those of `History` and `Backup` in [`super::history`] and
-//! [`super::backup`], those of `Schedules` in [`super::schedules`].
+//! [`super::backup`], those of `Schedules` in [`super::schedules`], those of `Webhooks` in
+//! [`super::webhooks`].
 //!
 //! - **In-process** (`super::inproc`): a scheduled task's command acts as `schedule:<id>` with
 //!   the admin scope; only the agent itself can open such a connection.
@@ -44,9 +45,9 @@ use capybara_proto::v1::{
     blocklists_server::BlocklistsServer, components_server::ComponentsServer,
     connections_server::ConnectionsServer, geo_server::GeoServer, history_server::HistoryServer,
     peers_server::PeersServer, policy_server::PolicyServer, reports_server::ReportsServer,
-    schedules_server::SchedulesServer,
-    stats_server::StatsServer, templates_server::TemplatesServer, tokens_server::TokensServer,
-    users_server::UsersServer,
+    schedules_server::SchedulesServer, stats_server::StatsServer,
+    templates_server::TemplatesServer, tokens_server::TokensServer, users_server::UsersServer,
+    webhooks_server::WebhooksServer,
 };
 use tonic::{Request, transport::server::Router};
 
@@ -207,6 +208,7 @@ pub(super) async fn router(api: &Api, tls: Option<&TlsIdentity>) -> Result<Timed
     reporter.set_serving::<ApiAccessServer<Api>>().await;
     reporter.set_serving::<SchedulesServer<Api>>().await;
     reporter.set_serving::<ReportsServer<Api>>().await;
+    reporter.set_serving::<WebhooksServer<Api>>().await;
     super::health::publish(&reporter, svc).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(capybara_proto::FILE_DESCRIPTOR_SET)
@@ -254,7 +256,8 @@ pub(super) async fn router(api: &Api, tls: Option<&TlsIdentity>) -> Result<Timed
         ReportsServer::new(api.clone())
             .max_decoding_message_size(super::reports::MAX_REPORT_MESSAGE)
             .max_encoding_message_size(super::reports::MAX_REPORT_MESSAGE),
-    );
+    )
+    .add_service(WebhooksServer::new(api.clone()));
     // gRPC and the REST mirror on one listener: gRPC paths are `/capybara.v1.X/Y`, REST ones
     // `/api/v1/…`; HTTP/1.1 is accepted for REST clients.
     let all = grpc

@@ -18,7 +18,8 @@ pub fn status_of(e: ServiceError) -> Status {
         | ServiceError::InUse { .. }
         | ServiceError::NoGeoDb
         | ServiceError::TaskRunning { .. }
-        | ServiceError::NoScheduler => Status::failed_precondition(e.to_string()),
+        | ServiceError::NoScheduler
+        | ServiceError::Webhook { .. } => Status::failed_precondition(e.to_string()),
         ServiceError::Exhausted { .. } => Status::resource_exhausted(e.to_string()),
         ServiceError::Store(_)
         | ServiceError::Dataplane(_)

@@ -79,6 +79,7 @@ fn main() -> anyhow::Result<()> {
         audit_retention,
         keep_unknown_peers: args.keep_unknown_peers,
         backup_dir: args.backup_dir,
+        webhook_allow_private: args.webhook_allow_private,
         metrics: daemon::MetricsSettings {
             listen: args.metrics_listen,
             config: capybara_agent::metrics::MetricsConfig {

@@ -19,7 +19,7 @@
 //! connection; each family has one file with its clap enum, its handler and its printing
 //! (`user`, `device`, `api`, `stats`, `top`, `connections` with `kick`, `health`, `history`,
 //! `backup`, `blocklist`, `geo`, `quota` with `quota template`, `group`, `policy`, `template`,
-//! `diagnose`, `schedule`, `report`; the hidden `generate` writes the man pages and completions
+//! `diagnose`, `schedule`, `report`, `webhook`; the hidden `generate` writes the man pages and completions
 //! `cargo xtask install` installs). `scheduled` runs a command line in the agent for a scheduled
 //! task (the same code, in-process, its output captured). What several families share is in
 //! modules no family owns, so no family imports
@@ -49,14 +49,15 @@ mod output;
 mod policy;
 mod qr;
 mod quota;
+mod report;
 mod schedule;
 pub mod scheduled;
-mod report;
 mod stats;
 mod table;
 mod template;
 mod top;
 mod user;
+mod webhook;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -155,6 +156,9 @@ enum Command {
     /// Usage reports (text, JSON, CSV, html) from the agent's hourly usage rollups.
     #[command(subcommand)]
     Report(report::ReportCmd),
+    /// Webhooks: endpoints that receive the agent's events, signed.
+    #[command(subcommand)]
+    Webhook(webhook::WebhookCmd),
 }
 
 /// Runs the CLI with the process arguments.
@@ -237,5 +241,6 @@ async fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Generate(args) => generate::run(args),
         Command::Schedule(cmd) => schedule::run(cli, cmd).await,
         Command::Report(cmd) => report::run(cli, cmd).await,
+        Command::Webhook(cmd) => webhook::run(cli, cmd).await,
     }
 }

@@ -130,6 +130,10 @@ pub struct Args {
     /// <data-dir>/backups.
     #[arg(long, value_name = "DIR")]
     pub backup_dir: Option<PathBuf>,
+    /// Let every webhook reach loopback, private and link-local addresses (by default only a
+    /// webhook added with `--allow-private` may: server-side request forgery).
+    #[arg(long)]
+    pub webhook_allow_private: bool,
     /// Configuration file (TOML): every key is one of these flags, its name with `_` for `-`
     /// (`listen_port = 51820`); a flag given here overrides the key. The default file is read
     /// only when it exists; a file named here must exist.

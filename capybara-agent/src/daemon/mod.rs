@@ -203,6 +203,8 @@ pub struct AgentConfig {
     /// Where the agent writes the backups it keeps itself (`--backup-dir`); `None`:
     /// `<data dir>/backups` (`paths::backup_dir`).
     pub backup_dir: Option<PathBuf>,
+    /// Every webhook may reach private and loopback addresses (`--webhook-allow-private`).
+    pub webhook_allow_private: bool,
 }
 
 /// Why the daemon could not start or stop cleanly.

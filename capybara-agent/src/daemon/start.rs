@@ -151,6 +151,8 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
     if let Some(dir) = &config.backup_dir {
         svc.backup.set_dir(dir.clone());
     }
+    svc.webhooks
+        .set_allow_private_everywhere(config.webhook_allow_private);
     let tcp = match config.api.listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)

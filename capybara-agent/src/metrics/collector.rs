@@ -321,6 +321,44 @@ impl Collector for ServiceCollector {
              full (the tunnel never waits for it; `capybara health` shows the same count)",
             self.svc.health.auth_drops(),
         )?;
+        let wh = self.svc.webhooks.stats();
+        gauge(
+            &mut enc,
+            "capybara_webhook_outbox_depth",
+            "Webhook events in the durable outbox (not yet passed by every enabled endpoint; \
+             capped at 200 000, the oldest dropped past it)",
+            wh.outbox_depth,
+        )?;
+        gauge(
+            &mut enc,
+            "capybara_webhook_endpoints",
+            "Enabled webhook endpoints (one delivery worker each)",
+            wh.endpoints,
+        )?;
+        counter(
+            &mut enc,
+            "capybara_webhook_events_delivered",
+            "Webhook events delivered (a 2xx answer) since the agent started",
+            wh.delivered,
+        )?;
+        counter(
+            &mut enc,
+            "capybara_webhook_attempts_failed",
+            "Webhook attempts that failed (no answer, or not 2xx) since the agent started",
+            wh.failed_attempts,
+        )?;
+        counter(
+            &mut enc,
+            "capybara_webhook_events_dead",
+            "Webhook events dead-lettered after every attempt failed, since the agent started",
+            wh.dead,
+        )?;
+        counter(
+            &mut enc,
+            "capybara_webhook_events_dropped",
+            "Subscribed webhook events dropped undelivered at the outbox's cap, since the agent started",
+            wh.dropped,
+        )?;
         counter(
             &mut enc,
             "capybara_metrics_read_errors",

@@ -20,6 +20,20 @@
 //! A change the kernel or the tunnel may still refuse commits with
 //! [`Core::commit_unpublished`], deletes its batch again on a refusal ([`Core::rewind_audit`]
 //! hands the sequence number out again) and publishes only once it took effect.
+//!
+//! ## Webhook events
+//! [`Core::notify`] writes a webhook event to the durable outbox (`store`'s `outbox` family,
+//! delivered by `service::webhooks`) before it publishes it: when it returns, the event survives
+//! a SIGKILL of the agent (it is in the WAL; power loss too once the next group-commit fsync
+//! covers it). [`Core::stage_notification`] stages one into a batch the caller writes itself, so
+//! the event and the change that caused it are written together or not at all. Every audit
+//! record stages its `config-changed` event that way ([`Core::audit`]). A change committed with
+//! [`Core::commit_unpublished`] may still be undone: its `config-changed` event is written with
+//! it but *held* (no endpoint reads past it, [`Core::outbox_readable`]) until [`Core::publish`]
+//! releases it or [`Core::rewind_audit`] deletes it; a hold is released after [`HOLD_LIMIT`]
+//! whatever happens (the undo paths take milliseconds), so a forgotten hold never stalls
+//! delivery. `config-changed` is on the bus as [`ServiceEvent::ConfigChanged`] (not again as
+//! `Notified`).
 
 use std::{
     sync::{
@@ -37,6 +51,7 @@ use super::{
     ServiceError,
     domain::{Actor, AuditRecord, PublicKey, UserName, unix_secs},
     events::{EVENT_BUS_CAPACITY, ServiceEvent},
+    notify::{Notification, NotifyKind, OutboxEvent},
     ports::{Plane, TunnelPort},
     secrets::Sealer,
 };
@@ -95,7 +110,13 @@ pub struct Core {
     /// The `config-changed` event of the audit record staged in the batch being built (under
     /// `writer`); the commit step takes and publishes it.
     staged: Mutex<Option<ServiceEvent>>,
+    /// Outbox events of changes that may still be undone: (audit sequence, outbox sequence,
+    /// since when), see the module docs.
+    held: Mutex<Vec<(u64, u64, std::time::Instant)>>,
 }
+
+/// The longest an outbox event of a change that may still be undone is held back.
+pub const HOLD_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -134,6 +155,7 @@ impl Core {
             next_audit: AtomicU64::new(next_audit),
             events: tokio::sync::broadcast::channel(EVENT_BUS_CAPACITY).0,
             staged: Mutex::new(None),
+            held: Mutex::new(Vec::new()),
         })
     }
 
@@ -159,6 +181,25 @@ impl Core {
             after,
         };
         batch.put(Cf::Audit, &keys::audit(seq), &rec)?;
+        let mut n = Notification::new(NotifyKind::ConfigChanged);
+        n.at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(rec.at);
+        n.user = rec
+            .target
+            .strip_prefix("user:")
+            .map(str::to_owned)
+            .or_else(|| {
+                rec.target
+                    .strip_prefix("peer:")
+                    .and_then(|p| p.split('/').next())
+                    .map(str::to_owned)
+            });
+        n.data = serde_json::json!({
+            "seq": seq,
+            "actor": rec.actor,
+            "action": rec.action,
+            "target": rec.target,
+        });
+        self.stage_notification(batch, n)?;
         *self.staged.lock().unwrap() = Some(ServiceEvent::ConfigChanged {
             seq,
             actor: rec.actor,
@@ -174,7 +215,9 @@ impl Core {
     /// wait for the disk: the caller (the API, before it replies) calls [`Core::settle`]
     /// after the lock is released, so concurrent mutations share one fsync (see `store`).
     pub fn commit(&self, batch: Batch) -> Result<(), ServiceError> {
-        let event = self.commit_unpublished(batch)?;
+        let event = self.staged.lock().unwrap().take();
+        let _ = self.store.write(batch)?;
+        self.next_audit.fetch_add(1, Ordering::SeqCst);
         self.publish(event);
         Ok(())
     }
@@ -184,13 +227,25 @@ impl Core {
     /// change took effect.
     pub fn commit_unpublished(&self, batch: Batch) -> Result<Option<ServiceEvent>, ServiceError> {
         let event = self.staged.lock().unwrap().take();
-        let _ = self.store.write(batch)?;
+        let (_, appended) = self.store.write_appending(batch)?;
+        if let (Some(ServiceEvent::ConfigChanged { seq, .. }), false) =
+            (&event, appended.is_empty())
+        {
+            let now = std::time::Instant::now();
+            let mut held = self.held.lock().unwrap();
+            held.retain(|h| now.duration_since(h.2) < HOLD_LIMIT);
+            held.push((*seq, appended.start, now));
+        }
         self.next_audit.fetch_add(1, Ordering::SeqCst);
         Ok(event)
     }
 
-    /// Publishes a committed change's event (no subscriber is not an error).
+    /// Publishes a committed change's event (no subscriber is not an error), releasing its
+    /// held outbox event.
     pub fn publish(&self, event: Option<ServiceEvent>) {
+        if let Some(ServiceEvent::ConfigChanged { seq, .. }) = &event {
+            self.release(*seq);
+        }
         if let Some(e) = event {
             tracing::debug!(event = ?e, "service event");
             let _ = self.events.send(e);
@@ -209,20 +264,68 @@ impl Core {
         self.next_audit.load(Ordering::SeqCst)
     }
 
-    /// Hands `seq` out again after its record was deleted by a compensating batch.
+    /// Hands `seq` out again after its record was deleted by a compensating batch; its held
+    /// `config-changed` outbox event is deleted (never delivered).
     pub fn rewind_audit(&self, seq: u64) {
+        if let Some(outbox) = self.release(seq) {
+            let mut undo = Batch::default();
+            undo.delete(Cf::Outbox, &keys::outbox(outbox));
+            if let Err(e) = self.store.write(undo) {
+                tracing::error!(error = %e, seq, "cannot delete the config-changed event of an undone change");
+            }
+        }
         self.next_audit.store(seq, Ordering::SeqCst);
     }
 
-    /// Hands a webhook event (`service::notify`) to the outbox, then publishes it on the bus.
-    /// Never blocks on a receiver: delivery is the outbox worker's. Sources call it from any
-    /// task or thread.
-    pub fn notify(&self, n: super::notify::Notification) -> Result<(), ServiceError> {
-        // The outbox write comes here (issue 21, `service::webhooks`), before the publish.
+    /// Ends the hold of audit record `seq`'s outbox event; its outbox sequence if it was held.
+    fn release(&self, seq: u64) -> Option<u64> {
+        let mut held = self.held.lock().unwrap();
+        let i = held.iter().position(|h| h.0 == seq)?;
+        Some(held.swap_remove(i).1)
+    }
+
+    /// The outbox sequence endpoints may read up to (exclusive): the outbox's end, or the
+    /// first event still held back (see the module docs).
+    pub fn outbox_readable(&self, end: u64) -> u64 {
+        let now = std::time::Instant::now();
+        self.held
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|h| now.duration_since(h.2) < HOLD_LIMIT)
+            .map(|h| h.1)
+            .fold(end, u64::min)
+    }
+
+    /// Hands a webhook event (`service::notify`) to the durable outbox (written before this
+    /// returns: it survives a SIGKILL of the agent), then publishes it on the bus. Never blocks
+    /// on a receiver: delivery is the webhook workers' (`service::webhooks`). Sources call it
+    /// from any task or thread.
+    pub fn notify(&self, n: Notification) -> Result<(), ServiceError> {
+        self.notify_event(OutboxEvent::new(n)).map(|_| ())
+    }
+
+    /// [`Core::notify`] of a prepared outbox record; answers its outbox sequence number.
+    pub fn notify_event(&self, ev: OutboxEvent) -> Result<u64, ServiceError> {
         // The whole body at debug: the e2e tests of the sources read it from the agent's log.
-        tracing::debug!(event = %n.kind, payload = %n.payload(""), "notification");
-        let _ = self.events.send(ServiceEvent::Notified(Box::new(n)));
-        Ok(())
+        tracing::debug!(event = %ev.event.kind, payload = %ev.event.payload(&ev.id), "notification");
+        let mut batch = Batch::default();
+        batch.append_outbox(&ev)?;
+        let (_, seqs) = self.store.write_appending(batch)?;
+        let _ = self.events.send(ServiceEvent::Notified(Box::new(ev.event)));
+        Ok(seqs.start)
+    }
+
+    /// Stages webhook event `n` into `batch`, for a source that writes a batch of its own: the
+    /// event is written with the batch (in the outbox, before any delivery) or not at all.
+    /// Publishing it on the bus after the write is the caller's (the webhooks need not: they
+    /// read the outbox).
+    pub fn stage_notification(
+        &self,
+        batch: &mut Batch,
+        n: Notification,
+    ) -> Result<(), ServiceError> {
+        Ok(batch.append_outbox(&OutboxEvent::new(n))?)
     }
 
     /// The service's event bus: `subscribe()` for a receiver of every event from then on.

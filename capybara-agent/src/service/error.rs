@@ -85,6 +85,14 @@ pub enum ServiceError {
         /// Who uses it, comma-separated.
         users: String,
     },
+    /// A webhook is not in a state that allows the call (disabled, for `test` and `retry`).
+    #[error("webhook {id} {reason}")]
+    Webhook {
+        /// The webhook's id.
+        id: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
     /// A geo policy was asked for but the agent has no country database.
     #[error(
         "no country database: run `cargo xtask setup` (it installs one at {}, which the agent \

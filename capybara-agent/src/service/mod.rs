@@ -22,6 +22,7 @@
 //! | [`templates`] | quota templates and configuration templates |
 //! | [`policy_file`] | the declarative policy file: apply, diff, export |
 //! | [`history`], [`backup`], [`health`] | sessions and auth attempts with retention; store backups; component health |
+//! | [`webhooks`] | webhook endpoints, the durable outbox's delivery workers and GC, signing, the SSRF check |
 //! | [`telemetry`] | what the metrics read that no feature above answers (verdict counters, sessions online, handshakes, quota standing); the API's call timer port |
 //! | [`alerts`] | webhook events from watching: quota thresholds, account expiries (a timer), suspicious activity (windows per source) |
 //! | [`schedules`] | scheduled tasks: cron in a zone, the runner on an injectable clock, runs and their history (the commands run through the `Commands` port) |
@@ -61,6 +62,7 @@ pub mod tokens;
 pub mod usage;
 pub mod users;
 pub mod watch;
+pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -126,6 +128,8 @@ pub struct Service {
     pub schedules: Arc<schedules::Schedules>,
     /// Usage rollups and reports.
     pub usage: Arc<usage::Usage>,
+    /// Webhook endpoints and their delivery workers.
+    pub webhooks: Arc<webhooks::Webhooks>,
 }
 
 impl Service {
@@ -192,6 +196,7 @@ impl Service {
                 policy.clone(),
             )),
             schedules: Arc::new(schedules::Schedules::new(core.clone())),
+            webhooks: Arc::new(webhooks::Webhooks::new(core.clone())?),
             lists,
             users,
             devices,

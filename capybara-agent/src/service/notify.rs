@@ -59,6 +59,10 @@ pub enum NotifyKind {
     SuspiciousActivity,
     /// A configuration change (one per audit record: `data.actor`, `action`, `target`, `seq`).
     ConfigChanged,
+    /// `capybara webhook test ID`: sent to that one endpoint only, whatever its events; not in
+    /// [`NotifyKind::ALL`], so it cannot be subscribed to.
+    #[serde(rename = "webhook.test")]
+    WebhookTest,
 }
 
 impl NotifyKind {
@@ -87,6 +91,7 @@ impl NotifyKind {
             NotifyKind::ServerUp => "server-up",
             NotifyKind::SuspiciousActivity => "suspicious-activity",
             NotifyKind::ConfigChanged => "config-changed",
+            NotifyKind::WebhookTest => "webhook.test",
         }
     }
 
@@ -179,6 +184,36 @@ impl Notification {
             "protocol": self.protocol,
             "data": self.data,
         })
+    }
+}
+
+/// What the outbox holds for one event: its stable id (the payload's `id` and the
+/// `webhook-id` header, the same on every attempt, after a restart and on a `webhook retry`),
+/// the one endpoint it is for if it is not for every subscriber (a test or a retry), and the
+/// event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxEvent {
+    /// `msg_` and 24 random hex digits.
+    pub id: String,
+    /// Only this endpoint (its id), if set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub only: Option<String>,
+    /// The event.
+    pub event: Notification,
+}
+
+impl OutboxEvent {
+    /// `n` with a new id, for every endpoint that subscribed to its kind.
+    pub fn new(n: Notification) -> OutboxEvent {
+        let r: [u8; 12] = rand::random();
+        OutboxEvent {
+            id: format!(
+                "msg_{}",
+                r.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            ),
+            only: None,
+            event: n,
+        }
     }
 }
 

@@ -34,6 +34,15 @@
 //! | `usage` | `d/<day, 8 digits>/<user>/<device>` | a device's usage in one UTC day: the sum of its completed hours (binary) |
 //! | `usage` | `c/<peer id, 10 digits>` | the usage writer's checkpoint of one device: its counters then (JSON) |
 //! | `usage` | `m/checkpoint` | the hour of the writer's last checkpoint and its last completed hour (JSON) |
+//! | `outbox` | `<sequence, 20 digits>` | a webhook event waiting for its endpoints (`service::webhooks`) |
+//! | `webhooks` | `hook/<id>` | a webhook endpoint (its secret sealed when the store has a sealer) |
+//! | `webhooks` | `cursor/<id>` | the outbox sequence an endpoint delivered or dead-lettered up to |
+//! | `webhooks` | `dlv/<id>/<sequence, 20 digits>` | one event's delivery to one endpoint: attempts, status, error |
+//! | `webhooks` | `dead/<id>/<sequence, 20 digits>` | a dead letter: the event itself, for `webhook retry` |
+//!
+//! The outbox's keys are assigned by the store when a batch holding outbox events
+//! ([`Batch::append_outbox`]) is written, under one lock, so they become visible in sequence
+//! order with no gap a reader could skip (see [`Store::write`]).
 //!
 //! A user and its devices share the key prefix `<user>` in two families, so "a user's devices"
 //! is a prefix scan of `peers` with `<user>/` ([`keys::user_peers_prefix`]).
@@ -102,11 +111,15 @@ pub enum Cf {
     Schedules,
     /// Hourly and daily usage rollups per device (binary values).
     Usage,
+    /// Webhook events waiting for delivery, keyed by their sequence number.
+    Outbox,
+    /// Webhook endpoints, their cursors, delivery records and dead letters.
+    Webhooks,
 }
 
 impl Cf {
     /// Every family, in creation order.
-    pub const ALL: [Cf; 11] = [
+    pub const ALL: [Cf; 13] = [
         Cf::Meta,
         Cf::Blocklists,
         Cf::Users,
@@ -118,6 +131,8 @@ impl Cf {
         Cf::Policy,
         Cf::Schedules,
         Cf::Usage,
+        Cf::Outbox,
+        Cf::Webhooks,
     ];
 
     /// The family's name in RocksDB.
@@ -134,6 +149,8 @@ impl Cf {
             Cf::Policy => "policy",
             Cf::Schedules => "schedules",
             Cf::Usage => "usage",
+            Cf::Outbox => "outbox",
+            Cf::Webhooks => "webhooks",
         }
     }
 
@@ -150,7 +167,9 @@ impl Cf {
             | Cf::Audit
             | Cf::Policy
             | Cf::Schedules
-            | Cf::Usage => 1,
+            | Cf::Usage
+            | Cf::Outbox
+            | Cf::Webhooks => 1,
         }
     }
 }
@@ -321,6 +340,48 @@ pub mod keys {
 
     /// Key of the usage writer's own state in `usage`.
     pub const USAGE_META: &str = "m/checkpoint";
+    /// Key of outbox event `seq` in `outbox`: zero-padded so keys sort by sequence.
+    pub fn outbox(seq: u64) -> String {
+        format!("{seq:020}")
+    }
+
+    /// The sequence number of an outbox key.
+    pub fn outbox_seq(key: &str) -> Option<u64> {
+        key.parse().ok()
+    }
+
+    /// Prefix of every webhook endpoint in `webhooks`.
+    pub const WEBHOOKS: &str = "hook/";
+
+    /// Key of webhook endpoint `id` in `webhooks`.
+    pub fn webhook(id: &str) -> String {
+        format!("hook/{id}")
+    }
+
+    /// Key of webhook `id`'s cursor in `webhooks`.
+    pub fn webhook_cursor(id: &str) -> String {
+        format!("cursor/{id}")
+    }
+
+    /// Prefix of webhook `id`'s delivery records in `webhooks`.
+    pub fn webhook_deliveries(id: &str) -> String {
+        format!("dlv/{id}/")
+    }
+
+    /// Key of the delivery of outbox event `seq` to webhook `id` in `webhooks`.
+    pub fn webhook_delivery(id: &str, seq: u64) -> String {
+        format!("dlv/{id}/{seq:020}")
+    }
+
+    /// Prefix of webhook `id`'s dead letters in `webhooks`.
+    pub fn webhook_dead_letters(id: &str) -> String {
+        format!("dead/{id}/")
+    }
+
+    /// Key of the dead letter of outbox event `seq` for webhook `id` in `webhooks`.
+    pub fn webhook_dead(id: &str, seq: u64) -> String {
+        format!("dead/{id}/{seq:020}")
+    }
 }
 
 /// Errors of the store.
@@ -403,6 +464,10 @@ pub struct Store {
     id: u64,
     /// Told how long writes and syncs take, once set ([`Store::observe_writes`]).
     timer: OnceLock<Arc<dyn WriteTimer>>,
+    /// The next outbox sequence number; held while a batch with outbox events is written.
+    outbox_next: Mutex<u64>,
+    /// Every outbox key below this value is written (readers wait on it).
+    outbox_end: tokio::sync::watch::Sender<u64>,
 }
 
 /// What a [`WriteTimer`] is told about.
@@ -472,6 +537,8 @@ impl std::fmt::Debug for Store {
 #[derive(Default)]
 pub struct Batch {
     ops: Vec<(Cf, String, Option<Vec<u8>>)>,
+    /// Outbox events, keyed when the batch is written.
+    outbox: Vec<Vec<u8>>,
 }
 
 impl Batch {
@@ -505,6 +572,23 @@ impl Batch {
     pub fn delete(&mut self, cf: Cf, key: &str) {
         self.ops.push((cf, key.to_owned(), None));
     }
+
+    /// Stages `value` as the next event of the `outbox` family: its key (the next outbox
+    /// sequence number) is assigned when the batch is written ([`Store::write`]).
+    pub fn append_outbox<T: Serialize>(&mut self, value: &T) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(value).map_err(|source| StoreError::Encode {
+            cf: Cf::Outbox.name(),
+            key: "(next)".to_owned(),
+            source,
+        })?;
+        self.outbox.push(bytes);
+        Ok(())
+    }
+
+    /// Outbox events staged in this batch.
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
 }
 
 impl Store {
@@ -525,15 +609,26 @@ impl Store {
             path: path.clone(),
             source,
         })?;
-        let store = Store {
+        let mut store = Store {
             db,
             path,
             wal: Mutex::new(WalState::default()),
             synced: Condvar::new(),
             id: NEXT_STORE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             timer: OnceLock::new(),
+            outbox_next: Mutex::new(1),
+            outbox_end: tokio::sync::watch::Sender::new(1),
         };
         store.check_schemas()?;
+        let next = store
+            .last_key(Cf::Outbox)?
+            .and_then(|k| keys::outbox_seq(&k))
+            .map_or(1, |s| s + 1);
+        *store
+            .outbox_next
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner()) = next;
+        store.outbox_end.send_replace(next);
         Ok(store)
     }
 
@@ -613,9 +708,22 @@ impl Store {
 
     /// Applies every change in `batch` atomically; it survives the agent being killed when this
     /// returns and power loss after [`Store::sync`] through the returned position.
+    ///
+    /// A batch with outbox events ([`Batch::append_outbox`]) gets the next outbox sequence
+    /// numbers as their keys, assigned and written under one lock: outbox keys become visible
+    /// in order, so a reader that saw key `n` never later finds a key below `n` appear.
     pub fn write(&self, batch: Batch) -> Result<Written, StoreError> {
-        if batch.ops.is_empty() {
-            return Ok(Written(0));
+        self.write_appending(batch).map(|(w, _)| w)
+    }
+
+    /// [`Store::write`], answering also the outbox sequence numbers its events got (an empty
+    /// range for none).
+    pub fn write_appending(
+        &self,
+        batch: Batch,
+    ) -> Result<(Written, std::ops::Range<u64>), StoreError> {
+        if batch.ops.is_empty() && batch.outbox.is_empty() {
+            return Ok((Written(0), 0..0));
         }
         let started = self.timer.get().map(|_| Instant::now());
         let mut wb = WriteBatch::default();
@@ -625,21 +733,120 @@ impl Store {
                 None => wb.delete_cf(self.handle(*cf), key),
             }
         }
-        self.db
-            .write_opt(wb, &WriteOptions::default())
-            .map_err(|source| StoreError::Io {
-                op: "commit",
-                cf: "batch",
-                key: String::new(),
-                source,
-            })?;
+        let write = |wb| {
+            self.db
+                .write_opt(wb, &WriteOptions::default())
+                .map_err(|source| StoreError::Io {
+                    op: "commit",
+                    cf: "batch",
+                    key: String::new(),
+                    source,
+                })
+        };
+        let mut appended = 0..0;
+        if batch.outbox.is_empty() {
+            write(wb)?;
+        } else {
+            let mut next = self.outbox_next.lock().unwrap_or_else(|e| e.into_inner());
+            let first = *next;
+            for (i, v) in batch.outbox.iter().enumerate() {
+                wb.put_cf(self.handle(Cf::Outbox), keys::outbox(first + i as u64), v);
+            }
+            write(wb)?;
+            *next = first + batch.outbox.len() as u64;
+            appended = first..*next;
+            self.outbox_end.send_replace(*next);
+        }
         let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
         wal.written += 1;
         let n = wal.written;
         drop(wal);
         LAST_WRITE.with(|w| w.set((self.id, n)));
         self.timed(StoreOp::Write, started);
-        Ok(Written(n))
+        Ok((Written(n), appended))
+    }
+
+    /// A receiver of the outbox's end: every outbox key below its value is written.
+    pub fn outbox_end(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.outbox_end.subscribe()
+    }
+
+    /// Deletes every key of `cf` in `from..to` (a range tombstone: one write, whatever the
+    /// number of keys).
+    pub fn delete_range(&self, cf: Cf, from: &str, to: &str) -> Result<(), StoreError> {
+        let mut wb = WriteBatch::default();
+        wb.delete_range_cf(self.handle(cf), from, to);
+        self.db
+            .write_opt(wb, &WriteOptions::default())
+            .map_err(|source| StoreError::Io {
+                op: "delete range",
+                cf: cf.name(),
+                key: from.to_owned(),
+                source,
+            })
+    }
+
+    /// The first key of `cf` at or after `from` and its value, if any.
+    pub fn first_from<T: DeserializeOwned>(
+        &self,
+        cf: Cf,
+        from: &str,
+    ) -> Result<Option<(String, T)>, StoreError> {
+        Ok(self.range(cf, from, None, 1)?.into_iter().next())
+    }
+
+    /// Up to `limit` `(key, value)`s of `cf` from `from` (inclusive) to `to` (exclusive; `None`:
+    /// the family's end), in key order.
+    pub fn range<T: DeserializeOwned>(
+        &self,
+        cf: Cf,
+        from: &str,
+        to: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, T)>, StoreError> {
+        let mode = rocksdb::IteratorMode::From(from.as_bytes(), rocksdb::Direction::Forward);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.handle(cf), mode) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(|source| StoreError::Io {
+                op: "scan",
+                cf: cf.name(),
+                key: from.to_owned(),
+                source,
+            })?;
+            if to.is_some_and(|to| &*k >= to.as_bytes()) {
+                break;
+            }
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let value = serde_json::from_slice(&v).map_err(|source| StoreError::Decode {
+                cf: cf.name(),
+                key: key.clone(),
+                source,
+            })?;
+            out.push((key, value));
+        }
+        Ok(out)
+    }
+
+    /// The number of keys of `cf` in `from..to` (counted by iterating: for bounded ranges).
+    pub fn count_range(&self, cf: Cf, from: &str, to: &str) -> Result<u64, StoreError> {
+        let mode = rocksdb::IteratorMode::From(from.as_bytes(), rocksdb::Direction::Forward);
+        let mut n = 0;
+        for item in self.db.iterator_cf(self.handle(cf), mode) {
+            let (k, _) = item.map_err(|source| StoreError::Io {
+                op: "scan",
+                cf: cf.name(),
+                key: from.to_owned(),
+                source,
+            })?;
+            if &*k >= to.as_bytes() {
+                break;
+            }
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// Waits until every write up to `through` is on disk, syncing the WAL if no sync that

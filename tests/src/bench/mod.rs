@@ -23,6 +23,7 @@
 //! - [`flood`]: the UDP flood loop and the counting receiver both comparisons above use.
 //! - [`vs_tc`]: throttle accuracy of a `tc` HTB script and of nftables `limit rate` at the
 //!   rates of `throttle_accuracy_*`.
+//! - [`webhooks`]: webhook events delivered per second to one receiver on loopback.
 //! - [`report`]: `report.md`, the SVG plots, and the progress bar with each stage's host
 //!   noise.
 //! - [`usage_report`]: a month's usage report over 10 000 users' hourly rollups, against
@@ -49,6 +50,7 @@ pub mod usage_report;
 pub mod vs_enforcement;
 pub mod vs_nftables;
 pub mod vs_tc;
+pub mod webhooks;
 
 use std::{
     path::{Path, PathBuf},
@@ -179,6 +181,7 @@ const ALL_PARTS: &[&[&str]] = &[
     auth_flood::NAMES,
     rest::NAMES,
     usage_report::NAMES,
+    webhooks::NAMES,
 ];
 
 /// What `--quick` runs: a few of the kernel probes, one rate of each throttle baseline, and the

@@ -96,6 +96,7 @@ pub const TARGETS: &[(&str, Goal)] = &[
     ("rest_vs_grpc_p50_ratio", Goal::AtMost(1.3)),
     ("rest_vs_grpc_errors", Goal::AtMost(0.0)),
     ("report_month_10k_users_ms", Goal::Below(2000.0)),
+    ("webhook_events_per_s", Goal::AtLeast(5000.0)),
 ];
 
 /// Figures measured against a baseline in the same run: `(ours, baseline)`. The report shows

@@ -257,6 +257,17 @@ fn main() -> Result<()> {
             });
         }
     }
+    stages.next("webhook delivery");
+    match bench::webhooks::run(&sel) {
+        Ok(f) => figures.extend(f),
+        Err(e) => {
+            progress!("webhook benchmarks failed: {e:#}");
+            failures.push(report::Failure {
+                group: bench::webhooks::NAMES.join(", "),
+                error: format!("{e:#}"),
+            });
+        }
+    }
     let stages = stages.finish();
     figures.sort_by_key(|f| bench::ALL.iter().position(|n| *n == f.name));
     docs.sort_by_key(|d| bench::ALL.iter().position(|n| *n == d.benchmark));
