@@ -365,9 +365,11 @@ async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_document()
             // live watch streams until the client goes away (api_live tests it). Nor those
             // that make the agent send traffic to a URL (traffic in tests never leaves this
             // machine): adding a webhook resolves its host, testing, retrying or enabling one
-            // posts to it (api_webhooks tests them against receivers on loopback).
+            // posts to it (api_webhooks tests them against receivers on loopback). Nor
+            // adding or running a scheduled task: its command is any CLI command, run as an
+            // admin (api_schedule tests them).
             "--exclude-operation-id-regex",
-            "^(ApiAccess_(EnableApi|DisableApi)|Stats_WatchStats|Webhooks_(AddWebhook|TestWebhook|RetryDelivery|EnableWebhook))$",
+            "^(ApiAccess_(EnableApi|DisableApi)|Stats_WatchStats|Webhooks_(AddWebhook|TestWebhook|RetryDelivery|EnableWebhook)|Schedules_(AddSchedule|RunSchedule))$",
             "--no-color",
             "--generation-deterministic",
             "--report",
@@ -376,6 +378,8 @@ async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_document()
         .arg("--report-dir")
         .arg(&report)
         .env("SCHEMATHESIS_HOOKS", "")
+        // Its cache (`.schemathesis/`) goes with the test's directory, not into the sources.
+        .current_dir(api.dir.path())
         .kill_on_drop(true)
         .output()
         .await
