@@ -134,6 +134,24 @@ fn need_task(t: Option<pb::ScheduledTask>) -> Result<TaskView, ClientError> {
     )?)
 }
 
+impl Api {
+    /// `EnableSchedule` and `DisableSchedule`.
+    async fn set_schedule_enabled(
+        &self,
+        req: Request<pb::ScheduleIdRequest>,
+        on: bool,
+    ) -> Result<Response<pb::ScheduleResponse>, Status> {
+        let actor = self.auth(&req, Scope::Admin)?;
+        let id = id_of(&req.get_ref().id)?;
+        let t = self
+            .call(move |s| s.schedules.set_enabled(&actor, id, on))
+            .await?;
+        Ok(Response::new(pb::ScheduleResponse {
+            task: Some(task_to_proto(&t)),
+        }))
+    }
+}
+
 #[tonic::async_trait]
 impl schedules_server::Schedules for Api {
     async fn add_schedule(
@@ -183,28 +201,14 @@ impl schedules_server::Schedules for Api {
         &self,
         req: Request<pb::ScheduleIdRequest>,
     ) -> Result<Response<pb::ScheduleResponse>, Status> {
-        let actor = self.auth(&req, Scope::Admin)?;
-        let id = id_of(&req.get_ref().id)?;
-        let t = self
-            .call(move |s| s.schedules.set_enabled(&actor, id, true))
-            .await?;
-        Ok(Response::new(pb::ScheduleResponse {
-            task: Some(task_to_proto(&t)),
-        }))
+        self.set_schedule_enabled(req, true).await
     }
 
     async fn disable_schedule(
         &self,
         req: Request<pb::ScheduleIdRequest>,
     ) -> Result<Response<pb::ScheduleResponse>, Status> {
-        let actor = self.auth(&req, Scope::Admin)?;
-        let id = id_of(&req.get_ref().id)?;
-        let t = self
-            .call(move |s| s.schedules.set_enabled(&actor, id, false))
-            .await?;
-        Ok(Response::new(pb::ScheduleResponse {
-            task: Some(task_to_proto(&t)),
-        }))
+        self.set_schedule_enabled(req, false).await
     }
 
     async fn delete_schedule(

@@ -163,20 +163,7 @@ impl Sealer {
 
     /// `private` sealed for the record `aad`: base64 of nonce ‖ ciphertext.
     pub fn seal(&self, private: &[u8; 32], aad: &str) -> String {
-        let nonce: [u8; 12] = rand::random();
-        let ct = self
-            .cipher
-            .encrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: private,
-                    aad: aad.as_bytes(),
-                },
-            )
-            .expect("ChaCha20-Poly1305 encrypts any 32-byte message");
-        let mut out = nonce.to_vec();
-        out.extend_from_slice(&ct);
-        base64::engine::general_purpose::STANDARD.encode(out)
+        self.seal_bytes(private, aad)
     }
 
     /// `secret` (any length: a webhook's signing secret) sealed for the record `aad`, as
@@ -223,27 +210,11 @@ impl Sealer {
 
     /// Opens what [`Sealer::seal`] made for the record `aad`.
     pub fn open(&self, sealed: &str, aad: &str) -> Result<[u8; 32], SecretError> {
-        let fail = || SecretError::Unseal {
-            what: aad.to_owned(),
-        };
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(sealed)
-            .map_err(|_| fail())?;
-        if raw.len() < 12 {
-            return Err(fail());
-        }
-        let (nonce, ct) = raw.split_at(12);
-        let pt = self
-            .cipher
-            .decrypt(
-                Nonce::from_slice(nonce),
-                Payload {
-                    msg: ct,
-                    aad: aad.as_bytes(),
-                },
-            )
-            .map_err(|_| fail())?;
-        pt.try_into().map_err(|_| fail())
+        self.open_bytes(sealed, aad)?
+            .try_into()
+            .map_err(|_| SecretError::Unseal {
+                what: aad.to_owned(),
+            })
     }
 }
 
