@@ -1,13 +1,17 @@
 //! The webhook events' real sources end to end (issue 21), with the real `capybara-agent` in a
-//! namespace (the `e2e_session_history` lab) and stock clients in another. The agent runs with
-//! `capybara_agent::service::core` at debug level, where `Core::notify` logs every event's body
-//! as it hands it to the outbox; the tests read those lines.
+//! namespace (the `e2e_session_history` lab) and stock clients in another. The first test
+//! delivers to a real receiver (the Python `standardwebhooks` one, `receivers::PyReceiver`, on
+//! the agent namespace's loopback); the others read the agent's log, where `Core::notify` logs
+//! every event's body at debug level (`capybara_agent::service::core`) as it hands it to the
+//! outbox.
 //!
-//! - A `wireguard-go` client's handshake publishes `user-connect` with the design's fields
-//!   (`user`, `ip` = the client's public address, `vpn_ip`, `protocol`, `data.device`,
-//!   `data.session` = the id `capybara connections` shows); a kick publishes `user-disconnect`
-//!   with reason `kicked` and the session's bytes. The latency from the tunnel's handshake (the
-//!   event's `timestamp`) to `notify` (the log line's time) is printed.
+//! - A webhook added with the CLI for `user-connect` and `user-disconnect`: a `wireguard-go`
+//!   client's handshake reaches the receiver as `user-connect` within 1 s of the handshake (the
+//!   issue's requirement; the payload's `timestamp` is the session's start) with the design's
+//!   fields (`user`, `ip` = the client's public address as the agent saw it, `vpn_ip`,
+//!   `protocol`, a stable `id` = the `webhook-id`, `data.device`, `data.session` = the id
+//!   `capybara connections` shows), its signature verified by `standardwebhooks`; a kick
+//!   reaches it as `user-disconnect` with reason `kicked` and the session's bytes.
 //! - A quota of 300 KB exhausted by real UDP through the tunnel publishes `quota-warning` at 80
 //!   and 90 % and then `quota-exceeded`, once each, in that order, with the kernel's figures.
 //! - A flood of bad handshakes from the client's address publishes one `suspicious-activity`
@@ -24,6 +28,7 @@ use std::{
 
 use capybara_tests::{
     auth_flood::flood,
+    receivers::{PyReceiver, PyRecord, random_secret},
     traffic::send_udp,
     wg::{ping, ping_until},
 };
@@ -85,10 +90,78 @@ fn wait_logged(lab: &Lab, event: &str, n: usize, within: Duration) -> Vec<Logged
     }
 }
 
+/// Unix seconds of an RFC 3339 UTC time as the payloads write it (`YYYY-MM-DDTHH:MM:SS.fffZ`);
+/// `None` for anything else (another offset, no `Z`, a malformed field).
+fn unix_of_rfc3339_utc(ts: &str) -> Option<f64> {
+    let (date, time) = ts.strip_suffix('Z')?.split_once('T')?;
+    let d: Vec<i64> = date
+        .split('-')
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let [y, m, d] = d[..] else { return None };
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || date.len() != 10 {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days as f64 * 86_400.0 + secs_of_day(&format!("T{time}"))?)
+}
+
+/// Waits until the receiver holds a verified request whose body's `event` is `event`.
+fn wait_received(rx: &PyReceiver, event: &str, lab: &Lab) -> PyRecord {
+    let end = Instant::now() + WAIT;
+    loop {
+        if let Some(r) = rx.records().into_iter().find(|r| r.body["event"] == event) {
+            return r;
+        }
+        assert!(
+            Instant::now() < end,
+            "no {event} at the receiver after {WAIT:?}: {:#?}\n{}",
+            rx.records(),
+            lab.log(1)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The issue's proof: a `wireguard-go` client's connect reaches a webhook receiver within 1 s
+/// with the right fields, and a kick reaches it as `user-disconnect` (reason `kicked`). The
+/// webhook is added with the CLI; the receiver is the Python `standardwebhooks` one on the
+/// agent namespace's loopback (so `--allow-private`), which verifies every signature and
+/// records the time each body arrived. The latency is from the session's start (the payload's
+/// `timestamp`: the tunnel's handshake, to the millisecond) to that arrival; 1 s is the
+/// issue's requirement, so it is asserted here. Measured (debug build, two shared cores, two
+/// runs): 8.3 ms and 4.4 ms from the handshake to the receiver.
 #[test]
-fn a_wireguard_go_connect_and_a_kick_publish_user_connect_and_user_disconnect() {
+fn a_wireguard_go_connect_and_a_kick_reach_a_webhook_receiver_within_a_second() {
     let lab = Lab::new(113, 115);
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let secret = random_secret();
+    let rx = PyReceiver::start_in(
+        Some(lab.server.name()),
+        &secret,
+        0,
+        tmp.path().join("rx.jsonl"),
+    );
     let pid = lab.start_agent_logging(1, &[], RUST_LOG);
+    let added = lab.capybara(&[
+        "webhook",
+        "add",
+        &rx.url(),
+        "--event",
+        "user-connect",
+        "--event",
+        "user-disconnect",
+        "--secret",
+        &secret,
+        "--allow-private",
+    ]);
+    assert!(added.contains("on user-connect,user-disconnect"), "{added}");
     let (_wg, client_v4) = lab.add_client("alice");
     let server = IpAddr::V4(lab.server_v4);
     assert!(
@@ -96,14 +169,23 @@ fn a_wireguard_go_connect_and_a_kick_publish_user_connect_and_user_disconnect() 
         "no ping through the tunnel\n{}",
         lab.log(1)
     );
-    let c = wait_logged(&lab, "user-connect", 1, WAIT);
-    assert_eq!(c.len(), 1, "one handshake, one connect: {c:?}");
-    let b = &c[0].body;
+    let c = wait_received(&rx, "user-connect", &lab);
+    assert!(c.verified, "standardwebhooks verified it: {c:?}");
+    let b = &c.body;
+    let id = b["id"].as_str().expect("an id");
+    assert!(id.starts_with("msg_"), "{b}");
+    assert_eq!(
+        c.webhook_id.as_deref(),
+        Some(id),
+        "the id is the webhook-id"
+    );
+    let ts = b["timestamp"].as_str().expect("a timestamp");
+    let started = unix_of_rfc3339_utc(ts).unwrap_or_else(|| panic!("not RFC 3339 UTC: {ts}"));
     assert_eq!(b["user"], "alice");
     assert_eq!(
         b["ip"],
         lab.veth.b.v4.to_string(),
-        "the client's public address"
+        "the client's public address as the agent saw it"
     );
     assert_eq!(b["vpn_ip"], client_v4.to_string());
     assert_eq!(b["protocol"], "wireguard");
@@ -113,25 +195,40 @@ fn a_wireguard_go_connect_and_a_kick_publish_user_connect_and_user_disconnect() 
         b["data"]["session"], conns[0]["id"],
         "the session is the connection's id: {conns}"
     );
-    let latency = c[0].logged_at - secs_of_day(b["timestamp"].as_str().unwrap()).unwrap();
+    let latency = c.received_at - started;
     eprintln!(
-        "user-connect handed to the outbox {:.1} ms after the handshake",
+        "user-connect received {:.1} ms after the handshake",
         latency * 1000.0
+    );
+    assert!(
+        (0.0..1.0).contains(&latency),
+        "the connect reached the receiver {latency:.3} s after the handshake ({ts}, received at \
+         {:.3})",
+        c.received_at
     );
 
     let kicked = lab.capybara(&["kick", "alice"]);
     assert!(kicked.contains("kicked alice"), "{kicked}");
     assert!(!ping(&lab.client, server), "a ping passed after the kick");
-    let d = wait_logged(&lab, "user-disconnect", 1, WAIT);
-    let b = &d[0].body;
+    let d = wait_received(&rx, "user-disconnect", &lab);
+    assert!(d.verified, "{d:?}");
+    let b = &d.body;
     assert_eq!(b["user"], "alice");
     assert_eq!(b["data"]["reason"], "kicked");
-    assert_eq!(b["data"]["session"], c[0].body["data"]["session"]);
+    assert_eq!(b["data"]["session"], c.body["data"]["session"]);
     assert!(
         b["data"]["bytes_in"].as_u64().unwrap() > 0,
         "the pings' bytes: {b}"
     );
     assert_eq!(b["vpn_ip"], client_v4.to_string());
+    assert_eq!(b["ip"], lab.veth.b.v4.to_string());
+    assert_eq!(b["protocol"], "wireguard");
+    assert_ne!(b["id"], c.body["id"], "another event, another id");
+    assert_eq!(d.webhook_id.as_deref(), b["id"].as_str());
+    // Each event once: no retry (the receiver answered 204 at once), nothing else subscribed.
+    let all = rx.records();
+    let events: Vec<&Value> = all.iter().map(|r| &r.body["event"]).collect();
+    assert_eq!(events, ["user-connect", "user-disconnect"], "{all:#?}");
     lab.server.kill(pid, Signal::SIGTERM);
 }
 

@@ -2,7 +2,8 @@
 //!
 //! - [`PyReceiver`]: a small Python HTTP server (the venv's `standardwebhooks`, the Standard
 //!   Webhooks project's own package from PyPI) that verifies every request's signature with
-//!   the secret it is given and records each request (verified or not) as one JSON line. It
+//!   the secret it is given and records each request (verified or not, with the time its body
+//!   arrived) as one JSON line. It
 //!   answers 204 to a verified request and 400 otherwise. Killed on drop.
 //! - [`Sink`]: an HTTP/1.1 receiver in the test process (hyper) that answers 204 and counts and
 //!   keeps what it got, fast enough for tens of thousands of requests a second; or, as a
@@ -21,7 +22,7 @@ use std::{
 pub const PYTHON: &str = "/var/cache/capybara/pyenv/bin/python";
 
 const PY_RECEIVER: &str = r#"
-import json, sys
+import json, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from standardwebhooks.webhooks import Webhook
 
@@ -32,6 +33,7 @@ class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("content-length", "0")))
+        received_at = time.time()
         headers = {k.lower(): v for k, v in self.headers.items()}
         try:
             hook.verify(body, headers)
@@ -39,7 +41,8 @@ class H(BaseHTTPRequestHandler):
         except Exception as e:
             ok, err = False, repr(e)
         with open(log, "a") as f:
-            f.write(json.dumps({"path": self.path, "verified": ok, "error": err,
+            f.write(json.dumps({"path": self.path, "received_at": received_at,
+                                "verified": ok, "error": err,
                                 "webhook_id": headers.get("webhook-id"),
                                 "content_type": headers.get("content-type"),
                                 "signatures": headers.get("webhook-signature", "").count("v1,"),
@@ -60,6 +63,9 @@ srv.serve_forever()
 pub struct PyRecord {
     /// The request path.
     pub path: String,
+    /// When its body had been read (Unix seconds, the receiver's clock: the machine's).
+    #[serde(default)]
+    pub received_at: f64,
     /// `standardwebhooks` verified the signature.
     pub verified: bool,
     /// Why not.
@@ -183,6 +189,8 @@ pub fn random_secret() -> String {
 pub struct SinkLog {
     /// Each request's `webhook-id` and body, in arrival order.
     pub got: Vec<(String, bytes::Bytes)>,
+    /// When each of them had been read whole (the machine's clock), in the same order.
+    pub arrived: Vec<std::time::SystemTime>,
 }
 
 /// A fast in-process receiver answering 204 (see the module docs).
@@ -198,9 +206,23 @@ pub struct Sink {
 impl Sink {
     /// Starts one on 127.0.0.1 (inside a tokio runtime).
     pub async fn start() -> Sink {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Sink::serve(listener)
+    }
+
+    /// Starts one on the loopback of network namespace `ns` (inside a tokio runtime), for an
+    /// agent running there.
+    pub fn start_in(ns: &crate::netns::NetNs) -> Sink {
+        let listener = ns
+            .run(|| std::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap_or_else(|e| panic!("bind 127.0.0.1:0 in {}: {e}", ns.name()));
+        listener.set_nonblocking(true).expect("non-blocking");
+        Sink::serve(tokio::net::TcpListener::from_std(listener).expect("a tokio listener"))
+    }
+
+    fn serve(listener: tokio::net::TcpListener) -> Sink {
         use hyper::{Request, Response, body::Incoming, service::service_fn};
         use hyper_util::rt::TokioIo;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let log = Arc::new(Mutex::new(SinkLog::default()));
         let log2 = log.clone();
@@ -223,10 +245,10 @@ impl Sink {
                                 .unwrap_or("")
                                 .to_owned();
                             let body = req.into_body().collect().await?.to_bytes();
-                            log.lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .got
-                                .push((id, body));
+                            let at = std::time::SystemTime::now();
+                            let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+                            log.got.push((id, body));
+                            log.arrived.push(at);
                             Ok::<_, hyper::Error>(
                                 Response::builder()
                                     .status(204)

@@ -24,6 +24,8 @@
 //! - [`vs_tc`]: throttle accuracy of a `tc` HTB script and of nftables `limit rate` at the
 //!   rates of `throttle_accuracy_*`.
 //! - [`webhooks`]: webhook events delivered per second to one receiver on loopback.
+//! - [`webhook_latency`]: the kernel's quota-exhaustion event to the webhook's POST on
+//!   loopback, through the agent binary, p50 and p99.
 //! - [`report`]: `report.md`, the SVG plots, and the progress bar with each stage's host
 //!   noise.
 //! - [`usage_report`]: a month's usage report over 10 000 users' hourly rollups, against
@@ -50,6 +52,7 @@ pub mod usage_report;
 pub mod vs_enforcement;
 pub mod vs_nftables;
 pub mod vs_tc;
+pub mod webhook_latency;
 pub mod webhooks;
 
 use std::{
@@ -182,6 +185,7 @@ const ALL_PARTS: &[&[&str]] = &[
     rest::NAMES,
     usage_report::NAMES,
     webhooks::NAMES,
+    webhook_latency::NAMES,
 ];
 
 /// What `--quick` runs: a few of the kernel probes, one rate of each throttle baseline, and the

@@ -97,6 +97,7 @@ pub const TARGETS: &[(&str, Goal)] = &[
     ("rest_vs_grpc_errors", Goal::AtMost(0.0)),
     ("report_month_10k_users_ms", Goal::Below(2000.0)),
     ("webhook_events_per_s", Goal::AtLeast(5000.0)),
+    ("webhook_latency_p99_ms", Goal::Below(50.0)),
 ];
 
 /// Figures measured against a baseline in the same run: `(ours, baseline)`. The report shows
@@ -118,6 +119,7 @@ pub const BASELINES: &[(&str, &str)] = &[
     ("throttle_accuracy_5m", "throttle_accuracy_tc_htb_5m"),
     ("throttle_accuracy_50m", "throttle_accuracy_tc_htb_50m"),
     ("throttle_accuracy_500m", "throttle_accuracy_tc_htb_500m"),
+    ("webhook_latency_p99_ms", "webhook_latency_post_p99_ms"),
 ];
 
 /// The machine a run came from.

@@ -106,7 +106,7 @@ fn main() -> Result<()> {
     let when = now_utc();
     // Declared first, dropped last: every benchmark's fds are closed before the pins go.
     let pins = BenchPins::new()?;
-    let mut stages = report::Stages::start(12);
+    let mut stages = report::Stages::start(14);
     let mut failures: Vec<report::Failure> = Vec::new();
     stages.next("XDP guard");
     let mut figures: Vec<Figure> = bench::guard::run(
@@ -264,6 +264,17 @@ fn main() -> Result<()> {
             progress!("webhook benchmarks failed: {e:#}");
             failures.push(report::Failure {
                 group: bench::webhooks::NAMES.join(", "),
+                error: format!("{e:#}"),
+            });
+        }
+    }
+    stages.next("webhook latency from the kernel's quota event");
+    match bench::webhook_latency::run(&sel, pins.path()) {
+        Ok(f) => figures.extend(f),
+        Err(e) => {
+            progress!("webhook latency benchmarks failed: {e:#}");
+            failures.push(report::Failure {
+                group: bench::webhook_latency::NAMES.join(", "),
                 error: format!("{e:#}"),
             });
         }
