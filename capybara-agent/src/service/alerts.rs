@@ -30,15 +30,14 @@
 //! `data`: `expires_at` (RFC 3339), `late_s` (how long after the deadline it was reported: 0
 //! unless the agent was down then), `devices` (the user's device count).
 //!
-//! Exactly once per expiry, **down time included**: after notifying, the thread writes a marker
-//! `alerts/expired/<user>` in the store's `meta` family holding the expiry it reported (Unix
-//! seconds, synced). At start (and at every check) an expiry in the past whose marker differs
-//! is reported, so an expiry that passed while the agent was down is reported at the next start,
-//! with `late_s` saying so. A renewed expiry is a new value, so it is reported again when it
-//! passes; markers of users without an expiry (cleared, or removed) are deleted. The marker is
-//! written right after [`Core::notify`] returned (the outbox write): an agent killed between
-//! the two reports that expiry again at its next start (at least once; never lost). When the
-//! outbox offers a batch form, the marker belongs in the outbox record's batch.
+//! Exactly once per expiry, **down time included**: with the event's outbox record the thread
+//! writes a marker `alerts/expired/<user>` in the store's `meta` family holding the expiry it
+//! reported (Unix seconds), in the same synced batch ([`Core::stage_notification`]): an agent
+//! killed at any moment has written both or neither, so the expiry is in the outbox once. At
+//! start (and at every check) an expiry in the past whose marker differs is reported, so an
+//! expiry that passed while the agent was down is reported at the next start, with `late_s`
+//! saying so. A renewed expiry is a new value, so it is reported again when it passes; markers
+//! of users without an expiry (cleared, or removed) are deleted.
 //!
 //! ## `suspicious-activity`
 //! Two detectors, each a sliding window per source with the agent's thresholds
@@ -79,7 +78,7 @@ use std::{
 };
 
 use super::{
-    ServiceError,
+    ServiceError, ServiceEvent,
     core::Core,
     directory::Directory,
     domain::{Peer, UserName, ValidationError, unix_secs},
@@ -606,8 +605,12 @@ impl Alerts {
                 "late_s": late.as_secs(),
                 "devices": self.dir.user_peers(u).len(),
             });
-            self.core.notify(n)?;
-            store.put(Cf::Meta, &format!("{EXPIRED_MARKERS}{u}"), &unix_secs(t))?;
+            // The outbox record and the marker in one synced batch: both or neither.
+            let mut batch = Batch::default();
+            self.core.stage_notification(&mut batch, n.clone())?;
+            batch.put(Cf::Meta, &format!("{EXPIRED_MARKERS}{u}"), &unix_secs(t))?;
+            store.commit(batch)?;
+            let _ = self.core.events().send(ServiceEvent::Notified(Box::new(n)));
             tracing::info!(user = %u, late_s = late.as_secs(), "account expired");
         }
         Ok(next)

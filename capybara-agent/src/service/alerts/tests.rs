@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use super::*;
+use crate::service::notify::OutboxEvent;
 use crate::service::{
     NewUser, Service, ServiceConfig, ServiceEvent,
     domain::{Actor, DeviceName},
@@ -345,6 +346,22 @@ fn an_expiry_is_reported_once_even_across_downtime_and_again_after_a_renewal() {
     let mut bus = svc.events().subscribe();
     svc.alerts.check_expiries(later).unwrap();
     assert!(notified(&mut bus).is_empty());
+    // In the outbox once, written with its marker (one batch).
+    let expired: Vec<_> = svc
+        .store()
+        .scan::<OutboxEvent>(Cf::Outbox, "")
+        .unwrap()
+        .into_iter()
+        .filter(|(_, e)| e.event.kind == NotifyKind::AccountExpired)
+        .collect();
+    assert_eq!(expired.len(), 1, "{expired:?}");
+    assert_eq!(expired[0].1.event.user.as_deref(), Some("alice"));
+    assert_eq!(
+        svc.store()
+            .get::<u64>(Cf::Meta, &format!("{EXPIRED_MARKERS}alice"))
+            .unwrap(),
+        Some(unix_secs(deadline))
+    );
 
     // Renewed to a new deadline, which passes too: reported again.
     let renewed = SystemTime::now() + Duration::from_secs(3600);
