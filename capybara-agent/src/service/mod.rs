@@ -26,6 +26,7 @@
 //! | [`telemetry`] | what the metrics read that no feature above answers (verdict counters, sessions online, handshakes, quota standing); the API's call timer port |
 //! | [`alerts`] | webhook events from watching: quota thresholds, account expiries (a timer), suspicious activity (windows per source) |
 //! | [`schedules`] | scheduled tasks: cron in a zone, the runner on an injectable clock, runs and their history (the commands run through the `Commands` port) |
+//! | [`verification`] | the MFA verification page's and one-time-code channels' view of the service (traits) |
 //! | [`usage`] | hourly and daily usage rollups per device (the writer's thread) and the usage report over them (`report generate`) |
 //!
 //! Beside them: [`domain`] (validated domain types and their parsers), [`secrets`] (keys, token
@@ -61,6 +62,7 @@ pub mod testing;
 pub mod tokens;
 pub mod usage;
 pub mod users;
+pub mod verification;
 pub mod watch;
 pub mod webhooks;
 
