@@ -54,6 +54,10 @@ pub struct PageView {
     pub channels: Vec<(CodeChannel, String)>,
     /// While failed codes lock the device or the user: how long until a code is taken again.
     pub retry_after: Option<Duration>,
+    /// While [`PageStatus::Enrolling`] and the enrolment is self-service (the user is required
+    /// to enrol and has no secret yet, `mfa require-all`): the `otpauth://` URI the page shows
+    /// (as text and a QR code) to this device only, until the first code confirms it.
+    pub enrol_uri: Option<String>,
 }
 
 /// How a code was accepted.
