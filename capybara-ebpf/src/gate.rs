@@ -3,8 +3,9 @@
 //!
 //! - [`held`]: reads the peer's `PEERS` entry (looked up once per packet by the pipeline). Held with the stored reason when `gate != 0`; held as
 //!   `GateExpired` when admitted with a deadline and `bpf_ktime_get_boot_ns() >= deadline_ns`
-//!   (the kernel decides expiry alone: no userspace round trip). The clock is read only for
-//!   peers with a deadline.
+//!   (the kernel decides expiry alone: no userspace round trip), or as `GateMfaPending` when the
+//!   peer's `PEER_F_DEADLINE_MFA` flag says the deadline is the end of an MFA admission. The
+//!   clock is read only for peers with a deadline.
 //! - [`to_endpoint`]: the exception for held peers. Parses the transport header (IPv4 options,
 //!   up to `MAX_IPV6_EXT_HEADERS` IPv6 extension headers) and looks up the server end
 //!   (ingress: destination, egress: source) with its port in `GATE_ALLOW`. Only TCP and UDP with
@@ -15,7 +16,7 @@ use aya_ebpf::helpers::bpf_ktime_get_boot_ns;
 use capybara_common::{
     drop::DropReason,
     gate::GateAllowKey,
-    peer::{GATE_ADMITTED, PeerInfo},
+    peer::{GATE_ADMITTED, PEER_F_DEADLINE_MFA, PeerInfo},
 };
 
 use crate::{
@@ -59,7 +60,7 @@ pub fn held(info: *const PeerInfo, now_ns: u64) -> Option<Held> {
     // SAFETY: `info` is the peer's `PEERS` element the pipeline looked up, valid for this program
     // run; the agent replaces it by copying, so each field is read old or new (documented on
     // `PeerInfo`).
-    let (gate, deadline_ns) = unsafe { ((*info).gate, (*info).deadline_ns) };
+    let (gate, deadline_ns, flags) = unsafe { ((*info).gate, (*info).deadline_ns, (*info).flags) };
     if gate != GATE_ADMITTED {
         return Some(Held {
             reason: gate_reason(gate),
@@ -67,8 +68,13 @@ pub fn held(info: *const PeerInfo, now_ns: u64) -> Option<Held> {
         });
     }
     if deadline_ns != 0 && now_ns >= deadline_ns {
+        let reason = if flags & PEER_F_DEADLINE_MFA != 0 {
+            DropReason::GateMfaPending
+        } else {
+            DropReason::GateExpired
+        };
         return Some(Held {
-            reason: DropReason::GateExpired,
+            reason,
             deadline_ns,
         });
     }

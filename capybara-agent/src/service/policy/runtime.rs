@@ -41,6 +41,12 @@ pub(super) struct Runtime {
     pub(super) saved: HashMap<UserName, (NaiveDate, Duration)>,
     /// The previous tick.
     pub(super) last_tick: Option<SystemTime>,
+    /// Users whose devices need an MFA admission (MFA on, or required by `mfa require-all` or a
+    /// reset); kept by `service::mfa` (`Policy::set_mfa`).
+    pub(super) mfa_users: HashSet<UserName>,
+    /// The MFA admission of a device's current session: until when (the MFA lifetime). Ended
+    /// by the session's end (disconnect, kick), by the tick once passed, and by MFA turned off.
+    pub(super) mfa_admitted: HashMap<PeerId, SystemTime>,
 }
 
 impl Runtime {
@@ -135,5 +141,6 @@ impl Runtime {
         self.saved.remove(user);
         self.expires.remove(user);
         self.expired_seen.remove(user);
+        self.mfa_users.remove(user);
     }
 }
