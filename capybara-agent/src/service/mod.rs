@@ -28,6 +28,7 @@
 //! | [`schedules`] | scheduled tasks: cron in a zone, the runner on an injectable clock, runs and their history (the commands run through the `Commands` port) |
 //! | [`verification`] | the MFA verification page's and one-time-code channels' view of the service (traits) |
 //! | [`usage`] | hourly and daily usage rollups per device (the writer's thread) and the usage report over them (`report generate`) |
+//! | [`mfa`] | multi-factor authentication: enrolment, TOTP, backup and one-time codes, failed-code limits; implements [`verification::VerificationPort`]; its gate decision is folded into [`policy`]'s |
 //!
 //! Beside them: [`domain`] (validated domain types and their parsers), [`secrets`] (keys, token
 //! hashes, sealing of kept client keys), [`ports`] (what the service needs from the dataplane and
@@ -48,6 +49,7 @@ pub mod health;
 pub mod history;
 pub mod lists;
 pub mod live;
+pub mod mfa;
 pub mod monitor;
 pub mod notify;
 pub mod policy;
@@ -132,6 +134,8 @@ pub struct Service {
     pub usage: Arc<usage::Usage>,
     /// Webhook endpoints and their delivery workers.
     pub webhooks: Arc<webhooks::Webhooks>,
+    /// Multi-factor authentication (the verification page's port).
+    pub mfa: Arc<mfa::Mfa>,
 }
 
 impl Service {
@@ -199,6 +203,11 @@ impl Service {
             )),
             schedules: Arc::new(schedules::Schedules::new(core.clone())),
             webhooks: Arc::new(webhooks::Webhooks::new(core.clone())?),
+            mfa: Arc::new(mfa::Mfa::new(
+                core.clone(),
+                directory.clone(),
+                policy.clone(),
+            )?),
             lists,
             users,
             devices,

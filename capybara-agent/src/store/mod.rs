@@ -185,6 +185,17 @@ pub mod keys {
     /// Key of the TCP API's setting (`capybara api enable`) in `policy`.
     pub const API_ACCESS: &str = "server/api-access";
 
+    /// Key of a user's MFA record in `policy` (`service::mfa`).
+    pub fn mfa_user(name: &str) -> String {
+        format!("{MFA_USERS}{name}")
+    }
+
+    /// Prefix of the MFA records in `policy`.
+    pub const MFA_USERS: &str = "mfa/user/";
+
+    /// Key of the MFA settings (`mfa require-all`) in `policy`.
+    pub const MFA_SETTINGS: &str = "mfa/settings";
+
     /// Key of the next scheduled task id in `schedules`.
     pub const SCHEDULE_NEXT_ID: &str = "next-id";
 

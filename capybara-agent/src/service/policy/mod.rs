@@ -269,7 +269,7 @@ impl Policy {
     /// until the user's expiry, or held as expired (`engine::decide` with no rule holding it).
     pub(in crate::service) fn first_gate(&self, user: &UserName) -> Gate {
         let rt = self.runtime.lock().unwrap();
-        let mfa = if rt.mfa_users.contains(user) {
+        let mfa = if rt.mfa_on(user) {
             MfaGate::Pending
         } else {
             MfaGate::Off
@@ -279,14 +279,34 @@ impl Policy {
 
     // ---- MFA (kept by `service::mfa`, see the module docs) ------------------------------------
 
-    /// The users that need an MFA admission, at start (before the policy is applied).
-    pub(in crate::service) fn init_mfa(&self, users: impl IntoIterator<Item = UserName>) {
-        self.runtime.lock().unwrap().mfa_users = users.into_iter().collect();
+    /// The users that need an MFA admission and whether every user does (`mfa require-all`),
+    /// at start (before the policy is applied).
+    pub(in crate::service) fn init_mfa(&self, users: impl IntoIterator<Item = UserName>, all: bool) {
+        let mut rt = self.runtime.lock().unwrap();
+        rt.mfa_users = users.into_iter().collect();
+        rt.mfa_all = all;
     }
 
     /// Whether `user`'s devices need an MFA admission.
     pub fn mfa_required(&self, user: &UserName) -> bool {
-        self.runtime.lock().unwrap().mfa_users.contains(user)
+        self.runtime.lock().unwrap().mfa_on(user)
+    }
+
+    /// Sets whether every user's devices need an MFA admission (`mfa require-all`) and decides
+    /// every user's gates again.
+    pub(in crate::service) fn set_mfa_all(&self, all: bool) -> Result<(), ServiceError> {
+        {
+            let mut rt = self.runtime.lock().unwrap();
+            if rt.mfa_all == all {
+                return Ok(());
+            }
+            rt.mfa_all = all;
+        }
+        let now = SystemTime::now();
+        for u in self.dir.user_names()? {
+            self.regate(&u, now, None)?;
+        }
+        Ok(())
     }
 
     /// Sets whether `user`'s devices need an MFA admission and decides their gates again; turned
@@ -963,7 +983,7 @@ impl Policy {
             .collect();
         let used = rt.used(user, engine::local_day(eff.tz.value, now));
         let expires = rt.expires.get(user).copied();
-        let mfa_on = rt.mfa_users.contains(user);
+        let mfa_on = rt.mfa_on(user);
         for (id, held) in engine::gates(eff, &devices, used, now) {
             let mfa = match (mfa_on, rt.mfa_admitted.get(&id)) {
                 (false, _) => MfaGate::Off,

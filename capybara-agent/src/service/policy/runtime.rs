@@ -44,6 +44,8 @@ pub(super) struct Runtime {
     /// Users whose devices need an MFA admission (MFA on, or required by `mfa require-all` or a
     /// reset); kept by `service::mfa` (`Policy::set_mfa`).
     pub(super) mfa_users: HashSet<UserName>,
+    /// `mfa require-all`: every user's devices need an MFA admission.
+    pub(super) mfa_all: bool,
     /// The MFA admission of a device's current session: until when (the MFA lifetime). Ended
     /// by the session's end (disconnect, kick), by the tick once passed, and by MFA turned off.
     pub(super) mfa_admitted: HashMap<PeerId, SystemTime>,
@@ -133,6 +135,11 @@ impl Runtime {
                 due.then(|| (u.clone(), t))
             })
             .collect()
+    }
+
+    /// Whether `user`'s devices need an MFA admission.
+    pub(super) fn mfa_on(&self, user: &UserName) -> bool {
+        self.mfa_all || self.mfa_users.contains(user)
     }
 
     /// A removed user's time.
