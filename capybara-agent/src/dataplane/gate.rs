@@ -198,8 +198,8 @@ fn decode(info: &PeerInfo, wall_now: SystemTime, boot_now: Duration) -> Gate {
                 .unwrap_or(DropReason::GateKicked),
         );
     }
-    let until =
-        (info.deadline_ns != 0).then(|| wall_time_of_boottime(info.deadline_ns, wall_now, boot_now));
+    let until = (info.deadline_ns != 0)
+        .then(|| wall_time_of_boottime(info.deadline_ns, wall_now, boot_now));
     match until {
         Some(until) if info.flags & PEER_F_DEADLINE_MFA != 0 => Gate::MfaAdmitted { until },
         until => Gate::Admitted { until },
@@ -401,7 +401,10 @@ mod tests {
             let info = PeerInfo {
                 gate,
                 deadline_ns,
-                flags: mfa_flag(capybara_common::peer::PEER_F_ACTIVE | PEER_F_DEADLINE_MFA, g),
+                flags: mfa_flag(
+                    capybara_common::peer::PEER_F_ACTIVE | PEER_F_DEADLINE_MFA,
+                    g,
+                ),
                 ..PeerInfo::default()
             };
             assert_eq!(decode(&info, w, b), g);

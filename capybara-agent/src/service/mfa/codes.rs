@@ -130,9 +130,17 @@ mod tests {
         let (codes, salt, mut hashes) = new_backup_codes();
         assert_eq!(codes.len(), BACKUP_CODES);
         assert_eq!(hashes.len(), BACKUP_CODES);
-        assert!(codes.iter().all(|c| c.len() == 11 && c.as_bytes()[5] == b'-'));
+        assert!(
+            codes
+                .iter()
+                .all(|c| c.len() == 11 && c.as_bytes()[5] == b'-')
+        );
         // Stored hashes are not the codes.
-        assert!(hashes.iter().all(|h| !codes.iter().any(|c| h.contains(&normalize(c)))));
+        assert!(
+            hashes
+                .iter()
+                .all(|h| !codes.iter().any(|c| h.contains(&normalize(c))))
+        );
         // Typed with spaces, capitals or no dash: the same code.
         let typed = format!(" {} ", codes[3].to_uppercase().replace('-', " "));
         let n = normalize(&typed);

@@ -80,7 +80,7 @@ use super::{
     error::not_found,
     notify::{Notification, NotifyKind},
     policy::Policy,
-    secrets::{SecretError, Sealer},
+    secrets::{Sealer, SecretError},
     verification::{
         CodeChannel, CodeSender, Method, PageStatus, PageView, VerificationPort, Verified,
         VerifyError,
@@ -349,16 +349,12 @@ impl Mfa {
     ) -> Result<Mfa, ServiceError> {
         let data = core.store.path().parent().unwrap_or(Path::new("."));
         let key_path = paths::mfa_key_file(data);
-        let key = fsutil::load_or_create_secret(
-            &key_path,
-            MFA_KEY,
-            super::domain::decode_key,
-            || {
+        let key =
+            fsutil::load_or_create_secret(&key_path, MFA_KEY, super::domain::decode_key, || {
                 let k: [u8; 32] = rand::random();
                 (k, format!("{}\n", super::domain::encode_key(&k)))
-            },
-        )
-        .map_err(SecretError::from)?;
+            })
+            .map_err(SecretError::from)?;
         let mut h = Sha256::new();
         h.update(b"capybara mfa one-time codes\0");
         h.update(key);
@@ -426,19 +422,21 @@ impl Mfa {
     }
 
     fn open_secret(&self, rec: &MfaRecord) -> Result<Vec<u8>, ServiceError> {
-        self.sealer.open_bytes(&rec.secret, &aad(&rec.user)).map_err(|_| {
-            invalid(
-                "secret",
-                format!(
-                    "the MFA secret of {} does not open with {} (a backup restored beside \
+        self.sealer
+            .open_bytes(&rec.secret, &aad(&rec.user))
+            .map_err(|_| {
+                invalid(
+                    "secret",
+                    format!(
+                        "the MFA secret of {} does not open with {} (a backup restored beside \
                      another key file?): put back the key file it was sealed with, or run \
                      `capybara mfa reset {}`",
-                    rec.user,
-                    self.key_path.display(),
-                    rec.user
-                ),
-            )
-        })
+                        rec.user,
+                        self.key_path.display(),
+                        rec.user
+                    ),
+                )
+            })
     }
 
     /// A new secret and backup codes for `user`, as a pending record (its contacts as given).
@@ -493,8 +491,14 @@ impl Mfa {
             Some(r) => batch.put(Cf::Policy, &keys::mfa_user(user.as_str()), r)?,
             None => batch.delete(Cf::Policy, &keys::mfa_user(user.as_str())),
         }
-        self.core
-            .audit(&mut batch, actor, action, format!("user:{user}"), None, Some(after))?;
+        self.core.audit(
+            &mut batch,
+            actor,
+            action,
+            format!("user:{user}"),
+            None,
+            Some(after),
+        )?;
         self.core.commit(batch)
     }
 
@@ -691,7 +695,9 @@ impl Mfa {
             enrolled_at: rec.as_ref().and_then(|r| r.enrolled_at),
             last_verified: rec.as_ref().and_then(|r| r.last_verified),
             backup_codes_left: rec.as_ref().map_or(0, |r| r.backup.len() as u32),
-            email: rec.as_ref().and_then(|r| r.email.as_deref().map(mask_email)),
+            email: rec
+                .as_ref()
+                .and_then(|r| r.email.as_deref().map(mask_email)),
             sms: rec.as_ref().and_then(|r| r.sms.as_deref().map(mask_phone)),
             devices,
             error: rec
@@ -910,7 +916,8 @@ impl Mfa {
             (CodeChannel::Sms, Method::Sms),
         ] {
             let key = (user.clone(), channel);
-            let want = codes::one_time_hash(&self.otc_key, user.as_str(), channel_name(channel), code);
+            let want =
+                codes::one_time_hash(&self.otc_key, user.as_str(), channel_name(channel), code);
             if live
                 .codes
                 .get(&key)
@@ -1009,9 +1016,12 @@ impl Mfa {
             {
                 return Err(VerifyError::Locked { retry_after: wait });
             }
-            let hash = codes::one_time_hash(&self.otc_key, u.name.as_str(), channel_name(channel), &code);
-            live.codes
-                .insert((peer.user.clone(), channel), (hash, now + codes::ONE_TIME_VALID));
+            let hash =
+                codes::one_time_hash(&self.otc_key, u.name.as_str(), channel_name(channel), &code);
+            live.codes.insert(
+                (peer.user.clone(), channel),
+                (hash, now + codes::ONE_TIME_VALID),
+            );
             live.sent.insert(peer.user.clone(), now);
         }
         if let Err(e) = sender.send(channel, &to, peer.user.as_str(), &code) {

@@ -73,6 +73,33 @@ pub fn base32(bytes: &[u8]) -> String {
     out
 }
 
+/// Decodes RFC 4648 base32 (upper or lower case, padding and spaces ignored).
+pub fn decode_base32(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len() * 5 / 8);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in s.chars().filter(|c| *c != '=' && !c.is_whitespace()) {
+        let v = match c.to_ascii_uppercase() {
+            c @ 'A'..='Z' => c as u32 - 'A' as u32,
+            c @ '2'..='7' => c as u32 - '2' as u32 + 26,
+            _ => return None,
+        };
+        acc = (acc << 5) | v;
+        bits += 5;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
+/// The secret in an `otpauth://` URI's `secret=` parameter.
+pub fn secret_of_uri(uri: &str) -> Option<Vec<u8>> {
+    let query = uri.split_once('?')?.1;
+    let b32 = query.split('&').find_map(|kv| kv.strip_prefix("secret="))?;
+    decode_base32(b32)
+}
+
 /// The `otpauth://totp/Capybara:alice?…` URI of `user`'s secret (user names are
 /// `[a-z0-9._-]`: nothing to escape).
 pub fn uri(user: &str, secret: &[u8]) -> String {
@@ -164,6 +191,14 @@ mod tests {
             assert_eq!(base32(raw.as_bytes()), b32);
         }
         assert_eq!(base32(SEED), "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ");
+        for raw in ["", "f", "fo", "foo", "foob", "fooba", "foobar"] {
+            assert_eq!(
+                decode_base32(&base32(raw.as_bytes())).unwrap(),
+                raw.as_bytes()
+            );
+        }
+        assert_eq!(secret_of_uri(&uri("alice", SEED)).unwrap(), SEED);
+        assert_eq!(decode_base32("MZ1"), None);
         assert_eq!(
             uri("alice", SEED),
             "otpauth://totp/Capybara:alice?secret=GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ\

@@ -544,14 +544,23 @@ mod tests {
         // The policy writes and lifts its MFA holds; an MFA admission is rewritten when its
         // deadline moves, not when it reads back within the slack.
         let until = |t| Gate::MfaAdmitted { until: t };
-        assert_eq!(gate_write(mfa, until(now + hour), false), Some(until(now + hour)));
+        assert_eq!(
+            gate_write(mfa, until(now + hour), false),
+            Some(until(now + hour))
+        );
         assert_eq!(
             gate_write(until(now + hour), until(now + hour + DEADLINE_SLACK), false),
             None
         );
         assert_eq!(gate_write(until(now + hour), mfa, false), Some(mfa));
         assert_eq!(
-            gate_write(until(now + hour), Gate::Admitted { until: Some(now + hour) }, false),
+            gate_write(
+                until(now + hour),
+                Gate::Admitted {
+                    until: Some(now + hour)
+                },
+                false
+            ),
             Some(Gate::Admitted {
                 until: Some(now + hour)
             })

@@ -281,7 +281,11 @@ impl Policy {
 
     /// The users that need an MFA admission and whether every user does (`mfa require-all`),
     /// at start (before the policy is applied).
-    pub(in crate::service) fn init_mfa(&self, users: impl IntoIterator<Item = UserName>, all: bool) {
+    pub(in crate::service) fn init_mfa(
+        &self,
+        users: impl IntoIterator<Item = UserName>,
+        all: bool,
+    ) {
         let mut rt = self.runtime.lock().unwrap();
         rt.mfa_users = users.into_iter().collect();
         rt.mfa_all = all;
@@ -311,7 +315,11 @@ impl Policy {
 
     /// Sets whether `user`'s devices need an MFA admission and decides their gates again; turned
     /// off, its devices' admissions are forgotten (turned on again, they verify again).
-    pub(in crate::service) fn set_mfa(&self, user: &UserName, on: bool) -> Result<(), ServiceError> {
+    pub(in crate::service) fn set_mfa(
+        &self,
+        user: &UserName,
+        on: bool,
+    ) -> Result<(), ServiceError> {
         {
             let mut rt = self.runtime.lock().unwrap();
             let changed = if on {
@@ -347,12 +355,7 @@ impl Policy {
     /// Until when `id`'s current session is admitted by MFA (a time passed is still answered
     /// until the tick forgets it).
     pub fn mfa_admission(&self, id: PeerId) -> Option<SystemTime> {
-        self.runtime
-            .lock()
-            .unwrap()
-            .mfa_admitted
-            .get(&id)
-            .copied()
+        self.runtime.lock().unwrap().mfa_admitted.get(&id).copied()
     }
 
     /// Every MFA admission of `user`'s devices.
@@ -1032,10 +1035,7 @@ impl Policy {
         let (was_online, was_admitted) = {
             let mut rt = self.runtime.lock().unwrap();
             // The session ended: so did its MFA admission.
-            (
-                rt.online.remove(&peer.id),
-                rt.mfa_admitted.remove(&peer.id),
-            )
+            (rt.online.remove(&peer.id), rt.mfa_admitted.remove(&peer.id))
         };
         if was_online.is_some() || was_admitted.is_some() {
             self.regate(&peer.user, now, None)?;
@@ -1148,7 +1148,7 @@ impl Policy {
         let mut users: BTreeSet<UserName> = BTreeSet::new();
         if !lapsed.is_empty() {
             self.dir.with_records(|it| {
-            for r in it {
+                for r in it {
                     if lapsed.contains(&r.peer.id) {
                         users.insert(r.peer.user.clone());
                     }
