@@ -71,7 +71,15 @@ fn main() -> anyhow::Result<()> {
     if health_interval.is_zero() {
         anyhow::bail!("--health-interval: must be more than 0");
     }
+    let mfa = daemon::MfaSettings {
+        port: args.mfa_port,
+        config: capybara_agent::service::mfa::MfaConfig {
+            lifetime: duration("mfa_lifetime", &args.mfa_lifetime)?,
+            lock: duration("mfa_lock", &args.mfa_lock)?,
+        },
+    };
     let config = AgentConfig {
+        mfa,
         alerts,
         health_interval,
         disconnect_after,

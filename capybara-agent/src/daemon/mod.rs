@@ -205,6 +205,19 @@ pub struct AgentConfig {
     pub backup_dir: Option<PathBuf>,
     /// Every webhook may reach private and loopback addresses (`--webhook-allow-private`).
     pub webhook_allow_private: bool,
+    /// MFA: the verification page's port (`--mfa-port`), the admission lifetime and the lock
+    /// (`--mfa-lifetime`, `--mfa-lock`).
+    pub mfa: MfaSettings,
+}
+
+/// The daemon's MFA settings.
+#[derive(Clone, Copy, Debug)]
+pub struct MfaSettings {
+    /// TCP port of the verification page on the server's tunnel addresses, reachable by held
+    /// devices (`CAPY_GATE_ALLOW`).
+    pub port: u16,
+    /// The lifetime of an admission and the lock after failed codes.
+    pub config: crate::service::mfa::MfaConfig,
 }
 
 /// Why the daemon could not start or stop cleanly.

@@ -74,6 +74,15 @@ pub(super) fn open(config: &AgentConfig) -> Result<Opened, DaemonError> {
         )
     })?);
     dataplane.attach_tc(tunnel.name())?;
+    // The MFA verification page: devices held at the gate reach the server's tunnel addresses
+    // on this TCP port and nothing else.
+    dataplane.set_verification_endpoint(
+        &[
+            std::net::IpAddr::V4(config.tunnel_ipv4.0),
+            std::net::IpAddr::V6(config.tunnel_ipv6.0),
+        ],
+        &[(crate::dataplane::L4Proto::Tcp, config.mfa.port)],
+    )?;
 
     dataplane.set_guard_ports(&[config.listen_port])?;
     match &config.uplink {
@@ -153,6 +162,9 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
     }
     svc.webhooks
         .set_allow_private_everywhere(config.webhook_allow_private);
+    // MFA (`service::mfa`): its lifetime and lock. The verification page's server is handed
+    // `svc.mfa` as its `VerificationPort` (and sets its `CodeSender` with `Mfa::set_sender`).
+    svc.mfa.configure(config.mfa.config);
     let tcp = match config.api.listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
