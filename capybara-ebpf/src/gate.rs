@@ -60,7 +60,7 @@ pub fn held(info: *const PeerInfo, now_ns: u64) -> Option<Held> {
     // SAFETY: `info` is the peer's `PEERS` element the pipeline looked up, valid for this program
     // run; the agent replaces it by copying, so each field is read old or new (documented on
     // `PeerInfo`).
-    let (gate, deadline_ns, flags) = unsafe { ((*info).gate, (*info).deadline_ns, (*info).flags) };
+    let (gate, deadline_ns) = unsafe { ((*info).gate, (*info).deadline_ns) };
     if gate != GATE_ADMITTED {
         return Some(Held {
             reason: gate_reason(gate),
@@ -68,6 +68,8 @@ pub fn held(info: *const PeerInfo, now_ns: u64) -> Option<Held> {
         });
     }
     if deadline_ns != 0 && now_ns >= deadline_ns {
+        // SAFETY: as above; the flags are read only for a peer whose deadline has passed.
+        let flags = unsafe { (*info).flags };
         let reason = if flags & PEER_F_DEADLINE_MFA != 0 {
             DropReason::GateMfaPending
         } else {

@@ -171,8 +171,11 @@ fn try_tunnel(ctx: &TcContext, dir: &Direction, l2: usize, bytes: u64) -> Result
     if let Some(Known {
         id, info, now_ns, ..
     }) = known
-        && let Some(held) = gate::held(info, now_ns)
+        && gate::held(info, now_ns).is_some()
         && !gate::to_endpoint(&pkt, l2, &addrs, dir.peer_is_source)
+        // Read again after the endpoint check rather than kept across it: the reason and the
+        // deadline would otherwise be spilled over the parser's stack (the 512-byte limit).
+        && let Some(held) = gate::held(info, now_ns)
     {
         count_drop(dir.drop_gate, held.reason, amount, peer);
         let rec = EventRecord {
