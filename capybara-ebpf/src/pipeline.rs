@@ -171,17 +171,15 @@ fn try_tunnel(ctx: &TcContext, dir: &Direction, l2: usize, bytes: u64) -> Result
     if let Some(Known {
         id, info, now_ns, ..
     }) = known
-        && gate::held(info, now_ns).is_some()
-        && !gate::to_endpoint(&pkt, l2, &addrs, dir.peer_is_source)
-        // Read again after the endpoint check rather than kept across it: the reason and the
-        // deadline would otherwise be spilled over the parser's stack (the 512-byte limit).
         && let Some(held) = gate::held(info, now_ns)
+        && !gate::to_endpoint(&pkt, l2, &addrs, dir.peer_is_source)
     {
-        count_drop(dir.drop_gate, held.reason, amount, peer);
+        let reason = gate::deadline_reason(info, &held);
+        count_drop(dir.drop_gate, reason, amount, peer);
         let rec = EventRecord {
             kind: EVENT_GATE_DROP,
             peer: id,
-            reason: held.reason as u32,
+            reason: reason as u32,
             flags: if dir.peer_is_source {
                 0
             } else {
