@@ -57,6 +57,7 @@ mod e2e_harness;
 mod e2e_list_replace;
 mod e2e_live;
 mod e2e_metrics;
+mod e2e_mfa;
 mod e2e_notify;
 mod e2e_peer_counters;
 mod e2e_policy;
