@@ -371,15 +371,25 @@ impl Mfa {
         };
         let settings = mfa.settings()?;
         let mut required = Vec::new();
-        for user in mfa.dir.users()? {
-            let Some(rec) = mfa.record(&user)? else {
-                continue;
+        // One scan of the records (not a read per user): their users are checked in memory.
+        for (_, rec) in mfa
+            .core
+            .store
+            .scan::<MfaRecord>(Cf::Policy, keys::MFA_USERS)?
+        {
+            let own = match mfa.dir.user(&rec.user) {
+                Ok(u) => u.created_at == rec.user_created,
+                Err(ServiceError::NotFound { .. }) => false,
+                Err(e) => return Err(e),
             };
+            if !own {
+                continue;
+            }
             if rec.state == EnrolState::Enrolled || rec.required {
-                required.push(user.name.clone());
+                required.push(rec.user.clone());
             }
             if let Err(e) = mfa.open_secret(&rec) {
-                tracing::error!(user = %user.name, error = %e, "MFA secret does not open; the user's devices stay held until `mfa reset`");
+                tracing::error!(user = %rec.user, error = %e, "MFA secret does not open; the user's devices stay held until `mfa reset`");
             }
         }
         mfa.policy.init_mfa(required, settings.require_all);
