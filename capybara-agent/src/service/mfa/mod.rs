@@ -11,9 +11,10 @@
 //! and answers them once (the `otpauth://totp/Capybara:alice?…` URI, the codes); the user's
 //! record is `pending`: MFA is **not on** until a valid TOTP code confirms it
 //! (`mfa confirm alice CODE`, or the first good code on the page while the page shows
-//! `Enrolling`). `mfa reset` makes a new secret and new codes (the old ones void) and puts the
-//! user back to `pending`; a user that was enrolled stays **held** while pending after a reset
-//! (the page takes the first code of the new secret), so a reset never opens the gate.
+//! `Enrolling`). `mfa reset` makes a new secret and new codes (the old ones void, and the
+//! sessions they admitted end) and puts the user back to `pending`; a user that was enrolled
+//! stays **held** while pending after a reset (the page takes the first code of the new
+//! secret), so a reset never opens the gate.
 //! `mfa disable` deletes the record. `mfa require-all` makes every user need MFA: a user with
 //! no enrolment is held as `mfa-pending`, and its device's page offers a **self-service
 //! enrolment**: the first device of the user that opens the page gets a new secret (its URI on
@@ -629,6 +630,8 @@ impl Mfa {
             serde_json::json!({"state": "pending", "held": rec.required}),
         )?;
         self.policy.set_mfa(user, rec.required)?;
+        // Sessions admitted by the old secret or codes end with them.
+        self.policy.mfa_end_admissions(user)?;
         self.live
             .lock()
             .unwrap()

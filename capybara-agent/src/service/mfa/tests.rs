@@ -373,13 +373,17 @@ fn disable_lifts_the_hold_and_reset_voids_the_old_secret_and_codes_but_keeps_it(
     let f = fixture();
     let p = f.user("alice");
     let (secret, backup) = f.enrolled("alice");
+    let t0 = SystemTime::now() + STEP;
+    f.svc.mfa.verify_at(ip(&p), &code(&secret, t0), t0).unwrap();
+    assert!(matches!(f.gate(&p), Gate::MfaAdmitted { .. }));
+    // A reset ends the sessions the old secret admitted.
     let e = f.svc.mfa.reset(&root(), &u("alice")).unwrap();
     let new_secret = totp::secret_of_uri(&e.uri).unwrap();
     assert_ne!(new_secret, secret);
     let s = f.svc.mfa.status(Some(&u("alice"))).unwrap().users.remove(0);
     assert_eq!((s.state.as_str(), s.required), ("pending", true));
     assert_eq!(f.gate(&p), Gate::Held(DropReason::GateMfaPending));
-    let t = SystemTime::now() + STEP;
+    let t = SystemTime::now() + 2 * STEP;
     assert_eq!(
         f.svc.mfa.view_at(ip(&p), t).unwrap().status,
         PageStatus::Enrolling

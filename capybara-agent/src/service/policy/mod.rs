@@ -337,6 +337,21 @@ impl Policy {
         self.regate(user, SystemTime::now(), None)
     }
 
+    /// Ends the MFA admissions of `user`'s devices (its secret was reset: a session admitted by
+    /// an old code must not outlive it) and decides their gates again.
+    pub(in crate::service) fn mfa_end_admissions(
+        &self,
+        user: &UserName,
+    ) -> Result<(), ServiceError> {
+        {
+            let mut rt = self.runtime.lock().unwrap();
+            for p in self.dir.user_peers(user) {
+                rt.mfa_admitted.remove(&p.id);
+            }
+        }
+        self.regate(user, SystemTime::now(), None)
+    }
+
     /// A good code admitted `peer`'s current session until `until`: its gate is decided again
     /// (and written before this returns).
     pub(in crate::service) fn mfa_admit(
