@@ -17,6 +17,7 @@
 //! | [`schedules`] | `Schedules` (scheduled tasks); [`inproc`] is the in-process connection their commands call the API over |
 //! | [`reports`] | `Reports` (usage reports over the rollups) |
 //! | [`webhooks`] | `Webhooks` |
+//! | [`intel`] | `IpIntel` (IP intelligence: the switch, the tor/vpn sources, the allow list) |
 //!
 //! Beside them: [`server`] (who may call what, the router, the listeners, `run(listeners,
 //! shutdown)`), [`handler`] (the [`handler::Api`] type every service is implemented on: auth and
@@ -34,6 +35,7 @@ pub mod handler;
 pub mod health;
 pub mod history;
 pub mod inproc;
+pub mod intel;
 pub mod limits;
 pub mod lists;
 pub mod live;
