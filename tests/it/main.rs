@@ -73,3 +73,5 @@ mod geo;
 mod logging;
 mod prog_test_run;
 mod service_install;
+// Issue 22, IP intelligence.
+mod api_intel;

@@ -477,6 +477,9 @@ impl Geo {
             return Ok(());
         };
         let mut cur = self.current.write().unwrap();
+        if cur.path.as_ref() == Some(&rec.path) {
+            return Ok(());
+        }
         cur.path = Some(rec.path);
         // Unknown version: the watcher's first look loads it.
         cur.version = Some((-1, 0, 0));
