@@ -50,16 +50,16 @@ pub(super) async fn run(cli: &Cli, cmd: &GeoCmd) -> Result<(), CliError> {
                 .await?
                 .update_geo_db(path.display().to_string())
                 .await?;
-            if !cli.json {
-                if let Some(d) = &status.database {
-                    outln!(
-                        "database {} ({}, built {}, {} countries)",
-                        d.path,
-                        d.database_type,
-                        super::output::time(d.build_epoch),
-                        d.countries
-                    )?;
-                }
+            if !cli.json
+                && let Some(d) = &status.database
+            {
+                outln!(
+                    "database {} ({}, built {}, {} countries)",
+                    d.path,
+                    d.database_type,
+                    super::output::time(d.build_epoch),
+                    d.countries
+                )?;
             }
             status
         }

@@ -211,14 +211,13 @@ async fn get(url: &WebhookUrl, allow_private: bool) -> Result<Answer, FetchError
         sender.send_request(req).await.map_err(|e| transfer(&e))?
     };
     let status = res.status();
-    if status.is_redirection() {
-        if let Some(loc) = res
+    if status.is_redirection()
+        && let Some(loc) = res
             .headers()
             .get(hyper::header::LOCATION)
             .and_then(|l| l.to_str().ok())
-        {
-            return Ok(Answer::Redirect(loc.to_owned()));
-        }
+    {
+        return Ok(Answer::Redirect(loc.to_owned()));
     }
     if status != hyper::StatusCode::OK {
         return Err(FetchError::Status {
