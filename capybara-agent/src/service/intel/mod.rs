@@ -434,12 +434,11 @@ impl Intel {
             .store
             .get(Cf::Blocklists, keys::INTEL_SETTINGS)?
             .unwrap_or_default();
-        let now = Instant::now();
         let mut runtime: [Runtime; 2] = Default::default();
         for c in Category::ALL {
             // The first reload after a start comes soon (the list may be an hour old), jittered.
             let r = &mut runtime[c.index()];
-            r.due = Some(now + jittered(Duration::from_secs(30)));
+            schedule(r, Duration::from_secs(30));
             if let Some(Source::File(p)) = &settings.category(c).source {
                 r.file_sig = FileSig::of(p);
             }
