@@ -109,7 +109,6 @@ const DESIGN_LINES: &[&str] = &[
 /// Design lines not run: their command does not exist yet (first words, why).
 const NOT_YET: &[(&str, &str)] = &[
     ("cluster ", "clustering does not exist yet"),
-    ("ip-intel ", "IP intelligence does not exist yet"),
 ];
 
 /// The fixture country database: a network for each country the design's geo lines name.
@@ -393,6 +392,20 @@ fn every_design_line_works_verbatim() {
     }
     let out = d.line("geo list");
     assert!(out.starts_with("geo allow "), "{out}");
+    // IP intelligence: on, and the two categories on (no source given yet: empty lists).
+    let out = d.line("ip-intel enable");
+    assert!(out.starts_with("ip-intel enabled\n"), "{out}");
+    let out = d.line("ip-intel block-vpn");
+    assert!(
+        out.contains("note: the vpn list is empty until a source is given"),
+        "{out}"
+    );
+    let out = d.line("ip-intel block-tor");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("tor ") && l.contains("enforced")),
+        "{out}"
+    );
 
     // 30. Configuration Templates & Profiles.
     let out = d.line("template save current corporate-standard");

@@ -75,3 +75,6 @@ mod geo;
 mod logging;
 mod prog_test_run;
 mod service_install;
+// Issue 22, IP intelligence.
+mod api_intel;
+mod e2e_intel;

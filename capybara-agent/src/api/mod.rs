@@ -18,6 +18,7 @@
 //! | [`reports`] | `Reports` (usage reports over the rollups) |
 //! | [`webhooks`] | `Webhooks` |
 //! | [`mfa`] | `Mfa` (enrolment, status, require-all; the verification page is `service::verification`'s) |
+//! | [`intel`] | `IpIntel` (IP intelligence: the switch, the tor/vpn sources, the allow list) |
 //!
 //! Beside them: [`server`] (who may call what, the router, the listeners, `run(listeners,
 //! shutdown)`), [`handler`] (the [`handler::Api`] type every service is implemented on: auth and
@@ -35,6 +36,7 @@ pub mod handler;
 pub mod health;
 pub mod history;
 pub mod inproc;
+pub mod intel;
 pub mod limits;
 pub mod lists;
 pub mod live;

@@ -20,6 +20,7 @@
 //! (`user`, `device`, `api`, `stats`, `top`, `connections` with `kick`, `health`, `history`,
 //! `backup`, `blocklist`, `geo`, `quota` with `quota template`, `group`, `policy`, `template`,
 //! `diagnose`, `schedule`, `report`, `webhook`, `mfa`; the hidden `generate` writes the man pages and completions
+//! `diagnose`, `schedule`, `report`, `webhook`, `intel` (`ip-intel`); the hidden `generate` writes the man pages and completions
 //! `cargo xtask install` installs). `scheduled` runs a command line in the agent for a scheduled
 //! task (the same code, in-process, its output captured). What several families share is in
 //! modules no family owns, so no family imports
@@ -43,6 +44,7 @@ mod group;
 mod health;
 mod history;
 mod input;
+mod intel;
 mod limits;
 mod live;
 mod mfa;
@@ -164,6 +166,10 @@ enum Command {
     /// device).
     #[command(subcommand)]
     Mfa(mfa::MfaCmd),
+    /// IP intelligence on the uplink: the switch, Tor and VPN lists from files or feeds, the
+    /// allow list.
+    #[command(name = "ip-intel", subcommand)]
+    IpIntel(intel::IntelCmd),
 }
 
 /// Runs the CLI with the process arguments.
@@ -248,5 +254,6 @@ async fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Report(cmd) => report::run(cli, cmd).await,
         Command::Webhook(cmd) => webhook::run(cli, cmd).await,
         Command::Mfa(cmd) => mfa::run(cli, cmd).await,
+        Command::IpIntel(cmd) => intel::run(cli, cmd).await,
     }
 }

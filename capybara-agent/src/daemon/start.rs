@@ -227,6 +227,10 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
         uplink: config.uplink.clone(),
         probe: Arc::new(crate::net::link_state),
     });
+    // IP intelligence's reload schedule and the watched country database (each task holds its
+    // feature weakly and ends with it).
+    service::intel::runner::spawn(&svc.intel);
+    service::geo::spawn_watch(&svc.geo);
     let health_watch = tokio::spawn(super::events::watch_health(
         Arc::downgrade(&svc),
         config.health_interval,

@@ -29,6 +29,7 @@
 //! | [`verification`] | the MFA verification page's and one-time-code channels' view of the service (traits) |
 //! | [`usage`] | hourly and daily usage rollups per device (the writer's thread) and the usage report over them (`report generate`) |
 //! | [`mfa`] | multi-factor authentication: enrolment, TOTP, backup and one-time codes, failed-code limits; implements [`verification::VerificationPort`]; its gate decision is folded into [`policy`]'s |
+//! | [`intel`] | IP intelligence: the master switch, the `tor`/`vpn` source lists from files or URLs on a reload schedule, the `allow` list (over [`lists`]) |
 //!
 //! Beside them: [`domain`] (validated domain types and their parsers), [`secrets`] (keys, token
 //! hashes, sealing of kept client keys), [`ports`] (what the service needs from the dataplane and
@@ -47,6 +48,7 @@ pub mod events;
 pub mod geo;
 pub mod health;
 pub mod history;
+pub mod intel;
 pub mod lists;
 pub mod live;
 pub mod mfa;
@@ -136,6 +138,8 @@ pub struct Service {
     pub webhooks: Arc<webhooks::Webhooks>,
     /// Multi-factor authentication (the verification page's port).
     pub mfa: Arc<mfa::Mfa>,
+    /// IP intelligence: the switch, the tor/vpn lists and their reloads, the allow list.
+    pub intel: Arc<intel::Intel>,
 }
 
 impl Service {
@@ -208,6 +212,7 @@ impl Service {
                 directory.clone(),
                 policy.clone(),
             )?),
+            intel: Arc::new(intel::Intel::new(core.clone(), lists.clone())?),
             lists,
             users,
             devices,
@@ -219,6 +224,7 @@ impl Service {
         svc.policy.reapply()?;
         svc.policy_files.complete_journal()?;
         svc.templates.apply_log_level();
+        svc.intel.reconcile()?;
         Ok(svc)
     }
 
