@@ -28,6 +28,7 @@
 //! | [`schedules`] | scheduled tasks: cron in a zone, the runner on an injectable clock, runs and their history (the commands run through the `Commands` port) |
 //! | [`verification`] | the MFA verification page's and one-time-code channels' view of the service (traits) |
 //! | [`usage`] | hourly and daily usage rollups per device (the writer's thread) and the usage report over them (`report generate`) |
+//! | [`reputation`] | a score per source address from failed handshakes and kernel events, automatic blocking in the `auto` source list for a TTL (the blocker thread) |
 //!
 //! Beside them: [`domain`] (validated domain types and their parsers), [`secrets`] (keys, token
 //! hashes, sealing of kept client keys), [`ports`] (what the service needs from the dataplane and
@@ -53,6 +54,7 @@ pub mod notify;
 pub mod policy;
 pub mod policy_file;
 pub mod ports;
+pub mod reputation;
 pub mod schedules;
 pub mod secrets;
 pub mod telemetry;
@@ -132,6 +134,8 @@ pub struct Service {
     pub usage: Arc<usage::Usage>,
     /// Webhook endpoints and their delivery workers.
     pub webhooks: Arc<webhooks::Webhooks>,
+    /// Source reputation and automatic blocking.
+    pub reputation: Arc<reputation::Reputation>,
 }
 
 impl Service {
@@ -199,6 +203,11 @@ impl Service {
             )),
             schedules: Arc::new(schedules::Schedules::new(core.clone())),
             webhooks: Arc::new(webhooks::Webhooks::new(core.clone())?),
+            reputation: Arc::new(reputation::Reputation::new(
+                core.clone(),
+                directory.clone(),
+                lists.clone(),
+            )?),
             lists,
             users,
             devices,

@@ -182,6 +182,14 @@ pub mod keys {
     /// Key of the geo policy in `blocklists`.
     pub const GEO_POLICY: &str = "geo-policy";
 
+    /// Prefix of the reputation engine's auto-blocks (their expiries) in `blocklists`.
+    pub const REPUTATION_BLOCKS_PREFIX: &str = "reputation/auto/";
+
+    /// Key of the auto-block of source `ip` in `blocklists`.
+    pub fn reputation_block(ip: &str) -> String {
+        format!("{REPUTATION_BLOCKS_PREFIX}{ip}")
+    }
+
     /// Key of the TCP API's setting (`capybara api enable`) in `policy`.
     pub const API_ACCESS: &str = "server/api-access";
 
