@@ -17,6 +17,7 @@
 //! | [`schedules`] | `Schedules` (scheduled tasks); [`inproc`] is the in-process connection their commands call the API over |
 //! | [`reports`] | `Reports` (usage reports over the rollups) |
 //! | [`webhooks`] | `Webhooks` |
+//! | [`reputation`] | `Reputation` (a source's score explained, the auto-blocked sources) |
 //!
 //! Beside them: [`server`] (who may call what, the router, the listeners, `run(listeners,
 //! shutdown)`), [`handler`] (the [`handler::Api`] type every service is implemented on: auth and
@@ -41,6 +42,7 @@ pub mod monitor;
 mod paging;
 pub mod policy;
 pub mod reports;
+pub mod reputation;
 pub mod rest;
 pub mod schedules;
 pub mod server;

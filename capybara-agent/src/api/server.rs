@@ -49,6 +49,7 @@ use capybara_proto::v1::{
     templates_server::TemplatesServer, tokens_server::TokensServer, users_server::UsersServer,
     webhooks_server::WebhooksServer,
 };
+use capybara_proto::v1::reputation_server::ReputationServer;
 use tonic::{Request, transport::server::Router};
 
 use super::{
@@ -209,6 +210,7 @@ pub(super) async fn router(api: &Api, tls: Option<&TlsIdentity>) -> Result<Timed
     reporter.set_serving::<SchedulesServer<Api>>().await;
     reporter.set_serving::<ReportsServer<Api>>().await;
     reporter.set_serving::<WebhooksServer<Api>>().await;
+    reporter.set_serving::<ReputationServer<Api>>().await;
     super::health::publish(&reporter, svc).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(capybara_proto::FILE_DESCRIPTOR_SET)
@@ -257,7 +259,8 @@ pub(super) async fn router(api: &Api, tls: Option<&TlsIdentity>) -> Result<Timed
             .max_decoding_message_size(super::reports::MAX_REPORT_MESSAGE)
             .max_encoding_message_size(super::reports::MAX_REPORT_MESSAGE),
     )
-    .add_service(WebhooksServer::new(api.clone()));
+    .add_service(WebhooksServer::new(api.clone()))
+    .add_service(ReputationServer::new(api.clone()));
     // gRPC and the REST mirror on one listener: gRPC paths are `/capybara.v1.X/Y`, REST ones
     // `/api/v1/…`; HTTP/1.1 is accepted for REST clients.
     let all = grpc

@@ -71,7 +71,17 @@ fn main() -> anyhow::Result<()> {
     if health_interval.is_zero() {
         anyhow::bail!("--health-interval: must be more than 0");
     }
+    let reputation = daemon::ReputationSettings {
+        enabled: args.reputation,
+        threshold: capybara_agent::service::reputation::check_threshold(
+            "reputation_threshold",
+            args.reputation_threshold,
+        )
+        .map_err(|e| anyhow::anyhow!("--{}", e.to_string().replace('_', "-")))?,
+        ttl: duration("reputation_ttl", &args.reputation_ttl)?,
+    };
     let config = AgentConfig {
+        reputation,
         alerts,
         health_interval,
         disconnect_after,

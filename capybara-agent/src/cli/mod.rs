@@ -39,6 +39,7 @@ mod diagnose;
 mod error;
 mod generate;
 mod geo;
+mod reputation;
 mod group;
 mod health;
 mod history;
@@ -159,6 +160,9 @@ enum Command {
     /// Webhooks: endpoints that receive the agent's events, signed.
     #[command(subcommand)]
     Webhook(webhook::WebhookCmd),
+    /// IP intelligence: `ip-intel score IP` (the reputation score explained).
+    #[command(subcommand, name = "ip-intel")]
+    IpIntel(reputation::IpIntelCmd),
 }
 
 /// Runs the CLI with the process arguments.
@@ -242,5 +246,6 @@ async fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Schedule(cmd) => schedule::run(cli, cmd).await,
         Command::Report(cmd) => report::run(cli, cmd).await,
         Command::Webhook(cmd) => webhook::run(cli, cmd).await,
+        Command::IpIntel(cmd) => reputation::run(cli, cmd).await,
     }
 }

@@ -205,6 +205,29 @@ pub struct AgentConfig {
     pub backup_dir: Option<PathBuf>,
     /// Every webhook may reach private and loopback addresses (`--webhook-allow-private`).
     pub webhook_allow_private: bool,
+    /// The reputation engine (`--reputation*`).
+    pub reputation: ReputationSettings,
+}
+
+/// The reputation engine's settings at start (`service::reputation`).
+#[derive(Clone, Copy, Debug)]
+pub struct ReputationSettings {
+    /// On at start (`--reputation`).
+    pub enabled: bool,
+    /// The threshold in bad handshakes' worth (`--reputation-threshold`, default 20).
+    pub threshold: u32,
+    /// How long a block lasts (`--reputation-ttl`, default 1 h).
+    pub ttl: std::time::Duration,
+}
+
+impl Default for ReputationSettings {
+    fn default() -> Self {
+        ReputationSettings {
+            enabled: false,
+            threshold: crate::service::reputation::DEFAULT_THRESHOLD,
+            ttl: crate::service::reputation::DEFAULT_TTL,
+        }
+    }
 }
 
 /// Why the daemon could not start or stop cleanly.

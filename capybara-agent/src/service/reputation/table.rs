@@ -86,6 +86,11 @@ impl Part {
         }
     }
 
+    /// The part of a wire name.
+    pub fn parse(s: &str) -> Option<Part> {
+        Part::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+
     const fn index(self) -> usize {
         self as usize
     }
