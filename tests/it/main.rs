@@ -73,3 +73,5 @@ mod geo;
 mod logging;
 mod prog_test_run;
 mod service_install;
+mod api_reputation;
+mod e2e_reputation;

@@ -317,6 +317,52 @@ pub fn flood(
     })
 }
 
+/// Sends exactly `n` handshake initiations with bad MACs from `src` to `dst:port` from `ns`,
+/// one `sendto` each (a burst: no pacing); answers when the last left.
+pub fn send_bad_initiations(
+    ns: &NetNs,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    port: u16,
+    n: usize,
+) -> Result<Instant> {
+    ns.run(move || -> Result<Instant> {
+        let mut rng = StdRng::seed_from_u64(u64::from(u32::from(src)));
+        // SAFETY: a plain socket(2) call.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        ensure!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        // SAFETY: all-zero is a valid sockaddr_in.
+        let mut to: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        to.sin_family = libc::AF_INET as u16;
+        to.sin_addr.s_addr = u32::from(dst).to_be();
+        let mut last = Instant::now();
+        for _ in 0..n {
+            let p = datagram(&mut rng, src, dst, port);
+            // SAFETY: `p` and `to` are live for the call.
+            let r = unsafe {
+                libc::sendto(
+                    fd,
+                    p.as_ptr().cast(),
+                    p.len(),
+                    0,
+                    (&raw const to).cast(),
+                    size_of::<libc::sockaddr_in>() as u32,
+                )
+            };
+            last = Instant::now();
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                // SAFETY: fd is ours.
+                unsafe { libc::close(fd) };
+                bail!("sendto: {e}");
+            }
+        }
+        // SAFETY: fd is ours.
+        unsafe { libc::close(fd) };
+        Ok(last)
+    })
+}
+
 fn thread_cpu() -> Duration {
     // SAFETY: all-zero is a valid rusage.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
