@@ -43,6 +43,8 @@ pub struct FloodRig {
     pub data_dir: PathBuf,
     /// The agent's log.
     pub log: PathBuf,
+    /// Its control socket ([`FloodRig::start_guarded`] only).
+    pub socket: Option<PathBuf>,
     pin_dir: PathBuf,
     pid: Option<u32>,
 }
@@ -80,6 +82,17 @@ impl FloodRig {
     /// Starts `bin` (`capybara-agent`) with its data in `work` and its pins under `pins`,
     /// `net` choosing the veth's `10.<net>.0.0/24`; waits until it is ready.
     pub fn start(bin: &Path, work: &Path, pins: &Path, net: u8) -> Result<FloodRig> {
+        FloodRig::launch(bin, work, pins, net, false)
+    }
+
+    /// [`FloodRig::start`] with the XDP guard on the agent's side of the veth (`--uplink`) and
+    /// the control socket at `work/agent.sock` ([`FloodRig::socket`]), so source lists can be
+    /// set and enforced.
+    pub fn start_guarded(bin: &Path, work: &Path, pins: &Path, net: u8) -> Result<FloodRig> {
+        FloodRig::launch(bin, work, pins, net, true)
+    }
+
+    fn launch(bin: &Path, work: &Path, pins: &Path, net: u8, guarded: bool) -> Result<FloodRig> {
         let agent_ns = NetNs::new("af");
         let sender_ns = NetNs::new("as");
         let veth = VethPair::new(&agent_ns, &sender_ns, net);
@@ -101,10 +114,19 @@ impl FloodRig {
         std::fs::create_dir_all(&uapi)?;
         let pin_dir = pins.join(unique_name("pins"));
         let out = std::fs::File::create(&log)?;
-        let child = Command::new(bin)
+        let socket = guarded.then(|| work.join("agent.sock"));
+        let mut command = Command::new(bin);
+        match &socket {
+            Some(path) => command
+                .args(["--uplink", &veth.a.ifname])
+                .arg("--api-socket")
+                .arg(path),
+            None => command.arg("--no-api-socket"),
+        };
+        let child = command
             .args(["--netns", agent_ns.name(), "--tunnel", &unique_name("tn")])
             .args(["--listen-port", &PORT.to_string()])
-            .args(["--no-api-socket", "--detach-on-exit"])
+            .arg("--detach-on-exit")
             .arg("--data-dir")
             .arg(&data_dir)
             .arg("--bpffs")
@@ -125,6 +147,7 @@ impl FloodRig {
             veth,
             data_dir,
             log,
+            socket,
             pin_dir,
             pid: Some(pid),
         };

@@ -234,7 +234,7 @@ impl std::fmt::Debug for Reputation {
     }
 }
 
-/// `s` as `Cidr` of one address.
+/// `ip` as a one-address `Cidr`.
 fn host(ip: IpAddr) -> Cidr {
     Cidr::host(ip)
 }
