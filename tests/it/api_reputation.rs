@@ -76,10 +76,14 @@ async fn explain_and_list_auto_blocked_sources_and_refuse_bad_addresses() {
     assert_eq!(a.json["blocked"]["score"], 20.0);
     assert_eq!(a.json["threshold"], 20.0);
     assert_eq!(a.json["halfLifeS"], "600");
-    let a = rest.call("GET", "/api/v1/ip-intel/score/300.1.2.3", None).await;
+    let a = rest
+        .call("GET", "/api/v1/ip-intel/score/300.1.2.3", None)
+        .await;
     assert_eq!(a.status, 400, "{}", a.text);
     assert!(a.text.contains("ip: "), "{}", a.text);
-    let a = rest.call("GET", "/api/v1/ip-intel/auto-blocked", None).await;
+    let a = rest
+        .call("GET", "/api/v1/ip-intel/auto-blocked", None)
+        .await;
     assert_eq!(a.status, 200, "{}", a.text);
     assert_eq!(a.json["blocks"][0]["ip"], "198.51.100.7");
 

@@ -47,7 +47,11 @@ fn auto_list(lab: &Lab) -> (u64, Vec<String>) {
                 l["hits"]["packets"].as_u64().unwrap_or(0),
                 l["cidrs"]
                     .as_array()
-                    .map(|c| c.iter().filter_map(|c| c.as_str().map(str::to_owned)).collect())
+                    .map(|c| {
+                        c.iter()
+                            .filter_map(|c| c.as_str().map(str::to_owned))
+                            .collect()
+                    })
                     .unwrap_or_default(),
             )
         })
@@ -155,7 +159,11 @@ fn twenty_bad_handshakes_block_the_source_within_a_second_until_the_ttl_expires(
     );
     let end = Instant::now() + WAIT;
     while !auto_list(&lab).1.is_empty() {
-        assert!(Instant::now() < end, "the block did not expire\n{}", lab.log(1));
+        assert!(
+            Instant::now() < end,
+            "the block did not expire\n{}",
+            lab.log(1)
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let expired_after = twentieth.elapsed();
@@ -170,7 +178,11 @@ fn twenty_bad_handshakes_block_the_source_within_a_second_until_the_ttl_expires(
     );
     assert!(expired_after >= Duration::from_secs(4));
     let events = suspicious(&rx);
-    assert_eq!(events.len(), 1, "exactly one suspicious-activity: {events:#?}");
+    assert_eq!(
+        events.len(),
+        1,
+        "exactly one suspicious-activity: {events:#?}"
+    );
     let b = &events[0];
     assert_eq!(b["ip"], source.to_string());
     assert_eq!(b["data"]["kind"], "auto-block");

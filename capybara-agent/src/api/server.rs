@@ -40,6 +40,7 @@
 
 use std::{future::Future, path::Path, sync::Arc};
 
+use capybara_proto::v1::reputation_server::ReputationServer;
 use capybara_proto::v1::{
     api_access_server::ApiAccessServer, audit_server::AuditServer, backup_server::BackupServer,
     blocklists_server::BlocklistsServer, components_server::ComponentsServer,
@@ -49,7 +50,6 @@ use capybara_proto::v1::{
     templates_server::TemplatesServer, tokens_server::TokensServer, users_server::UsersServer,
     webhooks_server::WebhooksServer,
 };
-use capybara_proto::v1::reputation_server::ReputationServer;
 use tonic::{Request, transport::server::Router};
 
 use super::{

@@ -33,8 +33,7 @@ pub(super) async fn run(cli: &Cli, cmd: &IpIntelCmd) -> Result<(), CliError> {
 }
 
 fn when(t: SystemTime) -> String {
-    chrono::DateTime::<chrono::Utc>::from(t)
-        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 /// Runs `capybara ip-intel score IP`.
@@ -85,10 +84,7 @@ pub(super) async fn run_score(cli: &Cli, args: &ScoreArgs) -> Result<(), CliErro
     } else if v.allowed {
         outln!("in the allow list: never auto-blocked")?;
     } else {
-        outln!(
-            "not blocked; a block would last {} s",
-            v.ttl.as_secs()
-        )?;
+        outln!("not blocked; a block would last {} s", v.ttl.as_secs())?;
     }
     Ok(())
 }

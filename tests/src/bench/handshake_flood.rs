@@ -115,7 +115,11 @@ pub fn run(sel: &Selection, pins: &Path) -> Result<Vec<Figure>> {
         Ok((cpu, stats.sent as f64 / stats.elapsed.as_secs_f64()))
     };
     let (unblocked, pps_a) = phase(&rig)?;
-    block(rig.socket.as_deref().context("the rig has no control socket")?)?;
+    block(
+        rig.socket
+            .as_deref()
+            .context("the rig has no control socket")?,
+    )?;
     std::thread::sleep(Duration::from_millis(500));
     let (blocked, pps_b) = phase(&rig)?;
     rig.stop();

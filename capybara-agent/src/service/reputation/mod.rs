@@ -69,8 +69,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-pub use self::table::{Part, Tallies, Tally};
 use self::table::{Crossing, ScoreTable, UNIT};
+pub use self::table::{Part, Tallies, Tally};
 use super::{
     ServiceError, ServiceEvent,
     core::{Core, to_json},
@@ -314,7 +314,10 @@ impl Reputation {
         };
         let n = rep.expire(SystemTime::now())?;
         if n > 0 {
-            tracing::info!(n, "auto-blocks that expired while the agent was down were ended");
+            tracing::info!(
+                n,
+                "auto-blocks that expired while the agent was down were ended"
+            );
         }
         Ok(rep)
     }
@@ -340,8 +343,10 @@ impl Reputation {
             });
         }
         self.threshold.store(t * UNIT, Ordering::Relaxed);
-        self.ttl_ms
-            .store(ttl.as_millis().min(u128::from(u64::MAX)) as u64, Ordering::Relaxed);
+        self.ttl_ms.store(
+            ttl.as_millis().min(u128::from(u64::MAX)) as u64,
+            Ordering::Relaxed,
+        );
         Ok(())
     }
 
@@ -413,11 +418,7 @@ impl Reputation {
 
     /// What the engine counted.
     pub fn stats(&self) -> ReputationStats {
-        let t = self
-            .table
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .stats();
+        let t = self.table.lock().unwrap_or_else(|p| p.into_inner()).stats();
         ReputationStats {
             blocked: self.blocked.lock().unwrap_or_else(|p| p.into_inner()).len() as u64,
             blocks: self.blocks.load(Ordering::Relaxed),
@@ -506,7 +507,11 @@ impl Reputation {
 
     /// Blocks the crossed sources in one list change (see the module docs); answers the
     /// sources blocked.
-    pub fn block(&self, crossed: &[Crossing], wall_now: SystemTime) -> Result<Vec<IpAddr>, ServiceError> {
+    pub fn block(
+        &self,
+        crossed: &[Crossing],
+        wall_now: SystemTime,
+    ) -> Result<Vec<IpAddr>, ServiceError> {
         let forget = |ips: &mut dyn Iterator<Item = IpAddr>| {
             let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
             for ip in ips {
@@ -578,7 +583,8 @@ impl Reputation {
                     &keys::reputation_block(&b.ip.to_string()),
                     b,
                 )?;
-                self.core.stage_notification(&mut batch, notification(b, ttl))?;
+                self.core
+                    .stage_notification(&mut batch, notification(b, ttl))?;
             }
             self.lists.stage_snapshot(&mut batch)?;
             self.core.audit(
@@ -596,10 +602,10 @@ impl Reputation {
             self.core.commit(batch)
         })();
         if let Err(e) = staged {
-            if let Err(u) = self
-                .core
-                .plane
-                .list_op(Direction::Source, &auto, ListOp::Remove(&cidrs))
+            if let Err(u) =
+                self.core
+                    .plane
+                    .list_op(Direction::Source, &auto, ListOp::Remove(&cidrs))
             {
                 tracing::error!(error = %u, "cannot undo an auto-block after a failed commit");
             }
@@ -640,7 +646,11 @@ impl Reputation {
         let auto = auto_list();
         let cidrs: Vec<Cidr> = due.iter().map(|ip| host(*ip)).collect();
         let _w = self.core.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let exists = self.core.plane.list_cidrs(Direction::Source, &auto).is_some();
+        let exists = self
+            .core
+            .plane
+            .list_cidrs(Direction::Source, &auto)
+            .is_some();
         if exists {
             self.core
                 .plane
@@ -664,10 +674,10 @@ impl Reputation {
         )?;
         if let Err(e) = self.core.commit(batch) {
             if exists
-                && let Err(u) = self
-                    .core
-                    .plane
-                    .list_op(Direction::Source, &auto, ListOp::Add(&cidrs))
+                && let Err(u) =
+                    self.core
+                        .plane
+                        .list_op(Direction::Source, &auto, ListOp::Add(&cidrs))
             {
                 tracing::error!(error = %u, "cannot undo an auto-unblock after a failed commit");
             }
@@ -712,11 +722,7 @@ fn notification(b: &Block, ttl: Duration) -> Notification {
 
 /// Starts the blocker thread (`reputation`): it ends once the engine is dropped.
 pub fn start(rep: &Arc<Reputation>) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let rx = rep
-        .rx
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take();
+    let rx = rep.rx.lock().unwrap_or_else(|p| p.into_inner()).take();
     let weak = Arc::downgrade(rep);
     std::thread::Builder::new()
         .name("reputation".into())

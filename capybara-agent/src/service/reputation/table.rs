@@ -349,10 +349,24 @@ mod tests {
         for i in 0..19 {
             assert_eq!(t.record(a, Part::BadMac, secs(i), T20), None, "#{}", i + 1);
         }
-        let c = t.record(a, Part::UnknownKey, secs(19), T20).expect("crossed");
+        let c = t
+            .record(a, Part::UnknownKey, secs(19), T20)
+            .expect("crossed");
         assert_eq!(c.score, 200);
-        assert_eq!(c.parts[0], Tally { count: 19, score: 190 });
-        assert_eq!(c.parts[1], Tally { count: 1, score: 10 });
+        assert_eq!(
+            c.parts[0],
+            Tally {
+                count: 19,
+                score: 190
+            }
+        );
+        assert_eq!(
+            c.parts[1],
+            Tally {
+                count: 1,
+                score: 10
+            }
+        );
         // Pending: more failures do not cross again until the blocker handled it.
         assert_eq!(t.record(a, Part::BadMac, secs(20), T20), None);
         t.forget(a);
@@ -389,7 +403,11 @@ mod tests {
         for _ in 0..16 {
             t.record(a, Part::BadMac, secs(0), T20);
         }
-        assert_eq!(t.get(a, secs(599)).unwrap().score, 160, "no decay within a period");
+        assert_eq!(
+            t.get(a, secs(599)).unwrap().score,
+            160,
+            "no decay within a period"
+        );
         assert_eq!(t.get(a, secs(600)).unwrap().score, 80);
         let s = t.get(a, secs(1800)).unwrap();
         assert_eq!((s.score, s.parts[0].count), (20, 16));

@@ -50,8 +50,7 @@ fn auto_block_events(svc: &Service) -> Vec<OutboxEvent> {
         .into_iter()
         .map(|(_, e)| e)
         .filter(|e| {
-            e.event.kind == NotifyKind::SuspiciousActivity
-                && e.event.data["kind"] == "auto-block"
+            e.event.kind == NotifyKind::SuspiciousActivity && e.event.data["kind"] == "auto-block"
         })
         .collect()
 }
@@ -235,7 +234,10 @@ fn allow_wins_and_a_source_blocked_by_hand_gets_no_expiry() {
         .block(&[crossing(friend), crossing(by_hand), crossing(foe)], now)
         .unwrap();
     assert_eq!(blocked, vec![foe]);
-    assert!(!auto_has(&svc, friend), "a source in allow is never auto-blocked");
+    assert!(
+        !auto_has(&svc, friend),
+        "a source in allow is never auto-blocked"
+    );
     assert_eq!(rep.stats().allowed, 1);
     assert!(rep.explain(friend).unwrap().allowed);
     assert_eq!(auto_block_events(&svc).len(), 1);
@@ -304,7 +306,14 @@ fn explain_names_every_part_and_the_decay() {
     let names: Vec<&str> = v.parts.iter().map(|p| p.part.as_str()).collect();
     assert_eq!(
         names,
-        ["bad-mac", "unknown-key", "undecryptable", "replay", "flow-limit", "gate-drop"]
+        [
+            "bad-mac",
+            "unknown-key",
+            "undecryptable",
+            "replay",
+            "flow-limit",
+            "gate-drop"
+        ]
     );
     assert_eq!((v.parts[1].count, v.parts[1].points), (3, 3.0));
     assert_eq!((v.parts[4].count, v.parts[4].weight), (1, 0.5));
