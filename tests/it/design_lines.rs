@@ -107,9 +107,7 @@ const DESIGN_LINES: &[&str] = &[
 ];
 
 /// Design lines not run: their command does not exist yet (first words, why).
-const NOT_YET: &[(&str, &str)] = &[
-    ("cluster ", "clustering does not exist yet"),
-];
+const NOT_YET: &[(&str, &str)] = &[("cluster ", "clustering does not exist yet")];
 
 /// The fixture country database: a network for each country the design's geo lines name.
 fn geo_db() -> Arc<GeoDb> {

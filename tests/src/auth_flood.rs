@@ -43,6 +43,8 @@ pub struct FloodRig {
     pub data_dir: PathBuf,
     /// The agent's log.
     pub log: PathBuf,
+    /// Its control socket ([`FloodRig::start_guarded`] only).
+    pub socket: Option<PathBuf>,
     pin_dir: PathBuf,
     pid: Option<u32>,
 }
@@ -80,6 +82,17 @@ impl FloodRig {
     /// Starts `bin` (`capybara-agent`) with its data in `work` and its pins under `pins`,
     /// `net` choosing the veth's `10.<net>.0.0/24`; waits until it is ready.
     pub fn start(bin: &Path, work: &Path, pins: &Path, net: u8) -> Result<FloodRig> {
+        FloodRig::launch(bin, work, pins, net, false)
+    }
+
+    /// [`FloodRig::start`] with the XDP guard on the agent's side of the veth (`--uplink`) and
+    /// the control socket at `work/agent.sock` ([`FloodRig::socket`]), so source lists can be
+    /// set and enforced.
+    pub fn start_guarded(bin: &Path, work: &Path, pins: &Path, net: u8) -> Result<FloodRig> {
+        FloodRig::launch(bin, work, pins, net, true)
+    }
+
+    fn launch(bin: &Path, work: &Path, pins: &Path, net: u8, guarded: bool) -> Result<FloodRig> {
         let agent_ns = NetNs::new("af");
         let sender_ns = NetNs::new("as");
         let veth = VethPair::new(&agent_ns, &sender_ns, net);
@@ -101,10 +114,19 @@ impl FloodRig {
         std::fs::create_dir_all(&uapi)?;
         let pin_dir = pins.join(unique_name("pins"));
         let out = std::fs::File::create(&log)?;
-        let child = Command::new(bin)
+        let socket = guarded.then(|| work.join("agent.sock"));
+        let mut command = Command::new(bin);
+        match &socket {
+            Some(path) => command
+                .args(["--uplink", &veth.a.ifname])
+                .arg("--api-socket")
+                .arg(path),
+            None => command.arg("--no-api-socket"),
+        };
+        let child = command
             .args(["--netns", agent_ns.name(), "--tunnel", &unique_name("tn")])
             .args(["--listen-port", &PORT.to_string()])
-            .args(["--no-api-socket", "--detach-on-exit"])
+            .arg("--detach-on-exit")
             .arg("--data-dir")
             .arg(&data_dir)
             .arg("--bpffs")
@@ -125,6 +147,7 @@ impl FloodRig {
             veth,
             data_dir,
             log,
+            socket,
             pin_dir,
             pid: Some(pid),
         };
@@ -314,6 +337,52 @@ pub fn flood(
         unsafe { libc::close(fd) };
         drop(packets);
         Ok(FloodStats { sent, elapsed, cpu })
+    })
+}
+
+/// Sends exactly `n` handshake initiations with bad MACs from `src` to `dst:port` from `ns`,
+/// one `sendto` each (a burst: no pacing); answers when the last left.
+pub fn send_bad_initiations(
+    ns: &NetNs,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    port: u16,
+    n: usize,
+) -> Result<Instant> {
+    ns.run(move || -> Result<Instant> {
+        let mut rng = StdRng::seed_from_u64(u64::from(u32::from(src)));
+        // SAFETY: a plain socket(2) call.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        ensure!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        // SAFETY: all-zero is a valid sockaddr_in.
+        let mut to: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        to.sin_family = libc::AF_INET as u16;
+        to.sin_addr.s_addr = u32::from(dst).to_be();
+        let mut last = Instant::now();
+        for _ in 0..n {
+            let p = datagram(&mut rng, src, dst, port);
+            // SAFETY: `p` and `to` are live for the call.
+            let r = unsafe {
+                libc::sendto(
+                    fd,
+                    p.as_ptr().cast(),
+                    p.len(),
+                    0,
+                    (&raw const to).cast(),
+                    size_of::<libc::sockaddr_in>() as u32,
+                )
+            };
+            last = Instant::now();
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                // SAFETY: fd is ours.
+                unsafe { libc::close(fd) };
+                bail!("sendto: {e}");
+            }
+        }
+        // SAFETY: fd is ours.
+        unsafe { libc::close(fd) };
+        Ok(last)
     })
 }
 

@@ -19,6 +19,7 @@
 //! | [`webhooks`] | `Webhooks` |
 //! | [`mfa`] | `Mfa` (enrolment, status, require-all; the verification page is `service::verification`'s) |
 //! | [`intel`] | `IpIntel` (IP intelligence: the switch, the tor/vpn sources, the allow list) |
+//! | [`reputation`] | `Reputation` (a source's score explained, the auto-blocked sources) |
 //!
 //! Beside them: [`server`] (who may call what, the router, the listeners, `run(listeners,
 //! shutdown)`), [`handler`] (the [`handler::Api`] type every service is implemented on: auth and
@@ -45,6 +46,7 @@ pub mod monitor;
 mod paging;
 pub mod policy;
 pub mod reports;
+pub mod reputation;
 pub mod rest;
 pub mod schedules;
 pub mod server;

@@ -78,8 +78,18 @@ fn main() -> anyhow::Result<()> {
             lock: duration("mfa_lock", &args.mfa_lock)?,
         },
     };
+    let reputation = daemon::ReputationSettings {
+        enabled: args.reputation,
+        threshold: capybara_agent::service::reputation::check_threshold(
+            "reputation_threshold",
+            args.reputation_threshold,
+        )
+        .map_err(|e| anyhow::anyhow!("--{}", e.to_string().replace('_', "-")))?,
+        ttl: duration("reputation_ttl", &args.reputation_ttl)?,
+    };
     let config = AgentConfig {
         mfa,
+        reputation,
         alerts,
         health_interval,
         disconnect_after,

@@ -1,8 +1,10 @@
 //! `capybara ip-intel enable|disable|block-tor|block-vpn|unblock-tor|unblock-vpn|refresh|allow|
-//! list`: IP intelligence on the uplink. Every command prints the switch and the lists (size,
-//! source, age, next reload, last error, hits); `--json` prints them as JSON.
+//! list|score`: IP intelligence on the uplink. Every command but `score` prints the switch and the
+//! lists (size, source, age, next reload, last error, hits); `--json` prints them as JSON.
+//! `score IP` explains a source's reputation score (its parts, their counts, the decay, the
+//! threshold, whether and until when it is auto-blocked).
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::SystemTime};
 
 use capybara_proto::v1 as pb;
 use clap::{Args, Subcommand};
@@ -18,6 +20,7 @@ use crate::{
         core::now,
         domain::{ValidationError, parse_duration},
         intel::{Category, IntelStatus, MAX_REFRESH, MIN_REFRESH},
+        reputation::parse_ip,
     },
 };
 
@@ -54,6 +57,9 @@ pub(super) enum IntelCmd {
     },
     /// The switch and each list's size, source, age, next reload, last error and hits.
     List,
+    /// A source's reputation score explained: its parts, their counts and decay, the threshold,
+    /// whether and until when it is auto-blocked.
+    Score(ScoreArgs),
 }
 
 /// The options of `block-tor` and `block-vpn`.
@@ -122,6 +128,7 @@ fn off_request(category: Category) -> pb::SetIntelSourceRequest {
 /// Runs `capybara ip-intel …`.
 pub(super) async fn run(cli: &Cli, cmd: &IntelCmd) -> Result<(), CliError> {
     let status = match cmd {
+        IntelCmd::Score(args) => return run_score(cli, args).await,
         IntelCmd::List => connect(cli).await?.intel().await?,
         IntelCmd::Enable => connect(cli).await?.set_intel_enabled(true).await?,
         IntelCmd::Disable => connect(cli).await?.set_intel_enabled(false).await?,
@@ -242,6 +249,70 @@ fn print(s: &IntelStatus) -> Result<(), CliError> {
         outln!(
             "note: IP intelligence is disabled: no list above is enforced until ip-intel enable"
         )?;
+    }
+    Ok(())
+}
+
+/// `capybara ip-intel score IP`.
+#[derive(Debug, clap::Args)]
+pub(super) struct ScoreArgs {
+    /// The source address (IPv4 or IPv6).
+    pub ip: String,
+}
+
+fn when(t: SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// Runs `capybara ip-intel score IP`.
+pub(super) async fn run_score(cli: &Cli, args: &ScoreArgs) -> Result<(), CliError> {
+    parse_ip("ip", &args.ip)?;
+    let v = connect(cli).await?.explain_score(&args.ip).await?;
+    if cli.json {
+        print_json(&v)?;
+        return Ok(());
+    }
+    let state = if v.enabled { "on" } else { "off" };
+    outln!(
+        "{}: score {:.1} of {:.1} (reputation {state}; the score halves every {} min)",
+        v.ip,
+        v.score,
+        v.threshold,
+        v.half_life.as_secs() / 60
+    )?;
+    let mut t = Table::new(&["PART", "WEIGHT", "COUNT", "POINTS"]);
+    for p in &v.parts {
+        t.row(vec![
+            p.part.as_str().to_owned(),
+            format!("{:.2}", p.weight),
+            p.count.to_string(),
+            format!("{:.1}", p.points),
+        ]);
+    }
+    outln!("{t}")?;
+    if let (Some(first), Some(last), Some(next)) = (v.first_seen, v.last_seen, v.next_halving) {
+        outln!(
+            "first seen {}, last seen {}, next halving {}",
+            when(first),
+            when(last),
+            when(next)
+        )?;
+    } else {
+        outln!("no events scored")?;
+    }
+    if let Some(b) = &v.blocked {
+        outln!(
+            "auto-blocked since {} until {} (score {:.1} then)",
+            when(b.since),
+            when(b.until),
+            f64::from(b.score) / 10.0
+        )?;
+    } else if v.in_auto_by_hand {
+        outln!("in the auto list by hand (no expiry)")?;
+    } else if v.allowed {
+        outln!("in the allow list: never auto-blocked")?;
+    } else {
+        outln!("not blocked; a block would last {} s", v.ttl.as_secs())?;
     }
     Ok(())
 }

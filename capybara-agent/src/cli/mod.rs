@@ -19,8 +19,7 @@
 //! connection; each family has one file with its clap enum, its handler and its printing
 //! (`user`, `device`, `api`, `stats`, `top`, `connections` with `kick`, `health`, `history`,
 //! `backup`, `blocklist`, `geo`, `quota` with `quota template`, `group`, `policy`, `template`,
-//! `diagnose`, `schedule`, `report`, `webhook`, `mfa`; the hidden `generate` writes the man pages and completions
-//! `diagnose`, `schedule`, `report`, `webhook`, `intel` (`ip-intel`); the hidden `generate` writes the man pages and completions
+//! `diagnose`, `schedule`, `report`, `webhook`, `mfa`, `intel` (`ip-intel`); the hidden `generate` writes the man pages and completions
 //! `cargo xtask install` installs). `scheduled` runs a command line in the agent for a scheduled
 //! task (the same code, in-process, its output captured). What several families share is in
 //! modules no family owns, so no family imports

@@ -47,6 +47,9 @@ pub(super) struct Agent {
     pub(super) alerts: tokio::task::JoinHandle<()>,
     /// What feeds it (kernel, tunnel and service events).
     pub(super) alert_feed: tokio::task::JoinHandle<()>,
+    /// What feeds the reputation engine the kernel's events (`service::reputation`; its
+    /// blocker thread ends with the engine).
+    pub(super) reputation_feed: tokio::task::JoinHandle<()>,
     /// The health watcher (`server-down` / `server-up`).
     pub(super) health_watch: tokio::task::JoinHandle<()>,
     /// The usage rollups' writer thread (`service::usage`).
@@ -141,10 +144,13 @@ impl Agent {
             metrics_server,
             alerts,
             alert_feed,
+            reputation_feed,
             health_watch,
             usage_writer,
             ..
         } = self;
+        reputation_feed.abort();
+        let _ = reputation_feed.await;
         if let Some(m) = metrics_server {
             let _ = m.stop.send(());
             match m.task.await {

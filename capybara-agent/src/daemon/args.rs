@@ -147,6 +147,18 @@ pub struct Args {
     /// the device or the user, e.g. 15m.
     #[arg(long, default_value = "15m")]
     pub mfa_lock: String,
+    /// Score sources by their failed handshakes, flow-limit hits and gate drops and block those
+    /// over --reputation-threshold in the `auto` source list (the engine is off without it
+    /// until `ip-intel enable`).
+    #[arg(long)]
+    pub reputation: bool,
+    /// The score (in bad handshakes' worth; it halves every 10 minutes) at which a source is
+    /// auto-blocked.
+    #[arg(long, default_value_t = crate::service::reputation::DEFAULT_THRESHOLD)]
+    pub reputation_threshold: u32,
+    /// How long an auto-block lasts, e.g. 1h, 30m.
+    #[arg(long, default_value = "1h")]
+    pub reputation_ttl: String,
     /// Configuration file (TOML): every key is one of these flags, its name with `_` for `-`
     /// (`listen_port = 51820`); a flag given here overrides the key. The default file is read
     /// only when it exists; a file named here must exist.

@@ -251,3 +251,41 @@ pub(super) async fn watch_health(svc: std::sync::Weak<Service>, interval: std::t
         }
     }
 }
+
+/// The reputation part of a failed handshake.
+pub(super) fn reputation_part(r: crate::tunnel::AuthFailure) -> crate::service::reputation::Part {
+    use crate::{service::reputation::Part, tunnel::AuthFailure};
+    match r {
+        AuthFailure::UnknownKey => Part::UnknownKey,
+        AuthFailure::BadMac => Part::BadMac,
+        AuthFailure::Undecryptable => Part::Undecryptable,
+        AuthFailure::Rejected => Part::Replay,
+    }
+}
+
+/// Feeds the reputation engine the kernel's flow-limit refusals (of one device, not a full
+/// table) and gate drops, as events of the devices' endpoints; the engine resolves the
+/// endpoint on its own thread, so this never waits. Ends when the kernel bus closes.
+pub(super) async fn forward_reputation(
+    mut kernel: tokio::sync::broadcast::Receiver<Event>,
+    rep: Arc<crate::service::reputation::Reputation>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+
+    use crate::service::reputation::Part;
+    loop {
+        match kernel.recv().await {
+            Ok(Event::FlowLimit {
+                peer,
+                table_full: false,
+                ..
+            }) => rep.on_peer_event(peer, Part::FlowLimit),
+            Ok(Event::GateDrop { peer, .. }) => rep.on_peer_event(peer, Part::GateDrop),
+            Ok(_) => {}
+            Err(RecvError::Lagged(n)) => {
+                tracing::warn!(n, "kernel events lost by the reputation feed");
+            }
+            Err(RecvError::Closed) => break,
+        }
+    }
+}

@@ -208,6 +208,8 @@ pub struct AgentConfig {
     /// MFA: the verification page's port (`--mfa-port`), the admission lifetime and the lock
     /// (`--mfa-lifetime`, `--mfa-lock`).
     pub mfa: MfaSettings,
+    /// The reputation engine (`--reputation*`).
+    pub reputation: ReputationSettings,
 }
 
 /// The daemon's MFA settings.
@@ -218,6 +220,27 @@ pub struct MfaSettings {
     pub port: u16,
     /// The lifetime of an admission and the lock after failed codes.
     pub config: crate::service::mfa::MfaConfig,
+}
+
+/// The reputation engine's settings at start (`service::reputation`).
+#[derive(Clone, Copy, Debug)]
+pub struct ReputationSettings {
+    /// On at start (`--reputation`).
+    pub enabled: bool,
+    /// The threshold in bad handshakes' worth (`--reputation-threshold`, default 20).
+    pub threshold: u32,
+    /// How long a block lasts (`--reputation-ttl`, default 1 h).
+    pub ttl: std::time::Duration,
+}
+
+impl Default for ReputationSettings {
+    fn default() -> Self {
+        ReputationSettings {
+            enabled: false,
+            threshold: crate::service::reputation::DEFAULT_THRESHOLD,
+            ttl: crate::service::reputation::DEFAULT_TTL,
+        }
+    }
 }
 
 /// Why the daemon could not start or stop cleanly.

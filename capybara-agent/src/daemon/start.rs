@@ -222,6 +222,31 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
         svc.events().subscribe(),
         alert_tx,
     ));
+    // The reputation engine: scored on `wg-udp` (the hook) and from kernel events, blocks made
+    // by its own thread (`service::reputation`).
+    svc.reputation
+        .configure(config.reputation.threshold, config.reputation.ttl)
+        .map_err(|e| DaemonError::Service(e.into()))?;
+    // The engine follows `ip-intel enable|disable` (set by `service::intel`); `--reputation`
+    // turns it on at start whatever the switch says.
+    if config.reputation.enabled {
+        svc.reputation.set_enabled(true);
+    }
+    {
+        let rep = Arc::downgrade(&svc.reputation);
+        tunnel.set_failure_hook(Box::new(move |ip, reason| {
+            if let Some(rep) = rep.upgrade() {
+                rep.on_event(ip, super::events::reputation_part(reason));
+            }
+        }));
+    }
+    if let Err(e) = service::reputation::start(&svc.reputation) {
+        tracing::error!(error = %e, "cannot start the reputation thread; sources are not auto-blocked");
+    }
+    let reputation_feed = tokio::spawn(super::events::forward_reputation(
+        events.subscribe(),
+        svc.reputation.clone(),
+    ));
     svc.health.watch_links(service::health::Links {
         tunnel: tunnel.name().to_owned(),
         uplink: config.uplink.clone(),
@@ -287,6 +312,7 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
         metrics_server,
         alerts,
         alert_feed,
+        reputation_feed,
         health_watch,
         usage_writer,
     })

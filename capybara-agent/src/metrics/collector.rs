@@ -359,6 +359,32 @@ impl Collector for ServiceCollector {
             "Subscribed webhook events dropped undelivered at the outbox's cap, since the agent started",
             wh.dropped,
         )?;
+        let rep = self.svc.reputation.stats();
+        gauge(
+            &mut enc,
+            "capybara_reputation_blocked_sources",
+            "Sources auto-blocked now by the reputation engine (in the `auto` source list with an \
+             expiry)",
+            rep.blocked,
+        )?;
+        counter(
+            &mut enc,
+            "capybara_reputation_blocks",
+            "Sources auto-blocked since the agent started",
+            rep.blocks,
+        )?;
+        counter(
+            &mut enc,
+            "capybara_reputation_unblocks",
+            "Auto-blocks ended by their TTL since the agent started",
+            rep.unblocks,
+        )?;
+        gauge(
+            &mut enc,
+            "capybara_reputation_tracked_sources",
+            "Sources with a score in the reputation table (at most 16 384)",
+            rep.tracked,
+        )?;
         counter(
             &mut enc,
             "capybara_intel_refresh_failures",

@@ -29,6 +29,8 @@
 //! | `capybara_api_request_duration_seconds` | histogram | `route`, `code` | API call latency (gRPC method path or REST route; status code name) |
 //! | `capybara_store_duration_seconds` | histogram | `op` (`write`, `sync`) | RocksDB batch write and WAL fsync latency |
 //! | `capybara_auth_reports_dropped_total` | counter | — | failed-handshake reports the session recorder dropped (its queue was full; `capybara health` shows it too) |
+//! | `capybara_reputation_blocked_sources`, `capybara_reputation_tracked_sources` | gauge | — | sources auto-blocked now / scored in the reputation table (`service::reputation`) |
+//! | `capybara_reputation_blocks_total`, `capybara_reputation_unblocks_total` | counter | — | auto-blocks made / ended by their TTL since the agent started |
 //! | `capybara_metrics_read_errors_total` | counter | — | scrape parts left out because a read failed |
 //!
 //! **Bounded cardinality.** Per-user series are the top N users by bytes (both directions,

@@ -30,6 +30,7 @@
 //! | [`usage`] | hourly and daily usage rollups per device (the writer's thread) and the usage report over them (`report generate`) |
 //! | [`mfa`] | multi-factor authentication: enrolment, TOTP, backup and one-time codes, failed-code limits; implements [`verification::VerificationPort`]; its gate decision is folded into [`policy`]'s |
 //! | [`intel`] | IP intelligence: the master switch, the `tor`/`vpn` source lists from files or URLs on a reload schedule, the `allow` list (over [`lists`]) |
+//! | [`reputation`] | a score per source address from failed handshakes and kernel events, automatic blocking in the `auto` source list for a TTL (the blocker thread) |
 //!
 //! Beside them: [`domain`] (validated domain types and their parsers), [`secrets`] (keys, token
 //! hashes, sealing of kept client keys), [`ports`] (what the service needs from the dataplane and
@@ -57,6 +58,7 @@ pub mod notify;
 pub mod policy;
 pub mod policy_file;
 pub mod ports;
+pub mod reputation;
 pub mod schedules;
 pub mod secrets;
 pub mod telemetry;
@@ -140,6 +142,8 @@ pub struct Service {
     pub mfa: Arc<mfa::Mfa>,
     /// IP intelligence: the switch, the tor/vpn lists and their reloads, the allow list.
     pub intel: Arc<intel::Intel>,
+    /// Source reputation and automatic blocking.
+    pub reputation: Arc<reputation::Reputation>,
 }
 
 impl Service {
@@ -168,6 +172,11 @@ impl Service {
         ));
         let lists = Arc::new(lists::Lists::new(core.clone()));
         let live = Arc::new(live::LiveSessions::default());
+        let reputation = Arc::new(reputation::Reputation::new(
+            core.clone(),
+            directory.clone(),
+            lists.clone(),
+        )?);
         let svc = Service {
             tokens: Arc::new(tokens::Tokens::new(core.clone())),
             access: Arc::new(access::Access::new(core.clone())),
@@ -212,7 +221,12 @@ impl Service {
                 directory.clone(),
                 policy.clone(),
             )?),
-            intel: Arc::new(intel::Intel::new(core.clone(), lists.clone())?),
+            intel: Arc::new(intel::Intel::new(
+                core.clone(),
+                lists.clone(),
+                reputation.clone(),
+            )?),
+            reputation,
             lists,
             users,
             devices,

@@ -199,6 +199,14 @@ pub mod keys {
         format!("intel/meta/{cat}")
     }
 
+    /// Prefix of the reputation engine's auto-blocks (their expiries) in `blocklists`.
+    pub const REPUTATION_BLOCKS_PREFIX: &str = "reputation/auto/";
+
+    /// Key of the auto-block of source `ip` in `blocklists`.
+    pub fn reputation_block(ip: &str) -> String {
+        format!("{REPUTATION_BLOCKS_PREFIX}{ip}")
+    }
+
     /// Key of the TCP API's setting (`capybara api enable`) in `policy`.
     pub const API_ACCESS: &str = "server/api-access";
 

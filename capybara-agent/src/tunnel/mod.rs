@@ -11,6 +11,8 @@
 //! - [`allowed_ips`]: cryptokey routing (longest prefix match, IPv4 and IPv6).
 //! - [`liveness`]: connect/disconnect, pure (time is an argument).
 //! - [`auth_table`]: failed handshakes counted per /24 or /64 in a fixed table, O(1) per packet.
+//! - [`reputation`]: the hook the reputation engine hangs on the `wg-udp` path (each failed
+//!   handshake's source and reason).
 //! - [`uapi`]: the `wg` control socket (`wg show <iface>`).
 //! - [`keys`], [`config`]: x25519 keys in base64, the server key file, wg-quick client configs.
 //!
@@ -104,6 +106,7 @@ pub mod keys;
 pub mod liveness;
 mod peers;
 mod port;
+pub mod reputation;
 mod shared;
 mod threads;
 pub mod uapi;

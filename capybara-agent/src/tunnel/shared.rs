@@ -67,6 +67,8 @@ pub(super) struct Inner {
     pub(super) handshakes_completed: AtomicU64,
     /// Handshakes failed, by [`AuthFailure`] (in the order of its variants).
     pub(super) handshakes_failed: [AtomicU64; 4],
+    /// Called per failed handshake (the reputation engine), once set.
+    pub(super) failure_hook: super::reputation::HookSlot,
 }
 
 impl Inner {
@@ -123,6 +125,7 @@ impl Inner {
     ) {
         self.drops_invalid.fetch_add(1, Ordering::Relaxed);
         self.handshakes_failed[reason as usize].fetch_add(1, Ordering::Relaxed);
+        self.failure_hook.call(source.ip(), reason);
         let first = self
             .auth_table
             .lock()

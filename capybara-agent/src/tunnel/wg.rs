@@ -246,6 +246,7 @@ impl WgTunnel {
             drops_invalid: AtomicU64::new(0),
             handshakes_completed: AtomicU64::new(0),
             handshakes_failed: Default::default(),
+            failure_hook: Default::default(),
         });
         let (stop_rx, wake) = std::io::pipe().map_err(WgError::Spawn)?;
         let mut tunnel = WgTunnel {
@@ -319,6 +320,12 @@ impl WgTunnel {
     /// The server's public key.
     pub fn public_key(&self) -> PublicKey {
         self.inner.public_key
+    }
+
+    /// Sets the hook called with every failed handshake's source and reason on the thread
+    /// that saw it (`wg-udp`; see [`super::reputation`]); false if one was set already.
+    pub fn set_failure_hook(&self, hook: super::reputation::FailureHook) -> bool {
+        self.inner.failure_hook.set(hook)
     }
 
     /// A receiver of the tunnel's events (from now on).

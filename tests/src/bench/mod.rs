@@ -30,6 +30,8 @@
 //!   noise.
 //! - [`usage_report`]: a month's usage report over 10 000 users' hourly rollups, against
 //!   summing the hourly records alone.
+//! - [`handshake_flood`]: the agent's CPU under a flood of invalid handshake initiations from
+//!   sources in a blocked list (the XDP guard drops them) over the same flood unblocked.
 //!
 //! Every figure is a [`Figure`]; the binary writes them as
 //! `{"benchmarks":[{"name":…, "value":…, "unit":…}]}`. The names below are what reports and CI
@@ -42,6 +44,7 @@ pub mod flood;
 pub mod floor;
 pub mod geo;
 pub mod guard;
+pub mod handshake_flood;
 pub mod pipeline;
 pub mod policy;
 pub mod report;
@@ -182,6 +185,7 @@ const ALL_PARTS: &[&[&str]] = &[
     vs_tc::NAMES,
     agent_load::NAMES,
     auth_flood::NAMES,
+    handshake_flood::NAMES,
     rest::NAMES,
     usage_report::NAMES,
     webhooks::NAMES,

@@ -98,6 +98,7 @@ pub const TARGETS: &[(&str, Goal)] = &[
     ("report_month_10k_users_ms", Goal::Below(2000.0)),
     ("webhook_events_per_s", Goal::AtLeast(5000.0)),
     ("webhook_latency_p99_ms", Goal::Below(50.0)),
+    ("handshake_flood_cpu_ratio", Goal::AtMost(0.1)),
 ];
 
 /// Figures measured against a baseline in the same run: `(ours, baseline)`. The report shows
@@ -120,6 +121,10 @@ pub const BASELINES: &[(&str, &str)] = &[
     ("throttle_accuracy_50m", "throttle_accuracy_tc_htb_50m"),
     ("throttle_accuracy_500m", "throttle_accuracy_tc_htb_500m"),
     ("webhook_latency_p99_ms", "webhook_latency_post_p99_ms"),
+    (
+        "handshake_flood_cpu_share_blocked",
+        "handshake_flood_cpu_share_unblocked",
+    ),
 ];
 
 /// The machine a run came from.

@@ -84,7 +84,10 @@ fn main() -> Result<()> {
         .any(|n| sel.wants_in(bench::agent_load::GROUP, n))
         || bench::auth_flood::NAMES
             .iter()
-            .any(|n| sel.wants_in(bench::auth_flood::GROUP, n));
+            .any(|n| sel.wants_in(bench::auth_flood::GROUP, n))
+        || bench::handshake_flood::NAMES
+            .iter()
+            .any(|n| sel.wants_in(bench::handshake_flood::GROUP, n));
     if !agent_load && !bench::ALL.iter().any(|n| sel.wants(n)) {
         bail!(
             "no benchmark matches --filter {:?}; the benchmarks are: {}",
@@ -106,7 +109,7 @@ fn main() -> Result<()> {
     let when = now_utc();
     // Declared first, dropped last: every benchmark's fds are closed before the pins go.
     let pins = BenchPins::new()?;
-    let mut stages = report::Stages::start(14);
+    let mut stages = report::Stages::start(15);
     let mut failures: Vec<report::Failure> = Vec::new();
     stages.next("XDP guard");
     let mut figures: Vec<Figure> = bench::guard::run(
@@ -203,6 +206,17 @@ fn main() -> Result<()> {
             progress!("auth flood benchmarks failed: {e:#}");
             failures.push(report::Failure {
                 group: bench::auth_flood::NAMES.join(", "),
+                error: format!("{e:#}"),
+            });
+        }
+    }
+    stages.next("handshake flood, blocked and not");
+    match bench::handshake_flood::run(&sel, pins.path()) {
+        Ok(f) => figures.extend(f),
+        Err(e) => {
+            progress!("handshake flood benchmarks failed: {e:#}");
+            failures.push(report::Failure {
+                group: bench::handshake_flood::NAMES.join(", "),
                 error: format!("{e:#}"),
             });
         }

@@ -67,6 +67,7 @@ use super::{
     domain::{Actor, ValidationError},
     lists::{EntriesOp, Lists},
     monitor::Traffic,
+    reputation::Reputation,
 };
 use crate::{
     blocklist::{Direction, ListName, registry::ListOp},
@@ -415,6 +416,8 @@ struct AuditView<'a> {
 pub struct Intel {
     core: Arc<Core>,
     lists: Arc<Lists>,
+    /// The reputation engine: it scores and blocks while the switch is on.
+    reputation: Arc<Reputation>,
     /// The settings (a copy of the stored record; changed under the writer lock).
     settings: Mutex<IntelSettings>,
     /// `settings.enabled`, for readers on hot paths (the reputation engine).
@@ -429,7 +432,11 @@ pub struct Intel {
 
 impl Intel {
     /// The feature over the core and the blocklists, with its stored settings.
-    pub fn new(core: Arc<Core>, lists: Arc<Lists>) -> Result<Intel, ServiceError> {
+    pub fn new(
+        core: Arc<Core>,
+        lists: Arc<Lists>,
+        reputation: Arc<Reputation>,
+    ) -> Result<Intel, ServiceError> {
         let settings: IntelSettings = core
             .store
             .get(Cf::Blocklists, keys::INTEL_SETTINGS)?
@@ -443,9 +450,11 @@ impl Intel {
                 r.file_sig = FileSig::of(p);
             }
         }
+        reputation.set_enabled(settings.enabled);
         Ok(Intel {
             core,
             lists,
+            reputation,
             enabled: AtomicBool::new(settings.enabled),
             settings: Mutex::new(settings),
             runtime: Mutex::new(runtime),
@@ -894,6 +903,7 @@ impl Intel {
             return Err(e);
         }
         self.enabled.store(new.enabled, Ordering::Relaxed);
+        self.reputation.set_enabled(new.enabled);
         *self.settings.lock().unwrap() = new;
         Ok(())
     }
