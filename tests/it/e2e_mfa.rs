@@ -358,3 +358,54 @@ fn a_wireguard_go_device_reaches_only_the_page_until_a_code_admits_it_for_the_li
     );
     drop(lab.echo.drain(..));
 }
+
+/// The agent programs the verification endpoint at start: TCP on `--mfa-port` (80 by default)
+/// at its tunnel addresses, nothing else.
+#[test]
+fn the_agent_opens_the_mfa_port_at_its_tunnel_addresses_at_start() {
+    use capybara_agent::dataplane::EndpointAddr;
+    use capybara_tests::{
+        agent_proc::{agent_crate_binary, start_agent},
+        netns::unique_name,
+    };
+    let bin = agent_crate_binary("capybara-agent");
+    for (flag, port) in [(None, 80u16), (Some("8443"), 8443)] {
+        let pins = BpffsDir::new();
+        let ns = NetNs::new("a");
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = std::process::Command::new(&bin);
+        cmd.args(["--netns", ns.name(), "--tunnel", &unique_name("mf")])
+            .args([
+                "--tunnel-ipv4",
+                "10.172.0.1/24",
+                "--tunnel-ipv6",
+                "fd00:172::1/64",
+            ])
+            .args(["--listen-port", "51820", "--no-api-socket"])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--bpffs")
+            .arg(pins.path());
+        if let Some(p) = flag {
+            cmd.args(["--mfa-port", p]);
+        }
+        let pid = start_agent(
+            &ns,
+            cmd,
+            &dir.path().join("agent.log"),
+            Duration::from_secs(20),
+        );
+        let dp = open_dataplane(&pins);
+        let want: Vec<EndpointAddr> = ["10.172.0.1", "fd00:172::1"]
+            .into_iter()
+            .map(|a| EndpointAddr {
+                addr: a.parse().unwrap(),
+                proto: L4Proto::Tcp,
+                port,
+            })
+            .collect();
+        assert_eq!(dp.verification_endpoint().unwrap(), want, "{flag:?}");
+        drop(dp);
+        ns.kill(pid, nix::sys::signal::Signal::SIGKILL);
+    }
+}
