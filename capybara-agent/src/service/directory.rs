@@ -163,10 +163,11 @@ struct Index {
     peers: BTreeMap<String, PeerRecord>,
     /// Stored devices' ids.
     used_ids: BTreeSet<PeerId>,
-    /// Stored devices' IPv4 addresses.
-    used_v4: BTreeSet<Ipv4Addr>,
-    /// Stored devices' IPv6 addresses.
-    used_v6: BTreeSet<Ipv6Addr>,
+    /// Stored devices' IPv4 addresses → their peer keys (the MFA page finds a device by its
+    /// tunnel source address).
+    used_v4: BTreeMap<Ipv4Addr, String>,
+    /// Stored devices' IPv6 addresses → their peer keys.
+    used_v6: BTreeMap<Ipv6Addr, String>,
     pubkeys: HashMap<PublicKey, String>,
     /// Ids of kernel peers the store does not know, kept at start.
     reserved_ids: BTreeSet<PeerId>,
@@ -184,8 +185,8 @@ impl Index {
             pool,
             peers: BTreeMap::new(),
             used_ids: BTreeSet::new(),
-            used_v4: BTreeSet::new(),
-            used_v6: BTreeSet::new(),
+            used_v4: BTreeMap::new(),
+            used_v6: BTreeMap::new(),
             pubkeys: HashMap::new(),
             reserved_ids: BTreeSet::new(),
             reserved_addrs: BTreeSet::new(),
@@ -274,8 +275,8 @@ impl Index {
         let held = o == 0
             || v4 == p.server4.addr()
             || v6 == p.server6.addr()
-            || self.used_v4.contains(&v4)
-            || self.used_v6.contains(&v6)
+            || self.used_v4.contains_key(&v4)
+            || self.used_v6.contains_key(&v6)
             || self.reserved_addrs.contains(&IpAddr::V4(v4))
             || self.reserved_addrs.contains(&IpAddr::V6(v6));
         if held {
@@ -295,8 +296,9 @@ impl Index {
         if peer.id < MAX_PEERS {
             self.ids.set(peer.id);
         }
-        self.used_v4.insert(peer.ipv4);
-        self.used_v6.insert(peer.ipv6);
+        let pkey = keys::peer(peer.user.as_str(), peer.device.as_str());
+        self.used_v4.insert(peer.ipv4, pkey.clone());
+        self.used_v6.insert(peer.ipv6, pkey);
         for o in self.offsets_of(peer).into_iter().flatten() {
             self.offsets.set(o);
         }
@@ -433,6 +435,20 @@ impl Directory {
             .get(key)
             .and_then(|k| ix.peers.get(k))
             .map(|r| r.peer.clone())
+    }
+
+    /// The device whose tunnel address is `addr` (an IPv4-mapped IPv6 address counts as its
+    /// IPv4 address).
+    pub fn peer_at(&self, addr: IpAddr) -> Option<Peer> {
+        let ix = self.index.read().unwrap();
+        let pkey = match addr {
+            IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                Some(v4) => ix.used_v4.get(&v4),
+                None => ix.used_v6.get(&a),
+            },
+            IpAddr::V4(a) => ix.used_v4.get(&a),
+        }?;
+        ix.peers.get(pkey).map(|r| r.peer.clone())
     }
 
     /// A stored user, or `NotFound`.

@@ -722,26 +722,9 @@ impl Mfa {
 
     // ---- the page -----------------------------------------------------------------------------
 
-    /// The device whose tunnel address is `src`.
+    /// The device whose tunnel address is `src` (one index lookup).
     fn peer_at(&self, src: IpAddr) -> Result<Peer, VerifyError> {
-        let src = match src {
-            IpAddr::V6(a) => a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4),
-            a => a,
-        };
-        self.dir
-            .with_records(|it| {
-                for r in it {
-                    let hit = match src {
-                        IpAddr::V4(a) => r.peer.ipv4 == a,
-                        IpAddr::V6(a) => r.peer.ipv6 == a,
-                    };
-                    if hit {
-                        return Some(r.peer.clone());
-                    }
-                }
-                None
-            })
-            .ok_or(VerifyError::NotADevice)
+        self.dir.peer_at(src).ok_or(VerifyError::NotADevice)
     }
 
     fn channels(&self, rec: Option<&MfaRecord>) -> Vec<(CodeChannel, String)> {
