@@ -13,8 +13,10 @@
 //! nothing. When the TTL expires the source leaves `auto` and a `wireguard-go` client from that
 //! very address completes a handshake and pings the server through the tunnel.
 //!
-//! Measured (debug build, two shared cores): see the `eprintln!` lines; the 1 s bound is the
-//! issue's requirement, so it is asserted.
+//! Measured (debug build, two shared cores at load average ~7, two runs): the first dropped
+//! probe was seen 142 ms and 93 ms after the 20th bad handshake (the CLI's polling of the list's
+//! hits included: an upper bound); the block ended 4.2 s after it (TTL 4 s). The 1 s bound is
+//! the requirement, so it is asserted.
 
 use std::{
     net::{IpAddr, Ipv4Addr},
