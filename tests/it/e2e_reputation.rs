@@ -8,7 +8,8 @@
 //! the XDP guard drops its next datagrams (probes sent every 5 ms after the 20th are counted as
 //! the list's hits) within 1 s of the 20th; exactly one `suspicious-activity` event reaches the
 //! receiver (`data.kind` `auto-block`; the prefix detector of `service::alerts` is set out of
-//! reach with `--suspicious-auth-threshold 100000`, so the event counted is the block's);
+//! reach with `--suspicious-auth-threshold 100000`: the bystander's 19 failures are in the same
+//! /24, and 39 failures of one /24 are rightly a prefix event of their own);
 //! `ip-intel score` explains the block. 19 from another address of the client namespace block
 //! nothing. When the TTL expires the source leaves `auto` and a `wireguard-go` client from that
 //! very address completes a handshake and pings the server through the tunnel.

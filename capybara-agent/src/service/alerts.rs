@@ -51,7 +51,9 @@
 //!   [`DEFAULT_AUTH_WINDOW`]. `data`: `prefix`, `source` (the last address seen), `reason`,
 //!   `count` (in the window), `window_s`, `threshold`. `ip` is the source's address. Latency:
 //!   the tunnel reports a prefix's first failure at once and the rest every 10 s, so a flood is
-//!   reported at most 10 s after it crossed the threshold.
+//!   reported at most 10 s after it crossed the threshold. A prefix whose last source seen
+//!   is auto-blocked by the reputation engine (`service::reputation`) is not reported: the
+//!   block's own `auto-block` event already named that source, so one attacker makes one event.
 //! - `data.kind = "flow-limit-storm"`: the kernel refusing new flows of one device (its
 //!   `FlowLimit` events, at most one per device per second by the kernel's own rate limit, so
 //!   the count is of seconds with refusals). Default: [`DEFAULT_FLOW_THRESHOLD`] in
@@ -84,6 +86,7 @@ use super::{
     domain::{Peer, UserName, ValidationError, unix_secs},
     notify::{Notification, NotifyKind},
     policy::Policy,
+    reputation::Reputation,
 };
 use crate::{
     net::Cidr,
@@ -363,16 +366,24 @@ pub struct Alerts {
     core: Arc<Core>,
     dir: Arc<Directory>,
     policy: Arc<Policy>,
+    reputation: Arc<Reputation>,
     state: Mutex<State>,
 }
 
 impl Alerts {
-    /// The feature over the shared core, directory and policy, with the default thresholds.
-    pub fn new(core: Arc<Core>, dir: Arc<Directory>, policy: Arc<Policy>) -> Alerts {
+    /// The feature over the shared core, directory, policy and reputation engine, with the
+    /// default thresholds.
+    pub fn new(
+        core: Arc<Core>,
+        dir: Arc<Directory>,
+        policy: Arc<Policy>,
+        reputation: Arc<Reputation>,
+    ) -> Alerts {
         Alerts {
             core,
             dir,
             policy,
+            reputation,
             state: Mutex::new(State {
                 cfg: AlertConfig::default(),
                 auth: Windows::new(),
@@ -519,6 +530,9 @@ impl Alerts {
         count: u64,
         at: SystemTime,
     ) -> Result<(), ServiceError> {
+        if self.reputation.is_blocked(sample.ip()) {
+            return Ok(());
+        }
         let mut st = self.state.lock().unwrap();
         let (threshold, window) = (st.cfg.auth_threshold, st.cfg.auth_window);
         let Some(total) = st.auth.hit(&prefix, count, at, threshold, window) else {

@@ -24,13 +24,13 @@
 //! | [`history`], [`backup`], [`health`] | sessions and auth attempts with retention; store backups; component health |
 //! | [`webhooks`] | webhook endpoints, the durable outbox's delivery workers and GC, signing, the SSRF check |
 //! | [`telemetry`] | what the metrics read that no feature above answers (verdict counters, sessions online, handshakes, quota standing); the API's call timer port |
+//! | [`reputation`] | a score per source address from failed handshakes and kernel events, automatic blocking in the `auto` source list for a TTL (the blocker thread) |
 //! | [`alerts`] | webhook events from watching: quota thresholds, account expiries (a timer), suspicious activity (windows per source) |
 //! | [`schedules`] | scheduled tasks: cron in a zone, the runner on an injectable clock, runs and their history (the commands run through the `Commands` port) |
 //! | [`verification`] | the MFA verification page's and one-time-code channels' view of the service (traits) |
 //! | [`usage`] | hourly and daily usage rollups per device (the writer's thread) and the usage report over them (`report generate`) |
 //! | [`mfa`] | multi-factor authentication: enrolment, TOTP, backup and one-time codes, failed-code limits; implements [`verification::VerificationPort`]; its gate decision is folded into [`policy`]'s |
 //! | [`intel`] | IP intelligence: the master switch, the `tor`/`vpn` source lists from files or URLs on a reload schedule, the `allow` list (over [`lists`]) |
-//! | [`reputation`] | a score per source address from failed handshakes and kernel events, automatic blocking in the `auto` source list for a TTL (the blocker thread) |
 //!
 //! Beside them: [`domain`] (validated domain types and their parsers), [`secrets`] (keys, token
 //! hashes, sealing of kept client keys), [`ports`] (what the service needs from the dataplane and
@@ -213,6 +213,7 @@ impl Service {
                 core.clone(),
                 directory.clone(),
                 policy.clone(),
+                reputation.clone(),
             )),
             schedules: Arc::new(schedules::Schedules::new(core.clone())),
             webhooks: Arc::new(webhooks::Webhooks::new(core.clone())?),

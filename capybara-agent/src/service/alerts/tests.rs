@@ -466,3 +466,40 @@ fn rechecks_are_coalesced_and_a_full_queue_drops_and_counts() {
     drop(rx);
     assert!(!tx.send(flow), "the thread is gone");
 }
+
+#[test]
+fn a_prefix_whose_last_source_is_auto_blocked_is_left_to_the_blocks_own_event() {
+    use crate::service::reputation::table::Crossing;
+    let dir = tempfile::tempdir().unwrap();
+    let svc = open(dir.path());
+    svc.reputation.set_enabled(true);
+    let mut bus = svc.events().subscribe();
+    let src: IpAddr = "198.51.100.0".parse().unwrap();
+    let mut parts = crate::service::reputation::Tallies::default();
+    parts[0] = crate::service::reputation::Tally {
+        count: 20,
+        score: 200,
+    };
+    let crossing = Crossing {
+        ip: src,
+        score: 200,
+        parts,
+        first_seen: Duration::ZERO,
+    };
+    assert_eq!(
+        svc.reputation
+            .block(&[crossing], SystemTime::now())
+            .unwrap(),
+        vec![src]
+    );
+    let n = notified(&mut bus);
+    assert_eq!(n.len(), 1, "{n:?}");
+    assert_eq!(n[0].data["kind"], "auto-block");
+    // The tunnel's report of the same 20 failures (its sample is the blocked source): no
+    // second event.
+    auth(&svc.alerts, "198.51.100.0/24", 20, SystemTime::now());
+    assert!(notified(&mut bus).is_empty());
+    // Another prefix still counts.
+    auth(&svc.alerts, "203.0.113.0/24", 20, SystemTime::now());
+    assert_eq!(notified(&mut bus).len(), 1);
+}

@@ -481,6 +481,14 @@ impl Reputation {
         })
     }
 
+    /// Whether `ip` is auto-blocked now.
+    pub fn is_blocked(&self, ip: IpAddr) -> bool {
+        self.blocked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&ip)
+    }
+
     /// Auto-blocked sources in address order: up to `size` after `after`, and whether more
     /// follow.
     pub fn blocked_page(&self, after: Option<IpAddr>, size: usize) -> (Vec<Block>, bool) {
