@@ -358,8 +358,12 @@ async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_document()
             "25",
             "--max-time",
             "150",
+            // One worker: with two threads, CPython 3.11's AST constructor (Debian's
+            // python3) intermittently fails inside schemathesis with "AST constructor
+            // recursion depth mismatch" (cpython gh-106905, a thread-safety bug fixed in
+            // 3.12), reported as a runtime error of the run, not of the API.
             "--workers",
-            "2",
+            "1",
             // Not these: enabling or disabling the TCP API would move the listener this run
             // talks to (api_enable_status_test_docs_disable_from_the_cli tests them), and a
             // live watch streams until the client goes away (api_live tests it). Nor those
