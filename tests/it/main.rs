@@ -31,6 +31,7 @@ mod api_history;
 mod api_listen;
 mod api_live;
 mod api_metrics;
+mod api_mfa_page;
 mod api_notify;
 mod api_paging;
 mod api_policy;

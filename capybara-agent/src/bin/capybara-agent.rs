@@ -71,7 +71,33 @@ fn main() -> anyhow::Result<()> {
     if health_interval.is_zero() {
         anyhow::bail!("--health-interval: must be more than 0");
     }
+    // The one-time-code channels, checked before anything starts (errors name the flag).
+    let mut channels = capybara_agent::verify::senders::Channels::default();
+    if let (Some(url), Some(from)) = (&args.mfa_smtp, &args.mfa_smtp_from) {
+        channels.email = Some(capybara_agent::verify::senders::EmailSender::new(
+            &capybara_agent::verify::senders::SmtpSettings {
+                url: url.clone(),
+                from: from.clone(),
+                credentials: args.mfa_smtp_credentials.clone(),
+                ca: args.mfa_smtp_ca.clone(),
+            },
+        )?);
+    }
+    if let (Some(url), Some(secret)) = (&args.mfa_sms_webhook, &args.mfa_sms_secret) {
+        channels.sms = Some(capybara_agent::verify::senders::SmsSender::new(
+            &capybara_agent::verify::senders::SmsSettings {
+                url: url.clone(),
+                secret: secret.clone(),
+                allow_private: args.webhook_allow_private,
+            },
+        )?);
+    }
     let config = AgentConfig {
+        mfa_page: daemon::MfaPageSettings {
+            port: args.mfa_port,
+            channels: (!channels.is_empty()).then(|| std::sync::Arc::new(channels)),
+            ..daemon::MfaPageSettings::default()
+        },
         alerts,
         health_interval,
         disconnect_after,

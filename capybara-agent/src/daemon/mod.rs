@@ -41,6 +41,10 @@
 //! (5 s): the kernel never deletes an idle flow itself, so this is what frees the slots of
 //! idle flows (a failed sweep is logged and retried at the next tick).
 //!
+//! When it has a `VerificationPort` (`MfaPageSettings::verification`), the daemon serves the
+//! MFA verification page (`crate::verify`) on the tunnel's IPv4 and IPv6 addresses on
+//! `--mfa-port`, started after the tunnel is up and stopped first at shutdown.
+//!
 //! Shutdown leaves the programs enforcing (pinned links) unless `detach_on_exit` is set.
 //!
 //! Files: `start` (open and wire, in the order above), `agent` (the running agent: its loop and
@@ -159,6 +163,41 @@ pub struct MetricsSettings {
     pub config: crate::metrics::MetricsConfig,
 }
 
+/// The MFA verification page (`crate::verify`) and the one-time-code channels.
+#[derive(Clone)]
+pub struct MfaPageSettings {
+    /// The page's TCP port on the tunnel addresses (`--mfa-port`, default 80).
+    pub port: u16,
+    /// What the page asks (`service::mfa`); the page is served only when this is set.
+    pub verification: Option<Arc<dyn crate::service::verification::VerificationPort>>,
+    /// The configured code channels (`--mfa-smtp…`, `--mfa-sms…`), for `service::mfa`.
+    pub channels: Option<Arc<crate::verify::senders::Channels>>,
+    /// The page server's bounds.
+    pub limits: crate::verify::Limits,
+}
+
+impl Default for MfaPageSettings {
+    fn default() -> MfaPageSettings {
+        MfaPageSettings {
+            port: crate::verify::DEFAULT_PORT,
+            verification: None,
+            channels: None,
+            limits: crate::verify::Limits::default(),
+        }
+    }
+}
+
+impl std::fmt::Debug for MfaPageSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MfaPageSettings")
+            .field("port", &self.port)
+            .field("verification", &self.verification.is_some())
+            .field("channels", &self.channels)
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
 /// Everything the daemon needs to start.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -205,6 +244,8 @@ pub struct AgentConfig {
     pub backup_dir: Option<PathBuf>,
     /// Every webhook may reach private and loopback addresses (`--webhook-allow-private`).
     pub webhook_allow_private: bool,
+    /// The MFA verification page and the code channels (`--mfa-*`).
+    pub mfa_page: MfaPageSettings,
 }
 
 /// Why the daemon could not start or stop cleanly.
@@ -263,6 +304,9 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    /// The MFA verification page could not listen.
+    #[error(transparent)]
+    MfaPage(#[from] crate::verify::PageError),
     /// The TCP API address could not be bound.
     #[error("cannot listen on {addr} for the API")]
     ApiListen {
@@ -299,6 +343,8 @@ pub struct Running {
     /// The metrics (installed whether or not they have a listener of their own): mount
     /// `crate::metrics::router` with them on another server.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The MFA verification page's bound addresses (none without a `VerificationPort`).
+    pub mfa_page: Vec<SocketAddr>,
 }
 
 /// Runs the agent until `shutdown` resolves. `on_ready` is called once everything is attached.

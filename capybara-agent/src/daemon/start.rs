@@ -234,6 +234,21 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
         }
         None => None,
     };
+    // The MFA verification page on the tunnel addresses, when there is a port to ask.
+    // (`config.mfa_page.channels` go to `service::mfa`, which sends the codes.)
+    let mfa_page = match &config.mfa_page.verification {
+        Some(port) => {
+            let page = crate::verify::PageServer::start(
+                port.clone(),
+                &[v4.addr().into(), v6.addr().into()],
+                config.mfa_page.port,
+                config.mfa_page.limits,
+            )?;
+            tracing::info!(addrs = ?page.addrs(), "MFA verification page served");
+            Some(page)
+        }
+        None => None,
+    };
     let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
     // Without a listener the API task ends at once; that is not a failure to shut down for.
     // With a stored TCP setting (`capybara api enable`) the API serves without either.
@@ -273,5 +288,6 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
         alert_feed,
         health_watch,
         usage_writer,
+        mfa_page,
     })
 }

@@ -44,7 +44,8 @@ padding:.4rem 1rem;margin:.75rem .5rem 0 0;cursor:pointer}\
 button.secondary{color:#0b4a8f;background:#fff}\
 :focus-visible{outline:3px solid #c25e00;outline-offset:2px}\
 code{word-break:break-all;font-size:.9rem}\
-svg{display:block;width:14rem;height:14rem;margin:.5rem 0}";
+svg{display:block;width:14rem;height:14rem;margin:.5rem 0}\
+time{white-space:nowrap}";
 
 /// The Content-Security-Policy of every answer: nothing may load or run, the inline style is
 /// allowed by its hash only, forms post back here only, no framing.
@@ -188,7 +189,7 @@ pub fn render(page: &Page<'_>) -> String {
     h.push_str(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
-         <meta name=\"referrer\" content=\"no-referrer\">\
+         <meta name=\"referrer\" content=\"same-origin\">\
          <title>Verify this device – VPN</title><style>",
     );
     h.push_str(CSS);

@@ -30,7 +30,8 @@
 //! attacker's that resolves to the tunnel address is refused with 421).
 //!
 //! Every answer carries `Cache-Control: no-store`, `X-Frame-Options: DENY`,
-//! `X-Content-Type-Options: nosniff`, `Referrer-Policy: no-referrer` and the strict
+//! `X-Content-Type-Options: nosniff`, `Referrer-Policy: same-origin` (not `no-referrer`: with it
+//! a browser sends `Origin: null` on the form post, which the origin check must refuse) and the strict
 //! Content-Security-Policy of [`super::page::csp`].
 
 use std::{
@@ -742,7 +743,7 @@ pub fn answer(
     );
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     h.insert(
         header::CONTENT_SECURITY_POLICY,
