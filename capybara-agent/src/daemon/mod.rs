@@ -43,7 +43,9 @@
 //!
 //! When it has a `VerificationPort` (`MfaPageSettings::verification`), the daemon serves the
 //! MFA verification page (`crate::verify`) on the tunnel's IPv4 and IPv6 addresses on
-//! `--mfa-port`, started after the tunnel is up and stopped first at shutdown.
+//! `--mfa-port`, started after the tunnel is up and stopped first at shutdown, and sets the
+//! gate's verification endpoint (`CAPY_GATE_ALLOW`) to those addresses and TCP port, so a device
+//! held at the gate reaches the page and nothing else.
 //!
 //! Shutdown leaves the programs enforcing (pinned links) unless `detach_on_exit` is set.
 //!
