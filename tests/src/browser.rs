@@ -115,10 +115,10 @@ impl<'ns> Driver<'ns> {
         };
         let end = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(status) = driver.call("GET", "/status", None) {
-                if status["ready"] == true {
-                    return driver;
-                }
+            if let Ok(status) = driver.call("GET", "/status", None)
+                && status["ready"] == true
+            {
+                return driver;
             }
             assert!(Instant::now() < end, "chromedriver not ready within 30 s");
             std::thread::sleep(Duration::from_millis(100));
