@@ -94,7 +94,6 @@ fn main() -> anyhow::Result<()> {
     }
     let config = AgentConfig {
         mfa_page: daemon::MfaPageSettings {
-            port: args.mfa_port,
             channels: (!channels.is_empty()).then(|| std::sync::Arc::new(channels)),
             ..daemon::MfaPageSettings::default()
         },

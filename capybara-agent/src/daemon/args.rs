@@ -134,10 +134,6 @@ pub struct Args {
     /// webhook added with `--allow-private` may: server-side request forgery).
     #[arg(long)]
     pub webhook_allow_private: bool,
-    /// TCP port of the MFA verification page on the tunnel addresses (`http://<tunnel
-    /// address>/`, the one place a device held as mfa-pending reaches).
-    #[arg(long, default_value_t = crate::verify::DEFAULT_PORT)]
-    pub mfa_port: u16,
     /// SMTP server for one-time codes by e-mail: smtp://host[:port] (STARTTLS required, port
     /// 587 by default) or smtps://host[:port] (implicit TLS, 465).
     #[arg(long, value_name = "URL", requires = "mfa_smtp_from")]

@@ -43,9 +43,9 @@
 //!
 //! When it has a `VerificationPort` (`MfaPageSettings::verification`), the daemon serves the
 //! MFA verification page (`crate::verify`) on the tunnel's IPv4 and IPv6 addresses on
-//! `--mfa-port`, started after the tunnel is up and stopped first at shutdown, and sets the
-//! gate's verification endpoint (`CAPY_GATE_ALLOW`) to those addresses and TCP port, so a device
-//! held at the gate reaches the page and nothing else.
+//! the MFA port (`MfaPageSettings::port`, the `--mfa-port` the gate's verification endpoint
+//! `CAPY_GATE_ALLOW` opens to held devices), started after the tunnel is up and stopped first at
+//! shutdown.
 //!
 //! Shutdown leaves the programs enforcing (pinned links) unless `detach_on_exit` is set.
 //!
@@ -168,7 +168,8 @@ pub struct MetricsSettings {
 /// The MFA verification page (`crate::verify`) and the one-time-code channels.
 #[derive(Clone)]
 pub struct MfaPageSettings {
-    /// The page's TCP port on the tunnel addresses (`--mfa-port`, default 80).
+    /// The page's TCP port on the tunnel addresses (default 80; the daemon's `--mfa-port`, which
+    /// the gate's verification endpoint opens to held devices).
     pub port: u16,
     /// What the page asks (`service::mfa`); the page is served only when this is set.
     pub verification: Option<Arc<dyn crate::service::verification::VerificationPort>>,

@@ -245,11 +245,6 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
                 config.mfa_page.limits,
             )?;
             tracing::info!(addrs = ?page.addrs(), "MFA verification page served");
-            // Held devices reach the page and nothing else (the gate's verification endpoint).
-            dataplane.lock().unwrap().set_verification_endpoint(
-                &[v4.addr().into(), v6.addr().into()],
-                &[(crate::dataplane::L4Proto::Tcp, config.mfa_page.port)],
-            )?;
             Some(page)
         }
         None => None,
