@@ -116,6 +116,15 @@ pub fn uapi_socket(dir: &Path, iface: &str) -> PathBuf {
 /// File name of the key that seals kept client private keys, inside the data directory.
 pub const CLIENT_KEYS_KEY_FILE_NAME: &str = "client-keys.key";
 
+/// File name of the key that seals MFA secrets (`service::mfa`), inside the data directory.
+pub const MFA_KEY_FILE_NAME: &str = "mfa.key";
+
+/// Path of the MFA sealing key under the data directory `data_dir` (mode 0600, the rule of
+/// every secret file).
+pub fn mfa_key_file(data_dir: &Path) -> PathBuf {
+    data_dir.join(MFA_KEY_FILE_NAME)
+}
+
 /// Path of the temporary file a secret file `target` is written to before it is renamed over
 /// `target`: `.<name>.tmp` in the same directory (a rename is atomic only within one file
 /// system).

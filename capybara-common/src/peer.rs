@@ -28,6 +28,11 @@ pub const MAX_PEER_POOL_V4: u32 = 1 << 20;
 
 /// Peer table entry flag: the id is in use.
 pub const PEER_F_ACTIVE: u32 = 1 << 0;
+/// Peer table entry flag: the admission deadline (`PeerInfo::deadline_ns`) is the end of an MFA
+/// admission (the MFA lifetime), not an account expiry: once it passes the kernel holds the peer
+/// as `DropReason::GateMfaPending` instead of `GateExpired`, so the device must verify again.
+/// Set by the agent only when the MFA lifetime ends before the account expiry.
+pub const PEER_F_DEADLINE_MFA: u32 = 1 << 1;
 
 /// `PeerInfo::gate` of an admitted peer.
 pub const GATE_ADMITTED: u32 = 0;
@@ -40,7 +45,8 @@ pub const GATE_ADMITTED: u32 = 0;
 /// - `gate == GATE_ADMITTED` and `deadline_ns != 0`: admitted while `now < deadline_ns`, where
 ///   `now` is `bpf_ktime_get_boot_ns()` (CLOCK_BOOTTIME: counts suspend, so a suspended server
 ///   does not stretch an admission). From `deadline_ns` on the peer is held as
-///   `DropReason::GateExpired` by the kernel alone.
+///   `DropReason::GateExpired` by the kernel alone, or as `DropReason::GateMfaPending` when
+///   [`PEER_F_DEADLINE_MFA`] is set (the deadline is the end of an MFA admission).
 /// - `gate != GATE_ADMITTED`: held; `gate` is the `DropReason` discriminant of a `Gate*` reason.
 ///   A value that is not a gate reason (never written by the agent) holds the peer as
 ///   `GateKicked`: fail closed.

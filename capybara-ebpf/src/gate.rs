@@ -4,7 +4,11 @@
 //! - [`held`]: reads the peer's `PEERS` entry (looked up once per packet by the pipeline). Held with the stored reason when `gate != 0`; held as
 //!   `GateExpired` when admitted with a deadline and `bpf_ktime_get_boot_ns() >= deadline_ns`
 //!   (the kernel decides expiry alone: no userspace round trip). The clock is read only for
-//!   peers with a deadline.
+//!   peers with a deadline. [`deadline_reason`] then turns a passed deadline of an MFA
+//!   admission (`PEER_F_DEADLINE_MFA`) into `GateMfaPending`: the device must verify again.
+//!   It is asked only for a packet that is dropped (after [`to_endpoint`]), so the flag is not
+//!   kept live across the endpoint's parser (the programs' stack is at its 512-byte limit
+//!   there: reading it in [`held`] made `tc_ingress` overflow it).
 //! - [`to_endpoint`]: the exception for held peers. Parses the transport header (IPv4 options,
 //!   up to `MAX_IPV6_EXT_HEADERS` IPv6 extension headers) and looks up the server end
 //!   (ingress: destination, egress: source) with its port in `GATE_ALLOW`. Only TCP and UDP with
@@ -15,7 +19,7 @@ use aya_ebpf::helpers::bpf_ktime_get_boot_ns;
 use capybara_common::{
     drop::DropReason,
     gate::GateAllowKey,
-    peer::{GATE_ADMITTED, PeerInfo},
+    peer::{GATE_ADMITTED, PEER_F_DEADLINE_MFA, PeerInfo},
 };
 
 use crate::{
@@ -73,6 +77,22 @@ pub fn held(info: *const PeerInfo, now_ns: u64) -> Option<Held> {
         });
     }
     None
+}
+
+/// The reason a held packet is dropped with: `held`'s, except that a passed deadline of an MFA
+/// admission (the peer's `PEER_F_DEADLINE_MFA`) holds as `GateMfaPending`, not `GateExpired`.
+#[inline(always)]
+pub fn deadline_reason(info: *const PeerInfo, held: &Held) -> DropReason {
+    if !matches!(held.reason, DropReason::GateExpired) || held.deadline_ns == 0 {
+        return held.reason;
+    }
+    // SAFETY: `info` is the peer's `PEERS` element (see `held`), valid for this program run.
+    let flags = unsafe { (*info).flags };
+    if flags & PEER_F_DEADLINE_MFA != 0 {
+        DropReason::GateMfaPending
+    } else {
+        DropReason::GateExpired
+    }
 }
 
 /// True when the packet goes between the peer and a verification endpoint (`GATE_ALLOW`):

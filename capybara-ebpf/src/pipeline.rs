@@ -174,11 +174,12 @@ fn try_tunnel(ctx: &TcContext, dir: &Direction, l2: usize, bytes: u64) -> Result
         && let Some(held) = gate::held(info, now_ns)
         && !gate::to_endpoint(&pkt, l2, &addrs, dir.peer_is_source)
     {
-        count_drop(dir.drop_gate, held.reason, amount, peer);
+        let reason = gate::deadline_reason(info, &held);
+        count_drop(dir.drop_gate, reason, amount, peer);
         let rec = EventRecord {
             kind: EVENT_GATE_DROP,
             peer: id,
-            reason: held.reason as u32,
+            reason: reason as u32,
             flags: if dir.peer_is_source {
                 0
             } else {

@@ -12,6 +12,9 @@
 //! request, whatever the bytes), `cron` (scheduled tasks' expressions and zones,
 //! `service::schedules::CronSchedule`: an error names `cron` or `tz`; an accepted one parses
 //! again from what it shows, and its next due time is after the start and its own latest).
+//! `intel_list` (IP intelligence's list files and feeds, `service::intel::parse::parse_list`: a
+//! refused list names a line that exists, quoted within its bound; an accepted one, written one
+//! entry a line, parses to the same entries).
 
 use std::time::Duration;
 
@@ -19,7 +22,10 @@ use capybara_agent::{
     geo::{GeoDb, mmdb_writer::MmdbWriter},
     net::Cidr,
     service::{
-        policy::model::TimeWindow, policy_file::doc::PolicyDoc, schedules::CronSchedule,
+        intel::parse::{ListParseError, MAX_QUOTED, parse_list},
+        policy::model::TimeWindow,
+        policy_file::doc::PolicyDoc,
+        schedules::CronSchedule,
         templates::model::ConfigTemplate,
     },
     tunnel::uapi,
@@ -312,4 +318,38 @@ fn uapi() {
             answers > 0
         },
     );
+}
+
+#[test]
+fn intel_list() {
+    let seeds: Vec<Vec<u8>> = [
+        "# Tor exits\n185.220.101.1\n185.220.101.2/32 ; trailing\n\n2001:db8::/32\r\n",
+        "ExitNode 0011BD2485AD45D984EC4159C88FC066E5E3300E\nPublished 2024-05-01 10:12:33\n\
+         LastStatus 2024-05-01 12:00:00\nExitAddress 162.247.74.201 2024-05-01 12:07:02\n",
+        "; Spamhaus DROP\n1.10.16.0/20 ; SBL256894\n",
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect();
+    run("intel_list", true, seeds, |bytes| match parse_list(bytes) {
+        Ok(list) => {
+            let text: String = list.iter().map(|c| format!("{c}\n")).collect();
+            assert_eq!(
+                parse_list(text.as_bytes()).as_ref(),
+                Ok(&list),
+                "the entries of {bytes:?} written one a line do not parse back"
+            );
+            true
+        }
+        Err(ListParseError::Line { line, text, .. }) => {
+            let lines = bytes.split(|&b| b == b'\n').count();
+            assert!(
+                (1..=lines).contains(&line),
+                "line {line} of {lines} in {bytes:?}"
+            );
+            assert!(text.chars().count() <= MAX_QUOTED + 1, "{text:?}");
+            false
+        }
+        Err(_) => false,
+    });
 }

@@ -367,9 +367,11 @@ async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_document()
             // machine): adding a webhook resolves its host, testing, retrying or enabling one
             // posts to it (api_webhooks tests them against receivers on loopback). Nor
             // adding or running a scheduled task: its command is any CLI command, run as an
-            // admin (api_schedule tests them).
+            // admin (api_schedule tests them). Nor setting or refreshing an IP intelligence
+            // list's source: the agent fetches its URL (api_intel tests them against a server
+            // on loopback with allow_private).
             "--exclude-operation-id-regex",
-            "^(ApiAccess_(EnableApi|DisableApi)|Stats_WatchStats|Webhooks_(AddWebhook|TestWebhook|RetryDelivery|EnableWebhook)|Schedules_(AddSchedule|RunSchedule))$",
+            "^(ApiAccess_(EnableApi|DisableApi)|Stats_WatchStats|Webhooks_(AddWebhook|TestWebhook|RetryDelivery|EnableWebhook)|Schedules_(AddSchedule|RunSchedule)|IpIntel_(SetIntelSource|RefreshIntelList))$",
             "--no-color",
             "--generation-deterministic",
             "--report",

@@ -1626,6 +1626,14 @@ fn info(gate: u32, deadline_ns: u64) -> PeerInfo {
     }
 }
 
+/// Admitted until `deadline_ns`, the end of an MFA admission (`PEER_F_DEADLINE_MFA`).
+fn mfa_info(deadline_ns: u64) -> PeerInfo {
+    PeerInfo {
+        flags: capybara_common::peer::PEER_F_ACTIVE | capybara_common::peer::PEER_F_DEADLINE_MFA,
+        ..info(0, deadline_ns)
+    }
+}
+
 /// `base`, every peer active and admitted, the verification endpoint configured.
 fn gate_base(f: &mut Fixture) {
     base(f);
@@ -1950,6 +1958,48 @@ fn gate_cases() -> Vec<Case> {
             Box::new(|f| {
                 gate_base(f);
                 f.peer_info(PEER1, info(0, 1));
+            }),
+            pass_in(PEER1),
+        ),
+        // An MFA admission (`PEER_F_DEADLINE_MFA`): held as mfa-pending, not expired, once
+        // its deadline passed; the flag changes nothing before it.
+        c(
+            "MFA admission with a deadline in the past: dropped as mfa-pending".into(),
+            In,
+            || packets::udp4(PEER1_V4, CLEAN, 4000, 53, 60),
+            Box::new(|f| {
+                gate_base(f);
+                f.peer_info(PEER1, mfa_info(boot_ns() - 1));
+            }),
+            gate_in(PEER1, mfa),
+        ),
+        c(
+            "MFA admission with a deadline in the past: dropped as mfa-pending (egress, v6)".into(),
+            Out,
+            || packets::udp6(CLEAN6, PEER1_V6, 53, 4000, 60),
+            Box::new(|f| {
+                gate_base(f);
+                f.peer_info(PEER1, mfa_info(1));
+            }),
+            gate_out(PEER1, mfa),
+        ),
+        c(
+            "MFA admission with a future deadline passes".into(),
+            In,
+            || packets::udp4(PEER1_V4, CLEAN, 4000, 53, 60),
+            Box::new(|f| {
+                gate_base(f);
+                f.peer_info(PEER1, mfa_info(boot_ns() + 3_600_000_000_000));
+            }),
+            pass_in(PEER1),
+        ),
+        c(
+            "lapsed MFA admission still reaches the verification port".into(),
+            In,
+            || packets::tcp4(PEER1_V4, SERVER_TUN_V4, 40000, VERIFY_TCP, 10),
+            Box::new(|f| {
+                gate_base(f);
+                f.peer_info(PEER1, mfa_info(1));
             }),
             pass_in(PEER1),
         ),

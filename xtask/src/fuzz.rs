@@ -18,7 +18,7 @@ const CRATE: &str = "capybara-fuzz";
 /// Its test file holding the targets.
 const TEST: &str = "targets";
 /// Every target, one per parser (`fuzz/tests/targets.rs` says what each feeds).
-pub const TARGETS: [&str; 7] = [
+pub const TARGETS: [&str; 8] = [
     "policy_yaml",
     "template_yaml",
     "cidr",
@@ -26,8 +26,9 @@ pub const TARGETS: [&str; 7] = [
     "mmdb",
     "uapi",
     "cron",
+    "intel_list",
 ];
-/// Seconds per target in `cargo xtask test`'s smoke stage (seven targets: ~14 s plus the build).
+/// Seconds per target in `cargo xtask test`'s smoke stage (eight targets: ~16 s plus the build).
 pub const SMOKE_SECS: u64 = 2;
 /// How long a target may run past its time (start-up, the seeds, the last input) before it
 /// counts as hung.

@@ -12,7 +12,7 @@ use super::{
 use crate::service::{
     GeoStatus,
     domain::{Scope, ValidationError},
-    geo::{GeoMode, GeoPolicy},
+    geo::{GeoDbInfo, GeoMode, GeoPolicy},
 };
 
 #[tonic::async_trait]
@@ -33,6 +33,22 @@ impl Geo for Api {
         let actor = self.auth(&req, Scope::Write)?;
         let policy = GeoPolicy::try_from(req.into_inner()).map_err(invalid)?;
         let g = self.call(move |s| s.geo.set(&actor, &policy)).await?;
+        Ok(Response::new((&g).into()))
+    }
+
+    async fn update_geo_db(
+        &self,
+        req: Request<pb::UpdateGeoDbRequest>,
+    ) -> Result<Response<pb::GeoStatus>, Status> {
+        // Admin: the agent reads a file of the caller's choosing.
+        let actor = self.auth(&req, Scope::Admin)?;
+        let file = req.into_inner().file;
+        if file.is_empty() {
+            return Err(invalid(ValidationError::Missing { field: "file" }));
+        }
+        let g = self
+            .call(move |s| s.geo.update(&actor, std::path::Path::new(&file)))
+            .await?;
         Ok(Response::new((&g).into()))
     }
 }
@@ -76,6 +92,14 @@ impl From<&GeoStatus> for pb::GeoStatus {
             mode: geo_mode_to_proto(g.mode) as i32,
             countries: g.countries.clone(),
             lists: g.lists.iter().map(Into::into).collect(),
+            database: g.database.as_ref().map(|d| pb::GeoDatabase {
+                path: d.path.clone(),
+                database_type: d.database_type.clone(),
+                build_epoch: d.build_epoch,
+                countries: d.countries,
+                loaded_at: d.loaded_at,
+                last_error: d.last_error.clone(),
+            }),
         }
     }
 }
@@ -96,6 +120,14 @@ impl TryFrom<pb::GeoStatus> for GeoStatus {
                 .into_iter()
                 .map(TryInto::try_into)
                 .collect::<Result<_, _>>()?,
+            database: g.database.map(|d| GeoDbInfo {
+                path: d.path,
+                database_type: d.database_type,
+                build_epoch: d.build_epoch,
+                countries: d.countries,
+                loaded_at: d.loaded_at,
+                last_error: d.last_error,
+            }),
         })
     }
 }
@@ -125,6 +157,15 @@ impl Client {
                 mode: mode as i32,
                 countries,
             }))
+            .await?
+            .into_inner();
+        Ok(r.try_into()?)
+    }
+
+    /// Loads a new country database from `file` (a path on the agent's machine).
+    pub async fn update_geo_db(&self, file: String) -> Result<GeoStatus, ClientError> {
+        let r = GeoClient::new(self.channel.clone())
+            .update_geo_db(self.req(pb::UpdateGeoDbRequest { file }))
             .await?
             .into_inner();
         Ok(r.try_into()?)

@@ -17,6 +17,8 @@
 //! | [`schedules`] | `Schedules` (scheduled tasks); [`inproc`] is the in-process connection their commands call the API over |
 //! | [`reports`] | `Reports` (usage reports over the rollups) |
 //! | [`webhooks`] | `Webhooks` |
+//! | [`mfa`] | `Mfa` (enrolment, status, require-all; the verification page is `service::verification`'s) |
+//! | [`intel`] | `IpIntel` (IP intelligence: the switch, the tor/vpn sources, the allow list) |
 //!
 //! Beside them: [`server`] (who may call what, the router, the listeners, `run(listeners,
 //! shutdown)`), [`handler`] (the [`handler::Api`] type every service is implemented on: auth and
@@ -34,9 +36,11 @@ pub mod handler;
 pub mod health;
 pub mod history;
 pub mod inproc;
+pub mod intel;
 pub mod limits;
 pub mod lists;
 pub mod live;
+pub mod mfa;
 pub mod monitor;
 mod paging;
 pub mod policy;

@@ -23,7 +23,9 @@
 //!
 //! The `Policy` service's scopes are listed in [`super::policy`], those of `History` and `Backup` in [`super::history`] and
 //! [`super::backup`], those of `Schedules` in [`super::schedules`], those of `Webhooks` in
-//! [`super::webhooks`].
+//! [`super::webhooks`], those of `Mfa` in [`super::mfa`],
+//! those of `IpIntel` in [`super::intel`]; `UpdateGeoDb` needs admin (the
+//! agent reads a file of the caller's choosing).
 //!
 //! - **In-process** (`super::inproc`): a scheduled task's command acts as `schedule:<id>` with
 //!   the admin scope; only the agent itself can open such a connection.
@@ -40,6 +42,7 @@
 
 use std::{future::Future, path::Path, sync::Arc};
 
+use capybara_proto::v1::mfa_server::MfaServer;
 use capybara_proto::v1::{
     api_access_server::ApiAccessServer, audit_server::AuditServer, backup_server::BackupServer,
     blocklists_server::BlocklistsServer, components_server::ComponentsServer,
@@ -209,6 +212,10 @@ pub(super) async fn router(api: &Api, tls: Option<&TlsIdentity>) -> Result<Timed
     reporter.set_serving::<SchedulesServer<Api>>().await;
     reporter.set_serving::<ReportsServer<Api>>().await;
     reporter.set_serving::<WebhooksServer<Api>>().await;
+    reporter.set_serving::<MfaServer<Api>>().await;
+    reporter
+        .set_serving::<capybara_proto::v1::ip_intel_server::IpIntelServer<Api>>()
+        .await;
     super::health::publish(&reporter, svc).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(capybara_proto::FILE_DESCRIPTOR_SET)
@@ -257,7 +264,11 @@ pub(super) async fn router(api: &Api, tls: Option<&TlsIdentity>) -> Result<Timed
             .max_decoding_message_size(super::reports::MAX_REPORT_MESSAGE)
             .max_encoding_message_size(super::reports::MAX_REPORT_MESSAGE),
     )
-    .add_service(WebhooksServer::new(api.clone()));
+    .add_service(WebhooksServer::new(api.clone()))
+    .add_service(MfaServer::new(api.clone()))
+    .add_service(capybara_proto::v1::ip_intel_server::IpIntelServer::new(
+        api.clone(),
+    ));
     // gRPC and the REST mirror on one listener: gRPC paths are `/capybara.v1.X/Y`, REST ones
     // `/api/v1/…`; HTTP/1.1 is accepted for REST clients.
     let all = grpc

@@ -19,6 +19,7 @@ pub fn status_of(e: ServiceError) -> Status {
         | ServiceError::NoGeoDb
         | ServiceError::TaskRunning { .. }
         | ServiceError::NoScheduler
+        | ServiceError::SourceUnavailable { .. }
         | ServiceError::Webhook { .. } => Status::failed_precondition(e.to_string()),
         ServiceError::Exhausted { .. } => Status::resource_exhausted(e.to_string()),
         ServiceError::Store(_)

@@ -92,11 +92,19 @@ fn main() -> anyhow::Result<()> {
             },
         )?);
     }
+    let mfa = daemon::MfaSettings {
+        port: args.mfa_port,
+        config: capybara_agent::service::mfa::MfaConfig {
+            lifetime: duration("mfa_lifetime", &args.mfa_lifetime)?,
+            lock: duration("mfa_lock", &args.mfa_lock)?,
+        },
+    };
     let config = AgentConfig {
         mfa_page: daemon::MfaPageSettings {
             channels: (!channels.is_empty()).then(|| std::sync::Arc::new(channels)),
             ..daemon::MfaPageSettings::default()
         },
+        mfa,
         alerts,
         health_interval,
         disconnect_after,

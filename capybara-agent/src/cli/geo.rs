@@ -1,5 +1,6 @@
-//! `capybara geo block|allow|off|list`: which countries may reach the WireGuard port; every
-//! command prints the policy and its lists with their hits.
+//! `capybara geo block|allow|off|list|update`: which countries may reach the WireGuard port, and
+//! the country database (`update --file X.mmdb` swaps it in without a gap); every command prints
+//! the policy and its lists with their hits (`update` also the database).
 
 use clap::Subcommand;
 
@@ -29,12 +30,39 @@ pub(super) enum GeoCmd {
     Off,
     /// The policy and its lists with their hits.
     List,
+    /// Load a new country database (.mmdb) and swap it in without a gap; the agent then
+    /// watches the file and reloads it when it changes.
+    Update {
+        /// The MaxMind DB file on the agent's machine.
+        #[arg(long)]
+        file: std::path::PathBuf,
+    },
 }
 
 /// Runs `capybara geo …`.
 pub(super) async fn run(cli: &Cli, cmd: &GeoCmd) -> Result<(), CliError> {
     let status = match cmd {
         GeoCmd::List => connect(cli).await?.geo().await?,
+        GeoCmd::Update { file } => {
+            // The agent reads the file: a relative path is made absolute here.
+            let path = std::path::absolute(file).map_err(CliError::file(file))?;
+            let status = connect(cli)
+                .await?
+                .update_geo_db(path.display().to_string())
+                .await?;
+            if !cli.json
+                && let Some(d) = &status.database
+            {
+                outln!(
+                    "database {} ({}, built {}, {} countries)",
+                    d.path,
+                    d.database_type,
+                    super::output::time(d.build_epoch),
+                    d.countries
+                )?;
+            }
+            status
+        }
         GeoCmd::Off => {
             connect(cli)
                 .await?

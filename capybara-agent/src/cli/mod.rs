@@ -19,7 +19,8 @@
 //! connection; each family has one file with its clap enum, its handler and its printing
 //! (`user`, `device`, `api`, `stats`, `top`, `connections` with `kick`, `health`, `history`,
 //! `backup`, `blocklist`, `geo`, `quota` with `quota template`, `group`, `policy`, `template`,
-//! `diagnose`, `schedule`, `report`, `webhook`; the hidden `generate` writes the man pages and completions
+//! `diagnose`, `schedule`, `report`, `webhook`, `mfa`; the hidden `generate` writes the man pages and completions
+//! `diagnose`, `schedule`, `report`, `webhook`, `intel` (`ip-intel`); the hidden `generate` writes the man pages and completions
 //! `cargo xtask install` installs). `scheduled` runs a command line in the agent for a scheduled
 //! task (the same code, in-process, its output captured). What several families share is in
 //! modules no family owns, so no family imports
@@ -43,8 +44,10 @@ mod group;
 mod health;
 mod history;
 mod input;
+mod intel;
 mod limits;
 mod live;
+mod mfa;
 mod output;
 mod policy;
 mod qr;
@@ -159,6 +162,14 @@ enum Command {
     /// Webhooks: endpoints that receive the agent's events, signed.
     #[command(subcommand)]
     Webhook(webhook::WebhookCmd),
+    /// Multi-factor authentication of users (held at the kernel gate until a code admits the
+    /// device).
+    #[command(subcommand)]
+    Mfa(mfa::MfaCmd),
+    /// IP intelligence on the uplink: the switch, Tor and VPN lists from files or feeds, the
+    /// allow list.
+    #[command(name = "ip-intel", subcommand)]
+    IpIntel(intel::IntelCmd),
 }
 
 /// Runs the CLI with the process arguments.
@@ -242,5 +253,7 @@ async fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Schedule(cmd) => schedule::run(cli, cmd).await,
         Command::Report(cmd) => report::run(cli, cmd).await,
         Command::Webhook(cmd) => webhook::run(cli, cmd).await,
+        Command::Mfa(cmd) => mfa::run(cli, cmd).await,
+        Command::IpIntel(cmd) => intel::run(cli, cmd).await,
     }
 }

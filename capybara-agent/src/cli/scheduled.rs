@@ -124,6 +124,12 @@ fn parse(args: &[String]) -> Result<Cli, String> {
             refuse("backup restore", "it replaces the store of a stopped agent")
         }
         Command::Generate(_) => refuse("generate", "it is for `cargo xtask install`"),
+        Command::Mfa(super::mfa::MfaCmd::Enable { .. } | super::mfa::MfaCmd::Reset { .. }) => {
+            refuse(
+                "mfa enable/reset",
+                "its output is a user's secret, and a task's output is kept",
+            )
+        }
         _ => Ok(cli),
     }
 }

@@ -156,6 +156,19 @@ pub struct Args {
     /// A file (mode 0600) holding the whsec_ secret the SMS webhook is signed with.
     #[arg(long, value_name = "FILE", requires = "mfa_sms_webhook")]
     pub mfa_sms_secret: Option<PathBuf>,
+    /// TCP port of the MFA verification page on the server's tunnel addresses: a device held as
+    /// mfa-pending reaches it there and nothing else.
+    #[arg(long, default_value_t = crate::service::mfa::DEFAULT_PORT,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub mfa_port: u16,
+    /// How long a good MFA code admits a device (the end of its session ends it earlier), e.g.
+    /// 12h. After it the kernel holds the device as mfa-pending again by itself.
+    #[arg(long, default_value = "12h")]
+    pub mfa_lifetime: String,
+    /// How long too many wrong MFA codes (5 in 5 min of a device, 10 in 15 min of a user) lock
+    /// the device or the user, e.g. 15m.
+    #[arg(long, default_value = "15m")]
+    pub mfa_lock: String,
     /// Configuration file (TOML): every key is one of these flags, its name with `_` for `-`
     /// (`listen_port = 51820`); a flag given here overrides the key. The default file is read
     /// only when it exists; a file named here must exist.

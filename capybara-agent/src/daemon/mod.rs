@@ -41,11 +41,10 @@
 //! (5 s): the kernel never deletes an idle flow itself, so this is what frees the slots of
 //! idle flows (a failed sweep is logged and retried at the next tick).
 //!
-//! When it has a `VerificationPort` (`MfaPageSettings::verification`), the daemon serves the
-//! MFA verification page (`crate::verify`) on the tunnel's IPv4 and IPv6 addresses on
-//! the MFA port (`MfaPageSettings::port`, the `--mfa-port` the gate's verification endpoint
+//! The daemon serves the MFA verification page (`crate::verify`, asking `service::mfa`) on the
+//! tunnel's IPv4 and IPv6 addresses on `--mfa-port` (the port the gate's verification endpoint
 //! `CAPY_GATE_ALLOW` opens to held devices), started after the tunnel is up and stopped first at
-//! shutdown.
+//! shutdown; the code channels (`--mfa-smtp…`, `--mfa-sms…`) are handed to `service::mfa`.
 //!
 //! Shutdown leaves the programs enforcing (pinned links) unless `detach_on_exit` is set.
 //!
@@ -166,12 +165,9 @@ pub struct MetricsSettings {
 }
 
 /// The MFA verification page (`crate::verify`) and the one-time-code channels.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct MfaPageSettings {
-    /// The page's TCP port on the tunnel addresses (default 80; the daemon's `--mfa-port`, which
-    /// the gate's verification endpoint opens to held devices).
-    pub port: u16,
-    /// What the page asks (`service::mfa`); the page is served only when this is set.
+    /// What the page asks instead of `service::mfa` (tests); `None`: the service's `Mfa`.
     pub verification: Option<Arc<dyn crate::service::verification::VerificationPort>>,
     /// The configured code channels (`--mfa-smtp…`, `--mfa-sms…`), for `service::mfa`.
     pub channels: Option<Arc<crate::verify::senders::Channels>>,
@@ -179,21 +175,9 @@ pub struct MfaPageSettings {
     pub limits: crate::verify::Limits,
 }
 
-impl Default for MfaPageSettings {
-    fn default() -> MfaPageSettings {
-        MfaPageSettings {
-            port: crate::verify::DEFAULT_PORT,
-            verification: None,
-            channels: None,
-            limits: crate::verify::Limits::default(),
-        }
-    }
-}
-
 impl std::fmt::Debug for MfaPageSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MfaPageSettings")
-            .field("port", &self.port)
             .field("verification", &self.verification.is_some())
             .field("channels", &self.channels)
             .field("limits", &self.limits)
@@ -249,6 +233,19 @@ pub struct AgentConfig {
     pub webhook_allow_private: bool,
     /// The MFA verification page and the code channels (`--mfa-*`).
     pub mfa_page: MfaPageSettings,
+    /// MFA: the verification page's port (`--mfa-port`), the admission lifetime and the lock
+    /// (`--mfa-lifetime`, `--mfa-lock`).
+    pub mfa: MfaSettings,
+}
+
+/// The daemon's MFA settings.
+#[derive(Clone, Copy, Debug)]
+pub struct MfaSettings {
+    /// TCP port of the verification page on the server's tunnel addresses, reachable by held
+    /// devices (`CAPY_GATE_ALLOW`).
+    pub port: u16,
+    /// The lifetime of an admission and the lock after failed codes.
+    pub config: crate::service::mfa::MfaConfig,
 }
 
 /// Why the daemon could not start or stop cleanly.
@@ -346,7 +343,7 @@ pub struct Running {
     /// The metrics (installed whether or not they have a listener of their own): mount
     /// `crate::metrics::router` with them on another server.
     pub metrics: Arc<crate::metrics::Metrics>,
-    /// The MFA verification page's bound addresses (none without a `VerificationPort`).
+    /// The MFA verification page's bound addresses.
     pub mfa_page: Vec<SocketAddr>,
 }
 

@@ -74,6 +74,15 @@ pub(super) fn open(config: &AgentConfig) -> Result<Opened, DaemonError> {
         )
     })?);
     dataplane.attach_tc(tunnel.name())?;
+    // The MFA verification page: devices held at the gate reach the server's tunnel addresses
+    // on this TCP port and nothing else.
+    dataplane.set_verification_endpoint(
+        &[
+            std::net::IpAddr::V4(config.tunnel_ipv4.0),
+            std::net::IpAddr::V6(config.tunnel_ipv6.0),
+        ],
+        &[(crate::dataplane::L4Proto::Tcp, config.mfa.port)],
+    )?;
 
     dataplane.set_guard_ports(&[config.listen_port])?;
     match &config.uplink {
@@ -153,6 +162,12 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
     }
     svc.webhooks
         .set_allow_private_everywhere(config.webhook_allow_private);
+    // MFA (`service::mfa`): its lifetime and lock, and the code channels it sends through.
+    // The verification page's server (below) is handed `svc.mfa` as its `VerificationPort`.
+    svc.mfa.configure(config.mfa.config);
+    if let Some(channels) = &config.mfa_page.channels {
+        svc.mfa.set_sender(channels.clone());
+    }
     let tcp = match config.api.listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -215,6 +230,10 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
         uplink: config.uplink.clone(),
         probe: Arc::new(crate::net::link_state),
     });
+    // IP intelligence's reload schedule and the watched country database (each task holds its
+    // feature weakly and ends with it).
+    service::intel::runner::spawn(&svc.intel);
+    service::geo::spawn_watch(&svc.geo);
     let health_watch = tokio::spawn(super::events::watch_health(
         Arc::downgrade(&svc),
         config.health_interval,
@@ -234,21 +253,21 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
         }
         None => None,
     };
-    // The MFA verification page on the tunnel addresses, when there is a port to ask.
-    // (`config.mfa_page.channels` go to `service::mfa`, which sends the codes.)
-    let mfa_page = match &config.mfa_page.verification {
-        Some(port) => {
-            let page = crate::verify::PageServer::start(
-                port.clone(),
-                &[v4.addr().into(), v6.addr().into()],
-                config.mfa_page.port,
-                config.mfa_page.limits,
-            )?;
-            tracing::info!(addrs = ?page.addrs(), "MFA verification page served");
-            Some(page)
-        }
-        None => None,
-    };
+    // The MFA verification page on the tunnel addresses and the port the gate lets held devices
+    // reach (`--mfa-port`), asking `service::mfa` (or the port the settings give instead).
+    let verification: Arc<dyn crate::service::verification::VerificationPort> =
+        match &config.mfa_page.verification {
+            Some(port) => port.clone(),
+            None => svc.mfa.clone(),
+        };
+    let page = crate::verify::PageServer::start(
+        verification,
+        &[v4.addr().into(), v6.addr().into()],
+        config.mfa.port,
+        config.mfa_page.limits,
+    )?;
+    tracing::info!(addrs = ?page.addrs(), "MFA verification page served");
+    let mfa_page = Some(page);
     let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
     // Without a listener the API task ends at once; that is not a failure to shut down for.
     // With a stored TCP setting (`capybara api enable`) the API serves without either.

@@ -16,6 +16,12 @@
 //! an administrator) does not move it, and a suspend does not stretch it. A deadline at or
 //! before now becomes a boot time in the past (at least 1 ns, as 0 means "no deadline"): the
 //! peer is held as `GateExpired` from its next packet.
+//!
+//! ## MFA admissions
+//! [`Gate::MfaAdmitted`] is an admission whose deadline is the end of an MFA admission (the MFA
+//! lifetime, earlier than any account expiry): it is written with `PEER_F_DEADLINE_MFA`, so the
+//! kernel holds the peer as `GateMfaPending` (not `GateExpired`) once it passes, and the device
+//! has to verify again with no agent action. Every other write clears the flag.
 
 use std::{
     collections::BTreeSet,
@@ -28,7 +34,7 @@ use capybara_common::{
     drop::DropReason,
     gate::{GATE_ALLOW_MAX, GATE_FAMILY_V4, GateAllowKey},
     maps as names,
-    peer::{GATE_ADMITTED, MAX_PEERS, PeerId, PeerInfo},
+    peer::{GATE_ADMITTED, MAX_PEERS, PEER_F_DEADLINE_MFA, PeerId, PeerInfo},
 };
 
 use super::{Dataplane, DataplaneError, Result, map_err, sys, sys_err};
@@ -45,6 +51,12 @@ pub enum Gate {
     /// Traffic is dropped and counted under this reason (one of the `Gate*` reasons), except to
     /// and from the verification endpoint.
     Held(DropReason),
+    /// Traffic passes until `until`, the end of an MFA admission; after it the kernel holds the
+    /// peer as [`DropReason::GateMfaPending`] by itself (`PEER_F_DEADLINE_MFA`, module docs).
+    MfaAdmitted {
+        /// The end of the MFA admission (wall clock).
+        until: SystemTime,
+    },
 }
 
 /// Whether `r` is a reason a peer can be held with.
@@ -155,15 +167,24 @@ pub fn clocks_now() -> (SystemTime, Duration) {
     (SystemTime::now(), sys::boottime_now())
 }
 
-/// Checks a gate state and encodes it as `(gate, deadline_ns)` for `PeerInfo`.
+/// Checks a gate state and encodes it as `(gate, deadline_ns)` for `PeerInfo` (whether
+/// `PEER_F_DEADLINE_MFA` is set: [`mfa_flag`]).
 fn encode(gate: Gate, wall_now: SystemTime, boot_now: Duration) -> Result<(u32, u64)> {
     match gate {
         Gate::Admitted { until: None } => Ok((GATE_ADMITTED, 0)),
-        Gate::Admitted { until: Some(t) } => {
+        Gate::Admitted { until: Some(t) } | Gate::MfaAdmitted { until: t } => {
             Ok((GATE_ADMITTED, boottime_deadline_ns(t, wall_now, boot_now)))
         }
         Gate::Held(r) if is_gate_reason(r) => Ok((r as u32, 0)),
         Gate::Held(r) => Err(DataplaneError::NotAGateReason { reason: r }),
+    }
+}
+
+/// `flags` with `PEER_F_DEADLINE_MFA` set for an [`Gate::MfaAdmitted`] and cleared otherwise.
+fn mfa_flag(flags: u32, gate: Gate) -> u32 {
+    match gate {
+        Gate::MfaAdmitted { .. } => flags | PEER_F_DEADLINE_MFA,
+        _ => flags & !PEER_F_DEADLINE_MFA,
     }
 }
 
@@ -177,9 +198,11 @@ fn decode(info: &PeerInfo, wall_now: SystemTime, boot_now: Duration) -> Gate {
                 .unwrap_or(DropReason::GateKicked),
         );
     }
-    Gate::Admitted {
-        until: (info.deadline_ns != 0)
-            .then(|| wall_time_of_boottime(info.deadline_ns, wall_now, boot_now)),
+    let until = (info.deadline_ns != 0)
+        .then(|| wall_time_of_boottime(info.deadline_ns, wall_now, boot_now));
+    match until {
+        Some(until) if info.flags & PEER_F_DEADLINE_MFA != 0 => Gate::MfaAdmitted { until },
+        until => Gate::Admitted { until },
     }
 }
 
@@ -194,14 +217,16 @@ impl Dataplane {
         Ok(self.peers.info(id))
     }
 
-    /// Admits or holds active peer `id`: one update of its `PeerInfo` (flags kept). Validates
-    /// first (the id, the hold reason): on error nothing is written.
+    /// Admits or holds active peer `id`: one update of its `PeerInfo` (flags kept, but
+    /// `PEER_F_DEADLINE_MFA`, which follows the gate). Validates first (the id, the hold
+    /// reason): on error nothing is written.
     pub fn set_gate(&mut self, id: PeerId, gate: Gate) -> Result<()> {
         let (wall_now, boot_now) = clocks_now();
         let (g, deadline_ns) = encode(gate, wall_now, boot_now)?;
         let mut info = self.active_peer_info(id)?;
         info.gate = g;
         info.deadline_ns = deadline_ns;
+        info.flags = mfa_flag(info.flags, gate);
         self.write_peer_info(id, info, "write gate")?;
         tracing::debug!(id, ?gate, deadline_ns, "gate set");
         Ok(())
@@ -370,11 +395,16 @@ mod tests {
             },
             Gate::Held(DropReason::GateMfaPending),
             Gate::Held(DropReason::GateDeviceLimit),
+            Gate::MfaAdmitted { until: wall(30) },
         ] {
             let (gate, deadline_ns) = encode(g, w, b).unwrap();
             let info = PeerInfo {
                 gate,
                 deadline_ns,
+                flags: mfa_flag(
+                    capybara_common::peer::PEER_F_ACTIVE | PEER_F_DEADLINE_MFA,
+                    g,
+                ),
                 ..PeerInfo::default()
             };
             assert_eq!(decode(&info, w, b), g);

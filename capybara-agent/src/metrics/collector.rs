@@ -361,6 +361,13 @@ impl Collector for ServiceCollector {
         )?;
         counter(
             &mut enc,
+            "capybara_intel_refresh_failures",
+            "IP intelligence list reloads that failed since the agent started (the old list stays \
+             enforced; `capybara ip-intel list` shows why)",
+            self.svc.intel.refresh_failures(),
+        )?;
+        counter(
+            &mut enc,
             "capybara_metrics_read_errors",
             "Parts of scrapes left out because a read failed (logged)",
             self.read_errors.load(Ordering::Relaxed),

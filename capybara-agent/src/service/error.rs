@@ -110,6 +110,15 @@ pub enum ServiceError {
     /// Scheduled tasks cannot run here: the agent started without its scheduler.
     #[error("scheduled tasks are not available in this agent (it runs without its scheduler)")]
     NoScheduler,
+    /// A list's or database's source could not be read now (a feed that is down, answers an
+    /// error or times out; a category with no source yet); nothing was changed.
+    #[error("{field}: {reason}")]
+    SourceUnavailable {
+        /// The field that named the source (`url`, `file`, `category`).
+        field: &'static str,
+        /// What happened.
+        reason: String,
+    },
 }
 
 /// Why a bearer token was refused.

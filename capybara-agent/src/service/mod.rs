@@ -28,6 +28,8 @@
 //! | [`schedules`] | scheduled tasks: cron in a zone, the runner on an injectable clock, runs and their history (the commands run through the `Commands` port) |
 //! | [`verification`] | the MFA verification page's and one-time-code channels' view of the service (traits) |
 //! | [`usage`] | hourly and daily usage rollups per device (the writer's thread) and the usage report over them (`report generate`) |
+//! | [`mfa`] | multi-factor authentication: enrolment, TOTP, backup and one-time codes, failed-code limits; implements [`verification::VerificationPort`]; its gate decision is folded into [`policy`]'s |
+//! | [`intel`] | IP intelligence: the master switch, the `tor`/`vpn` source lists from files or URLs on a reload schedule, the `allow` list (over [`lists`]) |
 //!
 //! Beside them: [`domain`] (validated domain types and their parsers), [`secrets`] (keys, token
 //! hashes, sealing of kept client keys), [`ports`] (what the service needs from the dataplane and
@@ -46,8 +48,10 @@ pub mod events;
 pub mod geo;
 pub mod health;
 pub mod history;
+pub mod intel;
 pub mod lists;
 pub mod live;
+pub mod mfa;
 pub mod monitor;
 pub mod notify;
 pub mod policy;
@@ -132,6 +136,10 @@ pub struct Service {
     pub usage: Arc<usage::Usage>,
     /// Webhook endpoints and their delivery workers.
     pub webhooks: Arc<webhooks::Webhooks>,
+    /// Multi-factor authentication (the verification page's port).
+    pub mfa: Arc<mfa::Mfa>,
+    /// IP intelligence: the switch, the tor/vpn lists and their reloads, the allow list.
+    pub intel: Arc<intel::Intel>,
 }
 
 impl Service {
@@ -199,6 +207,12 @@ impl Service {
             )),
             schedules: Arc::new(schedules::Schedules::new(core.clone())),
             webhooks: Arc::new(webhooks::Webhooks::new(core.clone())?),
+            mfa: Arc::new(mfa::Mfa::new(
+                core.clone(),
+                directory.clone(),
+                policy.clone(),
+            )?),
+            intel: Arc::new(intel::Intel::new(core.clone(), lists.clone())?),
             lists,
             users,
             devices,
@@ -210,6 +224,7 @@ impl Service {
         svc.policy.reapply()?;
         svc.policy_files.complete_journal()?;
         svc.templates.apply_log_level();
+        svc.intel.reconcile()?;
         Ok(svc)
     }
 

@@ -182,8 +182,36 @@ pub mod keys {
     /// Key of the geo policy in `blocklists`.
     pub const GEO_POLICY: &str = "geo-policy";
 
+    /// Key of the country database `capybara geo update` loaded (its path), in `blocklists`.
+    pub const GEO_DB: &str = "geo-db";
+
+    /// Key of IP intelligence's settings (switch, each category's source) in `blocklists`.
+    pub const INTEL_SETTINGS: &str = "intel/settings";
+
+    /// Key of the last good load of IP intelligence category `cat` (`tor`, `vpn`) in
+    /// `blocklists`: its CIDRs, kept while the category is not enforced.
+    pub fn intel_list(cat: &str) -> String {
+        format!("intel/list/{cat}")
+    }
+
+    /// Key of when category `cat`'s source last loaded well, in `blocklists`.
+    pub fn intel_meta(cat: &str) -> String {
+        format!("intel/meta/{cat}")
+    }
+
     /// Key of the TCP API's setting (`capybara api enable`) in `policy`.
     pub const API_ACCESS: &str = "server/api-access";
+
+    /// Key of a user's MFA record in `policy` (`service::mfa`).
+    pub fn mfa_user(name: &str) -> String {
+        format!("{MFA_USERS}{name}")
+    }
+
+    /// Prefix of the MFA records in `policy`.
+    pub const MFA_USERS: &str = "mfa/user/";
+
+    /// Key of the MFA settings (`mfa require-all`) in `policy`.
+    pub const MFA_SETTINGS: &str = "mfa/settings";
 
     /// Key of the next scheduled task id in `schedules`.
     pub const SCHEDULE_NEXT_ID: &str = "next-id";

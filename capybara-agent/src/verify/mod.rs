@@ -15,7 +15,7 @@
 //!
 //! [`PageServer::start`] binds the addresses with `IP_FREEBIND` (an IPv6 address of the tunnel
 //! may still be tentative when the agent starts) and serves until [`PageServer::stop`]; it is
-//! started by the daemon when it has a [`VerificationPort`] (`MfaPageSettings`).
+//! started by the daemon on `--mfa-port` with `service::mfa` as its [`VerificationPort`].
 
 pub mod page;
 pub mod senders;
@@ -31,9 +31,6 @@ use std::{
 pub use server::{App, Limits};
 
 use crate::service::verification::VerificationPort;
-
-/// The page's default port (`--mfa-port`): what a browser opens for `http://<address>/`.
-pub const DEFAULT_PORT: u16 = 80;
 
 /// Why the page server could not start.
 #[derive(Debug, thiserror::Error)]

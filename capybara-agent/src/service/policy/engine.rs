@@ -19,11 +19,24 @@
 //! deadline is the earliest of the policy's and the expiry; the rules above hold or admit
 //! without a deadline of their own, so today it is the expiry.
 //!
+//! ## MFA: held until a code admits the device's session
+//! [`decide_mfa`] adds the device's MFA standing ([`MfaGate`], kept by `service::mfa` in the
+//! policy's runtime state): a device of a user with MFA on (or required) is held as
+//! `mfa-pending` unless a good code admitted it in its current session; an admission lasts
+//! until the session ends (the agent forgets it) or the MFA lifetime passes. The admission's
+//! deadline is the earlier of the account expiry and the MFA lifetime; when the MFA one is
+//! earlier the gate is [`Gate::MfaAdmitted`], so the kernel holds the device as `mfa-pending`
+//! (not `expired`) by itself once it passes. **Precedence** (first that applies): account
+//! expired → `expired`; a rule above holds → its reason (a code cannot lift a window or the
+//! device limit, so the page would promise what it cannot give); MFA not admitted (or its
+//! lifetime passed) → `mfa-pending`; otherwise admitted until the earliest deadline. A held
+//! device still reaches the verification page (`CAPY_GATE_ALLOW` passes whatever the reason).
+//!
 //! ## The policy's holds and everyone else's
 //! The kernel has one gate per device, shared by several holders: the policy holds with
-//! `outside-window`, `device-limit` and `expired` (account expiry, held at once or by the
-//! admission's deadline) ([`is_policy_hold`]); a kick (`kicked`), MFA (`mfa-pending`) and
-//! `over-quota` belong to their own owners. [`gate_write`] decides what the policy writes given
+//! `outside-window`, `device-limit`, `expired` (account expiry, held at once or by the
+//! admission's deadline) and `mfa-pending` (folded in above) ([`is_policy_hold`]); a kick
+//! (`kicked`) and `over-quota` belong to their own owners. [`gate_write`] decides what the policy writes given
 //! the gate the kernel holds now (read back, so holds written before an agent restart count):
 //! a hold of another owner is left as it is, whatever the policy decides, until its owner ends
 //! it — a kick ends with the device's next handshake, which is the one case the policy lifts
@@ -141,7 +154,10 @@ pub fn gates(
 pub const fn is_policy_hold(r: DropReason) -> bool {
     matches!(
         r,
-        DropReason::GateOutsideWindow | DropReason::GateDeviceLimit | DropReason::GateExpired
+        DropReason::GateOutsideWindow
+            | DropReason::GateDeviceLimit
+            | DropReason::GateExpired
+            | DropReason::GateMfaPending
     )
 }
 
@@ -157,6 +173,45 @@ pub fn decide(held: Option<DropReason>, expires: Option<SystemTime>, now: System
         (Some(t), _) if t <= now => Gate::Held(DropReason::GateExpired),
         (_, Some(r)) => Gate::Held(r),
         (until, None) => Gate::Admitted { until },
+    }
+}
+
+/// A device's MFA standing, as the gate decision takes it (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MfaGate {
+    /// Its user has no MFA (or an enrolment not yet confirmed and not required).
+    Off,
+    /// MFA is on or required and no code admitted the device's current session.
+    Pending,
+    /// A good code admitted the device's current session until then (the MFA lifetime).
+    Admitted {
+        /// The end of the MFA lifetime.
+        until: SystemTime,
+    },
+}
+
+/// [`decide`] with the device's MFA standing (the precedence is in the module docs): expired →
+/// `expired`; a rule's hold → it; MFA not admitted, or admitted until a time passed →
+/// `mfa-pending`; otherwise admitted until the earlier of the expiry and the MFA lifetime, as
+/// [`Gate::MfaAdmitted`] when the MFA lifetime is the earlier one.
+pub fn decide_mfa(
+    held: Option<DropReason>,
+    expires: Option<SystemTime>,
+    mfa: MfaGate,
+    now: SystemTime,
+) -> Gate {
+    let gate = decide(held, expires, now);
+    let Gate::Admitted { until: expiry } = gate else {
+        return gate;
+    };
+    match mfa {
+        MfaGate::Off => gate,
+        MfaGate::Pending => Gate::Held(DropReason::GateMfaPending),
+        MfaGate::Admitted { until } if until <= now => Gate::Held(DropReason::GateMfaPending),
+        MfaGate::Admitted { until } => match expiry {
+            Some(e) if e <= until => gate,
+            _ => Gate::MfaAdmitted { until },
+        },
     }
 }
 
@@ -185,6 +240,9 @@ pub fn gate_write(kernel: Gate, want: Gate, handshake: bool) -> Option<Gate> {
     let same = match (kernel, want) {
         (Gate::Held(a), Gate::Held(b)) => a == b,
         (Gate::Admitted { until: a }, Gate::Admitted { until: b }) => same_deadline(a, b),
+        (Gate::MfaAdmitted { until: a }, Gate::MfaAdmitted { until: b }) => {
+            same_deadline(Some(a), Some(b))
+        }
         _ => false,
     };
     (!same).then_some(want)
@@ -365,11 +423,7 @@ mod tests {
         let until = Gate::Admitted {
             until: Some(now + Duration::from_secs(60)),
         };
-        for other in [
-            DropReason::GateKicked,
-            DropReason::GateMfaPending,
-            DropReason::GateOverQuota,
-        ] {
+        for other in [DropReason::GateKicked, DropReason::GateOverQuota] {
             for want in [admitted, until, window, limit, expired] {
                 assert_eq!(
                     gate_write(Gate::Held(other), want, false),
@@ -382,8 +436,10 @@ mod tests {
         let kicked = Gate::Held(DropReason::GateKicked);
         assert_eq!(gate_write(kicked, admitted, true), Some(admitted));
         assert_eq!(gate_write(kicked, limit, true), Some(limit));
+        // MFA is folded into the policy's decision (`decide_mfa`): its hold is the policy's.
         let mfa = Gate::Held(DropReason::GateMfaPending);
-        assert_eq!(gate_write(mfa, admitted, true), None);
+        assert_eq!(gate_write(mfa, admitted, true), Some(admitted));
+        assert_eq!(gate_write(mfa, mfa, false), None);
         // The policy's own holds: written, changed and lifted; nothing written when unchanged.
         assert_eq!(gate_write(admitted, admitted, false), None);
         assert_eq!(gate_write(admitted, limit, false), Some(limit));
@@ -438,5 +494,80 @@ mod tests {
         // A kick outlives an expiry: the kicked device stays held until its next handshake.
         let kicked = Gate::Held(DropReason::GateKicked);
         assert_eq!(gate_write(kicked, expired, false), None);
+    }
+
+    #[test]
+    fn mfa_holds_until_admitted_and_the_earlier_deadline_wins() {
+        let now = at("2026-11-28T10:00:00Z");
+        let hour = Duration::from_secs(3600);
+        let mfa = Gate::Held(DropReason::GateMfaPending);
+        let window = DropReason::GateOutsideWindow;
+        // Off: the decision without MFA.
+        assert_eq!(
+            decide_mfa(None, None, MfaGate::Off, now),
+            Gate::Admitted { until: None }
+        );
+        // On and not admitted: held as mfa-pending; a passed admission too.
+        assert_eq!(decide_mfa(None, None, MfaGate::Pending, now), mfa);
+        let passed = MfaGate::Admitted { until: now };
+        assert_eq!(decide_mfa(None, None, passed, now), mfa);
+        // Admitted: until the MFA lifetime, with the MFA flag (no expiry, or a later one) ...
+        let admitted = MfaGate::Admitted { until: now + hour };
+        assert_eq!(
+            decide_mfa(None, None, admitted, now),
+            Gate::MfaAdmitted { until: now + hour }
+        );
+        assert_eq!(
+            decide_mfa(None, Some(now + 2 * hour), admitted, now),
+            Gate::MfaAdmitted { until: now + hour }
+        );
+        // ... or until an earlier expiry, without it (the kernel then holds as expired).
+        assert_eq!(
+            decide_mfa(None, Some(now + hour / 2), admitted, now),
+            Gate::Admitted {
+                until: Some(now + hour / 2)
+            }
+        );
+        // Precedence: expired, then a rule's hold, then MFA.
+        assert_eq!(
+            decide_mfa(Some(window), Some(now), MfaGate::Pending, now),
+            Gate::Held(DropReason::GateExpired)
+        );
+        assert_eq!(
+            decide_mfa(Some(window), None, MfaGate::Pending, now),
+            Gate::Held(window)
+        );
+        assert_eq!(
+            decide_mfa(Some(window), None, admitted, now),
+            Gate::Held(window)
+        );
+        // The policy writes and lifts its MFA holds; an MFA admission is rewritten when its
+        // deadline moves, not when it reads back within the slack.
+        let until = |t| Gate::MfaAdmitted { until: t };
+        assert_eq!(
+            gate_write(mfa, until(now + hour), false),
+            Some(until(now + hour))
+        );
+        assert_eq!(
+            gate_write(until(now + hour), until(now + hour + DEADLINE_SLACK), false),
+            None
+        );
+        assert_eq!(gate_write(until(now + hour), mfa, false), Some(mfa));
+        assert_eq!(
+            gate_write(
+                until(now + hour),
+                Gate::Admitted {
+                    until: Some(now + hour)
+                },
+                false
+            ),
+            Some(Gate::Admitted {
+                until: Some(now + hour)
+            })
+        );
+        // A kick still outlives an MFA decision until the next handshake.
+        let kicked = Gate::Held(DropReason::GateKicked);
+        assert_eq!(gate_write(kicked, mfa, false), None);
+        assert_eq!(gate_write(kicked, mfa, true), Some(mfa));
     }
 }

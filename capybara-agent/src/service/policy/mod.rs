@@ -55,6 +55,15 @@
 //! `forget_online` and a handshake do). Removing a device frees its slot of the device
 //! limit (its user's devices are decided again); a new device starts offline and undecided.
 //!
+//! ## MFA
+//! `service::mfa` keeps which users need an MFA admission and which devices' sessions a good
+//! code admitted, here in the runtime state ([`Policy::set_mfa`], [`Policy::mfa_admit`]), so the
+//! gate stays decided in this one place ([`engine::decide_mfa`], its precedence in `engine`). An
+//! admission ends with the device's session (`on_disconnect`, a kick: `forget_online`), once
+//! its lifetime passed (the kernel holds the device by itself at the deadline; the tick then
+//! forgets the admission), or when MFA is turned off. Admissions are not stored: an agent
+//! restart ends every session, so every device of an MFA user is held again at start.
+//!
 //! ## Online time across restarts
 //! The day's online time of a user with a daily `time` is stored (`online/<user>`: the local day
 //! and the seconds) and restored at start, so a restart does not hand out a fresh day. The tick
@@ -88,7 +97,7 @@ use serde::{Deserialize, Serialize};
 pub use self::records::{GroupRecord, GroupView, ONLINE_SAVE_EVERY, UserPolicy};
 use self::{
     buckets::{BucketState, Buckets},
-    engine::Device,
+    engine::{Device, MfaGate},
     model::{ByteSize, Cap, GroupName, Limits, LimitsPatch, Period, Zone},
     records::{BucketRecord, DAY_FORMAT, OnlineRecord, owner_group, owner_user, stage},
     resolve::{Effective, QuotaPlan},
@@ -259,7 +268,119 @@ impl Policy {
     /// The gate a device of `user` is programmed with before its policy is applied: admitted
     /// until the user's expiry, or held as expired (`engine::decide` with no rule holding it).
     pub(in crate::service) fn first_gate(&self, user: &UserName) -> Gate {
-        engine::decide(None, self.expiry(user), SystemTime::now())
+        let rt = self.runtime.lock().unwrap();
+        let mfa = if rt.mfa_on(user) {
+            MfaGate::Pending
+        } else {
+            MfaGate::Off
+        };
+        engine::decide_mfa(None, rt.expires.get(user).copied(), mfa, SystemTime::now())
+    }
+
+    // ---- MFA (kept by `service::mfa`, see the module docs) ------------------------------------
+
+    /// The users that need an MFA admission and whether every user does (`mfa require-all`),
+    /// at start (before the policy is applied).
+    pub(in crate::service) fn init_mfa(
+        &self,
+        users: impl IntoIterator<Item = UserName>,
+        all: bool,
+    ) {
+        let mut rt = self.runtime.lock().unwrap();
+        rt.mfa_users = users.into_iter().collect();
+        rt.mfa_all = all;
+    }
+
+    /// Whether `user`'s devices need an MFA admission.
+    pub fn mfa_required(&self, user: &UserName) -> bool {
+        self.runtime.lock().unwrap().mfa_on(user)
+    }
+
+    /// Sets whether every user's devices need an MFA admission (`mfa require-all`) and decides
+    /// every user's gates again.
+    pub(in crate::service) fn set_mfa_all(&self, all: bool) -> Result<(), ServiceError> {
+        {
+            let mut rt = self.runtime.lock().unwrap();
+            if rt.mfa_all == all {
+                return Ok(());
+            }
+            rt.mfa_all = all;
+        }
+        let now = SystemTime::now();
+        for u in self.dir.user_names()? {
+            self.regate(&u, now, None)?;
+        }
+        Ok(())
+    }
+
+    /// Sets whether `user`'s devices need an MFA admission and decides their gates again; turned
+    /// off, its devices' admissions are forgotten (turned on again, they verify again).
+    pub(in crate::service) fn set_mfa(
+        &self,
+        user: &UserName,
+        on: bool,
+    ) -> Result<(), ServiceError> {
+        {
+            let mut rt = self.runtime.lock().unwrap();
+            let changed = if on {
+                rt.mfa_users.insert(user.clone())
+            } else {
+                rt.mfa_users.remove(user)
+            };
+            if !changed {
+                return Ok(());
+            }
+            for p in self.dir.user_peers(user) {
+                rt.mfa_admitted.remove(&p.id);
+            }
+        }
+        self.regate(user, SystemTime::now(), None)
+    }
+
+    /// Ends the MFA admissions of `user`'s devices (its secret was reset: a session admitted by
+    /// an old code must not outlive it) and decides their gates again.
+    pub(in crate::service) fn mfa_end_admissions(
+        &self,
+        user: &UserName,
+    ) -> Result<(), ServiceError> {
+        {
+            let mut rt = self.runtime.lock().unwrap();
+            for p in self.dir.user_peers(user) {
+                rt.mfa_admitted.remove(&p.id);
+            }
+        }
+        self.regate(user, SystemTime::now(), None)
+    }
+
+    /// A good code admitted `peer`'s current session until `until`: its gate is decided again
+    /// (and written before this returns).
+    pub(in crate::service) fn mfa_admit(
+        &self,
+        peer: &Peer,
+        until: SystemTime,
+    ) -> Result<(), ServiceError> {
+        self.runtime
+            .lock()
+            .unwrap()
+            .mfa_admitted
+            .insert(peer.id, until);
+        self.regate(&peer.user, SystemTime::now(), None)
+    }
+
+    /// Until when `id`'s current session is admitted by MFA (a time passed is still answered
+    /// until the tick forgets it).
+    pub fn mfa_admission(&self, id: PeerId) -> Option<SystemTime> {
+        self.runtime.lock().unwrap().mfa_admitted.get(&id).copied()
+    }
+
+    /// Every MFA admission of `user`'s devices.
+    pub fn mfa_admissions(&self, user: &UserName) -> Vec<(Peer, SystemTime)> {
+        let rt = self.runtime.lock().unwrap();
+        self.dir
+            .user_peers(user)
+            .into_iter()
+            .filter_map(|p| rt.mfa_admitted.get(&p.id).map(|t| (p, *t)))
+            .collect()
     }
 
     /// `policy explain`: the effective policy of a user field by field with its layer, and last
@@ -880,8 +1001,14 @@ impl Policy {
             .collect();
         let used = rt.used(user, engine::local_day(eff.tz.value, now));
         let expires = rt.expires.get(user).copied();
+        let mfa_on = rt.mfa_on(user);
         for (id, held) in engine::gates(eff, &devices, used, now) {
-            let want = engine::decide(held, expires, now);
+            let mfa = match (mfa_on, rt.mfa_admitted.get(&id)) {
+                (false, _) => MfaGate::Off,
+                (true, None) => MfaGate::Pending,
+                (true, Some(&until)) => MfaGate::Admitted { until },
+            };
+            let want = engine::decide_mfa(held, expires, mfa, now);
             let shook = handshake == Some(id);
             if !shook && rt.written.get(&id) == Some(&want) {
                 continue;
@@ -920,8 +1047,12 @@ impl Policy {
         let Some(peer) = self.dir.peer_by_key(key) else {
             return Ok(());
         };
-        let was_online = self.runtime.lock().unwrap().online.remove(&peer.id);
-        if was_online.is_some() {
+        let (was_online, was_admitted) = {
+            let mut rt = self.runtime.lock().unwrap();
+            // The session ended: so did its MFA admission.
+            (rt.online.remove(&peer.id), rt.mfa_admitted.remove(&peer.id))
+        };
+        if was_online.is_some() || was_admitted.is_some() {
             self.regate(&peer.user, now, None)?;
         }
         Ok(())
@@ -934,6 +1065,8 @@ impl Policy {
         for p in peers {
             rt.online.remove(&p.id);
             rt.written.remove(&p.id);
+            // A kick ends the session, and with it its MFA admission.
+            rt.mfa_admitted.remove(&p.id);
         }
     }
 
@@ -1011,6 +1144,34 @@ impl Policy {
                 self.regate(&u, now, None)?;
             }
             self.runtime.lock().unwrap().expired_seen.insert(u);
+        }
+        // MFA admissions whose lifetime passed: the kernel holds those devices by itself
+        // (`PEER_F_DEADLINE_MFA`); the admission is forgotten and the gate written as held.
+        let lapsed: Vec<PeerId> = {
+            let mut rt = self.runtime.lock().unwrap();
+            let ids: Vec<PeerId> = rt
+                .mfa_admitted
+                .iter()
+                .filter(|(_, t)| **t <= now)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in &ids {
+                rt.mfa_admitted.remove(id);
+            }
+            ids
+        };
+        let mut users: BTreeSet<UserName> = BTreeSet::new();
+        if !lapsed.is_empty() {
+            self.dir.with_records(|it| {
+                for r in it {
+                    if lapsed.contains(&r.peer.id) {
+                        users.insert(r.peer.user.clone());
+                    }
+                }
+            });
+        }
+        for u in users {
+            self.regate(&u, now, None)?;
         }
         self.save_online_time(&timed)
     }

@@ -41,6 +41,14 @@ pub(super) struct Runtime {
     pub(super) saved: HashMap<UserName, (NaiveDate, Duration)>,
     /// The previous tick.
     pub(super) last_tick: Option<SystemTime>,
+    /// Users whose devices need an MFA admission (MFA on, or required by `mfa require-all` or a
+    /// reset); kept by `service::mfa` (`Policy::set_mfa`).
+    pub(super) mfa_users: HashSet<UserName>,
+    /// `mfa require-all`: every user's devices need an MFA admission.
+    pub(super) mfa_all: bool,
+    /// The MFA admission of a device's current session: until when (the MFA lifetime). Ended
+    /// by the session's end (disconnect, kick), by the tick once passed, and by MFA turned off.
+    pub(super) mfa_admitted: HashMap<PeerId, SystemTime>,
 }
 
 impl Runtime {
@@ -129,11 +137,17 @@ impl Runtime {
             .collect()
     }
 
+    /// Whether `user`'s devices need an MFA admission.
+    pub(super) fn mfa_on(&self, user: &UserName) -> bool {
+        self.mfa_all || self.mfa_users.contains(user)
+    }
+
     /// A removed user's time.
     pub(super) fn forget_user(&mut self, user: &UserName) {
         self.online_time.remove(user);
         self.saved.remove(user);
         self.expires.remove(user);
         self.expired_seen.remove(user);
+        self.mfa_users.remove(user);
     }
 }

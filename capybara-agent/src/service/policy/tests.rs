@@ -639,11 +639,12 @@ fn holds_of_other_owners_survive_a_restart_and_the_policy_decides_its_own() {
             .unwrap();
     }
     f.svc.monitor.kick(&root(), &u("alice")).unwrap();
-    // Held by owners other than the policy: MFA pending; and bob's account has expired (the
+    // Held by owners other than the policy: over quota (MFA is the policy's own since issue
+    // 22: `service::mfa::tests`); and bob's account has expired (the
     // store's expiry, held by the policy as `expired`).
     f.plane.with(|s| {
         s.gates
-            .insert(alice[1], Gate::Held(DropReason::GateMfaPending));
+            .insert(alice[1], Gate::Held(DropReason::GateOverQuota));
     });
     f.svc
         .users
@@ -666,7 +667,7 @@ fn holds_of_other_owners_survive_a_restart_and_the_policy_decides_its_own() {
     drop(svc);
     let f = open(dir, plane, tunnel);
     assert_eq!(gate(&f, alice[0]), Gate::Held(DropReason::GateKicked));
-    assert_eq!(gate(&f, alice[1]), Gate::Held(DropReason::GateMfaPending));
+    assert_eq!(gate(&f, alice[1]), Gate::Held(DropReason::GateOverQuota));
     assert_eq!(gate(&f, bob[0]), expired);
     // The policy's own hold is decided afresh: no device is online after the restart.
     assert_eq!(gate(&f, carol[0]), Gate::Admitted { until: None });
@@ -682,8 +683,8 @@ fn holds_of_other_owners_survive_a_restart_and_the_policy_decides_its_own() {
         )
         .unwrap();
     assert_eq!(gate(&f, alice[0]), Gate::Held(DropReason::GateKicked));
-    assert_eq!(gate(&f, alice[1]), Gate::Held(DropReason::GateMfaPending));
-    // A handshake ends the kick of that device only; MFA is not the policy's to lift.
+    assert_eq!(gate(&f, alice[1]), Gate::Held(DropReason::GateOverQuota));
+    // A handshake ends the kick of that device only; over-quota is not the policy's to lift.
     let key_of = |id| {
         f.tunnel
             .state()
@@ -697,13 +698,13 @@ fn holds_of_other_owners_survive_a_restart_and_the_policy_decides_its_own() {
         .on_connect(&key_of(alice[1]), SystemTime::now())
         .unwrap();
     assert_eq!(gate(&f, alice[0]), Gate::Held(DropReason::GateKicked));
-    assert_eq!(gate(&f, alice[1]), Gate::Held(DropReason::GateMfaPending));
+    assert_eq!(gate(&f, alice[1]), Gate::Held(DropReason::GateOverQuota));
     f.svc
         .policy
         .on_connect(&key_of(alice[0]), SystemTime::now())
         .unwrap();
     assert_eq!(gate(&f, alice[0]), Gate::Admitted { until: None });
-    assert_eq!(gate(&f, alice[1]), Gate::Held(DropReason::GateMfaPending));
+    assert_eq!(gate(&f, alice[1]), Gate::Held(DropReason::GateOverQuota));
 }
 
 #[test]

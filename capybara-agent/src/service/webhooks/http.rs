@@ -61,7 +61,7 @@ pub struct Answer {
 }
 
 /// The TLS client configuration every https webhook shares.
-fn tls_config() -> Arc<tokio_rustls::rustls::ClientConfig> {
+pub(crate) fn tls_config() -> Arc<tokio_rustls::rustls::ClientConfig> {
     static CONFIG: std::sync::OnceLock<Arc<tokio_rustls::rustls::ClientConfig>> =
         std::sync::OnceLock::new();
     CONFIG
@@ -95,7 +95,7 @@ impl std::fmt::Debug for Conn {
     }
 }
 
-async fn connect(addrs: &[SocketAddr]) -> Result<tokio::net::TcpStream, AttemptError> {
+pub(crate) async fn connect(addrs: &[SocketAddr]) -> Result<tokio::net::TcpStream, AttemptError> {
     let mut last = AttemptError::Connect {
         addr: String::new(),
         reason: "no address".into(),
