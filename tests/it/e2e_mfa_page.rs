@@ -60,7 +60,7 @@ fn held_within(lab: &Lab, server: IpAddr, within: Duration) -> bool {
 fn a_held_device_verifies_on_the_page_in_chromium_and_is_held_again_after_the_lifetime() {
     let t0 = Instant::now();
     let phase = |what: &str| eprintln!("{:>7.1} s  {what}", t0.elapsed().as_secs_f64());
-    let lab = Lab::new(171, 173);
+    let lab = Lab::new(175, 177);
     let pid = lab.start_agent(1, &["--mfa-lifetime", &format!("{}s", LIFETIME.as_secs())]);
     let server = IpAddr::V4(lab.server_v4);
     phase("agent ready");
