@@ -44,7 +44,8 @@
 //! The daemon serves the MFA verification page (`crate::verify`, asking `service::mfa`) on the
 //! tunnel's IPv4 and IPv6 addresses on `--mfa-port` (the port the gate's verification endpoint
 //! `CAPY_GATE_ALLOW` opens to held devices), started after the tunnel is up and stopped first at
-//! shutdown; the code channels (`--mfa-smtp…`, `--mfa-sms…`) are handed to `service::mfa`.
+//! shutdown (a port it cannot bind is logged as an error, the agent runs on without the page);
+//! the code channels (`--mfa-smtp…`, `--mfa-sms…`) are handed to `service::mfa`.
 //!
 //! Shutdown leaves the programs enforcing (pinned links) unless `detach_on_exit` is set.
 //!
@@ -304,9 +305,6 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
-    /// The MFA verification page could not listen.
-    #[error(transparent)]
-    MfaPage(#[from] crate::verify::PageError),
     /// The TCP API address could not be bound.
     #[error("cannot listen on {addr} for the API")]
     ApiListen {

@@ -260,14 +260,29 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
             Some(port) => port.clone(),
             None => svc.mfa.clone(),
         };
-    let page = crate::verify::PageServer::start(
+    // A port taken by another server (a web server on 0.0.0.0:80) does not stop the agent: the
+    // agent ran without a page before MFA existed, and users without MFA need none. It is
+    // logged as an error naming the flag; devices held for MFA cannot verify until it is fixed.
+    let mfa_page = match crate::verify::PageServer::start(
         verification,
         &[v4.addr().into(), v6.addr().into()],
         config.mfa.port,
         config.mfa_page.limits,
-    )?;
-    tracing::info!(addrs = ?page.addrs(), "MFA verification page served");
-    let mfa_page = Some(page);
+    ) {
+        Ok(page) => {
+            tracing::info!(addrs = ?page.addrs(), "MFA verification page served");
+            Some(page)
+        }
+        Err(e) => {
+            tracing::error!(
+                error = %e,
+                source = %std::error::Error::source(&e).map_or_else(String::new, ToString::to_string),
+                "the MFA verification page is NOT served: devices held for MFA cannot verify; \
+                 free the port or choose another with --mfa-port"
+            );
+            None
+        }
+    };
     let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
     // Without a listener the API task ends at once; that is not a failure to shut down for.
     // With a stored TCP setting (`capybara api enable`) the API serves without either.
