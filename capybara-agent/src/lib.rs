@@ -20,6 +20,8 @@
 //! - [`logging`]: the log subscriber and its runtime-changeable filter.
 //! - [`net`], [`units`], [`paths`]: validated network types and quantities (rates); every
 //!   filesystem path and its mode.
+//! - [`verify`]: the MFA verification page on the tunnel address (HTTP server, HTML) and the
+//!   one-time-code channels (SMTP with STARTTLS, an SMS gateway webhook).
 //! - [`fsutil`]: secret files written atomically and durably (0600 from the start) and read
 //!   back only with a safe mode.
 pub mod api;
@@ -38,3 +40,4 @@ pub mod service;
 pub mod store;
 pub mod tunnel;
 pub mod units;
+pub mod verify;

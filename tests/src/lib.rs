@@ -12,15 +12,21 @@
 //!   `e2e_auth_flood` test and the `auth_flood_*` benchmarks).
 //! - [`receivers`]: webhook receivers on loopback (a Python one verifying signatures with the
 //!   `standardwebhooks` package, a fast in-process one, a dead one).
+//! - [`smtp_sink`]: a local SMTP sink speaking STARTTLS (aiosmtpd) with a test CA, collecting
+//!   the messages (the e-mail code channel).
+//! - [`browser`]: headless Chromium over the W3C WebDriver protocol (chromedriver), in this
+//!   namespace or a test's.
 //! - [`rest`]: a client of the agent's REST mirror (the `api_rest` tests and the REST bench).
 //! - [`bench`]: the benchmarks behind `cargo xtask bench` (binary `capybara-bench`).
 
 pub mod agent_proc;
 pub mod auth_flood;
+pub mod browser;
 pub mod iperf;
 pub mod netns;
 pub mod receivers;
 pub mod rest;
+pub mod smtp_sink;
 pub mod traffic;
 pub mod tunwire;
 pub mod wg;

@@ -13,7 +13,7 @@
 //!   triggers a rebuild.
 //! - boringtun-cli [`BORINGTUN_CLI_VERSION`] under `<cache>/tools` (benchmark baseline).
 //! - bpffs mounted at `/sys/fs/bpf`.
-//! - the Python tools ([`PYTHON_TOOLS`]: schemathesis, standardwebhooks) in a virtual
+//! - the Python tools ([`PYTHON_TOOLS`]: schemathesis, standardwebhooks, aiosmtpd) in a virtual
 //!   environment at `<cache>/pyenv`, with a stamp of the pins.
 //! - the country database for `geo block/allow` (ip-location-db's CC0
 //!   `geo-whois-asn-country`, pinned and hash-checked) at `<cache>/geoip/` (`crate::geoip`).
@@ -62,12 +62,19 @@ pub const PACKAGES: &[&str] = &[
     // the screenshot; chromium-driver is its WebDriver, for tests that drive a page.
     "chromium",
     "chromium-driver",
+    // The MFA e-mail code tests make a throw-away CA and server certificate for the SMTP sink.
+    "openssl",
 ];
 
 /// Python tools the tests run, pinned, from PyPI into a virtual environment at `<cache>/pyenv`
 /// (`python_tools`): schemathesis (the REST mirror against its OpenAPI document) and
-/// standardwebhooks (a webhook receiver checking signatures the way receivers do).
-pub const PYTHON_TOOLS: &[&str] = &["schemathesis==4.32.5", "standardwebhooks==1.3.0"];
+/// standardwebhooks (a webhook receiver checking signatures the way receivers do) and aiosmtpd
+/// (the local SMTP sink speaking STARTTLS that the MFA e-mail code tests send to).
+pub const PYTHON_TOOLS: &[&str] = &[
+    "schemathesis==4.32.5",
+    "standardwebhooks==1.3.0",
+    "aiosmtpd==1.4.6",
+];
 
 /// The bpf-linker release that works with aya 0.14 and nightly's LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -71,6 +71,27 @@ fn main() -> anyhow::Result<()> {
     if health_interval.is_zero() {
         anyhow::bail!("--health-interval: must be more than 0");
     }
+    // The one-time-code channels, checked before anything starts (errors name the flag).
+    let mut channels = capybara_agent::verify::senders::Channels::default();
+    if let (Some(url), Some(from)) = (&args.mfa_smtp, &args.mfa_smtp_from) {
+        channels.email = Some(capybara_agent::verify::senders::EmailSender::new(
+            &capybara_agent::verify::senders::SmtpSettings {
+                url: url.clone(),
+                from: from.clone(),
+                credentials: args.mfa_smtp_credentials.clone(),
+                ca: args.mfa_smtp_ca.clone(),
+            },
+        )?);
+    }
+    if let (Some(url), Some(secret)) = (&args.mfa_sms_webhook, &args.mfa_sms_secret) {
+        channels.sms = Some(capybara_agent::verify::senders::SmsSender::new(
+            &capybara_agent::verify::senders::SmsSettings {
+                url: url.clone(),
+                secret: secret.clone(),
+                allow_private: args.webhook_allow_private,
+            },
+        )?);
+    }
     let mfa = daemon::MfaSettings {
         port: args.mfa_port,
         config: capybara_agent::service::mfa::MfaConfig {
@@ -88,6 +109,10 @@ fn main() -> anyhow::Result<()> {
         ttl: duration("reputation_ttl", &args.reputation_ttl)?,
     };
     let config = AgentConfig {
+        mfa_page: daemon::MfaPageSettings {
+            channels: (!channels.is_empty()).then(|| std::sync::Arc::new(channels)),
+            ..daemon::MfaPageSettings::default()
+        },
         mfa,
         reputation,
         alerts,

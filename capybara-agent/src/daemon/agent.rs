@@ -54,6 +54,8 @@ pub(super) struct Agent {
     pub(super) health_watch: tokio::task::JoinHandle<()>,
     /// The usage rollups' writer thread (`service::usage`).
     pub(super) usage_writer: Option<std::thread::JoinHandle<()>>,
+    /// The MFA verification page, when served.
+    pub(super) mfa_page: Option<crate::verify::PageServer>,
 }
 
 /// The `--metrics-listen` server.
@@ -76,6 +78,10 @@ impl Agent {
             api_tcp: self.api_tcp,
             metrics_tcp: self.metrics_server.as_ref().map(|m| m.addr),
             metrics: self.metrics.clone(),
+            mfa_page: self
+                .mfa_page
+                .as_ref()
+                .map_or_else(Vec::new, |p| p.addrs().to_vec()),
         }
     }
 
@@ -147,10 +153,15 @@ impl Agent {
             reputation_feed,
             health_watch,
             usage_writer,
+            mfa_page,
             ..
         } = self;
         reputation_feed.abort();
         let _ = reputation_feed.await;
+        // The page holds the service (through its port): it stops first.
+        if let Some(page) = mfa_page {
+            page.stop().await;
+        }
         if let Some(m) = metrics_server {
             let _ = m.stop.send(());
             match m.task.await {

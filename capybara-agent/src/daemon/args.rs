@@ -134,6 +134,28 @@ pub struct Args {
     /// webhook added with `--allow-private` may: server-side request forgery).
     #[arg(long)]
     pub webhook_allow_private: bool,
+    /// SMTP server for one-time codes by e-mail: smtp://host[:port] (STARTTLS required, port
+    /// 587 by default) or smtps://host[:port] (implicit TLS, 465).
+    #[arg(long, value_name = "URL", requires = "mfa_smtp_from")]
+    pub mfa_smtp: Option<String>,
+    /// The sender of the e-mailed codes, e.g. "VPN <vpn@example.org>".
+    #[arg(long, value_name = "ADDRESS", requires = "mfa_smtp")]
+    pub mfa_smtp_from: Option<String>,
+    /// A file (mode 0600) whose first line is the SMTP login, user:password.
+    #[arg(long, value_name = "FILE", requires = "mfa_smtp")]
+    pub mfa_smtp_credentials: Option<PathBuf>,
+    /// A PEM CA certificate to trust for the SMTP server besides the Mozilla roots (a private
+    /// CA).
+    #[arg(long, value_name = "FILE", requires = "mfa_smtp")]
+    pub mfa_smtp_ca: Option<PathBuf>,
+    /// SMS gateway webhook for one-time codes by SMS: a POST of {"to","text"} signed the
+    /// Standard Webhooks way (loopback and private addresses only with
+    /// --webhook-allow-private).
+    #[arg(long, value_name = "URL", requires = "mfa_sms_secret")]
+    pub mfa_sms_webhook: Option<String>,
+    /// A file (mode 0600) holding the whsec_ secret the SMS webhook is signed with.
+    #[arg(long, value_name = "FILE", requires = "mfa_sms_webhook")]
+    pub mfa_sms_secret: Option<PathBuf>,
     /// TCP port of the MFA verification page on the server's tunnel addresses: a device held as
     /// mfa-pending reaches it there and nothing else.
     #[arg(long, default_value_t = crate::service::mfa::DEFAULT_PORT,

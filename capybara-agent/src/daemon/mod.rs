@@ -41,6 +41,12 @@
 //! (5 s): the kernel never deletes an idle flow itself, so this is what frees the slots of
 //! idle flows (a failed sweep is logged and retried at the next tick).
 //!
+//! The daemon serves the MFA verification page (`crate::verify`, asking `service::mfa`) on the
+//! tunnel's IPv4 and IPv6 addresses on `--mfa-port` (the port the gate's verification endpoint
+//! `CAPY_GATE_ALLOW` opens to held devices), started after the tunnel is up and stopped first at
+//! shutdown (a port it cannot bind is logged as an error, the agent runs on without the page);
+//! the code channels (`--mfa-smtp…`, `--mfa-sms…`) are handed to `service::mfa`.
+//!
 //! Shutdown leaves the programs enforcing (pinned links) unless `detach_on_exit` is set.
 //!
 //! Files: `start` (open and wire, in the order above), `agent` (the running agent: its loop and
@@ -159,6 +165,27 @@ pub struct MetricsSettings {
     pub config: crate::metrics::MetricsConfig,
 }
 
+/// The MFA verification page (`crate::verify`) and the one-time-code channels.
+#[derive(Clone, Default)]
+pub struct MfaPageSettings {
+    /// What the page asks instead of `service::mfa` (tests); `None`: the service's `Mfa`.
+    pub verification: Option<Arc<dyn crate::service::verification::VerificationPort>>,
+    /// The configured code channels (`--mfa-smtp…`, `--mfa-sms…`), for `service::mfa`.
+    pub channels: Option<Arc<crate::verify::senders::Channels>>,
+    /// The page server's bounds.
+    pub limits: crate::verify::Limits,
+}
+
+impl std::fmt::Debug for MfaPageSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MfaPageSettings")
+            .field("verification", &self.verification.is_some())
+            .field("channels", &self.channels)
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
 /// Everything the daemon needs to start.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -205,6 +232,8 @@ pub struct AgentConfig {
     pub backup_dir: Option<PathBuf>,
     /// Every webhook may reach private and loopback addresses (`--webhook-allow-private`).
     pub webhook_allow_private: bool,
+    /// The MFA verification page and the code channels (`--mfa-*`).
+    pub mfa_page: MfaPageSettings,
     /// MFA: the verification page's port (`--mfa-port`), the admission lifetime and the lock
     /// (`--mfa-lifetime`, `--mfa-lock`).
     pub mfa: MfaSettings,
@@ -335,6 +364,8 @@ pub struct Running {
     /// The metrics (installed whether or not they have a listener of their own): mount
     /// `crate::metrics::router` with them on another server.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The MFA verification page's bound addresses.
+    pub mfa_page: Vec<SocketAddr>,
 }
 
 /// Runs the agent until `shutdown` resolves. `on_ready` is called once everything is attached.

@@ -162,9 +162,12 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
     }
     svc.webhooks
         .set_allow_private_everywhere(config.webhook_allow_private);
-    // MFA (`service::mfa`): its lifetime and lock. The verification page's server is handed
-    // `svc.mfa` as its `VerificationPort` (and sets its `CodeSender` with `Mfa::set_sender`).
+    // MFA (`service::mfa`): its lifetime and lock, and the code channels it sends through.
+    // The verification page's server (below) is handed `svc.mfa` as its `VerificationPort`.
     svc.mfa.configure(config.mfa.config);
+    if let Some(channels) = &config.mfa_page.channels {
+        svc.mfa.set_sender(channels.clone());
+    }
     let tcp = match config.api.listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -275,6 +278,36 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
         }
         None => None,
     };
+    // The MFA verification page on the tunnel addresses and the port the gate lets held devices
+    // reach (`--mfa-port`), asking `service::mfa` (or the port the settings give instead).
+    let verification: Arc<dyn crate::service::verification::VerificationPort> =
+        match &config.mfa_page.verification {
+            Some(port) => port.clone(),
+            None => svc.mfa.clone(),
+        };
+    // A port taken by another server (a web server on 0.0.0.0:80) does not stop the agent: the
+    // agent ran without a page before MFA existed, and users without MFA need none. It is
+    // logged as an error naming the flag; devices held for MFA cannot verify until it is fixed.
+    let mfa_page = match crate::verify::PageServer::start(
+        verification,
+        &[v4.addr().into(), v6.addr().into()],
+        config.mfa.port,
+        config.mfa_page.limits,
+    ) {
+        Ok(page) => {
+            tracing::info!(addrs = ?page.addrs(), "MFA verification page served");
+            Some(page)
+        }
+        Err(e) => {
+            tracing::error!(
+                error = %e,
+                source = %std::error::Error::source(&e).map_or_else(String::new, ToString::to_string),
+                "the MFA verification page is NOT served: devices held for MFA cannot verify; \
+                 free the port or choose another with --mfa-port"
+            );
+            None
+        }
+    };
     let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
     // Without a listener the API task ends at once; that is not a failure to shut down for.
     // With a stored TCP setting (`capybara api enable`) the API serves without either.
@@ -315,5 +348,6 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
         reputation_feed,
         health_watch,
         usage_writer,
+        mfa_page,
     })
 }
