@@ -116,6 +116,10 @@ pub enum VerifyError {
     /// The channel is not configured for the user or the agent.
     #[error("channel: not available for this user")]
     NoChannel,
+    /// The channel failed to take the code (the SMTP server, the SMS gateway): why, never
+    /// the code.
+    #[error("send: the code could not be sent ({0})")]
+    SendFailed(String),
     /// Anything else.
     #[error(transparent)]
     Service(#[from] ServiceError),

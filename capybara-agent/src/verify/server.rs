@@ -382,7 +382,7 @@ impl App {
                     .blocking(move |p| p.send_code(src, channel))
                     .await
                     .map_err(|e| {
-                        let r = refusal(&e, Route::Send);
+                        let r = refusal(&e);
                         error(r.status, r.error, r.field)
                     })?;
                 return Ok((StatusCode::OK, Notice::Sent { channel, to }));
@@ -393,7 +393,7 @@ impl App {
                 .blocking(move |p| p.verify(src, &code))
                 .await
                 .map_err(|e| {
-                    let r = refusal(&e, Route::Verify);
+                    let r = refusal(&e);
                     error(r.status, r.error, r.field)
                 })?;
             Ok((StatusCode::OK, Notice::Verified(v)))
@@ -455,7 +455,7 @@ impl App {
                 normalize_code(&code).map_err(|m| bad(StatusCode::BAD_REQUEST, m, Some("code")))?;
             self.blocking(move |p| p.verify(src, &code))
                 .await
-                .map_err(|e| refusal(&e, Route::Verify))
+                .map_err(|e| refusal(&e))
         }
         .await;
         match outcome {
@@ -481,7 +481,7 @@ impl App {
     async fn status_json(&self, src: IpAddr) -> Response<Full<Bytes>> {
         match self.blocking(move |p| p.view(src)).await {
             Ok(v) => json_answer(StatusCode::OK, &status_body(&v)),
-            Err(e) => refusal(&e, Route::Status).into_json(),
+            Err(e) => refusal(&e).into_json(),
         }
     }
 
@@ -547,14 +547,6 @@ pub fn status_body(v: &PageView) -> serde_json::Value {
     body
 }
 
-/// Which route a service error answers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Route {
-    Verify,
-    Send,
-    Status,
-}
-
 /// An error answer.
 #[derive(Debug)]
 struct Refusal {
@@ -592,7 +584,7 @@ fn retry_secs(d: Duration) -> u64 {
 }
 
 /// What the service's refusal answers.
-fn refusal(e: &VerifyError, route: Route) -> Refusal {
+fn refusal(e: &VerifyError) -> Refusal {
     let r = |status, field| Refusal {
         status,
         error: e.to_string(),
@@ -618,10 +610,7 @@ fn refusal(e: &VerifyError, route: Route) -> Refusal {
         },
         VerifyError::NoChannel => r(StatusCode::BAD_REQUEST, Some("send")),
         // The channel failed (the SMTP server or the SMS gateway): say what, never hang.
-        VerifyError::Service(s) if route == Route::Send => Refusal {
-            error: format!("send: the code could not be sent ({s})"),
-            ..r(StatusCode::BAD_GATEWAY, Some("send"))
-        },
+        VerifyError::SendFailed(_) => r(StatusCode::BAD_GATEWAY, Some("send")),
         VerifyError::Service(ServiceError::Invalid(_)) => r(StatusCode::BAD_REQUEST, None),
         VerifyError::Service(s) => {
             tracing::warn!(error = %s, "MFA page: the service failed");

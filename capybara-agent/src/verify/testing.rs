@@ -187,14 +187,9 @@ impl VerificationPort for StandIn {
         };
         let sender = self.sender.as_ref().ok_or(VerifyError::NoChannel)?;
         let code = format!("{:06}", rand::random::<u32>() % 1_000_000);
-        sender.send(channel, &to, &user, &code).map_err(|reason| {
-            VerifyError::Service(crate::service::ServiceError::Invalid(
-                crate::service::domain::ValidationError::Value {
-                    field: "channel",
-                    reason,
-                },
-            ))
-        })?;
+        sender
+            .send(channel, &to, &user, &code)
+            .map_err(VerifyError::SendFailed)?;
         *self.sent_code.lock().unwrap() = Some(code);
         Ok(masked)
     }

@@ -54,7 +54,7 @@
 //! channel: a new one replaces it; at most one sent per user per 60 s) and hands it to the
 //! [`CodeSender`] the daemon set ([`Mfa::set_sender`]); none, or a channel it does not serve, or
 //! a user without that contact is `NoChannel`. A send that fails voids the code (logged) and is
-//! answered `NoChannel` too.
+//! answered `SendFailed` with the channel's reason (the page shows it; never the code).
 
 pub mod codes;
 pub mod limits;
@@ -1025,7 +1025,7 @@ impl Mfa {
             let mut live = self.live.lock().unwrap();
             live.codes.remove(&(peer.user.clone(), channel));
             live.sent.remove(&peer.user);
-            return Err(VerifyError::NoChannel);
+            return Err(VerifyError::SendFailed(e));
         }
         tracing::info!(user = %peer.user, device = %peer.device, channel = channel_name(channel), "one-time code sent");
         Ok(match channel {

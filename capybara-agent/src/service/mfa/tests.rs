@@ -576,6 +576,22 @@ fn a_one_time_code_by_email_is_taken_once_and_sent_at_most_once_a_minute() {
         t2 + codes::ONE_TIME_VALID + Duration::from_secs(1),
     );
     assert!(r.is_err(), "{r:?}");
+    // A channel that fails: its reason is answered (never the code), the code is void and the
+    // minute's limit does not count the failed send.
+    let t3 = t2 + Duration::from_secs(120);
+    f.svc.mfa.set_sender(Arc::new(Outbox {
+        sent: Mutex::default(),
+        fail: true,
+    }));
+    match f.svc.mfa.send_code_at(ip(&p), CodeChannel::Email, t3) {
+        Err(VerifyError::SendFailed(why)) => assert_eq!(why, "smtp: connection refused"),
+        other => panic!("{other:?}"),
+    }
+    f.svc.mfa.set_sender(out.clone());
+    f.svc
+        .mfa
+        .send_code_at(ip(&p), CodeChannel::Email, t3 + Duration::from_secs(1))
+        .unwrap();
 }
 
 #[test]
