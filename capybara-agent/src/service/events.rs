@@ -54,18 +54,15 @@ mod tests {
             LimitsTarget,
             model::{Cap, GroupName, LimitsText},
         },
-        testing::{MemoryPlane, MemoryTunnel},
+        testing::{MemoryPlane, open_service},
     };
-    use crate::store::Store;
 
     fn open(dir: &std::path::Path, plane: Arc<MemoryPlane>) -> Service {
-        Service::open(
-            Arc::new(Store::open(dir).unwrap()),
+        open_service(
+            dir,
             plane,
-            Arc::new(MemoryTunnel::default()),
             ServiceConfig::for_tests("10.97.0.1/24", "fd97::1/64", "vpn.example.com:51820"),
         )
-        .unwrap()
     }
 
     fn user(name: &str, device: &str) -> NewUser {

@@ -373,20 +373,7 @@ impl Geo {
             .get(Cf::Blocklists, keys::GEO_POLICY)?
             .unwrap_or_default();
         let policy = policy_of(&stored);
-        let current: Vec<ListName> = self
-            .core
-            .plane
-            .lists()?
-            .into_iter()
-            .filter(|(l, _)| l.direction == Direction::Source)
-            .map(|(l, _)| l.name)
-            .collect();
-        let plan = GeoPlan::new(&db, &policy, &current);
-        let old: Vec<(ListName, Vec<Cidr>)> = current
-            .iter()
-            .filter(|n| n.as_str().starts_with("geo:"))
-            .filter_map(|n| Some((n.clone(), self.core.plane.list_cidrs(Direction::Source, n)?)))
-            .collect();
+        let (plan, undo) = self.plans(&db, &policy)?;
         let before = self.current.read().unwrap().info.clone();
         let info = db_info(&db, Some(path), super::core::now());
         if policy != GeoPolicy::Off {
@@ -411,18 +398,7 @@ impl Geo {
         )?;
         if let Err(e) = self.core.commit(batch) {
             if policy != GeoPolicy::Off {
-                let undo = GeoPlan {
-                    delete: plan
-                        .replace
-                        .iter()
-                        .map(|(n, _)| n.clone())
-                        .filter(|n| !old.iter().any(|(o, _)| o == n))
-                        .collect(),
-                    replace: old,
-                };
-                if let Err(u) = self.core.plane.list_batch(Direction::Source, &undo.ops()) {
-                    tracing::error!(error = %u, "cannot restore the geo lists after a failed commit");
-                }
+                self.restore(&undo);
             }
             return Err(e);
         }
@@ -486,6 +462,44 @@ impl Geo {
         Ok(())
     }
 
+    /// The plan from the source lists the kernel holds now to `policy` over `db`, and the plan
+    /// that puts today's `geo:*` lists back in one generation (for a commit that fails after
+    /// the change).
+    fn plans(&self, db: &GeoDb, policy: &GeoPolicy) -> Result<(GeoPlan, GeoPlan), ServiceError> {
+        let current: Vec<ListName> = self
+            .core
+            .plane
+            .lists()?
+            .into_iter()
+            .filter(|(l, _)| l.direction == Direction::Source)
+            .map(|(l, _)| l.name)
+            .collect();
+        let plan = GeoPlan::new(db, policy, &current);
+        let old: Vec<(ListName, Vec<Cidr>)> = current
+            .iter()
+            .filter(|n| n.as_str().starts_with("geo:"))
+            .filter_map(|n| Some((n.clone(), self.core.plane.list_cidrs(Direction::Source, n)?)))
+            .collect();
+        let undo = GeoPlan {
+            delete: plan
+                .replace
+                .iter()
+                .map(|(n, _)| n.clone())
+                .filter(|n| !old.iter().any(|(o, _)| o == n))
+                .collect(),
+            replace: old,
+        };
+        Ok((plan, undo))
+    }
+
+    /// Applies `undo` (from [`Geo::plans`]); a failure is logged: the commit's error is what the
+    /// caller answers.
+    fn restore(&self, undo: &GeoPlan) {
+        if let Err(u) = self.core.plane.list_batch(Direction::Source, &undo.ops()) {
+            tracing::error!(error = %u, "cannot restore the geo lists after a failed commit");
+        }
+    }
+
     /// The geo policy and its lists.
     pub fn status(&self) -> Result<GeoStatus, ServiceError> {
         let mut status: GeoStatus = self
@@ -512,20 +526,7 @@ impl Geo {
         let db = self.db().ok_or(ServiceError::NoGeoDb)?;
         let _w = self.core.writer.lock().unwrap();
         let before = self.status()?;
-        let current: Vec<ListName> = self
-            .core
-            .plane
-            .lists()?
-            .into_iter()
-            .filter(|(l, _)| l.direction == Direction::Source)
-            .map(|(l, _)| l.name)
-            .collect();
-        let plan = GeoPlan::new(&db, policy, &current);
-        let old: Vec<(ListName, Vec<Cidr>)> = current
-            .iter()
-            .filter(|n| n.as_str().starts_with("geo:"))
-            .filter_map(|n| Some((n.clone(), self.core.plane.list_cidrs(Direction::Source, n)?)))
-            .collect();
+        let (plan, undo) = self.plans(&db, policy)?;
         self.core.plane.list_batch(Direction::Source, &plan.ops())?;
         let (mode, countries) = geo_record(policy);
         let record = GeoStatus {
@@ -550,19 +551,7 @@ impl Geo {
             to_json(&record),
         )?;
         if let Err(e) = self.core.commit(batch) {
-            // Back to the old geo lists, in one generation again.
-            let undo = GeoPlan {
-                delete: plan
-                    .replace
-                    .iter()
-                    .map(|(n, _)| n.clone())
-                    .filter(|n| !old.iter().any(|(o, _)| o == n))
-                    .collect(),
-                replace: old,
-            };
-            if let Err(u) = self.core.plane.list_batch(Direction::Source, &undo.ops()) {
-                tracing::error!(error = %u, "cannot restore the geo lists after a failed commit");
-            }
+            self.restore(&undo);
             return Err(e);
         }
         drop(_w);

@@ -366,6 +366,8 @@ impl Health {
 mod tests {
     use std::sync::Arc;
 
+    use crate::service::testing::open_service;
+
     use super::*;
     use crate::{
         service::{
@@ -429,13 +431,11 @@ mod tests {
         use crate::service::history::{SessionEvent, recorder_channel};
 
         let dir = tempfile::tempdir().unwrap();
-        let svc = Service::open(
-            Arc::new(Store::open(dir.path()).unwrap()),
+        let svc = open_service(
+            dir.path(),
             Arc::new(MemoryPlane::default()),
-            Arc::new(MemoryTunnel::default()),
             ServiceConfig::for_tests("10.99.0.1/24", "fd99::1/64", "e:1"),
-        )
-        .unwrap();
+        );
         // The recorder is not running: its queue fills, then every further report is dropped.
         let (tx, _rx) = recorder_channel(4);
         svc.health.count_auth_drops(tx.auth_drop_counter());

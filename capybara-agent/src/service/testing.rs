@@ -26,6 +26,22 @@ use crate::{
     net::Cidr,
 };
 
+/// A service over a new or existing store in `store_dir`, with `plane` and an empty in-memory
+/// tunnel: what most unit tests of the service open.
+pub fn open_service(
+    store_dir: &std::path::Path,
+    plane: std::sync::Arc<MemoryPlane>,
+    cfg: ServiceConfig,
+) -> super::Service {
+    super::Service::open(
+        std::sync::Arc::new(crate::store::Store::open(store_dir).expect("open the test store")),
+        plane,
+        std::sync::Arc::new(MemoryTunnel::default()),
+        cfg,
+    )
+    .expect("open the service")
+}
+
 impl ServiceConfig {
     /// A configuration for tests: the server's subnets (e.g. `10.99.0.1/24`, `fd99::1/64`) and the
     /// endpoint clients are told, a fixed server key, no DNS, no kept client keys, no country

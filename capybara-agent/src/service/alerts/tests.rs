@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use super::*;
 use crate::service::notify::OutboxEvent;
+use crate::service::testing::open_service;
 use crate::service::{
     NewUser, Service, ServiceConfig, ServiceEvent,
     domain::{Actor, DeviceName},
@@ -18,13 +19,11 @@ use crate::store::Store;
 type Bus = tokio::sync::broadcast::Receiver<ServiceEvent>;
 
 fn open(dir: &std::path::Path) -> Service {
-    Service::open(
-        Arc::new(Store::open(dir).unwrap()),
+    open_service(
+        dir,
         Arc::new(MemoryPlane::default()),
-        Arc::new(MemoryTunnel::default()),
         ServiceConfig::for_tests("10.97.0.1/24", "fd97::1/64", "e:1"),
     )
-    .unwrap()
 }
 
 fn root() -> Actor {

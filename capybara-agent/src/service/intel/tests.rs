@@ -4,13 +4,10 @@
 use std::{sync::Arc, time::Duration};
 
 use super::*;
-use crate::{
-    service::{
-        Service, ServiceConfig,
-        domain::Actor,
-        testing::{MemoryPlane, MemoryTunnel},
-    },
-    store::Store,
+use crate::service::{
+    Service, ServiceConfig,
+    domain::Actor,
+    testing::{MemoryPlane, open_service},
 };
 
 struct Fixture {
@@ -20,13 +17,11 @@ struct Fixture {
 }
 
 fn open(dir: tempfile::TempDir, plane: Arc<MemoryPlane>) -> Fixture {
-    let svc = Service::open(
-        Arc::new(Store::open(&dir.path().join("store")).unwrap()),
+    let svc = open_service(
+        &dir.path().join("store"),
         plane.clone(),
-        Arc::new(MemoryTunnel::default()),
         ServiceConfig::for_tests("10.99.0.1/24", "fd99::1/64", "vpn.example:51820"),
-    )
-    .unwrap();
+    );
     Fixture { dir, plane, svc }
 }
 

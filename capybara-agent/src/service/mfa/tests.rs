@@ -16,7 +16,7 @@ use crate::{
     service::{
         NewUser, Service, ServiceConfig, ServiceEvent,
         domain::{DeviceName, PublicKey},
-        testing::{MemoryPlane, MemoryTunnel},
+        testing::{MemoryPlane, open_service},
     },
     store::Store,
 };
@@ -42,13 +42,7 @@ fn config() -> ServiceConfig {
 
 fn open_in(path: &Path) -> (Arc<MemoryPlane>, Service) {
     let plane = Arc::new(MemoryPlane::default());
-    let svc = Service::open(
-        Arc::new(Store::open(path).unwrap()),
-        plane.clone(),
-        Arc::new(MemoryTunnel::default()),
-        config(),
-    )
-    .unwrap();
+    let svc = open_service(path, plane.clone(), config());
     (plane, svc)
 }
 
@@ -659,13 +653,7 @@ fn a_restart_holds_every_device_of_an_mfa_user_again() {
     let Fixture { dir, plane, svc } = f;
     drop(svc);
     // The same (pinned) kernel state; the restart ended every session, so the admission too.
-    let svc = Service::open(
-        Arc::new(Store::open(dir.path()).unwrap()),
-        plane.clone(),
-        Arc::new(MemoryTunnel::default()),
-        config(),
-    )
-    .unwrap();
+    let svc = open_service(dir.path(), plane.clone(), config());
     assert_eq!(
         plane.state().gates[&p.id],
         Gate::Held(DropReason::GateMfaPending)

@@ -5,25 +5,20 @@
 use std::{net::Ipv4Addr, sync::Arc};
 
 use super::*;
-use crate::{
-    service::{
-        Service, ServiceConfig,
-        domain::Actor,
-        lists::EntriesOp,
-        notify::OutboxEvent,
-        testing::{MemoryPlane, MemoryTunnel},
-    },
-    store::Store,
+use crate::service::{
+    Service, ServiceConfig,
+    domain::Actor,
+    lists::EntriesOp,
+    notify::OutboxEvent,
+    testing::{MemoryPlane, open_service},
 };
 
 fn open(dir: &std::path::Path, plane: &Arc<MemoryPlane>) -> Service {
-    Service::open(
-        Arc::new(Store::open(dir).unwrap()),
+    open_service(
+        dir,
         plane.clone(),
-        Arc::new(MemoryTunnel::default()),
         ServiceConfig::for_tests("10.96.0.1/24", "fd96::1/64", "e:1"),
     )
-    .unwrap()
 }
 
 fn ip(s: &str) -> IpAddr {

@@ -12,7 +12,7 @@ use crate::service::{
         LimitsTarget,
         model::{GroupName, LimitsText},
     },
-    testing::{MemoryPlane, MemoryTunnel},
+    testing::{MemoryPlane, open_service},
 };
 
 const H: u64 = HOUR_MS;
@@ -372,13 +372,11 @@ fn add_user(svc: &Service, name: &str) -> u32 {
 fn a_report_sums_users_groups_top_users_and_quota() {
     let dir = tempfile::tempdir().unwrap();
     let plane = Arc::new(MemoryPlane::default());
-    let svc = Service::open(
-        Arc::new(Store::open(dir.path()).unwrap()),
+    let svc = open_service(
+        dir.path(),
         plane.clone(),
-        Arc::new(MemoryTunnel::default()),
         ServiceConfig::for_tests("10.97.0.1/24", "fd97::1/64", "vpn.example.com:51820"),
-    )
-    .unwrap();
+    );
     let alice = add_user(&svc, "alice");
     let _bob = add_user(&svc, "bob");
     let _carol = add_user(&svc, "carol");

@@ -13,23 +13,18 @@ use std::{
 use axum::{body::Bytes, extract::State, http::HeaderMap};
 
 use super::*;
-use crate::{
-    service::{
-        NewUser, Service, ServiceConfig,
-        domain::{DeviceName, UserName},
-        testing::{MemoryPlane, MemoryTunnel},
-    },
-    store::Store,
+use crate::service::{
+    NewUser, Service, ServiceConfig,
+    domain::{DeviceName, UserName},
+    testing::{MemoryPlane, open_service},
 };
 
 fn open(dir: &std::path::Path, plane: Arc<MemoryPlane>) -> Service {
-    Service::open(
-        Arc::new(Store::open(dir).unwrap()),
+    open_service(
+        dir,
         plane,
-        Arc::new(MemoryTunnel::default()),
         ServiceConfig::for_tests("10.96.0.1/24", "fd96::1/64", "vpn.example.com:51820"),
     )
-    .unwrap()
 }
 
 fn root() -> Actor {
@@ -482,13 +477,7 @@ async fn secrets_are_sealed_at_rest_when_the_agent_has_a_sealer() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = ServiceConfig::for_tests("10.96.0.1/24", "fd96::1/64", "vpn.example.com:51820");
     cfg.keep_client_keys = Some(crate::service::secrets::Sealer::new(&[9; 32]));
-    let svc = Service::open(
-        Arc::new(Store::open(dir.path()).unwrap()),
-        Arc::new(MemoryPlane::default()),
-        Arc::new(MemoryTunnel::default()),
-        cfg,
-    )
-    .unwrap();
+    let svc = open_service(dir.path(), Arc::new(MemoryPlane::default()), cfg);
     let (url, rx) = receiver(200).await;
     let (w, secret) = add(&svc, &url, &["server-down"]);
     let raw: serde_json::Value = svc
