@@ -351,6 +351,16 @@ impl Session<'_, '_> {
         loop {
             match self.driver.call("GET", &path, None) {
                 Err(e) if e.error == "stale element reference" => return,
+                // The same, caught while Chromium swaps the documents: chromedriver then answers
+                // "unknown error" from the inspector, the node being already detached (seen in
+                // CI: "Node with given id does not belong to the document").
+                Err(e)
+                    if e.error == "unknown error"
+                        && (e.message.contains("does not belong to the document")
+                            || e.message.contains("No node with given id")) =>
+                {
+                    return;
+                }
                 Err(e) if e.error != "no such element" => panic!("{e}"),
                 _ => {}
             }
