@@ -14,7 +14,7 @@
 //!   fix left it), and the device is cut at that time.
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
@@ -30,18 +30,17 @@ use capybara_agent::{
 };
 use capybara_common::drop::DropReason;
 use capybara_tests::{
-    netns::{BpffsDir, NetNs, VethPair},
-    wg::{Implementation, WgProcess, ping, ping_until, start_tunnel, tunnel_config},
+    netns::{BpffsDir, NetNs},
+    wg::{ping_until, start_tunnel, tunnel_config},
 };
 
-use crate::e2e_support::{WAIT, attach_tc, open_dataplane};
+use crate::e2e_support::{GeneratedClient, WAIT, attach_tc, open_dataplane, peer_drops};
 
 const NET: u8 = 163;
 
 /// Fields drop in order: the client, the service, the tunnel, the server namespace, pins.
 struct Lab {
-    wg: Option<WgProcess>,
-    client: Option<(VethPair, NetNs)>,
+    client: Option<GeneratedClient>,
     svc: Option<Service>,
     tunnel: Arc<WgTunnel>,
     dp: Arc<Mutex<Dataplane>>,
@@ -78,7 +77,6 @@ impl Lab {
         let mut dp = open_dataplane(&pins);
         attach_tc(&mut dp, &server, tunnel.name());
         let mut lab = Lab {
-            wg: None,
             client: None,
             svc: None,
             tunnel: Arc::new(tunnel),
@@ -118,29 +116,11 @@ impl Lab {
 
     /// A wireguard-go client with the agent-generated `cfg`.
     fn client(&mut self, cfg: &ClientConfig) {
-        let ns = NetNs::new("c");
-        let veth = VethPair::new(&self.server, &ns, NET + 1);
-        let wg = WgProcess::start(&ns, Implementation::WireguardGo, "c");
-        let endpoint = SocketAddr::new(IpAddr::V4(veth.a.v4), self.tunnel.listen_port());
-        wg.setconf(&format!(
-            "[Interface]\nPrivateKey = {}\n\n[Peer]\nPublicKey = {}\nEndpoint = {endpoint}\n\
-             AllowedIPs = 10.{NET}.1.0/24, fd01:{NET:x}::/64\nPersistentKeepalive = 1\n",
-            cfg.private_key.as_deref().expect("a new device's key"),
-            cfg.server_public_key,
-        ));
-        wg.up(
-            &ns,
-            &[
-                &format!("{}/24", cfg.peer.ipv4),
-                &format!("{}/64", cfg.peer.ipv6),
-            ],
-        );
-        self.wg = Some(wg);
-        self.client = Some((veth, ns));
+        self.client = Some(GeneratedClient::start(&self.server, &self.tunnel, NET, cfg));
     }
 
     fn ns(&self) -> &NetNs {
-        &self.client.as_ref().expect("a client").1
+        &self.client.as_ref().expect("a client").ns
     }
 
     fn server_v4(&self) -> IpAddr {
@@ -153,16 +133,11 @@ impl Lab {
 
     /// Three pings, none answered.
     fn dropped(&self) -> bool {
-        (0..3).all(|_| !ping(self.ns(), self.server_v4()))
+        self.client.as_ref().expect("a client").dropped(self.server_v4())
     }
 
     fn expired_drops(&self, id: u32) -> u64 {
-        self.dp
-            .lock()
-            .unwrap()
-            .peer_stats(id)
-            .expect("peer stats")
-            .drops[DropReason::GateExpired as usize]
+        peer_drops(&self.dp, id, DropReason::GateExpired)
     }
 
     fn gate(&self, id: u32) -> Gate {

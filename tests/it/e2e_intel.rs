@@ -30,7 +30,7 @@ use capybara_tests::{
     agent_proc::{self, agent_crate_binary},
     netns::{BpffsDir, NetNs, VethPair, unique_name},
     traffic::UdpStream,
-    wg::{Implementation, WgProcess, ping, ping_until},
+    wg::{WgProcess, ping, ping_until},
 };
 use rand::Rng as _;
 use serde_json::Value;
@@ -200,25 +200,9 @@ impl Lab {
     /// `user add`, the generated config on a `wireguard-go` client (as `e2e_metrics`).
     fn add_client(&self, user: &str) -> WgProcess {
         let cfg = self.json(&["user", "add", user, "--no-qr"]);
-        let (mut conf, mut addrs) = (String::new(), Vec::new());
-        for line in cfg["wg_quick"].as_str().expect("wg_quick").lines() {
-            match line.split_once('=').map(|(k, v)| (k.trim(), v.trim())) {
-                Some(("Address", v)) => addrs.extend(v.split(',').map(|a| a.trim().to_owned())),
-                Some(("DNS", _)) => {}
-                _ => {
-                    conf.push_str(line);
-                    conf.push('\n');
-                }
-            }
-        }
-        let wg = WgProcess::start(&self.client, Implementation::WireguardGo, "iw");
-        wg.setconf(&conf);
-        let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
-        wg.up(&self.client, &refs);
         let v4: IpAddr = cfg["peer"]["ipv4"].as_str().unwrap().parse().unwrap();
-        self.client
-            .add_route(&format!("{}/32", self.server_v4), &wg.ifname, Some(v4));
-        wg
+        let wg_quick = cfg["wg_quick"].as_str().expect("wg_quick");
+        WgProcess::from_wg_quick(&self.client, "iw", wg_quick, None, self.server_v4.into(), v4)
     }
 
     /// Waits until the `tor` list holds `entries` (the schedule reloaded the file).

@@ -34,7 +34,7 @@ use capybara_tests::{
     agent_proc::{self, agent_crate_binary},
     netns::{BpffsDir, NetNs, VethPair, unique_name},
     traffic::{UdpSink, udp_overhead},
-    wg::{Implementation, WgProcess, ping_until},
+    wg::{WgProcess, ping_until},
 };
 use serde_json::Value;
 
@@ -125,25 +125,10 @@ impl Lab {
     /// lines done by hand, as `e2e_session_history::Lab::add_client`); the client's address.
     fn add_client(&self, user: &str) -> (WgProcess, IpAddr) {
         let cfg = self.json(&["user", "add", user, "--no-qr"]);
-        let (mut conf, mut addrs) = (String::new(), Vec::new());
-        for line in cfg["wg_quick"].as_str().expect("wg_quick").lines() {
-            match line.split_once('=').map(|(k, v)| (k.trim(), v.trim())) {
-                Some(("Address", v)) => addrs.extend(v.split(',').map(|a| a.trim().to_owned())),
-                Some(("DNS", _)) => {}
-                _ => {
-                    conf.push_str(line);
-                    conf.push('\n');
-                }
-            }
-        }
-        let wg = WgProcess::start(&self.client, Implementation::WireguardGo, "mw");
-        wg.setconf(&conf);
-        let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
-        wg.up(&self.client, &refs);
         let v4: IpAddr = cfg["peer"]["ipv4"].as_str().unwrap().parse().unwrap();
-        self.client
-            .add_route(&format!("{}/32", self.server_v4), &wg.ifname, Some(v4));
-        (wg, v4)
+        let wg_quick = cfg["wg_quick"].as_str().expect("wg_quick");
+        let server = self.server_v4.into();
+        (WgProcess::from_wg_quick(&self.client, "mw", wg_quick, None, server, v4), v4)
     }
 
     /// `curl` inside the server namespace.

@@ -39,11 +39,11 @@ use capybara_agent::{
 };
 use capybara_common::drop::DropReason;
 use capybara_tests::{
-    netns::{BpffsDir, NetNs, VethPair},
-    wg::{Implementation, WgProcess, ping, ping_until, start_tunnel, tunnel_config},
+    netns::{BpffsDir, NetNs},
+    wg::{ping_until, start_tunnel, tunnel_config},
 };
 
-use crate::e2e_support::{WAIT, attach_tc, open_dataplane};
+use crate::e2e_support::{GeneratedClient, WAIT, attach_tc, open_dataplane, peer_drops};
 
 const NET: u8 = 171;
 /// The verification page's port (`--mfa-port`; 80 by default, another one here to show the
@@ -114,8 +114,7 @@ fn tcp_echo(ns: &NetNs, addr: SocketAddr) -> bool {
 /// namespace, the pins.
 struct Lab {
     echo: Vec<Echo>,
-    wg: Option<WgProcess>,
-    client: Option<(VethPair, NetNs)>,
+    client: Option<GeneratedClient>,
     svc: Service,
     tunnel: Arc<WgTunnel>,
     dp: Arc<Mutex<Dataplane>>,
@@ -167,7 +166,6 @@ impl Lab {
         ];
         Lab {
             echo,
-            wg: None,
             client: None,
             svc,
             tunnel,
@@ -180,43 +178,20 @@ impl Lab {
 
     /// A wireguard-go client with the agent-generated `cfg`.
     fn client(&mut self, cfg: &ClientConfig) {
-        let ns = NetNs::new("c");
-        let veth = VethPair::new(&self.server, &ns, NET + 1);
-        let wg = WgProcess::start(&ns, Implementation::WireguardGo, "c");
-        let endpoint = SocketAddr::new(IpAddr::V4(veth.a.v4), self.tunnel.listen_port());
-        wg.setconf(&format!(
-            "[Interface]\nPrivateKey = {}\n\n[Peer]\nPublicKey = {}\nEndpoint = {endpoint}\n\
-             AllowedIPs = 10.{NET}.1.0/24, fd01:{NET:x}::/64\nPersistentKeepalive = 1\n",
-            cfg.private_key.as_deref().expect("a new device's key"),
-            cfg.server_public_key,
-        ));
-        wg.up(
-            &ns,
-            &[
-                &format!("{}/24", cfg.peer.ipv4),
-                &format!("{}/64", cfg.peer.ipv6),
-            ],
-        );
-        self.wg = Some(wg);
-        self.client = Some((veth, ns));
+        self.client = Some(GeneratedClient::start(&self.server, &self.tunnel, NET, cfg));
     }
 
     fn ns(&self) -> &NetNs {
-        &self.client.as_ref().expect("a client").1
+        &self.client.as_ref().expect("a client").ns
     }
 
     /// Three pings, none answered.
     fn dropped(&self) -> bool {
-        (0..3).all(|_| !ping(self.ns(), server_v4()))
+        self.client.as_ref().expect("a client").dropped(server_v4())
     }
 
     fn mfa_drops(&self, id: u32) -> u64 {
-        self.dp
-            .lock()
-            .unwrap()
-            .peer_stats(id)
-            .expect("peer stats")
-            .drops[DropReason::GateMfaPending as usize]
+        peer_drops(&self.dp, id, DropReason::GateMfaPending)
     }
 
     fn gate(&self, id: u32) -> Gate {

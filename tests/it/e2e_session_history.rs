@@ -183,27 +183,9 @@ impl Lab {
     ) -> (WgProcess, IpAddr) {
         let cfg = self.json(&["user", "add", user, "--no-qr"]);
         let wg_quick = cfg["wg_quick"].as_str().expect("wg_quick");
-        let (mut conf, mut addrs) = (String::new(), Vec::new());
-        for line in wg_quick.lines() {
-            match line.split_once('=').map(|(k, v)| (k.trim(), v.trim())) {
-                Some(("Address", v)) => addrs.extend(v.split(',').map(|a| a.trim().to_owned())),
-                Some(("DNS", _)) => {}
-                Some(("Endpoint", _)) if endpoint.is_some() => {
-                    conf.push_str(&format!("Endpoint = {}\n", endpoint.unwrap()));
-                }
-                _ => {
-                    conf.push_str(line);
-                    conf.push('\n');
-                }
-            }
-        }
-        let wg = WgProcess::start(ns, Implementation::WireguardGo, "hw");
-        wg.setconf(&conf);
-        let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
-        wg.up(ns, &refs);
         let v4: IpAddr = cfg["peer"]["ipv4"].as_str().unwrap().parse().unwrap();
-        ns.add_route(&format!("{}/32", self.server_v4), &wg.ifname, Some(v4));
-        (wg, v4)
+        let server = self.server_v4.into();
+        (WgProcess::from_wg_quick(ns, "hw", wg_quick, endpoint, server, v4), v4)
     }
 
     fn sessions(&self, user: &str) -> Vec<Value> {

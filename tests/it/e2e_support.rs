@@ -3,6 +3,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
+    sync::Mutex,
     time::Duration,
 };
 
@@ -10,12 +11,15 @@ use capybara_agent::{
     blocklist::{Direction, ListName},
     dataplane::{Dataplane, DataplaneConfig, Event, EventStream},
     net::Cidr,
+    service::domain::ClientConfig,
+    tunnel::WgTunnel,
 };
-use capybara_common::{counters::Counter, peer::PeerId, quota::BucketId};
+use capybara_common::{counters::Counter, drop::DropReason, peer::PeerId, quota::BucketId};
 use capybara_tests::{
-    netns::{BpffsDir, NetNs},
+    netns::{BpffsDir, NetNs, VethPair},
     traffic::send_udp,
     tunwire::TunWire,
+    wg::{Implementation, WgProcess, ping},
 };
 
 /// How long a test waits for traffic that should arrive.
@@ -142,4 +146,57 @@ pub fn send_paced(ns: &NetNs, from: IpAddr, to: SocketAddr, n: u64, size: usize)
         sent += k;
         std::thread::sleep(Duration::from_millis(4));
     }
+}
+
+/// A `wireguard-go` client with an agent-generated config, in a namespace of its own linked to
+/// the server's by a veth (`10.<net + 1>.0.0/24`); it reaches the server's tunnel subnets
+/// `10.<net>.1.0/24` and `fd01:<net>::/64` (what `ServiceConfig::for_tests` pools give), with a
+/// one-second keepalive. Fields drop in declaration order: the client, the link, the namespace.
+pub struct GeneratedClient {
+    _wg: WgProcess,
+    _veth: VethPair,
+    /// The client's namespace.
+    pub ns: NetNs,
+}
+
+impl GeneratedClient {
+    /// Starts the client for `cfg` against `tunnel`, which runs in `server`.
+    pub fn start(server: &NetNs, tunnel: &WgTunnel, net: u8, cfg: &ClientConfig) -> Self {
+        let ns = NetNs::new("c");
+        let veth = VethPair::new(server, &ns, net + 1);
+        let wg = WgProcess::start(&ns, Implementation::WireguardGo, "c");
+        let endpoint = SocketAddr::new(IpAddr::V4(veth.a.v4), tunnel.listen_port());
+        wg.setconf(&format!(
+            "[Interface]\nPrivateKey = {}\n\n[Peer]\nPublicKey = {}\nEndpoint = {endpoint}\n\
+             AllowedIPs = 10.{net}.1.0/24, fd01:{net:x}::/64\nPersistentKeepalive = 1\n",
+            cfg.private_key.as_deref().expect("a new device's key"),
+            cfg.server_public_key,
+        ));
+        wg.up(
+            &ns,
+            &[
+                &format!("{}/24", cfg.peer.ipv4),
+                &format!("{}/64", cfg.peer.ipv6),
+            ],
+        );
+        GeneratedClient {
+            _wg: wg,
+            _veth: veth,
+            ns,
+        }
+    }
+
+    /// Three pings to `to`, none answered.
+    pub fn dropped(&self, to: IpAddr) -> bool {
+        (0..3).all(|_| !ping(&self.ns, to))
+    }
+}
+
+/// The drops of peer `id` for `reason`, summed over CPUs.
+pub fn peer_drops(dp: &Mutex<Dataplane>, id: PeerId, reason: DropReason) -> u64 {
+    dp.lock()
+        .unwrap()
+        .peer_stats(id)
+        .expect("peer stats")
+        .drops[reason as usize]
 }

@@ -7,6 +7,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::{Context as _, ensure};
+use nix::sys::signal::Signal;
+
 use crate::netns::NetNs;
 
 /// Builds a binary of the agent crate (a no-op when it is up to date) and returns its path,
@@ -40,37 +43,74 @@ pub fn agent_crate_binary(name: &str) -> PathBuf {
 /// hands the process to `ns` (killed when the namespace guard drops), and waits until it logs
 /// "capybara-agent ready". Panics with the log when it exits first or is not ready within
 /// `ready_within`. Returns its pid.
-pub fn start_agent(ns: &NetNs, mut cmd: Command, log: &Path, ready_within: Duration) -> u32 {
-    let out = std::fs::File::create(log).expect("agent log");
+pub fn start_agent(ns: &NetNs, cmd: Command, log: &Path, ready_within: Duration) -> u32 {
+    spawn_agent(ns, cmd, log, ready_within).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// [`start_agent`] for the benchmarks: an error instead of a panic, with the log.
+pub fn spawn_agent(
+    ns: &NetNs,
+    mut cmd: Command,
+    log: &Path,
+    ready_within: Duration,
+) -> anyhow::Result<u32> {
+    let out = std::fs::File::create(log)?;
     if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
         cmd.env("RUST_LOG", "info");
     }
     let child = cmd
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
-        .stdout(out.try_clone().expect("agent log"))
+        .stdout(out.try_clone()?)
         .stderr(out)
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program()));
+        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
     let pid = ns.adopt(child);
     let end = Instant::now() + ready_within;
     loop {
         let text = std::fs::read_to_string(log).unwrap_or_default();
         if text.contains("capybara-agent ready") {
-            return pid;
+            return Ok(pid);
         }
-        assert!(
+        ensure!(
             ns.is_running(pid),
             "capybara-agent ({}) exited before it was ready:\n{text}",
             log.display()
         );
-        assert!(
+        ensure!(
             Instant::now() < end,
             "capybara-agent ({}) not ready after {ready_within:?}:\n{text}",
             log.display()
         );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Stops the agent `pid` in `ns`: SIGTERM, then SIGKILL if it still runs after 15 s.
+pub fn stop_agent(ns: &NetNs, pid: u32) {
+    ns.kill(pid, Signal::SIGTERM);
+    let end = Instant::now() + Duration::from_secs(15);
+    while ns.is_running(pid) && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(50));
     }
+    if ns.is_running(pid) {
+        ns.kill(pid, Signal::SIGKILL);
+    }
+}
+
+/// `capybara-agent` next to the running benchmark binary (`cargo xtask bench` builds both).
+pub fn bench_agent_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let bin = exe
+        .parent()
+        .context("the bench binary has no directory")?
+        .join("capybara-agent");
+    ensure!(
+        bin.exists(),
+        "{} missing: `cargo xtask bench` builds it",
+        bin.display()
+    );
+    Ok(bin)
 }
 
 /// Builds the xtask binary into the tests' target dir (as [`agent_crate_binary`] does the

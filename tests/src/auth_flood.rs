@@ -12,15 +12,17 @@
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use nix::sys::signal::Signal;
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 
-use crate::netns::{NetNs, VethPair, unique_name};
+use crate::{
+    agent_proc::{spawn_agent, stop_agent},
+    netns::{NetNs, VethPair, unique_name},
+};
 
 /// The agent's WireGuard port.
 pub const PORT: u16 = 51820;
@@ -113,7 +115,6 @@ impl FloodRig {
         let uapi = work.join("uapi");
         std::fs::create_dir_all(&uapi)?;
         let pin_dir = pins.join(unique_name("pins"));
-        let out = std::fs::File::create(&log)?;
         let socket = guarded.then(|| work.join("agent.sock"));
         let mut command = Command::new(bin);
         match &socket {
@@ -123,7 +124,7 @@ impl FloodRig {
                 .arg(path),
             None => command.arg("--no-api-socket"),
         };
-        let child = command
+        command
             .args(["--netns", agent_ns.name(), "--tunnel", &unique_name("tn")])
             .args(["--listen-port", &PORT.to_string()])
             .arg("--detach-on-exit")
@@ -132,16 +133,12 @@ impl FloodRig {
             .arg("--bpffs")
             .arg(&pin_dir)
             .arg("--wg-uapi-dir")
-            .arg(&uapi)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("start {}", bin.display()))?;
-        let pid = agent_ns.adopt(child);
-        let mut rig = FloodRig {
+            .arg(&uapi);
+        let pid = spawn_agent(&agent_ns, command, &log, Duration::from_secs(120))
+            .inspect_err(|_| {
+                let _ = std::fs::remove_dir_all(&pin_dir);
+            })?;
+        Ok(FloodRig {
             agent_ns,
             sender_ns,
             veth,
@@ -150,23 +147,7 @@ impl FloodRig {
             socket,
             pin_dir,
             pid: Some(pid),
-        };
-        let t = Instant::now();
-        loop {
-            let text = std::fs::read_to_string(&rig.log).unwrap_or_default();
-            if text.contains("capybara-agent ready") {
-                break;
-            }
-            if !rig.agent_ns.is_running(pid) || t.elapsed() > Duration::from_secs(120) {
-                rig.pid = None;
-                bail!(
-                    "capybara-agent not ready; its log:\n{}",
-                    text.lines().rev().take(10).collect::<Vec<_>>().join("\n")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(rig)
+        })
     }
 
     /// The agent's process id.
@@ -182,14 +163,7 @@ impl FloodRig {
     /// Stops the agent (SIGTERM, then SIGKILL after 15 s) so its store can be opened.
     pub fn stop(&mut self) {
         let Some(pid) = self.pid.take() else { return };
-        self.agent_ns.kill(pid, Signal::SIGTERM);
-        let end = Instant::now() + Duration::from_secs(15);
-        while self.agent_ns.is_running(pid) && Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if self.agent_ns.is_running(pid) {
-            self.agent_ns.kill(pid, Signal::SIGKILL);
-        }
+        stop_agent(&self.agent_ns, pid);
         let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
 }

@@ -176,6 +176,42 @@ impl WgProcess {
         ns.exec(&["ip", "link", "set", &self.ifname, "mtu", "1420", "up"]);
     }
 
+    /// A `wireguard-go` client in `ns` from a generated wg-quick config, as `wg-quick up` would
+    /// bring it up: the wg-quick-only lines (`Address`, `DNS`) taken out of what `wg setconf`
+    /// gets, the addresses put on the interface, its `Endpoint` replaced by `endpoint` if given
+    /// (a namespace with its own link to the server), and a route to `server` (the server's
+    /// tunnel address) through it from `source`.
+    pub fn from_wg_quick(
+        ns: &NetNs,
+        suffix: &str,
+        wg_quick: &str,
+        endpoint: Option<SocketAddr>,
+        server: IpAddr,
+        source: IpAddr,
+    ) -> Self {
+        let (mut conf, mut addrs) = (String::new(), Vec::new());
+        for line in wg_quick.lines() {
+            match line.split_once('=').map(|(k, v)| (k.trim(), v.trim())) {
+                Some(("Address", v)) => addrs.extend(v.split(',').map(|a| a.trim().to_owned())),
+                Some(("DNS", _)) => {}
+                Some(("Endpoint", _)) if let Some(e) = endpoint => {
+                    conf.push_str(&format!("Endpoint = {e}\n"));
+                }
+                _ => {
+                    conf.push_str(line);
+                    conf.push('\n');
+                }
+            }
+        }
+        let wg = WgProcess::start(ns, Implementation::WireguardGo, suffix);
+        wg.setconf(&conf);
+        let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+        wg.up(ns, &refs);
+        let host = if server.is_ipv4() { 32 } else { 128 };
+        ns.add_route(&format!("{server}/{host}"), &wg.ifname, Some(source));
+        wg
+    }
+
     /// `wg show <iface> dump`, parsed.
     pub fn dump(&self) -> WgDump {
         wg_dump(&self.ifname)

@@ -37,7 +37,7 @@
 
 use std::{path::Path, time::Duration};
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 
 use super::{Figure, Selection};
 use crate::{
@@ -83,11 +83,7 @@ pub fn run(sel: &Selection, pins: &Path) -> Result<Vec<Figure>> {
     if !NAMES.iter().any(|n| sel.wants_in(GROUP, n)) {
         return Ok(Vec::new());
     }
-    let exe = std::env::current_exe()?;
-    let bin = exe
-        .parent()
-        .context("the bench binary has no directory")?
-        .join("capybara-agent");
+    let bin = crate::agent_proc::bench_agent_binary()?;
     let work = tempfile::tempdir()?;
     let mut rig = FloodRig::start(&bin, work.path(), pins, 192)?;
     std::thread::sleep(Duration::from_secs(2));

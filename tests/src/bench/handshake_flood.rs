@@ -99,11 +99,7 @@ pub fn run(sel: &Selection, pins: &Path) -> Result<Vec<Figure>> {
     if !NAMES.iter().any(|n| sel.wants_in(GROUP, n)) {
         return Ok(Vec::new());
     }
-    let exe = std::env::current_exe()?;
-    let bin = exe
-        .parent()
-        .context("the bench binary has no directory")?
-        .join("capybara-agent");
+    let bin = crate::agent_proc::bench_agent_binary()?;
     let work = tempfile::tempdir()?;
     let mut rig = FloodRig::start_guarded(&bin, work.path(), pins, 193)?;
     std::thread::sleep(Duration::from_secs(1));

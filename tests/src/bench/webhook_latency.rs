@@ -46,21 +46,21 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use capybara_agent::{
     api::client::{Client, Endpoint},
     service::policy::model::LimitsText,
 };
 use capybara_proto::v1 as pb;
-use nix::sys::signal::Signal;
 
 use super::{Figure, Selection, percentile};
 use crate::{
+    agent_proc::{bench_agent_binary, spawn_agent, stop_agent},
     netns::{NetNs, VethPair, unique_name},
     progress,
     receivers::{Sink, SinkLog},
     traffic::send_udp,
-    wg::{Implementation, WgProcess},
+    wg::WgProcess,
 };
 
 /// p99 of the latency, ms (target < 50).
@@ -101,16 +101,7 @@ pub fn run(sel: &Selection, pins: &Path) -> Result<Vec<Figure>> {
     if !NAMES.iter().any(|n| sel.wants_in(GROUP, n)) {
         return Ok(Vec::new());
     }
-    let exe = std::env::current_exe()?;
-    let bin = exe
-        .parent()
-        .context("the bench binary has no directory")?
-        .join("capybara-agent");
-    ensure!(
-        bin.exists(),
-        "{} missing: `cargo xtask bench` builds it",
-        bin.display()
-    );
+    let bin = bench_agent_binary()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -184,78 +175,28 @@ impl Rig {
             .arg("--wg-uapi-dir")
             .arg(&uapi)
             .arg("--api-socket")
-            .arg(&socket)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(std::process::Stdio::null());
-        let out = std::fs::File::create(&log)?;
-        cmd.stdout(out.try_clone()?).stderr(out);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("start {}", bin.display()))?;
-        let pid = agent_ns.adopt(child);
-        let rig = Rig {
+            .arg(&socket);
+        let pid = spawn_agent(&agent_ns, cmd, &log, Duration::from_secs(60))
+            .inspect_err(|_| {
+                let _ = std::fs::remove_dir_all(&pin_dir);
+            })?;
+        Ok(Rig {
             _veth: veth,
             agent_ns,
             client_ns,
             socket,
             pin_dir,
             pid,
-        };
-        let t = Instant::now();
-        loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if text.contains("capybara-agent ready") {
-                return Ok(rig);
-            }
-            if !rig.agent_ns.is_running(pid) || t.elapsed() > Duration::from_secs(60) {
-                bail!(
-                    "capybara-agent not ready; its log:\n{}",
-                    text.lines().rev().take(10).collect::<Vec<_>>().join("\n")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        })
     }
 }
 
 impl Drop for Rig {
     /// Stops the agent (SIGTERM, then SIGKILL after 15 s) and removes its pins.
     fn drop(&mut self) {
-        self.agent_ns.kill(self.pid, Signal::SIGTERM);
-        let end = Instant::now() + Duration::from_secs(15);
-        while self.agent_ns.is_running(self.pid) && Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if self.agent_ns.is_running(self.pid) {
-            self.agent_ns.kill(self.pid, Signal::SIGKILL);
-        }
+        stop_agent(&self.agent_ns, self.pid);
         let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
-}
-
-/// `wg setconf` of the generated config on a new `wireguard-go` client (the wg-quick-only
-/// lines taken out, the addresses on the interface, a route to the server's tunnel address),
-/// as `e2e_session_history::Lab::add_client` does.
-fn client(rig: &Rig, wg_quick: &str, v4: Ipv4Addr, server: Ipv4Addr) -> WgProcess {
-    let (mut conf, mut addrs) = (String::new(), Vec::new());
-    for line in wg_quick.lines() {
-        match line.split_once('=').map(|(k, v)| (k.trim(), v.trim())) {
-            Some(("Address", v)) => addrs.extend(v.split(',').map(|a| a.trim().to_owned())),
-            Some(("DNS", _)) => {}
-            _ => {
-                conf.push_str(line);
-                conf.push('\n');
-            }
-        }
-    }
-    let wg = WgProcess::start(&rig.client_ns, Implementation::WireguardGo, "wl");
-    wg.setconf(&conf);
-    let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
-    wg.up(&rig.client_ns, &refs);
-    rig.client_ns
-        .add_route(&format!("{server}/32"), &wg.ifname, Some(IpAddr::V4(v4)));
-    wg
 }
 
 /// The rounds; the latencies (s) and the bare POSTs' (s).
@@ -278,7 +219,15 @@ fn measure(rt: &tokio::runtime::Runtime, rig: &Rig) -> Result<(Vec<f64>, Vec<f64
     ))?;
     let server = Ipv4Addr::new(10, TUNNEL_NET, 0, 1);
     let v4 = cfg.peer.ipv4;
-    let _wg = client(rig, &cfg.wg_quick, v4, server);
+    // The generated config on a `wireguard-go` client.
+    let _wg = WgProcess::from_wg_quick(
+        &rig.client_ns,
+        "wl",
+        &cfg.wg_quick,
+        None,
+        server.into(),
+        v4.into(),
+    );
     let ok = rig
         .client_ns
         .try_exec(&[
