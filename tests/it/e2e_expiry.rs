@@ -133,7 +133,10 @@ impl Lab {
 
     /// Three pings, none answered.
     fn dropped(&self) -> bool {
-        self.client.as_ref().expect("a client").dropped(self.server_v4())
+        self.client
+            .as_ref()
+            .expect("a client")
+            .dropped(self.server_v4())
     }
 
     fn expired_drops(&self, id: u32) -> u64 {

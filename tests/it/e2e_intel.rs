@@ -202,7 +202,14 @@ impl Lab {
         let cfg = self.json(&["user", "add", user, "--no-qr"]);
         let v4: IpAddr = cfg["peer"]["ipv4"].as_str().unwrap().parse().unwrap();
         let wg_quick = cfg["wg_quick"].as_str().expect("wg_quick");
-        WgProcess::from_wg_quick(&self.client, "iw", wg_quick, None, self.server_v4.into(), v4)
+        WgProcess::from_wg_quick(
+            &self.client,
+            "iw",
+            wg_quick,
+            None,
+            self.server_v4.into(),
+            v4,
+        )
     }
 
     /// Waits until the `tor` list holds `entries` (the schedule reloaded the file).

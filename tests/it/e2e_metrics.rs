@@ -128,7 +128,10 @@ impl Lab {
         let v4: IpAddr = cfg["peer"]["ipv4"].as_str().unwrap().parse().unwrap();
         let wg_quick = cfg["wg_quick"].as_str().expect("wg_quick");
         let server = self.server_v4.into();
-        (WgProcess::from_wg_quick(&self.client, "mw", wg_quick, None, server, v4), v4)
+        (
+            WgProcess::from_wg_quick(&self.client, "mw", wg_quick, None, server, v4),
+            v4,
+        )
     }
 
     /// `curl` inside the server namespace.

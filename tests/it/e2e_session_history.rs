@@ -185,7 +185,10 @@ impl Lab {
         let wg_quick = cfg["wg_quick"].as_str().expect("wg_quick");
         let v4: IpAddr = cfg["peer"]["ipv4"].as_str().unwrap().parse().unwrap();
         let server = self.server_v4.into();
-        (WgProcess::from_wg_quick(ns, "hw", wg_quick, endpoint, server, v4), v4)
+        (
+            WgProcess::from_wg_quick(ns, "hw", wg_quick, endpoint, server, v4),
+            v4,
+        )
     }
 
     fn sessions(&self, user: &str) -> Vec<Value> {

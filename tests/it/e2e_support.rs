@@ -194,9 +194,5 @@ impl GeneratedClient {
 
 /// The drops of peer `id` for `reason`, summed over CPUs.
 pub fn peer_drops(dp: &Mutex<Dataplane>, id: PeerId, reason: DropReason) -> u64 {
-    dp.lock()
-        .unwrap()
-        .peer_stats(id)
-        .expect("peer stats")
-        .drops[reason as usize]
+    dp.lock().unwrap().peer_stats(id).expect("peer stats").drops[reason as usize]
 }

@@ -134,8 +134,8 @@ impl FloodRig {
             .arg(&pin_dir)
             .arg("--wg-uapi-dir")
             .arg(&uapi);
-        let pid = spawn_agent(&agent_ns, command, &log, Duration::from_secs(120))
-            .inspect_err(|_| {
+        let pid =
+            spawn_agent(&agent_ns, command, &log, Duration::from_secs(120)).inspect_err(|_| {
                 let _ = std::fs::remove_dir_all(&pin_dir);
             })?;
         Ok(FloodRig {

@@ -113,6 +113,12 @@ pub enum VerifyError {
         /// When a code is taken again.
         retry_after: Duration,
     },
+    /// A code was sent to the user within the last minute: the next one after this.
+    #[error("send: a code was sent a moment ago; wait {}s before asking again", retry_after.as_secs().max(1))]
+    SendTooSoon {
+        /// When the next code can be sent.
+        retry_after: Duration,
+    },
     /// The channel is not configured for the user or the agent.
     #[error("channel: not available for this user")]
     NoChannel,

@@ -18,8 +18,9 @@
 //! reading), a request head of at most [`MAX_HEAD`] bytes and 64 header lines read within
 //! [`Limits::header_timeout`], a body within [`Limits::body_timeout`], a connection lives at
 //! most [`Limits::connection_lifetime`]; at most [`Limits::max_connections`] connections at
-//! once and [`Limits::max_per_source`] from one address (more are answered 503 and closed);
-//! one code sent per device per [`Limits::send_interval`].
+//! once and [`Limits::max_per_source`] from one address (more are answered 503 and closed).
+//! How often a code is sent is the service's rule (one per user per minute): the page shows
+//! its `SendTooSoon` as 429.
 //!
 //! CSRF, without JavaScript: a state-changing request is refused (403, field `csrf`) when
 //! `Sec-Fetch-Site` is present and not `same-origin`/`none`, or `Origin` is present and not
@@ -39,7 +40,7 @@ use std::{
     convert::Infallible,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use base64::Engine as _;
@@ -79,13 +80,10 @@ pub struct Limits {
     pub body_timeout: Duration,
     /// A connection is closed after this, whatever it does.
     pub connection_lifetime: Duration,
-    /// One code sent per device per this.
-    pub send_interval: Duration,
 }
 
 impl Default for Limits {
-    /// 256 connections (64 from one address), 10 s for a head or a body, 120 s a connection,
-    /// one code sent per device per 30 s.
+    /// 256 connections (64 from one address), 10 s for a head or a body, 120 s a connection.
     fn default() -> Limits {
         Limits {
             max_connections: 256,
@@ -93,7 +91,6 @@ impl Default for Limits {
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(10),
             connection_lifetime: Duration::from_secs(120),
-            send_interval: Duration::from_secs(30),
         }
     }
 }
@@ -105,7 +102,6 @@ pub struct App {
     limits: Limits,
     conns: Arc<tokio::sync::Semaphore>,
     per_source: Mutex<HashMap<IpAddr, usize>>,
-    sends: Mutex<HashMap<IpAddr, Instant>>,
 }
 
 impl std::fmt::Debug for App {
@@ -152,7 +148,6 @@ impl App {
             limits,
             conns: Arc::new(tokio::sync::Semaphore::new(limits.max_connections)),
             per_source: Mutex::new(HashMap::new()),
-            sends: Mutex::new(HashMap::new()),
         })
     }
 
@@ -198,23 +193,6 @@ impl App {
                 .zip(token.bytes())
                 .fold(0u8, |acc, (a, b)| acc | (a ^ b))
                 == 0
-    }
-
-    /// Notes a send for `src`: how long to wait instead if one was sent within the interval.
-    fn note_send(&self, src: IpAddr, now: Instant) -> Result<(), Duration> {
-        let mut sends = self.sends.lock().unwrap_or_else(|e| e.into_inner());
-        let interval = self.limits.send_interval;
-        if let Some(last) = sends.get(&src) {
-            let since = now.saturating_duration_since(*last);
-            if since < interval {
-                return Err(interval - since);
-            }
-        }
-        if sends.len() >= 4096 {
-            sends.retain(|_, t| now.saturating_duration_since(*t) < interval);
-        }
-        sends.insert(src, now);
-        Ok(())
     }
 
     async fn blocking<T: Send + 'static>(
@@ -368,16 +346,6 @@ impl App {
                         ));
                     }
                 };
-                if let Err(wait) = self.note_send(src, Instant::now()) {
-                    return Err(error(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        format!(
-                            "send: a code was sent a moment ago; wait {} before asking again",
-                            page::human_duration(wait)
-                        ),
-                        Some("send"),
-                    ));
-                }
                 let to = self
                     .blocking(move |p| p.send_code(src, channel))
                     .await
@@ -607,6 +575,14 @@ fn refusal(e: &VerifyError) -> Refusal {
         VerifyError::Locked { retry_after } => Refusal {
             retry_after: Some(*retry_after),
             ..r(StatusCode::TOO_MANY_REQUESTS, Some("code"))
+        },
+        VerifyError::SendTooSoon { retry_after } => Refusal {
+            error: format!(
+                "send: a code was sent a moment ago; wait {} before asking again",
+                page::human_duration(*retry_after)
+            ),
+            retry_after: Some(*retry_after),
+            ..r(StatusCode::TOO_MANY_REQUESTS, Some("send"))
         },
         VerifyError::NoChannel => r(StatusCode::BAD_REQUEST, Some("send")),
         // The channel failed (the SMTP server or the SMS gateway): say what, never hang.

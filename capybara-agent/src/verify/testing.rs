@@ -10,8 +10,12 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use crate::service::verification::{
-    CodeChannel, CodeSender, Method, PageStatus, PageView, VerificationPort, Verified, VerifyError,
+use crate::service::{
+    mfa::codes::SEND_INTERVAL,
+    verification::{
+        CodeChannel, CodeSender, Method, PageStatus, PageView, VerificationPort, Verified,
+        VerifyError,
+    },
 };
 
 /// One device the stand-in knows.
@@ -50,6 +54,8 @@ pub struct StandIn {
     pub sender: Option<Arc<dyn CodeSender>>,
     /// Every `verify` call's code (to check what reached the service).
     pub seen: Mutex<Vec<String>>,
+    /// When a code was last sent: one per minute, as the service sends them.
+    pub last_send: Mutex<Option<SystemTime>>,
 }
 
 impl std::fmt::Debug for StandIn {
@@ -186,11 +192,20 @@ impl VerificationPort for StandIn {
             (d.view.user.clone(), to, masked)
         };
         let sender = self.sender.as_ref().ok_or(VerifyError::NoChannel)?;
+        let now = SystemTime::now();
+        let mut last = self.last_send.lock().unwrap();
+        if let Some(retry_after) = last
+            .and_then(|t| (t + SEND_INTERVAL).duration_since(now).ok())
+            .filter(|d| !d.is_zero())
+        {
+            return Err(VerifyError::SendTooSoon { retry_after });
+        }
         let code = format!("{:06}", rand::random::<u32>() % 1_000_000);
         sender
             .send(channel, &to, &user, &code)
             .map_err(VerifyError::SendFailed)?;
         *self.sent_code.lock().unwrap() = Some(code);
+        *last = Some(now);
         Ok(masked)
     }
 }

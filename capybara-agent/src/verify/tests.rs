@@ -54,8 +54,10 @@ fn stand_in() -> Arc<StandIn> {
     Arc::new(s)
 }
 
-fn app_with(port: Arc<StandIn>, limits: Limits) -> Arc<App> {
-    App::new(port, limits)
+/// The page over [`stand_in`] with the default limits.
+fn default_app() -> (Arc<StandIn>, Arc<App>) {
+    let port = stand_in();
+    (port.clone(), App::new(port, Limits::default()))
 }
 
 /// A parsed answer.
@@ -146,8 +148,7 @@ const JSON: (&str, &str) = ("content-type", "application/json");
 
 #[tokio::test]
 async fn the_page_knows_the_device_by_its_address_and_a_form_post_admits_it() {
-    let port = stand_in();
-    let app = app_with(port.clone(), Limits::default());
+    let (port, app) = default_app();
     let a = request(&app, "GET", "/", &[], "").await;
     assert_eq!(a.status, 200);
     assert_security_headers(&a);
@@ -193,8 +194,7 @@ async fn the_page_knows_the_device_by_its_address_and_a_form_post_admits_it() {
 
 #[tokio::test]
 async fn cross_site_posts_are_refused_before_the_service_sees_a_code() {
-    let port = stand_in();
-    let app = app_with(port.clone(), Limits::default());
+    let (port, app) = default_app();
     let token = app.csrf_token(device());
     let other = app.csrf_token("10.70.0.3".parse().unwrap());
     assert_ne!(token, other, "the token is per device");
@@ -272,8 +272,7 @@ async fn cross_site_posts_are_refused_before_the_service_sees_a_code() {
 
 #[tokio::test]
 async fn the_json_route_answers_every_outcome_with_its_status_and_field() {
-    let port = stand_in();
-    let app = app_with(port.clone(), Limits::default());
+    let (port, app) = default_app();
     let post = |body: &'static str| {
         let app = app.clone();
         async move { request(&app, "POST", "/mfa/verify", &[JSON], body).await }
@@ -369,8 +368,7 @@ async fn the_json_route_answers_every_outcome_with_its_status_and_field() {
 
 #[tokio::test]
 async fn bodies_hosts_paths_and_methods_are_bounded_and_named() {
-    let port = stand_in();
-    let app = app_with(port.clone(), Limits::default());
+    let (_, app) = default_app();
     let big = format!(r#"{{"code":"{}"}}"#, "1".repeat(MAX_BODY));
     let a = request(&app, "POST", "/mfa/verify", &[JSON], &big).await;
     assert_eq!(a.status, 413);
@@ -436,8 +434,7 @@ async fn bodies_hosts_paths_and_methods_are_bounded_and_named() {
 #[tokio::test]
 async fn garbage_bytes_get_an_error_or_a_close_never_a_panic() {
     use rand::{Rng as _, SeedableRng as _};
-    let port = stand_in();
-    let app = app_with(port.clone(), Limits::default());
+    let (port, app) = default_app();
     let mut cases: Vec<Vec<u8>> = vec![
         b"".to_vec(),
         b"\r\n\r\n".to_vec(),
@@ -486,7 +483,7 @@ async fn garbage_bytes_get_an_error_or_a_close_never_a_panic() {
 
 #[tokio::test]
 async fn a_slow_head_is_cut_at_the_header_timeout() {
-    let app = app_with(
+    let app = App::new(
         stand_in(),
         Limits {
             header_timeout: Duration::from_millis(300),
@@ -534,7 +531,7 @@ async fn send_buttons_send_through_the_channel_and_say_where() {
         vec![(CodeChannel::Email, "a***@example.org".into())],
     );
     let port = Arc::new(s);
-    let app = app_with(port.clone(), Limits::default());
+    let app = App::new(port.clone(), Limits::default());
     let token = app.csrf_token(device());
     let page = request(&app, "GET", "/", &[], "").await;
     assert!(
@@ -574,7 +571,7 @@ async fn send_buttons_send_through_the_channel_and_say_where() {
     assert_eq!(a.status, 429);
     assert!(
         a.body
-            .contains("send: a code was sent a moment ago; wait 30 s"),
+            .contains("send: a code was sent a moment ago; wait 1 min"),
         "{}",
         a.body
     );
@@ -602,7 +599,7 @@ async fn send_buttons_send_through_the_channel_and_say_where() {
         "laptop",
         vec![(CodeChannel::Email, "a***@example.org".into())],
     );
-    let app = app_with(Arc::new(s), Limits::default());
+    let app = App::new(Arc::new(s), Limits::default());
     let token = app.csrf_token(device());
     let a = request(
         &app,
@@ -637,7 +634,7 @@ async fn enrolment_and_not_required_pages() {
         d.view.status = PageStatus::Enrolling;
         d.view.enrol_uri = Some("otpauth://totp/Capybara:alice?secret=JBSWY3DPEHPK3PXP".into());
     });
-    let app = app_with(port.clone(), Limits::default());
+    let app = App::new(port.clone(), Limits::default());
     let a = request(&app, "GET", "/", &[], "").await;
     assert!(a.body.contains("<svg") && a.body.contains("secret=JBSWY3DPEHPK3PXP"));
     let a = request(&app, "POST", "/mfa/verify", &[JSON], r#"{"code":"123456"}"#).await;
@@ -657,7 +654,7 @@ fn connections_are_limited_overall_and_per_source() {
         .build()
         .unwrap();
     let _guard = rt.enter();
-    let app = app_with(
+    let app = App::new(
         stand_in(),
         Limits {
             max_connections: 3,

@@ -176,10 +176,9 @@ impl Rig {
             .arg(&uapi)
             .arg("--api-socket")
             .arg(&socket);
-        let pid = spawn_agent(&agent_ns, cmd, &log, Duration::from_secs(60))
-            .inspect_err(|_| {
-                let _ = std::fs::remove_dir_all(&pin_dir);
-            })?;
+        let pid = spawn_agent(&agent_ns, cmd, &log, Duration::from_secs(60)).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&pin_dir);
+        })?;
         Ok(Rig {
             _veth: veth,
             agent_ns,

@@ -1010,7 +1010,7 @@ impl Mfa {
                 .and_then(|t| (*t + codes::SEND_INTERVAL).duration_since(now).ok())
                 .filter(|d| !d.is_zero())
             {
-                return Err(VerifyError::Locked { retry_after: wait });
+                return Err(VerifyError::SendTooSoon { retry_after: wait });
             }
             let hash =
                 codes::one_time_hash(&self.otc_key, u.name.as_str(), channel_name(channel), &code);

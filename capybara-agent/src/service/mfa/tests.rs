@@ -540,7 +540,7 @@ fn a_one_time_code_by_email_is_taken_once_and_sent_at_most_once_a_minute() {
         f.svc
             .mfa
             .send_code_at(ip(&p), CodeChannel::Email, t + Duration::from_secs(10)),
-        Err(VerifyError::Locked { .. })
+        Err(VerifyError::SendTooSoon { retry_after }) if retry_after == Duration::from_secs(50)
     ));
     let v = f
         .svc
