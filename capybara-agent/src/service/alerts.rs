@@ -425,24 +425,12 @@ impl Alerts {
 
     /// The device with dataplane id `id`, if any.
     fn peer(&self, id: u32) -> Option<Peer> {
-        self.dir.with_records(|recs| {
-            for r in recs {
-                if r.peer.id == id {
-                    return Some(r.peer.clone());
-                }
-            }
-            None
-        })
+        self.dir.peer_by_id(id)
     }
 
     /// The public endpoint address of the device with `key`, if the tunnel has seen one.
     fn endpoint(&self, peer: &Peer) -> Option<SocketAddr> {
-        self.core
-            .tunnel
-            .peers()
-            .into_iter()
-            .find(|p| p.key == peer.public_key)
-            .and_then(|p| p.endpoint)
+        self.core.tunnel.endpoint(&peer.public_key)
     }
 
     /// `quota-warning` (80, 90 %) or `quota-exceeded` (100 %), see the module docs.

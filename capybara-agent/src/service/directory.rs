@@ -161,8 +161,8 @@ struct Index {
     pool: Pool,
     /// Peer key (`user/device`) → record.
     peers: BTreeMap<String, PeerRecord>,
-    /// Stored devices' ids.
-    used_ids: BTreeSet<PeerId>,
+    /// Stored devices' ids → their peer keys (kernel events name a device by id).
+    used_ids: BTreeMap<PeerId, String>,
     /// Stored devices' IPv4 addresses → their peer keys (the MFA page finds a device by its
     /// tunnel source address).
     used_v4: BTreeMap<Ipv4Addr, String>,
@@ -184,7 +184,7 @@ impl Index {
         let mut ix = Index {
             pool,
             peers: BTreeMap::new(),
-            used_ids: BTreeSet::new(),
+            used_ids: BTreeMap::new(),
             used_v4: BTreeMap::new(),
             used_v6: BTreeMap::new(),
             pubkeys: HashMap::new(),
@@ -292,11 +292,11 @@ impl Index {
     }
 
     fn hold(&mut self, peer: &Peer) {
-        self.used_ids.insert(peer.id);
+        let pkey = keys::peer(peer.user.as_str(), peer.device.as_str());
+        self.used_ids.insert(peer.id, pkey.clone());
         if peer.id < MAX_PEERS {
             self.ids.set(peer.id);
         }
-        let pkey = keys::peer(peer.user.as_str(), peer.device.as_str());
         self.used_v4.insert(peer.ipv4, pkey.clone());
         self.used_v6.insert(peer.ipv6, pkey);
         for o in self.offsets_of(peer).into_iter().flatten() {
@@ -405,12 +405,15 @@ impl Directory {
     /// Every device's id and public key.
     pub fn ids_and_keys(&self) -> (BTreeSet<PeerId>, BTreeSet<PublicKey>) {
         let ix = self.index.read().unwrap();
-        (ix.used_ids.clone(), ix.pubkeys.keys().copied().collect())
+        (
+            ix.used_ids.keys().copied().collect(),
+            ix.pubkeys.keys().copied().collect(),
+        )
     }
 
     /// Whether `id` is a stored device's.
     pub fn has_id(&self, id: PeerId) -> bool {
-        self.index.read().unwrap().used_ids.contains(&id)
+        self.index.read().unwrap().used_ids.contains_key(&id)
     }
 
     /// The device records of `user`.
@@ -435,6 +438,13 @@ impl Directory {
             .get(key)
             .and_then(|k| ix.peers.get(k))
             .map(|r| r.peer.clone())
+    }
+
+    /// The device with dataplane id `id` (the id kernel events name it by).
+    pub fn peer_by_id(&self, id: PeerId) -> Option<Peer> {
+        let ix = self.index.read().unwrap();
+        let pkey = ix.used_ids.get(&id)?;
+        ix.peers.get(pkey).map(|r| r.peer.clone())
     }
 
     /// The device whose tunnel address is `addr` (an IPv4-mapped IPv6 address counts as its

@@ -170,6 +170,14 @@ pub trait TunnelPort: Send + Sync {
     fn kick(&self, key: &PublicKey) -> Result<(), TunnelPortError>;
     /// Every configured peer's status.
     fn peers(&self) -> Vec<TunnelPeerStatus>;
+    /// The public endpoint a peer was last seen at, if any. The default looks through
+    /// [`TunnelPort::peers`]; the real tunnel looks the one peer up.
+    fn endpoint(&self, key: &PublicKey) -> Option<SocketAddr> {
+        self.peers()
+            .into_iter()
+            .find(|p| p.key == *key)
+            .and_then(|p| p.endpoint)
+    }
     /// The names of the tunnel's threads that have died (health: `server-down`). The default
     /// (a tunnel without threads) has none.
     fn dead_threads(&self) -> Vec<String> {

@@ -79,6 +79,10 @@ impl TunnelPort for WgTunnel {
             .collect()
     }
 
+    fn endpoint(&self, k: &domain::PublicKey) -> Option<std::net::SocketAddr> {
+        WgTunnel::peer(self, &key(k)).and_then(|p| p.endpoint)
+    }
+
     fn dead_threads(&self) -> Vec<String> {
         WgTunnel::dead_threads(self)
     }

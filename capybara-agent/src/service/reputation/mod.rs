@@ -399,21 +399,8 @@ impl Reputation {
 
     /// The endpoint address of device `peer`, if the tunnel has seen one.
     fn endpoint_of(&self, peer: u32) -> Option<IpAddr> {
-        let key = self.directory.with_records(|recs| {
-            for r in recs {
-                if r.peer.id == peer {
-                    return Some(r.peer.public_key);
-                }
-            }
-            None
-        })?;
-        self.core
-            .tunnel
-            .peers()
-            .into_iter()
-            .find(|p| p.key == key)
-            .and_then(|p| p.endpoint)
-            .map(|e| canonical(e.ip()))
+        let key = self.directory.peer_by_id(peer)?.public_key;
+        self.core.tunnel.endpoint(&key).map(|e| canonical(e.ip()))
     }
 
     /// What the engine counted.
