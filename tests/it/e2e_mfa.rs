@@ -178,7 +178,13 @@ impl Lab {
 
     /// A wireguard-go client with the agent-generated `cfg`.
     fn client(&mut self, cfg: &ClientConfig) {
-        self.client = Some(GeneratedClient::start(&self.server, &self.tunnel, NET, cfg));
+        self.client = Some(GeneratedClient::start(
+            &self.server,
+            self.tunnel.listen_port(),
+            NET,
+            NET + 1,
+            cfg,
+        ));
     }
 
     fn ns(&self) -> &NetNs {

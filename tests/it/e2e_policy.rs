@@ -38,24 +38,17 @@ use capybara_agent::{
 use capybara_common::drop::DropReason;
 use capybara_tests::{
     iperf::{self, IperfTcp},
-    netns::{BpffsDir, NetNs, VethPair},
+    netns::{BpffsDir, NetNs},
     traffic::{UdpSink, send_udp, udp_overhead},
-    wg::{Implementation, WgProcess, ping, ping_until, start_tunnel, tunnel_config},
+    wg::{ping, ping_until, start_tunnel, tunnel_config},
 };
 
-use crate::e2e_support::{WAIT, attach_tc, open_dataplane, quota_events};
+use crate::e2e_support::{GeneratedClient, WAIT, attach_tc, open_dataplane, quota_events};
 
 /// One client namespace with a wireguard-go interface set up from an agent-generated config.
-struct Client {
-    wg: Option<WgProcess>,
-    _veth: VethPair,
-    ns: NetNs,
-    v4: IpAddr,
-}
-
 /// Fields drop in order: clients, the service, the tunnel's namespace, pins.
 struct Lab {
-    clients: Vec<Client>,
+    clients: Vec<GeneratedClient>,
     svc: Arc<Service>,
     _events: std::thread::JoinHandle<()>,
     dp: Arc<Mutex<Dataplane>>,
@@ -152,30 +145,9 @@ impl Lab {
     /// Brings up a wireguard-go client with `cfg` (the agent's generated config).
     fn client(&mut self, cfg: &ClientConfig) -> usize {
         let i = self.clients.len();
-        let ns = NetNs::new("c");
-        let veth = VethPair::new(&self.server, &ns, self.net + 1 + i as u8);
-        let wg = WgProcess::start(&ns, Implementation::WireguardGo, "c");
-        let endpoint = SocketAddr::new(IpAddr::V4(veth.a.v4), self.tunnel_port);
-        let net = self.net;
-        wg.setconf(&format!(
-            "[Interface]\nPrivateKey = {}\n\n[Peer]\nPublicKey = {}\nEndpoint = {endpoint}\n\
-             AllowedIPs = 10.{net}.1.0/24, fd01:{net:x}::/64\nPersistentKeepalive = 1\n",
-            cfg.private_key.as_deref().expect("a new device's key"),
-            cfg.server_public_key,
-        ));
-        wg.up(
-            &ns,
-            &[
-                &format!("{}/24", cfg.peer.ipv4),
-                &format!("{}/64", cfg.peer.ipv6),
-            ],
-        );
-        self.clients.push(Client {
-            wg: Some(wg),
-            _veth: veth,
-            ns,
-            v4: IpAddr::V4(cfg.peer.ipv4),
-        });
+        let link = self.net + 1 + i as u8;
+        let c = GeneratedClient::start(&self.server, self.tunnel_port, self.net, link, cfg);
+        self.clients.push(c);
         i
     }
 

@@ -12,7 +12,6 @@ use capybara_agent::{
     dataplane::{Dataplane, DataplaneConfig, Event, EventStream},
     net::Cidr,
     service::domain::ClientConfig,
-    tunnel::WgTunnel,
 };
 use capybara_common::{counters::Counter, drop::DropReason, peer::PeerId, quota::BucketId};
 use capybara_tests::{
@@ -149,23 +148,26 @@ pub fn send_paced(ns: &NetNs, from: IpAddr, to: SocketAddr, n: u64, size: usize)
 }
 
 /// A `wireguard-go` client with an agent-generated config, in a namespace of its own linked to
-/// the server's by a veth (`10.<net + 1>.0.0/24`); it reaches the server's tunnel subnets
+/// the server's by a veth (`10.<link>.0.0/24`); it reaches the server's tunnel subnets
 /// `10.<net>.1.0/24` and `fd01:<net>::/64` (what `ServiceConfig::for_tests` pools give), with a
 /// one-second keepalive. Fields drop in declaration order: the client, the link, the namespace.
 pub struct GeneratedClient {
-    _wg: WgProcess,
+    /// The client process (`None` once a test has stopped it).
+    pub wg: Option<WgProcess>,
     _veth: VethPair,
     /// The client's namespace.
     pub ns: NetNs,
+    /// The device's tunnel IPv4 address.
+    pub v4: IpAddr,
 }
 
 impl GeneratedClient {
-    /// Starts the client for `cfg` against `tunnel`, which runs in `server`.
-    pub fn start(server: &NetNs, tunnel: &WgTunnel, net: u8, cfg: &ClientConfig) -> Self {
+    /// Starts the client for `cfg` against the tunnel listening on `port` in `server`.
+    pub fn start(server: &NetNs, port: u16, net: u8, link: u8, cfg: &ClientConfig) -> Self {
         let ns = NetNs::new("c");
-        let veth = VethPair::new(server, &ns, net + 1);
+        let veth = VethPair::new(server, &ns, link);
         let wg = WgProcess::start(&ns, Implementation::WireguardGo, "c");
-        let endpoint = SocketAddr::new(IpAddr::V4(veth.a.v4), tunnel.listen_port());
+        let endpoint = SocketAddr::new(IpAddr::V4(veth.a.v4), port);
         wg.setconf(&format!(
             "[Interface]\nPrivateKey = {}\n\n[Peer]\nPublicKey = {}\nEndpoint = {endpoint}\n\
              AllowedIPs = 10.{net}.1.0/24, fd01:{net:x}::/64\nPersistentKeepalive = 1\n",
@@ -180,9 +182,10 @@ impl GeneratedClient {
             ],
         );
         GeneratedClient {
-            _wg: wg,
+            wg: Some(wg),
             _veth: veth,
             ns,
+            v4: IpAddr::V4(cfg.peer.ipv4),
         }
     }
 

@@ -70,7 +70,7 @@
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant, SystemTime},
 };
@@ -189,22 +189,6 @@ pub fn vm_rss_kib(status: &str) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// The agent binary next to this one.
-fn agent_binary() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let bin = exe
-        .parent()
-        .context("the bench binary has no directory")?
-        .join("capybara-agent");
-    ensure!(
-        bin.exists(),
-        "{} missing: build it with `cargo build --release -p capybara-agent --bin capybara-agent` \
-         (`cargo xtask bench` does)",
-        bin.display()
-    );
-    Ok(bin)
-}
-
 /// One start of the agent: spawn to ready, and its RSS once ready.
 struct Start {
     ms: f64,
@@ -305,7 +289,7 @@ pub fn run(sel: &Selection, pins: &Path, runs: usize) -> Result<Vec<Figure>> {
     if !NAMES.iter().any(|n| sel.wants_in(GROUP, n)) {
         return Ok(Vec::new());
     }
-    let bin = agent_binary()?;
+    let bin = crate::agent_proc::bench_agent_binary()?;
     let work = tempfile::tempdir()?;
     let empty = work.path().join("empty");
     let full = work.path().join("full");
