@@ -653,7 +653,12 @@ mod tests {
         );
         // The ratio is computed from the two bars when the run has no ratio figure.
         assert!(bars.contains("Capybara / boringtun-cli = 2.25"), "{bars}");
-        assert!(!bars.contains("wireguard-go"), "{bars}");
+        // A baseline the run lacks is no bar, and its ratio says it did not run.
+        assert!(
+            !bars.contains(r#"data-figure="tunnel_throughput_wireguard_go_mbps""#),
+            "{bars}"
+        );
+        assert!(bars.contains("wireguard-go (Debian): not run"), "{bars}");
         let md = write(
             dir.path(),
             &figures,

@@ -217,7 +217,15 @@ fn esc(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-fn text(out: &mut String, x: f64, y: f64, px: f64, bold: bool, anchor: &str, extra: &str, s: &str) {
+/// A `text` element at `(x, y)` in `font` (pixels, bold).
+fn text(
+    out: &mut String,
+    (x, y): (f64, f64),
+    (px, bold): (f64, bool),
+    anchor: &str,
+    extra: &str,
+    s: &str,
+) {
     let _ = writeln!(
         out,
         r#"<text x="{x:.1}" y="{y:.1}" font-family="{FONT}" font-size="{px}"{} text-anchor="{anchor}"{extra}>{}</text>"#,
@@ -270,17 +278,15 @@ pub fn render(chart: &BarChart) -> String {
     let mut y = MARGIN;
     for line in wrap(&chart.title, TITLE_PX, true, inner) {
         y += TITLE_PX;
-        text(&mut body, MARGIN, y, TITLE_PX, true, "start", "", &line);
+        text(&mut body, (MARGIN, y), (TITLE_PX, true), "start", "", &line);
         y += TITLE_PX * (LEADING - 1.0);
     }
     for line in wrap(&chart.subtitle, SUBTITLE_PX, false, inner) {
         y += SUBTITLE_PX * LEADING;
         text(
             &mut body,
-            MARGIN,
-            y,
-            SUBTITLE_PX,
-            false,
+            (MARGIN, y),
+            (SUBTITLE_PX, false),
             "start",
             r##" fill="#333""##,
             &line,
@@ -310,7 +316,14 @@ pub fn render(chart: &BarChart) -> String {
             y - 11.0,
             role.color()
         );
-        text(&mut body, x + 20.0, y, NOTE_PX, false, "start", "", words);
+        text(
+            &mut body,
+            (x + 20.0, y),
+            (NOTE_PX, false),
+            "start",
+            "",
+            words,
+        );
         x += w + 22.0;
     }
     if let Some((lo, hi)) = chart.band {
@@ -325,7 +338,14 @@ pub fn render(chart: &BarChart) -> String {
             r#"<rect x="{x:.1}" y="{:.1}" width="14" height="12" fill="{BAND}" stroke="{BAND_EDGE}"/>"#,
             y - 11.0
         );
-        text(&mut body, x + 20.0, y, NOTE_PX, false, "start", "", &words);
+        text(
+            &mut body,
+            (x + 20.0, y),
+            (NOTE_PX, false),
+            "start",
+            "",
+            &words,
+        );
     }
     y += 8.0;
 
@@ -337,17 +357,22 @@ pub fn render(chart: &BarChart) -> String {
         y += 14.0;
         for line in wrap(&g.heading, HEADING_PX, true, inner) {
             y += HEADING_PX * LEADING;
-            text(&mut rows, MARGIN, y, HEADING_PX, true, "start", "", &line);
+            text(
+                &mut rows,
+                (MARGIN, y),
+                (HEADING_PX, true),
+                "start",
+                "",
+                &line,
+            );
         }
         for note in &g.notes {
             for line in wrap(note, NOTE_PX, false, inner - 12.0) {
                 y += NOTE_PX * LEADING;
                 text(
                     &mut rows,
-                    MARGIN + 12.0,
-                    y,
-                    NOTE_PX,
-                    false,
+                    (MARGIN + 12.0, y),
+                    (NOTE_PX, false),
                     "start",
                     r##" fill="#333" class="note""##,
                     &line,
@@ -365,10 +390,8 @@ pub fn render(chart: &BarChart) -> String {
             for (i, line) in lines.iter().enumerate() {
                 text(
                     &mut rows,
-                    x0 - GAP,
-                    first_line + i as f64 * LABEL_PX * LEADING,
-                    LABEL_PX,
-                    false,
+                    (x0 - GAP, first_line + i as f64 * LABEL_PX * LEADING),
+                    (LABEL_PX, false),
                     "end",
                     r#" class="label""#,
                     line,
@@ -391,12 +414,9 @@ pub fn render(chart: &BarChart) -> String {
             );
             text(
                 &mut rows,
-                end + GAP,
-                mid + LABEL_PX * 0.35,
-                LABEL_PX,
-                false,
-                "start",
-                // A white halo keeps the value legible where it crosses a grid line or the band.
+                (end + GAP, mid + LABEL_PX * 0.35),
+                (LABEL_PX, false),
+                "start", // A white halo keeps the value legible where it crosses a grid line or the band.
                 &format!(
                     r#" class="value" data-value-of="{}" paint-order="stroke" stroke="white" stroke-width="4" stroke-linejoin="round""#,
                     esc(&b.figure)
@@ -437,10 +457,8 @@ pub fn render(chart: &BarChart) -> String {
     for t in &ticks {
         text(
             &mut grid,
-            scale(*t),
-            bars_bottom + TICK_PX + 4.0,
-            TICK_PX,
-            false,
+            (scale(*t), bars_bottom + TICK_PX + 4.0),
+            (TICK_PX, false),
             "middle",
             r#" class="tick""#,
             &tick_text(*t, step),
