@@ -331,7 +331,7 @@ pub const CHARTS: &[ChartSpec] = &[
     },
     ChartSpec {
         file: "enforcement_tcp.svg",
-        title: "Enforcement with 1 000 peers, bulk TCP: Capybara against nftables + tc HTB",
+        title: "Enforcing 1 000 peers, bulk TCP: Capybara against nftables + tc HTB",
         subtitle: "Mbit/s of TCP goodput on a bare veth, counters, rate and flow limits on every \
                    peer (higher is better)",
         reference: "the same rig: HTB alone, nothing enforced",
@@ -376,7 +376,7 @@ pub const CHARTS: &[ChartSpec] = &[
     },
     ChartSpec {
         file: "enforcement_udp.svg",
-        title: "Enforcement with 1 000 peers, small UDP packets: Capybara against nftables + tc HTB",
+        title: "Enforcing 1 000 peers, small UDP: Capybara against nftables + tc HTB",
         subtitle: "thousands of packets per second delivered (higher is better)",
         reference: "the same rig: HTB alone, nothing enforced",
         groups: &[GroupSpec {
