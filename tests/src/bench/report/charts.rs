@@ -612,7 +612,7 @@ pub const CHARTS: &[ChartSpec] = &[
     ChartSpec {
         file: "handshake_flood.svg",
         title: "The agent's CPU under a flood of invalid handshakes",
-        subtitle: "share of the machine's CPU the agent used during the flood (lower is better)",
+        subtitle: "cores the agent used during the flood (CPU seconds per second; lower is better)",
         reference: "",
         groups: &[GroupSpec {
             heading: "The same flood",
