@@ -82,3 +82,5 @@ mod service_install;
 // Issue 22, IP intelligence.
 mod api_intel;
 mod e2e_intel;
+// Issue 23, the benchmark report: its charts rendered by Chromium.
+mod bench_report;

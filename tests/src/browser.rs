@@ -444,6 +444,26 @@ impl Session<'_, '_> {
     }
 }
 
+impl Session<'_, '_> {
+    /// Runs `script` (a function body; `arguments[i]` are `args`) in the page and returns what
+    /// it returns (the charts' test reads the boxes Chromium drew the texts in).
+    pub fn execute(&self, script: &str, args: Vec<Value>) -> Value {
+        self.call(
+            "POST",
+            "/execute/sync",
+            Some(json!({ "script": script, "args": args })),
+        )
+    }
+
+    /// A screenshot of `el` alone (PNG bytes), cropped to its box.
+    pub fn element_screenshot_png(&self, el: &Element) -> Vec<u8> {
+        let b64 = self.call("GET", &format!("/element/{}/screenshot", el.0), None);
+        base64::engine::general_purpose::STANDARD
+            .decode(b64.as_str().expect("base64 PNG"))
+            .expect("the screenshot decodes")
+    }
+}
+
 impl Drop for Session<'_, '_> {
     fn drop(&mut self) {
         let _ = self
