@@ -307,3 +307,74 @@ fn quota_on_coalesced_udp_overruns_by_at_most_one_super_packet_per_cpu() {
          tunnel: counted as UDP errors): {ctx}"
     );
 }
+
+/// Shaping on super-packets: a peer limited to 20 Mbit/s each way gets 0.85–1.02 × that (the
+/// median second, as `e2e_shape` measures it) through the offloading tunnel. HTB queues each
+/// super-packet whole and charges it its segments' bytes (`qdisc_pkt_len`), on the tunnel
+/// device (to the peer) and on the shaping device the ingress program redirects to (from it).
+#[test]
+fn shaping_holds_its_rate_on_super_packets_both_ways() {
+    use capybara_agent::{dataplane::PeerRates, units::Rate};
+    use capybara_common::counters::{TC_IN_SHAPED, TC_OUT_SHAPED};
+    use capybara_tests::iperf::{self, IperfTcp};
+
+    let mut s = setup(100);
+    let rate = Rate::mbit(20).unwrap();
+    s.dp.set_rates(
+        PEER,
+        PeerRates {
+            to_peer: Some(rate),
+            from_peer: Some(rate),
+        },
+    )
+    .expect("set rates");
+    let c = &s.lab.clients[0];
+    let ifname = s.lab.tunnel.name();
+    let spec = IperfTcp {
+        seconds: 4,
+        ..IperfTcp::default()
+    };
+    for to_peer in [true, false] {
+        let g_before = s.dp.counters().expect("read counters");
+        let before = peer(&s.dp);
+        let if_before = IfCounters::read(&s.lab.server, ifname);
+        let r = if to_peer {
+            iperf::tcp(&s.lab.server, &c.ns, c.v4, &spec)
+        } else {
+            iperf::tcp(&c.ns, &s.lab.server, s.lab.v4, &spec)
+        };
+        let ifd = IfCounters::read(&s.lab.server, ifname).since(&if_before);
+        let after = peer(&s.dp);
+        let g = s.dp.counters().expect("read counters");
+        let (slot, packets, skbs) = if to_peer {
+            (
+                TC_OUT_SHAPED,
+                after.tx_packets - before.tx_packets,
+                ifd.tx_packets,
+            )
+        } else {
+            (
+                TC_IN_SHAPED,
+                after.rx_packets - before.rx_packets,
+                ifd.rx_packets,
+            )
+        };
+        let shaped = g.get(slot).packets - g_before.get(slot).packets;
+        let bps = rate.bits_per_sec() as f64;
+        let (ratio, median) = (r.received_bps / bps, r.received_median_second_bps / bps);
+        let ctx = format!(
+            "to peer {to_peer}: {:.2} Mbit/s = {ratio:.3} × {rate} (median second {median:.3} ×), \
+             {shaped} packets shaped, {packets} counted in {skbs} skbs, {} retransmits",
+            r.received_bps / 1e6,
+            r.retransmits
+        );
+        eprintln!("{ctx}");
+        assert!(skbs < packets, "no super-packets: {ctx}");
+        assert_eq!(
+            shaped, packets,
+            "every packet of the peer went through its class: {ctx}"
+        );
+        assert!((0.85..=1.02).contains(&median), "{ctx}");
+        assert!(ratio <= 1.02, "{ctx}");
+    }
+}
