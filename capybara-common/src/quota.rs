@@ -12,7 +12,9 @@
 //!    *before* this packet: drop, counted as `DropReason::QuotaExhausted` (its bytes are not
 //!    charged: the budget measures what was delivered).
 //! 2. Otherwise `old = atomic fetch_add(used_bytes, len)`; the packet passes. Several CPUs can
-//!    pass step 1 at the same moment, so the overshoot is at most one packet per CPU.
+//!    pass step 1 at the same moment, so the overshoot is at most one packet per CPU. A
+//!    "packet" is one skb: with the tunnel's offloads a super-packet of up to 64 KiB, charged
+//!    its segments' bytes and passed or dropped whole (`capybara-ebpf/src/quota.rs`).
 //! 3. For each threshold (80 %, 90 %, 100 %) that `old + len` reaches and whose `warned` bit is
 //!    not yet set: atomic `fetch_or` of the bit; the one CPU that saw the bit clear emits an
 //!    `EVENT_QUOTA` record. So each warning is emitted exactly once per bucket epoch (a full

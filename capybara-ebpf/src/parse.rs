@@ -245,16 +245,13 @@ pub fn ip_addrs(pkt: &Packet, off: usize) -> Result<Addrs, Malformed> {
 /// bytes, anything else the IP header alone): what each extra segment of a GSO packet repeats.
 /// IPv6 extension headers are not followed (GSO packets do not carry them).
 #[inline(always)]
-pub fn gso_header_len(pkt: &Packet, off: usize, addrs: &Addrs) -> Result<usize, Malformed> {
-    let (ip_len, protocol) = match addrs {
-        Addrs::V4 { .. } => {
-            let ip: Ipv4Hdr = pkt.read(off)?;
-            (((ip.version_ihl & 0x0f) as usize) * 4, ip.protocol)
-        }
-        Addrs::V6 { .. } => {
-            let ip: Ipv6Hdr = pkt.read(off)?;
-            (IPV6_HDR_LEN, ip.next_header)
-        }
+pub fn gso_header_len(pkt: &Packet, off: usize, v6: bool) -> Result<usize, Malformed> {
+    let (ip_len, protocol) = if v6 {
+        let ip: Ipv6Hdr = pkt.read(off)?;
+        (IPV6_HDR_LEN, ip.next_header)
+    } else {
+        let ip: Ipv4Hdr = pkt.read(off)?;
+        (((ip.version_ihl & 0x0f) as usize) * 4, ip.protocol)
     };
     let l4 = match protocol {
         IPPROTO_TCP => {

@@ -2,6 +2,15 @@
 //! and emit each warning threshold once per bucket epoch. The design (order of the steps, the
 //! overshoot bound, resets racing in-flight adds) is documented in `capybara_common::quota`.
 //!
+//! Super-packets (GSO skbs, see `crate::pipeline`): the step decides per skb. A super-packet
+//! passes whole, and is charged all its segments' bytes, when its bucket was not exhausted
+//! before it — even if the limit falls inside it — and is dropped whole, every segment counted
+//! as a quota drop, once the bucket is. So a quota is overrun by at most one super-packet
+//! (≤ 64 KiB) per CPU, the same bound as one packet per CPU without offloads, scaled; cutting
+//! the skb at the boundary would cost a helper call per packet for under 64 KiB of a budget
+//! counted in megabytes. Tested in `prog_test_run::quota_boundary_inside_a_super_packet_*` and
+//! end to end in `e2e_wg_dataplane`.
+//!
 //! Atomics: `used_bytes` and `warned` live in a shared (not per-CPU) array element, so they are
 //! changed with [`crate::atomic`]'s helpers. Loads are volatile aligned 64-bit loads (one
 //! instruction, never torn).

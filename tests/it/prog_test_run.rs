@@ -173,21 +173,17 @@ fn sub(a: &Counter, b: &Counter) -> Counter {
     }
 }
 
-/// Checks the change from `before` to `after` for one packet of `len` counted bytes; returns
-/// the mismatches.
+/// Checks the change from `before` to `after` for one skb counted as `one` (one packet of its
+/// length; a GSO skb: its segments); returns the mismatches.
 fn check_deltas(
     before: &Snapshot,
     after: &Snapshot,
-    len: u64,
+    one: Counter,
     counters: &[u32],
     list_hit: Option<ListId>,
     peer: Option<(PeerId, PeerDelta)>,
 ) -> Vec<String> {
     let mut errors = Vec::new();
-    let one = Counter {
-        packets: 1,
-        bytes: len,
-    };
     for (slot, (b, a)) in before.counters.iter().zip(&after.counters).enumerate() {
         let slot = slot as u32;
         let want = if counters.contains(&slot)
@@ -228,14 +224,14 @@ fn check_deltas(
         let mut want = PeerStats::default();
         match peer {
             Some((p, PeerDelta::Rx)) if p == id => {
-                want.rx_packets = 1;
-                want.rx_bytes = len;
+                want.rx_packets = one.packets;
+                want.rx_bytes = one.bytes;
             }
             Some((p, PeerDelta::Tx)) if p == id => {
-                want.tx_packets = 1;
-                want.tx_bytes = len;
+                want.tx_packets = one.packets;
+                want.tx_bytes = one.bytes;
             }
-            Some((p, PeerDelta::Drop(r))) if p == id => want.drops[r as usize] = 1,
+            Some((p, PeerDelta::Drop(r))) if p == id => want.drops[r as usize] = one.packets,
             _ => {}
         }
         let mut got = *a;
@@ -274,7 +270,10 @@ fn run_table(cases: Vec<Case>) {
         let mut errors = check_deltas(
             &before,
             &after,
-            packet.len() as u64,
+            Counter {
+                packets: 1,
+                bytes: packet.len() as u64,
+            },
             &case.counters,
             case.list_hit,
             case.peer,
@@ -3304,4 +3303,274 @@ fn floor_programs_make_every_access() {
         .round(&[frame(10)])
         .expect_err("a probe from outside the peers is refused");
     assert!(err.to_string().contains("returned 2"), "{err:#}");
+}
+
+// ---- GSO super-packets ----
+
+/// One GSO skb run through a tunnel-device program: the super-packet, the `__sk_buff` GSO
+/// fields, and what crossed (or will cross) the tunnel as separate IP packets.
+struct GsoRow {
+    name: &'static str,
+    prog: Prog,
+    packet: fn() -> Vec<u8>,
+    gso_segs: u32,
+    gso_size: u32,
+    /// The IP packets the super-packet stands for: each one's IP length.
+    crossed: &'static [u64],
+}
+
+impl GsoRow {
+    fn crossed(&self) -> Counter {
+        Counter {
+            packets: self.crossed.len() as u64,
+            bytes: self.crossed.iter().sum(),
+        }
+    }
+}
+
+/// Payload of the super-packets: 2800 bytes, three segments of `GSO_SIZE` (1000, 1000, 800).
+const GSO_PAYLOAD: usize = 2800;
+const GSO_SIZE: u32 = 1000;
+/// UDP (UDP_L4 GSO) payload: three full segments.
+const GSO_UDP_PAYLOAD: usize = 3000;
+
+fn gso_tcp4_from1() -> Vec<u8> {
+    packets::tcp4(PEER1_V4, CLEAN, 40000, 443, GSO_PAYLOAD)
+}
+fn gso_tcp6_from1() -> Vec<u8> {
+    packets::tcp6(PEER1_V6, CLEAN6, 40000, 443, GSO_PAYLOAD)
+}
+fn gso_udp4_from1() -> Vec<u8> {
+    packets::udp4(PEER1_V4, CLEAN, 40000, 443, GSO_UDP_PAYLOAD)
+}
+fn gso_udp6_from1() -> Vec<u8> {
+    packets::udp6(PEER1_V6, CLEAN6, 40000, 443, GSO_UDP_PAYLOAD)
+}
+fn gso_tcp4_to1() -> Vec<u8> {
+    packets::tcp4(CLEAN, PEER1_V4, 443, 40000, GSO_PAYLOAD)
+}
+fn gso_tcp6_to1() -> Vec<u8> {
+    packets::tcp6(CLEAN6, PEER1_V6, 443, 40000, GSO_PAYLOAD)
+}
+fn gso_udp4_to1() -> Vec<u8> {
+    packets::udp4(CLEAN, PEER1_V4, 443, 40000, GSO_UDP_PAYLOAD)
+}
+fn gso_udp6_to1() -> Vec<u8> {
+    packets::udp6(CLEAN6, PEER1_V6, 443, 40000, GSO_UDP_PAYLOAD)
+}
+
+/// Segments of the rows: IP + TCP (20 + 20, 40 + 20) or IP + UDP (20 + 8, 40 + 8) headers in
+/// front of each payload piece.
+const TCP4_SEGS: &[u64] = &[1040, 1040, 840];
+const TCP6_SEGS: &[u64] = &[1060, 1060, 860];
+const UDP4_SEGS: &[u64] = &[1028, 1028, 1028];
+const UDP6_SEGS: &[u64] = &[1048, 1048, 1048];
+
+fn gso_rows() -> Vec<GsoRow> {
+    use Prog::{In, Out};
+    let row = |name, prog, packet, gso_segs, crossed| GsoRow {
+        name,
+        prog,
+        packet,
+        gso_segs,
+        gso_size: GSO_SIZE,
+        crossed,
+    };
+    vec![
+        // Ingress as the TUN's virtio-net header leaves it: gso_size set, gso_segs 0.
+        row(
+            "GSO in, TCP v4, gso_segs 0",
+            In,
+            gso_tcp4_from1,
+            0,
+            TCP4_SEGS,
+        ),
+        row(
+            "GSO in, TCP v6, gso_segs 0",
+            In,
+            gso_tcp6_from1,
+            0,
+            TCP6_SEGS,
+        ),
+        row(
+            "GSO in, UDP_L4 v4, gso_segs 0",
+            In,
+            gso_udp4_from1,
+            0,
+            UDP4_SEGS,
+        ),
+        row(
+            "GSO in, UDP_L4 v6, gso_segs 0",
+            In,
+            gso_udp6_from1,
+            0,
+            UDP6_SEGS,
+        ),
+        // A count the stack already set is used as it is.
+        row(
+            "GSO in, TCP v4, gso_segs 3",
+            In,
+            gso_tcp4_from1,
+            3,
+            TCP4_SEGS,
+        ),
+        // Egress as the stack hands TSO/USO skbs to the device: both set.
+        row("GSO out, TCP v4", Out, gso_tcp4_to1, 3, TCP4_SEGS),
+        row("GSO out, TCP v6", Out, gso_tcp6_to1, 3, TCP6_SEGS),
+        row("GSO out, UDP_L4 v4", Out, gso_udp4_to1, 3, UDP4_SEGS),
+        row("GSO out, UDP_L4 v6", Out, gso_udp6_to1, 3, UDP6_SEGS),
+        // A super-packet that is one segment (payload ≤ gso_size) is one packet.
+        GsoRow {
+            name: "GSO in, one segment",
+            prog: In,
+            packet: gso_tcp4_from1,
+            gso_segs: 0,
+            gso_size: 4000,
+            crossed: &[2840],
+        },
+    ]
+}
+
+/// A GSO skb is counted as the packets that cross the tunnel: `gso_segs` of them (at ingress,
+/// where a TUN's virtio-net header leaves it 0, the payload cut into `gso_size` pieces), the
+/// headers every extra segment repeats added to the bytes — in the pass slot and the peer's
+/// counters, and nothing else moves.
+#[test]
+fn gso_skbs_count_the_segments_that_crossed() {
+    let mut failures = Vec::new();
+    for row in gso_rows() {
+        let mut f = Fixture::load();
+        gate_base(&mut f);
+        let (slot, delta, which) = match row.prog {
+            Prog::In => (TC_IN_PASS, PeerDelta::Rx, Tc::Ingress),
+            _ => (TC_OUT_PASS, PeerDelta::Tx, Tc::Egress),
+        };
+        let before = snapshot(&mut f);
+        let verdict = f.run_tc_gso(which, &(row.packet)(), row.gso_segs, row.gso_size);
+        let after = snapshot(&mut f);
+        let mut errors = check_deltas(
+            &before,
+            &after,
+            row.crossed(),
+            &[slot],
+            None,
+            Some((PEER1, delta)),
+        );
+        if verdict != TC_ACT_OK {
+            errors.insert(0, format!("verdict {verdict}, want {TC_ACT_OK}"));
+        }
+        if !errors.is_empty() {
+            failures.push(format!("{}:\n    {}", row.name, errors.join("\n    ")));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The quota rule on super-packets: the quota step decides per skb, so a GSO skb passes whole
+/// (and is charged its segments' bytes) when the bucket was not exhausted before it — a quota
+/// can be overrun by at most one super-packet per CPU (≤ 64 KiB each) — and is dropped whole,
+/// all its segments counted as dropped, once it is.
+#[test]
+fn quota_boundary_inside_a_super_packet_passes_it_whole_then_drops_whole() {
+    let tcp = TCP4_SEGS.iter().sum::<u64>();
+    for (which, packet, slot, drop_slot_tc, delta) in [
+        (
+            Tc::Ingress,
+            gso_tcp4_from1 as fn() -> Vec<u8>,
+            TC_IN_PASS,
+            TC_IN_DROP_QUOTA,
+            PeerDelta::Rx,
+        ),
+        (
+            Tc::Egress,
+            gso_tcp4_to1,
+            TC_OUT_PASS,
+            TC_OUT_DROP_QUOTA,
+            PeerDelta::Tx,
+        ),
+    ] {
+        let segs = if which == Tc::Ingress { 0 } else { 3 };
+        let crossed = Counter {
+            packets: 3,
+            bytes: tcp,
+        };
+        // One byte of budget left (the 80 and 90 % warnings given): the boundary falls inside
+        // the first segment, and the super-packet crossing it gives the 100 % warning.
+        let mut f = Fixture::load();
+        quota_base(&mut f, QUOTA_LIMIT - 1);
+        f.quota_bucket(
+            BUCKET,
+            QuotaBucket {
+                warned: QUOTA_WARNED_80 | QUOTA_WARNED_90,
+                ..bucket(QUOTA_LIMIT, QUOTA_LIMIT - 1)
+            },
+        );
+        let before = snapshot(&mut f);
+        assert_eq!(
+            f.run_tc_gso(which, &packet(), segs, GSO_SIZE),
+            TC_ACT_OK,
+            "{which:?}: a super-packet before exhaustion passes whole"
+        );
+        let after = snapshot(&mut f);
+        let errors = check_deltas(
+            &before,
+            &after,
+            crossed,
+            &[slot, EVENTS_EMITTED],
+            None,
+            Some((PEER1, delta)),
+        );
+        assert!(errors.is_empty(), "{which:?} pass: {}", errors.join("; "));
+        let events = f.events();
+        assert!(
+            matches!(events.as_slice(), [e] if e.kind == EVENT_QUOTA && e.reason == 100),
+            "{which:?}: one 100 % warning: {events:?}"
+        );
+        assert_eq!(
+            f.read_quota_bucket(BUCKET).used_bytes,
+            QUOTA_LIMIT - 1 + tcp,
+            "{which:?}: charged every segment's bytes (the overrun is this super-packet)"
+        );
+        // Now exhausted: the next super-packet is dropped whole, all segments counted.
+        let before = snapshot(&mut f);
+        assert_eq!(
+            f.run_tc_gso(which, &packet(), segs, GSO_SIZE),
+            TC_ACT_SHOT,
+            "{which:?}: a super-packet after exhaustion is dropped"
+        );
+        let after = snapshot(&mut f);
+        let q = DropReason::QuotaExhausted;
+        let errors = check_deltas(
+            &before,
+            &after,
+            crossed,
+            &[drop_slot_tc, drop_slot(q)],
+            None,
+            Some((PEER1, PeerDelta::Drop(q))),
+        );
+        assert!(errors.is_empty(), "{which:?} drop: {}", errors.join("; "));
+        assert_eq!(
+            f.read_quota_bucket(BUCKET).used_bytes,
+            QUOTA_LIMIT - 1 + tcp,
+            "{which:?}: a dropped super-packet is not charged"
+        );
+    }
+}
+
+/// A super-packet is one flow (every segment has the same 5-tuple): it opens one slot of the
+/// peer's flow limit, not one per segment.
+#[test]
+fn a_super_packet_is_one_flow() {
+    let mut f = Fixture::load();
+    flows_base(&mut f);
+    assert_eq!(
+        f.run_tc_gso(Tc::Ingress, &gso_udp4_from1(), 0, GSO_SIZE),
+        TC_ACT_OK
+    );
+    assert_eq!(f.flow_count(PEER1), 1);
+    assert_eq!(
+        f.run_tc_gso(Tc::Egress, &gso_udp4_to1(), 3, GSO_SIZE),
+        TC_ACT_OK
+    );
+    assert_eq!(f.flow_count(PEER1), 1, "the reply is the same flow");
 }

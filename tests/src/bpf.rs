@@ -55,6 +55,11 @@ const SK_BUFF_SIZE: usize = 192;
 /// Offset of `__sk_buff.priority`: after `len, pkt_type, mark, queue_mapping, protocol,
 /// vlan_present, vlan_tci, vlan_proto` (eight `__u32`).
 const SK_BUFF_PRIORITY_OFFSET: usize = 32;
+/// Offset of `__sk_buff.gso_segs` (after `wire_len`, 160) and of `__sk_buff.gso_size` (after
+/// the 8-byte `sk` pointer at 168): the two GSO fields `BPF_PROG_TEST_RUN` copies into the
+/// skb it builds (`convert___skb_to_skb`).
+const SK_BUFF_GSO_SEGS_OFFSET: usize = 164;
+const SK_BUFF_GSO_SIZE_OFFSET: usize = 176;
 
 /// Length of the link-layer header `BPF_PROG_TEST_RUN` puts before a `sched_cls` program's data.
 pub const TEST_RUN_L2_HLEN: u32 = 14;
@@ -313,6 +318,28 @@ impl Fixture {
         let at = SK_BUFF_PRIORITY_OFFSET;
         let priority = u32::from_ne_bytes(ctx[at..at + 4].try_into().unwrap());
         (verdict, priority)
+    }
+
+    /// Runs a tunnel-device program like [`Fixture::run_tc`] on a GSO skb: `gso_segs` and
+    /// `gso_size` set in the `__sk_buff` handed in (`ctx_in`), as the stack sets them at egress
+    /// (both) or a TUN's virtio-net header at ingress (`gso_size`, `gso_segs` 0). `ip` is the
+    /// super-packet: one IP and transport header, the segments' payloads together.
+    pub fn run_tc_gso(&mut self, which: Tc, ip: &[u8], gso_segs: u32, gso_size: u32) -> u32 {
+        let input = packets::eth_ip(ip);
+        let mut ctx = [0u8; SK_BUFF_SIZE];
+        ctx[SK_BUFF_GSO_SEGS_OFFSET..SK_BUFF_GSO_SEGS_OFFSET + 4]
+            .copy_from_slice(&gso_segs.to_ne_bytes());
+        ctx[SK_BUFF_GSO_SIZE_OFFSET..SK_BUFF_GSO_SIZE_OFFSET + 4]
+            .copy_from_slice(&gso_size.to_ne_bytes());
+        let opts = TestRunOptions {
+            data_in: Some(&input),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::new()
+        };
+        self.tc_program(which)
+            .test_run(opts)
+            .unwrap_or_else(|e| panic!("GSO test run of {} failed: {e:?}", which.name()))
+            .return_value
     }
 
     // ---- map writes ----

@@ -19,23 +19,28 @@ pub struct TunnelDeviceConfig {
     pub offload: bool,
 }
 
-/// Whether the agent opens its TUN device with offloads: **off**. Measured on the 2-core
+/// Whether the agent opens its TUN device with offloads: **on**. Measured on the 2-core
 /// development machine (iperf3 TCP from a wireguard-go client, `capybara-bench --filter tunnel
-/// --iperf-seconds 8`, two runs each way):
+/// --iperf-seconds 8`, two runs each way, before offloads became the default):
 ///
 /// | offloads | agent | boringtun-cli | wireguard-go | vs boringtun-cli | vs wireguard-go |
 /// |---|---|---|---|---|---|
 /// | off | 607, 717 Mbit/s | 266, 471 | 294, 417 | 2.28, 1.52 | 2.06, 1.72 |
 /// | on  | 741, 711 Mbit/s | 319, 436 | 338, 371 | 2.32, 1.63 | 2.19, 1.92 |
 ///
-/// Offloads gain little here because the client, not the server, is the bottleneck, and both
-/// settings clear the ≥ 1.0 target. With offloads, decrypted packets are coalesced (GRO, TCP
-/// *and* UDP) before they enter the kernel, so the TC programs on the device count one skb per
-/// coalesced batch (300 UDP datagrams arrived as 15 skbs; 746 MB of TCP as 100 k skbs instead
-/// of 526 k): per-packet counts, and byte counts (headers merged), would no longer be what
-/// crossed the tunnel. Exact counters come first; offloads are one flag away (`offload: true`)
-/// for a deployment that prefers throughput, or once the kernel programs account `gso_segs`.
-pub const DEFAULT_OFFLOAD: bool = false;
+/// Offloads gain little there because the client, not the server, is the bottleneck; they
+/// are what takes a tunnel past 10 Gbit/s where the server is. With them the kernel hands the
+/// tunnel TSO super-segments and the tunnel writes decrypted packets coalesced (GRO, TCP and
+/// UDP), so the TC programs on the device see one skb per super-packet: 200 UDP datagrams in
+/// bursts of 20 entered as 63 skbs (16 over IPv6), a 4 MB TCP upload's 3286 packets as 493.
+/// The programs count each super-packet as the segments that crossed (`gso_segs` at egress;
+/// at ingress, where the virtio-net header leaves `gso_segs` 0, the payload over `gso_size`:
+/// measured, see `capybara-ebpf/src/pipeline.rs`), so per-peer counters stay exact with
+/// offloads on (`e2e_wg_dataplane`, `prog_test_run::gso_skbs_count_the_segments_that_crossed`);
+/// quotas can be overrun by one super-packet (≤ 64 KiB) per CPU instead of one packet
+/// (`capybara-ebpf/src/quota.rs`). `offload: false` remains for a kernel without
+/// `IFF_VNET_HDR` support or a deployment that wants per-packet decisions.
+pub const DEFAULT_OFFLOAD: bool = true;
 
 /// Largest MTU the tunnel's packet buffers hold (with WireGuard's 32-byte overhead they stay in
 /// one 2 KiB slot).

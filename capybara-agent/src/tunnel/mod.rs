@@ -34,7 +34,8 @@
 //!   a batch of TUN packets per wake-up. It can open the TUN with `IFF_VNET_HDR` offloads (one TUN
 //!   read returns a TCP super-segment of up to 64 KiB, split in userspace; decrypted segments are
 //!   coalesced by GRO before one TUN write — the changes that took wireguard-go past 10 Gbit/s),
-//!   off by default for exact kernel counters: see [`DEFAULT_OFFLOAD`] for the numbers. No
+//!   on by default, the kernel programs counting each super-packet as its segments: see
+//!   [`DEFAULT_OFFLOAD`] for the numbers. No
 //!   allocation per packet: every buffer is per thread and reused.
 //!
 //! # Threads
@@ -59,7 +60,7 @@
 //! `tests/src/bench/tunnel.rs` (`cargo xtask bench --filter tunnel`): iperf3 TCP from a
 //! `wireguard-go` client through this tunnel (TC programs attached), through `boringtun-cli` and
 //! through a server-side `wireguard-go`, on the same machine in the same run. On the 2-core
-//! development machine, 8 s runs, offloads off (the default): 607 and 717 Mbit/s against
+//! development machine, 8 s runs, offloads off (the default then): 607 and 717 Mbit/s against
 //! boringtun-cli's 266 and 471 and wireguard-go's 294 and 417 — `tunnel_throughput_vs_boringtun_cli`
 //! 2.28 and 1.52, `…_vs_wireguard_go` 2.06 and 1.72 (target ≥ 1.0). Both cores are shared by
 //! the client, the server and iperf3's two ends (and by other builds), so absolute figures move
