@@ -250,7 +250,7 @@ pub struct Figure {
     pub name: &'static str,
     /// The value, in `unit`.
     pub value: f64,
-    /// `ns`, `ms`, `ratio`, `count`, `calls/s` or `Mbit/s`.
+    /// `ns`, `ms`, `ratio`, `count`, `calls/s`, `Mbit/s`, `cores`, `s/Gbit`, …
     pub unit: &'static str,
 }
 

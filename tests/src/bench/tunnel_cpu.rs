@@ -47,7 +47,7 @@
 //!   cores (CPU s per wall s, median over the variant's runs): the client's share of the 2
 //!   cores.
 //!
-//! `cargo xtask bench --filter tunnel_cpu` runs this module alone (27 runs, about 3 minutes).
+//! `cargo xtask bench --filter tunnel_cpu` runs this module alone (27 runs: 3 to 5 minutes).
 //!
 //! ## Figures
 //!
