@@ -48,7 +48,9 @@
 //! (`tunnel_cpu_loadgen_cores*`: its sending threads' CPU seconds per wall second). Measured
 //! (2026-12-07, 2 cores loaded by other builds): 0.10–0.19 cores while the servers used
 //! 0.15–0.44, and every round offered 1.02–1.45× what the server delivered — the server set
-//! the pace (unlike iperf3 through a `wireguard-go` client, whose CPU caps the
+//! the pace. On a quieter machine it reached 0.76 cores at 2.7 Gbit/s (16 peers into the
+//! agent's tunnel, whose server used 0.83): there it nearly co-limits, see
+//! `crate::bench::tunnel_cpu` (and unlike iperf3 through a `wireguard-go` client, whose CPU caps the
 //! `tunnel_throughput_*` figures, as that module says). One sending thread is enough at these
 //! rates; [`LoadSpec`] has no thread knob for that reason.
 //!

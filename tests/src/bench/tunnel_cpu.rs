@@ -70,6 +70,18 @@
 //! cores (`tunnel_cpu_loadgen_cores*`, median over each variant's 9 runs) while the servers
 //! used 0.15–0.44; every run offered more than the server delivered (1.02–1.45×), so the
 //! server, not the generator, set the throughput.
+//!
+//! A third invocation on a quieter machine (load average ≈ 4, nothing of this helper's
+//! running): agent 0.431 / 0.464 / 0.425 s/Gbit (1 peer, both ways, 16 peers), boringtun-cli
+//! 0.675 / 0.626 / 0.613, wireguard-go 0.795 / 0.886 / 0.848; ratios vs boringtun-cli 0.658 /
+//! 0.748 / 0.712, vs wireguard-go 0.546 / 0.524 / 0.496; throughputs up to 2.7 Gbit/s (agent,
+//! 16 peers). The bills barely move with the load; the throughputs do. **Caveat:** there the
+//! generator reached 0.76 cores at 2.7 Gbit/s (≈ 0.28 s/Gbit: `sendmmsg`, and the veth's
+//! receive softirq that tick accounting charges to the sender's syscall), about the server's
+//! own 0.83: in the agent's 16-peer runs the offered rate was only 1.01–1.03× the delivered one,
+//! so the agent was not saturated and its `tunnel_cpu_mbps_*_16_peers` is a lower bound (its
+//! CPU per Gbit is still its cost at that rate). A second sending thread, or the generator on
+//! a core of its own, is the next step on a bigger machine.
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddrV4},
