@@ -50,9 +50,10 @@
 //! 0.15–0.44, and every round offered 1.02–1.45× what the server delivered — the server set
 //! the pace. On a quieter machine it reached 0.76 cores at 2.7 Gbit/s (16 peers into the
 //! agent's tunnel, whose server used 0.83): there it nearly co-limits, see
-//! `crate::bench::tunnel_cpu` (and unlike iperf3 through a `wireguard-go` client, whose CPU caps the
-//! `tunnel_throughput_*` figures, as that module says). One sending thread is enough at these
-//! rates; [`LoadSpec`] has no thread knob for that reason.
+//! `crate::bench::tunnel_cpu`. Still far from the `wireguard-go` client whose CPU caps the
+//! `tunnel_throughput_*` figures (as that module says). One sending thread: on these 2 cores a
+//! second one would take its time from the server being measured; on a bigger machine a
+//! thread per core (peers split between them) is the way to more load.
 //!
 //! # Softirq (the part of a server's cost no process is charged for)
 //!
