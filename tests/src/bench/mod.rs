@@ -32,6 +32,9 @@
 //!   summing the hourly records alone.
 //! - [`handshake_flood`]: the agent's CPU under a flood of invalid handshake initiations from
 //!   sources in a blocked list (the XDP guard drops them) over the same flood unblocked.
+//! - [`tunnel_cpu`]: the server's CPU seconds per gigabit (softirq included) of the agent's
+//!   tunnel, `boringtun-cli` and `wireguard-go` under the same load from [`crate::loadgen`]
+//!   (1 peer, both ways, 16 peers).
 //!
 //! Every figure is a [`Figure`]; the binary writes them as
 //! `{"benchmarks":[{"name":…, "value":…, "unit":…}]}`. The names below are what reports and CI
@@ -51,6 +54,7 @@ pub mod report;
 pub mod rest;
 pub mod throttle;
 pub mod tunnel;
+pub mod tunnel_cpu;
 pub mod usage_report;
 pub mod vs_enforcement;
 pub mod vs_nftables;
@@ -190,6 +194,7 @@ const ALL_PARTS: &[&[&str]] = &[
     usage_report::NAMES,
     webhooks::NAMES,
     webhook_latency::NAMES,
+    tunnel_cpu::NAMES,
 ];
 
 /// What `--quick` runs: a few of the kernel probes, one rate of each throttle baseline, and the
@@ -245,7 +250,7 @@ pub struct Figure {
     pub name: &'static str,
     /// The value, in `unit`.
     pub value: f64,
-    /// `ns`, `ms`, `ratio`, `count`, `calls/s` or `Mbit/s`.
+    /// `ns`, `ms`, `ratio`, `count`, `calls/s`, `Mbit/s`, `cores`, `s/Gbit`, …
     pub unit: &'static str,
 }
 

@@ -87,7 +87,10 @@ fn main() -> Result<()> {
             .any(|n| sel.wants_in(bench::auth_flood::GROUP, n))
         || bench::handshake_flood::NAMES
             .iter()
-            .any(|n| sel.wants_in(bench::handshake_flood::GROUP, n));
+            .any(|n| sel.wants_in(bench::handshake_flood::GROUP, n))
+        || bench::tunnel_cpu::NAMES
+            .iter()
+            .any(|n| sel.wants_in(bench::tunnel_cpu::GROUP, n));
     if !agent_load && !bench::ALL.iter().any(|n| sel.wants(n)) {
         bail!(
             "no benchmark matches --filter {:?}; the benchmarks are: {}",
@@ -109,7 +112,7 @@ fn main() -> Result<()> {
     let when = now_utc();
     // Declared first, dropped last: every benchmark's fds are closed before the pins go.
     let pins = BenchPins::new()?;
-    let mut stages = report::Stages::start(15);
+    let mut stages = report::Stages::start(16);
     let mut failures: Vec<report::Failure> = Vec::new();
     stages.next("XDP guard");
     let mut figures: Vec<Figure> = bench::guard::run(
@@ -289,6 +292,17 @@ fn main() -> Result<()> {
             progress!("webhook latency benchmarks failed: {e:#}");
             failures.push(report::Failure {
                 group: bench::webhook_latency::NAMES.join(", "),
+                error: format!("{e:#}"),
+            });
+        }
+    }
+    stages.next("tunnel CPU per gigabit");
+    match bench::tunnel_cpu::run(&sel, &pins) {
+        Ok(f) => figures.extend(f),
+        Err(e) => {
+            progress!("tunnel CPU benchmarks failed: {e:#}");
+            failures.push(report::Failure {
+                group: bench::tunnel_cpu::NAMES.join(", "),
                 error: format!("{e:#}"),
             });
         }

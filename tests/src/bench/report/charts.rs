@@ -91,23 +91,22 @@ const fn named(
 
 use Role::{Baseline, Ours, Reference};
 
-/// The load generator's CPU share figures (the `tunnel_cpu` bench's client): one line each.
-/// The names are provisional until the `tunnel_cpu` bench settles them; a name no run has
-/// draws nothing.
+/// The load generator's CPU figures (the `tunnel_cpu` bench's client, in cores): one line
+/// each; a name no run has draws nothing.
 pub const LOAD_GENERATOR_CPU: &[BarSpec] = &[
     (
         "load generator, 1 peer",
-        "tunnel_cpu_loadgen_cpu_share",
+        "tunnel_cpu_loadgen_cores",
         Reference,
     ),
     (
         "load generator, both directions",
-        "tunnel_cpu_loadgen_cpu_share_bidir",
+        "tunnel_cpu_loadgen_cores_bidir",
         Reference,
     ),
     (
         "load generator, 16 peers",
-        "tunnel_cpu_loadgen_cpu_share_16_peers",
+        "tunnel_cpu_loadgen_cores_16_peers",
         Reference,
     ),
 ];
@@ -146,6 +145,29 @@ macro_rules! cpu_group {
                     concat!("tunnel_cpu_s_per_gbit_wireguard_go", $sfx),
                 ),
             ],
+        }
+    };
+}
+
+/// The throughput of the tunnel CPU runs, by figure suffix.
+macro_rules! cpu_mbps_group {
+    ($heading:literal, $sfx:literal) => {
+        GroupSpec {
+            heading: $heading,
+            bars: &[
+                ("Capybara", concat!("tunnel_cpu_mbps_agent", $sfx), Ours),
+                (
+                    "boringtun-cli",
+                    concat!("tunnel_cpu_mbps_boringtun_cli", $sfx),
+                    Baseline,
+                ),
+                (
+                    "wireguard-go (Debian)",
+                    concat!("tunnel_cpu_mbps_wireguard_go", $sfx),
+                    Baseline,
+                ),
+            ],
+            ratios: &[],
         }
     };
 }
@@ -292,6 +314,18 @@ pub const CHARTS: &[ChartSpec] = &[
         ],
     },
     ChartSpec {
+        file: "tunnel_cpu_throughput.svg",
+        title: "Tunnel throughput in the CPU runs: what each server delivered",
+        subtitle: "Mbit/s of inner packets delivered under the load generator's paced load, \
+                   the runs the CPU per gigabit is billed on (higher is better)",
+        reference: "",
+        groups: &[
+            cpu_mbps_group!("1 peer, client to server", ""),
+            cpu_mbps_group!("1 peer, both directions at once", "_bidir"),
+            cpu_mbps_group!("16 peers at once", "_16_peers"),
+        ],
+    },
+    ChartSpec {
         file: "tunnel_workers.svg",
         title: "Tunnel workers: 16 peers through 1 and 2 workers per direction",
         subtitle: "Mbit/s delivered through Capybara's tunnel (higher is better)",
@@ -320,8 +354,8 @@ pub const CHARTS: &[ChartSpec] = &[
     ChartSpec {
         file: "load_generator_cpu.svg",
         title: "Load generator: its share of the CPU while it drives the tunnel",
-        subtitle: "its CPU share as the tunnel_cpu bench reports it (low: the client is not what \
-                   limits the tunnel)",
+        subtitle: "cores the load generator's sending thread used during the tunnel_cpu runs \
+                   (well under one core: the client is not what limits the tunnel)",
         reference: "the load generator",
         groups: &[GroupSpec {
             heading: "The tunnel CPU runs' client",
