@@ -66,20 +66,6 @@ pub fn dir_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
-/// CPU time (user + system) of process `pid`, from `/proc/PID/stat`.
-pub fn cpu_time(pid: u32) -> Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) start after its closing ')'.
-    let rest = stat.rsplit_once(')').context("no ')' in /proc/PID/stat")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    let ticks: u64 =
-        f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Ok(Duration::from_micros(ticks * 1_000_000 / hz))
-}
-
 impl FloodRig {
     /// Starts `bin` (`capybara-agent`) with its data in `work` and its pins under `pins`,
     /// `net` choosing the veth's `10.<net>.0.0/24`; waits until it is ready.
@@ -157,7 +143,7 @@ impl FloodRig {
 
     /// The agent's CPU time so far.
     pub fn agent_cpu(&self) -> Result<Duration> {
-        cpu_time(self.pid())
+        crate::cpu::process(self.pid())
     }
 
     /// Stops the agent (SIGTERM, then SIGKILL after 15 s) so its store can be opened.
