@@ -108,6 +108,7 @@ mod peers;
 mod port;
 pub mod reputation;
 mod shared;
+mod sockets;
 mod threads;
 pub mod uapi;
 pub mod wg;
@@ -117,4 +118,7 @@ pub use device::{DEFAULT_OFFLOAD, MAX_MTU, TunnelDevice, TunnelDeviceConfig, Tun
 pub use events::{AuthFailure, AuthReport, DisconnectReason, TunnelEvent};
 pub use keys::{KeyError, PresharedKey, PrivateKey, PublicKey};
 pub use peers::{PeerConfig, PeerStatus};
-pub use wg::{DropCounters, HandshakeCounters, WgConfig, WgError, WgTunnel};
+pub use wg::{
+    DropCounters, HandshakeCounters, MAX_WORKERS, UdpOffloadCounters, WgConfig, WgError, WgTunnel,
+    default_workers,
+};
