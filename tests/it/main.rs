@@ -82,3 +82,5 @@ mod service_install;
 // Issue 22, IP intelligence.
 mod api_intel;
 mod e2e_intel;
+// Issue 23, tunnel workers and UDP segmentation offload.
+mod e2e_tunnel_workers;
