@@ -17,12 +17,17 @@
 //! - [`browser`]: headless Chromium over the W3C WebDriver protocol (chromedriver), in this
 //!   namespace or a test's.
 //! - [`rest`]: a client of the agent's REST mirror (the `api_rest` tests and the REST bench).
+//! - [`loadgen`], [`cpu`]: a WireGuard load generator that is not the bottleneck (real
+//!   handshakes, pre-encrypted full-MTU datagrams) and the CPU accounting of `/proc` it reports
+//!   with (the `tunnel_cpu_*` benchmarks).
 //! - [`bench`]: the benchmarks behind `cargo xtask bench` (binary `capybara-bench`).
 
 pub mod agent_proc;
 pub mod auth_flood;
 pub mod browser;
+pub mod cpu;
 pub mod iperf;
+pub mod loadgen;
 pub mod netns;
 pub mod receivers;
 pub mod rest;

@@ -113,6 +113,11 @@ impl WgProcess {
         self.private_key.public_key()
     }
 
+    /// The process id (`ip netns exec` execs the program: the WireGuard process itself).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `wg setconf` with this interface's key, `listen_port` (if any) and one peer.
     pub fn set_peer(
         &self,
