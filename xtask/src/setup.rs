@@ -64,8 +64,6 @@ pub const PACKAGES: &[&str] = &[
     "chromium-driver",
     // The MFA e-mail code tests make a throw-away CA and server certificate for the SMTP sink.
     "openssl",
-    // `e2e_tunnel_workers` turns GRO on for a veth (`ethtool -K … gro on`) to see UDP GRO.
-    "ethtool",
 ];
 
 /// Python tools the tests run, pinned, from PyPI into a virtual environment at `<cache>/pyenv`
