@@ -32,6 +32,8 @@
 //!   summing the hourly records alone.
 //! - [`handshake_flood`]: the agent's CPU under a flood of invalid handshake initiations from
 //!   sources in a blocked list (the XDP guard drops them) over the same flood unblocked.
+//! - [`tunnel_workers`]: the tunnel with 1 and 2 workers under 16 peers of our own load
+//!   generator, same run.
 //!
 //! Every figure is a [`Figure`]; the binary writes them as
 //! `{"benchmarks":[{"name":…, "value":…, "unit":…}]}`. The names below are what reports and CI
@@ -51,6 +53,7 @@ pub mod report;
 pub mod rest;
 pub mod throttle;
 pub mod tunnel;
+pub mod tunnel_workers;
 pub mod usage_report;
 pub mod vs_enforcement;
 pub mod vs_nftables;
@@ -190,6 +193,7 @@ const ALL_PARTS: &[&[&str]] = &[
     usage_report::NAMES,
     webhooks::NAMES,
     webhook_latency::NAMES,
+    tunnel_workers::NAMES,
 ];
 
 /// What `--quick` runs: a few of the kernel probes, one rate of each throttle baseline, and the
