@@ -84,3 +84,5 @@ mod api_intel;
 mod e2e_intel;
 // Issue 23, the benchmark report: its charts rendered by Chromium.
 mod bench_report;
+// Issue 23, tunnel workers and UDP segmentation offload.
+mod e2e_tunnel_workers;

@@ -364,8 +364,18 @@ impl WgLab {
     /// clients, each in its own namespace on veth `10.<net+i>.0.0/24`, inner
     /// `10.<net>.1.<i+2>`. With `add_peers`, each client is a peer of the server.
     pub fn new(net: u8, clients: usize, add_peers: bool, offload: bool) -> WgLab {
+        Self::with_config(
+            net,
+            clients,
+            add_peers,
+            tunnel_config(net, PrivateKey::generate(), offload),
+        )
+    }
+
+    /// [`WgLab::new`] with the tunnel's configuration given (from [`tunnel_config`]).
+    pub fn with_config(net: u8, clients: usize, add_peers: bool, config: WgConfig) -> WgLab {
         let server = NetNs::new("s");
-        let tunnel = start_tunnel(&server, tunnel_config(net, PrivateKey::generate(), offload));
+        let tunnel = start_tunnel(&server, config);
         let mut s = WgLab {
             clients: Vec::new(),
             tunnel,

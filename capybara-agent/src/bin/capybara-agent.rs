@@ -134,6 +134,9 @@ fn main() -> anyhow::Result<()> {
         tunnel_ipv4: (v4.addr(), v4.prefix_len()),
         tunnel_ipv6: (v6.addr(), v6.prefix_len()),
         listen_port: args.listen_port,
+        tunnel_workers: args
+            .tunnel_workers
+            .map_or_else(capybara_agent::tunnel::default_workers, usize::from),
         data_dir: args.data_dir,
         bpffs_dir: args.bpffs_dir,
         detach_on_exit: args.detach_on_exit,

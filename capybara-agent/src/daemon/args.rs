@@ -31,6 +31,12 @@ pub struct Args {
     /// WireGuard UDP listen port.
     #[arg(long, default_value_t = 51820)]
     pub listen_port: u16,
+    /// Tunnel workers per direction (1–256; default: one per CPU this process may use): each
+    /// has its own UDP socket on the listen port (SO_REUSEPORT), its own TUN queue and two
+    /// threads, and the kernel spreads peers across them by their UDP 4-tuple.
+    #[arg(long, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=crate::tunnel::MAX_WORKERS as i64))]
+    pub tunnel_workers: Option<u16>,
     /// Data directory (the embedded store lives under it).
     #[arg(long, default_value = paths::DATA_DIR)]
     pub data_dir: PathBuf,

@@ -199,6 +199,8 @@ pub struct AgentConfig {
     pub tunnel_ipv6: (Ipv6Addr, u8),
     /// WireGuard UDP listen port (guarded by the XDP program).
     pub listen_port: u16,
+    /// Tunnel workers per direction (`--tunnel-workers`, default one per CPU).
+    pub tunnel_workers: usize,
     /// Data directory (the store lives under it).
     pub data_dir: PathBuf,
     /// bpffs directory for pinned maps and links.

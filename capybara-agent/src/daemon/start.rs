@@ -61,6 +61,7 @@ pub(super) fn open(config: &AgentConfig) -> Result<Opened, DaemonError> {
     let tunnel = Arc::new(WgTunnel::start(WgConfig {
         uapi_dir: Some(config.wg_uapi_dir.clone()),
         disconnect_after: config.disconnect_after,
+        workers: config.tunnel_workers,
         ..WgConfig::new(
             TunnelDeviceConfig {
                 name: config.tunnel.clone(),

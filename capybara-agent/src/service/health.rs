@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `store` | a read of the schema versions and a synced write of a probe key (`health/probe` in `meta`) succeed |
 //! | `dataplane` | the kernel's counters are readable, programs are attached (link pins exist; with the links the daemon names, [`Health::watch_links`], the TC programs on the tunnel device and the XDP guard on the uplink each have theirs and the devices exist; the in-memory plane of tests has none to check) and every stored device is in the kernel's peer table |
-//! | `tunnel` | the tunnel's threads (`wg-udp`, `wg-tun`, `wg-timers`, `wg-uapi`) all run and every stored device is a peer of the WireGuard tunnel |
+//! | `tunnel` | the tunnel's threads (`wg-udp-<i>`, `wg-tun-<i>` per worker, `wg-timers`, `wg-uapi`) all run and every stored device is a peer of the WireGuard tunnel |
 //! | `history` | always: its detail counts the auth reports dropped since start because the session recorder's bounded queue was full ([`Health::count_auth_drops`]) |
 //! | `uplink` | the uplink exists and is up, administratively and operationally (`IFF_UP` and `IFF_RUNNING`, read with `SIOCGIFFLAGS` in the agent's network namespace: [`crate::net::link_state`]); always healthy without an uplink |
 //!

@@ -1,4 +1,6 @@
 //! The TUN device: raw IPv4/IPv6 packets, no Ethernet header, no packet-information prefix.
+//! With more than one worker it is a multi-queue device (`IFF_MULTI_QUEUE`): one open queue
+//! per worker, each read by that worker's `wg-tun` thread and written by its `wg-udp` thread.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -75,9 +77,11 @@ pub enum TunnelError {
 /// An open TUN device; the device exists as long as this value does.
 pub struct TunnelDevice {
     name: String,
-    /// The open device (non-blocking): a TUN that is not persistent exists exactly as long as
-    /// this fd. The WireGuard data path reads and writes it from its own threads.
-    pub(super) device: tun_rs::SyncDevice,
+    /// The open queues (non-blocking), one per worker: a TUN that is not persistent exists
+    /// exactly as long as its queues are open. Worker `i`'s `wg-tun` reads `queues[i]` (the
+    /// kernel picks the queue of a packet by its flow: the queue that last wrote that flow,
+    /// else the flow hash) and its `wg-udp` writes decrypted packets to the same queue.
+    pub(super) queues: Vec<tun_rs::SyncDevice>,
     /// Whether the device was opened with `IFF_VNET_HDR` (offloads).
     pub(super) offload: bool,
 }
@@ -99,8 +103,9 @@ pub fn valid_ifname(name: &str) -> bool {
 }
 
 impl TunnelDevice {
-    /// Creates the device, assigns its addresses and brings it up (non-blocking mode).
-    pub fn create(cfg: &TunnelDeviceConfig) -> Result<TunnelDevice, TunnelError> {
+    /// Creates the device with `queues` queues (at least 1; a multi-queue device when more),
+    /// assigns its addresses and brings it up (non-blocking mode).
+    pub fn create(cfg: &TunnelDeviceConfig, queues: usize) -> Result<TunnelDevice, TunnelError> {
         if !valid_ifname(&cfg.name) {
             return Err(TunnelError::InvalidName {
                 name: cfg.name.clone(),
@@ -112,7 +117,8 @@ impl TunnelDevice {
         let mut builder = tun_rs::DeviceBuilder::new()
             .name(&cfg.name)
             .mtu(cfg.mtu)
-            .offload(cfg.offload);
+            .offload(cfg.offload)
+            .multi_queue(queues > 1);
         if let Some((addr, len)) = cfg.ipv4 {
             builder = builder.ipv4(addr, len, None);
         }
@@ -126,9 +132,16 @@ impl TunnelDevice {
         let device = builder.build_sync().map_err(create)?;
         device.set_nonblocking(true).map_err(create)?;
         let offload = device.tcp_gso();
+        let mut all = Vec::with_capacity(queues.max(1));
+        for _ in 1..queues {
+            let queue = device.try_clone().map_err(create)?;
+            queue.set_nonblocking(true).map_err(create)?;
+            all.push(queue);
+        }
+        all.insert(0, device);
         Ok(TunnelDevice {
             name: cfg.name.clone(),
-            device,
+            queues: all,
             offload,
         })
     }

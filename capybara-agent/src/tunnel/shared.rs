@@ -1,5 +1,6 @@
-//! [`Inner`]: what the tunnel's threads share (the server's keys, the TUN device, the UDP socket,
-//! the current peer table and its generation, the event bus, the drop counters), and the steps
+//! [`Inner`]: what the tunnel's threads share (the server's keys, the TUN device's queues, the UDP
+//! sockets and their offloads, the current peer table and its generation, the event bus, the
+//! drop counters), and the steps
 //! every thread takes on a peer: send a datagram, make its `Tunn` when first needed, record a
 //! handshake or an authenticated packet (roaming, liveness), emit an event. The `wg-uapi` thread
 //! sees it through [`uapi::Interface`].
@@ -8,7 +9,7 @@ use std::{
     net::{SocketAddr, SocketAddrV6, UdpSocket},
     sync::{
         Arc, Mutex, RwLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime},
 };
@@ -38,10 +39,17 @@ pub(super) struct Inner {
     pub(super) static_public: x25519::PublicKey,
     /// The bound UDP port.
     pub(super) listen_port: u16,
-    /// The TUN device (read by `wg-tun`, written by `wg-udp`).
+    /// The TUN device, one queue per worker (read by `wg-tun-<i>`, written by `wg-udp-<i>`).
     pub(super) device: TunnelDevice,
-    /// The UDP socket (read by `wg-udp`, written by every thread).
-    pub(super) socket: UdpSocket,
+    /// The UDP sockets, one per worker, all bound to the listen port (`SO_REUSEPORT` when more
+    /// than one: the kernel gives each flow, so each peer endpoint, to one socket by the hash
+    /// of its 4-tuple). Socket `i` is read by `wg-udp-<i>` and written by `wg-tun-<i>`; any of
+    /// them can send to any peer (same local port), the other threads send on the first.
+    pub(super) sockets: Vec<UdpSocket>,
+    /// `UDP_SEGMENT`/`UDP_GRO` on those sockets and what they carried.
+    pub(super) udp: UdpOffload,
+    /// What each worker carried, one cache line each.
+    pub(super) workers: Vec<WorkerStats>,
     /// The socket is AF_INET6 (dual-stack): IPv4 endpoints are sent to as v4-mapped addresses.
     pub(super) socket_v6: bool,
     /// Handshake MAC checks and cookies under load, shared by every peer's `Tunn`.
@@ -71,6 +79,33 @@ pub(super) struct Inner {
     pub(super) failure_hook: super::reputation::HookSlot,
 }
 
+/// UDP segmentation offloads on the WireGuard sockets (`UDP_SEGMENT` on sends, `UDP_GRO` on
+/// receives) and counters of what they carried (added once per batch, not per datagram).
+#[derive(Debug, Default)]
+pub(super) struct UdpOffload {
+    /// Sends use `UDP_SEGMENT`: the kernel has it and no GSO send failed with `EIO` (a device
+    /// without checksum offload on the route; then cleared for good, as wireguard-go does).
+    pub(super) gso: AtomicBool,
+    /// `UDP_GRO` is set on every socket: a receive may return a coalesced run of datagrams.
+    pub(super) gro: bool,
+    /// Messages sent with more than one datagram in them, and those datagrams.
+    pub(super) gso_sends: AtomicU64,
+    pub(super) gso_datagrams: AtomicU64,
+    /// Coalesced receives (more than one datagram), and those datagrams.
+    pub(super) gro_receives: AtomicU64,
+    pub(super) gro_datagrams: AtomicU64,
+}
+
+/// Datagrams a worker received (`wg-udp-<i>`, segments of a GRO run counted one by one) and
+/// sent (`wg-tun-<i>`'s data packets), added once per batch; a cache line of its own, so
+/// workers never write the same line.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub(super) struct WorkerStats {
+    pub(super) rx_datagrams: AtomicU64,
+    pub(super) tx_datagrams: AtomicU64,
+}
+
 impl Inner {
     /// The address to give the socket for `addr`.
     pub(super) fn wire_addr(&self, addr: SocketAddr) -> SocketAddr {
@@ -83,7 +118,7 @@ impl Inner {
     }
 
     pub(super) fn send_to(&self, peer: Option<&Peer>, data: &[u8], to: SocketAddr) {
-        match self.socket.send_to(data, self.wire_addr(to)) {
+        match self.sockets[0].send_to(data, self.wire_addr(to)) {
             Ok(n) => {
                 if let Some(p) = peer {
                     p.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);

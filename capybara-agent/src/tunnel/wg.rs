@@ -6,7 +6,6 @@
 
 use std::{
     io::Write as _,
-    net::{Ipv6Addr, SocketAddr, UdpSocket},
     path::PathBuf,
     sync::{
         Arc, Mutex, RwLock,
@@ -27,6 +26,7 @@ use super::{
     liveness::{DEFAULT_DISCONNECT_AFTER, Liveness},
     peers::{Peer, PeerConfig, PeerState, PeerStatus, Table, status},
     shared::Inner,
+    sockets::{bind_udp, udp_offload},
     threads::{rx::udp_loop, timers::timer_loop, tx::tun_loop},
     uapi::{self, UapiError, UapiSocket},
 };
@@ -51,10 +51,24 @@ pub struct WgConfig {
     /// Time without a handshake or authenticated packet after which a connected peer is
     /// reported disconnected.
     pub disconnect_after: Duration,
+    /// Workers per direction, 1–[`MAX_WORKERS`]: each has a UDP socket on the listen port
+    /// (`SO_REUSEPORT`), a TUN queue, a `wg-udp-<i>` and a `wg-tun-<i>` thread.
+    pub workers: usize,
+}
+
+/// Most workers a tunnel takes (the kernel's limit of queues on a TUN device is 256).
+pub const MAX_WORKERS: usize = 256;
+
+/// The default number of workers: the CPUs this process may run on.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_WORKERS)
 }
 
 impl WgConfig {
-    /// A configuration with the defaults: UAPI in `paths::WG_UAPI_DIR`, disconnect after 180 s.
+    /// A configuration with the defaults: UAPI in `paths::WG_UAPI_DIR`, disconnect after 180 s,
+    /// one worker per CPU ([`default_workers`]).
     pub fn new(device: TunnelDeviceConfig, listen_port: u16, private_key: PrivateKey) -> Self {
         WgConfig {
             device,
@@ -62,6 +76,7 @@ impl WgConfig {
             private_key,
             uapi_dir: Some(PathBuf::from(crate::paths::WG_UAPI_DIR)),
             disconnect_after: DEFAULT_DISCONNECT_AFTER,
+            workers: default_workers(),
         }
     }
 }
@@ -96,6 +111,33 @@ pub struct HandshakeCounters {
     pub rejected: u64,
 }
 
+/// What UDP segmentation offload carried on the WireGuard sockets since the tunnel started
+/// (`UDP_SEGMENT` sends, `UDP_GRO` receives), and whether each is on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpOffloadCounters {
+    /// Sends use `UDP_SEGMENT` (the kernel has it and no send was refused with `EIO`).
+    pub gso: bool,
+    /// The sockets have `UDP_GRO` set.
+    pub gro: bool,
+    /// Messages sent with more than one datagram in them.
+    pub gso_sends: u64,
+    /// The datagrams in those messages.
+    pub gso_datagrams: u64,
+    /// Receives that returned a coalesced run (more than one datagram).
+    pub gro_receives: u64,
+    /// The datagrams in those runs.
+    pub gro_datagrams: u64,
+}
+
+/// What one worker carried since the tunnel started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerCounters {
+    /// WireGuard datagrams its socket received (each segment of a GRO run counted).
+    pub rx_datagrams: u64,
+    /// Data datagrams it encrypted and sent (handshakes and keepalives not counted).
+    pub tx_datagrams: u64,
+}
+
 /// Errors of the tunnel. Peer operations leave the tunnel unchanged when they fail.
 #[derive(Debug, thiserror::Error)]
 pub enum WgError {
@@ -114,6 +156,12 @@ pub enum WgError {
     /// The UAPI socket could not be created.
     #[error(transparent)]
     Uapi(#[from] UapiError),
+    /// The number of workers is 0 or above [`MAX_WORKERS`].
+    #[error("workers: {workers} is invalid: 1–{MAX_WORKERS}")]
+    Workers {
+        /// The number given.
+        workers: usize,
+    },
     /// A data path thread could not be started.
     #[error("cannot start the tunnel threads")]
     Spawn(#[source] std::io::Error),
@@ -152,7 +200,8 @@ pub struct WgTunnel {
     inner: Arc<Inner>,
     /// Write end of the stop pipe: one byte stops every thread.
     wake: std::io::PipeWriter,
-    /// `wg-udp`, `wg-tun`, `wg-timers` and (with a UAPI directory) `wg-uapi`.
+    /// `wg-udp-<i>` and `wg-tun-<i>` per worker, `wg-timers` and (with a UAPI directory)
+    /// `wg-uapi`.
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -164,30 +213,6 @@ impl std::fmt::Debug for WgTunnel {
             .field("public_key", &self.inner.public_key)
             .finish_non_exhaustive()
     }
-}
-
-fn bind_udp(port: u16) -> Result<(UdpSocket, bool), WgError> {
-    let bind_err = |source| WgError::Bind { port, source };
-    // Dual-stack first (Linux's default bindv6only=0 lets one [::] socket take IPv4 too); IPv4
-    // alone where IPv6 is disabled.
-    let (socket, v6) = match UdpSocket::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))) {
-        Ok(s) => (s, true),
-        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => (
-            UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], port))).map_err(bind_err)?,
-            false,
-        ),
-        Err(e) => return Err(bind_err(e)),
-    };
-    // Big buffers absorb bursts between wake-ups; FORCE needs CAP_NET_ADMIN, else the capped
-    // plain option is used.
-    use nix::sys::socket::{setsockopt, sockopt};
-    for (force, plain) in [(true, false), (false, true)] {
-        let _ = force.then(|| setsockopt(&socket, sockopt::RcvBufForce, &(4 << 20)));
-        let _ = force.then(|| setsockopt(&socket, sockopt::SndBufForce, &(4 << 20)));
-        let _ = plain.then(|| setsockopt(&socket, sockopt::RcvBuf, &(4 << 20)));
-        let _ = plain.then(|| setsockopt(&socket, sockopt::SndBuf, &(4 << 20)));
-    }
-    Ok((socket, v6))
 }
 
 /// Checks that every allowed IP of `cfg` is free (or already `cfg`'s own).
@@ -209,9 +234,15 @@ impl WgTunnel {
     /// Creates the TUN device, binds the UDP socket, starts the data path and timer threads and
     /// the UAPI socket.
     pub fn start(config: WgConfig) -> Result<WgTunnel, WgError> {
-        let device = TunnelDevice::create(&config.device)?;
-        let (socket, socket_v6) = bind_udp(config.listen_port)?;
-        let listen_port = socket
+        if !(1..=MAX_WORKERS).contains(&config.workers) {
+            return Err(WgError::Workers {
+                workers: config.workers,
+            });
+        }
+        let device = TunnelDevice::create(&config.device, config.workers)?;
+        let (sockets, socket_v6) = bind_udp(config.listen_port, config.workers)?;
+        let udp = udp_offload(&sockets);
+        let listen_port = sockets[0]
             .local_addr()
             .map_err(|source| WgError::Bind {
                 port: config.listen_port,
@@ -232,7 +263,9 @@ impl WgTunnel {
             static_public,
             listen_port,
             device,
-            socket,
+            workers: (0..sockets.len()).map(|_| Default::default()).collect(),
+            sockets,
+            udp,
             socket_v6,
             table: RwLock::new(Arc::new(Table::default())),
             generation: AtomicU64::new(0),
@@ -261,17 +294,17 @@ impl WgTunnel {
                 .map_err(WgError::Spawn)
         };
         let stop = || stop_rx.try_clone().map_err(WgError::Spawn);
-        {
-            let (inner, stop) = (inner.clone(), stop()?);
-            tunnel
-                .threads
-                .push(spawn("wg-udp", Box::new(move || udp_loop(&inner, &stop)))?);
-        }
-        {
-            let (inner, stop) = (inner.clone(), stop()?);
-            tunnel
-                .threads
-                .push(spawn("wg-tun", Box::new(move || tun_loop(&inner, &stop)))?);
+        for w in 0..config.workers {
+            let (inner_rx, stop_rx) = (inner.clone(), stop()?);
+            tunnel.threads.push(spawn(
+                &format!("wg-udp-{w}"),
+                Box::new(move || udp_loop(&inner_rx, w, &stop_rx)),
+            )?);
+            let (inner_tx, stop_tx) = (inner.clone(), stop()?);
+            tunnel.threads.push(spawn(
+                &format!("wg-tun-{w}"),
+                Box::new(move || tun_loop(&inner_tx, w, &stop_tx)),
+            )?);
         }
         {
             let (inner, stop) = (inner.clone(), stop()?);
@@ -292,6 +325,9 @@ impl WgTunnel {
             port = listen_port,
             public_key = %tunnel.public_key(),
             offload = inner.device.offload,
+            workers = config.workers,
+            udp_gso = inner.udp.gso.load(Ordering::Relaxed),
+            udp_gro = inner.udp.gro,
             "WireGuard tunnel up"
         );
         Ok(tunnel)
@@ -310,6 +346,36 @@ impl WgTunnel {
             .filter(|t| t.is_finished())
             .map(|t| t.thread().name().unwrap_or("?").to_owned())
             .collect()
+    }
+
+    /// Workers per direction (UDP sockets, TUN queues, `wg-udp-<i>`/`wg-tun-<i>` threads).
+    pub fn workers(&self) -> usize {
+        self.inner.sockets.len()
+    }
+
+    /// What each worker carried since the tunnel started, by worker.
+    pub fn worker_counters(&self) -> Vec<WorkerCounters> {
+        self.inner
+            .workers
+            .iter()
+            .map(|w| WorkerCounters {
+                rx_datagrams: w.rx_datagrams.load(Ordering::Relaxed),
+                tx_datagrams: w.tx_datagrams.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// What UDP segmentation offload carried since the tunnel started, and whether it is on.
+    pub fn udp_offload(&self) -> UdpOffloadCounters {
+        let u = &self.inner.udp;
+        UdpOffloadCounters {
+            gso: u.gso.load(Ordering::Relaxed),
+            gro: u.gro,
+            gso_sends: u.gso_sends.load(Ordering::Relaxed),
+            gso_datagrams: u.gso_datagrams.load(Ordering::Relaxed),
+            gro_receives: u.gro_receives.load(Ordering::Relaxed),
+            gro_datagrams: u.gro_datagrams.load(Ordering::Relaxed),
+        }
     }
 
     /// The UDP port the tunnel listens on.

@@ -35,6 +35,8 @@
 //! - [`tunnel_cpu`]: the server's CPU seconds per gigabit (softirq included) of the agent's
 //!   tunnel, `boringtun-cli` and `wireguard-go` under the same load from [`crate::loadgen`]
 //!   (1 peer, both ways, 16 peers).
+//! - [`tunnel_workers`]: the tunnel with 1 and 2 workers under 16 peers of our own load
+//!   generator, same run.
 //!
 //! Every figure is a [`Figure`]; the binary writes them as
 //! `{"benchmarks":[{"name":…, "value":…, "unit":…}]}`. The names below are what reports and CI
@@ -55,6 +57,7 @@ pub mod rest;
 pub mod throttle;
 pub mod tunnel;
 pub mod tunnel_cpu;
+pub mod tunnel_workers;
 pub mod usage_report;
 pub mod vs_enforcement;
 pub mod vs_nftables;
@@ -195,6 +198,7 @@ const ALL_PARTS: &[&[&str]] = &[
     webhooks::NAMES,
     webhook_latency::NAMES,
     tunnel_cpu::NAMES,
+    tunnel_workers::NAMES,
 ];
 
 /// What `--quick` runs: a few of the kernel probes, one rate of each throttle baseline, and the

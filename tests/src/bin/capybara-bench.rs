@@ -112,7 +112,7 @@ fn main() -> Result<()> {
     let when = now_utc();
     // Declared first, dropped last: every benchmark's fds are closed before the pins go.
     let pins = BenchPins::new()?;
-    let mut stages = report::Stages::start(16);
+    let mut stages = report::Stages::start(18);
     let mut failures: Vec<report::Failure> = Vec::new();
     stages.next("XDP guard");
     let mut figures: Vec<Figure> = bench::guard::run(
@@ -303,6 +303,17 @@ fn main() -> Result<()> {
             progress!("tunnel CPU benchmarks failed: {e:#}");
             failures.push(report::Failure {
                 group: bench::tunnel_cpu::NAMES.join(", "),
+                error: format!("{e:#}"),
+            });
+        }
+    }
+    stages.next("tunnel workers, 16 peers");
+    match bench::tunnel_workers::run(&sel, if args.quick { 2.0 } else { 5.0 }) {
+        Ok(f) => figures.extend(f),
+        Err(e) => {
+            progress!("tunnel workers benchmarks failed: {e:#}");
+            failures.push(report::Failure {
+                group: bench::tunnel_workers::NAMES.join(", "),
                 error: format!("{e:#}"),
             });
         }

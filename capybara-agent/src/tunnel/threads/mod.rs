@@ -1,7 +1,8 @@
-//! The tunnel's data path and timer threads, one module each: [`rx`] (`wg-udp`: UDP → decrypt →
-//! TUN), [`tx`] (`wg-tun`: TUN → encrypt → UDP), [`timers`] (`wg-timers`: boringtun's timers,
-//! persistent keepalive, the disconnect timeout). Here: what they share — the batch and buffer
-//! sizes, the wait on a descriptor or the stop pipe, and a thread's [`View`] of the peer table.
+//! The tunnel's data path and timer threads, one module each: [`rx`] (`wg-udp-<i>`: UDP →
+//! decrypt → TUN), [`tx`] (`wg-tun-<i>`: TUN → encrypt → UDP), one of each per worker `i`, and
+//! [`timers`] (`wg-timers`: boringtun's timers, persistent keepalive, the disconnect timeout).
+//! Here: what they share — the batch and buffer sizes, the wait on a descriptor or the stop
+//! pipe, and a thread's [`View`] of the peer table.
 //! The design and its numbers are in the tunnel's module docs.
 
 use std::{
@@ -29,6 +30,18 @@ const SLOT: usize = 2048;
 const VNET: usize = tun_rs::VIRTIO_NET_HDR_LEN;
 /// Capacity of a TUN write buffer with offloads: GRO may coalesce up to 64 KiB into it.
 const GRO_CAP: usize = VNET + 65_536;
+/// Bytes per receive slot with `UDP_GRO`: a coalesced run is at most 64 KiB, and a slot too
+/// small would truncate it.
+const UDP_GRO_SLOT: usize = 65_536;
+/// Receive slots per `recvmmsg` with `UDP_GRO` (2 MiB per `wg-udp` thread): fewer than
+/// [`BATCH`] because each may hold up to 64 datagrams.
+const UDP_GRO_SLOTS: usize = 32;
+/// Most datagrams in one `UDP_SEGMENT` send (the kernel's `UDP_MAX_SEGMENTS` is 64 on older
+/// kernels, 128 on newer).
+const GSO_MAX_SEGMENTS: usize = 64;
+/// Most payload bytes in one `UDP_SEGMENT` send (the IP length field is 16 bits; room is left
+/// for the IP and UDP headers).
+const GSO_MAX_BYTES: usize = 64_000;
 
 /// Waits until `fd` is readable; false when `stop` is.
 fn wait_readable(fd: impl AsFd, stop: &std::io::PipeReader, timeout: PollTimeout) -> bool {

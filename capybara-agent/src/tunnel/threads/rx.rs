@@ -1,4 +1,5 @@
-//! `wg-udp`: UDP → decrypt → TUN. Datagrams are read in batches (`recvmmsg`), each is routed to
+//! `wg-udp-<i>`: UDP → decrypt → TUN. Datagrams are read in batches (`recvmmsg`; with `UDP_GRO`
+//! a slot may hold a coalesced run of one sender's datagrams, split here), each is routed to
 //! its peer by index (data, responses, cookies) or by the static key it carries (initiations,
 //! after the MAC check and under load a cookie), decrypted by the peer's `Tunn`, checked against
 //! the peer's allowed IPs, and the plaintexts of a batch written to the TUN together.
@@ -17,18 +18,29 @@ use boringtun::noise::{
 use nix::{
     errno::Errno,
     poll::PollTimeout,
-    sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg},
+    sys::socket::{ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg},
 };
 
-use super::{BATCH, GRO_CAP, SLOT, VNET, View, wait_readable};
+use super::{BATCH, GRO_CAP, SLOT, UDP_GRO_SLOT, UDP_GRO_SLOTS, VNET, View, wait_readable};
 use crate::tunnel::{events::AuthFailure, keys::PublicKey, peers::Table, shared::Inner};
 
-/// UDP → decrypt → TUN. One `recvmmsg` takes up to [`BATCH`] datagrams; their plaintexts are
-/// written to the TUN together (coalesced by GRO when the device offloads).
-pub(in crate::tunnel) fn udp_loop(inner: &Inner, stop: &std::io::PipeReader) {
+/// UDP → decrypt → TUN for worker `worker`: its socket, its TUN queue. One `recvmmsg` takes
+/// up to [`BATCH`] datagrams, or with `UDP_GRO` up to [`UDP_GRO_SLOTS`] coalesced runs, each
+/// split by the segment size the kernel reports; their plaintexts are written to the TUN
+/// [`BATCH`] at a time (coalesced by GRO when the device offloads).
+pub(in crate::tunnel) fn udp_loop(inner: &Inner, worker: usize, stop: &std::io::PipeReader) {
+    let socket = &inner.sockets[worker];
+    let queue = &inner.device.queues[worker];
+    let udp_gro = inner.udp.gro;
+    let (slots, slot) = if udp_gro {
+        (UDP_GRO_SLOTS, UDP_GRO_SLOT)
+    } else {
+        (BATCH, SLOT)
+    };
     let mut view = View::new(inner);
-    let mut rx = vec![0u8; BATCH * SLOT];
-    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+    let mut rx = vec![0u8; slots * slot];
+    let cmsg = || udp_gro.then(|| nix::cmsg_space!(i32));
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(slots, cmsg());
     let cap = if inner.device.offload {
         GRO_CAP
     } else {
@@ -38,77 +50,135 @@ pub(in crate::tunnel) fn udp_loop(inner: &Inner, stop: &std::io::PipeReader) {
     let mut gro = tun_rs::GROTable::default();
     let mut scratch = vec![0u8; SLOT];
     let mut lens = [0usize; BATCH];
+    let mut strides = [0usize; BATCH];
     let mut srcs = [None::<SocketAddr>; BATCH];
-    let fd = inner.socket.as_raw_fd();
+    let fd = socket.as_raw_fd();
     loop {
-        if !wait_readable(&inner.socket, stop, PollTimeout::NONE) {
+        if !wait_readable(socket, stop, PollTimeout::NONE) {
             return;
         }
         loop {
-            let n = {
-                let mut chunks = rx.chunks_exact_mut(SLOT);
+            let (n, reset) = {
+                let mut chunks = rx.chunks_exact_mut(slot);
                 let mut iovs: [[IoSliceMut<'_>; 1]; BATCH] =
                     std::array::from_fn(|_| [IoSliceMut::new(chunks.next().unwrap_or_default())]);
                 match recvmmsg(
                     fd,
                     &mut headers,
-                    iovs.iter_mut(),
+                    iovs[..slots].iter_mut(),
                     MsgFlags::MSG_DONTWAIT,
                     None,
                 ) {
                     Ok(msgs) => {
-                        let mut n = 0;
+                        let (mut n, mut reset) = (0, false);
                         for m in msgs {
                             lens[n] = m.bytes;
+                            strides[n] = m.bytes;
                             srcs[n] = m.address.and_then(|a| sockaddr(&a));
+                            match m.cmsgs() {
+                                Ok(cmsgs) => {
+                                    let mut coalesced = false;
+                                    for c in cmsgs {
+                                        if let ControlMessageOwned::UdpGroSegments(size) = c
+                                            && size > 0
+                                        {
+                                            strides[n] = size as usize;
+                                            coalesced = true;
+                                        }
+                                    }
+                                    // The kernel writes back how much control data it
+                                    // used (none for a lone datagram) and nix does not
+                                    // restore the room before the next call: a slot left
+                                    // without room would lose the next run's segment size.
+                                    reset |= udp_gro && !coalesced;
+                                }
+                                // MSG_CTRUNC: the segment size is unknown.
+                                Err(_) => {
+                                    srcs[n] = None;
+                                    reset = true;
+                                }
+                            }
+                            if m.flags.contains(MsgFlags::MSG_TRUNC) {
+                                srcs[n] = None;
+                            }
                             n += 1;
                         }
-                        n
+                        (n, reset)
                     }
-                    Err(Errno::EAGAIN | Errno::EINTR) => 0,
+                    Err(Errno::EAGAIN | Errno::EINTR) => (0, false),
                     Err(e) => {
                         tracing::warn!(error = %e, "recvmmsg on the WireGuard socket failed");
-                        0
+                        (0, false)
                     }
                 }
             };
+            if reset {
+                headers = MultiHeaders::preallocate(slots, cmsg());
+            }
             if n == 0 {
                 break;
             }
             view.refresh(inner);
             let now = Instant::now();
             let mut n_out = 0;
+            let (mut runs, mut run_datagrams, mut datagrams) = (0u64, 0u64, 0u64);
             for i in 0..n {
-                let Some(src) = srcs[i] else { continue };
-                let data = &rx[i * SLOT..i * SLOT + lens[i]];
-                let buf = &mut out[n_out];
-                buf.clear();
-                buf.resize(VNET + SLOT, 0);
-                if let Some(len) = on_datagram(
-                    inner,
-                    &view.table,
-                    data,
-                    src,
-                    now,
-                    &mut buf[VNET..],
-                    &mut scratch,
-                ) {
-                    buf.truncate(VNET + len);
-                    n_out += 1;
+                let Some(src) = srcs[i] else {
+                    inner.drops_invalid.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                let run = &rx[i * slot..i * slot + lens[i]];
+                if lens[i] > strides[i] {
+                    runs += 1;
+                    run_datagrams += run.len().div_ceil(strides[i]) as u64;
+                }
+                for data in run.chunks(strides[i].max(1)) {
+                    datagrams += 1;
+                    let buf = &mut out[n_out];
+                    buf.clear();
+                    buf.resize(VNET + SLOT, 0);
+                    if let Some(len) = on_datagram(
+                        inner,
+                        &view.table,
+                        data,
+                        src,
+                        now,
+                        &mut buf[VNET..],
+                        &mut scratch,
+                    ) {
+                        buf.truncate(VNET + len);
+                        n_out += 1;
+                        if n_out == out.len() {
+                            write_tun(queue, &mut gro, &mut out);
+                            n_out = 0;
+                        }
+                    }
                 }
             }
-            if n_out > 0
-                && let Err(e) = inner
-                    .device
-                    .device
-                    .send_multiple(&mut gro, &mut out[..n_out], VNET)
-            {
-                tracing::debug!(error = %e, "TUN write failed");
+            if n_out > 0 {
+                write_tun(queue, &mut gro, &mut out[..n_out]);
             }
-            if n < BATCH {
+            inner.workers[worker]
+                .rx_datagrams
+                .fetch_add(datagrams, Ordering::Relaxed);
+            if runs > 0 {
+                inner.udp.gro_receives.fetch_add(runs, Ordering::Relaxed);
+                inner
+                    .udp
+                    .gro_datagrams
+                    .fetch_add(run_datagrams, Ordering::Relaxed);
+            }
+            if n < slots {
                 break;
             }
         }
+    }
+}
+
+/// Writes decrypted packets to the TUN queue (coalesced by GRO when the device offloads).
+fn write_tun(queue: &tun_rs::SyncDevice, gro: &mut tun_rs::GROTable, out: &mut [Vec<u8>]) {
+    if let Err(e) = queue.send_multiple(gro, out, VNET) {
+        tracing::debug!(error = %e, "TUN write failed");
     }
 }
 
