@@ -57,7 +57,7 @@
 //!
 //! A test run executes no qdisc, and one HTB holds at most 65 534 classes (fewer than 100 000
 //! peers), so the peers' class ids and the shaping device's index are written straight into
-//! `CAPY_PEERS` / `CAPY_CONFIG` rather than through `Dataplane::set_rates`: the kernel's decision
+//! `CAPY_PEER_HOT` / `CAPY_CONFIG` rather than through `Dataplane::set_rates`: the kernel's decision
 //! is the same.
 
 use std::{
@@ -79,7 +79,7 @@ use capybara_agent::{
 use capybara_common::{
     config::Config,
     maps as names,
-    peer::{PeerId, PeerInfo},
+    peer::{PeerHot, PeerId},
     shape::{MAX_SHAPE_MINOR, class_id},
 };
 use rand::{SeedableRng as _, rngs::StdRng, seq::SliceRandom as _};
@@ -202,12 +202,14 @@ fn setup(pins: &BenchPins, n: u32) -> Result<Setup> {
 /// Gives peers `0..n` a shaping class from the peer and sets the shaping device (see the module
 /// docs for why not through the API).
 fn shape_every_peer(ebpf: &mut Ebpf, n: u32) -> Result<()> {
-    let mut peers: Array<_, PeerInfo> =
-        Array::try_from(ebpf.map_mut(names::PEERS).context("CAPY_PEERS missing")?)?;
+    let mut peers: Array<_, PeerHot> = Array::try_from(
+        ebpf.map_mut(names::PEER_HOT)
+            .context("CAPY_PEER_HOT missing")?,
+    )?;
     for i in 0..n {
-        let mut info = peers.get(&i, 0)?;
-        info.shape_rx = class_id((i % MAX_SHAPE_MINOR + 1) as u16);
-        peers.set(i, info, 0)?;
+        let mut line = peers.get(&i, 0)?;
+        line.info.shape_rx = class_id((i % MAX_SHAPE_MINOR + 1) as u16);
+        peers.set(i, line, 0)?;
     }
     let mut config: Array<_, Config> =
         Array::try_from(ebpf.map_mut(names::CONFIG).context("CAPY_CONFIG missing")?)?;
