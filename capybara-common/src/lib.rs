@@ -46,5 +46,7 @@ macro_rules! pod {
 pub(crate) use pod;
 
 /// Bumped whenever the layout of a pinned map changes. The agent refuses to reuse pins made by
-/// a different layout version (it would read garbage) and says how to reset them.
-pub const LAYOUT_VERSION: u32 = 7;
+/// a different layout version (it would read garbage) and says how to reset them, except
+/// layout 7 (the peer table and per-CPU counters apart), which it migrates to 8 (one hot line
+/// per peer) keeping every counter.
+pub const LAYOUT_VERSION: u32 = 8;

@@ -8,8 +8,7 @@
 //! | `CONFIG` | array | 1 | 24 B |
 //! | `COUNTERS` | per-CPU array | 48 | 768 B × ncpu |
 //! | `LIST_HITS` | per-CPU array | 1024 | 16 KiB × ncpu |
-//! | `PEERS` | array | 131 072 | 4 MiB |
-//! | `PEER_STATS` | per-CPU array | 131 072 | 4 MiB × ncpu (32 B per peer and CPU) |
+//! | `PEER_HOT` | mmapable array | 131 072 | 8 MiB (one 64 B line per peer: policy + counters) |
 //! | `PEER_DROPS` | per-CPU array | 131 072 | 16 MiB × ncpu (128 B per peer and CPU) |
 //! | `PEER_V4`, `PEER_V6` | hash, not preallocated | up to 262 144 each | ≈ 80 B per allowed IP |
 //! | `PEER_V4_LPM`, `PEER_V6_LPM` | LPM trie | up to 262 144 each | per entry |
@@ -35,8 +34,8 @@
 //! the allocation into the insert (`list_replace_1m_ms`: 488 ms on a quiet machine, ≈ 750 ms
 //! while a build shares the CPUs; ≈ 380 ms preallocated; target 2000 ms). Lookups cost the same.
 //!
-//! `PEER_STATS` + `PEER_DROPS` grow with the CPU count (160 B per peer per CPU): 1.3 GiB at 64
-//! CPUs. Lowering
+//! `PEER_DROPS` grows with the CPU count (128 B per peer per CPU): 1 GiB at 64 CPUs (the
+//! traffic counters, per CPU until layout 7, are shared now: `PEER_HOT`). Lowering
 //! `MAX_PEERS` at load time (not yet an agent option) is the remedy for large machines.
 
 /// Runtime configuration (one [`crate::config::Config`]).
@@ -45,10 +44,15 @@ pub const CONFIG: &str = "CAPY_CONFIG";
 pub const COUNTERS: &str = "CAPY_COUNTERS";
 /// Per-list hit counters, indexed by list id.
 pub const LIST_HITS: &str = "CAPY_LIST_HITS";
-/// Peer table, indexed by peer id.
-pub const PEERS: &str = "CAPY_PEERS";
-/// Per-peer per-CPU traffic counters ([`crate::peer::PeerCounters`]), indexed by peer id.
-pub const PEER_STATS: &str = "CAPY_PEER_STATS";
+/// Each peer's hot line ([`crate::peer::PeerHot`]: policy and traffic counters), indexed by
+/// peer id; mmapable, written by the agent through its mapping.
+pub const PEER_HOT: &str = "CAPY_PEER_HOT";
+/// Layout 7's peer table (`PeerInfo` per id), replaced by [`PEER_HOT`]: read once to migrate
+/// pins of that layout, then unpinned.
+pub const OLD_PEERS: &str = "CAPY_PEERS";
+/// Layout 7's per-CPU traffic counters (`PeerCounters` per id and CPU), replaced by
+/// [`PEER_HOT`]: read once to migrate, then unpinned.
+pub const OLD_PEER_STATS: &str = "CAPY_PEER_STATS";
 /// Per-peer per-CPU drops by reason ([`crate::peer::PeerDrops`]), indexed by peer id.
 pub const PEER_DROPS: &str = "CAPY_PEER_DROPS";
 /// IPv4 host route → peer id.
@@ -94,12 +98,11 @@ pub const FLOWS: &str = "CAPY_FLOWS";
 pub const FLOW_COUNT: &str = "CAPY_FLOW_CNT";
 
 /// Every pinned map, for listing and removal.
-pub const ALL: [&str; 24] = [
+pub const ALL: [&str; 23] = [
     CONFIG,
     COUNTERS,
     LIST_HITS,
-    PEERS,
-    PEER_STATS,
+    PEER_HOT,
     PEER_DROPS,
     PEER_V4,
     PEER_V6,

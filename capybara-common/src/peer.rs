@@ -1,4 +1,4 @@
-//! Peers: dense ids, the peer table entry and per-peer counters.
+//! Peers: dense ids, the peer's hot line (policy and counters) and its other per-peer state.
 //!
 //! A peer (one WireGuard public key, i.e. one device) gets a dense id `0..MAX_PEERS` from the
 //! agent, so per-peer state lives in arrays indexed by id (one lookup, no hashing). Inner
@@ -37,8 +37,9 @@ pub const PEER_F_DEADLINE_MFA: u32 = 1 << 1;
 /// `PeerInfo::gate` of an admitted peer.
 pub const GATE_ADMITTED: u32 = 0;
 
-/// One entry of [`crate::maps::PEERS`], indexed by [`PeerId`]. The agent writes it whole (one
-/// map update per change), the kernel only reads it.
+/// A peer's policy: the first half of its [`PeerHot`] line in [`crate::maps::PEER_HOT`]. The
+/// agent writes it field by field through its mapping of the array, the kernel only reads it
+/// (the rules: [`PeerHot`]).
 ///
 /// ## Admission gate
 /// - `gate == GATE_ADMITTED` and `deadline_ns == 0`: admitted.
@@ -50,10 +51,6 @@ pub const GATE_ADMITTED: u32 = 0;
 /// - `gate != GATE_ADMITTED`: held; `gate` is the `DropReason` discriminant of a `Gate*` reason.
 ///   A value that is not a gate reason (never written by the agent) holds the peer as
 ///   `GateKicked`: fail closed.
-///
-/// A packet racing an update may see each field old or new (array map updates are copies, not
-/// atomic swaps): at worst the packets processed during the copy are judged by a mix of the two
-/// states.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeerInfo {
@@ -81,6 +78,78 @@ const _: () = assert!(core::mem::offset_of!(PeerInfo, deadline_ns) == 8);
 const _: () = assert!(core::mem::offset_of!(PeerInfo, quota_bucket) == 16);
 const _: () = assert!(core::mem::offset_of!(PeerInfo, flow_limit) == 20);
 
+/// One element of [`crate::maps::PEER_HOT`], indexed by [`PeerId`]: everything a passing packet
+/// reads or changes about its peer — the policy ([`PeerInfo`]: flags, gate and deadline, quota
+/// bucket, flow limit, the rates' classes) and the traffic counters — in one 64-byte cache line.
+/// The array is `BPF_F_MMAPABLE`, so its values start on a page and every line is 64-byte
+/// aligned; the agent maps it and reads and writes the fields in place, without a syscall.
+///
+/// ## Concurrency rules
+/// Every field is an aligned `u32` or `u64`: a load or store of one is single-copy atomic on
+/// both sides (the kernel's plain loads and `BPF_ATOMIC` adds, the agent's `AtomicU32` /
+/// `AtomicU64` accesses through its mapping), so no field is ever seen half-written.
+///
+/// | fields | written by | how |
+/// |---|---|---|
+/// | `info.*` (policy) | the agent only | one atomic store per changed field (release order), in the order below |
+/// | `counters.*` | the kernel (and the agent, which zeroes them before it activates a re-used id) | kernel: `BPF_ATOMIC` fetch-add, shared by all CPUs; agent: atomic loads to read |
+///
+/// Fields change one at a time, so a packet racing an update may see some fields old and some
+/// new. Fields that are independent (quota bucket, flow limit, each direction's class) need
+/// nothing more. The one multi-field decision is admission (`gate`, `deadline_ns`, and the
+/// `PEER_F_DEADLINE_MFA` flag that names the reason once the deadline passed); it is
+/// published so that a packet never sees a torn admission:
+/// - a change that **admits** (new `gate == GATE_ADMITTED`) stores `flags` and `deadline_ns`
+///   first and `gate` last: until the gate store the peer is held (deadline unread) or
+///   admitted under its old deadline — never admitted with the old state's deadline (say none)
+///   after being held;
+/// - a change that **holds** stores `gate` first, then `flags` and `deadline_ns`: the peer is
+///   held from the first store on, whatever the deadline says.
+///
+/// The kernel reads `gate` before `deadline_ns` (volatile loads, in that order; x86-64 does not
+/// reorder loads with older loads). A weakly ordered CPU (arm64) may still read the deadline
+/// ahead of the gate; the window is the agent's store buffer draining, nanoseconds.
+///
+/// Counters are shared atomic adds, not per-CPU slots: a per-CPU slot is another line per peer
+/// and CPU (a pointer, then the value), and a peer's packets come from the one WireGuard worker
+/// that decrypted them, so the line is rarely contended (measured in the pipeline benchmark's
+/// docs, `tests/src/bench/pipeline.rs`). A reader sees each counter exactly; `packets` and
+/// `bytes` of one direction may differ by the packet being counted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerHot {
+    /// The policy (agent-written).
+    pub info: PeerInfo,
+    /// Traffic counters (kernel-written).
+    pub counters: PeerCounters,
+}
+const _: () = assert!(core::mem::size_of::<PeerHot>() == 64);
+const _: () = assert!(core::mem::offset_of!(PeerHot, counters) == 32);
+
+/// Byte offsets in a [`PeerHot`] line of the fields the agent stores one by one.
+pub mod hot {
+    use super::{PeerCounters, PeerHot, PeerInfo};
+    use core::mem::offset_of;
+
+    /// `info.flags` (`u32`).
+    pub const FLAGS: usize = offset_of!(PeerHot, info) + offset_of!(PeerInfo, flags);
+    /// `info.gate` (`u32`).
+    pub const GATE: usize = offset_of!(PeerHot, info) + offset_of!(PeerInfo, gate);
+    /// `info.deadline_ns` (`u64`).
+    pub const DEADLINE_NS: usize = offset_of!(PeerHot, info) + offset_of!(PeerInfo, deadline_ns);
+    /// `info.quota_bucket` (`u32`).
+    pub const QUOTA_BUCKET: usize = offset_of!(PeerHot, info) + offset_of!(PeerInfo, quota_bucket);
+    /// `info.flow_limit` (`u32`).
+    pub const FLOW_LIMIT: usize = offset_of!(PeerHot, info) + offset_of!(PeerInfo, flow_limit);
+    /// `info.shape_tx` (`u32`).
+    pub const SHAPE_TX: usize = offset_of!(PeerHot, info) + offset_of!(PeerInfo, shape_tx);
+    /// `info.shape_rx` (`u32`).
+    pub const SHAPE_RX: usize = offset_of!(PeerHot, info) + offset_of!(PeerInfo, shape_rx);
+    /// `counters` (four `u64`: rx packets, rx bytes, tx packets, tx bytes).
+    pub const COUNTERS: usize = offset_of!(PeerHot, counters);
+    const _: () = assert!(core::mem::size_of::<PeerCounters>() == 32);
+}
+
 /// Rate-limit slots of [`PeerEventState`]: one per event kind that is rate-limited per peer.
 pub const PEER_EVENT_SLOTS: usize = 4;
 /// Slot of gate-drop events in [`PeerEventState::last_ns`].
@@ -100,9 +169,8 @@ pub struct PeerEventState {
 }
 const _: () = assert!(core::mem::size_of::<PeerEventState>() == 32);
 
-/// Per-peer traffic counters, one per CPU in [`crate::maps::PEER_STATS`]: the only per-peer
-/// counters a passing packet touches, so they are kept to half a cache line (the drops by reason
-/// live in [`PeerDrops`]; together they were 160 B, three lines, per peer and CPU).
+/// Per-peer traffic counters, the second half of the peer's [`PeerHot`] line: the only per-peer
+/// counters a passing packet touches (the drops by reason live in [`PeerDrops`], per CPU).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeerCounters {
@@ -127,7 +195,7 @@ pub struct PeerDrops {
 }
 const _: () = assert!(core::mem::size_of::<PeerDrops>() == 128);
 
-/// A peer's counters and drops summed over CPUs ([`PeerCounters`] + [`PeerDrops`]): what the
+/// A peer's counters and its drops summed over CPUs ([`PeerCounters`] + [`PeerDrops`]): what the
 /// agent reports. Only packets that pass are counted in `rx_*`/`tx_*`; drops are counted by
 /// reason.
 #[repr(C)]
@@ -147,7 +215,7 @@ pub struct PeerStats {
 const _: () = assert!(core::mem::size_of::<PeerStats>() == 160);
 
 impl PeerStats {
-    /// Adds one CPU's traffic counters.
+    /// Adds traffic counters.
     pub fn add_counters(&mut self, c: &PeerCounters) {
         self.rx_packets = self.rx_packets.wrapping_add(c.rx_packets);
         self.rx_bytes = self.rx_bytes.wrapping_add(c.rx_bytes);
@@ -170,4 +238,11 @@ pub type PeerV4LpmData = [u8; 4];
 /// IPv6 LPM trie data: the address octets in network order.
 pub type PeerV6LpmData = [u8; 16];
 
-pod!(PeerInfo, PeerStats, PeerCounters, PeerDrops, PeerEventState);
+pod!(
+    PeerInfo,
+    PeerHot,
+    PeerStats,
+    PeerCounters,
+    PeerDrops,
+    PeerEventState
+);

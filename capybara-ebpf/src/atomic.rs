@@ -1,5 +1,5 @@
 //! Atomic read-modify-write on shared (not per-CPU) map memory: quota buckets, flow counts,
-//! the per-peer event rate limit.
+//! the per-peer event rate limit, the per-peer traffic counters of the hot line.
 //!
 //! BPF's atomic instructions (`BPF_ATOMIC | BPF_DW` with `BPF_ADD | BPF_FETCH`, `BPF_OR |
 //! BPF_FETCH`, `BPF_AND | BPF_FETCH`, `BPF_CMPXCHG`; kernel ≥ 5.12, accepted on array map

@@ -20,7 +20,7 @@
 //! 2-CPU machine kind): `tc_ingress` on a packet of an existing UDP flow takes 182 ns for a peer
 //! without a limit and 266 ns for a peer with one — the flow step (transport parse, the clock,
 //! one lookup of the 44-byte key, the `last_ns` store) costs ≈ 85 ns. Peers without a limit pay
-//! one field of the `PEERS` entry the pipeline read.
+//! one field of the policy in the `PEER_HOT` line the pipeline read.
 
 use capybara_common::{
     config::Config,
@@ -198,7 +198,7 @@ pub fn track(
     cfg: &Config,
     now_ns: u64,
 ) -> Flow {
-    // SAFETY: `info` is the peer's `PEERS` element the pipeline looked up, valid for this run.
+    // SAFETY: `info` is the policy in the peer's `PEER_HOT` line the pipeline looked up, valid for this run.
     let limit = unsafe { (*info).flow_limit };
     if limit == 0 {
         return Flow::Pass;

@@ -1,7 +1,7 @@
 //! The admission gate: is a known peer held, and is this packet of a held peer one for the
 //! verification endpoint? (Layouts: `capybara_common::peer::PeerInfo`, `capybara_common::gate`.)
 //!
-//! - [`held`]: reads the peer's `PEERS` entry (looked up once per packet by the pipeline). Held with the stored reason when `gate != 0`; held as
+//! - [`held`]: reads the policy in the peer's `PEER_HOT` line (looked up once per packet by the pipeline). Held with the stored reason when `gate != 0`; held as
 //!   `GateExpired` when admitted with a deadline and `bpf_ktime_get_boot_ns() >= deadline_ns`
 //!   (the kernel decides expiry alone: no userspace round trip). The clock is read only for
 //!   peers with a deadline. [`deadline_reason`] then turns a passed deadline of an MFA
@@ -60,10 +60,17 @@ fn gate_reason(gate: u32) -> DropReason {
 /// `Some` when the peer whose table entry is `info` is held at `now_ns` (see the module docs).
 #[inline(always)]
 pub fn held(info: *const PeerInfo, now_ns: u64) -> Option<Held> {
-    // SAFETY: `info` is the peer's `PEERS` element the pipeline looked up, valid for this program
-    // run; the agent replaces it by copying, so each field is read old or new (documented on
-    // `PeerInfo`).
-    let (gate, deadline_ns) = unsafe { ((*info).gate, (*info).deadline_ns) };
+    // SAFETY: `info` is the policy half of the peer's `PEER_HOT` line the pipeline looked up,
+    // valid for this program run. The agent stores single fields atomically and publishes an
+    // admission's deadline before its gate (`capybara_common::peer::PeerHot`): the gate is
+    // read first, then the deadline, as volatile loads so the compiler keeps that order.
+    let (gate, deadline_ns) = unsafe {
+        let gate = core::ptr::read_volatile(&raw const (*info).gate);
+        (
+            gate,
+            core::ptr::read_volatile(&raw const (*info).deadline_ns),
+        )
+    };
     if gate != GATE_ADMITTED {
         return Some(Held {
             reason: gate_reason(gate),
@@ -86,7 +93,7 @@ pub fn deadline_reason(info: *const PeerInfo, held: &Held) -> DropReason {
     if !matches!(held.reason, DropReason::GateExpired) || held.deadline_ns == 0 {
         return held.reason;
     }
-    // SAFETY: `info` is the peer's `PEERS` element (see `held`), valid for this program run.
+    // SAFETY: `info` is the peer's policy (see `held`), valid for this program run.
     let flags = unsafe { (*info).flags };
     if flags & PEER_F_DEADLINE_MFA != 0 {
         DropReason::GateMfaPending

@@ -19,8 +19,8 @@ use capybara_common::{
     flow::{FlowKey, FlowState, MAX_FLOWS},
     gate::{GATE_ALLOW_MAX, GateAllowKey},
     peer::{
-        MAX_PEER_ADDRS, MAX_PEER_POOL_V4, MAX_PEERS, PeerCounters, PeerDrops, PeerEventState,
-        PeerId, PeerInfo, PeerV4LpmData, PeerV6LpmData,
+        MAX_PEER_ADDRS, MAX_PEER_POOL_V4, MAX_PEERS, PeerDrops, PeerEventState, PeerHot, PeerId,
+        PeerV4LpmData, PeerV6LpmData,
     },
     quota::{MAX_QUOTA_BUCKETS, QuotaBucket},
 };
@@ -34,11 +34,11 @@ pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(COUNTER_SLOTS, 0
 #[map(name = "CAPY_LIST_HITS")]
 pub static LIST_HITS: PerCpuArray<Counter> = PerCpuArray::pinned(MAX_LISTS, 0);
 
-#[map(name = "CAPY_PEERS")]
-pub static PEERS: Array<PeerInfo> = Array::pinned(MAX_PEERS, 0);
-
-#[map(name = "CAPY_PEER_STATS")]
-pub static PEER_STATS: PerCpuArray<PeerCounters> = PerCpuArray::pinned(MAX_PEERS, 0);
+/// One 64-byte line per peer: policy and traffic counters (`capybara_common::peer::PeerHot`
+/// states who writes what). Mmapable: the agent writes it through its mapping, and the values
+/// start on a page, so every line is cache-line aligned.
+#[map(name = "CAPY_PEER_HOT")]
+pub static PEER_HOT: Array<PeerHot> = Array::pinned(MAX_PEERS, BPF_F_MMAPABLE);
 
 #[map(name = "CAPY_PEER_DROPS")]
 pub static PEER_DROPS: PerCpuArray<PeerDrops> = PerCpuArray::pinned(MAX_PEERS, 0);

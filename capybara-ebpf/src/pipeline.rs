@@ -76,14 +76,15 @@ use capybara_common::{
     counters::FLOWS_TABLE_FULL,
     drop::DropReason,
     event::{EVENT_F_EGRESS, EVENT_FLOW_LIMIT, EVENT_GATE_DROP},
-    peer::{PeerCounters, PeerId, PeerInfo},
+    peer::{PeerHot, PeerId, PeerInfo},
 };
 
 use crate::{
+    atomic::fetch_add,
     counters::{count, count_drop, count_list_hit},
     events, flows, gate,
     lookup::{DESTINATION, config, peer_v4, peer_v6},
-    maps::{EVENT_SCRATCH, PEER_STATS, PEERS},
+    maps::{EVENT_SCRATCH, PEER_HOT},
     parse::{self, Addrs, IPV6_HDR_LEN, Malformed, Packet},
     quota, shape,
 };
@@ -118,10 +119,10 @@ pub struct Direction {
 #[derive(Clone, Copy)]
 struct Known {
     id: PeerId,
-    /// The peer's `PEERS` element.
+    /// The peer's policy: the first half of its `PEER_HOT` line.
     info: *const PeerInfo,
-    /// This CPU's `PEER_STATS` element of the peer.
-    stats: *mut PeerCounters,
+    /// The peer's `PEER_HOT` line (policy and the counters, shared by every CPU).
+    hot: *mut PeerHot,
     /// CLOCK_BOOTTIME when the packet was attributed.
     now_ns: u64,
 }
@@ -202,20 +203,18 @@ fn try_tunnel(ctx: &TcContext, dir: &Direction, l2: usize, bytes: u64) -> Result
         Addrs::V6 { src, dst } => peer_v6(if dir.peer_is_source { &src } else { &dst }, cfg.flags),
     };
 
-    // The peer's table entry and this CPU's counters, used by the steps below: looked up once,
-    // together, so that at 100k peers the two cache misses overlap instead of following each
-    // other. The clock is read once for the gate deadline, the flow table and events (it was
-    // read up to three times per packet).
+    // The peer's hot line (policy and counters in one cache line, see
+    // `capybara_common::peer::PeerHot`), used by the steps below: looked up once. The clock is
+    // read once for the gate deadline, the flow table and events (it was read up to three times
+    // per packet).
     let known = match peer {
-        Some(id) => match (PEERS.get_ptr(id), PEER_STATS.get_ptr_mut(id)) {
-            (Some(info), Some(stats)) => Some(Known {
-                id,
-                info,
-                stats,
-                now_ns: gate::now_ns(),
-            }),
-            _ => None,
-        },
+        Some(id) => PEER_HOT.get_ptr_mut(id).map(|hot| Known {
+            id,
+            // SAFETY: a field address inside the element of a successful array lookup.
+            info: unsafe { &raw const (*hot).info },
+            hot,
+            now_ns: gate::now_ns(),
+        }),
         None => None,
     };
 
@@ -321,8 +320,8 @@ fn try_tunnel(ctx: &TcContext, dir: &Direction, l2: usize, bytes: u64) -> Result
     }
     // 6. Accounting, and 7. the shaping decision.
     match known {
-        Some(Known { info, stats, .. }) => {
-            count_peer(stats, dir.peer_is_source, amount);
+        Some(Known { info, hot, .. }) => {
+            count_peer(hot, dir.peer_is_source, amount);
             let class = shape::class(info, dir.peer_is_source, cfg.shape_ifindex);
             if class == 0 {
                 count(dir.pass, amount);
@@ -400,17 +399,20 @@ fn flow_event(id: u32, packed: u64, flows: u64, from_peer: bool, interval_ns: u6
     events::emit_limited(rec, events::SLOT_FLOW, interval_ns);
 }
 
+/// Adds `amount` to the peer's counters in its hot line: atomic adds, as every CPU (and the
+/// agent, which zeroes them for a re-used id) shares the line.
 #[inline(always)]
-fn count_peer(s: *mut PeerCounters, rx: bool, amount: Counter) {
-    // SAFETY: `s` comes from a successful per-CPU array lookup of `PEER_STATS`: this CPU's
-    // value, valid for the program run and not shared with other CPUs.
+fn count_peer(hot: *mut PeerHot, rx: bool, amount: Counter) {
+    // SAFETY: `hot` comes from a successful lookup of `PEER_HOT`, valid for the program run;
+    // the counters are 8-byte aligned `u64`s changed only atomically.
     unsafe {
+        let c = &raw mut (*hot).counters;
         if rx {
-            (*s).rx_packets = (*s).rx_packets.wrapping_add(amount.packets);
-            (*s).rx_bytes = (*s).rx_bytes.wrapping_add(amount.bytes);
+            fetch_add(&raw mut (*c).rx_packets, amount.packets);
+            fetch_add(&raw mut (*c).rx_bytes, amount.bytes);
         } else {
-            (*s).tx_packets = (*s).tx_packets.wrapping_add(amount.packets);
-            (*s).tx_bytes = (*s).tx_bytes.wrapping_add(amount.bytes);
+            fetch_add(&raw mut (*c).tx_packets, amount.packets);
+            fetch_add(&raw mut (*c).tx_bytes, amount.bytes);
         }
     }
 }

@@ -38,7 +38,7 @@ pub enum Quota {
 /// The bucket of the peer whose table entry is `info`, if it has a configured one.
 #[inline(always)]
 fn bucket_of(info: *const PeerInfo) -> Option<(u32, *mut QuotaBucket)> {
-    // SAFETY: `info` is the peer's `PEERS` element the pipeline looked up, valid for this run.
+    // SAFETY: `info` is the policy in the peer's `PEER_HOT` line the pipeline looked up, valid for this run.
     let bucket = unsafe { (*info).quota_bucket };
     if bucket == 0 {
         return None;

@@ -15,8 +15,8 @@ pub fn class(info: *const PeerInfo, from_peer: bool, ifindex: u32) -> u32 {
     if from_peer && ifindex == 0 {
         return 0;
     }
-    // SAFETY: the peer's `PEERS` element the pipeline looked up, valid for this program run; a
-    // racing agent update is seen old or new per field (documented on `PeerInfo`).
+    // SAFETY: the policy in the peer's `PEER_HOT` line the pipeline looked up, valid for this program run; a
+    // racing agent update is seen old or new per field (documented on `PeerHot`).
     unsafe {
         if from_peer {
             (*info).shape_rx

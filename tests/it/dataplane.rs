@@ -634,8 +634,9 @@ fn flow_limit_api_validates_and_keeps_the_rest_of_the_peer() {
     assert_eq!(dp.gate(1).unwrap(), Gate::Held(DropReason::GateMfaPending));
 }
 
-/// What the peer maps of the dataplane pinned in `dir` hold: `PEERS[0..16]`, the IPv4 and IPv6
-/// host routes (sorted), pool slots `0..16` and `PEER_STATS[id]` summed over the CPUs.
+/// What the peer maps of the dataplane pinned in `dir` hold: the policy of `PEER_HOT[0..16]`,
+/// the IPv4 and IPv6 host routes (sorted), pool slots `0..16` and the counters of
+/// `PEER_HOT[0..16]`.
 type PeerMapsView = (
     Vec<capybara_common::peer::PeerInfo>,
     Vec<(u32, u32)>,
@@ -646,38 +647,25 @@ type PeerMapsView = (
 
 fn peer_maps(dir: &Path) -> PeerMapsView {
     use aya::maps::HashMap;
-    use capybara_common::peer::{PeerCounters, PeerInfo};
+    use capybara_common::peer::PeerHot;
     let pin = |name: &str| MapData::from_pin(dir.join(name)).unwrap();
-    let infos: Array<MapData, PeerInfo> = Array::try_from(Map::Array(pin(names::PEERS))).unwrap();
+    let lines: Array<MapData, PeerHot> = Array::try_from(Map::Array(pin(names::PEER_HOT))).unwrap();
     let pool: Array<MapData, u32> = Array::try_from(Map::Array(pin(names::PEER_POOL_V4))).unwrap();
     let v4: HashMap<MapData, u32, u32> =
         HashMap::try_from(Map::HashMap(pin(names::PEER_V4))).unwrap();
     let v6: HashMap<MapData, [u8; 16], u32> =
         HashMap::try_from(Map::HashMap(pin(names::PEER_V6))).unwrap();
-    let stats: PerCpuArray<MapData, PeerCounters> =
-        PerCpuArray::try_from(Map::PerCpuArray(pin(names::PEER_STATS))).unwrap();
     let mut v4: Vec<(u32, u32)> = v4.iter().map(Result::unwrap).collect();
     v4.sort_unstable();
     let mut v6: Vec<([u8; 16], u32)> = v6.iter().map(Result::unwrap).collect();
     v6.sort_unstable();
     (
-        (0..16).map(|i| infos.get(&i, 0).unwrap()).collect(),
+        (0..16).map(|i| lines.get(&i, 0).unwrap().info).collect(),
         v4,
         v6,
         (0..16).map(|i| pool.get(&i, 0).unwrap()).collect(),
         (0..16)
-            .map(|i| {
-                stats
-                    .get(&i, 0)
-                    .unwrap()
-                    .iter()
-                    .fold(PeerCounters::default(), |a, c| PeerCounters {
-                        rx_packets: a.rx_packets + c.rx_packets,
-                        rx_bytes: a.rx_bytes + c.rx_bytes,
-                        tx_packets: a.tx_packets + c.tx_packets,
-                        tx_bytes: a.tx_bytes + c.tx_bytes,
-                    })
-            })
+            .map(|i| lines.get(&i, 0).unwrap().counters)
             .collect(),
     )
 }
@@ -687,7 +675,6 @@ fn set_peers_writes_what_set_peer_writes_one_by_one() {
     use capybara_common::peer::PeerCounters;
     let dirs = [BpffsDir::new(), BpffsDir::new()];
     let mut dps = dirs.each_ref().map(|d| open(d.path()));
-    let ncpu = aya::util::nr_cpus().unwrap();
     for (dp, dir) in dps.iter_mut().zip(&dirs) {
         dp.set_peer_pool_v4(Some("10.8.0.0/28".parse().unwrap()))
             .unwrap();
@@ -695,17 +682,17 @@ fn set_peers_writes_what_set_peer_writes_one_by_one() {
         dp.set_peer(9, &cidrs(&["10.8.0.9/32"])).unwrap();
         dp.remove_peer(9).unwrap();
         // Counters the kernel left for id 9: a peer re-using the id must start at zero.
-        let md = MapData::from_pin(dir.path().join(names::PEER_STATS)).unwrap();
-        let mut arr: PerCpuArray<MapData, PeerCounters> =
-            PerCpuArray::try_from(Map::PerCpuArray(md)).unwrap();
-        let left = PeerCounters {
+        let md = MapData::from_pin(dir.path().join(names::PEER_HOT)).unwrap();
+        let mut arr: Array<MapData, capybara_common::peer::PeerHot> =
+            Array::try_from(Map::Array(md)).unwrap();
+        let mut line = arr.get(&9, 0).unwrap();
+        line.counters = PeerCounters {
             rx_packets: 1,
             rx_bytes: 100,
             tx_packets: 2,
             tx_bytes: 200,
         };
-        arr.set(9, PerCpuValues::try_from(vec![left; ncpu]).unwrap(), 0)
-            .unwrap();
+        arr.set(9, line, 0).unwrap();
     }
     let batch = vec![
         (1, cidrs(&["10.8.0.2/32", "fd00:8::2/128"])),
@@ -762,4 +749,104 @@ fn set_peers_writes_what_set_peer_writes_one_by_one() {
     );
     let e = all.set_peers(&[(1 << 20, Vec::new())]).unwrap_err();
     assert!(matches!(e, DataplaneError::PeerIdOutOfRange { .. }), "{e}");
+}
+
+/// Pins of layout 7 — the peer table `CAPY_PEERS` and the per-CPU counters `CAPY_PEER_STATS`
+/// apart — are migrated into the hot lines of layout 8: every peer's policy and its counters
+/// summed over the CPUs (a removed peer's too), the old pins removed, the version written.
+#[test]
+fn pins_of_layout_7_are_migrated_into_the_hot_lines() {
+    use capybara_agent::dataplane::Gate;
+    use capybara_common::{
+        drop::DropReason,
+        peer::{PEER_F_ACTIVE, PeerCounters, PeerInfo},
+    };
+    let dir = BpffsDir::new();
+    drop({
+        let mut dp = open(dir.path());
+        dp.set_peer(4, &cidrs(&["10.66.0.4/32"])).unwrap();
+        dp
+    });
+    // Turn the directory into what an agent of layout 7 left: version 7, the two old maps, no
+    // hot lines.
+    {
+        let md = MapData::from_pin(dir.path().join(names::CONFIG)).unwrap();
+        let mut arr: Array<MapData, Config> = Array::try_from(Map::Array(md)).unwrap();
+        let cfg = arr.get(&0, 0).unwrap();
+        arr.set(
+            0,
+            Config {
+                layout_version: 7,
+                ..cfg
+            },
+            0,
+        )
+        .unwrap();
+    }
+    std::fs::remove_file(dir.path().join(names::PEER_HOT)).unwrap();
+    for (name, kind) in [
+        (names::OLD_PEERS, "array"),
+        (names::OLD_PEER_STATS, "percpu_array"),
+    ] {
+        let pin = dir.path().join(name);
+        let out = std::process::Command::new("bpftool")
+            .args(["map", "create", pin.to_str().unwrap(), "type", kind])
+            .args(["key", "4", "value", "32", "entries", "131072", "name", name])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "bpftool: {out:?}");
+    }
+    let kicked = PeerInfo {
+        flags: PEER_F_ACTIVE,
+        gate: DropReason::GateKicked as u32,
+        flow_limit: 7,
+        ..PeerInfo::default()
+    };
+    {
+        let md = MapData::from_pin(dir.path().join(names::OLD_PEERS)).unwrap();
+        let mut arr: Array<MapData, PeerInfo> = Array::try_from(Map::Array(md)).unwrap();
+        arr.set(4, kicked, 0).unwrap();
+        let md = MapData::from_pin(dir.path().join(names::OLD_PEER_STATS)).unwrap();
+        let mut arr: PerCpuArray<MapData, PeerCounters> =
+            PerCpuArray::try_from(Map::PerCpuArray(md)).unwrap();
+        let ncpu = aya::util::nr_cpus().unwrap();
+        let per_cpu = |k: u64| {
+            (0..ncpu as u64)
+                .map(|c| PeerCounters {
+                    rx_packets: k + c,
+                    rx_bytes: 100 * (k + c),
+                    tx_packets: 2 * k,
+                    tx_bytes: 200 * k,
+                })
+                .collect::<Vec<_>>()
+        };
+        arr.set(4, PerCpuValues::try_from(per_cpu(5)).unwrap(), 0)
+            .unwrap();
+        // A removed peer: no policy, counters still readable.
+        arr.set(9, PerCpuValues::try_from(per_cpu(1)).unwrap(), 0)
+            .unwrap();
+    }
+
+    let dp = open(dir.path());
+    let n = aya::util::nr_cpus().unwrap() as u64;
+    let sum = |k: u64| (0..n).map(|c| k + c).sum::<u64>();
+    let s = dp.peer_stats(4).unwrap();
+    assert_eq!(
+        (s.rx_packets, s.rx_bytes, s.tx_packets, s.tx_bytes),
+        (sum(5), 100 * sum(5), 2 * 5 * n, 200 * 5 * n)
+    );
+    let s = dp.peer_stats(9).unwrap();
+    assert_eq!((s.rx_packets, s.tx_bytes), (sum(1), 200 * n));
+    assert_eq!(dp.gate(4).unwrap(), Gate::Held(DropReason::GateKicked));
+    assert_eq!(dp.flow_limit(4).unwrap(), Some(7));
+    assert_eq!(
+        dp.peers().get(&4).map(Vec::len),
+        Some(1),
+        "the peer and its address"
+    );
+    assert_eq!(dp.runtime_config().layout_version, LAYOUT_VERSION);
+    for old in [names::OLD_PEERS, names::OLD_PEER_STATS] {
+        assert!(!dir.path().join(old).exists(), "{old} still pinned");
+    }
+    assert!(dir.path().join(names::PEER_HOT).exists());
 }

@@ -9,7 +9,8 @@
 //!   length (frame length on the uplink, IP length on the tunnel device); every other slot is
 //!   unchanged — so "every verdict increments exactly one verdict slot" is checked each time;
 //! - `LIST_HITS` for list ids 0..16: only the expected list moved;
-//! - `PEER_STATS` for peer ids 0..16: only the expected peer moved, in the expected field.
+//! - the counters of `PEER_HOT` (and the drops of `PEER_DROPS`) for peer ids 0..16: only the
+//!   expected peer moved, in the expected field.
 //!
 //! Scenarios that need several packets on one fixture (exact per-peer byte counts, generation
 //! flips, truncation sweeps over every prefix length) are separate tests below the tables.
@@ -243,7 +244,7 @@ fn check_deltas(
             *g -= bb;
         }
         if got != want {
-            errors.push(format!("PEER_STATS[{id}]: got {got:?}, want {want:?}"));
+            errors.push(format!("peer {id}'s counters: got {got:?}, want {want:?}"));
         }
     }
     errors
@@ -3573,4 +3574,117 @@ fn a_super_packet_is_one_flow() {
         TC_ACT_OK
     );
     assert_eq!(f.flow_count(PEER1), 1, "the reply is the same flow");
+}
+
+/// The concurrency rule of the hot line (`capybara_common::peer::PeerHot`): the agent writes a
+/// peer's gate and deadline field by field through its mapping, deadline before gate when it
+/// admits and gate before deadline when it holds, so the kernel never sees a torn admission.
+/// The agent (`Dataplane::set_gate`, the real write path) flips a peer between held (kicked, no
+/// deadline) and admitted under a deadline that has passed, as fast as it can, while
+/// `tc_ingress` runs the peer's packets on the other CPU (BPF_PROG_TEST_RUN, 2 000 runs per
+/// call). Every packet must be dropped, as kicked or as expired: a torn state — admitted with
+/// the held state's deadline 0, i.e. no deadline — would pass it. The check is statistical:
+/// a torn state lives for the nanoseconds between two stores, and the test overlaps a few
+/// hundred thousand flips with the packets (it also asserts that both states were seen).
+/// Bounded: 1.5 s of flipping.
+#[test]
+fn gate_and_deadline_written_field_by_field_are_never_seen_torn() {
+    use std::{
+        sync::atomic::{AtomicBool, Ordering},
+        time::{Instant, SystemTime},
+    };
+
+    use aya::{
+        EbpfLoader,
+        programs::{SchedClassifier, TestRun as _, TestRunOptions},
+    };
+    use capybara_agent::{
+        dataplane::{Dataplane, DataplaneConfig, Gate, object::OBJECT},
+        net::Cidr,
+    };
+    use capybara_common::maps as names;
+    use capybara_tests::{bpf::TEST_RUN_L2_HLEN, netns::BpffsDir};
+
+    const PEER: PeerId = 3;
+    let addr = Ipv4Addr::new(10, 77, 0, 3);
+    let dir = BpffsDir::new();
+    let mut dp = Dataplane::open(DataplaneConfig {
+        bpffs_dir: dir.path().into(),
+        tunnel_l2_hlen: 0,
+    })
+    .expect("open the dataplane");
+    dp.add_peer(PEER, &[Cidr::host(addr.into())]).unwrap();
+    dp.set_gate(PEER, Gate::Held(DropReason::GateKicked))
+        .unwrap();
+    let mut loader = EbpfLoader::new();
+    loader
+        .default_map_pin_directory(dir.path())
+        .override_global("TUNNEL_L2_HLEN", &TEST_RUN_L2_HLEN, true);
+    let mut ebpf = loader.load(OBJECT).expect("load the object over the pins");
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(names::PROG_TC_INGRESS)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    prog.load().expect("load (verify) tc_ingress");
+    let prog: &SchedClassifier = prog;
+    let frame = packets::eth_ip(&packets::udp4(
+        addr,
+        Ipv4Addr::new(192, 0, 2, 9),
+        4000,
+        53,
+        20,
+    ));
+    let passed_at_start = dp.counters().unwrap().get(TC_IN_PASS).packets;
+
+    let stop = AtomicBool::new(false);
+    let (runs, flips) = std::thread::scope(|s| {
+        let packets = s.spawn(|| {
+            let mut runs = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                prog.test_run(TestRunOptions {
+                    data_in: Some(&frame),
+                    repeat: 2000,
+                    ..TestRunOptions::new()
+                })
+                .expect("BPF_PROG_TEST_RUN of tc_ingress");
+                runs += 2000;
+            }
+            runs
+        });
+        let passed = Some(SystemTime::now() - Duration::from_secs(60));
+        let t = Instant::now();
+        let mut flips = 0u64;
+        while t.elapsed() < Duration::from_millis(1500) {
+            dp.set_gate(PEER, Gate::Admitted { until: passed }).unwrap();
+            dp.set_gate(PEER, Gate::Held(DropReason::GateKicked))
+                .unwrap();
+            flips += 2;
+        }
+        stop.store(true, Ordering::Relaxed);
+        (packets.join().unwrap(), flips)
+    });
+
+    let stats = dp.peer_stats(PEER).unwrap();
+    let kicked = stats.drops[DropReason::GateKicked as usize];
+    let expired = stats.drops[DropReason::GateExpired as usize];
+    assert_eq!(
+        stats.rx_packets, 0,
+        "packets passed a torn admission: {stats:?}"
+    );
+    assert_eq!(
+        dp.counters().unwrap().get(TC_IN_PASS).packets,
+        passed_at_start,
+        "TC_IN_PASS moved"
+    );
+    assert_eq!(
+        kicked + expired,
+        runs,
+        "every run dropped at the gate: {stats:?}"
+    );
+    // The flips overlapped the packets: both states were seen.
+    assert!(
+        kicked > 0 && expired > 0,
+        "{runs} runs, {flips} flips: {stats:?}"
+    );
 }

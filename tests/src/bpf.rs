@@ -37,7 +37,7 @@ use capybara_common::{
     flow::{FlowKey, FlowState},
     gate::GateAllowKey,
     maps as names,
-    peer::{PeerCounters, PeerDrops, PeerId, PeerInfo, PeerStats},
+    peer::{PeerDrops, PeerHot, PeerId, PeerInfo, PeerStats},
     quota::{BucketId, QuotaBucket},
 };
 
@@ -72,9 +72,8 @@ pub const TEST_CAPACITIES: &[(&str, u32)] = &[
     (names::DST_V4_LONG, 4096),
     (names::PEER_V4, 4096),
     (names::PEER_V6, 4096),
-    (names::PEER_STATS, 4096),
+    (names::PEER_HOT, 4096),
     (names::PEER_DROPS, 4096),
-    (names::PEERS, 4096),
     (names::PEER_EVENTS, 4096),
     (names::QUOTA, 4096),
     (names::FLOW_COUNT, 4096),
@@ -454,10 +453,13 @@ impl Fixture {
             .expect("write V6 trie");
     }
 
-    /// Writes `PEERS[id]` (the admission gate's state).
+    /// Writes the policy half of `PEER_HOT[id]` (gate, limits, classes), counters kept.
     pub fn peer_info(&mut self, id: PeerId, info: PeerInfo) {
-        let mut m: Array<&mut MapData, PeerInfo> = Array::try_from(self.map(names::PEERS)).unwrap();
-        m.set(id, info, 0).expect("write PEERS");
+        let mut m: Array<&mut MapData, PeerHot> =
+            Array::try_from(self.map(names::PEER_HOT)).unwrap();
+        let mut line = m.get(&id, 0).expect("read PEER_HOT");
+        line.info = info;
+        m.set(id, line, 0).expect("write PEER_HOT");
     }
 
     /// Writes `QUOTA[id]` whole.
@@ -572,7 +574,7 @@ impl Fixture {
         sum_counter(&m.get(&list, 0).expect("read LIST_HITS"))
     }
 
-    /// `PEER_STATS[id]`, summed over CPUs.
+    /// Peer `id`'s counters (its `PEER_HOT` line) and drops (summed over CPUs).
     pub fn peer_stats(&mut self, id: PeerId) -> PeerStats {
         let mut total = PeerStats::default();
         let d: PerCpuArray<&MapData, PeerDrops> =
@@ -580,11 +582,8 @@ impl Fixture {
         for v in d.get(&id, 0).expect("read PEER_DROPS").iter() {
             total.add_drops(v);
         }
-        let m: PerCpuArray<&MapData, PeerCounters> =
-            PerCpuArray::try_from(&*self.map(names::PEER_STATS)).unwrap();
-        for v in m.get(&id, 0).expect("read PEER_STATS").iter() {
-            total.add_counters(v);
-        }
+        let m: Array<&MapData, PeerHot> = Array::try_from(&*self.map(names::PEER_HOT)).unwrap();
+        total.add_counters(&m.get(&id, 0).expect("read PEER_HOT").counters);
         total
     }
 }

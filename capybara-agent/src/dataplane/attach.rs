@@ -199,10 +199,13 @@ impl Dataplane {
     pub fn attach_tc(&mut self, ifname: &str) -> Result<[Attachment; 2]> {
         let index = ifindex(ifname)?;
         self.start_shaping(ifname, index)?;
-        Ok([
+        let attached = [
             self.attach_one_tc(PROG_TC_INGRESS, TcAttachType::Ingress, ifname)?,
             self.attach_one_tc(PROG_TC_EGRESS, TcAttachType::Egress, ifname)?,
-        ])
+        ];
+        // The old programs of a migrated layout count no more: carry their last counts over.
+        self.finish_migration()?;
+        Ok(attached)
     }
 
     fn attach_one_tc(

@@ -1,7 +1,7 @@
 //! Per-peer concurrent flow limits (layout and kernel behaviour: `capybara_common::flow`).
 //!
-//! - [`Dataplane::set_flow_limit`] / [`Dataplane::clear_flow_limit`]: one write of the peer's
-//!   `PeerInfo` (gate, deadline and quota bucket kept), validated first (the peer exists, the
+//! - [`Dataplane::set_flow_limit`] / [`Dataplane::clear_flow_limit`]: one store of the peer's
+//!   `flow_limit` in its hot line (gate, deadline and quota bucket kept), validated first (the peer exists, the
 //!   limit is in `1..=MAX_FLOWS`): on error no map is touched.
 //!   `MAX_FLOWS` is the table's capacity, the bound here; the policy caps what it sets at
 //!   `capybara_common::flow::MAX_FLOWS_PER_PEER` (a quarter of the table: one peer cannot fill
@@ -173,9 +173,9 @@ fn delete_where<T: BorrowMut<MapData>>(
 }
 
 impl Dataplane {
-    /// Limits active peer `id` to `limit` concurrent flows (`1..=MAX_FLOWS`): one update of its
-    /// `PeerInfo`, everything else kept. Takes effect for the peer's next new flow; flows it
-    /// already has are counted from their next packet.
+    /// Limits active peer `id` to `limit` concurrent flows (`1..=MAX_FLOWS`): one store into its
+    /// hot line (`flow_limit`), everything else kept. Takes effect for the peer's next new
+    /// flow; flows it already has are counted from their next packet.
     pub fn set_flow_limit(&mut self, id: PeerId, limit: u32) -> Result<()> {
         if id >= MAX_PEERS {
             return Err(DataplaneError::PeerIdOutOfRange { id, max: MAX_PEERS });

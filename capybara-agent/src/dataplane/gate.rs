@@ -1,8 +1,11 @@
-//! The admission gate: per-peer admission state in `CAPY_PEERS` and the verification endpoint
-//! in `CAPY_GATE_ALLOW` (layouts: `capybara_common::peer::PeerInfo`, `capybara_common::gate`).
+//! The admission gate: per-peer admission state in the peer's `CAPY_PEER_HOT` line and the
+//! verification endpoint in `CAPY_GATE_ALLOW` (layouts: `capybara_common::peer::PeerHot`,
+//! `capybara_common::gate`).
 //!
-//! - [`Dataplane::set_gate`] writes a peer's whole `PeerInfo` in one map update: the kernel sees
-//!   the peer admitted or held, never a half-made decision written in two steps.
+//! - [`Dataplane::set_gate`] stores the changed fields of the peer's policy through the
+//!   agent's mapping, deadline before gate when admitting and gate first when holding
+//!   (`capybara_common::peer::PeerHot`): the kernel sees the peer admitted or held, never
+//!   admitted under a deadline that is not the decision's.
 //! - A held peer's packets are dropped in both directions and counted under its reason, except
 //!   TCP/UDP between the peer and one of the server's tunnel addresses on an endpoint port
 //!   ([`Dataplane::set_verification_endpoint`]).
@@ -217,7 +220,7 @@ impl Dataplane {
         Ok(self.peers.info(id))
     }
 
-    /// Admits or holds active peer `id`: one update of its `PeerInfo` (flags kept, but
+    /// Admits or holds active peer `id`: its policy's gate fields stored (flags kept, but
     /// `PEER_F_DEADLINE_MFA`, which follows the gate). Validates first (the id, the hold
     /// reason): on error nothing is written.
     pub fn set_gate(&mut self, id: PeerId, gate: Gate) -> Result<()> {

@@ -4,19 +4,21 @@
 //! under the bpffs directory (default [`crate::paths::BPFFS_DIR`]). Pins that already exist are
 //! **re-used**, so counters, peers and blocklists survive an agent restart; `CONFIG[0]
 //! .layout_version` guards against re-using pins written with another layout
-//! ([`DataplaneError::LayoutMismatch`] says how to reset).
+//! ([`DataplaneError::LayoutMismatch`] says how to reset), except pins of layout 7, which
+//! [`migrate`] carries over.
 //!
 //! - [`attach`]: XDP guard on the uplink, TC ingress/egress (TCX links) on the tunnel device; links
 //!   are pinned under `<bpffs>/links/` so the programs keep enforcing while the agent is down, and
 //!   a restart swaps the new program into the existing link atomically (`BPF_LINK_UPDATE`).
-//! - [`peers`]: peers' allowed IPs → dense peer ids; per-peer counters.
+//! - [`peers`]: peers' allowed IPs → dense peer ids; each peer's hot line (policy and traffic
+//!   counters, mapped into the agent).
 //! - [`stats`]: global verdict counters, per-list hits.
 //! - [`lists`]: named blocklists compiled (see [`crate::blocklist`]) and written as generations.
 //! - [`gate`]: the admission gate (per-peer admitted/held state, deadlines, the verification
 //!   endpoint).
 //! - [`quota`]: data-quota buckets shared by peers (limits, assignment, top-up, reset).
 //! - [`flows`]: per-peer concurrent flow limits (limits, counts, the expiry sweeper).
-//! - [`peer_limits`]: a peer's flow limit and quota bucket set in one `PeerInfo` update.
+//! - [`peer_limits`]: a peer's flow limit and quota bucket set in one policy write.
 //! - [`events`]: the kernel's events ring buffer as an async stream of typed [`Event`]s.
 //! - [`sys`]: the raw syscalls aya lacks (batch map operations, mmap of the DIR tables, RCU grace
 //!   period); every other `unsafe` in the agent's dataplane is in aya.
@@ -29,6 +31,7 @@ pub mod events;
 pub mod flows;
 pub mod gate;
 pub mod lists;
+pub mod migrate;
 mod netlink;
 pub mod object;
 pub mod peer_limits;
@@ -411,6 +414,9 @@ pub struct Dataplane {
     links: Vec<attach::HeldLink>,
     /// Bandwidth shaping on the tunnel device, from `attach_tc` on.
     shaper: Option<shape::Shaper>,
+    /// Counters to catch up from layout-7 pins once `attach_tc` replaced the old programs
+    /// ([`migrate`]).
+    migration: Option<migrate::Pending>,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -487,7 +493,12 @@ impl Dataplane {
         }
         let dir = config.bpffs_dir.clone();
         ensure_bpffs_dir(&dir)?;
+        let mut layout7 = None;
         let reused = match pinned_layout_version(&dir)? {
+            Some(migrate::FROM_LAYOUT) => {
+                layout7 = Some(migrate::read(&dir)?);
+                true
+            }
             Some(v) if v != 0 && v != LAYOUT_VERSION => {
                 return Err(DataplaneError::LayoutMismatch {
                     dir,
@@ -512,6 +523,9 @@ impl Dataplane {
             .map
             .get(&0, 0)
             .map_err(map_err(names::CONFIG, "read"))?;
+        let migrated = layout7.as_ref().map_or(&[][..], |l| &l.lines[..]);
+        let mut peers = peers::PeerMaps::open(&mut ebpf, migrated)?;
+        // The version after the migrated lines are written (a crash before migrates again).
         if cfg.layout_version != LAYOUT_VERSION {
             cfg.layout_version = LAYOUT_VERSION;
             config_map
@@ -519,7 +533,7 @@ impl Dataplane {
                 .set(0, cfg, 0)
                 .map_err(map_err(names::CONFIG, "write"))?;
         }
-        let mut peers = peers::PeerMaps::open(&mut ebpf)?;
+        let migration = layout7.map(|l| migrate::unpin(&dir, l)).transpose()?;
         peers.pool = (cfg.peer_pool_v4_base, cfg.peer_pool_v4_len);
         let stats = stats::StatMaps::open(&mut ebpf)?;
         let lists = lists::ListMaps::open(&mut ebpf)?;
@@ -555,6 +569,7 @@ impl Dataplane {
             events: Some(events),
             links: Vec::new(),
             shaper: None,
+            migration,
         })
     }
 

@@ -8,22 +8,28 @@
 //!
 //! The agent keeps a mirror of every peer's allowed IPs, rebuilt from the maps at open, so a
 //! restarted agent knows what the kernel holds without being told. Rules:
-//! - A peer id that is not active in `CAPY_PEERS` gets its per-CPU counters zeroed when added, so
+//! - A peer id that is not active in `CAPY_PEER_HOT` gets its counters zeroed when added, so
 //!   a re-used id starts at 0; re-setting an active peer (e.g. after an agent restart) keeps them.
 //! - An update that changes allowed IPs inserts the new entries before removing the old ones: a
 //!   packet of an address kept across the change is never unattributed.
 //! - An allowed IP belongs to at most one peer ([`DataplaneError::AddressInUse`]).
 //!
-//! The agent also keeps a copy of `CAPY_PEERS` (`PeerMaps::infos`, 4 MiB): it is the map's
-//! only writer, so reading a peer's gate, limits or classes costs no syscall, and writing a
-//! value the map already holds is skipped (`Dataplane::write_peer_info`). The start-up policy
-//! pass re-states every peer's gate and limits: at 100 000 peers that was 300 000 `bpf(2)`
-//! calls (read + write of the gate, read of the limits), now none for unchanged peers.
+//! ## The hot lines
+//! Each peer's policy and traffic counters are one 64-byte line of the mmapable array
+//! `CAPY_PEER_HOT` (`capybara_common::peer::PeerHot`, whose docs state the concurrency rules).
+//! The agent maps the whole array (8 MiB, resident from the `mmap` on) and reads and writes
+//! the lines in place: reading a peer's gate, limits, classes or counters costs no syscall, a
+//! policy change stores only the fields that changed (one atomic store each, in the order that
+//! publishes an admission whole: [`HotLines::write_info`]), and unchanged fields are not
+//! written at all. The start-up policy pass re-states every peer's gate and limits: at 100 000
+//! peers that was 300 000 `bpf(2)` calls (read + write of the gate, read of the limits) before
+//! the agent kept a copy of the table, and is none now, without the copy (4 MiB).
 //!
 //! ## Many peers at once
-//! [`Dataplane::set_peers`] (the agent's start-up) writes new peers with `BPF_MAP_UPDATE_BATCH`:
-//! counters zeroed, host routes, pool slots, activation — four steps of one syscall per
-//! 65 536 entries instead of six syscalls per peer, in the same order as `set_peer`. The range
+//! [`Dataplane::set_peers`] (the agent's start-up) writes new peers in the same order as
+//! `set_peer`: counters zeroed (through the mapping), host routes and pool slots with
+//! `BPF_MAP_UPDATE_BATCH` (one syscall per 65 536 entries instead of one per entry), then the
+//! activation (through the mapping). The range
 //! flags are kept from a count of range entries: recomputing them from every allowed IP after
 //! each `set_peer` made 100 000 of them quadratic. Measured (`agent_load`, 100 000 peers with
 //! one IPv4 and one IPv6 host route, a /14 pool): `set_peers` takes ≈ 0.45 s (`plane_ms` in the
@@ -43,6 +49,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
     net::IpAddr,
     os::fd::AsFd as _,
+    sync::atomic::{AtomicU32, AtomicU64, Ordering},
 };
 
 use aya::{
@@ -52,7 +59,10 @@ use aya::{
 use capybara_common::{
     config::{CONFIG_F_PEER_V4_RANGES, CONFIG_F_PEER_V6_RANGES},
     maps as names,
-    peer::{MAX_PEER_POOL_V4, MAX_PEERS, PEER_F_ACTIVE, PeerId, PeerInfo},
+    peer::{
+        GATE_ADMITTED, MAX_PEER_POOL_V4, MAX_PEERS, PEER_F_ACTIVE, PeerCounters, PeerHot, PeerId,
+        PeerInfo, hot,
+    },
 };
 
 use super::{
@@ -60,9 +70,128 @@ use super::{
     stats::{zero_slot, zero_slots},
     sys, sys_err, take,
 };
+
+/// The `CAPY_PEER_HOT` array and the agent's mapping of it (see the module docs).
+pub(super) struct HotLines {
+    /// Kept open for the mapping's sake (and to read the array's size).
+    _map: Owned<Array<MapData, PeerHot>>,
+    mmap: sys::MmapArray,
+}
+
+/// `u32` words per hot line.
+const LINE_WORDS: usize = size_of::<PeerHot>() / 4;
+
+impl HotLines {
+    pub(super) fn open(ebpf: &mut aya::Ebpf) -> Result<HotLines> {
+        let map: Owned<Array<MapData, PeerHot>> = take(ebpf, names::PEER_HOT)?;
+        let words = map.map.len() as usize * LINE_WORDS;
+        let mmap =
+            sys::MmapArray::new(map.fd.as_fd(), words).map_err(sys_err(names::PEER_HOT, "mmap"))?;
+        Ok(HotLines { _map: map, mmap })
+    }
+
+    /// Number of lines (the array's capacity).
+    pub(super) fn len(&self) -> u32 {
+        (self.mmap.as_slice().len() / LINE_WORDS) as u32
+    }
+
+    fn word32(&self, id: PeerId, offset: usize) -> &AtomicU32 {
+        &self.mmap.as_atomic_u32()[id as usize * LINE_WORDS + offset / 4]
+    }
+
+    fn word64(&self, id: PeerId, offset: usize) -> &AtomicU64 {
+        &self.mmap.as_atomic_u64()[(id as usize * LINE_WORDS + offset / 4) / 2]
+    }
+
+    /// Peer `id`'s policy as the line holds it (`id` below [`HotLines::len`]).
+    pub(super) fn info(&self, id: PeerId) -> PeerInfo {
+        let w = |o| self.word32(id, o).load(Ordering::Acquire);
+        PeerInfo {
+            flags: w(hot::FLAGS),
+            gate: w(hot::GATE),
+            deadline_ns: self.word64(id, hot::DEADLINE_NS).load(Ordering::Acquire),
+            quota_bucket: w(hot::QUOTA_BUCKET),
+            flow_limit: w(hot::FLOW_LIMIT),
+            shape_tx: w(hot::SHAPE_TX),
+            shape_rx: w(hot::SHAPE_RX),
+        }
+    }
+
+    /// Stores the fields of `new` that differ from what line `id` holds, one atomic store each,
+    /// in the order `capybara_common::peer::PeerHot` states: the independent fields first;
+    /// then, for a change that admits, flags and deadline before the gate, and for a change
+    /// that holds, the gate before flags and deadline. Returns whether anything was stored.
+    pub(super) fn write_info(&self, id: PeerId, new: PeerInfo) -> bool {
+        let old = self.info(id);
+        if old == new {
+            return false;
+        }
+        let put = |o, v: u32, was: u32| {
+            if v != was {
+                self.word32(id, o).store(v, Ordering::Release);
+            }
+        };
+        put(hot::QUOTA_BUCKET, new.quota_bucket, old.quota_bucket);
+        put(hot::FLOW_LIMIT, new.flow_limit, old.flow_limit);
+        put(hot::SHAPE_TX, new.shape_tx, old.shape_tx);
+        put(hot::SHAPE_RX, new.shape_rx, old.shape_rx);
+        let admission = || {
+            put(hot::FLAGS, new.flags, old.flags);
+            if new.deadline_ns != old.deadline_ns {
+                self.word64(id, hot::DEADLINE_NS)
+                    .store(new.deadline_ns, Ordering::Release);
+            }
+        };
+        if new.gate == GATE_ADMITTED {
+            admission();
+            put(hot::GATE, new.gate, old.gate);
+        } else {
+            put(hot::GATE, new.gate, old.gate);
+            admission();
+        }
+        true
+    }
+
+    /// Peer `id`'s traffic counters (each read atomically).
+    pub(super) fn counters(&self, id: PeerId) -> PeerCounters {
+        let c = |i: usize| {
+            self.word64(id, hot::COUNTERS + 8 * i)
+                .load(Ordering::Relaxed)
+        };
+        PeerCounters {
+            rx_packets: c(0),
+            rx_bytes: c(1),
+            tx_packets: c(2),
+            tx_bytes: c(3),
+        }
+    }
+
+    /// Adds `c` to peer `id`'s traffic counters (atomic adds, as the kernel's).
+    pub(super) fn add_counters(&self, id: PeerId, c: PeerCounters) {
+        if id >= self.len() {
+            return;
+        }
+        let values = [c.rx_packets, c.rx_bytes, c.tx_packets, c.tx_bytes];
+        for (i, v) in values.into_iter().enumerate() {
+            if v != 0 {
+                self.word64(id, hot::COUNTERS + 8 * i)
+                    .fetch_add(v, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Sets peer `id`'s traffic counters (zero for a re-used id; a migration's sums).
+    pub(super) fn set_counters(&self, id: PeerId, c: PeerCounters) {
+        let values = [c.rx_packets, c.rx_bytes, c.tx_packets, c.tx_bytes];
+        for (i, v) in values.into_iter().enumerate() {
+            self.word64(id, hot::COUNTERS + 8 * i)
+                .store(v, Ordering::Relaxed);
+        }
+    }
+}
 use crate::net::Cidr;
 
-/// The `CAPY_PEERS` entry of a peer just added: active, no gate, limits or classes yet.
+/// The policy of a peer just added: active, no gate, limits or classes yet.
 const ACTIVE: PeerInfo = PeerInfo {
     flags: PEER_F_ACTIVE,
     gate: 0,
@@ -75,7 +204,7 @@ const ACTIVE: PeerInfo = PeerInfo {
 
 /// The peer maps and the mirror of their contents.
 pub(super) struct PeerMaps {
-    pub(super) peers: Owned<Array<MapData, PeerInfo>>,
+    pub(super) hot: HotLines,
     v4: Owned<HashMap<MapData, u32, PeerId>>,
     v6: Owned<HashMap<MapData, [u8; 16], PeerId>>,
     v4_lpm: Owned<LpmTrie<MapData, [u8; 4], PeerId>>,
@@ -87,10 +216,6 @@ pub(super) struct PeerMaps {
     pub(super) mirror: BTreeMap<PeerId, BTreeSet<Cidr>>,
     /// Allowed IP → owner.
     owner: StdHashMap<Cidr, PeerId>,
-    /// A copy of `CAPY_PEERS`, indexed by id: the agent is the map's only writer (the kernel
-    /// only reads it), so reads never need a syscall and a write of the value the map already
-    /// holds is skipped ([`Dataplane::write_peer_info`]). Read from the map at open. 4 MiB.
-    infos: Vec<PeerInfo>,
     /// How many entries of `owner` are ranges (not host routes): IPv4, IPv6. Kept so that the
     /// range flags are known without a scan of `owner` (a scan per `set_peer` made loading
     /// 100 000 peers quadratic).
@@ -98,9 +223,16 @@ pub(super) struct PeerMaps {
 }
 
 impl PeerMaps {
-    pub(super) fn open(ebpf: &mut Ebpf) -> Result<PeerMaps> {
+    /// Opens the peer maps; `migrated` lines (from pins of an older layout) are written into
+    /// the hot lines first.
+    pub(super) fn open(ebpf: &mut Ebpf, migrated: &[(PeerId, PeerHot)]) -> Result<PeerMaps> {
+        let hot = HotLines::open(ebpf)?;
+        for &(id, line) in migrated.iter().filter(|(id, _)| *id < hot.len()) {
+            hot.write_info(id, line.info);
+            hot.set_counters(id, line.counters);
+        }
         let mut p = PeerMaps {
-            peers: take(ebpf, names::PEERS)?,
+            hot,
             v4: take(ebpf, names::PEER_V4)?,
             v6: take(ebpf, names::PEER_V6)?,
             v4_lpm: take(ebpf, names::PEER_V4_LPM)?,
@@ -110,7 +242,6 @@ impl PeerMaps {
             mirror: BTreeMap::new(),
             owner: StdHashMap::new(),
             ranges: [0, 0],
-            infos: vec![PeerInfo::default(); MAX_PEERS as usize],
         };
         p.rebuild()?;
         Ok(p)
@@ -118,14 +249,9 @@ impl PeerMaps {
 
     /// Rebuilds the mirror from the kernel maps.
     fn rebuild(&mut self) -> Result<()> {
-        let infos: Vec<(u32, PeerInfo)> =
-            sys::dump_hash(self.peers.fd.as_fd()).map_err(sys_err(names::PEERS, "batch lookup"))?;
-        for (id, info) in infos {
-            if info.flags & PEER_F_ACTIVE != 0 {
+        for id in 0..self.hot.len() {
+            if self.hot.info(id).flags & PEER_F_ACTIVE != 0 {
                 self.mirror.insert(id, BTreeSet::new());
-            }
-            if let Some(slot) = self.infos.get_mut(id as usize) {
-                *slot = info;
             }
         }
         let mut found: Vec<(Cidr, PeerId)> = Vec::new();
@@ -170,9 +296,9 @@ impl PeerMaps {
         Ok(())
     }
 
-    /// `CAPY_PEERS[id]` as last written (`id` below `MAX_PEERS`).
+    /// Peer `id`'s policy as its hot line holds it (`id` below `MAX_PEERS`).
     pub(super) fn info(&self, id: PeerId) -> PeerInfo {
-        self.infos[id as usize]
+        self.hot.info(id)
     }
 
     /// Records `c` as `id`'s in `owner`.
@@ -342,7 +468,7 @@ impl Dataplane {
         let is_new = !self.peers.mirror.contains_key(&id);
         let old = self.peers.mirror.get(&id).cloned().unwrap_or_default();
         if is_new {
-            zero_slot(&mut self.stats.peer_stats.map, names::PEER_STATS, id)?;
+            self.peers.hot.set_counters(id, PeerCounters::default());
             zero_slot(&mut self.stats.peer_drops.map, names::PEER_DROPS, id)?;
         }
         // Flags on before any range entry exists.
@@ -449,7 +575,9 @@ impl Dataplane {
             return Ok(());
         }
         let ids: Vec<PeerId> = batch.iter().map(|(id, _)| *id).collect();
-        zero_slots(&mut self.stats.peer_stats, names::PEER_STATS, &ids)?;
+        for &id in &ids {
+            self.peers.hot.set_counters(id, PeerCounters::default());
+        }
         zero_slots(&mut self.stats.peer_drops, names::PEER_DROPS, &ids)?;
         let (mut v4, mut v6, mut pool) = (Vec::new(), Vec::new(), Vec::new());
         for (id, cidrs) in batch {
@@ -477,39 +605,24 @@ impl Dataplane {
         write(self.peers.v4.fd.as_fd(), names::PEER_V4, &v4)?;
         write(self.peers.pool_v4.fd.as_fd(), names::PEER_POOL_V4, &pool)?;
         write(self.peers.v6.fd.as_fd(), names::PEER_V6, &v6)?;
-        let infos: Vec<(PeerId, PeerInfo)> = ids.iter().map(|&id| (id, ACTIVE)).collect();
-        // The copy first: after a partial failure it must not claim "already written" for
-        // what the kernel may not hold (the caller's rollback rewrites every id).
         for &id in &ids {
-            self.peers.infos[id as usize] = PeerInfo {
-                flags: u32::MAX,
-                ..PeerInfo::default()
-            };
-        }
-        write(self.peers.peers.fd.as_fd(), names::PEERS, &infos)?;
-        for &id in &ids {
-            self.peers.infos[id as usize] = ACTIVE;
+            self.peers.hot.write_info(id, ACTIVE);
         }
         Ok(())
     }
 
-    /// Writes `CAPY_PEERS[id]` (`id` below `MAX_PEERS`) and the agent's copy; nothing when the
-    /// map holds `info` already.
+    /// Writes peer `id`'s policy into its hot line (`id` below `MAX_PEERS`): the changed
+    /// fields only, in the order that publishes an admission whole ([`HotLines::write_info`]).
+    /// Stores into the mapping cannot fail; `op` names the change in the debug log.
     pub(super) fn write_peer_info(
         &mut self,
         id: PeerId,
         info: PeerInfo,
         op: &'static str,
     ) -> Result<()> {
-        if self.peers.infos[id as usize] == info {
-            return Ok(());
+        if self.peers.hot.write_info(id, info) {
+            tracing::trace!(id, op, "peer policy written");
         }
-        self.peers
-            .peers
-            .map
-            .set(id, info, 0)
-            .map_err(map_err(names::PEERS, op))?;
-        self.peers.infos[id as usize] = info;
         Ok(())
     }
 

@@ -2,8 +2,9 @@
 //! behaviour: `capybara_common::quota`).
 //!
 //! - [`Dataplane::set_quota_limit`] creates a bucket or changes its budget;
-//!   [`Dataplane::assign_quota`] charges a peer to a bucket (or to none) with one write of its
-//!   `PeerInfo`, so a packet sees the old or the new bucket, never a half-written assignment.
+//!   [`Dataplane::assign_quota`] charges a peer to a bucket (or to none) with one atomic store of
+//!   its hot line's `quota_bucket`, so a packet sees the old or the new bucket, never a
+//!   half-written assignment.
 //! - [`Dataplane::top_up_quota`] raises the budget, keeping what was used: an atomic add on
 //!   `limit_bytes` through the map's memory mapping, so bytes the kernel charges meanwhile all
 //!   count. [`Dataplane::set_quota_limit`] on a configured bucket is an atomic store the same way.
@@ -216,7 +217,7 @@ impl Dataplane {
         Ok(QuotaUsage::of(&b))
     }
 
-    /// Charges active peer `id` to `bucket` (`None`: no quota) — one update of its `PeerInfo`
+    /// Charges active peer `id` to `bucket` (`None`: no quota) — one store into its hot line
     /// (gate and flags kept). The bucket need not be configured yet: an unconfigured bucket
     /// limits nothing.
     pub fn assign_quota(&mut self, id: PeerId, bucket: Option<BucketId>) -> Result<()> {

@@ -10,7 +10,7 @@
 //!   IFB hands it back to the tunnel device's receive path (TC ingress is not run twice).
 //! - Per-peer changes are single class changes over rtnetlink (`RTM_NEWTCLASS`): other classes,
 //!   hence other peers, are not touched. Class ids are allocated per direction (`1..=65534`).
-//!   The kernel learns a peer's classes from its `PeerInfo`, written in one map update after the
+//!   The kernel learns a peer's classes from its `PeerInfo`, stored into its hot line after the
 //!   classes exist (and before they are deleted), so a packet never names a class that is gone
 //!   and then sticks to it: a stale id on the tunnel device falls into the direct queue.
 //! - The qdiscs are created on the first shaped peer, so a server without rates keeps the

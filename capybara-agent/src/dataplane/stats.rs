@@ -1,7 +1,9 @@
 //! Counters: global verdict counters (`CAPY_COUNTERS`, indexed by `capybara_common::counters`
-//! constants), per-list hits (`CAPY_LIST_HITS`, indexed by list id) and per-peer counters
-//! (`CAPY_PEER_STATS`). All are per-CPU arrays: the kernel increments its CPU's slot without
-//! atomics, the agent sums the CPUs when it reads (exact).
+//! constants), per-list hits (`CAPY_LIST_HITS`, indexed by list id) and per-peer drops by
+//! reason (`CAPY_PEER_DROPS`) are per-CPU arrays: the kernel increments its CPU's slot without
+//! atomics, the agent sums the CPUs when it reads (exact). A peer's traffic counters are in its
+//! hot line (`CAPY_PEER_HOT`, see [`super::peers`]): one slot shared by the CPUs, which add to
+//! it atomically; the agent reads it through its mapping (exact too).
 
 use std::os::fd::AsFd as _;
 
@@ -14,7 +16,7 @@ use capybara_common::{
     blocklist::{ListId, MAX_LISTS},
     counters::{COUNTER_NAMES, COUNTER_SLOTS, Counter},
     maps as names,
-    peer::{MAX_PEERS, PeerCounters, PeerDrops, PeerId, PeerStats},
+    peer::{MAX_PEERS, PeerDrops, PeerId, PeerStats},
 };
 
 use super::{Dataplane, DataplaneError, Owned, Result, map_err, sys, sys_err, take};
@@ -23,7 +25,6 @@ use super::{Dataplane, DataplaneError, Owned, Result, map_err, sys, sys_err, tak
 pub(super) struct StatMaps {
     pub(super) counters: Owned<PerCpuArray<MapData, Counter>>,
     pub(super) list_hits: Owned<PerCpuArray<MapData, Counter>>,
-    pub(super) peer_stats: Owned<PerCpuArray<MapData, PeerCounters>>,
     pub(super) peer_drops: Owned<PerCpuArray<MapData, PeerDrops>>,
 }
 
@@ -32,7 +33,6 @@ impl StatMaps {
         Ok(StatMaps {
             counters: take(ebpf, names::COUNTERS)?,
             list_hits: take(ebpf, names::LIST_HITS)?,
-            peer_stats: take(ebpf, names::PEER_STATS)?,
             peer_drops: take(ebpf, names::PEER_DROPS)?,
         })
     }
@@ -137,18 +137,12 @@ impl Dataplane {
         Ok(sum)
     }
 
-    /// Counters and drops of peer `id`, summed over CPUs. `drops[RateLimit]` are the packets its shaping
+    /// Counters of peer `id` (its hot line) and its drops, summed over CPUs. `drops[RateLimit]` are the packets its shaping
     /// classes dropped (their queue was full), read from the qdiscs.
     pub fn peer_stats(&self, id: PeerId) -> Result<PeerStats> {
         if id >= MAX_PEERS {
             return Err(DataplaneError::PeerIdOutOfRange { id, max: MAX_PEERS });
         }
-        let v = self
-            .stats
-            .peer_stats
-            .map
-            .get(&id, 0)
-            .map_err(map_err(names::PEER_STATS, "read"))?;
         let d = self
             .stats
             .peer_drops
@@ -156,7 +150,7 @@ impl Dataplane {
             .get(&id, 0)
             .map_err(map_err(names::PEER_DROPS, "read"))?;
         let mut sum = PeerStats::default();
-        v.iter().for_each(|c| sum.add_counters(c));
+        sum.add_counters(&self.peers.hot.counters(id));
         d.iter().for_each(|d| sum.add_drops(d));
         if let Some(shaper) = &self.shaper {
             let slot = &mut sum.drops[capybara_common::drop::DropReason::RateLimit as usize];

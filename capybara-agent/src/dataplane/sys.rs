@@ -286,6 +286,14 @@ impl MmapArray {
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast(), self.len / 2) }
     }
 
+    /// The mapped values as `u32` atomics (for arrays the kernel reads while the agent changes
+    /// single fields in place).
+    pub fn as_atomic_u32(&self) -> &[std::sync::atomic::AtomicU32] {
+        // SAFETY: the mapping is page-aligned and `len` u32s long; `AtomicU32` has the layout of
+        // `u32`, and every access through it is atomic.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast(), self.len) }
+    }
+
     /// The mapped values, writable.
     pub fn as_mut_slice(&mut self) -> &mut [u32] {
         // SAFETY: as in `as_slice`; `&mut self` makes this the only userspace reference.

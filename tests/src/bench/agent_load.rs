@@ -47,9 +47,9 @@
 //!   an X25519 product each: 1.05 GiB and ≈ 17 s of CPU for 100k peers up front).
 //! - Dataplane (`capybara_agent::dataplane::peers`): new peers written with batch syscalls
 //!   (four per 65 536 peers instead of six per peer); range flags from a count instead of a
-//!   scan of every allowed IP per peer (quadratic); a copy of `CAPY_PEERS` so that the policy
-//!   pass reads gates and limits without syscalls and skips writes of unchanged values
-//!   (300 000 `bpf(2)` calls at start before).
+//!   scan of every allowed IP per peer (quadratic); a copy of `CAPY_PEERS` (since layout 8 the
+//!   mapped `CAPY_PEER_HOT` itself) so that the policy pass reads gates and limits without
+//!   syscalls and skips writes of unchanged values (300 000 `bpf(2)` calls at start before).
 //! - Memory: the blocklists' DIR tables (2 × 128 MiB, resident in full as soon as mapped) are
 //!   mapped only while a generation is written or compared (`dataplane::lists`): 254 MiB of the
 //!   empty agent. The policy cache keeps the effective policy only of users the tick looks at

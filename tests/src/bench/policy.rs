@@ -4,9 +4,10 @@
 //! An in-process agent API (the real gRPC server on `127.0.0.1:0` with a write token, RocksDB in
 //! a temporary directory, the real dataplane on the benchmark's pins, the in-memory tunnel
 //! table). The change measured is a flow limit (`--flows`), which lives in the peers'
-//! `PeerInfo` map entries.
+//! `PeerInfo` (the policy half of their `CAPY_PEER_HOT` lines).
 //!
-//! The kernel's entries are watched through the pinned `CAPY_PEERS` map opened on its own, while
+//! The kernel's entries are watched through the pinned `CAPY_PEER_HOT` map (`CAPY_PEERS` until
+//! layout 7) opened on its own, while
 //! the call is in flight: a sample ends when the kernel holds the new value. The agent writes
 //! the maps right after its (unsynced) store write and before it waits for the WAL sync that
 //! makes the change durable; that wait is reported apart, as the whole call.
@@ -82,7 +83,7 @@ use capybara_agent::{
     store::Store,
 };
 
-use capybara_common::{maps as names, peer::PeerInfo};
+use capybara_common::{maps as names, peer::PeerHot};
 
 use nix::{
     sched::{CpuSet, sched_getaffinity, sched_setaffinity},
@@ -143,21 +144,21 @@ fn flows(n: u32) -> LimitsText {
     }
 }
 
-/// The pinned `CAPY_PEERS` map opened on its own: the benchmark watches the kernel's entries
+/// The pinned `CAPY_PEER_HOT` map opened on its own: the benchmark watches the kernel's entries
 /// through it, never through the agent's dataplane (whose lock and userspace copy of the map
 /// the agent itself uses).
-struct KernelPeers(Array<MapData, PeerInfo>);
+struct KernelPeers(Array<MapData, PeerHot>);
 
 impl KernelPeers {
     fn open(bpffs: &std::path::Path) -> Result<KernelPeers> {
-        let data = MapData::from_pin(capybara_agent::paths::map_pin(bpffs, names::PEERS))
-            .context("open the pinned CAPY_PEERS")?;
+        let data = MapData::from_pin(capybara_agent::paths::map_pin(bpffs, names::PEER_HOT))
+            .context("open the pinned CAPY_PEER_HOT")?;
         Ok(KernelPeers(Array::try_from(Map::Array(data))?))
     }
 
     /// Peer `id`'s flow limit as the kernel holds it.
     fn flow_limit(&self, id: u32) -> Result<Option<u32>> {
-        let info = self.0.get(&id, 0)?;
+        let info = self.0.get(&id, 0)?.info;
         Ok((info.flow_limit != 0).then_some(info.flow_limit))
     }
 }
