@@ -75,7 +75,7 @@ use boringtun::{
     noise::{Tunn, TunnResult},
     x25519,
 };
-use capybara_agent::tunnel::{PrivateKey, PublicKey};
+use capybara_agent::tunnel::{PeerConfig, PrivateKey, PublicKey};
 use nix::sys::socket::{setsockopt, sockopt};
 
 use crate::{
@@ -139,6 +139,16 @@ impl LoadPeer {
         LoadPeer {
             key: PrivateKey::generate(),
             inner,
+        }
+    }
+
+    /// How the agent's tunnel knows this peer: its public key, its inner address as a /32.
+    pub fn peer_config(&self) -> PeerConfig {
+        PeerConfig {
+            public_key: self.key.public_key(),
+            preshared_key: None,
+            allowed_ips: vec![ipnet::Ipv4Net::from(self.inner).into()],
+            persistent_keepalive: None,
         }
     }
 }

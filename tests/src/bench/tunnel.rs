@@ -15,13 +15,16 @@
 //! three runs, so the ratios compare the servers; on a 2-core machine the client's own CPU
 //! use caps every figure.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
+};
 
 use anyhow::{Context as _, Result, bail};
 use capybara_agent::{
     dataplane::{Dataplane, DataplaneConfig},
     net::Cidr,
-    tunnel::{PeerConfig, PrivateKey, TunnelDeviceConfig, WgConfig},
+    tunnel::{PeerConfig, PrivateKey, PublicKey, TunnelDeviceConfig, WgConfig, WgTunnel},
 };
 
 use super::{
@@ -48,13 +51,119 @@ pub struct TunnelOptions {
 
 /// Which server a run measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Server {
+pub(super) enum Server {
     Agent,
     Process(Implementation),
 }
 
 /// The WireGuard port of the baseline servers (inside their own namespace).
 const PORT: u16 = 51820;
+
+/// A WireGuard server of one [`Server`] kind in its namespace, knowing its peers by public key
+/// and inner /32. The agent's tunnel runs in this process with the TC programs attached to its
+/// device and every peer known to the dataplane (ids 1, 2, …), so a figure includes the kernel
+/// pipeline the agent runs. Fields drop in order: the dataplane, then the server.
+pub(super) struct BenchServer {
+    pub dataplane: Option<Dataplane>,
+    process: Option<WgProcess>,
+    /// Held for its lifetime: the tunnel stops when it drops.
+    _agent: Option<WgTunnel>,
+    /// The server's public key.
+    pub key: PublicKey,
+    /// Its WireGuard port.
+    pub port: u16,
+}
+
+impl BenchServer {
+    /// Starts `server` in `ns` with the inner address `inner`/24 and `peers`; the agent's
+    /// dataplane pins go to `pin_dir`, its TUN device opens with `offload`.
+    pub(super) fn start(
+        server: Server,
+        ns: &NetNs,
+        inner: Ipv4Addr,
+        peers: &[(PublicKey, Ipv4Addr)],
+        offload: bool,
+        pin_dir: PathBuf,
+    ) -> Result<BenchServer> {
+        match server {
+            Server::Agent => {
+                let t = start_tunnel(
+                    ns,
+                    WgConfig {
+                        uapi_dir: None,
+                        ..WgConfig::new(
+                            TunnelDeviceConfig {
+                                name: unique_name("bw"),
+                                ipv4: Some((inner, 24)),
+                                ipv6: None,
+                                mtu: 1420,
+                                offload,
+                            },
+                            PORT,
+                            PrivateKey::generate(),
+                        )
+                    },
+                );
+                t.add_peers(
+                    peers
+                        .iter()
+                        .map(|(key, addr)| PeerConfig {
+                            public_key: *key,
+                            preshared_key: None,
+                            allowed_ips: vec![ipnet::Ipv4Net::from(*addr).into()],
+                            persistent_keepalive: None,
+                        })
+                        .collect(),
+                )?;
+                std::fs::create_dir_all(&pin_dir)?;
+                let mut dp = Dataplane::open(DataplaneConfig {
+                    bpffs_dir: pin_dir,
+                    tunnel_l2_hlen: 0,
+                })
+                .context("open the dataplane for the tunnel benchmark")?;
+                ns.run(|| dp.attach_tc(t.name()))
+                    .context("attach TC to the tunnel")?;
+                for (i, (_, addr)) in peers.iter().enumerate() {
+                    dp.add_peer(i as u32 + 1, &[Cidr::host(IpAddr::V4(*addr))])?;
+                }
+                Ok(BenchServer {
+                    dataplane: Some(dp),
+                    process: None,
+                    key: t.public_key(),
+                    port: t.listen_port(),
+                    _agent: Some(t),
+                })
+            }
+            Server::Process(implementation) => {
+                let p = WgProcess::start(ns, implementation, "bs");
+                let mut conf = format!(
+                    "[Interface]\nPrivateKey = {}\nListenPort = {PORT}\n",
+                    p.private_key.to_base64()
+                );
+                for (key, addr) in peers {
+                    conf += &format!(
+                        "\n[Peer]\nPublicKey = {}\nAllowedIPs = {addr}/32\n",
+                        key.to_base64()
+                    );
+                }
+                p.setconf(&conf);
+                p.up(ns, &[&format!("{inner}/24")]);
+                Ok(BenchServer {
+                    dataplane: None,
+                    key: p.public_key(),
+                    port: PORT,
+                    process: Some(p),
+                    _agent: None,
+                })
+            }
+        }
+    }
+
+    /// The baseline's process id (`None` for the agent's tunnel, which runs in this process).
+    pub(super) fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(WgProcess::pid)
+    }
+}
 
 fn inner(net: u8, host: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, net, 1, host)
@@ -68,62 +177,16 @@ fn measure(server: Server, net: u8, pins: &BenchPins, opts: TunnelOptions) -> Re
     let client = WgProcess::start(&c, Implementation::WireguardGo, "bc");
     let server_v4 = inner(net + 1, 1);
     let client_v4 = inner(net + 1, 2);
-    let client_net = format!("{client_v4}/32");
 
-    // Declared here so they live (and drop) with this run.
-    let mut agent = None;
-    let mut process = None;
-    let mut dataplane = None;
-    let (server_key, port) = match server {
-        Server::Agent => {
-            let key = PrivateKey::generate();
-            let t = start_tunnel(
-                &s,
-                WgConfig {
-                    uapi_dir: None,
-                    ..WgConfig::new(
-                        TunnelDeviceConfig {
-                            name: unique_name("bw"),
-                            ipv4: Some((server_v4, 24)),
-                            ipv6: None,
-                            mtu: 1420,
-                            offload: opts.offload,
-                        },
-                        PORT,
-                        key,
-                    )
-                },
-            );
-            t.add_peer(PeerConfig {
-                public_key: client.public_key(),
-                preshared_key: None,
-                allowed_ips: vec![client_net.parse()?],
-                persistent_keepalive: None,
-            })?;
-            let dir = pins.path().join(format!("tunnel{net}"));
-            std::fs::create_dir_all(&dir)?;
-            let mut dp = Dataplane::open(DataplaneConfig {
-                bpffs_dir: dir,
-                tunnel_l2_hlen: 0,
-            })
-            .context("open the dataplane for the tunnel benchmark")?;
-            s.run(|| dp.attach_tc(t.name()))
-                .context("attach TC to the tunnel")?;
-            dp.add_peer(1, &[Cidr::host(IpAddr::V4(client_v4))])?;
-            dataplane = Some(dp);
-            let port = t.listen_port();
-            agent = Some(t);
-            (key.public_key(), port)
-        }
-        Server::Process(implementation) => {
-            let p = WgProcess::start(&s, implementation, "bs");
-            p.set_peer(Some(PORT), &client.public_key(), None, &[&client_net], None);
-            p.up(&s, &[&format!("{server_v4}/24")]);
-            let key = p.public_key();
-            process = Some(p);
-            (key, PORT)
-        }
-    };
+    let server_ = BenchServer::start(
+        server,
+        &s,
+        server_v4,
+        &[(client.public_key(), client_v4)],
+        opts.offload,
+        pins.path().join(format!("tunnel{net}")),
+    )?;
+    let (server_key, port) = (server_.key, server_.port);
     client.set_peer(
         None,
         &server_key,
@@ -158,7 +221,7 @@ fn measure(server: Server, net: u8, pins: &BenchPins, opts: TunnelOptions) -> Re
             ..IperfTcp::default()
         },
     );
-    if let Some(dp) = &dataplane {
+    if let Some(dp) = &server_.dataplane {
         let st = dp.peer_stats(1)?;
         progress!(
             "agent: the kernel counted {} bytes from the client ({} skbs)",
@@ -166,7 +229,7 @@ fn measure(server: Server, net: u8, pins: &BenchPins, opts: TunnelOptions) -> Re
             st.rx_packets
         );
     }
-    drop((agent, process, dataplane));
+    drop(server_);
     Ok(r.received_bps / 1e6)
 }
 

@@ -84,26 +84,23 @@
 //! a core of its own, is the next step on a bigger machine.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddrV4},
     sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
 
-use anyhow::{Context as _, Result};
-use capybara_agent::{
-    dataplane::{Dataplane, DataplaneConfig},
-    net::Cidr,
-    tunnel::{PeerConfig, PrivateKey, TunnelDeviceConfig, WgConfig},
+use super::{
+    BenchPins, Figure, Selection, median,
+    tunnel::{BenchServer, Server},
 };
-
-use super::{BenchPins, Figure, Selection, median};
 use crate::{
     cpu,
     loadgen::{self, Direction, LoadResult, LoadSpec},
-    netns::{NetNs, VethPair, unique_name},
+    netns::{NetNs, VethPair},
     progress,
-    wg::{Implementation, WgProcess, start_tunnel},
+    wg::Implementation,
 };
+use anyhow::{Context as _, Result};
 
 /// This module's name for `--filter`.
 pub const GROUP: &str = "tunnel_cpu";
@@ -114,8 +111,6 @@ pub const RUNS: usize = 3;
 pub const SECONDS: f64 = 2.5;
 /// Inner packet length: the tunnels' MTU.
 pub const PACKET_LEN: usize = 1420;
-/// The WireGuard port of the baseline servers.
-const PORT: u16 = 51820;
 
 /// The three servers, in figure-name order.
 const SERVERS: [Server; 3] = [
@@ -159,13 +154,6 @@ pub const TUNNEL_CPU_VS_BORINGTUN_CLI: &str = "tunnel_cpu_vs_boringtun_cli";
 /// `tunnel_cpu_vs_wireguard_go`: ours / wireguard-go's CPU per Gbit.
 pub const TUNNEL_CPU_VS_WIREGUARD_GO: &str = "tunnel_cpu_vs_wireguard_go";
 
-/// Which server a run measures.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Server {
-    Agent,
-    Process(Implementation),
-}
-
 /// One run's outcome.
 #[derive(Debug, Clone, Copy)]
 struct Run {
@@ -198,83 +186,24 @@ fn measure(
     let server_inner = Ipv4Addr::new(10, inner_net, 1, 1);
     let load_peers = loadgen::peers(inner_net, 2, peers);
 
-    // Declared here so they live (and drop) with this run.
-    let mut agent = None;
-    let mut process = None;
-    let mut dataplane = None;
-    let (server_key, port) = match server {
-        Server::Agent => {
-            let key = PrivateKey::generate();
-            let t = start_tunnel(
-                &s,
-                WgConfig {
-                    uapi_dir: None,
-                    ..WgConfig::new(
-                        TunnelDeviceConfig {
-                            name: unique_name("pw"),
-                            ipv4: Some((server_inner, 24)),
-                            ipv6: None,
-                            mtu: 1420,
-                            offload: capybara_agent::tunnel::DEFAULT_OFFLOAD,
-                        },
-                        PORT,
-                        key,
-                    )
-                },
-            );
-            t.add_peers(
-                load_peers
-                    .iter()
-                    .map(|p| PeerConfig {
-                        public_key: p.key.public_key(),
-                        preshared_key: None,
-                        allowed_ips: vec![format!("{}/32", p.inner).parse().expect("a /32")],
-                        persistent_keepalive: None,
-                    })
-                    .collect(),
-            )?;
-            let dir = pins.path().join(format!(
-                "tunnel_cpu{}",
-                RUN_ID.fetch_add(1, Ordering::Relaxed)
-            ));
-            std::fs::create_dir_all(&dir)?;
-            let mut dp = Dataplane::open(DataplaneConfig {
-                bpffs_dir: dir,
-                tunnel_l2_hlen: 0,
-            })
-            .context("open the dataplane for the tunnel CPU benchmark")?;
-            s.run(|| dp.attach_tc(t.name()))
-                .context("attach TC to the tunnel")?;
-            for (i, p) in load_peers.iter().enumerate() {
-                dp.add_peer(i as u32 + 1, &[Cidr::host(IpAddr::V4(p.inner))])?;
-            }
-            dataplane = Some(dp);
-            let port = t.listen_port();
-            agent = Some(t);
-            (key.public_key(), port)
-        }
-        Server::Process(implementation) => {
-            let p = WgProcess::start(&s, implementation, "ps");
-            let mut conf = format!(
-                "[Interface]\nPrivateKey = {}\nListenPort = {PORT}\n",
-                p.private_key.to_base64()
-            );
-            for lp in &load_peers {
-                conf += &format!(
-                    "\n[Peer]\nPublicKey = {}\nAllowedIPs = {}/32\n",
-                    lp.key.public_key().to_base64(),
-                    lp.inner
-                );
-            }
-            p.setconf(&conf);
-            p.up(&s, &[&format!("{server_inner}/24")]);
-            let key = p.public_key();
-            process = Some(p);
-            (key, PORT)
-        }
-    };
+    let peer_addrs: Vec<_> = load_peers
+        .iter()
+        .map(|p| (p.key.public_key(), p.inner))
+        .collect();
+    let bench_server = BenchServer::start(
+        server,
+        &s,
+        server_inner,
+        &peer_addrs,
+        capybara_agent::tunnel::DEFAULT_OFFLOAD,
+        pins.path().join(format!(
+            "tunnel_cpu{}",
+            RUN_ID.fetch_add(1, Ordering::Relaxed)
+        )),
+    )?;
+    let (server_key, port) = (bench_server.key, bench_server.port);
     let server_outer = veth.a.v4;
-    let pid = process.as_ref().map(WgProcess::pid);
+    let pid = bench_server.pid();
     let server_cpu = move || -> Result<Duration> {
         match pid {
             Some(pid) => cpu::process(pid),
@@ -317,7 +246,7 @@ fn measure(
         r.rounds,
         r.wall.as_secs_f64()
     );
-    drop((agent, process, dataplane));
+    drop(bench_server);
     Ok(run)
 }
 

@@ -24,12 +24,12 @@
 use std::{net::SocketAddrV4, time::Duration};
 
 use anyhow::{Context as _, Result};
-use capybara_agent::tunnel::{PeerConfig, PrivateKey, TunnelDeviceConfig, WgConfig};
+use capybara_agent::tunnel::{PrivateKey, TunnelDeviceConfig, WgConfig};
 
 use super::{Figure, Selection, median};
 use crate::{
     cpu,
-    loadgen::{self, Direction, LoadSpec},
+    loadgen::{self, Direction, LoadPeer, LoadSpec},
     netns::{NetNs, VethPair, unique_name},
     progress,
     wg::start_tunnel,
@@ -86,17 +86,7 @@ fn measure(workers: usize, seconds: f64) -> Result<f64> {
     );
     let peers = loadgen::peers(inner, 2, PEERS);
     tunnel
-        .add_peers(
-            peers
-                .iter()
-                .map(|p| PeerConfig {
-                    public_key: p.key.public_key(),
-                    preshared_key: None,
-                    allowed_ips: vec![format!("{}/32", p.inner).parse().expect("a /32")],
-                    persistent_keepalive: None,
-                })
-                .collect(),
-        )
+        .add_peers(peers.iter().map(LoadPeer::peer_config).collect())
         .context("add the 16 peers")?;
     let server_cpu = || cpu::threads("wg-").map(|(t, _)| t);
     let r = loadgen::run(&LoadSpec {
