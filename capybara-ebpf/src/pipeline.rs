@@ -207,15 +207,24 @@ fn try_tunnel(ctx: &TcContext, dir: &Direction, l2: usize, bytes: u64) -> Result
     // `capybara_common::peer::PeerHot`), used by the steps below: looked up once. The clock is
     // read once for the gate deadline, the flow table and events (it was read up to three times
     // per packet).
+    //
+    // `hot` is null for an unknown peer, never undefined: built as `Option::map` over the
+    // lookup, the `None` case left the pointer undefined, and LLVM spilled it from a register
+    // a helper call had clobbered, which the verifier refuses ("R5 !read_ok"; it happened when
+    // the GSO accounting and this line met, issue 23).
+    let hot = match peer {
+        Some(id) => PEER_HOT.get_ptr_mut(id).unwrap_or(core::ptr::null_mut()),
+        None => core::ptr::null_mut(),
+    };
     let known = match peer {
-        Some(id) => PEER_HOT.get_ptr_mut(id).map(|hot| Known {
+        Some(id) if !hot.is_null() => Some(Known {
             id,
             // SAFETY: a field address inside the element of a successful array lookup.
             info: unsafe { &raw const (*hot).info },
             hot,
             now_ns: gate::now_ns(),
         }),
-        None => None,
+        _ => None,
     };
 
     // 2. Admission gate (known peers only), before accounting and the blocklists.
