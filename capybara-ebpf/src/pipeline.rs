@@ -213,7 +213,7 @@ fn try_tunnel(ctx: &TcContext, dir: &Direction, l2: usize, bytes: u64) -> Result
     // a helper call had clobbered, which the verifier refuses ("R5 !read_ok"; it happened when
     // the GSO accounting and this line met, issue 23).
     let hot = match peer {
-        Some(id) => PEER_HOT.get_ptr_mut(id).unwrap_or(core::ptr::null_mut()),
+        Some(id) => PEER_HOT.get_ptr_mut(id).unwrap_or_default(),
         None => core::ptr::null_mut(),
     };
     let known = match peer {
