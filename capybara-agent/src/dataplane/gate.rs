@@ -3,9 +3,9 @@
 //! `capybara_common::gate`).
 //!
 //! - [`Dataplane::set_gate`] stores the changed fields of the peer's policy through the
-//!   agent's mapping, deadline before gate when admitting and gate first when holding
-//!   (`capybara_common::peer::PeerHot`): the kernel sees the peer admitted or held, never
-//!   admitted under a deadline that is not the decision's.
+//!   agent's mapping: deadline before gate when admitting; when holding, the gate (then the
+//!   flags) and the deadline left as it was (`capybara_common::peer::PeerHot`): the kernel sees
+//!   the peer admitted or held, never admitted under a deadline that is not the decision's.
 //! - A held peer's packets are dropped in both directions and counted under its reason, except
 //!   TCP/UDP between the peer and one of the server's tunnel addresses on an endpoint port
 //!   ([`Dataplane::set_verification_endpoint`]).

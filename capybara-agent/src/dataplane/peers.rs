@@ -120,9 +120,13 @@ impl HotLines {
     /// Stores the fields of `new` that differ from what line `id` holds, one atomic store each,
     /// in the order `capybara_common::peer::PeerHot` states: the independent fields first;
     /// then, for a change that admits, flags and deadline before the gate, and for a change
-    /// that holds, the gate before flags and deadline. Returns whether anything was stored.
-    pub(super) fn write_info(&self, id: PeerId, new: PeerInfo) -> bool {
+    /// that holds, the gate before the flags, the deadline kept as it was (see `PeerHot`).
+    /// Returns whether anything was stored.
+    pub(super) fn write_info(&self, id: PeerId, mut new: PeerInfo) -> bool {
         let old = self.info(id);
+        if new.gate != GATE_ADMITTED {
+            new.deadline_ns = old.deadline_ns;
+        }
         if old == new {
             return false;
         }
@@ -135,19 +139,16 @@ impl HotLines {
         put(hot::FLOW_LIMIT, new.flow_limit, old.flow_limit);
         put(hot::SHAPE_TX, new.shape_tx, old.shape_tx);
         put(hot::SHAPE_RX, new.shape_rx, old.shape_rx);
-        let admission = || {
+        if new.gate == GATE_ADMITTED {
             put(hot::FLAGS, new.flags, old.flags);
             if new.deadline_ns != old.deadline_ns {
                 self.word64(id, hot::DEADLINE_NS)
                     .store(new.deadline_ns, Ordering::Release);
             }
-        };
-        if new.gate == GATE_ADMITTED {
-            admission();
             put(hot::GATE, new.gate, old.gate);
         } else {
             put(hot::GATE, new.gate, old.gate);
-            admission();
+            put(hot::FLAGS, new.flags, old.flags);
         }
         true
     }
