@@ -35,6 +35,7 @@ pub mod logging;
 pub mod metrics;
 pub mod net;
 pub mod paths;
+pub mod proxy;
 pub mod scheduler;
 pub mod service;
 pub mod store;

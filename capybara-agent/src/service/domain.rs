@@ -31,6 +31,14 @@ pub enum ValidationError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// A protocol other than `wireguard`, `shadowsocks` or `vless`.
+    #[error("{field}: unknown protocol {value:?} (expected wireguard, shadowsocks or vless)")]
+    Protocol {
+        /// The field.
+        field: &'static str,
+        /// The input.
+        value: String,
+    },
     /// A scope other than `read`, `write` or `admin`.
     #[error("{field}: unknown scope {value:?} (expected read, write or admin)")]
     Scope {
@@ -155,7 +163,8 @@ impl ValidationError {
             | ValidationError::MissingEither { field, .. }
             | ValidationError::Conflict { field, .. }
             | ValidationError::SessionId { field, .. }
-            | ValidationError::Policy { field, .. } => field,
+            | ValidationError::Policy { field, .. }
+            | ValidationError::Protocol { field, .. } => field,
         }
     }
 }
@@ -536,6 +545,51 @@ pub fn country(field: &'static str, s: &str) -> Result<crate::geo::CountryCode, 
         field,
         value: s.to_owned(),
     })
+}
+
+/// A protocol a user may connect with. WireGuard devices are [`Peer`]s; a user's Shadowsocks
+/// and VLESS access is one proxy identity per protocol (`crate::proxy`), with a dense id of the
+/// same id space as devices, so its kernel line carries the user's policy as a device's does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// WireGuard (the tunnel, `crate::tunnel`).
+    Wireguard,
+    /// Shadowsocks (AEAD), `crate::proxy::shadowsocks`.
+    Shadowsocks,
+    /// VLESS over TLS, `crate::proxy::vless`.
+    Vless,
+}
+
+impl Protocol {
+    /// Every protocol, in the order they are listed.
+    pub const ALL: [Protocol; 3] = [Protocol::Wireguard, Protocol::Shadowsocks, Protocol::Vless];
+
+    /// Parses `wireguard`, `shadowsocks` or `vless`, given in `field`.
+    pub fn parse(field: &'static str, s: &str) -> Result<Protocol, ValidationError> {
+        Protocol::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| ValidationError::Protocol {
+                field,
+                value: s.to_owned(),
+            })
+    }
+
+    /// The name used in the CLI, the API, history and webhooks.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Wireguard => "wireguard",
+            Protocol::Shadowsocks => "shadowsocks",
+            Protocol::Vless => "vless",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A user.

@@ -1,0 +1,193 @@
+//! The open proxied connections, by identity: listed for `connections`, cut by `kick`, a hold
+//! or an identity's removal. An endpoint registers each authenticated connection
+//! ([`Registry::open`]) and relays until its [`Conn::cut`] fires; dropping the [`Conn`]
+//! unregisters it.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::SystemTime,
+};
+
+use capybara_common::peer::PeerId;
+use tokio_util::sync::CancellationToken;
+
+use super::{Identity, Target};
+
+/// A connection's id, unique for the agent's life.
+pub type ConnId = u64;
+
+/// What is known of an open connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnInfo {
+    /// Its id.
+    pub conn: ConnId,
+    /// Whose.
+    pub identity: Identity,
+    /// The client's address.
+    pub source: SocketAddr,
+    /// Where it goes.
+    pub target: Target,
+    /// When it was opened.
+    pub opened_at: SystemTime,
+}
+
+struct Entry {
+    info: ConnInfo,
+    cut: CancellationToken,
+}
+
+/// The open connections of all endpoints.
+#[derive(Default)]
+pub struct Registry {
+    next: AtomicU64,
+    by_id: Mutex<HashMap<PeerId, HashMap<ConnId, Entry>>>,
+}
+
+/// A registered connection; unregistered when dropped.
+pub struct Conn {
+    registry: Arc<Registry>,
+    id: PeerId,
+    conn: ConnId,
+    cut: CancellationToken,
+}
+
+impl Conn {
+    /// Its id.
+    pub fn id(&self) -> ConnId {
+        self.conn
+    }
+
+    /// Fires when the connection is cut.
+    pub fn cut(&self) -> &CancellationToken {
+        &self.cut
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        let mut by_id = self.registry.by_id.lock().expect("registry lock");
+        if let Some(conns) = by_id.get_mut(&self.id) {
+            conns.remove(&self.conn);
+            if conns.is_empty() {
+                by_id.remove(&self.id);
+            }
+        }
+    }
+}
+
+impl Registry {
+    /// Registers a connection of `identity`.
+    pub fn open(
+        self: &Arc<Self>,
+        identity: Identity,
+        source: SocketAddr,
+        target: Target,
+        opened_at: SystemTime,
+    ) -> Conn {
+        let conn = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let cut = CancellationToken::new();
+        let id = identity.id;
+        let info = ConnInfo {
+            conn,
+            identity,
+            source,
+            target,
+            opened_at,
+        };
+        self.by_id
+            .lock()
+            .expect("registry lock")
+            .entry(id)
+            .or_default()
+            .insert(
+                conn,
+                Entry {
+                    info,
+                    cut: cut.clone(),
+                },
+            );
+        Conn {
+            registry: Arc::clone(self),
+            id,
+            conn,
+            cut,
+        }
+    }
+
+    /// Cuts every open connection of identity `id`; returns how many.
+    pub fn cut(&self, id: PeerId) -> usize {
+        let by_id = self.by_id.lock().expect("registry lock");
+        by_id.get(&id).map_or(0, |conns| {
+            conns.values().for_each(|e| e.cut.cancel());
+            conns.len()
+        })
+    }
+
+    /// Cuts connection `conn`; whether it was open.
+    pub fn cut_conn(&self, conn: ConnId) -> bool {
+        let by_id = self.by_id.lock().expect("registry lock");
+        by_id
+            .values()
+            .find_map(|conns| conns.get(&conn))
+            .map(|e| e.cut.cancel())
+            .is_some()
+    }
+
+    /// The open connections, by id.
+    pub fn list(&self) -> Vec<ConnInfo> {
+        let by_id = self.by_id.lock().expect("registry lock");
+        let mut all: Vec<ConnInfo> = by_id
+            .values()
+            .flat_map(|conns| conns.values().map(|e| e.info.clone()))
+            .collect();
+        all.sort_by_key(|c| c.conn);
+        all
+    }
+
+    /// How many connections identity `id` has open.
+    pub fn open_count(&self, id: PeerId) -> usize {
+        let by_id = self.by_id.lock().expect("registry lock");
+        by_id.get(&id).map_or(0, HashMap::len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::domain::{Protocol, UserName};
+
+    fn identity(id: PeerId) -> Identity {
+        Identity {
+            id,
+            user: UserName::parse("user", "alice").unwrap(),
+            protocol: Protocol::Shadowsocks,
+        }
+    }
+
+    #[test]
+    fn cut_fires_every_connection_of_the_identity_and_no_other() {
+        let r = Arc::new(Registry::default());
+        let src: SocketAddr = "127.0.0.1:1000".parse().unwrap();
+        let t = Target::Addr("127.0.0.1:80".parse().unwrap());
+        let a1 = r.open(identity(1), src, t.clone(), SystemTime::now());
+        let a2 = r.open(identity(1), src, t.clone(), SystemTime::now());
+        let b = r.open(identity(2), src, t, SystemTime::now());
+        assert_eq!(r.open_count(1), 2);
+        assert_eq!(r.cut(1), 2);
+        assert!(a1.cut().is_cancelled() && a2.cut().is_cancelled());
+        assert!(!b.cut().is_cancelled());
+        assert!(r.cut_conn(b.id()));
+        assert!(b.cut().is_cancelled());
+        drop((a1, a2));
+        assert_eq!(r.open_count(1), 0);
+        assert_eq!(r.list().len(), 1);
+        drop(b);
+        assert!(r.list().is_empty());
+        assert!(!r.cut_conn(3));
+    }
+}

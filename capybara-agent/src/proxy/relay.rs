@@ -1,0 +1,221 @@
+//! Connecting upstream and relaying a proxied connection both ways.
+//!
+//! The upstream socket is made and bound to the identity ([`super::Kernel::bind`]) before
+//! `connect`, so the kernel sees its first packet as the user's (flow limit, destination lists,
+//! quota). [`relay`] then copies both ways until either side closes or the connection is cut,
+//! counting what it moved for the session's record.
+
+use std::{
+    io,
+    net::SocketAddr,
+    os::fd::AsFd,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use capybara_common::peer::PeerId;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpSocket, TcpStream},
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{CloseReason, Kernel, SocketRole, Target};
+
+/// How long connecting to a destination may take (each of its addresses).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The relay's buffer per direction. 64 KiB: a TLS record or a Shadowsocks chunk (≤ 16 KiB of
+/// payload) never needs two reads, and a bulk transfer moves a GSO super-packet per call.
+pub const RELAY_BUFFER: usize = 64 * 1024;
+
+/// Resolves `target` and connects to its first address that answers, from a socket bound to
+/// `id` as [`SocketRole::Upstream`] before it sends anything.
+pub async fn connect_upstream(
+    target: &Target,
+    id: PeerId,
+    kernel: &dyn Kernel,
+) -> io::Result<TcpStream> {
+    let addrs: Vec<SocketAddr> = match target {
+        Target::Addr(a) => vec![*a],
+        Target::Domain(host, port) => tokio::net::lookup_host((host.as_str(), *port))
+            .await?
+            .collect(),
+    };
+    let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{target}: no address"));
+    for addr in addrs {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_nodelay(true)?;
+        kernel.bind(socket.as_fd(), id, SocketRole::Upstream)?;
+        match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(addr)).await {
+            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(e)) => last = e,
+            Err(_) => last = io::Error::new(io::ErrorKind::TimedOut, format!("{addr}: timed out")),
+        }
+    }
+    Err(last)
+}
+
+/// What a relay moved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Moved {
+    /// Bytes from the user (read from the client side, written upstream).
+    pub rx_bytes: u64,
+    /// Bytes to the user (read from upstream, written to the client side).
+    pub tx_bytes: u64,
+}
+
+/// Relays between the client side (the protocol's decrypted stream) and `upstream` until both
+/// directions are done, one fails, or `cut` fires. Returns what moved and why it ended.
+pub async fn relay<C>(
+    client: C,
+    mut upstream: TcpStream,
+    cut: &CancellationToken,
+) -> (Moved, CloseReason)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let rx = Arc::new(AtomicU64::new(0));
+    let tx = Arc::new(AtomicU64::new(0));
+    let mut client = Counting {
+        inner: client,
+        read: Arc::clone(&rx),
+        written: Arc::clone(&tx),
+    };
+    let reason = tokio::select! {
+        _ = tokio::io::copy_bidirectional_with_sizes(
+            &mut client, &mut upstream, RELAY_BUFFER, RELAY_BUFFER,
+        ) => CloseReason::Closed,
+        () = cut.cancelled() => CloseReason::Cut,
+    };
+    let moved = Moved {
+        rx_bytes: rx.load(Ordering::Relaxed),
+        tx_bytes: tx.load(Ordering::Relaxed),
+    };
+    (moved, reason)
+}
+
+/// A stream that counts what is read from it and written to it.
+struct Counting<C> {
+    inner: C,
+    read: Arc<AtomicU64>,
+    written: Arc<AtomicU64>,
+}
+
+impl<C: AsyncRead + Unpin> AsyncRead for Counting<C> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+impl<C: AsyncWrite + Unpin> AsyncWrite for Counting<C> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::BorrowedFd;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
+
+    struct Bound(std::sync::Mutex<Vec<(PeerId, SocketRole)>>);
+    impl Kernel for Bound {
+        fn bind(&self, _fd: BorrowedFd<'_>, id: PeerId, role: SocketRole) -> io::Result<()> {
+            self.0.lock().unwrap().push((id, role));
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn relays_both_ways_counts_and_stops_when_cut() {
+        // An echo server upstream that answers each read doubled.
+        let up = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up_addr = up.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = up.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            loop {
+                let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                s.write_all(&buf[..n]).await.unwrap();
+                s.write_all(&buf[..n]).await.unwrap();
+            }
+        });
+        let kernel = Bound(Default::default());
+        let upstream = connect_upstream(&Target::Addr(up_addr), 7, &kernel)
+            .await
+            .unwrap();
+        assert_eq!(*kernel.0.lock().unwrap(), [(7, SocketRole::Upstream)]);
+
+        let (mut user, client_side) = tokio::io::duplex(4096);
+        let cut = CancellationToken::new();
+        let cut2 = cut.clone();
+        let relay = tokio::spawn(async move { relay(client_side, upstream, &cut2).await });
+        user.write_all(b"hello").await.unwrap();
+        let mut got = [0u8; 10];
+        user.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hellohello");
+        cut.cancel();
+        let (moved, reason) = relay.await.unwrap();
+        assert_eq!(reason, CloseReason::Cut);
+        assert_eq!(
+            moved,
+            Moved {
+                rx_bytes: 5,
+                tx_bytes: 10
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_destination_is_an_error() {
+        // A port nobody listens on: bind one, learn it, close it.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        let kernel = Bound(Default::default());
+        let e = connect_upstream(&Target::Addr(addr), 1, &kernel)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+    }
+}
