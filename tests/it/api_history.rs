@@ -435,9 +435,10 @@ fn many_records(api: &TestApi, n: u64) {
                 user: "alice".into(),
                 device: "laptop".into(),
                 peer_id: 1,
-                public_key: PublicKey([4; 32]),
-                ipv4: "10.99.0.2".parse().unwrap(),
-                ipv6: "fd99::2".parse().unwrap(),
+                protocol: Default::default(),
+                public_key: Some(PublicKey([4; 32])),
+                ipv4: Some("10.99.0.2".parse().unwrap()),
+                ipv6: Some("fd99::2".parse().unwrap()),
                 start: now - 3600,
                 end: Some(now - 60),
                 endpoints: vec![EndpointSeen {
@@ -451,6 +452,7 @@ fn many_records(api: &TestApi, n: u64) {
         };
         b.put(Cf::Sessions, &s.session.id.key(), &s).unwrap();
         let a = AuthAttempt {
+            protocol: Default::default(),
             at: now - 60,
             source: "203.0.113.9:1".parse().unwrap(),
             public_key: None,

@@ -23,7 +23,7 @@ use super::{
 };
 use crate::service::{
     AuthAttempt, EndReason, HistoryPage, HistoryQuery, Pruned, Session,
-    domain::{PublicKey, Scope, SessionId, ValidationError},
+    domain::{Protocol, PublicKey, Scope, SessionId, ValidationError},
     history::{Counters, EndpointSeen, HistoryCursor},
 };
 
@@ -58,8 +58,8 @@ impl From<&Session> for pb::Session {
             user: s.user.clone(),
             device: s.device.clone(),
             peer_id: s.peer_id,
-            ipv4: s.ipv4.to_string(),
-            ipv6: s.ipv6.to_string(),
+            ipv4: s.ipv4.map(|a| a.to_string()).unwrap_or_default(),
+            ipv6: s.ipv6.map(|a| a.to_string()).unwrap_or_default(),
             start: s.start as i64,
             end: s.end.map_or(0, |e| e as i64),
             endpoints: s
@@ -73,7 +73,8 @@ impl From<&Session> for pb::Session {
             rx: Some(traffic_to_proto(s.traffic.rx)),
             tx: Some(traffic_to_proto(s.traffic.tx)),
             reason: reason_to_proto(s.reason) as i32,
-            public_key: s.public_key.to_string(),
+            public_key: s.public_key.map(|k| k.to_string()).unwrap_or_default(),
+            protocol: s.protocol.as_str().to_owned(),
         }
     }
 }
@@ -82,13 +83,35 @@ fn parse<T: std::str::FromStr>(field: &'static str, s: &str) -> Result<T, Answer
     s.parse().map_err(|_| AnswerError::Invalid { field })
 }
 
+/// `None` for an empty string, else what `f` makes of it.
+fn opt<T, E>(s: &str, f: impl FnOnce(&str) -> Result<T, E>) -> Result<Option<T>, AnswerError>
+where
+    AnswerError: From<E>,
+{
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        Ok(Some(f(s)?))
+    }
+}
+
+/// A protocol's name; empty (an older agent's answer) is WireGuard.
+fn protocol_from_proto(field: &'static str, s: &str) -> Result<Protocol, AnswerError> {
+    if s.is_empty() {
+        Ok(Protocol::Wireguard)
+    } else {
+        Ok(Protocol::parse(field, s)?)
+    }
+}
+
 impl TryFrom<pb::Session> for Session {
     type Error = AnswerError;
     fn try_from(s: pb::Session) -> Result<Session, AnswerError> {
         Ok(Session {
-            public_key: PublicKey::parse("session.public_key", &s.public_key)?,
-            ipv4: parse("session.ipv4", &s.ipv4)?,
-            ipv6: parse("session.ipv6", &s.ipv6)?,
+            protocol: protocol_from_proto("session.protocol", &s.protocol)?,
+            public_key: opt(&s.public_key, |k| PublicKey::parse("session.public_key", k))?,
+            ipv4: opt(&s.ipv4, |a| parse("session.ipv4", a))?,
+            ipv6: opt(&s.ipv6, |a| parse("session.ipv6", a))?,
             start: s.start.max(0) as u64,
             end: (s.end > 0).then_some(s.end as u64),
             endpoints: s
@@ -124,6 +147,7 @@ impl From<&AuthAttempt> for pb::AuthAttempt {
             count: a.count,
             prefix: a.prefix.map(|p| p.to_string()).unwrap_or_default(),
             first_seen: a.first_seen as i64,
+            protocol: a.protocol.as_str().to_owned(),
         }
     }
 }
@@ -147,6 +171,7 @@ impl TryFrom<pb::AuthAttempt> for AuthAttempt {
                 Some(parse("auth.prefix", &a.prefix)?)
             },
             first_seen: a.first_seen.max(0) as u64,
+            protocol: protocol_from_proto("auth.protocol", &a.protocol)?,
         })
     }
 }
@@ -382,6 +407,7 @@ mod tests {
         };
         assert_eq!(Session::try_from(pb::Session::from(&open)).unwrap(), open);
         let a = AuthAttempt {
+            protocol: Default::default(),
             at: 5,
             source: "[2001:db8::1]:51820".parse().unwrap(),
             public_key: None,

@@ -90,7 +90,8 @@ impl Connections for Api {
                 let peer = self
                     .call(move |s| s.monitor.kick_connection(&actor, id, only.as_ref()))
                     .await?;
-                vec![peer]
+                // A proxy session's kick cuts its connections and names no device.
+                peer.into_iter().collect()
             }
             (user_empty, _) => {
                 self.auth_restricted(&req, Scope::Write)?;

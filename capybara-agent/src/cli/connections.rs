@@ -111,6 +111,10 @@ async fn kick_connection(cli: &Cli, id: &str) -> Result<(), CliError> {
         for p in &peers {
             outln!("kicked connection {id} ({}/{})", p.user, p.device)?;
         }
+        if peers.is_empty() {
+            // A proxy protocol's session: its connections were cut.
+            outln!("kicked connection {id}")?;
+        }
     }
     Ok(())
 }

@@ -150,7 +150,7 @@ fn csv_field(s: &str) -> String {
 }
 
 /// The CSV export's header.
-const CSV_HEADER: &str = "kind,id,user,device,start,end,reason,endpoint,endpoints,rx_bytes,rx_packets,tx_bytes,tx_packets,public_key,count,prefix,first_seen\n";
+const CSV_HEADER: &str = "kind,id,user,device,start,end,reason,endpoint,endpoints,rx_bytes,rx_packets,tx_bytes,tx_packets,public_key,count,prefix,first_seen,protocol\n";
 
 fn csv_row(out: &mut String, cells: &[String]) {
     let line: Vec<String> = cells.iter().map(|c| csv_field(c)).collect();
@@ -183,10 +183,11 @@ fn csv_session(out: &mut String, s: &Session) {
             s.traffic.rx.packets.to_string(),
             s.traffic.tx.bytes.to_string(),
             s.traffic.tx.packets.to_string(),
-            s.public_key.to_string(),
+            s.public_key.map(|k| k.to_string()).unwrap_or_default(),
             String::new(),
             String::new(),
             String::new(),
+            s.protocol.to_string(),
         ],
     );
 }
@@ -213,6 +214,7 @@ fn csv_auth(out: &mut String, a: &AuthAttempt) {
             a.count.to_string(),
             a.prefix.map(|p| p.to_string()).unwrap_or_default(),
             time(if a.first_seen > 0 { a.first_seen } else { a.at }),
+            a.protocol.to_string(),
         ],
     );
 }
@@ -547,6 +549,7 @@ mod tests {
                 ..Session::sample(0, 60, EndReason::Kicked)
             }],
             auth_attempts: vec![AuthAttempt {
+                protocol: Default::default(),
                 at: 0,
                 source: "203.0.113.9:1".parse().unwrap(),
                 public_key: None,
@@ -559,7 +562,10 @@ mod tests {
         let text = csv(&page);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3, "{text}");
-        assert_eq!(lines[0].split(',').count(), 17);
+        // 17 columns, and since proxies the protocol (last, so older columns keep their place).
+        assert_eq!(lines[0].split(',').count(), 18);
+        assert!(lines[0].ends_with(",protocol"));
+        assert!(lines[1].ends_with(",wireguard") && lines[2].ends_with(",wireguard"));
         assert!(lines[1].starts_with("session,0000000000000001-00000002,alice,\"lap,top\",1970-01-01T00:00:00Z,1970-01-01T00:01:00Z,kicked,192.0.2.1:5,"));
         assert!(lines[1].contains(",300,3,400,4,"), "{}", lines[1]);
         assert!(lines[2].starts_with("auth,,,,1970-01-01T00:00:00Z,,unknown-key,203.0.113.9:1,"));
@@ -605,6 +611,7 @@ mod tests {
     fn sample_page() -> HistoryPage {
         let s = Session::sample(0, 60, EndReason::Kicked);
         let a = AuthAttempt {
+            protocol: Default::default(),
             at: 9,
             source: "203.0.113.9:1".parse().unwrap(),
             public_key: None,

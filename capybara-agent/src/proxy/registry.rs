@@ -17,6 +17,7 @@ use capybara_common::peer::PeerId;
 use tokio_util::sync::CancellationToken;
 
 use super::{Identity, Target};
+use crate::service::domain::UserName;
 
 /// A connection's id, unique for the agent's life.
 pub type ConnId = u64;
@@ -128,6 +129,26 @@ impl Registry {
         })
     }
 
+    /// Cuts every open connection of `user` (all protocols); returns how many.
+    pub fn cut_user(&self, user: &UserName) -> usize {
+        let by_id = self.by_id.lock().expect("registry lock");
+        by_id
+            .values()
+            .flat_map(HashMap::values)
+            .filter(|e| e.info.identity.user == *user)
+            .map(|e| e.cut.cancel())
+            .count()
+    }
+
+    /// The identity whose id is `id`, while it has a connection open.
+    pub fn identity(&self, id: PeerId) -> Option<Identity> {
+        let by_id = self.by_id.lock().expect("registry lock");
+        by_id
+            .get(&id)
+            .and_then(|conns| conns.values().next())
+            .map(|e| e.info.identity.clone())
+    }
+
     /// Cuts connection `conn`; whether it was open.
     pub fn cut_conn(&self, conn: ConnId) -> bool {
         let by_id = self.by_id.lock().expect("registry lock");
@@ -159,7 +180,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::service::domain::{Protocol, UserName};
+    use crate::service::domain::Protocol;
 
     fn identity(id: PeerId) -> Identity {
         Identity {
@@ -178,6 +199,7 @@ mod tests {
         let a2 = r.open(identity(1), src, t.clone(), SystemTime::now());
         let b = r.open(identity(2), src, t, SystemTime::now());
         assert_eq!(r.open_count(1), 2);
+        assert_eq!(r.identity(1), Some(identity(1)));
         assert_eq!(r.cut(1), 2);
         assert!(a1.cut().is_cancelled() && a2.cut().is_cancelled());
         assert!(!b.cut().is_cancelled());

@@ -466,7 +466,7 @@ impl Alerts {
         if let Some(p) = &peer {
             n.ip = self.endpoint(p).map(|e| e.ip());
             n.vpn_ip = Some(IpAddr::V4(p.ipv4));
-            n.protocol = Some(super::notify::PROTOCOL.to_owned());
+            n.protocol = Some(super::domain::Protocol::Wireguard.as_str().to_owned());
         }
         n.data = data;
         tracing::info!(event = %kind, user = ?n.user, percent = q.percent, bucket = q.bucket, "quota threshold");
@@ -492,7 +492,7 @@ impl Alerts {
             n.user = Some(p.user.to_string());
             n.ip = self.endpoint(p).map(|e| e.ip());
             n.vpn_ip = Some(IpAddr::V4(p.ipv4));
-            n.protocol = Some(super::notify::PROTOCOL.to_owned());
+            n.protocol = Some(super::domain::Protocol::Wireguard.as_str().to_owned());
         }
         n.data = serde_json::json!({
             "kind": "flow-limit-storm",
@@ -534,7 +534,7 @@ impl Alerts {
         let mut n = Notification::new(NotifyKind::SuspiciousActivity);
         n.at = at;
         n.ip = Some(sample.ip());
-        n.protocol = Some(super::notify::PROTOCOL.to_owned());
+        n.protocol = Some(super::domain::Protocol::Wireguard.as_str().to_owned());
         n.data = serde_json::json!({
             "kind": "auth-failures",
             "prefix": prefix.to_string(),

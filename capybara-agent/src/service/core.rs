@@ -101,6 +101,9 @@ pub struct Core {
     pub tunnel: Arc<dyn TunnelPort>,
     /// The service's configuration.
     pub cfg: ServiceConfig,
+    /// The proxy endpoints' open connections (`crate::proxy`): in-memory state the endpoints
+    /// register into and `kick` cuts; the daemon hands the same registry to the endpoints.
+    pub proxies: Arc<crate::proxy::registry::Registry>,
     /// Serialises mutations (validation, commit, programming); held across the write.
     pub writer: Mutex<()>,
     /// The next audit sequence number (advanced under `writer` once a batch is written).
@@ -151,6 +154,7 @@ impl Core {
             plane,
             tunnel,
             cfg,
+            proxies: Arc::default(),
             writer: Mutex::new(()),
             next_audit: AtomicU64::new(next_audit),
             events: tokio::sync::broadcast::channel(EVENT_BUS_CAPACITY).0,

@@ -550,10 +550,13 @@ pub fn country(field: &'static str, s: &str) -> Result<crate::geo::CountryCode, 
 /// A protocol a user may connect with. WireGuard devices are [`Peer`]s; a user's Shadowsocks
 /// and VLESS access is one proxy identity per protocol (`crate::proxy`), with a dense id of the
 /// same id space as devices, so its kernel line carries the user's policy as a device's does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
-    /// WireGuard (the tunnel, `crate::tunnel`).
+    /// WireGuard (the tunnel, `crate::tunnel`); what records written before proxies say.
+    #[default]
     Wireguard,
     /// Shadowsocks (AEAD), `crate::proxy::shadowsocks`.
     Shadowsocks,

@@ -19,16 +19,19 @@ use super::domain::{PublicKey, SessionId};
 /// The open session of each connected device, by dataplane peer id.
 #[derive(Debug, Default)]
 pub struct LiveSessions {
-    open: Mutex<HashMap<PeerId, (SessionId, PublicKey)>>,
+    /// The device's key; `None` for a proxy identity's session.
+    open: Mutex<HashMap<PeerId, (SessionId, Option<PublicKey>)>>,
     /// Sessions opened since start, by device key (at most one entry per device ever seen).
     started: Mutex<HashMap<PublicKey, u64>>,
 }
 
 impl LiveSessions {
-    /// A session of the device with `key` opened.
-    pub fn opened(&self, id: SessionId, key: PublicKey) {
+    /// A session of the device with `key` opened (`None`: of a proxy identity).
+    pub fn opened(&self, id: SessionId, key: Option<PublicKey>) {
         self.open.lock().unwrap().insert(id.peer, (id, key));
-        *self.started.lock().unwrap().entry(key).or_default() += 1;
+        if let Some(key) = key {
+            *self.started.lock().unwrap().entry(key).or_default() += 1;
+        }
     }
 
     /// Sessions opened since the agent started, by device key.
@@ -50,12 +53,23 @@ impl LiveSessions {
             .lock()
             .unwrap()
             .get(&peer)
-            .filter(|(_, k)| k == key)
+            .filter(|(_, k)| k.as_ref() == Some(key))
             .map(|(id, _)| *id)
     }
 
-    /// The key of the device whose open session is `id`; `None` if that session is not open.
-    pub fn key_of(&self, id: SessionId) -> Option<PublicKey> {
+    /// The open session of proxy identity `id`.
+    pub fn of_proxy(&self, id: PeerId) -> Option<SessionId> {
+        self.open
+            .lock()
+            .unwrap()
+            .get(&id)
+            .filter(|(_, k)| k.is_none())
+            .map(|(s, _)| *s)
+    }
+
+    /// Whose session `id` is, if it is open: `Some(Some(key))` a device's, `Some(None)` a proxy
+    /// identity's (its id is `id.peer`); `None` if that session is not open.
+    pub fn key_of(&self, id: SessionId) -> Option<Option<PublicKey>> {
         self.open
             .lock()
             .unwrap()

@@ -227,6 +227,7 @@ impl Monitor {
             self.core.tunnel.kick(&p.public_key)?;
         }
         self.policy.forget_online(&peers);
+        let cut = self.core.proxies.cut_user(user);
         let mut batch = Batch::default();
         self.core.audit(
             &mut batch,
@@ -234,7 +235,7 @@ impl Monitor {
             "connection.kick",
             format!("user:{user}"),
             None,
-            to_json(&peers),
+            to_json(&serde_json::json!({ "peers": &peers, "proxy_connections": cut })),
         )?;
         self.core.commit(batch)?;
         Ok(peers)
@@ -251,10 +252,12 @@ impl Monitor {
         actor: &Actor,
         id: SessionId,
         only: Option<&UserName>,
-    ) -> Result<Peer, ServiceError> {
+    ) -> Result<Option<Peer>, ServiceError> {
         let _w = self.core.writer.lock().unwrap();
         let gone = || not_found("connection", id);
-        let key = self.live.key_of(id).ok_or_else(gone)?;
+        let Some(key) = self.live.key_of(id).ok_or_else(gone)? else {
+            return self.kick_proxy_session(actor, id, only).map(|()| None);
+        };
         let peer = self
             .dir
             .peer_by_key(&key)
@@ -275,7 +278,35 @@ impl Monitor {
             to_json(&serde_json::json!({ "connection": id, "peer": &peer })),
         )?;
         self.core.commit(batch)?;
-        Ok(peer)
+        Ok(Some(peer))
+    }
+
+    /// Ends the open session `id` of a proxy identity: cuts all its open connections (its next
+    /// connection is a new session). Audited as `connection.kick` of `proxy:<user>/<protocol>`.
+    fn kick_proxy_session(
+        &self,
+        actor: &Actor,
+        id: SessionId,
+        only: Option<&UserName>,
+    ) -> Result<(), ServiceError> {
+        let gone = || not_found("connection", id);
+        let identity = self
+            .core
+            .proxies
+            .identity(id.peer)
+            .filter(|i| only.is_none_or(|u| *u == i.user))
+            .ok_or_else(gone)?;
+        let cut = self.core.proxies.cut(id.peer);
+        let mut batch = Batch::default();
+        self.core.audit(
+            &mut batch,
+            actor,
+            "connection.kick",
+            format!("proxy:{}/{}", identity.user, identity.protocol),
+            None,
+            to_json(&serde_json::json!({ "connection": id, "proxy_connections": cut })),
+        )?;
+        self.core.commit(batch)
     }
 
     /// The tunnel saw a completed handshake of `key`: the device passes the gate again (a

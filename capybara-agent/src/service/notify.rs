@@ -11,7 +11,8 @@
 //!
 //! ## The sources
 //! Each event comes from one real source; `user`, `ip` (the device's public endpoint address),
-//! `vpn_ip` (its tunnel address) and `protocol` (`wireguard`) are set for events about a device.
+//! `vpn_ip` (its tunnel address; none for a proxy protocol) and `protocol` (`wireguard`,
+//! `shadowsocks`, `vless`) are set for events about a device.
 //! Latency is from the source's moment to [`Core::notify`](super::core::Core::notify); the
 //! bound is what a flood can make of it.
 //!
@@ -32,10 +33,7 @@ use std::{net::IpAddr, time::SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::domain::ValidationError;
-
-/// The `protocol` of events about a device (the only one the agent runs).
-pub const PROTOCOL: &str = "wireguard";
+use super::domain::{Protocol, ValidationError};
 
 /// What happened. The wire names are the design's (`user-connect`, …) plus `quota-warning`
 /// (80 % and 90 % of a quota) and `server-up` (recovery after `server-down`).
@@ -131,7 +129,7 @@ pub struct Notification {
     pub ip: Option<IpAddr>,
     /// The device's address inside the tunnel, if any.
     pub vpn_ip: Option<IpAddr>,
-    /// The protocol (`wireguard`), for events about a device.
+    /// The protocol (`wireguard`, `shadowsocks`, `vless`), for events about a device.
     pub protocol: Option<String>,
     /// The event's own fields (a JSON object; `null` for none).
     pub data: serde_json::Value,
@@ -151,14 +149,16 @@ impl Notification {
         }
     }
 
-    /// A notification of `kind` at `at` about a WireGuard device of `user`: its public
-    /// endpoint's address `ip` (if known) and its tunnel address `vpn_ip`; `data` as given.
+    /// A notification of `kind` at `at` about a device of `user` connecting by `protocol`:
+    /// its public address `ip` (if known) and its tunnel address `vpn_ip` (a WireGuard
+    /// device's; none for a proxy protocol); `data` as given.
     pub fn device(
         kind: NotifyKind,
         at: SystemTime,
         user: &str,
         ip: Option<IpAddr>,
-        vpn_ip: IpAddr,
+        vpn_ip: Option<IpAddr>,
+        protocol: Protocol,
         data: serde_json::Value,
     ) -> Notification {
         Notification {
@@ -166,8 +166,8 @@ impl Notification {
             at,
             user: Some(user.to_owned()),
             ip,
-            vpn_ip: Some(vpn_ip),
-            protocol: Some(PROTOCOL.to_owned()),
+            vpn_ip,
+            protocol: Some(protocol.as_str().to_owned()),
             data,
         }
     }

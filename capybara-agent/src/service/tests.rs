@@ -871,7 +871,7 @@ fn kicking_one_connection_ends_that_device_only_and_its_session_as_kicked() {
     let id = connection_id(&f, &a).unwrap();
     let gates_before = f.plane.state().gates;
     let kicked = f.svc.monitor.kick_connection(&root(), id, None).unwrap();
-    assert_eq!(kicked, a);
+    assert_eq!(kicked, Some(a.clone()));
     let gates = f.plane.state().gates;
     assert_eq!(gates[&a.id], Gate::Held(DropReason::GateKicked));
     for other in [&phone, &b] {
@@ -968,7 +968,7 @@ fn kick_by_connection_refuses_unknown_ids_and_other_users_to_a_restricted_caller
             audit_before
         );
     };
-    let not_found = |r: Result<domain::Peer, ServiceError>, id: domain::SessionId| {
+    let not_found = |r: Result<Option<domain::Peer>, ServiceError>, id: domain::SessionId| {
         let e = r.unwrap_err();
         assert!(
             matches!(&e, ServiceError::NotFound { what: "connection", name } if *name == id.to_string()),
@@ -1007,5 +1007,5 @@ fn kick_by_connection_refuses_unknown_ids_and_other_users_to_a_restricted_caller
         .monitor
         .kick_connection(&root(), id, Some(&u("alice")))
         .unwrap();
-    assert_eq!(kicked, a);
+    assert_eq!(kicked, Some(a));
 }

@@ -16,7 +16,16 @@
 //! Its endpoint is the source `ip:port` of the handshake; each later change (roaming, NAT
 //! rebinding) is appended with its time.
 //!
-//! ## Bytes
+//! ## Proxy sessions (Shadowsocks, VLESS)
+//! A proxy client opens a TCP connection per destination, often many short ones, so a session
+//! is not a connection: a user's session by a proxy protocol opens with its first connection
+//! (when it has none open and no session) and ends [`PROXY_SESSION_IDLE`] after its last
+//! connection closed (`idle`, the end being that last close), at once when its connections were
+//! cut by `kick` (`kicked`), or when the identity is removed (`removed`). Its device is the
+//! protocol's name, it has no key and no tunnel address, its endpoints are the client addresses
+//! seen (each new one appended), and its bytes are the kernel counters of the identity's line
+//! (the upstream sockets' IP bytes: `crate::proxy`), read the same way as a device's.
+//!
 //! Bytes and packets each way are the **kernel's per-peer counters** (the dataplane's
 //! `PeerStats`, the same numbers `capybara stats` shows): the counters when the session opened
 //! are kept in the record, and at the end the session's figures are the counters then minus
@@ -101,13 +110,14 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use capybara_common::peer::PeerId;
 use serde::{Deserialize, Serialize};
 
 use super::{
     ServiceError,
     core::{Core, now, to_json},
     directory::Directory,
-    domain::{Actor, PublicKey, SessionId, UserName, ValidationError},
+    domain::{Actor, Protocol, PublicKey, SessionId, UserName, ValidationError},
     live::LiveSessions,
     monitor::Traffic,
 };
@@ -133,6 +143,10 @@ pub const MAX_PAGE_SIZE: usize = 1000;
 
 /// Records a page looks at per list, matching the filter or not, before it returns.
 pub const MAX_SCANNED: usize = 100_000;
+
+/// A proxy session ends this long after its user's last connection by that protocol closed
+/// (see the module docs): a client between two page loads keeps its session.
+pub const PROXY_SESSION_IDLE: Duration = Duration::from_secs(60);
 
 /// Auth reports queued for the recorder before new ones are dropped (and counted).
 pub const AUTH_QUEUE: usize = 1024;
@@ -214,16 +228,19 @@ pub struct Session {
     pub id: SessionId,
     /// The user (a name: the user may since have been removed).
     pub user: String,
-    /// The device.
+    /// The device; for a proxy protocol's session, the protocol's name.
     pub device: String,
-    /// The dataplane peer id it had.
+    /// The dataplane peer id it had (a proxy identity's id for a proxy protocol).
     pub peer_id: u32,
-    /// The device's public key.
-    pub public_key: PublicKey,
-    /// The device's tunnel addresses.
-    pub ipv4: Ipv4Addr,
-    /// IPv6 tunnel address.
-    pub ipv6: Ipv6Addr,
+    /// How it connected.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// The device's public key; `None` for a proxy protocol.
+    pub public_key: Option<PublicKey>,
+    /// The device's tunnel addresses; `None` for a proxy protocol.
+    pub ipv4: Option<Ipv4Addr>,
+    /// IPv6 tunnel address; `None` for a proxy protocol.
+    pub ipv6: Option<Ipv6Addr>,
     /// Start, Unix seconds.
     pub start: u64,
     /// End, Unix seconds; `None` while open.
@@ -249,9 +266,10 @@ impl Session {
             user: "alice".into(),
             device: "laptop".into(),
             peer_id: 2,
-            public_key: crate::service::domain::PublicKey([7; 32]),
-            ipv4: "10.99.0.2".parse().unwrap(),
-            ipv6: "fd99::2".parse().unwrap(),
+            protocol: Protocol::Wireguard,
+            public_key: Some(crate::service::domain::PublicKey([7; 32])),
+            ipv4: Some("10.99.0.2".parse().unwrap()),
+            ipv6: Some("fd99::2".parse().unwrap()),
             start,
             end: Some(end),
             endpoints: vec![EndpointSeen {
@@ -281,8 +299,11 @@ pub struct AuthAttempt {
     pub at: u64,
     /// Where the last came from (a sample of the prefix).
     pub source: SocketAddr,
-    /// The last key claimed, if readable.
+    /// The last key claimed, if readable (WireGuard only).
     pub public_key: Option<PublicKey>,
+    /// The protocol of the endpoint that refused it.
+    #[serde(default)]
+    pub protocol: Protocol,
     /// `unknown-key`, `bad-mac`, `undecryptable` or `rejected`.
     pub reason: String,
     /// How many (1 for records written before counting).
@@ -352,6 +373,41 @@ pub enum SessionEvent {
         /// When.
         at: SystemTime,
     },
+    /// A proxy endpoint authenticated a connection of a user's identity.
+    ProxyOpened {
+        /// The identity's id.
+        id: PeerId,
+        /// Its user.
+        user: String,
+        /// Its protocol.
+        protocol: Protocol,
+        /// The client's address.
+        source: SocketAddr,
+        /// When.
+        at: SystemTime,
+    },
+    /// A proxied connection ended.
+    ProxyClosed {
+        /// The identity's id.
+        id: PeerId,
+        /// Whether it was cut (`kick`, a hold) rather than closed.
+        cut: bool,
+        /// When.
+        at: SystemTime,
+    },
+    /// A proxy endpoint refused a connection (wrong credential, malformed header, a held
+    /// user). Each is recorded, as a count of 1 for its source's prefix: unlike a handshake,
+    /// it took a TCP connection (and a TLS handshake for VLESS), so the source is not spoofed.
+    ProxyAuthFailed {
+        /// The endpoint's protocol.
+        protocol: Protocol,
+        /// Where it came from.
+        source: SocketAddr,
+        /// Why, e.g. `unknown-credential`.
+        reason: &'static str,
+        /// When.
+        at: SystemTime,
+    },
     /// The first failed handshake of a source prefix in an interval (rate-limited by the
     /// tunnel): one record, count 1, its prefix the source's /24 or /64.
     AuthFailed {
@@ -396,6 +452,7 @@ impl SessionEvent {
                 at: secs(*at),
                 source: *source,
                 public_key: *key,
+                protocol: Protocol::Wireguard,
                 reason: (*reason).to_owned(),
                 count: 1,
                 prefix: prefix_of(source.ip()),
@@ -413,11 +470,38 @@ impl SessionEvent {
                 at: secs(*last),
                 source: *sample,
                 public_key: *key,
+                protocol: Protocol::Wireguard,
                 reason: (*reason).to_owned(),
                 count: *count,
                 prefix: Some(*prefix),
                 first_seen: secs(*first),
             }),
+            SessionEvent::ProxyAuthFailed {
+                protocol,
+                source,
+                reason,
+                at,
+            } => Some(AuthAttempt {
+                at: secs(*at),
+                source: *source,
+                public_key: None,
+                protocol: *protocol,
+                reason: (*reason).to_owned(),
+                count: 1,
+                prefix: prefix_of(source.ip()),
+                first_seen: secs(*at),
+            }),
+            _ => None,
+        }
+    }
+
+    /// When an auth event happened (its last failure); `None` for session events.
+    fn auth_at(&self) -> Option<SystemTime> {
+        match self {
+            SessionEvent::AuthFailed { at, .. } | SessionEvent::ProxyAuthFailed { at, .. } => {
+                Some(*at)
+            }
+            SessionEvent::AuthFailures { last, .. } => Some(*last),
             _ => None,
         }
     }
@@ -541,8 +625,8 @@ fn secs(t: SystemTime) -> u64 {
 impl Session {
     /// Whether an endpoint or a tunnel address of the session is inside `net`.
     pub fn touches(&self, net: &Cidr) -> bool {
-        net.contains(IpAddr::V4(self.ipv4))
-            || net.contains(IpAddr::V6(self.ipv6))
+        self.ipv4.is_some_and(|a| net.contains(IpAddr::V4(a)))
+            || self.ipv6.is_some_and(|a| net.contains(IpAddr::V6(a)))
             || self.endpoints.iter().any(|e| net.contains(e.endpoint.ip()))
     }
 }
@@ -597,9 +681,10 @@ impl History {
             user: peer.user.to_string(),
             device: peer.device.to_string(),
             peer_id: peer.id,
-            public_key: peer.public_key,
-            ipv4: peer.ipv4,
-            ipv6: peer.ipv6,
+            protocol: Protocol::Wireguard,
+            public_key: Some(peer.public_key),
+            ipv4: Some(peer.ipv4),
+            ipv6: Some(peer.ipv6),
             start,
             end: None,
             endpoints: vec![EndpointSeen {
@@ -611,9 +696,48 @@ impl History {
         };
         let s = StoredSession { session: s, base };
         self.core.store.put(Cf::Sessions, &s.session.id.key(), &s)?;
-        self.live.opened(s.session.id, peer.public_key);
+        self.live.opened(s.session.id, Some(peer.public_key));
         self.notify_session(&s.session, at);
         Ok(Some(s))
+    }
+
+    /// Opens the session of proxy identity `id` of `user` by `protocol` (see the module docs).
+    pub fn open_proxy_session(
+        &self,
+        id: PeerId,
+        user: &str,
+        protocol: Protocol,
+        source: SocketAddr,
+        at: SystemTime,
+    ) -> Result<StoredSession, ServiceError> {
+        let base = self.counters(id)?;
+        let start = secs(at);
+        let s = Session {
+            id: SessionId {
+                start_ns: unix_nanos(at),
+                peer: id,
+            },
+            user: user.to_owned(),
+            device: protocol.as_str().to_owned(),
+            peer_id: id,
+            protocol,
+            public_key: None,
+            ipv4: None,
+            ipv6: None,
+            start,
+            end: None,
+            endpoints: vec![EndpointSeen {
+                at: start,
+                endpoint: source,
+            }],
+            traffic: Counters::default(),
+            reason: None,
+        };
+        let s = StoredSession { session: s, base };
+        self.core.store.put(Cf::Sessions, &s.session.id.key(), &s)?;
+        self.live.opened(s.session.id, None);
+        self.notify_session(&s.session, at);
+        Ok(s)
     }
 
     /// Records an endpoint change of an open session.
@@ -688,7 +812,8 @@ impl History {
             at,
             &s.user,
             endpoint.map(|e| e.ip()),
-            IpAddr::V4(s.ipv4),
+            s.ipv4.map(IpAddr::V4),
+            s.protocol,
             data,
         );
         if let Err(e) = self.core.notify(n) {
@@ -706,6 +831,7 @@ impl History {
         at: SystemTime,
     ) -> Result<(), ServiceError> {
         let a = AuthAttempt {
+            protocol: Default::default(),
             at: secs(at),
             source,
             public_key: key,
@@ -778,7 +904,15 @@ impl History {
             .dir
             .with_records(|recs| recs.map(|r| (r.peer.id, r.peer.public_key)).collect());
         for mut s in stale.iter().cloned() {
-            if same_key.get(&s.session.peer_id) == Some(&s.session.public_key) {
+            let still_same = match s.session.protocol {
+                Protocol::Wireguard => {
+                    s.session.public_key.as_ref() == same_key.get(&s.session.peer_id)
+                }
+                // A proxy identity's id is handed out again only after its removal, which
+                // closes its session first (as `removed`): an open one is still its own.
+                _ => true,
+            };
+            if still_same {
                 self.close_session(&mut s, EndReason::AgentStopped, at)?;
             } else {
                 let x = &mut s.session;
@@ -992,11 +1126,20 @@ impl History {
     }
 }
 
-/// Turns tunnel events into session records. One per agent; its state is the open sessions by
-/// device key.
+/// Turns tunnel and proxy events into session records. One per agent; its state is the open
+/// sessions by device key and by proxy identity.
 pub struct Recorder {
     svc: Arc<History>,
     open: HashMap<PublicKey, StoredSession>,
+    proxies: HashMap<PeerId, ProxyOpen>,
+}
+
+/// A proxy identity's open session: its connections open now, and since when it has none.
+#[derive(Debug)]
+struct ProxyOpen {
+    session: StoredSession,
+    conns: usize,
+    idle_since: Option<SystemTime>,
 }
 
 impl std::fmt::Debug for Recorder {
@@ -1020,6 +1163,7 @@ impl Recorder {
         Ok(Recorder {
             svc,
             open: HashMap::new(),
+            proxies: HashMap::new(),
         })
     }
 
@@ -1045,9 +1189,90 @@ impl Recorder {
                     self.svc.session_endpoint(s, to, at)?;
                 }
             }
-            SessionEvent::AuthFailed { .. } | SessionEvent::AuthFailures { .. } => {
+            SessionEvent::ProxyOpened {
+                id,
+                user,
+                protocol,
+                source,
+                at,
+            } => match self.proxies.get_mut(&id) {
+                Some(p) => {
+                    p.conns += 1;
+                    p.idle_since = None;
+                    if p.session
+                        .session
+                        .endpoints
+                        .iter()
+                        .all(|e| e.endpoint.ip() != source.ip())
+                    {
+                        self.svc.session_endpoint(&mut p.session, source, at)?;
+                    }
+                }
+                None => {
+                    let session = self
+                        .svc
+                        .open_proxy_session(id, &user, protocol, source, at)?;
+                    self.proxies.insert(
+                        id,
+                        ProxyOpen {
+                            session,
+                            conns: 1,
+                            idle_since: None,
+                        },
+                    );
+                }
+            },
+            SessionEvent::ProxyClosed { id, cut, at } => {
+                let Some(p) = self.proxies.get_mut(&id) else {
+                    return Ok(());
+                };
+                p.conns = p.conns.saturating_sub(1);
+                if p.conns == 0 {
+                    if cut {
+                        let mut p = self.proxies.remove(&id).expect("present");
+                        self.svc
+                            .close_session(&mut p.session, EndReason::Kicked, at)?;
+                    } else {
+                        p.idle_since = Some(at);
+                    }
+                }
+            }
+            SessionEvent::AuthFailed { .. }
+            | SessionEvent::AuthFailures { .. }
+            | SessionEvent::ProxyAuthFailed { .. } => {
                 self.on_auth(std::slice::from_ref(&ev))?;
             }
+        }
+        Ok(())
+    }
+
+    /// Closes the proxy sessions whose last connection closed [`PROXY_SESSION_IDLE`] before
+    /// `now`, as `idle`, ending when that connection closed.
+    pub fn expire_proxy_sessions(&mut self, now: SystemTime) -> Result<(), ServiceError> {
+        let idle: Vec<PeerId> = self
+            .proxies
+            .iter()
+            .filter(|(_, p)| {
+                p.idle_since.is_some_and(|t| {
+                    now.duration_since(t).unwrap_or_default() >= PROXY_SESSION_IDLE
+                })
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in idle {
+            let mut p = self.proxies.remove(&id).expect("present");
+            let end = p.idle_since.unwrap_or(now);
+            self.svc
+                .close_session(&mut p.session, EndReason::Idle, end)?;
+        }
+        Ok(())
+    }
+
+    /// Closes the open session of proxy identity `id` (removed) as `removed`.
+    pub fn proxy_removed(&mut self, id: PeerId, at: SystemTime) -> Result<(), ServiceError> {
+        if let Some(mut p) = self.proxies.remove(&id) {
+            self.svc
+                .close_session(&mut p.session, EndReason::Removed, at)?;
         }
         Ok(())
     }
@@ -1056,15 +1281,7 @@ impl Recorder {
     pub fn on_auth(&mut self, evs: &[SessionEvent]) -> Result<(), ServiceError> {
         let recs: Vec<(u64, AuthAttempt)> = evs
             .iter()
-            .filter_map(|e| {
-                let a = e.auth_attempt()?;
-                let at = match e {
-                    SessionEvent::AuthFailed { at, .. } => *at,
-                    SessionEvent::AuthFailures { last, .. } => *last,
-                    _ => return None,
-                };
-                Some((unix_nanos(at), a))
-            })
+            .filter_map(|e| Some((unix_nanos(e.auth_at()?), e.auth_attempt()?)))
             .collect();
         let _ = self.svc.record_auth_attempts(&recs)?;
         Ok(())
@@ -1075,12 +1292,15 @@ impl Recorder {
         for (_, mut s) in self.open.drain() {
             self.svc.close_session(&mut s, reason, at)?;
         }
+        for (_, mut p) in self.proxies.drain() {
+            self.svc.close_session(&mut p.session, reason, at)?;
+        }
         Ok(())
     }
 
     /// Sessions open now.
     pub fn open_count(&self) -> usize {
-        self.open.len()
+        self.open.len() + self.proxies.len()
     }
 }
 
@@ -1196,6 +1416,9 @@ pub fn run_recorder(svc: Arc<History>, events: RecorderReceiver, retention: Dura
         let wait = next_prune
             .saturating_duration_since(Instant::now())
             .min(AUTH_DRAIN);
+        if let Err(e) = rec.expire_proxy_sessions(SystemTime::now()) {
+            tracing::warn!(error = %e, "cannot close idle proxy sessions");
+        }
         match events.sessions.recv_timeout(wait) {
             Ok(ev) => {
                 if let Err(e) = rec.on_event(ev.clone()) {

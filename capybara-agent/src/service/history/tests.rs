@@ -430,9 +430,10 @@ fn stored_session(start_ns: u64, peer: u32, end: Option<u64>) -> StoredSession {
             user: "alice".into(),
             device: "laptop".into(),
             peer_id: peer,
-            public_key: PublicKey([3; 32]),
-            ipv4: "10.99.0.2".parse().unwrap(),
-            ipv6: "fd99::2".parse().unwrap(),
+            protocol: Protocol::Wireguard,
+            public_key: Some(PublicKey([3; 32])),
+            ipv4: Some("10.99.0.2".parse().unwrap()),
+            ipv6: Some("fd99::2".parse().unwrap()),
             start: start_ns / 1_000_000_000,
             end,
             endpoints: vec![EndpointSeen {
@@ -448,6 +449,7 @@ fn stored_session(start_ns: u64, peer: u32, end: Option<u64>) -> StoredSession {
 
 fn auth_at(secs: u64) -> AuthAttempt {
     AuthAttempt {
+        protocol: Default::default(),
         at: secs,
         source: ep("203.0.113.7:9"),
         public_key: None,
@@ -839,4 +841,92 @@ fn sessions_closed_as_stale_at_start_report_their_disconnect() {
     assert_eq!(n[0].data["reason"], "agent-stopped");
     assert_eq!(n[0].at, at);
     assert_eq!(n[0].vpn_ip, Some(IpAddr::V4(alice.ipv4)));
+}
+
+#[test]
+fn a_proxy_session_spans_its_connections_and_ends_idle_after_the_last_or_at_once_when_cut() {
+    let f = fixture();
+    let mut rec = Recorder::start(f.svc.history.clone(), t(999)).unwrap();
+    let id = 4000; // a proxy identity's id: no device has it
+    set_counters(&f, id, (1, 100), (1, 100));
+    let opened = |source: &str, at| SessionEvent::ProxyOpened {
+        id,
+        user: "alice".into(),
+        protocol: Protocol::Shadowsocks,
+        source: ep(source),
+        at,
+    };
+    let closed = |cut, at| SessionEvent::ProxyClosed { id, cut, at };
+    let now = SystemTime::now();
+    // Two connections from one client, a third from another address: one session.
+    rec.on_event(opened("192.0.2.7:40000", now)).unwrap();
+    rec.on_event(opened("192.0.2.7:40001", now)).unwrap();
+    rec.on_event(opened("198.51.100.9:5000", now)).unwrap();
+    assert_eq!(rec.open_count(), 1);
+    let open = f.svc.history.open_sessions().unwrap();
+    assert_eq!(open.len(), 1);
+    let s = &open[0].session;
+    assert_eq!(
+        (s.device.as_str(), s.protocol),
+        ("shadowsocks", Protocol::Shadowsocks)
+    );
+    assert_eq!((s.public_key, s.ipv4, s.ipv6), (None, None, None));
+    let seen: Vec<_> = s.endpoints.iter().map(|e| e.endpoint).collect();
+    assert_eq!(seen, [ep("192.0.2.7:40000"), ep("198.51.100.9:5000")]);
+    assert_eq!(f.svc.history.live.of_proxy(id), Some(s.id));
+
+    set_counters(&f, id, (11, 10_100), (21, 40_100));
+    let last = now + Duration::from_secs(30);
+    for at in [
+        now + Duration::from_secs(10),
+        now + Duration::from_secs(20),
+        last,
+    ] {
+        rec.on_event(closed(false, at)).unwrap();
+    }
+    // Idle, not yet ended: a new connection within the idle time continues the session.
+    rec.expire_proxy_sessions(last + PROXY_SESSION_IDLE - Duration::from_secs(1))
+        .unwrap();
+    assert_eq!(rec.open_count(), 1);
+    rec.expire_proxy_sessions(last + PROXY_SESSION_IDLE)
+        .unwrap();
+    assert_eq!(rec.open_count(), 0);
+    assert_eq!(f.svc.history.live.of_proxy(id), None);
+    let page = f.svc.history.history(&HistoryQuery::default()).unwrap();
+    let s = &page.sessions[0];
+    assert_eq!(s.reason, Some(EndReason::Idle));
+    assert_eq!(s.end, Some(secs(last)), "it ended with its last connection");
+    assert_eq!(
+        (s.traffic.rx.bytes, s.traffic.tx.bytes),
+        (10_000, 40_000),
+        "the identity's kernel counters over the session"
+    );
+
+    // A cut ends the session at once, as kicked.
+    rec.on_event(opened("192.0.2.7:40002", last + Duration::from_secs(100)))
+        .unwrap();
+    rec.on_event(closed(true, last + Duration::from_secs(101)))
+        .unwrap();
+    assert_eq!(rec.open_count(), 0);
+    let page = f.svc.history.history(&HistoryQuery::default()).unwrap();
+    assert_eq!(page.sessions[0].reason, Some(EndReason::Kicked));
+
+    // A refused connection is an auth attempt of its protocol.
+    rec.on_event(SessionEvent::ProxyAuthFailed {
+        protocol: Protocol::Vless,
+        source: ep("203.0.113.5:999"),
+        reason: "unknown-credential",
+        at: now,
+    })
+    .unwrap();
+    let q = HistoryQuery {
+        auth_only: true,
+        ..HistoryQuery::default()
+    };
+    let auth = f.svc.history.history(&q).unwrap().auth_attempts;
+    assert_eq!(auth.len(), 1);
+    assert_eq!(
+        (auth[0].protocol, auth[0].reason.as_str(), auth[0].count),
+        (Protocol::Vless, "unknown-credential", 1)
+    );
 }

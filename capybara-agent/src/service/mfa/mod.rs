@@ -77,7 +77,7 @@ use super::{
     ServiceError,
     core::Core,
     directory::Directory,
-    domain::{Actor, Peer, PublicKey, User, UserName, ValidationError, unix_secs},
+    domain::{Actor, Peer, Protocol, PublicKey, User, UserName, ValidationError, unix_secs},
     error::not_found,
     notify::{Notification, NotifyKind},
     policy::Policy,
@@ -949,7 +949,8 @@ impl Mfa {
                 now,
                 peer.user.as_str(),
                 endpoint,
-                src,
+                Some(src),
+                Protocol::Wireguard,
                 serde_json::json!({
                     "kind": "mfa-failures",
                     "user": peer.user.to_string(),

@@ -77,7 +77,7 @@ use super::{
     directory::Directory,
     domain::{Actor, ValidationError},
     lists::Lists,
-    notify::{Notification, NotifyKind, PROTOCOL},
+    notify::{Notification, NotifyKind},
 };
 use crate::{
     blocklist::{Direction, ListName, registry::ListOp},
@@ -696,7 +696,7 @@ fn notification(b: &Block, ttl: Duration) -> Notification {
     let mut n = Notification::new(NotifyKind::SuspiciousActivity);
     n.at = b.since;
     n.ip = Some(b.ip);
-    n.protocol = Some(PROTOCOL.to_owned());
+    n.protocol = Some(super::domain::Protocol::Wireguard.as_str().to_owned());
     let until = chrono::DateTime::<chrono::Utc>::from(b.until)
         .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     n.data = serde_json::json!({
