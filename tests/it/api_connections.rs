@@ -75,7 +75,11 @@ async fn id_of(c: &Client, p: &Peer) -> String {
         .await
         .unwrap()
         .into_iter()
-        .find(|c| c.peer.public_key == p.public_key)
+        .find(|c| {
+            c.peer
+                .as_ref()
+                .is_some_and(|x| x.public_key == p.public_key)
+        })
         .and_then(|c| c.id)
         .map(|i| i.to_string())
         .unwrap_or_default()

@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use crate::service::{
     Traffic,
     domain::MAX_YAML_BYTES,
-    domain::{DeviceName, UserName, ValidationError, from_unix_secs},
+    domain::{DeviceName, Protocol, UserName, ValidationError, from_unix_secs},
 };
 
 /// The largest gRPC message of the services that carry a YAML document (policy files,
@@ -156,6 +156,18 @@ pub enum AnswerError {
 
 pub(super) fn need<T>(field: &'static str, v: Option<T>) -> Result<T, AnswerError> {
     v.ok_or(AnswerError::Missing { field })
+}
+
+/// A protocol's name in an answer; empty (an older agent's answer) is WireGuard.
+pub(super) fn protocol_from_proto(
+    field: &'static str,
+    s: &str,
+) -> Result<Protocol, ValidationError> {
+    if s.is_empty() {
+        Ok(Protocol::Wireguard)
+    } else {
+        Protocol::parse(field, s)
+    }
 }
 
 #[cfg(test)]

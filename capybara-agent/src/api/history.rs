@@ -16,14 +16,14 @@ use tonic::{Request, Response, Status};
 
 use super::{
     client::{Client, ClientError},
-    convert::{AnswerError, opt_user, traffic_from_proto, traffic_to_proto},
+    convert::{AnswerError, opt_user, protocol_from_proto, traffic_from_proto, traffic_to_proto},
     handler::Api,
     lists::cidrs,
     status::invalid,
 };
 use crate::service::{
     AuthAttempt, EndReason, HistoryPage, HistoryQuery, Pruned, Session,
-    domain::{Protocol, PublicKey, Scope, SessionId, ValidationError},
+    domain::{PublicKey, Scope, SessionId, ValidationError},
     history::{Counters, EndpointSeen, HistoryCursor},
 };
 
@@ -92,15 +92,6 @@ where
         Ok(None)
     } else {
         Ok(Some(f(s)?))
-    }
-}
-
-/// A protocol's name; empty (an older agent's answer) is WireGuard.
-fn protocol_from_proto(field: &'static str, s: &str) -> Result<Protocol, AnswerError> {
-    if s.is_empty() {
-        Ok(Protocol::Wireguard)
-    } else {
-        Ok(Protocol::parse(field, s)?)
     }
 }
 

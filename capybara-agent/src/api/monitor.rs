@@ -14,15 +14,15 @@ use tonic::{Request, Response, Status};
 use super::{
     client::{Client, ClientError},
     convert::{
-        AnswerError, drop_reason_from_proto, drop_reason_to_proto, need, opt_secs, secs_opt,
-        traffic_from_proto, traffic_to_proto,
+        AnswerError, drop_reason_from_proto, drop_reason_to_proto, need, opt_secs,
+        protocol_from_proto, secs_opt, traffic_from_proto, traffic_to_proto,
     },
     handler::Api,
     status::invalid,
 };
 use crate::service::{
     Connection, PeerCounters, PeerStatsView, Stats,
-    domain::{Peer, Scope, SessionId, ValidationError},
+    domain::{Peer, Scope, SessionId, UserName, ValidationError},
 };
 
 #[tonic::async_trait]
@@ -66,7 +66,7 @@ impl Connections for Api {
         let ask = super::paging::PageAsk::parse(r.page_size, &r.page_token)?;
         let c = self.call(|s| s.monitor.connections()).await?;
         // In (user, device) order: NUL sorts below every character a name may hold.
-        let (page, next) = ask.take(c.iter(), |c| format!("{}\0{}", c.peer.user, c.peer.device));
+        let (page, next) = ask.take(c.iter(), |c| format!("{}\0{}", c.user, c.device));
         Ok(Response::new(pb::ListConnectionsResponse {
             connections: page.into_iter().map(Into::into).collect(),
             next_page_token: next,
@@ -165,9 +165,13 @@ impl From<&Connection> for pb::Connection {
     fn from(c: &Connection) -> pb::Connection {
         pb::Connection {
             id: c.id.map(|i| i.to_string()).unwrap_or_default(),
-            peer: Some((&c.peer).into()),
+            peer: c.peer.as_ref().map(Into::into),
             endpoint: c.endpoint.clone().unwrap_or_default(),
             last_handshake: opt_secs(c.last_handshake),
+            user: c.user.to_string(),
+            device: c.device.clone(),
+            protocol: c.protocol.as_str().to_owned(),
+            open_connections: c.open_connections,
             rx_bytes: c.rx_bytes,
             tx_bytes: c.tx_bytes,
         }
@@ -230,9 +234,13 @@ impl TryFrom<pb::Connection> for Connection {
             } else {
                 Some(SessionId::parse("connection.id", &c.id)?)
             },
-            peer: need("connection.peer", c.peer)?.try_into()?,
+            user: UserName::parse("connection.user", &c.user)?,
+            device: c.device,
+            protocol: protocol_from_proto("connection.protocol", &c.protocol)?,
+            peer: c.peer.map(TryInto::try_into).transpose()?,
             endpoint: (!c.endpoint.is_empty()).then_some(c.endpoint),
             last_handshake: secs_opt(c.last_handshake),
+            open_connections: c.open_connections,
             rx_bytes: c.rx_bytes,
             tx_bytes: c.tx_bytes,
         })

@@ -70,10 +70,12 @@ async fn connections(cli: &Cli) -> Result<(), CliError> {
     ]);
     for c in &c {
         t.row(vec![
-            c.peer.user.to_string(),
-            c.peer.device.to_string(),
+            c.user.to_string(),
+            c.device.clone(),
             c.id.map_or_else(|| "-".into(), |i| i.to_string()),
-            c.peer.ipv4.to_string(),
+            c.peer
+                .as_ref()
+                .map_or_else(|| "-".into(), |p| p.ipv4.to_string()),
             c.endpoint.clone().unwrap_or_else(|| "-".into()),
             opt_time(c.last_handshake),
             c.rx_bytes.to_string(),

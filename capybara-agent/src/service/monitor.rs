@@ -25,7 +25,7 @@ use super::{
     ServiceError,
     core::{Core, to_json},
     directory::Directory,
-    domain::{Actor, Peer, PublicKey, SessionId, UserName, unix_secs},
+    domain::{Actor, Peer, Protocol, PublicKey, SessionId, UserName, unix_secs},
     error::not_found,
     live::LiveSessions,
     policy::Policy,
@@ -103,18 +103,27 @@ pub struct Stats {
     pub drops: BTreeMap<String, u64>,
 }
 
-/// A live (or configured) session of a device.
+/// A live (or configured) session of a device, or the open session of a user's proxy
+/// identity (see the module docs).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Connection {
     /// The id of its open session (the session's id in the history); `None` when the device
     /// has no open session (see the module docs).
     pub id: Option<SessionId>,
-    /// The device.
-    pub peer: Peer,
-    /// Where it connects from.
+    /// The user.
+    pub user: UserName,
+    /// The device's name; a proxy protocol's name for a proxy session.
+    pub device: String,
+    /// How it connects.
+    pub protocol: Protocol,
+    /// The WireGuard device; `None` for a proxy session.
+    pub peer: Option<Peer>,
+    /// Where it connects from (a proxy session: the client address of its latest connection).
     pub endpoint: Option<String>,
-    /// Latest handshake, Unix seconds.
+    /// Latest handshake, Unix seconds (a proxy session: when its latest connection opened).
     pub last_handshake: Option<u64>,
+    /// A proxy session's TCP connections open now (0 for WireGuard).
+    pub open_connections: u32,
     /// Bytes from it.
     pub rx_bytes: u64,
     /// Bytes to it.
@@ -201,16 +210,50 @@ impl Monitor {
                 let peer = self.dir.peer_by_key(&s.key)?;
                 Some(Connection {
                     id: self.live.of_peer(peer.id, &peer.public_key),
-                    peer,
+                    user: peer.user.clone(),
+                    device: peer.device.to_string(),
+                    protocol: Protocol::Wireguard,
+                    peer: Some(peer),
                     endpoint: s.endpoint.map(|e| e.to_string()),
                     last_handshake: s.last_handshake.map(unix_secs),
+                    open_connections: 0,
                     rx_bytes: s.rx_bytes,
                     tx_bytes: s.tx_bytes,
                 })
             })
             .collect();
-        out.sort_by(|a, b| (&a.peer.user, &a.peer.device).cmp(&(&b.peer.user, &b.peer.device)));
+        out.extend(self.proxy_connections()?);
+        out.sort_by(|a, b| (&a.user, &a.device).cmp(&(&b.user, &b.device)));
         Ok(out)
+    }
+
+    /// One row per proxy identity with connections open: its session, its latest connection's
+    /// client address and time, and its kernel counters (the bytes its upstream sockets moved).
+    fn proxy_connections(&self) -> Result<Vec<Connection>, ServiceError> {
+        let mut by_id: BTreeMap<u32, Connection> = BTreeMap::new();
+        for c in self.core.proxies.list() {
+            let row = by_id.entry(c.identity.id).or_insert_with(|| Connection {
+                id: self.live.of_proxy(c.identity.id),
+                user: c.identity.user.clone(),
+                device: c.identity.protocol.as_str().to_owned(),
+                protocol: c.identity.protocol,
+                peer: None,
+                endpoint: None,
+                last_handshake: None,
+                open_connections: 0,
+                rx_bytes: 0,
+                tx_bytes: 0,
+            });
+            row.open_connections += 1;
+            // `list` is in opening order: the last one seen is the latest.
+            row.endpoint = Some(c.source.to_string());
+            row.last_handshake = Some(unix_secs(c.opened_at));
+        }
+        for (id, row) in &mut by_id {
+            let s = self.core.plane.peer_stats(*id)?;
+            (row.rx_bytes, row.tx_bytes) = (s.rx_bytes, s.tx_bytes);
+        }
+        Ok(by_id.into_values().collect())
     }
 
     /// Ends every session of `user` now: its devices are held at the gate as kicked and their

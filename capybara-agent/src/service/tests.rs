@@ -794,7 +794,7 @@ fn connections_join_tunnel_status_with_devices() {
     assert_eq!(c.len(), 1);
     assert_eq!(c[0].endpoint.as_deref(), Some("192.0.2.9:4000"));
     assert_eq!(c[0].last_handshake, Some(unix_secs(t)));
-    assert_eq!(c[0].peer.user.as_str(), "alice");
+    assert_eq!(c[0].user.as_str(), "alice");
 }
 
 /// alice with two devices (`default`, `phone`) and bob with one, each with an open session
@@ -834,7 +834,7 @@ fn connection_id(f: &Fixture, p: &domain::Peer) -> Option<domain::SessionId> {
         .connections()
         .unwrap()
         .into_iter()
-        .find(|c| c.peer.id == p.id)
+        .find(|c| c.peer.as_ref().is_some_and(|x| x.id == p.id))
         .expect("listed")
         .id
 }
@@ -1008,4 +1008,69 @@ fn kick_by_connection_refuses_unknown_ids_and_other_users_to_a_restricted_caller
         .kick_connection(&root(), id, Some(&u("alice")))
         .unwrap();
     assert_eq!(kicked, Some(a));
+}
+
+#[test]
+fn a_proxy_session_is_one_connection_row_and_kick_cuts_its_connections() {
+    use crate::proxy::{Identity, Target};
+    let f = fixture(false);
+    f.svc.users.add_user(&root(), new_user("alice")).unwrap();
+    let id = 7000; // a proxy identity's id
+    let ss = Identity {
+        id,
+        user: u("alice"),
+        protocol: domain::Protocol::Shadowsocks,
+    };
+    let t0 = SystemTime::now();
+    let dest = Target::Domain("example.org".into(), 443);
+    let first = f.svc.core.proxies.open(
+        ss.clone(),
+        "192.0.2.7:1000".parse().unwrap(),
+        dest.clone(),
+        t0,
+    );
+    let t1 = t0 + Duration::from_secs(5);
+    let second = f
+        .svc
+        .core
+        .proxies
+        .open(ss.clone(), "192.0.2.8:2000".parse().unwrap(), dest, t1);
+    f.plane.with(|s| {
+        s.stats.insert(
+            id,
+            PeerStats {
+                rx_bytes: 300,
+                tx_bytes: 4_000,
+                ..PeerStats::default()
+            },
+        );
+    });
+    let c = f.svc.monitor.connections().unwrap();
+    let row = c.iter().find(|c| c.peer.is_none()).expect("the proxy row");
+    assert_eq!(
+        (row.user.as_str(), row.device.as_str(), row.protocol),
+        ("alice", "shadowsocks", domain::Protocol::Shadowsocks)
+    );
+    assert_eq!(row.open_connections, 2);
+    assert_eq!(
+        row.endpoint.as_deref(),
+        Some("192.0.2.8:2000"),
+        "the latest connection's"
+    );
+    assert_eq!(row.last_handshake, Some(unix_secs(t1)));
+    assert_eq!(
+        (row.rx_bytes, row.tx_bytes),
+        (300, 4_000),
+        "the identity's kernel counters"
+    );
+    assert_eq!(c.len(), 2, "alice's WireGuard device is listed beside it");
+
+    f.svc.monitor.kick(&root(), &u("alice")).unwrap();
+    assert!(first.cut().is_cancelled() && second.cut().is_cancelled());
+    let audit = f.svc.core.audit_records(None, 10).unwrap();
+    let kick = audit
+        .iter()
+        .find(|r| r.action == "connection.kick")
+        .unwrap();
+    assert_eq!(kick.after.as_ref().unwrap()["proxy_connections"], 2);
 }
