@@ -19,8 +19,22 @@
 //! share (cores: the v2ray process, or the endpoint runtime's threads) so the report can say
 //! which it was.
 //!
-//! Measured 2026-12-07 (release, `--filter vless`, 3 s rounds, under the machine-wide lock but
-//! with other helpers compiling on the 2 cores, so noisy): see BENCHMARKS.md for the figures.
+//! Measured 2026-12-07 15:47 UTC (release, `capybara-bench --filter vless`, 3 s rounds, three
+//! runs one after the other under the machine-wide lock while other helpers' builds kept the
+//! load average at ≈ 8 on the 2 cores, so noisy):
+//!
+//! | run | Capybara rounds (Mbit/s) | v2ray rounds (Mbit/s) | medians | ratio |
+//! |---|---|---|---|---|
+//! | 1 | 2863, 3053, 4001 | 1899, 1769, 1695 | 3053 / 1769 | 1.73 |
+//! | 2 | 3851, 3105, 3335 | 1966, 1892, 2166 | 3335 / 1966 | 1.70 |
+//! | 3 | 3745, 4334, 4213 | 1980, 2316, 2150 | 4213 / 2150 | 1.96 |
+//!
+//! Per round, the server used 0.23–0.33 cores for Capybara's endpoint and 0.54–0.66 for
+//! v2ray's (so about 0.08 s against 0.31 s of CPU per gigabit), and the v2ray client
+//! 0.50–0.77 cores in both rigs: no process was at a full core, the machine's other load
+//! took the rest, so the figures are a lower bound for both and the ratio's cause is the
+//! server's CPU per byte (rustls with ring's AES-GCM and 64 KiB relay buffers against Go's
+//! `crypto/tls` and v2ray's buffer pipeline).
 
 use std::{
     collections::HashMap,
