@@ -14,6 +14,7 @@
 //! | country database for `geo block/allow` when `--geoip-db` is not given | `/var/cache/capybara/geoip/geo-whois-asn-country.mmdb` ([`GEOIP_DB`], installed by `cargo xtask setup`; used only if it exists) | read only |
 //! | agent configuration file (`--config`; every key is also a flag) | `/etc/capybara/agent.toml` ([`CONFIG_FILE`]; read only if it exists) | written by `cargo xtask install` `0644`, read only by the agent |
 //! | backups the agent writes itself (`backup create` without `--output`, `--backup-dir`) | `<data>/backups` ([`backup_dir`]), files `backup-<UTC time>.capy` | dir `0700` ([`BACKUP_DIR_MODE`]), files `0600` ([`KEY_FILE_MODE`]) |
+//! | VLESS endpoint's generated certificate (when `--vless-cert`/`--vless-key` are not given) | `<data>/vless.crt` ([`vless_cert_file`]) and its key `<data>/vless.key` ([`vless_key_file`]) | both `0600` ([`KEY_FILE_MODE`]), written by [`crate::fsutil::write_secret`]; made once, kept across restarts (the client configs trust it) |
 //! | temporary file of a secret file being written | `<dir>/.<name>.tmp` ([`temp_file`]) | `0600` ([`KEY_FILE_MODE`]) |
 //!
 //! **Secret files** are the two key files above; they are the only files the agent itself
@@ -139,6 +140,23 @@ pub fn temp_file(target: &Path) -> PathBuf {
 /// Path of the client-key sealing key under the data directory `data_dir`.
 pub fn client_keys_key_file(data_dir: &Path) -> PathBuf {
     data_dir.join(CLIENT_KEYS_KEY_FILE_NAME)
+}
+
+/// File name of the VLESS endpoint's generated certificate (PEM) inside the data directory.
+pub const VLESS_CERT_FILE_NAME: &str = "vless.crt";
+/// File name of the VLESS endpoint's generated private key (PKCS#8 PEM) inside the data
+/// directory.
+pub const VLESS_KEY_FILE_NAME: &str = "vless.key";
+
+/// Path of the VLESS endpoint's generated certificate under the data directory `data_dir`.
+pub fn vless_cert_file(data_dir: &Path) -> PathBuf {
+    data_dir.join(VLESS_CERT_FILE_NAME)
+}
+
+/// Path of the VLESS endpoint's generated private key under the data directory `data_dir`
+/// (mode 0600, the rule of every secret file).
+pub fn vless_key_file(data_dir: &Path) -> PathBuf {
+    data_dir.join(VLESS_KEY_FILE_NAME)
 }
 
 /// Path of the pinned map `name` under the bpffs directory `bpffs`.

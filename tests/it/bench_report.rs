@@ -187,6 +187,10 @@ const RUN: &[(&str, f64, &str)] = &[
     ("tunnel_cpu_mbps_agent_16_peers", 2700.0, "Mbit/s"),
     ("tunnel_cpu_mbps_boringtun_cli_16_peers", 1450.0, "Mbit/s"),
     ("tunnel_cpu_mbps_wireguard_go_16_peers", 1120.0, "Mbit/s"),
+    // Issue 24.
+    ("vless_throughput_mbps_capybara", 3053.0, "Mbit/s"),
+    ("vless_throughput_mbps_v2ray", 1769.0, "Mbit/s"),
+    ("vless_throughput_vs_v2ray", 1.726, "ratio"),
 ];
 
 /// Every chart a full run draws, in the report's order.
@@ -208,6 +212,7 @@ const CHARTS: &[&str] = &[
     "usage_report.svg",
     "webhook_latency.svg",
     "handshake_flood.svg",
+    "vless_throughput.svg",
 ];
 
 /// What Chromium drew: the picture's size, every text's box and words, every bar's box.

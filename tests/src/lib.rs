@@ -20,6 +20,8 @@
 //! - [`loadgen`], [`cpu`]: a WireGuard load generator that is not the bottleneck (real
 //!   handshakes, pre-encrypted full-MTU datagrams) and the CPU accounting of `/proc` it reports
 //!   with (the `tunnel_cpu_*` benchmarks).
+//! - [`v2ray`]: Debian's `v2ray` as a VLESS-over-TLS client (SOCKS inbound) or server, and a
+//!   SOCKS5 connect (the `e2e_vless` test and the `vless_throughput_*` benchmark).
 //! - [`bench`]: the benchmarks behind `cargo xtask bench` (binary `capybara-bench`).
 
 pub mod agent_proc;
@@ -42,3 +44,6 @@ pub mod packets;
 
 // Benchmarks run by the `capybara-bench` binary (`cargo xtask bench`).
 pub mod bench;
+
+// Issue 24, the VLESS endpoint: Debian's v2ray as client and reference server.
+pub mod v2ray;

@@ -15,6 +15,8 @@
 //! - bpffs mounted at `/sys/fs/bpf`.
 //! - the Python tools ([`PYTHON_TOOLS`]: schemathesis, standardwebhooks, aiosmtpd) in a virtual
 //!   environment at `<cache>/pyenv`, with a stamp of the pins.
+//! - Debian's `v2ray.service` disabled and stopped: the package enables and starts it with its
+//!   example configuration; tests and benchmarks start their own v2ray processes.
 //! - the country database for `geo block/allow` (ip-location-db's CC0
 //!   `geo-whois-asn-country`, pinned and hash-checked) at `<cache>/geoip/` (`crate::geoip`).
 use std::fs::{self, File};
@@ -64,6 +66,10 @@ pub const PACKAGES: &[&str] = &[
     "chromium-driver",
     // The MFA e-mail code tests make a throw-away CA and server certificate for the SMTP sink.
     "openssl",
+    // Issue 24: the VLESS endpoint's real client (`e2e_vless`) and the reference server of
+    // `vless_throughput_vs_v2ray` (v2ray 4.34). Its packaged service is left disabled and
+    // stopped ([`v2ray_service`]).
+    "v2ray",
 ];
 
 /// Python tools the tests run, pinned, from PyPI into a virtual environment at `<cache>/pyenv`
@@ -130,6 +136,7 @@ pub fn run(_args: &Args) -> Result<()> {
     geoip_db(&cache, &mut report)?;
     python_tools(&cache, &mut report)?;
     nextest(&mut report);
+    v2ray_service(&mut report)?;
 
     let elapsed = started.elapsed().as_secs_f32();
     if report.done.is_empty() {
@@ -577,4 +584,31 @@ fn nextest(report: &mut Report) {
         }
         _ => eprintln!("setup: note: cargo-nextest not found; `cargo xtask test` uses cargo test"),
     }
+}
+
+/// Debian's v2ray package enables (and, where systemd runs, starts) `v2ray.service` with its
+/// example configuration; the tests and benchmarks start their own v2ray processes, so the
+/// packaged one is disabled and stopped. `systemctl disable` works without a running systemd
+/// (it removes the unit's links); without `systemctl` there is nothing to do.
+fn v2ray_service(report: &mut Report) -> Result<()> {
+    let state = |verb: &str| {
+        exec::output_unchecked(cmd("systemctl").args([verb, "v2ray.service"]))
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    };
+    let enabled = state("is-enabled") == "enabled";
+    let active = state("is-active") == "active";
+    if !enabled && !active {
+        report.present("v2ray.service disabled and stopped");
+        return Ok(());
+    }
+    need_root("disable v2ray.service")?;
+    if enabled {
+        exec::run(cmd("systemctl").args(["disable", "v2ray.service"]))?;
+    }
+    if active {
+        exec::run(cmd("systemctl").args(["stop", "v2ray.service"]))?;
+    }
+    report.done("disabled and stopped Debian's v2ray.service");
+    Ok(())
 }

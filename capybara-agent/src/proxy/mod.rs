@@ -28,9 +28,13 @@
 //!   ([`Target`]);
 //! - [`registry`]: the open connections, by identity, to list and to cut;
 //! - [`relay`]: connecting upstream (bound before `connect`) and relaying both ways.
+//! - [`tls`]: the VLESS endpoint's certificate (files, or generated and kept) and TLS config.
+//! - [`vless`]: the VLESS endpoint over TLS ([`vless::serve`]) and its header parser.
 
 pub mod registry;
 pub mod relay;
+pub mod tls;
+pub mod vless;
 
 use std::{fmt, io, net::SocketAddr, os::fd::BorrowedFd, sync::Arc, time::SystemTime};
 

@@ -37,6 +37,8 @@
 //!   (1 peer, both ways, 16 peers).
 //! - [`tunnel_workers`]: the tunnel with 1 and 2 workers under 16 peers of our own load
 //!   generator, same run.
+//! - [`vless`]: bulk download through the VLESS endpoint against Debian's v2ray as the VLESS+TLS
+//!   server, the same v2ray client, same run.
 //!
 //! Every figure is a [`Figure`]; the binary writes them as
 //! `{"benchmarks":[{"name":…, "value":…, "unit":…}]}`. The names below are what reports and CI
@@ -64,6 +66,8 @@ pub mod vs_nftables;
 pub mod vs_tc;
 pub mod webhook_latency;
 pub mod webhooks;
+// Issue 24.
+pub mod vless;
 
 use std::{
     path::{Path, PathBuf},
@@ -199,6 +203,7 @@ const ALL_PARTS: &[&[&str]] = &[
     webhook_latency::NAMES,
     tunnel_cpu::NAMES,
     tunnel_workers::NAMES,
+    vless::NAMES,
 ];
 
 /// What `--quick` runs: a few of the kernel probes, one rate of each throttle baseline, and the

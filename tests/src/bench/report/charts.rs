@@ -669,6 +669,25 @@ pub const CHARTS: &[ChartSpec] = &[
             )],
         }],
     },
+    // Issue 24.
+    ChartSpec {
+        file: "vless_throughput.svg",
+        title: "VLESS over TLS: Capybara's endpoint against v2ray as the server",
+        subtitle: "Mbit/s of a bulk download through the same v2ray client (higher is better)",
+        reference: "",
+        groups: &[GroupSpec {
+            heading: "One connection, server to client",
+            bars: &[
+                ("Capybara", "vless_throughput_mbps_capybara", Ours),
+                ("v2ray 4.34", "vless_throughput_mbps_v2ray", Baseline),
+            ],
+            ratios: &[ratio(
+                "vless_throughput_vs_v2ray",
+                "vless_throughput_mbps_capybara",
+                "vless_throughput_mbps_v2ray",
+            )],
+        }],
+    },
 ];
 
 /// A value with its unit as a bar's end shows it (`ratio` and `count` need no unit).
