@@ -97,8 +97,17 @@ pub const FLOWS: &str = "CAPY_FLOWS";
 /// Per-peer flow counts (`u64`, indexed by peer id; atomics on both sides).
 pub const FLOW_COUNT: &str = "CAPY_FLOW_CNT";
 
+/// The socket programs' verdict counters ([`crate::sock`]): a per-CPU array of
+/// [`crate::counters::Counter`], `SOCK_COUNTER_SLOTS` (32) entries, 512 B × ncpu. Pinned like
+/// `COUNTERS`, whose layout it leaves as it was.
+pub const SOCK_COUNTERS: &str = "CAPY_SOCK_CNT";
+/// Proxied sockets' bindings ([`crate::sock::SockBinding`]): `BPF_MAP_TYPE_SK_STORAGE`, one
+/// 8-byte value per bound socket, freed with the socket. **Not pinned**: the sockets are the
+/// agent's own and die with it, and each agent (tests run several) must see only its own.
+pub const SOCK_BIND: &str = "CAPY_SOCK_BIND";
+
 /// Every pinned map, for listing and removal.
-pub const ALL: [&str; 23] = [
+pub const ALL: [&str; 24] = [
     CONFIG,
     COUNTERS,
     LIST_HITS,
@@ -122,6 +131,7 @@ pub const ALL: [&str; 23] = [
     QUOTA,
     FLOWS,
     FLOW_COUNT,
+    SOCK_COUNTERS,
 ];
 
 /// Program names in the object.
@@ -130,6 +140,10 @@ pub const PROG_XDP_GUARD: &str = "xdp_guard";
 pub const PROG_TC_INGRESS: &str = "tc_ingress";
 /// TC egress program on the tunnel device.
 pub const PROG_TC_EGRESS: &str = "tc_egress";
+/// cgroup_skb egress program: packets leaving the agent's proxied sockets.
+pub const PROG_SOCK_EGRESS: &str = "sock_egress";
+/// cgroup_skb ingress program: packets arriving at the agent's proxied sockets.
+pub const PROG_SOCK_INGRESS: &str = "sock_ingress";
 
 #[cfg(test)]
 mod tests {

@@ -290,6 +290,7 @@ impl Dataplane {
             tracing::info!(pin = %p.display(), "program detached");
         }
         self.links.clear();
+        self.detach_sockets();
         if let Some(mut shaper) = self.shaper.take() {
             shaper.remove_ifb()?;
         }
