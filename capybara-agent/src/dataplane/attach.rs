@@ -292,6 +292,7 @@ impl Dataplane {
         self.links.clear();
         self.detach_sockets();
         if let Some(mut shaper) = self.shaper.take() {
+            shaper.remove_proxy_devices()?;
             shaper.remove_ifb()?;
         }
         Ok(pins)

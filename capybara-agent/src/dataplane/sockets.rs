@@ -19,8 +19,9 @@
 //! ## Attaching
 //! [`Dataplane::attach_sockets`] attaches `sock_egress` and `sock_ingress` to a cgroup v2
 //! directory ([`own_cgroup`]: the agent's own — the cgroup2 mount from `/proc/mounts` joined
-//! with the `0::` line of `/proc/self/cgroup`) with `BPF_F_ALLOW_MULTI`, so other programs on
-//! that cgroup (another agent's, systemd's) keep running. The links are **held, not pinned**:
+//! with the `0::` line of `/proc/self/cgroup`) as BPF links, which are always multi-attach
+//! (`BPF_F_ALLOW_MULTI` semantics; `BPF_LINK_CREATE` takes no flag), so other programs on that
+//! cgroup (another agent's, systemd's) keep running. The links are **held, not pinned**:
 //! they end with the agent (or [`Dataplane::detach`]), and so do the sockets they enforce on —
 //! unlike the tunnel's programs, there is nothing left to enforce on while the agent is down.
 //!
@@ -61,6 +62,9 @@ use crate::proxy::{Kernel, SocketRole};
 pub(super) struct SockMaps {
     /// `CAPY_SOCK_BIND` (socket storage), shared with every [`SocketBinder`].
     bind: Arc<OwnedFd>,
+    /// The map as loaded: its fd is the one the programs' instructions name until they are
+    /// loaded, so it stays open as long as the object.
+    _bind_data: MapData,
     /// `CAPY_SOCK_CNT`.
     counters: PerCpuArray<MapData, Counter>,
 }
@@ -89,6 +93,7 @@ impl SockMaps {
             .map_err(map_err(names::SOCK_COUNTERS, "open"))?;
         Ok(SockMaps {
             bind: Arc::new(fd),
+            _bind_data: bind,
             counters,
         })
     }
@@ -202,7 +207,7 @@ impl Dataplane {
     }
 
     /// Attaches the socket programs to cgroup v2 directory `cgroup` (usually [`own_cgroup`]),
-    /// with `BPF_F_ALLOW_MULTI`; the links are held by this dataplane (see the module docs).
+    /// as multi-attach BPF links; the links are held by this dataplane (see the module docs).
     /// Attaching again to the same cgroup is a no-op.
     pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<SocketAttachment> {
         let attachment = SocketAttachment {
@@ -246,8 +251,11 @@ impl Dataplane {
                     source: Box::new(e),
                 }
             };
+            // A BPF link (aya makes one on kernels ≥ 5.7): links on a cgroup always run beside
+            // the cgroup's other programs (multi-attach); `BPF_LINK_CREATE` refuses any flag,
+            // so the mode is the flag-less `Single`.
             let id = prog
-                .attach(&dir, at, CgroupAttachMode::AllowMultiple)
+                .attach(&dir, at, CgroupAttachMode::Single)
                 .map_err(prog_err("attach"))?;
             links.push(prog.take_link(id).map_err(prog_err("take link"))?);
             tracing::info!(prog = name, cgroup = %cgroup.display(), "program attached");
