@@ -240,20 +240,24 @@ fn try_tunnel(
     let cfg = config();
     // 1. Attribution: the peer end on the tunnel, the socket's binding for a proxied socket.
     // `charged`: the steps after the gate apply (all but a proxy's client socket).
-    let (peer, charged) = match source {
-        Source::Tunnel => (
-            match addrs {
-                Addrs::V4 { src, dst } => {
-                    peer_v4(if dir.peer_is_source { src } else { dst }, &cfg)
-                }
-                Addrs::V6 { src, dst } => {
-                    peer_v6(if dir.peer_is_source { &src } else { &dst }, cfg.flags)
-                }
-            },
-            true,
-        ),
-        Source::Socket { id, upstream, .. } => (Some(id), upstream),
+    // (Two statements, not one tuple: built together, the tunnel's `None` left `peer`'s payload
+    // undefined and LLVM spilled it, which the verifier refuses: "R5 !read_ok".)
+    let peer = match source {
+        Source::Tunnel => match addrs {
+            Addrs::V4 { src, dst } => peer_v4(if dir.peer_is_source { src } else { dst }, &cfg),
+            Addrs::V6 { src, dst } => {
+                peer_v6(if dir.peer_is_source { &src } else { &dst }, cfg.flags)
+            }
+        },
+        Source::Socket { id, .. } => Some(id),
     };
+    let charged = !matches!(
+        source,
+        Source::Socket {
+            upstream: false,
+            ..
+        }
+    );
 
     // The peer's hot line (policy and counters in one cache line, see
     // `capybara_common::peer::PeerHot`), used by the steps below: looked up once. The clock is
