@@ -93,21 +93,39 @@ pub const SOCK_COUNTER_NAMES: [(u32, &str); 19] = [
     (SOCK_OUT_PASS - SOCK_SLOT_BASE, "sock_out_pass"),
     (SOCK_OUT_SHAPED - SOCK_SLOT_BASE, "sock_out_shaped"),
     (SOCK_OUT_DROP_GATE - SOCK_SLOT_BASE, "sock_out_drop_gate"),
-    (SOCK_OUT_DROP_BLOCKLIST - SOCK_SLOT_BASE, "sock_out_drop_blocklist"),
+    (
+        SOCK_OUT_DROP_BLOCKLIST - SOCK_SLOT_BASE,
+        "sock_out_drop_blocklist",
+    ),
     (SOCK_OUT_DROP_FLOWS - SOCK_SLOT_BASE, "sock_out_drop_flows"),
     (SOCK_OUT_DROP_QUOTA - SOCK_SLOT_BASE, "sock_out_drop_quota"),
-    (SOCK_OUT_DROP_UNPARSEABLE - SOCK_SLOT_BASE, "sock_out_drop_unparseable"),
+    (
+        SOCK_OUT_DROP_UNPARSEABLE - SOCK_SLOT_BASE,
+        "sock_out_drop_unparseable",
+    ),
     (SOCK_OUT_MALFORMED - SOCK_SLOT_BASE, "sock_out_malformed"),
-    (SOCK_OUT_UNKNOWN_PEER - SOCK_SLOT_BASE, "sock_out_unknown_peer"),
+    (
+        SOCK_OUT_UNKNOWN_PEER - SOCK_SLOT_BASE,
+        "sock_out_unknown_peer",
+    ),
     (SOCK_IN_PASS - SOCK_SLOT_BASE, "sock_in_pass"),
     (SOCK_IN_SHAPED - SOCK_SLOT_BASE, "sock_in_shaped"),
     (SOCK_IN_DROP_GATE - SOCK_SLOT_BASE, "sock_in_drop_gate"),
-    (SOCK_IN_DROP_BLOCKLIST - SOCK_SLOT_BASE, "sock_in_drop_blocklist"),
+    (
+        SOCK_IN_DROP_BLOCKLIST - SOCK_SLOT_BASE,
+        "sock_in_drop_blocklist",
+    ),
     (SOCK_IN_DROP_FLOWS - SOCK_SLOT_BASE, "sock_in_drop_flows"),
     (SOCK_IN_DROP_QUOTA - SOCK_SLOT_BASE, "sock_in_drop_quota"),
-    (SOCK_IN_DROP_UNPARSEABLE - SOCK_SLOT_BASE, "sock_in_drop_unparseable"),
+    (
+        SOCK_IN_DROP_UNPARSEABLE - SOCK_SLOT_BASE,
+        "sock_in_drop_unparseable",
+    ),
     (SOCK_IN_MALFORMED - SOCK_SLOT_BASE, "sock_in_malformed"),
-    (SOCK_IN_UNKNOWN_PEER - SOCK_SLOT_BASE, "sock_in_unknown_peer"),
+    (
+        SOCK_IN_UNKNOWN_PEER - SOCK_SLOT_BASE,
+        "sock_in_unknown_peer",
+    ),
 ];
 
 #[cfg(test)]

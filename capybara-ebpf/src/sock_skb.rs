@@ -55,9 +55,7 @@
 //! `SOCK_COUNTERS` slot.
 
 use aya_ebpf::{
-    bindings::TC_ACT_SHOT,
-    helpers::generated::bpf_sk_storage_get,
-    macros::cgroup_skb,
+    bindings::TC_ACT_SHOT, helpers::generated::bpf_sk_storage_get, macros::cgroup_skb,
     programs::SkBuffContext,
 };
 use capybara_common::{

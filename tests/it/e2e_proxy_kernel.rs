@@ -71,8 +71,12 @@ impl Rig {
         let veth = VethPair::new(&a, &b, net);
         let mut dp = open_dataplane(&pins);
         let cgroup = own_cgroup().expect("the test's cgroup v2");
-        dp.attach_sockets(&cgroup)
-            .unwrap_or_else(|e| panic!("attach the socket programs to {}: {e}: {e:?}", cgroup.display()));
+        dp.attach_sockets(&cgroup).unwrap_or_else(|e| {
+            panic!(
+                "attach the socket programs to {}: {e}: {e:?}",
+                cgroup.display()
+            )
+        });
         for id in [ID, OTHER] {
             dp.set_peer(id, &[]).expect("activate the identity's line");
         }
@@ -103,7 +107,8 @@ impl Rig {
     ) -> io::Result<TcpStream> {
         let addr = self.addr(port);
         let binder = &self.binder;
-        self.a.run(|| connect_bound(addr, bind.map(|b| (binder, b)), timeout))
+        self.a
+            .run(|| connect_bound(addr, bind.map(|b| (binder, b)), timeout))
     }
 
     fn counter(&self, name: &str) -> Counter {
@@ -290,9 +295,8 @@ fn serve(mut s: TcpStream, port: u16, received: &AtomicU64, stop: &AtomicBool) {
     let (mut req, mut owed) = (Vec::with_capacity(8), 0u64);
     while !stop.load(Ordering::Relaxed) {
         let r = if port == PORT_SINK {
-            s.read(&mut buf).map(|n| {
+            s.read(&mut buf).inspect(|&n| {
                 received.fetch_add(n as u64, Ordering::Relaxed);
-                n
             })
         } else if owed > 0 {
             let n = owed.min(buf.len() as u64) as usize;
@@ -302,19 +306,22 @@ fn serve(mut s: TcpStream, port: u16, received: &AtomicU64, stop: &AtomicBool) {
             })
         } else {
             let mut b = [0u8; 8];
-            s.read(&mut b[..8 - req.len()]).map(|n| {
+            s.read(&mut b[..8 - req.len()]).inspect(|&n| {
                 req.extend_from_slice(&b[..n]);
                 if req.len() == 8 {
                     owed = u64::from_le_bytes(req[..].try_into().unwrap());
                     req.clear();
                 }
-                n
             })
         };
         match r {
             Ok(0) => return,
             Ok(_) => {}
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => return,
         }
     }
@@ -339,7 +346,11 @@ fn upload(s: &mut TcpStream, total: u64, deadline: Instant) -> u64 {
         let n = ((total - sent) as usize).min(buf.len());
         match s.write(&buf[..n]) {
             Ok(n) => sent += n as u64,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => break,
         }
     }
@@ -361,7 +372,11 @@ fn download(s: &mut TcpStream, total: u64, deadline: Instant) -> u64 {
         match s.read(&mut buf[..want]) {
             Ok(0) => break,
             Ok(n) => got += n as u64,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => break,
         }
     }
@@ -384,12 +399,20 @@ fn counters_equal_the_bytes_moved_and_unbound_sockets_are_untouched() {
 
     // 3 MB up and 2 MB down on one upstream socket.
     let mut s = rig
-        .connect(PORT_SINK, Some((ID, SocketRole::Upstream)), Duration::from_secs(5))
+        .connect(
+            PORT_SINK,
+            Some((ID, SocketRole::Upstream)),
+            Duration::from_secs(5),
+        )
         .expect("connect");
     let deadline = Instant::now() + Duration::from_secs(20);
     assert_eq!(upload(&mut s, 3_000_000, deadline), 3_000_000);
     let mut d = rig
-        .connect(PORT_SOURCE, Some((ID, SocketRole::Upstream)), Duration::from_secs(5))
+        .connect(
+            PORT_SOURCE,
+            Some((ID, SocketRole::Upstream)),
+            Duration::from_secs(5),
+        )
         .expect("connect");
     assert_eq!(download(&mut d, 2_000_000, deadline), 2_000_000);
     // Let the last ACKs arrive, then read both sockets' own accounts before closing them.
@@ -409,12 +432,24 @@ fn counters_equal_the_bytes_moved_and_unbound_sockets_are_untouched() {
 
     let ctx = format!("upload {us:?}, download {ds:?}, counters {before:?} → {after:?}");
     eprintln!("{ctx}");
-    assert_eq!((us.retrans, ds.retrans), (0, 0), "retransmits on a veth: {ctx}");
+    assert_eq!(
+        (us.retrans, ds.retrans),
+        (0, 0),
+        "retransmits on a veth: {ctx}"
+    );
     // Egress of the upstream socket = rx (from the user), ingress = tx (to the user).
     let rx_packets = us.segs_out + ds.segs_out;
     let tx_packets = us.segs_in + ds.segs_in;
-    assert_eq!(after.rx_packets - before.rx_packets, rx_packets, "rx packets: {ctx}");
-    assert_eq!(after.tx_packets - before.tx_packets, tx_packets, "tx packets: {ctx}");
+    assert_eq!(
+        after.rx_packets - before.rx_packets,
+        rx_packets,
+        "rx packets: {ctx}"
+    );
+    assert_eq!(
+        after.tx_packets - before.tx_packets,
+        tx_packets,
+        "tx packets: {ctx}"
+    );
     assert_eq!(
         after.rx_bytes - before.rx_bytes,
         ip_bytes(us.bytes_sent, us.segs_out) + ip_bytes(ds.bytes_sent, ds.segs_out),
@@ -425,7 +460,10 @@ fn counters_equal_the_bytes_moved_and_unbound_sockets_are_untouched() {
         ip_bytes(us.bytes_received, us.segs_in) + ip_bytes(ds.bytes_received, ds.segs_in),
         "tx bytes (IP): {ctx}"
     );
-    assert_eq!(unbound, after, "an unbound socket's traffic was counted to the identity");
+    assert_eq!(
+        unbound, after,
+        "an unbound socket's traffic was counted to the identity"
+    );
     // Counted per skb (a GSO skb of up to 64 KiB is one): 1 MB is at least 16 of them.
     assert!(
         unbound_after.packets >= unbound_before.packets + 16,
@@ -437,7 +475,10 @@ fn counters_equal_the_bytes_moved_and_unbound_sockets_are_untouched() {
         "another identity's counters moved"
     );
     let c = rig.counter("sock_out_pass");
-    assert!(c.packets >= rx_packets, "sock_out_pass {c:?} < {rx_packets} packets");
+    assert!(
+        c.packets >= rx_packets,
+        "sock_out_pass {c:?} < {rx_packets} packets"
+    );
 }
 
 #[test]
@@ -448,7 +489,11 @@ fn a_10mb_quota_stops_an_upload_within_the_bound() {
     rig.dp.assign_quota(ID, Some(BUCKET)).expect("assign");
     let received_before = rig.server.received.load(Ordering::Relaxed);
     let mut s = rig
-        .connect(PORT_SINK, Some((ID, SocketRole::Upstream)), Duration::from_secs(5))
+        .connect(
+            PORT_SINK,
+            Some((ID, SocketRole::Upstream)),
+            Duration::from_secs(5),
+        )
         .expect("connect");
     // 20 MB offered; the quota stops it: the writer blocks once TCP's buffers fill.
     let sent = upload(&mut s, 20_000_000, Instant::now() + Duration::from_secs(6));
@@ -468,7 +513,10 @@ fn a_10mb_quota_stops_an_upload_within_the_bound() {
     assert!(usage.exhausted(), "the budget was not spent: {ctx}");
     assert!(usage.used_bytes <= bound, "charged past the bound: {ctx}");
     assert!(delivered <= bound, "delivered past the bound: {ctx}");
-    assert!(delivered >= LIMIT * 9 / 10, "stopped far before the limit: {ctx}");
+    assert!(
+        delivered >= LIMIT * 9 / 10,
+        "stopped far before the limit: {ctx}"
+    );
     assert!(drops > 0, "no quota drop counted: {ctx}");
     assert!(rig.counter("sock_out_drop_quota").packets > 0, "{ctx}");
 }
@@ -477,10 +525,18 @@ fn a_10mb_quota_stops_an_upload_within_the_bound() {
 fn a_gate_hold_stops_traffic_both_ways_within_one_second() {
     let mut rig = Rig::new(63);
     let mut up = rig
-        .connect(PORT_SINK, Some((ID, SocketRole::Upstream)), Duration::from_secs(5))
+        .connect(
+            PORT_SINK,
+            Some((ID, SocketRole::Upstream)),
+            Duration::from_secs(5),
+        )
         .expect("connect");
     let mut down = rig
-        .connect(PORT_SOURCE, Some((ID, SocketRole::Upstream)), Duration::from_secs(5))
+        .connect(
+            PORT_SOURCE,
+            Some((ID, SocketRole::Upstream)),
+            Duration::from_secs(5),
+        )
         .expect("connect");
     let stop = Arc::new(AtomicBool::new(false));
     let got = Arc::new(AtomicU64::new(0));
@@ -488,7 +544,11 @@ fn a_gate_hold_stops_traffic_both_ways_within_one_second() {
         let stop = Arc::clone(&stop);
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                upload(&mut up, 1 << 20, Instant::now() + Duration::from_millis(100));
+                upload(
+                    &mut up,
+                    1 << 20,
+                    Instant::now() + Duration::from_millis(100),
+                );
             }
         })
     };
@@ -496,21 +556,34 @@ fn a_gate_hold_stops_traffic_both_ways_within_one_second() {
         let (stop, got) = (Arc::clone(&stop), Arc::clone(&got));
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                let n = download(&mut down, 1 << 20, Instant::now() + Duration::from_millis(100));
+                let n = download(
+                    &mut down,
+                    1 << 20,
+                    Instant::now() + Duration::from_millis(100),
+                );
                 got.fetch_add(n, Ordering::Relaxed);
             }
         })
     };
     std::thread::sleep(Duration::from_millis(700));
-    let flowing = (rig.server.received.load(Ordering::Relaxed), got.load(Ordering::Relaxed));
+    let flowing = (
+        rig.server.received.load(Ordering::Relaxed),
+        got.load(Ordering::Relaxed),
+    );
     rig.dp
         .set_gate(ID, Gate::Held(DropReason::GateKicked))
         .expect("hold");
     // Within 1 s of the hold nothing moves any more in either direction.
     std::thread::sleep(Duration::from_secs(1));
-    let at_1s = (rig.server.received.load(Ordering::Relaxed), got.load(Ordering::Relaxed));
+    let at_1s = (
+        rig.server.received.load(Ordering::Relaxed),
+        got.load(Ordering::Relaxed),
+    );
     std::thread::sleep(Duration::from_secs(1));
-    let at_2s = (rig.server.received.load(Ordering::Relaxed), got.load(Ordering::Relaxed));
+    let at_2s = (
+        rig.server.received.load(Ordering::Relaxed),
+        got.load(Ordering::Relaxed),
+    );
     stop.store(true, Ordering::Relaxed);
     let stats = rig.dp.peer_stats(ID).unwrap();
     let ctx = format!(
@@ -519,8 +592,14 @@ fn a_gate_hold_stops_traffic_both_ways_within_one_second() {
         stats.drops
     );
     eprintln!("{ctx}");
-    assert!(flowing.0 > 0 && flowing.1 > 0, "no traffic before the hold: {ctx}");
-    assert_eq!(at_2s, at_1s, "traffic moved more than 1 s after the hold: {ctx}");
+    assert!(
+        flowing.0 > 0 && flowing.1 > 0,
+        "no traffic before the hold: {ctx}"
+    );
+    assert_eq!(
+        at_2s, at_1s,
+        "traffic moved more than 1 s after the hold: {ctx}"
+    );
     assert!(stats.drops[DropReason::GateKicked as usize] > 0, "{ctx}");
     assert!(rig.counter("sock_out_drop_gate").packets > 0, "{ctx}");
     assert!(rig.counter("sock_in_drop_gate").packets > 0, "{ctx}");
@@ -537,8 +616,12 @@ fn a_flow_limit_of_2_refuses_the_third_connection() {
     let mut rig = Rig::new(64);
     rig.dp.set_flow_limit(ID, 2).expect("flow limit");
     let bind = Some((ID, SocketRole::Upstream));
-    let first = rig.connect(PORT_SINK, bind, Duration::from_secs(5)).expect("1st");
-    let second = rig.connect(PORT_SINK, bind, Duration::from_secs(5)).expect("2nd");
+    let first = rig
+        .connect(PORT_SINK, bind, Duration::from_secs(5))
+        .expect("1st");
+    let second = rig
+        .connect(PORT_SINK, bind, Duration::from_secs(5))
+        .expect("2nd");
     let drops_before = rig.counter("sock_out_drop_flows");
     let third = rig.connect(PORT_SINK, bind, Duration::from_secs(2));
     let drops = rig.counter("sock_out_drop_flows");
@@ -569,8 +652,9 @@ fn a_20_mbit_rate_holds_in_each_direction() {
     // The shaper needs a tunnel device (it owns the HTB machinery): a spare veth in the
     // client namespace will do (no dummy driver on every kernel); it goes with the namespace.
     let tun = "pk0";
-    rig.a
-        .exec(&["ip", "link", "add", tun, "type", "veth", "peer", "name", "pk1"]);
+    rig.a.exec(&[
+        "ip", "link", "add", tun, "type", "veth", "peer", "name", "pk1",
+    ]);
     rig.a.exec(&["ip", "link", "set", tun, "up"]);
     let ifname = rig.veth.a.ifname.clone();
     {

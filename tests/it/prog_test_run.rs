@@ -3749,11 +3749,17 @@ fn socket_programs_pass_unbound_packets_untouched() {
             .unwrap_or_else(|e: ProgramError| panic!("the verifier refused {name}: {e:?}"));
     }
     let packets: [(&str, Vec<u8>); 5] = [
-        ("tcp4 to a blocked destination", packets::tcp4(PEER1_V4, BLOCKED, 40000, 443, 100)),
+        (
+            "tcp4 to a blocked destination",
+            packets::tcp4(PEER1_V4, BLOCKED, 40000, 443, 100),
+        ),
         ("tcp6", packets::tcp6(PEER1_V6, CLEAN6, 40000, 443, 1000)),
         ("udp4", packets::udp4(PEER1_V4, CLEAN, 40000, 53, 60)),
         ("icmp4", packets::icmp4(CLEAN, PEER1_V4, 56)),
-        ("tcp4, 1400 bytes", packets::tcp4(CLEAN, PEER1_V4, 443, 40000, 1400)),
+        (
+            "tcp4, 1400 bytes",
+            packets::tcp4(CLEAN, PEER1_V4, 443, 40000, 1400),
+        ),
     ];
     let mut failures = Vec::new();
     for name in [PROG_SOCK_EGRESS, PROG_SOCK_INGRESS] {

@@ -59,9 +59,8 @@ use super::{
     netlink::{
         self, IFLA_IFNAME, IFLA_INFO_KIND, IFLA_LINKINFO, IFLA_MTU, Msg, NLM_F_CREATE, NLM_F_ECHO,
         NLM_F_EXCL, NLM_F_REPLACE, Netlink, RTM_DELLINK, RTM_DELQDISC, RTM_DELTCLASS, RTM_GETLINK,
-        RTM_GETTCLASS,
-        RTM_NEWLINK, RTM_NEWQDISC, RTM_NEWTCLASS, TCA_KIND, TCA_OPTIONS, TCA_STATS_QUEUE,
-        TCA_STATS2, tcmsg,
+        RTM_GETTCLASS, RTM_NEWLINK, RTM_NEWQDISC, RTM_NEWTCLASS, TCA_KIND, TCA_OPTIONS,
+        TCA_STATS_QUEUE, TCA_STATS2, tcmsg,
     },
 };
 use crate::units::Rate;
@@ -416,7 +415,11 @@ impl Shaper {
     fn set_proxy_class(&self, d: &ProxyDevice, classid: u32, rate: Rate) -> Result<()> {
         let class = class_msg(d.ifindex, classid, rate, ETH_HLEN, d.mtu);
         self.request(&d.name, "set HTB class", class)?;
-        self.request(&d.name, "set class queue", leaf_msg(d.ifindex, classid, rate))?;
+        self.request(
+            &d.name,
+            "set class queue",
+            leaf_msg(d.ifindex, classid, rate),
+        )?;
         Ok(())
     }
 
@@ -858,8 +861,10 @@ mod tests {
         c.next = MAX_SHAPE_MINOR as u16;
         assert_eq!(c.allocate(), None);
         // The two directions' minors are disjoint (a proxy device holds both).
-        let mut to = Classes::default();
-        to.next = FROM_PEER_MINOR_BASE - 1;
+        let mut to = Classes {
+            next: FROM_PEER_MINOR_BASE - 1,
+            ..Classes::default()
+        };
         assert_eq!(to.allocate(), Some(FROM_PEER_MINOR_BASE));
         assert_eq!(to.allocate(), None);
         let mut from = Classes::from_peers();

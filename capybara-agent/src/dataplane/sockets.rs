@@ -52,7 +52,9 @@ use capybara_common::{
     counters::Counter,
     maps::{self as names, PROG_SOCK_EGRESS, PROG_SOCK_INGRESS},
     peer::{MAX_PEERS, PeerId},
-    sock::{SOCK_COUNTER_NAMES, SOCK_COUNTER_SLOTS, SOCK_ROLE_CLIENT, SOCK_ROLE_UPSTREAM, SockBinding},
+    sock::{
+        SOCK_COUNTER_NAMES, SOCK_COUNTER_SLOTS, SOCK_ROLE_CLIENT, SOCK_ROLE_UPSTREAM, SockBinding,
+    },
 };
 
 use super::{Dataplane, DataplaneError, Result, map_err, sys, sys_err};
@@ -89,8 +91,8 @@ impl SockMaps {
             .ok_or(DataplaneError::MapMissing {
                 map: names::SOCK_COUNTERS,
             })?;
-        let counters = PerCpuArray::try_from(counters)
-            .map_err(map_err(names::SOCK_COUNTERS, "open"))?;
+        let counters =
+            PerCpuArray::try_from(counters).map_err(map_err(names::SOCK_COUNTERS, "open"))?;
         Ok(SockMaps {
             bind: Arc::new(fd),
             _bind_data: bind,
@@ -128,7 +130,10 @@ impl SocketBinder {
         sys::update_elem(self.map.as_fd(), &key, &value, 0).map_err(|e| {
             io::Error::new(
                 e.kind(),
-                format!("binding socket fd {key} to identity {id} in {}: {e}", names::SOCK_BIND),
+                format!(
+                    "binding socket fd {key} to identity {id} in {}: {e}",
+                    names::SOCK_BIND
+                ),
             )
         })
     }
@@ -317,7 +322,9 @@ mod tests {
         let own = "0::/system.slice/capybara.service\n";
         assert_eq!(
             cgroup_dir("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n", own),
-            Some(PathBuf::from("/sys/fs/cgroup/system.slice/capybara.service"))
+            Some(PathBuf::from(
+                "/sys/fs/cgroup/system.slice/capybara.service"
+            ))
         );
         assert_eq!(cgroup_dir("cgroup /c cgroup rw 0 0\n", "0::/\n"), None);
         assert_eq!(cgroup_dir(mounts, "4:memory:/x\n"), None);
