@@ -23,6 +23,8 @@
 //! | `FLOWS` | hash, not preallocated | up to 262 144 | ≈ 140 B per flow (≈ 36 MiB full) |
 //! | `FLOW_CNT` | mmapable array | 131 072 | 1 MiB (8 B per peer) |
 //! | `EVENTS` | ring buffer | 256 KiB | 256 KiB (4096 records of 64 B in flight) |
+//! | `SOCK_COUNTERS` | per-CPU array | 32 | 512 B × ncpu |
+//! | `SOCK_BIND` | socket storage (not pinned) | one per bound socket | 8 B value + ≈ 100 B of storage bookkeeping per proxied socket, freed with it |
 //!
 //! The two DIR tables are the price of a lookup that does not grow with the list: 256 MiB in all
 //! (kernel memory; the agent maps one 64 MiB generation only while writing or comparing it, see

@@ -1,4 +1,8 @@
-//! The pipeline shared by `tc_ingress` and `tc_egress` on the tunnel device.
+//! The pipeline shared by `tc_ingress` and `tc_egress` on the tunnel device, and by the socket
+//! programs (`crate::sock_skb`) for proxied connections' sockets: those enter with
+//! [`Source::Socket`] (the identity from the socket's binding instead of step 1's address
+//! lookup, no header pull, shaping by `skb->priority` only, and a client socket stops after the
+//! gate); everything below is written for the tunnel and holds for them as described there.
 //!
 //! The tunnel device is a TUN: packets are raw IPv4/IPv6, no link-layer header, so the IP
 //! version comes from the first nibble. The two directions differ only in which address is the

@@ -3818,4 +3818,29 @@ fn socket_programs_pass_unbound_packets_untouched() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // What the unbound path costs per packet (printed, not asserted: performance is
+    // `cargo xtask bench`'s), beside the tunnel program's cheapest path (a packet of no peer).
+    let input = packets::eth_ip(&packets::tcp4(CLEAN, PEER1_V4, 443, 40000, 1400));
+    let per_packet = |f: &mut Fixture, name: &str| -> f64 {
+        let opts = || TestRunOptions {
+            data_in: Some(&input),
+            repeat: 200_000,
+            ..TestRunOptions::new()
+        };
+        let p = f.ebpf().program(name).unwrap();
+        let r = match p {
+            aya::programs::Program::CgroupSkb(p) => p.test_run(opts()),
+            aya::programs::Program::SchedClassifier(p) => p.test_run(opts()),
+            _ => unreachable!("{name}"),
+        }
+        .unwrap_or_else(|e| panic!("test run of {name}: {e:?}"));
+        r.duration.as_nanos() as f64
+    };
+    let sock = per_packet(&mut f, PROG_SOCK_EGRESS);
+    let tc = per_packet(&mut f, capybara_common::maps::PROG_TC_EGRESS);
+    eprintln!(
+        "unbound packet through sock_egress: {sock:.0} ns; a packet of no peer through \
+         tc_egress: {tc:.0} ns (BPF_PROG_TEST_RUN, 200 000 repeats, mean)"
+    );
 }
