@@ -9,7 +9,11 @@
 //! after `accept`. The programs read `bpf_sk_storage_get(skb->sk)`: a packet of a socket without
 //! a binding (every other socket of the cgroup, and another agent's: each agent has its own
 //! map) passes untouched, counted in packets as `SOCK_PASS_UNBOUND` — one helper call that
-//! walks the socket's (usually empty) storage list, plus the counter.
+//! walks the socket's (usually empty) storage list, plus the counter. Measured with
+//! `BPF_PROG_TEST_RUN` (200 000 repeats; `prog_test_run::socket_programs_pass_unbound_packets_
+//! untouched` prints it; 3 runs while other builds shared the 2 cores): 36–39 ns per packet,
+//! test-run loop included, against 149–199 ns for `tc_egress`'s cheapest path (a packet of no
+//! peer) in the same runs. Not yet a `cargo xtask bench` figure.
 //!
 //! ## Checks: the tunnel's pipeline, unforked
 //! A bound packet goes through `crate::pipeline` with `Source::Socket`: the same gate, lists,
@@ -35,7 +39,8 @@
 //!   moment — ≤ 64 KiB × CPUs (2 here: 128 KiB), shared with the user's WireGuard devices on
 //!   the same bucket. A dropped TCP segment is retransmitted, and each retransmission is
 //!   dropped again while the bucket is exhausted: the user receives no more than the bucket
-//!   plus that bound.
+//!   plus that bound. Measured (`e2e_proxy_kernel`, 20 MB offered against 10 MB, 2 CPUs):
+//!   10 067 180 bytes charged, 67 180 over the limit, against a bound of 135 856.
 //! - **Flow limit**: one flow per upstream socket (its 5-tuple). The SYN of a connection over
 //!   the limit is dropped on egress; `connect` does not fail at once (a cgroup egress drop is
 //!   `EPERM` to TCP's transmit, which only `ECONNREFUSED` aborts) — SYNs are retried with

@@ -538,17 +538,23 @@ fn a_gate_hold_stops_traffic_both_ways_within_one_second() {
             Duration::from_secs(5),
         )
         .expect("connect");
+    // A client socket (the user's end of a proxied connection) is held too.
+    let mut client = rig
+        .connect(
+            PORT_SINK,
+            Some((ID, SocketRole::Client)),
+            Duration::from_secs(5),
+        )
+        .expect("connect");
     let stop = Arc::new(AtomicBool::new(false));
     let got = Arc::new(AtomicU64::new(0));
     let t_up = {
         let stop = Arc::clone(&stop);
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                upload(
-                    &mut up,
-                    1 << 20,
-                    Instant::now() + Duration::from_millis(100),
-                );
+                let deadline = Instant::now() + Duration::from_millis(100);
+                upload(&mut up, 1 << 20, deadline);
+                upload(&mut client, 1 << 20, deadline);
             }
         })
     };
