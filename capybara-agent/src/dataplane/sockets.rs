@@ -31,7 +31,14 @@
 //! agent's major (`ca:`) on the device the packets leave by then queues them in the class.
 //! [`Dataplane::shape_proxy_device`] installs that HTB on a device and mirrors every class of
 //! both directions onto it (the classes' minors are allocated per direction, so the two
-//! directions' classes take disjoint minors there: see its docs).
+//! directions' classes take disjoint minors there: see its docs). Measured
+//! (`e2e_proxy_kernel::a_20_mbit_rate_holds_in_each_direction`, real TCP over a veth, 3 s after
+//! 1 s of slow start): 20 Mbit/s held as goodput 0.962 × the rate on an upstream socket's
+//! upload and 0.963 × on a client socket's download (IP bytes 0.997 / 0.998 ×; the TCP
+//! ceiling is 1448/1500 = 0.965), as the tunnel's HTB holds it. Why an HTB on the device and
+//! not an IFB: an IFB drops packets redirected from a device's egress that were made on this
+//! host (`ifb_xmit` wants `skb_iif`, which locally made packets do not have), and the socket
+//! programs cannot redirect anyway.
 //!
 //! ## Counters
 //! `CAPY_SOCK_CNT` (pinned, per CPU): one slot per verdict of the socket programs
