@@ -14,6 +14,7 @@
 //! - [`flow`]: per-peer concurrent flow limits (the flow table, canonical keys, timeouts).
 //! - [`quota`]: data-quota buckets (byte budgets shared by peers) and their warning thresholds.
 //! - [`shape`]: the HTB classes that shape a peer's bandwidth, selected by the kernel.
+//! - [`sock`]: proxied sockets bound to an identity's line, and the socket programs' counters.
 //!
 //! Rules: every map key and value is `#[repr(C)]` with explicit padding, no `bool` and no
 //! data-carrying enum, and a compile-time size assertion. The `user` feature adds `aya::Pod`
@@ -31,6 +32,7 @@ pub mod maps;
 pub mod peer;
 pub mod quota;
 pub mod shape;
+pub mod sock;
 
 /// Implements `aya::Pod` for plain-old-data map types when built for userspace.
 macro_rules! pod {

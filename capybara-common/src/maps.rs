@@ -23,6 +23,8 @@
 //! | `FLOWS` | hash, not preallocated | up to 262 144 | ≈ 140 B per flow (≈ 36 MiB full) |
 //! | `FLOW_CNT` | mmapable array | 131 072 | 1 MiB (8 B per peer) |
 //! | `EVENTS` | ring buffer | 256 KiB | 256 KiB (4096 records of 64 B in flight) |
+//! | `SOCK_COUNTERS` | per-CPU array | 32 | 512 B × ncpu |
+//! | `SOCK_BIND` | socket storage (not pinned) | one per bound socket | 8 B value + ≈ 100 B of storage bookkeeping per proxied socket, freed with it |
 //!
 //! The two DIR tables are the price of a lookup that does not grow with the list: 256 MiB in all
 //! (kernel memory; the agent maps one 64 MiB generation only while writing or comparing it, see
@@ -97,8 +99,17 @@ pub const FLOWS: &str = "CAPY_FLOWS";
 /// Per-peer flow counts (`u64`, indexed by peer id; atomics on both sides).
 pub const FLOW_COUNT: &str = "CAPY_FLOW_CNT";
 
+/// The socket programs' verdict counters ([`crate::sock`]): a per-CPU array of
+/// [`crate::counters::Counter`], `SOCK_COUNTER_SLOTS` (32) entries, 512 B × ncpu. Pinned like
+/// `COUNTERS`, whose layout it leaves as it was.
+pub const SOCK_COUNTERS: &str = "CAPY_SOCK_CNT";
+/// Proxied sockets' bindings ([`crate::sock::SockBinding`]): `BPF_MAP_TYPE_SK_STORAGE`, one
+/// 8-byte value per bound socket, freed with the socket. **Not pinned**: the sockets are the
+/// agent's own and die with it, and each agent (tests run several) must see only its own.
+pub const SOCK_BIND: &str = "CAPY_SOCK_BIND";
+
 /// Every pinned map, for listing and removal.
-pub const ALL: [&str; 23] = [
+pub const ALL: [&str; 24] = [
     CONFIG,
     COUNTERS,
     LIST_HITS,
@@ -122,6 +133,7 @@ pub const ALL: [&str; 23] = [
     QUOTA,
     FLOWS,
     FLOW_COUNT,
+    SOCK_COUNTERS,
 ];
 
 /// Program names in the object.
@@ -130,6 +142,10 @@ pub const PROG_XDP_GUARD: &str = "xdp_guard";
 pub const PROG_TC_INGRESS: &str = "tc_ingress";
 /// TC egress program on the tunnel device.
 pub const PROG_TC_EGRESS: &str = "tc_egress";
+/// cgroup_skb egress program: packets leaving the agent's proxied sockets.
+pub const PROG_SOCK_EGRESS: &str = "sock_egress";
+/// cgroup_skb ingress program: packets arriving at the agent's proxied sockets.
+pub const PROG_SOCK_INGRESS: &str = "sock_ingress";
 
 #[cfg(test)]
 mod tests {

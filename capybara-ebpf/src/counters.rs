@@ -1,5 +1,6 @@
 //! Counting: every verdict increments exactly one slot of `COUNTERS` (the named constants of
-//! `capybara_common::counters`); a drop also increments `DROPS_BASE + reason`, the hit counter of
+//! `capybara_common::counters`) or, for the socket programs, of `SOCK_COUNTERS`
+//! (`capybara_common::sock`); a drop also increments `DROPS_BASE + reason`, the hit counter of
 //! the list that matched, and — when the packet belongs to a known peer — that peer's
 //! `PeerDrops::drops[reason]`.
 //!
@@ -12,9 +13,10 @@ use capybara_common::{
     counters::{Counter, DROPS_BASE},
     drop::DropReason,
     peer::PeerId,
+    sock::SOCK_SLOT_BASE,
 };
 
-use crate::maps::{COUNTERS, LIST_HITS, PEER_DROPS};
+use crate::maps::{COUNTERS, LIST_HITS, PEER_DROPS, SOCK_COUNTERS};
 
 #[inline(always)]
 fn bump(c: *mut Counter, amount: Counter) {
@@ -26,10 +28,17 @@ fn bump(c: *mut Counter, amount: Counter) {
     }
 }
 
-/// Counts `amount` (packets and bytes) at verdict slot `slot`.
+/// Counts `amount` (packets and bytes) at verdict slot `slot`: a slot of `COUNTERS`, or from
+/// `SOCK_SLOT_BASE` on one of the socket programs' `SOCK_COUNTERS` (slots are constants at
+/// every call site, so the branch is folded away).
 #[inline(always)]
 pub fn count(slot: u32, amount: Counter) {
-    if let Some(c) = COUNTERS.get_ptr_mut(slot) {
+    let c = if slot >= SOCK_SLOT_BASE {
+        SOCK_COUNTERS.get_ptr_mut(slot - SOCK_SLOT_BASE)
+    } else {
+        COUNTERS.get_ptr_mut(slot)
+    };
+    if let Some(c) = c {
         bump(c, amount);
     }
 }

@@ -5,6 +5,8 @@
 //! - [`tc_ingress`] / [`tc_egress`]: TC (TCX) on the tunnel device — peer attribution,
 //!   admission gate, destination blocklists, flow limits, data quotas, per-peer accounting,
 //!   shaping; both run the pipeline in [`pipeline`].
+//! - [`sock_skb`]: cgroup_skb on the agent's cgroup — the sockets of proxied (Shadowsocks,
+//!   VLESS) connections, bound to an identity, through the same pipeline.
 //! - [`parse`]: the one bounds-checked packet read and the header parsing steps.
 //! - [`lookup`]: config, peer attribution, blocklist lookups (shared by both directions).
 //! - [`gate`]: the admission gate (held peers, deadlines, the verification endpoint).
@@ -36,6 +38,7 @@ mod parse;
 mod pipeline;
 mod quota;
 mod shape;
+mod sock_skb;
 mod tc_egress;
 mod tc_ingress;
 mod xdp_guard;

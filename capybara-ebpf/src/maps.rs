@@ -6,7 +6,8 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
-    macros::map,
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use capybara_common::{
@@ -23,6 +24,7 @@ use capybara_common::{
         PeerV4LpmData, PeerV6LpmData,
     },
     quota::{MAX_QUOTA_BUCKETS, QuotaBucket},
+    sock::{SOCK_COUNTER_SLOTS, SockBinding},
 };
 
 #[map(name = "CAPY_CONFIG")]
@@ -109,3 +111,13 @@ pub static FLOW_SCRATCH: PerCpuArray<FlowKey> = PerCpuArray::with_max_entries(1,
 /// Scratch space for a flow-limit event record (one per CPU, not pinned), for the same reason.
 #[map(name = "CAPY_EVT_SCR")]
 pub static EVENT_SCRATCH: PerCpuArray<EventRecord> = PerCpuArray::with_max_entries(1, 0);
+
+/// The socket programs' verdict counters (`capybara_common::sock`), apart from `COUNTERS`.
+#[map(name = "CAPY_SOCK_CNT")]
+pub static SOCK_COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(SOCK_COUNTER_SLOTS, 0);
+
+/// Proxied sockets' bindings to identities (`capybara_common::sock::SockBinding`), in the
+/// sockets' own storage. A BTF map (the kernel creates `SK_STORAGE` maps only with BTF key and
+/// value types), not pinned: every agent has its own (see `capybara_common::maps::SOCK_BIND`).
+#[btf_map(name = "CAPY_SOCK_BIND")]
+pub static SOCK_BIND: SkStorage<SockBinding> = SkStorage::new();

@@ -1,4 +1,8 @@
-//! The pipeline shared by `tc_ingress` and `tc_egress` on the tunnel device.
+//! The pipeline shared by `tc_ingress` and `tc_egress` on the tunnel device, and by the socket
+//! programs (`crate::sock_skb`) for proxied connections' sockets: those enter with
+//! [`Source::Socket`] (the identity from the socket's binding instead of step 1's address
+//! lookup, no header pull, shaping by `skb->priority` only, and a client socket stops after the
+//! gate); everything below is written for the tunnel and holds for them as described there.
 //!
 //! The tunnel device is a TUN: packets are raw IPv4/IPv6, no link-layer header, so the IP
 //! version comes from the first nibble. The two directions differ only in which address is the
@@ -68,7 +72,7 @@ use core::num::NonZeroU64;
 use aya_ebpf::{
     Global,
     bindings::{__sk_buff, TC_ACT_OK, TC_ACT_SHOT},
-    programs::TcContext,
+    programs::{TcContext, sk_buff::SkBuff},
 };
 use capybara_common::{
     config::CONFIG_F_DROP_UNKNOWN_PEER,
@@ -115,6 +119,23 @@ pub struct Direction {
     pub shaped: u32,
 }
 
+/// Who a packet belongs to: how the pipeline attributes it.
+#[derive(Clone, Copy)]
+pub enum Source {
+    /// A packet on the tunnel device: the peer whose allowed IPs hold the peer end's address.
+    Tunnel,
+    /// A packet of a proxied socket bound to identity `id` (`crate::sock_skb`, cgroup_skb).
+    /// `upstream`: the endpoint's connection to the destination, which every step applies to;
+    /// otherwise the user's connection to the endpoint, which only the gate and (`egress`)
+    /// the shaping decision apply to. Headers are never pulled (cgroup_skb may not) and
+    /// shaping only sets `skb->priority` (no redirect).
+    Socket {
+        id: PeerId,
+        upstream: bool,
+        egress: bool,
+    },
+}
+
 /// What the steps of the pipeline share about an attributed peer with a table entry.
 #[derive(Clone, Copy)]
 struct Known {
@@ -134,8 +155,21 @@ pub fn run(ctx: &TcContext, dir: &Direction) -> i32 {
         n if n <= MAX_L2_HLEN => n,
         _ => 0,
     };
-    let bytes = ctx.len().saturating_sub(l2) as u64;
-    match try_tunnel(ctx, dir, l2 as usize, bytes) {
+    run_skb(&ctx.skb, dir, Source::Tunnel, l2)
+}
+
+/// Runs the pipeline for one packet of a bound socket (`Source::Socket`; cgroup_skb: the data
+/// starts at the IP header) and returns the verdict as a TC action (`TC_ACT_OK` or
+/// `TC_ACT_SHOT`), which the caller turns into its own.
+#[inline(always)]
+pub fn run_socket(skb: &SkBuff, dir: &Direction, source: Source) -> i32 {
+    run_skb(skb, dir, source, 0)
+}
+
+#[inline(always)]
+fn run_skb(skb: &SkBuff, dir: &Direction, source: Source, l2: u32) -> i32 {
+    let bytes = skb.len().saturating_sub(l2) as u64;
+    match try_tunnel(skb, dir, source, l2 as usize, bytes) {
         Ok(verdict) => verdict,
         Err(Malformed) => {
             count(dir.malformed, Counter::one(bytes));
@@ -146,14 +180,15 @@ pub fn run(ctx: &TcContext, dir: &Direction) -> i32 {
 
 /// Packets and bytes of this skb as separate IP packets (see the module docs on GSO).
 #[inline(always)]
-fn amount(ctx: &TcContext, v6: bool, l2: usize, bytes: u64) -> Counter {
-    // SAFETY: `ctx.skb.skb` is the `__sk_buff` context pointer the kernel passed to this
-    // program; `gso_segs` and `gso_size` are readable fields of it for `sched_cls` programs.
-    let (segs, size) = unsafe { ((*ctx.skb.skb).gso_segs, (*ctx.skb.skb).gso_size) };
+fn amount(skb: *mut __sk_buff, v6: bool, l2: usize, bytes: u64) -> Counter {
+    // SAFETY: `skb` is the `__sk_buff` context pointer the kernel passed to this program;
+    // `gso_segs` and `gso_size` are readable fields of it for `sched_cls` and `cgroup_skb`
+    // programs.
+    let (segs, size) = unsafe { ((*skb).gso_segs, (*skb).gso_size) };
     if segs <= 1 && size == 0 {
         return Counter::one(bytes);
     }
-    let split = gso_split(ctx.skb.skb, l2, v6, bytes);
+    let split = gso_split(skb, l2, v6, bytes);
     Counter {
         packets: split >> 32,
         bytes: bytes + (split & 0xffff_ffff),
@@ -165,10 +200,9 @@ fn amount(ctx: &TcContext, v6: bool, l2: usize, bytes: u64) -> Counter {
 /// `tc_ingress`'s (504 bytes then) was over the 512-byte combined limit (measured).
 #[inline(always)]
 fn gso_split(skb: *mut __sk_buff, l2: usize, v6: bool, bytes: u64) -> u64 {
-    let ctx = TcContext::new(skb);
     // SAFETY: `skb` is this run's context pointer (see `amount`).
     let (segs, size) = unsafe { ((*skb).gso_segs, (*skb).gso_size) };
-    let pkt = Packet::new(ctx.data(), ctx.data_end());
+    let pkt = packet(skb);
     let hdr = parse::gso_header_len(&pkt, l2, v6).unwrap_or(0) as u64;
     // Egress: the stack set `gso_segs`. Ingress: the TUN's virtio-net header set `gso_size`
     // and left `gso_segs` 0 (measured; the stack fills it in later), so the segments are the
@@ -185,23 +219,49 @@ fn gso_split(skb: *mut __sk_buff, l2: usize, v6: bool, bytes: u64) -> u64 {
 }
 
 #[inline(always)]
-fn try_tunnel(ctx: &TcContext, dir: &Direction, l2: usize, bytes: u64) -> Result<i32, Malformed> {
+fn try_tunnel(
+    skb: &SkBuff,
+    dir: &Direction,
+    source: Source,
+    l2: usize,
+    bytes: u64,
+) -> Result<i32, Malformed> {
     // Headers must be in the linear part for direct access. TUN skbs practically always are;
     // pull them in if not (this invalidates earlier packet pointers, so it comes first).
-    let want = (ctx.len() as usize).min(l2 + IPV6_HDR_LEN);
-    if ctx.data_end().saturating_sub(ctx.data()) < want {
-        let _ = ctx.pull_data(want as u32);
+    // cgroup_skb programs may not pull: a bound socket's packet whose headers are not linear
+    // is counted as malformed and passes (TCP/IP headers of a socket's own skbs are linear).
+    if let Source::Tunnel = source {
+        let want = (skb.len() as usize).min(l2 + IPV6_HDR_LEN);
+        let pkt = packet(skb.skb);
+        if pkt.len() < want {
+            let _ = skb.pull_data(want as u32);
+        }
     }
-    let pkt = Packet::new(ctx.data(), ctx.data_end());
+    let pkt = packet(skb.skb);
     let addrs = parse::ip_addrs(&pkt, l2)?;
-    let amount = amount(ctx, matches!(addrs, Addrs::V6 { .. }), l2, bytes);
+    let amount = amount(skb.skb, matches!(addrs, Addrs::V6 { .. }), l2, bytes);
 
     let cfg = config();
-    // 1. Attribution: the peer end.
-    let peer = match addrs {
-        Addrs::V4 { src, dst } => peer_v4(if dir.peer_is_source { src } else { dst }, &cfg),
-        Addrs::V6 { src, dst } => peer_v6(if dir.peer_is_source { &src } else { &dst }, cfg.flags),
+    // 1. Attribution: the peer end on the tunnel, the socket's binding for a proxied socket.
+    // `charged`: the steps after the gate apply (all but a proxy's client socket).
+    // (Two statements, not one tuple: built together, the tunnel's `None` left `peer`'s payload
+    // undefined and LLVM spilled it, which the verifier refuses: "R5 !read_ok".)
+    let peer = match source {
+        Source::Tunnel => match addrs {
+            Addrs::V4 { src, dst } => peer_v4(if dir.peer_is_source { src } else { dst }, &cfg),
+            Addrs::V6 { src, dst } => {
+                peer_v6(if dir.peer_is_source { &src } else { &dst }, cfg.flags)
+            }
+        },
+        Source::Socket { id, .. } => Some(id),
     };
+    let charged = !matches!(
+        source,
+        Source::Socket {
+            upstream: false,
+            ..
+        }
+    );
 
     // The peer's hot line (policy and counters in one cache line, see
     // `capybara_common::peer::PeerHot`), used by the steps below: looked up once. The clock is
@@ -252,6 +312,12 @@ fn try_tunnel(ctx: &TcContext, dir: &Direction, l2: usize, bytes: u64) -> Result
         return Ok(TC_ACT_SHOT);
     }
 
+    if !charged {
+        // A proxy's client socket: its bytes are the upstream socket's, framed; only the
+        // gate (above) and the shaping of the download (to the user) apply.
+        let info = known.map_or(core::ptr::null(), |k| k.info);
+        return Ok(socket_verdict(skb.skb, dir, source, info, amount));
+    }
     // 3. Destination blocklists: the other end.
     let list = match addrs {
         Addrs::V4 { src, dst } => DESTINATION.v4(&cfg, if dir.peer_is_source { dst } else { src }),
@@ -331,6 +397,9 @@ fn try_tunnel(ctx: &TcContext, dir: &Direction, l2: usize, bytes: u64) -> Result
     match known {
         Some(Known { info, hot, .. }) => {
             count_peer(hot, dir.peer_is_source, amount);
+            if let Source::Socket { .. } = source {
+                return Ok(socket_verdict(skb.skb, dir, source, info, amount));
+            }
             let class = shape::class(info, dir.peer_is_source, cfg.shape_ifindex);
             if class == 0 {
                 count(dir.pass, amount);
@@ -338,14 +407,14 @@ fn try_tunnel(ctx: &TcContext, dir: &Direction, l2: usize, bytes: u64) -> Result
             }
             count(dir.shaped, amount);
             Ok(shape::apply(
-                ctx,
+                skb,
                 class,
                 dir.peer_is_source,
                 cfg.shape_ifindex,
                 l2,
             ))
         }
-        _ if cfg.flags & CONFIG_F_DROP_UNKNOWN_PEER != 0 => {
+        _ if matches!(source, Source::Tunnel) && cfg.flags & CONFIG_F_DROP_UNKNOWN_PEER != 0 => {
             count_drop(dir.drop_unknown, DropReason::UnknownPeer, amount, None);
             Ok(TC_ACT_SHOT)
         }
@@ -354,6 +423,61 @@ fn try_tunnel(ctx: &TcContext, dir: &Direction, l2: usize, bytes: u64) -> Result
             Ok(TC_ACT_OK)
         }
     }
+}
+
+/// The data of `skb` as a bounds-checked packet.
+#[inline(always)]
+fn packet(skb: *mut __sk_buff) -> Packet {
+    // SAFETY: `skb` is this run's context pointer; `data` and `data_end` are readable fields
+    // of it for `sched_cls` and `cgroup_skb` programs (the verifier turns them into packet
+    // pointers).
+    let (data, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
+    Packet::new(data, end)
+}
+
+/// The verdict for a bound socket's packet that passed the checks (step 7 for sockets): on
+/// egress with a rate class, `skb->priority` = the class (`shape_rx` for the upload an
+/// upstream socket sends, `shape_tx` for the download a client socket sends), for the HTB the
+/// packet meets on its way out (`crate::sock_skb`). `info` is the identity's policy (null when
+/// its line does not exist).
+#[inline(always)]
+fn socket_verdict(
+    skb: *mut __sk_buff,
+    dir: &Direction,
+    source: Source,
+    info: *const PeerInfo,
+    amount: Counter,
+) -> i32 {
+    let Source::Socket {
+        upstream,
+        egress: true,
+        ..
+    } = source
+    else {
+        count(dir.pass, amount);
+        return TC_ACT_OK;
+    };
+    let class = if info.is_null() {
+        0
+    } else {
+        // SAFETY: the policy half of the identity's `PEER_HOT` line, valid for this program
+        // run; each class is read whole (one aligned u32).
+        unsafe {
+            if upstream {
+                (*info).shape_rx
+            } else {
+                (*info).shape_tx
+            }
+        }
+    };
+    if class == 0 {
+        count(dir.pass, amount);
+        return TC_ACT_OK;
+    }
+    count(dir.shaped, amount);
+    // SAFETY: this run's context pointer; `priority` is a field cgroup_skb programs may write.
+    unsafe { (*skb).priority = class };
+    TC_ACT_OK
 }
 
 /// Emits a rate-limited gate-drop event for peer `id` held for `reason`, built in the per-CPU

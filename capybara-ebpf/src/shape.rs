@@ -4,7 +4,7 @@
 use aya_ebpf::{
     bindings::TC_ACT_OK,
     helpers::{bpf_redirect, bpf_skb_change_head},
-    programs::TcContext,
+    programs::sk_buff::SkBuff,
 };
 use capybara_common::peer::PeerInfo;
 
@@ -38,19 +38,19 @@ const ETH_HLEN: u32 = 14;
 /// (`l2 == 0`), so an all-zero Ethernet header carrying the packet's protocol is pushed first;
 /// IFB strips it again (`mac_len`) when it hands the packet back to the tunnel device.
 #[inline(always)]
-pub fn apply(ctx: &TcContext, class: u32, from_peer: bool, ifindex: u32, l2: usize) -> i32 {
-    // SAFETY: `ctx.skb.skb` is the `__sk_buff` context pointer of this run; `priority` is a
+pub fn apply(ctx: &SkBuff, class: u32, from_peer: bool, ifindex: u32, l2: usize) -> i32 {
+    // SAFETY: `ctx.skb` is the `__sk_buff` context pointer of this run; `priority` is a
     // field `sched_cls` programs may write.
-    unsafe { (*ctx.skb.skb).priority = class };
+    unsafe { (*ctx.skb).priority = class };
     if !from_peer {
         return TC_ACT_OK;
     }
     if l2 == 0 {
         // SAFETY: the context pointer of this run, and a read of its `protocol` field.
-        let proto = unsafe { (*ctx.skb.skb).protocol } as u16;
+        let proto = unsafe { (*ctx.skb).protocol } as u16;
         // SAFETY: the helper grows the packet's head by `ETH_HLEN` zeroed bytes (and resets
         // the MAC header to them) or fails without changing it.
-        if unsafe { bpf_skb_change_head(ctx.skb.skb, ETH_HLEN, 0) } != 0 {
+        if unsafe { bpf_skb_change_head(ctx.skb, ETH_HLEN, 0) } != 0 {
             // Cannot shape this one: let it through rather than lose it.
             return TC_ACT_OK;
         }

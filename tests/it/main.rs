@@ -88,3 +88,5 @@ mod bench_report;
 mod e2e_tunnel_workers;
 // Issue 24, the VLESS endpoint with Debian's v2ray client.
 mod e2e_vless;
+// Issue 24, the kernel enforcing a proxied user's sockets.
+mod e2e_proxy_kernel;

@@ -290,7 +290,9 @@ impl Dataplane {
             tracing::info!(pin = %p.display(), "program detached");
         }
         self.links.clear();
+        self.detach_sockets();
         if let Some(mut shaper) = self.shaper.take() {
+            shaper.remove_proxy_devices()?;
             shaper.remove_ifb()?;
         }
         Ok(pins)

@@ -20,6 +20,8 @@
 //! - [`flows`]: per-peer concurrent flow limits (limits, counts, the expiry sweeper).
 //! - [`peer_limits`]: a peer's flow limit and quota bucket set in one policy write.
 //! - [`events`]: the kernel's events ring buffer as an async stream of typed [`Event`]s.
+//! - [`sockets`]: proxied (Shadowsocks, VLESS) connections' sockets bound to an identity's line,
+//!   and the cgroup_skb programs that enforce its policy on them.
 //! - [`sys`]: the raw syscalls aya lacks (batch map operations, mmap of the DIR tables, RCU grace
 //!   period); every other `unsafe` in the agent's dataplane is in aya.
 //!
@@ -39,6 +41,7 @@ pub mod peers;
 mod port;
 pub mod quota;
 pub mod shape;
+pub mod sockets;
 pub mod stats;
 pub mod sys;
 
@@ -66,6 +69,7 @@ pub use gate::{EndpointAddr, Gate, L4Proto};
 pub use lists::{ListUpdate, RestoreReport};
 pub use quota::QuotaUsage;
 pub use shape::PeerRates;
+pub use sockets::{SocketAttachment, SocketBinder, own_cgroup};
 pub use stats::GlobalCounters;
 
 use crate::{blocklist::BlocklistError, net::Cidr, paths};
@@ -335,6 +339,17 @@ pub enum DataplaneError {
         max: u32,
     },
     /// The event stream was already taken from this dataplane.
+    /// The cgroup v2 directory for the socket programs cannot be found or opened.
+    #[error("cgroup {path}: {problem}{}", source.as_ref().map(|e| format!(": {e}")).unwrap_or_default())]
+    Cgroup {
+        /// The directory (or the file it was looked up in).
+        path: PathBuf,
+        /// What is wrong.
+        problem: &'static str,
+        /// The OS error, if any.
+        #[source]
+        source: Option<io::Error>,
+    },
     #[error("the event stream of this dataplane is already taken (one consumer per ring buffer)")]
     EventStreamTaken,
     /// A ring-buffer record could not be decoded.
@@ -417,6 +432,10 @@ pub struct Dataplane {
     /// Counters to catch up from layout-7 pins once `attach_tc` replaced the old programs
     /// ([`migrate`]).
     migration: Option<migrate::Pending>,
+    /// The socket programs' maps ([`sockets`]).
+    sockets: sockets::SockMaps,
+    /// The socket programs' links, per cgroup (held, not pinned).
+    sock_links: Vec<sockets::CgroupLinks>,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -541,6 +560,7 @@ impl Dataplane {
         let gate_allow = take(&mut ebpf, names::GATE_ALLOW)?;
         let quota = quota::QuotaMaps::open(&mut ebpf)?;
         let flows = flows::FlowMaps::open(&mut ebpf)?;
+        let sockets = sockets::SockMaps::open(&mut ebpf)?;
         let events = ebpf
             .take_map(names::EVENTS)
             .and_then(|m| RingBuf::try_from(m).ok())
@@ -570,6 +590,8 @@ impl Dataplane {
             links: Vec::new(),
             shaper: None,
             migration,
+            sockets,
+            sock_links: Vec::new(),
         })
     }
 

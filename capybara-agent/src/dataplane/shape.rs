@@ -58,9 +58,9 @@ use super::{
     Dataplane, DataplaneError, Result,
     netlink::{
         self, IFLA_IFNAME, IFLA_INFO_KIND, IFLA_LINKINFO, IFLA_MTU, Msg, NLM_F_CREATE, NLM_F_ECHO,
-        NLM_F_EXCL, NLM_F_REPLACE, Netlink, RTM_DELLINK, RTM_DELTCLASS, RTM_GETLINK, RTM_GETTCLASS,
-        RTM_NEWLINK, RTM_NEWQDISC, RTM_NEWTCLASS, TCA_KIND, TCA_OPTIONS, TCA_STATS_QUEUE,
-        TCA_STATS2, tcmsg,
+        NLM_F_EXCL, NLM_F_REPLACE, Netlink, RTM_DELLINK, RTM_DELQDISC, RTM_DELTCLASS, RTM_GETLINK,
+        RTM_GETTCLASS, RTM_NEWLINK, RTM_NEWQDISC, RTM_NEWTCLASS, TCA_KIND, TCA_OPTIONS,
+        TCA_STATS_QUEUE, TCA_STATS2, tcmsg,
     },
 };
 use crate::units::Rate;
@@ -200,6 +200,13 @@ fn htb_root_msg(ifindex: u32) -> Msg {
     m
 }
 
+/// Minors of the classes *from* peers start above this one; those *to* peers are
+/// `1..=FROM_PEER_MINOR_BASE`. Disjoint, because a proxy shaping device
+/// ([`Dataplane::shape_proxy_device`]) holds both directions' classes in one HTB (a proxied
+/// connection's upload and download usually leave by the same uplink). So each direction has
+/// 32 767 minors (65 534 each before proxied sockets were shaped).
+const FROM_PEER_MINOR_BASE: u16 = 0x7fff;
+
 /// One direction's classes.
 #[derive(Debug, Default)]
 struct Classes {
@@ -209,19 +216,40 @@ struct Classes {
     free: Vec<u16>,
     /// Next never-used minor.
     next: u16,
+    /// Minors are `base + 1 ..= base + FROM_PEER_MINOR_BASE` (0 to peers,
+    /// `FROM_PEER_MINOR_BASE` from peers).
+    base: u16,
 }
 
 impl Classes {
+    fn from_peers() -> Classes {
+        Classes {
+            base: FROM_PEER_MINOR_BASE,
+            next: FROM_PEER_MINOR_BASE,
+            ..Classes::default()
+        }
+    }
+
     fn allocate(&mut self) -> Option<u16> {
         if let Some(m) = self.free.pop() {
             return Some(m);
         }
-        if u32::from(self.next) >= MAX_SHAPE_MINOR {
+        let last = u32::from(self.base) + u32::from(FROM_PEER_MINOR_BASE);
+        if u32::from(self.next) >= last.min(MAX_SHAPE_MINOR) {
             return None;
         }
         self.next += 1;
         Some(self.next)
     }
+}
+
+/// A device proxied traffic leaves by, with an HTB holding every class of both directions
+/// ([`Dataplane::shape_proxy_device`]).
+#[derive(Debug)]
+struct ProxyDevice {
+    name: String,
+    ifindex: u32,
+    mtu: u32,
 }
 
 /// The shaping state of one tunnel device (see the module docs).
@@ -243,6 +271,8 @@ pub(super) struct Shaper {
     from_peer: Classes,
     /// Drops of classes already deleted, per peer (so a peer's count survives rate changes).
     retired_drops: HashMap<PeerId, u64>,
+    /// Devices proxied sockets' packets leave by, each with a copy of every class.
+    proxy_devices: Vec<ProxyDevice>,
 }
 
 /// The IFB device of tunnel device `tunnel` (15 characters at most).
@@ -270,8 +300,9 @@ impl Shaper {
             tunnel_htb: false,
             ifb_ifindex: None,
             to_peer: Classes::default(),
-            from_peer: Classes::default(),
+            from_peer: Classes::from_peers(),
             retired_drops: HashMap::new(),
+            proxy_devices: Vec::new(),
         };
         shaper.mtu = shaper.link(tunnel)?.1;
         Ok(shaper)
@@ -373,6 +404,62 @@ impl Shaper {
         let class = class_msg(ifindex, classid, rate, l2, self.mtu);
         self.request(&device, "set HTB class", class)?;
         self.request(&device, "set class queue", leaf_msg(ifindex, classid, rate))?;
+        for d in &self.proxy_devices {
+            self.set_proxy_class(d, classid, rate)?;
+        }
+        Ok(())
+    }
+
+    /// Creates or changes class `classid` on proxy device `d` (an Ethernet device: HTB counts
+    /// its 14-byte header, paid for as on the IFB).
+    fn set_proxy_class(&self, d: &ProxyDevice, classid: u32, rate: Rate) -> Result<()> {
+        let class = class_msg(d.ifindex, classid, rate, ETH_HLEN, d.mtu);
+        self.request(&d.name, "set HTB class", class)?;
+        self.request(
+            &d.name,
+            "set class queue",
+            leaf_msg(d.ifindex, classid, rate),
+        )?;
+        Ok(())
+    }
+
+    /// Installs the HTB on proxy device `name` with every class there is.
+    fn add_proxy_device(&mut self, name: &str) -> Result<()> {
+        if self.proxy_devices.iter().any(|d| d.name == name) {
+            return Ok(());
+        }
+        let (ifindex, mtu) = self.link(name)?;
+        self.request(name, "install HTB", htb_root_msg(ifindex))?;
+        let d = ProxyDevice {
+            name: name.to_owned(),
+            ifindex,
+            mtu,
+        };
+        for classes in [&self.to_peer, &self.from_peer] {
+            for (minor, rate) in classes.by_peer.values() {
+                self.set_proxy_class(&d, class_id(*minor), *rate)?;
+            }
+        }
+        self.proxy_devices.push(d);
+        Ok(())
+    }
+
+    /// Removes the HTB of every proxy device (their default qdisc comes back).
+    pub(super) fn remove_proxy_devices(&mut self) -> Result<()> {
+        for d in std::mem::take(&mut self.proxy_devices) {
+            let msg = Msg::new(RTM_DELQDISC, 0, &tcmsg(d.ifindex, QDISC_HANDLE, TC_H_ROOT));
+            match self.nl.request(msg) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENODEV)) => {}
+                Err(source) => {
+                    return Err(DataplaneError::Shape {
+                        device: d.name,
+                        op: "remove HTB",
+                        source,
+                    });
+                }
+            }
+        }
         Ok(())
     }
 
@@ -449,6 +536,24 @@ impl Shaper {
         let Some((device, ifindex)) = self.device(to_peer) else {
             return Ok(());
         };
+        for d in &self.proxy_devices {
+            let msg = Msg::new(
+                RTM_DELTCLASS,
+                0,
+                &tcmsg(d.ifindex, class_id(minor), QDISC_HANDLE),
+            );
+            match self.nl.request(msg) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(source) => {
+                    return Err(DataplaneError::Shape {
+                        device: d.name.clone(),
+                        op: "delete HTB class",
+                        source,
+                    });
+                }
+            }
+        }
         let msg = Msg::new(
             RTM_DELTCLASS,
             0,
@@ -629,6 +734,24 @@ impl Dataplane {
         self.write_peer_info(id, info, "write rates")
     }
 
+    /// Shapes proxied traffic leaving by device `ifname` (resolved in the calling thread's
+    /// namespace, like `attach_tc`; an Ethernet device, e.g. the uplink): replaces its root
+    /// qdisc with an HTB `ca:` holding a copy of every class of both directions (and of every
+    /// class made later), so a packet whose `skb->priority` the socket programs set to an
+    /// identity's class is queued and paced there; other traffic goes through HTB's direct
+    /// queue, unpaced (the price: one qdisc lock on the device for all its traffic). Each
+    /// device's classes pace only what leaves by it. Needs the shaper (`attach_tc` first).
+    /// Removed by [`Dataplane::detach`].
+    pub fn shape_proxy_device(&mut self, ifname: &str) -> Result<()> {
+        let shaper = self
+            .shaper
+            .as_mut()
+            .ok_or(DataplaneError::ShapeNotAttached { peer: 0 })?;
+        shaper.add_proxy_device(ifname)?;
+        tracing::info!(ifname, "proxied traffic shaped on the device");
+        Ok(())
+    }
+
     /// Peer `id`'s rates as set (unlimited when never set).
     pub fn rates(&self, id: PeerId) -> Result<PeerRates> {
         if id >= MAX_PEERS {
@@ -705,7 +828,7 @@ fn plan(shaper: &mut Shaper, id: PeerId, to_peer: bool, want: Option<Rate>) -> R
             let minor = shaper.classes(to_peer).allocate().ok_or(
                 DataplaneError::ShapeClassesExhausted {
                     peer: id,
-                    max: MAX_SHAPE_MINOR,
+                    max: u32::from(FROM_PEER_MINOR_BASE),
                 },
             )?;
             if let Err(e) = shaper.set_class(to_peer, minor, new) {
@@ -737,6 +860,18 @@ mod tests {
         assert_eq!(c.allocate(), Some(1));
         c.next = MAX_SHAPE_MINOR as u16;
         assert_eq!(c.allocate(), None);
+        // The two directions' minors are disjoint (a proxy device holds both).
+        let mut to = Classes {
+            next: FROM_PEER_MINOR_BASE - 1,
+            ..Classes::default()
+        };
+        assert_eq!(to.allocate(), Some(FROM_PEER_MINOR_BASE));
+        assert_eq!(to.allocate(), None);
+        let mut from = Classes::from_peers();
+        assert_eq!(from.allocate(), Some(FROM_PEER_MINOR_BASE + 1));
+        from.next = MAX_SHAPE_MINOR as u16 - 1;
+        assert_eq!(from.allocate(), Some(MAX_SHAPE_MINOR as u16));
+        assert_eq!(from.allocate(), None);
     }
 
     #[test]

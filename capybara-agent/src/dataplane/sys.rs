@@ -9,6 +9,8 @@ use std::{
     ptr::NonNull,
 };
 
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
@@ -50,6 +52,74 @@ fn batch_call(cmd: libc::c_long, attr: &mut BatchAttr) -> (u32, Option<io::Error
         (attr.count, Some(io::Error::last_os_error()))
     } else {
         (attr.count, None)
+    }
+}
+
+/// The element member of `union bpf_attr` (`BPF_MAP_*_ELEM`).
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+fn elem_call(cmd: libc::c_long, attr: &mut ElemAttr) -> io::Result<()> {
+    // SAFETY: `attr` is a valid, initialised `ElemAttr` whose `key` and `value` (set by the
+    // callers) point at live values of the map's key and value sizes; the kernel reads at most
+    // `size_of::<ElemAttr>()` bytes of it and reads the key, reads (update) or writes (lookup)
+    // the value.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut ElemAttr,
+            std::mem::size_of::<ElemAttr>() as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// `BPF_MAP_UPDATE_ELEM` of one element, through `&` (no lock: the kernel serialises). Used for
+/// the socket storage map, whose key is a socket's fd (`i32`).
+pub fn update_elem<K: Copy, V: Copy>(
+    map: BorrowedFd<'_>,
+    key: &K,
+    value: &V,
+    flags: u64,
+) -> io::Result<()> {
+    let mut attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: std::ptr::from_ref(key) as u64,
+        value: std::ptr::from_ref(value) as u64,
+        flags,
+        ..Default::default()
+    };
+    elem_call(BPF_MAP_UPDATE_ELEM, &mut attr)
+}
+
+/// `BPF_MAP_LOOKUP_ELEM` of one element; `None` when the key has no value (`ENOENT`).
+pub fn lookup_elem<K: Copy, V: Copy + Default>(
+    map: BorrowedFd<'_>,
+    key: &K,
+) -> io::Result<Option<V>> {
+    let mut value = V::default();
+    let mut attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: std::ptr::from_ref(key) as u64,
+        value: std::ptr::from_mut(&mut value) as u64,
+        ..Default::default()
+    };
+    match elem_call(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+        Ok(()) => Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
