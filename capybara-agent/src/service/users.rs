@@ -38,11 +38,11 @@ use super::{
     devices::Devices,
     directory::Directory,
     domain::{
-        Actor, ClientConfig, DeviceName, MAX_EXPIRY_AHEAD, Protocol, ProxyAccess, User,
-        UserDetail, UserName, ValidationError, expiry, from_unix_secs, unix_secs,
+        Actor, ClientConfig, DeviceName, MAX_EXPIRY_AHEAD, Protocol, User, UserDetail, UserName,
+        ValidationError, expiry, from_unix_secs, unix_secs,
     },
     policy::Policy,
-    proxies::Proxies,
+    proxies::{Proxies, ProxyClientConfig},
 };
 use crate::store::{Batch, Cf, keys};
 
@@ -72,15 +72,16 @@ pub struct Users {
 }
 
 /// What [`Users::add_user_with`] made.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct AddedUser {
     /// The user.
     pub user: User,
     /// The first device's config (with its private key, shown this once), when `wireguard`
     /// was listed.
     pub config: Option<ClientConfig>,
-    /// The proxy identities made, by protocol.
-    pub proxies: Vec<ProxyAccess>,
+    /// The proxy identities made, with their client configs (the credentials, to the caller
+    /// that made them, as a new device's private key is).
+    pub proxies: Vec<ProxyClientConfig>,
 }
 
 /// The protocols of `user add --protocol`, checked: at least one, none twice.
@@ -223,12 +224,16 @@ impl Users {
                 None
             }
         };
+        let proxy_configs = proxies
+            .iter()
+            .map(|r| self.proxies.config_for(r))
+            .collect::<Result<Vec<_>, _>>();
         self.proxies.joined(&new.name, proxies);
         tracing::info!(%actor, user = %new.name, ?protocols, "user added");
         Ok(AddedUser {
             user,
             config,
-            proxies: detail.proxies,
+            proxies: proxy_configs?,
         })
     }
 
