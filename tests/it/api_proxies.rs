@@ -75,7 +75,9 @@ fn the_cli_adds_shows_configures_and_removes_protocols() {
     assert!(out.contains("@192.0.2.1:8388#alice\n"), "{out}");
     assert!(out.contains("\n# vless\nvless://"), "{out}");
     assert!(
-        out.contains("@192.0.2.1:8443?encryption=none&security=tls&sni=vpn.example.com&type=tcp#alice"),
+        out.contains(
+            "@192.0.2.1:8443?encryption=none&security=tls&sni=vpn.example.com&type=tcp#alice"
+        ),
         "{out}"
     );
     assert!(out.contains("\"server_port\": 8388"), "{out}");
@@ -131,14 +133,7 @@ fn the_cli_adds_shows_configures_and_removes_protocols() {
         cli.ok(&["user", "protocol", "remove", "alice", "shadowsocks"]),
         "removed shadowsocks access of alice\n"
     );
-    let again = cli.ok(&[
-        "user",
-        "protocol",
-        "add",
-        "alice",
-        "shadowsocks",
-        "--no-qr",
-    ]);
+    let again = cli.ok(&["user", "protocol", "add", "alice", "shadowsocks", "--no-qr"]);
     assert!(again.starts_with("ss://"), "{again}");
     assert!(!again.contains(uri), "a new credential: {again}");
     assert_eq!(
@@ -164,7 +159,10 @@ fn the_cli_adds_shows_configures_and_removes_protocols() {
             &["user", "add", "bob", "--protocol", "vless,vless"][..],
             "protocol",
         ),
-        (&["user", "protocol", "add", "alice", "vless"][..], "protocol"),
+        (
+            &["user", "protocol", "add", "alice", "vless"][..],
+            "protocol",
+        ),
         (
             &["user", "protocol", "add", "alice", "wireguard"][..],
             "protocol",
@@ -195,7 +193,14 @@ fn the_cli_adds_shows_configures_and_removes_protocols() {
     assert_eq!(actions(&cli, "alice"), audit);
 
     // A user without WireGuard: no device, no tunnel peer.
-    let out = cli.ok(&["user", "add", "carol", "--protocol", "shadowsocks", "--no-qr"]);
+    let out = cli.ok(&[
+        "user",
+        "add",
+        "carol",
+        "--protocol",
+        "shadowsocks",
+        "--no-qr",
+    ]);
     assert!(out.starts_with("# shadowsocks\nss://"), "{out}");
     let carol = cli.json(&["user", "show", "carol"]);
     assert_eq!(carol["peers"], json!([]));
@@ -255,7 +260,11 @@ async fn grpc_and_rest_round_trips_with_scopes_and_openapi() {
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.json["removed"]["protocol"], "vless", "{r:?}");
     let before = admin.call("GET", "/api/v1/users/alice", None).await;
-    assert_eq!(before.json["protocols"], json!(["shadowsocks"]), "{before:?}");
+    assert_eq!(
+        before.json["protocols"],
+        json!(["shadowsocks"]),
+        "{before:?}"
+    );
     let r = admin
         .call(
             "POST",
@@ -373,9 +382,7 @@ async fn proxy_ids_share_the_device_id_space_and_removal_frees_them() {
     got.sort_unstable();
     assert_eq!(got, freed);
     assert!(
-        !api.svc
-            .proxies
-            .admitted(a.proxies[1].access.id + 1000),
+        !api.svc.proxies.admitted(a.proxies[1].access.id + 1000),
         "an unknown id is never admitted"
     );
 }
@@ -440,7 +447,11 @@ fn identities_survive_a_restart_of_the_service_over_the_same_store() {
     // A new device does not take their ids.
     let cfg = svc
         .devices
-        .add_device(&root, &alice, &DeviceName::parse("device", "laptop").unwrap())
+        .add_device(
+            &root,
+            &alice,
+            &DeviceName::parse("device", "laptop").unwrap(),
+        )
         .unwrap();
     assert!(!ids.contains(&cfg.peer.id), "{}", cfg.peer.id);
 }

@@ -18,8 +18,8 @@ use std::time::Duration;
 use crate::service::{
     NewUser,
     domain::{
-        ClientConfig, DeviceName, Peer, Protocol, ProxyAccess, PublicKey, Scope, User,
-        UserDetail, UserName, ValidationError,
+        ClientConfig, DeviceName, Peer, Protocol, ProxyAccess, PublicKey, Scope, User, UserDetail,
+        UserName, ValidationError,
     },
     proxies::ProxyClientConfig,
     users::{AddedUser, DEFAULT_CLEANUP_GRACE},
@@ -30,7 +30,9 @@ fn protocols(list: &[String]) -> Result<Vec<Protocol>, ValidationError> {
     if list.is_empty() {
         return Ok(vec![Protocol::Wireguard]);
     }
-    list.iter().map(|p| Protocol::parse("protocols", p)).collect()
+    list.iter()
+        .map(|p| Protocol::parse("protocols", p))
+        .collect()
 }
 
 #[tonic::async_trait]

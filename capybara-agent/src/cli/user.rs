@@ -43,7 +43,12 @@ pub(super) enum UserCmd {
         expires: Option<String>,
         /// The protocols the user connects with: wireguard, shadowsocks, vless (comma-separated);
         /// the device is made only when wireguard is listed.
-        #[arg(long, value_name = "PROTO,...", value_delimiter = ',', default_value = "wireguard")]
+        #[arg(
+            long,
+            value_name = "PROTO,...",
+            value_delimiter = ',',
+            default_value = "wireguard"
+        )]
         protocol: Vec<String>,
         #[command(flatten)]
         out: ConfigOut,
@@ -232,10 +237,9 @@ pub(super) async fn run(cli: &Cli, cmd: &UserCmd) -> Result<(), CliError> {
                 .await?
                 .add_user_with(name, device, expires_at, &names)
                 .await?;
-            if cli.json && added.proxies.is_empty() {
-                if let Some(cfg) = &added.config {
-                    return print_json(cfg);
-                }
+            // Only a device: the JSON is today's (the device's config).
+            if let (true, true, Some(cfg)) = (cli.json, added.proxies.is_empty(), &added.config) {
+                return print_json(cfg);
             }
             if cli.json {
                 return print_json(&added);

@@ -555,7 +555,13 @@ impl Directory {
 
     /// Every proxy identity, in `user/protocol` order.
     pub fn all_proxies(&self) -> Vec<ProxyRecord> {
-        self.index.read().unwrap().proxies.values().cloned().collect()
+        self.index
+            .read()
+            .unwrap()
+            .proxies
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// The proxy identity with dataplane id `id`.

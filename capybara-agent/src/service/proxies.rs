@@ -341,9 +341,13 @@ fn percent(s: &str) -> String {
 
 /// The host of `host:port` (an IPv6 address without its brackets).
 fn host_of(endpoint: &str) -> &str {
-    let host = endpoint
-        .rsplit_once(':')
-        .map_or(endpoint, |(h, p)| if p.parse::<u16>().is_ok() { h } else { endpoint });
+    let host = endpoint.rsplit_once(':').map_or(endpoint, |(h, p)| {
+        if p.parse::<u16>().is_ok() {
+            h
+        } else {
+            endpoint
+        }
+    });
     host.trim_start_matches('[').trim_end_matches(']')
 }
 
@@ -440,13 +444,17 @@ impl Proxies {
                         identity: Self::identity(&rec),
                         key: cipher.key(&s),
                     }),
-                    None => tracing::error!(user = %rec.access.user, "a stored Shadowsocks credential is not 32 bytes of base64; skipped"),
+                    None => {
+                        tracing::error!(user = %rec.access.user, "a stored Shadowsocks credential is not 32 bytes of base64; skipped")
+                    }
                 },
                 Protocol::Vless => match parse_uuid(&rec.credential) {
                     Some(u) => {
                         vless.insert(u, Self::identity(&rec));
                     }
-                    None => tracing::error!(user = %rec.access.user, "a stored VLESS UUID is malformed; skipped"),
+                    None => {
+                        tracing::error!(user = %rec.access.user, "a stored VLESS UUID is malformed; skipped")
+                    }
                 },
                 Protocol::Wireguard => {}
             }
@@ -510,9 +518,9 @@ impl Proxies {
         let plane = &self.core.plane;
         for (i, r) in recs.iter().enumerate() {
             let id = r.access.id;
-            let res = plane.set_peer(id, &[]).and_then(|()| {
-                plane.set_gate(id, self.policy.first_proxy_gate(&r.access.user))
-            });
+            let res = plane
+                .set_peer(id, &[])
+                .and_then(|()| plane.set_gate(id, self.policy.first_proxy_gate(&r.access.user)));
             if let Err(e) = res {
                 for undo in &recs[..=i] {
                     let _ = plane.remove_peer(undo.access.id);
@@ -769,7 +777,11 @@ pub fn shadowsocks_config(
     } else {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{method}:{password}"))
     };
-    let uri = format!("ss://{userinfo}@{}:{port}#{}", uri_host(host), percent(name));
+    let uri = format!(
+        "ss://{userinfo}@{}:{port}#{}",
+        uri_host(host),
+        percent(name)
+    );
     let json = serde_json::json!({
         "server": host,
         "server_port": port,

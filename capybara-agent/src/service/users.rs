@@ -203,10 +203,7 @@ impl Users {
         let config = match device {
             Some((rec, private)) => {
                 // Commits the batch, programs the device; undoes both on a failure.
-                match self
-                    .devices
-                    .commit_device(batch, pkey, rec, &private, true)
-                {
+                match self.devices.commit_device(batch, pkey, rec, &private, true) {
                     Ok(cfg) => Some(cfg),
                     Err(e) => {
                         let _ = self.proxies.unprogram(&proxies);

@@ -1106,12 +1106,7 @@ impl Policy {
         let Some(access) = self.dir.proxy_by_id(id) else {
             return Ok(());
         };
-        self.runtime
-            .lock()
-            .unwrap()
-            .online
-            .entry(id)
-            .or_insert(now);
+        self.runtime.lock().unwrap().online.entry(id).or_insert(now);
         self.regate(&access.user, now, Some(id))
     }
 

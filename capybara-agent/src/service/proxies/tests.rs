@@ -124,7 +124,11 @@ fn proxy_ids_come_from_the_devices_id_space_and_are_freed() {
     let st = plane.state();
     assert!(!st.peers.contains_key(&vl) && !st.peers.contains_key(&dev));
     assert!(svc.directory.proxy_by_id(vl).is_none());
-    assert!(svc.directory.proxy(&name("alice"), Protocol::Vless).is_none());
+    assert!(
+        svc.directory
+            .proxy(&name("alice"), Protocol::Vless)
+            .is_none()
+    );
     assert_eq!(
         svc.directory.allocate_ids(2, &[]).unwrap(),
         [dev.min(vl), dev.max(vl)]
@@ -135,7 +139,11 @@ fn limits(svc: &Service, user: &str, f: impl FnOnce(&mut LimitsText)) {
     let mut t = LimitsText::default();
     f(&mut t);
     svc.policy
-        .set_limits(&root(), &LimitsTarget::User(name(user)), &t.parse().unwrap())
+        .set_limits(
+            &root(),
+            &LimitsTarget::User(name(user)),
+            &t.parse().unwrap(),
+        )
         .unwrap();
 }
 
@@ -155,7 +163,10 @@ fn the_users_policy_reaches_its_proxy_lines_as_a_devices() {
     });
     let p = plane.state().policy;
     let rates = p.rates.get(&dev).copied().unwrap_or_default();
-    assert!(rates.to_peer.is_some() && rates.from_peer.is_some(), "{rates:?}");
+    assert!(
+        rates.to_peer.is_some() && rates.from_peer.is_some(),
+        "{rates:?}"
+    );
     for id in [dev, ss, vl] {
         assert_eq!(p.rates.get(&id), Some(&rates), "rates of line {id}");
         assert_eq!(p.flows.get(&id), Some(&100), "flows of line {id}");
@@ -301,7 +312,10 @@ fn identities_and_credentials_survive_a_restart() {
     let mut out = Vec::new();
     svc.store().write_backup(0, &mut out).unwrap();
     let text = String::from_utf8(out).unwrap();
-    assert!(text.contains("\"proxies\"") && text.contains(&uuid), "backup");
+    assert!(
+        text.contains("\"proxies\"") && text.contains(&uuid),
+        "backup"
+    );
     // Removal leaves the credentials at once.
     svc.users.remove_user(&root(), &name("alice")).unwrap();
     assert!(creds.shadowsocks().is_empty());
@@ -351,7 +365,10 @@ fn bad_input_names_the_field_and_changes_nothing() {
         .add_user_with(&root(), new("bob"), &[Protocol::Vless, Protocol::Vless])
         .unwrap_err();
     assert_eq!(field(e), "protocol");
-    let e = svc.users.add_user_with(&root(), new("bob"), &[]).unwrap_err();
+    let e = svc
+        .users
+        .add_user_with(&root(), new("bob"), &[])
+        .unwrap_err();
     assert_eq!(field(e), "protocol");
     // An endpoint this agent does not run.
     svc.proxies.configure(ProxySettings {
@@ -364,7 +381,10 @@ fn bad_input_names_the_field_and_changes_nothing() {
         .unwrap_err();
     assert!(e.to_string().contains("--vless-listen"), "{e}");
     assert_eq!(field(e), "protocol");
-    let e = svc.proxies.add_protocol(&root(), u, Protocol::Vless).unwrap_err();
+    let e = svc
+        .proxies
+        .add_protocol(&root(), u, Protocol::Vless)
+        .unwrap_err();
     assert_eq!(field(e), "protocol");
     assert!(!svc.directory.user_exists(&name("bob")).unwrap());
     assert_eq!((audit(), plane.state().peers.len()), before);
@@ -409,8 +429,13 @@ fn shadowsocks_configs_follow_sip002_for_both_editions() {
         secret[..16].to_vec()
     );
     // SIP004: userinfo is base64url without padding of method:password; IPv6 in brackets.
-    let (uri, json) =
-        shadowsocks_config(ShadowsocksCipher::Aes256Gcm, &secret, "2001:db8::1", 8388, "bob");
+    let (uri, json) = shadowsocks_config(
+        ShadowsocksCipher::Aes256Gcm,
+        &secret,
+        "2001:db8::1",
+        8388,
+        "bob",
+    );
     let info = uri
         .strip_prefix("ss://")
         .unwrap()
@@ -420,7 +445,10 @@ fn shadowsocks_configs_follow_sip002_for_both_editions() {
     let decoded = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(info)
         .unwrap();
-    assert_eq!(String::from_utf8(decoded).unwrap(), format!("aes-256-gcm:{psk}"));
+    assert_eq!(
+        String::from_utf8(decoded).unwrap(),
+        format!("aes-256-gcm:{psk}")
+    );
     assert!(uri.ends_with("@[2001:db8::1]:8388#bob"), "{uri}");
     let j: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(j["method"], "aes-256-gcm");
@@ -473,7 +501,10 @@ fn vless_configs_pin_the_certificate_for_v2ray_4_34_and_later() {
     assert_eq!(server["users"][0]["id"], uuid.as_str());
     assert_eq!(server["users"][0]["encryption"], "none");
     let ss = &out["streamSettings"];
-    assert_eq!((&ss["network"], &ss["security"]), (&"tcp".into(), &"tls".into()));
+    assert_eq!(
+        (&ss["network"], &ss["security"]),
+        (&"tcp".into(), &"tls".into())
+    );
     let tls = &ss["tlsSettings"];
     assert_eq!(tls["serverName"], "vpn.example.com");
     assert_eq!(tls["disableSystemRoot"], true);
