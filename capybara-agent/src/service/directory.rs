@@ -3,6 +3,12 @@
 //! feature reads devices here; only `devices` and `users` change it (under the writer lock,
 //! after their batch is committed).
 //!
+//! Proxy identities (`service::proxies`: a user's Shadowsocks or VLESS access) are indexed
+//! here too, by `user/protocol` and by id: they take their ids from the **same** bitmap as
+//! devices (a proxy identity's id is never a device's, and removal frees it for either), and no
+//! address. [`Directory::user_lines`] gives every kernel line of a user (devices and proxy
+//! identities), which is what the policy programs.
+//!
 //! ## Addresses and ids
 //! A device gets the lowest free host of the tunnel's IPv4 subnet (not the network, the
 //! server's address or the broadcast) and the IPv6 address with the same host offset in the

@@ -24,7 +24,8 @@
 //! validate (a typed error naming the field, nothing changed) → one
 //! synced store batch with the records **and the audit record** → update the in-memory cache →
 //! [`Policy::apply`] for every affected user, which is the one place that writes the
-//! kernel: for each device of the user, its rates (the bandwidth, both directions), its flow
+//! kernel: for each kernel line of the user (its devices and its proxy identities,
+//! `service::proxies`, alike; `directory::Directory::user_lines`), its rates (the bandwidth, both directions), its flow
 //! limit, its quota bucket (own or the group's pool, budget plus grace) and its gate. The reply
 //! is sent after the kernel holds the new policy. If the kernel refuses, the old records are
 //! committed back (with the audit record removed) and the old policy re-applied.
@@ -54,6 +55,11 @@
 //! owner ending its hold makes the policy decide afresh by forgetting the device's decision (as
 //! `forget_online` and a handshake do). Removing a device frees its slot of the device
 //! limit (its user's devices are decided again); a new device starts offline and undecided.
+//! A proxy identity is a line like a device's: online from its first authenticated connection
+//! to the end of its last ([`Policy::on_proxy_open`], [`Policy::on_proxy_close`], the first
+//! ending a kick's hold as a handshake does), one device for the device limit however many
+//! connections it has, and never held for MFA (`service::proxies` says why); the endpoints ask
+//! [`Policy::admitted`] (the decision, not the kernel's gate) before connecting anywhere.
 //!
 //! ## MFA
 //! `service::mfa` keeps which users need an MFA admission and which devices' sessions a good
