@@ -713,6 +713,29 @@ impl Proxies {
         Ok(cfg)
     }
 
+    /// Kicks `user`'s proxy identities (`capybara kick`, beside its devices): each line is
+    /// held as `kicked` in the kernel (its open sockets pass nothing more), its open connections
+    /// are cut, and it is offline. The hold ends with the identity's next authenticated
+    /// connection (`Policy::on_proxy_open`), as a device's ends with its next handshake.
+    /// Returns the identities kicked. Not audited here: the caller's kick is.
+    pub fn kick_user(&self, user: &UserName) -> Result<Vec<ProxyAccess>, ServiceError> {
+        let recs = self.dir.proxy_records(user);
+        for r in &recs {
+            self.core.plane.set_gate(
+                r.access.id,
+                crate::dataplane::Gate::Held(capybara_common::drop::DropReason::GateKicked),
+            )?;
+        }
+        let now = SystemTime::now();
+        for r in &recs {
+            self.registry.cut(r.access.id);
+            // Offline (a slot of the device limit is free), its decision kept: the next
+            // connection is admitted and ends the kick.
+            self.policy.on_proxy_close(r.access.id, now)?;
+        }
+        Ok(recs.into_iter().map(|r| r.access).collect())
+    }
+
     /// The proxy identities of `user`.
     pub fn list(&self, user: &UserName) -> Result<Vec<ProxyAccess>, ServiceError> {
         self.dir.user(user)?;

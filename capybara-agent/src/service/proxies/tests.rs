@@ -254,7 +254,10 @@ fn a_kick_hold_ends_with_the_next_authenticated_connection() {
     let svc = open(dir.path(), plane.clone());
     let a = add(&svc, "alice", &[Protocol::Shadowsocks]);
     let ss = a.proxies[0].access.id;
-    plane.with(|s| s.gates.insert(ss, Gate::Held(DropReason::GateKicked)));
+    svc.policy.on_proxy_open(ss, SystemTime::now()).unwrap();
+    let kicked = svc.proxies.kick_user(&name("alice")).unwrap();
+    assert_eq!(kicked, [a.proxies[0].access.clone()]);
+    assert_eq!(plane.state().gates[&ss], Gate::Held(DropReason::GateKicked));
     // The policy's decision is unchanged: the endpoint admits the next connection …
     assert!(svc.proxies.admitted(ss));
     // … whose authentication ends the kick in the kernel.
