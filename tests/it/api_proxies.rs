@@ -455,3 +455,62 @@ fn identities_survive_a_restart_of_the_service_over_the_same_store() {
         .unwrap();
     assert!(!ids.contains(&cfg.peer.id), "{}", cfg.peer.id);
 }
+
+/// Debian's v2ray (4.34, what `cargo xtask setup` installs) loads the VLESS client config as
+/// printed, with the self-signed certificate it pins (`certificates` with `usage: "verify"`,
+/// `disableSystemRoot`) and the newer versions' `pinnedPeerCertificateChainSha256` beside it;
+/// and refuses the same config with a transport it does not know (so the check can fail).
+#[test]
+fn v2ray_4_34_loads_the_vless_client_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .arg("ec_paramgen_curve:prime256v1")
+        .args(["-nodes", "-days", "1", "-subj", "/CN=vpn.example.com"])
+        .args(["-addext", "subjectAltName=DNS:vpn.example.com", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (cargo xtask setup installs it)");
+    assert!(made.status.success(), "{made:?}");
+    let ep = VlessEndpoint {
+        listen: "0.0.0.0:8443".parse().unwrap(),
+        sni: Some("vpn.example.com".into()),
+        cert_pem: Some(std::fs::read_to_string(&cert).unwrap()),
+        cert_sha256: Some([9; 32]),
+    };
+    let uuid = capybara_agent::service::proxies::new_uuid();
+    let (_, json) =
+        capybara_agent::service::proxies::vless_config(&ep, &uuid, "192.0.2.1", "alice");
+    let check = |json: &str| {
+        let file = dir.path().join("v2ray.json");
+        std::fs::write(&file, json).unwrap();
+        std::process::Command::new("v2ray")
+            .args(["-test", "-config"])
+            .arg(&file)
+            .output()
+            .expect("v2ray (cargo xtask setup installs it)")
+    };
+    let out = check(&json);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("Configuration OK"),
+        "{out:?}"
+    );
+    let version = std::process::Command::new("v2ray")
+        .arg("-version")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&version.stdout).starts_with("V2Ray 4."),
+        "{version:?}"
+    );
+    let bad = json.replace("\"network\": \"tcp\"", "\"network\": \"carrier-pigeon\"");
+    assert_ne!(bad, json);
+    assert!(
+        !check(&bad).status.success(),
+        "v2ray refuses an unknown network"
+    );
+}

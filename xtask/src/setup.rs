@@ -64,6 +64,8 @@ pub const PACKAGES: &[&str] = &[
     "chromium-driver",
     // The MFA e-mail code tests make a throw-away CA and server certificate for the SMTP sink.
     "openssl",
+    // Issue 24: `api_proxies` checks that Debian's v2ray (4.34) loads the VLESS client config.
+    "v2ray",
 ];
 
 /// Python tools the tests run, pinned, from PyPI into a virtual environment at `<cache>/pyenv`
