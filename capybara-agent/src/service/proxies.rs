@@ -22,10 +22,11 @@
 //!   (Shadowsocks) or 122-bit (VLESS) random secret shown only to admins (`user config
 //!   --protocol`, audited as `proxy.config`); an admin who requires MFA for a user should not
 //!   give that user a proxy protocol.
-//! - **Kick**: a kick's kernel hold (`kicked`) ends, as a device's does at its next handshake,
-//!   when the identity's next connection is authenticated (`Policy::on_proxy_open` with the
-//!   handshake flag); [`Proxies::admitted`] answers from the policy's decision, not from the
-//!   kernel's kick hold, so a kicked user may reconnect (its open connections are cut).
+//! - **Kick** ([`Proxies::kick_user`]): the lines are held `kicked` in the kernel and the open
+//!   connections cut; the hold ends, as a device's does at its next handshake, when the
+//!   identity's next connection is authenticated ([`Proxies::authenticated`], the endpoints'
+//!   `Credentials::admitted`), which answers from the policy's decision, not from the kernel's
+//!   kick hold: a kicked user may reconnect, as a kicked WireGuard device may.
 //!
 //! ## Credentials
 //! - Shadowsocks: 32 random bytes, stored base64; the cipher is the agent's setting
@@ -779,9 +780,36 @@ impl Proxies {
     }
 
     /// Whether identity `id` may connect now: its policy gate is open (the policy's decision:
-    /// window, daily time, device limit, expiry, a policy hold).
+    /// window, daily time, device limit, expiry, a policy hold). No side effect.
     pub fn admitted(&self, id: PeerId) -> bool {
         self.dir.proxy_by_id(id).is_some() && self.policy.admitted(id, SystemTime::now())
+    }
+
+    /// A connection of identity `id` was authenticated (what an endpoint's
+    /// `Credentials::admitted` is): the identity is online for the policy and its gate decided
+    /// again as after a device's handshake (`Policy::on_proxy_open`: it takes a slot of the
+    /// device limit, a kick's hold ends), then whether it is admitted. Refused, it is offline
+    /// again unless it has other open connections. So an endpoint asks this before it binds or
+    /// connects anything, registers the connection ([`Registry::open`]) right after a yes, and
+    /// its event sink calls `Policy::on_proxy_close` once the identity's last connection
+    /// closed (`Registry::open_count` 0). Cost: one read of the kernel gate (and a write when
+    /// it changes) per authenticated connection.
+    pub fn authenticated(&self, id: PeerId) -> bool {
+        if self.dir.proxy_by_id(id).is_none() {
+            return false;
+        }
+        let now = SystemTime::now();
+        if let Err(e) = self.policy.on_proxy_open(id, now) {
+            tracing::error!(error = %e, peer = id, "cannot decide a proxy identity's gate");
+        }
+        let ok = self.policy.admitted(id, now);
+        if !ok
+            && self.registry.open_count(id) == 0
+            && let Err(e) = self.policy.on_proxy_close(id, now)
+        {
+            tracing::error!(error = %e, peer = id, "cannot decide a proxy identity's gate");
+        }
+        ok
     }
 }
 
@@ -875,8 +903,10 @@ impl Credentials for Proxies {
         self.snapshot.read().unwrap().vless.get(uuid).cloned()
     }
 
+    /// See [`Proxies::authenticated`]: asked once a connection is authenticated, it is that
+    /// connection's start for the policy.
     fn admitted(&self, id: PeerId) -> bool {
-        Proxies::admitted(self, id)
+        self.authenticated(id)
     }
 }
 

@@ -217,7 +217,8 @@ fn a_protocol_counts_as_one_device_for_the_device_limit() {
     let dev = a.config.as_ref().unwrap().peer.clone();
     let (ss, vl) = (a.proxies[0].access.id, a.proxies[1].access.id);
     limits(&svc, "alice", |t| t.connections = Some("1".into()));
-    let t0 = SystemTime::now();
+    // Before the endpoints' checks below, which take the real time.
+    let t0 = SystemTime::now() - Duration::from_secs(60);
     // The WireGuard device comes online first; a Shadowsocks connection is then one device
     // too many: that identity is held, the device keeps its slot.
     svc.policy.on_connect(&dev.public_key, t0).unwrap();
@@ -236,6 +237,12 @@ fn a_protocol_counts_as_one_device_for_the_device_limit() {
         .unwrap();
     assert_eq!(plane.state().gates[&ss], Gate::Admitted { until: None });
     assert!(svc.proxies.admitted(ss));
+    // An endpoint's check is the connection's start: over the limit it is refused and leaves
+    // no slot taken (VLESS stays offline; Shadowsocks keeps its slot).
+    let creds: &dyn Credentials = &*svc.proxies;
+    assert!(!creds.admitted(vl));
+    assert!(svc.proxies.admitted(ss));
+    assert_eq!(plane.state().gates[&ss], Gate::Admitted { until: None });
     // The identity's last connection closes: the slot is free again.
     svc.policy
         .on_proxy_close(ss, t0 + Duration::from_secs(3))
@@ -261,7 +268,8 @@ fn a_kick_hold_ends_with_the_next_authenticated_connection() {
     // The policy's decision is unchanged: the endpoint admits the next connection …
     assert!(svc.proxies.admitted(ss));
     // … whose authentication ends the kick in the kernel.
-    svc.policy.on_proxy_open(ss, SystemTime::now()).unwrap();
+    let creds: &dyn Credentials = &*svc.proxies;
+    assert!(creds.admitted(ss));
     assert_eq!(plane.state().gates[&ss], Gate::Admitted { until: None });
 }
 
