@@ -90,3 +90,5 @@ mod e2e_tunnel_workers;
 mod e2e_vless;
 // Issue 24, the kernel enforcing a proxied user's sockets.
 mod e2e_proxy_kernel;
+// Issue 24, proxy identities: protocols of users, their ids, client configs.
+mod api_proxies;

@@ -66,9 +66,9 @@ pub const PACKAGES: &[&str] = &[
     "chromium-driver",
     // The MFA e-mail code tests make a throw-away CA and server certificate for the SMTP sink.
     "openssl",
-    // Issue 24: the VLESS endpoint's real client (`e2e_vless`) and the reference server of
-    // `vless_throughput_vs_v2ray` (v2ray 4.34). Its packaged service is left disabled and
-    // stopped ([`v2ray_service`]).
+    // Issue 24: the VLESS endpoint's real client (`e2e_vless`; `api_proxies` checks it loads
+    // the printed client config) and the reference server of `vless_throughput_vs_v2ray`
+    // (v2ray 4.34). Its packaged service is left disabled and stopped ([`v2ray_service`]).
     "v2ray",
 ];
 

@@ -15,8 +15,8 @@
 //! | scope | calls |
 //! |---|---|
 //! | read | `ListUsers`, `GetUser`, `ListPeers`, `GetStats`, `ListConnections`, `ListAudit`, `ListBlocklists`, `GetBlocklist`, `GetGeo`, `ListSessions`, `ListComponents`, `GenerateReport`, health, reflection |
-//! | write | `AddUser`, `RemoveUser`, `ExpireUser`, `RenewUser`, `CleanupExpired`, `AddPeer`, `RemovePeer`, `Kick`, `AddEntries`, `RemoveEntries`, `DeleteBlocklist`, `SetGeo` |
-//! | admin | `UserConfig` (it hands out a device's private key: the kept one, audited as `peer.config`, or a new one with `rotate`), `CreateToken`, `ListTokens`, `RevokeToken`, `ClearHistory`, `CreateBackup`, `CreateBackupFile` |
+//! | write | `AddUser`, `RemoveUser`, `ExpireUser`, `RenewUser`, `CleanupExpired`, `AddProtocol` (its reply carries the new credential's config, once, to the caller that made it), `RemoveProtocol`, `AddPeer`, `RemovePeer`, `Kick`, `AddEntries`, `RemoveEntries`, `DeleteBlocklist`, `SetGeo` |
+//! | admin | `UserConfig` (it hands out a device's private key: the kept one, audited as `peer.config`, or a new one with `rotate`; or a proxy identity's credential, audited as `proxy.config`), `CreateToken`, `ListTokens`, `RevokeToken`, `ClearHistory`, `CreateBackup`, `CreateBackupFile` |
 //!
 //! `AddUser` and `AddPeer` answer the new device's private key once, to the caller that made it;
 //! only `UserConfig` hands out the key of a device that exists already, so it needs admin.

@@ -61,6 +61,7 @@ fn add_user_request_names_the_bad_field() {
         name: "alice".into(),
         device: String::new(),
         expires_at: 0,
+        protocols: vec![],
     })
     .unwrap();
     assert_eq!(ok.device, DeviceName::default_device());
@@ -74,6 +75,7 @@ fn add_user_request_names_the_bad_field() {
         name: "alice".into(),
         device: "a b".into(),
         expires_at: 0,
+        protocols: vec![],
     })
     .unwrap_err();
     assert_eq!(e.field(), "device");
@@ -81,6 +83,7 @@ fn add_user_request_names_the_bad_field() {
         name: "alice".into(),
         device: String::new(),
         expires_at: -5,
+        protocols: vec![],
     })
     .unwrap_err();
     assert_eq!(e.field(), "expires_at");
@@ -118,6 +121,12 @@ fn domain_answers_round_trip_through_proto() {
             expires_at: Some(9),
         },
         peers: vec![p.clone()],
+        proxies: vec![crate::service::domain::ProxyAccess {
+            id: 7,
+            user: p.user.clone(),
+            protocol: crate::service::domain::Protocol::Vless,
+            created_at: 6,
+        }],
     };
     assert_eq!(UserDetail::try_from(pb::UserDetail::from(&d)).unwrap(), d);
     let t = Token {

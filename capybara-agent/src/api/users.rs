@@ -18,11 +18,22 @@ use std::time::Duration;
 use crate::service::{
     NewUser,
     domain::{
-        ClientConfig, DeviceName, Peer, PublicKey, Scope, User, UserDetail, UserName,
-        ValidationError,
+        ClientConfig, DeviceName, Peer, Protocol, ProxyAccess, PublicKey, Scope, User, UserDetail,
+        UserName, ValidationError,
     },
-    users::DEFAULT_CLEANUP_GRACE,
+    proxies::ProxyClientConfig,
+    users::{AddedUser, DEFAULT_CLEANUP_GRACE},
 };
+
+/// The protocols of an `AddUser` request: empty = wireguard only.
+fn protocols(list: &[String]) -> Result<Vec<Protocol>, ValidationError> {
+    if list.is_empty() {
+        return Ok(vec![Protocol::Wireguard]);
+    }
+    list.iter()
+        .map(|p| Protocol::parse("protocols", p))
+        .collect()
+}
 
 #[tonic::async_trait]
 impl Users for Api {
@@ -31,11 +42,16 @@ impl Users for Api {
         req: Request<pb::AddUserRequest>,
     ) -> Result<Response<pb::AddUserResponse>, Status> {
         let actor = self.auth(&req, Scope::Write)?;
-        let new = NewUser::try_from(req.into_inner()).map_err(invalid)?;
-        let (user, cfg) = self.call(move |s| s.users.add_user(&actor, new)).await?;
+        let r = req.into_inner();
+        let protocols = protocols(&r.protocols).map_err(invalid)?;
+        let new = NewUser::try_from(r).map_err(invalid)?;
+        let added = self
+            .call(move |s| s.users.add_user_with(&actor, new, &protocols))
+            .await?;
         Ok(Response::new(pb::AddUserResponse {
-            user: Some((&user).into()),
-            config: Some((&cfg).into()),
+            user: Some((&added.user).into()),
+            config: added.config.as_ref().map(Into::into),
+            proxies: added.proxies.iter().map(Into::into).collect(),
         }))
     }
 
@@ -89,6 +105,21 @@ impl Users for Api {
         let (actor, name) = self.auth_user(&req, Scope::Admin, "name", &req.get_ref().name)?;
         let r = req.into_inner();
         let device = opt_device("device", &r.device).map_err(invalid)?;
+        let protocol = if r.protocol.is_empty() {
+            Protocol::Wireguard
+        } else {
+            Protocol::parse("protocol", &r.protocol).map_err(invalid)?
+        };
+        if protocol != Protocol::Wireguard {
+            let cfg = self
+                .call(move |s| s.proxies.client_config(&actor, &name, protocol))
+                .await?;
+            return Ok(Response::new(pb::UserConfigResponse {
+                config: None,
+                proxy: Some((&cfg).into()),
+                protocol: protocol.to_string(),
+            }));
+        }
         let cfg = self
             .call(move |s| {
                 s.devices
@@ -97,6 +128,36 @@ impl Users for Api {
             .await?;
         Ok(Response::new(pb::UserConfigResponse {
             config: Some((&cfg).into()),
+            proxy: None,
+            protocol: protocol.to_string(),
+        }))
+    }
+
+    async fn add_protocol(
+        &self,
+        req: Request<pb::AddProtocolRequest>,
+    ) -> Result<Response<pb::AddProtocolResponse>, Status> {
+        let (actor, name) = self.auth_user(&req, Scope::Write, "name", &req.get_ref().name)?;
+        let protocol = Protocol::parse("protocol", &req.get_ref().protocol).map_err(invalid)?;
+        let cfg = self
+            .call(move |s| s.proxies.add_protocol(&actor, &name, protocol))
+            .await?;
+        Ok(Response::new(pb::AddProtocolResponse {
+            config: Some((&cfg).into()),
+        }))
+    }
+
+    async fn remove_protocol(
+        &self,
+        req: Request<pb::RemoveProtocolRequest>,
+    ) -> Result<Response<pb::RemoveProtocolResponse>, Status> {
+        let (actor, name) = self.auth_user(&req, Scope::Write, "name", &req.get_ref().name)?;
+        let protocol = Protocol::parse("protocol", &req.get_ref().protocol).map_err(invalid)?;
+        let removed = self
+            .call(move |s| s.proxies.remove_protocol(&actor, &name, protocol))
+            .await?;
+        Ok(Response::new(pb::RemoveProtocolResponse {
+            removed: Some((&removed).into()),
         }))
     }
 
@@ -244,6 +305,8 @@ impl From<&UserDetail> for pb::UserDetail {
         pb::UserDetail {
             user: Some((&d.user).into()),
             peers: d.peers.iter().map(Into::into).collect(),
+            proxies: d.proxies.iter().map(Into::into).collect(),
+            protocols: d.protocols().iter().map(ToString::to_string).collect(),
         }
     }
 }
@@ -304,8 +367,67 @@ impl TryFrom<pb::UserDetail> for UserDetail {
                 .into_iter()
                 .map(TryInto::try_into)
                 .collect::<Result<_, _>>()?,
+            proxies: d
+                .proxies
+                .into_iter()
+                .map(TryInto::try_into)
+                .collect::<Result<_, _>>()?,
         })
     }
+}
+
+impl From<&ProxyAccess> for pb::ProxyAccess {
+    fn from(a: &ProxyAccess) -> pb::ProxyAccess {
+        pb::ProxyAccess {
+            id: a.id,
+            user: a.user.to_string(),
+            protocol: a.protocol.to_string(),
+            created_at: a.created_at as i64,
+        }
+    }
+}
+
+impl TryFrom<pb::ProxyAccess> for ProxyAccess {
+    type Error = AnswerError;
+    fn try_from(a: pb::ProxyAccess) -> Result<ProxyAccess, AnswerError> {
+        Ok(ProxyAccess {
+            id: a.id,
+            user: UserName::parse("proxy.user", &a.user)?,
+            protocol: Protocol::parse("proxy.protocol", &a.protocol)?,
+            created_at: a.created_at.max(0) as u64,
+        })
+    }
+}
+
+impl From<&ProxyClientConfig> for pb::ProxyClientConfig {
+    fn from(c: &ProxyClientConfig) -> pb::ProxyClientConfig {
+        pb::ProxyClientConfig {
+            access: Some((&c.access).into()),
+            uri: c.uri.clone(),
+            json: c.json.clone(),
+        }
+    }
+}
+
+impl TryFrom<pb::ProxyClientConfig> for ProxyClientConfig {
+    type Error = AnswerError;
+    fn try_from(c: pb::ProxyClientConfig) -> Result<ProxyClientConfig, AnswerError> {
+        Ok(ProxyClientConfig {
+            access: need("config.access", c.access)?.try_into()?,
+            uri: c.uri,
+            json: c.json,
+        })
+    }
+}
+
+/// A client config of any protocol, as `UserConfig` answers it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(untagged)]
+pub enum AnyClientConfig {
+    /// A WireGuard device's.
+    Wireguard(ClientConfig),
+    /// A proxy identity's.
+    Proxy(ProxyClientConfig),
 }
 
 impl TryFrom<pb::ClientConfig> for ClientConfig {
@@ -335,6 +457,7 @@ impl Client {
                 name: name.into(),
                 device: device.into(),
                 expires_at,
+                protocols: vec![],
             }))
             .await?
             .into_inner();
@@ -402,10 +525,96 @@ impl Client {
                 name: name.into(),
                 device: device.into(),
                 rotate,
+                protocol: String::new(),
             }))
             .await?
             .into_inner();
         Ok(need("config", r.config)?.try_into()?)
+    }
+
+    /// Creates a user with access by `protocols` (names; empty = wireguard only): the first
+    /// device's config when wireguard is listed, and the proxy identities made.
+    pub async fn add_user_with(
+        &self,
+        name: &str,
+        device: &str,
+        expires_at: i64,
+        protocols: &[String],
+    ) -> Result<AddedUser, ClientError> {
+        let r = UsersClient::new(self.channel.clone())
+            .add_user(self.req(pb::AddUserRequest {
+                name: name.into(),
+                device: device.into(),
+                expires_at,
+                protocols: protocols.to_vec(),
+            }))
+            .await?
+            .into_inner();
+        Ok(AddedUser {
+            user: need("user", r.user)?.try_into()?,
+            config: r.config.map(TryInto::try_into).transpose()?,
+            proxies: r
+                .proxies
+                .into_iter()
+                .map(TryInto::try_into)
+                .collect::<Result<_, AnswerError>>()?,
+        })
+    }
+
+    /// The client config of a user's identity of `protocol` (`wireguard` or empty: a device's,
+    /// as [`Client::user_config`]).
+    pub async fn user_config_of(
+        &self,
+        name: &str,
+        device: &str,
+        rotate: bool,
+        protocol: &str,
+    ) -> Result<AnyClientConfig, ClientError> {
+        let r = UsersClient::new(self.channel.clone())
+            .user_config(self.req(pb::UserConfigRequest {
+                name: name.into(),
+                device: device.into(),
+                rotate,
+                protocol: protocol.into(),
+            }))
+            .await?
+            .into_inner();
+        Ok(match r.proxy {
+            Some(p) => AnyClientConfig::Proxy(p.try_into()?),
+            None => AnyClientConfig::Wireguard(need("config", r.config)?.try_into()?),
+        })
+    }
+
+    /// Gives a user access by a proxy protocol; returns the identity's client config.
+    pub async fn add_protocol(
+        &self,
+        name: &str,
+        protocol: &str,
+    ) -> Result<ProxyClientConfig, ClientError> {
+        let r = UsersClient::new(self.channel.clone())
+            .add_protocol(self.req(pb::AddProtocolRequest {
+                name: name.into(),
+                protocol: protocol.into(),
+            }))
+            .await?
+            .into_inner();
+        Ok(need("config", r.config)?.try_into()?)
+    }
+
+    /// Takes a user's access by a proxy protocol away; returns the identity removed.
+    pub async fn remove_protocol(
+        &self,
+        name: &str,
+        protocol: &str,
+    ) -> Result<ProxyAccess, ClientError> {
+        let r = UsersClient::new(self.channel.clone())
+            .remove_protocol(self.req(pb::RemoveProtocolRequest {
+                name: name.into(),
+                protocol: protocol.into(),
+            }))
+            .await?
+            .into_inner();
+        Ok(need("removed", r.removed)?.try_into()?)
     }
 
     /// Sets a user's expiry (Unix seconds; may be in the past).

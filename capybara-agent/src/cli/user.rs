@@ -1,6 +1,11 @@
-//! `capybara user add|list|show|remove|config|expire|renew|cleanup-expired`: users with their
-//! devices, a device's wg-quick config with its QR code (printed by `client_config`), and
-//! account expiry.
+//! `capybara user add|list|show|remove|config|expire|renew|cleanup-expired|protocol`: users with
+//! their devices and proxy identities, a device's wg-quick config or a proxy identity's config
+//! with its QR code (printed by `client_config`), and account expiry.
+//!
+//! Protocols (`service::proxies`): `user add alice --protocol wireguard,shadowsocks,vless`
+//! (default `wireguard`; the first device is made only when `wireguard` is listed), `user
+//! protocol add|remove alice PROTO` (`shadowsocks`, `vless`), `user config alice --protocol
+//! PROTO`; `user list` and `user show` list each user's protocols.
 //!
 //! A `DATE` (`expire --at`, `renew --at`) is RFC 3339 (`2027-01-31T18:00:00Z`,
 //! `2027-01-31T18:00:00+01:00`) or a day (`2027-01-31`, its midnight UTC); a duration
@@ -20,7 +25,7 @@ use super::{
     table::Table,
 };
 use crate::service::domain::{
-    DeviceName, UserDetail, UserName, ValidationError, parse_duration, unix_secs,
+    DeviceName, Protocol, UserDetail, UserName, ValidationError, parse_duration, unix_secs,
 };
 
 /// `capybara user …`.
@@ -36,6 +41,15 @@ pub(super) enum UserCmd {
         /// Account expiry from now, e.g. 30d.
         #[arg(long)]
         expires: Option<String>,
+        /// The protocols the user connects with: wireguard, shadowsocks, vless (comma-separated);
+        /// the device is made only when wireguard is listed.
+        #[arg(
+            long,
+            value_name = "PROTO,...",
+            value_delimiter = ',',
+            default_value = "wireguard"
+        )]
+        protocol: Vec<String>,
         #[command(flatten)]
         out: ConfigOut,
     },
@@ -51,7 +65,7 @@ pub(super) enum UserCmd {
         /// The user.
         name: String,
     },
-    /// A device's wg-quick config and QR code.
+    /// A device's wg-quick config and QR code, or a proxy identity's config (--protocol).
     Config {
         /// The user.
         name: String,
@@ -61,6 +75,9 @@ pub(super) enum UserCmd {
         /// Make a new key pair for the device (the old one stops working).
         #[arg(long)]
         rotate: bool,
+        /// The protocol whose config to print: wireguard (a device's), shadowsocks or vless.
+        #[arg(long, value_name = "PROTO", default_value = "wireguard")]
+        protocol: String,
         #[command(flatten)]
         out: ConfigOut,
     },
@@ -101,6 +118,40 @@ pub(super) enum UserCmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Give a user access by a proxy protocol, or take it away.
+    #[command(subcommand)]
+    Protocol(ProtocolCmd),
+}
+
+/// `capybara user protocol …`.
+#[derive(Debug, Subcommand)]
+pub(super) enum ProtocolCmd {
+    /// Give a user access by shadowsocks or vless; prints its config and QR code.
+    Add {
+        /// The user.
+        name: String,
+        /// shadowsocks or vless.
+        protocol: String,
+        #[command(flatten)]
+        out: ConfigOut,
+    },
+    /// Take a user's access by shadowsocks or vless away (its open connections are cut).
+    Remove {
+        /// The user.
+        name: String,
+        /// shadowsocks or vless.
+        protocol: String,
+    },
+}
+
+/// The protocols of a user, comma-separated (`-` for none).
+fn protocols_of(u: &UserDetail) -> String {
+    let p: Vec<&str> = u.protocols().into_iter().map(Protocol::as_str).collect();
+    if p.is_empty() {
+        "-".into()
+    } else {
+        p.join(",")
+    }
 }
 
 /// A `DATE` (see the module docs) as Unix seconds.
@@ -169,17 +220,46 @@ pub(super) async fn run(cli: &Cli, cmd: &UserCmd) -> Result<(), CliError> {
             name,
             device,
             expires,
+            protocol,
             out,
         } => {
             UserName::parse("name", name)?;
             DeviceName::parse("device", device)?;
+            let protocols = protocol
+                .iter()
+                .map(|p| Protocol::parse("protocol", p.trim()))
+                .collect::<Result<Vec<_>, _>>()?;
+            crate::service::users::check_protocols(&protocols)?;
             let expires_at = expiry("expires", expires.as_deref())?
                 .map_or(0, |d| (unix_secs(SystemTime::now()) + d) as i64);
-            let (_, cfg) = connect(cli)
+            let names: Vec<String> = protocols.iter().map(|p| p.to_string()).collect();
+            let added = connect(cli)
                 .await?
-                .add_user(name, device, expires_at)
+                .add_user_with(name, device, expires_at, &names)
                 .await?;
-            client_config::show(cli, &cfg, out)
+            // Only a device: the JSON is today's (the device's config).
+            if let (true, true, Some(cfg)) = (cli.json, added.proxies.is_empty(), &added.config) {
+                return print_json(cfg);
+            }
+            if cli.json {
+                return print_json(&added);
+            }
+            let mut first = true;
+            if let Some(cfg) = &added.config {
+                client_config::show(cli, cfg, out)?;
+                first = false;
+            }
+            for p in &added.proxies {
+                let protocol = p.access.protocol.as_str();
+                if !first {
+                    outln!()?;
+                }
+                outln!("# {protocol}")?;
+                let o = out.beside(if first { "" } else { protocol });
+                client_config::show_proxy(cli, p, &o)?;
+                first = false;
+            }
+            Ok(())
         }
         UserCmd::List => {
             let users = connect(cli).await?.list_users().await?;
@@ -187,13 +267,14 @@ pub(super) async fn run(cli: &Cli, cmd: &UserCmd) -> Result<(), CliError> {
                 print_json(&users)?;
                 return Ok(());
             }
-            let mut t = Table::new(&["USER", "DEVICES", "CREATED", "EXPIRES"]);
+            let mut t = Table::new(&["USER", "DEVICES", "CREATED", "EXPIRES", "PROTOCOLS"]);
             for u in &users {
                 t.row(vec![
                     u.user.name.to_string(),
                     u.peers.len().to_string(),
                     time(u.user.created_at),
                     opt_time(u.user.expires_at),
+                    protocols_of(u),
                 ]);
             }
             out!("{t}")?;
@@ -213,6 +294,15 @@ pub(super) async fn run(cli: &Cli, cmd: &UserCmd) -> Result<(), CliError> {
                 opt_time(u.user.expires_at),
                 expired_note(u.user.expires_at)
             )?;
+            outln!("protocols {}", protocols_of(&u))?;
+            for p in &u.proxies {
+                outln!(
+                    "  {:<12} id {:<8} added {}",
+                    p.protocol.as_str(),
+                    p.id,
+                    time(p.created_at)
+                )?;
+            }
             outln!()?;
             let mut t = Table::new(&["ID", "DEVICE", "IPV4", "IPV6", "PUBLIC KEY", "KEY KEPT"]);
             for p in &u.peers {
@@ -233,8 +323,21 @@ pub(super) async fn run(cli: &Cli, cmd: &UserCmd) -> Result<(), CliError> {
             let u = connect(cli).await?.remove_user(name).await?;
             if cli.json {
                 print_json(&u)?;
-            } else {
+            } else if u.proxies.is_empty() {
                 outln!("removed {} and {} device(s)", u.user.name, u.peers.len())?;
+            } else {
+                outln!(
+                    "removed {}, {} device(s) and {} proxy identit{} ({})",
+                    u.user.name,
+                    u.peers.len(),
+                    u.proxies.len(),
+                    if u.proxies.len() == 1 { "y" } else { "ies" },
+                    u.proxies
+                        .iter()
+                        .map(|p| p.protocol.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )?;
             }
             Ok(())
         }
@@ -242,11 +345,34 @@ pub(super) async fn run(cli: &Cli, cmd: &UserCmd) -> Result<(), CliError> {
             name,
             device,
             rotate,
+            protocol,
             out,
         } => {
             UserName::parse("name", name)?;
             if let Some(d) = device {
                 DeviceName::parse("device", d)?;
+            }
+            let protocol = Protocol::parse("protocol", protocol)?;
+            if protocol != Protocol::Wireguard {
+                if device.is_some() || *rotate {
+                    return Err(ValidationError::Value {
+                        field: if device.is_some() { "device" } else { "rotate" },
+                        reason: format!("applies to wireguard only, not to {protocol}"),
+                    }
+                    .into());
+                }
+                let cfg = connect(cli)
+                    .await?
+                    .user_config_of(name, "", false, protocol.as_str())
+                    .await?;
+                return match cfg {
+                    crate::api::users::AnyClientConfig::Proxy(p) => {
+                        client_config::show_proxy(cli, &p, out)
+                    }
+                    crate::api::users::AnyClientConfig::Wireguard(c) => {
+                        client_config::show(cli, &c, out)
+                    }
+                };
             }
             let cfg = connect(cli)
                 .await?
@@ -289,6 +415,26 @@ pub(super) async fn run(cli: &Cli, cmd: &UserCmd) -> Result<(), CliError> {
                 )?;
             }
             outln!("{verb} {} expired user(s)", users.len())?;
+            Ok(())
+        }
+        UserCmd::Protocol(ProtocolCmd::Add {
+            name,
+            protocol,
+            out,
+        }) => {
+            UserName::parse("name", name)?;
+            Protocol::parse("protocol", protocol)?;
+            let cfg = connect(cli).await?.add_protocol(name, protocol).await?;
+            client_config::show_proxy(cli, &cfg, out)
+        }
+        UserCmd::Protocol(ProtocolCmd::Remove { name, protocol }) => {
+            UserName::parse("name", name)?;
+            Protocol::parse("protocol", protocol)?;
+            let removed = connect(cli).await?.remove_protocol(name, protocol).await?;
+            if cli.json {
+                return print_json(&removed);
+            }
+            outln!("removed {} access of {}", removed.protocol, removed.user)?;
             Ok(())
         }
     }

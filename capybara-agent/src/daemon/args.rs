@@ -187,9 +187,56 @@ pub struct Args {
     /// How long an auto-block lasts, e.g. 1h, 30m.
     #[arg(long, default_value = "1h")]
     pub reputation_ttl: String,
+    /// Serve Shadowsocks (AEAD) on this address, e.g. 0.0.0.0:8388: users given the
+    /// `shadowsocks` protocol connect here (their configs name its port).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub shadowsocks_listen: Option<std::net::SocketAddr>,
+    /// The Shadowsocks cipher: 2022-blake3-aes-256-gcm, 2022-blake3-aes-128-gcm,
+    /// 2022-blake3-chacha20-poly1305, aes-256-gcm, aes-128-gcm or chacha20-ietf-poly1305 (the
+    /// SIP004 ones for clients without the 2022 edition, e.g. shadowsocks-libev). Users'
+    /// credentials serve every cipher: changing it changes their configs, not their keys.
+    #[arg(long, value_name = "CIPHER", default_value = "2022-blake3-aes-256-gcm",
+          value_parser = |s: &str| crate::service::proxies::ShadowsocksCipher::parse("shadowsocks_cipher", s).map_err(|e| e.to_string()))]
+    pub shadowsocks_cipher: crate::service::proxies::ShadowsocksCipher,
+    /// Serve VLESS over TLS on this address, e.g. 0.0.0.0:8443: users given the `vless`
+    /// protocol connect here.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub vless_listen: Option<std::net::SocketAddr>,
+    /// The VLESS endpoint's TLS certificate chain (PEM); without it the agent generates a
+    /// self-signed certificate, which the client configs pin.
+    #[arg(long, value_name = "FILE", requires = "vless_key")]
+    pub vless_cert: Option<PathBuf>,
+    /// The private key (PEM) of --vless-cert.
+    #[arg(long, value_name = "FILE", requires = "vless_cert")]
+    pub vless_key: Option<PathBuf>,
+    /// The TLS server name VLESS clients send (and a generated certificate is made for);
+    /// default: the host of --public-endpoint.
+    #[arg(long, value_name = "NAME")]
+    pub vless_sni: Option<String>,
     /// Configuration file (TOML): every key is one of these flags, its name with `_` for `-`
     /// (`listen_port = 51820`); a flag given here overrides the key. The default file is read
     /// only when it exists; a file named here must exist.
     #[arg(long, value_name = "FILE", default_value = paths::CONFIG_FILE)]
     pub config: PathBuf,
+}
+
+impl Args {
+    /// The proxy endpoints' settings for the service (`service::proxies::Proxies::configure`),
+    /// without the VLESS certificate (the daemon fills `cert_pem` / `cert_sha256` once it
+    /// loaded or generated it).
+    pub fn proxy_settings(&self) -> crate::service::proxies::ProxySettings {
+        use crate::service::proxies::{ProxySettings, ShadowsocksEndpoint, VlessEndpoint};
+        ProxySettings {
+            shadowsocks: self.shadowsocks_listen.map(|listen| ShadowsocksEndpoint {
+                listen,
+                cipher: self.shadowsocks_cipher,
+            }),
+            vless: self.vless_listen.map(|listen| VlessEndpoint {
+                listen,
+                sni: self.vless_sni.clone(),
+                cert_pem: None,
+                cert_sha256: None,
+            }),
+        }
+    }
 }

@@ -27,7 +27,7 @@ use super::{
     ServiceError,
     core::{Core, now, to_json},
     directory::{Directory, PeerRecord, allowed_ips},
-    domain::{Actor, ClientConfig, DeviceName, Peer, UserName, encode_key},
+    domain::{Actor, ClientConfig, DeviceName, Peer, Protocol, UserName, encode_key},
     policy::Policy,
     secrets,
 };
@@ -137,6 +137,10 @@ impl Devices {
         );
         if added_user {
             batch.delete(Cf::Users, &keys::user(peer.user.as_str()));
+            // A new user's proxy identities were in the same batch (`users::add_user_with`).
+            for p in [Protocol::Shadowsocks, Protocol::Vless] {
+                batch.delete(Cf::Proxies, &keys::proxy(peer.user.as_str(), p.as_str()));
+            }
         }
         batch.delete(Cf::Audit, &keys::audit(seq));
         self.core.store.commit(batch)?;

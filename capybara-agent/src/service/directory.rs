@@ -3,6 +3,12 @@
 //! feature reads devices here; only `devices` and `users` change it (under the writer lock,
 //! after their batch is committed).
 //!
+//! Proxy identities (`service::proxies`: a user's Shadowsocks or VLESS access) are indexed
+//! here too, by `user/protocol` and by id: they take their ids from the **same** bitmap as
+//! devices (a proxy identity's id is never a device's, and removal frees it for either), and no
+//! address. [`Directory::user_lines`] gives every kernel line of a user (devices and proxy
+//! identities), which is what the policy programs.
+//!
 //! ## Addresses and ids
 //! A device gets the lowest free host of the tunnel's IPv4 subnet (not the network, the
 //! server's address or the broadcast) and the IPv6 address with the same host offset in the
@@ -48,7 +54,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     ServiceError,
     core::Core,
-    domain::{Peer, PublicKey, User, UserDetail, UserName},
+    domain::{Peer, Protocol, ProxyAccess, PublicKey, User, UserDetail, UserName},
 };
 use crate::{
     net::Cidr,
@@ -62,6 +68,25 @@ pub struct PeerRecord {
     pub peer: Peer,
     /// The client's private key, sealed; only with `--keep-client-keys`.
     pub sealed_key: Option<String>,
+}
+
+/// What the store holds for a proxy identity (`service::proxies`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProxyRecord {
+    /// The identity.
+    pub access: ProxyAccess,
+    /// Its credential: Shadowsocks, 32 random bytes in base64 (the key, or the password, by the
+    /// cipher: `service::proxies`); VLESS, the UUID (`xxxxxxxx-xxxx-4xxx-yxxx-xxxxxxxxxxxx`).
+    pub credential: String,
+}
+
+/// A kernel line of a user: a device's or a proxy identity's (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Line {
+    /// The dense id.
+    pub id: PeerId,
+    /// A proxy identity's (no allowed IPs, no tunnel peer), not a device's.
+    pub proxy: bool,
 }
 
 /// The tunnel subnets devices get their addresses from: host offset `o` is IPv4
@@ -135,6 +160,13 @@ impl Bitmap {
         }
     }
 
+    /// Whether `i` is in the set.
+    fn contains(&self, i: u64) -> bool {
+        self.words
+            .get((i / 64) as usize)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
     /// The lowest number not in the set.
     fn first_free(&self) -> u64 {
         self.visited
@@ -169,6 +201,10 @@ struct Index {
     /// Stored devices' IPv6 addresses → their peer keys.
     used_v6: BTreeMap<Ipv6Addr, String>,
     pubkeys: HashMap<PublicKey, String>,
+    /// Proxy key (`user/protocol`) → proxy identity.
+    proxies: BTreeMap<String, ProxyRecord>,
+    /// Proxy identities' ids → their proxy keys.
+    proxy_ids: BTreeMap<PeerId, String>,
     /// Ids of kernel peers the store does not know, kept at start.
     reserved_ids: BTreeSet<PeerId>,
     /// Host addresses of kernel peers the store does not know, kept at start.
@@ -188,6 +224,8 @@ impl Index {
             used_v4: BTreeMap::new(),
             used_v6: BTreeMap::new(),
             pubkeys: HashMap::new(),
+            proxies: BTreeMap::new(),
+            proxy_ids: BTreeMap::new(),
             reserved_ids: BTreeSet::new(),
             reserved_addrs: BTreeSet::new(),
             ids: Bitmap::default(),
@@ -215,15 +253,65 @@ impl Index {
             .collect()
     }
 
-    /// The lowest free id and host offset; the errors name the flag to change.
-    fn allocate(&self) -> Result<(PeerId, Ipv4Addr, Ipv6Addr), ServiceError> {
+    fn proxies_of(&self, user: &UserName) -> Vec<ProxyRecord> {
+        let prefix = keys::user_proxies_prefix(user.as_str());
+        self.proxies
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, r)| r.clone())
+            .collect()
+    }
+
+    fn detail(&self, user: User) -> UserDetail {
+        UserDetail {
+            peers: self
+                .records_of(&user.name)
+                .into_iter()
+                .map(|r| r.peer)
+                .collect(),
+            proxies: self
+                .proxies_of(&user.name)
+                .into_iter()
+                .map(|r| r.access)
+                .collect(),
+            user,
+        }
+    }
+
+    /// The lowest free id (devices and proxy identities share them).
+    fn allocate_id(&self) -> Result<PeerId, ServiceError> {
         let id = self.ids.first_free();
-        let id = PeerId::try_from(id)
+        PeerId::try_from(id)
             .ok()
             .filter(|id| *id < MAX_PEERS)
             .ok_or_else(|| ServiceError::Exhausted {
                 what: "peer id".into(),
-            })?;
+            })
+    }
+
+    /// The `n` lowest free ids that are not in `taken` (ids allocated but not yet inserted);
+    /// reads past the first free id only as far as it must (`n` and `taken` are small).
+    fn allocate_ids(&self, n: usize, taken: &[PeerId]) -> Result<Vec<PeerId>, ServiceError> {
+        let mut out = Vec::with_capacity(n);
+        let mut i = self.ids.first_free();
+        while out.len() < n {
+            let id = PeerId::try_from(i)
+                .ok()
+                .filter(|id| *id < MAX_PEERS)
+                .ok_or_else(|| ServiceError::Exhausted {
+                    what: "peer id".into(),
+                })?;
+            if !self.ids.contains(i) && !taken.contains(&id) {
+                out.push(id);
+            }
+            i += 1;
+        }
+        Ok(out)
+    }
+
+    /// The lowest free id and host offset; the errors name the flag to change.
+    fn allocate(&self) -> Result<(PeerId, Ipv4Addr, Ipv6Addr), ServiceError> {
+        let id = self.allocate_id()?;
         let Pool {
             server4,
             server6,
@@ -336,6 +424,31 @@ impl Index {
         self.release(&rec.peer);
     }
 
+    fn insert_proxy(&mut self, rec: ProxyRecord) {
+        let a = &rec.access;
+        let pkey = keys::proxy(a.user.as_str(), a.protocol.as_str());
+        if let Some(old) = self.proxies.get(&pkey).map(|r| r.access.clone()) {
+            self.remove_proxy(&old);
+        }
+        self.proxy_ids.insert(a.id, pkey.clone());
+        if a.id < MAX_PEERS {
+            self.ids.set(a.id);
+        }
+        self.proxies.insert(pkey, rec);
+    }
+
+    fn remove_proxy(&mut self, access: &ProxyAccess) {
+        let pkey = keys::proxy(access.user.as_str(), access.protocol.as_str());
+        let Some(rec) = self.proxies.remove(&pkey) else {
+            return;
+        };
+        let id = rec.access.id;
+        self.proxy_ids.remove(&id);
+        if !self.reserved_ids.contains(&id) && !self.used_ids.contains_key(&id) {
+            self.ids.clear(id);
+        }
+    }
+
     /// A kept unknown kernel peer: its id and host addresses stay out of allocation.
     fn reserve(&mut self, id: PeerId, allowed: &[Cidr]) {
         self.reserved_ids.insert(id);
@@ -379,8 +492,12 @@ impl Directory {
         for (key, rec) in core.store.scan::<PeerRecord>(Cf::Peers, "")? {
             index.insert(key, rec);
         }
+        for (_, rec) in core.store.scan::<ProxyRecord>(Cf::Proxies, "")? {
+            index.insert_proxy(rec);
+        }
         tracing::info!(
             devices = index.peers.len(),
+            proxies = index.proxies.len(),
             ms = t.elapsed().as_millis(),
             "devices read from the store"
         );
@@ -411,9 +528,70 @@ impl Directory {
         )
     }
 
-    /// Whether `id` is a stored device's.
+    /// Whether `id` is a stored device's or proxy identity's.
     pub fn has_id(&self, id: PeerId) -> bool {
-        self.index.read().unwrap().used_ids.contains_key(&id)
+        let ix = self.index.read().unwrap();
+        ix.used_ids.contains_key(&id) || ix.proxy_ids.contains_key(&id)
+    }
+
+    /// The kernel lines of `user`: its devices' ids, then its proxy identities' ids.
+    pub fn user_lines(&self, user: &UserName) -> Vec<Line> {
+        let ix = self.index.read().unwrap();
+        let devices = ix.records_of(user).into_iter().map(|r| Line {
+            id: r.peer.id,
+            proxy: false,
+        });
+        let proxies = ix.proxies_of(user).into_iter().map(|r| Line {
+            id: r.access.id,
+            proxy: true,
+        });
+        devices.chain(proxies).collect()
+    }
+
+    /// The proxy identities of `user`, by protocol.
+    pub fn proxy_records(&self, user: &UserName) -> Vec<ProxyRecord> {
+        self.index.read().unwrap().proxies_of(user)
+    }
+
+    /// `user`'s proxy identity for `protocol`.
+    pub fn proxy(&self, user: &UserName, protocol: Protocol) -> Option<ProxyRecord> {
+        let pkey = keys::proxy(user.as_str(), protocol.as_str());
+        self.index.read().unwrap().proxies.get(&pkey).cloned()
+    }
+
+    /// Every proxy identity, in `user/protocol` order.
+    pub fn all_proxies(&self) -> Vec<ProxyRecord> {
+        self.index
+            .read()
+            .unwrap()
+            .proxies
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The proxy identity with dataplane id `id`.
+    pub fn proxy_by_id(&self, id: PeerId) -> Option<ProxyAccess> {
+        let ix = self.index.read().unwrap();
+        let pkey = ix.proxy_ids.get(&id)?;
+        ix.proxies.get(pkey).map(|r| r.access.clone())
+    }
+
+    /// Free ids for `n` new proxy identities: the lowest ids no device or proxy identity
+    /// holds and none of `taken` (allocated for the same change, not yet inserted); no
+    /// address: a proxy identity has none.
+    pub fn allocate_ids(&self, n: usize, taken: &[PeerId]) -> Result<Vec<PeerId>, ServiceError> {
+        self.index.read().unwrap().allocate_ids(n, taken)
+    }
+
+    /// A committed new proxy identity joins the index.
+    pub fn insert_proxy(&self, rec: ProxyRecord) {
+        self.index.write().unwrap().insert_proxy(rec);
+    }
+
+    /// A committed removal of a proxy identity leaves the index (its id is free again).
+    pub fn remove_proxy(&self, access: &ProxyAccess) {
+        self.index.write().unwrap().remove_proxy(access);
     }
 
     /// The device records of `user`.
@@ -527,6 +705,18 @@ impl Directory {
             .collect())
     }
 
+    /// Every user with its devices and proxy identities, by name, read under one index lock.
+    pub fn user_details(&self) -> Result<Vec<UserDetail>, ServiceError> {
+        let ix = self.index.read().unwrap();
+        Ok(self.users()?.into_iter().map(|u| ix.detail(u)).collect())
+    }
+
+    /// One user with its devices and proxy identities.
+    pub fn user_detail(&self, name: &UserName) -> Result<UserDetail, ServiceError> {
+        let user = self.user(name)?;
+        Ok(self.index.read().unwrap().detail(user))
+    }
+
     /// One page of users by name, each with its devices: up to `size` users after the name
     /// `after` (read from the store a page at a time, never every user), and whether more
     /// follow.
@@ -540,18 +730,7 @@ impl Directory {
             .store
             .page_forward::<User>(Cf::Users, "", after, size)?;
         let ix = self.index.read().unwrap();
-        let users = page
-            .items
-            .into_iter()
-            .map(|user| UserDetail {
-                peers: ix
-                    .records_of(&user.name)
-                    .into_iter()
-                    .map(|r| r.peer)
-                    .collect(),
-                user,
-            })
-            .collect();
+        let users = page.items.into_iter().map(|user| ix.detail(user)).collect();
         Ok((users, page.next.is_some()))
     }
 

@@ -634,6 +634,37 @@ pub struct UserDetail {
     pub user: User,
     /// Its devices, by device name.
     pub peers: Vec<Peer>,
+    /// Its proxy identities (Shadowsocks, VLESS), by protocol.
+    #[serde(default)]
+    pub proxies: Vec<ProxyAccess>,
+}
+
+impl UserDetail {
+    /// The protocols the user can connect with: `wireguard` while it has a device, then its
+    /// proxy identities' protocols, in [`Protocol::ALL`] order.
+    pub fn protocols(&self) -> Vec<Protocol> {
+        Protocol::ALL
+            .into_iter()
+            .filter(|p| match p {
+                Protocol::Wireguard => !self.peers.is_empty(),
+                _ => self.proxies.iter().any(|x| x.protocol == *p),
+            })
+            .collect()
+    }
+}
+
+/// A user's access by a proxy protocol (a proxy identity, `service::proxies`), as listed:
+/// never its credential.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyAccess {
+    /// Dense dataplane id, from the same id space as devices (its kernel line).
+    pub id: PeerId,
+    /// Owner.
+    pub user: UserName,
+    /// `shadowsocks` or `vless`.
+    pub protocol: Protocol,
+    /// Creation time, Unix seconds.
+    pub created_at: u64,
 }
 
 /// What a client needs to connect.

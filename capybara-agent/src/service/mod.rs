@@ -30,6 +30,7 @@
 //! | [`verification`] | the MFA verification page's and one-time-code channels' view of the service (traits) |
 //! | [`usage`] | hourly and daily usage rollups per device (the writer's thread) and the usage report over them (`report generate`) |
 //! | [`mfa`] | multi-factor authentication: enrolment, TOTP, backup and one-time codes, failed-code limits; implements [`verification::VerificationPort`]; its gate decision is folded into [`policy`]'s |
+//! | [`proxies`] | proxy identities (Shadowsocks, VLESS): a credential and an id of the devices' id space per user and protocol, their kernel lines, client configs, the endpoints' `Credentials` |
 //! | [`intel`] | IP intelligence: the master switch, the `tor`/`vpn` source lists from files or URLs on a reload schedule, the `allow` list (over [`lists`]) |
 //!
 //! Beside them: [`domain`] (validated domain types and their parsers), [`secrets`] (keys, token
@@ -58,6 +59,7 @@ pub mod notify;
 pub mod policy;
 pub mod policy_file;
 pub mod ports;
+pub mod proxies;
 pub mod reputation;
 pub mod schedules;
 pub mod secrets;
@@ -88,7 +90,7 @@ pub use self::{
     monitor::{Connection, PeerCounters, PeerStatsView, Stats, Traffic},
     templates::ConfigTemplateView,
     tokens::NewToken,
-    users::NewUser,
+    users::{AddedUser, NewUser},
 };
 use crate::store::Store;
 
@@ -144,6 +146,8 @@ pub struct Service {
     pub intel: Arc<intel::Intel>,
     /// Source reputation and automatic blocking.
     pub reputation: Arc<reputation::Reputation>,
+    /// Proxy identities (Shadowsocks, VLESS); the endpoints' credentials.
+    pub proxies: Arc<proxies::Proxies>,
 }
 
 impl Service {
@@ -164,11 +168,17 @@ impl Service {
             directory.clone(),
             policy.clone(),
         ));
+        let proxies = Arc::new(proxies::Proxies::new(
+            core.clone(),
+            directory.clone(),
+            policy.clone(),
+        ));
         let users = Arc::new(users::Users::new(
             core.clone(),
             directory.clone(),
             policy.clone(),
             devices.clone(),
+            proxies.clone(),
         ));
         let lists = Arc::new(lists::Lists::new(core.clone()));
         let live = Arc::new(live::LiveSessions::default());
@@ -228,6 +238,7 @@ impl Service {
                 reputation.clone(),
             )?),
             reputation,
+            proxies,
             lists,
             users,
             devices,
@@ -236,6 +247,7 @@ impl Service {
             core,
         };
         svc.devices.reconcile()?;
+        svc.proxies.reconcile()?;
         svc.policy.reapply()?;
         svc.policy_files.complete_journal()?;
         svc.templates.apply_log_level();

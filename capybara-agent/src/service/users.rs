@@ -1,5 +1,16 @@
-//! Users: adding a user with its first device, removing a user with every device and its
-//! policy records, reading users with their devices, and account expiry.
+//! Users: adding a user with its first device (and proxy identities, `service::proxies`),
+//! removing a user with every device, proxy identity and policy record, reading users with
+//! their devices and proxy identities, and account expiry.
+//!
+//! ## Protocols
+//! `user add --protocol wireguard,shadowsocks,vless` ([`Users::add_user_with`]) creates the user,
+//! its first WireGuard device only when `wireguard` is listed, and a proxy identity per other
+//! protocol, in one synced batch with one audit record (`user.add`, the user with its devices and
+//! identities, never a credential). The proxy identities' kernel lines are programmed first,
+//! then the batch committed, then the device programmed (as devices are added); a failure at
+//! any step undoes the others and changes nothing. An unknown protocol, one listed twice, none,
+//! or a proxy protocol whose endpoint this agent does not run is refused before anything
+//! happens (`protocol` named, `INVALID_ARGUMENT`).
 //!
 //! ## Account expiry
 //! A user's expiry (`add --expires`, `expire`, `renew`) is the admission deadline of each of its
@@ -27,10 +38,11 @@ use super::{
     devices::Devices,
     directory::Directory,
     domain::{
-        Actor, ClientConfig, DeviceName, MAX_EXPIRY_AHEAD, User, UserDetail, UserName,
+        Actor, ClientConfig, DeviceName, MAX_EXPIRY_AHEAD, Protocol, User, UserDetail, UserName,
         ValidationError, expiry, from_unix_secs, unix_secs,
     },
     policy::Policy,
+    proxies::{Proxies, ProxyClientConfig},
 };
 use crate::store::{Batch, Cf, keys};
 
@@ -56,6 +68,36 @@ pub struct Users {
     dir: Arc<Directory>,
     policy: Arc<Policy>,
     devices: Arc<Devices>,
+    proxies: Arc<Proxies>,
+}
+
+/// What [`Users::add_user_with`] made.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AddedUser {
+    /// The user.
+    pub user: User,
+    /// The first device's config (with its private key, shown this once), when `wireguard`
+    /// was listed.
+    pub config: Option<ClientConfig>,
+    /// The proxy identities made, with their client configs (the credentials, to the caller
+    /// that made them, as a new device's private key is).
+    pub proxies: Vec<ProxyClientConfig>,
+}
+
+/// The protocols of `user add --protocol`, checked: at least one, none twice.
+pub fn check_protocols(protocols: &[Protocol]) -> Result<(), ValidationError> {
+    if protocols.is_empty() {
+        return Err(ValidationError::Missing { field: "protocol" });
+    }
+    for (i, p) in protocols.iter().enumerate() {
+        if protocols[..i].contains(p) {
+            return Err(ValidationError::Value {
+                field: "protocol",
+                reason: format!("{p} is listed twice"),
+            });
+        }
+    }
+    Ok(())
 }
 
 impl Users {
@@ -65,12 +107,14 @@ impl Users {
         dir: Arc<Directory>,
         policy: Arc<Policy>,
         devices: Arc<Devices>,
+        proxies: Arc<Proxies>,
     ) -> Users {
         Users {
             core,
             dir,
             policy,
             devices,
+            proxies,
         }
     }
 
@@ -81,6 +125,28 @@ impl Users {
         actor: &Actor,
         new: NewUser,
     ) -> Result<(User, ClientConfig), ServiceError> {
+        let added = self.add_user_with(actor, new, &[Protocol::Wireguard])?;
+        Ok((added.user, added.config.expect("wireguard listed")))
+    }
+
+    /// Creates a user with access by `protocols` in one write (see the module docs): its first
+    /// device `new.device` when `wireguard` is listed, a proxy identity per other protocol.
+    pub fn add_user_with(
+        &self,
+        actor: &Actor,
+        new: NewUser,
+        protocols: &[Protocol],
+    ) -> Result<AddedUser, ServiceError> {
+        check_protocols(protocols)?;
+        let wireguard = protocols.contains(&Protocol::Wireguard);
+        let proxied: Vec<Protocol> = protocols
+            .iter()
+            .copied()
+            .filter(|p| *p != Protocol::Wireguard)
+            .collect();
+        for p in &proxied {
+            self.proxies.check_protocol(*p)?;
+        }
         let _w = self.core.writer.lock().unwrap();
         let expires_at = expiry("expires_at", new.expires_at)?;
         if self.dir.user_exists(&new.name)? {
@@ -94,18 +160,33 @@ impl Users {
             created_at: now(),
             expires_at,
         };
-        let (rec, private) = self.devices.new_peer(&new.name, &new.device)?;
-        // The gates read the expiry from the policy: known before the device is programmed.
+        let device = if wireguard {
+            Some(self.devices.new_peer(&new.name, &new.device)?)
+        } else {
+            None
+        };
+        let taken: Vec<_> = device.iter().map(|(r, _)| r.peer.id).collect();
+        let proxies = self.proxies.new_records(&new.name, &proxied, &taken)?;
+        // The gates read the expiry from the policy: known before anything is programmed.
         self.policy
             .set_expiry(&new.name, expires_at.map(from_unix_secs));
-        let added_user = true;
-        let pkey = keys::peer(new.name.as_str(), new.device.as_str());
         let mut batch = Batch::default();
         batch.put(Cf::Users, &keys::user(new.name.as_str()), &user)?;
-        batch.put(Cf::Peers, &pkey, &rec)?;
+        let pkey = keys::peer(new.name.as_str(), new.device.as_str());
+        if let Some((rec, _)) = &device {
+            batch.put(Cf::Peers, &pkey, rec)?;
+        }
+        for r in &proxies {
+            batch.put(
+                Cf::Proxies,
+                &keys::proxy(new.name.as_str(), r.access.protocol.as_str()),
+                r,
+            )?;
+        }
         let detail = UserDetail {
             user: user.clone(),
-            peers: vec![rec.peer.clone()],
+            peers: device.iter().map(|(r, _)| r.peer.clone()).collect(),
+            proxies: proxies.iter().map(|r| r.access.clone()).collect(),
         };
         self.core.audit(
             &mut batch,
@@ -115,28 +196,47 @@ impl Users {
             None,
             to_json(&detail),
         )?;
-        let cfg = match self
-            .devices
-            .commit_device(batch, pkey, rec, &private, added_user)
-        {
-            Ok(cfg) => cfg,
-            Err(e) => {
-                self.policy.set_expiry(&new.name, None);
-                return Err(e);
+        if let Err(e) = self.proxies.program(&proxies) {
+            self.policy.set_expiry(&new.name, None);
+            return Err(e);
+        }
+        let config = match device {
+            Some((rec, private)) => {
+                // Commits the batch, programs the device; undoes both on a failure.
+                match self.devices.commit_device(batch, pkey, rec, &private, true) {
+                    Ok(cfg) => Some(cfg),
+                    Err(e) => {
+                        let _ = self.proxies.unprogram(&proxies);
+                        self.policy.set_expiry(&new.name, None);
+                        return Err(e);
+                    }
+                }
+            }
+            None => {
+                if let Err(e) = self.core.commit(batch) {
+                    let _ = self.proxies.unprogram(&proxies);
+                    self.policy.set_expiry(&new.name, None);
+                    return Err(e);
+                }
+                None
             }
         };
-        tracing::info!(%actor, user = %new.name, "user added");
-        Ok((user, cfg))
+        let proxy_configs = proxies
+            .iter()
+            .map(|r| self.proxies.config_for(r))
+            .collect::<Result<Vec<_>, _>>();
+        self.proxies.joined(&new.name, proxies);
+        tracing::info!(%actor, user = %new.name, ?protocols, "user added");
+        Ok(AddedUser {
+            user,
+            config,
+            proxies: proxy_configs?,
+        })
     }
 
-    /// Every user with its devices, by name.
+    /// Every user with its devices and proxy identities, by name.
     pub fn list_users(&self) -> Result<Vec<UserDetail>, ServiceError> {
-        Ok(self
-            .dir
-            .users_with_peers()?
-            .into_iter()
-            .map(|(user, peers)| UserDetail { user, peers })
-            .collect())
+        self.dir.user_details()
     }
 
     /// One page of users by name with their devices: up to `size` after the name `after`, and
@@ -149,13 +249,9 @@ impl Users {
         self.dir.users_page(after, size)
     }
 
-    /// One user with its devices.
+    /// One user with its devices and proxy identities.
     pub fn get_user(&self, name: &UserName) -> Result<UserDetail, ServiceError> {
-        let user = self.dir.user(name)?;
-        Ok(UserDetail {
-            user,
-            peers: self.dir.user_peers(name),
-        })
+        self.dir.user_detail(name)
     }
 
     /// Removes a user and all its devices (tunnel, dataplane, then one store batch).
@@ -173,9 +269,11 @@ impl Users {
     ) -> Result<UserDetail, ServiceError> {
         let user = self.dir.user(name)?;
         let recs = self.dir.records(name);
+        let proxies = self.dir.proxy_records(name);
         let detail = UserDetail {
             user,
             peers: recs.iter().map(|r| r.peer.clone()).collect(),
+            proxies: proxies.iter().map(|r| r.access.clone()).collect(),
         };
         for (i, r) in recs.iter().enumerate() {
             if let Err(e) = self.devices.unprogram(&r.peer) {
@@ -185,12 +283,25 @@ impl Users {
                 return Err(e);
             }
         }
+        if let Err(e) = self.proxies.unprogram(&proxies) {
+            for r in &recs {
+                let _ = self.devices.program(&r.peer);
+            }
+            let _ = self.proxies.program(&proxies);
+            return Err(e);
+        }
         let mut batch = Batch::default();
         batch.delete(Cf::Users, &keys::user(name.as_str()));
         for r in &recs {
             batch.delete(
                 Cf::Peers,
                 &keys::peer(name.as_str(), r.peer.device.as_str()),
+            );
+        }
+        for r in &proxies {
+            batch.delete(
+                Cf::Proxies,
+                &keys::proxy(name.as_str(), r.access.protocol.as_str()),
             );
         }
         // Its own limits and group memberships go with it (same batch).
@@ -207,11 +318,13 @@ impl Users {
             for r in &recs {
                 let _ = self.devices.program(&r.peer);
             }
+            let _ = self.proxies.program(&proxies);
             return Err(e);
         }
         for r in &recs {
             self.dir.remove(&r.peer);
         }
+        self.proxies.left(&proxies);
         self.policy.forgotten(policy);
         tracing::info!(%actor, user = %name, action, "user removed");
         Ok(detail)
@@ -295,8 +408,14 @@ impl Users {
         self.core.publish(event);
         tracing::info!(%actor, user = %name, action, expires_at = ?at, "user expiry changed");
         Ok(UserDetail {
-            user: after,
             peers: self.dir.user_peers(name),
+            proxies: self
+                .dir
+                .proxy_records(name)
+                .into_iter()
+                .map(|r| r.access)
+                .collect(),
+            user: after,
         })
     }
 

@@ -39,6 +39,7 @@
 //! | `webhooks` | `cursor/<id>` | the outbox sequence an endpoint delivered or dead-lettered up to |
 //! | `webhooks` | `dlv/<id>/<sequence, 20 digits>` | one event's delivery to one endpoint: attempts, status, error |
 //! | `webhooks` | `dead/<id>/<sequence, 20 digits>` | a dead letter: the event itself, for `webhook retry` |
+//! | `proxies` | `<user>/<protocol>` | a user's proxy identity (`shadowsocks`, `vless`): its id and credential (`service::proxies`) |
 //!
 //! The outbox's keys are assigned by the store when a batch holding outbox events
 //! ([`Batch::append_outbox`]) is written, under one lock, so they become visible in sequence
@@ -115,11 +116,13 @@ pub enum Cf {
     Outbox,
     /// Webhook endpoints, their cursors, delivery records and dead letters.
     Webhooks,
+    /// Proxy identities (Shadowsocks, VLESS), keyed under their user (`service::proxies`).
+    Proxies,
 }
 
 impl Cf {
     /// Every family, in creation order.
-    pub const ALL: [Cf; 13] = [
+    pub const ALL: [Cf; 14] = [
         Cf::Meta,
         Cf::Blocklists,
         Cf::Users,
@@ -133,6 +136,7 @@ impl Cf {
         Cf::Usage,
         Cf::Outbox,
         Cf::Webhooks,
+        Cf::Proxies,
     ];
 
     /// The family's name in RocksDB.
@@ -151,6 +155,7 @@ impl Cf {
             Cf::Usage => "usage",
             Cf::Outbox => "outbox",
             Cf::Webhooks => "webhooks",
+            Cf::Proxies => "proxies",
         }
     }
 
@@ -169,7 +174,8 @@ impl Cf {
             | Cf::Schedules
             | Cf::Usage
             | Cf::Outbox
-            | Cf::Webhooks => 1,
+            | Cf::Webhooks
+            | Cf::Proxies => 1,
         }
     }
 }
@@ -254,6 +260,16 @@ pub mod keys {
 
     /// Prefix of every device of user `user` in `peers`.
     pub fn user_peers_prefix(user: &str) -> String {
+        format!("{user}/")
+    }
+
+    /// Key of user `user`'s proxy identity for `protocol` in `proxies`.
+    pub fn proxy(user: &str, protocol: &str) -> String {
+        format!("{user}/{protocol}")
+    }
+
+    /// Prefix of every proxy identity of user `user` in `proxies`.
+    pub fn user_proxies_prefix(user: &str) -> String {
         format!("{user}/")
     }
 

@@ -24,7 +24,8 @@
 //! validate (a typed error naming the field, nothing changed) → one
 //! synced store batch with the records **and the audit record** → update the in-memory cache →
 //! [`Policy::apply`] for every affected user, which is the one place that writes the
-//! kernel: for each device of the user, its rates (the bandwidth, both directions), its flow
+//! kernel: for each kernel line of the user (its devices and its proxy identities,
+//! `service::proxies`, alike; `directory::Directory::user_lines`), its rates (the bandwidth, both directions), its flow
 //! limit, its quota bucket (own or the group's pool, budget plus grace) and its gate. The reply
 //! is sent after the kernel holds the new policy. If the kernel refuses, the old records are
 //! committed back (with the audit record removed) and the old policy re-applied.
@@ -54,6 +55,11 @@
 //! owner ending its hold makes the policy decide afresh by forgetting the device's decision (as
 //! `forget_online` and a handshake do). Removing a device frees its slot of the device
 //! limit (its user's devices are decided again); a new device starts offline and undecided.
+//! A proxy identity is a line like a device's: online from its first authenticated connection
+//! to the end of its last ([`Policy::on_proxy_open`], [`Policy::on_proxy_close`], the first
+//! ending a kick's hold as a handshake does), one device for the device limit however many
+//! connections it has, and never held for MFA (`service::proxies` says why); the endpoints ask
+//! [`Policy::admitted`] (the decision, not the kernel's gate) before connecting anywhere.
 //!
 //! ## MFA
 //! `service::mfa` keeps which users need an MFA admission and which devices' sessions a good
@@ -107,7 +113,7 @@ pub(in crate::service) use self::{cache::Cache, records::Change};
 use super::{
     ServiceError,
     core::{Core, to_json},
-    directory::Directory,
+    directory::{Directory, Line},
     domain::{Actor, Peer, PublicKey, UserName, ValidationError, from_unix_secs},
     error::not_found,
 };
@@ -937,18 +943,20 @@ impl Policy {
                 flows: e.flows.value,
                 bucket: bucket_of.get(u).copied().flatten(),
             };
-            let peers = self.dir.user_peers(u);
-            for p in &peers {
-                self.core.plane.policy_rates(p.id, k.rates)?;
-                self.core.plane.policy_limits(p.id, k.flows, k.bucket)?;
+            // Every kernel line of the user: its devices' and its proxy identities'
+            // (`service::proxies`), programmed alike.
+            let lines = self.dir.user_lines(u);
+            for l in &lines {
+                self.core.plane.policy_rates(l.id, k.rates)?;
+                self.core.plane.policy_limits(l.id, k.flows, k.bucket)?;
             }
             if force_gates {
                 let mut rt = self.runtime.lock().unwrap();
-                for p in &peers {
-                    rt.written.remove(&p.id);
+                for l in &lines {
+                    rt.written.remove(&l.id);
                 }
             }
-            self.apply_gates(u, e, &peers, now, None)?;
+            self.apply_gates(u, e, &lines, now, None)?;
         }
         Ok(())
     }
@@ -980,30 +988,33 @@ impl Policy {
         Ok(id)
     }
 
-    /// Decides the gates of one user's devices and writes those that changed, as
-    /// [`engine::gate_write`] allows. `handshake`: the device that just completed a handshake
-    /// (which ends its kick).
+    /// Decides the gates of one user's lines (devices and proxy identities, each counting as
+    /// one device) and writes those that changed, as [`engine::gate_write`] allows.
+    /// `handshake`: the device that just completed a handshake, or the proxy identity whose
+    /// connection was just authenticated (which ends its kick). MFA gates devices only (see
+    /// `service::proxies`).
     fn apply_gates(
         &self,
         user: &UserName,
         eff: &Effective,
-        peers: &[Peer],
+        lines: &[Line],
         now: SystemTime,
         handshake: Option<PeerId>,
     ) -> Result<(), ServiceError> {
         let mut rt = self.runtime.lock().unwrap();
-        let devices: Vec<Device> = peers
+        let devices: Vec<Device> = lines
             .iter()
-            .map(|p| Device {
-                id: p.id,
-                online_since: rt.online.get(&p.id).copied(),
+            .map(|l| Device {
+                id: l.id,
+                online_since: rt.online.get(&l.id).copied(),
             })
             .collect();
         let used = rt.used(user, engine::local_day(eff.tz.value, now));
         let expires = rt.expires.get(user).copied();
         let mfa_on = rt.mfa_on(user);
         for (id, held) in engine::gates(eff, &devices, used, now) {
-            let mfa = match (mfa_on, rt.mfa_admitted.get(&id)) {
+            let proxy = lines.iter().any(|l| l.id == id && l.proxy);
+            let mfa = match (mfa_on && !proxy, rt.mfa_admitted.get(&id)) {
                 (false, _) => MfaGate::Off,
                 (true, None) => MfaGate::Pending,
                 (true, Some(&until)) => MfaGate::Admitted { until },
@@ -1058,6 +1069,67 @@ impl Policy {
         Ok(())
     }
 
+    // ---- proxy identities (`service::proxies`) ------------------------------------------------
+
+    /// The gate a proxy identity of `user` is programmed with before its policy is applied:
+    /// admitted until the user's expiry, or held as expired (MFA does not gate proxy
+    /// identities, see `service::proxies`).
+    pub(in crate::service) fn first_proxy_gate(&self, user: &UserName) -> Gate {
+        let rt = self.runtime.lock().unwrap();
+        engine::decide(None, rt.expires.get(user).copied(), SystemTime::now())
+    }
+
+    /// Forgets what the policy knew of lines `ids` (online, the gate written, an MFA
+    /// admission): a new or removed proxy identity, whatever had its id before.
+    pub(in crate::service) fn forget_ids(&self, ids: &[PeerId]) {
+        let mut rt = self.runtime.lock().unwrap();
+        for id in ids {
+            rt.online.remove(id);
+            rt.written.remove(id);
+            rt.mfa_admitted.remove(id);
+        }
+    }
+
+    /// Whether the policy admits line `id` at `now`: its last decided gate is open (admitted,
+    /// with no deadline or one ahead). A line not decided yet is not admitted. This is the
+    /// policy's decision, not the kernel's gate: a kick's hold is not in it (see
+    /// `service::proxies`).
+    pub fn admitted(&self, id: PeerId, now: SystemTime) -> bool {
+        match self.runtime.lock().unwrap().written.get(&id) {
+            Some(Gate::Admitted { until }) => until.is_none_or(|t| t > now),
+            Some(Gate::MfaAdmitted { until }) => *until > now,
+            Some(Gate::Held(_)) | None => false,
+        }
+    }
+
+    /// A connection of proxy identity `id` was authenticated at `now`: the identity is online
+    /// (it counts as one device of its user from its first connection), and its gate is
+    /// decided again as after a device's handshake (which ends a kick's hold). The endpoints'
+    /// event sink calls it for every authenticated connection, before the connection's sockets
+    /// are bound; then [`Policy::admitted`] tells whether the identity is still admitted (it may
+    /// just have gone over the device limit). Unknown ids are ignored.
+    pub fn on_proxy_open(&self, id: PeerId, now: SystemTime) -> Result<(), ServiceError> {
+        let Some(access) = self.dir.proxy_by_id(id) else {
+            return Ok(());
+        };
+        self.runtime.lock().unwrap().online.entry(id).or_insert(now);
+        self.regate(&access.user, now, Some(id))
+    }
+
+    /// The last open connection of proxy identity `id` ended at `now`: the identity is offline
+    /// (an identity or device waiting for a free slot of its user is admitted). Unknown ids are
+    /// ignored.
+    pub fn on_proxy_close(&self, id: PeerId, now: SystemTime) -> Result<(), ServiceError> {
+        let Some(access) = self.dir.proxy_by_id(id) else {
+            return Ok(());
+        };
+        let was_online = self.runtime.lock().unwrap().online.remove(&id);
+        if was_online.is_some() {
+            self.regate(&access.user, now, None)?;
+        }
+        Ok(())
+    }
+
     /// Forgets that the devices of `peers` are online (they were kicked) without touching their
     /// gates.
     pub fn forget_online(&self, peers: &[Peer]) {
@@ -1083,8 +1155,8 @@ impl Policy {
                 .cloned()
                 .unwrap_or_else(|| c.effective(user))
         };
-        let peers = self.dir.user_peers(user);
-        self.apply_gates(user, &eff, &peers, now, handshake)
+        let lines = self.dir.user_lines(user);
+        self.apply_gates(user, &eff, &lines, now, handshake)
     }
 
     /// The clock moved to `now`: resets buckets whose period started since their last reset,
@@ -1120,13 +1192,13 @@ impl Policy {
             .collect();
         let elapsed = self.runtime.lock().unwrap().advance(now);
         for (u, e) in &timed {
-            let peers = self.dir.user_peers(u);
+            let lines = self.dir.user_lines(u);
             let today = engine::local_day(e.tz.value, now);
             self.runtime
                 .lock()
                 .unwrap()
-                .count(u, &peers, today, elapsed);
-            self.apply_gates(u, e, &peers, now, None)?;
+                .count(u, &lines, today, elapsed);
+            self.apply_gates(u, e, &lines, now, None)?;
         }
         // Expiries: the kernel cut the devices at the deadline by itself; once after it, their
         // gates are decided again, so they are held under the reason `expired` (and a deadline

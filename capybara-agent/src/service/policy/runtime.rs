@@ -16,7 +16,7 @@ use super::{
 };
 use crate::{
     dataplane::Gate,
-    service::domain::{Peer, UserName},
+    service::{directory::Line, domain::UserName},
     store::{Cf, Store, StoreError, keys},
 };
 
@@ -82,18 +82,18 @@ impl Runtime {
         d
     }
 
-    /// Counts `elapsed` as `user`'s online time on `today` if one of its `peers` is online and
-    /// admitted (a new day starts at zero).
+    /// Counts `elapsed` as `user`'s online time on `today` if one of its `lines` (devices and
+    /// proxy identities) is online and admitted (a new day starts at zero).
     pub(super) fn count(
         &mut self,
         user: &UserName,
-        peers: &[Peer],
+        lines: &[Line],
         today: NaiveDate,
         elapsed: Duration,
     ) {
-        let online = peers.iter().any(|p| {
-            self.online.contains_key(&p.id)
-                && !matches!(self.written.get(&p.id), Some(Gate::Held(_)))
+        let online = lines.iter().any(|l| {
+            self.online.contains_key(&l.id)
+                && !matches!(self.written.get(&l.id), Some(Gate::Held(_)))
         });
         let entry = self
             .online_time
