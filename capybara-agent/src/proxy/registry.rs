@@ -7,7 +7,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
     time::SystemTime,
@@ -17,7 +17,6 @@ use capybara_common::peer::PeerId;
 use tokio_util::sync::CancellationToken;
 
 use super::{Identity, Target};
-use crate::service::domain::UserName;
 
 /// A connection's id, unique for the agent's life.
 pub type ConnId = u64;
@@ -42,11 +41,21 @@ struct Entry {
     cut: CancellationToken,
 }
 
+/// What to do when an identity's last open connection unregisters.
+pub type OnLastClose = Box<dyn Fn(PeerId) + Send + Sync>;
+
 /// The open connections of all endpoints.
 #[derive(Default)]
 pub struct Registry {
     next: AtomicU64,
     by_id: Mutex<HashMap<PeerId, HashMap<ConnId, Entry>>>,
+    on_last_close: OnceLock<OnLastClose>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
 }
 
 /// A registered connection; unregistered when dropped.
@@ -71,17 +80,31 @@ impl Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        let mut by_id = self.registry.by_id.lock().expect("registry lock");
-        if let Some(conns) = by_id.get_mut(&self.id) {
+        let last = {
+            let mut by_id = self.registry.by_id.lock().expect("registry lock");
+            let Some(conns) = by_id.get_mut(&self.id) else {
+                return;
+            };
             conns.remove(&self.conn);
-            if conns.is_empty() {
+            let last = conns.is_empty();
+            if last {
                 by_id.remove(&self.id);
             }
+            last
+        };
+        if last && let Some(f) = self.registry.on_last_close.get() {
+            f(self.id);
         }
     }
 }
 
 impl Registry {
+    /// Sets what is called (outside the registry's lock) when an identity's last open
+    /// connection unregisters; the first call wins (the service sets it once).
+    pub fn on_last_close(&self, f: OnLastClose) {
+        let _ = self.on_last_close.set(f);
+    }
+
     /// Registers a connection of `identity`.
     pub fn open(
         self: &Arc<Self>,
@@ -129,17 +152,6 @@ impl Registry {
         })
     }
 
-    /// Cuts every open connection of `user` (all protocols); returns how many.
-    pub fn cut_user(&self, user: &UserName) -> usize {
-        let by_id = self.by_id.lock().expect("registry lock");
-        by_id
-            .values()
-            .flat_map(HashMap::values)
-            .filter(|e| e.info.identity.user == *user)
-            .map(|e| e.cut.cancel())
-            .count()
-    }
-
     /// The identity whose id is `id`, while it has a connection open.
     pub fn identity(&self, id: PeerId) -> Option<Identity> {
         let by_id = self.by_id.lock().expect("registry lock");
@@ -180,7 +192,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::service::domain::Protocol;
+    use crate::service::domain::{Protocol, UserName};
 
     fn identity(id: PeerId) -> Identity {
         Identity {
@@ -205,7 +217,13 @@ mod tests {
         assert!(!b.cut().is_cancelled());
         assert!(r.cut_conn(b.id()));
         assert!(b.cut().is_cancelled());
-        drop((a1, a2));
+        let closed = Arc::new(Mutex::new(Vec::new()));
+        let seen = closed.clone();
+        r.on_last_close(Box::new(move |id| seen.lock().unwrap().push(id)));
+        drop(a1);
+        assert!(closed.lock().unwrap().is_empty(), "a2 is still open");
+        drop(a2);
+        assert_eq!(*closed.lock().unwrap(), [1]);
         assert_eq!(r.open_count(1), 0);
         assert_eq!(r.list().len(), 1);
         drop(b);

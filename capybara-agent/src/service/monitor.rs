@@ -270,7 +270,7 @@ impl Monitor {
             self.core.tunnel.kick(&p.public_key)?;
         }
         self.policy.forget_online(&peers);
-        let cut = self.core.proxies.cut_user(user);
+        let cut = self.kick_proxies(user)?;
         let mut batch = Batch::default();
         self.core.audit(
             &mut batch,
@@ -322,6 +322,31 @@ impl Monitor {
         )?;
         self.core.commit(batch)?;
         Ok(Some(peer))
+    }
+
+    /// Kicks `user`'s proxy identities: each line is held as `kicked` in the kernel (its open
+    /// sockets pass nothing more), its open connections are cut, and it is offline. The hold
+    /// ends with the identity's next authenticated connection (`Policy::on_proxy_open`), as a
+    /// device's ends with its next handshake. Returns how many connections were cut.
+    fn kick_proxies(&self, user: &UserName) -> Result<usize, ServiceError> {
+        let ids: Vec<u32> = self
+            .dir
+            .proxy_records(user)
+            .iter()
+            .map(|r| r.access.id)
+            .collect();
+        for id in &ids {
+            self.core
+                .plane
+                .set_gate(*id, Gate::Held(DropReason::GateKicked))?;
+        }
+        let now = SystemTime::now();
+        let mut cut = 0;
+        for id in ids {
+            cut += self.core.proxies.cut(id);
+            self.policy.on_proxy_close(id, now)?;
+        }
+        Ok(cut)
     }
 
     /// Ends the open session `id` of a proxy identity: cuts all its open connections (its next

@@ -388,13 +388,24 @@ fn wireguard_not_a_proxy() -> ServiceError {
 impl Proxies {
     /// The feature over the shared core, directory and policy; no endpoint configured yet.
     pub fn new(core: Arc<Core>, dir: Arc<Directory>, policy: Arc<Policy>) -> Proxies {
+        // An identity whose last connection closed is offline for the policy (a slot of the
+        // device limit is free): the registry says so as the connection unregisters, whatever
+        // endpoint held it.
+        let weak = Arc::downgrade(&policy);
+        core.proxies.on_last_close(Box::new(move |id| {
+            if let Some(policy) = weak.upgrade()
+                && let Err(e) = policy.on_proxy_close(id, SystemTime::now())
+            {
+                tracing::error!(error = %e, peer = id, "cannot decide a proxy identity's gate");
+            }
+        }));
         let p = Proxies {
+            registry: core.proxies.clone(),
             core,
             dir,
             policy,
             settings: RwLock::new(ProxySettings::default()),
             snapshot: RwLock::new(Snapshot::default()),
-            registry: Arc::new(Registry::default()),
         };
         p.rebuild();
         p
@@ -412,8 +423,9 @@ impl Proxies {
         self.settings.read().unwrap().clone()
     }
 
-    /// The open proxied connections of all endpoints (the `Hub`'s registry): removing an
-    /// identity (or its user) cuts its connections here.
+    /// The open proxied connections of all endpoints (the `Hub`'s registry, the core's):
+    /// removing an identity (or its user) cuts its connections here, `kick` too
+    /// (`service::monitor`).
     pub fn registry(&self) -> Arc<Registry> {
         self.registry.clone()
     }
@@ -712,29 +724,6 @@ impl Proxies {
         )?;
         self.core.commit(batch)?;
         Ok(cfg)
-    }
-
-    /// Kicks `user`'s proxy identities (`capybara kick`, beside its devices): each line is
-    /// held as `kicked` in the kernel (its open sockets pass nothing more), its open connections
-    /// are cut, and it is offline. The hold ends with the identity's next authenticated
-    /// connection (`Policy::on_proxy_open`), as a device's ends with its next handshake.
-    /// Returns the identities kicked. Not audited here: the caller's kick is.
-    pub fn kick_user(&self, user: &UserName) -> Result<Vec<ProxyAccess>, ServiceError> {
-        let recs = self.dir.proxy_records(user);
-        for r in &recs {
-            self.core.plane.set_gate(
-                r.access.id,
-                crate::dataplane::Gate::Held(capybara_common::drop::DropReason::GateKicked),
-            )?;
-        }
-        let now = SystemTime::now();
-        for r in &recs {
-            self.registry.cut(r.access.id);
-            // Offline (a slot of the device limit is free), its decision kept: the next
-            // connection is admitted and ends the kick.
-            self.policy.on_proxy_close(r.access.id, now)?;
-        }
-        Ok(recs.into_iter().map(|r| r.access).collect())
     }
 
     /// The proxy identities of `user`.

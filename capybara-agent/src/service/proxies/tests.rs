@@ -262,9 +262,26 @@ fn a_kick_hold_ends_with_the_next_authenticated_connection() {
     let a = add(&svc, "alice", &[Protocol::Shadowsocks]);
     let ss = a.proxies[0].access.id;
     svc.policy.on_proxy_open(ss, SystemTime::now()).unwrap();
-    let kicked = svc.proxies.kick_user(&name("alice")).unwrap();
-    assert_eq!(kicked, [a.proxies[0].access.clone()]);
+    // An open connection of it, in the registry the endpoints share.
+    let conn = svc.core.proxies.open(
+        crate::proxy::Identity {
+            id: ss,
+            user: name("alice"),
+            protocol: Protocol::Shadowsocks,
+        },
+        "192.0.2.1:1".parse().unwrap(),
+        crate::proxy::Target::Addr("192.0.2.2:80".parse().unwrap()),
+        SystemTime::now(),
+    );
+    svc.monitor
+        .kick(
+            &crate::service::domain::Actor::Local { uid: 0 },
+            &name("alice"),
+        )
+        .unwrap();
     assert_eq!(plane.state().gates[&ss], Gate::Held(DropReason::GateKicked));
+    assert!(conn.cut().is_cancelled(), "its connection is cut");
+    drop(conn);
     // The policy's decision is unchanged: the endpoint admits the next connection …
     assert!(svc.proxies.admitted(ss));
     // … whose authentication ends the kick in the kernel.
@@ -572,4 +589,75 @@ fn changing_the_cipher_keeps_the_credential_and_changes_the_key() {
         evp_bytes_to_key(j["password"].as_str().unwrap().as_bytes(), 32),
         k
     );
+}
+
+#[test]
+fn a_proxy_session_is_one_connection_row_and_kick_cuts_its_connections() {
+    use crate::proxy::{Identity, Target};
+    let dir = tempfile::tempdir().unwrap();
+    let plane = Arc::new(MemoryPlane::default());
+    let svc = open(dir.path(), plane.clone());
+    let a = add(&svc, "alice", &[Protocol::Wireguard, Protocol::Shadowsocks]);
+    let id = a.proxies[0].access.id;
+    let ss = Identity {
+        id,
+        user: name("alice"),
+        protocol: Protocol::Shadowsocks,
+    };
+    let t0 = SystemTime::now();
+    let dest = Target::Domain("example.org".into(), 443);
+    let reg = &svc.core.proxies;
+    let first = reg.open(
+        ss.clone(),
+        "192.0.2.7:1000".parse().unwrap(),
+        dest.clone(),
+        t0,
+    );
+    let t1 = t0 + Duration::from_secs(5);
+    let second = reg.open(ss, "192.0.2.8:2000".parse().unwrap(), dest, t1);
+    plane.with(|s| {
+        s.stats.insert(
+            id,
+            capybara_common::peer::PeerStats {
+                rx_bytes: 300,
+                tx_bytes: 4_000,
+                ..Default::default()
+            },
+        );
+    });
+    let c = svc.monitor.connections().unwrap();
+    let row = c.iter().find(|c| c.peer.is_none()).expect("the proxy row");
+    assert_eq!(
+        (row.user.as_str(), row.device.as_str(), row.protocol),
+        ("alice", "shadowsocks", Protocol::Shadowsocks)
+    );
+    assert_eq!(row.open_connections, 2);
+    assert_eq!(
+        row.endpoint.as_deref(),
+        Some("192.0.2.8:2000"),
+        "the latest connection's"
+    );
+    assert_eq!(
+        row.last_handshake,
+        Some(crate::service::domain::unix_secs(t1))
+    );
+    assert_eq!(
+        (row.rx_bytes, row.tx_bytes),
+        (300, 4_000),
+        "the identity's kernel counters"
+    );
+    assert_eq!(
+        c.len(),
+        1,
+        "alice's WireGuard device has no tunnel session here"
+    );
+
+    svc.monitor.kick(&root(), &name("alice")).unwrap();
+    assert!(first.cut().is_cancelled() && second.cut().is_cancelled());
+    let audit = svc.core.audit_records(None, 10).unwrap();
+    let kick = audit
+        .iter()
+        .find(|r| r.action == "connection.kick")
+        .unwrap();
+    assert_eq!(kick.after.as_ref().unwrap()["proxy_connections"], 2);
 }
