@@ -27,10 +27,13 @@
 //!   ([`Credentials`], [`Kernel`], [`Events`], gathered in a [`Hub`]), proxy targets
 //!   ([`Target`]);
 //! - [`registry`]: the open connections, by identity, to list and to cut;
-//! - [`relay`]: connecting upstream (bound before `connect`) and relaying both ways.
+//! - [`relay`]: connecting upstream (bound before `connect`) and relaying both ways;
+//! - [`shadowsocks`]: the Shadowsocks endpoint (AEAD, SIP004 and SIP022; the user found by key
+//!   trial).
 
 pub mod registry;
 pub mod relay;
+pub mod shadowsocks;
 
 use std::{fmt, io, net::SocketAddr, os::fd::BorrowedFd, sync::Arc, time::SystemTime};
 
