@@ -86,3 +86,5 @@ mod e2e_intel;
 mod bench_report;
 // Issue 23, tunnel workers and UDP segmentation offload.
 mod e2e_tunnel_workers;
+// Issue 24, the Shadowsocks endpoint against ss-local.
+mod e2e_shadowsocks;

@@ -20,6 +20,8 @@
 //! - [`loadgen`], [`cpu`]: a WireGuard load generator that is not the bottleneck (real
 //!   handshakes, pre-encrypted full-MTU datagrams) and the CPU accounting of `/proc` it reports
 //!   with (the `tunnel_cpu_*` benchmarks).
+//! - [`shadowsocks`]: Debian's `ss-local` / `ss-server` on loopback, a SOCKS5 client, a file
+//!   server, and test doubles of the agent's proxy ports (issue 24).
 //! - [`bench`]: the benchmarks behind `cargo xtask bench` (binary `capybara-bench`).
 
 pub mod agent_proc;
@@ -31,6 +33,7 @@ pub mod loadgen;
 pub mod netns;
 pub mod receivers;
 pub mod rest;
+pub mod shadowsocks;
 pub mod smtp_sink;
 pub mod traffic;
 pub mod tunwire;

@@ -37,6 +37,8 @@
 //!   (1 peer, both ways, 16 peers).
 //! - [`tunnel_workers`]: the tunnel with 1 and 2 workers under 16 peers of our own load
 //!   generator, same run.
+//! - [`shadowsocks`]: bulk download from Debian's `ss-local` through the agent's Shadowsocks
+//!   endpoint and through `ss-server`, same run; the cost of finding a user by key trial.
 //!
 //! Every figure is a [`Figure`]; the binary writes them as
 //! `{"benchmarks":[{"name":…, "value":…, "unit":…}]}`. The names below are what reports and CI
@@ -54,6 +56,7 @@ pub mod pipeline;
 pub mod policy;
 pub mod report;
 pub mod rest;
+pub mod shadowsocks;
 pub mod throttle;
 pub mod tunnel;
 pub mod tunnel_cpu;
@@ -199,6 +202,7 @@ const ALL_PARTS: &[&[&str]] = &[
     webhook_latency::NAMES,
     tunnel_cpu::NAMES,
     tunnel_workers::NAMES,
+    shadowsocks::NAMES,
 ];
 
 /// What `--quick` runs: a few of the kernel probes, one rate of each throttle baseline, and the

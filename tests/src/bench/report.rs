@@ -120,6 +120,8 @@ pub const TARGETS: &[(&str, Goal)] = &[
     ("tunnel_cpu_vs_wireguard_go_bidir", Goal::AtMost(0.35)),
     ("tunnel_cpu_vs_boringtun_cli_16_peers", Goal::AtMost(0.35)),
     ("tunnel_cpu_vs_wireguard_go_16_peers", Goal::AtMost(0.35)),
+    // Issue 24: the Shadowsocks endpoint against shadowsocks-libev's ss-server.
+    ("shadowsocks_throughput_vs_ssserver", Goal::AtLeast(1.0)),
 ];
 
 /// Figures measured against a baseline in the same run: `(ours, baseline)`. The report shows
@@ -157,6 +159,10 @@ pub const BASELINES: &[(&str, &str)] = &[
     (
         "tunnel_cpu_s_per_gbit_agent_16_peers",
         "tunnel_cpu_s_per_gbit_boringtun_cli_16_peers",
+    ),
+    (
+        "shadowsocks_throughput_mbps_capybara",
+        "shadowsocks_throughput_mbps_ssserver",
     ),
 ];
 
