@@ -31,7 +31,7 @@ const USERS: [(u32, &str, &str); 3] = [
     (43, "carol", "carol's Shadowsocks password"),
 ];
 /// The file fetched: 3 MiB of seeded random bytes.
-const FILE_LEN: usize = 3 << 20;
+const FILE_LEN: usize = 64 << 20;
 
 fn identity(id: u32, name: &str) -> Identity {
     Identity {
@@ -110,6 +110,19 @@ async fn ss_local_fetches_a_file_byte_for_byte_with_every_cipher() {
         let mut ep = Endpoint::start(cipher).await;
         let (id, user, password) = USERS[1];
         let local = ss_local(ep.addr, name, password).unwrap();
+
+        // A first fetch, closed, then the one checked: an endpoint serves one connection after
+        // another, not only its first.
+        let mut s = socks5_connect(local.addr, server.addr).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(20), fetch(&mut s))
+            .await
+            .expect("fetched within 20 s")
+            .unwrap();
+        assert!(got == *file, "{name}: the file arrived altered");
+        drop(s);
+        assert!(matches!(ep.event().await, ProxyEvent::Opened { .. }));
+        assert!(matches!(ep.event().await, ProxyEvent::Closed { .. }));
+        ep.kernel.0.lock().unwrap().clear();
 
         let mut s = socks5_connect(local.addr, server.addr).await.unwrap();
         let got = tokio::time::timeout(Duration::from_secs(20), fetch(&mut s))

@@ -414,8 +414,61 @@ async fn proxied(
             .report(closed(relay::Moved::default(), CloseReason::Closed));
         return;
     }
-    let (moved, reason) = relay::relay(ss, upstream, conn.cut()).await;
+    let (moved, reason) = relay::relay(StableWrites::new(ss), upstream, conn.cut()).await;
     hub.events.report(closed(moved, reason));
+}
+
+/// Passes a write that returned `Pending` again with no more bytes than the first time.
+///
+/// The library's writer seals a chunk of what the first `poll_write` offered, returns
+/// `Pending` while it is sent, and then reports the length of whatever the *next* call offers
+/// as written. `tokio::io::copy_bidirectional` tops its buffer up while a write is pending and
+/// offers more on the retry: without this, the bytes between the two lengths were reported
+/// written and never sent (a large download stalled with its tail lost; caught by
+/// `a_slow_client_gets_every_byte`).
+struct StableWrites<S> {
+    inner: S,
+    pending: Option<usize>,
+}
+
+impl<S> StableWrites<S> {
+    fn new(inner: S) -> Self {
+        StableWrites {
+            inner,
+            pending: None,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for StableWrites<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for StableWrites<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let len = self.pending.map_or(buf.len(), |n| n.min(buf.len()));
+        let r = Pin::new(&mut self.inner).poll_write(cx, &buf[..len]);
+        self.pending = if r.is_pending() { Some(len) } else { None };
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// Reads and discards what `stream` sends until it closes, fails or `timeout` passes.

@@ -490,3 +490,57 @@ fn cipher_names_and_keys_are_checked() {
         "password: 2022-blake3-aes-256-gcm needs a key of 32 bytes, got 3"
     );
 }
+
+#[tokio::test]
+async fn a_slow_client_gets_every_byte() {
+    // An upstream that sends 2 MiB of counting bytes at once.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    let data: Vec<u8> = (0..2u32 << 20).map(|i| (i % 251) as u8).collect();
+    let sent = data.clone();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        s.write_all(&sent).await.unwrap();
+        let mut rest = [0u8; 16];
+        while s.read(&mut rest).await.is_ok_and(|n| n > 0) {}
+    });
+    // The endpoint behind a 2 KiB pipe to the client: its writes go pending all the time,
+    // each with less than the relay's buffer holds.
+    let ep = endpoint(Cipher::Chacha20IetfPoly1305).await;
+    let (client_end, server_end) = tokio::io::duplex(2048);
+    let cipher = ep.cipher;
+    let key = cipher.key_from_password(&password(cipher, 12)).unwrap();
+    let server = tokio::spawn(async move {
+        let context = Arc::new(SsContext::new(ServerType::Server));
+        let ss = ProxyServerStream::from_stream(context, server_end, cipher.kind(), &key);
+        let mut ss = ss;
+        ss.handshake().await.unwrap();
+        let upstream = TcpStream::connect(up).await.unwrap();
+        let cut = tokio_util::sync::CancellationToken::new();
+        relay::relay(StableWrites::new(ss), upstream, &cut).await
+    });
+    let cfg = ServerConfig::new(ep.addr, password(cipher, 12), cipher.kind()).unwrap();
+    let context = Arc::new(SsContext::new(ServerType::Local));
+    let mut c =
+        ProxyClientStream::from_stream(context, client_end, &cfg, Address::SocketAddress(up));
+    c.write_all(b"go").await.unwrap();
+    let mut got = vec![0u8; data.len()];
+    let mut at = 0;
+    while at < got.len() {
+        // A slow reader: small reads, a pause now and then.
+        let end = (at + 777).min(got.len());
+        let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut got[at..end]))
+            .await
+            .expect("bytes keep coming")
+            .unwrap();
+        assert!(n > 0, "closed at {at}");
+        at += n;
+        if at % 64 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    assert!(got == data, "the download arrived altered");
+    drop(c);
+    let (moved, _) = server.await.unwrap();
+    assert_eq!(moved.tx_bytes, data.len() as u64);
+}
