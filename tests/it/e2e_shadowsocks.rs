@@ -30,8 +30,8 @@ const USERS: [(u32, &str, &str); 3] = [
     (42, "bob", "bob's Shadowsocks password"),
     (43, "carol", "carol's Shadowsocks password"),
 ];
-/// The file fetched: 3 MiB of seeded random bytes.
-const FILE_LEN: usize = 64 << 20;
+/// The file fetched: 8 MiB of seeded random bytes.
+const FILE_LEN: usize = 8 << 20;
 
 fn identity(id: u32, name: &str) -> Identity {
     Identity {
