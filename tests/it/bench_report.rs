@@ -191,6 +191,13 @@ const RUN: &[(&str, f64, &str)] = &[
     ("vless_throughput_mbps_capybara", 3053.0, "Mbit/s"),
     ("vless_throughput_mbps_v2ray", 1769.0, "Mbit/s"),
     ("vless_throughput_vs_v2ray", 1.726, "ratio"),
+    // Issue 24, the Shadowsocks endpoint.
+    ("shadowsocks_throughput_mbps_capybara", 2290.0, "Mbit/s"),
+    ("shadowsocks_throughput_mbps_ssserver", 1836.0, "Mbit/s"),
+    ("shadowsocks_throughput_vs_ssserver", 1.247, "ratio"),
+    ("shadowsocks_key_lookup_us_1", 1.262, "µs"),
+    ("shadowsocks_key_lookup_us_100", 126.6, "µs"),
+    ("shadowsocks_key_lookup_us_1000", 935.1, "µs"),
 ];
 
 /// Every chart a full run draws, in the report's order.

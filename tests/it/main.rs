@@ -92,3 +92,5 @@ mod e2e_vless;
 mod e2e_proxy_kernel;
 // Issue 24, proxy identities: protocols of users, their ids, client configs.
 mod api_proxies;
+// Issue 24, the Shadowsocks endpoint against ss-local.
+mod e2e_shadowsocks;

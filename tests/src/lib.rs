@@ -22,6 +22,8 @@
 //!   with (the `tunnel_cpu_*` benchmarks).
 //! - [`v2ray`]: Debian's `v2ray` as a VLESS-over-TLS client (SOCKS inbound) or server, and a
 //!   SOCKS5 connect (the `e2e_vless` test and the `vless_throughput_*` benchmark).
+//! - [`shadowsocks`]: Debian's `ss-local` / `ss-server` on loopback, a SOCKS5 client, a file
+//!   server, and test doubles of the agent's proxy ports (issue 24).
 //! - [`bench`]: the benchmarks behind `cargo xtask bench` (binary `capybara-bench`).
 
 pub mod agent_proc;
@@ -33,6 +35,7 @@ pub mod loadgen;
 pub mod netns;
 pub mod receivers;
 pub mod rest;
+pub mod shadowsocks;
 pub mod smtp_sink;
 pub mod traffic;
 pub mod tunwire;

@@ -70,6 +70,10 @@ pub const PACKAGES: &[&str] = &[
     // the printed client config) and the reference server of `vless_throughput_vs_v2ray`
     // (v2ray 4.34). Its packaged service is left disabled and stopped ([`v2ray_service`]).
     "v2ray",
+    // Issue 24: `ss-local` (the Shadowsocks client of `e2e_shadowsocks`) and `ss-server` (the
+    // baseline of the `shadowsocks_throughput_vs_ssserver` bench). The package's own server
+    // service is stopped and disabled ([`shadowsocks_service`]): tests start their own.
+    "shadowsocks-libev",
 ];
 
 /// Python tools the tests run, pinned, from PyPI into a virtual environment at `<cache>/pyenv`
@@ -129,6 +133,7 @@ pub fn run(_args: &Args) -> Result<()> {
     check_kernel(&mut report);
     let _lock = lock_cache(&cache)?;
     debian_packages(&mut report)?;
+    shadowsocks_service(&mut report)?;
     rust_components(&mut report)?;
     bpf_linker(&cache, &mut report)?;
     boringtun_cli(&mut report)?;
@@ -307,6 +312,48 @@ fn debian_packages(report: &mut Report) -> Result<()> {
             PACKAGES.len() - missing.len()
         ));
     }
+    Ok(())
+}
+
+/// The `shadowsocks-libev` package enables and starts a Shadowsocks server on port 8388 with
+/// a generated password: stop it and keep it from starting at boot (tests and benches run their
+/// own `ss-local` / `ss-server` on loopback). systemd's unit when systemd runs; the SysV script's
+/// start links otherwise (containers).
+fn shadowsocks_service(report: &mut Report) -> Result<()> {
+    const UNIT: &str = "shadowsocks-libev.service";
+    if Path::new("/run/systemd/system").is_dir() {
+        let query = |what: &str| {
+            exec::output_unchecked(cmd("systemctl").args([what, "--quiet", UNIT]))
+                .map(|out| out.status.success())
+        };
+        if !query("is-enabled")? && !query("is-active")? {
+            report.present(format!("{UNIT} disabled and stopped"));
+            return Ok(());
+        }
+        need_root("disable the shadowsocks-libev service")?;
+        exec::run(cmd("systemctl").args(["disable", "--now", UNIT]))?;
+        report.done(format!("disabled and stopped {UNIT}"));
+        return Ok(());
+    }
+    let script = Path::new("/etc/init.d/shadowsocks-libev");
+    let start_links = (0..=6).any(|level| {
+        fs::read_dir(format!("/etc/rc{level}.d")).is_ok_and(|dir| {
+            dir.flatten().any(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                name.starts_with('S') && name.ends_with("shadowsocks-libev")
+            })
+        })
+    });
+    if !script.exists() || !start_links {
+        report.present("shadowsocks-libev's SysV service disabled");
+        return Ok(());
+    }
+    need_root("disable the shadowsocks-libev service")?;
+    exec::run(cmd("update-rc.d").args(["shadowsocks-libev", "disable"]))?;
+    // Stopping a server that does not run is a no-op for start-stop-daemon.
+    exec::run(cmd(script).arg("stop"))?;
+    report.done("disabled and stopped shadowsocks-libev's SysV service");
     Ok(())
 }
 

@@ -27,12 +27,15 @@
 //!   ([`Credentials`], [`Kernel`], [`Events`], gathered in a [`Hub`]), proxy targets
 //!   ([`Target`]);
 //! - [`registry`]: the open connections, by identity, to list and to cut;
-//! - [`relay`]: connecting upstream (bound before `connect`) and relaying both ways.
-//! - [`tls`]: the VLESS endpoint's certificate (files, or generated and kept) and TLS config.
+//! - [`relay`]: connecting upstream (bound before `connect`) and relaying both ways;
+//! - [`shadowsocks`]: the Shadowsocks endpoint (AEAD, SIP004 and SIP022; the user found by key
+//!   trial);
+//! - [`tls`]: the VLESS endpoint's certificate (files, or generated and kept) and TLS config;
 //! - [`vless`]: the VLESS endpoint over TLS ([`vless::serve`]) and its header parser.
 
 pub mod registry;
 pub mod relay;
+pub mod shadowsocks;
 pub mod tls;
 pub mod vless;
 

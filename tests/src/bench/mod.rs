@@ -39,6 +39,8 @@
 //!   generator, same run.
 //! - [`vless`]: bulk download through the VLESS endpoint against Debian's v2ray as the VLESS+TLS
 //!   server, the same v2ray client, same run.
+//! - [`shadowsocks`]: bulk download from Debian's `ss-local` through the agent's Shadowsocks
+//!   endpoint and through `ss-server`, same run; the cost of finding a user by key trial.
 //!
 //! Every figure is a [`Figure`]; the binary writes them as
 //! `{"benchmarks":[{"name":…, "value":…, "unit":…}]}`. The names below are what reports and CI
@@ -56,6 +58,7 @@ pub mod pipeline;
 pub mod policy;
 pub mod report;
 pub mod rest;
+pub mod shadowsocks;
 pub mod throttle;
 pub mod tunnel;
 pub mod tunnel_cpu;
@@ -204,6 +207,7 @@ const ALL_PARTS: &[&[&str]] = &[
     tunnel_cpu::NAMES,
     tunnel_workers::NAMES,
     vless::NAMES,
+    shadowsocks::NAMES,
 ];
 
 /// What `--quick` runs: a few of the kernel probes, one rate of each throttle baseline, and the

@@ -122,6 +122,8 @@ pub const TARGETS: &[(&str, Goal)] = &[
     ("tunnel_cpu_vs_wireguard_go_16_peers", Goal::AtMost(0.35)),
     // Issue 24: the VLESS endpoint against v2ray as the server.
     ("vless_throughput_vs_v2ray", Goal::AtLeast(1.0)),
+    // Issue 24: the Shadowsocks endpoint against shadowsocks-libev's ss-server.
+    ("shadowsocks_throughput_vs_ssserver", Goal::AtLeast(1.0)),
 ];
 
 /// Figures measured against a baseline in the same run: `(ours, baseline)`. The report shows
@@ -164,6 +166,10 @@ pub const BASELINES: &[(&str, &str)] = &[
     (
         "vless_throughput_mbps_capybara",
         "vless_throughput_mbps_v2ray",
+    ),
+    (
+        "shadowsocks_throughput_mbps_capybara",
+        "shadowsocks_throughput_mbps_ssserver",
     ),
 ];
 

@@ -112,7 +112,7 @@ fn main() -> Result<()> {
     let when = now_utc();
     // Declared first, dropped last: every benchmark's fds are closed before the pins go.
     let pins = BenchPins::new()?;
-    let mut stages = report::Stages::start(19);
+    let mut stages = report::Stages::start(20);
     let mut failures: Vec<report::Failure> = Vec::new();
     stages.next("XDP guard");
     let mut figures: Vec<Figure> = bench::guard::run(
@@ -326,6 +326,17 @@ fn main() -> Result<()> {
             progress!("VLESS benchmarks failed: {e:#}");
             failures.push(report::Failure {
                 group: bench::vless::NAMES.join(", "),
+                error: format!("{e:#}"),
+            });
+        }
+    }
+    stages.next("Shadowsocks endpoint against ss-server");
+    match bench::shadowsocks::run(&sel) {
+        Ok(f) => figures.extend(f),
+        Err(e) => {
+            progress!("shadowsocks benchmarks failed: {e:#}");
+            failures.push(report::Failure {
+                group: bench::shadowsocks::NAMES.join(", "),
                 error: format!("{e:#}"),
             });
         }
