@@ -108,7 +108,12 @@ fn main() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("--{}", e.to_string().replace('_', "-")))?,
         ttl: duration("reputation_ttl", &args.reputation_ttl)?,
     };
+    let proxies = daemon::ProxyConfig {
+        settings: args.proxy_settings(),
+        vless_cert: args.vless_cert.clone().zip(args.vless_key.clone()),
+    };
     let config = AgentConfig {
+        proxies,
         mfa_page: daemon::MfaPageSettings {
             channels: (!channels.is_empty()).then(|| std::sync::Arc::new(channels)),
             ..daemon::MfaPageSettings::default()

@@ -56,6 +56,8 @@ pub(super) struct Agent {
     pub(super) usage_writer: Option<std::thread::JoinHandle<()>>,
     /// The MFA verification page, when served.
     pub(super) mfa_page: Option<crate::verify::PageServer>,
+    /// The proxy endpoints, when configured.
+    pub(super) proxies: Option<super::proxies::Endpoints>,
 }
 
 /// The `--metrics-listen` server.
@@ -154,13 +156,18 @@ impl Agent {
             health_watch,
             usage_writer,
             mfa_page,
+            proxies,
             ..
         } = self;
         reputation_feed.abort();
         let _ = reputation_feed.await;
-        // The page holds the service (through its port): it stops first.
+        // The page and the proxy endpoints hold the service (through its ports): they stop
+        // first; the endpoints' open connections are cut.
         if let Some(page) = mfa_page {
             page.stop().await;
+        }
+        if let Some(p) = proxies {
+            p.stop().await;
         }
         if let Some(m) = metrics_server {
             let _ = m.stop.send(());

@@ -122,6 +122,64 @@ fn session_event(ev: crate::tunnel::TunnelEvent) -> SessionEvent {
     }
 }
 
+/// The proxy endpoints' reports, handed to the session recorder as session events.
+pub(super) struct ProxyEvents {
+    /// The recorder's queues.
+    pub sessions: crate::service::history::RecorderSender,
+}
+
+impl crate::proxy::Events for ProxyEvents {
+    fn report(&self, event: crate::proxy::ProxyEvent) {
+        // The recorder ends after the endpoints; an auth report that finds its bounded queue
+        // full is dropped and counted, as the tunnel's are.
+        let _ = self.sessions.send(proxy_session_event(event));
+    }
+}
+
+/// A proxy endpoint's event in the service's terms.
+fn proxy_session_event(ev: crate::proxy::ProxyEvent) -> SessionEvent {
+    use crate::proxy::{AuthFailure, CloseReason, ProxyEvent};
+    match ev {
+        ProxyEvent::Opened {
+            identity,
+            source,
+            at,
+            ..
+        } => SessionEvent::ProxyOpened {
+            id: identity.id,
+            user: identity.user.to_string(),
+            protocol: identity.protocol,
+            source,
+            at,
+        },
+        ProxyEvent::Closed {
+            identity,
+            reason,
+            at,
+            ..
+        } => SessionEvent::ProxyClosed {
+            id: identity.id,
+            cut: reason == CloseReason::Cut,
+            at,
+        },
+        ProxyEvent::AuthFailed {
+            protocol,
+            source,
+            reason,
+            at,
+        } => SessionEvent::ProxyAuthFailed {
+            protocol,
+            source,
+            reason: match reason {
+                AuthFailure::UnknownCredential => "unknown-credential",
+                AuthFailure::Malformed => "malformed",
+                AuthFailure::Held => "held",
+            },
+            at,
+        },
+    }
+}
+
 fn auth_reason(r: crate::tunnel::AuthFailure) -> &'static str {
     use crate::tunnel::AuthFailure;
     match r {

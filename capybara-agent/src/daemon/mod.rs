@@ -49,15 +49,21 @@
 //!
 //! Shutdown leaves the programs enforcing (pinned links) unless `detach_on_exit` is set.
 //!
+//! The Shadowsocks and VLESS endpoints (`--shadowsocks-listen`, `--vless-listen`) start once
+//! the recorder runs, with the cgroup programs attached to the agent's cgroup (`proxies`).
+//!
 //! Files: `start` (open and wire, in the order above), `agent` (the running agent: its loop and
-//! its shutdown), `events` (kernel events onto their bus, tunnel events to the service and the
-//! recorder).
+//! its shutdown), `events` (kernel events onto their bus, tunnel and proxy events to the service
+//! and the recorder), `proxies` (the proxy endpoints).
 
 mod agent;
 pub mod args;
 pub mod config_file;
 mod events;
+mod proxies;
 mod start;
+
+pub use proxies::ProxyConfig;
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -241,6 +247,8 @@ pub struct AgentConfig {
     pub mfa: MfaSettings,
     /// The reputation engine (`--reputation*`).
     pub reputation: ReputationSettings,
+    /// The Shadowsocks and VLESS endpoints (`--shadowsocks-*`, `--vless-*`).
+    pub proxies: ProxyConfig,
 }
 
 /// The daemon's MFA settings.
@@ -330,6 +338,20 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    /// A proxy endpoint's address could not be bound.
+    #[error("{flag}: cannot listen on {addr}")]
+    ProxyListen {
+        /// The flag naming it.
+        flag: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VLESS endpoint's certificate could not be loaded or made.
+    #[error(transparent)]
+    ProxyTls(#[from] crate::proxy::tls::TlsError),
     /// The TCP API address could not be bound.
     #[error("cannot listen on {addr} for the API")]
     ApiListen {

@@ -206,6 +206,7 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
             None
         }
     };
+    let proxies = super::proxies::start(config, &svc, &dataplane, session_tx.clone()).await?;
     let handshakes = tokio::spawn(forward_handshakes(
         tunnel.subscribe(),
         svc.clone(),
@@ -350,5 +351,6 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
         health_watch,
         usage_writer,
         mfa_page,
+        proxies,
     })
 }

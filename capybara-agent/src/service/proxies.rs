@@ -341,7 +341,7 @@ fn percent(s: &str) -> String {
 }
 
 /// The host of `host:port` (an IPv6 address without its brackets).
-fn host_of(endpoint: &str) -> &str {
+pub fn host_of(endpoint: &str) -> &str {
     let host = endpoint.rsplit_once(':').map_or(endpoint, |(h, p)| {
         if p.parse::<u16>().is_ok() {
             h
