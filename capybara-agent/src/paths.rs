@@ -144,6 +144,13 @@ pub fn client_keys_key_file(data_dir: &Path) -> PathBuf {
 
 /// File name of the VLESS endpoint's generated certificate (PEM) inside the data directory.
 pub const VLESS_CERT_FILE_NAME: &str = "vless.crt";
+
+/// Where the agent mounts the cgroup v2 hierarchy itself when its mount namespace has none
+/// (`ip netns exec` remounts `/sys` without it): the proxied sockets' programs attach there
+/// (`dataplane::sockets::own_cgroup_or_mount`). The hierarchy is the system's one.
+pub fn cgroup2_mount(data_dir: &Path) -> PathBuf {
+    data_dir.join("cgroup2")
+}
 /// File name of the VLESS endpoint's generated private key (PKCS#8 PEM) inside the data
 /// directory.
 pub const VLESS_KEY_FILE_NAME: &str = "vless.key";

@@ -76,7 +76,9 @@ pub(super) async fn start(
         let mut dp = dataplane
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let cgroup = crate::dataplane::own_cgroup()?;
+        let cgroup = crate::dataplane::sockets::own_cgroup_or_mount(&crate::paths::cgroup2_mount(
+            &config.data_dir,
+        ))?;
         let attached = dp.attach_sockets(&cgroup)?;
         tracing::info!(cgroup = %attached.cgroup.display(), "proxied sockets enforced by the cgroup programs");
         if let Some(uplink) = &config.uplink

@@ -190,6 +190,42 @@ pub fn own_cgroup() -> Result<PathBuf> {
     })
 }
 
+/// [`own_cgroup`], or when this mount namespace has no cgroup2 mount (`ip netns exec`
+/// remounts `/sys` without one), the same directory under the hierarchy mounted at `fallback`
+/// (made, and mounted once; the hierarchy is the system's one, so the attachment is the same).
+pub fn own_cgroup_or_mount(fallback: &Path) -> Result<PathBuf> {
+    match own_cgroup() {
+        Ok(dir) => Ok(dir),
+        Err(e) => {
+            let err = |problem: &'static str, source: std::io::Error| DataplaneError::Cgroup {
+                path: fallback.to_owned(),
+                problem,
+                source: Some(source),
+            };
+            let own = std::fs::read_to_string("/proc/self/cgroup")
+                .map_err(|s| err("cannot read /proc/self/cgroup", s))?;
+            let Some(path) = own.lines().find_map(|l| l.strip_prefix("0::")) else {
+                return Err(e);
+            };
+            std::fs::create_dir_all(fallback).map_err(|s| err("cannot create it", s))?;
+            let mounted = std::fs::read_to_string("/proc/mounts")
+                .is_ok_and(|m| cgroup_dir(&m, "0::/").is_some_and(|d| d == fallback));
+            if !mounted {
+                nix::mount::mount(
+                    Some("cgroup2"),
+                    fallback,
+                    Some("cgroup2"),
+                    nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+                    None::<&str>,
+                )
+                .map_err(|s| err("cannot mount cgroup2 on it", s.into()))?;
+                tracing::info!(dir = %fallback.display(), "no cgroup2 mount in this namespace: mounted one for the socket programs");
+            }
+            Ok(fallback.join(path.trim().trim_start_matches('/')))
+        }
+    }
+}
+
 /// [`own_cgroup`] from the two files' contents.
 fn cgroup_dir(mounts: &str, own: &str) -> Option<PathBuf> {
     let mount = mounts.lines().find_map(|l| {
