@@ -38,14 +38,22 @@ pub struct ProxyConfig {
 pub(super) struct Endpoints {
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The cgroup2 mount the agent made for the socket programs, if it made one.
+    mounted: Option<PathBuf>,
 }
 
 impl Endpoints {
-    /// Stops accepting and cuts every open proxied connection.
+    /// Stops accepting, cuts every open proxied connection, and unmounts the agent's own
+    /// cgroup2 mount (the programs' links hold the cgroup, not the mount).
     pub(super) async fn stop(self) {
         self.stop.cancel();
         for t in self.tasks {
             let _ = t.await;
+        }
+        if let Some(dir) = self.mounted
+            && let Err(e) = nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH)
+        {
+            tracing::warn!(error = %e, dir = %dir.display(), "cannot unmount the agent's cgroup2 mount");
         }
     }
 }
@@ -72,13 +80,12 @@ pub(super) async fn start(
         svc.proxies.configure(settings);
         return Ok(None);
     }
-    let binder = {
+    let fallback = crate::paths::cgroup2_mount(&config.data_dir);
+    let (binder, mounted) = {
         let mut dp = dataplane
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let cgroup = crate::dataplane::sockets::own_cgroup_or_mount(&crate::paths::cgroup2_mount(
-            &config.data_dir,
-        ))?;
+        let (cgroup, mounted) = crate::dataplane::sockets::own_cgroup_or_mount(&fallback)?;
         let attached = dp.attach_sockets(&cgroup)?;
         tracing::info!(cgroup = %attached.cgroup.display(), "proxied sockets enforced by the cgroup programs");
         if let Some(uplink) = &config.uplink
@@ -86,7 +93,7 @@ pub(super) async fn start(
         {
             tracing::error!(error = %e, device = %uplink, "proxied traffic leaving by the uplink is NOT shaped");
         }
-        dp.socket_binder()
+        (dp.socket_binder(), mounted.then_some(fallback))
     };
     let tls = match &mut settings.vless {
         Some(v) => {
@@ -140,5 +147,9 @@ pub(super) async fn start(
         tracing::info!(addr = %ep.listen, "VLESS endpoint listening");
         tasks.push(tokio::spawn(vless::serve(listener, tls, hub, stop.clone())));
     }
-    Ok(Some(Endpoints { stop, tasks }))
+    Ok(Some(Endpoints {
+        stop,
+        tasks,
+        mounted,
+    }))
 }

@@ -193,9 +193,11 @@ pub fn own_cgroup() -> Result<PathBuf> {
 /// [`own_cgroup`], or when this mount namespace has no cgroup2 mount (`ip netns exec`
 /// remounts `/sys` without one), the same directory under the hierarchy mounted at `fallback`
 /// (made, and mounted once; the hierarchy is the system's one, so the attachment is the same).
-pub fn own_cgroup_or_mount(fallback: &Path) -> Result<PathBuf> {
+/// Returns the directory and whether it mounted `fallback` (the caller unmounts it when done:
+/// the programs' links hold the cgroup, not the mount).
+pub fn own_cgroup_or_mount(fallback: &Path) -> Result<(PathBuf, bool)> {
     match own_cgroup() {
-        Ok(dir) => Ok(dir),
+        Ok(dir) => Ok((dir, false)),
         Err(e) => {
             let err = |problem: &'static str, source: std::io::Error| DataplaneError::Cgroup {
                 path: fallback.to_owned(),
@@ -221,7 +223,7 @@ pub fn own_cgroup_or_mount(fallback: &Path) -> Result<PathBuf> {
                 .map_err(|s| err("cannot mount cgroup2 on it", s.into()))?;
                 tracing::info!(dir = %fallback.display(), "no cgroup2 mount in this namespace: mounted one for the socket programs");
             }
-            Ok(fallback.join(path.trim().trim_start_matches('/')))
+            Ok((fallback.join(path.trim().trim_start_matches('/')), !mounted))
         }
     }
 }
