@@ -68,11 +68,11 @@ pub const PACKAGES: &[&str] = &[
     "openssl",
     // Issue 24: the VLESS endpoint's real client (`e2e_vless`; `api_proxies` checks it loads
     // the printed client config) and the reference server of `vless_throughput_vs_v2ray`
-    // (v2ray 4.34). Its packaged service is left disabled and stopped ([`v2ray_service`]).
+    // (v2ray 4.34). Its packaged service is left disabled and stopped ([`packaged_service_off`]).
     "v2ray",
     // Issue 24: `ss-local` (the Shadowsocks client of `e2e_shadowsocks`) and `ss-server` (the
     // baseline of the `shadowsocks_throughput_vs_ssserver` bench). The package's own server
-    // service is stopped and disabled ([`shadowsocks_service`]): tests start their own.
+    // service is stopped and disabled ([`packaged_service_off`]): tests start their own.
     "shadowsocks-libev",
 ];
 
@@ -133,7 +133,8 @@ pub fn run(_args: &Args) -> Result<()> {
     check_kernel(&mut report);
     let _lock = lock_cache(&cache)?;
     debian_packages(&mut report)?;
-    shadowsocks_service(&mut report)?;
+    packaged_service_off(&mut report, "shadowsocks-libev")?;
+    packaged_service_off(&mut report, "v2ray")?;
     rust_components(&mut report)?;
     bpf_linker(&cache, &mut report)?;
     boringtun_cli(&mut report)?;
@@ -141,7 +142,6 @@ pub fn run(_args: &Args) -> Result<()> {
     geoip_db(&cache, &mut report)?;
     python_tools(&cache, &mut report)?;
     nextest(&mut report);
-    v2ray_service(&mut report)?;
 
     let elapsed = started.elapsed().as_secs_f32();
     if report.done.is_empty() {
@@ -315,45 +315,46 @@ fn debian_packages(report: &mut Report) -> Result<()> {
     Ok(())
 }
 
-/// The `shadowsocks-libev` package enables and starts a Shadowsocks server on port 8388 with
-/// a generated password: stop it and keep it from starting at boot (tests and benches run their
-/// own `ss-local` / `ss-server` on loopback). systemd's unit when systemd runs; the SysV script's
-/// start links otherwise (containers).
-fn shadowsocks_service(report: &mut Report) -> Result<()> {
-    const UNIT: &str = "shadowsocks-libev.service";
+/// Debian's `shadowsocks-libev` and `v2ray` packages enable and start their own server (a
+/// Shadowsocks server on port 8388 with a generated password; v2ray with its example
+/// configuration): the tests and benchmarks start their own processes on loopback, so the
+/// packaged `name` service is stopped and kept from starting at boot — systemd's unit when
+/// systemd runs, the SysV script's start links otherwise (containers).
+fn packaged_service_off(report: &mut Report, name: &str) -> Result<()> {
+    let unit = format!("{name}.service");
     if Path::new("/run/systemd/system").is_dir() {
         let query = |what: &str| {
-            exec::output_unchecked(cmd("systemctl").args([what, "--quiet", UNIT]))
+            exec::output_unchecked(cmd("systemctl").args([what, "--quiet", unit.as_str()]))
                 .map(|out| out.status.success())
         };
         if !query("is-enabled")? && !query("is-active")? {
-            report.present(format!("{UNIT} disabled and stopped"));
+            report.present(format!("{unit} disabled and stopped"));
             return Ok(());
         }
-        need_root("disable the shadowsocks-libev service")?;
-        exec::run(cmd("systemctl").args(["disable", "--now", UNIT]))?;
-        report.done(format!("disabled and stopped {UNIT}"));
+        need_root(&format!("disable {unit}"))?;
+        exec::run(cmd("systemctl").args(["disable", "--now", unit.as_str()]))?;
+        report.done(format!("disabled and stopped {unit}"));
         return Ok(());
     }
-    let script = Path::new("/etc/init.d/shadowsocks-libev");
+    let script = Path::new("/etc/init.d").join(name);
     let start_links = (0..=6).any(|level| {
         fs::read_dir(format!("/etc/rc{level}.d")).is_ok_and(|dir| {
             dir.flatten().any(|e| {
-                let name = e.file_name();
-                let name = name.to_string_lossy();
-                name.starts_with('S') && name.ends_with("shadowsocks-libev")
+                let file = e.file_name();
+                let file = file.to_string_lossy();
+                file.starts_with('S') && file.ends_with(name)
             })
         })
     });
     if !script.exists() || !start_links {
-        report.present("shadowsocks-libev's SysV service disabled");
+        report.present(format!("{name}'s SysV service disabled"));
         return Ok(());
     }
-    need_root("disable the shadowsocks-libev service")?;
-    exec::run(cmd("update-rc.d").args(["shadowsocks-libev", "disable"]))?;
+    need_root(&format!("disable the {name} service"))?;
+    exec::run(cmd("update-rc.d").args([name, "disable"]))?;
     // Stopping a server that does not run is a no-op for start-stop-daemon.
-    exec::run(cmd(script).arg("stop"))?;
-    report.done("disabled and stopped shadowsocks-libev's SysV service");
+    exec::run(cmd(&script).arg("stop"))?;
+    report.done(format!("disabled and stopped {name}'s SysV service"));
     Ok(())
 }
 
@@ -631,31 +632,4 @@ fn nextest(report: &mut Report) {
         }
         _ => eprintln!("setup: note: cargo-nextest not found; `cargo xtask test` uses cargo test"),
     }
-}
-
-/// Debian's v2ray package enables (and, where systemd runs, starts) `v2ray.service` with its
-/// example configuration; the tests and benchmarks start their own v2ray processes, so the
-/// packaged one is disabled and stopped. `systemctl disable` works without a running systemd
-/// (it removes the unit's links); without `systemctl` there is nothing to do.
-fn v2ray_service(report: &mut Report) -> Result<()> {
-    let state = |verb: &str| {
-        exec::output_unchecked(cmd("systemctl").args([verb, "v2ray.service"]))
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-            .unwrap_or_default()
-    };
-    let enabled = state("is-enabled") == "enabled";
-    let active = state("is-active") == "active";
-    if !enabled && !active {
-        report.present("v2ray.service disabled and stopped");
-        return Ok(());
-    }
-    need_root("disable v2ray.service")?;
-    if enabled {
-        exec::run(cmd("systemctl").args(["disable", "v2ray.service"]))?;
-    }
-    if active {
-        exec::run(cmd("systemctl").args(["stop", "v2ray.service"]))?;
-    }
-    report.done("disabled and stopped Debian's v2ray.service");
-    Ok(())
 }
