@@ -2,30 +2,31 @@
 //! `v2ray` client (VLESS outbound over TLS, trusting only the endpoint's generated
 //! certificate, a SOCKS inbound on loopback; the JSON is in `capybara_tests::v2ray`), and
 //! `curl` through it fetching a file from a local HTTP server. The endpoint's `Hub` is made of
-//! test doubles: three users' UUIDs, a kernel that records which sockets were bound to whom
-//! (the real binding is `dataplane`'s), and the events collected.
+//! the agent's test doubles (`capybara_agent::proxy::testing`): three users' UUIDs, a kernel
+//! that records which sockets were bound to whom (the real binding is `dataplane`'s), and the
+//! events collected.
 //!
 //! Everything stays on loopback with ports the kernel handed out; each test starts its own
 //! endpoint and v2ray processes (≈ 0.1 s each), stopped when the test ends, even on panic.
 
 use std::{
-    collections::HashMap,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener},
-    os::fd::{AsRawFd as _, BorrowedFd},
     process::Command,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use capybara_agent::{
     proxy::{
-        AuthFailure, CloseReason, Credentials, Events, Hub, Identity, Kernel, ProxyEvent,
-        ShadowsocksKey, SocketRole, Target, registry::Registry, tls::EndpointCert, vless,
+        AuthFailure, CloseReason, Hub, Identity, ProxyEvent, SocketRole, Target,
+        registry::Registry,
+        testing::{CollectedEvents, RecordingKernel, StaticUsers},
+        tls::EndpointCert,
+        vless,
     },
     service::domain::{Protocol, UserName},
 };
-use capybara_common::peer::PeerId;
 use capybara_tests::v2ray::{self, V2ray};
 use tokio_util::sync::CancellationToken as Cancel;
 
@@ -34,52 +35,12 @@ const ALICE: [u8; 16] = *b"alice-vless-uuid";
 const BOB: [u8; 16] = *b"bob---vless-uuid";
 const CAROL: [u8; 16] = *b"carol-vless-uuid";
 
-struct Users(HashMap<[u8; 16], Identity>);
-impl Credentials for Users {
-    fn shadowsocks(&self) -> Arc<[ShadowsocksKey]> {
-        Arc::new([])
-    }
-    fn vless(&self, uuid: &[u8; 16]) -> Option<Identity> {
-        self.0.get(uuid).cloned()
-    }
-    fn admitted(&self, _id: PeerId) -> bool {
-        true
-    }
-}
-
-/// A bind: whose, which role, and for a client socket the address of its peer (v2ray).
-type Bind = (PeerId, SocketRole, Option<SocketAddr>);
-
-#[derive(Default)]
-struct Binds(Mutex<Vec<Bind>>);
-impl Kernel for Binds {
-    fn bind(&self, fd: BorrowedFd<'_>, id: PeerId, role: SocketRole) -> std::io::Result<()> {
-        let peer =
-            nix::sys::socket::getpeername::<nix::sys::socket::SockaddrStorage>(fd.as_raw_fd())
-                .ok()
-                .and_then(|a| {
-                    a.as_sockaddr_in()
-                        .map(|a| SocketAddr::from(std::net::SocketAddrV4::from(*a)))
-                });
-        self.0.lock().unwrap().push((id, role, peer));
-        Ok(())
-    }
-}
-
-#[derive(Default)]
-struct Collected(Mutex<Vec<ProxyEvent>>);
-impl Events for Collected {
-    fn report(&self, event: ProxyEvent) {
-        self.0.lock().unwrap().push(event);
-    }
-}
-
 /// The endpoint on loopback with three users, in its own runtime.
 struct Endpoint {
     addr: SocketAddr,
     cert: EndpointCert,
-    binds: Arc<Binds>,
-    events: Arc<Collected>,
+    binds: Arc<RecordingKernel>,
+    events: Arc<CollectedEvents>,
     stop: Cancel,
     rt: tokio::runtime::Runtime,
 }
@@ -91,13 +52,13 @@ impl Endpoint {
             user: UserName::parse("user", name).unwrap(),
             protocol: Protocol::Vless,
         };
-        let users = Users(HashMap::from([
+        let users = StaticUsers::vless([
             (ALICE, identity(11, "alice")),
             (BOB, identity(12, "bob")),
             (CAROL, identity(13, "carol")),
-        ]));
-        let binds = Arc::new(Binds::default());
-        let events = Arc::new(Collected::default());
+        ]);
+        let binds = Arc::new(RecordingKernel::default());
+        let events = Arc::new(CollectedEvents::default());
         let hub = Hub {
             credentials: Arc::new(users),
             kernel: binds.clone(),
@@ -138,7 +99,7 @@ impl Endpoint {
     fn events_when(&self, what: &str, pred: impl Fn(&[ProxyEvent]) -> bool) -> Vec<ProxyEvent> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let e = self.events.0.lock().unwrap().clone();
+            let e = self.events.events();
             if pred(&e) {
                 return e;
             }
@@ -290,7 +251,7 @@ fn v2ray_fetches_a_file_byte_for_byte_through_the_endpoint() {
     }
     // Each connection: the upstream socket, then the accepted client socket (whose peer is
     // v2ray's source address of that connection), both alice's.
-    let binds = ep.binds.0.lock().unwrap().clone();
+    let binds = ep.binds.binds_with_peers();
     assert_eq!(
         binds,
         [
@@ -339,10 +300,7 @@ fn a_wrong_uuid_and_an_untrusted_certificate_are_refused_and_reported() {
         )),
         "{events:?}"
     );
-    assert!(
-        ep.binds.0.lock().unwrap().is_empty(),
-        "a refused socket was bound"
-    );
+    assert!(ep.binds.binds().is_empty(), "a refused socket was bound");
 
     // The same endpoint serves carol, who trusts it.
     let (_carol, socks) = ep.client(&CAROL, ep.cert.chain_pem());
@@ -407,7 +365,7 @@ fn garbage_and_truncated_headers_over_tls_leave_the_endpoint_serving() {
             .all(|r| *r == AuthFailure::Malformed),
         "{events:?}"
     );
-    assert!(ep.binds.0.lock().unwrap().is_empty());
+    assert!(ep.binds.binds().is_empty());
 
     let (_client, socks) = ep.client(&ALICE, ep.cert.chain_pem());
     assert_eq!(

@@ -69,19 +69,12 @@ impl std::fmt::Display for WebDriverError {
 
 impl std::error::Error for WebDriverError {}
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
 impl<'ns> Driver<'ns> {
     /// Starts chromedriver (in `ns` if given) and waits until it is ready (at most 30 s).
     pub fn start(ns: Option<&'ns NetNs>) -> Driver<'ns> {
         let port = match ns {
-            Some(ns) => ns.run(free_port),
-            None => free_port(),
+            Some(ns) => ns.run(crate::free_port),
+            None => crate::free_port(),
         };
         let args = [
             "/usr/bin/chromedriver".to_owned(),

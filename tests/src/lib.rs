@@ -24,6 +24,7 @@
 //!   SOCKS5 connect (the `e2e_vless` test and the `vless_throughput_*` benchmark).
 //! - [`shadowsocks`]: Debian's `ss-local` / `ss-server` on loopback, a SOCKS5 client, a file
 //!   server, and test doubles of the agent's proxy ports (issue 24).
+//! - [`socks`]: a SOCKS5 client (through `ss-local` and v2ray); [`free_port`].
 //! - [`bench`]: the benchmarks behind `cargo xtask bench` (binary `capybara-bench`).
 
 pub mod agent_proc;
@@ -37,6 +38,7 @@ pub mod receivers;
 pub mod rest;
 pub mod shadowsocks;
 pub mod smtp_sink;
+pub mod socks;
 pub mod traffic;
 pub mod tunwire;
 pub mod wg;
@@ -50,3 +52,12 @@ pub mod bench;
 
 // Issue 24, the VLESS endpoint: Debian's v2ray as client and reference server.
 pub mod v2ray;
+
+/// A free loopback TCP port (bound, read, released: another process could take it in between,
+/// which a loopback-only test on this machine accepts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}

@@ -1,44 +1,30 @@
 //! Shadowsocks fixtures (issue 24): Debian's `ss-local` and `ss-server` (shadowsocks-libev
 //! 3.3.5) on loopback, a SOCKS5 client to reach through `ss-local`, a file server to fetch from,
-//! and test doubles of the agent's proxy ports (users with keys, a kernel that records binds,
-//! events collected on a channel) for an in-process [`capybara_agent::proxy::shadowsocks::serve`].
+//! and the agent's test doubles of its proxy ports re-exported (`capybara_agent::proxy::testing`)
+//! for an in-process [`capybara_agent::proxy::shadowsocks::serve`].
 //!
 //! shadowsocks-libev 3.3.5 speaks the SIP004 AEAD ciphers only (`aes-128-gcm`, `aes-192-gcm`,
 //! `aes-256-gcm`, `chacha20-ietf-poly1305`, `xchacha20-ietf-poly1305`), none of the 2022
 //! edition: [`LIBEV_CIPHERS`] are those the endpoint also serves.
 
 use std::{
-    collections::HashSet,
     io,
     net::{SocketAddr, TcpStream as StdTcpStream},
-    os::fd::BorrowedFd,
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
+pub use crate::socks::connect_async as socks5_connect;
 use anyhow::{Context as _, Result, bail};
-use capybara_agent::proxy::{
-    Credentials, Events, Identity, Kernel, ProxyEvent, ShadowsocksKey, SocketRole,
-};
-use capybara_common::peer::PeerId;
+pub use capybara_agent::proxy::testing::{ChannelEvents, RecordingKernel, StaticUsers};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::mpsc,
 };
 
 /// The ciphers both shadowsocks-libev 3.3.5 and the endpoint speak.
 pub const LIBEV_CIPHERS: [&str; 3] = ["aes-128-gcm", "aes-256-gcm", "chacha20-ietf-poly1305"];
-
-/// A free loopback TCP port (bound, read, released: another process could take it in between,
-/// which a loopback-only test on this machine accepts).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
 
 /// An `ss-local` or `ss-server` process with its configuration file; killed on drop.
 pub struct SsProcess {
@@ -86,7 +72,7 @@ pub fn local_config(
 
 /// Starts `ss-local` for the server at `server`; returns once its SOCKS5 port accepts.
 pub fn ss_local(server: SocketAddr, method: &str, password: &str) -> Result<SsProcess> {
-    let port = free_port();
+    let port = crate::free_port();
     spawn(
         "ss-local",
         local_config(server, port, method, password),
@@ -97,7 +83,7 @@ pub fn ss_local(server: SocketAddr, method: &str, password: &str) -> Result<SsPr
 /// Starts `ss-server` on a free loopback port with `method` and `password` (TCP only); returns
 /// once it accepts.
 pub fn ss_server(method: &str, password: &str) -> Result<SsProcess> {
-    let port = free_port();
+    let port = crate::free_port();
     let config = serde_json::json!({
         "server": "127.0.0.1",
         "server_port": port,
@@ -145,45 +131,6 @@ fn wait_listening(p: &mut SsProcess, program: &str) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// Connects to `target` through the SOCKS5 proxy at `proxy` (no authentication, CONNECT to an
-/// IPv4 or IPv6 address).
-pub async fn socks5_connect(proxy: SocketAddr, target: SocketAddr) -> io::Result<TcpStream> {
-    let mut s = TcpStream::connect(proxy).await?;
-    s.set_nodelay(true)?;
-    s.write_all(&[5, 1, 0]).await?;
-    let mut choice = [0u8; 2];
-    s.read_exact(&mut choice).await?;
-    if choice != [5, 0] {
-        return Err(io::Error::other(format!("socks5 method {choice:?}")));
-    }
-    let mut req = vec![5, 1, 0];
-    match target {
-        SocketAddr::V4(a) => {
-            req.push(1);
-            req.extend_from_slice(&a.ip().octets());
-        }
-        SocketAddr::V6(a) => {
-            req.push(4);
-            req.extend_from_slice(&a.ip().octets());
-        }
-    }
-    req.extend_from_slice(&target.port().to_be_bytes());
-    s.write_all(&req).await?;
-    let mut reply = [0u8; 4];
-    s.read_exact(&mut reply).await?;
-    if reply[1] != 0 {
-        return Err(io::Error::other(format!("socks5 reply {}", reply[1])));
-    }
-    let rest = match reply[3] {
-        1 => 4 + 2,
-        4 => 16 + 2,
-        t => return Err(io::Error::other(format!("socks5 address type {t}"))),
-    };
-    let mut bound = vec![0u8; rest];
-    s.read_exact(&mut bound).await?;
-    Ok(s)
 }
 
 /// What a client sends the [`FileServer`] to ask for its file.
@@ -240,64 +187,6 @@ pub async fn fetch(s: &mut TcpStream) -> io::Result<Vec<u8>> {
     let mut file = vec![0u8; u64::from_be_bytes(len) as usize];
     s.read_exact(&mut file).await?;
     Ok(file)
-}
-
-/// Users with Shadowsocks keys, some of them held (the agent's directory, in a test).
-pub struct StaticUsers {
-    /// Every user's key.
-    pub keys: Arc<[ShadowsocksKey]>,
-    /// The identities whose gate is closed.
-    pub held: Mutex<HashSet<PeerId>>,
-}
-
-impl StaticUsers {
-    /// `keys`, nobody held.
-    pub fn new(keys: Vec<ShadowsocksKey>) -> StaticUsers {
-        StaticUsers {
-            keys: keys.into(),
-            held: Mutex::default(),
-        }
-    }
-}
-
-impl Credentials for StaticUsers {
-    fn shadowsocks(&self) -> Arc<[ShadowsocksKey]> {
-        Arc::clone(&self.keys)
-    }
-    fn vless(&self, _uuid: &[u8; 16]) -> Option<Identity> {
-        None
-    }
-    fn admitted(&self, id: PeerId) -> bool {
-        !self.held.lock().unwrap().contains(&id)
-    }
-}
-
-/// A kernel that records each bind (identity and role), in order.
-#[derive(Default)]
-pub struct RecordingKernel(pub Mutex<Vec<(PeerId, SocketRole)>>);
-
-impl Kernel for RecordingKernel {
-    fn bind(&self, _fd: BorrowedFd<'_>, id: PeerId, role: SocketRole) -> io::Result<()> {
-        self.0.lock().unwrap().push((id, role));
-        Ok(())
-    }
-}
-
-/// Events sent to a channel (see [`ChannelEvents::new`]).
-pub struct ChannelEvents(mpsc::UnboundedSender<ProxyEvent>);
-
-impl ChannelEvents {
-    /// The events' sink and its receiving end.
-    pub fn new() -> (ChannelEvents, mpsc::UnboundedReceiver<ProxyEvent>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (ChannelEvents(tx), rx)
-    }
-}
-
-impl Events for ChannelEvents {
-    fn report(&self, event: ProxyEvent) {
-        let _ = self.0.send(event);
-    }
 }
 
 /// The local address of `pid`'s established TCP connection to `peer` (`ss -tnp`), e.g. the

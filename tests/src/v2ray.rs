@@ -24,7 +24,7 @@
 
 use std::{
     io::Read as _,
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -35,27 +35,8 @@ use serde_json::{Value, json};
 /// The `v2ray` binary (Debian's package).
 pub const V2RAY: &str = "/usr/bin/v2ray";
 
-/// A port free on loopback now (bound, read, released: another process could take it before
-/// v2ray does, which would fail its start loudly, never silently).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
-/// `uuid` in the 8-4-4-4-12 form v2ray's configuration takes.
-pub fn uuid_string(uuid: &[u8; 16]) -> String {
-    let h: String = uuid.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
-}
+pub use crate::free_port;
+pub use capybara_agent::service::proxies::format_uuid as uuid_string;
 
 /// A VLESS-over-TLS client: SOCKS5 (no auth) on `127.0.0.1:socks_port`, VLESS to `server`
 /// with `uuid`, checking the name `sni` and trusting only the PEM `trusted_pem`.
@@ -184,38 +165,4 @@ impl Drop for V2ray {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Connects to the SOCKS5 server on `127.0.0.1:socks_port` and asks it (no auth) for a
-/// connection to `target`; returns the stream once the server answers success.
-pub fn socks_connect(socks_port: u16, target: SocketAddr) -> std::io::Result<TcpStream> {
-    use std::io::{Error, Write as _};
-    let mut s = TcpStream::connect(("127.0.0.1", socks_port))?;
-    s.set_nodelay(true)?;
-    s.write_all(&[5, 1, 0])?;
-    let mut method = [0u8; 2];
-    s.read_exact(&mut method)?;
-    if method != [5, 0] {
-        return Err(Error::other(format!("socks method {method:?}")));
-    }
-    let mut req = vec![5, 1, 0];
-    match target {
-        SocketAddr::V4(a) => {
-            req.push(1);
-            req.extend_from_slice(&a.ip().octets());
-        }
-        SocketAddr::V6(a) => {
-            req.push(4);
-            req.extend_from_slice(&a.ip().octets());
-        }
-    }
-    req.extend_from_slice(&target.port().to_be_bytes());
-    s.write_all(&req)?;
-    // v2ray answers with an IPv4 bound address.
-    let mut reply = [0u8; 10];
-    s.read_exact(&mut reply)?;
-    if reply[1] != 0 {
-        return Err(Error::other(format!("socks reply {}", reply[1])));
-    }
-    Ok(s)
 }

@@ -352,9 +352,19 @@ fn packaged_service_off(report: &mut Report, name: &str) -> Result<()> {
     }
     need_root(&format!("disable the {name} service"))?;
     exec::run(cmd("update-rc.d").args([name, "disable"]))?;
-    // Stopping a server that does not run is a no-op for start-stop-daemon.
-    exec::run(cmd(&script).arg("stop"))?;
-    report.done(format!("disabled and stopped {name}'s SysV service"));
+    // Stopped only if it runs: LSB `status` exits 0 then. Some scripts' `stop` fails on a
+    // server that does not run (v2ray's exits 1 on a fresh machine, where it never started).
+    let running = exec::output_unchecked(cmd(&script).arg("status"))?
+        .status
+        .success();
+    if running {
+        exec::run(cmd(&script).arg("stop"))?;
+    }
+    report.done(if running {
+        format!("disabled and stopped {name}'s SysV service")
+    } else {
+        format!("disabled {name}'s SysV service (it was not running)")
+    });
     Ok(())
 }
 

@@ -126,18 +126,27 @@ fn session_event(ev: crate::tunnel::TunnelEvent) -> SessionEvent {
 pub(super) struct ProxyEvents {
     /// The recorder's queues.
     pub sessions: crate::service::history::RecorderSender,
+    /// The identities' kernel counters, read as a connection opens.
+    pub history: Arc<crate::service::history::History>,
 }
 
 impl crate::proxy::Events for ProxyEvents {
     fn report(&self, event: crate::proxy::ProxyEvent) {
         // The recorder ends after the endpoints; an auth report that finds its bounded queue
         // full is dropped and counted, as the tunnel's are.
-        let _ = self.sessions.send(proxy_session_event(event));
+        let _ = self
+            .sessions
+            .send(proxy_session_event(event, &self.history));
     }
 }
 
 /// A proxy endpoint's event in the service's terms.
-fn proxy_session_event(ev: crate::proxy::ProxyEvent) -> SessionEvent {
+/// An `Opened` reads the identity's counters here, synchronously: the endpoint reports it before
+/// it connects upstream, so the session's base holds none of the connection's bytes.
+fn proxy_session_event(
+    ev: crate::proxy::ProxyEvent,
+    history: &crate::service::history::History,
+) -> SessionEvent {
     use crate::proxy::{AuthFailure, CloseReason, ProxyEvent};
     match ev {
         ProxyEvent::Opened {
@@ -150,6 +159,10 @@ fn proxy_session_event(ev: crate::proxy::ProxyEvent) -> SessionEvent {
             user: identity.user.to_string(),
             protocol: identity.protocol,
             source,
+            base: history.counters(identity.id).unwrap_or_else(|e| {
+                tracing::error!(error = %e, peer = identity.id, "cannot read a proxy identity's counters: its session counts from zero");
+                Default::default()
+            }),
             at,
         },
         ProxyEvent::Closed {

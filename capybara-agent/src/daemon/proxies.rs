@@ -120,7 +120,10 @@ pub(super) async fn start(
     let hub = Hub {
         credentials: svc.proxies.clone(),
         kernel: Arc::new(binder),
-        events: Arc::new(ProxyEvents { sessions }),
+        events: Arc::new(ProxyEvents {
+            sessions,
+            history: svc.history.clone(),
+        }),
         registry: svc.core.proxies.clone(),
     };
     let stop = CancellationToken::new();

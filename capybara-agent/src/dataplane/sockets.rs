@@ -145,6 +145,21 @@ impl SocketBinder {
         })
     }
 
+    /// Unbinds socket `fd`: from its next packet on, the programs pass it untouched (an
+    /// endpoint cutting a connection unbinds its sockets so that the reset it sends passes a
+    /// held user's gate). Unbinding an unbound socket is no error.
+    pub fn unbind_socket(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        let key: i32 = fd.as_raw_fd();
+        sys::delete_elem(self.map.as_fd(), &key)
+            .map(|_| ())
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("unbinding socket fd {key} in {}: {e}", names::SOCK_BIND),
+                )
+            })
+    }
+
     /// The identity and role socket `fd` is bound to, if any.
     pub fn binding(&self, fd: BorrowedFd<'_>) -> io::Result<Option<(PeerId, SocketRole)>> {
         let key: i32 = fd.as_raw_fd();
@@ -161,6 +176,9 @@ impl Kernel for SocketBinder {
     fn bind(&self, fd: BorrowedFd<'_>, id: PeerId, role: SocketRole) -> io::Result<()> {
         self.bind_socket(fd, id, role)
     }
+    fn unbind(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        self.unbind_socket(fd)
+    }
 }
 
 /// The dataplane behind the service's mutex binds sockets too (without holding the lock).
@@ -168,6 +186,10 @@ impl Kernel for Mutex<Dataplane> {
     fn bind(&self, fd: BorrowedFd<'_>, id: PeerId, role: SocketRole) -> io::Result<()> {
         let binder = self.lock().unwrap().socket_binder();
         binder.bind_socket(fd, id, role)
+    }
+    fn unbind(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        let binder = self.lock().unwrap().socket_binder();
+        binder.unbind_socket(fd)
     }
 }
 

@@ -11,6 +11,7 @@ use std::{
 
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
@@ -119,6 +120,20 @@ pub fn lookup_elem<K: Copy, V: Copy + Default>(
     match elem_call(BPF_MAP_LOOKUP_ELEM, &mut attr) {
         Ok(()) => Ok(Some(value)),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// `BPF_MAP_DELETE_ELEM` of one element; `false` when the key had no value (`ENOENT`).
+pub fn delete_elem<K: Copy>(map: BorrowedFd<'_>, key: &K) -> io::Result<bool> {
+    let mut attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: std::ptr::from_ref(key) as u64,
+        ..Default::default()
+    };
+    match elem_call(BPF_MAP_DELETE_ELEM, &mut attr) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
         Err(e) => Err(e),
     }
 }

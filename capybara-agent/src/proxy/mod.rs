@@ -20,7 +20,16 @@
 //!
 //! The endpoints themselves decide only what the kernel cannot see: who a connection belongs
 //! to (the credential), refusing a held or unknown user before connecting anywhere, and closing
-//! a user's open connections on `kick` or a hold ([`registry::Registry::cut`]).
+//! a user's open connections on `kick`, a hold the policy writes, or the identity's removal
+//! ([`registry::Registry::cut`]). A cut connection is aborted ([`relay::abort`]): both sockets
+//! are unbound and closed with a reset, which discards what they had not sent, so the client
+//! sees the end at once even while the kernel holds the user (a held socket's FIN would be
+//! dropped, and the client would wait for its own timeout).
+//!
+//! Overshoot bounds: the kernel's checks act on the packet that crosses the limit (quota: at
+//! most one GSO super-packet, 64 KiB, per CPU past the budget; shaping: the HTB class's
+//! burst); a hold the policy writes cuts the connections in the same call, and the kernel
+//! drops the held sockets' packets from that write on.
 //!
 //! ## Layout
 //! - this module: the identity ([`Identity`]), what an endpoint needs from the rest of the agent
@@ -31,11 +40,14 @@
 //! - [`shadowsocks`]: the Shadowsocks endpoint (AEAD, SIP004 and SIP022; the user found by key
 //!   trial);
 //! - [`tls`]: the VLESS endpoint's certificate (files, or generated and kept) and TLS config;
-//! - [`vless`]: the VLESS endpoint over TLS ([`vless::serve`]) and its header parser.
+//! - [`vless`]: the VLESS endpoint over TLS ([`vless::serve`]) and its header parser;
+//! - `testing` (tests and the `test-support` feature): doubles of the kernel and events ports.
 
 pub mod registry;
 pub mod relay;
 pub mod shadowsocks;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
 pub mod tls;
 pub mod vless;
 
@@ -92,6 +104,9 @@ pub enum SocketRole {
 pub trait Kernel: Send + Sync + 'static {
     /// Binds the socket `fd` to `id` in `role`. Until it returns, the socket is not the user's.
     fn bind(&self, fd: BorrowedFd<'_>, id: PeerId, role: SocketRole) -> io::Result<()>;
+    /// Unbinds the socket `fd`: the programs pass its next packets untouched. Only for a
+    /// connection being cut ([`relay::abort`]), whose reset must pass a held user's gate.
+    fn unbind(&self, fd: BorrowedFd<'_>) -> io::Result<()>;
 }
 
 /// Why an endpoint refused a connection before it was anybody's.

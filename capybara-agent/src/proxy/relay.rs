@@ -8,7 +8,7 @@
 use std::{
     io,
     net::SocketAddr,
-    os::fd::AsFd,
+    os::fd::{AsFd, BorrowedFd},
     pin::Pin,
     sync::{
         Arc,
@@ -74,10 +74,11 @@ pub struct Moved {
 }
 
 /// Relays between the client side (the protocol's decrypted stream) and `upstream` until both
-/// directions are done, one fails, or `cut` fires. Returns what moved and why it ended.
+/// directions are done, one fails, or `cut` fires. Returns what moved and why it ended; a cut
+/// connection's sockets are then the caller's to [`abort`].
 pub async fn relay<C>(
     client: C,
-    mut upstream: TcpStream,
+    upstream: &mut TcpStream,
     cut: &CancellationToken,
 ) -> (Moved, CloseReason)
 where
@@ -92,7 +93,7 @@ where
     };
     let reason = tokio::select! {
         _ = tokio::io::copy_bidirectional_with_sizes(
-            &mut client, &mut upstream, RELAY_BUFFER, RELAY_BUFFER,
+            &mut client, upstream, RELAY_BUFFER, RELAY_BUFFER,
         ) => CloseReason::Closed,
         () = cut.cancelled() => CloseReason::Cut,
     };
@@ -101,6 +102,28 @@ where
         tx_bytes: tx.load(Ordering::Relaxed),
     };
     (moved, reason)
+}
+
+/// Ends a cut connection's `sockets` at once: each is set to close with a reset
+/// (`SO_LINGER` 0: what it had not sent is discarded, nothing more of the user's traffic
+/// leaves) and unbound, so that the reset passes even a held user's gate; the caller then
+/// drops them. Between the unbinding and the close (microseconds, no await between them) a
+/// retransmission could leave uncounted; the client's socket has nothing of the user's to send
+/// after the relay stopped. Failures are logged: the sockets are closed anyway.
+pub fn abort(kernel: &dyn Kernel, sockets: &[BorrowedFd<'_>]) {
+    use nix::sys::socket::{setsockopt, sockopt::Linger};
+    let reset = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    for fd in sockets {
+        if let Err(e) = setsockopt(fd, Linger, &reset) {
+            tracing::warn!(error = %e, "proxy: cannot set a cut socket to reset on close");
+        }
+        if let Err(e) = kernel.unbind(*fd) {
+            tracing::warn!(error = %e, "proxy: cannot unbind a cut socket: its reset may be held");
+        }
+    }
 }
 
 /// A stream that counts what is read from it and written to it.
@@ -149,19 +172,11 @@ impl<C: AsyncWrite + Unpin> AsyncWrite for Counting<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::BorrowedFd;
+    use crate::proxy::testing::RecordingKernel;
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
         net::TcpListener,
     };
-
-    struct Bound(std::sync::Mutex<Vec<(PeerId, SocketRole)>>);
-    impl Kernel for Bound {
-        fn bind(&self, _fd: BorrowedFd<'_>, id: PeerId, role: SocketRole) -> io::Result<()> {
-            self.0.lock().unwrap().push((id, role));
-            Ok(())
-        }
-    }
 
     #[tokio::test]
     async fn relays_both_ways_counts_and_stops_when_cut() {
@@ -180,23 +195,30 @@ mod tests {
                 s.write_all(&buf[..n]).await.unwrap();
             }
         });
-        let kernel = Bound(Default::default());
-        let upstream = connect_upstream(&Target::Addr(up_addr), 7, &kernel)
+        let kernel = RecordingKernel::default();
+        let mut upstream = connect_upstream(&Target::Addr(up_addr), 7, &kernel)
             .await
             .unwrap();
-        assert_eq!(*kernel.0.lock().unwrap(), [(7, SocketRole::Upstream)]);
+        assert_eq!(kernel.binds(), [(7, SocketRole::Upstream)]);
 
         let (mut user, client_side) = tokio::io::duplex(4096);
         let cut = CancellationToken::new();
         let cut2 = cut.clone();
-        let relay = tokio::spawn(async move { relay(client_side, upstream, &cut2).await });
+        let relay = tokio::spawn(async move {
+            let r = relay(client_side, &mut upstream, &cut2).await;
+            (r, upstream)
+        });
         user.write_all(b"hello").await.unwrap();
         let mut got = [0u8; 10];
         user.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"hellohello");
         cut.cancel();
-        let (moved, reason) = relay.await.unwrap();
+        let ((moved, reason), upstream) = relay.await.unwrap();
         assert_eq!(reason, CloseReason::Cut);
+        // Aborted: unbound, and closed with a reset the upstream server sees.
+        abort(&kernel, &[upstream.as_fd()]);
+        assert_eq!(kernel.unbinds(), 1);
+        drop(upstream);
         assert_eq!(
             moved,
             Moved {
@@ -212,7 +234,7 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         drop(l);
-        let kernel = Bound(Default::default());
+        let kernel = RecordingKernel::default();
         let e = connect_upstream(&Target::Addr(addr), 1, &kernel)
             .await
             .unwrap_err();

@@ -399,7 +399,7 @@ async fn proxied(
         reason,
         at: SystemTime::now(),
     };
-    let upstream = match relay::connect_upstream(&target, identity.id, &*hub.kernel).await {
+    let mut upstream = match relay::connect_upstream(&target, identity.id, &*hub.kernel).await {
         Ok(u) => u,
         Err(e) => {
             tracing::debug!(%source, %target, error = %e, "shadowsocks: upstream");
@@ -418,7 +418,12 @@ async fn proxied(
             .report(closed(relay::Moved::default(), CloseReason::Closed));
         return;
     }
-    let (moved, reason) = relay::relay(StableWrites::new(ss), upstream, conn.cut()).await;
+    let mut client = StableWrites::new(ss);
+    let (moved, reason) = relay::relay(&mut client, &mut upstream, conn.cut()).await;
+    if reason == CloseReason::Cut {
+        let client_fd = client.inner.get_ref().inner.as_fd();
+        relay::abort(&*hub.kernel, &[client_fd, upstream.as_fd()]);
+    }
     hub.events.report(closed(moved, reason));
 }
 

@@ -273,10 +273,13 @@ async fn proxied(
         upstream.write_all(&payload).await
     };
     let (mut moved, reason) = match started.await {
-        Ok(()) => relay::relay(&mut tls, upstream, conn.cut()).await,
+        Ok(()) => relay::relay(&mut tls, &mut upstream, conn.cut()).await,
         Err(_) => (Moved::default(), CloseReason::Closed),
     };
     watcher.abort();
+    if reason == CloseReason::Cut {
+        relay::abort(&*hub.kernel, &[tls.get_ref().0.as_fd(), upstream.as_fd()]);
+    }
     moved.rx_bytes += payload.len() as u64;
     closed(moved, reason);
 }

@@ -324,27 +324,18 @@ impl Monitor {
         Ok(Some(peer))
     }
 
-    /// Kicks `user`'s proxy identities: each line is held as `kicked` in the kernel (its open
-    /// sockets pass nothing more), its open connections are cut, and it is offline. The hold
-    /// ends with the identity's next authenticated connection (`Policy::on_proxy_open`), as a
-    /// device's ends with its next handshake. Returns how many connections were cut.
+    /// Kicks `user`'s proxy identities: their open connections are cut (the endpoints abort
+    /// them: the client sees a reset at once) and they are offline. Unlike a device, an
+    /// identity is not held in the kernel: its next connection authenticates again, which is
+    /// what a device's next handshake is (a kernel hold here also dropped the endpoint's own
+    /// reset, so the client saw no end; measured in `e2e_proxies`). Returns how many
+    /// connections were cut.
     fn kick_proxies(&self, user: &UserName) -> Result<usize, ServiceError> {
-        let ids: Vec<u32> = self
-            .dir
-            .proxy_records(user)
-            .iter()
-            .map(|r| r.access.id)
-            .collect();
-        for id in &ids {
-            self.core
-                .plane
-                .set_gate(*id, Gate::Held(DropReason::GateKicked))?;
-        }
         let now = SystemTime::now();
         let mut cut = 0;
-        for id in ids {
-            cut += self.core.proxies.cut(id);
-            self.policy.on_proxy_close(id, now)?;
+        for rec in self.dir.proxy_records(user) {
+            cut += self.core.proxies.cut(rec.access.id);
+            self.policy.on_proxy_close(rec.access.id, now)?;
         }
         Ok(cut)
     }

@@ -211,7 +211,7 @@ async fn throughput(endpoint_rt: &tokio::runtime::Handle) -> Result<(f64, f64)> 
     // Nobody reads them during a round: drop them as they come.
     tokio::spawn(async move { while events.recv().await.is_some() {} });
     let hub = Hub {
-        credentials: Arc::new(StaticUsers::new(keys)),
+        credentials: Arc::new(StaticUsers::shadowsocks(keys)),
         kernel: Arc::new(RecordingKernel::default()),
         events: Arc::new(sink),
         registry: Arc::new(Registry::default()),

@@ -10,8 +10,8 @@
 //! round reads for [`WARMUP`] (not counted), then `seconds`; rounds alternate Capybara, v2ray,
 //! Capybara, … ([`RUNS`] of each); each throughput figure is the median of its rounds and
 //! `vless_throughput_vs_v2ray` their ratio (target ≥ 1.0). The endpoint's `Hub` binds nothing
-//! in the kernel (a no-op kernel port: the programs' cost is the dataplane benchmarks'
-//! subject) and drops its events.
+//! in the kernel (a kernel port that only records: the programs' cost is the dataplane
+//! benchmarks' subject) and drops its events.
 //!
 //! The v2ray client decrypts everything both servers send, on the same 2 cores: when it uses
 //! about one core it is the bottleneck and the ratio says only that our server leaves it at
@@ -40,7 +40,6 @@ use std::{
     collections::HashMap,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener},
-    os::fd::BorrowedFd,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -48,14 +47,14 @@ use std::{
 use anyhow::{Context as _, Result};
 use capybara_agent::{
     proxy::{
-        Credentials, Events, Hub, Identity, Kernel, ProxyEvent, ShadowsocksKey, SocketRole,
+        Hub, Identity,
         registry::Registry,
+        testing::{ChannelEvents, RecordingKernel, StaticUsers},
         tls::{CertSource, EndpointCert},
         vless,
     },
     service::domain::{Protocol, UserName},
 };
-use capybara_common::peer::PeerId;
 use tokio_util::sync::CancellationToken;
 
 use super::{Figure, Selection, median};
@@ -89,35 +88,6 @@ const ENDPOINT_THREADS: &str = "vless-endpoint";
 /// The one user.
 const UUID: [u8; 16] = *b"bench-vless-uuid";
 
-struct OneUser;
-impl Credentials for OneUser {
-    fn shadowsocks(&self) -> Arc<[ShadowsocksKey]> {
-        Arc::new([])
-    }
-    fn vless(&self, uuid: &[u8; 16]) -> Option<Identity> {
-        (*uuid == UUID).then(|| Identity {
-            id: 1,
-            user: UserName::parse("user", "bench").expect("a valid user name"),
-            protocol: Protocol::Vless,
-        })
-    }
-    fn admitted(&self, _id: PeerId) -> bool {
-        true
-    }
-}
-
-struct NoKernel;
-impl Kernel for NoKernel {
-    fn bind(&self, _fd: BorrowedFd<'_>, _id: PeerId, _role: SocketRole) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-struct Dropped;
-impl Events for Dropped {
-    fn report(&self, _event: ProxyEvent) {}
-}
-
 /// A source on loopback writing 64 KiB buffers to each connection until it closes.
 fn source() -> Result<SocketAddr> {
     let l = TcpListener::bind("127.0.0.1:0")?;
@@ -141,7 +111,8 @@ fn round(
     client: u32,
     server: &ServerCpu<'_>,
 ) -> Result<Round> {
-    let mut s = v2ray::socks_connect(socks, source).context("SOCKS connect through v2ray")?;
+    let proxy = SocketAddr::from(([127, 0, 0, 1], socks));
+    let mut s = crate::socks::connect(proxy, source).context("SOCKS connect through v2ray")?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut buf = vec![0u8; 256 * 1024];
     let read_for = |s: &mut std::net::TcpStream, buf: &mut [u8], d: Duration| -> Result<u64> {
@@ -197,10 +168,17 @@ pub fn run(sel: &Selection, seconds: f64) -> Result<Vec<Figure>> {
     let _stop = stop.clone().drop_guard();
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let ours = listener.local_addr()?;
+    // The one user; a kernel port that only records (the agent's would bind in its map), and
+    // events to a channel nobody reads.
+    let user = Identity {
+        id: 1,
+        user: UserName::parse("user", "bench").expect("a valid user name"),
+        protocol: Protocol::Vless,
+    };
     let hub = Hub {
-        credentials: Arc::new(OneUser),
-        kernel: Arc::new(NoKernel),
-        events: Arc::new(Dropped),
+        credentials: Arc::new(StaticUsers::vless([(UUID, user)])),
+        kernel: Arc::new(RecordingKernel::default()),
+        events: Arc::new(ChannelEvents::new().0),
         registry: Arc::new(Registry::default()),
     };
     rt.spawn(vless::serve(

@@ -1,13 +1,7 @@
 //! The endpoint against shadowsocks-rust's own client stream and hand-sealed bad headers, over
 //! loopback, with test doubles of the agent's ports (credentials, kernel, events).
 
-use std::{
-    collections::HashSet,
-    io,
-    os::fd::BorrowedFd,
-    sync::{Arc, Mutex},
-    time::Instant,
-};
+use std::{sync::Arc, time::Instant};
 
 use capybara_common::peer::PeerId;
 use rand::{Rng, RngCore, SeedableRng, rngs::StdRng};
@@ -19,44 +13,12 @@ use tokio::{
 
 use super::*;
 use crate::{
-    proxy::{Credentials, Events, Kernel, registry::Registry},
+    proxy::{
+        registry::Registry,
+        testing::{ChannelEvents, RecordingKernel, StaticUsers},
+    },
     service::domain::UserName,
 };
-
-struct Users {
-    keys: Arc<[ShadowsocksKey]>,
-    held: Mutex<HashSet<PeerId>>,
-}
-
-impl Credentials for Users {
-    fn shadowsocks(&self) -> Arc<[ShadowsocksKey]> {
-        Arc::clone(&self.keys)
-    }
-    fn vless(&self, _uuid: &[u8; 16]) -> Option<Identity> {
-        None
-    }
-    fn admitted(&self, id: PeerId) -> bool {
-        !self.held.lock().unwrap().contains(&id)
-    }
-}
-
-#[derive(Default)]
-struct Binds(Mutex<Vec<(PeerId, SocketRole)>>);
-
-impl Kernel for Binds {
-    fn bind(&self, _fd: BorrowedFd<'_>, id: PeerId, role: SocketRole) -> io::Result<()> {
-        self.0.lock().unwrap().push((id, role));
-        Ok(())
-    }
-}
-
-struct Collected(mpsc::UnboundedSender<ProxyEvent>);
-
-impl Events for Collected {
-    fn report(&self, event: ProxyEvent) {
-        let _ = self.0.send(event);
-    }
-}
 
 fn identity(id: PeerId, name: &str) -> Identity {
     Identity {
@@ -81,8 +43,8 @@ struct Endpoint {
     addr: SocketAddr,
     cipher: Cipher,
     events: mpsc::UnboundedReceiver<ProxyEvent>,
-    binds: Arc<Binds>,
-    users: Arc<Users>,
+    binds: Arc<RecordingKernel>,
+    users: Arc<StaticUsers>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -104,16 +66,13 @@ async fn endpoint(cipher: Cipher) -> Endpoint {
                 .unwrap(),
         })
         .collect();
-    let users = Arc::new(Users {
-        keys: keys.into(),
-        held: Mutex::default(),
-    });
-    let binds = Arc::new(Binds::default());
-    let (tx, events) = mpsc::unbounded_channel();
+    let users = Arc::new(StaticUsers::shadowsocks(keys));
+    let binds = Arc::new(RecordingKernel::default());
+    let (sink, events) = ChannelEvents::new();
     let hub = Hub {
         credentials: users.clone(),
         kernel: binds.clone(),
-        events: Arc::new(Collected(tx)),
+        events: Arc::new(sink),
         registry: Arc::new(Registry::default()),
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -232,7 +191,7 @@ async fn every_cipher_relays_for_the_user_whose_key_opens_it() {
             other => panic!("{cipher}: expected Closed, got {other:?}"),
         }
         assert_eq!(
-            *ep.binds.0.lock().unwrap(),
+            *ep.binds.binds(),
             [(12, SocketRole::Upstream), (12, SocketRole::Client)],
             "{cipher}"
         );
@@ -315,7 +274,7 @@ async fn a_wrong_key_is_an_unknown_credential_and_the_prober_is_drained() {
     // It keeps reading until its drain timeout (1.5 s here) even as the prober sends more.
     s.write_all(&[0u8; 100_000]).await.unwrap();
     drained_then_closed(&mut s, Duration::from_millis(700)).await;
-    assert!(ep.binds.0.lock().unwrap().is_empty());
+    assert!(ep.binds.binds().is_empty());
 }
 
 #[tokio::test]
@@ -403,7 +362,7 @@ async fn a_held_user_is_refused_before_connecting_anywhere() {
         .expect("closed at once");
     assert!(matches!(r, Ok(0)) || r.is_err(), "{r:?}");
     assert_eq!(ep.auth_failure().await.1, AuthFailure::Held);
-    assert!(ep.binds.0.lock().unwrap().is_empty());
+    assert!(ep.binds.binds().is_empty());
 }
 
 #[test]
@@ -515,9 +474,9 @@ async fn a_slow_client_gets_every_byte() {
         let ss = ProxyServerStream::from_stream(context, server_end, cipher.kind(), &key);
         let mut ss = ss;
         ss.handshake().await.unwrap();
-        let upstream = TcpStream::connect(up).await.unwrap();
+        let mut upstream = TcpStream::connect(up).await.unwrap();
         let cut = tokio_util::sync::CancellationToken::new();
-        relay::relay(StableWrites::new(ss), upstream, &cut).await
+        relay::relay(StableWrites::new(ss), &mut upstream, &cut).await
     });
     let cfg = ServerConfig::new(ep.addr, password(cipher, 12), cipher.kind()).unwrap();
     let context = Arc::new(SsContext::new(ServerType::Local));

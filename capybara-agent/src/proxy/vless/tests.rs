@@ -1,13 +1,8 @@
 //! [`serve`] on loopback with a rustls client speaking VLESS by hand (the real v2ray client is
 //! `tests/it/e2e_vless.rs`).
 
-use std::{
-    collections::HashMap,
-    os::fd::BorrowedFd,
-    sync::{Arc, Mutex},
-};
+use std::sync::Arc;
 
-use capybara_common::peer::PeerId;
 use tokio_rustls::{
     TlsConnector,
     client::TlsStream as ClientTls,
@@ -16,39 +11,13 @@ use tokio_rustls::{
 
 use super::*;
 use crate::{
-    proxy::{Credentials, Events, Kernel, ShadowsocksKey, registry::Registry, tls::EndpointCert},
+    proxy::{
+        registry::Registry,
+        testing::{CollectedEvents, RecordingKernel, StaticUsers},
+        tls::EndpointCert,
+    },
     service::domain::UserName,
 };
-
-struct Users(HashMap<[u8; 16], Identity>, Mutex<Vec<PeerId>>);
-impl Credentials for Users {
-    fn shadowsocks(&self) -> Arc<[ShadowsocksKey]> {
-        Arc::new([])
-    }
-    fn vless(&self, uuid: &[u8; 16]) -> Option<Identity> {
-        self.0.get(uuid).cloned()
-    }
-    fn admitted(&self, id: PeerId) -> bool {
-        !self.1.lock().unwrap().contains(&id)
-    }
-}
-
-#[derive(Default)]
-struct Binds(Mutex<Vec<(PeerId, SocketRole)>>);
-impl Kernel for Binds {
-    fn bind(&self, _fd: BorrowedFd<'_>, id: PeerId, role: SocketRole) -> io::Result<()> {
-        self.0.lock().unwrap().push((id, role));
-        Ok(())
-    }
-}
-
-#[derive(Default)]
-struct Collected(Mutex<Vec<ProxyEvent>>);
-impl Events for Collected {
-    fn report(&self, event: ProxyEvent) {
-        self.0.lock().unwrap().push(event);
-    }
-}
 
 const ALICE: [u8; 16] = [0xa1; 16];
 const BOB: [u8; 16] = [0xb0; 16];
@@ -56,9 +25,9 @@ const BOB: [u8; 16] = [0xb0; 16];
 struct Rig {
     addr: SocketAddr,
     client: TlsConnector,
-    users: Arc<Users>,
-    binds: Arc<Binds>,
-    events: Arc<Collected>,
+    users: Arc<StaticUsers>,
+    binds: Arc<RecordingKernel>,
+    events: Arc<CollectedEvents>,
     registry: Arc<Registry>,
     shutdown: CancellationToken,
 }
@@ -69,12 +38,11 @@ async fn rig() -> Rig {
         user: UserName::parse("user", name).unwrap(),
         protocol: Protocol::Vless,
     };
-    let users = Arc::new(Users(
-        HashMap::from([(ALICE, identity(5, "alice")), (BOB, identity(6, "bob"))]),
-        Mutex::new(vec![6]),
-    ));
-    let binds = Arc::new(Binds::default());
-    let events = Arc::new(Collected::default());
+    let users = StaticUsers::vless([(ALICE, identity(5, "alice")), (BOB, identity(6, "bob"))]);
+    users.held.lock().unwrap().insert(6);
+    let users = Arc::new(users);
+    let binds = Arc::new(RecordingKernel::default());
+    let events = Arc::new(CollectedEvents::default());
     let registry = Arc::new(Registry::default());
     let hub = Hub {
         credentials: users.clone(),
@@ -124,13 +92,13 @@ impl Rig {
     /// Waits until `n` events are in.
     async fn events(&self, n: usize) -> Vec<ProxyEvent> {
         for _ in 0..500 {
-            let e = self.events.0.lock().unwrap().clone();
+            let e = self.events.events();
             if e.len() >= n {
                 return e;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        panic!("fewer than {n} events: {:?}", self.events.0.lock().unwrap());
+        panic!("fewer than {n} events: {:?}", self.events.events());
     }
 }
 
@@ -209,7 +177,7 @@ async fn a_users_connection_is_relayed_bound_and_reported_with_its_payload() {
     assert_eq!(&got[2..], b"HELLO WORLD");
     assert_eq!(rig.registry.open_count(5), 1);
     assert_eq!(
-        *rig.binds.0.lock().unwrap(),
+        *rig.binds.binds(),
         [(5, SocketRole::Upstream), (5, SocketRole::Client)]
     );
     c.shutdown().await.unwrap();
@@ -287,9 +255,9 @@ async fn unknown_held_garbage_and_unserved_are_refused_and_the_endpoint_keeps_se
             AuthFailure::Malformed,
         ]
     );
-    assert!(rig.binds.0.lock().unwrap().is_empty(), "nothing was bound");
+    assert!(rig.binds.binds().is_empty(), "nothing was bound");
     // Still serving; bob once released is served.
-    rig.users.1.lock().unwrap().clear();
+    rig.users.held.lock().unwrap().clear();
     let mut c = rig.connect().await;
     let mut first = request(BOB, up);
     first.extend_from_slice(b"ok");

@@ -383,6 +383,10 @@ pub enum SessionEvent {
         protocol: Protocol,
         /// The client's address.
         source: SocketAddr,
+        /// The identity's kernel counters as the connection was authenticated, before it
+        /// carried a byte: a session it opens counts from these. Read by the endpoint's event
+        /// sink as it reports (the recorder runs later, after traffic may have passed).
+        base: Counters,
         /// When.
         at: SystemTime,
     },
@@ -646,8 +650,8 @@ impl History {
         History { core, dir, live }
     }
 
-    /// The kernel counters of peer `id`.
-    fn counters(&self, id: u32) -> Result<Counters, ServiceError> {
+    /// The kernel counters of peer `id` (a device or a proxy identity).
+    pub fn counters(&self, id: u32) -> Result<Counters, ServiceError> {
         let s = self.core.plane.peer_stats(id)?;
         Ok(Counters {
             rx: Traffic {
@@ -708,9 +712,9 @@ impl History {
         user: &str,
         protocol: Protocol,
         source: SocketAddr,
+        base: Counters,
         at: SystemTime,
     ) -> Result<StoredSession, ServiceError> {
-        let base = self.counters(id)?;
         let start = secs(at);
         let s = Session {
             id: SessionId {
@@ -1194,6 +1198,7 @@ impl Recorder {
                 user,
                 protocol,
                 source,
+                base,
                 at,
             } => match self.proxies.get_mut(&id) {
                 Some(p) => {
@@ -1211,7 +1216,7 @@ impl Recorder {
                 None => {
                     let session = self
                         .svc
-                        .open_proxy_session(id, &user, protocol, source, at)?;
+                        .open_proxy_session(id, &user, protocol, source, base, at)?;
                     self.proxies.insert(
                         id,
                         ProxyOpen {

@@ -854,6 +854,8 @@ fn a_proxy_session_spans_its_connections_and_ends_idle_after_the_last_or_at_once
         user: "alice".into(),
         protocol: Protocol::Shadowsocks,
         source: ep(source),
+        // What the endpoint's sink reads as it reports, before the connection carries a byte.
+        base: f.svc.history.counters(id).unwrap(),
         at,
     };
     let closed = |cut, at| SessionEvent::ProxyClosed { id, cut, at };

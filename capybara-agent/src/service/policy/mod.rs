@@ -1028,6 +1028,15 @@ impl Policy {
             if let Some(gate) = engine::gate_write(kernel, want, shook) {
                 self.core.plane.set_gate(id, gate)?;
                 tracing::info!(user = %user, peer = id, gate = ?gate, "policy gate");
+                // A held proxy identity's connections end now, not at the client's timeout:
+                // the endpoints abort them (`proxy::relay::abort`). A device's tunnel session
+                // stays; its packets are dropped until the gate opens.
+                if proxy && matches!(gate, Gate::Held(_)) {
+                    let cut = self.core.proxies.cut(id);
+                    if cut > 0 {
+                        tracing::info!(user = %user, peer = id, connections = cut, "held: proxied connections cut");
+                    }
+                }
             }
             rt.written.insert(id, want);
         }
