@@ -89,6 +89,7 @@ mod e2e_tunnel_workers;
 // Issue 24, the VLESS endpoint with Debian's v2ray client.
 mod e2e_vless;
 // Issue 24, the kernel enforcing a proxied user's sockets.
+mod e2e_proxies;
 mod e2e_proxy_kernel;
 // Issue 24, proxy identities: protocols of users, their ids, client configs.
 mod api_proxies;

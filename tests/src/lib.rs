@@ -24,6 +24,8 @@
 //!   SOCKS5 connect (the `e2e_vless` test and the `vless_throughput_*` benchmark).
 //! - [`shadowsocks`]: Debian's `ss-local` / `ss-server` on loopback, a SOCKS5 client, a file
 //!   server, and test doubles of the agent's proxy ports (issue 24).
+//! - [`origin`]: a TCP origin in a namespace serving a file or an endless stream (what proxied
+//!   and tunnelled downloads fetch in the end-to-end tests).
 //! - [`socks`]: a SOCKS5 client (through `ss-local` and v2ray); [`free_port`].
 //! - [`bench`]: the benchmarks behind `cargo xtask bench` (binary `capybara-bench`).
 
@@ -34,6 +36,7 @@ pub mod cpu;
 pub mod iperf;
 pub mod loadgen;
 pub mod netns;
+pub mod origin;
 pub mod receivers;
 pub mod rest;
 pub mod shadowsocks;

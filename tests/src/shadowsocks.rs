@@ -80,6 +80,16 @@ pub fn ss_local(server: SocketAddr, method: &str, password: &str) -> Result<SsPr
     )
 }
 
+/// Starts `ss-local` with `config` as printed for a client (`capybara user config --protocol
+/// shadowsocks`), its SOCKS5 port moved to a free one of the calling thread's namespace (the
+/// printed 1080 may be taken); returns once it accepts.
+pub fn ss_local_with(mut config: serde_json::Value) -> Result<SsProcess> {
+    let port = crate::free_port();
+    config["local_address"] = "127.0.0.1".into();
+    config["local_port"] = port.into();
+    spawn("ss-local", config, port)
+}
+
 /// Starts `ss-server` on a free loopback port with `method` and `password` (TCP only); returns
 /// once it accepts.
 pub fn ss_server(method: &str, password: &str) -> Result<SsProcess> {
@@ -99,12 +109,13 @@ fn spawn(program: &str, config: serde_json::Value, port: u16) -> Result<SsProces
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("config.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&config)?)?;
+    let log = std::fs::File::create(dir.path().join("log"))?;
     let child = Command::new(program)
         .arg("-c")
         .arg(&path)
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
         .spawn()
         .with_context(|| format!("{program} (Debian's shadowsocks-libev: cargo xtask setup)"))?;
     let mut p = SsProcess {
@@ -121,7 +132,8 @@ fn wait_listening(p: &mut SsProcess, program: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         if let Some(status) = p.child.try_wait()? {
-            bail!("{program} exited at start: {status}");
+            let log = std::fs::read_to_string(p._dir.path().join("log")).unwrap_or_default();
+            bail!("{program} exited at start: {status}: {log}");
         }
         if StdTcpStream::connect_timeout(&p.addr, Duration::from_millis(200)).is_ok() {
             return Ok(());
