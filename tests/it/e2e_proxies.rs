@@ -307,3 +307,145 @@ fn printed_configs_fetch_byte_for_byte_and_kick_and_a_hold_cut_each_protocol_wit
         assert!(got == *p.file, "{protocol}: the file arrived altered");
     }
 }
+
+/// The kernel's overshoot bound past a bucket's cutoff (`sock_skb` and the TC programs' docs):
+/// one super-packet (≤ 64 KiB of payload plus its segments' headers) per CPU, whichever line of
+/// the user's (device or proxy identity) carried it.
+fn quota_bound(cutoff: u64) -> u64 {
+    let cpus = std::thread::available_parallelism().map_or(1, |c| c.get()) as u64;
+    cutoff + cpus * (64 * 1024 + 46 * 52)
+}
+
+#[test]
+fn a_10mb_quota_shared_by_wireguard_shadowsocks_and_vless_stops_all_three_within_the_bound() {
+    let p = Proxied::start(215, 217);
+    p.lab
+        .capybara(&["quota", "set", "alice", "--limit", "10MB"]);
+    let quota = || p.lab.json(&["quota", "show", "alice"])[0].clone();
+    let q = quota();
+    let cutoff = q["cutoff_bytes"].as_u64().expect("cutoff_bytes");
+    assert!(cutoff >= 10_000_000, "{q:#}");
+
+    // Three endless downloads at once: through the tunnel, Shadowsocks and VLESS.
+    let mut streams = vec![(
+        "wireguard",
+        p.tunnelled().expect("connect through the tunnel"),
+    )];
+    for (protocol, _) in p.socks {
+        streams.push((
+            protocol,
+            p.through(protocol).expect("connect through the proxy"),
+        ));
+    }
+    let t0 = Instant::now();
+    let running: Vec<_> = streams
+        .into_iter()
+        .map(|(protocol, s)| {
+            let count = Arc::new(AtomicU64::new(0));
+            (protocol, count.clone(), Proxied::download(s, &count))
+        })
+        .collect();
+    let total = || -> u64 {
+        running
+            .iter()
+            .map(|(_, c, _)| c.load(Ordering::Relaxed))
+            .sum()
+    };
+    // Until nothing more arrives for 2 s (or 30 s in all).
+    let (mut last, mut since) = (0, Instant::now());
+    while since.elapsed() < Duration::from_secs(2) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "still flowing after 30 s: {} bytes",
+            total()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        let now = total();
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+    }
+    let q = quota();
+    let used = q["used_bytes"].as_u64().unwrap();
+    let per: Vec<(&str, u64)> = running
+        .iter()
+        .map(|(p, c, _)| (*p, c.load(Ordering::Relaxed)))
+        .collect();
+    let delivered = total();
+    let bound = quota_bound(cutoff);
+    let ctx = format!(
+        "payload delivered {per:?} = {delivered}, charged {used}, cutoff {cutoff}, bound {bound}, \
+         stopped after {:?}",
+        since - t0
+    );
+    eprintln!("{ctx}");
+    assert!(
+        q["exceeding"] == true,
+        "the budget was not spent: {q:#} {ctx}"
+    );
+    assert!(used <= bound, "charged past the bound: {ctx}");
+    assert!(delivered <= bound, "delivered past the bound: {ctx}");
+    for (protocol, got) in &per {
+        assert!(*got > 0, "{protocol} carried nothing: {ctx}");
+    }
+    // Each stopped: a new download through each gets nothing.
+    let mut fresh = vec![("wireguard", p.tunnelled())];
+    for (protocol, _) in p.socks {
+        fresh.push((protocol, p.through(protocol)));
+    }
+    for (protocol, s) in fresh {
+        use std::io::{Read as _, Write as _};
+        let got = s.and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(1)))?;
+            s.write_all(&[STREAM])?;
+            let mut b = [0u8; 1];
+            s.read(&mut b)
+        });
+        assert!(
+            !matches!(got, Ok(1)),
+            "{protocol}: a new download carried data past the quota"
+        );
+    }
+}
+
+/// Goodput (payload bits per second at the receiver) over `rate_bps`.
+fn goodput_ratio(bytes: u64, secs: f64, rate_bps: f64) -> f64 {
+    bytes as f64 * 8.0 / secs / rate_bps
+}
+
+#[test]
+fn a_20_mbit_limit_holds_for_each_protocol() {
+    let p = Proxied::start(219, 221);
+    p.lab
+        .capybara(&["quota", "set", "alice", "--bandwidth", "20Mbps"]);
+    let mut ratios = Vec::new();
+    for protocol in ["wireguard", "shadowsocks", "vless"] {
+        let s = if protocol == "wireguard" {
+            p.tunnelled()
+        } else {
+            p.through(protocol)
+        }
+        .expect("connect");
+        let count = Arc::new(AtomicU64::new(0));
+        let h = Proxied::download(s.try_clone().unwrap(), &count);
+        // From 1 s (past slow start and the classes' burst) to 4 s.
+        std::thread::sleep(Duration::from_secs(1));
+        let (b1, t1) = (count.load(Ordering::Relaxed), Instant::now());
+        std::thread::sleep(Duration::from_secs(3));
+        let (b4, secs) = (count.load(Ordering::Relaxed), t1.elapsed().as_secs_f64());
+        let ratio = goodput_ratio(b4 - b1, secs, 20e6);
+        eprintln!(
+            "{protocol}: {} payload bytes in {secs:.2} s: goodput {ratio:.3} × 20 Mbit/s",
+            b4 - b1
+        );
+        ratios.push((protocol, ratio));
+        s.shutdown(std::net::Shutdown::Both).ok();
+        let _ = h.join();
+    }
+    for (protocol, ratio) in ratios {
+        assert!(
+            (0.95..=1.00).contains(&ratio),
+            "{protocol}: goodput {ratio:.3} × the 20 Mbit/s limit, outside 0.95–1.00"
+        );
+    }
+}
