@@ -1,12 +1,6 @@
-//! Shadowsocks and VLESS through the real agent (issue 24): `capybara-agent` in a namespace
-//! with both endpoints on its uplink (`--shadowsocks-listen`, `--vless-listen`), and Debian's
-//! real clients in the client namespace, each started with the configuration `capybara user
-//! add alice --protocol wireguard,shadowsocks,vless` printed (`ss-local` with the `ss-local`
-//! JSON, `v2ray` with the v2ray JSON that pins the endpoint's generated certificate; only their
-//! local SOCKS ports are changed, since both print 1080). The destination is an origin server
-//! ([`capybara_tests::origin`]) on the client namespace's side of the veth, so every proxied
-//! byte crosses the agent's uplink both ways; WireGuard's traffic goes through the tunnel to an
-//! origin on the server's tunnel address.
+//! Shadowsocks and VLESS through the real agent (issue 24), in the lab of
+//! [`capybara_tests::proxied`]: the agent with both endpoints, alice's real clients (`ss-local`,
+//! `v2ray`, `wireguard-go`) started with the configs it printed, origins on both sides.
 //!
 //! - **Printed configs, kick, hold.** Each client fetches a 2 MiB file byte for byte; then
 //!   with an endless download open through each, `kick alice` ends both within 1 s (the
@@ -26,7 +20,6 @@
 //! runs three 4.5 s downloads, the slowest part of the file.
 
 use std::{
-    net::{IpAddr, SocketAddr, TcpStream},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -34,148 +27,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use capybara_tests::{
-    origin::{self, Origin, STREAM},
-    shadowsocks::{SsProcess, ss_local_with},
-    socks,
-    v2ray::V2ray,
-    wg::WgProcess,
-};
+use capybara_tests::origin::{self, STREAM};
 use serde_json::Value;
 
-use crate::e2e_session_history::Lab;
-
-const SS_PORT: u16 = 8388;
-const VLESS_PORT: u16 = 8443;
-const SNI: &str = "vless.capybara.test";
-const FILE_LEN: usize = 2 * 1024 * 1024;
-
-/// The lab with the agent serving both endpoints, alice added with all three protocols, her
-/// three clients running in the client namespace and an origin on each side.
-struct Proxied {
-    lab: Lab,
-    _ss: SsProcess,
-    _v2ray: V2ray,
-    _wg: WgProcess,
-    /// The clients' SOCKS5 addresses (in the client namespace), by protocol name.
-    socks: [(&'static str, SocketAddr); 2],
-    /// The origin the proxied connections reach (client side of the veth).
-    far: Origin,
-    /// The origin WireGuard traffic reaches (the server's tunnel address).
-    near: Origin,
-    file: Arc<Vec<u8>>,
-}
-
-impl Proxied {
-    fn start(veth_net: u8, tunnel_net: u8) -> Proxied {
-        let lab = Lab::new(veth_net, tunnel_net);
-        let ss = format!("{}:{SS_PORT}", lab.veth.a.v4);
-        let vl = format!("{}:{VLESS_PORT}", lab.veth.a.v4);
-        lab.start_agent(
-            1,
-            &[
-                "--shadowsocks-listen",
-                &ss,
-                // shadowsocks-libev 3.3.5 has no 2022 edition (the agent's default cipher).
-                "--shadowsocks-cipher",
-                "chacha20-ietf-poly1305",
-                "--vless-listen",
-                &vl,
-                "--vless-sni",
-                SNI,
-            ],
-        );
-        let added = lab.json(&[
-            "user",
-            "add",
-            "alice",
-            "--protocol",
-            "wireguard,shadowsocks,vless",
-            "--no-qr",
-        ]);
-        let printed = |protocol: &str| -> Value {
-            let p = added["proxies"]
-                .as_array()
-                .expect("proxies")
-                .iter()
-                .find(|p| p["access"]["protocol"] == protocol)
-                .unwrap_or_else(|| panic!("no {protocol} config in {added:#}"));
-            serde_json::from_str(p["json"].as_str().expect("json")).expect("the printed JSON")
-        };
-        let ss_config = printed("shadowsocks");
-        let ss_client = lab
-            .client
-            .run(|| ss_local_with(ss_config))
-            .expect("ss-local with the printed config");
-        let mut v2ray_config = printed("vless");
-        let v2ray_port = lab.client.run(capybara_tests::free_port);
-        v2ray_config["inbounds"][0]["port"] = v2ray_port.into();
-        let v2ray = lab.client.run(|| V2ray::start(&v2ray_config, v2ray_port));
-        let cfg = &added["config"];
-        let v4: IpAddr = cfg["peer"]["ipv4"].as_str().unwrap().parse().unwrap();
-        let wg = WgProcess::from_wg_quick(
-            &lab.client,
-            "px",
-            cfg["wg_quick"].as_str().expect("wg_quick"),
-            None,
-            lab.server_v4.into(),
-            v4,
-        );
-        let file: Arc<Vec<u8>> = Arc::new(
-            (0..FILE_LEN)
-                .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-                .collect(),
-        );
-        let far = Origin::start(&lab.client, lab.veth.b.v4.into(), file.clone());
-        let near = Origin::start(&lab.server, lab.server_v4.into(), file.clone());
-        Proxied {
-            socks: [
-                ("shadowsocks", ss_client.addr),
-                ("vless", SocketAddr::from(([127, 0, 0, 1], v2ray_port))),
-            ],
-            _ss: ss_client,
-            _v2ray: v2ray,
-            _wg: wg,
-            lab,
-            far,
-            near,
-            file,
-        }
-    }
-
-    /// A connection to the far origin through `protocol`'s client.
-    fn through(&self, protocol: &str) -> std::io::Result<TcpStream> {
-        let (_, proxy) = self.socks.iter().find(|(p, _)| *p == protocol).unwrap();
-        let (proxy, far) = (*proxy, self.far.addr);
-        self.lab.client.run(move || socks::connect(proxy, far))
-    }
-
-    /// A connection to the near origin through the tunnel.
-    fn tunnelled(&self) -> std::io::Result<TcpStream> {
-        let near = self.near.addr;
-        self.lab
-            .client
-            .run(move || TcpStream::connect_timeout(&near, Duration::from_secs(5)))
-    }
-
-    /// Starts an endless download on `s`; its bytes are added to `count`.
-    fn download(s: TcpStream, count: &Arc<AtomicU64>) -> std::thread::JoinHandle<Instant> {
-        use std::io::Write as _;
-        let mut s = s;
-        s.write_all(&[STREAM]).expect("ask for the stream");
-        origin::drain(s, count.clone())
-    }
-
-    fn sessions(&self, protocol: &str) -> Vec<Value> {
-        let all = self.lab.json(&["history", "show", "alice"]);
-        all.as_array()
-            .expect("sessions")
-            .iter()
-            .filter(|s| s["protocol"] == protocol)
-            .cloned()
-            .collect()
-    }
-}
+use capybara_tests::{
+    lab::Lab,
+    proxied::{FILE_LEN, Proxied, quota_bound, spend_quota},
+};
 
 /// Waits (≤ 10 s) until `f` holds.
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
@@ -241,7 +99,7 @@ fn ends_all_within_1s(
 
 #[test]
 fn printed_configs_fetch_byte_for_byte_and_kick_and_a_hold_cut_each_protocol_within_1s() {
-    let p = Proxied::start(211, 213);
+    let p = Proxied::start(Lab::new(211, 213));
 
     // The printed configs work: the file, byte for byte, through each.
     for (protocol, _) in p.socks {
@@ -308,84 +166,18 @@ fn printed_configs_fetch_byte_for_byte_and_kick_and_a_hold_cut_each_protocol_wit
     }
 }
 
-/// The kernel's overshoot bound past a bucket's cutoff (`sock_skb` and the TC programs' docs):
-/// one super-packet (≤ 64 KiB of payload plus its segments' headers) per CPU, whichever line of
-/// the user's (device or proxy identity) carried it.
-fn quota_bound(cutoff: u64) -> u64 {
-    let cpus = std::thread::available_parallelism().map_or(1, |c| c.get()) as u64;
-    cutoff + cpus * (64 * 1024 + 46 * 52)
-}
-
 #[test]
 fn a_10mb_quota_shared_by_wireguard_shadowsocks_and_vless_stops_all_three_within_the_bound() {
-    let p = Proxied::start(215, 217);
-    p.lab
-        .capybara(&["quota", "set", "alice", "--limit", "10MB"]);
-    let quota = || p.lab.json(&["quota", "show", "alice"])[0].clone();
-    let q = quota();
-    let cutoff = q["cutoff_bytes"].as_u64().expect("cutoff_bytes");
-    assert!(cutoff >= 10_000_000, "{q:#}");
-
-    // Three endless downloads at once: through the tunnel, Shadowsocks and VLESS.
-    let mut streams = vec![(
-        "wireguard",
-        p.tunnelled().expect("connect through the tunnel"),
-    )];
-    for (protocol, _) in p.socks {
-        streams.push((
-            protocol,
-            p.through(protocol).expect("connect through the proxy"),
-        ));
-    }
-    let t0 = Instant::now();
-    let running: Vec<_> = streams
-        .into_iter()
-        .map(|(protocol, s)| {
-            let count = Arc::new(AtomicU64::new(0));
-            (protocol, count.clone(), Proxied::download(s, &count))
-        })
-        .collect();
-    let total = || -> u64 {
-        running
-            .iter()
-            .map(|(_, c, _)| c.load(Ordering::Relaxed))
-            .sum()
-    };
-    // Until nothing more arrives for 2 s (or 30 s in all).
-    let (mut last, mut since) = (0, Instant::now());
-    while since.elapsed() < Duration::from_secs(2) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "still flowing after 30 s: {} bytes",
-            total()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-        let now = total();
-        if now != last {
-            (last, since) = (now, Instant::now());
-        }
-    }
-    let q = quota();
-    let used = q["used_bytes"].as_u64().unwrap();
-    let per: Vec<(&str, u64)> = running
-        .iter()
-        .map(|(p, c, _)| (*p, c.load(Ordering::Relaxed)))
-        .collect();
-    let delivered = total();
-    let bound = quota_bound(cutoff);
-    let ctx = format!(
-        "payload delivered {per:?} = {delivered}, charged {used}, cutoff {cutoff}, bound {bound}, \
-         stopped after {:?}",
-        since - t0
-    );
+    let p = Proxied::start(Lab::new(215, 217));
+    let spent = spend_quota(&p, "10MB");
+    let bound = quota_bound(spent.cutoff);
+    let ctx = format!("{spent:?}, bound {bound}");
     eprintln!("{ctx}");
-    assert!(
-        q["exceeding"] == true,
-        "the budget was not spent: {q:#} {ctx}"
-    );
-    assert!(used <= bound, "charged past the bound: {ctx}");
-    assert!(delivered <= bound, "delivered past the bound: {ctx}");
-    for (protocol, got) in &per {
+    assert!(spent.cutoff >= 10_000_000, "{ctx}");
+    assert!(spent.exceeding, "the budget was not spent: {ctx}");
+    assert!(spent.used <= bound, "charged past the bound: {ctx}");
+    assert!(spent.delivered <= bound, "delivered past the bound: {ctx}");
+    for (protocol, got) in &spent.per {
         assert!(*got > 0, "{protocol} carried nothing: {ctx}");
     }
     // Each stopped: a new download through each gets nothing.
@@ -415,7 +207,7 @@ fn goodput_ratio(bytes: u64, secs: f64, rate_bps: f64) -> f64 {
 
 #[test]
 fn a_20_mbit_limit_holds_for_each_protocol() {
-    let p = Proxied::start(219, 221);
+    let p = Proxied::start(Lab::new(219, 221));
     p.lab
         .capybara(&["quota", "set", "alice", "--bandwidth", "20Mbps"]);
     let mut ratios = Vec::new();

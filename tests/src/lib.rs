@@ -5,7 +5,8 @@
 //! - [`wg`]: wireguard-go / boringtun-cli interfaces driven by `wg`, the agent's tunnel in a
 //!   namespace, `wg show` parsed.
 //! - [`agent_proc`]: the agent's binaries built for a test and `capybara-agent` started in a
-//!   namespace until ready.
+//!   namespace until ready; [`lab`]: the agent in a namespace with a client namespace, driven
+//!   by the CLI.
 //! - [`bpf`], [`packets`]: BPF_PROG_TEST_RUN fixtures and packet builders (shared with the
 //!   benchmarks).
 //! - [`auth_flood`]: the agent flooded with failed handshakes from spoofed sources (the
@@ -26,6 +27,8 @@
 //!   server, and test doubles of the agent's proxy ports (issue 24).
 //! - [`origin`]: a TCP origin in a namespace serving a file or an endless stream (what proxied
 //!   and tunnelled downloads fetch in the end-to-end tests).
+//! - [`proxied`]: the agent with its Shadowsocks and VLESS endpoints and alice's three real
+//!   clients (`e2e_proxies`, the `multi_protocol_quota_*` benchmark).
 //! - [`socks`]: a SOCKS5 client (through `ss-local` and v2ray); [`free_port`].
 //! - [`bench`]: the benchmarks behind `cargo xtask bench` (binary `capybara-bench`).
 
@@ -34,9 +37,11 @@ pub mod auth_flood;
 pub mod browser;
 pub mod cpu;
 pub mod iperf;
+pub mod lab;
 pub mod loadgen;
 pub mod netns;
 pub mod origin;
+pub mod proxied;
 pub mod receivers;
 pub mod rest;
 pub mod shadowsocks;

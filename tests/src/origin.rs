@@ -81,11 +81,9 @@ fn serve(mut s: TcpStream, file: &[u8], stop: &AtomicBool) {
         return;
     }
     match what[0] {
-        FILE => {
-            if s.write_all(file).is_ok() {
-                let mut rest = [0u8; 1024];
-                while matches!(s.read(&mut rest), Ok(n) if n > 0) {}
-            }
+        FILE if s.write_all(file).is_ok() => {
+            let mut rest = [0u8; 1024];
+            while matches!(s.read(&mut rest), Ok(n) if n > 0) {}
         }
         STREAM => {
             // A write blocked by a stalled reader (a quota, a hold) wakes every 200 ms to see

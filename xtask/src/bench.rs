@@ -86,6 +86,9 @@ pub fn run(args: &Args) -> Result<()> {
         "capybara-agent",
         "--bin",
         "capybara-agent",
+        // The CLI drives the lab of the `multi_protocol_quota_*` benchmark.
+        "--bin",
+        "capybara",
         "-p",
         PACKAGE,
         "--bin",

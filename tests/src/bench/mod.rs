@@ -41,6 +41,8 @@
 //!   server, the same v2ray client, same run.
 //! - [`shadowsocks`]: bulk download from Debian's `ss-local` through the agent's Shadowsocks
 //!   endpoint and through `ss-server`, same run; the cost of finding a user by key trial.
+//! - [`multi_quota`]: one user's quota spent through WireGuard, Shadowsocks and VLESS at once,
+//!   the kernel's charge past the cutoff against its stated bound.
 //!
 //! Every figure is a [`Figure`]; the binary writes them as
 //! `{"benchmarks":[{"name":…, "value":…, "unit":…}]}`. The names below are what reports and CI
@@ -54,6 +56,7 @@ pub mod floor;
 pub mod geo;
 pub mod guard;
 pub mod handshake_flood;
+pub mod multi_quota;
 pub mod pipeline;
 pub mod policy;
 pub mod report;
@@ -208,6 +211,7 @@ const ALL_PARTS: &[&[&str]] = &[
     tunnel_workers::NAMES,
     vless::NAMES,
     shadowsocks::NAMES,
+    multi_quota::NAMES,
 ];
 
 /// What `--quick` runs: a few of the kernel probes, one rate of each throttle baseline, and the

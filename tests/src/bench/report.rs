@@ -139,6 +139,10 @@ pub const BASELINES: &[(&str, &str)] = &[
     ("rule_update_us_capybara", "rule_update_us_tc"),
     ("rest_p50_us", "grpc_p50_us"),
     (
+        "multi_protocol_quota_overshoot_bytes",
+        "multi_protocol_quota_overshoot_bound_bytes",
+    ),
+    (
         "report_month_10k_users_ms",
         "report_month_10k_users_hourly_ms",
     ),

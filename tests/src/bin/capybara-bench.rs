@@ -112,7 +112,7 @@ fn main() -> Result<()> {
     let when = now_utc();
     // Declared first, dropped last: every benchmark's fds are closed before the pins go.
     let pins = BenchPins::new()?;
-    let mut stages = report::Stages::start(20);
+    let mut stages = report::Stages::start(21);
     let mut failures: Vec<report::Failure> = Vec::new();
     stages.next("XDP guard");
     let mut figures: Vec<Figure> = bench::guard::run(
@@ -337,6 +337,17 @@ fn main() -> Result<()> {
             progress!("shadowsocks benchmarks failed: {e:#}");
             failures.push(report::Failure {
                 group: bench::shadowsocks::NAMES.join(", "),
+                error: format!("{e:#}"),
+            });
+        }
+    }
+    stages.next("one quota spent through WireGuard, Shadowsocks and VLESS");
+    match bench::multi_quota::run(&sel) {
+        Ok(f) => figures.extend(f),
+        Err(e) => {
+            progress!("multi-protocol quota benchmark failed: {e:#}");
+            failures.push(report::Failure {
+                group: bench::multi_quota::NAMES.join(", "),
                 error: format!("{e:#}"),
             });
         }
