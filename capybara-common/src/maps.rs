@@ -81,8 +81,13 @@ pub const DST_V4_DIR: &str = "CAPY_DST_V4DIR";
 pub const DST_V4_LONG: &str = "CAPY_DST_V4LNG";
 /// Destination blocklists: IPv6 trie.
 pub const DST_V6: &str = "CAPY_DST_V6";
-/// UDP ports the XDP guard inspects (index = port, value non-zero = guarded).
+/// Ports the XDP guard inspects: index = port, value = which transports of it are guarded
+/// ([`GUARD_UDP`] | [`GUARD_TCP`]; 0 = none).
 pub const GUARD_PORTS: &str = "CAPY_GUARD_PORT";
+/// In a [`GUARD_PORTS`] value: the UDP port is guarded (the WireGuard socket).
+pub const GUARD_UDP: u32 = 1;
+/// In a [`GUARD_PORTS`] value: the TCP port is guarded (the Shadowsocks and VLESS endpoints).
+pub const GUARD_TCP: u32 = 2;
 /// The admission gate's verification endpoint ([`crate::gate`]).
 pub const GATE_ALLOW: &str = "CAPY_GATE_ALLOW";
 /// Per-peer rate-limit state of events ([`crate::peer::PeerEventState`]), indexed by peer id.

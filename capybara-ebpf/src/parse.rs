@@ -150,16 +150,6 @@ pub struct Ipv6ExtHdr {
     pub rest: [u8; 6],
 }
 
-/// UDP header.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct UdpHdr {
-    pub src_port: [u8; 2],
-    pub dst_port: [u8; 2],
-    pub len: [u8; 2],
-    pub check: [u8; 2],
-}
-
 /// Size of the IPv4 header without options.
 pub const IPV4_HDR_LEN: usize = size_of::<Ipv4Hdr>();
 /// Size of the IPv6 fixed header.
@@ -361,9 +351,10 @@ pub fn ipv6(pkt: &Packet, off: usize) -> Result<Upper, Malformed> {
     })
 }
 
-/// The destination port of the (complete) UDP header at `off`.
+/// The destination port of the UDP or TCP header at `off` (both start with the two ports). At
+/// least 8 bytes of it must be present: a whole UDP header, and no TCP header is shorter.
 #[inline(always)]
-pub fn udp_dst_port(pkt: &Packet, off: usize) -> Result<u16, Malformed> {
-    let udp: UdpHdr = pkt.read(off)?;
-    Ok(u16::from_be_bytes(udp.dst_port))
+pub fn dst_port(pkt: &Packet, off: usize) -> Result<u16, Malformed> {
+    let head: [u8; 8] = pkt.read(off)?;
+    Ok(u16::from_be_bytes([head[2], head[3]]))
 }

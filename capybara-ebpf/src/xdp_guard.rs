@@ -1,27 +1,32 @@
-//! `xdp_guard`, on the uplink: drops packets to the WireGuard port whose source is in a source
-//! blocklist (named lists: `manual`, `auto`, `tor`, `geo:CN`, …), before the stack sees them.
+//! `xdp_guard`, on the uplink: drops packets to the agent's own ports — the WireGuard port (UDP)
+//! and the Shadowsocks and VLESS endpoints (TCP) — whose source is in a source blocklist (named
+//! lists: `manual`, `auto`, `tor`, `geo:CN`, …), before the stack sees them.
 //!
 //! Pipeline: Ethernet (+ at most one 802.1Q/802.1ad tag) → IPv4 / IPv6 (up to
 //! `MAX_IPV6_EXT_HEADERS` = 4 extension headers, none starting past `MAX_HEADER_OFFSET` = 1 024
-//! bytes) → UDP destination port → `GUARD_PORTS[port]` → source blocklist lookup. Every packet
-//! ends in exactly one `XDP_*` counter:
+//! bytes) → UDP or TCP destination port → `GUARD_PORTS[port]` (`GUARD_UDP` / `GUARD_TCP` bits:
+//! which transports of the port are guarded) → source blocklist lookup. Every packet ends in
+//! exactly one `XDP_*` counter:
 //!
 //! | case | verdict | counter |
 //! |---|---|---|
-//! | not IP, not UDP, or UDP to an unguarded port | pass | `XDP_PASS_UNGUARDED` |
-//! | UDP to a guarded port, source in no list (or list 0) | pass | `XDP_PASS_CLEAN` |
-//! | UDP to a guarded port, source in list `n` | **drop** | `XDP_DROP_BLOCKLIST`, `DROPS_BASE + SourceBlocklist`, `LIST_HITS[n]` |
+//! | not IP, not UDP or TCP, or to a port not guarded for its transport | pass | `XDP_PASS_UNGUARDED` |
+//! | UDP/TCP to a guarded port, source in no list (or list 0) | pass | `XDP_PASS_CLEAN` |
+//! | UDP/TCP to a guarded port, source in list `n` | **drop** | `XDP_DROP_BLOCKLIST`, `DROPS_BASE + SourceBlocklist`, `LIST_HITS[n]` |
 //! | IPv6 deeper than the guard parses, source in list `n` | **drop** | `XDP_DROP_UNPARSEABLE`, `DROPS_BASE + Unparseable`, `LIST_HITS[n]` |
 //! | IPv6 deeper than the guard parses, source in no list | pass | `XDP_PASS_UNPARSEABLE` |
 //! | non-first fragment of a UDP datagram | pass | `XDP_PASS_FRAGMENT` |
 //! | truncated / inconsistent headers | pass | `XDP_PASS_MALFORMED` |
 //!
-//! **Why only the guarded port.** The uplink also carries the return traffic of the VPN's own
+//! **Why only the guarded ports.** The uplink also carries the return traffic of the VPN's own
 //! users: a user browsing a site in a blocked country gets replies *from* that country, NATed
 //! back to the server's address. Dropping every packet from a blocked source would break that
-//! traffic. Only what reaches the WireGuard socket (handshakes and tunnel packets, i.e. who may
-//! talk to the server at all) is guarded; destination policy for users is the tunnel device's
-//! job (`tc_ingress`/`tc_egress`).
+//! traffic. Only what reaches the WireGuard socket (handshakes and tunnel packets) and the proxy
+//! endpoints' listening ports (every segment of a client's connection, its SYN first), i.e. who
+//! may talk to the server at all, is guarded; the proxied connections' own upstream sockets use
+//! ephemeral ports, which are never guarded, so their replies pass. Destination policy for
+//! users is the tunnel device's job (`tc_ingress`/`tc_egress`) and, for proxied traffic, the
+//! socket programs' (`sock_skb`).
 //!
 //! **Fragments.** A non-first fragment carries no UDP header, so its port is unknown; it passes.
 //! That is safe: the first fragment (which has the port) is checked and dropped for a blocked
@@ -47,8 +52,8 @@
 //! whose packets carry more than 4 extension headers or reach past byte 1 024 — on the
 //! internet, where even one extension header is often dropped on the path (RFC 7872, RFC 9098),
 //! practically none — and it applies whether or not a port is guarded (the agent always guards
-//! its listen port). A chain the guard does follow to a header that is not UDP (TCP past byte
-//! 1 024, say) is unguarded as before. 4 headers and byte 1 024 stay the bounds: raising them
+//! its listen port). A chain the guard does follow to a header that is neither UDP nor TCP
+//! (ICMP past byte 1 024, say) is unguarded as before. 4 headers and byte 1 024 stay the bounds: raising them
 //! costs verifier work and closes nothing, since an attacker chooses the chain's length.
 //!
 //! **QinQ** (two VLAN tags) counts as non-IP (unguarded): the stack delivers it to a socket only
@@ -63,13 +68,17 @@ use capybara_common::{
         XDP_PASS_MALFORMED, XDP_PASS_UNGUARDED, XDP_PASS_UNPARSEABLE,
     },
     drop::DropReason,
+    maps::{GUARD_TCP, GUARD_UDP},
 };
 
 use crate::{
     counters::{count, count_drop, count_list_hit},
     lookup::{SOURCE, config},
     maps::GUARD_PORTS,
-    parse::{self, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, MAX_HEADER_OFFSET, Malformed, Packet, Src},
+    parse::{
+        self, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, MAX_HEADER_OFFSET, Malformed, Packet,
+        Src,
+    },
 };
 
 /// The guard's decision, before counting.
@@ -142,17 +151,22 @@ fn try_xdp_guard(pkt: &Packet) -> Result<Verdict, Malformed> {
     };
     // Too deep to know the port (module docs): the chain goes on past the parser's bounds, or
     // the UDP header starts past `MAX_HEADER_OFFSET`.
-    let deep = ip.deep || (ip.protocol == IPPROTO_UDP && ip.l4_off > MAX_HEADER_OFFSET);
+    let transport = match ip.protocol {
+        IPPROTO_UDP => GUARD_UDP,
+        IPPROTO_TCP => GUARD_TCP,
+        _ => 0,
+    };
+    let deep = ip.deep || (transport != 0 && ip.l4_off > MAX_HEADER_OFFSET);
     if !deep {
-        if ip.protocol != IPPROTO_UDP {
+        if transport == 0 {
             return Ok(Verdict::Unguarded);
         }
         if ip.later_fragment {
             return Ok(Verdict::Fragment);
         }
-        let port = parse::udp_dst_port(pkt, ip.l4_off)?;
+        let port = parse::dst_port(pkt, ip.l4_off)?;
         match GUARD_PORTS.get(port as u32) {
-            Some(g) if *g != 0 => {}
+            Some(g) if *g & transport != 0 => {}
             _ => return Ok(Verdict::Unguarded),
         }
     }

@@ -195,7 +195,11 @@ const RUN: &[(&str, f64, &str)] = &[
     ("shadowsocks_throughput_mbps_capybara", 2290.0, "Mbit/s"),
     ("shadowsocks_throughput_mbps_ssserver", 1836.0, "Mbit/s"),
     ("multi_protocol_quota_overshoot_bytes", 1159.0, "bytes"),
-    ("multi_protocol_quota_overshoot_bound_bytes", 135_856.0, "bytes"),
+    (
+        "multi_protocol_quota_overshoot_bound_bytes",
+        135_856.0,
+        "bytes",
+    ),
     ("shadowsocks_throughput_vs_ssserver", 1.247, "ratio"),
     ("shadowsocks_key_lookup_us_1", 1.262, "µs"),
     ("shadowsocks_key_lookup_us_100", 126.6, "µs"),

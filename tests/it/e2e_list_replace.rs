@@ -74,7 +74,7 @@ fn replacing_a_100k_list_under_traffic_never_lets_a_blocked_packet_through() {
 
     let mut dp = open_dataplane(&pins);
     attach_xdp(&mut dp, &a, &veth.a.ifname);
-    dp.set_guard_ports(&[BLOCKED_PORT, CLEAN_PORT])
+    dp.set_guard_ports(&[BLOCKED_PORT, CLEAN_PORT], &[])
         .expect("set guard ports");
     let threats = list("threats");
     dp.list_replace(Direction::Source, &threats, &list_a)

@@ -16,6 +16,10 @@
 //!   goodput within 0.95–1.00 of the rate (the rate is of IP bytes; TCP's headers make an exact
 //!   rate show as about 0.965 of payload).
 //!
+//! - **Lists.** The clients' address in a source list: the XDP guard drops what it sends to
+//!   either endpoint (their TCP ports are guarded as WireGuard's UDP port is); the origin in a
+//!   destination list: no proxied connection reaches it. Both undone, traffic flows again.
+//!
 //! Each test starts its own lab and agent (about 2 s) and bounds every wait; the rate test
 //! runs three 4.5 s downloads, the slowest part of the file.
 
@@ -27,7 +31,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use capybara_tests::origin::{self, STREAM};
+use capybara_tests::origin;
 use serde_json::Value;
 
 use capybara_tests::{
@@ -132,16 +136,9 @@ fn printed_configs_fetch_byte_for_byte_and_kick_and_a_hold_cut_each_protocol_wit
     let open = open_downloads(&p);
     ends_all_within_1s(&p, &["user", "expire", "alice", "--at", "2020-01-01"], open);
     for (protocol, _) in p.socks {
-        use std::io::{Read as _, Write as _};
         // The clients answer SOCKS themselves; the endpoint refuses the user behind them.
-        let got = p.through(protocol).and_then(|mut s| {
-            s.set_read_timeout(Some(Duration::from_secs(2)))?;
-            s.write_all(&[STREAM])?;
-            let mut b = [0u8; 1];
-            s.read(&mut b)
-        });
         assert!(
-            !matches!(got, Ok(1)),
+            !p.carries(protocol),
             "{protocol}: a held user's connection carried data"
         );
     }
@@ -181,20 +178,9 @@ fn a_10mb_quota_shared_by_wireguard_shadowsocks_and_vless_stops_all_three_within
         assert!(*got > 0, "{protocol} carried nothing: {ctx}");
     }
     // Each stopped: a new download through each gets nothing.
-    let mut fresh = vec![("wireguard", p.tunnelled())];
-    for (protocol, _) in p.socks {
-        fresh.push((protocol, p.through(protocol)));
-    }
-    for (protocol, s) in fresh {
-        use std::io::{Read as _, Write as _};
-        let got = s.and_then(|mut s| {
-            s.set_read_timeout(Some(Duration::from_secs(1)))?;
-            s.write_all(&[STREAM])?;
-            let mut b = [0u8; 1];
-            s.read(&mut b)
-        });
+    for protocol in ["wireguard", "shadowsocks", "vless"] {
         assert!(
-            !matches!(got, Ok(1)),
+            !p.carries(protocol),
             "{protocol}: a new download carried data past the quota"
         );
     }
@@ -238,6 +224,54 @@ fn a_20_mbit_limit_holds_for_each_protocol() {
         assert!(
             (0.95..=1.00).contains(&ratio),
             "{protocol}: goodput {ratio:.3} × the 20 Mbit/s limit, outside 0.95–1.00"
+        );
+    }
+}
+
+#[test]
+fn source_blocklists_guard_both_endpoints_and_destination_lists_apply_to_proxied_traffic() {
+    let p = Proxied::start(Lab::new(227, 229));
+    let proxies = ["shadowsocks", "vless"];
+    for protocol in proxies {
+        assert!(
+            p.carries(protocol),
+            "{protocol}: no traffic before any list"
+        );
+    }
+    // The clients' address in a source list: the XDP guard drops what it sends to either
+    // endpoint's port (the origin on the same address still answers the agent's upstream
+    // connections: their ports are never guarded).
+    let client = p.lab.veth.b.v4.to_string();
+    p.lab.capybara(&["blocklist", "add", "manual", &client]);
+    for protocol in proxies {
+        assert!(
+            !p.carries(protocol),
+            "{protocol}: a blocked source reached the endpoint"
+        );
+    }
+    let lists = p.lab.json(&["blocklist", "list"]);
+    eprintln!("{lists:#}");
+    p.lab.capybara(&["blocklist", "remove", "manual", &client]);
+    for protocol in proxies {
+        assert!(p.carries(protocol), "{protocol}: no traffic once unblocked");
+    }
+    // The origin in a destination list: no proxied connection reaches it.
+    let origin = p.far.addr.ip().to_string();
+    let dst = ["--direction", "destination"];
+    p.lab
+        .capybara(&[&["blocklist", "add", "bad", &origin][..], &dst].concat());
+    for protocol in proxies {
+        assert!(
+            !p.carries(protocol),
+            "{protocol}: a proxied connection reached a listed destination"
+        );
+    }
+    p.lab
+        .capybara(&[&["blocklist", "remove", "bad", &origin][..], &dst].concat());
+    for protocol in proxies {
+        assert!(
+            p.carries(protocol),
+            "{protocol}: no traffic once the destination is off the list"
         );
     }
 }

@@ -71,7 +71,8 @@ fn blocked_source_never_reaches_the_guarded_port_and_unblocking_restores_it() {
 
     let mut dp = open_dataplane(&pins);
     attach_xdp(&mut dp, &a, &veth.a.ifname);
-    dp.set_guard_ports(&[GUARDED]).expect("set guard ports");
+    dp.set_guard_ports(&[GUARDED], &[])
+        .expect("set guard ports");
 
     let cases = [
         (

@@ -404,7 +404,8 @@ fn allow_mode_drops_sources_outside_the_allowed_countries_except_reserved_and_al
     let db = open_db(&write_fixture(tmp.path(), "fixture.mmdb", NETS));
     let pins = BpffsDir::new();
     let mut dp = open_dataplane(&pins);
-    dp.set_guard_ports(&[GUARDED]).expect("set guard ports");
+    dp.set_guard_ports(&[GUARDED], &[])
+        .expect("set guard ports");
 
     // Explicit allows inside DE (not allowed): the `allow` list outranks geo:outside.
     dp.list_replace(
@@ -757,7 +758,8 @@ fn block_mode_stops_real_traffic_from_a_blocked_country_and_off_restores_it() {
 
     let mut dp = open_dataplane(&pins);
     attach_xdp(&mut dp, &server, &veth.a.ifname);
-    dp.set_guard_ports(&[GUARDED]).expect("set guard ports");
+    dp.set_guard_ports(&[GUARDED], &[])
+        .expect("set guard ports");
 
     assert_eq!(
         udp(&client, &server, cn_src, dst4, GUARDED, N, N),

@@ -47,6 +47,8 @@ const TC_ACT_SHOT: u32 = 2;
 
 /// The guarded WireGuard port.
 const WG_PORT: u16 = 51820;
+/// A guarded TCP port (a Shadowsocks or VLESS endpoint's).
+const PROXY_PORT: u16 = 8388;
 /// The server's uplink address.
 const SERVER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const SERVER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
@@ -361,9 +363,11 @@ fn config(f: &mut Fixture, src_generation: u32, dst_generation: u32, flags: u32)
     });
 }
 
-/// The guarded port, every peer, ranges enabled.
+/// The guarded ports (WireGuard's UDP port, a proxy endpoint's TCP port), every peer, ranges
+/// enabled.
 fn base(f: &mut Fixture) {
     f.guard_port(WG_PORT);
+    f.guard(PROXY_PORT, capybara_common::maps::GUARD_TCP);
     f.peer_v4(PEER1_V4, PEER1);
     f.peer_v6(PEER1_V6, PEER1);
     f.peer_v4_range(PEER2_NET, 16, PEER2);
@@ -618,6 +622,37 @@ fn xdp_cases() -> Vec<Case> {
             src_lists,
             drop(LIST_V6),
         ),
+        // The proxy endpoints' TCP port: every segment of a client's connection is guarded.
+        c(
+            "blocked v4 source, TCP SYN to a guarded proxy port dropped",
+            || packets::eth_ip(&packets::tcp4(BLOCKED, SERVER, 40000, PROXY_PORT, 0)),
+            src_lists,
+            drop(LIST_NET),
+        ),
+        c(
+            "blocked v6 source, TCP data to a guarded proxy port dropped",
+            || packets::eth_ip(&packets::tcp6(BLOCKED6, SERVER6, 40000, PROXY_PORT, 100)),
+            src_lists,
+            drop(LIST_V6),
+        ),
+        c(
+            "clean source, TCP to a guarded proxy port passes",
+            || packets::eth_ip(&packets::tcp4(CLEAN, SERVER, 40000, PROXY_PORT, 100)),
+            src_lists,
+            clean.clone(),
+        ),
+        c(
+            "blocked source, UDP to a port guarded for TCP only passes",
+            || packets::eth_ip(&packets::udp4(BLOCKED, SERVER, 40000, PROXY_PORT, 40)),
+            src_lists,
+            unguarded.clone(),
+        ),
+        c(
+            "blocked source, TCP from a guarded proxy port (a reply to an upstream) passes",
+            || packets::eth_ip(&packets::tcp4(BLOCKED, SERVER, PROXY_PORT, 40000, 100)),
+            src_lists,
+            unguarded.clone(),
+        ),
         c(
             "v4 lists of the inactive generation have no effect",
             || packets::eth_ip(&wg4(BLOCKED)),
@@ -828,13 +863,27 @@ fn xdp_cases() -> Vec<Case> {
             src_lists,
             unparseable(LIST_V6),
         ),
+        // TCP ports are guarded too (the proxy endpoints'): a TCP header past the bound hides its
+        // port as a UDP one does. A transport the guard never guards passes.
         c(
-            "v6 TCP header past 1024 bytes from a blocked source passes (known not UDP)",
+            "v6 TCP header past 1024 bytes from a blocked source dropped as unparseable",
             || {
                 packets::eth_ip(&set_byte(
                     v6_ext(BLOCKED6, &DEEP_EXTS),
                     40,
                     packets::proto::TCP,
+                ))
+            },
+            src_lists,
+            unparseable(LIST_V6),
+        ),
+        c(
+            "v6 ICMPv6 past 1024 bytes from a blocked source passes (never guarded)",
+            || {
+                packets::eth_ip(&set_byte(
+                    v6_ext(BLOCKED6, &DEEP_EXTS),
+                    40,
+                    packets::proto::ICMPV6,
                 ))
             },
             src_lists,

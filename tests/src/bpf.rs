@@ -374,9 +374,16 @@ impl Fixture {
 
     /// Marks UDP port `port` as guarded by the XDP guard.
     pub fn guard_port(&mut self, port: u16) {
+        self.guard(port, capybara_common::maps::GUARD_UDP);
+    }
+
+    /// Marks port `port` as guarded for the transports of `mask` (`GUARD_UDP` | `GUARD_TCP`).
+    pub fn guard(&mut self, port: u16, mask: u32) {
         let mut m: Array<&mut MapData, u32> =
             Array::try_from(self.map(names::GUARD_PORTS)).unwrap();
-        m.set(u32::from(port), 1, 0).expect("write GUARD_PORTS");
+        let old = m.get(&u32::from(port), 0).unwrap_or(0);
+        m.set(u32::from(port), old | mask, 0)
+            .expect("write GUARD_PORTS");
     }
 
     /// Host route: IPv4 `addr` belongs to peer `id`.

@@ -144,6 +144,24 @@ impl Proxied {
             .run(move || TcpStream::connect_timeout(&near, Duration::from_secs(5)))
     }
 
+    /// Whether a new download through `protocol` (`wireguard`, `shadowsocks` or `vless`) gets
+    /// a byte within 2 s.
+    pub fn carries(&self, protocol: &str) -> bool {
+        use std::io::{Read as _, Write as _};
+        let s = if protocol == "wireguard" {
+            self.tunnelled()
+        } else {
+            self.through(protocol)
+        };
+        let got = s.and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.write_all(&[STREAM])?;
+            let mut b = [0u8; 1];
+            s.read(&mut b)
+        });
+        matches!(got, Ok(1))
+    }
+
     /// Starts an endless download on `s`; its bytes are added to `count`.
     pub fn download(s: TcpStream, count: &Arc<AtomicU64>) -> std::thread::JoinHandle<Instant> {
         use std::io::Write as _;

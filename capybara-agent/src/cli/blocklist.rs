@@ -70,9 +70,9 @@ pub(super) enum BlocklistCmd {
 /// `--direction`: the clap face of [`Direction`] (its values and their help).
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub(super) enum Dir {
-    /// Sources reaching the WireGuard port (XDP guard).
+    /// Sources reaching the WireGuard port or the Shadowsocks and VLESS endpoints (XDP guard).
     Source,
-    /// Destinations of tunnel traffic.
+    /// Destinations of tunnel and proxied traffic.
     Destination,
 }
 

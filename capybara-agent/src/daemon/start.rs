@@ -85,7 +85,16 @@ pub(super) fn open(config: &AgentConfig) -> Result<Opened, DaemonError> {
         &[(crate::dataplane::L4Proto::Tcp, config.mfa.port)],
     )?;
 
-    dataplane.set_guard_ports(&[config.listen_port])?;
+    // The XDP guard admits sources to the WireGuard port and to the proxy endpoints' ports
+    // alike (blocklists, geo rules).
+    let proxy_ports: Vec<u16> = {
+        let p = &config.proxies.settings;
+        let ss = p.shadowsocks.as_ref().map(|e| e.listen.port());
+        ss.into_iter()
+            .chain(p.vless.as_ref().map(|e| e.listen.port()))
+            .collect()
+    };
+    dataplane.set_guard_ports(&[config.listen_port], &proxy_ports)?;
     match &config.uplink {
         Some(uplink) => {
             dataplane.attach_xdp(uplink)?;

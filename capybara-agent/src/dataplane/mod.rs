@@ -639,13 +639,18 @@ impl Dataplane {
         self.write_config(c)
     }
 
-    /// Sets the UDP ports the XDP guard inspects (all others pass unguarded): one batch write of
+    /// Sets the ports the XDP guard inspects: `udp` (the WireGuard port) and `tcp` (the proxy
+    /// endpoints'); every other port of either transport passes unguarded. One batch write of
     /// the whole 65 536-entry table.
-    pub fn set_guard_ports(&mut self, ports: &[u16]) -> Result<()> {
+    pub fn set_guard_ports(&mut self, udp: &[u16], tcp: &[u16]) -> Result<()> {
+        use capybara_common::maps::{GUARD_TCP, GUARD_UDP};
         let keys: Vec<u32> = (0..65_536).collect();
         let mut values = vec![0u32; 65_536];
-        for &p in ports {
-            values[p as usize] = 1;
+        for &p in udp {
+            values[p as usize] |= GUARD_UDP;
+        }
+        for &p in tcp {
+            values[p as usize] |= GUARD_TCP;
         }
         match sys::update_batch(self.guard_ports.fd.as_fd(), &keys, &values) {
             Ok(()) => {}
@@ -659,19 +664,8 @@ impl Dataplane {
             }
             Err((_, e)) => return Err(sys_err(names::GUARD_PORTS, "batch update")(e)),
         }
-        tracing::info!(?ports, "guard ports set");
+        tracing::info!(?udp, ?tcp, "guard ports set");
         Ok(())
-    }
-
-    /// The guarded UDP ports.
-    pub fn guard_ports(&self) -> Result<Vec<u16>> {
-        let all: Vec<(u32, u32)> = sys::dump_hash(self.guard_ports.fd.as_fd())
-            .map_err(sys_err(names::GUARD_PORTS, "batch lookup"))?;
-        Ok(all
-            .into_iter()
-            .filter(|&(_, v)| v != 0)
-            .map(|(k, _)| k as u16)
-            .collect())
     }
 
     /// Leaves the programs enforcing (links stay pinned) or detaches them, then closes.

@@ -376,7 +376,7 @@ impl GuardBench {
             tunnel_l2_hlen: 0,
         })
         .with_context(|| format!("Dataplane::open on {}", dir.0.display()))?;
-        dp.set_guard_ports(&[GUARD_PORT])
+        dp.set_guard_ports(&[GUARD_PORT], &[])
             .context("Dataplane::set_guard_ports")?;
         ensure!(
             dp.lists().is_empty(),

@@ -225,7 +225,7 @@ fn everything_on(dp: &mut Dataplane, shape: bool) -> Result<()> {
         &random_v4_prefixes(7, 1000),
     )?;
     dp.list_replace(Direction::Source, &manual, &random_v4_prefixes(8, 1000))?;
-    dp.set_guard_ports(&[51820])?;
+    dp.set_guard_ports(&[51820], &[])?;
     Ok(())
 }
 

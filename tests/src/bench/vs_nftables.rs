@@ -459,7 +459,7 @@ pub fn run(
                     tunnel_l2_hlen: 0,
                 })
                 .context("Dataplane::open")?;
-                dp.set_guard_ports(&[PORT])?;
+                dp.set_guard_ports(&[PORT], &[])?;
                 dp.list_replace(Direction::Source, &ListName::parse("bench")?, &prefixes)
                     .context("Dataplane::list_replace")?;
                 rig.a.run(|| dp.attach_xdp(&ifname)).context("attach_xdp")?;
