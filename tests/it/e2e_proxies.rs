@@ -16,6 +16,9 @@
 //!   goodput within 0.95–1.00 of the rate (the rate is of IP bytes; TCP's headers make an exact
 //!   rate show as about 0.965 of payload).
 //!
+//! - **Reputation.** Five connections with a wrong key to the Shadowsocks endpoint score their
+//!   source (`proxy-auth`) up to the threshold: the source is auto-blocked, and the XDP guard
+//!   keeps it from both endpoints.
 //! - **Lists.** The clients' address in a source list: the XDP guard drops what it sends to
 //!   either endpoint (their TCP ports are guarded as WireGuard's UDP port is); the origin in a
 //!   destination list: no proxied connection reaches it. Both undone, traffic flows again.
@@ -36,7 +39,7 @@ use serde_json::Value;
 
 use capybara_tests::{
     lab::Lab,
-    proxied::{FILE_LEN, Proxied, quota_bound, spend_quota},
+    proxied::{FILE_LEN, Proxied, SS_PORT, quota_bound, spend_quota},
 };
 
 /// Waits (≤ 10 s) until `f` holds.
@@ -274,4 +277,41 @@ fn source_blocklists_guard_both_endpoints_and_destination_lists_apply_to_proxied
             "{protocol}: no traffic once the destination is off the list"
         );
     }
+}
+
+#[test]
+fn wrong_keys_on_an_endpoint_score_their_source_until_it_is_auto_blocked_from_both() {
+    let p = Proxied::start_with(
+        Lab::new(231, 233),
+        &["--reputation", "--reputation-threshold", "5"],
+    );
+    assert!(p.carries("vless"), "no traffic before any wrong key");
+    // Five connections to the Shadowsocks endpoint whose bytes no user's key opens, from the
+    // clients' address: five `proxy-auth` points, the threshold.
+    let ss = std::net::SocketAddr::new(p.lab.veth.a.v4.into(), SS_PORT);
+    for _ in 0..5 {
+        p.lab
+            .client
+            .run(move || {
+                use std::io::Write as _;
+                let mut s = std::net::TcpStream::connect(ss)?;
+                s.write_all(&[0x42; 200])
+            })
+            .expect("a connection with a wrong key");
+    }
+    let source = p.lab.veth.b.v4.to_string();
+    wait_until("the clients' address in the auto list", || {
+        p.lab
+            .capybara(&["blocklist", "show", "auto"])
+            .contains(&source)
+    });
+    for protocol in ["shadowsocks", "vless"] {
+        assert!(
+            !p.carries(protocol),
+            "{protocol}: an auto-blocked source reached the endpoint"
+        );
+    }
+    let score = p.lab.json(&["ip-intel", "score", &source]);
+    eprintln!("{score:#}");
+    assert!(score.to_string().contains("proxy-auth"), "{score:#}");
 }

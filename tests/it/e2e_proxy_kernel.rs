@@ -69,6 +69,14 @@ impl Rig {
         let a = NetNs::new("pa");
         let b = NetNs::new("pb");
         let veth = VethPair::new(&a, &b, net);
+        // No SACK: the counters are compared with `TCP_INFO`'s segments × fixed headers
+        // ([`ip_bytes`]), which SACK blocks would break. A veth can reorder (the receive side
+        // runs on the sending thread's CPU, and a thread that migrates between CPUs mid-stream
+        // delivers out of order), and a reordered segment draws a SACK block: measured once in
+        // CI, 12 bytes more than the headers (one block and its padding).
+        for ns in [&a, &b] {
+            ns.exec(&["sysctl", "-qw", "net.ipv4.tcp_sack=0"]);
+        }
         let mut dp = open_dataplane(&pins);
         let cgroup = own_cgroup().expect("the test's cgroup v2");
         dp.attach_sockets(&cgroup).unwrap_or_else(|e| {
@@ -385,8 +393,8 @@ fn download(s: &mut TcpStream, total: u64, deadline: Instant) -> u64 {
 
 /// IP bytes of the segments `TCP_INFO` reports: payload + 52 bytes per segment (a 20-byte IPv4
 /// header and a 32-byte TCP header: 20 + the 12-byte timestamp option every segment of a Linux
-/// peer carries) + 8 for the SYN or SYN-ACK, whose options are 20 bytes (MSS, SACK-permitted,
-/// timestamps, window scale) instead of 12. No SACK blocks: nothing is lost on a veth.
+/// peer carries) + 8 for the SYN or SYN-ACK, whose options are 20 bytes (MSS, timestamps,
+/// window scale and padding) instead of 12. No SACK blocks: the rig turns SACK off.
 fn ip_bytes(payload: u64, segs: u64) -> u64 {
     payload + 52 * segs + 8
 }

@@ -29,8 +29,10 @@ use crate::{
     wg::WgProcess,
 };
 
-const SS_PORT: u16 = 8388;
-const VLESS_PORT: u16 = 8443;
+/// The Shadowsocks endpoint's port (on the uplink's address).
+pub const SS_PORT: u16 = 8388;
+/// The VLESS endpoint's port.
+pub const VLESS_PORT: u16 = 8443;
 const SNI: &str = "vless.capybara.test";
 /// The file's size.
 pub const FILE_LEN: usize = 2 * 1024 * 1024;
@@ -55,6 +57,11 @@ pub struct Proxied {
 impl Proxied {
     /// Starts the agent of `lab` with both endpoints and alice's three clients.
     pub fn start(lab: Lab) -> Proxied {
+        Proxied::start_with(lab, &[])
+    }
+
+    /// [`Proxied::start`] with more agent flags.
+    pub fn start_with(lab: Lab, extra: &[&str]) -> Proxied {
         let ss = format!("{}:{SS_PORT}", lab.veth.a.v4);
         let vl = format!("{}:{VLESS_PORT}", lab.veth.a.v4);
         lab.start_agent(
@@ -69,7 +76,10 @@ impl Proxied {
                 &vl,
                 "--vless-sni",
                 SNI,
-            ],
+            ]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect::<Vec<_>>(),
         );
         let added = lab.json(&[
             "user",

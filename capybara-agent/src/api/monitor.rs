@@ -21,7 +21,7 @@ use super::{
     status::invalid,
 };
 use crate::service::{
-    Connection, PeerCounters, PeerStatsView, Stats,
+    Connection, PeerCounters, PeerStatsView, ProxyCounters, Stats,
     domain::{Peer, Scope, SessionId, UserName, ValidationError},
 };
 
@@ -157,6 +157,16 @@ impl From<&Stats> for pb::GetStatsResponse {
                 .collect(),
             drops: drops_to_proto(&s.drops),
             next_page_token: String::new(),
+            proxies: s
+                .proxies
+                .iter()
+                .map(|p| pb::ProxyStatsEntry {
+                    user: p.user.to_string(),
+                    protocol: p.protocol.as_str().to_owned(),
+                    id: p.id,
+                    stats: Some((&p.stats).into()),
+                })
+                .collect(),
         }
     }
 }
@@ -220,6 +230,18 @@ impl TryFrom<pb::GetStatsResponse> for Stats {
                 .into_iter()
                 .map(|u| Ok((u.user, need("users.stats", u.stats)?.try_into()?)))
                 .collect::<Result<_, AnswerError>>()?,
+            proxies: s
+                .proxies
+                .into_iter()
+                .map(|p| {
+                    Ok(ProxyCounters {
+                        user: UserName::parse("proxies.user", &p.user)?,
+                        protocol: protocol_from_proto("proxies.protocol", &p.protocol)?,
+                        id: p.id,
+                        stats: need("proxies.stats", p.stats)?.try_into()?,
+                    })
+                })
+                .collect::<Result<_, AnswerError>>()?,
             drops: drops_from_proto(s.drops)?,
         })
     }
@@ -255,6 +277,7 @@ impl Client {
         while !token.is_empty() {
             let (page, next) = self.stats_page(user, max, token).await?;
             all.peers.extend(page.peers);
+            all.proxies.extend(page.proxies);
             all.users.extend(page.users);
             all.drops = page.drops;
             token = next;

@@ -153,6 +153,18 @@ fn domain_answers_round_trip_through_proto() {
                 drops: drops.clone(),
             },
         }],
+        proxies: vec![crate::service::ProxyCounters {
+            user: UserName::parse("user", "alice").unwrap(),
+            protocol: crate::service::domain::Protocol::Vless,
+            id: 9,
+            stats: PeerStatsView {
+                tx: Traffic {
+                    packets: 3,
+                    bytes: 4,
+                },
+                ..PeerStatsView::default()
+            },
+        }],
         users: [("alice".to_owned(), PeerStatsView::default())].into(),
         drops,
     };

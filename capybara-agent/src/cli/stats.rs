@@ -10,7 +10,7 @@ use super::{
     output::{out, outln, print_json},
     table::Table,
 };
-use crate::service::domain::UserName;
+use crate::service::{PeerStatsView, domain::UserName};
 
 /// `capybara stats`.
 #[derive(Debug, Args)]
@@ -55,20 +55,31 @@ pub(super) async fn run(cli: &Cli, args: &StatsArgs) -> Result<(), CliError> {
     let mut t = Table::new(&[
         "USER", "DEVICE", "RX BYTES", "RX PKTS", "TX BYTES", "TX PKTS", "DROPS",
     ]);
-    for p in &st.peers {
-        let drops: Vec<String> = p
-            .stats
+    // A user's devices and proxy identities (named by their protocol), in user order.
+    let mut lines: Vec<(String, String, &PeerStatsView)> = st
+        .peers
+        .iter()
+        .map(|p| (p.peer.user.to_string(), p.peer.device.to_string(), &p.stats))
+        .chain(
+            st.proxies
+                .iter()
+                .map(|p| (p.user.to_string(), p.protocol.to_string(), &p.stats)),
+        )
+        .collect();
+    lines.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    for (user, device, stats) in lines {
+        let drops: Vec<String> = stats
             .drops
             .iter()
             .map(|(r, n)| format!("{r}={n}"))
             .collect();
         t.row(vec![
-            p.peer.user.to_string(),
-            p.peer.device.to_string(),
-            p.stats.rx.bytes.to_string(),
-            p.stats.rx.packets.to_string(),
-            p.stats.tx.bytes.to_string(),
-            p.stats.tx.packets.to_string(),
+            user,
+            device,
+            stats.rx.bytes.to_string(),
+            stats.rx.packets.to_string(),
+            stats.tx.bytes.to_string(),
+            stats.tx.packets.to_string(),
             if drops.is_empty() {
                 "-".into()
             } else {

@@ -128,10 +128,24 @@ pub(super) struct ProxyEvents {
     pub sessions: crate::service::history::RecorderSender,
     /// The identities' kernel counters, read as a connection opens.
     pub history: Arc<crate::service::history::History>,
+    /// Scores the sources of refused connections (`proxy-auth`).
+    pub reputation: Arc<crate::service::reputation::Reputation>,
 }
 
 impl crate::proxy::Events for ProxyEvents {
     fn report(&self, event: crate::proxy::ProxyEvent) {
+        use crate::proxy::{AuthFailure, ProxyEvent};
+        // A wrong credential or a header that is not the protocol's counts against its source
+        // (a held user's connection does not: it is a user's).
+        if let ProxyEvent::AuthFailed {
+            source,
+            reason: AuthFailure::UnknownCredential | AuthFailure::Malformed,
+            ..
+        } = &event
+        {
+            self.reputation
+                .on_event(source.ip(), crate::service::reputation::Part::ProxyAuth);
+        }
         // The recorder ends after the endpoints; an auth report that finds its bounded queue
         // full is dropped and counted, as the tunnel's are.
         let _ = self

@@ -123,6 +123,7 @@ pub(super) async fn start(
         events: Arc::new(ProxyEvents {
             sessions,
             history: svc.history.clone(),
+            reputation: svc.reputation.clone(),
         }),
         registry: svc.core.proxies.clone(),
     };

@@ -299,6 +299,21 @@ impl Collector for ServiceCollector {
             "WireGuard sessions online (devices connected now)",
             tunnel.sessions_online,
         )?;
+        // Open proxied connections by protocol: both protocols always present (0 when none).
+        let open = self.svc.core.proxies.list();
+        gauges(
+            &mut enc,
+            "capybara_proxy_connections_open",
+            "Shadowsocks and VLESS connections open now, by protocol",
+            ["shadowsocks", "vless"].map(|protocol| {
+                let n = open
+                    .iter()
+                    .filter(|c| c.identity.protocol.as_str() == protocol)
+                    .count();
+                let labels: Labels<'_, 1> = [("protocol", Escaped(protocol))];
+                (labels, gauge_i64(n as u64))
+            }),
+        )?;
         counter(
             &mut enc,
             "capybara_handshakes_completed",

@@ -15,7 +15,7 @@
 //!
 //! | metric | type | labels | what |
 //! |---|---|---|---|
-//! | `capybara_user_bytes_total` | counter | `user`, `direction` (`rx` from the devices, `tx` to them) | IP bytes per user; top N users by bytes and `_other` |
+//! | `capybara_user_bytes_total` | counter | `user`, `direction` (`rx` from the devices, `tx` to them) | IP bytes per user (its devices and its proxy identities); top N users by bytes and `_other` |
 //! | `capybara_user_packets_total` | counter | `user`, `direction` | IP packets, the same users |
 //! | `capybara_users_other` | gauge | — | users summed under `_other` |
 //! | `capybara_drops_total` | counter | `reason` (`DropReason::name`) | packets dropped by the kernel, every reason |
@@ -23,6 +23,7 @@
 //! | `capybara_kernel_events_total`, `capybara_kernel_events_lost_total` | counter | — | ring buffer records written / lost |
 //! | `capybara_kernel_verdicts_total` | counter | `verdict` (`counters::COUNTER_NAMES`) | packets by verdict |
 //! | `capybara_sessions_online` | gauge | — | devices connected now |
+//! | `capybara_proxy_connections_open` | gauge | `protocol` (`shadowsocks`, `vless`) | proxied TCP connections open now (per-user traffic above counts proxied bytes too) |
 //! | `capybara_handshakes_completed_total` | counter | — | handshakes completed (rekeys included) |
 //! | `capybara_handshakes_failed_total` | counter | `reason` (`unknown-key`, `bad-mac`, `undecryptable`, `rejected`) | handshakes failed |
 //! | `capybara_quota_users` | gauge | `standing` (`unlimited`, `ok`, `warning` ≥ 80 %, `exceeded`) | users by quota standing |

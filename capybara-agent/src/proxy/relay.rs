@@ -1,4 +1,5 @@
-//! Connecting upstream and relaying a proxied connection both ways.
+//! Serving an authenticated connection ([`proxy`], both endpoints' tail): connecting upstream,
+//! relaying both ways, aborting a cut one.
 //!
 //! The upstream socket is made and bound to the identity ([`super::Kernel::bind`]) before
 //! `connect`, so the kernel sees its first packet as the user's (flow limit, destination lists,
@@ -102,6 +103,102 @@ where
         tx_bytes: tx.load(Ordering::Relaxed),
     };
     (moved, reason)
+}
+
+/// An authenticated, admitted connection as both endpoints serve it: registered (the
+/// [`super::ProxyEvent::Opened`] report), connected upstream (bound before `connect`), its client
+/// socket bound, then `reply` written to the client and `payload` (what the header carried past
+/// itself) upstream, relayed until either side ends or it is cut (a cut one is [`abort`]ed,
+/// and so is one whose `stop` fires: the agent stopping), and the
+/// [`super::ProxyEvent::Closed`] report with the bytes moved. `client_fd` gives the client
+/// stream's socket.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the connection's parts, each the endpoint's own"
+)]
+pub async fn proxy<C>(
+    hub: &super::Hub,
+    identity: super::Identity,
+    source: SocketAddr,
+    target: Target,
+    mut client: C,
+    client_fd: impl for<'a> Fn(&'a C) -> BorrowedFd<'a>,
+    (reply, payload): (&[u8], &[u8]),
+    stop: Option<&CancellationToken>,
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    use std::time::SystemTime;
+
+    use tokio::io::AsyncWriteExt as _;
+
+    use super::ProxyEvent;
+    let protocol = identity.protocol;
+    let conn = hub
+        .registry
+        .open(identity.clone(), source, target.clone(), SystemTime::now());
+    hub.events.report(ProxyEvent::Opened {
+        conn: conn.id(),
+        identity: identity.clone(),
+        source,
+        target: target.clone(),
+        at: SystemTime::now(),
+    });
+    let closed = |moved: Moved, reason: CloseReason| {
+        hub.events.report(ProxyEvent::Closed {
+            conn: conn.id(),
+            identity: identity.clone(),
+            rx_bytes: moved.rx_bytes,
+            tx_bytes: moved.tx_bytes,
+            reason,
+            at: SystemTime::now(),
+        });
+    };
+    let mut upstream = match connect_upstream(&target, identity.id, &*hub.kernel).await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(%source, %target, %protocol, error = %e, "proxy: upstream unreachable");
+            let _ = client.shutdown().await;
+            return closed(Moved::default(), CloseReason::Unreachable);
+        }
+    };
+    if let Err(e) = hub
+        .kernel
+        .bind(client_fd(&client), identity.id, SocketRole::Client)
+    {
+        // Unbound, the client socket would escape the gate and the shaping: not served.
+        tracing::warn!(%source, %protocol, error = %e, "proxy: binding the client socket failed");
+        return closed(Moved::default(), CloseReason::Closed);
+    }
+    // The agent stopping cuts the connection as `kick` does.
+    let watcher = stop.map(|stop| {
+        let (stop, cut) = (stop.clone(), conn.cut().clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = stop.cancelled() => cut.cancel(),
+                () = cut.cancelled() => {}
+            }
+        })
+    });
+    let started = async {
+        if !reply.is_empty() {
+            client.write_all(reply).await?;
+            client.flush().await?;
+        }
+        upstream.write_all(payload).await
+    };
+    let (mut moved, reason) = match started.await {
+        Ok(()) => relay(&mut client, &mut upstream, conn.cut()).await,
+        Err(_) => (Moved::default(), CloseReason::Closed),
+    };
+    if let Some(w) = watcher {
+        w.abort();
+    }
+    if reason == CloseReason::Cut {
+        abort(&*hub.kernel, &[client_fd(&client), upstream.as_fd()]);
+    }
+    moved.rx_bytes += payload.len() as u64;
+    closed(moved, reason);
 }
 
 /// Ends a cut connection's `sockets` at once: each is set to close with a reset

@@ -49,18 +49,18 @@
 //!
 //! ## Order of a connection
 //! first block → key trial → address header → [`super::Credentials::admitted`] →
-//! [`super::registry::Registry::open`] (`Opened` reported) → [`super::relay::connect_upstream`]
-//! (the upstream socket bound to the identity before `connect`) → [`super::Kernel::bind`] of
-//! the accepted socket ([`super::SocketRole::Client`]) → [`super::relay::relay`] until either
-//! side closes or the connection is cut → `Closed` with the bytes moved (plaintext: `rx_bytes`
-//! from the user, `tx_bytes` to the user).
+//! [`super::relay::proxy`], which both endpoints share: registered (`Opened` reported), the
+//! upstream socket bound to the identity before `connect`, the accepted socket bound
+//! ([`super::SocketRole::Client`]), relayed until either side closes or the connection is cut
+//! (a cut one is aborted) → `Closed` with the bytes moved (plaintext: `rx_bytes` from the user,
+//! `tx_bytes` to the user).
 //!
 //! UDP relay is not served (TCP only).
 
 use std::{
     fmt,
     net::SocketAddr,
-    os::fd::AsFd,
+    os::fd::{AsFd, BorrowedFd},
     pin::Pin,
     str::FromStr,
     sync::Arc,
@@ -80,9 +80,7 @@ use tokio::{
     task::JoinSet,
 };
 
-use super::{
-    AuthFailure, CloseReason, Hub, Identity, ProxyEvent, ShadowsocksKey, SocketRole, Target, relay,
-};
+use super::{AuthFailure, Hub, ProxyEvent, ShadowsocksKey, Target, relay};
 use crate::service::domain::Protocol;
 
 /// A cipher the endpoint serves.
@@ -370,61 +368,22 @@ async fn connection(
         Address::SocketAddress(a) => Target::Addr(a),
         Address::DomainNameAddress(d, p) => Target::Domain(d, p),
     };
-    proxied(ss, identity.clone(), source, target, &hub).await;
+    relay::proxy(
+        &hub,
+        identity.clone(),
+        source,
+        target,
+        StableWrites::new(ss),
+        client_socket,
+        (&[], &[]),
+        None,
+    )
+    .await;
 }
 
-/// An authenticated, admitted connection: registered, connected upstream, bound, relayed.
-async fn proxied(
-    ss: ProxyServerStream<Replayed<TcpStream>>,
-    identity: Identity,
-    source: SocketAddr,
-    target: Target,
-    hub: &Hub,
-) {
-    let conn = hub
-        .registry
-        .open(identity.clone(), source, target.clone(), SystemTime::now());
-    hub.events.report(ProxyEvent::Opened {
-        conn: conn.id(),
-        identity: identity.clone(),
-        source,
-        target: target.clone(),
-        at: SystemTime::now(),
-    });
-    let closed = |moved: relay::Moved, reason: CloseReason| ProxyEvent::Closed {
-        conn: conn.id(),
-        identity: identity.clone(),
-        rx_bytes: moved.rx_bytes,
-        tx_bytes: moved.tx_bytes,
-        reason,
-        at: SystemTime::now(),
-    };
-    let mut upstream = match relay::connect_upstream(&target, identity.id, &*hub.kernel).await {
-        Ok(u) => u,
-        Err(e) => {
-            tracing::debug!(%source, %target, error = %e, "shadowsocks: upstream");
-            hub.events
-                .report(closed(relay::Moved::default(), CloseReason::Unreachable));
-            return;
-        }
-    };
-    if let Err(e) = hub
-        .kernel
-        .bind(ss.get_ref().inner.as_fd(), identity.id, SocketRole::Client)
-    {
-        // Not the user's socket in the kernel: it must not carry the user's traffic.
-        tracing::warn!(%source, error = %e, "shadowsocks: binding the client socket failed");
-        hub.events
-            .report(closed(relay::Moved::default(), CloseReason::Closed));
-        return;
-    }
-    let mut client = StableWrites::new(ss);
-    let (moved, reason) = relay::relay(&mut client, &mut upstream, conn.cut()).await;
-    if reason == CloseReason::Cut {
-        let client_fd = client.inner.get_ref().inner.as_fd();
-        relay::abort(&*hub.kernel, &[client_fd, upstream.as_fd()]);
-    }
-    hub.events.report(closed(moved, reason));
+/// The client's socket under the decrypting stream.
+fn client_socket(c: &StableWrites<ProxyServerStream<Replayed<TcpStream>>>) -> BorrowedFd<'_> {
+    c.inner.get_ref().inner.as_fd()
 }
 
 /// Passes a write that returned `Pending` again with no more bytes than the first time.

@@ -10,13 +10,13 @@
 //!    bytes after it are the first payload;
 //! 3. the UUID ([`super::Credentials::vless`]), then what this endpoint serves, then the gate
 //!    ([`super::Credentials::admitted`]);
-//! 4. [`super::registry::Registry::open`], [`super::ProxyEvent::Opened`], the upstream connect
-//!    (bound before `connect`, [`super::relay::connect_upstream`]), the client socket bound
-//!    ([`super::SocketRole::Client`]), the response header, the first payload upstream;
-//! 5. [`super::relay::relay`] until either side closes or the connection is cut (`kick`, a
-//!    hold, the agent stopping), then [`super::ProxyEvent::Closed`] with the bytes moved
-//!    (payload only: the headers are not counted here; the kernel counts the upstream socket's
-//!    packets).
+//! 4. [`super::relay::proxy`], which both endpoints share: registered
+//!    ([`super::ProxyEvent::Opened`]), connected upstream (bound before `connect`), the client
+//!    socket bound ([`super::SocketRole::Client`]), the response header, the first payload
+//!    upstream, relayed until either side closes or the connection is cut (`kick`, a hold, the
+//!    agent stopping; a cut one is aborted), then [`super::ProxyEvent::Closed`] with the bytes
+//!    moved (payload only: the headers are not counted here; the kernel counts the upstream
+//!    socket's packets).
 //!
 //! What is served and what is refused:
 //! - **TCP** (command 1) with no `flow` (plain VLESS over TLS, what `vless://…?security=tls`
@@ -50,17 +50,14 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    io::AsyncReadExt as _,
     net::{TcpListener, TcpStream},
 };
 use tokio_rustls::{TlsAcceptor, rustls::ServerConfig, server::TlsStream};
 use tokio_util::sync::CancellationToken;
 
 use self::header::{Command, HeaderError, Request};
-use super::{
-    AuthFailure, CloseReason, Hub, Identity, ProxyEvent, SocketRole, Target,
-    relay::{self, Moved},
-};
+use super::{AuthFailure, Hub, ProxyEvent, Target, relay};
 use crate::service::domain::Protocol;
 
 /// How long a client may take to complete the TLS handshake.
@@ -163,7 +160,17 @@ async fn connection(
     .await;
     match accepted {
         Ok((tls, identity, target, payload)) => {
-            proxied(tls, source, identity, target, payload, &hub, &shutdown).await;
+            relay::proxy(
+                &hub,
+                identity,
+                source,
+                target,
+                tls,
+                client_socket,
+                (&header::RESPONSE, &payload),
+                Some(&shutdown),
+            )
+            .await;
         }
         Err(refused) => {
             tracing::debug!(%source, reason = %refused, "vless: refused");
@@ -212,76 +219,9 @@ fn served(request: &Request) -> Result<Target, Refused> {
     }
 }
 
-/// An authenticated, admitted connection: registered, connected upstream, relayed, reported.
-async fn proxied(
-    mut tls: TlsStream<TcpStream>,
-    source: SocketAddr,
-    identity: Identity,
-    target: Target,
-    payload: Vec<u8>,
-    hub: &Hub,
-    shutdown: &CancellationToken,
-) {
-    let conn = hub
-        .registry
-        .open(identity.clone(), source, target.clone(), SystemTime::now());
-    hub.events.report(ProxyEvent::Opened {
-        conn: conn.id(),
-        identity: identity.clone(),
-        source,
-        target: target.clone(),
-        at: SystemTime::now(),
-    });
-    let closed = |moved: Moved, reason| {
-        hub.events.report(ProxyEvent::Closed {
-            conn: conn.id(),
-            identity: identity.clone(),
-            rx_bytes: moved.rx_bytes,
-            tx_bytes: moved.tx_bytes,
-            reason,
-            at: SystemTime::now(),
-        });
-    };
-    let mut upstream = match relay::connect_upstream(&target, identity.id, &*hub.kernel).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::debug!(%target, user = %identity.user, error = %e, "vless: upstream unreachable");
-            let _ = tls.shutdown().await;
-            return closed(Moved::default(), CloseReason::Unreachable);
-        }
-    };
-    if let Err(e) = hub
-        .kernel
-        .bind(tls.get_ref().0.as_fd(), identity.id, SocketRole::Client)
-    {
-        // Unbound, the client socket would escape the gate and the shaping: not served.
-        tracing::warn!(user = %identity.user, error = %e, "vless: binding the client socket failed");
-        return closed(Moved::default(), CloseReason::Closed);
-    }
-    // The agent stopping cuts the connection as `kick` does.
-    let cut = conn.cut().clone();
-    let stop = shutdown.clone();
-    let watcher = tokio::spawn(async move {
-        tokio::select! {
-            () = stop.cancelled() => cut.cancel(),
-            () = cut.cancelled() => {}
-        }
-    });
-    let started = async {
-        tls.write_all(&header::RESPONSE).await?;
-        tls.flush().await?;
-        upstream.write_all(&payload).await
-    };
-    let (mut moved, reason) = match started.await {
-        Ok(()) => relay::relay(&mut tls, &mut upstream, conn.cut()).await,
-        Err(_) => (Moved::default(), CloseReason::Closed),
-    };
-    watcher.abort();
-    if reason == CloseReason::Cut {
-        relay::abort(&*hub.kernel, &[tls.get_ref().0.as_fd(), upstream.as_fd()]);
-    }
-    moved.rx_bytes += payload.len() as u64;
-    closed(moved, reason);
+/// The client's socket under TLS.
+fn client_socket(t: &TlsStream<TcpStream>) -> std::os::fd::BorrowedFd<'_> {
+    t.get_ref().0.as_fd()
 }
 
 #[cfg(test)]

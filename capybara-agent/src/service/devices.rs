@@ -27,7 +27,9 @@ use super::{
     ServiceError,
     core::{Core, now, to_json},
     directory::{Directory, PeerRecord, allowed_ips},
-    domain::{Actor, ClientConfig, DeviceName, Peer, Protocol, UserName, encode_key},
+    domain::{
+        Actor, ClientConfig, DeviceName, Peer, Protocol, UserName, ValidationError, encode_key,
+    },
     policy::Policy,
     secrets,
 };
@@ -108,6 +110,21 @@ impl Devices {
         user: &UserName,
         device: &DeviceName,
     ) -> Result<(PeerRecord, [u8; 32]), ServiceError> {
+        // A user's proxy identities appear under their protocol's name where devices do
+        // (sessions, connections, stats, usage reports): no device may take that name.
+        if matches!(
+            Protocol::parse("device", device.as_str()),
+            Ok(Protocol::Shadowsocks | Protocol::Vless)
+        ) {
+            return Err(ValidationError::Value {
+                field: "device",
+                reason: format!(
+                    "`{device}` is the name a user's {device} access goes by; choose another \
+                     device name"
+                ),
+            }
+            .into());
+        }
         let (id, ipv4, ipv6) = self.dir.allocate()?;
         let (private, public_key) = secrets::generate_keypair();
         let keep = &self.core.cfg.keep_client_keys;

@@ -763,37 +763,66 @@ impl Directory {
         (page, it.next().is_some())
     }
 
-    /// The devices of one page of users that have devices, in `user/device` key order: every
-    /// device of up to `users` users whose key prefix (`user/`) comes after `after` (a user's
-    /// devices are contiguous in that order), read under the index's read lock without copying
-    /// the rest of it; and the last user's prefix when more users follow.
-    pub fn user_devices_page(
+    /// One page of every user's kernel lines: the devices and proxy identities of up to `users`
+    /// users (those with either, in name order) after the user key prefix `after`
+    /// (`keys::user_peers_prefix`), and the last user's key prefix when more users follow.
+    pub fn user_lines_page(
         &self,
         after: Option<&str>,
         users: usize,
-    ) -> (Vec<Peer>, Option<String>) {
+    ) -> (Vec<Peer>, Vec<ProxyRecord>, Option<String>) {
         let ix = self.index.read().unwrap();
         let start = after.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
-        let mut out = Vec::new();
-        let mut prefix: Option<String> = None;
-        let mut seen = 0;
-        for (k, r) in ix
-            .peers
-            .range::<str, _>((start, std::ops::Bound::Unbounded))
-        {
-            if after.is_some_and(|a| k.starts_with(a)) {
-                continue;
-            }
-            if prefix.as_deref().is_none_or(|p| !k.starts_with(p)) {
-                if seen == users {
-                    return (out, prefix);
+        // The next users of each map (at most `users + 1` each: one more tells whether more
+        // follow), merged in name order. Keys are `user/…` in both maps.
+        let mut names = std::collections::BTreeSet::new();
+        let user_of = |k: &str| k.split_once('/').map_or(k, |(u, _)| u).to_owned();
+        for keys in [
+            ix.peers
+                .range::<str, _>((start, std::ops::Bound::Unbounded))
+                .map(|(k, _)| k.as_str())
+                .collect::<Vec<_>>(),
+            ix.proxies
+                .range::<str, _>((start, std::ops::Bound::Unbounded))
+                .map(|(k, _)| k.as_str())
+                .collect::<Vec<_>>(),
+        ] {
+            let mut taken = std::collections::BTreeSet::new();
+            for k in keys {
+                if after.is_some_and(|a| k.starts_with(a)) {
+                    continue;
                 }
-                seen += 1;
-                prefix = Some(keys::user_peers_prefix(r.peer.user.as_str()));
+                taken.insert(user_of(k));
+                if taken.len() > users {
+                    break;
+                }
             }
-            out.push(r.peer.clone());
+            names.extend(taken);
         }
-        (out, None)
+        let more = names.len() > users;
+        let page: Vec<String> = names.into_iter().take(users).collect();
+        let mut peers = Vec::new();
+        let mut proxies = Vec::new();
+        for name in &page {
+            let prefix = keys::user_peers_prefix(name);
+            peers.extend(
+                ix.peers
+                    .range(prefix.clone()..)
+                    .take_while(|(k, _)| k.starts_with(&prefix))
+                    .map(|(_, r)| r.peer.clone()),
+            );
+            let prefix = keys::user_proxies_prefix(name);
+            proxies.extend(
+                ix.proxies
+                    .range(prefix.clone()..)
+                    .take_while(|(k, _)| k.starts_with(&prefix))
+                    .map(|(_, r)| r.clone()),
+            );
+        }
+        let next = more
+            .then(|| page.last().map(|u| keys::user_peers_prefix(u)))
+            .flatten();
+        (peers, proxies, next)
     }
 
     /// A free peer id and addresses for a new device: the lowest free id, the lowest free

@@ -34,6 +34,12 @@ impl LiveSessions {
         }
     }
 
+    /// Counts a session opened by what `key` names (a proxy identity's usage key,
+    /// `service::proxies::usage_key`; a device's are counted by [`LiveSessions::opened`]).
+    pub fn count_started(&self, key: PublicKey) {
+        *self.started.lock().unwrap().entry(key).or_default() += 1;
+    }
+
     /// Sessions opened since the agent started, by device key.
     pub fn started(&self) -> HashMap<PublicKey, u64> {
         self.started.lock().unwrap().clone()

@@ -87,7 +87,7 @@ pub use self::{
     geo::GeoStatus,
     history::{AuthAttempt, EndReason, HistoryPage, HistoryQuery, Pruned, Session, SessionEvent},
     lists::{BlocklistView, EntriesOp},
-    monitor::{Connection, PeerCounters, PeerStatsView, Stats, Traffic},
+    monitor::{Connection, PeerCounters, PeerStatsView, ProxyCounters, Stats, Traffic},
     templates::ConfigTemplateView,
     tokens::NewToken,
     users::{AddedUser, NewUser},

@@ -18,13 +18,17 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 
-use capybara_common::{counters::Counter, drop::DropReason, peer::PeerStats};
+use capybara_common::{
+    counters::Counter,
+    drop::DropReason,
+    peer::{PeerId, PeerStats},
+};
 use serde::{Deserialize, Serialize};
 
 use super::{
     ServiceError,
     core::{Core, to_json},
-    directory::Directory,
+    directory::{Directory, ProxyRecord},
     domain::{Actor, Peer, Protocol, PublicKey, SessionId, UserName, unix_secs},
     error::not_found,
     live::LiveSessions,
@@ -92,12 +96,29 @@ impl PeerStatsView {
     }
 }
 
+/// A user's proxy identity (Shadowsocks or VLESS) and its kernel counters: the traffic of its
+/// proxied connections, as the socket programs count it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyCounters {
+    /// The user.
+    pub user: UserName,
+    /// The protocol.
+    pub protocol: Protocol,
+    /// Its kernel line.
+    pub id: PeerId,
+    /// Its counters.
+    pub stats: PeerStatsView,
+}
+
 /// The answer of [`Service::stats`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stats {
     /// Per device.
     pub peers: Vec<PeerCounters>,
-    /// Per user (sums of its devices).
+    /// Per proxy identity.
+    #[serde(default)]
+    pub proxies: Vec<ProxyCounters>,
+    /// Per user (sums of its devices and proxy identities).
     pub users: BTreeMap<String, PeerStatsView>,
     /// Every drop of the dataplane by reason (non-zero only).
     pub drops: BTreeMap<String, u64>,
@@ -163,12 +184,12 @@ impl Monitor {
         after: Option<&str>,
         users: usize,
     ) -> Result<(Stats, Option<String>), ServiceError> {
-        let (peers, next) = self.dir.user_devices_page(after, users);
-        Ok((self.stats_of(peers)?, next))
+        let (peers, proxies, next) = self.dir.user_lines_page(after, users);
+        Ok((self.stats_of(peers, proxies)?, next))
     }
 
-    /// The counters of `peers`, their users' sums and every drop.
-    fn stats_of(&self, peers: Vec<Peer>) -> Result<Stats, ServiceError> {
+    /// The counters of `peers` and `proxies`, their users' sums and every drop.
+    fn stats_of(&self, peers: Vec<Peer>, proxies: Vec<ProxyRecord>) -> Result<Stats, ServiceError> {
         let mut out = Stats::default();
         for peer in peers {
             let k = self.core.plane.peer_stats(peer.id)?;
@@ -176,6 +197,17 @@ impl Monitor {
             out.peers.push(PeerCounters {
                 stats: PeerStatsView::from_kernel(&k),
                 peer,
+            });
+        }
+        for rec in proxies {
+            let a = rec.access;
+            let k = self.core.plane.peer_stats(a.id)?;
+            out.users.entry(a.user.to_string()).or_default().add(&k);
+            out.proxies.push(ProxyCounters {
+                user: a.user,
+                protocol: a.protocol,
+                id: a.id,
+                stats: PeerStatsView::from_kernel(&k),
             });
         }
         for (r, c) in self.core.plane.drops()? {
@@ -186,16 +218,20 @@ impl Monitor {
         Ok(out)
     }
 
-    /// Counters per device and per user (of `user` only if given), and global drops by reason.
+    /// Counters per device, per proxy identity and per user (of `user` only if given), and
+    /// global drops by reason.
     pub fn stats(&self, user: Option<&UserName>) -> Result<Stats, ServiceError> {
-        let peers = match user {
+        let (peers, proxies) = match user {
             Some(u) => {
                 self.dir.user(u)?;
-                self.dir.user_peers(u)
+                (self.dir.user_peers(u), self.dir.proxy_records(u))
             }
-            None => self.dir.all().into_iter().map(|r| r.peer).collect(),
+            None => (
+                self.dir.all().into_iter().map(|r| r.peer).collect(),
+                self.dir.all_proxies(),
+            ),
         };
-        self.stats_of(peers)
+        self.stats_of(peers, proxies)
     }
 
     /// Every device the tunnel reports, with its open session's id, endpoint and latest

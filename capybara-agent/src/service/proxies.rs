@@ -86,7 +86,7 @@ use super::{
     ServiceError,
     core::{Core, now, to_json},
     directory::{Directory, ProxyRecord},
-    domain::{Actor, Protocol, ProxyAccess, UserName, ValidationError},
+    domain::{Actor, Protocol, ProxyAccess, PublicKey, UserName, ValidationError},
     policy::Policy,
 };
 use crate::{
@@ -325,6 +325,19 @@ fn secret(credential: &str) -> Option<[u8; 32]> {
         .ok()?
         .try_into()
         .ok()
+}
+
+/// The key a proxy identity's usage is recorded under (`service::usage`, where a device's is its
+/// WireGuard key): a hash of its user and protocol, stable across restarts and re-creation, and
+/// not a point any WireGuard key is (it is never used as one).
+pub fn usage_key(user: &UserName, protocol: Protocol) -> PublicKey {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"capybara proxy identity usage\0");
+    h.update(user.as_str().as_bytes());
+    h.update(b"/");
+    h.update(protocol.as_str().as_bytes());
+    PublicKey(h.finalize().into())
 }
 
 /// Percent-encodes everything but RFC 3986's unreserved characters.

@@ -14,6 +14,7 @@ use tokio::{
 use super::*;
 use crate::{
     proxy::{
+        CloseReason, Identity, SocketRole,
         registry::Registry,
         testing::{ChannelEvents, RecordingKernel, StaticUsers},
     },

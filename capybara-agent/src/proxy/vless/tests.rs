@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use tokio::io::AsyncWriteExt as _;
+
 use tokio_rustls::{
     TlsConnector,
     client::TlsStream as ClientTls,
@@ -12,6 +14,7 @@ use tokio_rustls::{
 use super::*;
 use crate::{
     proxy::{
+        CloseReason, Identity, SocketRole,
         registry::Registry,
         testing::{CollectedEvents, RecordingKernel, StaticUsers},
         tls::EndpointCert,

@@ -740,6 +740,11 @@ impl History {
         let s = StoredSession { session: s, base };
         self.core.store.put(Cf::Sessions, &s.session.id.key(), &s)?;
         self.live.opened(s.session.id, None);
+        // Sessions started, for the usage rollups (which name an identity by this key).
+        if let Ok(name) = UserName::parse("user", user) {
+            self.live
+                .count_started(super::proxies::usage_key(&name, protocol));
+        }
         self.notify_session(&s.session, at);
         Ok(s)
     }

@@ -672,3 +672,135 @@ fn a_proxy_session_is_one_connection_row_and_kick_cuts_its_connections() {
         .unwrap();
     assert_eq!(kick.after.as_ref().unwrap()["proxy_connections"], 2);
 }
+
+#[test]
+fn stats_count_proxy_identities_in_their_users_and_page_proxy_only_users() {
+    let dir = tempfile::tempdir().unwrap();
+    let plane = Arc::new(MemoryPlane::default());
+    let svc = open(dir.path(), plane.clone());
+    let a = add(&svc, "alice", &ALL);
+    let b = add(&svc, "bob", &[Protocol::Vless]); // no device
+    let c = add(&svc, "carol", &[Protocol::Wireguard]);
+    let dev = a.config.as_ref().unwrap().peer.id;
+    let (ss, vl) = (a.proxies[0].access.id, a.proxies[1].access.id);
+    let bob_vl = b.proxies[0].access.id;
+    let carol = c.config.as_ref().unwrap().peer.id;
+    let counters = |rx: u64, tx: u64| capybara_common::peer::PeerStats {
+        rx_packets: 1,
+        rx_bytes: rx,
+        tx_packets: 1,
+        tx_bytes: tx,
+        ..Default::default()
+    };
+    plane.with(|s| {
+        s.stats.insert(dev, counters(100, 1_000));
+        s.stats.insert(ss, counters(20, 2_000));
+        s.stats.insert(vl, counters(3, 30_000));
+        s.stats.insert(bob_vl, counters(4, 40));
+        s.stats.insert(carol, counters(5, 50));
+    });
+
+    let st = svc.monitor.stats(Some(&name("alice"))).unwrap();
+    assert_eq!(st.peers.len(), 1);
+    let lines: Vec<(Protocol, u32, u64)> = st
+        .proxies
+        .iter()
+        .map(|p| (p.protocol, p.id, p.stats.tx.bytes))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            (Protocol::Shadowsocks, ss, 2_000),
+            (Protocol::Vless, vl, 30_000)
+        ]
+    );
+    let alice = &st.users["alice"];
+    assert_eq!(
+        (alice.rx.bytes, alice.tx.bytes),
+        (123, 33_000),
+        "devices and proxies"
+    );
+
+    // Paged, one user a page: bob (a proxy only) has his page between alice's and carol's.
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let (page, next) = svc.monitor.stats_page(after.as_deref(), 1).unwrap();
+        let users: Vec<&String> = page.users.keys().collect();
+        assert_eq!(users.len(), 1, "{page:?}");
+        seen.push((
+            users[0].clone(),
+            page.peers.len(),
+            page.proxies.len(),
+            page.users[users[0]].tx.bytes,
+        ));
+        match next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            ("alice".to_owned(), 1, 2, 33_000),
+            ("bob".to_owned(), 0, 1, 40),
+            ("carol".to_owned(), 1, 0, 50),
+        ]
+    );
+}
+
+#[test]
+fn usage_samples_proxy_identities_as_devices_named_by_protocol_and_no_device_takes_the_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let plane = Arc::new(MemoryPlane::default());
+    let svc = open(dir.path(), plane.clone());
+    let a = add(&svc, "alice", &ALL);
+    let ss = a.proxies[0].access.id;
+    plane.with(|s| {
+        s.stats.insert(
+            ss,
+            capybara_common::peer::PeerStats {
+                rx_bytes: 7,
+                tx_bytes: 70,
+                ..Default::default()
+            },
+        );
+    });
+    let conn = svc.core.proxies.open(
+        crate::proxy::Identity {
+            id: ss,
+            user: name("alice"),
+            protocol: Protocol::Shadowsocks,
+        },
+        "192.0.2.1:1".parse().unwrap(),
+        crate::proxy::Target::Addr("192.0.2.2:80".parse().unwrap()),
+        SystemTime::now(),
+    );
+    let samples = svc.usage.read_devices().unwrap();
+    let by_name = |d: &str| {
+        samples
+            .iter()
+            .find(|s| s.user == "alice" && s.device == d)
+            .unwrap_or_else(|| panic!("no {d} sample: {samples:?}"))
+    };
+    let s = by_name("shadowsocks");
+    assert_eq!((s.id, s.online), (ss, true));
+    assert_eq!((s.counters.rx_bytes, s.counters.tx_bytes), (7, 70));
+    assert_eq!(s.key, usage_key(&name("alice"), Protocol::Shadowsocks));
+    assert!(!by_name("vless").online, "no connection open");
+    assert!(!by_name("default").online);
+    drop(conn);
+    // A device may not take a proxy protocol's name; nothing is written.
+    for taken in ["shadowsocks", "vless"] {
+        let e = svc
+            .devices
+            .add_device(
+                &root(),
+                &name("alice"),
+                &DeviceName::parse("device", taken).unwrap(),
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("device"), "{e}");
+    }
+    assert_eq!(svc.users.get_user(&name("alice")).unwrap().peers.len(), 1);
+}

@@ -15,6 +15,7 @@
 //! | `replay` | a peer's initiation its session refused (replayed timestamp, wrong preshared key) | 1 |
 //! | `flow-limit` | the kernel's flow-limit event of a device whose endpoint is the source | 0.5 |
 //! | `gate-drop` | the kernel's gate-drop event of a device whose endpoint is the source | 0.25 (0.2 after rounding to tenths) |
+//! | `proxy-auth` | the Shadowsocks or VLESS endpoint: a connection no user's credential opens, or whose header is not the protocol's (not a held user's) | 1 |
 //!
 //! The kernel's events are rate-limited per device (one per event interval), so a held or
 //! limited device adds at most a fraction of a point a second. The score **halves every 10

@@ -52,23 +52,32 @@ pub enum Part {
     /// MFA pending, kicked, expired, …; at most one event per device per interval): 0.25
     /// (rounded down to 2 units).
     GateDrop,
+    /// A connection to the Shadowsocks or VLESS endpoint that no user's credential opens, or
+    /// whose header is not the protocol's (a probe, a scanner, a wrong key): 1.0. It took a TCP
+    /// handshake (and a TLS one for VLESS), so its source is not spoofed.
+    ProxyAuth,
 }
 
 impl Part {
     /// Every part, in the order of [`Tallies`].
-    pub const ALL: [Part; 6] = [
+    pub const ALL: [Part; 7] = [
         Part::BadMac,
         Part::UnknownKey,
         Part::Undecryptable,
         Part::Replay,
         Part::FlowLimit,
         Part::GateDrop,
+        Part::ProxyAuth,
     ];
 
     /// Its weight in score units.
     pub const fn weight(self) -> u32 {
         match self {
-            Part::BadMac | Part::UnknownKey | Part::Undecryptable | Part::Replay => UNIT,
+            Part::BadMac
+            | Part::UnknownKey
+            | Part::Undecryptable
+            | Part::Replay
+            | Part::ProxyAuth => UNIT,
             Part::FlowLimit => UNIT / 2,
             Part::GateDrop => UNIT / 4,
         }
@@ -83,6 +92,7 @@ impl Part {
             Part::Replay => "replay",
             Part::FlowLimit => "flow-limit",
             Part::GateDrop => "gate-drop",
+            Part::ProxyAuth => "proxy-auth",
         }
     }
 
@@ -106,7 +116,7 @@ pub struct Tally {
 }
 
 /// A source's parts, in the order of [`Part::ALL`].
-pub type Tallies = [Tally; 6];
+pub type Tallies = [Tally; 7];
 
 /// A source whose score reached the threshold ([`ScoreTable::record`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -382,11 +392,11 @@ mod tests {
             t.record(a, p, secs(0), u32::MAX);
         }
         let s = t.get(a, secs(0)).unwrap();
-        assert_eq!(s.score, 10 + 10 + 10 + 10 + 5 + 2);
+        assert_eq!(s.score, 10 + 10 + 10 + 10 + 5 + 2 + 10);
         assert_eq!(
             s.parts.map(|p| p.score),
-            [10, 10, 10, 10, 5, 2],
-            "bad-mac, unknown-key, undecryptable, replay, flow-limit, gate-drop"
+            [10, 10, 10, 10, 5, 2, 10],
+            "bad-mac, unknown-key, undecryptable, replay, flow-limit, gate-drop, proxy-auth"
         );
         // 40 flow-limit events are 20 bad handshakes' worth.
         let b = ip(8);

@@ -307,7 +307,8 @@ fn explain_names_every_part_and_the_decay() {
             "undecryptable",
             "replay",
             "flow-limit",
-            "gate-drop"
+            "gate-drop",
+            "proxy-auth"
         ]
     );
     assert_eq!((v.parts[1].count, v.parts[1].points), (3, 3.0));

@@ -11,7 +11,10 @@
 //! nothing was added to the kernel for this). Keys (`store::keys::usage_hour`,
 //! `usage_day`) sort by hour (day), then `user/device`: a period is one forward range read.
 //! A record is named by user and device, not peer id, so a device removed keeps its history and
-//! a reused peer id never mixes two devices. Hours with no traffic and no online time write
+//! a reused peer id never mixes two devices. A user's proxy identity (Shadowsocks, VLESS) is recorded as a
+//! device named by its protocol (no device may take such a name), its counters those of its
+//! kernel line (the socket programs' count of its proxied traffic), online while it has a
+//! connection open. Hours with no traffic and no online time write
 //! nothing.
 //!
 //! ## How it is written
@@ -745,7 +748,7 @@ impl Usage {
         &self.core.store
     }
 
-    /// Every device now: counters, connected, sessions opened.
+    /// Every device and proxy identity now: counters, connected, sessions opened.
     pub fn read_devices(&self) -> Result<Vec<DeviceSample>, ServiceError> {
         let online: HashSet<PublicKey> = self
             .core
@@ -759,7 +762,23 @@ impl Usage {
         let peers: Vec<super::domain::Peer> = self
             .dir
             .with_records(|recs| recs.map(|r| r.peer.clone()).collect());
-        let mut out = Vec::with_capacity(peers.len());
+        let proxies = self.dir.all_proxies();
+        let mut out = Vec::with_capacity(peers.len() + proxies.len());
+        // A proxy identity is a device of its user named by its protocol (a device may not take
+        // that name), keyed by its usage key; online while it has a connection open.
+        for rec in proxies {
+            let a = rec.access;
+            let key = super::proxies::usage_key(&a.user, a.protocol);
+            let k = self.core.plane.peer_stats(a.id)?;
+            out.push(DeviceSample {
+                id: a.id,
+                key,
+                user: a.user.to_string(),
+                device: a.protocol.as_str().to_owned(),
+                counters: Counters::from_kernel(&k, started.get(&key).copied().unwrap_or(0)),
+                online: self.core.proxies.open_count(a.id) > 0,
+            });
+        }
         for p in peers {
             let k = self.core.plane.peer_stats(p.id)?;
             out.push(DeviceSample {
