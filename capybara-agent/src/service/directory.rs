@@ -774,41 +774,45 @@ impl Directory {
         let ix = self.index.read().unwrap();
         let start = after.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
         // The next users of each map (at most `users + 1` each: one more tells whether more
-        // follow), merged in name order. Keys are `user/…` in both maps.
-        let mut names = std::collections::BTreeSet::new();
-        let user_of = |k: &str| k.split_once('/').map_or(k, |(u, _)| u).to_owned();
-        for keys in [
-            ix.peers
-                .range::<str, _>((start, std::ops::Bound::Unbounded))
-                .map(|(k, _)| k.as_str())
-                .collect::<Vec<_>>(),
-            ix.proxies
-                .range::<str, _>((start, std::ops::Bound::Unbounded))
-                .map(|(k, _)| k.as_str())
-                .collect::<Vec<_>>(),
-        ] {
-            let mut taken = std::collections::BTreeSet::new();
-            for k in keys {
+        // follow), merged in key-prefix order (`user/`, as the keys sort: `u1-x/` before
+        // `u1/`). Keys are `user/…` in both maps.
+        // A user's keys are one contiguous run of either map (a prefix range), so the next
+        // users are found by walking each map only as far as `users + 1` distinct prefixes.
+        let next_users = |ks: &mut dyn Iterator<Item = &String>| {
+            let mut found: Vec<String> = Vec::new();
+            for k in ks {
                 if after.is_some_and(|a| k.starts_with(a)) {
                     continue;
                 }
-                taken.insert(user_of(k));
-                if taken.len() > users {
-                    break;
+                let user = k.split_once('/').map_or(k.as_str(), |(u, _)| u);
+                let prefix = keys::user_peers_prefix(user);
+                if found.last() != Some(&prefix) {
+                    if found.len() > users {
+                        break;
+                    }
+                    found.push(prefix);
                 }
             }
-            names.extend(taken);
-        }
+            found
+        };
+        let range = (start, std::ops::Bound::Unbounded);
+        let mut names = std::collections::BTreeSet::new();
+        names.extend(next_users(
+            &mut ix.peers.range::<str, _>(range).map(|(k, _)| k),
+        ));
+        names.extend(next_users(
+            &mut ix.proxies.range::<str, _>(range).map(|(k, _)| k),
+        ));
         let more = names.len() > users;
         let page: Vec<String> = names.into_iter().take(users).collect();
         let mut peers = Vec::new();
         let mut proxies = Vec::new();
-        for name in &page {
-            let prefix = keys::user_peers_prefix(name);
+        for prefix in &page {
+            let name = prefix.trim_end_matches('/');
             peers.extend(
                 ix.peers
                     .range(prefix.clone()..)
-                    .take_while(|(k, _)| k.starts_with(&prefix))
+                    .take_while(|(k, _)| k.starts_with(prefix.as_str()))
                     .map(|(_, r)| r.peer.clone()),
             );
             let prefix = keys::user_proxies_prefix(name);
@@ -819,9 +823,7 @@ impl Directory {
                     .map(|(_, r)| r.clone()),
             );
         }
-        let next = more
-            .then(|| page.last().map(|u| keys::user_peers_prefix(u)))
-            .flatten();
+        let next = more.then(|| page.last().cloned()).flatten();
         (peers, proxies, next)
     }
 

@@ -67,6 +67,20 @@ fn add(svc: &Service, user: &str, protocols: &[Protocol]) -> crate::service::Add
 
 const ALL: [Protocol; 3] = [Protocol::Wireguard, Protocol::Shadowsocks, Protocol::Vless];
 
+/// An open connection of alice's Shadowsocks identity `id`, in the registry the endpoints share.
+fn open_shadowsocks(svc: &Service, id: PeerId) -> crate::proxy::registry::Conn {
+    svc.core.proxies.open(
+        crate::proxy::Identity {
+            id,
+            user: name("alice"),
+            protocol: Protocol::Shadowsocks,
+        },
+        "192.0.2.1:1".parse().unwrap(),
+        crate::proxy::Target::Addr("192.0.2.2:80".parse().unwrap()),
+        SystemTime::now(),
+    )
+}
+
 #[test]
 fn proxy_ids_come_from_the_devices_id_space_and_are_freed() {
     let dir = tempfile::tempdir().unwrap();
@@ -177,16 +191,7 @@ fn the_users_policy_reaches_its_proxy_lines_as_a_devices() {
     assert_eq!(p.assigned.get(&vl), p.assigned.get(&dev));
     // The account expiry holds the proxy lines too, cuts their open connections, and the
     // endpoints refuse new ones.
-    let conn = svc.core.proxies.open(
-        crate::proxy::Identity {
-            id: ss,
-            user: name("alice"),
-            protocol: Protocol::Shadowsocks,
-        },
-        "192.0.2.1:1".parse().unwrap(),
-        crate::proxy::Target::Addr("192.0.2.2:80".parse().unwrap()),
-        SystemTime::now(),
-    );
+    let conn = open_shadowsocks(&svc, ss);
     svc.users
         .expire_user(
             &root(),
@@ -279,16 +284,7 @@ fn a_kick_cuts_the_connections_and_the_next_one_is_admitted() {
     let ss = a.proxies[0].access.id;
     svc.policy.on_proxy_open(ss, SystemTime::now()).unwrap();
     // An open connection of it, in the registry the endpoints share.
-    let conn = svc.core.proxies.open(
-        crate::proxy::Identity {
-            id: ss,
-            user: name("alice"),
-            protocol: Protocol::Shadowsocks,
-        },
-        "192.0.2.1:1".parse().unwrap(),
-        crate::proxy::Target::Addr("192.0.2.2:80".parse().unwrap()),
-        SystemTime::now(),
-    );
+    let conn = open_shadowsocks(&svc, ss);
     svc.monitor
         .kick(
             &crate::service::domain::Actor::Local { uid: 0 },
@@ -766,16 +762,7 @@ fn usage_samples_proxy_identities_as_devices_named_by_protocol_and_no_device_tak
             },
         );
     });
-    let conn = svc.core.proxies.open(
-        crate::proxy::Identity {
-            id: ss,
-            user: name("alice"),
-            protocol: Protocol::Shadowsocks,
-        },
-        "192.0.2.1:1".parse().unwrap(),
-        crate::proxy::Target::Addr("192.0.2.2:80".parse().unwrap()),
-        SystemTime::now(),
-    );
+    let conn = open_shadowsocks(&svc, ss);
     let samples = svc.usage.read_devices().unwrap();
     let by_name = |d: &str| {
         samples
