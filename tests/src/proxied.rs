@@ -222,11 +222,13 @@ pub struct QuotaSpent {
     pub stopped_after: Duration,
 }
 
-/// Sets alice's quota to `limit` and spends it with three endless downloads at once (through
+/// Sets alice's quota to `limit`, starts a new period and spends it with three endless downloads at once (through
 /// the tunnel, Shadowsocks and VLESS) until nothing more arrives for 2 s (at most 30 s); then
 /// closes them.
 pub fn spend_quota(p: &Proxied, limit: &str) -> QuotaSpent {
     p.lab.capybara(&["quota", "set", "alice", "--limit", limit]);
+    // A new period: nothing used (setting the limit keeps what the period used so far).
+    p.lab.capybara(&["quota", "reset", "alice"]);
     let cutoff = p.quota()["cutoff_bytes"].as_u64().expect("cutoff_bytes");
     let mut streams = vec![(
         "wireguard",

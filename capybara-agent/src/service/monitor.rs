@@ -364,8 +364,8 @@ impl Monitor {
     /// them: the client sees a reset at once) and they are offline. Unlike a device, an
     /// identity is not held in the kernel: its next connection authenticates again, which is
     /// what a device's next handshake is (a kernel hold here also dropped the endpoint's own
-    /// reset, so the client saw no end; measured in `e2e_proxies`). Returns how many
-    /// connections were cut.
+    /// FIN, so the client saw no end; measured in `e2e_proxies`). Returns how many connections
+    /// were cut.
     fn kick_proxies(&self, user: &UserName) -> Result<usize, ServiceError> {
         let now = SystemTime::now();
         let mut cut = 0;

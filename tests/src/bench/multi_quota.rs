@@ -5,7 +5,7 @@
 //! The lab of `e2e_proxies` ([`crate::proxied`]): the release `capybara-agent` and `capybara`
 //! (next to this binary) in a namespace with both proxy endpoints, alice's real clients
 //! (`wireguard-go`, `ss-local`, `v2ray`, started with the configs the agent printed) in
-//! another. Each of [`ROUNDS`] rounds sets a 10 MB quota (a new period each time) and runs
+//! another. Each of [`ROUNDS`] rounds sets a 10 MB quota, starts a new period (`quota reset`) and runs
 //! three endless downloads at once, one per protocol, until nothing more arrives for 2 s
 //! ([`crate::proxied::spend_quota`]). The figure is the worst round's `used − cutoff` of
 //! `capybara quota show` (the kernel's own charge); `multi_protocol_quota_overshoot_bound_bytes`
