@@ -1,6 +1,6 @@
 //! Prometheus metrics end to end: the real `capybara-agent` in a namespace with
 //! `--metrics-listen`, a stock `wireguard-go` client in another (configured from `capybara user
-//! add`, as `e2e_session_history` does), a known amount of UDP through the tunnel, then:
+//! add`, in the shared `capybara_tests::lab::Lab`), a known amount of UDP through the tunnel, then:
 //!
 //! 1. a scrape of `/metrics` passes `promtool check metrics` (Debian's `prometheus` package,
 //!    installed by `cargo xtask setup`) and holds the series the issue names;
@@ -24,120 +24,28 @@
 //! crate): ~60 s in all, as for the other tests that start the agent binary.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::PathBuf,
+    net::{IpAddr, SocketAddr},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use capybara_tests::{
-    agent_proc::{self, agent_crate_binary},
-    netns::{BpffsDir, NetNs, VethPair, unique_name},
+    lab::Lab,
     traffic::{UdpSink, udp_overhead},
-    wg::{WgProcess, ping_until},
+    wg::ping_until,
 };
 use serde_json::Value;
 
 use crate::e2e_support::send_paced;
 
-const PORT: u16 = 51820;
 const WAIT: Duration = Duration::from_secs(10);
 /// The agent's metrics listener and Prometheus's, on the server namespace's own loopback.
 const METRICS: &str = "127.0.0.1:9464";
 const PROMETHEUS: &str = "127.0.0.1:9090";
 
-struct Lab {
-    cli: PathBuf,
-    tmp: tempfile::TempDir,
-    server: NetNs,
-    client: NetNs,
-    pins: BpffsDir,
-    veth: VethPair,
-    server_v4: Ipv4Addr,
-}
-
-impl Lab {
-    fn start(veth_net: u8, tunnel_net: u8) -> Lab {
-        let server = NetNs::new("ms");
-        let client = NetNs::new("mc");
-        let veth = VethPair::new(&server, &client, veth_net);
-        let lab = Lab {
-            cli: agent_crate_binary("capybara"),
-            tmp: tempfile::tempdir().expect("temp dir"),
-            pins: BpffsDir::new(),
-            server,
-            client,
-            veth,
-            server_v4: Ipv4Addr::new(10, tunnel_net, 0, 1),
-        };
-        let mut cmd = Command::new(agent_crate_binary("capybara-agent"));
-        cmd.args(["--netns", lab.server.name(), "--uplink", &lab.veth.a.ifname])
-            .args(["--tunnel", &unique_name("my")])
-            .args(["--tunnel-ipv4", &format!("{}/24", lab.server_v4)])
-            .args(["--tunnel-ipv6", &format!("fd00:{tunnel_net:x}::1/64")])
-            .args(["--listen-port", &PORT.to_string()])
-            .args(["--public-endpoint", &format!("{}:{PORT}", lab.veth.a.v4)])
-            .arg("--data-dir")
-            .arg(lab.tmp.path().join("data"))
-            .arg("--bpffs")
-            .arg(lab.pins.path())
-            .arg("--wg-uapi-dir")
-            .arg(lab.tmp.path().join("wg"))
-            .arg("--api-socket")
-            .arg(lab.socket())
-            .args(["--metrics-listen", METRICS, "--metrics-top-users", "5"]);
-        agent_proc::start_agent(
-            &lab.server,
-            cmd,
-            &lab.tmp.path().join("agent.log"),
-            Duration::from_secs(30),
-        );
-        lab
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.tmp.path().join("run/agent.sock")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.tmp.path().join("agent.log")).unwrap_or_default()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let o = Command::new(&self.cli)
-            .arg("--socket")
-            .arg(self.socket())
-            .arg("--json")
-            .args(args)
-            .env_remove("CAPYBARA_TOKEN")
-            .env_remove("CAPYBARA_ENDPOINT")
-            .output()
-            .expect("run capybara");
-        assert!(
-            o.status.success(),
-            "capybara {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("capybara {args:?}: {e}"))
-    }
-
-    /// `user add`, the generated config on a `wireguard-go` client (wg-quick's `Address`/`DNS`
-    /// lines done by hand, as `e2e_session_history::Lab::add_client`); the client's address.
-    fn add_client(&self, user: &str) -> (WgProcess, IpAddr) {
-        let cfg = self.json(&["user", "add", user, "--no-qr"]);
-        let v4: IpAddr = cfg["peer"]["ipv4"].as_str().unwrap().parse().unwrap();
-        let wg_quick = cfg["wg_quick"].as_str().expect("wg_quick");
-        let server = self.server_v4.into();
-        (
-            WgProcess::from_wg_quick(&self.client, "mw", wg_quick, None, server, v4),
-            v4,
-        )
-    }
-
-    /// `curl` inside the server namespace.
-    fn get(&self, url: &str) -> String {
-        self.server.exec(&["curl", "-sS", "--max-time", "5", url])
-    }
+/// `curl` inside the lab's server namespace.
+fn get(lab: &Lab, url: &str) -> String {
+    lab.server.exec(&["curl", "-sS", "--max-time", "5", url])
 }
 
 /// `promtool check metrics` on `text` (its stdin); panics with its complaints.
@@ -175,14 +83,18 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 fn prometheus_scrapes_the_bytes_a_wireguard_go_client_sent() {
     let t0 = Instant::now();
     let phase = |what: &str| eprintln!("{:>6.2} s  {what}", t0.elapsed().as_secs_f64());
-    let lab = Lab::start(95, 97);
+    let lab = Lab::new(95, 97);
+    lab.start_agent(
+        1,
+        &["--metrics-listen", METRICS, "--metrics-top-users", "5"],
+    );
     phase("agent ready");
     let (_wg, client_v4) = lab.add_client("alice");
     let server = IpAddr::V4(lab.server_v4);
     assert!(
         ping_until(&lab.client, server, WAIT),
         "no ping through the tunnel\n{}",
-        lab.log()
+        lab.log(1)
     );
 
     phase("client connected");
@@ -200,7 +112,7 @@ fn prometheus_scrapes_the_bytes_a_wireguard_go_client_sent() {
     let expect = before + sent;
 
     // 1. A scrape in the Prometheus text format passes promtool, with the series named.
-    let text = lab.get(&format!("http://{METRICS}/metrics"));
+    let text = get(&lab, &format!("http://{METRICS}/metrics"));
     promtool_check(&text);
     let rx = sample(
         &text,
@@ -239,7 +151,8 @@ fn prometheus_scrapes_the_bytes_a_wireguard_go_client_sent() {
 
     phase("scrape checked by promtool");
     // 2. A real Prometheus server scrapes the agent; PromQL answers the client's bytes.
-    let dir = lab.tmp.path().join("prometheus");
+    let prometheus = tempfile::tempdir().expect("temp dir");
+    let dir = prometheus.path().to_owned();
     std::fs::create_dir_all(dir.join("data")).unwrap();
     let config = dir.join("prometheus.yml");
     std::fs::write(
