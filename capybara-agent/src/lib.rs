@@ -27,6 +27,7 @@
 pub mod api;
 pub mod blocklist;
 pub mod cli;
+pub mod cluster;
 pub mod daemon;
 pub mod dataplane;
 pub mod fsutil;

@@ -1,5 +1,5 @@
 //! `xdp_guard`, on the uplink: drops packets to the agent's own ports — the WireGuard port (UDP)
-//! and the Shadowsocks and VLESS endpoints (TCP) — whose source is in a source blocklist (named
+//! and the Shadowsocks relay (UDP), the Shadowsocks and VLESS endpoints (TCP) — whose source is in a source blocklist (named
 //! lists: `manual`, `auto`, `tor`, `geo:CN`, …), before the stack sees them.
 //!
 //! Pipeline: Ethernet (+ at most one 802.1Q/802.1ad tag) → IPv4 / IPv6 (up to

@@ -71,7 +71,7 @@ fn a_watch_streams_rates_from_counter_deltas_and_keeps_to_the_tokens_user() {
         next.interval_ms
     );
     assert_eq!(row.traffic.rx_total.bytes, 6_000_000);
-    assert_eq!(next.top_devices[0].peer.device.as_str(), "default");
+    assert_eq!(next.top_devices[0].line.name(), "default");
     assert!(next.top_devices[0].online);
 
     // A token restricted to alice watches alice only.

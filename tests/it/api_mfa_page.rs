@@ -24,8 +24,9 @@ use capybara_agent::{
 };
 use capybara_tests::{
     browser::Driver,
+    ca::TestCa,
     receivers::{PyReceiver, random_secret},
-    smtp_sink::{SmtpSink, TestCa},
+    smtp_sink::SmtpSink,
 };
 
 fn secret_file(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {

@@ -1,5 +1,5 @@
-//! TLS on the API's TCP listener: a test CA and a server certificate for 127.0.0.1 (made here
-//! with `openssl`); a client that trusts the CA calls with its token; a plaintext client and a
+//! TLS on the API's TCP listener: a test CA and a server certificate for 127.0.0.1
+//! (`capybara_tests::ca`); a client that trusts the CA calls with its token; a plaintext client and a
 //! client trusting another CA get no answer; the CLI talks TLS with --ca-cert.
 
 use std::{path::Path, process::Command};
@@ -11,86 +11,18 @@ use capybara_agent::{
     },
     service::domain::Scope,
 };
-use capybara_tests::agent_proc::agent_crate_binary;
+use capybara_tests::{agent_proc::agent_crate_binary, ca::TestCa};
 
 use crate::api_support::TestApi;
 
-fn openssl(args: &[&str], dir: &Path) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA named `name` and a server certificate for 127.0.0.1 it signed, in `dir`: returns
-/// (CA PEM, server certificate PEM, server key PEM).
+/// A CA named `name` and a server certificate for 127.0.0.1 it signed (`ca::TestCa`), in a
+/// directory of `dir`: returns (CA PEM, server certificate PEM, server key PEM).
 fn ca_and_server(dir: &Path, name: &str) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let (ca, ca_key) = (format!("{name}-ca.pem"), format!("{name}-ca.key"));
-    let mut a = vec!["req", "-x509"];
-    a.extend(ec);
-    a.extend([
-        "-days",
-        "1",
-        "-subj",
-        "/CN=capybara-test-ca",
-        "-keyout",
-        &ca_key,
-        "-out",
-        &ca,
-    ]);
-    a.extend(["-addext", "basicConstraints=critical,CA:TRUE"]);
-    a.extend(["-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
-    openssl(&a, dir);
-    let (csr, key, cert, ext) = (
-        format!("{name}.csr"),
-        format!("{name}.key"),
-        format!("{name}.pem"),
-        format!("{name}.ext"),
-    );
-    let mut a = vec!["req"];
-    a.extend(ec);
-    a.extend(["-subj", "/CN=capybara-test", "-keyout", &key, "-out", &csr]);
-    openssl(&a, dir);
-    std::fs::write(
-        dir.join(&ext),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    openssl(
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            &ca,
-            "-CAkey",
-            &ca_key,
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-out",
-            &cert,
-            "-extfile",
-            &ext,
-        ],
-        dir,
-    );
-    let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
-    (read(&ca), read(&cert), read(&key))
+    let dir = dir.join(name);
+    std::fs::create_dir(&dir).unwrap();
+    let ca = TestCa::generate(&dir);
+    let read = |f: &Path| std::fs::read(f).unwrap();
+    (read(&ca.ca_pem), read(&ca.cert_pem), read(&ca.key_pem))
 }
 
 #[test]
@@ -153,7 +85,8 @@ fn tls_listener_serves_clients_that_trust_its_certificate() {
 
     // The CLI over TLS.
     let bin = agent_crate_binary("capybara");
-    let cert_path = dir.path().join("agent-ca.pem");
+    // The CA file `ca_and_server` made for "agent".
+    let cert_path = dir.path().join("agent").join("ca.pem");
     let o = Command::new(&bin)
         .args(["--endpoint", &https, "--token", &token, "--ca-cert"])
         .arg(&cert_path)

@@ -21,14 +21,12 @@
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    process::Command,
     time::{Duration, Instant},
 };
 
 use capybara_agent::geo::mmdb_writer::MmdbWriter;
 use capybara_tests::{
-    agent_proc::{self, agent_crate_binary},
-    netns::{BpffsDir, NetNs, VethPair, unique_name},
+    lab::Lab,
     traffic::UdpStream,
     wg::{WgProcess, ping, ping_until},
 };
@@ -39,16 +37,6 @@ const PORT: u16 = 51820;
 const WAIT: Duration = Duration::from_secs(15);
 /// Entries of the big Tor lists.
 const BIG: usize = 1_000_000;
-
-struct Lab {
-    cli: PathBuf,
-    tmp: tempfile::TempDir,
-    server: NetNs,
-    client: NetNs,
-    _pins: BpffsDir,
-    veth: VethPair,
-    server_v4: Ipv4Addr,
-}
 
 /// A country database: `cn` is China, and a network elsewhere so the file has two countries.
 fn write_mmdb(path: &Path, cn: &str) {
@@ -88,145 +76,62 @@ fn random_list(count: usize, extra: &str) -> Vec<String> {
     out
 }
 
-impl Lab {
-    fn start(veth_net: u8, tunnel_net: u8) -> Lab {
-        let server = NetNs::new("is");
-        let client = NetNs::new("ic");
-        let veth = VethPair::new(&server, &client, veth_net);
-        let lab = Lab {
-            cli: agent_crate_binary("capybara"),
-            tmp: tempfile::tempdir().expect("temp dir"),
-            _pins: BpffsDir::new(),
-            server,
-            client,
-            veth,
-            server_v4: Ipv4Addr::new(10, tunnel_net, 0, 1),
-        };
-        write_mmdb(&lab.mmdb("a"), &format!("10.{veth_net}.0.64/26"));
-        let mut cmd = Command::new(agent_crate_binary("capybara-agent"));
-        cmd.args(["--netns", lab.server.name(), "--uplink", &lab.veth.a.ifname])
-            .args(["--tunnel", &unique_name("it")])
-            .args(["--tunnel-ipv4", &format!("{}/24", lab.server_v4)])
-            .args(["--tunnel-ipv6", &format!("fd00:{tunnel_net:x}::1/64")])
-            .args(["--listen-port", &PORT.to_string()])
-            .args(["--public-endpoint", &format!("{}:{PORT}", lab.veth.a.v4)])
-            .arg("--geoip-db")
-            .arg(lab.mmdb("a"))
-            .arg("--data-dir")
-            .arg(lab.tmp.path().join("data"))
-            .arg("--bpffs")
-            .arg(lab._pins.path())
-            .arg("--wg-uapi-dir")
-            .arg(lab.tmp.path().join("wg"))
-            .arg("--api-socket")
-            .arg(lab.socket());
-        agent_proc::start_agent(
-            &lab.server,
-            cmd,
-            &lab.tmp.path().join("agent.log"),
-            Duration::from_secs(60),
-        );
-        lab
-    }
+/// The lab's agent started with a fixture country database (`a.mmdb`: the client uplink's /26
+/// in China).
+fn start(veth_net: u8, tunnel_net: u8) -> Lab {
+    let lab = Lab::new(veth_net, tunnel_net);
+    let db = mmdb(&lab, "a");
+    write_mmdb(&db, &format!("10.{veth_net}.0.64/26"));
+    lab.start_agent(1, &["--geoip-db", &db.display().to_string()]);
+    lab
+}
 
-    fn mmdb(&self, which: &str) -> PathBuf {
-        self.tmp.path().join(format!("{which}.mmdb"))
-    }
+fn mmdb(lab: &Lab, which: &str) -> PathBuf {
+    lab.file(&format!("{which}.mmdb"))
+}
 
-    fn socket(&self) -> PathBuf {
-        self.tmp.path().join("run/agent.sock")
-    }
+/// The `ip-intel list` row of `name`.
+fn intel(lab: &Lab, name: &str) -> Value {
+    let j = lab.json(&["ip-intel", "list"]);
+    j["lists"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {name} in {j}"))
+}
 
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.tmp.path().join("agent.log")).unwrap_or_default()
-    }
+/// Packets the kernel dropped under `tor`.
+fn tor_hits(lab: &Lab) -> u64 {
+    intel(lab, "tor")["hits"]["packets"].as_u64().unwrap()
+}
 
-    fn run(&self, args: &[&str]) -> std::process::Output {
-        Command::new(&self.cli)
-            .arg("--socket")
-            .arg(self.socket())
-            .args(args)
-            .env_remove("CAPYBARA_TOKEN")
-            .env_remove("CAPYBARA_ENDPOINT")
-            .output()
-            .expect("run capybara")
-    }
+/// Packets the kernel dropped under `geo:CN`.
+fn cn_hits(lab: &Lab) -> u64 {
+    let j = lab.json(&["geo", "list"]);
+    j["lists"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "geo:CN")
+        .map_or(0, |l| l["hits"]["packets"].as_u64().unwrap())
+}
 
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "capybara {args:?}: {}\n{}",
-            String::from_utf8_lossy(&o.stderr),
-            self.log()
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut a = vec!["--json"];
-        a.extend_from_slice(args);
-        serde_json::from_str(&self.ok(&a)).unwrap_or_else(|e| panic!("capybara {args:?}: {e}"))
-    }
-
-    /// The `ip-intel list` row of `name`.
-    fn intel(&self, name: &str) -> Value {
-        let j = self.json(&["ip-intel", "list"]);
-        j["lists"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|l| l["name"] == name)
-            .cloned()
-            .unwrap_or_else(|| panic!("no {name} in {j}"))
-    }
-
-    /// Packets the kernel dropped under `tor`.
-    fn tor_hits(&self) -> u64 {
-        self.intel("tor")["hits"]["packets"].as_u64().unwrap()
-    }
-
-    /// Packets the kernel dropped under `geo:CN`.
-    fn cn_hits(&self) -> u64 {
-        let j = self.json(&["geo", "list"]);
-        j["lists"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|l| l["name"] == "geo:CN")
-            .map_or(0, |l| l["hits"]["packets"].as_u64().unwrap())
-    }
-
-    /// `user add`, the generated config on a `wireguard-go` client (as `e2e_metrics`).
-    fn add_client(&self, user: &str) -> WgProcess {
-        let cfg = self.json(&["user", "add", user, "--no-qr"]);
-        let v4: IpAddr = cfg["peer"]["ipv4"].as_str().unwrap().parse().unwrap();
-        let wg_quick = cfg["wg_quick"].as_str().expect("wg_quick");
-        WgProcess::from_wg_quick(
-            &self.client,
-            "iw",
-            wg_quick,
-            None,
-            self.server_v4.into(),
-            v4,
-        )
-    }
-
-    /// Waits until the `tor` list holds `entries` (the schedule reloaded the file).
-    fn wait_tor_entries(&self, entries: usize, within: Duration) {
-        let end = Instant::now() + within;
-        loop {
-            let l = self.intel("tor");
-            if l["entries"].as_u64() == Some(entries as u64) {
-                return;
-            }
-            assert!(
-                Instant::now() < end,
-                "the tor list was not reloaded to {entries} entries: {l}\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
+/// Waits until the `tor` list holds `entries` (the schedule reloaded the file).
+fn wait_tor_entries(lab: &Lab, entries: usize, within: Duration) {
+    let end = Instant::now() + within;
+    loop {
+        let l = intel(lab, "tor");
+        if l["entries"].as_u64() == Some(entries as u64) {
+            return;
         }
+        assert!(
+            Instant::now() < end,
+            "the tor list was not reloaded to {entries} entries: {l}\n{}",
+            lab.log(1)
+        );
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -235,14 +140,14 @@ fn tor_list_disable_allow_big_swaps_and_geo_update_under_traffic() {
     let t0 = Instant::now();
     let phase = |what: &str| eprintln!("{:>7.2} s  {what}", t0.elapsed().as_secs_f64());
     let (net, tnet) = (161, 163);
-    let lab = Lab::start(net, tnet);
+    let lab = start(net, tnet);
     phase("agent ready");
     let server = IpAddr::V4(lab.server_v4);
     let client_uplink = lab.veth.b.v4;
     let guarded = SocketAddr::new(IpAddr::V4(lab.veth.a.v4), PORT);
 
     // 1. The client's address in the Tor list: no handshake, its packets counted under tor.
-    let tor_file = lab.tmp.path().join("tor.txt");
+    let tor_file = lab.file("tor.txt");
     write_list(
         &tor_file,
         &[
@@ -251,8 +156,8 @@ fn tor_list_disable_allow_big_swaps_and_geo_update_under_traffic() {
             client_uplink.to_string(),
         ],
     );
-    lab.ok(&["ip-intel", "enable"]);
-    let out = lab.ok(&[
+    lab.capybara(&["ip-intel", "enable"]);
+    let out = lab.capybara(&[
         "ip-intel",
         "block-tor",
         "--file",
@@ -263,7 +168,7 @@ fn tor_list_disable_allow_big_swaps_and_geo_update_under_traffic() {
             .any(|l| l.starts_with("tor ") && l.contains("enforced")),
         "{out}"
     );
-    let wg = lab.add_client("alice");
+    let (wg, _) = lab.add_client("alice");
     for _ in 0..3 {
         assert!(
             !ping(&lab.client, server),
@@ -280,30 +185,30 @@ fn tor_list_disable_allow_big_swaps_and_geo_update_under_traffic() {
     };
     assert_eq!(peer(&wg).latest_handshake, 0, "a handshake completed");
     assert!(peer(&wg).tx_bytes > 0, "the client did not try");
-    let hits = lab.tor_hits();
+    let hits = tor_hits(&lab);
     assert!(hits > 0, "nothing counted under tor");
     phase("blocked as tor: no handshake");
 
     // Off: it connects. On again: cut. Allowed: through again.
-    lab.ok(&["ip-intel", "disable"]);
+    lab.capybara(&["ip-intel", "disable"]);
     assert!(
         ping_until(&lab.client, server, WAIT),
         "no ping with IP intelligence disabled\n{}",
-        lab.log()
+        lab.log(1)
     );
     assert!(peer(&wg).latest_handshake > 0);
     phase("disabled: connected");
-    lab.ok(&["ip-intel", "enable"]);
+    lab.capybara(&["ip-intel", "enable"]);
     assert!(
         !ping(&lab.client, server),
         "a ping got through after enable"
     );
-    lab.ok(&["ip-intel", "allow", &client_uplink.to_string()]);
+    lab.capybara(&["ip-intel", "allow", &client_uplink.to_string()]);
     assert!(
         ping_until(&lab.client, server, WAIT),
         "no ping with the address allowed"
     );
-    lab.ok(&["ip-intel", "allow", "--remove", &client_uplink.to_string()]);
+    lab.capybara(&["ip-intel", "allow", "--remove", &client_uplink.to_string()]);
     drop(wg);
     phase("allowed: connected");
 
@@ -323,9 +228,9 @@ fn tor_list_disable_allow_big_swaps_and_geo_update_under_traffic() {
             .len(),
     );
     write_list(&tor_file, &list_a);
-    lab.wait_tor_entries(len_a, Duration::from_secs(120));
+    wait_tor_entries(&lab, len_a, Duration::from_secs(120));
     phase("1M list A loaded");
-    let before = lab.tor_hits();
+    let before = tor_hits(&lab);
     let stream = UdpStream::start(
         &lab.client,
         Some(IpAddr::V4(client_uplink)),
@@ -336,13 +241,13 @@ fn tor_list_disable_allow_big_swaps_and_geo_update_under_traffic() {
     );
     for (i, (list, len)) in [(&list_b, len_b), (&list_a, len_a)].into_iter().enumerate() {
         write_list(&tor_file, list);
-        lab.wait_tor_entries(len, Duration::from_secs(120));
+        wait_tor_entries(&lab, len, Duration::from_secs(120));
         phase(&format!("swap {i} live"));
     }
     let sent = stream.stop();
     // Counted once dropped; let the last datagrams land.
     std::thread::sleep(Duration::from_millis(300));
-    let counted = lab.tor_hits() - before;
+    let counted = tor_hits(&lab) - before;
     assert!(sent > 1000, "the stream sent only {sent}");
     assert_eq!(
         counted, sent,
@@ -354,9 +259,9 @@ fn tor_list_disable_allow_big_swaps_and_geo_update_under_traffic() {
     let cn_source = Ipv4Addr::new(10, net, 0, 77);
     lab.client
         .add_addr(&lab.veth.b.ifname, &format!("{cn_source}/24"));
-    lab.ok(&["geo", "block", "CN"]);
-    write_mmdb(&lab.mmdb("b"), &format!("{cn_source}/32"));
-    let before = lab.cn_hits();
+    lab.capybara(&["geo", "block", "CN"]);
+    write_mmdb(&mmdb(&lab, "b"), &format!("{cn_source}/32"));
+    let before = cn_hits(&lab);
     let stream = UdpStream::start(
         &lab.client,
         Some(IpAddr::V4(cn_source)),
@@ -366,30 +271,33 @@ fn tor_list_disable_allow_big_swaps_and_geo_update_under_traffic() {
         Duration::from_secs(600),
     );
     for which in ["b", "a", "b"] {
-        let out = lab.ok(&[
+        let out = lab.capybara(&[
             "geo",
             "update",
             "--file",
-            &lab.mmdb(which).display().to_string(),
+            &mmdb(&lab, which).display().to_string(),
         ]);
         assert!(out.starts_with("database "), "{out}");
         std::thread::sleep(Duration::from_millis(200));
     }
     let sent = stream.stop();
     std::thread::sleep(Duration::from_millis(300));
-    let counted = lab.cn_hits() - before;
+    let counted = cn_hits(&lab) - before;
     assert!(sent > 500, "the stream sent only {sent}");
     assert_eq!(
         counted, sent,
         "{sent} datagrams from a blocked country, {counted} dropped under geo:CN"
     );
     // A bad file is refused; the lists stay.
-    let bad = lab.mmdb("bad");
+    let bad = mmdb(&lab, "bad");
     std::fs::write(&bad, b"not a database").unwrap();
     let o = lab.run(&["geo", "update", "--file", &bad.display().to_string()]);
     assert_eq!(o.status.code(), Some(2));
     let geo = lab.json(&["geo", "list"]);
-    assert_eq!(geo["database"]["path"], lab.mmdb("b").display().to_string());
+    assert_eq!(
+        geo["database"]["path"],
+        mmdb(&lab, "b").display().to_string()
+    );
     phase(&format!(
         "{sent} datagrams from CN across 3 database swaps, all dropped"
     ));

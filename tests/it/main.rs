@@ -50,6 +50,7 @@ mod design_lines;
 mod e2e_agent_restart;
 mod e2e_audit_retention;
 mod e2e_auth_flood;
+mod e2e_cluster;
 mod e2e_dst_blocklist;
 mod e2e_expiry;
 mod e2e_first_run;

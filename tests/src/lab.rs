@@ -100,7 +100,8 @@ impl Lab {
         .arg(self.socket())
         .args(extra)
         .env("RUST_LOG", rust_log);
-        agent_proc::start_agent(&self.server, cmd, &log, Duration::from_secs(30))
+        // A debug build loading big lists or databases at start takes its time.
+        agent_proc::start_agent(&self.server, cmd, &log, Duration::from_secs(60))
     }
 
     pub fn log(&self, run: u32) -> String {
@@ -108,15 +109,26 @@ impl Lab {
             .unwrap_or_default()
     }
 
-    pub fn capybara(&self, args: &[&str]) -> String {
-        let o = Command::new(&self.cli)
+    /// A path for a test's own file in the lab's temporary directory.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    /// Runs `capybara args` against the agent, whatever its outcome.
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new(&self.cli)
             .arg("--socket")
             .arg(self.socket())
             .args(args)
             .env_remove("CAPYBARA_TOKEN")
             .env_remove("CAPYBARA_ENDPOINT")
             .output()
-            .expect("run capybara");
+            .expect("run capybara")
+    }
+
+    /// Runs `capybara args`, which must succeed; its output.
+    pub fn capybara(&self, args: &[&str]) -> String {
+        let o = self.run(args);
         assert!(
             o.status.success(),
             "capybara {args:?} failed: {}{}",

@@ -30,11 +30,15 @@
 //! - [`proxied`]: the agent with its Shadowsocks and VLESS endpoints and alice's three real
 //!   clients (`e2e_proxies`, the `multi_protocol_quota_*` benchmark).
 //! - [`socks`]: a SOCKS5 client (through `ss-local` and v2ray); [`free_port`].
+//! - [`ca`]: a throw-away CA issuing server and client certificates (`openssl`).
+//! - [`cluster`]: a LAN with a three-member etcd cluster and agents as its nodes (issue 25).
 //! - [`bench`]: the benchmarks behind `cargo xtask bench` (binary `capybara-bench`).
 
 pub mod agent_proc;
 pub mod auth_flood;
 pub mod browser;
+pub mod ca;
+pub mod cluster;
 pub mod cpu;
 pub mod iperf;
 pub mod lab;

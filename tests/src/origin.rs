@@ -5,7 +5,10 @@
 //! - [`STREAM`]: 64 KiB writes until the connection fails or the server stops (downloads that
 //!   only a limit, a cut or the test ends).
 //!
-//! Stops (and closes its listener) when dropped.
+//! It also answers UDP on the same address ([`Origin::udp`]): each datagram comes back with
+//! [`ECHO_PREFIX`] before it (proxied datagrams in tests).
+//!
+//! Stops (and closes its sockets) when dropped.
 
 use std::{
     io::{Read as _, Write as _},
@@ -24,6 +27,8 @@ use crate::netns::NetNs;
 pub const FILE: u8 = b'F';
 /// Asks for an endless stream.
 pub const STREAM: u8 = b'S';
+/// What the UDP echo puts before each datagram it returns.
+pub const ECHO_PREFIX: &[u8] = b"echo:";
 /// The size of each stream write.
 const CHUNK: usize = 64 * 1024;
 
@@ -31,8 +36,11 @@ const CHUNK: usize = 64 * 1024;
 pub struct Origin {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where its UDP echo listens.
+    pub udp: SocketAddr,
     stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
+    echo: Option<JoinHandle<()>>,
 }
 
 impl Origin {
@@ -56,10 +64,29 @@ impl Origin {
                 }
             }
         });
+        let socket = ns
+            .run(|| std::net::UdpSocket::bind(SocketAddr::new(ip, 0)))
+            .unwrap_or_else(|e| panic!("origin: bind udp {ip} in {}: {e}", ns.name()));
+        let udp = socket.local_addr().expect("origin udp address");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("read timeout");
+        let flag = stop.clone();
+        let echo = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65_536];
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = socket.recv_from(&mut buf[ECHO_PREFIX.len()..]) {
+                    buf[..ECHO_PREFIX.len()].copy_from_slice(ECHO_PREFIX);
+                    let _ = socket.send_to(&buf[..ECHO_PREFIX.len() + n], from);
+                }
+            }
+        });
         Origin {
             addr,
+            udp,
             stop,
             accept: Some(accept),
+            echo: Some(echo),
         }
     }
 }
@@ -67,7 +94,7 @@ impl Origin {
 impl Drop for Origin {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.accept.take() {
+        for h in [self.accept.take(), self.echo.take()].into_iter().flatten() {
             let _ = h.join();
         }
     }

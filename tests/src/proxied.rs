@@ -146,6 +146,29 @@ impl Proxied {
         self.lab.client.run(move || socks::connect(proxy, far))
     }
 
+    /// Whether a UDP datagram to the far origin's echo through `protocol`'s client (SOCKS5 UDP
+    /// ASSOCIATE, as the printed configs enable it) comes back echoed within `within`.
+    pub fn echoes(&self, protocol: &str, within: Duration) -> bool {
+        let (_, proxy) = self.socks.iter().find(|(p, _)| *p == protocol).unwrap();
+        let (proxy, far) = (*proxy, self.far.udp);
+        let payload = format!("a datagram through {protocol}").into_bytes();
+        let want = [origin::ECHO_PREFIX, &payload].concat();
+        let got = self
+            .lab
+            .client
+            .run(move || socks::udp_exchange(proxy, far, &payload, within));
+        match got {
+            Ok(got) => {
+                assert_eq!(got, want, "{protocol}: the echo came back altered");
+                true
+            }
+            Err(e) => {
+                eprintln!("{protocol}: no UDP echo: {e}");
+                false
+            }
+        }
+    }
+
     /// A connection to the near origin through the tunnel.
     pub fn tunnelled(&self) -> std::io::Result<TcpStream> {
         let near = self.near.addr;

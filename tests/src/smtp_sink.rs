@@ -13,7 +13,7 @@ use std::{
     process::{Child, Command, Stdio},
 };
 
-use crate::receivers::PYTHON;
+use crate::{ca::TestCa, receivers::PYTHON};
 
 const PY_SINK: &str = r#"
 import asyncio, json, ssl, sys
@@ -66,103 +66,6 @@ pub struct SinkMessage {
     pub login: Option<String>,
     /// The message (headers and body) as received.
     pub data: String,
-}
-
-/// The CA and the server certificate a sink uses.
-#[derive(Debug)]
-pub struct TestCa {
-    /// The CA certificate (PEM): what the client trusts.
-    pub ca_pem: PathBuf,
-    /// The server's certificate (PEM, for `127.0.0.1` and `localhost`).
-    pub cert_pem: PathBuf,
-    /// The server's key (PEM).
-    pub key_pem: PathBuf,
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl TestCa {
-    /// A new CA (valid one day) and a server certificate for `127.0.0.1` signed by it, in
-    /// `dir`.
-    pub fn generate(dir: &Path) -> TestCa {
-        std::fs::write(
-            dir.join("leaf.ext"),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\n\
-             keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
-        )
-        .unwrap();
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-        ];
-        let mut ca = vec!["req", "-x509"];
-        ca.extend(ec);
-        ca.extend([
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=capybara test CA",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign",
-        ]);
-        openssl(dir, &ca);
-        let mut csr = vec!["req"];
-        csr.extend(ec);
-        csr.extend([
-            "-keyout",
-            "leaf.key",
-            "-out",
-            "leaf.csr",
-            "-subj",
-            "/CN=127.0.0.1",
-        ]);
-        openssl(dir, &csr);
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "leaf.csr",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                "leaf.pem",
-                "-days",
-                "1",
-                "-extfile",
-                "leaf.ext",
-            ],
-        );
-        TestCa {
-            ca_pem: dir.join("ca.pem"),
-            cert_pem: dir.join("leaf.pem"),
-            key_pem: dir.join("leaf.key"),
-        }
-    }
 }
 
 /// The sink (see the module docs).

@@ -16,7 +16,8 @@
 //! - the Python tools ([`PYTHON_TOOLS`]: schemathesis, standardwebhooks, aiosmtpd) in a virtual
 //!   environment at `<cache>/pyenv`, with a stamp of the pins.
 //! - Debian's `v2ray.service` disabled and stopped: the package enables and starts it with its
-//!   example configuration; tests and benchmarks start their own v2ray processes.
+//!   example configuration; tests and benchmarks start their own v2ray processes. The same for
+//!   `shadowsocks-libev` and `etcd` (a member on localhost:2379 the tests never use).
 //! - the country database for `geo block/allow` (ip-location-db's CC0
 //!   `geo-whois-asn-country`, pinned and hash-checked) at `<cache>/geoip/` (`crate::geoip`).
 use std::fs::{self, File};
@@ -74,6 +75,11 @@ pub const PACKAGES: &[&str] = &[
     // baseline of the `shadowsocks_throughput_vs_ssserver` bench). The package's own server
     // service is stopped and disabled ([`packaged_service_off`]): tests start their own.
     "shadowsocks-libev",
+    // Issue 25: the cluster's consensus store, three members per test (`etcd`), and `etcdctl`,
+    // which the tests ask when the members are healthy. The package's own member is stopped
+    // and disabled ([`packaged_service_off`]): tests start their own on a LAN they made.
+    "etcd-server",
+    "etcd-client",
 ];
 
 /// Python tools the tests run, pinned, from PyPI into a virtual environment at `<cache>/pyenv`
@@ -135,6 +141,7 @@ pub fn run(_args: &Args) -> Result<()> {
     debian_packages(&mut report)?;
     packaged_service_off(&mut report, "shadowsocks-libev")?;
     packaged_service_off(&mut report, "v2ray")?;
+    packaged_service_off(&mut report, "etcd")?;
     rust_components(&mut report)?;
     bpf_linker(&cache, &mut report)?;
     boringtun_cli(&mut report)?;
@@ -315,9 +322,9 @@ fn debian_packages(report: &mut Report) -> Result<()> {
     Ok(())
 }
 
-/// Debian's `shadowsocks-libev` and `v2ray` packages enable and start their own server (a
-/// Shadowsocks server on port 8388 with a generated password; v2ray with its example
-/// configuration): the tests and benchmarks start their own processes on loopback, so the
+/// Debian's `shadowsocks-libev`, `v2ray` and `etcd-server` packages enable and start their own
+/// server (a Shadowsocks server on port 8388 with a generated password; v2ray with its example
+/// configuration; an etcd member on localhost): the tests and benchmarks start their own, so the
 /// packaged `name` service is stopped and kept from starting at boot — systemd's unit when
 /// systemd runs, the SysV script's start links otherwise (containers).
 fn packaged_service_off(report: &mut Report, name: &str) -> Result<()> {

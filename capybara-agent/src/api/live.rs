@@ -20,7 +20,8 @@ use crate::service::{
     Traffic,
     domain::Scope,
     watch::{
-        DEFAULT_TOP, DeviceRow, DropRate, LiveTraffic, LiveView, MAX_TOP, Others, Rate, UserRow,
+        DEFAULT_TOP, DeviceRow, DropRate, Line, LiveTraffic, LiveView, MAX_TOP, Others, Rate,
+        UserRow,
     },
 };
 
@@ -124,7 +125,14 @@ impl From<&LiveView> for pb::StatsTick {
                 .top_devices
                 .iter()
                 .map(|d| pb::DeviceTick {
-                    peer: Some((&d.peer).into()),
+                    peer: match &d.line {
+                        Line::Peer(p) => Some(p.into()),
+                        Line::Proxy(_) => None,
+                    },
+                    proxy: match &d.line {
+                        Line::Peer(_) => None,
+                        Line::Proxy(a) => Some(a.into()),
+                    },
                     online: d.online,
                     traffic: Some((&d.traffic).into()),
                 })
@@ -207,8 +215,12 @@ impl TryFrom<pb::StatsTick> for LiveView {
                 .top_devices
                 .into_iter()
                 .map(|d| {
+                    let line = match (d.peer, d.proxy) {
+                        (_, Some(a)) => Line::Proxy(a.try_into()?),
+                        (p, None) => Line::Peer(need("top_devices.peer", p)?.try_into()?),
+                    };
                     Ok(DeviceRow {
-                        peer: need("top_devices.peer", d.peer)?.try_into()?,
+                        line,
                         online: d.online,
                         traffic: live_traffic_from_proto(d.traffic),
                     })
@@ -278,7 +290,7 @@ mod tests {
     use super::*;
     use crate::service::{
         domain::{DeviceName, Peer, PublicKey, UserName},
-        watch::{DeviceTick, Tick},
+        watch::{DeviceTick, Line, Tick},
     };
 
     /// `n` devices of `n` users with realistic names, all busy.
@@ -288,7 +300,7 @@ mod tests {
             interval: Duration::from_millis(1_000),
             devices: (0..n)
                 .map(|k| DeviceTick {
-                    peer: Peer {
+                    line: Line::Peer(Peer {
                         id: k,
                         user: UserName::parse("user", &format!("user{k:06}")).unwrap(),
                         device: DeviceName::parse("device", "laptop").unwrap(),
@@ -297,7 +309,7 @@ mod tests {
                         ipv6: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, (k >> 16) as u16, k as u16),
                         created_at: 1_700_000_000,
                         key_kept: false,
-                    },
+                    }),
                     online: true,
                     traffic: LiveTraffic {
                         rx: Rate {
@@ -343,7 +355,18 @@ mod tests {
     fn a_tick_round_trips() {
         let mut t = tick(30);
         t.drops = vec![(capybara_common::drop::DropReason::FlowLimit, 3, 10)];
+        // The busiest row a proxy identity's.
+        let mut busiest = t.devices[29].clone();
+        busiest.line = Line::Proxy(crate::service::domain::ProxyAccess {
+            id: 900,
+            user: busiest.line.user().clone(),
+            protocol: crate::service::domain::Protocol::Vless,
+            created_at: 1_700_000_000,
+        });
+        busiest.traffic.rx.bytes += 1;
+        t.devices.push(busiest);
         let v = t.view(None, 5);
+        assert!(matches!(v.top_devices[0].line, Line::Proxy(_)));
         let back = LiveView::try_from(pb::StatsTick::from(&v)).unwrap();
         assert_eq!(back, v);
     }

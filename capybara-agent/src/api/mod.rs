@@ -20,6 +20,7 @@
 //! | [`mfa`] | `Mfa` (enrolment, status, require-all; the verification page is `service::verification`'s) |
 //! | [`intel`] | `IpIntel` (IP intelligence: the switch, the tor/vpn sources, the allow list) |
 //! | [`reputation`] | `Reputation` (a source's score explained, the auto-blocked sources) |
+//! | [`cluster`] | `Cluster` (the nodes of an etcd cluster, etcd's members and the node's lease) |
 //!
 //! Beside them: [`server`] (who may call what, the router, the listeners, `run(listeners,
 //! shutdown)`), [`handler`] (the [`handler::Api`] type every service is implemented on: auth and
@@ -31,6 +32,7 @@ pub mod access;
 pub mod audit;
 pub mod backup;
 pub mod client;
+pub mod cluster;
 pub mod convert;
 pub mod geo;
 pub mod handler;

@@ -43,7 +43,6 @@
 use std::{future::Future, path::Path, sync::Arc};
 
 use capybara_proto::v1::mfa_server::MfaServer;
-use capybara_proto::v1::reputation_server::ReputationServer;
 use capybara_proto::v1::{
     api_access_server::ApiAccessServer, audit_server::AuditServer, backup_server::BackupServer,
     blocklists_server::BlocklistsServer, components_server::ComponentsServer,
@@ -53,6 +52,7 @@ use capybara_proto::v1::{
     templates_server::TemplatesServer, tokens_server::TokensServer, users_server::UsersServer,
     webhooks_server::WebhooksServer,
 };
+use capybara_proto::v1::{cluster_server::ClusterServer, reputation_server::ReputationServer};
 use tonic::{Request, transport::server::Router};
 
 use super::{
@@ -218,6 +218,7 @@ pub(super) async fn router(api: &Api, tls: Option<&TlsIdentity>) -> Result<Timed
         .set_serving::<capybara_proto::v1::ip_intel_server::IpIntelServer<Api>>()
         .await;
     reporter.set_serving::<ReputationServer<Api>>().await;
+    reporter.set_serving::<ClusterServer<Api>>().await;
     super::health::publish(&reporter, svc).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(capybara_proto::FILE_DESCRIPTOR_SET)
@@ -271,7 +272,8 @@ pub(super) async fn router(api: &Api, tls: Option<&TlsIdentity>) -> Result<Timed
     .add_service(capybara_proto::v1::ip_intel_server::IpIntelServer::new(
         api.clone(),
     ))
-    .add_service(ReputationServer::new(api.clone()));
+    .add_service(ReputationServer::new(api.clone()))
+    .add_service(ClusterServer::new(api.clone()));
     // gRPC and the REST mirror on one listener: gRPC paths are `/capybara.v1.X/Y`, REST ones
     // `/api/v1/…`; HTTP/1.1 is accepted for REST clients.
     let all = grpc

@@ -112,7 +112,63 @@ fn main() -> anyhow::Result<()> {
         settings: args.proxy_settings(),
         vless_cert: args.vless_cert.clone().zip(args.vless_key.clone()),
     };
+    let cluster = if args.etcd.is_empty() {
+        None
+    } else {
+        let ttl = duration("cluster_ttl", &args.cluster_ttl)?;
+        if ttl < std::time::Duration::from_secs(2) || ttl.subsec_nanos() != 0 {
+            anyhow::bail!(
+                "--cluster-ttl: whole seconds, at least 2s (got {})",
+                args.cluster_ttl
+            );
+        }
+        let node = match &args.node_name {
+            Some(n) => n.clone(),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .context("--node-name: not given, and the host name cannot be read")?,
+        };
+        if node.is_empty() || node.contains('/') {
+            anyhow::bail!("--node-name: {node:?} is not a node name (not empty, no '/')");
+        }
+        if !args.etcd_prefix.starts_with('/') || args.etcd_prefix.ends_with('/') {
+            anyhow::bail!(
+                "--etcd-prefix: {:?} must start with '/' and not end with one",
+                args.etcd_prefix
+            );
+        }
+        let read = |flag: &str, path: &std::path::Path| {
+            std::fs::read(path).with_context(|| format!("{flag}: cannot read {}", path.display()))
+        };
+        let tls = match &args.etcd_ca {
+            Some(ca) => {
+                if let Some(plain) = args.etcd.iter().find(|e| !e.starts_with("https://")) {
+                    anyhow::bail!("--etcd: {plain} is not https:// while --etcd-ca asks for TLS");
+                }
+                let identity = match (&args.etcd_cert, &args.etcd_key) {
+                    (Some(c), Some(k)) => Some((read("--etcd-cert", c)?, read("--etcd-key", k)?)),
+                    _ => None,
+                };
+                Some(capybara_agent::cluster::EtcdTls {
+                    ca_pem: read("--etcd-ca", ca)?,
+                    identity,
+                })
+            }
+            None if args.etcd_cert.is_some() => {
+                anyhow::bail!("--etcd-cert: needs --etcd-ca (the CA of the members' certificates)")
+            }
+            None => None,
+        };
+        Some(capybara_agent::cluster::ClusterConfig {
+            endpoints: args.etcd.clone(),
+            node,
+            prefix: args.etcd_prefix.clone(),
+            ttl,
+            tls,
+        })
+    };
     let config = AgentConfig {
+        cluster,
         proxies,
         mfa_page: daemon::MfaPageSettings {
             channels: (!channels.is_empty()).then(|| std::sync::Arc::new(channels)),

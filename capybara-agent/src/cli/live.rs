@@ -25,7 +25,7 @@ use std::{
 use super::{CliError, output::time, table::Table};
 use crate::{
     api::client::Client,
-    service::watch::{LiveTraffic, LiveView, MAX_TOP},
+    service::watch::{Line, LiveTraffic, LiveView, MAX_TOP},
 };
 
 /// Which view.
@@ -317,10 +317,14 @@ pub(super) fn frame(v: &LiveView, layout: Layout, user: &str) -> Vec<String> {
                 "RX", "TX",
             ]);
             for r in &v.top_devices {
+                let address = match &r.line {
+                    Line::Peer(p) => p.ipv4.to_string(),
+                    Line::Proxy(_) => "-".into(),
+                };
                 let mut row = vec![
-                    r.peer.user.to_string(),
-                    r.peer.device.to_string(),
-                    r.peer.ipv4.to_string(),
+                    r.line.user().to_string(),
+                    r.line.name().to_owned(),
+                    address,
                     if r.online { "yes" } else { "no" }.into(),
                 ];
                 row.extend(top_cells(&r.traffic));
@@ -340,8 +344,8 @@ pub(super) fn frame(v: &LiveView, layout: Layout, user: &str) -> Vec<String> {
             ]);
             for r in &v.top_devices {
                 t.row(vec![
-                    r.peer.user.to_string(),
-                    r.peer.device.to_string(),
+                    r.line.user().to_string(),
+                    r.line.name().to_owned(),
                     r.traffic.rx_total.bytes.to_string(),
                     r.traffic.rx_total.packets.to_string(),
                     r.traffic.tx_total.bytes.to_string(),
@@ -442,6 +446,37 @@ mod tests {
         );
         assert_eq!(f[7], "… 2 more users: rx 265 kB/s, tx 500 B/s");
         assert!(f.iter().all(|l| !l.contains('\x1b')));
+    }
+
+    #[test]
+    fn a_proxy_identity_is_a_row_named_by_its_protocol_without_an_address() {
+        use crate::service::{
+            domain::{Protocol, ProxyAccess, UserName},
+            watch::DeviceRow,
+        };
+        let mut v = view();
+        v.top_devices = vec![DeviceRow {
+            line: Line::Proxy(ProxyAccess {
+                id: 7,
+                user: UserName::parse("user", "alice").unwrap(),
+                protocol: Protocol::Shadowsocks,
+                created_at: 0,
+            }),
+            online: true,
+            traffic: v.total,
+        }];
+        for layout in [Layout::Top, Layout::Stats] {
+            let f = frame(&v, layout, "");
+            let row = f
+                .iter()
+                .find(|l| l.starts_with("alice ") && l.contains("shadowsocks"))
+                .unwrap_or_else(|| panic!("{f:#?}"));
+            let cells: Vec<&str> = row.split_whitespace().collect();
+            assert_eq!(cells[1], "shadowsocks", "{row}");
+            if layout == Layout::Top {
+                assert_eq!((cells[2], cells[3]), ("-", "yes"), "{row}");
+            }
+        }
     }
 
     #[test]

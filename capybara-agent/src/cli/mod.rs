@@ -33,6 +33,7 @@ mod api;
 mod backup;
 mod blocklist;
 mod client_config;
+mod cluster;
 mod connections;
 mod device;
 mod diagnose;
@@ -169,6 +170,9 @@ enum Command {
     /// allow list.
     #[command(name = "ip-intel", subcommand)]
     IpIntel(intel::IntelCmd),
+    /// The etcd cluster this agent is a node of: its nodes, etcd's health.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCmd),
 }
 
 /// Runs the CLI with the process arguments.
@@ -254,5 +258,6 @@ async fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Webhook(cmd) => webhook::run(cli, cmd).await,
         Command::Mfa(cmd) => mfa::run(cli, cmd).await,
         Command::IpIntel(cmd) => intel::run(cli, cmd).await,
+        Command::Cluster(cmd) => cluster::run(cli, cmd).await,
     }
 }

@@ -58,6 +58,14 @@ pub(super) struct Agent {
     pub(super) mfa_page: Option<crate::verify::PageServer>,
     /// The proxy endpoints, when configured.
     pub(super) proxies: Option<super::proxies::Endpoints>,
+    /// The agent's node of an etcd cluster, when it is one.
+    pub(super) cluster: Option<ClusterNode>,
+}
+
+/// The task that holds the node's lease (`crate::cluster::Node::run`) and its stop.
+pub(super) struct ClusterNode {
+    pub(super) stop: tokio_util::sync::CancellationToken,
+    pub(super) task: tokio::task::JoinHandle<()>,
 }
 
 /// The `--metrics-listen` server.
@@ -157,10 +165,17 @@ impl Agent {
             usage_writer,
             mfa_page,
             proxies,
+            cluster,
             ..
         } = self;
         reputation_feed.abort();
         let _ = reputation_feed.await;
+        // The node leaves the cluster first (its lease revoked: it is gone from the list now,
+        // not a TTL later).
+        if let Some(c) = cluster {
+            c.stop.cancel();
+            let _ = c.task.await;
+        }
         // The page and the proxy endpoints hold the service (through its ports): they stop
         // first; the endpoints' open connections are cut.
         if let Some(page) = mfa_page {

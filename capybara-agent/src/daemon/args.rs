@@ -187,7 +187,33 @@ pub struct Args {
     /// How long an auto-block lasts, e.g. 1h, 30m.
     #[arg(long, default_value = "1h")]
     pub reputation_ttl: String,
-    /// Serve Shadowsocks (AEAD) on this address, e.g. 0.0.0.0:8388: users given the
+    /// Join the etcd cluster at these client URLs (comma-separated, e.g.
+    /// http://10.0.0.1:2379,http://10.0.0.2:2379): the agent is a node of the cluster, holding a
+    /// lease and publishing itself and its load (`capybara cluster status`). Without it the
+    /// agent runs alone.
+    #[arg(long, value_name = "URLS", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// This node's name in the cluster (default: the host name).
+    #[arg(long, value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// The cluster's key prefix in etcd.
+    #[arg(long, value_name = "PREFIX", default_value = crate::cluster::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+    /// The node's lease TTL, e.g. 10s: a node that dies leaves the cluster within it.
+    #[arg(long, value_name = "DURATION", default_value = "10s")]
+    pub cluster_ttl: String,
+    /// TLS to etcd: the CA certificate (PEM) that signed the members' certificates; the
+    /// `--etcd` URLs are then https://.
+    #[arg(long, value_name = "FILE")]
+    pub etcd_ca: Option<PathBuf>,
+    /// This node's client certificate (PEM) for members that require one (with --etcd-key).
+    #[arg(long, value_name = "FILE", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// The key (PEM) of --etcd-cert.
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+    /// Serve Shadowsocks (AEAD; TCP, and UDP relayed on the same port) on this address, e.g.
+    /// 0.0.0.0:8388: users given the
     /// `shadowsocks` protocol connect here (their configs name its port).
     #[arg(long, value_name = "ADDR:PORT")]
     pub shadowsocks_listen: Option<std::net::SocketAddr>,
@@ -196,7 +222,7 @@ pub struct Args {
     /// SIP004 ones for clients without the 2022 edition, e.g. shadowsocks-libev). Users'
     /// credentials serve every cipher: changing it changes their configs, not their keys.
     #[arg(long, value_name = "CIPHER", default_value = "2022-blake3-aes-256-gcm",
-          value_parser = |s: &str| crate::service::proxies::ShadowsocksCipher::parse("shadowsocks_cipher", s).map_err(|e| e.to_string()))]
+          value_parser = |s: &str| s.parse::<crate::service::proxies::ShadowsocksCipher>().map_err(|e| e.to_string()))]
     pub shadowsocks_cipher: crate::service::proxies::ShadowsocksCipher,
     /// Serve VLESS over TLS on this address, e.g. 0.0.0.0:8443: users given the `vless`
     /// protocol connect here.

@@ -161,7 +161,7 @@ fn proxy_session_event(
     ev: crate::proxy::ProxyEvent,
     history: &crate::service::history::History,
 ) -> SessionEvent {
-    use crate::proxy::{AuthFailure, CloseReason, ProxyEvent};
+    use crate::proxy::{AuthFailure, ProxyEvent};
     match ev {
         ProxyEvent::Opened {
             identity,
@@ -179,14 +179,8 @@ fn proxy_session_event(
             }),
             at,
         },
-        ProxyEvent::Closed {
-            identity,
-            reason,
-            at,
-            ..
-        } => SessionEvent::ProxyClosed {
+        ProxyEvent::Closed { identity, at, .. } => SessionEvent::ProxyClosed {
             id: identity.id,
-            cut: reason == CloseReason::Cut,
             at,
         },
         ProxyEvent::AuthFailed {

@@ -249,6 +249,9 @@ pub struct AgentConfig {
     pub reputation: ReputationSettings,
     /// The Shadowsocks and VLESS endpoints (`--shadowsocks-*`, `--vless-*`).
     pub proxies: ProxyConfig,
+    /// The etcd cluster this agent is a node of (`--etcd`, `--node-name`, …); `None`: a single
+    /// agent.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// The daemon's MFA settings.
@@ -338,6 +341,9 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    /// The cluster's etcd endpoints are not valid (`--etcd`).
+    #[error("--etcd: {0}")]
+    Cluster(#[source] crate::cluster::ClusterError),
     /// A proxy endpoint's address could not be bound.
     #[error("{flag}: cannot listen on {addr}")]
     ProxyListen {

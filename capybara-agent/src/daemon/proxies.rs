@@ -1,4 +1,5 @@
-//! The proxy endpoints in the agent (`crate::proxy`): Shadowsocks on `--shadowsocks-listen`,
+//! The proxy endpoints in the agent (`crate::proxy`): Shadowsocks (TCP, and its UDP relay on the
+//! same port) on `--shadowsocks-listen`,
 //! VLESS over TLS on `--vless-listen`, each given the same [`Hub`]: the service's credentials
 //! (`service::proxies`), the dataplane's socket binder (the cgroup programs attached to the
 //! agent's own cgroup, `dataplane::sockets`), the session recorder (`service::history`) and the
@@ -17,11 +18,17 @@ use super::{DaemonError, events::ProxyEvents};
 use crate::{
     dataplane::Dataplane,
     proxy::{
-        Hub, shadowsocks,
+        Hub,
+        registry::CutCause,
+        shadowsocks,
         tls::{CertSource, EndpointCert},
         vless,
     },
-    service::{Service, history::RecorderSender, proxies::ProxySettings},
+    service::{
+        Service,
+        history::{EndReason, RecorderSender, SessionEvent},
+        proxies::ProxySettings,
+    },
 };
 
 /// The endpoints' settings at start.
@@ -117,6 +124,18 @@ pub(super) async fn start(
         None => None,
     };
     svc.proxies.configure(settings);
+    // A kick or a removal ends the identity's session in the history at once, whether or not
+    // a connection is open (a hold leaves it to go idle).
+    let ended = sessions.clone();
+    svc.core.proxies.on_cut(Box::new(move |id, cause| {
+        let reason = match cause {
+            CutCause::Kick => EndReason::Kicked,
+            CutCause::Removed => EndReason::Removed,
+            CutCause::Hold => return,
+        };
+        let at = std::time::SystemTime::now();
+        ended.send(SessionEvent::ProxyEnded { id, reason, at });
+    }));
     let hub = Hub {
         credentials: svc.proxies.clone(),
         kernel: Arc::new(binder),
@@ -131,13 +150,22 @@ pub(super) async fn start(
     let mut tasks = Vec::new();
     if let Some(ep) = ss {
         let listener = listen("--shadowsocks-listen", ep.listen).await?;
-        let cipher: shadowsocks::Cipher = ep
-            .cipher
-            .as_str()
-            .parse()
-            .expect("the service's ciphers are the endpoint's");
+        let cipher = ep.cipher;
+        let udp = shadowsocks::udp::reuseport_socket(ep.listen).map_err(|source| {
+            DaemonError::ProxyListen {
+                flag: "--shadowsocks-listen",
+                addr: ep.listen,
+                source,
+            }
+        })?;
+        tasks.push(tokio::spawn(shadowsocks::udp::serve(
+            udp,
+            hub.clone(),
+            shadowsocks::udp::Config::new(cipher),
+            stop.clone(),
+        )));
         let (hub, stop) = (hub.clone(), stop.clone());
-        tracing::info!(addr = %ep.listen, %cipher, "Shadowsocks endpoint listening");
+        tracing::info!(addr = %ep.listen, %cipher, "Shadowsocks endpoint listening (TCP and UDP)");
         tasks.push(tokio::spawn(async move {
             // Dropping `serve` ends the connections it serves.
             tokio::select! {

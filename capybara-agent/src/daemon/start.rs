@@ -86,15 +86,18 @@ pub(super) fn open(config: &AgentConfig) -> Result<Opened, DaemonError> {
     )?;
 
     // The XDP guard admits sources to the WireGuard port and to the proxy endpoints' ports
-    // alike (blocklists, geo rules).
-    let proxy_ports: Vec<u16> = {
+    // alike (blocklists, geo rules): Shadowsocks's for TCP and its UDP relay.
+    let (udp_ports, tcp_ports) = {
         let p = &config.proxies.settings;
         let ss = p.shadowsocks.as_ref().map(|e| e.listen.port());
-        ss.into_iter()
+        let udp: Vec<u16> = std::iter::once(config.listen_port).chain(ss).collect();
+        let tcp: Vec<u16> = ss
+            .into_iter()
             .chain(p.vless.as_ref().map(|e| e.listen.port()))
-            .collect()
+            .collect();
+        (udp, tcp)
     };
-    dataplane.set_guard_ports(&[config.listen_port], &proxy_ports)?;
+    dataplane.set_guard_ports(&udp_ports, &tcp_ports)?;
     match &config.uplink {
         Some(uplink) => {
             dataplane.attach_xdp(uplink)?;
@@ -340,6 +343,10 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
     let api_task = tokio::spawn(api::run(svc.clone(), listeners, async {
         let _ = api_stopped.await;
     }));
+    let cluster = match &config.cluster {
+        Some(c) => Some(join_cluster(c, &svc).await?),
+        None => None,
+    };
     Ok(Agent {
         dataplane,
         tunnel,
@@ -361,5 +368,36 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
         usage_writer,
         mfa_page,
         proxies,
+        cluster,
     })
+}
+
+/// Makes the agent a node of the etcd cluster of `config` (`crate::cluster`): holds its lease
+/// and publishes it, with its devices online as its load, until the agent stops. An etcd that
+/// does not answer yet is retried; the agent serves meanwhile.
+async fn join_cluster(
+    config: &crate::cluster::ClusterConfig,
+    svc: &Arc<Service>,
+) -> Result<super::agent::ClusterNode, DaemonError> {
+    let weak = Arc::downgrade(svc);
+    let online = Box::new(move || {
+        weak.upgrade().map_or(0, |svc| {
+            let n = svc
+                .core
+                .tunnel
+                .peers()
+                .iter()
+                .filter(|p| p.connected)
+                .count();
+            u32::try_from(n).unwrap_or(u32::MAX)
+        })
+    });
+    let node = crate::cluster::Node::connect(config.clone(), online)
+        .await
+        .map_err(DaemonError::Cluster)?;
+    svc.cluster.set_node(node.clone());
+    let stop = tokio_util::sync::CancellationToken::new();
+    tracing::info!(node = %config.node, endpoints = ?config.endpoints, prefix = %config.prefix, "joining the cluster");
+    let task = tokio::spawn(node.run(stop.clone()));
+    Ok(super::agent::ClusterNode { stop, task })
 }

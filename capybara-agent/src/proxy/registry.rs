@@ -44,12 +44,29 @@ struct Entry {
 /// What to do when an identity's last open connection unregisters.
 pub type OnLastClose = Box<dyn Fn(PeerId) + Send + Sync>;
 
+/// Why an identity's connections are cut ([`Registry::cut`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CutCause {
+    /// `kick` (of the user, or of the identity's session): its session ends as kicked, even
+    /// with no connection open.
+    Kick,
+    /// The policy held the identity (expiry, a window, a limit): its session goes idle, as a
+    /// held device's does.
+    Hold,
+    /// The identity was removed: its session ends as removed.
+    Removed,
+}
+
+/// What to do when an identity's connections are cut, with why (called before they are).
+pub type OnCut = Box<dyn Fn(PeerId, CutCause) + Send + Sync>;
+
 /// The open connections of all endpoints.
 #[derive(Default)]
 pub struct Registry {
     next: AtomicU64,
     by_id: Mutex<HashMap<PeerId, HashMap<ConnId, Entry>>>,
     on_last_close: OnceLock<OnLastClose>,
+    on_cut: OnceLock<OnCut>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -105,6 +122,13 @@ impl Registry {
         let _ = self.on_last_close.set(f);
     }
 
+    /// Sets what is called when an identity's connections are cut ([`Registry::cut`]), before
+    /// they are, whether or not any is open; the first call wins (the daemon sets it once, to
+    /// end the identity's session in the history).
+    pub fn on_cut(&self, f: OnCut) {
+        let _ = self.on_cut.set(f);
+    }
+
     /// Registers a connection of `identity`.
     pub fn open(
         self: &Arc<Self>,
@@ -143,8 +167,13 @@ impl Registry {
         }
     }
 
-    /// Cuts every open connection of identity `id`; returns how many.
-    pub fn cut(&self, id: PeerId) -> usize {
+    /// Cuts every open connection of identity `id` for `cause`; returns how many. The
+    /// [`Registry::on_cut`] hook hears of it first (so what it reports comes before the
+    /// connections' own ends).
+    pub fn cut(&self, id: PeerId, cause: CutCause) -> usize {
+        if let Some(f) = self.on_cut.get() {
+            f(id, cause);
+        }
         let by_id = self.by_id.lock().expect("registry lock");
         by_id.get(&id).map_or(0, |conns| {
             conns.values().for_each(|e| e.cut.cancel());
@@ -212,7 +241,18 @@ mod tests {
         let b = r.open(identity(2), src, t, SystemTime::now());
         assert_eq!(r.open_count(1), 2);
         assert_eq!(r.identity(1), Some(identity(1)));
-        assert_eq!(r.cut(1), 2);
+        let causes = Arc::new(Mutex::new(Vec::new()));
+        let heard = causes.clone();
+        r.on_cut(Box::new(move |id, cause| {
+            heard.lock().unwrap().push((id, cause))
+        }));
+        assert_eq!(r.cut(1, CutCause::Kick), 2);
+        assert_eq!(r.cut(9, CutCause::Removed), 0, "none open");
+        assert_eq!(
+            *causes.lock().unwrap(),
+            [(1, CutCause::Kick), (9, CutCause::Removed)],
+            "heard even with none open"
+        );
         assert!(a1.cut().is_cancelled() && a2.cut().is_cancelled());
         assert!(!b.cut().is_cancelled());
         assert!(r.cut_conn(b.id()));

@@ -22,7 +22,7 @@ use std::{
 use capybara_common::peer::PeerId;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpSocket, TcpStream},
+    net::{TcpSocket, TcpStream, UdpSocket},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -34,6 +34,16 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// payload) never needs two reads, and a bulk transfer moves a GSO super-packet per call.
 pub const RELAY_BUFFER: usize = 64 * 1024;
 
+/// The addresses of `target`: itself, or what its domain resolves to.
+pub async fn resolve(target: &Target) -> io::Result<Vec<SocketAddr>> {
+    match target {
+        Target::Addr(a) => Ok(vec![*a]),
+        Target::Domain(host, port) => Ok(tokio::net::lookup_host((host.as_str(), *port))
+            .await?
+            .collect()),
+    }
+}
+
 /// Resolves `target` and connects to its first address that answers, from a socket bound to
 /// `id` as [`SocketRole::Upstream`] before it sends anything.
 pub async fn connect_upstream(
@@ -41,14 +51,8 @@ pub async fn connect_upstream(
     id: PeerId,
     kernel: &dyn Kernel,
 ) -> io::Result<TcpStream> {
-    let addrs: Vec<SocketAddr> = match target {
-        Target::Addr(a) => vec![*a],
-        Target::Domain(host, port) => tokio::net::lookup_host((host.as_str(), *port))
-            .await?
-            .collect(),
-    };
     let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{target}: no address"));
-    for addr in addrs {
+    for addr in resolve(target).await? {
         let socket = if addr.is_ipv4() {
             TcpSocket::new_v4()?
         } else {
@@ -63,6 +67,42 @@ pub async fn connect_upstream(
         }
     }
     Err(last)
+}
+
+/// A UDP socket of `family`'s address (the family of `like`) on an ephemeral port, bound to `id`
+/// as [`SocketRole::Upstream`] before it sends anything: the upstream socket of proxied
+/// datagrams. The kernel sees each datagram it sends and receives as the user's, as it sees a
+/// TCP upstream socket's segments (counted, charged, destination lists per datagram, a flow per
+/// destination).
+pub async fn udp_upstream(
+    like: SocketAddr,
+    id: PeerId,
+    kernel: &dyn Kernel,
+) -> io::Result<UdpSocket> {
+    let any: SocketAddr = if like.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = UdpSocket::bind(any).await?;
+    kernel.bind(socket.as_fd(), id, SocketRole::Upstream)?;
+    Ok(socket)
+}
+
+/// Resolves `target` and connects a [`udp_upstream`] socket to its first address (UDP's
+/// `connect` sends nothing: it fixes the peer, so only the target's datagrams are received).
+pub async fn connect_udp(
+    target: &Target,
+    id: PeerId,
+    kernel: &dyn Kernel,
+) -> io::Result<UdpSocket> {
+    let addr =
+        resolve(target).await?.into_iter().next().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("{target}: no address"))
+        })?;
+    let socket = udp_upstream(addr, id, kernel).await?;
+    socket.connect(addr).await?;
+    Ok(socket)
 }
 
 /// What a relay moved.
@@ -105,70 +145,186 @@ where
     (moved, reason)
 }
 
+/// The longest datagram a stream of length-prefixed datagrams carries (its 2-byte length).
+pub const MAX_DATAGRAM: usize = u16::MAX as usize;
+
+/// Relays datagrams between the client side, a stream of length-prefixed datagrams (each a
+/// 2-byte big-endian length and that many bytes, both ways: VLESS's UDP framing; `head` is what
+/// the stream carried past the header, the start of that framing), and `upstream`, a connected
+/// UDP socket, until the client's stream ends or fails, or `cut` fires. An `ECONNREFUSED` on
+/// the socket (an ICMP port unreachable for an earlier datagram) does not end it: UDP has no
+/// connection to lose. Counts the datagrams' payload, not their lengths.
+pub async fn relay_datagrams<C>(
+    client: C,
+    head: &[u8],
+    upstream: &UdpSocket,
+    cut: &CancellationToken,
+) -> (Moved, CloseReason)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (mut from_client, mut to_client) = tokio::io::split(client);
+    let mut moved = Moved::default();
+    let rx = &mut moved.rx_bytes;
+    let tx = &mut moved.tx_bytes;
+    let upload = async {
+        let mut buf: Vec<u8> = head.to_vec();
+        let mut chunk = vec![0u8; RELAY_BUFFER];
+        loop {
+            let mut at = 0;
+            while let Some(len) = buf
+                .get(at..at + 2)
+                .map(|l| usize::from(u16::from_be_bytes([l[0], l[1]])))
+            {
+                let Some(datagram) = buf.get(at + 2..at + 2 + len) else {
+                    break;
+                };
+                match upstream.send(datagram).await {
+                    Ok(_) => *rx += len as u64,
+                    // Refused by an earlier ICMP, or dropped by the kernel (`EPERM`: the
+                    // user's quota, lists, flow limit): the datagram is lost, as UDP's are.
+                    Err(e) if udp_lost(&e) => {}
+                    Err(e) => return e,
+                }
+                at += 2 + len;
+            }
+            buf.drain(..at);
+            match from_client.read(&mut chunk).await {
+                Ok(0) => return io::Error::from(io::ErrorKind::UnexpectedEof),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) => return e,
+            }
+        }
+    };
+    let download = async {
+        let mut frame = vec![0u8; 2 + MAX_DATAGRAM];
+        loop {
+            let n = match upstream.recv(&mut frame[2..]).await {
+                Ok(n) => n,
+                Err(e) if udp_lost(&e) => continue,
+                Err(e) => return e,
+            };
+            frame[..2].copy_from_slice(&(n as u16).to_be_bytes());
+            if let Err(e) = async {
+                to_client.write_all(&frame[..2 + n]).await?;
+                to_client.flush().await
+            }
+            .await
+            {
+                return e;
+            }
+            *tx += n as u64;
+        }
+    };
+    let reason = tokio::select! {
+        _ = upload => CloseReason::Closed,
+        _ = download => CloseReason::Closed,
+        () = cut.cancelled() => CloseReason::Cut,
+    };
+    (moved, reason)
+}
+
+/// Whether a UDP socket's error loses one datagram rather than ending the relay.
+fn udp_lost(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNREFUSED
+                | libc::EPERM
+                | libc::ENOBUFS
+                | libc::EHOSTUNREACH
+                | libc::ENETUNREACH
+        )
+    )
+}
+
+/// What the client side of a connection carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Carried {
+    /// A TCP stream to the target.
+    Stream,
+    /// Length-prefixed UDP datagrams to and from the target ([`relay_datagrams`]).
+    Datagrams,
+}
+
+/// An authenticated, admitted connection, as an endpoint hands it to [`proxy`].
+pub struct Accepted<C> {
+    /// Whose.
+    pub identity: super::Identity,
+    /// The client's address.
+    pub source: SocketAddr,
+    /// Where it goes.
+    pub target: Target,
+    /// What it carries.
+    pub carried: Carried,
+    /// The client side: the protocol's decrypted stream.
+    pub client: C,
+}
+
+/// The upstream side of a connection.
+enum Upstream {
+    Tcp(TcpStream),
+    Udp(UdpSocket),
+}
+
+impl Upstream {
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Upstream::Tcp(s) => s.as_fd(),
+            Upstream::Udp(s) => s.as_fd(),
+        }
+    }
+}
+
 /// An authenticated, admitted connection as both endpoints serve it: registered (the
-/// [`super::ProxyEvent::Opened`] report), connected upstream (bound before `connect`), its client
-/// socket bound, then `reply` written to the client and `payload` (what the header carried past
-/// itself) upstream, relayed until either side ends or it is cut (a cut one is [`abort`]ed,
-/// and so is one whose `stop` fires: the agent stopping), and the
-/// [`super::ProxyEvent::Closed`] report with the bytes moved. `client_fd` gives the client
-/// stream's socket.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the connection's parts, each the endpoint's own"
-)]
+/// [`super::ProxyEvent::Opened`] report), connected upstream (bound before `connect`: a TCP
+/// stream, or a UDP socket for [`Carried::Datagrams`]), its client socket bound, then `reply`
+/// written to the client and `head` (what the header carried past itself) sent upstream,
+/// relayed until either side ends or it is cut (a cut one is [`abort`]ed, and so is one whose
+/// `stop` fires: the agent stopping), and the [`super::ProxyEvent::Closed`] report with the
+/// bytes moved. `client_fd` gives the client stream's socket.
 pub async fn proxy<C>(
     hub: &super::Hub,
-    identity: super::Identity,
-    source: SocketAddr,
-    target: Target,
-    mut client: C,
+    accepted: Accepted<C>,
     client_fd: impl for<'a> Fn(&'a C) -> BorrowedFd<'a>,
-    (reply, payload): (&[u8], &[u8]),
+    (reply, head): (&[u8], &[u8]),
     stop: Option<&CancellationToken>,
 ) where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    use std::time::SystemTime;
-
     use tokio::io::AsyncWriteExt as _;
 
-    use super::ProxyEvent;
-    let protocol = identity.protocol;
-    let conn = hub
-        .registry
-        .open(identity.clone(), source, target.clone(), SystemTime::now());
-    hub.events.report(ProxyEvent::Opened {
-        conn: conn.id(),
-        identity: identity.clone(),
+    let Accepted {
+        identity,
         source,
-        target: target.clone(),
-        at: SystemTime::now(),
-    });
-    let closed = |moved: Moved, reason: CloseReason| {
-        hub.events.report(ProxyEvent::Closed {
-            conn: conn.id(),
-            identity: identity.clone(),
-            rx_bytes: moved.rx_bytes,
-            tx_bytes: moved.tx_bytes,
-            reason,
-            at: SystemTime::now(),
-        });
+        target,
+        carried,
+        mut client,
+    } = accepted;
+    let protocol = identity.protocol;
+    let conn = Registered::open(hub, &identity, source, &target);
+    let kernel = &*hub.kernel;
+    let upstream = match carried {
+        Carried::Stream => connect_upstream(&target, identity.id, kernel)
+            .await
+            .map(Upstream::Tcp),
+        Carried::Datagrams => connect_udp(&target, identity.id, kernel)
+            .await
+            .map(Upstream::Udp),
     };
-    let mut upstream = match connect_upstream(&target, identity.id, &*hub.kernel).await {
+    let mut upstream = match upstream {
         Ok(u) => u,
         Err(e) => {
             tracing::debug!(%source, %target, %protocol, error = %e, "proxy: upstream unreachable");
             let _ = client.shutdown().await;
-            return closed(Moved::default(), CloseReason::Unreachable);
+            return conn.close(Moved::default(), CloseReason::Unreachable);
         }
     };
-    if let Err(e) = hub
-        .kernel
-        .bind(client_fd(&client), identity.id, SocketRole::Client)
-    {
+    if let Err(e) = kernel.bind(client_fd(&client), identity.id, SocketRole::Client) {
         // Unbound, the client socket would escape the gate and the shaping: not served.
         tracing::warn!(%source, %protocol, error = %e, "proxy: binding the client socket failed");
-        return closed(Moved::default(), CloseReason::Closed);
+        return conn.close(Moved::default(), CloseReason::Closed);
     }
     // The agent stopping cuts the connection as `kick` does.
     let watcher = stop.map(|stop| {
@@ -180,25 +336,87 @@ pub async fn proxy<C>(
             }
         })
     });
-    let started = async {
+    let replied = async {
         if !reply.is_empty() {
             client.write_all(reply).await?;
             client.flush().await?;
         }
-        upstream.write_all(payload).await
+        Ok::<_, io::Error>(())
     };
-    let (mut moved, reason) = match started.await {
-        Ok(()) => relay(&mut client, &mut upstream, conn.cut()).await,
-        Err(_) => (Moved::default(), CloseReason::Closed),
+    let (moved, reason) = match (replied.await, &mut upstream) {
+        (Err(_), _) => (Moved::default(), CloseReason::Closed),
+        (Ok(()), Upstream::Tcp(upstream)) => match upstream.write_all(head).await {
+            Ok(()) => {
+                let (mut moved, reason) = relay(&mut client, upstream, conn.cut()).await;
+                moved.rx_bytes += head.len() as u64;
+                (moved, reason)
+            }
+            Err(_) => (Moved::default(), CloseReason::Closed),
+        },
+        (Ok(()), Upstream::Udp(upstream)) => {
+            relay_datagrams(&mut client, head, upstream, conn.cut()).await
+        }
     };
     if let Some(w) = watcher {
         w.abort();
     }
     if reason == CloseReason::Cut {
-        abort(&*hub.kernel, &[client_fd(&client), upstream.as_fd()]);
+        abort(kernel, &[client_fd(&client), upstream.fd()]);
     }
-    moved.rx_bytes += payload.len() as u64;
-    closed(moved, reason);
+    conn.close(moved, reason);
+}
+
+/// A connection in the registry, reported opened ([`super::ProxyEvent::Opened`]); closing it
+/// reports its end ([`super::ProxyEvent::Closed`]) and unregisters it. Both endpoints' TCP
+/// connections and the Shadowsocks UDP relay's associations are these.
+pub struct Registered<'h> {
+    hub: &'h super::Hub,
+    conn: super::registry::Conn,
+    identity: super::Identity,
+}
+
+impl<'h> Registered<'h> {
+    /// Registers a connection of `identity` from `source` to `target` and reports it opened.
+    pub fn open(
+        hub: &'h super::Hub,
+        identity: &super::Identity,
+        source: SocketAddr,
+        target: &Target,
+    ) -> Registered<'h> {
+        use std::time::SystemTime;
+        let conn = hub
+            .registry
+            .open(identity.clone(), source, target.clone(), SystemTime::now());
+        hub.events.report(super::ProxyEvent::Opened {
+            conn: conn.id(),
+            identity: identity.clone(),
+            source,
+            target: target.clone(),
+            at: SystemTime::now(),
+        });
+        Registered {
+            hub,
+            conn,
+            identity: identity.clone(),
+        }
+    }
+
+    /// Fires when the connection is cut (`kick`, a hold, a removal).
+    pub fn cut(&self) -> &CancellationToken {
+        self.conn.cut()
+    }
+
+    /// Reports the end, with what moved and why, and unregisters the connection.
+    pub fn close(self, moved: Moved, reason: CloseReason) {
+        self.hub.events.report(super::ProxyEvent::Closed {
+            conn: self.conn.id(),
+            identity: self.identity,
+            rx_bytes: moved.rx_bytes,
+            tx_bytes: moved.tx_bytes,
+            reason,
+            at: std::time::SystemTime::now(),
+        });
+    }
 }
 
 /// Ends a cut connection's `sockets` at once: each is set to close with a reset

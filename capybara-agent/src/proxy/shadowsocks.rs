@@ -55,7 +55,7 @@
 //! (a cut one is aborted) → `Closed` with the bytes moved (plaintext: `rx_bytes` from the user,
 //! `tx_bytes` to the user).
 //!
-//! UDP relay is not served (TCP only).
+//! The UDP relay on the same port, for the same users and cipher, is [`udp`].
 
 use std::{
     fmt,
@@ -101,6 +101,9 @@ pub enum Cipher {
 }
 
 impl Cipher {
+    /// The default: the 2022 edition (replay protection, no key derivation from a password).
+    pub const DEFAULT: Cipher = Cipher::Blake3Aes256Gcm;
+
     /// Every cipher served, SIP004 first.
     pub const ALL: [Cipher; 6] = [
         Cipher::Aes128Gcm,
@@ -158,6 +161,26 @@ impl Cipher {
             v1::openssl_bytes_to_key(password.as_bytes(), &mut key);
         }
         Ok(key)
+    }
+
+    /// The password a client is given for `secret` (a stored credential's 32 random bytes):
+    /// SIP022, the base64 of the key (the secret's first [`Cipher::key_len`] bytes); SIP004,
+    /// the base64 of the whole secret, from which the client derives the key.
+    pub fn password(self, secret: &[u8; 32]) -> String {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        if self.is_2022() {
+            b64.encode(&secret[..self.key_len()])
+        } else {
+            b64.encode(secret)
+        }
+    }
+
+    /// The key the endpoint opens the streams of the user whose secret is `secret` with: the
+    /// key of [`Cipher::password`], as the client derives it.
+    pub fn key(self, secret: &[u8; 32]) -> Vec<u8> {
+        self.key_from_password(&self.password(secret))
+            .expect("a password this cipher made is its own")
     }
 
     fn kind(self) -> CipherKind {
@@ -364,21 +387,23 @@ async fn connection(
         refused(AuthFailure::Held);
         return;
     }
-    let target = match address {
-        Address::SocketAddress(a) => Target::Addr(a),
-        Address::DomainNameAddress(d, p) => Target::Domain(d, p),
-    };
-    relay::proxy(
-        &hub,
-        identity.clone(),
+    let target = target_of(address);
+    let accepted = relay::Accepted {
+        identity: identity.clone(),
         source,
         target,
-        StableWrites::new(ss),
-        client_socket,
-        (&[], &[]),
-        None,
-    )
-    .await;
+        carried: relay::Carried::Stream,
+        client: StableWrites::new(ss),
+    };
+    relay::proxy(&hub, accepted, client_socket, (&[], &[]), None).await;
+}
+
+/// A Shadowsocks address header's target.
+fn target_of(address: Address) -> Target {
+    match address {
+        Address::SocketAddress(a) => Target::Addr(a),
+        Address::DomainNameAddress(d, p) => Target::Domain(d, p),
+    }
 }
 
 /// The client's socket under the decrypting stream.
@@ -504,6 +529,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Replayed<S> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+pub mod udp;
 
 #[cfg(test)]
 mod tests;

@@ -143,3 +143,20 @@ impl Events for ChannelEvents {
         let _ = self.0.send(event);
     }
 }
+
+/// A UDP server on loopback that answers each datagram upper-cased, to its sender (the
+/// destination of proxied datagrams in the endpoints' tests).
+pub async fn upper_udp_server() -> SocketAddr {
+    let s = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind a UDP server");
+    let addr = s.local_addr().expect("its address");
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_535];
+        while let Ok((n, from)) = s.recv_from(&mut buf).await {
+            buf[..n].make_ascii_uppercase();
+            let _ = s.send_to(&buf[..n], from).await;
+        }
+    });
+    addr
+}

@@ -1,6 +1,6 @@
 //! The VLESS endpoint over TLS: [`serve`] accepts TLS connections on a listener, reads each
 //! one's VLESS request header ([`header`]), finds the user by the UUID and relays the TCP stream
-//! to the target, bound to the user's identity in the kernel (see [`super`] for who decides
+//! (or the UDP datagrams) to the target, bound to the user's identity in the kernel (see [`super`] for who decides
 //! what).
 //!
 //! One connection, in order:
@@ -21,11 +21,18 @@
 //! What is served and what is refused:
 //! - **TCP** (command 1) with no `flow` (plain VLESS over TLS, what `vless://…?security=tls`
 //!   and v2ray's `"flow": ""` mean) is served.
-//! - **Refused**: UDP (command 2; UDP-over-stream is not bound to the kernel per datagram, so
-//!   the destination rules could not hold for it), mux.cool (command 3; many targets in one
-//!   stream would escape the per-connection upstream binding) and any XTLS `flow`
-//!   (`xtls-rprx-origin`/`-direct`/`-splice`/`-vision`: XTLS splices the inner TLS past our
-//!   TLS layer, which rustls cannot do). They are reported as
+//! - **UDP** (command 2) with no `flow` is served: the stream then carries datagrams to and from
+//!   the header's target, each a 2-byte big-endian length and that many bytes, both ways (v2ray's
+//!   and Xray's framing without `packetEncoding`), relayed through a UDP socket bound to the
+//!   user's identity before `connect` ([`super::relay::relay_datagrams`]). So the kernel sees
+//!   every datagram as the user's, as it sees a TCP upstream's segments: counted, charged, the
+//!   destination lists and the flow limit per datagram, shaped. One connection has one target
+//!   (the client opens a connection per destination); the `rx`/`tx` it reports are payload
+//!   bytes.
+//! - **Refused**: mux.cool (command 3, which Xray's XUDP `packetEncoding` also uses; many
+//!   targets in one stream would escape the per-connection upstream binding) and any XTLS
+//!   `flow` (`xtls-rprx-origin`/`-direct`/`-splice`/`-vision`: XTLS splices the inner TLS past
+//!   our TLS layer, which rustls cannot do). They are reported as
 //!   [`AuthFailure::Malformed`](super::AuthFailure::Malformed) and logged with the reason;
 //!   a v2ray client configured for them fails to connect rather than falling back silently.
 //!
@@ -57,7 +64,10 @@ use tokio_rustls::{TlsAcceptor, rustls::ServerConfig, server::TlsStream};
 use tokio_util::sync::CancellationToken;
 
 use self::header::{Command, HeaderError, Request};
-use super::{AuthFailure, Hub, ProxyEvent, Target, relay};
+use super::{
+    AuthFailure, Hub, ProxyEvent, Target,
+    relay::{self, Carried},
+};
 use crate::service::domain::Protocol;
 
 /// How long a client may take to complete the TLS handshake.
@@ -159,13 +169,17 @@ async fn connection(
     }
     .await;
     match accepted {
-        Ok((tls, identity, target, payload)) => {
-            relay::proxy(
-                &hub,
+        Ok((tls, identity, (target, carried), payload)) => {
+            let accepted = relay::Accepted {
                 identity,
                 source,
                 target,
-                tls,
+                carried,
+                client: tls,
+            };
+            relay::proxy(
+                &hub,
+                accepted,
                 client_socket,
                 (&header::RESPONSE, &payload),
                 Some(&shutdown),
@@ -204,15 +218,17 @@ async fn read_request(tls: &mut TlsStream<TcpStream>) -> Result<(Request, Vec<u8
     }
 }
 
-/// The target of a request this endpoint serves (TCP, no flow), or why not.
-fn served(request: &Request) -> Result<Target, Refused> {
+/// The target of a request this endpoint serves (TCP or UDP, no flow) and what the stream
+/// carries to it, or why not.
+fn served(request: &Request) -> Result<(Target, Carried), Refused> {
     if !request.flow.is_empty() {
         return Err(Refused::NotServed {
             what: format!("flow {:?}", request.flow),
         });
     }
     match (&request.command, &request.target) {
-        (Command::Tcp, Some(target)) => Ok(target.clone()),
+        (Command::Tcp, Some(target)) => Ok((target.clone(), Carried::Stream)),
+        (Command::Udp, Some(target)) => Ok((target.clone(), Carried::Datagrams)),
         (command, _) => Err(Refused::NotServed {
             what: format!("command {command:?}"),
         }),

@@ -30,6 +30,7 @@
 //! | [`verification`] | the MFA verification page's and one-time-code channels' view of the service (traits) |
 //! | [`usage`] | hourly and daily usage rollups per device (the writer's thread) and the usage report over them (`report generate`) |
 //! | [`mfa`] | multi-factor authentication: enrolment, TOTP, backup and one-time codes, failed-code limits; implements [`verification::VerificationPort`]; its gate decision is folded into [`policy`]'s |
+//! | [`cluster`] | this agent's node of an etcd cluster (issue 25): its status and health |
 //! | [`proxies`] | proxy identities (Shadowsocks, VLESS): a credential and an id of the devices' id space per user and protocol, their kernel lines, client configs, the endpoints' `Credentials` |
 //! | [`intel`] | IP intelligence: the master switch, the `tor`/`vpn` source lists from files or URLs on a reload schedule, the `allow` list (over [`lists`]) |
 //!
@@ -41,6 +42,7 @@
 pub mod access;
 pub mod alerts;
 pub mod backup;
+pub mod cluster;
 pub mod core;
 pub mod devices;
 pub mod directory;
@@ -148,6 +150,8 @@ pub struct Service {
     pub reputation: Arc<reputation::Reputation>,
     /// Proxy identities (Shadowsocks, VLESS); the endpoints' credentials.
     pub proxies: Arc<proxies::Proxies>,
+    /// This agent's node of an etcd cluster, when it is one.
+    pub cluster: Arc<cluster::Cluster>,
 }
 
 impl Service {
@@ -239,6 +243,7 @@ impl Service {
             )?),
             reputation,
             proxies,
+            cluster: Arc::default(),
             lists,
             users,
             devices,

@@ -34,7 +34,7 @@ use super::{
     live::LiveSessions,
     policy::Policy,
 };
-use crate::{dataplane::Gate, store::Batch};
+use crate::{dataplane::Gate, proxy::registry::CutCause, store::Batch};
 
 /// Counters of one device.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -370,7 +370,7 @@ impl Monitor {
         let now = SystemTime::now();
         let mut cut = 0;
         for rec in self.dir.proxy_records(user) {
-            cut += self.core.proxies.cut(rec.access.id);
+            cut += self.core.proxies.cut(rec.access.id, CutCause::Kick);
             self.policy.on_proxy_close(rec.access.id, now)?;
         }
         Ok(cut)
@@ -391,7 +391,7 @@ impl Monitor {
             .identity(id.peer)
             .filter(|i| only.is_none_or(|u| *u == i.user))
             .ok_or_else(gone)?;
-        let cut = self.core.proxies.cut(id.peer);
+        let cut = self.core.proxies.cut(id.peer, CutCause::Kick);
         let mut batch = Batch::default();
         self.core.audit(
             &mut batch,

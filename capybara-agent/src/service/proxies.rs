@@ -91,127 +91,16 @@ use super::{
 };
 use crate::{
     dataplane::DataplaneError,
-    proxy::{Credentials, Identity, ShadowsocksKey, registry::Registry},
+    proxy::{
+        Credentials, Identity, ShadowsocksKey,
+        registry::{CutCause, Registry},
+    },
     store::{Batch, Cf, keys},
 };
 
-/// A Shadowsocks AEAD cipher (`--shadowsocks-cipher`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum ShadowsocksCipher {
-    /// `2022-blake3-aes-256-gcm` (SIP022, the default).
-    Blake3Aes256Gcm,
-    /// `2022-blake3-aes-128-gcm` (SIP022).
-    Blake3Aes128Gcm,
-    /// `2022-blake3-chacha20-poly1305` (SIP022).
-    Blake3Chacha20Poly1305,
-    /// `aes-256-gcm` (SIP004).
-    Aes256Gcm,
-    /// `aes-128-gcm` (SIP004).
-    Aes128Gcm,
-    /// `chacha20-ietf-poly1305` (SIP004).
-    Chacha20IetfPoly1305,
-}
-
-impl ShadowsocksCipher {
-    /// The default: the 2022 edition (replay protection, no key derivation from a password).
-    pub const DEFAULT: ShadowsocksCipher = ShadowsocksCipher::Blake3Aes256Gcm;
-
-    /// Every cipher.
-    pub const ALL: [ShadowsocksCipher; 6] = [
-        ShadowsocksCipher::Blake3Aes256Gcm,
-        ShadowsocksCipher::Blake3Aes128Gcm,
-        ShadowsocksCipher::Blake3Chacha20Poly1305,
-        ShadowsocksCipher::Aes256Gcm,
-        ShadowsocksCipher::Aes128Gcm,
-        ShadowsocksCipher::Chacha20IetfPoly1305,
-    ];
-
-    /// Parses a cipher's name, given in `field`.
-    pub fn parse(field: &'static str, s: &str) -> Result<ShadowsocksCipher, ValidationError> {
-        ShadowsocksCipher::ALL
-            .into_iter()
-            .find(|c| c.as_str() == s)
-            .ok_or_else(|| ValidationError::Value {
-                field,
-                reason: format!(
-                    "unknown cipher {s:?} (expected one of {})",
-                    ShadowsocksCipher::ALL.map(|c| c.as_str()).join(", ")
-                ),
-            })
-    }
-
-    /// Its name, as clients write it (`method`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ShadowsocksCipher::Blake3Aes256Gcm => "2022-blake3-aes-256-gcm",
-            ShadowsocksCipher::Blake3Aes128Gcm => "2022-blake3-aes-128-gcm",
-            ShadowsocksCipher::Blake3Chacha20Poly1305 => "2022-blake3-chacha20-poly1305",
-            ShadowsocksCipher::Aes256Gcm => "aes-256-gcm",
-            ShadowsocksCipher::Aes128Gcm => "aes-128-gcm",
-            ShadowsocksCipher::Chacha20IetfPoly1305 => "chacha20-ietf-poly1305",
-        }
-    }
-
-    /// Whether it is of the 2022 edition (SIP022).
-    pub fn is_2022(self) -> bool {
-        matches!(
-            self,
-            ShadowsocksCipher::Blake3Aes256Gcm
-                | ShadowsocksCipher::Blake3Aes128Gcm
-                | ShadowsocksCipher::Blake3Chacha20Poly1305
-        )
-    }
-
-    /// Its key length in bytes.
-    pub fn key_len(self) -> usize {
-        match self {
-            ShadowsocksCipher::Blake3Aes128Gcm | ShadowsocksCipher::Aes128Gcm => 16,
-            _ => 32,
-        }
-    }
-
-    /// The password a client is given for `secret` (a stored credential's 32 bytes).
-    pub fn password(self, secret: &[u8; 32]) -> String {
-        let b64 = base64::engine::general_purpose::STANDARD;
-        if self.is_2022() {
-            b64.encode(&secret[..self.key_len()])
-        } else {
-            b64.encode(secret)
-        }
-    }
-
-    /// The key an endpoint opens the user's streams with, for `secret`.
-    pub fn key(self, secret: &[u8; 32]) -> Vec<u8> {
-        if self.is_2022() {
-            secret[..self.key_len()].to_vec()
-        } else {
-            evp_bytes_to_key(self.password(secret).as_bytes(), self.key_len())
-        }
-    }
-}
-
-impl fmt::Display for ShadowsocksCipher {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// OpenSSL's `EVP_BytesToKey` with MD5, one iteration, no salt: how SIP004 clients turn a
-/// password into a key (`D_i = MD5(D_{i-1} || password)`).
-pub fn evp_bytes_to_key(password: &[u8], len: usize) -> Vec<u8> {
-    use md5::Digest as _;
-    let mut key = Vec::with_capacity(len + 16);
-    let mut prev: Vec<u8> = Vec::new();
-    while key.len() < len {
-        let mut h = md5::Md5::new();
-        h.update(&prev);
-        h.update(password);
-        prev = h.finalize().to_vec();
-        key.extend_from_slice(&prev);
-    }
-    key.truncate(len);
-    key
-}
+/// A Shadowsocks AEAD cipher (`--shadowsocks-cipher`): the endpoint's own type, one for the
+/// service and the endpoint.
+pub use crate::proxy::shadowsocks::Cipher as ShadowsocksCipher;
 
 /// The Shadowsocks endpoint's settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -609,7 +498,7 @@ impl Proxies {
         let ids: Vec<PeerId> = recs.iter().map(|r| r.access.id).collect();
         self.policy.forget_ids(&ids);
         for id in ids {
-            let cut = self.registry.cut(id);
+            let cut = self.registry.cut(id, CutCause::Removed);
             if cut > 0 {
                 tracing::info!(peer = id, cut, "open proxied connections cut");
             }
@@ -823,7 +712,7 @@ pub fn shadowsocks_config(
     port: u16,
     name: &str,
 ) -> (String, String) {
-    let method = cipher.as_str();
+    let method = cipher.name();
     let password = cipher.password(secret);
     let userinfo = if cipher.is_2022() {
         format!("{}:{}", percent(method), percent(&password))
@@ -842,6 +731,8 @@ pub fn shadowsocks_config(
         "method": method,
         "local_address": "127.0.0.1",
         "local_port": 1080,
+        // SOCKS5 UDP ASSOCIATE too, relayed by the endpoint's UDP relay on the same port.
+        "mode": "tcp_and_udp",
     });
     (uri, serde_json::to_string_pretty(&json).expect("JSON"))
 }
@@ -874,7 +765,8 @@ pub fn vless_config(ep: &VlessEndpoint, uuid: &str, host: &str, name: &str) -> (
             "listen": "127.0.0.1",
             "port": 1080,
             "protocol": "socks",
-            "settings": { "udp": false, "auth": "noauth" },
+            // SOCKS5 UDP ASSOCIATE, relayed as VLESS UDP (a connection per destination).
+            "settings": { "udp": true, "ip": "127.0.0.1", "auth": "noauth" },
         }],
         "outbounds": [{
             "tag": "capybara",

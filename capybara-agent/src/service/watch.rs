@@ -1,5 +1,6 @@
 //! Live monitoring (`capybara top`, `capybara stats --watch`, the `WatchStats` RPC): rates each
-//! way per user and device, drops by reason, sessions online, once a second.
+//! way per user, device and proxy identity (a user's Shadowsocks or VLESS traffic, a row named
+//! by its protocol), drops by reason, sessions online, once a second.
 //!
 //! - **One sampler for every watcher.** The first watcher starts a sampler task ([`Live::watch`]);
 //!   it reads the counters once a second ([`TICK`]) and publishes the computed [`Tick`] on a
@@ -43,7 +44,7 @@ use super::{
     ServiceError,
     core::Core,
     directory::Directory,
-    domain::{Peer, UserName},
+    domain::{Peer, ProxyAccess, UserName},
     monitor::Traffic,
 };
 
@@ -106,11 +107,61 @@ pub struct DropRate {
     pub packets: u64,
 }
 
-/// One device's counters at a reading.
+/// What a row of the live view is: a WireGuard device, or a user's proxy identity (its
+/// Shadowsocks or VLESS traffic: the kernel line its proxied sockets are bound to). In JSON a
+/// device row carries `peer`, a proxy row `proxy`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Line {
+    /// A device.
+    Peer(Peer),
+    /// A proxy identity.
+    Proxy(ProxyAccess),
+}
+
+impl Line {
+    /// Its kernel line's id.
+    pub fn id(&self) -> capybara_common::peer::PeerId {
+        match self {
+            Line::Peer(p) => p.id,
+            Line::Proxy(a) => a.id,
+        }
+    }
+
+    /// Its user.
+    pub fn user(&self) -> &UserName {
+        match self {
+            Line::Peer(p) => &p.user,
+            Line::Proxy(a) => &a.user,
+        }
+    }
+
+    /// Its name under the user: the device's, or the protocol's.
+    pub fn name(&self) -> &str {
+        match self {
+            Line::Peer(p) => p.device.as_str(),
+            Line::Proxy(a) => a.protocol.as_str(),
+        }
+    }
+
+    /// Whether `other` is the same line: the same id, and the same key or the same protocol
+    /// (an id reused by another device or identity counts from zero).
+    fn same(&self, other: &Line) -> bool {
+        match (self, other) {
+            (Line::Peer(a), Line::Peer(b)) => a.id == b.id && a.public_key == b.public_key,
+            (Line::Proxy(a), Line::Proxy(b)) => {
+                a.id == b.id && a.protocol == b.protocol && a.user == b.user
+            }
+            _ => false,
+        }
+    }
+}
+
+/// One line's counters at a reading.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceReading {
-    /// The device.
-    pub peer: Peer,
+    /// The device or proxy identity.
+    pub line: Line,
     /// Has a session now.
     pub online: bool,
     /// From it, passed.
@@ -128,17 +179,17 @@ pub struct Reading {
     pub at: Instant,
     /// When (wall clock, for display).
     pub wall: SystemTime,
-    /// Every device, in `user/device` order.
+    /// Every device and proxy identity, in `user/name` order.
     pub devices: Vec<DeviceReading>,
     /// Every drop of the dataplane by reason (non-zero only).
     pub drops: Vec<(DropReason, u64)>,
 }
 
-/// One device in a [`Tick`].
+/// One device or proxy identity in a [`Tick`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceTick {
-    /// The device.
-    pub peer: Peer,
+    /// The device or proxy identity.
+    pub line: Line,
     /// Has a session now.
     pub online: bool,
     /// Its rates and counters.
@@ -155,7 +206,7 @@ pub struct Tick {
     pub at: SystemTime,
     /// The time between the readings.
     pub interval: Duration,
-    /// Every device, in `user/device` order.
+    /// Every device and proxy identity, in `user/name` order.
     pub devices: Vec<DeviceTick>,
     /// Every drop of the dataplane: (reason, per second, total), non-zero totals only.
     pub drops: Vec<(DropReason, u64, u64)>,
@@ -199,18 +250,16 @@ impl RateMeter {
     pub fn push(&mut self, now: Reading) -> Option<Tick> {
         let tick = self.last.as_ref().map(|before| {
             let interval = now.at.saturating_duration_since(before.at);
-            let by_id: HashMap<_, _> = before.devices.iter().map(|d| (d.peer.id, d)).collect();
+            let by_id: HashMap<_, _> = before.devices.iter().map(|d| (d.line.id(), d)).collect();
             let devices = now
                 .devices
                 .iter()
                 .map(|d| {
-                    let b = by_id
-                        .get(&d.peer.id)
-                        .filter(|b| b.peer.public_key == d.peer.public_key);
+                    let b = by_id.get(&d.line.id()).filter(|b| b.line.same(&d.line));
                     let rate =
                         |f: fn(&DeviceReading) -> u64| per_second(b.map(|b| f(b)), f(d), interval);
                     DeviceTick {
-                        peer: d.peer.clone(),
+                        line: d.line.clone(),
                         online: d.online,
                         traffic: LiveTraffic {
                             rx: Rate {
@@ -245,19 +294,20 @@ impl RateMeter {
 pub struct UserRow {
     /// The user.
     pub user: String,
-    /// Its devices.
+    /// Its devices and proxy identities.
     pub devices: u32,
-    /// Its devices with a session now.
+    /// Those with a session now.
     pub sessions: u32,
-    /// Its devices' rates and counters, summed.
+    /// Their rates and counters, summed.
     pub traffic: LiveTraffic,
 }
 
-/// A device in a [`LiveView`].
+/// A device or proxy identity in a [`LiveView`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceRow {
-    /// The device.
-    pub peer: Peer,
+    /// The device (`peer`) or proxy identity (`proxy`).
+    #[serde(flatten)]
+    pub line: Line,
     /// Has a session now.
     pub online: bool,
     /// Its rates and counters.
@@ -323,7 +373,7 @@ impl Tick {
         let devices: Vec<&DeviceTick> = self
             .devices
             .iter()
-            .filter(|d| user.is_none_or(|u| d.peer.user == *u))
+            .filter(|d| user.is_none_or(|u| d.line.user() == u))
             .collect();
         let mut total = LiveTraffic::default();
         let mut users: Vec<UserRow> = Vec::new();
@@ -331,9 +381,9 @@ impl Tick {
             total.add(&d.traffic);
             // Devices come in user order: a user's rows are consecutive.
             match users.last_mut() {
-                Some(u) if u.user == d.peer.user.as_str() => {}
+                Some(u) if u.user == d.line.user().as_str() => {}
                 _ => users.push(UserRow {
-                    user: d.peer.user.to_string(),
+                    user: d.line.user().to_string(),
                     devices: 0,
                     sessions: 0,
                     traffic: LiveTraffic::default(),
@@ -367,7 +417,7 @@ impl Tick {
         let (top_devices, rest_devices) = split_top(devices, top, |d| {
             (
                 std::cmp::Reverse(d.traffic.busy()),
-                format!("{}\0{}", d.peer.user, d.peer.device),
+                format!("{}\0{}", d.line.user(), d.line.name()),
             )
         });
         let others = |rest: &mut dyn Iterator<Item = LiveTraffic>| {
@@ -394,7 +444,7 @@ impl Tick {
             top_devices: top_devices
                 .into_iter()
                 .map(|d| DeviceRow {
-                    peer: d.peer.clone(),
+                    line: d.line.clone(),
                     online: d.online,
                     traffic: d.traffic,
                 })
@@ -464,7 +514,8 @@ impl Live {
         }
     }
 
-    /// Reads every device's counters, the global drops and who is online.
+    /// Reads every device's and proxy identity's counters, the global drops and who is online
+    /// (a device with a tunnel session, an identity with a proxied connection open).
     pub fn read(&self) -> Result<Reading, ServiceError> {
         let online: HashSet<_> = self
             .core
@@ -474,16 +525,25 @@ impl Live {
             .filter(|p| p.connected)
             .map(|p| p.key)
             .collect();
-        let peers: Vec<Peer> = self
+        let mut lines: Vec<Line> = self
             .dir
-            .with_records(|recs| recs.map(|r| r.peer.clone()).collect());
+            .with_records(|recs| recs.map(|r| Line::Peer(r.peer.clone())).collect());
+        let proxies = self.dir.all_proxies();
+        if !proxies.is_empty() {
+            lines.extend(proxies.into_iter().map(|r| Line::Proxy(r.access)));
+            // A user's rows together (the views sum them in one pass).
+            lines.sort_by(|a, b| (a.user(), a.name()).cmp(&(b.user(), b.name())));
+        }
         let at = Instant::now();
         let wall = SystemTime::now();
-        let mut devices = Vec::with_capacity(peers.len());
-        for peer in peers {
-            let k = self.core.plane.peer_stats(peer.id)?;
+        let mut devices = Vec::with_capacity(lines.len());
+        for line in lines {
+            let k = self.core.plane.peer_stats(line.id())?;
             devices.push(DeviceReading {
-                online: online.contains(&peer.public_key),
+                online: match &line {
+                    Line::Peer(p) => online.contains(&p.public_key),
+                    Line::Proxy(a) => self.core.proxies.open_count(a.id) > 0,
+                },
                 rx: Traffic {
                     packets: k.rx_packets,
                     bytes: k.rx_bytes,
@@ -497,7 +557,7 @@ impl Live {
                     .map(|r| (*r, k.drops[*r as usize]))
                     .filter(|(_, n)| *n > 0)
                     .collect(),
-                peer,
+                line,
             });
         }
         let drops = self

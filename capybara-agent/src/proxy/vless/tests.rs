@@ -231,9 +231,10 @@ async fn unknown_held_garbage_and_unserved_are_refused_and_the_endpoint_keeps_se
     refused(request(BOB, up)).await; // held
     refused(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()).await; // garbage
     refused(request(ALICE, up)[..10].to_vec()).await; // truncated, then closed
-    let mut udp = request(ALICE, up);
-    udp[18] = 2;
-    refused(udp).await; // UDP: not served
+    let mut mux = vec![0];
+    mux.extend_from_slice(&ALICE);
+    mux.extend_from_slice(&[0, 3]);
+    refused(mux).await; // mux.cool: not served
     let mut flow = vec![0];
     flow.extend_from_slice(&ALICE);
     flow.extend_from_slice(&[
@@ -270,6 +271,63 @@ async fn unknown_held_garbage_and_unserved_are_refused_and_the_endpoint_keeps_se
     assert_eq!(&got, b"\0\0OK");
 }
 
+/// `payload` framed as VLESS's UDP stream carries it: a 2-byte big-endian length first.
+fn framed(payload: &[u8]) -> Vec<u8> {
+    let mut v = (payload.len() as u16).to_be_bytes().to_vec();
+    v.extend_from_slice(payload);
+    v
+}
+
+#[tokio::test]
+async fn udp_datagrams_are_relayed_framed_both_ways_through_a_bound_socket() {
+    let rig = rig().await;
+    let up = crate::proxy::testing::upper_udp_server().await;
+    let mut c = rig.connect().await;
+    // The header, one datagram and the first half of a second in one write (as a stream may
+    // cut them anywhere), then the rest of it.
+    let mut first = request(ALICE, up);
+    first[18] = 2;
+    first.extend_from_slice(&framed(b"one"));
+    let second = framed(&[b'x'; 3000]);
+    first.extend_from_slice(&second[..1000]);
+    c.write_all(&first).await.unwrap();
+    c.write_all(&second[1000..]).await.unwrap();
+    let mut got = vec![0u8; 2 + (2 + 3) + (2 + 3000)];
+    c.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got[..2], &[0, 0], "response header");
+    assert_eq!(&got[2..7], &framed(b"ONE")[..]);
+    assert_eq!(&got[7..], &framed(&[b'X'; 3000])[..]);
+    // Each datagram is one, an empty one too (echoed as an empty one).
+    c.write_all(&framed(b"")).await.unwrap();
+    c.write_all(&framed(b"ok")).await.unwrap();
+    let mut got = [0u8; 2 + 2 + 2];
+    c.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, [0, 0, 0, 2, b'O', b'K']);
+    assert_eq!(
+        *rig.binds.binds(),
+        [(5, SocketRole::Upstream), (5, SocketRole::Client)]
+    );
+    c.shutdown().await.unwrap();
+    let events = rig.events(2).await;
+    match &events[..] {
+        [
+            ProxyEvent::Opened { target, .. },
+            ProxyEvent::Closed {
+                rx_bytes,
+                tx_bytes,
+                reason,
+                ..
+            },
+        ] => {
+            assert_eq!(*target, Target::Addr(up));
+            // Payload only.
+            assert_eq!((*rx_bytes, *tx_bytes), (3005, 3005));
+            assert_eq!(*reason, CloseReason::Closed);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn kick_and_shutdown_cut_open_connections_and_an_unreachable_target_is_reported() {
     let rig = rig().await;
@@ -280,7 +338,10 @@ async fn kick_and_shutdown_cut_open_connections_and_an_unreachable_target_is_rep
     a.write_all(&first).await.unwrap();
     let mut got = [0u8; 3];
     a.read_exact(&mut got).await.unwrap();
-    assert_eq!(rig.registry.cut(5), 1);
+    assert_eq!(
+        rig.registry.cut(5, crate::proxy::registry::CutCause::Kick),
+        1
+    );
     let mut rest = Vec::new();
     let _ = a.read_to_end(&mut rest).await;
     let events = rig.events(2).await;

@@ -20,8 +20,10 @@
 //! A proxy client opens a TCP connection per destination, often many short ones, so a session
 //! is not a connection: a user's session by a proxy protocol opens with its first connection
 //! (when it has none open and no session) and ends [`PROXY_SESSION_IDLE`] after its last
-//! connection closed (`idle`, the end being that last close), at once when its connections were
-//! cut by `kick` (`kicked`), or when the identity is removed (`removed`). Its device is the
+//! connection closed (`idle`, the end being that last close; a policy hold cuts the connections
+//! and the session then goes idle, as a held device's does), at once on `kick` (`kicked`, also
+//! while it has no connection open) or the identity's removal (`removed`): the connection
+//! registry reports those cuts ([`SessionEvent::ProxyEnded`]) before the connections end. Its device is the
 //! protocol's name, it has no key and no tunnel address, its endpoints are the client addresses
 //! seen (each new one appended), and its bytes are the kernel counters of the identity's line
 //! (the upstream sockets' IP bytes: `crate::proxy`), read the same way as a device's.
@@ -390,12 +392,21 @@ pub enum SessionEvent {
         /// When.
         at: SystemTime,
     },
-    /// A proxied connection ended.
+    /// A proxied connection ended (closed, or cut: the cut's cause comes as
+    /// [`SessionEvent::ProxyEnded`] before it).
     ProxyClosed {
         /// The identity's id.
         id: PeerId,
-        /// Whether it was cut (`kick`, a hold) rather than closed.
-        cut: bool,
+        /// When.
+        at: SystemTime,
+    },
+    /// A proxy identity's session ends now, with its connections if any are open: `kick`
+    /// (`kicked`) or the identity's removal (`removed`).
+    ProxyEnded {
+        /// The identity's id.
+        id: PeerId,
+        /// Why.
+        reason: EndReason,
         /// When.
         at: SystemTime,
     },
@@ -1232,19 +1243,20 @@ impl Recorder {
                     );
                 }
             },
-            SessionEvent::ProxyClosed { id, cut, at } => {
+            SessionEvent::ProxyClosed { id, at } => {
+                // None: the session already ended (a kick or removal, reported before its
+                // connections' ends).
                 let Some(p) = self.proxies.get_mut(&id) else {
                     return Ok(());
                 };
                 p.conns = p.conns.saturating_sub(1);
                 if p.conns == 0 {
-                    if cut {
-                        let mut p = self.proxies.remove(&id).expect("present");
-                        self.svc
-                            .close_session(&mut p.session, EndReason::Kicked, at)?;
-                    } else {
-                        p.idle_since = Some(at);
-                    }
+                    p.idle_since = Some(at);
+                }
+            }
+            SessionEvent::ProxyEnded { id, reason, at } => {
+                if let Some(mut p) = self.proxies.remove(&id) {
+                    self.svc.close_session(&mut p.session, reason, at)?;
                 }
             }
             SessionEvent::AuthFailed { .. }
@@ -1274,15 +1286,6 @@ impl Recorder {
             let end = p.idle_since.unwrap_or(now);
             self.svc
                 .close_session(&mut p.session, EndReason::Idle, end)?;
-        }
-        Ok(())
-    }
-
-    /// Closes the open session of proxy identity `id` (removed) as `removed`.
-    pub fn proxy_removed(&mut self, id: PeerId, at: SystemTime) -> Result<(), ServiceError> {
-        if let Some(mut p) = self.proxies.remove(&id) {
-            self.svc
-                .close_session(&mut p.session, EndReason::Removed, at)?;
         }
         Ok(())
     }

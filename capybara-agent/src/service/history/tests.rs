@@ -844,7 +844,8 @@ fn sessions_closed_as_stale_at_start_report_their_disconnect() {
 }
 
 #[test]
-fn a_proxy_session_spans_its_connections_and_ends_idle_after_the_last_or_at_once_when_cut() {
+fn a_proxy_session_spans_its_connections_and_ends_idle_after_the_last_or_at_once_when_kicked_or_removed()
+ {
     let f = fixture();
     let mut rec = Recorder::start(f.svc.history.clone(), t(999)).unwrap();
     let id = 4000; // a proxy identity's id: no device has it
@@ -858,7 +859,7 @@ fn a_proxy_session_spans_its_connections_and_ends_idle_after_the_last_or_at_once
         base: f.svc.history.counters(id).unwrap(),
         at,
     };
-    let closed = |cut, at| SessionEvent::ProxyClosed { id, cut, at };
+    let closed = |at| SessionEvent::ProxyClosed { id, at };
     let now = SystemTime::now();
     // Two connections from one client, a third from another address: one session.
     rec.on_event(opened("192.0.2.7:40000", now)).unwrap();
@@ -884,7 +885,7 @@ fn a_proxy_session_spans_its_connections_and_ends_idle_after_the_last_or_at_once
         now + Duration::from_secs(20),
         last,
     ] {
-        rec.on_event(closed(false, at)).unwrap();
+        rec.on_event(closed(at)).unwrap();
     }
     // Idle, not yet ended: a new connection within the idle time continues the session.
     rec.expire_proxy_sessions(last + PROXY_SESSION_IDLE - Duration::from_secs(1))
@@ -904,14 +905,56 @@ fn a_proxy_session_spans_its_connections_and_ends_idle_after_the_last_or_at_once
         "the identity's kernel counters over the session"
     );
 
-    // A cut ends the session at once, as kicked.
+    // A kick ends the session at once, as kicked (reported before its connections' ends,
+    // which then find no session).
     rec.on_event(opened("192.0.2.7:40002", last + Duration::from_secs(100)))
         .unwrap();
-    rec.on_event(closed(true, last + Duration::from_secs(101)))
-        .unwrap();
+    let kicked = last + Duration::from_secs(101);
+    rec.on_event(SessionEvent::ProxyEnded {
+        id,
+        reason: EndReason::Kicked,
+        at: kicked,
+    })
+    .unwrap();
+    rec.on_event(closed(kicked)).unwrap();
     assert_eq!(rec.open_count(), 0);
     let page = f.svc.history.history(&HistoryQuery::default()).unwrap();
     assert_eq!(page.sessions[0].reason, Some(EndReason::Kicked));
+    assert_eq!(page.sessions[0].end, Some(secs(kicked)));
+
+    // An idle session (no connection open) kicked ends as kicked too, not later as idle.
+    rec.on_event(opened("192.0.2.7:40003", last + Duration::from_secs(200)))
+        .unwrap();
+    rec.on_event(closed(last + Duration::from_secs(201)))
+        .unwrap();
+    rec.on_event(SessionEvent::ProxyEnded {
+        id,
+        reason: EndReason::Kicked,
+        at: last + Duration::from_secs(230),
+    })
+    .unwrap();
+    assert_eq!(rec.open_count(), 0);
+    let page = f.svc.history.history(&HistoryQuery::default()).unwrap();
+    assert_eq!(page.sessions[0].reason, Some(EndReason::Kicked));
+
+    // A removal ends the open session as removed; an end with no session is nothing.
+    rec.on_event(opened("192.0.2.7:40004", last + Duration::from_secs(300)))
+        .unwrap();
+    rec.on_event(SessionEvent::ProxyEnded {
+        id,
+        reason: EndReason::Removed,
+        at: last + Duration::from_secs(301),
+    })
+    .unwrap();
+    rec.on_event(SessionEvent::ProxyEnded {
+        id,
+        reason: EndReason::Kicked,
+        at: last + Duration::from_secs(302),
+    })
+    .unwrap();
+    let page = f.svc.history.history(&HistoryQuery::default()).unwrap();
+    assert_eq!(page.sessions[0].reason, Some(EndReason::Removed));
+    assert_eq!(page.sessions.len(), 4);
 
     // A refused connection is an auth attempt of its protocol.
     rec.on_event(SessionEvent::ProxyAuthFailed {

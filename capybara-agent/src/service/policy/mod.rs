@@ -119,6 +119,7 @@ use super::{
 };
 use crate::{
     dataplane::{Gate, PeerRates},
+    proxy::registry::CutCause,
     store::{Batch, Cf, keys},
 };
 
@@ -1032,7 +1033,7 @@ impl Policy {
                 // the endpoints abort them (`proxy::relay::abort`). A device's tunnel session
                 // stays; its packets are dropped until the gate opens.
                 if proxy && matches!(gate, Gate::Held(_)) {
-                    let cut = self.core.proxies.cut(id);
+                    let cut = self.core.proxies.cut(id, CutCause::Hold);
                     if cut > 0 {
                         tracing::info!(user = %user, peer = id, connections = cut, "held: proxied connections cut");
                     }

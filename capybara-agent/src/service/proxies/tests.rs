@@ -462,6 +462,7 @@ fn shadowsocks_configs_follow_sip002_for_both_editions() {
     assert_eq!(j["server"], "vpn.example.com");
     assert_eq!(j["server_port"], 8388);
     assert_eq!(j["method"], "2022-blake3-aes-256-gcm");
+    assert_eq!(j["mode"], "tcp_and_udp", "UDP ASSOCIATE is relayed");
     assert_eq!(j["password"], psk);
     assert_eq!(
         ShadowsocksCipher::Blake3Aes128Gcm.key(&secret),
@@ -496,7 +497,7 @@ fn shadowsocks_configs_follow_sip002_for_both_editions() {
         ShadowsocksCipher::Aes256Gcm.key(&secret),
         evp_bytes_to_key(psk.as_bytes(), 32)
     );
-    // Checked against Python's hashlib: md5(p) || md5(md5(p) || p).
+    // The reference derivation checked against Python's hashlib: md5(p) || md5(md5(p) || p).
     let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
     assert_eq!(
         hex(&evp_bytes_to_key(b"barfoo!", 32)),
@@ -532,6 +533,7 @@ fn vless_configs_pin_the_certificate_for_v2ray_4_34_and_later() {
             &serde_json::json!(1080)
         )
     );
+    assert_eq!(inbound["settings"]["udp"], true, "UDP ASSOCIATE is relayed");
     let out = &j["outbounds"][0];
     assert_eq!(out["protocol"], "vless");
     let server = &out["settings"]["vnext"][0];
@@ -790,4 +792,21 @@ fn usage_samples_proxy_identities_as_devices_named_by_protocol_and_no_device_tak
         assert!(e.to_string().contains("device"), "{e}");
     }
     assert_eq!(svc.users.get_user(&name("alice")).unwrap().peers.len(), 1);
+}
+
+/// OpenSSL's `EVP_BytesToKey` with MD5, one iteration, no salt, written out as the reference the
+/// endpoint's derivation (shadowsocks-rust's) is checked against: `D_i = MD5(D_{i-1} || password)`.
+fn evp_bytes_to_key(password: &[u8], len: usize) -> Vec<u8> {
+    use md5::Digest as _;
+    let mut key = Vec::with_capacity(len + 16);
+    let mut prev: Vec<u8> = Vec::new();
+    while key.len() < len {
+        let mut h = md5::Md5::new();
+        h.update(&prev);
+        h.update(password);
+        prev = h.finalize().to_vec();
+        key.extend_from_slice(&prev);
+    }
+    key.truncate(len);
+    key
 }

@@ -18,7 +18,7 @@ fn peer(id: u32, user: &str, device: &str, key: u8) -> Peer {
 
 fn dev(p: Peer, rx: (u64, u64), tx: (u64, u64)) -> DeviceReading {
     DeviceReading {
-        peer: p,
+        line: Line::Peer(p),
         online: true,
         rx: Traffic {
             packets: rx.0,
@@ -42,7 +42,11 @@ fn reading(at: Instant, devices: Vec<DeviceReading>) -> Reading {
 }
 
 fn rates(t: &Tick, id: u32) -> LiveTraffic {
-    t.devices.iter().find(|d| d.peer.id == id).unwrap().traffic
+    t.devices
+        .iter()
+        .find(|d| d.line.id() == id)
+        .unwrap()
+        .traffic
 }
 
 #[test]
@@ -208,7 +212,7 @@ fn drops_have_rates_and_totals_globally_and_per_device() {
 fn big_tick(n: u32) -> Tick {
     let devices = (0..n)
         .map(|k| DeviceTick {
-            peer: peer(k, &format!("u{k:05}"), "d", 1),
+            line: Line::Peer(peer(k, &format!("u{k:05}"), "d", 1)),
             online: k % 3 != 0,
             traffic: LiveTraffic {
                 rx: Rate {
@@ -245,7 +249,7 @@ fn a_view_lists_the_busiest_and_sums_the_rest() {
     let names: Vec<&str> = v.top_users.iter().map(|u| u.user.as_str()).collect();
     assert_eq!(names, ["u00999", "u00998", "u00997", "u00996", "u00995"]);
     assert_eq!(v.top_devices.len(), 5);
-    assert_eq!(v.top_devices[0].peer.user.as_str(), "u00999");
+    assert_eq!(v.top_devices[0].line.user().as_str(), "u00999");
     // Totals are the sum of everything; listed + others = totals.
     let all: u64 = (0..1_000).sum();
     assert_eq!(v.total.rx.bytes, all);
@@ -284,7 +288,7 @@ fn a_view_lists_the_busiest_and_sums_the_rest() {
 fn a_view_of_one_user_has_its_devices_and_its_drops_only() {
     let mut t = big_tick(3);
     let mut second = t.devices[1].clone();
-    second.peer = peer(9, "u00001", "e", 9);
+    second.line = Line::Peer(peer(9, "u00001", "e", 9));
     second.drops = vec![(DropReason::GateKicked, 1, 4)];
     t.devices.insert(2, second);
     let u = UserName::parse("user", "u00001").unwrap();
@@ -305,4 +309,64 @@ fn a_view_of_one_user_has_its_devices_and_its_drops_only() {
     );
     let nobody = UserName::parse("user", "zed").unwrap();
     assert_eq!(t.view(Some(&nobody), 20).devices, 0);
+}
+
+#[test]
+fn a_proxy_identity_is_a_row_of_its_user_named_by_its_protocol() {
+    use crate::service::domain::Protocol;
+    let alice = UserName::parse("user", "alice").unwrap();
+    let proxy = |id, protocol| {
+        Line::Proxy(ProxyAccess {
+            id,
+            user: alice.clone(),
+            protocol,
+            created_at: 0,
+        })
+    };
+    let line_reading = |line: Line, bytes: u64| DeviceReading {
+        line,
+        ..dev(peer(1, "alice", "laptop", 1), (1, bytes), (1, bytes))
+    };
+    let mut m = RateMeter::default();
+    let t0 = Instant::now();
+    let laptop = Line::Peer(peer(1, "alice", "laptop", 1));
+    assert!(
+        m.push(reading(
+            t0,
+            vec![
+                line_reading(laptop.clone(), 1_000),
+                line_reading(proxy(7, Protocol::Shadowsocks), 5_000),
+            ]
+        ))
+        .is_none()
+    );
+    // A second later: the identity moved 3 000 bytes each way; id 8 was another identity's
+    // before (a reused id counts from zero).
+    let t = m
+        .push(reading(
+            t0 + Duration::from_secs(1),
+            vec![
+                line_reading(laptop, 1_000),
+                line_reading(proxy(7, Protocol::Shadowsocks), 8_000),
+                line_reading(proxy(8, Protocol::Vless), 100),
+            ],
+        ))
+        .unwrap();
+    assert_eq!(rates(&t, 7).rx.bytes, 3_000);
+    assert_eq!(rates(&t, 8).rx.bytes, 100);
+    let v = t.view(Some(&alice), 20);
+    assert_eq!((v.users, v.devices), (1, 3));
+    assert_eq!(
+        v.top_users[0].traffic.rx.bytes, 3_100,
+        "the user's sum has its proxies"
+    );
+    let names: Vec<&str> = v.top_devices.iter().map(|d| d.line.name()).collect();
+    assert_eq!(names, ["shadowsocks", "vless", "laptop"]);
+    // In JSON a device row keeps its `peer`; a proxy row has `proxy` instead.
+    let json = serde_json::to_value(&v.top_devices).unwrap();
+    assert_eq!(json[0]["proxy"]["protocol"], "shadowsocks", "{json:#}");
+    assert!(json[0].get("peer").is_none(), "{json:#}");
+    assert_eq!(json[2]["peer"]["device"], "laptop", "{json:#}");
+    let back: Vec<DeviceRow> = serde_json::from_value(json).unwrap();
+    assert_eq!(back, v.top_devices);
 }
