@@ -9,9 +9,16 @@
 //! - One etcd member killed: the cluster keeps answering and `health` says 2 of 3, healthy.
 //!   Two killed: `status` fails with a clear error and `health` is unhealthy; with the members
 //!   back, the node is listed again (it re-grants its lease by itself).
+//!   Without a quorum a change (`user add`) is refused with the cluster's error and nothing
+//!   changes.
 //! - **TLS**: members serving `https://` with required client certificates (a throw-away CA):
 //!   a node with the CA and a client certificate joins; a node with the CA only gets no lease,
 //!   and its `cluster health` says each member refused it.
+//! - **Shared state**: n1 seeds the empty cluster with the user it had; n2, a new node, reads
+//!   everything; a user added on n2 is on n1 within 1 s (the bound; measured and
+//!   printed) and its client, configured for n1, gets through n1; a quota set on n1 reaches n2's
+//!   kernel (a bucket); a node stopped while the others change things resumes from its
+//!   revision when it starts again (no full read) and has them; a removal propagates too.
 //!
 //! Slow for a reason: etcd's start and elections (about 2 s), three debug agents (about 2 s
 //! each), and waits bounded by the lease's TTL.
@@ -150,6 +157,20 @@ fn nodes_join_leave_by_lease_and_ride_out_a_lost_etcd_member() {
     let h: Value = serde_json::from_slice(&o.stdout).expect("health's JSON");
     assert_eq!(h["healthy"], false, "{h:#}");
 
+    // Without a quorum a change is refused, clearly, and nothing changed.
+    let before = nodes[0].lab.json(&["user", "list"]);
+    let o = nodes[0].lab.run(&["user", "add", "nobody", "--no-qr"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "a change without a quorum was accepted"
+    );
+    assert!(
+        err.contains("the cluster is unavailable") && err.contains("nothing was changed"),
+        "{err}"
+    );
+    assert_eq!(nodes[0].lab.json(&["user", "list"]), before);
+
     // Quorum back: n1 is listed again (its lease renewed, or re-granted if it expired).
     etcd.restart(&lan, 1);
     etcd.restart(&lan, 2);
@@ -242,4 +263,136 @@ fn nodes_speak_tls_to_etcd_and_a_node_without_a_client_certificate_is_refused() 
     // A TTL later, still only n1 is a node.
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(listed(&n1), ["n1"]);
+}
+
+/// The users `user list` shows on `node`, by name.
+fn users(node: &Node) -> Vec<String> {
+    let o = node.lab.run(&["--json", "user", "list"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).expect("user list's JSON");
+    let mut names: Vec<String> = v
+        .as_array()
+        .expect("users")
+        .iter()
+        .map(|u| u["user"]["name"].as_str().unwrap_or("").to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// `wg_quick` with its `[Peer]` public key and endpoint replaced by those of `server`'s config.
+fn aimed_at(wg_quick: &str, server: &str) -> String {
+    let line = |cfg: &str, k: &str| {
+        cfg.lines()
+            .filter(|l| l.starts_with(k))
+            .last()
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("{k} in {cfg}"))
+    };
+    let (key, endpoint) = (line(server, "PublicKey"), line(server, "Endpoint"));
+    wg_quick
+        .lines()
+        .map(|l| {
+            if l.starts_with("PublicKey") {
+                key.clone()
+            } else if l.starts_with("Endpoint") {
+                endpoint.clone()
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn shared_state_reaches_every_node_and_a_client_gets_through_another_node() {
+    use capybara_tests::wg::{WgProcess, ping_until};
+    let lan = Lan::new(181);
+    let etcd = Etcd::start(&lan);
+    // Every node on the same tunnel subnet (a cluster's devices share one address pool).
+    let tunnel_net = 185;
+    let n1 = Node::start(&lan, &etcd, "n1", 11, (183, tunnel_net), "4s");
+    // n1 seeds the empty cluster with its own users (it had one before n2 existed).
+    n1.lab.capybara(&["user", "add", "early", "--no-qr"]);
+    let n2 = Node::start(&lan, &etcd, "n2", 12, (187, tunnel_net), "4s");
+    wait("n2 has n1's user", Duration::from_secs(10), || {
+        users(&n2) == ["early"]
+    });
+    assert!(
+        n2.lab.log(1).contains("shared state read in full"),
+        "a new node reads everything"
+    );
+
+    // A user added on n2 is on n1 within 1 s; its client, aimed at n1, gets through n1.
+    let cfg = n2.lab.json(&["user", "add", "bob", "--no-qr"]);
+    let t0 = Instant::now();
+    wait("bob on n1", Duration::from_secs(1), || {
+        users(&n1) == ["bob", "early"]
+    });
+    eprintln!("bob, added on n2, was on n1 after {:?}", t0.elapsed());
+    let probe = n1.lab.json(&["user", "add", "probe", "--no-qr"]);
+    let wg_quick = aimed_at(
+        cfg["wg_quick"].as_str().unwrap(),
+        probe["wg_quick"].as_str().unwrap(),
+    );
+    let v4 = cfg["peer"]["ipv4"].as_str().unwrap().parse().unwrap();
+    let server = n1.lab.server_v4.into();
+    let _client = WgProcess::from_wg_quick(&n1.lab.client, "cw", &wg_quick, None, server, v4);
+    assert!(
+        ping_until(&n1.lab.client, server, Duration::from_secs(10)),
+        "bob's client (created on n2) got no answer through n1"
+    );
+    // Its session is n1's.
+    let s = n1.lab.wait_session("bob", "through n1", |_| true);
+    eprintln!("bob's session on n1: {s}");
+
+    // A quota set on n1 reaches n2's kernel: a bucket of its own with the limit.
+    n1.lab.capybara(&[
+        "quota", "set", "bob", "--limit", "5GB", "--period", "monthly",
+    ]);
+    let on_n1 = n1.lab.json(&["quota", "show", "bob"])[0].clone();
+    wait("bob's quota on n2", Duration::from_secs(2), || {
+        let q = n2.lab.json(&["quota", "show", "bob"])[0].clone();
+        q["limit_bytes"] == on_n1["limit_bytes"] && q["bucket"].as_u64().unwrap_or(0) > 0
+    });
+    assert!(
+        on_n1["limit_bytes"].as_u64().unwrap() >= 5_000_000_000,
+        "{on_n1}"
+    );
+
+    // n2 stops; n1 changes things; n2 starts again and resumes from its revision.
+    n2.lab.server.kill(n2.pid, Signal::SIGTERM);
+    wait("n2 stopped", Duration::from_secs(15), || {
+        !n2.lab.server.is_running(n2.pid)
+    });
+    n1.lab.capybara(&["user", "remove", "early"]);
+    n1.lab.capybara(&["user", "add", "carol", "--no-qr"]);
+    let _pid = n2.lab.start_agent(
+        2,
+        &[
+            "--etcd",
+            &etcd.endpoints(),
+            "--node-name",
+            "n2",
+            "--cluster-ttl",
+            "4s",
+        ],
+    );
+    wait("n2 caught up", Duration::from_secs(10), || {
+        users(&n2) == ["bob", "carol", "probe"]
+    });
+    assert!(
+        !n2.lab.log(2).contains("shared state read in full"),
+        "a restarted node resumes from its revision"
+    );
+    // A removal on n2 leaves n1's tunnel: bob's client gets no more answers.
+    n2.lab.capybara(&["user", "remove", "bob"]);
+    wait("bob gone from n1", Duration::from_secs(1), || {
+        users(&n1) == ["carol", "probe"]
+    });
+    assert!(
+        !ping_until(&n1.lab.client, server, Duration::from_secs(2)),
+        "bob's client still gets through n1 after bob was removed on n2"
+    );
 }

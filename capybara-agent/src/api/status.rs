@@ -4,7 +4,10 @@
 
 use tonic::Status;
 
-use crate::service::{AuthError, ServiceError, domain::ValidationError};
+use crate::{
+    service::{AuthError, ServiceError, domain::ValidationError},
+    store::{SharedError, StoreError},
+};
 
 /// The gRPC status of a service error.
 pub fn status_of(e: ServiceError) -> Status {
@@ -22,6 +25,12 @@ pub fn status_of(e: ServiceError) -> Status {
         | ServiceError::SourceUnavailable { .. }
         | ServiceError::Webhook { .. } => Status::failed_precondition(e.to_string()),
         ServiceError::Exhausted { .. } => Status::resource_exhausted(e.to_string()),
+        // The cluster refused a change of shared records: its own words, nothing to hide.
+        ServiceError::Store(StoreError::Shared(s)) => match s {
+            SharedError::Unavailable(_) => Status::unavailable(s.to_string()),
+            SharedError::Conflict { .. } => Status::aborted(s.to_string()),
+            SharedError::Refused(_) => Status::failed_precondition(s.to_string()),
+        },
         ServiceError::Store(_)
         | ServiceError::Dataplane(_)
         | ServiceError::Tunnel(_)

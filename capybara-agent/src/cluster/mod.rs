@@ -6,6 +6,7 @@
 //! ## Keys (under the prefix, `/capybara` by default)
 //! - `nodes/<name>`: a [`NodeRecord`] (JSON) put with the node's lease: it goes when the lease
 //!   does, so a dead node leaves the list within its TTL without anyone deleting it.
+//! - `data/…` and `head`: the shared state ([`state`]).
 //!
 //! ## The lease
 //! A lease of [`ClusterConfig::ttl`] seconds (10 by default: a dead node is gone within 10 s, a
@@ -33,6 +34,8 @@
 //! member. `status` is one range read of `nodes/` plus one `LeaseTimeToLive` per node (the
 //! lease's age); `health` asks each member's `Status` on its own client, so a dead member is
 //! seen as such.
+
+pub mod state;
 
 use std::{
     sync::{Arc, Mutex},

@@ -62,10 +62,12 @@ pub(super) struct Agent {
     pub(super) cluster: Option<ClusterNode>,
 }
 
-/// The task that holds the node's lease (`crate::cluster::Node::run`) and its stop.
+/// The tasks that hold the node's lease (`crate::cluster::Node::run`) and follow the shared
+/// state (`crate::cluster::state::follow`), and their stop.
 pub(super) struct ClusterNode {
     pub(super) stop: tokio_util::sync::CancellationToken,
     pub(super) task: tokio::task::JoinHandle<()>,
+    pub(super) follow: tokio::task::JoinHandle<()>,
 }
 
 /// The `--metrics-listen` server.
@@ -175,6 +177,7 @@ impl Agent {
         if let Some(c) = cluster {
             c.stop.cancel();
             let _ = c.task.await;
+            let _ = c.follow.await;
         }
         // The page and the proxy endpoints hold the service (through its ports): they stop
         // first; the endpoints' open connections are cut.

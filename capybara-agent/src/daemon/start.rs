@@ -396,8 +396,21 @@ async fn join_cluster(
         .await
         .map_err(DaemonError::Cluster)?;
     svc.cluster.set_node(node.clone());
+    // From here on a change of shared records reaches etcd before this node's store.
+    svc.core
+        .store
+        .replicate_through(Arc::new(crate::cluster::state::Replication::new(
+            node.clone(),
+            tokio::runtime::Handle::current(),
+        )));
     let stop = tokio_util::sync::CancellationToken::new();
     tracing::info!(node = %config.node, endpoints = ?config.endpoints, prefix = %config.prefix, "joining the cluster");
+    let applier: Arc<dyn crate::cluster::state::Applier> = svc.clone();
+    let follow = tokio::spawn(crate::cluster::state::follow(
+        node.clone(),
+        applier,
+        stop.clone(),
+    ));
     let task = tokio::spawn(node.run(stop.clone()));
-    Ok(super::agent::ClusterNode { stop, task })
+    Ok(super::agent::ClusterNode { stop, task, follow })
 }

@@ -21,7 +21,10 @@
 //! `--keep-unknown-peers` (`ServiceConfig::keep_unknown_peers`) leaves them alone instead (and
 //! allocation then skips their ids and addresses).
 
-use std::sync::Arc;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use super::{
     ServiceError,
@@ -102,6 +105,47 @@ impl Devices {
             "devices restored from the store"
         );
         Ok(())
+    }
+
+    /// Makes the directory, the tunnel and the dataplane match the stored devices after the
+    /// store changed under them (a cluster's change applied: `service::cluster`): a device gone
+    /// from the store is unprogrammed, a new one programmed, a changed one (re-keyed) both.
+    /// Answers the users whose devices changed. A device that cannot be programmed is logged
+    /// and left out; the others go on.
+    pub fn resync(&self) -> Result<BTreeSet<UserName>, ServiceError> {
+        let stored: BTreeMap<String, PeerRecord> = self
+            .core
+            .store
+            .scan::<PeerRecord>(Cf::Peers, "")?
+            .into_iter()
+            .collect();
+        let mut users = BTreeSet::new();
+        for rec in self.dir.all() {
+            let key = keys::peer(rec.peer.user.as_str(), rec.peer.device.as_str());
+            match stored.get(&key) {
+                Some(s) if s.peer == rec.peer && s.sealed_key == rec.sealed_key => continue,
+                _ => {}
+            }
+            if let Err(e) = self.unprogram(&rec.peer) {
+                tracing::error!(error = %e, device = %key, "cluster: cannot unprogram a removed device");
+            }
+            self.dir.remove(&rec.peer);
+            self.policy.forget_online(std::slice::from_ref(&rec.peer));
+            users.insert(rec.peer.user.clone());
+        }
+        for (key, rec) in stored {
+            if self.dir.record(&key).is_some() {
+                continue;
+            }
+            if let Err(e) = self.program(&rec.peer) {
+                tracing::error!(error = %e, device = %key, "cluster: cannot program a device");
+                continue;
+            }
+            self.policy.forget_online(std::slice::from_ref(&rec.peer));
+            users.insert(rec.peer.user.clone());
+            self.dir.insert(key, rec);
+        }
+        Ok(users)
     }
 
     /// Makes a device record: allocates an id and addresses and generates its key pair.

@@ -70,7 +70,7 @@
 //!   JSON loader ignores fields it does not know.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     fmt,
     net::SocketAddr,
     sync::{Arc, RwLock},
@@ -473,6 +473,53 @@ impl Proxies {
             );
         }
         Ok(())
+    }
+
+    /// Makes the directory, the kernel lines and the credentials match the stored proxy
+    /// identities after the store changed under them (a cluster's change applied:
+    /// `service::cluster`). Answers the users whose identities changed.
+    pub fn resync(&self) -> Result<BTreeSet<UserName>, ServiceError> {
+        let stored: Vec<ProxyRecord> = self
+            .core
+            .store
+            .scan::<ProxyRecord>(Cf::Proxies, "")?
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect();
+        let same =
+            |a: &ProxyRecord, b: &ProxyRecord| a.access == b.access && a.credential == b.credential;
+        let current = self.dir.all_proxies();
+        let gone: Vec<ProxyRecord> = current
+            .iter()
+            .filter(|c| !stored.iter().any(|s| same(s, c)))
+            .cloned()
+            .collect();
+        let new: Vec<ProxyRecord> = stored
+            .into_iter()
+            .filter(|s| !current.iter().any(|c| same(s, c)))
+            .collect();
+        let mut users = BTreeSet::new();
+        if !gone.is_empty() {
+            if let Err(e) = self.unprogram(&gone) {
+                tracing::error!(error = %e, "cluster: cannot unprogram removed proxy identities");
+            }
+            self.left(&gone);
+            users.extend(gone.iter().map(|r| r.access.user.clone()));
+        }
+        if !new.is_empty() {
+            if let Err(e) = self.program(&new) {
+                tracing::error!(error = %e, "cluster: cannot program proxy identities");
+                return Ok(users);
+            }
+            let ids: Vec<PeerId> = new.iter().map(|r| r.access.id).collect();
+            self.policy.forget_ids(&ids);
+            users.extend(new.iter().map(|r| r.access.user.clone()));
+            for r in new {
+                self.dir.insert_proxy(r);
+            }
+            self.rebuild();
+        }
+        Ok(users)
     }
 
     /// Committed records join the directory, the credentials and the policy.

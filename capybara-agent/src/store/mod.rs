@@ -83,8 +83,10 @@ use crate::paths;
 
 pub mod backup;
 pub mod page;
+pub mod shared;
 mod walk;
 
+pub use shared::{Replicator, SharedError, SharedOp};
 pub use walk::Walk;
 
 /// Column families. Adding one appends a variant and a schema version.
@@ -157,6 +159,11 @@ impl Cf {
             Cf::Webhooks => "webhooks",
             Cf::Proxies => "proxies",
         }
+    }
+
+    /// The family named `name` in RocksDB.
+    pub fn from_name(name: &str) -> Option<Cf> {
+        Cf::ALL.into_iter().find(|cf| cf.name() == name)
     }
 
     /// Current schema version of the family's values.
@@ -502,6 +509,9 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    /// The cluster refused a change of shared keys (`shared`); nothing was written.
+    #[error(transparent)]
+    Shared(#[from] SharedError),
 }
 
 /// The open store.
@@ -520,6 +530,10 @@ pub struct Store {
     outbox_next: Mutex<u64>,
     /// Every outbox key below this value is written (readers wait on it).
     outbox_end: tokio::sync::watch::Sender<u64>,
+    /// Where writes of shared keys go first, once set (`shared`).
+    replicator: OnceLock<Arc<dyn Replicator>>,
+    /// The last shared revision applied; held across a shared write (`shared`).
+    shared_rev: Mutex<i64>,
 }
 
 /// What a [`WriteTimer`] is told about.
@@ -670,8 +684,15 @@ impl Store {
             timer: OnceLock::new(),
             outbox_next: Mutex::new(1),
             outbox_end: tokio::sync::watch::Sender::new(1),
+            replicator: OnceLock::new(),
+            shared_rev: Mutex::new(0),
         };
         store.check_schemas()?;
+        let revision = store.stored_revision()?;
+        *store
+            .shared_rev
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner()) = revision;
         let next = store
             .last_key(Cf::Outbox)?
             .and_then(|k| keys::outbox_seq(&k))
@@ -777,6 +798,9 @@ impl Store {
         if batch.ops.is_empty() && batch.outbox.is_empty() {
             return Ok((Written(0), 0..0));
         }
+        let mut batch = batch;
+        // A batch with shared keys goes to the cluster first (`shared`).
+        let shared = self.replicate(&mut batch)?;
         let started = self.timer.get().map(|_| Instant::now());
         let mut wb = WriteBatch::default();
         for (cf, key, value) in &batch.ops {
@@ -808,6 +832,9 @@ impl Store {
             *next = first + batch.outbox.len() as u64;
             appended = first..*next;
             self.outbox_end.send_replace(*next);
+        }
+        if let Some((mut applied, revision)) = shared {
+            *applied = revision;
         }
         let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
         wal.written += 1;

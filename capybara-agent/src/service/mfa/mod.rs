@@ -370,15 +370,22 @@ impl Mfa {
             live: Mutex::new(Live::default()),
             sender: RwLock::new(None),
         };
-        let settings = mfa.settings()?;
+        mfa.reload()?;
+        Ok(mfa)
+    }
+
+    /// Reads who needs an MFA admission from the records (at start, and when a cluster's
+    /// change replaced them: `service::cluster`).
+    pub fn reload(&self) -> Result<(), ServiceError> {
+        let settings = self.settings()?;
         let mut required = Vec::new();
         // One scan of the records (not a read per user): their users are checked in memory.
-        for (_, rec) in mfa
+        for (_, rec) in self
             .core
             .store
             .scan::<MfaRecord>(Cf::Policy, keys::MFA_USERS)?
         {
-            let own = match mfa.dir.user(&rec.user) {
+            let own = match self.dir.user(&rec.user) {
                 Ok(u) => u.created_at == rec.user_created,
                 Err(ServiceError::NotFound { .. }) => false,
                 Err(e) => return Err(e),
@@ -389,12 +396,12 @@ impl Mfa {
             if rec.state == EnrolState::Enrolled || rec.required {
                 required.push(rec.user.clone());
             }
-            if let Err(e) = mfa.open_secret(&rec) {
+            if let Err(e) = self.open_secret(&rec) {
                 tracing::error!(user = %rec.user, error = %e, "MFA secret does not open; the user's devices stay held until `mfa reset`");
             }
         }
-        mfa.policy.init_mfa(required, settings.require_all);
-        Ok(mfa)
+        self.policy.init_mfa(required, settings.require_all);
+        Ok(())
     }
 
     /// Sets the lifetime and the lock (`--mfa-lifetime`, `--mfa-lock`; at start).

@@ -213,6 +213,21 @@ struct PeerKernel {
 }
 
 impl Policy {
+    /// Reads the records and the users' expiries again after the store changed under them (a
+    /// cluster's change applied: `service::cluster`); the caller applies the policy after.
+    pub fn reload(&self) -> Result<(), ServiceError> {
+        let cache = Cache::load(&self.core.store)?;
+        let expires = self
+            .dir
+            .users()?
+            .into_iter()
+            .filter_map(|u| Some((u.name, from_unix_secs(u.expires_at?))))
+            .collect();
+        *self.cache.write().unwrap() = cache;
+        self.runtime.lock().unwrap().expires = expires;
+        Ok(())
+    }
+
     // ---- reads ------------------------------------------------------------------------------
 
     /// The cached records, for the features built on the policy (templates, policy files).

@@ -845,6 +845,12 @@ impl Schedules {
         let _ = self.stopping.subscribe().wait_for(|s| *s).await;
     }
 
+    /// Tells the runner the tasks changed under it (a cluster's change applied:
+    /// `service::cluster`): it plans again from the store.
+    pub fn reload(&self) {
+        self.changed.notify_one();
+    }
+
     /// Resolves when the tasks changed (added, enabled, disabled, deleted) since the last call.
     pub async fn changed(&self) {
         self.changed.notified().await;

@@ -482,6 +482,35 @@ impl Webhooks {
         Ok(wh)
     }
 
+    /// Makes the delivery workers match the stored endpoints after the store changed under
+    /// them (a cluster's change applied: `service::cluster`): a worker starts for each enabled
+    /// endpoint without one, stops for each endpoint gone or disabled; the others are given
+    /// their record again (URL, secret, events).
+    pub fn resync(&self) -> Result<(), ServiceError> {
+        let recs: Vec<HookRecord> = self
+            .records()?
+            .into_iter()
+            .filter(|r| r.hook.enabled)
+            .collect();
+        let mut running = self.shared.running.lock().unwrap();
+        running.retain(|id, r| {
+            let keep = recs.iter().any(|rec| rec.hook.id == *id);
+            if !keep {
+                r.cfg.send_replace(None);
+            }
+            keep
+        });
+        for rec in &recs {
+            match running.get(&rec.hook.id) {
+                Some(r) => {
+                    r.cfg.send_replace(Some(self.shared.live(rec)?));
+                }
+                None => self.shared.start_locked(&mut running, rec)?,
+            }
+        }
+        Ok(())
+    }
+
     /// `--webhook-allow-private`: lets every endpoint reach private and loopback addresses
     /// (for an agent whose receivers are on its own network).
     pub fn set_allow_private_everywhere(&self, allow: bool) {
