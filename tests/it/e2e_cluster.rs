@@ -284,8 +284,7 @@ fn users(node: &Node) -> Vec<String> {
 fn aimed_at(wg_quick: &str, server: &str) -> String {
     let line = |cfg: &str, k: &str| {
         cfg.lines()
-            .filter(|l| l.starts_with(k))
-            .last()
+            .rfind(|l| l.starts_with(k))
             .map(str::to_owned)
             .unwrap_or_else(|| panic!("{k} in {cfg}"))
     };
