@@ -306,6 +306,17 @@ impl Etcd {
     }
 }
 
+impl Node {
+    /// Whether the node's namespace has `addr` on its LAN interface.
+    pub fn holds(&self, addr: Ipv4Addr) -> bool {
+        let o = self
+            .lab
+            .server
+            .try_exec(&["ip", "-o", "-4", "addr", "show", "dev", &self.lan_if]);
+        String::from_utf8_lossy(&o.stdout).contains(&format!("inet {addr}/"))
+    }
+}
+
 /// An agent of the cluster: a [`Lab`] whose server namespace is on the LAN.
 pub struct Node {
     /// Its name (`--node-name`).
@@ -338,14 +349,41 @@ impl Node {
         etcd: &Etcd,
         name: &str,
         host_no: u8,
+        nets: (u8, u8),
+        extra: &[&str],
+    ) -> Node {
+        Node::start_keyed(lan, etcd, name, host_no, nets, extra, None)
+    }
+
+    /// [`Node::start_with`], `{lan_if}` in `extra` replaced by the node's LAN interface, and
+    /// the server key of `key_of` copied into its data directory first (a failover group's
+    /// nodes share it).
+    pub fn start_keyed(
+        lan: &Lan,
+        etcd: &Etcd,
+        name: &str,
+        host_no: u8,
         (veth_net, tunnel_net): (u8, u8),
         extra: &[&str],
+        key_of: Option<&Node>,
     ) -> Node {
         let lab = Lab::new(veth_net, tunnel_net);
         let lan_if = lan.attach(&lab.server, host_no);
+        if let Some(other) = key_of {
+            std::fs::create_dir_all(lab.file("data")).expect("data dir");
+            std::fs::copy(
+                other.lab.file("data/server.key"),
+                lab.file("data/server.key"),
+            )
+            .expect("copy the server key");
+        }
         let endpoints = etcd.endpoints();
+        let extra: Vec<String> = extra
+            .iter()
+            .map(|a| a.replace("{lan_if}", &lan_if))
+            .collect();
         let mut args = vec!["--etcd", &endpoints, "--node-name", name];
-        args.extend_from_slice(extra);
+        args.extend(extra.iter().map(String::as_str));
         let pid = lab.start_agent(1, &args);
         Node {
             name: name.to_owned(),

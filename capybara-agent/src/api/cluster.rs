@@ -9,7 +9,10 @@ use super::{
     handler::Api,
 };
 use crate::{
-    cluster::{ClusterError, ClusterHealth, ClusterStatus, MemberHealth, NodeRecord, NodeView},
+    cluster::{
+        ClusterError, ClusterHealth, ClusterStatus, FailoverView, MemberHealth, NodeRecord,
+        NodeView,
+    },
     service::domain::Scope,
 };
 
@@ -36,6 +39,24 @@ impl cluster_server::Cluster for Api {
         let h = self.service().cluster.health().await;
         Ok(Response::new((&h).into()))
     }
+
+    async fn set_cluster_failover(
+        &self,
+        req: Request<pb::SetClusterFailoverRequest>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
+        let actor = self.auth(&req, Scope::Admin)?;
+        let enabled = req.get_ref().enabled;
+        let cluster = &self.service().cluster;
+        let Some(node) = cluster.node() else {
+            return Err(Status::failed_precondition(
+                "not clustered: the agent was started without --etcd",
+            ));
+        };
+        node.set_failover(enabled).await.map_err(unavailable)?;
+        tracing::info!(%actor, enabled, "cluster failover set");
+        let s = cluster.status().await.map_err(unavailable)?;
+        Ok(Response::new((&s).into()))
+    }
 }
 
 impl From<&ClusterStatus> for pb::ClusterStatus {
@@ -50,7 +71,9 @@ impl From<&ClusterStatus> for pb::ClusterStatus {
                 .iter()
                 .map(|n| pb::ClusterNode {
                     name: n.record.name.clone(),
-                    role: "member".into(),
+                    role: n.role.clone(),
+                    applied_revision: n.record.applied_revision,
+                    lag: n.lag,
                     started_at: i64::try_from(n.record.started_at).unwrap_or(i64::MAX),
                     lease_age_ms: n.lease_age_ms,
                     lease_ttl_s: n.lease_ttl_s,
@@ -58,6 +81,12 @@ impl From<&ClusterStatus> for pb::ClusterStatus {
                     this_node: n.this_node,
                 })
                 .collect(),
+            failover: Some(pb::Failover {
+                enabled: s.failover.enabled,
+                primary: s.failover.primary.clone(),
+                address: s.failover.address.clone(),
+                role: s.failover.role.clone(),
+            }),
         }
     }
 }
@@ -77,12 +106,24 @@ impl From<pb::ClusterStatus> for ClusterStatus {
                         name: n.name,
                         started_at: u64::try_from(n.started_at).unwrap_or(0),
                         peers_online: n.peers_online,
+                        applied_revision: n.applied_revision,
                     },
                     lease_ttl_s: n.lease_ttl_s,
                     lease_age_ms: n.lease_age_ms,
                     this_node: n.this_node,
+                    role: n.role,
+                    lag: n.lag,
                 })
                 .collect(),
+            failover: s
+                .failover
+                .map(|f| FailoverView {
+                    enabled: f.enabled,
+                    primary: f.primary,
+                    address: f.address,
+                    role: f.role,
+                })
+                .unwrap_or_default(),
         }
     }
 }
@@ -143,6 +184,15 @@ impl Client {
         Ok(r.into())
     }
 
+    /// Enables or disables failover (`SetClusterFailover`); the status after.
+    pub async fn set_cluster_failover(&self, enabled: bool) -> Result<ClusterStatus, ClientError> {
+        let r = ClusterClient::new(self.channel())
+            .set_cluster_failover(self.req(pb::SetClusterFailoverRequest { enabled }))
+            .await?
+            .into_inner();
+        Ok(r.into())
+    }
+
     /// etcd's members and the node's lease (`GetClusterHealth`).
     pub async fn cluster_health(&self) -> Result<ClusterHealth, ClientError> {
         let r = ClusterClient::new(self.channel())
@@ -169,11 +219,20 @@ mod tests {
                     name: "a".into(),
                     started_at: 1_700_000_000,
                     peers_online: 3,
+                    applied_revision: 40,
                 },
                 lease_ttl_s: 10,
                 lease_age_ms: 2_000,
                 this_node: true,
+                role: "primary".into(),
+                lag: 2,
             }],
+            failover: FailoverView {
+                enabled: true,
+                primary: "a".into(),
+                address: "10.0.0.100/24".into(),
+                role: "primary".into(),
+            },
         };
         assert_eq!(ClusterStatus::from(pb::ClusterStatus::from(&s)), s);
         let h = ClusterHealth {

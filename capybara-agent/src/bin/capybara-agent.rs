@@ -159,12 +159,29 @@ fn main() -> anyhow::Result<()> {
             }
             None => None,
         };
+        let failover = match (&args.failover_address, &args.failover_interface) {
+            (Some(a), Some(iface)) => {
+                let net: ipnet::Ipv4Net = a.parse().map_err(|_| {
+                    anyhow::anyhow!(
+                        "--failover-address: {a:?} is not an IPv4 address with its prefix \
+                         length (e.g. 10.0.0.100/24)"
+                    )
+                })?;
+                Some(capybara_agent::cluster::failover::FailoverConfig {
+                    address: net.addr(),
+                    prefix_len: net.prefix_len(),
+                    interface: iface.clone(),
+                })
+            }
+            _ => None,
+        };
         Some(capybara_agent::cluster::ClusterConfig {
             endpoints: args.etcd.clone(),
             node,
             prefix: args.etcd_prefix.clone(),
             ttl,
             tls,
+            failover,
         })
     };
     let config = AgentConfig {

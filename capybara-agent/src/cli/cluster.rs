@@ -1,5 +1,6 @@
-//! `capybara cluster status|health`: the nodes of the etcd cluster this agent is a node of
-//! (issue 25), and etcd's members and the node's lease as the agent reaches them.
+//! `capybara cluster status|health|failover`: the nodes of the etcd cluster this agent is a
+//! node of (issue 25), etcd's members and the node's lease as the agent reaches them, and the
+//! failover switch.
 
 use clap::Subcommand;
 
@@ -18,12 +19,45 @@ pub enum ClusterCmd {
     /// Each etcd member as this node reaches it, and the node's lease; exit 1 unless a quorum
     /// answers and the lease is held.
     Health,
+    /// Automatic failover of the failover group's service address (agents started with
+    /// --failover-address), for the whole cluster.
+    Failover {
+        /// `enable` or `disable`.
+        #[command(subcommand)]
+        action: FailoverAction,
+    },
+}
+
+/// `capybara cluster failover …`.
+#[derive(Debug, Subcommand)]
+pub enum FailoverAction {
+    /// The group's nodes campaign; the elected one holds the service address.
+    Enable,
+    /// The primary releases the address; no node takes it.
+    Disable,
 }
 
 /// Runs `capybara cluster …`.
 pub(super) async fn run(cli: &Cli, cmd: &ClusterCmd) -> Result<(), CliError> {
     let client = connect(cli).await?;
     match cmd {
+        ClusterCmd::Failover { action } => {
+            let enabled = matches!(action, FailoverAction::Enable);
+            let s = client.set_cluster_failover(enabled).await?;
+            if cli.json {
+                return print_json(&s);
+            }
+            outln!(
+                "failover {} for the cluster{}",
+                if enabled { "enabled" } else { "disabled" },
+                if s.failover.primary.is_empty() {
+                    String::new()
+                } else {
+                    format!(" · primary {}", s.failover.primary)
+                }
+            )?;
+            Ok(())
+        }
         ClusterCmd::Status => {
             let s = client.cluster_status().await?;
             if cli.json {
@@ -39,12 +73,44 @@ pub(super) async fn run(cli: &Cli, cmd: &ClusterCmd) -> Result<(), CliError> {
                 s.prefix,
                 s.revision
             )?;
-            let mut t = Table::new(&["NODE", "ROLE", "PEERS", "LEASE AGE", "TTL", ""]);
+            if !s.failover.address.is_empty() || s.failover.enabled {
+                outln!(
+                    "failover {} · primary {} · this node {}{}",
+                    if s.failover.enabled {
+                        "enabled"
+                    } else {
+                        "disabled"
+                    },
+                    if s.failover.primary.is_empty() {
+                        "none"
+                    } else {
+                        &s.failover.primary
+                    },
+                    s.failover.role,
+                    if s.failover.address.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" · address {}", s.failover.address)
+                    }
+                )?;
+            }
+            let mut t = Table::new(&[
+                "NODE",
+                "ROLE",
+                "PEERS",
+                "APPLIED",
+                "LAG",
+                "LEASE AGE",
+                "TTL",
+                "",
+            ]);
             for n in &s.nodes {
                 t.row(vec![
                     n.record.name.clone(),
-                    "member".into(),
+                    n.role.clone(),
                     n.record.peers_online.to_string(),
+                    n.record.applied_revision.to_string(),
+                    n.lag.to_string(),
                     format!("{:.0} s", n.lease_age_ms as f64 / 1_000.0),
                     format!("{} s", n.lease_ttl_s),
                     if n.this_node { "(this node)" } else { "" }.into(),

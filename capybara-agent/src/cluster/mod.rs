@@ -35,6 +35,7 @@
 //! lease's age); `health` asks each member's `Status` on its own client, so a dead member is
 //! seen as such.
 
+pub mod failover;
 pub mod state;
 
 use std::{
@@ -68,6 +69,8 @@ pub struct ClusterConfig {
     pub ttl: Duration,
     /// TLS to the members (`https://` endpoints), when configured.
     pub tls: Option<EtcdTls>,
+    /// This node's failover address, when it is in a failover group.
+    pub failover: Option<failover::FailoverConfig>,
 }
 
 /// TLS to etcd's members (`--etcd-ca`, `--etcd-cert`, `--etcd-key`): the CA that signed their
@@ -99,6 +102,9 @@ pub struct NodeRecord {
     pub started_at: u64,
     /// Its devices with a session now.
     pub peers_online: u32,
+    /// The last shared revision it applied (`state`).
+    #[serde(default)]
+    pub applied_revision: i64,
 }
 
 /// A node as [`Node::status`] lists it.
@@ -112,6 +118,24 @@ pub struct NodeView {
     pub lease_age_ms: i64,
     /// Whether it is the node asked.
     pub this_node: bool,
+    /// `primary` (the failover group's elected node) or `node`.
+    pub role: String,
+    /// Revisions of shared changes it has yet to apply (the head's revision less its applied
+    /// revision, 0 when it is up to date).
+    pub lag: i64,
+}
+
+/// The failover group as one node sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverView {
+    /// `cluster failover enable` is in force.
+    pub enabled: bool,
+    /// The elected primary, if any.
+    pub primary: String,
+    /// This node's service address (`--failover-address`), if it is in the group.
+    pub address: String,
+    /// This node's role: `none`, `standby`, `primary`, `fenced`.
+    pub role: String,
 }
 
 /// The cluster as one node sees it.
@@ -127,6 +151,8 @@ pub struct ClusterStatus {
     pub revision: i64,
     /// The nodes whose lease lives, by name.
     pub nodes: Vec<NodeView>,
+    /// Failover.
+    pub failover: FailoverView,
 }
 
 /// An etcd member as a node reaches it.
@@ -298,6 +324,10 @@ pub struct Node {
     lease: Mutex<Option<Held>>,
     /// What the node publishes as its load, asked at each renewal.
     load: Box<dyn Fn() -> u32 + Send + Sync>,
+    /// The last shared revision its store applied.
+    applied: Box<dyn Fn() -> i64 + Send + Sync>,
+    /// Its failover role (`failover::run` sets it).
+    pub failover: Arc<failover::FailoverState>,
 }
 
 impl std::fmt::Debug for Node {
@@ -310,12 +340,14 @@ impl std::fmt::Debug for Node {
 
 impl Node {
     /// A node of the cluster at `config.endpoints`, not yet registered: [`Node::run`] holds its
-    /// lease and publishes it. `peers_online` is asked at each renewal. The client's channels
+    /// lease and publishes it. `peers_online` and `applied` (the last shared revision the store
+    /// applied) are asked at each renewal. The client's channels
     /// connect lazily: an unreachable etcd is retried by `run`, it does not fail the agent's
     /// start; only malformed endpoints do.
     pub async fn connect(
         config: ClusterConfig,
         peers_online: Box<dyn Fn() -> u32 + Send + Sync>,
+        applied: Box<dyn Fn() -> i64 + Send + Sync>,
     ) -> Result<Arc<Node>, ClusterError> {
         let members = Members::connect(&config.endpoints, config.tls.as_ref()).await?;
         Ok(Arc::new(Node {
@@ -324,6 +356,8 @@ impl Node {
             started_at: crate::service::domain::unix_secs(SystemTime::now()),
             lease: Mutex::new(None),
             load: peers_online,
+            applied,
+            failover: Arc::default(),
         }))
     }
 
@@ -341,6 +375,7 @@ impl Node {
             name: self.config.node.clone(),
             started_at: self.started_at,
             peers_online: (self.load)(),
+            applied_revision: (self.applied)(),
         }
     }
 
@@ -386,6 +421,9 @@ impl Node {
     /// record with it.
     async fn renew(&self) -> Result<(), ClusterError> {
         let held = *self.lease.lock().unwrap();
+        // The lease is judged from when the renewal was *sent*: etcd extends it when it
+        // receives it, later, so this node's view never outlives etcd's (fencing relies on it).
+        let sent = Instant::now();
         let renewed = match held {
             Some(h) => {
                 let ttl = self
@@ -398,7 +436,7 @@ impl Node {
                     .await?;
                 // TTL 0: expired (etcd was out of reach longer than the TTL).
                 (ttl > 0).then(|| Held {
-                    renewed: Instant::now(),
+                    renewed: sent,
                     ttl: Duration::from_secs(ttl as u64),
                     ..h
                 })
@@ -426,6 +464,7 @@ impl Node {
 
     async fn grant(&self) -> Result<Held, ClusterError> {
         let ttl = self.config.ttl.as_secs() as i64;
+        let sent = Instant::now();
         let r = self
             .members
             .call(|mut c| async move { c.lease_grant(ttl, None).await })
@@ -433,7 +472,7 @@ impl Node {
         tracing::info!(node = %self.config.node, lease = r.id(), ttl = r.ttl(), "cluster: lease granted");
         Ok(Held {
             id: r.id(),
-            renewed: Instant::now(),
+            renewed: sent,
             ttl: Duration::from_secs(r.ttl() as u64),
         })
     }
@@ -449,11 +488,31 @@ impl Node {
             })
             .await?;
         let revision = r.header().map_or(0, |h| h.revision());
+        let head = self.head_key();
+        let head = self
+            .members
+            .call(|mut c| {
+                let head = head.clone();
+                async move { c.get(head, None).await }
+            })
+            .await?
+            .kvs()
+            .first()
+            .map_or(0, |kv| kv.mod_revision());
+        let primary = if self.config.failover.is_some() {
+            self.primary().await?.unwrap_or_default()
+        } else {
+            String::new()
+        };
         let mut nodes = Vec::with_capacity(r.kvs().len());
         for kv in r.kvs() {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
-            let record: NodeRecord = serde_json::from_slice(kv.value())
+            let mut record: NodeRecord = serde_json::from_slice(kv.value())
                 .map_err(|source| ClusterError::Record { key, source })?;
+            let this_node = record.name == self.config.node;
+            if this_node {
+                record.applied_revision = (self.applied)();
+            }
             let id = kv.lease();
             let lease = self
                 .members
@@ -461,7 +520,13 @@ impl Node {
                 .await?;
             let (granted, left) = (lease.granted_ttl(), lease.ttl());
             nodes.push(NodeView {
-                this_node: record.name == self.config.node,
+                this_node,
+                role: if !primary.is_empty() && record.name == primary {
+                    "primary".into()
+                } else {
+                    "node".into()
+                },
+                lag: (head - record.applied_revision).max(0),
                 lease_ttl_s: granted,
                 // TimeToLive answers whole seconds: the age is as coarse.
                 lease_age_ms: (granted - left.max(0)).max(0) * 1_000,
@@ -475,6 +540,17 @@ impl Node {
             prefix: self.config.prefix.clone(),
             revision,
             nodes,
+            failover: FailoverView {
+                enabled: self.failover_enabled().await?,
+                primary,
+                address: self
+                    .config
+                    .failover
+                    .as_ref()
+                    .map(|f| format!("{}/{}", f.address, f.prefix_len))
+                    .unwrap_or_default(),
+                role: self.failover.role().as_str().into(),
+            },
         })
     }
 
@@ -519,9 +595,15 @@ impl Node {
         }
     }
 
-    /// What is left of the lease by this node's own clock (from its last renewal), if any. A
-    /// node that could not renew for a TTL judges its lease lost, though etcd may still hold it
-    /// (a leader change extends leases): the side a node must err on before it may act alone.
+    /// The lease this node holds now, if any (its id).
+    pub fn lease_id(&self) -> Option<i64> {
+        self.lease.lock().unwrap().map(|h| h.id)
+    }
+
+    /// What is left of the lease by this node's own clock (from when its last renewal was
+    /// sent), if any. A node that could not renew for a TTL judges its lease lost, though etcd
+    /// may still hold it (a leader change extends leases): the side a node must err on before
+    /// it may act alone.
     pub fn lease_left(&self) -> Option<Duration> {
         let held = (*self.lease.lock().unwrap())?;
         held.ttl.checked_sub(held.renewed.elapsed())

@@ -58,7 +58,7 @@ pub trait Applier: Send + Sync + 'static {
 }
 
 impl Node {
-    fn head_key(&self) -> String {
+    pub(super) fn head_key(&self) -> String {
         format!("{}/head", self.config.prefix)
     }
 

@@ -62,12 +62,14 @@ pub(super) struct Agent {
     pub(super) cluster: Option<ClusterNode>,
 }
 
-/// The tasks that hold the node's lease (`crate::cluster::Node::run`) and follow the shared
-/// state (`crate::cluster::state::follow`), and their stop.
+/// The tasks that hold the node's lease (`crate::cluster::Node::run`), follow the shared state
+/// (`crate::cluster::state::follow`) and fence the node / hold its failover address
+/// (`crate::cluster::failover::run`), and their stop.
 pub(super) struct ClusterNode {
     pub(super) stop: tokio_util::sync::CancellationToken,
     pub(super) task: tokio::task::JoinHandle<()>,
     pub(super) follow: tokio::task::JoinHandle<()>,
+    pub(super) fencing: tokio::task::JoinHandle<()>,
 }
 
 /// The `--metrics-listen` server.
@@ -178,6 +180,7 @@ impl Agent {
             c.stop.cancel();
             let _ = c.task.await;
             let _ = c.follow.await;
+            let _ = c.fencing.await;
         }
         // The page and the proxy endpoints hold the service (through its ports): they stop
         // first; the endpoints' open connections are cut.

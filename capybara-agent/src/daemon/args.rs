@@ -212,6 +212,14 @@ pub struct Args {
     /// The key (PEM) of --etcd-cert.
     #[arg(long, value_name = "FILE", requires = "etcd_cert")]
     pub etcd_key: Option<PathBuf>,
+    /// This node is in the cluster's failover group: while elected primary (and `capybara
+    /// cluster failover enable` is in force) it holds this service address, e.g.
+    /// 10.0.0.100/24, on --failover-interface. The group's nodes share the server key.
+    #[arg(long, value_name = "ADDRESS/PREFIX", requires_all = ["etcd", "failover_interface"])]
+    pub failover_address: Option<String>,
+    /// The interface that holds --failover-address (the uplink).
+    #[arg(long, value_name = "IFACE", requires = "failover_address")]
+    pub failover_interface: Option<String>,
     /// Serve Shadowsocks (AEAD; TCP, and UDP relayed on the same port) on this address, e.g.
     /// 0.0.0.0:8388: users given the
     /// `shadowsocks` protocol connect here (their configs name its port).

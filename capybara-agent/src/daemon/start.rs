@@ -59,6 +59,12 @@ pub(super) fn open(config: &AgentConfig) -> Result<Opened, DaemonError> {
 
     let private_key = PrivateKey::load_or_generate(&paths::key_file(&config.data_dir))?;
     let tunnel = Arc::new(WgTunnel::start(WgConfig {
+        // A failover group's node listens on the service address only (replies leave from it).
+        listen_address: config
+            .cluster
+            .as_ref()
+            .and_then(|c| c.failover.as_ref())
+            .map(|f| std::net::IpAddr::V4(f.address)),
         uapi_dir: Some(config.wg_uapi_dir.clone()),
         disconnect_after: config.disconnect_after,
         workers: config.tunnel_workers,
@@ -344,7 +350,7 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
         let _ = api_stopped.await;
     }));
     let cluster = match &config.cluster {
-        Some(c) => Some(join_cluster(c, &svc).await?),
+        Some(c) => Some(join_cluster(c, &svc, &tunnel).await?),
         None => None,
     };
     Ok(Agent {
@@ -378,6 +384,7 @@ pub(super) async fn wire(config: &AgentConfig, opened: Opened) -> Result<Agent, 
 async fn join_cluster(
     config: &crate::cluster::ClusterConfig,
     svc: &Arc<Service>,
+    tunnel: &Arc<WgTunnel>,
 ) -> Result<super::agent::ClusterNode, DaemonError> {
     let weak = Arc::downgrade(svc);
     let online = Box::new(move || {
@@ -392,7 +399,12 @@ async fn join_cluster(
             u32::try_from(n).unwrap_or(u32::MAX)
         })
     });
-    let node = crate::cluster::Node::connect(config.clone(), online)
+    let weak = Arc::downgrade(svc);
+    let applied = Box::new(move || {
+        weak.upgrade()
+            .map_or(0, |svc| svc.core.store.shared_revision())
+    });
+    let node = crate::cluster::Node::connect(config.clone(), online, applied)
         .await
         .map_err(DaemonError::Cluster)?;
     svc.cluster.set_node(node.clone());
@@ -411,6 +423,26 @@ async fn join_cluster(
         applier,
         stop.clone(),
     ));
+    // Fencing and failover: no new sessions without a live lease (none until the first one is
+    // granted), the service address while elected.
+    let t = Arc::downgrade(tunnel);
+    let admit = Box::new(move |admitting: bool| {
+        if let Some(t) = t.upgrade() {
+            t.set_admitting(admitting);
+        }
+    });
+    let fencing = tokio::spawn(crate::cluster::failover::run(
+        node.clone(),
+        config.failover.clone(),
+        node.failover.clone(),
+        admit,
+        stop.clone(),
+    ));
     let task = tokio::spawn(node.run(stop.clone()));
-    Ok(super::agent::ClusterNode { stop, task, follow })
+    Ok(super::agent::ClusterNode {
+        stop,
+        task,
+        follow,
+        fencing,
+    })
 }

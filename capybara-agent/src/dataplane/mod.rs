@@ -34,7 +34,7 @@ pub mod flows;
 pub mod gate;
 pub mod lists;
 pub mod migrate;
-mod netlink;
+pub(crate) mod netlink;
 pub mod object;
 pub mod peer_limits;
 pub mod peers;

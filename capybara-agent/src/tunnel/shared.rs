@@ -70,6 +70,9 @@ pub(super) struct Inner {
     pub(super) drops_no_route: AtomicU64,
     pub(super) drops_no_endpoint: AtomicU64,
     pub(super) drops_bad_source: AtomicU64,
+    /// Whether handshakes of peers without a live session are answered (false: a cluster node
+    /// that lost its lease admits no new sessions; `WgTunnel::set_admitting`).
+    pub(super) admitting: std::sync::atomic::AtomicBool,
     pub(super) drops_invalid: AtomicU64,
     /// Handshakes completed (rekeys included), see [`HandshakeCounters`](crate::tunnel::wg::HandshakeCounters).
     pub(super) handshakes_completed: AtomicU64,

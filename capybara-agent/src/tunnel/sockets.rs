@@ -36,13 +36,22 @@ use super::{shared::UdpOffload, wg::WgError};
 
 /// Binds `n` UDP sockets to `port` (0: a free one, the same for all), with `SO_REUSEPORT`
 /// when `n > 1`. Dual-stack IPv6 first (Linux's default bindv6only=0 lets one [::] socket take
-/// IPv4 too); IPv4 alone where IPv6 is disabled. Returns the sockets and whether they are IPv6.
-pub(super) fn bind_udp(port: u16, n: usize) -> Result<(Vec<UdpSocket>, bool), WgError> {
+/// IPv4 too); IPv4 alone where IPv6 is disabled. With `only`, to that one address instead
+/// (`IP_FREEBIND`: it need not be on an interface yet). Returns the sockets and whether they
+/// are IPv6.
+pub(super) fn bind_udp(
+    port: u16,
+    only: Option<std::net::IpAddr>,
+    n: usize,
+) -> Result<(Vec<UdpSocket>, bool), WgError> {
     let bind_err = |source| WgError::Bind { port, source };
-    let v6 = match bind_one(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), n > 1) {
-        Ok(s) => Some(s),
-        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => None,
-        Err(e) => return Err(bind_err(e)),
+    let v6 = match only {
+        Some(a) => Some(bind_one(SocketAddr::new(a, port), n > 1).map_err(bind_err)?),
+        None => match bind_one(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), n > 1) {
+            Ok(s) => Some(s),
+            Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => None,
+            Err(e) => return Err(bind_err(e)),
+        },
     };
     let first = match v6 {
         Some(s) => s,
@@ -85,6 +94,9 @@ fn bind_one(addr: SocketAddr, reuse: bool) -> std::io::Result<UdpSocket> {
     let fd = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
     if reuse {
         setsockopt(&fd, sockopt::ReusePort, &true)?;
+    }
+    if !addr.ip().is_unspecified() {
+        setsockopt(&fd, sockopt::IpFreebind, &true)?;
     }
     match addr {
         SocketAddr::V6(a) => bind(fd.as_raw_fd(), &SockaddrIn6::from(a))?,
@@ -205,7 +217,7 @@ mod tests {
 
     #[test]
     fn datagrams_go_to_the_worker_of_their_peer() {
-        let (sockets, _) = bind_udp(0, 3).expect("bind 3 reuseport sockets on loopback");
+        let (sockets, _) = bind_udp(0, None, 3).expect("bind 3 reuseport sockets on loopback");
         for s in &sockets {
             s.set_nonblocking(true).unwrap();
         }

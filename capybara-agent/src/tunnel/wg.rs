@@ -44,6 +44,10 @@ pub struct WgConfig {
     pub device: TunnelDeviceConfig,
     /// UDP listen port (IPv6 and IPv4 on one dual-stack socket); 0 picks a free one.
     pub listen_port: u16,
+    /// The one address to listen on instead of every address (`None`, the default): a
+    /// failover group's service address (`crate::cluster::failover`), bound before the node
+    /// holds it (`IP_FREEBIND`) so that replies leave from it and a client's endpoint stays it.
+    pub listen_address: Option<std::net::IpAddr>,
     /// The server's private key.
     pub private_key: PrivateKey,
     /// Directory of the UAPI socket (`paths::WG_UAPI_DIR`); `None`: no socket.
@@ -73,6 +77,7 @@ impl WgConfig {
         WgConfig {
             device,
             listen_port,
+            listen_address: None,
             private_key,
             uapi_dir: Some(PathBuf::from(crate::paths::WG_UAPI_DIR)),
             disconnect_after: DEFAULT_DISCONNECT_AFTER,
@@ -240,7 +245,8 @@ impl WgTunnel {
             });
         }
         let device = TunnelDevice::create(&config.device, config.workers)?;
-        let (sockets, socket_v6) = bind_udp(config.listen_port, config.workers)?;
+        let (sockets, socket_v6) =
+            bind_udp(config.listen_port, config.listen_address, config.workers)?;
         let udp = udp_offload(&sockets);
         let listen_port = sockets[0]
             .local_addr()
@@ -276,6 +282,7 @@ impl WgTunnel {
             drops_no_route: AtomicU64::new(0),
             drops_no_endpoint: AtomicU64::new(0),
             drops_bad_source: AtomicU64::new(0),
+            admitting: std::sync::atomic::AtomicBool::new(true),
             drops_invalid: AtomicU64::new(0),
             handshakes_completed: AtomicU64::new(0),
             handshakes_failed: Default::default(),
@@ -386,6 +393,13 @@ impl WgTunnel {
     /// The server's public key.
     pub fn public_key(&self) -> PublicKey {
         self.inner.public_key
+    }
+
+    /// Admits new sessions (`true`, the default) or only rekeys of live ones (`false`: a
+    /// cluster node without its lease, `crate::cluster::failover`): a handshake initiation from
+    /// a peer that has no live session is dropped unanswered.
+    pub fn set_admitting(&self, admitting: bool) {
+        self.inner.admitting.store(admitting, Ordering::Relaxed);
     }
 
     /// Sets the hook called with every failed handshake's source and reason on the thread

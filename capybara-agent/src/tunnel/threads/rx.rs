@@ -316,6 +316,10 @@ fn on_initiation(
         return None;
     };
     let mut st = peer.state.lock().unwrap_or_else(|p| p.into_inner());
+    // Not admitting (a cluster node without its lease): only live sessions may rekey.
+    if !inner.admitting.load(Ordering::Relaxed) && !st.liveness.is_connected() {
+        return None;
+    }
     match inner
         .tunn(peer, &mut st)
         .decapsulate(Some(src.ip()), data, buf)
