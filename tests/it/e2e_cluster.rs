@@ -500,6 +500,30 @@ fn failover_moves_the_service_address_and_a_cut_off_primary_fences_itself_first(
     ];
     let n1 = Node::start_keyed(&lan, &etcd, "n1", 11, (203, tunnel_net), &args, None);
     let n2 = Node::start_keyed(&lan, &etcd, "n2", 12, (207, tunnel_net), &args, Some(&n1));
+    // A webhook receiver in each node's namespace, on the same port; the endpoint added once.
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let secret = capybara_tests::receivers::random_secret();
+    let receivers: Vec<capybara_tests::receivers::PyReceiver> = [&n1, &n2]
+        .iter()
+        .map(|n| {
+            capybara_tests::receivers::PyReceiver::start_in(
+                Some(n.lab.server.name()),
+                &secret,
+                18_181,
+                tmp.path().join(format!("{}.jsonl", n.name)),
+            )
+        })
+        .collect();
+    n1.lab.capybara(&[
+        "webhook",
+        "add",
+        &receivers[0].url(),
+        "--event",
+        "server-down",
+        "--secret",
+        &secret,
+        "--allow-private",
+    ]);
     // Off until enabled: nobody holds the address.
     std::thread::sleep(Duration::from_secs(1));
     assert!(!n1.holds(service) && !n2.holds(service));
@@ -574,6 +598,22 @@ fn failover_moves_the_service_address_and_a_cut_off_primary_fences_itself_first(
     nodes[s]
         .lab
         .wait_session("roamer", "through the new primary", |_| true);
+    // It raised server-down for the lost primary; its receiver got it, signed.
+    let down = wait(
+        "server-down at the new primary's receiver",
+        Duration::from_secs(10),
+        || {
+            receivers[s].records().iter().any(|r| {
+                r.verified
+                    && r.body["event"] == "server-down"
+                    && r.body["data"]["node"] == nodes[p].name.as_str()
+            })
+        },
+    );
+    eprintln!(
+        "server-down for {} received (checked for {down:?})",
+        nodes[p].name
+    );
 
     // The killed node comes back (its leftover address removed at start) as the standby.
     let back = if p == 0 { &n1 } else { &n2 };

@@ -356,8 +356,8 @@ impl Node {
     }
 
     /// [`Node::start_with`], `{lan_if}` in `extra` replaced by the node's LAN interface, and
-    /// the server key of `key_of` copied into its data directory first (a failover group's
-    /// nodes share it).
+    /// the keys of `key_of` copied into its data directory first (a failover group's nodes
+    /// share the server key; every node needs the sealing keys of the shared records).
     pub fn start_keyed(
         lan: &Lan,
         etcd: &Etcd,

@@ -7,7 +7,9 @@
 //! interface and announces it with three gratuitous ARPs (at once, 1 s and 2 s later: a
 //! neighbour entry updated less than `locktime`, 1 s, ago ignores an update). When its lease
 //! ends, etcd deletes its election key and the next candidate's campaign returns: it takes the
-//! address. Detection is the lease's TTL (`--cluster-ttl`, 10 s by default).
+//! address. Detection is the lease's TTL (`--cluster-ttl`, 10 s by default). A node that takes
+//! the address over from another primary (the one it last saw elected) raises `server-down`
+//! for it (`data.component` `cluster`, `data.node` the lost primary), which reaches webhooks.
 //!
 //! ## Fencing by lease: no split brain
 //! Every [`CHECK`] a node judges its lease by its own clock (`Node::lease_left`, counted from
@@ -296,6 +298,15 @@ fn take(cfg: &FailoverConfig) -> std::io::Result<()> {
     Ok(())
 }
 
+/// What [`run`] tells the agent.
+pub struct Hooks {
+    /// Admit new sessions, or not (the tunnel's admission).
+    pub admit: Box<dyn Fn(bool) + Send + Sync>,
+    /// This node took the service address over from the named primary (its lease ended):
+    /// the agent raises `server-down` for it.
+    pub took_over_from: Box<dyn Fn(&str) + Send + Sync>,
+}
+
 /// Judges the lease every [`CHECK`]: fences the node (admission off, the address released) when
 /// it is about to be lost, and, with a failover address and failover enabled, campaigns and
 /// holds the address while elected. Until `stop`; the address is released then.
@@ -303,9 +314,15 @@ pub async fn run(
     node: Arc<Node>,
     failover: Option<FailoverConfig>,
     state: Arc<FailoverState>,
-    admit: Box<dyn Fn(bool) + Send + Sync>,
+    hooks: Hooks,
     stop: CancellationToken,
 ) {
+    let Hooks {
+        admit,
+        took_over_from,
+    } = hooks;
+    // The primary last seen while this node was a standby.
+    let mut seen_primary: Option<String> = None;
     let mut admitting = None;
     let mut enabled = false;
     let mut last_flag_read: Option<tokio::time::Instant> = None;
@@ -346,6 +363,13 @@ pub async fn run(
                 Ok(Err(e)) => tracing::debug!(error = %e, "cluster: failover flag unread"),
                 Err(_) => {}
             }
+            if enabled
+                && leader.is_none()
+                && let Ok(Ok(Some(p))) = tokio::time::timeout(CHECK * 5, node.primary()).await
+                && p != node.config.node
+            {
+                seen_primary = Some(p);
+            }
         }
         let keep = live && enabled && leader.as_ref().is_some_and(|k| Some(k.lease()) == lease);
         if leader.is_some() && !keep {
@@ -380,6 +404,9 @@ pub async fn run(
                     Ok(()) => {
                         tracing::info!(address = %cfg.address, interface = %cfg.interface, "cluster: elected primary: service address taken");
                         leader = Some(key);
+                        if let Some(old) = seen_primary.take() {
+                            took_over_from(&old);
+                        }
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "cluster: cannot take the service address")

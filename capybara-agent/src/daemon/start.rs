@@ -431,11 +431,27 @@ async fn join_cluster(
             t.set_admitting(admitting);
         }
     });
+    let (weak, me) = (Arc::downgrade(svc), config.node.clone());
+    let took_over_from = Box::new(move |old: &str| {
+        let Some(svc) = weak.upgrade() else { return };
+        let mut n = service::notify::Notification::new(service::notify::NotifyKind::ServerDown);
+        n.data = serde_json::json!({
+            "component": "cluster",
+            "node": old,
+            "detail": format!("the failover primary {old} lost its lease; {me} took the service address"),
+        });
+        if let Err(e) = svc.core.notify(n) {
+            tracing::error!(error = %e, "cannot raise server-down for the lost primary");
+        }
+    });
     let fencing = tokio::spawn(crate::cluster::failover::run(
         node.clone(),
         config.failover.clone(),
         node.failover.clone(),
-        admit,
+        crate::cluster::failover::Hooks {
+            admit,
+            took_over_from,
+        },
         stop.clone(),
     ));
     let task = tokio::spawn(node.run(stop.clone()));
