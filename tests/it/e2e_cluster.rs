@@ -23,14 +23,18 @@
 //!   one server key); `cluster failover enable` (the design line, verbatim) elects one, which
 //!   holds the address; a client on the LAN configured with the address gets through. SIGKILL
 //!   the primary: the other takes the address and the client's traffic resumes with its
-//!   original config within 30 s (measured and printed). The killed node comes back as the
+//!   original config within 30 s (measured and printed), and raises `server-down` for the lost
+//!   primary, which reaches a webhook receiver (Python `standardwebhooks`, one in each node's
+//!   namespace on the same loopback port: the endpoint is shared, each node delivers its own
+//!   events). The killed node comes back as the
 //!   standby; then the primary's LAN link goes down (cut off from etcd): it fences itself
 //!   (admits no new sessions, releases the address) and only then does the other take the
 //!   address. A sampler reads every live node's addresses every 20 ms throughout: at no sample
 //!   do two hold it.
 //!
 //! Slow for a reason: etcd's start and elections (about 2 s), three debug agents (about 2 s
-//! each), and waits bounded by the lease's TTL.
+//! each), waits bounded by the lease's TTL, and in the failover test the client's own retry:
+//! wireguard-go sends a new handshake 15 s (keepalive 10 s + rekey 5 s) after its last answer.
 
 use std::time::{Duration, Instant};
 
