@@ -204,6 +204,11 @@ const RUN: &[(&str, f64, &str)] = &[
     ("shadowsocks_key_lookup_us_1", 1.262, "µs"),
     ("shadowsocks_key_lookup_us_100", 126.6, "µs"),
     ("shadowsocks_key_lookup_us_1000", 935.1, "µs"),
+    // Issue 25.
+    ("cluster_propagation_p99_ms", 12.4, "ms"),
+    ("cluster_propagation_p50_ms", 6.1, "ms"),
+    ("cluster_apply_10k_users_ms", 410.0, "ms"),
+    ("cluster_apply_10k_users_local_ms", 150.0, "ms"),
 ];
 
 /// Every chart a full run draws, in the report's order.

@@ -11,7 +11,7 @@ use std::{
 use super::{Service, ServiceError, domain::UserName};
 use crate::{
     cluster::{ClusterError, ClusterHealth, ClusterStatus, Node, state::Applier},
-    store::{Cf, SharedOp},
+    store::{Cf, SharedOp, keys},
 };
 
 /// This agent's node, if it is one.
@@ -50,56 +50,132 @@ impl Cluster {
 
 impl Service {
     /// Applies the cluster's change at `revision` (`crate::cluster::state`) under the writer
-    /// lock: the store first, then every feature whose records it touched reads them again and
-    /// reprograms the kernel and the tunnel. A revision applied already is skipped.
+    /// lock: the store first, then the features whose records it touched read them again and
+    /// reprogram the kernel and the tunnel ([`Touched`]). A revision applied already is skipped.
     pub fn apply_shared(&self, revision: i64, ops: &[SharedOp]) -> Result<bool, ServiceError> {
         let _w = self.core.writer.lock().unwrap();
         if !self.core.store.apply_shared(revision, ops)? {
             return Ok(false);
         }
-        let families: BTreeSet<&'static str> = ops.iter().map(|o| o.cf.name()).collect();
-        self.reload_shared(&families)?;
+        self.reload_shared(&Touched::of(ops))?;
         Ok(true)
     }
 
     /// Makes the shared records exactly the cluster's `state` at `revision` (a first join, or
-    /// after a compaction), then reloads what changed.
+    /// after a compaction), then reloads what changed (every user of a touched family).
     pub fn replace_shared(&self, revision: i64, state: &[SharedOp]) -> Result<(), ServiceError> {
         let _w = self.core.writer.lock().unwrap();
-        let touched = self.core.store.replace_shared(revision, state)?;
-        let families: BTreeSet<&'static str> = touched.iter().map(|cf| cf.name()).collect();
-        self.reload_shared(&families)
+        let families = self.core.store.replace_shared(revision, state)?;
+        self.reload_shared(&Touched::everyone(&families))
     }
 
-    /// Every feature holding records of `families` in memory reads them again.
-    fn reload_shared(&self, families: &BTreeSet<&'static str>) -> Result<(), ServiceError> {
-        let has = |cf: Cf| families.contains(cf.name());
-        if [Cf::Users, Cf::Peers, Cf::Proxies, Cf::Policy, Cf::Groups]
-            .into_iter()
-            .any(has)
-        {
-            let t = std::time::Instant::now();
-            self.devices.resync()?;
-            self.proxies.resync()?;
+    /// The features holding touched records in memory read them again; the policy is applied
+    /// to the users concerned.
+    fn reload_shared(&self, t: &Touched) -> Result<(), ServiceError> {
+        let started = std::time::Instant::now();
+        let users = (!t.everyone).then_some(&t.users);
+        if t.devices {
+            self.devices.resync(users)?;
+            self.proxies.resync(users)?;
+        }
+        if t.policy_all {
             self.policy.reload()?;
+        } else if !t.users.is_empty() {
+            self.policy.reload_users(&t.users)?;
+        }
+        if t.mfa {
             self.mfa.reload()?;
-            // Every user: a group's or the default's change reaches users through their
-            // effective policy (one pass; `policy::apply` batches the kernel writes).
-            let users: Vec<UserName> = self.directory.user_names()?;
+        }
+        if t.devices || t.policy_all || t.mfa || !t.users.is_empty() {
+            let users: Vec<UserName> = if t.everyone {
+                self.directory.user_names()?
+            } else {
+                t.users.iter().cloned().collect()
+            };
             self.policy.apply(&users, false)?;
             tracing::debug!(
                 users = users.len(),
-                ms = t.elapsed().as_millis(),
+                ms = started.elapsed().as_millis(),
                 "cluster: devices and policy reloaded"
             );
         }
-        if has(Cf::Schedules) {
+        if t.schedules {
             self.schedules.reload();
         }
-        if has(Cf::Webhooks) {
+        if t.webhooks {
             self.webhooks.resync()?;
         }
         Ok(())
+    }
+}
+
+/// What one cluster change touches, and so what is read again: the users named by its keys
+/// (a user, its devices, proxy identities, own limits, MFA record) or everyone (a group, the
+/// default limits, a template, the settings: they reach users through their effective
+/// policy).
+#[derive(Debug, Default)]
+struct Touched {
+    users: BTreeSet<UserName>,
+    everyone: bool,
+    /// Users, devices or proxy identities.
+    devices: bool,
+    /// Policy records other than users' own, or groups: the whole cache is read again.
+    policy_all: bool,
+    mfa: bool,
+    schedules: bool,
+    webhooks: bool,
+}
+
+impl Touched {
+    fn of(ops: &[SharedOp]) -> Touched {
+        let mut t = Touched::default();
+        let user = |s: &str| UserName::parse("user", s).ok();
+        for op in ops {
+            let first = op.key.split('/').next().unwrap_or("");
+            match op.cf {
+                Cf::Users | Cf::Peers | Cf::Proxies => {
+                    t.devices = true;
+                    t.users.extend(user(first));
+                }
+                Cf::Tokens => {}
+                Cf::Policy => {
+                    if let Some(name) = op.key.strip_prefix(keys::POLICY_USERS) {
+                        t.users.extend(user(name));
+                    } else if let Some(name) = op.key.strip_prefix(keys::MFA_USERS) {
+                        t.mfa = true;
+                        t.users.extend(user(name));
+                    } else if op.key == keys::MFA_SETTINGS {
+                        t.mfa = true;
+                        t.everyone = true;
+                    } else {
+                        t.policy_all = true;
+                        t.everyone = true;
+                    }
+                }
+                Cf::Groups => {
+                    t.policy_all = true;
+                    t.everyone = true;
+                }
+                Cf::Schedules => t.schedules = true,
+                Cf::Webhooks => t.webhooks = true,
+                _ => {}
+            }
+        }
+        t
+    }
+
+    /// Every user of each family in `families`.
+    fn everyone(families: &[Cf]) -> Touched {
+        let has = |cf: Cf| families.contains(&cf);
+        Touched {
+            users: BTreeSet::new(),
+            everyone: true,
+            devices: has(Cf::Users) || has(Cf::Peers) || has(Cf::Proxies),
+            policy_all: has(Cf::Policy) || has(Cf::Groups),
+            mfa: has(Cf::Policy),
+            schedules: has(Cf::Schedules),
+            webhooks: has(Cf::Webhooks),
+        }
     }
 }
 

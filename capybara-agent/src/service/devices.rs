@@ -107,20 +107,36 @@ impl Devices {
         Ok(())
     }
 
-    /// Makes the directory, the tunnel and the dataplane match the stored devices after the
-    /// store changed under them (a cluster's change applied: `service::cluster`): a device gone
-    /// from the store is unprogrammed, a new one programmed, a changed one (re-keyed) both.
-    /// Answers the users whose devices changed. A device that cannot be programmed is logged
-    /// and left out; the others go on.
-    pub fn resync(&self) -> Result<BTreeSet<UserName>, ServiceError> {
-        let stored: BTreeMap<String, PeerRecord> = self
-            .core
-            .store
-            .scan::<PeerRecord>(Cf::Peers, "")?
-            .into_iter()
-            .collect();
-        let mut users = BTreeSet::new();
-        for rec in self.dir.all() {
+    /// Makes the directory, the tunnel and the dataplane match the stored devices of `users`
+    /// (every user: `None`) after the store changed under them (a cluster's change applied:
+    /// `service::cluster`): a device gone from the store is unprogrammed, a new one programmed,
+    /// a changed one (re-keyed) both. Answers the users whose devices changed. A device that
+    /// cannot be programmed is logged and left out; the others go on.
+    pub fn resync(
+        &self,
+        users: Option<&BTreeSet<UserName>>,
+    ) -> Result<BTreeSet<UserName>, ServiceError> {
+        let (stored, current): (BTreeMap<String, PeerRecord>, Vec<PeerRecord>) = match users {
+            None => (
+                self.core.store.scan(Cf::Peers, "")?.into_iter().collect(),
+                self.dir.all(),
+            ),
+            Some(users) => {
+                let mut stored = BTreeMap::new();
+                let mut current = Vec::new();
+                for u in users {
+                    stored.extend(
+                        self.core
+                            .store
+                            .scan::<PeerRecord>(Cf::Peers, &keys::user_peers_prefix(u.as_str()))?,
+                    );
+                    current.extend(self.dir.records(u));
+                }
+                (stored, current)
+            }
+        };
+        let mut changed = BTreeSet::new();
+        for rec in current {
             let key = keys::peer(rec.peer.user.as_str(), rec.peer.device.as_str());
             match stored.get(&key) {
                 Some(s) if s.peer == rec.peer && s.sealed_key == rec.sealed_key => continue,
@@ -131,7 +147,7 @@ impl Devices {
             }
             self.dir.remove(&rec.peer);
             self.policy.forget_online(std::slice::from_ref(&rec.peer));
-            users.insert(rec.peer.user.clone());
+            changed.insert(rec.peer.user.clone());
         }
         for (key, rec) in stored {
             if self.dir.record(&key).is_some() {
@@ -142,10 +158,10 @@ impl Devices {
                 continue;
             }
             self.policy.forget_online(std::slice::from_ref(&rec.peer));
-            users.insert(rec.peer.user.clone());
+            changed.insert(rec.peer.user.clone());
             self.dir.insert(key, rec);
         }
-        Ok(users)
+        Ok(changed)
     }
 
     /// Makes a device record: allocates an id and addresses and generates its key pair.

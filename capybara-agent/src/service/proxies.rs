@@ -476,19 +476,35 @@ impl Proxies {
     }
 
     /// Makes the directory, the kernel lines and the credentials match the stored proxy
-    /// identities after the store changed under them (a cluster's change applied:
-    /// `service::cluster`). Answers the users whose identities changed.
-    pub fn resync(&self) -> Result<BTreeSet<UserName>, ServiceError> {
-        let stored: Vec<ProxyRecord> = self
-            .core
-            .store
-            .scan::<ProxyRecord>(Cf::Proxies, "")?
-            .into_iter()
-            .map(|(_, r)| r)
-            .collect();
+    /// identities of `users` (every user: `None`) after the store changed under them (a
+    /// cluster's change applied: `service::cluster`). Answers the users whose identities
+    /// changed.
+    pub fn resync(
+        &self,
+        users: Option<&BTreeSet<UserName>>,
+    ) -> Result<BTreeSet<UserName>, ServiceError> {
+        let stored_of = |prefix: &str| -> Result<Vec<ProxyRecord>, ServiceError> {
+            Ok(self
+                .core
+                .store
+                .scan::<ProxyRecord>(Cf::Proxies, prefix)?
+                .into_iter()
+                .map(|(_, r)| r)
+                .collect())
+        };
+        let (stored, current) = match users {
+            None => (stored_of("")?, self.dir.all_proxies()),
+            Some(users) => {
+                let (mut stored, mut current) = (Vec::new(), Vec::new());
+                for u in users {
+                    stored.extend(stored_of(&keys::user_proxies_prefix(u.as_str()))?);
+                    current.extend(self.dir.proxy_records(u));
+                }
+                (stored, current)
+            }
+        };
         let same =
             |a: &ProxyRecord, b: &ProxyRecord| a.access == b.access && a.credential == b.credential;
-        let current = self.dir.all_proxies();
         let gone: Vec<ProxyRecord> = current
             .iter()
             .filter(|c| !stored.iter().any(|s| same(s, c)))

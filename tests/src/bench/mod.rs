@@ -43,6 +43,8 @@
 //!   endpoint and through `ss-server`, same run; the cost of finding a user by key trial.
 //! - [`multi_quota`]: one user's quota spent through WireGuard, Shadowsocks and VLESS at once,
 //!   the kernel's charge past the cutoff against its stated bound.
+//! - [`cluster`]: two nodes on a three-member etcd: a change on one in the other's kernel maps,
+//!   and a 10 000-user group change applied on both.
 //!
 //! Every figure is a [`Figure`]; the binary writes them as
 //! `{"benchmarks":[{"name":…, "value":…, "unit":…}]}`. The names below are what reports and CI
@@ -51,6 +53,7 @@
 pub mod agent_load;
 pub mod api_load;
 pub mod auth_flood;
+pub mod cluster;
 pub mod flood;
 pub mod floor;
 pub mod geo;
@@ -212,6 +215,7 @@ const ALL_PARTS: &[&[&str]] = &[
     vless::NAMES,
     shadowsocks::NAMES,
     multi_quota::NAMES,
+    cluster::NAMES,
 ];
 
 /// What `--quick` runs: a few of the kernel probes, one rate of each throttle baseline, and the

@@ -117,7 +117,7 @@ const GROUP_USERS: usize = 10_000;
 /// adds to a sample. A 1 ns timer slack for the watcher made the figures worse (2026-12-02,
 /// alternating runs: p50 349–351 µs against 290–294 µs): the more frequent wake-ups take CPU
 /// from the agent.
-const POLL: std::time::Duration = std::time::Duration::from_micros(20);
+pub(super) const POLL: std::time::Duration = std::time::Duration::from_micros(20);
 /// `SetLimits` calls per run.
 const UPDATES: usize = 10_000;
 /// Runs of [`UPDATES`] calls; each figure is the median of the runs' percentiles.
@@ -137,7 +137,7 @@ pub fn run(pins: &BenchPins, fanout: bool, updates: bool) -> Result<Vec<Figure>>
     rt.block_on(run_async(pins, fanout, updates))
 }
 
-fn flows(n: u32) -> LimitsText {
+pub(super) fn flows(n: u32) -> LimitsText {
     LimitsText {
         flows: Some(n.to_string()),
         ..LimitsText::default()
@@ -147,17 +147,17 @@ fn flows(n: u32) -> LimitsText {
 /// The pinned `CAPY_PEER_HOT` map opened on its own: the benchmark watches the kernel's entries
 /// through it, never through the agent's dataplane (whose lock and userspace copy of the map
 /// the agent itself uses).
-struct KernelPeers(Array<MapData, PeerHot>);
+pub(super) struct KernelPeers(Array<MapData, PeerHot>);
 
 impl KernelPeers {
-    fn open(bpffs: &std::path::Path) -> Result<KernelPeers> {
+    pub(super) fn open(bpffs: &std::path::Path) -> Result<KernelPeers> {
         let data = MapData::from_pin(capybara_agent::paths::map_pin(bpffs, names::PEER_HOT))
             .context("open the pinned CAPY_PEER_HOT")?;
         Ok(KernelPeers(Array::try_from(Map::Array(data))?))
     }
 
     /// Peer `id`'s flow limit as the kernel holds it.
-    fn flow_limit(&self, id: u32) -> Result<Option<u32>> {
+    pub(super) fn flow_limit(&self, id: u32) -> Result<Option<u32>> {
         let info = self.0.get(&id, 0)?.info;
         Ok((info.flow_limit != 0).then_some(info.flow_limit))
     }

@@ -124,6 +124,9 @@ pub const TARGETS: &[(&str, Goal)] = &[
     ("vless_throughput_vs_v2ray", Goal::AtLeast(1.0)),
     // Issue 24: the Shadowsocks endpoint against shadowsocks-libev's ss-server.
     ("shadowsocks_throughput_vs_ssserver", Goal::AtLeast(1.0)),
+    // Issue 25: a change on one node in another node's kernel; a 10k-user policy change.
+    ("cluster_propagation_p99_ms", Goal::Below(200.0)),
+    ("cluster_apply_10k_users_ms", Goal::Below(2000.0)),
 ];
 
 /// Figures measured against a baseline in the same run: `(ours, baseline)`. The report shows
@@ -141,6 +144,10 @@ pub const BASELINES: &[(&str, &str)] = &[
     (
         "multi_protocol_quota_overshoot_bytes",
         "multi_protocol_quota_overshoot_bound_bytes",
+    ),
+    (
+        "cluster_apply_10k_users_ms",
+        "cluster_apply_10k_users_local_ms",
     ),
     (
         "report_month_10k_users_ms",

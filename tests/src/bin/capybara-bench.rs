@@ -112,7 +112,7 @@ fn main() -> Result<()> {
     let when = now_utc();
     // Declared first, dropped last: every benchmark's fds are closed before the pins go.
     let pins = BenchPins::new()?;
-    let mut stages = report::Stages::start(21);
+    let mut stages = report::Stages::start(22);
     let mut failures: Vec<report::Failure> = Vec::new();
     stages.next("XDP guard");
     let mut figures: Vec<Figure> = bench::guard::run(
@@ -348,6 +348,17 @@ fn main() -> Result<()> {
             progress!("multi-protocol quota benchmark failed: {e:#}");
             failures.push(report::Failure {
                 group: bench::multi_quota::NAMES.join(", "),
+                error: format!("{e:#}"),
+            });
+        }
+    }
+    stages.next("a cluster of two nodes on etcd: propagation and a 10k-user change");
+    match bench::cluster::run(&sel, &pins) {
+        Ok(f) => figures.extend(f),
+        Err(e) => {
+            progress!("cluster benchmarks failed: {e:#}");
+            failures.push(report::Failure {
+                group: bench::cluster::NAMES.join(", "),
                 error: format!("{e:#}"),
             });
         }

@@ -228,6 +228,36 @@ impl Policy {
         Ok(())
     }
 
+    /// Reads the policy records and the expiries of `users` again (a cluster's change of
+    /// their records applied: `service::cluster`): cheaper than [`Policy::reload`] when only
+    /// users' own records changed. The caller applies the policy after.
+    pub fn reload_users(&self, users: &BTreeSet<UserName>) -> Result<(), ServiceError> {
+        for u in users {
+            let own: Option<(UserName, UserPolicy)> = self
+                .core
+                .store
+                .get(Cf::Policy, &keys::policy_user(u.as_str()))?;
+            let expiry = match self.dir.user(u) {
+                Ok(user) => user.expires_at.map(from_unix_secs),
+                Err(ServiceError::NotFound { .. }) => None,
+                Err(e) => return Err(e),
+            };
+            {
+                let mut c = self.cache.write().unwrap();
+                match own {
+                    Some((_, p)) => c.users.insert(u.clone(), p),
+                    None => c.users.remove(u),
+                };
+            }
+            let mut rt = self.runtime.lock().unwrap();
+            match expiry {
+                Some(t) => rt.expires.insert(u.clone(), t),
+                None => rt.expires.remove(u),
+            };
+        }
+        Ok(())
+    }
+
     // ---- reads ------------------------------------------------------------------------------
 
     /// The cached records, for the features built on the policy (templates, policy files).
