@@ -210,3 +210,55 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(cf: Cf, key: &str) -> SharedOp {
+        SharedOp {
+            cf,
+            key: key.into(),
+            value: Some(b"{}".to_vec()),
+        }
+    }
+
+    fn names(t: &Touched) -> Vec<&str> {
+        t.users.iter().map(UserName::as_str).collect()
+    }
+
+    #[test]
+    fn a_change_touches_the_users_its_keys_name() {
+        let t = Touched::of(&[
+            op(Cf::Users, "alice"),
+            op(Cf::Peers, "alice/phone"),
+            op(Cf::Proxies, "bob/vless"),
+            op(Cf::Policy, &keys::policy_user("carol")),
+            op(Cf::Tokens, "tok1"),
+        ]);
+        assert_eq!(names(&t), ["alice", "bob", "carol"]);
+        assert!(t.devices && !t.everyone && !t.policy_all && !t.mfa);
+        let t = Touched::of(&[op(Cf::Policy, &keys::mfa_user("dave"))]);
+        assert_eq!(names(&t), ["dave"]);
+        assert!(t.mfa && !t.everyone && !t.devices);
+        let t = Touched::of(&[op(Cf::Tokens, "tok1")]);
+        assert!(t.users.is_empty() && !t.devices && !t.everyone);
+    }
+
+    #[test]
+    fn a_group_default_template_or_setting_touches_everyone() {
+        for o in [
+            op(Cf::Groups, "staff"),
+            op(Cf::Policy, keys::POLICY_DEFAULT),
+            op(Cf::Policy, &keys::policy_quota_template("basic")),
+            op(Cf::Policy, keys::POLICY_SETTINGS),
+        ] {
+            let t = Touched::of(std::slice::from_ref(&o));
+            assert!(t.everyone && t.policy_all, "{o:?}");
+        }
+        let t = Touched::of(&[op(Cf::Policy, keys::MFA_SETTINGS)]);
+        assert!(t.everyone && t.mfa && !t.policy_all);
+        let t = Touched::of(&[op(Cf::Schedules, "task/1"), op(Cf::Webhooks, "hook/a")]);
+        assert!(t.schedules && t.webhooks && !t.everyone && !t.devices);
+    }
+}
