@@ -534,6 +534,8 @@ pub struct Store {
     replicator: OnceLock<Arc<dyn Replicator>>,
     /// The last shared revision applied; held across a shared write (`shared`).
     shared_rev: Mutex<i64>,
+    /// The same, for readers that must not wait for that lock.
+    shared_applied: std::sync::atomic::AtomicI64,
 }
 
 /// What a [`WriteTimer`] is told about.
@@ -686,6 +688,7 @@ impl Store {
             outbox_end: tokio::sync::watch::Sender::new(1),
             replicator: OnceLock::new(),
             shared_rev: Mutex::new(0),
+            shared_applied: std::sync::atomic::AtomicI64::new(0),
         };
         store.check_schemas()?;
         let revision = store.stored_revision()?;
@@ -693,6 +696,7 @@ impl Store {
             .shared_rev
             .get_mut()
             .unwrap_or_else(|e| e.into_inner()) = revision;
+        *store.shared_applied.get_mut() = revision;
         let next = store
             .last_key(Cf::Outbox)?
             .and_then(|k| keys::outbox_seq(&k))
@@ -834,7 +838,7 @@ impl Store {
             self.outbox_end.send_replace(*next);
         }
         if let Some((mut applied, revision)) = shared {
-            *applied = revision;
+            self.set_applied(&mut applied, revision);
         }
         let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
         wal.written += 1;

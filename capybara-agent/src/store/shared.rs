@@ -124,9 +124,19 @@ impl Store {
         self.replicator.set(replicator).is_ok()
     }
 
-    /// The last shared revision this store applied (0: none).
+    /// The last shared revision this store applied (0: none). Never waits: the lock is held
+    /// across a change's round trip to etcd, and a reader on the runtime (the node's lease
+    /// renewal publishes it) must not block a worker for that long.
     pub fn shared_revision(&self) -> i64 {
-        *self.shared_lock()
+        self.shared_applied
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Records `revision` as applied (under the shared lock).
+    pub(super) fn set_applied(&self, guard: &mut MutexGuard<'_, i64>, revision: i64) {
+        **guard = revision;
+        self.shared_applied
+            .store(revision, std::sync::atomic::Ordering::Release);
     }
 
     fn shared_lock(&self) -> MutexGuard<'_, i64> {
@@ -176,7 +186,7 @@ impl Store {
         }
         batch.put(Cf::Meta, REVISION_KEY, &revision)?;
         self.write_local(batch)?;
-        *applied = revision;
+        self.set_applied(&mut applied, revision);
         Ok(true)
     }
 
@@ -219,7 +229,7 @@ impl Store {
         }
         batch.put(Cf::Meta, REVISION_KEY, &revision)?;
         self.write_local(batch)?;
-        *applied = revision;
+        self.set_applied(&mut applied, revision);
         Ok(touched)
     }
 
