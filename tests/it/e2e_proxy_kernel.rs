@@ -440,11 +440,10 @@ fn counters_equal_the_bytes_moved_and_unbound_sockets_are_untouched() {
 
     let ctx = format!("upload {us:?}, download {ds:?}, counters {before:?} → {after:?}");
     eprintln!("{ctx}");
-    assert_eq!(
-        (us.retrans, ds.retrans),
-        (0, 0),
-        "retransmits on a veth: {ctx}"
-    );
+    // A retransmission (a tail-loss probe on a loaded host: CI saw one) is a segment sent
+    // again through the same egress hook: `segs_out` and `bytes_sent` count it, and so must the
+    // identity's counters, so the equalities below hold with or without one.
+    eprintln!("retransmitted segments: {}", us.retrans + ds.retrans);
     // Egress of the upstream socket = rx (from the user), ingress = tx (to the user).
     let rx_packets = us.segs_out + ds.segs_out;
     let tx_packets = us.segs_in + ds.segs_in;
